@@ -1,0 +1,9 @@
+//! telvirt data plane: packet rings, buffer pool, ports, patch panel, steering and measurement
+//! tools. Takes plain Rust configuration types; must not know about descriptors or the store.
+
+pub mod error;
+pub mod pool;
+pub mod region;
+pub mod ring;
+
+pub use error::{Error, Result};

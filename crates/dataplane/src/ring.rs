@@ -1,0 +1,356 @@
+//! Single-producer single-consumer packet rings with batched enqueue/dequeue, living in a
+//! memfd-backed [`Region`] so the ring can later be mapped by another process.
+//!
+//! Owns the index protocol (see ADR 020); must not own packet memory (the [`crate::pool`] does)
+//! nor decide what happens when a ring is full (the caller counts the drop).
+//!
+//! Layout of the region (all offsets in bytes, every index on its own 128-byte block so the
+//! producer's and the consumer's lines never share a cache line nor an adjacent-line prefetch
+//! pair):
+//!
+//! | offset | field | written by |
+//! |---|---|---|
+//! | 0   | `head: u64`, next slot the producer will fill | producer |
+//! | 128 | `tail: u64`, next slot the consumer will read | consumer |
+//! | 256 | `closed: u64`, non-zero once the producer is gone | producer |
+//! | 264 | `capacity: u64` (power of two) | creator, before sharing |
+//! | 384 | `slots: [u64; capacity]` | producer writes, consumer reads |
+//!
+//! Indices grow monotonically (wrapping at 2^64, which never happens in practice) and are
+//! masked to find a slot. Each side keeps a private copy of the other side's index and
+//! re-reads the shared one only when the copy says the ring is full (producer) or empty
+//! (consumer), so a batch costs two shared-cache-line touches, not two per packet.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, Result};
+use crate::region::Region;
+
+const HEAD_OFF: usize = 0;
+const TAIL_OFF: usize = 128;
+const CLOSED_OFF: usize = 256;
+const CAP_OFF: usize = 264;
+const SLOTS_OFF: usize = 384;
+
+/// Largest accepted ring capacity (slots).
+pub const MAX_CAPACITY: usize = 1 << 24;
+
+/// A value that travels through a ring as 64 bits.
+///
+/// # Safety
+/// `from_bits(into_bits(x))` must give back `x`, and `from_bits` is only ever called on a value
+/// produced by `into_bits` (the ring guarantees this); a type whose values are unique tokens
+/// (like [`crate::pool::Packet`]) stays unique because each slot is read exactly once.
+pub unsafe trait RingItem: Send {
+    /// Encode.
+    fn into_bits(self) -> u64;
+    /// Decode.
+    ///
+    /// # Safety
+    /// `bits` must come from `into_bits` of a value that has not been decoded since.
+    unsafe fn from_bits(bits: u64) -> Self;
+}
+
+// SAFETY: identity encoding.
+unsafe impl RingItem for u64 {
+    fn into_bits(self) -> u64 {
+        self
+    }
+    unsafe fn from_bits(bits: u64) -> Self {
+        bits
+    }
+}
+
+struct Shared {
+    region: Region,
+    mask: u64,
+}
+
+impl Shared {
+    fn atomic(&self, off: usize) -> &AtomicU64 {
+        // SAFETY: `off` is one of the 8-byte aligned header offsets, inside the region (which is
+        // at least SLOTS_OFF bytes and page aligned); the region lives as long as `self`, and
+        // every access to these words goes through atomics.
+        unsafe { AtomicU64::from_ptr(self.region.as_ptr().add(off).cast::<u64>()) }
+    }
+    fn head(&self) -> &AtomicU64 {
+        self.atomic(HEAD_OFF)
+    }
+    fn tail(&self) -> &AtomicU64 {
+        self.atomic(TAIL_OFF)
+    }
+    fn closed(&self) -> &AtomicU64 {
+        self.atomic(CLOSED_OFF)
+    }
+    fn slot(&self, index: u64) -> *mut u64 {
+        // `index & mask` < capacity, and the region holds SLOTS_OFF + 8 * capacity bytes.
+        let i = usize::try_from(index & self.mask).expect("masked ring index fits usize");
+        // SAFETY: in bounds by the comment above.
+        unsafe { self.region.as_ptr().add(SLOTS_OFF).cast::<u64>().add(i) }
+    }
+    fn capacity(&self) -> u64 {
+        self.mask + 1
+    }
+}
+
+/// The writing end of a ring. Exactly one exists per ring.
+pub struct Producer<T: RingItem> {
+    shared: Arc<Shared>,
+    head: u64,
+    cached_tail: u64,
+    _t: PhantomData<T>,
+}
+
+/// The reading end of a ring. Exactly one exists per ring.
+pub struct Consumer<T: RingItem> {
+    shared: Arc<Shared>,
+    tail: u64,
+    cached_head: u64,
+    _t: PhantomData<T>,
+}
+
+/// Create a ring of `capacity` slots (a power of two, 2..=[`MAX_CAPACITY`]) in a new memfd
+/// region named `name`.
+pub fn channel<T: RingItem>(name: &str, capacity: usize) -> Result<(Producer<T>, Consumer<T>)> {
+    if !(2..=MAX_CAPACITY).contains(&capacity) || !capacity.is_power_of_two() {
+        return Err(Error::config(
+            "ring.capacity",
+            format!("{capacity} is not a power of two in 2..={MAX_CAPACITY}"),
+        ));
+    }
+    let region = Region::new(&format!("ring-{name}"), SLOTS_OFF + 8 * capacity)?;
+    let cap = capacity as u64;
+    let shared = Arc::new(Shared {
+        region,
+        mask: cap - 1,
+    });
+    shared.atomic(CAP_OFF).store(cap, Ordering::Relaxed);
+    let producer = Producer {
+        shared: Arc::clone(&shared),
+        head: 0,
+        cached_tail: 0,
+        _t: PhantomData,
+    };
+    let consumer = Consumer {
+        shared,
+        tail: 0,
+        cached_head: 0,
+        _t: PhantomData,
+    };
+    Ok((producer, consumer))
+}
+
+impl<T: RingItem> Producer<T> {
+    /// Slots that can be filled right now (refreshes the view of the consumer's index).
+    pub fn free_space(&mut self) -> usize {
+        self.cached_tail = self.shared.tail().load(Ordering::Acquire);
+        self.free_cached()
+    }
+
+    fn free_cached(&self) -> usize {
+        let used = self.head.wrapping_sub(self.cached_tail);
+        usize::try_from(self.shared.capacity() - used).expect("ring free space fits usize")
+    }
+
+    /// Reserve up to `want` slots, re-reading the consumer index only when needed.
+    fn reserve(&mut self, want: usize) -> usize {
+        let mut free = self.free_cached();
+        if free < want {
+            free = self.free_space();
+        }
+        free.min(want)
+    }
+
+    /// Enqueue one item, or give it back when the ring is full.
+    pub fn push(&mut self, item: T) -> Result<(), T> {
+        if self.reserve(1) == 0 {
+            return Err(item);
+        }
+        // SAFETY: the slot at `head` is free (reserve said so: the consumer's tail is past it)
+        // and only this producer writes slots.
+        unsafe { self.shared.slot(self.head).write(item.into_bits()) };
+        self.head = self.head.wrapping_add(1);
+        self.shared.head().store(self.head, Ordering::Release);
+        Ok(())
+    }
+
+    /// Enqueue as many items from the front of `items` as fit, in order, with one publication
+    /// of the head index. Returns how many were enqueued; those are removed from `items`, the
+    /// rest stay.
+    pub fn push_from(&mut self, items: &mut Vec<T>) -> usize {
+        let n = self.reserve(items.len());
+        if n == 0 {
+            return 0;
+        }
+        let mut h = self.head;
+        for item in items.drain(..n) {
+            // SAFETY: the `n` slots from `head` are free (reserve) and only we write slots.
+            unsafe { self.shared.slot(h).write(item.into_bits()) };
+            h = h.wrapping_add(1);
+        }
+        self.head = h;
+        self.shared.head().store(h, Ordering::Release);
+        n
+    }
+
+    /// Ring capacity in slots.
+    pub fn capacity(&self) -> usize {
+        usize::try_from(self.shared.capacity()).expect("capacity fits usize")
+    }
+
+    /// The region holding the ring, to share it with another process.
+    pub fn region(&self) -> &Region {
+        &self.shared.region
+    }
+}
+
+impl<T: RingItem> Drop for Producer<T> {
+    fn drop(&mut self) {
+        self.shared.closed().store(1, Ordering::Release);
+    }
+}
+
+impl<T: RingItem> Consumer<T> {
+    /// Items ready to read right now.
+    pub fn len(&mut self) -> usize {
+        self.cached_head = self.shared.head().load(Ordering::Acquire);
+        usize::try_from(self.cached_head.wrapping_sub(self.tail)).expect("ring length fits usize")
+    }
+
+    /// True when no item is ready.
+    pub fn is_empty(&mut self) -> bool {
+        self.len() == 0
+    }
+
+    /// True once the producer has been dropped and every item it enqueued has been read: the
+    /// ring can be discarded without losing anything.
+    pub fn is_finished(&mut self) -> bool {
+        // Read `closed` first: if it is set, the producer's last head store happened before it.
+        let closed = self.shared.closed().load(Ordering::Acquire) != 0;
+        closed && self.is_empty()
+    }
+
+    fn available(&mut self, want: usize) -> usize {
+        let mut avail =
+            usize::try_from(self.cached_head.wrapping_sub(self.tail)).expect("fits usize");
+        if avail < want {
+            avail = self.len();
+        }
+        avail.min(want)
+    }
+
+    /// Dequeue one item.
+    pub fn pop(&mut self) -> Option<T> {
+        if self.available(1) == 0 {
+            return None;
+        }
+        // SAFETY: the slot at `tail` was published by the producer's Release store of head,
+        // which our Acquire load observed; it is read exactly once.
+        let item = unsafe { T::from_bits(self.shared.slot(self.tail).read()) };
+        self.tail = self.tail.wrapping_add(1);
+        self.shared.tail().store(self.tail, Ordering::Release);
+        Some(item)
+    }
+
+    /// Dequeue up to `max` items (in order) onto the end of `out`, with one publication of the
+    /// tail index. Returns how many.
+    pub fn pop_into(&mut self, out: &mut Vec<T>, max: usize) -> usize {
+        let n = self.available(max);
+        if n == 0 {
+            return 0;
+        }
+        out.reserve(n);
+        let mut t = self.tail;
+        for _ in 0..n {
+            // SAFETY: as in `pop`: these `n` slots were published and are read once each.
+            out.push(unsafe { T::from_bits(self.shared.slot(t).read()) });
+            t = t.wrapping_add(1);
+        }
+        self.tail = t;
+        self.shared.tail().store(t, Ordering::Release);
+        n
+    }
+
+    /// Ring capacity in slots.
+    pub fn capacity(&self) -> usize {
+        usize::try_from(self.shared.capacity()).expect("capacity fits usize")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_bad_capacity() {
+        for cap in [0usize, 1, 3, 1000, MAX_CAPACITY * 2] {
+            let e = channel::<u64>("bad", cap).err().unwrap();
+            assert!(e.to_string().contains("ring.capacity"), "{cap}: {e}");
+        }
+    }
+
+    #[test]
+    fn fifo_batches_and_full_ring() {
+        let (mut p, mut c) = channel::<u64>("fifo", 8).unwrap();
+        let mut items: Vec<u64> = (0..10).collect();
+        assert_eq!(p.push_from(&mut items), 8);
+        assert_eq!(items, vec![8, 9]);
+        assert_eq!(p.push(99), Err(99));
+        let mut out = Vec::new();
+        assert_eq!(c.pop_into(&mut out, 3), 3);
+        assert_eq!(out, vec![0, 1, 2]);
+        assert_eq!(p.push_from(&mut items), 2);
+        out.clear();
+        assert_eq!(c.pop_into(&mut out, 100), 7);
+        assert_eq!(out, vec![3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(c.pop(), None);
+    }
+
+    #[test]
+    fn finished_only_after_close_and_drain() {
+        let (mut p, mut c) = channel::<u64>("close", 4).unwrap();
+        p.push(1).unwrap();
+        assert!(!c.is_finished());
+        drop(p);
+        assert!(!c.is_finished(), "one item still queued");
+        assert_eq!(c.pop(), Some(1));
+        assert!(c.is_finished());
+    }
+
+    #[test]
+    fn two_threads_transfer_everything_in_order() {
+        const N: u64 = 200_000;
+        let (mut p, mut c) = channel::<u64>("threads", 64).unwrap();
+        let t = std::thread::spawn(move || {
+            let mut next = 0u64;
+            let mut batch = Vec::with_capacity(32);
+            while next < N {
+                while batch.len() < 32 && next < N {
+                    batch.push(next);
+                    next += 1;
+                }
+                p.push_from(&mut batch);
+                while !batch.is_empty() {
+                    p.push_from(&mut batch);
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        let mut expect = 0u64;
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while expect < N {
+            out.clear();
+            c.pop_into(&mut out, 32);
+            for v in &out {
+                assert_eq!(*v, expect);
+                expect += 1;
+            }
+            assert!(std::time::Instant::now() < deadline, "stalled at {expect}");
+        }
+        t.join().unwrap();
+        assert!(c.is_finished());
+    }
+}
