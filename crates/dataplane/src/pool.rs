@@ -95,7 +95,7 @@ impl Pool {
                 format!("{count} is outside 1..={MAX_BUFFERS}"),
             ));
         }
-        if !(64..=65535).contains(&buf_size) || buf_size % 64 != 0 {
+        if !(64..=65535).contains(&buf_size) || !buf_size.is_multiple_of(64) {
             return Err(Error::config(
                 "pool.buf_size",
                 format!("{buf_size} must be a multiple of 64 in 64..=65535"),
