@@ -1,0 +1,6 @@
+//! telvirt-guest: the protocol between the host (runtime-vm) and the in-guest agent, and the
+//! agent's request handling. Owns the wire types and what each request does inside the guest;
+//! must not know about QEMU, the host's configuration or anything outside the guest.
+
+pub mod agent;
+pub mod proto;

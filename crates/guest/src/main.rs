@@ -1,0 +1,134 @@
+//! telvirt-guest binary: runs as a child of the initramfs /init, opens the agent's
+//! virtio-serial port, announces readiness and serves requests. `--stdio` serves on
+//! stdin/stdout instead (for tests on the host). Must stay statically linkable: std,
+//! serde and serde_json only.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use telvirt_guest::agent::Agent;
+use telvirt_guest::proto::{AGENT_PORT_NAME, Body, Message, RequestEnvelope, encode_line};
+
+fn find_port() -> Option<PathBuf> {
+    let by_name = Path::new("/dev/virtio-ports").join(AGENT_PORT_NAME);
+    if by_name.exists() {
+        return Some(by_name);
+    }
+    for entry in std::fs::read_dir("/sys/class/virtio-ports").ok()?.flatten() {
+        let name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+        if name.trim() == AGENT_PORT_NAME {
+            let dev = Path::new("/dev").join(entry.file_name());
+            if dev.exists() {
+                return Some(dev);
+            }
+        }
+    }
+    None
+}
+
+fn send(out: &mut dyn Write, msg: &Message) -> std::io::Result<()> {
+    let line = encode_line(msg).map_err(std::io::Error::other)?;
+    out.write_all(line.as_bytes())?;
+    out.flush()
+}
+
+/// Serve requests until `input` ends. Returns true when the host asked for a shutdown.
+fn serve(agent: &mut Agent, input: &mut dyn BufRead, out: &mut dyn Write) -> std::io::Result<bool> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if input.read_line(&mut line)? == 0 {
+            return Ok(false);
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let (id, body) = match serde_json::from_str::<RequestEnvelope>(&line) {
+            Ok(req) => (Some(req.id), agent.handle(req.request)),
+            Err(e) => (
+                serde_json::from_str::<serde_json::Value>(&line)
+                    .ok()
+                    .and_then(|v| v.get("id")?.as_u64()),
+                Body::Error {
+                    message: format!("bad request: {e}"),
+                },
+            ),
+        };
+        let shutting_down = body == Body::ShuttingDown;
+        send(out, &Message { id, body })?;
+        if shutting_down {
+            return Ok(true);
+        }
+    }
+}
+
+fn power_off() {
+    // busybox in the initramfs; `-f` powers off at once (there is nothing to unmount).
+    let _ = std::process::Command::new("/bin/poweroff")
+        .arg("-f")
+        .status();
+}
+
+fn main() {
+    let mut agent = Agent::new();
+    if std::env::args().any(|a| a == "--stdio") {
+        let stdin = std::io::stdin();
+        let mut input = stdin.lock();
+        let mut out = std::io::stdout();
+        let ready = Message {
+            id: None,
+            body: agent.ready(),
+        };
+        if send(&mut out, &ready).is_err() {
+            std::process::exit(1);
+        }
+        match serve(&mut agent, &mut input, &mut out) {
+            Ok(_) => return,
+            Err(e) => {
+                eprintln!("telvirt-guest: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let port = loop {
+        if let Some(p) = find_port() {
+            break p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("telvirt-guest: serving on {}", port.display());
+    loop {
+        let opened = OpenOptions::new().read(true).write(true).open(&port);
+        let mut file: File = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("telvirt-guest: open {}: {e}", port.display());
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        let ready = Message {
+            id: None,
+            body: agent.ready(),
+        };
+        let _ = send(&mut file, &ready);
+        let mut input = match file.try_clone() {
+            Ok(f) => BufReader::new(f),
+            Err(_) => continue,
+        };
+        match serve(&mut agent, &mut input, &mut file) {
+            Ok(true) => {
+                power_off();
+                return;
+            }
+            // End of input: the host is not connected; wait for it to come back.
+            Ok(false) => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => {
+                eprintln!("telvirt-guest: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}

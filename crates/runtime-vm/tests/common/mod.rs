@@ -1,0 +1,73 @@
+//! Shared test support: builds the static guest agent and the default guest image once per
+//! test binary, limits concurrent guests, and kills every QEMU a test starts (Drop guards).
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use telvirt_runtime_vm::image::{GuestImage, ImageBuilder};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// Shared cache for kernel and initramfs across test runs (outside any repository path).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TELVIRT_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("telvirt-test-cache"))
+}
+
+/// The static telvirt-guest binary: `TELVIRT_GUEST_BIN`, or built here with crt-static into a
+/// separate target dir (the outer cargo holds the lock on the main one while tests run).
+pub fn guest_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TELVIRT_GUEST_BIN") {
+            return PathBuf::from(p);
+        }
+        let tdir = target_dir().join("guest-static");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "rustc",
+                "-q",
+                "-p",
+                "telvirt-guest",
+                "--release",
+                "--bin",
+                "telvirt-guest",
+                "--",
+                "-C",
+                "target-feature=+crt-static",
+                "-C",
+                "strip=debuginfo",
+            ])
+            .env("CARGO_TARGET_DIR", &tdir)
+            .status()
+            .expect("run cargo to build the static guest agent");
+        assert!(status.success(), "building the static guest agent failed");
+        tdir.join("release/telvirt-guest")
+    })
+    .clone()
+}
+
+/// The default guest image, built (or found in the cache) once per test binary.
+pub fn image() -> GuestImage {
+    static IMG: OnceLock<GuestImage> = OnceLock::new();
+    IMG.get_or_init(|| {
+        ImageBuilder::new(cache_dir(), guest_binary())
+            .build(&mut |_| {})
+            .expect("build the default guest image")
+    })
+    .clone()
+}
