@@ -7,3 +7,12 @@ pub mod region;
 pub mod ring;
 
 pub use error::{Error, Result};
+pub mod firewall;
+pub mod graph;
+pub mod hist;
+pub mod node;
+pub mod packet;
+pub mod panel;
+pub mod steering;
+pub mod traffic;
+pub mod worker;

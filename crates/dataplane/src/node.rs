@@ -1,0 +1,275 @@
+//! The element a worker runs: a [`Node`] with numbered ports, polled in batches through
+//! [`NodeIo`]; and the [`PacketProcessor`] trait (batch in, one [`Verdict`] per packet) that VNF
+//! stages (plain Rust here, wasm modules in the agent) implement.
+//!
+//! Owns per-port link ends and link counters; must not decide the wiring (the
+//! [`crate::panel`] does) nor pin threads (the [`crate::worker`] does).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::pool::{Packet, Pool};
+use crate::ring::{Consumer, Producer};
+
+/// Default packets per batch.
+pub const BATCH: usize = 32;
+
+/// What to do with one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Free the packet.
+    Drop,
+    /// Send it out of port `k` of the same node.
+    Forward(u16),
+}
+
+/// A packet-processing stage: receives a batch that arrived on port `input` and pushes exactly
+/// one verdict per packet onto `verdicts` (which is empty on entry). Missing verdicts count as
+/// [`Verdict::Drop`]. May rewrite packet bytes through `pool`.
+pub trait PacketProcessor: Send {
+    /// Process one batch.
+    fn process(
+        &mut self,
+        input: usize,
+        pool: &Pool,
+        pkts: &mut [Packet],
+        verdicts: &mut Vec<Verdict>,
+    );
+
+    /// If every packet of the next batch from `input` will go to one known port, that port.
+    /// The worker then takes from `input` only as many packets as that port's link has room
+    /// for (backpressure instead of drops). `None` (the default) means "any port": the worker
+    /// then uses the smallest free space over all linked ports.
+    fn next_output(&mut self, input: usize) -> Option<u16> {
+        let _ = input;
+        None
+    }
+}
+
+/// Counters of one link, shared between the sending worker and readers (`net show`).
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    /// Packets enqueued on the link.
+    pub packets: AtomicU64,
+    /// Bytes enqueued on the link.
+    pub bytes: AtomicU64,
+    /// Packets dropped because the link's ring was full.
+    pub drops: AtomicU64,
+}
+
+/// A point-in-time copy of [`LinkCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CounterSnapshot {
+    /// Packets enqueued.
+    pub packets: u64,
+    /// Bytes enqueued.
+    pub bytes: u64,
+    /// Packets dropped (ring full).
+    pub drops: u64,
+}
+
+impl LinkCounters {
+    /// Copy the counters.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            packets: self.packets.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            drops: self.drops.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The sending end of a link, held by the source port.
+pub struct TxLink {
+    /// Ring producer.
+    pub ring: Producer<Packet>,
+    /// The link's counters.
+    pub counters: Arc<LinkCounters>,
+}
+
+/// One port's link ends: at most one outgoing link, and incoming rings (more than one only
+/// while a replaced link drains).
+#[derive(Default)]
+pub struct PortIo {
+    pub(crate) tx: Option<TxLink>,
+    pub(crate) rx: Vec<Consumer<Packet>>,
+    pub(crate) unlinked_drops: u64,
+}
+
+/// What a node sees while it is polled.
+pub struct NodeIo<'a> {
+    pub(crate) pool: &'a Pool,
+    pub(crate) ports: &'a mut [PortIo],
+}
+
+impl<'a> NodeIo<'a> {
+    /// A standalone `NodeIo` over `ports` (for tests and for embedding nodes elsewhere).
+    pub fn new(pool: &'a Pool, ports: &'a mut [PortIo]) -> Self {
+        NodeIo { pool, ports }
+    }
+
+    /// The packet pool.
+    pub fn pool(&self) -> &'a Pool {
+        self.pool
+    }
+
+    /// Number of ports.
+    pub fn port_count(&self) -> usize {
+        self.ports.len()
+    }
+
+    /// Receive up to `max` packets that arrived on `port` onto `out`; returns how many.
+    /// Incoming rings whose producer is gone and that are drained are discarded here.
+    pub fn recv(&mut self, port: usize, out: &mut Vec<Packet>, max: usize) -> usize {
+        let Some(p) = self.ports.get_mut(port) else {
+            return 0;
+        };
+        let mut got = 0;
+        let mut finished = false;
+        for c in p.rx.iter_mut() {
+            if got >= max {
+                break;
+            }
+            let n = c.pop_into(out, max - got);
+            if n == 0 && c.is_finished() {
+                finished = true;
+            }
+            got += n;
+        }
+        if finished {
+            p.rx.retain_mut(|c| !c.is_finished());
+        }
+        got
+    }
+
+    /// Free slots on `port`'s outgoing link (0 when unlinked).
+    pub fn tx_space(&mut self, port: usize) -> usize {
+        match self.ports.get_mut(port).and_then(|p| p.tx.as_mut()) {
+            Some(tx) => tx.ring.free_space(),
+            None => 0,
+        }
+    }
+
+    /// True when `port` has an outgoing link.
+    pub fn is_linked(&self, port: usize) -> bool {
+        self.ports.get(port).is_some_and(|p| p.tx.is_some())
+    }
+
+    /// Send every packet in `pkts` out of `port` (left empty). What does not fit, or has no
+    /// link, is freed and counted as a drop. Returns how many were enqueued.
+    pub fn send(&mut self, port: usize, pkts: &mut Vec<Packet>) -> usize {
+        if pkts.is_empty() {
+            return 0;
+        }
+        let pool = self.pool;
+        let Some(p) = self.ports.get_mut(port) else {
+            pool.free_all(pkts);
+            return 0;
+        };
+        let Some(tx) = p.tx.as_mut() else {
+            p.unlinked_drops += pkts.len() as u64;
+            pool.free_all(pkts);
+            return 0;
+        };
+        let bytes: usize = pkts.iter().map(Packet::len).sum();
+        let total = pkts.len();
+        let sent = tx.ring.push_from(pkts);
+        let sent_bytes = if sent == total {
+            bytes
+        } else {
+            bytes - pkts.iter().map(Packet::len).sum::<usize>()
+        };
+        tx.counters
+            .packets
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        tx.counters
+            .bytes
+            .fetch_add(sent_bytes as u64, Ordering::Relaxed);
+        if !pkts.is_empty() {
+            tx.counters
+                .drops
+                .fetch_add(pkts.len() as u64, Ordering::Relaxed);
+            pool.free_all(pkts);
+        }
+        sent
+    }
+}
+
+/// Anything a worker can poll: VNF stages, ports, generators, sinks.
+pub trait Node: Send {
+    /// Do one round of work (about one batch per port); returns the packets handled, 0 when
+    /// idle (the worker then backs off).
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize;
+}
+
+/// Runs a [`PacketProcessor`] as a [`Node`]: for each input port, receive a batch, process it,
+/// and send each packet where its verdict says.
+pub struct ProcessorNode<P> {
+    processor: P,
+    batch: usize,
+    inbuf: Vec<Packet>,
+    verdicts: Vec<Verdict>,
+    out: Vec<Vec<Packet>>,
+}
+
+impl<P: PacketProcessor> ProcessorNode<P> {
+    /// Wrap `processor`, polling up to `batch` packets per input port per round.
+    pub fn new(processor: P, batch: usize) -> Self {
+        ProcessorNode {
+            processor,
+            batch: batch.max(1),
+            inbuf: Vec::with_capacity(batch),
+            verdicts: Vec::with_capacity(batch),
+            out: Vec::new(),
+        }
+    }
+}
+
+impl<P: PacketProcessor> Node for ProcessorNode<P> {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        let nports = io.port_count();
+        if self.out.len() < nports {
+            self.out.resize_with(nports, Vec::new);
+        }
+        let pool = io.pool();
+        let mut handled = 0;
+        for input in 0..nports {
+            self.inbuf.clear();
+            let room = match self.processor.next_output(input) {
+                Some(k) => io.tx_space(usize::from(k)),
+                None => {
+                    let mut room = self.batch;
+                    for k in 0..nports {
+                        if io.is_linked(k) {
+                            room = room.min(io.tx_space(k));
+                        }
+                    }
+                    room
+                }
+            };
+            let want = room.min(self.batch);
+            if want == 0 || io.recv(input, &mut self.inbuf, want) == 0 {
+                continue;
+            }
+            handled += self.inbuf.len();
+            self.verdicts.clear();
+            self.processor
+                .process(input, pool, &mut self.inbuf, &mut self.verdicts);
+            let mut verdicts = self.verdicts.iter();
+            for pkt in self.inbuf.drain(..) {
+                match verdicts.next() {
+                    Some(Verdict::Forward(k)) if usize::from(*k) < nports => {
+                        self.out[usize::from(*k)].push(pkt)
+                    }
+                    _ => pool.free(pkt),
+                }
+            }
+            for (k, q) in self.out.iter_mut().enumerate() {
+                if !q.is_empty() {
+                    io.send(k, q);
+                }
+            }
+        }
+        handled
+    }
+}

@@ -1,0 +1,282 @@
+//! The patch panel: nodes placed on workers, and the links between their ports, rewired while
+//! everything keeps running.
+//!
+//! Owns the live graph (rings and counters per link); must not read descriptors: the agent
+//! turns a `kind: Network` into [`LinkSpec`]s and calls [`PatchPanel::apply`].
+//!
+//! Rewiring protocol: a removed link's producer is dropped by its source worker between two
+//! rounds; the destination keeps draining the old ring until it is empty and then discards it,
+//! so no packet already on a link is lost. An added link gets a fresh ring; its consumer is
+//! handed to the destination worker before its producer is handed to the source worker.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::graph::{LinkSpec, LinkStatus, PortRef, render, validate};
+use crate::node::{LinkCounters, Node, TxLink};
+use crate::pool::{Packet, Pool};
+use crate::ring;
+use crate::worker::{Cmd, Worker, WorkerConfig};
+
+struct NodeEntry {
+    id: u64,
+    worker: usize,
+    ports: Vec<String>,
+}
+
+struct LiveLink {
+    to: PortRef,
+    counters: Arc<LinkCounters>,
+}
+
+/// What [`PatchPanel::apply`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ApplyReport {
+    /// Links created.
+    pub added: Vec<LinkSpec>,
+    /// Links removed.
+    pub removed: Vec<LinkSpec>,
+    /// Links left as they were (counters kept).
+    pub kept: usize,
+}
+
+/// Nodes on workers and the links between them.
+pub struct PatchPanel {
+    pool: Arc<Pool>,
+    workers: Vec<Worker>,
+    nodes: BTreeMap<String, NodeEntry>,
+    links: BTreeMap<PortRef, LiveLink>,
+    ring_capacity: usize,
+    next_id: u64,
+}
+
+impl PatchPanel {
+    /// Start one worker per entry of `workers`; links get rings of `ring_capacity` slots.
+    pub fn new(pool: Arc<Pool>, workers: Vec<WorkerConfig>, ring_capacity: usize) -> Result<Self> {
+        if workers.is_empty() {
+            return Err(Error::config(
+                "panel.workers",
+                "at least one worker is needed",
+            ));
+        }
+        // Validate the capacity once, up front, with the ring's own rule.
+        drop(ring::channel::<u64>("probe", ring_capacity)?);
+        let workers = workers
+            .into_iter()
+            .map(|w| Worker::spawn(w, Arc::clone(&pool)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(PatchPanel {
+            pool,
+            workers,
+            nodes: BTreeMap::new(),
+            links: BTreeMap::new(),
+            ring_capacity,
+            next_id: 1,
+        })
+    }
+
+    /// The shared packet pool.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
+    }
+
+    /// The workers.
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    /// Place `node` (with the given port names, in port-index order) on worker `worker`.
+    pub fn add_node(
+        &mut self,
+        name: &str,
+        ports: &[&str],
+        worker: usize,
+        node: Box<dyn Node>,
+    ) -> Result<()> {
+        if name.is_empty() || name.contains(['.', ' ']) {
+            return Err(Error::Graph(format!(
+                "node name {name:?} must be non-empty without '.' or ' '"
+            )));
+        }
+        if self.nodes.contains_key(name) {
+            return Err(Error::Graph(format!("node {name} already exists")));
+        }
+        let w = self.workers.get(worker).ok_or_else(|| {
+            Error::config(
+                "worker",
+                format!("{worker} is not a worker index (0..{})", self.workers.len()),
+            )
+        })?;
+        for (i, p) in ports.iter().enumerate() {
+            if ports[..i].contains(p) {
+                return Err(Error::Graph(format!(
+                    "node {name}: port {p:?} listed twice"
+                )));
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        w.send(vec![Cmd::AddNode {
+            id,
+            node,
+            ports: ports.len(),
+        }]);
+        self.nodes.insert(
+            name.to_string(),
+            NodeEntry {
+                id,
+                worker,
+                ports: ports.iter().map(|s| s.to_string()).collect(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Remove node `name` (and every link touching it), returning the node so the caller can
+    /// read its final state (e.g. a sink's histogram).
+    pub fn remove_node(&mut self, name: &str) -> Result<Box<dyn Node>> {
+        if !self.nodes.contains_key(name) {
+            return Err(Error::Graph(format!("unknown node {name:?}")));
+        }
+        let keep: Vec<LinkSpec> = self
+            .current_links()
+            .into_iter()
+            .filter(|l| l.from.node != name && l.to.node != name)
+            .collect();
+        self.apply(&keep)?;
+        let e = self
+            .nodes
+            .remove(name)
+            .expect("invariant: node checked present above");
+        self.workers[e.worker]
+            .remove_node(e.id)
+            .ok_or_else(|| Error::Graph(format!("worker of {name} stopped")))
+    }
+
+    /// The links now in force.
+    pub fn current_links(&self) -> Vec<LinkSpec> {
+        self.links
+            .iter()
+            .map(|(from, l)| LinkSpec::new(from.clone(), l.to.clone()))
+            .collect()
+    }
+
+    /// Make the live links exactly `links`: validate the whole set first (on error nothing
+    /// changes), then remove and add only the difference, without stopping any node.
+    pub fn apply(&mut self, links: &[LinkSpec]) -> Result<ApplyReport> {
+        let ports: BTreeMap<String, Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|(n, e)| (n.clone(), e.ports.clone()))
+            .collect();
+        validate(&ports, links)?;
+        let current = self.current_links();
+        let removed: Vec<LinkSpec> = current
+            .iter()
+            .filter(|l| !links.contains(l))
+            .cloned()
+            .collect();
+        let added: Vec<LinkSpec> = links
+            .iter()
+            .filter(|l| !current.contains(l))
+            .cloned()
+            .collect();
+        // Build all new rings before changing anything, so a failure leaves the panel as it was.
+        let mut fresh = Vec::with_capacity(added.len());
+        for l in &added {
+            let (p, c) = ring::channel::<Packet>(&l.to_string(), self.ring_capacity)?;
+            fresh.push((l.clone(), p, c));
+        }
+        let mut per_worker: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
+        for l in &removed {
+            let (id, w, port) = self.locate(&l.from);
+            per_worker[w].push(Cmd::DetachTx { id, port });
+            self.links.remove(&l.from);
+        }
+        let mut rx_cmds: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
+        for (l, producer, consumer) in fresh {
+            let (did, dw, dport) = self.locate(&l.to);
+            rx_cmds[dw].push(Cmd::AttachRx {
+                id: did,
+                port: dport,
+                rx: consumer,
+            });
+            let counters = Arc::new(LinkCounters::default());
+            let (sid, sw, sport) = self.locate(&l.from);
+            per_worker[sw].push(Cmd::AttachTx {
+                id: sid,
+                port: sport,
+                tx: TxLink {
+                    ring: producer,
+                    counters: Arc::clone(&counters),
+                },
+            });
+            self.links.insert(
+                l.from.clone(),
+                LiveLink {
+                    to: l.to.clone(),
+                    counters,
+                },
+            );
+        }
+        for (w, cmds) in rx_cmds.into_iter().enumerate() {
+            if !cmds.is_empty() {
+                self.workers[w].send(cmds);
+            }
+        }
+        for (w, cmds) in per_worker.into_iter().enumerate() {
+            if !cmds.is_empty() {
+                self.workers[w].send(cmds);
+            }
+        }
+        Ok(ApplyReport {
+            kept: links.len() - added.len(),
+            added,
+            removed,
+        })
+    }
+
+    fn locate(&self, p: &PortRef) -> (u64, usize, usize) {
+        let e = self
+            .nodes
+            .get(&p.node)
+            .expect("invariant: validated links name existing nodes");
+        let port = e
+            .ports
+            .iter()
+            .position(|x| *x == p.port)
+            .expect("invariant: validated links name existing ports");
+        (e.id, e.worker, port)
+    }
+
+    /// Every live link with its counters.
+    pub fn status(&self) -> Vec<LinkStatus> {
+        self.links
+            .iter()
+            .map(|(from, l)| LinkStatus {
+                link: LinkSpec::new(from.clone(), l.to.clone()),
+                counters: l.counters.snapshot(),
+            })
+            .collect()
+    }
+
+    /// The `telvirt net show` text.
+    pub fn render(&self) -> String {
+        render(&self.status())
+    }
+
+    /// Wait until every worker has applied every command sent so far.
+    pub fn barrier(&self) {
+        for w in &self.workers {
+            w.barrier();
+        }
+    }
+
+    /// Stop all workers (nodes are dropped).
+    pub fn shutdown(mut self) {
+        for w in &mut self.workers {
+            w.stop();
+        }
+    }
+}

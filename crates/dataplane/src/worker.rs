@@ -1,0 +1,330 @@
+//! Worker threads: each is optionally pinned to one core and polls its nodes in batches,
+//! applying wiring commands only between rounds (so a rewire never splits a batch).
+//!
+//! Owns threads, CPU affinity and the command queue; must not decide the wiring (the
+//! [`crate::panel`] sends the commands).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::node::{Node, NodeIo, PortIo, TxLink};
+use crate::pool::{Packet, Pool};
+use crate::ring::Consumer;
+
+/// The cores this process may run on (from `sched_getaffinity`), ascending.
+pub fn allowed_cores() -> Result<Vec<usize>> {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid, writable cpu_set_t of the size we pass.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(Error::last_os("sched_getaffinity"));
+    }
+    Ok((0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `i` < CPU_SETSIZE, and `set` is initialised.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect())
+}
+
+/// Pin the calling thread to `core`.
+pub fn pin_current_thread(core: usize) -> Result<()> {
+    if core >= libc::CPU_SETSIZE as usize {
+        return Err(Error::config(
+            "core",
+            format!("{core} is not below CPU_SETSIZE {}", libc::CPU_SETSIZE),
+        ));
+    }
+    // SAFETY: an all-zero cpu_set_t is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `core` < CPU_SETSIZE (checked above).
+    unsafe { libc::CPU_SET(core, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size we pass; 0 means the calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(Error::last_os(format!("sched_setaffinity(core {core})")));
+    }
+    Ok(())
+}
+
+/// The core the calling thread runs on now.
+pub fn current_core() -> Option<usize> {
+    // SAFETY: no preconditions.
+    let c = unsafe { libc::sched_getcpu() };
+    usize::try_from(c).ok()
+}
+
+/// How a worker behaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerConfig {
+    /// Name (thread name `tv-<name>`).
+    pub name: String,
+    /// Core to pin to; `None` leaves the thread unpinned.
+    pub core: Option<usize>,
+    /// Never sleep when idle (dedicated core). When false, the worker sleeps `idle_sleep`
+    /// after 1024 idle rounds, which keeps shared machines usable.
+    pub busy_poll: bool,
+    /// Sleep when idle and not busy polling.
+    pub idle_sleep: Duration,
+}
+
+impl WorkerConfig {
+    /// A worker named `name` on `core` that backs off when idle.
+    pub fn new(name: &str, core: Option<usize>) -> Self {
+        WorkerConfig {
+            name: name.to_string(),
+            core,
+            busy_poll: false,
+            idle_sleep: Duration::from_micros(50),
+        }
+    }
+}
+
+pub(crate) enum Cmd {
+    AddNode {
+        id: u64,
+        node: Box<dyn Node>,
+        ports: usize,
+    },
+    RemoveNode {
+        id: u64,
+        done: mpsc::Sender<Box<dyn Node>>,
+    },
+    AttachTx {
+        id: u64,
+        port: usize,
+        tx: TxLink,
+    },
+    DetachTx {
+        id: u64,
+        port: usize,
+    },
+    AttachRx {
+        id: u64,
+        port: usize,
+        rx: Consumer<Packet>,
+    },
+    Barrier(mpsc::Sender<()>),
+}
+
+#[derive(Default)]
+struct Ctl {
+    stop: AtomicBool,
+    pending: AtomicBool,
+    cmds: Mutex<Vec<Cmd>>,
+    rounds: AtomicU64,
+    unlinked_drops: AtomicU64,
+}
+
+/// A running worker thread.
+pub struct Worker {
+    ctl: Arc<Ctl>,
+    handle: Option<JoinHandle<Result<()>>>,
+    config: WorkerConfig,
+}
+
+struct Slot {
+    id: u64,
+    node: Box<dyn Node>,
+    ports: Vec<PortIo>,
+}
+
+impl Worker {
+    /// Start a worker polling nodes with packets from `pool`.
+    pub fn spawn(config: WorkerConfig, pool: Arc<Pool>) -> Result<Worker> {
+        let ctl = Arc::new(Ctl::default());
+        let c2 = Arc::clone(&ctl);
+        let cfg = config.clone();
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
+        let handle = std::thread::Builder::new()
+            .name(format!("tv-{}", config.name))
+            .spawn(move || {
+                if let Some(core) = cfg.core
+                    && let Err(e) = pin_current_thread(core)
+                {
+                    let msg = e.to_string();
+                    let _ = ready_tx.send(Err(e));
+                    return Err(Error::config("core", msg));
+                }
+                let _ = ready_tx.send(Ok(()));
+                run(&cfg, &c2, &pool);
+                Ok(())
+            })
+            .map_err(|e| Error::io("spawn worker thread", e))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(e);
+            }
+            Err(_) => return Err(Error::config("worker", "worker thread died while starting")),
+        }
+        Ok(Worker {
+            ctl,
+            handle: Some(handle),
+            config,
+        })
+    }
+
+    /// The worker's configuration.
+    pub fn config(&self) -> &WorkerConfig {
+        &self.config
+    }
+
+    /// Polling rounds done so far (a liveness signal).
+    pub fn rounds(&self) -> u64 {
+        self.ctl.rounds.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn send(&self, cmds: Vec<Cmd>) {
+        let mut q = self.ctl.cmds.lock().unwrap_or_else(|p| p.into_inner());
+        q.extend(cmds);
+        self.ctl.pending.store(true, Ordering::Release);
+    }
+
+    /// Wait until every command sent so far has been applied.
+    pub fn barrier(&self) {
+        let (tx, rx) = mpsc::channel();
+        self.send(vec![Cmd::Barrier(tx)]);
+        let _ = rx.recv();
+    }
+
+    pub(crate) fn remove_node(&self, id: u64) -> Option<Box<dyn Node>> {
+        let (tx, rx) = mpsc::channel();
+        self.send(vec![Cmd::RemoveNode { id, done: tx }]);
+        rx.recv().ok()
+    }
+
+    /// Stop the thread and drop its nodes.
+    pub fn stop(&mut self) {
+        self.ctl.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
+    for cmd in cmds {
+        match cmd {
+            Cmd::AddNode { id, node, ports } => slots.push(Slot {
+                id,
+                node,
+                ports: (0..ports).map(|_| PortIo::default()).collect(),
+            }),
+            Cmd::RemoveNode { id, done } => {
+                if let Some(i) = slots.iter().position(|s| s.id == id) {
+                    let s = slots.remove(i);
+                    let _ = done.send(s.node);
+                }
+            }
+            Cmd::AttachTx { id, port, tx } => {
+                if let Some(p) = port_of(slots, id, port) {
+                    p.tx = Some(tx);
+                }
+            }
+            Cmd::DetachTx { id, port } => {
+                if let Some(p) = port_of(slots, id, port) {
+                    p.tx = None;
+                }
+            }
+            Cmd::AttachRx { id, port, rx } => {
+                if let Some(p) = port_of(slots, id, port) {
+                    p.rx.push(rx);
+                }
+            }
+            Cmd::Barrier(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+fn port_of(slots: &mut [Slot], id: u64, port: usize) -> Option<&mut PortIo> {
+    slots
+        .iter_mut()
+        .find(|s| s.id == id)
+        .and_then(|s| s.ports.get_mut(port))
+}
+
+fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut idle_rounds = 0u32;
+    loop {
+        if ctl.pending.load(Ordering::Acquire) {
+            let cmds = {
+                let mut q = ctl.cmds.lock().unwrap_or_else(|p| p.into_inner());
+                ctl.pending.store(false, Ordering::Release);
+                std::mem::take(&mut *q)
+            };
+            apply(&mut slots, cmds);
+        }
+        if ctl.stop.load(Ordering::Acquire) {
+            break;
+        }
+        let mut work = 0;
+        for s in slots.iter_mut() {
+            let mut io = NodeIo {
+                pool,
+                ports: &mut s.ports,
+            };
+            work += s.node.poll(&mut io);
+        }
+        ctl.rounds.fetch_add(1, Ordering::Relaxed);
+        if work == 0 {
+            idle_rounds = idle_rounds.saturating_add(1);
+            if !cfg.busy_poll && idle_rounds > 1024 {
+                std::thread::sleep(cfg.idle_sleep);
+            } else {
+                std::hint::spin_loop();
+            }
+        } else {
+            idle_rounds = 0;
+        }
+    }
+    let drops: u64 = slots
+        .iter()
+        .flat_map(|s| s.ports.iter())
+        .map(|p| p.unlinked_drops)
+        .sum();
+    ctl.unlinked_drops.fetch_add(drops, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allowed_cores_is_nonempty_and_pinning_works() {
+        let cores = allowed_cores().unwrap();
+        assert!(!cores.is_empty());
+        let last = *cores.last().unwrap();
+        std::thread::spawn(move || {
+            pin_current_thread(last).unwrap();
+            assert_eq!(current_core(), Some(last));
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn pinning_to_a_missing_core_fails_precisely() {
+        let e = pin_current_thread(100_000).unwrap_err().to_string();
+        assert!(e.contains("core"), "{e}");
+        let pool = Arc::new(Pool::new("w", 4, 64).unwrap());
+        let bad = allowed_cores().unwrap().last().unwrap() + 1000;
+        let err = Worker::spawn(WorkerConfig::new("bad", Some(bad)), pool)
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("sched_setaffinity"), "{err}");
+    }
+}
