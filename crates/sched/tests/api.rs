@@ -1,0 +1,591 @@
+//! Behaviour of the public scheduler API on small synthetic clusters.
+
+use telvirt_sched::coremap::{CpuState, host_map, render_host_map};
+use telvirt_sched::{
+    Allocation, Change, CpuList, CpuPolicy, CpuRequest, EmulatorPolicy, HostSpec, Inventory,
+    Redundancy, ReservePolicy, Role, Runtime, SchedConfig, SchedError, Scheduler, ThreadPolicy,
+    VnfRequest,
+};
+
+/// 1 socket × 4 cores × 2 threads: core0 = cpus 0,4 (shared), cores 1..3 = 1,5 / 2,6 / 3,7.
+fn small(name: &str, zone: &str) -> HostSpec {
+    let mut h = HostSpec::synthetic(name, 1, 4, 2);
+    h.labels.insert("zone".into(), zone.into());
+    h
+}
+
+fn sched(reserve: ReservePolicy, hosts: &[HostSpec]) -> Scheduler {
+    let mut s = Scheduler::new(SchedConfig {
+        reserve,
+        ..SchedConfig::default()
+    })
+    .unwrap();
+    for h in hosts {
+        s.add_host(h.clone()).unwrap();
+    }
+    s
+}
+
+fn ded(name: &str, count: u32) -> VnfRequest {
+    VnfRequest {
+        name: name.into(),
+        authority: "op".into(),
+        runtime: Runtime::Wasm,
+        cpu: CpuRequest {
+            count,
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn shared(name: &str, auth: &str, group: &str, count: u32) -> VnfRequest {
+    VnfRequest {
+        name: name.into(),
+        authority: auth.into(),
+        runtime: Runtime::Wasm,
+        cpu: CpuRequest {
+            policy: CpuPolicy::Shared,
+            count,
+            group: Some(group.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn pinned(name: &str, cores: &[u32]) -> VnfRequest {
+    VnfRequest {
+        name: name.into(),
+        authority: "op".into(),
+        runtime: Runtime::Wasm,
+        cpu: CpuRequest {
+            policy: CpuPolicy::Pinned,
+            cores: cores.to_vec(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+fn cpus(l: &[CpuList]) -> Vec<String> {
+    l.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn dedicated_thread_policies() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    let mut iso = ded("iso", 1);
+    iso.cpu.thread_policy = ThreadPolicy::Isolate;
+    let p = s.place(&iso).unwrap();
+    assert_eq!(cpus(&p.act.cpus), ["1"]);
+    assert_eq!(p.act.held.to_string(), "5");
+    assert_eq!(p.act.emulator_cpus, None);
+
+    let mut req = ded("req", 2);
+    req.cpu.thread_policy = ThreadPolicy::Require;
+    let p = s.place(&req).unwrap();
+    assert_eq!(cpus(&p.act.cpus), ["2", "6"]);
+    assert!(p.act.held.is_empty());
+
+    // Only core 3 (3,7) is left: 3 cpus do not fit, and the reason says so per node.
+    let e = s.place(&ded("big", 3)).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("h1: needs 3 dedicated cpus on one NUMA node; node0 has 2 free"),
+        "{msg}"
+    );
+    let p = s.place(&ded("two", 2)).unwrap();
+    assert_eq!(cpus(&p.act.cpus), ["3", "7"]);
+    assert_eq!(p.act.numa_nodes, vec![0]);
+    assert_eq!(s.stats().free_cpus, 0);
+}
+
+#[test]
+fn diagnostics_match_the_issue_example() {
+    // host-2 with two nodes: node0 has 3 free cpus, node1 has 2 free.
+    let mut h = HostSpec::synthetic("host-2", 2, 4, 1);
+    h.shared = CpuList::from_cpus([0]);
+    h.reserved = CpuList::from_cpus([5, 6]);
+    let mut s = sched(ReservePolicy::None, &[h]);
+    let e = s.place(&ded("fw", 4)).unwrap_err();
+    assert!(matches!(e, SchedError::NoPlacement { .. }));
+    let msg = e.to_string();
+    assert!(
+        msg.contains(
+            "host-2: needs 4 dedicated cpus on one NUMA node; node0 has 3 free, node1 has 2 free"
+        ),
+        "{msg}"
+    );
+    // Nothing changed.
+    assert_eq!(s.stats().free_cpus, 5);
+    assert_eq!(s.stats().vnfs, 0);
+}
+
+#[test]
+fn shared_groups_are_per_authority_and_exclusive() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    let a = s.place(&shared("a", "op", "light", 2)).unwrap();
+    let b = s.place(&shared("b", "op", "light", 3)).unwrap();
+    let c = s.place(&shared("c", "ent", "light", 1)).unwrap();
+    assert_eq!(cpus(&a.act.cpus), ["1,5", "1,5"]);
+    assert_eq!(cpus(&b.act.cpus), ["1,5", "1,5", "1,5"]);
+    assert_eq!(
+        cpus(&c.act.cpus),
+        ["2,6"],
+        "another authority never shares op's core"
+    );
+    let m = host_map(&s, "h1").unwrap();
+    let core1 = &m.nodes[0].cores[1];
+    assert!(
+        matches!(&core1.threads[0].state, CpuState::Group { group, authority, vcpus: 5 } if group == "light" && authority == "op")
+    );
+    // A full group core makes the group open a new one (capacity 8).
+    let d = s.place(&shared("d", "op", "light", 4)).unwrap();
+    assert_eq!(cpus(&d.act.cpus)[0], "3,7");
+    // Releasing the last member frees the core exactly.
+    s.release("c").unwrap();
+    assert!(matches!(
+        host_map(&s, "h1").unwrap().nodes[0].cores[2].threads[0].state,
+        CpuState::Free
+    ));
+}
+
+#[test]
+fn pinned_refusals_say_why() {
+    let mut h = small("h1", "a");
+    h.reserved = CpuList::from_cpus([3]);
+    let mut s = sched(ReservePolicy::None, &[h]);
+    let p = s.place(&pinned("p1", &[2, 6])).unwrap();
+    assert_eq!(cpus(&p.act.cpus), ["2", "6"]);
+    for (cores, why) in [
+        (vec![2], "cpu 2 is taken by vnf `p1`"),
+        (vec![3], "cpu 3 is reserved, not dedicated"),
+        (vec![0], "cpu 0 is in the shared set, not dedicated"),
+        (vec![42], "cpu 42 does not exist"),
+    ] {
+        let e = s.place(&pinned("p2", &cores)).unwrap_err().to_string();
+        assert!(e.contains(&format!("h1: {why}")), "{e}");
+    }
+    let mut near = pinned("p3", &[1]);
+    near.cpu.numa_node = Some(1);
+    assert!(
+        s.place(&near)
+            .unwrap_err()
+            .to_string()
+            .contains("has no NUMA node 1")
+    );
+}
+
+#[test]
+fn locality_and_emulator() {
+    let mut s = sched(ReservePolicy::None, &[HostSpec::synthetic("h1", 2, 4, 2)]);
+    let mut r = ded("vm1", 2);
+    r.runtime = Runtime::Vm;
+    r.cpu.near_nic = Some("nic1".into());
+    r.emulator = EmulatorPolicy::Isolate;
+    let p = s.place(&r).unwrap();
+    assert_eq!(p.act.numa_nodes, vec![1]);
+    // socket 1 cores: 4(shared),5,6,7 → threads 5,13 / 6,14 / 7,15
+    assert_eq!(cpus(&p.act.cpus), ["5", "13"]);
+    assert_eq!(p.act.emulator_cpus.unwrap().to_string(), "6");
+
+    let mut r = ded("vm2", 1);
+    r.runtime = Runtime::Vm;
+    r.cpu.numa_node = Some(0);
+    let p = s.place(&r).unwrap();
+    assert_eq!(p.act.numa_nodes, vec![0]);
+    assert_eq!(
+        p.act.emulator_cpus.unwrap().to_string(),
+        "0,4,8,12",
+        "share = the host's shared set"
+    );
+
+    let mut r = ded("vm3", 1);
+    r.cpu.near_nic = Some("eth9".into());
+    assert!(
+        s.place(&r)
+            .unwrap_err()
+            .to_string()
+            .contains("h1: has no nic `eth9`")
+    );
+}
+
+#[test]
+fn memory_is_tracked_per_node() {
+    let mut h = small("h1", "a");
+    h.topology.as_mut().unwrap().memory_per_node = Some(1000);
+    let mut s = sched(ReservePolicy::None, &[h]);
+    let mut r = ded("m1", 1);
+    r.memory_per_node = 600;
+    s.place(&r).unwrap();
+    let mut r2 = ded("m2", 1);
+    r2.memory_per_node = 600;
+    let e = s.place(&r2).unwrap_err().to_string();
+    assert!(e.contains("400 bytes of memory free (needs 600)"), "{e}");
+    s.release("m1").unwrap();
+    s.place(&r2).unwrap();
+}
+
+fn redundant(name: &str, count: u32) -> VnfRequest {
+    VnfRequest {
+        redundancy: Redundancy::ActiveStandby,
+        ..ded(name, count)
+    }
+}
+
+#[test]
+fn act_and_sby_on_different_hosts_and_zones() {
+    let mut s = sched(
+        ReservePolicy::None,
+        &[small("h1", "a"), small("h2", "a"), small("h3", "b")],
+    );
+    let p = s.place(&redundant("r1", 2)).unwrap();
+    let sby = p.sby.unwrap();
+    assert_ne!(p.act.host, sby.host);
+    let mut z = redundant("r2", 1);
+    z.zone_anti_affinity = true;
+    let p = s.place(&z).unwrap();
+    let zone = |h: &str| s.host_spec(h).unwrap().labels["zone"].clone();
+    assert_ne!(zone(&p.act.host), zone(&p.sby.as_ref().unwrap().host));
+
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "a")]);
+    let e = s.place(&z).unwrap_err().to_string();
+    assert!(e.contains("is in zone `a` like the other role"), "{e}");
+    assert_eq!(s.stats().free_cpus, 12, "the ACT was rolled back");
+}
+
+#[test]
+fn reserve_refuses_placements_that_break_healing() {
+    // 3 hosts × 6 dedicated cpus. Redundant load per host must stay healable elsewhere.
+    let hosts = [small("h1", "a"), small("h2", "b"), small("h3", "c")];
+    let mut s = sched(ReservePolicy::NPlusOne, &hosts);
+    s.place(&redundant("r1", 4)).unwrap(); // h1: 4, h2: 4 → free 2,2,6
+    let e = s.place(&ded("filler", 5)).unwrap_err();
+    match &e {
+        SchedError::ReserveViolation { needed, free, .. } => assert!(needed > free, "{e}"),
+        other => panic!("expected reserve violation, got {other}"),
+    }
+    assert!(e.to_string().contains("n+1 healing reserve"));
+    assert!(s.reserve_holds());
+    // The same placement without the reserve is accepted.
+    let mut s2 = sched(ReservePolicy::None, &hosts);
+    s2.place(&redundant("r1", 4)).unwrap();
+    s2.place(&ded("filler", 5)).unwrap();
+}
+
+#[test]
+fn fail_host_replaces_and_promotes() {
+    let mut s = sched(
+        ReservePolicy::NPlusOne,
+        &[small("h1", "a"), small("h2", "b"), small("h3", "c")],
+    );
+    let p = s.place(&redundant("r1", 2)).unwrap();
+    s.place(&ded("solo", 1)).unwrap();
+    let act_host = p.act.host.clone();
+    let out = s.fail_host(&act_host).unwrap();
+    let r1 = out.iter().find(|r| r.vnf == "r1").unwrap();
+    assert_eq!(r1.lost, Role::Act);
+    assert!(r1.promoted);
+    let new = r1.result.as_ref().unwrap();
+    assert_eq!(new.role, Role::Sby);
+    let now = s.placement("r1").unwrap();
+    assert_eq!(
+        now.act.host,
+        p.sby.unwrap().host,
+        "the old SBY is the ACT now"
+    );
+    assert_eq!(now.sby.unwrap().host, new.host);
+    assert_ne!(new.host, act_host);
+    assert!(s.host_spec(&act_host).is_err());
+    assert_eq!(
+        s.fail_host("nope").unwrap_err(),
+        SchedError::UnknownHost("nope".into())
+    );
+}
+
+#[test]
+fn fail_host_reports_what_cannot_be_replaced() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    s.place(&ded("solo", 2)).unwrap();
+    let out = s.fail_host("h1").unwrap();
+    assert_eq!(out.len(), 1);
+    assert!(matches!(out[0].result, Err(SchedError::NoPlacement { .. })));
+    assert!(
+        s.placement("solo").is_err(),
+        "a VNF with no role left is forgotten"
+    );
+}
+
+#[test]
+fn restore_rebuilds_the_same_state_and_validates() {
+    let hosts = [small("h1", "a"), small("h2", "b")];
+    let mut s = sched(ReservePolicy::None, &hosts);
+    s.place(&redundant("r1", 1)).unwrap();
+    s.place(&shared("g1", "op", "light", 2)).unwrap();
+    let mut iso = ded("iso", 1);
+    iso.cpu.thread_policy = ThreadPolicy::Isolate;
+    iso.runtime = Runtime::Vm;
+    iso.emulator = EmulatorPolicy::Isolate;
+    s.place(&iso).unwrap();
+    s.place(&pinned("p1", &[7])).unwrap();
+    let allocs = s.allocations();
+    let json = serde_json::to_string(&allocs).unwrap();
+    let back: Vec<Allocation> = serde_json::from_str(&json).unwrap();
+
+    let mut t = sched(ReservePolicy::None, &hosts);
+    for a in &back {
+        t.restore(a).unwrap();
+    }
+    assert_eq!(t.allocations(), allocs);
+    for h in ["h1", "h2"] {
+        assert_eq!(host_map(&t, h).unwrap(), host_map(&s, h).unwrap());
+    }
+    // Restoring again: every cpu is taken now.
+    let e = t.restore(&back[0]).unwrap_err();
+    assert_eq!(e, SchedError::DuplicateVnf(back[0].request.name.clone()));
+    let mut other = back
+        .iter()
+        .find(|a| a.request.name == "p1")
+        .unwrap()
+        .clone();
+    other.request.name = "p2".into();
+    other.placement.vnf = "p2".into();
+    let e = t.restore(&other).unwrap_err().to_string();
+    assert!(e.contains("cpu 7 is already taken"), "{e}");
+
+    let mut fresh = sched(ReservePolicy::None, &hosts);
+    let mut bad = back
+        .iter()
+        .find(|a| a.request.name == "r1")
+        .unwrap()
+        .clone();
+    bad.placement.sby.as_mut().unwrap().host = bad.placement.act.host.clone();
+    assert!(
+        fresh
+            .restore(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("both on host")
+    );
+    let mut bad = back[0].clone();
+    bad.placement.act.host = "h9".into();
+    assert_eq!(
+        fresh.restore(&bad).unwrap_err(),
+        SchedError::UnknownHost("h9".into())
+    );
+    let mut bad = back
+        .iter()
+        .find(|a| a.request.name == "p1")
+        .unwrap()
+        .clone();
+    bad.placement.act.cpus = vec![CpuList::from_cpus([0])];
+    assert!(
+        fresh
+            .restore(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("pins it to 7")
+    );
+    assert_eq!(fresh.stats().vnfs, 0);
+    assert_eq!(
+        fresh.stats().free_cpus,
+        12,
+        "failed restores change nothing"
+    );
+}
+
+#[test]
+fn resize_grows_in_place_and_never_overlaps() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
+    let p = s.place(&ded("a", 2)).unwrap();
+    s.place(&ded("b", 2)).unwrap();
+    let p2 = s.begin_change("a", &Change::Resize { count: 3 }).unwrap();
+    assert_eq!(p2.act.host, p.act.host);
+    assert_eq!(
+        p2.act.cpus[..2],
+        p.act.cpus[..],
+        "existing vCPUs keep their cpus"
+    );
+    assert!(
+        s.begin_change("a", &Change::Resize { count: 1 }).is_err(),
+        "one change at a time"
+    );
+    let b = s.placement("b").unwrap();
+    let new_cpu = p2.act.cpus[2].cpus()[0];
+    assert!(b.act.host != p2.act.host || b.act.cpus.iter().all(|c| !c.contains(new_cpu)));
+    let done = s.commit_change("a").unwrap();
+    assert_eq!(done.act.cpus.len(), 3);
+    // Shrink frees exactly the dropped cpu.
+    let before = s.stats().free_cpus;
+    s.begin_change("a", &Change::Resize { count: 1 }).unwrap();
+    s.commit_change("a").unwrap();
+    assert_eq!(s.stats().free_cpus, before + 2);
+    assert_eq!(s.placement("a").unwrap().act.cpus, p.act.cpus[..1]);
+    assert_eq!(
+        s.commit_change("a").unwrap_err(),
+        SchedError::NoChangePending {
+            vnf: "a".into(),
+            role: Role::Act
+        }
+    );
+}
+
+#[test]
+fn move_holds_both_until_commit_and_abort_restores() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
+    let p = s.place(&ded("a", 2)).unwrap();
+    let free0 = s.stats().free_cpus;
+    let m = s
+        .begin_change(
+            "a",
+            &Change::Move {
+                role: Role::Act,
+                to: None,
+            },
+        )
+        .unwrap();
+    assert_ne!(m.act.host, p.act.host);
+    assert_eq!(
+        s.stats().free_cpus,
+        free0 - 2,
+        "old and new are both held while moving"
+    );
+    let map = render_host_map(&host_map(&s, &m.act.host).unwrap());
+    assert!(map.contains("a/ACT vcpu0 (pending)"), "{map}");
+    s.abort_change("a").unwrap();
+    assert_eq!(s.stats().free_cpus, free0);
+    assert_eq!(s.placement("a").unwrap(), p);
+
+    s.begin_change(
+        "a",
+        &Change::Move {
+            role: Role::Act,
+            to: Some("h2".into()),
+        },
+    )
+    .unwrap();
+    let done = s.commit_change("a").unwrap();
+    assert_eq!(done.act.host, "h2");
+    assert_eq!(s.stats().free_cpus, free0);
+    let e = s
+        .begin_change(
+            "a",
+            &Change::Move {
+                role: Role::Sby,
+                to: None,
+            },
+        )
+        .unwrap_err();
+    assert_eq!(
+        e,
+        SchedError::UnknownRole {
+            vnf: "a".into(),
+            role: Role::Sby
+        }
+    );
+    let e = s
+        .begin_change("a", &Change::Repin { cores: vec![1] })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("repin only applies to policy pinned"), "{e}");
+}
+
+#[test]
+fn repin_moves_pinned_cpus() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    s.place(&pinned("p", &[1, 2])).unwrap();
+    assert!(s.begin_change("p", &Change::Resize { count: 3 }).is_err());
+    let p = s
+        .begin_change("p", &Change::Repin { cores: vec![2, 3] })
+        .unwrap();
+    assert_eq!(cpus(&p.act.cpus), ["2", "3"]);
+    s.commit_change("p").unwrap();
+    let m = host_map(&s, "h1").unwrap();
+    assert!(
+        matches!(m.nodes[0].cores[1].threads[0].state, CpuState::Free),
+        "cpu 1 freed"
+    );
+}
+
+#[test]
+fn hosts_add_remove_update() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    assert_eq!(
+        s.add_host(small("h1", "a")).unwrap_err(),
+        SchedError::DuplicateHost("h1".into())
+    );
+    s.place(&pinned("p", &[3])).unwrap();
+    let e = s.remove_host("h1").unwrap_err().to_string();
+    assert!(e.contains("p/ACT"), "{e}");
+    // Updating h1 so that cpu 3 becomes reserved is refused and changes nothing.
+    let mut h = small("h1", "a");
+    h.reserved = CpuList::from_cpus([3]);
+    let e = s.update_host(h).unwrap_err().to_string();
+    assert!(e.contains("cpu 3 is not in the dedicated set"), "{e}");
+    assert_eq!(s.placement("p").unwrap().act.host, "h1");
+    let mut h = small("h1", "z");
+    h.reserved = CpuList::from_cpus([1]);
+    s.update_host(h).unwrap();
+    assert_eq!(s.host_spec("h1").unwrap().labels["zone"], "z");
+    assert_eq!(s.stats().free_cpus, 4);
+    s.release("p").unwrap();
+    s.remove_host("h1").unwrap();
+    assert_eq!(s.stats().hosts, 0);
+}
+
+#[test]
+fn inventory_file_shape() {
+    let inv: Inventory = serde_json::from_str(
+        r#"{"hosts":[
+          {"name":"a","labels":{"zone":"z1","rack":"r1"},
+           "topology":{"sockets":2,"cores_per_socket":8,"threads_per_core":2},
+           "nics":[{"name":"eth1","numa_node":1}],
+           "shared":"0,16","reserved":"8,24"},
+          {"name":"b","sockets":[{"id":0,"numa_nodes":[{"id":0,"memory":1073741824,
+             "cores":["0,2","1,3"]}]}], "shared":[0,2]}
+        ]}"#,
+    )
+    .unwrap();
+    let mut s = sched(ReservePolicy::None, &[]);
+    s.add_inventory(&inv).unwrap();
+    assert_eq!(s.host_names(), ["a", "b"]);
+    assert_eq!(s.stats().dedicated_cpus, 28 + 2);
+    let bad = serde_json::from_str::<Inventory>(r#"{"hosts":[{"name":"x","sokets":[]}]}"#);
+    assert!(
+        bad.unwrap_err()
+            .to_string()
+            .contains("unknown field `sokets`")
+    );
+}
+
+#[test]
+fn host_map_renders_every_state() {
+    let mut h = small("h1", "a");
+    h.reserved = CpuList::from_cpus([3, 7]);
+    let mut s = sched(ReservePolicy::None, &[h]);
+    let mut iso = ded("fw1", 1);
+    iso.cpu.thread_policy = ThreadPolicy::Isolate;
+    s.place(&iso).unwrap();
+    s.place(&shared("l1", "op", "g", 1)).unwrap();
+    let text = render_host_map(&host_map(&s, "h1").unwrap());
+    let want = "host h1 (zone=a): 0 of 4 dedicated cpus free\n  node 0 (socket 0):\n    core 0: cpu0 shared | cpu4 shared\n    core 1: cpu1 fw1/ACT vcpu0 | cpu5 fw1/ACT held\n    core 2: cpu2 group op/g (1 vcpus) | cpu6 group op/g (1 vcpus)\n    core 3: cpu3 reserved | cpu7 reserved\n";
+    assert_eq!(text, want);
+    let json = serde_json::to_value(host_map(&s, "h1").unwrap()).unwrap();
+    assert_eq!(json["nodes"][0]["cores"][1]["threads"][1]["state"], "vnf");
+    assert_eq!(json["nodes"][0]["cores"][1]["threads"][1]["use"], "held");
+}
+
+#[test]
+fn heal_places_a_missing_role() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
+    let p = s.place(&redundant("r", 3)).unwrap();
+    let out = s.fail_host(&p.sby.unwrap().host).unwrap();
+    assert!(out[0].result.is_err(), "only one host left");
+    assert!(s.placement("r").unwrap().sby.is_none());
+    s.add_host(small("h3", "c")).unwrap();
+    let rp = s.heal("r").unwrap();
+    assert_eq!(rp.host, "h3");
+    assert_eq!(rp.role, Role::Sby);
+    assert!(s.heal("r").is_err());
+}
