@@ -19,9 +19,9 @@ fn sched(reserve: ReservePolicy, hosts: &[HostSpec]) -> Scheduler {
         reserve,
         ..SchedConfig::default()
     })
-    .unwrap();
+    .expect("valid config");
     for h in hosts {
-        s.add_host(h.clone()).unwrap();
+        s.add_host(h.clone()).expect("test hosts are valid");
     }
     s
 }
