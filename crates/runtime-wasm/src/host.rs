@@ -1,0 +1,276 @@
+//! Host functions of module `telvirt` (ABI v1) and the per-VNF state they act on. Only the
+//! functions whose permission is granted are linked; the rest are absent, never stubbed.
+//! Owns the host side of each call; it does not decide grants (see `security`).
+
+use std::collections::{BTreeSet, VecDeque};
+use std::ops::Range;
+use std::time::Instant;
+
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter};
+
+use crate::abi::{self, MAX_LOG_LEN, MAX_LOG_PER_BATCH, code};
+use crate::batch::Emitted;
+use crate::maps::MapSet;
+use crate::security::Permission;
+
+/// Linear-memory cap enforced through wasmtime's `ResourceLimiter`.
+pub(crate) struct Limiter {
+    pub(crate) cap: u64,
+    /// Bytes requested by the growth that hit the cap.
+    pub(crate) hit: Option<u64>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired as u64 > self.cap {
+            self.hit = Some(desired as u64);
+            return Err(wasmtime::Error::msg(format!(
+                "linear memory cap of {} bytes exceeded (requested {desired})",
+                self.cap
+            )));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// One line logged by a module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: i32,
+    pub text: String,
+}
+
+/// Everything the host functions of one VNF instance act on.
+pub(crate) struct HostState {
+    pub(crate) maps: MapSet,
+    pub(crate) limiter: Limiter,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) counters: Vec<u64>,
+    pub(crate) emitted: Emitted,
+    pub(crate) ports: u32,
+    pub(crate) logs: VecDeque<LogLine>,
+    pub(crate) logs_this_batch: usize,
+    pub(crate) logs_dropped: u64,
+    pub(crate) now_ns: Option<u64>,
+    pub(crate) clock_base: Instant,
+    pub(crate) rng: u64,
+}
+
+impl HostState {
+    pub(crate) fn new(maps: MapSet, cap: u64, counters: usize, ports: u32, seed: u64) -> Self {
+        Self {
+            maps,
+            limiter: Limiter { cap, hit: None },
+            memory: None,
+            counters: vec![0; counters],
+            emitted: Emitted::new(),
+            ports,
+            logs: VecDeque::with_capacity(64),
+            logs_this_batch: 0,
+            logs_dropped: 0,
+            now_ns: None,
+            clock_base: Instant::now(),
+            rng: seed,
+        }
+    }
+}
+
+fn range(ptr: i32, len: usize, mem: usize) -> Option<Range<usize>> {
+    let start = u32::try_from(ptr).ok()? as usize;
+    let end = start.checked_add(len)?;
+    (end <= mem).then_some(start..end)
+}
+
+fn with_mem<R>(
+    caller: &mut Caller<'_, HostState>,
+    fallback: R,
+    f: impl FnOnce(&mut [u8], &mut HostState) -> R,
+) -> R {
+    let Some(mem) = caller.data().memory else {
+        return fallback;
+    };
+    let (data, st) = mem.data_and_store_mut(caller);
+    f(data, st)
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Defines the host functions whose permission is in `granted`.
+pub(crate) fn link(
+    linker: &mut Linker<HostState>,
+    granted: &BTreeSet<Permission>,
+) -> wasmtime::Result<()> {
+    let m = abi::IMPORT_MODULE;
+    if granted.contains(&Permission::MapsRead) {
+        linker.func_wrap(
+            m,
+            "map_lookup",
+            |mut c: Caller<'_, HostState>, map: i32, kp: i32, vp: i32| -> i32 {
+                with_mem(&mut c, code::EFAULT, |data, st| {
+                    let id = map as u32 as usize;
+                    let Some(def) = st.maps.get(id).map(|m| m.def()) else {
+                        return code::EINVAL;
+                    };
+                    let (ks, vs) = (def.key_size as usize, def.value_size as usize);
+                    let (Some(kr), Some(vr)) =
+                        (range(kp, ks, data.len()), range(vp, vs, data.len()))
+                    else {
+                        return code::EFAULT;
+                    };
+                    match st.maps.lookup(id, &data[kr]) {
+                        Some(v) => {
+                            data[vr].copy_from_slice(v);
+                            code::OK
+                        }
+                        None => code::ENOENT,
+                    }
+                })
+            },
+        )?;
+    }
+    if granted.contains(&Permission::MapsWrite) {
+        linker.func_wrap(
+            m,
+            "map_update",
+            |mut c: Caller<'_, HostState>, map: i32, kp: i32, vp: i32, flags: i32| -> i32 {
+                with_mem(&mut c, code::EFAULT, |data, st| {
+                    let id = map as u32 as usize;
+                    let Some(def) = st.maps.get(id).map(|m| m.def()) else {
+                        return code::EINVAL;
+                    };
+                    let (ks, vs) = (def.key_size as usize, def.value_size as usize);
+                    let (Some(kr), Some(vr)) =
+                        (range(kp, ks, data.len()), range(vp, vs, data.len()))
+                    else {
+                        return code::EFAULT;
+                    };
+                    st.maps.update(id, &data[kr], &data[vr], flags)
+                })
+            },
+        )?;
+        linker.func_wrap(
+            m,
+            "map_delete",
+            |mut c: Caller<'_, HostState>, map: i32, kp: i32| -> i32 {
+                with_mem(&mut c, code::EFAULT, |data, st| {
+                    let id = map as u32 as usize;
+                    let Some(def) = st.maps.get(id).map(|m| m.def()) else {
+                        return code::EINVAL;
+                    };
+                    let Some(kr) = range(kp, def.key_size as usize, data.len()) else {
+                        return code::EFAULT;
+                    };
+                    st.maps.delete(id, &data[kr])
+                })
+            },
+        )?;
+    }
+    if granted.contains(&Permission::Clock) {
+        linker.func_wrap(m, "clock_ns", |c: Caller<'_, HostState>| -> i64 {
+            let st = c.data();
+            st.now_ns
+                .unwrap_or_else(|| st.clock_base.elapsed().as_nanos() as u64) as i64
+        })?;
+    }
+    if granted.contains(&Permission::Log) {
+        linker.func_wrap(
+            m,
+            "log",
+            |mut c: Caller<'_, HostState>, level: i32, p: i32, len: i32| {
+                with_mem(&mut c, (), |data, st| {
+                    if st.logs_this_batch >= MAX_LOG_PER_BATCH {
+                        st.logs_dropped += 1;
+                        return;
+                    }
+                    let n = (len.max(0) as usize).min(MAX_LOG_LEN);
+                    let Some(r) = range(p, n, data.len()) else {
+                        st.logs_dropped += 1;
+                        return;
+                    };
+                    st.logs_this_batch += 1;
+                    if st.logs.len() == 64 {
+                        st.logs.pop_front();
+                    }
+                    st.logs.push_back(LogLine {
+                        level,
+                        text: String::from_utf8_lossy(&data[r]).into_owned(),
+                    });
+                })
+            },
+        )?;
+    }
+    if granted.contains(&Permission::Random) {
+        linker.func_wrap(
+            m,
+            "random",
+            |mut c: Caller<'_, HostState>, p: i32, len: i32| -> i32 {
+                with_mem(&mut c, code::EFAULT, |data, st| {
+                    if !(0..=4096).contains(&len) {
+                        return code::EINVAL;
+                    }
+                    let Some(r) = range(p, len as usize, data.len()) else {
+                        return code::EFAULT;
+                    };
+                    for chunk in data[r].chunks_mut(8) {
+                        let v = splitmix(&mut st.rng).to_le_bytes();
+                        chunk.copy_from_slice(&v[..chunk.len()]);
+                    }
+                    code::OK
+                })
+            },
+        )?;
+    }
+    if granted.contains(&Permission::Emit) {
+        linker.func_wrap(
+            m,
+            "emit",
+            |mut c: Caller<'_, HostState>, port: i32, p: i32, len: i32| -> i32 {
+                with_mem(&mut c, code::EFAULT, |data, st| {
+                    if port < 0 || port as u32 >= st.ports || len < 0 {
+                        return code::EINVAL;
+                    }
+                    let Some(r) = range(p, len as usize, data.len()) else {
+                        return code::EFAULT;
+                    };
+                    if st.emitted.push(port as u32, &data[r]) {
+                        code::OK
+                    } else {
+                        code::EFULL
+                    }
+                })
+            },
+        )?;
+    }
+    if granted.contains(&Permission::Counters) {
+        linker.func_wrap(
+            m,
+            "counter_add",
+            |mut c: Caller<'_, HostState>, idx: i32, delta: i64| {
+                if let Some(v) = c.data_mut().counters.get_mut(idx as u32 as usize) {
+                    *v = v.wrapping_add(delta as u64);
+                }
+            },
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,647 @@
+//! Runtime-owned VNF state: hash, array and LRU-hash maps with fixed key and value sizes and a
+//! fixed capacity, plus the log of updates since the last snapshot. Storage is flat and
+//! reserved up front, so map operations on the packet path do not allocate (except the update
+//! log, which grows amortised while enabled). Encoding lives in `snapshot`.
+
+use std::hash::BuildHasher;
+
+use hashbrown::HashTable;
+use serde::{Deserialize, Serialize};
+
+use crate::abi::{code, update_flags};
+use crate::error::{Error, Result};
+
+/// Largest key or value size in bytes.
+pub const MAX_KV_SIZE: u32 = 1024;
+/// Largest `max_entries` of one map.
+pub const MAX_ENTRIES: u32 = 1 << 24;
+
+/// Kind of map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapKind {
+    /// Hash map; inserts fail with `E2BIG` when full.
+    Hash,
+    /// Array indexed by a little-endian `u32` key (key_size 4); all entries exist, zeroed.
+    Array,
+    /// Hash map that evicts the least recently used entry when full.
+    LruHash,
+}
+
+impl MapKind {
+    pub(crate) fn to_u8(self) -> u8 {
+        match self {
+            Self::Hash => 1,
+            Self::Array => 2,
+            Self::LruHash => 3,
+        }
+    }
+    pub(crate) fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Hash),
+            2 => Some(Self::Array),
+            3 => Some(Self::LruHash),
+            _ => None,
+        }
+    }
+}
+
+/// Definition of one map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MapDef {
+    pub name: String,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl MapDef {
+    /// Checks sizes and name; the error names the field and the valid range.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(format!("name `{}`: must be 1..=64 bytes", self.name));
+        }
+        if self.key_size == 0 || self.key_size > MAX_KV_SIZE {
+            return Err(format!(
+                "key_size {}: must be 1..={MAX_KV_SIZE}",
+                self.key_size
+            ));
+        }
+        if self.value_size == 0 || self.value_size > MAX_KV_SIZE {
+            return Err(format!(
+                "value_size {}: must be 1..={MAX_KV_SIZE}",
+                self.value_size
+            ));
+        }
+        if self.max_entries == 0 || self.max_entries > MAX_ENTRIES {
+            return Err(format!(
+                "max_entries {}: must be 1..={MAX_ENTRIES}",
+                self.max_entries
+            ));
+        }
+        if self.kind == MapKind::Array && self.key_size != 4 {
+            return Err(format!(
+                "key_size {}: an array map's key is a u32 index, key_size must be 4",
+                self.key_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Same name, kind, key and value sizes (capacity may differ).
+    pub fn layout_eq(&self, other: &MapDef) -> bool {
+        self.name == other.name
+            && self.kind == other.kind
+            && self.key_size == other.key_size
+            && self.value_size == other.value_size
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+/// One map with flat, preallocated storage.
+pub struct Map {
+    def: MapDef,
+    ks: usize,
+    vs: usize,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+    live: Vec<bool>,
+    table: HashTable<u32>,
+    free: Vec<u32>,
+    len: usize,
+    // LRU list over slots: `head` is the most recently used.
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: u32,
+    tail: u32,
+    hasher: hashbrown::DefaultHashBuilder,
+}
+
+/// What an update did besides inserting: an LRU eviction to be logged.
+pub(crate) enum Evicted {
+    None,
+    Yes,
+}
+
+impl Map {
+    /// Creates an empty map (arrays: all entries zero). The definition must be checked.
+    pub fn new(def: MapDef) -> Self {
+        let ks = def.key_size as usize;
+        let vs = def.value_size as usize;
+        let n = def.max_entries as usize;
+        let mut m = Self {
+            ks,
+            vs,
+            keys: Vec::new(),
+            values: Vec::new(),
+            live: Vec::new(),
+            table: HashTable::new(),
+            free: Vec::new(),
+            len: 0,
+            prev: Vec::new(),
+            next: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            hasher: hashbrown::DefaultHashBuilder::default(),
+            def,
+        };
+        match m.def.kind {
+            MapKind::Array => {
+                m.values = vec![0; n * vs];
+                m.len = n;
+            }
+            MapKind::Hash | MapKind::LruHash => {
+                m.keys.reserve_exact(n * ks);
+                m.values.reserve_exact(n * vs);
+                m.live.reserve_exact(n);
+                m.table = HashTable::with_capacity(n);
+                if m.def.kind == MapKind::LruHash {
+                    m.prev.reserve_exact(n);
+                    m.next.reserve_exact(n);
+                }
+            }
+        }
+        m
+    }
+
+    /// The definition.
+    pub fn def(&self) -> &MapDef {
+        &self.def
+    }
+
+    /// Number of entries (arrays: `max_entries`).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the map holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn key_at(&self, slot: u32) -> &[u8] {
+        let s = slot as usize * self.ks;
+        &self.keys[s..s + self.ks]
+    }
+
+    fn value_at(&self, slot: u32) -> &[u8] {
+        let s = slot as usize * self.vs;
+        &self.values[s..s + self.vs]
+    }
+
+    fn find(&self, key: &[u8]) -> Option<u32> {
+        let h = self.hasher.hash_one(key);
+        let ks = self.ks;
+        let keys = &self.keys;
+        self.table
+            .find(h, |&s| &keys[s as usize * ks..(s as usize + 1) * ks] == key)
+            .copied()
+    }
+
+    fn array_index(&self, key: &[u8]) -> Option<usize> {
+        let idx = u32::from_le_bytes(key.try_into().ok()?) as usize;
+        (idx < self.def.max_entries as usize).then_some(idx)
+    }
+
+    fn lru_unlink(&mut self, s: u32) {
+        let (p, n) = (self.prev[s as usize], self.next[s as usize]);
+        if p != NIL {
+            self.next[p as usize] = n;
+        } else {
+            self.head = n;
+        }
+        if n != NIL {
+            self.prev[n as usize] = p;
+        } else {
+            self.tail = p;
+        }
+    }
+
+    fn lru_push_front(&mut self, s: u32) {
+        self.prev[s as usize] = NIL;
+        self.next[s as usize] = self.head;
+        if self.head != NIL {
+            self.prev[self.head as usize] = s;
+        }
+        self.head = s;
+        if self.tail == NIL {
+            self.tail = s;
+        }
+    }
+
+    /// Looks a key up (LRU: marks it most recently used). `key.len()` must equal `key_size`.
+    pub fn lookup(&mut self, key: &[u8]) -> Option<&[u8]> {
+        if key.len() != self.ks {
+            return None;
+        }
+        match self.def.kind {
+            MapKind::Array => {
+                let i = self.array_index(key)?;
+                Some(&self.values[i * self.vs..(i + 1) * self.vs])
+            }
+            MapKind::Hash => {
+                let s = self.find(key)?;
+                Some(self.value_at(s))
+            }
+            MapKind::LruHash => {
+                let s = self.find(key)?;
+                if self.head != s {
+                    self.lru_unlink(s);
+                    self.lru_push_front(s);
+                }
+                Some(self.value_at(s))
+            }
+        }
+    }
+
+    /// Reads without touching LRU order.
+    pub fn peek(&self, key: &[u8]) -> Option<&[u8]> {
+        if key.len() != self.ks {
+            return None;
+        }
+        match self.def.kind {
+            MapKind::Array => {
+                let i = self.array_index(key)?;
+                Some(&self.values[i * self.vs..(i + 1) * self.vs])
+            }
+            MapKind::Hash | MapKind::LruHash => self.find(key).map(|s| self.value_at(s)),
+        }
+    }
+
+    /// Inserts or replaces; returns an ABI code (`code::OK` on success).
+    pub(crate) fn update(&mut self, key: &[u8], value: &[u8], flags: i32) -> (i32, Evicted) {
+        if key.len() != self.ks || value.len() != self.vs {
+            return (code::EINVAL, Evicted::None);
+        }
+        if !(update_flags::ANY..=update_flags::EXIST).contains(&flags) {
+            return (code::EINVAL, Evicted::None);
+        }
+        if self.def.kind == MapKind::Array {
+            let Some(i) = self.array_index(key) else {
+                return (code::EINVAL, Evicted::None);
+            };
+            if flags == update_flags::NOEXIST {
+                return (code::EEXIST, Evicted::None);
+            }
+            self.values[i * self.vs..(i + 1) * self.vs].copy_from_slice(value);
+            return (code::OK, Evicted::None);
+        }
+        if let Some(s) = self.find(key) {
+            if flags == update_flags::NOEXIST {
+                return (code::EEXIST, Evicted::None);
+            }
+            let vs = self.vs;
+            self.values[s as usize * vs..(s as usize + 1) * vs].copy_from_slice(value);
+            if self.def.kind == MapKind::LruHash && self.head != s {
+                self.lru_unlink(s);
+                self.lru_push_front(s);
+            }
+            return (code::OK, Evicted::None);
+        }
+        if flags == update_flags::EXIST {
+            return (code::ENOENT, Evicted::None);
+        }
+        let mut evicted = Evicted::None;
+        if self.len >= self.def.max_entries as usize {
+            if self.def.kind != MapKind::LruHash {
+                return (code::E2BIG, Evicted::None);
+            }
+            let victim = self.tail;
+            evicted = Evicted::Yes;
+            self.remove_slot(victim);
+        }
+        let slot = match self.free.pop() {
+            Some(s) => {
+                let (ks, vs) = (self.ks, self.vs);
+                self.keys[s as usize * ks..(s as usize + 1) * ks].copy_from_slice(key);
+                self.values[s as usize * vs..(s as usize + 1) * vs].copy_from_slice(value);
+                self.live[s as usize] = true;
+                s
+            }
+            None => {
+                let s = self.live.len() as u32;
+                self.keys.extend_from_slice(key);
+                self.values.extend_from_slice(value);
+                self.live.push(true);
+                if self.def.kind == MapKind::LruHash {
+                    self.prev.push(NIL);
+                    self.next.push(NIL);
+                }
+                s
+            }
+        };
+        let h = self.hasher.hash_one(key);
+        let (ks, hasher, keys) = (self.ks, &self.hasher, &self.keys);
+        self.table.insert_unique(h, slot, |&s| {
+            hasher.hash_one(&keys[s as usize * ks..(s as usize + 1) * ks])
+        });
+        if self.def.kind == MapKind::LruHash {
+            self.lru_push_front(slot);
+        }
+        self.len += 1;
+        (code::OK, evicted)
+    }
+
+    fn remove_slot(&mut self, s: u32) {
+        let h = self.hasher.hash_one(self.key_at(s));
+        if let Ok(e) = self.table.find_entry(h, |&x| x == s) {
+            e.remove();
+        }
+        if self.def.kind == MapKind::LruHash {
+            self.lru_unlink(s);
+        }
+        self.live[s as usize] = false;
+        self.free.push(s);
+        self.len -= 1;
+    }
+
+    /// Deletes a key; returns an ABI code.
+    pub fn delete(&mut self, key: &[u8]) -> i32 {
+        if key.len() != self.ks || self.def.kind == MapKind::Array {
+            return code::EINVAL;
+        }
+        match self.find(key) {
+            Some(s) => {
+                self.remove_slot(s);
+                code::OK
+            }
+            None => code::ENOENT,
+        }
+    }
+
+    /// The key an insert of `key` would evict (LRU map full and `key` absent).
+    pub(crate) fn lru_victim(&self, key: &[u8]) -> Option<&[u8]> {
+        if self.def.kind != MapKind::LruHash
+            || self.len < self.def.max_entries as usize
+            || self.tail == NIL
+            || key.len() != self.ks
+            || self.find(key).is_some()
+        {
+            return None;
+        }
+        Some(self.key_at(self.tail))
+    }
+
+    /// Visits every entry: arrays in index order (key = LE index), LRU maps from least to most
+    /// recently used, hash maps in slot order.
+    pub fn for_each(&self, mut f: impl FnMut(&[u8], &[u8])) {
+        match self.def.kind {
+            MapKind::Array => {
+                for i in 0..self.def.max_entries {
+                    f(&i.to_le_bytes(), self.value_at(i));
+                }
+            }
+            MapKind::Hash => {
+                for (s, live) in self.live.iter().enumerate() {
+                    if *live {
+                        f(self.key_at(s as u32), self.value_at(s as u32));
+                    }
+                }
+            }
+            MapKind::LruHash => {
+                let mut s = self.tail;
+                while s != NIL {
+                    f(self.key_at(s), self.value_at(s));
+                    s = self.prev[s as usize];
+                }
+            }
+        }
+    }
+
+    /// All entries as owned pairs, sorted by key for hash maps (for comparisons and tools);
+    /// LRU maps keep recency order, arrays index order.
+    pub fn entries(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut v = Vec::with_capacity(self.len);
+        self.for_each(|k, val| v.push((k.to_vec(), val.to_vec())));
+        if self.def.kind == MapKind::Hash {
+            v.sort();
+        }
+        v
+    }
+
+    /// Raw value storage of an array map (index order).
+    pub(crate) fn array_values(&self) -> &[u8] {
+        &self.values
+    }
+
+    pub(crate) fn array_values_mut(&mut self) -> &mut [u8] {
+        &mut self.values
+    }
+}
+
+/// Log of updates since the last snapshot (or last taken log).
+pub(crate) struct UpdateLog {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) count: u64,
+    pub(crate) overflowed: bool,
+}
+
+/// Operation tags in the update log.
+pub(crate) const LOG_UPDATE: u8 = 1;
+pub(crate) const LOG_DELETE: u8 = 2;
+
+/// All maps of one VNF, addressed by id (index in the manifest's map list).
+pub struct MapSet {
+    pub(crate) maps: Vec<Map>,
+    pub(crate) log: Option<UpdateLog>,
+    /// Checksum of the last snapshot or log this set was written to / restored from.
+    pub(crate) base: u32,
+    /// Largest update log in bytes before it overflows (then a new snapshot is needed).
+    pub(crate) log_cap: usize,
+    scratch: Vec<u8>,
+}
+
+/// Default cap of the update log.
+pub const DEFAULT_LOG_CAP: usize = 64 << 20;
+
+impl MapSet {
+    /// Creates empty maps; every definition is checked.
+    pub fn new(defs: &[MapDef]) -> Result<Self> {
+        for (i, d) in defs.iter().enumerate() {
+            d.check()
+                .map_err(|e| Error::Map(format!("maps[{i}]: {e}")))?;
+            if defs[..i].iter().any(|o| o.name == d.name) {
+                return Err(Error::Map(format!(
+                    "maps[{i}]: duplicate name `{}`",
+                    d.name
+                )));
+            }
+        }
+        Ok(Self {
+            maps: defs.iter().cloned().map(Map::new).collect(),
+            log: None,
+            base: 0,
+            log_cap: DEFAULT_LOG_CAP,
+            scratch: Vec::with_capacity(MAX_KV_SIZE as usize),
+        })
+    }
+
+    /// Definitions in id order.
+    pub fn defs(&self) -> Vec<MapDef> {
+        self.maps.iter().map(|m| m.def.clone()).collect()
+    }
+
+    /// Map by id.
+    pub fn get(&self, id: usize) -> Option<&Map> {
+        self.maps.get(id)
+    }
+
+    /// Map by name.
+    pub fn by_name(&self, name: &str) -> Option<&Map> {
+        self.maps.iter().find(|m| m.def.name == name)
+    }
+
+    /// Number of maps.
+    pub fn len(&self) -> usize {
+        self.maps.len()
+    }
+
+    /// Whether there is no map.
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+
+    /// Looks up a key in map `id`.
+    pub fn lookup(&mut self, id: usize, key: &[u8]) -> Option<&[u8]> {
+        self.maps.get_mut(id)?.lookup(key)
+    }
+
+    /// Updates map `id`; returns an ABI code. Logged when the update log is on.
+    pub fn update(&mut self, id: usize, key: &[u8], value: &[u8], flags: i32) -> i32 {
+        let Some(m) = self.maps.get_mut(id) else {
+            return code::EINVAL;
+        };
+        let logging = self.log.as_ref().is_some_and(|l| !l.overflowed);
+        if logging && let Some(victim) = m.lru_victim(key) {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(victim);
+        } else {
+            self.scratch.clear();
+        }
+        let (rc, ev) = m.update(key, value, flags);
+        if rc == code::OK
+            && let Some(log) = self.log.as_mut()
+        {
+            if matches!(ev, Evicted::Yes) && !self.scratch.is_empty() {
+                log_op(log, self.log_cap, LOG_DELETE, id, &self.scratch, None);
+            }
+            log_op(log, self.log_cap, LOG_UPDATE, id, key, Some(value));
+        }
+        rc
+    }
+
+    /// Deletes a key from map `id`; returns an ABI code. Logged when the update log is on.
+    pub fn delete(&mut self, id: usize, key: &[u8]) -> i32 {
+        let Some(m) = self.maps.get_mut(id) else {
+            return code::EINVAL;
+        };
+        let rc = m.delete(key);
+        if rc == code::OK
+            && let Some(log) = self.log.as_mut()
+        {
+            log_op(log, self.log_cap, LOG_DELETE, id, key, None);
+        }
+        rc
+    }
+
+    /// Number of updates logged since the last snapshot or taken log (None when not logging).
+    pub fn logged_updates(&self) -> Option<u64> {
+        self.log.as_ref().map(|l| l.count)
+    }
+
+    /// Checks that maps of `old` can be carried into `new`: same name means same kind, key and
+    /// value size, and enough capacity for the entries held. Errors name the map.
+    pub fn check_carry_over(&self, new: &[MapDef]) -> Result<()> {
+        for d in new {
+            let Some(om) = self.by_name(&d.name) else {
+                continue;
+            };
+            if !om.def.layout_eq(d) {
+                return Err(Error::Map(format!(
+                    "map `{}` changes layout from {:?}/{}/{} to {:?}/{}/{} (kind/key_size/value_size): state cannot be carried over",
+                    d.name,
+                    om.def.kind,
+                    om.def.key_size,
+                    om.def.value_size,
+                    d.kind,
+                    d.key_size,
+                    d.value_size
+                )));
+            }
+            if d.kind != MapKind::Array && om.len() > d.max_entries as usize {
+                return Err(Error::Map(format!(
+                    "map `{}` holds {} entries, more than the new max_entries {}",
+                    d.name,
+                    om.len(),
+                    d.max_entries
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds a set for `defs` from a pool of maps: a map of the same name is moved in (or its
+    /// entries copied when the capacity differs; arrays keep the common prefix); other maps start
+    /// empty. Returns the set and the maps of the pool not used. Call `check_carry_over` first:
+    /// entries that do not fit are dropped.
+    pub(crate) fn carry_over(pool: Vec<Map>, defs: &[MapDef]) -> Result<(MapSet, Vec<Map>)> {
+        let mut fresh = MapSet::new(defs)?;
+        let mut pool: Vec<Option<Map>> = pool.into_iter().map(Some).collect();
+        for (i, d) in defs.iter().enumerate() {
+            let Some(om) = pool
+                .iter_mut()
+                .find(|m| m.as_ref().is_some_and(|m| m.def.layout_eq(d)))
+                .and_then(Option::take)
+            else {
+                continue;
+            };
+            if om.def.max_entries == d.max_entries {
+                fresh.maps[i] = om;
+                continue;
+            }
+            let target = &mut fresh.maps[i];
+            if d.kind == MapKind::Array {
+                let n = om.array_values().len().min(target.array_values().len());
+                target.array_values_mut()[..n].copy_from_slice(&om.array_values()[..n]);
+            } else {
+                om.for_each(|k, v| {
+                    let _ = target.update(k, v, update_flags::ANY);
+                });
+            }
+        }
+        Ok((fresh, pool.into_iter().flatten().collect()))
+    }
+
+    /// Takes the maps out, leaving the set empty (log and base stay).
+    pub(crate) fn take_maps(&mut self) -> Vec<Map> {
+        std::mem::take(&mut self.maps)
+    }
+}
+
+pub(crate) fn log_op(
+    log: &mut UpdateLog,
+    cap: usize,
+    op: u8,
+    id: usize,
+    key: &[u8],
+    value: Option<&[u8]>,
+) {
+    if log.overflowed {
+        return;
+    }
+    let need = 3 + key.len() + value.map_or(0, <[u8]>::len);
+    if log.buf.len() + need > cap {
+        log.overflowed = true;
+        return;
+    }
+    log.buf.push(op);
+    log.buf.extend_from_slice(&(id as u16).to_le_bytes());
+    log.buf.extend_from_slice(key);
+    if let Some(v) = value {
+        log.buf.extend_from_slice(v);
+    }
+    log.count += 1;
+}

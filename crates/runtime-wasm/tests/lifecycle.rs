@@ -1,0 +1,201 @@
+//! Life cycle through the public API: install → instantiate → process → lock/unlock →
+//! upgrade (maps carried) → remove, and the precompiled cache.
+
+mod common;
+
+use common::*;
+use telvirt_runtime_wasm::{
+    EngineKind, Error, InstallRequest, PacketBatch, Verdict, VnfConfig, VnfState,
+};
+
+fn batch(n: usize) -> PacketBatch {
+    let mut b = PacketBatch::new();
+    for i in 0..n {
+        b.push(1, &[i as u8; 64]).expect("push");
+    }
+    b
+}
+
+#[test]
+fn install_process_lock_unlock_remove() {
+    let rt = runtime("life");
+    let m = install(&rt, &counter_module(), "untrusted");
+    assert_eq!(m.manifest.name, "counter");
+    let artifacts: Vec<_> = std::fs::read_dir(rt.module_store().dir().join("cache"))
+        .expect("cache dir")
+        .collect();
+    assert_eq!(artifacts.len(), 1, "one precompiled artifact for cranelift");
+    let mut inst = rt
+        .instantiate(&m, VnfConfig::default())
+        .expect("instantiate");
+    let mut b = batch(32);
+    inst.process_batch(&mut b).expect("process");
+    assert!(b.verdicts().iter().all(|v| *v == Verdict::Forward(0)));
+    assert_eq!(b.packet(5), &[5u8; 64][..]);
+    assert_eq!(count_of(&inst), 32);
+    assert_eq!(inst.counters(), vec![("packets".to_string(), 32)]);
+
+    inst.lock().expect("lock");
+    assert_eq!(inst.state(), &VnfState::Locked);
+    let mut b2 = batch(4);
+    assert!(matches!(inst.process_batch(&mut b2), Err(Error::Locked)));
+    assert_eq!(count_of(&inst), 32, "a locked VNF is not scheduled");
+    inst.unlock().expect("unlock");
+    inst.process_batch(&mut b2).expect("process after unlock");
+    assert_eq!(count_of(&inst), 36);
+    assert_eq!(inst.stats().packets_forwarded, 36);
+
+    rt.remove(&m.hash).expect("remove");
+    assert!(matches!(rt.installed(&m.hash), Err(Error::NotInstalled(_))));
+    assert!(matches!(rt.remove(&m.hash), Err(Error::NotInstalled(_))));
+    let left = std::fs::read_dir(rt.module_store().dir().join("cache"))
+        .expect("cache dir")
+        .count();
+    assert_eq!(left, 0, "artifacts removed with the module");
+}
+
+#[test]
+fn upgrade_keeps_maps_and_refuses_layout_change() {
+    let rt = runtime("upgrade");
+    let v1 = install(&rt, &counter_module(), "untrusted");
+    let mut inst = rt
+        .instantiate(&v1, VnfConfig::default())
+        .expect("instantiate");
+    inst.process_batch(&mut batch(10)).expect("process");
+    // v2: forwards to port 1 instead, same map.
+    let v2_bytes = abi_module(
+        &COUNTER_MANIFEST.replace("1.0.0", "2.0.0"),
+        MAP_IMPORTS,
+        &COUNT_LOOP.replace(
+            "(i32.const 12)) (i32.const 0))",
+            "(i32.const 12)) (i32.const 1))",
+        ),
+        "",
+    );
+    let v2 = install(&rt, &v2_bytes, "untrusted");
+    rt.upgrade(&mut inst, &v2).expect("upgrade");
+    assert_eq!(inst.module().manifest.version, "2.0.0");
+    let mut b = batch(5);
+    inst.process_batch(&mut b).expect("process v2");
+    assert_eq!(b.verdict(0), Verdict::Forward(1));
+    assert_eq!(count_of(&inst), 15, "map carried over the upgrade");
+
+    // v3 changes the map's value size: refused, v2 keeps running with its state.
+    let v3_bytes = abi_module(
+        &COUNTER_MANIFEST
+            .replace("1.0.0", "3.0.0")
+            .replace("\"value_size\":8", "\"value_size\":16"),
+        MAP_IMPORTS,
+        COUNT_LOOP,
+        "",
+    );
+    let v3 = install(&rt, &v3_bytes, "untrusted");
+    let err = rt
+        .upgrade(&mut inst, &v3)
+        .expect_err("layout change refused");
+    assert!(
+        err.to_string().contains("map `count` changes layout"),
+        "{err}"
+    );
+    assert_eq!(inst.module().manifest.version, "2.0.0");
+    inst.process_batch(&mut batch(1)).expect("v2 still runs");
+    assert_eq!(count_of(&inst), 16);
+
+    // v4 fails in tv_init: refused, state intact.
+    let bad_init =
+        abi_module_with_init(&COUNTER_MANIFEST.replace("1.0.0", "4.0.0"), "(i32.const 7)");
+    let v4 = install(&rt, &bad_init, "untrusted");
+    let err = rt
+        .upgrade(&mut inst, &v4)
+        .expect_err("failing init refused");
+    assert!(
+        err.to_string().contains("tv_init returned error code 7"),
+        "{err}"
+    );
+    inst.process_batch(&mut batch(1)).expect("v2 still runs");
+    assert_eq!(count_of(&inst), 17);
+    assert_eq!(inst.module().manifest.version, "2.0.0");
+}
+
+fn abi_module_with_init(manifest_json: &str, init_body: &str) -> Vec<u8> {
+    let text = format!(
+        r#"(module
+  {MAP_IMPORTS}
+  (memory (export "memory") 4)
+  (func (export "tv_buffer") (param i32) (result i32) (i32.const 65536))
+  (func (export "tv_init") (param i32 i32) (result i32) {init_body})
+  (func (export "tv_process") (param $b i32) (param $n i32) (result i32) (local $i i32) {COUNT_LOOP})
+  {}
+)"#,
+        manifest(manifest_json)
+    );
+    wat::parse_str(&text).expect("wat")
+}
+
+#[test]
+fn cache_survives_runtime_restart_and_pulley_compiles_on_demand() {
+    let dir = temp_dir("cache");
+    let bytes = counter_module();
+    let hash = {
+        let rt =
+            telvirt_runtime_wasm::WasmRuntime::new(telvirt_runtime_wasm::RuntimeConfig::new(&dir))
+                .expect("rt");
+        rt.install(&InstallRequest {
+            bytes: &bytes,
+            domain: "operator",
+            signature: None,
+            precompile: &[EngineKind::Cranelift],
+        })
+        .expect("install")
+        .hash
+    };
+    let rt = telvirt_runtime_wasm::WasmRuntime::new(telvirt_runtime_wasm::RuntimeConfig::new(&dir))
+        .expect("rt");
+    let m = rt.installed(&hash).expect("still installed");
+    assert_eq!(rt.list().expect("list").len(), 1);
+    for engine in [EngineKind::Cranelift, EngineKind::Pulley] {
+        let cfg = VnfConfig {
+            engine,
+            ..VnfConfig::default()
+        };
+        let mut inst = rt.instantiate(&m, cfg).expect("instantiate");
+        inst.process_batch(&mut batch(3)).expect("process");
+        assert_eq!(count_of(&inst), 3, "{engine:?}");
+    }
+    let n = std::fs::read_dir(dir.join("cache")).expect("cache").count();
+    assert_eq!(n, 2, "pulley artifact cached on first use");
+}
+
+#[test]
+fn bad_config_is_refused_precisely() {
+    let rt = runtime("cfg");
+    let m = install(&rt, &counter_module(), "untrusted");
+    let cfg = VnfConfig {
+        maps: vec![telvirt_runtime_wasm::MapDef {
+            name: "nope".into(),
+            kind: telvirt_runtime_wasm::MapKind::Hash,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 4,
+        }],
+        ..VnfConfig::default()
+    };
+    let err = rt.instantiate(&m, cfg).err().expect("unknown map refused");
+    assert!(
+        err.to_string()
+            .contains("`nope` is not a map of the module (declared: count)"),
+        "{err}"
+    );
+    let cfg = VnfConfig {
+        ports: 0,
+        ..VnfConfig::default()
+    };
+    let err = rt.instantiate(&m, cfg).err().expect("zero ports refused");
+    assert!(err.to_string().contains("ports"), "{err}");
+    let mut b = PacketBatch::new();
+    let err = b.push(0, &[0u8; 4000]).expect_err("oversize packet");
+    assert!(
+        err.to_string().contains("exceeds the ABI maximum of 1920"),
+        "{err}"
+    );
+}
