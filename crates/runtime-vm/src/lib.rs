@@ -3,8 +3,27 @@
 //! boot benchmark; must not know about descriptors or the store (the agent maps those onto
 //! [`VmConfig`]).
 
+pub mod accel;
+pub mod agent;
+pub mod bare;
+pub mod config;
 pub mod error;
 pub mod image;
+pub mod manager;
+pub mod memory;
+pub mod periph;
+pub mod pin;
 pub mod qmp;
 
+pub use accel::{AccelDecision, AccelProbe};
+pub use config::{
+    Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
+    Peripheral, VmConfig,
+};
 pub use error::{Error, Result};
+pub use image::{GuestImage, ImageBuilder, ImageProgress};
+pub use manager::{
+    ExitInfo, Failure, StopMethod, VcpuThread, VmHandle, VmManager, VmPhase, VmStatus,
+};
+pub use qmp::{QmpClient, QmpEvent};
+pub use telvirt_guest::proto as guest_proto;

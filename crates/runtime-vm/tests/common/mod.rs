@@ -71,3 +71,62 @@ pub fn image() -> GuestImage {
     })
     .clone()
 }
+
+use telvirt_runtime_vm::{AccelChoice, AccelProbe, VmConfig, VmHandle, VmManager};
+
+/// At most one guest boots at a time in this test binary (2-core machines, shared).
+pub static BOOT_SLOT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+
+/// Kills the VM's QEMU when the test ends, passed or failed.
+pub struct VmGuard(pub VmHandle);
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        self.0.kill_now();
+    }
+}
+
+/// Kills a QEMU by pid when the test ends.
+pub struct PidGuard(pub i32);
+
+impl Drop for PidGuard {
+    fn drop(&mut self) {
+        if std::path::Path::new(&format!("/proc/{}", self.0)).exists() {
+            // SAFETY: plain syscall on a pid this test started.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A short state root (unix socket paths are limited).
+pub fn state_root() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tv")
+        .tempdir_in("/tmp")
+        .expect("create a state root in /tmp")
+}
+
+/// A manager whose probe never boots KVM (tests run under TCG).
+pub fn manager(root: &Path) -> VmManager {
+    VmManager::new(root, AccelProbe::new(root.join("cache")))
+}
+
+/// 1 vCPU, 256 MiB, TCG, the default image.
+pub fn config(name: &str) -> VmConfig {
+    let img = image();
+    let mut c = VmConfig::new(name, img.kernel, img.initrd);
+    c.accel = AccelChoice::Tcg;
+    c
+}
+
+/// Poll `f` until it is true or `secs` pass.
+pub async fn poll_until(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    f()
+}

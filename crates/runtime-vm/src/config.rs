@@ -1,0 +1,591 @@
+//! Configuration of one VM as the runtime sees it (the agent maps descriptors onto it):
+//! resources, boot source, CPU placement, accelerator choice, peripherals. Owns validation with
+//! precise errors; must not touch QEMU or the host beyond checking that named files are readable.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A set of host CPU numbers, written like Linux cpu lists: `0-2,5`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CpuSet(pub BTreeSet<usize>);
+
+impl CpuSet {
+    pub fn single(cpu: usize) -> Self {
+        Self(BTreeSet::from([cpu]))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().copied()
+    }
+}
+
+impl FromStr for CpuSet {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = |why: String| Error::InvalidConfig {
+            field: "cpu set",
+            reason: format!("`{s}`: {why} (expected a list like 0-2,5)"),
+        };
+        let mut set = BTreeSet::new();
+        for part in s.trim().split(',').filter(|p| !p.trim().is_empty()) {
+            let part = part.trim();
+            let num = |v: &str| {
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| bad(format!("`{v}` is not a cpu number")))
+            };
+            if let Some((a, b)) = part.split_once('-') {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(bad(format!("range {a}-{b} is reversed")));
+                }
+                if b - a > 4096 {
+                    return Err(bad(format!("range {a}-{b} is too large")));
+                }
+                set.extend(a..=b);
+            } else {
+                set.insert(num(part)?);
+            }
+        }
+        Ok(Self(set))
+    }
+}
+
+impl TryFrom<String> for CpuSet {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<CpuSet> for String {
+    fn from(c: CpuSet) -> String {
+        c.to_string()
+    }
+}
+
+impl fmt::Display for CpuSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v: Vec<usize> = self.iter().collect();
+        let mut parts = Vec::new();
+        let mut i = 0;
+        while i < v.len() {
+            let mut j = i;
+            while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+                j += 1;
+            }
+            parts.push(if i == j {
+                format!("{}", v[i])
+            } else {
+                format!("{}-{}", v[i], v[j])
+            });
+            i = j + 1;
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Which accelerator to use. `Auto` probes once whether KVM really runs a guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelChoice {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl FromStr for AccelChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "kvm" => Ok(Self::Kvm),
+            "tcg" => Ok(Self::Tcg),
+            other => Err(Error::InvalidConfig {
+                field: "accel",
+                reason: format!("`{other}` is not one of auto, kvm, tcg"),
+            }),
+        }
+    }
+}
+
+/// The accelerator a VM actually runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Huge page size backing guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePageSize {
+    #[serde(rename = "2MiB")]
+    Size2M,
+    #[serde(rename = "1GiB")]
+    Size1G,
+}
+
+impl HugePageSize {
+    pub fn kib(self) -> u64 {
+        match self {
+            Self::Size2M => 2048,
+            Self::Size1G => 1024 * 1024,
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Size2M => "2 MiB",
+            Self::Size1G => "1 GiB",
+        }
+    }
+}
+
+/// Disk image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    Raw,
+    Qcow2,
+}
+
+impl DiskFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
+}
+
+/// A disk image the VM boots from (or just sees as its first disk).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DiskImage {
+    pub path: PathBuf,
+    pub format: DiskFormat,
+}
+
+/// Where the VM's threads may run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuPlacement {
+    /// Empty: no pinning. One set: every vCPU on that set. Otherwise one set per vCPU.
+    #[serde(default)]
+    pub vcpu_cpus: Vec<CpuSet>,
+    /// Emulator and I/O threads (the shared set or their isolated core); `None`: not pinned.
+    #[serde(default)]
+    pub emulator_cpus: Option<CpuSet>,
+    /// SCHED_FIFO priority (1-99) for vCPU threads, where the host permits it.
+    #[serde(default)]
+    pub realtime_priority: Option<u8>,
+}
+
+/// A device granted to the VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Peripheral {
+    /// virtio-net on an existing TAP device.
+    VirtioNet {
+        tap: String,
+        #[serde(default)]
+        mac: Option<String>,
+    },
+    VirtioRng,
+    /// A virtio-serial port named `name` in the guest, a unix socket `<id>.sock` on the host.
+    VirtioSerial {
+        name: String,
+    },
+    VirtioBlk {
+        path: PathBuf,
+        format: DiskFormat,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// PCI passthrough of a host device (`0000:03:00.0`); needs an IOMMU.
+    Vfio {
+        host: String,
+    },
+}
+
+impl Peripheral {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::VirtioNet { .. } => "virtio_net",
+            Self::VirtioRng => "virtio_rng",
+            Self::VirtioSerial { .. } => "virtio_serial",
+            Self::VirtioBlk { .. } => "virtio_blk",
+            Self::Vfio { .. } => "vfio",
+        }
+    }
+}
+
+/// A peripheral with the id it is known by (unique per VM; the QEMU device id).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: String,
+    #[serde(flatten)]
+    pub peripheral: Peripheral,
+}
+
+/// Everything needed to run one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// VNF name: `-name guest=<name>`, the process name and the state directory.
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    #[serde(default)]
+    pub hugepages: Option<HugePageSize>,
+    /// Back guest RAM with a shared memfd (needed for vhost-user links).
+    #[serde(default)]
+    pub shared_memory: bool,
+    /// Lock guest and QEMU memory (`-overcommit mem-lock=on`).
+    #[serde(default)]
+    pub lock_memory: bool,
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; default [`crate::image::DEFAULT_APPEND`].
+    #[serde(default)]
+    pub append: Option<String>,
+    #[serde(default)]
+    pub disk: Option<DiskImage>,
+    #[serde(default)]
+    pub cpu: CpuPlacement,
+    #[serde(default)]
+    pub accel: AccelChoice,
+    #[serde(default)]
+    pub peripherals: Vec<Grant>,
+    /// Running only after the telvirt guest agent says ready (off for images without it).
+    pub wait_for_agent: bool,
+    pub ready_timeout: Duration,
+    pub stop_timeout: Duration,
+}
+
+impl VmConfig {
+    /// 1 vCPU, 256 MiB, the given kernel and initrd, accel auto, waiting for the guest agent.
+    pub fn new(
+        name: impl Into<String>,
+        kernel: impl Into<PathBuf>,
+        initrd: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            vcpus: 1,
+            memory_mib: 256,
+            hugepages: None,
+            shared_memory: false,
+            lock_memory: false,
+            kernel: Some(kernel.into()),
+            initrd: Some(initrd.into()),
+            append: None,
+            disk: None,
+            cpu: CpuPlacement::default(),
+            accel: AccelChoice::Auto,
+            peripherals: Vec::new(),
+            wait_for_agent: true,
+            ready_timeout: Duration::from_secs(120),
+            stop_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Check every field; `online_cpus` is the host's set of usable CPUs.
+    pub fn validate(&self, online_cpus: &CpuSet) -> Result<()> {
+        let invalid =
+            |field: &'static str, reason: String| Err(Error::InvalidConfig { field, reason });
+        validate_name(&self.name)?;
+        if self.vcpus == 0 || self.vcpus > 255 {
+            return invalid("vcpus", format!("{} is outside 1..=255", self.vcpus));
+        }
+        if self.memory_mib < 32 {
+            return invalid(
+                "memory",
+                format!("{} MiB is below the 32 MiB minimum", self.memory_mib),
+            );
+        }
+        if let Some(hp) = self.hugepages
+            && !(self.memory_mib * 1024).is_multiple_of(hp.kib())
+        {
+            return invalid(
+                "memory",
+                format!(
+                    "{} MiB is not a multiple of the {} huge page size",
+                    self.memory_mib,
+                    hp.label()
+                ),
+            );
+        }
+        if self.kernel.is_none() && self.disk.is_none() {
+            return invalid(
+                "kernel",
+                "neither a kernel nor a disk image to boot from".into(),
+            );
+        }
+        if self.initrd.is_some() && self.kernel.is_none() {
+            return invalid("initrd", "an initrd needs a kernel".into());
+        }
+        if let Some(k) = &self.kernel {
+            check_readable("kernel", k)?;
+        }
+        if let Some(i) = &self.initrd {
+            check_readable("initrd", i)?;
+        }
+        if let Some(d) = &self.disk {
+            check_readable("disk", &d.path)?;
+        }
+        let n = self.cpu.vcpu_cpus.len();
+        if n > 1 && n != self.vcpus as usize {
+            return invalid(
+                "cpu.vcpu_cpus",
+                format!(
+                    "{n} sets for {} vCPUs: give none, one shared set, or one per vCPU",
+                    self.vcpus
+                ),
+            );
+        }
+        for set in self
+            .cpu
+            .vcpu_cpus
+            .iter()
+            .chain(self.cpu.emulator_cpus.iter())
+        {
+            if set.is_empty() {
+                return invalid("cpu", "an empty cpu set".into());
+            }
+            if let Some(c) = set.iter().find(|c| !online_cpus.0.contains(c)) {
+                return invalid(
+                    "cpu",
+                    format!("cpu {c} is not online on this host (online: {online_cpus})"),
+                );
+            }
+        }
+        if let Some(p) = self.cpu.realtime_priority
+            && !(1..=99).contains(&p)
+        {
+            return invalid("cpu.realtime_priority", format!("{p} is outside 1..=99"));
+        }
+        if self.ready_timeout.is_zero() || self.stop_timeout.is_zero() {
+            return invalid(
+                "timeouts",
+                "ready and stop timeouts must be positive".into(),
+            );
+        }
+        let mut ids = HashSet::new();
+        for g in &self.peripherals {
+            validate_peripheral_id(&g.id)?;
+            if !ids.insert(g.id.as_str()) {
+                return invalid("peripherals", format!("id `{}` appears twice", g.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// VM names become directory names, QEMU's `-name` and the process name.
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            field: "name",
+            reason: format!(
+                "`{name}`: 1-48 characters of letters, digits, '-', '_', '.', starting with a letter or digit"
+            ),
+        })
+    }
+}
+
+/// Peripheral ids become QEMU device ids; the `tv-` prefix is reserved for telvirt's own devices.
+pub fn validate_peripheral_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 32
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+        && !id.starts_with("tv-");
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidConfig {
+            field: "peripheral id",
+            reason: format!(
+                "`{id}`: 1-32 letters, digits, '-', '_', starting with a letter, not starting with the reserved `tv-`"
+            ),
+        })
+    }
+}
+
+/// A named file must exist, be a regular file and be readable.
+pub fn check_readable(field: &'static str, path: &Path) -> Result<()> {
+    let err = |reason: String| Error::FileUnreadable {
+        field,
+        path: path.to_path_buf(),
+        reason,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("not a regular file".into()));
+    }
+    std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> (tempfile::TempDir, VmConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("vmlinuz");
+        let i = dir.path().join("initrd");
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
+        let c = VmConfig::new("fw1", k, i);
+        (dir, c)
+    }
+
+    fn online() -> CpuSet {
+        "0-1".parse().unwrap()
+    }
+
+    fn field_of(r: Result<()>) -> String {
+        match r {
+            Err(Error::InvalidConfig { field, .. }) => field.to_string(),
+            Err(Error::FileUnreadable { field, .. }) => field.to_string(),
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cpuset_parse_and_display() {
+        let s: CpuSet = "0-2, 5,7-8".parse().unwrap();
+        assert_eq!(s.iter().collect::<Vec<_>>(), vec![0, 1, 2, 5, 7, 8]);
+        assert_eq!(s.to_string(), "0-2,5,7-8");
+        assert!("3-1".parse::<CpuSet>().is_err());
+        assert!("a".parse::<CpuSet>().is_err());
+        assert!("".parse::<CpuSet>().unwrap().is_empty());
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(j, "\"0-2,5,7-8\"");
+        assert_eq!(serde_json::from_str::<CpuSet>(&j).unwrap(), s);
+    }
+
+    #[test]
+    fn accel_choice_parses() {
+        assert_eq!("auto".parse::<AccelChoice>().unwrap(), AccelChoice::Auto);
+        assert_eq!("kvm".parse::<AccelChoice>().unwrap(), AccelChoice::Kvm);
+        assert_eq!("tcg".parse::<AccelChoice>().unwrap(), AccelChoice::Tcg);
+        let e = "xen".parse::<AccelChoice>().unwrap_err().to_string();
+        assert!(e.contains("auto, kvm, tcg"), "{e}");
+    }
+
+    #[test]
+    fn valid_config_passes() {
+        let (_d, c) = cfg();
+        c.validate(&online()).unwrap();
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let (_d, base) = cfg();
+        let mut c = base.clone();
+        c.name = "bad name".into();
+        assert_eq!(field_of(c.validate(&online())), "name");
+        let mut c = base.clone();
+        c.vcpus = 0;
+        assert_eq!(field_of(c.validate(&online())), "vcpus");
+        let mut c = base.clone();
+        c.memory_mib = 8;
+        assert_eq!(field_of(c.validate(&online())), "memory");
+        let mut c = base.clone();
+        c.memory_mib = 257;
+        c.hugepages = Some(HugePageSize::Size2M);
+        assert_eq!(field_of(c.validate(&online())), "memory");
+        let mut c = base.clone();
+        c.kernel = Some("/nonexistent/vmlinuz".into());
+        assert_eq!(field_of(c.validate(&online())), "kernel");
+        let mut c = base.clone();
+        c.initrd = Some("/".into());
+        assert_eq!(field_of(c.validate(&online())), "initrd");
+        let mut c = base.clone();
+        c.disk = Some(DiskImage {
+            path: "/nonexistent/disk.qcow2".into(),
+            format: DiskFormat::Qcow2,
+        });
+        assert_eq!(field_of(c.validate(&online())), "disk");
+        let mut c = base.clone();
+        c.cpu.vcpu_cpus = vec![CpuSet::single(7)];
+        let e = c.validate(&online()).unwrap_err().to_string();
+        assert!(e.contains("cpu 7 is not online"), "{e}");
+        let mut c = base.clone();
+        c.vcpus = 3;
+        c.cpu.vcpu_cpus = vec![CpuSet::single(0), CpuSet::single(1)];
+        assert_eq!(field_of(c.validate(&online())), "cpu.vcpu_cpus");
+        let mut c = base.clone();
+        c.cpu.realtime_priority = Some(0);
+        assert_eq!(field_of(c.validate(&online())), "cpu.realtime_priority");
+        let mut c = base.clone();
+        c.peripherals = vec![
+            Grant {
+                id: "rng".into(),
+                peripheral: Peripheral::VirtioRng,
+            },
+            Grant {
+                id: "rng".into(),
+                peripheral: Peripheral::VirtioRng,
+            },
+        ];
+        assert_eq!(field_of(c.validate(&online())), "peripherals");
+        let mut c = base.clone();
+        c.peripherals = vec![Grant {
+            id: "tv-agent".into(),
+            peripheral: Peripheral::VirtioRng,
+        }];
+        assert_eq!(field_of(c.validate(&online())), "peripheral id");
+        let mut c = base;
+        c.kernel = None;
+        c.initrd = None;
+        assert_eq!(field_of(c.validate(&online())), "kernel");
+    }
+
+    #[test]
+    fn grant_json_shape() {
+        let g = Grant {
+            id: "net0".into(),
+            peripheral: Peripheral::VirtioNet {
+                tap: "tap0".into(),
+                mac: None,
+            },
+        };
+        let v = serde_json::to_value(&g).unwrap();
+        assert_eq!(v["kind"], "virtio_net");
+        assert_eq!(v["id"], "net0");
+        assert_eq!(serde_json::from_value::<Grant>(v).unwrap(), g);
+    }
+}

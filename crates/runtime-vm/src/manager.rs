@@ -1,0 +1,1047 @@
+//! VM lifecycle: one qemu-system-x86_64 process per VM, started paused, pinned, peripherals
+//! plugged, resumed, Running once the guest agent says ready; lock/unlock, graceful stop, kill,
+//! crash detection, console log, re-adoption after a manager restart, attach/detach. Owns the
+//! QEMU command line and the per-VM state directory; must not know descriptors or the store.
+//!
+//! State directory `<root>/<name>/`: `qemu.pid`, `qmp.sock`, `agent.sock`, `console.log`,
+//! `qemu.log` (QEMU's own stderr), `vm.json` (config, accel), `grants.json` (peripherals).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use telvirt_guest::proto::{AGENT_PORT_NAME, Body, Health, Request};
+use tokio::process::Command;
+use tokio::sync::{Mutex, watch};
+
+use crate::accel::AccelProbe;
+use crate::agent::AgentClient;
+use crate::config::{Accel, CpuPlacement, Grant, VmConfig, validate_peripheral_id};
+use crate::error::{Error, Result};
+use crate::qmp::{CpuInfoFast, QmpClient, QmpEvent};
+use crate::{image, memory, periph, pin};
+
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+const QMP_START_DEADLINE: Duration = Duration::from_secs(30);
+const DETACH_DEADLINE: Duration = Duration::from_secs(30);
+/// Console lines kept in a failure report.
+pub const CONSOLE_TAIL_LINES: usize = 20;
+
+/// Lifecycle phase of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmPhase {
+    Starting,
+    Running,
+    /// Locked: vCPUs stopped with QMP `stop`.
+    Paused,
+    Stopping,
+    Stopped,
+    Failed,
+}
+
+/// How QEMU ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// False for adopted processes (not our child): the status cannot be read.
+    pub status_known: bool,
+}
+
+impl std::fmt::Display for ExitInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal, self.status_known) {
+            (Some(c), _, _) => write!(f, "exit status {c}"),
+            (_, Some(s), _) => write!(f, "killed by signal {s}"),
+            (_, _, false) => f.write_str("exited (status unknown: adopted process)"),
+            _ => f.write_str("exited"),
+        }
+    }
+}
+
+/// Why a VM is Failed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub exit: ExitInfo,
+    pub reason: String,
+    pub console_tail: Vec<String>,
+}
+
+/// One vCPU thread and where it may run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VcpuThread {
+    pub cpu_index: u32,
+    pub thread_id: i32,
+}
+
+/// Snapshot of a VM for status output.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub phase: VmPhase,
+    pub pid: i32,
+    pub accel: Accel,
+    pub vcpu_threads: Vec<VcpuThread>,
+    pub console_log: PathBuf,
+    pub peripherals: Vec<Grant>,
+    pub failure: Option<Failure>,
+    pub warnings: Vec<String>,
+    pub adopted: bool,
+}
+
+/// How a graceful stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMethod {
+    GuestAgent,
+    AcpiPowerdown,
+    QmpQuit,
+    Killed,
+    AlreadyExited,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Persisted {
+    config: VmConfig,
+    pid: i32,
+    accel: Accel,
+    warnings: Vec<String>,
+}
+
+/// Starts and adopts VMs under one state root.
+#[derive(Debug, Clone)]
+pub struct VmManager {
+    root: PathBuf,
+    qemu: PathBuf,
+    probe: AccelProbe,
+}
+
+impl VmManager {
+    /// `root` holds one directory per VM; keep it short (unix socket paths are limited to 107 bytes).
+    pub fn new(root: impl Into<PathBuf>, probe: AccelProbe) -> Self {
+        Self {
+            root: root.into(),
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            probe,
+        }
+    }
+
+    /// Use another QEMU binary (default `qemu-system-x86_64` from PATH).
+    pub fn qemu_binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.qemu = path.into();
+        self
+    }
+
+    pub fn state_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Start a VM: validate, resolve the accelerator, launch paused, pin, plug peripherals,
+    /// resume, and wait for the guest agent. Any failure kills the QEMU it started.
+    pub async fn start(&self, cfg: VmConfig) -> Result<VmHandle> {
+        let online = pin::online_cpus()?;
+        cfg.validate(&online)?;
+        let dir = self.state_dir(&cfg.name);
+        if let Some(pid) = read_pid(&dir)
+            && owns_process(pid, &cfg.name)
+        {
+            return Err(Error::AlreadyRunning {
+                name: cfg.name.clone(),
+                pid,
+            });
+        }
+        let hugemount = match cfg.hugepages {
+            Some(hp) => Some(memory::check_hugepages(hp, cfg.memory_mib)?),
+            None => None,
+        };
+        for g in &cfg.peripherals {
+            periph::precheck(g)?;
+        }
+        let decision = self.probe.resolve(cfg.accel).await?;
+        let mut warnings = Vec::new();
+        if let Some(w) = &decision.warning {
+            tracing::warn!("{w}");
+            warnings.push(w.clone());
+        }
+        let accel = decision.accel;
+
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
+        for f in ["qmp.sock", "agent.sock", "qemu.pid", "grants.json"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        check_socket_path(&dir.join("agent.sock"))?;
+        append_console_marker(&dir, &cfg.name)?;
+        let args = qemu_args(&cfg, &dir, accel, hugemount.as_deref());
+        let log =
+            std::fs::File::create(dir.join("qemu.log")).map_err(Error::io("create qemu.log"))?;
+        let log2 = log
+            .try_clone()
+            .map_err(Error::io("clone qemu.log handle"))?;
+        let mut child = Command::new(&self.qemu)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .map_err(Error::io(format!("spawn {}", self.qemu.display())))?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| Error::Qmp {
+                command: "spawn".into(),
+                reason: "QEMU exited before its pid was read".into(),
+            })?;
+        let mut guard = KillGuard { pid, armed: true };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let info = match child.wait().await {
+                Ok(st) => {
+                    use std::os::unix::process::ExitStatusExt;
+                    ExitInfo {
+                        code: st.code(),
+                        signal: st.signal(),
+                        status_known: true,
+                    }
+                }
+                Err(_) => ExitInfo {
+                    code: None,
+                    signal: None,
+                    status_known: false,
+                },
+            };
+            let _ = exit_tx.send(Some(info));
+        });
+
+        std::fs::write(dir.join("qemu.pid"), pid.to_string())
+            .map_err(Error::io("write qemu.pid"))?;
+        let persisted = Persisted {
+            config: cfg.clone(),
+            pid,
+            accel,
+            warnings: warnings.clone(),
+        };
+        write_json(&dir.join("vm.json"), &persisted)?;
+
+        let qmp = wait_for_qmp(&dir, exit_rx.clone()).await?;
+        let mut cpus = qmp.query_cpus_fast().await?;
+        cpus.sort_by_key(|c| c.cpu_index);
+        warnings.extend(pin_threads(pid, &cpus, &cfg.cpu)?);
+        for g in &cfg.peripherals {
+            periph::plug(&qmp, &dir, g).await?;
+        }
+        write_json(&dir.join("grants.json"), &cfg.peripherals)?;
+
+        let handle = VmHandle {
+            inner: Arc::new(Inner {
+                name: cfg.name.clone(),
+                dir: dir.clone(),
+                pid,
+                accel,
+                config: cfg.clone(),
+                qmp,
+                agent: Mutex::new(None),
+                phase: std::sync::Mutex::new(VmPhase::Starting),
+                stopping: AtomicBool::new(false),
+                grants: Mutex::new(cfg.peripherals.clone()),
+                exit: exit_rx,
+                vcpus: cpus
+                    .iter()
+                    .map(|c| VcpuThread {
+                        cpu_index: c.cpu_index,
+                        thread_id: c.thread_id,
+                    })
+                    .collect(),
+                warnings,
+                adopted: false,
+            }),
+        };
+        handle.inner.qmp.cont().await?;
+        if cfg.wait_for_agent {
+            let agent = handle.connect_agent(cfg.ready_timeout).await?;
+            *handle.inner.agent.lock().await = Some(agent);
+        }
+        handle.set_phase(VmPhase::Running);
+        guard.armed = false;
+        Ok(handle)
+    }
+
+    /// Re-adopt a VM started by an earlier manager from its state directory.
+    pub async fn adopt(&self, name: &str) -> Result<VmHandle> {
+        crate::config::validate_name(name)?;
+        let dir = self.state_dir(name);
+        let not = |reason: String| Error::NotAdoptable {
+            dir: dir.clone(),
+            reason,
+        };
+        let persisted: Persisted = serde_json::from_slice(
+            &std::fs::read(dir.join("vm.json")).map_err(|e| not(format!("vm.json: {e}")))?,
+        )
+        .map_err(|e| not(format!("vm.json: {e}")))?;
+        let pid = read_pid(&dir).ok_or_else(|| not("no qemu.pid".into()))?;
+        if !owns_process(pid, name) {
+            return Err(not(format!(
+                "process {pid} is not the QEMU of `{name}` (it exited)"
+            )));
+        }
+        let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
+        let status = qmp.query_status().await?;
+        let mut cpus = qmp.query_cpus_fast().await?;
+        cpus.sort_by_key(|c| c.cpu_index);
+        let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            while pin::process_alive(pid) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let _ = exit_tx.send(Some(ExitInfo {
+                code: None,
+                signal: None,
+                status_known: false,
+            }));
+        });
+        let phase = match status.status.as_str() {
+            "running" => VmPhase::Running,
+            "paused" => VmPhase::Paused,
+            "prelaunch" => VmPhase::Starting,
+            _ => VmPhase::Paused,
+        };
+        let mut warnings = persisted.warnings;
+        warnings.push(format!(
+            "adopted running QEMU pid {pid} (state {})",
+            status.status
+        ));
+        let handle = VmHandle {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                dir,
+                pid,
+                accel: persisted.accel,
+                config: persisted.config,
+                qmp,
+                agent: Mutex::new(None),
+                phase: std::sync::Mutex::new(phase),
+                stopping: AtomicBool::new(false),
+                grants: Mutex::new(grants),
+                exit: exit_rx,
+                vcpus: cpus
+                    .iter()
+                    .map(|c| VcpuThread {
+                        cpu_index: c.cpu_index,
+                        thread_id: c.thread_id,
+                    })
+                    .collect(),
+                warnings,
+                adopted: true,
+            }),
+        };
+        if phase == VmPhase::Running && handle.inner.config.wait_for_agent {
+            match handle.connect_agent(Duration::from_secs(15)).await {
+                Ok(a) => *handle.inner.agent.lock().await = Some(a),
+                Err(e) => {
+                    tracing::warn!("vm {name}: guest agent not reachable after adoption: {e}")
+                }
+            }
+        }
+        Ok(handle)
+    }
+
+    /// Adopt every VM whose state directory has a live QEMU; returns (name, result) pairs.
+    pub async fn adopt_all(&self) -> Vec<(String, Result<VmHandle>)> {
+        let mut out = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return out;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().join("qemu.pid").exists() {
+                let r = self.adopt(&name).await;
+                out.push((name, r));
+            }
+        }
+        out
+    }
+}
+
+struct Inner {
+    name: String,
+    dir: PathBuf,
+    pid: i32,
+    accel: Accel,
+    config: VmConfig,
+    qmp: QmpClient,
+    agent: Mutex<Option<AgentClient>>,
+    phase: std::sync::Mutex<VmPhase>,
+    stopping: AtomicBool,
+    grants: Mutex<Vec<Grant>>,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    vcpus: Vec<VcpuThread>,
+    warnings: Vec<String>,
+    adopted: bool,
+}
+
+/// A running (or ended) VM. Cloning shares the same VM; dropping it leaves QEMU running.
+#[derive(Clone)]
+pub struct VmHandle {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle")
+            .field("name", &self.inner.name)
+            .field("pid", &self.inner.pid)
+            .finish()
+    }
+}
+
+impl VmHandle {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+    pub fn pid(&self) -> i32 {
+        self.inner.pid
+    }
+    pub fn accel(&self) -> Accel {
+        self.inner.accel
+    }
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+    pub fn config(&self) -> &VmConfig {
+        &self.inner.config
+    }
+    /// The guest's serial console, appended across restarts (`telvirt vnf console NAME`).
+    pub fn console_log(&self) -> PathBuf {
+        self.inner.dir.join("console.log")
+    }
+    pub fn vcpu_threads(&self) -> &[VcpuThread] {
+        &self.inner.vcpus
+    }
+    /// The QMP session (for migration and other commands the handle does not wrap).
+    pub fn qmp(&self) -> &QmpClient {
+        &self.inner.qmp
+    }
+
+    /// The last `n` lines of the console log.
+    pub fn console_tail(&self, n: usize) -> Vec<String> {
+        console_tail(&self.console_log(), n)
+    }
+
+    fn exit_info(&self) -> Option<ExitInfo> {
+        *self.inner.exit.borrow()
+    }
+
+    fn set_phase(&self, p: VmPhase) {
+        if let Ok(mut g) = self.inner.phase.lock() {
+            *g = p;
+        }
+    }
+
+    /// Current phase: QEMU's exit turns it into Stopped (asked for) or Failed (not asked for).
+    pub fn phase(&self) -> VmPhase {
+        match self.exit_info() {
+            Some(_) if self.inner.stopping.load(Ordering::SeqCst) => VmPhase::Stopped,
+            Some(_) => VmPhase::Failed,
+            None => self
+                .inner
+                .phase
+                .lock()
+                .map(|g| *g)
+                .unwrap_or(VmPhase::Failed),
+        }
+    }
+
+    /// The failure report, when the VM is Failed.
+    pub fn failure(&self) -> Option<Failure> {
+        let exit = self.exit_info()?;
+        if self.inner.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(Failure {
+            exit,
+            reason: format!("QEMU {exit} without being asked to stop"),
+            console_tail: self.console_tail(CONSOLE_TAIL_LINES),
+        })
+    }
+
+    pub async fn status(&self) -> VmStatus {
+        VmStatus {
+            name: self.inner.name.clone(),
+            phase: self.phase(),
+            pid: self.inner.pid,
+            accel: self.inner.accel,
+            vcpu_threads: self.inner.vcpus.clone(),
+            console_log: self.console_log(),
+            peripherals: self.inner.grants.lock().await.clone(),
+            failure: self.failure(),
+            warnings: self.inner.warnings.clone(),
+            adopted: self.inner.adopted,
+        }
+    }
+
+    /// Wait until QEMU has exited, at most `timeout`.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitInfo> {
+        let mut rx = self.inner.exit.clone();
+        let r = tokio::time::timeout(timeout, rx.wait_for(|v| v.is_some())).await;
+        match r {
+            Ok(Ok(v)) => *v,
+            _ => self.exit_info(),
+        }
+    }
+
+    fn not_running(&self) -> Error {
+        Error::NotRunning {
+            name: self.inner.name.clone(),
+            state: format!("{:?}", self.phase()).to_lowercase(),
+        }
+    }
+
+    async fn connect_agent(&self, timeout: Duration) -> Result<AgentClient> {
+        let sock = self.inner.dir.join("agent.sock");
+        let mut exit = self.inner.exit.clone();
+        let fut = async {
+            let agent = AgentClient::connect(&sock).await?;
+            agent.wait_ready(timeout).await?;
+            Ok::<_, Error>(agent)
+        };
+        tokio::select! {
+            r = fut => r,
+            _ = exit.wait_for(|v| v.is_some()) => {
+                let exit = self.exit_info().map(|e| e.to_string()).unwrap_or_default();
+                Err(Error::QemuExited {
+                    status: exit,
+                    output: self.console_tail(CONSOLE_TAIL_LINES).join("\n"),
+                })
+            }
+        }
+    }
+
+    /// Lock: stop the vCPUs (QMP `stop`); the guest's state and clock are kept.
+    pub async fn pause(&self) -> Result<()> {
+        match self.phase() {
+            VmPhase::Running => {}
+            VmPhase::Paused => return Ok(()),
+            _ => return Err(self.not_running()),
+        }
+        self.inner.qmp.stop().await?;
+        self.set_phase(VmPhase::Paused);
+        Ok(())
+    }
+
+    /// Unlock: resume the vCPUs (QMP `cont`).
+    pub async fn resume(&self) -> Result<()> {
+        match self.phase() {
+            VmPhase::Paused => {}
+            VmPhase::Running => return Ok(()),
+            _ => return Err(self.not_running()),
+        }
+        self.inner.qmp.cont().await?;
+        self.set_phase(VmPhase::Running);
+        Ok(())
+    }
+
+    /// Send a request to the guest agent.
+    pub async fn agent_request(&self, request: Request, timeout: Duration) -> Result<Body> {
+        if self.phase() != VmPhase::Running {
+            return Err(self.not_running());
+        }
+        let guard = self.inner.agent.lock().await;
+        let agent = guard.as_ref().ok_or_else(|| {
+            Error::Agent(format!(
+                "vm `{}` has no guest agent connection",
+                self.inner.name
+            ))
+        })?;
+        agent.request(request, timeout).await
+    }
+
+    /// Health as the guest agent reports it.
+    pub async fn health(&self, timeout: Duration) -> Result<Health> {
+        match self.agent_request(Request::Health, timeout).await? {
+            Body::Health(h) => Ok(h),
+            other => Err(Error::Agent(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Graceful stop: guest agent shutdown, else ACPI power button; QMP quit after the stop
+    /// timeout; SIGKILL as the last resort.
+    pub async fn stop(&self) -> Result<StopMethod> {
+        if self.exit_info().is_some() {
+            self.inner.stopping.store(true, Ordering::SeqCst);
+            return Ok(StopMethod::AlreadyExited);
+        }
+        let was = self.phase();
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.set_phase(VmPhase::Stopping);
+        let budget = self.inner.config.stop_timeout;
+        let start = Instant::now();
+        let left = || budget.saturating_sub(start.elapsed());
+        if was == VmPhase::Running {
+            let asked = {
+                let guard = self.inner.agent.lock().await;
+                match guard.as_ref() {
+                    Some(a) => a.shutdown(Duration::from_secs(5).min(budget)).await.is_ok(),
+                    None => false,
+                }
+            };
+            if asked && self.wait_exit(left()).await.is_some() {
+                self.cleanup();
+                return Ok(StopMethod::GuestAgent);
+            }
+            if !asked
+                && self.inner.qmp.system_powerdown().await.is_ok()
+                && self
+                    .wait_exit(left().min(Duration::from_secs(10)))
+                    .await
+                    .is_some()
+            {
+                self.cleanup();
+                return Ok(StopMethod::AcpiPowerdown);
+            }
+        }
+        if self.inner.qmp.quit().await.is_ok()
+            && self.wait_exit(Duration::from_secs(10)).await.is_some()
+        {
+            self.cleanup();
+            return Ok(StopMethod::QmpQuit);
+        }
+        self.kill().await?;
+        Ok(StopMethod::Killed)
+    }
+
+    /// Kill QEMU at once (SIGKILL) and wait for it to go.
+    pub async fn kill(&self) -> Result<()> {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        self.kill_now();
+        if self.wait_exit(Duration::from_secs(10)).await.is_none() {
+            return Err(Error::Timeout {
+                what: format!("QEMU pid {} to exit after SIGKILL", self.inner.pid),
+                after: Duration::from_secs(10),
+            });
+        }
+        self.cleanup();
+        Ok(())
+    }
+
+    /// SIGKILL without waiting (usable from `Drop`); a no-op once QEMU has exited.
+    pub fn kill_now(&self) {
+        if self.exit_info().is_none() && pin::process_alive(self.inner.pid) {
+            // SAFETY: plain syscall; the pid is QEMU's and it is still alive (not reaped).
+            unsafe { libc::kill(self.inner.pid, libc::SIGKILL) };
+        }
+    }
+
+    fn cleanup(&self) {
+        for f in ["qemu.pid", "qmp.sock", "agent.sock"] {
+            let _ = std::fs::remove_file(self.inner.dir.join(f));
+        }
+    }
+
+    /// Peripherals currently granted.
+    pub async fn peripherals(&self) -> Vec<Grant> {
+        self.inner.grants.lock().await.clone()
+    }
+
+    fn check_changeable(&self) -> Result<()> {
+        match self.phase() {
+            VmPhase::Running => Ok(()),
+            VmPhase::Paused => Err(Error::Locked {
+                name: self.inner.name.clone(),
+            }),
+            _ => Err(self.not_running()),
+        }
+    }
+
+    /// Attach a peripheral while the VM runs. Locked VM, duplicate id or a failed check:
+    /// an error and nothing changed.
+    pub async fn attach(&self, grant: Grant) -> Result<()> {
+        validate_peripheral_id(&grant.id)?;
+        let mut grants = self.inner.grants.lock().await;
+        self.check_changeable()?;
+        if grants.iter().any(|g| g.id == grant.id) {
+            return Err(Error::DuplicatePeripheral {
+                name: self.inner.name.clone(),
+                id: grant.id,
+            });
+        }
+        periph::precheck(&grant)?;
+        periph::plug(&self.inner.qmp, &self.inner.dir, &grant).await?;
+        grants.push(grant);
+        write_json(&self.inner.dir.join("grants.json"), &*grants)
+    }
+
+    /// Detach a peripheral: device_del, wait for the guest to release it (DEVICE_DELETED),
+    /// then remove its backend.
+    pub async fn detach(&self, id: &str) -> Result<Grant> {
+        let mut grants = self.inner.grants.lock().await;
+        self.check_changeable()?;
+        let Some(pos) = grants.iter().position(|g| g.id == id) else {
+            return Err(Error::NoSuchPeripheral {
+                name: self.inner.name.clone(),
+                id: id.to_string(),
+                attached: if grants.is_empty() {
+                    "none".into()
+                } else {
+                    grants
+                        .iter()
+                        .map(|g| g.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            });
+        };
+        let mut events = self.inner.qmp.events();
+        self.inner.qmp.device_del(id).await?;
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(QmpEvent::DeviceDeleted {
+                        device: Some(d), ..
+                    }) if d == id => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => return false,
+                }
+            }
+        };
+        let released = tokio::time::timeout(DETACH_DEADLINE, wait)
+            .await
+            .unwrap_or(false);
+        if !released {
+            // The device may already be gone (event missed); ask QEMU.
+            let still = self
+                .inner
+                .qmp
+                .peripheral_ids()
+                .await?
+                .iter()
+                .any(|d| d == id);
+            if still {
+                return Err(Error::PeripheralRefused {
+                    id: id.to_string(),
+                    reason: format!(
+                        "the guest did not release the device within {DETACH_DEADLINE:?}; it stays attached"
+                    ),
+                });
+            }
+        }
+        let g = grants.remove(pos);
+        periph::remove_backend(&self.inner.qmp, &self.inner.dir, &g).await;
+        write_json(&self.inner.dir.join("grants.json"), &*grants)?;
+        Ok(g)
+    }
+}
+
+/// Kills a QEMU that a failed start leaves behind.
+struct KillGuard {
+    pid: i32,
+    armed: bool,
+}
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if self.armed && pin::process_alive(self.pid) {
+            // SAFETY: plain syscall on the pid of the child we spawned.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::io(format!("encode {}", path.display()))(std::io::Error::other(e)))?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(Error::io(format!("write {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(Error::io(format!("rename {}", path.display())))
+}
+
+fn read_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether `pid` is alive and is the QEMU started for VM `name`.
+fn owns_process(pid: i32, name: &str) -> bool {
+    if !pin::process_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let want = format!("guest={name},");
+    cmdline
+        .split(|&b| b == 0)
+        .any(|a| a.starts_with(want.as_bytes()))
+}
+
+fn check_socket_path(p: &Path) -> Result<()> {
+    if p.as_os_str().len() > 100 {
+        return Err(Error::InvalidConfig {
+            field: "state dir",
+            reason: format!(
+                "{} is too long for a unix socket path (max ~100 bytes)",
+                p.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
+fn append_console_marker(dir: &Path, name: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("console.log"))
+        .map_err(Error::io("open console.log"))?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    writeln!(f, "=== telvirt: starting vm {name} (unix time {secs}) ===")
+        .map_err(Error::io("write console.log"))
+}
+
+/// The last `n` lines of a log file (reads at most the last 64 KiB).
+pub fn console_tail(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.trim_end_matches('\r').to_string())
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+async fn wait_for_qmp(
+    dir: &Path,
+    mut exit: watch::Receiver<Option<ExitInfo>>,
+) -> Result<QmpClient> {
+    let sock = dir.join("qmp.sock");
+    let deadline = Instant::now() + QMP_START_DEADLINE;
+    loop {
+        if let Some(e) = *exit.borrow_and_update() {
+            let out = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+            return Err(Error::QemuExited {
+                status: e.to_string(),
+                output: out
+                    .lines()
+                    .rev()
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            });
+        }
+        if sock.exists()
+            && let Ok(c) = QmpClient::connect(&sock, QMP_TIMEOUT).await
+        {
+            return Ok(c);
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout {
+                what: format!("QEMU's QMP socket {}", sock.display()),
+                after: QMP_START_DEADLINE,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pin emulator/I/O threads, then each vCPU thread; returns warnings (e.g. SCHED_FIFO refused).
+fn pin_threads(pid: i32, cpus: &[CpuInfoFast], placement: &CpuPlacement) -> Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    if let Some(emu) = &placement.emulator_cpus {
+        for tid in pin::thread_ids(pid)? {
+            if cpus.iter().any(|c| c.thread_id == tid) {
+                continue;
+            }
+            if let Err(e) = pin::set_affinity(tid, emu) {
+                // A thread that exited between listing and pinning is not an error.
+                if pin::process_alive(pid) && Path::new(&format!("/proc/{pid}/task/{tid}")).exists()
+                {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    for (i, c) in cpus.iter().enumerate() {
+        let set = match placement.vcpu_cpus.len() {
+            0 => None,
+            1 => placement.vcpu_cpus.first(),
+            _ => placement.vcpu_cpus.get(i),
+        };
+        if let Some(set) = set {
+            pin::set_affinity(c.thread_id, set)?;
+        }
+        if let Some(prio) = placement.realtime_priority
+            && let Err(e) = pin::set_fifo(c.thread_id, prio)
+        {
+            warnings.push(format!("vCPU {} keeps normal scheduling: {e}", c.cpu_index));
+        }
+    }
+    Ok(warnings)
+}
+
+/// The QEMU command line for a VM (started paused: `-S`).
+pub fn qemu_args(
+    cfg: &VmConfig,
+    dir: &Path,
+    accel: Accel,
+    hugetlbfs: Option<&Path>,
+) -> Vec<String> {
+    let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let name_arg = format!("guest={},process={},debug-threads=on", cfg.name, cfg.name);
+    push(&["-name", &name_arg]);
+    let backend = if let Some(mount) = hugetlbfs {
+        Some(format!(
+            "memory-backend-file,id=tv-mem,size={}M,mem-path={},share=on,prealloc=on",
+            cfg.memory_mib,
+            mount.display()
+        ))
+    } else if cfg.shared_memory {
+        Some(format!(
+            "memory-backend-memfd,id=tv-mem,size={}M,share=on",
+            cfg.memory_mib
+        ))
+    } else {
+        None
+    };
+    let machine = if backend.is_some() {
+        format!("pc,accel={},memory-backend=tv-mem", accel.as_str())
+    } else {
+        format!("pc,accel={}", accel.as_str())
+    };
+    push(&["-machine", &machine]);
+    push(&["-cpu", if accel == Accel::Kvm { "host" } else { "max" }]);
+    push(&[
+        "-smp",
+        &cfg.vcpus.to_string(),
+        "-m",
+        &format!("{}M", cfg.memory_mib),
+    ]);
+    if let Some(b) = &backend {
+        push(&["-object", b]);
+    }
+    if cfg.lock_memory {
+        push(&["-overcommit", "mem-lock=on"]);
+    }
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-S",
+    ]);
+    if let Some(k) = &cfg.kernel {
+        push(&["-kernel", &k.to_string_lossy()]);
+        if let Some(i) = &cfg.initrd {
+            push(&["-initrd", &i.to_string_lossy()]);
+        }
+        push(&[
+            "-append",
+            cfg.append.as_deref().unwrap_or(image::DEFAULT_APPEND),
+        ]);
+    }
+    if let Some(d) = &cfg.disk {
+        let drive = format!(
+            "file={},if=none,id=tv-disk0,format={}",
+            d.path.to_string_lossy().replace(',', ",,"),
+            d.format.as_str()
+        );
+        push(&[
+            "-drive",
+            &drive,
+            "-device",
+            "virtio-blk-pci,drive=tv-disk0,id=tv-disk0-dev",
+        ]);
+    }
+    let con = format!("file,id=tv-con,path={},append=on", p("console.log"));
+    push(&["-chardev", &con, "-serial", "chardev:tv-con"]);
+    let agent = format!(
+        "socket,id=tv-agent-chr,path={},server=on,wait=off",
+        p("agent.sock")
+    );
+    let port = format!(
+        "virtserialport,bus={},chardev=tv-agent-chr,name={AGENT_PORT_NAME},id=tv-agent",
+        periph::SERIAL_BUS
+    );
+    push(&[
+        "-device",
+        "virtio-serial-pci,id=tv-vser0",
+        "-chardev",
+        &agent,
+        "-device",
+        &port,
+    ]);
+    let qmp = format!("unix:{},server=on,wait=off", p("qmp.sock"));
+    push(&["-qmp", &qmp]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_carries_name_and_resources() {
+        let mut c = VmConfig::new("fw1", "/k", "/i");
+        c.vcpus = 2;
+        c.memory_mib = 512;
+        c.shared_memory = true;
+        c.lock_memory = true;
+        let a = qemu_args(&c, Path::new("/run/tv/fw1"), Accel::Tcg, None);
+        let j = a.join(" ");
+        assert!(j.contains("-name guest=fw1,process=fw1"), "{j}");
+        assert!(j.contains("-smp 2 -m 512M"), "{j}");
+        assert!(
+            j.contains("memory-backend-memfd,id=tv-mem,size=512M,share=on"),
+            "{j}"
+        );
+        assert!(j.contains("pc,accel=tcg,memory-backend=tv-mem"), "{j}");
+        assert!(j.contains("-overcommit mem-lock=on"), "{j}");
+        assert!(j.contains("-S"), "{j}");
+        assert!(j.contains("/run/tv/fw1/qmp.sock"), "{j}");
+        let h = qemu_args(
+            &c,
+            Path::new("/d"),
+            Accel::Kvm,
+            Some(Path::new("/dev/hugepages")),
+        );
+        let j = h.join(" ");
+        assert!(j.contains("memory-backend-file,id=tv-mem,size=512M,mem-path=/dev/hugepages,share=on,prealloc=on"), "{j}");
+        assert!(j.contains("-cpu host"), "{j}");
+    }
+
+    #[test]
+    fn console_tail_reads_last_lines() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.log");
+        std::fs::write(&p, "a\r\nb\n\nc\nd\n").unwrap();
+        assert_eq!(console_tail(&p, 2), vec!["c", "d"]);
+        assert_eq!(console_tail(&p, 10), vec!["a", "b", "c", "d"]);
+        assert!(console_tail(&d.path().join("none"), 3).is_empty());
+    }
+}

@@ -1,0 +1,283 @@
+//! Peripherals granted to a VM: checks before anything changes, hot-plug through QMP
+//! (backend first, then the device, rolled back on failure), and backend removal after the
+//! guest released the device. Owns the QMP argument shapes; must not track grants (the handle does).
+
+use std::path::Path;
+
+use serde_json::{Map, json};
+
+use crate::config::{Grant, Peripheral, check_readable};
+use crate::error::{Error, Result};
+use crate::qmp::QmpClient;
+
+/// The virtio-serial controller every telvirt VM has; extra serial ports go on its bus.
+pub const SERIAL_BUS: &str = "tv-vser0.0";
+
+fn refused(id: &str, reason: String) -> Error {
+    Error::PeripheralRefused {
+        id: id.to_string(),
+        reason,
+    }
+}
+
+fn valid_pci_address(a: &str) -> bool {
+    let b = a.as_bytes();
+    b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && a[..4]
+            .chars()
+            .chain(a[5..7].chars())
+            .chain(a[8..10].chars())
+            .all(|c| c.is_ascii_hexdigit())
+        && (b'0'..=b'7').contains(&b[11])
+}
+
+/// Socket path of a virtio-serial peripheral.
+pub fn serial_socket(dir: &Path, id: &str) -> std::path::PathBuf {
+    dir.join(format!("{id}.sock"))
+}
+
+/// Everything that can be checked on the host before touching QEMU.
+pub fn precheck(g: &Grant) -> Result<()> {
+    match &g.peripheral {
+        Peripheral::VirtioNet { tap, mac } => {
+            if tap.is_empty() || tap.len() > 15 || tap.contains('/') {
+                return Err(refused(
+                    &g.id,
+                    format!("`{tap}` is not a valid interface name"),
+                ));
+            }
+            if !Path::new("/sys/class/net")
+                .join(tap)
+                .join("tun_flags")
+                .exists()
+            {
+                return Err(refused(
+                    &g.id,
+                    format!(
+                        "TAP device `{tap}` does not exist (create it: ip tuntap add dev {tap} mode tap)"
+                    ),
+                ));
+            }
+            if let Some(m) = mac {
+                let parts: Vec<&str> = m.split(':').collect();
+                if parts.len() != 6
+                    || !parts
+                        .iter()
+                        .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
+                {
+                    return Err(refused(
+                        &g.id,
+                        format!("mac `{m}` is not like 52:54:00:12:34:56"),
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Peripheral::VirtioRng => Ok(()),
+        Peripheral::VirtioSerial { name } => {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+            if !ok || name == telvirt_guest::proto::AGENT_PORT_NAME {
+                return Err(refused(
+                    &g.id,
+                    format!(
+                        "port name `{name}`: 1-64 letters, digits, '.', '-', '_' and not the agent's port"
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Peripheral::VirtioBlk { path, .. } => check_readable("peripheral image", path),
+        Peripheral::Vfio { host } => {
+            if !valid_pci_address(host) {
+                return Err(refused(
+                    &g.id,
+                    format!("`{host}` is not a PCI address like 0000:03:00.0"),
+                ));
+            }
+            let groups = std::fs::read_dir("/sys/kernel/iommu_groups")
+                .map(|d| d.flatten().count())
+                .unwrap_or(0);
+            if groups == 0 {
+                return Err(refused(
+                    &g.id,
+                    "VFIO passthrough needs an IOMMU and this host has none enabled (/sys/kernel/iommu_groups is empty; boot with intel_iommu=on or amd_iommu=on)".into(),
+                ));
+            }
+            let dev = Path::new("/sys/bus/pci/devices").join(host);
+            if !dev.exists() {
+                return Err(refused(&g.id, format!("no PCI device {host} on this host")));
+            }
+            let driver = std::fs::read_link(dev.join("driver"))
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+            if driver.as_deref() != Some("vfio-pci") {
+                return Err(refused(
+                    &g.id,
+                    format!(
+                        "PCI device {host} is bound to {} instead of vfio-pci",
+                        driver.unwrap_or_else(|| "no driver".into())
+                    ),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn backend_id(g: &Grant) -> String {
+    format!("{}-be", g.id)
+}
+
+/// Add the backend and the device; on failure remove what was added.
+pub async fn plug(qmp: &QmpClient, dir: &Path, g: &Grant) -> Result<()> {
+    let be = backend_id(g);
+    let mut props = Map::new();
+    let driver = match &g.peripheral {
+        Peripheral::VirtioNet { tap, mac } => {
+            qmp.netdev_add(
+                json!({"type": "tap", "id": be, "ifname": tap, "script": "no", "downscript": "no"}),
+            )
+            .await?;
+            props.insert("netdev".into(), be.clone().into());
+            if let Some(m) = mac {
+                props.insert("mac".into(), m.clone().into());
+            }
+            "virtio-net-pci"
+        }
+        Peripheral::VirtioRng => "virtio-rng-pci",
+        Peripheral::VirtioSerial { name } => {
+            let path = serial_socket(dir, &g.id);
+            let _ = std::fs::remove_file(&path);
+            qmp.chardev_add(
+                &be,
+                json!({"type": "socket", "data": {
+                    "addr": {"type": "unix", "data": {"path": path.to_string_lossy()}},
+                    "server": true, "wait": false}}),
+            )
+            .await?;
+            props.insert("bus".into(), SERIAL_BUS.into());
+            props.insert("chardev".into(), be.clone().into());
+            props.insert("name".into(), name.clone().into());
+            "virtserialport"
+        }
+        Peripheral::VirtioBlk {
+            path,
+            format,
+            read_only,
+        } => {
+            qmp.blockdev_add(json!({
+                "driver": format.as_str(), "node-name": be, "read-only": read_only,
+                "file": {"driver": "file", "filename": path.to_string_lossy(), "read-only": read_only}}))
+                .await?;
+            props.insert("drive".into(), be.clone().into());
+            "virtio-blk-pci"
+        }
+        Peripheral::Vfio { host } => {
+            props.insert("host".into(), host.clone().into());
+            "vfio-pci"
+        }
+    };
+    if let Err(e) = qmp.device_add(driver, &g.id, props).await {
+        remove_backend(qmp, dir, g).await;
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Remove the backend of a device the guest has released (best effort: logs failures).
+pub async fn remove_backend(qmp: &QmpClient, dir: &Path, g: &Grant) {
+    let be = backend_id(g);
+    let r = match &g.peripheral {
+        Peripheral::VirtioNet { .. } => qmp.netdev_del(&be).await,
+        Peripheral::VirtioSerial { .. } => {
+            let r = qmp.chardev_remove(&be).await;
+            let _ = std::fs::remove_file(serial_socket(dir, &g.id));
+            r
+        }
+        Peripheral::VirtioBlk { .. } => qmp.blockdev_del(&be).await,
+        Peripheral::VirtioRng | Peripheral::Vfio { .. } => Ok(()),
+    };
+    if let Err(e) = r {
+        tracing::debug!("removing backend of {}: {e}", g.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(p: Peripheral) -> Grant {
+        Grant {
+            id: "p0".into(),
+            peripheral: p,
+        }
+    }
+
+    #[test]
+    fn prechecks_refuse_precisely() {
+        let e = precheck(&grant(Peripheral::VirtioNet {
+            tap: "tvnosuchtap0".into(),
+            mac: None,
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = precheck(&grant(Peripheral::VirtioBlk {
+            path: "/nonexistent.img".into(),
+            format: crate::config::DiskFormat::Raw,
+            read_only: false,
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent.img"), "{e}");
+        let e = precheck(&grant(Peripheral::Vfio {
+            host: "03:00.0".into(),
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a PCI address"), "{e}");
+        let e = precheck(&grant(Peripheral::VirtioSerial {
+            name: "bad name".into(),
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("port name"), "{e}");
+        precheck(&grant(Peripheral::VirtioRng)).unwrap();
+        precheck(&grant(Peripheral::VirtioSerial {
+            name: "org.example.data".into(),
+        }))
+        .unwrap();
+    }
+
+    #[test]
+    fn vfio_without_iommu_names_the_reason() {
+        let has_iommu = std::fs::read_dir("/sys/kernel/iommu_groups")
+            .map(|d| d.count() > 0)
+            .unwrap_or(false);
+        let e = precheck(&grant(Peripheral::Vfio {
+            host: "0000:03:00.0".into(),
+        }))
+        .unwrap_err()
+        .to_string();
+        if has_iommu {
+            assert!(e.contains("0000:03:00.0"), "{e}");
+        } else {
+            assert!(e.contains("IOMMU"), "{e}");
+        }
+    }
+
+    #[test]
+    fn pci_addresses() {
+        assert!(valid_pci_address("0000:03:00.0"));
+        assert!(valid_pci_address("0000:af:1f.7"));
+        assert!(!valid_pci_address("0000:03:00.8"));
+        assert!(!valid_pci_address("0000-03:00.0"));
+    }
+}

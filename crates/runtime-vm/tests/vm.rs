@@ -1,0 +1,319 @@
+//! VM lifecycle against real QEMU under TCG: start → Running after the guest agent, pinning
+//! read back from /proc, lock/unlock, peripherals and their error cases, graceful stop, crash
+//! detection, re-adoption. Every QEMU is killed by a guard even when a test fails.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{BOOT_SLOT, PidGuard, VmGuard};
+use telvirt_runtime_vm::guest_proto::{Body, Request, Workload};
+use telvirt_runtime_vm::{CpuSet, DiskFormat, Error, Grant, Peripheral, StopMethod, VmPhase, pin};
+
+const T: Duration = Duration::from_secs(30);
+
+struct Tap(String);
+
+impl Tap {
+    fn new(name: &str) -> Option<Self> {
+        let ok = std::process::Command::new("ip")
+            .args(["tuntap", "add", "dev", name, "mode", "tap"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| Tap(name.to_string()))
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_pinning_lock_peripherals_and_stop() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    let mgr = common::manager(root.path());
+    let online = pin::online_cpus().unwrap();
+    let cpus: Vec<usize> = online.iter().collect();
+    let vcpu_cpu = *cpus.last().unwrap();
+    let emu_cpu = cpus[0];
+    let mut cfg = common::config("lifecycle1");
+    cfg.cpu.vcpu_cpus = vec![CpuSet::single(vcpu_cpu)];
+    cfg.cpu.emulator_cpus = Some(CpuSet::single(emu_cpu));
+    cfg.peripherals = vec![Grant {
+        id: "rng0".into(),
+        peripheral: Peripheral::VirtioRng,
+    }];
+    let vm = mgr.start(cfg).await.unwrap();
+    let guard = VmGuard(vm.clone());
+    assert_eq!(vm.phase(), VmPhase::Running);
+    let pid = vm.pid();
+
+    // The process carries the VNF's name.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim(), "lifecycle1");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(String::from_utf8_lossy(&cmdline).contains("guest=lifecycle1"));
+
+    // Pinning, as the kernel reports it.
+    assert_eq!(vm.vcpu_threads().len(), 1);
+    let vcpu_tids: Vec<i32> = vm.vcpu_threads().iter().map(|v| v.thread_id).collect();
+    for &tid in &vcpu_tids {
+        assert_eq!(
+            pin::allowed_cpus(pid, tid).unwrap(),
+            CpuSet::single(vcpu_cpu),
+            "vCPU thread {tid}"
+        );
+    }
+    for tid in pin::thread_ids(pid).unwrap() {
+        if !vcpu_tids.contains(&tid) {
+            assert_eq!(
+                pin::allowed_cpus(pid, tid).unwrap(),
+                CpuSet::single(emu_cpu),
+                "emulator thread {tid}"
+            );
+        }
+    }
+
+    // Health from the guest agent.
+    let h1 = vm.health(T).await.unwrap();
+    assert!(h1.uptime_ms > 0);
+    assert!(h1.mem_total_kib > 100 * 1024, "{h1:?}");
+
+    // Lock: paused, changes refused, nothing changed.
+    vm.pause().await.unwrap();
+    assert_eq!(vm.phase(), VmPhase::Paused);
+    assert!(!vm.qmp().query_status().await.unwrap().running);
+    let err = vm
+        .attach(Grant {
+            id: "ser1".into(),
+            peripheral: Peripheral::VirtioSerial {
+                name: "org.x.data".into(),
+            },
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Locked { .. }), "{err}");
+    assert!(matches!(
+        vm.detach("rng0").await.unwrap_err(),
+        Error::Locked { .. }
+    ));
+    assert_eq!(vm.peripherals().await.len(), 1);
+    vm.resume().await.unwrap();
+    assert_eq!(vm.phase(), VmPhase::Running);
+    let h2 = vm.health(T).await.unwrap();
+    assert!(
+        h2.uptime_ms >= h1.uptime_ms,
+        "guest clock went back: {h1:?} {h2:?}"
+    );
+
+    // Peripherals: serial port, duplicate, missing, block device, TAP.
+    vm.attach(Grant {
+        id: "ser1".into(),
+        peripheral: Peripheral::VirtioSerial {
+            name: "org.x.data".into(),
+        },
+    })
+    .await
+    .unwrap();
+    assert!(vm.state_dir().join("ser1.sock").exists());
+    let dup = vm
+        .attach(Grant {
+            id: "ser1".into(),
+            peripheral: Peripheral::VirtioRng,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(dup, Error::DuplicatePeripheral { .. }), "{dup}");
+    let missing = vm.detach("nope").await.unwrap_err();
+    assert!(missing.to_string().contains("rng0, ser1"), "{missing}");
+    let ids = vm.qmp().peripheral_ids().await.unwrap();
+    assert!(
+        ids.contains(&"ser1".to_string()) && ids.contains(&"rng0".to_string()),
+        "{ids:?}"
+    );
+    vm.detach("ser1").await.unwrap();
+    assert!(
+        !vm.qmp()
+            .peripheral_ids()
+            .await
+            .unwrap()
+            .contains(&"ser1".to_string())
+    );
+
+    let img = root.path().join("data.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let bad = vm
+        .attach(Grant {
+            id: "disk1".into(),
+            peripheral: Peripheral::VirtioBlk {
+                path: root.path().join("missing.img"),
+                format: DiskFormat::Raw,
+                read_only: false,
+            },
+        })
+        .await
+        .unwrap_err();
+    assert!(bad.to_string().contains("missing.img"), "{bad}");
+    vm.attach(Grant {
+        id: "disk1".into(),
+        peripheral: Peripheral::VirtioBlk {
+            path: img,
+            format: DiskFormat::Raw,
+            read_only: true,
+        },
+    })
+    .await
+    .unwrap();
+    vm.detach("disk1").await.unwrap();
+    vm.detach("rng0").await.unwrap();
+
+    let tap_name = format!("tvt{}", std::process::id() % 100_000);
+    if let Some(_tap) = Tap::new(&tap_name) {
+        vm.attach(Grant {
+            id: "net0".into(),
+            peripheral: Peripheral::VirtioNet {
+                tap: tap_name.clone(),
+                mac: None,
+            },
+        })
+        .await
+        .unwrap();
+        assert_eq!(vm.peripherals().await.len(), 1);
+        vm.detach("net0").await.unwrap();
+    }
+    let no_tap = vm
+        .attach(Grant {
+            id: "net1".into(),
+            peripheral: Peripheral::VirtioNet {
+                tap: "tvnosuch0".into(),
+                mac: None,
+            },
+        })
+        .await
+        .unwrap_err();
+    assert!(no_tap.to_string().contains("does not exist"), "{no_tap}");
+    assert!(vm.peripherals().await.is_empty());
+    let grants: Vec<Grant> =
+        serde_json::from_slice(&std::fs::read(vm.state_dir().join("grants.json")).unwrap())
+            .unwrap();
+    assert!(grants.is_empty());
+
+    // Workload on command.
+    let started = vm
+        .agent_request(
+            Request::Run {
+                workload: Workload::DirtyMemory {
+                    size_mib: 16,
+                    mib_per_s: 64,
+                },
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(started, Body::Started { .. }), "{started:?}");
+    assert!(vm.health(T).await.unwrap().workload.is_some());
+    vm.agent_request(Request::StopWorkload, T).await.unwrap();
+
+    // Graceful stop through the guest agent.
+    assert_eq!(vm.stop().await.unwrap(), StopMethod::GuestAgent);
+    assert_eq!(vm.phase(), VmPhase::Stopped);
+    assert!(vm.failure().is_none());
+    assert!(!pin::process_alive(pid));
+    let console = std::fs::read_to_string(vm.console_log()).unwrap();
+    assert!(
+        console.contains("telvirt-init: modules loaded"),
+        "{console}"
+    );
+    drop(guard);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_is_detected_with_status_and_console() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    let mgr = common::manager(root.path());
+
+    // A missing kernel is refused before anything starts.
+    let mut bad = common::config("crash1");
+    bad.kernel = Some(root.path().join("no-such-vmlinuz"));
+    let e = mgr.start(bad).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::FileUnreadable {
+                field: "kernel",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(!root.path().join("crash1/qemu.pid").exists());
+
+    let vm = mgr.start(common::config("crash1")).await.unwrap();
+    let _guard = VmGuard(vm.clone());
+    // A second start of the same VM is refused instead of duplicating it.
+    let dup = mgr.start(common::config("crash1")).await.unwrap_err();
+    assert!(matches!(dup, Error::AlreadyRunning { .. }), "{dup}");
+
+    // SAFETY: killing the QEMU this test started.
+    unsafe { libc::kill(vm.pid(), libc::SIGKILL) };
+    assert!(
+        common::poll_until(20, || vm.phase() == VmPhase::Failed).await,
+        "phase {:?}",
+        vm.phase()
+    );
+    let f = vm.failure().unwrap();
+    assert_eq!(f.exit.signal, Some(libc::SIGKILL));
+    assert!(
+        f.console_tail.iter().any(|l| l.contains("telvirt-guest")),
+        "{:?}",
+        f.console_tail
+    );
+    let st = vm.status().await;
+    assert_eq!(st.phase, VmPhase::Failed);
+    assert!(matches!(
+        vm.pause().await.unwrap_err(),
+        Error::NotRunning { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_manager_adopts_running_vm() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    let pid = {
+        let mgr = common::manager(root.path());
+        let vm = mgr.start(common::config("adopt1")).await.unwrap();
+        vm.pid()
+        // The first manager and its handle go away; QEMU keeps running.
+    };
+    let _guard = PidGuard(pid);
+    assert!(pin::process_alive(pid));
+    let mgr2 = common::manager(root.path());
+    let all = mgr2.adopt_all().await;
+    assert_eq!(all.len(), 1);
+    let (name, vm) = all.into_iter().next().unwrap();
+    assert_eq!(name, "adopt1");
+    let vm = vm.unwrap();
+    assert_eq!(vm.pid(), pid);
+    assert_eq!(vm.phase(), VmPhase::Running);
+    assert!(vm.status().await.adopted);
+    vm.health(T).await.unwrap();
+    // Starting it again is refused: no duplicate QEMU.
+    assert!(matches!(
+        mgr2.start(common::config("adopt1")).await.unwrap_err(),
+        Error::AlreadyRunning { .. }
+    ));
+    assert_eq!(vm.stop().await.unwrap(), StopMethod::GuestAgent);
+    assert!(common::poll_until(20, || !pin::process_alive(pid)).await);
+    assert_eq!(vm.phase(), VmPhase::Stopped);
+    let gone = mgr2.adopt("adopt1").await.unwrap_err();
+    assert!(matches!(gone, Error::NotAdoptable { .. }), "{gone}");
+}
