@@ -6,6 +6,7 @@
 pub mod accel;
 pub mod agent;
 pub mod bare;
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod image;
@@ -16,6 +17,7 @@ pub mod pin;
 pub mod qmp;
 
 pub use accel::{AccelDecision, AccelProbe};
+pub use bench::{BenchOptions, VmBenchReport};
 pub use config::{
     Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
     Peripheral, VmConfig,
