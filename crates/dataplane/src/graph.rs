@@ -15,7 +15,9 @@ pub const HOST_PREFIX: &str = "host:";
 
 /// One end of a link: `node.port`, or `host:IFNAME` for a host interface (whose single port
 /// has the empty name).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct PortRef {
     /// Node (VNF instance, endpoint, generator, `host:IFNAME`).
     pub node: String,
@@ -73,7 +75,9 @@ impl fmt::Display for PortRef {
 }
 
 /// A directed link: packets sent out of `from` arrive on `to`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct LinkSpec {
     /// Sending port.
     pub from: PortRef,

@@ -7,9 +7,11 @@ pub mod region;
 pub mod ring;
 
 pub use error::{Error, Result};
+pub mod bench;
 pub mod firewall;
 pub mod graph;
 pub mod hist;
+pub mod latency;
 pub mod node;
 pub mod packet;
 pub mod panel;

@@ -319,3 +319,42 @@ fn nodes_and_sinks_work_without_a_panel() {
     assert!(v.is_empty());
     assert_eq!(pool.available(), 64);
 }
+
+#[test]
+fn latency_chain_probes_a_running_chain_and_leaves_it_as_it_was() {
+    use telvirt_dataplane::graph::PortRef;
+    use telvirt_dataplane::latency::{ChainLatencyOpts, chain};
+    let pool = Arc::new(Pool::new("probe", 2048, 2048).unwrap());
+    let mut p = panel(&pool);
+    let fw = Firewall::new(vec![], Action::Allow);
+    p.add_node(
+        "fw1",
+        &["in", "out"],
+        1,
+        Box::new(ProcessorNode::new(fw, 32)),
+    )
+    .unwrap();
+    let mut last = (0, 0);
+    let opts = ChainLatencyOpts {
+        entry: PortRef::new("fw1", "in"),
+        exit: PortRef::new("fw1", "out"),
+        rate_pps: 20_000,
+        packets: 2_000,
+        size: 64,
+        worker: 0,
+        settle: Duration::from_secs(5),
+    };
+    let r = chain(&mut p, &opts, &mut |d, t| last = (d, t)).unwrap();
+    assert_eq!((r.sent, r.sink.received, r.sink.lost), (2_000, 2_000, 0));
+    assert_eq!(last, (2_000, 2_000));
+    assert!(r.sink.latency.p50_us > 0.0);
+    assert!(p.current_links().is_empty(), "probe links removed");
+    // An entry port that is already fed is refused, and the probe is removed again.
+    p.add_node("src", &["out"], 0, Box::new(make_gen(1, None)))
+        .unwrap();
+    p.apply(&links(&["src.out -> fw1.in"])).unwrap();
+    let e = chain(&mut p, &opts, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("already receives"), "{e}");
+    assert_eq!(p.current_links(), links(&["src.out -> fw1.in"]));
+    p.shutdown();
+}

@@ -1,0 +1,628 @@
+//! The benchmarks behind `telvirt bench ring` and `telvirt bench chain`. Every figure is
+//! measured next to a named baseline in the same run. Must not print: results are returned
+//! (serde-serializable) and progress goes through the callback.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+
+use crate::error::{Error, Result};
+use crate::firewall::{Action, Firewall, Rule};
+use crate::graph::LinkSpec;
+use crate::hist::Percentiles;
+use crate::node::ProcessorNode;
+use crate::panel::PatchPanel;
+use crate::pool::Pool;
+use crate::ring;
+use crate::traffic::{GenConfig, Generator, LatencySink};
+use crate::worker::{WorkerConfig, allowed_cores, pin_current_thread};
+
+/// Options of `bench ring`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RingOpts {
+    /// Packets moved per contender per round.
+    pub packets: u64,
+    /// Packets per enqueue/dequeue batch.
+    pub batch: usize,
+    /// Ring capacity (slots, power of two).
+    pub capacity: usize,
+    /// Rounds; each contender's best round counts.
+    pub rounds: u32,
+    /// Producer and consumer cores; `None` picks the first two allowed cores.
+    pub cores: Option<(usize, usize)>,
+}
+
+impl Default for RingOpts {
+    fn default() -> Self {
+        RingOpts {
+            packets: 20_000_000,
+            batch: 32,
+            capacity: 1024,
+            rounds: 3,
+            cores: None,
+        }
+    }
+}
+
+/// One contender's best round.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RingResult {
+    /// `telvirt`, `crossbeam::ArrayQueue` or `rtrb`.
+    pub name: String,
+    /// Million packets per second.
+    pub mpps: f64,
+    /// Nanoseconds per packet.
+    pub ns_per_packet: f64,
+}
+
+/// Result of `bench ring`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RingReport {
+    /// telvirt's ring, Mpps.
+    pub mpps: f64,
+    /// The best peer, Mpps.
+    pub baseline: f64,
+    /// Which peer that was.
+    pub baseline_name: String,
+    /// `mpps / baseline`.
+    pub ratio: f64,
+    /// Every contender.
+    pub results: Vec<RingResult>,
+    /// Producer and consumer core.
+    pub cores: (usize, usize),
+    /// Packets per round.
+    pub packets: u64,
+    /// Batch size.
+    pub batch: usize,
+    /// Packet size the descriptors point at.
+    pub packet_size: usize,
+}
+
+/// 64-byte packets the descriptors point at; the consumer reads each one it receives.
+const FRAMES: usize = 1024;
+const PACKET_SIZE: usize = 64;
+
+fn frames() -> Arc<Vec<[u8; PACKET_SIZE]>> {
+    Arc::new(
+        (0..FRAMES)
+            .map(|i| {
+                let mut f = [0u8; PACKET_SIZE];
+                f[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                f
+            })
+            .collect(),
+    )
+}
+
+/// Which queue a round uses.
+#[derive(Debug, Clone, Copy)]
+enum Contender {
+    Telvirt,
+    ArrayQueue,
+    Rtrb,
+}
+
+impl Contender {
+    fn name(self) -> &'static str {
+        match self {
+            Contender::Telvirt => "telvirt",
+            Contender::ArrayQueue => "crossbeam::ArrayQueue",
+            Contender::Rtrb => "rtrb",
+        }
+    }
+}
+
+fn two_cores(opts_cores: Option<(usize, usize)>) -> Result<(usize, usize)> {
+    let allowed = allowed_cores()?;
+    let (a, b) = match opts_cores {
+        Some(c) => c,
+        None => (allowed[0], *allowed.get(1).unwrap_or(&allowed[0])),
+    };
+    for c in [a, b] {
+        if !allowed.contains(&c) {
+            return Err(Error::config(
+                "cores",
+                format!("core {c} is not allowed (allowed: {allowed:?})"),
+            ));
+        }
+    }
+    Ok((a, b))
+}
+
+/// Busy-wait politely: spin, and yield now and then (needed when both ends share one core).
+fn backoff(spins: &mut u32) {
+    *spins += 1;
+    if (*spins).is_multiple_of(64) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
+/// Move `n` descriptors from a pinned producer to a pinned consumer; returns elapsed time.
+fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Duration> {
+    let n = opts.packets;
+    let batch = opts.batch;
+    let frames = frames();
+    let start = Arc::new(Barrier::new(2));
+    // Each contender gets a producer closure and a consumer closure.
+    type Side = Box<dyn FnOnce() -> u64 + Send>;
+    let (prod, cons): (Side, Side) = match c {
+        Contender::Telvirt => {
+            let (mut p, mut q) = ring::channel::<u64>("bench", opts.capacity)?;
+            (
+                Box::new(move || {
+                    let mut buf = Vec::with_capacity(batch);
+                    let mut i = 0u64;
+                    let mut spins = 0;
+                    while i < n {
+                        if buf.is_empty() {
+                            let m = (n - i).min(batch as u64);
+                            buf.extend((i..i + m).map(|k| k % FRAMES as u64));
+                            i += m;
+                        }
+                        while !buf.is_empty() {
+                            if p.push_from(&mut buf) == 0 {
+                                backoff(&mut spins);
+                            }
+                        }
+                    }
+                    0
+                }),
+                Box::new(move || {
+                    let mut buf = Vec::with_capacity(batch);
+                    let mut got = 0u64;
+                    let mut sum = 0u64;
+                    let mut spins = 0;
+                    while got < n {
+                        buf.clear();
+                        let k = q.pop_into(&mut buf, batch);
+                        if k == 0 {
+                            backoff(&mut spins);
+                            continue;
+                        }
+                        for d in &buf {
+                            sum = sum.wrapping_add(u64::from(frames[*d as usize][0]));
+                        }
+                        got += k as u64;
+                    }
+                    sum
+                }),
+            )
+        }
+        Contender::ArrayQueue => {
+            let q = Arc::new(ArrayQueue::<u64>::new(opts.capacity));
+            let q2 = Arc::clone(&q);
+            (
+                Box::new(move || {
+                    let mut i = 0u64;
+                    let mut spins = 0;
+                    while i < n {
+                        let m = (n - i).min(batch as u64);
+                        for k in i..i + m {
+                            while q.push(k % FRAMES as u64).is_err() {
+                                backoff(&mut spins);
+                            }
+                        }
+                        i += m;
+                    }
+                    0
+                }),
+                Box::new(move || {
+                    let mut got = 0u64;
+                    let mut sum = 0u64;
+                    let mut spins = 0;
+                    while got < n {
+                        let mut k = 0;
+                        while k < batch {
+                            match q2.pop() {
+                                Some(d) => {
+                                    sum = sum.wrapping_add(u64::from(frames[d as usize][0]));
+                                    k += 1;
+                                }
+                                None => break,
+                            }
+                        }
+                        if k == 0 {
+                            backoff(&mut spins);
+                        }
+                        got += k as u64;
+                    }
+                    sum
+                }),
+            )
+        }
+        Contender::Rtrb => {
+            let (mut p, mut q) = rtrb::RingBuffer::<u64>::new(opts.capacity);
+            (
+                Box::new(move || {
+                    let mut i = 0u64;
+                    let mut spins = 0;
+                    while i < n {
+                        let m = (n - i).min(batch as u64) as usize;
+                        match p.write_chunk_uninit(m) {
+                            Ok(chunk) => {
+                                let start = i;
+                                chunk.fill_from_iter((start..).map(|k| k % FRAMES as u64));
+                                i += m as u64;
+                            }
+                            Err(_) => backoff(&mut spins),
+                        }
+                    }
+                    0
+                }),
+                Box::new(move || {
+                    let mut got = 0u64;
+                    let mut sum = 0u64;
+                    let mut spins = 0;
+                    while got < n {
+                        let k = q.slots().min(batch);
+                        if k == 0 {
+                            backoff(&mut spins);
+                            continue;
+                        }
+                        if let Ok(chunk) = q.read_chunk(k) {
+                            for d in chunk {
+                                sum = sum.wrapping_add(u64::from(frames[d as usize][0]));
+                            }
+                            got += k as u64;
+                        }
+                    }
+                    sum
+                }),
+            )
+        }
+    };
+    let s2 = Arc::clone(&start);
+    let failed = Arc::new(AtomicBool::new(false));
+    let f2 = Arc::clone(&failed);
+    let producer = std::thread::Builder::new()
+        .name("tv-bench-prod".into())
+        .spawn(move || {
+            if pin_current_thread(cores.0).is_err() {
+                f2.store(true, Ordering::Relaxed);
+            }
+            s2.wait();
+            prod()
+        })
+        .map_err(|e| Error::io("spawn bench producer", e))?;
+    let consumer = std::thread::Builder::new()
+        .name("tv-bench-cons".into())
+        .spawn(move || -> Result<(Duration, u64)> {
+            pin_current_thread(cores.1)?;
+            start.wait();
+            let t = Instant::now();
+            let sum = cons();
+            Ok((t.elapsed(), sum))
+        })
+        .map_err(|e| Error::io("spawn bench consumer", e))?;
+    let _ = producer.join();
+    let (elapsed, _sum) = consumer
+        .join()
+        .map_err(|_| Error::config("bench", "consumer thread panicked"))??;
+    if failed.load(Ordering::Relaxed) {
+        return Err(Error::config(
+            "cores",
+            format!("cannot pin to core {}", cores.0),
+        ));
+    }
+    Ok(elapsed)
+}
+
+/// `telvirt bench ring`: telvirt's ring against crossbeam's `ArrayQueue` and `rtrb`, same
+/// packets, batch and pinned cores, in the same run. `progress(done, total)` counts rounds.
+pub fn ring(opts: &RingOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<RingReport> {
+    if opts.packets == 0 || opts.rounds == 0 {
+        return Err(Error::config(
+            "bench.packets",
+            "packets and rounds must be > 0",
+        ));
+    }
+    if opts.batch == 0 || opts.batch > opts.capacity {
+        return Err(Error::config(
+            "bench.batch",
+            format!("{} must be in 1..=capacity ({})", opts.batch, opts.capacity),
+        ));
+    }
+    let cores = two_cores(opts.cores)?;
+    let contenders = [Contender::Telvirt, Contender::ArrayQueue, Contender::Rtrb];
+    let mut best = [Duration::MAX; 3];
+    let total = u64::from(opts.rounds) * contenders.len() as u64;
+    let mut done = 0;
+    progress(0, total);
+    for _ in 0..opts.rounds {
+        for (i, c) in contenders.iter().enumerate() {
+            let d = run_round(*c, opts, cores)?;
+            best[i] = best[i].min(d);
+            done += 1;
+            progress(done, total);
+        }
+    }
+    let results: Vec<RingResult> = contenders
+        .iter()
+        .zip(best)
+        .map(|(c, d)| {
+            let s = d.as_secs_f64().max(1e-9);
+            RingResult {
+                name: c.name().to_string(),
+                mpps: opts.packets as f64 / s / 1e6,
+                ns_per_packet: s * 1e9 / opts.packets as f64,
+            }
+        })
+        .collect();
+    let mpps = results[0].mpps;
+    let peer = results[1..]
+        .iter()
+        .max_by(|a, b| a.mpps.total_cmp(&b.mpps))
+        .expect("invariant: two peers");
+    Ok(RingReport {
+        mpps,
+        baseline: peer.mpps,
+        baseline_name: peer.name.clone(),
+        ratio: mpps / peer.mpps,
+        results,
+        cores,
+        packets: opts.packets,
+        batch: opts.batch,
+        packet_size: PACKET_SIZE,
+    })
+}
+
+/// Options of `bench chain`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainOpts {
+    /// Packets in the max-speed throughput run.
+    pub packets: u64,
+    /// Frame size.
+    pub size: usize,
+    /// Firewall rules that do not match, checked before the final allow (rule-walk cost).
+    pub rules: usize,
+    /// Rate of the latency runs (pinned and unpinned), packets per second.
+    pub latency_rate_pps: u64,
+    /// Packets in each latency run.
+    pub latency_packets: u64,
+    /// Ring capacity per link.
+    pub ring_capacity: usize,
+    /// Batch size.
+    pub batch: usize,
+}
+
+impl Default for ChainOpts {
+    fn default() -> Self {
+        ChainOpts {
+            packets: 5_000_000,
+            size: 64,
+            rules: 10,
+            latency_rate_pps: 100_000,
+            latency_packets: 300_000,
+            ring_capacity: 1024,
+            batch: 32,
+        }
+    }
+}
+
+/// One run of the chain.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChainRun {
+    /// Workers pinned to cores?
+    pub pinned: bool,
+    /// Offered rate (`None` = max speed).
+    pub rate_pps: Option<u64>,
+    /// Packets received per second, millions.
+    pub mpps: f64,
+    /// Packets lost.
+    pub lost: u64,
+    /// One-way latency gen → sink.
+    pub latency: Percentiles,
+}
+
+/// Result of `bench chain`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChainReport {
+    /// Max-speed throughput, Mpps.
+    pub mpps: f64,
+    /// Median latency at `latency_rate_pps`, pinned, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile, same run.
+    pub p99_us: f64,
+    /// 99.9th percentile, same run.
+    pub p999_us: f64,
+    /// The max-speed run.
+    pub throughput: ChainRun,
+    /// Fixed-rate run with pinned workers.
+    pub pinned: ChainRun,
+    /// Fixed-rate run with unpinned workers (the jitter baseline).
+    pub unpinned: ChainRun,
+}
+
+fn chain_run(
+    opts: &ChainOpts,
+    count: u64,
+    rate: Option<u64>,
+    pinned: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ChainRun> {
+    let (c0, c1) = two_cores(None)?;
+    let pool = Arc::new(Pool::new("bench-chain", 8192, 2048)?);
+    let mk = |name: &str, core: usize| WorkerConfig {
+        busy_poll: true,
+        ..WorkerConfig::new(name, pinned.then_some(core))
+    };
+    let mut panel = PatchPanel::new(
+        Arc::clone(&pool),
+        vec![mk("gen-fw", c0), mk("sink", c1)],
+        opts.ring_capacity,
+    )?;
+    let gen_node = Generator::new(
+        GenConfig {
+            flows: 16,
+            sizes: vec![opts.size],
+            rate_pps: rate,
+            count: Some(count),
+            batch: opts.batch,
+        },
+        pool.buf_size(),
+    )?;
+    let gstats = gen_node.stats();
+    let mut rules: Vec<Rule> = (0..opts.rules)
+        .map(|i| Rule {
+            action: Action::Deny,
+            proto: Some(crate::packet::proto::TCP),
+            src: None,
+            dst: None,
+            src_ports: None,
+            dst_ports: Some((1000 + i as u16, 1000 + i as u16)),
+        })
+        .collect();
+    rules.push(Rule::parse("allow proto=udp")?);
+    let fw = Firewall::new(rules, Action::Deny);
+    let sink = LatencySink::new(opts.batch);
+    let st = sink.state();
+    panel.add_node("gen", &["out"], 0, Box::new(gen_node))?;
+    panel.add_node(
+        "fw",
+        &["in", "out"],
+        0,
+        Box::new(ProcessorNode::new(fw, opts.batch)),
+    )?;
+    panel.add_node("sink", &["in"], 1, Box::new(sink))?;
+    let links = ["gen.out -> fw.in", "fw.out -> sink.in"]
+        .iter()
+        .map(|s| LinkSpec::parse(s))
+        .collect::<Result<Vec<_>>>()?;
+    let t0 = Instant::now();
+    panel.apply(&links)?;
+    // Generous deadline: at least 10 s, or 20x the offered duration.
+    let budget = Duration::from_secs(10).max(Duration::from_secs_f64(
+        rate.map_or(0.0, |r| count as f64 / r as f64 * 20.0),
+    ));
+    let mut last_rx = 0;
+    let mut last_change = Instant::now();
+    loop {
+        let rx = st.lock().map(|s| s.received).unwrap_or(0);
+        if rx != last_rx {
+            last_rx = rx;
+            last_change = Instant::now();
+            progress(rx, count);
+        }
+        let gen_done = gstats.done.load(Ordering::Acquire);
+        if rx >= count
+            || (gen_done && last_change.elapsed() > Duration::from_millis(500))
+            || t0.elapsed() > budget
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Time until the last packet arrived (the loop polls every millisecond).
+    let elapsed = last_change.duration_since(t0);
+    panel.shutdown();
+    let s = st
+        .lock()
+        .map(|s| s.summary())
+        .unwrap_or_else(|p| p.into_inner().summary());
+    let secs = elapsed.as_secs_f64().max(1e-6);
+    Ok(ChainRun {
+        pinned,
+        rate_pps: rate,
+        mpps: s.received as f64 / secs / 1e6,
+        lost: count.saturating_sub(s.received),
+        latency: s.latency,
+    })
+}
+
+/// `telvirt bench chain`: gen → 5-tuple firewall → sink. A max-speed run for throughput, then
+/// the same chain at a fixed rate with pinned and with unpinned workers for latency and jitter
+/// (p99.9) side by side. Progress counts packets received across the three runs.
+pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<ChainReport> {
+    if opts.packets == 0 || opts.latency_packets == 0 || opts.latency_rate_pps == 0 {
+        return Err(Error::config(
+            "bench.chain",
+            "packets, latency_packets and latency_rate_pps must be > 0",
+        ));
+    }
+    let total = opts.packets + 2 * opts.latency_packets;
+    let mut base = 0u64;
+    let mut run = |count: u64, rate: Option<u64>, pinned: bool, base: &mut u64| {
+        let b = *base;
+        let r = chain_run(opts, count, rate, pinned, &mut |d, _| {
+            progress(b + d, total)
+        });
+        *base += count;
+        r
+    };
+    let throughput = run(opts.packets, None, true, &mut base)?;
+    let rate = Some(opts.latency_rate_pps);
+    let pinned = run(opts.latency_packets, rate, true, &mut base)?;
+    let unpinned = run(opts.latency_packets, rate, false, &mut base)?;
+    Ok(ChainReport {
+        mpps: throughput.mpps,
+        p50_us: pinned.latency.p50_us,
+        p99_us: pinned.latency.p99_us,
+        p999_us: pinned.latency.p999_us,
+        throughput,
+        pinned,
+        unpinned,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_bench_reports_all_contenders_and_json_fields() {
+        let opts = RingOpts {
+            packets: 20_000,
+            rounds: 1,
+            ..RingOpts::default()
+        };
+        let mut calls = Vec::new();
+        let r = ring(&opts, &mut |d, t| calls.push((d, t))).unwrap();
+        assert_eq!(calls.last(), Some(&(3, 3)));
+        assert_eq!(r.results.len(), 3);
+        assert!(r.mpps > 0.0 && r.baseline > 0.0);
+        assert!((r.ratio - r.mpps / r.baseline).abs() < 1e-9);
+        let v = serde_json::to_value(&r).unwrap();
+        for k in ["mpps", "baseline", "ratio"] {
+            assert!(v.get(k).is_some_and(|x| x.is_f64()), "{k}");
+        }
+    }
+
+    #[test]
+    fn ring_bench_rejects_bad_options() {
+        let bad = RingOpts {
+            batch: 4096,
+            capacity: 1024,
+            ..RingOpts::default()
+        };
+        let e = ring(&bad, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("bench.batch"), "{e}");
+        let bad = RingOpts {
+            cores: Some((0, 100_000)),
+            ..RingOpts::default()
+        };
+        let e = ring(&bad, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("core 100000 is not allowed"), "{e}");
+    }
+
+    #[test]
+    fn chain_bench_runs_small_and_has_json_fields() {
+        let opts = ChainOpts {
+            packets: 20_000,
+            latency_packets: 5_000,
+            latency_rate_pps: 50_000,
+            ..ChainOpts::default()
+        };
+        let r = chain(&opts, &mut |_, _| {}).unwrap();
+        assert_eq!(r.throughput.lost, 0);
+        assert!(r.pinned.latency.count > 0 && r.unpinned.latency.count > 0);
+        assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us);
+        let v = serde_json::to_value(&r).unwrap();
+        for k in ["mpps", "p50_us", "p99_us", "p999_us"] {
+            assert!(v.get(k).is_some_and(|x| x.is_f64()), "{k}");
+        }
+    }
+}

@@ -1,0 +1,510 @@
+//! The latency tools behind `telvirt latency timer` and `telvirt latency chain`.
+//!
+//! `timer`: cyclictest-style periodic wake-ups (absolute `clock_nanosleep` on
+//! CLOCK_MONOTONIC) on a chosen core, then rt-tests' own `cyclictest` on the same core with the
+//! same interval, loop count and priority, in the same run, so the two can be printed side by
+//! side. `chain`: injects timestamped packets into a running patch panel and measures them at
+//! the chain's exit. Must not print: reports are returned, progress goes through the callback.
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::error::{Error, Result};
+use crate::graph::{LinkSpec, PortRef};
+use crate::hist::{Percentiles, new_histogram, record};
+use crate::packet::now_ns;
+use crate::panel::PatchPanel;
+use crate::traffic::{GenConfig, Generator, LatencySink, SinkSummary};
+use crate::worker::{allowed_cores, pin_current_thread};
+
+/// Options of `latency timer`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TimerOpts {
+    /// Core to run on (must be in the process's affinity mask).
+    pub core: usize,
+    /// Wake-up period, microseconds.
+    pub interval_us: u64,
+    /// Number of wake-ups.
+    pub loops: u64,
+    /// SCHED_FIFO priority (1-99) for both tools; `None` runs both as SCHED_OTHER.
+    pub priority: Option<i32>,
+    /// Also run rt-tests' `cyclictest` on the same core.
+    pub cyclictest: bool,
+}
+
+impl Default for TimerOpts {
+    fn default() -> Self {
+        TimerOpts {
+            core: 0,
+            interval_us: 1000,
+            loops: 10_000,
+            priority: None,
+            cyclictest: true,
+        }
+    }
+}
+
+/// What rt-tests' cyclictest measured (1 µs resolution).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CyclictestResult {
+    /// Percentiles computed from its histogram (`-h`).
+    pub latency: Percentiles,
+    /// Its own min/avg/max lines.
+    pub min_us: f64,
+    /// Average.
+    pub avg_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+    /// Samples beyond its histogram range.
+    pub overflows: u64,
+    /// The command line that was run.
+    pub command: String,
+}
+
+/// Result of `latency timer`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimerReport {
+    /// The options used.
+    pub opts: TimerOpts,
+    /// telvirt's measurement.
+    pub telvirt: Percentiles,
+    /// Text histogram of telvirt's measurement.
+    pub histogram: String,
+    /// cyclictest's measurement, when it was run.
+    pub cyclictest: Option<CyclictestResult>,
+    /// telvirt median / cyclictest median (1.0 = equal), when both exist.
+    pub median_ratio: Option<f64>,
+}
+
+fn validate_timer(opts: &TimerOpts) -> Result<()> {
+    let allowed = allowed_cores()?;
+    if !allowed.contains(&opts.core) {
+        return Err(Error::config(
+            "latency.core",
+            format!("core {} is not allowed (allowed: {allowed:?})", opts.core),
+        ));
+    }
+    if !(10..=1_000_000).contains(&opts.interval_us) {
+        return Err(Error::config(
+            "latency.interval_us",
+            format!("{} is outside 10..=1000000", opts.interval_us),
+        ));
+    }
+    if opts.loops == 0 {
+        return Err(Error::config("latency.loops", "must be > 0"));
+    }
+    if let Some(p) = opts.priority
+        && !(1..=99).contains(&p)
+    {
+        return Err(Error::config(
+            "latency.priority",
+            format!("{p} is outside 1..=99"),
+        ));
+    }
+    Ok(())
+}
+
+fn set_fifo(priority: i32) -> Result<()> {
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: `param` is a valid sched_param; 0 means the calling thread.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(Error::last_os(format!(
+            "sched_setscheduler(SCHED_FIFO, {priority})"
+        )));
+    }
+    Ok(())
+}
+
+fn timespec_of(ns: u64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    }
+}
+
+/// Periodic wake-ups on the calling thread; returns the wake-up latency histogram (ns).
+fn wakeups(
+    interval_us: u64,
+    loops: u64,
+    progress: &mut dyn FnMut(u64, u64),
+    total: u64,
+) -> Histogram<u64> {
+    let mut h = new_histogram();
+    let interval = interval_us * 1000;
+    let mut next = now_ns() + interval;
+    for i in 0..loops {
+        let ts = timespec_of(next);
+        // SAFETY: `ts` is a valid timespec; remaining-time pointer may be NULL with
+        // TIMER_ABSTIME.
+        unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_MONOTONIC,
+                libc::TIMER_ABSTIME,
+                &ts,
+                std::ptr::null_mut(),
+            )
+        };
+        let now = now_ns();
+        record(&mut h, now.saturating_sub(next));
+        next += interval;
+        if now > next {
+            // Overran a whole period: restart the schedule (as cyclictest does).
+            next = now + interval;
+        }
+        if i % 256 == 0 {
+            progress(i, total);
+        }
+    }
+    h
+}
+
+/// `telvirt latency timer`. Progress counts wake-ups of both tools (cyclictest's half is
+/// reported when it ends).
+pub fn timer(opts: &TimerOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<TimerReport> {
+    validate_timer(opts)?;
+    let total = if opts.cyclictest {
+        opts.loops * 2
+    } else {
+        opts.loops
+    };
+    let o = opts.clone();
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, u64)>();
+    let handle = std::thread::Builder::new()
+        .name("tv-latency-timer".into())
+        .spawn(move || -> Result<Histogram<u64>> {
+            pin_current_thread(o.core)?;
+            if let Some(p) = o.priority {
+                set_fifo(p)?;
+            }
+            Ok(wakeups(
+                o.interval_us,
+                o.loops,
+                &mut |d, t| {
+                    let _ = tx.send((d, t));
+                },
+                total,
+            ))
+        })
+        .map_err(|e| Error::io("spawn timer thread", e))?;
+    for (d, t) in rx {
+        progress(d, t);
+    }
+    let h = handle
+        .join()
+        .map_err(|_| Error::config("latency", "timer thread panicked"))??;
+    progress(opts.loops, total);
+    let cyclictest = if opts.cyclictest {
+        let r = run_cyclictest(opts)?;
+        progress(total, total);
+        Some(r)
+    } else {
+        None
+    };
+    let telvirt = Percentiles::of(&h);
+    let median_ratio = cyclictest
+        .as_ref()
+        .filter(|c| c.latency.p50_us > 0.0)
+        .map(|c| telvirt.p50_us / c.latency.p50_us);
+    Ok(TimerReport {
+        opts: opts.clone(),
+        telvirt,
+        histogram: crate::hist::render(&h),
+        cyclictest,
+        median_ratio,
+    })
+}
+
+/// Histogram range given to cyclictest (`-h`), microseconds.
+const CYCLICTEST_HIST_US: u64 = 10_000;
+
+fn run_cyclictest(opts: &TimerOpts) -> Result<CyclictestResult> {
+    let mut args: Vec<String> = vec![
+        "-q".into(),
+        "-t1".into(),
+        format!("-a{}", opts.core),
+        format!("-i{}", opts.interval_us),
+        format!("-l{}", opts.loops),
+        format!("-h{CYCLICTEST_HIST_US}"),
+    ];
+    if let Some(p) = opts.priority {
+        args.push(format!("-p{p}"));
+    }
+    let command = format!("cyclictest {}", args.join(" "));
+    let out = Command::new("cyclictest")
+        .args(&args)
+        .output()
+        .map_err(|e| Error::Tool {
+            tool: "cyclictest",
+            reason: if e.kind() == std::io::ErrorKind::NotFound {
+                "not found in PATH; install the Debian package rt-tests".into()
+            } else {
+                format!("cannot run `{command}`: {e}")
+            },
+        })?;
+    if !out.status.success() {
+        return Err(Error::Tool {
+            tool: "cyclictest",
+            reason: format!(
+                "`{command}` exited with {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        });
+    }
+    let mut r = parse_cyclictest(&String::from_utf8_lossy(&out.stdout))?;
+    r.command = command;
+    Ok(r)
+}
+
+/// Parse cyclictest's `-q -h N` output: histogram lines `LATENCY_US COUNT` and `# Min
+/// Latencies:`-style summary lines.
+pub fn parse_cyclictest(text: &str) -> Result<CyclictestResult> {
+    let bad = |why: String| Error::Tool {
+        tool: "cyclictest",
+        reason: format!("unexpected output: {why}"),
+    };
+    let mut h = new_histogram();
+    let (mut min, mut avg, mut max, mut overflows) = (None, None, None, 0u64);
+    let first_number =
+        |rest: &str| -> Option<f64> { rest.split_whitespace().next().and_then(|v| v.parse().ok()) };
+    for line in text.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("# Min Latencies:") {
+            min = first_number(rest);
+        } else if let Some(rest) = line.strip_prefix("# Avg Latencies:") {
+            avg = first_number(rest);
+        } else if let Some(rest) = line.strip_prefix("# Max Latencies:") {
+            max = first_number(rest);
+        } else if let Some(rest) = line.strip_prefix("# Histogram Overflows:") {
+            overflows = first_number(rest).map_or(0, |v| v as u64);
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let mut it = line.split_whitespace();
+            let (Some(us), Some(n), None) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            let (Ok(us), Ok(n)) = (us.parse::<u64>(), n.parse::<u64>()) else {
+                continue;
+            };
+            if n > 0 {
+                // A bucket `us` holds latencies in [us, us+1) µs; record its middle.
+                let _ = h.record_n((us * 1000 + 500).max(1), n);
+            }
+        }
+    }
+    let (Some(min), Some(avg), Some(max)) = (min, avg, max) else {
+        return Err(bad(
+            "no '# Min/Avg/Max Latencies' lines (was -h given?)".into()
+        ));
+    };
+    if h.is_empty() {
+        return Err(bad("empty histogram".into()));
+    }
+    Ok(CyclictestResult {
+        latency: Percentiles::of(&h),
+        min_us: min,
+        avg_us: avg,
+        max_us: max,
+        overflows,
+        command: String::new(),
+    })
+}
+
+/// Options of `latency chain`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainLatencyOpts {
+    /// The chain's entry port (must have no incoming link while measuring).
+    pub entry: PortRef,
+    /// The chain's exit port (must have no outgoing link while measuring).
+    pub exit: PortRef,
+    /// Packets per second.
+    pub rate_pps: u64,
+    /// Packets to send.
+    pub packets: u64,
+    /// Frame size.
+    pub size: usize,
+    /// Worker index for the probe's generator and sink.
+    pub worker: usize,
+    /// Give up this long after the generator finished.
+    pub settle: Duration,
+}
+
+/// Result of `latency chain`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChainLatencyReport {
+    /// Sent packets.
+    pub sent: u64,
+    /// What the probe sink saw (latency, loss, reordering).
+    pub sink: SinkSummary,
+    /// Text histogram.
+    pub histogram: String,
+}
+
+/// `telvirt latency chain`: add a probe generator linked into `entry` and a probe sink linked
+/// from `exit` to a running panel, send `packets` at `rate_pps`, and remove the probe again
+/// (the rest of the graph is untouched). Progress counts packets received.
+pub fn chain(
+    panel: &mut PatchPanel,
+    opts: &ChainLatencyOpts,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ChainLatencyReport> {
+    let g = Generator::new(
+        GenConfig {
+            flows: 1,
+            sizes: vec![opts.size],
+            rate_pps: Some(opts.rate_pps),
+            count: Some(opts.packets),
+            batch: 32,
+        },
+        panel.pool().buf_size(),
+    )?;
+    let gstats = g.stats();
+    let sink = LatencySink::new(32);
+    let st = sink.state();
+    let before = panel.current_links();
+    let mut links = before.clone();
+    links.push(LinkSpec::new(
+        PortRef::new("probe-gen", "out"),
+        opts.entry.clone(),
+    ));
+    links.push(LinkSpec::new(
+        opts.exit.clone(),
+        PortRef::new("probe-sink", "in"),
+    ));
+    panel.add_node("probe-gen", &["out"], opts.worker, Box::new(g))?;
+    panel.add_node("probe-sink", &["in"], opts.worker, Box::new(sink))?;
+    let result = (|| -> Result<()> {
+        panel.apply(&links)?;
+        let mut last = (0u64, Instant::now());
+        loop {
+            let rx = st.lock().map(|s| s.received).unwrap_or(0);
+            if rx != last.0 {
+                last = (rx, Instant::now());
+                progress(rx, opts.packets);
+            }
+            if rx >= opts.packets
+                || (gstats.done.load(Ordering::Acquire) && last.1.elapsed() > opts.settle)
+            {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    })();
+    // Always remove the probe, even when applying failed.
+    let _ = panel.remove_node("probe-gen");
+    let _ = panel.remove_node("probe-sink");
+    result?;
+    let s = st.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(ChainLatencyReport {
+        sent: gstats.sent.load(Ordering::Relaxed),
+        sink: s.summary(),
+        histogram: crate::hist::render(&s.latency),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "# /dev/cpu_dma_latency set to 0us
+000000 000000
+000001 000000
+000002 000010
+000003 000080
+000004 000010
+# Total: 000000100
+# Min Latencies: 00002
+# Avg Latencies: 00003
+# Max Latencies: 00004
+# Histogram Overflows: 00000
+# Histogram Overflow at cycle number:
+# Thread 0:
+";
+
+    #[test]
+    fn parses_cyclictest_histogram() {
+        let r = parse_cyclictest(SAMPLE).unwrap();
+        assert_eq!(r.latency.count, 100);
+        assert!((r.latency.p50_us - 3.5).abs() < 0.05, "{:?}", r.latency);
+        assert_eq!(
+            (r.min_us, r.avg_us, r.max_us, r.overflows),
+            (2.0, 3.0, 4.0, 0)
+        );
+        let e = parse_cyclictest("T: 0 ( 1) P: 0 I:1000")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("Min/Avg/Max"), "{e}");
+    }
+
+    #[test]
+    fn bad_timer_options_are_precise() {
+        let ok = TimerOpts {
+            core: allowed_cores().unwrap()[0],
+            ..TimerOpts::default()
+        };
+        let cases = [
+            (
+                TimerOpts {
+                    core: 100_000,
+                    ..ok.clone()
+                },
+                "latency.core",
+            ),
+            (
+                TimerOpts {
+                    interval_us: 1,
+                    ..ok.clone()
+                },
+                "latency.interval_us",
+            ),
+            (
+                TimerOpts {
+                    loops: 0,
+                    ..ok.clone()
+                },
+                "latency.loops",
+            ),
+            (
+                TimerOpts {
+                    priority: Some(0),
+                    ..ok.clone()
+                },
+                "latency.priority",
+            ),
+        ];
+        for (o, want) in cases {
+            let e = timer(&o, &mut |_, _| {}).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn timer_measures_and_runs_cyclictest_on_the_same_core() {
+        let core = *allowed_cores().unwrap().last().unwrap();
+        let opts = TimerOpts {
+            core,
+            interval_us: 500,
+            loops: 400,
+            priority: None,
+            cyclictest: true,
+        };
+        let mut last = (0, 0);
+        let r = match timer(&opts, &mut |d, t| last = (d, t)) {
+            Err(Error::Tool { reason, .. }) if reason.contains("rt-tests") => {
+                panic!("cyclictest is missing: install the Debian package rt-tests")
+            }
+            other => other.unwrap(),
+        };
+        assert_eq!(last, (800, 800));
+        assert_eq!(r.telvirt.count, 400);
+        assert!(r.telvirt.min_us > 0.0 && r.telvirt.p50_us <= r.telvirt.max_us);
+        let c = r.cyclictest.as_ref().unwrap();
+        assert_eq!(c.latency.count + c.overflows, 400);
+        assert!(c.command.contains(&format!("-a{core}")));
+        assert!(r.median_ratio.is_some());
+    }
+}
