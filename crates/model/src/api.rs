@@ -1,0 +1,138 @@
+//! Shapes exchanged over the API that are not descriptors: authorities, hosts, problems, and the
+//! agent ↔ controller protocol.
+//!
+//! Owns the wire shapes only. It must not hold behaviour beyond small constructors.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::FieldError;
+use crate::lifecycle::{DesiredState, Phase, Placement};
+use crate::name::Name;
+use crate::vnf::VnfDescriptor;
+
+/// The name of the authority that sees and may act on everything.
+pub const ADMIN_AUTHORITY: &str = "admin";
+
+/// A management authority (operator, enterprise, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Authority {
+    pub name: Name,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// Body of `POST /v1/authorities`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateAuthority {
+    pub name: Name,
+}
+
+/// The answer to creating an authority: the only time the token is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct AuthorityToken {
+    pub name: Name,
+    pub token: String,
+}
+
+/// What one logical CPU of a host is used for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase", tag = "state")]
+pub enum CpuUse {
+    /// In the dedicated set and not allocated.
+    Free,
+    /// Kept for the host OS; never handed out.
+    Reserved,
+    /// The shared set: host OS, agents, emulator threads.
+    Shared,
+    /// Held by one VNF exclusively.
+    Dedicated { vnf: String },
+    /// Belongs to a shared group.
+    Group { group: String, vnfs: Vec<String> },
+    /// Kept empty as the SMT sibling of an isolated dedicated core.
+    Sibling { vnf: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CpuView {
+    /// Linux logical CPU number.
+    pub cpu: u32,
+    /// Physical core id within its socket.
+    pub core: u32,
+    pub socket: u32,
+    pub numa_node: u32,
+    #[serde(rename = "use")]
+    pub usage: CpuUse,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HugePageView {
+    /// Page size in bytes.
+    pub size: u64,
+    pub total: u64,
+    pub free: u64,
+}
+
+/// A host as the API shows it, with its core map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostView {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+    pub sockets: u32,
+    pub numa_nodes: u32,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub hugepages: Vec<HugePageView>,
+    /// Runtimes this host's agent can run (`vm`, `wasm`).
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    pub cpus: Vec<CpuView>,
+}
+
+/// An RFC 9457 problem document (`application/problem+json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the problem type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    /// The refused fields, when the problem is about input.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<FieldError>,
+}
+
+/// Body of `GET /v1/healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// What the controller asks one host's agent to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub vnf: Name,
+    pub descriptor: VnfDescriptor,
+    pub placement: Placement,
+    pub desired: DesiredState,
+    /// Locked VNFs are kept paused.
+    pub locked: bool,
+    pub generation: u64,
+}
+
+/// What an agent observed of one VNF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation {
+    pub vnf: Name,
+    pub phase: Phase,
+    pub reason: String,
+    /// The generation of the assignment this observation answers.
+    pub generation: u64,
+}

@@ -1,0 +1,292 @@
+//! telvirt's data model: descriptors, names, units, lifecycle records and API shapes.
+//!
+//! Plain data and pure functions. This crate must not do I/O, read clocks or spawn tasks: every
+//! other layer depends on it, and it stays testable with nothing but values.
+
+pub mod api;
+pub mod error;
+pub mod lifecycle;
+pub mod name;
+pub mod parse;
+pub mod units;
+pub mod vnf;
+
+pub use error::{FieldError, ModelError};
+pub use lifecycle::{DesiredState, Event, LockInfo, Phase, Placement, Role, Vnf};
+pub use name::{Name, NameError};
+pub use parse::{Format, from_text, parse_vnf};
+pub use units::{ByteSize, ByteSizeError};
+pub use vnf::{
+    ApiVersion, CpuPolicy, CpuSpec, EmulatorPolicy, MapKind, MapSpec, Metadata, NicSpec,
+    PlacementSpec, Redundancy, RuntimeKind, ThreadPolicy, VmSpec, VnfDescriptor, VnfKind, VnfSpec,
+    WasmEngine, WasmLimits, WasmSpec,
+};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIREWALL: &str = r#"
+apiVersion: telvirt/v1
+kind: Vnf
+metadata: { name: fw1 }
+spec:
+  runtime: wasm
+  cpu: { policy: dedicated, count: 1, numa_node: 0 }
+  ports: [in, out]
+  wasm:
+    module: examples/vnfs/firewall.wasm
+    engine: cranelift
+    limits: { memory: 16MiB }
+    maps: [ { name: rules, kind: hash, key_size: 16, value_size: 4, max_entries: 65536 } ]
+"#;
+
+    const VM: &str = r#"
+apiVersion: telvirt/v1
+kind: Vnf
+metadata: { name: upf1 }
+spec:
+  runtime: vm
+  cpu: { policy: dedicated, count: 2, thread_policy: isolate }
+  redundancy: active-standby
+  ports: [n3, n6]
+  vm:
+    memory: 512MiB
+    hugepages: 2MiB
+    emulator: isolate
+    nics: [ { port: n3 }, { port: n6 } ]
+"#;
+
+    fn yaml(text: &str) -> Result<VnfDescriptor, ModelError> {
+        parse_vnf(text.as_bytes(), Format::Yaml)
+    }
+
+    /// The single field error of a refused descriptor.
+    fn refused(text: &str) -> FieldError {
+        let err = yaml(text).expect_err("descriptor must be refused");
+        let fields = err.fields();
+        assert_eq!(fields.len(), 1, "expected one error, got {fields:?}");
+        fields[0].clone()
+    }
+
+    fn edit(base: &str, from: &str, to: &str) -> String {
+        assert!(base.contains(from), "test edit target missing: {from}");
+        base.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn sketch_descriptors_parse() {
+        let fw = yaml(FIREWALL).unwrap();
+        assert_eq!(fw.name().as_str(), "fw1");
+        let wasm = fw.spec.wasm.as_ref().unwrap();
+        assert_eq!(wasm.limits.memory.bytes(), 16 << 20);
+        assert_eq!(wasm.maps[0].max_entries, 65536);
+        let vm = yaml(VM).unwrap();
+        assert_eq!(vm.spec.redundancy, Redundancy::ActiveStandby);
+        assert_eq!(
+            vm.spec.vm.as_ref().unwrap().hugepages,
+            Some(ByteSize::mib(2))
+        );
+        assert_eq!(vm.spec.cpu.effective_count(), 2);
+    }
+
+    #[test]
+    fn json_and_yaml_give_the_same_descriptor() {
+        let fw = yaml(FIREWALL).unwrap();
+        let json = serde_json::to_vec(&fw).unwrap();
+        assert_eq!(Format::sniff(&json), Format::Json);
+        assert_eq!(parse_vnf(&json, Format::Json).unwrap(), fw);
+    }
+
+    #[test]
+    fn malformed_yaml_is_a_syntax_error() {
+        let err = yaml("apiVersion: telvirt/v1\nkind: [Vnf\n").unwrap_err();
+        assert!(matches!(err, ModelError::Syntax(_)), "{err:?}");
+    }
+
+    #[test]
+    fn malformed_json_names_line_and_column() {
+        let err = parse_vnf(b"{\"apiVersion\": \"telvirt/v1\",,}", Format::Json).unwrap_err();
+        assert!(matches!(err, ModelError::Syntax(_)), "{err:?}");
+        assert!(err.to_string().contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn empty_descriptor_is_refused() {
+        assert!(matches!(yaml("  \n"), Err(ModelError::Syntax(_))));
+    }
+
+    #[test]
+    fn unknown_field_is_refused_with_its_path() {
+        let e = refused(&edit(
+            FIREWALL,
+            "engine: cranelift",
+            "engine: cranelift\n    turbo: true",
+        ));
+        assert_eq!(e.path, "spec.wasm.turbo");
+        assert!(e.reason.contains("unknown field `turbo`"), "{}", e.reason);
+    }
+
+    #[test]
+    fn unknown_top_level_field_is_refused() {
+        let e = refused(&format!("{FIREWALL}status: {{}}\n"));
+        assert!(e.reason.contains("unknown field `status`"), "{e}");
+    }
+
+    #[test]
+    fn bad_unit_is_refused_with_its_path() {
+        let e = refused(&edit(FIREWALL, "memory: 16MiB", "memory: 16MB"));
+        assert_eq!(e.path, "spec.wasm.limits.memory");
+        assert!(e.reason.contains("valid units"), "{}", e.reason);
+    }
+
+    #[test]
+    fn zero_size_is_refused() {
+        let e = refused(&edit(VM, "memory: 512MiB", "memory: 0MiB"));
+        assert_eq!(e.path, "spec.vm.memory");
+        assert!(e.reason.contains("positive"), "{}", e.reason);
+    }
+
+    #[test]
+    fn negative_size_is_refused() {
+        let e = refused(&edit(VM, "memory: 512MiB", "memory: -512MiB"));
+        assert_eq!(e.path, "spec.vm.memory");
+        assert!(e.reason.contains("negative"), "{}", e.reason);
+    }
+
+    #[test]
+    fn negative_count_is_refused() {
+        let e = refused(&edit(FIREWALL, "count: 1", "count: -2"));
+        assert_eq!(e.path, "spec.cpu.count");
+    }
+
+    #[test]
+    fn zero_count_is_refused() {
+        let e = refused(&edit(FIREWALL, "count: 1", "count: 0"));
+        assert_eq!(e.path, "spec.cpu.count");
+        assert!(e.reason.contains("at least 1"));
+    }
+
+    #[test]
+    fn unknown_runtime_is_refused() {
+        let e = refused(&edit(FIREWALL, "runtime: wasm", "runtime: docker"));
+        assert_eq!(e.path, "spec.runtime");
+        assert!(
+            e.reason.contains("`vm`") && e.reason.contains("`wasm`"),
+            "{}",
+            e.reason
+        );
+    }
+
+    #[test]
+    fn invalid_name_is_refused() {
+        let e = refused(&edit(FIREWALL, "name: fw1", "name: Fw_1"));
+        assert_eq!(e.path, "metadata.name");
+        assert!(e.reason.contains("not a valid name"));
+    }
+
+    #[test]
+    fn wrong_api_version_is_refused() {
+        let e = refused(&edit(FIREWALL, "telvirt/v1", "telvirt/v9"));
+        assert_eq!(e.path, "apiVersion");
+        assert!(e.reason.contains("telvirt/v1"));
+    }
+
+    #[test]
+    fn runtime_block_must_match_runtime() {
+        // Both the missing vm block and the stray wasm block are reported.
+        let err = yaml(&edit(FIREWALL, "runtime: wasm", "runtime: vm")).unwrap_err();
+        let paths: Vec<_> = err.fields().iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["spec.vm", "spec.wasm"]);
+    }
+
+    #[test]
+    fn every_violation_is_reported() {
+        let text = edit(
+            &edit(FIREWALL, "count: 1", "count: 0"),
+            "ports: [in, out]",
+            "ports: [in, in]",
+        );
+        let err = yaml(&text).unwrap_err();
+        let paths: Vec<_> = err.fields().iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths, ["spec.cpu.count", "spec.ports[1]"]);
+    }
+
+    #[test]
+    fn shared_policy_needs_a_group() {
+        let e = refused(&edit(FIREWALL, "policy: dedicated", "policy: shared"));
+        assert_eq!(e.path, "spec.cpu.group");
+    }
+
+    #[test]
+    fn pinned_policy_needs_cores_matching_count() {
+        let e = refused(&edit(FIREWALL, "policy: dedicated", "policy: pinned"));
+        assert_eq!(e.path, "spec.cpu.cores");
+        let e = refused(&edit(
+            FIREWALL,
+            "policy: dedicated, count: 1",
+            "policy: pinned, count: 2, cores: [3]",
+        ));
+        assert_eq!(e.path, "spec.cpu.count");
+        let e = refused(&edit(
+            FIREWALL,
+            "policy: dedicated, count: 1",
+            "policy: pinned, cores: [3, 3]",
+        ));
+        assert!(e.reason.contains("more than once"));
+    }
+
+    #[test]
+    fn locality_rules_are_exclusive() {
+        let e = refused(&edit(
+            FIREWALL,
+            "numa_node: 0",
+            "numa_node: 0, near_nic: eth1",
+        ));
+        assert_eq!(e.path, "spec.cpu.near_nic");
+    }
+
+    #[test]
+    fn hugepage_size_must_be_real() {
+        let e = refused(&edit(VM, "hugepages: 2MiB", "hugepages: 4MiB"));
+        assert_eq!(e.path, "spec.vm.hugepages");
+        assert!(e.reason.contains("2MiB and 1GiB"));
+    }
+
+    #[test]
+    fn memory_must_fill_whole_hugepages() {
+        let e = refused(&edit(VM, "hugepages: 2MiB", "hugepages: 1GiB"));
+        assert_eq!(e.path, "spec.vm.memory");
+    }
+
+    #[test]
+    fn nic_must_name_a_port() {
+        let e = refused(&edit(VM, "{ port: n6 }", "{ port: n9 }"));
+        assert_eq!(e.path, "spec.vm.nics[1].port");
+    }
+
+    #[test]
+    fn map_rules_are_checked() {
+        let e = refused(&edit(FIREWALL, "key_size: 16", "key_size: 0"));
+        assert_eq!(e.path, "spec.wasm.maps[0].key_size");
+        let e = refused(&edit(
+            FIREWALL,
+            "kind: hash, key_size: 16",
+            "kind: array, key_size: 16",
+        ));
+        assert_eq!(e.path, "spec.wasm.maps[0].key_size");
+    }
+
+    #[test]
+    fn wasm_memory_must_be_whole_pages() {
+        let e = refused(&edit(FIREWALL, "memory: 16MiB", "memory: 1000B"));
+        assert_eq!(e.path, "spec.wasm.limits.memory");
+    }
+
+    #[test]
+    fn policy_fields_belong_to_their_policy() {
+        let e = refused(&edit(FIREWALL, "count: 1,", "count: 1, group: g1,"));
+        assert_eq!(e.path, "spec.cpu.group");
+        assert!(e.reason.contains("policy: shared"));
+    }
+}

@@ -1,0 +1,179 @@
+//! VNF lifecycle: phases, the transitions between them, and the records the control plane keeps.
+//!
+//! Owns which phase may follow which (Pending → Scheduled → Starting → Running ⇄ Locked →
+//! Stopping → Stopped, or Failed with a reason) and the shapes of the stored VNF and its events.
+//! It must not decide *when* a transition happens: the controller and the agent do.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::name::Name;
+use crate::vnf::VnfDescriptor;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "PascalCase")]
+pub enum Phase {
+    /// Accepted and stored; not yet placed.
+    Pending,
+    /// Host and cores chosen.
+    Scheduled,
+    /// The runtime is starting it.
+    Starting,
+    Running,
+    /// Paused by its owner's lock.
+    Locked,
+    Stopping,
+    Stopped,
+    /// Something went wrong; the reason says what.
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Scheduled => "Scheduled",
+            Phase::Starting => "Starting",
+            Phase::Running => "Running",
+            Phase::Locked => "Locked",
+            Phase::Stopping => "Stopping",
+            Phase::Stopped => "Stopped",
+            Phase::Failed => "Failed",
+        }
+    }
+
+    /// Whether `self → next` is a lifecycle step. Staying in a phase is not a transition.
+    pub fn can_become(self, next: Phase) -> bool {
+        use Phase::*;
+        matches!(
+            (self, next),
+            (Pending, Scheduled | Failed | Stopped)
+                | (Scheduled, Starting | Failed | Stopped | Pending)
+                | (Starting, Running | Failed | Stopping)
+                | (Running, Locked | Stopping | Failed | Starting)
+                | (Locked, Running | Stopping | Failed)
+                | (Stopping, Stopped | Failed)
+                | (Stopped, Starting | Pending | Failed)
+                | (Failed, Starting | Pending | Stopped | Stopping)
+        )
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What the owner wants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "PascalCase")]
+pub enum DesiredState {
+    Running,
+    Stopped,
+}
+
+/// The management authority's lock on a VNF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LockInfo {
+    /// The authority that locked it.
+    pub by: Name,
+    /// RFC 3339 time of the lock.
+    pub at: String,
+}
+
+/// Role of one instance of a VNF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// The only instance, or the active one of an active-standby pair.
+    Active,
+    Standby,
+}
+
+/// Where one instance runs: host and the exact CPUs it holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Placement {
+    pub role: Role,
+    pub host: String,
+    /// Linux logical CPU numbers, one per vCPU or worker, in order.
+    pub cpus: Vec<u32>,
+    /// Where the emulator (QEMU's own threads) runs; empty for wasm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub emulator_cpus: Vec<u32>,
+    /// NUMA nodes the CPUs lie on.
+    #[serde(default)]
+    pub numa_nodes: Vec<u32>,
+    /// Whether the CPUs are held exclusively (dedicated/pinned) or shared with a group.
+    pub exclusive: bool,
+}
+
+/// A VNF as the control plane keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Vnf {
+    pub name: Name,
+    /// The authority that created it and owns it.
+    pub owner: Name,
+    pub descriptor: VnfDescriptor,
+    pub desired: DesiredState,
+    pub phase: Phase,
+    /// Why it is in this phase (always set for Failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockInfo>,
+    #[serde(default)]
+    pub placements: Vec<Placement>,
+    /// Bumped on every change of desired state, lock or placement.
+    pub generation: u64,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub updated_at: String,
+}
+
+/// One lifecycle step of a VNF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    /// Per-VNF sequence number, from 1.
+    pub seq: u64,
+    pub vnf: Name,
+    /// RFC 3339.
+    pub at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Phase>,
+    pub to: Phase,
+    pub reason: String,
+    /// Who caused it: an authority name, `scheduler`, or `agent/<host>`.
+    pub actor: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn main_path_is_allowed() {
+        use Phase::*;
+        let path = [
+            Pending, Scheduled, Starting, Running, Locked, Running, Stopping, Stopped,
+        ];
+        for pair in path.windows(2) {
+            assert!(pair[0].can_become(pair[1]), "{} -> {}", pair[0], pair[1]);
+        }
+    }
+
+    #[test]
+    fn shortcuts_are_refused() {
+        use Phase::*;
+        for (from, to) in [
+            (Pending, Running),
+            (Stopped, Running),
+            (Locked, Stopped),
+            (Running, Pending),
+            (Running, Running),
+        ] {
+            assert!(!from.can_become(to), "{from} -> {to} must be refused");
+        }
+    }
+}

@@ -1,0 +1,561 @@
+//! The VNF descriptor, v1 (`apiVersion: telvirt/v1`, `kind: Vnf`).
+//!
+//! Owns the descriptor's shape (strict: unknown fields are errors) and its semantic rules, which
+//! report every violation with the field path. It must not look at files, hosts or the store:
+//! whether a module file exists or a core is free is decided by the layers that own those facts.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::error::FieldError;
+use crate::name::Name;
+use crate::units::ByteSize;
+
+/// `apiVersion` of every telvirt descriptor of this version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ApiVersion {
+    #[serde(rename = "telvirt/v1")]
+    V1,
+}
+
+/// `kind: Vnf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum VnfKind {
+    Vnf,
+}
+
+/// A VNF descriptor: what the operator asks for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VnfDescriptor {
+    #[serde(rename = "apiVersion")]
+    pub api_version: ApiVersion,
+    pub kind: VnfKind,
+    pub metadata: Metadata,
+    pub spec: VnfSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: Name,
+    /// Free-form labels (`role: edge`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Which kind of virtual machine runs the VNF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// A full guest OS in a QEMU process.
+    Vm,
+    /// Verified WebAssembly service logic on a pinned worker thread.
+    Wasm,
+}
+
+impl RuntimeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::Vm => "vm",
+            RuntimeKind::Wasm => "wasm",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VnfSpec {
+    pub runtime: RuntimeKind,
+    #[serde(default)]
+    pub cpu: CpuSpec,
+    #[serde(default)]
+    pub redundancy: Redundancy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<PlacementSpec>,
+    /// Named packet ports of the VNF (`[in, out]`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmSpec>,
+}
+
+/// How physical cores are given to the VNF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuPolicy {
+    /// Each vCPU or worker gets its own physical core, exclusively.
+    #[default]
+    Dedicated,
+    /// Light vCPUs share one physical core that belongs to a named group alone.
+    Shared,
+    /// Exact Linux logical CPU numbers.
+    Pinned,
+}
+
+/// What happens to the SMT sibling of a dedicated core.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreadPolicy {
+    /// Use what fits.
+    #[default]
+    Prefer,
+    /// Keep the sibling thread empty.
+    Isolate,
+    /// Place vCPUs on sibling pairs.
+    Require,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CpuSpec {
+    #[serde(default)]
+    pub policy: CpuPolicy,
+    /// vCPUs (vm) or worker threads (wasm); 1 when omitted. For `pinned` it equals `cores`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_policy: Option<ThreadPolicy>,
+    /// Shared-core group (policy `shared`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<Name>,
+    /// Linux logical CPU numbers (policy `pinned`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cores: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa_node: Option<u32>,
+    /// Keep every core on the NUMA node of this host NIC.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near_nic: Option<String>,
+}
+
+impl CpuSpec {
+    /// Number of vCPUs or workers this spec asks for.
+    pub fn effective_count(&self) -> u32 {
+        match (&self.cores, self.count) {
+            (Some(cores), _) if self.policy == CpuPolicy::Pinned => {
+                u32::try_from(cores.len()).unwrap_or(u32::MAX)
+            }
+            (_, Some(n)) => n,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Redundancy {
+    #[default]
+    None,
+    /// An active instance and a standby on another host.
+    ActiveStandby,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSpec {
+    /// Put ACT and SBY in different `zone` labels.
+    #[serde(default)]
+    pub zone_anti_affinity: bool,
+}
+
+/// The wasm engine a module runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum WasmEngine {
+    /// Native code through Cranelift.
+    #[default]
+    Cranelift,
+    /// Wasmtime's portable interpreter.
+    Pulley,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WasmSpec {
+    /// Path of the `.wasm` module on the node.
+    pub module: String,
+    #[serde(default)]
+    pub engine: WasmEngine,
+    #[serde(default)]
+    pub limits: WasmLimits,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maps: Vec<MapSpec>,
+    /// Key/value configuration handed to the module's init export.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WasmLimits {
+    /// Linear-memory cap; a multiple of the 64KiB wasm page.
+    #[serde(default = "default_wasm_memory")]
+    pub memory: ByteSize,
+}
+
+fn default_wasm_memory() -> ByteSize {
+    ByteSize::mib(16)
+}
+
+impl Default for WasmLimits {
+    fn default() -> Self {
+        Self {
+            memory: default_wasm_memory(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MapKind {
+    Hash,
+    Array,
+    LruHash,
+}
+
+/// A runtime-owned map: the VNF's state, kept apart from its code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapSpec {
+    pub name: Name,
+    pub kind: MapKind,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+/// Where QEMU's own (non-vCPU) threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EmulatorPolicy {
+    /// On the host's shared set.
+    #[default]
+    Share,
+    /// On one extra dedicated core.
+    Isolate,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Guest RAM, a multiple of 1MiB (and of the huge page size when huge pages are used).
+    pub memory: ByteSize,
+    /// Back guest RAM with pre-allocated huge pages of this size: 2MiB or 1GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugepages: Option<ByteSize>,
+    #[serde(default)]
+    pub emulator: EmulatorPolicy,
+    /// Guest kernel; the project's default guest when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Boot disk image (raw or qcow2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicSpec>,
+    /// Lock guest memory in host RAM (mlock).
+    #[serde(default)]
+    pub lock_memory: bool,
+    /// Back guest RAM with shared memfd memory (needed by vhost-user links).
+    #[serde(default)]
+    pub shared_memory: bool,
+    /// SCHED_FIFO for vCPU threads where the host permits it.
+    #[serde(default)]
+    pub realtime: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NicSpec {
+    /// One of the VNF's `ports`.
+    pub port: Name,
+}
+
+/// Upper bounds that keep one descriptor from asking for absurd amounts.
+pub mod limits {
+    pub const MAX_CPUS: u32 = 1024;
+    pub const MAX_KEY_SIZE: u32 = 1024;
+    pub const MAX_VALUE_SIZE: u32 = 64 * 1024;
+    pub const MAX_MAP_ENTRIES: u32 = 1 << 24;
+    pub const WASM_PAGE: u64 = 64 * 1024;
+}
+
+impl VnfDescriptor {
+    pub fn name(&self) -> &Name {
+        &self.metadata.name
+    }
+
+    /// Every semantic rule the types alone cannot express; all violations, each with its path.
+    pub fn violations(&self) -> Vec<FieldError> {
+        let mut out = Vec::new();
+        let spec = &self.spec;
+        check_runtime_blocks(spec, &mut out);
+        check_cpu(&spec.cpu, &mut out);
+        let ports = check_ports(&spec.ports, &mut out);
+        if let Some(wasm) = &spec.wasm {
+            check_wasm(wasm, &mut out);
+        }
+        if let Some(vm) = &spec.vm {
+            check_vm(vm, &ports, &mut out);
+        }
+        if spec
+            .placement
+            .as_ref()
+            .is_some_and(|p| p.zone_anti_affinity)
+            && spec.redundancy != Redundancy::ActiveStandby
+        {
+            out.push(FieldError::new(
+                "spec.placement.zone_anti_affinity",
+                "only applies to redundancy: active-standby",
+            ));
+        }
+        out
+    }
+}
+
+fn check_runtime_blocks(spec: &VnfSpec, out: &mut Vec<FieldError>) {
+    match spec.runtime {
+        RuntimeKind::Wasm => {
+            if spec.wasm.is_none() {
+                out.push(FieldError::new(
+                    "spec.wasm",
+                    "is required when runtime is wasm",
+                ));
+            }
+            if spec.vm.is_some() {
+                out.push(FieldError::new(
+                    "spec.vm",
+                    "must be absent when runtime is wasm",
+                ));
+            }
+        }
+        RuntimeKind::Vm => {
+            if spec.vm.is_none() {
+                out.push(FieldError::new("spec.vm", "is required when runtime is vm"));
+            }
+            if spec.wasm.is_some() {
+                out.push(FieldError::new(
+                    "spec.wasm",
+                    "must be absent when runtime is vm",
+                ));
+            }
+        }
+    }
+}
+
+fn check_cpu(cpu: &CpuSpec, out: &mut Vec<FieldError>) {
+    if let Some(count) = cpu.count {
+        if count == 0 {
+            out.push(FieldError::new("spec.cpu.count", "must be at least 1"));
+        } else if count > limits::MAX_CPUS {
+            out.push(FieldError::new(
+                "spec.cpu.count",
+                format!("{count} is more than {}", limits::MAX_CPUS),
+            ));
+        }
+    }
+    match cpu.policy {
+        CpuPolicy::Dedicated => {
+            forbid(cpu.group.is_some(), "spec.cpu.group", "policy: shared", out);
+            forbid(cpu.cores.is_some(), "spec.cpu.cores", "policy: pinned", out);
+        }
+        CpuPolicy::Shared => {
+            if cpu.group.is_none() {
+                out.push(FieldError::new(
+                    "spec.cpu.group",
+                    "is required with policy: shared (the group whose core the vCPUs share)",
+                ));
+            }
+            forbid(cpu.cores.is_some(), "spec.cpu.cores", "policy: pinned", out);
+            forbid(
+                cpu.thread_policy.is_some(),
+                "spec.cpu.thread_policy",
+                "policy: dedicated",
+                out,
+            );
+        }
+        CpuPolicy::Pinned => {
+            forbid(cpu.group.is_some(), "spec.cpu.group", "policy: shared", out);
+            forbid(
+                cpu.thread_policy.is_some(),
+                "spec.cpu.thread_policy",
+                "policy: dedicated",
+                out,
+            );
+            match &cpu.cores {
+                None => out.push(FieldError::new(
+                    "spec.cpu.cores",
+                    "is required with policy: pinned (Linux logical CPU numbers)",
+                )),
+                Some(cores) if cores.is_empty() => out.push(FieldError::new(
+                    "spec.cpu.cores",
+                    "must list at least one core",
+                )),
+                Some(cores) => {
+                    let unique: BTreeSet<_> = cores.iter().collect();
+                    if unique.len() != cores.len() {
+                        out.push(FieldError::new(
+                            "spec.cpu.cores",
+                            "lists a core more than once",
+                        ));
+                    }
+                    if let Some(count) = cpu.count
+                        && usize::try_from(count).ok() != Some(cores.len())
+                    {
+                        out.push(FieldError::new(
+                            "spec.cpu.count",
+                            format!(
+                                "is {count} but cores lists {}; omit count or make them equal",
+                                cores.len()
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if cpu.numa_node.is_some() && cpu.near_nic.is_some() {
+        out.push(FieldError::new(
+            "spec.cpu.near_nic",
+            "cannot be combined with numa_node; give one locality rule",
+        ));
+    }
+    if cpu.near_nic.as_deref().is_some_and(|n| n.trim().is_empty()) {
+        out.push(FieldError::new(
+            "spec.cpu.near_nic",
+            "must name a host interface",
+        ));
+    }
+}
+
+fn forbid(present: bool, path: &str, belongs_to: &str, out: &mut Vec<FieldError>) {
+    if present {
+        out.push(FieldError::new(
+            path,
+            format!("only applies to {belongs_to}"),
+        ));
+    }
+}
+
+fn check_ports<'a>(ports: &'a [Name], out: &mut Vec<FieldError>) -> BTreeSet<&'a Name> {
+    let mut seen = BTreeSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        if !seen.insert(port) {
+            out.push(FieldError::new(
+                format!("spec.ports[{i}]"),
+                format!("port '{port}' is listed twice"),
+            ));
+        }
+    }
+    seen
+}
+
+fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
+    if wasm.module.trim().is_empty() {
+        out.push(FieldError::new(
+            "spec.wasm.module",
+            "must name a .wasm file",
+        ));
+    }
+    if wasm.limits.memory.bytes() % limits::WASM_PAGE != 0 {
+        out.push(FieldError::new(
+            "spec.wasm.limits.memory",
+            format!(
+                "{} is not a multiple of the 64KiB wasm page",
+                wasm.limits.memory
+            ),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    for (i, map) in wasm.maps.iter().enumerate() {
+        let at = |field: &str| format!("spec.wasm.maps[{i}].{field}");
+        if !names.insert(&map.name) {
+            out.push(FieldError::new(
+                at("name"),
+                format!("map '{}' is declared twice", map.name),
+            ));
+        }
+        let bounded = [
+            ("key_size", map.key_size, limits::MAX_KEY_SIZE),
+            ("value_size", map.value_size, limits::MAX_VALUE_SIZE),
+            ("max_entries", map.max_entries, limits::MAX_MAP_ENTRIES),
+        ];
+        for (field, value, max) in bounded {
+            if value == 0 || value > max {
+                out.push(FieldError::new(
+                    at(field),
+                    format!("{value} is outside 1..={max}"),
+                ));
+            }
+        }
+        if map.kind == MapKind::Array && map.key_size != 4 {
+            out.push(FieldError::new(
+                at("key_size"),
+                format!(
+                    "an array map is indexed by a 4-byte index, so key_size must be 4 (got {})",
+                    map.key_size
+                ),
+            ));
+        }
+    }
+}
+
+fn check_vm(vm: &VmSpec, ports: &BTreeSet<&Name>, out: &mut Vec<FieldError>) {
+    const MIB: u64 = 1 << 20;
+    if vm.memory.bytes() % MIB != 0 {
+        out.push(FieldError::new(
+            "spec.vm.memory",
+            format!("{} is not a whole number of MiB", vm.memory),
+        ));
+    } else if vm.memory.bytes() < 16 * MIB {
+        out.push(FieldError::new(
+            "spec.vm.memory",
+            format!("{} is below the 16MiB minimum", vm.memory),
+        ));
+    }
+    if let Some(page) = vm.hugepages {
+        if page.bytes() != 2 * MIB && page.bytes() != 1 << 30 {
+            out.push(FieldError::new(
+                "spec.vm.hugepages",
+                format!("{page} is not a huge page size; valid sizes are 2MiB and 1GiB"),
+            ));
+        } else if vm.memory.bytes() % page.bytes() != 0 {
+            out.push(FieldError::new(
+                "spec.vm.memory",
+                format!("{} is not a multiple of the {page} huge page", vm.memory),
+            ));
+        }
+    }
+    for (path, value) in [
+        ("spec.vm.kernel", &vm.kernel),
+        ("spec.vm.initrd", &vm.initrd),
+        ("spec.vm.disk", &vm.disk),
+    ] {
+        if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            out.push(FieldError::new(path, "must not be empty when given"));
+        }
+    }
+    if vm.initrd.is_some() && vm.kernel.is_none() {
+        out.push(FieldError::new(
+            "spec.vm.initrd",
+            "needs spec.vm.kernel: an initrd is booted with its kernel",
+        ));
+    }
+    for (i, nic) in vm.nics.iter().enumerate() {
+        if !ports.contains(&nic.port) {
+            out.push(FieldError::new(
+                format!("spec.vm.nics[{i}].port"),
+                format!("'{}' is not one of spec.ports", nic.port),
+            ));
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The control plane's memory: a revisioned key/value store with transactions, watches and leases.
+//!
+//! Owns the `Store` trait (shaped after etcd's v3 API so a cluster backend slots in without
+//! touching callers) and the embedded backend, a redb file. It must not know what the keys mean:
+//! VNFs, hosts and authorities are the controller's business.
+
+mod redb_store;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+pub use redb_store::RedbStore;
+
+/// A lease id; keys attached to a lease vanish when it expires or is revoked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LeaseId(pub u64);
+
+/// A stored value with its revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: Vec<u8>,
+    /// Store revision of the last write to this key.
+    pub mod_revision: u64,
+    /// Store revision at which the key was created.
+    pub create_revision: u64,
+    pub lease: Option<LeaseId>,
+}
+
+/// A condition of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Compare {
+    /// The key's `mod_revision` equals this; `0` means the key must not exist.
+    ModRevision { key: String, revision: u64 },
+}
+
+/// A write of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: String,
+    },
+}
+
+/// The outcome of a transaction: whether every compare held (and so every op was applied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnOutcome {
+    pub succeeded: bool,
+    /// The store revision after the transaction.
+    pub revision: u64,
+}
+
+/// A change seen by a watch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put {
+        key: String,
+        value: Vec<u8>,
+        revision: u64,
+    },
+    Delete {
+        key: String,
+        revision: u64,
+    },
+    /// The watcher fell behind and missed changes: list again.
+    Resync,
+}
+
+impl WatchEvent {
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            WatchEvent::Put { key, .. } | WatchEvent::Delete { key, .. } => Some(key),
+            WatchEvent::Resync => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: Box<redb::DatabaseError>,
+    },
+    #[error("store I/O failed: {0}")]
+    Backend(String),
+    #[error("lease {0} does not exist or has expired")]
+    NoLease(u64),
+    #[error("stored record {key} is corrupt: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+macro_rules! backend_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Backend(e.to_string())
+            }
+        }
+    )*};
+}
+backend_error!(
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+/// A stream of changes under a key prefix.
+pub struct Watch {
+    prefix: String,
+    rx: tokio::sync::broadcast::Receiver<WatchEvent>,
+}
+
+impl Watch {
+    pub(crate) fn new(prefix: String, rx: tokio::sync::broadcast::Receiver<WatchEvent>) -> Self {
+        Self { prefix, rx }
+    }
+
+    /// The next change under the prefix; `None` once the store is gone.
+    pub async fn next(&mut self) -> Option<WatchEvent> {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match self.rx.recv().await {
+                Ok(event) => match event.key() {
+                    Some(key) if !key.starts_with(&self.prefix) => continue,
+                    _ => return Some(event),
+                },
+                Err(RecvError::Lagged(_)) => return Some(WatchEvent::Resync),
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// get / put / compare-and-swap / watch / lease over a revisioned key space.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+
+    /// Every key starting with `prefix`, in key order.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+
+    /// Applies every op atomically if every compare holds; otherwise changes nothing.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError>;
+
+    /// Changes under `prefix` from now on.
+    async fn watch(&self, prefix: &str) -> Result<Watch, StoreError>;
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
+
+    /// Pushes the lease's expiry `ttl` into the future.
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Ends the lease now and deletes its keys.
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
+        let op = Op::Put {
+            key: key.to_owned(),
+            value,
+            lease: None,
+        };
+        Ok(self.txn(Vec::new(), vec![op]).await?.revision)
+    }
+
+    /// Writes `value` only if the key's `mod_revision` is `expected` (`0`: only if absent).
+    /// Returns whether it was written.
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expected: u64,
+        value: Vec<u8>,
+    ) -> Result<bool, StoreError> {
+        let compare = Compare::ModRevision {
+            key: key.to_owned(),
+            revision: expected,
+        };
+        let op = Op::Put {
+            key: key.to_owned(),
+            value,
+            lease: None,
+        };
+        Ok(self.txn(vec![compare], vec![op]).await?.succeeded)
+    }
+
+    async fn delete(&self, key: &str) -> Result<u64, StoreError> {
+        let op = Op::Delete {
+            key: key.to_owned(),
+        };
+        Ok(self.txn(Vec::new(), vec![op]).await?.revision)
+    }
+}

@@ -1,0 +1,311 @@
+//! The embedded backend: one redb file, durable on every commit.
+//!
+//! Owns the on-disk layout (a `kv` table of revisioned records, a `meta` table with the store
+//! revision and lease counter, a `leases` table) and lease expiry. It must not hold a write
+//! transaction across an await point, and it must not acknowledge a write before redb has
+//! committed it durably: an acknowledged write survives `kill -9`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::broadcast;
+
+use crate::{Compare, LeaseId, Op, Store, StoreError, TxnOutcome, Versioned, Watch, WatchEvent};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// lease id → (ttl ms, deadline as unix ms), 16 bytes little-endian.
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+
+const REVISION: &str = "revision";
+const NEXT_LEASE: &str = "next_lease";
+const HEADER: usize = 24;
+
+/// A redb-backed store.
+pub struct RedbStore {
+    db: Database,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// Record layout: mod_revision, create_revision, lease (0 = none), then the value.
+fn encode(mod_rev: u64, create_rev: u64, lease: Option<LeaseId>, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER + value.len());
+    out.extend_from_slice(&mod_rev.to_le_bytes());
+    out.extend_from_slice(&create_rev.to_le_bytes());
+    out.extend_from_slice(&lease.map_or(0, |l| l.0).to_le_bytes());
+    out.extend_from_slice(value);
+    out
+}
+
+fn decode(key: &str, raw: &[u8]) -> Result<Versioned, StoreError> {
+    let word = |i: usize| -> Result<u64, StoreError> {
+        raw.get(i * 8..i * 8 + 8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| StoreError::Corrupt {
+                key: key.to_owned(),
+                why: format!("record of {} bytes is shorter than its header", raw.len()),
+            })
+    };
+    let lease = word(2)?;
+    Ok(Versioned {
+        mod_revision: word(0)?,
+        create_revision: word(1)?,
+        lease: (lease != 0).then_some(LeaseId(lease)),
+        value: raw[HEADER..].to_vec(),
+    })
+}
+
+fn lease_record(ttl_ms: u64, deadline_ms: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&ttl_ms.to_le_bytes());
+    out[8..].copy_from_slice(&deadline_ms.to_le_bytes());
+    out
+}
+
+fn lease_fields(raw: &[u8]) -> (u64, u64) {
+    let half = |r: std::ops::Range<usize>| {
+        raw.get(r)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    (half(0..8), half(8..16))
+}
+
+impl RedbStore {
+    /// Opens (creating if needed) the store file at `path`. Inside a tokio runtime it also starts
+    /// the task that expires leases.
+    pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError::Open {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        })?;
+        {
+            let txn = db.begin_write()?;
+            txn.open_table(KV)?;
+            txn.open_table(META)?;
+            txn.open_table(LEASES)?;
+            txn.commit()?;
+        }
+        let (events, _) = broadcast::channel(4096);
+        let store = Arc::new(Self { db, events });
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&store);
+            handle.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tick.tick().await;
+                    let Some(store) = weak.upgrade() else { break };
+                    // A failed sweep is retried on the next tick.
+                    let _ = store.expire_leases(now_ms());
+                }
+            });
+        }
+        Ok(store)
+    }
+
+    /// Deletes the keys of every lease whose deadline is before `now`; returns how many leases.
+    pub fn expire_leases(&self, now: u64) -> Result<usize, StoreError> {
+        let expired: Vec<u64> = {
+            let txn = self.db.begin_read()?;
+            let leases = txn.open_table(LEASES)?;
+            let mut out = Vec::new();
+            for entry in leases.iter()? {
+                let (id, raw) = entry?;
+                if lease_fields(raw.value()).1 < now {
+                    out.push(id.value());
+                }
+            }
+            out
+        };
+        for id in &expired {
+            self.drop_lease(LeaseId(*id))?;
+        }
+        Ok(expired.len())
+    }
+
+    fn drop_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut events = Vec::new();
+        {
+            let mut kv = txn.open_table(KV)?;
+            let mut meta = txn.open_table(META)?;
+            let mut leases = txn.open_table(LEASES)?;
+            if leases.remove(lease.0)?.is_none() {
+                return Err(StoreError::NoLease(lease.0));
+            }
+            let mut doomed = Vec::new();
+            for entry in kv.iter()? {
+                let (key, raw) = entry?;
+                if decode(key.value(), raw.value())?.lease == Some(lease) {
+                    doomed.push(key.value().to_owned());
+                }
+            }
+            if !doomed.is_empty() {
+                let revision = meta.get(REVISION)?.map_or(0, |v| v.value()) + 1;
+                for key in doomed {
+                    kv.remove(key.as_str())?;
+                    events.push(WatchEvent::Delete { key, revision });
+                }
+                meta.insert(REVISION, revision)?;
+            }
+        }
+        txn.commit()?;
+        for event in events {
+            let _ = self.events.send(event);
+        }
+        Ok(())
+    }
+
+    fn apply(&self, compares: &[Compare], ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+        let txn = self.db.begin_write()?;
+        let mut events = Vec::with_capacity(ops.len());
+        let outcome = {
+            let mut kv = txn.open_table(KV)?;
+            let mut meta = txn.open_table(META)?;
+            let leases = txn.open_table(LEASES)?;
+            let current = meta.get(REVISION)?.map_or(0, |v| v.value());
+            for compare in compares {
+                let Compare::ModRevision { key, revision } = compare;
+                let actual = match kv.get(key.as_str())? {
+                    Some(raw) => decode(key, raw.value())?.mod_revision,
+                    None => 0,
+                };
+                if actual != *revision {
+                    return Ok(TxnOutcome {
+                        succeeded: false,
+                        revision: current,
+                    });
+                }
+            }
+            if ops.is_empty() {
+                return Ok(TxnOutcome {
+                    succeeded: true,
+                    revision: current,
+                });
+            }
+            let revision = current + 1;
+            for op in ops {
+                match op {
+                    Op::Put { key, value, lease } => {
+                        if let Some(l) = lease
+                            && leases.get(l.0)?.is_none()
+                        {
+                            return Err(StoreError::NoLease(l.0));
+                        }
+                        let create = match kv.get(key.as_str())? {
+                            Some(raw) => decode(&key, raw.value())?.create_revision,
+                            None => revision,
+                        };
+                        kv.insert(
+                            key.as_str(),
+                            encode(revision, create, lease, &value).as_slice(),
+                        )?;
+                        events.push(WatchEvent::Put {
+                            key,
+                            value,
+                            revision,
+                        });
+                    }
+                    Op::Delete { key } => {
+                        if kv.remove(key.as_str())?.is_some() {
+                            events.push(WatchEvent::Delete { key, revision });
+                        }
+                    }
+                }
+            }
+            meta.insert(REVISION, revision)?;
+            TxnOutcome {
+                succeeded: true,
+                revision,
+            }
+        };
+        txn.commit()?;
+        for event in events {
+            // No watcher is not an error.
+            let _ = self.events.send(event);
+        }
+        Ok(outcome)
+    }
+}
+
+#[async_trait]
+impl Store for RedbStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let kv = txn.open_table(KV)?;
+        kv.get(key)?.map(|raw| decode(key, raw.value())).transpose()
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let kv = txn.open_table(KV)?;
+        let mut out = Vec::new();
+        for entry in kv.range(prefix..)? {
+            let (key, raw) = entry?;
+            let key = key.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push((key.to_owned(), decode(key, raw.value())?));
+        }
+        Ok(out)
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+        self.apply(&compares, ops)
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
+        Ok(Watch::new(prefix.to_owned(), self.events.subscribe()))
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let txn = self.db.begin_write()?;
+        let id = {
+            let mut meta = txn.open_table(META)?;
+            let mut leases = txn.open_table(LEASES)?;
+            let id = meta.get(NEXT_LEASE)?.map_or(1, |v| v.value());
+            meta.insert(NEXT_LEASE, id + 1)?;
+            leases.insert(
+                id,
+                lease_record(ttl_ms, now_ms().saturating_add(ttl_ms)).as_slice(),
+            )?;
+            id
+        };
+        txn.commit()?;
+        Ok(LeaseId(id))
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut leases = txn.open_table(LEASES)?;
+            let ttl = match leases.get(lease.0)? {
+                Some(raw) => lease_fields(raw.value()).0,
+                None => return Err(StoreError::NoLease(lease.0)),
+            };
+            leases.insert(
+                lease.0,
+                lease_record(ttl, now_ms().saturating_add(ttl)).as_slice(),
+            )?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.drop_lease(lease)
+    }
+}

@@ -1,0 +1,231 @@
+//! The embedded store against the `Store` contract, on real redb files.
+
+use std::time::{Duration, Instant};
+
+use telvirt_store::{Compare, Op, RedbStore, Store, WatchEvent};
+
+fn temp_store() -> (tempfile::TempDir, std::sync::Arc<RedbStore>) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+    (dir, store)
+}
+
+#[tokio::test]
+async fn put_get_list_delete() {
+    let (_dir, store) = temp_store();
+    assert!(store.get("/a").await.unwrap().is_none());
+    let r1 = store.put("/vnfs/fw1", b"one".to_vec()).await.unwrap();
+    let r2 = store.put("/vnfs/nat1", b"two".to_vec()).await.unwrap();
+    store.put("/hosts/h1", b"h".to_vec()).await.unwrap();
+    assert!(r2 > r1);
+    let got = store.get("/vnfs/fw1").await.unwrap().unwrap();
+    assert_eq!(got.value, b"one");
+    assert_eq!(got.mod_revision, r1);
+    let listed = store.list("/vnfs/").await.unwrap();
+    let keys: Vec<_> = listed.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(keys, ["/vnfs/fw1", "/vnfs/nat1"]);
+    store.delete("/vnfs/fw1").await.unwrap();
+    assert!(store.get("/vnfs/fw1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn create_revision_survives_updates() {
+    let (_dir, store) = temp_store();
+    let created = store.put("/k", b"1".to_vec()).await.unwrap();
+    let updated = store.put("/k", b"2".to_vec()).await.unwrap();
+    let got = store.get("/k").await.unwrap().unwrap();
+    assert_eq!(got.create_revision, created);
+    assert_eq!(got.mod_revision, updated);
+}
+
+#[tokio::test]
+async fn compare_and_swap_only_writes_on_expected_revision() {
+    let (_dir, store) = temp_store();
+    assert!(
+        store
+            .compare_and_swap("/k", 0, b"first".to_vec())
+            .await
+            .unwrap()
+    );
+    // A second create-if-absent loses.
+    assert!(
+        !store
+            .compare_and_swap("/k", 0, b"second".to_vec())
+            .await
+            .unwrap()
+    );
+    let rev = store.get("/k").await.unwrap().unwrap().mod_revision;
+    assert!(
+        !store
+            .compare_and_swap("/k", rev + 7, b"stale".to_vec())
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .compare_and_swap("/k", rev, b"third".to_vec())
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get("/k").await.unwrap().unwrap().value, b"third");
+}
+
+#[tokio::test]
+async fn failed_transaction_changes_nothing() {
+    let (_dir, store) = temp_store();
+    store.put("/a", b"a".to_vec()).await.unwrap();
+    let before = store.list("/").await.unwrap();
+    let outcome = store
+        .txn(
+            vec![Compare::ModRevision {
+                key: "/a".into(),
+                revision: 999,
+            }],
+            vec![
+                Op::Put {
+                    key: "/b".into(),
+                    value: b"b".to_vec(),
+                    lease: None,
+                },
+                Op::Delete { key: "/a".into() },
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(!outcome.succeeded);
+    assert_eq!(store.list("/").await.unwrap(), before);
+}
+
+#[tokio::test]
+async fn transaction_applies_all_ops_at_one_revision() {
+    let (_dir, store) = temp_store();
+    let outcome = store
+        .txn(
+            vec![],
+            vec![
+                Op::Put {
+                    key: "/x".into(),
+                    value: b"x".to_vec(),
+                    lease: None,
+                },
+                Op::Put {
+                    key: "/y".into(),
+                    value: b"y".to_vec(),
+                    lease: None,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert!(outcome.succeeded);
+    for key in ["/x", "/y"] {
+        assert_eq!(
+            store.get(key).await.unwrap().unwrap().mod_revision,
+            outcome.revision
+        );
+    }
+}
+
+#[tokio::test]
+async fn watch_sees_changes_under_its_prefix_only() {
+    let (_dir, store) = temp_store();
+    let mut watch = store.watch("/vnfs/").await.unwrap();
+    store.put("/hosts/h1", b"h".to_vec()).await.unwrap();
+    store.put("/vnfs/fw1", b"v".to_vec()).await.unwrap();
+    store.delete("/vnfs/fw1").await.unwrap();
+    let first = watch.next().await.unwrap();
+    assert!(
+        matches!(&first, WatchEvent::Put { key, value, .. } if key == "/vnfs/fw1" && value == b"v"),
+        "{first:?}"
+    );
+    let second = watch.next().await.unwrap();
+    assert!(
+        matches!(&second, WatchEvent::Delete { key, .. } if key == "/vnfs/fw1"),
+        "{second:?}"
+    );
+}
+
+#[tokio::test]
+async fn data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store.put("/vnfs/fw1", b"kept".to_vec()).await.unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(
+        store.get("/vnfs/fw1").await.unwrap().unwrap().value,
+        b"kept"
+    );
+    // Revisions keep counting from where they were.
+    let next = store.put("/vnfs/fw2", b"x".to_vec()).await.unwrap();
+    assert!(next >= 2);
+}
+
+#[tokio::test]
+async fn revoked_lease_deletes_its_keys() {
+    let (_dir, store) = temp_store();
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/alive/h1".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get("/alive/h1").await.unwrap().unwrap().lease,
+        Some(lease)
+    );
+    store.revoke(lease).await.unwrap();
+    assert!(store.get("/alive/h1").await.unwrap().is_none());
+    assert!(store.keep_alive(lease).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_lease_deletes_its_keys() {
+    let (_dir, store) = temp_store();
+    let lease = store.grant_lease(Duration::from_millis(50)).await.unwrap();
+    let mut watch = store.watch("/alive/").await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/alive/h1".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(matches!(watch.next().await, Some(WatchEvent::Put { .. })));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let event = tokio::time::timeout_at(deadline.into(), watch.next())
+        .await
+        .expect("the lease must expire within the deadline");
+    assert!(matches!(event, Some(WatchEvent::Delete { ref key, .. }) if key == "/alive/h1"));
+    assert!(store.get("/alive/h1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn put_with_unknown_lease_is_refused() {
+    let (_dir, store) = temp_store();
+    let err = store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/k".into(),
+                value: vec![],
+                lease: Some(telvirt_store::LeaseId(42)),
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("lease 42"));
+    assert!(store.get("/k").await.unwrap().is_none());
+}
