@@ -102,7 +102,7 @@ impl fmt::Display for ByteSize {
     /// The largest unit that divides the size exactly: `2097152` prints as `2MiB`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (name, m) in UNITS {
-            if self.0 % m == 0 {
+            if self.0.is_multiple_of(m) {
                 return write!(f, "{}{}", self.0 / m, name);
             }
         }

@@ -466,7 +466,7 @@ fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
             "must name a .wasm file",
         ));
     }
-    if wasm.limits.memory.bytes() % limits::WASM_PAGE != 0 {
+    if !wasm.limits.memory.bytes().is_multiple_of(limits::WASM_PAGE) {
         out.push(FieldError::new(
             "spec.wasm.limits.memory",
             format!(
@@ -511,7 +511,7 @@ fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
 
 fn check_vm(vm: &VmSpec, ports: &BTreeSet<&Name>, out: &mut Vec<FieldError>) {
     const MIB: u64 = 1 << 20;
-    if vm.memory.bytes() % MIB != 0 {
+    if !vm.memory.bytes().is_multiple_of(MIB) {
         out.push(FieldError::new(
             "spec.vm.memory",
             format!("{} is not a whole number of MiB", vm.memory),
@@ -528,7 +528,7 @@ fn check_vm(vm: &VmSpec, ports: &BTreeSet<&Name>, out: &mut Vec<FieldError>) {
                 "spec.vm.hugepages",
                 format!("{page} is not a huge page size; valid sizes are 2MiB and 1GiB"),
             ));
-        } else if vm.memory.bytes() % page.bytes() != 0 {
+        } else if !vm.memory.bytes().is_multiple_of(page.bytes()) {
             out.push(FieldError::new(
                 "spec.vm.memory",
                 format!("{} is not a multiple of the {page} huge page", vm.memory),
