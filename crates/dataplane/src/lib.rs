@@ -15,6 +15,7 @@ pub mod latency;
 pub mod node;
 pub mod packet;
 pub mod panel;
+pub mod pcap;
 pub mod steering;
 pub mod traffic;
 pub mod worker;
