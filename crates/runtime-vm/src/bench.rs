@@ -87,8 +87,9 @@ pub fn median(v: &[f64]) -> f64 {
     }
 }
 
-/// Resident memory of a process from its smaps: (total KiB, KiB outside mappings at least
-/// `guest_ram_kib` large, i.e. outside guest RAM).
+/// Resident memory of a process from its smaps: (total KiB, KiB outside the guest RAM
+/// mapping). Guest RAM is the mapping whose size is `guest_ram_kib` (up to 4 MiB of alignment
+/// more); everything else, including TCG's translation buffer, is QEMU's overhead.
 pub fn rss_split(pid: i32, guest_ram_kib: u64) -> Result<(u64, u64)> {
     let path = format!("/proc/{pid}/smaps");
     let text = std::fs::read_to_string(&path).map_err(Error::io(format!("read {path}")))?;
@@ -99,7 +100,8 @@ pub fn rss_split(pid: i32, guest_ram_kib: u64) -> Result<(u64, u64)> {
         if let Some((a, b)) = first.split_once('-')
             && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
         {
-            current_is_ram = (b - a) / 1024 >= guest_ram_kib;
+            let kib = (b - a) / 1024;
+            current_is_ram = kib >= guest_ram_kib && kib < guest_ram_kib.saturating_add(4096);
             continue;
         }
         if let Some(rest) = line.strip_prefix("Rss:") {
@@ -216,10 +218,18 @@ mod tests {
 
     #[test]
     fn rss_of_this_process() {
-        let (total, outside) = rss_split(std::process::id() as i32, u64::MAX / 2048).unwrap();
-        assert!(total > 0);
-        assert_eq!(total, outside);
-        let (_t, o) = rss_split(std::process::id() as i32, 1).unwrap();
-        assert_eq!(o, 0);
+        // A 64 MiB mapping, touched, stands in for guest RAM.
+        let mut ram = vec![0u8; 64 << 20];
+        for i in (0..ram.len()).step_by(4096) {
+            ram[i] = 1;
+        }
+        let (total, outside) = rss_split(std::process::id() as i32, 64 * 1024).unwrap();
+        std::hint::black_box(&ram);
+        assert!(
+            total >= outside + 60 * 1024,
+            "total {total} outside {outside}"
+        );
+        let (total2, outside2) = rss_split(std::process::id() as i32, u64::MAX / 4096).unwrap();
+        assert_eq!(total2, outside2);
     }
 }

@@ -103,7 +103,7 @@ impl ImageBuilder {
 
     /// Build the image, or return the cached one when its inputs did not change.
     pub fn build(&self, progress: &mut dyn FnMut(&ImageProgress)) -> Result<GuestImage> {
-        const TOTAL: u64 = 5;
+        const TOTAL: u64 = 6;
         let mut report = |step: u64, message: String| {
             progress(&ImageProgress {
                 step,
@@ -128,6 +128,7 @@ impl ImageBuilder {
         let kdir = images.join("kernel").join(&package);
         if kdir.join(".complete").exists() {
             report(2, format!("kernel {package} already in cache"));
+            report(3, format!("kernel {package} already extracted"));
         } else {
             report(2, format!("downloading {package} with apt-get"));
             let deb = download_deb(&package, &images.join("debs"))?;
@@ -136,7 +137,7 @@ impl ImageBuilder {
         }
         let (kernel, version) = find_kernel(&kdir)?;
 
-        report(3, format!("resolving modules for kernel {version}"));
+        report(4, format!("resolving modules for kernel {version}"));
         let moddir = kdir.join("lib/modules").join(&version);
         let modules = resolve_modules(&moddir, GUEST_MODULES)?;
 
@@ -170,9 +171,9 @@ impl ImageBuilder {
         let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
         let cached = initrd.exists();
         if cached {
-            report(4, "initramfs already in cache".into());
+            report(5, "initramfs already in cache".into());
         } else {
-            report(4, format!("writing initramfs ({} modules)", names.len()));
+            report(5, format!("writing initramfs ({} modules)", names.len()));
             let mut cpio = Cpio::default();
             for d in [
                 "bin",
@@ -203,7 +204,7 @@ impl ImageBuilder {
             std::fs::rename(&tmp, &initrd)
                 .map_err(Error::io(format!("rename to {}", initrd.display())))?;
         }
-        report(5, format!("guest image ready: {}", initrd.display()));
+        report(6, format!("guest image ready: {}", initrd.display()));
         Ok(GuestImage {
             kernel,
             initrd,
