@@ -7,6 +7,7 @@ pub mod region;
 pub mod ring;
 
 pub use error::{Error, Result};
+pub mod afpacket;
 pub mod bench;
 pub mod firewall;
 pub mod graph;
