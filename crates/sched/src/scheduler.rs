@@ -149,7 +149,7 @@ pub(crate) struct GroupState {
 #[derive(Debug, Clone, Default)]
 struct Avoid {
     hosts: Vec<u32>,
-    zone: Option<String>,
+    zones: Vec<String>,
     need_zone: bool,
     only: Option<u32>,
 }
@@ -750,18 +750,12 @@ impl Scheduler {
     }
 
     fn place_roles(&mut self, vid: u32, req: &VnfRequest) -> Result<Placement, SchedError> {
-        let mut avoid = Avoid {
-            need_zone: req.zone_anti_affinity,
-            ..Avoid::default()
-        };
+        let avoid = self.avoid_hosts(req, Vec::new());
         let act = self.find_role(vid, req, Role::Act, &avoid)?;
         self.apply(vid, &act);
         self.vnf_mut(vid).roles[0] = Some(act.clone());
         if req.redundancy == Redundancy::ActiveStandby {
-            avoid.hosts.push(act.host);
-            if req.zone_anti_affinity {
-                avoid.zone = self.host(act.host).zone().map(str::to_string);
-            }
+            let avoid = self.avoid_hosts(req, vec![act.host]);
             match self.find_role(vid, req, Role::Sby, &avoid) {
                 Ok(sby) => {
                     self.apply(vid, &sby);
@@ -857,7 +851,7 @@ impl Scheduler {
         if avoid.need_zone {
             match host.zone() {
                 None => return Err("has no `zone` label (zone_anti_affinity needs one)".into()),
-                Some(z) if avoid.zone.as_deref() == Some(z) => {
+                Some(z) if avoid.zones.iter().any(|x| x == z) => {
                     return Err(format!(
                         "is in zone `{z}` like the other role (zone_anti_affinity)"
                     ));
@@ -924,8 +918,13 @@ impl Scheduler {
         group_core: Option<u32>,
     ) -> RoleState {
         let host = self.host(h);
-        let mut nodes: Vec<u32> = p
-            .vcpus
+        // Shared roles list their group core in `vcpus`, not threads.
+        let vcpu_threads = if group_core.is_some() {
+            &[][..]
+        } else {
+            &p.vcpus[..]
+        };
+        let mut nodes: Vec<u32> = vcpu_threads
             .iter()
             .chain(p.emulator.iter())
             .map(|&t| host.topo.node_of_thread(t))
@@ -1025,7 +1024,8 @@ impl Scheduler {
         };
         let core = match core {
             Some(c) => c,
-            None => pick_whole_core(&host.topo, n, &avail)?,
+            // A new group core must be entirely free: it will belong to the group, not the VNF.
+            None => pick_whole_core(&host.topo, n, &|t| host.holder[t as usize] == Holder::Free)?,
         };
         let emulator = if Self::emulator_isolated(req) {
             let c = &host.topo.cores[core as usize];
@@ -1688,14 +1688,7 @@ impl Scheduler {
             let partner = self.vnf(vid).roles[1 - new_role.index()]
                 .as_ref()
                 .map(|r| r.host);
-            let avoid = Avoid {
-                hosts: partner.into_iter().collect(),
-                zone: partner
-                    .filter(|_| req.zone_anti_affinity)
-                    .and_then(|p| self.host(p).zone().map(str::to_string)),
-                need_zone: req.zone_anti_affinity,
-                only: None,
-            };
+            let avoid = self.avoid_hosts(&req, partner.into_iter().collect());
             let result = match self.find_role(vid, &req, new_role, &avoid) {
                 Ok(rs) => {
                     self.apply(vid, &rs);
@@ -1738,14 +1731,7 @@ impl Scheduler {
                 });
             }
         };
-        let avoid = Avoid {
-            hosts: partner.into_iter().collect(),
-            zone: partner
-                .filter(|_| req.zone_anti_affinity)
-                .and_then(|p| self.host(p).zone().map(str::to_string)),
-            need_zone: req.zone_anti_affinity,
-            only: None,
-        };
+        let avoid = self.avoid_hosts(&req, partner.into_iter().collect());
         let rs = self.find_role(vid, &req, role, &avoid)?;
         self.apply(vid, &rs);
         if let Err(e) = self.check_reserve(name) {
@@ -1826,7 +1812,13 @@ impl Scheduler {
             }
         }
         let mut done: Vec<RoleState> = Vec::new();
-        for (old, avoid, same_host_first) in targets {
+        for (old, mut avoid, same_host_first) in targets {
+            if same_host_first && !done.is_empty() {
+                // The partner's new host is as off-limits as its old one.
+                let mut hosts = avoid.hosts.clone();
+                hosts.extend(done.iter().map(|d| d.host));
+                avoid = self.avoid_hosts(&req, hosts);
+            }
             let found = if same_host_first {
                 self.change_in_place(vid, &req, &old)
             } else {
@@ -1851,21 +1843,40 @@ impl Scheduler {
             self.undo_pending(vid, &done);
             return Err(e);
         }
-        let mut p = self.placement_of(vid);
-        for rs in &done {
-            let rp = self.render_role(vid, rs);
-            match rs.role {
-                Role::Act => p.act = rp,
-                Role::Sby => p.sby = Some(rp),
-            }
-        }
         let vm = self.vnf_mut(vid);
         for rs in done {
             let i = rs.role.index();
             vm.pending[i] = Some(rs);
         }
         vm.pending_req = Some(req);
-        Ok(p)
+        Ok(self.pending_placement(vid))
+    }
+
+    /// The placement as it will be once the change in progress is committed.
+    fn pending_placement(&self, vid: u32) -> Placement {
+        let mut p = self.placement_of(vid);
+        for rs in self.vnf(vid).pending.iter().flatten() {
+            let rp = self.render_role(vid, rs);
+            match rs.role {
+                Role::Act => p.act = rp,
+                Role::Sby => p.sby = Some(rp),
+            }
+        }
+        p
+    }
+
+    /// The change in progress for a VNF, if any: its request and the placement it will have
+    /// once committed (both allocations are held until then).
+    pub fn pending_change(
+        &self,
+        name: &str,
+    ) -> Result<Option<(VnfRequest, Placement)>, SchedError> {
+        let vid = self.vnf_idx(name)?;
+        Ok(self
+            .vnf(vid)
+            .pending_req
+            .clone()
+            .map(|r| (r, self.pending_placement(vid))))
     }
 
     fn undo_pending(&mut self, vid: u32, done: &[RoleState]) {
@@ -1875,18 +1886,29 @@ impl Scheduler {
         }
     }
 
+    /// Avoid `hosts` (and, with zone anti-affinity, their zones).
+    fn avoid_hosts(&self, req: &VnfRequest, hosts: Vec<u32>) -> Avoid {
+        let zones = if req.zone_anti_affinity {
+            hosts
+                .iter()
+                .filter_map(|&h| self.host(h).zone().map(str::to_string))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Avoid {
+            hosts,
+            zones,
+            need_zone: req.zone_anti_affinity,
+            only: None,
+        }
+    }
+
     fn partner_avoid(&self, vid: u32, req: &VnfRequest, role: Role) -> Avoid {
         let partner = self.vnf(vid).roles[1 - role.index()]
             .as_ref()
             .map(|r| r.host);
-        Avoid {
-            hosts: partner.into_iter().collect(),
-            zone: partner
-                .filter(|_| req.zone_anti_affinity)
-                .and_then(|p| self.host(p).zone().map(str::to_string)),
-            need_zone: req.zone_anti_affinity,
-            only: None,
-        }
+        self.avoid_hosts(req, partner.into_iter().collect())
     }
 
     /// The new allocation on the same host (and node), reusing the role's own cpus first.
