@@ -1,0 +1,21 @@
+//! telvirt's host agent: runs VNFs through runtimes, reconciles them with what the controller
+//! wants, and discovers the host it runs on.
+//!
+//! The agent must not touch the store: it talks to the controller through [`ControlLink`] only,
+//! so a remote host is the same code as the local one.
+
+pub mod discovery;
+pub mod reconcile;
+pub mod runtime;
+
+pub use discovery::{HostFacts, SysRoots, discover};
+pub use reconcile::{Agent, ControlLink, RESYNC_INTERVAL};
+pub use runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    #[error("host discovery: {0}")]
+    Discovery(String),
+    #[error("controller link: {0}")]
+    Link(String),
+}

@@ -1,0 +1,69 @@
+//! The one trait every runtime (vm, wasm) is driven through.
+//!
+//! Owns the contract between the reconcile loop and a runtime: start, stop, pause, resume,
+//! observe, adopt after a restart. It must not expose a runtime's internals: the loop never asks
+//! whether it talks to QEMU or wasmtime.
+
+use std::path::PathBuf;
+
+use async_trait::async_trait;
+use telvirt_model::{Name, Placement, RuntimeKind, VnfDescriptor};
+
+/// Everything a runtime needs to run one instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    pub name: Name,
+    pub descriptor: VnfDescriptor,
+    /// The CPUs the scheduler gave this instance on this host.
+    pub placement: Placement,
+    /// A directory that belongs to this instance alone and survives agent restarts.
+    pub state_dir: PathBuf,
+}
+
+/// What a runtime sees of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstanceState {
+    /// The runtime holds no such instance.
+    Absent,
+    Running,
+    /// Paused (vm: QMP `stop`; wasm: not scheduled).
+    Paused,
+    /// It ended by itself or was stopped.
+    Stopped,
+    /// It crashed or could not run; the reason says why.
+    Failed(String),
+}
+
+/// Why a runtime refused or failed an operation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RuntimeFailure(pub String);
+
+impl RuntimeFailure {
+    pub fn new(reason: impl std::fmt::Display) -> Self {
+        Self(reason.to_string())
+    }
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    fn kind(&self) -> RuntimeKind;
+
+    /// Starts the instance and returns once it is running (vm: the guest agent said ready).
+    async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure>;
+
+    /// Takes over an instance that survived an agent restart. `Ok(false)`: nothing to adopt.
+    async fn adopt(&self, spec: &InstanceSpec) -> Result<bool, RuntimeFailure>;
+
+    /// Stops the instance gracefully, forcing it after the runtime's timeout.
+    async fn stop(&self, name: &Name) -> Result<(), RuntimeFailure>;
+
+    async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure>;
+
+    async fn resume(&self, name: &Name) -> Result<(), RuntimeFailure>;
+
+    async fn state(&self, name: &Name) -> InstanceState;
+
+    /// Forgets a stopped instance and frees what it held.
+    async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure>;
+}

@@ -1,0 +1,270 @@
+//! The reconcile loop's decisions, driven with an in-memory runtime and link (test doubles of the
+//! two traits; the real runtimes have their own tests).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use telvirt_agent::{
+    Agent, AgentError, ControlLink, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
+};
+use telvirt_model::api::{Assignment, Observation};
+use telvirt_model::{DesiredState, Format, Name, Phase, Placement, Role, RuntimeKind, parse_vnf};
+
+#[derive(Default)]
+struct FakeRuntime {
+    states: Mutex<HashMap<String, InstanceState>>,
+    calls: Mutex<Vec<String>>,
+    fail_start: Mutex<Option<String>>,
+}
+
+impl FakeRuntime {
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn set(&self, name: &str, state: InstanceState) {
+        self.states.lock().unwrap().insert(name.into(), state);
+    }
+    fn note(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+#[async_trait]
+impl Runtime for FakeRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Vm
+    }
+    async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        self.note(format!("start {}", spec.name));
+        if let Some(reason) = self.fail_start.lock().unwrap().clone() {
+            self.set(spec.name.as_str(), InstanceState::Failed(reason.clone()));
+            return Err(RuntimeFailure(reason));
+        }
+        self.set(spec.name.as_str(), InstanceState::Running);
+        Ok(())
+    }
+    async fn adopt(&self, spec: &InstanceSpec) -> Result<bool, RuntimeFailure> {
+        self.note(format!("adopt {}", spec.name));
+        Ok(false)
+    }
+    async fn stop(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        self.note(format!("stop {name}"));
+        self.set(name.as_str(), InstanceState::Stopped);
+        Ok(())
+    }
+    async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        self.note(format!("pause {name}"));
+        self.set(name.as_str(), InstanceState::Paused);
+        Ok(())
+    }
+    async fn resume(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        self.note(format!("resume {name}"));
+        self.set(name.as_str(), InstanceState::Running);
+        Ok(())
+    }
+    async fn state(&self, name: &Name) -> InstanceState {
+        self.states
+            .lock()
+            .unwrap()
+            .get(name.as_str())
+            .cloned()
+            .unwrap_or(InstanceState::Absent)
+    }
+    async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        self.note(format!("remove {name}"));
+        self.states.lock().unwrap().remove(name.as_str());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct FakeLink {
+    assignments: Mutex<Vec<Assignment>>,
+    reports: Mutex<Vec<Observation>>,
+}
+
+impl FakeLink {
+    fn phases(&self) -> Vec<(Phase, String)> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|o| (o.phase, o.reason.clone()))
+            .collect()
+    }
+    fn edit(&self, f: impl FnOnce(&mut Assignment)) {
+        f(&mut self.assignments.lock().unwrap()[0]);
+    }
+}
+
+#[async_trait]
+impl ControlLink for FakeLink {
+    async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, AgentError> {
+        Ok(self.assignments.lock().unwrap().clone())
+    }
+    async fn report(&self, _host: &str, observation: Observation) -> Result<(), AgentError> {
+        self.reports.lock().unwrap().push(observation);
+        Ok(())
+    }
+    async fn wait_for_change(&self, max_wait: Duration) {
+        tokio::time::sleep(max_wait).await;
+    }
+}
+
+fn assignment(runtime: &str) -> Assignment {
+    let block = if runtime == "vm" {
+        "vm: { memory: 64MiB }"
+    } else {
+        "wasm: { module: fw.wasm }"
+    };
+    let text = format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: fw1 }}\nspec:\n  runtime: {runtime}\n  {block}\n"
+    );
+    let descriptor = parse_vnf(text.as_bytes(), Format::Yaml).unwrap();
+    Assignment {
+        vnf: "fw1".parse().unwrap(),
+        descriptor,
+        placement: Placement {
+            role: Role::Active,
+            host: "h1".into(),
+            cpus: vec![1],
+            emulator_cpus: vec![0],
+            numa_nodes: vec![0],
+            exclusive: true,
+        },
+        desired: DesiredState::Running,
+        locked: false,
+        generation: 1,
+    }
+}
+
+fn setup(runtime: &str) -> (Arc<FakeRuntime>, Arc<FakeLink>, Agent) {
+    let rt = Arc::new(FakeRuntime::default());
+    let link = Arc::new(FakeLink::default());
+    link.assignments.lock().unwrap().push(assignment(runtime));
+    let agent = Agent::new(
+        "h1",
+        vec![rt.clone() as Arc<dyn Runtime>],
+        link.clone(),
+        std::env::temp_dir(),
+    );
+    (rt, link, agent)
+}
+
+#[tokio::test]
+async fn missing_runtime_fails_once_with_reason() {
+    let (rt, link, agent) = setup("wasm");
+    agent.reconcile_once().await.unwrap();
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(
+        link.phases(),
+        vec![(
+            Phase::Failed,
+            "runtime wasm is not available on this host".to_owned()
+        )]
+    );
+    assert!(rt.calls().is_empty());
+}
+
+#[tokio::test]
+async fn starts_adopting_first_then_reports_running_once() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(rt.calls(), ["adopt fw1", "start fw1"]);
+    let phases: Vec<Phase> = link.phases().into_iter().map(|p| p.0).collect();
+    assert_eq!(phases, [Phase::Starting, Phase::Running]);
+}
+
+#[tokio::test]
+async fn lock_pauses_and_unlock_resumes() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    link.edit(|a| {
+        a.locked = true;
+        a.generation = 2;
+    });
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(
+        rt.state(&"fw1".parse().unwrap()).await,
+        InstanceState::Paused
+    );
+    link.edit(|a| {
+        a.locked = false;
+        a.generation = 3;
+    });
+    agent.reconcile_once().await.unwrap();
+    let phases: Vec<Phase> = link.phases().into_iter().map(|p| p.0).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Starting,
+            Phase::Running,
+            Phase::Locked,
+            Phase::Running
+        ]
+    );
+    assert!(
+        rt.calls()
+            .ends_with(&["pause fw1".into(), "resume fw1".into()])
+    );
+}
+
+#[tokio::test]
+async fn desired_stopped_stops() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    link.edit(|a| {
+        a.desired = DesiredState::Stopped;
+        a.generation = 2;
+    });
+    agent.reconcile_once().await.unwrap();
+    let phases: Vec<Phase> = link.phases().into_iter().map(|p| p.0).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Starting,
+            Phase::Running,
+            Phase::Stopping,
+            Phase::Stopped
+        ]
+    );
+    assert!(rt.calls().contains(&"stop fw1".to_owned()));
+}
+
+#[tokio::test]
+async fn failed_start_is_not_retried_until_the_generation_changes() {
+    let (rt, link, agent) = setup("vm");
+    *rt.fail_start.lock().unwrap() = Some("qemu exited with status 1".into());
+    agent.reconcile_once().await.unwrap();
+    agent.reconcile_once().await.unwrap();
+    let starts = |rt: &FakeRuntime| rt.calls().iter().filter(|c| c.starts_with("start")).count();
+    assert_eq!(starts(&rt), 1);
+    assert_eq!(
+        link.phases().last().unwrap(),
+        &(Phase::Failed, "qemu exited with status 1".to_owned())
+    );
+    *rt.fail_start.lock().unwrap() = None;
+    link.edit(|a| a.generation = 2);
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(starts(&rt), 2);
+    assert_eq!(link.phases().last().unwrap().0, Phase::Running);
+}
+
+#[tokio::test]
+async fn unassigned_instances_are_stopped_and_removed() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    link.assignments.lock().unwrap().clear();
+    agent.reconcile_once().await.unwrap();
+    assert!(
+        rt.calls()
+            .ends_with(&["stop fw1".into(), "remove fw1".into()])
+    );
+    assert_eq!(
+        rt.state(&"fw1".parse().unwrap()).await,
+        InstanceState::Absent
+    );
+}
