@@ -79,10 +79,10 @@ pub fn discover(name: &str, roots: &SysRoots) -> Result<HostFacts, AgentError> {
             for cpu in cpu_list(&entry.path().join("cpulist"))?.cpus() {
                 node_of.insert(*cpu, id);
             }
-            if let Ok(meminfo) = read(&entry.path().join("meminfo")) {
-                if let Some(kb) = meminfo_value(&meminfo, "MemTotal:") {
-                    node_memory.insert(id, kb * 1024);
-                }
+            if let Ok(meminfo) = read(&entry.path().join("meminfo"))
+                && let Some(kb) = meminfo_value(&meminfo, "MemTotal:")
+            {
+                node_memory.insert(id, kb * 1024);
             }
         }
     }
