@@ -3,6 +3,9 @@
 //! boot benchmark; must not know about descriptors or the store (the agent maps those onto
 //! [`VmConfig`]).
 
+// Tests may unwrap: a failed unwrap is a failed test.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod accel;
 pub mod agent;
 pub mod bare;

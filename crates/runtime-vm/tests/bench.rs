@@ -1,5 +1,7 @@
 //! The boot benchmark end to end with one round (shape and sanity, not speed).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::BOOT_SLOT;

@@ -1,5 +1,7 @@
 //! Guest image builder against the real apt kernel, busybox-static and the static agent.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use telvirt_runtime_vm::image::ImageBuilder;

@@ -2,6 +2,8 @@
 //! read back from /proc, lock/unlock, peripherals and their error cases, graceful stop, crash
 //! detection, re-adoption. Every QEMU is killed by a guard even when a test fails.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -256,8 +258,25 @@ async fn crash_is_detected_with_status_and_console() {
     );
     assert!(!root.path().join("crash1/qemu.pid").exists());
 
-    let vm = mgr.start(common::config("crash1")).await.unwrap();
+    // Shared memfd guest RAM and SCHED_FIFO vCPUs (or a warning where not permitted).
+    let mut cfg = common::config("crash1");
+    cfg.shared_memory = true;
+    cfg.cpu.realtime_priority = Some(1);
+    let vm = mgr.start(cfg).await.unwrap();
     let _guard = VmGuard(vm.clone());
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid())).unwrap();
+    assert!(
+        maps.contains("/memfd:memory-backend-memfd"),
+        "guest RAM is not a memfd"
+    );
+    let st = vm.status().await;
+    for v in vm.vcpu_threads() {
+        let policy = pin::sched_policy(vm.pid(), v.thread_id).unwrap();
+        assert!(
+            policy == 1 || !st.warnings.is_empty(),
+            "vCPU {v:?} policy {policy}, no warning"
+        );
+    }
     // A second start of the same VM is refused instead of duplicating it.
     let dup = mgr.start(common::config("crash1")).await.unwrap_err();
     assert!(matches!(dup, Error::AlreadyRunning { .. }), "{dup}");
@@ -316,4 +335,25 @@ async fn restarted_manager_adopts_running_vm() {
     assert_eq!(vm.phase(), VmPhase::Stopped);
     let gone = mgr2.adopt("adopt1").await.unwrap_err();
     assert!(matches!(gone, Error::NotAdoptable { .. }), "{gone}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_without_agent_runs_and_stops_via_quit() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    let mgr = common::manager(root.path());
+    let mut cfg = common::config("noagent1");
+    cfg.wait_for_agent = false;
+    cfg.stop_timeout = Duration::from_secs(2);
+    let vm = mgr.start(cfg).await.unwrap();
+    let _guard = VmGuard(vm.clone());
+    assert_eq!(vm.phase(), VmPhase::Running);
+    assert!(vm.qmp().query_status().await.unwrap().running);
+    // No agent connection: agent requests fail clearly.
+    let e = vm.health(T).await.unwrap_err();
+    assert!(e.to_string().contains("no guest agent"), "{e}");
+    // The busybox guest ignores the ACPI power button: quit follows after the stop timeout.
+    assert_eq!(vm.stop().await.unwrap(), StopMethod::QmpQuit);
+    assert_eq!(vm.phase(), VmPhase::Stopped);
+    assert!(!pin::process_alive(vm.pid()));
 }

@@ -1,6 +1,7 @@
 //! Shared test support: builds the static guest agent and the default guest image once per
 //! test binary, limits concurrent guests, and kills every QEMU a test starts (Drop guards).
 
+#![allow(clippy::unwrap_used)]
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
