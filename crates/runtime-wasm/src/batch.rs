@@ -2,7 +2,9 @@
 //! `PacketBatch`, the runtime copies packets into the module's linear memory at the ABI layout
 //! and reads verdicts (and rewritten packets) back. No allocation after construction.
 
-use crate::abi::{MAX_BATCH, MAX_EMIT, MAX_PACKET, SLOT_SIZE};
+use crate::abi::{
+    DESC_AREA, DESC_SIZE, HEADROOM, MAX_BATCH, MAX_EMIT, MAX_PACKET, SLOT_SIZE, VERDICT_DROP,
+};
 use crate::error::{Error, Result};
 
 /// What the module decided for one packet.
@@ -170,4 +172,50 @@ impl PacketBatch {
             *v = Verdict::Drop;
         }
     }
+
+    /// Writes descriptors and packets into a batch buffer at the ABI layout.
+    pub(crate) fn write_to(&self, area: &mut [u8]) {
+        for i in 0..self.count {
+            let pkt = self.slot(i);
+            let slot = DESC_AREA + i * SLOT_SIZE;
+            area[slot + HEADROOM..slot + HEADROOM + pkt.len()].copy_from_slice(pkt);
+            let d = &mut area[i * DESC_SIZE..(i + 1) * DESC_SIZE];
+            d[0..4].copy_from_slice(&((slot + HEADROOM) as u32).to_le_bytes());
+            d[4..8].copy_from_slice(&(pkt.len() as u32).to_le_bytes());
+            d[8..12].copy_from_slice(&self.ports[i].to_le_bytes());
+            d[12..16].copy_from_slice(&VERDICT_DROP.to_le_bytes());
+        }
+    }
+
+    /// Reads verdicts and forwarded packets back from a batch buffer. Verdicts naming a port
+    /// `>= ports` and descriptors moved outside their slot become drops. Returns
+    /// (forwarded, invalid).
+    pub(crate) fn read_from(&mut self, area: &[u8], ports: u32) -> (u64, u64) {
+        let (mut fwd, mut bad) = (0u64, 0u64);
+        for i in 0..self.count {
+            let d = &area[i * DESC_SIZE..(i + 1) * DESC_SIZE];
+            let verdict = le32(d, 12) as i32;
+            if verdict < 0 {
+                self.verdicts[i] = Verdict::Drop;
+                continue;
+            }
+            let (off, len) = (le32(d, 0) as usize, le32(d, 4) as usize);
+            let slot = DESC_AREA + i * SLOT_SIZE;
+            let inside = off >= slot && off.checked_add(len).is_some_and(|e| e <= slot + SLOT_SIZE);
+            if verdict as u32 >= ports || !inside {
+                self.verdicts[i] = Verdict::Drop;
+                bad += 1;
+                continue;
+            }
+            self.slot_mut(i)[..len].copy_from_slice(&area[off..off + len]);
+            self.lens[i] = len as u32;
+            self.verdicts[i] = Verdict::Forward(verdict as u32);
+            fwd += 1;
+        }
+        (fwd, bad)
+    }
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }

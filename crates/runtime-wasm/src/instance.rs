@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use wasmtime::{Engine, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc};
 
-use crate::abi::{self, BUFFER_SIZE, DESC_AREA, DESC_SIZE, HEADROOM, SLOT_SIZE, VERDICT_DROP};
-use crate::batch::{PacketBatch, Verdict};
+use crate::abi::{self, BUFFER_SIZE};
+use crate::batch::PacketBatch;
 use crate::engine::EngineKind;
 use crate::error::{Error, FailureReason, Result};
 use crate::host::{self, HostState, LogLine};
@@ -296,10 +296,6 @@ fn start(
     })
 }
 
-fn le32(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
 impl VnfInstance {
     pub(crate) fn new(
         module: InstalledModule,
@@ -447,20 +443,7 @@ impl VnfInstance {
             )));
         };
         let buf = live.buf;
-        {
-            let data = live.memory.data_mut(&mut live.store);
-            let area = &mut data[buf..buf + BUFFER_SIZE];
-            for i in 0..n {
-                let pkt = batch.slot(i);
-                let slot = DESC_AREA + i * SLOT_SIZE;
-                area[slot + HEADROOM..slot + HEADROOM + pkt.len()].copy_from_slice(pkt);
-                let d = &mut area[i * DESC_SIZE..(i + 1) * DESC_SIZE];
-                d[0..4].copy_from_slice(&((buf + slot + HEADROOM) as u32).to_le_bytes());
-                d[4..8].copy_from_slice(&(pkt.len() as u32).to_le_bytes());
-                d[8..12].copy_from_slice(&batch.ports[i].to_le_bytes());
-                d[12..16].copy_from_slice(&VERDICT_DROP.to_le_bytes());
-            }
-        }
+        batch.write_to(&mut live.memory.data_mut(&mut live.store)[buf..buf + BUFFER_SIZE]);
         {
             let st = live.store.data_mut();
             st.now_ns = batch.now_ns;
@@ -493,30 +476,8 @@ impl VnfInstance {
                 Ok(())
             }
             Ok(_) => {
-                let data = live.memory.data(&live.store);
-                let area = &data[buf..buf + BUFFER_SIZE];
-                let (mut fwd, mut bad) = (0u64, 0u64);
-                for i in 0..n {
-                    let d = &area[i * DESC_SIZE..(i + 1) * DESC_SIZE];
-                    let verdict = le32(d, 12) as i32;
-                    if verdict < 0 {
-                        batch.verdicts[i] = Verdict::Drop;
-                        continue;
-                    }
-                    let (off, len) = (le32(d, 0) as usize, le32(d, 4) as usize);
-                    let slot = buf + DESC_AREA + i * SLOT_SIZE;
-                    let inside =
-                        off >= slot && off.checked_add(len).is_some_and(|e| e <= slot + SLOT_SIZE);
-                    if verdict as u32 >= ports || !inside {
-                        batch.verdicts[i] = Verdict::Drop;
-                        bad += 1;
-                        continue;
-                    }
-                    batch.slot_mut(i)[..len].copy_from_slice(&data[off..off + len]);
-                    batch.lens[i] = len as u32;
-                    batch.verdicts[i] = Verdict::Forward(verdict as u32);
-                    fwd += 1;
-                }
+                let area = &live.memory.data(&live.store)[buf..buf + BUFFER_SIZE];
+                let (fwd, bad) = batch.read_from(area, ports);
                 self.stats.packets_forwarded += fwd;
                 self.stats.invalid_verdicts += bad;
                 self.stats.packets_dropped += n as u64 - fwd;
@@ -670,6 +631,18 @@ impl VnfInstance {
                 Err(Error::Upgrade(format!("new version failed to start: {e}")))
             }
         }
+    }
+
+    /// Control-plane update of a map by name (e.g. provisioning a rule or a bearer), between
+    /// batches. Logged like module updates.
+    pub fn map_update(&mut self, map: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        if self.state == VnfState::Locked {
+            return Err(Error::Locked);
+        }
+        let h = self
+            .host_mut()
+            .ok_or_else(|| Error::Map("instance has no state".into()))?;
+        crate::native::map_update_by_name(&mut h.maps, map, key, value)
     }
 
     /// Map definitions in effect.

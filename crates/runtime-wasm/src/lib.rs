@@ -12,17 +12,22 @@
 
 pub mod abi;
 pub mod batch;
+pub mod bench;
 pub mod engine;
 pub mod error;
 mod host;
 pub mod instance;
 pub mod manifest;
 pub mod maps;
+pub mod native;
 pub mod runtime;
 pub mod security;
 pub mod snapshot;
 pub mod store;
+pub mod trace;
 pub mod verify;
+pub mod vnfs;
+pub mod worker;
 
 pub use batch::{Emitted, PacketBatch, Verdict};
 pub use engine::EngineKind;
