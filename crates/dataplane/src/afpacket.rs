@@ -197,7 +197,7 @@ impl Node for HostPort {
             } else {
                 self.stats.tx.fetch_add(1, Ordering::Relaxed);
             }
-            pool.free(p);
+            io.free(p);
         }
         work += n;
         // Receive from the interface, only as much as the outgoing link can take (the kernel
@@ -208,7 +208,7 @@ impl Node for HostPort {
             self.batch
         };
         for _ in 0..room {
-            let Ok(mut p) = pool.alloc() else { break };
+            let Some(mut p) = io.alloc() else { break };
             let mut got: isize = 0;
             let mut outgoing = false;
             pool.fill(&mut p, |buf| {
@@ -230,16 +230,16 @@ impl Node for HostPort {
                 usize::try_from(got).unwrap_or(0)
             });
             if got <= 0 {
-                pool.free(p);
+                io.free(p);
                 break;
             }
             if outgoing {
-                pool.free(p);
+                io.free(p);
                 continue;
             }
             if got as usize > pool.buf_size() {
                 self.stats.rx_truncated.fetch_add(1, Ordering::Relaxed);
-                pool.free(p);
+                io.free(p);
                 continue;
             }
             self.buf.push(p);

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::pool::{Packet, Pool};
+use crate::pool::{Packet, Pool, PoolCache};
 use crate::ring::{Consumer, Producer};
 
 /// Default packets per batch.
@@ -99,18 +99,40 @@ pub struct PortIo {
 /// What a node sees while it is polled.
 pub struct NodeIo<'a> {
     pub(crate) pool: &'a Pool,
+    pub(crate) cache: &'a mut PoolCache,
     pub(crate) ports: &'a mut [PortIo],
 }
 
 impl<'a> NodeIo<'a> {
-    /// A standalone `NodeIo` over `ports` (for tests and for embedding nodes elsewhere).
-    pub fn new(pool: &'a Pool, ports: &'a mut [PortIo]) -> Self {
-        NodeIo { pool, ports }
+    /// A standalone `NodeIo` over `ports` (for tests and for embedding nodes elsewhere); the
+    /// caller flushes `cache` when done.
+    pub fn new(pool: &'a Pool, cache: &'a mut PoolCache, ports: &'a mut [PortIo]) -> Self {
+        NodeIo { pool, cache, ports }
     }
 
-    /// The packet pool.
+    /// The packet pool (for reading and writing packet bytes).
     pub fn pool(&self) -> &'a Pool {
         self.pool
+    }
+
+    /// Take up to `n` buffers onto `out` through this worker's cache; returns how many.
+    pub fn alloc_batch(&mut self, n: usize, out: &mut Vec<Packet>) -> usize {
+        self.cache.alloc_batch(self.pool, n, out)
+    }
+
+    /// Take one buffer through this worker's cache.
+    pub fn alloc(&mut self) -> Option<Packet> {
+        self.cache.alloc(self.pool)
+    }
+
+    /// Free one packet through this worker's cache.
+    pub fn free(&mut self, pkt: Packet) {
+        self.cache.free(self.pool, pkt);
+    }
+
+    /// Free every packet in `pkts` (left empty).
+    pub fn free_all(&mut self, pkts: &mut Vec<Packet>) {
+        self.cache.free_all(self.pool, pkts);
     }
 
     /// Number of ports.
@@ -161,14 +183,13 @@ impl<'a> NodeIo<'a> {
         if pkts.is_empty() {
             return 0;
         }
-        let pool = self.pool;
         let Some(p) = self.ports.get_mut(port) else {
-            pool.free_all(pkts);
+            self.cache.free_all(self.pool, pkts);
             return 0;
         };
         let Some(tx) = p.tx.as_mut() else {
             p.unlinked_drops += pkts.len() as u64;
-            pool.free_all(pkts);
+            self.cache.free_all(self.pool, pkts);
             return 0;
         };
         let bytes: usize = pkts.iter().map(Packet::len).sum();
@@ -189,7 +210,7 @@ impl<'a> NodeIo<'a> {
             tx.counters
                 .drops
                 .fetch_add(pkts.len() as u64, Ordering::Relaxed);
-            pool.free_all(pkts);
+            self.cache.free_all(self.pool, pkts);
         }
         sent
     }
@@ -261,7 +282,7 @@ impl<P: PacketProcessor> Node for ProcessorNode<P> {
                     Some(Verdict::Forward(k)) if usize::from(*k) < nports => {
                         self.out[usize::from(*k)].push(pkt)
                     }
-                    _ => pool.free(pkt),
+                    _ => io.free(pkt),
                 }
             }
             for (k, q) in self.out.iter_mut().enumerate() {

@@ -245,7 +245,7 @@ impl Node for PcapSink {
             if res.is_ok() {
                 res = self.writer.write(ts, pool.data(&p));
             }
-            pool.free(p);
+            io.free(p);
         }
         if res.is_ok() {
             res = self.writer.flush();
@@ -296,7 +296,7 @@ impl Node for PcapSource {
         for _ in 0..room {
             match self.reader.next_record() {
                 Ok(Some(rec)) => {
-                    let Ok(mut p) = pool.alloc() else { break };
+                    let Some(mut p) = io.alloc() else { break };
                     if pool.write(&mut p, &rec.data) < rec.data.len() {
                         self.stats.truncated.fetch_add(1, Ordering::Relaxed);
                     }

@@ -141,7 +141,7 @@ impl Node for Generator {
             return 0;
         }
         let pool = io.pool();
-        let n = pool.alloc_batch(want as usize, &mut self.batch);
+        let n = io.alloc_batch(want as usize, &mut self.batch);
         let ts = now_ns();
         for p in self.batch.iter_mut() {
             let s = self.seq;
@@ -279,7 +279,7 @@ impl Node for LatencySink {
                     Some((seq, ts)) => st.observe(seq, now.saturating_sub(ts)),
                     None => st.foreign += 1,
                 }
-                pool.free(p);
+                io.free(p);
             }
         }
         total

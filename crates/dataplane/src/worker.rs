@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::node::{Node, NodeIo, PortIo, TxLink};
-use crate::pool::{Packet, Pool};
+use crate::pool::{Packet, Pool, PoolCache};
 use crate::ring::Consumer;
 
 /// The cores this process may run on (from `sched_getaffinity`), ascending.
@@ -258,6 +258,7 @@ fn port_of(slots: &mut [Slot], id: u64, port: usize) -> Option<&mut PortIo> {
 
 fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
     let mut slots: Vec<Slot> = Vec::new();
+    let mut cache = PoolCache::new();
     let mut idle_rounds = 0u32;
     loop {
         if ctl.pending.load(Ordering::Acquire) {
@@ -275,6 +276,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
         for s in slots.iter_mut() {
             let mut io = NodeIo {
                 pool,
+                cache: &mut cache,
                 ports: &mut s.ports,
             };
             work += s.node.poll(&mut io);
@@ -297,6 +299,18 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
         .map(|p| p.unlinked_drops)
         .sum();
     ctl.unlinked_drops.fetch_add(drops, Ordering::Relaxed);
+    // Packets still queued on this worker's incoming rings go back to the pool too.
+    for s in slots.iter_mut() {
+        for p in s.ports.iter_mut() {
+            let mut v = Vec::new();
+            for c in p.rx.iter_mut() {
+                while c.pop_into(&mut v, 256) > 0 {
+                    cache.free_all(pool, &mut v);
+                }
+            }
+        }
+    }
+    cache.flush(pool);
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use telvirt_dataplane::graph::LinkSpec;
 use telvirt_dataplane::node::{Node, NodeIo, PortIo, ProcessorNode};
 use telvirt_dataplane::packet::read_test_frame;
 use telvirt_dataplane::panel::PatchPanel;
-use telvirt_dataplane::pool::{Packet, Pool};
+use telvirt_dataplane::pool::{Packet, Pool, PoolCache};
 use telvirt_dataplane::steering::{SteeringNode, SteeringTable};
 use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink};
 use telvirt_dataplane::worker::{WorkerConfig, allowed_cores};
@@ -220,7 +220,7 @@ impl Node for SeqCollector {
         let mut seen = self.0.lock().unwrap();
         for p in buf {
             seen.push(read_test_frame(io.pool().data(&p)).unwrap().0);
-            io.pool().free(p);
+            io.free(p);
         }
         n
     }
@@ -312,11 +312,13 @@ fn nodes_and_sinks_work_without_a_panel() {
     // A PortIo set can be driven by hand (the agent embeds nodes this way in tests).
     let pool = Pool::new("hand", 64, 128).unwrap();
     let mut ports = vec![PortIo::default()];
-    let mut io = NodeIo::new(&pool, &mut ports);
+    let mut cache = PoolCache::new();
+    let mut io = NodeIo::new(&pool, &mut cache, &mut ports);
     let mut v: Vec<Packet> = Vec::new();
-    pool.alloc_batch(3, &mut v);
+    assert_eq!(io.alloc_batch(3, &mut v), 3);
     assert_eq!(io.send(0, &mut v), 0, "unlinked port drops");
     assert!(v.is_empty());
+    cache.flush(&pool);
     assert_eq!(pool.available(), 64);
 }
 
