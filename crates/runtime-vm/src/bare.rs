@@ -81,12 +81,15 @@ impl BareBoot {
             .map_err(Error::io(format!("create {}", self.dir.display())))?;
         let sock = self.dir.join("agent.sock");
         let _ = std::fs::remove_file(&sock);
+        let log_path = self.dir.join("qemu.log");
+        let log = std::fs::File::create(&log_path)
+            .map_err(Error::io(format!("create {}", log_path.display())))?;
         let start = Instant::now();
         let child = std::process::Command::new(&self.qemu)
             .args(self.args())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .process_group(0)
             .spawn()
             .map_err(Error::io(format!("spawn {}", self.qemu.display())))?;
@@ -96,7 +99,7 @@ impl BareBoot {
                 if let Ok(Some(st)) = reaper.0.try_wait() {
                     return Err(Error::QemuExited {
                         status: st.to_string(),
-                        output: String::new(),
+                        output: crate::manager::console_tail(&log_path, 5).join("\n"),
                     });
                 }
                 if let Ok(a) = AgentClient::connect(&sock).await {

@@ -227,38 +227,28 @@ impl VmManager {
         write_json(&dir.join("vm.json"), &persisted)?;
 
         let qmp = wait_for_qmp(&dir, exit_rx.clone()).await?;
-        let mut cpus = qmp.query_cpus_fast().await?;
-        cpus.sort_by_key(|c| c.cpu_index);
+        let cpus = sorted_cpus(&qmp).await?;
         warnings.extend(pin_threads(pid, &cpus, &cfg.cpu)?);
         for g in &cfg.peripherals {
             periph::plug(&qmp, &dir, g).await?;
         }
         write_json(&dir.join("grants.json"), &cfg.peripherals)?;
 
-        let handle = VmHandle {
-            inner: Arc::new(Inner {
-                name: cfg.name.clone(),
-                dir: dir.clone(),
-                pid,
-                accel,
-                config: cfg.clone(),
-                qmp,
-                agent: Mutex::new(None),
-                phase: std::sync::Mutex::new(VmPhase::Starting),
-                stopping: AtomicBool::new(false),
-                grants: Mutex::new(cfg.peripherals.clone()),
-                exit: exit_rx,
-                vcpus: cpus
-                    .iter()
-                    .map(|c| VcpuThread {
-                        cpu_index: c.cpu_index,
-                        thread_id: c.thread_id,
-                    })
-                    .collect(),
+        let handle = VmHandle::assemble(
+            dir.clone(),
+            Persisted {
                 warnings,
-                adopted: false,
-            }),
-        };
+                ..persisted
+            },
+            Session {
+                qmp,
+                exit: exit_rx,
+                cpus,
+            },
+            VmPhase::Starting,
+            cfg.peripherals.clone(),
+            false,
+        );
         handle.inner.qmp.cont().await?;
         if cfg.wait_for_agent {
             let agent = handle.connect_agent(cfg.ready_timeout).await?;
@@ -289,8 +279,7 @@ impl VmManager {
         }
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
         let status = qmp.query_status().await?;
-        let mut cpus = qmp.query_cpus_fast().await?;
-        cpus.sort_by_key(|c| c.cpu_index);
+        let cpus = sorted_cpus(&qmp).await?;
         let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
@@ -312,35 +301,26 @@ impl VmManager {
             "prelaunch" => VmPhase::Starting,
             _ => VmPhase::Paused,
         };
-        let mut warnings = persisted.warnings;
+        let mut warnings = persisted.warnings.clone();
         warnings.push(format!(
             "adopted running QEMU pid {pid} (state {})",
             status.status
         ));
-        let handle = VmHandle {
-            inner: Arc::new(Inner {
-                name: name.to_string(),
-                dir,
-                pid,
-                accel: persisted.accel,
-                config: persisted.config,
-                qmp,
-                agent: Mutex::new(None),
-                phase: std::sync::Mutex::new(phase),
-                stopping: AtomicBool::new(false),
-                grants: Mutex::new(grants),
-                exit: exit_rx,
-                vcpus: cpus
-                    .iter()
-                    .map(|c| VcpuThread {
-                        cpu_index: c.cpu_index,
-                        thread_id: c.thread_id,
-                    })
-                    .collect(),
+        let handle = VmHandle::assemble(
+            dir,
+            Persisted {
                 warnings,
-                adopted: true,
-            }),
-        };
+                ..persisted
+            },
+            Session {
+                qmp,
+                exit: exit_rx,
+                cpus,
+            },
+            phase,
+            grants,
+            true,
+        );
         if phase == VmPhase::Running && handle.inner.config.wait_for_agent {
             match handle.connect_agent(Duration::from_secs(15)).await {
                 Ok(a) => *handle.inner.agent.lock().await = Some(a),
@@ -350,6 +330,36 @@ impl VmManager {
             }
         }
         Ok(handle)
+    }
+
+    /// The console log of a VM, whether or not it runs (`telvirt vnf console NAME`).
+    pub fn console_log(&self, name: &str) -> PathBuf {
+        self.state_dir(name).join("console.log")
+    }
+
+    /// The last `n` console lines of a VM, whether or not it runs.
+    pub fn console_tail(&self, name: &str, n: usize) -> Vec<String> {
+        console_tail(&self.console_log(name), n)
+    }
+
+    /// Delete a VM's state directory (console log included); refused while its QEMU runs.
+    pub fn remove(&self, name: &str) -> Result<()> {
+        crate::config::validate_name(name)?;
+        let dir = self.state_dir(name);
+        if let Some(pid) = read_pid(&dir)
+            && owns_process(pid, name)
+        {
+            return Err(Error::AlreadyRunning {
+                name: name.to_string(),
+                pid,
+            });
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(Error::io(format!("remove {}", dir.display()))(e))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Adopt every VM whose state directory has a live QEMU; returns (name, result) pairs.
@@ -401,7 +411,56 @@ impl std::fmt::Debug for VmHandle {
     }
 }
 
+/// What a live QEMU gives a handle: the QMP session, the exit watch and the vCPU threads.
+struct Session {
+    qmp: QmpClient,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    cpus: Vec<CpuInfoFast>,
+}
+
+async fn sorted_cpus(qmp: &QmpClient) -> Result<Vec<CpuInfoFast>> {
+    let mut cpus = qmp.query_cpus_fast().await?;
+    cpus.sort_by_key(|c| c.cpu_index);
+    Ok(cpus)
+}
+
 impl VmHandle {
+    fn assemble(
+        dir: PathBuf,
+        p: Persisted,
+        s: Session,
+        phase: VmPhase,
+        grants: Vec<Grant>,
+        adopted: bool,
+    ) -> Self {
+        let vcpus = s
+            .cpus
+            .iter()
+            .map(|c| VcpuThread {
+                cpu_index: c.cpu_index,
+                thread_id: c.thread_id,
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                name: p.config.name.clone(),
+                dir,
+                pid: p.pid,
+                accel: p.accel,
+                config: p.config,
+                qmp: s.qmp,
+                agent: Mutex::new(None),
+                phase: std::sync::Mutex::new(phase),
+                stopping: AtomicBool::new(false),
+                grants: Mutex::new(grants),
+                exit: s.exit,
+                vcpus,
+                warnings: p.warnings,
+                adopted,
+            }),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.inner.name
     }

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Request, Workload};
-use telvirt_runtime_vm::{CpuSet, DiskFormat, Error, Grant, Peripheral, StopMethod, VmPhase, pin};
+use telvirt_runtime_vm::{
+    AccelChoice, AccelProbe, CpuSet, DiskFormat, Error, Grant, HugePageSize, Peripheral,
+    StopMethod, VmPhase, pin,
+};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -262,6 +265,26 @@ async fn crash_is_detected_with_status_and_console() {
     let mut cfg = common::config("crash1");
     cfg.shared_memory = true;
     cfg.cpu.realtime_priority = Some(1);
+    // Resource and peripheral checks refuse before any process starts.
+    let mut huge = cfg.clone();
+    huge.hugepages = Some(HugePageSize::Size1G);
+    huge.memory_mib = 1024 * 1024;
+    let e = mgr.start(huge).await.unwrap_err();
+    assert!(
+        matches!(e, Error::HugePagesShort { .. } | Error::HugePages(_)),
+        "{e}"
+    );
+    let mut vfio = cfg.clone();
+    vfio.peripherals = vec![Grant {
+        id: "nic0".into(),
+        peripheral: Peripheral::Vfio {
+            host: "0000:3b:00.0".into(),
+        },
+    }];
+    let e = mgr.start(vfio).await.unwrap_err();
+    assert!(matches!(e, Error::PeripheralRefused { .. }), "{e}");
+    assert!(!root.path().join("crash1/qemu.pid").exists());
+
     let vm = mgr.start(cfg).await.unwrap();
     let _guard = VmGuard(vm.clone());
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid())).unwrap();
@@ -301,6 +324,14 @@ async fn crash_is_detected_with_status_and_console() {
         vm.pause().await.unwrap_err(),
         Error::NotRunning { .. }
     ));
+    // The console stays readable through the manager, and the state can be removed.
+    assert!(!mgr.console_tail("crash1", 5).is_empty());
+    assert!(matches!(
+        mgr.adopt("crash1").await.unwrap_err(),
+        Error::NotAdoptable { .. }
+    ));
+    mgr.remove("crash1").unwrap();
+    assert!(!root.path().join("crash1").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,4 +387,45 @@ async fn vm_without_agent_runs_and_stops_via_quit() {
     assert_eq!(vm.stop().await.unwrap(), StopMethod::QmpQuit);
     assert_eq!(vm.phase(), VmPhase::Stopped);
     assert!(!pin::process_alive(vm.pid()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_accel_probes_once_with_a_deadline_and_caches() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let img = common::image();
+    let cache = common::state_root();
+    let probe = AccelProbe::new(cache.path())
+        .with_guest(&img.kernel, &img.initrd)
+        .deadline(Duration::from_secs(15));
+    let d = probe.resolve(AccelChoice::Auto).await.unwrap();
+    assert!(!d.from_cache);
+    match d.accel {
+        // A host where KVM really boots the guest.
+        telvirt_runtime_vm::Accel::Kvm => assert!(d.warning.is_none(), "{d:?}"),
+        // This kind of machine: visible warning.
+        telvirt_runtime_vm::Accel::Tcg => {
+            assert!(d.warning.as_deref().unwrap_or("").contains("TCG"), "{d:?}")
+        }
+    }
+    // The probe QEMU is gone.
+    let probe_dir = cache.path().to_string_lossy().into_owned();
+    assert!(
+        common::poll_until(10, || {
+            !std::process::Command::new("pgrep")
+                .args(["-f", &probe_dir])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        })
+        .await,
+        "probe QEMU left running"
+    );
+    // Cached: a fresh probe (a restarted process) answers from the file without booting.
+    let again = AccelProbe::new(cache.path())
+        .with_guest(&img.kernel, &img.initrd)
+        .resolve(AccelChoice::Auto)
+        .await
+        .unwrap();
+    assert!(again.from_cache);
+    assert_eq!(again.accel, d.accel);
 }
