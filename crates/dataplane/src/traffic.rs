@@ -117,32 +117,33 @@ impl Node for Generator {
         if !io.is_linked(0) {
             return 0;
         }
-        let now = now_ns();
-        let start = *self.start_ns.get_or_insert(now);
         let mut want = self.cfg.batch as u64;
-        if let Some(rate) = self.cfg.rate_pps {
-            let due = u128::from(now - start) * u128::from(rate) / 1_000_000_000;
-            let due = u64::try_from(due).unwrap_or(u64::MAX);
-            want = want.min(due.saturating_sub(self.seq));
-        }
-        // Never overfill the link: a full link delays packets (their timestamps are taken
-        // when they are written), it does not drop them.
-        if want > 0 {
-            want = want.min(io.tx_space(0) as u64);
-        }
         if let Some(count) = self.cfg.count {
-            want = want.min(count - self.seq);
             if self.seq >= count {
                 self.stats.done.store(true, Ordering::Release);
                 return 0;
             }
+            want = want.min(count - self.seq);
         }
+        // Never overfill the link: a full link delays packets (their timestamps are taken
+        // when they are written), it does not drop them.
+        want = want.min(io.tx_space(0) as u64);
         if want == 0 {
             return 0;
         }
+        let now = now_ns();
+        if let Some(rate) = self.cfg.rate_pps {
+            let start = *self.start_ns.get_or_insert(now);
+            let due = u128::from(now - start) * u128::from(rate) / 1_000_000_000;
+            let due = u64::try_from(due).unwrap_or(u64::MAX);
+            want = want.min(due.saturating_sub(self.seq));
+            if want == 0 {
+                return 0;
+            }
+        }
         let pool = io.pool();
         let n = io.alloc_batch(want as usize, &mut self.batch);
-        let ts = now_ns();
+        let ts = now;
         for p in self.batch.iter_mut() {
             let s = self.seq;
             let size = self.cfg.sizes[(s % self.cfg.sizes.len() as u64) as usize];
