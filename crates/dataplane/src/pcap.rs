@@ -209,6 +209,18 @@ pub struct PcapStats {
     pub error: std::sync::Mutex<Option<String>>,
 }
 
+impl PcapStats {
+    fn fail(&self, e: &Error) {
+        *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+        self.done.store(true, Ordering::Release);
+    }
+
+    /// The last error, if the node stopped because of one.
+    pub fn last_error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// A node writing every packet arriving on its port to a pcap file.
 pub struct PcapSink {
     writer: Writer,
@@ -254,10 +266,7 @@ impl Node for PcapSink {
             Ok(()) => {
                 self.stats.packets.fetch_add(n as u64, Ordering::Relaxed);
             }
-            Err(e) => {
-                *self.stats.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                self.stats.done.store(true, Ordering::Release);
-            }
+            Err(e) => self.stats.fail(&e),
         }
         n
     }
@@ -307,9 +316,7 @@ impl Node for PcapSource {
                     break;
                 }
                 Err(e) => {
-                    *self.stats.error.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(e.to_string());
-                    self.stats.done.store(true, Ordering::Release);
+                    self.stats.fail(&e);
                     break;
                 }
             }
