@@ -137,13 +137,13 @@ pub fn synthetic_workload(n: u32, seed: u64) -> Vec<VnfRequest> {
             };
             let mut emulator = EmulatorPolicy::Share;
             match roll {
-                0..45 => {
+                0..50 => {
                     cpu.policy = CpuPolicy::Shared;
                     cpu.count = 1 + rng.below(2) as u32;
                     cpu.group = Some(format!("g{}", rng.below(4)));
                 }
-                45..80 => {
-                    cpu.count = [1, 1, 1, 2, 2, 4][rng.below(6) as usize];
+                50..80 => {
+                    cpu.count = [1, 1, 1, 1, 2, 4][rng.below(6) as usize];
                     if rng.below(10) == 0 {
                         cpu.numa_node = Some(rng.below(2) as u32);
                     } else if rng.below(10) == 0 {
@@ -153,15 +153,15 @@ pub fn synthetic_workload(n: u32, seed: u64) -> Vec<VnfRequest> {
                         emulator = EmulatorPolicy::Isolate;
                     }
                 }
-                80..84 => {
+                80..83 => {
                     cpu.count = 1;
                     cpu.thread_policy = ThreadPolicy::Isolate;
                 }
-                84..88 => {
+                83..86 => {
                     cpu.count = 2;
                     cpu.thread_policy = ThreadPolicy::Require;
                 }
-                88..92 => {
+                86..90 => {
                     cpu.policy = CpuPolicy::Pinned;
                     let base = 1 + rng.below(31) as u32;
                     let socket = rng.below(2) as u32 * 32;
@@ -169,7 +169,7 @@ pub fn synthetic_workload(n: u32, seed: u64) -> Vec<VnfRequest> {
                     runtime = Runtime::Wasm;
                 }
                 _ => {
-                    cpu.count = 1 + rng.below(2) as u32;
+                    cpu.count = 1;
                     redundancy = Redundancy::ActiveStandby;
                 }
             }

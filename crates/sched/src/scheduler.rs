@@ -100,6 +100,12 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
+    /// Whether thread `t` may go to VNF `vid`: free, or already its own (changes reuse them).
+    fn avail_for(&self, t: u32, vid: u32) -> bool {
+        matches!(self.holder[t as usize], Holder::Free)
+            || self.holder[t as usize] == Holder::Vnf(vid)
+    }
+
     fn zone(&self) -> Option<&str> {
         self.spec.labels.get("zone").map(String::as_str)
     }
@@ -969,10 +975,7 @@ impl Scheduler {
             _ => {}
         }
         let host = self.host(h);
-        let avail = |t: u32| {
-            matches!(host.holder[t as usize], Holder::Free)
-                || host.holder[t as usize] == Holder::Vnf(vid)
-        };
+        let avail = |t: u32| host.avail_for(t, vid);
         let emu = Self::emulator_isolated(req);
         match req.cpu.policy {
             CpuPolicy::Dedicated => {
@@ -1018,10 +1021,7 @@ impl Scheduler {
         core: Option<u32>,
     ) -> Option<RoleState> {
         let host = self.host(h);
-        let avail = |t: u32| {
-            matches!(host.holder[t as usize], Holder::Free)
-                || host.holder[t as usize] == Holder::Vnf(vid)
-        };
+        let avail = |t: u32| host.avail_for(t, vid);
         let core = match core {
             Some(c) => c,
             // A new group core must be entirely free: it will belong to the group, not the VNF.
@@ -1101,10 +1101,7 @@ impl Scheduler {
         }
         let emulator = if Self::emulator_isolated(req) {
             let node = host.topo.node_of_thread(threads[0]);
-            let avail = |t: u32| {
-                matches!(host.holder[t as usize], Holder::Free)
-                    || host.holder[t as usize] == Holder::Vnf(vid)
-            };
+            let avail = |t: u32| host.avail_for(t, vid);
             Some(pick_one(&host.topo, node, &avail, &threads).ok_or(
                 "no free dedicated cpu for the isolated emulator on the pinned cores' node",
             )?)
@@ -1140,9 +1137,19 @@ impl Scheduler {
         avoid: &Avoid,
     ) -> Result<RoleState, SchedError> {
         let found = match (req.cpu.policy, self.config.search) {
-            (CpuPolicy::Pinned, _) => self
-                .live_hosts()
-                .find_map(|h| self.try_pinned(vid, h, req, role, avoid).ok()),
+            (CpuPolicy::Pinned, _) => self.live_hosts().find_map(|h| {
+                // Cheap test first: every pinned cpu exists and is available on this host.
+                let host = self.host(h);
+                let quick = req.cpu.cores.iter().all(|&c| {
+                    host.topo
+                        .thread_of_cpu(c)
+                        .is_some_and(|t| host.avail_for(t, vid))
+                });
+                if !quick {
+                    return None;
+                }
+                self.try_pinned(vid, h, req, role, avoid).ok()
+            }),
             (_, Search::FirstFit) => {
                 let (cores, min) = self.demand(req);
                 self.live_hosts().find_map(|h| {
