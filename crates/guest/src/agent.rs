@@ -151,6 +151,20 @@ impl Drop for Agent {
     }
 }
 
+/// Size of `struct input_event` on x86-64 (timeval, type, code, value).
+pub const INPUT_EVENT_SIZE: usize = 24;
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+
+/// Whether one `struct input_event` is a press of the power key (what the ACPI power button
+/// driver reports when the host sends `system_powerdown`).
+pub fn is_power_button_press(ev: &[u8; INPUT_EVENT_SIZE]) -> bool {
+    let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+    let code = u16::from_ne_bytes([ev[18], ev[19]]);
+    let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+    kind == EV_KEY && code == KEY_POWER && value == 1
+}
+
 fn dirty_loop(size_mib: u64, mib_per_s: u64, stop: &AtomicBool, counter: &AtomicU64) {
     let size = usize::try_from(size_mib * MIB).unwrap_or(usize::MAX);
     let mut buf = vec![0u8; size];
@@ -236,6 +250,20 @@ fn meminfo() -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn power_key_press_is_recognised() {
+        let mut ev = [0u8; INPUT_EVENT_SIZE];
+        ev[16..18].copy_from_slice(&EV_KEY.to_ne_bytes());
+        ev[18..20].copy_from_slice(&KEY_POWER.to_ne_bytes());
+        ev[20..24].copy_from_slice(&1i32.to_ne_bytes());
+        assert!(is_power_button_press(&ev));
+        ev[20..24].copy_from_slice(&0i32.to_ne_bytes());
+        assert!(!is_power_button_press(&ev), "release is not a press");
+        ev[18..20].copy_from_slice(&30u16.to_ne_bytes());
+        ev[20..24].copy_from_slice(&1i32.to_ne_bytes());
+        assert!(!is_power_button_press(&ev), "another key");
+    }
 
     #[test]
     fn hello_and_health() {

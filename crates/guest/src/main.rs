@@ -3,12 +3,13 @@
 //! stdin/stdout instead (for tests on the host). Must stay statically linkable: std,
 //! serde and serde_json only.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use telvirt_guest::agent::Agent;
+use telvirt_guest::agent::{Agent, INPUT_EVENT_SIZE, is_power_button_press};
 use telvirt_guest::proto::{AGENT_PORT_NAME, Body, Message, RequestEnvelope, encode_line};
 
 fn find_port() -> Option<PathBuf> {
@@ -71,6 +72,38 @@ fn power_off() {
         .status();
 }
 
+/// Power off when the ACPI power button is pressed (`system_powerdown` from the host): watch
+/// every input event device, including ones that appear later.
+fn watch_power_button() {
+    std::thread::spawn(|| {
+        let mut watched = HashSet::new();
+        loop {
+            for entry in std::fs::read_dir("/dev/input")
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let path = entry.path();
+                let is_event = entry.file_name().to_string_lossy().starts_with("event");
+                if is_event && watched.insert(path.clone()) {
+                    std::thread::spawn(move || {
+                        let Ok(mut f) = File::open(&path) else { return };
+                        let mut ev = [0u8; INPUT_EVENT_SIZE];
+                        while f.read_exact(&mut ev).is_ok() {
+                            if is_power_button_press(&ev) {
+                                eprintln!("telvirt-guest: power button pressed, powering off");
+                                power_off();
+                            }
+                        }
+                    });
+                }
+            }
+            // The ACPI button's device appears when its driver binds, possibly after we start.
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    });
+}
+
 fn main() {
     let mut agent = Agent::new();
     if std::env::args().any(|a| a == "--stdio") {
@@ -92,6 +125,7 @@ fn main() {
             }
         }
     }
+    watch_power_button();
     let port = loop {
         if let Some(p) = find_port() {
             break p;

@@ -21,11 +21,14 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_net",
     "virtio_rng",
     "virtio_blk",
+    // ACPI power button as an input device: the agent powers off on `system_powerdown`.
+    "button",
+    "evdev",
 ];
 /// Kernel command line of the default guest.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 panic=-1 loglevel=4";
 /// Bumped whenever the initramfs layout changes, so cached images are rebuilt.
-const FORMAT: &str = "telvirt-initramfs-v1";
+const FORMAT: &str = "telvirt-initramfs-v2";
 
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin

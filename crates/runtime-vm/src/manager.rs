@@ -655,11 +655,9 @@ impl VmHandle {
                 return Ok(StopMethod::GuestAgent);
             }
             if !asked
-                && self.inner.qmp.system_powerdown().await.is_ok()
                 && self
-                    .wait_exit(left().min(Duration::from_secs(10)))
+                    .acpi_powerdown(left().min(Duration::from_secs(10)))
                     .await
-                    .is_some()
             {
                 self.cleanup();
                 return Ok(StopMethod::AcpiPowerdown);
@@ -673,6 +671,24 @@ impl VmHandle {
         }
         self.kill().await?;
         Ok(StopMethod::Killed)
+    }
+
+    /// Press the ACPI power button, again every second (a press before the guest's button
+    /// driver listens is lost), until QEMU exits or `within` passes.
+    async fn acpi_powerdown(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.inner.qmp.system_powerdown().await.is_err() {
+                return false;
+            }
+            let step = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(1));
+            if self.wait_exit(step).await.is_some() {
+                return true;
+            }
+        }
+        false
     }
 
     /// Kill QEMU at once (SIGKILL) and wait for it to go.

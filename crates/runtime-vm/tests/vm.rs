@@ -361,7 +361,9 @@ async fn restarted_manager_adopts_running_vm() {
         mgr2.start(common::config("adopt1")).await.unwrap_err(),
         Error::AlreadyRunning { .. }
     ));
-    assert_eq!(vm.stop().await.unwrap(), StopMethod::GuestAgent);
+    // Deleting a locked VM: no guest involvement, QMP quit.
+    vm.pause().await.unwrap();
+    assert_eq!(vm.stop().await.unwrap(), StopMethod::QmpQuit);
     assert!(common::poll_until(20, || !pin::process_alive(pid)).await);
     assert_eq!(vm.phase(), VmPhase::Stopped);
     let gone = mgr2.adopt("adopt1").await.unwrap_err();
@@ -369,13 +371,12 @@ async fn restarted_manager_adopts_running_vm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vm_without_agent_runs_and_stops_via_quit() {
+async fn vm_without_agent_runs_and_stops_via_acpi() {
     let _slot = BOOT_SLOT.acquire().await.unwrap();
     let root = common::state_root();
     let mgr = common::manager(root.path());
     let mut cfg = common::config("noagent1");
     cfg.wait_for_agent = false;
-    cfg.stop_timeout = Duration::from_secs(2);
     let vm = mgr.start(cfg).await.unwrap();
     let _guard = VmGuard(vm.clone());
     assert_eq!(vm.phase(), VmPhase::Running);
@@ -383,8 +384,18 @@ async fn vm_without_agent_runs_and_stops_via_quit() {
     // No agent connection: agent requests fail clearly.
     let e = vm.health(T).await.unwrap_err();
     assert!(e.to_string().contains("no guest agent"), "{e}");
-    // The busybox guest ignores the ACPI power button: quit follows after the stop timeout.
-    assert_eq!(vm.stop().await.unwrap(), StopMethod::QmpQuit);
+    // Wait until the guest is up (its agent announces itself on the console), then stop:
+    // without an agent connection the ACPI power button (system_powerdown) powers it off.
+    assert!(
+        common::poll_until(60, || vm
+            .console_tail(50)
+            .iter()
+            .any(|l| l.contains("telvirt-guest: serving")))
+        .await,
+        "guest did not come up: {:?}",
+        vm.console_tail(10)
+    );
+    assert_eq!(vm.stop().await.unwrap(), StopMethod::AcpiPowerdown);
     assert_eq!(vm.phase(), VmPhase::Stopped);
     assert!(!pin::process_alive(vm.pid()));
 }
