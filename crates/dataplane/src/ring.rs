@@ -23,15 +23,21 @@
 
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use crate::error::{Error, Result};
+#[cfg(not(feature = "loom"))]
 use crate::region::Region;
 
+#[cfg(not(feature = "loom"))]
 const HEAD_OFF: usize = 0;
+#[cfg(not(feature = "loom"))]
 const TAIL_OFF: usize = 128;
+#[cfg(not(feature = "loom"))]
 const CLOSED_OFF: usize = 256;
+#[cfg(not(feature = "loom"))]
 const CAP_OFF: usize = 264;
+#[cfg(not(feature = "loom"))]
 const SLOTS_OFF: usize = 384;
 
 /// Largest accepted ring capacity (slots).
@@ -63,12 +69,29 @@ unsafe impl RingItem for u64 {
     }
 }
 
+#[cfg(not(feature = "loom"))]
+use std::sync::atomic::AtomicU64;
+
+/// The ring's memory: header words and slots in a memfd region (see the module docs).
+#[cfg(not(feature = "loom"))]
 struct Shared {
     region: Region,
     mask: u64,
 }
 
+#[cfg(not(feature = "loom"))]
 impl Shared {
+    fn new(name: &str, capacity: usize) -> Result<Self> {
+        let region = Region::new(&format!("ring-{name}"), SLOTS_OFF + 8 * capacity)?;
+        let shared = Shared {
+            region,
+            mask: capacity as u64 - 1,
+        };
+        shared
+            .atomic(CAP_OFF)
+            .store(capacity as u64, Ordering::Relaxed);
+        Ok(shared)
+    }
     fn atomic(&self, off: usize) -> &AtomicU64 {
         // SAFETY: `off` is one of the 8-byte aligned header offsets, inside the region (which is
         // at least SLOTS_OFF bytes and page aligned); the region lives as long as `self`, and
@@ -89,6 +112,77 @@ impl Shared {
         let i = usize::try_from(index & self.mask).expect("masked ring index fits usize");
         // SAFETY: in bounds by the comment above.
         unsafe { self.region.as_ptr().add(SLOTS_OFF).cast::<u64>().add(i) }
+    }
+    /// # Safety
+    /// Only the producer calls this, on a slot the consumer has released (index < tail + cap).
+    unsafe fn write_slot(&self, index: u64, v: u64) {
+        // SAFETY: in bounds (`slot`), and exclusive by the caller's contract.
+        unsafe { self.slot(index).write(v) }
+    }
+    /// # Safety
+    /// Only the consumer calls this, on a slot the producer has published (index < head).
+    unsafe fn read_slot(&self, index: u64) -> u64 {
+        // SAFETY: in bounds (`slot`), published by a Release store the caller Acquired.
+        unsafe { self.slot(index).read() }
+    }
+    fn capacity(&self) -> u64 {
+        self.mask + 1
+    }
+}
+
+#[cfg(feature = "loom")]
+use loom::sync::atomic::AtomicU64;
+
+/// Under the `loom` feature the same protocol runs on loom's atomics and cells (heap memory),
+/// so loom can explore every interleaving and detect unsynchronised slot access.
+#[cfg(feature = "loom")]
+struct Shared {
+    head: AtomicU64,
+    tail: AtomicU64,
+    closed: AtomicU64,
+    slots: Box<[loom::cell::UnsafeCell<u64>]>,
+    mask: u64,
+}
+
+// SAFETY: a slot is only written by the single producer before publication and only read by
+// the single consumer after it; this is exactly what the loom model checks.
+#[cfg(feature = "loom")]
+unsafe impl Sync for Shared {}
+// SAFETY: as above; the cells hold plain u64 values.
+#[cfg(feature = "loom")]
+unsafe impl Send for Shared {}
+
+#[cfg(feature = "loom")]
+impl Shared {
+    fn new(_name: &str, capacity: usize) -> Result<Self> {
+        Ok(Shared {
+            head: AtomicU64::new(0),
+            tail: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            slots: (0..capacity)
+                .map(|_| loom::cell::UnsafeCell::new(0))
+                .collect(),
+            mask: capacity as u64 - 1,
+        })
+    }
+    fn head(&self) -> &AtomicU64 {
+        &self.head
+    }
+    fn tail(&self) -> &AtomicU64 {
+        &self.tail
+    }
+    fn closed(&self) -> &AtomicU64 {
+        &self.closed
+    }
+    unsafe fn write_slot(&self, index: u64, v: u64) {
+        let cell = &self.slots[(index & self.mask) as usize];
+        // SAFETY: exclusive by the caller's contract; loom checks it.
+        cell.with_mut(|p| unsafe { p.write(v) })
+    }
+    unsafe fn read_slot(&self, index: u64) -> u64 {
+        let cell = &self.slots[(index & self.mask) as usize];
+        // SAFETY: published by the caller's contract; loom checks it.
+        cell.with(|p| unsafe { p.read() })
     }
     fn capacity(&self) -> u64 {
         self.mask + 1
@@ -120,13 +214,7 @@ pub fn channel<T: RingItem>(name: &str, capacity: usize) -> Result<(Producer<T>,
             format!("{capacity} is not a power of two in 2..={MAX_CAPACITY}"),
         ));
     }
-    let region = Region::new(&format!("ring-{name}"), SLOTS_OFF + 8 * capacity)?;
-    let cap = capacity as u64;
-    let shared = Arc::new(Shared {
-        region,
-        mask: cap - 1,
-    });
-    shared.atomic(CAP_OFF).store(cap, Ordering::Relaxed);
+    let shared = Arc::new(Shared::new(name, capacity)?);
     let producer = Producer {
         shared: Arc::clone(&shared),
         head: 0,
@@ -170,7 +258,7 @@ impl<T: RingItem> Producer<T> {
         }
         // SAFETY: the slot at `head` is free (reserve said so: the consumer's tail is past it)
         // and only this producer writes slots.
-        unsafe { self.shared.slot(self.head).write(item.into_bits()) };
+        unsafe { self.shared.write_slot(self.head, item.into_bits()) };
         self.head = self.head.wrapping_add(1);
         self.shared.head().store(self.head, Ordering::Release);
         Ok(())
@@ -187,7 +275,7 @@ impl<T: RingItem> Producer<T> {
         let mut h = self.head;
         for item in items.drain(..n) {
             // SAFETY: the `n` slots from `head` are free (reserve) and only we write slots.
-            unsafe { self.shared.slot(h).write(item.into_bits()) };
+            unsafe { self.shared.write_slot(h, item.into_bits()) };
             h = h.wrapping_add(1);
         }
         self.head = h;
@@ -201,6 +289,7 @@ impl<T: RingItem> Producer<T> {
     }
 
     /// The region holding the ring, to share it with another process.
+    #[cfg(not(feature = "loom"))]
     pub fn region(&self) -> &Region {
         &self.shared.region
     }
@@ -248,7 +337,7 @@ impl<T: RingItem> Consumer<T> {
         }
         // SAFETY: the slot at `tail` was published by the producer's Release store of head,
         // which our Acquire load observed; it is read exactly once.
-        let item = unsafe { T::from_bits(self.shared.slot(self.tail).read()) };
+        let item = unsafe { T::from_bits(self.shared.read_slot(self.tail)) };
         self.tail = self.tail.wrapping_add(1);
         self.shared.tail().store(self.tail, Ordering::Release);
         Some(item)
@@ -265,7 +354,7 @@ impl<T: RingItem> Consumer<T> {
         let mut t = self.tail;
         for _ in 0..n {
             // SAFETY: as in `pop`: these `n` slots were published and are read once each.
-            out.push(unsafe { T::from_bits(self.shared.slot(t).read()) });
+            out.push(unsafe { T::from_bits(self.shared.read_slot(t)) });
             t = t.wrapping_add(1);
         }
         self.tail = t;
@@ -279,7 +368,38 @@ impl<T: RingItem> Consumer<T> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "loom"))]
+mod loom_tests {
+    use super::*;
+
+    /// Every interleaving of a producer pushing 3 items in batches through a 2-slot ring and a
+    /// consumer popping them: items arrive once, in order, and no slot is read while written.
+    #[test]
+    fn loom_spsc_batches_are_exact_and_race_free() {
+        loom::model(|| {
+            let (mut p, mut c) = channel::<u64>("loom", 2).unwrap();
+            let t = loom::thread::spawn(move || {
+                let mut items = vec![1u64, 2, 3];
+                while !items.is_empty() {
+                    if p.push_from(&mut items) == 0 {
+                        loom::thread::yield_now();
+                    }
+                }
+            });
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                if c.pop_into(&mut got, 2) == 0 {
+                    loom::thread::yield_now();
+                }
+            }
+            t.join().unwrap();
+            assert_eq!(got, vec![1, 2, 3]);
+            assert!(c.is_finished());
+        });
+    }
+}
+
+#[cfg(all(test, not(feature = "loom")))]
 mod tests {
     use super::*;
 
