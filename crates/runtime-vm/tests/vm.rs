@@ -440,3 +440,82 @@ async fn auto_accel_probes_once_with_a_deadline_and_caches() {
     assert!(again.from_cache);
     assert_eq!(again.accel, d.accel);
 }
+
+/// Reserves 2 MiB huge pages and mounts a private hugetlbfs; undoes both on drop.
+struct HugePages {
+    original: u64,
+    mount: tempfile::TempDir,
+}
+
+const NR_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
+const FREE_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+
+fn read_u64(p: &str) -> u64 {
+    std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+}
+
+impl HugePages {
+    /// None where this process may not reserve pages or mount (not root).
+    fn reserve(extra: u64) -> Option<Self> {
+        let original = read_u64(NR_2M);
+        std::fs::write(NR_2M, (original + extra).to_string()).ok()?;
+        let mount = tempfile::Builder::new()
+            .prefix("tvhp")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "hugetlbfs", "-o", "pagesize=2M", "none"])
+            .arg(mount.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        let hp = HugePages { original, mount };
+        ok.then_some(hp)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.mount.path())
+            .status();
+        let _ = std::fs::write(NR_2M, self.original.to_string());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugepage_backed_guest_preallocates_its_pages() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let Some(hp) = HugePages::reserve(64) else {
+        eprintln!("skipped: cannot reserve huge pages or mount hugetlbfs here (needs root)");
+        return;
+    };
+    let free_before = read_u64(FREE_2M);
+    assert!(
+        free_before >= 64,
+        "kernel reserved only {free_before} free pages"
+    );
+    let root = common::state_root();
+    let mgr = common::manager(root.path());
+    let mut cfg = common::config("huge1");
+    cfg.memory_mib = 128;
+    cfg.hugepages = Some(HugePageSize::Size2M);
+    let vm = mgr.start(cfg).await.unwrap();
+    let _guard = VmGuard(vm.clone());
+    assert_eq!(vm.phase(), VmPhase::Running);
+    // Pre-allocated: all 64 pages are taken while the guest runs, backed by our mount.
+    assert!(
+        read_u64(FREE_2M) + 64 <= free_before,
+        "pages not preallocated"
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", vm.pid())).unwrap();
+    assert!(
+        maps.contains(&*hp.mount.path().to_string_lossy()),
+        "guest RAM not on the hugetlbfs mount"
+    );
+    vm.stop().await.unwrap();
+    assert!(
+        common::poll_until(10, || read_u64(FREE_2M) >= free_before).await,
+        "pages not returned"
+    );
+}
