@@ -225,6 +225,25 @@ async fn lifecycle_pinning_lock_peripherals_and_stop() {
     assert!(matches!(started, Body::Started { .. }), "{started:?}");
     assert!(vm.health(T).await.unwrap().workload.is_some());
     vm.agent_request(Request::StopWorkload, T).await.unwrap();
+    let probe = vm
+        .agent_request(
+            Request::Run {
+                workload: Workload::TimerLatency {
+                    interval_us: 1000,
+                    count: 50,
+                },
+            },
+            T,
+        )
+        .await
+        .unwrap();
+    match probe {
+        Body::TimerResult(t) => {
+            assert_eq!(t.count, 50);
+            assert!(t.min_us <= t.avg_us && t.avg_us <= t.max_us, "{t:?}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
 
     // Graceful stop through the guest agent.
     assert_eq!(vm.stop().await.unwrap(), StopMethod::GuestAgent);
