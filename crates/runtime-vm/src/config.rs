@@ -278,6 +278,10 @@ pub struct VmConfig {
     pub peripherals: Vec<Grant>,
     /// Running only after the telvirt guest agent says ready (off for images without it).
     pub wait_for_agent: bool,
+    /// Directory of this VM's pid file, sockets, console log and grants (survives restarts);
+    /// default `<manager root>/<name>`. Keep it short: unix socket paths are limited.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
     pub ready_timeout: Duration,
     pub stop_timeout: Duration,
 }
@@ -304,6 +308,7 @@ impl VmConfig {
             accel: AccelChoice::Auto,
             peripherals: Vec::new(),
             wait_for_agent: true,
+            state_dir: None,
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(30),
         }

@@ -135,8 +135,16 @@ impl VmManager {
         self
     }
 
+    /// Default state directory of a VM: `<root>/<name>`.
     pub fn state_dir(&self, name: &str) -> PathBuf {
         self.root.join(name)
+    }
+
+    /// The state directory a config uses: its own `state_dir`, else `<root>/<name>`.
+    pub fn dir_of(&self, cfg: &VmConfig) -> PathBuf {
+        cfg.state_dir
+            .clone()
+            .unwrap_or_else(|| self.state_dir(&cfg.name))
     }
 
     /// Start a VM: validate, resolve the accelerator, launch paused, pin, plug peripherals,
@@ -144,7 +152,7 @@ impl VmManager {
     pub async fn start(&self, cfg: VmConfig) -> Result<VmHandle> {
         let online = pin::online_cpus()?;
         cfg.validate(&online)?;
-        let dir = self.state_dir(&cfg.name);
+        let dir = self.dir_of(&cfg);
         if let Some(pid) = read_pid(&dir)
             && owns_process(pid, &cfg.name)
         {
@@ -262,7 +270,12 @@ impl VmManager {
     /// Re-adopt a VM started by an earlier manager from its state directory.
     pub async fn adopt(&self, name: &str) -> Result<VmHandle> {
         crate::config::validate_name(name)?;
-        let dir = self.state_dir(name);
+        self.adopt_dir(&self.state_dir(name)).await
+    }
+
+    /// Re-adopt the VM whose state directory is `dir` (a `VmConfig::state_dir` of an earlier start).
+    pub async fn adopt_dir(&self, dir: &Path) -> Result<VmHandle> {
+        let dir = dir.to_path_buf();
         let not = |reason: String| Error::NotAdoptable {
             dir: dir.clone(),
             reason,
@@ -271,6 +284,8 @@ impl VmManager {
             &std::fs::read(dir.join("vm.json")).map_err(|e| not(format!("vm.json: {e}")))?,
         )
         .map_err(|e| not(format!("vm.json: {e}")))?;
+        let name = persisted.config.name.clone();
+        let name = name.as_str();
         let pid = read_pid(&dir).ok_or_else(|| not("no qemu.pid".into()))?;
         if !owns_process(pid, name) {
             return Err(not(format!(

@@ -396,10 +396,23 @@ async fn vm_without_agent_runs_and_stops_via_acpi() {
     let mgr = common::manager(root.path());
     let mut cfg = common::config("noagent1");
     cfg.wait_for_agent = false;
-    let vm = mgr.start(cfg).await.unwrap();
-    let _guard = VmGuard(vm.clone());
+    // An explicit state directory outside the manager's root.
+    let own = common::state_root();
+    cfg.state_dir = Some(own.path().join("vm"));
+    let first = mgr.start(cfg).await.unwrap();
+    let _guard = PidGuard(first.pid());
+    assert_eq!(first.phase(), VmPhase::Running);
+    assert_eq!(first.state_dir(), own.path().join("vm"));
+    assert!(own.path().join("vm/qmp.sock").exists());
+    assert!(first.qmp().query_status().await.unwrap().running);
+    // QMP takes one client: drop the first handle, then adopt by directory (the name-based
+    // root has nothing).
+    let pid = first.pid();
+    drop(first);
+    assert!(mgr.adopt("noagent1").await.is_err());
+    let vm = mgr.adopt_dir(&own.path().join("vm")).await.unwrap();
+    assert_eq!(vm.pid(), pid);
     assert_eq!(vm.phase(), VmPhase::Running);
-    assert!(vm.qmp().query_status().await.unwrap().running);
     // No agent connection: agent requests fail clearly.
     let e = vm.health(T).await.unwrap_err();
     assert!(e.to_string().contains("no guest agent"), "{e}");
