@@ -11,11 +11,25 @@ use std::time::Duration;
 use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Request, Workload};
 use telvirt_runtime_vm::{
-    AccelChoice, AccelProbe, CpuSet, DiskFormat, Error, Grant, HugePageSize, Peripheral,
+    AccelChoice, AccelProbe, CpuSet, DiskFormat, Error, Grant, HugePageSize, Peripheral, QmpEvent,
     StopMethod, VmPhase, pin,
 };
 
 const T: Duration = Duration::from_secs(30);
+
+/// The next STOP or RESUME event (others are skipped), within 10 s.
+async fn next_lifecycle_event(rx: &mut tokio::sync::broadcast::Receiver<QmpEvent>) -> QmpEvent {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await.unwrap() {
+                e @ (QmpEvent::Stop | QmpEvent::Resume) => return e,
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("a STOP or RESUME event within 10 s")
+}
 
 struct Tap(String);
 
@@ -91,7 +105,9 @@ async fn lifecycle_pinning_lock_peripherals_and_stop() {
     assert!(h1.mem_total_kib > 100 * 1024, "{h1:?}");
 
     // Lock: paused, changes refused, nothing changed.
+    let mut events = vm.qmp().events();
     vm.pause().await.unwrap();
+    assert_eq!(next_lifecycle_event(&mut events).await, QmpEvent::Stop);
     assert_eq!(vm.phase(), VmPhase::Paused);
     assert!(!vm.qmp().query_status().await.unwrap().running);
     let err = vm
@@ -110,6 +126,7 @@ async fn lifecycle_pinning_lock_peripherals_and_stop() {
     ));
     assert_eq!(vm.peripherals().await.len(), 1);
     vm.resume().await.unwrap();
+    assert_eq!(next_lifecycle_event(&mut events).await, QmpEvent::Resume);
     assert_eq!(vm.phase(), VmPhase::Running);
     let h2 = vm.health(T).await.unwrap();
     assert!(
