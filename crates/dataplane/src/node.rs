@@ -94,6 +94,9 @@ pub struct PortIo {
     pub(crate) tx: Option<TxLink>,
     pub(crate) rx: Vec<Consumer<Packet>>,
     pub(crate) unlinked_drops: u64,
+    /// The outgoing link was removed from the graph but is kept until the node has drained
+    /// every incoming ring whose producer is gone (ADR 022).
+    pub(crate) retiring: bool,
 }
 
 /// What a node sees while it is polled.

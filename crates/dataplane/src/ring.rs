@@ -313,6 +313,11 @@ impl<T: RingItem> Consumer<T> {
         self.len() == 0
     }
 
+    /// True once the producer has been dropped (items may still be queued).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed().load(Ordering::Acquire) != 0
+    }
+
     /// True once the producer has been dropped and every item it enqueued has been read: the
     /// ring can be discarded without losing anything.
     pub fn is_finished(&mut self) -> bool {

@@ -230,12 +230,14 @@ fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
             Cmd::AttachTx { id, port, tx } => {
                 if let Some(p) = port_of(slots, id, port) {
                     p.tx = Some(tx);
+                    p.retiring = false;
                 }
             }
             Cmd::DetachTx { id, port } => {
                 if let Some(p) = port_of(slots, id, port) {
-                    p.tx = None;
+                    p.retiring = p.tx.is_some();
                 }
+                retire_drained(slots);
             }
             Cmd::AttachRx { id, port, rx } => {
                 if let Some(p) = port_of(slots, id, port) {
@@ -249,6 +251,32 @@ fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
     }
 }
 
+/// Drop the outgoing links marked `retiring` of every node that has no incoming ring left to
+/// drain (a ring whose producer is gone but still holds packets). Until then the node keeps
+/// forwarding the old upstream's packets over the old downstream link, so replacing a chain
+/// segment loses nothing.
+fn retire_drained(slots: &mut [Slot]) -> bool {
+    let mut pending = false;
+    for s in slots.iter_mut() {
+        if !s.ports.iter().any(|p| p.retiring) {
+            continue;
+        }
+        let draining = s
+            .ports
+            .iter_mut()
+            .any(|p| p.rx.iter_mut().any(|c| c.is_closed() && !c.is_empty()));
+        for p in s.ports.iter_mut().filter(|p| p.retiring) {
+            if draining {
+                pending = true;
+            } else {
+                p.tx = None;
+                p.retiring = false;
+            }
+        }
+    }
+    pending
+}
+
 fn port_of(slots: &mut [Slot], id: u64, port: usize) -> Option<&mut PortIo> {
     slots
         .iter_mut()
@@ -260,6 +288,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
     let mut slots: Vec<Slot> = Vec::new();
     let mut cache = PoolCache::new();
     let mut idle_rounds = 0u32;
+    let mut retiring = false;
     loop {
         if ctl.pending.load(Ordering::Acquire) {
             let cmds = {
@@ -268,6 +297,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
                 std::mem::take(&mut *q)
             };
             apply(&mut slots, cmds);
+            retiring = true;
         }
         if ctl.stop.load(Ordering::Acquire) {
             break;
@@ -280,6 +310,9 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
                 ports: &mut s.ports,
             };
             work += s.node.poll(&mut io);
+        }
+        if retiring {
+            retiring = retire_drained(&mut slots);
         }
         ctl.rounds.fetch_add(1, Ordering::Relaxed);
         if work == 0 {

@@ -391,3 +391,78 @@ fn pcap_sink_then_pcap_source_replays_the_same_frames() {
     p.shutdown();
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn replacing_a_whole_chain_segment_drains_the_old_one() {
+    // gen -> fw1 -> sink.a becomes gen -> fw2 -> sink.b in one apply: fw1 keeps its old
+    // output link until it has forwarded what was queued for it.
+    let pool = Arc::new(Pool::new("swap", 8192, 2048).unwrap());
+    let mut p = panel(&pool);
+    const N: u64 = 50_000;
+    let g = make_gen(N, Some(300_000));
+    let gstats = g.stats();
+    let sink = LatencySink::new(32);
+    let st = sink.state();
+    p.add_node("gen", &["out"], 0, Box::new(g)).unwrap();
+    for name in ["fw1", "fw2"] {
+        let fw = Box::new(ProcessorNode::new(Firewall::new(vec![], Action::Allow), 32));
+        // fw1 on the sink's worker so that it lags behind the generator and has a backlog.
+        p.add_node(name, &["in", "out"], 1, fw).unwrap();
+    }
+    p.add_node("sink", &["a", "b"], 1, Box::new(sink)).unwrap();
+    p.apply(&links(&["gen.out -> fw1.in", "fw1.out -> sink.a"]))
+        .unwrap();
+    wait_for("traffic through fw1", 30, || {
+        st.lock().unwrap().received > 1000
+    });
+    let r = p
+        .apply(&links(&["gen.out -> fw2.in", "fw2.out -> sink.b"]))
+        .unwrap();
+    assert_eq!((r.added.len(), r.removed.len()), (2, 2));
+    wait_for("generator done", 60, || gstats.done.load(Ordering::Acquire));
+    wait_for("every packet at the sink", 60, || {
+        st.lock().unwrap().received == N
+    });
+    assert_eq!(st.lock().unwrap().summary().lost, 0);
+    p.shutdown();
+}
+
+#[test]
+fn workers_run_their_nodes_on_the_pinned_core() {
+    struct WhereAmI(Arc<Mutex<Vec<Option<usize>>>>);
+    impl Node for WhereAmI {
+        fn poll(&mut self, _io: &mut NodeIo<'_>) -> usize {
+            let mut v = self.0.lock().unwrap();
+            if v.len() < 100 {
+                v.push(telvirt_dataplane::worker::current_core());
+            }
+            0
+        }
+    }
+    let pool = Arc::new(Pool::new("pin", 64, 128).unwrap());
+    let mut p = panel(&pool);
+    let cores: Vec<usize> = p
+        .workers()
+        .iter()
+        .map(|w| w.config().core.unwrap())
+        .collect();
+    let seen: Vec<_> = (0..2).map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+    for (w, s) in seen.iter().enumerate() {
+        p.add_node(
+            &format!("probe{w}"),
+            &[],
+            w,
+            Box::new(WhereAmI(Arc::clone(s))),
+        )
+        .unwrap();
+    }
+    for (w, s) in seen.iter().enumerate() {
+        wait_for("100 polls", 30, || s.lock().unwrap().len() == 100);
+        assert!(
+            s.lock().unwrap().iter().all(|c| *c == Some(cores[w])),
+            "worker {w} left core {}",
+            cores[w]
+        );
+    }
+    p.shutdown();
+}
