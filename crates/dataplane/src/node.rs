@@ -92,11 +92,17 @@ pub struct TxLink {
 #[derive(Default)]
 pub struct PortIo {
     pub(crate) tx: Option<TxLink>,
-    pub(crate) rx: Vec<Consumer<Packet>>,
+    pub(crate) rx: Vec<RxLink>,
     pub(crate) unlinked_drops: u64,
-    /// The outgoing link was removed from the graph but is kept until the node has drained
-    /// every incoming ring whose producer is gone (ADR 022).
-    pub(crate) retiring: bool,
+    /// The outgoing link was removed from the graph but is kept until the node's incoming
+    /// rings with these link serials (removed in the same change) are drained (ADR 022).
+    pub(crate) retiring: Option<Vec<u64>>,
+}
+
+/// The receiving end of a link, tagged with the link's serial number.
+pub(crate) struct RxLink {
+    pub(crate) serial: u64,
+    pub(crate) ring: Consumer<Packet>,
 }
 
 /// What a node sees while it is polled.
@@ -151,7 +157,7 @@ impl<'a> NodeIo<'a> {
         };
         let mut got = 0;
         let mut finished = false;
-        for c in p.rx.iter_mut() {
+        for c in p.rx.iter_mut().map(|l| &mut l.ring) {
             if got >= max {
                 break;
             }
@@ -162,7 +168,7 @@ impl<'a> NodeIo<'a> {
             got += n;
         }
         if finished {
-            p.rx.retain_mut(|c| !c.is_finished());
+            p.rx.retain_mut(|l| !l.ring.is_finished());
         }
         got
     }

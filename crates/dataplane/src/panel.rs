@@ -27,6 +27,7 @@ struct NodeEntry {
 
 struct LiveLink {
     to: PortRef,
+    serial: u64,
     counters: Arc<LinkCounters>,
 }
 
@@ -191,15 +192,27 @@ impl PatchPanel {
         let mut per_worker: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
         for l in &removed {
             let (id, w, port) = self.locate(&l.from);
-            per_worker[w].push(Cmd::DetachTx { id, port });
+            // Incoming links of the same node removed in this change: the node forwards what
+            // is still queued on them before its old outgoing link goes (ADR 022).
+            let after: Vec<u64> = removed
+                .iter()
+                .filter(|r| r.to.node == l.from.node)
+                .filter_map(|r| self.links.get(&r.from).map(|x| x.serial))
+                .collect();
+            per_worker[w].push(Cmd::DetachTx { id, port, after });
+        }
+        for l in &removed {
             self.links.remove(&l.from);
         }
         let mut rx_cmds: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
         for (l, producer, consumer) in fresh {
             let (did, dw, dport) = self.locate(&l.to);
+            let serial = self.next_id;
+            self.next_id += 1;
             rx_cmds[dw].push(Cmd::AttachRx {
                 id: did,
                 port: dport,
+                serial,
                 rx: consumer,
             });
             let counters = Arc::new(LinkCounters::default());
@@ -216,6 +229,7 @@ impl PatchPanel {
                 l.from.clone(),
                 LiveLink {
                     to: l.to.clone(),
+                    serial,
                     counters,
                 },
             );

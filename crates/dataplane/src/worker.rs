@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::node::{Node, NodeIo, PortIo, TxLink};
+use crate::node::{Node, NodeIo, PortIo, RxLink, TxLink};
 use crate::pool::{Packet, Pool, PoolCache};
 use crate::ring::Consumer;
 
@@ -98,13 +98,17 @@ pub(crate) enum Cmd {
         port: usize,
         tx: TxLink,
     },
+    /// Retire the port's outgoing link once the node's incoming links with the serials in
+    /// `after` (removed in the same change) are drained.
     DetachTx {
         id: u64,
         port: usize,
+        after: Vec<u64>,
     },
     AttachRx {
         id: u64,
         port: usize,
+        serial: u64,
         rx: Consumer<Packet>,
     },
     Barrier(mpsc::Sender<()>),
@@ -230,18 +234,23 @@ fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
             Cmd::AttachTx { id, port, tx } => {
                 if let Some(p) = port_of(slots, id, port) {
                     p.tx = Some(tx);
-                    p.retiring = false;
+                    p.retiring = None;
                 }
             }
-            Cmd::DetachTx { id, port } => {
+            Cmd::DetachTx { id, port, after } => {
                 if let Some(p) = port_of(slots, id, port) {
-                    p.retiring = p.tx.is_some();
+                    p.retiring = Some(after);
                 }
                 retire_drained(slots);
             }
-            Cmd::AttachRx { id, port, rx } => {
+            Cmd::AttachRx {
+                id,
+                port,
+                serial,
+                rx,
+            } => {
                 if let Some(p) = port_of(slots, id, port) {
-                    p.rx.push(rx);
+                    p.rx.push(RxLink { serial, ring: rx });
                 }
             }
             Cmd::Barrier(done) => {
@@ -251,26 +260,29 @@ fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
     }
 }
 
-/// Drop the outgoing links marked `retiring` of every node that has no incoming ring left to
-/// drain (a ring whose producer is gone but still holds packets). Until then the node keeps
-/// forwarding the old upstream's packets over the old downstream link, so replacing a chain
-/// segment loses nothing.
+/// Drop the outgoing links marked `retiring` whose node no longer holds any of the incoming
+/// rings they wait for (rings are discarded once their producer is gone and they are empty).
+/// Until then the node keeps forwarding the old upstream's packets over the old downstream
+/// link, so replacing a chain segment loses nothing. Returns true while some wait remains.
 fn retire_drained(slots: &mut [Slot]) -> bool {
     let mut pending = false;
     for s in slots.iter_mut() {
-        if !s.ports.iter().any(|p| p.retiring) {
+        if !s.ports.iter().any(|p| p.retiring.is_some()) {
             continue;
         }
-        let draining = s
+        let live: Vec<u64> = s
             .ports
             .iter_mut()
-            .any(|p| p.rx.iter_mut().any(|c| c.is_closed() && !c.is_empty()));
-        for p in s.ports.iter_mut().filter(|p| p.retiring) {
-            if draining {
+            .flat_map(|p| p.rx.iter_mut())
+            .filter_map(|l| (!l.ring.is_finished()).then_some(l.serial))
+            .collect();
+        for p in s.ports.iter_mut() {
+            let Some(after) = &p.retiring else { continue };
+            if after.iter().any(|x| live.contains(x)) {
                 pending = true;
             } else {
                 p.tx = None;
-                p.retiring = false;
+                p.retiring = None;
             }
         }
     }
@@ -336,7 +348,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
     for s in slots.iter_mut() {
         for p in s.ports.iter_mut() {
             let mut v = Vec::new();
-            for c in p.rx.iter_mut() {
+            for c in p.rx.iter_mut().map(|l| &mut l.ring) {
                 while c.pop_into(&mut v, 256) > 0 {
                     cache.free_all(pool, &mut v);
                 }
