@@ -609,6 +609,29 @@ mod tests {
     }
 
     #[test]
+    fn chain_bench_rejects_bad_options() {
+        for bad in [
+            ChainOpts {
+                packets: 0,
+                ..ChainOpts::default()
+            },
+            ChainOpts {
+                latency_rate_pps: 0,
+                ..ChainOpts::default()
+            },
+        ] {
+            let e = chain(&bad, &mut |_, _| {}).unwrap_err().to_string();
+            assert!(e.contains("bench.chain"), "{e}");
+        }
+        let bad = ChainOpts {
+            size: 10,
+            ..ChainOpts::default()
+        };
+        let e = chain(&bad, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("gen.sizes"), "{e}");
+    }
+
+    #[test]
     fn chain_bench_runs_small_and_has_json_fields() {
         let opts = ChainOpts {
             packets: 20_000,

@@ -466,3 +466,40 @@ fn workers_run_their_nodes_on_the_pinned_core() {
     }
     p.shutdown();
 }
+
+#[test]
+fn bad_panel_requests_are_precise_and_change_nothing() {
+    let pool = Arc::new(Pool::new("bad", 64, 128).unwrap());
+    let e = PatchPanel::new(Arc::clone(&pool), vec![], 1024)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("panel.workers"), "{e}");
+    let e = PatchPanel::new(Arc::clone(&pool), vec![WorkerConfig::new("w", None)], 1000)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("ring.capacity"), "{e}");
+    let mut p = panel(&pool);
+    let node = || Box::new(make_gen(1, None));
+    for (name, ports, worker, want) in [
+        ("", &["out"][..], 0, "must be non-empty"),
+        ("a.b", &["out"][..], 0, "without '.'"),
+        ("g", &["out"][..], 7, "7 is not a worker index (0..2)"),
+        ("g", &["out", "out"][..], 0, "port \"out\" listed twice"),
+    ] {
+        let e = p
+            .add_node(name, ports, worker, node())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{name:?}: {e}");
+    }
+    p.add_node("g", &["out"], 0, node()).unwrap();
+    let e = p
+        .add_node("g", &["out"], 0, node())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("node g already exists"), "{e}");
+    let e = p.remove_node("nope").err().unwrap().to_string();
+    assert!(e.contains("unknown node \"nope\""), "{e}");
+    assert!(p.current_links().is_empty());
+    p.shutdown();
+}
