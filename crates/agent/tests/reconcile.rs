@@ -129,10 +129,11 @@ fn assignment(runtime: &str) -> Assignment {
         placement: Placement {
             role: Role::Active,
             host: "h1".into(),
-            cpus: vec![1],
+            vcpus: vec![vec![1]],
             emulator_cpus: vec![0],
+            held: vec![],
             numa_nodes: vec![0],
-            exclusive: true,
+            group: None,
         },
         desired: DesiredState::Running,
         locked: false,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::error::FieldError;
-use crate::lifecycle::{DesiredState, Phase, Placement};
+use crate::lifecycle::{DesiredState, Phase, Placement, Role};
 use crate::name::Name;
 use crate::vnf::VnfDescriptor;
 
@@ -46,14 +46,24 @@ pub enum CpuUse {
     Free,
     /// Kept for the host OS; never handed out.
     Reserved,
-    /// The shared set: host OS, agents, emulator threads.
+    /// The shared set: host OS, agents, shared emulator threads.
     Shared,
-    /// Held by one VNF exclusively.
-    Dedicated { vnf: String },
-    /// Belongs to a shared group.
-    Group { group: String, vnfs: Vec<String> },
-    /// Kept empty as the SMT sibling of an isolated dedicated core.
-    Sibling { vnf: String },
+    /// In no set.
+    Unassigned,
+    /// Held by one VNF instance exclusively.
+    Vnf {
+        vnf: String,
+        role: Role,
+        /// `vcpu N`, `emulator`, or `held` (an SMT sibling kept empty).
+        purpose: String,
+    },
+    /// A core of a shared group.
+    Group {
+        group: String,
+        authority: String,
+        /// vCPUs on this core.
+        vcpus: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -96,16 +96,31 @@ pub enum Role {
 pub struct Placement {
     pub role: Role,
     pub host: String,
-    /// Linux logical CPU numbers, one per vCPU or worker, in order.
-    pub cpus: Vec<u32>,
+    /// Per vCPU or worker, in order, the Linux logical CPUs it runs on: one CPU when held
+    /// exclusively, the threads of the group's core when shared.
+    pub vcpus: Vec<Vec<u32>>,
     /// Where the emulator (QEMU's own threads) runs; empty for wasm.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub emulator_cpus: Vec<u32>,
-    /// NUMA nodes the CPUs lie on.
+    /// CPUs kept empty for this VNF (SMT siblings under `thread_policy: isolate`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<u32>,
+    /// NUMA nodes the CPUs (and memory) lie on.
     #[serde(default)]
     pub numa_nodes: Vec<u32>,
-    /// Whether the CPUs are held exclusively (dedicated/pinned) or shared with a group.
-    pub exclusive: bool,
+    /// The shared group whose core the vCPUs share, for `policy: shared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl Placement {
+    /// Every CPU a vCPU or worker may run on, sorted, without repeats.
+    pub fn cpus(&self) -> Vec<u32> {
+        let mut all: Vec<u32> = self.vcpus.iter().flatten().copied().collect();
+        all.sort_unstable();
+        all.dedup();
+        all
+    }
 }
 
 /// A VNF as the control plane keeps it.

@@ -1,0 +1,63 @@
+//! Bearer tokens of management authorities.
+//!
+//! Owns making tokens and hashing them. It must not store or log a token: only its SHA-256 is
+//! kept, and the plain token is shown once, to whoever created the authority.
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+/// Prefix that makes telvirt tokens recognisable in configuration files.
+pub const TOKEN_PREFIX: &str = "tvt_";
+
+/// A new random token: the prefix and 32 random bytes in hex.
+pub fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("{TOKEN_PREFIX}{}", hex(&bytes))
+}
+
+/// SHA-256 of a token, hex.
+pub fn token_hash(token: &str) -> String {
+    hex(&Sha256::digest(token.as_bytes()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Compares two hashes in time independent of where they differ.
+pub fn hashes_equal(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_unique_and_prefixed() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a, b);
+        assert!(a.starts_with(TOKEN_PREFIX));
+        assert_eq!(a.len(), TOKEN_PREFIX.len() + 64);
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        assert_eq!(
+            token_hash("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(hashes_equal(&token_hash("x"), &token_hash("x")));
+        assert!(!hashes_equal(&token_hash("x"), &token_hash("y")));
+    }
+}

@@ -1,0 +1,548 @@
+//! The REST API: JSON over HTTP under `/v1/`, RFC 9457 problems, the OpenAPI document and the
+//! descriptor's JSON Schema, Prometheus metrics.
+//!
+//! Owns routes, authentication of requests, status codes and body limits. It must not hold
+//! rules: every decision is the controller's, this module only translates.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use telvirt_model::api::{Authority, AuthorityToken, CreateAuthority, Health, HostView, Problem};
+use telvirt_model::{Event, FieldError, Format, ModelError, Vnf, VnfDescriptor};
+use utoipa::OpenApi;
+
+use crate::service::{Caller, Controller, ControllerError, Deletion};
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 1 << 20;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub controller: Arc<Controller>,
+}
+
+/// An error answered as `application/problem+json`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    detail: String,
+    errors: Vec<FieldError>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            detail: detail.into(),
+            errors: Vec::new(),
+        }
+    }
+}
+
+impl From<ControllerError> for ApiError {
+    fn from(e: ControllerError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ControllerError::Descriptor(ModelError::Syntax(f)) => Self {
+                status: StatusCode::BAD_REQUEST,
+                kind: "malformed-descriptor",
+                detail,
+                errors: vec![f],
+            },
+            ControllerError::Descriptor(ModelError::Invalid(fields)) => Self {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                kind: "invalid-descriptor",
+                detail,
+                errors: fields,
+            },
+            ControllerError::Invalid(f) => Self {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                kind: "invalid-request",
+                detail,
+                errors: vec![f],
+            },
+            ControllerError::Unauthorized => {
+                Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+            }
+            ControllerError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", detail),
+            ControllerError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not-found", detail),
+            ControllerError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", detail),
+            ControllerError::Locked { .. } => Self::new(StatusCode::CONFLICT, "locked", detail),
+            ControllerError::Store(_)
+            | ControllerError::Corrupt(_)
+            | ControllerError::Scheduler(_) => {
+                tracing::error!("internal error: {detail}");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", detail)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let problem = Problem {
+            kind: format!("urn:telvirt:problem:{}", self.kind),
+            title: self.status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: self.status.as_u16(),
+            detail: self.detail,
+            errors: self.errors,
+        };
+        let body = serde_json::to_vec(&problem).unwrap_or_default();
+        let mut response = (self.status, body).into_response();
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The authenticated caller of a request.
+pub struct Authed(pub Caller);
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or(ControllerError::Unauthorized)?;
+        Ok(Authed(state.controller.authenticate(token.trim()).await?))
+    }
+}
+
+/// A request body within [`MAX_BODY`], with the format its content type names.
+pub struct Body {
+    bytes: Bytes,
+    format: Format,
+}
+
+impl FromRequest<AppState> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let content_type = req
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                v.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase()
+            });
+        let format = match content_type.as_deref() {
+            Some("application/json") => Some(Format::Json),
+            Some("application/yaml" | "application/x-yaml" | "text/yaml") => Some(Format::Yaml),
+            None => None,
+            Some(other) => {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported-media-type",
+                    format!(
+                        "content type {other} is not accepted; send application/json or application/yaml"
+                    ),
+                ));
+            }
+        };
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            let status = rejection.status();
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    status,
+                    "body-too-large",
+                    format!("the request body is larger than {MAX_BODY} bytes"),
+                )
+            } else {
+                ApiError::new(status, "unreadable-body", rejection.body_text())
+            }
+        })?;
+        let format = format.unwrap_or_else(|| Format::sniff(&bytes));
+        Ok(Body { bytes, format })
+    }
+}
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    (status, Json(value)).into_response()
+}
+
+/// The whole API.
+pub fn router(controller: Arc<Controller>) -> Router {
+    let state = AppState { controller };
+    Router::new()
+        .route("/v1/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/schema/vnf", get(vnf_schema))
+        .route("/v1/vnfs", get(list_vnfs).post(create_vnf))
+        .route("/v1/vnfs/{name}", get(show_vnf).delete(delete_vnf))
+        .route("/v1/vnfs/{name}/events", get(vnf_events))
+        .route("/v1/vnfs/{name}/start", post(start_vnf))
+        .route("/v1/vnfs/{name}/stop", post(stop_vnf))
+        .route("/v1/vnfs/{name}/lock", post(lock_vnf))
+        .route("/v1/vnfs/{name}/unlock", post(unlock_vnf))
+        .route("/v1/hosts", get(list_hosts))
+        .route("/v1/hosts/{name}", get(show_host))
+        .route("/v1/hosts/{name}/coremap", get(host_core_map))
+        .route(
+            "/v1/authorities",
+            get(list_authorities).post(create_authority),
+        )
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(req).await;
+    state
+        .controller
+        .metrics()
+        .request(&method, &route, response.status().as_u16());
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such API path; see /v1/openapi.json",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this path does not take that method; see /v1/openapi.json",
+    )
+}
+
+#[utoipa::path(get, path = "/v1/healthz", tag = "node",
+    responses((status = 200, description = "The node answers", body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "node",
+    responses((status = 200, description = "This document", content_type = "application/json")))]
+async fn openapi() -> Json<serde_json::Value> {
+    Json(openapi_document())
+}
+
+#[utoipa::path(get, path = "/v1/schema/vnf", tag = "node",
+    responses((status = 200, description = "JSON Schema (2020-12) of the VNF descriptor", content_type = "application/json")))]
+async fn vnf_schema() -> Json<serde_json::Value> {
+    Json(descriptor_schema())
+}
+
+#[utoipa::path(get, path = "/v1/vnfs", tag = "vnfs", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The VNFs the caller may see", body = [Vnf]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_vnfs(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &s.controller.vnfs(&caller).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vnfs", tag = "vnfs", security(("bearer" = [])),
+    request_body(content(
+        (VnfDescriptor = "application/json"),
+        (VnfDescriptor = "application/yaml"),
+    ), description = "A VNF descriptor"),
+    responses(
+        (status = 201, description = "Accepted and stored; placement follows", body = Vnf),
+        (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Fields break the descriptor's rules", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_vnf(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let vnf = s
+        .controller
+        .create_vnf(&caller, &body.bytes, body.format)
+        .await?;
+    Ok(json(StatusCode::CREATED, &vnf))
+}
+
+#[utoipa::path(get, path = "/v1/vnfs/{name}", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    responses(
+        (status = 200, description = "The VNF", body = Vnf),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn show_vnf(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.vnf(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/vnfs/{name}", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    responses(
+        (status = 202, description = "Stopping; removed once stopped", body = Vnf),
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already being deleted", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_vnf(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(match s.controller.delete(&caller, &name).await? {
+        Deletion::Deleted => StatusCode::NO_CONTENT.into_response(),
+        Deletion::Pending(vnf) => json(StatusCode::ACCEPTED, &*vnf),
+    })
+}
+
+#[utoipa::path(get, path = "/v1/vnfs/{name}/events", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    responses(
+        (status = 200, description = "Lifecycle events, oldest first", body = [Event]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn vnf_events(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.events(&caller, &name).await?,
+    ))
+}
+
+macro_rules! vnf_action {
+    ($fn:ident, $method:ident, $path:literal, $what:literal) => {
+        #[utoipa::path(post, path = $path, tag = "vnfs", security(("bearer" = [])),
+            params(("name" = String, Path, description = "VNF name")),
+            responses(
+                (status = 200, description = $what, body = Vnf),
+                (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+                (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+                (status = 409, description = "Locked, not locked, or being deleted", body = Problem, content_type = "application/problem+json"),
+            ))]
+        async fn $fn(
+            State(s): State<AppState>,
+            Authed(caller): Authed,
+            Path(name): Path<String>,
+        ) -> Result<Response, ApiError> {
+            Ok(json(StatusCode::OK, &s.controller.$method(&caller, &name).await?))
+        }
+    };
+}
+
+vnf_action!(
+    start_vnf,
+    start,
+    "/v1/vnfs/{name}/start",
+    "Desired state is now Running"
+);
+vnf_action!(
+    stop_vnf,
+    stop,
+    "/v1/vnfs/{name}/stop",
+    "Desired state is now Stopped"
+);
+vnf_action!(
+    lock_vnf,
+    lock,
+    "/v1/vnfs/{name}/lock",
+    "Locked: paused, refusing changes"
+);
+vnf_action!(unlock_vnf, unlock, "/v1/vnfs/{name}/unlock", "Unlocked");
+
+#[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Hosts with their core maps", body = [HostView]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_hosts(State(s): State<AppState>, Authed(_): Authed) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &s.controller.hosts().await?))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "The host and its core map", body = HostView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn show_host(
+    State(s): State<AppState>,
+    Authed(_): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &s.controller.host(&name).await?))
+}
+
+#[utoipa::path(get, path = "/v1/hosts/{name}/coremap", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "The core map as text", body = String, content_type = "text/plain"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn host_core_map(
+    State(s): State<AppState>,
+    Authed(_): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(s.controller.host_core_map(&name).await?.into_response())
+}
+
+#[utoipa::path(get, path = "/v1/authorities", tag = "authorities", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "All authorities (admin) or the caller's own", body = [Authority]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_authorities(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.authorities(&caller).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/authorities", tag = "authorities", security(("bearer" = [])),
+    request_body(content = CreateAuthority, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created; the token is shown only now", body = AuthorityToken),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin creates authorities", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid name", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_authority(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let request: CreateAuthority =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    let created = s
+        .controller
+        .create_authority(&caller, &request.name)
+        .await?;
+    Ok(json(StatusCode::CREATED, &created))
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "node",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
+async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
+    let phases = s.controller.phase_counts().await?;
+    let text = s.controller.metrics().render(&phases);
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    Ok(response)
+}
+
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
+    paths(
+        healthz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
+        start_vnf, stop_vnf, lock_vnf, unlock_vnf, list_hosts, show_host, host_core_map,
+        list_authorities, create_authority, metrics
+    ),
+    modifiers(&BearerScheme)
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3.1 document of this API.
+pub fn openapi_document() -> serde_json::Value {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    serde_json::to_value(doc).unwrap_or_default()
+}
+
+/// A standalone JSON Schema (2020-12) of the VNF descriptor, built from the OpenAPI components.
+pub fn descriptor_schema() -> serde_json::Value {
+    let doc = openapi_document();
+    let defs = doc
+        .pointer("/components/schemas")
+        .cloned()
+        .unwrap_or_default();
+    let text = serde_json::to_string(&defs)
+        .unwrap_or_default()
+        .replace("#/components/schemas/", "#/$defs/");
+    let defs: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "urn:telvirt:schema:vnf:v1",
+        "title": "telvirt VNF descriptor (telvirt/v1)",
+        "$ref": "#/$defs/VnfDescriptor",
+        "$defs": defs,
+    })
+}

@@ -1,0 +1,17 @@
+//! telvirt's controller: the REST API, authorities, scheduling calls and lifecycle events.
+//!
+//! Everything it decides is written to the store first, then acted on by agents. It must not
+//! start processes or talk to runtimes: agents do that through their `ControlLink`.
+
+pub mod auth;
+pub mod http;
+pub mod link;
+pub mod metrics;
+pub mod placement;
+pub mod records;
+pub mod service;
+
+pub use http::{descriptor_schema, openapi_document, router};
+pub use link::LocalLink;
+pub use records::HostRecord;
+pub use service::{Caller, Controller, ControllerError, Deletion};

@@ -1,0 +1,45 @@
+//! The in-process agent ↔ controller link of an all-in-one node.
+//!
+//! Owns handing assignments to the local agent and its observations back. It must stay a thin
+//! adapter over the controller's agent API (`assignments`, `observe`), the same calls a remote
+//! agent's link makes over the network.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use telvirt_agent::{AgentError, ControlLink};
+use telvirt_model::api::{Assignment, Observation};
+
+use crate::service::Controller;
+
+pub struct LocalLink {
+    controller: Arc<Controller>,
+}
+
+impl LocalLink {
+    pub fn new(controller: Arc<Controller>) -> Self {
+        Self { controller }
+    }
+}
+
+#[async_trait]
+impl ControlLink for LocalLink {
+    async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, AgentError> {
+        self.controller
+            .assignments(host)
+            .await
+            .map_err(|e| AgentError::Link(e.to_string()))
+    }
+
+    async fn report(&self, host: &str, observation: Observation) -> Result<(), AgentError> {
+        self.controller
+            .observe(host, observation)
+            .await
+            .map_err(|e| AgentError::Link(e.to_string()))
+    }
+
+    async fn wait_for_change(&self, max_wait: Duration) {
+        self.controller.assignments_changed(max_wait).await;
+    }
+}

@@ -1,0 +1,73 @@
+//! The controller's key layout in the store and the records kept under it.
+//!
+//! Owns key names and (de)serialization of stored records. It must not decide anything: callers
+//! read, change and write records inside store transactions.
+
+use serde::{Deserialize, Serialize};
+use telvirt_model::api::HugePageView;
+use telvirt_sched::HostSpec;
+
+pub const VNFS: &str = "/vnfs/";
+pub const EVENTS: &str = "/events/";
+pub const AUTHORITIES: &str = "/authorities/";
+pub const HOSTS: &str = "/hosts/";
+pub const ALLOCATIONS: &str = "/allocations/";
+
+pub fn vnf_key(name: &str) -> String {
+    format!("{VNFS}{name}")
+}
+
+pub fn events_prefix(vnf: &str) -> String {
+    format!("{EVENTS}{vnf}/")
+}
+
+/// Zero-padded so that key order is sequence order.
+pub fn event_key(vnf: &str, seq: u64) -> String {
+    format!("{EVENTS}{vnf}/{seq:020}")
+}
+
+pub fn authority_key(name: &str) -> String {
+    format!("{AUTHORITIES}{name}")
+}
+
+pub fn host_key(name: &str) -> String {
+    format!("{HOSTS}{name}")
+}
+
+pub fn allocation_key(vnf: &str) -> String {
+    format!("{ALLOCATIONS}{vnf}")
+}
+
+/// A stored authority: only the hash of its token is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthorityRecord {
+    pub name: String,
+    /// SHA-256 of the token, hex.
+    pub token_sha256: String,
+    pub created_at: String,
+}
+
+/// A stored host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub spec: HostSpec,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub hugepages: Vec<HugePageView>,
+    /// Runtimes its agent runs; empty for a host without an agent.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// Whether an agent serves this host.
+    pub agent: bool,
+}
+
+/// Controller-side bookkeeping kept with a VNF but not part of its API shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VnfRecord {
+    pub vnf: telvirt_model::Vnf,
+    /// Sequence number of the last event.
+    pub last_event: u64,
+    /// Delete was asked while it ran: remove it once the agent reports it stopped.
+    #[serde(default)]
+    pub deleting: bool,
+}

@@ -1,0 +1,730 @@
+//! The controller: every decision about VNFs, authorities and hosts, written to the store first.
+//!
+//! Owns the rules (who may see and change what, when a locked VNF refuses, what a transition
+//! records) and the order of work (store, then act). It must not speak HTTP (the `http` module
+//! does) and must not start processes (agents do, through runtimes).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use telvirt_model::api::{
+    ADMIN_AUTHORITY, Assignment, Authority, AuthorityToken, HostView, Observation,
+};
+use telvirt_model::{
+    DesiredState, Event, FieldError, Format, LockInfo, ModelError, Name, Phase, Vnf, parse_vnf,
+};
+use telvirt_sched::{Allocation, SchedConfig, SchedError, Scheduler};
+use telvirt_store::{Compare, Op, Store, StoreError};
+use tokio::sync::{Mutex, Notify};
+
+use crate::auth;
+use crate::metrics::Metrics;
+use crate::placement;
+use crate::records::{
+    self, AuthorityRecord, HostRecord, VnfRecord, allocation_key, authority_key, event_key,
+    host_key, vnf_key,
+};
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub name: String,
+}
+
+impl Caller {
+    pub fn is_admin(&self) -> bool {
+        self.name == ADMIN_AUTHORITY
+    }
+
+    fn may_see(&self, vnf: &Vnf) -> bool {
+        self.is_admin() || vnf.owner.as_str() == self.name
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("{0}")]
+    Descriptor(#[from] ModelError),
+    #[error("{0}")]
+    Invalid(FieldError),
+    #[error("missing or unknown bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("vnf {vnf} is locked by authority {by} since {since}; unlock it first")]
+    Locked {
+        vnf: String,
+        by: String,
+        since: String,
+    },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("stored data: {0}")]
+    Corrupt(String),
+    #[error("scheduler: {0}")]
+    Scheduler(#[from] SchedError),
+}
+
+type Result<T, E = ControllerError> = std::result::Result<T, E>;
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Deletion {
+    /// Gone now.
+    Deleted,
+    /// Stopping first; removed once its agent reports it stopped.
+    Pending(Box<Vnf>),
+}
+
+pub fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| ControllerError::Corrupt(e.to_string()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))
+}
+
+fn not_found(name: &str) -> ControllerError {
+    ControllerError::NotFound(format!("vnf {name} not found"))
+}
+
+/// How many times a read-modify-write is retried when another writer got in between.
+const CAS_RETRIES: usize = 16;
+
+pub struct Controller {
+    store: Arc<dyn Store>,
+    scheduler: Mutex<Scheduler>,
+    /// Wakes agents: assignments may have changed.
+    assignments_changed: Notify,
+    /// Wakes the scheduling loop.
+    schedule_wanted: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Controller {
+    /// A controller over `store`, with the scheduler rebuilt from stored hosts and allocations.
+    pub async fn open(store: Arc<dyn Store>, config: SchedConfig) -> Result<Arc<Self>> {
+        let mut scheduler = Scheduler::new(config)?;
+        for (key, v) in store.list(records::HOSTS).await? {
+            let host: HostRecord = decode(&key, &v.value)?;
+            scheduler.add_host(host.spec)?;
+        }
+        for (key, v) in store.list(records::ALLOCATIONS).await? {
+            let alloc: Allocation = decode(&key, &v.value)?;
+            scheduler.restore(&alloc)?;
+        }
+        Ok(Arc::new(Self {
+            store,
+            scheduler: Mutex::new(scheduler),
+            assignments_changed: Notify::new(),
+            schedule_wanted: Notify::new(),
+            metrics: Arc::new(Metrics::default()),
+        }))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Resolves when assignments may have changed, or after `max_wait`.
+    pub async fn assignments_changed(&self, max_wait: Duration) {
+        let _ = tokio::time::timeout(max_wait, self.assignments_changed.notified()).await;
+    }
+
+    fn changed(&self) {
+        self.assignments_changed.notify_waiters();
+        self.schedule_wanted.notify_one();
+    }
+
+    // ----- authorities -----
+
+    /// Makes sure the `admin` authority exists and that `token` (if any) is its token. Returns a
+    /// new admin token when it had to make one (first start, or the given token is not admin's).
+    pub async fn ensure_admin(&self, token: Option<&str>) -> Result<Option<String>> {
+        let key = authority_key(ADMIN_AUTHORITY);
+        let existing = self.store.get(&key).await?;
+        if let (Some(v), Some(token)) = (&existing, token) {
+            let record: AuthorityRecord = decode(&key, &v.value)?;
+            if auth::hashes_equal(&record.token_sha256, &auth::token_hash(token)) {
+                return Ok(None);
+            }
+        }
+        let token = auth::new_token();
+        let record = AuthorityRecord {
+            name: ADMIN_AUTHORITY.to_owned(),
+            token_sha256: auth::token_hash(&token),
+            created_at: now_rfc3339(),
+        };
+        let expected = existing.map_or(0, |v| v.mod_revision);
+        if !self
+            .store
+            .compare_and_swap(&key, expected, encode(&record)?)
+            .await?
+        {
+            return Err(ControllerError::Conflict(
+                "the admin authority changed while it was being set up; try again".into(),
+            ));
+        }
+        Ok(Some(token))
+    }
+
+    /// The authority a bearer token belongs to.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller> {
+        let hash = auth::token_hash(token);
+        for (key, v) in self.store.list(records::AUTHORITIES).await? {
+            let record: AuthorityRecord = decode(&key, &v.value)?;
+            if auth::hashes_equal(&record.token_sha256, &hash) {
+                return Ok(Caller { name: record.name });
+            }
+        }
+        Err(ControllerError::Unauthorized)
+    }
+
+    pub async fn create_authority(&self, caller: &Caller, name: &Name) -> Result<AuthorityToken> {
+        if !caller.is_admin() {
+            return Err(ControllerError::Forbidden(
+                "only the admin authority creates authorities".into(),
+            ));
+        }
+        let token = auth::new_token();
+        let record = AuthorityRecord {
+            name: name.to_string(),
+            token_sha256: auth::token_hash(&token),
+            created_at: now_rfc3339(),
+        };
+        if !self
+            .store
+            .compare_and_swap(&authority_key(name.as_str()), 0, encode(&record)?)
+            .await?
+        {
+            return Err(ControllerError::Conflict(format!(
+                "authority {name} already exists"
+            )));
+        }
+        Ok(AuthorityToken {
+            name: name.clone(),
+            token,
+        })
+    }
+
+    pub async fn authorities(&self, caller: &Caller) -> Result<Vec<Authority>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(records::AUTHORITIES).await? {
+            let record: AuthorityRecord = decode(&key, &v.value)?;
+            if caller.is_admin() || record.name == caller.name {
+                out.push(Authority {
+                    name: record
+                        .name
+                        .parse()
+                        .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?,
+                    created_at: record.created_at,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    // ----- VNFs -----
+
+    async fn load(&self, name: &str) -> Result<Option<(VnfRecord, u64)>> {
+        let key = vnf_key(name);
+        match self.store.get(&key).await? {
+            Some(v) => Ok(Some((decode(&key, &v.value)?, v.mod_revision))),
+            None => Ok(None),
+        }
+    }
+
+    /// The VNF if `caller` may see it; otherwise the same "not found" as for a missing one.
+    async fn load_visible(&self, caller: &Caller, name: &str) -> Result<(VnfRecord, u64)> {
+        match self.load(name).await? {
+            Some((record, rev)) if caller.may_see(&record.vnf) => Ok((record, rev)),
+            _ => Err(not_found(name)),
+        }
+    }
+
+    pub async fn create_vnf(&self, caller: &Caller, text: &[u8], format: Format) -> Result<Vnf> {
+        let descriptor = parse_vnf(text, format)?;
+        let name = descriptor.name().clone();
+        let owner: Name = caller
+            .name
+            .parse()
+            .map_err(|e| ControllerError::Corrupt(format!("authority name: {e}")))?;
+        let now = now_rfc3339();
+        let vnf = Vnf {
+            name: name.clone(),
+            owner,
+            descriptor,
+            desired: DesiredState::Running,
+            phase: Phase::Pending,
+            reason: Some("waiting for a placement".into()),
+            lock: None,
+            placements: Vec::new(),
+            generation: 1,
+            created_at: now.clone(),
+            updated_at: now.clone(),
+        };
+        let event = Event {
+            seq: 1,
+            vnf: name.clone(),
+            at: now,
+            from: None,
+            to: Phase::Pending,
+            reason: format!("created by {}", caller.name),
+            actor: caller.name.clone(),
+        };
+        let record = VnfRecord {
+            vnf: vnf.clone(),
+            last_event: 1,
+            deleting: false,
+        };
+        let outcome = self
+            .store
+            .txn(
+                vec![Compare::ModRevision {
+                    key: vnf_key(name.as_str()),
+                    revision: 0,
+                }],
+                vec![
+                    Op::Put {
+                        key: vnf_key(name.as_str()),
+                        value: encode(&record)?,
+                        lease: None,
+                    },
+                    Op::Put {
+                        key: event_key(name.as_str(), 1),
+                        value: encode(&event)?,
+                        lease: None,
+                    },
+                ],
+            )
+            .await?;
+        if !outcome.succeeded {
+            return Err(ControllerError::Conflict(format!(
+                "the name {name} is already in use; VNF names are unique on this node"
+            )));
+        }
+        self.metrics.event();
+        self.changed();
+        Ok(vnf)
+    }
+
+    pub async fn vnfs(&self, caller: &Caller) -> Result<Vec<Vnf>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            if caller.may_see(&record.vnf) {
+                out.push(record.vnf);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn vnf(&self, caller: &Caller, name: &str) -> Result<Vnf> {
+        Ok(self.load_visible(caller, name).await?.0.vnf)
+    }
+
+    pub async fn events(&self, caller: &Caller, name: &str) -> Result<Vec<Event>> {
+        self.load_visible(caller, name).await?;
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(&records::events_prefix(name)).await? {
+            out.push(decode(&key, &v.value)?);
+        }
+        Ok(out)
+    }
+
+    /// Read-modify-write of one VNF record with compare-and-swap, retried on races. `change`
+    /// returns the phase transition to record as an event, if any.
+    async fn update<F>(&self, name: &str, mut change: F) -> Result<Vnf>
+    where
+        F: FnMut(&mut VnfRecord) -> Result<Option<(Phase, String, String)>>,
+    {
+        for _ in 0..CAS_RETRIES {
+            let (mut record, rev) = self.load(name).await?.ok_or_else(|| not_found(name))?;
+            let before = record.clone();
+            let transition = change(&mut record)?;
+            if record == before {
+                return Ok(record.vnf);
+            }
+            let now = now_rfc3339();
+            record.vnf.updated_at = now.clone();
+            let mut ops = Vec::new();
+            if let Some((to, reason, actor)) = transition {
+                record.last_event += 1;
+                let event = Event {
+                    seq: record.last_event,
+                    vnf: record.vnf.name.clone(),
+                    at: now,
+                    from: Some(before.vnf.phase),
+                    to,
+                    reason,
+                    actor,
+                };
+                ops.push(Op::Put {
+                    key: event_key(name, record.last_event),
+                    value: encode(&event)?,
+                    lease: None,
+                });
+            }
+            ops.push(Op::Put {
+                key: vnf_key(name),
+                value: encode(&record)?,
+                lease: None,
+            });
+            let compare = Compare::ModRevision {
+                key: vnf_key(name),
+                revision: rev,
+            };
+            if self.store.txn(vec![compare], ops).await?.succeeded {
+                if record.last_event != before.last_event {
+                    self.metrics.event();
+                }
+                self.changed();
+                return Ok(record.vnf);
+            }
+        }
+        Err(ControllerError::Conflict(format!(
+            "vnf {name} kept changing while it was being updated; try again"
+        )))
+    }
+
+    /// Applies an owner's request: refused while locked unless `allowed_when_locked`.
+    async fn request<F>(
+        &self,
+        caller: &Caller,
+        name: &str,
+        allowed_when_locked: bool,
+        mut change: F,
+    ) -> Result<Vnf>
+    where
+        F: FnMut(&mut Vnf) -> Result<()>,
+    {
+        self.load_visible(caller, name).await?;
+        self.update(name, |record| {
+            if let (Some(lock), false) = (&record.vnf.lock, allowed_when_locked) {
+                return Err(ControllerError::Locked {
+                    vnf: name.to_owned(),
+                    by: lock.by.to_string(),
+                    since: lock.at.clone(),
+                });
+            }
+            if record.deleting {
+                return Err(ControllerError::Conflict(format!(
+                    "vnf {name} is being deleted"
+                )));
+            }
+            change(&mut record.vnf)?;
+            record.vnf.generation += 1;
+            Ok(None)
+        })
+        .await
+    }
+
+    pub async fn start(&self, caller: &Caller, name: &str) -> Result<Vnf> {
+        self.request(caller, name, false, |vnf| {
+            vnf.desired = DesiredState::Running;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn stop(&self, caller: &Caller, name: &str) -> Result<Vnf> {
+        self.request(caller, name, false, |vnf| {
+            vnf.desired = DesiredState::Stopped;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn lock(&self, caller: &Caller, name: &str) -> Result<Vnf> {
+        self.request(caller, name, false, |vnf| {
+            vnf.lock = Some(LockInfo {
+                by: caller
+                    .name
+                    .parse()
+                    .map_err(|e| ControllerError::Corrupt(format!("authority name: {e}")))?,
+                at: now_rfc3339(),
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn unlock(&self, caller: &Caller, name: &str) -> Result<Vnf> {
+        self.request(caller, name, true, |vnf| {
+            if vnf.lock.take().is_none() {
+                return Err(ControllerError::Conflict(format!(
+                    "vnf {name} is not locked"
+                )));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete(&self, caller: &Caller, name: &str) -> Result<Deletion> {
+        let (record, _) = self.load_visible(caller, name).await?;
+        let idle = matches!(
+            record.vnf.phase,
+            Phase::Pending | Phase::Scheduled | Phase::Stopped | Phase::Failed
+        );
+        if idle {
+            self.remove(name).await?;
+            return Ok(Deletion::Deleted);
+        }
+        let vnf = self
+            .update(name, |record| {
+                record.deleting = true;
+                record.vnf.desired = DesiredState::Stopped;
+                record.vnf.generation += 1;
+                Ok(None)
+            })
+            .await?;
+        Ok(Deletion::Pending(Box::new(vnf)))
+    }
+
+    /// Removes a VNF, its events and its allocation, and frees its cores.
+    async fn remove(&self, name: &str) -> Result<()> {
+        let mut scheduler = self.scheduler.lock().await;
+        let mut ops = vec![
+            Op::Delete { key: vnf_key(name) },
+            Op::Delete {
+                key: allocation_key(name),
+            },
+        ];
+        for (key, _) in self.store.list(&records::events_prefix(name)).await? {
+            ops.push(Op::Delete { key });
+        }
+        self.store.txn(Vec::new(), ops).await?;
+        match scheduler.release(name) {
+            Ok(_) | Err(SchedError::UnknownVnf(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(scheduler);
+        self.changed();
+        Ok(())
+    }
+
+    // ----- scheduling -----
+
+    /// Runs until the process ends: places pending VNFs when woken, and retries every `retry`.
+    pub async fn scheduling_loop(self: Arc<Self>, retry: Duration) {
+        loop {
+            if let Err(e) = self.schedule_pending().await {
+                tracing::warn!("scheduling pass failed: {e}");
+            }
+            let _ = tokio::time::timeout(retry, self.schedule_wanted.notified()).await;
+        }
+    }
+
+    /// Places every Pending VNF it can; records why for those it cannot.
+    pub async fn schedule_pending(&self) -> Result<()> {
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            if record.vnf.phase == Phase::Pending && !record.deleting {
+                self.schedule_one(&record.vnf).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn schedule_one(&self, vnf: &Vnf) -> Result<()> {
+        let name = vnf.name.as_str();
+        let request = placement::request(&vnf.descriptor, vnf.owner.as_str());
+        let mut scheduler = self.scheduler.lock().await;
+        // A placement restored from the store (a crash came between writing the allocation and
+        // marking the VNF Scheduled) is completed rather than placed again.
+        let placed = match scheduler
+            .placement(name)
+            .or_else(|_| scheduler.place(&request))
+        {
+            Ok(p) => p,
+            Err(e) => {
+                drop(scheduler);
+                let reason = e.to_string();
+                self.update(name, |record| {
+                    if record.vnf.reason.as_deref() == Some(reason.as_str()) {
+                        return Ok(None);
+                    }
+                    record.vnf.reason = Some(reason.clone());
+                    Ok(Some((Phase::Pending, reason.clone(), "scheduler".into())))
+                })
+                .await?;
+                return Ok(());
+            }
+        };
+        let placements = placement::placements(&placed, &vnf.descriptor);
+        let hosts: Vec<String> = placements
+            .iter()
+            .map(|p| format!("{:?} on {} cpus {:?}", p.role, p.host, p.cpus()))
+            .collect();
+        let reason = format!("placed: {}", hosts.join("; ")).to_lowercase();
+        let alloc = Allocation {
+            request,
+            placement: placed,
+        };
+        // The allocation is written before the VNF is marked Scheduled; a crash in between
+        // leaves an allocation that restore() re-reads and the next pass completes.
+        let written = self
+            .store
+            .put(&allocation_key(name), encode(&alloc)?)
+            .await
+            .map_err(ControllerError::from);
+        if let Err(e) = written {
+            let _ = scheduler.release(name);
+            return Err(e);
+        }
+        drop(scheduler);
+        let result = self
+            .update(name, |record| {
+                if record.vnf.phase != Phase::Pending {
+                    return Ok(None);
+                }
+                record.vnf.placements = placements.clone();
+                record.vnf.phase = Phase::Scheduled;
+                record.vnf.reason = Some(reason.clone());
+                Ok(Some((Phase::Scheduled, reason.clone(), "scheduler".into())))
+            })
+            .await;
+        if result.is_ok() {
+            self.metrics.placement();
+        }
+        result.map(|_| ())
+    }
+
+    // ----- hosts -----
+
+    /// Adds or updates a host and its facts.
+    pub async fn register_host(&self, record: HostRecord) -> Result<()> {
+        let mut scheduler = self.scheduler.lock().await;
+        let name = record.spec.name.clone();
+        if scheduler.host_names().contains(&name) {
+            if scheduler.host_spec(&name)? != &record.spec {
+                scheduler.update_host(record.spec.clone())?;
+            }
+        } else {
+            scheduler.add_host(record.spec.clone())?;
+        }
+        self.store.put(&host_key(&name), encode(&record)?).await?;
+        drop(scheduler);
+        self.changed();
+        Ok(())
+    }
+
+    pub async fn hosts(&self) -> Result<Vec<HostView>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(records::HOSTS).await? {
+            let record: HostRecord = decode(&key, &v.value)?;
+            out.push(self.view(&record).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn host(&self, name: &str) -> Result<HostView> {
+        let key = host_key(name);
+        let v = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| ControllerError::NotFound(format!("host {name} not found")))?;
+        self.view(&decode(&key, &v.value)?).await
+    }
+
+    /// The plain-text core map of a host, as the scheduler renders it.
+    pub async fn host_core_map(&self, name: &str) -> Result<String> {
+        let scheduler = self.scheduler.lock().await;
+        let map = telvirt_sched::coremap::host_map(&scheduler, name)
+            .map_err(|_| ControllerError::NotFound(format!("host {name} not found")))?;
+        Ok(telvirt_sched::coremap::render_host_map(&map))
+    }
+
+    async fn view(&self, record: &HostRecord) -> Result<HostView> {
+        let scheduler = self.scheduler.lock().await;
+        let map = telvirt_sched::coremap::host_map(&scheduler, &record.spec.name)?;
+        Ok(placement::host_view(record, &map))
+    }
+
+    // ----- agents -----
+
+    /// What the agent of `host` should run.
+    pub async fn assignments(&self, host: &str) -> Result<Vec<Assignment>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            let vnf = record.vnf;
+            if vnf.phase == Phase::Pending {
+                continue;
+            }
+            if let Some(p) = placement::placement_on(&vnf, host) {
+                out.push(Assignment {
+                    vnf: vnf.name.clone(),
+                    descriptor: vnf.descriptor.clone(),
+                    placement: p.clone(),
+                    desired: vnf.desired,
+                    locked: vnf.lock.is_some(),
+                    generation: vnf.generation,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records what an agent observed. Observed reality is recorded even when it skips a step.
+    pub async fn observe(&self, host: &str, obs: Observation) -> Result<()> {
+        let name = obs.vnf.to_string();
+        let mut remove = false;
+        let result = self
+            .update(&name, |record| {
+                let vnf = &mut record.vnf;
+                if placement::placement_on(vnf, host).is_none() {
+                    return Ok(None);
+                }
+                if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {
+                    remove = true;
+                }
+                if vnf.phase == obs.phase && vnf.reason.as_deref() == Some(obs.reason.as_str()) {
+                    return Ok(None);
+                }
+                let from = vnf.phase;
+                vnf.phase = obs.phase;
+                vnf.reason = Some(obs.reason.clone());
+                if from == obs.phase {
+                    // Same phase, new reason: keep it without an event.
+                    return Ok(None);
+                }
+                Ok(Some((
+                    obs.phase,
+                    obs.reason.clone(),
+                    format!("agent/{host}"),
+                )))
+            })
+            .await;
+        match result {
+            Ok(_) => {}
+            Err(ControllerError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if remove {
+            self.remove(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Number of VNFs in each phase, for metrics.
+    pub async fn phase_counts(&self) -> Result<BTreeMap<&'static str, u64>> {
+        let mut counts = BTreeMap::new();
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            *counts.entry(record.vnf.phase.as_str()).or_insert(0) += 1;
+        }
+        Ok(counts)
+    }
+}

@@ -1,0 +1,124 @@
+//! The command line: every subcommand and flag, in the style of kubectl and virsh.
+//!
+//! Owns argument shapes and help text only. It must not do work: `main` dispatches to the
+//! modules that do.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "telvirt",
+    version,
+    about = "Run network functions in QEMU/KVM virtual machines or verified WebAssembly, managed by one control plane",
+    after_help = "Server and token come from --server/--token, TELVIRT_SERVER/TELVIRT_TOKEN, or the client \
+config file (--config, TELVIRT_CONFIG, else <data-dir>/client.toml written by `telvirt serve`)."
+)]
+pub struct Cli {
+    /// API endpoint, e.g. http://127.0.0.1:7070
+    #[arg(long, global = true, env = "TELVIRT_SERVER")]
+    pub server: Option<String>,
+    /// Bearer token of the management authority to act as
+    #[arg(long, global = true, env = "TELVIRT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Client config file (server and token)
+    #[arg(long, global = true, env = "TELVIRT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Output format
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an all-in-one node: controller, this host's agent and the embedded store
+    Serve(ServeArgs),
+    /// Manage VNFs
+    #[command(subcommand)]
+    Vnf(VnfCommand),
+    /// Inspect hosts and their core maps
+    #[command(subcommand)]
+    Host(HostCommand),
+    /// Manage management authorities (admin only creates them)
+    #[command(subcommand)]
+    Authority(AuthorityCommand),
+    /// Print the JSON Schema of the VNF descriptor
+    Schema,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where the store and the client config live [default: $XDG_DATA_HOME/telvirt or ~/.local/share/telvirt]
+    #[arg(long, env = "TELVIRT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address to listen on
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Inventory YAML describing this host (and marking cores reserved for the host OS);
+    /// discovered from /sys when omitted
+    #[arg(long)]
+    pub inventory: Option<PathBuf>,
+    /// Name of this host [default: the kernel's hostname]
+    #[arg(long)]
+    pub host_name: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VnfCommand {
+    /// Create a VNF from a descriptor file (YAML or JSON) and start it
+    Create {
+        /// Descriptor file, or - for standard input
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List the VNFs you may see
+    #[command(alias = "ls")]
+    List,
+    /// Show one VNF with its placement
+    Show { name: String },
+    /// Show a VNF's lifecycle events
+    Events { name: String },
+    /// Ask for a VNF to run
+    Start { name: String },
+    /// Ask for a VNF to stop
+    Stop { name: String },
+    /// Lock a VNF: pause it and refuse every change but unlock and delete
+    Lock { name: String },
+    /// Unlock a locked VNF
+    Unlock { name: String },
+    /// Delete a VNF (stopping it first)
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        /// Return at once instead of waiting until it is gone
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HostCommand {
+    /// List hosts
+    List,
+    /// Show a host and its core map
+    Show { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthorityCommand {
+    /// Create an authority; its token is shown once
+    Create { name: String },
+    /// List authorities
+    List,
+}

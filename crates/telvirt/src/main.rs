@@ -1,0 +1,240 @@
+//! The `telvirt` binary: parses the command line and dispatches to the node or the API client.
+//!
+//! It must not hold logic another crate could own; errors become one line on stderr and a
+//! non-zero exit.
+
+mod cli;
+mod client;
+mod config;
+mod output;
+mod serve;
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use reqwest::{Method, StatusCode};
+use telvirt_model::api::{Authority, AuthorityToken, HostView};
+use telvirt_model::{Event, Vnf};
+
+use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
+use client::Client;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TELVIRT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(dispatch(cli)) {
+        eprintln!("error: {}", one_line(&e));
+        std::process::exit(1);
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+        .replace('\n', " ")
+}
+
+async fn dispatch(cli: Cli) -> Result<()> {
+    let format = cli.output;
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&telvirt_controller::descriptor_schema())?
+            );
+            Ok(())
+        }
+        Command::Vnf(cmd) => {
+            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            vnf(&client, format, cmd).await
+        }
+        Command::Host(cmd) => {
+            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            host(&client, format, cmd).await
+        }
+        Command::Authority(cmd) => {
+            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            authority(&client, format, cmd).await
+        }
+    }
+}
+
+fn read_descriptor(path: &std::path::Path) -> Result<(Vec<u8>, &'static str)> {
+    let bytes = if path.as_os_str() == "-" {
+        let mut buf = Vec::new();
+        std::io::stdin().read_to_end(&mut buf)?;
+        buf
+    } else {
+        std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+    };
+    let json = path.extension().is_some_and(|e| e == "json")
+        || telvirt_model::Format::sniff(&bytes) == telvirt_model::Format::Json;
+    Ok((
+        bytes,
+        if json {
+            "application/json"
+        } else {
+            "application/yaml"
+        },
+    ))
+}
+
+fn print_vnf(format: Output, vnf: &Vnf) -> Result<()> {
+    if !output::structured(format, vnf)? {
+        print!("{}", output::vnf_detail(vnf));
+    }
+    Ok(())
+}
+
+async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
+    match cmd {
+        VnfCommand::Create { file } => {
+            let body = read_descriptor(&file)?;
+            let vnf: Vnf = client
+                .call(Method::POST, "/v1/vnfs", Some(body))
+                .await?
+                .json()?;
+            if !output::structured(format, &vnf)? {
+                println!("vnf/{} created ({})", vnf.name, vnf.phase);
+            }
+        }
+        VnfCommand::List => {
+            let vnfs: Vec<Vnf> = client.get("/v1/vnfs").await?;
+            if !output::structured(format, &vnfs)? {
+                println!("{}", output::vnf_table(&vnfs));
+            }
+        }
+        VnfCommand::Show { name } => {
+            let vnf: Vnf = client.get(&format!("/v1/vnfs/{name}")).await?;
+            print_vnf(format, &vnf)?;
+        }
+        VnfCommand::Events { name } => {
+            let events: Vec<Event> = client.get(&format!("/v1/vnfs/{name}/events")).await?;
+            if !output::structured(format, &events)? {
+                println!("{}", output::event_table(&events));
+            }
+        }
+        VnfCommand::Start { name } => {
+            action(client, format, &name, "start", "start requested").await?
+        }
+        VnfCommand::Stop { name } => {
+            action(client, format, &name, "stop", "stop requested").await?
+        }
+        VnfCommand::Lock { name } => action(client, format, &name, "lock", "locked").await?,
+        VnfCommand::Unlock { name } => action(client, format, &name, "unlock", "unlocked").await?,
+        VnfCommand::Delete { name, no_wait } => {
+            let path = format!("/v1/vnfs/{name}");
+            let answer = client.call(Method::DELETE, &path, None).await?;
+            if answer.status == StatusCode::ACCEPTED && !no_wait {
+                wait_gone(client, &path, Duration::from_secs(120)).await?;
+            }
+            let gone = answer.status == StatusCode::NO_CONTENT || !no_wait;
+            let value = serde_json::json!({ "name": name, "deleted": gone });
+            if !output::structured(format, &value)? {
+                if gone {
+                    println!("vnf/{name} deleted");
+                } else {
+                    println!("vnf/{name} stopping; it is removed once stopped");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn action(client: &Client, format: Output, name: &str, verb: &str, done: &str) -> Result<()> {
+    let vnf: Vnf = client.post(&format!("/v1/vnfs/{name}/{verb}")).await?;
+    if !output::structured(format, &vnf)? {
+        println!("vnf/{name} {done}");
+    }
+    Ok(())
+}
+
+/// Polls until the VNF is gone, with a deadline.
+async fn wait_gone(client: &Client, path: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match client.call(Method::GET, path, None).await {
+            Err(e) if e.to_string().starts_with("404") => return Ok(()),
+            Err(e) => return Err(e),
+            Ok(_) if Instant::now() >= deadline => {
+                bail!("still not deleted after {}s", limit.as_secs())
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
+    match cmd {
+        HostCommand::List => {
+            let hosts: Vec<HostView> = client.get("/v1/hosts").await?;
+            if !output::structured(format, &hosts)? {
+                println!("{}", output::host_table(&hosts));
+            }
+        }
+        HostCommand::Show { name } => {
+            let host: HostView = client.get(&format!("/v1/hosts/{name}")).await?;
+            if !output::structured(format, &host)? {
+                println!("{}", output::host_table(std::slice::from_ref(&host)));
+                println!();
+                print!(
+                    "{}",
+                    client
+                        .get_text(&format!("/v1/hosts/{name}/coremap"))
+                        .await?
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn authority(client: &Client, format: Output, cmd: AuthorityCommand) -> Result<()> {
+    match cmd {
+        AuthorityCommand::Create { name } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "name": name }))?;
+            let created: AuthorityToken = client
+                .call(
+                    Method::POST,
+                    "/v1/authorities",
+                    Some((body, "application/json")),
+                )
+                .await?
+                .json()?;
+            if !output::structured(format, &created)? {
+                println!("authority/{} created", created.name);
+                println!("token (shown once, keep it safe): {}", created.token);
+            }
+        }
+        AuthorityCommand::List => {
+            let list: Vec<Authority> = client.get("/v1/authorities").await?;
+            if !output::structured(format, &list)? {
+                println!("{}", output::authority_table(&list));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! Printing answers as tables, JSON or YAML.
+//!
+//! Owns column choices and formatting. It must not fetch anything.
+
+use anyhow::Result;
+use serde::Serialize;
+use telvirt_model::api::{Authority, CpuUse, HostView};
+use telvirt_model::{Event, Vnf};
+
+use crate::cli::Output;
+
+/// Prints `value` as JSON or YAML; returns false when the format is `table` (caller prints).
+pub fn structured<T: Serialize>(format: Output, value: &T) -> Result<bool> {
+    match format {
+        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
+        Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        Output::Table => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        out.trim_end().to_owned()
+    };
+    let mut out = line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.clone()));
+    }
+    out
+}
+
+fn cpus_of(vnf: &Vnf) -> String {
+    vnf.placements
+        .iter()
+        .map(|p| {
+            p.cpus()
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn hosts_of(vnf: &Vnf) -> String {
+    let hosts: Vec<&str> = vnf.placements.iter().map(|p| p.host.as_str()).collect();
+    if hosts.is_empty() {
+        "-".into()
+    } else {
+        hosts.join(" / ")
+    }
+}
+
+pub fn vnf_table(vnfs: &[Vnf]) -> String {
+    let rows: Vec<Vec<String>> = vnfs
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.to_string(),
+                v.owner.to_string(),
+                v.descriptor.spec.runtime.as_str().into(),
+                v.phase.to_string(),
+                hosts_of(v),
+                cpus_of(v),
+                v.lock.as_ref().map_or("-".into(), |l| l.by.to_string()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME",
+            "OWNER",
+            "RUNTIME",
+            "PHASE",
+            "HOST",
+            "CPUS",
+            "LOCKED-BY",
+        ],
+        &rows,
+    )
+}
+
+pub fn vnf_detail(v: &Vnf) -> String {
+    let spec = &v.descriptor.spec;
+    let mut out = format!(
+        "Name:        {}\nOwner:       {}\nRuntime:     {}\nPhase:       {}\nReason:      {}\nDesired:     {:?}\nLocked:      {}\nGeneration:  {}\nCreated:     {}\nCPU policy:  {:?} x{}\nPorts:       {}\n",
+        v.name,
+        v.owner,
+        spec.runtime.as_str(),
+        v.phase,
+        v.reason.as_deref().unwrap_or("-"),
+        v.desired,
+        v.lock
+            .as_ref()
+            .map_or("no".into(), |l| format!("by {} since {}", l.by, l.at)),
+        v.generation,
+        v.created_at,
+        spec.cpu.policy,
+        spec.cpu.effective_count(),
+        spec.ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    if v.placements.is_empty() {
+        out.push_str("Placement:   none yet\n");
+    }
+    for p in &v.placements {
+        let vcpus: Vec<String> = p
+            .vcpus
+            .iter()
+            .enumerate()
+            .map(|(i, cpus)| {
+                let list: Vec<String> = cpus.iter().map(u32::to_string).collect();
+                format!("vcpu{i}→{}", list.join(","))
+            })
+            .collect();
+        out.push_str(&format!(
+            "Placement:   {:?} on {} numa {:?}: {}{}{}\n",
+            p.role,
+            p.host,
+            p.numa_nodes,
+            vcpus.join(" "),
+            if p.emulator_cpus.is_empty() {
+                String::new()
+            } else {
+                format!(", emulator {:?}", p.emulator_cpus)
+            },
+            p.group
+                .as_ref()
+                .map_or(String::new(), |g| format!(", group {g}")),
+        ));
+    }
+    out
+}
+
+pub fn event_table(events: &[Event]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.seq.to_string(),
+                e.at.clone(),
+                e.from.map_or("-".into(), |p| p.to_string()),
+                e.to.to_string(),
+                e.actor.clone(),
+                e.reason.clone(),
+            ]
+        })
+        .collect();
+    table(&["SEQ", "TIME", "FROM", "TO", "ACTOR", "REASON"], &rows)
+}
+
+pub fn host_table(hosts: &[HostView]) -> String {
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            let free = h.cpus.iter().filter(|c| c.usage == CpuUse::Free).count();
+            vec![
+                h.name.clone(),
+                if h.ready { "yes" } else { "no (no agent)" }.into(),
+                h.cpus.len().to_string(),
+                free.to_string(),
+                h.numa_nodes.to_string(),
+                format!("{}MiB", h.memory_bytes >> 20),
+                if h.runtimes.is_empty() {
+                    "-".into()
+                } else {
+                    h.runtimes.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NAME", "AGENT", "CPUS", "FREE", "NUMA", "MEMORY", "RUNTIMES",
+        ],
+        &rows,
+    )
+}
+
+pub fn authority_table(authorities: &[Authority]) -> String {
+    let rows: Vec<Vec<String>> = authorities
+        .iter()
+        .map(|a| vec![a.name.to_string(), a.created_at.clone()])
+        .collect();
+    table(&["NAME", "CREATED"], &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns() {
+        let t = table(
+            &["A", "LONGER"],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
+        );
+        assert_eq!(t, "A     LONGER\nxxxx  1\ny     22");
+    }
+}

@@ -1,0 +1,194 @@
+//! `telvirt serve`: an all-in-one node (controller, this host's agent, embedded store).
+//!
+//! Owns wiring the layers together and the process lifecycle (data dir, client config, signals).
+//! It must not hold control-plane logic: that is the controller's and the agent's.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use telvirt_agent::{Agent, Runtime, SysRoots, discover};
+use telvirt_controller::{Controller, HostRecord, LocalLink};
+use telvirt_sched::{Inventory, SchedConfig};
+use telvirt_store::RedbStore;
+
+use crate::cli::ServeArgs;
+use crate::config::{CLIENT_CONFIG, ClientConfig, default_data_dir};
+
+/// How often Pending VNFs are tried again when nothing else woke the scheduler.
+const SCHEDULE_RETRY: Duration = Duration::from_secs(2);
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The runtimes this build can run on this host.
+fn runtimes() -> Vec<Arc<dyn Runtime>> {
+    Vec::new()
+}
+
+/// This host's record (from the inventory file or from /sys) plus hosts without an agent that
+/// the inventory names.
+fn host_records(args: &ServeArgs, runtimes: &[String]) -> Result<Vec<HostRecord>> {
+    let local = discover(
+        &args.host_name.clone().unwrap_or_else(hostname),
+        &SysRoots::default(),
+    )
+    .context("discovering this host from /sys")?;
+    let Some(path) = &args.inventory else {
+        return Ok(vec![HostRecord {
+            spec: local.spec,
+            memory_bytes: local.memory_bytes,
+            hugepages: local.hugepages,
+            runtimes: runtimes.to_vec(),
+            agent: true,
+        }]);
+    };
+    let text =
+        fs::read(path).with_context(|| format!("cannot read inventory {}", path.display()))?;
+    let inventory: Inventory = telvirt_model::from_text(&text, telvirt_model::Format::Yaml)
+        .map_err(|e| anyhow::anyhow!("inventory {}: {e}", path.display()))?;
+    if inventory.hosts.is_empty() {
+        bail!("inventory {} lists no hosts", path.display());
+    }
+    let local_name = args
+        .host_name
+        .clone()
+        .unwrap_or_else(|| inventory.hosts[0].name.clone());
+    if !inventory.hosts.iter().any(|h| h.name == local_name) {
+        bail!(
+            "inventory {} has no host named {local_name}; name this host with --host-name",
+            path.display()
+        );
+    }
+    Ok(inventory
+        .hosts
+        .into_iter()
+        .map(|spec| {
+            let is_local = spec.name == local_name;
+            HostRecord {
+                spec,
+                memory_bytes: if is_local { local.memory_bytes } else { 0 },
+                hugepages: if is_local {
+                    local.hugepages.clone()
+                } else {
+                    Vec::new()
+                },
+                runtimes: if is_local {
+                    runtimes.to_vec()
+                } else {
+                    Vec::new()
+                },
+                agent: is_local,
+            }
+        })
+        .collect())
+}
+
+fn prepare_data_dir(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create data dir {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot restrict data dir {}", dir.display()))?;
+    Ok(())
+}
+
+pub async fn run(args: ServeArgs) -> Result<()> {
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    prepare_data_dir(&data_dir)?;
+    let store = RedbStore::open(&data_dir.join("telvirt.redb"))
+        .context("opening the store (is another telvirt serve using this data dir?)")?;
+    let controller = Controller::open(store, SchedConfig::default())
+        .await
+        .context("loading the control plane from the store")?;
+
+    let runtimes = runtimes();
+    let runtime_names: Vec<String> = runtimes
+        .iter()
+        .map(|r| r.kind().as_str().to_owned())
+        .collect();
+    let hosts = host_records(&args, &runtime_names)?;
+    let local_host = hosts
+        .iter()
+        .find(|h| h.agent)
+        .map(|h| h.spec.name.clone())
+        .context("no local host")?;
+    for host in hosts {
+        let name = host.spec.name.clone();
+        controller
+            .register_host(host)
+            .await
+            .with_context(|| format!("registering host {name}"))?;
+    }
+    if runtime_names.is_empty() {
+        tracing::warn!("no runtime is available on this host: VNFs placed here will fail");
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+
+    let config_path = data_dir.join(CLIENT_CONFIG);
+    let existing = ClientConfig::read(&config_path).ok();
+    let token = match controller
+        .ensure_admin(existing.as_ref().map(|c| c.token.as_str()))
+        .await?
+    {
+        Some(new) => new,
+        None => existing.map(|c| c.token).unwrap_or_default(),
+    };
+    ClientConfig {
+        server: format!("http://{address}"),
+        token,
+    }
+    .write(&config_path)?;
+
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let agent = Arc::new(Agent::new(
+        local_host.clone(),
+        runtimes,
+        Arc::new(LocalLink::new(controller.clone())),
+        data_dir.join("instances"),
+    ));
+    let agent_task = tokio::spawn(agent.run(shutdown_rx));
+    tokio::spawn(controller.clone().scheduling_loop(SCHEDULE_RETRY));
+
+    tracing::info!(
+        "telvirt serving on http://{address} (host {local_host}, data dir {}, client config {})",
+        data_dir.display(),
+        config_path.display()
+    );
+    axum::serve(listener, telvirt_controller::router(controller))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving the API")?;
+    let _ = shutdown_tx.send(true);
+    let _ = agent_task.await;
+    tracing::info!("telvirt stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot watch SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
