@@ -599,25 +599,29 @@ impl VmHandle {
 
     /// Lock: stop the vCPUs (QMP `stop`); the guest's state and clock are kept.
     pub async fn pause(&self) -> Result<()> {
-        match self.phase() {
-            VmPhase::Running => {}
-            VmPhase::Paused => return Ok(()),
-            _ => return Err(self.not_running()),
-        }
-        self.inner.qmp.stop().await?;
-        self.set_phase(VmPhase::Paused);
-        Ok(())
+        self.switch(VmPhase::Running, VmPhase::Paused).await
     }
 
     /// Unlock: resume the vCPUs (QMP `cont`).
     pub async fn resume(&self) -> Result<()> {
-        match self.phase() {
-            VmPhase::Paused => {}
-            VmPhase::Running => return Ok(()),
-            _ => return Err(self.not_running()),
+        self.switch(VmPhase::Paused, VmPhase::Running).await
+    }
+
+    /// Move between Running and Paused; already there is fine, any other phase is an error.
+    async fn switch(&self, from: VmPhase, to: VmPhase) -> Result<()> {
+        let now = self.phase();
+        if now == to {
+            return Ok(());
         }
-        self.inner.qmp.cont().await?;
-        self.set_phase(VmPhase::Running);
+        if now != from {
+            return Err(self.not_running());
+        }
+        if to == VmPhase::Paused {
+            self.inner.qmp.stop().await?;
+        } else {
+            self.inner.qmp.cont().await?;
+        }
+        self.set_phase(to);
         Ok(())
     }
 
