@@ -67,6 +67,9 @@ pub struct VmBenchReport {
     pub ratio: f64,
     /// (ratio - 1) * 100.
     pub overhead_pct: f64,
+    /// Median of the per-round ratios (each round boots both, back to back): less sensitive
+    /// to slow drift in host load than the ratio of medians.
+    pub paired_ratio: f64,
     pub guest_ram_mib: u64,
     /// Median RSS of the telvirt-started QEMU after ready.
     pub rss_mib: f64,
@@ -167,6 +170,12 @@ pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> Res
     let _ = std::fs::remove_dir_all(&bare.dir);
     let (t, b) = (median(&tv), median(&bm));
     let ratio = if b > 0.0 { t / b } else { 0.0 };
+    let pairs: Vec<f64> = tv
+        .iter()
+        .zip(&bm)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(t, b)| t / b)
+        .collect();
     Ok(VmBenchReport {
         rounds: opts.rounds,
         accel: decision.accel.as_str().into(),
@@ -174,6 +183,7 @@ pub async fn run(opts: &BenchOptions, progress: &mut dyn FnMut(u64, u64)) -> Res
         bare_boot_ms: b,
         ratio,
         overhead_pct: (ratio - 1.0) * 100.0,
+        paired_ratio: median(&pairs),
         guest_ram_mib: opts.memory_mib,
         rss_mib: median(&rss),
         rss_overhead_mib: median(&over),

@@ -26,6 +26,10 @@ async fn one_round_reports_medians_ratio_and_rss() {
     assert!(r.telvirt_boot_ms > 0.0 && r.bare_boot_ms > 0.0, "{r:?}");
     assert!((r.ratio - r.telvirt_boot_ms / r.bare_boot_ms).abs() < 1e-9);
     assert!(
+        (r.paired_ratio - r.ratio).abs() < 1e-9,
+        "one round: both ratios agree"
+    );
+    assert!(
         r.rss_mib > r.rss_overhead_mib && r.rss_overhead_mib > 0.0,
         "{r:?}"
     );
