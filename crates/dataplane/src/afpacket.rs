@@ -38,7 +38,6 @@ pub struct HostPort {
     fd: OwnedFd,
     ifname: String,
     stats: Arc<HostPortStats>,
-    batch: usize,
     buf: Vec<Packet>,
 }
 
@@ -78,7 +77,6 @@ impl HostPort {
             fd,
             ifname: ifname.to_string(),
             stats: Arc::new(HostPortStats::default()),
-            batch: BATCH,
             buf: Vec::with_capacity(BATCH),
         })
     }
@@ -179,77 +177,123 @@ fn open_socket(ifname: &str) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+impl HostPort {
+    /// Transmit `self.buf` with one `sendmmsg` (retrying the rest while the kernel accepts
+    /// some), then free every packet.
+    fn transmit(&mut self, io: &mut NodeIo<'_>) {
+        let pool = io.pool();
+        // `poll` receives at most BATCH packets into `buf`.
+        let n = self.buf.len().min(BATCH);
+        // SAFETY: all-zero iovec/mmsghdr values are valid (null pointers, zero lengths).
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, p) in self.buf.iter().take(n).enumerate() {
+            let data = pool.data(p);
+            iov[i].iov_base = data.as_ptr() as *mut libc::c_void;
+            iov[i].iov_len = data.len();
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        let mut done = 0usize;
+        while done < n {
+            // SAFETY: `msgs[done..n]` point at `iov` entries that point at packet buffers held
+            // (unfreed) in `self.buf` for the duration of the call.
+            let rc = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs[done..].as_mut_ptr(),
+                    (n - done) as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc <= 0 {
+                // The kernel refused the next frame (queue full, too big, link down): drop it
+                // and go on with the rest.
+                self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
+                done += 1;
+            } else {
+                self.stats.tx.fetch_add(rc as u64, Ordering::Relaxed);
+                done += rc as usize;
+            }
+        }
+        io.free_all(&mut self.buf);
+    }
+
+    /// Receive up to `room` frames with one `recvmmsg` onto `self.buf`; returns how many.
+    fn receive(&mut self, io: &mut NodeIo<'_>, room: usize) -> usize {
+        let pool = io.pool();
+        let mut slots: Vec<Packet> = Vec::with_capacity(room);
+        io.alloc_batch(room.min(BATCH), &mut slots);
+        let k = slots.len();
+        if k == 0 {
+            return 0;
+        }
+        // SAFETY: all-zero iovec/mmsghdr/sockaddr_ll values are valid.
+        let mut iov: [libc::iovec; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut from: [libc::sockaddr_ll; BATCH] = unsafe { std::mem::zeroed() };
+        for (i, p) in slots.iter_mut().enumerate() {
+            let (ptr, len) = pool.raw_buf(p);
+            iov[i].iov_base = ptr.cast();
+            iov[i].iov_len = len;
+            msgs[i].msg_hdr.msg_iov = &mut iov[i];
+            msgs[i].msg_hdr.msg_iovlen = 1;
+            msgs[i].msg_hdr.msg_name = (&mut from[i] as *mut libc::sockaddr_ll).cast();
+            msgs[i].msg_hdr.msg_namelen =
+                std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+        }
+        // SAFETY: `msgs[..k]` point at `iov`/`from` entries, and the iovecs at the whole
+        // buffers of the `k` packets exclusively held in `slots` during the call.
+        let rc = unsafe {
+            libc::recvmmsg(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr(),
+                k as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        let got = usize::try_from(rc).unwrap_or(0);
+        let before = self.buf.len();
+        for (i, mut p) in slots.into_iter().enumerate() {
+            if i >= got || from[i].sll_pkttype == libc::PACKET_OUTGOING {
+                io.free(p);
+            } else if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                self.stats.rx_truncated.fetch_add(1, Ordering::Relaxed);
+                io.free(p);
+            } else {
+                pool.set_len(&mut p, msgs[i].msg_len as usize);
+                self.buf.push(p);
+            }
+        }
+        self.buf.len() - before
+    }
+}
+
 impl Node for HostPort {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
-        let pool = io.pool();
-        let fd = self.fd.as_raw_fd();
-        let mut work = 0;
         // Transmit what the graph sends to this port.
         self.buf.clear();
-        let n = io.recv(0, &mut self.buf, self.batch);
-        for p in self.buf.drain(..) {
-            let data = pool.data(&p);
-            // SAFETY: `data` is a valid slice for the duration of the call.
-            let rc =
-                unsafe { libc::send(fd, data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
-            if rc < 0 {
-                self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.stats.tx.fetch_add(1, Ordering::Relaxed);
-            }
-            io.free(p);
+        let sent = io.recv(0, &mut self.buf, BATCH);
+        if sent > 0 {
+            self.transmit(io);
         }
-        work += n;
         // Receive from the interface, only as much as the outgoing link can take (the kernel
         // socket buffer absorbs bursts; beyond it the kernel drops and counts).
         let room = if io.is_linked(0) {
-            io.tx_space(0).min(self.batch)
+            io.tx_space(0).min(BATCH)
         } else {
-            self.batch
+            BATCH
         };
-        for _ in 0..room {
-            let Some(mut p) = io.alloc() else { break };
-            let mut got: isize = 0;
-            let mut outgoing = false;
-            pool.fill(&mut p, |buf| {
-                // SAFETY: an all-zero sockaddr_ll is valid; recvfrom fills it.
-                let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut flen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                // SAFETY: `buf` is writable for its length; `from`/`flen` are valid.
-                got = unsafe {
-                    libc::recvfrom(
-                        fd,
-                        buf.as_mut_ptr().cast(),
-                        buf.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_TRUNC,
-                        (&mut from as *mut libc::sockaddr_ll).cast(),
-                        &mut flen,
-                    )
-                };
-                outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
-                usize::try_from(got).unwrap_or(0)
-            });
-            if got <= 0 {
-                io.free(p);
-                break;
-            }
-            if outgoing {
-                io.free(p);
-                continue;
-            }
-            if got as usize > pool.buf_size() {
-                self.stats.rx_truncated.fetch_add(1, Ordering::Relaxed);
-                io.free(p);
-                continue;
-            }
-            self.buf.push(p);
-        }
-        let r = self.buf.len();
+        let r = if room > 0 { self.receive(io, room) } else { 0 };
         if r > 0 {
             self.stats.rx.fetch_add(r as u64, Ordering::Relaxed);
             io.send(0, &mut self.buf);
         }
-        work + r
+        sent + r
     }
 }
 

@@ -241,6 +241,19 @@ impl Pool {
         pkt.with_len(u16::try_from(len).expect("buf_size <= 65535"));
     }
 
+    /// The packet's whole buffer as a raw pointer and its size, to hand to the kernel (e.g.
+    /// `recvmmsg`). Writing through it is sound while `pkt` is held exclusively; follow with
+    /// [`Pool::set_len`].
+    pub(crate) fn raw_buf(&self, pkt: &mut Packet) -> (*mut u8, usize) {
+        (self.buf_ptr(pkt), self.buf_size)
+    }
+
+    /// Set the packet's length (clamped to the buffer size).
+    pub(crate) fn set_len(&self, pkt: &mut Packet, len: usize) {
+        let len = len.min(self.buf_size);
+        pkt.with_len(u16::try_from(len).expect("buf_size <= 65535"));
+    }
+
     /// Copy `bytes` into the packet (truncated to the buffer size); returns the new length.
     pub fn write(&self, pkt: &mut Packet, bytes: &[u8]) -> usize {
         self.fill(pkt, |buf| {

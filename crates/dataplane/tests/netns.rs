@@ -230,6 +230,10 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap();
     assert!(bytes > 0, "iperf3 moved no data: {text}");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    eprintln!("iperf3 TCP through the chain: {:.0} Mbit/s", bps / 1e6);
 
     // The rule blocks TCP to port 5202: the connection attempt fails and denials are counted.
     let denied_before = fwc.denied.load(Ordering::Relaxed);
