@@ -33,12 +33,13 @@ pub fn from_text<T: DeserializeOwned>(text: &[u8], format: Format) -> Result<T, 
             let mut de = serde_json::Deserializer::from_slice(text);
             let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
                 let inner = e.inner();
-                let at = if inner.is_syntax() || inner.is_eof() {
-                    format!(" (line {}, column {})", inner.line(), inner.column())
+                let syntax = inner.is_syntax() || inner.is_eof();
+                let reason = if syntax {
+                    format!("invalid JSON: {inner}")
                 } else {
-                    String::new()
+                    inner.to_string()
                 };
-                field_error(e.path(), format!("{inner}{at}"), inner.is_syntax())
+                field_error(e.path(), reason, syntax)
             })?;
             de.end().map_err(|e| {
                 ModelError::Syntax(FieldError::new("", format!("invalid JSON: {e}")))
@@ -72,7 +73,12 @@ pub fn from_text<T: DeserializeOwned>(text: &[u8], format: Format) -> Result<T, 
 
 fn field_error(path: &serde_path_to_error::Path, reason: String, syntax: bool) -> ModelError {
     let path = path.to_string();
-    let path = if path == "." { String::new() } else { path };
+    // "." is the root and "?" an unknown position: neither names a field.
+    let path = if path == "." || path == "?" || syntax {
+        String::new()
+    } else {
+        path
+    };
     let error = FieldError::new(path, reason);
     if syntax {
         ModelError::Syntax(error)

@@ -1,0 +1,271 @@
+//! A real node for API tests: redb store in a temp dir, controller, the agent (with no runtimes)
+//! and the HTTP server on an ephemeral loopback port. Every response the tests receive is checked
+//! against the OpenAPI document, so the two cannot drift.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use telvirt_agent::Agent;
+use telvirt_controller::{Controller, HostRecord, LocalLink, openapi_document, router};
+use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
+use telvirt_store::RedbStore;
+
+pub struct Node {
+    pub base: String,
+    pub admin: String,
+    pub controller: Arc<Controller>,
+    http: reqwest::Client,
+    openapi: Value,
+    _dir: tempfile::TempDir,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: Value,
+}
+
+fn escape(pointer_part: &str) -> String {
+    pointer_part.replace('~', "~0").replace('/', "~1")
+}
+
+impl Node {
+    pub async fn start() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let controller = Controller::open(store, SchedConfig::default())
+            .await
+            .unwrap();
+        controller
+            .register_host(HostRecord {
+                spec: HostSpec {
+                    name: "h1".into(),
+                    topology: Some(TopologySpec {
+                        sockets: 1,
+                        cores_per_socket: 8,
+                        threads_per_core: 1,
+                        numa_nodes_per_socket: 1,
+                        memory_per_node: None,
+                    }),
+                    shared: "0".parse().unwrap(),
+                    ..HostSpec::default()
+                },
+                memory_bytes: 1 << 30,
+                hugepages: Vec::new(),
+                runtimes: Vec::new(),
+                agent: true,
+            })
+            .await
+            .unwrap();
+        let admin = controller.ensure_admin(None).await.unwrap().unwrap();
+        let agent = Arc::new(Agent::new(
+            "h1",
+            Vec::new(),
+            Arc::new(LocalLink::new(controller.clone())),
+            dir.path().join("instances"),
+        ));
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            let _keep = _tx;
+            agent.run(rx).await;
+        });
+        tokio::spawn(
+            controller
+                .clone()
+                .scheduling_loop(Duration::from_millis(200)),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = router(controller.clone());
+        tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        Node {
+            base,
+            admin,
+            controller,
+            http: reqwest::Client::new(),
+            openapi: openapi_document(),
+            _dir: dir,
+        }
+    }
+
+    /// Sends a request to the path `template` with `{name}` filled in, and checks the answer
+    /// against the OpenAPI document.
+    pub async fn call(
+        &self,
+        method: &str,
+        template: &str,
+        name: Option<&str>,
+        token: Option<&str>,
+        body: Option<(&[u8], &str)>,
+    ) -> Reply {
+        let path = match name {
+            Some(n) => template.replace("{name}", n),
+            None => template.to_owned(),
+        };
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some((bytes, ct)) = body {
+            req = req.header("content-type", ct).body(bytes.to_vec());
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = resp.bytes().await.unwrap();
+        let body: Value = if content_type.contains("json") {
+            serde_json::from_slice(&bytes).unwrap()
+        } else {
+            Value::String(String::from_utf8_lossy(&bytes).into_owned())
+        };
+        self.check_against_openapi(method, template, status, &content_type, &body);
+        Reply {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    fn check_against_openapi(
+        &self,
+        method: &str,
+        template: &str,
+        status: u16,
+        content_type: &str,
+        body: &Value,
+    ) {
+        let method = method.to_ascii_lowercase();
+        let op = self
+            .openapi
+            .pointer(&format!("/paths/{}/{method}", escape(template)))
+            .unwrap_or_else(|| panic!("{method} {template} is not in the OpenAPI document"));
+        let response = op
+            .pointer(&format!("/responses/{status}"))
+            .unwrap_or_else(|| {
+                panic!("{method} {template} answered {status}, which the OpenAPI document does not list: {body}")
+            });
+        let Some(content) = response.get("content") else {
+            assert!(
+                body.as_str().is_some_and(str::is_empty),
+                "{method} {template} {status}: documented without content but answered {body}"
+            );
+            return;
+        };
+        let media = content.get(content_type).unwrap_or_else(|| {
+            panic!("{method} {template} {status}: content type {content_type} is not documented")
+        });
+        let Some(_) = media.get("schema") else { return };
+        let pointer = format!(
+            "#/paths/{}/{method}/responses/{status}/content/{}/schema",
+            escape(template),
+            escape(content_type)
+        );
+        // A URI fragment: braces of path templates must be percent-encoded.
+        let pointer = pointer.replace('{', "%7B").replace('}', "%7D");
+        let mut schema = self.openapi.clone();
+        schema["$ref"] = Value::String(pointer);
+        let validator = jsonschema::options()
+            .with_draft(jsonschema::Draft::Draft202012)
+            .build(&schema)
+            .unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(body)
+            .map(|e| format!("{} at {}", e, e.instance_path))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {template} {status}: the answer does not match the OpenAPI schema: {errors:?}\n{body}"
+        );
+    }
+
+    /// A request outside the documented API: (status, content type).
+    pub async fn http_raw(&self, method: &str, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .bearer_auth(&self.admin)
+            .send()
+            .await
+            .unwrap();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (resp.status().as_u16(), ct)
+    }
+
+    pub async fn create_authority(&self, name: &str) -> String {
+        let body = format!("{{\"name\":\"{name}\"}}");
+        let r = self
+            .call(
+                "POST",
+                "/v1/authorities",
+                None,
+                Some(&self.admin),
+                Some((body.as_bytes(), "application/json")),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["token"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn create_vnf(&self, token: &str, yaml: &str) -> Reply {
+        self.call(
+            "POST",
+            "/v1/vnfs",
+            None,
+            Some(token),
+            Some((yaml.as_bytes(), "application/yaml")),
+        )
+        .await
+    }
+
+    /// Names of the VNFs `token` can list.
+    pub async fn names(&self, token: &str) -> Vec<String> {
+        let r = self.call("GET", "/v1/vnfs", None, Some(token), None).await;
+        assert_eq!(r.status, 200);
+        r.body
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Polls a VNF until `pred` holds on it, with a deadline.
+    pub async fn wait_vnf(&self, token: &str, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let r = self
+                .call("GET", "/v1/vnfs/{name}", Some(name), Some(token), None)
+                .await;
+            if r.status == 200 && pred(&r.body) {
+                return r.body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "vnf {name} did not reach the expected state: {}",
+                r.body
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+pub fn wasm_vnf(name: &str) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: fw.wasm\n    limits: {{ memory: 16MiB }}\n"
+    )
+}
