@@ -36,7 +36,8 @@ fn placement(c: &mut Criterion) {
                     for r in &work {
                         placed += s.place(r).is_ok() as u32;
                     }
-                    placed
+                    // Returned so that dropping the scheduler is not timed.
+                    (s, placed)
                 },
                 BatchSize::LargeInput,
             )
@@ -53,7 +54,10 @@ fn placement(c: &mut Criterion) {
     g.bench_function("indexed", |b| {
         b.iter_batched(
             || full.clone(),
-            |mut s| s.fail_host("host-0000").expect("host exists").len(),
+            |mut s| {
+                let n = s.fail_host("host-0000").expect("host exists").len();
+                (s, n)
+            },
             BatchSize::LargeInput,
         )
     });

@@ -42,7 +42,7 @@ fn whole_cores(
         }
     }
     for c in n.cores.clone() {
-        if !out.contains(&c) && ok(c) {
+        if (keep.is_empty() || !out.contains(&c)) && ok(c) {
             out.push(c);
         }
     }
@@ -112,48 +112,48 @@ pub(crate) fn pick_dedicated(
                     taken.push(t);
                 }
             }
-            let remaining = want - taken.len();
-            let mut half = Vec::new();
-            let mut pairs = Vec::new();
+            let mut need = want - taken.len();
+            // Cores with available threads: all of them (pairs) or only some (half-used).
+            let mut half: Vec<u32> = Vec::new();
+            let mut pairs: Vec<u32> = Vec::new();
             for c in node_ref.cores.clone() {
                 let r = core_threads(topo, c);
-                let free: Vec<u32> = r
-                    .clone()
-                    .filter(|&t| usable(t) && !taken.contains(&t))
-                    .collect();
-                if free.is_empty() {
+                let free = r.filter(|&t| usable(t) && !taken.contains(&t)).count() as u32;
+                if free == 0 {
                     continue;
                 }
-                if topo.cores[c as usize].whole
-                    && free.len() as u32 == topo.cores[c as usize].nthreads
-                {
-                    pairs.push(free);
+                let core = &topo.cores[c as usize];
+                if core.whole && free == core.nthreads {
+                    pairs.push(c);
                 } else {
-                    half.push(free);
+                    half.push(c);
                 }
             }
-            let mut need = remaining;
             // An odd vCPU first fills a core whose sibling is already busy, keeping pairs whole.
             if need % 2 == 1
-                && let Some(h) = half.first_mut()
-                && let Some(t) = h.pop()
+                && let Some(&c) = half.first()
+                && let Some(t) = core_threads(topo, c)
+                    .rev()
+                    .find(|&t| usable(t) && !taken.contains(&t))
             {
                 taken.push(t);
                 need -= 1;
             }
-            for p in &mut pairs {
-                while need >= 2 && !p.is_empty() {
-                    taken.push(p.remove(0));
+            'pairs: for &c in &pairs {
+                for t in core_threads(topo, c) {
+                    if need < 2 {
+                        break 'pairs;
+                    }
+                    taken.push(t);
                     need -= 1;
-                }
-                if need < 2 {
-                    break;
                 }
             }
-            for list in half.iter_mut().chain(pairs.iter_mut()) {
-                while need > 0 && !list.is_empty() {
-                    taken.push(list.remove(0));
-                    need -= 1;
+            for &c in half.iter().chain(pairs.iter()) {
+                for t in core_threads(topo, c) {
+                    if need > 0 && usable(t) && !taken.contains(&t) {
+                        taken.push(t);
+                        need -= 1;
+                    }
                 }
             }
             if need > 0 {

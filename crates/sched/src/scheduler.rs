@@ -97,6 +97,10 @@ pub(crate) struct HostState {
     pub need: u64,
     pub roles: BTreeMap<(u32, Role), u32>,
     pub group_cores: BTreeMap<u32, GroupCore>,
+    /// The (free threads, whole free cores) per node and the reserve value as they are keyed
+    /// in the indexes right now.
+    pub keyed: Vec<(u32, u32)>,
+    pub keyed_reserve: u64,
 }
 
 impl HostState {
@@ -335,6 +339,8 @@ impl Scheduler {
             need: 0,
             roles: BTreeMap::new(),
             group_cores: BTreeMap::new(),
+            keyed: Vec::new(),
+            keyed_reserve: 0,
         }));
         self.total_free += free as u64;
         self.index(idx);
@@ -480,30 +486,134 @@ impl Scheduler {
 
     // ----- index maintenance -------------------------------------------------------------
 
+    /// Recomputes every counter and index from the per-thread holders and compares them with
+    /// the maintained ones. O(cluster); for tests and for checking a restored state.
+    pub fn self_check(&self) -> Result<(), String> {
+        let (mut bt, mut bc, mut rk, mut total) =
+            (BTreeSet::new(), BTreeSet::new(), BTreeSet::new(), 0u64);
+        let mut group_entries = 0usize;
+        for (h, host) in self.hosts.iter().enumerate() {
+            let Some(host) = host else { continue };
+            let h = h as u32;
+            let mut free = 0;
+            for (n, node) in host.topo.nodes.iter().enumerate() {
+                let threads = node
+                    .cores
+                    .clone()
+                    .flat_map(|c| {
+                        let c = &host.topo.cores[c as usize];
+                        c.first..c.first + c.nthreads
+                    })
+                    .filter(|&t| host.holder[t as usize] == Holder::Free)
+                    .count() as u32;
+                let cores = node
+                    .cores
+                    .clone()
+                    .filter(|&c| Self::core_all_free(host, c))
+                    .count() as u32;
+                if (threads, cores) != (host.node_free[n], host.node_free_cores[n]) {
+                    return Err(format!(
+                        "{} node {}: counted ({threads}, {cores}) free, kept ({}, {})",
+                        host.spec.name, node.id, host.node_free[n], host.node_free_cores[n]
+                    ));
+                }
+                bt.insert(node_key(threads, h, n as u32));
+                bc.insert(node_key(cores, h, n as u32));
+                free += threads;
+            }
+            if free != host.free {
+                return Err(format!(
+                    "{}: counted {free} free, kept {}",
+                    host.spec.name, host.free
+                ));
+            }
+            total += free as u64;
+            rk.insert(reserve_key(host.need + free as u64, h));
+            for (&core, gc) in &host.group_cores {
+                group_entries += 1;
+                let slots = self.config.shared_core_capacity - gc.used;
+                if !self.groups[gc.group as usize]
+                    .index
+                    .contains(&(slots, h, core))
+                {
+                    return Err(format!(
+                        "{}: group core {core} missing from its group index",
+                        host.spec.name
+                    ));
+                }
+            }
+        }
+        let indexed: usize = self.groups.iter().map(|g| g.index.len()).sum();
+        if indexed != group_entries {
+            return Err(format!(
+                "group indexes hold {indexed} cores, hosts {group_entries}"
+            ));
+        }
+        if bt != self.by_threads
+            || bc != self.by_cores
+            || rk != self.reserve_keys
+            || total != self.total_free
+        {
+            return Err("capacity indexes differ from the recomputed ones".into());
+        }
+        Ok(())
+    }
+
+    /// Removes a host's entries (as they were last indexed).
     fn unindex(&mut self, h: u32) {
         let host = self.hosts[h as usize]
             .as_ref()
             .expect("unindex a live host");
-        for n in 0..host.topo.nodes.len() as u32 {
-            self.by_threads
-                .remove(&node_key(host.node_free[n as usize], h, n));
-            self.by_cores
-                .remove(&node_key(host.node_free_cores[n as usize], h, n));
+        for (n, &(threads, cores)) in host.keyed.iter().enumerate() {
+            self.by_threads.remove(&node_key(threads, h, n as u32));
+            self.by_cores.remove(&node_key(cores, h, n as u32));
         }
         self.reserve_keys
-            .remove(&reserve_key(host.need + host.free as u64, h));
+            .remove(&reserve_key(host.keyed_reserve, h));
     }
 
+    /// Inserts a new host's entries.
     fn index(&mut self, h: u32) {
-        let host = self.hosts[h as usize].as_ref().expect("index a live host");
-        for n in 0..host.topo.nodes.len() as u32 {
-            self.by_threads
-                .insert(node_key(host.node_free[n as usize], h, n));
-            self.by_cores
-                .insert(node_key(host.node_free_cores[n as usize], h, n));
+        let host = self.hosts[h as usize].as_mut().expect("index a live host");
+        host.keyed = host
+            .node_free
+            .iter()
+            .copied()
+            .zip(host.node_free_cores.iter().copied())
+            .collect();
+        host.keyed_reserve = host.need + host.free as u64;
+        for (n, &(threads, cores)) in host.keyed.iter().enumerate() {
+            self.by_threads.insert(node_key(threads, h, n as u32));
+            self.by_cores.insert(node_key(cores, h, n as u32));
         }
-        self.reserve_keys
-            .insert(reserve_key(host.need + host.free as u64, h));
+        self.reserve_keys.insert(reserve_key(host.keyed_reserve, h));
+    }
+
+    /// Re-keys only the entries of a host whose counts changed since they were indexed.
+    fn reindex(&mut self, h: u32) {
+        let host = self.hosts[h as usize]
+            .as_mut()
+            .expect("reindex a live host");
+        for n in 0..host.keyed.len() {
+            let now = (host.node_free[n], host.node_free_cores[n]);
+            let was = host.keyed[n];
+            if now.0 != was.0 {
+                self.by_threads.remove(&node_key(was.0, h, n as u32));
+                self.by_threads.insert(node_key(now.0, h, n as u32));
+            }
+            if now.1 != was.1 {
+                self.by_cores.remove(&node_key(was.1, h, n as u32));
+                self.by_cores.insert(node_key(now.1, h, n as u32));
+            }
+            host.keyed[n] = now;
+        }
+        let value = host.need + host.free as u64;
+        if value != host.keyed_reserve {
+            self.reserve_keys
+                .remove(&reserve_key(host.keyed_reserve, h));
+            self.reserve_keys.insert(reserve_key(value, h));
+            host.keyed_reserve = value;
+        }
     }
 
     fn core_all_free(host: &HostState, core: u32) -> bool {
@@ -554,7 +664,6 @@ impl Scheduler {
     /// Applies a role's resources. Threads already held by this VNF are left as they are.
     fn apply(&mut self, vid: u32, rs: &RoleState) {
         let h = rs.host;
-        self.unindex(h);
         let ex: Vec<u32> = rs.exclusive().collect();
         for t in ex {
             if self.host(h).holder[t as usize] == Holder::Free {
@@ -605,13 +714,12 @@ impl Scheduler {
         }
         host.need += rs.need;
         *host.roles.entry((vid, rs.role)).or_insert(0) += 1;
-        self.index(h);
+        self.reindex(h);
     }
 
     /// Gives back a role's resources, except threads listed in `keep`.
     fn unapply(&mut self, vid: u32, rs: &RoleState, keep: &[u32]) {
         let h = rs.host;
-        self.unindex(h);
         let ex: Vec<u32> = rs.exclusive().filter(|t| !keep.contains(t)).collect();
         for t in ex {
             if self.host(h).holder[t as usize] == Holder::Vnf(vid) {
@@ -663,7 +771,7 @@ impl Scheduler {
                 host.roles.remove(&key);
             }
         }
-        self.index(h);
+        self.reindex(h);
     }
 
     // ----- the reserve -------------------------------------------------------------------

@@ -142,6 +142,8 @@ fn maps(s: &Scheduler) -> Vec<HostMap> {
 
 /// Checks every structural invariant; `accepted` = a placement was just accepted.
 fn check(s: &Scheduler, reserve_after_accept: bool) {
+    s.self_check()
+        .expect("counters and indexes match the holders");
     let mut exclusive: BTreeMap<(String, u32), (String, Role)> = BTreeMap::new();
     let mut groups: BTreeMap<(String, u32), (String, String)> = BTreeMap::new();
     let mut need: BTreeMap<String, u64> = BTreeMap::new();
