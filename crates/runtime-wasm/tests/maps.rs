@@ -1,0 +1,261 @@
+//! Runtime-owned maps: semantics of each kind, snapshot format checks, update log, and the
+//! pinned worker thread.
+
+mod common;
+
+use common::*;
+use telvirt_runtime_wasm::abi::code;
+use telvirt_runtime_wasm::worker::Worker;
+use telvirt_runtime_wasm::{Error, MapDef, MapKind, MapSet, PacketBatch, Verdict, VnfConfig};
+
+fn def(name: &str, kind: MapKind, ks: u32, vs: u32, max: u32) -> MapDef {
+    MapDef {
+        name: name.into(),
+        kind,
+        key_size: ks,
+        value_size: vs,
+        max_entries: max,
+    }
+}
+
+fn k(i: u32) -> [u8; 4] {
+    i.to_le_bytes()
+}
+
+#[test]
+fn hash_array_and_lru_semantics() {
+    let mut s = MapSet::new(&[
+        def("h", MapKind::Hash, 4, 4, 2),
+        def("a", MapKind::Array, 4, 4, 3),
+        def("l", MapKind::LruHash, 4, 4, 2),
+    ])
+    .expect("maps");
+    assert_eq!(s.update(0, &k(1), &k(10), 0), code::OK);
+    assert_eq!(
+        s.update(0, &k(1), &k(11), 1),
+        code::EEXIST,
+        "NOEXIST on existing key"
+    );
+    assert_eq!(
+        s.update(0, &k(2), &k(20), 2),
+        code::ENOENT,
+        "EXIST on absent key"
+    );
+    assert_eq!(s.update(0, &k(2), &k(20), 0), code::OK);
+    assert_eq!(s.update(0, &k(3), &k(30), 0), code::E2BIG, "hash map full");
+    assert_eq!(s.delete(0, &k(1)), code::OK);
+    assert_eq!(s.delete(0, &k(1)), code::ENOENT);
+    assert_eq!(s.update(0, &k(3), &k(30), 0), code::OK, "slot reused");
+    assert_eq!(s.lookup(0, &k(3)), Some(&k(30)[..]));
+    assert_eq!(s.update(0, &k(3), &k(1), 7), code::EINVAL, "bad flags");
+    assert_eq!(s.update(9, &k(3), &k(1), 0), code::EINVAL, "bad map id");
+
+    assert_eq!(
+        s.lookup(1, &k(2)),
+        Some(&[0u8; 4][..]),
+        "arrays start zeroed"
+    );
+    assert_eq!(s.update(1, &k(2), &k(5), 0), code::OK);
+    assert_eq!(
+        s.update(1, &k(3), &k(5), 0),
+        code::EINVAL,
+        "index out of range"
+    );
+    assert_eq!(
+        s.delete(1, &k(0)),
+        code::EINVAL,
+        "array entries cannot be deleted"
+    );
+
+    s.update(2, &k(1), &k(1), 0);
+    s.update(2, &k(2), &k(2), 0);
+    assert!(
+        s.lookup(2, &k(1)).is_some(),
+        "touch 1: 2 is now least recent"
+    );
+    assert_eq!(
+        s.update(2, &k(3), &k(3), 0),
+        code::OK,
+        "LRU evicts instead of failing"
+    );
+    assert!(s.lookup(2, &k(2)).is_none(), "2 was evicted");
+    let order: Vec<_> = s
+        .get(2)
+        .expect("lru")
+        .entries()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(
+        order,
+        vec![k(1).to_vec(), k(3).to_vec()],
+        "least recent first"
+    );
+}
+
+#[test]
+fn definitions_are_checked() {
+    let err = MapSet::new(&[def("a", MapKind::Array, 8, 4, 4)])
+        .err()
+        .expect("array key 8");
+    assert!(err.to_string().contains("key_size must be 4"), "{err}");
+    let err = MapSet::new(&[def("h", MapKind::Hash, 0, 4, 4)])
+        .err()
+        .expect("key 0");
+    assert!(err.to_string().contains("key_size 0"), "{err}");
+    let err = MapSet::new(&[def("h", MapKind::Hash, 4, 4, 0)])
+        .err()
+        .expect("max 0");
+    assert!(err.to_string().contains("max_entries 0"), "{err}");
+    let err = MapSet::new(&[
+        def("h", MapKind::Hash, 4, 4, 4),
+        def("h", MapKind::Hash, 4, 4, 4),
+    ])
+    .err()
+    .expect("duplicate");
+    assert!(err.to_string().contains("duplicate"), "{err}");
+}
+
+#[test]
+fn snapshot_roundtrip_and_refusals() {
+    let defs = [
+        def("h", MapKind::Hash, 4, 8, 100),
+        def("a", MapKind::Array, 4, 2, 10),
+        def("l", MapKind::LruHash, 4, 4, 3),
+    ];
+    let mut s = MapSet::new(&defs).expect("maps");
+    for i in 0..50 {
+        s.update(0, &k(i), &u64::from(i * 7).to_le_bytes(), 0);
+    }
+    s.update(1, &k(4), &[1, 2], 0);
+    for i in 0..5 {
+        s.update(2, &k(i), &k(i), 0);
+    }
+    let snap = s.snapshot();
+    assert_eq!(&snap[..4], b"TVMS");
+    assert_eq!(
+        &snap[4..6],
+        &1u16.to_le_bytes(),
+        "format version 1, little-endian"
+    );
+    let r = MapSet::restore(&defs, &snap).expect("restore");
+    for id in 0..3 {
+        assert_eq!(
+            r.get(id).expect("map").entries(),
+            s.get(id).expect("map").entries(),
+            "map {id}"
+        );
+    }
+    // A larger capacity is fine; another layout is not.
+    let mut bigger = defs.clone();
+    bigger[0].max_entries = 1000;
+    MapSet::restore(&bigger, &snap).expect("bigger capacity");
+    let mut other = defs.clone();
+    other[0].value_size = 4;
+    let err = MapSet::restore(&other, &snap).err().expect("layout");
+    assert!(err.to_string().contains("map 0: snapshot has `h`"), "{err}");
+    let mut smaller = defs.clone();
+    smaller[0].max_entries = 10;
+    let err = MapSet::restore(&smaller, &snap)
+        .err()
+        .expect("too many entries");
+    assert!(
+        err.to_string().contains("50 entries exceed max_entries 10"),
+        "{err}"
+    );
+    // Corruption, truncation, wrong version.
+    let mut bad = snap.clone();
+    bad[20] ^= 0x40;
+    let err = MapSet::restore(&defs, &bad).err().expect("corrupt");
+    assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    let err = MapSet::restore(&defs, &snap[..snap.len() - 9])
+        .err()
+        .expect("truncated");
+    assert!(matches!(err, Error::Snapshot(_)), "{err}");
+    let mut v2 = snap.clone();
+    v2[4] = 2;
+    let body = v2.len() - 4;
+    let crc = crc32(&v2[..body]);
+    v2[body..].copy_from_slice(&crc.to_le_bytes());
+    let err = MapSet::restore(&defs, &v2).err().expect("version");
+    assert!(
+        err.to_string()
+            .contains("format version 2 is not supported"),
+        "{err}"
+    );
+}
+
+fn crc32(b: &[u8]) -> u32 {
+    // Bitwise CRC-32 (IEEE), independent of the implementation under test.
+    let mut c = !0u32;
+    for &x in b {
+        c ^= u32::from(x);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xEDB8_8320
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+#[test]
+fn lru_evictions_replay_on_a_standby() {
+    let defs = [def("l", MapKind::LruHash, 4, 4, 4)];
+    let mut a = MapSet::new(&defs).expect("maps");
+    for i in 0..4 {
+        a.update(0, &k(i), &k(i), 0);
+    }
+    let snap = a.snapshot();
+    let mut b = MapSet::restore(&defs, &snap).expect("restore");
+    // Lookups change recency on the active only; evictions are logged as deletes.
+    a.lookup(0, &k(0));
+    for i in 10..16 {
+        a.update(0, &k(i), &k(i), 0);
+    }
+    a.delete(0, &k(15));
+    assert_eq!(a.logged_updates(), Some(6 + 6 + 1));
+    b.apply_log(&a.take_log().expect("log")).expect("apply");
+    let sorted = |s: &MapSet| {
+        let mut e = s.get(0).expect("map").entries();
+        e.sort();
+        e
+    };
+    assert_eq!(sorted(&a), sorted(&b));
+}
+
+#[test]
+fn worker_runs_pinned_and_serialises_commands() {
+    let rt = runtime("worker");
+    let m = install(&rt, &counter_module(), "untrusted");
+    let inst = rt
+        .instantiate(&m, VnfConfig::default())
+        .expect("instantiate");
+    let mut w = Worker::spawn(inst, Some(0)).expect("spawn pinned to core 0");
+    let mut b = Box::new(PacketBatch::new());
+    for _ in 0..4 {
+        b.push(0, &[0u8; 64]).expect("push");
+    }
+    let (b, r) = w.process(b).expect("process");
+    r.expect("batch ok");
+    assert_eq!(b.verdicts(), &[Verdict::Forward(0); 4]);
+    let affinity = w
+        .with(|_| telvirt_runtime_wasm::worker::current_affinity())
+        .expect("with");
+    assert_eq!(affinity, vec![0], "worker thread is pinned to core 0");
+    w.with(|i| i.lock()).expect("with").expect("lock");
+    let (_, r) = w.process(b).expect("process");
+    assert!(matches!(r, Err(Error::Locked)));
+    let inst = w.stop().expect("stop");
+    assert_eq!(count_of(&inst), 4);
+
+    let inst = rt
+        .instantiate(&m, VnfConfig::default())
+        .expect("instantiate");
+    let err = Worker::spawn(inst, Some(100_000))
+        .err()
+        .expect("no such core");
+    assert!(err.to_string().contains("core"), "{err}");
+}
