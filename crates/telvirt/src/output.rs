@@ -183,7 +183,11 @@ pub fn host_table(hosts: &[HostView]) -> String {
                 h.cpus.len().to_string(),
                 free.to_string(),
                 h.numa_nodes.to_string(),
-                format!("{}MiB", h.memory_bytes >> 20),
+                if h.memory_bytes == 0 {
+                    "-".into()
+                } else {
+                    format!("{}MiB", h.memory_bytes >> 20)
+                },
                 if h.runtimes.is_empty() {
                     "-".into()
                 } else {
