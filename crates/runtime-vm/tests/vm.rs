@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Request, Workload};
 use telvirt_runtime_vm::{
-    AccelChoice, AccelProbe, CpuSet, DiskFormat, Error, Grant, HugePageSize, Peripheral, QmpEvent,
-    StopMethod, VmPhase, pin,
+    AccelChoice, AccelProbe, CpuSet, DiskFormat, DiskImage, Error, Grant, HugePageSize, Peripheral,
+    QmpEvent, StopMethod, VmPhase, pin,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -389,7 +389,19 @@ async fn restarted_manager_adopts_running_vm() {
     let root = common::state_root();
     let pid = {
         let mgr = common::manager(root.path());
-        let vm = mgr.start(common::config("adopt1")).await.unwrap();
+        // A raw disk image the VM sees as its first disk, and one granted peripheral.
+        let disk = root.path().join("disk.raw");
+        std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+        let mut cfg = common::config("adopt1");
+        cfg.disk = Some(DiskImage {
+            path: disk,
+            format: DiskFormat::Raw,
+        });
+        cfg.peripherals = vec![Grant {
+            id: "rng0".into(),
+            peripheral: Peripheral::VirtioRng,
+        }];
+        let vm = mgr.start(cfg).await.unwrap();
         vm.pid()
         // The first manager and its handle go away; QEMU keeps running.
     };
@@ -405,6 +417,14 @@ async fn restarted_manager_adopts_running_vm() {
     assert_eq!(vm.phase(), VmPhase::Running);
     assert!(vm.status().await.adopted);
     vm.health(T).await.unwrap();
+    // Grants and devices survive the manager restart.
+    let grants: Vec<String> = vm.peripherals().await.into_iter().map(|g| g.id).collect();
+    assert_eq!(grants, vec!["rng0".to_string()]);
+    let devices = vm.qmp().peripheral_ids().await.unwrap();
+    assert!(
+        devices.contains(&"tv-disk0-dev".to_string()) && devices.contains(&"rng0".to_string()),
+        "{devices:?}"
+    );
     // Starting it again is refused: no duplicate QEMU.
     assert!(matches!(
         mgr2.start(common::config("adopt1")).await.unwrap_err(),
