@@ -165,7 +165,7 @@ pub fn event_table(events: &[Event]) -> String {
                 e.from.map_or("-".into(), |p| p.to_string()),
                 e.to.to_string(),
                 e.actor.clone(),
-                e.reason.clone(),
+                e.reason.replace('\n', " |"),
             ]
         })
         .collect();

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# telvirt's main job end to end on the embedded default: a node in a temporary data dir, VNFs
+# created from examples/, placement on this host's cores, lock/unlock, events, authorities,
+# restart safety, and a clean shutdown. Usage: scripts/demo.sh [path/to/telvirt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+TELVIRT="${1:-target/release/telvirt}"
+[ -x "$TELVIRT" ] || { echo "demo: $TELVIRT is not built (run: make demo)" >&2; exit 1; }
+TELVIRT="$(realpath "$TELVIRT")"
+
+DATA="$(mktemp -d /tmp/telvirt-demo.XXXXXX)"
+LOG="$DATA/serve.log"
+export TELVIRT_CONFIG="$DATA/client.toml"
+SERVER_PID=""
+
+cleanup() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  rm -rf "$DATA"
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '$ telvirt %s\n' "$*"; "$TELVIRT" "$@"; }
+
+start_node() {
+  rm -f "$TELVIRT_CONFIG"
+  "$TELVIRT" serve --data-dir "$DATA" --listen 127.0.0.1:0 >>"$LOG" 2>&1 &
+  SERVER_PID=$!
+  for _ in $(seq 1 200); do
+    if [ -f "$TELVIRT_CONFIG" ] && "$TELVIRT" vnf list >/dev/null 2>&1; then return 0; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || { cat "$LOG"; echo "demo: telvirt serve exited" >&2; exit 1; }
+    sleep 0.05
+  done
+  echo "demo: telvirt serve did not become ready" >&2; cat "$LOG"; exit 1
+}
+
+# Polls `vnf show NAME -o json` until the phase is one of the given ones.
+wait_phase() {
+  local name="$1"; shift
+  for _ in $(seq 1 600); do
+    phase="$("$TELVIRT" vnf show "$name" -o json | sed -n 's/^  "phase": "\(.*\)",$/\1/p')"
+    for want in "$@"; do [ "$phase" = "$want" ] && return 0; done
+    sleep 0.1
+  done
+  echo "demo: $name stayed $phase" >&2; return 1
+}
+
+step "Start an all-in-one node (controller + this host's agent + embedded redb store)"
+start_node
+echo "node up (pid $SERVER_PID), data dir $DATA; the CLI reads $TELVIRT_CONFIG"
+HOST="$("$TELVIRT" host list -o json | sed -n 's/^    "name": "\(.*\)",$/\1/p' | head -1)"
+run host show "$HOST"
+
+step "Create VNFs from descriptors (YAML and JSON)"
+run vnf create -f examples/descriptors/fw1.yaml
+run vnf create -f examples/descriptors/nat1.yaml
+run vnf create -f examples/descriptors/upf1.json
+wait_phase fw1 Running Failed
+run vnf list
+
+step "Placement: fw1 holds a dedicated core; nat1 and upf1 wait, and say why"
+run vnf show fw1
+run vnf show nat1
+run host show "$HOST"
+
+step "Freeing capacity: delete fw1, and the shared group 'edge' gets its core"
+run vnf delete fw1
+wait_phase nat1 Running Failed Scheduled
+wait_phase upf1 Running Failed Scheduled
+run vnf list
+run host show "$HOST"
+
+step "Lock: a locked VNF refuses every change but unlock and delete"
+run vnf lock nat1
+printf '$ telvirt vnf stop nat1\n'
+"$TELVIRT" vnf stop nat1 || echo "(refused, as it must be)"
+run vnf unlock nat1
+run vnf events nat1
+
+step "Management authorities: each sees only its own VNFs"
+TOKEN="$("$TELVIRT" authority create enterprise1 -o json | sed -n 's/^  "token": "\(.*\)"$/\1/p')"
+echo "created authority enterprise1 (token shown once)"
+printf '$ telvirt --token <enterprise1> vnf list\n'
+"$TELVIRT" --token "$TOKEN" vnf list
+printf '$ telvirt --token <enterprise1> vnf delete nat1\n'
+"$TELVIRT" --token "$TOKEN" vnf delete nat1 || echo "(not visible to enterprise1: 404)"
+
+step "Bad input is refused with the field path, and nothing is stored"
+sed 's/count: 1/count: 0/; s/16MiB/16MB/' examples/descriptors/fw1.yaml >"$DATA/bad.yaml"
+printf '$ telvirt vnf create -f bad.yaml\n'
+"$TELVIRT" vnf create -f "$DATA/bad.yaml" || true
+
+step "Restart safety: kill -9 the node and start it again"
+kill -KILL "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+start_node
+run vnf list
+
+step "Clean shutdown"
+kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
+SERVER_PID=""
+tail -n 1 "$LOG"
+echo "demo finished"
