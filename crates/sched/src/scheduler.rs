@@ -225,6 +225,8 @@ pub struct Scheduler {
     by_threads: BTreeSet<u64>,
     by_cores: BTreeSet<u64>,
     reserve_keys: BTreeSet<u64>,
+    /// cpu number → hosts (by index, i.e. in the order they were added) where it is free.
+    free_by_cpu: Vec<BTreeSet<u32>>,
     total_free: u64,
     pub(crate) vnfs: Vec<Option<VnfState>>,
     vnf_by_name: BTreeMap<String, u32>,
@@ -344,6 +346,7 @@ impl Scheduler {
         }));
         self.total_free += free as u64;
         self.index(idx);
+        self.set_free_by_cpu(idx, true);
         Ok(())
     }
 
@@ -418,7 +421,27 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Adds (or removes) a host's free cpus to (from) the per-cpu index.
+    fn set_free_by_cpu(&mut self, h: u32, present: bool) {
+        let host = self.hosts[h as usize].as_ref().expect("a live host");
+        for (t, th) in host.topo.threads.iter().enumerate() {
+            if host.holder[t] != Holder::Free {
+                continue;
+            }
+            let cpu = th.cpu as usize;
+            if self.free_by_cpu.len() <= cpu {
+                self.free_by_cpu.resize_with(cpu + 1, BTreeSet::new);
+            }
+            if present {
+                self.free_by_cpu[cpu].insert(h);
+            } else {
+                self.free_by_cpu[cpu].remove(&h);
+            }
+        }
+    }
+
     fn drop_host(&mut self, h: u32) {
+        self.set_free_by_cpu(h, false);
         self.unindex(h);
         let host = self.hosts[h as usize]
             .take()
@@ -543,6 +566,29 @@ impl Scheduler {
                 }
             }
         }
+        for (cpu, hosts) in self.free_by_cpu.iter().enumerate() {
+            for &h in hosts {
+                let free = self
+                    .hosts
+                    .get(h as usize)
+                    .and_then(Option::as_ref)
+                    .is_some_and(|host| {
+                        host.topo
+                            .thread_of_cpu(cpu as u32)
+                            .is_some_and(|t| host.holder[t as usize] == Holder::Free)
+                    });
+                if !free {
+                    return Err(format!("cpu {cpu} is indexed free on host #{h} but is not"));
+                }
+            }
+        }
+        let free_entries: usize = self.free_by_cpu.iter().map(BTreeSet::len).sum();
+        if free_entries as u64 != self.total_free {
+            return Err(format!(
+                "{free_entries} free cpus indexed, {} free",
+                self.total_free
+            ));
+        }
         let indexed: usize = self.groups.iter().map(|g| g.index.len()).sum();
         if indexed != group_entries {
             return Err(format!(
@@ -640,6 +686,8 @@ impl Scheduler {
         host.node_free[node] -= 1;
         host.free -= 1;
         self.total_free -= 1;
+        let cpu = host.topo.threads[t as usize].cpu as usize;
+        self.free_by_cpu[cpu].remove(&h);
     }
 
     fn give(&mut self, h: u32, t: u32) {
@@ -659,6 +707,8 @@ impl Scheduler {
         host.node_free[node] += 1;
         host.free += 1;
         self.total_free += 1;
+        let cpu = host.topo.threads[t as usize].cpu as usize;
+        self.free_by_cpu[cpu].insert(h);
     }
 
     /// Applies a role's resources. Threads already held by this VNF are left as they are.
@@ -829,12 +879,25 @@ impl Scheduler {
         Some(id)
     }
 
+    /// Drops a group created by a call that then failed (so refusals change nothing).
+    fn forget_new_group(&mut self, groups_before: usize) {
+        if self.groups.len() > groups_before {
+            let g = self.groups.pop().expect("a group was just created");
+            debug_assert!(
+                g.index.is_empty(),
+                "a new group of a refused VNF holds no core"
+            );
+            self.group_by_key.remove(&(g.authority, g.name));
+        }
+    }
+
     /// Places a new VNF (both roles for active-standby). Nothing changes on error.
     pub fn place(&mut self, req: &VnfRequest) -> Result<Placement, SchedError> {
         req.validate(self.config.shared_core_capacity)?;
         if self.vnf_by_name.contains_key(&req.name) {
             return Err(SchedError::DuplicateVnf(req.name.clone()));
         }
+        let groups_before = self.groups.len();
         let group = self.group_id(req);
         let vid = match self.free_slots.pop() {
             Some(v) => v,
@@ -858,6 +921,7 @@ impl Scheduler {
             Err(e) => {
                 self.vnfs[vid as usize] = None;
                 self.free_slots.push(vid);
+                self.forget_new_group(groups_before);
                 Err(e)
             }
         }
@@ -1245,19 +1309,28 @@ impl Scheduler {
         avoid: &Avoid,
     ) -> Result<RoleState, SchedError> {
         let found = match (req.cpu.policy, self.config.search) {
-            (CpuPolicy::Pinned, _) => self.live_hosts().find_map(|h| {
-                // Cheap test first: every pinned cpu exists and is available on this host.
-                let host = self.host(h);
-                let quick = req.cpu.cores.iter().all(|&c| {
-                    host.topo
-                        .thread_of_cpu(c)
-                        .is_some_and(|t| host.avail_for(t, vid))
-                });
-                if !quick {
-                    return None;
-                }
-                self.try_pinned(vid, h, req, role, avoid).ok()
-            }),
+            (CpuPolicy::Pinned, Search::FirstFit) => self
+                .live_hosts()
+                .find_map(|h| self.try_pinned(vid, h, req, role, avoid).ok()),
+            (CpuPolicy::Pinned, Search::Indexed) => {
+                // Hosts where the first pinned cpu is free, in the order hosts were added (the
+                // same host a full scan finds first); the other cpus are checked cheaply first.
+                let first = req.cpu.cores[0] as usize;
+                self.free_by_cpu.get(first).and_then(|hosts| {
+                    hosts.iter().find_map(|&h| {
+                        let host = self.host(h);
+                        let quick = req.cpu.cores[1..].iter().all(|&c| {
+                            host.topo
+                                .thread_of_cpu(c)
+                                .is_some_and(|t| host.avail_for(t, vid))
+                        });
+                        if !quick {
+                            return None;
+                        }
+                        self.try_pinned(vid, h, req, role, avoid).ok()
+                    })
+                })
+            }
             (_, Search::FirstFit) => {
                 let (cores, min) = self.demand(req);
                 self.live_hosts().find_map(|h| {
@@ -1545,7 +1618,7 @@ impl Scheduler {
             }
             (None, _) => {}
         }
-        let existed = self.group_by_key.len();
+        let existed = self.groups.len();
         let group = self.group_id(req);
         let vid = self.free_slots.pop().unwrap_or_else(|| {
             self.vnfs.push(None);
@@ -1578,10 +1651,7 @@ impl Scheduler {
             }
             self.vnfs[vid as usize] = None;
             self.free_slots.push(vid);
-            if self.group_by_key.len() > existed {
-                let g = self.groups.pop().expect("group was just created");
-                self.group_by_key.remove(&(g.authority, g.name));
-            }
+            self.forget_new_group(existed);
             return result;
         }
         for rs in applied {
