@@ -37,7 +37,7 @@ pub struct RingOpts {
 impl Default for RingOpts {
     fn default() -> Self {
         RingOpts {
-            packets: 20_000_000,
+            packets: 50_000_000,
             batch: 32,
             capacity: 1024,
             rounds: 3,

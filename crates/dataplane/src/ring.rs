@@ -189,7 +189,9 @@ impl Shared {
     }
 }
 
-/// The writing end of a ring. Exactly one exists per ring.
+/// The writing end of a ring. Exactly one exists per ring. Aligned to 128 bytes so that its
+/// private indices never share a cache line with the consumer's.
+#[repr(align(128))]
 pub struct Producer<T: RingItem> {
     shared: Arc<Shared>,
     head: u64,
@@ -197,7 +199,8 @@ pub struct Producer<T: RingItem> {
     _t: PhantomData<T>,
 }
 
-/// The reading end of a ring. Exactly one exists per ring.
+/// The reading end of a ring. Exactly one exists per ring (128-byte aligned, as the producer).
+#[repr(align(128))]
 pub struct Consumer<T: RingItem> {
     shared: Arc<Shared>,
     tail: u64,
