@@ -446,6 +446,13 @@ async fn vm_without_agent_runs_and_stops_via_acpi() {
     let mgr = common::manager(root.path());
     let mut cfg = common::config("noagent1");
     cfg.wait_for_agent = false;
+    // One set per vCPU: vCPU i on the i-th online CPU (wrapping on 1-CPU hosts).
+    let online: Vec<usize> = pin::online_cpus().unwrap().iter().collect();
+    cfg.vcpus = 2;
+    cfg.cpu.vcpu_cpus = (0..2)
+        .map(|i| CpuSet::single(online[i % online.len()]))
+        .collect();
+    let want = cfg.cpu.vcpu_cpus.clone();
     // An explicit state directory outside the manager's root.
     let own = common::state_root();
     cfg.state_dir = Some(own.path().join("vm"));
@@ -454,6 +461,14 @@ async fn vm_without_agent_runs_and_stops_via_acpi() {
     assert_eq!(first.phase(), VmPhase::Running);
     assert_eq!(first.state_dir(), own.path().join("vm"));
     assert!(own.path().join("vm/qmp.sock").exists());
+    assert_eq!(first.vcpu_threads().len(), 2);
+    for (v, set) in first.vcpu_threads().iter().zip(&want) {
+        assert_eq!(
+            pin::allowed_cpus(first.pid(), v.thread_id).unwrap(),
+            *set,
+            "{v:?}"
+        );
+    }
     assert!(first.qmp().query_status().await.unwrap().running);
     // QMP takes one client: drop the first handle, then adopt by directory (the name-based
     // root has nothing).
