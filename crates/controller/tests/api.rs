@@ -356,3 +356,17 @@ async fn unknown_paths_and_methods_are_problems() {
     assert_eq!(r.0, 405);
     assert_eq!(r.1, "application/problem+json");
 }
+
+/// The schema published in docs/ is the one the code generates (regenerate with
+/// `telvirt schema > docs/schema/vnf.schema.json`).
+#[test]
+fn published_schema_is_current() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/schema/vnf.schema.json");
+    let published: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        published,
+        telvirt_controller::descriptor_schema(),
+        "docs/schema/vnf.schema.json is stale: run `telvirt schema > docs/schema/vnf.schema.json`"
+    );
+}
