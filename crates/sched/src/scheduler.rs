@@ -1468,6 +1468,12 @@ impl Scheduler {
         if let Err(e) = self.host_ok(h, req, avoid) {
             return e;
         }
+        if req.cpu.policy == CpuPolicy::Dedicated
+            && req.cpu.thread_policy == ThreadPolicy::Require
+            && self.host(h).topo.max_threads_per_core < 2
+        {
+            return "has no SMT siblings (thread_policy require needs them)".into();
+        }
         if req.cpu.policy == CpuPolicy::Pinned {
             return match self.try_pinned(vid, h, req, role, avoid) {
                 Err(e) => e,

@@ -589,3 +589,85 @@ fn heal_places_a_missing_role() {
     assert_eq!(rp.role, Role::Sby);
     assert!(s.heal("r").is_err());
 }
+
+#[test]
+fn require_needs_smt_and_says_so() {
+    let mut s = sched(
+        ReservePolicy::None,
+        &[HostSpec::synthetic("nosmt", 1, 4, 1)],
+    );
+    let mut r = ded("r", 2);
+    r.cpu.thread_policy = ThreadPolicy::Require;
+    let e = s.place(&r).unwrap_err().to_string();
+    assert!(e.contains("nosmt: has no SMT siblings"), "{e}");
+}
+
+#[test]
+fn isolated_emulator_for_shared_and_pinned() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    let mut g = shared("g", "op", "light", 2);
+    g.runtime = Runtime::Vm;
+    g.emulator = EmulatorPolicy::Isolate;
+    let p = s.place(&g).unwrap();
+    assert_eq!(cpus(&p.act.cpus), ["1,5", "1,5"]);
+    let emu = p.act.emulator_cpus.unwrap();
+    assert_eq!(emu.len(), 1);
+    assert!(
+        !emu.contains(1) && !emu.contains(5),
+        "emulator is not on the group core"
+    );
+    let mut pin = pinned("p", &[3]);
+    pin.runtime = Runtime::Vm;
+    pin.emulator = EmulatorPolicy::Isolate;
+    let p = s.place(&pin).unwrap();
+    let pe = p.act.emulator_cpus.unwrap();
+    assert_eq!(pe.len(), 1);
+    assert!(!pe.contains(3) && pe != emu);
+    assert_eq!(s.stats().free_cpus, 6 - 2 - 1 - 1 - 1);
+}
+
+#[test]
+fn failover_keeps_zone_anti_affinity() {
+    let hosts = [
+        small("a1", "a"),
+        small("a2", "a"),
+        small("b1", "b"),
+        small("c1", "c"),
+    ];
+    let mut s = sched(ReservePolicy::None, &hosts);
+    let mut r = redundant("r", 1);
+    r.zone_anti_affinity = true;
+    let p = s.place(&r).unwrap();
+    let out = s.fail_host(&p.sby.unwrap().host).unwrap();
+    let new = out[0].result.as_ref().unwrap();
+    let zone = |h: &str| s.host_spec(h).unwrap().labels["zone"].clone();
+    assert_ne!(zone(&new.host), zone(&p.act.host));
+    s.self_check().unwrap();
+}
+
+#[test]
+fn update_host_keeps_shared_groups_and_config_is_validated() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    s.place(&shared("g1", "op", "light", 2)).unwrap();
+    s.place(&shared("g2", "op", "light", 1)).unwrap();
+    let before = host_map(&s, "h1").unwrap().nodes;
+    let mut h = small("h1", "b");
+    h.reserved = CpuList::from_cpus([3, 7]);
+    s.update_host(h).unwrap();
+    assert_eq!(
+        host_map(&s, "h1").unwrap().nodes[0].cores[1],
+        before[0].cores[1]
+    );
+    s.self_check().unwrap();
+
+    let e = Scheduler::new(SchedConfig {
+        shared_core_capacity: 0,
+        ..SchedConfig::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("shared_core_capacity"), "{e}");
+    let c: SchedConfig =
+        serde_json::from_str(r#"{"reserve":"none","search":"first-fit"}"#).unwrap();
+    assert_eq!(c.reserve, ReservePolicy::None);
+    assert_eq!(c.shared_core_capacity, 8);
+}
