@@ -6,10 +6,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use wasmtime::Module;
+use wasmtime::{InstancePre, Module};
 
 use crate::engine::{EngineKind, EngineSettings, Engines};
 use crate::error::{Error, Result};
+use crate::host::HostState;
 use crate::instance::{self, VnfConfig, VnfInstance};
 use crate::maps::MapSet;
 use crate::security::{ModuleSignature, Permission, SecurityPolicy};
@@ -56,6 +57,9 @@ pub struct WasmRuntime {
     store: ModuleStore,
     engines: Engines,
     loaded: Mutex<HashMap<(String, EngineKind), Module>>,
+    /// Linked, ready-to-instantiate modules (grants are fixed per runtime: same policy, same
+    /// manifest for a hash).
+    pres: Mutex<HashMap<(String, EngineKind), InstancePre<HostState>>>,
 }
 
 impl WasmRuntime {
@@ -72,6 +76,7 @@ impl WasmRuntime {
             cfg,
             engines: Engines::default(),
             loaded: Mutex::new(HashMap::new()),
+            pres: Mutex::new(HashMap::new()),
         })
     }
 
@@ -143,6 +148,9 @@ impl WasmRuntime {
         if let Ok(mut l) = self.loaded.lock() {
             l.retain(|(h, _), _| h != hash);
         }
+        if let Ok(mut p) = self.pres.lock() {
+            p.retain(|(h, _), _| h != hash);
+        }
         Ok(())
     }
 
@@ -198,9 +206,7 @@ impl WasmRuntime {
     pub fn instantiate(&self, meta: &InstalledModule, cfg: VnfConfig) -> Result<VnfInstance> {
         let defs = instance::effective_maps(&meta.manifest.maps, &cfg.maps)?;
         let maps = MapSet::new(&defs)?;
-        let (engine, _) = self.engines.get(self.settings(cfg.engine))?;
-        let module = self.load(meta, cfg.engine)?;
-        let pre = instance::prepare(&engine, &module, meta, &self.granted(meta)?)?;
+        let (engine, pre) = self.pre(meta, cfg.engine)?;
         VnfInstance::new(
             meta.clone(),
             engine,
@@ -213,10 +219,26 @@ impl WasmRuntime {
 
     /// Upgrades an instance to another installed module between batches, maps carried over.
     pub fn upgrade(&self, inst: &mut VnfInstance, meta: &InstalledModule) -> Result<()> {
-        let kind = inst.config().engine;
+        let (_, pre) = self.pre(meta, inst.config().engine)?;
+        inst.upgrade_to(meta.clone(), pre)
+    }
+
+    /// The engine and the linked module (cached), checking grants first.
+    fn pre(
+        &self,
+        meta: &InstalledModule,
+        kind: EngineKind,
+    ) -> Result<(wasmtime::Engine, InstancePre<HostState>)> {
         let (engine, _) = self.engines.get(self.settings(kind))?;
+        let key = (meta.hash.clone(), kind);
+        if let Some(p) = self.pres.lock().ok().and_then(|p| p.get(&key).cloned()) {
+            return Ok((engine, p));
+        }
         let module = self.load(meta, kind)?;
         let pre = instance::prepare(&engine, &module, meta, &self.granted(meta)?)?;
-        inst.upgrade_to(meta.clone(), pre)
+        if let Ok(mut p) = self.pres.lock() {
+            p.insert(key, pre.clone());
+        }
+        Ok((engine, pre))
     }
 }

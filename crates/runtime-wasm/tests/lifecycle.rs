@@ -199,3 +199,35 @@ fn bad_config_is_refused_precisely() {
         "{err}"
     );
 }
+
+#[test]
+fn upgrade_repairs_a_failed_vnf_and_locked_vnf_refuses_changes() {
+    let rt = runtime("repair");
+    // v1 traps on every batch after counting its packets.
+    let v1 = abi_module(
+        COUNTER_MANIFEST,
+        MAP_IMPORTS,
+        &COUNT_LOOP.replace("    (local.get $n)\n", "    unreachable\n"),
+        "",
+    );
+    let v1 = install(&rt, &v1, "untrusted");
+    let mut inst = rt
+        .instantiate(&v1, VnfConfig::default())
+        .expect("instantiate");
+    assert!(inst.process_batch(&mut batch(3)).is_err());
+    assert!(matches!(inst.state(), VnfState::Failed(_)));
+    assert_eq!(count_of(&inst), 3);
+    let v2 = install(&rt, &counter_module(), "untrusted");
+    rt.upgrade(&mut inst, &v2).expect("upgrade repairs");
+    assert_eq!(inst.state(), &VnfState::Running);
+    inst.process_batch(&mut batch(2))
+        .expect("fixed version runs");
+    assert_eq!(count_of(&inst), 5, "state kept across failure and upgrade");
+    inst.lock().expect("lock");
+    assert!(matches!(rt.upgrade(&mut inst, &v1), Err(Error::Locked)));
+    assert!(matches!(
+        inst.map_update("count", &[0; 4], &[0; 8]),
+        Err(Error::Locked)
+    ));
+    assert_eq!(count_of(&inst), 5);
+}
