@@ -671,3 +671,26 @@ fn update_host_keeps_shared_groups_and_config_is_validated() {
     assert_eq!(c.reserve, ReservePolicy::None);
     assert_eq!(c.shared_core_capacity, 8);
 }
+
+#[test]
+fn documented_inventory_example_parses_and_loads() {
+    let doc = include_str!("../../../docs/scheduling.md");
+    let section = doc
+        .split("## Inventory file")
+        .nth(1)
+        .expect("doc has the inventory section");
+    let yaml = section
+        .split("```yaml")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("yaml block");
+    let inv: Inventory = serde_yaml::from_str(yaml).expect("documented example parses");
+    let mut s = sched(ReservePolicy::NPlusOne, &[]);
+    s.add_inventory(&inv).expect("documented example is valid");
+    assert_eq!(s.host_names(), ["host-1", "host-2"]);
+    // host-1: 128 cpus - 4 shared - 2 reserved; host-2: 8 cpus - 2 shared.
+    assert_eq!(s.stats().dedicated_cpus, 122 + 6);
+    let mut r = ded("near", 2);
+    r.cpu.near_nic = Some("eth2".into());
+    assert_eq!(s.place(&r).expect("fits").act.numa_nodes, vec![1]);
+}
