@@ -84,6 +84,8 @@ pub struct PlacementBenchReport {
     pub baseline_placements_per_s: f64,
     /// `placements_per_s / baseline_placements_per_s`.
     pub ratio: f64,
+    /// The indexed engine placed at least as many VNFs on at most as many hosts as first fit.
+    pub packs_at_least_as_densely: bool,
     /// Indexed engine details.
     pub indexed: EngineFigures,
     /// First-fit baseline details.
@@ -283,6 +285,8 @@ pub fn run_placement_bench(
         replace_host_ms: indexed.replace_host_ms,
         baseline_placements_per_s: baseline.placements_per_s,
         ratio: indexed.placements_per_s / baseline.placements_per_s.max(1e-9),
+        packs_at_least_as_densely: indexed.placed >= baseline.placed
+            && indexed.hosts_used <= baseline.hosts_used,
         indexed,
         baseline,
     })
