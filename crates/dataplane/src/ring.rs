@@ -125,6 +125,33 @@ impl Shared {
         // SAFETY: in bounds (`slot`), published by a Release store the caller Acquired.
         unsafe { self.slot(index).read() }
     }
+    /// Write `items` to consecutive slots from `start`, with the slot base and mask held in
+    /// locals (a write through the mapping could otherwise alias `self` for the optimiser).
+    ///
+    /// # Safety
+    /// Only the producer calls this, and the slots `start..start + items.len()` are free.
+    unsafe fn write_run(&self, start: u64, items: impl Iterator<Item = u64>) {
+        let base = self.slot(0);
+        let mask = self.mask;
+        let mut i = start;
+        for v in items {
+            // SAFETY: the masked index is < capacity; exclusive by the caller's contract.
+            unsafe { base.add((i & mask) as usize).write(v) };
+            i = i.wrapping_add(1);
+        }
+    }
+    /// Read `n` consecutive slots from `start` onto `out`, converted by `f`.
+    ///
+    /// # Safety
+    /// Only the consumer calls this, on slots the producer has published.
+    unsafe fn read_run<T>(&self, start: u64, n: usize, out: &mut Vec<T>, f: impl Fn(u64) -> T) {
+        let base = self.slot(0);
+        let mask = self.mask;
+        out.extend((0..n as u64).map(|k| {
+            // SAFETY: the masked index is < capacity; published per the caller's contract.
+            f(unsafe { base.add((start.wrapping_add(k) & mask) as usize).read() })
+        }));
+    }
     fn capacity(&self) -> u64 {
         self.mask + 1
     }
@@ -183,6 +210,20 @@ impl Shared {
         let cell = &self.slots[(index & self.mask) as usize];
         // SAFETY: published by the caller's contract; loom checks it.
         cell.with(|p| unsafe { p.read() })
+    }
+    unsafe fn write_run(&self, start: u64, items: impl Iterator<Item = u64>) {
+        let mut i = start;
+        for v in items {
+            // SAFETY: forwarded contract.
+            unsafe { self.write_slot(i, v) };
+            i = i.wrapping_add(1);
+        }
+    }
+    unsafe fn read_run<T>(&self, start: u64, n: usize, out: &mut Vec<T>, f: impl Fn(u64) -> T) {
+        for k in 0..n as u64 {
+            // SAFETY: forwarded contract.
+            out.push(f(unsafe { self.read_slot(start.wrapping_add(k)) }));
+        }
     }
     fn capacity(&self) -> u64 {
         self.mask + 1
@@ -275,12 +316,13 @@ impl<T: RingItem> Producer<T> {
         if n == 0 {
             return 0;
         }
-        let mut h = self.head;
-        for item in items.drain(..n) {
-            // SAFETY: the `n` slots from `head` are free (reserve) and only we write slots.
-            unsafe { self.shared.write_slot(h, item.into_bits()) };
-            h = h.wrapping_add(1);
-        }
+        let h = self.head;
+        // SAFETY: the `n` slots from `head` are free (reserve) and only we write slots.
+        unsafe {
+            self.shared
+                .write_run(h, items.drain(..n).map(RingItem::into_bits))
+        };
+        let h = h.wrapping_add(n as u64);
         self.head = h;
         self.shared.head().store(h, Ordering::Release);
         n
@@ -358,13 +400,12 @@ impl<T: RingItem> Consumer<T> {
         if n == 0 {
             return 0;
         }
-        out.reserve(n);
-        let mut t = self.tail;
-        for _ in 0..n {
-            // SAFETY: as in `pop`: these `n` slots were published and are read once each.
-            out.push(unsafe { T::from_bits(self.shared.read_slot(t)) });
-            t = t.wrapping_add(1);
-        }
+        // SAFETY: each `b` was produced by `into_bits` and is decoded once (each slot is read
+        // once).
+        let decode = |b| unsafe { T::from_bits(b) };
+        // SAFETY: as in `pop`: these `n` slots were published and are read once each.
+        unsafe { self.shared.read_run(self.tail, n, out, decode) };
+        let t = self.tail.wrapping_add(n as u64);
         self.tail = t;
         self.shared.tail().store(t, Ordering::Release);
         n
