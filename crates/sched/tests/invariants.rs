@@ -384,5 +384,11 @@ proptest! {
         }
         prop_assert_eq!(maps(&r), maps(&s));
         prop_assert_eq!(r.allocations(), s.allocations());
+        // A restored scheduler decides exactly like the one that never restarted.
+        for (i, op) in ops.iter().enumerate().filter(|(_, o)| matches!(o, Op::Place { .. })).take(6) {
+            let mut req = request(i, op).expect("place op");
+            req.name = format!("after-restart-{i}");
+            prop_assert_eq!(s.place(&req), r.place(&req));
+        }
     }
 }
