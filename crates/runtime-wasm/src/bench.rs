@@ -20,7 +20,8 @@ use crate::trace::{self, Workload};
 /// What to measure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BenchOptions {
-    /// Packets per throughput measurement (cranelift and native; pulley gets a tenth).
+    /// Packets per throughput measurement (cranelift and native, split into 7 alternating
+    /// rounds whose median is reported; pulley gets a tenth in one run).
     pub packets: u64,
     /// Packets per batch (1..=64).
     pub batch: usize,
@@ -182,6 +183,11 @@ fn setup_wasm(
     Ok(inst)
 }
 
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 fn mean(d: Duration, n: u32) -> f64 {
     d.as_secs_f64() * 1e6 / f64::from(n.max(1))
 }
@@ -289,9 +295,18 @@ fn run_pinned(
         let mut wasm = setup_wasm(&rt, &m, w, EngineKind::Cranelift)?;
         let d_native = run_trace(&mut native, w, opts.batch, &mut b)?;
         let d_wasm = run_trace(&mut wasm, w, opts.batch, &mut b)?;
-        let native_pps = throughput(&mut native, w, opts.batch, opts.packets, &mut b)?;
+        // Alternate native and wasm in rounds and take each side's median, so that a burst of
+        // other work on the machine does not skew one side only.
+        let rounds = 7u64;
+        let per_round = (opts.packets / rounds).max(1);
+        let (mut nat_r, mut wasm_r) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            nat_r.push(throughput(&mut native, w, opts.batch, per_round, &mut b)?);
+            wasm_r.push(throughput(&mut wasm, w, opts.batch, per_round, &mut b)?);
+        }
+        let native_pps = median(&mut nat_r);
         tick(progress);
-        let wasm_pps = throughput(&mut wasm, w, opts.batch, opts.packets, &mut b)?;
+        let wasm_pps = median(&mut wasm_r);
         tick(progress);
         let mut pulley = setup_wasm(&rt, &m, w, EngineKind::Pulley)?;
         run_trace(&mut pulley, w, opts.batch, &mut b)?;
