@@ -584,6 +584,94 @@ mod tests {
     }
 
     #[test]
+    fn every_layout_error_names_its_field() {
+        fn explicit(nodes: Vec<(u32, Vec<&str>)>, sockets: Vec<u32>) -> HostSpec {
+            HostSpec {
+                name: "x".into(),
+                sockets: sockets
+                    .iter()
+                    .map(|&id| SocketSpec {
+                        id,
+                        numa_nodes: nodes
+                            .iter()
+                            .map(|(nid, cores)| NumaNodeSpec {
+                                id: *nid + id * 10,
+                                memory: None,
+                                cores: cores.iter().map(|c| c.parse().unwrap()).collect(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+                ..HostSpec::default()
+            }
+        }
+        let field = |h: HostSpec| match h.build().unwrap_err() {
+            SchedError::InvalidInventory { field, .. } => field,
+            e => panic!("unexpected {e}"),
+        };
+        assert_eq!(
+            field(explicit(vec![(0, vec!["0"])], vec![0, 0])),
+            "sockets[1].id"
+        );
+        assert_eq!(field(explicit(vec![], vec![0])), "sockets[0].numa_nodes");
+        assert_eq!(
+            field(explicit(vec![(0, vec!["0"]), (0, vec!["1"])], vec![0])),
+            "sockets[0].numa_nodes[1].id"
+        );
+        assert_eq!(
+            field(explicit(vec![(0, vec![])], vec![0])),
+            "sockets[0].numa_nodes[0].cores"
+        );
+        assert_eq!(
+            field(explicit(vec![(0, vec![""])], vec![0])),
+            "sockets[0].numa_nodes[0].cores[0]"
+        );
+        assert_eq!(
+            field(HostSpec {
+                name: "x".into(),
+                ..HostSpec::default()
+            }),
+            "sockets"
+        );
+        let mut h = explicit(vec![(0, vec!["0", "1"])], vec![0]);
+        h.nics = vec![
+            NicSpec {
+                name: "e".into(),
+                numa_node: 0,
+            },
+            NicSpec {
+                name: "e".into(),
+                numa_node: 0,
+            },
+        ];
+        assert_eq!(field(h.clone()), "nics[1].name");
+        h.nics = vec![NicSpec {
+            name: " ".into(),
+            numa_node: 0,
+        }];
+        assert_eq!(field(h), "nics[0].name");
+        for (f, set) in [
+            ("topology.sockets", (0, 1, 1, 1)),
+            ("topology.cores_per_socket", (1, 0, 1, 1)),
+            ("topology.threads_per_core", (1, 1, 0, 1)),
+            ("topology.numa_nodes_per_socket", (1, 1, 1, 0)),
+            ("topology", (64, 64, 4, 1)),
+        ] {
+            let mut h = HostSpec::synthetic("x", 1, 1, 1);
+            h.shared = CpuList::new();
+            h.nics.clear();
+            let t = h.topology.as_mut().unwrap();
+            (
+                t.sockets,
+                t.cores_per_socket,
+                t.threads_per_core,
+                t.numa_nodes_per_socket,
+            ) = set;
+            assert_eq!(field(h), f);
+        }
+    }
+
+    #[test]
     fn explicit_dedicated_leaves_rest_unassigned() {
         let mut h = HostSpec::synthetic("h", 1, 4, 2);
         h.dedicated = Some(CpuList::from_cpus([1, 5, 2]));

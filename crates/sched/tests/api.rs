@@ -694,3 +694,31 @@ fn documented_inventory_example_parses_and_loads() {
     r.cpu.near_nic = Some("eth2".into());
     assert_eq!(s.place(&r).expect("fits").act.numa_nodes, vec![1]);
 }
+
+#[test]
+fn names_are_unique_and_unknown_names_are_refused() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
+    s.place(&ded("a", 1)).unwrap();
+    assert_eq!(
+        s.place(&ded("a", 1)).unwrap_err(),
+        SchedError::DuplicateVnf("a".into())
+    );
+    assert_eq!(
+        s.release("zz").unwrap_err(),
+        SchedError::UnknownVnf("zz".into())
+    );
+    assert_eq!(
+        s.placement("zz").unwrap_err(),
+        SchedError::UnknownVnf("zz".into())
+    );
+    let e = s.begin_change(
+        "a",
+        &Change::Move {
+            role: Role::Act,
+            to: Some("h9".into()),
+        },
+    );
+    assert_eq!(e.unwrap_err(), SchedError::UnknownHost("h9".into()));
+    assert!(matches!(s.heal("a"), Err(SchedError::InvalidChange { .. })));
+    assert_eq!(s.stats().vnfs, 1);
+}
