@@ -1501,6 +1501,22 @@ impl Scheduler {
             } else {
                 format!("node{} has {} free", node.id, host.node_free[n])
             };
+            if let Some(gid) = self.vnf(vid).group {
+                let cap = self.config.shared_core_capacity;
+                let room = host
+                    .group_cores
+                    .iter()
+                    .filter(|(c, g)| {
+                        g.group == gid && host.topo.cores[**c as usize].node == n as u32
+                    })
+                    .map(|(_, g)| cap - g.used)
+                    .max();
+                if let Some(room) = room {
+                    s.push_str(&format!(
+                        " (its group core with most room has {room} free vCPU slots)"
+                    ));
+                }
+            }
             if !self.mem_ok(h, n as u32, req) {
                 s.push_str(&format!(
                     " and {} bytes of memory free (needs {})",

@@ -722,3 +722,26 @@ fn names_are_unique_and_unknown_names_are_refused() {
     assert!(matches!(s.heal("a"), Err(SchedError::InvalidChange { .. })));
     assert_eq!(s.stats().vnfs, 1);
 }
+
+#[test]
+fn shared_refusal_shows_group_room() {
+    let mut s = Scheduler::new(SchedConfig {
+        reserve: ReservePolicy::None,
+        shared_core_capacity: 4,
+        ..SchedConfig::default()
+    })
+    .expect("valid config");
+    let mut h = HostSpec::synthetic("h1", 1, 2, 2); // core0 shared, core1 = 1,3
+    h.labels.insert("zone".into(), "a".into());
+    s.add_host(h).expect("valid");
+    s.place(&shared("a", "op", "light", 3)).unwrap();
+    let e = s
+        .place(&shared("b", "op", "light", 2))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("h1: needs room for 2 vCPUs on a core of group `light` or a whole free core on one NUMA node; node0 has 0 whole free cores (its group core with most room has 1 free vCPU slots)"),
+        "{e}"
+    );
+    s.place(&shared("c", "op", "light", 1)).unwrap();
+}
