@@ -93,7 +93,8 @@ pub struct TxLink {
 pub struct PortIo {
     pub(crate) tx: Option<TxLink>,
     pub(crate) rx: Vec<RxLink>,
-    pub(crate) unlinked_drops: u64,
+    /// Packets sent to this port while it had no link (shared by all ports of a node).
+    pub(crate) unlinked_drops: Arc<AtomicU64>,
     /// The outgoing link was removed from the graph but is kept until the node's incoming
     /// rings with these link serials (removed in the same change) are drained (ADR 022).
     pub(crate) retiring: Option<Vec<u64>>,
@@ -197,7 +198,8 @@ impl<'a> NodeIo<'a> {
             return 0;
         };
         let Some(tx) = p.tx.as_mut() else {
-            p.unlinked_drops += pkts.len() as u64;
+            p.unlinked_drops
+                .fetch_add(pkts.len() as u64, Ordering::Relaxed);
             self.cache.free_all(self.pool, pkts);
             return 0;
         };
@@ -266,6 +268,8 @@ impl<P: PacketProcessor> Node for ProcessorNode<P> {
         for input in 0..nports {
             self.inbuf.clear();
             let room = match self.processor.next_output(input) {
+                // An unlinked port drops (counted): no reason to hold the input back.
+                Some(k) if !io.is_linked(usize::from(k)) => self.batch,
                 Some(k) => io.tx_space(usize::from(k)),
                 None => {
                     let mut room = self.batch;

@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::graph::{LinkSpec, LinkStatus, PortRef, render, validate};
@@ -23,6 +24,7 @@ struct NodeEntry {
     id: u64,
     worker: usize,
     ports: Vec<String>,
+    unlinked_drops: Arc<AtomicU64>,
 }
 
 struct LiveLink {
@@ -118,10 +120,12 @@ impl PatchPanel {
         }
         let id = self.next_id;
         self.next_id += 1;
+        let unlinked_drops = Arc::new(AtomicU64::new(0));
         w.send(vec![Cmd::AddNode {
             id,
             node,
             ports: ports.len(),
+            unlinked_drops: Arc::clone(&unlinked_drops),
         }]);
         self.nodes.insert(
             name.to_string(),
@@ -129,6 +133,7 @@ impl PatchPanel {
                 id,
                 worker,
                 ports: ports.iter().map(|s| s.to_string()).collect(),
+                unlinked_drops,
             },
         );
         Ok(())
@@ -275,9 +280,25 @@ impl PatchPanel {
             .collect()
     }
 
-    /// The `telvirt net show` text.
+    /// Packets each node sent to a port without a link, for nodes where that happened.
+    pub fn unlinked_drops(&self) -> Vec<(String, u64)> {
+        self.nodes
+            .iter()
+            .map(|(n, e)| (n.clone(), e.unlinked_drops.load(Ordering::Relaxed)))
+            .filter(|(_, d)| *d > 0)
+            .collect()
+    }
+
+    /// The `telvirt net show` text: the link table, then nodes that dropped packets because
+    /// a port had no link.
     pub fn render(&self) -> String {
-        render(&self.status())
+        let mut out = render(&self.status());
+        for (node, drops) in self.unlinked_drops() {
+            out.push_str(&format!(
+                "{node}: {drops} packets dropped on unlinked ports\n"
+            ));
+        }
+        out
     }
 
     /// Wait until every worker has applied every command sent so far.

@@ -88,6 +88,7 @@ pub(crate) enum Cmd {
         id: u64,
         node: Box<dyn Node>,
         ports: usize,
+        unlinked_drops: Arc<AtomicU64>,
     },
     RemoveNode {
         id: u64,
@@ -120,7 +121,6 @@ struct Ctl {
     pending: AtomicBool,
     cmds: Mutex<Vec<Cmd>>,
     rounds: AtomicU64,
-    unlinked_drops: AtomicU64,
 }
 
 /// A running worker thread.
@@ -220,10 +220,20 @@ impl Drop for Worker {
 fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
     for cmd in cmds {
         match cmd {
-            Cmd::AddNode { id, node, ports } => slots.push(Slot {
+            Cmd::AddNode {
                 id,
                 node,
-                ports: (0..ports).map(|_| PortIo::default()).collect(),
+                ports,
+                unlinked_drops,
+            } => slots.push(Slot {
+                id,
+                node,
+                ports: (0..ports)
+                    .map(|_| PortIo {
+                        unlinked_drops: Arc::clone(&unlinked_drops),
+                        ..PortIo::default()
+                    })
+                    .collect(),
             }),
             Cmd::RemoveNode { id, done } => {
                 if let Some(i) = slots.iter().position(|s| s.id == id) {
@@ -338,12 +348,6 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
             idle_rounds = 0;
         }
     }
-    let drops: u64 = slots
-        .iter()
-        .flat_map(|s| s.ports.iter())
-        .map(|p| p.unlinked_drops)
-        .sum();
-    ctl.unlinked_drops.fetch_add(drops, Ordering::Relaxed);
     // Packets still queued on this worker's incoming rings go back to the pool too.
     for s in slots.iter_mut() {
         for p in s.ports.iter_mut() {

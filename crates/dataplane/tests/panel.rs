@@ -115,6 +115,7 @@ fn chain_gen_firewall_sink_delivers_and_counts() {
     assert!(text.contains(&total_bytes.to_string()), "{text}");
     drop(p.remove_node("sink").unwrap());
     assert_eq!(p.current_links(), links(&["gen.out -> fw1.in"]));
+    assert!(p.unlinked_drops().is_empty());
     p.shutdown();
     wait_for("all buffers back in the pool", 10, || {
         pool.available() == 4096
@@ -501,5 +502,26 @@ fn bad_panel_requests_are_precise_and_change_nothing() {
     let e = p.remove_node("nope").err().unwrap().to_string();
     assert!(e.contains("unknown node \"nope\""), "{e}");
     assert!(p.current_links().is_empty());
+    p.shutdown();
+}
+
+#[test]
+fn packets_to_an_unlinked_port_are_counted_and_shown() {
+    let pool = Arc::new(Pool::new("unlinked", 1024, 2048).unwrap());
+    let mut p = panel(&pool);
+    let fw = Box::new(ProcessorNode::new(Firewall::new(vec![], Action::Allow), 32));
+    p.add_node("gen", &["out"], 0, Box::new(make_gen(500, None)))
+        .unwrap();
+    p.add_node("fw1", &["in", "out"], 1, fw).unwrap();
+    // fw1.out has no link: fw1 forwards into nothing.
+    p.apply(&links(&["gen.out -> fw1.in"])).unwrap();
+    wait_for("500 drops at fw1", 30, || {
+        p.unlinked_drops() == vec![("fw1".to_string(), 500)]
+    });
+    let text = p.render();
+    assert!(
+        text.contains("fw1: 500 packets dropped on unlinked ports"),
+        "{text}"
+    );
     p.shutdown();
 }
