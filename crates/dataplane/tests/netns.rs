@@ -121,6 +121,20 @@ impl Drop for Guarded {
     }
 }
 
+/// Start a one-shot iperf3 server in namespace `ns` and wait until it listens.
+fn iperf3_server(t: &Topology, ns: usize, port: u16) -> Guarded {
+    let p = port.to_string();
+    let child = t
+        .exec(ns, &["iperf3", "-s", "-1", "-p", &p])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let g = Guarded(child);
+    wait_port_open(t, ns, port);
+    g
+}
+
 fn wait_port_open(t: &Topology, ns: usize, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -207,14 +221,7 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
     assert!(sb.rx.load(Ordering::Relaxed) >= 3 && sa.tx.load(Ordering::Relaxed) >= 3);
 
     // iperf3 TCP on an allowed port carries data.
-    let _srv = Guarded(
-        t.exec(1, &["iperf3", "-s", "-1", "-p", "5201"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port_open(&t, 1, 5201);
+    let _srv = iperf3_server(&t, 1, 5201);
     let out = t
         .exec(
             0,
@@ -237,14 +244,7 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
 
     // The rule blocks TCP to port 5202: the connection attempt fails and denials are counted.
     let denied_before = fwc.denied.load(Ordering::Relaxed);
-    let _srv2 = Guarded(
-        t.exec(1, &["iperf3", "-s", "-1", "-p", "5202"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_port_open(&t, 1, 5202);
+    let _srv2 = iperf3_server(&t, 1, 5202);
     let out = t
         .exec(
             0,
