@@ -483,6 +483,23 @@ mod tests {
     }
 
     #[test]
+    fn timer_with_fifo_priority_passes_it_to_both_tools() {
+        let core = allowed_cores().unwrap()[0];
+        let opts = TimerOpts {
+            core,
+            interval_us: 200,
+            loops: 200,
+            priority: Some(10),
+            cyclictest: true,
+        };
+        let r = timer(&opts, &mut |_, _| {}).unwrap();
+        assert_eq!(r.telvirt.count, 200);
+        let c = r.cyclictest.unwrap();
+        assert!(c.command.contains("-p10"), "{}", c.command);
+        assert_eq!(c.latency.count + c.overflows, 200);
+    }
+
+    #[test]
     fn timer_measures_and_runs_cyclictest_on_the_same_core() {
         let core = *allowed_cores().unwrap().last().unwrap();
         let opts = TimerOpts {
