@@ -52,6 +52,8 @@ pub struct PatchPanel {
     links: BTreeMap<PortRef, LiveLink>,
     ring_capacity: usize,
     next_id: u64,
+    /// Links per named network service (`kind: Network`), when `apply_network` is used.
+    networks: BTreeMap<String, Vec<LinkSpec>>,
 }
 
 impl PatchPanel {
@@ -76,6 +78,7 @@ impl PatchPanel {
             links: BTreeMap::new(),
             ring_capacity,
             next_id: 1,
+            networks: BTreeMap::new(),
         })
     }
 
@@ -151,6 +154,9 @@ impl PatchPanel {
             .filter(|l| l.from.node != name && l.to.node != name)
             .collect();
         self.apply(&keep)?;
+        for links in self.networks.values_mut() {
+            links.retain(|l| l.from.node != name && l.to.node != name);
+        }
         let e = self
             .nodes
             .remove(name)
@@ -169,14 +175,10 @@ impl PatchPanel {
     }
 
     /// Make the live links exactly `links`: validate the whole set first (on error nothing
-    /// changes), then remove and add only the difference, without stopping any node.
+    /// changes), then remove and add only the difference, without stopping any node. Use
+    /// either this or the per-network [`PatchPanel::apply_network`], not both.
     pub fn apply(&mut self, links: &[LinkSpec]) -> Result<ApplyReport> {
-        let ports: BTreeMap<String, Vec<String>> = self
-            .nodes
-            .iter()
-            .map(|(n, e)| (n.clone(), e.ports.clone()))
-            .collect();
-        validate(&ports, links)?;
+        validate(&self.port_table(), links)?;
         let current = self.current_links();
         let removed: Vec<LinkSpec> = current
             .iter()
@@ -256,6 +258,65 @@ impl PatchPanel {
         })
     }
 
+    /// Create or change the network service `name`: the live links become the union of every
+    /// network's links. The new links are validated on their own first (errors name this
+    /// network's links), then together with the other networks (a port used by two networks is
+    /// refused). On any error nothing changes. Other networks' links are not touched.
+    pub fn apply_network(&mut self, name: &str, links: &[LinkSpec]) -> Result<ApplyReport> {
+        if name.is_empty() {
+            return Err(Error::Graph("network name must not be empty".into()));
+        }
+        let ports = self.port_table();
+        validate(&ports, links).map_err(|e| prefix(name, e))?;
+        let union: Vec<LinkSpec> = self
+            .networks
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .flat_map(|(_, l)| l.iter().cloned())
+            .chain(links.iter().cloned())
+            .collect();
+        validate(&ports, &union).map_err(|e| {
+            Error::Graph(format!(
+                "network {name} conflicts with another network: {}",
+                strip(e)
+            ))
+        })?;
+        let report = self.apply(&union)?;
+        self.networks.insert(name.to_string(), links.to_vec());
+        Ok(report)
+    }
+
+    /// Delete the network service `name`: its links go, the others stay.
+    pub fn delete_network(&mut self, name: &str) -> Result<ApplyReport> {
+        if !self.networks.contains_key(name) {
+            return Err(Error::Graph(format!(
+                "unknown network {name:?} (known: {})",
+                self.networks.keys().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let union: Vec<LinkSpec> = self
+            .networks
+            .iter()
+            .filter(|(n, _)| n.as_str() != name)
+            .flat_map(|(_, l)| l.iter().cloned())
+            .collect();
+        let report = self.apply(&union)?;
+        self.networks.remove(name);
+        Ok(report)
+    }
+
+    /// Names of the network services applied with [`PatchPanel::apply_network`].
+    pub fn networks(&self) -> Vec<String> {
+        self.networks.keys().cloned().collect()
+    }
+
+    fn port_table(&self) -> BTreeMap<String, Vec<String>> {
+        self.nodes
+            .iter()
+            .map(|(n, e)| (n.clone(), e.ports.clone()))
+            .collect()
+    }
+
     fn locate(&self, p: &PortRef) -> (u64, usize, usize) {
         let e = self
             .nodes
@@ -314,4 +375,15 @@ impl PatchPanel {
             w.stop();
         }
     }
+}
+
+fn strip(e: Error) -> String {
+    match e {
+        Error::Graph(m) => m,
+        other => other.to_string(),
+    }
+}
+
+fn prefix(network: &str, e: Error) -> Error {
+    Error::Graph(format!("network {network}: {}", strip(e)))
 }

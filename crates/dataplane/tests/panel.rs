@@ -525,3 +525,65 @@ fn packets_to_an_unlinked_port_are_counted_and_shown() {
     );
     p.shutdown();
 }
+
+#[test]
+fn networks_are_applied_changed_and_deleted_independently() {
+    let pool = Arc::new(Pool::new("nets", 2048, 2048).unwrap());
+    let mut p = panel(&pool);
+    for (name, w) in [("g1", 0), ("g2", 0)] {
+        p.add_node(name, &["out"], w, Box::new(make_gen(1_000, None)))
+            .unwrap();
+    }
+    let sink = LatencySink::new(32);
+    let st = sink.state();
+    p.add_node("s1", &["in"], 1, Box::new(sink)).unwrap();
+    p.add_node("s2", &["in"], 1, Box::new(LatencySink::new(32)))
+        .unwrap();
+    let r = p
+        .apply_network("blue", &links(&["g1.out -> s1.in"]))
+        .unwrap();
+    assert_eq!(r.added.len(), 1);
+    p.apply_network("red", &links(&["g2.out -> s2.in"]))
+        .unwrap();
+    assert_eq!(p.networks(), vec!["blue".to_string(), "red".to_string()]);
+    wait_for("blue traffic", 30, || st.lock().unwrap().received == 1_000);
+    // A network's own error names the network; a conflict with another network says so.
+    let e = p
+        .apply_network("red", &links(&["g2.out -> nope.in"]))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("network red: link 1 (g2.out -> nope.in): unknown node"),
+        "{e}"
+    );
+    let e = p
+        .apply_network("red", &links(&["g2.out -> s1.in"]))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("network red conflicts with another network")
+            && e.to_string().contains("port s1.in already receives"),
+        "{e}"
+    );
+    // Changing red keeps blue's link (and its counters) untouched.
+    let before = p
+        .status()
+        .into_iter()
+        .find(|l| l.link.from.node == "g1")
+        .unwrap();
+    let r = p
+        .apply_network("red", &links(&["g2.out -> s2.in"]))
+        .unwrap();
+    assert_eq!((r.added.len(), r.removed.len(), r.kept), (0, 0, 2));
+    p.delete_network("red").unwrap();
+    assert_eq!(p.current_links(), links(&["g1.out -> s1.in"]));
+    let after = p
+        .status()
+        .into_iter()
+        .find(|l| l.link.from.node == "g1")
+        .unwrap();
+    assert_eq!(after.counters.packets, before.counters.packets);
+    let e = p.delete_network("red").unwrap_err().to_string();
+    assert!(e.contains("unknown network \"red\" (known: blue)"), "{e}");
+    p.shutdown();
+}
