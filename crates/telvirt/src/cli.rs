@@ -55,6 +55,9 @@ pub enum Command {
     Authority(AuthorityCommand),
     /// Print the JSON Schema of the VNF descriptor
     Schema,
+    /// Measure telvirt against a baseline run in the same process
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Args, Debug)]

@@ -3,10 +3,12 @@
 //! It must not hold logic another crate could own; errors become one line on stderr and a
 //! non-zero exit.
 
+mod bench;
 mod cli;
 mod client;
 mod config;
 mod output;
+mod progress;
 mod serve;
 
 use std::io::Read;
@@ -66,6 +68,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Bench(cmd) => bench::run(format, cmd),
         Command::Vnf(cmd) => {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
             vnf(&client, format, cmd).await

@@ -1,0 +1,44 @@
+//! Progress bars for long operations (benchmarks, image builds, migrations).
+//!
+//! Owns the one progress helper every long command uses: a bar on a terminal, nothing with
+//! `-o json|yaml` or when stderr is not a terminal. It must not print results.
+
+use std::io::IsTerminal;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::Output;
+
+/// A progress reporter; `update(done, total)` matches the libraries' progress callbacks.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    pub fn new(format: Output, what: &str) -> Self {
+        let visible = format == Output::Table && std::io::stderr().is_terminal();
+        let bar = visible.then(|| {
+            let bar = ProgressBar::new(1);
+            let style = ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message(what.to_owned());
+            bar
+        });
+        Self { bar }
+    }
+
+    pub fn update(&self, done: u64, total: u64) {
+        if let Some(bar) = &self.bar {
+            bar.set_length(total.max(1));
+            bar.set_position(done);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
