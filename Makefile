@@ -25,6 +25,7 @@ test: lint
 	$(CARGO) test --workspace
 
 demo: release
+	target/release/telvirt wasm examples --out examples/vnfs
 	scripts/demo.sh target/release/telvirt
 
 fmt:

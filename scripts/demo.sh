@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 TELVIRT="${1:-target/release/telvirt}"
 [ -x "$TELVIRT" ] || { echo "demo: $TELVIRT is not built (run: make demo)" >&2; exit 1; }
 TELVIRT="$(realpath "$TELVIRT")"
+# The example descriptors name examples/vnfs/*.wasm: write the built-in modules there first.
+"$TELVIRT" wasm examples --out examples/vnfs >/dev/null
 
 DATA="$(mktemp -d /tmp/telvirt-demo.XXXXXX)"
 LOG="$DATA/serve.log"

@@ -4,9 +4,11 @@
 //! The agent must not touch the store: it talks to the controller through [`ControlLink`] only,
 //! so a remote host is the same code as the local one.
 
+pub mod dataplane;
 pub mod discovery;
 pub mod reconcile;
 pub mod runtime;
+pub mod runtimes;
 
 pub use discovery::{HostFacts, SysRoots, discover};
 pub use reconcile::{Agent, ControlLink, RESYNC_INTERVAL};
@@ -18,4 +20,6 @@ pub enum AgentError {
     Discovery(String),
     #[error("controller link: {0}")]
     Link(String),
+    #[error("data plane: {0}")]
+    DataPlane(String),
 }

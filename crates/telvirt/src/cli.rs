@@ -58,6 +58,9 @@ pub enum Command {
     /// Measure telvirt against a baseline run in the same process
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Wasm runtime tools (example modules)
+    #[command(subcommand)]
+    Wasm(crate::wasm::WasmCommand),
 }
 
 #[derive(Args, Debug)]

@@ -10,6 +10,7 @@ mod config;
 mod output;
 mod progress;
 mod serve;
+mod wasm;
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -69,6 +70,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(cmd) => bench::run(format, cmd),
+        Command::Wasm(cmd) => wasm::run(format, cmd),
         Command::Vnf(cmd) => {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
             vnf(&client, format, cmd).await
