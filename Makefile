@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps build release test lint fmt demo clean
+.PHONY: all deps build release guest-static test lint fmt demo clean
 
 all: build
 
@@ -13,9 +13,18 @@ deps:
 
 build: deps
 	$(CARGO) build --workspace
+	$(MAKE) guest-static PROFILE_DIR=debug
 
 release: deps
 	$(CARGO) build --release --workspace --bins
+	$(MAKE) guest-static PROFILE_DIR=release
+
+# The vm guest agent runs in a busybox initramfs without a C library: link it statically (ADR
+# 041) in its own target dir and put it next to telvirt, where `telvirt serve` looks for it.
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+guest-static:
+	CARGO_TARGET_DIR=$(TARGET_DIR)/guest-static $(CARGO) rustc -p telvirt-guest --release --bin telvirt-guest -- -C target-feature=+crt-static
+	cp $(TARGET_DIR)/guest-static/release/telvirt-guest $(TARGET_DIR)/$(PROFILE_DIR)/telvirt-guest
 
 lint: deps
 	$(CARGO) fmt --all --check

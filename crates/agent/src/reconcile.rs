@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use telvirt_model::api::{Assignment, Observation};
-use telvirt_model::{DesiredState, Name, Phase, RuntimeKind};
+use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, RuntimeKind};
 use tokio::sync::{Mutex, watch};
 
 use crate::AgentError;
@@ -40,6 +40,10 @@ struct Known {
     failed_generation: Option<u64>,
     /// Adoption was tried in this agent's lifetime.
     adoption_tried: bool,
+    /// The device grants the running instance holds (`None`: not known since it started).
+    devices: Option<Vec<DeviceGrant>>,
+    /// A grant list the runtime refused, and why: not retried until the list changes.
+    devices_refused: Option<(Vec<DeviceGrant>, String)>,
 }
 
 /// One host's agent.
@@ -213,7 +217,8 @@ impl Agent {
                 Err(e) => self.fail(&a, format!("resume failed: {e}")).await,
             },
             (DesiredState::Running, InstanceState::Running) => {
-                self.report(&a, Phase::Running, "running").await
+                let reason = self.sync_devices(&a, runtime.as_ref()).await;
+                self.report(&a, Phase::Running, reason).await
             }
             (DesiredState::Running, InstanceState::Failed(reason)) => {
                 if retry_allowed && self.failure_already_reported(&a).await {
@@ -230,6 +235,55 @@ impl Agent {
                 } else {
                     Ok(())
                 }
+            }
+        }
+    }
+
+    /// Makes the running instance hold the assignment's devices; returns the Running reason
+    /// (which names the devices held, or why the runtime refused them).
+    async fn sync_devices(&self, a: &Assignment, runtime: &dyn Runtime) -> String {
+        let (applied, refused) = {
+            let known = self.known.lock().await;
+            let k = known.get(&a.vnf);
+            (
+                k.and_then(|k| k.devices.clone()),
+                k.and_then(|k| k.devices_refused.clone()),
+            )
+        };
+        let held_reason = |devices: &[DeviceGrant]| {
+            if devices.is_empty() {
+                "running".to_owned()
+            } else {
+                let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+                format!("running with devices {}", ids.join(", "))
+            }
+        };
+        if applied.as_ref() == Some(&a.devices) {
+            return held_reason(&a.devices);
+        }
+        if let Some((list, why)) = &refused
+            && list == &a.devices
+        {
+            return format!("running; devices not applied: {why}");
+        }
+        let result = runtime.set_devices(&a.vnf, &a.devices).await;
+        let mut known = self.known.lock().await;
+        let entry = known.entry(a.vnf.clone()).or_default();
+        match result {
+            Ok(()) => {
+                entry.devices = Some(a.devices.clone());
+                entry.devices_refused = None;
+                held_reason(&a.devices)
+            }
+            // Nothing granted and nothing known to be held: a runtime without devices is fine.
+            Err(_) if a.devices.is_empty() && applied.as_ref().is_none_or(Vec::is_empty) => {
+                entry.devices = Some(Vec::new());
+                "running".to_owned()
+            }
+            Err(e) => {
+                tracing::warn!(vnf = %a.vnf, "devices not applied: {e}");
+                entry.devices_refused = Some((a.devices.clone(), e.to_string()));
+                format!("running; devices not applied: {e}")
             }
         }
     }
@@ -259,6 +313,13 @@ impl Agent {
         runtime: &dyn Runtime,
     ) -> Result<(), AgentError> {
         self.report(a, Phase::Starting, "starting").await?;
+        {
+            // A fresh instance holds no devices until they are applied again.
+            let mut known = self.known.lock().await;
+            let entry = known.entry(a.vnf.clone()).or_default();
+            entry.devices = None;
+            entry.devices_refused = None;
+        }
         if let Err(e) = runtime.start(spec).await {
             return self.fail(a, e.to_string()).await;
         }
@@ -271,6 +332,7 @@ impl Agent {
                 Err(e) => self.fail(a, format!("pause for lock failed: {e}")).await,
             };
         }
-        self.report(a, Phase::Running, "running").await
+        let reason = self.sync_devices(a, runtime).await;
+        self.report(a, Phase::Running, reason).await
     }
 }

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use async_trait::async_trait;
-use telvirt_model::{Name, Placement, RuntimeKind, VnfDescriptor};
+use telvirt_model::{DeviceGrant, Name, Placement, RuntimeKind, VnfDescriptor};
 
 /// Everything a runtime needs to run one instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,4 +66,18 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Forgets a stopped instance and frees what it held.
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure>;
+
+    /// Makes a running instance hold exactly `devices`: attaches what is missing, detaches what
+    /// is no longer granted. A runtime without peripherals keeps this default, which refuses.
+    async fn set_devices(
+        &self,
+        name: &Name,
+        devices: &[DeviceGrant],
+    ) -> Result<(), RuntimeFailure> {
+        let _ = (name, devices);
+        Err(RuntimeFailure::new(format!(
+            "runtime {} does not support devices",
+            self.kind().as_str()
+        )))
+    }
 }

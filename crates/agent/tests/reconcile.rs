@@ -138,6 +138,7 @@ fn assignment(runtime: &str) -> Assignment {
         desired: DesiredState::Running,
         locked: false,
         generation: 1,
+        devices: Vec::new(),
     }
 }
 

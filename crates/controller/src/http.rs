@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{Authority, AuthorityToken, CreateAuthority, Health, HostView, Problem};
-use telvirt_model::{Event, FieldError, Format, ModelError, Vnf, VnfDescriptor};
+use telvirt_model::{DeviceGrant, Event, FieldError, Format, ModelError, Vnf, VnfDescriptor};
 use utoipa::OpenApi;
 
 use crate::service::{Caller, Controller, ControllerError, Deletion};
@@ -201,6 +201,11 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/stop", post(stop_vnf))
         .route("/v1/vnfs/{name}/lock", post(lock_vnf))
         .route("/v1/vnfs/{name}/unlock", post(unlock_vnf))
+        .route("/v1/vnfs/{name}/devices", post(attach_device))
+        .route(
+            "/v1/vnfs/{name}/devices/{id}",
+            axum::routing::delete(detach_device),
+        )
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(show_host))
         .route("/v1/hosts/{name}/coremap", get(host_core_map))
@@ -404,6 +409,52 @@ vnf_action!(
 );
 vnf_action!(unlock_vnf, unlock, "/v1/vnfs/{name}/unlock", "Unlocked");
 
+#[utoipa::path(post, path = "/v1/vnfs/{name}/devices", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    request_body(content = DeviceGrant, content_type = "application/json",
+        description = "The device to grant: an id and a kind (rng, net with tap, serial with name, blk with path)"),
+    responses(
+        (status = 201, description = "Granted; the agent attaches it to the running VM", body = Vnf),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Locked, being deleted, or the id is already granted", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid grant, or a runtime without devices", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn attach_device(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let grant: DeviceGrant =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    let vnf = s.controller.attach_device(&caller, &name, grant).await?;
+    Ok(json(StatusCode::CREATED, &vnf))
+}
+
+#[utoipa::path(delete, path = "/v1/vnfs/{name}/devices/{id}", tag = "vnfs", security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "VNF name"),
+        ("id" = String, Path, description = "Device id"),
+    ),
+    responses(
+        (status = 200, description = "Revoked; the agent detaches it from the running VM", body = Vnf),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller, or no such device", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Locked or being deleted", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn detach_device(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.detach_device(&caller, &name, &id).await?,
+    ))
+}
+
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
     responses(
         (status = 200, description = "Hosts with their core maps", body = [HostView]),
@@ -513,7 +564,8 @@ impl utoipa::Modify for BearerScheme {
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
     paths(
         healthz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
-        start_vnf, stop_vnf, lock_vnf, unlock_vnf, list_hosts, show_host, host_core_map,
+        start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
+        show_host, host_core_map,
         list_authorities, create_authority, metrics
     ),
     modifiers(&BearerScheme)

@@ -12,7 +12,8 @@ use telvirt_model::api::{
     ADMIN_AUTHORITY, Assignment, Authority, AuthorityToken, HostView, Observation,
 };
 use telvirt_model::{
-    DesiredState, Event, FieldError, Format, LockInfo, ModelError, Name, Phase, Vnf, parse_vnf,
+    DesiredState, DeviceGrant, Event, FieldError, Format, LockInfo, ModelError, Name, Phase,
+    RuntimeKind, Vnf, parse_vnf,
 };
 use telvirt_sched::{Allocation, SchedConfig, SchedError, Scheduler};
 use telvirt_store::{Compare, Op, Store, StoreError};
@@ -268,6 +269,7 @@ impl Controller {
             reason: Some("waiting for a placement".into()),
             lock: None,
             placements: Vec::new(),
+            devices: Vec::new(),
             generation: 1,
             created_at: now.clone(),
             updated_at: now.clone(),
@@ -465,6 +467,65 @@ impl Controller {
                     "vnf {name} is not locked"
                 )));
             }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Grants a device to a VNF; its agent attaches it to the running instance. Refused while
+    /// locked, for a runtime without devices, for a bad grant and for an id already granted.
+    pub async fn attach_device(
+        &self,
+        caller: &Caller,
+        name: &str,
+        grant: DeviceGrant,
+    ) -> Result<Vnf> {
+        if let Some(first) = grant.violations().into_iter().next() {
+            return Err(ControllerError::Invalid(first));
+        }
+        self.request(caller, name, false, |vnf| {
+            if vnf.descriptor.spec.runtime != RuntimeKind::Vm {
+                return Err(ControllerError::Invalid(FieldError::new(
+                    "kind",
+                    format!(
+                        "vnf {name} runs on the {} runtime, which takes no devices; only vm VNFs do",
+                        vnf.descriptor.spec.runtime.as_str()
+                    ),
+                )));
+            }
+            if vnf.devices.iter().any(|d| d.id == grant.id) {
+                return Err(ControllerError::Conflict(format!(
+                    "vnf {name} already has a device with id {}",
+                    grant.id
+                )));
+            }
+            if vnf.devices.len() >= telvirt_model::device::MAX_DEVICES {
+                return Err(ControllerError::Conflict(format!(
+                    "vnf {name} already holds {} devices, the most one VNF may hold",
+                    vnf.devices.len()
+                )));
+            }
+            vnf.devices.push(grant.clone());
+            Ok(())
+        })
+        .await
+    }
+
+    /// Revokes a granted device; its agent detaches it from the running instance.
+    pub async fn detach_device(&self, caller: &Caller, name: &str, id: &str) -> Result<Vnf> {
+        self.request(caller, name, false, |vnf| {
+            let Some(pos) = vnf.devices.iter().position(|d| d.id.as_str() == id) else {
+                let held: Vec<&str> = vnf.devices.iter().map(|d| d.id.as_str()).collect();
+                return Err(ControllerError::NotFound(format!(
+                    "vnf {name} has no device {id} (granted: {})",
+                    if held.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        held.join(", ")
+                    }
+                )));
+            };
+            vnf.devices.remove(pos);
             Ok(())
         })
         .await
@@ -671,6 +732,7 @@ impl Controller {
                     desired: vnf.desired,
                     locked: vnf.lock.is_some(),
                     generation: vnf.generation,
+                    devices: vnf.devices.clone(),
                 });
             }
         }

@@ -135,6 +135,9 @@ pub struct Assignment {
     /// Locked VNFs are kept paused.
     pub locked: bool,
     pub generation: u64,
+    /// Peripherals the instance should hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::device::DeviceGrant>,
 }
 
 /// What an agent observed of one VNF.

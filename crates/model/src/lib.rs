@@ -4,6 +4,7 @@
 //! other layer depends on it, and it stays testable with nothing but values.
 
 pub mod api;
+pub mod device;
 pub mod error;
 pub mod lifecycle;
 pub mod name;
@@ -11,6 +12,7 @@ pub mod parse;
 pub mod units;
 pub mod vnf;
 
+pub use device::{Device, DeviceGrant};
 pub use error::{FieldError, ModelError};
 pub use lifecycle::{DesiredState, Event, LockInfo, Phase, Placement, Role, Vnf};
 pub use name::{Name, NameError};

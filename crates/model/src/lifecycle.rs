@@ -139,6 +139,9 @@ pub struct Vnf {
     pub lock: Option<LockInfo>,
     #[serde(default)]
     pub placements: Vec<Placement>,
+    /// Peripherals granted to the running instance (`vnf attach`), in grant order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<crate::device::DeviceGrant>,
     /// Bumped on every change of desired state, lock or placement.
     pub generation: u64,
     /// RFC 3339.

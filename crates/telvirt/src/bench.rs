@@ -15,6 +15,9 @@ pub enum BenchCommand {
     /// Place VNFs of mixed policies onto synthetic hosts, fail one host and re-place its VNFs;
     /// compared with a naive first-fit scan over the same workload
     Placement(PlacementArgs),
+    /// Boot of the default vm guest to guest-agent ready through telvirt (validate, QMP, pin,
+    /// cont) against a bare QEMU command line, alternating; QEMU's memory overhead
+    Vm(crate::vm::VmBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -33,6 +36,7 @@ pub struct PlacementArgs {
 pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Placement(args) => placement(format, args),
+        BenchCommand::Vm(args) => crate::vm::bench_vm(format, args),
     }
 }
 

@@ -58,6 +58,9 @@ pub enum Command {
     /// Measure telvirt against a baseline run in the same process
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Build the default vm guest image
+    #[command(subcommand)]
+    Image(crate::vm::ImageCommand),
     /// Wasm runtime tools (example modules)
     #[command(subcommand)]
     Wasm(crate::wasm::WasmCommand),
@@ -78,6 +81,13 @@ pub struct ServeArgs {
     /// Name of this host [default: the kernel's hostname]
     #[arg(long)]
     pub host_name: Option<String>,
+    /// Accelerator of vm VNFs: auto probes whether KVM really boots a guest and falls back to
+    /// TCG with a warning
+    #[arg(long, value_enum, default_value_t = crate::vm::AccelArg::Auto)]
+    pub accel: crate::vm::AccelArg,
+    /// Where the default vm guest image is built and cached [default: the data dir]
+    #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
+    pub image_cache: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +113,16 @@ pub enum VnfCommand {
     Lock { name: String },
     /// Unlock a locked VNF
     Unlock { name: String },
+    /// Show the serial console of a vm VNF (read on the node, from its data dir)
+    Console(crate::vm::ConsoleArgs),
+    /// Grant a device to a vm VNF; its agent attaches it to the running VM
+    Attach(crate::vm::AttachArgs),
+    /// Revoke a granted device; its agent detaches it from the running VM
+    Detach {
+        name: String,
+        /// The device id given to attach
+        id: String,
+    },
     /// Delete a VNF (stopping it first)
     #[command(alias = "rm")]
     Delete {

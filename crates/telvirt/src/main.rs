@@ -10,6 +10,7 @@ mod config;
 mod output;
 mod progress;
 mod serve;
+mod vm;
 mod wasm;
 
 use std::io::Read;
@@ -71,6 +72,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Bench(cmd) => bench::run(format, cmd),
         Command::Wasm(cmd) => wasm::run(format, cmd),
+        Command::Image(cmd) => vm::image(format, cmd).await,
+        Command::Vnf(VnfCommand::Console(args)) => {
+            let config_path = cli.config.clone();
+            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            vm::console(&client, format, args, config_path).await
+        }
         Command::Vnf(cmd) => {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
             vnf(&client, format, cmd).await
@@ -148,6 +155,9 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
             action(client, format, &name, "stop", "stop requested").await?
         }
         VnfCommand::Lock { name } => action(client, format, &name, "lock", "locked").await?,
+        VnfCommand::Console(_) => bail!("vnf console is dispatched before the API client"),
+        VnfCommand::Attach(args) => vm::attach(client, format, args).await?,
+        VnfCommand::Detach { name, id } => vm::detach(client, format, &name, &id).await?,
         VnfCommand::Unlock { name } => action(client, format, &name, "unlock", "unlocked").await?,
         VnfCommand::Delete { name, no_wait } => {
             let path = format!("/v1/vnfs/{name}");

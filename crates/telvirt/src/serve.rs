@@ -30,8 +30,10 @@ fn hostname() -> String {
 }
 
 /// The runtimes this build can run on this host.
-fn runtimes() -> Vec<Arc<dyn Runtime>> {
-    Vec::new()
+async fn runtimes(args: &ServeArgs, data_dir: &Path) -> Result<Vec<Arc<dyn Runtime>>> {
+    let mut out = Vec::new();
+    out.extend(crate::vm::vm_runtime(args, data_dir).await?);
+    Ok(out)
 }
 
 /// This host's record (from the inventory file or from /sys) plus hosts without an agent that
@@ -111,7 +113,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await
         .context("loading the control plane from the store")?;
 
-    let mut runtimes = runtimes();
+    let mut runtimes = runtimes(&args, &data_dir).await?;
     // One data plane per node, shared by the wasm runtime and the network reconciler.
     let dataplane =
         telvirt_agent::dataplane::NodeDataPlane::new().context("starting the data plane")?;

@@ -3,4 +3,5 @@
 //! Owns mapping descriptors onto each runtime's own configuration types; must not hold
 //! reconcile logic (that is [`crate::reconcile`]'s).
 
+pub mod vm;
 pub mod wasm;

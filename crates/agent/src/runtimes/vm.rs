@@ -1,0 +1,548 @@
+//! The vm runtime behind the agent's [`Runtime`] trait: maps an [`InstanceSpec`] (the
+//! descriptor's `spec.vm`, the placement's vCPU and emulator CPUs, the instance's state
+//! directory) onto `telvirt_runtime_vm::VmConfig` and drives `VmManager` / `VmHandle`.
+//!
+//! Owns that mapping, the lazily built default guest image, the accelerator decision and the
+//! handles of the VMs this agent holds. It must not hold reconcile logic and must not know the
+//! store: the reconcile loop decides, this adapter does.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
+use telvirt_runtime_vm::{
+    AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
+    Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, Peripheral, VmConfig, VmHandle,
+    VmManager, VmPhase,
+};
+use tokio::sync::{Mutex, OnceCell};
+
+use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+
+/// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
+pub const REALTIME_PRIORITY: u8 = 50;
+/// How long a start may take until the guest agent says ready (TCG on a loaded host is slow).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a graceful stop may take before QEMU is told to quit.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Console lines quoted in the reason of a crashed VM.
+const FAILURE_CONSOLE_LINES: usize = 3;
+
+/// How the vm runtime is set up on this host.
+#[derive(Debug, Clone)]
+pub struct VmRuntimeConfig {
+    /// The agent's state root: one directory per instance (`<state_root>/<name>`).
+    pub state_root: PathBuf,
+    /// Where the default guest image (`<cache_dir>/images`) and the accelerator probe's
+    /// answer (`<cache_dir>/accel-probe.json`) are kept.
+    pub cache_dir: PathBuf,
+    /// The static `telvirt-guest` binary packed into the default guest.
+    pub guest_binary: PathBuf,
+    pub accel: AccelChoice,
+    /// `qemu-system-x86_64` unless set.
+    pub qemu: Option<PathBuf>,
+}
+
+/// Ready to start VMs: the default image is built and the accelerator decided.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub image: GuestImage,
+    pub accel: AccelDecision,
+    manager: VmManager,
+}
+
+/// The `vm` runtime.
+pub struct VmRuntime {
+    config: VmRuntimeConfig,
+    prepared: OnceCell<Prepared>,
+    /// Serialises preparation so one image build runs at a time.
+    preparing: Mutex<()>,
+    handles: Mutex<HashMap<Name, VmHandle>>,
+}
+
+fn failure(e: impl std::fmt::Display) -> RuntimeFailure {
+    RuntimeFailure::new(e)
+}
+
+impl VmRuntime {
+    pub fn new(config: VmRuntimeConfig) -> Self {
+        Self {
+            config,
+            prepared: OnceCell::new(),
+            preparing: Mutex::new(()),
+            handles: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A manager for adopting, removing and reading consoles: none of that boots a guest, so
+    /// it needs neither the image nor the accelerator decision.
+    fn plain_manager(&self) -> VmManager {
+        self.with_qemu(VmManager::new(
+            &self.config.state_root,
+            AccelProbe::new(&self.config.cache_dir),
+        ))
+    }
+
+    fn with_qemu(&self, manager: VmManager) -> VmManager {
+        match &self.config.qemu {
+            Some(q) => manager.qemu_binary(q),
+            None => manager,
+        }
+    }
+
+    /// Builds the default guest image (or finds it in the cache) and resolves the
+    /// accelerator, once; `progress` sees the image build steps.
+    pub async fn prepare(
+        &self,
+        progress: impl FnMut(&ImageProgress) + Send + 'static,
+    ) -> Result<Prepared, RuntimeFailure> {
+        if let Some(p) = self.prepared.get() {
+            return Ok(p.clone());
+        }
+        let _one = self.preparing.lock().await;
+        if let Some(p) = self.prepared.get() {
+            return Ok(p.clone());
+        }
+        let image = build_image(
+            self.config.cache_dir.clone(),
+            self.config.guest_binary.clone(),
+            progress,
+        )
+        .await?;
+        let mut probe =
+            AccelProbe::new(&self.config.cache_dir).with_guest(&image.kernel, &image.initrd);
+        if let Some(q) = &self.config.qemu {
+            probe = probe.qemu_binary(q);
+        }
+        let accel = probe
+            .resolve(self.config.accel)
+            .await
+            .map_err(|e| failure(format!("choosing the accelerator: {e}")))?;
+        match &accel.warning {
+            Some(w) => tracing::warn!("vm runtime: {w}"),
+            None => tracing::info!(
+                "vm runtime: accelerator {} ({})",
+                accel.accel.as_str(),
+                accel.reason
+            ),
+        }
+        let manager = self.with_qemu(VmManager::new(&self.config.state_root, probe));
+        let prepared = Prepared {
+            image,
+            accel,
+            manager,
+        };
+        let _ = self.prepared.set(prepared.clone());
+        Ok(prepared)
+    }
+
+    /// The handle of a VM this runtime holds.
+    pub async fn handle(&self, name: &Name) -> Option<VmHandle> {
+        self.handles.lock().await.get(name).cloned()
+    }
+
+    /// The serial console log of an instance, whether or not it runs.
+    pub fn console_log(&self, name: &Name) -> PathBuf {
+        self.plain_manager().console_log(name.as_str())
+    }
+}
+
+/// Builds the default guest image on a blocking thread.
+pub async fn build_image(
+    cache_dir: PathBuf,
+    guest_binary: PathBuf,
+    mut progress: impl FnMut(&ImageProgress) + Send + 'static,
+) -> Result<GuestImage, RuntimeFailure> {
+    tokio::task::spawn_blocking(move || {
+        ImageBuilder::new(&cache_dir, &guest_binary).build(&mut progress)
+    })
+    .await
+    .map_err(|e| failure(format!("building the default guest image: {e}")))?
+    .map_err(|e| failure(format!("building the default guest image: {e}")))
+}
+
+/// The `VmConfig` of an instance. `image` is the default guest, used when the descriptor names
+/// no kernel.
+pub fn vm_config(
+    spec: &InstanceSpec,
+    image: &GuestImage,
+    accel: AccelChoice,
+) -> Result<VmConfig, RuntimeFailure> {
+    let vm: &VmSpec = spec.descriptor.spec.vm.as_ref().ok_or_else(|| {
+        failure(format!(
+            "vnf {} has runtime vm but no spec.vm block",
+            spec.name
+        ))
+    })?;
+    const MIB: u64 = 1 << 20;
+    let hugepages = match vm.hugepages.map(|h| h.bytes()) {
+        None => None,
+        Some(b) if b == 2 * MIB => Some(HugePageSize::Size2M),
+        Some(b) if b == 1 << 30 => Some(HugePageSize::Size1G),
+        Some(b) => {
+            return Err(failure(format!(
+                "spec.vm.hugepages: {b} bytes is not 2MiB or 1GiB"
+            )));
+        }
+    };
+    let custom_kernel = vm.kernel.is_some();
+    let (kernel, initrd) = match &vm.kernel {
+        Some(k) => (PathBuf::from(k), vm.initrd.as_ref().map(PathBuf::from)),
+        None => (image.kernel.clone(), Some(image.initrd.clone())),
+    };
+    let mut cfg = VmConfig::new(spec.name.as_str(), kernel, PathBuf::new());
+    cfg.initrd = initrd;
+    cfg.vcpus = u32::try_from(spec.placement.vcpus.len())
+        .unwrap_or(u32::MAX)
+        .max(spec.descriptor.spec.cpu.effective_count());
+    cfg.memory_mib = vm.memory.bytes() / MIB;
+    cfg.hugepages = hugepages;
+    cfg.shared_memory = vm.shared_memory;
+    cfg.lock_memory = vm.lock_memory;
+    cfg.append = vm.cmdline.clone();
+    cfg.disk = vm.disk.as_ref().map(|d| DiskImage {
+        path: PathBuf::from(d),
+        format: disk_format(d),
+    });
+    cfg.cpu = CpuPlacement {
+        vcpu_cpus: spec.placement.vcpus.iter().map(|c| cpu_set(c)).collect(),
+        emulator_cpus: (!spec.placement.emulator_cpus.is_empty())
+            .then(|| cpu_set(&spec.placement.emulator_cpus)),
+        realtime_priority: vm.realtime.then_some(REALTIME_PRIORITY),
+    };
+    cfg.accel = accel;
+    // Only the default guest carries the telvirt guest agent.
+    cfg.wait_for_agent = !custom_kernel;
+    cfg.state_dir = Some(spec.state_dir.clone());
+    cfg.ready_timeout = READY_TIMEOUT;
+    cfg.stop_timeout = STOP_TIMEOUT;
+    Ok(cfg)
+}
+
+fn cpu_set(cpus: &[u32]) -> CpuSet {
+    CpuSet(
+        cpus.iter()
+            .filter_map(|&c| usize::try_from(c).ok())
+            .collect(),
+    )
+}
+
+fn disk_format(path: &str) -> DiskFormat {
+    if path.ends_with(".qcow2") {
+        DiskFormat::Qcow2
+    } else {
+        DiskFormat::Raw
+    }
+}
+
+/// The runtime's peripheral for a granted device.
+pub fn grant(device: &DeviceGrant) -> Grant {
+    let peripheral = match &device.device {
+        Device::Rng => Peripheral::VirtioRng,
+        Device::Net { tap } => Peripheral::VirtioNet {
+            tap: tap.clone(),
+            mac: None,
+        },
+        Device::Serial { name } => Peripheral::VirtioSerial { name: name.clone() },
+        Device::Blk { path, read_only } => Peripheral::VirtioBlk {
+            path: PathBuf::from(path),
+            format: disk_format(path),
+            read_only: *read_only,
+        },
+    };
+    Grant {
+        id: device.id.to_string(),
+        peripheral,
+    }
+}
+
+fn has_vm_state(dir: &Path) -> bool {
+    dir.join("vm.json").is_file()
+}
+
+#[async_trait]
+impl Runtime for VmRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Vm
+    }
+
+    async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        if spec
+            .descriptor
+            .spec
+            .vm
+            .as_ref()
+            .is_some_and(|vm| !vm.nics.is_empty())
+        {
+            tracing::warn!(
+                vnf = %spec.name,
+                "spec.vm.nics are not connected to host ports yet (ADR 043): the vm starts without them; grant a TAP with `vnf attach --kind net`"
+            );
+        }
+        let prepared = self.prepare(|_| {}).await?;
+        let cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        let handle = prepared.manager.start(cfg).await.map_err(failure)?;
+        tracing::info!(
+            vnf = %spec.name,
+            pid = handle.pid(),
+            accel = handle.accel().as_str(),
+            "vm running"
+        );
+        self.handles.lock().await.insert(spec.name.clone(), handle);
+        Ok(())
+    }
+
+    async fn adopt(&self, spec: &InstanceSpec) -> Result<bool, RuntimeFailure> {
+        if self.handles.lock().await.contains_key(&spec.name) || !has_vm_state(&spec.state_dir) {
+            return Ok(false);
+        }
+        match self.plain_manager().adopt_dir(&spec.state_dir).await {
+            Ok(handle) => {
+                tracing::info!(vnf = %spec.name, pid = handle.pid(), "re-adopted running QEMU");
+                self.handles.lock().await.insert(spec.name.clone(), handle);
+                Ok(true)
+            }
+            Err(Error::NotAdoptable { .. }) => Ok(false),
+            Err(e) => Err(failure(e)),
+        }
+    }
+
+    async fn stop(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let Some(handle) = self.handle(name).await else {
+            return Ok(());
+        };
+        let how = handle.stop().await.map_err(failure)?;
+        tracing::info!(vnf = %name, "vm stopped ({how:?})");
+        Ok(())
+    }
+
+    async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let handle = self
+            .handle(name)
+            .await
+            .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
+        handle.pause().await.map_err(failure)
+    }
+
+    async fn resume(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let handle = self
+            .handle(name)
+            .await
+            .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
+        handle.resume().await.map_err(failure)
+    }
+
+    async fn state(&self, name: &Name) -> InstanceState {
+        let Some(handle) = self.handle(name).await else {
+            return InstanceState::Absent;
+        };
+        match handle.phase() {
+            VmPhase::Starting | VmPhase::Running => InstanceState::Running,
+            VmPhase::Paused => InstanceState::Paused,
+            VmPhase::Stopping | VmPhase::Stopped => InstanceState::Stopped,
+            VmPhase::Failed => {
+                let reason = match handle.failure() {
+                    Some(f) => {
+                        let tail: Vec<String> = f
+                            .console_tail
+                            .iter()
+                            .rev()
+                            .take(FAILURE_CONSOLE_LINES)
+                            .rev()
+                            .cloned()
+                            .collect();
+                        if tail.is_empty() {
+                            f.reason
+                        } else {
+                            format!("{}; console: {}", f.reason, tail.join(" | "))
+                        }
+                    }
+                    None => "QEMU ended".to_owned(),
+                };
+                InstanceState::Failed(reason)
+            }
+        }
+    }
+
+    async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let handle = self.handles.lock().await.remove(name);
+        if let Some(h) = &handle
+            && !matches!(h.phase(), VmPhase::Stopped | VmPhase::Failed)
+        {
+            h.kill().await.map_err(failure)?;
+        }
+        match self.plain_manager().remove(name.as_str()) {
+            Ok(()) => Ok(()),
+            // A name the runtime cannot hold was never started: nothing to remove.
+            Err(Error::InvalidConfig { .. }) => Ok(()),
+            Err(e) => Err(failure(e)),
+        }
+    }
+
+    async fn set_devices(
+        &self,
+        name: &Name,
+        devices: &[DeviceGrant],
+    ) -> Result<(), RuntimeFailure> {
+        let handle = self
+            .handle(name)
+            .await
+            .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
+        let wanted: Vec<Grant> = devices.iter().map(grant).collect();
+        let held = handle.peripherals().await;
+        for g in &held {
+            if !wanted.contains(g) {
+                handle
+                    .detach(&g.id)
+                    .await
+                    .map_err(|e| failure(format!("detaching {}: {e}", g.id)))?;
+            }
+        }
+        let held = handle.peripherals().await;
+        for g in wanted {
+            if !held.contains(&g) {
+                let id = g.id.clone();
+                handle
+                    .attach(g)
+                    .await
+                    .map_err(|e| failure(format!("attaching {id}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use telvirt_model::{Format, Placement, Role, parse_vnf};
+
+    fn spec(vm_block: &str, vcpus: Vec<Vec<u32>>, emulator: Vec<u32>) -> InstanceSpec {
+        let text = format!(
+            "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: upf1 }}\nspec:\n  runtime: vm\n  cpu: {{ count: {} }}\n  vm: {vm_block}\n",
+            vcpus.len()
+        );
+        InstanceSpec {
+            name: "upf1".parse().unwrap(),
+            descriptor: parse_vnf(text.as_bytes(), Format::Yaml).unwrap(),
+            placement: Placement {
+                role: Role::Active,
+                host: "h".into(),
+                vcpus,
+                emulator_cpus: emulator,
+                held: vec![],
+                numa_nodes: vec![0],
+                group: None,
+            },
+            state_dir: PathBuf::from("/tmp/x/upf1"),
+        }
+    }
+
+    fn image() -> GuestImage {
+        GuestImage {
+            kernel: "/img/vmlinuz".into(),
+            initrd: "/img/initrd.cpio".into(),
+            kernel_version: "6".into(),
+            digest: "d".into(),
+            modules: vec![],
+            cached: true,
+        }
+    }
+
+    #[test]
+    fn default_guest_is_pinned_as_placed() {
+        let s = spec(
+            "{ memory: 256MiB, realtime: true }",
+            vec![vec![1], vec![2, 3]],
+            vec![0],
+        );
+        let c = vm_config(&s, &image(), AccelChoice::Tcg).unwrap();
+        assert_eq!(c.name, "upf1");
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.kernel, Some(PathBuf::from("/img/vmlinuz")));
+        assert_eq!(c.initrd, Some(PathBuf::from("/img/initrd.cpio")));
+        assert!(c.wait_for_agent);
+        assert_eq!(c.cpu.vcpu_cpus.len(), 2);
+        assert_eq!(c.cpu.vcpu_cpus[1].to_string(), "2-3");
+        assert_eq!(c.cpu.emulator_cpus.as_ref().unwrap().to_string(), "0");
+        assert_eq!(c.cpu.realtime_priority, Some(REALTIME_PRIORITY));
+        assert_eq!(c.state_dir, Some(PathBuf::from("/tmp/x/upf1")));
+        assert_eq!(c.accel, AccelChoice::Tcg);
+    }
+
+    #[test]
+    fn own_kernel_does_not_wait_for_the_agent() {
+        let s = spec(
+            "{ memory: 64MiB, hugepages: 2MiB, kernel: /k, disk: /d.qcow2, cmdline: quiet }",
+            vec![vec![1]],
+            vec![],
+        );
+        let c = vm_config(&s, &image(), AccelChoice::Auto).unwrap();
+        assert!(!c.wait_for_agent);
+        assert_eq!(c.kernel, Some(PathBuf::from("/k")));
+        assert_eq!(c.initrd, None);
+        assert_eq!(c.hugepages, Some(HugePageSize::Size2M));
+        assert_eq!(c.disk.unwrap().format, DiskFormat::Qcow2);
+        assert_eq!(c.append.as_deref(), Some("quiet"));
+        assert!(c.cpu.emulator_cpus.is_none());
+    }
+
+    #[test]
+    fn devices_map_to_peripherals() {
+        let g = DeviceGrant {
+            id: "d0".parse().unwrap(),
+            device: Device::Blk {
+                path: "/x.img".into(),
+                read_only: true,
+            },
+        };
+        let p = grant(&g);
+        assert_eq!(p.id, "d0");
+        assert_eq!(
+            p.peripheral,
+            Peripheral::VirtioBlk {
+                path: "/x.img".into(),
+                format: DiskFormat::Raw,
+                read_only: true
+            }
+        );
+        let g = DeviceGrant {
+            id: "r".parse().unwrap(),
+            device: Device::Rng,
+        };
+        assert_eq!(grant(&g).peripheral, Peripheral::VirtioRng);
+    }
+
+    #[tokio::test]
+    async fn unknown_instance_is_absent_and_refuses_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = VmRuntime::new(VmRuntimeConfig {
+            state_root: dir.path().join("instances"),
+            cache_dir: dir.path().to_path_buf(),
+            guest_binary: dir.path().join("missing"),
+            accel: AccelChoice::Tcg,
+            qemu: None,
+        });
+        let name: Name = "upf1".parse().unwrap();
+        assert_eq!(rt.state(&name).await, InstanceState::Absent);
+        assert!(rt.pause(&name).await.is_err());
+        assert!(rt.set_devices(&name, &[]).await.is_err());
+        assert!(rt.stop(&name).await.is_ok());
+        assert!(rt.remove(&name).await.is_ok());
+        // Nothing to adopt in an empty state dir.
+        let s = spec("{ memory: 64MiB }", vec![vec![1]], vec![]);
+        let s = InstanceSpec {
+            state_dir: dir.path().join("instances/upf1"),
+            ..s
+        };
+        assert!(!rt.adopt(&s).await.unwrap());
+        // Without a guest binary the start fails and says why.
+        let e = rt.start(&s).await.unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+}

@@ -1,0 +1,441 @@
+//! The vm runtime in the binary: building it for `telvirt serve` (guest agent binary, image
+//! cache, accelerator), `telvirt image build`, `telvirt bench vm`, and the vm verbs of the CLI
+//! (`vnf console`, `vnf attach`, `vnf detach`).
+//!
+//! Owns finding the static guest agent and the image cache, argument shapes of those commands
+//! and printing their results. It must not hold runtime logic: `telvirt_agent::runtimes::vm`
+//! and `telvirt_runtime_vm` do the work.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use reqwest::Method;
+use telvirt_agent::Runtime;
+use telvirt_agent::runtimes::vm::{VmRuntime, VmRuntimeConfig, build_image};
+use telvirt_model::{Device, Vnf};
+use telvirt_runtime_vm::{AccelChoice, BenchOptions, GuestImage, bench};
+
+use crate::cli::{Output, ServeArgs};
+use crate::client::Client;
+use crate::config::default_data_dir;
+use crate::output;
+use crate::progress::Progress;
+
+/// Name of the static guest agent binary, looked for next to `telvirt`.
+pub const GUEST_BIN: &str = "telvirt-guest";
+
+/// `--accel` of `serve` and `bench vm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum AccelArg {
+    /// KVM when a probe guest boots under it, else TCG with a warning
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+impl From<AccelArg> for AccelChoice {
+    fn from(a: AccelArg) -> Self {
+        match a {
+            AccelArg::Auto => AccelChoice::Auto,
+            AccelArg::Kvm => AccelChoice::Kvm,
+            AccelArg::Tcg => AccelChoice::Tcg,
+        }
+    }
+}
+
+/// The static guest agent: `TELVIRT_GUEST_BIN`, else `telvirt-guest` next to this executable.
+pub fn guest_binary() -> Result<PathBuf> {
+    let path = match std::env::var_os("TELVIRT_GUEST_BIN").filter(|v| !v.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => std::env::current_exe()
+            .context("cannot find this executable to look for telvirt-guest next to it")?
+            .with_file_name(GUEST_BIN),
+    };
+    if !path.is_file() {
+        bail!(
+            "the static guest agent {} does not exist; build it with `make build` (or `cargo rustc -p telvirt-guest --release --bin telvirt-guest -- -C target-feature=+crt-static` and copy it next to telvirt), or set TELVIRT_GUEST_BIN",
+            path.display()
+        );
+    }
+    telvirt_runtime_vm::image::check_static(&path, "guest agent")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(path)
+}
+
+/// Whether `program` is an executable file on PATH.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// Where the default guest image and the accelerator answer are cached.
+fn image_cache(explicit: Option<&Path>, data_dir: &Path) -> PathBuf {
+    explicit.map_or_else(|| data_dir.to_path_buf(), Path::to_path_buf)
+}
+
+/// The vm runtime of `telvirt serve`, or `None` (with a log line saying why) when this host
+/// cannot run it. Builds the default image and resolves the accelerator in the background, so
+/// the accelerator warning shows at start and the first VNF does not wait for both.
+pub async fn vm_runtime(args: &ServeArgs, data_dir: &Path) -> Result<Option<Arc<dyn Runtime>>> {
+    if !on_path("qemu-system-x86_64") {
+        tracing::warn!(
+            "vm runtime unavailable: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"
+        );
+        return Ok(None);
+    }
+    let guest = match guest_binary() {
+        Ok(g) => g,
+        Err(e) => {
+            tracing::warn!("vm runtime unavailable: {e:#}");
+            return Ok(None);
+        }
+    };
+    let runtime = Arc::new(VmRuntime::new(VmRuntimeConfig {
+        state_root: data_dir.join("instances"),
+        cache_dir: image_cache(args.image_cache.as_deref(), data_dir),
+        guest_binary: guest,
+        accel: args.accel.into(),
+        qemu: None,
+    }));
+    let background = runtime.clone();
+    tokio::spawn(async move {
+        let result = background
+            .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
+            .await;
+        match result {
+            Ok(p) => tracing::info!(
+                "vm runtime ready: guest kernel {}, accelerator {}",
+                p.image.kernel_version,
+                p.accel.accel.as_str()
+            ),
+            Err(e) => tracing::error!("vm runtime cannot start VMs: {e}"),
+        }
+    });
+    Ok(Some(runtime))
+}
+
+// ----- telvirt image -----
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Build the default vm guest image (Debian cloud kernel, virtio modules, busybox, the
+    /// static guest agent) into <cache>/images; a second build with the same inputs is a no-op
+    Build(ImageArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// Data dir of the node whose image to build [default: $XDG_DATA_HOME/telvirt or ~/.local/share/telvirt]
+    #[arg(long, env = "TELVIRT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Image cache directory [default: the data dir]
+    #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
+    pub image_cache: Option<PathBuf>,
+}
+
+async fn image_for(format: Output, args: &ImageArgs) -> Result<GuestImage> {
+    let data_dir = match &args.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir()?,
+    };
+    let cache = image_cache(args.image_cache.as_deref(), &data_dir);
+    let guest = guest_binary()?;
+    let progress = Arc::new(Progress::new(format, "image"));
+    let bar = progress.clone();
+    let image = build_image(cache, guest, move |p| bar.update(p.step, p.total)).await;
+    progress.finish();
+    image.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+pub async fn image(format: Output, cmd: ImageCommand) -> Result<()> {
+    match cmd {
+        ImageCommand::Build(args) => {
+            let image = image_for(format, &args).await?;
+            if format == Output::Json {
+                println!("{}", serde_json::to_string(&image)?);
+                return Ok(());
+            }
+            if output::structured(format, &image)? {
+                return Ok(());
+            }
+            println!(
+                "guest image {} ({})",
+                image.digest,
+                if image.cached {
+                    "already built"
+                } else {
+                    "built"
+                }
+            );
+            println!(
+                "kernel  {} ({})",
+                image.kernel.display(),
+                image.kernel_version
+            );
+            println!("initrd  {}", image.initrd.display());
+            println!("modules {}", image.modules.join(" "));
+        }
+    }
+    Ok(())
+}
+
+// ----- telvirt bench vm -----
+
+#[derive(Args, Debug)]
+pub struct VmBenchArgs {
+    /// Rounds; each boots the default guest once through telvirt and once with a bare QEMU
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Guest RAM in MiB
+    #[arg(long, default_value_t = 256)]
+    pub memory_mib: u64,
+    #[command(flatten)]
+    pub image: ImageArgs,
+}
+
+/// `telvirt bench vm` (called from the synchronous bench dispatcher).
+pub fn bench_vm(format: Output, args: VmBenchArgs) -> Result<()> {
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(run_bench(format, args))
+    })
+}
+
+async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
+    let image = image_for(format, &args.image).await?;
+    let scratch = tempfile_dir()?;
+    let mut opts = BenchOptions::new(&image.kernel, &image.initrd, &scratch);
+    opts.rounds = args.rounds;
+    opts.accel = args.accel.into();
+    opts.memory_mib = args.memory_mib;
+    opts.probe_cache = image_cache(
+        args.image.image_cache.as_deref(),
+        &match &args.image.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir()?,
+        },
+    );
+    let progress = Progress::new(format, "booting");
+    let report = bench::run(&opts, &mut |d, t| progress.update(d, t)).await;
+    progress.finish();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if format == Output::Json {
+        println!("{}", serde_json::to_string(&report)?);
+        return Ok(());
+    }
+    if output::structured(format, &report)? {
+        return Ok(());
+    }
+    println!(
+        "vm boot to guest-agent ready: {} rounds, {}, {} MiB guest",
+        report.rounds, report.accel, report.guest_ram_mib
+    );
+    println!(
+        "{}",
+        output::table(
+            &["START", "MEDIAN ms", "SAMPLES ms"],
+            &[
+                vec![
+                    "telvirt (validate, QMP, pin, cont)".into(),
+                    format!("{:.0}", report.telvirt_boot_ms),
+                    samples(&report.telvirt_samples_ms),
+                ],
+                vec![
+                    "bare qemu (baseline)".into(),
+                    format!("{:.0}", report.bare_boot_ms),
+                    samples(&report.bare_samples_ms),
+                ],
+            ]
+        )
+    );
+    println!(
+        "ratio telvirt / bare: {:.2} (paired {:.2}, overhead {:+.1} %)",
+        report.ratio, report.paired_ratio, report.overhead_pct
+    );
+    println!(
+        "QEMU RSS after ready: {:.0} MiB, of which {:.0} MiB outside guest RAM",
+        report.rss_mib, report.rss_overhead_mib
+    );
+    Ok(())
+}
+
+fn samples(v: &[f64]) -> String {
+    v.iter()
+        .map(|s| format!("{s:.0}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A short scratch dir in /tmp (unix socket paths under it are limited to ~100 bytes).
+fn tempfile_dir() -> Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("tvb-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create scratch dir {}", dir.display()))?;
+    Ok(dir)
+}
+
+// ----- telvirt vnf console / attach / detach -----
+
+#[derive(Args, Debug)]
+pub struct ConsoleArgs {
+    pub name: String,
+    /// Last lines to show (0: all)
+    #[arg(long, default_value_t = 50)]
+    pub lines: usize,
+    /// Data dir of the node [default: the directory of the client config, else the default data dir]
+    #[arg(long, env = "TELVIRT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// Shows a vm VNF's serial console. The API answers whether the caller may see the VNF; the
+/// log itself is read from the node's data dir, so this works on the node only (ADR 043).
+pub async fn console(
+    client: &Client,
+    format: Output,
+    args: ConsoleArgs,
+    config: Option<PathBuf>,
+) -> Result<()> {
+    let vnf: Vnf = client.get(&format!("/v1/vnfs/{}", args.name)).await?;
+    if vnf.descriptor.spec.runtime != telvirt_model::RuntimeKind::Vm {
+        bail!(
+            "vnf {} runs on the {} runtime; only vm VNFs have a serial console",
+            vnf.name,
+            vnf.descriptor.spec.runtime.as_str()
+        );
+    }
+    let data_dir = match (args.data_dir, config) {
+        (Some(d), _) => d,
+        (None, Some(c)) => c
+            .parent()
+            .map(Path::to_path_buf)
+            .context("the client config path has no directory")?,
+        (None, None) => default_data_dir()?,
+    };
+    let path = data_dir
+        .join("instances")
+        .join(vnf.name.as_str())
+        .join("console.log");
+    let lines = if path.is_file() {
+        telvirt_runtime_vm::manager::console_tail(
+            &path,
+            if args.lines == 0 {
+                usize::MAX
+            } else {
+                args.lines
+            },
+        )
+    } else {
+        bail!(
+            "no console log at {} (the VM has not started on this node, or --data-dir names another node's data dir)",
+            path.display()
+        );
+    };
+    let value = serde_json::json!({ "name": vnf.name, "log": path, "lines": lines });
+    if !output::structured(format, &value)? {
+        for line in lines {
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceKind {
+    Rng,
+    Net,
+    Serial,
+    Blk,
+}
+
+#[derive(Args, Debug)]
+pub struct AttachArgs {
+    /// The VNF
+    #[arg(value_name = "NAME")]
+    pub vnf: String,
+    /// Device id, unique per VNF
+    #[arg(long)]
+    pub id: String,
+    #[arg(long, value_enum)]
+    pub kind: DeviceKind,
+    /// Host TAP device (--kind net)
+    #[arg(long, required_if_eq("kind", "net"))]
+    pub tap: Option<String>,
+    /// Port name in the guest (--kind serial)
+    #[arg(long = "name", required_if_eq("kind", "serial"))]
+    pub port_name: Option<String>,
+    /// Backing file on the node (--kind blk)
+    #[arg(long, required_if_eq("kind", "blk"))]
+    pub path: Option<PathBuf>,
+    /// Read-only disk (--kind blk)
+    #[arg(long)]
+    pub read_only: bool,
+}
+
+fn device_body(args: &AttachArgs) -> Result<serde_json::Value> {
+    let device = match args.kind {
+        DeviceKind::Rng => Device::Rng,
+        DeviceKind::Net => Device::Net {
+            tap: args.tap.clone().context("--kind net needs --tap")?,
+        },
+        DeviceKind::Serial => Device::Serial {
+            name: args
+                .port_name
+                .clone()
+                .context("--kind serial needs --name")?,
+        },
+        DeviceKind::Blk => {
+            let path = args.path.clone().context("--kind blk needs --path")?;
+            let path = std::path::absolute(&path)
+                .with_context(|| format!("cannot make {} absolute", path.display()))?;
+            Device::Blk {
+                path: path.to_string_lossy().into_owned(),
+                read_only: args.read_only,
+            }
+        }
+    };
+    // The id is checked by the server (its answer names the rule); send it as typed.
+    let mut body = serde_json::to_value(&device)?;
+    if let Some(map) = body.as_object_mut() {
+        map.insert("id".into(), serde_json::Value::String(args.id.clone()));
+    }
+    Ok(body)
+}
+
+pub async fn attach(client: &Client, format: Output, args: AttachArgs) -> Result<()> {
+    let body = serde_json::to_vec(&device_body(&args)?)?;
+    let vnf: Vnf = client
+        .call(
+            Method::POST,
+            &format!("/v1/vnfs/{}/devices", args.vnf),
+            Some((body, "application/json")),
+        )
+        .await?
+        .json()?;
+    if !output::structured(format, &vnf)? {
+        println!(
+            "vnf/{} device {} granted; the agent attaches it to the running VM",
+            vnf.name, args.id
+        );
+    }
+    Ok(())
+}
+
+pub async fn detach(client: &Client, format: Output, name: &str, id: &str) -> Result<()> {
+    let vnf: Vnf = client
+        .call(
+            Method::DELETE,
+            &format!("/v1/vnfs/{name}/devices/{id}"),
+            None,
+        )
+        .await?
+        .json()?;
+    if !output::structured(format, &vnf)? {
+        println!("vnf/{name} device {id} revoked; the agent detaches it from the running VM");
+    }
+    Ok(())
+}

@@ -1,0 +1,442 @@
+//! vm VNFs in a real `telvirt serve` under TCG: a descriptor boots the default guest with its
+//! vCPU thread pinned as placed, lock/unlock pause/resume it, an rng device comes and goes
+//! through the API, a SIGKILLed node re-adopts the same QEMU on restart (no duplicate), and
+//! delete ends QEMU. Without the static guest agent the vm runtime is honestly unavailable.
+//!
+//! One guest at a time (1 vCPU, 256 MiB); every QEMU started here is SIGKILLed by a guard even
+//! when an assertion fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
+/// TCG boots take 3-10 s on a loaded 2-core machine; leave plenty of room.
+const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// At most one guest boots at a time in this test binary.
+static ONE_GUEST: Mutex<()> = Mutex::new(());
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `target/<profile>/telvirt` → `target`.
+fn target_dir() -> PathBuf {
+    Path::new(BIN)
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| workspace().join("target"))
+}
+
+/// The static guest agent: `TELVIRT_GUEST_BIN`, else built here with crt-static into
+/// `<target>/guest-static` (the outer cargo holds the lock of the main target dir).
+fn guest_binary() -> PathBuf {
+    static BIN_PATH: OnceLock<PathBuf> = OnceLock::new();
+    BIN_PATH
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("TELVIRT_GUEST_BIN") {
+                return PathBuf::from(p);
+            }
+            let tdir = target_dir().join("guest-static");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(workspace())
+                .args(["rustc", "-q", "-p", "telvirt-guest", "--release"])
+                .args([
+                    "--bin",
+                    "telvirt-guest",
+                    "--",
+                    "-C",
+                    "target-feature=+crt-static",
+                ])
+                .env("CARGO_TARGET_DIR", &tdir)
+                .status()
+                .expect("run cargo to build the static guest agent");
+            assert!(status.success(), "building the static guest agent failed");
+            tdir.join("release/telvirt-guest")
+        })
+        .clone()
+}
+
+/// Kernel and initramfs cache shared across runs (apt downloads the kernel once).
+fn image_cache() -> PathBuf {
+    std::env::var_os("TELVIRT_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("telvirt-test-cache"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            // State is the field after the parenthesised command name; Z is a zombie.
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+fn sigkill(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Live QEMUs started for VM `name`.
+fn qemu_pids(name: &str) -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("guest={name},")])
+        .output()
+        .expect("run pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&p| alive(p))
+        .collect()
+}
+
+/// A `telvirt serve` in a short temp dir (unix socket paths are limited); on drop the node is
+/// SIGKILLed and so is every QEMU of `vm` (the VNF the test uses).
+struct Node {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    vm: String,
+    guest: PathBuf,
+}
+
+impl Node {
+    fn new(vm: &str, guest: PathBuf) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("tvi")
+            .tempdir_in("/tmp")
+            .expect("temp dir in /tmp");
+        let mut node = Node {
+            child: None,
+            dir,
+            vm: vm.to_owned(),
+            guest,
+        };
+        node.start();
+        node
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("d")
+    }
+
+    fn config(&self) -> PathBuf {
+        self.data().join("client.toml")
+    }
+
+    fn start(&mut self) {
+        let _ = std::fs::remove_file(self.config());
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"])
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--image-cache")
+            .arg(image_cache())
+            .env("TELVIRT_GUEST_BIN", &self.guest)
+            .env("TELVIRT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn telvirt serve");
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        while !(self.config().exists() && self.cli(&["vnf", "list"]).status.success()) {
+            assert!(
+                Instant::now() < deadline,
+                "telvirt serve did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("TELVIRT_CONFIG", self.config())
+            .env_remove("TELVIRT_SERVER")
+            .env_remove("TELVIRT_TOKEN")
+            .env_remove("TELVIRT_DATA_DIR")
+            .output()
+            .expect("run telvirt")
+    }
+
+    fn ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(out.status.success(), "telvirt {args:?}: {}", stderr(&out));
+        out
+    }
+
+    /// The command must fail, and its error must contain `what`.
+    fn refused(&self, args: &[&str], what: &str) {
+        let out = self.cli(args);
+        assert!(!out.status.success(), "telvirt {args:?} must be refused");
+        assert!(
+            stderr(&out).contains(what),
+            "telvirt {args:?}: expected '{what}' in: {}",
+            stderr(&out)
+        );
+    }
+
+    fn show(&self, name: &str) -> Value {
+        serde_json::from_slice(&self.ok(&["vnf", "show", name, "-o", "json"]).stdout)
+            .expect("vnf show -o json is JSON")
+    }
+
+    /// Polls `vnf show` until `done` holds, with a deadline.
+    fn wait(
+        &self,
+        name: &str,
+        limit: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.show(name);
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                v["phase"] != "Failed" || what.contains("Failed"),
+                "{name} failed while waiting for {what}: {v}"
+            );
+            assert!(Instant::now() < deadline, "{name}: never {what}: {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_phase(&self, name: &str, phase: &str, limit: Duration) -> Value {
+        self.wait(name, limit, phase, |v| v["phase"] == phase)
+    }
+
+    fn instance(&self, rel: &str) -> PathBuf {
+        self.data().join("instances").join(&self.vm).join(rel)
+    }
+
+    fn qemu_pid(&self) -> i32 {
+        std::fs::read_to_string(self.instance("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .expect("qemu.pid of a running vm")
+    }
+
+    fn granted_ids(&self) -> Vec<String> {
+        let grants: Value = std::fs::read(self.instance("grants.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(Value::Null);
+        grants
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|g| g["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+        for pid in qemu_pids(&self.vm) {
+            sigkill(pid);
+        }
+    }
+}
+
+/// `examples/descriptors/upf1.json` (shared group `edge`, 1 vCPU, 256 MiB) under another name,
+/// so no other QEMU on the machine matches `guest=<name>,`.
+fn descriptor(node: &Node) -> PathBuf {
+    let text = std::fs::read_to_string(workspace().join("examples/descriptors/upf1.json"))
+        .expect("read upf1.json")
+        .replace("\"name\": \"upf1\"", &format!("\"name\": \"{}\"", node.vm));
+    assert!(text.contains(&node.vm), "descriptor renamed");
+    let path = node.dir.path().join("vm.json");
+    std::fs::write(&path, text).expect("write descriptor");
+    path
+}
+
+/// `Cpus_allowed_list` of every thread of `pid` whose name starts with `prefix`.
+fn allowed_cpus(pid: i32, vcpu: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("CPU ") != vcpu {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(line["Cpus_allowed_list:".len()..].trim().to_owned());
+        }
+    }
+    out
+}
+
+fn cpu_list(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let vm = format!("vmint{}", std::process::id());
+    let mut node = Node::new(&vm, guest_binary());
+    let file = descriptor(&node);
+    node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
+
+    // Running means the guest agent in the default image said ready.
+    let v = node.wait_phase(&vm, "Running", BOOT_DEADLINE);
+    let pid = node.qemu_pid();
+    assert_eq!(qemu_pids(&vm), vec![pid], "exactly one QEMU for {vm}");
+
+    // The vCPU thread runs only on the placed CPU, QEMU's other threads on the emulator set.
+    let placement = &v["placements"][0];
+    let vcpu_cpus = cpu_list(&placement["vcpus"][0]);
+    assert!(!vcpu_cpus.is_empty(), "placement has vCPU CPUs: {v}");
+    assert_eq!(
+        allowed_cpus(pid, true),
+        vec![vcpu_cpus.clone()],
+        "vCPU pinning"
+    );
+    let emulator = cpu_list(&placement["emulator_cpus"]);
+    if !emulator.is_empty() {
+        let others = allowed_cpus(pid, false);
+        assert!(!others.is_empty());
+        assert!(
+            others.iter().all(|c| *c == emulator),
+            "emulator threads {others:?} on {emulator}"
+        );
+    }
+
+    // The serial console is readable on the node.
+    let console = node.ok(&[
+        "vnf",
+        "console",
+        &vm,
+        "--data-dir",
+        node.data().to_str().expect("utf-8"),
+    ]);
+    let console = String::from_utf8_lossy(&console.stdout).into_owned();
+    assert!(
+        console.contains(&format!("starting vm {vm}")),
+        "console: {console}"
+    );
+
+    // Lock pauses; a locked VNF refuses devices and nothing changes.
+    node.ok(&["vnf", "lock", &vm]);
+    node.wait_phase(&vm, "Locked", DEADLINE);
+    node.refused(
+        &["vnf", "attach", &vm, "--id", "rng0", "--kind", "rng"],
+        "locked",
+    );
+    assert!(
+        node.show(&vm).get("devices").is_none(),
+        "refusal changed nothing"
+    );
+    node.ok(&["vnf", "unlock", &vm]);
+    node.wait_phase(&vm, "Running", DEADLINE);
+
+    // An rng device comes and goes through the API; the agent plugs it into QEMU.
+    node.ok(&["vnf", "attach", &vm, "--id", "rng0", "--kind", "rng"]);
+    node.wait(&vm, DEADLINE, "holding rng0", |v| {
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("devices rng0"))
+    });
+    assert_eq!(node.granted_ids(), ["rng0"]);
+    node.refused(
+        &["vnf", "attach", &vm, "--id", "rng0", "--kind", "rng"],
+        "already has",
+    );
+    node.refused(&["vnf", "detach", &vm, "nope"], "404");
+    assert_eq!(node.show(&vm)["devices"].as_array().map(Vec::len), Some(1));
+    node.ok(&["vnf", "detach", &vm, "rng0"]);
+    node.wait(&vm, DEADLINE, "without devices", |v| {
+        v["reason"] == "running"
+    });
+    assert!(node.granted_ids().is_empty(), "rng0 detached from QEMU");
+
+    // SIGKILL the node: QEMU keeps running; the restarted node adopts it, starts no other.
+    node.kill9();
+    assert!(alive(pid), "QEMU survives its node");
+    node.start();
+    node.wait_phase(&vm, "Running", DEADLINE);
+    // Give a duplicate start its chance to show up before counting.
+    node.ok(&["vnf", "lock", &vm]);
+    node.wait_phase(&vm, "Locked", DEADLINE);
+    assert_eq!(
+        qemu_pids(&vm),
+        vec![pid],
+        "the same QEMU, adopted, and no duplicate"
+    );
+    node.ok(&["vnf", "unlock", &vm]);
+    node.wait_phase(&vm, "Running", DEADLINE);
+
+    // Delete stops the guest and QEMU goes away.
+    node.ok(&["vnf", "delete", &vm]);
+    let deadline = Instant::now() + DEADLINE;
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {pid} still runs after delete"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(qemu_pids(&vm).is_empty());
+}
+
+#[test]
+fn without_the_static_guest_agent_vm_vnfs_fail_honestly() {
+    let vm = format!("vmna{}", std::process::id());
+    let node = Node::new(&vm, PathBuf::from("/nonexistent/telvirt-guest"));
+    let hosts: Value =
+        serde_json::from_slice(&node.ok(&["host", "list", "-o", "json"]).stdout).expect("json");
+    let runtimes = &hosts[0]["runtimes"];
+    assert!(
+        !runtimes
+            .as_array()
+            .is_some_and(|r| r.iter().any(|k| k == "vm")),
+        "vm must not be offered: {runtimes}"
+    );
+    let file = descriptor(&node);
+    node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
+    let v = node.wait(&vm, DEADLINE, "Failed or Pending with a reason", |v| {
+        v["reason"].as_str().is_some_and(|r| r.contains("vm"))
+            && (v["phase"] == "Failed" || v["phase"] == "Pending")
+    });
+    assert!(
+        qemu_pids(&vm).is_empty(),
+        "no QEMU without the runtime: {v}"
+    );
+}
