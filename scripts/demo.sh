@@ -15,12 +15,19 @@ DATA="$(mktemp -d /tmp/telvirt-demo.XXXXXX)"
 LOG="$DATA/serve.log"
 export TELVIRT_CONFIG="$DATA/client.toml"
 SERVER_PID=""
+# The default vm guest (kernel from apt, initramfs) is built once and kept across demos.
+IMAGE_CACHE="${TELVIRT_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/telvirt}"
+mkdir -p "$IMAGE_CACHE"
 
 cleanup() {
   if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
     kill -TERM "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
   fi
+  # VMs outlive their node by design (re-adoption); the demo must not leave any behind.
+  for pidfile in "$DATA"/instances/*/qemu.pid; do
+    [ -f "$pidfile" ] && kill -KILL "$(cat "$pidfile")" 2>/dev/null || true
+  done
   rm -rf "$DATA"
 }
 trap cleanup EXIT
@@ -30,7 +37,7 @@ run() { printf '$ telvirt %s\n' "$*"; "$TELVIRT" "$@"; }
 
 start_node() {
   rm -f "$TELVIRT_CONFIG"
-  "$TELVIRT" serve --data-dir "$DATA" --listen 127.0.0.1:0 >>"$LOG" 2>&1 &
+  "$TELVIRT" serve --data-dir "$DATA" --listen 127.0.0.1:0 --image-cache "$IMAGE_CACHE" >>"$LOG" 2>&1 &
   SERVER_PID=$!
   for _ in $(seq 1 200); do
     if [ -f "$TELVIRT_CONFIG" ] && "$TELVIRT" vnf list >/dev/null 2>&1; then return 0; fi
@@ -100,6 +107,47 @@ step "Restart safety: kill -9 the node and start it again"
 kill -KILL "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 start_node
 run vnf list
+
+step "vm VNF: upf1 is a QEMU guest, its vCPU thread pinned to the core the scheduler gave it"
+if "$TELVIRT" host list -o json | grep -q '"vm"'; then
+  # The first boot waits for the default guest image (a kernel download on a fresh cache).
+  for _ in $(seq 1 3000); do
+    phase="$("$TELVIRT" vnf show upf1 -o json | sed -n 's/^  "phase": "\(.*\)",$/\1/p')"
+    [ "$phase" = Running ] || [ "$phase" = Failed ] && break
+    sleep 0.1
+  done
+  run vnf show upf1
+  [ "$phase" = Running ] || { echo "demo: upf1 is $phase; see $LOG" >&2; exit 1; }
+  run host show "$HOST"
+  QEMU_PID="$(cat "$DATA/instances/upf1/qemu.pid")"
+  echo "QEMU pid $QEMU_PID (adopted again after the kill -9 above); its threads and their CPUs:"
+  for t in /proc/"$QEMU_PID"/task/*; do
+    printf '  %-18s %s\n' "$(cat "$t/comm")" "$(sed -n 's/^Cpus_allowed_list:\t//p' "$t/status")"
+  done
+  run vnf lock upf1
+  wait_phase upf1 Locked
+  run vnf unlock upf1
+  wait_phase upf1 Running
+  run vnf attach upf1 --id rng0 --kind rng
+  for _ in $(seq 1 600); do
+    "$TELVIRT" vnf show upf1 | grep -q 'devices rng0' && break
+    sleep 0.1
+  done
+  "$TELVIRT" vnf show upf1 | grep Reason
+  run vnf detach upf1 rng0
+  run vnf console upf1 --lines 5
+  run vnf delete upf1
+  # Gone, or a zombie waiting for its reaper (an adopted QEMU is not our child).
+  state=""
+  for _ in $(seq 1 50); do
+    state="$(sed -n 's/^State:\t\(.\).*/\1/p' "/proc/$QEMU_PID/status" 2>/dev/null || true)"
+    { [ -z "$state" ] || [ "$state" = Z ]; } && break
+    sleep 0.1
+  done
+  if [ -z "$state" ] || [ "$state" = Z ]; then echo "QEMU $QEMU_PID is gone"; else echo "QEMU $QEMU_PID still runs"; fi
+else
+  echo "(the vm runtime is not available on this host; $LOG says why)"
+fi
 
 step "Clean shutdown"
 kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
