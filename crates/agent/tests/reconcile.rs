@@ -270,3 +270,36 @@ async fn unassigned_instances_are_stopped_and_removed() {
         InstanceState::Absent
     );
 }
+
+#[tokio::test]
+async fn devices_the_runtime_refuses_keep_it_running_and_say_why_once() {
+    use telvirt_model::{Device, DeviceGrant};
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    // No devices: the default refusal of a runtime without devices is no error.
+    assert_eq!(
+        link.phases().last().cloned(),
+        Some((Phase::Running, "running".to_owned()))
+    );
+    link.edit(|a| {
+        a.devices = vec![DeviceGrant {
+            id: "rng0".parse().unwrap(),
+            device: Device::Rng,
+        }];
+        a.generation = 2;
+    });
+    agent.reconcile_once().await.unwrap();
+    agent.reconcile_once().await.unwrap();
+    let why = "running; devices not applied: runtime vm does not support devices".to_owned();
+    assert_eq!(
+        link.phases().last().cloned(),
+        Some((Phase::Running, why.clone()))
+    );
+    let told = link.phases().iter().filter(|p| p.1 == why).count();
+    assert_eq!(told, 1, "the refusal is reported once: {:?}", link.phases());
+    assert_eq!(
+        rt.calls(),
+        ["adopt fw1", "start fw1"],
+        "no restart for a device"
+    );
+}

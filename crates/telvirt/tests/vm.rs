@@ -440,3 +440,68 @@ fn without_the_static_guest_agent_vm_vnfs_fail_honestly() {
         "no QEMU without the runtime: {v}"
     );
 }
+
+/// `telvirt` outside a node, with the test's guest agent and image cache.
+fn offline(args: &[&str], guest: &Path) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--image-cache")
+        .arg(image_cache())
+        .env("TELVIRT_GUEST_BIN", guest)
+        .env("TELVIRT_DATA_DIR", "/nonexistent-data-dir")
+        .output()
+        .expect("run telvirt")
+}
+
+#[test]
+fn image_build_reports_the_image_and_refuses_a_dynamic_agent() {
+    let out = offline(&["image", "build", "-o", "json"], &guest_binary());
+    assert!(out.status.success(), "image build: {}", stderr(&out));
+    let image: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    for file in ["kernel", "initrd"] {
+        let path = image[file].as_str().unwrap_or_default();
+        assert!(Path::new(path).is_file(), "{file} {path} exists: {image}");
+    }
+    assert!(image["digest"].as_str().is_some_and(|d| !d.is_empty()));
+    // Same inputs again: found in the cache.
+    let again = offline(&["image", "build", "-o", "json"], &guest_binary());
+    let again: Value = serde_json::from_slice(&again.stdout).expect("one JSON object");
+    assert_eq!(again["cached"], true);
+    assert_eq!(again["initrd"], image["initrd"]);
+    // The telvirt binary itself is dynamically linked: refused with the reason and the fix.
+    let out = offline(&["image", "build"], Path::new(BIN));
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("dynamically linked"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bench_vm_prints_one_json_object_with_both_boots() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let out = offline(
+        &[
+            "bench", "vm", "--rounds", "1", "--accel", "tcg", "-o", "json",
+        ],
+        &guest_binary(),
+    );
+    assert!(out.status.success(), "bench vm: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "one JSON object on one line: {text}"
+    );
+    let r: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(r["accel"], "tcg");
+    assert_eq!(r["rounds"], 1);
+    let (t, b) = (
+        r["telvirt_boot_ms"].as_f64().unwrap_or(0.0),
+        r["bare_boot_ms"].as_f64().unwrap_or(0.0),
+    );
+    assert!(t > 0.0 && b > 0.0, "{r}");
+    let ratio = r["ratio"].as_f64().unwrap_or(0.0);
+    assert!((ratio - t / b).abs() < 1e-6, "ratio is telvirt / bare: {r}");
+}
