@@ -1,7 +1,7 @@
 //! vm VNFs in a real `telvirt serve` under TCG: a descriptor boots the default guest with its
 //! vCPU thread pinned as placed, lock/unlock pause/resume it, an rng device comes and goes
-//! through the API, a SIGKILLed node re-adopts the same QEMU on restart (no duplicate), and
-//! delete ends QEMU. Without the static guest agent the vm runtime is honestly unavailable.
+//! through the API, a SIGKILLed node re-adopts the same QEMU on restart (no duplicate), a
+//! crashed QEMU is Failed with the reason and `vnf start` boots a new one, and delete ends QEMU. Without the static guest agent the vm runtime is honestly unavailable.
 //!
 //! One guest at a time (1 vCPU, 256 MiB); every QEMU started here is SIGKILLed by a guard even
 //! when an assertion fails.
@@ -402,6 +402,19 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
     );
     node.ok(&["vnf", "unlock", &vm]);
     node.wait_phase(&vm, "Running", DEADLINE);
+
+    // A crash (QEMU killed behind telvirt's back) is Failed with the reason; start restarts it.
+    sigkill(pid);
+    let failed = node.wait(&vm, DEADLINE, "Failed", |v| v["phase"] == "Failed");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("without being asked"),
+        "crash reason: {reason}"
+    );
+    node.ok(&["vnf", "start", &vm]);
+    node.wait_phase(&vm, "Running", BOOT_DEADLINE);
+    let pid = node.qemu_pid();
+    assert_eq!(qemu_pids(&vm), vec![pid], "one new QEMU after the restart");
 
     // Delete stops the guest and QEMU goes away.
     node.ok(&["vnf", "delete", &vm]);
