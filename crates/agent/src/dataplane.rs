@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use telvirt_dataplane::node::Node;
 use telvirt_dataplane::panel::PatchPanel;
 use telvirt_dataplane::pool::{DEFAULT_BUF_SIZE, Pool};
 use telvirt_dataplane::worker::{WorkerConfig, allowed_cores};
@@ -24,6 +25,8 @@ pub const RING_CAPACITY: usize = 1024;
 /// The agent's patch panel and which worker runs on which core.
 pub struct NodeDataPlane {
     panel: Mutex<PatchPanel>,
+    /// Node name → port names, of every node on the panel.
+    nodes: Mutex<BTreeMap<String, Vec<String>>>,
     /// Linux CPU → index of the worker pinned to it.
     workers: BTreeMap<u32, usize>,
 }
@@ -51,6 +54,7 @@ impl NodeDataPlane {
         let panel = PatchPanel::new(pool, configs, RING_CAPACITY).map_err(dp)?;
         Ok(Arc::new(Self {
             panel: Mutex::new(panel),
+            nodes: Mutex::new(BTreeMap::new()),
             workers,
         }))
     }
@@ -71,6 +75,44 @@ impl NodeDataPlane {
         // A panic while holding the lock left the panel as it was between two calls: every
         // panel method validates before changing anything, so keep using it.
         self.panel.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Places `node` with `ports` on worker `worker`.
+    pub fn add_node(
+        &self,
+        name: &str,
+        ports: &[&str],
+        worker: usize,
+        node: Box<dyn Node>,
+    ) -> Result<(), AgentError> {
+        let mut panel = self.panel();
+        panel
+            .add_node(name, ports, worker, node)
+            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        self.node_table().insert(
+            name.to_owned(),
+            ports.iter().map(|p| (*p).to_owned()).collect(),
+        );
+        Ok(())
+    }
+
+    /// Removes node `name` and its links, returning it.
+    pub fn remove_node(&self, name: &str) -> Result<Box<dyn Node>, AgentError> {
+        let mut panel = self.panel();
+        let node = panel
+            .remove_node(name)
+            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        self.node_table().remove(name);
+        Ok(node)
+    }
+
+    /// The ports of node `name`, if it is on the panel.
+    pub fn node_ports(&self, name: &str) -> Option<Vec<String>> {
+        self.node_table().get(name).cloned()
+    }
+
+    fn node_table(&self) -> MutexGuard<'_, BTreeMap<String, Vec<String>>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `net show`: the links with their counters and per-node unlinked drops.

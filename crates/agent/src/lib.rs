@@ -6,6 +6,7 @@
 
 pub mod dataplane;
 pub mod discovery;
+pub mod network;
 pub mod reconcile;
 pub mod runtime;
 pub mod runtimes;

@@ -206,6 +206,11 @@ pub fn router(controller: Arc<Controller>) -> Router {
             "/v1/vnfs/{name}/devices/{id}",
             axum::routing::delete(detach_device),
         )
+        .route("/v1/networks", get(list_networks).post(create_network))
+        .route(
+            "/v1/networks/{name}",
+            get(show_network).delete(delete_network),
+        )
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(show_host))
         .route("/v1/hosts/{name}/coremap", get(host_core_map))
@@ -559,6 +564,79 @@ impl utoipa::Modify for BearerScheme {
     }
 }
 
+#[utoipa::path(get, path = "/v1/networks", tag = "networks", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The networks the caller may see", body = [telvirt_model::network::Network]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_networks(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &s.controller.networks(&caller).await?))
+}
+
+#[utoipa::path(post, path = "/v1/networks", tag = "networks", security(("bearer" = [])),
+    request_body(content(
+        (telvirt_model::network::NetworkDescriptor = "application/json"),
+        (telvirt_model::network::NetworkDescriptor = "application/yaml"),
+    ), description = "A network descriptor (kind: Network)"),
+    responses(
+        (status = 201, description = "Stored; the node's agent wires it", body = telvirt_model::network::Network),
+        (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Fields break the rules (unknown port, port linked twice, ...)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn create_network(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let network = s
+        .controller
+        .create_network(&caller, &body.bytes, body.format)
+        .await?;
+    Ok(json(StatusCode::CREATED, &network))
+}
+
+#[utoipa::path(get, path = "/v1/networks/{name}", tag = "networks", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Network name")),
+    responses(
+        (status = 200, description = "The network with its live links and counters", body = telvirt_model::network::Network),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such network visible to the caller", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn show_network(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.network(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/networks/{name}", tag = "networks", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Network name")),
+    responses(
+        (status = 204, description = "Deleted; its links go, VNFs keep running"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such network visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Changed meanwhile; try again", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_network(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.controller.delete_network(&caller, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
@@ -566,7 +644,8 @@ impl utoipa::Modify for BearerScheme {
         healthz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
         show_host, host_core_map,
-        list_authorities, create_authority, metrics
+        list_authorities, create_authority, metrics, list_networks, create_network,
+        show_network, delete_network
     ),
     modifiers(&BearerScheme)
 )]

@@ -7,11 +7,13 @@ pub mod auth;
 pub mod http;
 pub mod link;
 pub mod metrics;
+pub mod network;
 pub mod placement;
 pub mod records;
 pub mod service;
 
 pub use http::{descriptor_schema, openapi_document, router};
 pub use link::LocalLink;
+pub use network::NetworkPlane;
 pub use records::HostRecord;
 pub use service::{Caller, Controller, ControllerError, Deletion};

@@ -109,6 +109,20 @@ pub struct Controller {
     /// Wakes the scheduling loop.
     schedule_wanted: Notify,
     metrics: Arc<Metrics>,
+    /// The local agent's data plane (all-in-one node), for network status.
+    network_plane: std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>>,
+}
+
+impl Controller {
+    pub(crate) fn store_handle(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub(crate) fn network_plane_cell(
+        &self,
+    ) -> &std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>> {
+        &self.network_plane
+    }
 }
 
 impl Controller {
@@ -129,6 +143,7 @@ impl Controller {
             assignments_changed: Notify::new(),
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
+            network_plane: std::sync::OnceLock::new(),
         }))
     }
 

@@ -8,6 +8,7 @@ pub mod device;
 pub mod error;
 pub mod lifecycle;
 pub mod name;
+pub mod network;
 pub mod parse;
 pub mod units;
 pub mod vnf;
@@ -16,6 +17,7 @@ pub use device::{Device, DeviceGrant};
 pub use error::{FieldError, ModelError};
 pub use lifecycle::{DesiredState, Event, LockInfo, Phase, Placement, Role, Vnf};
 pub use name::{Name, NameError};
+pub use network::{NetworkDescriptor, parse_network};
 pub use parse::{Format, from_text, parse_vnf};
 pub use units::{ByteSize, ByteSizeError};
 pub use vnf::{

@@ -64,6 +64,9 @@ pub enum Command {
     /// Wasm runtime tools (example modules)
     #[command(subcommand)]
     Wasm(crate::wasm::WasmCommand),
+    /// Manage networks: links between VNF ports, host interfaces and built-in traffic nodes
+    #[command(subcommand)]
+    Net(crate::net::NetCommand),
 }
 
 #[derive(Args, Debug)]

@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod client;
 mod config;
+mod net;
 mod output;
 mod progress;
 mod serve;
@@ -72,6 +73,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Bench(cmd) => bench::run(format, cmd),
         Command::Wasm(cmd) => wasm::run(format, cmd),
+        Command::Net(cmd) => {
+            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            net::run(&client, format, cmd).await
+        }
         Command::Image(cmd) => vm::image(format, cmd).await,
         Command::Vnf(VnfCommand::Console(args)) => {
             let config_path = cli.config.clone();

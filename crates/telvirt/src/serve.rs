@@ -166,6 +166,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         Arc::new(LocalLink::new(controller.clone())),
         data_dir.join("instances"),
     ));
+    crate::net::spawn_reconciler(&controller, Arc::clone(&dataplane), shutdown_rx.clone());
     let agent_task = tokio::spawn(agent.run(shutdown_rx));
     tokio::spawn(controller.clone().scheduling_loop(SCHEDULE_RETRY));
 

@@ -176,3 +176,33 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
     let fw1 = node.json(&["vnf", "show", "fw1"]);
     assert_eq!(fw1["phase"], "Running", "fw1 must keep running: {fw1}");
 }
+
+#[test]
+fn a_network_through_fw1_carries_packets() {
+    let node = Node::start();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
+    node.wait_phase("fw1", "Running");
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 5000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";
+    std::fs::write(node.path("t1.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "t1.yaml"]);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let v = node.json(&["net", "show", "t1"]);
+        let links = &v["status"]["links"];
+        let through = |i: usize| links[i]["packets"].as_u64().unwrap_or(0);
+        if through(0) > 0 && through(1) > 0 {
+            assert_eq!(links[1]["link"], "fw1.out -> sink.in");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no packets through fw1: {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let table = String::from_utf8_lossy(&node.ok(&["net", "show", "t1"]).stdout).into_owned();
+    assert!(table.contains("fw1.out -> sink.in"), "{table}");
+    assert!(table.contains("sink sink:"), "{table}");
+    node.ok(&["net", "delete", "t1"]);
+    let list = node.json(&["net", "list"]);
+    assert_eq!(list, serde_json::json!([]));
+    // fw1 keeps running without its links.
+    assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
+}

@@ -132,8 +132,25 @@ pub fn example_modules() -> Vec<(&'static str, &'static [u8])> {
     rw::vnfs::all().iter().map(|v| (v.name, v.wasm)).collect()
 }
 
-/// The `tv_init` blob of a descriptor's config map: sorted `key=value\n` lines.
-pub fn config_blob(config: &BTreeMap<String, String>) -> Vec<u8> {
+/// Config key whose value is the whole `tv_init` blob, hex-encoded (for modules that take a
+/// binary configuration, like the example firewall: `blob_hex: "02000000"` = forward to port 1).
+pub const BLOB_HEX: &str = "blob_hex";
+
+/// The `tv_init` blob of a descriptor's config map: the hex-decoded `blob_hex` value when it is
+/// the only key, else sorted `key=value\n` lines (empty map: empty blob).
+pub fn config_blob(config: &BTreeMap<String, String>) -> Result<Vec<u8>, RuntimeFailure> {
+    if let Some(hex) = config.get(BLOB_HEX) {
+        if config.len() != 1 {
+            return Err(fail(format!(
+                "spec.wasm.config: `{BLOB_HEX}` must be the only key"
+            )));
+        }
+        return decode_hex(hex).ok_or_else(|| {
+            fail(format!(
+                "spec.wasm.config.{BLOB_HEX}: `{hex}` is not an even number of hex digits"
+            ))
+        });
+    }
     let mut out = Vec::new();
     for (k, v) in config {
         out.extend_from_slice(k.as_bytes());
@@ -141,7 +158,20 @@ pub fn config_blob(config: &BTreeMap<String, String>) -> Vec<u8> {
         out.extend_from_slice(v.as_bytes());
         out.push(b'\n');
     }
-    out
+    Ok(out)
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    s.chunks(2)
+        .map(|p| {
+            let d = |c: u8| (c as char).to_digit(16);
+            u8::try_from(d(p[0])? * 16 + d(p[1])?).ok()
+        })
+        .collect()
 }
 
 /// The runtime's config for a descriptor.
@@ -175,7 +205,7 @@ pub fn vnf_config(spec: &InstanceSpec) -> Result<VnfConfig, RuntimeFailure> {
             ..defaults.limits
         },
         maps,
-        config: config_blob(&wasm.config),
+        config: config_blob(&wasm.config)?,
         ports: u32::try_from(spec.descriptor.spec.ports.len())
             .map_err(|_| fail("spec.ports: too many ports"))?,
         ..defaults
@@ -307,14 +337,11 @@ impl WasmRuntime {
         if entries.get(&spec.name).is_some_and(|e| !e.stopped) {
             return Err(fail(format!("{} is already running", spec.name)));
         }
-        {
-            let mut panel = self.dataplane.panel();
-            // A stopped instance of the same name may still be on the panel.
-            let _ = panel.remove_node(spec.name.as_str());
-            panel
-                .add_node(spec.name.as_str(), &ports, worker, Box::new(node))
-                .map_err(fail)?;
-        }
+        // A stopped instance of the same name may still be on the panel.
+        let _ = self.dataplane.remove_node(spec.name.as_str());
+        self.dataplane
+            .add_node(spec.name.as_str(), &ports, worker, Box::new(node))
+            .map_err(fail)?;
         entries.insert(
             spec.name.clone(),
             Entry {
@@ -353,7 +380,7 @@ impl Runtime for WasmRuntime {
         if !e.stopped {
             // Dropping the returned node drops the stage; the instance lives on in the entry
             // until `remove` (its maps can still be read).
-            let _ = self.dataplane.panel().remove_node(name.as_str());
+            let _ = self.dataplane.remove_node(name.as_str());
             e.stopped = true;
         }
         Ok(())
@@ -397,7 +424,7 @@ impl Runtime for WasmRuntime {
             let removed = entries.remove(name);
             if let Some(e) = &removed {
                 e.scheduled.store(false, Ordering::Release);
-                let _ = self.dataplane.panel().remove_node(name.as_str());
+                let _ = self.dataplane.remove_node(name.as_str());
                 if entries.values().any(|o| o.module_hash == e.module_hash) {
                     return Ok(());
                 }
@@ -408,5 +435,141 @@ impl Runtime for WasmRuntime {
             self.rt.remove(&e.module_hash).map_err(fail)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn config_map_becomes_sorted_lines() {
+        let blob = config_blob(&config(&[("b", "2"), ("a", "1")])).unwrap();
+        assert_eq!(blob, b"a=1\nb=2\n");
+        assert!(config_blob(&BTreeMap::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn blob_hex_is_the_raw_blob() {
+        let blob = config_blob(&config(&[("blob_hex", "02000000")])).unwrap();
+        assert_eq!(blob, [2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn bad_blob_hex_is_refused_naming_the_field() {
+        let e = config_blob(&config(&[("blob_hex", "0g")])).unwrap_err();
+        assert!(e.0.contains("spec.wasm.config.blob_hex"), "{e}");
+        let e = config_blob(&config(&[("blob_hex", "020")])).unwrap_err();
+        assert!(e.0.contains("even number"), "{e}");
+        let e = config_blob(&config(&[("blob_hex", "02"), ("x", "1")])).unwrap_err();
+        assert!(e.0.contains("only key"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod dataplane_tests {
+    use std::time::{Duration, Instant};
+
+    use telvirt_dataplane::graph::LinkSpec;
+    use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink};
+    use telvirt_model::{Format, Placement, Role, parse_vnf};
+
+    use super::*;
+
+    const FW: &str = r#"
+apiVersion: telvirt/v1
+kind: Vnf
+metadata: { name: fw1 }
+spec:
+  runtime: wasm
+  cpu: { policy: dedicated, count: 1 }
+  ports: [in, out]
+  wasm:
+    module: firewall.wasm
+    config: { blob_hex: "02000000" }
+"#;
+
+    fn spec(dir: &std::path::Path, cpu: u32) -> InstanceSpec {
+        InstanceSpec {
+            name: "fw1".parse().unwrap(),
+            descriptor: parse_vnf(FW.as_bytes(), Format::Yaml).unwrap(),
+            placement: Placement {
+                role: Role::Active,
+                host: "t".into(),
+                vcpus: vec![vec![cpu]],
+                emulator_cpus: Vec::new(),
+                held: Vec::new(),
+                numa_nodes: vec![0],
+                group: None,
+            },
+            state_dir: dir.join("fw1"),
+        }
+    }
+
+    fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[tokio::test]
+    async fn packets_flow_through_a_wasm_vnf_and_lock_stops_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("firewall.wasm"), rw::vnfs::firewall().wasm).unwrap();
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let rt = WasmRuntime::new(dir.path().join("store"), dir.path(), Arc::clone(&dp)).unwrap();
+        let s = spec(dir.path(), u32::try_from(cpu).unwrap());
+        rt.start(&s).await.unwrap();
+        assert_eq!(rt.state(&s.name).await, InstanceState::Running);
+
+        let gen_cfg = GenConfig {
+            rate_pps: Some(50_000),
+            ..GenConfig::default()
+        };
+        let generator = Generator::new(gen_cfg, dp.panel().pool().buf_size()).unwrap();
+        let sink = LatencySink::new(32);
+        let seen = sink.state();
+        dp.add_node("gen", &["out"], 0, Box::new(generator))
+            .unwrap();
+        dp.add_node("sink", &["in"], 0, Box::new(sink)).unwrap();
+        let links =
+            ["gen.out -> fw1.in", "fw1.out -> sink.in"].map(|l| LinkSpec::parse(l).unwrap());
+        dp.panel().apply_network("t", &links).unwrap();
+        let received = || seen.lock().unwrap().received;
+        until("packets through fw1", || received() > 100);
+        let stats = rt.with_instance(&s.name, |i| i.stats()).unwrap();
+        assert!(stats.packets_forwarded > 100, "{stats:?}");
+
+        rt.pause(&s.name).await.unwrap();
+        assert_eq!(rt.state(&s.name).await, InstanceState::Paused);
+        dp.panel().barrier();
+        let before = rt.with_instance(&s.name, |i| i.stats().packets_in).unwrap();
+        let r0 = received();
+        until("the generator to fill fw1's input", || {
+            dp.panel()
+                .status()
+                .iter()
+                .any(|l| l.counters.packets > r0 + 1000)
+        });
+        let after = rt.with_instance(&s.name, |i| i.stats().packets_in).unwrap();
+        assert_eq!(before, after, "a locked VNF must not be scheduled");
+        rt.resume(&s.name).await.unwrap();
+        until("packets again after unlock", || received() > r0 + 100);
+
+        rt.stop(&s.name).await.unwrap();
+        assert_eq!(rt.state(&s.name).await, InstanceState::Stopped);
+        rt.remove(&s.name).await.unwrap();
+        assert_eq!(rt.state(&s.name).await, InstanceState::Absent);
+        assert!(dp.node_ports("fw1").is_none());
     }
 }

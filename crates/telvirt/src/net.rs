@@ -1,0 +1,179 @@
+//! `telvirt net ...` (networks through the API) and, for `telvirt serve`, the task that applies
+//! stored networks to the node's data plane.
+//!
+//! Owns the CLI side of networks and wiring the agent's [`NetworkReconciler`] to the controller
+//! in-process (the all-in-one node: the controller asks the local agent's panel for counters
+//! directly, ADR 034). It must not hold network rules: the model, the controller and the agent
+//! do.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Subcommand;
+use reqwest::Method;
+use telvirt_agent::dataplane::NodeDataPlane;
+use telvirt_agent::network::NetworkReconciler;
+use telvirt_controller::{Controller, NetworkPlane};
+use telvirt_model::network::{Network, NetworkDescriptor, NetworkStatus};
+use tokio::sync::{Notify, watch};
+
+use crate::cli::Output;
+use crate::client::Client;
+
+/// How often stored networks are applied again when nothing changed (VNFs that restarted get
+/// their links back within this time).
+pub const NETWORK_RESYNC: Duration = Duration::from_millis(500);
+
+#[derive(Subcommand, Debug)]
+pub enum NetCommand {
+    /// Create a network from a descriptor file (kind: Network)
+    Create {
+        /// Descriptor file, or - for standard input
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+    },
+    /// List the networks you may see
+    #[command(alias = "ls")]
+    List,
+    /// Show a network's links with packet, byte and drop counters (every network without NAME)
+    Show { name: Option<String> },
+    /// Delete a network (its links go; VNFs keep running)
+    #[command(alias = "rm")]
+    Delete { name: String },
+}
+
+fn print_status(n: &Network) {
+    println!("network/{} (owner {})", n.name, n.owner);
+    match &n.status {
+        Some(s) => {
+            print!("{}", s.table);
+            for w in &s.waiting {
+                println!("waiting: {w}");
+            }
+        }
+        None => println!("not applied on the data plane yet"),
+    }
+}
+
+pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()> {
+    match cmd {
+        NetCommand::Create { file } => {
+            let body = crate::read_descriptor(&file)?;
+            let n: Network = client
+                .call(Method::POST, "/v1/networks", Some(body))
+                .await?
+                .json()?;
+            if !crate::output::structured(format, &n)? {
+                println!("network/{} created", n.name);
+            }
+        }
+        NetCommand::List => {
+            let list: Vec<Network> = client.get("/v1/networks").await?;
+            if !crate::output::structured(format, &list)? {
+                println!("{:<16} {:<12} LINKS", "NAME", "OWNER");
+                for n in &list {
+                    println!(
+                        "{:<16} {:<12} {}",
+                        n.name.as_str(),
+                        n.owner.as_str(),
+                        n.descriptor.spec.links.len()
+                    );
+                }
+            }
+        }
+        NetCommand::Show { name } => {
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => client
+                    .get::<Vec<Network>>("/v1/networks")
+                    .await?
+                    .into_iter()
+                    .map(|n| n.name.as_str().to_owned())
+                    .collect(),
+            };
+            let mut shown = Vec::new();
+            for n in names {
+                shown.push(client.get::<Network>(&format!("/v1/networks/{n}")).await?);
+            }
+            let structured = if shown.len() == 1 {
+                crate::output::structured(format, &shown[0])?
+            } else {
+                crate::output::structured(format, &shown)?
+            };
+            if !structured {
+                for (i, n) in shown.iter().enumerate() {
+                    if i > 0 {
+                        println!();
+                    }
+                    print_status(n);
+                }
+            }
+        }
+        NetCommand::Delete { name } => {
+            client
+                .call(Method::DELETE, &format!("/v1/networks/{name}"), None)
+                .await?;
+            let value = serde_json::json!({ "name": name, "deleted": true });
+            if !crate::output::structured(format, &value)? {
+                println!("network/{name} deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The local agent's data plane, as the controller's [`NetworkPlane`].
+struct LocalPlane {
+    reconciler: Arc<NetworkReconciler>,
+    wake: Arc<Notify>,
+}
+
+impl NetworkPlane for LocalPlane {
+    fn status(&self, network: &NetworkDescriptor) -> Option<NetworkStatus> {
+        self.reconciler.status(network)
+    }
+
+    fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Applies the controller's stored networks to `dataplane` until `shutdown` turns true: at once
+/// when a network is created or deleted, and every [`NETWORK_RESYNC`].
+pub fn spawn_reconciler(
+    controller: &Arc<Controller>,
+    dataplane: Arc<NodeDataPlane>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let reconciler = Arc::new(NetworkReconciler::new(dataplane));
+    let wake = Arc::new(Notify::new());
+    controller.set_network_plane(Arc::new(LocalPlane {
+        reconciler: Arc::clone(&reconciler),
+        wake: Arc::clone(&wake),
+    }));
+    let controller = Arc::clone(controller);
+    tokio::spawn(async move {
+        loop {
+            match controller.all_networks().await {
+                Ok(list) => {
+                    let wanted: Vec<NetworkDescriptor> =
+                        list.into_iter().map(|n| n.descriptor).collect();
+                    let r = Arc::clone(&reconciler);
+                    if let Err(e) = tokio::task::spawn_blocking(move || r.sync(&wanted)).await {
+                        tracing::warn!("network pass failed: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("reading networks: {e}"),
+            }
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(NETWORK_RESYNC) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+        }
+    });
+}
