@@ -9,7 +9,7 @@ PACKAGES=(
   cpio zstd xz-utils kmod  # building the guest image
   clang lld         # example VNFs in C, compiled to wasm32
   rt-tests          # cyclictest, the reference for `telvirt latency timer`
-  iperf3 iputils-ping iproute2  # real traffic through chains, network namespaces
+  iperf3 iputils-ping iproute2 ethtool  # real traffic through chains, network namespaces
 )
 
 missing=()
