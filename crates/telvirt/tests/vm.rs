@@ -518,3 +518,31 @@ fn bench_vm_prints_one_json_object_with_both_boots() {
     let ratio = r["ratio"].as_f64().unwrap_or(0.0);
     assert!((ratio - t / b).abs() < 1e-6, "ratio is telvirt / bare: {r}");
 }
+
+#[test]
+fn attach_arguments_are_checked_before_any_request() {
+    for (args, expected) in [
+        (vec!["--kind", "net"], "--tap"),
+        (vec!["--kind", "serial"], "--name"),
+        (vec!["--kind", "blk"], "--path"),
+        (vec!["--kind", "gpu"], "gpu"),
+    ] {
+        let out = Command::new(BIN)
+            .args(["vnf", "attach", "vm1", "--id", "d0"])
+            .args(&args)
+            .env("TELVIRT_SERVER", "http://127.0.0.1:9")
+            .env("TELVIRT_TOKEN", "x")
+            .output()
+            .expect("run telvirt");
+        assert!(!out.status.success(), "{args:?} must be refused");
+        let err = stderr(&out);
+        assert!(
+            err.contains(expected),
+            "{args:?}: expected '{expected}' in {err}"
+        );
+        assert!(
+            !err.contains("cannot reach"),
+            "{args:?}: refused before any request: {err}"
+        );
+    }
+}
