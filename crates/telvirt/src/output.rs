@@ -19,6 +19,16 @@ pub fn structured<T: Serialize>(format: Output, value: &T) -> Result<bool> {
     Ok(true)
 }
 
+/// Prints a report for machines: one JSON object on one line with `-o json` (what scripts
+/// expect), YAML with `-o yaml`; returns false for `table` (the caller prints).
+pub fn report<T: Serialize>(format: Output, value: &T) -> Result<bool> {
+    if format == Output::Json {
+        println!("{}", serde_json::to_string(value)?);
+        return Ok(true);
+    }
+    structured(format, value)
+}
+
 /// Left-aligned columns, two spaces apart.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -150,6 +160,21 @@ pub fn vnf_detail(v: &Vnf) -> String {
             p.group
                 .as_ref()
                 .map_or(String::new(), |g| format!(", group {g}")),
+        ));
+    }
+    for d in &v.devices {
+        let detail = match &d.device {
+            telvirt_model::Device::Rng => String::new(),
+            telvirt_model::Device::Net { tap } => format!(" tap {tap}"),
+            telvirt_model::Device::Serial { name } => format!(" port {name}"),
+            telvirt_model::Device::Blk { path, read_only } => {
+                format!(" {path}{}", if *read_only { " (read-only)" } else { "" })
+            }
+        };
+        out.push_str(&format!(
+            "Device:      {} {}{detail}\n",
+            d.id,
+            d.device.kind()
         ));
     }
     out

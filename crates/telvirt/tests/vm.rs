@@ -375,6 +375,12 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
             .is_some_and(|r| r.contains("devices rng0"))
     });
     assert_eq!(node.granted_ids(), ["rng0"]);
+    let table = node.ok(&["vnf", "show", &vm]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(
+        table.contains("Device:      rng0 rng"),
+        "vnf show lists the grant: {table}"
+    );
     node.refused(
         &["vnf", "attach", &vm, "--id", "rng0", "--kind", "rng"],
         "already has",
