@@ -201,6 +201,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/stop", post(stop_vnf))
         .route("/v1/vnfs/{name}/lock", post(lock_vnf))
         .route("/v1/vnfs/{name}/unlock", post(unlock_vnf))
+        .route("/v1/vnfs/{name}/upgrade", post(upgrade_vnf))
         .route("/v1/vnfs/{name}/devices", post(attach_device))
         .route(
             "/v1/vnfs/{name}/devices/{id}",
@@ -637,6 +638,33 @@ async fn delete_network(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/v1/vnfs/{name}/upgrade", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    request_body(content(
+        (crate::upgrade::UpgradeRequest = "application/json"),
+        (crate::upgrade::UpgradeRequest = "application/yaml"),
+    ), description = "The new module"),
+    responses(
+        (status = 200, description = "The new module runs; maps kept", body = Vnf),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Locked, or not Running", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The module was refused (verifier, map layout, init); the old one keeps running", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn upgrade_vnf(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let vnf = s
+        .controller
+        .upgrade_module(&caller, &name, &body.bytes, body.format)
+        .await?;
+    Ok(json(StatusCode::OK, &vnf))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
@@ -645,7 +673,7 @@ async fn delete_network(
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
         show_host, host_core_map,
         list_authorities, create_authority, metrics, list_networks, create_network,
-        show_network, delete_network
+        show_network, delete_network, upgrade_vnf
     ),
     modifiers(&BearerScheme)
 )]

@@ -11,9 +11,11 @@ pub mod network;
 pub mod placement;
 pub mod records;
 pub mod service;
+pub mod upgrade;
 
 pub use http::{descriptor_schema, openapi_document, router};
 pub use link::LocalLink;
 pub use network::NetworkPlane;
 pub use records::HostRecord;
 pub use service::{Caller, Controller, ControllerError, Deletion};
+pub use upgrade::ModuleUpgrader;

@@ -111,6 +111,8 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     /// The local agent's data plane (all-in-one node), for network status.
     network_plane: std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>>,
+    /// The local agent's wasm runtime (all-in-one node), for module upgrades.
+    module_upgrader: std::sync::OnceLock<Arc<dyn crate::upgrade::ModuleUpgrader>>,
 }
 
 impl Controller {
@@ -122,6 +124,12 @@ impl Controller {
         &self,
     ) -> &std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>> {
         &self.network_plane
+    }
+
+    pub(crate) fn module_upgrader_cell(
+        &self,
+    ) -> &std::sync::OnceLock<Arc<dyn crate::upgrade::ModuleUpgrader>> {
+        &self.module_upgrader
     }
 }
 
@@ -144,6 +152,7 @@ impl Controller {
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
             network_plane: std::sync::OnceLock::new(),
+            module_upgrader: std::sync::OnceLock::new(),
         }))
     }
 

@@ -116,6 +116,13 @@ pub enum VnfCommand {
     Lock { name: String },
     /// Unlock a locked VNF
     Unlock { name: String },
+    /// Swap a running wasm VNF's module between batches, keeping its maps
+    Upgrade {
+        name: String,
+        /// The new .wasm module (a path on the node; relative to the server's working directory)
+        #[arg(long)]
+        module: String,
+    },
     /// Show the serial console of a vm VNF (read on the node, from its data dir)
     Console(crate::vm::ConsoleArgs),
     /// Grant a device to a vm VNF; its agent attaches it to the running VM

@@ -117,7 +117,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     // One data plane per node, shared by the wasm runtime and the network reconciler.
     let dataplane =
         telvirt_agent::dataplane::NodeDataPlane::new().context("starting the data plane")?;
-    runtimes.push(crate::wasm::runtime(&data_dir, Arc::clone(&dataplane))?);
+    runtimes.push(crate::wasm::runtime(
+        &data_dir,
+        Arc::clone(&dataplane),
+        &controller,
+    )?);
     let runtime_names: Vec<String> = runtimes
         .iter()
         .map(|r| r.kind().as_str().to_owned())

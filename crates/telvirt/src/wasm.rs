@@ -14,7 +14,12 @@ use telvirt_agent::Runtime;
 use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 
+use reqwest::Method;
+use telvirt_controller::{Controller, ModuleUpgrader};
+use telvirt_model::{Name, Vnf};
+
 use crate::cli::Output;
+use crate::client::Client;
 
 #[derive(Subcommand, Debug)]
 pub enum WasmCommand {
@@ -54,9 +59,45 @@ pub fn write_examples(dir: &Path) -> Result<Vec<String>> {
 
 /// The agent's wasm runtime for `telvirt serve`: modules stored under `<data_dir>/wasm`,
 /// relative module paths resolved against the working directory, VNFs placed on `dataplane`.
-pub fn runtime(data_dir: &Path, dataplane: Arc<NodeDataPlane>) -> Result<Arc<dyn Runtime>> {
+/// The controller gets it as its module upgrader (in-process on the all-in-one node).
+pub fn runtime(
+    data_dir: &Path,
+    dataplane: Arc<NodeDataPlane>,
+    controller: &Controller,
+) -> Result<Arc<dyn Runtime>> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
     let rt = WasmRuntime::new(data_dir.join("wasm"), cwd, dataplane)
         .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?;
-    Ok(Arc::new(rt))
+    let rt = Arc::new(rt);
+    controller.set_module_upgrader(Arc::new(Upgrader(Arc::clone(&rt))));
+    Ok(rt)
+}
+
+struct Upgrader(Arc<WasmRuntime>);
+
+impl ModuleUpgrader for Upgrader {
+    fn upgrade(&self, vnf: &str, module: &str) -> Result<String, String> {
+        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
+        self.0.upgrade(&name, module).map_err(|e| e.to_string())
+    }
+}
+
+/// `telvirt vnf upgrade NAME --module FILE`.
+pub async fn upgrade(client: &Client, format: Output, name: &str, module: &str) -> Result<()> {
+    let body = serde_json::to_vec(&serde_json::json!({ "module": module }))?;
+    let vnf: Vnf = client
+        .call(
+            Method::POST,
+            &format!("/v1/vnfs/{name}/upgrade"),
+            Some((body, "application/json")),
+        )
+        .await?
+        .json()?;
+    if !crate::output::structured(format, &vnf)? {
+        println!(
+            "vnf/{name} upgraded: {}",
+            vnf.reason.as_deref().unwrap_or("module swapped")
+        );
+    }
+    Ok(())
 }

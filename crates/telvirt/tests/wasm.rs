@@ -175,6 +175,37 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
     );
     let fw1 = node.json(&["vnf", "show", "fw1"]);
     assert_eq!(fw1["phase"], "Running", "fw1 must keep running: {fw1}");
+
+    // Upgrade: a refused module changes nothing; another firewall build is swapped in.
+    let out = node.cli(&[
+        "vnf",
+        "upgrade",
+        "fw1",
+        "--module",
+        &hostile.display().to_string(),
+    ]);
+    assert!(!out.status.success(), "a refused module must not upgrade");
+    assert!(stderr(&out).contains("module refused"), "{}", stderr(&out));
+    let fw1 = node.json(&["vnf", "show", "fw1"]);
+    assert_eq!(
+        fw1["descriptor"]["spec"]["wasm"]["module"],
+        "examples/vnfs/firewall.wasm"
+    );
+    let mut v2 = std::fs::read(node.path("examples/vnfs/firewall.wasm")).unwrap();
+    let needle = b"\"version\":\"1.0.0\"";
+    let at = v2.windows(needle.len()).position(|w| w == needle).unwrap();
+    v2[at..at + needle.len()].copy_from_slice(b"\"version\":\"1.0.1\"");
+    std::fs::write(node.path("firewall-v2.wasm"), v2).unwrap();
+    let up = node.json(&["vnf", "upgrade", "fw1", "--module", "firewall-v2.wasm"]);
+    assert_eq!(
+        up["descriptor"]["spec"]["wasm"]["module"],
+        "firewall-v2.wasm"
+    );
+    assert!(
+        up["reason"].as_str().unwrap().contains("module upgraded"),
+        "{up}"
+    );
+    assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
 }
 
 #[test]

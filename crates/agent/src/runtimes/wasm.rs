@@ -566,6 +566,43 @@ spec:
         rt.resume(&s.name).await.unwrap();
         until("packets again after unlock", || received() > r0 + 100);
 
+        // Upgrade between batches: a different module (manifest version changed, same length)
+        // keeps the map contents, and packets keep flowing.
+        let key = [7u8; 16];
+        rt.with_instance(&s.name, move |i| i.map_update("rules", &key, &[2, 0, 0, 0]))
+            .unwrap()
+            .unwrap();
+        let mut v2 = rw::vnfs::firewall().wasm.to_vec();
+        let needle = b"\"version\":\"1.0.0\"";
+        let at = v2
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("firewall manifest has version 1.0.0");
+        v2[at..at + needle.len()].copy_from_slice(b"\"version\":\"1.0.1\"");
+        std::fs::write(dir.path().join("firewall-v2.wasm"), v2).unwrap();
+        let old = rt
+            .with_instance(&s.name, |i| i.module().hash.clone())
+            .unwrap();
+        let new = rt.upgrade(&s.name, "firewall-v2.wasm").unwrap();
+        assert_ne!(old, new, "the upgrade must run another module");
+        let kept = rt
+            .with_instance(&s.name, move |i| {
+                i.maps()
+                    .and_then(|m| m.by_name("rules"))
+                    .and_then(|m| m.peek(&key).map(<[u8]>::to_vec))
+            })
+            .unwrap();
+        assert_eq!(kept, Some(vec![2, 0, 0, 0]), "map contents must survive");
+        let r1 = received();
+        until("packets after the upgrade", || received() > r1 + 100);
+        // A module that is refused leaves the running one in place.
+        std::fs::write(dir.path().join("junk.wasm"), b"not wasm").unwrap();
+        assert!(rt.upgrade(&s.name, "junk.wasm").is_err());
+        let still = rt
+            .with_instance(&s.name, |i| i.module().hash.clone())
+            .unwrap();
+        assert_eq!(still, new);
+
         rt.stop(&s.name).await.unwrap();
         assert_eq!(rt.state(&s.name).await, InstanceState::Stopped);
         rt.remove(&s.name).await.unwrap();

@@ -1,0 +1,138 @@
+//! Upgrading a running wasm VNF's module in place (`POST /v1/vnfs/{name}/upgrade`): the new
+//! module is swapped in between two batches and maps with the same name and layout keep their
+//! contents.
+//!
+//! Owns the checks (visibility, lock, runtime, phase), asking the local agent's wasm runtime to
+//! swap through the [`ModuleUpgrader`] hook (in-process on the all-in-one node, ADR 035), and
+//! recording the new module path in the stored descriptor so a restart runs it. It must not
+//! touch the runtime itself.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use telvirt_model::{FieldError, Format, Phase, RuntimeKind, Vnf};
+use telvirt_store::{Compare, Op};
+use utoipa::ToSchema;
+
+use crate::records::{VnfRecord, vnf_key};
+use crate::service::{Caller, Controller, ControllerError, now_rfc3339};
+
+/// The local agent's wasm runtime, as the controller sees it.
+pub trait ModuleUpgrader: Send + Sync + 'static {
+    /// Swaps VNF `vnf`'s module for the one at `module` (a path on the node) between batches;
+    /// returns the new module's hash. On error the old module keeps running with its maps.
+    fn upgrade(&self, vnf: &str, module: &str) -> Result<String, String>;
+}
+
+/// Body of `POST /v1/vnfs/{name}/upgrade`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    /// Path of the new `.wasm` module on the node (relative: to the server's working directory).
+    pub module: String,
+}
+
+type Result<T, E = ControllerError> = std::result::Result<T, E>;
+
+fn invalid(path: &str, reason: impl Into<String>) -> ControllerError {
+    ControllerError::Invalid(FieldError::new(path, reason))
+}
+
+impl Controller {
+    /// Installs the local agent's wasm runtime (once; later calls are ignored).
+    pub fn set_module_upgrader(&self, upgrader: Arc<dyn ModuleUpgrader>) {
+        let _ = self.module_upgrader_cell().set(upgrader);
+    }
+
+    /// Swaps a running wasm VNF's module, keeping its maps; the stored descriptor names the new
+    /// module afterwards. Refused (and nothing changed) when locked, not wasm, not running, or
+    /// when the runtime refuses the module.
+    pub async fn upgrade_module(
+        &self,
+        caller: &Caller,
+        name: &str,
+        body: &[u8],
+        format: Format,
+    ) -> Result<Vnf> {
+        let req: UpgradeRequest = telvirt_model::from_text(body, format)?;
+        let key = vnf_key(name);
+        let Some(v) = self.store_handle().get(&key).await? else {
+            return Err(ControllerError::NotFound(format!("vnf {name} not found")));
+        };
+        let mut record: VnfRecord = serde_json::from_slice(&v.value)
+            .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+        let vnf = &mut record.vnf;
+        if !(caller.is_admin() || vnf.owner.as_str() == caller.name) {
+            return Err(ControllerError::NotFound(format!("vnf {name} not found")));
+        }
+        if let Some(lock) = &vnf.lock {
+            return Err(ControllerError::Locked {
+                vnf: name.to_owned(),
+                by: lock.by.to_string(),
+                since: lock.at.clone(),
+            });
+        }
+        if vnf.descriptor.spec.runtime != RuntimeKind::Wasm {
+            return Err(invalid(
+                "module",
+                format!("vnf {name} runs on the vm runtime; only wasm VNFs swap modules"),
+            ));
+        }
+        if vnf.phase != Phase::Running {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} is {}; only a Running VNF can be upgraded",
+                vnf.phase
+            )));
+        }
+        if req.module.trim().is_empty() {
+            return Err(invalid("module", "must name a .wasm file on the node"));
+        }
+        let upgrader = self
+            .module_upgrader_cell()
+            .get()
+            .ok_or_else(|| invalid("module", "this node has no local wasm runtime"))?;
+        let hash = upgrader
+            .upgrade(name, &req.module)
+            .map_err(|e| invalid("module", e))?;
+        // The module runs now: record its path, re-reading the record if a phase report got
+        // in between.
+        let (mut record, mut rev) = (record, v.mod_revision);
+        for _ in 0..16 {
+            let vnf = &mut record.vnf;
+            if let Some(wasm) = vnf.descriptor.spec.wasm.as_mut() {
+                wasm.module = req.module.clone();
+            }
+            vnf.updated_at = now_rfc3339();
+            vnf.reason = Some(format!("module upgraded to {} ({hash})", req.module));
+            let value =
+                serde_json::to_vec(&record).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            let outcome = self
+                .store_handle()
+                .txn(
+                    vec![Compare::ModRevision {
+                        key: key.clone(),
+                        revision: rev,
+                    }],
+                    vec![Op::Put {
+                        key: key.clone(),
+                        value,
+                        lease: None,
+                    }],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok(record.vnf);
+            }
+            let Some(fresh) = self.store_handle().get(&key).await? else {
+                return Err(ControllerError::NotFound(format!("vnf {name} not found")));
+            };
+            record = serde_json::from_slice(&fresh.value)
+                .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+            rev = fresh.mod_revision;
+        }
+        Err(ControllerError::Conflict(format!(
+            "vnf {name} now runs module {hash}, but its record kept changing; upgrade again to \
+             record the module path"
+        )))
+    }
+}
