@@ -164,7 +164,9 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
         VnfCommand::Attach(args) => vm::attach(client, format, args).await?,
         VnfCommand::Detach { name, id } => vm::detach(client, format, &name, &id).await?,
         VnfCommand::Unlock { name } => action(client, format, &name, "unlock", "unlocked").await?,
-        VnfCommand::Upgrade { name, module } => crate::wasm::upgrade(client, format, &name, &module).await?,
+        VnfCommand::Upgrade { name, module } => {
+            crate::wasm::upgrade(client, format, &name, &module).await?
+        }
         VnfCommand::Delete { name, no_wait } => {
             let path = format!("/v1/vnfs/{name}");
             let answer = client.call(Method::DELETE, &path, None).await?;
