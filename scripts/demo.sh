@@ -153,4 +153,51 @@ step "Clean shutdown"
 kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
 SERVER_PID=""
 tail -n 1 "$LOG"
+
+step "wasm VNFs on the data plane: a second node whose inventory gives both CPUs to VNFs"
+DATA2="$(mktemp -d "$DATA/wasm.XXXXXX")"
+export TELVIRT_CONFIG="$DATA2/client.toml"
+"$TELVIRT" serve --data-dir "$DATA2" --listen 127.0.0.1:0 \
+  --inventory examples/inventory/dev2.yaml >>"$DATA2/serve.log" 2>&1 &
+SERVER_PID=$!
+for _ in $(seq 1 200); do
+  if [ -f "$TELVIRT_CONFIG" ] && "$TELVIRT" vnf list >/dev/null 2>&1; then break; fi
+  sleep 0.05
+done
+run vnf create -f examples/descriptors/fw1.yaml
+run vnf create -f examples/descriptors/nat1.yaml
+wait_phase fw1 Running
+wait_phase nat1 Running
+run vnf list
+
+# Packets counted on the chain's last link (nat1.out -> sink.in).
+delivered() { "$TELVIRT" net show chain -o json | grep -o '"packets": [0-9]*' | tail -1 | grep -o '[0-9]*$'; }
+
+step "A chain on the patch panel: generator -> fw1 (firewall) -> nat1 (NAT) -> latency sink"
+run net create -f examples/descriptors/chain.yaml
+for _ in $(seq 1 100); do [ "$(delivered)" -gt 0 ] 2>/dev/null && break; sleep 0.1; done
+P0="$(delivered)"; T0="$(date +%s.%N)"
+sleep 5   # the measurement window
+P1="$(delivered)"; T1="$(date +%s.%N)"
+awk -v p="$((P1 - P0))" -v a="$T0" -v b="$T1" \
+  'BEGIN { printf "delivered %d packets in %.2f s: %.0f packets/s through fw1 and nat1\n", p, b - a, p / (b - a) }'
+run net show chain
+
+step "Upgrade fw1 between batches: another build of the firewall, maps kept, traffic keeps flowing"
+perl -pe 's/"version":"1\.0\.0"/"version":"1.0.1"/' examples/vnfs/firewall.wasm >"$DATA2/firewall-v2.wasm"
+run vnf upgrade fw1 --module "$DATA2/firewall-v2.wasm"
+P2="$(delivered)"
+for _ in $(seq 1 50); do [ "$(delivered)" -gt "$P2" ] && break; sleep 0.1; done
+echo "still delivering: $P2 -> $(delivered) packets"
+
+step "A hostile module is refused by the verifier; the other VNFs keep running"
+perl -pe 's/"maps\.write",/             /' examples/vnfs/firewall.wasm >"$DATA2/hostile.wasm"
+sed "s/name: fw1/name: bad1/; s|examples/vnfs/firewall.wasm|$DATA2/hostile.wasm|; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
+  examples/descriptors/fw1.yaml >"$DATA2/bad1.yaml"
+run vnf create -f "$DATA2/bad1.yaml"
+wait_phase bad1 Failed
+"$TELVIRT" vnf show bad1 | grep -E '^(Phase|Reason)'
+run vnf list
+kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
+SERVER_PID=""
 echo "demo finished"
