@@ -442,7 +442,7 @@ impl Runtime for WasmRuntime {
 mod tests {
     use super::*;
 
-    fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pub(super) fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -481,6 +481,7 @@ mod dataplane_tests {
     use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink};
     use telvirt_model::{Format, Placement, Role, parse_vnf};
 
+    use super::tests::config;
     use super::*;
 
     const FW: &str = r#"
@@ -521,14 +522,55 @@ spec:
         }
     }
 
-    #[tokio::test]
-    async fn packets_flow_through_a_wasm_vnf_and_lock_stops_them() {
+    /// The firewall module in a temp dir, a data plane with one worker on this process's first
+    /// CPU, the adapter, and fw1's spec placed on that CPU.
+    fn setup() -> (
+        tempfile::TempDir,
+        Arc<NodeDataPlane>,
+        WasmRuntime,
+        InstanceSpec,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("firewall.wasm"), rw::vnfs::firewall().wasm).unwrap();
         let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
         let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
         let rt = WasmRuntime::new(dir.path().join("store"), dir.path(), Arc::clone(&dp)).unwrap();
         let s = spec(dir.path(), u32::try_from(cpu).unwrap());
+        (dir, dp, rt, s)
+    }
+
+    #[tokio::test]
+    async fn a_module_whose_init_fails_is_refused_with_the_runtimes_reason() {
+        let (_dir, dp, rt, mut s) = setup();
+        // Six bytes: not a default action plus whole 20-byte rules, so tv_init refuses it.
+        if let Some(w) = s.descriptor.spec.wasm.as_mut() {
+            w.config = config(&[("blob_hex", "020000000000")]);
+        }
+        let e = rt.start(&s).await.unwrap_err();
+        assert!(e.0.to_lowercase().contains("init"), "{e}");
+        assert_eq!(rt.state(&s.name).await, InstanceState::Absent);
+        assert!(
+            dp.node_ports("fw1").is_none(),
+            "nothing is placed on the panel"
+        );
+        let missing = InstanceSpec {
+            descriptor: {
+                let mut d = s.descriptor.clone();
+                if let Some(w) = d.spec.wasm.as_mut() {
+                    w.module = "nope.wasm".into();
+                    w.config = BTreeMap::new();
+                }
+                d
+            },
+            ..s
+        };
+        let e = rt.start(&missing).await.unwrap_err();
+        assert!(e.0.contains("cannot read module"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn packets_flow_through_a_wasm_vnf_and_lock_stops_them() {
+        let (dir, dp, rt, s) = setup();
         rt.start(&s).await.unwrap();
         assert_eq!(rt.state(&s.name).await, InstanceState::Running);
 
