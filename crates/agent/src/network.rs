@@ -252,3 +252,75 @@ impl NetworkReconciler {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use telvirt_dataplane::firewall::{Action, Firewall};
+    use telvirt_dataplane::node::ProcessorNode;
+    use telvirt_model::Format;
+    use telvirt_model::network::parse_network;
+
+    use super::*;
+
+    const CHAIN: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: c1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 20000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";
+
+    fn add_fw(dp: &NodeDataPlane) {
+        let fw = Firewall::new(Vec::new(), Action::Allow);
+        dp.add_node(
+            "fw1",
+            &["in", "out"],
+            0,
+            Box::new(ProcessorNode::new(fw, 32)),
+        )
+        .unwrap();
+    }
+
+    /// Syncs until the sink's link carried more than `above` packets, with a deadline.
+    fn delivered_above(r: &NetworkReconciler, d: &NetworkDescriptor, above: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            r.sync(std::slice::from_ref(d));
+            let st = r.status(d).unwrap();
+            if st.links[1].packets > above {
+                return st.links[1].packets;
+            }
+            assert!(Instant::now() < deadline, "no packets: {st:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn links_wait_for_their_vnf_and_come_back_after_it_restarts() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        r.sync(std::slice::from_ref(&d));
+        let st = r.status(&d).unwrap();
+        assert!(st.links.iter().all(|l| !l.active), "{st:?}");
+        assert!(
+            st.waiting.iter().any(|w| w.contains("fw1 is not running")),
+            "{st:?}"
+        );
+        assert!(dp.node_ports("gen").is_some() && dp.node_ports("sink").is_some());
+
+        add_fw(&dp);
+        let first = delivered_above(&r, &d, 0);
+        assert!(r.status(&d).unwrap().waiting.is_empty());
+
+        // fw1 restarts: its links go with it, and the next pass wires them again.
+        let _ = dp.remove_node("fw1").unwrap();
+        add_fw(&dp);
+        delivered_above(&r, &d, 0);
+        assert!(first > 0);
+
+        // Deleting the network removes its links and built-in nodes, not fw1.
+        r.sync(&[]);
+        assert!(r.status(&d).is_none());
+        assert!(dp.node_ports("gen").is_none() && dp.node_ports("sink").is_none());
+        assert!(dp.node_ports("fw1").is_some());
+        assert!(dp.panel().current_links().is_empty());
+    }
+}
