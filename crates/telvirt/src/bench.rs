@@ -15,9 +15,55 @@ pub enum BenchCommand {
     /// Place VNFs of mixed policies onto synthetic hosts, fail one host and re-place its VNFs;
     /// compared with a naive first-fit scan over the same workload
     Placement(PlacementArgs),
+    /// Example VNFs as wasm (cranelift, pulley) against the same C compiled natively, on one
+    /// pinned core; instantiation; snapshot and restore of a large map
+    Wasm(WasmArgs),
+    /// Packet ring between two pinned threads against crossbeam ArrayQueue and rtrb
+    Ring(RingArgs),
+    /// Generator → firewall → sink chain: throughput, latency percentiles, pinned vs unpinned
+    Chain(ChainArgs),
     /// Boot of the default vm guest to guest-agent ready through telvirt (validate, QMP, pin,
     /// cont) against a bare QEMU command line, alternating; QEMU's memory overhead
     Vm(crate::vm::VmBenchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WasmArgs {
+    /// Packets per throughput measurement
+    #[arg(long, default_value_t = 4_000_000)]
+    pub packets: u64,
+    /// Core to pin the measuring thread to [default: the last allowed core]
+    #[arg(long)]
+    pub core: Option<usize>,
+    /// Entries of the map snapshotted and restored
+    #[arg(long, default_value_t = 1_000_000)]
+    pub map_entries: u32,
+    /// Example VNFs to run (firewall, nat, gtpu) [default: all]
+    #[arg(long = "vnf")]
+    pub vnfs: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RingArgs {
+    /// Packets moved per contender per round
+    #[arg(long, default_value_t = 50_000_000)]
+    pub packets: u64,
+    /// Rounds; each contender's best round counts
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct ChainArgs {
+    /// Packets in the max-speed throughput run
+    #[arg(long, default_value_t = 5_000_000)]
+    pub packets: u64,
+    /// Offered rate of the latency runs, packets per second
+    #[arg(long, default_value_t = 100_000)]
+    pub rate: u64,
+    /// Packets in each latency run
+    #[arg(long, default_value_t = 300_000)]
+    pub latency_packets: u64,
 }
 
 #[derive(Args, Debug)]
@@ -36,8 +82,161 @@ pub struct PlacementArgs {
 pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Placement(args) => placement(format, args),
+        BenchCommand::Wasm(args) => wasm(format, args),
+        BenchCommand::Ring(args) => ring(format, args),
+        BenchCommand::Chain(args) => chain(format, args),
         BenchCommand::Vm(args) => crate::vm::bench_vm(format, args),
     }
+}
+
+fn wasm(format: Output, args: WasmArgs) -> Result<()> {
+    use telvirt_runtime_wasm::bench;
+    let opts = bench::BenchOptions {
+        packets: args.packets,
+        core: args.core.or_else(|| {
+            telvirt_dataplane::worker::allowed_cores()
+                .ok()?
+                .last()
+                .copied()
+        }),
+        map_entries: args.map_entries,
+        vnfs: args.vnfs,
+        ..bench::BenchOptions::default()
+    };
+    let progress = Progress::new(format, "wasm");
+    let reports = bench::run(&opts, &mut |d, t| progress.update(d, t))?;
+    progress.finish();
+    if format == Output::Json {
+        for r in &reports {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    if output::structured(format, &reports)? {
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = reports
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                format!("{:.2}", r.wasm_mpps),
+                format!("{:.2}", r.native_mpps),
+                format!("{:.2}", r.ratio),
+                format!("{:.2}", r.pulley_mpps),
+                format!("{:.0}", r.instantiate_us),
+                format!("{:.1} / {:.1}", r.snapshot_ms, r.restore_ms),
+                r.outputs_match.to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "wasm VNFs: {} packets of 64 bytes, batches of {}, core {:?}",
+        opts.packets, opts.batch, opts.core
+    );
+    println!(
+        "{}",
+        output::table(
+            &[
+                "VNF",
+                "WASM Mpps",
+                "NATIVE Mpps",
+                "RATIO",
+                "PULLEY Mpps",
+                "INSTANTIATE µs",
+                "SNAPSHOT/RESTORE ms",
+                "SAME OUTPUT",
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
+fn ring(format: Output, args: RingArgs) -> Result<()> {
+    use telvirt_dataplane::bench;
+    let opts = bench::RingOpts {
+        packets: args.packets,
+        rounds: args.rounds,
+        ..bench::RingOpts::default()
+    };
+    let progress = Progress::new(format, "ring");
+    let report = bench::ring(&opts, &mut |d, t| progress.update(d, t))?;
+    progress.finish();
+    if output::report(format, &report)? {
+        return Ok(());
+    }
+    println!(
+        "ring: 64-byte packets, batch {}, producer/consumer on cores {:?}",
+        opts.batch, report.cores
+    );
+    let rows: Vec<Vec<String>> = report
+        .results
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                format!("{:.1}", r.mpps),
+                format!("{:.2}", r.ns_per_packet),
+            ]
+        })
+        .collect();
+    println!("{}", output::table(&["QUEUE", "Mpps", "ns/packet"], &rows));
+    println!(
+        "ratio (telvirt / best peer {}): {:.2}",
+        report.baseline_name, report.ratio
+    );
+    Ok(())
+}
+
+fn chain(format: Output, args: ChainArgs) -> Result<()> {
+    use telvirt_dataplane::bench;
+    let opts = bench::ChainOpts {
+        packets: args.packets,
+        latency_rate_pps: args.rate,
+        latency_packets: args.latency_packets,
+        ..bench::ChainOpts::default()
+    };
+    let progress = Progress::new(format, "chain");
+    let report = bench::chain(&opts, &mut |d, t| progress.update(d, t))?;
+    progress.finish();
+    if output::report(format, &report)? {
+        return Ok(());
+    }
+    println!("chain: generator → firewall ({} rules) → sink", opts.rules);
+    let row = |name: &str, run: &bench::ChainRun| {
+        vec![
+            name.to_owned(),
+            run.rate_pps.map_or("max".into(), |r| r.to_string()),
+            format!("{:.2}", run.mpps),
+            run.lost.to_string(),
+            format!("{:.2}", run.latency.p50_us),
+            format!("{:.2}", run.latency.p99_us),
+            format!("{:.2}", run.latency.p999_us),
+            format!("{:.2}", run.latency.max_us),
+        ]
+    };
+    println!(
+        "{}",
+        output::table(
+            &[
+                "RUN",
+                "RATE pps",
+                "Mpps",
+                "LOST",
+                "P50 µs",
+                "P99 µs",
+                "P99.9 µs",
+                "MAX µs"
+            ],
+            &[
+                row("throughput (pinned)", &report.throughput),
+                row("latency, pinned", &report.pinned),
+                row("latency, unpinned (baseline)", &report.unpinned),
+            ]
+        )
+    );
+    Ok(())
 }
 
 fn placement(format: Output, args: PlacementArgs) -> Result<()> {
@@ -50,12 +249,7 @@ fn placement(format: Output, args: PlacementArgs) -> Result<()> {
     let report =
         telvirt_sched::bench::run_placement_bench(&cfg, &mut |d, t| progress.update(d, t))?;
     progress.finish();
-    if format == Output::Json {
-        // One JSON object on one line, as scripts expect.
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
-    }
-    if output::structured(format, &report)? {
+    if output::report(format, &report)? {
         return Ok(());
     }
     let (i, b) = (&report.indexed, &report.baseline);

@@ -58,15 +58,18 @@ pub enum Command {
     /// Measure telvirt against a baseline run in the same process
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
-    /// Build the default vm guest image
-    #[command(subcommand)]
-    Image(crate::vm::ImageCommand),
     /// Wasm runtime tools (example modules)
     #[command(subcommand)]
     Wasm(crate::wasm::WasmCommand),
     /// Manage networks: links between VNF ports, host interfaces and built-in traffic nodes
     #[command(subcommand)]
     Net(crate::net::NetCommand),
+    /// Build the default vm guest image
+    #[command(subcommand)]
+    Image(crate::vm::ImageCommand),
+    /// Latency measurement tools
+    #[command(subcommand)]
+    Latency(crate::latency::LatencyCommand),
 }
 
 #[derive(Args, Debug)]

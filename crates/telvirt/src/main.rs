@@ -7,6 +7,7 @@ mod bench;
 mod cli;
 mod client;
 mod config;
+mod latency;
 mod net;
 mod output;
 mod progress;
@@ -27,6 +28,13 @@ use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
 use client::Client;
 
 fn main() {
+    // Die quietly on a closed pipe (`telvirt vnf list | head -1`) like other Unix tools,
+    // instead of panicking inside println!.
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TELVIRT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -77,6 +85,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
             net::run(&client, format, cmd).await
         }
+        Command::Latency(cmd) => latency::run(format, cmd),
         Command::Image(cmd) => vm::image(format, cmd).await,
         Command::Vnf(VnfCommand::Console(args)) => {
             let config_path = cli.config.clone();

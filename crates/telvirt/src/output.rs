@@ -19,6 +19,16 @@ pub fn structured<T: Serialize>(format: Output, value: &T) -> Result<bool> {
     Ok(true)
 }
 
+/// Prints a report for machines: one JSON object on one line with `-o json` (what scripts
+/// expect), YAML with `-o yaml`; returns false for `table` (the caller prints).
+pub fn report<T: Serialize>(format: Output, value: &T) -> Result<bool> {
+    if format == Output::Json {
+        println!("{}", serde_json::to_string(value)?);
+        return Ok(true);
+    }
+    structured(format, value)
+}
+
 /// Left-aligned columns, two spaces apart.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

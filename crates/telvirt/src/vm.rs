@@ -224,11 +224,7 @@ async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
     progress.finish();
     let _ = std::fs::remove_dir_all(&scratch);
     let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if format == Output::Json {
-        println!("{}", serde_json::to_string(&report)?);
-        return Ok(());
-    }
-    if output::structured(format, &report)? {
+    if output::report(format, &report)? {
         return Ok(());
     }
     println!(
