@@ -1,123 +1,23 @@
 //! The `telvirt` binary end to end: a real `telvirt serve` process, the CLI round trip against
 //! it, and `kill -9` of the server at arbitrary moments losing nothing that was acknowledged.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
+mod common;
+use common::{BIN, Serve, repo, stderr};
 
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(rel)
-}
-
-/// A `telvirt serve` process on an ephemeral port; SIGKILLed when dropped.
-struct Server {
-    child: Child,
-    data: PathBuf,
-}
-
-impl Server {
-    fn start(data: &Path) -> Server {
-        let config = data.join("client.toml");
-        let _ = std::fs::remove_file(&config);
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data)
-            .arg("--inventory")
-            .arg(repo("examples/inventory/lab.yaml"))
-            .env("TELVIRT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let server = Server {
-            child,
-            data: data.to_path_buf(),
-        };
-        server.wait_ready();
-        server
-    }
-
-    /// Polls until the client config exists and the API answers, with a deadline.
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if self.data.join("client.toml").exists() && self.cli(&["vnf", "list"]).status.success()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "telvirt serve did not become ready"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("TELVIRT_CONFIG", self.data.join("client.toml"))
-            .env_remove("TELVIRT_SERVER")
-            .env_remove("TELVIRT_TOKEN")
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        let out = self.cli(&all);
-        assert!(
-            out.status.success(),
-            "telvirt {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// Polls `vnf show` until `pred` holds.
-    fn wait_vnf(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let v = self.json(&["vnf", "show", name]);
-            if pred(&v) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached the state: {v}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// A node on the lab inventory (`examples/inventory/lab.yaml`).
+fn lab() -> Serve {
+    let inventory = repo("examples/inventory/lab.yaml");
+    Serve::start(&["--inventory", inventory.to_str().unwrap()])
 }
 
 #[test]
 fn cli_round_trip() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = lab();
     let fw = repo("examples/descriptors/fw1.yaml");
     let upf = repo("examples/descriptors/upf1.json");
     let out = server.cli(&["vnf", "create", "-f", fw.to_str().unwrap()]);
@@ -186,8 +86,7 @@ fn cli_round_trip() {
 
 #[test]
 fn authority_token_is_shown_once_and_confines_its_holder() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let server = lab();
     let created = server.json(&["authority", "create", "op1"]);
     assert_eq!(created["name"], "op1");
     let token = created["token"].as_str().unwrap().to_owned();
@@ -203,7 +102,7 @@ fn authority_token_is_shown_once_and_confines_its_holder() {
         Command::new(BIN)
             .args(args)
             .args(["--token", &token])
-            .env("TELVIRT_CONFIG", server.data.join("client.toml"))
+            .env("TELVIRT_CONFIG", server.config())
             .output()
             .unwrap()
     };
@@ -222,9 +121,8 @@ fn authority_token_is_shown_once_and_confines_its_holder() {
 
 #[test]
 fn bad_input_exits_non_zero_with_one_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
-    let bad = dir.path().join("bad.yaml");
+    let server = lab();
+    let bad = server.path("bad.yaml");
     std::fs::write(
         &bad,
         std::fs::read_to_string(repo("examples/descriptors/fw1.yaml"))
@@ -245,8 +143,7 @@ fn bad_input_exits_non_zero_with_one_line() {
 
 #[test]
 fn kill_9_and_restart_lose_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let mut server = lab();
     for file in ["fw1.yaml", "nat1.yaml", "upf1.json"] {
         let path = repo(&format!("examples/descriptors/{file}"));
         let out = server.cli(&["vnf", "create", "-f", path.to_str().unwrap()]);
@@ -257,8 +154,7 @@ fn kill_9_and_restart_lose_nothing() {
     assert!(server.cli(&["vnf", "lock", "nat1"]).status.success());
     let before = server.json(&["vnf", "list"]);
     server.kill9();
-
-    let server = Server::start(dir.path());
+    server.restart();
     let after = server.json(&["vnf", "list"]);
     let key = |v: &Value| -> Vec<(Value, Value, Value)> {
         v.as_array()
@@ -291,13 +187,12 @@ fn kill_9_and_restart_lose_nothing() {
 
 #[test]
 fn kill_9_during_creates_keeps_every_acknowledged_vnf() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path());
+    let mut server = lab();
     let template = std::fs::read_to_string(repo("examples/descriptors/upf1.json")).unwrap();
-    let config = server.data.join("client.toml");
+    let config = server.config();
     // A client creating VNFs as fast as it can while the server is killed under it.
     let writer = {
-        let dir = dir.path().to_path_buf();
+        let dir = server.path("");
         std::thread::spawn(move || {
             let mut acknowledged = Vec::new();
             for i in 0..400 {
@@ -327,7 +222,7 @@ fn kill_9_during_creates_keeps_every_acknowledged_vnf() {
     let acknowledged = writer.join().unwrap();
     assert!(acknowledged.len() >= 5);
 
-    let server = Server::start(dir.path());
+    server.restart();
     let names: Vec<String> = server
         .json(&["vnf", "list"])
         .as_array()

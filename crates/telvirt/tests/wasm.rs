@@ -2,138 +2,47 @@
 //! plane, lock and unlock pause and resume them, a module the verifier refuses ends Failed with
 //! the verifier's reason while the others keep running, and networks carry packets through them.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
-const DEADLINE: Duration = Duration::from_secs(30);
-
-fn repo(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(rel)
-}
+mod common;
+use common::{BIN, DEADLINE, Serve, repo, stderr};
 
 /// Four dedicatable CPUs, none kept shared: VNFs created first land on CPUs 0 and 1, where the
 /// data plane has workers on any machine with two CPUs.
 const INVENTORY: &str =
     "hosts:\n  - name: t\n    topology: { sockets: 1, cores_per_socket: 4, threads_per_core: 1 }\n";
 
-/// A `telvirt serve` process working in a temp directory holding `examples/`; SIGKILLed when
-/// dropped.
-struct Node {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Node {
-    fn start() -> Node {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path();
-        std::fs::write(root.join("inventory.yaml"), INVENTORY).unwrap();
-        let out = Command::new(BIN)
-            .args(["wasm", "examples", "--out", "examples/vnfs"])
-            .current_dir(root)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "wasm examples: {}", stderr(&out));
-        for m in ["firewall", "nat", "gtpu"] {
-            assert!(root.join(format!("examples/vnfs/{m}.wasm")).exists());
-        }
-        std::fs::create_dir_all(root.join("examples/descriptors")).unwrap();
-        for d in ["fw1.yaml", "nat1.yaml"] {
-            std::fs::copy(
-                repo(&format!("examples/descriptors/{d}")),
-                root.join("examples/descriptors").join(d),
-            )
-            .unwrap();
-        }
-        let child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
-            .args(["--inventory", "inventory.yaml", "--host-name", "t"])
-            .current_dir(root)
-            .env("TELVIRT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let node = Node { child, dir };
-        let deadline = Instant::now() + DEADLINE;
-        while !(node.config().exists() && node.cli(&["vnf", "list"]).status.success()) {
-            assert!(
-                Instant::now() < deadline,
-                "telvirt serve did not become ready"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        node
+/// A `telvirt serve` working in a temp directory that holds `examples/` (built-in modules
+/// written by `telvirt wasm examples`, and the example descriptors).
+fn start() -> Serve {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::write(root.join("inventory.yaml"), INVENTORY).unwrap();
+    let out = Command::new(BIN)
+        .args(["wasm", "examples", "--out", "examples/vnfs"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "wasm examples: {}", stderr(&out));
+    for m in ["firewall", "nat", "gtpu"] {
+        assert!(root.join(format!("examples/vnfs/{m}.wasm")).exists());
     }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
+    std::fs::create_dir_all(root.join("examples/descriptors")).unwrap();
+    for d in ["fw1.yaml", "nat1.yaml"] {
+        std::fs::copy(
+            repo(&format!("examples/descriptors/{d}")),
+            root.join("examples/descriptors").join(d),
+        )
+        .unwrap();
     }
-
-    fn config(&self) -> PathBuf {
-        self.path("data/client.toml")
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("TELVIRT_CONFIG", self.config())
-            .env_remove("TELVIRT_SERVER")
-            .env_remove("TELVIRT_TOKEN")
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> Output {
-        let out = self.cli(args);
-        assert!(out.status.success(), "telvirt {args:?}: {}", stderr(&out));
-        out
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut all = args.to_vec();
-        all.extend(["-o", "json"]);
-        serde_json::from_slice(&self.ok(&all).stdout).unwrap()
-    }
-
-    /// Polls `vnf show` until the phase is `phase`, with a deadline.
-    fn wait_phase(&self, name: &str, phase: &str) -> Value {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let v = self.json(&["vnf", "show", name]);
-            if v["phase"] == phase {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name} never reached {phase}: {v}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    Serve::start_in(dir, &["--inventory", "inventory.yaml", "--host-name", "t"])
 }
 
 /// The firewall module with `maps.write` blanked out of its manifest (same length, so the
 /// section stays valid JSON): it still imports `map_update`, which its manifest no longer grants.
-fn hostile_module(node: &Node) -> PathBuf {
+fn hostile_module(node: &Serve) -> PathBuf {
     let mut bytes = std::fs::read(node.path("examples/vnfs/firewall.wasm")).unwrap();
     let needle = b"\"maps.write\",";
     let at = bytes
@@ -148,7 +57,7 @@ fn hostile_module(node: &Node) -> PathBuf {
 
 #[test]
 fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
-    let node = Node::start();
+    let node = start();
     node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
     node.wait_phase("fw1", "Running");
 
@@ -210,7 +119,7 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
 
 #[test]
 fn a_network_through_fw1_carries_packets() {
-    let node = Node::start();
+    let node = start();
     node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
     node.wait_phase("fw1", "Running");
     let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 5000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";

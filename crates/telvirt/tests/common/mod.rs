@@ -1,0 +1,152 @@
+//! One harness for the binary's end-to-end tests: a real `telvirt serve` process working in a
+//! temp directory (its data dir is `<dir>/data`), the CLI run against it, and polling with
+//! deadlines. The process is SIGKILLed when the harness is dropped, even when a test fails.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A path inside the repository.
+pub fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(rel)
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub struct Serve {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl Serve {
+    /// A fresh temp directory to prepare files in before [`Serve::start_in`].
+    pub fn dir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    /// `telvirt serve --listen 127.0.0.1:0 --data-dir data <args>` in a new temp directory.
+    pub fn start(args: &[&str]) -> Serve {
+        Self::start_in(Self::dir(), args)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Serve {
+        let mut serve = Serve {
+            child: None,
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        serve.restart();
+        serve
+    }
+
+    /// Starts the server (again) on the same directory and waits until the API answers.
+    pub fn restart(&mut self) {
+        let _ = std::fs::remove_file(self.config());
+        let child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .env("TELVIRT_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + DEADLINE;
+        while !(self.config().exists() && self.cli(&["vnf", "list"]).status.success()) {
+            assert!(
+                Instant::now() < deadline,
+                "telvirt serve did not become ready"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as an operator's `kill -9` or a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("data/client.toml")
+    }
+
+    /// The CLI against this server, as its admin.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("TELVIRT_CONFIG", self.config())
+            .env_remove("TELVIRT_SERVER")
+            .env_remove("TELVIRT_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(out.status.success(), "telvirt {args:?}: {}", stderr(&out));
+        out
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&self.ok(&all).stdout).unwrap()
+    }
+
+    /// Writes `text` into the test directory and creates a VNF from it.
+    pub fn create(&self, file: &str, text: &str) {
+        let path = self.path(file);
+        std::fs::write(&path, text).unwrap();
+        self.ok(&["vnf", "create", "-f", path.to_str().unwrap()]);
+    }
+
+    /// Polls `vnf show` until `pred` holds, with a deadline.
+    pub fn wait_vnf(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let v = self.json(&["vnf", "show", name]);
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} never reached the state: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_phase(&self, name: &str, phase: &str) -> Value {
+        self.wait_vnf(name, |v| v["phase"] == phase)
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
