@@ -12,6 +12,7 @@ pub const EVENTS: &str = "/events/";
 pub const AUTHORITIES: &str = "/authorities/";
 pub const HOSTS: &str = "/hosts/";
 pub const ALLOCATIONS: &str = "/allocations/";
+pub const TOKENS: &str = "/tokens/";
 
 pub fn vnf_key(name: &str) -> String {
     format!("{VNFS}{name}")
@@ -28,6 +29,11 @@ pub fn event_key(vnf: &str, seq: u64) -> String {
 
 pub fn authority_key(name: &str) -> String {
     format!("{AUTHORITIES}{name}")
+}
+
+/// Index from a token's SHA-256 to its authority, so authenticating is one lookup.
+pub fn token_key(sha256: &str) -> String {
+    format!("{TOKENS}{sha256}")
 }
 
 pub fn host_key(name: &str) -> String {

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::placement;
 use crate::records::{
     self, AuthorityRecord, HostRecord, VnfRecord, allocation_key, authority_key, event_key,
-    host_key, vnf_key,
+    host_key, token_key, vnf_key,
 };
 
 /// Who is calling.
@@ -176,42 +176,77 @@ impl Controller {
     /// new admin token when it had to make one (first start, or the given token is not admin's).
     pub async fn ensure_admin(&self, token: Option<&str>) -> Result<Option<String>> {
         let key = authority_key(ADMIN_AUTHORITY);
-        let existing = self.store.get(&key).await?;
-        if let (Some(v), Some(token)) = (&existing, token) {
-            let record: AuthorityRecord = decode(&key, &v.value)?;
-            if auth::hashes_equal(&record.token_sha256, &auth::token_hash(token)) {
-                return Ok(None);
-            }
-        }
-        let token = auth::new_token();
-        let record = AuthorityRecord {
-            name: ADMIN_AUTHORITY.to_owned(),
-            token_sha256: auth::token_hash(&token),
-            created_at: now_rfc3339(),
+        let existing = match self.store.get(&key).await? {
+            Some(v) => Some((decode::<AuthorityRecord>(&key, &v.value)?, v.mod_revision)),
+            None => None,
         };
-        let expected = existing.map_or(0, |v| v.mod_revision);
-        if !self
-            .store
-            .compare_and_swap(&key, expected, encode(&record)?)
-            .await?
+        if let (Some((record, _)), Some(token)) = (&existing, token)
+            && auth::hashes_equal(&record.token_sha256, &auth::token_hash(token))
         {
-            return Err(ControllerError::Conflict(
-                "the admin authority changed while it was being set up; try again".into(),
-            ));
+            return Ok(None);
         }
+        let token = self
+            .write_authority(ADMIN_AUTHORITY, existing.as_ref())
+            .await?
+            .ok_or_else(|| {
+                ControllerError::Conflict(
+                    "the admin authority changed while it was being set up; try again".into(),
+                )
+            })?;
         Ok(Some(token))
     }
 
-    /// The authority a bearer token belongs to.
-    pub async fn authenticate(&self, token: &str) -> Result<Caller> {
-        let hash = auth::token_hash(token);
-        for (key, v) in self.store.list(records::AUTHORITIES).await? {
-            let record: AuthorityRecord = decode(&key, &v.value)?;
-            if auth::hashes_equal(&record.token_sha256, &hash) {
-                return Ok(Caller { name: record.name });
-            }
+    /// Gives authority `name` a new token: its record and the token index in one transaction,
+    /// dropping the index entry of the token it replaces. `None` when `previous` is stale (or,
+    /// for a new authority, when the name is taken).
+    async fn write_authority(
+        &self,
+        name: &str,
+        previous: Option<&(AuthorityRecord, u64)>,
+    ) -> Result<Option<String>> {
+        let token = auth::new_token();
+        let record = AuthorityRecord {
+            name: name.to_owned(),
+            token_sha256: auth::token_hash(&token),
+            created_at: now_rfc3339(),
+        };
+        let key = authority_key(name);
+        let mut ops = vec![
+            Op::Put {
+                key: key.clone(),
+                value: encode(&record)?,
+                lease: None,
+            },
+            Op::Put {
+                key: token_key(&record.token_sha256),
+                value: name.as_bytes().to_vec(),
+                lease: None,
+            },
+        ];
+        if let Some((old, _)) = previous {
+            ops.push(Op::Delete {
+                key: token_key(&old.token_sha256),
+            });
         }
-        Err(ControllerError::Unauthorized)
+        let compare = Compare::ModRevision {
+            key,
+            revision: previous.map_or(0, |(_, rev)| *rev),
+        };
+        let outcome = self.store.txn(vec![compare], ops).await?;
+        Ok(outcome.succeeded.then_some(token))
+    }
+
+    /// The authority a bearer token belongs to: one lookup of the token's hash.
+    pub async fn authenticate(&self, token: &str) -> Result<Caller> {
+        let key = token_key(&auth::token_hash(token));
+        let v = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or(ControllerError::Unauthorized)?;
+        let name = String::from_utf8(v.value)
+            .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+        Ok(Caller { name })
     }
 
     pub async fn create_authority(&self, caller: &Caller, name: &Name) -> Result<AuthorityToken> {
@@ -220,21 +255,10 @@ impl Controller {
                 "only the admin authority creates authorities".into(),
             ));
         }
-        let token = auth::new_token();
-        let record = AuthorityRecord {
-            name: name.to_string(),
-            token_sha256: auth::token_hash(&token),
-            created_at: now_rfc3339(),
-        };
-        if !self
-            .store
-            .compare_and_swap(&authority_key(name.as_str()), 0, encode(&record)?)
+        let token = self
+            .write_authority(name.as_str(), None)
             .await?
-        {
-            return Err(ControllerError::Conflict(format!(
-                "authority {name} already exists"
-            )));
-        }
+            .ok_or_else(|| ControllerError::Conflict(format!("authority {name} already exists")))?;
         Ok(AuthorityToken {
             name: name.clone(),
             token,

@@ -68,6 +68,26 @@ impl Client {
         ))
     }
 
+    /// Whether `path` exists for the caller: true on 2xx, false on 404, an error otherwise.
+    pub async fn exists(&self, path: &str) -> Result<bool> {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| anyhow!("cannot reach telvirt at {}: {e}", self.base))?;
+        match response.status() {
+            StatusCode::NOT_FOUND => Ok(false),
+            s if s.is_success() => Ok(true),
+            s => Err(anyhow!(
+                "{} {}",
+                s.as_u16(),
+                s.canonical_reason().unwrap_or("")
+            )),
+        }
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call(Method::GET, path, None).await?.json()
     }

@@ -208,14 +208,13 @@ async fn action(client: &Client, format: Output, name: &str, verb: &str, done: &
 async fn wait_gone(client: &Client, path: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
-        match client.call(Method::GET, path, None).await {
-            Err(e) if e.to_string().starts_with("404") => return Ok(()),
-            Err(e) => return Err(e),
-            Ok(_) if Instant::now() >= deadline => {
-                bail!("still not deleted after {}s", limit.as_secs())
-            }
-            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        if !client.exists(path).await? {
+            return Ok(());
         }
+        if Instant::now() >= deadline {
+            bail!("still not deleted after {}s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
