@@ -65,7 +65,10 @@ fn pulley_target() -> &'static str {
 /// Builds a wasmtime engine for the settings.
 pub fn build(s: EngineSettings) -> Result<Engine> {
     let mut c = Config::new();
+    // Linear memories never move (their 4 GiB reservation holds any 32-bit memory): the host
+    // functions rely on it for their cached memory view (see `host::MemView`).
     c.consume_fuel(true)
+        .memory_may_move(false)
         .max_wasm_stack(s.max_stack_bytes)
         .cranelift_opt_level(OptLevel::Speed)
         .wasm_simd(true);

@@ -220,8 +220,11 @@ fn start(
     pre: &InstancePre<HostState>,
     cfg: &VnfConfig,
     stack: usize,
-    state: HostState,
+    mut state: HostState,
 ) -> std::result::Result<Live, Box<(Error, HostState)>> {
+    // Nothing of a previous store may be used by host functions of this one.
+    state.memory = None;
+    state.reset_view();
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     let init_fuel = cfg.limits.fuel_per_batch.saturating_mul(16);
@@ -248,6 +251,7 @@ fn start(
         fail!(Error::Instantiate("module exports no memory".into()))
     };
     store.data_mut().memory = Some(memory);
+    store.data_mut().reset_view();
     let funcs = (
         instance.get_typed_func::<i32, i32>(&mut store, "tv_buffer"),
         instance.get_typed_func::<(i32, i32), i32>(&mut store, "tv_init"),
@@ -523,6 +527,7 @@ impl VnfInstance {
         };
         if allowed {
             state.memory = None;
+            state.reset_view();
             state.limiter.hit = None;
             match start(&self.engine, &self.pre, &self.cfg, self.stack(), state) {
                 Ok(l) => {

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use telvirt_runtime_wasm::{PacketBatch, VnfConfig};
+use telvirt_runtime_wasm::{EngineKind, PacketBatch, VnfConfig};
 
 const MANIFEST: &str = r#"{"abi":1,"name":"hostfns","version":"1","permissions":["clock","log","random","emit","counters"],"counters":["ticks","last_rc"]}"#;
 
@@ -110,4 +110,51 @@ fn clock_log_random_emit_counters_and_tick() {
         &123_456_789u64.to_le_bytes(),
         "live clock without replay time"
     );
+}
+
+// Warms the host's memory view with a lookup, grows memory by a page, then updates and looks up
+// the `count` map through pointers in the new page; counter 0 gets 1000 * (sum of both return
+// codes) + the value read back. A stale view would answer EFAULT (-6) for the new page.
+const GROW_THEN_CALL: &str = r#"
+    (local $p i32)
+    (local $rc i32)
+    (drop (call $lookup (i32.const 0) (i32.const 0) (i32.const 16)))
+    (local.set $p (i32.mul (memory.grow (i32.const 1)) (i32.const 65536)))
+    (i32.store (local.get $p) (i32.const 0))
+    (i64.store offset=8 (local.get $p) (i64.const 77))
+    (local.set $rc (call $update (i32.const 0) (local.get $p) (i32.add (local.get $p) (i32.const 8)) (i32.const 0)))
+    (local.set $rc (i32.add (local.get $rc)
+      (call $lookup (i32.const 0) (local.get $p) (i32.add (local.get $p) (i32.const 16)))))
+    (call $counter (i32.const 0)
+      (i64.add (i64.mul (i64.extend_i32_s (local.get $rc)) (i64.const 1000))
+               (i64.load offset=16 (local.get $p))))
+    (local.get $n)
+"#;
+
+#[test]
+fn host_calls_see_memory_grown_during_the_batch() {
+    let rt = runtime("grow");
+    let m = install(
+        &rt,
+        &abi_module(COUNTER_MANIFEST, MAP_IMPORTS, GROW_THEN_CALL, ""),
+        "operator",
+    );
+    for engine in [EngineKind::Cranelift, EngineKind::Pulley] {
+        let cfg = VnfConfig {
+            engine,
+            ..VnfConfig::default()
+        };
+        let mut inst = rt.instantiate(&m, cfg).expect("instantiate");
+        let mut b = PacketBatch::new();
+        for round in 1..=3u64 {
+            b.clear();
+            b.push(0, &[0; 64]).expect("push");
+            inst.process_batch(&mut b).expect("process");
+            assert_eq!(
+                inst.counters()[0].1,
+                77 * round,
+                "{engine:?} round {round}: host calls into the new page must succeed"
+            );
+        }
+    }
 }
