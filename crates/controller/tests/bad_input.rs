@@ -90,6 +90,24 @@ async fn bad_unit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cpu_budget_out_of_range() {
+    let node = Node::start().await;
+    for budget in ["0", "1000000001", "-5"] {
+        refused(
+            &node,
+            &edit(
+                "memory: 16MiB",
+                &format!("memory: 16MiB, fuel_per_batch: {budget}"),
+            ),
+            "application/yaml",
+            422,
+            Some("spec.wasm.limits.fuel_per_batch"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_size() {
     let node = Node::start().await;
     refused(

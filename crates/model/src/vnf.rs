@@ -196,6 +196,11 @@ pub struct WasmLimits {
     /// Linear-memory cap; a multiple of the 64KiB wasm page.
     #[serde(default = "default_wasm_memory")]
     pub memory: ByteSize,
+    /// CPU budget of one batch (and of one `tv_tick`) in wasmtime fuel units, roughly wasm
+    /// instructions; `tv_init` gets 16 times it. A batch that runs out traps and the VNF goes
+    /// to Failed (or restarts) with a `cpu limit` reason. 1 to 1000000000; default 10000000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuel_per_batch: Option<u64>,
 }
 
 fn default_wasm_memory() -> ByteSize {
@@ -206,6 +211,7 @@ impl Default for WasmLimits {
     fn default() -> Self {
         Self {
             memory: default_wasm_memory(),
+            fuel_per_batch: None,
         }
     }
 }
@@ -287,6 +293,8 @@ pub mod limits {
     pub const MAX_VALUE_SIZE: u32 = 64 * 1024;
     pub const MAX_MAP_ENTRIES: u32 = 1 << 24;
     pub const WASM_PAGE: u64 = 64 * 1024;
+    /// Largest `spec.wasm.limits.fuel_per_batch` (about a second of CPU per batch).
+    pub const MAX_WASM_FUEL_PER_BATCH: u64 = 1_000_000_000;
 }
 
 impl VnfDescriptor {
@@ -474,6 +482,23 @@ fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
                 wasm.limits.memory
             ),
         ));
+    }
+    match wasm.limits.fuel_per_batch {
+        Some(0) => out.push(FieldError::new(
+            "spec.wasm.limits.fuel_per_batch",
+            format!(
+                "0 would stop every batch; must be 1 to {} (omit it for the default 10000000)",
+                limits::MAX_WASM_FUEL_PER_BATCH
+            ),
+        )),
+        Some(f) if f > limits::MAX_WASM_FUEL_PER_BATCH => out.push(FieldError::new(
+            "spec.wasm.limits.fuel_per_batch",
+            format!(
+                "{f} is more than {} (about a second of CPU per batch)",
+                limits::MAX_WASM_FUEL_PER_BATCH
+            ),
+        )),
+        _ => {}
     }
     let mut names = BTreeSet::new();
     for (i, map) in wasm.maps.iter().enumerate() {

@@ -146,3 +146,84 @@ fn a_network_through_fw1_carries_packets() {
     // fw1 keeps running without its links.
     assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
 }
+
+/// A module that forwards packets to port 1 until it has seen 50, then spins forever inside
+/// `tv_process`: a batch that never ends unless the CPU-per-batch budget stops it.
+fn spinning_module(node: &Serve) -> String {
+    let manifest = r#"{"abi":1,"name":"spinner","version":"1.0.0","permissions":[]}"#;
+    let text = format!(
+        r#"(module
+  (memory (export "memory") 4)
+  (global $seen (mut i32) (i32.const 0))
+  (func (export "tv_buffer") (param i32) (result i32) (i32.const 65536))
+  (func (export "tv_init") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "tv_process") (param $b i32) (param $n i32) (result i32)
+    (local $i i32)
+    (block $done (loop $next
+      (br_if $done (i32.ge_u (local.get $i) (local.get $n)))
+      (global.set $seen (i32.add (global.get $seen) (i32.const 1)))
+      (if (i32.ge_u (global.get $seen) (i32.const 50)) (then (loop $spin (br $spin))))
+      (i32.store offset=12 (i32.add (local.get $b) (i32.mul (local.get $i) (i32.const 16)))
+        (i32.const 1))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $next)))
+    (local.get $n))
+  (@custom "telvirt.manifest" "{}")
+)"#,
+        manifest.replace('"', "\\\"")
+    );
+    let bytes = wat::parse_str(&text).unwrap();
+    std::fs::write(node.path("spinner.wasm"), bytes).unwrap();
+    "spinner.wasm".to_owned()
+}
+
+#[test]
+fn a_vnf_over_its_cpu_budget_fails_with_the_budget_while_another_keeps_running() {
+    let node = start();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
+    node.wait_phase("fw1", "Running");
+    let module = spinning_module(&node);
+    node.create(
+        "spin1.yaml",
+        &format!(
+            "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: spin1 }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: {module}\n    limits: {{ memory: 4MiB, fuel_per_batch: 200000 }}\n"
+        ),
+    );
+    let spin = node.wait_phase("spin1", "Running");
+    assert_eq!(
+        spin["descriptor"]["spec"]["wasm"]["limits"]["fuel_per_batch"], 200000,
+        "{spin}"
+    );
+    // Traffic through both: the spinner forwards its first 49 packets, then a batch spins.
+    for (net, vnf) in [("t-fw", "fw1"), ("t-spin", "spin1")] {
+        let text = format!(
+            "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: {net} }}\nspec:\n  nodes:\n    - {{ name: gen-{vnf}, kind: generator, rate_pps: 2000 }}\n    - {{ name: sink-{vnf}, kind: sink }}\n  links:\n    - gen-{vnf}.out -> {vnf}.in\n    - {vnf}.out -> sink-{vnf}.in\n"
+        );
+        let file = format!("{net}.yaml");
+        std::fs::write(node.path(&file), text).unwrap();
+        node.ok(&["net", "create", "-f", &file]);
+    }
+    let failed = node.wait_phase("spin1", "Failed");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("CPU limit") && reason.contains("fuel budget of 200000"),
+        "the reason must name the descriptor's budget: {reason}"
+    );
+    let table = String::from_utf8_lossy(&node.ok(&["vnf", "show", "spin1"]).stdout).into_owned();
+    assert!(table.contains("fuel budget of 200000"), "{table}");
+    // fw1, on its own worker, still forwards: its sink keeps counting after spin1 failed.
+    let sink_packets = || {
+        let v = node.json(&["net", "show", "t-fw"]);
+        v["status"]["links"][1]["packets"].as_u64().unwrap_or(0)
+    };
+    let after_failure = sink_packets();
+    let deadline = Instant::now() + DEADLINE;
+    while sink_packets() <= after_failure {
+        assert!(
+            Instant::now() < deadline,
+            "fw1 stopped forwarding after spin1 failed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
+}

@@ -202,7 +202,10 @@ pub fn vnf_config(spec: &InstanceSpec) -> Result<VnfConfig, RuntimeFailure> {
         engine: engine(wasm.engine),
         limits: rw::RunLimits {
             memory_bytes: wasm.limits.memory.bytes(),
-            ..defaults.limits
+            fuel_per_batch: wasm
+                .limits
+                .fuel_per_batch
+                .unwrap_or(defaults.limits.fuel_per_batch),
         },
         maps,
         config: config_blob(&wasm.config)?,
