@@ -4,6 +4,7 @@
 //! snapshots. It does not verify or store modules (see `runtime`).
 
 use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use wasmtime::{Engine, InstancePre, Linker, Memory, Module, Store, Trap, TypedFunc};
@@ -33,6 +34,18 @@ impl Default for RunLimits {
             fuel_per_batch: 10_000_000,
         }
     }
+}
+
+/// How long the steps of starting an instance took (`telvirt bench wasm` reports them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StartTimes {
+    /// Creating the VNF's maps, preallocated to their `max_entries`.
+    pub maps: Duration,
+    /// Store, instance (linear memory mapped from the module's copy-on-write image), exports
+    /// resolved and the batch buffer obtained: ready to run, before `tv_init`.
+    pub instance: Duration,
+    /// `tv_init` with the config blob.
+    pub init: Duration,
 }
 
 /// What happens when a batch traps.
@@ -221,7 +234,9 @@ fn start(
     cfg: &VnfConfig,
     stack: usize,
     mut state: HostState,
+    times: &mut StartTimes,
 ) -> std::result::Result<Live, Box<(Error, HostState)>> {
+    let t0 = Instant::now();
     // Nothing of a previous store may be used by host functions of this one.
     state.memory = None;
     state.reset_view();
@@ -282,8 +297,12 @@ fn start(
             format!("{} bytes, at most {BUFFER_SIZE}", cfg.config.len())
         ))
     }
+    times.instance = t0.elapsed();
+    let t1 = Instant::now();
     memory.data_mut(&mut store)[buf..buf + cfg.config.len()].copy_from_slice(&cfg.config);
-    match init.call(&mut store, (buf as i32, cfg.config.len() as i32)) {
+    let rc = init.call(&mut store, (buf as i32, cfg.config.len() as i32));
+    times.init = t1.elapsed();
+    match rc {
         Ok(0) => {}
         Ok(rc) => fail!(Error::Failed(FailureReason::InitFailed(rc))),
         Err(e) => {
@@ -308,6 +327,7 @@ impl VnfInstance {
         cfg: VnfConfig,
         maps: MapSet,
         stack: usize,
+        times: &mut StartTimes,
     ) -> Result<Self> {
         if cfg.ports == 0 {
             return Err(Error::config("ports", "at least one output port is needed"));
@@ -324,7 +344,7 @@ impl VnfInstance {
             cfg.ports,
             seed,
         );
-        let live = start(&engine, &pre, &cfg, stack, state).map_err(|b| b.0)?;
+        let live = start(&engine, &pre, &cfg, stack, state, times).map_err(|b| b.0)?;
         Ok(Self {
             module,
             engine,
@@ -529,7 +549,14 @@ impl VnfInstance {
             state.memory = None;
             state.reset_view();
             state.limiter.hit = None;
-            match start(&self.engine, &self.pre, &self.cfg, self.stack(), state) {
+            match start(
+                &self.engine,
+                &self.pre,
+                &self.cfg,
+                self.stack(),
+                state,
+                &mut StartTimes::default(),
+            ) {
                 Ok(l) => {
                     self.live = Some(l);
                     self.stats.restarts += 1;
@@ -606,7 +633,14 @@ impl VnfInstance {
         let mut new_state =
             HostState::new(carried, mem_cap, module.manifest.counters.len(), ports, rng);
         new_state.maps.base = host.maps.base;
-        match start(&self.engine, &pre, &self.cfg, stack, new_state) {
+        match start(
+            &self.engine,
+            &pre,
+            &self.cfg,
+            stack,
+            new_state,
+            &mut StartTimes::default(),
+        ) {
             Ok(l) => {
                 self.live = Some(l);
                 self.parked = None;

@@ -33,7 +33,9 @@ pub use batch::{Emitted, PacketBatch, Verdict};
 pub use engine::EngineKind;
 pub use error::{Error, FailureReason, Result};
 pub use host::LogLine;
-pub use instance::{RestartPolicy, RunLimits, VnfConfig, VnfInstance, VnfState, VnfStats};
+pub use instance::{
+    RestartPolicy, RunLimits, StartTimes, VnfConfig, VnfInstance, VnfState, VnfStats,
+};
 pub use manifest::Manifest;
 pub use maps::{MapDef, MapKind, MapSet};
 pub use runtime::{InstallRequest, RuntimeConfig, WasmRuntime};

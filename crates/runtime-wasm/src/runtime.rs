@@ -5,13 +5,14 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use wasmtime::{InstancePre, Module};
 
 use crate::engine::{EngineKind, EngineSettings, Engines};
 use crate::error::{Error, Result};
 use crate::host::HostState;
-use crate::instance::{self, VnfConfig, VnfInstance};
+use crate::instance::{self, StartTimes, VnfConfig, VnfInstance};
 use crate::maps::MapSet;
 use crate::security::{ModuleSignature, Permission, SecurityPolicy};
 use crate::store::{InstalledModule, ModuleStore};
@@ -204,17 +205,31 @@ impl WasmRuntime {
 
     /// Creates and initialises an instance (`tv_init` with the config blob) with empty maps.
     pub fn instantiate(&self, meta: &InstalledModule, cfg: VnfConfig) -> Result<VnfInstance> {
+        self.instantiate_timed(meta, cfg).map(|(inst, _)| inst)
+    }
+
+    /// [`Self::instantiate`], also reporting how long its steps took.
+    pub fn instantiate_timed(
+        &self,
+        meta: &InstalledModule,
+        cfg: VnfConfig,
+    ) -> Result<(VnfInstance, StartTimes)> {
+        let mut times = StartTimes::default();
+        let t = Instant::now();
         let defs = instance::effective_maps(&meta.manifest.maps, &cfg.maps)?;
         let maps = MapSet::new(&defs)?;
+        times.maps = t.elapsed();
         let (engine, pre) = self.pre(meta, cfg.engine)?;
-        VnfInstance::new(
+        let inst = VnfInstance::new(
             meta.clone(),
             engine,
             pre,
             cfg,
             maps,
             self.cfg.max_stack_bytes,
-        )
+            &mut times,
+        )?;
+        Ok((inst, times))
     }
 
     /// Upgrades an instance to another installed module between batches, maps carried over.
