@@ -44,6 +44,9 @@ struct Known {
     devices: Option<Vec<DeviceGrant>>,
     /// A grant list the runtime refused, and why: not retried until the list changes.
     devices_refused: Option<(Vec<DeviceGrant>, String)>,
+    /// What the runtime said about the instance's start (`Runtime::start_note`), kept in its
+    /// Running reason.
+    note: Option<String>,
 }
 
 /// One host's agent.
@@ -176,6 +179,7 @@ impl Agent {
             descriptor: a.descriptor.clone(),
             placement: a.placement.clone(),
             state_dir: self.state_root.join(a.vnf.as_str()),
+            domain: a.domain.clone(),
         };
         let (try_adopt, failed_generation) = {
             let mut known = self.known.lock().await;
@@ -218,6 +222,7 @@ impl Agent {
             },
             (DesiredState::Running, InstanceState::Running) => {
                 let reason = self.sync_devices(&a, runtime.as_ref()).await;
+                let reason = self.with_note(&a, reason).await;
                 self.report(&a, Phase::Running, reason).await
             }
             (DesiredState::Running, InstanceState::Failed(reason)) => {
@@ -288,6 +293,15 @@ impl Agent {
         }
     }
 
+    /// `reason` followed by the runtime's note on the instance's start, if any.
+    async fn with_note(&self, a: &Assignment, reason: String) -> String {
+        let known = self.known.lock().await;
+        match known.get(&a.vnf).and_then(|k| k.note.as_deref()) {
+            Some(note) => format!("{reason}; {note}"),
+            None => reason,
+        }
+    }
+
     async fn failure_already_reported(&self, a: &Assignment) -> bool {
         let known = self.known.lock().await;
         known
@@ -323,16 +337,26 @@ impl Agent {
         if let Err(e) = runtime.start(spec).await {
             return self.fail(a, e.to_string()).await;
         }
+        let note = runtime.start_note(&a.vnf).await;
+        self.known
+            .lock()
+            .await
+            .entry(a.vnf.clone())
+            .or_default()
+            .note = note;
         if a.locked {
             return match runtime.pause(&a.vnf).await {
                 Ok(()) => {
-                    self.report(a, Phase::Locked, "started and paused by lock")
-                        .await
+                    let reason = self
+                        .with_note(a, "started and paused by lock".to_owned())
+                        .await;
+                    self.report(a, Phase::Locked, reason).await
                 }
                 Err(e) => self.fail(a, format!("pause for lock failed: {e}")).await,
             };
         }
         let reason = self.sync_devices(a, runtime).await;
+        let reason = self.with_note(a, reason).await;
         self.report(a, Phase::Running, reason).await
     }
 }

@@ -18,6 +18,8 @@ pub struct InstanceSpec {
     pub placement: Placement,
     /// A directory that belongs to this instance alone and survives agent restarts.
     pub state_dir: PathBuf,
+    /// The wasm security domain of the owning authority (the vm runtime ignores it).
+    pub domain: String,
 }
 
 /// What a runtime sees of one instance.
@@ -66,6 +68,13 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Forgets a stopped instance and frees what it held.
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure>;
+
+    /// Something the last `start` of `name` wants in the VNF's reason (e.g. whether its saved
+    /// state was restored). A runtime with nothing to say keeps this default.
+    async fn start_note(&self, name: &Name) -> Option<String> {
+        let _ = name;
+        None
+    }
 
     /// Makes a running instance hold exactly `devices`: attaches what is missing, detaches what
     /// is no longer granted. A runtime without peripherals keeps this default, which refuses.

@@ -139,6 +139,7 @@ fn assignment(runtime: &str) -> Assignment {
         locked: false,
         generation: 1,
         devices: Vec::new(),
+        domain: "operator".into(),
     }
 }
 

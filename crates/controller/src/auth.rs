@@ -1,10 +1,25 @@
-//! Bearer tokens of management authorities.
+//! Bearer tokens and security domains of management authorities.
 //!
-//! Owns making tokens and hashing them. It must not store or log a token: only its SHA-256 is
-//! kept, and the plain token is shown once, to whoever created the authority.
+//! Owns making tokens and hashing them, and which wasm security domain an authority's modules
+//! run in. It must not store or log a token: only its SHA-256 is kept, and the plain token is
+//! shown once, to whoever created the authority.
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use telvirt_model::api::{ADMIN_AUTHORITY, DEFAULT_AUTHORITY_DOMAIN, OPERATOR_DOMAIN};
+
+/// The domains of the wasm runtime's default security policy (`SecurityPolicy::default()` of
+/// telvirt-runtime-wasm); `telvirt serve` replaces them by its configured policy's.
+pub const DEFAULT_DOMAINS: [&str; 3] = [OPERATOR_DOMAIN, "trusted", DEFAULT_AUTHORITY_DOMAIN];
+
+/// The security domain of authority `name` given its stored one: `admin` is always `operator`;
+/// a record written before domains existed gets the default (least privileged) domain.
+pub fn effective_domain<'a>(name: &str, stored: Option<&'a str>) -> &'a str {
+    if name == ADMIN_AUTHORITY {
+        return OPERATOR_DOMAIN;
+    }
+    stored.unwrap_or(DEFAULT_AUTHORITY_DOMAIN)
+}
 
 /// Prefix that makes telvirt tokens recognisable in configuration files.
 pub const TOKEN_PREFIX: &str = "tvt_";
@@ -49,6 +64,14 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.starts_with(TOKEN_PREFIX));
         assert_eq!(a.len(), TOKEN_PREFIX.len() + 64);
+    }
+
+    #[test]
+    fn admin_is_operator_and_old_records_get_the_least_privileged_domain() {
+        assert_eq!(effective_domain("admin", None), "operator");
+        assert_eq!(effective_domain("admin", Some("untrusted")), "operator");
+        assert_eq!(effective_domain("ent1", None), "untrusted");
+        assert_eq!(effective_domain("ent1", Some("trusted")), "trusted");
     }
 
     #[test]

@@ -16,7 +16,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use telvirt_model::api::{Authority, AuthorityToken, CreateAuthority, Health, HostView, Problem};
+use telvirt_model::api::{
+    Authority, AuthorityToken, CreateAuthority, Health, HostView, MapView, Problem,
+};
 use telvirt_model::{DeviceGrant, Event, FieldError, Format, ModelError, Vnf, VnfDescriptor};
 use utoipa::OpenApi;
 
@@ -202,6 +204,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/lock", post(lock_vnf))
         .route("/v1/vnfs/{name}/unlock", post(unlock_vnf))
         .route("/v1/vnfs/{name}/upgrade", post(upgrade_vnf))
+        .route("/v1/vnfs/{name}/maps", get(vnf_maps))
         .route("/v1/vnfs/{name}/devices", post(attach_device))
         .route(
             "/v1/vnfs/{name}/devices/{id}",
@@ -523,7 +526,7 @@ async fn list_authorities(
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Only admin creates authorities", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid name", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid name, or a security domain the node's policy does not define (the problem lists the valid ones)", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn create_authority(
     State(s): State<AppState>,
@@ -532,10 +535,7 @@ async fn create_authority(
 ) -> Result<Response, ApiError> {
     let request: CreateAuthority =
         telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
-    let created = s
-        .controller
-        .create_authority(&caller, &request.name)
-        .await?;
+    let created = s.controller.create_authority(&caller, &request).await?;
     Ok(json(StatusCode::CREATED, &created))
 }
 
@@ -665,6 +665,25 @@ async fn upgrade_vnf(
     Ok(json(StatusCode::OK, &vnf))
 }
 
+#[utoipa::path(get, path = "/v1/vnfs/{name}/maps", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    responses(
+        (status = 200, description = "The maps of the running wasm instance, with their entry counts", body = [MapView]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a wasm VNF, or not Running or Locked", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn vnf_maps(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.vnf_maps(&caller, &name).await?,
+    ))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
@@ -673,7 +692,7 @@ async fn upgrade_vnf(
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
         show_host, host_core_map,
         list_authorities, create_authority, metrics, list_networks, create_network,
-        show_network, delete_network, upgrade_vnf
+        show_network, delete_network, upgrade_vnf, vnf_maps
     ),
     modifiers(&BearerScheme)
 )]

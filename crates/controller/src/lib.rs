@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod http;
 pub mod link;
+pub mod maps;
 pub mod metrics;
 pub mod network;
 pub mod placement;
@@ -15,6 +16,7 @@ pub mod upgrade;
 
 pub use http::{descriptor_schema, openapi_document, router};
 pub use link::LocalLink;
+pub use maps::MapReader;
 pub use network::NetworkPlane;
 pub use records::HostRecord;
 pub use service::{Caller, Controller, ControllerError, Deletion};

@@ -51,6 +51,10 @@ pub struct AuthorityRecord {
     /// SHA-256 of the token, hex.
     pub token_sha256: String,
     pub created_at: String,
+    /// The wasm security domain of its modules; absent in records written before domains
+    /// existed (read as the default domain, or `operator` for admin).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// A stored host.

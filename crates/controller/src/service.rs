@@ -4,12 +4,13 @@
 //! records) and the order of work (store, then act). It must not speak HTTP (the `http` module
 //! does) and must not start processes (agents do, through runtimes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use telvirt_model::api::{
-    ADMIN_AUTHORITY, Assignment, Authority, AuthorityToken, HostView, Observation,
+    ADMIN_AUTHORITY, Assignment, Authority, AuthorityToken, CreateAuthority,
+    DEFAULT_AUTHORITY_DOMAIN, HostView, OPERATOR_DOMAIN, Observation,
 };
 use telvirt_model::{
     DesiredState, DeviceGrant, Event, FieldError, Format, LockInfo, ModelError, Name, Phase,
@@ -113,6 +114,10 @@ pub struct Controller {
     network_plane: std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>>,
     /// The local agent's wasm runtime (all-in-one node), for module upgrades.
     module_upgrader: std::sync::OnceLock<Arc<dyn crate::upgrade::ModuleUpgrader>>,
+    /// The wasm security domains an authority may be given (the node's security policy).
+    security_domains: std::sync::RwLock<BTreeSet<String>>,
+    /// The local agent's wasm runtime (all-in-one node), for reading maps.
+    map_reader: std::sync::OnceLock<Arc<dyn crate::maps::MapReader>>,
 }
 
 impl Controller {
@@ -124,6 +129,10 @@ impl Controller {
         &self,
     ) -> &std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>> {
         &self.network_plane
+    }
+
+    pub(crate) fn map_reader_cell(&self) -> &std::sync::OnceLock<Arc<dyn crate::maps::MapReader>> {
+        &self.map_reader
     }
 
     pub(crate) fn module_upgrader_cell(
@@ -153,6 +162,13 @@ impl Controller {
             metrics: Arc::new(Metrics::default()),
             network_plane: std::sync::OnceLock::new(),
             module_upgrader: std::sync::OnceLock::new(),
+            map_reader: std::sync::OnceLock::new(),
+            security_domains: std::sync::RwLock::new(
+                crate::auth::DEFAULT_DOMAINS
+                    .iter()
+                    .map(|d| (*d).to_owned())
+                    .collect(),
+            ),
         }))
     }
 
@@ -172,6 +188,49 @@ impl Controller {
 
     // ----- authorities -----
 
+    /// Sets the security domains of the node's wasm security policy. It must hold the admin's
+    /// `operator` domain and the default domain of new authorities.
+    pub fn set_security_domains(&self, domains: impl IntoIterator<Item = String>) -> Result<()> {
+        let domains: BTreeSet<String> = domains.into_iter().collect();
+        for needed in [OPERATOR_DOMAIN, DEFAULT_AUTHORITY_DOMAIN] {
+            if !domains.contains(needed) {
+                return Err(ControllerError::Invalid(FieldError::new(
+                    "domains",
+                    format!(
+                        "the security policy must define domain `{needed}` (admin's is `{OPERATOR_DOMAIN}`, new authorities default to `{DEFAULT_AUTHORITY_DOMAIN}`); it defines: {}",
+                        domains.iter().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                )));
+            }
+        }
+        *self
+            .security_domains
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = domains;
+        Ok(())
+    }
+
+    /// The domain a create request names, checked against the policy (default when absent).
+    fn requested_domain(&self, requested: Option<&str>) -> Result<String> {
+        let Some(domain) = requested else {
+            return Ok(DEFAULT_AUTHORITY_DOMAIN.to_owned());
+        };
+        let known = self
+            .security_domains
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        if known.contains(domain) {
+            return Ok(domain.to_owned());
+        }
+        Err(ControllerError::Invalid(FieldError::new(
+            "domain",
+            format!(
+                "unknown security domain `{domain}`; valid domains: {}",
+                known.iter().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )))
+    }
+
     /// Makes sure the `admin` authority exists and that `token` (if any) is its token. Returns a
     /// new admin token when it had to make one (first start, or the given token is not admin's).
     pub async fn ensure_admin(&self, token: Option<&str>) -> Result<Option<String>> {
@@ -186,7 +245,7 @@ impl Controller {
             return Ok(None);
         }
         let token = self
-            .write_authority(ADMIN_AUTHORITY, existing.as_ref())
+            .write_authority(ADMIN_AUTHORITY, OPERATOR_DOMAIN, existing.as_ref())
             .await?
             .ok_or_else(|| {
                 ControllerError::Conflict(
@@ -202,6 +261,7 @@ impl Controller {
     async fn write_authority(
         &self,
         name: &str,
+        domain: &str,
         previous: Option<&(AuthorityRecord, u64)>,
     ) -> Result<Option<String>> {
         let token = auth::new_token();
@@ -209,6 +269,7 @@ impl Controller {
             name: name.to_owned(),
             token_sha256: auth::token_hash(&token),
             created_at: now_rfc3339(),
+            domain: Some(domain.to_owned()),
         };
         let key = authority_key(name);
         let mut ops = vec![
@@ -249,18 +310,27 @@ impl Controller {
         Ok(Caller { name })
     }
 
-    pub async fn create_authority(&self, caller: &Caller, name: &Name) -> Result<AuthorityToken> {
+    /// Creates an authority in the security domain it names (default: the least privileged).
+    /// An unknown domain is refused naming the valid ones, and nothing is written.
+    pub async fn create_authority(
+        &self,
+        caller: &Caller,
+        request: &CreateAuthority,
+    ) -> Result<AuthorityToken> {
         if !caller.is_admin() {
             return Err(ControllerError::Forbidden(
                 "only the admin authority creates authorities".into(),
             ));
         }
+        let name = &request.name;
+        let domain = self.requested_domain(request.domain.as_deref())?;
         let token = self
-            .write_authority(name.as_str(), None)
+            .write_authority(name.as_str(), &domain, None)
             .await?
             .ok_or_else(|| ControllerError::Conflict(format!("authority {name} already exists")))?;
         Ok(AuthorityToken {
             name: name.clone(),
+            domain,
             token,
         })
     }
@@ -275,6 +345,8 @@ impl Controller {
                         .name
                         .parse()
                         .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?,
+                    domain: auth::effective_domain(&record.name, record.domain.as_deref())
+                        .to_owned(),
                     created_at: record.created_at,
                 });
             }
@@ -765,6 +837,12 @@ impl Controller {
 
     /// What the agent of `host` should run.
     pub async fn assignments(&self, host: &str) -> Result<Vec<Assignment>> {
+        let mut domains = BTreeMap::new();
+        for (key, v) in self.store.list(records::AUTHORITIES).await? {
+            let record: AuthorityRecord = decode(&key, &v.value)?;
+            let domain = auth::effective_domain(&record.name, record.domain.as_deref()).to_owned();
+            domains.insert(record.name, domain);
+        }
         let mut out = Vec::new();
         for (key, v) in self.store.list(records::VNFS).await? {
             let record: VnfRecord = decode(&key, &v.value)?;
@@ -781,6 +859,12 @@ impl Controller {
                     locked: vnf.lock.is_some(),
                     generation: vnf.generation,
                     devices: vnf.devices.clone(),
+                    // An owner without a record (none can be deleted today) gets the least
+                    // privileged domain, never more.
+                    domain: domains
+                        .get(vnf.owner.as_str())
+                        .cloned()
+                        .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
                 });
             }
         }

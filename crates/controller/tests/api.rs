@@ -370,3 +370,144 @@ fn published_schema_is_current() {
         "docs/schema/vnf.schema.json is stale: run `telvirt schema > docs/schema/vnf.schema.json`"
     );
 }
+
+/// `POST /v1/authorities` as admin with a JSON body.
+async fn create_authority_json(node: &Node, body: &str) -> common::Reply {
+    node.call(
+        "POST",
+        "/v1/authorities",
+        None,
+        Some(&node.admin),
+        Some((body.as_bytes(), "application/json")),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorities_have_a_security_domain_that_reaches_the_agent() {
+    let node = Node::start().await;
+    let create = |body: &'static str| create_authority_json(&node, body);
+    // An unknown domain names the field and the valid domains, and creates nothing.
+    let r = create(r#"{"name":"ent1","domain":"root"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["path"], "domain");
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`root`") && detail.contains("operator, trusted, untrusted"),
+        "{detail}"
+    );
+    let r = node
+        .call("GET", "/v1/authorities", None, Some(&node.admin), None)
+        .await;
+    assert_eq!(r.body.as_array().unwrap().len(), 1, "{}", r.body);
+
+    // Named, default (least privilege), and admin's.
+    let r = create(r#"{"name":"ent1","domain":"trusted"}"#).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["domain"], "trusted");
+    let ent1 = r.body["token"].as_str().unwrap().to_owned();
+    let r = create(r#"{"name":"ent2"}"#).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["domain"], "untrusted");
+    let r = node
+        .call("GET", "/v1/authorities", None, Some(&node.admin), None)
+        .await;
+    let domains: Vec<(&str, &str)> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| (a["name"].as_str().unwrap(), a["domain"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        domains,
+        [
+            ("admin", "operator"),
+            ("ent1", "trusted"),
+            ("ent2", "untrusted")
+        ]
+    );
+
+    // The owner's domain travels with the assignment to the agent.
+    assert_eq!(node.create_vnf(&ent1, &wasm_vnf("fw1")).await.status, 201);
+    assert_eq!(
+        node.create_vnf(&node.admin, &wasm_vnf("nat1")).await.status,
+        201
+    );
+    node.wait_vnf(&ent1, "fw1", |v| v["phase"] != "Pending")
+        .await;
+    node.wait_vnf(&node.admin, "nat1", |v| v["phase"] != "Pending")
+        .await;
+    let assigned: Vec<(String, String)> = node
+        .controller
+        .assignments("h1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| (a.vnf.to_string(), a.domain))
+        .collect();
+    assert_eq!(
+        assigned,
+        [
+            ("fw1".to_owned(), "trusted".to_owned()),
+            ("nat1".to_owned(), "operator".to_owned())
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_security_policy_without_the_needed_domains_is_refused() {
+    let node = Node::start().await;
+    let e = node
+        .controller
+        .set_security_domains(["operator".to_owned(), "trusted".to_owned()])
+        .unwrap_err();
+    assert!(e.to_string().contains("`untrusted`"), "{e}");
+    // Nothing changed: the built-in domains still hold.
+    let r = create_authority_json(&node, r#"{"name":"ent1","domain":"untrusted"}"#).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // A configured policy's domains replace the built-in ones.
+    node.controller
+        .set_security_domains(["operator", "untrusted", "lab"].map(String::from))
+        .unwrap();
+    let r = create_authority_json(&node, r#"{"name":"ent2","domain":"trusted"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("lab, operator, untrusted"),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maps_are_read_only_from_a_running_wasm_instance_the_caller_may_see() {
+    let node = Node::start().await;
+    let ent = node.create_authority("ent1").await;
+    assert_eq!(node.create_vnf(&ent, &wasm_vnf("fw1")).await.status, 201);
+    // This node's agent runs no runtime: the VNF fails, and has no instance to read.
+    node.wait_vnf(&ent, "fw1", |v| v["phase"] == "Failed").await;
+    let r = node
+        .call("GET", "/v1/vnfs/{name}/maps", Some("fw1"), Some(&ent), None)
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("is Failed"),
+        "{}",
+        r.body
+    );
+    // Another authority sees no such VNF.
+    let other = node.create_authority("ent2").await;
+    let r = node
+        .call(
+            "GET",
+            "/v1/vnfs/{name}/maps",
+            Some("fw1"),
+            Some(&other),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+}

@@ -16,10 +16,18 @@ use crate::vnf::VnfDescriptor;
 /// The name of the authority that sees and may act on everything.
 pub const ADMIN_AUTHORITY: &str = "admin";
 
+/// The wasm security domain of the `admin` authority (every permission by default).
+pub const OPERATOR_DOMAIN: &str = "operator";
+/// The security domain of a new authority that names none: the least privileged built-in one
+/// (ADR 037).
+pub const DEFAULT_AUTHORITY_DOMAIN: &str = "untrusted";
+
 /// A management authority (operator, enterprise, ...).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Authority {
     pub name: Name,
+    /// The wasm security domain its modules are installed into (what they may be granted).
+    pub domain: String,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -29,13 +37,30 @@ pub struct Authority {
 #[serde(deny_unknown_fields)]
 pub struct CreateAuthority {
     pub name: Name,
+    /// Wasm security domain of the authority's modules, one of the node's security policy
+    /// (`operator`, `trusted`, `untrusted` by default). Default: `untrusted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
 }
 
 /// The answer to creating an authority: the only time the token is shown.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AuthorityToken {
     pub name: Name,
+    /// The wasm security domain it was given.
+    pub domain: String,
     pub token: String,
+}
+
+/// One map of a running wasm VNF (`GET /v1/vnfs/{name}/maps`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MapView {
+    pub name: String,
+    /// `hash`, `array` or `lru_hash`.
+    pub kind: String,
+    /// Entries it holds now (an array map: always `max_entries`).
+    pub entries: u64,
+    pub max_entries: u32,
 }
 
 /// What one logical CPU of a host is used for.
@@ -138,6 +163,9 @@ pub struct Assignment {
     /// Peripherals the instance should hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<crate::device::DeviceGrant>,
+    /// The wasm security domain of the owning authority (wasm modules are installed into it;
+    /// vm VNFs ignore it).
+    pub domain: String,
 }
 
 /// What an agent observed of one VNF.

@@ -94,6 +94,14 @@ pub struct ServeArgs {
     /// Where the default vm guest image is built and cached [default: the data dir]
     #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
     pub image_cache: Option<PathBuf>,
+    /// Wasm security policy (YAML or JSON: domains with their allowed permissions and
+    /// signature keys); must define `operator` and `untrusted` [default: the built-in policy]
+    #[arg(long)]
+    pub security_policy: Option<PathBuf>,
+    /// How often the maps of running wasm VNFs are snapshotted into the data dir, in
+    /// milliseconds (a SIGKILL loses at most this much map state)
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub snapshot_interval_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +134,8 @@ pub enum VnfCommand {
         #[arg(long)]
         module: String,
     },
+    /// Show a running wasm VNF's maps and how many entries each holds
+    Maps { name: String },
     /// Show the serial console of a vm VNF (read on the node, from its data dir)
     Console(crate::vm::ConsoleArgs),
     /// Grant a device to a vm VNF; its agent attaches it to the running VM
@@ -157,7 +167,13 @@ pub enum HostCommand {
 #[derive(Subcommand, Debug)]
 pub enum AuthorityCommand {
     /// Create an authority; its token is shown once
-    Create { name: String },
+    Create {
+        name: String,
+        /// Wasm security domain of its modules (a domain of the node's security policy:
+        /// operator, trusted, untrusted by default) [default: untrusted]
+        #[arg(long)]
+        domain: Option<String>,
+    },
     /// List authorities
     List,
 }

@@ -176,6 +176,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
         VnfCommand::Upgrade { name, module } => {
             crate::wasm::upgrade(client, format, &name, &module).await?
         }
+        VnfCommand::Maps { name } => crate::wasm::maps(client, format, &name).await?,
         VnfCommand::Delete { name, no_wait } => {
             let path = format!("/v1/vnfs/{name}");
             let answer = client.call(Method::DELETE, &path, None).await?;
@@ -245,8 +246,12 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
 
 async fn authority(client: &Client, format: Output, cmd: AuthorityCommand) -> Result<()> {
     match cmd {
-        AuthorityCommand::Create { name } => {
-            let body = serde_json::to_vec(&serde_json::json!({ "name": name }))?;
+        AuthorityCommand::Create { name, domain } => {
+            let mut body = serde_json::json!({ "name": name });
+            if let Some(domain) = domain {
+                body["domain"] = serde_json::Value::String(domain);
+            }
+            let body = serde_json::to_vec(&body)?;
             let created: AuthorityToken = client
                 .call(
                     Method::POST,
@@ -256,7 +261,10 @@ async fn authority(client: &Client, format: Output, cmd: AuthorityCommand) -> Re
                 .await?
                 .json()?;
             if !output::structured(format, &created)? {
-                println!("authority/{} created", created.name);
+                println!(
+                    "authority/{} created (security domain {})",
+                    created.name, created.domain
+                );
                 println!("token (shown once, keep it safe): {}", created.token);
             }
         }

@@ -232,9 +232,9 @@ pub fn host_table(hosts: &[HostView]) -> String {
 pub fn authority_table(authorities: &[Authority]) -> String {
     let rows: Vec<Vec<String>> = authorities
         .iter()
-        .map(|a| vec![a.name.to_string(), a.created_at.clone()])
+        .map(|a| vec![a.name.to_string(), a.domain.clone(), a.created_at.clone()])
         .collect();
-    table(&["NAME", "CREATED"], &rows)
+    table(&["NAME", "DOMAIN", "CREATED"], &rows)
 }
 
 #[cfg(test)]

@@ -113,15 +113,13 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .await
         .context("loading the control plane from the store")?;
 
+    let policy = crate::wasm::load_policy(args.security_policy.as_deref(), &controller)?;
     let mut runtimes = runtimes(&args, &data_dir).await?;
     // One data plane per node, shared by the wasm runtime and the network reconciler.
     let dataplane =
         telvirt_agent::dataplane::NodeDataPlane::new().context("starting the data plane")?;
-    runtimes.push(crate::wasm::runtime(
-        &data_dir,
-        Arc::clone(&dataplane),
-        &controller,
-    )?);
+    let wasm = crate::wasm::runtime(&data_dir, Arc::clone(&dataplane), &controller, policy)?;
+    runtimes.push(wasm.clone());
     let runtime_names: Vec<String> = runtimes
         .iter()
         .map(|r| r.kind().as_str().to_owned())
@@ -171,6 +169,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         data_dir.join("instances"),
     ));
     crate::net::spawn_reconciler(&controller, Arc::clone(&dataplane), shutdown_rx.clone());
+    // Wasm VNFs' maps: snapshotted every interval and once more, final, at shutdown.
+    let maps_task = tokio::spawn(wasm.persist_maps(
+        Duration::from_millis(args.snapshot_interval_ms),
+        shutdown_rx.clone(),
+    ));
     let agent_task = tokio::spawn(agent.run(shutdown_rx));
     tokio::spawn(controller.clone().scheduling_loop(SCHEDULE_RETRY));
 
@@ -185,6 +188,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .context("serving the API")?;
     let _ = shutdown_tx.send(true);
     let _ = agent_task.await;
+    let _ = maps_task.await;
     tracing::info!("telvirt stopped");
     Ok(())
 }

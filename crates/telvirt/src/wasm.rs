@@ -1,22 +1,23 @@
 //! `telvirt wasm ...`: the wasm runtime's local tools, and building the wasm runtime adapter for
 //! `telvirt serve`.
 //!
-//! Owns writing the built-in example modules out and wiring the agent's wasm adapter to the
-//! node's data plane. It must not hold runtime logic (that is `telvirt-runtime-wasm`'s and the
-//! agent's).
+//! Owns writing the built-in example modules out, loading the node's wasm security policy, and
+//! wiring the agent's wasm adapter to the node's data plane and state dir. It must not hold
+//! runtime logic (that is `telvirt-runtime-wasm`'s and the agent's).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use telvirt_agent::Runtime;
 use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 
 use reqwest::Method;
-use telvirt_controller::{Controller, ModuleUpgrader};
+use telvirt_controller::{Controller, MapReader, ModuleUpgrader};
+use telvirt_model::api::MapView;
 use telvirt_model::{Name, Vnf};
+use telvirt_runtime_wasm::SecurityPolicy;
 
 use crate::cli::Output;
 use crate::client::Client;
@@ -57,23 +58,86 @@ pub fn write_examples(dir: &Path) -> Result<Vec<String>> {
     Ok(written)
 }
 
-/// The agent's wasm runtime for `telvirt serve`: modules stored under `<data_dir>/wasm`,
-/// relative module paths resolved against the working directory, VNFs placed on `dataplane`.
-/// The controller gets it as its module upgrader (in-process on the all-in-one node).
+/// The wasm security policy of `telvirt serve --security-policy FILE` (YAML or JSON), else the
+/// built-in one. The controller is told its domains (what authorities may be given).
+pub fn load_policy(path: Option<&Path>, controller: &Controller) -> Result<SecurityPolicy> {
+    let policy = match path {
+        None => SecurityPolicy::default(),
+        Some(path) => {
+            let text = std::fs::read(path)
+                .with_context(|| format!("cannot read security policy {}", path.display()))?;
+            let format = if path.extension().is_some_and(|e| e == "json") {
+                telvirt_model::Format::Json
+            } else {
+                telvirt_model::Format::Yaml
+            };
+            telvirt_model::from_text(&text, format)
+                .map_err(|e| anyhow::anyhow!("security policy {}: {e}", path.display()))?
+        }
+    };
+    controller
+        .set_security_domains(policy.domains.keys().cloned())
+        .map_err(|e| anyhow::anyhow!("security policy: {e}"))?;
+    Ok(policy)
+}
+
+/// The agent's wasm runtime for `telvirt serve`: modules stored under `<data_dir>/wasm`, map
+/// snapshots under `<data_dir>/snapshots`, relative module paths resolved against the working
+/// directory, VNFs placed on `dataplane`, modules checked against `policy`. The controller gets
+/// it as its module upgrader (in-process on the all-in-one node).
 pub fn runtime(
     data_dir: &Path,
     dataplane: Arc<NodeDataPlane>,
     controller: &Controller,
-) -> Result<Arc<dyn Runtime>> {
+    policy: SecurityPolicy,
+) -> Result<Arc<WasmRuntime>> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
-    let rt = WasmRuntime::new(data_dir.join("wasm"), cwd, dataplane)
-        .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?;
+    let rt = WasmRuntime::with_options(
+        data_dir.join("wasm"),
+        cwd,
+        dataplane,
+        policy,
+        Some(data_dir.join("snapshots")),
+    )
+    .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?;
     let rt = Arc::new(rt);
     controller.set_module_upgrader(Arc::new(Upgrader(Arc::clone(&rt))));
+    controller.set_map_reader(Arc::new(Upgrader(Arc::clone(&rt))));
     Ok(rt)
 }
 
+/// The wasm runtime as the controller's in-process hooks (module upgrades, map reads).
 struct Upgrader(Arc<WasmRuntime>);
+
+impl MapReader for Upgrader {
+    fn maps(&self, vnf: &str) -> Result<Vec<MapView>, String> {
+        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
+        self.0.map_views(&name).map_err(|e| e.to_string())
+    }
+}
+
+/// `telvirt vnf maps NAME`.
+pub async fn maps(client: &Client, format: Output, name: &str) -> Result<()> {
+    let maps: Vec<MapView> = client.get(&format!("/v1/vnfs/{name}/maps")).await?;
+    if !crate::output::structured(format, &maps)? {
+        let rows: Vec<Vec<String>> = maps
+            .iter()
+            .map(|m| {
+                vec![
+                    m.name.clone(),
+                    m.kind.clone(),
+                    m.entries.to_string(),
+                    m.max_entries.to_string(),
+                ]
+            })
+            .collect();
+        println!(
+            "{}",
+            crate::output::table(&["MAP", "KIND", "ENTRIES", "MAX"], &rows)
+        );
+    }
+    Ok(())
+}
 
 impl ModuleUpgrader for Upgrader {
     fn upgrade(&self, vnf: &str, module: &str) -> Result<String, String> {

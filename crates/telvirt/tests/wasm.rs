@@ -17,6 +17,11 @@ const INVENTORY: &str =
 /// A `telvirt serve` working in a temp directory that holds `examples/` (built-in modules
 /// written by `telvirt wasm examples`, and the example descriptors).
 fn start() -> Serve {
+    start_with(&[])
+}
+
+/// [`start`] with more `telvirt serve` arguments.
+fn start_with(extra: &[&str]) -> Serve {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::write(root.join("inventory.yaml"), INVENTORY).unwrap();
@@ -37,7 +42,9 @@ fn start() -> Serve {
         )
         .unwrap();
     }
-    Serve::start_in(dir, &["--inventory", "inventory.yaml", "--host-name", "t"])
+    let mut args = vec!["--inventory", "inventory.yaml", "--host-name", "t"];
+    args.extend_from_slice(extra);
+    Serve::start_in(dir, &args)
 }
 
 /// The firewall module with `maps.write` blanked out of its manifest (same length, so the
@@ -145,6 +152,198 @@ fn a_network_through_fw1_carries_packets() {
     assert_eq!(list, serde_json::json!([]));
     // fw1 keeps running without its links.
     assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
+}
+
+/// The firewall module with `log` added to its manifest's permissions (its name shortened from
+/// `firewall` to `fw` to keep the section's length): a module that asks for more than the
+/// `untrusted` domain allows.
+fn logging_module(node: &Serve) -> String {
+    let mut bytes = std::fs::read(node.path("examples/vnfs/firewall.wasm")).unwrap();
+    let from: &[u8] = br#""name":"firewall","version":"1.0.0","permissions":["maps.read","maps.write","counters"]"#;
+    let to: &[u8] = br#""name":"fw","version":"1.0.0","permissions":["maps.read","maps.write","counters","log"]"#;
+    assert_eq!(from.len(), to.len());
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("firewall manifest as expected");
+    bytes[at..at + from.len()].copy_from_slice(to);
+    std::fs::write(node.path("logging.wasm"), bytes).unwrap();
+    "logging.wasm".to_owned()
+}
+
+/// fw1's descriptor renamed to `name`, running `module`.
+fn firewall_descriptor(node: &Serve, name: &str, module: &str) -> String {
+    let text = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
+        .unwrap()
+        .replace("name: fw1", &format!("name: {name}"))
+        .replace("examples/vnfs/firewall.wasm", module);
+    let file = format!("{name}.yaml");
+    std::fs::write(node.path(&file), text).unwrap();
+    file
+}
+
+#[test]
+fn a_module_runs_in_its_owners_security_domain() {
+    let node = start();
+    // An unknown domain is refused naming the valid ones; nothing is created.
+    let out = node.cli(&["authority", "create", "ent0", "--domain", "root"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("domain") && err.contains("operator, trusted, untrusted"),
+        "{err}"
+    );
+    let list = node.json(&["authority", "list"]);
+    assert!(
+        list.as_array().unwrap().iter().all(|a| a["name"] != "ent0"),
+        "{list}"
+    );
+
+    // A new authority gets the least privileged domain unless told otherwise.
+    let ent = node.json(&["authority", "create", "ent1"]);
+    assert_eq!(ent["domain"], "untrusted", "{ent}");
+    let token = ent["token"].as_str().unwrap().to_owned();
+    let as_ent = |args: &[&str]| {
+        let mut all = vec!["--token", token.as_str()];
+        all.extend_from_slice(args);
+        node.ok(&all)
+    };
+
+    // A module asking for `log` fails for the enterprise, naming the permission and domain.
+    let logging = logging_module(&node);
+    let file = firewall_descriptor(&node, "entlog", &logging);
+    as_ent(&["vnf", "create", "-f", &file]);
+    let failed = node.wait_phase("entlog", "Failed");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("`log`") && reason.contains("`untrusted`"),
+        "the reason must name the permission and the domain: {reason}"
+    );
+    let shown = String::from_utf8_lossy(&as_ent(&["vnf", "show", "entlog"]).stdout).into_owned();
+    assert!(
+        shown.contains("`log`") && shown.contains("`untrusted`"),
+        "{shown}"
+    );
+    // Deleting it frees its core for the next one.
+    as_ent(&["vnf", "delete", "entlog"]);
+
+    // The same module under the operator runs.
+    let file = firewall_descriptor(&node, "oplog", &logging);
+    node.ok(&["vnf", "create", "-f", &file]);
+    node.wait_phase("oplog", "Running");
+
+    // A module within the domain's permissions runs for the enterprise.
+    let file = firewall_descriptor(&node, "entfw", "examples/vnfs/firewall.wasm");
+    as_ent(&["vnf", "create", "-f", &file]);
+    let v = node.wait_vnf("entfw", |v| {
+        v["phase"] == "Running" || v["phase"] == "Failed"
+    });
+    assert_eq!(v["phase"], "Running", "{v}");
+    assert_eq!(v["owner"], "ent1");
+}
+
+/// A NAT on one dedicated core (the example's descriptor uses a shared group).
+const NAT: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: nat1 }\nspec:\n  runtime: wasm\n  cpu: { policy: dedicated, count: 1 }\n  ports: [in, out]\n  wasm:\n    module: examples/vnfs/nat.wasm\n";
+
+/// Entries of nat1's `sessions` and `reverse` maps, read through `vnf maps`; `None` while its
+/// instance is not running (e.g. just after a restart of serve).
+fn nat_entries(node: &Serve) -> Option<(u64, u64)> {
+    let out = node.cli(&["vnf", "maps", "nat1", "-o", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let count = |name: &str| {
+        maps.as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .and_then(|m| m["entries"].as_u64())
+            .unwrap_or_else(|| panic!("no map {name}: {maps}"))
+    };
+    Some((count("sessions"), count("reverse")))
+}
+
+/// The reason of nat1's last Running event.
+fn last_running_reason(node: &Serve) -> String {
+    let events = node.json(&["vnf", "events", "nat1"]);
+    events
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["to"] == "Running")
+        .and_then(|e| e["reason"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `flows` UDP flows into nat1's inside port until it holds that many sessions, then
+/// takes the network away again (so that nothing but a restore can refill the maps).
+fn nat_sessions(node: &Serve, flows: u64) {
+    let net = format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: t1 }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: 2000, flows: {flows} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> nat1.in\n    - nat1.out -> sink.in\n"
+    );
+    std::fs::write(node.path("t1.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "t1.yaml"]);
+    wait_until("nat1 to create the sessions", || {
+        nat_entries(node) == Some((flows, flows))
+    });
+    node.ok(&["net", "delete", "t1"]);
+}
+
+#[test]
+fn wasm_maps_survive_a_restart_of_serve() {
+    let mut node = start_with(&["--snapshot-interval-ms", "200"]);
+    std::fs::write(node.path("nat1.yaml"), NAT).unwrap();
+    node.ok(&["vnf", "create", "-f", "nat1.yaml"]);
+    node.wait_phase("nat1", "Running");
+    assert_eq!(
+        nat_entries(&node),
+        Some((0, 0)),
+        "a new NAT holds no sessions"
+    );
+    nat_sessions(&node, 5);
+
+    // Graceful stop (SIGTERM) and start on the same data dir: the sessions are back, and the
+    // VNF's Running event says they were restored.
+    // No traffic reaches it any more: only a restore can bring the sessions back.
+    node.terminate();
+    node.restart();
+    wait_until("nat1 to run again with its 5 sessions", || {
+        nat_entries(&node) == Some((5, 5))
+    });
+    wait_until("the Running event to say the maps were restored", || {
+        last_running_reason(&node).contains("maps restored from snapshot (sessions 5, reverse 5")
+    });
+
+    // SIGKILL loses at most one snapshot interval: once the periodic snapshot holds three more
+    // sessions, a kill -9 keeps them.
+    let snapshot = node.path("data/snapshots/nat1.maps");
+    let before = std::fs::metadata(&snapshot).unwrap().len();
+    nat_sessions(&node, 8);
+    // Each session adds one `sessions` entry (16 + 8 bytes) and one `reverse` entry (4 + 16).
+    let want = before + 3 * (24 + 20);
+    wait_until("the periodic snapshot of 8 sessions", || {
+        std::fs::metadata(&snapshot).is_ok_and(|m| m.len() == want)
+    });
+    node.kill9();
+    node.restart();
+    wait_until("nat1 to run again with its 8 sessions", || {
+        nat_entries(&node) == Some((8, 8))
+    });
+
+    // Deleting the VNF deletes its snapshot.
+    node.ok(&["vnf", "delete", "nat1"]);
+    wait_until("the snapshot to go with the VNF", || !snapshot.exists());
 }
 
 /// A module that forwards packets to port 1 until it has seen 50, then spins forever inside

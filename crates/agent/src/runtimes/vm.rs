@@ -439,6 +439,7 @@ mod tests {
                 group: None,
             },
             state_dir: PathBuf::from("/tmp/x/upf1"),
+            domain: "operator".into(),
         }
     }
 

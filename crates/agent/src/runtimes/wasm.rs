@@ -5,24 +5,34 @@
 //! core. It must not decide placement or talk to the controller.
 //!
 //! Choices (ADR 033):
-//! - Modules are installed into the `operator` security domain: every VNF of this node is owned
-//!   by its admin today (the owning authority is not part of `InstanceSpec` yet). The verifier
-//!   still refuses any import the module's own manifest does not grant.
+//! - Modules are installed into the security domain of the VNF's owning authority
+//!   (`InstanceSpec::domain`, ADR 037): a manifest requesting a permission that domain does not
+//!   allow is refused before anything is instantiated or placed. An upgrade stays in the domain
+//!   the running module was installed into.
 //! - The descriptor's `config` map is handed to `tv_init` as `key=value` lines (sorted by key,
 //!   `\n`-terminated); an empty map is an empty blob.
 //! - Lock stops scheduling: the node stops taking packets from its input rings between two
 //!   batches (upstream sees backpressure), and the instance is locked.
-//! - Nothing survives the process: `adopt` always answers `false`.
+//! - Instances do not survive the process (`adopt` always answers `false`), but their maps do
+//!   when a snapshot dir is configured: a VNF's maps are written to `<dir>/<vnf>.maps` (the
+//!   runtime's snapshot format, atomically: temp file, fsync, rename) when it is stopped or
+//!   locked, every `persist_maps` interval, and once more when the node shuts down; a start
+//!   restores them before the first batch if the snapshot matches the maps' layout, else says
+//!   why it was not used (`start_note`). Removing a stopped VNF deletes its snapshot; removing a
+//!   failed one to start it again keeps it.
 //! - Packets a module `emit`s are not sent anywhere yet (counted by the instance).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
 use telvirt_dataplane::pool::{Packet, Pool};
+use telvirt_model::api::MapView;
 use telvirt_model::{Name, RuntimeKind, WasmEngine};
 use telvirt_runtime_wasm as rw;
 use telvirt_runtime_wasm::{
@@ -33,8 +43,6 @@ use telvirt_runtime_wasm::{
 use crate::dataplane::NodeDataPlane;
 use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 
-/// Security domain node-admin VNFs are installed into.
-pub const DOMAIN: &str = "operator";
 /// Packets per batch a wasm node takes from one input.
 pub const BATCH: usize = 32;
 
@@ -112,6 +120,8 @@ struct Entry {
     module_hash: String,
     /// Stopped: off the panel, kept until `remove`.
     stopped: bool,
+    /// What the start did with the map snapshot, if there was one.
+    note: Option<String>,
 }
 
 /// The `runtime: wasm` adapter of one agent.
@@ -120,6 +130,11 @@ pub struct WasmRuntime {
     dataplane: Arc<NodeDataPlane>,
     /// Directory relative module paths resolve against.
     base_dir: PathBuf,
+    /// Where each VNF's map snapshot is kept (`<dir>/<vnf>.maps`); `None`: maps are not kept.
+    snapshot_dir: Option<PathBuf>,
+    /// Held while a snapshot file is written or deleted, so that a periodic snapshot cannot
+    /// bring back the file of a VNF being removed. Taken before `entries`, never after.
+    snapshot_files: Mutex<()>,
     entries: Mutex<BTreeMap<Name, Entry>>,
 }
 
@@ -215,6 +230,21 @@ pub fn vnf_config(spec: &InstanceSpec) -> Result<VnfConfig, RuntimeFailure> {
     })
 }
 
+/// Writes `bytes` to `path` so that a reader (or a crash) sees the old file or the new one,
+/// never half of one: a temp file beside it, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("maps.tmp");
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 fn engine(e: WasmEngine) -> EngineKind {
     match e {
         WasmEngine::Cranelift => EngineKind::Cranelift,
@@ -230,13 +260,166 @@ impl WasmRuntime {
         base_dir: impl Into<PathBuf>,
         dataplane: Arc<NodeDataPlane>,
     ) -> Result<Self, RuntimeFailure> {
-        let rt = rw::WasmRuntime::new(RuntimeConfig::new(store_dir)).map_err(fail)?;
+        Self::with_options(
+            store_dir,
+            base_dir,
+            dataplane,
+            rw::SecurityPolicy::default(),
+            None,
+        )
+    }
+
+    /// [`WasmRuntime::new`] with the node's security `policy`, keeping map snapshots in
+    /// `snapshot_dir` (created if missing) when given.
+    pub fn with_options(
+        store_dir: impl Into<PathBuf>,
+        base_dir: impl Into<PathBuf>,
+        dataplane: Arc<NodeDataPlane>,
+        policy: rw::SecurityPolicy,
+        snapshot_dir: Option<PathBuf>,
+    ) -> Result<Self, RuntimeFailure> {
+        let mut cfg = RuntimeConfig::new(store_dir);
+        cfg.policy = policy;
+        let rt = rw::WasmRuntime::new(cfg).map_err(fail)?;
+        if let Some(dir) = &snapshot_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                fail(format!(
+                    "cannot create the map snapshot dir {}: {e}",
+                    dir.display()
+                ))
+            })?;
+        }
         Ok(Self {
             rt: Arc::new(rt),
             dataplane,
             base_dir: base_dir.into(),
+            snapshot_dir,
+            snapshot_files: Mutex::new(()),
             entries: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Where VNF `name`'s map snapshot is kept, when snapshots are kept.
+    pub fn snapshot_path(&self, name: &Name) -> Option<PathBuf> {
+        self.snapshot_dir
+            .as_ref()
+            .map(|d| d.join(format!("{name}.maps")))
+    }
+
+    /// Writes the instance's maps to its snapshot file. Skipped when no map changed since the
+    /// last snapshot this process wrote, and (`periodic`) when the instance is no longer the
+    /// running one of `name` (stopped or removed meanwhile).
+    fn save_maps(&self, name: &Name, inst: &Shared, periodic: bool) -> Result<(), RuntimeFailure> {
+        let Some(path) = self.snapshot_path(name) else {
+            return Ok(());
+        };
+        let _files = self
+            .snapshot_files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if periodic
+            && !self
+                .entries()
+                .get(name)
+                .is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst))
+        {
+            return Ok(());
+        }
+        let bytes = {
+            let mut i = guard(inst);
+            let unchanged = i
+                .maps()
+                .and_then(|m| m.logged_updates())
+                .is_some_and(|n| n == 0);
+            if unchanged && path.exists() {
+                return Ok(());
+            }
+            i.snapshot_maps().map_err(fail)?
+        };
+        write_atomic(&path, &bytes)
+            .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))
+    }
+
+    /// Restores a new instance's maps from its snapshot, if one exists. Returns what happened,
+    /// for the VNF's reason; a snapshot that is corrupt or does not match the maps' layout is
+    /// not used (the maps start as `tv_init` left them).
+    fn restore_maps(&self, name: &Name, inst: &mut VnfInstance) -> Option<String> {
+        let path = self.snapshot_path(name)?;
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                return Some(format!(
+                    "map snapshot {} not used ({e}); maps start empty",
+                    path.display()
+                ));
+            }
+        };
+        match inst.restore_maps(&bytes) {
+            Ok(()) => {
+                let counts: Vec<String> = inst
+                    .maps()
+                    .map(|m| {
+                        m.defs()
+                            .iter()
+                            .filter_map(|d| m.by_name(&d.name).map(|x| (d, x.len())))
+                            .map(|(d, n)| format!("{} {n}", d.name))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(format!(
+                    "maps restored from snapshot ({} entries)",
+                    counts.join(", ")
+                ))
+            }
+            Err(e) => Some(format!(
+                "map snapshot {} not used ({e}); maps start empty",
+                path.display()
+            )),
+        }
+    }
+
+    /// Snapshots the maps of every running or locked VNF. With `last`, each VNF stops taking
+    /// packets first, so the snapshot is its final state (the node is shutting down).
+    pub fn save_all_maps(&self, last: bool) {
+        let live: Vec<(Name, Shared)> = self
+            .entries()
+            .iter()
+            .filter(|(_, e)| !e.stopped)
+            .map(|(n, e)| {
+                if last {
+                    e.scheduled.store(false, Ordering::Release);
+                }
+                (n.clone(), Arc::clone(&e.inst))
+            })
+            .collect();
+        for (name, inst) in live {
+            if let Err(e) = self.save_maps(&name, &inst, true) {
+                tracing::warn!(vnf = %name, "map snapshot: {e}");
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is gone): snapshots every VNF's maps each
+    /// `every`, and once more, final, at shutdown.
+    pub async fn persist_maps(
+        self: Arc<Self>,
+        every: Duration,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let last = tokio::select! {
+                _ = tokio::time::sleep(every) => *shutdown.borrow(),
+                changed = shutdown.changed() => changed.is_err() || *shutdown.borrow(),
+            };
+            let me = Arc::clone(&self);
+            if let Err(e) = tokio::task::spawn_blocking(move || me.save_all_maps(last)).await {
+                tracing::warn!("map snapshots: {e}");
+            }
+            if last {
+                return;
+            }
+        }
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<Name, Entry>> {
@@ -252,19 +435,30 @@ impl WasmRuntime {
         Ok((Arc::clone(&e.inst), Arc::clone(&e.scheduled)))
     }
 
-    /// Reads and installs a module file through the verifier and the security manager.
-    fn install(&self, path: &str, kind: EngineKind) -> Result<rw::InstalledModule, RuntimeFailure> {
+    /// Reads and installs a module file into security `domain` through the verifier and the
+    /// security manager. A refusal names the domain.
+    fn install(
+        &self,
+        path: &str,
+        kind: EngineKind,
+        domain: &str,
+    ) -> Result<rw::InstalledModule, RuntimeFailure> {
         let path = self.base_dir.join(path);
         let bytes = std::fs::read(&path)
             .map_err(|e| fail(format!("cannot read module {}: {e}", path.display())))?;
         self.rt
             .install(&InstallRequest {
                 bytes: &bytes,
-                domain: DOMAIN,
+                domain,
                 signature: None,
                 precompile: &[kind],
             })
-            .map_err(fail)
+            .map_err(|e| match e {
+                rw::Error::Verification(_) => fail(format!(
+                    "{e} (the owning authority's security domain is `{domain}`)"
+                )),
+                e => fail(e),
+            })
     }
 
     /// Replaces a running VNF's module by the one in `module` (a path, relative to the base
@@ -272,13 +466,41 @@ impl WasmRuntime {
     /// On any error the old module keeps running with its maps.
     pub fn upgrade(&self, name: &Name, module: &str) -> Result<String, RuntimeFailure> {
         let (inst, _) = self.instance(name)?;
-        let kind = guard(&inst).config().engine;
-        let meta = self.install(module, kind)?;
+        let (kind, domain) = {
+            let i = guard(&inst);
+            (i.config().engine, i.module().domain.clone())
+        };
+        let meta = self.install(module, kind, &domain)?;
         self.rt.upgrade(&mut guard(&inst), &meta).map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
         }
         Ok(meta.hash)
+    }
+
+    /// The maps of a running (or locked) VNF with their entry counts, in declaration order.
+    pub fn map_views(&self, name: &Name) -> Result<Vec<MapView>, RuntimeFailure> {
+        self.with_instance(name, |i| {
+            let Some(maps) = i.maps() else {
+                return Vec::new();
+            };
+            maps.defs()
+                .iter()
+                .map(|d| MapView {
+                    name: d.name.clone(),
+                    kind: match d.kind {
+                        MapKind::Hash => "hash",
+                        MapKind::Array => "array",
+                        MapKind::LruHash => "lru_hash",
+                    }
+                    .to_owned(),
+                    entries: maps
+                        .by_name(&d.name)
+                        .map_or(0, |m| u64::try_from(m.len()).unwrap_or(u64::MAX)),
+                    max_entries: d.max_entries,
+                })
+                .collect()
+        })
     }
 
     /// Runs `f` on a running instance between batches (tests, stats, snapshots).
@@ -301,8 +523,10 @@ impl WasmRuntime {
             .ok_or_else(|| fail("spec.wasm is missing"))?;
         // Verify and instantiate first: a refused module fails with the verifier's reason
         // wherever it was placed.
-        let meta = self.install(&wasm.module, cfg.engine)?;
-        let inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
+        let meta = self.install(&wasm.module, cfg.engine, &spec.domain)?;
+        let mut inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
+        // Before the first batch: the instance is on no panel yet.
+        let note = self.restore_maps(&spec.name, &mut inst);
         let cpu = spec
             .placement
             .vcpus
@@ -352,6 +576,7 @@ impl WasmRuntime {
                 scheduled,
                 module_hash: meta.hash,
                 stopped: false,
+                note,
             },
         );
         Ok(())
@@ -375,24 +600,34 @@ impl Runtime for WasmRuntime {
     }
 
     async fn stop(&self, name: &Name) -> Result<(), RuntimeFailure> {
-        let mut entries = self.entries();
-        let Some(e) = entries.get_mut(name) else {
-            return Ok(());
-        };
-        e.scheduled.store(false, Ordering::Release);
-        if !e.stopped {
+        let inst = {
+            let mut entries = self.entries();
+            let Some(e) = entries.get_mut(name) else {
+                return Ok(());
+            };
+            e.scheduled.store(false, Ordering::Release);
+            if e.stopped {
+                return Ok(());
+            }
             // Dropping the returned node drops the stage; the instance lives on in the entry
             // until `remove` (its maps can still be read).
             let _ = self.dataplane.remove_node(name.as_str());
             e.stopped = true;
-        }
-        Ok(())
+            Arc::clone(&e.inst)
+        };
+        // Off the panel: this is the VNF's last state until it starts again.
+        self.save_maps(name, &inst, false)
     }
 
     async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
         let (inst, scheduled) = self.instance(name)?;
         scheduled.store(false, Ordering::Release);
-        guard(&inst).lock().map_err(fail)
+        guard(&inst).lock().map_err(fail)?;
+        self.save_maps(name, &inst, false)
+    }
+
+    async fn start_note(&self, name: &Name) -> Option<String> {
+        self.entries().get(name).and_then(|e| e.note.clone())
     }
 
     async fn resume(&self, name: &Name) -> Result<(), RuntimeFailure> {
@@ -423,8 +658,28 @@ impl Runtime for WasmRuntime {
 
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
         let removed = {
+            let _files = self
+                .snapshot_files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let mut entries = self.entries();
             let removed = entries.remove(name);
+            // A stopped (or unknown) VNF is going away: its maps go with it. One removed
+            // without a stop is a failed instance cleared to start again: its snapshot stays.
+            if removed.as_ref().is_none_or(|e| e.stopped)
+                && let Some(path) = self.snapshot_path(name)
+            {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(fail(format!(
+                            "deleting map snapshot {}: {e}",
+                            path.display()
+                        )));
+                    }
+                }
+            }
             if let Some(e) = &removed {
                 e.scheduled.store(false, Ordering::Release);
                 let _ = self.dataplane.remove_node(name.as_str());
@@ -514,6 +769,7 @@ spec:
                 group: None,
             },
             state_dir: dir.join("fw1"),
+            domain: "operator".into(),
         }
     }
 
@@ -569,6 +825,117 @@ spec:
         };
         let e = rt.start(&missing).await.unwrap_err();
         assert!(e.0.contains("cannot read module"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_permission_the_owners_domain_lacks_is_refused_before_anything_runs() {
+        let (dir, dp, rt, s) = setup();
+        // The firewall asking for `log` too (name shortened to keep the section's length).
+        let mut bytes = rw::vnfs::firewall().wasm.to_vec();
+        let from: &[u8] = br#""name":"firewall","version":"1.0.0","permissions":["maps.read","maps.write","counters"]"#;
+        let to: &[u8] = br#""name":"fw","version":"1.0.0","permissions":["maps.read","maps.write","counters","log"]"#;
+        let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+        bytes[at..at + from.len()].copy_from_slice(to);
+        std::fs::write(dir.path().join("logging.wasm"), bytes).unwrap();
+        let mut descriptor = s.descriptor.clone();
+        if let Some(w) = descriptor.spec.wasm.as_mut() {
+            w.module = "logging.wasm".into();
+        }
+        let untrusted = InstanceSpec {
+            descriptor,
+            domain: "untrusted".into(),
+            ..s.clone()
+        };
+        let e = rt.start(&untrusted).await.unwrap_err();
+        assert!(e.0.contains("`log`") && e.0.contains("`untrusted`"), "{e}");
+        assert_eq!(rt.state(&s.name).await, InstanceState::Absent);
+        assert!(dp.node_ports("fw1").is_none(), "nothing is placed");
+        // The plain firewall fits the untrusted domain; the logging one the operator's.
+        rt.start(&InstanceSpec {
+            domain: "untrusted".into(),
+            ..s.clone()
+        })
+        .await
+        .unwrap();
+        rt.stop(&s.name).await.unwrap();
+        rt.remove(&s.name).await.unwrap();
+        rt.start(&InstanceSpec {
+            domain: "operator".into(),
+            ..untrusted
+        })
+        .await
+        .unwrap();
+        assert_eq!(rt.state(&s.name).await, InstanceState::Running);
+    }
+
+    #[tokio::test]
+    async fn maps_are_restored_from_a_matching_snapshot_only() {
+        let (dir, dp, _, s) = setup();
+        let snaps = dir.path().join("snapshots");
+        let rt = WasmRuntime::with_options(
+            dir.path().join("store"),
+            dir.path(),
+            Arc::clone(&dp),
+            rw::SecurityPolicy::default(),
+            Some(snaps.clone()),
+        )
+        .unwrap();
+        let file = rt.snapshot_path(&s.name).unwrap();
+        rt.start(&s).await.unwrap();
+        assert_eq!(rt.start_note(&s.name).await, None, "no snapshot yet");
+        let key = [9u8; 16];
+        rt.with_instance(&s.name, move |i| i.map_update("rules", &key, &[2, 0, 0, 0]))
+            .unwrap()
+            .unwrap();
+        // Stop writes the snapshot; the next start restores it before the first batch.
+        rt.stop(&s.name).await.unwrap();
+        assert!(file.exists());
+        rt.start(&s).await.unwrap();
+        let note = rt.start_note(&s.name).await.unwrap();
+        assert!(
+            note.contains("maps restored from snapshot (rules 1 entries)"),
+            "{note}"
+        );
+        let rules = |rt: &WasmRuntime| rt.map_views(&s.name).unwrap()[0].entries;
+        assert_eq!(rules(&rt), 1);
+
+        // A corrupt snapshot is not used, and the note says why.
+        rt.stop(&s.name).await.unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&file, bytes).unwrap();
+        rt.start(&s).await.unwrap();
+        let note = rt.start_note(&s.name).await.unwrap();
+        assert!(
+            note.contains("not used") && note.contains("maps start empty"),
+            "{note}"
+        );
+        assert_eq!(rules(&rt), 0);
+
+        // So is one of another map layout (key size 8 instead of 16).
+        rt.stop(&s.name).await.unwrap();
+        let other = rw::MapDef {
+            name: "rules".into(),
+            kind: MapKind::Hash,
+            key_size: 8,
+            value_size: 4,
+            max_entries: 16,
+        };
+        let bytes = rw::MapSet::new(&[other]).unwrap().snapshot();
+        std::fs::write(&file, bytes).unwrap();
+        rt.start(&s).await.unwrap();
+        let note = rt.start_note(&s.name).await.unwrap();
+        assert!(
+            note.contains("not used") && note.contains("key 8"),
+            "{note}"
+        );
+
+        // Removing the stopped VNF deletes its snapshot.
+        rt.stop(&s.name).await.unwrap();
+        assert!(file.exists());
+        rt.remove(&s.name).await.unwrap();
+        assert!(!file.exists());
     }
 
     #[tokio::test]

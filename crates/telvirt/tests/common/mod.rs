@@ -74,6 +74,30 @@ impl Serve {
         }
     }
 
+    /// SIGTERM, as systemd or an operator's `kill` would, and waits (with a deadline) until the
+    /// process has shut down gracefully; panics unless it exited successfully.
+    pub fn terminate(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: `pid` is our own child, not yet reaped (we hold its `Child`).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "telvirt serve exited with {status}");
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("telvirt serve did not shut down after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, as an operator's `kill -9` or a crash would.
     pub fn kill9(&mut self) {
         if let Some(mut child) = self.child.take() {

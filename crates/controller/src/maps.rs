@@ -1,0 +1,51 @@
+//! Reading a running wasm VNF's maps (`GET /v1/vnfs/{name}/maps`): per map its name, kind and
+//! how many entries it holds.
+//!
+//! Owns the checks (visibility, runtime, phase) and asking the local agent's wasm runtime
+//! through the [`MapReader`] hook (in-process on the all-in-one node, like module upgrades,
+//! ADR 035). It must not touch the runtime itself nor write anything.
+
+use std::sync::Arc;
+
+use telvirt_model::api::MapView;
+use telvirt_model::{Phase, RuntimeKind};
+
+use crate::service::{Caller, Controller, ControllerError};
+
+/// The local agent's wasm runtime, as the controller sees it for map reads.
+pub trait MapReader: Send + Sync + 'static {
+    /// The maps of VNF `vnf`'s running instance, in declaration order.
+    fn maps(&self, vnf: &str) -> Result<Vec<MapView>, String>;
+}
+
+impl Controller {
+    /// Installs the local agent's map reader (once; later calls are ignored).
+    pub fn set_map_reader(&self, reader: Arc<dyn MapReader>) {
+        let _ = self.map_reader_cell().set(reader);
+    }
+
+    /// The maps of a wasm VNF the caller may see, read from its running (or locked) instance.
+    pub async fn vnf_maps(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Vec<MapView>, ControllerError> {
+        let vnf = self.vnf(caller, name).await?;
+        if vnf.descriptor.spec.runtime != RuntimeKind::Wasm {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} runs on the {} runtime, which has no maps; only wasm VNFs do",
+                vnf.descriptor.spec.runtime.as_str()
+            )));
+        }
+        if !matches!(vnf.phase, Phase::Running | Phase::Locked) {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} is {}: its maps are read from its running instance",
+                vnf.phase.as_str()
+            )));
+        }
+        let reader = self.map_reader_cell().get().ok_or_else(|| {
+            ControllerError::Conflict("this node runs no wasm runtime to read maps from".into())
+        })?;
+        reader.maps(name).map_err(ControllerError::Conflict)
+    }
+}
