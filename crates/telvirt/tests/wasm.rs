@@ -426,3 +426,43 @@ fn a_vnf_over_its_cpu_budget_fails_with_the_budget_while_another_keeps_running()
     }
     assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
 }
+
+#[test]
+fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
+    let dir = Serve::dir();
+    let serve = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
+            .args(extra)
+            .current_dir(dir.path())
+            .env("TELVIRT_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    // A policy without the default domain of new authorities.
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "domains:\n  operator: { allowed: [maps.read, maps.write, counters, clock, log, random, emit] }\n",
+    )
+    .unwrap();
+    let out = serve(&["--security-policy", "policy.yaml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("`untrusted`"), "{}", stderr(&out));
+    // A permission that does not exist.
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "domains:\n  operator: { allowed: [maps.read] }\n  untrusted: { allowed: [network] }\n",
+    )
+    .unwrap();
+    let out = serve(&["--security-policy", "policy.yaml"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("network"), "{}", stderr(&out));
+    // An interval outside 100 ms ..= 1 h.
+    let out = serve(&["--snapshot-interval-ms", "5"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--snapshot-interval-ms"),
+        "{}",
+        stderr(&out)
+    );
+}
