@@ -10,11 +10,17 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use std::time::{Duration, Instant};
+
 use telvirt_dataplane::afpacket::HostPort;
 use telvirt_dataplane::graph::{self, LinkSpec, PortRef};
+use telvirt_dataplane::latency::{ChainLatencyOpts, ChainProbe};
+use telvirt_dataplane::node::ProcessorNode;
+use telvirt_dataplane::steering::{self, SteeringNode};
 use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
 use telvirt_model::network::{
-    BuiltinKind, BuiltinNode, Endpoint, LinkState, NetworkDescriptor, NetworkStatus,
+    BuiltinKind, BuiltinNode, Endpoint, InstanceCount, LatencyReport, LinkState, NetworkDescriptor,
+    NetworkStatus, ResolvedProbe, SteeringEndpoint, SteeringState,
 };
 
 use crate::AgentError;
@@ -32,6 +38,17 @@ struct Applied {
     /// Built-in nodes this network placed.
     builtins: Vec<String>,
     sinks: BTreeMap<String, Arc<Mutex<SinkState>>>,
+    /// Steering endpoints this network placed, by name.
+    endpoints: BTreeMap<String, PlacedEndpoint>,
+}
+
+/// A steering endpoint on the panel.
+struct PlacedEndpoint {
+    /// The endpoint as the descriptor gave it when it was placed (without `active`).
+    spec: SteeringEndpoint,
+    /// The instance ports it mirrors.
+    ports: Vec<String>,
+    endpoint: Arc<steering::Endpoint>,
 }
 
 /// Applies networks to one [`NodeDataPlane`].
@@ -51,6 +68,25 @@ fn host_node(ifname: &str) -> String {
     format!("host:{ifname}")
 }
 
+fn dp_err(e: telvirt_dataplane::Error) -> AgentError {
+    AgentError::DataPlane(e.to_string())
+}
+
+/// The endpoint's mirrored ports in direction order: `(port, traffic enters the endpoint)`.
+fn directions(d: &NetworkDescriptor, endpoint: &str, port: &str) -> (bool, bool) {
+    let mut into = false;
+    let mut out_of = false;
+    for (_, l) in d.parsed_links() {
+        if matches!(&l.to, Endpoint::Port { node, port: p } if node == endpoint && p == port) {
+            into = true;
+        }
+        if matches!(&l.from, Endpoint::Port { node, port: p } if node == endpoint && p == port) {
+            out_of = true;
+        }
+    }
+    (into, out_of)
+}
+
 impl NetworkReconciler {
     pub fn new(dp: Arc<NodeDataPlane>) -> Self {
         Self {
@@ -64,7 +100,6 @@ impl NetworkReconciler {
     }
 
     fn add_builtin(&self, b: &BuiltinNode) -> Result<Option<Arc<Mutex<SinkState>>>, AgentError> {
-        let dp = |e: telvirt_dataplane::Error| AgentError::DataPlane(e.to_string());
         match b.kind {
             BuiltinKind::Generator => {
                 let cfg = GenConfig {
@@ -75,7 +110,7 @@ impl NetworkReconciler {
                     ..GenConfig::default()
                 };
                 let buf = self.dp.panel().pool().buf_size();
-                let node = Generator::new(cfg, buf).map_err(dp)?;
+                let node = Generator::new(cfg, buf).map_err(dp_err)?;
                 self.dp
                     .add_node(b.name.as_str(), &["out"], 0, Box::new(node))?;
                 Ok(None)
@@ -90,27 +125,136 @@ impl NetworkReconciler {
         }
     }
 
-    /// Removes a network's links and built-in nodes.
+    /// Places steering endpoint `e` mirroring `ports`, pointing at `e`'s active instance.
+    fn add_endpoint(
+        &self,
+        e: &SteeringEndpoint,
+        ports: &[String],
+    ) -> Result<PlacedEndpoint, AgentError> {
+        let instances: Vec<&str> = e.instances.iter().map(|n| n.as_str()).collect();
+        let active = e.active_instance().map_or("", |n| n.as_str());
+        let endpoint =
+            steering::Endpoint::new(e.name.as_str(), &instances, active).map_err(dp_err)?;
+        let port_refs: Vec<&str> = ports.iter().map(String::as_str).collect();
+        let node = SteeringNode::new(Arc::clone(&endpoint), &port_refs).map_err(dp_err)?;
+        let names = node.port_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.dp.add_node(
+            e.name.as_str(),
+            &names,
+            0,
+            Box::new(ProcessorNode::new(node, telvirt_dataplane::node::BATCH)),
+        )?;
+        let mut spec = e.clone();
+        spec.active = None;
+        Ok(PlacedEndpoint {
+            spec,
+            ports: ports.to_vec(),
+            endpoint,
+        })
+    }
+
+    /// Removes a network's links, built-in nodes and steering endpoints.
     fn tear_down(&self, name: &str, a: &Applied) {
         if !a.live.is_empty() {
             let _ = self.dp.panel().delete_network(name);
         }
-        for b in &a.builtins {
+        for b in a.builtins.iter().chain(a.endpoints.keys()) {
             let _ = self.dp.remove_node(b);
         }
     }
 
-    /// One pass: the panel ends up holding exactly `wanted` (links whose ends exist).
+    /// Brings the built-in nodes and steering endpoints of `a` to those of `d`: nodes that
+    /// did not change stay (with their counters and links), changed ones are replaced.
+    fn place_nodes(&self, a: &mut Applied, d: &NetworkDescriptor) {
+        let old = a.descriptor.clone();
+        a.builtins.retain(|b| {
+            let keep = old.builtin(b) == d.builtin(b) && d.builtin(b).is_some();
+            if !keep {
+                let _ = self.dp.remove_node(b);
+                a.sinks.remove(b);
+            }
+            keep
+        });
+        a.waiting.clear();
+        for b in &d.spec.nodes {
+            if a.builtins.iter().any(|x| x == b.name.as_str()) {
+                continue;
+            }
+            match self.add_builtin(b) {
+                Ok(sink) => {
+                    a.builtins.push(b.name.as_str().to_owned());
+                    if let Some(s) = sink {
+                        a.sinks.insert(b.name.as_str().to_owned(), s);
+                    }
+                }
+                Err(e) => a.waiting.push(format!("node {}: {e}", b.name)),
+            }
+        }
+        let ports = d.steering_ports();
+        let wanted: BTreeMap<&str, (&SteeringEndpoint, Vec<String>)> = d
+            .spec
+            .steering
+            .iter()
+            .map(|e| {
+                let p = ports.get(e.name.as_str()).cloned().unwrap_or_default();
+                (e.name.as_str(), (e, p))
+            })
+            .collect();
+        a.endpoints.retain(|name, placed| {
+            let keep = wanted.get(name.as_str()).is_some_and(|(e, p)| {
+                placed.spec.name == e.name
+                    && placed.spec.instances == e.instances
+                    && placed.ports == *p
+            });
+            if !keep {
+                let _ = self.dp.remove_node(name);
+            }
+            keep
+        });
+        for (name, (e, p)) in wanted {
+            if let Some(placed) = a.endpoints.get(name) {
+                // Only where traffic goes may differ: one atomic switch, no rewiring.
+                if let Some(active) = e.active_instance()
+                    && placed.endpoint.current_instance() != active.as_str()
+                {
+                    match placed.endpoint.switch(active.as_str()) {
+                        Ok(s) => tracing::info!(
+                            endpoint = name,
+                            from = s.from,
+                            to = s.to,
+                            generation = s.generation,
+                            "steering switched"
+                        ),
+                        Err(err) => a.waiting.push(format!("node {name}: {err}")),
+                    }
+                }
+                continue;
+            }
+            if p.is_empty() {
+                a.waiting
+                    .push(format!("node {name}: steering endpoint used by no link"));
+                continue;
+            }
+            match self.add_endpoint(e, &p) {
+                Ok(placed) => {
+                    a.endpoints.insert(name.to_owned(), placed);
+                }
+                Err(err) => a.waiting.push(format!("node {name}: {err}")),
+            }
+        }
+        a.descriptor = d.clone();
+    }
+
+    /// One pass: the panel ends up holding exactly `wanted` (links whose ends exist). A
+    /// network whose descriptor changed is rewired in place: links in both versions stay up,
+    /// and a change of a steering endpoint's `active` is one atomic switch.
     pub fn sync(&self, wanted: &[NetworkDescriptor]) {
         let mut applied = self.applied();
         let gone: Vec<String> = applied
-            .iter()
-            .filter(|(n, a)| {
-                !wanted
-                    .iter()
-                    .any(|w| w.name().as_str() == n.as_str() && *w == a.descriptor)
-            })
-            .map(|(n, _)| n.clone())
+            .keys()
+            .filter(|n| !wanted.iter().any(|w| w.name().as_str() == n.as_str()))
+            .cloned()
             .collect();
         for name in gone {
             if let Some(a) = applied.remove(&name) {
@@ -119,32 +263,66 @@ impl NetworkReconciler {
         }
         for d in wanted {
             let name = d.name().as_str().to_owned();
-            if !applied.contains_key(&name) {
-                let mut a = Applied {
-                    descriptor: d.clone(),
-                    live: Vec::new(),
-                    waiting: Vec::new(),
-                    builtins: Vec::new(),
-                    sinks: BTreeMap::new(),
-                };
-                for b in &d.spec.nodes {
-                    match self.add_builtin(b) {
-                        Ok(sink) => {
-                            a.builtins.push(b.name.as_str().to_owned());
-                            if let Some(s) = sink {
-                                a.sinks.insert(b.name.as_str().to_owned(), s);
-                            }
-                        }
-                        Err(e) => a.waiting.push(format!("node {}: {e}", b.name)),
-                    }
-                }
-                applied.insert(name.clone(), a);
+            let a = applied.entry(name.clone()).or_insert_with(|| Applied {
+                descriptor: NetworkDescriptor {
+                    spec: telvirt_model::network::NetworkSpec {
+                        nodes: Vec::new(),
+                        steering: Vec::new(),
+                        links: Vec::new(),
+                    },
+                    ..d.clone()
+                },
+                live: Vec::new(),
+                waiting: Vec::new(),
+                builtins: Vec::new(),
+                sinks: BTreeMap::new(),
+                endpoints: BTreeMap::new(),
+            });
+            if a.descriptor != *d {
+                self.place_nodes(a, d);
             }
-            let Some(a) = applied.get_mut(&name) else {
-                continue;
-            };
             self.wire(&name, a);
         }
+    }
+
+    /// Whether `node` is on the panel with `port`; otherwise why not, into `waiting`.
+    fn has_port(&self, node: &str, port: &str, waiting: &mut Vec<String>) -> bool {
+        match self.dp.node_ports(node) {
+            Some(ports) if ports.iter().any(|p| p == port) => true,
+            Some(_) => {
+                waiting.push(format!("{node} has no port {port}"));
+                false
+            }
+            None => {
+                waiting.push(format!("{node} is not running on this node"));
+                false
+            }
+        }
+    }
+
+    /// The links of `a` between each steering endpoint and its instances that can be wired.
+    fn endpoint_links(&self, a: &Applied, waiting: &mut Vec<String>) -> Vec<LinkSpec> {
+        let mut out = Vec::new();
+        for (name, placed) in &a.endpoints {
+            for inst in &placed.spec.instances {
+                for port in &placed.ports {
+                    if !self.has_port(inst.as_str(), port, waiting) {
+                        continue;
+                    }
+                    let inner =
+                        PortRef::new(name, &SteeringNode::instance_port(inst.as_str(), port));
+                    let outer = PortRef::new(inst.as_str(), port);
+                    let (into, out_of) = directions(&a.descriptor, name, port);
+                    if into {
+                        out.push(LinkSpec::new(inner.clone(), outer.clone()));
+                    }
+                    if out_of {
+                        out.push(LinkSpec::new(outer, inner));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Wires the links of one network whose ends are on the panel.
@@ -160,22 +338,14 @@ impl NetworkReconciler {
             let mut ready = true;
             for ep in [&link.from, &link.to] {
                 match ep {
-                    Endpoint::Port { node, port } => match self.dp.node_ports(node) {
-                        Some(ports) if ports.iter().any(|p| p == port) => {}
-                        Some(_) => {
-                            ready = false;
-                            waiting.push(format!("{node} has no port {port}"));
-                        }
-                        None => {
-                            ready = false;
-                            waiting.push(format!("{node} is not running on this node"));
-                        }
-                    },
+                    Endpoint::Port { node, port } => {
+                        ready &= self.has_port(node, port, &mut waiting);
+                    }
                     Endpoint::Host(ifname) => {
                         let node = host_node(ifname);
                         if self.dp.node_ports(&node).is_none() {
                             let opened = HostPort::open(ifname)
-                                .map_err(|e| AgentError::DataPlane(e.to_string()))
+                                .map_err(dp_err)
                                 .and_then(|p| self.dp.add_node(&node, &[""], 0, Box::new(p)));
                             if let Err(e) = opened {
                                 ready = false;
@@ -189,6 +359,7 @@ impl NetworkReconciler {
                 links.push(LinkSpec::new(port_ref(&link.from), port_ref(&link.to)));
             }
         }
+        links.extend(self.endpoint_links(a, &mut waiting));
         waiting.dedup();
         // A VNF that restarted lost its links on the panel: compare with what is live.
         let live_now = self.dp.panel().current_links();
@@ -219,25 +390,74 @@ impl NetworkReconciler {
         let applied = self.applied();
         let a = applied.get(d.name().as_str())?;
         let all = self.dp.panel().status();
+        let live = |spec: &LinkSpec| {
+            all.iter()
+                .find(|s| s.link == *spec && a.live.contains(spec))
+        };
         let mut mine = Vec::new();
         let mut links = Vec::new();
         for (i, link) in d.parsed_links() {
             let spec = LinkSpec::new(port_ref(&link.from), port_ref(&link.to));
-            let live = all
-                .iter()
-                .find(|s| s.link == spec && a.live.contains(&spec));
-            if let Some(s) = live {
+            let l = live(&spec);
+            if let Some(s) = l {
                 mine.push(s.clone());
             }
             links.push(LinkState {
                 link: d.spec.links[i].clone(),
-                active: live.is_some(),
-                packets: live.map_or(0, |s| s.counters.packets),
-                bytes: live.map_or(0, |s| s.counters.bytes),
-                drops: live.map_or(0, |s| s.counters.drops),
+                active: l.is_some(),
+                packets: l.map_or(0, |s| s.counters.packets),
+                bytes: l.map_or(0, |s| s.counters.bytes),
+                drops: l.map_or(0, |s| s.counters.drops),
+            });
+        }
+        let mut steering = Vec::new();
+        for (name, placed) in &a.endpoints {
+            let mut delivered = Vec::new();
+            for inst in &placed.spec.instances {
+                let mut packets = 0;
+                for port in &placed.ports {
+                    let spec = LinkSpec::new(
+                        PortRef::new(name, &SteeringNode::instance_port(inst.as_str(), port)),
+                        PortRef::new(inst.as_str(), port),
+                    );
+                    for s in [
+                        spec.clone(),
+                        LinkSpec::new(spec.to.clone(), spec.from.clone()),
+                    ] {
+                        if let Some(l) = live(&s) {
+                            mine.push(l.clone());
+                            if s == spec {
+                                packets += l.counters.packets;
+                            }
+                        }
+                    }
+                }
+                delivered.push(InstanceCount {
+                    instance: inst.as_str().to_owned(),
+                    packets,
+                });
+            }
+            steering.push(SteeringState {
+                name: name.clone(),
+                active: placed.endpoint.current_instance().to_owned(),
+                generation: placed.endpoint.current().generation,
+                delivered,
             });
         }
         let mut table = graph::render(&mine);
+        for s in &steering {
+            table.push_str(&format!(
+                "\nsteering {}: active {} (switches: {}), delivered {}\n",
+                s.name,
+                s.active,
+                s.generation,
+                s.delivered
+                    .iter()
+                    .map(|c| format!("{} {}", c.instance, c.packets))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
         for (name, sink) in &a.sinks {
             let s = sink.lock().unwrap_or_else(|p| p.into_inner()).summary();
             table.push_str(&format!(
@@ -249,6 +469,86 @@ impl NetworkReconciler {
             links,
             table,
             waiting: a.waiting.clone(),
+            steering,
+        })
+    }
+
+    /// `latency chain`: sends the probe's packets from `p.from` to `p.to` through network `d`
+    /// as it is wired now. The links the probe displaces pause for its duration and come back
+    /// afterwards; network passes wait until the probe is done. Blocks for the probe's length.
+    pub fn probe(
+        &self,
+        d: &NetworkDescriptor,
+        p: &ResolvedProbe,
+    ) -> Result<LatencyReport, AgentError> {
+        let name = d.name().as_str();
+        let mut applied = self.applied();
+        let a = applied
+            .get_mut(name)
+            .ok_or_else(|| AgentError::DataPlane(format!("network {name} is not applied yet")))?;
+        let displaced: Vec<LinkSpec> = d
+            .parsed_links()
+            .into_iter()
+            .filter(|(i, _)| p.displaced.contains(&d.spec.links[*i]))
+            .map(|(_, l)| LinkSpec::new(port_ref(&l.from), port_ref(&l.to)))
+            .collect();
+        let kept: Vec<LinkSpec> = a
+            .live
+            .iter()
+            .filter(|l| !displaced.contains(l))
+            .cloned()
+            .collect();
+        let restore = a.live.clone();
+        if kept != restore {
+            self.dp.panel().apply_network(name, &kept).map_err(dp_err)?;
+        }
+        let opts = ChainLatencyOpts {
+            entry: port_ref(&p.from),
+            exit: port_ref(&p.to),
+            rate_pps: p.rate_pps,
+            packets: p.packets,
+            size: p.size as usize,
+            worker: 0,
+            settle: Duration::from_secs(2),
+        };
+        // The panel lock is taken per step: the worker needs it between them.
+        let started = ChainProbe::start(&mut self.dp.panel(), &opts);
+        let result = started.map(|probe| {
+            let mut last = (0, Instant::now());
+            loop {
+                let rx = probe.received();
+                if rx != last.0 {
+                    last = (rx, Instant::now());
+                }
+                if rx >= probe.packets() || (probe.sent_all() && last.1.elapsed() > opts.settle) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            probe.finish(&mut self.dp.panel())
+        });
+        if kept != restore
+            && let Err(e) = self.dp.panel().apply_network(name, &restore)
+        {
+            // The next network pass sees the links missing and wires them again.
+            tracing::warn!(network = name, "restoring links after the probe: {e}");
+        }
+        let r = result.map_err(dp_err)?;
+        Ok(LatencyReport {
+            network: name.to_owned(),
+            from: p.from.to_string(),
+            to: p.to.to_string(),
+            displaced: p.displaced.clone(),
+            rate_pps: p.rate_pps,
+            sent: r.sent,
+            received: r.sink.received,
+            lost: r.sink.lost,
+            reordered: r.sink.reordered,
+            p50_us: r.sink.latency.p50_us,
+            p99_us: r.sink.latency.p99_us,
+            p999_us: r.sink.latency.p999_us,
+            max_us: r.sink.latency.max_us,
+            histogram: r.histogram,
         })
     }
 }
@@ -322,5 +622,113 @@ mod tests {
         assert!(dp.node_ports("gen").is_none() && dp.node_ports("sink").is_none());
         assert!(dp.node_ports("fw1").is_some());
         assert!(dp.panel().current_links().is_empty());
+    }
+
+    fn add_fw_named(dp: &NodeDataPlane, name: &str) {
+        let fw = Firewall::new(Vec::new(), Action::Allow);
+        dp.add_node(
+            name,
+            &["in", "out"],
+            0,
+            Box::new(ProcessorNode::new(fw, 32)),
+        )
+        .unwrap();
+    }
+
+    /// Syncs `d` until `check` holds on its status, with a deadline.
+    fn until(
+        r: &NetworkReconciler,
+        d: &NetworkDescriptor,
+        what: &str,
+        check: impl Fn(&NetworkStatus) -> bool,
+    ) -> NetworkStatus {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            r.sync(std::slice::from_ref(d));
+            let st = r.status(d).unwrap();
+            if check(&st) {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "{what}: {st:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    const STEERED: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: s1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 20000 }\n    - { name: sink, kind: sink }\n  steering:\n    - { name: fw, instances: [fw1, fw2] }\n  links:\n    - gen.out -> fw.in\n    - fw.out -> sink.in\n";
+
+    #[test]
+    fn a_changed_active_instance_is_one_switch_without_rewiring() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        add_fw_named(&dp, "fw1");
+        add_fw_named(&dp, "fw2");
+        let d = parse_network(STEERED.as_bytes(), Format::Yaml).unwrap();
+        let delivered = |st: &NetworkStatus, i: usize| st.steering[0].delivered[i].packets;
+        let st = until(&r, &d, "fw1 gets traffic, back to the sink", |st| {
+            delivered(st, 0) > 100 && st.links[1].packets > 100
+        });
+        assert_eq!(
+            (st.steering[0].active.as_str(), st.steering[0].generation),
+            ("fw1", 0)
+        );
+        assert_eq!(delivered(&st, 1), 0, "{st:?}");
+        assert!(st.table.contains("steering fw: active fw1"), "{}", st.table);
+
+        let mut to_fw2 = d.clone();
+        to_fw2.spec.steering[0].active = Some("fw2".parse().unwrap());
+        let entry_before = st.links[0].packets;
+        let st = until(&r, &to_fw2, "fw2 gets traffic", |st| delivered(st, 1) > 100);
+        assert_eq!(
+            (st.steering[0].active.as_str(), st.steering[0].generation),
+            ("fw2", 1)
+        );
+        // The entry link was not rebuilt: its counter went on from where it was.
+        assert!(st.links[0].packets > entry_before, "{st:?}");
+        let fw1_after = delivered(&st, 0);
+        let st = until(&r, &to_fw2, "more traffic on fw2", |st| {
+            delivered(st, 1) > 2 * 100 + 500
+        });
+        assert_eq!(
+            delivered(&st, 0),
+            fw1_after,
+            "fw1 got packets after the switch"
+        );
+        r.sync(&[]);
+        assert!(dp.node_ports("fw").is_none());
+        assert!(dp.panel().current_links().is_empty());
+    }
+
+    #[test]
+    fn a_probe_measures_the_chain_and_puts_the_links_back() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        add_fw(&dp);
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        delivered_above(&r, &d, 0);
+        let before = dp.panel().current_links();
+        let probe = telvirt_model::network::LatencyProbe {
+            rate_pps: Some(20_000),
+            packets: Some(2_000),
+            ..Default::default()
+        }
+        .resolve(&d)
+        .unwrap();
+        let report = r.probe(&d, &probe).unwrap();
+        assert_eq!(
+            (report.sent, report.received, report.lost),
+            (2_000, 2_000, 0)
+        );
+        assert!(
+            report.p50_us > 0.0 && report.p50_us <= report.max_us,
+            "{report:?}"
+        );
+        assert_eq!(report.from, "fw1.in");
+        assert_eq!(dp.panel().current_links(), before);
+        assert!(dp.node_ports("probe-gen").is_none());
+        // The network carries its own traffic again.
+        let now = r.status(&d).unwrap().links[1].packets;
+        delivered_above(&r, &d, now);
     }
 }

@@ -83,6 +83,9 @@ impl From<ControllerError> for ApiError {
             ControllerError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not-found", detail),
             ControllerError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", detail),
             ControllerError::Locked { .. } => Self::new(StatusCode::CONFLICT, "locked", detail),
+            ControllerError::Unavailable(_) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+            }
             ControllerError::Store(_)
             | ControllerError::Corrupt(_)
             | ControllerError::Scheduler(_) => {
@@ -213,8 +216,15 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/networks", get(list_networks).post(create_network))
         .route(
             "/v1/networks/{name}",
-            get(show_network).delete(delete_network),
+            get(show_network)
+                .put(replace_network)
+                .delete(delete_network),
         )
+        .route(
+            "/v1/networks/{name}/steering/{endpoint}",
+            axum::routing::put(steer_network),
+        )
+        .route("/v1/networks/{name}/latency", post(network_latency))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(show_host))
         .route("/v1/hosts/{name}/coremap", get(host_core_map))
@@ -638,6 +648,94 @@ async fn delete_network(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(put, path = "/v1/networks/{name}", tag = "networks", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Network name")),
+    request_body(content(
+        (telvirt_model::network::NetworkDescriptor = "application/json"),
+        (telvirt_model::network::NetworkDescriptor = "application/yaml"),
+    ), description = "The network's new descriptor (same metadata.name)"),
+    responses(
+        (status = 200, description = "Stored; the data plane rewires in place (unchanged links stay up)", body = telvirt_model::network::Network),
+        (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such network visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Changed meanwhile; try again", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Fields break the rules", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn replace_network(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let network = s
+        .controller
+        .replace_network(&caller, &name, &body.bytes, body.format)
+        .await?;
+    Ok(json(StatusCode::OK, &network))
+}
+
+#[utoipa::path(put, path = "/v1/networks/{name}/steering/{endpoint}", tag = "networks", security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "Network name"),
+        ("endpoint" = String, Path, description = "Steering endpoint of the network"),
+    ),
+    request_body(content(
+        (telvirt_model::network::SteerRequest = "application/json"),
+        (telvirt_model::network::SteerRequest = "application/yaml"),
+    ), description = "The instance that receives the endpoint's traffic from now on"),
+    responses(
+        (status = 200, description = "Stored; the data plane switches in one atomic step", body = telvirt_model::network::Network),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such network or endpoint visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Changed meanwhile; try again", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not an instance of the endpoint", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn steer_network(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path((name, endpoint)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: telvirt_model::network::SteerRequest =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    let network = s.controller.steer(&caller, &name, &endpoint, &req).await?;
+    Ok(json(StatusCode::OK, &network))
+}
+
+#[utoipa::path(post, path = "/v1/networks/{name}/latency", tag = "networks", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Network name")),
+    request_body(content(
+        (telvirt_model::network::LatencyProbe = "application/json"),
+        (telvirt_model::network::LatencyProbe = "application/yaml"),
+    ), description = "Where to send the probe and how much (every field optional)"),
+    responses(
+        (status = 200, description = "The probe ran; one-way latency, loss and reordering", body = telvirt_model::network::LatencyReport),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such network visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field breaks the rules (port not in the network, too long a probe, ...)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The data plane cannot run the probe now", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn network_latency(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let probe: telvirt_model::network::LatencyProbe =
+        if body.bytes.iter().all(u8::is_ascii_whitespace) {
+            telvirt_model::network::LatencyProbe::default()
+        } else {
+            telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?
+        };
+    let report = s.controller.probe_latency(&caller, &name, &probe).await?;
+    Ok(json(StatusCode::OK, &report))
+}
+
 #[utoipa::path(post, path = "/v1/vnfs/{name}/upgrade", tag = "vnfs", security(("bearer" = [])),
     params(("name" = String, Path, description = "VNF name")),
     request_body(content(
@@ -692,7 +790,8 @@ async fn vnf_maps(
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
         show_host, host_core_map,
         list_authorities, create_authority, metrics, list_networks, create_network,
-        show_network, delete_network, upgrade_vnf, vnf_maps
+        show_network, delete_network, replace_network, steer_network, network_latency,
+        upgrade_vnf, vnf_maps
     ),
     modifiers(&BearerScheme)
 )]

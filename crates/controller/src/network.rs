@@ -8,7 +8,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use telvirt_model::network::{Endpoint, Network, NetworkDescriptor, NetworkStatus, parse_network};
+use telvirt_model::network::{
+    Endpoint, LatencyProbe, LatencyReport, Network, NetworkDescriptor, NetworkStatus,
+    ResolvedProbe, SteerRequest, parse_network,
+};
 use telvirt_model::{FieldError, Format, Name, Vnf};
 use telvirt_store::{Compare, Op};
 
@@ -28,6 +31,12 @@ pub trait NetworkPlane: Send + Sync + 'static {
     fn status(&self, network: &NetworkDescriptor) -> Option<NetworkStatus>;
     /// The stored networks changed: apply them soon.
     fn wake(&self);
+    /// Runs a latency probe through `network` as wired now (blocks for the probe's length).
+    fn probe(
+        &self,
+        network: &NetworkDescriptor,
+        probe: &ResolvedProbe,
+    ) -> Result<LatencyReport, String>;
 }
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
@@ -38,6 +47,40 @@ fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> 
 
 fn not_found(name: &str) -> ControllerError {
     ControllerError::NotFound(format!("network {name} not found"))
+}
+
+/// Every port a network wires, with its direction (`true`: the port sends) and the field that
+/// wires it: the ends of its links, and the instance ports its steering endpoints mirror.
+fn wired_ports(d: &NetworkDescriptor) -> Vec<(bool, Endpoint, String)> {
+    let links = d.parsed_links();
+    let mut out = Vec::new();
+    for (i, l) in &links {
+        out.push((true, l.from.clone(), format!("spec.links[{i}].from")));
+        out.push((false, l.to.clone(), format!("spec.links[{i}].to")));
+    }
+    let mirrored = d.steering_ports();
+    for (i, e) in d.spec.steering.iter().enumerate() {
+        let name = e.name.as_str();
+        for port in mirrored.get(name).into_iter().flatten() {
+            let me = |x: &Endpoint| matches!(x, Endpoint::Port { node, port: p } if node == name && p == port);
+            let into = links.iter().any(|(_, l)| me(&l.to));
+            let out_of = links.iter().any(|(_, l)| me(&l.from));
+            for (k, inst) in e.instances.iter().enumerate() {
+                let ep = Endpoint::Port {
+                    node: inst.as_str().to_owned(),
+                    port: port.clone(),
+                };
+                let path = format!("spec.steering[{i}].instances[{k}]");
+                if into {
+                    out.push((false, ep.clone(), path.clone()));
+                }
+                if out_of {
+                    out.push((true, ep, path));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn vnf_visible(caller: &Caller, v: &Vnf) -> bool {
@@ -76,30 +119,69 @@ impl Controller {
             .into_iter()
             .filter(|n| n.name != *d.name())
             .collect();
-        for (i, b) in d.spec.nodes.iter().enumerate() {
-            let taken = vnfs.contains_key(b.name.as_str())
-                || others
+        let names = d
+            .spec
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (format!("spec.nodes[{i}].name"), &b.name))
+            .chain(
+                d.spec
+                    .steering
                     .iter()
-                    .any(|n| n.descriptor.builtin(b.name.as_str()).is_some());
+                    .enumerate()
+                    .map(|(i, e)| (format!("spec.steering[{i}].name"), &e.name)),
+            );
+        for (path, name) in names {
+            let taken = vnfs.contains_key(name.as_str())
+                || others.iter().any(|n| {
+                    n.descriptor.builtin(name.as_str()).is_some()
+                        || n.descriptor.steering(name.as_str()).is_some()
+                });
             if taken {
                 return Err(ControllerError::Invalid(FieldError::new(
-                    format!("spec.nodes[{i}].name"),
-                    format!("`{}` already names a VNF or another network's node", b.name),
+                    path,
+                    format!("`{name}` already names a VNF or another network's node"),
                 )));
+            }
+        }
+        for (i, e) in d.spec.steering.iter().enumerate() {
+            let ports = d.steering_ports();
+            let ports = ports.get(e.name.as_str()).map_or(&[][..], Vec::as_slice);
+            for (k, inst) in e.instances.iter().enumerate() {
+                let path = format!("spec.steering[{i}].instances[{k}]");
+                let Some(vnf) = vnfs.get(inst.as_str()).filter(|v| vnf_visible(caller, v)) else {
+                    return Err(ControllerError::Invalid(FieldError::new(
+                        path,
+                        format!("{inst} is not a VNF you own"),
+                    )));
+                };
+                if let Some(missing) = ports
+                    .iter()
+                    .find(|p| !vnf.descriptor.spec.ports.iter().any(|q| q.as_str() == *p))
+                {
+                    return Err(ControllerError::Invalid(FieldError::new(
+                        path,
+                        format!(
+                            "VNF {inst} has no port `{missing}`, which the links use on endpoint {}",
+                            e.name
+                        ),
+                    )));
+                }
             }
         }
         let mut used: BTreeMap<(bool, Endpoint), String> = BTreeMap::new();
         for n in &others {
-            for (_, l) in n.descriptor.parsed_links() {
-                used.insert((true, l.from), n.name.to_string());
-                used.insert((false, l.to), n.name.to_string());
+            for (out, ep, _) in wired_ports(&n.descriptor) {
+                used.insert((out, ep), n.name.to_string());
             }
         }
         for (i, link) in d.parsed_links() {
-            for (end, ep, out) in [("from", &link.from, true), ("to", &link.to, false)] {
+            for (end, ep) in [("from", &link.from), ("to", &link.to)] {
                 let path = format!("spec.links[{i}].{end}");
                 if let Endpoint::Port { node, port } = ep
                     && d.builtin(node).is_none()
+                    && d.steering(node).is_none()
                 {
                     let Some(vnf) = vnfs.get(node).filter(|v| vnf_visible(caller, v)) else {
                         return Err(ControllerError::Invalid(FieldError::new(
@@ -119,15 +201,17 @@ impl Controller {
                         )));
                     }
                 }
-                if let Some(other) = used.get(&(out, ep.clone())) {
-                    return Err(ControllerError::Invalid(FieldError::new(
-                        path,
-                        format!(
-                            "port {ep} is already linked {} by network {other}",
-                            if out { "out" } else { "in" }
-                        ),
-                    )));
-                }
+            }
+        }
+        for (out, ep, path) in wired_ports(d) {
+            if let Some(other) = used.get(&(out, ep.clone())) {
+                return Err(ControllerError::Invalid(FieldError::new(
+                    path,
+                    format!(
+                        "port {ep} is already linked {} by network {other}",
+                        if out { "out" } else { "in" }
+                    ),
+                )));
             }
         }
         Ok(())
@@ -153,15 +237,39 @@ impl Controller {
             created_at: crate::service::now_rfc3339(),
             status: None,
         };
-        let key = network_key(network.name.as_str());
-        let value =
-            serde_json::to_vec(&network).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+        if !self.put_network(&network, 0).await? {
+            return Err(ControllerError::Conflict(format!(
+                "the network name {} is already in use",
+                network.name
+            )));
+        }
+        Ok(network)
+    }
+
+    /// The stored network `name` if the caller may see it, with its revision.
+    async fn visible_network(&self, caller: &Caller, name: &str) -> Result<(Network, u64)> {
+        let key = network_key(name);
+        let Some(v) = self.store_handle().get(&key).await? else {
+            return Err(not_found(name));
+        };
+        let n: Network = decode(&key, &v.value)?;
+        if !may_see(caller, &n) {
+            return Err(not_found(name));
+        }
+        Ok((n, v.mod_revision))
+    }
+
+    /// Writes `n` if its record is still at revision `rev` (0: absent) and wakes the data plane;
+    /// false when it was not.
+    async fn put_network(&self, n: &Network, rev: u64) -> Result<bool> {
+        let key = network_key(n.name.as_str());
+        let value = serde_json::to_vec(n).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
         let outcome = self
             .store_handle()
             .txn(
                 vec![Compare::ModRevision {
                     key: key.clone(),
-                    revision: 0,
+                    revision: rev,
                 }],
                 vec![Op::Put {
                     key,
@@ -170,16 +278,127 @@ impl Controller {
                 }],
             )
             .await?;
-        if !outcome.succeeded {
-            return Err(ControllerError::Conflict(format!(
-                "the network name {} is already in use",
-                network.name
-            )));
-        }
-        if let Some(plane) = self.network_plane() {
+        if outcome.succeeded
+            && let Some(plane) = self.network_plane()
+        {
             plane.wake();
         }
-        Ok(network)
+        Ok(outcome.succeeded)
+    }
+
+    /// Writes `n` over the revision `rev` read before.
+    async fn store_network(&self, n: &Network, rev: u64) -> Result<()> {
+        if self.put_network(n, rev).await? {
+            Ok(())
+        } else {
+            Err(ControllerError::Conflict(format!(
+                "network {} changed meanwhile; read it again and retry",
+                n.name
+            )))
+        }
+    }
+
+    /// Replaces the descriptor of network `name` (the caller's; admin: any). The data plane
+    /// rewires in place: links in both versions stay up, VNFs keep running, and a changed
+    /// `active` of a steering endpoint is one atomic switch.
+    pub async fn replace_network(
+        &self,
+        caller: &Caller,
+        name: &str,
+        text: &[u8],
+        format: Format,
+    ) -> Result<Network> {
+        let descriptor = parse_network(text, format)?;
+        if descriptor.name().as_str() != name {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "metadata.name",
+                format!(
+                    "`{}` differs from the network in the path ({name}); a network cannot be renamed",
+                    descriptor.name()
+                ),
+            )));
+        }
+        let (mut n, rev) = self.visible_network(caller, name).await?;
+        let owner = Caller {
+            name: n.owner.as_str().to_owned(),
+        };
+        self.check_network(&owner, &descriptor).await?;
+        n.descriptor = descriptor;
+        self.store_network(&n, rev).await?;
+        Ok(n)
+    }
+
+    /// Points steering endpoint `endpoint` of network `name` at another instance: stored
+    /// first, then applied by the data plane as one atomic switch.
+    pub async fn steer(
+        &self,
+        caller: &Caller,
+        name: &str,
+        endpoint: &str,
+        req: &SteerRequest,
+    ) -> Result<Network> {
+        let (mut n, rev) = self.visible_network(caller, name).await?;
+        let known: Vec<String> = n
+            .descriptor
+            .spec
+            .steering
+            .iter()
+            .map(|e| e.name.to_string())
+            .collect();
+        let Some(e) = n
+            .descriptor
+            .spec
+            .steering
+            .iter_mut()
+            .find(|e| e.name.as_str() == endpoint)
+        else {
+            return Err(ControllerError::NotFound(format!(
+                "network {name} has no steering endpoint {endpoint} (its endpoints: {})",
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            )));
+        };
+        if !e.instances.contains(&req.active) {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "active",
+                format!(
+                    "`{}` is not an instance of endpoint {endpoint} (valid: {})",
+                    req.active,
+                    e.instances
+                        .iter()
+                        .map(Name::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )));
+        }
+        e.active = Some(req.active.clone());
+        self.store_network(&n, rev).await?;
+        Ok(n)
+    }
+
+    /// `latency chain`: a probe through network `name` as the data plane holds it now.
+    pub async fn probe_latency(
+        &self,
+        caller: &Caller,
+        name: &str,
+        probe: &LatencyProbe,
+    ) -> Result<LatencyReport> {
+        let (n, _) = self.visible_network(caller, name).await?;
+        let resolved = probe.resolve(&n.descriptor)?;
+        let Some(plane) = self.network_plane().cloned() else {
+            return Err(ControllerError::Unavailable(
+                "this node runs no data plane".to_owned(),
+            ));
+        };
+        let d = n.descriptor;
+        tokio::task::spawn_blocking(move || plane.probe(&d, &resolved))
+            .await
+            .map_err(|e| ControllerError::Unavailable(format!("probe task: {e}")))?
+            .map_err(ControllerError::Unavailable)
     }
 
     /// The networks the caller may see.
@@ -194,34 +413,21 @@ impl Controller {
 
     /// One network with its live state from the node's data plane.
     pub async fn network(&self, caller: &Caller, name: &str) -> Result<Network> {
-        let key = network_key(name);
-        let Some(v) = self.store_handle().get(&key).await? else {
-            return Err(not_found(name));
-        };
-        let mut n: Network = decode(&key, &v.value)?;
-        if !may_see(caller, &n) {
-            return Err(not_found(name));
-        }
+        let (mut n, _) = self.visible_network(caller, name).await?;
         n.status = self.network_plane().and_then(|p| p.status(&n.descriptor));
         Ok(n)
     }
 
     /// Deletes a network the caller owns (admin: any); its links go, VNFs keep running.
     pub async fn delete_network(&self, caller: &Caller, name: &str) -> Result<()> {
+        let (_, rev) = self.visible_network(caller, name).await?;
         let key = network_key(name);
-        let Some(v) = self.store_handle().get(&key).await? else {
-            return Err(not_found(name));
-        };
-        let n: Network = decode(&key, &v.value)?;
-        if !may_see(caller, &n) {
-            return Err(not_found(name));
-        }
         let outcome = self
             .store_handle()
             .txn(
                 vec![Compare::ModRevision {
                     key: key.clone(),
-                    revision: v.mod_revision,
+                    revision: rev,
                 }],
                 vec![Op::Delete { key }],
             )

@@ -70,6 +70,9 @@ pub enum ControllerError {
     Corrupt(String),
     #[error("scheduler: {0}")]
     Scheduler(#[from] SchedError),
+    /// The node cannot do it now (no data plane, a probe that failed to attach).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;

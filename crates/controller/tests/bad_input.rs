@@ -241,11 +241,5 @@ async fn semantic_violations_are_all_reported() {
         )
         .await;
     assert_eq!(r.status, 422);
-    let paths: Vec<&str> = r.body["errors"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
-    assert_eq!(paths, ["spec.cpu.count", "spec.ports[1]"]);
+    assert_eq!(r.error_paths(), ["spec.cpu.count", "spec.ports[1]"]);
 }

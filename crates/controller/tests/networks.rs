@@ -233,3 +233,209 @@ async fn bad_link_syntax_is_refused() {
     )
     .await;
 }
+
+/// A network whose steering endpoint `fw` stands for fw1 and fw2.
+fn steered(name: &str) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: {name} }}\nspec:\n  nodes:\n    - {{ name: gen-{name}, kind: generator }}\n    - {{ name: sink-{name}, kind: sink }}\n  steering:\n    - {{ name: fw, instances: [fw1, fw2] }}\n  links:\n    - gen-{name}.out -> fw.in\n    - fw.out -> sink-{name}.in\n"
+    )
+}
+
+async fn show(node: &Node, token: &str, name: &str) -> common::Reply {
+    node.call("GET", "/v1/networks/{name}", Some(name), Some(token), None)
+        .await
+}
+
+async fn replace(node: &Node, token: &str, name: &str, body: &str) -> common::Reply {
+    node.call(
+        "PUT",
+        "/v1/networks/{name}",
+        Some(name),
+        Some(token),
+        Some((body.as_bytes(), YAML)),
+    )
+    .await
+}
+
+async fn steer(node: &Node, token: &str, name: &str, endpoint: &str, body: &str) -> common::Reply {
+    node.call_at(
+        "PUT",
+        "/v1/networks/{name}/steering/{endpoint}",
+        &[("name", name), ("endpoint", endpoint)],
+        Some(token),
+        Some((body.as_bytes(), "application/json")),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_rewrites_the_descriptor_and_refusals_change_nothing() {
+    let node = Node::start().await;
+    create_vnf(&node, &node.admin, "fw1").await;
+    create_vnf(&node, &node.admin, "nat1").await;
+    let v1 = network("chain", &["gen-chain.out -> fw1.in"]);
+    assert_eq!(create(&node, &node.admin, &v1).await.status, 201);
+    let v2 = network("chain", &["gen-chain.out -> fw1.in", "fw1.out -> nat1.in"]);
+    let r = replace(&node, &node.admin, "chain", &v2).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let links = |r: &common::Reply| r.body["descriptor"]["spec"]["links"].clone();
+    assert_eq!(links(&r).as_array().unwrap().len(), 2);
+    let stored = links(&show(&node, &node.admin, "chain").await);
+
+    // Each refusal names its field and leaves the stored descriptor as it was.
+    for (body, status, path) in [
+        (
+            v2.replace("name: chain", "name: other"),
+            422,
+            "metadata.name",
+        ),
+        (
+            network("chain", &["gen-chain.out -> fw1.inn"]),
+            422,
+            "spec.links[0].to",
+        ),
+        (
+            v2.replace("  links:", "  colour: red\n  links:"),
+            422,
+            "spec.colour",
+        ),
+    ] {
+        let r = replace(&node, &node.admin, "chain", &body).await;
+        assert_eq!(r.status, status, "{}", r.body);
+        assert_eq!(r.body["errors"][0]["path"], path, "{}", r.body);
+        assert_eq!(links(&show(&node, &node.admin, "chain").await), stored);
+    }
+    let r = replace(&node, &node.admin, "nosuch", &v2.replace("chain", "nosuch")).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    // Another authority cannot see, so cannot replace, the admin's network.
+    let ent = node.create_authority("ent1").await;
+    let r = replace(&node, &ent, "chain", &v1).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(links(&show(&node, &node.admin, "chain").await), stored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steering_switches_are_stored_and_bad_ones_refused() {
+    let node = Node::start().await;
+    create_vnf(&node, &node.admin, "fw1").await;
+    create_vnf(&node, &node.admin, "fw2").await;
+    let r = create(&node, &node.admin, &steered("s1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let active = |r: &common::Reply| r.body["descriptor"]["spec"]["steering"][0]["active"].clone();
+    assert_eq!(active(&r), serde_json::Value::Null);
+
+    let r = steer(&node, &node.admin, "s1", "fw", r#"{"active":"fw2"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(active(&r), "fw2");
+    assert_eq!(active(&show(&node, &node.admin, "s1").await), "fw2");
+
+    let r = steer(&node, &node.admin, "s1", "fw", r#"{"active":"fw3"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["path"], "active");
+    assert!(
+        r.body["errors"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("fw1, fw2"),
+        "{}",
+        r.body
+    );
+    let r = steer(&node, &node.admin, "s1", "lb", r#"{"active":"fw1"}"#).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("fw"),
+        "{}",
+        r.body
+    );
+    for (body, status, path) in [
+        (r#"{"active":"fw1","x":1}"#, 422, "x"),
+        (r#"{"active":"FW1"}"#, 422, "active"),
+        (r#"{"active":"#, 400, ""),
+    ] {
+        let r = steer(&node, &node.admin, "s1", "fw", body).await;
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert_eq!(r.body["errors"][0]["path"], path, "{body}: {}", r.body);
+    }
+    let ent = node.create_authority("ent1").await;
+    let r = steer(&node, &ent, "s1", "fw", r#"{"active":"fw1"}"#).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    // None of the refusals moved the endpoint.
+    assert_eq!(active(&show(&node, &node.admin, "s1").await), "fw2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steering_instances_must_be_owned_vnfs_with_the_ports_used() {
+    let node = Node::start().await;
+    create_vnf(&node, &node.admin, "fw1").await;
+    let reason = refused(&node, &steered("s1"), 422, "spec.steering[0].instances[1]").await;
+    assert!(reason.contains("fw2"), "{reason}");
+    create_vnf(&node, &node.admin, "fw2").await;
+    let body = steered("s1").replace("fw.out -> sink-s1.in", "fw.egress -> sink-s1.in");
+    let reason = refused(&node, &body, 422, "spec.steering[0].instances[0]").await;
+    assert!(reason.contains("no port `egress`"), "{reason}");
+    let body = steered("s1").replace(
+        "instances: [fw1, fw2]",
+        "instances: [fw1, fw2], active: fw9",
+    );
+    refused(&node, &body, 422, "spec.steering[0].active").await;
+    // An instance port already wired by another network is refused at the instance.
+    assert_eq!(
+        create(
+            &node,
+            &node.admin,
+            &network("n1", &["gen-n1.out -> fw2.in"])
+        )
+        .await
+        .status,
+        201
+    );
+    let reason = refused(&node, &steered("s2"), 422, "spec.steering[0].instances[1]").await;
+    assert!(reason.contains("network n1"), "{reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_probe_checks_its_fields_and_needs_a_data_plane() {
+    let node = Node::start().await;
+    create_vnf(&node, &node.admin, "fw1").await;
+    let body = network(
+        "chain",
+        &["gen-chain.out -> fw1.in", "fw1.out -> host:veth9"],
+    );
+    assert_eq!(create(&node, &node.admin, &body).await.status, 201);
+    let probe = |token: &str, body: &str| {
+        let body = body.to_owned();
+        let token = token.to_owned();
+        let node = &node;
+        async move {
+            node.call(
+                "POST",
+                "/v1/networks/{name}/latency",
+                Some("chain"),
+                Some(&token),
+                Some((body.as_bytes(), "application/json")),
+            )
+            .await
+        }
+    };
+    let admin = node.admin.clone();
+    let r = probe(&admin, r#"{"rate_pps":0,"size":20}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.error_paths(), ["rate_pps", "size"], "{}", r.body);
+    let r = probe(&admin, r#"{"from":"nat1.in"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["path"], "from");
+    let r = probe(&admin, r#"{"colour":"red"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["path"], "colour", "{}", r.body);
+    // A valid probe on a node without a data plane is refused as unavailable, not run.
+    let r = probe(&admin, "").await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("data plane"),
+        "{}",
+        r.body
+    );
+    let ent = node.create_authority("ent1").await;
+    let r = probe(&ent, "{}").await;
+    assert_eq!(r.status, 404, "{}", r.body);
+}

@@ -8,6 +8,7 @@
 
 use std::process::Command;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -17,7 +18,7 @@ use crate::graph::{LinkSpec, PortRef};
 use crate::hist::{Percentiles, new_histogram, record};
 use crate::packet::now_ns;
 use crate::panel::PatchPanel;
-use crate::traffic::{GenConfig, Generator, LatencySink, SinkSummary};
+use crate::traffic::{GenConfig, GenStats, Generator, LatencySink, SinkState, SinkSummary};
 use crate::worker::{allowed_cores, pin_current_thread};
 
 /// Options of `latency timer`.
@@ -344,66 +345,120 @@ pub struct ChainLatencyReport {
     pub histogram: String,
 }
 
-/// `telvirt latency chain`: add a probe generator linked into `entry` and a probe sink linked
-/// from `exit` to a running panel, send `packets` at `rate_pps`, and remove the probe again
-/// (the rest of the graph is untouched). Progress counts packets received.
+/// A latency probe attached to a running panel: a generator linked into the chain's entry and
+/// a sink linked from its exit, on nodes `probe-gen` and `probe-sink`. The panel is only
+/// borrowed to attach and to detach, so the caller can poll without holding it.
+pub struct ChainProbe {
+    gen_stats: Arc<GenStats>,
+    sink: Arc<Mutex<SinkState>>,
+    packets: u64,
+}
+
+impl ChainProbe {
+    /// Node names the probe uses (they must be free on the panel).
+    pub const NODES: [&'static str; 2] = ["probe-gen", "probe-sink"];
+    /// Generator stream of the probe's frames: the chain's own test traffic (stream 0) that
+    /// reaches the probe's sink is counted as foreign, not as probe packets.
+    pub const STREAM: u16 = 0x7e57;
+
+    /// Attach the probe and start sending. On error the panel is left as it was.
+    pub fn start(panel: &mut PatchPanel, opts: &ChainLatencyOpts) -> Result<Self> {
+        let g = Generator::new(
+            GenConfig {
+                flows: 1,
+                sizes: vec![opts.size],
+                rate_pps: Some(opts.rate_pps),
+                count: Some(opts.packets),
+                batch: 32,
+            },
+            panel.pool().buf_size(),
+        )?
+        .with_stream(Self::STREAM);
+        let gen_stats = g.stats();
+        let sink = LatencySink::new(32).only_stream(Self::STREAM);
+        let state = sink.state();
+        let mut links = panel.current_links();
+        links.push(LinkSpec::new(
+            PortRef::new(Self::NODES[0], "out"),
+            opts.entry.clone(),
+        ));
+        links.push(LinkSpec::new(
+            opts.exit.clone(),
+            PortRef::new(Self::NODES[1], "in"),
+        ));
+        panel.add_node(Self::NODES[0], &["out"], opts.worker, Box::new(g))?;
+        if let Err(e) = panel.add_node(Self::NODES[1], &["in"], opts.worker, Box::new(sink)) {
+            let _ = panel.remove_node(Self::NODES[0]);
+            return Err(e);
+        }
+        let probe = ChainProbe {
+            gen_stats,
+            sink: state,
+            packets: opts.packets,
+        };
+        if let Err(e) = panel.apply(&links) {
+            probe.detach(panel);
+            return Err(e);
+        }
+        Ok(probe)
+    }
+
+    /// Test frames received so far.
+    pub fn received(&self) -> u64 {
+        self.sink.lock().map(|s| s.received).unwrap_or(0)
+    }
+
+    /// The generator sent everything.
+    pub fn sent_all(&self) -> bool {
+        self.gen_stats.done.load(Ordering::Acquire)
+    }
+
+    /// Packets the probe sends in all.
+    pub fn packets(&self) -> u64 {
+        self.packets
+    }
+
+    fn detach(&self, panel: &mut PatchPanel) {
+        for n in Self::NODES {
+            let _ = panel.remove_node(n);
+        }
+    }
+
+    /// Remove the probe (its links go with its nodes; the rest of the graph is untouched) and
+    /// report what the sink saw.
+    pub fn finish(self, panel: &mut PatchPanel) -> ChainLatencyReport {
+        self.detach(panel);
+        let s = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        ChainLatencyReport {
+            sent: self.gen_stats.sent.load(Ordering::Relaxed),
+            sink: s.summary(),
+            histogram: crate::hist::render(&s.latency),
+        }
+    }
+}
+
+/// `telvirt latency chain` on a panel the caller owns: attach a [`ChainProbe`], wait until every
+/// packet arrived or `settle` passed after the generator finished, detach it. Progress counts
+/// packets received.
 pub fn chain(
     panel: &mut PatchPanel,
     opts: &ChainLatencyOpts,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ChainLatencyReport> {
-    let g = Generator::new(
-        GenConfig {
-            flows: 1,
-            sizes: vec![opts.size],
-            rate_pps: Some(opts.rate_pps),
-            count: Some(opts.packets),
-            batch: 32,
-        },
-        panel.pool().buf_size(),
-    )?;
-    let gstats = g.stats();
-    let sink = LatencySink::new(32);
-    let st = sink.state();
-    let before = panel.current_links();
-    let mut links = before.clone();
-    links.push(LinkSpec::new(
-        PortRef::new("probe-gen", "out"),
-        opts.entry.clone(),
-    ));
-    links.push(LinkSpec::new(
-        opts.exit.clone(),
-        PortRef::new("probe-sink", "in"),
-    ));
-    panel.add_node("probe-gen", &["out"], opts.worker, Box::new(g))?;
-    panel.add_node("probe-sink", &["in"], opts.worker, Box::new(sink))?;
-    let result = (|| -> Result<()> {
-        panel.apply(&links)?;
-        let mut last = (0u64, Instant::now());
-        loop {
-            let rx = st.lock().map(|s| s.received).unwrap_or(0);
-            if rx != last.0 {
-                last = (rx, Instant::now());
-                progress(rx, opts.packets);
-            }
-            if rx >= opts.packets
-                || (gstats.done.load(Ordering::Acquire) && last.1.elapsed() > opts.settle)
-            {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(1));
+    let probe = ChainProbe::start(panel, opts)?;
+    let mut last = (0u64, Instant::now());
+    loop {
+        let rx = probe.received();
+        if rx != last.0 {
+            last = (rx, Instant::now());
+            progress(rx, opts.packets);
         }
-    })();
-    // Always remove the probe, even when applying failed.
-    let _ = panel.remove_node("probe-gen");
-    let _ = panel.remove_node("probe-sink");
-    result?;
-    let s = st.lock().unwrap_or_else(|p| p.into_inner());
-    Ok(ChainLatencyReport {
-        sent: gstats.sent.load(Ordering::Relaxed),
-        sink: s.summary(),
-        histogram: crate::hist::render(&s.latency),
-    })
+        if rx >= opts.packets || (probe.sent_all() && last.1.elapsed() > opts.settle) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(probe.finish(panel))
 }
 
 #[cfg(test)]

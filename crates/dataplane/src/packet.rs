@@ -77,8 +77,22 @@ pub fn five_tuple(frame: &[u8]) -> Option<FiveTuple> {
 
 /// Write a generator frame of `len` bytes (>= [`MIN_FRAME`], <= `buf.len()`) for `flow`
 /// into `buf`: UDP from 10.0.0.1:(1024+flow) to 10.0.1.1:9, payload magic, `seq`, `ts_ns`.
-/// Returns the frame length.
+/// Returns the frame length. The frame belongs to stream 0; see [`write_stream_frame`].
 pub fn write_test_frame(buf: &mut [u8], len: usize, flow: u32, seq: u64, ts_ns: u64) -> usize {
+    write_stream_frame(buf, len, flow, seq, ts_ns, 0)
+}
+
+/// [`write_test_frame`] for generator stream `stream`, carried in the IPv4 identification field
+/// (which no rule matches on and forwarding keeps), so a sink can tell two generators that share
+/// a chain apart without making the 64-byte frame any longer.
+pub fn write_stream_frame(
+    buf: &mut [u8],
+    len: usize,
+    flow: u32,
+    seq: u64,
+    ts_ns: u64,
+    stream: u16,
+) -> usize {
     let len = len.clamp(MIN_FRAME, buf.len());
     let f = &mut buf[..len];
     f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
@@ -89,7 +103,8 @@ pub fn write_test_frame(buf: &mut [u8], len: usize, flow: u32, seq: u64, ts_ns: 
     ip[0] = 0x45;
     ip[1] = 0;
     ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
-    ip[4..8].copy_from_slice(&[0, 0, 0x40, 0]);
+    ip[4..6].copy_from_slice(&stream.to_be_bytes());
+    ip[6..8].copy_from_slice(&[0x40, 0]);
     ip[8] = 64;
     ip[9] = proto::UDP;
     ip[10..12].copy_from_slice(&[0, 0]);
@@ -118,6 +133,13 @@ pub fn read_test_frame(frame: &[u8]) -> Option<(u64, u64)> {
     let seq = u64::from_le_bytes(p[4..12].try_into().ok()?);
     let ts = u64::from_le_bytes(p[12..20].try_into().ok()?);
     Some((seq, ts))
+}
+
+/// The generator stream of a test frame (see [`write_stream_frame`]), if `frame` is one.
+pub fn test_frame_stream(frame: &[u8]) -> Option<u16> {
+    read_test_frame(frame)?;
+    let id = frame.get(18..20)?;
+    Some(u16::from_be_bytes([id[0], id[1]]))
 }
 
 /// The one's-complement IPv4 header checksum over `header`.
@@ -164,6 +186,18 @@ mod tests {
         assert_eq!((t.src_port, t.dst_port), (1027, 9));
         assert_eq!(t.dst, Ipv4Addr::new(10, 0, 1, 1));
         assert_eq!(write_test_frame(&mut buf, 10, 0, 0, 0), MIN_FRAME);
+    }
+
+    #[test]
+    fn a_stream_frame_keeps_its_stream_and_checksum() {
+        let mut buf = [0u8; 128];
+        let n = write_stream_frame(&mut buf, 64, 0, 5, 9, 0x7e57);
+        assert_eq!(test_frame_stream(&buf[..n]), Some(0x7e57));
+        assert_eq!(read_test_frame(&buf[..n]), Some((5, 9)));
+        assert_eq!(ipv4_checksum(&buf[14..34]), 0);
+        write_test_frame(&mut buf, 64, 0, 5, 9);
+        assert_eq!(test_frame_stream(&buf[..64]), Some(0));
+        assert_eq!(test_frame_stream(&[0u8; 64]), None);
     }
 
     #[test]

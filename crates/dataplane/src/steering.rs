@@ -42,6 +42,67 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Endpoint `name` that can point at `instances`, initially at `initial`.
+    pub fn new(name: &str, instances: &[&str], initial: &str) -> Result<Arc<Self>> {
+        if name.is_empty() {
+            return Err(Error::Steering("endpoint name must not be empty".into()));
+        }
+        if instances.is_empty() {
+            return Err(Error::Steering(format!(
+                "endpoint {name:?} needs at least one instance"
+            )));
+        }
+        for (i, a) in instances.iter().enumerate() {
+            if instances[..i].contains(a) {
+                return Err(Error::Steering(format!(
+                    "endpoint {name:?}: instance {a:?} listed twice"
+                )));
+            }
+        }
+        let index = position(name, instances.iter().copied(), initial)?;
+        Ok(Arc::new(Endpoint {
+            name: name.to_string(),
+            instances: instances.iter().map(|s| s.to_string()).collect(),
+            state: AtomicU64::new(
+                Target {
+                    index,
+                    generation: 0,
+                }
+                .pack(),
+            ),
+        }))
+    }
+
+    /// Point the endpoint at `instance` in one atomic step: every packet the
+    /// [`SteeringNode`] handles after this returns goes to `instance`, every packet of a batch
+    /// that started before goes to the old one, and none goes to both or neither.
+    pub fn switch(&self, instance: &str) -> Result<Switched> {
+        let index = position(
+            &self.name,
+            self.instances.iter().map(String::as_str),
+            instance,
+        )?;
+        let prev = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                let old = Target::unpack(v);
+                Some(
+                    Target {
+                        index,
+                        generation: old.generation.wrapping_add(1),
+                    }
+                    .pack(),
+                )
+            })
+            .unwrap_or_else(|v| v);
+        let old = Target::unpack(prev);
+        Ok(Switched {
+            from: self.instances[old.index as usize].clone(),
+            to: instance.to_string(),
+            generation: old.generation.wrapping_add(1),
+        })
+    }
+
     /// The endpoint's current target (one Acquire load).
     pub fn current(&self) -> Target {
         Target::unpack(self.state.load(Ordering::Acquire))
@@ -93,36 +154,10 @@ impl SteeringTable {
         instances: &[&str],
         initial: &str,
     ) -> Result<Arc<Endpoint>> {
-        if name.is_empty() {
-            return Err(Error::Steering("endpoint name must not be empty".into()));
-        }
         if self.endpoints.contains_key(name) {
             return Err(Error::Steering(format!("endpoint {name:?} already exists")));
         }
-        if instances.is_empty() {
-            return Err(Error::Steering(format!(
-                "endpoint {name:?} needs at least one instance"
-            )));
-        }
-        for (i, a) in instances.iter().enumerate() {
-            if instances[..i].contains(a) {
-                return Err(Error::Steering(format!(
-                    "endpoint {name:?}: instance {a:?} listed twice"
-                )));
-            }
-        }
-        let index = position(name, instances.iter().copied(), initial)?;
-        let ep = Arc::new(Endpoint {
-            name: name.to_string(),
-            instances: instances.iter().map(|s| s.to_string()).collect(),
-            state: AtomicU64::new(
-                Target {
-                    index,
-                    generation: 0,
-                }
-                .pack(),
-            ),
-        });
+        let ep = Endpoint::new(name, instances, initial)?;
         self.endpoints.insert(name.to_string(), Arc::clone(&ep));
         Ok(ep)
     }
@@ -141,31 +176,14 @@ impl SteeringTable {
         })
     }
 
-    /// Point `endpoint` at `instance` in one atomic step: every packet the [`SteeringNode`]
-    /// handles after this returns goes to `instance`, every packet of a batch that started
-    /// before goes to the old one, and none goes to both or neither.
+    /// Point `endpoint` at `instance` in one atomic step (see [`Endpoint::switch`]).
     pub fn switch(&self, endpoint: &str, instance: &str) -> Result<Switched> {
-        let ep = self.endpoint(endpoint)?;
-        let index = position(endpoint, ep.instances.iter().map(String::as_str), instance)?;
-        let prev = ep
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                let old = Target::unpack(v);
-                Some(
-                    Target {
-                        index,
-                        generation: old.generation.wrapping_add(1),
-                    }
-                    .pack(),
-                )
-            })
-            .unwrap_or_else(|v| v);
-        let old = Target::unpack(prev);
-        Ok(Switched {
-            from: ep.instances[old.index as usize].clone(),
-            to: instance.to_string(),
-            generation: old.generation.wrapping_add(1),
-        })
+        self.endpoint(endpoint)?.switch(instance)
+    }
+
+    /// Removes endpoint `name` (its [`SteeringNode`] keeps the last target it read).
+    pub fn remove_endpoint(&mut self, name: &str) -> Option<Arc<Endpoint>> {
+        self.endpoints.remove(name)
     }
 
     /// Every endpoint and its current instance.
@@ -193,52 +211,97 @@ fn position<'a>(
         })
 }
 
-/// The packet stage of an endpoint: one input (port 0), output port k+1 = instance k. The
-/// target is read once per batch, so a whole batch goes to exactly one instance.
+/// The packet stage of an endpoint. It stands in the graph where one VNF would: for each port
+/// name `p` it mirrors, traffic arriving on the endpoint's port `p` leaves on `INSTANCE/p` of the
+/// instance the endpoint points at (wired to that instance's port `p`), and traffic coming back
+/// from any instance on `INSTANCE/p` leaves on the endpoint's port `p`. The target is read once
+/// per batch, so a whole batch goes to exactly one instance; packets still inside the old
+/// instance come out on the endpoint's port after a switch (nothing is lost by switching).
 #[derive(Debug)]
 pub struct SteeringNode {
     endpoint: Arc<Endpoint>,
+    /// The mirrored port names (the endpoint's own ports, indices `0..n`).
+    ports: Vec<String>,
     /// Port chosen by `next_output` for the batch about to be processed.
     chosen: Option<u16>,
 }
 
 impl SteeringNode {
-    /// A stage for `endpoint`.
-    pub fn new(endpoint: Arc<Endpoint>) -> Self {
-        SteeringNode {
-            endpoint,
-            chosen: None,
+    /// A stage for `endpoint` mirroring the instance ports `ports` (e.g. `["in", "out"]`).
+    pub fn new(endpoint: Arc<Endpoint>, ports: &[&str]) -> Result<Self> {
+        if ports.is_empty() {
+            return Err(Error::Steering(format!(
+                "endpoint {:?} needs at least one port to mirror",
+                endpoint.name
+            )));
         }
+        for (i, p) in ports.iter().enumerate() {
+            if p.is_empty() || p.contains('/') || ports[..i].contains(p) {
+                return Err(Error::Steering(format!(
+                    "endpoint {:?}: port {p:?} is empty, contains '/' or is listed twice",
+                    endpoint.name
+                )));
+            }
+        }
+        let total = ports.len() * (1 + endpoint.instances.len());
+        if u16::try_from(total).is_err() {
+            return Err(Error::Steering(format!(
+                "endpoint {:?}: {total} ports exceed the node limit",
+                endpoint.name
+            )));
+        }
+        Ok(SteeringNode {
+            endpoint,
+            ports: ports.iter().map(|p| p.to_string()).collect(),
+            chosen: None,
+        })
     }
 
-    fn port_now(&self) -> u16 {
-        u16::try_from(self.endpoint.current().index + 1).unwrap_or(u16::MAX)
+    /// Name of the internal port that carries mirrored port `port` to and from `instance`.
+    pub fn instance_port(instance: &str, port: &str) -> String {
+        format!("{instance}/{port}")
     }
 
-    /// Port names for the patch panel: `in`, then one per instance.
+    /// Port names for the patch panel: the mirrored ports, then `INSTANCE/PORT` for every
+    /// instance in order.
     pub fn port_names(&self) -> Vec<String> {
-        std::iter::once("in".to_string())
-            .chain(self.endpoint.instances.iter().cloned())
-            .collect()
+        let inner = self
+            .endpoint
+            .instances
+            .iter()
+            .flat_map(|i| self.ports.iter().map(|p| Self::instance_port(i, p)));
+        self.ports.iter().cloned().chain(inner).collect()
+    }
+
+    /// Output port of a batch that arrived on `input`, with the target read now.
+    fn output_for(&self, input: usize) -> u16 {
+        let n = self.ports.len();
+        let port = if input < n {
+            n * (1 + self.endpoint.current().index as usize) + input
+        } else {
+            (input - n) % n
+        };
+        // `new` checked that every port index fits u16.
+        u16::try_from(port).unwrap_or(u16::MAX)
     }
 }
 
 impl PacketProcessor for SteeringNode {
     fn process(
         &mut self,
-        _input: usize,
+        input: usize,
         _pool: &Pool,
         pkts: &mut [Packet],
         verdicts: &mut Vec<Verdict>,
     ) {
         // One load per batch (or the one `next_output` made): the whole batch goes to a single
         // instance, whatever switches happen meanwhile.
-        let port = self.chosen.take().unwrap_or_else(|| self.port_now());
+        let port = self.chosen.take().unwrap_or_else(|| self.output_for(input));
         verdicts.extend(pkts.iter().map(|_| Verdict::Forward(port)));
     }
 
-    fn next_output(&mut self, _input: usize) -> Option<u16> {
-        let port = self.port_now();
+    fn next_output(&mut self, input: usize) -> Option<u16> {
+        let port = self.output_for(input);
         self.chosen = Some(port);
         Some(port)
     }

@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 use crate::error::{Error, Result};
 use crate::hist::{Percentiles, new_histogram, record};
 use crate::node::{BATCH, Node, NodeIo};
-use crate::packet::{MIN_FRAME, now_ns, read_test_frame, write_test_frame};
+use crate::packet::{MIN_FRAME, now_ns, read_test_frame, test_frame_stream, write_stream_frame};
 use crate::pool::Packet;
 
 /// What the generator sends.
@@ -91,6 +91,7 @@ pub struct Generator {
     start_ns: Option<u64>,
     stats: Arc<GenStats>,
     batch: Vec<Packet>,
+    stream: u16,
 }
 
 impl Generator {
@@ -103,7 +104,15 @@ impl Generator {
             seq: 0,
             start_ns: None,
             stats: Arc::new(GenStats::default()),
+            stream: 0,
         })
+    }
+
+    /// Mark every frame as belonging to `stream` (0 unless set), so a sink filtering on it
+    /// ignores the traffic of other generators.
+    pub fn with_stream(mut self, stream: u16) -> Self {
+        self.stream = stream;
+        self
     }
 
     /// Shared progress counters.
@@ -144,11 +153,12 @@ impl Node for Generator {
         let pool = io.pool();
         let n = io.alloc_batch(want as usize, &mut self.batch);
         let ts = now;
+        let stream = self.stream;
         for p in self.batch.iter_mut() {
             let s = self.seq;
             let size = self.cfg.sizes[(s % self.cfg.sizes.len() as u64) as usize];
             let flow = (s % u64::from(self.cfg.flows)) as u32;
-            pool.fill(p, |buf| write_test_frame(buf, size, flow, s, ts));
+            pool.fill(p, |buf| write_stream_frame(buf, size, flow, s, ts, stream));
             self.seq += 1;
         }
         let sent = io.send(0, &mut self.batch);
@@ -172,7 +182,7 @@ pub struct SinkState {
     pub received: u64,
     /// Bytes of all frames received.
     pub bytes: u64,
-    /// Frames that were not generator test frames.
+    /// Frames that were not test frames of the stream the sink listens to.
     pub foreign: u64,
     /// Test frames whose sequence number was below one already seen.
     pub reordered: u64,
@@ -243,6 +253,7 @@ pub struct LatencySink {
     state: Arc<Mutex<SinkState>>,
     batch: usize,
     buf: Vec<Packet>,
+    stream: Option<u16>,
 }
 
 impl LatencySink {
@@ -252,7 +263,14 @@ impl LatencySink {
             state: Arc::new(Mutex::new(SinkState::new())),
             batch: batch.max(1),
             buf: Vec::with_capacity(batch),
+            stream: None,
         }
+    }
+
+    /// Count only test frames of generator stream `stream`; the rest are foreign.
+    pub fn only_stream(mut self, stream: u16) -> Self {
+        self.stream = Some(stream);
+        self
     }
 
     /// The shared state (lock briefly to read it while the sink runs).
@@ -276,9 +294,12 @@ impl Node for LatencySink {
             for p in self.buf.drain(..) {
                 let data = pool.data(&p);
                 st.bytes += data.len() as u64;
+                let ours = self
+                    .stream
+                    .is_none_or(|s| test_frame_stream(data) == Some(s));
                 match read_test_frame(data) {
-                    Some((seq, ts)) => st.observe(seq, now.saturating_sub(ts)),
-                    None => st.foreign += 1,
+                    Some((seq, ts)) if ours => st.observe(seq, now.saturating_sub(ts)),
+                    _ => st.foreign += 1,
                 }
                 io.free(p);
             }

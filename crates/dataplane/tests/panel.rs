@@ -220,6 +220,23 @@ impl Node for SeqCollector {
     }
 }
 
+/// Records the sequence number of each packet from port 0 and forwards it on port 1.
+struct SeqForwarder(Arc<Mutex<Vec<u64>>>);
+
+impl Node for SeqForwarder {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        let mut buf = Vec::new();
+        let room = 32.min(io.tx_space(1));
+        let n = io.recv(0, &mut buf, room);
+        let mut seen = self.0.lock().unwrap();
+        for p in &buf {
+            seen.push(read_test_frame(io.pool().data(p)).unwrap().0);
+        }
+        io.send(1, &mut buf);
+        n
+    }
+}
+
 #[test]
 fn steering_switch_delivers_each_packet_to_exactly_one_instance() {
     const N: u64 = 100_000;
@@ -230,6 +247,7 @@ fn steering_switch_delivers_each_packet_to_exactly_one_instance() {
     let mut p = panel(&pool);
     let seen1 = Arc::new(Mutex::new(Vec::new()));
     let seen2 = Arc::new(Mutex::new(Vec::new()));
+    let returned = Arc::new(Mutex::new(Vec::new()));
     let g = Generator::new(
         GenConfig {
             count: Some(N),
@@ -240,30 +258,39 @@ fn steering_switch_delivers_each_packet_to_exactly_one_instance() {
     )
     .unwrap();
     let gstats = g.stats();
-    let steer = SteeringNode::new(Arc::clone(&ep));
+    let steer = SteeringNode::new(Arc::clone(&ep), &["in", "out"]).unwrap();
     let names = steer.port_names();
+    assert_eq!(
+        names,
+        ["in", "out", "fw1/in", "fw1/out", "fw2/in", "fw2/out"]
+    );
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     p.add_node("gen", &["out"], 0, Box::new(g)).unwrap();
     p.add_node("fw", &names, 0, Box::new(ProcessorNode::new(steer, 32)))
         .unwrap();
+    for (name, seen) in [("fw1", &seen1), ("fw2", &seen2)] {
+        p.add_node(
+            name,
+            &["in", "out"],
+            1,
+            Box::new(SeqForwarder(Arc::clone(seen))),
+        )
+        .unwrap();
+    }
     p.add_node(
-        "fw1",
+        "sink",
         &["in"],
         1,
-        Box::new(SeqCollector(Arc::clone(&seen1))),
-    )
-    .unwrap();
-    p.add_node(
-        "fw2",
-        &["in"],
-        1,
-        Box::new(SeqCollector(Arc::clone(&seen2))),
+        Box::new(SeqCollector(Arc::clone(&returned))),
     )
     .unwrap();
     p.apply(&links(&[
         "gen.out -> fw.in",
-        "fw.fw1 -> fw1.in",
-        "fw.fw2 -> fw2.in",
+        "fw.fw1/in -> fw1.in",
+        "fw.fw2/in -> fw2.in",
+        "fw1.out -> fw.fw1/out",
+        "fw2.out -> fw.fw2/out",
+        "fw.out -> sink.in",
     ]))
     .unwrap();
     let mut switches = 0u32;
@@ -281,7 +308,7 @@ fn steering_switch_delivers_each_packet_to_exactly_one_instance() {
     let total = || (seen1.lock().unwrap().len() + seen2.lock().unwrap().len()) as u64;
     let drops = || p.status().iter().map(|s| s.counters.drops).sum::<u64>();
     wait_for("every packet delivered or dropped", 60, || {
-        total() + drops() == N
+        total() + drops() >= N
     });
     assert_eq!(
         drops(),
@@ -296,6 +323,12 @@ fn steering_switch_delivers_each_packet_to_exactly_one_instance() {
         all == expect,
         "some packet went to both instances or to neither"
     );
+    wait_for("every packet back through the endpoint", 60, || {
+        returned.lock().unwrap().len() as u64 + drops() == N
+    });
+    let mut back = returned.lock().unwrap().clone();
+    back.sort_unstable();
+    assert!(back == expect, "a packet was lost on the way back");
     assert!(switches > 1);
     assert_eq!(ep.current().generation, switches);
     p.shutdown();
@@ -314,6 +347,33 @@ fn nodes_and_sinks_work_without_a_panel() {
     assert!(v.is_empty());
     cache.flush(&pool);
     assert_eq!(pool.available(), 64);
+}
+
+#[test]
+fn a_sink_on_one_stream_counts_other_generators_as_foreign() {
+    let pool = Arc::new(Pool::new("streams", 1024, 2048).unwrap());
+    let mut p = panel(&pool);
+    let sink = LatencySink::new(32).only_stream(7);
+    let state = sink.state();
+    p.add_node("sink", &["a", "b"], 1, Box::new(sink)).unwrap();
+    p.add_node("plain", &["out"], 0, Box::new(make_gen(100, None)))
+        .unwrap();
+    p.add_node(
+        "probe",
+        &["out"],
+        0,
+        Box::new(make_gen(50, None).with_stream(7)),
+    )
+    .unwrap();
+    p.apply(&links(&["plain.out -> sink.a", "probe.out -> sink.b"]))
+        .unwrap();
+    wait_for("150 frames at the sink", 20, || {
+        let s = state.lock().unwrap();
+        s.received + s.foreign >= 150
+    });
+    let s = state.lock().unwrap().summary();
+    assert_eq!((s.received, s.foreign, s.lost), (50, 100, 0));
+    p.shutdown();
 }
 
 #[test]

@@ -37,8 +37,41 @@ pub struct NetworkSpec {
     /// Built-in nodes this network adds to the data plane (traffic generator, latency sink).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nodes: Vec<BuiltinNode>,
+    /// Steering endpoints: logical nodes that stand for one of several VNF instances.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steering: Vec<SteeringEndpoint>,
     /// Links `node.port -> node.port`; `host:IFNAME` names a host interface.
     pub links: Vec<String>,
+}
+
+/// A logical node (`fw`) that links use like a VNF (`gen.out -> fw.in`, `fw.out -> sink.in`):
+/// traffic sent to `fw.in` reaches the `in` port of the active instance only, and what any
+/// instance sends from `out` leaves through `fw.out`. Switching the active instance is one
+/// atomic step on the data plane (no packet delivered to both or neither).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SteeringEndpoint {
+    pub name: Name,
+    /// The VNFs that may receive the endpoint's traffic (each with every port the links use).
+    pub instances: Vec<Name>,
+    /// The instance receiving traffic (default: the first).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active: Option<Name>,
+}
+
+impl SteeringEndpoint {
+    /// The instance traffic goes to.
+    pub fn active_instance(&self) -> Option<&Name> {
+        self.active.as_ref().or_else(|| self.instances.first())
+    }
+}
+
+/// Body of `PUT /v1/networks/{name}/steering/{endpoint}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SteerRequest {
+    /// The instance that receives the endpoint's traffic from now on.
+    pub active: Name,
 }
 
 /// What a built-in node is.
@@ -158,6 +191,39 @@ impl NetworkDescriptor {
         self.spec.nodes.iter().find(|n| n.name.as_str() == name)
     }
 
+    /// The steering endpoint named `name`.
+    pub fn steering(&self, name: &str) -> Option<&SteeringEndpoint> {
+        self.spec.steering.iter().find(|e| e.name.as_str() == name)
+    }
+
+    /// Ports of each steering endpoint that the links use, in first-use order.
+    pub fn steering_ports(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (_, l) in self.parsed_links() {
+            for ep in [&l.from, &l.to] {
+                if let Endpoint::Port { node, port } = ep
+                    && self.steering(node).is_some()
+                {
+                    let ports = out.entry(node.clone()).or_default();
+                    if !ports.contains(port) {
+                        ports.push(port.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The same network with every steering endpoint's `active` left out: two descriptors
+    /// that differ only in where traffic is steered have equal shapes.
+    pub fn shape(&self) -> NetworkDescriptor {
+        let mut d = self.clone();
+        for e in &mut d.spec.steering {
+            e.active = None;
+        }
+        d
+    }
+
     /// Every rule that needs no other facts, each with its field path.
     pub fn violations(&self) -> Vec<FieldError> {
         let mut out = Vec::new();
@@ -202,6 +268,58 @@ impl NetworkDescriptor {
                 out.push(FieldError::new(
                     format!("spec.nodes[{i}].flows"),
                     "must be at least 1",
+                ));
+            }
+        }
+        for (i, e) in self.spec.steering.iter().enumerate() {
+            let path = format!("spec.steering[{i}]");
+            if let Some(j) = builtins.get(e.name.as_str()) {
+                out.push(FieldError::new(
+                    format!("{path}.name"),
+                    format!("`{}` is already the name of spec.nodes[{j}]", e.name),
+                ));
+            } else if let Some(j) = self.spec.steering[..i]
+                .iter()
+                .position(|o| o.name == e.name)
+            {
+                out.push(FieldError::new(
+                    format!("{path}.name"),
+                    format!("`{}` is already the name of spec.steering[{j}]", e.name),
+                ));
+            }
+            if e.instances.is_empty() {
+                out.push(FieldError::new(
+                    format!("{path}.instances"),
+                    "an endpoint needs at least one instance",
+                ));
+            }
+            for (k, inst) in e.instances.iter().enumerate() {
+                if e.instances[..k].contains(inst) {
+                    out.push(FieldError::new(
+                        format!("{path}.instances[{k}]"),
+                        format!("`{inst}` is listed twice"),
+                    ));
+                }
+                if builtins.contains_key(inst.as_str()) || self.steering(inst.as_str()).is_some() {
+                    out.push(FieldError::new(
+                        format!("{path}.instances[{k}]"),
+                        format!("`{inst}` is a node of this network, not a VNF"),
+                    ));
+                }
+            }
+            if let Some(a) = &e.active
+                && !e.instances.contains(a)
+            {
+                out.push(FieldError::new(
+                    format!("{path}.active"),
+                    format!(
+                        "`{a}` is not one of the instances ({})",
+                        e.instances
+                            .iter()
+                            .map(Name::as_str)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
                 ));
             }
         }
@@ -257,6 +375,29 @@ impl NetworkDescriptor {
                 ));
             }
         }
+        let mirrored = self.steering_ports();
+        for (i, link) in self.parsed_links() {
+            for (end, ep) in [("from", &link.from), ("to", &link.to)] {
+                let Endpoint::Port { node, port } = ep else {
+                    continue;
+                };
+                for e in &self.spec.steering {
+                    let uses = mirrored
+                        .get(e.name.as_str())
+                        .is_some_and(|p| p.contains(port));
+                    if uses && e.instances.iter().any(|x| x.as_str() == node) {
+                        out.push(FieldError::new(
+                            format!("spec.links[{i}].{end}"),
+                            format!(
+                                "{ep} is wired through steering endpoint {0} (as {0}.{port}); \
+                                 link {0}.{port} instead",
+                                e.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         out
     }
 }
@@ -284,6 +425,28 @@ pub struct NetworkStatus {
     /// Why links are not live, if any are not.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub waiting: Vec<String>,
+    /// Steering endpoints as the data plane holds them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steering: Vec<SteeringState>,
+}
+
+/// A steering endpoint on the data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SteeringState {
+    pub name: String,
+    /// The instance receiving the endpoint's traffic now.
+    pub active: String,
+    /// Number of switches since the endpoint was created.
+    pub generation: u32,
+    /// Packets the endpoint sent to each instance, in instance order.
+    pub delivered: Vec<InstanceCount>,
+}
+
+/// Packets delivered to one instance of a steering endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceCount {
+    pub instance: String,
+    pub packets: u64,
 }
 
 /// One link with its counters.
@@ -296,6 +459,193 @@ pub struct LinkState {
     pub bytes: u64,
     /// Packets dropped because the link's ring was full.
     pub drops: u64,
+}
+
+/// Body of `POST /v1/networks/{name}/latency`: a probe generator sends timestamped frames into
+/// `from` and a probe sink takes them from `to` while the rest of the network runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LatencyProbe {
+    /// Port the probe sends into (default: where the network's generator or host port feeds
+    /// the chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Port the probe receives from (default: what feeds the network's sink or host port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Packets per second (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_pps: Option<u64>,
+    /// Packets to send (default 20000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    /// Frame size in bytes (default 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u32>,
+}
+
+/// Longest probe the API runs, in seconds of sending.
+pub const MAX_PROBE_SECONDS: u64 = 60;
+
+/// A probe with its defaults filled in and its ports resolved against a network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedProbe {
+    pub from: Endpoint,
+    pub to: Endpoint,
+    pub rate_pps: u64,
+    pub packets: u64,
+    pub size: u32,
+    /// Links of the network that the probe takes over while it runs (`X -> from`, `to -> Y`).
+    pub displaced: Vec<String>,
+}
+
+impl LatencyProbe {
+    /// Fills defaults and checks every field against `network`; errors name the field.
+    pub fn resolve(&self, network: &NetworkDescriptor) -> Result<ResolvedProbe, ModelError> {
+        let mut errs = Vec::new();
+        let rate_pps = self.rate_pps.unwrap_or(10_000);
+        let packets = self.packets.unwrap_or(20_000);
+        let size = self.size.unwrap_or(64);
+        if !(1..=1_000_000).contains(&rate_pps) {
+            errs.push(FieldError::new(
+                "rate_pps",
+                format!("{rate_pps} is not in 1..=1000000 packets per second"),
+            ));
+        }
+        if packets == 0 {
+            errs.push(FieldError::new("packets", "must be at least 1"));
+        } else if rate_pps > 0 && packets.div_ceil(rate_pps) > MAX_PROBE_SECONDS {
+            errs.push(FieldError::new(
+                "packets",
+                format!(
+                    "{packets} packets at {rate_pps}/s take longer than {MAX_PROBE_SECONDS} s; \
+                     send at most {}",
+                    rate_pps * MAX_PROBE_SECONDS
+                ),
+            ));
+        }
+        if !(60..=1514).contains(&size) {
+            errs.push(FieldError::new(
+                "size",
+                format!("{size} is not a frame size in 60..=1514"),
+            ));
+        }
+        let links = network.parsed_links();
+        let feeds = |ep: &Endpoint, kind: BuiltinKind| match ep {
+            Endpoint::Host(_) => true,
+            Endpoint::Port { node, .. } => network.builtin(node).is_some_and(|b| b.kind == kind),
+        };
+        let mut end = |field: &str, given: &Option<String>, default: Option<Endpoint>| {
+            let ep = match given {
+                Some(text) => match endpoint(text) {
+                    Ok(ep) => Some(ep),
+                    Err(e) => {
+                        errs.push(FieldError::new(field, e));
+                        None
+                    }
+                },
+                None => {
+                    if default.is_none() {
+                        errs.push(FieldError::new(
+                            field,
+                            "the network has no generator or host port to take it from; \
+                             name a port (e.g. fw1.in)",
+                        ));
+                    }
+                    default
+                }
+            };
+            match ep {
+                Some(Endpoint::Host(i)) => {
+                    errs.push(FieldError::new(
+                        field,
+                        format!(
+                            "host:{i} is a host interface; the probe needs a VNF or endpoint port"
+                        ),
+                    ));
+                    None
+                }
+                Some(Endpoint::Port { node, port }) => {
+                    if network.builtin(&node).is_some() {
+                        errs.push(FieldError::new(
+                            field,
+                            format!("{node} is a built-in node; name a VNF or endpoint port"),
+                        ));
+                        return None;
+                    }
+                    let used = links.iter().any(|(_, l)| {
+                        [&l.from, &l.to].iter().any(|e| {
+                            matches!(e, Endpoint::Port { node: n, port: p } if *n == node && *p == port)
+                        })
+                    });
+                    if !used {
+                        errs.push(FieldError::new(
+                            field,
+                            format!("{node}.{port} is not a port of network {}", network.name()),
+                        ));
+                        return None;
+                    }
+                    Some(Endpoint::Port { node, port })
+                }
+                None => None,
+            }
+        };
+        let from = end(
+            "from",
+            &self.from,
+            links
+                .iter()
+                .find(|(_, l)| feeds(&l.from, BuiltinKind::Generator))
+                .map(|(_, l)| l.to.clone()),
+        );
+        let to = end(
+            "to",
+            &self.to,
+            links
+                .iter()
+                .find(|(_, l)| feeds(&l.to, BuiltinKind::Sink))
+                .map(|(_, l)| l.from.clone()),
+        );
+        match (from, to) {
+            (Some(from), Some(to)) if errs.is_empty() => {
+                let displaced = links
+                    .iter()
+                    .filter(|(_, l)| l.to == from || l.from == to)
+                    .map(|(i, _)| network.spec.links[*i].clone())
+                    .collect();
+                Ok(ResolvedProbe {
+                    from,
+                    to,
+                    rate_pps,
+                    packets,
+                    size,
+                    displaced,
+                })
+            }
+            _ => Err(ModelError::Invalid(errs)),
+        }
+    }
+}
+
+/// What a latency probe through a network measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LatencyReport {
+    pub network: String,
+    pub from: String,
+    pub to: String,
+    /// Links paused while the probe ran.
+    pub displaced: Vec<String>,
+    pub rate_pps: u64,
+    pub sent: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub reordered: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    /// Text histogram of the one-way latency.
+    pub histogram: String,
 }
 
 /// Parses and validates a network descriptor; every violation is reported with its path.
@@ -405,5 +755,114 @@ spec:
             "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec: { links: [] }\n",
         );
         assert_eq!(e.path, "spec.links");
+    }
+
+    const STEERED: &str = r#"
+apiVersion: telvirt/v1
+kind: Network
+metadata: { name: s1 }
+spec:
+  nodes:
+    - { name: gen, kind: generator }
+    - { name: sink, kind: sink }
+  steering:
+    - { name: fw, instances: [fw1, fw2], active: fw2 }
+  links:
+    - gen.out -> fw.in
+    - fw.out -> sink.in
+"#;
+
+    fn steered_refused(from: &str, to: &str) -> FieldError {
+        assert!(STEERED.contains(from), "test edit target missing: {from}");
+        refused(&STEERED.replacen(from, to, 1))
+    }
+
+    #[test]
+    fn steering_endpoint_parses_and_mirrors_the_ports_links_use() {
+        let n = parse_network(STEERED.as_bytes(), Format::Yaml).unwrap();
+        let e = n.steering("fw").unwrap();
+        assert_eq!(e.active_instance().map(Name::as_str), Some("fw2"));
+        let ports = n.steering_ports();
+        assert_eq!(ports["fw"], vec!["in".to_owned(), "out".to_owned()]);
+        let mut other = n.clone();
+        other.spec.steering[0].active = None;
+        assert_eq!(other.shape(), n.shape());
+        assert_ne!(other, n);
+        assert_eq!(
+            other
+                .steering("fw")
+                .unwrap()
+                .active_instance()
+                .map(Name::as_str),
+            Some("fw1")
+        );
+    }
+
+    #[test]
+    fn steering_mistakes_are_refused_with_their_path() {
+        let e = steered_refused("active: fw2", "active: fw3");
+        assert_eq!(e.path, "spec.steering[0].active");
+        assert!(e.reason.contains("fw1, fw2"), "{e}");
+        let e = steered_refused("[fw1, fw2], active: fw2", "[fw1, fw1]");
+        assert_eq!(e.path, "spec.steering[0].instances[1]");
+        let e = steered_refused("[fw1, fw2], active: fw2", "[]");
+        assert_eq!(e.path, "spec.steering[0].instances");
+        let e = steered_refused("name: fw,", "name: gen,");
+        assert_eq!(e.path, "spec.steering[0].name");
+        let e = steered_refused(
+            "fw.out -> sink.in",
+            "fw1.out -> sink.in\n    - fw.out -> host:v1",
+        );
+        assert_eq!(e.path, "spec.links[1].from");
+        assert!(e.reason.contains("steering endpoint fw"), "{e}");
+    }
+
+    #[test]
+    fn latency_probe_defaults_to_the_chain_ends_and_lists_what_it_pauses() {
+        let n = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        let p = LatencyProbe::default().resolve(&n).unwrap();
+        assert_eq!(p.from.to_string(), "fw1.in");
+        assert_eq!(p.to.to_string(), "fw1.out");
+        assert_eq!((p.rate_pps, p.packets, p.size), (10_000, 20_000, 64));
+        assert_eq!(
+            p.displaced,
+            vec!["gen.out -> fw1.in", "fw1.out -> host:veth1"]
+        );
+    }
+
+    #[test]
+    fn latency_probe_mistakes_name_their_field() {
+        let n = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        let fields = |p: LatencyProbe| match p.resolve(&n) {
+            Err(ModelError::Invalid(f)) => f.into_iter().map(|f| f.path).collect::<Vec<_>>(),
+            other => panic!("expected a refusal, got {other:?}"),
+        };
+        let probe = |from: &str| LatencyProbe {
+            from: Some(from.to_owned()),
+            ..LatencyProbe::default()
+        };
+        assert_eq!(fields(probe("nat1.in")), ["from"]);
+        assert_eq!(fields(probe("gen.out")), ["from"]);
+        assert_eq!(fields(probe("host:veth1")), ["from"]);
+        assert_eq!(fields(probe("fw1")), ["from"]);
+        let p = LatencyProbe {
+            rate_pps: Some(10),
+            packets: Some(10_000),
+            size: Some(20),
+            ..LatencyProbe::default()
+        };
+        assert_eq!(fields(p), ["packets", "size"]);
+        let bare = parse_network(
+            b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec: { links: [a.out -> b.in] }\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        match LatencyProbe::default().resolve(&bare) {
+            Err(ModelError::Invalid(f)) => {
+                assert_eq!(f.len(), 2, "{f:?}");
+                assert!(f[0].reason.contains("name a port"), "{f:?}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 }

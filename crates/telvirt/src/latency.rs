@@ -5,7 +5,11 @@
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
+use reqwest::Method;
+use telvirt_model::network::{LatencyProbe, LatencyReport};
+
 use crate::cli::Output;
+use crate::client::Client;
 use crate::output;
 use crate::progress::Progress;
 
@@ -14,6 +18,32 @@ pub enum LatencyCommand {
     /// Periodic wake-ups on one core (cyclictest-style), next to rt-tests' cyclictest on the
     /// same core in the same run
     Timer(TimerArgs),
+    /// One-way packet latency through a running network: a probe sends timestamped frames
+    /// into the chain's entry port and measures them at its exit (through `telvirt serve`)
+    Chain(ChainArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ChainArgs {
+    /// Network to probe
+    pub network: String,
+    /// Port the probe sends into [default: the port the network's generator or host port
+    /// feeds]
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Port the probe receives from [default: the port that feeds the network's sink or host
+    /// port]
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Packets per second
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Packets to send
+    #[arg(long, default_value_t = 20_000)]
+    pub packets: u64,
+    /// Frame size in bytes
+    #[arg(long, default_value_t = 64)]
+    pub size: u32,
 }
 
 #[derive(Args, Debug)]
@@ -35,10 +65,78 @@ pub struct TimerArgs {
     pub no_cyclictest: bool,
 }
 
-pub fn run(format: Output, cmd: LatencyCommand) -> Result<()> {
+pub async fn run(client: Option<&Client>, format: Output, cmd: LatencyCommand) -> Result<()> {
     match cmd {
         LatencyCommand::Timer(args) => timer(format, args),
+        LatencyCommand::Chain(args) => match client {
+            Some(c) => chain(c, format, args).await,
+            None => anyhow::bail!("latency chain needs a telvirt server"),
+        },
     }
+}
+
+async fn chain(client: &Client, format: Output, args: ChainArgs) -> Result<()> {
+    let probe = LatencyProbe {
+        from: args.from,
+        to: args.to,
+        rate_pps: Some(args.rate),
+        packets: Some(args.packets),
+        size: Some(args.size),
+    };
+    let body = serde_json::to_vec(&probe)?;
+    let path = format!("/v1/networks/{}/latency", args.network);
+    // The server answers when the probe is done; the bar shows time against the send time.
+    let expected_ms = (args.packets.saturating_mul(1000) / args.rate.max(1)).max(1);
+    let progress = Progress::new(format, "probe");
+    let call = client.call(Method::POST, &path, Some((body, "application/json")));
+    tokio::pin!(call);
+    let start = std::time::Instant::now();
+    let answer = loop {
+        tokio::select! {
+            a = &mut call => break a,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                let ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                progress.update(ms.min(expected_ms), expected_ms);
+            }
+        }
+    };
+    progress.finish();
+    let report: LatencyReport = answer?.json()?;
+    if output::report(format, &report)? {
+        return Ok(());
+    }
+    println!(
+        "chain {}: {} -> {}, {} packets at {} pps",
+        report.network, report.from, report.to, report.sent, report.rate_pps
+    );
+    if !report.displaced.is_empty() {
+        println!("paused while probing: {}", report.displaced.join(", "));
+    }
+    println!(
+        "{}",
+        output::table(
+            &[
+                "RECEIVED",
+                "LOST",
+                "REORDERED",
+                "P50 µs",
+                "P99 µs",
+                "P99.9 µs",
+                "MAX µs"
+            ],
+            &[vec![
+                report.received.to_string(),
+                report.lost.to_string(),
+                report.reordered.to_string(),
+                format!("{:.1}", report.p50_us),
+                format!("{:.1}", report.p99_us),
+                format!("{:.1}", report.p999_us),
+                format!("{:.1}", report.max_us),
+            ]]
+        )
+    );
+    println!("{}", report.histogram);
+    Ok(())
 }
 
 fn timer(format: Output, args: TimerArgs) -> Result<()> {

@@ -85,7 +85,15 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
             net::run(&client, format, cmd).await
         }
-        Command::Latency(cmd) => latency::run(format, cmd),
+        Command::Latency(cmd) => {
+            let client = match &cmd {
+                latency::LatencyCommand::Chain(_) => Some(Client::new(config::resolve(
+                    cli.server, cli.token, cli.config,
+                )?)),
+                latency::LatencyCommand::Timer(_) => None,
+            };
+            latency::run(client.as_ref(), format, cmd).await
+        }
         Command::Image(cmd) => vm::image(format, cmd).await,
         Command::Vnf(VnfCommand::Console(args)) => {
             let config_path = cli.config.clone();

@@ -15,7 +15,9 @@ use reqwest::Method;
 use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::network::NetworkReconciler;
 use telvirt_controller::{Controller, NetworkPlane};
-use telvirt_model::network::{Network, NetworkDescriptor, NetworkStatus};
+use telvirt_model::network::{
+    LatencyReport, Network, NetworkDescriptor, NetworkStatus, ResolvedProbe, SteerRequest,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::cli::Output;
@@ -32,6 +34,25 @@ pub enum NetCommand {
         /// Descriptor file, or - for standard input
         #[arg(short = 'f', long = "file")]
         file: std::path::PathBuf,
+    },
+    /// Create a network, or change an existing one in place (links in both versions stay up,
+    /// VNFs keep running, a changed steering `active` is one atomic switch)
+    Apply {
+        /// Descriptor file, or - for standard input
+        #[arg(short = 'f', long = "file")]
+        file: std::path::PathBuf,
+    },
+    /// Point a steering endpoint at another instance, and wait until the data plane switched
+    Steer {
+        /// Network name
+        network: String,
+        /// Steering endpoint of the network
+        endpoint: String,
+        /// The instance that receives the endpoint's traffic from now on
+        instance: String,
+        /// Give up waiting for the data plane after this many seconds
+        #[arg(long, default_value_t = 10)]
+        timeout: u64,
     },
     /// List the networks you may see
     #[command(alias = "ls")]
@@ -66,6 +87,71 @@ pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()>
                 .json()?;
             if !crate::output::structured(format, &n)? {
                 println!("network/{} created", n.name);
+            }
+        }
+        NetCommand::Apply { file } => {
+            let (bytes, content_type) = crate::read_descriptor(&file)?;
+            let d: NetworkDescriptor = telvirt_model::from_text(&bytes, format_of(content_type))?;
+            let path = format!("/v1/networks/{}", d.name());
+            let (n, verb): (Network, &str) = if client.exists(&path).await? {
+                let n = client
+                    .call(Method::PUT, &path, Some((bytes, content_type)))
+                    .await?
+                    .json()?;
+                (n, "configured")
+            } else {
+                let n = client
+                    .call(Method::POST, "/v1/networks", Some((bytes, content_type)))
+                    .await?
+                    .json()?;
+                (n, "created")
+            };
+            if !crate::output::structured(format, &n)? {
+                println!("network/{} {verb}", n.name);
+            }
+        }
+        NetCommand::Steer {
+            network,
+            endpoint,
+            instance,
+            timeout,
+        } => {
+            let active = instance
+                .parse()
+                .map_err(|e| anyhow::anyhow!("instance `{instance}`: {e}"))?;
+            let body = serde_json::to_vec(&SteerRequest { active })?;
+            client
+                .call(
+                    Method::PUT,
+                    &format!("/v1/networks/{network}/steering/{endpoint}"),
+                    Some((body, "application/json")),
+                )
+                .await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+            let state = loop {
+                let n: Network = client.get(&format!("/v1/networks/{network}")).await?;
+                let st = n
+                    .status
+                    .iter()
+                    .flat_map(|s| s.steering.iter())
+                    .find(|s| s.name == endpoint && s.active == instance)
+                    .cloned();
+                if let Some(st) = st {
+                    break st;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "stored, but the data plane did not switch {endpoint} to {instance} within \
+                         {timeout} s (is the network applied? see `telvirt net show {network}`)"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            if !crate::output::structured(format, &state)? {
+                println!(
+                    "network/{network}: {endpoint} -> {} (switch {})",
+                    state.active, state.generation
+                );
             }
         }
         NetCommand::List => {
@@ -136,6 +222,24 @@ impl NetworkPlane for LocalPlane {
 
     fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    fn probe(
+        &self,
+        network: &NetworkDescriptor,
+        probe: &ResolvedProbe,
+    ) -> std::result::Result<LatencyReport, String> {
+        self.reconciler
+            .probe(network, probe)
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn format_of(content_type: &str) -> telvirt_model::Format {
+    if content_type.contains("json") {
+        telvirt_model::Format::Json
+    } else {
+        telvirt_model::Format::Yaml
     }
 }
 

@@ -466,3 +466,123 @@ fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
         stderr(&out)
     );
 }
+
+/// Packets a steering endpoint delivered to each instance, from `net show -o json`.
+fn delivered(node: &Serve, net: &str) -> (Vec<u64>, serde_json::Value) {
+    let v = node.json(&["net", "show", net]);
+    let counts = v["status"]["steering"][0]["delivered"]
+        .as_array()
+        .map(|d| d.iter().map(|c| c["packets"].as_u64().unwrap()).collect())
+        .unwrap_or_default();
+    (counts, v)
+}
+
+#[test]
+fn steering_switches_between_two_firewalls_and_latency_chain_probes_the_chain() {
+    let node = start();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
+    let fw2 = firewall_descriptor(&node, "fw2", "examples/vnfs/firewall.wasm");
+    node.ok(&["vnf", "create", "-f", &fw2]);
+    node.wait_phase("fw1", "Running");
+    node.wait_phase("fw2", "Running");
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: s1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 5000 }\n    - { name: sink, kind: sink }\n  steering:\n    - { name: fw, instances: [fw1, fw2] }\n  links:\n    - gen.out -> fw.in\n    - fw.out -> sink.in\n";
+    std::fs::write(node.path("s1.yaml"), net).unwrap();
+    node.ok(&["net", "apply", "-f", "s1.yaml"]);
+    wait_until("fw1 to carry the endpoint's traffic", || {
+        let (d, v) = delivered(&node, "s1");
+        d.len() == 2 && d[0] > 0 && v["status"]["links"][1]["packets"].as_u64() > Some(0)
+    });
+    assert_eq!(delivered(&node, "s1").0[1], 0, "fw2 is standing by");
+
+    // One switch, confirmed by the data plane.
+    let st = node.json(&["net", "steer", "s1", "fw", "fw2"]);
+    assert_eq!(
+        (st["active"].as_str(), st["generation"].as_u64()),
+        (Some("fw2"), Some(1)),
+        "{st}"
+    );
+    wait_until("fw2 to carry the traffic", || {
+        delivered(&node, "s1").0[1] > 0
+    });
+    let fw1_total = delivered(&node, "s1").0[0];
+    let fw2_before = delivered(&node, "s1").0[1];
+    wait_until("more traffic through fw2", || {
+        delivered(&node, "s1").0[1] > fw2_before + 500
+    });
+    assert_eq!(
+        delivered(&node, "s1").0[0],
+        fw1_total,
+        "fw1 got packets after the switch"
+    );
+    let table = String::from_utf8_lossy(&node.ok(&["net", "show", "s1"]).stdout).into_owned();
+    assert!(
+        table.contains("steering fw: active fw2 (switches: 1)"),
+        "{table}"
+    );
+
+    // A refused switch names the valid instances and moves nothing.
+    node.fails(&["net", "steer", "s1", "fw", "fw9"], "fw1, fw2");
+    let v = node.json(&["net", "show", "s1"]);
+    assert_eq!(v["status"]["steering"][0]["active"], "fw2", "{v}");
+
+    // The stored descriptor is the truth: applying the file (no `active`) steers back to the
+    // first instance.
+    node.ok(&["net", "apply", "-f", "s1.yaml"]);
+    wait_until("the endpoint back on fw1", || {
+        node.json(&["net", "show", "s1"])["status"]["steering"][0]["active"] == "fw1"
+    });
+
+    // latency chain: the probe goes through the endpoint while the network's own traffic is
+    // paused, every probe packet arrives, and the network carries its traffic again after.
+    let probe = |packets: &str, json: bool| {
+        let mut args = vec![
+            "latency",
+            "chain",
+            "s1",
+            "--rate",
+            "20000",
+            "--packets",
+            packets,
+        ];
+        if json {
+            args.extend(["-o", "json"]);
+        }
+        node.ok(&args).stdout
+    };
+    let r: serde_json::Value = serde_json::from_slice(&probe("2000", true)).unwrap();
+    assert_eq!(
+        (r["from"].as_str(), r["to"].as_str()),
+        (Some("fw.in"), Some("fw.out")),
+        "{r}"
+    );
+    assert_eq!(
+        (
+            r["sent"].as_u64(),
+            r["received"].as_u64(),
+            r["lost"].as_u64()
+        ),
+        (Some(2000), Some(2000), Some(0)),
+        "{r}"
+    );
+    let (p50, max) = (r["p50_us"].as_f64().unwrap(), r["max_us"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p50 <= max, "{r}");
+    assert_eq!(
+        r["displaced"],
+        serde_json::json!(["gen.out -> fw.in", "fw.out -> sink.in"])
+    );
+    let sunk = |v: &serde_json::Value| v["status"]["links"][1]["packets"].as_u64().unwrap_or(0);
+    let after = sunk(&node.json(&["net", "show", "s1"]));
+    wait_until("the network's own traffic again", || {
+        sunk(&node.json(&["net", "show", "s1"])) > after + 100
+    });
+    let text = String::from_utf8_lossy(&probe("500", false)).into_owned();
+    assert!(
+        text.contains("P99.9") && text.contains("fw.in -> fw.out"),
+        "{text}"
+    );
+
+    // Bad probes are refused before anything is sent, naming the field.
+    node.fails(&["latency", "chain", "s1", "--rate", "0"], "rate_pps");
+    node.fails(&["latency", "chain", "s1", "--from", "nat1.in"], "from");
+    node.fails(&["latency", "chain", "nosuch"], "not found");
+}

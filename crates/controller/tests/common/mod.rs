@@ -28,6 +28,16 @@ pub struct Reply {
     pub body: Value,
 }
 
+impl Reply {
+    /// The `path` of every refused field of a problem answer, in order.
+    pub fn error_paths(&self) -> Vec<&str> {
+        self.body["errors"]
+            .as_array()
+            .map(|e| e.iter().filter_map(|e| e["path"].as_str()).collect())
+            .unwrap_or_default()
+    }
+}
+
 fn escape(pointer_part: &str) -> String {
     pointer_part.replace('~', "~0").replace('/', "~1")
 }
@@ -103,10 +113,23 @@ impl Node {
         token: Option<&str>,
         body: Option<(&[u8], &str)>,
     ) -> Reply {
-        let path = match name {
-            Some(n) => template.replace("{name}", n),
-            None => template.to_owned(),
-        };
+        let params: Vec<(&str, &str)> = name.map(|n| ("name", n)).into_iter().collect();
+        self.call_at(method, template, &params, token, body).await
+    }
+
+    /// [`Node::call`] with every `{param}` of `template` filled from `params`.
+    pub async fn call_at(
+        &self,
+        method: &str,
+        template: &str,
+        params: &[(&str, &str)],
+        token: Option<&str>,
+        body: Option<(&[u8], &str)>,
+    ) -> Reply {
+        let mut path = template.to_owned();
+        for (k, v) in params {
+            path = path.replace(&format!("{{{k}}}"), v);
+        }
         let mut req = self
             .http
             .request(method.parse().unwrap(), format!("{}{path}", self.base));

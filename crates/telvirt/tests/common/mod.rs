@@ -132,6 +132,15 @@ impl Serve {
         out
     }
 
+    /// Runs the CLI expecting it to fail with `needle` in its error output; returns that output.
+    pub fn fails(&self, args: &[&str], needle: &str) -> String {
+        let out = self.cli(args);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "telvirt {args:?} should have failed");
+        assert!(err.contains(needle), "telvirt {args:?}: {err}");
+        err
+    }
+
     pub fn json(&self, args: &[&str]) -> Value {
         let mut all = args.to_vec();
         all.extend(["-o", "json"]);
