@@ -1,13 +1,24 @@
 /* 5-tuple ACL firewall (VNF ABI v1).
  * Map 0 `rules` (hash, key: struct tv_tuple, value: u32 action): action 0 = drop, k+1 = forward
- * to port k. Lookup order: exact 5-tuple, then the service rule (source address and port zero),
- * then the default action. Config blob: u32 LE default action, then N rules of 20 bytes
- * (16-byte key, u32 LE action). Counters: 0 allowed, 1 denied, 2 non-ip. */
+ * to port k, FW_CROSS (0xffffffff) = forward to the other port of the pair the packet came in on
+ * (0 <-> 1, 2 <-> 3, ...: a bump in the wire). Lookup order: exact 5-tuple, then the service rule
+ * (source address and port zero), then the default action. Frames that are not IPv4 (ARP, IPv6)
+ * take the default action. Config blob: u32 LE default action, then N rules of 20 bytes
+ * (16-byte key, u32 LE action). Counters: 0 allowed, 1 denied (IPv4 only), 2 non-ip. */
 #include "telvirt_vnf.h"
 
 TV_DEFINE_BUFFER()
 
+#define FW_CROSS 0xffffffffu
+
 static uint32_t default_action;
+
+/* The verdict of `action` for a packet that arrived on `port`. */
+static inline int32_t fw_verdict(uint32_t action, uint32_t port) {
+    if (action == 0) return TV_DROP;
+    if (action == FW_CROSS) return (int32_t)(port ^ 1u);
+    return (int32_t)(action - 1);
+}
 
 TV_EXPORT(tv_init) int32_t tv_init(const uint8_t *cfg, int32_t len) {
     if (len < 4 || (len - 4) % 20 != 0) return len == 0 ? 0 : TV_EINVAL;
@@ -30,7 +41,7 @@ TV_EXPORT(tv_process) int32_t tv_process(uint8_t *buf, int32_t n) {
         uint32_t l4;
         uint32_t action;
         if (tv_parse_tuple(p, d[i].len, &t, &l4) < 0) {
-            d[i].verdict = TV_DROP;
+            d[i].verdict = fw_verdict(default_action, d[i].port);
             other++;
             continue;
         }
@@ -42,13 +53,9 @@ TV_EXPORT(tv_process) int32_t tv_process(uint8_t *buf, int32_t n) {
             t.sport[0] = t.sport[1] = 0;
             action = tv_map_lookup(0, &t, v) == TV_OK ? tv_le32(v) : default_action;
         }
-        if (action == 0) {
-            d[i].verdict = TV_DROP;
-            denied++;
-        } else {
-            d[i].verdict = (int32_t)(action - 1);
-            allowed++;
-        }
+        d[i].verdict = fw_verdict(action, d[i].port);
+        if (action == 0) denied++;
+        else allowed++;
     }
     if (allowed) tv_counter_add(0, allowed);
     if (denied) tv_counter_add(1, denied);

@@ -208,6 +208,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/unlock", post(unlock_vnf))
         .route("/v1/vnfs/{name}/upgrade", post(upgrade_vnf))
         .route("/v1/vnfs/{name}/maps", get(vnf_maps))
+        .route("/v1/vnfs/{name}/stats", get(vnf_stats))
         .route("/v1/vnfs/{name}/devices", post(attach_device))
         .route(
             "/v1/vnfs/{name}/devices/{id}",
@@ -782,6 +783,25 @@ async fn vnf_maps(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/vnfs/{name}/stats", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    responses(
+        (status = 200, description = "The runtime's and the module's counters of the running wasm instance", body = telvirt_model::api::WasmStatsView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a wasm VNF, or not Running or Locked", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn vnf_stats(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.vnf_stats(&caller, &name).await?,
+    ))
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
@@ -791,7 +811,7 @@ async fn vnf_maps(
         show_host, host_core_map,
         list_authorities, create_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency,
-        upgrade_vnf, vnf_maps
+        upgrade_vnf, vnf_maps, vnf_stats
     ),
     modifiers(&BearerScheme)
 )]

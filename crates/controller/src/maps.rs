@@ -1,5 +1,5 @@
-//! Reading a running wasm VNF's maps (`GET /v1/vnfs/{name}/maps`): per map its name, kind and
-//! how many entries it holds.
+//! Reading a running wasm VNF's maps (`GET /v1/vnfs/{name}/maps`: per map its name, kind and
+//! how many entries it holds) and counters (`GET /v1/vnfs/{name}/stats`).
 //!
 //! Owns the checks (visibility, runtime, phase) and asking the local agent's wasm runtime
 //! through the [`MapReader`] hook (in-process on the all-in-one node, like module upgrades,
@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use telvirt_model::api::MapView;
+use telvirt_model::api::{MapView, WasmStatsView};
 use telvirt_model::{Phase, RuntimeKind};
 
 use crate::service::{Caller, Controller, ControllerError};
@@ -16,6 +16,8 @@ use crate::service::{Caller, Controller, ControllerError};
 pub trait MapReader: Send + Sync + 'static {
     /// The maps of VNF `vnf`'s running instance, in declaration order.
     fn maps(&self, vnf: &str) -> Result<Vec<MapView>, String>;
+    /// The runtime's and the module's counters of VNF `vnf`'s running instance.
+    fn stats(&self, vnf: &str) -> Result<WasmStatsView, String>;
 }
 
 impl Controller {
@@ -30,22 +32,45 @@ impl Controller {
         caller: &Caller,
         name: &str,
     ) -> Result<Vec<MapView>, ControllerError> {
+        let reader = self.running_wasm(caller, name, "maps").await?;
+        reader.maps(name).map_err(ControllerError::Conflict)
+    }
+
+    /// The counters of a wasm VNF the caller may see, read from its running (or locked) instance.
+    pub async fn vnf_stats(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<WasmStatsView, ControllerError> {
+        let reader = self.running_wasm(caller, name, "counters").await?;
+        reader.stats(name).map_err(ControllerError::Conflict)
+    }
+
+    /// The reader for VNF `name` if the caller may see it, it is a wasm VNF and its instance
+    /// runs (or is locked); `what` names what is read, for the errors.
+    async fn running_wasm(
+        &self,
+        caller: &Caller,
+        name: &str,
+        what: &str,
+    ) -> Result<Arc<dyn MapReader>, ControllerError> {
         let vnf = self.vnf(caller, name).await?;
         if vnf.descriptor.spec.runtime != RuntimeKind::Wasm {
             return Err(ControllerError::Conflict(format!(
-                "vnf {name} runs on the {} runtime, which has no maps; only wasm VNFs do",
+                "vnf {name} runs on the {} runtime, which has no {what}; only wasm VNFs do",
                 vnf.descriptor.spec.runtime.as_str()
             )));
         }
         if !matches!(vnf.phase, Phase::Running | Phase::Locked) {
             return Err(ControllerError::Conflict(format!(
-                "vnf {name} is {}: its maps are read from its running instance",
+                "vnf {name} is {}: its {what} are read from its running instance",
                 vnf.phase.as_str()
             )));
         }
-        let reader = self.map_reader_cell().get().ok_or_else(|| {
-            ControllerError::Conflict("this node runs no wasm runtime to read maps from".into())
-        })?;
-        reader.maps(name).map_err(ControllerError::Conflict)
+        self.map_reader_cell().get().cloned().ok_or_else(|| {
+            ControllerError::Conflict(format!(
+                "this node runs no wasm runtime to read {what} from"
+            ))
+        })
     }
 }

@@ -483,31 +483,29 @@ async fn a_security_policy_without_the_needed_domains_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn maps_are_read_only_from_a_running_wasm_instance_the_caller_may_see() {
+async fn maps_and_stats_are_read_only_from_a_running_wasm_instance_the_caller_may_see() {
     let node = Node::start().await;
     let ent = node.create_authority("ent1").await;
     assert_eq!(node.create_vnf(&ent, &wasm_vnf("fw1")).await.status, 201);
     // This node's agent runs no runtime: the VNF fails, and has no instance to read.
     node.wait_vnf(&ent, "fw1", |v| v["phase"] == "Failed").await;
-    let r = node
-        .call("GET", "/v1/vnfs/{name}/maps", Some("fw1"), Some(&ent), None)
-        .await;
-    assert_eq!(r.status, 409, "{}", r.body);
-    assert!(
-        r.body["detail"].as_str().unwrap().contains("is Failed"),
-        "{}",
-        r.body
-    );
-    // Another authority sees no such VNF.
     let other = node.create_authority("ent2").await;
-    let r = node
-        .call(
-            "GET",
-            "/v1/vnfs/{name}/maps",
-            Some("fw1"),
-            Some(&other),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 404);
+    for (path, what) in [
+        ("/v1/vnfs/{name}/maps", "maps"),
+        ("/v1/vnfs/{name}/stats", "counters"),
+    ] {
+        let r = node.call("GET", path, Some("fw1"), Some(&ent), None).await;
+        assert_eq!(r.status, 409, "{}", r.body);
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(
+            detail.contains("is Failed") && detail.contains(what),
+            "{}",
+            r.body
+        );
+        // Another authority sees no such VNF.
+        let r = node
+            .call("GET", path, Some("fw1"), Some(&other), None)
+            .await;
+        assert_eq!(r.status, 404);
+    }
 }

@@ -4,7 +4,6 @@
 //! fails the test with the apt package to install. All traffic stays inside namespaces this
 //! test creates (and removes, also on failure).
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -18,159 +17,16 @@ use telvirt_dataplane::pool::Pool;
 use telvirt_dataplane::traffic::Generator;
 use telvirt_dataplane::worker::{WorkerConfig, allowed_cores};
 
-fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false);
-    assert!(found, "`{tool}` is missing: apt-get install -y {package}");
-}
-
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"))
-}
-
-fn must(args: &[&str]) {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Namespaces and veth pairs that exist only while this value lives.
-struct Topology {
-    ns: Vec<String>,
-}
-
-impl Topology {
-    /// nsA(a0 10.203.0.1) <-veth-> mid(a1)   mid(b1) <-veth-> nsB(b0 10.203.0.2)
-    fn new(tag: &str) -> Self {
-        let id = std::process::id() % 100_000;
-        let n = |s: &str| format!("tv{tag}{id}{s}");
-        let t = Topology {
-            ns: vec![n("A"), n("B"), n("M")],
-        };
-        for ns in &t.ns {
-            must(&["ip", "netns", "add", ns]);
-        }
-        let (a, b, m) = (&t.ns[0], &t.ns[1], &t.ns[2]);
-        for (side, ns, addr) in [("a", a, "10.203.0.1/24"), ("b", b, "10.203.0.2/24")] {
-            must(&[
-                "ip",
-                "-n",
-                m,
-                "link",
-                "add",
-                &format!("{side}1"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("{side}0"),
-                "netns",
-                ns,
-            ]);
-            must(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                addr,
-                "dev",
-                &format!("{side}0"),
-            ]);
-            for (nsx, ifx) in [(ns, format!("{side}0")), (m, format!("{side}1"))] {
-                must(&[
-                    "ip", "netns", "exec", nsx, "ethtool", "-K", &ifx, "tx", "off", "rx", "off",
-                    "tso", "off", "gso", "off", "gro", "off",
-                ]);
-                must(&["ip", "-n", nsx, "link", "set", &ifx, "up"]);
-            }
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
-        }
-        t
-    }
-
-    fn exec(&self, ns: usize, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.ns[ns]]).args(args);
-        c
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes the veth ends inside it (and so their peers).
-        for ns in &self.ns {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-/// A child process killed (by its own pid) when dropped.
-struct Guarded(Child);
-
-impl Drop for Guarded {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Start a one-shot iperf3 server in namespace `ns` and wait until it listens.
-fn iperf3_server(t: &Topology, ns: usize, port: u16) -> Guarded {
-    let p = port.to_string();
-    let child = t
-        .exec(ns, &["iperf3", "-s", "-1", "-p", &p])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let g = Guarded(child);
-    wait_port_open(t, ns, port);
-    g
-}
-
-fn wait_port_open(t: &Topology, ns: usize, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = t
-            .exec(ns, &["ss", "-ltnH", &format!("sport = :{port}")])
-            .output()
-            .unwrap();
-        if !out.stdout.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "iperf3 server on port {port} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+#[path = "support/netns.rs"]
+mod netns;
+use netns::{
+    Topology, iperf3_is_blocked, iperf3_moves_data, iperf3_server, must, ping_ok, require_root,
+    require_tool, require_traffic_tools,
+};
 
 #[test]
 fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (network namespaces)"
-    );
-    for (tool, pkg) in [
-        ("ip", "iproute2"),
-        ("ss", "iproute2"),
-        ("ping", "iputils-ping"),
-        ("iperf3", "iperf3"),
-        ("ethtool", "ethtool"),
-    ] {
-        require_tool(tool, pkg);
-    }
+    require_traffic_tools();
     let t = Topology::new("fw");
     let mid = format!("/run/netns/{}", t.ns[2]);
     let pool = Arc::new(Pool::new("netns", 4096, 2048).unwrap());
@@ -206,64 +62,19 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
     panel.apply(&links).unwrap();
 
     // ping crosses the chain both ways.
-    let out = t
-        .exec(
-            0,
-            &["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.203.0.2"],
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ping failed: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    ping_ok(&t, 0, "10.203.0.2");
     assert!(sa.rx.load(Ordering::Relaxed) >= 3 && sb.tx.load(Ordering::Relaxed) >= 3);
     assert!(sb.rx.load(Ordering::Relaxed) >= 3 && sa.tx.load(Ordering::Relaxed) >= 3);
 
     // iperf3 TCP on an allowed port carries data.
     let _srv = iperf3_server(&t, 1, 5201);
-    let out = t
-        .exec(
-            0,
-            &["iperf3", "-c", "10.203.0.2", "-p", "5201", "-t", "1", "-J"],
-        )
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "iperf3 through the chain failed: {text}"
-    );
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap();
-    assert!(bytes > 0, "iperf3 moved no data: {text}");
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
+    let (_, bps) = iperf3_moves_data(&t, 0, "10.203.0.2", 5201);
     eprintln!("iperf3 TCP through the chain: {:.0} Mbit/s", bps / 1e6);
 
     // The rule blocks TCP to port 5202: the connection attempt fails and denials are counted.
     let denied_before = fwc.denied.load(Ordering::Relaxed);
     let _srv2 = iperf3_server(&t, 1, 5202);
-    let out = t
-        .exec(
-            0,
-            &[
-                "iperf3",
-                "-c",
-                "10.203.0.2",
-                "-p",
-                "5202",
-                "-t",
-                "1",
-                "--connect-timeout",
-                "1500",
-            ],
-        )
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "iperf3 to a denied port succeeded");
+    iperf3_is_blocked(&t, 0, "10.203.0.2", 5202);
     assert!(
         fwc.denied.load(Ordering::Relaxed) > denied_before,
         "no denial counted"
@@ -316,12 +127,7 @@ fn tap_host_port_receives_and_transmits_frames() {
     use std::io::{Read, Write};
     use telvirt_dataplane::packet::{read_test_frame, write_test_frame};
     use telvirt_dataplane::traffic::LatencySink;
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (network namespaces)"
-    );
+    require_root();
     require_tool("ip", "iproute2");
     let ns = format!("tvtap{}", std::process::id() % 100_000);
     must(&["ip", "netns", "add", &ns]);

@@ -63,6 +63,34 @@ pub struct MapView {
     pub max_entries: u32,
 }
 
+/// A running wasm VNF's counters (`GET /v1/vnfs/{name}/stats`): the runtime's own, and the
+/// module's (named by its manifest, e.g. the firewall's `allowed`, `denied`, `non_ip`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WasmStatsView {
+    pub batches: u64,
+    pub packets_in: u64,
+    pub packets_forwarded: u64,
+    pub packets_dropped: u64,
+    /// Batches dropped because the module trapped.
+    pub batches_trapped: u64,
+    /// Batches for which the module returned an error (all their packets dropped).
+    pub batch_errors: u64,
+    /// Verdicts naming a port the VNF does not have, or descriptors moved outside their slot.
+    pub invalid_verdicts: u64,
+    pub packets_emitted: u64,
+    /// Restarts of the instance after a failure (per its restart policy).
+    pub restarts: u32,
+    /// The module's counters, in manifest order.
+    pub counters: Vec<CounterView>,
+}
+
+/// One module counter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CounterView {
+    pub name: String,
+    pub value: u64,
+}
+
 /// What one logical CPU of a host is used for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase", tag = "state")]

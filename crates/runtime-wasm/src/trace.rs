@@ -1,7 +1,7 @@
 //! Deterministic workloads for the example VNFs (configuration, provisioned map entries and a
 //! packet trace of 64-byte packets), shared by the tests and the benchmark. Builds bytes only.
 
-use crate::vnfs::{self, ExampleVnf};
+use crate::vnfs::{self, ExampleVnf, FirewallRule, firewall_config, fw_action};
 
 /// A VNF, how to set it up, and the packets to feed it.
 pub struct Workload {
@@ -76,16 +76,6 @@ pub fn ipv4_packet(
     p
 }
 
-fn tuple_key(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, proto: u8) -> Vec<u8> {
-    let mut k = Vec::with_capacity(16);
-    k.extend_from_slice(&src);
-    k.extend_from_slice(&dst);
-    k.extend_from_slice(&sport.to_be_bytes());
-    k.extend_from_slice(&dport.to_be_bytes());
-    k.extend_from_slice(&[proto, 0, 0, 0]);
-    k
-}
-
 fn host(i: u32, net: u8) -> [u8; 4] {
     [net, (i >> 16) as u8, (i >> 8) as u8, i as u8 | 1]
 }
@@ -93,19 +83,29 @@ fn host(i: u32, net: u8) -> [u8; 4] {
 /// Firewall: `rules` exact 5-tuple rules (half allow to port 1, half deny) plus one service
 /// rule; the trace mixes matching flows, service hits and default-denied flows.
 pub fn firewall(rules: u32, packets: usize) -> Workload {
-    let mut config = 0u32.to_le_bytes().to_vec();
-    for i in 0..rules {
-        config.extend(tuple_key(
-            host(i, 10),
-            host(i, 172),
-            1024 + (i % 60000) as u16,
-            443,
-            6,
-        ));
-        config.extend_from_slice(&(if i % 2 == 0 { 2u32 } else { 0 }).to_le_bytes());
-    }
-    config.extend(tuple_key([0; 4], [198, 51, 100, 10], 0, 53, 17));
-    config.extend_from_slice(&2u32.to_le_bytes());
+    let mut list: Vec<FirewallRule> = (0..rules)
+        .map(|i| FirewallRule {
+            src: host(i, 10),
+            dst: host(i, 172),
+            sport: 1024 + (i % 60000) as u16,
+            dport: 443,
+            proto: 6,
+            action: if i % 2 == 0 {
+                fw_action::forward(1)
+            } else {
+                fw_action::DROP
+            },
+        })
+        .collect();
+    list.push(FirewallRule {
+        src: [0; 4],
+        dst: [198, 51, 100, 10],
+        sport: 0,
+        dport: 53,
+        proto: 17,
+        action: fw_action::forward(1),
+    });
+    let config = firewall_config(fw_action::DROP, &list);
     let mut rng = Rng(0x0f12_e3a1);
     let pk = (0..packets)
         .map(|_| {

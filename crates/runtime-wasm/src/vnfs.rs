@@ -64,3 +64,55 @@ pub fn gtpu() -> ExampleVnf {
 pub fn all() -> [ExampleVnf; 3] {
     [firewall(), nat(), gtpu()]
 }
+
+/// Actions of the example firewall (its rules' values and its default action).
+pub mod fw_action {
+    /// Drop the packet.
+    pub const DROP: u32 = 0;
+    /// Forward to the other port of the pair the packet came in on (0 <-> 1): a bump in the
+    /// wire that passes traffic both ways.
+    pub const CROSS: u32 = u32::MAX;
+
+    /// Forward to output port `port`.
+    pub const fn forward(port: u32) -> u32 {
+        port + 1
+    }
+}
+
+/// One rule of the example firewall: the 5-tuple it matches (addresses as written, ports in
+/// host order) and its action. A rule with source address and port zero is a service rule that
+/// matches any source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirewallRule {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    /// IP protocol number (6 TCP, 17 UDP).
+    pub proto: u8,
+    pub action: u32,
+}
+
+impl FirewallRule {
+    /// The 16-byte key of the firewall's `rules` map.
+    pub fn key(&self) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[0..4].copy_from_slice(&self.src);
+        k[4..8].copy_from_slice(&self.dst);
+        k[8..10].copy_from_slice(&self.sport.to_be_bytes());
+        k[10..12].copy_from_slice(&self.dport.to_be_bytes());
+        k[12] = self.proto;
+        k
+    }
+}
+
+/// The example firewall's `tv_init` blob: the default action, then every rule (key, action).
+pub fn firewall_config(default_action: u32, rules: &[FirewallRule]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + rules.len() * 20);
+    out.extend_from_slice(&default_action.to_le_bytes());
+    for r in rules {
+        out.extend_from_slice(&r.key());
+        out.extend_from_slice(&r.action.to_le_bytes());
+    }
+    out
+}

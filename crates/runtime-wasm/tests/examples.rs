@@ -5,7 +5,6 @@
 mod common;
 
 use common::*;
-use telvirt_runtime_wasm::native::NativeVnf;
 use telvirt_runtime_wasm::trace::{self, Workload};
 use telvirt_runtime_wasm::{EngineKind, PacketBatch, Verdict, VnfConfig, VnfInstance, WasmRuntime};
 
@@ -48,17 +47,24 @@ fn run(w: &Workload, range: std::ops::Range<usize>, mut f: impl FnMut(&mut Packe
     out
 }
 
-fn native(w: &Workload) -> (Output, NativeVnf) {
+/// One native instance at a time: the C examples' buffers and globals are static, so a second
+/// live instance of the same example is refused (tests run in parallel threads).
+static NATIVE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `w` through the natively compiled example; its instance is gone when this returns.
+fn native(w: &Workload) -> Output {
+    let _one = NATIVE.lock().unwrap_or_else(|p| p.into_inner());
     let rt = runtime("native-defs");
     let m = install(&rt, w.vnf.wasm, "operator");
-    let mut n = NativeVnf::new(w.vnf, &m.manifest.maps, &w.config, w.ports).expect("native");
+    let mut n =
+        telvirt_runtime_wasm::native::NativeVnf::new(w.vnf, &m.manifest.maps, &w.config, w.ports)
+            .expect("native");
     for (map, k, v) in &w.provision {
         n.map_update(map, k, v).expect("provision");
     }
-    let out = run(w, 0..w.packets.len(), |b| {
+    run(w, 0..w.packets.len(), |b| {
         n.process_batch(b).expect("native batch")
-    });
-    (out, n)
+    })
 }
 
 fn wasm(w: &Workload) -> (Output, VnfInstance) {
@@ -86,7 +92,7 @@ fn ip_csum_ok(p: &[u8]) -> bool {
 fn firewall_matches_native_and_filters() {
     let w = trace::firewall(64, 2000);
     let (out_w, inst) = wasm(&w);
-    let (out_n, _) = native(&w);
+    let out_n = native(&w);
     assert_eq!(out_w, out_n, "wasm and native outputs differ");
     let fwd = out_w
         .iter()
@@ -103,7 +109,7 @@ fn firewall_matches_native_and_filters() {
 fn nat_matches_native_and_translates() {
     let w = trace::nat(128, 3000);
     let (out_w, inst) = wasm(&w);
-    let (out_n, _) = native(&w);
+    let out_n = native(&w);
     assert_eq!(out_w, out_n, "wasm and native outputs differ");
     let mut outbound = 0;
     for ((port, pkt), (v, o)) in w.packets.iter().zip(&out_w) {
@@ -142,7 +148,7 @@ fn nat_matches_native_and_translates() {
 fn gtpu_matches_native_and_tunnels() {
     let w = trace::gtpu(64, 2000);
     let (out_w, inst) = wasm(&w);
-    let (out_n, _) = native(&w);
+    let out_n = native(&w);
     assert_eq!(out_w, out_n, "wasm and native outputs differ");
     for ((port, pkt), (v, o)) in w.packets.iter().zip(&out_w) {
         match (port, v) {
@@ -256,4 +262,49 @@ fn update_log_replicates_to_a_standby() {
     bad[mid] ^= 1;
     let err = standby.apply_update_log(&bad).expect_err("corrupt");
     assert!(err.to_string().contains("checksum mismatch"), "{err}");
+}
+
+#[test]
+fn firewall_in_cross_mode_passes_both_ways_and_still_denies() {
+    use telvirt_runtime_wasm::vnfs::{FirewallRule, firewall_config, fw_action};
+    let (a, b) = ([10, 203, 0, 1], [10, 203, 0, 2]);
+    let deny = FirewallRule {
+        src: [0; 4],
+        dst: b,
+        sport: 0,
+        dport: 5202,
+        proto: 6,
+        action: fw_action::DROP,
+    };
+    let mut arp = vec![0u8; 60];
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let w = Workload {
+        vnf: telvirt_runtime_wasm::vnfs::firewall(),
+        config: firewall_config(fw_action::CROSS, &[deny]),
+        provision: Vec::new(),
+        packets: vec![
+            (0, trace::ipv4_packet(a, b, 40000, 5201, 6, 64)),
+            (1, trace::ipv4_packet(b, a, 5201, 40000, 6, 64)),
+            (0, trace::ipv4_packet(a, b, 40001, 5202, 6, 64)),
+            (1, arp.clone()),
+            (0, arp),
+        ],
+        ports: 2,
+    };
+    let (out_w, inst) = wasm(&w);
+    let out_n = native(&w);
+    assert_eq!(out_w, out_n, "wasm and native outputs differ");
+    let verdicts: Vec<Verdict> = out_w.iter().map(|(v, _)| *v).collect();
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Forward(1),
+            Verdict::Forward(0),
+            Verdict::Drop,
+            Verdict::Forward(0),
+            Verdict::Forward(1)
+        ]
+    );
+    let c: Vec<u64> = inst.counters().iter().map(|c| c.1).collect();
+    assert_eq!(c, [2, 1, 2], "allowed, denied, non-ip");
 }

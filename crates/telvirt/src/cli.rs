@@ -136,6 +136,9 @@ pub enum VnfCommand {
     },
     /// Show a running wasm VNF's maps and how many entries each holds
     Maps { name: String },
+    /// Show a running wasm VNF's counters: batches, packets in/forwarded/dropped, traps, and
+    /// the module's own (e.g. the firewall's allowed/denied)
+    Stats { name: String },
     /// Show the serial console of a vm VNF (read on the node, from its data dir)
     Console(crate::vm::ConsoleArgs),
     /// Grant a device to a vm VNF; its agent attaches it to the running VM

@@ -185,6 +185,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
             crate::wasm::upgrade(client, format, &name, &module).await?
         }
         VnfCommand::Maps { name } => crate::wasm::maps(client, format, &name).await?,
+        VnfCommand::Stats { name } => crate::wasm::stats(client, format, &name).await?,
         VnfCommand::Delete { name, no_wait } => {
             let path = format!("/v1/vnfs/{name}");
             let answer = client.call(Method::DELETE, &path, None).await?;

@@ -15,7 +15,7 @@ use telvirt_agent::runtimes::wasm::WasmRuntime;
 
 use reqwest::Method;
 use telvirt_controller::{Controller, MapReader, ModuleUpgrader};
-use telvirt_model::api::MapView;
+use telvirt_model::api::{MapView, WasmStatsView};
 use telvirt_model::{Name, Vnf};
 use telvirt_runtime_wasm::SecurityPolicy;
 
@@ -114,6 +114,43 @@ impl MapReader for Upgrader {
         let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
         self.0.map_views(&name).map_err(|e| e.to_string())
     }
+
+    fn stats(&self, vnf: &str) -> Result<WasmStatsView, String> {
+        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
+        self.0.stats_view(&name).map_err(|e| e.to_string())
+    }
+}
+
+/// `telvirt vnf stats NAME`.
+pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
+    let s: WasmStatsView = client.get(&format!("/v1/vnfs/{name}/stats")).await?;
+    if crate::output::structured(format, &s)? {
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = [
+        ("batches", s.batches),
+        ("packets_in", s.packets_in),
+        ("packets_forwarded", s.packets_forwarded),
+        ("packets_dropped", s.packets_dropped),
+        ("batches_trapped", s.batches_trapped),
+        ("batch_errors", s.batch_errors),
+        ("invalid_verdicts", s.invalid_verdicts),
+        ("packets_emitted", s.packets_emitted),
+        ("restarts", u64::from(s.restarts)),
+    ]
+    .iter()
+    .map(|(k, v)| vec!["runtime".to_owned(), (*k).to_owned(), v.to_string()])
+    .collect();
+    rows.extend(
+        s.counters
+            .iter()
+            .map(|c| vec!["module".to_owned(), c.name.clone(), c.value.to_string()]),
+    );
+    println!(
+        "{}",
+        crate::output::table(&["FROM", "COUNTER", "VALUE"], &rows)
+    );
+    Ok(())
 }
 
 /// `telvirt vnf maps NAME`.

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{BIN, DEADLINE, Serve, repo, stderr};
+#[path = "../../dataplane/tests/support/netns.rs"]
+mod netns;
 
 /// Four dedicatable CPUs, none kept shared: VNFs created first land on CPUs 0 and 1, where the
 /// data plane has workers on any machine with two CPUs.
@@ -22,6 +24,11 @@ fn start() -> Serve {
 
 /// [`start`] with more `telvirt serve` arguments.
 fn start_with(extra: &[&str]) -> Serve {
+    start_wrapped(extra, &[])
+}
+
+/// [`start_with`], the server and the CLI run under `wrapper` (e.g. `ip netns exec NS`).
+fn start_wrapped(extra: &[&str], wrapper: &[&str]) -> Serve {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     std::fs::write(root.join("inventory.yaml"), INVENTORY).unwrap();
@@ -44,7 +51,7 @@ fn start_with(extra: &[&str]) -> Serve {
     }
     let mut args = vec!["--inventory", "inventory.yaml", "--host-name", "t"];
     args.extend_from_slice(extra);
-    Serve::start_in(dir, &args)
+    Serve::start_wrapped(dir, &args, wrapper)
 }
 
 /// The firewall module with `maps.write` blanked out of its manifest (same length, so the
@@ -585,4 +592,84 @@ fn steering_switches_between_two_firewalls_and_latency_chain_probes_the_chain() 
     node.fails(&["latency", "chain", "s1", "--rate", "0"], "rate_pps");
     node.fails(&["latency", "chain", "s1", "--from", "nat1.in"], "from");
     node.fails(&["latency", "chain", "nosuch"], "not found");
+}
+
+/// The module counter `name` of `vnf`, from `vnf stats -o json`.
+fn module_counter(node: &Serve, vnf: &str, name: &str) -> u64 {
+    let s = node.json(&["vnf", "stats", vnf]);
+    s["counters"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == name))
+        .and_then(|c| c["value"].as_u64())
+        .unwrap_or_else(|| panic!("no counter {name}: {s}"))
+}
+
+#[test]
+fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
+    use telvirt_runtime_wasm::vnfs::{FirewallRule, firewall_config, fw_action};
+    netns::require_traffic_tools();
+    // nsA (10.203.0.1) <-> a1 [serve in the middle namespace: fw1] b1 <-> nsB (10.203.0.2)
+    let t = netns::Topology::new("wf");
+    let mid = t.ns[2].clone();
+    let node = start_wrapped(&[], &["ip", "netns", "exec", &mid]);
+    // fw1 as a bump in the wire: everything crosses between its ports but TCP to port 5202.
+    let deny = FirewallRule {
+        src: [0; 4],
+        dst: [10, 203, 0, 2],
+        sport: 0,
+        dport: 5202,
+        proto: 6,
+        action: fw_action::DROP,
+    };
+    let blob: String = firewall_config(fw_action::CROSS, &[deny])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let text = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
+        .unwrap()
+        .replace("blob_hex: \"02000000\"", &format!("blob_hex: \"{blob}\""));
+    assert!(text.contains(&blob), "fw1.yaml's config changed: {text}");
+    node.create("fw1-wire.yaml", &text);
+    node.wait_phase("fw1", "Running");
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: wire }\nspec:\n  links:\n    - host:a1 -> fw1.in\n    - fw1.out -> host:b1\n    - host:b1 -> fw1.out\n    - fw1.in -> host:a1\n";
+    std::fs::write(node.path("wire.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "wire.yaml"]);
+    wait_until("the four links to be live", || {
+        let v = node.json(&["net", "show", "wire"]);
+        v["status"]["links"]
+            .as_array()
+            .is_some_and(|l| l.len() == 4 && l.iter().all(|l| l["active"] == true))
+    });
+
+    netns::ping_ok(&t, 0, "10.203.0.2");
+    let _srv = netns::iperf3_server(&t, 1, 5201);
+    let (_, bps) = netns::iperf3_moves_data(&t, 0, "10.203.0.2", 5201);
+    eprintln!(
+        "iperf3 TCP through the wasm firewall in serve: {:.0} Mbit/s",
+        bps / 1e6
+    );
+    let v = node.json(&["net", "show", "wire"]);
+    for l in v["status"]["links"].as_array().unwrap() {
+        assert!(
+            l["packets"].as_u64() > Some(0),
+            "a link carried nothing: {v}"
+        );
+    }
+    assert!(module_counter(&node, "fw1", "allowed") > 0);
+
+    // The rule blocks TCP to port 5202 and the module counts the denials.
+    let denied = module_counter(&node, "fw1", "denied");
+    let _srv2 = netns::iperf3_server(&t, 1, 5202);
+    netns::iperf3_is_blocked(&t, 0, "10.203.0.2", 5202);
+    assert!(
+        module_counter(&node, "fw1", "denied") > denied,
+        "no denial counted"
+    );
+    // Allowed traffic still crosses after the denial.
+    netns::ping_ok(&t, 0, "10.203.0.2");
+    let table = String::from_utf8_lossy(&node.ok(&["vnf", "stats", "fw1"]).stdout).into_owned();
+    assert!(
+        table.contains("denied") && table.contains("packets_in"),
+        "{table}"
+    );
 }

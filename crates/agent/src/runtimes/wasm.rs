@@ -32,7 +32,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
 use telvirt_dataplane::pool::{Packet, Pool};
-use telvirt_model::api::MapView;
+use telvirt_model::api::{CounterView, MapView, WasmStatsView};
 use telvirt_model::{Name, RuntimeKind, WasmEngine};
 use telvirt_runtime_wasm as rw;
 use telvirt_runtime_wasm::{
@@ -500,6 +500,29 @@ impl WasmRuntime {
                     max_entries: d.max_entries,
                 })
                 .collect()
+        })
+    }
+
+    /// The runtime's and the module's counters of the running instance of `name`.
+    pub fn stats_view(&self, name: &Name) -> Result<WasmStatsView, RuntimeFailure> {
+        self.with_instance(name, |i| {
+            let s = i.stats();
+            WasmStatsView {
+                batches: s.batches,
+                packets_in: s.packets_in,
+                packets_forwarded: s.packets_forwarded,
+                packets_dropped: s.packets_dropped,
+                batches_trapped: s.batches_trapped,
+                batch_errors: s.batch_errors,
+                invalid_verdicts: s.invalid_verdicts,
+                packets_emitted: s.packets_emitted,
+                restarts: s.restarts,
+                counters: i
+                    .counters()
+                    .into_iter()
+                    .map(|(name, value)| CounterView { name, value })
+                    .collect(),
+            }
         })
     }
 

@@ -28,6 +28,8 @@ pub struct Serve {
     child: Option<Child>,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    /// A command the server and the CLI run under (e.g. `ip netns exec NS`); empty: none.
+    wrapper: Vec<String>,
 }
 
 impl Serve {
@@ -42,22 +44,44 @@ impl Serve {
     }
 
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Serve {
+        Self::start_wrapped(dir, args, &[])
+    }
+
+    /// [`Serve::start_in`] with the server and every CLI call run under `wrapper` (a command
+    /// that ends by exec'ing its arguments, such as `ip netns exec NS`, so the pid is the
+    /// server's own).
+    pub fn start_wrapped(dir: tempfile::TempDir, args: &[&str], wrapper: &[&str]) -> Serve {
         let mut serve = Serve {
             child: None,
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
+            wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
         };
         serve.restart();
         serve
     }
 
+    /// The telvirt binary under the wrapper, working in the test directory.
+    fn command(&self) -> Command {
+        let mut c = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        c.current_dir(self.dir.path());
+        c
+    }
+
     /// Starts the server (again) on the same directory and waits until the API answers.
     pub fn restart(&mut self) {
         let _ = std::fs::remove_file(self.config());
-        let child = Command::new(BIN)
+        let child = self
+            .command()
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
             .args(&self.args)
-            .current_dir(self.dir.path())
             .env("TELVIRT_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -116,9 +140,8 @@ impl Serve {
 
     /// The CLI against this server, as its admin.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command()
             .args(args)
-            .current_dir(self.dir.path())
             .env("TELVIRT_CONFIG", self.config())
             .env_remove("TELVIRT_SERVER")
             .env_remove("TELVIRT_TOKEN")
