@@ -429,8 +429,16 @@ pub struct ChainReport {
     pub p99_us: f64,
     /// 99.9th percentile, same run.
     pub p999_us: f64,
+    /// Max-speed throughput of the same generator straight into the sink (no firewall stage),
+    /// in the same run: the baseline, Mpps.
+    pub baseline_mpps: f64,
+    /// `mpps / baseline_mpps`: how much of the bare link's rate the chain with the firewall
+    /// stage keeps.
+    pub ratio: f64,
     /// The max-speed run.
     pub throughput: ChainRun,
+    /// The max-speed run without the firewall (generator → sink).
+    pub direct: ChainRun,
     /// Fixed-rate run with pinned workers.
     pub pinned: ChainRun,
     /// Fixed-rate run with unpinned workers (the jitter baseline).
@@ -442,6 +450,7 @@ fn chain_run(
     count: u64,
     rate: Option<u64>,
     pinned: bool,
+    with_firewall: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ChainRun> {
     let (c0, c1) = two_cores(None)?;
@@ -481,14 +490,19 @@ fn chain_run(
     let sink = LatencySink::new(opts.batch);
     let st = sink.state();
     panel.add_node("gen", &["out"], 0, Box::new(gen_node))?;
-    panel.add_node(
-        "fw",
-        &["in", "out"],
-        0,
-        Box::new(ProcessorNode::new(fw, opts.batch)),
-    )?;
+    let links: &[&str] = if with_firewall {
+        panel.add_node(
+            "fw",
+            &["in", "out"],
+            0,
+            Box::new(ProcessorNode::new(fw, opts.batch)),
+        )?;
+        &["gen.out -> fw.in", "fw.out -> sink.in"]
+    } else {
+        &["gen.out -> sink.in"]
+    };
     panel.add_node("sink", &["in"], 1, Box::new(sink))?;
-    let links = ["gen.out -> fw.in", "fw.out -> sink.in"]
+    let links = links
         .iter()
         .map(|s| LinkSpec::parse(s))
         .collect::<Result<Vec<_>>>()?;
@@ -533,9 +547,10 @@ fn chain_run(
     })
 }
 
-/// `telvirt bench chain`: gen → 5-tuple firewall → sink. A max-speed run for throughput, then
-/// the same chain at a fixed rate with pinned and with unpinned workers for latency and jitter
-/// (p99.9) side by side. Progress counts packets received across the three runs.
+/// `telvirt bench chain`: gen → 5-tuple firewall → sink. A max-speed run for throughput next to
+/// the same generator straight into the sink (the baseline), then the chain at a fixed rate with
+/// pinned and with unpinned workers for latency and jitter (p99.9) side by side. Progress
+/// counts packets received across the four runs.
 pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<ChainReport> {
     if opts.packets == 0 || opts.latency_packets == 0 || opts.latency_rate_pps == 0 {
         return Err(Error::config(
@@ -543,22 +558,30 @@ pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<Cha
             "packets, latency_packets and latency_rate_pps must be > 0",
         ));
     }
-    let total = opts.packets + 2 * opts.latency_packets;
+    let total = 2 * opts.packets + 2 * opts.latency_packets;
     let mut base = 0u64;
-    let mut run = |count: u64, rate: Option<u64>, pinned: bool, base: &mut u64| {
+    let mut run = |count: u64, rate: Option<u64>, pinned: bool, fw: bool, base: &mut u64| {
         let b = *base;
-        let r = chain_run(opts, count, rate, pinned, &mut |d, _| {
+        let r = chain_run(opts, count, rate, pinned, fw, &mut |d, _| {
             progress(b + d, total)
         });
         *base += count;
         r
     };
-    let throughput = run(opts.packets, None, true, &mut base)?;
+    let direct = run(opts.packets, None, true, false, &mut base)?;
+    let throughput = run(opts.packets, None, true, true, &mut base)?;
     let rate = Some(opts.latency_rate_pps);
-    let pinned = run(opts.latency_packets, rate, true, &mut base)?;
-    let unpinned = run(opts.latency_packets, rate, false, &mut base)?;
+    let pinned = run(opts.latency_packets, rate, true, true, &mut base)?;
+    let unpinned = run(opts.latency_packets, rate, false, true, &mut base)?;
     Ok(ChainReport {
         mpps: throughput.mpps,
+        baseline_mpps: direct.mpps,
+        ratio: if direct.mpps > 0.0 {
+            throughput.mpps / direct.mpps
+        } else {
+            0.0
+        },
+        direct,
         p50_us: pinned.latency.p50_us,
         p99_us: pinned.latency.p99_us,
         p999_us: pinned.latency.p999_us,
@@ -640,11 +663,19 @@ mod tests {
             ..ChainOpts::default()
         };
         let r = chain(&opts, &mut |_, _| {}).unwrap();
-        assert_eq!(r.throughput.lost, 0);
+        assert_eq!((r.throughput.lost, r.direct.lost), (0, 0));
+        assert!(r.baseline_mpps > 0.0 && r.ratio > 0.0, "{r:?}");
         assert!(r.pinned.latency.count > 0 && r.unpinned.latency.count > 0);
         assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us);
         let v = serde_json::to_value(&r).unwrap();
-        for k in ["mpps", "p50_us", "p99_us", "p999_us"] {
+        for k in [
+            "mpps",
+            "baseline_mpps",
+            "ratio",
+            "p50_us",
+            "p99_us",
+            "p999_us",
+        ] {
             assert!(v.get(k).is_some_and(|x| x.is_f64()), "{k}");
         }
     }

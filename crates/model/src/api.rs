@@ -80,7 +80,7 @@ pub struct WasmStatsView {
     pub packets_emitted: u64,
     /// Restarts of the instance after a failure (per its restart policy).
     pub restarts: u32,
-    /// The module's counters, in manifest order.
+    /// The module's counters, in manifest order (from zero again after a module upgrade).
     pub counters: Vec<CounterView>,
 }
 

@@ -235,10 +235,17 @@ fn chain(format: Output, args: ChainArgs) -> Result<()> {
             ],
             &[
                 row("throughput (pinned)", &report.throughput),
+                row("no firewall: gen → sink (baseline)", &report.direct),
                 row("latency, pinned", &report.pinned),
                 row("latency, unpinned (baseline)", &report.unpinned),
             ]
         )
+    );
+    println!(
+        "ratio {:.2}: the chain with the firewall keeps {:.0}% of the bare link's {:.2} Mpps",
+        report.ratio,
+        report.ratio * 100.0,
+        report.baseline_mpps
     );
     Ok(())
 }
