@@ -217,17 +217,31 @@ spec:
     - nat1.out -> sink.in
 YAML
 run net apply -f "$DATA2/chain-steered.yaml"
+# The endpoint's line of `net show`, once the data plane has placed it.
+steering_line() {
+  for _ in $(seq 1 50); do
+    line="$("$TELVIRT" net show chain | grep '^steering' || true)"
+    [ -n "$line" ] && { echo "$line"; return 0; }
+    sleep 0.1
+  done
+  echo "demo: the steering endpoint was not placed" >&2; return 1
+}
 sleep 1
-"$TELVIRT" net show chain | grep '^steering'
+steering_line
 run net steer chain fw fw2
 sleep 1
-"$TELVIRT" net show chain | grep '^steering'
+steering_line
 echo "(fw1's count stopped at the switch; fw2 carries the traffic)"
 
 if [ "$(id -u)" -eq 0 ] && command -v iperf3 >/dev/null && command -v ping >/dev/null; then
   step "Real traffic: ping and iperf3 between two network namespaces through a wasm firewall"
   NS="tvdemo$$"
-  cleanup_ns() { ip netns del "${NS}a" 2>/dev/null || true; ip netns del "${NS}b" 2>/dev/null || true; }
+  cleanup_ns() {
+    for side in a b; do
+      ip netns pids "${NS}${side}" 2>/dev/null | xargs -r kill 2>/dev/null || true
+      ip netns del "${NS}${side}" 2>/dev/null || true
+    done
+  }
   trap 'cleanup_ns; cleanup' EXIT
   for side in a b; do
     ip netns add "${NS}${side}"
@@ -256,12 +270,19 @@ YAML
   run net create -f "$DATA2/wire.yaml"
   sleep 1
   ip netns exec "${NS}a" ping -c 3 -i 0.2 10.203.0.2
-  ip netns exec "${NS}b" iperf3 -s -D -p 5201 --one-off; ip netns exec "${NS}b" iperf3 -s -D -p 5202 --one-off
+  ip netns exec "${NS}b" iperf3 -s -p 5201 >/dev/null 2>&1 & SRV1=$!
+  ip netns exec "${NS}b" iperf3 -s -p 5202 >/dev/null 2>&1 & SRV2=$!
   sleep 0.5
   ip netns exec "${NS}a" iperf3 -c 10.203.0.2 -p 5201 -t 2 | tail -n 4
   echo "$ iperf3 -c 10.203.0.2 -p 5202   (the rule denies it)"
-  ip netns exec "${NS}a" iperf3 -c 10.203.0.2 -p 5202 -t 1 --connect-timeout 1500 || echo "refused, as the rule says"
+  if ip netns exec "${NS}a" iperf3 -c 10.203.0.2 -p 5202 -t 1 --connect-timeout 1500; then
+    echo "demo: TCP to port 5202 crossed the firewall although a rule denies it" >&2; exit 1
+  fi
+  echo "no connection, as the rule says"
   run vnf stats fw3
+  kill "$SRV1" "$SRV2" 2>/dev/null || true; wait "$SRV1" "$SRV2" 2>/dev/null || true
+  run net delete wire
+  run vnf delete fw3
   cleanup_ns
 else
   echo "(real-traffic step skipped: needs root, ping and iperf3)"

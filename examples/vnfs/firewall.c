@@ -2,9 +2,11 @@
  * Map 0 `rules` (hash, key: struct tv_tuple, value: u32 action): action 0 = drop, k+1 = forward
  * to port k, FW_CROSS (0xffffffff) = forward to the other port of the pair the packet came in on
  * (0 <-> 1, 2 <-> 3, ...: a bump in the wire). Lookup order: exact 5-tuple, then the service rule
- * (source address and port zero), then the default action. Frames that are not IPv4 (ARP, IPv6)
- * take the default action. Config blob: u32 LE default action, then N rules of 20 bytes
- * (16-byte key, u32 LE action). Counters: 0 allowed, 1 denied (IPv4 only), 2 non-ip. */
+ * (source address and port zero), then the default action. ARP frames take the default action
+ * (neighbours must resolve through a bump in the wire); every other frame that is not a
+ * well-formed untagged IPv4 packet (IPv6, VLAN-tagged, truncated) is dropped, so nothing passes
+ * around the rules. Config blob: u32 LE default action, then N rules of 20 bytes (16-byte key,
+ * u32 LE action). Counters: 0 allowed, 1 denied (IPv4 only), 2 non-ip (ARP and dropped). */
 #include "telvirt_vnf.h"
 
 TV_DEFINE_BUFFER()
@@ -41,7 +43,8 @@ TV_EXPORT(tv_process) int32_t tv_process(uint8_t *buf, int32_t n) {
         uint32_t l4;
         uint32_t action;
         if (tv_parse_tuple(p, d[i].len, &t, &l4) < 0) {
-            d[i].verdict = fw_verdict(default_action, d[i].port);
+            int arp = d[i].len >= TV_ETH_LEN && tv_rd16(p + 12) == 0x0806;
+            d[i].verdict = arp ? fw_verdict(default_action, d[i].port) : TV_DROP;
             other++;
             continue;
         }

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use telvirt_dataplane::afpacket::HostPort;
 use telvirt_dataplane::graph::{self, LinkSpec, PortRef};
@@ -35,8 +35,10 @@ struct Applied {
     live: Vec<LinkSpec>,
     /// Why other links are not.
     waiting: Vec<String>,
-    /// Built-in nodes this network placed.
-    builtins: Vec<String>,
+    /// Built-in nodes this network placed, as they were placed.
+    builtins: BTreeMap<String, BuiltinNode>,
+    /// A latency probe runs through this network: passes leave its links alone.
+    probing: bool,
     sinks: BTreeMap<String, Arc<Mutex<SinkState>>>,
     /// Steering endpoints this network placed, by name.
     endpoints: BTreeMap<String, PlacedEndpoint>,
@@ -55,6 +57,8 @@ struct PlacedEndpoint {
 pub struct NetworkReconciler {
     dp: Arc<NodeDataPlane>,
     applied: Mutex<BTreeMap<String, Applied>>,
+    /// Held for the length of a latency probe (its node names are fixed).
+    probe_lock: Mutex<()>,
 }
 
 fn port_ref(ep: &Endpoint) -> PortRef {
@@ -72,7 +76,7 @@ fn dp_err(e: telvirt_dataplane::Error) -> AgentError {
     AgentError::DataPlane(e.to_string())
 }
 
-/// The endpoint's mirrored ports in direction order: `(port, traffic enters the endpoint)`.
+/// Which ways network `d` uses `endpoint.port`: `(a link sends into it, a link takes from it)`.
 fn directions(d: &NetworkDescriptor, endpoint: &str, port: &str) -> (bool, bool) {
     let mut into = false;
     let mut out_of = false;
@@ -92,6 +96,7 @@ impl NetworkReconciler {
         Self {
             dp,
             applied: Mutex::new(BTreeMap::new()),
+            probe_lock: Mutex::new(()),
         }
     }
 
@@ -159,38 +164,17 @@ impl NetworkReconciler {
         if !a.live.is_empty() {
             let _ = self.dp.panel().delete_network(name);
         }
-        for b in a.builtins.iter().chain(a.endpoints.keys()) {
+        for b in a.builtins.keys().chain(a.endpoints.keys()) {
             let _ = self.dp.remove_node(b);
         }
     }
 
     /// Brings the built-in nodes and steering endpoints of `a` to those of `d`: nodes that
-    /// did not change stay (with their counters and links), changed ones are replaced.
+    /// did not change stay (with their counters and links), changed and dropped ones go before
+    /// any is added, and what could not be placed is retried on the next pass. A steering
+    /// endpoint whose `active` changed switches in one atomic step, once the new instance is on
+    /// the panel with every mirrored port (until then traffic stays where it is).
     fn place_nodes(&self, a: &mut Applied, d: &NetworkDescriptor) {
-        let old = a.descriptor.clone();
-        a.builtins.retain(|b| {
-            let keep = old.builtin(b) == d.builtin(b) && d.builtin(b).is_some();
-            if !keep {
-                let _ = self.dp.remove_node(b);
-                a.sinks.remove(b);
-            }
-            keep
-        });
-        a.waiting.clear();
-        for b in &d.spec.nodes {
-            if a.builtins.iter().any(|x| x == b.name.as_str()) {
-                continue;
-            }
-            match self.add_builtin(b) {
-                Ok(sink) => {
-                    a.builtins.push(b.name.as_str().to_owned());
-                    if let Some(s) = sink {
-                        a.sinks.insert(b.name.as_str().to_owned(), s);
-                    }
-                }
-                Err(e) => a.waiting.push(format!("node {}: {e}", b.name)),
-            }
-        }
         let ports = d.steering_ports();
         let wanted: BTreeMap<&str, (&SteeringEndpoint, Vec<String>)> = d
             .spec
@@ -201,48 +185,84 @@ impl NetworkReconciler {
                 (e.name.as_str(), (e, p))
             })
             .collect();
+        a.builtins.retain(|name, placed| {
+            let keep = d.builtin(name) == Some(&*placed);
+            if !keep {
+                let _ = self.dp.remove_node(name);
+                a.sinks.remove(name);
+            }
+            keep
+        });
         a.endpoints.retain(|name, placed| {
-            let keep = wanted.get(name.as_str()).is_some_and(|(e, p)| {
-                placed.spec.name == e.name
-                    && placed.spec.instances == e.instances
-                    && placed.ports == *p
-            });
+            let keep = wanted
+                .get(name.as_str())
+                .is_some_and(|(e, p)| placed.spec.instances == e.instances && placed.ports == *p);
             if !keep {
                 let _ = self.dp.remove_node(name);
             }
             keep
         });
+        let mut waiting = Vec::new();
+        for b in &d.spec.nodes {
+            if a.builtins.contains_key(b.name.as_str()) {
+                continue;
+            }
+            match self.add_builtin(b) {
+                Ok(sink) => {
+                    a.builtins.insert(b.name.as_str().to_owned(), b.clone());
+                    if let Some(s) = sink {
+                        a.sinks.insert(b.name.as_str().to_owned(), s);
+                    }
+                }
+                Err(e) => waiting.push(format!("node {}: {e}", b.name)),
+            }
+        }
         for (name, (e, p)) in wanted {
             if let Some(placed) = a.endpoints.get(name) {
-                // Only where traffic goes may differ: one atomic switch, no rewiring.
-                if let Some(active) = e.active_instance()
-                    && placed.endpoint.current_instance() != active.as_str()
-                {
-                    match placed.endpoint.switch(active.as_str()) {
-                        Ok(s) => tracing::info!(
-                            endpoint = name,
-                            from = s.from,
-                            to = s.to,
-                            generation = s.generation,
-                            "steering switched"
-                        ),
-                        Err(err) => a.waiting.push(format!("node {name}: {err}")),
-                    }
+                let Some(active) = e.active_instance() else {
+                    continue;
+                };
+                if placed.endpoint.current_instance() == active.as_str() {
+                    continue;
+                }
+                let missing: Vec<String> = p
+                    .iter()
+                    .filter(|port| !self.has_port(active.as_str(), port, &mut Vec::new()))
+                    .cloned()
+                    .collect();
+                if !missing.is_empty() {
+                    waiting.push(format!(
+                        "node {name}: not switched to {active} yet: it is not on this node's \
+                         data plane with port(s) {}; traffic stays on {}",
+                        missing.join(", "),
+                        placed.endpoint.current_instance()
+                    ));
+                    continue;
+                }
+                match placed.endpoint.switch(active.as_str()) {
+                    Ok(s) => tracing::info!(
+                        endpoint = name,
+                        from = s.from,
+                        to = s.to,
+                        generation = s.generation,
+                        "steering switched"
+                    ),
+                    Err(err) => waiting.push(format!("node {name}: {err}")),
                 }
                 continue;
             }
             if p.is_empty() {
-                a.waiting
-                    .push(format!("node {name}: steering endpoint used by no link"));
+                waiting.push(format!("node {name}: steering endpoint used by no link"));
                 continue;
             }
             match self.add_endpoint(e, &p) {
                 Ok(placed) => {
                     a.endpoints.insert(name.to_owned(), placed);
                 }
-                Err(err) => a.waiting.push(format!("node {name}: {err}")),
+                Err(err) => waiting.push(format!("node {name}: {err}")),
             }
         }
+        a.waiting = waiting;
         a.descriptor = d.clone();
     }
 
@@ -274,13 +294,17 @@ impl NetworkReconciler {
                 },
                 live: Vec::new(),
                 waiting: Vec::new(),
-                builtins: Vec::new(),
+                builtins: BTreeMap::new(),
+                probing: false,
                 sinks: BTreeMap::new(),
                 endpoints: BTreeMap::new(),
             });
-            if a.descriptor != *d {
-                self.place_nodes(a, d);
+            if a.probing {
+                continue;
             }
+            // Every pass: placing is a comparison when nothing changed, and it retries what a
+            // previous pass could not place (or switch).
+            self.place_nodes(a, d);
             self.wire(&name, a);
         }
     }
@@ -474,34 +498,17 @@ impl NetworkReconciler {
     }
 
     /// `latency chain`: sends the probe's packets from `p.from` to `p.to` through network `d`
-    /// as it is wired now. The links the probe displaces pause for its duration and come back
-    /// afterwards; network passes wait until the probe is done. Blocks for the probe's length.
+    /// as it is wired now. Everything that can be checked is checked before anything changes;
+    /// then the links the probe displaces pause for its duration (network passes leave this
+    /// network alone meanwhile) and come back afterwards. Blocks for the probe's length, at most
+    /// its send time plus a few seconds ([`ChainProbe::wait`]); one probe runs at a time.
     pub fn probe(
         &self,
         d: &NetworkDescriptor,
         p: &ResolvedProbe,
     ) -> Result<LatencyReport, AgentError> {
+        let _one = self.probe_lock.lock().unwrap_or_else(|e| e.into_inner());
         let name = d.name().as_str();
-        let mut applied = self.applied();
-        let a = applied
-            .get_mut(name)
-            .ok_or_else(|| AgentError::DataPlane(format!("network {name} is not applied yet")))?;
-        let displaced: Vec<LinkSpec> = d
-            .parsed_links()
-            .into_iter()
-            .filter(|(i, _)| p.displaced.contains(&d.spec.links[*i]))
-            .map(|(_, l)| LinkSpec::new(port_ref(&l.from), port_ref(&l.to)))
-            .collect();
-        let kept: Vec<LinkSpec> = a
-            .live
-            .iter()
-            .filter(|l| !displaced.contains(l))
-            .cloned()
-            .collect();
-        let restore = a.live.clone();
-        if kept != restore {
-            self.dp.panel().apply_network(name, &kept).map_err(dp_err)?;
-        }
         let opts = ChainLatencyOpts {
             entry: port_ref(&p.from),
             exit: port_ref(&p.to),
@@ -511,29 +518,61 @@ impl NetworkReconciler {
             worker: 0,
             settle: Duration::from_secs(2),
         };
-        // The panel lock is taken per step: the worker needs it between them.
-        let started = ChainProbe::start(&mut self.dp.panel(), &opts);
-        let result = started.map(|probe| {
-            let mut last = (0, Instant::now());
-            loop {
-                let rx = probe.received();
-                if rx != last.0 {
-                    last = (rx, Instant::now());
-                }
-                if rx >= probe.packets() || (probe.sent_all() && last.1.elapsed() > opts.settle) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(5));
+        let displaced: Vec<LinkSpec> = d
+            .parsed_links()
+            .into_iter()
+            .filter(|(i, _)| p.displaced.contains(&d.spec.links[*i]))
+            .map(|(_, l)| LinkSpec::new(port_ref(&l.from), port_ref(&l.to)))
+            .collect();
+        let started = {
+            let mut applied = self.applied();
+            let a = applied
+                .get_mut(name)
+                .filter(|a| a.descriptor == *d)
+                .ok_or_else(|| {
+                    AgentError::DataPlane(format!(
+                        "network {name} is not applied on this node's data plane yet; try again"
+                    ))
+                })?;
+            let mut panel = self.dp.panel();
+            ChainProbe::check(&panel, &opts).map_err(dp_err)?;
+            let kept: Vec<LinkSpec> = a
+                .live
+                .iter()
+                .filter(|l| !displaced.contains(l))
+                .cloned()
+                .collect();
+            if kept != a.live {
+                panel.apply_network(name, &kept).map_err(dp_err)?;
             }
-            probe.finish(&mut self.dp.panel())
-        });
-        if kept != restore
-            && let Err(e) = self.dp.panel().apply_network(name, &restore)
+            let started = ChainProbe::start(&mut panel, &opts);
+            if started.is_err() && kept != a.live {
+                // Put the paused links back at once.
+                let _ = panel.apply_network(name, &a.live);
+            } else {
+                a.live = kept;
+                a.probing = true;
+            }
+            started.map_err(dp_err)?
+        };
+        let timed_out = started.wait(opts.settle, &mut |_, _| {});
+        let r = started.finish(&mut self.dp.panel());
         {
-            // The next network pass sees the links missing and wires them again.
-            tracing::warn!(network = name, "restoring links after the probe: {e}");
+            let mut applied = self.applied();
+            if let Some(a) = applied.get_mut(name) {
+                a.probing = false;
+                // Rewire the paused links now rather than on the next pass.
+                self.wire(name, a);
+            }
         }
-        let r = result.map_err(dp_err)?;
+        if timed_out {
+            tracing::warn!(
+                network = name,
+                sent = r.sent,
+                received = r.sink.received,
+                "latency probe ended on its deadline"
+            );
+        }
         Ok(LatencyReport {
             network: name.to_owned(),
             from: p.from.to_string(),
@@ -542,7 +581,7 @@ impl NetworkReconciler {
             rate_pps: p.rate_pps,
             sent: r.sent,
             received: r.sink.received,
-            lost: r.sink.lost,
+            lost: r.lost,
             reordered: r.sink.reordered,
             p50_us: r.sink.latency.p50_us,
             p99_us: r.sink.latency.p99_us,
@@ -726,9 +765,145 @@ mod tests {
         );
         assert_eq!(report.from, "fw1.in");
         assert_eq!(dp.panel().current_links(), before);
-        assert!(dp.node_ports("probe-gen").is_none());
+        assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
         // The network carries its own traffic again.
         let now = r.status(&d).unwrap().links[1].packets;
         delivered_above(&r, &d, now);
+    }
+
+    #[test]
+    fn the_models_smallest_frame_is_the_generators() {
+        assert_eq!(
+            telvirt_model::network::MIN_FRAME_SIZE as usize,
+            telvirt_dataplane::packet::MIN_FRAME
+        );
+    }
+
+    #[test]
+    fn a_switch_waits_until_the_new_instance_is_on_the_panel() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        add_fw_named(&dp, "fw1");
+        let d = parse_network(STEERED.as_bytes(), Format::Yaml).unwrap();
+        let delivered = |st: &NetworkStatus, i: usize| st.steering[0].delivered[i].packets;
+        until(&r, &d, "fw1 gets traffic", |st| delivered(st, 0) > 100);
+        // fw2 is not running: the switch is held back, traffic stays on fw1, and why is shown.
+        let mut to_fw2 = d.clone();
+        to_fw2.spec.steering[0].active = Some("fw2".parse().unwrap());
+        r.sync(std::slice::from_ref(&to_fw2));
+        let st = r.status(&to_fw2).unwrap();
+        assert_eq!(st.steering[0].active, "fw1", "{st:?}");
+        assert!(
+            st.waiting.iter().any(|w| w.contains("not switched to fw2")),
+            "{st:?}"
+        );
+        let before = delivered(&st, 0);
+        until(&r, &to_fw2, "fw1 still forwarding", |st| {
+            delivered(st, 0) > before + 100
+        });
+        // Once fw2 runs, a later pass makes the switch.
+        add_fw_named(&dp, "fw2");
+        let st = until(&r, &to_fw2, "fw2 gets traffic", |st| delivered(st, 1) > 100);
+        assert_eq!(
+            (st.steering[0].active.as_str(), st.steering[0].generation),
+            ("fw2", 1)
+        );
+        assert!(
+            !st.waiting.iter().any(|w| w.contains("not switched")),
+            "{st:?}"
+        );
+    }
+
+    /// The CHAIN network wired through `fw1`, a node given by the test.
+    fn wired_chain(
+        fw1: Box<dyn telvirt_dataplane::node::Node>,
+    ) -> (Arc<NodeDataPlane>, NetworkReconciler, NetworkDescriptor) {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        dp.add_node("fw1", &["in", "out"], 0, fw1).unwrap();
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        until(&r, &d, "the chain wired", |st| {
+            st.links.iter().all(|l| l.active)
+        });
+        (dp, r, d)
+    }
+
+    /// Takes every packet it is given and never sends one (a VNF that stopped forwarding).
+    struct Blackhole;
+
+    impl telvirt_dataplane::node::Node for Blackhole {
+        fn poll(&mut self, io: &mut telvirt_dataplane::node::NodeIo<'_>) -> usize {
+            let mut buf = Vec::new();
+            let n = io.recv(0, &mut buf, 32);
+            for p in buf {
+                io.free(p);
+            }
+            n
+        }
+    }
+
+    #[test]
+    fn a_probe_through_a_chain_that_loses_everything_ends_and_counts_the_loss() {
+        let (dp, r, d) = wired_chain(Box::new(Blackhole));
+        let r = Arc::new(r);
+        let probe = telvirt_model::network::LatencyProbe {
+            rate_pps: Some(20_000),
+            packets: Some(1_000),
+            ..Default::default()
+        }
+        .resolve(&d)
+        .unwrap();
+        let prober = {
+            let (r, d) = (Arc::clone(&r), d.clone());
+            std::thread::spawn(move || r.probe(&d, &probe))
+        };
+        // Status reads and passes of the network go on while the probe runs.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while dp.panel().node_ports(ChainProbe::NODES[0]).is_none() {
+            assert!(Instant::now() < deadline, "the probe never started");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        r.sync(std::slice::from_ref(&d));
+        assert!(r.status(&d).is_some());
+        assert!(
+            !prober.is_finished(),
+            "the probe should still wait for its packets"
+        );
+        let report = prober.join().unwrap().unwrap();
+        assert_eq!((report.sent, report.received), (1_000, 0), "{report:?}");
+        assert_eq!(report.lost, 1_000, "{report:?}");
+        // The chain's own links are back.
+        let st = r.status(&d).unwrap();
+        assert!(st.links.iter().all(|l| l.active), "{st:?}");
+        assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
+    }
+
+    /// Never takes a packet (a VNF that stopped reading, e.g. locked): its input ring fills.
+    struct Stuck;
+
+    impl telvirt_dataplane::node::Node for Stuck {
+        fn poll(&mut self, _io: &mut telvirt_dataplane::node::NodeIo<'_>) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_probe_into_a_chain_that_stopped_reading_ends_on_its_deadline() {
+        let (dp, r, d) = wired_chain(Box::new(Stuck));
+        let probe = telvirt_model::network::LatencyProbe {
+            rate_pps: Some(1_000_000),
+            packets: Some(50_000),
+            ..Default::default()
+        }
+        .resolve(&d)
+        .unwrap();
+        let report = r.probe(&d, &probe).unwrap();
+        // The generator could not send everything into the full ring; nothing came out.
+        assert!(report.sent < 50_000, "{report:?}");
+        assert_eq!(report.received, 0, "{report:?}");
+        assert_eq!(report.lost, report.sent, "{report:?}");
+        assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
     }
 }

@@ -203,14 +203,21 @@ impl Controller {
                 }
             }
         }
+        let mut mine: BTreeMap<(bool, Endpoint), String> = BTreeMap::new();
         for (out, ep, path) in wired_ports(d) {
+            let dir = if out { "out" } else { "in" };
             if let Some(other) = used.get(&(out, ep.clone())) {
                 return Err(ControllerError::Invalid(FieldError::new(
                     path,
-                    format!(
-                        "port {ep} is already linked {} by network {other}",
-                        if out { "out" } else { "in" }
-                    ),
+                    format!("port {ep} is already linked {dir} by network {other}"),
+                )));
+            }
+            // Two steering endpoints of this network that share an instance would wire its
+            // port twice.
+            if let Some(first) = mine.insert((out, ep.clone()), path.clone()) {
+                return Err(ControllerError::Invalid(FieldError::new(
+                    path,
+                    format!("port {ep} is already linked {dir} through {first}"),
                 )));
             }
         }

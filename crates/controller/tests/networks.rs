@@ -439,3 +439,17 @@ async fn a_latency_probe_checks_its_fields_and_needs_a_data_plane() {
     let r = probe(&ent, "{}").await;
     assert_eq!(r.status, 404, "{}", r.body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_endpoints_sharing_an_instance_are_refused() {
+    let node = Node::start().await;
+    for v in ["fw1", "fw2", "fw3"] {
+        create_vnf(&node, &node.admin, v).await;
+    }
+    let body = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: s1 }\nspec:\n  nodes:\n    - { name: gen-s1, kind: generator }\n    - { name: gen-s2, kind: generator }\n  steering:\n    - { name: fw, instances: [fw1, fw2] }\n    - { name: lb, instances: [fw2, fw3] }\n  links:\n    - gen-s1.out -> fw.in\n    - gen-s2.out -> lb.in\n";
+    let reason = refused(&node, body, 422, "spec.steering[1].instances[0]").await;
+    assert!(
+        reason.contains("fw2.in") && reason.contains("spec.steering[0].instances[1]"),
+        "{reason}"
+    );
+}

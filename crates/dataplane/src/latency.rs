@@ -339,6 +339,8 @@ pub struct ChainLatencyOpts {
 pub struct ChainLatencyReport {
     /// Sent packets.
     pub sent: u64,
+    /// Sent packets that did not reach the probe's sink (`sent - received`).
+    pub lost: u64,
     /// What the probe sink saw (latency, loss, reordering).
     pub sink: SinkSummary,
     /// Text histogram.
@@ -346,24 +348,59 @@ pub struct ChainLatencyReport {
 }
 
 /// A latency probe attached to a running panel: a generator linked into the chain's entry and
-/// a sink linked from its exit, on nodes `probe-gen` and `probe-sink`. The panel is only
-/// borrowed to attach and to detach, so the caller can poll without holding it.
+/// a sink linked from its exit, on nodes `tv:probe-gen` and `tv:probe-sink` (not DNS labels, so
+/// no VNF or network node can hold those names). On a panel whose links
+/// are per-network ([`PatchPanel::apply_network`]) the probe's two links are a network of their
+/// own, [`ChainProbe::NETWORK`], so other networks' changes keep them; on a flat panel they are
+/// added to its links. The panel is only borrowed to attach and to detach, so the caller can
+/// wait without holding it.
 pub struct ChainProbe {
     gen_stats: Arc<GenStats>,
     sink: Arc<Mutex<SinkState>>,
     packets: u64,
+    rate_pps: u64,
+    /// Whether the probe's links are the network [`ChainProbe::NETWORK`].
+    as_network: bool,
 }
 
 impl ChainProbe {
     /// Node names the probe uses (they must be free on the panel).
-    pub const NODES: [&'static str; 2] = ["probe-gen", "probe-sink"];
+    pub const NODES: [&'static str; 2] = ["tv:probe-gen", "tv:probe-sink"];
+    /// Name of the probe's links on a per-network panel (not a DNS label, so no network
+    /// descriptor can name it).
+    pub const NETWORK: &'static str = "tv:probe";
     /// Generator stream of the probe's frames: the chain's own test traffic (stream 0) that
     /// reaches the probe's sink is counted as foreign, not as probe packets.
     pub const STREAM: u16 = 0x7e57;
+    /// Extra time [`ChainProbe::wait`] gives a probe beyond its send time and `settle`.
+    pub const SLACK: Duration = Duration::from_secs(5);
 
-    /// Attach the probe and start sending. On error the panel is left as it was.
-    pub fn start(panel: &mut PatchPanel, opts: &ChainLatencyOpts) -> Result<Self> {
-        let g = Generator::new(
+    /// Checks everything that needs no change to the panel: the generator's settings, that
+    /// the probe's node names are free and that `entry` and `exit` are ports on the panel.
+    pub fn check(panel: &PatchPanel, opts: &ChainLatencyOpts) -> Result<()> {
+        Self::generator(panel, opts)?;
+        for n in Self::NODES {
+            if panel.node_ports(n).is_some() {
+                return Err(crate::Error::Graph(format!(
+                    "node {n:?} is in use (another probe is running?)"
+                )));
+            }
+        }
+        for p in [&opts.entry, &opts.exit] {
+            let known = panel
+                .node_ports(&p.node)
+                .is_some_and(|ports| ports.contains(&p.port));
+            if !known {
+                return Err(crate::Error::Graph(format!(
+                    "{p} is not a port on the data plane"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn generator(panel: &PatchPanel, opts: &ChainLatencyOpts) -> Result<Generator> {
+        Ok(Generator::new(
             GenConfig {
                 flows: 1,
                 sizes: vec![opts.size],
@@ -373,19 +410,20 @@ impl ChainProbe {
             },
             panel.pool().buf_size(),
         )?
-        .with_stream(Self::STREAM);
+        .with_stream(Self::STREAM))
+    }
+
+    /// Attach the probe and start sending. On error the panel is left as it was.
+    pub fn start(panel: &mut PatchPanel, opts: &ChainLatencyOpts) -> Result<Self> {
+        Self::check(panel, opts)?;
+        let g = Self::generator(panel, opts)?;
         let gen_stats = g.stats();
         let sink = LatencySink::new(32).only_stream(Self::STREAM);
         let state = sink.state();
-        let mut links = panel.current_links();
-        links.push(LinkSpec::new(
-            PortRef::new(Self::NODES[0], "out"),
-            opts.entry.clone(),
-        ));
-        links.push(LinkSpec::new(
-            opts.exit.clone(),
-            PortRef::new(Self::NODES[1], "in"),
-        ));
+        let probe_links = [
+            LinkSpec::new(PortRef::new(Self::NODES[0], "out"), opts.entry.clone()),
+            LinkSpec::new(opts.exit.clone(), PortRef::new(Self::NODES[1], "in")),
+        ];
         panel.add_node(Self::NODES[0], &["out"], opts.worker, Box::new(g))?;
         if let Err(e) = panel.add_node(Self::NODES[1], &["in"], opts.worker, Box::new(sink)) {
             let _ = panel.remove_node(Self::NODES[0]);
@@ -395,8 +433,17 @@ impl ChainProbe {
             gen_stats,
             sink: state,
             packets: opts.packets,
+            rate_pps: opts.rate_pps.max(1),
+            as_network: !panel.networks().is_empty(),
         };
-        if let Err(e) = panel.apply(&links) {
+        let wired = if probe.as_network {
+            panel.apply_network(Self::NETWORK, &probe_links)
+        } else {
+            let mut links = panel.current_links();
+            links.extend(probe_links);
+            panel.apply(&links)
+        };
+        if let Err(e) = wired {
             probe.detach(panel);
             return Err(e);
         }
@@ -418,7 +465,35 @@ impl ChainProbe {
         self.packets
     }
 
+    /// Waits until every packet arrived, or `settle` passed after the generator finished with
+    /// nothing more arriving, or the probe ran [`ChainProbe::SLACK`] past its send time and
+    /// `settle` (a chain that stopped taking packets: the report then shows what was sent and
+    /// received). `progress` gets (received, packets) on every change. Returns whether the
+    /// probe ended on its deadline.
+    pub fn wait(&self, settle: Duration, progress: &mut dyn FnMut(u64, u64)) -> bool {
+        let send_time = Duration::from_secs_f64(self.packets as f64 / self.rate_pps as f64);
+        let deadline = Instant::now() + send_time + settle + Self::SLACK;
+        let mut last = (0u64, Instant::now());
+        loop {
+            let rx = self.received();
+            if rx != last.0 {
+                last = (rx, Instant::now());
+                progress(rx, self.packets);
+            }
+            if rx >= self.packets || (self.sent_all() && last.1.elapsed() > settle) {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn detach(&self, panel: &mut PatchPanel) {
+        if self.as_network {
+            let _ = panel.delete_network(Self::NETWORK);
+        }
         for n in Self::NODES {
             let _ = panel.remove_node(n);
         }
@@ -429,35 +504,25 @@ impl ChainProbe {
     pub fn finish(self, panel: &mut PatchPanel) -> ChainLatencyReport {
         self.detach(panel);
         let s = self.sink.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = self.gen_stats.sent.load(Ordering::Relaxed);
         ChainLatencyReport {
-            sent: self.gen_stats.sent.load(Ordering::Relaxed),
+            sent,
+            lost: sent.saturating_sub(s.received),
             sink: s.summary(),
             histogram: crate::hist::render(&s.latency),
         }
     }
 }
 
-/// `telvirt latency chain` on a panel the caller owns: attach a [`ChainProbe`], wait until every
-/// packet arrived or `settle` passed after the generator finished, detach it. Progress counts
-/// packets received.
+/// `telvirt latency chain` on a panel the caller owns: attach a [`ChainProbe`], wait for it
+/// ([`ChainProbe::wait`]), detach it. Progress counts packets received.
 pub fn chain(
     panel: &mut PatchPanel,
     opts: &ChainLatencyOpts,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ChainLatencyReport> {
     let probe = ChainProbe::start(panel, opts)?;
-    let mut last = (0u64, Instant::now());
-    loop {
-        let rx = probe.received();
-        if rx != last.0 {
-            last = (rx, Instant::now());
-            progress(rx, opts.packets);
-        }
-        if rx >= opts.packets || (probe.sent_all() && last.1.elapsed() > opts.settle) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    probe.wait(opts.settle, progress);
     Ok(probe.finish(panel))
 }
 

@@ -310,6 +310,11 @@ impl PatchPanel {
         self.networks.keys().cloned().collect()
     }
 
+    /// The port names of node `name`, if it is on the panel.
+    pub fn node_ports(&self, name: &str) -> Option<&[String]> {
+        self.nodes.get(name).map(|e| e.ports.as_slice())
+    }
+
     fn port_table(&self) -> BTreeMap<String, Vec<String>> {
         self.nodes
             .iter()

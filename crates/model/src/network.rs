@@ -257,11 +257,11 @@ impl NetworkDescriptor {
                 ));
             }
             if let Some(size) = n.size
-                && !(60..=1514).contains(&size)
+                && !(MIN_FRAME_SIZE..=MAX_FRAME_SIZE).contains(&size)
             {
                 out.push(FieldError::new(
                     format!("spec.nodes[{i}].size"),
-                    format!("{size} is not a frame size in 60..=1514"),
+                    format!("{size} is not a frame size in {MIN_FRAME_SIZE}..={MAX_FRAME_SIZE}"),
                 ));
             }
             if n.flows == Some(0) {
@@ -376,6 +376,18 @@ impl NetworkDescriptor {
             }
         }
         let mirrored = self.steering_ports();
+        for (i, e) in self.spec.steering.iter().enumerate() {
+            if !mirrored.contains_key(e.name.as_str()) {
+                out.push(FieldError::new(
+                    format!("spec.steering[{i}]"),
+                    format!(
+                        "steering endpoint {} is used by no link; link its ports \
+                         (e.g. `{}.in`) or leave it out",
+                        e.name, e.name
+                    ),
+                ));
+            }
+        }
         for (i, link) in self.parsed_links() {
             for (end, ep) in [("from", &link.from), ("to", &link.to)] {
                 let Endpoint::Port { node, port } = ep else {
@@ -484,6 +496,12 @@ pub struct LatencyProbe {
     pub size: Option<u32>,
 }
 
+/// Smallest frame the data plane's generator writes (Ethernet, IPv4, UDP, sequence number and
+/// timestamp), in bytes.
+pub const MIN_FRAME_SIZE: u32 = 62;
+/// Largest generated frame: a full Ethernet frame without FCS.
+pub const MAX_FRAME_SIZE: u32 = 1514;
+
 /// Longest probe the API runs, in seconds of sending.
 pub const MAX_PROBE_SECONDS: u64 = 60;
 
@@ -524,10 +542,10 @@ impl LatencyProbe {
                 ),
             ));
         }
-        if !(60..=1514).contains(&size) {
+        if !(MIN_FRAME_SIZE..=MAX_FRAME_SIZE).contains(&size) {
             errs.push(FieldError::new(
                 "size",
-                format!("{size} is not a frame size in 60..=1514"),
+                format!("{size} is not a frame size in {MIN_FRAME_SIZE}..={MAX_FRAME_SIZE}"),
             ));
         }
         let links = network.parsed_links();
@@ -535,7 +553,12 @@ impl LatencyProbe {
             Endpoint::Host(_) => true,
             Endpoint::Port { node, .. } => network.builtin(node).is_some_and(|b| b.kind == kind),
         };
-        let mut end = |field: &str, given: &Option<String>, default: Option<Endpoint>| {
+        // `receives`: the probe sends into the port, so the chain must send into it too (it
+        // is some link's `to`); otherwise the probe takes from it (some link's `from`).
+        let mut end = |field: &str,
+                       given: &Option<String>,
+                       default: Option<Endpoint>,
+                       receives: bool| {
             let ep = match given {
                 Some(text) => match endpoint(text) {
                     Ok(ep) => Some(ep),
@@ -573,15 +596,33 @@ impl LatencyProbe {
                         ));
                         return None;
                     }
-                    let used = links.iter().any(|(_, l)| {
-                        [&l.from, &l.to].iter().any(|e| {
-                            matches!(e, Endpoint::Port { node: n, port: p } if *n == node && *p == port)
-                        })
-                    });
-                    if !used {
+                    let is = |e: &Endpoint| matches!(e, Endpoint::Port { node: n, port: p } if *n == node && *p == port);
+                    if !links.iter().any(|(_, l)| is(&l.from) || is(&l.to)) {
                         errs.push(FieldError::new(
                             field,
                             format!("{node}.{port} is not a port of network {}", network.name()),
+                        ));
+                        return None;
+                    }
+                    let right_way = links
+                        .iter()
+                        .any(|(_, l)| if receives { is(&l.to) } else { is(&l.from) });
+                    if !right_way {
+                        errs.push(FieldError::new(
+                            field,
+                            if receives {
+                                format!(
+                                    "{node}.{port} is an output in network {}: the probe sends \
+                                     into a port that a link sends into (a link's right side)",
+                                    network.name()
+                                )
+                            } else {
+                                format!(
+                                    "{node}.{port} is an input in network {}: the probe takes \
+                                     from a port that a link takes from (a link's left side)",
+                                    network.name()
+                                )
+                            },
                         ));
                         return None;
                     }
@@ -597,6 +638,7 @@ impl LatencyProbe {
                 .iter()
                 .find(|(_, l)| feeds(&l.from, BuiltinKind::Generator))
                 .map(|(_, l)| l.to.clone()),
+            true,
         );
         let to = end(
             "to",
@@ -605,6 +647,7 @@ impl LatencyProbe {
                 .iter()
                 .find(|(_, l)| feeds(&l.to, BuiltinKind::Sink))
                 .map(|(_, l)| l.from.clone()),
+            false,
         );
         match (from, to) {
             (Some(from), Some(to)) if errs.is_empty() => {
@@ -799,6 +842,16 @@ spec:
     }
 
     #[test]
+    fn a_steering_endpoint_no_link_uses_is_refused() {
+        let e = steered_refused(
+            "    - gen.out -> fw.in\n    - fw.out -> sink.in\n",
+            "    - gen.out -> sink.in\n",
+        );
+        assert_eq!(e.path, "spec.steering[0]");
+        assert!(e.reason.contains("used by no link"), "{e}");
+    }
+
+    #[test]
     fn steering_mistakes_are_refused_with_their_path() {
         let e = steered_refused("active: fw2", "active: fw3");
         assert_eq!(e.path, "spec.steering[0].active");
@@ -845,6 +898,19 @@ spec:
         assert_eq!(fields(probe("gen.out")), ["from"]);
         assert_eq!(fields(probe("host:veth1")), ["from"]);
         assert_eq!(fields(probe("fw1")), ["from"]);
+        // Direction: the probe sends into an input and takes from an output.
+        assert_eq!(fields(probe("fw1.out")), ["from"]);
+        let backwards = LatencyProbe {
+            to: Some("fw1.in".to_owned()),
+            ..LatencyProbe::default()
+        };
+        assert_eq!(fields(backwards), ["to"]);
+        // The generator's smallest frame is the lower bound.
+        let small = LatencyProbe {
+            size: Some(MIN_FRAME_SIZE - 1),
+            ..LatencyProbe::default()
+        };
+        assert_eq!(fields(small), ["size"]);
         let p = LatencyProbe {
             rate_pps: Some(10),
             packets: Some(10_000),

@@ -278,6 +278,9 @@ fn firewall_in_cross_mode_passes_both_ways_and_still_denies() {
     };
     let mut arp = vec![0u8; 60];
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    // A VLAN-tagged IPv4 packet must not pass around the rules.
+    let mut tagged = trace::ipv4_packet(a, b, 40002, 5202, 6, 68);
+    tagged.splice(12..12, [0x81, 0x00, 0x00, 0x0a]);
     let w = Workload {
         vnf: telvirt_runtime_wasm::vnfs::firewall(),
         config: firewall_config(fw_action::CROSS, &[deny]),
@@ -288,6 +291,7 @@ fn firewall_in_cross_mode_passes_both_ways_and_still_denies() {
             (0, trace::ipv4_packet(a, b, 40001, 5202, 6, 64)),
             (1, arp.clone()),
             (0, arp),
+            (0, tagged),
         ],
         ports: 2,
     };
@@ -302,9 +306,10 @@ fn firewall_in_cross_mode_passes_both_ways_and_still_denies() {
             Verdict::Forward(0),
             Verdict::Drop,
             Verdict::Forward(0),
-            Verdict::Forward(1)
+            Verdict::Forward(1),
+            Verdict::Drop
         ]
     );
     let c: Vec<u64> = inst.counters().iter().map(|c| c.1).collect();
-    assert_eq!(c, [2, 1, 2], "allowed, denied, non-ip");
+    assert_eq!(c, [2, 1, 3], "allowed, denied, non-ip");
 }
