@@ -76,21 +76,6 @@ fn dp_err(e: telvirt_dataplane::Error) -> AgentError {
     AgentError::DataPlane(e.to_string())
 }
 
-/// Which ways network `d` uses `endpoint.port`: `(a link sends into it, a link takes from it)`.
-fn directions(d: &NetworkDescriptor, endpoint: &str, port: &str) -> (bool, bool) {
-    let mut into = false;
-    let mut out_of = false;
-    for (_, l) in d.parsed_links() {
-        if matches!(&l.to, Endpoint::Port { node, port: p } if node == endpoint && p == port) {
-            into = true;
-        }
-        if matches!(&l.from, Endpoint::Port { node, port: p } if node == endpoint && p == port) {
-            out_of = true;
-        }
-    }
-    (into, out_of)
-}
-
 impl NetworkReconciler {
     pub fn new(dp: Arc<NodeDataPlane>) -> Self {
         Self {
@@ -173,8 +158,9 @@ impl NetworkReconciler {
     /// did not change stay (with their counters and links), changed and dropped ones go before
     /// any is added, and what could not be placed is retried on the next pass. A steering
     /// endpoint whose `active` changed switches in one atomic step, once the new instance is on
-    /// the panel with every mirrored port (until then traffic stays where it is).
-    fn place_nodes(&self, a: &mut Applied, d: &NetworkDescriptor) {
+    /// the panel with every mirrored port (until then traffic stays where it is). Returns why
+    /// nodes are not placed or not switched.
+    fn place_nodes(&self, a: &mut Applied, d: &NetworkDescriptor) -> Vec<String> {
         let ports = d.steering_ports();
         let wanted: BTreeMap<&str, (&SteeringEndpoint, Vec<String>)> = d
             .spec
@@ -262,8 +248,8 @@ impl NetworkReconciler {
                 Err(err) => waiting.push(format!("node {name}: {err}")),
             }
         }
-        a.waiting = waiting;
         a.descriptor = d.clone();
+        waiting
     }
 
     /// One pass: the panel ends up holding exactly `wanted` (links whose ends exist). A
@@ -284,14 +270,7 @@ impl NetworkReconciler {
         for d in wanted {
             let name = d.name().as_str().to_owned();
             let a = applied.entry(name.clone()).or_insert_with(|| Applied {
-                descriptor: NetworkDescriptor {
-                    spec: telvirt_model::network::NetworkSpec {
-                        nodes: Vec::new(),
-                        steering: Vec::new(),
-                        links: Vec::new(),
-                    },
-                    ..d.clone()
-                },
+                descriptor: d.clone(),
                 live: Vec::new(),
                 waiting: Vec::new(),
                 builtins: BTreeMap::new(),
@@ -302,10 +281,7 @@ impl NetworkReconciler {
             if a.probing {
                 continue;
             }
-            // Every pass: placing is a comparison when nothing changed, and it retries what a
-            // previous pass could not place (or switch).
-            self.place_nodes(a, d);
-            self.wire(&name, a);
+            self.reconcile(&name, a, d);
         }
     }
 
@@ -326,21 +302,21 @@ impl NetworkReconciler {
 
     /// The links of `a` between each steering endpoint and its instances that can be wired.
     fn endpoint_links(&self, a: &Applied, waiting: &mut Vec<String>) -> Vec<LinkSpec> {
+        let mirrored = a.descriptor.mirrored_ports();
         let mut out = Vec::new();
         for (name, placed) in &a.endpoints {
             for inst in &placed.spec.instances {
-                for port in &placed.ports {
-                    if !self.has_port(inst.as_str(), port, waiting) {
+                for m in mirrored.get(name).into_iter().flatten() {
+                    if !self.has_port(inst.as_str(), &m.port, waiting) {
                         continue;
                     }
                     let inner =
-                        PortRef::new(name, &SteeringNode::instance_port(inst.as_str(), port));
-                    let outer = PortRef::new(inst.as_str(), port);
-                    let (into, out_of) = directions(&a.descriptor, name, port);
-                    if into {
+                        PortRef::new(name, &SteeringNode::instance_port(inst.as_str(), &m.port));
+                    let outer = PortRef::new(inst.as_str(), &m.port);
+                    if m.into {
                         out.push(LinkSpec::new(inner.clone(), outer.clone()));
                     }
-                    if out_of {
+                    if m.out_of {
                         out.push(LinkSpec::new(outer, inner));
                     }
                 }
@@ -349,15 +325,17 @@ impl NetworkReconciler {
         out
     }
 
-    /// Wires the links of one network whose ends are on the panel.
-    fn wire(&self, name: &str, a: &mut Applied) {
+    /// One network's pass: its nodes, then its links. Every pass places: that is a comparison
+    /// when nothing changed, and it retries what an earlier pass could not place (or switch).
+    fn reconcile(&self, name: &str, a: &mut Applied, d: &NetworkDescriptor) {
+        let waiting = self.place_nodes(a, d);
+        self.wire(name, a, waiting);
+    }
+
+    /// Wires the links of one network whose ends are on the panel; `waiting` holds why nodes
+    /// are not placed, and gets why links are not wired.
+    fn wire(&self, name: &str, a: &mut Applied, mut waiting: Vec<String>) {
         let mut links = Vec::new();
-        let mut waiting: Vec<String> = a
-            .waiting
-            .iter()
-            .filter(|w| w.starts_with("node "))
-            .cloned()
-            .collect();
         for (_, link) in a.descriptor.parsed_links() {
             let mut ready = true;
             for ep in [&link.from, &link.to] {
@@ -562,7 +540,8 @@ impl NetworkReconciler {
             if let Some(a) = applied.get_mut(name) {
                 a.probing = false;
                 // Rewire the paused links now rather than on the next pass.
-                self.wire(name, a);
+                let d = a.descriptor.clone();
+                self.reconcile(name, a, &d);
             }
         }
         if timed_out {

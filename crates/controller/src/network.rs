@@ -58,23 +58,19 @@ fn wired_ports(d: &NetworkDescriptor) -> Vec<(bool, Endpoint, String)> {
         out.push((true, l.from.clone(), format!("spec.links[{i}].from")));
         out.push((false, l.to.clone(), format!("spec.links[{i}].to")));
     }
-    let mirrored = d.steering_ports();
+    let mirrored = d.mirrored_ports();
     for (i, e) in d.spec.steering.iter().enumerate() {
-        let name = e.name.as_str();
-        for port in mirrored.get(name).into_iter().flatten() {
-            let me = |x: &Endpoint| matches!(x, Endpoint::Port { node, port: p } if node == name && p == port);
-            let into = links.iter().any(|(_, l)| me(&l.to));
-            let out_of = links.iter().any(|(_, l)| me(&l.from));
+        for m in mirrored.get(e.name.as_str()).into_iter().flatten() {
             for (k, inst) in e.instances.iter().enumerate() {
                 let ep = Endpoint::Port {
                     node: inst.as_str().to_owned(),
-                    port: port.clone(),
+                    port: m.port.clone(),
                 };
                 let path = format!("spec.steering[{i}].instances[{k}]");
-                if into {
+                if m.into {
                     out.push((false, ep.clone(), path.clone()));
                 }
-                if out_of {
+                if m.out_of {
                     out.push((true, ep, path));
                 }
             }
@@ -345,20 +341,9 @@ impl Controller {
         req: &SteerRequest,
     ) -> Result<Network> {
         let (mut n, rev) = self.visible_network(caller, name).await?;
-        let known: Vec<String> = n
-            .descriptor
-            .spec
-            .steering
-            .iter()
-            .map(|e| e.name.to_string())
-            .collect();
-        let Some(e) = n
-            .descriptor
-            .spec
-            .steering
-            .iter_mut()
-            .find(|e| e.name.as_str() == endpoint)
-        else {
+        let steering = &mut n.descriptor.spec.steering;
+        let Some(e) = steering.iter().position(|e| e.name.as_str() == endpoint) else {
+            let known: Vec<&str> = steering.iter().map(|e| e.name.as_str()).collect();
             return Err(ControllerError::NotFound(format!(
                 "network {name} has no steering endpoint {endpoint} (its endpoints: {})",
                 if known.is_empty() {
@@ -368,17 +353,14 @@ impl Controller {
                 }
             )));
         };
+        let e = &mut steering[e];
         if !e.instances.contains(&req.active) {
             return Err(ControllerError::Invalid(FieldError::new(
                 "active",
                 format!(
                     "`{}` is not an instance of endpoint {endpoint} (valid: {})",
                     req.active,
-                    e.instances
-                        .iter()
-                        .map(Name::as_str)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    e.instance_list()
                 ),
             )));
         }

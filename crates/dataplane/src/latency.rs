@@ -379,6 +379,11 @@ impl ChainProbe {
     /// the probe's node names are free and that `entry` and `exit` are ports on the panel.
     pub fn check(panel: &PatchPanel, opts: &ChainLatencyOpts) -> Result<()> {
         Self::generator(panel, opts)?;
+        Self::check_ports(panel, opts)
+    }
+
+    /// The probe's node names are free, and `entry` and `exit` are ports on the panel.
+    fn check_ports(panel: &PatchPanel, opts: &ChainLatencyOpts) -> Result<()> {
         for n in Self::NODES {
             if panel.node_ports(n).is_some() {
                 return Err(crate::Error::Graph(format!(
@@ -415,8 +420,8 @@ impl ChainProbe {
 
     /// Attach the probe and start sending. On error the panel is left as it was.
     pub fn start(panel: &mut PatchPanel, opts: &ChainLatencyOpts) -> Result<Self> {
-        Self::check(panel, opts)?;
         let g = Self::generator(panel, opts)?;
+        Self::check_ports(panel, opts)?;
         let gen_stats = g.stats();
         let sink = LatencySink::new(32).only_stream(Self::STREAM);
         let state = sink.state();

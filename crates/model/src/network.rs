@@ -64,6 +64,25 @@ impl SteeringEndpoint {
     pub fn active_instance(&self) -> Option<&Name> {
         self.active.as_ref().or_else(|| self.instances.first())
     }
+
+    /// The instances, comma-separated (for messages).
+    pub fn instance_list(&self) -> String {
+        self.instances
+            .iter()
+            .map(Name::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A port of a steering endpoint that the links use, and which ways.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirroredPort {
+    pub port: String,
+    /// A link sends into `endpoint.port`: it is wired on to each instance's port.
+    pub into: bool,
+    /// A link takes from `endpoint.port`: each instance's port is wired back to it.
+    pub out_of: bool,
 }
 
 /// Body of `PUT /v1/networks/{name}/steering/{endpoint}`.
@@ -198,30 +217,42 @@ impl NetworkDescriptor {
 
     /// Ports of each steering endpoint that the links use, in first-use order.
     pub fn steering_ports(&self) -> BTreeMap<String, Vec<String>> {
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        self.mirrored_ports()
+            .into_iter()
+            .map(|(e, ports)| (e, ports.into_iter().map(|p| p.port).collect()))
+            .collect()
+    }
+
+    /// [`NetworkDescriptor::steering_ports`] with the ways the links use each port: what the
+    /// data plane wires between the endpoint and each of its instances.
+    pub fn mirrored_ports(&self) -> BTreeMap<String, Vec<MirroredPort>> {
+        let mut out: BTreeMap<String, Vec<MirroredPort>> = BTreeMap::new();
         for (_, l) in self.parsed_links() {
-            for ep in [&l.from, &l.to] {
+            for (ep, into) in [(&l.from, false), (&l.to, true)] {
                 if let Endpoint::Port { node, port } = ep
                     && self.steering(node).is_some()
                 {
                     let ports = out.entry(node.clone()).or_default();
-                    if !ports.contains(port) {
-                        ports.push(port.clone());
+                    let at = match ports.iter().position(|p| p.port == *port) {
+                        Some(at) => at,
+                        None => {
+                            ports.push(MirroredPort {
+                                port: port.clone(),
+                                into: false,
+                                out_of: false,
+                            });
+                            ports.len() - 1
+                        }
+                    };
+                    if into {
+                        ports[at].into = true;
+                    } else {
+                        ports[at].out_of = true;
                     }
                 }
             }
         }
         out
-    }
-
-    /// The same network with every steering endpoint's `active` left out: two descriptors
-    /// that differ only in where traffic is steered have equal shapes.
-    pub fn shape(&self) -> NetworkDescriptor {
-        let mut d = self.clone();
-        for e in &mut d.spec.steering {
-            e.active = None;
-        }
-        d
     }
 
     /// Every rule that needs no other facts, each with its field path.
@@ -312,14 +343,7 @@ impl NetworkDescriptor {
             {
                 out.push(FieldError::new(
                     format!("{path}.active"),
-                    format!(
-                        "`{a}` is not one of the instances ({})",
-                        e.instances
-                            .iter()
-                            .map(Name::as_str)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
+                    format!("`{a}` is not one of the instances ({})", e.instance_list()),
                 ));
             }
         }
@@ -829,7 +853,6 @@ spec:
         assert_eq!(ports["fw"], vec!["in".to_owned(), "out".to_owned()]);
         let mut other = n.clone();
         other.spec.steering[0].active = None;
-        assert_eq!(other.shape(), n.shape());
         assert_ne!(other, n);
         assert_eq!(
             other

@@ -17,6 +17,14 @@ pub enum Format {
 }
 
 impl Format {
+    /// The media type the API takes this format as.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Format::Json => "application/json",
+            Format::Yaml => "application/yaml",
+        }
+    }
+
     /// Guesses from the first non-blank byte: `{` is JSON, anything else YAML.
     pub fn sniff(text: &[u8]) -> Self {
         match text.iter().find(|b| !b.is_ascii_whitespace()) {

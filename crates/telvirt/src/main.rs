@@ -115,7 +115,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn read_descriptor(path: &std::path::Path) -> Result<(Vec<u8>, &'static str)> {
+/// A descriptor file (or `-`: standard input) and its format: JSON by extension or content.
+fn read_descriptor(path: &std::path::Path) -> Result<(Vec<u8>, telvirt_model::Format)> {
     let bytes = if path.as_os_str() == "-" {
         let mut buf = Vec::new();
         std::io::stdin().read_to_end(&mut buf)?;
@@ -123,16 +124,12 @@ fn read_descriptor(path: &std::path::Path) -> Result<(Vec<u8>, &'static str)> {
     } else {
         std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
     };
-    let json = path.extension().is_some_and(|e| e == "json")
-        || telvirt_model::Format::sniff(&bytes) == telvirt_model::Format::Json;
-    Ok((
-        bytes,
-        if json {
-            "application/json"
-        } else {
-            "application/yaml"
-        },
-    ))
+    let format = if path.extension().is_some_and(|e| e == "json") {
+        telvirt_model::Format::Json
+    } else {
+        telvirt_model::Format::sniff(&bytes)
+    };
+    Ok((bytes, format))
 }
 
 fn print_vnf(format: Output, vnf: &Vnf) -> Result<()> {
@@ -145,9 +142,9 @@ fn print_vnf(format: Output, vnf: &Vnf) -> Result<()> {
 async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
     match cmd {
         VnfCommand::Create { file } => {
-            let body = read_descriptor(&file)?;
+            let (bytes, f) = read_descriptor(&file)?;
             let vnf: Vnf = client
-                .call(Method::POST, "/v1/vnfs", Some(body))
+                .call(Method::POST, "/v1/vnfs", Some((bytes, f.media_type())))
                 .await?
                 .json()?;
             if !output::structured(format, &vnf)? {

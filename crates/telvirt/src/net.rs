@@ -80,9 +80,9 @@ fn print_status(n: &Network) {
 pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()> {
     match cmd {
         NetCommand::Create { file } => {
-            let body = crate::read_descriptor(&file)?;
+            let (bytes, f) = crate::read_descriptor(&file)?;
             let n: Network = client
-                .call(Method::POST, "/v1/networks", Some(body))
+                .call(Method::POST, "/v1/networks", Some((bytes, f.media_type())))
                 .await?
                 .json()?;
             if !crate::output::structured(format, &n)? {
@@ -90,8 +90,9 @@ pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()>
             }
         }
         NetCommand::Apply { file } => {
-            let (bytes, content_type) = crate::read_descriptor(&file)?;
-            let d: NetworkDescriptor = telvirt_model::from_text(&bytes, format_of(content_type))?;
+            let (bytes, f) = crate::read_descriptor(&file)?;
+            let d: NetworkDescriptor = telvirt_model::from_text(&bytes, f)?;
+            let content_type = f.media_type();
             let path = format!("/v1/networks/{}", d.name());
             let (n, verb): (Network, &str) = if client.exists(&path).await? {
                 let n = client
@@ -232,14 +233,6 @@ impl NetworkPlane for LocalPlane {
         self.reconciler
             .probe(network, probe)
             .map_err(|e| e.to_string())
-    }
-}
-
-fn format_of(content_type: &str) -> telvirt_model::Format {
-    if content_type.contains("json") {
-        telvirt_model::Format::Json
-    } else {
-        telvirt_model::Format::Yaml
     }
 }
 
