@@ -6,7 +6,7 @@
 
 mod redb_store;
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -80,6 +80,18 @@ impl WatchEvent {
     }
 }
 
+/// Whether the store can be used now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreHealth {
+    Ok,
+    /// Reads and writes are refused since `since` (the disk failed: full, I/O error); the
+    /// backend keeps trying to reopen itself.
+    Failing {
+        since: SystemTime,
+        error: String,
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the store at {path}: {source}")]
@@ -90,27 +102,62 @@ pub enum StoreError {
     },
     #[error("store I/O failed: {0}")]
     Backend(String),
+    /// The disk under the store failed (full, I/O error): the call was not acknowledged. The store
+    /// reopens itself once the disk works again; until then every call answers this.
+    #[error(
+        "the store is unavailable ({0}); this call did not complete, and the store reopens itself once the disk works again"
+    )]
+    Unavailable(String),
     #[error("lease {0} does not exist or has expired")]
     NoLease(u64),
     #[error("stored record {key} is corrupt: {why}")]
     Corrupt { key: String, why: String },
 }
 
-macro_rules! backend_error {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StoreError {
-            fn from(e: $t) -> Self {
-                StoreError::Backend(e.to_string())
-            }
-        }
-    )*};
+impl StoreError {
+    /// Whether the disk under the store failed (see [`StoreError::Unavailable`]).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
-backend_error!(
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+
+impl From<redb::StorageError> for StoreError {
+    fn from(e: redb::StorageError) -> Self {
+        use redb::StorageError as S;
+        match e {
+            // redb latches an I/O failure: every later transaction of this handle fails too.
+            S::Io(_) | S::PreviousIo | S::DatabaseClosed => StoreError::Unavailable(e.to_string()),
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+impl From<redb::TransactionError> for StoreError {
+    fn from(e: redb::TransactionError) -> Self {
+        match e {
+            redb::TransactionError::Storage(s) => s.into(),
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+impl From<redb::TableError> for StoreError {
+    fn from(e: redb::TableError) -> Self {
+        match e {
+            redb::TableError::Storage(s) => s.into(),
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
+
+impl From<redb::CommitError> for StoreError {
+    fn from(e: redb::CommitError) -> Self {
+        match e {
+            redb::CommitError::Storage(s) => s.into(),
+            other => StoreError::Backend(other.to_string()),
+        }
+    }
+}
 
 /// A stream of changes under a key prefix.
 pub struct Watch {
@@ -160,6 +207,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Ends the lease now and deletes its keys.
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
+
+    /// Whether the store can be used now. Backends without failure detection are always `Ok`.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::Ok
+    }
 
     async fn put(&self, key: &str, value: Vec<u8>) -> Result<u64, StoreError> {
         let op = Op::Put {

@@ -1,19 +1,25 @@
 //! The embedded backend: one redb file, durable on every commit.
 //!
 //! Owns the on-disk layout (a `kv` table of revisioned records, a `meta` table with the store
-//! revision and lease counter, a `leases` table) and lease expiry. It must not hold a write
-//! transaction across an await point, and it must not acknowledge a write before redb has
-//! committed it durably: an acknowledged write survives `kill -9`.
+//! revision and lease counter, a `leases` table), lease expiry, and recovery from disk faults:
+//! after an I/O error (a full disk, a failing device) redb refuses every later transaction of
+//! that handle, so the store drops the handle, answers [`StoreError::Unavailable`], and reopens
+//! the same file (with backoff, from the next call or the background task) until that works.
+//! It must not hold a write transaction across an await point, and it must not acknowledge a
+//! write before redb has committed it durably: an acknowledged write survives `kill -9` and a
+//! reopen.
 
-use std::path::Path;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use crate::{Compare, LeaseId, Op, Store, StoreError, TxnOutcome, Versioned, Watch, WatchEvent};
+use crate::{
+    Compare, LeaseId, Op, Store, StoreError, StoreHealth, TxnOutcome, Versioned, Watch, WatchEvent,
+};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -24,10 +30,47 @@ const REVISION: &str = "revision";
 const NEXT_LEASE: &str = "next_lease";
 const HEADER: usize = 24;
 
+/// First wait between two attempts to reopen a failed store; doubled up to [`REOPEN_MAX`].
+const REOPEN_FIRST: Duration = Duration::from_millis(200);
+const REOPEN_MAX: Duration = Duration::from_secs(2);
+/// How often the background task expires leases and retries a reopen.
+const TICK: Duration = Duration::from_millis(100);
+
 /// A redb-backed store.
 pub struct RedbStore {
-    db: Database,
+    path: PathBuf,
+    /// The open database; `None` from a disk fault until the reopen succeeds. Every transaction
+    /// runs under a read guard, so a reopen (write guard) never races a live transaction and the
+    /// old handle has released the file's lock before the new one takes it.
+    db: RwLock<Option<Database>>,
+    state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Bumped at every reopen, so a fault seen on an older handle does not fail a newer one.
+    generation: u64,
+    fault: Option<Fault>,
+}
+
+struct Fault {
+    since: SystemTime,
+    /// The error that failed the store.
+    error: String,
+    /// Why the last reopen did not work, if one was tried.
+    reopen: Option<String>,
+    next_attempt: Instant,
+    backoff: Duration,
+}
+
+impl Fault {
+    fn describe(&self) -> String {
+        match &self.reopen {
+            Some(why) => format!("{}; reopening failed: {why}", self.error),
+            None => self.error.clone(),
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -82,30 +125,40 @@ fn lease_fields(raw: &[u8]) -> (u64, u64) {
     (half(0..8), half(8..16))
 }
 
+/// Opens (creating if needed) the database at `path` with the store's tables.
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    let db = Database::create(path).map_err(|e| StoreError::Open {
+        path: path.display().to_string(),
+        source: Box::new(e),
+    })?;
+    let txn = db.begin_write()?;
+    txn.open_table(KV)?;
+    txn.open_table(META)?;
+    txn.open_table(LEASES)?;
+    txn.commit()?;
+    Ok(db)
+}
+
 impl RedbStore {
     /// Opens (creating if needed) the store file at `path`. Inside a tokio runtime it also starts
-    /// the task that expires leases.
+    /// the task that expires leases and reopens the store after a disk fault.
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open {
-            path: path.display().to_string(),
-            source: Box::new(e),
-        })?;
-        {
-            let txn = db.begin_write()?;
-            txn.open_table(KV)?;
-            txn.open_table(META)?;
-            txn.open_table(LEASES)?;
-            txn.commit()?;
-        }
+        let db = open_database(path)?;
         let (events, _) = broadcast::channel(4096);
-        let store = Arc::new(Self { db, events });
+        let store = Arc::new(Self {
+            path: path.to_owned(),
+            db: RwLock::new(Some(db)),
+            state: Mutex::new(State::default()),
+            events,
+        });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&store);
             handle.spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                let mut tick = tokio::time::interval(TICK);
                 loop {
                     tick.tick().await;
                     let Some(store) = weak.upgrade() else { break };
+                    store.reopen_if_due();
                     // A failed sweep is retried on the next tick.
                     let _ = store.expire_leases(now_ms());
                 }
@@ -114,10 +167,112 @@ impl RedbStore {
         Ok(store)
     }
 
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is two plain fields, consistent between statements: keep using it.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the open database. A disk fault it meets fails the store (the handle is
+    /// dropped, every call answers `Unavailable` until a reopen works); a failed store first
+    /// tries to reopen when its backoff has passed.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.reopen_if_due();
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        let generation = self.state().generation;
+        let Some(db) = guard.as_ref() else {
+            return Err(self.unavailable());
+        };
+        let result = f(db);
+        drop(guard);
+        if let Err(StoreError::Unavailable(why)) = &result {
+            self.fail(generation, why);
+        }
+        result
+    }
+
+    fn unavailable(&self) -> StoreError {
+        StoreError::Unavailable(
+            self.state()
+                .fault
+                .as_ref()
+                .map_or_else(|| "it is being reopened".to_owned(), Fault::describe),
+        )
+    }
+
+    /// Marks the store failed by `error` seen on the handle of `generation`, and drops that
+    /// handle (its later transactions would all fail).
+    fn fail(&self, generation: u64, error: &str) {
+        {
+            let mut state = self.state();
+            if state.generation != generation {
+                return;
+            }
+            if state.fault.is_none() {
+                state.fault = Some(Fault {
+                    since: SystemTime::now(),
+                    error: error.to_owned(),
+                    reopen: None,
+                    next_attempt: Instant::now() + REOPEN_FIRST,
+                    backoff: REOPEN_FIRST,
+                });
+            }
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        if self.state().generation == generation {
+            // Closing after an I/O fault fails too: the next open repairs the file.
+            if let Some(old) = db.take() {
+                let _ = old.close();
+            }
+        }
+    }
+
+    /// Reopens a failed store if its backoff has passed. Every acknowledged write is in the file
+    /// (redb commits are durable), so the reopened store holds all of them.
+    fn reopen_if_due(&self) {
+        match &self.state().fault {
+            Some(fault) if Instant::now() >= fault.next_attempt => {}
+            _ => return,
+        }
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let due = self
+            .state()
+            .fault
+            .as_ref()
+            .is_some_and(|f| Instant::now() >= f.next_attempt);
+        if !due {
+            return;
+        }
+        if let Some(old) = db.take() {
+            let _ = old.close();
+        }
+        let opened = open_database(&self.path);
+        let mut state = self.state();
+        match opened {
+            Ok(new) => {
+                *db = Some(new);
+                state.generation += 1;
+                state.fault = None;
+            }
+            Err(e) => {
+                if let Some(fault) = state.fault.as_mut() {
+                    fault.reopen = Some(match e {
+                        StoreError::Open { source, .. } => source.to_string(),
+                        other => other.to_string(),
+                    });
+                    fault.backoff = (fault.backoff * 2).min(REOPEN_MAX);
+                    fault.next_attempt = Instant::now() + fault.backoff;
+                }
+            }
+        }
+    }
+
     /// Deletes the keys of every lease whose deadline is before `now`; returns how many leases.
     pub fn expire_leases(&self, now: u64) -> Result<usize, StoreError> {
-        let expired: Vec<u64> = {
-            let txn = self.db.begin_read()?;
+        let expired: Vec<u64> = self.with_db(|db| {
+            let txn = db.begin_read()?;
             let leases = txn.open_table(LEASES)?;
             let mut out = Vec::new();
             for entry in leases.iter()? {
@@ -126,8 +281,8 @@ impl RedbStore {
                     out.push(id.value());
                 }
             }
-            out
-        };
+            Ok(out)
+        })?;
         for id in &expired {
             self.drop_lease(LeaseId(*id))?;
         }
@@ -135,7 +290,11 @@ impl RedbStore {
     }
 
     fn drop_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        self.with_db(|db| self.drop_lease_in(db, lease))
+    }
+
+    fn drop_lease_in(&self, db: &Database, lease: LeaseId) -> Result<(), StoreError> {
+        let txn = db.begin_write()?;
         let mut events = Vec::new();
         {
             let mut kv = txn.open_table(KV)?;
@@ -167,8 +326,13 @@ impl RedbStore {
         Ok(())
     }
 
-    fn apply(&self, compares: &[Compare], ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        let txn = self.db.begin_write()?;
+    fn apply(
+        &self,
+        db: &Database,
+        compares: &[Compare],
+        ops: Vec<Op>,
+    ) -> Result<TxnOutcome, StoreError> {
+        let txn = db.begin_write()?;
         let mut events = Vec::with_capacity(ops.len());
         let outcome = {
             let mut kv = txn.open_table(KV)?;
@@ -242,28 +406,32 @@ impl RedbStore {
 #[async_trait]
 impl Store for RedbStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let kv = txn.open_table(KV)?;
-        kv.get(key)?.map(|raw| decode(key, raw.value())).transpose()
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let kv = txn.open_table(KV)?;
+            kv.get(key)?.map(|raw| decode(key, raw.value())).transpose()
+        })
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let kv = txn.open_table(KV)?;
-        let mut out = Vec::new();
-        for entry in kv.range(prefix..)? {
-            let (key, raw) = entry?;
-            let key = key.value();
-            if !key.starts_with(prefix) {
-                break;
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let kv = txn.open_table(KV)?;
+            let mut out = Vec::new();
+            for entry in kv.range(prefix..)? {
+                let (key, raw) = entry?;
+                let key = key.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push((key.to_owned(), decode(key, raw.value())?));
             }
-            out.push((key.to_owned(), decode(key, raw.value())?));
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        self.apply(&compares, ops)
+        self.with_db(|db| self.apply(db, &compares, ops))
     }
 
     async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
@@ -272,40 +440,54 @@ impl Store for RedbStore {
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        let txn = self.db.begin_write()?;
-        let id = {
-            let mut meta = txn.open_table(META)?;
-            let mut leases = txn.open_table(LEASES)?;
-            let id = meta.get(NEXT_LEASE)?.map_or(1, |v| v.value());
-            meta.insert(NEXT_LEASE, id + 1)?;
-            leases.insert(
-                id,
-                lease_record(ttl_ms, now_ms().saturating_add(ttl_ms)).as_slice(),
-            )?;
-            id
-        };
-        txn.commit()?;
-        Ok(LeaseId(id))
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            let id = {
+                let mut meta = txn.open_table(META)?;
+                let mut leases = txn.open_table(LEASES)?;
+                let id = meta.get(NEXT_LEASE)?.map_or(1, |v| v.value());
+                meta.insert(NEXT_LEASE, id + 1)?;
+                leases.insert(
+                    id,
+                    lease_record(ttl_ms, now_ms().saturating_add(ttl_ms)).as_slice(),
+                )?;
+                id
+            };
+            txn.commit()?;
+            Ok(LeaseId(id))
+        })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
-        {
-            let mut leases = txn.open_table(LEASES)?;
-            let ttl = match leases.get(lease.0)? {
-                Some(raw) => lease_fields(raw.value()).0,
-                None => return Err(StoreError::NoLease(lease.0)),
-            };
-            leases.insert(
-                lease.0,
-                lease_record(ttl, now_ms().saturating_add(ttl)).as_slice(),
-            )?;
-        }
-        txn.commit()?;
-        Ok(())
+        self.with_db(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut leases = txn.open_table(LEASES)?;
+                let ttl = match leases.get(lease.0)? {
+                    Some(raw) => lease_fields(raw.value()).0,
+                    None => return Err(StoreError::NoLease(lease.0)),
+                };
+                leases.insert(
+                    lease.0,
+                    lease_record(ttl, now_ms().saturating_add(ttl)).as_slice(),
+                )?;
+            }
+            txn.commit()?;
+            Ok(())
+        })
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         self.drop_lease(lease)
+    }
+
+    fn health(&self) -> StoreHealth {
+        match &self.state().fault {
+            None => StoreHealth::Ok,
+            Some(fault) => StoreHealth::Failing {
+                since: fault.since,
+                error: fault.describe(),
+            },
+        }
     }
 }
