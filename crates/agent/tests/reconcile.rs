@@ -137,6 +137,7 @@ fn assignment(runtime: &str) -> Assignment {
         },
         desired: DesiredState::Running,
         locked: false,
+        memory_bytes: 0,
         generation: 1,
         devices: Vec::new(),
         domain: "operator".into(),

@@ -52,6 +52,35 @@ pub struct AuthorityToken {
     pub token: String,
 }
 
+/// What the verifier read from an uploaded module's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModuleInfo {
+    /// The manifest's module name.
+    pub name: String,
+    pub version: String,
+    /// Permissions it requests (`maps.read`, `counters`, ...).
+    pub permissions: Vec<String>,
+    /// Its maps, with their declared capacities.
+    pub maps: Vec<crate::vnf::MapSpec>,
+    /// Counter names, in manifest order.
+    #[serde(default)]
+    pub counters: Vec<String>,
+}
+
+/// An uploaded, verified wasm module (`POST /v1/modules`), as its owner sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModuleView {
+    /// SHA-256 of its bytes, lowercase hex.
+    pub sha256: String,
+    /// What a descriptor writes in `spec.wasm.module`: `sha256:<hex>`.
+    pub reference: String,
+    pub size: u64,
+    #[serde(flatten)]
+    pub info: ModuleInfo,
+    /// RFC 3339, when the caller first uploaded it.
+    pub uploaded_at: String,
+}
+
 /// One map of a running wasm VNF (`GET /v1/vnfs/{name}/maps`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct MapView {
@@ -117,6 +146,9 @@ pub enum CpuUse {
         /// vCPUs on this core.
         vcpus: u32,
     },
+    /// Held by another authority's VNF or shared group; who and what for is not shown.
+    #[serde(rename = "in-use")]
+    InUse,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -171,11 +203,43 @@ pub struct Problem {
     pub errors: Vec<FieldError>,
 }
 
-/// Body of `GET /v1/healthz`.
+/// Body of `GET /v1/healthz` and `GET /v1/readyz`: `status` is `ok` when every component is
+/// up. When one is down the answer is a 503 problem document with the same `components`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// Each part of the node by name: `store`, `scheduler`, `agent`, `dataplane`, ...
+    #[serde(default)]
+    pub components: BTreeMap<String, ComponentHealth>,
+}
+
+/// The state of one part of the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ComponentHealth {
+    /// `up` or `down`.
+    pub status: String,
+    /// Why it is down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// RFC 3339, since when it is in this state (unset: since the node started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+}
+
+/// Body of a 503 from `GET /v1/healthz` or `GET /v1/readyz` (`application/problem+json`): an
+/// RFC 9457 problem whose `detail` names each component that is down and why, with every
+/// component's state in `components`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthProblem {
+    /// `urn:telvirt:problem:unhealthy`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub version: String,
+    pub components: BTreeMap<String, ComponentHealth>,
 }
 
 /// What the controller asks one host's agent to run.
@@ -187,6 +251,10 @@ pub struct Assignment {
     pub desired: DesiredState,
     /// Locked VNFs are kept paused.
     pub locked: bool,
+    /// The host memory placement counted for it (`Vnf::memory_bytes`; 0: not counted). A wasm
+    /// instance whose module would need more is refused by the agent.
+    #[serde(default)]
+    pub memory_bytes: u64,
     pub generation: u64,
     /// Peripherals the instance should hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

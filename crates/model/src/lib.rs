@@ -6,6 +6,7 @@
 pub mod api;
 pub mod device;
 pub mod error;
+pub mod grant;
 pub mod lifecycle;
 pub mod name;
 pub mod network;
@@ -15,6 +16,7 @@ pub mod vnf;
 
 pub use device::{Device, DeviceGrant};
 pub use error::{FieldError, ModelError};
+pub use grant::{HostGrants, ResourceKind};
 pub use lifecycle::{DesiredState, Event, LockInfo, Phase, Placement, Role, Vnf};
 pub use name::{Name, NameError};
 pub use network::{NetworkDescriptor, parse_network};
@@ -23,7 +25,7 @@ pub use units::{ByteSize, ByteSizeError};
 pub use vnf::{
     ApiVersion, CpuPolicy, CpuSpec, EmulatorPolicy, MapKind, MapSpec, Metadata, NicSpec,
     PlacementSpec, Redundancy, RuntimeKind, ThreadPolicy, VmSpec, VnfDescriptor, VnfKind, VnfSpec,
-    WasmEngine, WasmLimits, WasmSpec,
+    WasmEngine, WasmLimits, WasmSpec, map_budget_bytes, module_digest,
 };
 
 #[cfg(test)]
@@ -292,5 +294,92 @@ spec:
         let e = refused(&edit(FIREWALL, "count: 1,", "count: 1, group: g1,"));
         assert_eq!(e.path, "spec.cpu.group");
         assert!(e.reason.contains("policy: shared"));
+    }
+
+    #[test]
+    fn confinement_limits_are_checked_at_parse() {
+        let e = refused(&edit(FIREWALL, "memory: 16MiB", "memory: 8TiB"));
+        assert_eq!(e.path, "spec.wasm.limits.memory");
+        assert!(e.reason.contains("4GiB"), "{e}");
+        let ports: Vec<String> = (0..33).map(|i| format!("p{i}")).collect();
+        let e = refused(&edit(
+            FIREWALL,
+            "ports: [in, out]",
+            &format!("ports: [{}]", ports.join(", ")),
+        ));
+        assert_eq!(e.path, "spec.ports");
+        let e = refused(&edit(
+            FIREWALL,
+            "engine: cranelift",
+            "engine: cranelift\n    config: { blob_hex: \"0g\" }",
+        ));
+        assert_eq!(e.path, "spec.wasm.config.blob_hex");
+        let e = refused(&edit(
+            FIREWALL,
+            "engine: cranelift",
+            "engine: cranelift\n    config: { blob_hex: \"020\" }",
+        ));
+        assert_eq!(e.path, "spec.wasm.config.blob_hex");
+        let e = refused(&edit(
+            FIREWALL,
+            "engine: cranelift",
+            "engine: cranelift\n    config: { blob_hex: \"02\", mode: x }",
+        ));
+        assert_eq!(e.path, "spec.wasm.config.blob_hex");
+        let e = refused(&edit(
+            FIREWALL,
+            "module: examples/vnfs/firewall.wasm",
+            "module: \"fw\\0.wasm\"",
+        ));
+        assert_eq!(e.path, "spec.wasm.module");
+        assert!(e.reason.contains("NUL"), "{e}");
+        let e = refused(&edit(
+            FIREWALL,
+            "module: examples/vnfs/firewall.wasm",
+            "module: sha256:abc",
+        ));
+        assert_eq!(e.path, "spec.wasm.module");
+        let e = refused(&edit(
+            VM,
+            "emulator: isolate",
+            "emulator: isolate\n    cmdline: \"a\\0b\"",
+        ));
+        assert_eq!(e.path, "spec.vm.cmdline");
+    }
+
+    #[test]
+    fn memory_budget_counts_linear_memory_and_every_map() {
+        let d = yaml(FIREWALL).unwrap();
+        let map = |name: &str, entries: u32| MapSpec {
+            name: name.parse().unwrap(),
+            kind: MapKind::Hash,
+            key_size: 16,
+            value_size: 4,
+            max_entries: entries,
+        };
+        let per_entry = 16 + 4 + vnf::limits::MAP_ENTRY_OVERHEAD_BYTES;
+        // The descriptor's `rules` overrides the module's capacity; `extra` counts in full.
+        let module = [map("rules", 10), map("extra", 100)];
+        assert_eq!(
+            d.memory_budget(&module),
+            (16 << 20) + 65536 * per_entry + 100 * per_entry
+        );
+        assert_eq!(d.memory_budget(&[]), (16 << 20) + 65536 * per_entry);
+        assert!(d.map_mismatches(&module).is_empty());
+        let e = d.map_mismatches(&[map("other", 1)]);
+        assert_eq!(e[0].path, "spec.wasm.maps[0].name");
+        let mut wrong = map("rules", 1);
+        wrong.value_size = 8;
+        assert_eq!(d.map_mismatches(&[wrong])[0].path, "spec.wasm.maps[0]");
+        assert_eq!(yaml(VM).unwrap().memory_budget(&[]), 512 << 20);
+    }
+
+    #[test]
+    fn module_references_are_sha256_digests() {
+        let hex = "a".repeat(64);
+        assert_eq!(module_digest(&format!("sha256:{hex}")), Some(hex.as_str()));
+        assert_eq!(module_digest(&format!("sha256:{}", "A".repeat(64))), None);
+        assert_eq!(module_digest("sha256:abc"), None);
+        assert_eq!(module_digest("firewall.wasm"), None);
     }
 }

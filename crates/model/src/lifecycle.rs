@@ -142,6 +142,10 @@ pub struct Vnf {
     /// Peripherals granted to the running instance (`vnf attach`), in grant order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<crate::device::DeviceGrant>,
+    /// Host memory it may use, in bytes, as placement counts it: a vm's guest RAM, or a wasm
+    /// module's linear-memory limit plus its maps' budgets (`VnfDescriptor::memory_budget`).
+    #[serde(default)]
+    pub memory_bytes: u64,
     /// Bumped on every change of desired state, lock or placement.
     pub generation: u64,
     /// RFC 3339.

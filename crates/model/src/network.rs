@@ -281,11 +281,19 @@ impl NetworkDescriptor {
                     }
                 }
             }
-            if n.rate_pps == Some(0) {
-                out.push(FieldError::new(
+            match n.rate_pps {
+                Some(0) => out.push(FieldError::new(
                     format!("spec.nodes[{i}].rate_pps"),
                     "must be at least 1 packet per second",
-                ));
+                )),
+                Some(r) if r > MAX_GENERATOR_PPS => out.push(FieldError::new(
+                    format!("spec.nodes[{i}].rate_pps"),
+                    format!(
+                        "{r} is more than the {MAX_GENERATOR_PPS} packets per second a generator \
+                         may send (it shares the node's data-plane workers)"
+                    ),
+                )),
+                _ => {}
             }
             if let Some(size) = n.size
                 && !(MIN_FRAME_SIZE..=MAX_FRAME_SIZE).contains(&size)
@@ -525,6 +533,8 @@ pub struct LatencyProbe {
 pub const MIN_FRAME_SIZE: u32 = 62;
 /// Largest generated frame: a full Ethernet frame without FCS.
 pub const MAX_FRAME_SIZE: u32 = 1514;
+/// Highest `rate_pps` of a generator node.
+pub const MAX_GENERATOR_PPS: u64 = 1_000_000;
 
 /// Longest probe the API runs, in seconds of sending.
 pub const MAX_PROBE_SECONDS: u64 = 60;
@@ -806,6 +816,9 @@ spec:
     fn generator_fields_are_checked() {
         let e = refused(&edit("rate_pps: 1000", "rate_pps: 0"));
         assert_eq!(e.path, "spec.nodes[0].rate_pps");
+        let e = refused(&edit("rate_pps: 1000", "rate_pps: 1000001"));
+        assert_eq!(e.path, "spec.nodes[0].rate_pps");
+        assert!(e.reason.contains("1000000"), "{e}");
         let e = refused(&edit("kind: sink", "kind: sink, size: 64"));
         assert_eq!(e.path, "spec.nodes[1].size");
     }

@@ -295,11 +295,108 @@ pub mod limits {
     pub const WASM_PAGE: u64 = 64 * 1024;
     /// Largest `spec.wasm.limits.fuel_per_batch` (about a second of CPU per batch).
     pub const MAX_WASM_FUEL_PER_BATCH: u64 = 1_000_000_000;
+    /// Largest `spec.wasm.limits.memory`: all a wasm32 module can address.
+    pub const MAX_WASM_MEMORY: u64 = 4 << 30;
+    /// Most packet ports one VNF may have.
+    pub const MAX_PORTS: usize = 32;
+    /// Bytes of bookkeeping one map entry may cost besides its key and value (hash slot,
+    /// control byte, live flag, LRU links); the wasm runtime's maps stay within it.
+    pub const MAP_ENTRY_OVERHEAD_BYTES: u64 = 64;
+    /// Largest wasm module accepted (upload or file).
+    pub const MAX_MODULE_BYTES: u64 = 16 << 20;
+    /// Longest string field of a descriptor (a path, a kernel command line, a config value).
+    pub const MAX_STRING_LEN: usize = 4096;
+}
+
+/// Prefix of a reference to an uploaded module: `sha256:<64 lowercase hex digits>`.
+pub const MODULE_REF_PREFIX: &str = "sha256:";
+
+/// The hex digest of a `sha256:<hex>` module reference; `None` for anything else (a path).
+pub fn module_digest(module: &str) -> Option<&str> {
+    module.strip_prefix(MODULE_REF_PREFIX).filter(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+/// The bytes one map may use: key, value and bookkeeping per entry, for every entry.
+pub fn map_budget_bytes(map: &MapSpec) -> u64 {
+    (u64::from(map.key_size) + u64::from(map.value_size) + limits::MAP_ENTRY_OVERHEAD_BYTES)
+        * u64::from(map.max_entries)
 }
 
 impl VnfDescriptor {
     pub fn name(&self) -> &Name {
         &self.metadata.name
+    }
+
+    /// The host memory this VNF may use, in bytes: a vm's guest RAM; a wasm VNF's linear-memory
+    /// limit plus the budget of every map it runs with (`module_maps`, the module's own maps,
+    /// with capacities overridden by `spec.wasm.maps` of the same name; maps only the descriptor
+    /// names count too).
+    pub fn memory_budget(&self, module_maps: &[MapSpec]) -> u64 {
+        match (&self.spec.vm, &self.spec.wasm) {
+            (Some(vm), _) => vm.memory.bytes(),
+            (None, Some(wasm)) => {
+                let own = module_maps.iter().map(|m| {
+                    wasm.maps
+                        .iter()
+                        .find(|o| o.name == m.name)
+                        .map_or_else(|| map_budget_bytes(m), map_budget_bytes)
+                });
+                let extra = wasm
+                    .maps
+                    .iter()
+                    .filter(|o| !module_maps.iter().any(|m| m.name == o.name))
+                    .map(map_budget_bytes);
+                own.chain(extra)
+                    .fold(wasm.limits.memory.bytes(), u64::saturating_add)
+            }
+            (None, None) => 0,
+        }
+    }
+
+    /// Descriptor maps that the module (whose maps are `module_maps`) does not declare, or
+    /// declares with another layout: each with its field path.
+    pub fn map_mismatches(&self, module_maps: &[MapSpec]) -> Vec<FieldError> {
+        let Some(wasm) = &self.spec.wasm else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, map) in wasm.maps.iter().enumerate() {
+            let at = format!("spec.wasm.maps[{i}]");
+            match module_maps.iter().find(|m| m.name == map.name) {
+                None => {
+                    let declared: Vec<&str> = module_maps.iter().map(|m| m.name.as_str()).collect();
+                    out.push(FieldError::new(
+                        format!("{at}.name"),
+                        format!(
+                            "the module declares no map `{}` (its maps: {}); descriptor maps only \
+                             change the capacity of the module's own",
+                            map.name,
+                            if declared.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                declared.join(", ")
+                            }
+                        ),
+                    ));
+                }
+                Some(m)
+                    if (m.kind, m.key_size, m.value_size)
+                        != (map.kind, map.key_size, map.value_size) =>
+                {
+                    out.push(FieldError::new(
+                        at,
+                        format!(
+                            "map `{}` has another layout in the module ({:?}, key_size {}, value_size {}); only max_entries may differ",
+                            map.name, m.kind, m.key_size, m.value_size
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        out
     }
 
     /// Every semantic rule the types alone cannot express; all violations, each with its path.
@@ -308,6 +405,7 @@ impl VnfDescriptor {
         let spec = &self.spec;
         check_runtime_blocks(spec, &mut out);
         check_cpu(&spec.cpu, &mut out);
+        check_strings(self, &mut out);
         let ports = check_ports(&spec.ports, &mut out);
         if let Some(wasm) = &spec.wasm {
             check_wasm(wasm, &mut out);
@@ -454,7 +552,66 @@ fn forbid(present: bool, path: &str, belongs_to: &str, out: &mut Vec<FieldError>
     }
 }
 
+/// No string of the descriptor may hold a NUL byte (it would cut a path or a command line
+/// short on the node) or exceed `MAX_STRING_LEN`.
+fn check_strings(d: &VnfDescriptor, out: &mut Vec<FieldError>) {
+    fn walk(value: &serde_json::Value, path: &str, out: &mut Vec<FieldError>) {
+        match value {
+            serde_json::Value::String(s) => {
+                if s.contains('\0') {
+                    out.push(FieldError::new(path, "contains a NUL byte"));
+                } else if s.len() > limits::MAX_STRING_LEN {
+                    out.push(FieldError::new(
+                        path,
+                        format!(
+                            "is {} bytes long, more than {}",
+                            s.len(),
+                            limits::MAX_STRING_LEN
+                        ),
+                    ));
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, &format!("{path}[{i}]"), out);
+                }
+            }
+            serde_json::Value::Object(fields) => {
+                for (key, item) in fields {
+                    let at = if path.is_empty() {
+                        key.clone()
+                    } else {
+                        format!("{path}.{key}")
+                    };
+                    if key.contains('\0') {
+                        out.push(FieldError::new(
+                            at.escape_debug().to_string(),
+                            "the key contains a NUL byte",
+                        ));
+                    } else {
+                        walk(item, &at, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Ok(value) = serde_json::to_value(d) {
+        walk(&value, "", out);
+    }
+}
+
 fn check_ports<'a>(ports: &'a [Name], out: &mut Vec<FieldError>) -> BTreeSet<&'a Name> {
+    if ports.len() > limits::MAX_PORTS {
+        out.push(FieldError::new(
+            "spec.ports",
+            format!(
+                "{} ports are more than the {} one VNF may have",
+                ports.len(),
+                limits::MAX_PORTS
+            ),
+        ));
+    }
     let mut seen = BTreeSet::new();
     for (i, port) in ports.iter().enumerate() {
         if !seen.insert(port) {
@@ -471,9 +628,32 @@ fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
     if wasm.module.trim().is_empty() {
         out.push(FieldError::new(
             "spec.wasm.module",
-            "must name a .wasm file",
+            "must name an uploaded module (sha256:<hex>) or a .wasm file",
+        ));
+    } else if wasm.module.starts_with(MODULE_REF_PREFIX) && module_digest(&wasm.module).is_none() {
+        out.push(FieldError::new(
+            "spec.wasm.module",
+            format!(
+                "`{}` is not a module reference: sha256: must be followed by 64 lowercase hex digits",
+                wasm.module.escape_debug()
+            ),
         ));
     }
+    if wasm.limits.memory.bytes() > limits::MAX_WASM_MEMORY {
+        out.push(FieldError::new(
+            "spec.wasm.limits.memory",
+            format!(
+                "{} is more than the 4GiB a wasm32 module can address",
+                wasm.limits.memory
+            ),
+        ));
+    } else if wasm.limits.memory.bytes() == 0 {
+        out.push(FieldError::new(
+            "spec.wasm.limits.memory",
+            "must be at least one 64KiB wasm page",
+        ));
+    }
+    check_blob_hex(&wasm.config, out);
     if !wasm.limits.memory.bytes().is_multiple_of(limits::WASM_PAGE) {
         out.push(FieldError::new(
             "spec.wasm.limits.memory",
@@ -531,6 +711,27 @@ fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
                 ),
             ));
         }
+    }
+}
+
+/// Config key whose value is the module's whole `tv_init` blob, hex-encoded.
+pub const BLOB_HEX: &str = "blob_hex";
+
+fn check_blob_hex(config: &BTreeMap<String, String>, out: &mut Vec<FieldError>) {
+    let Some(hex) = config.get(BLOB_HEX) else {
+        return;
+    };
+    let path = format!("spec.wasm.config.{BLOB_HEX}");
+    if config.len() != 1 {
+        out.push(FieldError::new(
+            path,
+            format!("`{BLOB_HEX}` is the whole init blob, so it must be the only config key"),
+        ));
+    } else if !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        out.push(FieldError::new(
+            path,
+            "must be an even number of hex digits (two per byte of the init blob)",
+        ));
     }
 }
 
