@@ -52,6 +52,30 @@ pub mod code {
     pub const EFULL: i32 = -7;
 }
 
+/// Fuel charged by the map host functions, on top of the wasm instructions around the call, so
+/// a module cannot spin in host code for free: `tv_init`, batches and ticks all run under a
+/// fuel budget (`RunLimits::fuel_per_batch`). A call costs its base plus one unit per
+/// [`host_fuel::BYTES_PER_FUEL`] bytes of key and value it copies (rounded down). One unit of
+/// fuel is roughly one wasm instruction (about a nanosecond of compiled code); the bases are
+/// of the order of what the call costs the host (hashing, probing, logging), a lookup being
+/// the cheapest. A call that finds too little fuel left traps like wasm code out of fuel
+/// (`FailureReason::CpuLimit`) and does nothing.
+pub mod host_fuel {
+    /// Base cost of `map_lookup`.
+    pub const MAP_LOOKUP: u64 = 20;
+    /// Base cost of `map_update` (insert or replace, plus the update log when enabled).
+    pub const MAP_UPDATE: u64 = 100;
+    /// Base cost of `map_delete`.
+    pub const MAP_DELETE: u64 = 100;
+    /// Bytes of key and value copied per unit of fuel.
+    pub const BYTES_PER_FUEL: u64 = 8;
+
+    /// Fuel of one call with this base that copies `bytes` bytes of key and value.
+    pub const fn cost(base: u64, bytes: u64) -> u64 {
+        base + bytes / BYTES_PER_FUEL
+    }
+}
+
 /// `map_update` flags.
 pub mod update_flags {
     /// Insert or replace.

@@ -104,6 +104,9 @@ pub enum Error {
     /// The wasmtime engine could not be configured or compile the module.
     #[error("engine: {0}")]
     Engine(String),
+    /// A module file was refused or could not be read; the reason never quotes its content.
+    #[error("module file {path}: {reason}")]
+    ModuleFile { path: PathBuf, reason: String },
     /// File system error in the module store.
     #[error("I/O on {path}: {source}")]
     Io {

@@ -1,15 +1,16 @@
 //! Host functions of module `telvirt` (ABI v1) and the per-VNF state they act on. Only the
 //! functions whose permission is granted are linked; the rest are absent, never stubbed.
 //! Owns the host side of each call, including the cached view of linear memory the calls use
-//! (see `MemView`); it does not decide grants (see `security`).
+//! (see `MemView`) and the fuel the map functions charge (`abi::host_fuel`); it does not
+//! decide grants (see `security`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
 use std::time::Instant;
 
-use wasmtime::{Caller, Linker, Memory, ResourceLimiter};
+use wasmtime::{Caller, Linker, Memory, ResourceLimiter, Trap};
 
-use crate::abi::{self, MAX_LOG_LEN, MAX_LOG_PER_BATCH, code};
+use crate::abi::{self, MAX_LOG_LEN, MAX_LOG_PER_BATCH, code, host_fuel};
 use crate::batch::Emitted;
 use crate::maps::MapSet;
 use crate::security::Permission;
@@ -159,6 +160,23 @@ fn with_mem<R>(
     f(data, st)
 }
 
+/// Takes `cost` fuel from the calling store; traps as out of fuel (and takes what is left) when
+/// there is not enough, so the call does nothing and the module stops like wasm code would.
+fn charge(caller: &mut Caller<'_, HostState>, cost: u64) -> wasmtime::Result<()> {
+    let left = caller.get_fuel()?;
+    if left < cost {
+        caller.set_fuel(0)?;
+        return Err(Trap::OutOfFuel.into());
+    }
+    caller.set_fuel(left - cost)
+}
+
+/// Key and value sizes of map `id`, or `None` for an unknown map.
+fn map_sizes(caller: &Caller<'_, HostState>, id: usize) -> Option<(u64, u64)> {
+    let d = caller.data().maps.get(id)?.def();
+    Some((u64::from(d.key_size), u64::from(d.value_size)))
+}
+
 fn splitmix(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
@@ -177,9 +195,11 @@ pub(crate) fn link(
         linker.func_wrap(
             m,
             "map_lookup",
-            |mut c: Caller<'_, HostState>, map: i32, kp: i32, vp: i32| -> i32 {
-                with_mem(&mut c, code::EFAULT, |data, st| {
-                    let id = map as u32 as usize;
+            |mut c: Caller<'_, HostState>, map: i32, kp: i32, vp: i32| -> wasmtime::Result<i32> {
+                let id = map as u32 as usize;
+                let bytes = map_sizes(&c, id).map_or(0, |(k, v)| k + v);
+                charge(&mut c, host_fuel::cost(host_fuel::MAP_LOOKUP, bytes))?;
+                Ok(with_mem(&mut c, code::EFAULT, |data, st| {
                     let Some(def) = st.maps.get(id).map(|m| m.def()) else {
                         return code::EINVAL;
                     };
@@ -196,7 +216,7 @@ pub(crate) fn link(
                         }
                         None => code::ENOENT,
                     }
-                })
+                }))
             },
         )?;
     }
@@ -204,9 +224,16 @@ pub(crate) fn link(
         linker.func_wrap(
             m,
             "map_update",
-            |mut c: Caller<'_, HostState>, map: i32, kp: i32, vp: i32, flags: i32| -> i32 {
-                with_mem(&mut c, code::EFAULT, |data, st| {
-                    let id = map as u32 as usize;
+            |mut c: Caller<'_, HostState>,
+             map: i32,
+             kp: i32,
+             vp: i32,
+             flags: i32|
+             -> wasmtime::Result<i32> {
+                let id = map as u32 as usize;
+                let bytes = map_sizes(&c, id).map_or(0, |(k, v)| k + v);
+                charge(&mut c, host_fuel::cost(host_fuel::MAP_UPDATE, bytes))?;
+                Ok(with_mem(&mut c, code::EFAULT, |data, st| {
                     let Some(def) = st.maps.get(id).map(|m| m.def()) else {
                         return code::EINVAL;
                     };
@@ -217,15 +244,17 @@ pub(crate) fn link(
                         return code::EFAULT;
                     };
                     st.maps.update(id, &data[kr], &data[vr], flags)
-                })
+                }))
             },
         )?;
         linker.func_wrap(
             m,
             "map_delete",
-            |mut c: Caller<'_, HostState>, map: i32, kp: i32| -> i32 {
-                with_mem(&mut c, code::EFAULT, |data, st| {
-                    let id = map as u32 as usize;
+            |mut c: Caller<'_, HostState>, map: i32, kp: i32| -> wasmtime::Result<i32> {
+                let id = map as u32 as usize;
+                let bytes = map_sizes(&c, id).map_or(0, |(k, _)| k);
+                charge(&mut c, host_fuel::cost(host_fuel::MAP_DELETE, bytes))?;
+                Ok(with_mem(&mut c, code::EFAULT, |data, st| {
                     let Some(def) = st.maps.get(id).map(|m| m.def()) else {
                         return code::EINVAL;
                     };
@@ -233,7 +262,7 @@ pub(crate) fn link(
                         return code::EFAULT;
                     };
                     st.maps.delete(id, &data[kr])
-                })
+                }))
             },
         )?;
     }

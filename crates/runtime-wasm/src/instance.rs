@@ -18,13 +18,33 @@ use crate::maps::{MapDef, MapSet};
 use crate::security::Permission;
 use crate::store::InstalledModule;
 
+/// Largest `RunLimits::memory_bytes`: 4 GiB, all a wasm32 linear memory can address.
+pub const MAX_MEMORY_BYTES: u64 = 4 << 30;
+
 /// Run-time limits of one VNF.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunLimits {
-    /// Linear-memory cap in bytes (growth past it traps; a larger initial memory fails to start).
+    /// Linear-memory cap in bytes (growth past it traps; a larger initial memory fails to
+    /// start); at most [`MAX_MEMORY_BYTES`].
     pub memory_bytes: u64,
     /// Fuel (roughly wasm instructions) per batch and per `tv_tick`; `tv_init` gets 16 times it.
     pub fuel_per_batch: u64,
+}
+
+impl RunLimits {
+    /// Checks the limits; the error names the field (`limits.memory_bytes`) and the valid range.
+    pub fn check(&self) -> Result<()> {
+        if self.memory_bytes > MAX_MEMORY_BYTES {
+            return Err(Error::config(
+                "limits.memory_bytes",
+                format!(
+                    "{} bytes is more than a wasm32 linear memory can address: at most {MAX_MEMORY_BYTES} (4 GiB)",
+                    self.memory_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RunLimits {
@@ -332,6 +352,7 @@ impl VnfInstance {
         if cfg.ports == 0 {
             return Err(Error::config("ports", "at least one output port is needed"));
         }
+        cfg.limits.check()?;
         let seed = cfg.random_seed.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

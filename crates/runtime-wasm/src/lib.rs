@@ -19,6 +19,7 @@ mod host;
 pub mod instance;
 pub mod manifest;
 pub mod maps;
+pub mod module_file;
 pub mod native;
 pub mod runtime;
 pub mod security;
@@ -34,10 +35,12 @@ pub use engine::EngineKind;
 pub use error::{Error, FailureReason, Result};
 pub use host::LogLine;
 pub use instance::{
-    RestartPolicy, RunLimits, StartTimes, VnfConfig, VnfInstance, VnfState, VnfStats,
+    MAX_MEMORY_BYTES, RestartPolicy, RunLimits, StartTimes, VnfConfig, VnfInstance, VnfState,
+    VnfStats,
 };
 pub use manifest::Manifest;
-pub use maps::{MapDef, MapKind, MapSet};
+pub use maps::{MAP_ENTRY_OVERHEAD_BYTES, MapDef, MapKind, MapSet};
+pub use module_file::{MAX_MODULE_BYTES, read_module_file};
 pub use runtime::{InstallRequest, RuntimeConfig, WasmRuntime};
 pub use security::{DomainPolicy, ModuleSignature, Permission, SecurityPolicy};
 pub use store::{InstalledModule, ModuleStore};

@@ -1,7 +1,9 @@
 //! Runtime-owned VNF state: hash, array and LRU-hash maps with fixed key and value sizes and a
 //! fixed capacity, plus the log of updates since the last snapshot. Storage is flat and
 //! reserved up front, so map operations on the packet path do not allocate (except the update
-//! log, which grows amortised while enabled). Encoding lives in `snapshot`.
+//! log, which grows amortised while enabled, up to a cap proportional to the maps' budget).
+//! Owns the memory accounting of maps ([`MapDef::budget_bytes`], [`Map::heap_bytes`]): a map
+//! never holds more heap than its budget. Encoding lives in `snapshot`.
 
 use std::hash::BuildHasher;
 
@@ -15,6 +17,22 @@ use crate::error::{Error, Result};
 pub const MAX_KV_SIZE: u32 = 1024;
 /// Largest `max_entries` of one map.
 pub const MAX_ENTRIES: u32 = 1 << 24;
+
+/// Heap bytes per entry a map may use besides its key and value; see [`MapDef::budget_bytes`].
+///
+/// Covers the bookkeeping of [`Map`] at its worst: the hashbrown table of `u32` slot indices
+/// (4 bytes and one control byte per bucket, buckets a power of two at most 7/8 full, so up to
+/// 16/7 buckets per entry, and one doubling when deletions leave tombstones: 22.9 bytes), the
+/// live flag (1), the free-slot list (4) and the LRU links (8): 36 bytes per entry for large
+/// maps. Small tables pay hashbrown's minimum of 4 buckets plus 16 control bytes, the worst
+/// being a one-entry LRU map at 49 bytes besides its key and value. 64 covers both with room.
+/// Per-map fixed costs (the `Map` struct itself, allocator headers) are not per entry and
+/// belong to the fixed overhead of an instance. The control plane admits VNFs with the same
+/// formula and the same value.
+pub const MAP_ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+/// Smallest cap of the update log, for VNFs whose maps are tiny.
+pub const MIN_LOG_CAP: usize = 64 << 10;
 
 /// Kind of map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +108,14 @@ impl MapDef {
         Ok(())
     }
 
+    /// Heap bytes this map may use at most:
+    /// `(key_size + value_size + MAP_ENTRY_OVERHEAD_BYTES) * max_entries`. Every kind stays
+    /// within it whatever the module does (array maps hold only their values).
+    pub fn budget_bytes(&self) -> u64 {
+        (u64::from(self.key_size) + u64::from(self.value_size) + MAP_ENTRY_OVERHEAD_BYTES)
+            * u64::from(self.max_entries)
+    }
+
     /// Same name, kind, key and value sizes (capacity may differ).
     pub fn layout_eq(&self, other: &MapDef) -> bool {
         self.name == other.name
@@ -157,6 +183,8 @@ impl Map {
                 m.keys.reserve_exact(n * ks);
                 m.values.reserve_exact(n * vs);
                 m.live.reserve_exact(n);
+                // At most `n` slots exist, so the free list never holds more than `n`.
+                m.free.reserve_exact(n);
                 m.table = HashTable::with_capacity(n);
                 if m.def.kind == MapKind::LruHash {
                     m.prev.reserve_exact(n);
@@ -180,6 +208,18 @@ impl Map {
     /// Whether the map holds no entry.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Heap bytes this map holds now (allocated capacities, touched or not); never more than
+    /// `def().budget_bytes()`.
+    pub fn heap_bytes(&self) -> u64 {
+        let bytes = self.keys.capacity()
+            + self.values.capacity()
+            + self.live.capacity() * size_of::<bool>()
+            + self.free.capacity() * size_of::<u32>()
+            + (self.prev.capacity() + self.next.capacity()) * size_of::<u32>()
+            + self.table.allocation_size();
+        bytes as u64
     }
 
     fn key_at(&self, slot: u32) -> &[u8] {
@@ -434,9 +474,23 @@ impl Map {
 
 /// Log of updates since the last snapshot (or last taken log).
 pub(crate) struct UpdateLog {
+    /// Encoded entries; its capacity never exceeds the set's `log_cap`.
     pub(crate) buf: Vec<u8>,
+    /// Updates since the last snapshot or taken log; equals the entries in `buf` unless
+    /// `overflowed`.
     pub(crate) count: u64,
+    /// The log outgrew its cap: `buf` was freed and the next delta must be a full snapshot.
     pub(crate) overflowed: bool,
+}
+
+impl UpdateLog {
+    pub(crate) fn new() -> Self {
+        Self {
+            buf: Vec::new(),
+            count: 0,
+            overflowed: false,
+        }
+    }
 }
 
 /// Operation tags in the update log.
@@ -449,13 +503,29 @@ pub struct MapSet {
     pub(crate) log: Option<UpdateLog>,
     /// Checksum of the last snapshot or log this set was written to / restored from.
     pub(crate) base: u32,
-    /// Largest update log in bytes before it overflows (then a new snapshot is needed).
+    /// Largest update log in bytes before it overflows (then a new snapshot is needed); see
+    /// [`MapSet::log_cap`].
     pub(crate) log_cap: usize,
     scratch: Vec<u8>,
 }
 
-/// Default cap of the update log.
+/// Largest cap of the update log, whatever the maps' budget.
 pub const DEFAULT_LOG_CAP: usize = 64 << 20;
+
+/// The update-log cap for maps of these definitions: the payload of a full snapshot of them
+/// (`max_entries * (key_size + value_size)` summed), at least [`MIN_LOG_CAP`] and at most
+/// [`DEFAULT_LOG_CAP`]. A log bigger than a snapshot is never worth keeping: the snapshot is
+/// smaller. Being below the maps' total `budget_bytes`, the maps and their log together hold at
+/// most twice that budget (or the budget plus [`MIN_LOG_CAP`]).
+pub fn log_cap(defs: &[MapDef]) -> usize {
+    let snapshot: u64 = defs
+        .iter()
+        .map(|d| u64::from(d.max_entries) * (u64::from(d.key_size) + u64::from(d.value_size)))
+        .sum();
+    usize::try_from(snapshot)
+        .unwrap_or(usize::MAX)
+        .clamp(MIN_LOG_CAP, DEFAULT_LOG_CAP)
+}
 
 impl MapSet {
     /// Creates empty maps; every definition is checked.
@@ -474,7 +544,7 @@ impl MapSet {
             maps: defs.iter().cloned().map(Map::new).collect(),
             log: None,
             base: 0,
-            log_cap: DEFAULT_LOG_CAP,
+            log_cap: log_cap(defs),
             scratch: Vec::with_capacity(MAX_KV_SIZE as usize),
         })
     }
@@ -547,9 +617,31 @@ impl MapSet {
         rc
     }
 
-    /// Number of updates logged since the last snapshot or taken log (None when not logging).
+    /// Number of updates since the last snapshot or taken log (None when not logging), counted
+    /// also after the log overflowed.
     pub fn logged_updates(&self) -> Option<u64> {
         self.log.as_ref().map(|l| l.count)
+    }
+
+    /// Whether the update log outgrew its cap since the last snapshot: the next delta must be a
+    /// full snapshot (`take_log` refuses until then).
+    pub fn log_overflowed(&self) -> bool {
+        self.log.as_ref().is_some_and(|l| l.overflowed)
+    }
+
+    /// Largest update log in bytes this set keeps (see [`log_cap`]).
+    pub fn log_cap(&self) -> usize {
+        self.log_cap
+    }
+
+    /// Heap bytes held by the update log now (at most [`MapSet::log_cap`]).
+    pub fn log_heap_bytes(&self) -> u64 {
+        self.log.as_ref().map_or(0, |l| l.buf.capacity() as u64)
+    }
+
+    /// Heap bytes held by the maps and the update log now.
+    pub fn heap_bytes(&self) -> u64 {
+        self.maps.iter().map(Map::heap_bytes).sum::<u64>() + self.log_heap_bytes()
     }
 
     /// Checks that maps of `old` can be carried into `new`: same name means same kind, key and
@@ -629,13 +721,22 @@ pub(crate) fn log_op(
     key: &[u8],
     value: Option<&[u8]>,
 ) {
+    log.count += 1;
     if log.overflowed {
         return;
     }
     let need = 3 + key.len() + value.map_or(0, <[u8]>::len);
-    if log.buf.len() + need > cap {
+    let len = log.buf.len();
+    if len + need > cap {
+        // Past the cap a snapshot is cheaper than the log: free it and require one.
         log.overflowed = true;
+        log.buf = Vec::new();
         return;
+    }
+    if log.buf.capacity() < len + need {
+        // Grow by doubling, but never past the cap (plain `Vec` growth could reach twice it).
+        let target = (log.buf.capacity() * 2).max(len + need).max(4096).min(cap);
+        log.buf.reserve_exact(target - len);
     }
     log.buf.push(op);
     log.buf.extend_from_slice(&(id as u16).to_le_bytes());
@@ -643,5 +744,4 @@ pub(crate) fn log_op(
     if let Some(v) = value {
         log.buf.extend_from_slice(v);
     }
-    log.count += 1;
 }

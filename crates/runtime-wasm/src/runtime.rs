@@ -215,6 +215,8 @@ impl WasmRuntime {
         cfg: VnfConfig,
     ) -> Result<(VnfInstance, StartTimes)> {
         let mut times = StartTimes::default();
+        // Before anything is allocated for the instance.
+        cfg.limits.check()?;
         let t = Instant::now();
         let defs = instance::effective_maps(&meta.manifest.maps, &cfg.maps)?;
         let maps = MapSet::new(&defs)?;

@@ -144,11 +144,7 @@ impl MapSet {
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         self.base = crc;
-        self.log = Some(UpdateLog {
-            buf: Vec::new(),
-            count: 0,
-            overflowed: false,
-        });
+        self.log = Some(UpdateLog::new());
         out
     }
 
@@ -216,7 +212,8 @@ impl MapSet {
     }
 
     /// Takes the updates logged since the last snapshot or taken log, encoded; the log restarts
-    /// empty. Errors when no snapshot started logging or the log overflowed its cap.
+    /// empty. Errors when no snapshot started logging or the log overflowed its cap (then only
+    /// a new snapshot carries the state on).
     pub fn take_log(&mut self) -> Result<Vec<u8>> {
         let Some(log) = self.log.as_mut() else {
             return Err(Error::Snapshot(
@@ -225,8 +222,8 @@ impl MapSet {
         };
         if log.overflowed {
             return Err(Error::Snapshot(format!(
-                "update log overflowed its cap of {} bytes: take a new snapshot",
-                self.log_cap
+                "update log overflowed its cap of {} bytes ({} updates since the last snapshot or log): take a new snapshot",
+                self.log_cap, log.count
             )));
         }
         let mut out = Vec::with_capacity(32 + log.buf.len());

@@ -1,6 +1,8 @@
 //! Install-time verifier: full wasm validation (wasmparser), manifest, ABI export signatures,
 //! every import an ABI host function that the manifest requests and the security domain allows,
 //! signature policy and size limits. Reports every violation with its reason; runs nothing.
+//! Reasons never quote the input's raw bytes: the header is checked here before wasmparser sees
+//! the module, and wasmparser's messages are scrubbed of byte values (`parser_error`).
 
 use std::fmt;
 
@@ -119,6 +121,63 @@ fn sig_str(params: &[ValKind], results: &[ValKind]) -> String {
     format!("({}) -> ({})", f(params), f(results))
 }
 
+/// The `\0asm` magic every WebAssembly binary starts with.
+const WASM_MAGIC: [u8; 4] = *b"\0asm";
+/// The core module binary version this runtime accepts.
+const WASM_VERSION: u32 = 1;
+
+/// Checks the 8-byte header (magic, version) without quoting any other byte of the input.
+fn check_header(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() < 4 || bytes[..4] != WASM_MAGIC {
+        return Err(
+            "not a WebAssembly module: the file does not start with the \\0asm magic".into(),
+        );
+    }
+    let Some(v) = bytes.get(4..8) else {
+        return Err(format!(
+            "not a WebAssembly module: {} bytes, shorter than the 8-byte header",
+            bytes.len()
+        ));
+    };
+    let version = u32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+    if version != WASM_VERSION {
+        return Err(format!(
+            "unsupported wasm version {version} (this runtime accepts core modules of version {WASM_VERSION}; components are not supported)"
+        ));
+    }
+    Ok(())
+}
+
+/// A wasmparser error as a reason: its message with every hexadecimal literal and bracketed
+/// list (how wasmparser quotes input bytes, e.g. `actual=[0x72, ...]` or `(0x7f)`) replaced by
+/// `…`, and the offset.
+fn parser_error(e: &wasmparser::BinaryReaderError) -> String {
+    let msg = e.message();
+    let mut out = String::with_capacity(msg.len());
+    let mut it = msg.chars().peekable();
+    while let Some(c) = it.next() {
+        match c {
+            '[' => {
+                for c in it.by_ref() {
+                    if c == ']' {
+                        break;
+                    }
+                }
+                out.push('…');
+            }
+            '0' if it.peek().is_some_and(|n| *n == 'x' || *n == 'X') => {
+                it.next();
+                while it.peek().is_some_and(char::is_ascii_hexdigit) {
+                    it.next();
+                }
+                out.push('…');
+            }
+            c => out.push(c),
+        }
+    }
+    format!("{out} (at byte offset {})", e.offset())
+}
+
 /// Wasm features accepted: WebAssembly 2.0 without threads or multiple memories.
 pub fn features() -> WasmFeatures {
     WasmFeatures::WASM2
@@ -144,10 +203,14 @@ pub fn verify(
             ),
         );
     }
+    if let Err(reason) = check_header(bytes) {
+        push(ViolationKind::InvalidBinary, reason);
+        return Err(v);
+    }
     if let Err(e) = Validator::new_with_features(features()).validate_all(bytes) {
         push(
             ViolationKind::InvalidBinary,
-            format!("wasm validation failed: {e}"),
+            format!("wasm validation failed: {}", parser_error(&e)),
         );
         return Err(v);
     }
