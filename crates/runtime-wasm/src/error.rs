@@ -105,7 +105,7 @@ pub enum Error {
     #[error("engine: {0}")]
     Engine(String),
     /// A module file was refused or could not be read; the reason never quotes its content.
-    #[error("module file {path}: {reason}")]
+    #[error("cannot read module {path}: {reason}")]
     ModuleFile { path: PathBuf, reason: String },
     /// File system error in the module store.
     #[error("I/O on {path}: {source}")]

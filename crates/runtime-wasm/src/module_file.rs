@@ -25,8 +25,8 @@ fn refused(path: &Path, reason: impl Into<String>) -> Error {
 
 /// The reason of an I/O error by its kind only (the OS text is not content, but the kind is
 /// all a caller needs).
-fn io_reason(what: &str, e: &std::io::Error) -> String {
-    let why = match e.kind() {
+fn io_reason(e: &std::io::Error) -> String {
+    match e.kind() {
         ErrorKind::NotFound => "no such file".to_string(),
         ErrorKind::PermissionDenied => "permission denied".to_string(),
         _ => match e.raw_os_error() {
@@ -36,8 +36,7 @@ fn io_reason(what: &str, e: &std::io::Error) -> String {
             Some(n) => format!("OS error {n}"),
             None => format!("{:?}", e.kind()),
         },
-    };
-    format!("cannot {what}: {why}")
+    }
 }
 
 /// Reads the module file at `path`: opened without blocking and without becoming a controlling
@@ -49,11 +48,11 @@ pub fn read_module_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| refused(path, io_reason("open", &e)))?;
+        .map_err(|e| refused(path, io_reason(&e)))?;
     // The type of what was opened, not of what the path named a moment before.
     let meta = file
         .metadata()
-        .map_err(|e| refused(path, io_reason("stat", &e)))?;
+        .map_err(|e| refused(path, format!("stat failed: {}", io_reason(&e))))?;
     let ft = meta.file_type();
     if !ft.is_file() {
         let what = if ft.is_dir() {
@@ -71,14 +70,14 @@ pub fn read_module_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
         };
         return Err(refused(
             path,
-            format!("is {what}: a module must be a regular file"),
+            format!("it is {what}: a module must be a regular file"),
         ));
     }
     if meta.len() > max_bytes {
         return Err(refused(
             path,
             format!(
-                "is {} bytes, more than the {max_bytes} bytes a module may have",
+                "it is {} bytes, more than the {max_bytes} bytes a module may have",
                 meta.len()
             ),
         ));
@@ -86,11 +85,11 @@ pub fn read_module_file(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
     let mut bytes = Vec::with_capacity(meta.len() as usize);
     file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|e| refused(path, io_reason("read", &e)))?;
+        .map_err(|e| refused(path, format!("read failed: {}", io_reason(&e))))?;
     if bytes.len() as u64 > max_bytes {
         return Err(refused(
             path,
-            format!("grew past the {max_bytes} bytes a module may have while being read"),
+            format!("it grew past the {max_bytes} bytes a module may have while being read"),
         ));
     }
     Ok(bytes)
