@@ -11,6 +11,7 @@ pub mod agent;
 pub mod bare;
 pub mod bench;
 pub mod config;
+pub mod confine;
 pub mod error;
 pub mod image;
 pub mod manager;
@@ -25,6 +26,7 @@ pub use config::{
     Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
     Peripheral, VmConfig,
 };
+pub use confine::{Confinement, QemuUser};
 pub use error::{Error, Result};
 pub use image::{GuestImage, ImageBuilder, ImageProgress};
 pub use manager::{

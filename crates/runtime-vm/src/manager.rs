@@ -2,6 +2,8 @@
 //! plugged, resumed, Running once the guest agent says ready; lock/unlock, graceful stop, kill,
 //! crash detection, console log, re-adoption after a manager restart, attach/detach. Owns the
 //! QEMU command line and the per-VM state directory; must not know descriptors or the store.
+//! QEMU runs confined as `confine` decides (seccomp sandbox, unprivileged user; ADR 044): every
+//! file, device or socket it needs after start reaches it as a descriptor through `periph`.
 //!
 //! State directory `<root>/<name>/`: `qemu.pid`, `qmp.sock`, `agent.sock`, `console.log`,
 //! `qemu.log` (QEMU's own stderr), `vm.json` (config, accel), `grants.json` (peripherals).
@@ -19,6 +21,7 @@ use tokio::sync::{Mutex, watch};
 use crate::accel::AccelProbe;
 use crate::agent::AgentClient;
 use crate::config::{Accel, CpuPlacement, Grant, VmConfig, validate_peripheral_id};
+use crate::confine::{self, Applied, CapsProbe, Confinement};
 use crate::error::{Error, Result};
 use crate::qmp::{CpuInfoFast, QmpClient, QmpEvent};
 use crate::{image, memory, periph, pin};
@@ -90,6 +93,8 @@ pub struct VmStatus {
     pub failure: Option<Failure>,
     pub warnings: Vec<String>,
     pub adopted: bool,
+    /// Sandbox and user QEMU runs with (`None` for a VM started before this was recorded).
+    pub confinement: Option<Applied>,
 }
 
 /// How a graceful stop ended.
@@ -109,6 +114,8 @@ struct Persisted {
     pid: i32,
     accel: Accel,
     warnings: Vec<String>,
+    #[serde(default)]
+    confinement: Option<Applied>,
 }
 
 /// Starts and adopts VMs under one state root.
@@ -117,6 +124,8 @@ pub struct VmManager {
     root: PathBuf,
     qemu: PathBuf,
     probe: AccelProbe,
+    confinement: Confinement,
+    caps: CapsProbe,
 }
 
 impl VmManager {
@@ -126,13 +135,27 @@ impl VmManager {
             root: root.into(),
             qemu: PathBuf::from("qemu-system-x86_64"),
             probe,
+            confinement: Confinement::default(),
+            caps: CapsProbe::default(),
         }
     }
 
     /// Use another QEMU binary (default `qemu-system-x86_64` from PATH).
     pub fn qemu_binary(mut self, path: impl Into<PathBuf>) -> Self {
         self.qemu = path.into();
+        self.caps = CapsProbe::default();
         self
+    }
+
+    /// How QEMU is confined (default: sandbox on, user `auto`; ADR 044).
+    pub fn confinement(mut self, confinement: Confinement) -> Self {
+        self.confinement = confinement;
+        self
+    }
+
+    /// What the manager's QEMU supports (sandbox, user option), probed once.
+    pub async fn qemu_caps(&self) -> confine::QemuCaps {
+        self.caps.get(&self.qemu).await
     }
 
     /// Default state directory of a VM: `<root>/<name>`.
@@ -175,6 +198,32 @@ impl VmManager {
             warnings.push(w.clone());
         }
         let accel = decision.accel;
+        let caps = self.caps.get(&self.qemu).await;
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        let mut plan = confine::plan(&self.confinement, &caps, euid, confine::lookup_user)?;
+        if plan.applied.dropped && cfg.lock_memory && !confine::memlock_liftable() {
+            // Locked guest memory needs an unlimited RLIMIT_MEMLOCK once QEMU is unprivileged.
+            let stay = Confinement {
+                user: confine::QemuUser::Current,
+                ..self.confinement.clone()
+            };
+            let user = plan.applied.user.clone();
+            plan = confine::plan(&stay, &caps, euid, confine::lookup_user)?;
+            plan.warnings.push(format!(
+                "lock_memory: telvirt cannot lift RLIMIT_MEMLOCK for QEMU (hard limit set and no CAP_SYS_RESOURCE), so QEMU keeps uid {euid} instead of `{user}`"
+            ));
+        }
+        for w in &plan.warnings {
+            tracing::warn!(vm = %cfg.name, "{w}");
+            warnings.push(w.clone());
+        }
+        tracing::info!(
+            vm = %cfg.name,
+            user = %plan.applied.user,
+            sandbox = plan.applied.sandbox.as_deref().unwrap_or("off"),
+            "QEMU confinement"
+        );
 
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
         for f in ["qmp.sock", "agent.sock", "qemu.pid", "grants.json"] {
@@ -182,18 +231,38 @@ impl VmManager {
         }
         check_socket_path(&dir.join("agent.sock"))?;
         append_console_marker(&dir, &cfg.name)?;
-        let args = qemu_args(&cfg, &dir, accel, hugemount.as_deref());
+        let mut args = qemu_args(&cfg, &dir, accel, hugemount.as_deref());
+        args.extend(plan.args.iter().cloned());
         let log =
             std::fs::File::create(dir.join("qemu.log")).map_err(Error::io("create qemu.log"))?;
         let log2 = log
             .try_clone()
             .map_err(Error::io("clone qemu.log handle"))?;
-        let mut child = Command::new(&self.qemu)
-            .args(&args)
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .process_group(0)
+            .process_group(0);
+        if plan.applied.dropped && cfg.lock_memory {
+            // With mem-lock=on (MCL_FUTURE) an unprivileged QEMU could map nothing more than
+            // RLIMIT_MEMLOCK once it has dropped CAP_IPC_LOCK: lift the limit before exec
+            // (memlock_liftable() said this is permitted).
+            // SAFETY: the closure calls only setrlimit, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let unlimited = libc::rlimit {
+                        rlim_cur: libc::RLIM_INFINITY,
+                        rlim_max: libc::RLIM_INFINITY,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .spawn()
             .map_err(Error::io(format!("spawn {}", self.qemu.display())))?;
         let pid = child
@@ -231,6 +300,7 @@ impl VmManager {
             pid,
             accel,
             warnings: warnings.clone(),
+            confinement: Some(plan.applied.clone()),
         };
         write_json(&dir.join("vm.json"), &persisted)?;
 
@@ -409,6 +479,7 @@ struct Inner {
     vcpus: Vec<VcpuThread>,
     warnings: Vec<String>,
     adopted: bool,
+    confinement: Option<Applied>,
 }
 
 /// A running (or ended) VM. Cloning shares the same VM; dropping it leaves QEMU running.
@@ -472,6 +543,7 @@ impl VmHandle {
                 vcpus,
                 warnings: p.warnings,
                 adopted,
+                confinement: p.confinement,
             }),
         }
     }
@@ -497,6 +569,10 @@ impl VmHandle {
     }
     pub fn vcpu_threads(&self) -> &[VcpuThread] {
         &self.inner.vcpus
+    }
+    /// Sandbox and user QEMU runs with (ADR 044).
+    pub fn confinement(&self) -> Option<&Applied> {
+        self.inner.confinement.as_ref()
     }
     /// The QMP session (for migration and other commands the handle does not wrap).
     pub fn qmp(&self) -> &QmpClient {
@@ -557,6 +633,7 @@ impl VmHandle {
             failure: self.failure(),
             warnings: self.inner.warnings.clone(),
             adopted: self.inner.adopted,
+            confinement: self.inner.confinement.clone(),
         }
     }
 

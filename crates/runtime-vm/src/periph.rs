@@ -1,7 +1,12 @@
 //! Peripherals granted to a VM: checks before anything changes, hot-plug through QMP
 //! (backend first, then the device, rolled back on failure), and backend removal after the
-//! guest released the device. Owns the QMP argument shapes; must not track grants (the handle does).
+//! guest released the device. Owns the QMP argument shapes and the descriptors QEMU gets instead
+//! of paths (ADR 044): telvirt opens the block image, the TAP queue and the serial socket itself
+//! and passes them over QMP, so an unprivileged, sandboxed QEMU needs no access to any of them.
+//! Must not track grants (the handle does).
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use serde_json::{Map, json};
@@ -135,16 +140,84 @@ fn backend_id(g: &Grant) -> String {
     format!("{}-be", g.id)
 }
 
+/// The `opaque` tag of a block peripheral's fd set (found again at detach, also after adoption).
+pub fn fdset_tag(id: &str) -> String {
+    format!("tv-blk:{id}")
+}
+
+/// Open a block image the way QEMU's file driver will use it (read-only or read-write).
+pub fn open_image(id: &str, path: &Path, read_only: bool) -> Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| refused(id, format!("cannot open {}: {e}", path.display())))?;
+    Ok(f.into())
+}
+
+/// Attach to an existing TAP device as one queue (`/dev/net/tun`, `TUNSETIFF` with
+/// `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`, as QEMU's own tap backend does).
+pub fn open_tap(id: &str, tap: &str) -> Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| refused(id, format!("cannot open /dev/net/tun: {e}")))?;
+    let name = tap.as_bytes();
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(&0) {
+        return Err(refused(
+            id,
+            format!("`{tap}` is not a valid interface name"),
+        ));
+    }
+    // SAFETY: ifreq is plain data; all-zero is a valid empty request.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, &b) in ifr.ifr_name.iter_mut().zip(name) {
+        *dst = b as libc::c_char;
+    }
+    ifr.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    use std::os::fd::AsRawFd;
+    // SAFETY: TUNSETIFF reads and writes one ifreq, which `ifr` is; the fd is open.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(refused(
+            id,
+            format!("cannot attach to TAP device `{tap}`: {e}"),
+        ));
+    }
+    Ok(f.into())
+}
+
+/// Create the listening unix socket of a virtio-serial peripheral (QEMU gets the descriptor).
+fn listen_serial(id: &str, path: &Path) -> Result<OwnedFd> {
+    let _ = std::fs::remove_file(path);
+    let l = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| refused(id, format!("cannot listen on {}: {e}", path.display())))?;
+    Ok(l.into())
+}
+
 /// Add the backend and the device; on failure remove what was added.
 pub async fn plug(qmp: &QmpClient, dir: &Path, g: &Grant) -> Result<()> {
     let be = backend_id(g);
     let mut props = Map::new();
     let driver = match &g.peripheral {
         Peripheral::VirtioNet { tap, mac } => {
-            qmp.netdev_add(
-                json!({"type": "tap", "id": be, "ifname": tap, "script": "no", "downscript": "no"}),
-            )
-            .await?;
+            let fd = open_tap(&g.id, tap)?;
+            let fdname = format!("{be}-fd");
+            qmp.getfd(&fdname, fd.as_fd()).await?;
+            drop(fd);
+            if let Err(e) = qmp
+                .netdev_add(json!({"type": "tap", "id": be, "fd": fdname}))
+                .await
+            {
+                // netdev_add takes the named fd only when it succeeds.
+                let _ = qmp.closefd(&fdname).await;
+                return Err(e);
+            }
             props.insert("netdev".into(), be.clone().into());
             if let Some(m) = mac {
                 props.insert("mac".into(), m.clone().into());
@@ -154,14 +227,29 @@ pub async fn plug(qmp: &QmpClient, dir: &Path, g: &Grant) -> Result<()> {
         Peripheral::VirtioRng => "virtio-rng-pci",
         Peripheral::VirtioSerial { name } => {
             let path = serial_socket(dir, &g.id);
-            let _ = std::fs::remove_file(&path);
-            qmp.chardev_add(
-                &be,
-                json!({"type": "socket", "data": {
-                    "addr": {"type": "unix", "data": {"path": path.to_string_lossy()}},
-                    "server": true, "wait": false}}),
-            )
-            .await?;
+            let fd = listen_serial(&g.id, &path)?;
+            let fdname = format!("{be}-fd");
+            let added = async {
+                qmp.getfd(&fdname, fd.as_fd()).await?;
+                let r = qmp
+                    .chardev_add(
+                        &be,
+                        json!({"type": "socket", "data": {
+                            "addr": {"type": "fd", "data": {"str": fdname}},
+                            "server": true, "wait": false}}),
+                    )
+                    .await;
+                if r.is_err() {
+                    let _ = qmp.closefd(&fdname).await;
+                }
+                r
+            }
+            .await;
+            drop(fd);
+            if let Err(e) = added {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
             props.insert("bus".into(), SERIAL_BUS.into());
             props.insert("chardev".into(), be.clone().into());
             props.insert("name".into(), name.clone().into());
@@ -172,10 +260,21 @@ pub async fn plug(qmp: &QmpClient, dir: &Path, g: &Grant) -> Result<()> {
             format,
             read_only,
         } => {
-            qmp.blockdev_add(json!({
-                "driver": format.as_str(), "node-name": be, "read-only": read_only,
-                "file": {"driver": "file", "filename": path.to_string_lossy(), "read-only": read_only}}))
+            let fd = open_image(&g.id, path, *read_only)?;
+            let set = qmp
+                .add_fd(fd.as_fd(), None, Some(&fdset_tag(&g.id)))
                 .await?;
+            drop(fd);
+            if let Err(e) = qmp
+                .blockdev_add(json!({
+                "driver": format.as_str(), "node-name": be, "read-only": read_only,
+                "file": {"driver": "file", "filename": format!("/dev/fdset/{}", set.fdset_id),
+                         "read-only": read_only}}))
+                .await
+            {
+                let _ = qmp.remove_fd(set.fdset_id, None).await;
+                return Err(e);
+            }
             props.insert("drive".into(), be.clone().into());
             "virtio-blk-pci"
         }
@@ -201,11 +300,33 @@ pub async fn remove_backend(qmp: &QmpClient, dir: &Path, g: &Grant) {
             let _ = std::fs::remove_file(serial_socket(dir, &g.id));
             r
         }
-        Peripheral::VirtioBlk { .. } => qmp.blockdev_del(&be).await,
+        Peripheral::VirtioBlk { .. } => {
+            let r = qmp.blockdev_del(&be).await;
+            remove_fdsets(qmp, &g.id).await;
+            r
+        }
         Peripheral::VirtioRng | Peripheral::Vfio { .. } => Ok(()),
     };
     if let Err(e) = r {
         tracing::debug!("removing backend of {}: {e}", g.id);
+    }
+}
+
+/// Remove the fd sets tagged for block peripheral `id` (QEMU closes the descriptors).
+async fn remove_fdsets(qmp: &QmpClient, id: &str) {
+    let tag = fdset_tag(id);
+    match qmp.query_fdsets().await {
+        Ok(sets) => {
+            for s in sets
+                .iter()
+                .filter(|s| s.fds.iter().any(|f| f.opaque.as_deref() == Some(&tag)))
+            {
+                if let Err(e) = qmp.remove_fd(s.fdset_id, None).await {
+                    tracing::debug!("removing fd set {} of {id}: {e}", s.fdset_id);
+                }
+            }
+        }
+        Err(e) => tracing::debug!("listing fd sets for {id}: {e}"),
     }
 }
 

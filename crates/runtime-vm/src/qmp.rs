@@ -4,8 +4,14 @@
 //!
 //! One reader task parses every line: replies go to the waiting caller (matched by `id`),
 //! events are broadcast to every subscriber.
+//!
+//! File descriptors travel to QEMU the way libvirt sends them: the command line that uses the
+//! fd (`getfd`, `add-fd`) is sent with one `sendmsg` carrying the fd as `SCM_RIGHTS`, so QEMU can
+//! use files, TAP queues and sockets it could not open itself (it may run as an unprivileged
+//! user under a seccomp filter).
 
 use std::collections::HashMap;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +20,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, broadcast, oneshot};
@@ -102,6 +108,30 @@ pub struct CpuInfoFast {
     pub target: Option<String>,
 }
 
+/// Reply of `add-fd`: the fd set the descriptor joined and its number inside QEMU.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct AddFdInfo {
+    #[serde(rename = "fdset-id")]
+    pub fdset_id: u64,
+    pub fd: i64,
+}
+
+/// One descriptor of an fd set (`query-fdsets`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct FdsetFd {
+    pub fd: i64,
+    #[serde(default)]
+    pub opaque: Option<String>,
+}
+
+/// One fd set (`query-fdsets`); `/dev/fdset/<fdset_id>` opens a copy of a matching descriptor.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct FdsetInfo {
+    #[serde(rename = "fdset-id")]
+    pub fdset_id: u64,
+    pub fds: Vec<FdsetFd>,
+}
+
 /// A connected QMP session (capabilities negotiated).
 #[derive(Clone)]
 pub struct QmpClient {
@@ -184,6 +214,30 @@ impl QmpClient {
         arguments: Option<Value>,
         timeout: Duration,
     ) -> Result<Value> {
+        self.execute_inner(command, arguments, None, timeout).await
+    }
+
+    /// Run a command whose line carries `fd` as `SCM_RIGHTS` (QEMU keeps its own copy; the
+    /// caller may close `fd` afterwards). Only commands that take a passed descriptor
+    /// (`getfd`, `add-fd`) consume it; QEMU closes it after any other command.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+        timeout: Duration,
+    ) -> Result<Value> {
+        self.execute_inner(command, arguments, Some(fd), timeout)
+            .await
+    }
+
+    async fn execute_inner(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+        timeout: Duration,
+    ) -> Result<Value> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -213,7 +267,21 @@ impl QmpClient {
         };
         let io = async {
             let mut w = self.writer.lock().await;
-            w.write_all(line.as_bytes()).await?;
+            let mut sent = 0;
+            if let Some(fd) = fd {
+                let stream: &UnixStream = (*w).as_ref();
+                sent = loop {
+                    stream.writable().await?;
+                    match stream.try_io(Interest::WRITABLE, || {
+                        send_with_fd(stream.as_raw_fd(), line.as_bytes(), fd.as_raw_fd())
+                    }) {
+                        Ok(n) => break n,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                };
+            }
+            w.write_all(&line.as_bytes()[sent..]).await?;
             w.flush().await
         };
         match tokio::time::timeout(timeout, io).await {
@@ -345,6 +413,61 @@ impl QmpClient {
             .await
     }
 
+    /// Hand QEMU a descriptor under a name (`getfd`): `netdev_add tap` (`fd`) and socket
+    /// chardevs (`addr: {type: fd}`) take it by that name and own it from then on.
+    pub async fn getfd(&self, fdname: &str, fd: BorrowedFd<'_>) -> Result<()> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": fdname })), fd, self.timeout)
+            .await
+            .map(|_| ())
+    }
+
+    /// Close a named descriptor QEMU still holds (one `getfd` gave it and nothing took it).
+    pub async fn closefd(&self, fdname: &str) -> Result<()> {
+        self.unit("closefd", Some(json!({ "fdname": fdname })))
+            .await
+    }
+
+    /// Add a descriptor to an fd set (`add-fd`; a new set when `fdset_id` is `None`). QEMU
+    /// opens `/dev/fdset/<id>` by duplicating the member whose access mode matches, so block
+    /// devices work on files QEMU itself could not open. `opaque` is free text shown by
+    /// [`QmpClient::query_fdsets`].
+    pub async fn add_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        fdset_id: Option<u64>,
+        opaque: Option<&str>,
+    ) -> Result<AddFdInfo> {
+        let mut args = Map::new();
+        if let Some(id) = fdset_id {
+            args.insert("fdset-id".into(), id.into());
+        }
+        if let Some(o) = opaque {
+            args.insert("opaque".into(), o.into());
+        }
+        let v = self
+            .execute_with_fd("add-fd", Some(Value::Object(args)), fd, self.timeout)
+            .await?;
+        serde_json::from_value(v).map_err(|e| Error::Qmp {
+            command: "add-fd".into(),
+            reason: format!("unexpected reply: {e}"),
+        })
+    }
+
+    /// Remove one descriptor (`fd`) or the whole set from an fd set; QEMU closes them once
+    /// nothing it opened through `/dev/fdset/<id>` still uses them.
+    pub async fn remove_fd(&self, fdset_id: u64, fd: Option<i64>) -> Result<()> {
+        let mut args = json!({ "fdset-id": fdset_id });
+        if let Some(fd) = fd {
+            args["fd"] = fd.into();
+        }
+        self.unit("remove-fd", Some(args)).await
+    }
+
+    /// The fd sets QEMU holds.
+    pub async fn query_fdsets(&self) -> Result<Vec<FdsetInfo>> {
+        self.execute("query-fdsets", None).await
+    }
+
     /// Ids of the devices currently present (`qom-list` of /machine/peripheral).
     pub async fn peripheral_ids(&self) -> Result<Vec<String>> {
         #[derive(Deserialize)]
@@ -362,6 +485,44 @@ impl QmpClient {
             .map(|p| p.name)
             .collect())
     }
+}
+
+/// One `sendmsg` of (a prefix of) `line` with `fd` attached as `SCM_RIGHTS`; returns the bytes
+/// sent (the descriptor travels with the first of them).
+fn send_with_fd(sock: RawFd, line: &[u8], fd: RawFd) -> std::io::Result<usize> {
+    const FD_LEN: u32 = std::mem::size_of::<RawFd>() as u32;
+    // Room for one cmsghdr with one int, aligned for cmsghdr (u64 alignment covers it).
+    let mut control = [0u64; 4];
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(FD_LEN) } as usize;
+    assert!(
+        space <= std::mem::size_of_val(&control),
+        "invariant: one SCM_RIGHTS descriptor fits in 32 bytes of control data"
+    );
+    let mut iov = libc::iovec {
+        iov_base: line.as_ptr() as *mut libc::c_void,
+        iov_len: line.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg_control points at `space` writable, aligned bytes, so the first header
+    // exists and has room for one descriptor; sendmsg only reads `line` through the iovec.
+    let n = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(FD_LEN) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 async fn read_loop(
@@ -412,6 +573,7 @@ async fn read_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
     use tokio::net::UnixListener;
 
     /// A scripted QMP server: greeting, then answers by command name.
@@ -489,6 +651,116 @@ mod tests {
             Err(Error::QmpDisconnected { .. })
         ));
         assert!(!c.is_connected());
+    }
+
+    /// Receive bytes and any `SCM_RIGHTS` descriptors from a blocking unix socket.
+    fn recv_with_fds(sock: RawFd, buf: &mut [u8], fds: &mut Vec<std::os::fd::OwnedFd>) -> usize {
+        use std::os::fd::FromRawFd;
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control) as _;
+        let n = unsafe { libc::recvmsg(sock, &mut msg, 0) };
+        assert!(n >= 0, "recvmsg: {}", std::io::Error::last_os_error());
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                    let fd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<RawFd>());
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(fd));
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        n as usize
+    }
+
+    /// A server that answers `add-fd` and `getfd` by reading the descriptor that came with the
+    /// command: the reply carries the file's content, proving the fd really arrived.
+    fn fd_server(listener: std::os::unix::net::UnixListener) {
+        use std::io::{Read, Write};
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .unwrap();
+        let mut pending = Vec::new();
+        let mut fds = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = recv_with_fds(s.as_raw_fd(), &mut buf, &mut fds);
+            if n == 0 {
+                return;
+            }
+            pending.extend_from_slice(&buf[..n]);
+            while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=pos).collect();
+                let v: Value = serde_json::from_slice(&line).unwrap();
+                let id = v["id"].clone();
+                let reply = match v["execute"].as_str().unwrap() {
+                    "add-fd" | "getfd" if fds.is_empty() => json!({"error": {
+                        "class": "GenericError", "desc": "No file descriptor supplied via SCM_RIGHTS"}, "id": id}),
+                    cmd @ ("add-fd" | "getfd") => {
+                        let mut f = std::fs::File::from(fds.remove(0));
+                        let mut content = String::new();
+                        f.read_to_string(&mut content).unwrap();
+                        if cmd == "add-fd" {
+                            assert_eq!(v["arguments"]["opaque"], "tv-blk:disk1");
+                            json!({"return": {"fdset-id": content.len(), "fd": 21}, "id": id})
+                        } else {
+                            assert_eq!(v["arguments"]["fdname"], content.trim());
+                            json!({"return": {}, "id": id})
+                        }
+                    }
+                    _ => json!({"return": {}, "id": id}),
+                };
+                s.write_all(format!("{reply}\n").as_bytes()).unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn descriptors_travel_with_their_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || fd_server(listener));
+        let c = QmpClient::connect(&path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let file = dir.path().join("blob");
+        std::fs::write(&file, "12345").unwrap();
+        let f = std::fs::File::open(&file).unwrap();
+        let info = c
+            .add_fd(f.as_fd(), None, Some("tv-blk:disk1"))
+            .await
+            .unwrap();
+        assert_eq!(
+            info,
+            AddFdInfo {
+                fdset_id: 5,
+                fd: 21
+            }
+        );
+        std::fs::write(&file, "net0-be-fd\n").unwrap();
+        let f = std::fs::File::open(&file).unwrap();
+        c.getfd("net0-be-fd", f.as_fd()).await.unwrap();
+        // Without a descriptor the same command is refused by the server.
+        let e = c
+            .execute_raw(
+                "getfd",
+                Some(json!({"fdname": "x"})),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("SCM_RIGHTS"), "{e}");
+        drop(c);
+        server.join().unwrap();
     }
 
     #[tokio::test]
