@@ -424,6 +424,12 @@ async fn restarted_manager_adopts_running_vm() {
     assert_eq!(vm.pid(), pid);
     assert_eq!(vm.phase(), VmPhase::Running);
     assert!(vm.status().await.adopted);
+    // The confinement recorded at start is known after adoption.
+    assert!(
+        vm.confinement().is_some_and(|c| c.sandbox.is_some()),
+        "{:?}",
+        vm.confinement()
+    );
     vm.health(T).await.unwrap();
     // Grants and devices survive the manager restart.
     let grants: Vec<String> = vm.peripherals().await.into_iter().map(|g| g.id).collect();
@@ -702,6 +708,20 @@ async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
     let img = root.path().join("secret.img");
     std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
     std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if applied.dropped {
+        // QEMU itself cannot open it by path: the user change is real.
+        let by_path = vm
+            .qmp()
+            .blockdev_add(serde_json::json!({
+                "driver": "raw", "node-name": "bypath",
+                "file": {"driver": "file", "filename": img.to_string_lossy()}}))
+            .await
+            .unwrap_err();
+        assert!(
+            by_path.to_string().contains("Permission denied"),
+            "{by_path}"
+        );
+    }
     vm.attach(Grant {
         id: "disk1".into(),
         peripheral: Peripheral::VirtioBlk {
