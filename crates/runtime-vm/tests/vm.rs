@@ -794,3 +794,63 @@ async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
     assert_eq!(vm.failure().unwrap().exit.signal, Some(libc::SIGSYS));
     assert!(!marker.exists(), "the spawned command ran");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_keeping_telvirts_user_is_sandboxed_with_elevateprivileges_denied() {
+    use telvirt_runtime_vm::{Confinement, QemuUser};
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    // Root is never a user to drop to.
+    let as_root = common::manager(root.path()).confinement(Confinement {
+        sandbox: true,
+        user: QemuUser::Named("root".into()),
+    });
+    let e = as_root
+        .start(common::config("keep1"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("qemu user") && e.contains("uid 0"), "{e}");
+    assert!(!root.path().join("keep1").exists());
+
+    // The user telvirt runs as: the full filter, elevateprivileges=deny included, on a real guest.
+    let mgr = common::manager(root.path()).confinement(Confinement {
+        sandbox: true,
+        user: QemuUser::Current,
+    });
+    let vm = mgr.start(common::config("keep1")).await.unwrap();
+    let _guard = VmGuard(vm.clone());
+    let pid = vm.pid();
+    assert_eq!(proc_status_field(pid, "Seccomp"), vec!["2"]);
+    let uids: Vec<u32> = proc_status_field(pid, "Uid")
+        .iter()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids, vec![euid; 4]);
+    let applied = vm.confinement().unwrap();
+    assert!(!applied.dropped);
+    assert!(
+        applied
+            .sandbox
+            .as_deref()
+            .is_some_and(|s| s.contains("elevateprivileges=deny")),
+        "{applied:?}"
+    );
+    vm.health(T).await.unwrap();
+    // A serial port through a passed listening socket: the host side connects.
+    vm.attach(Grant {
+        id: "ser1".into(),
+        peripheral: Peripheral::VirtioSerial {
+            name: "org.x.data".into(),
+        },
+    })
+    .await
+    .unwrap();
+    let sock = vm.state_dir().join("ser1.sock");
+    tokio::net::UnixStream::connect(&sock).await.unwrap();
+    vm.detach("ser1").await.unwrap();
+    assert!(!sock.exists());
+    assert_eq!(vm.stop().await.unwrap(), StopMethod::GuestAgent);
+}
