@@ -56,6 +56,34 @@ fn cpu_list(path: &Path) -> Result<CpuList, AgentError> {
         .map_err(|e| AgentError::Discovery(format!("{}: {e}", path.display())))
 }
 
+/// The memory kept for the host OS, telvirt and the page cache when the operator names none:
+/// a tenth of physical memory, at least 1 GiB (never more than there is).
+pub fn default_memory_reserve(physical: u64) -> u64 {
+    (physical / 10).max(1 << 30).min(physical)
+}
+
+/// Makes the memory of `spec`'s NUMA nodes what VNFs may be given: the node's physical memory
+/// (as /sys or the inventory states it; `physical` spread evenly over the nodes where it is not
+/// stated) minus `reserve`, spread over the nodes the same way.
+pub fn budget_memory(spec: &mut HostSpec, physical: u64, reserve: u64) {
+    if let Some(topo) = spec.topology.as_mut() {
+        let nodes = (u64::from(topo.sockets) * u64::from(topo.numa_nodes_per_socket)).max(1);
+        let stated = topo.memory_per_node.unwrap_or(physical / nodes);
+        topo.memory_per_node = Some(stated.saturating_sub(reserve / nodes));
+        return;
+    }
+    let nodes: Vec<&mut NumaNodeSpec> = spec
+        .sockets
+        .iter_mut()
+        .flat_map(|s| s.numa_nodes.iter_mut())
+        .collect();
+    let count = u64::try_from(nodes.len()).unwrap_or(1).max(1);
+    for node in nodes {
+        let stated = node.memory.unwrap_or(physical / count);
+        node.memory = Some(stated.saturating_sub(reserve / count));
+    }
+}
+
 /// Reads the local host. CPU 0 is put in the shared set (host OS, agent, emulator threads) when
 /// the host has more than one CPU; an inventory file overrides this.
 pub fn discover(name: &str, roots: &SysRoots) -> Result<HostFacts, AgentError> {
@@ -311,5 +339,40 @@ mod tests {
             .count();
         assert_eq!(cpus, processors);
         assert!(facts.memory_bytes > 0);
+    }
+
+    #[test]
+    fn memory_budget_is_physical_minus_the_reserve_on_every_node() {
+        let dir = synthetic_tree();
+        let roots = SysRoots {
+            sys: dir.path().join("sys"),
+            proc: dir.path().join("proc"),
+        };
+        let mut spec = discover("h1", &roots).unwrap().spec;
+        // Two nodes of 1 GiB (from /sys), 512 MiB reserved: 256 MiB off each.
+        budget_memory(&mut spec, 2 << 30, 512 << 20);
+        let mem: Vec<Option<u64>> = spec
+            .sockets
+            .iter()
+            .flat_map(|s| s.numa_nodes.iter().map(|n| n.memory))
+            .collect();
+        assert_eq!(mem, [Some(768 << 20), Some(768 << 20)]);
+        // A topology without memory gets physical spread over its nodes.
+        let mut spec = HostSpec {
+            name: "t".into(),
+            topology: Some(telvirt_sched::TopologySpec {
+                sockets: 1,
+                cores_per_socket: 2,
+                threads_per_core: 1,
+                numa_nodes_per_socket: 1,
+                memory_per_node: None,
+            }),
+            ..HostSpec::default()
+        };
+        budget_memory(&mut spec, 24 << 30, default_memory_reserve(24 << 30));
+        let left = spec.topology.and_then(|t| t.memory_per_node);
+        assert_eq!(left, Some((24 << 30) - (24 << 30) / 10));
+        assert_eq!(default_memory_reserve(4 << 30), 1 << 30);
+        assert_eq!(default_memory_reserve(512 << 20), 512 << 20);
     }
 }

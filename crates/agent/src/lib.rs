@@ -11,7 +11,7 @@ pub mod reconcile;
 pub mod runtime;
 pub mod runtimes;
 
-pub use discovery::{HostFacts, SysRoots, discover};
+pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
 pub use reconcile::{Agent, ControlLink, RESYNC_INTERVAL};
 pub use runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 

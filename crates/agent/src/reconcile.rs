@@ -180,6 +180,7 @@ impl Agent {
             placement: a.placement.clone(),
             state_dir: self.state_root.join(a.vnf.as_str()),
             domain: a.domain.clone(),
+            memory_bytes: a.memory_bytes,
         };
         let (try_adopt, failed_generation) = {
             let mut known = self.known.lock().await;

@@ -20,6 +20,9 @@ pub struct InstanceSpec {
     pub state_dir: PathBuf,
     /// The wasm security domain of the owning authority (the vm runtime ignores it).
     pub domain: String,
+    /// The host memory placement counted for it (0: not counted); a wasm module that would
+    /// need more is refused.
+    pub memory_bytes: u64,
 }
 
 /// What a runtime sees of one instance.

@@ -17,11 +17,15 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{
-    Authority, AuthorityToken, CreateAuthority, Health, HostView, MapView, Problem,
+    Authority, AuthorityToken, CreateAuthority, Health, HealthProblem, HostView, MapView,
+    ModuleView, Problem,
 };
-use telvirt_model::{DeviceGrant, Event, FieldError, Format, ModelError, Vnf, VnfDescriptor};
+use telvirt_model::{
+    DeviceGrant, Event, FieldError, Format, HostGrants, ModelError, Vnf, VnfDescriptor,
+};
 use utoipa::OpenApi;
 
+use crate::health::HealthReport;
 use crate::service::{Caller, Controller, ControllerError, Deletion};
 
 /// Largest request body accepted.
@@ -80,11 +84,31 @@ impl From<ControllerError> for ApiError {
                 Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
             }
             ControllerError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", detail),
+            ControllerError::TooLarge(_) => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", detail)
+            }
+            ControllerError::Refused { errors, .. } => Self {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                kind: "refused",
+                detail,
+                errors,
+            },
+            ControllerError::NotGranted(f) => Self {
+                status: StatusCode::FORBIDDEN,
+                kind: "not-granted",
+                detail,
+                errors: vec![f],
+            },
+
             ControllerError::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "not-found", detail),
             ControllerError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", detail),
             ControllerError::Locked { .. } => Self::new(StatusCode::CONFLICT, "locked", detail),
             ControllerError::Unavailable(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
+            }
+            ControllerError::Store(e) if e.is_unavailable() => {
+                tracing::error!("{detail}");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", detail)
             }
             ControllerError::Store(_)
             | ControllerError::Corrupt(_)
@@ -197,6 +221,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
     let state = AppState { controller };
     Router::new()
         .route("/v1/healthz", get(healthz))
+        .route("/v1/readyz", get(readyz))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/schema/vnf", get(vnf_schema))
         .route("/v1/vnfs", get(list_vnfs).post(create_vnf))
@@ -232,6 +257,24 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route(
             "/v1/authorities",
             get(list_authorities).post(create_authority),
+        )
+        .route(
+            "/v1/authorities/{name}/grants",
+            get(show_grants).post(add_grants).delete(revoke_grants),
+        )
+        .route(
+            "/v1/modules",
+            get(list_modules)
+                .post(upload_module)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    usize::try_from(telvirt_model::vnf::limits::MAX_MODULE_BYTES)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(1),
+                )),
+        )
+        .route(
+            "/v1/modules/{sha256}",
+            get(show_module).delete(delete_module),
         )
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -275,12 +318,34 @@ async fn method_not_allowed() -> ApiError {
 }
 
 #[utoipa::path(get, path = "/v1/healthz", tag = "node",
-    responses((status = 200, description = "The node answers", body = Health)))]
-async fn healthz() -> Json<Health> {
-    Json(Health {
-        status: "ok".into(),
-        version: env!("CARGO_PKG_VERSION").into(),
-    })
+    responses(
+        (status = 200, description = "Every component of the node is up", body = Health),
+        (status = 503, description = "A component is down (store, scheduler, agent, data plane, ...): the detail names each and why", body = HealthProblem, content_type = "application/problem+json"),
+    ))]
+async fn healthz(State(s): State<AppState>) -> Response {
+    health_answer(&s)
+}
+
+#[utoipa::path(get, path = "/v1/readyz", tag = "node",
+    responses(
+        (status = 200, description = "The node can take work: every component is up", body = Health),
+        (status = 503, description = "Not ready: a component is down; the detail names each and why", body = HealthProblem, content_type = "application/problem+json"),
+    ))]
+async fn readyz(State(s): State<AppState>) -> Response {
+    health_answer(&s)
+}
+
+fn health_answer(s: &AppState) -> Response {
+    match s.controller.health().report() {
+        HealthReport::Healthy(health) => json(StatusCode::OK, &health),
+        HealthReport::Unhealthy(problem) => {
+            let mut response = json(StatusCode::SERVICE_UNAVAILABLE, &problem);
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+            response
+        }
+    }
 }
 
 #[utoipa::path(get, path = "/v1/openapi.json", tag = "node",
@@ -316,6 +381,7 @@ async fn list_vnfs(
         (status = 201, description = "Accepted and stored; placement follows", body = Vnf),
         (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Names a host resource (path, interface, TAP) not granted to the authority; `errors` names the field", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
@@ -437,6 +503,7 @@ vnf_action!(unlock_vnf, unlock, "/v1/vnfs/{name}/unlock", "Unlocked");
         (status = 201, description = "Granted; the agent attaches it to the running VM", body = Vnf),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Names a host resource (path, interface, TAP) not granted to the authority; `errors` names the field", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Locked, being deleted, or the id is already granted", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid grant, or a runtime without devices", body = Problem, content_type = "application/problem+json"),
@@ -477,41 +544,50 @@ async fn detach_device(
 
 #[utoipa::path(get, path = "/v1/hosts", tag = "hosts", security(("bearer" = [])),
     responses(
-        (status = 200, description = "Hosts with their core maps", body = [HostView]),
+        (status = 200, description = "Hosts with their core maps; a cpu held by another authority's VNF or group shows only as in-use (admin sees every name)", body = [HostView]),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
     ))]
-async fn list_hosts(State(s): State<AppState>, Authed(_): Authed) -> Result<Response, ApiError> {
-    Ok(json(StatusCode::OK, &s.controller.hosts().await?))
+async fn list_hosts(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &s.controller.hosts(&caller).await?))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path, description = "Host name")),
     responses(
-        (status = 200, description = "The host and its core map", body = HostView),
+        (status = 200, description = "The host and its core map; a cpu held by another authority's VNF or group shows only as in-use (admin sees every name)", body = HostView),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn show_host(
     State(s): State<AppState>,
-    Authed(_): Authed,
+    Authed(caller): Authed,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(json(StatusCode::OK, &s.controller.host(&name).await?))
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.host(&caller, &name).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{name}/coremap", tag = "hosts", security(("bearer" = [])),
     params(("name" = String, Path, description = "Host name")),
     responses(
-        (status = 200, description = "The core map as text", body = String, content_type = "text/plain"),
+        (status = 200, description = "The core map as text; a cpu held by another authority's VNF or group reads `in use` (admin sees every name)", body = String, content_type = "text/plain"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn host_core_map(
     State(s): State<AppState>,
-    Authed(_): Authed,
+    Authed(caller): Authed,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(s.controller.host_core_map(&name).await?.into_response())
+    Ok(s.controller
+        .host_core_map(&caller, &name)
+        .await?
+        .into_response())
 }
 
 #[utoipa::path(get, path = "/v1/authorities", tag = "authorities", security(("bearer" = [])),
@@ -576,6 +652,43 @@ impl utoipa::Modify for BearerScheme {
     }
 }
 
+/// Documents the 503 every authenticated call answers while the store is unavailable.
+struct StoreUnavailable;
+
+impl utoipa::Modify for StoreUnavailable {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let response = ResponseBuilder::new()
+            .description("The store is unavailable (its disk is full or failing): the call did not complete; the node reopens the store by itself once the disk works again")
+            .content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if op.security.is_some() {
+                    op.responses
+                        .responses
+                        .entry("503".to_owned())
+                        .or_insert_with(|| response.clone().into());
+                }
+            }
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/v1/networks", tag = "networks", security(("bearer" = [])),
     responses(
         (status = 200, description = "The networks the caller may see", body = [telvirt_model::network::Network]),
@@ -597,6 +710,7 @@ async fn list_networks(
         (status = 201, description = "Stored; the node's agent wires it", body = telvirt_model::network::Network),
         (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Names a host resource (path, interface, TAP) not granted to the authority; `errors` names the field", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The name is taken", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
@@ -659,6 +773,7 @@ async fn delete_network(
         (status = 200, description = "Stored; the data plane rewires in place (unchanged links stay up)", body = telvirt_model::network::Network),
         (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Names a host resource (path, interface, TAP) not granted to the authority; `errors` names the field", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such network visible to the caller", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Changed meanwhile; try again", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
@@ -747,6 +862,7 @@ async fn network_latency(
         (status = 200, description = "The new module runs; maps kept", body = Vnf),
         (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Names a host resource (path, interface, TAP) not granted to the authority; `errors` names the field", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Locked, or not Running", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "The module was refused (verifier, map layout, init); the old one keeps running", body = Problem, content_type = "application/problem+json"),
@@ -802,18 +918,156 @@ async fn vnf_stats(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/authorities/{name}/grants", tag = "authorities", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Authority name")),
+    responses(
+        (status = 200, description = "The host resources granted to the authority", body = HostGrants),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such authority visible to the caller (an authority sees only its own)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn show_grants(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.grants(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/authorities/{name}/grants", tag = "authorities", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Authority name")),
+    request_body(content = HostGrants, content_type = "application/json",
+        description = "Host paths (a trailing / grants a directory), interfaces and TAPs (a trailing * grants a prefix) to add"),
+    responses(
+        (status = 200, description = "Granted; the authority's grants now", body = HostGrants),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin grants", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such authority", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "An entry breaks the rules (relative path, `..`, bad interface name)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn add_grants(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let more: HostGrants =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.grant(&caller, &name, &more).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/authorities/{name}/grants", tag = "authorities", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Authority name")),
+    request_body(content = HostGrants, content_type = "application/json", description = "The entries to revoke"),
+    responses(
+        (status = 200, description = "Revoked; the authority's grants now", body = HostGrants),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin revokes", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such authority, or an entry it does not hold", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A VNF or network of the authority uses the resource", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn revoke_grants(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let less: HostGrants =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.revoke(&caller, &name, &less).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/modules", tag = "modules", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The modules the caller uploaded (admin: all)", body = [ModuleView]),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn list_modules(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+) -> Result<Response, ApiError> {
+    Ok(json(StatusCode::OK, &s.controller.modules(&caller).await?))
+}
+
+#[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])),
+    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's bytes (at most 16 MiB)"),
+    responses(
+        (status = 201, description = "Verified and kept; descriptors name it by `reference`", body = ModuleView),
+        (status = 200, description = "The caller had uploaded it already", body = ModuleView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Over 16 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Refused by the verifier; `errors` lists every reason", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn upload_module(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (module, new) = s.controller.upload_module(&caller, body.to_vec()).await?;
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(json(status, &module))
+}
+
+#[utoipa::path(get, path = "/v1/modules/{sha256}", tag = "modules", security(("bearer" = [])),
+    params(("sha256" = String, Path, description = "Hex SHA-256 of the module")),
+    responses(
+        (status = 200, description = "The module", body = ModuleView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not uploaded by the caller", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn show_module(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.module(&caller, &sha256).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/modules/{sha256}", tag = "modules", security(("bearer" = [])),
+    params(("sha256" = String, Path, description = "Hex SHA-256 of the module")),
+    responses(
+        (status = 204, description = "Forgotten (the bytes go when no authority keeps the module)"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not uploaded by the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A VNF runs it", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_module(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    s.controller.delete_module(&caller, &sha256).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
     paths(
-        healthz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
+        healthz, readyz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
         show_host, host_core_map,
         list_authorities, create_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency,
-        upgrade_vnf, vnf_maps, vnf_stats
+        upgrade_vnf, vnf_maps, vnf_stats, show_grants, add_grants, revoke_grants,
+        list_modules, upload_module, show_module, delete_module
     ),
-    modifiers(&BearerScheme)
+    modifiers(&BearerScheme, &StoreUnavailable)
 )]
 struct ApiDoc;
 

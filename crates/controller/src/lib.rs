@@ -3,17 +3,21 @@
 //! Everything it decides is written to the store first, then acted on by agents. It must not
 //! start processes or talk to runtimes: agents do that through their `ControlLink`.
 
+pub mod access;
 pub mod auth;
+pub mod health;
 pub mod http;
 pub mod link;
 pub mod maps;
 pub mod metrics;
+pub mod modules;
 pub mod network;
 pub mod placement;
 pub mod records;
 pub mod service;
 pub mod upgrade;
 
+pub use health::{HealthRegistry, HealthReport, Restart};
 pub use http::{descriptor_schema, openapi_document, router};
 pub use link::LocalLink;
 pub use maps::MapReader;

@@ -108,6 +108,10 @@ impl Controller {
 
     /// Checks a valid descriptor against the caller's VNFs and the other networks.
     async fn check_network(&self, caller: &Caller, d: &NetworkDescriptor) -> Result<()> {
+        // A host interface is a host resource: only what the admin granted (ADR 045).
+        if let Some(g) = self.confining_grants(caller).await? {
+            crate::access::require_all(&g.grants, &crate::access::network_resources(d))?;
+        }
         let vnfs = self.all_vnfs().await?;
         let others: Vec<Network> = self
             .all_networks()
@@ -166,10 +170,12 @@ impl Controller {
                 }
             }
         }
-        let mut used: BTreeMap<(bool, Endpoint), String> = BTreeMap::new();
+        // Which network uses each port: named only when the caller may see that network.
+        let mut used: BTreeMap<(bool, Endpoint), Option<String>> = BTreeMap::new();
         for n in &others {
+            let shown = may_see(caller, n).then(|| n.name.to_string());
             for (out, ep, _) in wired_ports(&n.descriptor) {
-                used.insert((out, ep), n.name.to_string());
+                used.insert((out, ep), shown.clone());
             }
         }
         for (i, link) in d.parsed_links() {
@@ -203,9 +209,13 @@ impl Controller {
         for (out, ep, path) in wired_ports(d) {
             let dir = if out { "out" } else { "in" };
             if let Some(other) = used.get(&(out, ep.clone())) {
+                let by = match other {
+                    Some(name) => format!("network {name}"),
+                    None => "another network".to_owned(),
+                };
                 return Err(ControllerError::Invalid(FieldError::new(
                     path,
-                    format!("port {ep} is already linked {dir} by network {other}"),
+                    format!("port {ep} is already linked {dir} by {by}"),
                 )));
             }
             // Two steering endpoints of this network that share an instance would wire its

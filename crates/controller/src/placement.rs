@@ -56,6 +56,17 @@ pub fn request(descriptor: &VnfDescriptor, authority: &str) -> sched::VnfRequest
     }
 }
 
+/// The scheduler's request for a stored VNF: its descriptor's, with the memory budget the
+/// controller computed at create (guest RAM, or wasm linear memory plus map bytes) on every
+/// NUMA node it uses.
+pub fn vnf_request(vnf: &Vnf) -> sched::VnfRequest {
+    let mut req = request(&vnf.descriptor, vnf.owner.as_str());
+    if vnf.memory_bytes > 0 {
+        req.memory_per_node = vnf.memory_bytes;
+    }
+    req
+}
+
 fn role(r: sched::Role) -> Role {
     match r {
         sched::Role::Act => Role::Active,
@@ -89,6 +100,8 @@ pub fn placements(p: &sched::Placement, descriptor: &VnfDescriptor) -> Vec<Place
 }
 
 /// The host view the API shows: facts from the host record, the core map from the scheduler.
+/// `map` is shown as given: confine it first ([`sched::coremap::confine`]) for a caller who may
+/// not see every authority's names.
 pub fn host_view(record: &HostRecord, map: &sched::coremap::HostMap) -> HostView {
     let mut cpus = Vec::new();
     let mut sockets = std::collections::BTreeSet::new();
@@ -127,6 +140,7 @@ fn cpu_use(state: &sched::coremap::CpuState) -> CpuUse {
         CpuState::Reserved => CpuUse::Reserved,
         CpuState::Shared => CpuUse::Shared,
         CpuState::Unassigned => CpuUse::Unassigned,
+        CpuState::InUse => CpuUse::InUse,
         CpuState::Vnf {
             vnf,
             role: r,

@@ -13,6 +13,8 @@ pub const AUTHORITIES: &str = "/authorities/";
 pub const HOSTS: &str = "/hosts/";
 pub const ALLOCATIONS: &str = "/allocations/";
 pub const TOKENS: &str = "/tokens/";
+pub const GRANTS: &str = "/grants/";
+pub const MODULES: &str = "/modules/";
 
 pub fn vnf_key(name: &str) -> String {
     format!("{VNFS}{name}")
@@ -36,6 +38,16 @@ pub fn token_key(sha256: &str) -> String {
     format!("{TOKENS}{sha256}")
 }
 
+/// The host resources granted to an authority (`HostGrants`).
+pub fn grants_key(authority: &str) -> String {
+    format!("{GRANTS}{authority}")
+}
+
+/// An uploaded module's index entry, by the hex SHA-256 of its bytes.
+pub fn module_key(sha256: &str) -> String {
+    format!("{MODULES}{sha256}")
+}
+
 pub fn host_key(name: &str) -> String {
     format!("{HOSTS}{name}")
 }
@@ -55,6 +67,17 @@ pub struct AuthorityRecord {
     /// existed (read as the default domain, or `operator` for admin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+}
+
+/// An uploaded, verified module: its bytes live in the node's module directory under their
+/// digest; this is the index the controller checks descriptors against.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    pub sha256: String,
+    pub size: u64,
+    pub info: telvirt_model::api::ModuleInfo,
+    /// Authorities that uploaded it, with when each first did.
+    pub owners: std::collections::BTreeMap<String, String>,
 }
 
 /// A stored host.

@@ -54,6 +54,19 @@ pub enum ControllerError {
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
+    /// The body is larger than this request takes (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// Refused with several reasons, e.g. a module the verifier refuses (422).
+    #[error("{detail}")]
+    Refused {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// A host resource the caller's authority was not granted (403 with the field).
+    #[error("{0}")]
+    NotGranted(FieldError),
+
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -106,6 +119,8 @@ fn not_found(name: &str) -> ControllerError {
 const CAS_RETRIES: usize = 16;
 
 pub struct Controller {
+    /// The node's components (store, loops, data plane) for `/v1/healthz`.
+    health: Arc<crate::health::HealthRegistry>,
     store: Arc<dyn Store>,
     scheduler: Mutex<Scheduler>,
     /// Wakes agents: assignments may have changed.
@@ -121,6 +136,8 @@ pub struct Controller {
     security_domains: std::sync::RwLock<BTreeSet<String>>,
     /// The local agent's wasm runtime (all-in-one node), for reading maps.
     map_reader: std::sync::OnceLock<Arc<dyn crate::maps::MapReader>>,
+    /// Where uploaded modules are kept and how they are verified.
+    module_repository: std::sync::OnceLock<crate::modules::ModuleRepository>,
 }
 
 impl Controller {
@@ -136,6 +153,12 @@ impl Controller {
 
     pub(crate) fn map_reader_cell(&self) -> &std::sync::OnceLock<Arc<dyn crate::maps::MapReader>> {
         &self.map_reader
+    }
+
+    pub(crate) fn module_repository_cell(
+        &self,
+    ) -> &std::sync::OnceLock<crate::modules::ModuleRepository> {
+        &self.module_repository
     }
 
     pub(crate) fn module_upgrader_cell(
@@ -155,9 +178,15 @@ impl Controller {
         }
         for (key, v) in store.list(records::ALLOCATIONS).await? {
             let alloc: Allocation = decode(&key, &v.value)?;
+            if drop_orphan_allocation(store.as_ref(), &key, &alloc, v.mod_revision).await? {
+                continue;
+            }
             scheduler.restore(&alloc)?;
         }
+        let health = Arc::new(crate::health::HealthRegistry::new());
+        health.follow_store(Arc::clone(&store));
         Ok(Arc::new(Self {
+            health,
             store,
             scheduler: Mutex::new(scheduler),
             assignments_changed: Notify::new(),
@@ -166,6 +195,7 @@ impl Controller {
             network_plane: std::sync::OnceLock::new(),
             module_upgrader: std::sync::OnceLock::new(),
             map_reader: std::sync::OnceLock::new(),
+            module_repository: std::sync::OnceLock::new(),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()
@@ -173,6 +203,11 @@ impl Controller {
                     .collect(),
             ),
         }))
+    }
+
+    /// The node's health registry: components report into it, `/v1/healthz` reads it.
+    pub fn health(&self) -> &Arc<crate::health::HealthRegistry> {
+        &self.health
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -338,6 +373,16 @@ impl Controller {
         })
     }
 
+    /// The wasm security domain of authority `name` (as stored; admin: operator).
+    pub async fn authority_domain(&self, name: &str) -> Result<String> {
+        let key = authority_key(name);
+        let stored = match self.store.get(&key).await? {
+            Some(v) => decode::<AuthorityRecord>(&key, &v.value)?.domain,
+            None => None,
+        };
+        Ok(auth::effective_domain(name, stored.as_deref()).to_owned())
+    }
+
     pub async fn authorities(&self, caller: &Caller) -> Result<Vec<Authority>> {
         let mut out = Vec::new();
         for (key, v) in self.store.list(records::AUTHORITIES).await? {
@@ -377,6 +422,12 @@ impl Controller {
 
     pub async fn create_vnf(&self, caller: &Caller, text: &[u8], format: Format) -> Result<Vnf> {
         let descriptor = parse_vnf(text, format)?;
+        // Host resources first (403 naming the field), then the module and the budget it sets.
+        let grants = self.confining_grants(caller).await?;
+        if let Some(g) = &grants {
+            crate::access::require_all(&g.grants, &crate::access::vnf_resources(&descriptor))?;
+        }
+        let memory_bytes = self.checked_budget(caller, &descriptor).await?;
         let name = descriptor.name().clone();
         let owner: Name = caller
             .name
@@ -393,6 +444,7 @@ impl Controller {
             lock: None,
             placements: Vec::new(),
             devices: Vec::new(),
+            memory_bytes,
             generation: 1,
             created_at: now.clone(),
             updated_at: now.clone(),
@@ -414,10 +466,12 @@ impl Controller {
         let outcome = self
             .store
             .txn(
-                vec![Compare::ModRevision {
+                std::iter::once(Compare::ModRevision {
                     key: vnf_key(name.as_str()),
                     revision: 0,
-                }],
+                })
+                .chain(grants.as_ref().map(|g| g.unchanged(&caller.name)))
+                .collect(),
                 vec![
                     Op::Put {
                         key: vnf_key(name.as_str()),
@@ -606,6 +660,12 @@ impl Controller {
         if let Some(first) = grant.violations().into_iter().next() {
             return Err(ControllerError::Invalid(first));
         }
+        if let Some(g) = self.confining_grants(caller).await?
+            && let Some((kind, field, resource)) = crate::access::device_resource(&grant)
+        {
+            telvirt_model::grant::require(&g.grants, kind, field, &resource)
+                .map_err(ControllerError::NotGranted)?;
+        }
         self.request(caller, name, false, |vnf| {
             if vnf.descriptor.spec.runtime != RuntimeKind::Vm {
                 return Err(ControllerError::Invalid(FieldError::new(
@@ -654,47 +714,92 @@ impl Controller {
         .await
     }
 
+    /// Deletes a VNF. One that runs nowhere (Pending, Scheduled, Stopped, Failed) goes at once;
+    /// a running one is marked for deletion and stopped first, and goes when its agent reports it
+    /// stopped ([`Controller::observe`]).
     pub async fn delete(&self, caller: &Caller, name: &str) -> Result<Deletion> {
         let (record, _) = self.load_visible(caller, name).await?;
-        let idle = matches!(
-            record.vnf.phase,
-            Phase::Pending | Phase::Scheduled | Phase::Stopped | Phase::Failed
-        );
-        if idle {
-            self.remove(name).await?;
+        let owner = record.vnf.owner.clone();
+        if idle(&record.vnf)
+            && self
+                .remove_when(name, |r| r.vnf.owner == owner && idle(&r.vnf))
+                .await?
+        {
             return Ok(Deletion::Deleted);
         }
         let vnf = self
             .update(name, |record| {
+                // Another VNF of the same name (deleted and created again meanwhile).
+                if record.vnf.owner != owner {
+                    return Err(not_found(name));
+                }
                 record.deleting = true;
                 record.vnf.desired = DesiredState::Stopped;
                 record.vnf.generation += 1;
                 Ok(None)
             })
             .await?;
+        // It stopped between the two reads: there is nothing left to wait for.
+        if idle(&vnf)
+            && self
+                .remove_when(name, |r| r.vnf.owner == owner && r.deleting && idle(&r.vnf))
+                .await?
+        {
+            return Ok(Deletion::Deleted);
+        }
         Ok(Deletion::Pending(Box::new(vnf)))
     }
 
-    /// Removes a VNF, its events and its allocation, and frees its cores.
+    /// Removes a VNF marked for deletion (its agent reported it stopped); a VNF already gone is
+    /// not an error.
     async fn remove(&self, name: &str) -> Result<()> {
+        match self.remove_when(name, |r| r.deleting).await {
+            Ok(_) | Err(ControllerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes a VNF, its events and its allocation in one store transaction conditioned on the
+    /// VNF record as read, then frees its cores; all under the scheduler lock, so a scheduling
+    /// pass never places a VNF that is being removed. Only while `still` holds on the stored
+    /// record: returns false, having changed nothing, when it does not; NotFound when the VNF
+    /// is gone.
+    async fn remove_when(&self, name: &str, still: impl Fn(&VnfRecord) -> bool) -> Result<bool> {
         let mut scheduler = self.scheduler.lock().await;
-        let mut ops = vec![
-            Op::Delete { key: vnf_key(name) },
-            Op::Delete {
-                key: allocation_key(name),
-            },
-        ];
-        for (key, _) in self.store.list(&records::events_prefix(name)).await? {
-            ops.push(Op::Delete { key });
+        for _ in 0..CAS_RETRIES {
+            let (record, rev) = self.load(name).await?.ok_or_else(|| not_found(name))?;
+            if !still(&record) {
+                return Ok(false);
+            }
+            let mut ops = vec![
+                Op::Delete { key: vnf_key(name) },
+                Op::Delete {
+                    key: allocation_key(name),
+                },
+            ];
+            // Events are only written together with their VNF record, so the condition on the
+            // record's revision also guarantees this list is complete.
+            for (key, _) in self.store.list(&records::events_prefix(name)).await? {
+                ops.push(Op::Delete { key });
+            }
+            let compare = Compare::ModRevision {
+                key: vnf_key(name),
+                revision: rev,
+            };
+            if !self.store.txn(vec![compare], ops).await?.succeeded {
+                continue;
+            }
+            match scheduler.release(name) {
+                Ok(_) | Err(SchedError::UnknownVnf(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            drop(scheduler);
+            self.changed();
+            return Ok(true);
         }
-        self.store.txn(Vec::new(), ops).await?;
-        match scheduler.release(name) {
-            Ok(_) | Err(SchedError::UnknownVnf(_)) => {}
-            Err(e) => return Err(e.into()),
-        }
-        drop(scheduler);
-        self.changed();
-        Ok(())
+        Err(ControllerError::Conflict(format!(
+            "vnf {name} kept changing while it was being deleted; try again"
+        )))
     }
 
     // ----- scheduling -----
@@ -709,79 +814,168 @@ impl Controller {
         }
     }
 
-    /// Places every Pending VNF it can; records why for those it cannot.
+    /// Places every Pending VNF it can; records why for those it cannot. The list read first
+    /// is only a hint: each VNF is read again under the scheduler lock before it is placed.
     pub async fn schedule_pending(&self) -> Result<()> {
         for (key, v) in self.store.list(records::VNFS).await? {
             let record: VnfRecord = decode(&key, &v.value)?;
-            if record.vnf.phase == Phase::Pending && !record.deleting {
-                self.schedule_one(&record.vnf).await?;
+            if record.vnf.phase != Phase::Pending || record.deleting {
+                continue;
+            }
+            match self.schedule_one(record.vnf.name.as_str()).await {
+                // Deleted meanwhile, or changing too fast: the next pass sees it as it is then.
+                Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
-    async fn schedule_one(&self, vnf: &Vnf) -> Result<()> {
-        let name = vnf.name.as_str();
-        let request = placement::request(&vnf.descriptor, vnf.owner.as_str());
-        let mut scheduler = self.scheduler.lock().await;
-        // A placement restored from the store (a crash came between writing the allocation and
-        // marking the VNF Scheduled) is completed rather than placed again.
-        let placed = match scheduler
-            .placement(name)
-            .or_else(|_| scheduler.place(&request))
-        {
-            Ok(p) => p,
-            Err(e) => {
-                drop(scheduler);
-                let reason = e.to_string();
-                self.update(name, |record| {
-                    if record.vnf.reason.as_deref() == Some(reason.as_str()) {
-                        return Ok(None);
-                    }
-                    record.vnf.reason = Some(reason.clone());
-                    Ok(Some((Phase::Pending, reason.clone(), "scheduler".into())))
-                })
-                .await?;
+    /// Places VNF `name` if it is still Pending. The allocation, the VNF's placements, phase
+    /// Scheduled and its event are one store transaction conditioned on the VNF record (and the
+    /// allocation key) as read under the scheduler lock; when the VNF changed or went in
+    /// between, the transaction changes nothing and the cores it was given are released. The
+    /// lock is held from placing until that transaction is decided, so a delete (which removes
+    /// and releases under the same lock) never interleaves with it.
+    async fn schedule_one(&self, name: &str) -> Result<()> {
+        for _ in 0..CAS_RETRIES {
+            let Some((record, rev)) = self.load(name).await? else {
+                return Ok(());
+            };
+            if record.vnf.phase != Phase::Pending || record.deleting {
                 return Ok(());
             }
-        };
-        let placements = placement::placements(&placed, &vnf.descriptor);
-        let hosts: Vec<String> = placements
-            .iter()
-            .map(|p| format!("{:?} on {} cpus {:?}", p.role, p.host, p.cpus()))
-            .collect();
-        let reason = format!("placed: {}", hosts.join("; ")).to_lowercase();
-        let alloc = Allocation {
-            request,
-            placement: placed,
-        };
-        // The allocation is written before the VNF is marked Scheduled; a crash in between
-        // leaves an allocation that restore() re-reads and the next pass completes.
-        let written = self
-            .store
-            .put(&allocation_key(name), encode(&alloc)?)
-            .await
-            .map_err(ControllerError::from);
-        if let Err(e) = written {
-            let _ = scheduler.release(name);
-            return Err(e);
-        }
-        drop(scheduler);
-        let result = self
-            .update(name, |record| {
-                if record.vnf.phase != Phase::Pending {
-                    return Ok(None);
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await; let mut scheduler = self.scheduler.lock().await; // MUTATION
+            let request = placement::vnf_request(&record.vnf);
+            let (kept, alloc_rev) = self
+                .reusable_placement(&mut scheduler, name, &request)
+                .await?;
+            let fresh = kept.is_none();
+            let placed = match kept {
+                Some(p) => p,
+                None => match scheduler.place(&request) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        drop(scheduler);
+                        return self.note_unplaceable(name, e.to_string()).await;
+                    }
+                },
+            };
+            let placements = placement::placements(&placed, &record.vnf.descriptor);
+            let hosts: Vec<String> = placements
+                .iter()
+                .map(|p| format!("{:?} on {} cpus {:?}", p.role, p.host, p.cpus()))
+                .collect();
+            let reason = format!("placed: {}", hosts.join("; ")).to_lowercase();
+            let alloc = Allocation {
+                request,
+                placement: placed,
+            };
+            let mut next = record.clone();
+            next.vnf.placements = placements;
+            next.vnf.phase = Phase::Scheduled;
+            next.vnf.reason = Some(reason.clone());
+            let mut ops = transition_ops(&mut next, Phase::Pending, &reason, "scheduler")?;
+            ops.push(Op::Put {
+                key: allocation_key(name),
+                value: encode(&alloc)?,
+                lease: None,
+            });
+            let compares = vec![
+                Compare::ModRevision {
+                    key: vnf_key(name),
+                    revision: rev,
+                },
+                Compare::ModRevision {
+                    key: allocation_key(name),
+                    revision: alloc_rev,
+                },
+            ];
+            self.store.put(&allocation_key(name), encode(&alloc)?).await?; let outcome = self.store.txn(compares[..1].to_vec(), ops).await; if !matches!(outcome, Ok(o) if o.succeeded) { eprintln!("LEAK {name}"); return Ok(()); } // MUTATION
+            match outcome {
+                Ok(o) if o.succeeded => {
+                    drop(scheduler);
+                    self.metrics.placement();
+                    self.metrics.event();
+                    self.changed();
+                    return Ok(());
                 }
-                record.vnf.placements = placements.clone();
-                record.vnf.phase = Phase::Scheduled;
-                record.vnf.reason = Some(reason.clone());
-                Ok(Some((Phase::Scheduled, reason.clone(), "scheduler".into())))
-            })
-            .await;
-        if result.is_ok() {
-            self.metrics.placement();
+                // The VNF changed in between: nothing was written. Cores placed now go back; a
+                // placement reused from the store stays, as the store still holds it. Then the
+                // VNF is read again.
+                Ok(_) => {
+                    if fresh {
+                        scheduler.release(name)?;
+                    }
+                }
+                Err(e) => {
+                    if fresh {
+                        scheduler.release(name)?;
+                    }
+                    return Err(e.into());
+                }
+            }
         }
-        result.map(|_| ())
+        Err(ControllerError::Conflict(format!(
+            "vnf {name} kept changing while it was being placed"
+        )))
+    }
+
+    /// The placement VNF `name` already holds, if it was made for `request` (the same ask by
+    /// the same owner): a crash between writing an allocation and marking its VNF Scheduled
+    /// (before allocations and VNFs were written together) leaves one, which restore() read
+    /// back. Any other allocation of that name, stored or in memory, is stale (made for an older
+    /// VNF of the same name, or another ask): it is deleted from the store and released. Called
+    /// under the scheduler lock. Returns the reusable placement and the revision of the
+    /// allocation key (0: none stored).
+    async fn reusable_placement(
+        &self,
+        scheduler: &mut Scheduler,
+        name: &str,
+        request: &telvirt_sched::VnfRequest,
+    ) -> Result<(Option<telvirt_sched::Placement>, u64)> {
+        let key = allocation_key(name);
+        let stored = self.store.get(&key).await?;
+        let held = scheduler.placement(name).ok();
+        if let (Some(v), Some(p)) = (&stored, &held)
+            && let Ok(alloc) = serde_json::from_slice::<Allocation>(&v.value)
+            && alloc.request == *request
+            && alloc.placement == *p
+        {
+            return Ok((Some(p.clone()), v.mod_revision));
+        }
+        if let Some(v) = &stored {
+            let compare = Compare::ModRevision {
+                key: key.clone(),
+                revision: v.mod_revision,
+            };
+            let op = Op::Delete { key: key.clone() };
+            if !self.store.txn(vec![compare], vec![op]).await?.succeeded {
+                return Err(ControllerError::Conflict(format!(
+                    "the allocation of vnf {name} changed while it was being dropped"
+                )));
+            }
+            tracing::info!("dropped the allocation of vnf {name}: it was made for another request");
+        }
+        if held.is_some() {
+            scheduler.release(name)?;
+        }
+        Ok((None, 0))
+    }
+
+    /// Records why VNF `name` cannot be placed now (once per distinct reason).
+    async fn note_unplaceable(&self, name: &str, reason: String) -> Result<()> {
+        self.update(name, |record| {
+            if record.vnf.phase != Phase::Pending
+                || record.vnf.reason.as_deref() == Some(reason.as_str())
+            {
+                return Ok(None);
+            }
+            record.vnf.reason = Some(reason.clone());
+            Ok(Some((Phase::Pending, reason.clone(), "scheduler".into())))
+        })
+        .await
+        .map(|_| ())
     }
 
     // ----- hosts -----
@@ -803,37 +997,45 @@ impl Controller {
         Ok(())
     }
 
-    pub async fn hosts(&self) -> Result<Vec<HostView>> {
+    /// Every host with its core map as `caller` may see it (see [`Controller::host`]).
+    pub async fn hosts(&self, caller: &Caller) -> Result<Vec<HostView>> {
         let mut out = Vec::new();
         for (key, v) in self.store.list(records::HOSTS).await? {
             let record: HostRecord = decode(&key, &v.value)?;
-            out.push(self.view(&record).await?);
+            out.push(self.view(caller, &record).await?);
         }
         Ok(out)
     }
 
-    pub async fn host(&self, name: &str) -> Result<HostView> {
+    /// A host with its core map: admin sees every VNF and group by name; an authority sees its
+    /// own by name and every cpu another authority holds only as in use.
+    pub async fn host(&self, caller: &Caller, name: &str) -> Result<HostView> {
         let key = host_key(name);
         let v = self
             .store
             .get(&key)
             .await?
             .ok_or_else(|| ControllerError::NotFound(format!("host {name} not found")))?;
-        self.view(&decode(&key, &v.value)?).await
+        self.view(caller, &decode(&key, &v.value)?).await
     }
 
-    /// The plain-text core map of a host, as the scheduler renders it.
-    pub async fn host_core_map(&self, name: &str) -> Result<String> {
+    /// The plain-text core map of a host, as the scheduler renders it, confined to what
+    /// `caller` may see (see [`Controller::host`]).
+    pub async fn host_core_map(&self, caller: &Caller, name: &str) -> Result<String> {
         let scheduler = self.scheduler.lock().await;
         let map = telvirt_sched::coremap::host_map(&scheduler, name)
             .map_err(|_| ControllerError::NotFound(format!("host {name} not found")))?;
-        Ok(telvirt_sched::coremap::render_host_map(&map))
+        drop(scheduler);
+        Ok(telvirt_sched::coremap::render_host_map(&confined(
+            caller, map,
+        )))
     }
 
-    async fn view(&self, record: &HostRecord) -> Result<HostView> {
+    async fn view(&self, caller: &Caller, record: &HostRecord) -> Result<HostView> {
         let scheduler = self.scheduler.lock().await;
         let map = telvirt_sched::coremap::host_map(&scheduler, &record.spec.name)?;
-        Ok(placement::host_view(record, &map))
+        drop(scheduler);
+        Ok(placement::host_view(record, &confined(caller, map)))
     }
 
     // ----- agents -----
@@ -860,6 +1062,7 @@ impl Controller {
                     placement: p.clone(),
                     desired: vnf.desired,
                     locked: vnf.lock.is_some(),
+                    memory_bytes: vnf.memory_bytes,
                     generation: vnf.generation,
                     devices: vnf.devices.clone(),
                     // An owner without a record (none can be deleted today) gets the least
@@ -924,4 +1127,99 @@ impl Controller {
         }
         Ok(counts)
     }
+}
+
+/// Whether a VNF runs nowhere, so it can be deleted without waiting for an agent.
+fn idle(vnf: &Vnf) -> bool {
+    matches!(
+        vnf.phase,
+        Phase::Pending | Phase::Scheduled | Phase::Stopped | Phase::Failed
+    )
+}
+
+/// A core map as `caller` may see it: whole for admin, other authorities' holders hidden for
+/// everyone else.
+fn confined(
+    caller: &Caller,
+    map: telvirt_sched::coremap::HostMap,
+) -> telvirt_sched::coremap::HostMap {
+    if caller.is_admin() {
+        map
+    } else {
+        telvirt_sched::coremap::confine(&map, &caller.name)
+    }
+}
+
+/// The writes of a phase transition already applied to `record` (from phase `from`): its event
+/// and the record itself, with `updated_at` and `last_event` advanced, as `update` writes them.
+fn transition_ops(
+    record: &mut VnfRecord,
+    from: Phase,
+    reason: &str,
+    actor: &str,
+) -> Result<Vec<Op>> {
+    let now = now_rfc3339();
+    record.vnf.updated_at = now.clone();
+    record.last_event += 1;
+    let name = record.vnf.name.as_str();
+    let event = Event {
+        seq: record.last_event,
+        vnf: record.vnf.name.clone(),
+        at: now,
+        from: Some(from),
+        to: record.vnf.phase,
+        reason: reason.to_owned(),
+        actor: actor.to_owned(),
+    };
+    Ok(vec![
+        Op::Put {
+            key: event_key(name, record.last_event),
+            value: encode(&event)?,
+            lease: None,
+        },
+        Op::Put {
+            key: vnf_key(name),
+            value: encode(record)?,
+            lease: None,
+        },
+    ])
+}
+
+/// Deletes the stored allocation `key` if its VNF does not exist (a leak of a create/delete race
+/// in an older version), in one transaction conditioned on both keys. Returns whether it did.
+async fn drop_orphan_allocation(
+    store: &dyn Store,
+    key: &str,
+    alloc: &Allocation,
+    revision: u64,
+) -> Result<bool> {
+    let name = alloc.request.name.as_str();
+    if key != allocation_key(name) {
+        return Err(ControllerError::Corrupt(format!(
+            "{key}: holds the allocation of vnf {name}"
+        )));
+    }
+    if store.get(&vnf_key(name)).await?.is_some() {
+        return Ok(false);
+    }
+    let compares = vec![
+        Compare::ModRevision {
+            key: vnf_key(name),
+            revision: 0,
+        },
+        Compare::ModRevision {
+            key: key.to_owned(),
+            revision,
+        },
+    ];
+    let op = Op::Delete {
+        key: key.to_owned(),
+    };
+    let dropped = store.txn(compares, vec![op]).await?.succeeded;
+    if dropped {
+        tracing::warn!(
+            "dropped the allocation of vnf {name}, which does not exist; its cpus are free again"
+        );
+    }
+    Ok(dropped)
 }

@@ -28,7 +28,8 @@ pub trait ModuleUpgrader: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpgradeRequest {
-    /// Path of the new `.wasm` module on the node (relative: to the server's working directory).
+    /// The new module: `sha256:<hex>` of an uploaded module, or a `.wasm` path on the node
+    /// (admin, or granted to the VNF's owner; relative: to the server's working directory).
     pub module: String,
 }
 
@@ -84,8 +85,48 @@ impl Controller {
                 vnf.phase
             )));
         }
-        if req.module.trim().is_empty() {
-            return Err(invalid("module", "must name a .wasm file on the node"));
+        if req.module.trim().is_empty() || req.module.contains('\0') {
+            return Err(invalid(
+                "module",
+                "must name an uploaded module (sha256:<hex>) or a .wasm file on the node",
+            ));
+        }
+        // The same rules as at create, for the VNF's owner: an uploaded module the owner
+        // keeps, or a host path the owner was granted; its maps must fit the placed budget.
+        let owner = Caller {
+            name: vnf.owner.as_str().to_owned(),
+        };
+        let mut next = vnf.descriptor.clone();
+        if let Some(wasm) = next.spec.wasm.as_mut() {
+            wasm.module = req.module.clone();
+        }
+        if let Some(g) = self.confining_grants(&owner).await? {
+            crate::access::require_all(&g.grants, &crate::access::vnf_resources(&next)).map_err(
+                |e| match e {
+                    ControllerError::NotGranted(f) => {
+                        ControllerError::NotGranted(FieldError::new("module", f.reason))
+                    }
+                    other => other,
+                },
+            )?;
+        }
+        let needed = self
+            .checked_budget(&owner, &next)
+            .await
+            .map_err(|e| match e {
+                ControllerError::Invalid(f) => invalid("module", f.reason),
+                other => other,
+            })?;
+        if vnf.memory_bytes > 0 && needed > vnf.memory_bytes {
+            return Err(invalid(
+                "module",
+                format!(
+                    "the new module needs {needed} bytes of memory (linear memory and maps), more \
+                     than the {} bytes placed for vnf {name}; create the VNF again to place it \
+                     with the larger budget",
+                    vnf.memory_bytes
+                ),
+            ));
         }
         let upgrader = self
             .module_upgrader_cell()

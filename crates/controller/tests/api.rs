@@ -406,6 +406,7 @@ async fn authorities_have_a_security_domain_that_reaches_the_agent() {
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["domain"], "trusted");
     let ent1 = r.body["token"].as_str().unwrap().to_owned();
+    node.upload_firewall(&ent1).await;
     let r = create(r#"{"name":"ent2"}"#).await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["domain"], "untrusted");

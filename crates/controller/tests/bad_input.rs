@@ -68,7 +68,7 @@ async fn unknown_field() {
     let node = Node::start().await;
     refused(
         &node,
-        &edit("module: fw.wasm", "module: fw.wasm\n    turbo: true"),
+        &edit("    limits:", "    turbo: true\n    limits:"),
         "application/yaml",
         422,
         Some("spec.wasm.turbo"),

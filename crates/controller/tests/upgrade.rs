@@ -59,7 +59,7 @@ async fn a_vnf_that_is_not_running_is_refused() {
             .unwrap()
             .contains("only a Running VNF")
     );
-    assert_eq!(module_of(&node).await, "fw.wasm");
+    assert_eq!(module_of(&node).await, common::firewall_ref());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +73,7 @@ async fn unknown_field_is_refused() {
     .await;
     assert_eq!(r.status, 422, "{}", r.body);
     assert_eq!(r.body["errors"][0]["path"], "force");
-    assert_eq!(module_of(&node).await, "fw.wasm");
+    assert_eq!(module_of(&node).await, common::firewall_ref());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,5 +82,5 @@ async fn another_authority_gets_404() {
     let ent = node.create_authority("ent1").await;
     let r = upgrade(&node, &ent, r#"{"module": "v2.wasm"}"#).await;
     assert_eq!(r.status, 404, "{}", r.body);
-    assert_eq!(module_of(&node).await, "fw.wasm");
+    assert_eq!(module_of(&node).await, common::firewall_ref());
 }

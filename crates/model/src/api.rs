@@ -219,12 +219,19 @@ pub struct Health {
 pub struct ComponentHealth {
     /// `up` or `down`.
     pub status: String,
-    /// Why it is down.
+    /// Why it is down; for a task that is up again after a restart, why its last run ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// RFC 3339, since when it is in this state (unset: since the node started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
+    /// How many times a supervised task was restarted after it ended or panicked.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub restarts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Body of a 503 from `GET /v1/healthz` or `GET /v1/readyz` (`application/problem+json`): an

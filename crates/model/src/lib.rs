@@ -358,13 +358,23 @@ spec:
             max_entries: entries,
         };
         let per_entry = 16 + 4 + vnf::limits::MAP_ENTRY_OVERHEAD_BYTES;
+        // The update log holds at most a snapshot's payload (here above the 64 KiB floor).
+        let log = |entries: u64| (entries * 20).max(64 << 10);
         // The descriptor's `rules` overrides the module's capacity; `extra` counts in full.
         let module = [map("rules", 10), map("extra", 100)];
         assert_eq!(
             d.memory_budget(&module),
-            (16 << 20) + 65536 * per_entry + 100 * per_entry
+            (16 << 20) + 65636 * per_entry + log(65636)
         );
-        assert_eq!(d.memory_budget(&[]), (16 << 20) + 65536 * per_entry);
+        assert_eq!(
+            d.memory_budget(&[]),
+            (16 << 20) + 65536 * per_entry + log(65536)
+        );
+        let small = yaml(&edit(FIREWALL, "max_entries: 65536", "max_entries: 10")).unwrap();
+        assert_eq!(
+            small.memory_budget(&[]),
+            (16 << 20) + 10 * per_entry + (64 << 10)
+        );
         assert!(d.map_mismatches(&module).is_empty());
         let e = d.map_mismatches(&[map("other", 1)]);
         assert_eq!(e[0].path, "spec.wasm.maps[0].name");

@@ -302,6 +302,10 @@ pub mod limits {
     /// Bytes of bookkeeping one map entry may cost besides its key and value (hash slot,
     /// control byte, live flag, LRU links); the wasm runtime's maps stay within it.
     pub const MAP_ENTRY_OVERHEAD_BYTES: u64 = 64;
+    /// Bounds of a wasm VNF's map update log (kept for snapshots and moves): the payload of a
+    /// full snapshot of its maps, within these.
+    pub const MIN_MAP_LOG_BYTES: u64 = 64 << 10;
+    pub const MAX_MAP_LOG_BYTES: u64 = 64 << 20;
     /// Largest wasm module accepted (upload or file).
     pub const MAX_MODULE_BYTES: u64 = 16 << 20;
     /// Longest string field of a descriptor (a path, a kernel command line, a config value).
@@ -330,26 +334,34 @@ impl VnfDescriptor {
     }
 
     /// The host memory this VNF may use, in bytes: a vm's guest RAM; a wasm VNF's linear-memory
-    /// limit plus the budget of every map it runs with (`module_maps`, the module's own maps,
+    /// limit, plus the budget of every map it runs with (`module_maps`, the module's own maps,
     /// with capacities overridden by `spec.wasm.maps` of the same name; maps only the descriptor
-    /// names count too).
+    /// names count too), plus its map update log (a snapshot's payload, within
+    /// `MIN_MAP_LOG_BYTES..=MAX_MAP_LOG_BYTES`).
     pub fn memory_budget(&self, module_maps: &[MapSpec]) -> u64 {
         match (&self.spec.vm, &self.spec.wasm) {
             (Some(vm), _) => vm.memory.bytes(),
             (None, Some(wasm)) => {
-                let own = module_maps.iter().map(|m| {
-                    wasm.maps
-                        .iter()
-                        .find(|o| o.name == m.name)
-                        .map_or_else(|| map_budget_bytes(m), map_budget_bytes)
-                });
-                let extra = wasm
-                    .maps
+                let maps: Vec<&MapSpec> = module_maps
                     .iter()
-                    .filter(|o| !module_maps.iter().any(|m| m.name == o.name))
-                    .map(map_budget_bytes);
-                own.chain(extra)
-                    .fold(wasm.limits.memory.bytes(), u64::saturating_add)
+                    .map(|m| wasm.maps.iter().find(|o| o.name == m.name).unwrap_or(m))
+                    .chain(
+                        wasm.maps
+                            .iter()
+                            .filter(|o| !module_maps.iter().any(|m| m.name == o.name)),
+                    )
+                    .collect();
+                let snapshot: u64 = maps
+                    .iter()
+                    .map(|m| {
+                        u64::from(m.max_entries) * (u64::from(m.key_size) + u64::from(m.value_size))
+                    })
+                    .fold(0, u64::saturating_add);
+                let log = snapshot.clamp(limits::MIN_MAP_LOG_BYTES, limits::MAX_MAP_LOG_BYTES);
+                maps.into_iter().map(map_budget_bytes).fold(
+                    wasm.limits.memory.bytes().saturating_add(log),
+                    u64::saturating_add,
+                )
             }
             (None, None) => 0,
         }

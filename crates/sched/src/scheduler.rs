@@ -1265,8 +1265,10 @@ impl Scheduler {
             }
             if !self.mem_ok(h, node, req) {
                 return Err(format!(
-                    "NUMA node {} lacks {} bytes of free memory",
-                    host.topo.nodes[node as usize].id, req.memory_per_node
+                    "NUMA node {} has {} of memory free, the VNF needs {}",
+                    host.topo.nodes[node as usize].id,
+                    mib(host.node_mem[node as usize].unwrap_or(0)),
+                    mib(req.memory_per_node)
                 ));
             }
             threads.push(t);
@@ -1519,9 +1521,9 @@ impl Scheduler {
             }
             if !self.mem_ok(h, n as u32, req) {
                 s.push_str(&format!(
-                    " and {} bytes of memory free (needs {})",
-                    host.node_mem[n].unwrap_or(0),
-                    req.memory_per_node
+                    " and {} of memory free (the VNF needs {})",
+                    mib(host.node_mem[n].unwrap_or(0)),
+                    mib(req.memory_per_node)
                 ));
             }
             parts.push(s);
@@ -2176,5 +2178,14 @@ impl Scheduler {
         vm.pending = [None, None];
         vm.pending_req = None;
         Ok(())
+    }
+}
+
+/// `bytes` for a person: whole MiB, or bytes below one MiB.
+fn mib(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
     }
 }

@@ -222,7 +222,10 @@ fn memory_is_tracked_per_node() {
     let mut r2 = ded("m2", 1);
     r2.memory_per_node = 600;
     let e = s.place(&r2).unwrap_err().to_string();
-    assert!(e.contains("400 bytes of memory free (needs 600)"), "{e}");
+    assert!(
+        e.contains("400 bytes of memory free (the VNF needs 600 bytes)"),
+        "{e}"
+    );
     s.release("m1").unwrap();
     s.place(&r2).unwrap();
 }

@@ -50,9 +50,12 @@ pub enum Command {
     /// Inspect hosts and their core maps
     #[command(subcommand)]
     Host(HostCommand),
-    /// Manage management authorities (admin only creates them)
+    /// Manage management authorities and the host resources granted to them
     #[command(subcommand)]
     Authority(AuthorityCommand),
+    /// Upload and manage wasm modules (verified at upload, named by their SHA-256)
+    #[command(subcommand)]
+    Module(crate::modules::ModuleCommand),
     /// Print the JSON Schema of the VNF descriptor
     Schema,
     /// Measure telvirt against a baseline run in the same process
@@ -102,6 +105,11 @@ pub struct ServeArgs {
     /// milliseconds (a SIGKILL loses at most this much map state)
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub snapshot_interval_ms: u64,
+    /// Memory of this host kept from VNFs (host OS, telvirt, page cache), e.g. `2GiB`; what is
+    /// left is the budget placement gives out (wasm linear memory + map bytes, vm guest RAM)
+    /// [default: a tenth of physical memory, at least 1GiB]
+    #[arg(long)]
+    pub memory_reserve: Option<telvirt_model::ByteSize>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,7 +138,8 @@ pub enum VnfCommand {
     /// Swap a running wasm VNF's module between batches, keeping its maps
     Upgrade {
         name: String,
-        /// The new .wasm module (a path on the node; relative to the server's working directory)
+        /// The new module: a local .wasm file (uploaded first), a `sha256:` reference of an
+        /// uploaded module, or an absolute path on the node (admin, or granted)
         #[arg(long)]
         module: String,
     },
@@ -179,4 +188,26 @@ pub enum AuthorityCommand {
     },
     /// List authorities
     List,
+    /// Grant host resources to an authority (admin only): paths for vm kernels, initrds, disks,
+    /// blk devices and module files; interfaces for `host:IF` links; TAPs for net devices
+    Grant(GrantArgs),
+    /// Take granted host resources back (admin only; refused while a VNF or network uses them)
+    Revoke(GrantArgs),
+    /// Show the host resources granted to an authority (yours, or any for admin)
+    Grants { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct GrantArgs {
+    /// The authority
+    pub name: String,
+    /// A host path; a trailing `/` means everything below that directory (`/srv/images/`)
+    #[arg(long = "path")]
+    pub paths: Vec<String>,
+    /// A host interface for `host:IF` links; a trailing `*` means a prefix (`veth*`)
+    #[arg(long = "interface")]
+    pub interfaces: Vec<String>,
+    /// An existing TAP device for `kind: net` devices; a trailing `*` means a prefix (`tv-*`)
+    #[arg(long = "tap")]
+    pub taps: Vec<String>,
 }

@@ -59,7 +59,17 @@ impl Client {
             return Ok(Answer { status, body });
         }
         let detail = serde_json::from_slice::<Problem>(&body)
-            .map(|p| p.detail)
+            .map(|p| {
+                // Field errors the detail does not already say (a verifier's reasons, ...).
+                let mut detail = p.detail;
+                for e in p.errors {
+                    let line = e.to_string();
+                    if !detail.contains(&line) {
+                        detail.push_str(&format!("\n  {line}"));
+                    }
+                }
+                detail
+            })
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
         Err(anyhow!(
             "{} {}: {detail}",

@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod config;
 mod latency;
+mod modules;
 mod net;
 mod output;
 mod progress;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use reqwest::{Method, StatusCode};
+use telvirt_model::HostGrants;
 use telvirt_model::api::{Authority, AuthorityToken, HostView};
 use telvirt_model::{Event, Vnf};
 
@@ -112,6 +114,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
             authority(&client, format, cmd).await
         }
+        Command::Module(cmd) => {
+            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            modules::run(&client, format, cmd).await
+        }
     }
 }
 
@@ -143,6 +149,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
     match cmd {
         VnfCommand::Create { file } => {
             let (bytes, f) = read_descriptor(&file)?;
+            let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f).await?;
             let vnf: Vnf = client
                 .call(Method::POST, "/v1/vnfs", Some((bytes, f.media_type())))
                 .await?
@@ -179,6 +186,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
         VnfCommand::Detach { name, id } => vm::detach(client, format, &name, &id).await?,
         VnfCommand::Unlock { name } => action(client, format, &name, "unlock", "unlocked").await?,
         VnfCommand::Upgrade { name, module } => {
+            let module = modules::resolve_upgrade(client, &module).await?;
             crate::wasm::upgrade(client, format, &name, &module).await?
         }
         VnfCommand::Maps { name } => crate::wasm::maps(client, format, &name).await?,
@@ -280,6 +288,53 @@ async fn authority(client: &Client, format: Output, cmd: AuthorityCommand) -> Re
                 println!("{}", output::authority_table(&list));
             }
         }
+        AuthorityCommand::Grant(args) | AuthorityCommand::Revoke(args)
+            if args.paths.is_empty() && args.interfaces.is_empty() && args.taps.is_empty() =>
+        {
+            bail!("name what to grant or revoke: --path, --interface or --tap")
+        }
+        AuthorityCommand::Grant(args) => {
+            grants_call(client, format, Method::POST, args, "granted").await?
+        }
+        AuthorityCommand::Revoke(args) => {
+            grants_call(client, format, Method::DELETE, args, "revoked").await?
+        }
+        AuthorityCommand::Grants { name } => {
+            let grants: HostGrants = client
+                .get(&format!("/v1/authorities/{name}/grants"))
+                .await?;
+            if !output::structured(format, &grants)? {
+                print!("{}", output::grants_table(&grants));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn grants_call(
+    client: &Client,
+    format: Output,
+    method: Method,
+    args: cli::GrantArgs,
+    done: &str,
+) -> Result<()> {
+    let body = HostGrants {
+        paths: args.paths.into_iter().collect(),
+        interfaces: args.interfaces.into_iter().collect(),
+        taps: args.taps.into_iter().collect(),
+    };
+    let name = args.name;
+    let grants: HostGrants = client
+        .call(
+            method,
+            &format!("/v1/authorities/{name}/grants"),
+            Some((serde_json::to_vec(&body)?, "application/json")),
+        )
+        .await?
+        .json()?;
+    if !output::structured(format, &grants)? {
+        println!("authority/{name} {done}; it now holds:");
+        print!("{}", output::grants_table(&grants));
     }
     Ok(())
 }

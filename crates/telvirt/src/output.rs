@@ -237,6 +237,22 @@ pub fn authority_table(authorities: &[Authority]) -> String {
     table(&["NAME", "DOMAIN", "CREATED"], &rows)
 }
 
+/// An authority's host grants, one row per entry (`(none)` when it holds none).
+pub fn grants_table(grants: &telvirt_model::HostGrants) -> String {
+    let rows: Vec<Vec<String>> = [
+        ("path", &grants.paths),
+        ("interface", &grants.interfaces),
+        ("tap", &grants.taps),
+    ]
+    .iter()
+    .flat_map(|(kind, entries)| entries.iter().map(|e| vec![(*kind).to_owned(), e.clone()]))
+    .collect();
+    if rows.is_empty() {
+        return "(no host resources granted)\n".to_owned();
+    }
+    format!("{}\n", table(&["KIND", "GRANTED"], &rows))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

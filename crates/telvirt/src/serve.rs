@@ -7,11 +7,12 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use telvirt_agent::{Agent, Runtime, SysRoots, discover};
-use telvirt_controller::{Controller, HostRecord, LocalLink};
+use telvirt_controller::health::{self, ComponentState};
+use telvirt_controller::{Controller, HostRecord, LocalLink, Restart};
 use telvirt_sched::{Inventory, SchedConfig};
 use telvirt_store::RedbStore;
 
@@ -20,6 +21,13 @@ use crate::config::{CLIENT_CONFIG, ClientConfig, default_data_dir};
 
 /// How often Pending VNFs are tried again when nothing else woke the scheduler.
 const SCHEDULE_RETRY: Duration = Duration::from_secs(2);
+/// A scheduling loop that panicked starts again after this backoff.
+const SCHEDULER_RESTART: Restart = Restart::Backoff {
+    first: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
+/// A data-plane worker whose polling rounds stand still this long is reported down.
+const WORKER_STALL: Duration = Duration::from_secs(5);
 
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
@@ -44,9 +52,24 @@ fn host_records(args: &ServeArgs, runtimes: &[String]) -> Result<Vec<HostRecord>
         &SysRoots::default(),
     )
     .context("discovering this host from /sys")?;
+    let reserve = args.memory_reserve.map_or_else(
+        || telvirt_agent::default_memory_reserve(local.memory_bytes),
+        |r| r.bytes(),
+    );
+    if reserve >= local.memory_bytes {
+        bail!(
+            "--memory-reserve {} leaves nothing of this host's {} bytes of memory for VNFs",
+            args.memory_reserve
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
+            local.memory_bytes
+        );
+    }
     let Some(path) = &args.inventory else {
+        let mut spec = local.spec;
+        telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
         return Ok(vec![HostRecord {
-            spec: local.spec,
+            spec,
             memory_bytes: local.memory_bytes,
             hugepages: local.hugepages,
             runtimes: runtimes.to_vec(),
@@ -73,8 +96,11 @@ fn host_records(args: &ServeArgs, runtimes: &[String]) -> Result<Vec<HostRecord>
     Ok(inventory
         .hosts
         .into_iter()
-        .map(|spec| {
+        .map(|mut spec| {
             let is_local = spec.name == local_name;
+            if is_local {
+                telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
+            }
             HostRecord {
                 spec,
                 memory_bytes: if is_local { local.memory_bytes } else { 0 },
@@ -168,14 +194,44 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         Arc::new(LocalLink::new(controller.clone())),
         data_dir.join("instances"),
     ));
-    crate::net::spawn_reconciler(&controller, Arc::clone(&dataplane), shutdown_rx.clone());
+    // Long-lived tasks run supervised: one that ends or panics shows in /v1/healthz.
+    let health = Arc::clone(controller.health());
+    let workers = Arc::clone(&dataplane);
+    health.follow(health::DATAPLANE, move || {
+        let stalled = workers.stalled_workers(WORKER_STALL);
+        let Some(longest) = stalled.iter().map(|(_, d)| *d).max() else {
+            return ComponentState::running();
+        };
+        let reason = stalled
+            .iter()
+            .map(|(name, d)| {
+                format!(
+                    "worker {name} made no polling round for {} ms",
+                    d.as_millis()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let now = SystemTime::now();
+        ComponentState::down_since(reason, now.checked_sub(longest).unwrap_or(now))
+    });
+    let network_task =
+        crate::net::spawn_reconciler(&controller, Arc::clone(&dataplane), shutdown_rx.clone());
+    health.watch("network", network_task);
     // Wasm VNFs' maps: snapshotted every interval and once more, final, at shutdown.
-    let maps_task = tokio::spawn(wasm.persist_maps(
-        Duration::from_millis(args.snapshot_interval_ms),
-        shutdown_rx.clone(),
-    ));
-    let agent_task = tokio::spawn(agent.run(shutdown_rx));
-    tokio::spawn(controller.clone().scheduling_loop(SCHEDULE_RETRY));
+    let snapshot_every = Duration::from_millis(args.snapshot_interval_ms);
+    let maps_shutdown = shutdown_rx.clone();
+    let maps_task = health.supervise("snapshots", Restart::Never, move || {
+        Arc::clone(&wasm).persist_maps(snapshot_every, maps_shutdown.clone())
+    });
+    let agent_task = health.supervise(health::AGENT, Restart::Never, move || {
+        Arc::clone(&agent).run(shutdown_rx.clone())
+    });
+    // Each pass starts over from the Pending VNFs in the store: safe to restart.
+    let scheduling = controller.clone();
+    health.supervise(health::SCHEDULER, SCHEDULER_RESTART, move || {
+        Arc::clone(&scheduling).scheduling_loop(SCHEDULE_RETRY)
+    });
 
     tracing::info!(
         "telvirt serving on http://{address} (host {local_host}, data dir {}, client config {})",
@@ -186,6 +242,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving the API")?;
+    health.stopping();
     let _ = shutdown_tx.send(true);
     let _ = agent_task.await;
     let _ = maps_task.await;

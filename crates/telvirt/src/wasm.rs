@@ -14,8 +14,9 @@ use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 
 use reqwest::Method;
+use telvirt_controller::modules::{ModuleRepository, ModuleVerifier};
 use telvirt_controller::{Controller, MapReader, ModuleUpgrader};
-use telvirt_model::api::{MapView, WasmStatsView};
+use telvirt_model::api::{MapView, ModuleInfo, WasmStatsView};
 use telvirt_model::{Name, Vnf};
 use telvirt_runtime_wasm::SecurityPolicy;
 
@@ -30,6 +31,18 @@ pub enum WasmCommand {
         #[arg(long, default_value = "examples/vnfs")]
         out: PathBuf,
     },
+    /// Verify a .wasm module offline, as the node does at upload: bytecode, manifest, and the
+    /// permissions of a security domain
+    Verify {
+        /// The .wasm file
+        file: PathBuf,
+        /// Security domain to check the manifest's permissions against
+        #[arg(long, default_value = telvirt_model::api::DEFAULT_AUTHORITY_DOMAIN)]
+        domain: String,
+        /// Security policy file (YAML or JSON) [default: the built-in policy]
+        #[arg(long)]
+        security_policy: Option<PathBuf>,
+    },
 }
 
 pub fn run(format: Output, cmd: WasmCommand) -> Result<()> {
@@ -41,6 +54,17 @@ pub fn run(format: Output, cmd: WasmCommand) -> Result<()> {
                     println!("wrote {w}");
                 }
             }
+        }
+        WasmCommand::Verify {
+            file,
+            domain,
+            security_policy,
+        } => {
+            let policy = match security_policy {
+                None => SecurityPolicy::default(),
+                Some(path) => read_policy(&path)?,
+            };
+            crate::modules::verify(format, &file, &domain, &policy)?;
         }
     }
     Ok(())
@@ -63,22 +87,25 @@ pub fn write_examples(dir: &Path) -> Result<Vec<String>> {
 pub fn load_policy(path: Option<&Path>, controller: &Controller) -> Result<SecurityPolicy> {
     let policy = match path {
         None => SecurityPolicy::default(),
-        Some(path) => {
-            let text = std::fs::read(path)
-                .with_context(|| format!("cannot read security policy {}", path.display()))?;
-            let format = if path.extension().is_some_and(|e| e == "json") {
-                telvirt_model::Format::Json
-            } else {
-                telvirt_model::Format::Yaml
-            };
-            telvirt_model::from_text(&text, format)
-                .map_err(|e| anyhow::anyhow!("security policy {}: {e}", path.display()))?
-        }
+        Some(path) => read_policy(path)?,
     };
     controller
         .set_security_domains(policy.domains.keys().cloned())
         .map_err(|e| anyhow::anyhow!("security policy: {e}"))?;
     Ok(policy)
+}
+
+/// A security policy file (YAML, or JSON by extension).
+fn read_policy(path: &Path) -> Result<SecurityPolicy> {
+    let text = std::fs::read(path)
+        .with_context(|| format!("cannot read security policy {}", path.display()))?;
+    let format = if path.extension().is_some_and(|e| e == "json") {
+        telvirt_model::Format::Json
+    } else {
+        telvirt_model::Format::Yaml
+    };
+    telvirt_model::from_text(&text, format)
+        .map_err(|e| anyhow::anyhow!("security policy {}: {e}", path.display()))
 }
 
 /// The agent's wasm runtime for `telvirt serve`: modules stored under `<data_dir>/wasm`, map
@@ -92,6 +119,7 @@ pub fn runtime(
     policy: SecurityPolicy,
 ) -> Result<Arc<WasmRuntime>> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
+    let policy_for_uploads = policy.clone();
     let rt = WasmRuntime::with_options(
         data_dir.join("wasm"),
         cwd,
@@ -99,11 +127,25 @@ pub fn runtime(
         policy,
         Some(data_dir.join("snapshots")),
     )
-    .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?
+    .with_module_dir(data_dir.join("modules"));
     let rt = Arc::new(rt);
+    controller.set_module_repository(ModuleRepository::new(
+        data_dir.join("modules"),
+        Arc::new(UploadVerifier(policy_for_uploads)),
+    ));
     controller.set_module_upgrader(Arc::new(Upgrader(Arc::clone(&rt))));
     controller.set_map_reader(Arc::new(Upgrader(Arc::clone(&rt))));
     Ok(rt)
+}
+
+/// The node's verdict on an uploaded module: the same checks a start applies.
+struct UploadVerifier(SecurityPolicy);
+
+impl ModuleVerifier for UploadVerifier {
+    fn verify(&self, bytes: &[u8], domain: &str) -> Result<ModuleInfo, Vec<String>> {
+        telvirt_agent::runtimes::wasm::verify_module(bytes, domain, &self.0)
+    }
 }
 
 /// The wasm runtime as the controller's in-process hooks (module upgrades, map reads).

@@ -440,6 +440,7 @@ mod tests {
             },
             state_dir: PathBuf::from("/tmp/x/upf1"),
             domain: "operator".into(),
+            memory_bytes: 0,
         }
     }
 

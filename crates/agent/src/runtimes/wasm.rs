@@ -32,8 +32,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
 use telvirt_dataplane::pool::{Packet, Pool};
-use telvirt_model::api::{CounterView, MapView, WasmStatsView};
-use telvirt_model::{Name, RuntimeKind, WasmEngine};
+use telvirt_model::api::{CounterView, MapView, ModuleInfo, WasmStatsView};
+use telvirt_model::{MapSpec, Name, RuntimeKind, WasmEngine};
 use telvirt_runtime_wasm as rw;
 use telvirt_runtime_wasm::{
     EngineKind, InstallRequest, MapDef, MapKind, PacketBatch, RuntimeConfig, VnfConfig,
@@ -130,6 +130,8 @@ pub struct WasmRuntime {
     dataplane: Arc<NodeDataPlane>,
     /// Directory relative module paths resolve against.
     base_dir: PathBuf,
+    /// Where uploaded modules are kept (`<sha256>.wasm`); `None`: `sha256:` references fail.
+    module_dir: Option<PathBuf>,
     /// Where each VNF's map snapshot is kept (`<dir>/<vnf>.maps`); `None`: maps are not kept.
     snapshot_dir: Option<PathBuf>,
     /// Held while a snapshot file is written or deleted, so that a periodic snapshot cannot
@@ -147,9 +149,64 @@ pub fn example_modules() -> Vec<(&'static str, &'static [u8])> {
     rw::vnfs::all().iter().map(|v| (v.name, v.wasm)).collect()
 }
 
+/// Verifies `bytes` as a VNF module for security `domain` of `policy`, with the limits a start
+/// applies: the manifest's facts, or every violation (which never quote the bytes). The node's
+/// verdict on an upload and `telvirt wasm verify` both come from here.
+pub fn verify_module(
+    bytes: &[u8],
+    domain: &str,
+    policy: &rw::SecurityPolicy,
+) -> Result<ModuleInfo, Vec<String>> {
+    let verified = rw::verify::verify(
+        bytes,
+        &rw::VerifyLimits::default(),
+        policy.domain(domain),
+        None,
+    )
+    .map_err(|violations| {
+        violations
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    })?;
+    let m = verified.manifest;
+    let maps = m
+        .maps
+        .iter()
+        .map(|d| {
+            Ok(MapSpec {
+                name: d
+                    .name
+                    .parse()
+                    .map_err(|e| format!("manifest map `{}`: {e}", d.name))?,
+                kind: match d.kind {
+                    MapKind::Hash => telvirt_model::MapKind::Hash,
+                    MapKind::Array => telvirt_model::MapKind::Array,
+                    MapKind::LruHash => telvirt_model::MapKind::LruHash,
+                },
+                key_size: d.key_size,
+                value_size: d.value_size,
+                max_entries: d.max_entries,
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(|e| vec![e])?;
+    Ok(ModuleInfo {
+        name: m.name,
+        version: m.version,
+        permissions: m
+            .permissions
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect(),
+        maps,
+        counters: m.counters,
+    })
+}
+
 /// Config key whose value is the whole `tv_init` blob, hex-encoded (for modules that take a
 /// binary configuration, like the example firewall: `blob_hex: "02000000"` = forward to port 1).
-pub const BLOB_HEX: &str = "blob_hex";
+pub use telvirt_model::vnf::BLOB_HEX;
 
 /// The `tv_init` blob of a descriptor's config map: the hex-decoded `blob_hex` value when it is
 /// the only key, else sorted `key=value\n` lines (empty map: empty blob).
@@ -230,6 +287,45 @@ pub fn vnf_config(spec: &InstanceSpec) -> Result<VnfConfig, RuntimeFailure> {
     })
 }
 
+/// Refuses an instance whose module needs more memory than placement counted for it
+/// (`spec.memory_bytes`; 0: not counted): its linear-memory limit plus the budget of every map
+/// it would run with (the manifest's, capacities overridden by the descriptor's).
+fn check_budget(
+    spec: &InstanceSpec,
+    manifest_maps: &[MapDef],
+    cfg: &VnfConfig,
+) -> Result<(), RuntimeFailure> {
+    if spec.memory_bytes == 0 {
+        return Ok(());
+    }
+    let defs: Vec<MapDef> = manifest_maps
+        .iter()
+        .map(|m| cfg.maps.iter().find(|o| o.name == m.name).unwrap_or(m))
+        .chain(
+            cfg.maps
+                .iter()
+                .filter(|o| !manifest_maps.iter().any(|m| m.name == o.name)),
+        )
+        .cloned()
+        .collect();
+    let log = u64::try_from(rw::maps::log_cap(&defs)).unwrap_or(u64::MAX);
+    let maps = defs
+        .iter()
+        .map(MapDef::budget_bytes)
+        .fold(log, u64::saturating_add);
+    let needed = cfg.limits.memory_bytes.saturating_add(maps);
+    if needed > spec.memory_bytes {
+        return Err(fail(format!(
+            "the module needs {needed} bytes of memory (linear memory {} + maps and their log \
+             {maps}), more \
+             than the {} bytes placement counted; name its maps in spec.wasm.maps or upload the \
+             module so the controller counts them",
+            cfg.limits.memory_bytes, spec.memory_bytes
+        )));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` so that a reader (or a crash) sees the old file or the new one,
 /// never half of one: a temp file beside it, fsync, rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -293,10 +389,18 @@ impl WasmRuntime {
             rt: Arc::new(rt),
             dataplane,
             base_dir: base_dir.into(),
+            module_dir: None,
             snapshot_dir,
             snapshot_files: Mutex::new(()),
             entries: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Resolves `sha256:<hex>` module references to `<dir>/<hex>.wasm` (the controller's
+    /// module directory on this node).
+    pub fn with_module_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.module_dir = Some(dir.into());
+        self
     }
 
     /// Where VNF `name`'s map snapshot is kept, when snapshots are kept.
@@ -435,6 +539,31 @@ impl WasmRuntime {
         Ok((Arc::clone(&e.inst), Arc::clone(&e.scheduled)))
     }
 
+    /// The bytes of the module a descriptor names: an uploaded module (`sha256:<hex>`, from the
+    /// node's module directory, checked against its digest) or a file (relative paths against
+    /// the base directory). Either is read as a regular file of bounded size, never blocking,
+    /// never echoing its content.
+    fn module_bytes(&self, module: &str) -> Result<Vec<u8>, RuntimeFailure> {
+        let Some(digest) = telvirt_model::module_digest(module) else {
+            let path = self.base_dir.join(module);
+            return rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail);
+        };
+        let dir = self.module_dir.as_ref().ok_or_else(|| {
+            fail(format!(
+                "{module}: this node keeps no uploaded modules (no module directory)"
+            ))
+        })?;
+        let path = dir.join(format!("{digest}.wasm"));
+        let bytes = rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail)?;
+        if rw::verify::hex(&rw::verify::module_hash(&bytes)) != digest {
+            return Err(fail(format!(
+                "{module}: the kept file {} does not hash to its name; upload the module again",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
     /// Reads and installs a module file into security `domain` through the verifier and the
     /// security manager. A refusal names the domain.
     fn install(
@@ -443,9 +572,7 @@ impl WasmRuntime {
         kind: EngineKind,
         domain: &str,
     ) -> Result<rw::InstalledModule, RuntimeFailure> {
-        let path = self.base_dir.join(path);
-        let bytes = std::fs::read(&path)
-            .map_err(|e| fail(format!("cannot read module {}: {e}", path.display())))?;
+        let bytes = self.module_bytes(path)?;
         self.rt
             .install(&InstallRequest {
                 bytes: &bytes,
@@ -547,6 +674,7 @@ impl WasmRuntime {
         // Verify and instantiate first: a refused module fails with the verifier's reason
         // wherever it was placed.
         let meta = self.install(&wasm.module, cfg.engine, &spec.domain)?;
+        check_budget(spec, &meta.manifest.maps, &cfg)?;
         let mut inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
         // Before the first batch: the instance is on no panel yet.
         let note = self.restore_maps(&spec.name, &mut inst);
@@ -793,6 +921,7 @@ spec:
             },
             state_dir: dir.join("fw1"),
             domain: "operator".into(),
+            memory_bytes: 0,
         }
     }
 

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use telvirt_agent::Agent;
+use telvirt_controller::modules::{ModuleRepository, ModuleVerifier, sha256_hex};
 use telvirt_controller::{Controller, HostRecord, LocalLink, openapi_document, router};
+use telvirt_model::api::ModuleInfo;
 use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
 use telvirt_store::RedbStore;
 
@@ -71,6 +73,10 @@ impl Node {
             .await
             .unwrap();
         let admin = controller.ensure_admin(None).await.unwrap().unwrap();
+        controller.set_module_repository(ModuleRepository::new(
+            dir.path().join("modules"),
+            Arc::new(DefaultVerifier),
+        ));
         let agent = Arc::new(Agent::new(
             "h1",
             Vec::new(),
@@ -93,14 +99,35 @@ impl Node {
         tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();
         });
-        Node {
+        let node = Node {
             base,
             admin,
             controller,
             http: reqwest::Client::new(),
             openapi: openapi_document(),
             _dir: dir,
-        }
+        };
+        node.upload_firewall(&node.admin).await;
+        node
+    }
+
+    /// Uploads the example firewall module as `token`'s authority (what `wasm_vnf` runs).
+    pub async fn upload_firewall(&self, token: &str) -> Reply {
+        let r = self.upload(token, firewall_wasm()).await;
+        assert!(r.status == 201 || r.status == 200, "{}", r.body);
+        r
+    }
+
+    /// `POST /v1/modules` with `bytes`.
+    pub async fn upload(&self, token: &str, bytes: &[u8]) -> Reply {
+        self.call(
+            "POST",
+            "/v1/modules",
+            None,
+            Some(token),
+            Some((bytes, "application/wasm")),
+        )
+        .await
     }
 
     /// Sends a request to the path `template` with `{name}` filled in, and checks the answer
@@ -241,7 +268,9 @@ impl Node {
             )
             .await;
         assert_eq!(r.status, 201, "{}", r.body);
-        r.body["token"].as_str().unwrap().to_owned()
+        let token = r.body["token"].as_str().unwrap().to_owned();
+        self.upload_firewall(&token).await;
+        token
     }
 
     pub async fn create_vnf(&self, token: &str, yaml: &str) -> Reply {
@@ -287,8 +316,32 @@ impl Node {
     }
 }
 
+/// The example firewall module's bytes.
+pub fn firewall_wasm() -> &'static [u8] {
+    telvirt_agent::runtimes::wasm::example_modules()
+        .into_iter()
+        .find_map(|(name, wasm)| (name == "firewall").then_some(wasm))
+        .expect("the example firewall is built in")
+}
+
+/// `sha256:<hex>` of the example firewall: what a descriptor names once it is uploaded.
+pub fn firewall_ref() -> String {
+    format!("sha256:{}", sha256_hex(firewall_wasm()))
+}
+
+/// The node's verifier with the built-in security policy.
+pub struct DefaultVerifier;
+
+impl ModuleVerifier for DefaultVerifier {
+    fn verify(&self, bytes: &[u8], domain: &str) -> Result<ModuleInfo, Vec<String>> {
+        telvirt_agent::runtimes::wasm::verify_module(bytes, domain, &Default::default())
+    }
+}
+
+/// A wasm VNF running the uploaded example firewall (every authority of `Node` uploads it).
 pub fn wasm_vnf(name: &str) -> String {
     format!(
-        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: fw.wasm\n    limits: {{ memory: 16MiB }}\n"
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: \"{}\"\n    limits: {{ memory: 16MiB }}\n",
+        firewall_ref()
     )
 }

@@ -1,0 +1,363 @@
+//! Uploaded wasm modules (`POST /v1/modules`, ADR 045): verified at upload in the uploader's
+//! security domain, kept content-addressed (the bytes in the node's module directory under
+//! their SHA-256, the index under `/modules/<sha256>` with the authorities that uploaded them),
+//! and resolved when a descriptor names `sha256:<hex>`.
+//!
+//! Owns the upload's checks (size cap, verifier verdict), the owner scoping of the index, and
+//! the resolution of a descriptor's module to the maps it declares. It must not run modules:
+//! the verifier is a hook ([`ModuleVerifier`]) the node installs, and agents load the bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use telvirt_model::api::{ModuleInfo, ModuleView};
+use telvirt_model::vnf::MODULE_REF_PREFIX;
+use telvirt_model::vnf::limits::MAX_MODULE_BYTES;
+use telvirt_model::{FieldError, VnfDescriptor, module_digest};
+use telvirt_store::{Compare, Op};
+
+use crate::records::{self, ModuleRecord, VnfRecord, module_key};
+use crate::service::{Caller, Controller, ControllerError, now_rfc3339};
+
+type Result<T, E = ControllerError> = std::result::Result<T, E>;
+
+/// The node's wasm verifier, as the controller sees it.
+pub trait ModuleVerifier: Send + Sync + 'static {
+    /// Verifies `bytes` for security domain `domain`: the manifest's facts, or every reason it
+    /// is refused. Must not echo the bytes in its reasons.
+    fn verify(&self, bytes: &[u8], domain: &str) -> std::result::Result<ModuleInfo, Vec<String>>;
+}
+
+/// Where uploaded modules are kept and how they are verified.
+pub struct ModuleRepository {
+    dir: PathBuf,
+    verifier: Arc<dyn ModuleVerifier>,
+}
+
+impl ModuleRepository {
+    pub fn new(dir: impl Into<PathBuf>, verifier: Arc<dyn ModuleVerifier>) -> Self {
+        Self {
+            dir: dir.into(),
+            verifier,
+        }
+    }
+
+    /// The file holding the module with hex digest `sha256`.
+    pub fn path(dir: &Path, sha256: &str) -> PathBuf {
+        dir.join(format!("{sha256}.wasm"))
+    }
+}
+
+/// Lower-case hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn invalid(path: &str, reason: impl Into<String>) -> ControllerError {
+    ControllerError::Invalid(FieldError::new(path, reason))
+}
+
+fn view(record: &ModuleRecord, uploaded_at: &str) -> ModuleView {
+    ModuleView {
+        sha256: record.sha256.clone(),
+        reference: format!("{MODULE_REF_PREFIX}{}", record.sha256),
+        size: record.size,
+        info: record.info.clone(),
+        uploaded_at: uploaded_at.to_owned(),
+    }
+}
+
+/// Writes `bytes` to `path` so a reader (or a crash) sees the whole file or none: a temp file
+/// beside it, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .ok_or_else(|| std::io::Error::other("module path has no directory"))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("wasm.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Controller {
+    /// Installs the node's module directory and verifier (once; later calls are ignored).
+    pub fn set_module_repository(&self, repo: ModuleRepository) {
+        let _ = self.module_repository_cell().set(repo);
+    }
+
+    fn repository(&self) -> Result<&ModuleRepository> {
+        self.module_repository_cell().get().ok_or_else(|| {
+            ControllerError::Unavailable("this node keeps no uploaded modules".into())
+        })
+    }
+
+    async fn module_record(&self, sha256: &str) -> Result<Option<(ModuleRecord, u64)>> {
+        let key = module_key(sha256);
+        match self.store_handle().get(&key).await? {
+            None => Ok(None),
+            Some(v) => Ok(Some((
+                serde_json::from_slice(&v.value)
+                    .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?,
+                v.mod_revision,
+            ))),
+        }
+    }
+
+    /// Verifies and keeps a module for the caller. Returns its view and whether the caller had
+    /// not uploaded it before. Refused (422, every verifier reason; 413 over the size cap)
+    /// with nothing written.
+    pub async fn upload_module(
+        &self,
+        caller: &Caller,
+        bytes: Vec<u8>,
+    ) -> Result<(ModuleView, bool)> {
+        let repo = self.repository()?;
+        if bytes.len() as u64 > MAX_MODULE_BYTES {
+            return Err(ControllerError::TooLarge(format!(
+                "the module is {} bytes; the limit is {MAX_MODULE_BYTES}",
+                bytes.len()
+            )));
+        }
+        let domain = self.authority_domain(&caller.name).await?;
+        let verifier = Arc::clone(&repo.verifier);
+        let dir = repo.dir.clone();
+        let (sha256, info) = tokio::task::spawn_blocking(move || {
+            let info =
+                verifier
+                    .verify(&bytes, &domain)
+                    .map_err(|reasons| ControllerError::Refused {
+                        detail: format!(
+                            "the module was refused by the verifier (security domain `{domain}`)"
+                        ),
+                        errors: reasons
+                            .into_iter()
+                            .map(|r| FieldError::new("module", r))
+                            .collect(),
+                    })?;
+            let sha256 = sha256_hex(&bytes);
+            let path = ModuleRepository::path(&dir, &sha256);
+            if !path.exists() {
+                write_atomic(&path, &bytes).map_err(|e| {
+                    ControllerError::Unavailable(format!("cannot keep the module: {e}"))
+                })?;
+            }
+            Ok::<_, ControllerError>((sha256, info))
+        })
+        .await
+        .map_err(|e| ControllerError::Unavailable(format!("module check stopped: {e}")))??;
+        let size = std::fs::metadata(ModuleRepository::path(&repo.dir, &sha256))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        for _ in 0..16 {
+            let existing = self.module_record(&sha256).await?;
+            let (mut record, rev) = existing.unwrap_or_else(|| {
+                (
+                    ModuleRecord {
+                        sha256: sha256.clone(),
+                        size,
+                        info: info.clone(),
+                        owners: Default::default(),
+                    },
+                    0,
+                )
+            });
+            if let Some(at) = record.owners.get(&caller.name) {
+                return Ok((view(&record, at), false));
+            }
+            let now = now_rfc3339();
+            record.owners.insert(caller.name.clone(), now.clone());
+            let value =
+                serde_json::to_vec(&record).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            let key = module_key(&sha256);
+            let outcome = self
+                .store_handle()
+                .txn(
+                    vec![Compare::ModRevision {
+                        key: key.clone(),
+                        revision: rev,
+                    }],
+                    vec![Op::Put {
+                        key,
+                        value,
+                        lease: None,
+                    }],
+                )
+                .await?;
+            if outcome.succeeded {
+                return Ok((view(&record, &now), true));
+            }
+        }
+        Err(ControllerError::Conflict(
+            "the module's index kept changing; upload again".into(),
+        ))
+    }
+
+    /// The modules the caller uploaded (the admin: all of them).
+    pub async fn modules(&self, caller: &Caller) -> Result<Vec<ModuleView>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store_handle().list(records::MODULES).await? {
+            let record: ModuleRecord = serde_json::from_slice(&v.value)
+                .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+            if let Some(at) = self.visible_upload(caller, &record) {
+                out.push(view(&record, &at));
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the caller uploaded it; `None` when the caller may not see it.
+    fn visible_upload(&self, caller: &Caller, record: &ModuleRecord) -> Option<String> {
+        match record.owners.get(&caller.name) {
+            Some(at) => Some(at.clone()),
+            None if caller.is_admin() => record.owners.values().min().cloned(),
+            None => None,
+        }
+    }
+
+    pub async fn module(&self, caller: &Caller, sha256: &str) -> Result<ModuleView> {
+        match self.module_record(sha256).await? {
+            Some((record, _)) => match self.visible_upload(caller, &record) {
+                Some(at) => Ok(view(&record, &at)),
+                None => Err(module_not_found(sha256)),
+            },
+            None => Err(module_not_found(sha256)),
+        }
+    }
+
+    /// Forgets the caller's upload; the bytes go when nobody keeps the module. Refused (409)
+    /// while one of the caller's VNFs runs it, or while any VNF does and the caller is the last
+    /// owner (without naming another authority's VNF).
+    pub async fn delete_module(&self, caller: &Caller, sha256: &str) -> Result<()> {
+        let reference = format!("{MODULE_REF_PREFIX}{sha256}");
+        for _ in 0..16 {
+            let Some((mut record, rev)) = self.module_record(sha256).await? else {
+                return Err(module_not_found(sha256));
+            };
+            let owner = if record.owners.contains_key(&caller.name) {
+                caller.name.clone()
+            } else if caller.is_admin() && !record.owners.is_empty() {
+                // The admin removes the module for everyone.
+                String::new()
+            } else {
+                return Err(module_not_found(sha256));
+            };
+            let last = owner.is_empty() || record.owners.len() == 1;
+            for (key, v) in self.store_handle().list(records::VNFS).await? {
+                let vnf: VnfRecord = serde_json::from_slice(&v.value)
+                    .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+                let runs = vnf
+                    .vnf
+                    .descriptor
+                    .spec
+                    .wasm
+                    .as_ref()
+                    .is_some_and(|w| w.module == reference);
+                if !runs {
+                    continue;
+                }
+                if vnf.vnf.owner.as_str() == caller.name || caller.is_admin() {
+                    return Err(ControllerError::Conflict(format!(
+                        "vnf {} runs module {reference}; delete it or upgrade it first",
+                        vnf.vnf.name
+                    )));
+                }
+                if last {
+                    return Err(ControllerError::Conflict(format!(
+                        "module {reference} is in use; it stays until nothing runs it"
+                    )));
+                }
+            }
+            let key = module_key(sha256);
+            let op = if last {
+                Op::Delete { key: key.clone() }
+            } else {
+                record.owners.remove(&owner);
+                Op::Put {
+                    key: key.clone(),
+                    value: serde_json::to_vec(&record)
+                        .map_err(|e| ControllerError::Corrupt(e.to_string()))?,
+                    lease: None,
+                }
+            };
+            let outcome = self
+                .store_handle()
+                .txn(vec![Compare::ModRevision { key, revision: rev }], vec![op])
+                .await?;
+            if outcome.succeeded {
+                if last && let Ok(repo) = self.repository() {
+                    let _ = std::fs::remove_file(ModuleRepository::path(&repo.dir, sha256));
+                }
+                return Ok(());
+            }
+        }
+        Err(ControllerError::Conflict(
+            "the module's index kept changing; try again".into(),
+        ))
+    }
+
+    /// The maps of the module a descriptor runs, for its memory budget and map checks: the
+    /// uploaded module's manifest for `sha256:<hex>` (which `owner` must have uploaded, unless
+    /// `admin`), `None` for a path on the node (read by the agent; admin or granted only).
+    pub(crate) async fn resolve_module(
+        &self,
+        owner: &Caller,
+        module: &str,
+        field: &str,
+    ) -> Result<Option<ModuleInfo>> {
+        let Some(sha256) = module_digest(module) else {
+            return Ok(None);
+        };
+        let visible = self
+            .module_record(sha256)
+            .await?
+            .filter(|(r, _)| owner.is_admin() || r.owners.contains_key(&owner.name));
+        match visible {
+            Some((record, _)) => Ok(Some(record.info)),
+            None => Err(invalid(
+                field,
+                format!(
+                    "no module {module} was uploaded by {}; upload it first (telvirt module \
+                     upload FILE, or vnf create -f with a module path, which uploads it)",
+                    owner.name
+                ),
+            )),
+        }
+    }
+
+    /// Checks a descriptor's module against the module's manifest and returns the VNF's memory
+    /// budget (`VnfDescriptor::memory_budget`).
+    pub(crate) async fn checked_budget(&self, owner: &Caller, d: &VnfDescriptor) -> Result<u64> {
+        let Some(wasm) = &d.spec.wasm else {
+            return Ok(d.memory_budget(&[]));
+        };
+        match self
+            .resolve_module(owner, &wasm.module, "spec.wasm.module")
+            .await?
+        {
+            Some(info) => {
+                let mismatches = d.map_mismatches(&info.maps);
+                if !mismatches.is_empty() {
+                    return Err(ControllerError::Descriptor(
+                        telvirt_model::ModelError::Invalid(mismatches),
+                    ));
+                }
+                Ok(d.memory_budget(&info.maps))
+            }
+            None => Ok(d.memory_budget(&[])),
+        }
+    }
+}
+
+fn module_not_found(sha256: &str) -> ControllerError {
+    ControllerError::NotFound(format!("module sha256:{sha256} not found"))
+}
