@@ -8,7 +8,8 @@
 //! them onto the data plane's own types.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use telvirt_dataplane::node::Node;
 use telvirt_dataplane::panel::PatchPanel;
@@ -29,6 +30,8 @@ pub struct NodeDataPlane {
     nodes: Mutex<BTreeMap<String, Vec<String>>>,
     /// Linux CPU → index of the worker pinned to it.
     workers: BTreeMap<u32, usize>,
+    /// Worker index → (name, polling rounds last seen, when they last moved), for liveness.
+    progress: Mutex<BTreeMap<usize, (String, u64, Instant)>>,
 }
 
 impl NodeDataPlane {
@@ -56,6 +59,7 @@ impl NodeDataPlane {
             panel: Mutex::new(panel),
             nodes: Mutex::new(BTreeMap::new()),
             workers,
+            progress: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -115,8 +119,81 @@ impl NodeDataPlane {
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Workers whose polling-round counter has not moved for `limit` or longer, by name with
+    /// how long (a worker whose thread died, e.g. a node panicked, or that is stuck in a node's
+    /// poll). Every call samples the counters, so a stall shows once two calls `limit` apart
+    /// saw the same count. While the panel is busy (a wiring change) the last samples answer.
+    pub fn stalled_workers(&self, limit: Duration) -> Vec<(String, Duration)> {
+        let now = Instant::now();
+        let mut seen = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let panel = match self.panel.try_lock() {
+            Ok(panel) => Some(panel),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(panel) = &panel {
+            for (i, worker) in panel.workers().iter().enumerate() {
+                let rounds = worker.rounds();
+                match seen.get(&i) {
+                    Some((_, last, _)) if *last == rounds => {}
+                    _ => {
+                        seen.insert(i, (worker.config().name.clone(), rounds, now));
+                    }
+                }
+            }
+        }
+        drop(panel);
+        seen.values()
+            .map(|(name, _, moved)| (name.clone(), now.duration_since(*moved)))
+            .filter(|(_, still)| *still >= limit)
+            .collect()
+    }
+
     /// `net show`: the links with their counters and per-node unlinked drops.
     pub fn render(&self) -> String {
         self.panel().render()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telvirt_dataplane::node::NodeIo;
+
+    struct Exploding;
+
+    impl Node for Exploding {
+        fn poll(&mut self, _io: &mut NodeIo<'_>) -> usize {
+            panic!("node exploded");
+        }
+    }
+
+    #[test]
+    fn a_worker_whose_node_panicked_is_reported_stalled_and_live_ones_are_not() {
+        let core = allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[core]).unwrap();
+        let limit = Duration::from_millis(200);
+        assert!(dp.stalled_workers(limit).is_empty());
+        // Two samples more than `limit` apart on a live worker: its rounds moved.
+        std::thread::sleep(limit + Duration::from_millis(100));
+        assert_eq!(dp.stalled_workers(limit), Vec::new());
+
+        dp.add_node("boom", &["in"], 0, Box::new(Exploding))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stalled = loop {
+            let stalled = dp.stalled_workers(limit);
+            if !stalled.is_empty() {
+                break stalled;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the dead worker was never reported"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(stalled.len(), 1, "{stalled:?}");
+        assert_eq!(stalled[0].0, format!("cpu{core}"));
+        assert!(stalled[0].1 >= limit, "{stalled:?}");
     }
 }

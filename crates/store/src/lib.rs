@@ -114,6 +114,9 @@ pub enum StoreError {
     Corrupt { key: String, why: String },
 }
 
+/// What a call reports that met a disk fault another call caused.
+pub(crate) const EARLIER_FAILURE: &str = "an earlier write to the store's file failed";
+
 impl StoreError {
     /// Whether the disk under the store failed (see [`StoreError::Unavailable`]).
     pub fn is_unavailable(&self) -> bool {
@@ -126,7 +129,9 @@ impl From<redb::StorageError> for StoreError {
         use redb::StorageError as S;
         match e {
             // redb latches an I/O failure: every later transaction of this handle fails too.
-            S::Io(_) | S::PreviousIo | S::DatabaseClosed => StoreError::Unavailable(e.to_string()),
+            S::Io(_) => StoreError::Unavailable(e.to_string()),
+            // The cause went to the call that met it; the store records that one.
+            S::PreviousIo | S::DatabaseClosed => StoreError::Unavailable(EARLIER_FAILURE.into()),
             other => StoreError::Backend(other.to_string()),
         }
     }

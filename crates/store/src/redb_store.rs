@@ -18,7 +18,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
 use crate::{
-    Compare, LeaseId, Op, Store, StoreError, StoreHealth, TxnOutcome, Versioned, Watch, WatchEvent,
+    Compare, EARLIER_FAILURE, LeaseId, Op, Store, StoreError, StoreHealth, TxnOutcome, Versioned,
+    Watch, WatchEvent,
 };
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -186,11 +187,15 @@ impl RedbStore {
             return Err(self.unavailable());
         };
         let result = f(db);
+        let Err(StoreError::Unavailable(why)) = &result else {
+            return result;
+        };
+        // Recorded under the read guard, so the call that met the fault's cause has recorded
+        // it before `close` below (which waits for every guard) returns.
+        self.record_fault(generation, why);
         drop(guard);
-        if let Err(StoreError::Unavailable(why)) = &result {
-            self.fail(generation, why);
-        }
-        result
+        self.close(generation);
+        Err(self.unavailable())
     }
 
     fn unavailable(&self) -> StoreError {
@@ -202,15 +207,15 @@ impl RedbStore {
         )
     }
 
-    /// Marks the store failed by `error` seen on the handle of `generation`, and drops that
-    /// handle (its later transactions would all fail).
-    fn fail(&self, generation: u64, error: &str) {
-        {
-            let mut state = self.state();
-            if state.generation != generation {
-                return;
-            }
-            if state.fault.is_none() {
+    /// Marks the store failed by `error`, seen on the handle of `generation`. A cause replaces
+    /// the "earlier failure" another call met first.
+    fn record_fault(&self, generation: u64, error: &str) {
+        let mut state = self.state();
+        if state.generation != generation {
+            return;
+        }
+        match &mut state.fault {
+            None => {
                 state.fault = Some(Fault {
                     since: SystemTime::now(),
                     error: error.to_owned(),
@@ -219,7 +224,15 @@ impl RedbStore {
                     backoff: REOPEN_FIRST,
                 });
             }
+            Some(fault) if fault.error == EARLIER_FAILURE && error != EARLIER_FAILURE => {
+                fault.error = error.to_owned();
+            }
+            Some(_) => {}
         }
+    }
+
+    /// Drops the failed handle of `generation` (its later transactions would all fail).
+    fn close(&self, generation: u64) {
         let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
         if self.state().generation == generation {
             // Closing after an I/O fault fails too: the next open repairs the file.

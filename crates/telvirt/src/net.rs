@@ -237,12 +237,12 @@ impl NetworkPlane for LocalPlane {
 }
 
 /// Applies the controller's stored networks to `dataplane` until `shutdown` turns true: at once
-/// when a network is created or deleted, and every [`NETWORK_RESYNC`].
+/// when a network is created or deleted, and every [`NETWORK_RESYNC`]. Returns the task.
 pub fn spawn_reconciler(
     controller: &Arc<Controller>,
     dataplane: Arc<NodeDataPlane>,
     mut shutdown: watch::Receiver<bool>,
-) {
+) -> tokio::task::JoinHandle<()> {
     let reconciler = Arc::new(NetworkReconciler::new(dataplane));
     let wake = Arc::new(Notify::new());
     controller.set_network_plane(Arc::new(LocalPlane {
@@ -272,5 +272,5 @@ pub fn spawn_reconciler(
                 break;
             }
         }
-    });
+    })
 }
