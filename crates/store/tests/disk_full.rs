@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use telvirt_store::{RedbStore, Store, StoreError, StoreHealth};
+use telvirt_store::{Op, RedbStore, Store, StoreError, StoreHealth, WatchEvent};
 
 /// A tmpfs of `size` mounted on a temp directory, unmounted on drop.
 struct SmallDisk {
@@ -80,6 +80,9 @@ async fn store_refuses_on_a_full_disk_and_recovers_when_space_is_back() {
         acknowledged.push((key, value));
     }
     assert_eq!(store.health(), StoreHealth::Ok);
+    // A watch and a lease from before the fault must work after the reopen.
+    let mut watch = store.watch("/after").await.unwrap();
+    let lease = store.grant_lease(Duration::from_secs(600)).await.unwrap();
 
     let filler = disk.path("filler");
     assert!(SmallDisk::fill(&filler) > 0, "the filler wrote nothing");
@@ -156,4 +159,35 @@ async fn store_refuses_on_a_full_disk_and_recovers_when_space_is_back() {
     // Deletes work again too.
     store.delete("/before/0").await.unwrap();
     assert!(store.get("/before/0").await.unwrap().is_none());
+
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("the watch from before the fault saw nothing")
+        .unwrap();
+    assert!(
+        matches!(&event, WatchEvent::Put { key, value, .. } if key == "/after" && value == b"space is back"),
+        "{event:?}"
+    );
+    store.keep_alive(lease).await.unwrap();
+    // The background task still expires leases after the reopen.
+    let short = store.grant_lease(Duration::from_millis(50)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/leased".into(),
+                value: b"1".to_vec(),
+                lease: Some(short),
+            }],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get("/leased").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the lease did not expire after the reopen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
