@@ -839,13 +839,13 @@ impl Controller {
     /// and releases under the same lock) never interleaves with it.
     async fn schedule_one(&self, name: &str) -> Result<()> {
         for _ in 0..CAS_RETRIES {
+            let mut scheduler = self.scheduler.lock().await;
             let Some((record, rev)) = self.load(name).await? else {
                 return Ok(());
             };
             if record.vnf.phase != Phase::Pending || record.deleting {
                 return Ok(());
             }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await; let mut scheduler = self.scheduler.lock().await; // MUTATION
             let request = placement::vnf_request(&record.vnf);
             let (kept, alloc_rev) = self
                 .reusable_placement(&mut scheduler, name, &request)
@@ -891,7 +891,7 @@ impl Controller {
                     revision: alloc_rev,
                 },
             ];
-            self.store.put(&allocation_key(name), encode(&alloc)?).await?; let outcome = self.store.txn(compares[..1].to_vec(), ops).await; if !matches!(outcome, Ok(o) if o.succeeded) { eprintln!("LEAK {name}"); return Ok(()); } // MUTATION
+            let outcome = self.store.txn(compares, ops).await;
             match outcome {
                 Ok(o) if o.succeeded => {
                     drop(scheduler);

@@ -1,5 +1,6 @@
 //! The core map of one host (`telvirt host show`): which VNF holds which cpu, which are free,
-//! shared or reserved, as serde data and as plain text. Must not change scheduler state.
+//! shared or reserved, as serde data and as plain text, and the same map confined to what one
+//! authority may see ([`confine`]). Must not change scheduler state.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,6 +40,9 @@ pub enum CpuState {
     Vnf {
         /// VNF name.
         vnf: String,
+        /// The authority owning the VNF.
+        #[serde(default)]
+        authority: String,
         /// Role.
         role: Role,
         /// What for.
@@ -57,6 +61,9 @@ pub enum CpuState {
         /// vCPUs on this core.
         vcpus: u32,
     },
+    /// Held by a VNF or a shared group of another authority (see [`confine`]): who holds it and
+    /// what for is not shown.
+    InUse,
 }
 
 /// One cpu.
@@ -112,7 +119,8 @@ pub fn host_map(s: &Scheduler, name: &str) -> Result<HostMap, SchedError> {
     let h = s.host_idx(name)?;
     let host = s.host(h);
     // thread index → (vnf, role, use, pending)
-    let mut uses: BTreeMap<u32, (String, Role, CpuUse, bool)> = BTreeMap::new();
+    let mut uses: BTreeMap<u32, (&crate::request::VnfRequest, Role, CpuUse, bool)> =
+        BTreeMap::new();
     for &(vid, role) in host.roles.keys() {
         let v = s.vnf(vid);
         let i = role.index();
@@ -121,8 +129,7 @@ pub fn host_map(s: &Scheduler, name: &str) -> Result<HostMap, SchedError> {
                 continue;
             };
             let mut put = |t: u32, u: CpuUse| {
-                uses.entry(t)
-                    .or_insert_with(|| (v.req.name.clone(), role, u, pending));
+                uses.entry(t).or_insert_with(|| (&v.req, role, u, pending));
             };
             if rs.group_core.is_none() {
                 for (k, &t) in rs.vcpus.iter().enumerate() {
@@ -164,8 +171,9 @@ pub fn host_map(s: &Scheduler, name: &str) -> Result<HostMap, SchedError> {
                                         _ => CpuState::Unassigned,
                                     },
                                     Holder::Vnf(_) => match uses.get(&t) {
-                                        Some((vnf, role, usage, pending)) => CpuState::Vnf {
-                                            vnf: vnf.clone(),
+                                        Some((req, role, usage, pending)) => CpuState::Vnf {
+                                            vnf: req.name.clone(),
+                                            authority: req.authority.clone(),
                                             role: *role,
                                             usage: usage.clone(),
                                             pending: *pending,
@@ -200,17 +208,42 @@ pub fn host_map(s: &Scheduler, name: &str) -> Result<HostMap, SchedError> {
     })
 }
 
+/// The map as `authority` may see it: its own VNFs and shared groups by name; a cpu held by any
+/// other authority's VNF or group only as [`CpuState::InUse`], without owner, VNF or group name.
+pub fn confine(map: &HostMap, authority: &str) -> HostMap {
+    let mut out = map.clone();
+    for thread in out
+        .nodes
+        .iter_mut()
+        .flat_map(|n| n.cores.iter_mut())
+        .flat_map(|c| c.threads.iter_mut())
+    {
+        let foreign = match &thread.state {
+            CpuState::Vnf { authority: a, .. } | CpuState::Group { authority: a, .. } => {
+                a != authority
+            }
+            _ => false,
+        };
+        if foreign {
+            thread.state = CpuState::InUse;
+        }
+    }
+    out
+}
+
 fn label(state: &CpuState) -> String {
     match state {
         CpuState::Free => "free".into(),
         CpuState::Reserved => "reserved".into(),
         CpuState::Shared => "shared".into(),
         CpuState::Unassigned => "unassigned".into(),
+        CpuState::InUse => "in use".into(),
         CpuState::Vnf {
             vnf,
             role,
             usage,
             pending,
+            ..
         } => {
             let u = match usage {
                 CpuUse::Vcpu(n) => format!("vcpu{n}"),
@@ -267,4 +300,74 @@ pub fn render_host_map(m: &HostMap) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::{CpuPolicy, CpuRequest, Runtime, VnfRequest};
+    use crate::{HostSpec, ReservePolicy, SchedConfig};
+
+    fn request(name: &str, authority: &str, group: Option<&str>) -> VnfRequest {
+        VnfRequest {
+            name: name.into(),
+            authority: authority.into(),
+            runtime: Runtime::Wasm,
+            cpu: CpuRequest {
+                policy: if group.is_some() {
+                    CpuPolicy::Shared
+                } else {
+                    CpuPolicy::Dedicated
+                },
+                count: 1,
+                group: group.map(str::to_owned),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn confine_hides_every_other_authority_and_keeps_its_own() {
+        let mut s = Scheduler::new(SchedConfig {
+            reserve: ReservePolicy::None,
+            ..SchedConfig::default()
+        })
+        .expect("valid config");
+        s.add_host(HostSpec::synthetic("h1", 1, 6, 1))
+            .expect("valid host");
+        for r in [
+            request("alicefw", "alice", None),
+            request("alicelight", "alice", Some("rg")),
+            request("bobfw", "bob", None),
+            request("boblight", "bob", Some("bg")),
+        ] {
+            s.place(&r).expect("room for every request");
+        }
+        let full = host_map(&s, "h1").expect("h1 exists");
+        let text = render_host_map(&full);
+        for name in ["alicefw", "alice/rg", "bobfw", "bob/bg"] {
+            assert!(text.contains(name), "the full map names {name}: {text}");
+        }
+
+        let alice = confine(&full, "alice");
+        let text = render_host_map(&alice);
+        assert!(text.contains("alicefw/ACT vcpu0"), "{text}");
+        assert!(text.contains("group alice/rg"), "{text}");
+        assert!(
+            !text.contains("bob"),
+            "alice's map names bob's objects: {text}"
+        );
+        assert_eq!(text.matches("in use").count(), 2, "{text}");
+        let json = serde_json::to_string(&alice).expect("serialisable");
+        assert!(!json.contains("bob"), "{json}");
+        assert!(json.contains("\"in-use\""), "{json}");
+
+        let bob = render_host_map(&confine(&full, "bob"));
+        assert!(!bob.contains("alice"), "{bob}");
+        assert!(bob.contains("bobfw") && bob.contains("bob/bg"), "{bob}");
+        // Free, shared and the counts are the same for everyone.
+        assert_eq!(alice.free_cpus, full.free_cpus);
+        assert_eq!(confine(&full, "nobody").nodes.len(), full.nodes.len());
+    }
 }
