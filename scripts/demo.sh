@@ -33,6 +33,11 @@ cleanup() {
 trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# fw1.yaml edited by sed expression $1, its module path made absolute (the copy lives elsewhere;
+# the CLI resolves a relative module against the descriptor's directory).
+fw1_like() {
+  sed "s|\.\./vnfs/firewall\.wasm|$PWD/examples/vnfs/firewall.wasm|; $1" examples/descriptors/fw1.yaml
+}
 run() { printf '$ telvirt %s\n' "$*"; "$TELVIRT" "$@"; }
 
 start_node() {
@@ -99,7 +104,7 @@ printf '$ telvirt --token <enterprise1> vnf delete nat1\n'
 "$TELVIRT" --token "$TOKEN" vnf delete nat1 || echo "(not visible to enterprise1: 404)"
 
 step "Bad input is refused with the field path, and nothing is stored"
-sed 's/count: 1/count: 0/; s/16MiB/16MB/' examples/descriptors/fw1.yaml >"$DATA/bad.yaml"
+fw1_like 's/count: 1/count: 0/; s/16MiB/16MB/' >"$DATA/bad.yaml"
 printf '$ telvirt vnf create -f bad.yaml\n'
 "$TELVIRT" vnf create -f "$DATA/bad.yaml" || true
 
@@ -164,11 +169,64 @@ for _ in $(seq 1 200); do
   if [ -f "$TELVIRT_CONFIG" ] && "$TELVIRT" vnf list >/dev/null 2>&1; then break; fi
   sleep 0.05
 done
+step "Confinement: an authority names no host path or interface the admin did not grant it"
+ENT="$("$TELVIRT" authority create ent1 -o json | sed -n 's/^  "token": "\(.*\)"$/\1/p')"
+as_ent() { printf '$ telvirt --token <ent1> %s\n' "$*"; "$TELVIRT" --token "$ENT" "$@"; }
+cat >"$DATA2/steal.yaml" <<'YAML'
+apiVersion: telvirt/v1
+kind: Vnf
+metadata: { name: steal }
+spec:
+  runtime: vm
+  vm: { memory: 64MiB, disk: /etc/shadow }
+YAML
+as_ent vnf create -f "$DATA2/steal.yaml" || echo "(refused: /etc/shadow is a host path ent1 was not granted)"
+fw1_like "s/name: fw1/name: fwe/" >"$DATA2/fwe.yaml"
+as_ent vnf create -f "$DATA2/fwe.yaml"
+wait_phase fwe Running
+as_ent module list
+IF="tvg$$"
+cat >"$DATA2/tap.yaml" <<YAML
+apiVersion: telvirt/v1
+kind: Network
+metadata: { name: tap }
+spec:
+  nodes: [ { name: esink, kind: sink } ]
+  links: [ host:$IF -> fwe.in, fwe.out -> esink.in ]
+YAML
+as_ent net create -f "$DATA2/tap.yaml" || echo "(refused: host interface $IF is not granted to ent1)"
+run authority grant ent1 --interface "tvg$$*"
+run authority grants ent1
+if [ "$(id -u)" -eq 0 ]; then
+  # The granted interface: one end of a veth pair whose other end lives in a namespace.
+  GNS="tvdemo$$g"
+  ip netns add "$GNS"
+  ip link add "$IF" type veth peer name eth0 netns "$GNS"
+  ip link set "$IF" up
+  ip -n "$GNS" addr add 10.204.0.1/24 dev eth0
+  ip -n "$GNS" link set eth0 up
+fi
+as_ent net create -f "$DATA2/tap.yaml"
+if [ "$(id -u)" -eq 0 ]; then
+  sleep 1
+  # ARP requests from the namespace enter through the granted interface and cross fwe.
+  ip netns exec "$GNS" ping -c 3 -i 0.2 -W 1 10.204.0.2 >/dev/null 2>&1 || true
+  as_ent net show tap
+  ip netns del "$GNS" 2>/dev/null || true
+fi
+printf '$ telvirt authority revoke ent1 --interface "tvg*"   (in use by network tap)\n'
+"$TELVIRT" authority revoke ent1 --interface "tvg$$*" || echo "(refused while network tap uses it)"
+as_ent net delete tap
+as_ent vnf delete fwe
+run authority revoke ent1 --interface "tvg$$*"
+
+step "wasm VNFs fw1 and nat1: the CLI uploads their modules (verified, kept as sha256:<hex>)"
 run vnf create -f examples/descriptors/fw1.yaml
 run vnf create -f examples/descriptors/nat1.yaml
 wait_phase fw1 Running
 wait_phase nat1 Running
 run vnf list
+run module list
 
 # Packets counted on the chain's last link (nat1.out -> sink.in).
 delivered() { "$TELVIRT" net show chain -o json | grep -o '"packets": [0-9]*' | tail -1 | grep -o '[0-9]*$'; }
@@ -197,8 +255,8 @@ step "latency chain: a probe of timestamped frames through the running chain (1 
 run latency chain chain --rate 20000 --packets 20000
 
 step "Steering: endpoint fw stands for fw1 and a standby fw2; one atomic switch moves the traffic"
-sed "s/name: fw1/name: fw2/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
-  examples/descriptors/fw1.yaml >"$DATA2/fw2.yaml"
+fw1_like "s/name: fw1/name: fw2/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
+  >"$DATA2/fw2.yaml"
 run vnf create -f "$DATA2/fw2.yaml"
 wait_phase fw2 Running
 cat >"$DATA2/chain-steered.yaml" <<'YAML'
@@ -256,8 +314,8 @@ if [ "$(id -u)" -eq 0 ] && command -v iperf3 >/dev/null && command -v ping >/dev
   done
   # fw3: a bump in the wire (default action 0xffffffff: cross between its ports) with one rule,
   # deny TCP to 10.203.0.2 port 5202 (key: any source, dst, dport 0x1452, proto 6; action 0).
-  sed "s/name: fw1/name: fw3/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/; s/blob_hex: \"02000000\"/blob_hex: \"ffffffff000000000acb0002000014520600000000000000\"/" \
-    examples/descriptors/fw1.yaml >"$DATA2/fw3.yaml"
+  fw1_like "s/name: fw1/name: fw3/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/; s/blob_hex: \"02000000\"/blob_hex: \"ffffffff000000000acb0002000014520600000000000000\"/" \
+    >"$DATA2/fw3.yaml"
   run vnf create -f "$DATA2/fw3.yaml"
   wait_phase fw3 Running
   cat >"$DATA2/wire.yaml" <<YAML
@@ -288,13 +346,16 @@ else
   echo "(real-traffic step skipped: needs root, ping and iperf3)"
 fi
 
-step "A hostile module is refused by the verifier; the other VNFs keep running"
+step "A hostile module is refused by the verifier at upload; nothing is created, the other VNFs keep running"
 perl -pe 's/"maps\.write",/             /' examples/vnfs/firewall.wasm >"$DATA2/hostile.wasm"
-sed "s/name: fw1/name: bad1/; s|examples/vnfs/firewall.wasm|$DATA2/hostile.wasm|; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
-  examples/descriptors/fw1.yaml >"$DATA2/bad1.yaml"
-run vnf create -f "$DATA2/bad1.yaml"
-wait_phase bad1 Failed
-"$TELVIRT" vnf show bad1 | grep -E '^(Phase|Reason)'
+run wasm verify "$DATA2/hostile.wasm" || echo "(refused offline, with the node's verdict)"
+fw1_like "s/name: fw1/name: bad1/; s|$PWD/examples/vnfs/firewall.wasm|$DATA2/hostile.wasm|; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
+  >"$DATA2/bad1.yaml"
+printf '$ telvirt vnf create -f bad1.yaml\n'
+if "$TELVIRT" vnf create -f "$DATA2/bad1.yaml"; then
+  echo "demo: a module the verifier refuses was accepted" >&2; exit 1
+fi
+echo "(refused at upload: no VNF bad1 exists)"
 run vnf list
 kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
 SERVER_PID=""
