@@ -1234,6 +1234,10 @@ impl Scheduler {
             match host.holder[t as usize] {
                 Holder::Free => {}
                 Holder::Vnf(v) if v == vid => {}
+                // Another authority's VNF or group is not named: only that the cpu is in use.
+                Holder::Vnf(v) if self.vnf(v).req.authority != req.authority => {
+                    return Err(format!("cpu {cpu} is in use by another authority"));
+                }
                 Holder::Vnf(v) => {
                     return Err(format!(
                         "cpu {cpu} is taken by vnf `{}`",
@@ -1242,10 +1246,14 @@ impl Scheduler {
                 }
                 Holder::Group(g) => {
                     let g = &self.groups[g as usize];
-                    return Err(format!(
-                        "cpu {cpu} is taken by shared group `{}` of `{}`",
-                        g.name, g.authority
-                    ));
+                    return Err(if g.authority == req.authority {
+                        format!(
+                            "cpu {cpu} is taken by shared group `{}` of `{}`",
+                            g.name, g.authority
+                        )
+                    } else {
+                        format!("cpu {cpu} is in use by another authority")
+                    });
                 }
                 Holder::Off => {
                     let what = match host.topo.threads[t as usize].class {
