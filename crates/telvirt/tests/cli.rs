@@ -7,23 +7,31 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{BIN, Serve, repo, stderr};
+use common::{BIN, Serve, stderr};
 
-/// A node on the lab inventory (`examples/inventory/lab.yaml`).
+/// A node on the lab inventory (`examples/inventory/lab.yaml`) working in a directory laid out
+/// with the examples (`common::lay_out_examples`).
 fn lab() -> Serve {
-    let inventory = repo("examples/inventory/lab.yaml");
-    Serve::start(&["--inventory", inventory.to_str().unwrap()])
+    Serve::with_examples(&["--inventory", "examples/inventory/lab.yaml"])
+}
+
+/// One of the example descriptors in the node's directory, as an absolute path.
+fn example(server: &Serve, file: &str) -> String {
+    server
+        .path(&format!("examples/descriptors/{file}"))
+        .display()
+        .to_string()
 }
 
 #[test]
 fn cli_round_trip() {
     let server = lab();
-    let fw = repo("examples/descriptors/fw1.yaml");
-    let upf = repo("examples/descriptors/upf1.json");
-    let out = server.cli(&["vnf", "create", "-f", fw.to_str().unwrap()]);
+    let fw = example(&server, "fw1.yaml");
+    let upf = example(&server, "upf1.json");
+    let out = server.cli(&["vnf", "create", "-f", &fw]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("vnf/fw1 created"));
-    let created = server.json(&["vnf", "create", "-f", upf.to_str().unwrap()]);
+    let created = server.json(&["vnf", "create", "-f", &upf]);
     assert_eq!(created["name"], "upf1");
 
     let list = server.cli(&["vnf", "list"]);
@@ -31,13 +39,20 @@ fn cli_round_trip() {
     assert!(table.starts_with("NAME"), "{table}");
     assert!(table.contains("fw1") && table.contains("upf1"), "{table}");
 
-    let fw1 = server.wait_vnf("fw1", |v| v["phase"] == "Failed");
+    // The CLI uploaded the module the descriptor names next to itself (../vnfs/firewall.wasm)
+    // and sent its reference; lab-a is this node, so fw1 runs on its dedicated core.
+    let fw1 = server.wait_phase("fw1", "Running");
     assert_eq!(fw1["placements"][0]["host"], "lab-a");
+    let module = fw1["descriptor"]["spec"]["wasm"]["module"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(module.starts_with("sha256:"), "{fw1}");
     let yaml = server.cli(&["vnf", "show", "fw1", "-o", "yaml"]);
     assert!(String::from_utf8_lossy(&yaml.stdout).contains("name: fw1"));
 
     let out = server.cli(&["vnf", "lock", "fw1"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    server.wait_phase("fw1", "Locked");
     let out = server.cli(&["vnf", "stop", "fw1"]);
     assert!(!out.status.success(), "stop must be refused while locked");
     let err = stderr(&out);
@@ -45,6 +60,7 @@ fn cli_round_trip() {
     assert!(err.contains("locked by authority admin"), "{err}");
     let out = server.cli(&["vnf", "unlock", "fw1"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    server.wait_phase("fw1", "Running");
 
     let events = server.json(&["vnf", "events", "fw1"]);
     let phases: Vec<&str> = events
@@ -53,15 +69,13 @@ fn cli_round_trip() {
         .iter()
         .map(|e| e["to"].as_str().unwrap())
         .collect();
-    // The wasm runtime cannot read the module (relative to the server's working directory);
-    // each unlock is a new generation, so the start is tried again and fails again.
-    assert_eq!(phases[..4], ["Pending", "Scheduled", "Starting", "Failed"]);
-    assert!(
-        phases[4..]
-            .iter()
-            .all(|p| ["Starting", "Failed"].contains(p)),
+    // Started once, paused by the lock, running again after the unlock.
+    assert_eq!(
+        phases[..5],
+        ["Pending", "Scheduled", "Starting", "Running", "Locked"],
         "{phases:?}"
     );
+    assert_eq!(phases.last(), Some(&"Running"), "{phases:?}");
 
     let out = server.cli(&["vnf", "delete", "fw1"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -90,13 +104,8 @@ fn authority_token_is_shown_once_and_confines_its_holder() {
     let created = server.json(&["authority", "create", "op1"]);
     assert_eq!(created["name"], "op1");
     let token = created["token"].as_str().unwrap().to_owned();
-    let fw = repo("examples/descriptors/fw1.yaml");
-    assert!(
-        server
-            .cli(&["vnf", "create", "-f", fw.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let fw = example(&server, "fw1.yaml");
+    assert!(server.cli(&["vnf", "create", "-f", &fw]).status.success());
     // op1 does not see admin's fw1 and cannot act on it.
     let as_op1 = |args: &[&str]| {
         Command::new(BIN)
@@ -122,19 +131,30 @@ fn authority_token_is_shown_once_and_confines_its_holder() {
 #[test]
 fn bad_input_exits_non_zero_with_one_line() {
     let server = lab();
-    let bad = server.path("bad.yaml");
-    std::fs::write(
-        &bad,
-        std::fs::read_to_string(repo("examples/descriptors/fw1.yaml"))
-            .unwrap()
-            .replace("count: 1", "count: 0"),
-    )
-    .unwrap();
-    let out = server.cli(&["vnf", "create", "-f", bad.to_str().unwrap()]);
+    let fw1 = std::fs::read_to_string(example(&server, "fw1.yaml")).unwrap();
+    // Beside fw1.yaml, so that its module (../vnfs/firewall.wasm) is found and uploaded: the
+    // refusal is the server's, naming the field.
+    let bad = example(&server, "bad.yaml");
+    std::fs::write(&bad, fw1.replace("count: 1", "count: 0")).unwrap();
+    let out = server.cli(&["vnf", "create", "-f", &bad]);
     assert!(!out.status.success());
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("spec.cpu.count"), "{err}");
+    // A relative module that is not there: refused before any request, naming the directory
+    // it was looked for in.
+    let lost = server.path("lost.yaml");
+    std::fs::write(&lost, &fw1).unwrap();
+    let out = server.cli(&["vnf", "create", "-f", lost.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let dir = server.path("").display().to_string();
+    assert!(
+        err.contains("module ../vnfs/firewall.wasm not found")
+            && err.contains(dir.trim_end_matches('/')),
+        "{err}"
+    );
     let out = server.cli(&["vnf", "create", "-f", "/nonexistent.yaml"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("/nonexistent.yaml"));
@@ -145,11 +165,10 @@ fn bad_input_exits_non_zero_with_one_line() {
 fn kill_9_and_restart_lose_nothing() {
     let mut server = lab();
     for file in ["fw1.yaml", "nat1.yaml", "upf1.json"] {
-        let path = repo(&format!("examples/descriptors/{file}"));
-        let out = server.cli(&["vnf", "create", "-f", path.to_str().unwrap()]);
+        let out = server.cli(&["vnf", "create", "-f", &example(&server, file)]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    server.wait_vnf("fw1", |v| v["phase"] == "Failed");
+    server.wait_phase("fw1", "Running");
     server.wait_vnf("upf1", |v| v["phase"] != "Pending");
     assert!(server.cli(&["vnf", "lock", "nat1"]).status.success());
     let before = server.json(&["vnf", "list"]);
@@ -188,7 +207,7 @@ fn kill_9_and_restart_lose_nothing() {
 #[test]
 fn kill_9_during_creates_keeps_every_acknowledged_vnf() {
     let mut server = lab();
-    let template = std::fs::read_to_string(repo("examples/descriptors/upf1.json")).unwrap();
+    let template = std::fs::read_to_string(example(&server, "upf1.json")).unwrap();
     let config = server.config();
     // A client creating VNFs as fast as it can while the server is killed under it.
     let writer = {

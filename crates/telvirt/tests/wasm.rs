@@ -1,13 +1,14 @@
 //! Wasm VNFs in a real `telvirt serve`: the example modules reach Running on the node's data
-//! plane, lock and unlock pause and resume them, a module the verifier refuses ends Failed with
-//! the verifier's reason while the others keep running, and networks carry packets through them.
+//! plane, lock and unlock pause and resume them, a module the verifier refuses is refused at
+//! upload (or, named as a path on the node, ends Failed) with the verifier's reason while the
+//! others keep running, and networks carry packets through them.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{BIN, DEADLINE, Serve, repo, stderr};
+use common::{BIN, DEADLINE, Serve, lay_out_examples, stderr};
 #[path = "../../dataplane/tests/support/netns.rs"]
 mod netns;
 
@@ -29,26 +30,10 @@ fn start_with(extra: &[&str]) -> Serve {
 
 /// [`start_with`], the server and the CLI run under `wrapper` (e.g. `ip netns exec NS`).
 fn start_wrapped(extra: &[&str], wrapper: &[&str]) -> Serve {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = Serve::dir();
     let root = dir.path();
     std::fs::write(root.join("inventory.yaml"), INVENTORY).unwrap();
-    let out = Command::new(BIN)
-        .args(["wasm", "examples", "--out", "examples/vnfs"])
-        .current_dir(root)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "wasm examples: {}", stderr(&out));
-    for m in ["firewall", "nat", "gtpu"] {
-        assert!(root.join(format!("examples/vnfs/{m}.wasm")).exists());
-    }
-    std::fs::create_dir_all(root.join("examples/descriptors")).unwrap();
-    for d in ["fw1.yaml", "nat1.yaml"] {
-        std::fs::copy(
-            repo(&format!("examples/descriptors/{d}")),
-            root.join("examples/descriptors").join(d),
-        )
-        .unwrap();
-    }
+    lay_out_examples(root);
     let mut args = vec!["--inventory", "inventory.yaml", "--host-name", "t"];
     args.extend_from_slice(extra);
     Serve::start_wrapped(dir, &args, wrapper)
@@ -69,6 +54,21 @@ fn hostile_module(node: &Serve) -> PathBuf {
     path
 }
 
+/// An absolute path that names `rel` in serve's working directory when serve reads it, and
+/// nothing where the CLI runs when that is another directory (`/proc/self/cwd` is each
+/// process's own working directory): a module that is on the node only, as it looks to a CLI on
+/// another machine, which sends such a path as it is.
+fn node_only_path(rel: &str) -> String {
+    format!("/proc/self/cwd/{rel}")
+}
+
+/// The `sha256:` reference of a module file, from `telvirt wasm verify -o json`.
+fn module_ref(node: &Serve, file: &str) -> String {
+    let v = node.json(&["wasm", "verify", file]);
+    assert_eq!(v["verdict"], "accepted", "{v}");
+    format!("sha256:{}", v["sha256"].as_str().unwrap())
+}
+
 #[test]
 fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
     let node = start();
@@ -80,17 +80,36 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
     node.ok(&["vnf", "unlock", "fw1"]);
     node.wait_phase("fw1", "Running");
 
+    // A module the verifier refuses: the CLI's upload is refused with the verifier's reason and
+    // nothing is created.
     let hostile = hostile_module(&node);
-    let descriptor = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
-        .unwrap()
-        .replace("name: fw1", "name: bad1")
-        .replace(
-            "examples/vnfs/firewall.wasm",
-            &hostile.display().to_string(),
-        );
-    std::fs::write(node.path("bad1.yaml"), descriptor).unwrap();
-    node.ok(&["vnf", "create", "-f", "bad1.yaml"]);
+    let file = firewall_descriptor(&node, "bad1", "hostile.wasm");
+    let out = node.cli(&["vnf", "create", "-f", &file]);
+    assert!(
+        !out.status.success(),
+        "a refused module must not be created"
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("refused by the verifier") && err.contains("maps.write"),
+        "the error should be the verifier's: {err}"
+    );
+    assert!(!node.cli(&["vnf", "show", "bad1"]).status.success());
+
+    // The same module as a path on the node, which the admin may name: the CLI does not have
+    // it and sends the path; the node's runtime refuses it at start, so bad1 ends Failed with
+    // the verifier's reason while fw1 keeps running.
+    let on_node = node_only_path("hostile.wasm");
+    let file = firewall_descriptor(&node, "bad1", &on_node);
+    let elsewhere = Serve::dir();
+    let file = node.path(&file).display().to_string();
+    let out = node.cli_at(elsewhere.path(), None, &["vnf", "create", "-f", &file]);
+    assert!(out.status.success(), "{}", stderr(&out));
     let bad = node.wait_phase("bad1", "Failed");
+    assert_eq!(
+        bad["descriptor"]["spec"]["wasm"]["module"],
+        on_node.as_str()
+    );
     let reason = bad["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("module refused") && reason.contains("maps.write"),
@@ -100,6 +119,11 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
     assert_eq!(fw1["phase"], "Running", "fw1 must keep running: {fw1}");
 
     // Upgrade: a refused module changes nothing; another firewall build is swapped in.
+    let uploaded = module_ref(&node, "examples/vnfs/firewall.wasm");
+    assert_eq!(
+        fw1["descriptor"]["spec"]["wasm"]["module"],
+        uploaded.as_str()
+    );
     let out = node.cli(&[
         "vnf",
         "upgrade",
@@ -108,11 +132,15 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
         &hostile.display().to_string(),
     ]);
     assert!(!out.status.success(), "a refused module must not upgrade");
-    assert!(stderr(&out).contains("module refused"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("refused by the verifier"),
+        "{}",
+        stderr(&out)
+    );
     let fw1 = node.json(&["vnf", "show", "fw1"]);
     assert_eq!(
         fw1["descriptor"]["spec"]["wasm"]["module"],
-        "examples/vnfs/firewall.wasm"
+        uploaded.as_str()
     );
     let mut v2 = std::fs::read(node.path("examples/vnfs/firewall.wasm")).unwrap();
     let needle = b"\"version\":\"1.0.0\"";
@@ -120,10 +148,9 @@ fn wasm_vnfs_run_lock_unlock_and_a_refused_module_fails_alone() {
     v2[at..at + needle.len()].copy_from_slice(b"\"version\":\"1.0.1\"");
     std::fs::write(node.path("firewall-v2.wasm"), v2).unwrap();
     let up = node.json(&["vnf", "upgrade", "fw1", "--module", "firewall-v2.wasm"]);
-    assert_eq!(
-        up["descriptor"]["spec"]["wasm"]["module"],
-        "firewall-v2.wasm"
-    );
+    let v2 = module_ref(&node, "firewall-v2.wasm");
+    assert_ne!(v2, uploaded);
+    assert_eq!(up["descriptor"]["spec"]["wasm"]["module"], v2.as_str());
     assert!(
         up["reason"].as_str().unwrap().contains("module upgraded"),
         "{up}"
@@ -178,12 +205,15 @@ fn logging_module(node: &Serve) -> String {
     "logging.wasm".to_owned()
 }
 
-/// fw1's descriptor renamed to `name`, running `module`.
+/// fw1's descriptor renamed to `name`, running `module` (relative to the node's directory, where
+/// the descriptor is written), as the file name to give `vnf create -f`.
 fn firewall_descriptor(node: &Serve, name: &str, module: &str) -> String {
-    let text = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
-        .unwrap()
-        .replace("name: fw1", &format!("name: {name}"))
-        .replace("examples/vnfs/firewall.wasm", module);
+    let text = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml")).unwrap();
+    assert!(text.contains("module: ../vnfs/firewall.wasm"), "{text}");
+    let text = text.replace("name: fw1", &format!("name: {name}")).replace(
+        "module: ../vnfs/firewall.wasm",
+        &format!("module: {module}"),
+    );
     let file = format!("{name}.yaml");
     std::fs::write(node.path(&file), text).unwrap();
     file
@@ -210,29 +240,24 @@ fn a_module_runs_in_its_owners_security_domain() {
     let ent = node.json(&["authority", "create", "ent1"]);
     assert_eq!(ent["domain"], "untrusted", "{ent}");
     let token = ent["token"].as_str().unwrap().to_owned();
-    let as_ent = |args: &[&str]| {
-        let mut all = vec!["--token", token.as_str()];
-        all.extend_from_slice(args);
-        node.ok(&all)
-    };
 
-    // A module asking for `log` fails for the enterprise, naming the permission and domain.
+    // A module asking for `log` is refused for the enterprise at upload, naming the permission
+    // and the domain; nothing is created.
     let logging = logging_module(&node);
     let file = firewall_descriptor(&node, "entlog", &logging);
-    as_ent(&["vnf", "create", "-f", &file]);
-    let failed = node.wait_phase("entlog", "Failed");
-    let reason = failed["reason"].as_str().unwrap_or_default();
+    let out = node.cli_as(&token, &["vnf", "create", "-f", &file]);
+    assert!(!out.status.success(), "entlog must be refused");
+    let err = stderr(&out);
     assert!(
-        reason.contains("`log`") && reason.contains("`untrusted`"),
-        "the reason must name the permission and the domain: {reason}"
+        err.contains("`log`") && err.contains("`untrusted`"),
+        "the error must name the permission and the domain: {err}"
     );
-    let shown = String::from_utf8_lossy(&as_ent(&["vnf", "show", "entlog"]).stdout).into_owned();
-    assert!(
-        shown.contains("`log`") && shown.contains("`untrusted`"),
-        "{shown}"
+    let mine = node.json_as(&token, &["vnf", "list"]);
+    assert_eq!(mine, serde_json::json!([]), "nothing was created");
+    assert_eq!(
+        node.json_as(&token, &["module", "list"]),
+        serde_json::json!([])
     );
-    // Deleting it frees its core for the next one.
-    as_ent(&["vnf", "delete", "entlog"]);
 
     // The same module under the operator runs.
     let file = firewall_descriptor(&node, "oplog", &logging);
@@ -241,7 +266,7 @@ fn a_module_runs_in_its_owners_security_domain() {
 
     // A module within the domain's permissions runs for the enterprise.
     let file = firewall_descriptor(&node, "entfw", "examples/vnfs/firewall.wasm");
-    as_ent(&["vnf", "create", "-f", &file]);
+    node.ok_as(&token, &["vnf", "create", "-f", &file]);
     let v = node.wait_vnf("entfw", |v| {
         v["phase"] == "Running" || v["phase"] == "Failed"
     });
@@ -629,7 +654,8 @@ fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
         .unwrap()
         .replace("blob_hex: \"02000000\"", &format!("blob_hex: \"{blob}\""));
     assert!(text.contains(&blob), "fw1.yaml's config changed: {text}");
-    node.create("fw1-wire.yaml", &text);
+    // Beside fw1.yaml, where its module (../vnfs/firewall.wasm) is found.
+    node.create("examples/descriptors/fw1-wire.yaml", &text);
     node.wait_phase("fw1", "Running");
     let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: wire }\nspec:\n  links:\n    - host:a1 -> fw1.in\n    - fw1.out -> host:b1\n    - host:b1 -> fw1.out\n    - fw1.in -> host:a1\n";
     std::fs::write(node.path("wire.yaml"), net).unwrap();

@@ -1,6 +1,8 @@
 //! One harness for the binary's end-to-end tests: a real `telvirt serve` process working in a
 //! temp directory (its data dir is `<dir>/data`), the CLI run against it, and polling with
 //! deadlines. The process is SIGKILLed when the harness is dropped, even when a test fails.
+//! [`lay_out_examples`] gives a test directory the layout of a checkout after `telvirt wasm
+//! examples`, so the example descriptors' `module: ../vnfs/<name>.wasm` resolves.
 
 #![allow(dead_code)]
 
@@ -24,6 +26,35 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Lays out `<root>/examples/` as a checkout has it after `telvirt wasm examples`: the built-in
+/// modules written by `telvirt wasm examples --out examples/vnfs` (not in git), and copies of the
+/// repository's example descriptors and inventories. A descriptor there names its module
+/// `../vnfs/<name>.wasm`, relative to itself, which the CLI uploads.
+pub fn lay_out_examples(root: &Path) {
+    let out = Command::new(BIN)
+        .args(["wasm", "examples", "--out", "examples/vnfs"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "wasm examples: {}", stderr(&out));
+    for m in ["firewall", "nat", "gtpu"] {
+        let module = root.join(format!("examples/vnfs/{m}.wasm"));
+        assert!(module.is_file(), "{} was not written", module.display());
+    }
+    for sub in ["descriptors", "inventory"] {
+        let to = root.join("examples").join(sub);
+        std::fs::create_dir_all(&to).unwrap();
+        for entry in std::fs::read_dir(repo(&format!("examples/{sub}"))).unwrap() {
+            let from = entry.unwrap().path();
+            std::fs::copy(&from, to.join(from.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
 pub struct Serve {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -45,6 +76,14 @@ impl Serve {
 
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Serve {
         Self::start_wrapped(dir, args, &[])
+    }
+
+    /// [`Serve::start`] in a directory laid out by [`lay_out_examples`]: `args` may name
+    /// `examples/inventory/...`, and the CLI `examples/descriptors/...`.
+    pub fn with_examples(args: &[&str]) -> Serve {
+        let dir = Self::dir();
+        lay_out_examples(dir.path());
+        Self::start_in(dir, args)
     }
 
     /// [`Serve::start_in`] with the server and every CLI call run under `wrapper` (a command
@@ -147,6 +186,54 @@ impl Serve {
             .env_remove("TELVIRT_TOKEN")
             .output()
             .unwrap()
+    }
+
+    /// The CLI against this server, run from working directory `cwd`, as the authority whose
+    /// token is `token` (`None`: the admin).
+    pub fn cli_at(&self, cwd: &Path, token: Option<&str>, args: &[&str]) -> Output {
+        let mut c = self.command();
+        c.current_dir(cwd);
+        if let Some(token) = token {
+            c.args(["--token", token]);
+        }
+        c.args(args)
+            .env("TELVIRT_CONFIG", self.config())
+            .env_remove("TELVIRT_SERVER")
+            .env_remove("TELVIRT_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// The CLI against this server as the authority whose token is `token`.
+    pub fn cli_as(&self, token: &str, args: &[&str]) -> Output {
+        self.cli_at(self.dir.path(), Some(token), args)
+    }
+
+    /// [`Serve::cli_as`], which must succeed.
+    pub fn ok_as(&self, token: &str, args: &[&str]) -> Output {
+        let out = self.cli_as(token, args);
+        assert!(
+            out.status.success(),
+            "telvirt {args:?} as a non-admin: {}",
+            stderr(&out)
+        );
+        out
+    }
+
+    /// [`Serve::json`] as the authority whose token is `token`.
+    pub fn json_as(&self, token: &str, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_slice(&self.ok_as(token, &all).stdout).unwrap()
+    }
+
+    /// Creates authority `name` (in the default security domain) and returns its token.
+    pub fn authority(&self, name: &str) -> String {
+        let created = self.json(&["authority", "create", name]);
+        created["token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no token in {created}"))
+            .to_owned()
     }
 
     pub fn ok(&self, args: &[&str]) -> Output {
