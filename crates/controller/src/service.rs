@@ -178,7 +178,7 @@ impl Controller {
         }
         for (key, v) in store.list(records::ALLOCATIONS).await? {
             let alloc: Allocation = decode(&key, &v.value)?;
-            if drop_orphan_allocation(store.as_ref(), &key, &alloc, v.mod_revision).await? {
+            if drop_stale_allocation(store.as_ref(), &key, &alloc, v.mod_revision).await? {
                 continue;
             }
             scheduler.restore(&alloc)?;
@@ -1185,9 +1185,24 @@ fn transition_ops(
     ])
 }
 
-/// Deletes the stored allocation `key` if its VNF does not exist (a leak of a create/delete race
-/// in an older version), in one transaction conditioned on both keys. Returns whether it did.
-async fn drop_orphan_allocation(
+/// Whether an allocation made for `stored` belongs to a VNF that asks for `current`: the same
+/// owner, runtime, cpu request, redundancy and locality. Memory is not compared: allocations
+/// written before memory budgets existed carry none.
+fn made_for(stored: &telvirt_sched::VnfRequest, current: &telvirt_sched::VnfRequest) -> bool {
+    let stored = telvirt_sched::VnfRequest {
+        memory_per_node: current.memory_per_node,
+        ..stored.clone()
+    };
+    stored == *current
+}
+
+/// Heals a leak an older version left in the store, before the scheduler is rebuilt from it:
+/// deletes the allocation `key` if its VNF does not exist (one transaction conditioned on the
+/// VNF still being absent), or, if its VNF exists but the allocation was made for another
+/// request (an older VNF of the same name, another owner), deletes it and puts the VNF back to
+/// Pending to be placed afresh (one transaction conditioned on both keys, with an event).
+/// Returns whether it dropped the allocation.
+async fn drop_stale_allocation(
     store: &dyn Store,
     key: &str,
     alloc: &Allocation,
@@ -1199,27 +1214,50 @@ async fn drop_orphan_allocation(
             "{key}: holds the allocation of vnf {name}"
         )));
     }
-    if store.get(&vnf_key(name)).await?.is_some() {
-        return Ok(false);
-    }
-    let compares = vec![
-        Compare::ModRevision {
-            key: vnf_key(name),
-            revision: 0,
-        },
-        Compare::ModRevision {
-            key: key.to_owned(),
-            revision,
-        },
-    ];
-    let op = Op::Delete {
+    let vnf = store.get(&vnf_key(name)).await?;
+    let mut compares = vec![Compare::ModRevision {
         key: key.to_owned(),
+        revision,
+    }];
+    let mut ops = vec![Op::Delete {
+        key: key.to_owned(),
+    }];
+    let why = match vnf {
+        None => {
+            compares.push(Compare::ModRevision {
+                key: vnf_key(name),
+                revision: 0,
+            });
+            format!(
+                "dropped the allocation of vnf {name}, which does not exist; its cpus are free again"
+            )
+        }
+        Some(v) => {
+            let mut record: VnfRecord = decode(&vnf_key(name), &v.value)?;
+            if made_for(&alloc.request, &placement::vnf_request(&record.vnf)) {
+                return Ok(false);
+            }
+            compares.push(Compare::ModRevision {
+                key: vnf_key(name),
+                revision: v.mod_revision,
+            });
+            let from = record.vnf.phase;
+            let reason =
+                "its placement was made for another VNF of the same name; placing it again"
+                    .to_owned();
+            record.vnf.phase = Phase::Pending;
+            record.vnf.placements.clear();
+            record.vnf.reason = Some(reason.clone());
+            record.vnf.generation += 1;
+            ops.extend(transition_ops(&mut record, from, &reason, "scheduler")?);
+            format!(
+                "dropped the allocation of vnf {name}: it was made for another request; the VNF is placed again"
+            )
+        }
     };
-    let dropped = store.txn(compares, vec![op]).await?.succeeded;
+    let dropped = store.txn(compares, ops).await?.succeeded;
     if dropped {
-        tracing::warn!(
-            "dropped the allocation of vnf {name}, which does not exist; its cpus are free again"
-        );
+        tracing::warn!("{why}");
     }
     Ok(dropped)
 }

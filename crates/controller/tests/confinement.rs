@@ -382,7 +382,7 @@ async fn storm_of_creates_and_deletes_leaks_no_core() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_allocation_is_not_adopted_by_a_new_vnf_of_the_same_name() {
+async fn a_stale_placement_is_not_adopted_by_a_new_vnf_of_the_same_name() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");
     let hosts = vec![HostSpec::synthetic("h1", 1, 6, 1)];
@@ -401,16 +401,11 @@ async fn a_stale_allocation_is_not_adopted_by_a_new_vnf_of_the_same_name() {
         });
     }
     store.txn(Vec::new(), ops).await.unwrap();
-    // bob creates x, dedicated, before the restart: the restored allocation is alice's.
+    // bob creates x, dedicated; the scheduler (as after a restart of that version) and the
+    // store still hold alice's placement under that name.
     assert!(try_create(&controller, "x", 1, false).await);
-    drop(controller);
-    drop(store);
-    let (controller, store) = open(&path, &hosts).await;
     let before = controller.host_core_map(&admin(), "h1").await.unwrap();
-    assert!(
-        before.contains("group alice/rg"),
-        "alice's allocation was restored: {before}"
-    );
+    assert!(before.contains("group alice/rg"), "{before}");
     controller.schedule_pending().await.unwrap();
 
     let (vnfs, after) = stored(store.as_ref()).await;
@@ -423,6 +418,63 @@ async fn a_stale_allocation_is_not_adopted_by_a_new_vnf_of_the_same_name() {
     let map = controller.host_core_map(&admin(), "h1").await.unwrap();
     assert!(!map.contains("alice"), "the stale group is gone: {map}");
     assert!(map.contains("x/ACT vcpu0"), "{map}");
+    check_ledger(&controller, store.as_ref(), &hosts).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placement_adopted_from_another_vnf_is_dropped_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let hosts = vec![HostSpec::synthetic("h1", 1, 6, 1)];
+    let (controller, store) = open(&path, &hosts).await;
+    assert!(try_create(&controller, "x", 0, true).await);
+    controller.schedule_pending().await.unwrap();
+    let (vnfs, allocs) = stored(store.as_ref()).await;
+    // What an older version did: alice's x went but not its allocation, bob created x
+    // (dedicated) and the next pass adopted alice's group core for it.
+    let mut ops = vec![Op::Delete { key: vnf_key("x") }];
+    for seq in 1..=vnfs["x"].last_event {
+        ops.push(Op::Delete {
+            key: event_key("x", seq),
+        });
+    }
+    store.txn(Vec::new(), ops).await.unwrap();
+    assert!(try_create(&controller, "x", 1, false).await);
+    let (vnfs, _) = stored(store.as_ref()).await;
+    let mut adopted = vnfs["x"].clone();
+    adopted.vnf.phase = Phase::Scheduled;
+    adopted.vnf.placements = placement::placements(&allocs["x"].placement, &adopted.vnf.descriptor);
+    store
+        .put(&vnf_key("x"), serde_json::to_vec(&adopted).unwrap())
+        .await
+        .unwrap();
+    drop(controller);
+    drop(store);
+
+    let (controller, store) = open(&path, &hosts).await;
+    let (vnfs, allocs) = stored(store.as_ref()).await;
+    assert!(
+        allocs.is_empty(),
+        "the foreign allocation was dropped: {allocs:?}"
+    );
+    let x = &vnfs["x"].vnf;
+    assert_eq!(x.phase, Phase::Pending);
+    assert!(x.placements.is_empty());
+    assert!(
+        x.reason
+            .as_deref()
+            .unwrap()
+            .contains("made for another VNF"),
+        "{x:?}"
+    );
+    let map = controller.host_core_map(&admin(), "h1").await.unwrap();
+    assert!(!map.contains("alice"), "{map}");
+    check_ledger(&controller, store.as_ref(), &hosts).await;
+    controller.schedule_pending().await.unwrap();
+    let (vnfs, allocs) = stored(store.as_ref()).await;
+    assert_eq!(vnfs["x"].vnf.phase, Phase::Scheduled);
+    assert_eq!(allocs["x"].request.authority, "bob");
+    assert_eq!(allocs["x"].request.cpu.policy, CpuPolicy::Dedicated);
     check_ledger(&controller, store.as_ref(), &hosts).await;
 }
 
