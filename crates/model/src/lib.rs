@@ -18,7 +18,7 @@ pub use device::{Device, DeviceGrant};
 pub use error::{FieldError, ModelError};
 pub use grant::{HostGrants, ResourceKind};
 pub use lifecycle::{DesiredState, Event, LockInfo, Phase, Placement, Role, Vnf};
-pub use name::{Name, NameError};
+pub use name::{MapName, Name, NameError};
 pub use network::{NetworkDescriptor, parse_network};
 pub use parse::{Format, from_text, parse_vnf};
 pub use units::{ByteSize, ByteSizeError};

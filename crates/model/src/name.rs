@@ -97,6 +97,78 @@ impl utoipa::PartialSchema for Name {
 
 impl utoipa::ToSchema for Name {}
 
+/// The name of a wasm map: 1 to 64 lowercase letters, digits, `_` or `-` (the module manifest's
+/// rule, so a map a module declares can always be named in a descriptor).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MapName(String);
+
+impl MapName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for MapName {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let fail = |why| {
+            Err(NameError {
+                name: s.to_owned(),
+                why,
+            })
+        };
+        if s.is_empty() {
+            return fail("it is empty");
+        }
+        if s.len() > 64 {
+            return fail("it is longer than the 64 characters of a map name");
+        }
+        if !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        {
+            return fail("it has a character other than a-z, 0-9, '_' or '-' (a map name)");
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for MapName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for MapName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for MapName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl utoipa::PartialSchema for MapName {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some("^[a-z0-9_-]{1,64}$"))
+            .min_length(Some(1))
+            .max_length(Some(64))
+            .description(Some(
+                "A wasm map name: lowercase letters, digits, '_' or '-'",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for MapName {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +194,16 @@ mod tests {
             let err = bad.parse::<Name>().unwrap_err();
             assert!(err.to_string().contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn map_names_take_underscores_as_manifests_do() {
+        assert_eq!(
+            "next_port".parse::<MapName>().unwrap().as_str(),
+            "next_port"
+        );
+        assert!("Next".parse::<MapName>().is_err());
+        assert!("".parse::<MapName>().is_err());
+        assert!("x".repeat(65).parse::<MapName>().is_err());
     }
 }

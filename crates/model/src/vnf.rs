@@ -228,7 +228,7 @@ pub enum MapKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MapSpec {
-    pub name: Name,
+    pub name: crate::name::MapName,
     pub kind: MapKind,
     pub key_size: u32,
     pub value_size: u32,
