@@ -199,6 +199,24 @@ pub trait Store: Send + Sync + 'static {
     /// Every key starting with `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
 
+    /// At most `limit` keys starting with `prefix` and (when given) sorting strictly after
+    /// `start_after`, in key order: one page of [`Store::list`]. Backends that can range-scan
+    /// read only that page; this default reads the whole prefix.
+    async fn list_range(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        Ok(self
+            .list(prefix)
+            .await?
+            .into_iter()
+            .filter(|(key, _)| start_after.is_none_or(|after| key.as_str() > after))
+            .take(limit)
+            .collect())
+    }
+
     /// Applies every op atomically if every compare holds; otherwise changes nothing.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError>;
 

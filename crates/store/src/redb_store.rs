@@ -443,6 +443,40 @@ impl Store for RedbStore {
         })
     }
 
+    async fn list_range(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        use std::ops::Bound;
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let kv = txn.open_table(KV)?;
+            let mut out = Vec::new();
+            if limit == 0 {
+                return Ok(out);
+            }
+            // Start at the prefix, or just after `start_after` when that sorts after it.
+            let lower = match start_after {
+                Some(after) if after >= prefix => Bound::Excluded(after),
+                _ => Bound::Included(prefix),
+            };
+            for entry in kv.range::<&str>((lower, Bound::Unbounded))? {
+                let (key, raw) = entry?;
+                let key = key.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push((key.to_owned(), decode(key, raw.value())?));
+                if out.len() == limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+    }
+
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
         self.with_db(|db| self.apply(db, &compares, ops))
     }

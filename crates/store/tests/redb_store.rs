@@ -229,3 +229,52 @@ async fn put_with_unknown_lease_is_refused() {
     assert!(err.to_string().contains("lease 42"));
     assert!(store.get("/k").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn list_range_pages_through_a_prefix_in_key_order() {
+    let (_dir, store) = temp_store();
+    for name in ["b", "a", "d", "c", "e"] {
+        store.put(&format!("/x/{name}"), name.into()).await.unwrap();
+    }
+    // Neighbours on both sides of the prefix must not leak into a page.
+    store.put("/w/z", b"w".to_vec()).await.unwrap();
+    store.put("/y/a", b"y".to_vec()).await.unwrap();
+
+    let keys = |page: Vec<(String, telvirt_store::Versioned)>| {
+        page.into_iter().map(|(k, _)| k).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(store.list_range("/x/", None, 2).await.unwrap()),
+        ["/x/a", "/x/b"]
+    );
+    assert_eq!(
+        keys(store.list_range("/x/", Some("/x/b"), 2).await.unwrap()),
+        ["/x/c", "/x/d"]
+    );
+    assert_eq!(
+        keys(store.list_range("/x/", Some("/x/d"), 2).await.unwrap()),
+        ["/x/e"]
+    );
+    assert!(
+        store
+            .list_range("/x/", Some("/x/e"), 2)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A cursor that is not itself a key starts after where it would sort.
+    assert_eq!(
+        keys(store.list_range("/x/", Some("/x/bb"), 10).await.unwrap()),
+        ["/x/c", "/x/d", "/x/e"]
+    );
+    // A cursor before the prefix starts at the prefix; limit 0 reads nothing.
+    assert_eq!(
+        keys(store.list_range("/x/", Some("/a"), 1).await.unwrap()),
+        ["/x/a"]
+    );
+    assert!(store.list_range("/x/", None, 0).await.unwrap().is_empty());
+    // The page's records are the same as the whole list's.
+    let whole = store.list("/x/").await.unwrap();
+    let paged = store.list_range("/x/", None, 100).await.unwrap();
+    assert_eq!(whole, paged);
+}
