@@ -101,6 +101,8 @@ pub(crate) struct HostState {
     /// in the indexes right now.
     pub keyed: Vec<(u32, u32)>,
     pub keyed_reserve: u64,
+    /// Whether new roles may be placed here (false: cordoned; what it holds stays).
+    pub schedulable: bool,
 }
 
 impl HostState {
@@ -343,6 +345,7 @@ impl Scheduler {
             group_cores: BTreeMap::new(),
             keyed: Vec::new(),
             keyed_reserve: 0,
+            schedulable: true,
         }));
         self.total_free += free as u64;
         self.index(idx);
@@ -408,9 +411,11 @@ impl Scheduler {
             self.vnf_mut(vid).roles[role.index()] = None;
         }
         let name = spec.name.clone();
+        let schedulable = self.host(h).schedulable;
         self.drop_host(h);
         self.add_host(spec)?;
         let nh = self.host_by_name[&name];
+        self.host_mut(nh).schedulable = schedulable;
         for (vid, rp) in saved {
             let req = self.vnf(vid).req.clone();
             let rs = self.role_from_placement(vid, &req, &rp)?;
@@ -457,6 +462,19 @@ impl Scheduler {
             .flatten()
             .map(|h| h.spec.name.clone())
             .collect()
+    }
+
+    /// Lets new roles be placed on a host (`true`) or not (`false`, cordoned). Roles it holds
+    /// stay; moves and heals never target an unschedulable host either.
+    pub fn set_schedulable(&mut self, name: &str, schedulable: bool) -> Result<(), SchedError> {
+        let h = self.host_idx(name)?;
+        self.host_mut(h).schedulable = schedulable;
+        Ok(())
+    }
+
+    /// Whether new roles may be placed on a host (see [`Scheduler::set_schedulable`]).
+    pub fn is_schedulable(&self, name: &str) -> Result<bool, SchedError> {
+        Ok(self.host(self.host_idx(name)?).schedulable)
     }
 
     /// Number of VNF roles (and changes in progress) on a host.
@@ -1018,6 +1036,9 @@ impl Scheduler {
     /// Host-level checks: avoid list, zones, shared set for emulator threads.
     fn host_ok(&self, h: u32, req: &VnfRequest, avoid: &Avoid) -> Result<(), String> {
         let host = self.host(h);
+        if !host.schedulable {
+            return Err("is cordoned: scheduling is disabled on it".into());
+        }
         if avoid.only.is_some_and(|o| o != h) {
             return Err("not the requested target host".into());
         }
