@@ -7,12 +7,14 @@
 pub mod dataplane;
 pub mod discovery;
 pub mod network;
+pub mod queue;
 pub mod reconcile;
 pub mod runtime;
 pub mod runtimes;
 
 pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
-pub use reconcile::{Agent, ControlLink, RESYNC_INTERVAL};
+pub use queue::{Backoff, WorkQueue};
+pub use reconcile::{Agent, AgentConfig, ControlLink, DEFAULT_WORKERS, RESYNC_INTERVAL};
 pub use runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,11 +1,16 @@
 //! The agent's reconcile loop: desired (the controller's assignments) against observed (what the
-//! runtimes hold), one idempotent step at a time.
+//! runtimes hold), one idempotent step per VNF, VNFs in parallel.
 //!
-//! Owns turning the difference into runtime calls and reporting what it observed. It must not
-//! write the store or decide placement: assignments come in and observations go out through the
-//! `ControlLink`, so a remote host runs exactly this code.
+//! Owns turning the difference into runtime calls and reporting what it observed. A pass only
+//! reads the assignments and queues every VNF whose assignment changed (all of them every
+//! resync interval) on the work queue (`crate::queue`); a bounded number of workers then take
+//! one VNF each, so a slow step (a VM booting) holds up no other VNF, a VNF is never worked on
+//! twice at once, and a failed step is retried with backoff without stopping the others.
+//! It must not write the store or decide placement: assignments come in and observations go
+//! out through the `ControlLink`, so a remote host runs exactly this code.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +21,7 @@ use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, RuntimeKind};
 use tokio::sync::{Mutex, watch};
 
 use crate::AgentError;
+use crate::queue::{Backoff, WorkQueue};
 use crate::runtime::{InstanceSpec, InstanceState, Runtime};
 
 /// The agent's side of the agent ↔ controller API.
@@ -27,8 +33,35 @@ pub trait ControlLink: Send + Sync + 'static {
     /// Tells the controller what the agent observed.
     async fn report(&self, host: &str, observation: Observation) -> Result<(), AgentError>;
 
-    /// Returns when assignments may have changed, or after `max_wait`.
+    /// Returns when assignments may have changed since the previous call of this link's
+    /// `wait_for_change` returned (at once when they did meanwhile: a change made while the
+    /// agent was busy is not lost), or after `max_wait`.
     async fn wait_for_change(&self, max_wait: Duration);
+}
+
+/// How the agent works its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// VNFs worked on at once (each by one worker; never one VNF by two).
+    pub workers: NonZeroUsize,
+    /// Wait before a failed step of a VNF is tried again.
+    pub backoff: Backoff,
+    /// Every VNF is looked at again this often even when nothing told the agent to (a crashed
+    /// instance is noticed this way).
+    pub resync: Duration,
+}
+
+/// VNFs worked on at once unless configured otherwise.
+pub const DEFAULT_WORKERS: NonZeroUsize = NonZeroUsize::new(4).expect("4 is not zero");
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            workers: DEFAULT_WORKERS,
+            backoff: Backoff::default(),
+            resync: RESYNC_INTERVAL,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -47,19 +80,44 @@ struct Known {
     /// What the runtime said about the instance's start (`Runtime::start_note`), kept in its
     /// Running reason.
     note: Option<String>,
+    /// Why the last step of this VNF failed (it is retried after a backoff); `None` once a step
+    /// succeeds.
+    error: Option<String>,
 }
 
 /// One host's agent.
 pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     host: String,
     runtimes: HashMap<RuntimeKind, Arc<dyn Runtime>>,
     link: Arc<dyn ControlLink>,
     state_root: PathBuf,
+    config: AgentConfig,
     known: Mutex<HashMap<Name, Known>>,
+    /// The newest assignment of every VNF on this host, as of the last pass: what a worker
+    /// taking a VNF from the queue works towards.
+    desired: std::sync::Mutex<HashMap<Name, Assignment>>,
+    queue: WorkQueue<Name>,
 }
 
 /// How often the loop looks again when nothing told it to.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A failed step: retried after a backoff. Runtime failures were reported as the VNF's reason
+/// already; link failures could not be.
+#[derive(Debug)]
+struct StepError(String);
+
+impl From<AgentError> for StepError {
+    fn from(e: AgentError) -> Self {
+        Self(e.to_string())
+    }
+}
+
+type Step = Result<(), StepError>;
 
 impl Agent {
     pub fn new(
@@ -68,69 +126,232 @@ impl Agent {
         link: Arc<dyn ControlLink>,
         state_root: PathBuf,
     ) -> Self {
+        Self::with_config(host, runtimes, link, state_root, AgentConfig::default())
+    }
+
+    /// [`Agent::new`] with its work queue configured.
+    pub fn with_config(
+        host: impl Into<String>,
+        runtimes: Vec<Arc<dyn Runtime>>,
+        link: Arc<dyn ControlLink>,
+        state_root: PathBuf,
+        config: AgentConfig,
+    ) -> Self {
         Self {
-            host: host.into(),
-            runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
-            link,
-            state_root,
-            known: Mutex::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                host: host.into(),
+                runtimes: runtimes.into_iter().map(|r| (r.kind(), r)).collect(),
+                link,
+                state_root,
+                config,
+                known: Mutex::new(HashMap::new()),
+                desired: std::sync::Mutex::new(HashMap::new()),
+                queue: WorkQueue::new(config.workers, config.backoff),
+            }),
         }
     }
 
     pub fn host(&self) -> &str {
-        &self.host
+        &self.inner.host
+    }
+
+    pub fn config(&self) -> AgentConfig {
+        self.inner.config
     }
 
     /// Runtime kinds this agent can run, sorted.
     pub fn runtime_kinds(&self) -> Vec<RuntimeKind> {
-        let mut kinds: Vec<_> = self.runtimes.keys().copied().collect();
+        let mut kinds: Vec<_> = self.inner.runtimes.keys().copied().collect();
         kinds.sort_by_key(|k| k.as_str());
         kinds
     }
 
-    /// Runs until `shutdown` turns true. Instances keep running when the agent stops: a
-    /// restarted agent adopts them.
+    /// The VNFs whose last step failed and waits for a retry, with why.
+    pub async fn step_errors(&self) -> BTreeMap<Name, String> {
+        self.inner
+            .known
+            .lock()
+            .await
+            .iter()
+            .filter_map(|(name, k)| k.error.clone().map(|e| (name.clone(), e)))
+            .collect()
+    }
+
+    /// Runs until `shutdown` turns true (or its sender is dropped): the configured number of
+    /// workers take VNFs from the queue while passes fill it. Steps under way finish before it
+    /// returns. Instances keep running when the agent stops: a restarted agent adopts them.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let inner = &self.inner;
+        let workers: Vec<_> = (0..inner.config.workers.get())
+            .map(|_| {
+                let inner = Arc::clone(inner);
+                tokio::spawn(async move {
+                    while let Some(taken) = inner.queue.next().await {
+                        inner.process(taken.key().clone()).await;
+                    }
+                })
+            })
+            .collect();
+        let mut last_full: Option<tokio::time::Instant> = None;
         loop {
-            if let Err(e) = self.reconcile_once().await {
-                tracing::warn!(host = %self.host, "reconcile pass failed: {e}");
+            let full = last_full.is_none_or(|at| at.elapsed() >= inner.config.resync);
+            let started = tokio::time::Instant::now();
+            match inner.pass(full).await {
+                Ok(()) if full => last_full = Some(started),
+                Ok(()) => {}
+                Err(e) => tracing::warn!(host = %inner.host, "reconcile pass failed: {e}"),
             }
+            let until_resync = last_full.map_or(Duration::ZERO, |at| {
+                inner.config.resync.saturating_sub(at.elapsed())
+            });
             tokio::select! {
-                _ = self.link.wait_for_change(RESYNC_INTERVAL) => {}
-                _ = shutdown.changed() => {}
+                _ = inner.link.wait_for_change(until_resync) => {}
+                changed = shutdown.changed() => if changed.is_err() { break },
             }
             if *shutdown.borrow() {
                 break;
             }
         }
+        inner.queue.close();
+        for worker in workers {
+            if let Err(e) = worker.await {
+                tracing::warn!(host = %inner.host, "agent worker ended: {e}");
+            }
+        }
     }
 
-    /// One pass over every assignment and every instance the agent knows.
+    /// One full pass over every assignment and every instance the agent knows, then works the
+    /// queue until nothing is ready or under way (a step waiting for a backoff retry is not
+    /// waited for). Steps run concurrently up to the configured number of workers.
     pub async fn reconcile_once(&self) -> Result<(), AgentError> {
-        let assignments = self.link.assignments(&self.host).await?;
-        let wanted: HashSet<Name> = assignments.iter().map(|a| a.vnf.clone()).collect();
-        for assignment in assignments {
-            self.reconcile_one(assignment).await?;
+        self.inner.pass(true).await?;
+        let drains: Vec<_> = (0..self.inner.config.workers.get())
+            .map(|_| {
+                let inner = Arc::clone(&self.inner);
+                tokio::spawn(async move {
+                    while let Some(taken) = inner.queue.next_until_idle().await {
+                        inner.process(taken.key().clone()).await;
+                    }
+                })
+            })
+            .collect();
+        for drain in drains {
+            drain
+                .await
+                .map_err(|e| AgentError::Link(format!("reconcile worker ended: {e}")))?;
         }
-        let orphans: Vec<(Name, Option<RuntimeKind>)> = {
-            let known = self.known.lock().await;
-            known
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// Reads the assignments and queues the VNFs to work on: those whose assignment is new,
+    /// changed or gone, instances known but no longer assigned, and (`full`) every other one.
+    async fn pass(&self, full: bool) -> Result<(), AgentError> {
+        let assignments = self.link.assignments(&self.host).await?;
+        let wanted: HashMap<Name, Assignment> = assignments
+            .into_iter()
+            .map(|a| (a.vnf.clone(), a))
+            .collect();
+        let (changed, gone) = {
+            let mut desired = self.desired.lock().unwrap_or_else(|p| p.into_inner());
+            let mut changed: Vec<Name> = wanted
                 .iter()
-                .filter(|(name, _)| !wanted.contains(*name))
-                .map(|(name, k)| (name.clone(), k.kind))
-                .collect()
+                .filter(|(name, a)| desired.get(*name) != Some(*a))
+                .map(|(name, _)| name.clone())
+                .collect();
+            changed.sort();
+            let mut gone: Vec<Name> = desired
+                .keys()
+                .filter(|name| !wanted.contains_key(*name))
+                .cloned()
+                .collect();
+            gone.sort();
+            desired.clone_from(&wanted);
+            (changed, gone)
         };
-        for (name, kind) in orphans {
-            if let Some(runtime) = kind.and_then(|k| self.runtimes.get(&k)) {
-                if let Err(e) = runtime.stop(&name).await {
-                    tracing::warn!(vnf = %name, "stopping unassigned instance: {e}");
-                }
-                if let Err(e) = runtime.remove(&name).await {
-                    tracing::warn!(vnf = %name, "removing unassigned instance: {e}");
+        for name in changed.into_iter().chain(gone) {
+            self.queue.add(name);
+        }
+        let orphans: Vec<Name> = self
+            .known
+            .lock()
+            .await
+            .keys()
+            .filter(|name| !wanted.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in orphans {
+            self.queue.resync(name);
+        }
+        if full {
+            let mut all: Vec<&Name> = wanted.keys().collect();
+            all.sort();
+            for name in all {
+                self.queue.resync(name.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Works on one VNF taken from the queue, with its newest assignment; a failed step is
+    /// kept as the VNF's error and retried after its backoff.
+    async fn process(self: &Arc<Self>, name: Name) {
+        let me = Arc::clone(self);
+        let vnf = name.clone();
+        // Its own task: a panicking step fails this VNF's step only.
+        let outcome = tokio::spawn(async move { me.step(&vnf).await }).await;
+        let error = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(StepError(e))) => Some(e),
+            Err(e) => Some(format!("reconcile step failed: {e}")),
+        };
+        match error {
+            None => {
+                self.queue.forget(&name);
+                if let Some(k) = self.known.lock().await.get_mut(&name) {
+                    k.error = None;
                 }
             }
-            self.known.lock().await.remove(&name);
+            Some(e) => {
+                let delay = self.queue.retry(name.clone());
+                tracing::warn!(vnf = %name, "{e}; retrying in {} ms", delay.as_millis());
+                self.known.lock().await.entry(name).or_default().error = Some(e);
+            }
         }
+    }
+
+    async fn step(&self, name: &Name) -> Step {
+        let assignment = self
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned();
+        match assignment {
+            Some(a) => self.reconcile_one(a).await,
+            None => self.remove_unassigned(name).await,
+        }
+    }
+
+    /// Stops and forgets an instance no longer assigned to this host.
+    async fn remove_unassigned(&self, name: &Name) -> Step {
+        let kind = match self.known.lock().await.get(name) {
+            Some(k) => k.kind,
+            None => return Ok(()),
+        };
+        if let Some(runtime) = kind.and_then(|k| self.runtimes.get(&k)) {
+            runtime
+                .stop(name)
+                .await
+                .map_err(|e| StepError(format!("stopping unassigned instance: {e}")))?;
+            runtime
+                .remove(name)
+                .await
+                .map_err(|e| StepError(format!("removing unassigned instance: {e}")))?;
+        }
+        // Assigned again meanwhile: its next step starts it afresh (with adoption tried again).
+        self.known.lock().await.remove(name);
         Ok(())
     }
 
@@ -143,12 +364,10 @@ impl Agent {
         let reason = reason.into();
         let fact = (phase, reason.clone(), a.generation);
         {
-            let mut known = self.known.lock().await;
-            let entry = known.entry(a.vnf.clone()).or_default();
-            if entry.reported.as_ref() == Some(&fact) {
+            let known = self.known.lock().await;
+            if known.get(&a.vnf).and_then(|k| k.reported.as_ref()) == Some(&fact) {
                 return Ok(());
             }
-            entry.reported = Some(fact);
         }
         self.link
             .report(
@@ -160,19 +379,27 @@ impl Agent {
                     generation: a.generation,
                 },
             )
+            .await?;
+        // Recorded once told: a fact the link lost is told again by the retry.
+        self.known
+            .lock()
             .await
+            .entry(a.vnf.clone())
+            .or_default()
+            .reported = Some(fact);
+        Ok(())
     }
 
-    async fn reconcile_one(&self, a: Assignment) -> Result<(), AgentError> {
+    async fn reconcile_one(&self, a: Assignment) -> Step {
         let kind = a.descriptor.spec.runtime;
         let Some(runtime) = self.runtimes.get(&kind).cloned() else {
-            return self
-                .report(
-                    &a,
-                    Phase::Failed,
-                    format!("runtime {} is not available on this host", kind.as_str()),
-                )
-                .await;
+            self.report(
+                &a,
+                Phase::Failed,
+                format!("runtime {} is not available on this host", kind.as_str()),
+            )
+            .await?;
+            return Ok(());
         };
         let spec = InstanceSpec {
             name: a.vnf.clone(),
@@ -203,28 +430,31 @@ impl Agent {
             (DesiredState::Stopped, InstanceState::Running | InstanceState::Paused) => {
                 self.report(&a, Phase::Stopping, "stop requested").await?;
                 match runtime.stop(&a.vnf).await {
-                    Ok(()) => self.report(&a, Phase::Stopped, "stopped").await,
-                    Err(e) => self.fail(&a, format!("stop failed: {e}")).await,
+                    Ok(()) => Ok(self.report(&a, Phase::Stopped, "stopped").await?),
+                    Err(e) => self.fail_retry(&a, format!("stop failed: {e}")).await,
                 }
             }
-            (DesiredState::Stopped, _) => self.report(&a, Phase::Stopped, "stopped").await,
+            (DesiredState::Stopped, _) => Ok(self.report(&a, Phase::Stopped, "stopped").await?),
             (DesiredState::Running, InstanceState::Running) if a.locked => {
                 match runtime.pause(&a.vnf).await {
-                    Ok(()) => self.report(&a, Phase::Locked, "paused by lock").await,
-                    Err(e) => self.fail(&a, format!("pause for lock failed: {e}")).await,
+                    Ok(()) => Ok(self.report(&a, Phase::Locked, "paused by lock").await?),
+                    Err(e) => {
+                        self.fail_retry(&a, format!("pause for lock failed: {e}"))
+                            .await
+                    }
                 }
             }
             (DesiredState::Running, InstanceState::Paused) if a.locked => {
-                self.report(&a, Phase::Locked, "paused by lock").await
+                Ok(self.report(&a, Phase::Locked, "paused by lock").await?)
             }
             (DesiredState::Running, InstanceState::Paused) => match runtime.resume(&a.vnf).await {
-                Ok(()) => self.report(&a, Phase::Running, "resumed").await,
-                Err(e) => self.fail(&a, format!("resume failed: {e}")).await,
+                Ok(()) => Ok(self.report(&a, Phase::Running, "resumed").await?),
+                Err(e) => self.fail_retry(&a, format!("resume failed: {e}")).await,
             },
             (DesiredState::Running, InstanceState::Running) => {
                 let reason = self.sync_devices(&a, runtime.as_ref()).await;
                 let reason = self.with_note(&a, reason).await;
-                self.report(&a, Phase::Running, reason).await
+                Ok(self.report(&a, Phase::Running, reason).await?)
             }
             (DesiredState::Running, InstanceState::Failed(reason)) => {
                 if retry_allowed && self.failure_already_reported(&a).await {
@@ -232,7 +462,7 @@ impl Agent {
                     let _ = runtime.remove(&a.vnf).await;
                     self.start(&a, &spec, runtime.as_ref()).await
                 } else {
-                    self.fail(&a, reason).await
+                    Ok(self.fail(&a, reason).await?)
                 }
             }
             (DesiredState::Running, InstanceState::Absent | InstanceState::Stopped) => {
@@ -313,6 +543,7 @@ impl Agent {
             })
     }
 
+    /// Reports the VNF Failed with `reason`; its start is not retried in this generation.
     async fn fail(&self, a: &Assignment, reason: String) -> Result<(), AgentError> {
         {
             let mut known = self.known.lock().await;
@@ -321,12 +552,14 @@ impl Agent {
         self.report(a, Phase::Failed, reason).await
     }
 
-    async fn start(
-        &self,
-        a: &Assignment,
-        spec: &InstanceSpec,
-        runtime: &dyn Runtime,
-    ) -> Result<(), AgentError> {
+    /// [`Inner::fail`] for an operation worth trying again (stop, pause, resume): the step
+    /// fails, so the queue retries it after a backoff.
+    async fn fail_retry(&self, a: &Assignment, reason: String) -> Step {
+        self.fail(a, reason.clone()).await?;
+        Err(StepError(reason))
+    }
+
+    async fn start(&self, a: &Assignment, spec: &InstanceSpec, runtime: &dyn Runtime) -> Step {
         self.report(a, Phase::Starting, "starting").await?;
         {
             // A fresh instance holds no devices until they are applied again.
@@ -336,7 +569,8 @@ impl Agent {
             entry.devices_refused = None;
         }
         if let Err(e) = runtime.start(spec).await {
-            return self.fail(a, e.to_string()).await;
+            // Not retried until the owner asks again (a new generation).
+            return Ok(self.fail(a, e.to_string()).await?);
         }
         let note = runtime.start_note(&a.vnf).await;
         self.known
@@ -351,13 +585,16 @@ impl Agent {
                     let reason = self
                         .with_note(a, "started and paused by lock".to_owned())
                         .await;
-                    self.report(a, Phase::Locked, reason).await
+                    Ok(self.report(a, Phase::Locked, reason).await?)
                 }
-                Err(e) => self.fail(a, format!("pause for lock failed: {e}")).await,
+                Err(e) => {
+                    self.fail_retry(a, format!("pause for lock failed: {e}"))
+                        .await
+                }
             };
         }
         let reason = self.sync_devices(a, runtime).await;
         let reason = self.with_note(a, reason).await;
-        self.report(a, Phase::Running, reason).await
+        Ok(self.report(a, Phase::Running, reason).await?)
     }
 }

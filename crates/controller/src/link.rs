@@ -15,11 +15,17 @@ use crate::service::Controller;
 
 pub struct LocalLink {
     controller: Arc<Controller>,
+    /// The assignment-change counter as this link last saw it.
+    changes: tokio::sync::Mutex<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl LocalLink {
     pub fn new(controller: Arc<Controller>) -> Self {
-        Self { controller }
+        let changes = tokio::sync::Mutex::new(controller.assignments_watch());
+        Self {
+            controller,
+            changes,
+        }
     }
 }
 
@@ -39,7 +45,10 @@ impl ControlLink for LocalLink {
             .map_err(|e| AgentError::Link(e.to_string()))
     }
 
+    /// Changes counted since the previous wait returned end this one at once.
     async fn wait_for_change(&self, max_wait: Duration) {
-        self.controller.assignments_changed(max_wait).await;
+        let mut changes = self.changes.lock().await;
+        // An error means the controller is gone: nothing will change any more.
+        let _ = tokio::time::timeout(max_wait, changes.changed()).await;
     }
 }

@@ -125,6 +125,9 @@ pub struct Controller {
     scheduler: Mutex<Scheduler>,
     /// Wakes agents: assignments may have changed.
     assignments_changed: Notify,
+    /// Counts assignment changes: each agent link keeps a receiver, so a change made while its
+    /// agent was busy is seen by its next wait.
+    assignments_version: tokio::sync::watch::Sender<u64>,
     /// Wakes the scheduling loop.
     schedule_wanted: Notify,
     metrics: Arc<Metrics>,
@@ -190,6 +193,7 @@ impl Controller {
             store,
             scheduler: Mutex::new(scheduler),
             assignments_changed: Notify::new(),
+            assignments_version: tokio::sync::watch::Sender::new(0),
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
             network_plane: std::sync::OnceLock::new(),
@@ -219,8 +223,16 @@ impl Controller {
         let _ = tokio::time::timeout(max_wait, self.assignments_changed.notified()).await;
     }
 
+    /// A receiver of the assignment-change counter: its `changed()` resolves once for every
+    /// change (or batch of changes) after the receiver last looked.
+    pub fn assignments_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.assignments_version.subscribe()
+    }
+
     fn changed(&self) {
         self.assignments_changed.notify_waiters();
+        self.assignments_version
+            .send_modify(|version| *version = version.wrapping_add(1));
         self.schedule_wanted.notify_one();
     }
 

@@ -348,6 +348,139 @@ fn engine(e: WasmEngine) -> EngineKind {
     }
 }
 
+/// VNF `name`'s map snapshot file in snapshot directory `dir`.
+fn snapshot_file(dir: &Path, name: &Name) -> PathBuf {
+    dir.join(format!("{name}.maps"))
+}
+
+/// Reads, verifies and instantiates modules: the blocking part of a start, owned apart from the
+/// runtime so that it can run on a blocking thread.
+struct Loader {
+    rt: Arc<rw::WasmRuntime>,
+    base_dir: PathBuf,
+    module_dir: Option<PathBuf>,
+    snapshot_dir: Option<PathBuf>,
+}
+
+/// An instance made by [`Loader::prepare`], not yet on the data plane.
+struct Prepared {
+    inst: VnfInstance,
+    hash: String,
+    note: Option<String>,
+}
+
+impl Loader {
+    /// Verifies and instantiates the VNF's module (a refused module fails with the verifier's
+    /// reason wherever it was placed) and restores its maps before its first batch.
+    fn prepare(&self, spec: &InstanceSpec) -> Result<Prepared, RuntimeFailure> {
+        let cfg = vnf_config(spec)?;
+        let wasm = spec
+            .descriptor
+            .spec
+            .wasm
+            .as_ref()
+            .ok_or_else(|| fail("spec.wasm is missing"))?;
+        let meta = self.install(&wasm.module, cfg.engine, &spec.domain)?;
+        check_budget(spec, &meta.manifest.maps, &cfg)?;
+        let mut inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
+        // Before the first batch: the instance is on no panel yet.
+        let note = self.restore_maps(&spec.name, &mut inst);
+        Ok(Prepared {
+            inst,
+            hash: meta.hash,
+            note,
+        })
+    }
+
+    /// The bytes of the module a descriptor names: an uploaded module (`sha256:<hex>`, from the
+    /// node's module directory, checked against its digest) or a file (relative paths against
+    /// the base directory). Either is read as a regular file of bounded size, never blocking,
+    /// never echoing its content.
+    fn module_bytes(&self, module: &str) -> Result<Vec<u8>, RuntimeFailure> {
+        let Some(digest) = telvirt_model::module_digest(module) else {
+            let path = self.base_dir.join(module);
+            return rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail);
+        };
+        let dir = self.module_dir.as_ref().ok_or_else(|| {
+            fail(format!(
+                "{module}: this node keeps no uploaded modules (no module directory)"
+            ))
+        })?;
+        let path = dir.join(format!("{digest}.wasm"));
+        let bytes = rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail)?;
+        if rw::verify::hex(&rw::verify::module_hash(&bytes)) != digest {
+            return Err(fail(format!(
+                "{module}: the kept file {} does not hash to its name; upload the module again",
+                path.display()
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Reads and installs a module file into security `domain` through the verifier and the
+    /// security manager. A refusal names the domain.
+    fn install(
+        &self,
+        path: &str,
+        kind: EngineKind,
+        domain: &str,
+    ) -> Result<rw::InstalledModule, RuntimeFailure> {
+        let bytes = self.module_bytes(path)?;
+        self.rt
+            .install(&InstallRequest {
+                bytes: &bytes,
+                domain,
+                signature: None,
+                precompile: &[kind],
+            })
+            .map_err(|e| match e {
+                rw::Error::Verification(_) => fail(format!(
+                    "{e} (the owning authority's security domain is `{domain}`)"
+                )),
+                e => fail(e),
+            })
+    }
+
+    /// Restores a new instance's maps from its snapshot, if one exists. Returns what happened,
+    /// for the VNF's reason; a snapshot that is corrupt or does not match the maps' layout is
+    /// not used (the maps start as `tv_init` left them).
+    fn restore_maps(&self, name: &Name, inst: &mut VnfInstance) -> Option<String> {
+        let path = snapshot_file(self.snapshot_dir.as_ref()?, name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                return Some(format!(
+                    "map snapshot {} not used ({e}); maps start empty",
+                    path.display()
+                ));
+            }
+        };
+        match inst.restore_maps(&bytes) {
+            Ok(()) => {
+                let counts: Vec<String> = inst
+                    .maps()
+                    .map(|m| {
+                        m.defs()
+                            .iter()
+                            .filter_map(|d| m.by_name(&d.name).map(|x| (d, x.len())))
+                            .map(|(d, n)| format!("{} {n}", d.name))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Some(format!(
+                    "maps restored from snapshot ({} entries)",
+                    counts.join(", ")
+                ))
+            }
+            Err(e) => Some(format!(
+                "map snapshot {} not used ({e}); maps start empty",
+                path.display()
+            )),
+        }
+    }
+}
+
 impl WasmRuntime {
     /// A runtime whose module store lives in `store_dir`, placing VNFs on `dataplane`; relative
     /// module paths resolve against `base_dir` (the serve process's working directory).
@@ -405,9 +538,7 @@ impl WasmRuntime {
 
     /// Where VNF `name`'s map snapshot is kept, when snapshots are kept.
     pub fn snapshot_path(&self, name: &Name) -> Option<PathBuf> {
-        self.snapshot_dir
-            .as_ref()
-            .map(|d| d.join(format!("{name}.maps")))
+        self.snapshot_dir.as_ref().map(|d| snapshot_file(d, name))
     }
 
     /// Writes the instance's maps to its snapshot file. Skipped when no map changed since the
@@ -442,45 +573,6 @@ impl WasmRuntime {
         };
         write_atomic(&path, &bytes)
             .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))
-    }
-
-    /// Restores a new instance's maps from its snapshot, if one exists. Returns what happened,
-    /// for the VNF's reason; a snapshot that is corrupt or does not match the maps' layout is
-    /// not used (the maps start as `tv_init` left them).
-    fn restore_maps(&self, name: &Name, inst: &mut VnfInstance) -> Option<String> {
-        let path = self.snapshot_path(name)?;
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                return Some(format!(
-                    "map snapshot {} not used ({e}); maps start empty",
-                    path.display()
-                ));
-            }
-        };
-        match inst.restore_maps(&bytes) {
-            Ok(()) => {
-                let counts: Vec<String> = inst
-                    .maps()
-                    .map(|m| {
-                        m.defs()
-                            .iter()
-                            .filter_map(|d| m.by_name(&d.name).map(|x| (d, x.len())))
-                            .map(|(d, n)| format!("{} {n}", d.name))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                Some(format!(
-                    "maps restored from snapshot ({} entries)",
-                    counts.join(", ")
-                ))
-            }
-            Err(e) => Some(format!(
-                "map snapshot {} not used ({e}); maps start empty",
-                path.display()
-            )),
-        }
     }
 
     /// Snapshots the maps of every running or locked VNF. With `last`, each VNF stops taking
@@ -539,53 +631,15 @@ impl WasmRuntime {
         Ok((Arc::clone(&e.inst), Arc::clone(&e.scheduled)))
     }
 
-    /// The bytes of the module a descriptor names: an uploaded module (`sha256:<hex>`, from the
-    /// node's module directory, checked against its digest) or a file (relative paths against
-    /// the base directory). Either is read as a regular file of bounded size, never blocking,
-    /// never echoing its content.
-    fn module_bytes(&self, module: &str) -> Result<Vec<u8>, RuntimeFailure> {
-        let Some(digest) = telvirt_model::module_digest(module) else {
-            let path = self.base_dir.join(module);
-            return rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail);
-        };
-        let dir = self.module_dir.as_ref().ok_or_else(|| {
-            fail(format!(
-                "{module}: this node keeps no uploaded modules (no module directory)"
-            ))
-        })?;
-        let path = dir.join(format!("{digest}.wasm"));
-        let bytes = rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail)?;
-        if rw::verify::hex(&rw::verify::module_hash(&bytes)) != digest {
-            return Err(fail(format!(
-                "{module}: the kept file {} does not hash to its name; upload the module again",
-                path.display()
-            )));
+    /// What reads, verifies and instantiates modules for this runtime, apart from it so the
+    /// work runs on a blocking thread.
+    fn loader(&self) -> Loader {
+        Loader {
+            rt: Arc::clone(&self.rt),
+            base_dir: self.base_dir.clone(),
+            module_dir: self.module_dir.clone(),
+            snapshot_dir: self.snapshot_dir.clone(),
         }
-        Ok(bytes)
-    }
-
-    /// Reads and installs a module file into security `domain` through the verifier and the
-    /// security manager. A refusal names the domain.
-    fn install(
-        &self,
-        path: &str,
-        kind: EngineKind,
-        domain: &str,
-    ) -> Result<rw::InstalledModule, RuntimeFailure> {
-        let bytes = self.module_bytes(path)?;
-        self.rt
-            .install(&InstallRequest {
-                bytes: &bytes,
-                domain,
-                signature: None,
-                precompile: &[kind],
-            })
-            .map_err(|e| match e {
-                rw::Error::Verification(_) => fail(format!(
-                    "{e} (the owning authority's security domain is `{domain}`)"
-                )),
-                e => fail(e),
-            })
     }
 
     /// Replaces a running VNF's module by the one in `module` (a path, relative to the base
@@ -597,7 +651,7 @@ impl WasmRuntime {
             let i = guard(&inst);
             (i.config().engine, i.module().domain.clone())
         };
-        let meta = self.install(module, kind, &domain)?;
+        let meta = self.loader().install(module, kind, &domain)?;
         self.rt.upgrade(&mut guard(&inst), &meta).map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
@@ -663,21 +717,9 @@ impl WasmRuntime {
         Ok(f(&mut guard(&inst)))
     }
 
-    fn start_blocking(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
-        let cfg = vnf_config(spec)?;
-        let wasm = spec
-            .descriptor
-            .spec
-            .wasm
-            .as_ref()
-            .ok_or_else(|| fail("spec.wasm is missing"))?;
-        // Verify and instantiate first: a refused module fails with the verifier's reason
-        // wherever it was placed.
-        let meta = self.install(&wasm.module, cfg.engine, &spec.domain)?;
-        check_budget(spec, &meta.manifest.maps, &cfg)?;
-        let mut inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
-        // Before the first batch: the instance is on no panel yet.
-        let note = self.restore_maps(&spec.name, &mut inst);
+    /// Puts an instance [`Loader::prepare`] made on the data-plane worker of the VNF's CPU.
+    fn place(&self, spec: &InstanceSpec, prepared: Prepared) -> Result<(), RuntimeFailure> {
+        let Prepared { inst, hash, note } = prepared;
         let cpu = spec
             .placement
             .vcpus
@@ -725,7 +767,7 @@ impl WasmRuntime {
             Entry {
                 inst,
                 scheduled,
-                module_hash: meta.hash,
+                module_hash: hash,
                 stopped: false,
                 note,
             },
@@ -741,8 +783,14 @@ impl Runtime for WasmRuntime {
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
-        // Compiling a module takes milliseconds; the reconcile loop handles one VNF at a time.
-        self.start_blocking(spec)
+        // Reading, verifying and compiling a module and reading its map snapshot block: they
+        // run on a blocking thread, not on the agent's async workers.
+        let loader = self.loader();
+        let owned = spec.clone();
+        let prepared = tokio::task::spawn_blocking(move || loader.prepare(&owned))
+            .await
+            .map_err(|e| fail(format!("preparing the module of {} failed: {e}", spec.name)))??;
+        self.place(spec, prepared)
     }
 
     /// Wasm instances live in the agent process: after a restart there is nothing to adopt.
