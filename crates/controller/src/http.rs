@@ -360,16 +360,48 @@ async fn vnf_schema() -> Json<serde_json::Value> {
     Json(descriptor_schema())
 }
 
+/// The response header carrying the token of the next page of a list.
+pub const CONTINUE_HEADER: &str = "x-continue";
+
 #[utoipa::path(get, path = "/v1/vnfs", tag = "vnfs", security(("bearer" = [])),
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "At most this many VNFs (1 to 1000); without it, every matching VNF"),
+        ("continue" = Option<String>, Query, description = "The `X-Continue` header of the previous page: this page starts after its last VNF"),
+        ("labelSelector" = Option<String>, Query, description = "Comma-separated requirements on `metadata.labels`, all of which must hold: `key=value` (or `key==value`), `key!=value` (absent or another value), `key` (present), `!key` (absent)"),
+    ),
     responses(
-        (status = 200, description = "The VNFs the caller may see", body = [Vnf]),
+        (status = 200, description = "The VNFs the caller may see that match, in name order. When more may follow, the `X-Continue` header holds the token of the next page", body = [Vnf],
+            headers(("X-Continue" = String, description = "Token of the next page: pass it as `continue`; absent on the last page"))),
+        (status = 400, description = "The query string is not form-encoded", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A bad `limit`, `continue` or `labelSelector`, or an unknown or repeated parameter; `errors` names it", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn list_vnfs(
     State(s): State<AppState>,
     Authed(caller): Authed,
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
 ) -> Result<Response, ApiError> {
-    Ok(json(StatusCode::OK, &s.controller.vnfs(&caller).await?))
+    let axum::extract::Query(pairs) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-query",
+            format!("the query string is not form-encoded: {e}"),
+        )
+    })?;
+    let query =
+        crate::listing::ListQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(ControllerError::Invalid)?;
+    let page = s.controller.vnf_page(&caller, &query).await?;
+    let mut response = json(StatusCode::OK, &page.items);
+    if let Some(token) = page.continue_token {
+        let value = HeaderValue::from_str(&token)
+            .map_err(|e| ControllerError::Corrupt(format!("continue token {token:?}: {e}")))?;
+        response.headers_mut().insert(CONTINUE_HEADER, value);
+    }
+    Ok(response)
 }
 
 #[utoipa::path(post, path = "/v1/vnfs", tag = "vnfs", security(("bearer" = [])),

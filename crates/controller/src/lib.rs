@@ -8,6 +8,7 @@ pub mod auth;
 pub mod health;
 pub mod http;
 pub mod link;
+pub mod listing;
 pub mod maps;
 pub mod metrics;
 pub mod modules;

@@ -508,15 +508,63 @@ impl Controller {
         Ok(vnf)
     }
 
+    /// Every VNF `caller` may see, in name order.
     pub async fn vnfs(&self, caller: &Caller) -> Result<Vec<Vnf>> {
-        let mut out = Vec::new();
-        for (key, v) in self.store.list(records::VNFS).await? {
-            let record: VnfRecord = decode(&key, &v.value)?;
-            if caller.may_see(&record.vnf) {
-                out.push(record.vnf);
+        Ok(self
+            .vnf_page(caller, &crate::listing::ListQuery::default())
+            .await?
+            .items)
+    }
+
+    /// One page of the VNFs `caller` may see that match the query's selector, in name order,
+    /// starting after its continue token. The store is read in key-ordered chunks from the
+    /// token, so a page reads about as many records as it returns (more when the selector or
+    /// visibility skips some), never the whole list unless asked to. Pages never repeat a VNF,
+    /// and every VNF that exists from the first page to the last is on one of them.
+    pub async fn vnf_page(
+        &self,
+        caller: &Caller,
+        query: &crate::listing::ListQuery,
+    ) -> Result<crate::listing::Page<Vnf>> {
+        /// Records read per store call when no smaller page is asked for.
+        const CHUNK: usize = 512;
+        let want = query.limit.unwrap_or(usize::MAX);
+        let mut cursor = query.after.as_ref().map(|n| vnf_key(n.as_str()));
+        let mut items: Vec<Vnf> = Vec::new();
+        loop {
+            // One more than the page, to learn whether another page follows.
+            let chunk_len = want.saturating_add(1).min(CHUNK);
+            let chunk = self
+                .store
+                .list_range(records::VNFS, cursor.as_deref(), chunk_len)
+                .await?;
+            let exhausted = chunk.len() < chunk_len;
+            for (key, v) in chunk {
+                let record: VnfRecord = decode(&key, &v.value)?;
+                cursor = Some(key);
+                let vnf = record.vnf;
+                if !caller.may_see(&vnf) || !query.selector.matches(&vnf.descriptor.metadata.labels)
+                {
+                    continue;
+                }
+                if items.len() == want {
+                    let continue_token = items
+                        .last()
+                        .map(|last| crate::listing::token_after(&last.name));
+                    return Ok(crate::listing::Page {
+                        items,
+                        continue_token,
+                    });
+                }
+                items.push(vnf);
+            }
+            if exhausted {
+                return Ok(crate::listing::Page {
+                    items,
+                    continue_token: None,
+                });
             }
         }
-        Ok(out)
     }
 
     pub async fn vnf(&self, caller: &Caller, name: &str) -> Result<Vnf> {

@@ -122,7 +122,15 @@ pub enum VnfCommand {
     },
     /// List the VNFs you may see
     #[command(alias = "ls")]
-    List,
+    List {
+        /// Only VNFs whose labels match: comma-separated `key=value`, `key!=value`, `key`
+        /// (present) or `!key` (absent), all of which must hold
+        #[arg(short = 'l', long = "selector")]
+        selector: Option<String>,
+        /// VNFs asked per request (1 to 1000); every page is fetched and printed
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: Option<u32>,
+    },
     /// Show one VNF with its placement
     Show { name: String },
     /// Show a VNF's lifecycle events

@@ -15,9 +15,10 @@ pub struct Client {
     token: String,
 }
 
-/// A call's answer: its status and body.
+/// A call's answer: its status, headers and body.
 pub struct Answer {
     pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -54,9 +55,14 @@ impl Client {
             .await
             .map_err(|e| anyhow!("cannot reach telvirt at {}: {e}", self.base))?;
         let status = response.status();
+        let headers = response.headers().clone();
         let body = response.bytes().await?.to_vec();
         if status.is_success() {
-            return Ok(Answer { status, body });
+            return Ok(Answer {
+                status,
+                headers,
+                body,
+            });
         }
         let detail = serde_json::from_slice::<Problem>(&body)
             .map(|p| {
@@ -102,6 +108,53 @@ impl Client {
         self.call(Method::GET, path, None).await?.json()
     }
 
+    /// Every item of a paged list at `path` (a path without a query string), asking `query`
+    /// (already encoded `name=value` pairs) and following the server's `X-Continue` tokens
+    /// to the last page.
+    pub async fn get_all_pages<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Vec<T>> {
+        let mut items = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut pairs: Vec<String> = query
+                .iter()
+                .map(|(k, v)| format!("{k}={}", encode_query_value(v)))
+                .collect();
+            if let Some(t) = &token {
+                pairs.push(format!("continue={}", encode_query_value(t)));
+            }
+            let url = if pairs.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{}", pairs.join("&"))
+            };
+            let answer = self.call(Method::GET, &url, None).await?;
+            let page: Vec<T> = answer.json()?;
+            items.extend(page);
+            let next = match answer.headers.get("x-continue") {
+                Some(v) => Some(
+                    v.to_str()
+                        .map_err(|_| anyhow!("the server's continue token is not text"))?
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            match next {
+                // A token that does not move on would loop for ever.
+                Some(t) if token.as_deref() == Some(t.as_str()) => {
+                    return Err(anyhow!(
+                        "the server gave the same continue token {t:?} twice; stopping"
+                    ));
+                }
+                Some(t) => token = Some(t),
+                None => return Ok(items),
+            }
+        }
+    }
+
     pub async fn get_text(&self, path: &str) -> Result<String> {
         let answer = self.call(Method::GET, path, None).await?;
         Ok(String::from_utf8_lossy(&answer.body).into_owned())
@@ -109,5 +162,30 @@ impl Client {
 
     pub async fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.call(Method::POST, path, None).await?.json()
+    }
+}
+
+/// Percent-encodes a query value (everything but unreserved characters).
+fn encode_query_value(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn query_values_are_percent_encoded() {
+        assert_eq!(
+            super::encode_query_value("role=edge,!zone,a b"),
+            "role%3Dedge%2C%21zone%2Ca%20b"
+        );
+        assert_eq!(super::encode_query_value("fw-1.x_y"), "fw-1.x_y");
     }
 }

@@ -158,8 +158,15 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
                 println!("vnf/{} created ({})", vnf.name, vnf.phase);
             }
         }
-        VnfCommand::List => {
-            let vnfs: Vec<Vnf> = client.get("/v1/vnfs").await?;
+        VnfCommand::List { selector, limit } => {
+            let mut query = Vec::new();
+            if let Some(limit) = limit {
+                query.push(("limit", limit.to_string()));
+            }
+            if let Some(selector) = selector {
+                query.push(("labelSelector", selector));
+            }
+            let vnfs: Vec<Vnf> = client.get_all_pages("/v1/vnfs", &query).await?;
             if !output::structured(format, &vnfs)? {
                 println!("{}", output::vnf_table(&vnfs));
             }

@@ -284,6 +284,47 @@ impl Node {
         .await
     }
 
+    /// `GET /v1/vnfs?{query}` (query already encoded), checked against the OpenAPI document;
+    /// with the `X-Continue` header, which must be documented when it is sent.
+    pub async fn list_vnfs(&self, token: &str, query: &str) -> (Reply, Option<String>) {
+        let resp = self
+            .http
+            .get(format!("{}/v1/vnfs?{query}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let next = resp
+            .headers()
+            .get("x-continue")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+            .unwrap_or_default();
+        let body: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+        self.check_against_openapi("GET", "/v1/vnfs", status, &content_type, &body);
+        if next.is_some() {
+            assert!(
+                self.openapi
+                    .pointer(&format!(
+                        "/paths/{}/get/responses/{status}/headers/X-Continue",
+                        escape("/v1/vnfs")
+                    ))
+                    .is_some(),
+                "GET /v1/vnfs {status} sent X-Continue, which the OpenAPI document does not list"
+            );
+        }
+        let reply = Reply {
+            status,
+            content_type,
+            body,
+        };
+        (reply, next)
+    }
+
     /// Names of the VNFs `token` can list.
     pub async fn names(&self, token: &str) -> Vec<String> {
         let r = self.call("GET", "/v1/vnfs", None, Some(token), None).await;

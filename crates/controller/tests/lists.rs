@@ -1,0 +1,232 @@
+//! `GET /v1/vnfs` pages and label selectors on a real node, every answer checked against the
+//! OpenAPI document (including the `X-Continue` header).
+
+mod common;
+
+use std::collections::BTreeSet;
+
+use common::{Node, wasm_vnf};
+
+/// A wasm VNF with `labels` (YAML flow mapping body, e.g. `role: edge, zone: a`).
+fn labelled(name: &str, labels: &str) -> String {
+    wasm_vnf(name).replace(
+        &format!("metadata: {{ name: {name} }}"),
+        &format!("metadata: {{ name: {name}, labels: {{ {labels} }} }}"),
+    )
+}
+
+/// Percent-encodes a query value.
+fn enc(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn names(reply: &common::Reply) -> Vec<String> {
+    reply
+        .body
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {}", reply.body))
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Every page of `query` with `limit`, following continue tokens: the pages' names.
+async fn pages(node: &Node, token: &str, limit: usize, query: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut next: Option<String> = None;
+    loop {
+        let mut q = format!("limit={limit}");
+        if !query.is_empty() {
+            q.push('&');
+            q.push_str(query);
+        }
+        if let Some(t) = &next {
+            q.push_str(&format!("&continue={}", enc(t)));
+        }
+        let (reply, token_next) = node.list_vnfs(token, &q).await;
+        assert_eq!(reply.status, 200, "{q}: {}", reply.body);
+        let page = names(&reply);
+        assert!(page.len() <= limit, "{q}: {} > {limit}", page.len());
+        out.push(page);
+        match token_next {
+            Some(t) => next = Some(t),
+            None => return out,
+        }
+        assert!(out.len() < 1000, "the pages never end");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_cover_every_vnf_exactly_once_while_others_are_created() {
+    let node = Node::start().await;
+    let mut before = BTreeSet::new();
+    for i in 0..23 {
+        let name = format!("fw{i:02}");
+        let r = node.create_vnf(&node.admin, &wasm_vnf(&name)).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        before.insert(name);
+    }
+
+    // Without a limit: everything, no token (the answer callers got before pages existed).
+    let (all, next) = node.list_vnfs(&node.admin, "").await;
+    assert_eq!(all.status, 200);
+    assert_eq!(next, None);
+    assert_eq!(names(&all), before.iter().cloned().collect::<Vec<_>>());
+
+    // Exactly a page's worth: one page, no token pointing at an empty one.
+    let (one, next) = node.list_vnfs(&node.admin, "limit=23").await;
+    assert_eq!(names(&one).len(), 23);
+    assert_eq!(next, None);
+
+    // Pages of 4 while another task creates VNFs whose names sort before, among and after.
+    let creator = {
+        let base = node.base.clone();
+        let admin = node.admin.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut made = Vec::new();
+            for i in 0..15 {
+                let name = match i % 3 {
+                    0 => format!("a-{i}"),
+                    1 => format!("fw{:02}x", i),
+                    _ => format!("zz-{i}"),
+                };
+                let r = http
+                    .post(format!("{base}/v1/vnfs"))
+                    .bearer_auth(&admin)
+                    .header("content-type", "application/yaml")
+                    .body(wasm_vnf(&name))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 201);
+                made.push(name);
+            }
+            made
+        })
+    };
+    let listed = pages(&node, &node.admin, 4, "").await;
+    let made = creator.await.unwrap();
+
+    let flat: Vec<String> = listed.iter().flatten().cloned().collect();
+    let unique: BTreeSet<String> = flat.iter().cloned().collect();
+    assert_eq!(unique.len(), flat.len(), "a VNF was listed twice: {flat:?}");
+    let mut sorted = flat.clone();
+    sorted.sort();
+    assert_eq!(flat, sorted, "pages are not in name order");
+    for name in &before {
+        assert!(
+            unique.contains(name),
+            "{name} existed throughout but was not listed"
+        );
+    }
+    for name in &unique {
+        assert!(
+            before.contains(name) || made.contains(name),
+            "{name} was never created"
+        );
+    }
+    for page in &listed[..listed.len() - 1] {
+        assert_eq!(page.len(), 4, "a page before the last is short: {listed:?}");
+    }
+
+    // Once quiet, paging yields exactly the unpaged list.
+    let quiet: Vec<String> = pages(&node, &node.admin, 7, "").await.concat();
+    let (whole, _) = node.list_vnfs(&node.admin, "").await;
+    assert_eq!(quiet, names(&whole));
+    assert_eq!(quiet.len(), 23 + 15);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_selectors_filter_by_each_operator_and_within_the_callers_vnfs() {
+    let node = Node::start().await;
+    let ent = node.create_authority("ent1").await;
+    for (token, name, labels) in [
+        (&node.admin, "edge-a", "role: edge, zone: a"),
+        (&node.admin, "edge-b", "role: edge, zone: b"),
+        (&node.admin, "core-a", "role: core, zone: a"),
+        (&node.admin, "plain", ""),
+        (&ent, "ent-edge", "role: edge, zone: a"),
+    ] {
+        let r = node.create_vnf(token, &labelled(name, labels)).await;
+        assert_eq!(r.status, 201, "{name}: {}", r.body);
+    }
+    let select = |selector: &'static str| {
+        let node = &node;
+        async move {
+            let (reply, next) = node
+                .list_vnfs(&node.admin, &format!("labelSelector={}", enc(selector)))
+                .await;
+            assert_eq!(reply.status, 200, "{selector}: {}", reply.body);
+            assert_eq!(next, None);
+            names(&reply)
+        }
+    };
+    assert_eq!(select("role=edge").await, ["edge-a", "edge-b", "ent-edge"]);
+    assert_eq!(select("role==edge").await, ["edge-a", "edge-b", "ent-edge"]);
+    assert_eq!(select("role!=edge").await, ["core-a", "plain"]);
+    assert_eq!(
+        select("zone").await,
+        ["core-a", "edge-a", "edge-b", "ent-edge"]
+    );
+    assert_eq!(select("!zone").await, ["plain"]);
+    assert_eq!(select("role=edge,zone=a").await, ["edge-a", "ent-edge"]);
+    assert_eq!(select("role=edge, zone!=a").await, ["edge-b"]);
+    assert!(select("role=none").await.is_empty());
+    assert_eq!(select("").await.len(), 5);
+
+    // An authority's selection holds only its own VNFs.
+    let (r, _) = node
+        .list_vnfs(&ent, &format!("labelSelector={}", enc("role=edge")))
+        .await;
+    assert_eq!(names(&r), ["ent-edge"]);
+
+    // Pages of a selection skip what does not match and still end.
+    let paged = pages(
+        &node,
+        &node.admin,
+        1,
+        &format!("labelSelector={}", enc("zone=a")),
+    )
+    .await;
+    assert_eq!(paged, [vec!["core-a"], vec!["edge-a"], vec!["ent-edge"]]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_list_parameters_are_refused_naming_them() {
+    let node = Node::start().await;
+    let r = node.create_vnf(&node.admin, &wasm_vnf("fw1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    for (query, param) in [
+        ("limit=0".to_owned(), "limit"),
+        ("limit=1001".to_owned(), "limit"),
+        ("limit=ten".to_owned(), "limit"),
+        ("limit=".to_owned(), "limit"),
+        ("limit=1&limit=2".to_owned(), "limit"),
+        (format!("continue={}", enc("/vnfs/fw1")), "continue"),
+        ("continue=".to_owned(), "continue"),
+        (
+            format!("labelSelector={}", enc("role=edge,")),
+            "labelSelector",
+        ),
+        (
+            format!("labelSelector={}", enc("role in (a)")),
+            "labelSelector",
+        ),
+        (format!("labelSelector={}", enc("ro le=x")), "labelSelector"),
+        ("selector=role".to_owned(), "selector"),
+    ] {
+        let (r, next) = node.list_vnfs(&node.admin, &query).await;
+        assert_eq!(r.status, 422, "{query}: {}", r.body);
+        assert_eq!(r.error_paths(), [param], "{query}: {}", r.body);
+        assert_eq!(next, None);
+    }
+    // Nothing changed: the list is as before.
+    assert_eq!(node.names(&node.admin).await, ["fw1"]);
+}
