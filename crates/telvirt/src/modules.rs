@@ -184,6 +184,21 @@ pub async fn resolve_descriptor(
         return Ok((bytes, format));
     };
     let uploaded = upload(client, &path).await?;
+    // Keep the operator's text (so the server's line and column numbers point into their
+    // file) when the module's path stands in it once; else send the edited document as JSON.
+    if let Ok(text) = std::str::from_utf8(&bytes)
+        && text.matches(module.as_str()).count() == 1
+    {
+        let replaced = text.replacen(module.as_str(), &uploaded.reference, 1);
+        if telvirt_model::from_text::<serde_json::Value>(replaced.as_bytes(), format).is_ok_and(
+            |d| {
+                d.pointer("/spec/wasm/module").and_then(|m| m.as_str())
+                    == Some(uploaded.reference.as_str())
+            },
+        ) {
+            return Ok((replaced.into_bytes(), format));
+        }
+    }
     if let Some(slot) = doc.pointer_mut("/spec/wasm/module") {
         *slot = serde_json::Value::String(uploaded.reference);
     }
