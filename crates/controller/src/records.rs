@@ -16,6 +16,20 @@ pub const TOKENS: &str = "/tokens/";
 pub const GRANTS: &str = "/grants/";
 pub const MODULES: &str = "/modules/";
 
+/// The pending index: one empty key per VNF that waits for a placement (phase Pending, not
+/// being deleted), written in the same transaction as the VNF record, so a scheduling pass
+/// reads only these instead of every VNF.
+pub const PENDING: &str = "/pending/";
+
+pub fn pending_key(vnf: &str) -> String {
+    format!("{PENDING}{vnf}")
+}
+
+/// Whether a VNF belongs in the pending index.
+pub fn wants_placement(record: &VnfRecord) -> bool {
+    record.vnf.phase == telvirt_model::Phase::Pending && !record.deleting
+}
+
 pub fn vnf_key(name: &str) -> String {
     format!("{VNFS}{name}")
 }

@@ -186,6 +186,7 @@ impl Controller {
             }
             scheduler.restore(&alloc)?;
         }
+        rebuild_pending_index(store.as_ref()).await?;
         let health = Arc::new(crate::health::HealthRegistry::new());
         health.follow_store(Arc::clone(&store));
         Ok(Arc::new(Self {
@@ -495,6 +496,11 @@ impl Controller {
                         value: encode(&event)?,
                         lease: None,
                     },
+                    Op::Put {
+                        key: records::pending_key(name.as_str()),
+                        value: Vec::new(),
+                        lease: None,
+                    },
                 ],
             )
             .await?;
@@ -618,6 +624,7 @@ impl Controller {
                 value: encode(&record)?,
                 lease: None,
             });
+            ops.extend(pending_op(records::wants_placement(&before), &record));
             let compare = Compare::ModRevision {
                 key: vnf_key(name),
                 revision: rev,
@@ -836,6 +843,9 @@ impl Controller {
                 Op::Delete {
                     key: allocation_key(name),
                 },
+                Op::Delete {
+                    key: records::pending_key(name),
+                },
             ];
             // Events are only written together with their VNF record, so the condition on the
             // record's revision also guarantees this list is complete.
@@ -874,15 +884,15 @@ impl Controller {
         }
     }
 
-    /// Places every Pending VNF it can; records why for those it cannot. The list read first
-    /// is only a hint: each VNF is read again under the scheduler lock before it is placed.
+    /// Places every Pending VNF it can; records why for those it cannot. Reads only the pending
+    /// index (`/pending/`), never every VNF; the index is only a hint: each VNF is read again
+    /// under the scheduler lock before it is placed.
     pub async fn schedule_pending(&self) -> Result<()> {
-        for (key, v) in self.store.list(records::VNFS).await? {
-            let record: VnfRecord = decode(&key, &v.value)?;
-            if record.vnf.phase != Phase::Pending || record.deleting {
+        for (key, _) in self.store.list(records::PENDING).await? {
+            let Some(name) = key.strip_prefix(records::PENDING) else {
                 continue;
-            }
-            match self.schedule_one(record.vnf.name.as_str()).await {
+            };
+            match self.schedule_one(name).await {
                 // Deleted meanwhile, or changing too fast: the next pass sees it as it is then.
                 Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
                 Err(e) => return Err(e),
@@ -901,9 +911,11 @@ impl Controller {
         for _ in 0..CAS_RETRIES {
             let mut scheduler = self.scheduler.lock().await;
             let Some((record, rev)) = self.load(name).await? else {
+                self.drop_pending_entry(name, 0).await?;
                 return Ok(());
             };
-            if record.vnf.phase != Phase::Pending || record.deleting {
+            if !records::wants_placement(&record) {
+                self.drop_pending_entry(name, rev).await?;
                 return Ok(());
             }
             let request = placement::vnf_request(&record.vnf);
@@ -979,6 +991,24 @@ impl Controller {
         Err(ControllerError::Conflict(format!(
             "vnf {name} kept changing while it was being placed"
         )))
+    }
+
+    /// Deletes the pending index entry of VNF `name`, which does not wait for a placement as
+    /// read at revision `rev` (0: absent), conditioned on the VNF still being so; an entry only
+    /// a store from before the index, or a crash of an older version, can leave behind.
+    async fn drop_pending_entry(&self, name: &str, rev: u64) -> Result<()> {
+        let key = records::pending_key(name);
+        if self.store.get(&key).await?.is_none() {
+            return Ok(());
+        }
+        let compare = Compare::ModRevision {
+            key: vnf_key(name),
+            revision: rev,
+        };
+        self.store
+            .txn(vec![compare], vec![Op::Delete { key }])
+            .await?;
+        Ok(())
     }
 
     /// The placement VNF `name` already holds, if it was made for `request` (the same ask by
@@ -1210,8 +1240,25 @@ fn confined(
     }
 }
 
-/// The writes of a phase transition already applied to `record` (from phase `from`): its event
-/// and the record itself, with `updated_at` and `last_event` advanced, as `update` writes them.
+/// The write that keeps the pending index (`/pending/<vnf>`) in step with a VNF record written
+/// in the same transaction: put when it now waits for a placement, deleted when it no longer
+/// does; none when that did not change (`was_pending`: whether it waited before).
+fn pending_op(was_pending: bool, record: &VnfRecord) -> Option<Op> {
+    let key = records::pending_key(record.vnf.name.as_str());
+    match (was_pending, records::wants_placement(record)) {
+        (false, true) => Some(Op::Put {
+            key,
+            value: Vec::new(),
+            lease: None,
+        }),
+        (true, false) => Some(Op::Delete { key }),
+        _ => None,
+    }
+}
+
+/// The writes of a phase transition already applied to `record` (from phase `from`): its event,
+/// the record itself, with `updated_at` and `last_event` advanced, as `update` writes them, and
+/// its pending index entry (put when it is now Pending, deleted when it left Pending).
 fn transition_ops(
     record: &mut VnfRecord,
     from: Phase,
@@ -1231,7 +1278,7 @@ fn transition_ops(
         reason: reason.to_owned(),
         actor: actor.to_owned(),
     };
-    Ok(vec![
+    let mut ops = vec![
         Op::Put {
             key: event_key(name, record.last_event),
             value: encode(&event)?,
@@ -1242,7 +1289,21 @@ fn transition_ops(
             value: encode(record)?,
             lease: None,
         },
-    ])
+    ];
+    // Put even when it was Pending before: a store written before the index existed may lack
+    // the entry, and a put of a present key is harmless.
+    if records::wants_placement(record) {
+        ops.push(Op::Put {
+            key: records::pending_key(name),
+            value: Vec::new(),
+            lease: None,
+        });
+    } else if from == Phase::Pending {
+        ops.push(Op::Delete {
+            key: records::pending_key(name),
+        });
+    }
+    Ok(ops)
 }
 
 /// Whether an allocation made for `stored` belongs to a VNF that asks for `current`: the same
@@ -1254,6 +1315,61 @@ fn made_for(stored: &telvirt_sched::VnfRequest, current: &telvirt_sched::VnfRequ
         ..stored.clone()
     };
     stored == *current
+}
+
+/// Makes the pending index (`/pending/`) hold exactly the VNFs that wait for a placement, once
+/// at open: a store written before the index existed has none, and nothing else adds the
+/// entries of VNFs that were already Pending then. Each change is one transaction conditioned
+/// on the VNF as read; one that lost a race is left to the writer that won it (every writer
+/// keeps the index in the VNF's own transaction). Returns how many entries it changed.
+async fn rebuild_pending_index(store: &dyn Store) -> Result<usize> {
+    let mut indexed: BTreeSet<String> = store
+        .list(records::PENDING)
+        .await?
+        .into_iter()
+        .filter_map(|(key, _)| key.strip_prefix(records::PENDING).map(str::to_owned))
+        .collect();
+    let mut changed = 0;
+    for (key, v) in store.list(records::VNFS).await? {
+        let record: VnfRecord = decode(&key, &v.value)?;
+        let name = record.vnf.name.as_str();
+        let present = indexed.remove(name);
+        let op = match (present, records::wants_placement(&record)) {
+            (false, true) => Op::Put {
+                key: records::pending_key(name),
+                value: Vec::new(),
+                lease: None,
+            },
+            (true, false) => Op::Delete {
+                key: records::pending_key(name),
+            },
+            _ => continue,
+        };
+        let compare = Compare::ModRevision {
+            key,
+            revision: v.mod_revision,
+        };
+        if store.txn(vec![compare], vec![op]).await?.succeeded {
+            changed += 1;
+        }
+    }
+    // Entries of VNFs that do not exist.
+    for name in indexed {
+        let compare = Compare::ModRevision {
+            key: vnf_key(&name),
+            revision: 0,
+        };
+        let op = Op::Delete {
+            key: records::pending_key(&name),
+        };
+        if store.txn(vec![compare], vec![op]).await?.succeeded {
+            changed += 1;
+        }
+    }
+    if changed > 0 {
+        tracing::info!("pending index: {changed} entries brought in step with the stored VNFs");
+    }
+    Ok(changed)
 }
 
 /// Heals a leak an older version left in the store, before the scheduler is rebuilt from it:

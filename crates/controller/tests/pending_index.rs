@@ -1,0 +1,263 @@
+//! The pending index (`/pending/<vnf>`): a scheduling pass reads only it, not every VNF; it is
+//! written and removed in the VNF's own transactions; opening a store written before it existed
+//! (or left out of step) rebuilds it. The controller runs over a real redb store seen through a
+//! counting wrapper, which records which keys each pass reads.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use telvirt_controller::records::{self, VnfRecord};
+use telvirt_controller::{Caller, Controller, Deletion, HostRecord};
+use telvirt_model::{Format, Phase};
+use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
+use telvirt_store::{
+    Compare, LeaseId, Op, RedbStore, Store, StoreError, StoreHealth, TxnOutcome, Versioned, Watch,
+};
+
+/// A store that records the prefixes it lists and the keys it reads, over a real redb store.
+struct Counting {
+    inner: Arc<RedbStore>,
+    lists: Mutex<Vec<String>>,
+    gets: Mutex<Vec<String>>,
+}
+
+impl Counting {
+    fn new(inner: Arc<RedbStore>) -> Arc<Self> {
+        Arc::new(Self {
+            inner,
+            lists: Mutex::new(Vec::new()),
+            gets: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// What was listed and read since the last call, and forgets it.
+    fn take(&self) -> (Vec<String>, Vec<String>) {
+        (
+            std::mem::take(&mut *self.lists.lock().unwrap()),
+            std::mem::take(&mut *self.gets.lock().unwrap()),
+        )
+    }
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        self.gets.lock().unwrap().push(key.to_owned());
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        self.lists.lock().unwrap().push(prefix.to_owned());
+        self.inner.list(prefix).await
+    }
+    async fn list_range(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Versioned)>, StoreError> {
+        self.lists.lock().unwrap().push(prefix.to_owned());
+        self.inner.list_range(prefix, start_after, limit).await
+    }
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
+        self.inner.txn(compares, ops).await
+    }
+    async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
+        self.inner.watch(prefix).await
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        self.inner.grant_lease(ttl).await
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.inner.revoke(lease).await
+    }
+    fn health(&self) -> StoreHealth {
+        self.inner.health()
+    }
+}
+
+fn admin() -> Caller {
+    Caller {
+        name: "admin".into(),
+    }
+}
+
+/// A wasm VNF of `count` workers in the admin's shared group `g` (`None`: dedicated).
+fn descriptor(name: &str, count: u32, shared: bool) -> String {
+    let cpu = if shared {
+        format!("{{ policy: shared, count: {count}, group: g }}")
+    } else {
+        format!("{{ policy: dedicated, count: {count} }}")
+    };
+    format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {cpu}\n  ports: [in, out]\n  wasm:\n    module: /srv/telvirt/fw.wasm\n    limits: {{ memory: 16MiB }}\n"
+    )
+}
+
+/// A host of 8 cores without an agent, so placed VNFs stay Scheduled.
+fn host() -> HostRecord {
+    HostRecord {
+        spec: HostSpec {
+            name: "h1".into(),
+            topology: Some(TopologySpec {
+                sockets: 1,
+                cores_per_socket: 8,
+                threads_per_core: 1,
+                numa_nodes_per_socket: 1,
+                memory_per_node: None,
+            }),
+            shared: "0".parse().unwrap(),
+            ..HostSpec::default()
+        },
+        memory_bytes: 0,
+        hugepages: Vec::new(),
+        runtimes: Vec::new(),
+        agent: false,
+    }
+}
+
+async fn open(path: &std::path::Path) -> (Arc<Controller>, Arc<Counting>) {
+    let store = Counting::new(RedbStore::open(path).unwrap());
+    // Room for every test VNF in the admin's shared group.
+    let config = SchedConfig {
+        shared_core_capacity: 64,
+        ..SchedConfig::default()
+    };
+    let controller = Controller::open(store.clone(), config).await.unwrap();
+    controller.register_host(host()).await.unwrap();
+    (controller, store)
+}
+
+async fn create(c: &Controller, name: &str, count: u32, shared: bool) {
+    c.create_vnf(
+        &admin(),
+        descriptor(name, count, shared).as_bytes(),
+        Format::Yaml,
+    )
+    .await
+    .unwrap();
+}
+
+/// The names in the pending index.
+async fn index(store: &dyn Store) -> Vec<String> {
+    store
+        .list(records::PENDING)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k.strip_prefix(records::PENDING).unwrap().to_owned())
+        .collect()
+}
+
+/// The names of the stored VNFs that wait for a placement, read from the VNFs themselves.
+async fn waiting(store: &dyn Store) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, v) in store.list(records::VNFS).await.unwrap() {
+        let r: VnfRecord = serde_json::from_slice(&v.value).unwrap();
+        if records::wants_placement(&r) {
+            out.push(r.vnf.name.to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_scheduling_pass_reads_only_the_pending_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, store) = open(&dir.path().join("store.redb")).await;
+    for i in 0..60 {
+        create(&c, &format!("vnf{i:02}"), 1, true).await;
+    }
+    assert_eq!(index(store.as_ref()).await.len(), 60);
+    c.schedule_pending().await.unwrap();
+    assert!(
+        waiting(store.as_ref()).await.is_empty(),
+        "all fit in the group"
+    );
+    assert!(index(store.as_ref()).await.is_empty());
+
+    // Nothing pending: a pass lists the index and reads no VNF.
+    store.take();
+    c.schedule_pending().await.unwrap();
+    let (lists, gets) = store.take();
+    assert_eq!(lists, [records::PENDING]);
+    assert!(gets.is_empty(), "read {gets:?}");
+
+    // Two that cannot be placed: a pass reads those two (and their index entries) only.
+    create(&c, "big1", 64, false).await;
+    create(&c, "big2", 64, false).await;
+    c.schedule_pending().await.unwrap();
+    store.take();
+    c.schedule_pending().await.unwrap();
+    let (lists, gets) = store.take();
+    assert_eq!(lists, [records::PENDING]);
+    let vnf_reads: Vec<&String> = gets
+        .iter()
+        .filter(|k| k.starts_with(records::VNFS))
+        .collect();
+    assert!(
+        !vnf_reads.is_empty()
+            && vnf_reads
+                .iter()
+                .all(|k| *k == &records::vnf_key("big1") || *k == &records::vnf_key("big2")),
+        "read {gets:?}"
+    );
+    let v = c.vnf(&admin(), "big1").await.unwrap();
+    assert_eq!(v.phase, Phase::Pending);
+    assert!(v.reason.unwrap_or_default().contains("cpu"), "a reason");
+    assert_eq!(index(store.as_ref()).await, ["big1", "big2"]);
+}
+
+#[tokio::test]
+async fn the_index_follows_create_place_and_delete_in_the_vnfs_transactions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (c, store) = open(&dir.path().join("store.redb")).await;
+    create(&c, "a", 1, false).await;
+    create(&c, "b", 64, false).await;
+    create(&c, "c", 1, false).await;
+    assert_eq!(index(store.as_ref()).await, ["a", "b", "c"]);
+    c.schedule_pending().await.unwrap();
+    assert_eq!(index(store.as_ref()).await, ["b"]);
+    // Deleting a pending VNF takes its entry with it; a placed one has none to take.
+    assert_eq!(c.delete(&admin(), "b").await.unwrap(), Deletion::Deleted);
+    assert_eq!(c.delete(&admin(), "a").await.unwrap(), Deletion::Deleted);
+    assert!(index(store.as_ref()).await.is_empty());
+    assert_eq!(waiting(store.as_ref()).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn open_rebuilds_an_index_out_of_step_with_the_stored_vnfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        let (c, store) = open(&path).await;
+        create(&c, "placed", 1, false).await;
+        c.schedule_pending().await.unwrap();
+        for name in ["w1", "w2", "w3"] {
+            create(&c, name, 1, false).await;
+        }
+        // As a store written before the index existed: no entries; and two stray ones.
+        for name in ["w1", "w2", "w3"] {
+            store.delete(&records::pending_key(name)).await.unwrap();
+        }
+        store
+            .put(&records::pending_key("placed"), Vec::new())
+            .await
+            .unwrap();
+        store
+            .put(&records::pending_key("ghost"), Vec::new())
+            .await
+            .unwrap();
+    }
+    let (c, store) = open(&path).await;
+    assert_eq!(index(store.as_ref()).await, ["w1", "w2", "w3"]);
+    assert_eq!(waiting(store.as_ref()).await, ["w1", "w2", "w3"]);
+    c.schedule_pending().await.unwrap();
+    assert!(index(store.as_ref()).await.is_empty());
+    for name in ["w1", "w2", "w3"] {
+        assert_eq!(c.vnf(&admin(), name).await.unwrap().phase, Phase::Scheduled);
+    }
+}
