@@ -13,6 +13,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Name(String);
 
+/// The name of a wasm map: 1 to 64 lowercase letters, digits, `_` or `-` (the module manifest's
+/// rule, so a map a module declares can always be named in a descriptor).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MapName(String);
+
 /// Why a name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -23,151 +28,126 @@ pub struct NameError {
     pub why: &'static str,
 }
 
-impl Name {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
+/// The rule of one kind of name.
+struct Rule {
+    max: usize,
+    too_long: &'static str,
+    underscore: bool,
+    bad_char: &'static str,
+    /// `-` may not start or end it.
+    dash_inside: bool,
 }
 
-impl FromStr for Name {
-    type Err = NameError;
+fn check(s: &str, rule: &Rule) -> Result<String, NameError> {
+    let fail = |why| {
+        Err(NameError {
+            name: s.to_owned(),
+            why,
+        })
+    };
+    if s.is_empty() {
+        return fail("it is empty");
+    }
+    if s.len() > rule.max {
+        return fail(rule.too_long);
+    }
+    if !s.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (rule.underscore && b == b'_')
+    }) {
+        return fail(rule.bad_char);
+    }
+    if rule.dash_inside && (s.starts_with('-') || s.ends_with('-')) {
+        return fail("it starts or ends with '-'");
+    }
+    Ok(s.to_owned())
+}
 
-    fn from_str(s: &str) -> Result<Self, NameError> {
-        let fail = |why| {
-            Err(NameError {
-                name: s.to_owned(),
-                why,
-            })
-        };
-        if s.is_empty() {
-            return fail("it is empty");
+/// A string newtype that is valid by construction: parsing checks `$rule`; (de)serialised as
+/// the plain string; its OpenAPI schema says the rule.
+macro_rules! checked_name {
+    ($ty:ident, $rule:expr, $pattern:literal, $max:literal, $desc:literal) => {
+        impl $ty {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-        if s.len() > 63 {
-            return fail("it is longer than 63 characters");
+
+        impl FromStr for $ty {
+            type Err = NameError;
+
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                check(s, &$rule).map(Self)
+            }
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
-            return fail("it has a character other than a-z, 0-9 or '-'");
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
         }
-        if s.starts_with('-') || s.ends_with('-') {
-            return fail("it starts or ends with '-'");
+
+        impl AsRef<str> for $ty {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
         }
-        Ok(Self(s.to_owned()))
-    }
-}
 
-impl fmt::Display for Name {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl AsRef<str> for Name {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Serialize for Name {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Name {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl utoipa::PartialSchema for Name {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .pattern(Some("^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"))
-            .min_length(Some(1))
-            .max_length(Some(63))
-            .description(Some("A DNS label (RFC 1123)"))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for Name {}
-
-/// The name of a wasm map: 1 to 64 lowercase letters, digits, `_` or `-` (the module manifest's
-/// rule, so a map a module declares can always be named in a descriptor).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MapName(String);
-
-impl MapName {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for MapName {
-    type Err = NameError;
-
-    fn from_str(s: &str) -> Result<Self, NameError> {
-        let fail = |why| {
-            Err(NameError {
-                name: s.to_owned(),
-                why,
-            })
-        };
-        if s.is_empty() {
-            return fail("it is empty");
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
         }
-        if s.len() > 64 {
-            return fail("it is longer than the 64 characters of a map name");
+
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
-        {
-            return fail("it has a character other than a-z, 0-9, '_' or '-' (a map name)");
+
+        impl utoipa::PartialSchema for $ty {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .pattern(Some($pattern))
+                    .min_length(Some(1))
+                    .max_length(Some($max))
+                    .description(Some($desc))
+                    .into()
+            }
         }
-        Ok(Self(s.to_owned()))
-    }
+
+        impl utoipa::ToSchema for $ty {}
+    };
 }
 
-impl fmt::Display for MapName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
+checked_name!(
+    Name,
+    Rule {
+        max: 63,
+        too_long: "it is longer than 63 characters",
+        underscore: false,
+        bad_char: "it has a character other than a-z, 0-9 or '-'",
+        dash_inside: true,
+    },
+    "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+    63,
+    "A DNS label (RFC 1123)"
+);
 
-impl Serialize for MapName {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for MapName {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl utoipa::PartialSchema for MapName {
-    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
-        utoipa::openapi::ObjectBuilder::new()
-            .schema_type(utoipa::openapi::schema::Type::String)
-            .pattern(Some("^[a-z0-9_-]{1,64}$"))
-            .min_length(Some(1))
-            .max_length(Some(64))
-            .description(Some(
-                "A wasm map name: lowercase letters, digits, '_' or '-'",
-            ))
-            .into()
-    }
-}
-
-impl utoipa::ToSchema for MapName {}
+checked_name!(
+    MapName,
+    Rule {
+        max: 64,
+        too_long: "it is longer than the 64 characters of a map name",
+        underscore: true,
+        bad_char: "it has a character other than a-z, 0-9, '_' or '-' (a map name)",
+        dash_inside: false,
+    },
+    "^[a-z0-9_-]{1,64}$",
+    64,
+    "A wasm map name: lowercase letters, digits, '_' or '-'"
+);
 
 #[cfg(test)]
 mod tests {
