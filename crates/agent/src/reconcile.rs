@@ -33,6 +33,12 @@ pub trait ControlLink: Send + Sync + 'static {
     /// Tells the controller what the agent observed.
     async fn report(&self, host: &str, observation: Observation) -> Result<(), AgentError>;
 
+    /// Tells the controller the agent of `host` is alive (its liveness lease). A link that
+    /// carries no liveness keeps this default.
+    async fn heartbeat(&self, _host: &str) -> Result<(), AgentError> {
+        Ok(())
+    }
+
     /// Returns when assignments may have changed since the previous call of this link's
     /// `wait_for_change` returned (at once when they did meanwhile: a change made while the
     /// agent was busy is not lost), or after `max_wait`.
@@ -596,5 +602,30 @@ impl Inner {
         let reason = self.sync_devices(a, runtime).await;
         let reason = self.with_note(a, reason).await;
         Ok(self.report(a, Phase::Running, reason).await?)
+    }
+}
+
+/// Sends a heartbeat for `host` through `link` every `every` until `shutdown` turns true, so the
+/// controller keeps the host Ready. A task of its own beside the agent's reconcile loop: a slow
+/// runtime call never delays it. A failed heartbeat is logged and the next one is sent on time.
+pub async fn heartbeat_loop(
+    host: String,
+    link: Arc<dyn ControlLink>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.changed() => {}
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+        if let Err(e) = link.heartbeat(&host).await {
+            tracing::warn!(host = %host, "heartbeat failed: {e}");
+        }
     }
 }

@@ -252,7 +252,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         )
         .route("/v1/networks/{name}/latency", post(network_latency))
         .route("/v1/hosts", get(list_hosts))
-        .route("/v1/hosts/{name}", get(show_host))
+        .route("/v1/hosts/{name}", get(show_host).delete(delete_host))
+        .route("/v1/hosts/{name}/cordon", post(cordon_host))
+        .route("/v1/hosts/{name}/uncordon", post(uncordon_host))
+        .route("/v1/hosts/{name}/drain", post(drain_host))
         .route("/v1/hosts/{name}/coremap", get(host_core_map))
         .route(
             "/v1/authorities",
@@ -602,6 +605,82 @@ async fn show_host(
         StatusCode::OK,
         &s.controller.host(&caller, &name).await?,
     ))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/cordon", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "Cordoned: nothing new is placed on the host (`schedulable: false`); what it runs stays", body = HostView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin changes hosts", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn cordon_host(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.cordon(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/uncordon", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "Schedulable again", body = HostView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin changes hosts", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn uncordon_host(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.uncordon(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 200, description = "Cordoned, and every VNF placed there moved back to Pending (an event each) to be placed elsewhere, or to wait with the scheduler's reason", body = HostView),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin changes hosts", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A VNF kept changing while it was moved; try again", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn drain_host(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.drain(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{name}", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name")),
+    responses(
+        (status = 204, description = "Deleted: record, cordon, heartbeat and its place in the scheduler"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin changes hosts", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such host", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "VNFs are placed there (drain it first), or its agent still sends heartbeats", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_host(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.controller.delete_host(&caller, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{name}/coremap", tag = "hosts", security(("bearer" = [])),
@@ -1093,7 +1172,7 @@ async fn delete_module(
     paths(
         healthz, readyz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
-        show_host, host_core_map,
+        show_host, host_core_map, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency,
         upgrade_vnf, vnf_maps, vnf_stats, show_grants, add_grants, revoke_grants,

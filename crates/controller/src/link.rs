@@ -1,8 +1,8 @@
 //! The in-process agent ↔ controller link of an all-in-one node.
 //!
-//! Owns handing assignments to the local agent and its observations back. It must stay a thin
-//! adapter over the controller's agent API (`assignments`, `observe`), the same calls a remote
-//! agent's link makes over the network.
+//! Owns handing assignments to the local agent, and its observations and heartbeats back. It
+//! must stay a thin adapter over the controller's agent API (`assignments`, `observe`,
+//! `heartbeat`), the same calls a remote agent's link makes over the network.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,5 +50,12 @@ impl ControlLink for LocalLink {
         let mut changes = self.changes.lock().await;
         // An error means the controller is gone: nothing will change any more.
         let _ = tokio::time::timeout(max_wait, changes.changed()).await;
+    }
+
+    async fn heartbeat(&self, host: &str) -> Result<(), AgentError> {
+        self.controller
+            .heartbeat(host)
+            .await
+            .map_err(|e| AgentError::Link(e.to_string()))
     }
 }

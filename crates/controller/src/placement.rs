@@ -3,7 +3,7 @@
 //!
 //! Owns field-for-field mapping only. It must not place anything: the scheduler does.
 
-use telvirt_model::api::{CpuUse, CpuView, HostView};
+use telvirt_model::api::{CpuUse, CpuView, HostStatus, HostView};
 use telvirt_model::{
     CpuPolicy, EmulatorPolicy, Placement, Redundancy, Role, RuntimeKind, ThreadPolicy, Vnf,
     VnfDescriptor,
@@ -99,10 +99,18 @@ pub fn placements(p: &sched::Placement, descriptor: &VnfDescriptor) -> Vec<Place
         .collect()
 }
 
-/// The host view the API shows: facts from the host record, the core map from the scheduler.
-/// `map` is shown as given: confine it first ([`sched::coremap::confine`]) for a caller who may
-/// not see every authority's names.
-pub fn host_view(record: &HostRecord, map: &sched::coremap::HostMap) -> HostView {
+/// A host's liveness and schedulability, as the controller read them from the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLife {
+    pub status: HostStatus,
+    pub schedulable: bool,
+    pub heartbeat_age_ms: Option<u64>,
+}
+
+/// The host view the API shows: facts from the host record, liveness from its lease, the core
+/// map from the scheduler. `map` is shown as given: confine it first
+/// ([`sched::coremap::confine`]) for a caller who may not see every authority's names.
+pub fn host_view(record: &HostRecord, life: HostLife, map: &sched::coremap::HostMap) -> HostView {
     let mut cpus = Vec::new();
     let mut sockets = std::collections::BTreeSet::new();
     for node in &map.nodes {
@@ -123,7 +131,10 @@ pub fn host_view(record: &HostRecord, map: &sched::coremap::HostMap) -> HostView
     HostView {
         name: record.spec.name.clone(),
         labels: record.spec.labels.clone(),
-        ready: record.agent,
+        ready: life.status == HostStatus::Ready,
+        status: life.status,
+        schedulable: life.schedulable,
+        heartbeat_age_ms: life.heartbeat_age_ms,
         sockets: u32::try_from(sockets.len()).unwrap_or(u32::MAX),
         numa_nodes: u32::try_from(map.nodes.len()).unwrap_or(u32::MAX),
         memory_bytes: record.memory_bytes,

@@ -15,6 +15,12 @@ pub const ALLOCATIONS: &str = "/allocations/";
 pub const TOKENS: &str = "/tokens/";
 pub const GRANTS: &str = "/grants/";
 pub const MODULES: &str = "/modules/";
+/// A host's liveness: present while its agent's heartbeat lease is alive.
+pub const HOST_LEASES: &str = "/leases/hosts/";
+/// When each host's agent last sent a heartbeat (outlives the lease, for its age).
+pub const HEARTBEATS: &str = "/heartbeats/";
+/// Cordoned hosts: nothing new is placed on them.
+pub const CORDONS: &str = "/cordons/";
 
 /// The pending index: one empty key per VNF that waits for a placement (phase Pending, not
 /// being deleted), written in the same transaction as the VNF record, so a scheduling pass
@@ -66,6 +72,18 @@ pub fn host_key(name: &str) -> String {
     format!("{HOSTS}{name}")
 }
 
+pub fn host_lease_key(host: &str) -> String {
+    format!("{HOST_LEASES}{host}")
+}
+
+pub fn heartbeat_key(host: &str) -> String {
+    format!("{HEARTBEATS}{host}")
+}
+
+pub fn cordon_key(host: &str) -> String {
+    format!("{CORDONS}{host}")
+}
+
 pub fn allocation_key(vnf: &str) -> String {
     format!("{ALLOCATIONS}{vnf}")
 }
@@ -106,6 +124,25 @@ pub struct HostRecord {
     pub runtimes: Vec<String>,
     /// Whether an agent serves this host.
     pub agent: bool,
+}
+
+/// The last heartbeat of a host's agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRecord {
+    /// Unix time in milliseconds.
+    pub at_ms: u64,
+}
+
+/// Why a host is cordoned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CordonRecord {
+    /// The authority that cordoned (or drained) it.
+    pub by: String,
+    /// RFC 3339.
+    pub at: String,
+    /// Whether it was drained (its VNFs moved away) as well.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 /// Controller-side bookkeeping kept with a VNF but not part of its API shape.

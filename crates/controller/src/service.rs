@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use telvirt_model::api::{
     ADMIN_AUTHORITY, Assignment, Authority, AuthorityToken, CreateAuthority,
-    DEFAULT_AUTHORITY_DOMAIN, HostView, OPERATOR_DOMAIN, Observation,
+    DEFAULT_AUTHORITY_DOMAIN, OPERATOR_DOMAIN, Observation,
 };
 use telvirt_model::{
     DesiredState, DeviceGrant, Event, FieldError, Format, LockInfo, ModelError, Name, Phase,
@@ -25,8 +25,11 @@ use crate::metrics::Metrics;
 use crate::placement;
 use crate::records::{
     self, AuthorityRecord, HostRecord, VnfRecord, allocation_key, authority_key, event_key,
-    host_key, token_key, vnf_key,
+    token_key, vnf_key,
 };
+
+#[path = "hosts.rs"]
+pub mod hosts;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +144,8 @@ pub struct Controller {
     map_reader: std::sync::OnceLock<Arc<dyn crate::maps::MapReader>>,
     /// Where uploaded modules are kept and how they are verified.
     module_repository: std::sync::OnceLock<crate::modules::ModuleRepository>,
+    /// Host liveness: the heartbeat lease TTL and each host's lease.
+    liveness: hosts::Liveness,
 }
 
 impl Controller {
@@ -179,6 +184,7 @@ impl Controller {
             let host: HostRecord = decode(&key, &v.value)?;
             scheduler.add_host(host.spec)?;
         }
+        hosts::restore_cordons(store.as_ref(), &mut scheduler).await?;
         for (key, v) in store.list(records::ALLOCATIONS).await? {
             let alloc: Allocation = decode(&key, &v.value)?;
             if drop_stale_allocation(store.as_ref(), &key, &alloc, v.mod_revision).await? {
@@ -201,6 +207,7 @@ impl Controller {
             module_upgrader: std::sync::OnceLock::new(),
             map_reader: std::sync::OnceLock::new(),
             module_repository: std::sync::OnceLock::new(),
+            liveness: hosts::Liveness::default(),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()
@@ -1068,65 +1075,7 @@ impl Controller {
         .map(|_| ())
     }
 
-    // ----- hosts -----
-
-    /// Adds or updates a host and its facts.
-    pub async fn register_host(&self, record: HostRecord) -> Result<()> {
-        let mut scheduler = self.scheduler.lock().await;
-        let name = record.spec.name.clone();
-        if scheduler.host_names().contains(&name) {
-            if scheduler.host_spec(&name)? != &record.spec {
-                scheduler.update_host(record.spec.clone())?;
-            }
-        } else {
-            scheduler.add_host(record.spec.clone())?;
-        }
-        self.store.put(&host_key(&name), encode(&record)?).await?;
-        drop(scheduler);
-        self.changed();
-        Ok(())
-    }
-
-    /// Every host with its core map as `caller` may see it (see [`Controller::host`]).
-    pub async fn hosts(&self, caller: &Caller) -> Result<Vec<HostView>> {
-        let mut out = Vec::new();
-        for (key, v) in self.store.list(records::HOSTS).await? {
-            let record: HostRecord = decode(&key, &v.value)?;
-            out.push(self.view(caller, &record).await?);
-        }
-        Ok(out)
-    }
-
-    /// A host with its core map: admin sees every VNF and group by name; an authority sees its
-    /// own by name and every cpu another authority holds only as in use.
-    pub async fn host(&self, caller: &Caller, name: &str) -> Result<HostView> {
-        let key = host_key(name);
-        let v = self
-            .store
-            .get(&key)
-            .await?
-            .ok_or_else(|| ControllerError::NotFound(format!("host {name} not found")))?;
-        self.view(caller, &decode(&key, &v.value)?).await
-    }
-
-    /// The plain-text core map of a host, as the scheduler renders it, confined to what
-    /// `caller` may see (see [`Controller::host`]).
-    pub async fn host_core_map(&self, caller: &Caller, name: &str) -> Result<String> {
-        let scheduler = self.scheduler.lock().await;
-        let map = telvirt_sched::coremap::host_map(&scheduler, name)
-            .map_err(|_| ControllerError::NotFound(format!("host {name} not found")))?;
-        drop(scheduler);
-        Ok(telvirt_sched::coremap::render_host_map(&confined(
-            caller, map,
-        )))
-    }
-
-    async fn view(&self, caller: &Caller, record: &HostRecord) -> Result<HostView> {
-        let scheduler = self.scheduler.lock().await;
-        let map = telvirt_sched::coremap::host_map(&scheduler, &record.spec.name)?;
-        drop(scheduler);
-        Ok(placement::host_view(record, &confined(caller, map)))
-    }
+    // ----- hosts: see hosts.rs -----
 
     // ----- agents -----
 

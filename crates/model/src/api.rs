@@ -171,13 +171,41 @@ pub struct HugePageView {
     pub free: u64,
 }
 
+/// Whether a host's agent is alive: its heartbeat lease is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum HostStatus {
+    /// The agent's heartbeat lease is alive.
+    Ready,
+    /// No heartbeat within the lease's TTL (or never one: a host without an agent, or a host
+    /// record left behind by a renamed host). Its VNFs show phase `Unknown`.
+    NotReady,
+}
+
+impl HostStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostStatus::Ready => "Ready",
+            HostStatus::NotReady => "NotReady",
+        }
+    }
+}
+
 /// A host as the API shows it, with its core map.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostView {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `status == Ready`.
     pub ready: bool,
+    /// Liveness from the agent's heartbeat lease.
+    pub status: HostStatus,
+    /// `false` once cordoned (or drained): nothing new is placed here (shown as
+    /// `Ready,SchedulingDisabled`); what it holds stays until drained.
+    pub schedulable: bool,
+    /// Milliseconds since the last heartbeat; absent when none was ever received.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_age_ms: Option<u64>,
     pub sockets: u32,
     pub numa_nodes: u32,
     pub memory_bytes: u64,

@@ -1,7 +1,8 @@
 //! VNF lifecycle: phases, the transitions between them, and the records the control plane keeps.
 //!
 //! Owns which phase may follow which (Pending → Scheduled → Starting → Running ⇄ Locked →
-//! Stopping → Stopped, or Failed with a reason) and the shapes of the stored VNF and its events.
+//! Stopping → Stopped, or Failed with a reason; Unknown while its host is NotReady) and the
+//! shapes of the stored VNF and its events.
 //! It must not decide *when* a transition happens: the controller and the agent do.
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ pub enum Phase {
     Stopped,
     /// Something went wrong; the reason says what.
     Failed,
+    /// Its host stopped sending heartbeats (NotReady): what runs there is not known. The
+    /// reason names the host; the last known phase comes back when the host does.
+    Unknown,
 }
 
 impl Phase {
@@ -39,6 +43,7 @@ impl Phase {
             Phase::Stopping => "Stopping",
             Phase::Stopped => "Stopped",
             Phase::Failed => "Failed",
+            Phase::Unknown => "Unknown",
         }
     }
 
@@ -55,6 +60,11 @@ impl Phase {
                 | (Stopping, Stopped | Failed)
                 | (Stopped, Starting | Pending | Failed)
                 | (Failed, Starting | Pending | Stopped | Stopping)
+                | (Starting | Running | Locked | Stopping, Unknown)
+                | (
+                    Unknown,
+                    Pending | Starting | Running | Locked | Stopping | Stopped | Failed
+                )
         )
     }
 }
@@ -183,6 +193,22 @@ mod tests {
         for pair in path.windows(2) {
             assert!(pair[0].can_become(pair[1]), "{} -> {}", pair[0], pair[1]);
         }
+    }
+
+    #[test]
+    fn unknown_is_entered_only_from_a_running_instance_and_left_to_any_observed_phase() {
+        use Phase::*;
+        for from in [Starting, Running, Locked, Stopping] {
+            assert!(from.can_become(Unknown), "{from} -> Unknown");
+            assert!(Unknown.can_become(from), "Unknown -> {from}");
+        }
+        for from in [Pending, Scheduled, Stopped, Failed, Unknown] {
+            assert!(
+                !from.can_become(Unknown),
+                "{from} -> Unknown must be refused"
+            );
+        }
+        assert_eq!(Unknown.as_str(), "Unknown");
     }
 
     #[test]

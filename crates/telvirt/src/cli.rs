@@ -110,6 +110,13 @@ pub struct ServeArgs {
     /// [default: a tenth of physical memory, at least 1GiB]
     #[arg(long)]
     pub memory_reserve: Option<telvirt_model::ByteSize>,
+    /// How often this host's agent sends a heartbeat, in milliseconds
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub heartbeat_interval_ms: u64,
+    /// How long a host stays Ready after its last heartbeat, in milliseconds; then it is
+    /// NotReady and its VNFs Unknown. Must exceed --heartbeat-interval-ms
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub host_lease_ttl_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,10 +185,20 @@ pub enum VnfCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum HostCommand {
-    /// List hosts
+    /// List hosts with their status (Ready, NotReady, SchedulingDisabled) and heartbeat age
     List,
     /// Show a host and its core map
     Show { name: String },
+    /// Place nothing new on a host (admin only); what it runs stays
+    Cordon { name: String },
+    /// Let the scheduler place on a host again (admin only)
+    Uncordon { name: String },
+    /// Cordon a host and move its VNFs back to Pending, to be placed elsewhere (admin only)
+    Drain { name: String },
+    /// Delete a host that holds no VNF and sends no heartbeat, e.g. the old name of a renamed
+    /// host (admin only)
+    #[command(alias = "rm")]
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]

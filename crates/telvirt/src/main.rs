@@ -240,6 +240,16 @@ async fn wait_gone(client: &Client, path: &str, limit: Duration) -> Result<()> {
     }
 }
 
+/// `POST /v1/hosts/NAME/ACTION` (cordon, uncordon, drain), printing the host it answers.
+async fn host_action(client: &Client, format: Output, name: &str, action: &str) -> Result<()> {
+    let host: HostView = client.post(&format!("/v1/hosts/{name}/{action}")).await?;
+    if !output::structured(format, &host)? {
+        println!("host/{name} {action}ed");
+        println!("{}", output::host_table(std::slice::from_ref(&host)));
+    }
+    Ok(())
+}
+
 async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
     match cmd {
         HostCommand::List => {
@@ -259,6 +269,18 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                         .get_text(&format!("/v1/hosts/{name}/coremap"))
                         .await?
                 );
+            }
+        }
+        HostCommand::Cordon { name } => host_action(client, format, &name, "cordon").await?,
+        HostCommand::Uncordon { name } => host_action(client, format, &name, "uncordon").await?,
+        HostCommand::Drain { name } => host_action(client, format, &name, "drain").await?,
+        HostCommand::Delete { name } => {
+            client
+                .call(Method::DELETE, &format!("/v1/hosts/{name}"), None)
+                .await?;
+            let value = serde_json::json!({ "name": name, "deleted": true });
+            if !output::structured(format, &value)? {
+                println!("host/{name} deleted");
             }
         }
     }

@@ -197,6 +197,15 @@ pub fn event_table(events: &[Event]) -> String {
     table(&["SEQ", "TIME", "FROM", "TO", "ACTOR", "REASON"], &rows)
 }
 
+/// `Ready`, `NotReady`, with `,SchedulingDisabled` when cordoned.
+pub fn host_status(h: &HostView) -> String {
+    if h.schedulable {
+        h.status.as_str().to_owned()
+    } else {
+        format!("{},SchedulingDisabled", h.status.as_str())
+    }
+}
+
 pub fn host_table(hosts: &[HostView]) -> String {
     let rows: Vec<Vec<String>> = hosts
         .iter()
@@ -204,7 +213,11 @@ pub fn host_table(hosts: &[HostView]) -> String {
             let free = h.cpus.iter().filter(|c| c.usage == CpuUse::Free).count();
             vec![
                 h.name.clone(),
-                if h.ready { "yes" } else { "no (no agent)" }.into(),
+                host_status(h),
+                h.heartbeat_age_ms.map_or_else(
+                    || "never".to_owned(),
+                    |ms| format!("{}.{}s ago", ms / 1000, (ms % 1000) / 100),
+                ),
                 h.cpus.len().to_string(),
                 free.to_string(),
                 h.numa_nodes.to_string(),
@@ -223,7 +236,14 @@ pub fn host_table(hosts: &[HostView]) -> String {
         .collect();
     table(
         &[
-            "NAME", "AGENT", "CPUS", "FREE", "NUMA", "MEMORY", "RUNTIMES",
+            "NAME",
+            "STATUS",
+            "HEARTBEAT",
+            "CPUS",
+            "FREE",
+            "NUMA",
+            "MEMORY",
+            "RUNTIMES",
         ],
         &rows,
     )

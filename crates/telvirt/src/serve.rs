@@ -26,6 +26,8 @@ const SCHEDULER_RESTART: Restart = Restart::Backoff {
     first: Duration::from_millis(500),
     max: Duration::from_secs(30),
 };
+/// How often host liveness is checked when no lease changed (a lapsed lease wakes it at once).
+const HOST_CHECK: Duration = Duration::from_secs(2);
 /// A data-plane worker whose polling rounds stand still this long is reported down.
 const WORKER_STALL: Duration = Duration::from_secs(5);
 
@@ -138,6 +140,18 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let controller = Controller::open(store, SchedConfig::default())
         .await
         .context("loading the control plane from the store")?;
+    let lease_ttl = Duration::from_millis(args.host_lease_ttl_ms);
+    let heartbeat_every = Duration::from_millis(args.heartbeat_interval_ms);
+    if heartbeat_every >= lease_ttl {
+        bail!(
+            "--heartbeat-interval-ms {} must be shorter than --host-lease-ttl-ms {}, or the host would turn NotReady between two heartbeats",
+            args.heartbeat_interval_ms,
+            args.host_lease_ttl_ms
+        );
+    }
+    controller
+        .set_host_lease_ttl(lease_ttl)
+        .context("--host-lease-ttl-ms")?;
 
     let policy = crate::wasm::load_policy(args.security_policy.as_deref(), &controller)?;
     let mut runtimes = runtimes(&args, &data_dir).await?;
@@ -188,10 +202,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     .write(&config_path)?;
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let link: Arc<dyn telvirt_agent::ControlLink> = Arc::new(LocalLink::new(controller.clone()));
     let agent = Arc::new(Agent::new(
         local_host.clone(),
         runtimes,
-        Arc::new(LocalLink::new(controller.clone())),
+        Arc::clone(&link),
         data_dir.join("instances"),
     ));
     // Long-lived tasks run supervised: one that ends or panics shows in /v1/healthz.
@@ -223,6 +238,20 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let maps_shutdown = shutdown_rx.clone();
     let maps_task = health.supervise("snapshots", Restart::Never, move || {
         Arc::clone(&wasm).persist_maps(snapshot_every, maps_shutdown.clone())
+    });
+    // This host's liveness lease, and what a lapsed lease means for the VNFs of any host.
+    let (beat_host, beat_shutdown) = (local_host.clone(), shutdown_rx.clone());
+    health.supervise("heartbeat", SCHEDULER_RESTART, move || {
+        telvirt_agent::reconcile::heartbeat_loop(
+            beat_host.clone(),
+            Arc::clone(&link),
+            heartbeat_every,
+            beat_shutdown.clone(),
+        )
+    });
+    let monitor = controller.clone();
+    health.supervise("hosts", SCHEDULER_RESTART, move || {
+        Arc::clone(&monitor).host_monitor(HOST_CHECK)
     });
     let agent_task = health.supervise(health::AGENT, Restart::Never, move || {
         Arc::clone(&agent).run(shutdown_rx.clone())

@@ -1,0 +1,612 @@
+//! Host lifecycle: registration, liveness (each agent's heartbeat kept as a store lease), cordon,
+//! drain and delete, and what a NotReady host does to the phase of its VNFs.
+//!
+//! Owns the meaning of the host keys (`/hosts/`, `/leases/hosts/`, `/heartbeats/`, `/cordons/`)
+//! and their rules: only admin changes hosts; a host is Ready while its heartbeat lease lives
+//! (the store expires it, so expiry survives a restart); nothing new is placed on a cordoned
+//! host; a host is deleted only when it holds no VNF and sends no heartbeat; a VNF on a NotReady
+//! host shows phase Unknown until the host is back. It must not speak HTTP or start processes,
+//! and places nothing itself: drained VNFs go back to Pending for the scheduling loop.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use telvirt_model::api::{HostStatus, HostView};
+use telvirt_model::{Event, FieldError, Phase};
+use telvirt_sched::{SchedError, Scheduler};
+use telvirt_store::{Compare, LeaseId, Op, Store, StoreError};
+
+use super::{
+    CAS_RETRIES, Caller, Controller, ControllerError, Result, confined, decode, encode,
+    now_rfc3339, transition_ops,
+};
+use crate::placement::{self, HostLife};
+use crate::records::{
+    self, CordonRecord, HeartbeatRecord, HostRecord, VnfRecord, allocation_key, cordon_key,
+    event_key, heartbeat_key, host_key, host_lease_key, vnf_key,
+};
+
+/// How long a host stays Ready after its last heartbeat, unless told otherwise.
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(3);
+/// How often an agent sends a heartbeat, unless told otherwise.
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest and longest lease TTL accepted.
+pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
+pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+/// Who the events written by the liveness check name as their actor.
+const MONITOR: &str = "host-monitor";
+
+/// The controller's view of host liveness: the lease TTL and the lease each host holds.
+#[derive(Debug)]
+pub struct Liveness {
+    ttl: std::sync::Mutex<Duration>,
+    /// The lease each host's heartbeat keeps alive (a cache: the lease key in the store is the
+    /// truth, read again after a restart).
+    leases: std::sync::Mutex<HashMap<String, LeaseId>>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Self {
+            ttl: std::sync::Mutex::new(DEFAULT_LEASE_TTL),
+            leases: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Liveness {
+    fn ttl(&self) -> Duration {
+        *self.ttl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lease(&self, host: &str) -> Option<LeaseId> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .copied()
+    }
+
+    fn remember(&self, host: &str, lease: Option<LeaseId>) {
+        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        match lease {
+            Some(l) => leases.insert(host.to_owned(), l),
+            None => leases.remove(host),
+        };
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `5.2 s`: an age as people read it.
+fn seconds(ms: u64) -> String {
+    format!("{}.{} s", ms / 1000, (ms % 1000) / 100)
+}
+
+/// Why a host is NotReady, for its VNFs' reason.
+fn not_ready_reason(host: &str, age_ms: Option<u64>) -> String {
+    match age_ms {
+        Some(age) => format!(
+            "host {host} is NotReady (no heartbeat for {})",
+            seconds(age)
+        ),
+        None => format!("host {host} is NotReady (no heartbeat received from it)"),
+    }
+}
+
+/// Marks every cordoned host unschedulable in a scheduler rebuilt from the store.
+pub(super) async fn restore_cordons(store: &dyn Store, scheduler: &mut Scheduler) -> Result<()> {
+    for (key, _) in store.list(records::CORDONS).await? {
+        let host = &key[records::CORDONS.len()..];
+        match scheduler.set_schedulable(host, false) {
+            Ok(()) | Err(SchedError::UnknownHost(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+fn require_admin(caller: &Caller, what: &str) -> Result<()> {
+    if caller.is_admin() {
+        Ok(())
+    } else {
+        Err(ControllerError::Forbidden(format!(
+            "only the admin authority may {what} a host"
+        )))
+    }
+}
+
+fn no_host(name: &str) -> ControllerError {
+    ControllerError::NotFound(format!("host {name} not found"))
+}
+
+impl Controller {
+    /// Sets how long a host stays Ready after its last heartbeat (leases granted from now on).
+    /// Refused outside 100 ms ..= 1 h.
+    pub fn set_host_lease_ttl(&self, ttl: Duration) -> Result<()> {
+        if !(MIN_LEASE_TTL..=MAX_LEASE_TTL).contains(&ttl) {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "host_lease_ttl",
+                format!(
+                    "{} ms is out of range; a host lease lasts {} ms to {} ms",
+                    ttl.as_millis(),
+                    MIN_LEASE_TTL.as_millis(),
+                    MAX_LEASE_TTL.as_millis()
+                ),
+            )));
+        }
+        *self.liveness.ttl.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
+        Ok(())
+    }
+
+    /// How long a host stays Ready after its last heartbeat.
+    pub fn host_lease_ttl(&self) -> Duration {
+        self.liveness.ttl()
+    }
+
+    /// Adds or updates a host and its facts. A cordon outlives a new registration.
+    pub async fn register_host(&self, record: HostRecord) -> Result<()> {
+        let mut scheduler = self.scheduler.lock().await;
+        let name = record.spec.name.clone();
+        if scheduler.host_names().contains(&name) {
+            if scheduler.host_spec(&name)? != &record.spec {
+                scheduler.update_host(record.spec.clone())?;
+            }
+        } else {
+            scheduler.add_host(record.spec.clone())?;
+            if self.store.get(&cordon_key(&name)).await?.is_some() {
+                scheduler.set_schedulable(&name, false)?;
+            }
+        }
+        self.store.put(&host_key(&name), encode(&record)?).await?;
+        drop(scheduler);
+        self.changed();
+        Ok(())
+    }
+
+    /// Every host with its status and core map as `caller` may see it (see
+    /// [`Controller::host`]).
+    pub async fn hosts(&self, caller: &Caller) -> Result<Vec<HostView>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(records::HOSTS).await? {
+            let record: HostRecord = decode(&key, &v.value)?;
+            out.push(self.view(caller, &record).await?);
+        }
+        Ok(out)
+    }
+
+    /// A host with its status and core map: admin sees every VNF and group by name; an
+    /// authority sees its own by name and every cpu another authority holds only as in use.
+    pub async fn host(&self, caller: &Caller, name: &str) -> Result<HostView> {
+        let record = self.host_record(name).await?.0;
+        self.view(caller, &record).await
+    }
+
+    async fn host_record(&self, name: &str) -> Result<(HostRecord, u64)> {
+        let key = host_key(name);
+        let v = self.store.get(&key).await?.ok_or_else(|| no_host(name))?;
+        Ok((decode(&key, &v.value)?, v.mod_revision))
+    }
+
+    /// The plain-text core map of a host, as the scheduler renders it, confined to what
+    /// `caller` may see (see [`Controller::host`]).
+    pub async fn host_core_map(&self, caller: &Caller, name: &str) -> Result<String> {
+        let scheduler = self.scheduler.lock().await;
+        let map = telvirt_sched::coremap::host_map(&scheduler, name).map_err(|_| no_host(name))?;
+        drop(scheduler);
+        Ok(telvirt_sched::coremap::render_host_map(&confined(
+            caller, map,
+        )))
+    }
+
+    async fn view(&self, caller: &Caller, record: &HostRecord) -> Result<HostView> {
+        let life = self.life(&record.spec.name).await?;
+        let scheduler = self.scheduler.lock().await;
+        let map = telvirt_sched::coremap::host_map(&scheduler, &record.spec.name)?;
+        drop(scheduler);
+        Ok(placement::host_view(record, life, &confined(caller, map)))
+    }
+
+    /// A host's liveness (its lease key), cordon and heartbeat age, as the store holds them.
+    async fn life(&self, name: &str) -> Result<HostLife> {
+        let ready = self.store.get(&host_lease_key(name)).await?.is_some();
+        let schedulable = self.store.get(&cordon_key(name)).await?.is_none();
+        Ok(HostLife {
+            status: if ready {
+                HostStatus::Ready
+            } else {
+                HostStatus::NotReady
+            },
+            schedulable,
+            heartbeat_age_ms: self.heartbeat_age_ms(name).await?,
+        })
+    }
+
+    async fn heartbeat_age_ms(&self, name: &str) -> Result<Option<u64>> {
+        let key = heartbeat_key(name);
+        Ok(match self.store.get(&key).await? {
+            Some(v) => {
+                let beat: HeartbeatRecord = decode(&key, &v.value)?;
+                Some(now_ms().saturating_sub(beat.at_ms))
+            }
+            None => None,
+        })
+    }
+
+    // ----- liveness -----
+
+    /// The agent of `host` is alive: keeps its lease (granting a new one after it expired) and
+    /// records the time. Refused for a host that is not registered (deleted, or renamed).
+    pub async fn heartbeat(&self, host: &str) -> Result<()> {
+        let (_, host_rev) = self.host_record(host).await?;
+        let lease_key = host_lease_key(host);
+        let mut lease = self.liveness.lease(host);
+        if lease.is_none() {
+            // After a restart: the lease the store still holds, if it did not expire.
+            lease = self.store.get(&lease_key).await?.and_then(|v| v.lease);
+        }
+        if let Some(l) = lease {
+            match self.store.keep_alive(l).await {
+                Ok(()) => {}
+                Err(StoreError::NoLease(_)) => lease = None,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let beat = encode(&HeartbeatRecord { at_ms: now_ms() })?;
+        let mut ops = vec![Op::Put {
+            key: heartbeat_key(host),
+            value: beat.clone(),
+            lease: None,
+        }];
+        let granted = match lease {
+            Some(_) => None,
+            None => {
+                let l = self.store.grant_lease(self.liveness.ttl()).await?;
+                ops.push(Op::Put {
+                    key: lease_key,
+                    value: beat,
+                    lease: Some(l),
+                });
+                Some(l)
+            }
+        };
+        let compare = Compare::ModRevision {
+            key: host_key(host),
+            revision: host_rev,
+        };
+        let done = self.store.txn(vec![compare], ops).await;
+        match (done, granted) {
+            (Ok(o), Some(l)) if o.succeeded => {
+                tracing::info!("host {host} is Ready (heartbeat lease granted)");
+                self.liveness.remember(host, Some(l));
+                Ok(())
+            }
+            (Ok(o), None) if o.succeeded => Ok(()),
+            (done, granted) => {
+                if let Some(l) = granted {
+                    let _ = self.store.revoke(l).await;
+                }
+                done?;
+                Err(ControllerError::Conflict(format!(
+                    "host {host} changed while its heartbeat was recorded; the next one counts"
+                )))
+            }
+        }
+    }
+
+    /// Runs until the process ends: marks the VNFs of hosts that went NotReady `Unknown`, and
+    /// gives them back their last known phase when their host is Ready again. Woken by every
+    /// lease change (expiry included) and at least every `resync`.
+    pub async fn host_monitor(self: Arc<Self>, resync: Duration) {
+        let mut watch = match self.store.watch(records::HOST_LEASES).await {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!("cannot watch host leases, checking every {resync:?}: {e}");
+                None
+            }
+        };
+        loop {
+            if let Err(e) = self.check_hosts().await {
+                tracing::warn!("host liveness check failed: {e}");
+            }
+            match &mut watch {
+                Some(w) => {
+                    if let Ok(None) = tokio::time::timeout(resync, w.next()).await {
+                        watch = None;
+                    }
+                }
+                None => tokio::time::sleep(resync).await,
+            }
+        }
+    }
+
+    /// One liveness pass over every VNF (see [`Controller::host_monitor`]).
+    pub async fn check_hosts(&self) -> Result<()> {
+        let ready: BTreeSet<String> = self
+            .store
+            .list(records::HOST_LEASES)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k[records::HOST_LEASES.len()..].to_owned())
+            .collect();
+        let mut not_ready = BTreeMap::new();
+        for (key, _) in self.store.list(records::HOSTS).await? {
+            let host = &key[records::HOSTS.len()..];
+            if !ready.contains(host) {
+                let why = not_ready_reason(host, self.heartbeat_age_ms(host).await?);
+                not_ready.insert(host.to_owned(), why);
+            }
+        }
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            let vnf = &record.vnf;
+            let lost = vnf.placements.iter().find_map(|p| not_ready.get(&p.host));
+            let result = match (lost, vnf.phase) {
+                (Some(why), Phase::Starting | Phase::Running | Phase::Locked | Phase::Stopping) => {
+                    self.mark_unknown(vnf.name.as_str(), why).await
+                }
+                (None, Phase::Unknown) => self.restore_known(&record).await,
+                _ => Ok(()),
+            };
+            match result {
+                Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn mark_unknown(&self, name: &str, why: &str) -> Result<()> {
+        self.update(name, |record| {
+            if !matches!(
+                record.vnf.phase,
+                Phase::Starting | Phase::Running | Phase::Locked | Phase::Stopping
+            ) {
+                return Ok(None);
+            }
+            record.vnf.phase = Phase::Unknown;
+            record.vnf.reason = Some(why.to_owned());
+            Ok(Some((Phase::Unknown, why.to_owned(), MONITOR.to_owned())))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Gives a VNF whose hosts are all Ready again the phase it had before it became Unknown
+    /// (the `from` of the event that made it Unknown).
+    async fn restore_known(&self, record: &VnfRecord) -> Result<()> {
+        let name = record.vnf.name.as_str();
+        let key = event_key(name, record.last_event);
+        let last = match self.store.get(&key).await? {
+            Some(v) => Some(decode::<Event>(&key, &v.value)?),
+            None => None,
+        };
+        let back = last
+            .filter(|e| e.to == Phase::Unknown)
+            .and_then(|e| e.from)
+            .unwrap_or(Phase::Starting);
+        let hosts: Vec<&str> = record
+            .vnf
+            .placements
+            .iter()
+            .map(|p| p.host.as_str())
+            .collect();
+        let reason = format!(
+            "host {} is Ready again; back to its last known phase {back}",
+            hosts.join(", ")
+        );
+        let seen = record.last_event;
+        self.update(name, |r| {
+            if r.vnf.phase != Phase::Unknown || r.last_event != seen {
+                return Ok(None);
+            }
+            r.vnf.phase = back;
+            r.vnf.reason = Some(reason.clone());
+            Ok(Some((back, reason.clone(), MONITOR.to_owned())))
+        })
+        .await
+        .map(|_| ())
+    }
+
+    // ----- cordon, drain, delete -----
+
+    /// Cordons a host (admin only): nothing new is placed there; what it runs stays.
+    pub async fn cordon(&self, caller: &Caller, name: &str) -> Result<HostView> {
+        require_admin(caller, "cordon")?;
+        self.set_cordon(caller, name, Some(false)).await?;
+        self.host(caller, name).await
+    }
+
+    /// Lets the scheduler place on a host again (admin only).
+    pub async fn uncordon(&self, caller: &Caller, name: &str) -> Result<HostView> {
+        require_admin(caller, "uncordon")?;
+        self.set_cordon(caller, name, None).await?;
+        self.host(caller, name).await
+    }
+
+    /// Cordons a host and moves every VNF placed there back to Pending (admin only), to be
+    /// placed elsewhere, or to wait with the scheduler's reason when nothing else fits. A VNF
+    /// being deleted is removed at once (its host may never report it stopped). An
+    /// active-standby VNF with a role there is placed again whole.
+    pub async fn drain(&self, caller: &Caller, name: &str) -> Result<HostView> {
+        require_admin(caller, "drain")?;
+        self.set_cordon(caller, name, Some(true)).await?;
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            if placement::placement_on(&record.vnf, name).is_some() {
+                self.evict(caller, record.vnf.name.as_str(), name).await?;
+            }
+        }
+        self.host(caller, name).await
+    }
+
+    /// Writes (`Some(drained)`) or removes (`None`) a host's cordon, then tells the scheduler.
+    async fn set_cordon(&self, caller: &Caller, name: &str, cordon: Option<bool>) -> Result<()> {
+        let mut scheduler = self.scheduler.lock().await;
+        self.host_record(name).await?;
+        match cordon {
+            Some(drained) => {
+                let record = CordonRecord {
+                    by: caller.name.clone(),
+                    at: now_rfc3339(),
+                    drained,
+                };
+                self.store.put(&cordon_key(name), encode(&record)?).await?;
+            }
+            None => {
+                self.store.delete(&cordon_key(name)).await?;
+            }
+        }
+        match scheduler.set_schedulable(name, cordon.is_none()) {
+            Ok(()) | Err(SchedError::UnknownHost(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(scheduler);
+        tracing::info!(
+            "host {name} {} by {}",
+            match cordon {
+                Some(true) => "drained",
+                Some(false) => "cordoned",
+                None => "uncordoned",
+            },
+            caller.name
+        );
+        self.changed();
+        Ok(())
+    }
+
+    /// Moves VNF `vnf` off `host`: back to Pending without placements, its allocation dropped,
+    /// with an event, in one transaction conditioned on both keys; then its cores are freed.
+    async fn evict(&self, caller: &Caller, vnf: &str, host: &str) -> Result<()> {
+        for _ in 0..CAS_RETRIES {
+            let mut scheduler = self.scheduler.lock().await;
+            let Some((record, rev)) = self.load(vnf).await? else {
+                return Ok(());
+            };
+            if placement::placement_on(&record.vnf, host).is_none() {
+                return Ok(());
+            }
+            if record.deleting {
+                drop(scheduler);
+                return match self.remove_when(vnf, |r| r.deleting).await {
+                    Ok(_) | Err(ControllerError::NotFound(_)) => Ok(()),
+                    Err(e) => Err(e),
+                };
+            }
+            let alloc_rev = self
+                .store
+                .get(&allocation_key(vnf))
+                .await?
+                .map_or(0, |v| v.mod_revision);
+            let mut next = record.clone();
+            let from = next.vnf.phase;
+            let reason = format!(
+                "host {host} was drained by {}; placing it again elsewhere",
+                caller.name
+            );
+            next.vnf.phase = Phase::Pending;
+            next.vnf.placements.clear();
+            next.vnf.reason = Some(reason.clone());
+            next.vnf.generation += 1;
+            let mut ops = transition_ops(&mut next, from, &reason, &caller.name)?;
+            ops.push(Op::Delete {
+                key: allocation_key(vnf),
+            });
+            let compares = vec![
+                Compare::ModRevision {
+                    key: vnf_key(vnf),
+                    revision: rev,
+                },
+                Compare::ModRevision {
+                    key: allocation_key(vnf),
+                    revision: alloc_rev,
+                },
+            ];
+            if !self.store.txn(compares, ops).await?.succeeded {
+                continue;
+            }
+            match scheduler.release(vnf) {
+                Ok(_) | Err(SchedError::UnknownVnf(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            drop(scheduler);
+            self.metrics.event();
+            self.changed();
+            return Ok(());
+        }
+        Err(ControllerError::Conflict(format!(
+            "vnf {vnf} kept changing while it was being moved off host {host}; try again"
+        )))
+    }
+
+    /// Deletes a host (admin only): its record, cordon and heartbeat, and its place in the
+    /// scheduler. Refused while a VNF is placed there (drain it first) and while its agent
+    /// still sends heartbeats (it would only come back).
+    pub async fn delete_host(&self, caller: &Caller, name: &str) -> Result<()> {
+        require_admin(caller, "delete")?;
+        let mut scheduler = self.scheduler.lock().await;
+        let (_, host_rev) = self.host_record(name).await?;
+        if self.store.get(&host_lease_key(name)).await?.is_some() {
+            return Err(ControllerError::Conflict(format!(
+                "host {name} is Ready: its agent still sends heartbeats; stop that agent (or wait {} ms for its lease to expire) before deleting the host",
+                self.liveness.ttl().as_millis()
+            )));
+        }
+        let mut held = Vec::new();
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let record: VnfRecord = decode(&key, &v.value)?;
+            if placement::placement_on(&record.vnf, name).is_some() {
+                held.push(record.vnf.name.to_string());
+            }
+        }
+        if held.is_empty() && scheduler.host_roles(name).unwrap_or(0) > 0 {
+            held.push("(allocations without a VNF)".to_owned());
+        }
+        if !held.is_empty() {
+            return Err(ControllerError::Conflict(format!(
+                "host {name} still holds vnf {}; drain it first (telvirt host drain {name})",
+                held.join(", ")
+            )));
+        }
+        let compares = vec![
+            Compare::ModRevision {
+                key: host_key(name),
+                revision: host_rev,
+            },
+            Compare::ModRevision {
+                key: host_lease_key(name),
+                revision: 0,
+            },
+        ];
+        let ops = vec![
+            Op::Delete {
+                key: host_key(name),
+            },
+            Op::Delete {
+                key: heartbeat_key(name),
+            },
+            Op::Delete {
+                key: cordon_key(name),
+            },
+        ];
+        if !self.store.txn(compares, ops).await?.succeeded {
+            return Err(ControllerError::Conflict(format!(
+                "host {name} changed while it was being deleted (a heartbeat, or a new registration); try again"
+            )));
+        }
+        match scheduler.remove_host(name) {
+            Ok(()) | Err(SchedError::UnknownHost(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drop(scheduler);
+        self.liveness.remember(name, None);
+        tracing::info!("host {name} deleted by {}", caller.name);
+        self.changed();
+        Ok(())
+    }
+}
