@@ -207,7 +207,8 @@ impl Agent {
                 Ok(()) => {}
                 Err(e) => tracing::warn!(host = %inner.host, "reconcile pass failed: {e}"),
             }
-            let until_resync = last_full.map_or(Duration::ZERO, |at| {
+            // After a failed full pass, the next one comes a resync interval later.
+            let until_resync = last_full.map_or(inner.config.resync, |at| {
                 inner.config.resync.saturating_sub(at.elapsed())
             });
             tokio::select! {

@@ -523,8 +523,8 @@ async fn a_vnf_deleted_while_it_starts_is_stopped_and_removed_after_the_start() 
     let link = Arc::new(FakeLink::new(vec![assignment("vm1", "vm", 1)]));
     let agent = Running::start(vec![vm.clone()], link.clone(), config(4));
     until("vm1 is in its slow start", || vm.count("start vm1") == 1).await;
-    link.edit(Vec::clear);
     let passes = link.passes.load(Ordering::SeqCst);
+    link.edit(Vec::clear);
     until("a pass saw the delete", || {
         link.passes.load(Ordering::SeqCst) > passes
     })
