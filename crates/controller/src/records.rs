@@ -36,6 +36,29 @@ pub fn wants_placement(record: &VnfRecord) -> bool {
     record.vnf.phase == telvirt_model::Phase::Pending && !record.deleting
 }
 
+/// The per-host assignment index: one empty key per VNF placed on a host, written in the
+/// transaction that places it and removed with it, so a host's agent reads only its VNFs. An
+/// entry may outlive a placement that was cleared elsewhere (a drain): readers check the VNF.
+pub const ASSIGNMENTS: &str = "/assignments/";
+
+pub fn assignments_prefix(host: &str) -> String {
+    format!("{ASSIGNMENTS}{host}/")
+}
+
+pub fn assignment_key(host: &str, vnf: &str) -> String {
+    format!("{ASSIGNMENTS}{host}/{vnf}")
+}
+
+/// The hosts a VNF is placed on, each once.
+pub fn placed_hosts(record: &VnfRecord) -> std::collections::BTreeSet<String> {
+    record
+        .vnf
+        .placements
+        .iter()
+        .map(|p| p.host.clone())
+        .collect()
+}
+
 pub fn vnf_key(name: &str) -> String {
     format!("{VNFS}{name}")
 }

@@ -192,7 +192,7 @@ impl Controller {
             }
             scheduler.restore(&alloc)?;
         }
-        rebuild_pending_index(store.as_ref()).await?;
+        rebuild_indexes(store.as_ref()).await?;
         let health = Arc::new(crate::health::HealthRegistry::new());
         health.follow_store(Arc::clone(&store));
         Ok(Arc::new(Self {
@@ -854,6 +854,11 @@ impl Controller {
                     key: records::pending_key(name),
                 },
             ];
+            for host in records::placed_hosts(&record) {
+                ops.push(Op::Delete {
+                    key: records::assignment_key(&host, name),
+                });
+            }
             // Events are only written together with their VNF record, so the condition on the
             // record's revision also guarantees this list is complete.
             for (key, _) in self.store.list(&records::events_prefix(name)).await? {
@@ -960,6 +965,13 @@ impl Controller {
                 value: encode(&alloc)?,
                 lease: None,
             });
+            for host in records::placed_hosts(&next) {
+                ops.push(Op::Put {
+                    key: records::assignment_key(&host, name),
+                    value: Vec::new(),
+                    lease: None,
+                });
+            }
             let compares = vec![
                 Compare::ModRevision {
                     key: vnf_key(name),
@@ -1081,39 +1093,75 @@ impl Controller {
 
     /// What the agent of `host` should run.
     pub async fn assignments(&self, host: &str) -> Result<Vec<Assignment>> {
-        let mut domains = BTreeMap::new();
-        for (key, v) in self.store.list(records::AUTHORITIES).await? {
-            let record: AuthorityRecord = decode(&key, &v.value)?;
-            let domain = auth::effective_domain(&record.name, record.domain.as_deref()).to_owned();
-            domains.insert(record.name, domain);
-        }
+        // Reads the host's assignment index and each VNF it names, not every VNF; and the
+        // records of those VNFs' owners, not every authority.
+        let prefix = records::assignments_prefix(host);
+        let mut domains: BTreeMap<String, String> = BTreeMap::new();
         let mut out = Vec::new();
-        for (key, v) in self.store.list(records::VNFS).await? {
-            let record: VnfRecord = decode(&key, &v.value)?;
+        for (key, _) in self.store.list(&prefix).await? {
+            let Some(name) = key.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            // Another host's entry whose name extends this one's with a '/'.
+            if name.contains('/') {
+                continue;
+            }
+            let Some((record, rev)) = self.load(name).await? else {
+                self.drop_assignment_entry(&key, name, 0).await?;
+                continue;
+            };
             let vnf = record.vnf;
+            let Some(p) = placement::placement_on(&vnf, host) else {
+                // Its placement here was cleared (a drain, a stale placement healed).
+                self.drop_assignment_entry(&key, name, rev).await?;
+                continue;
+            };
             if vnf.phase == Phase::Pending {
                 continue;
             }
-            if let Some(p) = placement::placement_on(&vnf, host) {
-                out.push(Assignment {
-                    vnf: vnf.name.clone(),
-                    descriptor: vnf.descriptor.clone(),
-                    placement: p.clone(),
-                    desired: vnf.desired,
-                    locked: vnf.lock.is_some(),
-                    memory_bytes: vnf.memory_bytes,
-                    generation: vnf.generation,
-                    devices: vnf.devices.clone(),
+            let owner = vnf.owner.as_str();
+            if !domains.contains_key(owner) {
+                let domain = match self.store.get(&authority_key(owner)).await? {
+                    Some(v) => {
+                        let a: AuthorityRecord = decode(&authority_key(owner), &v.value)?;
+                        auth::effective_domain(&a.name, a.domain.as_deref()).to_owned()
+                    }
                     // An owner without a record (none can be deleted today) gets the least
                     // privileged domain, never more.
-                    domain: domains
-                        .get(vnf.owner.as_str())
-                        .cloned()
-                        .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
-                });
+                    None => DEFAULT_AUTHORITY_DOMAIN.to_owned(),
+                };
+                domains.insert(owner.to_owned(), domain);
             }
+            out.push(Assignment {
+                vnf: vnf.name.clone(),
+                descriptor: vnf.descriptor.clone(),
+                placement: p.clone(),
+                desired: vnf.desired,
+                locked: vnf.lock.is_some(),
+                memory_bytes: vnf.memory_bytes,
+                generation: vnf.generation,
+                devices: vnf.devices.clone(),
+                domain: domains
+                    .get(owner)
+                    .cloned()
+                    .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
+            });
         }
         Ok(out)
+    }
+
+    /// Deletes the assignment index entry `key` of VNF `name`, which is not placed on that host
+    /// as read at revision `rev` (0: absent), conditioned on the VNF still being so.
+    async fn drop_assignment_entry(&self, key: &str, name: &str, rev: u64) -> Result<()> {
+        let compare = Compare::ModRevision {
+            key: vnf_key(name),
+            revision: rev,
+        };
+        let op = Op::Delete {
+            key: key.to_owned(),
+        };
+        self.store.txn(vec![compare], vec![op]).await?;
+        Ok(())
     }
 
     /// Records what an agent observed. Observed reality is recorded even when it skips a step.
@@ -1266,57 +1314,84 @@ fn made_for(stored: &telvirt_sched::VnfRequest, current: &telvirt_sched::VnfRequ
     stored == *current
 }
 
-/// Makes the pending index (`/pending/`) hold exactly the VNFs that wait for a placement, once
-/// at open: a store written before the index existed has none, and nothing else adds the
-/// entries of VNFs that were already Pending then. Each change is one transaction conditioned
-/// on the VNF as read; one that lost a race is left to the writer that won it (every writer
-/// keeps the index in the VNF's own transaction). Returns how many entries it changed.
-async fn rebuild_pending_index(store: &dyn Store) -> Result<usize> {
-    let mut indexed: BTreeSet<String> = store
-        .list(records::PENDING)
-        .await?
-        .into_iter()
-        .filter_map(|(key, _)| key.strip_prefix(records::PENDING).map(str::to_owned))
-        .collect();
+/// Makes the pending index (`/pending/`) and the assignment index (`/assignments/`) hold
+/// exactly what the stored VNFs say, once at open, in one pass over `/vnfs/`: a store written
+/// before the indexes existed has none, and nothing else adds the entries of VNFs that were
+/// already Pending or placed then. Each change is one transaction conditioned on the VNF as
+/// read; one that lost a race is left to the writer that won it (every writer keeps the
+/// indexes in the VNF's own transaction). Returns how many entries it changed.
+async fn rebuild_indexes(store: &dyn Store) -> Result<usize> {
+    // Every index key there is now, by the VNF it names.
+    let mut present: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (key, _) in store.list(records::PENDING).await? {
+        if let Some(name) = key.strip_prefix(records::PENDING) {
+            present
+                .entry(name.to_owned())
+                .or_default()
+                .insert(key.clone());
+        }
+    }
+    for (key, _) in store.list(records::ASSIGNMENTS).await? {
+        if let Some((_, name)) = key
+            .strip_prefix(records::ASSIGNMENTS)
+            .and_then(|rest| rest.rsplit_once('/'))
+        {
+            present
+                .entry(name.to_owned())
+                .or_default()
+                .insert(key.clone());
+        }
+    }
     let mut changed = 0;
     for (key, v) in store.list(records::VNFS).await? {
         let record: VnfRecord = decode(&key, &v.value)?;
         let name = record.vnf.name.as_str();
-        let present = indexed.remove(name);
-        let op = match (present, records::wants_placement(&record)) {
-            (false, true) => Op::Put {
-                key: records::pending_key(name),
+        let have = present.remove(name).unwrap_or_default();
+        let mut want = BTreeSet::new();
+        if records::wants_placement(&record) {
+            want.insert(records::pending_key(name));
+        }
+        for host in records::placed_hosts(&record) {
+            want.insert(records::assignment_key(&host, name));
+        }
+        let mut ops: Vec<Op> = want
+            .difference(&have)
+            .map(|k| Op::Put {
+                key: k.clone(),
                 value: Vec::new(),
                 lease: None,
-            },
-            (true, false) => Op::Delete {
-                key: records::pending_key(name),
-            },
-            _ => continue,
-        };
+            })
+            .collect();
+        ops.extend(
+            have.difference(&want)
+                .map(|k| Op::Delete { key: k.clone() }),
+        );
+        if ops.is_empty() {
+            continue;
+        }
+        let n = ops.len();
         let compare = Compare::ModRevision {
             key,
             revision: v.mod_revision,
         };
-        if store.txn(vec![compare], vec![op]).await?.succeeded {
-            changed += 1;
+        if store.txn(vec![compare], ops).await?.succeeded {
+            changed += n;
         }
     }
     // Entries of VNFs that do not exist.
-    for name in indexed {
+    for (name, keys) in present {
+        let n = keys.len();
         let compare = Compare::ModRevision {
             key: vnf_key(&name),
             revision: 0,
         };
-        let op = Op::Delete {
-            key: records::pending_key(&name),
-        };
-        if store.txn(vec![compare], vec![op]).await?.succeeded {
-            changed += 1;
+        let ops = keys.into_iter().map(|key| Op::Delete { key }).collect();
+        if store.txn(vec![compare], ops).await?.succeeded {
+            changed += n;
         }
     }
     if changed > 0 {
-        tracing::info!("pending index: {changed} entries brought in step with the stored VNFs");
+        tracing::info!("indexes: {changed} entries brought in step with the stored VNFs");
     }
     Ok(changed)
 }
@@ -1367,6 +1442,11 @@ async fn drop_stale_allocation(
                 revision: v.mod_revision,
             });
             let from = record.vnf.phase;
+            for host in records::placed_hosts(&record) {
+                ops.push(Op::Delete {
+                    key: records::assignment_key(&host, name),
+                });
+            }
             let reason =
                 "its placement was made for another VNF of the same name; placing it again"
                     .to_owned();

@@ -1,7 +1,9 @@
 //! The pending index (`/pending/<vnf>`): a scheduling pass reads only it, not every VNF; it is
 //! written and removed in the VNF's own transactions; opening a store written before it existed
-//! (or left out of step) rebuilds it. The controller runs over a real redb store seen through a
-//! counting wrapper, which records which keys each pass reads.
+//! (or left out of step) rebuilds it. The assignment index (`/assignments/<host>/<vnf>`): an
+//! agent's assignments read only its host's VNFs, and agree with what every VNF's placements
+//! say. The controller runs over a real redb store seen through a counting wrapper, which
+//! records which keys each call reads.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -260,4 +262,106 @@ async fn open_rebuilds_an_index_out_of_step_with_the_stored_vnfs() {
     for name in ["w1", "w2", "w3"] {
         assert_eq!(c.vnf(&admin(), name).await.unwrap().phase, Phase::Scheduled);
     }
+}
+
+/// The names `assignments(host)` would hold if it read every VNF: placed there, not Pending.
+async fn assigned_by_scan(store: &dyn Store, host: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, v) in store.list(records::VNFS).await.unwrap() {
+        let r: VnfRecord = serde_json::from_slice(&v.value).unwrap();
+        if r.vnf.phase != Phase::Pending
+            && telvirt_controller::placement::placement_on(&r.vnf, host).is_some()
+        {
+            out.push(r.vnf.name.to_string());
+        }
+    }
+    out
+}
+
+async fn assigned(c: &Controller, host: &str) -> Vec<String> {
+    c.assignments(host)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.vnf.to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn assignments_read_only_the_hosts_own_vnfs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        let (c, store) = open(&path).await;
+        let mut h2 = host();
+        h2.spec.name = "h2".into();
+        c.register_host(h2).await.unwrap();
+        for i in 0..40 {
+            create(&c, &format!("vnf{i:02}"), 1, true).await;
+        }
+        create(&c, "big", 64, false).await;
+        c.schedule_pending().await.unwrap();
+        let mut total = 0;
+        for h in ["h1", "h2"] {
+            let want = assigned_by_scan(store.as_ref(), h).await;
+            total += want.len();
+            store.take();
+            assert_eq!(assigned(&c, h).await, want, "host {h}");
+            let (lists, gets) = store.take();
+            assert_eq!(lists, [records::assignments_prefix(h)]);
+            let vnf_reads = gets.iter().filter(|k| k.starts_with(records::VNFS)).count();
+            assert_eq!(vnf_reads, want.len(), "read {gets:?}");
+            // The owner's record once, not every authority.
+            let authority_reads = gets
+                .iter()
+                .filter(|k| k.starts_with(records::AUTHORITIES))
+                .count();
+            assert!(authority_reads <= 1, "read {gets:?}");
+        }
+        assert_eq!(total, 40, "every placed VNF is assigned to one host");
+        assert!(assigned(&c, "nowhere").await.is_empty());
+
+        // Deleting a placed VNF takes its entry with it.
+        let (victim, on) = if assigned(&c, "h1").await.is_empty() {
+            (assigned(&c, "h2").await[0].clone(), "h2")
+        } else {
+            (assigned(&c, "h1").await[0].clone(), "h1")
+        };
+        c.delete(&admin(), &victim).await.unwrap();
+        let keys = store
+            .list(&records::assignments_prefix(on))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect::<Vec<_>>();
+        assert!(
+            !keys.contains(&records::assignment_key(on, &victim)),
+            "{keys:?}"
+        );
+
+        // As a store written before the index: no entries; and a stray one.
+        for (k, _) in store.list(records::ASSIGNMENTS).await.unwrap() {
+            store.delete(&k).await.unwrap();
+        }
+        store
+            .put(&records::assignment_key("h1", "ghost"), Vec::new())
+            .await
+            .unwrap();
+    }
+    let (c, store) = open(&path).await;
+    for h in ["h1", "h2"] {
+        assert_eq!(
+            assigned(&c, h).await,
+            assigned_by_scan(store.as_ref(), h).await,
+            "host {h} after the rebuild"
+        );
+    }
+    assert!(
+        store
+            .get(&records::assignment_key("h1", "ghost"))
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
