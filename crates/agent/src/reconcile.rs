@@ -186,6 +186,7 @@ impl Agent {
     /// Runs until `shutdown` turns true (or its sender is dropped): the configured number of
     /// workers take VNFs from the queue while passes fill it. Steps under way finish before it
     /// returns. Instances keep running when the agent stops: a restarted agent adopts them.
+    /// An agent runs once: after `run` returns, its queue hands out nothing more.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
         let workers: Vec<_> = (0..inner.config.workers.get())
