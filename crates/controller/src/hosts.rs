@@ -44,6 +44,9 @@ pub struct Liveness {
     /// The lease each host's heartbeat keeps alive (a cache: the lease key in the store is the
     /// truth, read again after a restart).
     leases: std::sync::Mutex<HashMap<String, LeaseId>>,
+    /// The NotReady hosts the last liveness pass saw (`None`: no pass yet), so a pass reads the
+    /// VNFs only when that changed or some host is NotReady.
+    last_not_ready: std::sync::Mutex<Option<BTreeSet<String>>>,
 }
 
 impl Default for Liveness {
@@ -51,6 +54,7 @@ impl Default for Liveness {
         Self {
             ttl: std::sync::Mutex::new(DEFAULT_LEASE_TTL),
             leases: std::sync::Mutex::new(HashMap::new()),
+            last_not_ready: std::sync::Mutex::new(None),
         }
     }
 }
@@ -342,6 +346,19 @@ impl Controller {
                 not_ready.insert(host.to_owned(), why);
             }
         }
+        let hosts: BTreeSet<String> = not_ready.keys().cloned().collect();
+        let seen = || {
+            self.liveness
+                .last_not_ready
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if hosts.is_empty() && seen().as_ref() == Some(&hosts) {
+            // Every host Ready, as after the last complete pass: no VNF can have become Unknown
+            // or be due back (only a pass makes VNFs Unknown).
+            return Ok(());
+        }
+        let mut complete = true;
         for (key, v) in self.store.list(records::VNFS).await? {
             let record: VnfRecord = decode(&key, &v.value)?;
             let vnf = &record.vnf;
@@ -354,9 +371,14 @@ impl Controller {
                 _ => Ok(()),
             };
             match result {
-                Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
+                Ok(()) | Err(ControllerError::NotFound(_)) => {}
+                // Changing too fast: the next pass looks again.
+                Err(ControllerError::Conflict(_)) => complete = false,
                 Err(e) => return Err(e),
             }
+        }
+        if complete {
+            *seen() = Some(hosts);
         }
         Ok(())
     }

@@ -399,3 +399,34 @@ async fn a_lease_ttl_out_of_range_is_refused_and_changes_nothing() {
         assert_eq!(node.controller.host_lease_ttl(), before);
     }
 }
+
+#[tokio::test]
+async fn a_cordon_survives_a_restart_of_the_controller() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = telvirt_store::RedbStore::open(&dir.path().join("store.redb")).unwrap();
+    let admin = telvirt_controller::Caller {
+        name: "admin".into(),
+    };
+    let first = Controller::open(store.clone(), telvirt_sched::SchedConfig::default())
+        .await
+        .unwrap();
+    for h in ["h1", "h2"] {
+        first.register_host(host_record(h)).await.unwrap();
+    }
+    first.cordon(&admin, "h1").await.unwrap();
+    drop(first);
+    // A new controller over the same store: h1 (the first host, where placement would go) is
+    // still cordoned, so the VNF goes to h2.
+    let second = Controller::open(store, telvirt_sched::SchedConfig::default())
+        .await
+        .unwrap();
+    assert!(!second.host(&admin, "h1").await.unwrap().schedulable);
+    let text = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: r1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 64MiB }\n";
+    second
+        .create_vnf(&admin, text.as_bytes(), telvirt_model::Format::Yaml)
+        .await
+        .unwrap();
+    second.schedule_pending().await.unwrap();
+    let r1 = second.vnf(&admin, "r1").await.unwrap();
+    assert_eq!(r1.placements[0].host, "h2", "{r1:?}");
+}
