@@ -25,6 +25,10 @@ pub enum BenchCommand {
     /// Boot of the default vm guest to guest-agent ready through telvirt (validate, QMP, pin,
     /// cont) against a bare QEMU command line, alternating; QEMU's memory overhead
     Vm(crate::vm::VmBenchArgs),
+    /// The control plane with N simulated hosts (in-process agents, no-op runtime): creates/s,
+    /// create→Running, paginated list, idle CPU, RSS and store per VNF; against a replay of the
+    /// former poll-everything loops
+    Control(crate::bench_control::ControlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -86,6 +90,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Ring(args) => ring(format, args),
         BenchCommand::Chain(args) => chain(format, args),
         BenchCommand::Vm(args) => crate::vm::bench_vm(format, args),
+        BenchCommand::Control(args) => crate::bench_control::control(format, args),
     }
 }
 

@@ -4,6 +4,7 @@
 //! non-zero exit.
 
 mod bench;
+mod bench_control;
 mod cli;
 mod client;
 mod config;
