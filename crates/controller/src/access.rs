@@ -13,7 +13,7 @@ use telvirt_model::{Device, DeviceGrant, FieldError, HostGrants, VnfDescriptor, 
 use telvirt_store::{Compare, Op};
 
 use crate::records::{self, authority_key, grants_key};
-use crate::service::{Caller, Controller, ControllerError};
+use crate::service::{Caller, Controller, ControllerError, decode, encode};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
 
@@ -109,8 +109,7 @@ impl Controller {
         match self.store_handle().get(&key).await? {
             None => Ok(GrantsRead::default()),
             Some(v) => Ok(GrantsRead {
-                grants: serde_json::from_slice(&v.value)
-                    .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?,
+                grants: decode(&key, &v.value)?,
                 revision: v.mod_revision,
             }),
         }
@@ -247,8 +246,7 @@ impl Controller {
             } else {
                 Op::Put {
                     key: key.clone(),
-                    value: serde_json::to_vec(&grants)
-                        .map_err(|e| ControllerError::Corrupt(e.to_string()))?,
+                    value: encode(&grants)?,
                     lease: None,
                 }
             };
@@ -269,8 +267,7 @@ impl Controller {
     /// cover; the refusal names the authority's own object and field.
     async fn check_uses(&self, authority: &str, grants: &HostGrants) -> Result<()> {
         for (key, v) in self.store_handle().list(records::VNFS).await? {
-            let record: records::VnfRecord = serde_json::from_slice(&v.value)
-                .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+            let record: records::VnfRecord = decode(&key, &v.value)?;
             let vnf = &record.vnf;
             if vnf.owner.as_str() != authority {
                 continue;

@@ -18,7 +18,7 @@ use telvirt_model::{FieldError, VnfDescriptor, module_digest};
 use telvirt_store::{Compare, Op};
 
 use crate::records::{self, ModuleRecord, VnfRecord, module_key};
-use crate::service::{Caller, Controller, ControllerError, now_rfc3339};
+use crate::service::{Caller, Controller, ControllerError, decode, encode, now_rfc3339};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
 
@@ -105,11 +105,7 @@ impl Controller {
         let key = module_key(sha256);
         match self.store_handle().get(&key).await? {
             None => Ok(None),
-            Some(v) => Ok(Some((
-                serde_json::from_slice(&v.value)
-                    .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?,
-                v.mod_revision,
-            ))),
+            Some(v) => Ok(Some((decode(&key, &v.value)?, v.mod_revision))),
         }
     }
 
@@ -176,8 +172,7 @@ impl Controller {
             }
             let now = now_rfc3339();
             record.owners.insert(caller.name.clone(), now.clone());
-            let value =
-                serde_json::to_vec(&record).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            let value = encode(&record)?;
             let key = module_key(&sha256);
             let outcome = self
                 .store_handle()
@@ -206,8 +201,7 @@ impl Controller {
     pub async fn modules(&self, caller: &Caller) -> Result<Vec<ModuleView>> {
         let mut out = Vec::new();
         for (key, v) in self.store_handle().list(records::MODULES).await? {
-            let record: ModuleRecord = serde_json::from_slice(&v.value)
-                .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+            let record: ModuleRecord = decode(&key, &v.value)?;
             if let Some(at) = self.visible_upload(caller, &record) {
                 out.push(view(&record, &at));
             }
@@ -253,8 +247,7 @@ impl Controller {
             };
             let last = owner.is_empty() || record.owners.len() == 1;
             for (key, v) in self.store_handle().list(records::VNFS).await? {
-                let vnf: VnfRecord = serde_json::from_slice(&v.value)
-                    .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
+                let vnf: VnfRecord = decode(&key, &v.value)?;
                 let runs = vnf
                     .vnf
                     .descriptor
@@ -284,8 +277,7 @@ impl Controller {
                 record.owners.remove(&owner);
                 Op::Put {
                     key: key.clone(),
-                    value: serde_json::to_vec(&record)
-                        .map_err(|e| ControllerError::Corrupt(e.to_string()))?,
+                    value: encode(&record)?,
                     lease: None,
                 }
             };

@@ -149,6 +149,28 @@ pub fn example_modules() -> Vec<(&'static str, &'static [u8])> {
     rw::vnfs::all().iter().map(|v| (v.name, v.wasm)).collect()
 }
 
+/// A manifest's map definitions in the descriptor's terms.
+fn map_specs(defs: &[MapDef]) -> Result<Vec<MapSpec>, String> {
+    defs.iter()
+        .map(|d| {
+            Ok(MapSpec {
+                name: d
+                    .name
+                    .parse()
+                    .map_err(|e| format!("manifest map `{}`: {e}", d.name))?,
+                kind: match d.kind {
+                    MapKind::Hash => telvirt_model::MapKind::Hash,
+                    MapKind::Array => telvirt_model::MapKind::Array,
+                    MapKind::LruHash => telvirt_model::MapKind::LruHash,
+                },
+                key_size: d.key_size,
+                value_size: d.value_size,
+                max_entries: d.max_entries,
+            })
+        })
+        .collect()
+}
+
 /// Verifies `bytes` as a VNF module for security `domain` of `policy`, with the limits a start
 /// applies: the manifest's facts, or every violation (which never quote the bytes). The node's
 /// verdict on an upload and `telvirt wasm verify` both come from here.
@@ -170,27 +192,7 @@ pub fn verify_module(
             .collect::<Vec<_>>()
     })?;
     let m = verified.manifest;
-    let maps = m
-        .maps
-        .iter()
-        .map(|d| {
-            Ok(MapSpec {
-                name: d
-                    .name
-                    .parse()
-                    .map_err(|e| format!("manifest map `{}`: {e}", d.name))?,
-                kind: match d.kind {
-                    MapKind::Hash => telvirt_model::MapKind::Hash,
-                    MapKind::Array => telvirt_model::MapKind::Array,
-                    MapKind::LruHash => telvirt_model::MapKind::LruHash,
-                },
-                key_size: d.key_size,
-                value_size: d.value_size,
-                max_entries: d.max_entries,
-            })
-        })
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(|e| vec![e])?;
+    let maps = map_specs(&m.maps).map_err(|e| vec![e])?;
     Ok(ModuleInfo {
         name: m.name,
         version: m.version,
@@ -298,28 +300,16 @@ fn check_budget(
     if spec.memory_bytes == 0 {
         return Ok(());
     }
-    let defs: Vec<MapDef> = manifest_maps
-        .iter()
-        .map(|m| cfg.maps.iter().find(|o| o.name == m.name).unwrap_or(m))
-        .chain(
-            cfg.maps
-                .iter()
-                .filter(|o| !manifest_maps.iter().any(|m| m.name == o.name)),
-        )
-        .cloned()
-        .collect();
-    let log = u64::try_from(rw::maps::log_cap(&defs)).unwrap_or(u64::MAX);
-    let maps = defs
-        .iter()
-        .map(MapDef::budget_bytes)
-        .fold(log, u64::saturating_add);
-    let needed = cfg.limits.memory_bytes.saturating_add(maps);
+    // The controller's formula, over the maps the module really declares.
+    let needed = spec
+        .descriptor
+        .memory_budget(&map_specs(manifest_maps).map_err(fail)?);
     if needed > spec.memory_bytes {
+        let maps = needed.saturating_sub(cfg.limits.memory_bytes);
         return Err(fail(format!(
             "the module needs {needed} bytes of memory (linear memory {} + maps and their log \
-             {maps}), more \
-             than the {} bytes placement counted; name its maps in spec.wasm.maps or upload the \
-             module so the controller counts them",
+             {maps}), more than the {} bytes placement counted; name its maps in spec.wasm.maps \
+             or upload the module so the controller counts them",
             cfg.limits.memory_bytes, spec.memory_bytes
         )));
     }
@@ -996,6 +986,35 @@ spec:
         let rt = WasmRuntime::new(dir.path().join("store"), dir.path(), Arc::clone(&dp)).unwrap();
         let s = spec(dir.path(), u32::try_from(cpu).unwrap());
         (dir, dp, rt, s)
+    }
+
+    #[tokio::test]
+    async fn a_module_needing_more_memory_than_was_placed_is_refused() {
+        let (_dir, _dp, rt, s) = setup();
+        // Placement counted the linear memory only; the firewall's maps do not fit in it.
+        let linear = s
+            .descriptor
+            .spec
+            .wasm
+            .as_ref()
+            .unwrap()
+            .limits
+            .memory
+            .bytes();
+        let short = InstanceSpec {
+            memory_bytes: linear,
+            ..s.clone()
+        };
+        let e = rt.start(&short).await.unwrap_err();
+        assert!(e.0.contains("placement counted"), "{e}");
+        assert_eq!(rt.state(&s.name).await, InstanceState::Absent);
+        // What the controller would have counted is enough.
+        let counted = InstanceSpec {
+            memory_bytes: s.descriptor.memory_budget(&[]) + (64 << 20),
+            ..s.clone()
+        };
+        rt.start(&counted).await.unwrap();
+        rt.stop(&s.name).await.unwrap();
     }
 
     #[tokio::test]
