@@ -7,15 +7,18 @@
 pub mod dataplane;
 pub mod discovery;
 pub mod network;
+pub mod node;
 pub mod queue;
 pub mod reconcile;
 pub mod runtime;
 pub mod runtimes;
 
 pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
+pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};
-pub use reconcile::{Agent, AgentConfig, ControlLink, DEFAULT_WORKERS, RESYNC_INTERVAL};
+pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RESYNC_INTERVAL};
 pub use runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+pub use telvirt_api::{ControlLink, LinkError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AgentError {
@@ -25,4 +28,10 @@ pub enum AgentError {
     Link(String),
     #[error("data plane: {0}")]
     DataPlane(String),
+}
+
+impl From<LinkError> for AgentError {
+    fn from(e: LinkError) -> Self {
+        Self::Link(e.to_string())
+    }
 }

@@ -15,35 +15,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use telvirt_model::api::{Assignment, Observation};
+use telvirt_api::{Assignment, ControlLink, Observation};
 use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, RuntimeKind};
 use tokio::sync::{Mutex, watch};
 
 use crate::AgentError;
 use crate::queue::{Backoff, WorkQueue};
 use crate::runtime::{InstanceSpec, InstanceState, Runtime};
-
-/// The agent's side of the agent ↔ controller API.
-#[async_trait]
-pub trait ControlLink: Send + Sync + 'static {
-    /// The instances the controller wants on `host`.
-    async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, AgentError>;
-
-    /// Tells the controller what the agent observed.
-    async fn report(&self, host: &str, observation: Observation) -> Result<(), AgentError>;
-
-    /// Tells the controller the agent of `host` is alive (its liveness lease). A link that
-    /// carries no liveness keeps this default.
-    async fn heartbeat(&self, _host: &str) -> Result<(), AgentError> {
-        Ok(())
-    }
-
-    /// Returns when assignments may have changed since the previous call of this link's
-    /// `wait_for_change` returned (at once when they did meanwhile: a change made while the
-    /// agent was busy is not lost), or after `max_wait`.
-    async fn wait_for_change(&self, max_wait: Duration);
-}
 
 /// How the agent works its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +85,8 @@ struct Inner {
     /// taking a VNF from the queue works towards.
     desired: std::sync::Mutex<HashMap<Name, Assignment>>,
     queue: WorkQueue<Name>,
+    /// Where uploaded modules fetched from the controller are kept (a remote agent's).
+    modules: Option<crate::node::ModuleCache>,
 }
 
 /// How often the loop looks again when nothing told it to.
@@ -153,8 +133,18 @@ impl Agent {
                 known: Mutex::new(HashMap::new()),
                 desired: std::sync::Mutex::new(HashMap::new()),
                 queue: WorkQueue::new(config.workers, config.backoff),
+                modules: None,
             }),
         }
+    }
+
+    /// Fetches the uploaded modules of this host's VNFs from the controller into `cache` before
+    /// starting them (an agent that does not share the controller's disk). Set before `run`.
+    pub fn with_module_cache(mut self, cache: crate::node::ModuleCache) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.modules = Some(cache);
+        }
+        self
     }
 
     pub fn host(&self) -> &str {
@@ -575,6 +565,13 @@ impl Inner {
             let entry = known.entry(a.vnf.clone()).or_default();
             entry.devices = None;
             entry.devices_refused = None;
+        }
+        if let (Some(cache), Some(wasm)) = (&self.modules, &spec.descriptor.spec.wasm)
+            && let Err(e) = cache
+                .ensure(self.link.as_ref(), &self.host, &wasm.module)
+                .await
+        {
+            return self.fail_retry(a, format!("fetching module: {e}")).await;
         }
         if let Err(e) = runtime.start(spec).await {
             // Not retried until the owner asks again (a new generation).

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use telvirt_agent::{
-    Agent, AgentError, ControlLink, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
+    Agent, ControlLink, InstanceSpec, InstanceState, LinkError, Runtime, RuntimeFailure,
 };
 use telvirt_model::api::{Assignment, Observation};
 use telvirt_model::{DesiredState, Format, Name, Phase, Placement, Role, RuntimeKind, parse_vnf};
@@ -101,10 +101,10 @@ impl FakeLink {
 
 #[async_trait]
 impl ControlLink for FakeLink {
-    async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, AgentError> {
+    async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, LinkError> {
         Ok(self.assignments.lock().unwrap().clone())
     }
-    async fn report(&self, _host: &str, observation: Observation) -> Result<(), AgentError> {
+    async fn report(&self, _host: &str, observation: Observation) -> Result<(), LinkError> {
         self.reports.lock().unwrap().push(observation);
         Ok(())
     }

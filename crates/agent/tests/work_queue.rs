@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use telvirt_agent::{
-    Agent, AgentConfig, AgentError, Backoff, ControlLink, InstanceSpec, InstanceState, Runtime,
+    Agent, AgentConfig, Backoff, ControlLink, InstanceSpec, InstanceState, LinkError, Runtime,
     RuntimeFailure,
 };
 use telvirt_model::api::{Assignment, Observation};
@@ -215,15 +215,15 @@ impl FakeLink {
 
 #[async_trait]
 impl ControlLink for FakeLink {
-    async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, AgentError> {
+    async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, LinkError> {
         self.passes.fetch_add(1, Ordering::SeqCst);
         Ok(self.assignments.lock().unwrap().clone())
     }
-    async fn report(&self, _host: &str, observation: Observation) -> Result<(), AgentError> {
+    async fn report(&self, _host: &str, observation: Observation) -> Result<(), LinkError> {
         let vnf = observation.vnf.as_str().to_owned();
         if self.refuse.lock().unwrap().contains(&vnf) {
             self.refused.fetch_add(1, Ordering::SeqCst);
-            return Err(AgentError::Link(format!(
+            return Err(LinkError::Transport(format!(
                 "controller unreachable for {vnf}"
             )));
         }

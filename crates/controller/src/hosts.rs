@@ -153,6 +153,18 @@ impl Controller {
         self.liveness.ttl()
     }
 
+    /// [`Controller::register_host`] for a record an agent sent: checked as input (a host
+    /// name that fits its keys; a spec the scheduler takes, else 422 naming why).
+    pub async fn register_agent_host(&self, record: HostRecord) -> Result<()> {
+        crate::nodes::check_host_name(&record.spec.name)?;
+        self.register_host(record).await.map_err(|e| match e {
+            ControllerError::Scheduler(e) => {
+                ControllerError::Invalid(telvirt_model::FieldError::new("spec", e.to_string()))
+            }
+            other => other,
+        })
+    }
+
     /// Adds or updates a host and its facts. A cordon outlives a new registration.
     pub async fn register_host(&self, record: HostRecord) -> Result<()> {
         let mut scheduler = self.scheduler.lock().await;

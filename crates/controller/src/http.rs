@@ -26,6 +26,7 @@ use telvirt_model::{
 use utoipa::OpenApi;
 
 use crate::health::HealthReport;
+use crate::nodes::NodeCredential;
 use crate::service::{Caller, Controller, ControllerError, Deletion};
 
 /// Largest request body accepted.
@@ -58,6 +59,12 @@ impl ApiError {
     }
 }
 
+/// The HTTP status and detail an error is answered with (for transports that are not HTTP).
+pub(crate) fn status_and_detail(e: ControllerError) -> (u16, String) {
+    let api = ApiError::from(e);
+    (api.status.as_u16(), api.detail)
+}
+
 impl From<ControllerError> for ApiError {
     fn from(e: ControllerError) -> Self {
         let detail = e.to_string();
@@ -80,7 +87,7 @@ impl From<ControllerError> for ApiError {
                 detail,
                 errors: vec![f],
             },
-            ControllerError::Unauthorized => {
+            ControllerError::Unauthorized | ControllerError::WrongCredential(_) => {
                 Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
             }
             ControllerError::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", detail),
@@ -150,20 +157,25 @@ impl FromRequestParts<AppState> for Authed {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = parts
-            .headers
-            .get(AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ControllerError::Unauthorized)?;
-        Ok(Authed(state.controller.authenticate(token.trim()).await?))
+        Ok(Authed(state.controller.authenticate(bearer(parts)?).await?))
     }
+}
+
+/// The bearer token of a request (401 without one).
+pub(crate) fn bearer(parts: &Parts) -> Result<&str, ApiError> {
+    parts
+        .headers
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| ControllerError::Unauthorized.into())
 }
 
 /// A request body within [`MAX_BODY`], with the format its content type names.
 pub struct Body {
-    bytes: Bytes,
-    format: Format,
+    pub(crate) bytes: Bytes,
+    pub(crate) format: Format,
 }
 
 impl FromRequest<AppState> for Body {
@@ -212,7 +224,7 @@ impl FromRequest<AppState> for Body {
     }
 }
 
-fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, Json(value)).into_response()
 }
 
@@ -279,7 +291,9 @@ pub fn router(controller: Arc<Controller>) -> Router {
             "/v1/modules/{sha256}",
             get(show_module).delete(delete_module),
         )
+        .route("/v1/hosts/{name}/credential", post(issue_node_credential))
         .route("/metrics", get(metrics))
+        .merge(crate::agent_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
@@ -681,6 +695,25 @@ async fn delete_host(
 ) -> Result<Response, ApiError> {
     s.controller.delete_host(&caller, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/credential", tag = "hosts", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Host name (need not be registered yet)")),
+    responses(
+        (status = 201, description = "The host's new node credential, shown once; its previous one stops working. An agent (`telvirt agent --token-file`) authenticates with it on `/v1/agent/hosts/{name}/...` only", body = NodeCredential),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin issues node credentials", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Not a host name", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn issue_node_credential(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::CREATED,
+        &s.controller.issue_node_credential(&caller, &name).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/v1/hosts/{name}/coremap", tag = "hosts", security(("bearer" = [])),
@@ -1172,7 +1205,7 @@ async fn delete_module(
     paths(
         healthz, readyz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
-        show_host, host_core_map, cordon_host, uncordon_host, drain_host, delete_host,
+        show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency,
         upgrade_vnf, vnf_maps, vnf_stats, show_grants, add_grants, revoke_grants,

@@ -4,6 +4,7 @@
 //! start processes or talk to runtimes: agents do that through their `ControlLink`.
 
 pub mod access;
+pub mod agent_api;
 pub mod auth;
 pub mod health;
 pub mod http;
@@ -13,6 +14,8 @@ pub mod maps;
 pub mod metrics;
 pub mod modules;
 pub mod network;
+pub mod nodecalls;
+pub mod nodes;
 pub mod placement;
 pub mod records;
 pub mod service;
@@ -21,8 +24,6 @@ pub mod upgrade;
 pub use health::{HealthRegistry, HealthReport, Restart};
 pub use http::{descriptor_schema, openapi_document, router};
 pub use link::LocalLink;
-pub use maps::MapReader;
 pub use network::NetworkPlane;
 pub use records::HostRecord;
 pub use service::{Caller, Controller, ControllerError, Deletion};
-pub use upgrade::ModuleUpgrader;

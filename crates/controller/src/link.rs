@@ -1,17 +1,17 @@
 //! The in-process agent ↔ controller link of an all-in-one node.
 //!
-//! Owns handing assignments to the local agent, and its observations and heartbeats back. It
-//! must stay a thin adapter over the controller's agent API (`assignments`, `observe`,
-//! `heartbeat`), the same calls a remote agent's link makes over the network.
+//! Owns handing assignments and node calls to the local agent, and its observations, heartbeats
+//! and replies back. It must stay a thin adapter over the controller's agent API (`assignments`,
+//! `observe`, `heartbeat`, `node_calls`), the same calls a remote agent's link makes over HTTP
+//! (`telvirt agent`, ADR 047).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use telvirt_agent::{AgentError, ControlLink};
-use telvirt_model::api::{Assignment, Observation};
+use telvirt_api::{Assignment, ControlLink, LinkError, NodeCall, NodeReply, Observation};
 
-use crate::service::Controller;
+use crate::service::{Controller, ControllerError};
 
 pub struct LocalLink {
     controller: Arc<Controller>,
@@ -31,18 +31,15 @@ impl LocalLink {
 
 #[async_trait]
 impl ControlLink for LocalLink {
-    async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, AgentError> {
-        self.controller
-            .assignments(host)
-            .await
-            .map_err(|e| AgentError::Link(e.to_string()))
+    async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, LinkError> {
+        self.controller.assignments(host).await.map_err(refused)
     }
 
-    async fn report(&self, host: &str, observation: Observation) -> Result<(), AgentError> {
+    async fn report(&self, host: &str, observation: Observation) -> Result<(), LinkError> {
         self.controller
             .observe(host, observation)
             .await
-            .map_err(|e| AgentError::Link(e.to_string()))
+            .map_err(refused)
     }
 
     /// Changes counted since the previous wait returned end this one at once.
@@ -52,10 +49,24 @@ impl ControlLink for LocalLink {
         let _ = tokio::time::timeout(max_wait, changes.changed()).await;
     }
 
-    async fn heartbeat(&self, host: &str) -> Result<(), AgentError> {
-        self.controller
-            .heartbeat(host)
-            .await
-            .map_err(|e| AgentError::Link(e.to_string()))
+    async fn heartbeat(&self, host: &str) -> Result<(), LinkError> {
+        self.controller.heartbeat(host).await.map_err(refused)
     }
+
+    async fn next_calls(&self, host: &str, max_wait: Duration) -> Result<Vec<NodeCall>, LinkError> {
+        Ok(self.controller.node_calls().take(host, max_wait).await)
+    }
+
+    async fn reply(&self, host: &str, id: u64, reply: NodeReply) -> Result<(), LinkError> {
+        self.controller
+            .node_calls()
+            .reply(host, id, reply)
+            .map_err(refused)
+    }
+}
+
+/// A controller error as the link's: what the HTTP transport would answer.
+fn refused(e: ControllerError) -> LinkError {
+    let (status, detail) = crate::http::status_and_detail(e);
+    LinkError::Refused { status, detail }
 }

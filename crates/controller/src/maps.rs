@@ -1,39 +1,31 @@
 //! Reading a running wasm VNF's maps (`GET /v1/vnfs/{name}/maps`: per map its name, kind and
 //! how many entries it holds) and counters (`GET /v1/vnfs/{name}/stats`).
 //!
-//! Owns the checks (visibility, runtime, phase) and asking the local agent's wasm runtime
-//! through the [`MapReader`] hook (in-process on the all-in-one node, like module upgrades,
-//! ADR 035). It must not touch the runtime itself nor write anything.
+//! Owns the checks (visibility, runtime, phase) and routing the read as a node call to the agent
+//! of the host the VNF runs on (ADR 047). It must not touch the runtime itself nor write
+//! anything.
 
-use std::sync::Arc;
-
+use telvirt_api::{NodeReply, NodeRequest};
 use telvirt_model::api::{MapView, WasmStatsView};
-use telvirt_model::{Phase, RuntimeKind};
+use telvirt_model::{Phase, Role, RuntimeKind};
 
 use crate::service::{Caller, Controller, ControllerError};
 
-/// The local agent's wasm runtime, as the controller sees it for map reads.
-pub trait MapReader: Send + Sync + 'static {
-    /// The maps of VNF `vnf`'s running instance, in declaration order.
-    fn maps(&self, vnf: &str) -> Result<Vec<MapView>, String>;
-    /// The runtime's and the module's counters of VNF `vnf`'s running instance.
-    fn stats(&self, vnf: &str) -> Result<WasmStatsView, String>;
-}
-
 impl Controller {
-    /// Installs the local agent's map reader (once; later calls are ignored).
-    pub fn set_map_reader(&self, reader: Arc<dyn MapReader>) {
-        let _ = self.map_reader_cell().set(reader);
-    }
-
     /// The maps of a wasm VNF the caller may see, read from its running (or locked) instance.
     pub async fn vnf_maps(
         &self,
         caller: &Caller,
         name: &str,
     ) -> Result<Vec<MapView>, ControllerError> {
-        let reader = self.running_wasm(caller, name, "maps").await?;
-        reader.maps(name).map_err(ControllerError::Conflict)
+        let host = self.running_wasm(caller, name, "maps").await?;
+        let request = NodeRequest::Maps {
+            vnf: name.to_owned(),
+        };
+        match self.node_call(&host, request).await? {
+            NodeReply::Maps { maps } => Ok(maps),
+            other => Err(unexpected(&host, "maps", other)),
+        }
     }
 
     /// The counters of a wasm VNF the caller may see, read from its running (or locked) instance.
@@ -42,18 +34,24 @@ impl Controller {
         caller: &Caller,
         name: &str,
     ) -> Result<WasmStatsView, ControllerError> {
-        let reader = self.running_wasm(caller, name, "counters").await?;
-        reader.stats(name).map_err(ControllerError::Conflict)
+        let host = self.running_wasm(caller, name, "counters").await?;
+        let request = NodeRequest::Stats {
+            vnf: name.to_owned(),
+        };
+        match self.node_call(&host, request).await? {
+            NodeReply::Stats { stats } => Ok(stats),
+            other => Err(unexpected(&host, "counters", other)),
+        }
     }
 
-    /// The reader for VNF `name` if the caller may see it, it is a wasm VNF and its instance
-    /// runs (or is locked); `what` names what is read, for the errors.
+    /// The host running VNF `name`'s active instance, if the caller may see it, it is a wasm VNF
+    /// and its instance runs (or is locked); `what` names what is read, for the errors.
     async fn running_wasm(
         &self,
         caller: &Caller,
         name: &str,
         what: &str,
-    ) -> Result<Arc<dyn MapReader>, ControllerError> {
+    ) -> Result<String, ControllerError> {
         let vnf = self.vnf(caller, name).await?;
         if vnf.descriptor.spec.runtime != RuntimeKind::Wasm {
             return Err(ControllerError::Conflict(format!(
@@ -67,10 +65,28 @@ impl Controller {
                 vnf.phase.as_str()
             )));
         }
-        self.map_reader_cell().get().cloned().ok_or_else(|| {
-            ControllerError::Conflict(format!(
-                "this node runs no wasm runtime to read {what} from"
-            ))
+        active_host(&vnf).ok_or_else(|| {
+            ControllerError::Conflict(format!("vnf {name} is placed nowhere to read {what} from"))
         })
+    }
+}
+
+/// The host of a VNF's active instance (its only one without a standby).
+pub(crate) fn active_host(vnf: &telvirt_model::Vnf) -> Option<String> {
+    vnf.placements
+        .iter()
+        .find(|p| p.role == Role::Active)
+        .or_else(|| vnf.placements.first())
+        .map(|p| p.host.clone())
+}
+
+/// A reply that does not answer the call: the agent failed (409 with its reason) or spoke
+/// out of turn (500).
+pub(crate) fn unexpected(host: &str, what: &str, reply: NodeReply) -> ControllerError {
+    match reply {
+        NodeReply::Failed { reason } => ControllerError::Conflict(reason),
+        other => ControllerError::Corrupt(format!(
+            "the agent of host {host} answered a {what} call with {other:?}"
+        )),
     }
 }

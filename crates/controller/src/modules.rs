@@ -228,6 +228,38 @@ impl Controller {
         }
     }
 
+    /// The bytes of uploaded module `sha256` for the agent of `host`: only while that host is
+    /// assigned a VNF running it, or an upgrade to it waits for that host's reply.
+    pub async fn module_for_host(&self, host: &str, sha256: &str) -> Result<Vec<u8>> {
+        let reference = format!("{MODULE_REF_PREFIX}{sha256}");
+        if telvirt_model::module_digest(&reference).is_none() {
+            return Err(invalid(
+                "sha256",
+                "must be 64 lowercase hex digits (a module's digest)",
+            ));
+        }
+        let needed = self.node_calls().upgrade_waits(host, &reference)
+            || self.assignments(host).await?.iter().any(|a| {
+                a.descriptor
+                    .spec
+                    .wasm
+                    .as_ref()
+                    .is_some_and(|w| w.module == reference)
+            });
+        if !needed {
+            return Err(ControllerError::Forbidden(format!(
+                "host {host} runs no VNF with module {reference} and waits for no upgrade to it"
+            )));
+        }
+        let path = ModuleRepository::path(&self.repository()?.dir, sha256);
+        let read = tokio::task::spawn_blocking(move || std::fs::read(&path))
+            .await
+            .map_err(|e| ControllerError::Unavailable(format!("reading a module: {e}")))?;
+        read.map_err(|e| {
+            ControllerError::Unavailable(format!("module {reference} cannot be read: {e}"))
+        })
+    }
+
     /// Forgets the caller's upload; the bytes go when nobody keeps the module. Refused (409)
     /// while one of the caller's VNFs runs it, or while any VNF does and the caller is the last
     /// owner (without naming another authority's VNF).

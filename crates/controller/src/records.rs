@@ -4,8 +4,6 @@
 //! read, change and write records inside store transactions.
 
 use serde::{Deserialize, Serialize};
-use telvirt_model::api::HugePageView;
-use telvirt_sched::HostSpec;
 
 pub const VNFS: &str = "/vnfs/";
 pub const EVENTS: &str = "/events/";
@@ -135,19 +133,8 @@ pub struct ModuleRecord {
     pub owners: std::collections::BTreeMap<String, String>,
 }
 
-/// A stored host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostRecord {
-    pub spec: HostSpec,
-    pub memory_bytes: u64,
-    #[serde(default)]
-    pub hugepages: Vec<HugePageView>,
-    /// Runtimes its agent runs; empty for a host without an agent.
-    #[serde(default)]
-    pub runtimes: Vec<String>,
-    /// Whether an agent serves this host.
-    pub agent: bool,
-}
+/// A stored host: as its agent registers it (the agent protocol's type).
+pub use telvirt_api::HostRecord;
 
 /// The last heartbeat of a host's agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

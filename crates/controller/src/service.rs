@@ -55,6 +55,9 @@ pub enum ControllerError {
     Invalid(FieldError),
     #[error("missing or unknown bearer token")]
     Unauthorized,
+    /// A valid token of the wrong kind: a node credential on the authorities' API (401).
+    #[error("{0}")]
+    WrongCredential(String),
     #[error("{0}")]
     Forbidden(String),
     /// The body is larger than this request takes (413).
@@ -136,12 +139,10 @@ pub struct Controller {
     metrics: Arc<Metrics>,
     /// The local agent's data plane (all-in-one node), for network status.
     network_plane: std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>>,
-    /// The local agent's wasm runtime (all-in-one node), for module upgrades.
-    module_upgrader: std::sync::OnceLock<Arc<dyn crate::upgrade::ModuleUpgrader>>,
     /// The wasm security domains an authority may be given (the node's security policy).
     security_domains: std::sync::RwLock<BTreeSet<String>>,
-    /// The local agent's wasm runtime (all-in-one node), for reading maps.
-    map_reader: std::sync::OnceLock<Arc<dyn crate::maps::MapReader>>,
+    /// Calls routed to the agents of the hosts VNFs run on (maps, counters, upgrades).
+    node_calls: crate::nodecalls::NodeCalls,
     /// Where uploaded modules are kept and how they are verified.
     module_repository: std::sync::OnceLock<crate::modules::ModuleRepository>,
     /// Host liveness: the heartbeat lease TTL and each host's lease.
@@ -159,20 +160,15 @@ impl Controller {
         &self.network_plane
     }
 
-    pub(crate) fn map_reader_cell(&self) -> &std::sync::OnceLock<Arc<dyn crate::maps::MapReader>> {
-        &self.map_reader
+    /// The calls waiting for agents and their replies.
+    pub fn node_calls(&self) -> &crate::nodecalls::NodeCalls {
+        &self.node_calls
     }
 
     pub(crate) fn module_repository_cell(
         &self,
     ) -> &std::sync::OnceLock<crate::modules::ModuleRepository> {
         &self.module_repository
-    }
-
-    pub(crate) fn module_upgrader_cell(
-        &self,
-    ) -> &std::sync::OnceLock<Arc<dyn crate::upgrade::ModuleUpgrader>> {
-        &self.module_upgrader
     }
 }
 
@@ -204,8 +200,7 @@ impl Controller {
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
             network_plane: std::sync::OnceLock::new(),
-            module_upgrader: std::sync::OnceLock::new(),
-            map_reader: std::sync::OnceLock::new(),
+            node_calls: crate::nodecalls::NodeCalls::default(),
             module_repository: std::sync::OnceLock::new(),
             liveness: hosts::Liveness::default(),
             security_domains: std::sync::RwLock::new(
@@ -329,34 +324,60 @@ impl Controller {
             created_at: now_rfc3339(),
             domain: Some(domain.to_owned()),
         };
-        let key = authority_key(name);
+        let won = self
+            .write_token_holder(
+                authority_key(name),
+                encode(&record)?,
+                (token_key(&record.token_sha256), name),
+                previous.map(|(old, rev)| (token_key(&old.token_sha256), *rev)),
+            )
+            .await?;
+        Ok(won.then_some(token))
+    }
+
+    /// Writes the record of a token's holder at `key` and the token's index (`index.0` →
+    /// `index.1`, the holder's name) in one transaction, replacing the record at revision
+    /// `replaced.1` and deleting the replaced token's index `replaced.0` (`None`: a new holder,
+    /// the key must not exist). Whether it won the race.
+    pub(crate) async fn write_token_holder(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        index: (String, &str),
+        replaced: Option<(String, u64)>,
+    ) -> Result<bool> {
         let mut ops = vec![
             Op::Put {
                 key: key.clone(),
-                value: encode(&record)?,
+                value,
                 lease: None,
             },
             Op::Put {
-                key: token_key(&record.token_sha256),
-                value: name.as_bytes().to_vec(),
+                key: index.0,
+                value: index.1.as_bytes().to_vec(),
                 lease: None,
             },
         ];
-        if let Some((old, _)) = previous {
-            ops.push(Op::Delete {
-                key: token_key(&old.token_sha256),
-            });
-        }
-        let compare = Compare::ModRevision {
-            key,
-            revision: previous.map_or(0, |(_, rev)| *rev),
+        let revision = match replaced {
+            Some((old_index, rev)) => {
+                ops.push(Op::Delete { key: old_index });
+                rev
+            }
+            None => 0,
         };
-        let outcome = self.store.txn(vec![compare], ops).await?;
-        Ok(outcome.succeeded.then_some(token))
+        let compare = Compare::ModRevision { key, revision };
+        Ok(self.store.txn(vec![compare], ops).await?.succeeded)
     }
 
     /// The authority a bearer token belongs to: one lookup of the token's hash.
     pub async fn authenticate(&self, token: &str) -> Result<Caller> {
+        if token.starts_with(telvirt_api::NODE_TOKEN_PREFIX) {
+            return Err(ControllerError::WrongCredential(
+                "a node credential acts only for its host's agent (/v1/agent/...); use an \
+                 authority's token"
+                    .into(),
+            ));
+        }
         let key = token_key(&auth::token_hash(token));
         let v = self
             .store

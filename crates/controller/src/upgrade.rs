@@ -2,27 +2,19 @@
 //! module is swapped in between two batches and maps with the same name and layout keep their
 //! contents.
 //!
-//! Owns the checks (visibility, lock, runtime, phase), asking the local agent's wasm runtime to
-//! swap through the [`ModuleUpgrader`] hook (in-process on the all-in-one node, ADR 035), and
+//! Owns the checks (visibility, lock, runtime, phase), asking the agent of the VNF's host to swap
+//! through a node call (ADR 047), and
 //! recording the new module path in the stored descriptor so a restart runs it. It must not
 //! touch the runtime itself.
 
-use std::sync::Arc;
-
 use serde::{Deserialize, Serialize};
+use telvirt_api::{NodeReply, NodeRequest};
 use telvirt_model::{FieldError, Format, Phase, RuntimeKind, Vnf};
 use telvirt_store::{Compare, Op};
 use utoipa::ToSchema;
 
 use crate::records::{VnfRecord, vnf_key};
 use crate::service::{Caller, Controller, ControllerError, now_rfc3339};
-
-/// The local agent's wasm runtime, as the controller sees it.
-pub trait ModuleUpgrader: Send + Sync + 'static {
-    /// Swaps VNF `vnf`'s module for the one at `module` (a path on the node) between batches;
-    /// returns the new module's hash. On error the old module keeps running with its maps.
-    fn upgrade(&self, vnf: &str, module: &str) -> Result<String, String>;
-}
 
 /// Body of `POST /v1/vnfs/{name}/upgrade`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -40,11 +32,6 @@ fn invalid(path: &str, reason: impl Into<String>) -> ControllerError {
 }
 
 impl Controller {
-    /// Installs the local agent's wasm runtime (once; later calls are ignored).
-    pub fn set_module_upgrader(&self, upgrader: Arc<dyn ModuleUpgrader>) {
-        let _ = self.module_upgrader_cell().set(upgrader);
-    }
-
     /// Swaps a running wasm VNF's module, keeping its maps; the stored descriptor names the new
     /// module afterwards. Refused (and nothing changed) when locked, not wasm, not running, or
     /// when the runtime refuses the module.
@@ -128,13 +115,17 @@ impl Controller {
                 ),
             ));
         }
-        let upgrader = self
-            .module_upgrader_cell()
-            .get()
-            .ok_or_else(|| invalid("module", "this node has no local wasm runtime"))?;
-        let hash = upgrader
-            .upgrade(name, &req.module)
-            .map_err(|e| invalid("module", e))?;
+        let host = crate::maps::active_host(vnf)
+            .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
+        let request = NodeRequest::Upgrade {
+            vnf: name.to_owned(),
+            module: req.module.clone(),
+        };
+        let hash = match self.node_call(&host, request).await? {
+            NodeReply::Upgraded { hash } => hash,
+            NodeReply::Failed { reason } => return Err(invalid("module", reason)),
+            other => return Err(crate::maps::unexpected(&host, "upgrade", other)),
+        };
         // The module runs now: record its path, re-reading the record if a phase report got
         // in between.
         let (mut record, mut rev) = (record, v.mod_revision);

@@ -44,6 +44,12 @@ pub enum Output {
 pub enum Command {
     /// Run an all-in-one node: controller, this host's agent and the embedded store
     Serve(ServeArgs),
+    /// Run the control plane alone (API, store, scheduler); agents join over the network
+    /// with `telvirt agent`
+    Controller(ControllerArgs),
+    /// Run this host's agent against a controller (`telvirt controller` or `telvirt serve`),
+    /// authenticated with a node credential
+    Agent(AgentArgs),
     /// Manage VNFs
     #[command(subcommand)]
     Vnf(VnfCommand),
@@ -77,18 +83,73 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Where the store and the client config live [default: $XDG_DATA_HOME/telvirt or ~/.local/share/telvirt]
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
+    #[command(flatten)]
+    pub agent: HostAgentArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ControllerArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// The controller's API endpoint, e.g. http://10.0.0.1:7070
+    #[arg(long, env = "TELVIRT_CONTROLLER")]
+    pub controller: String,
+    /// File holding this host's node credential (`telvirt host credential NAME --out FILE`);
+    /// an authority's token is refused
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// VNFs the agent works on at once (a VM boot never holds another VNF back)
+    #[arg(long, default_value_t = telvirt_agent::DEFAULT_WORKERS)]
+    pub workers: std::num::NonZeroUsize,
+    #[command(flatten)]
+    pub node: NodeArgs,
+    #[command(flatten)]
+    pub agent: HostAgentArgs,
+}
+
+/// What every telvirt process keeps on its node.
+#[derive(Args, Debug)]
+pub struct NodeArgs {
+    /// Where the store, instances, modules and the client config live [default: $XDG_DATA_HOME/telvirt or ~/.local/share/telvirt]
     #[arg(long, env = "TELVIRT_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Wasm security policy (YAML or JSON: domains with their allowed permissions and
+    /// signature keys); must define `operator` and `untrusted` [default: the built-in policy]
+    #[arg(long)]
+    pub security_policy: Option<PathBuf>,
+}
+
+/// The controller's API and host liveness.
+#[derive(Args, Debug)]
+pub struct ControlArgs {
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1:7070")]
     pub listen: SocketAddr,
+    /// How long a host stays Ready after its last heartbeat, in milliseconds; then it is
+    /// NotReady and its VNFs Unknown. Must exceed the agents' --heartbeat-interval-ms
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub host_lease_ttl_ms: u64,
+}
+
+/// A host agent: this host's facts, its runtimes and its heartbeat.
+#[derive(Args, Debug)]
+pub struct HostAgentArgs {
     /// Inventory YAML describing this host (and marking cores reserved for the host OS);
     /// discovered from /sys when omitted
     #[arg(long)]
     pub inventory: Option<PathBuf>,
     /// Name of this host [default: the kernel's hostname]
-    #[arg(long)]
+    #[arg(long, visible_alias = "host")]
     pub host_name: Option<String>,
     /// Accelerator of vm VNFs: auto probes whether KVM really boots a guest and falls back to
     /// TCG with a warning
@@ -97,10 +158,6 @@ pub struct ServeArgs {
     /// Where the default vm guest image is built and cached [default: the data dir]
     #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
     pub image_cache: Option<PathBuf>,
-    /// Wasm security policy (YAML or JSON: domains with their allowed permissions and
-    /// signature keys); must define `operator` and `untrusted` [default: the built-in policy]
-    #[arg(long)]
-    pub security_policy: Option<PathBuf>,
     /// How often the maps of running wasm VNFs are snapshotted into the data dir, in
     /// milliseconds (a SIGKILL loses at most this much map state)
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
@@ -113,10 +170,6 @@ pub struct ServeArgs {
     /// How often this host's agent sends a heartbeat, in milliseconds
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub heartbeat_interval_ms: u64,
-    /// How long a host stays Ready after its last heartbeat, in milliseconds; then it is
-    /// NotReady and its VNFs Unknown. Must exceed --heartbeat-interval-ms
-    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
-    pub host_lease_ttl_ms: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -199,6 +252,14 @@ pub enum HostCommand {
     /// host (admin only)
     #[command(alias = "rm")]
     Delete { name: String },
+    /// Issue a host's node credential for `telvirt agent --token-file` (admin only); its
+    /// previous one stops working
+    Credential {
+        name: String,
+        /// Write the token to this file (mode 0600) instead of printing it
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

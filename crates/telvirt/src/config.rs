@@ -43,21 +43,28 @@ impl ClientConfig {
     /// Writes the file with mode 0600 through a temporary file and a rename, so a reader never
     /// sees half a file.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string(self)?;
-        let tmp = path.with_extension("toml.tmp");
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-        fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-        Ok(())
+        write_private(path, toml::to_string(self)?.as_bytes())
     }
+}
+
+/// Writes a secret (a token, a config holding one) readable by its owner only (0600), whole or
+/// not at all: a temp file beside it, fsync, rename.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
 }
 
 /// Server and token for a CLI call: flags and environment first, then the config file.

@@ -3,6 +3,8 @@
 //! It must not hold logic another crate could own; errors become one line on stderr and a
 //! non-zero exit.
 
+mod agent;
+mod agent_link;
 mod bench;
 mod bench_control;
 mod cli;
@@ -75,6 +77,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
     let format = cli.output;
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
+        Command::Controller(args) => serve::run_controller(args).await,
+        Command::Agent(args) => agent::run(args).await,
         Command::Schema => {
             println!(
                 "{}",
@@ -282,6 +286,32 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
             let value = serde_json::json!({ "name": name, "deleted": true });
             if !output::structured(format, &value)? {
                 println!("host/{name} deleted");
+            }
+        }
+        HostCommand::Credential { name, out } => {
+            let issued: telvirt_controller::nodes::NodeCredential = client
+                .call(Method::POST, &format!("/v1/hosts/{name}/credential"), None)
+                .await?
+                .json()?;
+            match out {
+                Some(path) => {
+                    config::write_private(&path, format!("{}\n", issued.token).as_bytes())?;
+                    let value = serde_json::json!({ "host": name, "token_file": path });
+                    if !output::structured(format, &value)? {
+                        println!(
+                            "host/{name} credential written to {} (its previous one no longer works)",
+                            path.display()
+                        );
+                    }
+                }
+                None => {
+                    if !output::structured(format, &issued)? {
+                        println!(
+                            "host/{name} credential (shown once; its previous one no longer works):"
+                        );
+                        println!("{}", issued.token);
+                    }
+                }
             }
         }
     }

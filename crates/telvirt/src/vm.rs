@@ -17,7 +17,7 @@ use telvirt_agent::runtimes::vm::{VmRuntime, VmRuntimeConfig, build_image};
 use telvirt_model::{Device, Vnf};
 use telvirt_runtime_vm::{AccelChoice, BenchOptions, GuestImage, bench};
 
-use crate::cli::{Output, ServeArgs};
+use crate::cli::{HostAgentArgs, Output};
 use crate::client::Client;
 use crate::config::default_data_dir;
 use crate::output;
@@ -79,7 +79,7 @@ fn image_cache(explicit: Option<&Path>, data_dir: &Path) -> PathBuf {
 /// The vm runtime of `telvirt serve`, or `None` (with a log line saying why) when this host
 /// cannot run it. Builds the default image and resolves the accelerator in the background, so
 /// the accelerator warning shows at start and the first VNF does not wait for both.
-pub async fn vm_runtime(args: &ServeArgs, data_dir: &Path) -> Result<Option<Arc<dyn Runtime>>> {
+pub async fn vm_runtime(args: &HostAgentArgs, data_dir: &Path) -> Result<Option<Arc<dyn Runtime>>> {
     if !on_path("qemu-system-x86_64") {
         tracing::warn!(
             "vm runtime unavailable: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"

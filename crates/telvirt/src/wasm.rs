@@ -14,8 +14,10 @@ use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 
 use reqwest::Method;
+use telvirt_agent::NodeHandler;
+use telvirt_api::{NodeReply, NodeRequest};
+use telvirt_controller::Controller;
 use telvirt_controller::modules::{ModuleRepository, ModuleVerifier};
-use telvirt_controller::{Controller, MapReader, ModuleUpgrader};
 use telvirt_model::api::{MapView, ModuleInfo, WasmStatsView};
 use telvirt_model::{Name, Vnf};
 use telvirt_runtime_wasm::SecurityPolicy;
@@ -82,17 +84,29 @@ pub fn write_examples(dir: &Path) -> Result<Vec<String>> {
     Ok(written)
 }
 
-/// The wasm security policy of `telvirt serve --security-policy FILE` (YAML or JSON), else the
-/// built-in one. The controller is told its domains (what authorities may be given).
-pub fn load_policy(path: Option<&Path>, controller: &Controller) -> Result<SecurityPolicy> {
-    let policy = match path {
-        None => SecurityPolicy::default(),
-        Some(path) => read_policy(path)?,
-    };
+/// The wasm security policy of `--security-policy FILE` (YAML or JSON), else the built-in one.
+pub fn load_policy(path: Option<&Path>) -> Result<SecurityPolicy> {
+    match path {
+        None => Ok(SecurityPolicy::default()),
+        Some(path) => read_policy(path),
+    }
+}
+
+/// The controller's side of the node's wasm policy: its domains (what authorities may be
+/// given), and uploads kept in `<data_dir>/modules` after the checks a start applies.
+pub fn control_wasm(
+    controller: &Controller,
+    data_dir: &Path,
+    policy: &SecurityPolicy,
+) -> Result<()> {
     controller
         .set_security_domains(policy.domains.keys().cloned())
         .map_err(|e| anyhow::anyhow!("security policy: {e}"))?;
-    Ok(policy)
+    controller.set_module_repository(ModuleRepository::new(
+        data_dir.join("modules"),
+        Arc::new(UploadVerifier(policy.clone())),
+    ));
+    Ok(())
 }
 
 /// A security policy file (YAML, or JSON by extension).
@@ -108,18 +122,17 @@ fn read_policy(path: &Path) -> Result<SecurityPolicy> {
         .map_err(|e| anyhow::anyhow!("security policy {}: {e}", path.display()))
 }
 
-/// The agent's wasm runtime for `telvirt serve`: modules stored under `<data_dir>/wasm`, map
-/// snapshots under `<data_dir>/snapshots`, relative module paths resolved against the working
-/// directory, VNFs placed on `dataplane`, modules checked against `policy`. The controller gets
-/// it as its module upgrader (in-process on the all-in-one node).
+/// A host agent's wasm runtime: modules compiled under `<data_dir>/wasm`, map snapshots under
+/// `<data_dir>/snapshots`, relative module paths resolved against the working directory,
+/// uploaded modules read from `module_dir` (the controller's on the all-in-one node, the agent's
+/// cache otherwise), VNFs placed on `dataplane`, modules checked against `policy`.
 pub fn runtime(
     data_dir: &Path,
+    module_dir: &Path,
     dataplane: Arc<NodeDataPlane>,
-    controller: &Controller,
     policy: SecurityPolicy,
 ) -> Result<Arc<WasmRuntime>> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
-    let policy_for_uploads = policy.clone();
     let rt = WasmRuntime::with_options(
         data_dir.join("wasm"),
         cwd,
@@ -128,15 +141,8 @@ pub fn runtime(
         Some(data_dir.join("snapshots")),
     )
     .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?
-    .with_module_dir(data_dir.join("modules"));
-    let rt = Arc::new(rt);
-    controller.set_module_repository(ModuleRepository::new(
-        data_dir.join("modules"),
-        Arc::new(UploadVerifier(policy_for_uploads)),
-    ));
-    controller.set_module_upgrader(Arc::new(Upgrader(Arc::clone(&rt))));
-    controller.set_map_reader(Arc::new(Upgrader(Arc::clone(&rt))));
-    Ok(rt)
+    .with_module_dir(module_dir);
+    Ok(Arc::new(rt))
 }
 
 /// The node's verdict on an uploaded module: the same checks a start applies.
@@ -148,18 +154,31 @@ impl ModuleVerifier for UploadVerifier {
     }
 }
 
-/// The wasm runtime as the controller's in-process hooks (module upgrades, map reads).
-struct Upgrader(Arc<WasmRuntime>);
+/// The wasm runtime answering the node calls the controller routes to this host.
+pub struct WasmNodeHandler(pub Arc<WasmRuntime>);
 
-impl MapReader for Upgrader {
-    fn maps(&self, vnf: &str) -> Result<Vec<MapView>, String> {
-        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
-        self.0.map_views(&name).map_err(|e| e.to_string())
+impl WasmNodeHandler {
+    fn answer(&self, request: &NodeRequest) -> Result<NodeReply, String> {
+        let name: Name = request.vnf().parse().map_err(|e| format!("{e}"))?;
+        let rt = &self.0;
+        Ok(match request {
+            NodeRequest::Maps { .. } => NodeReply::Maps {
+                maps: rt.map_views(&name).map_err(|e| e.to_string())?,
+            },
+            NodeRequest::Stats { .. } => NodeReply::Stats {
+                stats: rt.stats_view(&name).map_err(|e| e.to_string())?,
+            },
+            NodeRequest::Upgrade { module, .. } => NodeReply::Upgraded {
+                hash: rt.upgrade(&name, module).map_err(|e| e.to_string())?,
+            },
+        })
     }
+}
 
-    fn stats(&self, vnf: &str) -> Result<WasmStatsView, String> {
-        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
-        self.0.stats_view(&name).map_err(|e| e.to_string())
+impl NodeHandler for WasmNodeHandler {
+    fn handle(&self, request: &NodeRequest) -> NodeReply {
+        self.answer(request)
+            .unwrap_or_else(|reason| NodeReply::Failed { reason })
     }
 }
 
@@ -216,13 +235,6 @@ pub async fn maps(client: &Client, format: Output, name: &str) -> Result<()> {
         );
     }
     Ok(())
-}
-
-impl ModuleUpgrader for Upgrader {
-    fn upgrade(&self, vnf: &str, module: &str) -> Result<String, String> {
-        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
-        self.0.upgrade(&name, module).map_err(|e| e.to_string())
-    }
 }
 
 /// `telvirt vnf upgrade NAME --module FILE`.

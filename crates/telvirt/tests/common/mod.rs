@@ -58,6 +58,8 @@ pub fn lay_out_examples(root: &Path) {
 pub struct Serve {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// `serve`, or `controller` (no agent of its own).
+    subcommand: &'static str,
     args: Vec<String>,
     /// A command the server and the CLI run under (e.g. `ip netns exec NS`); empty: none.
     wrapper: Vec<String>,
@@ -93,11 +95,36 @@ impl Serve {
         let mut serve = Serve {
             child: None,
             dir,
+            subcommand: "serve",
             args: args.iter().map(|a| a.to_string()).collect(),
             wrapper: wrapper.iter().map(|a| a.to_string()).collect(),
         };
         serve.restart();
         serve
+    }
+
+    /// `telvirt controller --listen 127.0.0.1:0 --data-dir data <args>` in `dir`: the control
+    /// plane without an agent; hosts join with [`Agent::start`].
+    pub fn controller_in(dir: tempfile::TempDir, args: &[&str]) -> Serve {
+        let mut serve = Serve {
+            child: None,
+            dir,
+            subcommand: "controller",
+            args: args.iter().map(|a| a.to_string()).collect(),
+            wrapper: Vec::new(),
+        };
+        serve.restart();
+        serve
+    }
+
+    /// The API endpoint written into the client config.
+    pub fn server(&self) -> String {
+        let text = std::fs::read_to_string(self.config()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("server"))
+            .expect("client config names the server");
+        line.split('"').nth(1).unwrap().to_owned()
     }
 
     /// The telvirt binary under the wrapper, working in the test directory.
@@ -119,7 +146,13 @@ impl Serve {
         let _ = std::fs::remove_file(self.config());
         let child = self
             .command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir", "data"])
+            .args([
+                self.subcommand,
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "data",
+            ])
             .args(&self.args)
             .env("TELVIRT_LOG", "warn")
             .stdout(Stdio::null())
@@ -131,7 +164,8 @@ impl Serve {
         while !(self.config().exists() && self.cli(&["vnf", "list"]).status.success()) {
             assert!(
                 Instant::now() < deadline,
-                "telvirt serve did not become ready"
+                "telvirt {} did not become ready",
+                self.subcommand
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -282,6 +316,64 @@ impl Serve {
 
     pub fn wait_phase(&self, name: &str, phase: &str) -> Value {
         self.wait_vnf(name, |v| v["phase"] == phase)
+    }
+}
+
+/// A `telvirt agent` process working in a [`Serve`]'s directory, SIGKILLed when dropped.
+pub struct Agent {
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// `telvirt agent --controller <node's server> <args>` run in the node's directory (output
+    /// to `<dir>/<log>`); returns at once.
+    pub fn start(node: &Serve, log: &str, args: &[&str]) -> Agent {
+        let log = std::fs::File::create(node.path(log)).unwrap();
+        let child = node
+            .command()
+            .args(["agent", "--controller", &node.server()])
+            .args(args)
+            .env("TELVIRT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Agent { child: Some(child) }
+    }
+
+    /// Waits (with a deadline) for the process to exit by itself; its status.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent running");
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("telvirt agent did not exit");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then waits (with a deadline) for a clean exit.
+    pub fn terminate(&mut self) {
+        let pid = libc::pid_t::try_from(self.child.as_ref().expect("agent running").id()).unwrap();
+        // SAFETY: `pid` is our own child, not yet reaped (we hold its `Child`).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let status = self.wait_exit();
+        assert!(status.success(), "telvirt agent exited with {status}");
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

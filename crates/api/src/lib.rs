@@ -1,0 +1,243 @@
+//! The agent protocol: everything a host agent and the controller say to each other.
+//!
+//! Owns the messages (registration, assignments, observations, node calls and their replies),
+//! the HTTP paths they travel on, and the [`ControlLink`] trait an agent talks through, so the
+//! controller, the agent and the CLI share one definition and the controller needs nothing of the
+//! agent's crate. It must not hold behaviour: no I/O, no decisions; transports implement
+//! [`ControlLink`] elsewhere (in-process in the controller crate, HTTP in the binary).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use telvirt_model::api::{HugePageView, MapView, WasmStatsView};
+use telvirt_sched::HostSpec;
+
+pub use telvirt_model::api::{Assignment, Observation};
+
+/// Prefix of node credentials; an authority token has `tvt_` (the controller's `TOKEN_PREFIX`).
+pub const NODE_TOKEN_PREFIX: &str = "tvn_";
+
+/// The longest a watch or call poll may wait before it answers empty (a client asking more is
+/// answered after this).
+pub const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// How long the controller waits for an agent to answer a node call before it gives up (504).
+pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The HTTP paths of the protocol; each takes a node credential as its bearer token, bound to
+/// the host named in the path.
+pub mod paths {
+    /// `POST` a [`super::HostRecord`]: the agent's inventory and runtimes.
+    pub fn register(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/register")
+    }
+    /// `POST` (no body): renews the host's liveness lease.
+    pub fn heartbeat(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/heartbeat")
+    }
+    /// `GET`: the host's [`super::Assignment`]s.
+    pub fn assignments(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/assignments")
+    }
+    /// `GET ?after=R&wait_ms=W`: a [`super::Changes`] once the assignment revision passes `R`
+    /// (or after `W` ms).
+    pub fn changes(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/changes")
+    }
+    /// `POST` an [`super::Observation`].
+    pub fn observations(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/observations")
+    }
+    /// `GET ?wait_ms=W`: the [`super::NodeCall`]s waiting for this host (empty after `W` ms).
+    pub fn calls(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/calls")
+    }
+    /// `POST` a [`super::NodeReply`] to call `id`.
+    pub fn reply(host: &str, id: u64) -> String {
+        format!("/v1/agent/hosts/{host}/calls/{id}")
+    }
+    /// `GET`: the bytes of uploaded module `sha256` (hex), for a host that runs or upgrades to it.
+    pub fn module(host: &str, sha256: &str) -> String {
+        format!("/v1/agent/hosts/{host}/modules/{sha256}")
+    }
+}
+
+/// A host as its agent registers it and the controller stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRecord {
+    pub spec: HostSpec,
+    pub memory_bytes: u64,
+    #[serde(default)]
+    pub hugepages: Vec<HugePageView>,
+    /// Runtimes its agent runs; empty for a host without an agent.
+    #[serde(default)]
+    pub runtimes: Vec<String>,
+    /// Whether an agent serves this host.
+    pub agent: bool,
+}
+
+/// The answer of a changes poll: the assignment revision now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    pub revision: u64,
+}
+
+/// A call the controller routes to the agent of the host a VNF runs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCall {
+    /// Unique per controller process; the reply names it.
+    pub id: u64,
+    pub request: NodeRequest,
+}
+
+/// What a node call asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "call", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NodeRequest {
+    /// The maps of a running wasm VNF.
+    Maps { vnf: String },
+    /// The counters of a running wasm VNF.
+    Stats { vnf: String },
+    /// Swap a running wasm VNF's module for `module` (`sha256:<hex>` or a path on the node).
+    Upgrade { vnf: String, module: String },
+}
+
+impl NodeRequest {
+    /// The VNF the call is about.
+    pub fn vnf(&self) -> &str {
+        match self {
+            Self::Maps { vnf } | Self::Stats { vnf } | Self::Upgrade { vnf, .. } => vnf,
+        }
+    }
+}
+
+/// An agent's answer to a [`NodeCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum NodeReply {
+    Maps {
+        maps: Vec<MapView>,
+    },
+    Stats {
+        stats: WasmStatsView,
+    },
+    /// The module now running: its hash.
+    Upgraded {
+        hash: String,
+    },
+    /// The node refused or failed; the reason is for the caller.
+    Failed {
+        reason: String,
+    },
+}
+
+/// Why a link call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The controller could not be reached or answered garbage.
+    #[error("controller unreachable: {0}")]
+    Transport(String),
+    /// The controller refused the call (its status and problem detail).
+    #[error("controller refused ({status}): {detail}")]
+    Refused { status: u16, detail: String },
+}
+
+/// The agent's side of the protocol: every call an agent makes to its controller.
+#[async_trait]
+pub trait ControlLink: Send + Sync + 'static {
+    /// Tells the controller this host exists, with its inventory and runtimes. A link whose
+    /// host was registered another way keeps this default.
+    async fn register(&self, _record: &HostRecord) -> Result<(), LinkError> {
+        Ok(())
+    }
+
+    /// The instances the controller wants on `host`.
+    async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, LinkError>;
+
+    /// Tells the controller what the agent observed.
+    async fn report(&self, host: &str, observation: Observation) -> Result<(), LinkError>;
+
+    /// Tells the controller the agent of `host` is alive (its liveness lease). A link that
+    /// carries no liveness keeps this default.
+    async fn heartbeat(&self, _host: &str) -> Result<(), LinkError> {
+        Ok(())
+    }
+
+    /// Returns when assignments may have changed since the previous call of this link's
+    /// `wait_for_change` returned (at once when they did meanwhile: a change made while the
+    /// agent was busy is not lost), or after `max_wait`.
+    async fn wait_for_change(&self, max_wait: Duration);
+
+    /// The node calls waiting for `host`; empty after `max_wait` when none came. A link that
+    /// carries no node calls keeps this default: no call ever comes, so it never returns.
+    async fn next_calls(
+        &self,
+        _host: &str,
+        _max_wait: Duration,
+    ) -> Result<Vec<NodeCall>, LinkError> {
+        std::future::pending().await
+    }
+
+    /// Answers node call `id`.
+    async fn reply(&self, _host: &str, _id: u64, _reply: NodeReply) -> Result<(), LinkError> {
+        Ok(())
+    }
+
+    /// The bytes of uploaded module `sha256` (hex). `None`: this link's host reads the
+    /// controller's module directory itself (the all-in-one node).
+    async fn module(&self, _host: &str, _sha256: &str) -> Result<Option<Vec<u8>>, LinkError> {
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_calls_and_replies_have_a_tagged_wire_form_and_refuse_unknown_fields() {
+        let call = NodeCall {
+            id: 7,
+            request: NodeRequest::Upgrade {
+                vnf: "fw1".into(),
+                module: "sha256:ab".into(),
+            },
+        };
+        let text = serde_json::to_string(&call).unwrap();
+        assert_eq!(
+            text,
+            r#"{"id":7,"request":{"call":"upgrade","vnf":"fw1","module":"sha256:ab"}}"#
+        );
+        assert_eq!(serde_json::from_str::<NodeCall>(&text).unwrap(), call);
+        let reply: NodeReply =
+            serde_json::from_str(r#"{"outcome":"failed","reason":"no such vnf"}"#).unwrap();
+        assert_eq!(
+            reply,
+            NodeReply::Failed {
+                reason: "no such vnf".into()
+            }
+        );
+        assert!(
+            serde_json::from_str::<NodeReply>(r#"{"outcome":"upgraded","hash":"x","extra":1}"#)
+                .is_err()
+        );
+        assert!(serde_json::from_str::<NodeReply>(r#"{"outcome":"rebooted"}"#).is_err());
+    }
+
+    #[test]
+    fn every_path_names_its_host() {
+        for path in [
+            paths::register("h1"),
+            paths::heartbeat("h1"),
+            paths::assignments("h1"),
+            paths::changes("h1"),
+            paths::observations("h1"),
+            paths::calls("h1"),
+            paths::reply("h1", 3),
+            paths::module("h1", "ab"),
+        ] {
+            assert!(path.starts_with("/v1/agent/hosts/h1/"), "{path}");
+        }
+    }
+}

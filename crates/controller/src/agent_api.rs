@@ -1,0 +1,178 @@
+//! The agent protocol over HTTP: the `/v1/agent/hosts/{host}/…` routes an agent process
+//! (`telvirt agent`) calls with its node credential (ADR 047).
+//!
+//! Owns translating those calls to the controller's agent API (register, heartbeat,
+//! assignments, changes, observations, node calls, module bytes) and binding each to the host of
+//! the credential. It must not hold rules: what a registration, observation or reply means is
+//! the controller's; and it must not accept an authority's token (nor `http.rs` a node's).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use telvirt_api::{Changes, HostRecord, MAX_WAIT, NodeReply, Observation};
+use telvirt_model::FieldError;
+
+use crate::http::{ApiError, AppState, Body, json};
+use crate::service::ControllerError;
+
+/// The host a request acts for: the `{host}` of its path, which its node credential must name.
+pub struct NodeHost(pub String);
+
+impl FromRequestParts<AppState> for NodeHost {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let node = state
+            .controller
+            .authenticate_node(crate::http::bearer(parts)?)
+            .await?;
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ControllerError::NotFound(e.body_text()))?;
+        let host = params.get("host").cloned().unwrap_or_default();
+        node.require_host(&host)?;
+        Ok(NodeHost(host))
+    }
+}
+
+/// `?wait_ms=` of the polls, and `?after=` of the changes poll.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollQuery {
+    #[serde(default)]
+    after: Option<u64>,
+    #[serde(default)]
+    wait_ms: Option<u64>,
+}
+
+impl PollQuery {
+    fn wait(&self) -> Duration {
+        self.wait_ms
+            .map_or(MAX_WAIT, Duration::from_millis)
+            .min(MAX_WAIT)
+    }
+}
+
+/// The agent protocol's routes (merged into the API by [`crate::http::router`]).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/agent/hosts/{host}/register", post(register))
+        .route("/v1/agent/hosts/{host}/heartbeat", post(heartbeat))
+        .route("/v1/agent/hosts/{host}/assignments", get(assignments))
+        .route("/v1/agent/hosts/{host}/changes", get(changes))
+        .route("/v1/agent/hosts/{host}/observations", post(observe))
+        .route("/v1/agent/hosts/{host}/calls", get(calls))
+        .route("/v1/agent/hosts/{host}/calls/{id}", post(reply))
+        .route("/v1/agent/hosts/{host}/modules/{sha256}", get(module))
+}
+
+/// A JSON body of the protocol, or 422 naming what is wrong with it.
+fn parse<T: serde::de::DeserializeOwned>(body: &Body, what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(&body.bytes).map_err(|e| {
+        ControllerError::Invalid(FieldError::new(what, format!("not a valid {what}: {e}"))).into()
+    })
+}
+
+async fn register(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut record: HostRecord = parse(&body, "host record")?;
+    if record.spec.name != host {
+        return Err(ControllerError::Invalid(FieldError::new(
+            "spec.name",
+            format!(
+                "the record names host {}, the path {host}; an agent registers its own host",
+                record.spec.name
+            ),
+        ))
+        .into());
+    }
+    record.agent = true;
+    s.controller.register_agent_host(record).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn heartbeat(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+) -> Result<Response, ApiError> {
+    s.controller.heartbeat(&host).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn assignments(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.assignments(&host).await?,
+    ))
+}
+
+/// Answers once the assignment revision differs from `after` (or after the wait): a revision
+/// lower than `after` means the controller restarted, which the agent must see at once too.
+async fn changes(
+    State(s): State<AppState>,
+    _: NodeHost,
+    Query(q): Query<PollQuery>,
+) -> Result<Response, ApiError> {
+    let mut watch = s.controller.assignments_watch();
+    let after = q.after.unwrap_or(0);
+    let _ = tokio::time::timeout(q.wait(), watch.wait_for(|rev| *rev != after)).await;
+    let revision = *watch.borrow();
+    Ok(json(StatusCode::OK, &Changes { revision }))
+}
+
+async fn observe(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let observation: Observation = parse(&body, "observation")?;
+    s.controller.observe(&host, observation).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn calls(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+    Query(q): Query<PollQuery>,
+) -> Result<Response, ApiError> {
+    let calls = s.controller.node_calls().take(&host, q.wait()).await;
+    Ok(json(StatusCode::OK, &calls))
+}
+
+async fn reply(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+    Path((_, id)): Path<(String, u64)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let reply: NodeReply = parse(&body, "node reply")?;
+    s.controller.node_calls().reply(&host, id, reply)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn module(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+    Path((_, sha256)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let bytes = s.controller.module_for_host(&host, &sha256).await?;
+    let mut response = (StatusCode::OK, bytes).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/wasm"));
+    Ok(response)
+}

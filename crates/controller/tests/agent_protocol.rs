@@ -1,0 +1,350 @@
+//! The agent protocol over HTTP (`/v1/agent/hosts/{host}/…`), driven as a remote agent would:
+//! node credentials and what they may not do, registration, the assignments watch,
+//! observations, module fetches and node calls routed to the host a VNF runs on.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, firewall_ref, firewall_wasm, wasm_vnf};
+use serde_json::{Value, json};
+use telvirt_controller::modules::sha256_hex;
+
+/// A raw call of the agent protocol with `token`: (status, body as JSON or text).
+async fn agent_call(
+    node: &Node,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method.parse().unwrap(), format!("{}{path}", node.base))
+        .bearer_auth(token);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let is_json = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap().contains("json"));
+    let bytes = resp.bytes().await.unwrap();
+    let body = if is_json {
+        serde_json::from_slice(&bytes).unwrap()
+    } else {
+        Value::String(format!("{} bytes: {}", bytes.len(), sha256_hex(&bytes)))
+    };
+    (status, body)
+}
+
+async fn credential(node: &Node, host: &str) -> String {
+    let r = node
+        .call(
+            "POST",
+            "/v1/hosts/{name}/credential",
+            Some(host),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["host"], host);
+    let token = r.body["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("tvn_"), "{token}");
+    token
+}
+
+fn host_record(name: &str) -> Value {
+    json!({
+        "spec": {
+            "name": name,
+            "topology": { "sockets": 1, "cores_per_socket": 4, "threads_per_core": 1, "numa_nodes_per_socket": 1 },
+            "shared": "0"
+        },
+        "memory_bytes": 1u64 << 30,
+        "runtimes": ["wasm"],
+        "agent": true
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_admin_issues_node_credentials_and_only_for_host_names() {
+    let node = Node::start().await;
+    let ent = node.create_authority("ent1").await;
+    let r = node
+        .call(
+            "POST",
+            "/v1/hosts/{name}/credential",
+            Some("h2"),
+            Some(&ent),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = node
+        .call(
+            "POST",
+            "/v1/hosts/{name}/credential",
+            Some("a..b"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.error_paths(), ["host"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_and_authority_tokens_do_not_stand_in_for_each_other() {
+    let node = Node::start().await;
+    let h2 = credential(&node, "h2").await;
+    // A node credential is not an authority.
+    let r = node.call("GET", "/v1/vnfs", None, Some(&h2), None).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("node credential"),
+        "{}",
+        r.body
+    );
+    // An authority's token (even admin's) is not a node.
+    let (status, body) = agent_call(
+        &node,
+        "GET",
+        "/v1/agent/hosts/h2/assignments",
+        &node.admin,
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("node credential"),
+        "{body}"
+    );
+    // A node acts for its own host only.
+    let (status, body) =
+        agent_call(&node, "GET", "/v1/agent/hosts/h1/assignments", &h2, None).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _) = agent_call(&node, "POST", "/v1/agent/hosts/h1/heartbeat", &h2, None).await;
+    assert_eq!(status, 403);
+    // An unknown node token, and a replaced one, are nobody's.
+    let (status, _) = agent_call(
+        &node,
+        "GET",
+        "/v1/agent/hosts/h2/assignments",
+        "tvn_0000",
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let rotated = credential(&node, "h2").await;
+    let (status, _) = agent_call(&node, "GET", "/v1/agent/hosts/h2/assignments", &h2, None).await;
+    assert_eq!(status, 401);
+    let (status, body) = agent_call(
+        &node,
+        "GET",
+        "/v1/agent/hosts/h2/assignments",
+        &rotated,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_for_another_host_or_of_garbage_is_refused_and_registers_nothing() {
+    let node = Node::start().await;
+    let h2 = credential(&node, "h2").await;
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/register",
+        &h2,
+        Some(host_record("h3")),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("h3"), "{body}");
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/register",
+        &h2,
+        Some(json!({"spec": 1})),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    let r = node
+        .call("GET", "/v1/hosts", None, Some(&node.admin), None)
+        .await;
+    let names: Vec<&str> = r
+        .body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["h1"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers_calls() {
+    let node = Node::start().await;
+    let h2 = credential(&node, "h2").await;
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/register",
+        &h2,
+        Some(host_record("h2")),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, _) = agent_call(&node, "POST", "/v1/agent/hosts/h2/heartbeat", &h2, None).await;
+    assert_eq!(status, 204);
+    // Nothing new goes to the local host: the VNF lands on h2.
+    let r = node
+        .call(
+            "POST",
+            "/v1/hosts/{name}/cordon",
+            Some("h1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let (_, changes) = agent_call(
+        &node,
+        "GET",
+        "/v1/agent/hosts/h2/changes?wait_ms=0",
+        &h2,
+        None,
+    )
+    .await;
+    let before = changes["revision"].as_u64().unwrap();
+    // Before anything is assigned, h2 may not fetch the module.
+    let sha = sha256_hex(firewall_wasm());
+    let module_path = format!("/v1/agent/hosts/h2/modules/{sha}");
+    let (status, body) = agent_call(&node, "GET", &module_path, &h2, None).await;
+    assert_eq!(status, 403, "{body}");
+
+    let r = node.create_vnf(&node.admin, &wasm_vnf("fw1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The watch answers once the assignment revision moves past what the agent saw.
+    let (status, changes) = agent_call(
+        &node,
+        "GET",
+        &format!("/v1/agent/hosts/h2/changes?after={before}&wait_ms=20000"),
+        &h2,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_ne!(changes["revision"].as_u64().unwrap(), before, "{changes}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let assignment = loop {
+        let (_, list) = agent_call(&node, "GET", "/v1/agent/hosts/h2/assignments", &h2, None).await;
+        if let Some(a) = list.as_array().unwrap().iter().find(|a| a["vnf"] == "fw1") {
+            break a.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fw1 was never assigned to h2"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        assignment["descriptor"]["spec"]["wasm"]["module"],
+        firewall_ref()
+    );
+    // Assigned now: h2 fetches the module's exact bytes.
+    let (status, body) = agent_call(&node, "GET", &module_path, &h2, None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.as_str().unwrap().ends_with(&sha), "{body}");
+    let (status, _) =
+        agent_call(&node, "GET", "/v1/agent/hosts/h2/modules/nothex", &h2, None).await;
+    assert_eq!(status, 422);
+
+    let generation = assignment["generation"].clone();
+    let observation =
+        json!({ "vnf": "fw1", "phase": "Running", "reason": "running", "generation": generation });
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/observations",
+        &h2,
+        Some(observation),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    node.wait_vnf(&node.admin, "fw1", |v| v["phase"] == "Running")
+        .await;
+
+    // A maps read is routed to h2's agent, which takes the call and replies.
+    let agent = {
+        let (base, token) = (node.base.clone(), h2.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let calls: Value = http
+                .get(format!("{base}/v1/agent/hosts/h2/calls?wait_ms=20000"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let call = &calls.as_array().unwrap()[0];
+            assert_eq!(call["request"], json!({"call": "maps", "vnf": "fw1"}));
+            let id = call["id"].as_u64().unwrap();
+            let maps = json!({"outcome": "maps", "maps": [{"name": "blocked", "kind": "hash", "entries": 3, "max_entries": 16}]});
+            let status = http
+                .post(format!("{base}/v1/agent/hosts/h2/calls/{id}"))
+                .bearer_auth(&token)
+                .json(&maps)
+                .send()
+                .await
+                .unwrap()
+                .status();
+            assert_eq!(status.as_u16(), 204);
+            id
+        })
+    };
+    let r = node
+        .call(
+            "GET",
+            "/v1/vnfs/{name}/maps",
+            Some("fw1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body[0]["name"], "blocked");
+    assert_eq!(r.body[0]["entries"], 3);
+    let id = agent.await.unwrap();
+    // Answered: a second reply, and a reply that is not one, are refused.
+    let (status, _) = agent_call(
+        &node,
+        "POST",
+        &format!("/v1/agent/hosts/h2/calls/{id}"),
+        &h2,
+        Some(json!({"outcome": "failed", "reason": "late"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (status, _) = agent_call(
+        &node,
+        "POST",
+        &format!("/v1/agent/hosts/h2/calls/{id}"),
+        &h2,
+        Some(json!({"outcome": "rebooted"})),
+    )
+    .await;
+    assert_eq!(status, 422);
+}

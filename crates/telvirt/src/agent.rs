@@ -1,0 +1,329 @@
+//! A host agent as the binary runs it: in `telvirt serve` beside the controller (in-process
+//! link), or alone as `telvirt agent` against a controller over HTTP with a node credential.
+//!
+//! Owns building the agent's parts from its flags (host facts, runtimes, data plane) and
+//! starting its supervised tasks (reconcile loop, heartbeat, node calls, map snapshots). It must
+//! not hold agent logic (the agent crate's) nor reach the controller other than through the
+//! [`ControlLink`] it is given.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail};
+use telvirt_agent::dataplane::NodeDataPlane;
+use telvirt_agent::runtimes::wasm::WasmRuntime;
+use telvirt_agent::{
+    Agent, AgentConfig, ControlLink, ModuleCache, Runtime, SysRoots, discover, node_call_loop,
+};
+use telvirt_api::HostRecord;
+use telvirt_controller::Restart;
+use telvirt_controller::health::{self, ComponentState, HealthRegistry};
+use telvirt_sched::Inventory;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cli::{AgentArgs, HostAgentArgs};
+use crate::wasm::WasmNodeHandler;
+
+/// A task that panicked starts again after this backoff.
+pub const TASK_RESTART: Restart = Restart::Backoff {
+    first: Duration::from_millis(500),
+    max: Duration::from_secs(30),
+};
+/// A data-plane worker whose polling rounds stand still this long is reported down.
+const WORKER_STALL: Duration = Duration::from_secs(5);
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// One host's agent, built but not started.
+pub struct HostAgent {
+    /// This host, as the agent registers it.
+    pub record: HostRecord,
+    /// Every host of the inventory in its order, this one included: the all-in-one node
+    /// registers the others (without an agent) for placement; a remote agent ignores them.
+    pub inventory: Vec<HostRecord>,
+    runtimes: Vec<Arc<dyn Runtime>>,
+    pub dataplane: Arc<NodeDataPlane>,
+    wasm: Arc<WasmRuntime>,
+    data_dir: PathBuf,
+    heartbeat_every: Duration,
+    snapshot_every: Duration,
+}
+
+impl HostAgent {
+    /// This host's facts (inventory file or /sys), its runtimes and data plane. Uploaded
+    /// modules are read from `module_dir`.
+    pub async fn build(
+        args: &HostAgentArgs,
+        data_dir: &Path,
+        module_dir: &Path,
+        policy: telvirt_runtime_wasm::SecurityPolicy,
+    ) -> Result<Self> {
+        let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
+        runtimes.extend(crate::vm::vm_runtime(args, data_dir).await?);
+        // One data plane per node, shared by the wasm runtime and the network reconciler.
+        let dataplane = NodeDataPlane::new().context("starting the data plane")?;
+        let wasm = crate::wasm::runtime(data_dir, module_dir, Arc::clone(&dataplane), policy)?;
+        runtimes.push(wasm.clone());
+        let names: Vec<String> = runtimes
+            .iter()
+            .map(|r| r.kind().as_str().to_owned())
+            .collect();
+        let inventory = host_records(args, &names)?;
+        let record = inventory
+            .iter()
+            .find(|h| h.agent)
+            .cloned()
+            .context("no local host")?;
+        Ok(Self {
+            record,
+            inventory,
+            runtimes,
+            dataplane,
+            wasm,
+            data_dir: data_dir.to_owned(),
+            heartbeat_every: Duration::from_millis(args.heartbeat_interval_ms),
+            snapshot_every: Duration::from_millis(args.snapshot_interval_ms),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.record.spec.name
+    }
+
+    /// Starts the agent's tasks under `health`: the data plane's workers followed, map
+    /// snapshots, heartbeat, node calls and the reconcile loop (whose handle is returned, with
+    /// the snapshots', to wait for at shutdown). `modules`: fetch uploaded modules into it.
+    pub fn start(
+        self,
+        link: Arc<dyn ControlLink>,
+        health: &Arc<HealthRegistry>,
+        config: AgentConfig,
+        modules: Option<ModuleCache>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<JoinHandle<()>> {
+        let host = self.record.spec.name.clone();
+        let mut agent = Agent::with_config(
+            host.clone(),
+            self.runtimes,
+            Arc::clone(&link),
+            self.data_dir.join("instances"),
+            config,
+        );
+        if let Some(cache) = &modules {
+            agent = agent.with_module_cache(cache.clone());
+        }
+        let agent = Arc::new(agent);
+        let workers = Arc::clone(&self.dataplane);
+        health.follow(health::DATAPLANE, move || {
+            let stalled = workers.stalled_workers(WORKER_STALL);
+            let Some(longest) = stalled.iter().map(|(_, d)| *d).max() else {
+                return ComponentState::running();
+            };
+            let reason = stalled
+                .iter()
+                .map(|(name, d)| {
+                    format!(
+                        "worker {name} made no polling round for {} ms",
+                        d.as_millis()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            let now = SystemTime::now();
+            ComponentState::down_since(reason, now.checked_sub(longest).unwrap_or(now))
+        });
+        let handler: Arc<dyn telvirt_agent::NodeHandler> =
+            Arc::new(WasmNodeHandler(Arc::clone(&self.wasm)));
+        // Wasm VNFs' maps: snapshotted every interval and once more, final, at shutdown.
+        let (wasm, every, maps_shutdown) = (self.wasm, self.snapshot_every, shutdown.clone());
+        let maps_task = health.supervise("snapshots", Restart::Never, move || {
+            Arc::clone(&wasm).persist_maps(every, maps_shutdown.clone())
+        });
+        // This host's liveness lease.
+        let (beat_host, beat_link, beat_every, beat_shutdown) = (
+            host.clone(),
+            Arc::clone(&link),
+            self.heartbeat_every,
+            shutdown.clone(),
+        );
+        health.supervise("heartbeat", TASK_RESTART, move || {
+            telvirt_agent::reconcile::heartbeat_loop(
+                beat_host.clone(),
+                Arc::clone(&beat_link),
+                beat_every,
+                beat_shutdown.clone(),
+            )
+        });
+        // Calls the controller routes to this host (maps, counters, upgrades).
+        let calls_shutdown = shutdown.clone();
+        health.supervise("node-calls", TASK_RESTART, move || {
+            node_call_loop(
+                host.clone(),
+                Arc::clone(&link),
+                Arc::clone(&handler),
+                modules.clone(),
+                calls_shutdown.clone(),
+            )
+        });
+        let agent_task = health.supervise(health::AGENT, Restart::Never, move || {
+            Arc::clone(&agent).run(shutdown.clone())
+        });
+        vec![agent_task, maps_task]
+    }
+}
+
+/// This host's record (from the inventory file or from /sys), and the hosts without an agent
+/// the inventory names beside it.
+fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRecord>> {
+    let local = discover(
+        &args.host_name.clone().unwrap_or_else(hostname),
+        &SysRoots::default(),
+    )
+    .context("discovering this host from /sys")?;
+    let reserve = args.memory_reserve.map_or_else(
+        || telvirt_agent::default_memory_reserve(local.memory_bytes),
+        |r| r.bytes(),
+    );
+    if reserve >= local.memory_bytes {
+        bail!(
+            "--memory-reserve {} leaves nothing of this host's {} bytes of memory for VNFs",
+            args.memory_reserve
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
+            local.memory_bytes
+        );
+    }
+    let Some(path) = &args.inventory else {
+        let mut spec = local.spec;
+        telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
+        return Ok(vec![HostRecord {
+            spec,
+            memory_bytes: local.memory_bytes,
+            hugepages: local.hugepages,
+            runtimes: runtimes.to_vec(),
+            agent: true,
+        }]);
+    };
+    let text =
+        std::fs::read(path).with_context(|| format!("cannot read inventory {}", path.display()))?;
+    let inventory: Inventory = telvirt_model::from_text(&text, telvirt_model::Format::Yaml)
+        .map_err(|e| anyhow::anyhow!("inventory {}: {e}", path.display()))?;
+    if inventory.hosts.is_empty() {
+        bail!("inventory {} lists no hosts", path.display());
+    }
+    let local_name = args
+        .host_name
+        .clone()
+        .unwrap_or_else(|| inventory.hosts[0].name.clone());
+    if !inventory.hosts.iter().any(|h| h.name == local_name) {
+        bail!(
+            "inventory {} has no host named {local_name}; name this host with --host-name",
+            path.display()
+        );
+    }
+    Ok(inventory
+        .hosts
+        .into_iter()
+        .map(|mut spec| {
+            let is_local = spec.name == local_name;
+            if is_local {
+                telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
+            }
+            HostRecord {
+                spec,
+                memory_bytes: if is_local { local.memory_bytes } else { 0 },
+                hugepages: if is_local {
+                    local.hugepages.clone()
+                } else {
+                    Vec::new()
+                },
+                runtimes: if is_local {
+                    runtimes.to_vec()
+                } else {
+                    Vec::new()
+                },
+                agent: is_local,
+            }
+        })
+        .collect())
+}
+
+/// `telvirt agent`: this host's agent against a controller over HTTP. Registers the host,
+/// then runs until SIGTERM or Ctrl-C; instances keep running when it stops (a restarted agent
+/// adopts them).
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let data_dir = crate::serve::data_dir(&args.node)?;
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("cannot read --token-file {}", args.token_file.display()))?
+        .trim()
+        .to_owned();
+    if !token.starts_with(telvirt_api::NODE_TOKEN_PREFIX) {
+        bail!(
+            "--token-file {} does not hold a node credential (tvn_...); issue one with `telvirt host credential NAME --out FILE`",
+            args.token_file.display()
+        );
+    }
+    let policy = crate::wasm::load_policy(args.node.security_policy.as_deref())?;
+    let modules = ModuleCache::new(data_dir.join("modules"));
+    let host = HostAgent::build(&args.agent, &data_dir, modules.dir(), policy).await?;
+    if host.inventory.len() > 1 {
+        tracing::warn!(
+            "inventory names {} other host(s); an agent registers only its own ({})",
+            host.inventory.len() - 1,
+            host.name()
+        );
+    }
+    let link = Arc::new(
+        crate::agent_link::HttpLink::new(&args.controller, host.name(), token)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    register(link.as_ref(), &host.record, &args.controller).await?;
+    let health = Arc::new(HealthRegistry::new());
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let name = host.name().to_owned();
+    let config = AgentConfig {
+        workers: args.workers,
+        ..AgentConfig::default()
+    };
+    let tasks = host.start(link, &health, config, Some(modules), shutdown_rx);
+    tracing::info!(
+        "telvirt agent of host {name} serving controller {} (data dir {})",
+        args.controller,
+        data_dir.display()
+    );
+    crate::serve::shutdown_signal().await;
+    health.stopping();
+    let _ = shutdown_tx.send(true);
+    for task in tasks {
+        let _ = task.await;
+    }
+    tracing::info!("telvirt agent stopped");
+    Ok(())
+}
+
+/// Registers the host, retrying while the controller cannot be reached (it may start after
+/// the agent); a refusal (bad credential, bad record) ends the agent with its reason.
+async fn register(link: &dyn ControlLink, record: &HostRecord, controller: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match link.register(record).await {
+            Ok(()) => return Ok(()),
+            Err(telvirt_api::LinkError::Transport(e)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!("controller {controller} unreachable, retrying: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => bail!(
+                "registering host {} with {controller}: {e}",
+                record.spec.name
+            ),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The agent protocol over HTTP, the agent's side: a [`ControlLink`] that calls a controller's
+//! `/v1/agent/hosts/{host}/…` routes with the host's node credential (ADR 047).
+//!
+//! Owns the HTTP details (bearer token, long-poll timeouts, bounded answers, problems turned
+//! into [`LinkError`]s). It must not decide anything: the agent does.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::Method;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use telvirt_api::{
+    Assignment, Changes, ControlLink, HostRecord, LinkError, NodeCall, NodeReply, Observation,
+    paths,
+};
+use telvirt_model::api::Problem;
+
+/// Longest time a plain call may take (a long poll adds its wait to it).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest answer read from the controller (assignments of a full host; a module is 16 MiB).
+const MAX_ANSWER: usize = 32 << 20;
+
+pub struct HttpLink {
+    http: reqwest::Client,
+    base: String,
+    /// The host whose node credential `token` is: the link acts for it only.
+    host: String,
+    token: String,
+    /// The assignment revision the last changes poll returned.
+    revision: Mutex<Option<u64>>,
+}
+
+impl HttpLink {
+    /// A link to the controller at `base` (`http://host:port`) for `host`, whose node
+    /// credential is `token`.
+    pub fn new(base: &str, host: &str, token: String) -> Result<Self, LinkError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| LinkError::Transport(e.to_string()))?;
+        Ok(Self {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            host: host.to_owned(),
+            token,
+            revision: Mutex::new(None),
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        wait: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .timeout(CALL_TIMEOUT + wait);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/json")
+                .body(body);
+        }
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| LinkError::Transport(format!("{}: {e}", self.base)))?;
+        let status = response.status();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| LinkError::Transport(e.to_string()))?
+        {
+            if bytes.len() + chunk.len() > MAX_ANSWER {
+                return Err(LinkError::Transport(format!(
+                    "the controller's answer to {path} is larger than {MAX_ANSWER} bytes"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let detail = serde_json::from_slice::<Problem>(&bytes)
+            .map(|p| p.detail)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(500).collect());
+        Err(LinkError::Refused {
+            status: status.as_u16(),
+            detail,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str, wait: Duration) -> Result<T, LinkError> {
+        let bytes = self.send(Method::GET, path, None, wait).await?;
+        serde_json::from_slice(&bytes)
+            .map_err(|e| LinkError::Transport(format!("the controller's answer to {path}: {e}")))
+    }
+
+    async fn post<T: Serialize>(&self, path: &str, body: &T) -> Result<(), LinkError> {
+        let body = serde_json::to_vec(body).map_err(|e| LinkError::Transport(e.to_string()))?;
+        self.send(Method::POST, path, Some(body), Duration::ZERO)
+            .await
+            .map(drop)
+    }
+}
+
+#[async_trait]
+impl ControlLink for HttpLink {
+    async fn register(&self, record: &HostRecord) -> Result<(), LinkError> {
+        self.post(&paths::register(&record.spec.name), record).await
+    }
+
+    async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, LinkError> {
+        self.get(&paths::assignments(host), Duration::ZERO).await
+    }
+
+    async fn report(&self, host: &str, observation: Observation) -> Result<(), LinkError> {
+        self.post(&paths::observations(host), &observation).await
+    }
+
+    async fn heartbeat(&self, host: &str) -> Result<(), LinkError> {
+        self.send(Method::POST, &paths::heartbeat(host), None, Duration::ZERO)
+            .await
+            .map(drop)
+    }
+
+    async fn wait_for_change(&self, max_wait: Duration) {
+        let host = &self.host;
+        let after = *self.revision.lock().unwrap_or_else(|p| p.into_inner());
+        let path = match after {
+            // First wait: learn the revision now, and report a change (the agent lists anyway).
+            None => format!("{}?wait_ms=0", paths::changes(host)),
+            Some(r) => format!(
+                "{}?after={r}&wait_ms={}",
+                paths::changes(host),
+                max_wait.as_millis()
+            ),
+        };
+        match self.get::<Changes>(&path, max_wait).await {
+            Ok(changes) => {
+                *self.revision.lock().unwrap_or_else(|p| p.into_inner()) = Some(changes.revision);
+            }
+            Err(e) => {
+                tracing::warn!("watching assignments failed: {e}");
+                tokio::time::sleep(max_wait.min(Duration::from_secs(1))).await;
+            }
+        }
+    }
+
+    async fn next_calls(&self, host: &str, max_wait: Duration) -> Result<Vec<NodeCall>, LinkError> {
+        let path = format!("{}?wait_ms={}", paths::calls(host), max_wait.as_millis());
+        self.get(&path, max_wait).await
+    }
+
+    async fn reply(&self, host: &str, id: u64, reply: NodeReply) -> Result<(), LinkError> {
+        self.post(&paths::reply(host, id), &reply).await
+    }
+
+    async fn module(&self, host: &str, sha256: &str) -> Result<Option<Vec<u8>>, LinkError> {
+        self.send(
+            Method::GET,
+            &paths::module(host, sha256),
+            None,
+            Duration::ZERO,
+        )
+        .await
+        .map(Some)
+    }
+}

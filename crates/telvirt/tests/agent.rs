@@ -1,0 +1,180 @@
+//! `telvirt agent` as its own process against `telvirt controller`, on the same machine: the
+//! host joins with a node credential and serves VNFs as `telvirt serve` does (start, maps and
+//! counters read through node calls, an upgrade whose module it fetches, stop, delete); a
+//! credential that is not a node's is refused.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{Agent, DEADLINE, Serve, lay_out_examples, stderr};
+
+/// Four dedicatable CPUs for the agent's host (as in the serve tests).
+const INVENTORY: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 4, threads_per_core: 1 }\n";
+
+fn controller() -> Serve {
+    let dir = Serve::dir();
+    lay_out_examples(dir.path());
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    Serve::controller_in(dir, &[])
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn host_status(node: &Serve, name: &str) -> Option<String> {
+    let hosts = node.json(&["host", "list"]);
+    hosts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .map(|h| h["status"].as_str().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn an_agent_process_serves_wasm_vnfs_as_serve_does() {
+    let node = controller();
+    // The control plane alone has no host.
+    assert!(node.json(&["host", "list"]).as_array().unwrap().is_empty());
+    node.ok(&["host", "credential", "a1", "--out", "a1.token"]);
+    let mode = std::fs::metadata(node.path("a1.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "a node credential is a secret");
+    let mut agent = Agent::start(
+        &node,
+        "agent.log",
+        &[
+            "--token-file",
+            "a1.token",
+            "--data-dir",
+            "agent-data",
+            "--inventory",
+            "inventory.yaml",
+            "--host-name",
+            "a1",
+            "--heartbeat-interval-ms",
+            "200",
+        ],
+    );
+    wait_until("host a1 never turned Ready", || {
+        host_status(&node, "a1").is_some_and(|s| s.starts_with("Ready"))
+    });
+
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
+    let fw1 = node.wait_phase("fw1", "Running");
+    assert_eq!(fw1["placements"][0]["host"], "a1");
+    // The module was uploaded to the controller; the agent fetched it into its own data dir.
+    let module = fw1["descriptor"]["spec"]["wasm"]["module"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let digest = module.strip_prefix("sha256:").unwrap();
+    assert!(
+        node.path(&format!("agent-data/modules/{digest}.wasm"))
+            .is_file()
+    );
+
+    // Maps and counters are read on the agent's host, routed as node calls.
+    let maps = node.json(&["vnf", "maps", "fw1"]);
+    assert!(
+        maps.as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "rules"),
+        "{maps}"
+    );
+    let stats = node.json(&["vnf", "stats", "fw1"]);
+    assert!(
+        stats["counters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "allowed"),
+        "{stats}"
+    );
+
+    // An upgrade to a module the agent does not have yet: uploaded, fetched, swapped.
+    let mut v2 = std::fs::read(node.path("examples/vnfs/firewall.wasm")).unwrap();
+    let needle = b"\"version\":\"1.0.0\"";
+    let at = v2.windows(needle.len()).position(|w| w == needle).unwrap();
+    v2[at..at + needle.len()].copy_from_slice(b"\"version\":\"1.0.1\"");
+    std::fs::write(node.path("firewall-v2.wasm"), v2).unwrap();
+    let up = node.json(&["vnf", "upgrade", "fw1", "--module", "firewall-v2.wasm"]);
+    assert!(
+        up["reason"].as_str().unwrap().contains("module upgraded"),
+        "{up}"
+    );
+    assert_ne!(up["descriptor"]["spec"]["wasm"]["module"], module.as_str());
+
+    node.ok(&["vnf", "stop", "fw1"]);
+    node.wait_phase("fw1", "Stopped");
+    let err = node.fails(&["vnf", "maps", "fw1"], "Stopped");
+    assert!(err.contains("running instance"), "{err}");
+    node.ok(&["vnf", "delete", "fw1"]);
+    wait_until("fw1 was never deleted", || {
+        node.json(&["vnf", "list"]).as_array().unwrap().is_empty()
+    });
+
+    // The agent stops cleanly; its host turns NotReady on the controller.
+    agent.terminate();
+    wait_until("host a1 never turned NotReady", || {
+        host_status(&node, "a1").is_some_and(|s| s.starts_with("NotReady"))
+    });
+}
+
+#[test]
+fn an_agent_without_a_valid_node_credential_is_refused() {
+    let node = controller();
+    // An authority's token (here the admin's) is not a node credential: refused before use.
+    let config = std::fs::read_to_string(node.config()).unwrap();
+    let admin = config
+        .lines()
+        .find(|l| l.starts_with("token"))
+        .and_then(|l| l.split('"').nth(1))
+        .unwrap();
+    std::fs::write(node.path("admin.token"), admin).unwrap();
+    let args = |file: &'static str| {
+        [
+            "--token-file",
+            file,
+            "--data-dir",
+            "agent-data",
+            "--inventory",
+            "inventory.yaml",
+            "--host-name",
+            "a1",
+        ]
+    };
+    let mut agent = Agent::start(&node, "admin.log", &args("admin.token"));
+    assert!(!agent.wait_exit().success());
+    let log = std::fs::read_to_string(node.path("admin.log")).unwrap();
+    assert!(log.contains("does not hold a node credential"), "{log}");
+
+    // A node credential the controller never issued (or replaced): refused at registration.
+    std::fs::write(node.path("forged.token"), format!("tvn_{}", "0".repeat(64))).unwrap();
+    let mut agent = Agent::start(&node, "forged.log", &args("forged.token"));
+    assert!(!agent.wait_exit().success());
+    let log = std::fs::read_to_string(node.path("forged.log")).unwrap();
+    assert!(
+        log.contains("registering host a1") && log.contains("401"),
+        "{log}"
+    );
+    assert!(node.json(&["host", "list"]).as_array().unwrap().is_empty());
+
+    // Another host's credential cannot register this one.
+    let out = node.cli(&["host", "credential", "b1", "--out", "b1.token"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut agent = Agent::start(&node, "b1.log", &args("b1.token"));
+    assert!(!agent.wait_exit().success());
+    let log = std::fs::read_to_string(node.path("b1.log")).unwrap();
+    assert!(log.contains("403") && log.contains("host b1"), "{log}");
+    assert!(node.json(&["host", "list"]).as_array().unwrap().is_empty());
+}
