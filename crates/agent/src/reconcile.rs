@@ -31,8 +31,12 @@ pub struct AgentConfig {
     /// Wait before a failed step of a VNF is tried again.
     pub backoff: Backoff,
     /// Every VNF is looked at again this often even when nothing told the agent to (a crashed
-    /// instance is noticed this way).
+    /// instance is noticed this way); against the assignments it holds, without asking the
+    /// controller.
     pub resync: Duration,
+    /// The assignments are listed from the controller again this often even when no change
+    /// was signalled (a safety net: changes wake the agent at once).
+    pub relist: Duration,
 }
 
 /// VNFs worked on at once unless configured otherwise.
@@ -44,6 +48,7 @@ impl Default for AgentConfig {
             workers: DEFAULT_WORKERS,
             backoff: Backoff::default(),
             resync: RESYNC_INTERVAL,
+            relist: RELIST_INTERVAL,
         }
     }
 }
@@ -89,8 +94,10 @@ struct Inner {
     modules: Option<crate::node::ModuleCache>,
 }
 
-/// How often the loop looks again when nothing told it to.
+/// How often the loop looks at every instance again when nothing told it to.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the assignments are listed again when no change was signalled.
+pub const RELIST_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A failed step: retried after a backoff. Runtime failures were reported as the VNF's reason
 /// already; link failures could not be.
@@ -189,22 +196,35 @@ impl Agent {
                 })
             })
             .collect();
-        let mut last_full: Option<tokio::time::Instant> = None;
+        // A change signalled (or the first pass, or the relist interval): list from the
+        // controller. Otherwise, when the resync interval has passed: look at every instance
+        // against the assignments held, without a call to the controller.
+        let mut changed = true;
+        let mut next_list = tokio::time::Instant::now();
+        let mut next_check = tokio::time::Instant::now();
         loop {
-            let full = last_full.is_none_or(|at| at.elapsed() >= inner.config.resync);
-            let started = tokio::time::Instant::now();
-            match inner.pass(full).await {
-                Ok(()) if full => last_full = Some(started),
-                Ok(()) => {}
-                Err(e) => tracing::warn!(host = %inner.host, "reconcile pass failed: {e}"),
+            let now = tokio::time::Instant::now();
+            let check = now >= next_check;
+            if changed || now >= next_list {
+                match inner.pass(check).await {
+                    Ok(()) => next_list = now + inner.config.relist,
+                    Err(e) => {
+                        // Tried again a resync interval later (not at once: a link that is down
+                        // would spin).
+                        next_list = now + inner.config.resync;
+                        tracing::warn!(host = %inner.host, "reconcile pass failed: {e}");
+                    }
+                }
+            } else if check {
+                inner.check_all().await;
             }
-            // After a failed full pass, the next one comes a resync interval later.
-            let until_resync = last_full.map_or(inner.config.resync, |at| {
-                inner.config.resync.saturating_sub(at.elapsed())
-            });
+            if check {
+                next_check = now + inner.config.resync;
+            }
+            let wait = next_check.min(next_list).saturating_duration_since(now);
             tokio::select! {
-                _ = inner.link.wait_for_change(until_resync) => {}
-                changed = shutdown.changed() => if changed.is_err() { break },
+                c = inner.link.wait_for_change(wait) => changed = c,
+                c = shutdown.changed() => if c.is_err() { break },
             }
             if *shutdown.borrow() {
                 break;
@@ -290,6 +310,24 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Queues every VNF the agent holds an assignment for or knows an instance of, to be
+    /// looked at again (a crashed instance is noticed this way), without asking the controller.
+    async fn check_all(&self) {
+        let mut all: Vec<Name> = self
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        all.extend(self.known.lock().await.keys().cloned());
+        all.sort();
+        all.dedup();
+        for name in all {
+            self.queue.resync(name);
+        }
     }
 
     /// Works on one VNF taken from the queue, with its newest assignment; a failed step is

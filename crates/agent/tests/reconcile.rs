@@ -108,8 +108,10 @@ impl ControlLink for FakeLink {
         self.reports.lock().unwrap().push(observation);
         Ok(())
     }
-    async fn wait_for_change(&self, max_wait: Duration) {
+    /// Cannot tell: every wait may have brought a change.
+    async fn wait_for_change(&self, max_wait: Duration) -> bool {
         tokio::time::sleep(max_wait).await;
+        true
     }
 }
 

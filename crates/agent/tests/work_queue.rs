@@ -37,6 +37,8 @@ struct FakeRuntime {
     pause_failures: AtomicUsize,
     /// `start` of this VNF fails.
     fail_start: Option<String>,
+    /// `state` calls: how often the agent looked at an instance.
+    looks: AtomicUsize,
 }
 
 impl FakeRuntime {
@@ -51,6 +53,7 @@ impl FakeRuntime {
             most_at_once: AtomicUsize::new(0),
             pause_failures: AtomicUsize::new(0),
             fail_start: None,
+            looks: AtomicUsize::new(0),
         }
     }
     fn calls(&self) -> Vec<String> {
@@ -137,6 +140,7 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
     async fn state(&self, name: &Name) -> InstanceState {
+        self.looks.fetch_add(1, Ordering::SeqCst);
         self.states
             .lock()
             .unwrap()
@@ -230,9 +234,12 @@ impl ControlLink for FakeLink {
         self.reports.lock().unwrap().push(observation);
         Ok(())
     }
-    async fn wait_for_change(&self, max_wait: Duration) {
+    async fn wait_for_change(&self, max_wait: Duration) -> bool {
         let mut seen = self.seen.lock().await;
-        let _ = tokio::time::timeout(max_wait, seen.changed()).await;
+        matches!(
+            tokio::time::timeout(max_wait, seen.changed()).await,
+            Ok(Ok(()))
+        )
     }
 }
 
@@ -266,8 +273,8 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
     }
 }
 
-/// A config for tests: short backoff, and a resync so long that only wake-ups and backoff
-/// retries make the agent look again.
+/// A config for tests: short backoff, and a resync and relist so long that only wake-ups and
+/// backoff retries make the agent look again.
 fn config(workers: usize) -> AgentConfig {
     AgentConfig {
         workers: NonZeroUsize::new(workers).unwrap(),
@@ -276,6 +283,7 @@ fn config(workers: usize) -> AgentConfig {
             max: Duration::from_millis(200),
         },
         resync: Duration::from_secs(3600),
+        relist: Duration::from_secs(3600),
     }
 }
 
@@ -544,4 +552,40 @@ async fn a_vnf_deleted_while_it_starts_is_stopped_and_removed_after_the_start() 
         vm.calls()
     );
     assert_eq!(vm.most_at_once.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_agent_checks_its_instances_without_listing_from_the_controller() {
+    let (_open, gate) = watch::channel(false);
+    let wasm = Arc::new(FakeRuntime::new(RuntimeKind::Wasm, &[], gate));
+    let link = Arc::new(FakeLink::new(vec![assignment("fw1", "wasm", 1)]));
+    let config = AgentConfig {
+        resync: Duration::from_millis(20),
+        ..config(2)
+    };
+    let agent = Running::start(vec![wasm.clone()], link.clone(), config);
+    until("fw1 runs", || phase_is(&link, "fw1", Phase::Running)).await;
+    let lists = link.passes.load(Ordering::SeqCst);
+    // The instance crashes; no change is signalled: a resync notices it.
+    wasm.set("fw1", InstanceState::Failed("segfault".into()));
+    until("the crash is reported", || {
+        phase_is(&link, "fw1", Phase::Failed)
+    })
+    .await;
+    // Several resyncs later, the controller was still not asked again (relist: an hour).
+    let looks = wasm.looks.load(Ordering::SeqCst);
+    until("more resyncs ran", || {
+        wasm.looks.load(Ordering::SeqCst) > looks + 3
+    })
+    .await;
+    assert_eq!(
+        link.passes.load(Ordering::SeqCst),
+        lists,
+        "an idle agent listed its assignments from the controller"
+    );
+    // A signalled change is listed at once.
+    link.edit(|all| all.push(assignment("fw2", "wasm", 2)));
+    until("fw2 runs", || phase_is(&link, "fw2", Phase::Running)).await;
+    assert!(link.passes.load(Ordering::SeqCst) > lists);
+    agent.stop().await;
 }

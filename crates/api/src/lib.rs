@@ -22,7 +22,7 @@ pub const NODE_TOKEN_PREFIX: &str = "tvn_";
 /// answered after this).
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
-/// How long the controller waits for an agent to answer a node call before it gives up (504).
+/// How long the controller waits for an agent to answer a node call before it gives up (503).
 pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The HTTP paths of the protocol; each takes a node credential as its bearer token, bound to
@@ -164,10 +164,11 @@ pub trait ControlLink: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Returns when assignments may have changed since the previous call of this link's
+    /// Returns `true` when assignments may have changed since the previous call of this link's
     /// `wait_for_change` returned (at once when they did meanwhile: a change made while the
-    /// agent was busy is not lost), or after `max_wait`.
-    async fn wait_for_change(&self, max_wait: Duration);
+    /// agent was busy is not lost), or `false` after `max_wait` without a change. A link that
+    /// cannot tell answers `true`.
+    async fn wait_for_change(&self, max_wait: Duration) -> bool;
 
     /// The node calls waiting for `host`; empty after `max_wait` when none came. A link that
     /// carries no node calls keeps this default: no call ever comes, so it never returns.

@@ -47,7 +47,14 @@ pub struct Liveness {
     /// The NotReady hosts the last liveness pass saw (`None`: no pass yet), so a pass reads the
     /// VNFs only when that changed or some host is NotReady.
     last_not_ready: std::sync::Mutex<Option<BTreeSet<String>>>,
+    /// Per host: when its last heartbeat came, and when a heartbeat was last written to the
+    /// store (unix ms). Heartbeats between two writes cost no commit.
+    beats: std::sync::Mutex<HashMap<String, (u64, u64)>>,
 }
+
+/// A heartbeat is written to the store at most this often per host (the lease is kept alive at
+/// every one); the age `host list` shows comes from memory, so it stays exact.
+pub const HEARTBEAT_WRITE_EVERY: Duration = Duration::from_secs(10);
 
 impl Default for Liveness {
     fn default() -> Self {
@@ -55,6 +62,7 @@ impl Default for Liveness {
             ttl: std::sync::Mutex::new(DEFAULT_LEASE_TTL),
             leases: std::sync::Mutex::new(HashMap::new()),
             last_not_ready: std::sync::Mutex::new(None),
+            beats: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -76,8 +84,35 @@ impl Liveness {
         let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
         match lease {
             Some(l) => leases.insert(host.to_owned(), l),
-            None => leases.remove(host),
+            None => {
+                self.beats_map().remove(host);
+                leases.remove(host)
+            }
         };
+    }
+
+    fn beats_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, u64)>> {
+        self.beats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a heartbeat of `host` at `now`; whether the store's record of it is due (none
+    /// written by this process yet, or the last one older than [`HEARTBEAT_WRITE_EVERY`]).
+    fn beat(&self, host: &str, now: u64) -> bool {
+        let mut beats = self.beats_map();
+        let entry = beats.entry(host.to_owned()).or_insert((now, 0));
+        entry.0 = now;
+        let every = u64::try_from(HEARTBEAT_WRITE_EVERY.as_millis()).unwrap_or(u64::MAX);
+        entry.1 == 0 || now.saturating_sub(entry.1) >= every
+    }
+
+    fn written(&self, host: &str, now: u64) {
+        if let Some(entry) = self.beats_map().get_mut(host) {
+            entry.1 = now;
+        }
+    }
+
+    fn last_beat(&self, host: &str) -> Option<u64> {
+        self.beats_map().get(host).map(|(at, _)| *at)
     }
 }
 
@@ -244,6 +279,9 @@ impl Controller {
     }
 
     async fn heartbeat_age_ms(&self, name: &str) -> Result<Option<u64>> {
+        if let Some(at) = self.liveness.last_beat(name) {
+            return Ok(Some(now_ms().saturating_sub(at)));
+        }
         let key = heartbeat_key(name);
         Ok(match self.store.get(&key).await? {
             Some(v) => {
@@ -273,7 +311,12 @@ impl Controller {
                 Err(e) => return Err(e.into()),
             }
         }
-        let beat = encode(&HeartbeatRecord { at_ms: now_ms() })?;
+        let now = now_ms();
+        let write_due = self.liveness.beat(host, now);
+        if lease.is_some() && !write_due {
+            return Ok(());
+        }
+        let beat = encode(&HeartbeatRecord { at_ms: now })?;
         let mut ops = vec![Op::Put {
             key: heartbeat_key(host),
             value: beat.clone(),
@@ -300,9 +343,13 @@ impl Controller {
             (Ok(o), Some(l)) if o.succeeded => {
                 tracing::info!("host {host} is Ready (heartbeat lease granted)");
                 self.liveness.remember(host, Some(l));
+                self.liveness.written(host, now);
                 Ok(())
             }
-            (Ok(o), None) if o.succeeded => Ok(()),
+            (Ok(o), None) if o.succeeded => {
+                self.liveness.written(host, now);
+                Ok(())
+            }
             (done, granted) => {
                 if let Some(l) = granted {
                     let _ = self.store.revoke(l).await;

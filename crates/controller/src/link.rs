@@ -43,10 +43,13 @@ impl ControlLink for LocalLink {
     }
 
     /// Changes counted since the previous wait returned end this one at once.
-    async fn wait_for_change(&self, max_wait: Duration) {
+    async fn wait_for_change(&self, max_wait: Duration) -> bool {
         let mut changes = self.changes.lock().await;
         // An error means the controller is gone: nothing will change any more.
-        let _ = tokio::time::timeout(max_wait, changes.changed()).await;
+        matches!(
+            tokio::time::timeout(max_wait, changes.changed()).await,
+            Ok(Ok(()))
+        )
     }
 
     async fn heartbeat(&self, host: &str) -> Result<(), LinkError> {

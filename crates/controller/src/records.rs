@@ -65,6 +65,10 @@ pub fn events_prefix(vnf: &str) -> String {
     format!("{EVENTS}{vnf}/")
 }
 
+/// Events kept per VNF: writing one more deletes the oldest kept (in the same transaction), so
+/// a VNF that flaps for months holds at most this many.
+pub const MAX_EVENTS_PER_VNF: u64 = 100;
+
 /// Zero-padded so that key order is sequence order.
 pub fn event_key(vnf: &str, seq: u64) -> String {
     format!("{EVENTS}{vnf}/{seq:020}")

@@ -109,6 +109,24 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// Writes event `event` of VNF `name` and deletes the one that falls out of the
+/// [`records::MAX_EVENTS_PER_VNF`] kept.
+pub(crate) fn event_ops(name: &str, event: &Event) -> Result<Vec<Op>> {
+    let mut ops = vec![Op::Put {
+        key: event_key(name, event.seq),
+        value: encode(event)?,
+        lease: None,
+    }];
+    if let Some(old) = event.seq.checked_sub(records::MAX_EVENTS_PER_VNF)
+        && old > 0
+    {
+        ops.push(Op::Delete {
+            key: event_key(name, old),
+        });
+    }
+    Ok(ops)
+}
+
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| ControllerError::Corrupt(e.to_string()))
 }
@@ -641,11 +659,7 @@ impl Controller {
                     reason,
                     actor,
                 };
-                ops.push(Op::Put {
-                    key: event_key(name, record.last_event),
-                    value: encode(&event)?,
-                    lease: None,
-                });
+                ops.extend(event_ops(name, &event)?);
             }
             ops.push(Op::Put {
                 key: vnf_key(name),
@@ -1296,18 +1310,12 @@ fn transition_ops(
         reason: reason.to_owned(),
         actor: actor.to_owned(),
     };
-    let mut ops = vec![
-        Op::Put {
-            key: event_key(name, record.last_event),
-            value: encode(&event)?,
-            lease: None,
-        },
-        Op::Put {
-            key: vnf_key(name),
-            value: encode(record)?,
-            lease: None,
-        },
-    ];
+    let mut ops = event_ops(name, &event)?;
+    ops.push(Op::Put {
+        key: vnf_key(name),
+        value: encode(record)?,
+        lease: None,
+    });
     // Put even when it was Pending before: a store written before the index existed may lack
     // the entry, and a put of a present key is harmless.
     if records::wants_placement(record) {
@@ -1486,4 +1494,49 @@ async fn drop_stale_allocation(
         tracing::warn!("{why}");
     }
     Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(seq: u64) -> Event {
+        Event {
+            seq,
+            vnf: "fw1".parse().expect("a valid name"),
+            at: now_rfc3339(),
+            from: None,
+            to: Phase::Running,
+            reason: "r".into(),
+            actor: "a".into(),
+        }
+    }
+
+    fn deleted(ops: &[Op]) -> Vec<String> {
+        ops.iter()
+            .filter_map(|op| match op {
+                Op::Delete { key } => Some(key.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_event_past_the_cap_deletes_the_oldest_kept() {
+        let cap = records::MAX_EVENTS_PER_VNF;
+        for seq in [1, 2, cap] {
+            assert!(
+                deleted(&event_ops("fw1", &event(seq)).unwrap()).is_empty(),
+                "{seq}"
+            );
+        }
+        assert_eq!(
+            deleted(&event_ops("fw1", &event(cap + 1)).unwrap()),
+            [event_key("fw1", 1)]
+        );
+        assert_eq!(
+            deleted(&event_ops("fw1", &event(cap + 57)).unwrap()),
+            [event_key("fw1", 57)]
+        );
+    }
 }

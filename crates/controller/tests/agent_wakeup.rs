@@ -21,8 +21,8 @@ async fn a_change_made_while_the_agent_is_busy_ends_its_next_wait_at_once() {
         .await
         .unwrap();
     let link = LocalLink::new(controller.clone());
-    // Nothing changed yet: a wait lasts its full time.
-    link.wait_for_change(Duration::from_millis(1)).await;
+    // Nothing changed yet: a wait lasts its full time and says so.
+    assert!(!link.wait_for_change(Duration::from_millis(1)).await);
 
     // The agent is "in a pass" (not waiting) while a VNF is created.
     let admin = Caller {
@@ -34,9 +34,10 @@ async fn a_change_made_while_the_agent_is_busy_ends_its_next_wait_at_once() {
         .await
         .unwrap();
 
-    tokio::time::timeout(DEADLINE, link.wait_for_change(FOREVER))
+    let changed = tokio::time::timeout(DEADLINE, link.wait_for_change(FOREVER))
         .await
         .expect("the change made before the wait ends it at once");
+    assert!(changed, "a wait ended by a change says so");
     // Seen once: the wait after it lasts again.
     let again = tokio::time::timeout(Duration::from_millis(50), link.wait_for_change(FOREVER));
     assert!(again.await.is_err(), "one change woke the link twice");

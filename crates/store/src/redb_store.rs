@@ -7,7 +7,9 @@
 //! the same file (with backoff, from the next call or the background task) until that works.
 //! It must not hold a write transaction across an await point, and it must not acknowledge a
 //! write before redb has committed it durably: an acknowledged write survives `kill -9` and a
-//! reopen.
+//! reopen. Lease renewals are the exception, as in etcd: a keep-alive moves the lease's deadline
+//! in memory only (no commit per heartbeat), and after the store is opened every lease has at
+//! least its full TTL again, so a restart never expires a lease whose holder is alive.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -46,6 +48,11 @@ pub struct RedbStore {
     db: RwLock<Option<Database>>,
     state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
+    /// Lease id → deadline (unix ms) of its last keep-alive, newer than the stored deadline.
+    renewed: Mutex<std::collections::HashMap<u64, u64>>,
+    /// When this process opened the store (unix ms): every lease lives until at least this
+    /// plus its TTL.
+    opened_ms: u64,
 }
 
 #[derive(Default)]
@@ -151,6 +158,8 @@ impl RedbStore {
             db: RwLock::new(Some(db)),
             state: Mutex::new(State::default()),
             events,
+            renewed: Mutex::new(std::collections::HashMap::new()),
+            opened_ms: now_ms(),
         });
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&store);
@@ -288,9 +297,14 @@ impl RedbStore {
             let txn = db.begin_read()?;
             let leases = txn.open_table(LEASES)?;
             let mut out = Vec::new();
+            let renewed = self.renewals();
             for entry in leases.iter()? {
                 let (id, raw) = entry?;
-                if lease_fields(raw.value()).1 < now {
+                let (ttl, stored) = lease_fields(raw.value());
+                let deadline = stored
+                    .max(self.opened_ms.saturating_add(ttl))
+                    .max(renewed.get(&id.value()).copied().unwrap_or(0));
+                if deadline < now {
                     out.push(id.value());
                 }
             }
@@ -303,7 +317,14 @@ impl RedbStore {
     }
 
     fn drop_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.with_db(|db| self.drop_lease_in(db, lease))
+        self.with_db(|db| self.drop_lease_in(db, lease))?;
+        self.renewals().remove(&lease.0);
+        Ok(())
+    }
+
+    fn renewals(&self) -> MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+        // A map of plain numbers, consistent between statements: keep using it.
+        self.renewed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn drop_lease_in(&self, db: &Database, lease: LeaseId) -> Result<(), StoreError> {
@@ -506,22 +527,18 @@ impl Store for RedbStore {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.with_db(|db| {
-            let txn = db.begin_write()?;
-            {
-                let mut leases = txn.open_table(LEASES)?;
-                let ttl = match leases.get(lease.0)? {
-                    Some(raw) => lease_fields(raw.value()).0,
-                    None => return Err(StoreError::NoLease(lease.0)),
-                };
-                leases.insert(
-                    lease.0,
-                    lease_record(ttl, now_ms().saturating_add(ttl)).as_slice(),
-                )?;
+        let ttl = self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let leases = txn.open_table(LEASES)?;
+            match leases.get(lease.0)? {
+                Some(raw) => Ok(lease_fields(raw.value()).0),
+                None => Err(StoreError::NoLease(lease.0)),
             }
-            txn.commit()?;
-            Ok(())
-        })
+        })?;
+        // In memory only (see the module comment): a heartbeat costs no commit.
+        self.renewals()
+            .insert(lease.0, now_ms().saturating_add(ttl));
+        Ok(())
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {

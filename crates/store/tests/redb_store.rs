@@ -278,3 +278,82 @@ async fn list_range_pages_through_a_prefix_in_key_order() {
     let paged = store.list_range("/x/", None, 100).await.unwrap();
     assert_eq!(whole, paged);
 }
+
+fn unix_ms() -> u64 {
+    u64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_keep_alive_moves_the_deadline_and_an_unrenewed_lease_expires() {
+    let (_dir, store) = temp_store();
+    let granted_at = unix_ms();
+    let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/alive/h1".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    // Let the clock move on, then renew: the deadline follows the renewal, not the grant.
+    let before = unix_ms();
+    while unix_ms() < before + 20 {
+        tokio::task::yield_now().await;
+    }
+    store.keep_alive(lease).await.unwrap();
+    let grant_deadline = granted_at + 60_000;
+    assert_eq!(store.expire_leases(grant_deadline + 5).unwrap(), 0);
+    assert!(store.get("/alive/h1").await.unwrap().is_some());
+    // Past the renewal's deadline, nothing keeps it.
+    assert_eq!(store.expire_leases(unix_ms() + 61_000).unwrap(), 1);
+    assert!(store.get("/alive/h1").await.unwrap().is_none());
+    assert!(store.keep_alive(lease).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_store_gives_every_lease_its_ttl_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        let lease = store.grant_lease(Duration::from_millis(300)).await.unwrap();
+        store
+            .txn(
+                vec![],
+                vec![Op::Put {
+                    key: "/alive/h1".into(),
+                    value: b"1".to_vec(),
+                    lease: Some(lease),
+                }],
+            )
+            .await
+            .unwrap();
+    }
+    // The stored deadline passes while the store is closed.
+    let closed = unix_ms();
+    while unix_ms() < closed + 400 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.expire_leases(unix_ms()).unwrap(), 0);
+    assert!(store.get("/alive/h1").await.unwrap().is_some());
+    // Not renewed by anyone: it expires one TTL after the open.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get("/alive/h1").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the lease never expired after the reopen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

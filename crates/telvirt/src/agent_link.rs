@@ -130,11 +130,11 @@ impl ControlLink for HttpLink {
             .map(drop)
     }
 
-    async fn wait_for_change(&self, max_wait: Duration) {
+    async fn wait_for_change(&self, max_wait: Duration) -> bool {
         let host = &self.host;
         let after = *self.revision.lock().unwrap_or_else(|p| p.into_inner());
         let path = match after {
-            // First wait: learn the revision now, and report a change (the agent lists anyway).
+            // First wait: learn the revision now; a change, as far as the agent knows.
             None => format!("{}?wait_ms=0", paths::changes(host)),
             Some(r) => format!(
                 "{}?after={r}&wait_ms={}",
@@ -145,10 +145,13 @@ impl ControlLink for HttpLink {
         match self.get::<Changes>(&path, max_wait).await {
             Ok(changes) => {
                 *self.revision.lock().unwrap_or_else(|p| p.into_inner()) = Some(changes.revision);
+                after != Some(changes.revision)
             }
             Err(e) => {
                 tracing::warn!("watching assignments failed: {e}");
                 tokio::time::sleep(max_wait.min(Duration::from_secs(1))).await;
+                // Changes may have been missed meanwhile.
+                true
             }
         }
     }

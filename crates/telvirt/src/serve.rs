@@ -79,8 +79,16 @@ async fn start_control_plane(
         Some(new) => new,
         None => existing.map(|c| c.token).unwrap_or_default(),
     };
+    // Listening on every address: the admin's CLI on this machine reaches it on loopback.
+    let mut reach = address;
+    if reach.ip().is_unspecified() {
+        reach.set_ip(match reach {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
     ClientConfig {
-        server: format!("http://{address}"),
+        server: format!("http://{reach}"),
         token,
     }
     .write(&config_path)?;
