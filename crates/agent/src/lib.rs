@@ -16,7 +16,7 @@ pub mod runtimes;
 pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
 pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};
-pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RESYNC_INTERVAL};
+pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RELIST_INTERVAL, RESYNC_INTERVAL};
 pub use runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 pub use telvirt_api::{ControlLink, LinkError};
 

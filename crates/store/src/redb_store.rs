@@ -7,7 +7,10 @@
 //! the same file (with backoff, from the next call or the background task) until that works.
 //! It must not hold a write transaction across an await point, and it must not acknowledge a
 //! write before redb has committed it durably: an acknowledged write survives `kill -9` and a
-//! reopen. Lease renewals are the exception, as in etcd: a keep-alive moves the lease's deadline
+//! reopen. Transactions are committed by one thread of the store's own, off the async runtime's
+//! threads: the ones that arrive while a commit is under way go into the next commit together
+//! (group commit; each keeps its own compares, revision and outcome), so a burst of writes
+//! costs one durable commit per batch instead of one each. Lease renewals are the exception, as in etcd: a keep-alive moves the lease's deadline
 //! in memory only (no commit per heartbeat), and after the store is opened every lease has at
 //! least its full TTL again, so a restart never expires a lease whose holder is alive.
 
@@ -53,7 +56,19 @@ pub struct RedbStore {
     /// When this process opened the store (unix ms): every lease lives until at least this
     /// plus its TTL.
     opened_ms: u64,
+    /// To the committer thread: transactions waiting for the next commit.
+    commits: Mutex<std::sync::mpsc::Sender<Pending>>,
 }
+
+/// One transaction waiting for the committer.
+struct Pending {
+    compares: Vec<Compare>,
+    ops: Vec<Op>,
+    done: tokio::sync::oneshot::Sender<Result<TxnOutcome, StoreError>>,
+}
+
+/// Transactions committed together at most (more wait for the next commit).
+const MAX_BATCH: usize = 256;
 
 #[derive(Default)]
 struct State {
@@ -153,6 +168,7 @@ impl RedbStore {
     pub fn open(path: &Path) -> Result<Arc<Self>, StoreError> {
         let db = open_database(path)?;
         let (events, _) = broadcast::channel(4096);
+        let (commits, queue) = std::sync::mpsc::channel::<Pending>();
         let store = Arc::new(Self {
             path: path.to_owned(),
             db: RwLock::new(Some(db)),
@@ -160,7 +176,13 @@ impl RedbStore {
             events,
             renewed: Mutex::new(std::collections::HashMap::new()),
             opened_ms: now_ms(),
+            commits: Mutex::new(commits),
         });
+        let weak = Arc::downgrade(&store);
+        std::thread::Builder::new()
+            .name("telvirt-store-commit".into())
+            .spawn(move || committer(&weak, &queue))
+            .map_err(|e| StoreError::Unavailable(format!("cannot start the commit thread: {e}")))?;
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(&store);
             handle.spawn(async move {
@@ -360,80 +382,144 @@ impl RedbStore {
         Ok(())
     }
 
-    fn apply(
+    /// Applies `batch` in order in one write transaction and commits it once: each
+    /// transaction's compares see the ones before it; a transaction whose compare fails, or that
+    /// names a lease that does not exist, changes nothing and the others go on. Returns each
+    /// outcome in order; an I/O error fails all of them (nothing was committed).
+    fn apply_batch(
         &self,
         db: &Database,
-        compares: &[Compare],
-        ops: Vec<Op>,
-    ) -> Result<TxnOutcome, StoreError> {
+        batch: &mut [Pending],
+    ) -> Result<Vec<Result<TxnOutcome, StoreError>>, StoreError> {
         let txn = db.begin_write()?;
-        let mut events = Vec::with_capacity(ops.len());
-        let outcome = {
+        let mut events = Vec::new();
+        let mut outcomes = Vec::with_capacity(batch.len());
+        {
             let mut kv = txn.open_table(KV)?;
             let mut meta = txn.open_table(META)?;
             let leases = txn.open_table(LEASES)?;
-            let current = meta.get(REVISION)?.map_or(0, |v| v.value());
-            for compare in compares {
-                let Compare::ModRevision { key, revision } = compare;
-                let actual = match kv.get(key.as_str())? {
-                    Some(raw) => decode(key, raw.value())?.mod_revision,
-                    None => 0,
-                };
-                if actual != *revision {
-                    return Ok(TxnOutcome {
-                        succeeded: false,
+            let mut current = meta.get(REVISION)?.map_or(0, |v| v.value());
+            'next: for pending in batch.iter_mut() {
+                for compare in &pending.compares {
+                    let Compare::ModRevision { key, revision } = compare;
+                    let actual = match kv.get(key.as_str())? {
+                        Some(raw) => decode(key, raw.value())?.mod_revision,
+                        None => 0,
+                    };
+                    if actual != *revision {
+                        outcomes.push(Ok(TxnOutcome {
+                            succeeded: false,
+                            revision: current,
+                        }));
+                        continue 'next;
+                    }
+                }
+                for op in &pending.ops {
+                    if let Op::Put { lease: Some(l), .. } = op
+                        && leases.get(l.0)?.is_none()
+                    {
+                        outcomes.push(Err(StoreError::NoLease(l.0)));
+                        continue 'next;
+                    }
+                }
+                if pending.ops.is_empty() {
+                    outcomes.push(Ok(TxnOutcome {
+                        succeeded: true,
                         revision: current,
-                    });
+                    }));
+                    continue;
                 }
-            }
-            if ops.is_empty() {
-                return Ok(TxnOutcome {
+                let revision = current + 1;
+                for op in std::mem::take(&mut pending.ops) {
+                    match op {
+                        Op::Put { key, value, lease } => {
+                            let create = match kv.get(key.as_str())? {
+                                Some(raw) => decode(&key, raw.value())?.create_revision,
+                                None => revision,
+                            };
+                            kv.insert(
+                                key.as_str(),
+                                encode(revision, create, lease, &value).as_slice(),
+                            )?;
+                            events.push(WatchEvent::Put {
+                                key,
+                                value,
+                                revision,
+                            });
+                        }
+                        Op::Delete { key } => {
+                            if kv.remove(key.as_str())?.is_some() {
+                                events.push(WatchEvent::Delete { key, revision });
+                            }
+                        }
+                    }
+                }
+                current = revision;
+                outcomes.push(Ok(TxnOutcome {
                     succeeded: true,
-                    revision: current,
-                });
+                    revision,
+                }));
             }
-            let revision = current + 1;
-            for op in ops {
-                match op {
-                    Op::Put { key, value, lease } => {
-                        if let Some(l) = lease
-                            && leases.get(l.0)?.is_none()
-                        {
-                            return Err(StoreError::NoLease(l.0));
-                        }
-                        let create = match kv.get(key.as_str())? {
-                            Some(raw) => decode(&key, raw.value())?.create_revision,
-                            None => revision,
-                        };
-                        kv.insert(
-                            key.as_str(),
-                            encode(revision, create, lease, &value).as_slice(),
-                        )?;
-                        events.push(WatchEvent::Put {
-                            key,
-                            value,
-                            revision,
-                        });
-                    }
-                    Op::Delete { key } => {
-                        if kv.remove(key.as_str())?.is_some() {
-                            events.push(WatchEvent::Delete { key, revision });
-                        }
-                    }
-                }
-            }
-            meta.insert(REVISION, revision)?;
-            TxnOutcome {
-                succeeded: true,
-                revision,
-            }
-        };
+            meta.insert(REVISION, current)?;
+        }
         txn.commit()?;
         for event in events {
             // No watcher is not an error.
             let _ = self.events.send(event);
         }
-        Ok(outcome)
+        Ok(outcomes)
+    }
+}
+
+/// `e` once more, for each transaction of a batch that failed as a whole.
+fn same_error(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+        StoreError::NoLease(id) => StoreError::NoLease(*id),
+        StoreError::Corrupt { key, why } => StoreError::Corrupt {
+            key: key.clone(),
+            why: why.clone(),
+        },
+        StoreError::Backend(why) => StoreError::Backend(why.clone()),
+        StoreError::Open { .. } => StoreError::Backend(e.to_string()),
+    }
+}
+
+/// The commit thread: takes what waits (up to [`MAX_BATCH`]), commits it as one batch and
+/// answers each; ends when the store is dropped.
+fn committer(store: &std::sync::Weak<RedbStore>, queue: &std::sync::mpsc::Receiver<Pending>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(more) => batch.push(more),
+                Err(_) => break,
+            }
+        }
+        let Some(store) = store.upgrade() else {
+            for pending in batch {
+                let _ = pending
+                    .done
+                    .send(Err(StoreError::Unavailable("the store was closed".into())));
+            }
+            return;
+        };
+        let result = store.with_db(|db| store.apply_batch(db, &mut batch));
+        // Let go before answering: a caller that drops the store after its answer closes the
+        // file, and may open it again at once.
+        drop(store);
+        match result {
+            Ok(outcomes) => {
+                for (pending, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = pending.done.send(outcome);
+                }
+            }
+            Err(e) => {
+                for pending in batch {
+                    let _ = pending.done.send(Err(same_error(&e)));
+                }
+            }
+        }
     }
 }
 
@@ -499,7 +585,19 @@ impl Store for RedbStore {
     }
 
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        self.with_db(|db| self.apply(db, &compares, ops))
+        let (done, outcome) = tokio::sync::oneshot::channel();
+        self.commits
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Pending {
+                compares,
+                ops,
+                done,
+            })
+            .map_err(|_| StoreError::Unavailable("the store's commit thread ended".into()))?;
+        outcome
+            .await
+            .map_err(|_| StoreError::Unavailable("the store's commit thread ended".into()))?
     }
 
     async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {

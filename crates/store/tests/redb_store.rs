@@ -357,3 +357,83 @@ async fn a_reopened_store_gives_every_lease_its_ttl_again() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Writes arriving together are committed together: each keeps its own compare, revision and
+/// outcome, and one that names no lease fails alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_transactions_keep_their_own_compares_revisions_and_outcomes() {
+    let (_dir, store) = temp_store();
+    let mut tasks = tokio::task::JoinSet::new();
+    // 64 writers each add one to a counter with compare-and-swap, retrying on a lost race.
+    for _ in 0..64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            loop {
+                let (value, rev) = match store.get("/counter").await.unwrap() {
+                    Some(v) => (
+                        u64::from_le_bytes(v.value.as_slice().try_into().unwrap()),
+                        v.mod_revision,
+                    ),
+                    None => (0, 0),
+                };
+                let outcome = store
+                    .txn(
+                        vec![Compare::ModRevision {
+                            key: "/counter".into(),
+                            revision: rev,
+                        }],
+                        vec![Op::Put {
+                            key: "/counter".into(),
+                            value: (value + 1).to_le_bytes().to_vec(),
+                            lease: None,
+                        }],
+                    )
+                    .await
+                    .unwrap();
+                if outcome.succeeded {
+                    return Some(outcome.revision);
+                }
+            }
+        });
+    }
+    // Among them, one names a lease that does not exist.
+    let bad = store.clone();
+    tasks.spawn(async move {
+        let err = bad
+            .txn(
+                vec![],
+                vec![
+                    Op::Put {
+                        key: "/bad/a".into(),
+                        value: vec![1],
+                        lease: None,
+                    },
+                    Op::Put {
+                        key: "/bad/b".into(),
+                        value: vec![1],
+                        lease: Some(telvirt_store::LeaseId(999)),
+                    },
+                ],
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("lease 999"), "{err}");
+        None
+    });
+    let mut revisions = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        revisions.extend(r.unwrap());
+    }
+    let v = store.get("/counter").await.unwrap().unwrap();
+    assert_eq!(
+        u64::from_le_bytes(v.value.as_slice().try_into().unwrap()),
+        64
+    );
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 64, "each write has a revision of its own");
+    assert_eq!(v.mod_revision, *revisions.last().unwrap());
+    // The refused one wrote nothing, not even its first op.
+    assert!(store.get("/bad/a").await.unwrap().is_none());
+    assert!(store.get("/bad/b").await.unwrap().is_none());
+}

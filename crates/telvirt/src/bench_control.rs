@@ -17,12 +17,16 @@ use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
 use clap::Args;
 use serde::Serialize;
-use telvirt_agent::{Agent, InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+use telvirt_agent::{
+    Agent, AgentConfig, ControlLink, InstanceSpec, InstanceState, RELIST_INTERVAL, Runtime,
+    RuntimeFailure,
+};
 use telvirt_controller::listing::ListQuery;
 use telvirt_controller::records::{AUTHORITIES, AuthorityRecord, VNFS, VnfRecord};
 use telvirt_controller::{Caller, Controller, HostRecord, LocalLink};
 use telvirt_model::{Format, Name, Phase, RuntimeKind};
 use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
+use telvirt_store::{Op, Versioned};
 use telvirt_store::{RedbStore, Store, WatchEvent};
 
 use crate::cli::Output;
@@ -30,7 +34,9 @@ use crate::output;
 use crate::progress::Progress;
 
 /// What the report says about the agents.
-pub const AGENTS_NOTE: &str = "in-process fakes (no-op runtime); the subject is the control plane";
+pub const AGENTS_NOTE: &str = "in-process fakes (no-op runtime), each sending the default 1 s heartbeat and \
+     listing on every signalled change and every 60 s; their own instance checks (on their own \
+     hosts in a cluster) run at the relist interval; the subject is the control plane";
 /// Creates in flight at once.
 const CONCURRENCY: usize = 16;
 /// Items per page of the paginated list.
@@ -65,6 +71,11 @@ pub struct ControlReport {
     pub hosts: u32,
     pub concurrency: usize,
     pub creates_per_s: f64,
+    /// Baseline: the same writes a create makes (the VNF record, its first event, its pending
+    /// key, with the bytes the run stored) as bare store transactions, same concurrency.
+    pub baseline_store_txns_per_s: f64,
+    /// creates_per_s / baseline_store_txns_per_s.
+    pub create_vs_store_ratio: f64,
     pub create: Latency,
     /// VNFs seen Running before the deadline.
     pub running: u32,
@@ -91,6 +102,8 @@ pub struct ControlReport {
     pub rss_per_vnf_bytes: f64,
     pub store_bytes: u64,
     pub store_per_vnf_bytes: f64,
+    /// Keys and values live in the store (without redb's pages and free space), per VNF.
+    pub store_live_per_vnf_bytes: f64,
     pub goals: Goals,
 }
 
@@ -266,6 +279,64 @@ async fn poll_pass(store: &Arc<RedbStore>, authorities: bool) -> Result<usize> {
     Ok(n)
 }
 
+/// `total` creates' writes (record, first event, pending key) as bare transactions on a fresh
+/// store at `path`, [`CONCURRENCY`] in flight, each a create-if-absent as a create is; per
+/// second.
+async fn bare_writes(
+    path: &std::path::Path,
+    total: u32,
+    record: &[u8],
+    event: &[u8],
+) -> Result<f64> {
+    let store = RedbStore::open(path)?;
+    let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let started = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..CONCURRENCY {
+        let (store, next) = (store.clone(), next.clone());
+        let (record, event) = (record.to_vec(), event.to_vec());
+        writers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let name = vnf_name(i);
+                let key = format!("{VNFS}{name}");
+                store
+                    .txn(
+                        vec![telvirt_store::Compare::ModRevision {
+                            key: key.clone(),
+                            revision: 0,
+                        }],
+                        vec![
+                            Op::Put {
+                                key,
+                                value: record.clone(),
+                                lease: None,
+                            },
+                            Op::Put {
+                                key: telvirt_controller::records::event_key(&name, 1),
+                                value: event.clone(),
+                                lease: None,
+                            },
+                            Op::Put {
+                                key: telvirt_controller::records::pending_key(&name),
+                                value: Vec::new(),
+                                lease: None,
+                            },
+                        ],
+                    )
+                    .await?;
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.context("a baseline writer panicked")??;
+    }
+    Ok(f64::from(total) / started.elapsed().as_secs_f64())
+}
+
 /// Runs the benchmark; `progress(phase, done, total)` is called as VNFs are created and run.
 pub async fn run_control_bench(
     args: &ControlArgs,
@@ -312,13 +383,24 @@ async fn run_in(
         controller
             .register_host(host(name.clone(), args.vnfs.div_ceil(args.hosts)))
             .await?;
-        let agent = Arc::new(Agent::new(
-            name,
+        let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone()));
+        let agent = Arc::new(Agent::with_config(
+            name.clone(),
             vec![Arc::new(NoopRuntime::default()) as Arc<dyn Runtime>],
-            Arc::new(LocalLink::new(controller.clone())),
+            Arc::clone(&link),
             dir.join("instances"),
+            AgentConfig {
+                resync: RELIST_INTERVAL,
+                ..AgentConfig::default()
+            },
         ));
         tasks.spawn(agent.run(shutdown_rx.clone()));
+        tasks.spawn(telvirt_agent::reconcile::heartbeat_loop(
+            name,
+            link,
+            Duration::from_secs(1),
+            shutdown_rx.clone(),
+        ));
     }
     let scheduler = tokio::spawn(
         controller
@@ -516,6 +598,29 @@ async fn run_in(
     let store_bytes = std::fs::metadata(store_path)
         .with_context(|| format!("reading the size of {}", store_path.display()))?
         .len();
+    let live_bytes: usize = store
+        .list("/")
+        .await?
+        .iter()
+        .map(|(key, v): &(String, Versioned)| key.len() + v.value.len())
+        .sum();
+
+    // Baseline: a create's writes, with the bytes the run stored, as bare transactions.
+    let first = vnf_name(0);
+    let record = store
+        .get(&format!("{VNFS}{first}"))
+        .await?
+        .context("the first VNF's record")?
+        .value;
+    let event = store
+        .get(&telvirt_controller::records::event_key(&first, 1))
+        .await?
+        .context("the first VNF's first event")?
+        .value;
+    progress("baseline", 0, 1);
+    let baseline_store_txns_per_s =
+        bare_writes(&dir.join("baseline.redb"), total, &record, &event).await?;
+    progress("baseline", 1, 1);
 
     let _ = shutdown_tx.send(true);
     scheduler.abort();
@@ -535,6 +640,8 @@ async fn run_in(
         hosts: args.hosts,
         concurrency: CONCURRENCY,
         creates_per_s,
+        baseline_store_txns_per_s,
+        create_vs_store_ratio: creates_per_s / baseline_store_txns_per_s,
         create: latency(create_lat),
         running,
         goals: Goals {
@@ -563,6 +670,7 @@ async fn run_in(
         rss_per_vnf_bytes: rss_after.saturating_sub(rss_before) as f64 / n,
         store_bytes,
         store_per_vnf_bytes: store_per_vnf,
+        store_live_per_vnf_bytes: live_bytes as f64 / n,
     })
 }
 
@@ -595,6 +703,16 @@ pub fn control(format: Output, args: ControlArgs) -> Result<()> {
                     "-".into(),
                     "-".into(),
                     format!(">= 2000: {}", yes(r.goals.creates_per_s_ge_2000)),
+                ],
+                vec![
+                    format!(
+                        "creates/s vs bare store writes ({} in flight)",
+                        r.concurrency
+                    ),
+                    format!("{:.0}", r.creates_per_s),
+                    format!("{:.0} (store txns/s)", r.baseline_store_txns_per_s),
+                    format!("{:.2}", r.create_vs_store_ratio),
+                    "-".into(),
                 ],
                 vec![
                     "create p50 / p99 ms".into(),
@@ -645,10 +763,10 @@ pub fn control(format: Output, args: ControlArgs) -> Result<()> {
                     "-".into(),
                 ],
                 vec![
-                    "store per VNF bytes".into(),
+                    "store file per VNF bytes".into(),
                     format!("{:.0}", r.store_per_vnf_bytes),
-                    "-".into(),
-                    "-".into(),
+                    format!("{:.0} (live keys+values)", r.store_live_per_vnf_bytes),
+                    format!("{:.2}", r.store_per_vnf_bytes / r.store_live_per_vnf_bytes),
                     format!("<= 2048: {}", yes(r.goals.store_le_2kib_per_vnf)),
                 ],
             ]
@@ -688,6 +806,8 @@ mod tests {
             "rss_per_vnf_bytes",
             "store_bytes",
             "store_per_vnf_bytes",
+            "store_live_per_vnf_bytes",
+            "baseline_store_txns_per_s",
             "goals",
         ] {
             assert!(json.get(field).is_some(), "missing {field}: {json}");
@@ -696,6 +816,8 @@ mod tests {
         assert_eq!(report.running, 200, "{json}");
         assert_eq!(report.list_pages, 1);
         assert!(report.store_bytes > 0);
+        assert!(report.baseline_store_txns_per_s > 0.0);
+        assert!(report.store_live_per_vnf_bytes > 0.0);
     }
 
     #[tokio::test]
