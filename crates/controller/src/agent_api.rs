@@ -124,10 +124,10 @@ async fn assignments(
 /// lower than `after` means the controller restarted, which the agent must see at once too.
 async fn changes(
     State(s): State<AppState>,
-    _: NodeHost,
+    NodeHost(host): NodeHost,
     Query(q): Query<PollQuery>,
 ) -> Result<Response, ApiError> {
-    let mut watch = s.controller.assignments_watch();
+    let mut watch = s.controller.assignments_watch(&host);
     let after = q.after.unwrap_or(0);
     let _ = tokio::time::timeout(q.wait(), watch.wait_for(|rev| *rev != after)).await;
     let revision = *watch.borrow();

@@ -617,7 +617,7 @@ impl Controller {
             }
             drop(scheduler);
             self.metrics.event();
-            self.changed();
+            self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
             return Ok(());
         }
         Err(ControllerError::Conflict(format!(

@@ -20,8 +20,9 @@ pub struct LocalLink {
 }
 
 impl LocalLink {
-    pub fn new(controller: Arc<Controller>) -> Self {
-        let changes = tokio::sync::Mutex::new(controller.assignments_watch());
+    /// The link of `host`'s agent: its waits end on changes of that host's assignments.
+    pub fn new(controller: Arc<Controller>, host: &str) -> Self {
+        let changes = tokio::sync::Mutex::new(controller.assignments_watch(host));
         Self {
             controller,
             changes,

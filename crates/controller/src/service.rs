@@ -4,7 +4,7 @@
 //! records) and the order of work (store, then act). It must not speak HTTP (the `http` module
 //! does) and must not start processes (agents do, through runtimes).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -109,6 +109,31 @@ pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
+/// What an agent's assignment of `v` is made of (see `Controller::assignments`): when none of it
+/// changes, no agent needs to look again.
+#[allow(clippy::type_complexity)]
+fn assignment_facts(
+    v: &Vnf,
+) -> (
+    &telvirt_model::VnfDescriptor,
+    &[telvirt_model::Placement],
+    telvirt_model::DesiredState,
+    bool,
+    u64,
+    &[telvirt_model::DeviceGrant],
+    u64,
+) {
+    (
+        &v.descriptor,
+        &v.placements,
+        v.desired,
+        v.lock.is_some(),
+        v.generation,
+        &v.devices,
+        v.memory_bytes,
+    )
+}
+
 /// Writes event `event` of VNF `name` and deletes the one that falls out of the
 /// [`records::MAX_EVENTS_PER_VNF`] kept.
 pub(crate) fn event_ops(name: &str, event: &Event) -> Result<Vec<Op>> {
@@ -149,6 +174,9 @@ pub struct Controller {
     scheduler: Mutex<Scheduler>,
     /// Wakes agents: assignments may have changed.
     assignments_changed: Notify,
+    /// Per host: a counter bumped when an assignment of that host may have changed, so an
+    /// observation, or a change on another host, wakes no agent.
+    host_versions: std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
     /// Counts assignment changes: each agent link keeps a receiver, so a change made while its
     /// agent was busy is seen by its next wait.
     assignments_version: tokio::sync::watch::Sender<u64>,
@@ -214,6 +242,7 @@ impl Controller {
             store,
             scheduler: Mutex::new(scheduler),
             assignments_changed: Notify::new(),
+            host_versions: std::sync::Mutex::new(HashMap::new()),
             assignments_version: tokio::sync::watch::Sender::new(0),
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
@@ -244,17 +273,61 @@ impl Controller {
         let _ = tokio::time::timeout(max_wait, self.assignments_changed.notified()).await;
     }
 
-    /// A receiver of the assignment-change counter: its `changed()` resolves once for every
-    /// change (or batch of changes) after the receiver last looked.
-    pub fn assignments_watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.assignments_version.subscribe()
+    /// A receiver of `host`'s assignment-change counter: its `changed()` resolves once for
+    /// every change (or batch of changes) of that host's assignments after the receiver last
+    /// looked.
+    pub fn assignments_watch(&self, host: &str) -> tokio::sync::watch::Receiver<u64> {
+        self.host_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(host.to_owned())
+            .or_insert_with(|| tokio::sync::watch::Sender::new(0))
+            .subscribe()
     }
 
+    /// Something that may concern every host changed (a host came, went or was cordoned):
+    /// wakes the scheduler and every agent.
     fn changed(&self) {
         self.assignments_changed.notify_waiters();
         self.assignments_version
             .send_modify(|version| *version = version.wrapping_add(1));
+        for sender in self
+            .host_versions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            sender.send_modify(|version| *version = version.wrapping_add(1));
+        }
         self.schedule_wanted.notify_one();
+    }
+
+    /// VNF `before` became `after` (`None`: did not exist / was deleted): wakes the scheduler,
+    /// and the agents of the hosts whose assignment of it changed (none for a phase report).
+    pub(crate) fn vnf_changed(&self, before: Option<&Vnf>, after: Option<&Vnf>) {
+        self.schedule_wanted.notify_one();
+        if before.map(assignment_facts) == after.map(assignment_facts) {
+            return;
+        }
+        let mut hosts: Vec<&str> = before
+            .into_iter()
+            .chain(after)
+            .flat_map(|v| v.placements.iter().map(|p| p.host.as_str()))
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        if hosts.is_empty() {
+            return;
+        }
+        self.assignments_changed.notify_waiters();
+        self.assignments_version
+            .send_modify(|version| *version = version.wrapping_add(1));
+        let versions = self.host_versions.lock().unwrap_or_else(|p| p.into_inner());
+        for host in hosts {
+            if let Some(sender) = versions.get(host) {
+                sender.send_modify(|version| *version = version.wrapping_add(1));
+            }
+        }
     }
 
     // ----- authorities -----
@@ -556,7 +629,7 @@ impl Controller {
             )));
         }
         self.metrics.event();
-        self.changed();
+        self.vnf_changed(None, Some(&vnf));
         Ok(vnf)
     }
 
@@ -675,7 +748,7 @@ impl Controller {
                 if record.last_event != before.last_event {
                     self.metrics.event();
                 }
-                self.changed();
+                self.vnf_changed(Some(&before.vnf), Some(&record.vnf));
                 return Ok(record.vnf);
             }
         }
@@ -911,7 +984,7 @@ impl Controller {
                 Err(e) => return Err(e.into()),
             }
             drop(scheduler);
-            self.changed();
+            self.vnf_changed(Some(&record.vnf), None);
             return Ok(true);
         }
         Err(ControllerError::Conflict(format!(
@@ -1023,7 +1096,7 @@ impl Controller {
                     drop(scheduler);
                     self.metrics.placement();
                     self.metrics.event();
-                    self.changed();
+                    self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
                     return Ok(());
                 }
                 // The VNF changed in between: nothing was written. Cores placed now go back; a

@@ -1,30 +1,57 @@
-//! The in-process agent link keeps a wake-up that arrives while its agent is not waiting (busy
-//! in a pass): the next `wait_for_change` returns at once instead of after its full wait.
+//! Agent wake-ups through the in-process link: a change of a host's assignments that arrives
+//! while its agent is not waiting (busy in a pass) ends the next `wait_for_change` at once; a
+//! change on another host, or a phase report, wakes nobody.
 
 use std::time::Duration;
 
 use telvirt_agent::ControlLink;
-use telvirt_controller::{Caller, Controller, LocalLink};
-use telvirt_model::Format;
-use telvirt_sched::SchedConfig;
+use telvirt_controller::{Caller, Controller, HostRecord, LocalLink};
+use telvirt_model::api::Observation;
+use telvirt_model::{Format, Phase};
+use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
 use telvirt_store::RedbStore;
 
 /// Far longer than the test may take: a wait that lasts this long means the wake-up was lost.
 const FOREVER: Duration = Duration::from_secs(3600);
 const DEADLINE: Duration = Duration::from_secs(20);
+/// How long a wait that should not end is given to end anyway.
+const QUIET: Duration = Duration::from_millis(50);
+
+fn host(name: &str) -> HostRecord {
+    HostRecord {
+        spec: HostSpec {
+            name: name.into(),
+            topology: Some(TopologySpec {
+                sockets: 1,
+                cores_per_socket: 4,
+                threads_per_core: 1,
+                numa_nodes_per_socket: 1,
+                memory_per_node: None,
+            }),
+            shared: "0".parse().unwrap(),
+            ..HostSpec::default()
+        },
+        memory_bytes: 1 << 30,
+        hugepages: Vec::new(),
+        runtimes: vec!["vm".into()],
+        agent: true,
+    }
+}
 
 #[tokio::test]
-async fn a_change_made_while_the_agent_is_busy_ends_its_next_wait_at_once() {
+async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_it_was_busy_for() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
     let controller = Controller::open(store, SchedConfig::default())
         .await
         .unwrap();
-    let link = LocalLink::new(controller.clone());
+    controller.register_host(host("h1")).await.unwrap();
+    let h1 = LocalLink::new(controller.clone(), "h1");
+    let h2 = LocalLink::new(controller.clone(), "h2");
     // Nothing changed yet: a wait lasts its full time and says so.
-    assert!(!link.wait_for_change(Duration::from_millis(1)).await);
+    assert!(!h1.wait_for_change(Duration::from_millis(1)).await);
 
-    // The agent is "in a pass" (not waiting) while a VNF is created.
+    // A create places nothing yet: no agent is woken.
     let admin = Caller {
         name: telvirt_model::api::ADMIN_AUTHORITY.into(),
     };
@@ -33,12 +60,49 @@ async fn a_change_made_while_the_agent_is_busy_ends_its_next_wait_at_once() {
         .create_vnf(&admin, text.as_bytes(), Format::Yaml)
         .await
         .unwrap();
+    assert!(!h1.wait_for_change(QUIET).await, "a create woke h1's agent");
 
-    let changed = tokio::time::timeout(DEADLINE, link.wait_for_change(FOREVER))
+    // The agent is "in a pass" (not waiting) while fw1 is placed on h1.
+    controller.schedule_pending().await.unwrap();
+    let changed = tokio::time::timeout(DEADLINE, h1.wait_for_change(FOREVER))
         .await
-        .expect("the change made before the wait ends it at once");
+        .expect("the placement made before the wait ends it at once");
     assert!(changed, "a wait ended by a change says so");
     // Seen once: the wait after it lasts again.
-    let again = tokio::time::timeout(Duration::from_millis(50), link.wait_for_change(FOREVER));
+    let again = tokio::time::timeout(QUIET, h1.wait_for_change(FOREVER));
     assert!(again.await.is_err(), "one change woke the link twice");
+    // Another host's agent was never woken.
+    assert!(
+        !h2.wait_for_change(QUIET).await,
+        "h1's placement woke h2's agent"
+    );
+
+    // A phase report changes no assignment: it wakes nobody.
+    let generation = controller
+        .assignments("h1")
+        .await
+        .unwrap()
+        .first()
+        .expect("fw1 is assigned to h1")
+        .generation;
+    controller
+        .observe(
+            "h1",
+            Observation {
+                vnf: "fw1".parse().unwrap(),
+                phase: Phase::Starting,
+                reason: "starting".into(),
+                generation,
+            },
+        )
+        .await
+        .unwrap();
+    assert!(
+        !h1.wait_for_change(QUIET).await,
+        "a phase report woke the agent"
+    );
+
+    // A stop changes the assignment: h1 is woken.
+    controller.stop(&admin, "fw1").await.unwrap();
+    assert!(h1.wait_for_change(DEADLINE).await);
 }

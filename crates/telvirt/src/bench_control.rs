@@ -383,7 +383,7 @@ async fn run_in(
         controller
             .register_host(host(name.clone(), args.vnfs.div_ceil(args.hosts)))
             .await?;
-        let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone()));
+        let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone(), &name));
         let agent = Arc::new(Agent::with_config(
             name.clone(),
             vec![Arc::new(NoopRuntime::default()) as Arc<dyn Runtime>],

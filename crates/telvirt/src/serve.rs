@@ -157,7 +157,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         shutdown_rx.clone(),
     );
     health.watch("network", network_task);
-    let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone()));
+    let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone(), &local_host));
     let tasks = host.start(link, &health, AgentConfig::default(), None, shutdown_rx);
 
     tracing::info!(

@@ -552,3 +552,46 @@ fn attach_arguments_are_checked_before_any_request() {
         );
     }
 }
+
+/// A VM whose guest never comes up (its kernel finds no init and waits: it stays Starting
+/// until the runtime's 180 s ready timeout) does not hold back a wasm VNF created after it.
+#[test]
+fn a_vm_that_never_finishes_booting_does_not_delay_a_wasm_vnf() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let vm = format!("vmslow{}", std::process::id());
+    let node = Node::new(&vm, guest_binary());
+    let text = std::fs::read_to_string(descriptor(&node))
+        .expect("read the vm descriptor")
+        .replace(
+            "\"emulator\": \"share\"",
+            "\"emulator\": \"share\", \"cmdline\": \"console=ttyS0 panic=0 rdinit=/no-such-init\"",
+        );
+    assert!(text.contains("no-such-init"), "descriptor has the cmdline");
+    let slow = node.dir.path().join("slow.json");
+    std::fs::write(&slow, text).expect("write the slow descriptor");
+    node.ok(&["vnf", "create", "-f", slow.to_str().expect("utf-8 path")]);
+    // QEMU runs and the agent waits for a guest agent that never comes.
+    node.wait(&vm, DEADLINE, "Starting with a QEMU", |v| {
+        v["phase"] == "Starting" && !qemu_pids(&vm).is_empty()
+    });
+
+    let vnfs = node.dir.path().join("vnfs");
+    let out = Command::new(BIN)
+        .args(["wasm", "examples", "--out"])
+        .arg(&vnfs)
+        .output()
+        .expect("run telvirt wasm examples");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let fw = node.dir.path().join("fw.yaml");
+    std::fs::write(
+        &fw,
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: fwquick }\nspec:\n  runtime: wasm\n  \
+         cpu: { policy: shared, group: edge, count: 1 }\n  ports: [in, out]\n  wasm:\n    \
+         module: vnfs/firewall.wasm\n    limits: { memory: 16MiB }\n",
+    )
+    .expect("write the wasm descriptor");
+    node.ok(&["vnf", "create", "-f", fw.to_str().expect("utf-8 path")]);
+    node.wait_phase("fwquick", "Running", DEADLINE);
+    let v = node.show(&vm);
+    assert_eq!(v["phase"], "Starting", "the VM is still booting: {v}");
+}

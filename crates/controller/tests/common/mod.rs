@@ -80,7 +80,7 @@ impl Node {
         let agent = Arc::new(Agent::new(
             "h1",
             Vec::new(),
-            Arc::new(LocalLink::new(controller.clone())),
+            Arc::new(LocalLink::new(controller.clone(), "h1")),
             dir.path().join("instances"),
         ));
         let (_tx, rx) = tokio::sync::watch::channel(false);
