@@ -98,11 +98,19 @@ impl Liveness {
     /// Records a heartbeat of `host` at `now`; whether the store's record of it is due (none
     /// written by this process yet, or the last one older than [`HEARTBEAT_WRITE_EVERY`]).
     fn beat(&self, host: &str, now: u64) -> bool {
-        let mut beats = self.beats_map();
-        let entry = beats.entry(host.to_owned()).or_insert((now, 0));
-        entry.0 = now;
+        self.beats_map()
+            .entry(host.to_owned())
+            .or_insert((now, 0))
+            .0 = now;
+        self.write_due(host, now)
+    }
+
+    /// Whether a heartbeat of `host` at `now` is to be written to the store.
+    fn write_due(&self, host: &str, now: u64) -> bool {
         let every = u64::try_from(HEARTBEAT_WRITE_EVERY.as_millis()).unwrap_or(u64::MAX);
-        entry.1 == 0 || now.saturating_sub(entry.1) >= every
+        self.beats_map()
+            .get(host)
+            .is_none_or(|(_, written)| *written == 0 || now.saturating_sub(*written) >= every)
     }
 
     fn written(&self, host: &str, now: u64) {
@@ -297,6 +305,22 @@ impl Controller {
     /// The agent of `host` is alive: keeps its lease (granting a new one after it expired) and
     /// records the time. Refused for a host that is not registered (deleted, or renamed).
     pub async fn heartbeat(&self, host: &str) -> Result<()> {
+        // Most heartbeats: a lease this process holds for the host and no write due keep the
+        // lease alive and nothing more (a deleted host's lease is forgotten with it, so its
+        // next heartbeat takes the full path below and is refused).
+        if let Some(l) = self.liveness.lease(host) {
+            let now = now_ms();
+            if !self.liveness.write_due(host, now) {
+                match self.store.keep_alive(l).await {
+                    Ok(()) => {
+                        self.liveness.beat(host, now);
+                        return Ok(());
+                    }
+                    Err(StoreError::NoLease(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
         let (_, host_rev) = self.host_record(host).await?;
         let lease_key = host_lease_key(host);
         let mut lease = self.liveness.lease(host);

@@ -17,7 +17,7 @@ use telvirt_model::{
     RuntimeKind, Vnf, parse_vnf,
 };
 use telvirt_sched::{Allocation, SchedConfig, SchedError, Scheduler};
-use telvirt_store::{Compare, Op, Store, StoreError};
+use telvirt_store::{Compare, Op, Store, StoreError, TxnOutcome};
 use tokio::sync::{Mutex, Notify};
 
 use crate::auth;
@@ -107,6 +107,29 @@ pub enum Deletion {
 
 pub fn now_rfc3339() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+/// VNFs placed under one hold of the scheduler lock, their commits sent together.
+pub const PLACE_BATCH: usize = 64;
+
+/// What placing one pending VNF takes.
+enum Plan {
+    /// Gone, or no longer waiting for a placement.
+    Nothing,
+    /// Fits nowhere now: the scheduler's reason.
+    Unplaceable(String),
+    Place(Box<PlannedPlacement>),
+}
+
+/// A placement taken in the scheduler and the transaction that records it.
+struct PlannedPlacement {
+    name: String,
+    before: Vnf,
+    next: Vnf,
+    /// Cores taken now (released if the transaction loses), not a placement the store kept.
+    fresh: bool,
+    compares: Vec<Compare>,
+    ops: Vec<Op>,
 }
 
 /// What an agent's assignment of `v` is made of (see `Controller::assignments`): when none of it
@@ -1006,19 +1029,98 @@ impl Controller {
 
     /// Places every Pending VNF it can; records why for those it cannot. Reads only the pending
     /// index (`/pending/`), never every VNF; the index is only a hint: each VNF is read again
-    /// under the scheduler lock before it is placed.
+    /// under the scheduler lock before it is placed. VNFs are placed [`PLACE_BATCH`] at a time
+    /// under one hold of the lock, their transactions sent together so the store commits them
+    /// as one group; one that lost a race is placed again on its own.
     pub async fn schedule_pending(&self) -> Result<()> {
-        for (key, _) in self.store.list(records::PENDING).await? {
-            let Some(name) = key.strip_prefix(records::PENDING) else {
-                continue;
-            };
-            match self.schedule_one(name).await {
-                // Deleted meanwhile, or changing too fast: the next pass sees it as it is then.
+        let names: Vec<String> = self
+            .store
+            .list(records::PENDING)
+            .await?
+            .into_iter()
+            .filter_map(|(key, _)| key.strip_prefix(records::PENDING).map(str::to_owned))
+            .collect();
+        for batch in names.chunks(PLACE_BATCH) {
+            for name in self.schedule_batch(batch).await? {
+                match self.schedule_one(&name).await {
+                    // Deleted meanwhile, or changing too fast: the next pass sees it as it is then.
+                    Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans the placement of every VNF of `names` under one hold of the scheduler lock and
+    /// commits them together (each its own conditional transaction). Returns the VNFs whose
+    /// transaction lost a race (their cores are released).
+    async fn schedule_batch(&self, names: &[String]) -> Result<Vec<String>> {
+        let mut scheduler = self.scheduler.lock().await;
+        let mut planned = Vec::new();
+        let mut unplaceable = Vec::new();
+        for name in names {
+            match self.plan_placement(&mut scheduler, name).await? {
+                Plan::Nothing => {}
+                Plan::Unplaceable(why) => unplaceable.push((name.clone(), why)),
+                Plan::Place(p) => planned.push(p),
+            }
+        }
+        let mut commits = tokio::task::JoinSet::new();
+        for (i, p) in planned.iter_mut().enumerate() {
+            let store = Arc::clone(&self.store);
+            let (compares, ops) = (std::mem::take(&mut p.compares), std::mem::take(&mut p.ops));
+            commits.spawn(async move { (i, store.txn(compares, ops).await) });
+        }
+        let mut outcomes: Vec<Option<Result<TxnOutcome, StoreError>>> =
+            (0..planned.len()).map(|_| None).collect();
+        while let Some(done) = commits.join_next().await {
+            let (i, outcome) =
+                done.map_err(|e| ControllerError::Unavailable(format!("a placement commit: {e}")))?;
+            outcomes[i] = Some(outcome);
+        }
+        let mut lost = Vec::new();
+        let mut failed = None;
+        for (p, outcome) in planned.iter().zip(outcomes) {
+            match outcome {
+                Some(Ok(o)) if o.succeeded => {
+                    self.metrics.placement();
+                    self.metrics.event();
+                    self.vnf_changed(Some(&p.before), Some(&p.next));
+                }
+                // The VNF changed in between: nothing was written. Cores placed now go back; a
+                // placement reused from the store stays, as the store still holds it.
+                Some(Ok(_)) => {
+                    if p.fresh {
+                        scheduler.release(&p.name)?;
+                    }
+                    lost.push(p.name.clone());
+                }
+                Some(Err(e)) => {
+                    if p.fresh {
+                        scheduler.release(&p.name)?;
+                    }
+                    failed.get_or_insert(e);
+                }
+                None => {
+                    if p.fresh {
+                        scheduler.release(&p.name)?;
+                    }
+                    lost.push(p.name.clone());
+                }
+            }
+        }
+        drop(scheduler);
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        for (name, why) in unplaceable {
+            match self.note_unplaceable(&name, why).await {
                 Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        Ok(lost)
     }
 
     /// Places VNF `name` if it is still Pending. The allocation, the VNF's placements, phase
@@ -1030,85 +1132,36 @@ impl Controller {
     async fn schedule_one(&self, name: &str) -> Result<()> {
         for _ in 0..CAS_RETRIES {
             let mut scheduler = self.scheduler.lock().await;
-            let Some((record, rev)) = self.load(name).await? else {
-                self.drop_pending_entry(name, 0).await?;
-                return Ok(());
+            let mut p = match self.plan_placement(&mut scheduler, name).await? {
+                Plan::Nothing => return Ok(()),
+                Plan::Unplaceable(why) => {
+                    drop(scheduler);
+                    return self.note_unplaceable(name, why).await;
+                }
+                Plan::Place(p) => p,
             };
-            if !records::wants_placement(&record) {
-                self.drop_pending_entry(name, rev).await?;
-                return Ok(());
-            }
-            let request = placement::vnf_request(&record.vnf);
-            let (kept, alloc_rev) = self
-                .reusable_placement(&mut scheduler, name, &request)
-                .await?;
-            let fresh = kept.is_none();
-            let placed = match kept {
-                Some(p) => p,
-                None => match scheduler.place(&request) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        drop(scheduler);
-                        return self.note_unplaceable(name, e.to_string()).await;
-                    }
-                },
-            };
-            let placements = placement::placements(&placed, &record.vnf.descriptor);
-            let hosts: Vec<String> = placements
-                .iter()
-                .map(|p| format!("{:?} on {} cpus {:?}", p.role, p.host, p.cpus()))
-                .collect();
-            let reason = format!("placed: {}", hosts.join("; ")).to_lowercase();
-            let alloc = Allocation {
-                request,
-                placement: placed,
-            };
-            let mut next = record.clone();
-            next.vnf.placements = placements;
-            next.vnf.phase = Phase::Scheduled;
-            next.vnf.reason = Some(reason.clone());
-            let mut ops = transition_ops(&mut next, Phase::Pending, &reason, "scheduler")?;
-            ops.push(Op::Put {
-                key: allocation_key(name),
-                value: encode(&alloc)?,
-                lease: None,
-            });
-            for host in records::placed_hosts(&next) {
-                ops.push(Op::Put {
-                    key: records::assignment_key(&host, name),
-                    value: Vec::new(),
-                    lease: None,
-                });
-            }
-            let compares = vec![
-                Compare::ModRevision {
-                    key: vnf_key(name),
-                    revision: rev,
-                },
-                Compare::ModRevision {
-                    key: allocation_key(name),
-                    revision: alloc_rev,
-                },
-            ];
-            let outcome = self.store.txn(compares, ops).await;
+            let outcome = self
+                .store
+                .txn(std::mem::take(&mut p.compares), std::mem::take(&mut p.ops))
+                .await;
             match outcome {
                 Ok(o) if o.succeeded => {
                     drop(scheduler);
                     self.metrics.placement();
                     self.metrics.event();
-                    self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
+                    self.vnf_changed(Some(&p.before), Some(&p.next));
                     return Ok(());
                 }
                 // The VNF changed in between: nothing was written. Cores placed now go back; a
                 // placement reused from the store stays, as the store still holds it. Then the
                 // VNF is read again.
                 Ok(_) => {
-                    if fresh {
+                    if p.fresh {
                         scheduler.release(name)?;
                     }
                 }
                 Err(e) => {
-                    if fresh {
+                    if p.fresh {
                         scheduler.release(name)?;
                     }
                     return Err(e.into());
@@ -1118,6 +1171,88 @@ impl Controller {
         Err(ControllerError::Conflict(format!(
             "vnf {name} kept changing while it was being placed"
         )))
+    }
+
+    /// Under the scheduler lock: what placing VNF `name` takes. A VNF gone or no longer
+    /// waiting has its pending entry dropped (nothing to do); one that fits nowhere comes back
+    /// with the scheduler's reason; otherwise its cores are taken (or a placement the store
+    /// kept is reused) and the transaction that records them is built, not sent.
+    async fn plan_placement(&self, scheduler: &mut Scheduler, name: &str) -> Result<Plan> {
+        let Some((record, rev)) = self.load(name).await? else {
+            self.drop_pending_entry(name, 0).await?;
+            return Ok(Plan::Nothing);
+        };
+        if !records::wants_placement(&record) {
+            self.drop_pending_entry(name, rev).await?;
+            return Ok(Plan::Nothing);
+        }
+        let request = placement::vnf_request(&record.vnf);
+        let (kept, alloc_rev) = self.reusable_placement(scheduler, name, &request).await?;
+        let fresh = kept.is_none();
+        let placed = match kept {
+            Some(p) => p,
+            None => match scheduler.place(&request) {
+                Ok(p) => p,
+                Err(e) => return Ok(Plan::Unplaceable(e.to_string())),
+            },
+        };
+        let placements = placement::placements(&placed, &record.vnf.descriptor);
+        let hosts: Vec<String> = placements
+            .iter()
+            .map(|p| format!("{:?} on {} cpus {:?}", p.role, p.host, p.cpus()))
+            .collect();
+        let reason = format!("placed: {}", hosts.join("; ")).to_lowercase();
+        let alloc = Allocation {
+            request,
+            placement: placed,
+        };
+        let mut next = record.clone();
+        next.vnf.placements = placements;
+        next.vnf.phase = Phase::Scheduled;
+        next.vnf.reason = Some(reason.clone());
+        let built = (|| -> Result<Vec<Op>> {
+            let mut ops = transition_ops(&mut next, Phase::Pending, &reason, "scheduler")?;
+            ops.push(Op::Put {
+                key: allocation_key(name),
+                value: encode(&alloc)?,
+                lease: None,
+            });
+            Ok(ops)
+        })();
+        let mut ops = match built {
+            Ok(ops) => ops,
+            Err(e) => {
+                if fresh {
+                    scheduler.release(name)?;
+                }
+                return Err(e);
+            }
+        };
+        for host in records::placed_hosts(&next) {
+            ops.push(Op::Put {
+                key: records::assignment_key(&host, name),
+                value: Vec::new(),
+                lease: None,
+            });
+        }
+        let compares = vec![
+            Compare::ModRevision {
+                key: vnf_key(name),
+                revision: rev,
+            },
+            Compare::ModRevision {
+                key: allocation_key(name),
+                revision: alloc_rev,
+            },
+        ];
+        Ok(Plan::Place(Box::new(PlannedPlacement {
+            name: name.to_owned(),
+            before: record.vnf,
+            next: next.vnf,
+            fresh,
+            compares,
+            ops,
+        })))
     }
 
     /// Deletes the pending index entry of VNF `name`, which does not wait for a placement as

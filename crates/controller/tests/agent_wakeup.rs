@@ -2,13 +2,16 @@
 //! while its agent is not waiting (busy in a pass) ends the next `wait_for_change` at once; a
 //! change on another host, or a phase report, wakes nobody.
 
+mod common;
+
 use std::time::Duration;
 
+use common::host_record;
 use telvirt_agent::ControlLink;
-use telvirt_controller::{Caller, Controller, HostRecord, LocalLink};
+use telvirt_controller::{Caller, Controller, LocalLink};
 use telvirt_model::api::Observation;
 use telvirt_model::{Format, Phase};
-use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
+use telvirt_sched::SchedConfig;
 use telvirt_store::RedbStore;
 
 /// Far longer than the test may take: a wait that lasts this long means the wake-up was lost.
@@ -17,27 +20,6 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// How long a wait that should not end is given to end anyway.
 const QUIET: Duration = Duration::from_millis(50);
 
-fn host(name: &str) -> HostRecord {
-    HostRecord {
-        spec: HostSpec {
-            name: name.into(),
-            topology: Some(TopologySpec {
-                sockets: 1,
-                cores_per_socket: 4,
-                threads_per_core: 1,
-                numa_nodes_per_socket: 1,
-                memory_per_node: None,
-            }),
-            shared: "0".parse().unwrap(),
-            ..HostSpec::default()
-        },
-        memory_bytes: 1 << 30,
-        hugepages: Vec::new(),
-        runtimes: vec!["vm".into()],
-        agent: true,
-    }
-}
-
 #[tokio::test]
 async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_it_was_busy_for() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,7 +27,7 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
     let controller = Controller::open(store, SchedConfig::default())
         .await
         .unwrap();
-    controller.register_host(host("h1")).await.unwrap();
+    controller.register_host(host_record("h1")).await.unwrap();
     let h1 = LocalLink::new(controller.clone(), "h1");
     let h2 = LocalLink::new(controller.clone(), "h2");
     // Nothing changed yet: a wait lasts its full time and says so.

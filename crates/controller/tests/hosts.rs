@@ -9,35 +9,13 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Node, wasm_vnf};
+use common::{Node, host_record, wasm_vnf};
 use serde_json::Value;
-use telvirt_controller::{Controller, HostRecord};
+use telvirt_controller::Controller;
 use telvirt_model::Phase;
 use telvirt_model::api::Observation;
-use telvirt_sched::{HostSpec, TopologySpec};
 
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn host_record(name: &str) -> HostRecord {
-    HostRecord {
-        spec: HostSpec {
-            name: name.into(),
-            topology: Some(TopologySpec {
-                sockets: 1,
-                cores_per_socket: 4,
-                threads_per_core: 1,
-                numa_nodes_per_socket: 1,
-                memory_per_node: None,
-            }),
-            shared: "0".parse().unwrap(),
-            ..HostSpec::default()
-        },
-        memory_bytes: 1 << 30,
-        hugepages: Vec::new(),
-        runtimes: Vec::new(),
-        agent: true,
-    }
-}
 
 async fn action(node: &Node, token: &str, name: &str, what: &str) -> common::Reply {
     node.call(

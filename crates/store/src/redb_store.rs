@@ -58,7 +58,14 @@ pub struct RedbStore {
     opened_ms: u64,
     /// To the committer thread: transactions waiting for the next commit.
     commits: Mutex<std::sync::mpsc::Sender<Pending>>,
+    /// When the last commit that changed something ended (unix ms), and whether the file was
+    /// compacted since: an idle store gives its free pages back (see [`RedbStore::compact`]).
+    last_write_ms: std::sync::atomic::AtomicU64,
+    compacted: std::sync::atomic::AtomicBool,
 }
+
+/// A store with no write for this long is compacted (once, until the next write).
+pub const COMPACT_WHEN_IDLE: Duration = Duration::from_secs(30);
 
 /// One transaction waiting for the committer.
 struct Pending {
@@ -177,6 +184,8 @@ impl RedbStore {
             renewed: Mutex::new(std::collections::HashMap::new()),
             opened_ms: now_ms(),
             commits: Mutex::new(commits),
+            last_write_ms: std::sync::atomic::AtomicU64::new(0),
+            compacted: std::sync::atomic::AtomicBool::new(true),
         });
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
@@ -193,6 +202,10 @@ impl RedbStore {
                     store.reopen_if_due();
                     // A failed sweep is retried on the next tick.
                     let _ = store.expire_leases(now_ms());
+                    if store.compaction_due(now_ms()) {
+                        let compacting = Arc::clone(&store);
+                        let _ = tokio::task::spawn_blocking(move || compacting.compact()).await;
+                    }
                 }
             });
         }
@@ -344,6 +357,38 @@ impl RedbStore {
         Ok(())
     }
 
+    /// Whether the store has been idle for [`COMPACT_WHEN_IDLE`] since a write not yet
+    /// compacted.
+    fn compaction_due(&self, now: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        let idle = u64::try_from(COMPACT_WHEN_IDLE.as_millis()).unwrap_or(u64::MAX);
+        !self.compacted.load(Ordering::Relaxed)
+            && now.saturating_sub(self.last_write_ms.load(Ordering::Relaxed)) >= idle
+    }
+
+    /// Gives the file's free pages back (redb's compaction): copy-on-write commits leave the
+    /// file several times larger than what it holds. Waits for the transactions in flight and
+    /// holds every other call meanwhile; run by the store itself once it has been idle for
+    /// [`COMPACT_WHEN_IDLE`]. Returns whether the file shrank.
+    pub fn compact(&self) -> Result<bool, StoreError> {
+        use std::sync::atomic::Ordering;
+        self.compacted.store(true, Ordering::Relaxed);
+        let mut guard = self.db.write().unwrap_or_else(|p| p.into_inner());
+        let Some(db) = guard.as_mut() else {
+            return Err(self.unavailable());
+        };
+        let mut shrank = false;
+        // Each pass moves what it can; a few passes reach the end.
+        for _ in 0..8 {
+            match db.compact() {
+                Ok(true) => shrank = true,
+                Ok(false) => break,
+                Err(e) => return Err(StoreError::Backend(format!("compacting: {e}"))),
+            }
+        }
+        Ok(shrank)
+    }
+
     fn renewals(&self) -> MutexGuard<'_, std::collections::HashMap<u64, u64>> {
         // A map of plain numbers, consistent between statements: keep using it.
         self.renewed.lock().unwrap_or_else(|p| p.into_inner())
@@ -463,6 +508,11 @@ impl RedbStore {
             meta.insert(REVISION, current)?;
         }
         txn.commit()?;
+        if !events.is_empty() {
+            use std::sync::atomic::Ordering;
+            self.last_write_ms.store(now_ms(), Ordering::Relaxed);
+            self.compacted.store(false, Ordering::Relaxed);
+        }
         for event in events {
             // No watcher is not an error.
             let _ = self.events.send(event);

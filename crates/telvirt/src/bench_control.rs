@@ -104,6 +104,9 @@ pub struct ControlReport {
     pub store_per_vnf_bytes: f64,
     /// Keys and values live in the store (without redb's pages and free space), per VNF.
     pub store_live_per_vnf_bytes: f64,
+    /// The file per VNF after the compaction the store runs itself once idle for 30 s
+    /// (`RedbStore::compact`, called here at once).
+    pub store_compacted_per_vnf_bytes: f64,
     pub goals: Goals,
 }
 
@@ -115,7 +118,7 @@ pub struct Goals {
     pub create_to_running_p99_le_100ms: bool,
     /// Idle CPU ≤ 1% of a core.
     pub idle_cpu_le_1pct_core: bool,
-    /// Store ≤ 2 KiB per VNF.
+    /// Store ≤ 2 KiB per VNF (the file, once compacted as an idle store is).
     pub store_le_2kib_per_vnf: bool,
 }
 
@@ -598,6 +601,13 @@ async fn run_in(
     let store_bytes = std::fs::metadata(store_path)
         .with_context(|| format!("reading the size of {}", store_path.display()))?
         .len();
+    let compacting = store.clone();
+    tokio::task::spawn_blocking(move || compacting.compact())
+        .await
+        .context("compacting the store")??;
+    let compacted_bytes = std::fs::metadata(store_path)
+        .with_context(|| format!("reading the size of {}", store_path.display()))?
+        .len();
     let live_bytes: usize = store
         .list("/")
         .await?
@@ -648,7 +658,7 @@ async fn run_in(
             creates_per_s_ge_2000: creates_per_s >= 2000.0,
             create_to_running_p99_le_100ms: running == total && create_to_running.p99_ms <= 100.0,
             idle_cpu_le_1pct_core: idle_cores <= 0.01,
-            store_le_2kib_per_vnf: store_per_vnf <= 2048.0,
+            store_le_2kib_per_vnf: compacted_bytes as f64 / n <= 2048.0,
         },
         create_to_running,
         watch_resyncs,
@@ -671,6 +681,7 @@ async fn run_in(
         store_bytes,
         store_per_vnf_bytes: store_per_vnf,
         store_live_per_vnf_bytes: live_bytes as f64 / n,
+        store_compacted_per_vnf_bytes: compacted_bytes as f64 / n,
     })
 }
 
@@ -763,10 +774,20 @@ pub fn control(format: Output, args: ControlArgs) -> Result<()> {
                     "-".into(),
                 ],
                 vec![
-                    "store file per VNF bytes".into(),
+                    "store file per VNF bytes (before compaction)".into(),
                     format!("{:.0}", r.store_per_vnf_bytes),
                     format!("{:.0} (live keys+values)", r.store_live_per_vnf_bytes),
                     format!("{:.2}", r.store_per_vnf_bytes / r.store_live_per_vnf_bytes),
+                    "-".into(),
+                ],
+                vec![
+                    "store file per VNF bytes (compacted, as when idle)".into(),
+                    format!("{:.0}", r.store_compacted_per_vnf_bytes),
+                    format!("{:.0} (live keys+values)", r.store_live_per_vnf_bytes),
+                    format!(
+                        "{:.2}",
+                        r.store_compacted_per_vnf_bytes / r.store_live_per_vnf_bytes
+                    ),
                     format!("<= 2048: {}", yes(r.goals.store_le_2kib_per_vnf)),
                 ],
             ]
@@ -807,6 +828,7 @@ mod tests {
             "store_bytes",
             "store_per_vnf_bytes",
             "store_live_per_vnf_bytes",
+            "store_compacted_per_vnf_bytes",
             "baseline_store_txns_per_s",
             "goals",
         ] {

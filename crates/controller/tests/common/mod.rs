@@ -386,3 +386,25 @@ pub fn wasm_vnf(name: &str) -> String {
         firewall_ref()
     )
 }
+
+/// A 4-core host with an agent (no runtimes: placement does not need them).
+pub fn host_record(name: &str) -> HostRecord {
+    HostRecord {
+        spec: HostSpec {
+            name: name.into(),
+            topology: Some(TopologySpec {
+                sockets: 1,
+                cores_per_socket: 4,
+                threads_per_core: 1,
+                numa_nodes_per_socket: 1,
+                memory_per_node: None,
+            }),
+            shared: "0".parse().unwrap(),
+            ..HostSpec::default()
+        },
+        memory_bytes: 1 << 30,
+        hugepages: Vec::new(),
+        runtimes: Vec::new(),
+        agent: true,
+    }
+}
