@@ -54,7 +54,7 @@ pub struct Liveness {
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
 /// every one); the age `host list` shows comes from memory, so it stays exact.
-pub const HEARTBEAT_WRITE_EVERY: Duration = Duration::from_secs(10);
+pub const HEARTBEAT_WRITE_EVERY: Duration = Duration::from_secs(60);
 
 impl Default for Liveness {
     fn default() -> Self {
