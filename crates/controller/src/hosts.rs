@@ -422,13 +422,18 @@ impl Controller {
             .map(|(k, _)| k[records::HOST_LEASES.len()..].to_owned())
             .collect();
         let mut not_ready = BTreeMap::new();
-        for (key, _) in self.store.list(records::HOSTS).await? {
+        let mut with_agent = Vec::new();
+        for (key, v) in self.store.list(records::HOSTS).await? {
             let host = &key[records::HOSTS.len()..];
+            if decode::<HostRecord>(&key, &v.value)?.agent {
+                with_agent.push(host.to_owned());
+            }
             if !ready.contains(host) {
                 let why = not_ready_reason(host, self.heartbeat_age_ms(host).await?);
                 not_ready.insert(host.to_owned(), why);
             }
         }
+        self.place_only_on_ready(&with_agent, &ready).await?;
         let hosts: BTreeSet<String> = not_ready.keys().cloned().collect();
         let seen = || {
             self.liveness
@@ -462,6 +467,41 @@ impl Controller {
         }
         if complete {
             *seen() = Some(hosts);
+        }
+        Ok(())
+    }
+
+    /// Nothing new is placed on a host whose agent stopped sending heartbeats, until it is
+    /// Ready again (then the pending VNFs are looked at at once); a cordon keeps it so either
+    /// way. An inventory host without an agent is left as its cordon says.
+    async fn place_only_on_ready(
+        &self,
+        with_agent: &[String],
+        ready: &BTreeSet<String>,
+    ) -> Result<()> {
+        let cordoned: BTreeSet<String> = self
+            .store
+            .list(records::CORDONS)
+            .await?
+            .into_iter()
+            .map(|(k, _)| k[records::CORDONS.len()..].to_owned())
+            .collect();
+        let mut back = false;
+        let mut scheduler = self.scheduler.lock().await;
+        for host in with_agent {
+            let want = ready.contains(host) && !cordoned.contains(host);
+            match scheduler.is_schedulable(host) {
+                Ok(now) if now != want => {
+                    scheduler.set_schedulable(host, want)?;
+                    back |= want;
+                }
+                Ok(_) | Err(SchedError::UnknownHost(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        drop(scheduler);
+        if back {
+            self.wake_scheduler();
         }
         Ok(())
     }

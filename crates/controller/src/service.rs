@@ -308,6 +308,11 @@ impl Controller {
             .subscribe()
     }
 
+    /// Asks the scheduling loop for a pass soon.
+    pub(crate) fn wake_scheduler(&self) {
+        self.schedule_wanted.notify_one();
+    }
+
     /// Something that may concern every host changed (a host came, went or was cordoned):
     /// wakes the scheduler and every agent.
     fn changed(&self) {

@@ -408,3 +408,42 @@ async fn a_cordon_survives_a_restart_of_the_controller() {
     let r1 = second.vnf(&admin, "r1").await.unwrap();
     assert_eq!(r1.placements[0].host, "h2", "{r1:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_new_is_placed_on_a_host_whose_agent_is_silent_until_it_is_back() {
+    let node = Node::start().await;
+    node.controller
+        .set_host_lease_ttl(Duration::from_millis(300))
+        .unwrap();
+    tokio::spawn(
+        node.controller
+            .clone()
+            .host_monitor(Duration::from_millis(100)),
+    );
+    node.controller
+        .register_host(host_record("h2"))
+        .await
+        .unwrap();
+    // No agent of h1 or h2 sends heartbeats: both NotReady (a liveness pass has seen it), so
+    // u1 waits with the reason.
+    wait_host(&node, "h2", |h| h["status"] == "NotReady").await;
+    wait_host(&node, "h1", |h| h["status"] == "NotReady").await;
+    node.controller.check_hosts().await.unwrap();
+    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| {
+            v["phase"] == "Pending" && v["reason"].is_string()
+        })
+        .await;
+    assert_eq!(host_of(&u1), None, "placed on a silent host: {u1}");
+    // A cordon record is not what keeps it off: both still show schedulable.
+    assert_eq!(show(&node, "h2").await.body["schedulable"], true);
+
+    // h2's agent comes back: u1 is placed there.
+    let beating = beat(&node.controller, "h2");
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| host_of(v).is_some())
+        .await;
+    assert_eq!(host_of(&u1), Some("h2"), "{u1}");
+    beating.abort();
+}

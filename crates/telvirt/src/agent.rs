@@ -290,7 +290,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let name = host.name().to_owned();
     let config = AgentConfig {
-        workers: args.workers,
+        workers: args.agent.workers,
         ..AgentConfig::default()
     };
     let tasks = host.start(link, &health, config, Some(modules), shutdown_rx);

@@ -108,9 +108,6 @@ pub struct AgentArgs {
     /// an authority's token is refused
     #[arg(long)]
     pub token_file: PathBuf,
-    /// VNFs the agent works on at once (a VM boot never holds another VNF back)
-    #[arg(long, default_value_t = telvirt_agent::DEFAULT_WORKERS)]
-    pub workers: std::num::NonZeroUsize,
     #[command(flatten)]
     pub node: NodeArgs,
     #[command(flatten)]
@@ -170,6 +167,9 @@ pub struct HostAgentArgs {
     /// How often this host's agent sends a heartbeat, in milliseconds
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub heartbeat_interval_ms: u64,
+    /// VNFs the agent works on at once (a VM boot never holds another VNF back)
+    #[arg(long, default_value_t = telvirt_agent::DEFAULT_WORKERS)]
+    pub workers: std::num::NonZeroUsize,
 }
 
 #[derive(Subcommand, Debug)]

@@ -158,7 +158,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     );
     health.watch("network", network_task);
     let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone(), &local_host));
-    let tasks = host.start(link, &health, AgentConfig::default(), None, shutdown_rx);
+    let config = AgentConfig {
+        workers: args.agent.workers,
+        ..AgentConfig::default()
+    };
+    let tasks = host.start(link, &health, config, None, shutdown_rx);
 
     tracing::info!(
         "telvirt serving on http://{} (host {local_host}, data dir {}, client config {})",
