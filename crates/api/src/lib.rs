@@ -22,6 +22,9 @@ pub const NODE_TOKEN_PREFIX: &str = "tvn_";
 /// answered after this).
 pub const MAX_WAIT: Duration = Duration::from_secs(30);
 
+/// Console lines a node call may ask for at most.
+pub const MAX_CONSOLE_LINES: u32 = 10_000;
+
 /// How long the controller waits for an agent to answer a node call before it gives up (503).
 pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -101,13 +104,18 @@ pub enum NodeRequest {
     Stats { vnf: String },
     /// Swap a running wasm VNF's module for `module` (`sha256:<hex>` or a path on the node).
     Upgrade { vnf: String, module: String },
+    /// The last `lines` lines of a vm VNF's serial console.
+    Console { vnf: String, lines: u32 },
 }
 
 impl NodeRequest {
     /// The VNF the call is about.
     pub fn vnf(&self) -> &str {
         match self {
-            Self::Maps { vnf } | Self::Stats { vnf } | Self::Upgrade { vnf, .. } => vnf,
+            Self::Maps { vnf }
+            | Self::Stats { vnf }
+            | Self::Upgrade { vnf, .. }
+            | Self::Console { vnf, .. } => vnf,
         }
     }
 }
@@ -125,6 +133,10 @@ pub enum NodeReply {
     /// The module now running: its hash.
     Upgraded {
         hash: String,
+    },
+    /// Console lines, oldest first.
+    Console {
+        lines: Vec<String>,
     },
     /// The node refused or failed; the reason is for the caller.
     Failed {

@@ -246,6 +246,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/upgrade", post(upgrade_vnf))
         .route("/v1/vnfs/{name}/maps", get(vnf_maps))
         .route("/v1/vnfs/{name}/stats", get(vnf_stats))
+        .route("/v1/vnfs/{name}/console", get(vnf_console))
         .route("/v1/vnfs/{name}/devices", post(attach_device))
         .route(
             "/v1/vnfs/{name}/devices/{id}",
@@ -1043,6 +1044,37 @@ async fn vnf_maps(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/vnfs/{name}/console", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name"), crate::console::ConsoleQuery),
+    responses(
+        (status = 200, description = "The last lines of the vm VNF's serial console, oldest first, read on the host it runs on", body = Vec<String>),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF (or not the caller's)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a vm VNF, placed nowhere yet, or its host could not read the console", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`lines` out of range (1 to 10000) or an unknown parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The agent of the VNF's host did not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn vnf_console(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    query: Result<
+        axum::extract::Query<crate::console::ConsoleQuery>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| {
+        ApiError::from(ControllerError::Invalid(FieldError::new(
+            "query",
+            e.body_text(),
+        )))
+    })?;
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.vnf_console(&caller, &name, &query).await?,
+    ))
+}
+
 #[utoipa::path(get, path = "/v1/vnfs/{name}/stats", tag = "vnfs", security(("bearer" = [])),
     params(("name" = String, Path, description = "VNF name")),
     responses(
@@ -1208,7 +1240,7 @@ async fn delete_module(
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency,
-        upgrade_vnf, vnf_maps, vnf_stats, show_grants, add_grants, revoke_grants,
+        upgrade_vnf, vnf_maps, vnf_stats, vnf_console, show_grants, add_grants, revoke_grants,
         list_modules, upload_module, show_module, delete_module
     ),
     modifiers(&BearerScheme, &StoreUnavailable)

@@ -348,3 +348,98 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
     .await;
     assert_eq!(status, 422);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_console_is_read_on_its_host_and_bad_requests_for_it_are_refused() {
+    let node = Node::start().await;
+    let h2 = credential(&node, "h2").await;
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/register",
+        &h2,
+        Some(host_record("h2")),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let r = node
+        .call(
+            "POST",
+            "/v1/hosts/{name}/cordon",
+            Some("h1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let vm = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: vm1 }\nspec:\n  runtime: vm\n  vm: { memory: 64MiB }\n";
+    assert_eq!(node.create_vnf(&node.admin, vm).await.status, 201);
+    node.wait_vnf(&node.admin, "vm1", |v| v["placements"][0]["host"] == "h2")
+        .await;
+
+    let console = |query: &'static str| {
+        let node = &node;
+        async move {
+            node.call(
+                "GET",
+                &format!("/v1/vnfs/{{name}}/console{query}"),
+                Some("vm1"),
+                Some(&node.admin),
+                None,
+            )
+            .await
+        }
+    };
+    for bad in ["?lines=0", "?lines=10001", "?lines=many", "?tail=3"] {
+        let r = console(bad).await;
+        assert_eq!(r.status, 422, "{bad}: {}", r.body);
+    }
+    // h2's agent takes the call and answers with the lines.
+    let agent = {
+        let (base, token) = (node.base.clone(), h2.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let calls: Value = http
+                .get(format!("{base}/v1/agent/hosts/h2/calls?wait_ms=20000"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let call = &calls.as_array().unwrap()[0];
+            assert_eq!(
+                call["request"],
+                json!({"call": "console", "vnf": "vm1", "lines": 2})
+            );
+            let id = call["id"].as_u64().unwrap();
+            http.post(format!("{base}/v1/agent/hosts/h2/calls/{id}"))
+                .bearer_auth(&token)
+                .json(&json!({"outcome": "console", "lines": ["booting", "ready"]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let r = console("?lines=2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, json!(["booting", "ready"]));
+    assert_eq!(agent.await.unwrap(), 204);
+
+    // A wasm VNF has no serial console.
+    let r = node.create_vnf(&node.admin, &wasm_vnf("fw9")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = node
+        .call(
+            "GET",
+            "/v1/vnfs/{name}/console",
+            Some("fw9"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+}

@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::cli::{AgentArgs, HostAgentArgs};
-use crate::wasm::WasmNodeHandler;
+use crate::wasm::HostNodeHandler;
 
 /// A task that panicked starts again after this backoff.
 pub const TASK_RESTART: Restart = Restart::Backoff {
@@ -140,8 +140,10 @@ impl HostAgent {
             let now = SystemTime::now();
             ComponentState::down_since(reason, now.checked_sub(longest).unwrap_or(now))
         });
-        let handler: Arc<dyn telvirt_agent::NodeHandler> =
-            Arc::new(WasmNodeHandler(Arc::clone(&self.wasm)));
+        let handler: Arc<dyn telvirt_agent::NodeHandler> = Arc::new(HostNodeHandler {
+            wasm: Arc::clone(&self.wasm),
+            instances: self.data_dir.join("instances"),
+        });
         // Wasm VNFs' maps: snapshotted every interval and once more, final, at shutdown.
         let (wasm, every, maps_shutdown) = (self.wasm, self.snapshot_every, shutdown.clone());
         let maps_task = health.supervise("snapshots", Restart::Never, move || {

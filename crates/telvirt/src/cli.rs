@@ -216,7 +216,7 @@ pub enum VnfCommand {
     /// Show a running wasm VNF's counters: batches, packets in/forwarded/dropped, traps, and
     /// the module's own (e.g. the firewall's allowed/denied)
     Stats { name: String },
-    /// Show the serial console of a vm VNF (read on the node, from its data dir)
+    /// Show the last lines of a vm VNF's serial console (read on its host, through its agent)
     Console(crate::vm::ConsoleArgs),
     /// Grant a device to a vm VNF; its agent attaches it to the running VM
     Attach(crate::vm::AttachArgs),

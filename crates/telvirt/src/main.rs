@@ -103,9 +103,8 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Image(cmd) => vm::image(format, cmd).await,
         Command::Vnf(VnfCommand::Console(args)) => {
-            let config_path = cli.config.clone();
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
-            vm::console(&client, format, args, config_path).await
+            vm::console(&client, format, args).await
         }
         Command::Vnf(cmd) => {
             let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);

@@ -280,58 +280,20 @@ fn tempfile_dir() -> Result<PathBuf> {
 #[derive(Args, Debug)]
 pub struct ConsoleArgs {
     pub name: String,
-    /// Last lines to show (0: all)
-    #[arg(long, default_value_t = 50)]
-    pub lines: usize,
-    /// Data dir of the node [default: the directory of the client config, else the default data dir]
-    #[arg(long, env = "TELVIRT_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// Last lines to show (1 to 10000)
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub lines: u32,
 }
 
-/// Shows a vm VNF's serial console. The API answers whether the caller may see the VNF; the
-/// log itself is read from the node's data dir, so this works on the node only (ADR 043).
-pub async fn console(
-    client: &Client,
-    format: Output,
-    args: ConsoleArgs,
-    config: Option<PathBuf>,
-) -> Result<()> {
-    let vnf: Vnf = client.get(&format!("/v1/vnfs/{}", args.name)).await?;
-    if vnf.descriptor.spec.runtime != telvirt_model::RuntimeKind::Vm {
-        bail!(
-            "vnf {} runs on the {} runtime; only vm VNFs have a serial console",
-            vnf.name,
-            vnf.descriptor.spec.runtime.as_str()
-        );
-    }
-    let data_dir = match (args.data_dir, config) {
-        (Some(d), _) => d,
-        (None, Some(c)) => c
-            .parent()
-            .map(Path::to_path_buf)
-            .context("the client config path has no directory")?,
-        (None, None) => default_data_dir()?,
-    };
-    let path = data_dir
-        .join("instances")
-        .join(vnf.name.as_str())
-        .join("console.log");
-    let lines = if path.is_file() {
-        telvirt_runtime_vm::manager::console_tail(
-            &path,
-            if args.lines == 0 {
-                usize::MAX
-            } else {
-                args.lines
-            },
-        )
-    } else {
-        bail!(
-            "no console log at {} (the VM has not started on this node, or --data-dir names another node's data dir)",
-            path.display()
-        );
-    };
-    let value = serde_json::json!({ "name": vnf.name, "log": path, "lines": lines });
+/// Shows a vm VNF's serial console, read on the host it runs on (through its agent).
+pub async fn console(client: &Client, format: Output, args: ConsoleArgs) -> Result<()> {
+    let lines: Vec<String> = client
+        .get(&format!(
+            "/v1/vnfs/{}/console?lines={}",
+            args.name, args.lines
+        ))
+        .await?;
+    let value = serde_json::json!({ "name": args.name, "lines": lines });
     if !output::structured(format, &value)? {
         for line in lines {
             println!("{line}");

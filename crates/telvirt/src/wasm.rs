@@ -154,13 +154,18 @@ impl ModuleVerifier for UploadVerifier {
     }
 }
 
-/// The wasm runtime answering the node calls the controller routes to this host.
-pub struct WasmNodeHandler(pub Arc<WasmRuntime>);
+/// What answers the node calls the controller routes to this host: the wasm runtime (maps,
+/// counters, upgrades) and the vm instances' directory (serial consoles).
+pub struct HostNodeHandler {
+    pub wasm: Arc<WasmRuntime>,
+    /// `<data dir>/instances`: a vm VNF's console log is `<instances>/<name>/console.log`.
+    pub instances: PathBuf,
+}
 
-impl WasmNodeHandler {
+impl HostNodeHandler {
     fn answer(&self, request: &NodeRequest) -> Result<NodeReply, String> {
         let name: Name = request.vnf().parse().map_err(|e| format!("{e}"))?;
-        let rt = &self.0;
+        let rt = &self.wasm;
         Ok(match request {
             NodeRequest::Maps { .. } => NodeReply::Maps {
                 maps: rt.map_views(&name).map_err(|e| e.to_string())?,
@@ -171,11 +176,23 @@ impl WasmNodeHandler {
             NodeRequest::Upgrade { module, .. } => NodeReply::Upgraded {
                 hash: rt.upgrade(&name, module).map_err(|e| e.to_string())?,
             },
+            NodeRequest::Console { lines, .. } => {
+                let log = self.instances.join(name.as_str()).join("console.log");
+                if !log.is_file() {
+                    return Err(format!(
+                        "vnf {name} has no console log on this host yet (its VM has not started here)"
+                    ));
+                }
+                let n = usize::try_from(*lines).unwrap_or(usize::MAX);
+                NodeReply::Console {
+                    lines: telvirt_runtime_vm::manager::console_tail(&log, n),
+                }
+            }
         })
     }
 }
 
-impl NodeHandler for WasmNodeHandler {
+impl NodeHandler for HostNodeHandler {
     fn handle(&self, request: &NodeRequest) -> NodeReply {
         self.answer(request)
             .unwrap_or_else(|reason| NodeReply::Failed { reason })

@@ -339,14 +339,8 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
         );
     }
 
-    // The serial console is readable on the node.
-    let console = node.ok(&[
-        "vnf",
-        "console",
-        &vm,
-        "--data-dir",
-        node.data().to_str().expect("utf-8"),
-    ]);
+    // The serial console is read on the VNF's host, through its agent.
+    let console = node.ok(&["vnf", "console", &vm, "--lines", "200"]);
     let console = String::from_utf8_lossy(&console.stdout).into_owned();
     assert!(
         console.contains(&format!("starting vm {vm}")),

@@ -179,7 +179,9 @@ impl Node {
         } else {
             Value::String(String::from_utf8_lossy(&bytes).into_owned())
         };
-        self.check_against_openapi(method, template, status, &content_type, &body);
+        // A query in the template is sent, not looked up in the document.
+        let documented = template.split('?').next().unwrap_or(template);
+        self.check_against_openapi(method, documented, status, &content_type, &body);
         Reply {
             status,
             content_type,
