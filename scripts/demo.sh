@@ -359,4 +359,55 @@ echo "(refused at upload: no VNF bad1 exists)"
 run vnf list
 kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
 SERVER_PID=""
+
+step "An agent on its own: telvirt controller and telvirt agent as two processes over HTTP"
+DATA3="$DATA/split"
+mkdir -p "$DATA3"
+CTL_CONFIG="$DATA3/ctl/client.toml"
+"$TELVIRT" controller --data-dir "$DATA3/ctl" --listen 127.0.0.1:0 >>"$LOG" 2>&1 &
+CTL_PID=$!
+AGENT_PID=""
+stop_split() {
+  for pid in "$AGENT_PID" "$CTL_PID"; do
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; fi
+  done
+}
+trap 'stop_split; cleanup' EXIT
+for _ in $(seq 1 200); do
+  [ -f "$CTL_CONFIG" ] && TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list >/dev/null 2>&1 && break
+  sleep 0.05
+done
+CTL_URL="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CTL_CONFIG")"
+echo "controller at $CTL_URL (no agent of its own: no hosts yet)"
+TELVIRT_CONFIG="$CTL_CONFIG" run host credential demo-host --out "$DATA3/node.token"
+printf '$ telvirt agent --controller %s --token-file node.token --host-name demo-host\n' "$CTL_URL"
+"$TELVIRT" agent --controller "$CTL_URL" --token-file "$DATA3/node.token" --host-name demo-host \
+  --data-dir "$DATA3/agent" --image-cache "$IMAGE_CACHE" --heartbeat-interval-ms 200 >>"$LOG" 2>&1 &
+AGENT_PID=$!
+for _ in $(seq 1 200); do
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "demo-host.*Ready" && break
+  sleep 0.05
+done
+TELVIRT_CONFIG="$CTL_CONFIG" run host list
+fw1_like "s/name: fw1/name: fw5/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" >"$DATA3/fw5.yaml"
+TELVIRT_CONFIG="$CTL_CONFIG" run vnf create -f "$DATA3/fw5.yaml"
+TELVIRT_CONFIG="$CTL_CONFIG" wait_phase fw5 Running
+echo "(the agent fetched fw5's module from the controller; maps and counters are read on its host)"
+TELVIRT_CONFIG="$CTL_CONFIG" run vnf maps fw5
+echo "$ telvirt vnf list   (with the node credential instead of the admin's token)"
+if TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" --token "$(cat "$DATA3/node.token")" vnf list; then
+  echo "demo: a node credential acted as an authority" >&2; exit 1
+fi
+echo "(refused: a node credential acts only for its host's agent)"
+kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true
+AGENT_PID=""
+for _ in $(seq 1 100); do
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "demo-host.*NotReady" && break
+  sleep 0.1
+done
+echo "(the agent stopped: its host turns NotReady when its heartbeat lease lapses; fw5 shows Unknown)"
+TELVIRT_CONFIG="$CTL_CONFIG" run host list
+TELVIRT_CONFIG="$CTL_CONFIG" run vnf list
+stop_split
+CTL_PID=""
 echo "demo finished"
