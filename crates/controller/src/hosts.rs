@@ -50,6 +50,9 @@ pub struct Liveness {
     /// Per host: when its last heartbeat came, and when a heartbeat was last written to the
     /// store (unix ms). Heartbeats between two writes cost no commit.
     beats: std::sync::Mutex<HashMap<String, (u64, u64)>>,
+    /// Per host record revision: whether an agent serves it, so a liveness pass decodes a host
+    /// record only when it changed.
+    agents: std::sync::Mutex<HashMap<String, (u64, bool)>>,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -63,6 +66,7 @@ impl Default for Liveness {
             leases: std::sync::Mutex::new(HashMap::new()),
             last_not_ready: std::sync::Mutex::new(None),
             beats: std::sync::Mutex::new(HashMap::new()),
+            agents: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -425,7 +429,27 @@ impl Controller {
         let mut with_agent = Vec::new();
         for (key, v) in self.store.list(records::HOSTS).await? {
             let host = &key[records::HOSTS.len()..];
-            if decode::<HostRecord>(&key, &v.value)?.agent {
+            let cached = self
+                .liveness
+                .agents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(host)
+                .filter(|(rev, _)| *rev == v.mod_revision)
+                .map(|(_, agent)| *agent);
+            let agent = match cached {
+                Some(agent) => agent,
+                None => {
+                    let agent = decode::<HostRecord>(&key, &v.value)?.agent;
+                    self.liveness
+                        .agents
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(host.to_owned(), (v.mod_revision, agent));
+                    agent
+                }
+            };
+            if agent {
                 with_agent.push(host.to_owned());
             }
             if !ready.contains(host) {

@@ -237,19 +237,25 @@ fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Dur
         Contender::Rtrb => {
             let (mut p, mut q) = rtrb::RingBuffer::<u64>::new(opts.capacity);
             (
+                // rtrb at its best: chunks that check the cached index first and read the
+                // other side's only when it does not suffice, and a partial chunk taken when
+                // fewer slots are free (as telvirt's `push_from` does).
                 Box::new(move || {
                     let mut i = 0u64;
                     let mut spins = 0;
                     while i < n {
-                        let m = (n - i).min(batch as u64) as usize;
-                        match p.write_chunk_uninit(m) {
-                            Ok(chunk) => {
-                                let start = i;
-                                chunk.fill_from_iter((start..).map(|k| k % FRAMES as u64));
-                                i += m as u64;
-                            }
-                            Err(_) => backoff(&mut spins),
+                        let want = (n - i).min(batch as u64) as usize;
+                        let m = match p.write_chunk_uninit(want) {
+                            Ok(chunk) => chunk.fill_from_iter((i..).map(|k| k % FRAMES as u64)),
+                            Err(rtrb::chunks::ChunkError::TooFewSlots(0)) => 0,
+                            Err(rtrb::chunks::ChunkError::TooFewSlots(free)) => p
+                                .write_chunk_uninit(free)
+                                .map_or(0, |c| c.fill_from_iter((i..).map(|k| k % FRAMES as u64))),
+                        };
+                        if m == 0 {
+                            backoff(&mut spins);
                         }
+                        i += m as u64;
                     }
                     0
                 }),
@@ -258,17 +264,24 @@ fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Dur
                     let mut sum = 0u64;
                     let mut spins = 0;
                     while got < n {
-                        let k = q.slots().min(batch);
-                        if k == 0 {
-                            backoff(&mut spins);
-                            continue;
-                        }
-                        if let Ok(chunk) = q.read_chunk(k) {
-                            for d in chunk {
-                                sum = sum.wrapping_add(u64::from(frames[d as usize][0]));
+                        let chunk = match q.read_chunk(batch) {
+                            Ok(chunk) => chunk,
+                            Err(rtrb::chunks::ChunkError::TooFewSlots(0)) => {
+                                backoff(&mut spins);
+                                continue;
                             }
-                            got += k as u64;
+                            Err(rtrb::chunks::ChunkError::TooFewSlots(k)) => {
+                                match q.read_chunk(k) {
+                                    Ok(chunk) => chunk,
+                                    Err(_) => continue,
+                                }
+                            }
+                        };
+                        let k = chunk.len();
+                        for d in chunk {
+                            sum = sum.wrapping_add(u64::from(frames[d as usize][0]));
                         }
+                        got += k as u64;
                     }
                     sum
                 }),

@@ -51,11 +51,10 @@ pub struct RedbStore {
     db: RwLock<Option<Database>>,
     state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
-    /// Lease id → deadline (unix ms) of its last keep-alive, newer than the stored deadline.
-    renewed: Mutex<std::collections::HashMap<u64, u64>>,
-    /// When this process opened the store (unix ms): every lease lives until at least this
-    /// plus its TTL.
-    opened_ms: u64,
+    /// Every live lease: id → (TTL ms, deadline as unix ms). The `leases` table holds the same
+    /// leases durably (with their TTL); deadlines live here only: a keep-alive touches nothing
+    /// but this map, and a store just opened gives every lease its full TTL.
+    live_leases: Mutex<std::collections::HashMap<u64, (u64, u64)>>,
     /// To the committer thread: transactions waiting for the next commit.
     commits: Mutex<std::sync::mpsc::Sender<Pending>>,
     /// When the last commit that changed something ended (unix ms), and whether the file was
@@ -181,12 +180,12 @@ impl RedbStore {
             db: RwLock::new(Some(db)),
             state: Mutex::new(State::default()),
             events,
-            renewed: Mutex::new(std::collections::HashMap::new()),
-            opened_ms: now_ms(),
+            live_leases: Mutex::new(std::collections::HashMap::new()),
             commits: Mutex::new(commits),
             last_write_ms: std::sync::atomic::AtomicU64::new(0),
             compacted: std::sync::atomic::AtomicBool::new(true),
         });
+        store.load_leases()?;
         let weak = Arc::downgrade(&store);
         std::thread::Builder::new()
             .name("telvirt-store-commit".into())
@@ -328,33 +327,47 @@ impl RedbStore {
 
     /// Deletes the keys of every lease whose deadline is before `now`; returns how many leases.
     pub fn expire_leases(&self, now: u64) -> Result<usize, StoreError> {
-        let expired: Vec<u64> = self.with_db(|db| {
-            let txn = db.begin_read()?;
-            let leases = txn.open_table(LEASES)?;
-            let mut out = Vec::new();
-            let renewed = self.renewals();
-            for entry in leases.iter()? {
-                let (id, raw) = entry?;
-                let (ttl, stored) = lease_fields(raw.value());
-                let deadline = stored
-                    .max(self.opened_ms.saturating_add(ttl))
-                    .max(renewed.get(&id.value()).copied().unwrap_or(0));
-                if deadline < now {
-                    out.push(id.value());
-                }
-            }
-            Ok(out)
-        })?;
+        let expired: Vec<u64> = self
+            .leases()
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline < now)
+            .map(|(id, _)| *id)
+            .collect();
         for id in &expired {
-            self.drop_lease(LeaseId(*id))?;
+            match self.drop_lease(LeaseId(*id)) {
+                Ok(()) | Err(StoreError::NoLease(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         Ok(expired.len())
     }
 
-    fn drop_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.with_db(|db| self.drop_lease_in(db, lease))?;
-        self.renewals().remove(&lease.0);
+    /// Fills the live leases from the `leases` table, each with its full TTL from now.
+    fn load_leases(&self) -> Result<(), StoreError> {
+        let stored: Vec<(u64, u64)> = self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let leases = txn.open_table(LEASES)?;
+            let mut out = Vec::new();
+            for entry in leases.iter()? {
+                let (id, raw) = entry?;
+                out.push((id.value(), lease_fields(raw.value()).0));
+            }
+            Ok(out)
+        })?;
+        let now = now_ms();
+        let mut live = self.leases();
+        for (id, ttl) in stored {
+            live.insert(id, (ttl, now.saturating_add(ttl)));
+        }
         Ok(())
+    }
+
+    fn drop_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let dropped = self.with_db(|db| self.drop_lease_in(db, lease));
+        if !matches!(&dropped, Err(e) if e.is_unavailable()) {
+            self.leases().remove(&lease.0);
+        }
+        dropped
     }
 
     /// Whether the store has been idle for [`COMPACT_WHEN_IDLE`] since a write not yet
@@ -389,9 +402,9 @@ impl RedbStore {
         Ok(shrank)
     }
 
-    fn renewals(&self) -> MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+    fn leases(&self) -> MutexGuard<'_, std::collections::HashMap<u64, (u64, u64)>> {
         // A map of plain numbers, consistent between statements: keep using it.
-        self.renewed.lock().unwrap_or_else(|p| p.into_inner())
+        self.live_leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn drop_lease_in(&self, db: &Database, lease: LeaseId) -> Result<(), StoreError> {
@@ -672,21 +685,21 @@ impl Store for RedbStore {
             txn.commit()?;
             Ok(LeaseId(id))
         })
+        .inspect(|id| {
+            self.leases()
+                .insert(id.0, (ttl_ms, now_ms().saturating_add(ttl_ms)));
+        })
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        let ttl = self.with_db(|db| {
-            let txn = db.begin_read()?;
-            let leases = txn.open_table(LEASES)?;
-            match leases.get(lease.0)? {
-                Some(raw) => Ok(lease_fields(raw.value()).0),
-                None => Err(StoreError::NoLease(lease.0)),
+        // In memory only (see the module comment): a heartbeat costs no transaction.
+        match self.leases().get_mut(&lease.0) {
+            Some((ttl, deadline)) => {
+                *deadline = now_ms().saturating_add(*ttl);
+                Ok(())
             }
-        })?;
-        // In memory only (see the module comment): a heartbeat costs no commit.
-        self.renewals()
-            .insert(lease.0, now_ms().saturating_add(ttl));
-        Ok(())
+            None => Err(StoreError::NoLease(lease.0)),
+        }
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
