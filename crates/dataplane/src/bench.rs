@@ -488,13 +488,16 @@ fn chain_run(
         pool.buf_size(),
     )?;
     let gstats = gen_node.stats();
+    // Deny rules that agree with the generator's frames on every field but the last one
+    // compared (UDP 10.0.0.1:1024.. -> 10.0.1.1:9; the rules name destination ports 1000..),
+    // so each rule costs its whole comparison before it fails, as a real rule set's would.
     let mut rules: Vec<Rule> = (0..opts.rules)
         .map(|i| Rule {
             action: Action::Deny,
-            proto: Some(crate::packet::proto::TCP),
-            src: None,
-            dst: None,
-            src_ports: None,
+            proto: Some(crate::packet::proto::UDP),
+            src: Some((std::net::Ipv4Addr::new(10, 0, 0, 0), 24)),
+            dst: Some((std::net::Ipv4Addr::new(10, 0, 1, 0), 24)),
+            src_ports: Some((1024, 1024 + 15)),
             dst_ports: Some((1000 + i as u16, 1000 + i as u16)),
         })
         .collect();
