@@ -39,6 +39,43 @@ async fn agent_call(
     (status, body)
 }
 
+/// Plays host `host`'s agent for one node call: takes it (long-poll), checks its request is
+/// `expected`, answers `reply`; returns the call's id and the answer's status.
+fn answer_one_call(
+    node: &Node,
+    host: &str,
+    token: &str,
+    expected: Value,
+    reply: Value,
+) -> tokio::task::JoinHandle<(u64, u16)> {
+    let (base, host, token) = (node.base.clone(), host.to_owned(), token.to_owned());
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        let calls: Value = http
+            .get(format!("{base}/v1/agent/hosts/{host}/calls?wait_ms=20000"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let call = &calls.as_array().unwrap()[0];
+        assert_eq!(call["request"], expected);
+        let id = call["id"].as_u64().unwrap();
+        let status = http
+            .post(format!("{base}/v1/agent/hosts/{host}/calls/{id}"))
+            .bearer_auth(&token)
+            .json(&reply)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        (id, status)
+    })
+}
+
 async fn credential(node: &Node, host: &str) -> String {
     let r = node
         .call(
@@ -286,35 +323,13 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
         .await;
 
     // A maps read is routed to h2's agent, which takes the call and replies.
-    let agent = {
-        let (base, token) = (node.base.clone(), h2.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let calls: Value = http
-                .get(format!("{base}/v1/agent/hosts/h2/calls?wait_ms=20000"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let call = &calls.as_array().unwrap()[0];
-            assert_eq!(call["request"], json!({"call": "maps", "vnf": "fw1"}));
-            let id = call["id"].as_u64().unwrap();
-            let maps = json!({"outcome": "maps", "maps": [{"name": "blocked", "kind": "hash", "entries": 3, "max_entries": 16}]});
-            let status = http
-                .post(format!("{base}/v1/agent/hosts/h2/calls/{id}"))
-                .bearer_auth(&token)
-                .json(&maps)
-                .send()
-                .await
-                .unwrap()
-                .status();
-            assert_eq!(status.as_u16(), 204);
-            id
-        })
-    };
+    let agent = answer_one_call(
+        &node,
+        "h2",
+        &h2,
+        json!({"call": "maps", "vnf": "fw1"}),
+        json!({"outcome": "maps", "maps": [{"name": "blocked", "kind": "hash", "entries": 3, "max_entries": 16}]}),
+    );
     let r = node
         .call(
             "GET",
@@ -327,7 +342,8 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body[0]["name"], "blocked");
     assert_eq!(r.body[0]["entries"], 3);
-    let id = agent.await.unwrap();
+    let (id, status) = agent.await.unwrap();
+    assert_eq!(status, 204);
     // Answered: a second reply, and a reply that is not one, are refused.
     let (status, _) = agent_call(
         &node,
@@ -395,39 +411,17 @@ async fn a_vm_console_is_read_on_its_host_and_bad_requests_for_it_are_refused() 
         assert_eq!(r.status, 422, "{bad}: {}", r.body);
     }
     // h2's agent takes the call and answers with the lines.
-    let agent = {
-        let (base, token) = (node.base.clone(), h2.clone());
-        tokio::spawn(async move {
-            let http = reqwest::Client::new();
-            let calls: Value = http
-                .get(format!("{base}/v1/agent/hosts/h2/calls?wait_ms=20000"))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let call = &calls.as_array().unwrap()[0];
-            assert_eq!(
-                call["request"],
-                json!({"call": "console", "vnf": "vm1", "lines": 2})
-            );
-            let id = call["id"].as_u64().unwrap();
-            http.post(format!("{base}/v1/agent/hosts/h2/calls/{id}"))
-                .bearer_auth(&token)
-                .json(&json!({"outcome": "console", "lines": ["booting", "ready"]}))
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
+    let agent = answer_one_call(
+        &node,
+        "h2",
+        &h2,
+        json!({"call": "console", "vnf": "vm1", "lines": 2}),
+        json!({"outcome": "console", "lines": ["booting", "ready"]}),
+    );
     let r = console("?lines=2").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, json!(["booting", "ready"]));
-    assert_eq!(agent.await.unwrap(), 204);
+    assert_eq!(agent.await.unwrap().1, 204);
 
     // A wasm VNF has no serial console.
     let r = node.create_vnf(&node.admin, &wasm_vnf("fw9")).await;

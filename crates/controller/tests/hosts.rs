@@ -66,6 +66,25 @@ async fn wait_host(node: &Node, name: &str, pred: impl Fn(&Value) -> bool) -> Va
 }
 
 /// Heartbeats for `host` every 50 ms until aborted: a stand-in for that host's agent.
+/// A node with a 300 ms host lease, its liveness monitor running, and host h2 registered
+/// (no heartbeat yet).
+async fn node_with_monitored_h2() -> Node {
+    let node = Node::start().await;
+    node.controller
+        .set_host_lease_ttl(Duration::from_millis(300))
+        .unwrap();
+    tokio::spawn(
+        node.controller
+            .clone()
+            .host_monitor(Duration::from_millis(100)),
+    );
+    node.controller
+        .register_host(host_record("h2"))
+        .await
+        .unwrap();
+    node
+}
+
 fn beat(controller: &Arc<Controller>, host: &str) -> tokio::task::JoinHandle<()> {
     let (controller, host) = (controller.clone(), host.to_owned());
     tokio::spawn(async move {
@@ -284,19 +303,7 @@ async fn only_admin_changes_hosts() {
 
 #[tokio::test]
 async fn a_lapsed_heartbeat_lease_makes_the_host_not_ready_and_its_vnfs_unknown_until_it_is_back() {
-    let node = Node::start().await;
-    node.controller
-        .set_host_lease_ttl(Duration::from_millis(300))
-        .unwrap();
-    tokio::spawn(
-        node.controller
-            .clone()
-            .host_monitor(Duration::from_millis(100)),
-    );
-    node.controller
-        .register_host(host_record("h2"))
-        .await
-        .unwrap();
+    let node = node_with_monitored_h2().await;
     // Never a heartbeat: NotReady, no age.
     let h2 = show(&node, "h2").await.body;
     assert_eq!(h2["status"], "NotReady", "{h2}");
@@ -411,19 +418,7 @@ async fn a_cordon_survives_a_restart_of_the_controller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_new_is_placed_on_a_host_whose_agent_is_silent_until_it_is_back() {
-    let node = Node::start().await;
-    node.controller
-        .set_host_lease_ttl(Duration::from_millis(300))
-        .unwrap();
-    tokio::spawn(
-        node.controller
-            .clone()
-            .host_monitor(Duration::from_millis(100)),
-    );
-    node.controller
-        .register_host(host_record("h2"))
-        .await
-        .unwrap();
+    let node = node_with_monitored_h2().await;
     // No agent of h1 or h2 sends heartbeats: both NotReady (a liveness pass has seen it), so
     // u1 waits with the reason.
     wait_host(&node, "h2", |h| h["status"] == "NotReady").await;
