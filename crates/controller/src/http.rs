@@ -228,6 +228,19 @@ pub(crate) fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
     (status, Json(value)).into_response()
 }
 
+/// `GET /v1/healthz` and `GET /v1/readyz` of a process that serves no API but its health (an
+/// agent on its own host).
+pub fn health_router(health: Arc<crate::health::HealthRegistry>) -> Router {
+    let answer = move || {
+        let health = Arc::clone(&health);
+        async move { health_response(&health) }
+    };
+    Router::new()
+        .route("/v1/healthz", get(answer.clone()))
+        .route("/v1/readyz", get(answer))
+        .fallback(not_found)
+}
+
 /// The whole API.
 pub fn router(controller: Arc<Controller>) -> Router {
     let state = AppState { controller };
@@ -354,7 +367,13 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 fn health_answer(s: &AppState) -> Response {
-    match s.controller.health().report() {
+    health_response(s.controller.health())
+}
+
+/// `/v1/healthz` as `health` reports it: 200 with every component, or 503 as a problem naming
+/// each one that is down.
+pub fn health_response(health: &crate::health::HealthRegistry) -> Response {
+    match health.report() {
         HealthReport::Healthy(health) => json(StatusCode::OK, &health),
         HealthReport::Unhealthy(problem) => {
             let mut response = json(StatusCode::SERVICE_UNAVAILABLE, &problem);

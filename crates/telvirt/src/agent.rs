@@ -301,7 +301,25 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         args.controller,
         data_dir.display()
     );
-    crate::serve::shutdown_signal().await;
+    match args.health_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on --health-listen {addr}"))?;
+            tracing::info!(
+                "health of the agent at http://{}/v1/healthz",
+                listener.local_addr()?
+            );
+            axum::serve(
+                listener,
+                telvirt_controller::http::health_router(Arc::clone(&health)),
+            )
+            .with_graceful_shutdown(crate::serve::shutdown_signal())
+            .await
+            .context("serving the agent's health")?;
+        }
+        None => crate::serve::shutdown_signal().await,
+    }
     health.stopping();
     let _ = shutdown_tx.send(true);
     for task in tasks {

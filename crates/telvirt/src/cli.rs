@@ -108,6 +108,11 @@ pub struct AgentArgs {
     /// an authority's token is refused
     #[arg(long)]
     pub token_file: PathBuf,
+    /// Serve this agent's health (`GET /v1/healthz`, `/v1/readyz`: its reconcile loop,
+    /// heartbeat, node calls, map snapshots and data-plane workers) on this address, e.g.
+    /// 127.0.0.1:7071 [default: not served]
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
     #[command(flatten)]
     pub node: NodeArgs,
     #[command(flatten)]

@@ -27,6 +27,29 @@ fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A plain HTTP/1.1 GET: (status, body).
+fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
 fn host_status(node: &Serve, name: &str) -> Option<String> {
     let hosts = node.json(&["host", "list"]);
     hosts
@@ -62,11 +85,33 @@ fn an_agent_process_serves_wasm_vnfs_as_serve_does() {
             "a1",
             "--heartbeat-interval-ms",
             "200",
+            "--health-listen",
+            "127.0.0.1:0",
         ],
     );
     wait_until("host a1 never turned Ready", || {
         host_status(&node, "a1").is_some_and(|s| s.starts_with("Ready"))
     });
+    // The agent's own health: every supervised task of it, up.
+    let mut health_url = None;
+    wait_until("the agent never said where its health is", || {
+        let log = std::fs::read_to_string(node.path("agent.log")).unwrap_or_default();
+        health_url = log
+            .split("health of the agent at http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_owned);
+        health_url.is_some()
+    });
+    let (status, body) = http_get(health_url.as_deref().unwrap(), "/v1/healthz");
+    assert_eq!(status, 200, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for component in ["agent", "heartbeat", "node-calls", "snapshots", "dataplane"] {
+        assert_eq!(
+            health["components"][component]["status"], "up",
+            "{component}: {health}"
+        );
+    }
 
     node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
     let fw1 = node.wait_phase("fw1", "Running");
