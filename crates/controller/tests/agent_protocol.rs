@@ -76,6 +76,33 @@ fn answer_one_call(
     })
 }
 
+/// A node with host h2 registered over the agent protocol (its credential returned) and the
+/// local host h1 cordoned, so new VNFs land on h2.
+async fn node_with_remote_h2() -> (Node, String) {
+    let node = Node::start().await;
+    let h2 = credential(&node, "h2").await;
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/register",
+        &h2,
+        Some(host_record("h2")),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    let r = node
+        .call(
+            "POST",
+            "/v1/hosts/{name}/cordon",
+            Some("h1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    (node, h2)
+}
+
 async fn credential(node: &Node, host: &str) -> String {
     let r = node
         .call(
@@ -230,30 +257,9 @@ async fn a_registration_for_another_host_or_of_garbage_is_refused_and_registers_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers_calls() {
-    let node = Node::start().await;
-    let h2 = credential(&node, "h2").await;
-    let (status, body) = agent_call(
-        &node,
-        "POST",
-        "/v1/agent/hosts/h2/register",
-        &h2,
-        Some(host_record("h2")),
-    )
-    .await;
-    assert_eq!(status, 204, "{body}");
+    let (node, h2) = node_with_remote_h2().await;
     let (status, _) = agent_call(&node, "POST", "/v1/agent/hosts/h2/heartbeat", &h2, None).await;
     assert_eq!(status, 204);
-    // Nothing new goes to the local host: the VNF lands on h2.
-    let r = node
-        .call(
-            "POST",
-            "/v1/hosts/{name}/cordon",
-            Some("h1"),
-            Some(&node.admin),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
 
     let (_, changes) = agent_call(
         &node,
@@ -367,27 +373,7 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_console_is_read_on_its_host_and_bad_requests_for_it_are_refused() {
-    let node = Node::start().await;
-    let h2 = credential(&node, "h2").await;
-    let (status, body) = agent_call(
-        &node,
-        "POST",
-        "/v1/agent/hosts/h2/register",
-        &h2,
-        Some(host_record("h2")),
-    )
-    .await;
-    assert_eq!(status, 204, "{body}");
-    let r = node
-        .call(
-            "POST",
-            "/v1/hosts/{name}/cordon",
-            Some("h1"),
-            Some(&node.admin),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    let (node, h2) = node_with_remote_h2().await;
     let vm = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: vm1 }\nspec:\n  runtime: vm\n  vm: { memory: 64MiB }\n";
     assert_eq!(node.create_vnf(&node.admin, vm).await.status, 201);
     node.wait_vnf(&node.admin, "vm1", |v| v["placements"][0]["host"] == "h2")
