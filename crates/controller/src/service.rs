@@ -132,6 +132,11 @@ struct PlannedPlacement {
     ops: Vec<Op>,
 }
 
+/// Tells the receivers of one host's change counter that its assignments may have changed.
+fn bump(sender: &tokio::sync::watch::Sender<u64>) {
+    sender.send_modify(|version| *version = version.wrapping_add(1));
+}
+
 /// What an agent's assignment of `v` is made of (see `Controller::assignments`): when none of it
 /// changes, no agent needs to look again.
 #[allow(clippy::type_complexity)]
@@ -195,14 +200,9 @@ pub struct Controller {
     health: Arc<crate::health::HealthRegistry>,
     store: Arc<dyn Store>,
     scheduler: Mutex<Scheduler>,
-    /// Wakes agents: assignments may have changed.
-    assignments_changed: Notify,
     /// Per host: a counter bumped when an assignment of that host may have changed, so an
     /// observation, or a change on another host, wakes no agent.
     host_versions: std::sync::Mutex<HashMap<String, tokio::sync::watch::Sender<u64>>>,
-    /// Counts assignment changes: each agent link keeps a receiver, so a change made while its
-    /// agent was busy is seen by its next wait.
-    assignments_version: tokio::sync::watch::Sender<u64>,
     /// Wakes the scheduling loop.
     schedule_wanted: Notify,
     metrics: Arc<Metrics>,
@@ -264,9 +264,7 @@ impl Controller {
             health,
             store,
             scheduler: Mutex::new(scheduler),
-            assignments_changed: Notify::new(),
             host_versions: std::sync::Mutex::new(HashMap::new()),
-            assignments_version: tokio::sync::watch::Sender::new(0),
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
             network_plane: std::sync::OnceLock::new(),
@@ -291,11 +289,6 @@ impl Controller {
         &self.metrics
     }
 
-    /// Resolves when assignments may have changed, or after `max_wait`.
-    pub async fn assignments_changed(&self, max_wait: Duration) {
-        let _ = tokio::time::timeout(max_wait, self.assignments_changed.notified()).await;
-    }
-
     /// A receiver of `host`'s assignment-change counter: its `changed()` resolves once for
     /// every change (or batch of changes) of that host's assignments after the receiver last
     /// looked.
@@ -316,18 +309,9 @@ impl Controller {
     /// Something that may concern every host changed (a host came, went or was cordoned):
     /// wakes the scheduler and every agent.
     fn changed(&self) {
-        self.assignments_changed.notify_waiters();
-        self.assignments_version
-            .send_modify(|version| *version = version.wrapping_add(1));
-        for sender in self
-            .host_versions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
-            sender.send_modify(|version| *version = version.wrapping_add(1));
-        }
         self.schedule_wanted.notify_one();
+        let versions = self.host_versions.lock().unwrap_or_else(|p| p.into_inner());
+        versions.values().for_each(bump);
     }
 
     /// VNF `before` became `after` (`None`: did not exist / was deleted): wakes the scheduler,
@@ -344,18 +328,11 @@ impl Controller {
             .collect();
         hosts.sort_unstable();
         hosts.dedup();
-        if hosts.is_empty() {
-            return;
-        }
-        self.assignments_changed.notify_waiters();
-        self.assignments_version
-            .send_modify(|version| *version = version.wrapping_add(1));
         let versions = self.host_versions.lock().unwrap_or_else(|p| p.into_inner());
-        for host in hosts {
-            if let Some(sender) = versions.get(host) {
-                sender.send_modify(|version| *version = version.wrapping_add(1));
-            }
-        }
+        hosts
+            .into_iter()
+            .filter_map(|h| versions.get(h))
+            .for_each(bump);
     }
 
     // ----- authorities -----
