@@ -10,6 +10,8 @@ PACKAGES=(
   clang lld         # example VNFs in C, compiled to wasm32
   rt-tests          # cyclictest, the reference for `telvirt latency timer`
   iperf3 iputils-ping iproute2 ethtool  # real traffic through chains, network namespaces
+  protobuf-compiler libprotobuf-dev  # protoc and its well-known types, for the etcd client's build
+  etcd-server       # the etcd cluster store's tests start a real etcd
 )
 
 missing=()

@@ -1,16 +1,21 @@
 //! The control plane's memory: a revisioned key/value store with transactions, watches and leases.
 //!
 //! Owns the `Store` trait (shaped after etcd's v3 API so a cluster backend slots in without
-//! touching callers) and the embedded backend, a redb file. It must not know what the keys mean:
-//! VNFs, hosts and authorities are the controller's business.
+//! touching callers), its two backends (the embedded one, a redb file; the cluster one, etcd v3)
+//! and the parser of store URLs. It must not know what the keys mean: VNFs, hosts and
+//! authorities are the controller's business.
 
+mod etcd_store;
 mod redb_store;
+mod url;
 
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
+pub use etcd_store::EtcdStore;
 pub use redb_store::RedbStore;
+pub use url::{StoreUrl, parse_store_url};
 
 /// A lease id; keys attached to a lease vanish when it expires or is revoked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -100,12 +105,20 @@ pub enum StoreError {
         #[source]
         source: Box<redb::DatabaseError>,
     },
+    /// The first contact with an etcd cluster failed ([`EtcdStore::connect`]).
+    #[error("cannot connect to etcd at {endpoints}: {why}")]
+    Connect { endpoints: String, why: String },
+    /// A store URL that does not parse ([`parse_store_url`]).
+    #[error("store URL {url:?}: {why}")]
+    BadUrl { url: String, why: String },
     #[error("store I/O failed: {0}")]
     Backend(String),
-    /// The disk under the store failed (full, I/O error): the call was not acknowledged. The store
-    /// reopens itself once the disk works again; until then every call answers this.
+    /// The store cannot be reached now: the disk under a redb store failed (full, I/O error), or
+    /// no etcd endpoint answered. The call was not acknowledged. The store recovers by itself
+    /// (redb reopens its file, the etcd client reconnects) once the cause is gone; until then
+    /// every call answers this.
     #[error(
-        "the store is unavailable ({0}); this call did not complete, and the store reopens itself once the disk works again"
+        "the store is unavailable ({0}); this call did not complete, and the store recovers by itself once its disk or its server works again"
     )]
     Unavailable(String),
     #[error("lease {0} does not exist or has expired")]
@@ -166,27 +179,62 @@ impl From<redb::CommitError> for StoreError {
 
 /// A stream of changes under a key prefix.
 pub struct Watch {
-    prefix: String,
-    rx: tokio::sync::broadcast::Receiver<WatchEvent>,
+    /// Delivered before anything from `source`.
+    first: Option<WatchEvent>,
+    source: WatchSource,
+}
+
+/// Where a watch's changes come from.
+enum WatchSource {
+    /// Every change of the store (redb), filtered here by prefix.
+    Broadcast {
+        prefix: String,
+        rx: tokio::sync::broadcast::Receiver<WatchEvent>,
+    },
+    /// The changes under the prefix only, fed by a task of the backend (etcd), which reconnects
+    /// and sends `Resync` itself.
+    Feed(tokio::sync::mpsc::Receiver<WatchEvent>),
 }
 
 impl Watch {
     pub(crate) fn new(prefix: String, rx: tokio::sync::broadcast::Receiver<WatchEvent>) -> Self {
-        Self { prefix, rx }
+        Self {
+            first: None,
+            source: WatchSource::Broadcast { prefix, rx },
+        }
+    }
+
+    pub(crate) fn from_feed(rx: tokio::sync::mpsc::Receiver<WatchEvent>) -> Self {
+        Self {
+            first: None,
+            source: WatchSource::Feed(rx),
+        }
+    }
+
+    /// Makes [`WatchEvent::Resync`] the first event: changes before the watch began were missed.
+    pub(crate) fn resync_first(mut self) -> Self {
+        self.first = Some(WatchEvent::Resync);
+        self
     }
 
     /// The next change under the prefix; `None` once the store is gone.
     pub async fn next(&mut self) -> Option<WatchEvent> {
         use tokio::sync::broadcast::error::RecvError;
-        loop {
-            match self.rx.recv().await {
-                Ok(event) => match event.key() {
-                    Some(key) if !key.starts_with(&self.prefix) => continue,
-                    _ => return Some(event),
-                },
-                Err(RecvError::Lagged(_)) => return Some(WatchEvent::Resync),
-                Err(RecvError::Closed) => return None,
-            }
+        if let Some(event) = self.first.take() {
+            return Some(event);
+        }
+        match &mut self.source {
+            WatchSource::Broadcast { prefix, rx } => loop {
+                match rx.recv().await {
+                    Ok(event) => match event.key() {
+                        Some(key) if !key.starts_with(prefix.as_str()) => continue,
+                        _ => return Some(event),
+                    },
+                    Err(RecvError::Lagged(_)) => return Some(WatchEvent::Resync),
+                    Err(RecvError::Closed) => return None,
+                }
+            },
+            WatchSource::Feed(rx) => rx.recv().await,
         }
     }
 }
@@ -222,6 +270,27 @@ pub trait Store: Send + Sync + 'static {
 
     /// Changes under `prefix` from now on.
     async fn watch(&self, prefix: &str) -> Result<Watch, StoreError>;
+
+    /// Changes under `prefix` with a revision above `after_revision` (typically the revision a
+    /// caller listed at). A backend that keeps its history (etcd) replays the changes since then;
+    /// this default keeps none: when the store has moved past `after_revision`, the first event
+    /// is [`WatchEvent::Resync`] (list again), then the changes from now on.
+    async fn watch_from(&self, prefix: &str, after_revision: u64) -> Result<Watch, StoreError> {
+        // Watching before reading the revision: a change in between costs an unneeded resync
+        // at worst, never a missed change.
+        let watch = self.watch(prefix).await?;
+        if after_revision < self.current_revision().await? {
+            Ok(watch.resync_first())
+        } else {
+            Ok(watch)
+        }
+    }
+
+    /// The store's revision now: that of its last change.
+    async fn current_revision(&self) -> Result<u64, StoreError> {
+        // A transaction without compares or ops changes nothing and answers the revision.
+        Ok(self.txn(Vec::new(), Vec::new()).await?.revision)
+    }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError>;
 

@@ -544,7 +544,9 @@ fn same_error(e: &StoreError) -> StoreError {
             why: why.clone(),
         },
         StoreError::Backend(why) => StoreError::Backend(why.clone()),
-        StoreError::Open { .. } => StoreError::Backend(e.to_string()),
+        StoreError::Open { .. } | StoreError::Connect { .. } | StoreError::BadUrl { .. } => {
+            StoreError::Backend(e.to_string())
+        }
     }
 }
 
@@ -665,6 +667,15 @@ impl Store for RedbStore {
 
     async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
         Ok(Watch::new(prefix.to_owned(), self.events.subscribe()))
+    }
+
+    async fn current_revision(&self) -> Result<u64, StoreError> {
+        // A read: the trait's default (an empty transaction) would cost a durable commit.
+        self.with_db(|db| {
+            let txn = db.begin_read()?;
+            let meta = txn.open_table(META)?;
+            Ok(meta.get(REVISION)?.map_or(0, |v| v.value()))
+        })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
