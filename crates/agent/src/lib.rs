@@ -7,6 +7,7 @@
 pub mod dataplane;
 pub mod discovery;
 pub mod network;
+pub mod network_sync;
 pub mod node;
 pub mod queue;
 pub mod reconcile;
@@ -14,6 +15,7 @@ pub mod runtime;
 pub mod runtimes;
 
 pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
+pub use network_sync::network_loop;
 pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};
 pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RELIST_INTERVAL, RESYNC_INTERVAL};

@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use telvirt_model::api::{HugePageView, MapView, WasmStatsView};
+use telvirt_model::network::{LatencyProbe, LatencyReport, NetworkDescriptor, NetworkStatus};
 use telvirt_sched::HostSpec;
 
 pub use telvirt_model::api::{Assignment, Observation};
@@ -27,6 +28,11 @@ pub const MAX_CONSOLE_LINES: u32 = 10_000;
 
 /// How long the controller waits for an agent to answer a node call before it gives up (503).
 pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long the controller waits for a latency probe's answer: the longest probe
+/// ([`telvirt_model::network::MAX_PROBE_SECONDS`]) plus its settling time and a margin.
+pub const PROBE_CALL_TIMEOUT: Duration =
+    Duration::from_secs(telvirt_model::network::MAX_PROBE_SECONDS + 30);
 
 /// The HTTP paths of the protocol; each takes a node credential as its bearer token, bound to
 /// the host named in the path.
@@ -64,6 +70,15 @@ pub mod paths {
     pub fn module(host: &str, sha256: &str) -> String {
         format!("/v1/agent/hosts/{host}/modules/{sha256}")
     }
+    /// `GET`: the [`super::NetworkSet`] this host's data plane should hold.
+    pub fn networks(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/networks")
+    }
+    /// `GET ?after=R&wait_ms=W`: a [`super::Changes`] once the host's network revision differs
+    /// from `R` (or after `W` ms).
+    pub fn network_changes(host: &str) -> String {
+        format!("/v1/agent/hosts/{host}/networks/changes")
+    }
 }
 
 /// A host as its agent registers it and the controller stores it.
@@ -86,8 +101,18 @@ pub struct Changes {
     pub revision: u64,
 }
 
+/// The networks a host's data plane should hold: every stored network naming a VNF placed on
+/// that host. Links whose ends are on other hosts wait there (links between hosts are not
+/// carried yet).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkSet {
+    /// Grows whenever the stored networks or this host's assignments change.
+    pub revision: u64,
+    pub networks: Vec<NetworkDescriptor>,
+}
+
 /// A call the controller routes to the agent of the host a VNF runs on.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeCall {
     /// Unique per controller process; the reply names it.
     pub id: u64,
@@ -95,7 +120,7 @@ pub struct NodeCall {
 }
 
 /// What a node call asks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "call", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NodeRequest {
     /// The maps of a running wasm VNF.
@@ -106,22 +131,30 @@ pub enum NodeRequest {
     Upgrade { vnf: String, module: String },
     /// The last `lines` lines of a vm VNF's serial console.
     Console { vnf: String, lines: u32 },
+    /// The live state (links, counters, steering) of `network` on this host's data plane.
+    NetworkStatus { network: NetworkDescriptor },
+    /// A latency probe through `network` as this host's data plane holds it now.
+    Probe {
+        network: NetworkDescriptor,
+        probe: LatencyProbe,
+    },
 }
 
 impl NodeRequest {
-    /// The VNF the call is about.
-    pub fn vnf(&self) -> &str {
+    /// The VNF the call is about; `None` for a call about a network.
+    pub fn vnf(&self) -> Option<&str> {
         match self {
             Self::Maps { vnf }
             | Self::Stats { vnf }
             | Self::Upgrade { vnf, .. }
-            | Self::Console { vnf, .. } => vnf,
+            | Self::Console { vnf, .. } => Some(vnf),
+            Self::NetworkStatus { .. } | Self::Probe { .. } => None,
         }
     }
 }
 
 /// An agent's answer to a [`NodeCall`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NodeReply {
     Maps {
@@ -137,6 +170,13 @@ pub enum NodeReply {
     /// Console lines, oldest first.
     Console {
         lines: Vec<String>,
+    },
+    /// The network's state here; `None` while this host's data plane has not applied it.
+    NetworkStatus {
+        status: Option<NetworkStatus>,
+    },
+    Latency {
+        report: LatencyReport,
     },
     /// The node refused or failed; the reason is for the caller.
     Failed {
@@ -202,6 +242,23 @@ pub trait ControlLink: Send + Sync + 'static {
     async fn module(&self, _host: &str, _sha256: &str) -> Result<Option<Vec<u8>>, LinkError> {
         Ok(None)
     }
+
+    /// The networks `host`'s data plane should hold. A link whose host runs no data plane
+    /// keeps this default: none, ever.
+    async fn networks(&self, _host: &str) -> Result<NetworkSet, LinkError> {
+        Ok(NetworkSet::default())
+    }
+
+    /// The host's network revision once it differs from `after`, or as it is after
+    /// `max_wait`. A link without networks keeps this default: nothing ever changes.
+    async fn wait_for_networks(
+        &self,
+        _host: &str,
+        _after: u64,
+        _max_wait: Duration,
+    ) -> Result<u64, LinkError> {
+        std::future::pending().await
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +306,8 @@ mod tests {
             paths::calls("h1"),
             paths::reply("h1", 3),
             paths::module("h1", "ab"),
+            paths::networks("h1"),
+            paths::network_changes("h1"),
         ] {
             assert!(path.starts_with("/v1/agent/hosts/h1/"), "{path}");
         }

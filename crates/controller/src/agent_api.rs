@@ -72,6 +72,11 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agent/hosts/{host}/calls", get(calls))
         .route("/v1/agent/hosts/{host}/calls/{id}", post(reply))
         .route("/v1/agent/hosts/{host}/modules/{sha256}", get(module))
+        .route("/v1/agent/hosts/{host}/networks", get(networks))
+        .route(
+            "/v1/agent/hosts/{host}/networks/changes",
+            get(network_changes),
+        )
 }
 
 /// A JSON body of the protocol, or 422 naming what is wrong with it.
@@ -131,6 +136,29 @@ async fn changes(
     let after = q.after.unwrap_or(0);
     let _ = tokio::time::timeout(q.wait(), watch.wait_for(|rev| *rev != after)).await;
     let revision = *watch.borrow();
+    Ok(json(StatusCode::OK, &Changes { revision }))
+}
+
+async fn networks(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.host_networks(&host).await?,
+    ))
+}
+
+/// Answers once the host's network revision differs from `after` (or after the wait).
+async fn network_changes(
+    State(s): State<AppState>,
+    NodeHost(host): NodeHost,
+    Query(q): Query<PollQuery>,
+) -> Result<Response, ApiError> {
+    let revision = s
+        .controller
+        .wait_networks(&host, q.after.unwrap_or(0), q.wait())
+        .await;
     Ok(json(StatusCode::OK, &Changes { revision }))
 }
 

@@ -24,6 +24,8 @@ pub const SCHEDULER: &str = "scheduler";
 pub const AGENT: &str = "agent";
 /// The data-plane worker threads.
 pub const DATAPLANE: &str = "dataplane";
+/// The agent's loop applying networks to its data plane.
+pub const NETWORK: &str = "network";
 
 /// The state of one component.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -256,6 +256,20 @@ impl Controller {
         Ok((decode(&key, &v.value)?, v.mod_revision))
     }
 
+    /// Whether host `name`'s heartbeat lease is live.
+    pub(crate) async fn host_ready(&self, name: &str) -> Result<bool> {
+        Ok(self.store.get(&host_lease_key(name)).await?.is_some())
+    }
+
+    /// Whether an agent serves host `name` (false for an unknown host).
+    pub(crate) async fn host_has_agent(&self, name: &str) -> Result<bool> {
+        let key = host_key(name);
+        match self.store.get(&key).await? {
+            Some(v) => Ok(decode::<HostRecord>(&key, &v.value)?.agent),
+            None => Ok(false),
+        }
+    }
+
     /// The plain-text core map of a host, as the scheduler renders it, confined to what
     /// `caller` may see (see [`Controller::host`]).
     pub async fn host_core_map(&self, caller: &Caller, name: &str) -> Result<String> {
@@ -277,7 +291,7 @@ impl Controller {
 
     /// A host's liveness (its lease key), cordon and heartbeat age, as the store holds them.
     async fn life(&self, name: &str) -> Result<HostLife> {
-        let ready = self.store.get(&host_lease_key(name)).await?.is_some();
+        let ready = self.host_ready(name).await?;
         let schedulable = self.store.get(&cordon_key(name)).await?.is_none();
         Ok(HostLife {
             status: if ready {

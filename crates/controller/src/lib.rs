@@ -25,6 +25,5 @@ pub mod upgrade;
 pub use health::{HealthRegistry, HealthReport, Restart};
 pub use http::{descriptor_schema, openapi_document, router};
 pub use link::LocalLink;
-pub use network::NetworkPlane;
 pub use records::HostRecord;
 pub use service::{Caller, Controller, ControllerError, Deletion};

@@ -2,14 +2,16 @@
 //!
 //! Owns handing assignments and node calls to the local agent, and its observations, heartbeats
 //! and replies back. It must stay a thin adapter over the controller's agent API (`assignments`,
-//! `observe`, `heartbeat`, `node_calls`), the same calls a remote agent's link makes over HTTP
+//! `observe`, `heartbeat`, `node_calls`, `host_networks`), the same calls a remote agent's link makes over HTTP
 //! (`telvirt agent`, ADR 047).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use telvirt_api::{Assignment, ControlLink, LinkError, NodeCall, NodeReply, Observation};
+use telvirt_api::{
+    Assignment, ControlLink, LinkError, NetworkSet, NodeCall, NodeReply, Observation,
+};
 
 use crate::service::{Controller, ControllerError};
 
@@ -66,6 +68,19 @@ impl ControlLink for LocalLink {
             .node_calls()
             .reply(host, id, reply)
             .map_err(refused)
+    }
+
+    async fn networks(&self, host: &str) -> Result<NetworkSet, LinkError> {
+        self.controller.host_networks(host).await.map_err(refused)
+    }
+
+    async fn wait_for_networks(
+        &self,
+        host: &str,
+        after: u64,
+        max_wait: Duration,
+    ) -> Result<u64, LinkError> {
+        Ok(self.controller.wait_networks(host, after, max_wait).await)
     }
 }
 

@@ -1,22 +1,24 @@
 //! Networks (`kind: Network`): which VNF ports, host interfaces and built-in traffic nodes are
-//! linked on the node's data plane, owned per authority like VNFs.
+//! linked on the nodes' data planes, owned per authority like VNFs.
 //!
-//! Owns validating a network against the VNFs and the other networks, storing it, and the
-//! [`NetworkPlane`] hook through which the all-in-one node's agent applies networks and reports
-//! their counters in-process (ADR 034). It must not touch the data plane itself.
+//! Owns validating a network against the VNFs and the other networks, storing it, telling each
+//! host's agent which networks its data plane holds (those naming a VNF placed there, with a
+//! revision it can wait on), and routing status reads and latency probes as node calls to those
+//! agents (ADR 047). It must not touch a data plane itself.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
+use telvirt_api::{NetworkSet, NodeReply, NodeRequest};
 use telvirt_model::network::{
-    Endpoint, LatencyProbe, LatencyReport, Network, NetworkDescriptor, NetworkStatus,
-    ResolvedProbe, SteerRequest, parse_network,
+    Endpoint, LatencyProbe, LatencyReport, LinkState, Network, NetworkDescriptor, NetworkStatus,
+    SteerRequest, parse_network,
 };
 use telvirt_model::{FieldError, Format, Name, Vnf};
 use telvirt_store::{Compare, Op};
 
 use crate::records::{self, VnfRecord};
-use crate::service::{Caller, Controller, ControllerError};
+use crate::service::{Caller, Controller, ControllerError, bump, decode};
 
 /// Store key prefix of networks.
 pub const NETWORKS: &str = "/networks/";
@@ -25,25 +27,11 @@ pub fn network_key(name: &str) -> String {
     format!("{NETWORKS}{name}")
 }
 
-/// The local agent's data plane as the controller sees it (in-process on `telvirt serve`).
-pub trait NetworkPlane: Send + Sync + 'static {
-    /// The live state of network `name`, if the data plane holds it.
-    fn status(&self, network: &NetworkDescriptor) -> Option<NetworkStatus>;
-    /// The stored networks changed: apply them soon.
-    fn wake(&self);
-    /// Runs a latency probe through `network` as wired now (blocks for the probe's length).
-    fn probe(
-        &self,
-        network: &NetworkDescriptor,
-        probe: &ResolvedProbe,
-    ) -> Result<LatencyReport, String>;
-}
+/// How long `net show` waits for a host's data plane to report a network before it shows the
+/// network without that host's counters.
+const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
-
-fn decode<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
-    serde_json::from_slice(bytes).map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))
-}
 
 fn not_found(name: &str) -> ControllerError {
     ControllerError::NotFound(format!("network {name} not found"))
@@ -291,10 +279,8 @@ impl Controller {
                 }],
             )
             .await?;
-        if outcome.succeeded
-            && let Some(plane) = self.network_plane()
-        {
-            plane.wake();
+        if outcome.succeeded {
+            bump(self.networks_version());
         }
         Ok(outcome.succeeded)
     }
@@ -379,7 +365,8 @@ impl Controller {
         Ok(n)
     }
 
-    /// `latency chain`: a probe through network `name` as the data plane holds it now.
+    /// `latency chain`: a probe through network `name` as the data plane of the host holding it
+    /// runs it now (a network spread over several hosts cannot be probed yet).
     pub async fn probe_latency(
         &self,
         caller: &Caller,
@@ -387,17 +374,91 @@ impl Controller {
         probe: &LatencyProbe,
     ) -> Result<LatencyReport> {
         let (n, _) = self.visible_network(caller, name).await?;
-        let resolved = probe.resolve(&n.descriptor)?;
-        let Some(plane) = self.network_plane().cloned() else {
-            return Err(ControllerError::Unavailable(
-                "this node runs no data plane".to_owned(),
-            ));
+        // Checked here, so bad input is refused before any host is asked.
+        probe.resolve(&n.descriptor)?;
+        let hosts = self.network_hosts(&n.descriptor).await?;
+        let host = match hosts.len() {
+            0 => {
+                return Err(ControllerError::Conflict(format!(
+                    "no VNF of network {name} is placed on a host with an agent yet: nothing runs it to probe"
+                )));
+            }
+            1 => hosts.into_iter().next().unwrap_or_default(),
+            _ => {
+                return Err(ControllerError::Conflict(format!(
+                    "network {name} spans hosts {}; a probe runs on one host's data plane, and links between hosts are not carried yet",
+                    hosts.into_iter().collect::<Vec<_>>().join(", ")
+                )));
+            }
         };
-        let d = n.descriptor;
-        tokio::task::spawn_blocking(move || plane.probe(&d, &resolved))
-            .await
-            .map_err(|e| ControllerError::Unavailable(format!("probe task: {e}")))?
-            .map_err(ControllerError::Unavailable)
+        let request = NodeRequest::Probe {
+            network: n.descriptor,
+            probe: probe.clone(),
+        };
+        let reply = self
+            .node_call_within(&host, request, telvirt_api::PROBE_CALL_TIMEOUT)
+            .await?;
+        match reply {
+            NodeReply::Latency { report } => Ok(report),
+            NodeReply::Failed { reason } => Err(ControllerError::Unavailable(reason)),
+            other => Err(crate::maps::unexpected(&host, "latency probe", other)),
+        }
+    }
+
+    /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
+    /// is placed.
+    async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
+        let mut hosts = BTreeSet::new();
+        for vnf in named_vnfs(d) {
+            let key = records::vnf_key(&vnf);
+            let Some(v) = self.store_handle().get(&key).await? else {
+                continue;
+            };
+            let r: VnfRecord = decode(&key, &v.value)?;
+            for p in r.vnf.placements {
+                if !hosts.contains(&p.host) && self.host_has_agent(&p.host).await? {
+                    hosts.insert(p.host);
+                }
+            }
+        }
+        Ok(hosts)
+    }
+
+    /// The networks `host`'s data plane should hold, with the revision they were read at.
+    pub async fn host_networks(&self, host: &str) -> Result<NetworkSet> {
+        // Read the revision first: a change after it makes the agent's next wait end at once.
+        let revision = self.network_revision(host);
+        let mut networks = Vec::new();
+        for n in self.all_networks().await? {
+            if self.network_hosts(&n.descriptor).await?.contains(host) {
+                networks.push(n.descriptor);
+            }
+        }
+        Ok(NetworkSet { revision, networks })
+    }
+
+    /// `host`'s network revision: the stored networks' change counter plus the host's
+    /// assignment counter (a VNF placed on or moved off the host changes which networks it
+    /// holds). Both only grow, so their sum grows whenever either does.
+    fn network_revision(&self, host: &str) -> u64 {
+        let assignments = *self.assignments_watch(host).borrow();
+        assignments.wrapping_add(*self.networks_version().borrow())
+    }
+
+    /// `host`'s network revision once it differs from `after`, or as it is after `max_wait`.
+    pub async fn wait_networks(&self, host: &str, after: u64, max_wait: Duration) -> u64 {
+        let mut assignments = self.assignments_watch(host);
+        let mut networks = self.networks_version().subscribe();
+        let _ = tokio::time::timeout(max_wait, async {
+            while self.network_revision(host) == after {
+                tokio::select! {
+                    r = assignments.changed() => if r.is_err() { break },
+                    r = networks.changed() => if r.is_err() { break },
+                }
+            }
+        })
+        .await;
+        self.network_revision(host)
     }
 
     /// The networks the caller may see.
@@ -410,10 +471,27 @@ impl Controller {
             .collect())
     }
 
-    /// One network with its live state from the node's data plane.
+    /// One network with its live state from the data planes of the hosts holding it.
     pub async fn network(&self, caller: &Caller, name: &str) -> Result<Network> {
         let (mut n, _) = self.visible_network(caller, name).await?;
-        n.status = self.network_plane().and_then(|p| p.status(&n.descriptor));
+        let hosts = self.network_hosts(&n.descriptor).await?;
+        let mut reports = Vec::new();
+        for host in hosts {
+            let request = NodeRequest::NetworkStatus {
+                network: n.descriptor.clone(),
+            };
+            let answer = match self
+                .node_call_within(&host, request, STATUS_CALL_TIMEOUT)
+                .await
+            {
+                Ok(NodeReply::NetworkStatus { status }) => Ok(status),
+                Ok(NodeReply::Failed { reason }) => Err(reason),
+                Ok(other) => Err(format!("answered {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            reports.push((host, answer));
+        }
+        n.status = Some(merge_statuses(&n.descriptor, reports));
         Ok(n)
     }
 
@@ -436,18 +514,105 @@ impl Controller {
                 "network {name} changed while deleting it; try again"
             )));
         }
-        if let Some(plane) = self.network_plane() {
-            plane.wake();
-        }
+        bump(self.networks_version());
         Ok(())
     }
+}
 
-    /// Installs the local agent's data plane (once; later calls are ignored).
-    pub fn set_network_plane(&self, plane: Arc<dyn NetworkPlane>) {
-        let _ = self.network_plane_cell().set(plane);
+/// The VNFs network `d` names: link ends that are not its own nodes, and steering instances.
+fn named_vnfs(d: &NetworkDescriptor) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for (_, link) in d.parsed_links() {
+        for ep in [link.from, link.to] {
+            if let Endpoint::Port { node, .. } = ep
+                && d.builtin(&node).is_none()
+                && d.steering(&node).is_none()
+            {
+                out.insert(node);
+            }
+        }
     }
+    for e in &d.spec.steering {
+        out.extend(e.instances.iter().map(|i| i.as_str().to_owned()));
+    }
+    out
+}
 
-    fn network_plane(&self) -> Option<&Arc<dyn NetworkPlane>> {
-        self.network_plane_cell().get()
+/// One status of network `d` from what each host holding it answered (none: every link waits).
+/// With several hosts, a link is live where its host carries it; tables and
+/// waiting reasons are given per host.
+fn merge_statuses(
+    d: &NetworkDescriptor,
+    reports: Vec<(String, std::result::Result<Option<NetworkStatus>, String>)>,
+) -> NetworkStatus {
+    let several = reports.len() > 1;
+    let mut merged: Option<NetworkStatus> = None;
+    let mut failures = Vec::new();
+    if reports.is_empty() {
+        failures.push(
+            "no VNF of the network is placed on a host with an agent yet: no data plane holds it"
+                .to_owned(),
+        );
     }
+    for (host, answer) in reports {
+        let mut st = match answer {
+            Ok(Some(st)) => st,
+            Ok(None) => {
+                failures.push(format!(
+                    "host {host} has not applied the network to its data plane yet"
+                ));
+                continue;
+            }
+            Err(why) => {
+                failures.push(format!("host {host} did not report the network: {why}"));
+                continue;
+            }
+        };
+        if several {
+            st.table = format!("host {host}:\n{}", st.table);
+            st.waiting = st
+                .waiting
+                .into_iter()
+                .map(|w| format!("host {host}: {w}"))
+                .collect();
+        }
+        merged = Some(match merged.take() {
+            None => st,
+            Some(mut m) => {
+                for (mine, theirs) in m.links.iter_mut().zip(st.links) {
+                    if !mine.active && theirs.active {
+                        *mine = theirs;
+                    }
+                }
+                m.table.push('\n');
+                m.table.push_str(&st.table);
+                m.waiting.extend(st.waiting);
+                for s in st.steering {
+                    if !m.steering.iter().any(|t| t.name == s.name) {
+                        m.steering.push(s);
+                    }
+                }
+                m
+            }
+        });
+    }
+    let mut st = merged.unwrap_or_else(|| NetworkStatus {
+        links: d
+            .spec
+            .links
+            .iter()
+            .map(|l| LinkState {
+                link: l.clone(),
+                active: false,
+                packets: 0,
+                bytes: 0,
+                drops: 0,
+            })
+            .collect(),
+        table: String::new(),
+        waiting: Vec::new(),
+        steering: Vec::new(),
+    });
+    st.waiting.extend(failures);
+    st
 }

@@ -80,26 +80,25 @@ impl NodeCalls {
 
     /// The calls queued for `host`, taken; waits up to `max_wait` for one when none is.
     pub async fn take(&self, host: &str, max_wait: Duration) -> Vec<NodeCall> {
-        let arrived = {
-            let mut hosts = self.hosts();
-            let calls = hosts.entry(host.to_owned()).or_default();
-            if !calls.queued.is_empty() {
-                return calls.queued.drain(..).collect();
+        let deadline = tokio::time::Instant::now() + max_wait;
+        loop {
+            let arrived = {
+                let mut hosts = self.hosts();
+                let calls = hosts.entry(host.to_owned()).or_default();
+                if !calls.queued.is_empty() {
+                    return calls.queued.drain(..).collect();
+                }
+                Arc::clone(&calls.arrived)
+            };
+            // A call queued since the check left a permit: this wait ends at once. So may a
+            // permit left by a call an earlier take drained already: then wait on.
+            if tokio::time::timeout_at(deadline, arrived.notified())
+                .await
+                .is_err()
+            {
+                return Vec::new();
             }
-            Arc::clone(&calls.arrived)
-        };
-        // A call queued since the check left a permit: this wait ends at once.
-        if tokio::time::timeout(max_wait, arrived.notified())
-            .await
-            .is_err()
-        {
-            return Vec::new();
         }
-        let mut hosts = self.hosts();
-        hosts
-            .get_mut(host)
-            .map(|c| c.queued.drain(..).collect())
-            .unwrap_or_default()
     }
 
     /// Hands `reply` to whoever waits for call `id` of `host`.
@@ -138,9 +137,24 @@ impl Controller {
         host: &str,
         request: NodeRequest,
     ) -> Result<NodeReply, ControllerError> {
-        self.node_calls()
-            .call(host, request, telvirt_api::NODE_CALL_TIMEOUT)
+        self.node_call_within(host, request, telvirt_api::NODE_CALL_TIMEOUT)
             .await
+    }
+
+    /// [`Controller::node_call`] waiting at most `timeout`. A host that is not Ready (no live
+    /// heartbeat lease) is not asked: 503 at once, naming it.
+    pub(crate) async fn node_call_within(
+        &self,
+        host: &str,
+        request: NodeRequest,
+        timeout: Duration,
+    ) -> Result<NodeReply, ControllerError> {
+        if !self.host_ready(host).await? {
+            return Err(ControllerError::Unavailable(format!(
+                "the agent of host {host} is not Ready (no live heartbeat), so nothing on that host's data plane or runtimes can answer now; see `telvirt host list`"
+            )));
+        }
+        self.node_calls().call(host, request, timeout).await
     }
 }
 
@@ -187,6 +201,48 @@ mod tests {
         assert!(err.to_string().contains("did not answer"), "{err}");
         assert!(calls.take("h1", Duration::from_millis(10)).await.is_empty());
         assert!(!calls.upgrade_waits("h1", "x"));
+    }
+
+    #[tokio::test]
+    async fn a_take_after_a_drained_call_waits_for_the_next_call_instead_of_answering_empty() {
+        let calls = Arc::new(NodeCalls::default());
+        // Queued while no agent waits: it leaves a wake-up behind, and the next take drains it.
+        let first = {
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move { calls.call("h1", maps("fw1"), Duration::from_secs(5)).await })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let taken = loop {
+            let taken = calls.take("h1", Duration::from_millis(10)).await;
+            if !taken.is_empty() || std::time::Instant::now() > deadline {
+                break taken;
+            }
+        };
+        assert_eq!(taken.len(), 1);
+        calls
+            .reply("h1", taken[0].id, NodeReply::Failed { reason: "r".into() })
+            .unwrap();
+        first.await.unwrap().unwrap();
+        // The next take must not end on that stale wake-up: it gets the second call.
+        let waiter = {
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move { calls.take("h1", Duration::from_secs(5)).await })
+        };
+        let second = {
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move { calls.call("h1", maps("fw2"), Duration::from_secs(5)).await })
+        };
+        let taken = waiter.await.unwrap();
+        assert_eq!(
+            taken.len(),
+            1,
+            "a take answered empty while a call was coming"
+        );
+        assert_eq!(taken[0].request, maps("fw2"));
+        calls
+            .reply("h1", taken[0].id, NodeReply::Failed { reason: "r".into() })
+            .unwrap();
+        second.await.unwrap().unwrap();
     }
 
     #[tokio::test]

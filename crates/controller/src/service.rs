@@ -132,8 +132,8 @@ struct PlannedPlacement {
     ops: Vec<Op>,
 }
 
-/// Tells the receivers of one host's change counter that its assignments may have changed.
-fn bump(sender: &tokio::sync::watch::Sender<u64>) {
+/// Tells the receivers of a change counter that what it counts may have changed.
+pub(crate) fn bump(sender: &tokio::sync::watch::Sender<u64>) {
     sender.send_modify(|version| *version = version.wrapping_add(1));
 }
 
@@ -206,8 +206,9 @@ pub struct Controller {
     /// Wakes the scheduling loop.
     schedule_wanted: Notify,
     metrics: Arc<Metrics>,
-    /// The local agent's data plane (all-in-one node), for network status.
-    network_plane: std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>>,
+    /// Bumped on every change of a stored network: with a host's assignment counter, it makes
+    /// that host's network revision (`Controller::host_networks`).
+    networks_version: tokio::sync::watch::Sender<u64>,
     /// The wasm security domains an authority may be given (the node's security policy).
     security_domains: std::sync::RwLock<BTreeSet<String>>,
     /// Calls routed to the agents of the hosts VNFs run on (maps, counters, upgrades).
@@ -223,10 +224,8 @@ impl Controller {
         &self.store
     }
 
-    pub(crate) fn network_plane_cell(
-        &self,
-    ) -> &std::sync::OnceLock<Arc<dyn crate::network::NetworkPlane>> {
-        &self.network_plane
+    pub(crate) fn networks_version(&self) -> &tokio::sync::watch::Sender<u64> {
+        &self.networks_version
     }
 
     /// The calls waiting for agents and their replies.
@@ -267,7 +266,7 @@ impl Controller {
             host_versions: std::sync::Mutex::new(HashMap::new()),
             schedule_wanted: Notify::new(),
             metrics: Arc::new(Metrics::default()),
-            network_plane: std::sync::OnceLock::new(),
+            networks_version: tokio::sync::watch::Sender::new(0),
             node_calls: crate::nodecalls::NodeCalls::default(),
             module_repository: std::sync::OnceLock::new(),
             liveness: hosts::Liveness::default(),

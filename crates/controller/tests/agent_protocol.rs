@@ -76,8 +76,8 @@ fn answer_one_call(
     })
 }
 
-/// A node with host h2 registered over the agent protocol (its credential returned) and the
-/// local host h1 cordoned, so new VNFs land on h2.
+/// A node with host h2 registered over the agent protocol and Ready (one heartbeat; its
+/// credential returned) and the local host h1 cordoned, so new VNFs land on h2.
 async fn node_with_remote_h2() -> (Node, String) {
     let node = Node::start().await;
     let h2 = credential(&node, "h2").await;
@@ -89,6 +89,8 @@ async fn node_with_remote_h2() -> (Node, String) {
         Some(host_record("h2")),
     )
     .await;
+    assert_eq!(status, 204, "{body}");
+    let (status, body) = agent_call(&node, "POST", "/v1/agent/hosts/h2/heartbeat", &h2, None).await;
     assert_eq!(status, 204, "{body}");
     let r = node
         .call(
@@ -258,8 +260,6 @@ async fn a_registration_for_another_host_or_of_garbage_is_refused_and_registers_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers_calls() {
     let (node, h2) = node_with_remote_h2().await;
-    let (status, _) = agent_call(&node, "POST", "/v1/agent/hosts/h2/heartbeat", &h2, None).await;
-    assert_eq!(status, 204);
 
     let (_, changes) = agent_call(
         &node,
@@ -422,4 +422,127 @@ async fn a_vm_console_is_read_on_its_host_and_bad_requests_for_it_are_refused() 
         )
         .await;
     assert_eq!(r.status, 409, "{}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_gets_the_networks_naming_its_vnfs_and_answers_their_status_and_probes() {
+    let (node, h2) = node_with_remote_h2().await;
+    let r = node.create_vnf(&node.admin, &wasm_vnf("fw1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    node.wait_vnf(&node.admin, "fw1", |v| v["placements"][0]["host"] == "h2")
+        .await;
+    let (status, set) = agent_call(&node, "GET", "/v1/agent/hosts/h2/networks", &h2, None).await;
+    assert_eq!(status, 200, "{set}");
+    assert_eq!(set["networks"], json!([]));
+    let before = set["revision"].as_u64().unwrap();
+    // The agent waits for a change of its networks.
+    let waiter = {
+        let (base, h2) = (node.base.clone(), h2.clone());
+        tokio::spawn(async move {
+            let changes: Value = reqwest::Client::new()
+                .get(format!(
+                    "{base}/v1/agent/hosts/h2/networks/changes?after={before}&wait_ms=20000"
+                ))
+                .bearer_auth(&h2)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            changes["revision"].as_u64().unwrap()
+        })
+    };
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";
+    let r = node
+        .call(
+            "POST",
+            "/v1/networks",
+            None,
+            Some(&node.admin),
+            Some((net.as_bytes(), "application/yaml")),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let after = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("the network change never ended the agent's wait")
+        .unwrap();
+    assert_ne!(after, before);
+    let (_, set) = agent_call(&node, "GET", "/v1/agent/hosts/h2/networks", &h2, None).await;
+    let networks = set["networks"].as_array().unwrap();
+    assert_eq!(networks.len(), 1, "{set}");
+    assert_eq!(networks[0]["metadata"]["name"], "n1");
+    // Another host's credential does not read h2's networks.
+    let h3 = credential(&node, "h3").await;
+    let (status, _) = agent_call(&node, "GET", "/v1/agent/hosts/h2/networks", &h3, None).await;
+    assert_eq!(status, 403);
+
+    // `net show` asks h2's data plane: its counters are what h2 answers.
+    let agent = answer_one_call(
+        &node,
+        "h2",
+        &h2,
+        json!({"call": "network_status", "network": networks[0]}),
+        json!({"outcome": "network_status", "status": {
+            "links": [
+                {"link": "gen.out -> fw1.in", "active": true, "packets": 5, "bytes": 320, "drops": 0},
+                {"link": "fw1.out -> sink.in", "active": true, "packets": 4, "bytes": 256, "drops": 1}
+            ],
+            "table": "gen -> fw1 -> sink"
+        }}),
+    );
+    let r = node
+        .call(
+            "GET",
+            "/v1/networks/{name}",
+            Some("n1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"]["links"][0]["packets"], 5, "{}", r.body);
+    assert_eq!(r.body["status"]["links"][1]["drops"], 1, "{}", r.body);
+    assert_eq!(agent.await.unwrap().1, 204);
+
+    // A bad probe is refused before any host is asked; a good one runs on h2.
+    let probe = |body: &'static [u8]| {
+        node.call(
+            "POST",
+            "/v1/networks/{name}/latency",
+            Some("n1"),
+            Some(&node.admin),
+            Some((body, "application/json")),
+        )
+    };
+    let r = probe(br#"{"rate_pps": 0}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert!(r.body.to_string().contains("rate_pps"), "{}", r.body);
+    let agent = answer_one_call(
+        &node,
+        "h2",
+        &h2,
+        json!({"call": "probe", "network": networks[0], "probe": {"packets": 100}}),
+        json!({"outcome": "failed", "reason": "network n1 is not applied on this node's data plane yet; try again"}),
+    );
+    let r = probe(br#"{"packets": 100}"#).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.to_string().contains("not applied"), "{}", r.body);
+    assert_eq!(agent.await.unwrap().1, 204);
+
+    // Deleted: h2's networks move on and hold nothing.
+    let r = node
+        .call(
+            "DELETE",
+            "/v1/networks/{name}",
+            Some("n1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert!(r.status < 300, "{}", r.body);
+    let (_, set) = agent_call(&node, "GET", "/v1/agent/hosts/h2/networks", &h2, None).await;
+    assert_eq!(set["networks"], json!([]));
+    assert_ne!(set["revision"].as_u64().unwrap(), after);
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use telvirt_agent::dataplane::NodeDataPlane;
+use telvirt_agent::network::NetworkReconciler;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 use telvirt_agent::{
     Agent, AgentConfig, ControlLink, ModuleCache, Runtime, SysRoots, discover, node_call_loop,
@@ -51,6 +52,8 @@ pub struct HostAgent {
     pub inventory: Vec<HostRecord>,
     runtimes: Vec<Arc<dyn Runtime>>,
     pub dataplane: Arc<NodeDataPlane>,
+    /// Applies the networks the controller sends to `dataplane`.
+    networks: Arc<NetworkReconciler>,
     wasm: Arc<WasmRuntime>,
     data_dir: PathBuf,
     heartbeat_every: Duration,
@@ -86,6 +89,7 @@ impl HostAgent {
             record,
             inventory,
             runtimes,
+            networks: Arc::new(NetworkReconciler::new(Arc::clone(&dataplane))),
             dataplane,
             wasm,
             data_dir: data_dir.to_owned(),
@@ -143,6 +147,22 @@ impl HostAgent {
         let handler: Arc<dyn telvirt_agent::NodeHandler> = Arc::new(HostNodeHandler {
             wasm: Arc::clone(&self.wasm),
             instances: self.data_dir.join("instances"),
+            networks: Arc::clone(&self.networks),
+        });
+        // The networks the controller sends this host, on its data plane.
+        let (net_host, net_link, networks, net_shutdown) = (
+            host.clone(),
+            Arc::clone(&link),
+            Arc::clone(&self.networks),
+            shutdown.clone(),
+        );
+        health.supervise(health::NETWORK, TASK_RESTART, move || {
+            telvirt_agent::network_loop(
+                net_host.clone(),
+                Arc::clone(&net_link),
+                Arc::clone(&networks),
+                net_shutdown.clone(),
+            )
         });
         // Wasm VNFs' maps: snapshotted every interval and once more, final, at shutdown.
         let (wasm, every, maps_shutdown) = (self.wasm, self.snapshot_every, shutdown.clone());

@@ -12,8 +12,8 @@ use reqwest::Method;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use telvirt_api::{
-    Assignment, Changes, ControlLink, HostRecord, LinkError, NodeCall, NodeReply, Observation,
-    paths,
+    Assignment, Changes, ControlLink, HostRecord, LinkError, NetworkSet, NodeCall, NodeReply,
+    Observation, paths,
 };
 use telvirt_model::api::Problem;
 
@@ -174,5 +174,23 @@ impl ControlLink for HttpLink {
         )
         .await
         .map(Some)
+    }
+
+    async fn networks(&self, host: &str) -> Result<NetworkSet, LinkError> {
+        self.get(&paths::networks(host), Duration::ZERO).await
+    }
+
+    async fn wait_for_networks(
+        &self,
+        host: &str,
+        after: u64,
+        max_wait: Duration,
+    ) -> Result<u64, LinkError> {
+        let path = format!(
+            "{}?after={after}&wait_ms={}",
+            paths::network_changes(host),
+            max_wait.as_millis()
+        );
+        Ok(self.get::<Changes>(&path, max_wait).await?.revision)
     }
 }

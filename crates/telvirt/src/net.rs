@@ -1,31 +1,17 @@
-//! `telvirt net ...` (networks through the API) and, for `telvirt serve`, the task that applies
-//! stored networks to the node's data plane.
+//! `telvirt net ...`: networks through the API.
 //!
-//! Owns the CLI side of networks and wiring the agent's [`NetworkReconciler`] to the controller
-//! in-process (the all-in-one node: the controller asks the local agent's panel for counters
-//! directly, ADR 034). It must not hold network rules: the model, the controller and the agent
-//! do.
+//! Owns the CLI side of networks (arguments, printing, waiting for a steering switch). It must
+//! not hold network rules: the model, the controller and the agent do.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
 use reqwest::Method;
-use telvirt_agent::dataplane::NodeDataPlane;
-use telvirt_agent::network::NetworkReconciler;
-use telvirt_controller::{Controller, NetworkPlane};
-use telvirt_model::network::{
-    LatencyReport, Network, NetworkDescriptor, NetworkStatus, ResolvedProbe, SteerRequest,
-};
-use tokio::sync::{Notify, watch};
+use telvirt_model::network::{Network, NetworkDescriptor, SteerRequest};
 
 use crate::cli::Output;
 use crate::client::Client;
-
-/// How often stored networks are applied again when nothing changed (VNFs that restarted get
-/// their links back within this time).
-pub const NETWORK_RESYNC: Duration = Duration::from_millis(500);
 
 #[derive(Subcommand, Debug)]
 pub enum NetCommand {
@@ -208,69 +194,4 @@ pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()>
         }
     }
     Ok(())
-}
-
-/// The local agent's data plane, as the controller's [`NetworkPlane`].
-struct LocalPlane {
-    reconciler: Arc<NetworkReconciler>,
-    wake: Arc<Notify>,
-}
-
-impl NetworkPlane for LocalPlane {
-    fn status(&self, network: &NetworkDescriptor) -> Option<NetworkStatus> {
-        self.reconciler.status(network)
-    }
-
-    fn wake(&self) {
-        self.wake.notify_one();
-    }
-
-    fn probe(
-        &self,
-        network: &NetworkDescriptor,
-        probe: &ResolvedProbe,
-    ) -> std::result::Result<LatencyReport, String> {
-        self.reconciler
-            .probe(network, probe)
-            .map_err(|e| e.to_string())
-    }
-}
-
-/// Applies the controller's stored networks to `dataplane` until `shutdown` turns true: at once
-/// when a network is created or deleted, and every [`NETWORK_RESYNC`]. Returns the task.
-pub fn spawn_reconciler(
-    controller: &Arc<Controller>,
-    dataplane: Arc<NodeDataPlane>,
-    mut shutdown: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    let reconciler = Arc::new(NetworkReconciler::new(dataplane));
-    let wake = Arc::new(Notify::new());
-    controller.set_network_plane(Arc::new(LocalPlane {
-        reconciler: Arc::clone(&reconciler),
-        wake: Arc::clone(&wake),
-    }));
-    let controller = Arc::clone(controller);
-    tokio::spawn(async move {
-        loop {
-            match controller.all_networks().await {
-                Ok(list) => {
-                    let wanted: Vec<NetworkDescriptor> =
-                        list.into_iter().map(|n| n.descriptor).collect();
-                    let r = Arc::clone(&reconciler);
-                    if let Err(e) = tokio::task::spawn_blocking(move || r.sync(&wanted)).await {
-                        tracing::warn!("network pass failed: {e}");
-                    }
-                }
-                Err(e) => tracing::warn!("reading networks: {e}"),
-            }
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(NETWORK_RESYNC) => {}
-                _ = shutdown.changed() => {}
-            }
-            if *shutdown.borrow() {
-                break;
-            }
-        }
-    })
 }

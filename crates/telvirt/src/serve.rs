@@ -151,12 +151,6 @@ pub async fn run(args: ServeArgs) -> Result<()> {
 
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let health = Arc::clone(controller.health());
-    let network_task = crate::net::spawn_reconciler(
-        &controller,
-        Arc::clone(&host.dataplane),
-        shutdown_rx.clone(),
-    );
-    health.watch("network", network_task);
     let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone(), &local_host));
     let config = AgentConfig {
         workers: args.agent.workers,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use telvirt_agent::dataplane::NodeDataPlane;
+use telvirt_agent::network::NetworkReconciler;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 
 use reqwest::Method;
@@ -155,16 +156,35 @@ impl ModuleVerifier for UploadVerifier {
 }
 
 /// What answers the node calls the controller routes to this host: the wasm runtime (maps,
-/// counters, upgrades) and the vm instances' directory (serial consoles).
+/// counters, upgrades), the vm instances' directory (serial consoles) and the data plane's
+/// networks (status, latency probes).
 pub struct HostNodeHandler {
     pub wasm: Arc<WasmRuntime>,
     /// `<data dir>/instances`: a vm VNF's console log is `<instances>/<name>/console.log`.
     pub instances: PathBuf,
+    pub networks: Arc<NetworkReconciler>,
 }
 
 impl HostNodeHandler {
     fn answer(&self, request: &NodeRequest) -> Result<NodeReply, String> {
-        let name: Name = request.vnf().parse().map_err(|e| format!("{e}"))?;
+        match request {
+            NodeRequest::NetworkStatus { network } => {
+                return Ok(NodeReply::NetworkStatus {
+                    status: self.networks.status(network),
+                });
+            }
+            NodeRequest::Probe { network, probe } => {
+                let resolved = probe.resolve(network).map_err(|e| e.to_string())?;
+                let report = self
+                    .networks
+                    .probe(network, &resolved)
+                    .map_err(|e| e.to_string())?;
+                return Ok(NodeReply::Latency { report });
+            }
+            _ => {}
+        }
+        let vnf = request.vnf().unwrap_or_default();
+        let name: Name = vnf.parse().map_err(|e| format!("{e}"))?;
         let rt = &self.wasm;
         Ok(match request {
             NodeRequest::Maps { .. } => NodeReply::Maps {
@@ -187,6 +207,9 @@ impl HostNodeHandler {
                 NodeReply::Console {
                     lines: telvirt_runtime_vm::manager::console_tail(&log, n),
                 }
+            }
+            NodeRequest::NetworkStatus { .. } | NodeRequest::Probe { .. } => {
+                return Err("a network call reached the VNF calls' handler".to_owned());
             }
         })
     }

@@ -106,7 +106,14 @@ fn an_agent_process_serves_wasm_vnfs_as_serve_does() {
     let (status, body) = http_get(health_url.as_deref().unwrap(), "/v1/healthz");
     assert_eq!(status, 200, "{body}");
     let health: serde_json::Value = serde_json::from_str(&body).unwrap();
-    for component in ["agent", "heartbeat", "node-calls", "snapshots", "dataplane"] {
+    for component in [
+        "agent",
+        "heartbeat",
+        "node-calls",
+        "network",
+        "snapshots",
+        "dataplane",
+    ] {
         assert_eq!(
             health["components"][component]["status"], "up",
             "{component}: {health}"
@@ -158,6 +165,32 @@ fn an_agent_process_serves_wasm_vnfs_as_serve_does() {
         "{up}"
     );
     assert_ne!(up["descriptor"]["spec"]["wasm"]["module"], module.as_str());
+
+    // A network through fw1: the agent's data plane wires it and counts its packets, and a
+    // latency probe runs there, both asked over the agent protocol.
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";
+    std::fs::write(node.path("t1.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "t1.yaml"]);
+    wait_until("the agent never carried t1's packets", || {
+        let v = node.json(&["net", "show", "t1"]);
+        let links = &v["status"]["links"];
+        links[0]["active"] == true && links[1]["packets"].as_u64() > Some(0)
+    });
+    let r = node.json(&[
+        "latency",
+        "chain",
+        "t1",
+        "--rate",
+        "20000",
+        "--packets",
+        "1000",
+    ]);
+    assert_eq!(
+        (r["sent"].as_u64(), r["received"].as_u64()),
+        (Some(1000), Some(1000)),
+        "{r}"
+    );
+    node.ok(&["net", "delete", "t1"]);
 
     node.ok(&["vnf", "stop", "fw1"]);
     node.wait_phase("fw1", "Stopped");
