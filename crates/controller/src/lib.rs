@@ -9,6 +9,7 @@ pub mod auth;
 pub mod console;
 pub mod health;
 pub mod http;
+pub mod leader;
 pub mod link;
 pub mod listing;
 pub mod maps;

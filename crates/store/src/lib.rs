@@ -6,6 +6,7 @@
 //! authorities are the controller's business.
 
 mod etcd_store;
+pub mod local_etcd;
 mod redb_store;
 mod url;
 

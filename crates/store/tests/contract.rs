@@ -4,18 +4,13 @@
 //! etcd has: a restart under an open watch and a lease, namespaces, compacted history, an
 //! unreachable cluster.
 
-use std::net::TcpListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use telvirt_store::local_etcd::LocalEtcd;
 use telvirt_store::{
     Compare, EtcdStore, LeaseId, Op, RedbStore, Store, StoreError, StoreHealth, Watch, WatchEvent,
 };
-
-const ETCD: &str = "/usr/bin/etcd";
 /// How long a test waits for something that should happen soon (an event, an expiry, a start).
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -50,123 +45,40 @@ async fn etcd_backend() -> Backend {
     }
 }
 
-/// A single-member etcd on loopback, killed on drop. Its short heartbeat (10 ms) and election
-/// timeout (100 ms) let it elect itself at once and make its minimum lease TTL 1 s.
+/// A single-member etcd on loopback ([`LocalEtcd`], tied to this test process) with its data in
+/// a temporary directory, killed on drop.
 struct EtcdServer {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
-    client_port: u16,
-    peer_port: u16,
-}
-
-/// Two ports nothing listens on now.
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
+    etcd: LocalEtcd,
+    _dir: tempfile::TempDir,
 }
 
 impl EtcdServer {
-    /// Starts etcd on free ports and waits until it answers. A port found free may be taken
-    /// before etcd binds it (by another test's connection): then etcd exits, and this tries
-    /// other ports.
     async fn start() -> Self {
-        assert!(
-            Path::new(ETCD).exists(),
-            "{ETCD} is missing: run scripts/deps.sh (it installs the etcd-server package); \
-             the etcd backend's tests need a real etcd"
-        );
-        let mut attempts = 0;
-        loop {
-            let (client_port, peer_port) = free_ports();
-            let mut server = Self {
-                child: None,
-                dir: tempfile::tempdir().unwrap(),
-                client_port,
-                peer_port,
-            };
-            server.spawn();
-            match server.wait_until_answering().await {
-                Ok(()) => return server,
-                Err(exited) if attempts < 3 => {
-                    attempts += 1;
-                    eprintln!("etcd exited at start ({exited}); trying other ports");
-                }
-                Err(exited) => panic!(
-                    "etcd exited at start ({exited}), on three sets of ports\nits log:\n{}",
-                    server.log_tail()
-                ),
-            }
-        }
+        let dir = tempfile::tempdir().unwrap();
+        let etcd = LocalEtcd::start(dir.path(), true)
+            .await
+            .unwrap_or_else(|e| panic!("{e}; the etcd backend's tests need a real etcd"));
+        Self { etcd, _dir: dir }
     }
 
     fn endpoint(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("etcd.log")
-    }
-
-    /// Starts etcd on the server's ports and data directory (again, after [`Self::kill`]).
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut command = Command::new(ETCD);
-        // If this test process dies without dropping the server, etcd dies with it.
-        // SAFETY: the closure runs in the child between fork and exec and calls only prctl,
-        // which is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-        let child = command
-            .arg("--name=contract")
-            .arg(format!(
-                "--data-dir={}",
-                self.dir.path().join("data").display()
-            ))
-            .arg(format!("--listen-client-urls={client}"))
-            .arg(format!("--advertise-client-urls={client}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=contract={peer}"))
-            .arg("--heartbeat-interval=10")
-            .arg("--election-timeout=100")
-            .arg("--logger=zap")
-            .arg("--log-outputs=stderr")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {ETCD}: {e}"));
-        self.child = Some(child);
+        self.etcd.endpoint()
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.etcd.kill();
+    }
+
+    fn spawn(&mut self) {
+        self.etcd.spawn().unwrap();
+    }
+
+    async fn wait_until_answering(&mut self) -> Result<(), String> {
+        self.etcd.wait_until_answering().await
     }
 
     fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
+        self.etcd.log_tail()
     }
 
     /// Connects a store under `namespace` to the running etcd.
@@ -174,39 +86,6 @@ impl EtcdServer {
         EtcdStore::connect(&[self.endpoint()], namespace)
             .await
             .unwrap()
-    }
-
-    /// Waits until etcd answers a read; `Err` with its exit status when it exited meanwhile.
-    /// Panics with its log when it neither answers nor exits within [`PATIENCE`].
-    async fn wait_until_answering(&mut self) -> Result<(), String> {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let connected = EtcdStore::connect(&[self.endpoint()], "").await;
-            if connected.is_ok() {
-                return Ok(());
-            }
-            if let Some(child) = self.child.as_mut()
-                && let Ok(Some(status)) = child.try_wait()
-            {
-                self.child = None;
-                return Err(status.to_string());
-            }
-            if let Err(e) = connected
-                && Instant::now() > deadline
-            {
-                panic!(
-                    "etcd did not answer within {PATIENCE:?}: {e}\nits log:\n{}",
-                    self.log_tail()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for EtcdServer {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -691,7 +570,11 @@ async fn etcd_watch_from_a_compacted_revision_resyncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_connecting_where_nothing_listens_names_the_endpoint() {
-    let (port, _) = free_ports();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let endpoint = format!("127.0.0.1:{port}");
     match EtcdStore::connect(std::slice::from_ref(&endpoint), "").await {
         Err(StoreError::Connect { endpoints, why }) => {

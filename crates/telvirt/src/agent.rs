@@ -35,7 +35,7 @@ pub const TASK_RESTART: Restart = Restart::Backoff {
 /// A data-plane worker whose polling rounds stand still this long is reported down.
 const WORKER_STALL: Duration = Duration::from_secs(5);
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .ok()

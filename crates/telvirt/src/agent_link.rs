@@ -5,6 +5,7 @@
 //! into [`LinkError`]s). It must not decide anything: the agent does.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,7 +25,10 @@ const MAX_ANSWER: usize = 32 << 20;
 
 pub struct HttpLink {
     http: reqwest::Client,
-    base: String,
+    /// The controllers' API addresses; calls go to `bases[current]` and move to the next when
+    /// it cannot be reached.
+    bases: Vec<String>,
+    current: AtomicUsize,
     /// The host whose node credential `token` is: the link acts for it only.
     host: String,
     token: String,
@@ -33,16 +37,27 @@ pub struct HttpLink {
 }
 
 impl HttpLink {
-    /// A link to the controller at `base` (`http://host:port`) for `host`, whose node
-    /// credential is `token`.
-    pub fn new(base: &str, host: &str, token: String) -> Result<Self, LinkError> {
+    /// A link to the controller at `bases` (`http://host:port`, comma-separated for several
+    /// controllers of one cluster) for `host`, whose node credential is `token`.
+    pub fn new(bases: &str, host: &str, token: String) -> Result<Self, LinkError> {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| LinkError::Transport(e.to_string()))?;
+        let bases: Vec<String> = bases
+            .split(',')
+            .map(|b| b.trim().trim_end_matches('/').to_owned())
+            .filter(|b| !b.is_empty())
+            .collect();
+        if bases.is_empty() {
+            return Err(LinkError::Transport(
+                "--controller names no controller address".to_owned(),
+            ));
+        }
         Ok(Self {
             http,
-            base: base.trim_end_matches('/').to_owned(),
+            bases,
+            current: AtomicUsize::new(0),
             host: host.to_owned(),
             token,
             revision: Mutex::new(None),
@@ -56,9 +71,11 @@ impl HttpLink {
         body: Option<Vec<u8>>,
         wait: Duration,
     ) -> Result<Vec<u8>, LinkError> {
+        let at = self.current.load(Ordering::Relaxed) % self.bases.len();
+        let base = &self.bases[at];
         let mut request = self
             .http
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{base}{path}"))
             .bearer_auth(&self.token)
             .timeout(CALL_TIMEOUT + wait);
         if let Some(body) = body {
@@ -66,10 +83,19 @@ impl HttpLink {
                 .header("content-type", "application/json")
                 .body(body);
         }
-        let mut response = request
-            .send()
-            .await
-            .map_err(|e| LinkError::Transport(format!("{}: {e}", self.base)))?;
+        let mut response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                // This controller is gone: the next call tries the next one.
+                let _ = self.current.compare_exchange(
+                    at,
+                    (at + 1) % self.bases.len(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+                return Err(LinkError::Transport(format!("{base}: {e}")));
+            }
+        };
         let status = response.status();
         let mut bytes = Vec::new();
         while let Some(chunk) = response

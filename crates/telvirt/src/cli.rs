@@ -101,7 +101,8 @@ pub struct ControllerArgs {
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// The controller's API endpoint, e.g. http://10.0.0.1:7070
+    /// The controller's API endpoint, e.g. http://10.0.0.1:7070; several, comma-separated, for
+    /// controllers sharing an etcd store (the agent moves to the next when one does not answer)
     #[arg(long, env = "TELVIRT_CONTROLLER")]
     pub controller: String,
     /// File holding this host's node credential (`telvirt host credential NAME --out FILE`);
@@ -132,7 +133,7 @@ pub struct NodeArgs {
 }
 
 /// The controller's API and host liveness.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct ControlArgs {
     /// Address to listen on
     #[arg(long, default_value = "127.0.0.1:7070")]
@@ -141,6 +142,18 @@ pub struct ControlArgs {
     /// NotReady and its VNFs Unknown. Must exceed the agents' --heartbeat-interval-ms
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub host_lease_ttl_ms: u64,
+    /// The store: a redb file path (the embedded default is telvirt.redb in the data dir), or
+    /// etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] for a cluster (`telvirt controller` only:
+    /// several controllers share it, one leads, the others forward to it)
+    #[arg(long, env = "TELVIRT_STORE")]
+    pub store: Option<String>,
+    /// This controller's API as the others and agents reach it [default: http://LISTEN]
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// With an etcd store: how long the leader key outlives a leader that died, in
+    /// milliseconds (another controller leads after it); at least 1000, etcd's lease granularity
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1000..=60_000))]
+    pub leader_ttl_ms: u64,
 }
 
 /// A host agent: this host's facts, its runtimes and its heartbeat.

@@ -10,6 +10,7 @@ mod bench_control;
 mod cli;
 mod client;
 mod config;
+mod ha;
 mod latency;
 mod modules;
 mod net;

@@ -17,7 +17,7 @@ use telvirt_controller::health;
 use telvirt_controller::{Controller, LocalLink};
 use telvirt_runtime_wasm::SecurityPolicy;
 use telvirt_sched::SchedConfig;
-use telvirt_store::RedbStore;
+use telvirt_store::{RedbStore, StoreUrl, parse_store_url};
 
 use crate::agent::{HostAgent, TASK_RESTART};
 use crate::cli::{ControlArgs, ControllerArgs, NodeArgs, ServeArgs};
@@ -49,15 +49,46 @@ struct ControlPlane {
     config_path: PathBuf,
 }
 
-/// Opens the store, loads the controller, binds the API, writes the admin's client config and
-/// starts the supervised host-liveness and scheduling loops.
+/// Opens the embedded store, binds the API and starts the controller on it
+/// ([`start_controller`]).
 async fn start_control_plane(
     control: &ControlArgs,
     data_dir: &Path,
     policy: &SecurityPolicy,
 ) -> Result<ControlPlane> {
-    let store = RedbStore::open(&data_dir.join("telvirt.redb"))
+    let path = match control.store.as_deref().map(parse_store_url).transpose()? {
+        None => data_dir.join("telvirt.redb"),
+        Some(StoreUrl::Redb(path)) => path,
+        Some(StoreUrl::Etcd { .. }) => bail!(
+            "--store etcd://… is for `telvirt controller` (a cluster's control plane); `telvirt serve` runs the embedded store"
+        ),
+    };
+    let store = RedbStore::open(&path)
         .context("opening the store (is another telvirt process using this data dir?)")?;
+    let listener = tokio::net::TcpListener::bind(control.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", control.listen))?;
+    let address = listener.local_addr()?;
+    let (controller, config_path) =
+        start_controller(store, control, data_dir, policy, address).await?;
+    Ok(ControlPlane {
+        controller,
+        listener,
+        address,
+        config_path,
+    })
+}
+
+/// Loads the controller from `store`, writes the admin's client config (pointing at
+/// `address`) and starts the supervised host-liveness and scheduling loops: what the one
+/// controller of a node, or the leader of a cluster, runs.
+pub async fn start_controller(
+    store: Arc<dyn telvirt_store::Store>,
+    control: &ControlArgs,
+    data_dir: &Path,
+    policy: &SecurityPolicy,
+    address: std::net::SocketAddr,
+) -> Result<(Arc<Controller>, PathBuf)> {
     let controller = Controller::open(store, SchedConfig::default())
         .await
         .context("loading the control plane from the store")?;
@@ -65,10 +96,6 @@ async fn start_control_plane(
         .set_host_lease_ttl(Duration::from_millis(control.host_lease_ttl_ms))
         .context("--host-lease-ttl-ms")?;
     crate::wasm::control_wasm(&controller, data_dir, policy)?;
-    let listener = tokio::net::TcpListener::bind(control.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", control.listen))?;
-    let address = listener.local_addr()?;
 
     let config_path = data_dir.join(CLIENT_CONFIG);
     let existing = ClientConfig::read(&config_path).ok();
@@ -79,16 +106,8 @@ async fn start_control_plane(
         Some(new) => new,
         None => existing.map(|c| c.token).unwrap_or_default(),
     };
-    // Listening on every address: the admin's CLI on this machine reaches it on loopback.
-    let mut reach = address;
-    if reach.ip().is_unspecified() {
-        reach.set_ip(match reach {
-            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
     ClientConfig {
-        server: format!("http://{reach}"),
+        server: format!("http://{}", reachable(address)),
         token,
     }
     .write(&config_path)?;
@@ -103,12 +122,20 @@ async fn start_control_plane(
     health.supervise(health::SCHEDULER, TASK_RESTART, move || {
         Arc::clone(&scheduling).scheduling_loop(SCHEDULE_RETRY)
     });
-    Ok(ControlPlane {
-        controller,
-        listener,
-        address,
-        config_path,
-    })
+    Ok((controller, config_path))
+}
+
+/// `address` as a client on this machine reaches it: a wildcard listen address becomes
+/// loopback.
+pub fn reachable(address: std::net::SocketAddr) -> std::net::SocketAddr {
+    let mut reach = address;
+    if reach.ip().is_unspecified() {
+        reach.set_ip(match reach {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    reach
 }
 
 /// Serves the API until SIGTERM or Ctrl-C, then tells the other tasks to stop.
@@ -172,10 +199,23 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
-/// `telvirt controller`: the API, store and scheduler, without an agent of its own.
+/// `telvirt controller`: the API, store and scheduler, without an agent of its own. With an
+/// etcd store it is one of a cluster's controllers ([`crate::ha`]).
 pub async fn run_controller(args: ControllerArgs) -> Result<()> {
     let data_dir = data_dir(&args.node)?;
     let policy = crate::wasm::load_policy(args.node.security_policy.as_deref())?;
+    if let Some(StoreUrl::Etcd {
+        endpoints,
+        namespace,
+    }) = args
+        .control
+        .store
+        .as_deref()
+        .map(parse_store_url)
+        .transpose()?
+    {
+        return crate::ha::run(&args.control, &data_dir, policy, &endpoints, &namespace).await;
+    }
     let cp = start_control_plane(&args.control, &data_dir, &policy).await?;
     tracing::info!(
         "telvirt controller serving on http://{} (data dir {}, client config {}); add hosts with `telvirt host credential NAME --out FILE` and `telvirt agent`",

@@ -4,10 +4,9 @@
 //! credential that is not a node's is refused.
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::{Duration, Instant};
 
 mod common;
-use common::{Agent, DEADLINE, Serve, lay_out_examples, stderr};
+use common::{Agent, Serve, a1_agent_args, lay_out_examples, stderr, wait_until};
 
 /// Four dedicatable CPUs for the agent's host (as in the serve tests).
 const INVENTORY: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 4, threads_per_core: 1 }\n";
@@ -19,35 +18,9 @@ fn controller() -> Serve {
     Serve::controller_in(dir, &[])
 }
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// A plain HTTP/1.1 GET: (status, body).
 fn http_get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    common::http(addr, "GET", path, None, "")
 }
 
 fn host_status(node: &Serve, name: &str) -> Option<String> {
@@ -74,20 +47,7 @@ fn an_agent_process_serves_wasm_vnfs_as_serve_does() {
     let mut agent = Agent::start(
         &node,
         "agent.log",
-        &[
-            "--token-file",
-            "a1.token",
-            "--data-dir",
-            "agent-data",
-            "--inventory",
-            "inventory.yaml",
-            "--host-name",
-            "a1",
-            "--heartbeat-interval-ms",
-            "200",
-            "--health-listen",
-            "127.0.0.1:0",
-        ],
+        &a1_agent_args("a1.token", &["--health-listen", "127.0.0.1:0"]),
     );
     wait_until("host a1 never turned Ready", || {
         host_status(&node, "a1").is_some_and(|s| s.starts_with("Ready"))
@@ -212,25 +172,8 @@ fn an_agent_process_serves_wasm_vnfs_as_serve_does() {
 fn an_agent_without_a_valid_node_credential_is_refused() {
     let node = controller();
     // An authority's token (here the admin's) is not a node credential: refused before use.
-    let config = std::fs::read_to_string(node.config()).unwrap();
-    let admin = config
-        .lines()
-        .find(|l| l.starts_with("token"))
-        .and_then(|l| l.split('"').nth(1))
-        .unwrap();
-    std::fs::write(node.path("admin.token"), admin).unwrap();
-    let args = |file: &'static str| {
-        [
-            "--token-file",
-            file,
-            "--data-dir",
-            "agent-data",
-            "--inventory",
-            "inventory.yaml",
-            "--host-name",
-            "a1",
-        ]
-    };
+    std::fs::write(node.path("admin.token"), node.admin_token()).unwrap();
+    let args = |file: &'static str| a1_agent_args(file, &[]);
     let mut agent = Agent::start(&node, "admin.log", &args("admin.token"));
     assert!(!agent.wait_exit().success());
     let log = std::fs::read_to_string(node.path("admin.log")).unwrap();

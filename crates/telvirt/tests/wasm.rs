@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{BIN, DEADLINE, Serve, lay_out_examples, stderr};
+use common::{BIN, DEADLINE, Serve, lay_out_examples, stderr, wait_until};
 #[path = "../../dataplane/tests/support/netns.rs"]
 mod netns;
 
@@ -308,14 +308,6 @@ fn last_running_reason(node: &Serve) -> String {
         .and_then(|e| e["reason"].as_str())
         .unwrap_or_default()
         .to_owned()
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Sends `flows` UDP flows into nat1's inside port until it holds that many sessions, then

@@ -211,6 +211,17 @@ impl Serve {
         self.path("data/client.toml")
     }
 
+    /// The admin's token, from the client config.
+    pub fn admin_token(&self) -> String {
+        let config = std::fs::read_to_string(self.config()).unwrap();
+        config
+            .lines()
+            .find(|l| l.starts_with("token"))
+            .and_then(|l| l.split('"').nth(1))
+            .expect("the client config holds a token")
+            .to_owned()
+    }
+
     /// The CLI against this server, as its admin.
     pub fn cli(&self, args: &[&str]) -> Output {
         self.command()
@@ -328,10 +339,15 @@ impl Agent {
     /// `telvirt agent --controller <node's server> <args>` run in the node's directory (output
     /// to `<dir>/<log>`); returns at once.
     pub fn start(node: &Serve, log: &str, args: &[&str]) -> Agent {
+        Self::start_at(node, &node.server(), log, args)
+    }
+
+    /// [`Agent::start`] against `controllers` (comma-separated API addresses).
+    pub fn start_at(node: &Serve, controllers: &str, log: &str, args: &[&str]) -> Agent {
         let log = std::fs::File::create(node.path(log)).unwrap();
         let child = node
             .command()
-            .args(["agent", "--controller", &node.server()])
+            .args(["agent", "--controller", controllers])
             .args(args)
             .env("TELVIRT_LOG", "info")
             .stdout(Stdio::null())
@@ -384,4 +400,65 @@ impl Drop for Serve {
             let _ = child.wait();
         }
     }
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after [`DEADLINE`].
+pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A plain HTTP/1.1 request to `addr` (`HOST:PORT`, or `http://HOST:PORT`) with an optional
+/// bearer token and YAML body: (status, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, String) {
+    use std::io::{Read, Write};
+    let addr = addr.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The arguments of an agent for host a1 (inventory `inventory.yaml`, data in `agent-data`,
+/// credential in `token_file`, a heartbeat every 200 ms), followed by `extra`.
+pub fn a1_agent_args<'a>(token_file: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--token-file",
+        token_file,
+        "--data-dir",
+        "agent-data",
+        "--inventory",
+        "inventory.yaml",
+        "--host-name",
+        "a1",
+        "--heartbeat-interval-ms",
+        "200",
+    ];
+    args.extend_from_slice(extra);
+    args
 }

@@ -1,0 +1,174 @@
+//! Two `telvirt controller` processes sharing a real etcd (started by the test): one leads, the
+//! other forwards every request to it; an agent knows both. Killing the leader with SIGKILL
+//! hands over: the other leads, nothing acknowledged is lost, the agent's VNFs keep running
+//! and new ones are placed on cores nobody else holds.
+
+use std::process::{Child, Command, Stdio};
+
+mod common;
+use common::{Agent, BIN, Serve, a1_agent_args, lay_out_examples, wait_until};
+use serde_json::Value;
+use telvirt_store::local_etcd::LocalEtcd;
+
+const INVENTORY: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 4, threads_per_core: 1 }\n";
+
+/// A request to `base` as `token`: (status, body as JSON, or null).
+fn http(base: &str, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
+    let (status, text) = common::http(base, method, path, Some(token), body);
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// A second controller on the same data dir and store, logging to `<dir>/<log>`: its API
+/// address (from its log) and process.
+fn second_controller(node: &Serve, store: &str, log: &str) -> (String, Child) {
+    let file = std::fs::File::create(node.path(log)).unwrap();
+    let child = Command::new(BIN)
+        .current_dir(node.path(""))
+        .args([
+            "controller",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "data",
+        ])
+        .args(["--store", store])
+        .env("TELVIRT_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let mut api = None;
+    wait_until("the second controller never said where it listens", || {
+        let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
+        // "... on http://127.0.0.1:PORT: campaigning ..."
+        api = text
+            .split(" on http://")
+            .nth(1)
+            .and_then(|rest| rest.split(": ").next())
+            .map(|addr| format!("http://{addr}"));
+        api.is_some()
+    });
+    (api.unwrap(), child)
+}
+
+/// The dedicated cores each VNF on host a1 holds.
+fn dedicated_cores(node: &Serve) -> Vec<(String, Vec<u64>)> {
+    node.json(&["vnf", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let cores = v["placements"][0]["vcpus"]
+                .as_array()
+                .map(|per_vcpu| {
+                    per_vcpu
+                        .iter()
+                        .flat_map(|cpus| cpus.as_array().cloned().unwrap_or_default())
+                        .filter_map(|c| c.as_u64())
+                        .collect()
+                })
+                .unwrap_or_default();
+            (v["name"].as_str().unwrap().to_owned(), cores)
+        })
+        .collect()
+}
+
+#[test]
+fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
+    let dir = Serve::dir();
+    lay_out_examples(dir.path());
+    std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let etcd = runtime
+        .block_on(LocalEtcd::start(&dir.path().join("etcd"), true))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = etcd.store_url("/cluster-test");
+    let mut leader = Serve::controller_in(dir, &["--store", &store]);
+    let first = leader.server();
+    let admin = leader.admin_token();
+    let (second, mut follower) = second_controller(&leader, &store, "second.log");
+    wait_until("the second controller never saw the first lead", || {
+        let (status, v) = http(&second, "GET", "/v1/leader", "", "");
+        status == 200 && v["role"] == "follower" && v["leader"]["api"] == first.as_str()
+    });
+
+    // The follower forwards reads and writes to the leader, errors included.
+    let (status, list) = http(&second, "GET", "/v1/vnfs", &admin, "");
+    assert_eq!(status, 200, "{list}");
+    let (status, problem) = http(&second, "GET", "/v1/vnfs", "tvt_wrong", "");
+    assert_eq!(status, 401, "{problem}");
+
+    leader.ok(&["host", "credential", "a1", "--out", "a1.token"]);
+    let controllers = format!("{first},{second}");
+    let _agent = Agent::start_at(
+        &leader,
+        &controllers,
+        "agent.log",
+        &a1_agent_args("a1.token", &[]),
+    );
+    leader.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
+    leader.wait_phase("fw1", "Running");
+    // fw1's module, uploaded already: a raw request names it by digest.
+    let module = leader.json(&["vnf", "show", "fw1"])["descriptor"]["spec"]["wasm"]["module"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let fw2 = std::fs::read_to_string(leader.path("examples/descriptors/fw1.yaml"))
+        .unwrap()
+        .replace("name: fw1", "name: fw2")
+        .replace("../vnfs/firewall.wasm", &module);
+    let (status, created) = http(&second, "POST", "/v1/vnfs", &admin, &fw2);
+    assert_eq!(status, 201, "{created}");
+    leader.wait_phase("fw2", "Running");
+
+    leader.kill9();
+    wait_until("the follower never took over", || {
+        let (status, v) = http(&second, "GET", "/v1/leader", "", "");
+        status == 200 && v["role"] == "leader"
+    });
+    // The new leader rewrote the shared client config: the CLI follows it.
+    wait_until("the client config never named the new leader", || {
+        leader.server() == second
+    });
+    // Nothing acknowledged is lost; the agent moved to the new leader and its VNFs run on.
+    for name in ["fw1", "fw2"] {
+        leader.wait_phase(name, "Running");
+    }
+    // The new leader frees and gives out cores from what the store holds (this machine has two
+    // CPUs for workers: fw1's goes before fw3 takes one).
+    let fw1_cores = dedicated_cores(&leader)
+        .into_iter()
+        .find(|(name, _)| name == "fw1")
+        .unwrap()
+        .1;
+    leader.ok(&["vnf", "delete", "fw1"]);
+    wait_until("fw1 was never deleted", || {
+        dedicated_cores(&leader)
+            .iter()
+            .all(|(name, _)| name != "fw1")
+    });
+    let fw3 = fw2.replace("name: fw2", "name: fw3");
+    let (status, created) = http(&second, "POST", "/v1/vnfs", &admin, &fw3);
+    assert_eq!(status, 201, "{created}");
+    leader.wait_phase("fw3", "Running");
+    // No core is held twice.
+    let held = dedicated_cores(&leader);
+    assert_eq!(held.len(), 2, "{held:?}");
+    let mut cores: Vec<u64> = held.iter().flat_map(|(_, c)| c.clone()).collect();
+    assert_eq!(
+        cores.len(),
+        2,
+        "each VNF holds one dedicated core: {held:?}"
+    );
+    cores.sort_unstable();
+    cores.dedup();
+    assert_eq!(cores.len(), 2, "a core is held twice: {held:?}");
+    assert!(
+        cores.contains(&fw1_cores[0]),
+        "fw3 did not get fw1's freed core: {held:?}"
+    );
+
+    let _ = follower.kill();
+    let _ = follower.wait();
+    drop(etcd);
+}
