@@ -29,6 +29,9 @@ pub enum BenchCommand {
     /// create→Running, paginated list, idle CPU, RSS and store per VNF; against a replay of the
     /// former poll-everything loops
     Control(crate::bench_control::ControlArgs),
+    /// Two real controllers on a loopback etcd: SIGKILL the leader, time until the other
+    /// acknowledges a write; against etcd's own expiry of the leader key
+    Handover(crate::bench_handover::HandoverArgs),
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +94,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Chain(args) => chain(format, args),
         BenchCommand::Vm(args) => crate::vm::bench_vm(format, args),
         BenchCommand::Control(args) => crate::bench_control::control(format, args),
+        BenchCommand::Handover(args) => crate::bench_handover::handover(format, args),
     }
 }
 

@@ -366,18 +366,19 @@ pub async fn run_control_bench(
     if args.vnfs == 0 || args.hosts == 0 || args.idle_secs == 0 {
         bail!("--vnfs, --hosts and --idle-secs must each be at least 1");
     }
-    let dir = tempfile_dir()?;
+    let dir = scratch_dir("control")?;
     let store_path = dir.join("store.redb");
     let result = run_in(args, &dir, &store_path, progress).await;
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn tempfile_dir() -> Result<PathBuf> {
+/// A new empty directory under the system's temporary directory for bench `what`.
+pub fn scratch_dir(what: &str) -> Result<PathBuf> {
     let base = std::env::temp_dir();
     for attempt in 0..100u32 {
         let dir = base.join(format!(
-            "telvirt-bench-control-{}-{attempt}",
+            "telvirt-bench-{what}-{}-{attempt}",
             std::process::id()
         ));
         match std::fs::create_dir(&dir) {

@@ -7,6 +7,7 @@ mod agent;
 mod agent_link;
 mod bench;
 mod bench_control;
+mod bench_handover;
 mod cli;
 mod client;
 mod config;
