@@ -100,6 +100,16 @@ async fn role(http: &reqwest::Client, api: &str) -> Option<String> {
     v["role"].as_str().map(str::to_owned)
 }
 
+/// Waits until the controller at `api` reports `wanted` as its role.
+async fn wait_role(http: &reqwest::Client, api: &str, wanted: &str) -> Result<()> {
+    poll_until(
+        Duration::from_secs(20),
+        &format!("{api} becoming {wanted}"),
+        || async { role(http, api).await.as_deref() == Some(wanted) },
+    )
+    .await
+}
+
 /// Polls until `f` holds or `within` passed.
 async fn poll_until<F, Fut>(within: Duration, what: &str, mut f: F) -> Result<()>
 where
@@ -146,25 +156,9 @@ async fn run_in(
         .build()?;
     let ttl = args.leader_ttl_ms;
     let mut a = spawn_controller(dir, &url, free_port()?, ttl)?;
-    poll_until(
-        Duration::from_secs(20),
-        "the first controller leading",
-        || {
-            let (http, api) = (&http, a.api.clone());
-            async move { role(http, &api).await.as_deref() == Some("leader") }
-        },
-    )
-    .await?;
+    wait_role(&http, &a.api, "leader").await?;
     let mut b = spawn_controller(dir, &url, free_port()?, ttl)?;
-    poll_until(
-        Duration::from_secs(20),
-        "the second controller following",
-        || {
-            let (http, api) = (&http, b.api.clone());
-            async move { role(http, &api).await.as_deref() == Some("follower") }
-        },
-    )
-    .await?;
+    wait_role(&http, &b.api, "follower").await?;
     let config = crate::config::ClientConfig::read(&dir.join("control/client.toml"))?;
 
     let (mut expiry, mut handover) = (Vec::new(), Vec::new());
@@ -209,15 +203,7 @@ async fn run_in(
         // The killed controller comes back as the follower of the next round.
         let port = a.port;
         a = spawn_controller(dir, &url, port, ttl)?;
-        poll_until(
-            Duration::from_secs(20),
-            "the restarted controller following",
-            || {
-                let (http, api) = (&http, a.api.clone());
-                async move { role(http, &api).await.as_deref() == Some("follower") }
-            },
-        )
-        .await?;
+        wait_role(&http, &a.api, "follower").await?;
         std::mem::swap(&mut a, &mut b);
     }
     progress(u64::from(args.rounds), u64::from(args.rounds));
