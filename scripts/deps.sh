@@ -12,6 +12,7 @@ PACKAGES=(
   iperf3 iputils-ping iproute2 ethtool  # real traffic through chains, network namespaces
   protobuf-compiler libprotobuf-dev  # protoc and its well-known types, for the etcd client's build
   etcd-server       # the etcd cluster store's tests start a real etcd
+  tcpdump           # the data plane's VXLAN tests check that tcpdump decodes the tunnel traffic
 )
 
 missing=()

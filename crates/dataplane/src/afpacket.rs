@@ -92,7 +92,8 @@ impl HostPort {
     }
 }
 
-fn enter_netns(ns: &Path) -> Result<()> {
+/// Move the calling thread into the network namespace at `ns`.
+pub(crate) fn enter_netns(ns: &Path) -> Result<()> {
     let f = std::fs::File::open(ns)
         .map_err(|e| Error::io(format!("open network namespace {}", ns.display()), e))?;
     // SAFETY: `f` is an open namespace file; setns only changes this (helper) thread.

@@ -45,6 +45,14 @@ pub enum Error {
         /// What went wrong, including the apt package when it is missing.
         reason: String,
     },
+    /// Received bytes do not follow the format they must (a VXLAN datagram).
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// What was parsed, e.g. `VXLAN header`.
+        what: &'static str,
+        /// What is wrong, with the valid form.
+        reason: String,
+    },
     /// The buffer pool has no free buffer.
     #[error("buffer pool exhausted ({capacity} buffers in use)")]
     PoolExhausted {

@@ -19,4 +19,5 @@ pub mod panel;
 pub mod pcap;
 pub mod steering;
 pub mod traffic;
+pub mod vxlan;
 pub mod worker;

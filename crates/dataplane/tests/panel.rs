@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use telvirt_dataplane::firewall::{Action, Firewall, Rule};
 use telvirt_dataplane::graph::LinkSpec;
@@ -15,34 +15,14 @@ use telvirt_dataplane::panel::PatchPanel;
 use telvirt_dataplane::pool::{Packet, Pool, PoolCache};
 use telvirt_dataplane::steering::{SteeringNode, SteeringTable};
 use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
-use telvirt_dataplane::worker::{WorkerConfig, allowed_cores};
+use telvirt_dataplane::worker::WorkerConfig;
+
+#[path = "support/panels.rs"]
+mod panels;
+use panels::{panel, wait_for};
 
 fn links(specs: &[&str]) -> Vec<LinkSpec> {
     specs.iter().map(|s| LinkSpec::parse(s).unwrap()).collect()
-}
-
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Two workers on the cores that exist (both on the same core when there is only one).
-fn panel(pool: &Arc<Pool>) -> PatchPanel {
-    let cores = allowed_cores().unwrap();
-    let c0 = cores[0];
-    let c1 = *cores.get(1).unwrap_or(&c0);
-    PatchPanel::new(
-        Arc::clone(pool),
-        vec![
-            WorkerConfig::new("a", Some(c0)),
-            WorkerConfig::new("b", Some(c1)),
-        ],
-        1024,
-    )
-    .unwrap()
 }
 
 fn make_gen(count: u64, rate: Option<u64>) -> Generator {
