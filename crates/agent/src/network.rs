@@ -7,17 +7,20 @@
 //! is wired by a later pass. It must not validate networks against VNFs (the controller does)
 //! nor start VNFs (the runtimes do).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
 
+use telvirt_api::NetworkSpan;
 use telvirt_dataplane::afpacket::HostPort;
 use telvirt_dataplane::graph::{self, LinkSpec, PortRef};
 use telvirt_dataplane::latency::{ChainLatencyOpts, ChainProbe};
 use telvirt_dataplane::node::ProcessorNode;
 use telvirt_dataplane::steering::{self, SteeringNode};
 use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
+use telvirt_dataplane::vxlan::{self, VxlanEndpoint};
 use telvirt_model::network::{
     BuiltinKind, BuiltinNode, Endpoint, InstanceCount, LatencyReport, LinkState, NetworkDescriptor,
     NetworkStatus, ResolvedProbe, SteeringEndpoint, SteeringState,
@@ -42,6 +45,20 @@ struct Applied {
     sinks: BTreeMap<String, Arc<Mutex<SinkState>>>,
     /// Steering endpoints this network placed, by name.
     endpoints: BTreeMap<String, PlacedEndpoint>,
+    /// Where the network's nodes are, when they are on several hosts (`None`: all here).
+    span: Option<NetworkSpan>,
+    /// Tunnel nodes this network placed (one per other host it links to), by node name.
+    tunnels: BTreeSet<String>,
+}
+
+impl Applied {
+    /// The host of `node` (a node name, or `host:IF`) when the network spans hosts.
+    fn host_of(&self, node: &str) -> Option<&str> {
+        self.span
+            .as_ref()
+            .and_then(|s| s.hosts.get(node))
+            .map(String::as_str)
+    }
 }
 
 /// A steering endpoint on the panel.
@@ -56,6 +73,10 @@ struct PlacedEndpoint {
 /// Applies networks to one [`NodeDataPlane`].
 pub struct NetworkReconciler {
     dp: Arc<NodeDataPlane>,
+    /// This host's name, as the controller's network spans name it.
+    host: String,
+    /// Where links from other hosts arrive, when this host has a tunnel address.
+    vxlan: Option<Arc<VxlanEndpoint>>,
     applied: Mutex<BTreeMap<String, Applied>>,
     /// Held for the length of a latency probe (its node names are fixed).
     probe_lock: Mutex<()>,
@@ -72,6 +93,14 @@ fn host_node(ifname: &str) -> String {
     format!("host:{ifname}")
 }
 
+/// A link end's name in a network span: its node, or `host:IF`.
+fn endpoint_key(ep: &Endpoint) -> String {
+    match ep {
+        Endpoint::Port { node, .. } => node.clone(),
+        Endpoint::Host(ifname) => host_node(ifname),
+    }
+}
+
 fn dp_err(e: telvirt_dataplane::Error) -> AgentError {
     AgentError::DataPlane(e.to_string())
 }
@@ -80,8 +109,115 @@ impl NetworkReconciler {
     pub fn new(dp: Arc<NodeDataPlane>) -> Self {
         Self {
             dp,
+            host: String::new(),
+            vxlan: None,
             applied: Mutex::new(BTreeMap::new()),
             probe_lock: Mutex::new(()),
+        }
+    }
+
+    /// The reconciler of host `host`, carrying links to other hosts through `vxlan` (none:
+    /// such links wait).
+    pub fn with_host(mut self, host: &str, vxlan: Option<Arc<VxlanEndpoint>>) -> Self {
+        self.host = host.to_owned();
+        self.vxlan = vxlan;
+        self
+    }
+
+    /// Whether node `node` of `a` is on this host (every node is when the network spans
+    /// none).
+    fn is_local(&self, a: &Applied, node: &str) -> bool {
+        a.host_of(node).is_none_or(|h| h == self.host)
+    }
+
+    /// The tunnel node of network `name` to host `peer`.
+    fn tunnel_name(name: &str, peer: &str) -> String {
+        vxlan::tunnel_node(&format!("{name}@{peer}"))
+    }
+
+    /// Makes the tunnel of network `a` to host `peer` present; its port, or why not into
+    /// `waiting`.
+    fn ensure_tunnel(
+        &self,
+        name: &str,
+        a: &mut Applied,
+        peer: &str,
+        waiting: &mut Vec<String>,
+    ) -> Option<PortRef> {
+        let node = Self::tunnel_name(name, peer);
+        let port = PortRef::new(&node, vxlan::TUNNEL_PORT);
+        if a.tunnels.contains(&node) && self.dp.node_ports(&node).is_some() {
+            return Some(port);
+        }
+        let Some(span) = &a.span else {
+            return None;
+        };
+        let Some(endpoint) = &self.vxlan else {
+            waiting.push(format!(
+                "links to host {peer} wait: this host has no tunnel address (telvirt agent --tunnel-address)"
+            ));
+            return None;
+        };
+        let Some(remote) = span.tunnels.get(peer) else {
+            waiting.push(format!(
+                "links to host {peer} wait: it has no tunnel address (telvirt agent --tunnel-address)"
+            ));
+            return None;
+        };
+        let remote: SocketAddr = match remote.parse() {
+            Ok(r) => r,
+            Err(e) => {
+                waiting.push(format!("host {peer}'s tunnel address {remote}: {e}"));
+                return None;
+            }
+        };
+        if span.vni == 0 {
+            waiting.push(format!(
+                "links to host {peer} wait: network {name} has no VNI (it was stored before networks had one; create it again)"
+            ));
+            return None;
+        }
+        let placed = endpoint
+            .tunnel(remote, span.vni)
+            .map_err(dp_err)
+            .and_then(|t| {
+                self.dp
+                    .add_node(&node, &[vxlan::TUNNEL_PORT], 0, Box::new(t))
+            });
+        match placed {
+            Ok(()) => {
+                a.tunnels.insert(node);
+                Some(port)
+            }
+            Err(e) => {
+                waiting.push(format!("tunnel to host {peer}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// How descriptor link `link` of `a` is wired on this host: both ends here, one end
+    /// through the tunnel to the other end's host, or not here at all (`None`).
+    fn local_spec(
+        &self,
+        name: &str,
+        a: &Applied,
+        link: &telvirt_model::network::Link,
+    ) -> Option<LinkSpec> {
+        let from_host = a.host_of(&endpoint_key(&link.from));
+        let to_host = a.host_of(&endpoint_key(&link.to));
+        let here = |h: Option<&str>| h.is_none_or(|h| h == self.host);
+        match (here(from_host), here(to_host)) {
+            (true, true) => Some(LinkSpec::new(port_ref(&link.from), port_ref(&link.to))),
+            (true, false) => Some(LinkSpec::new(
+                port_ref(&link.from),
+                PortRef::new(&Self::tunnel_name(name, to_host?), vxlan::TUNNEL_PORT),
+            )),
+            (false, true) => Some(LinkSpec::new(
+                PortRef::new(&Self::tunnel_name(name, from_host?), vxlan::TUNNEL_PORT),
+                port_ref(&link.to),
+            )),
+            (false, false) => None,
         }
     }
 
@@ -149,7 +285,12 @@ impl NetworkReconciler {
         if !a.live.is_empty() {
             let _ = self.dp.panel().delete_network(name);
         }
-        for b in a.builtins.keys().chain(a.endpoints.keys()) {
+        for b in a
+            .builtins
+            .keys()
+            .chain(a.endpoints.keys())
+            .chain(&a.tunnels)
+        {
             let _ = self.dp.remove_node(b);
         }
     }
@@ -171,8 +312,17 @@ impl NetworkReconciler {
                 (e.name.as_str(), (e, p))
             })
             .collect();
+        let local: BTreeSet<String> = d
+            .spec
+            .nodes
+            .iter()
+            .map(|b| b.name.as_str())
+            .chain(d.spec.steering.iter().map(|e| e.name.as_str()))
+            .filter(|n| self.is_local(a, n))
+            .map(str::to_owned)
+            .collect();
         a.builtins.retain(|name, placed| {
-            let keep = d.builtin(name) == Some(&*placed);
+            let keep = d.builtin(name) == Some(&*placed) && local.contains(name);
             if !keep {
                 let _ = self.dp.remove_node(name);
                 a.sinks.remove(name);
@@ -180,9 +330,10 @@ impl NetworkReconciler {
             keep
         });
         a.endpoints.retain(|name, placed| {
-            let keep = wanted
-                .get(name.as_str())
-                .is_some_and(|(e, p)| placed.spec.instances == e.instances && placed.ports == *p);
+            let keep = local.contains(name)
+                && wanted.get(name.as_str()).is_some_and(|(e, p)| {
+                    placed.spec.instances == e.instances && placed.ports == *p
+                });
             if !keep {
                 let _ = self.dp.remove_node(name);
             }
@@ -190,7 +341,7 @@ impl NetworkReconciler {
         });
         let mut waiting = Vec::new();
         for b in &d.spec.nodes {
-            if a.builtins.contains_key(b.name.as_str()) {
+            if a.builtins.contains_key(b.name.as_str()) || !local.contains(b.name.as_str()) {
                 continue;
             }
             match self.add_builtin(b) {
@@ -204,6 +355,9 @@ impl NetworkReconciler {
             }
         }
         for (name, (e, p)) in wanted {
+            if !local.contains(name) {
+                continue;
+            }
             if let Some(placed) = a.endpoints.get(name) {
                 let Some(active) = e.active_instance() else {
                     continue;
@@ -256,6 +410,13 @@ impl NetworkReconciler {
     /// network whose descriptor changed is rewired in place: links in both versions stay up,
     /// and a change of a steering endpoint's `active` is one atomic switch.
     pub fn sync(&self, wanted: &[NetworkDescriptor]) {
+        self.sync_spans(wanted, &[]);
+    }
+
+    /// [`NetworkReconciler::sync`] with where the nodes of networks spanning several hosts
+    /// are: only this host's part is placed, and links to another host's nodes go through a
+    /// tunnel to that host.
+    pub fn sync_spans(&self, wanted: &[NetworkDescriptor], spans: &[NetworkSpan]) {
         let mut applied = self.applied();
         let gone: Vec<String> = applied
             .keys()
@@ -277,10 +438,13 @@ impl NetworkReconciler {
                 probing: false,
                 sinks: BTreeMap::new(),
                 endpoints: BTreeMap::new(),
+                span: None,
+                tunnels: BTreeSet::new(),
             });
             if a.probing {
                 continue;
             }
+            a.span = spans.iter().find(|s| s.network == name).cloned();
             self.reconcile(&name, a, d);
         }
     }
@@ -336,9 +500,20 @@ impl NetworkReconciler {
     /// are not placed, and gets why links are not wired.
     fn wire(&self, name: &str, a: &mut Applied, mut waiting: Vec<String>) {
         let mut links = Vec::new();
+        let mut tunnels_used = BTreeSet::new();
         for (_, link) in a.descriptor.parsed_links() {
+            let Some(spec) = self.local_spec(name, a, &link) else {
+                continue;
+            };
             let mut ready = true;
-            for ep in [&link.from, &link.to] {
+            for (ep, wired) in [(&link.from, &spec.from), (&link.to, &spec.to)] {
+                if *wired != port_ref(ep) {
+                    // The other host's end: through the tunnel to it.
+                    let peer = a.host_of(&endpoint_key(ep)).unwrap_or_default().to_owned();
+                    tunnels_used.insert(Self::tunnel_name(name, &peer));
+                    ready &= self.ensure_tunnel(name, a, &peer, &mut waiting).is_some();
+                    continue;
+                }
                 match ep {
                     Endpoint::Port { node, port } => {
                         ready &= self.has_port(node, port, &mut waiting);
@@ -358,7 +533,7 @@ impl NetworkReconciler {
                 }
             }
             if ready {
-                links.push(LinkSpec::new(port_ref(&link.from), port_ref(&link.to)));
+                links.push(spec);
             }
         }
         links.extend(self.endpoint_links(a, &mut waiting));
@@ -377,11 +552,19 @@ impl NetworkReconciler {
                 self.dp.panel().apply_network(name, &links).map(|_| ())
             };
             match result {
-                Ok(()) => a.live = links,
+                Ok(()) => a.live = links.clone(),
                 Err(e) => {
                     waiting.push(e.to_string());
                     tracing::warn!(network = name, "cannot wire: {e}");
                 }
+            }
+        }
+        // Tunnels no link needs any more go, once the links through them are gone.
+        if a.live == links {
+            let unused: Vec<String> = a.tunnels.difference(&tunnels_used).cloned().collect();
+            for t in unused {
+                let _ = self.dp.remove_node(&t);
+                a.tunnels.remove(&t);
             }
         }
         a.waiting = waiting;
@@ -399,8 +582,9 @@ impl NetworkReconciler {
         let mut mine = Vec::new();
         let mut links = Vec::new();
         for (i, link) in d.parsed_links() {
-            let spec = LinkSpec::new(port_ref(&link.from), port_ref(&link.to));
-            let l = live(&spec);
+            let l = self
+                .local_spec(d.name().as_str(), a, &link)
+                .and_then(|spec| live(&spec));
             if let Some(s) = l {
                 mine.push(s.clone());
             }

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use telvirt_api::ControlLink;
+use telvirt_api::{ControlLink, NetworkSpan};
 use telvirt_model::network::NetworkDescriptor;
 use tokio::sync::watch;
 
@@ -57,7 +57,8 @@ pub async fn network_loop(
             }
         })
     };
-    let mut wanted: Arc<Vec<NetworkDescriptor>> = Arc::new(Vec::new());
+    let mut wanted: Arc<(Vec<NetworkDescriptor>, Vec<NetworkSpan>)> =
+        Arc::new((Vec::new(), Vec::new()));
     let mut fetched: Option<u64> = None;
     loop {
         let latest = *seen.borrow_and_update();
@@ -66,13 +67,13 @@ pub async fn network_loop(
             match link.networks(&host).await {
                 Ok(set) => {
                     fetched = Some(set.revision);
-                    wanted = Arc::new(set.networks);
+                    wanted = Arc::new((set.networks, set.spans));
                 }
                 Err(e) => tracing::warn!(host = %host, "reading networks failed: {e}"),
             }
         }
         let (r, w) = (Arc::clone(&reconciler), Arc::clone(&wanted));
-        if let Err(e) = tokio::task::spawn_blocking(move || r.sync(&w)).await {
+        if let Err(e) = tokio::task::spawn_blocking(move || r.sync_spans(&w.0, &w.1)).await {
             tracing::warn!(host = %host, "network pass failed: {e}");
         }
         tokio::select! {

@@ -93,6 +93,10 @@ pub struct HostRecord {
     pub runtimes: Vec<String>,
     /// Whether an agent serves this host.
     pub agent: bool,
+    /// Where this host's data plane receives the VXLAN tunnels of links from other hosts
+    /// (`IP:PORT`); none: links between this host and another wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<String>,
 }
 
 /// The answer of a changes poll: the assignment revision now.
@@ -109,6 +113,26 @@ pub struct NetworkSet {
     /// Grows whenever the stored networks or this host's assignments change.
     pub revision: u64,
     pub networks: Vec<NetworkDescriptor>,
+    /// For each of those networks held by several hosts: which host each of its nodes is on
+    /// and how to reach the others.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spans: Vec<NetworkSpan>,
+}
+
+/// A network whose nodes are on several hosts: each host wires the links with both ends on it,
+/// and carries a link between two hosts over a VXLAN tunnel to the other host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpan {
+    pub network: String,
+    /// The network's VXLAN network identifier (0: none was given, its links between hosts
+    /// wait).
+    pub vni: u32,
+    /// The host of each node the network names, by node name: a VNF's is its active
+    /// instance's; a built-in node's, a steering endpoint's and a host interface's (`host:IF`)
+    /// is that of the first VNF linked to it.
+    pub hosts: std::collections::BTreeMap<String, String>,
+    /// The tunnel address (`IP:PORT`) of each host holding the network that has one.
+    pub tunnels: std::collections::BTreeMap<String, String>,
 }
 
 /// A call the controller routes to the agent of the host a VNF runs on.

@@ -102,6 +102,15 @@ async fn register(
         ))
         .into());
     }
+    if let Some(t) = &record.tunnel
+        && t.parse::<std::net::SocketAddr>().is_err()
+    {
+        return Err(ControllerError::Invalid(FieldError::new(
+            "tunnel",
+            format!("`{t}` is not a tunnel address: IP:PORT, e.g. 10.0.0.5:4789"),
+        ))
+        .into());
+    }
     record.agent = true;
     s.controller.register_agent_host(record).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

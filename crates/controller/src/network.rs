@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use telvirt_api::{NetworkSet, NodeReply, NodeRequest};
+use telvirt_api::{NetworkSet, NetworkSpan, NodeReply, NodeRequest};
 use telvirt_model::network::{
     Endpoint, LatencyProbe, LatencyReport, LinkState, Network, NetworkDescriptor, NetworkStatus,
     SteerRequest, parse_network,
@@ -26,6 +26,11 @@ pub const NETWORKS: &str = "/networks/";
 pub fn network_key(name: &str) -> String {
     format!("{NETWORKS}{name}")
 }
+
+/// The last VNI given to a network.
+const VNI_COUNTER: &str = "/counters/vni";
+/// VNIs are 24 bits; after the last one the counter wraps to 1 (0 means none).
+const MAX_NETWORK_VNI: u32 = (1 << 24) - 1;
 
 /// How long `net show` waits for a host's data plane to report a network before it shows the
 /// network without that host's counters.
@@ -231,20 +236,67 @@ impl Controller {
             .name
             .parse()
             .map_err(|e| ControllerError::Corrupt(format!("authority name: {e}")))?;
-        let network = Network {
+        let mut network = Network {
             name: descriptor.name().clone(),
             owner,
             descriptor,
             created_at: crate::service::now_rfc3339(),
+            vni: 0,
             status: None,
         };
-        if !self.put_network(&network, 0).await? {
-            return Err(ControllerError::Conflict(format!(
-                "the network name {} is already in use",
-                network.name
-            )));
+        // The network and the next VNI in one transaction; a concurrent create that took the
+        // same VNI makes this one try the next.
+        for _ in 0..crate::service::CAS_RETRIES {
+            let counter = self.store_handle().get(VNI_COUNTER).await?;
+            let (last, counter_rev) = match &counter {
+                Some(v) => (decode::<u32>(VNI_COUNTER, &v.value)?, v.mod_revision),
+                None => (0, 0),
+            };
+            network.vni = if last >= MAX_NETWORK_VNI { 1 } else { last + 1 };
+            let key = network_key(network.name.as_str());
+            let value = serde_json::to_vec(&network)
+                .map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            let outcome = self
+                .store_handle()
+                .txn(
+                    vec![
+                        Compare::ModRevision {
+                            key: key.clone(),
+                            revision: 0,
+                        },
+                        Compare::ModRevision {
+                            key: VNI_COUNTER.to_owned(),
+                            revision: counter_rev,
+                        },
+                    ],
+                    vec![
+                        Op::Put {
+                            key: key.clone(),
+                            value,
+                            lease: None,
+                        },
+                        Op::Put {
+                            key: VNI_COUNTER.to_owned(),
+                            value: network.vni.to_string().into_bytes(),
+                            lease: None,
+                        },
+                    ],
+                )
+                .await?;
+            if outcome.succeeded {
+                bump(self.networks_version());
+                return Ok(network);
+            }
+            if self.store_handle().get(&key).await?.is_some() {
+                return Err(ControllerError::Conflict(format!(
+                    "the network name {} is already in use",
+                    network.name
+                )));
+            }
         }
-        Ok(network)
+        Err(ControllerError::Conflict(
+            "networks are being created faster than VNIs could be given; try again".to_owned(),
+        ))
     }
 
     /// The stored network `name` if the caller may see it, with its revision.
@@ -424,17 +476,77 @@ impl Controller {
         Ok(hosts)
     }
 
+    /// Where the nodes of network `n` are, when they are on several hosts.
+    async fn network_span(&self, n: &Network) -> Result<Option<NetworkSpan>> {
+        let d = &n.descriptor;
+        let mut vnf_hosts = BTreeMap::new();
+        for vnf in named_vnfs(d) {
+            let key = records::vnf_key(&vnf);
+            if let Some(v) = self.store_handle().get(&key).await? {
+                let r: VnfRecord = decode(&key, &v.value)?;
+                if let Some(h) = crate::maps::active_host(&r.vnf) {
+                    vnf_hosts.insert(vnf, h);
+                }
+            }
+        }
+        let distinct: BTreeSet<String> = vnf_hosts.values().cloned().collect();
+        if distinct.len() < 2 {
+            return Ok(None);
+        }
+        let mut hosts = vnf_hosts.clone();
+        // The other nodes go where the first VNF linked to them is.
+        for (_, link) in d.parsed_links() {
+            for (this, other) in [(&link.from, &link.to), (&link.to, &link.from)] {
+                let key = endpoint_node(this);
+                if hosts.contains_key(&key) {
+                    continue;
+                }
+                if let Some(h) = vnf_hosts.get(&endpoint_node(other)) {
+                    hosts.insert(key, h.clone());
+                }
+            }
+        }
+        for e in &d.spec.steering {
+            if let Some(h) = e.instances.iter().find_map(|i| vnf_hosts.get(i.as_str())) {
+                hosts
+                    .entry(e.name.as_str().to_owned())
+                    .or_insert_with(|| h.clone());
+            }
+        }
+        let mut tunnels = BTreeMap::new();
+        for h in distinct {
+            let key = records::host_key(&h);
+            if let Some(v) = self.store_handle().get(&key).await?
+                && let Some(t) = decode::<crate::HostRecord>(&key, &v.value)?.tunnel
+            {
+                tunnels.insert(h, t);
+            }
+        }
+        Ok(Some(NetworkSpan {
+            network: n.name.as_str().to_owned(),
+            vni: n.vni,
+            hosts,
+            tunnels,
+        }))
+    }
+
     /// The networks `host`'s data plane should hold, with the revision they were read at.
     pub async fn host_networks(&self, host: &str) -> Result<NetworkSet> {
         // Read the revision first: a change after it makes the agent's next wait end at once.
         let revision = self.network_revision(host);
         let mut networks = Vec::new();
+        let mut spans = Vec::new();
         for n in self.all_networks().await? {
             if self.network_hosts(&n.descriptor).await?.contains(host) {
+                spans.extend(self.network_span(&n).await?);
                 networks.push(n.descriptor);
             }
         }
-        Ok(NetworkSet { revision, networks })
+        Ok(NetworkSet {
+            revision,
+            networks,
+            spans,
+        })
     }
 
     /// `host`'s network revision: the stored networks' change counter plus the host's
@@ -516,6 +628,14 @@ impl Controller {
         }
         bump(self.networks_version());
         Ok(())
+    }
+}
+
+/// The name a link end has in a [`NetworkSpan`]: its node, or `host:IF` for a host interface.
+pub fn endpoint_node(ep: &Endpoint) -> String {
+    match ep {
+        Endpoint::Port { node, .. } => node.clone(),
+        Endpoint::Host(ifname) => format!("host:{ifname}"),
     }
 }
 

@@ -193,7 +193,7 @@ fn not_found(name: &str) -> ControllerError {
 }
 
 /// How many times a read-modify-write is retried when another writer got in between.
-const CAS_RETRIES: usize = 16;
+pub(crate) const CAS_RETRIES: usize = 16;
 
 pub struct Controller {
     /// The node's components (store, loops, data plane) for `/v1/healthz`.

@@ -83,6 +83,7 @@ fn host(spec: HostSpec) -> HostRecord {
         hugepages: Vec::new(),
         runtimes: Vec::new(),
         agent: false,
+        tunnel: None,
     }
 }
 

@@ -118,6 +118,7 @@ fn host() -> HostRecord {
         hugepages: Vec::new(),
         runtimes: Vec::new(),
         agent: false,
+        tunnel: None,
     }
 }
 

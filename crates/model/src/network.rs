@@ -454,6 +454,10 @@ pub struct Network {
     pub owner: Name,
     pub descriptor: NetworkDescriptor,
     pub created_at: String,
+    /// The VXLAN network identifier its links between hosts travel with (given at creation,
+    /// unique among networks; 0 for a network stored before identifiers were given).
+    #[serde(default)]
+    pub vni: u32,
     /// What the node's data plane holds now (filled by `GET /v1/networks/{name}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<NetworkStatus>,

@@ -20,6 +20,7 @@ use telvirt_agent::{
 use telvirt_api::HostRecord;
 use telvirt_controller::Restart;
 use telvirt_controller::health::{self, ComponentState, HealthRegistry};
+use telvirt_dataplane::vxlan::VxlanEndpoint;
 use telvirt_sched::Inventory;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -80,16 +81,31 @@ impl HostAgent {
             .map(|r| r.kind().as_str().to_owned())
             .collect();
         let inventory = host_records(args, &names)?;
-        let record = inventory
+        let mut record = inventory
             .iter()
             .find(|h| h.agent)
             .cloned()
             .context("no local host")?;
+        // Links from other hosts arrive here, when this host has a tunnel address.
+        let vxlan = match &args.tunnel_address {
+            None => None,
+            Some(text) => {
+                let address = tunnel_address(text)?;
+                let pool = Arc::clone(dataplane.panel().pool());
+                let endpoint = VxlanEndpoint::bind(address, pool).with_context(|| {
+                    format!("--tunnel-address {text}: cannot receive tunnels there")
+                })?;
+                record.tunnel = Some(endpoint.local_addr().to_string());
+                Some(endpoint)
+            }
+        };
+        let networks =
+            NetworkReconciler::new(Arc::clone(&dataplane)).with_host(&record.spec.name, vxlan);
         Ok(Self {
             record,
             inventory,
             runtimes,
-            networks: Arc::new(NetworkReconciler::new(Arc::clone(&dataplane))),
+            networks: Arc::new(networks),
             dataplane,
             wasm,
             data_dir: data_dir.to_owned(),
@@ -202,6 +218,22 @@ impl HostAgent {
     }
 }
 
+/// `--tunnel-address IP[:PORT]` (port 4789 when left out).
+fn tunnel_address(text: &str) -> Result<std::net::SocketAddr> {
+    if let Ok(a) = text.parse::<std::net::SocketAddr>() {
+        return Ok(a);
+    }
+    let ip: std::net::IpAddr = text.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--tunnel-address {text}: not IP or IP:PORT (e.g. 10.0.0.5 or 10.0.0.5:4789)"
+        )
+    })?;
+    Ok(std::net::SocketAddr::new(
+        ip,
+        telvirt_dataplane::vxlan::VXLAN_PORT,
+    ))
+}
+
 /// This host's record (from the inventory file or from /sys), and the hosts without an agent
 /// the inventory names beside it.
 fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRecord>> {
@@ -232,6 +264,7 @@ fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRec
             hugepages: local.hugepages,
             runtimes: runtimes.to_vec(),
             agent: true,
+            tunnel: None,
         }]);
     };
     let text =
@@ -273,6 +306,7 @@ fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRec
                     Vec::new()
                 },
                 agent: is_local,
+                tunnel: None,
             }
         })
         .collect())

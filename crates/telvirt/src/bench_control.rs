@@ -280,6 +280,7 @@ fn host(name: String, per_host: u32) -> HostRecord {
         hugepages: Vec::new(),
         runtimes: vec![RuntimeKind::Wasm.as_str().to_owned()],
         agent: true,
+        tunnel: None,
     }
 }
 

@@ -182,6 +182,11 @@ pub struct HostAgentArgs {
     /// [default: a tenth of physical memory, at least 1GiB]
     #[arg(long)]
     pub memory_reserve: Option<telvirt_model::ByteSize>,
+    /// Where this host's data plane receives links from other hosts: IP[:PORT] of a local
+    /// address (VXLAN over UDP, port 4789 when left out); without it, links between this host
+    /// and another wait
+    #[arg(long)]
+    pub tunnel_address: Option<String>,
     /// How often this host's agent sends a heartbeat, in milliseconds
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub heartbeat_interval_ms: u64,

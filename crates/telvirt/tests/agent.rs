@@ -199,3 +199,76 @@ fn an_agent_without_a_valid_node_credential_is_refused() {
     assert!(log.contains("403") && log.contains("host b1"), "{log}");
     assert!(node.json(&["host", "list"]).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn a_chain_crosses_two_agent_processes_through_a_vxlan_tunnel() {
+    let node = controller();
+    std::fs::write(
+        node.path("inventory2.yaml"),
+        INVENTORY.replace("name: a1", "name: a2"),
+    )
+    .unwrap();
+    node.ok(&["host", "credential", "a1", "--out", "a1.token"]);
+    node.ok(&["host", "credential", "a2", "--out", "a2.token"]);
+    let _a1 = Agent::start(
+        &node,
+        "a1.log",
+        &a1_agent_args("a1.token", &["--tunnel-address", "127.0.0.1:0"]),
+    );
+    let _a2 = Agent::start(
+        &node,
+        "a2.log",
+        &[
+            "--token-file",
+            "a2.token",
+            "--data-dir",
+            "agent2-data",
+            "--inventory",
+            "inventory2.yaml",
+            "--host-name",
+            "a2",
+            "--heartbeat-interval-ms",
+            "200",
+            "--tunnel-address",
+            "127.0.0.2:0",
+        ],
+    );
+    for host in ["a1", "a2"] {
+        wait_until("both hosts Ready", || {
+            host_status(&node, host).is_some_and(|s| s.starts_with("Ready"))
+        });
+    }
+    // fw1 on a1, fw2 on a2.
+    node.ok(&["host", "cordon", "a2"]);
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
+    assert_eq!(
+        node.wait_phase("fw1", "Running")["placements"][0]["host"],
+        "a1"
+    );
+    node.ok(&["host", "uncordon", "a2"]);
+    node.ok(&["host", "cordon", "a1"]);
+    let fw2 = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
+        .unwrap()
+        .replace("name: fw1", "name: fw2");
+    std::fs::write(node.path("examples/descriptors/fw2.yaml"), fw2).unwrap();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/fw2.yaml"]);
+    assert_eq!(
+        node.wait_phase("fw2", "Running")["placements"][0]["host"],
+        "a2"
+    );
+
+    // gen (with fw1, on a1) -> fw1 -> [tunnel a1 -> a2] -> fw2 -> sink (with fw2, on a2).
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: x1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> fw2.in\n    - fw2.out -> sink.in\n";
+    std::fs::write(node.path("x1.yaml"), net).unwrap();
+    let created = node.json(&["net", "create", "-f", "x1.yaml"]);
+    assert!(created["vni"].as_u64() > Some(0), "{created}");
+    wait_until("packets never crossed the tunnel to a2's sink", || {
+        let v = node.json(&["net", "show", "x1"]);
+        let links = &v["status"]["links"];
+        (0..3).all(|i| links[i]["active"] == true) && links[2]["packets"].as_u64() > Some(0)
+    });
+    // A probe needs the whole network on one data plane: refused, naming both hosts.
+    let err = node.fails(&["latency", "chain", "x1"], "spans hosts");
+    assert!(err.contains("a1") && err.contains("a2"), "{err}");
+    node.ok(&["net", "delete", "x1"]);
+}

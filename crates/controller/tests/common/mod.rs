@@ -69,6 +69,7 @@ impl Node {
                 hugepages: Vec::new(),
                 runtimes: Vec::new(),
                 agent: true,
+                tunnel: None,
             })
             .await
             .unwrap();
@@ -408,5 +409,6 @@ pub fn host_record(name: &str) -> HostRecord {
         hugepages: Vec::new(),
         runtimes: Vec::new(),
         agent: true,
+        tunnel: None,
     }
 }
