@@ -99,13 +99,21 @@ impl LocalEtcd {
         let client = format!("http://127.0.0.1:{}", self.client_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut command = Command::new(ETCD);
-        if self.tied {
+        {
             use std::os::unix::process::CommandExt;
-            // SAFETY: the closure runs in the child between fork and exec and calls only
-            // prctl, which is async-signal-safe.
+            let tied = self.tied;
+            // SAFETY: the closure runs in the child between fork and exec and calls only prctl
+            // and setsid, which are async-signal-safe.
             unsafe {
-                command.pre_exec(|| {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                command.pre_exec(move || {
+                    let ok = if tied {
+                        // Dies with the process that started it.
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0
+                    } else {
+                        // Outlives it, and the terminal it ran in: a session of its own.
+                        libc::setsid() != -1
+                    };
+                    if ok {
                         Ok(())
                     } else {
                         Err(std::io::Error::last_os_error())

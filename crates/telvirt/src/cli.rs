@@ -50,6 +50,10 @@ pub enum Command {
     /// Run this host's agent against a controller (`telvirt controller` or `telvirt serve`),
     /// authenticated with a node credential
     Agent(AgentArgs),
+    /// Lay out a cluster on this machine (etcd, controllers, one agent per network namespace)
+    /// and take it down again
+    #[command(subcommand)]
+    Cluster(crate::cluster::ClusterCommand),
     /// Manage VNFs
     #[command(subcommand)]
     Vnf(VnfCommand),

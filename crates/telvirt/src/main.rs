@@ -10,6 +10,7 @@ mod bench_control;
 mod bench_handover;
 mod cli;
 mod client;
+mod cluster;
 mod config;
 mod ha;
 mod latency;
@@ -81,6 +82,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(args).await,
         Command::Controller(args) => serve::run_controller(args).await,
         Command::Agent(args) => agent::run(args).await,
+        Command::Cluster(command) => cluster::run(command, format).await,
         Command::Schema => {
             println!(
                 "{}",
