@@ -10,6 +10,8 @@ use std::sync::Mutex;
 
 mod common;
 use common::{BIN, lay_out_examples, stderr, wait_until};
+#[path = "../../dataplane/tests/support/netns.rs"]
+mod netns;
 use serde_json::Value;
 
 /// The tests that lay out namespaces run one at a time: each compares `ip netns list` before
@@ -307,4 +309,109 @@ fn cluster_down_where_nothing_is_up_says_so_and_removes_nothing() {
     );
     assert_eq!(report["removed"], serde_json::json!([]), "{report}");
     assert!(!dir.exists(), "down created {}", dir.display());
+}
+
+/// Client and server namespaces wired into hosts `near` and `far` of a cluster: client
+/// (c0 10.204.0.1) <-veth-> c1 in `near`, server (s0 10.204.0.2) <-veth-> s1 in `far`;
+/// offloads off (the data plane handles whole frames with finished checksums).
+fn client_and_server(near: &str, far: &str) -> netns::Topology {
+    let id = std::process::id() % 100_000;
+    let t = netns::Topology {
+        ns: vec![format!("tvxc{id}"), format!("tvxs{id}")],
+    };
+    for (ns, host_ns, side, addr) in [
+        (&t.ns[0], near, "c", "10.204.0.1/24"),
+        (&t.ns[1], far, "s", "10.204.0.2/24"),
+    ] {
+        netns::must(&["ip", "netns", "add", ns]);
+        netns::veth(host_ns, &format!("{side}1"), ns, &format!("{side}0"), addr);
+    }
+    t
+}
+
+#[test]
+fn ping_and_iperf3_cross_a_chain_whose_firewalls_run_on_two_hosts() {
+    if !is_root() {
+        eprintln!("skipped: cluster up creates network namespaces, which needs root");
+        return;
+    }
+    netns::require_traffic_tools();
+    let _one_at_a_time = NAMESPACES.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    lay_out_examples(tmp.path());
+    let dir = tmp.path().join("cluster");
+    let dir_arg = dir.to_str().unwrap();
+    let _down = Down(&dir);
+    let up = &[
+        "cluster",
+        "up",
+        "--hosts",
+        "2",
+        "--controllers",
+        "1",
+        "--dir",
+        dir_arg,
+        "-o",
+        "json",
+    ];
+    let cluster = json(&telvirt(tmp.path(), None, up), "cluster up");
+    let config = Path::new(cluster["client_config"].as_str().unwrap()).to_owned();
+    let host_ns = |name: &str| {
+        cluster["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == name)
+            .and_then(|h| h["namespace"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let cli = |args: &[&str]| {
+        let out = telvirt(tmp.path(), Some(&config), args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        out
+    };
+    // Two firewalls that pass everything across their ports: fw1 on h1, fw2 on h2.
+    use telvirt_runtime_wasm::vnfs::{firewall_config, fw_action};
+    let blob: String = firewall_config(fw_action::CROSS, &[])
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let fw1 = std::fs::read_to_string(tmp.path().join("examples/descriptors/fw1.yaml"))
+        .unwrap()
+        .replace("blob_hex: \"02000000\"", &format!("blob_hex: \"{blob}\""));
+    assert!(fw1.contains(&blob), "fw1.yaml's config changed: {fw1}");
+    for (name, on, off) in [("fw1", "h1", "h2"), ("fw2", "h2", "h1")] {
+        let file = tmp
+            .path()
+            .join(format!("examples/descriptors/{name}-cross.yaml"));
+        std::fs::write(&file, fw1.replace("name: fw1", &format!("name: {name}"))).unwrap();
+        cli(&["host", "uncordon", on]);
+        cli(&["host", "cordon", off]);
+        cli(&["vnf", "create", "-f", file.to_str().unwrap()]);
+        wait_until(&format!("{name} never ran on {on}"), || {
+            let v: Value =
+                serde_json::from_slice(&cli(&["vnf", "show", name, "-o", "json"]).stdout).unwrap();
+            v["phase"] == "Running" && v["placements"][0]["host"] == on
+        });
+    }
+    let t = client_and_server(&host_ns("h1"), &host_ns("h2"));
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: span }\nspec:\n  links:\n    - host:c1 -> fw1.in\n    - fw1.out -> fw2.in\n    - fw2.out -> host:s1\n    - host:s1 -> fw2.out\n    - fw2.in -> fw1.out\n    - fw1.in -> host:c1\n";
+    let file = tmp.path().join("span.yaml");
+    std::fs::write(&file, net).unwrap();
+    cli(&["net", "create", "-f", file.to_str().unwrap()]);
+    wait_until("the six links were never live on their hosts", || {
+        let v: Value =
+            serde_json::from_slice(&cli(&["net", "show", "span", "-o", "json"]).stdout).unwrap();
+        v["status"]["links"]
+            .as_array()
+            .is_some_and(|l| l.len() == 6 && l.iter().all(|l| l["active"] == true))
+    });
+    netns::ping_ok(&t, 0, "10.204.0.2");
+    let _server = netns::iperf3_server(&t, 1, 5201);
+    let (bytes, bps) = netns::iperf3_moves_data(&t, 0, "10.204.0.2", 5201);
+    eprintln!(
+        "iperf3 TCP across fw1 (h1) -> VXLAN -> fw2 (h2): {bytes} bytes, {:.0} Mbit/s",
+        bps / 1e6
+    );
 }

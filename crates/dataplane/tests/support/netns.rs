@@ -74,39 +74,7 @@ impl Topology {
         }
         let (a, b, m) = (&t.ns[0], &t.ns[1], &t.ns[2]);
         for (side, ns, addr) in [("a", a, "10.203.0.1/24"), ("b", b, "10.203.0.2/24")] {
-            must(&[
-                "ip",
-                "-n",
-                m,
-                "link",
-                "add",
-                &format!("{side}1"),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &format!("{side}0"),
-                "netns",
-                ns,
-            ]);
-            must(&[
-                "ip",
-                "-n",
-                ns,
-                "addr",
-                "add",
-                addr,
-                "dev",
-                &format!("{side}0"),
-            ]);
-            for (nsx, ifx) in [(ns, format!("{side}0")), (m, format!("{side}1"))] {
-                must(&[
-                    "ip", "netns", "exec", nsx, "ethtool", "-K", &ifx, "tx", "off", "rx", "off",
-                    "tso", "off", "gso", "off", "gro", "off",
-                ]);
-                must(&["ip", "-n", nsx, "link", "set", &ifx, "up"]);
-            }
-            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            veth(m, &format!("{side}1"), ns, &format!("{side}0"), addr);
         }
         // A program in the middle (e.g. `telvirt serve`) may listen on loopback.
         must(&["ip", "-n", m, "link", "set", "lo", "up"]);
@@ -118,6 +86,25 @@ impl Topology {
         c.args(["netns", "exec", &self.ns[ns]]).args(args);
         c
     }
+}
+
+/// A veth pair: `outer_if` in namespace `outer`, `inner_if` in `inner` with address `addr`;
+/// offloads off on both ends (the data plane handles whole frames with finished checksums),
+/// both up, and `inner`'s loopback up.
+pub fn veth(outer: &str, outer_if: &str, inner: &str, inner_if: &str, addr: &str) {
+    must(&[
+        "ip", "-n", outer, "link", "add", outer_if, "type", "veth", "peer", "name", inner_if,
+        "netns", inner,
+    ]);
+    must(&["ip", "-n", inner, "addr", "add", addr, "dev", inner_if]);
+    for (ns, ifname) in [(inner, inner_if), (outer, outer_if)] {
+        must(&[
+            "ip", "netns", "exec", ns, "ethtool", "-K", ifname, "tx", "off", "rx", "off", "tso",
+            "off", "gso", "off", "gro", "off",
+        ]);
+        must(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+    }
+    must(&["ip", "-n", inner, "link", "set", "lo", "up"]);
 }
 
 impl Drop for Topology {
