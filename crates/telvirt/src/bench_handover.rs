@@ -49,6 +49,8 @@ pub struct HandoverReport {
     /// handover_max / lease_expiry_max.
     pub ratio_max: f64,
     pub goal_handover_le_2000_ms: bool,
+    /// Creates made through both controllers during the rounds, and the store checked after.
+    pub chaos: ChaosReport,
 }
 
 /// A `telvirt controller` of the bench.
@@ -126,6 +128,190 @@ where
     Ok(())
 }
 
+/// The host the chaos load places on: registered over the agent protocol, kept Ready by
+/// heartbeats; no agent runs its VNFs (they stay Scheduled, holding their cores).
+const CHAOS_HOST: &str = "chaos1";
+/// How long the leadership stays put between two kills.
+const STEADY: Duration = Duration::from_secs(2);
+/// VNFs the chaos load creates at most (the host has 63 dedicated CPUs).
+const CHAOS_VNFS: u32 = 60;
+
+/// What the load created while leaders were killed, and what the store holds after.
+#[derive(Debug, Default, Serialize)]
+pub struct ChaosReport {
+    /// Creates a controller acknowledged (201).
+    pub acknowledged: u32,
+    /// Creates refused or unanswered while a leader was being replaced (retried by no one).
+    pub refused: u32,
+    /// Acknowledged VNFs missing from the store after the last round (must be 0).
+    pub lost: u32,
+    /// CPUs of `chaos1` that two placements hold (must be 0).
+    pub cpus_held_twice: u32,
+    /// VNFs placed on `chaos1` at the end.
+    pub placed: u32,
+}
+
+fn chaos_host() -> serde_json::Value {
+    serde_json::json!({
+        "spec": {
+            "name": CHAOS_HOST,
+            "topology": { "sockets": 1, "cores_per_socket": 64, "threads_per_core": 1, "numa_nodes_per_socket": 1 },
+            "shared": "0"
+        },
+        "memory_bytes": 1u64 << 40,
+        "runtimes": ["vm"],
+        "agent": true
+    })
+}
+
+fn chaos_vnf(n: u32) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: c{n} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: dedicated, count: 1 }}\n  vm: {{ memory: 16MiB, emulator: share }}\n"
+    )
+}
+
+/// Sends `request` to each controller in turn until one answers; its status.
+async fn to_any(
+    http: &reqwest::Client,
+    apis: &[String],
+    method: reqwest::Method,
+    path: &str,
+    token: &str,
+    body: Option<(&str, String)>,
+) -> Option<u16> {
+    for api in apis {
+        let mut r = http
+            .request(method.clone(), format!("{api}{path}"))
+            .bearer_auth(token);
+        if let Some((kind, text)) = &body {
+            r = r.header("content-type", *kind).body(text.clone());
+        }
+        if let Ok(answer) = r.send().await {
+            let status = answer.status().as_u16();
+            if status != 503 {
+                return Some(status);
+            }
+        }
+    }
+    None
+}
+
+/// The JSON answer of `request`, or an error for a failed call or status.
+async fn answer<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> Result<T> {
+    Ok(request.send().await?.error_for_status()?.json().await?)
+}
+
+/// Issues the chaos host's node credential and registers the host; its credential.
+async fn register_chaos_host(http: &reqwest::Client, api: &str, admin: &str) -> Result<String> {
+    let credential: serde_json::Value = answer(
+        http.post(format!("{api}/v1/hosts/{CHAOS_HOST}/credential"))
+            .bearer_auth(admin),
+    )
+    .await?;
+    let node = credential["token"]
+        .as_str()
+        .context("the credential answer has no token")?
+        .to_owned();
+    http.post(format!("{api}/v1/agent/hosts/{CHAOS_HOST}/register"))
+        .bearer_auth(&node)
+        .json(&chaos_host())
+        .send()
+        .await?
+        .error_for_status()
+        .context("registering the chaos host")?;
+    Ok(node)
+}
+
+/// Keeps the chaos host Ready and creates VNFs through any controller until `stop` (one every
+/// 150 ms, at most [`CHAOS_VNFS`]); the names acknowledged and the count refused.
+async fn chaos_load(
+    http: reqwest::Client,
+    apis: Vec<String>,
+    admin: String,
+    node: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<(Vec<String>, u32)> {
+    let beats = {
+        let (http, apis, node, stop) = (http.clone(), apis.clone(), node.clone(), stop.clone());
+        tokio::spawn(async move {
+            let path = format!("/v1/agent/hosts/{CHAOS_HOST}/heartbeat");
+            while !*stop.borrow() {
+                let _ = to_any(&http, &apis, reqwest::Method::POST, &path, &node, None).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let (mut acknowledged, mut refused) = (Vec::new(), 0);
+    let mut n = 0;
+    while !*stop.borrow() && n < CHAOS_VNFS {
+        n += 1;
+        let body = Some(("application/yaml", chaos_vnf(n)));
+        match to_any(
+            &http,
+            &apis,
+            reqwest::Method::POST,
+            "/v1/vnfs",
+            &admin,
+            body,
+        )
+        .await
+        {
+            Some(201) => acknowledged.push(format!("c{n}")),
+            _ => refused += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let _ = beats.await;
+    Ok((acknowledged, refused))
+}
+
+/// Checks the store after the chaos: every acknowledged VNF is there, no CPU is held twice.
+async fn check_invariant(
+    http: &reqwest::Client,
+    api: &str,
+    admin: &str,
+    acknowledged: &[String],
+    refused: u32,
+) -> Result<ChaosReport> {
+    let vnfs: Vec<serde_json::Value> = answer(
+        http.get(format!("{api}/v1/vnfs?limit=1000"))
+            .bearer_auth(admin),
+    )
+    .await?;
+    let names: std::collections::BTreeSet<&str> =
+        vnfs.iter().filter_map(|v| v["name"].as_str()).collect();
+    let lost = acknowledged
+        .iter()
+        .filter(|n| !names.contains(n.as_str()))
+        .count();
+    let mut held = std::collections::BTreeMap::<u64, u32>::new();
+    let mut placed = 0;
+    for v in &vnfs {
+        for p in v["placements"].as_array().into_iter().flatten() {
+            if p["host"] != CHAOS_HOST {
+                continue;
+            }
+            placed += 1;
+            for cpu in p["vcpus"].as_array().into_iter().flatten().flat_map(|c| {
+                c.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(serde_json::Value::as_u64)
+            }) {
+                *held.entry(cpu).or_default() += 1;
+            }
+        }
+    }
+    Ok(ChaosReport {
+        acknowledged: u32::try_from(acknowledged.len()).unwrap_or(u32::MAX),
+        refused,
+        lost: u32::try_from(lost).unwrap_or(u32::MAX),
+        cpus_held_twice: u32::try_from(held.values().filter(|&&n| n > 1).count())
+            .unwrap_or(u32::MAX),
+        placed,
+    })
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(at).copied().unwrap_or(0.0)
@@ -160,6 +346,16 @@ async fn run_in(
     let mut b = spawn_controller(dir, &url, free_port()?, ttl)?;
     wait_role(&http, &b.api, "follower").await?;
     let config = crate::config::ClientConfig::read(&dir.join("control/client.toml"))?;
+    // Creates through whichever controller answers while the leaders are killed.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let node = register_chaos_host(&http, &a.api, &config.token).await?;
+    let load = tokio::spawn(chaos_load(
+        http.clone(),
+        vec![a.api.clone(), b.api.clone()],
+        config.token.clone(),
+        node,
+        stop_rx,
+    ));
 
     let (mut expiry, mut handover) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
@@ -205,8 +401,15 @@ async fn run_in(
         a = spawn_controller(dir, &url, port, ttl)?;
         wait_role(&http, &a.api, "follower").await?;
         std::mem::swap(&mut a, &mut b);
+        // Steady leadership for a while: the load's creates land.
+        tokio::time::sleep(STEADY).await;
     }
     progress(u64::from(args.rounds), u64::from(args.rounds));
+    let _ = stop_tx.send(true);
+    let (acknowledged, refused) = load.await.context("the chaos load task")??;
+    // After the last swap, `a` is the controller that took over last.
+    wait_role(&http, &a.api, "leader").await?;
+    let chaos = check_invariant(&http, &a.api, &config.token, &acknowledged, refused).await?;
     for c in [&mut a, &mut b] {
         let _ = c.child.kill();
         let _ = c.child.wait();
@@ -219,7 +422,7 @@ async fn run_in(
     let expiry_max = expiry.iter().copied().fold(0.0, f64::max);
     Ok(HandoverReport {
         measured: format!(
-            "two telvirt controller processes on one loopback etcd 3.4 (heartbeat 10 ms, election 100 ms), no VNFs stored; SIGKILL of the leader, {} rounds",
+            "two telvirt controller processes on one loopback etcd 3.4 (heartbeat 10 ms, election 100 ms); SIGKILL of the leader, {} rounds, while VNFs are created through both controllers (one host registered over the agent protocol, no agent running its VNFs)",
             args.rounds
         ),
         rounds: args.rounds,
@@ -233,6 +436,7 @@ async fn run_in(
             0.0
         },
         goal_handover_le_2000_ms: handover_max <= 2000.0,
+        chaos,
         lease_expiry_ms: expiry,
         handover_ms: handover,
     })
@@ -286,6 +490,11 @@ pub fn handover(format: Output, args: HandoverArgs) -> Result<()> {
     println!(
         "ratio handover/expiry (max): {:.2}; leader TTL {} ms",
         r.ratio_max, r.leader_ttl_ms
+    );
+    let c = &r.chaos;
+    println!(
+        "chaos load: {} creates acknowledged, {} refused during handovers; after: {} lost, {} CPUs held twice, {} placed",
+        c.acknowledged, c.refused, c.lost, c.cpus_held_twice, c.placed
     );
     Ok(())
 }
