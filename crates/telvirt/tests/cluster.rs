@@ -1,7 +1,8 @@
 //! Two `telvirt controller` processes sharing a real etcd (started by the test): one leads, the
 //! other forwards every request to it; an agent knows both. Killing the leader with SIGKILL
 //! hands over: the other leads, nothing acknowledged is lost, the agent's VNFs keep running
-//! and new ones are placed on cores nobody else holds.
+//! and new ones are placed on cores nobody else holds. When the agent dies, its host turns
+//! NotReady (its etcd lease lapses) and every VNF it held is Unknown with an event.
 
 use std::process::{Child, Command, Stdio};
 
@@ -100,7 +101,7 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
 
     leader.ok(&["host", "credential", "a1", "--out", "a1.token"]);
     let controllers = format!("{first},{second}");
-    let _agent = Agent::start_at(
+    let agent = Agent::start_at(
         &leader,
         &controllers,
         "agent.log",
@@ -167,6 +168,31 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
         cores.contains(&fw1_cores[0]),
         "fw3 did not get fw1's freed core: {held:?}"
     );
+
+    // The host's agent dies: its etcd lease lapses, the host turns NotReady and each VNF it
+    // held is Unknown, with an event saying why.
+    drop(agent);
+    wait_until("host a1 never turned NotReady", || {
+        leader
+            .json(&["host", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "a1" && h["status"] == "NotReady")
+    });
+    for name in ["fw2", "fw3"] {
+        leader.wait_phase(name, "Unknown");
+        let events = leader.json(&["vnf", "events", name]);
+        assert!(
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["to"] == "Unknown"
+                    && e["reason"].as_str().is_some_and(|r| r.contains("a1"))),
+            "{events}"
+        );
+    }
 
     let _ = follower.kill();
     let _ = follower.wait();
