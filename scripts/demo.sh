@@ -410,4 +410,54 @@ TELVIRT_CONFIG="$CTL_CONFIG" run host list
 TELVIRT_CONFIG="$CTL_CONFIG" run vnf list
 stop_split
 CTL_PID=""
+
+step "A cluster on this machine: etcd, two controllers, two hosts (network namespaces), a chain across them"
+if [ "$(id -u)" -eq 0 ]; then
+  CL="$DATA3/cluster"
+  CL_CONFIG="$CL/control/client.toml"
+  cl() { printf '$ telvirt %s\n' "$*"; TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" "$@"; }
+  trap '"$TELVIRT" cluster down --dir "$CL" >/dev/null 2>&1; cleanup' EXIT
+  run cluster up --hosts 2 --controllers 2 --dir "$CL"
+  cl host list
+  # fwa on h1, fwb on h2: the other host cordoned while each is placed.
+  for pair in "fwa h1 h2" "fwb h2 h1"; do
+    set -- $pair
+    fw1_like "s/name: fw1/name: $1/" >"$CL/$1.yaml"
+    cl host uncordon "$2" >/dev/null; cl host cordon "$3" >/dev/null
+    cl vnf create -f "$CL/$1.yaml"
+    TELVIRT_CONFIG="$CL_CONFIG" wait_phase "$1" Running
+  done
+  cl host uncordon h1 >/dev/null
+  cat >"$CL/span.yaml" <<'YAML'
+apiVersion: telvirt/v1
+kind: Network
+metadata: { name: span }
+spec:
+  nodes:
+    - { name: gen, kind: generator, rate_pps: 5000 }
+    - { name: sink, kind: sink }
+  links: [ gen.out -> fwa.in, fwa.out -> fwb.in, fwb.out -> sink.in ]
+YAML
+  cl net create -f "$CL/span.yaml"
+  sleep 2
+  echo "(fwa runs on h1 and fwb on h2: the link between them crosses a VXLAN tunnel, one VNI per network)"
+  cl net show span
+  BR="$(tr -d ' \n' <"$CL/cluster.json" | grep -o '"bridge":"[^"]*"' | cut -d'"' -f4)"
+  echo "$ tcpdump -i $BR -nn -c 2 udp port 4789   (the tunnel between the hosts, as tcpdump decodes it)"
+  timeout 5 tcpdump -i "$BR" -nn -c 2 udp port 4789 2>/dev/null || true
+  LEADER_URL="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CL_CONFIG")"
+  LEADER_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o "\"url\":\"$LEADER_URL\",\"pid\":[0-9]*" | grep -o '[0-9]*$')"
+  echo "$ kill -9 <the leading controller, $LEADER_URL>"
+  kill -9 "$LEADER_PID"
+  for _ in $(seq 1 100); do
+    [ "$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CL_CONFIG")" != "$LEADER_URL" ] && break
+    sleep 0.05
+  done
+  echo "(the other controller leads now, and wrote the client config: nothing acknowledged was lost)"
+  cl vnf list
+  run cluster down --dir "$CL" --purge
+  trap cleanup EXIT
+else
+  echo "(skipped: cluster up creates network namespaces, which needs root)"
+fi
 echo "demo finished"
