@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
@@ -20,7 +21,7 @@ use telvirt_dataplane::latency::{ChainLatencyOpts, ChainProbe};
 use telvirt_dataplane::node::ProcessorNode;
 use telvirt_dataplane::steering::{self, SteeringNode};
 use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
-use telvirt_dataplane::vxlan::{self, VxlanEndpoint};
+use telvirt_dataplane::vxlan::{self, VxlanEndpoint, VxlanTunnelStats};
 use telvirt_model::network::{
     BuiltinKind, BuiltinNode, Endpoint, InstanceCount, LatencyReport, LinkState, NetworkDescriptor,
     NetworkStatus, ResolvedProbe, SteeringEndpoint, SteeringState,
@@ -47,8 +48,9 @@ struct Applied {
     endpoints: BTreeMap<String, PlacedEndpoint>,
     /// Where the network's nodes are, when they are on several hosts (`None`: all here).
     span: Option<NetworkSpan>,
-    /// Tunnel nodes this network placed (one per other host it links to), by node name.
-    tunnels: BTreeSet<String>,
+    /// Tunnel nodes this network placed (one per other host it links to), by node name, with
+    /// their counters.
+    tunnels: BTreeMap<String, Arc<VxlanTunnelStats>>,
 }
 
 impl Applied {
@@ -146,7 +148,7 @@ impl NetworkReconciler {
     ) -> Option<PortRef> {
         let node = Self::tunnel_name(name, peer);
         let port = PortRef::new(&node, vxlan::TUNNEL_PORT);
-        if a.tunnels.contains(&node) && self.dp.node_ports(&node).is_some() {
+        if a.tunnels.contains_key(&node) && self.dp.node_ports(&node).is_some() {
             return Some(port);
         }
         let Some(span) = &a.span else {
@@ -181,12 +183,14 @@ impl NetworkReconciler {
             .tunnel(remote, span.vni)
             .map_err(dp_err)
             .and_then(|t| {
+                let stats = t.stats();
                 self.dp
                     .add_node(&node, &[vxlan::TUNNEL_PORT], 0, Box::new(t))
+                    .map(|()| stats)
             });
         match placed {
-            Ok(()) => {
-                a.tunnels.insert(node);
+            Ok(stats) => {
+                a.tunnels.insert(node, stats);
                 Some(port)
             }
             Err(e) => {
@@ -289,7 +293,7 @@ impl NetworkReconciler {
             .builtins
             .keys()
             .chain(a.endpoints.keys())
-            .chain(&a.tunnels)
+            .chain(a.tunnels.keys())
         {
             let _ = self.dp.remove_node(b);
         }
@@ -439,7 +443,7 @@ impl NetworkReconciler {
                 sinks: BTreeMap::new(),
                 endpoints: BTreeMap::new(),
                 span: None,
-                tunnels: BTreeSet::new(),
+                tunnels: BTreeMap::new(),
             });
             if a.probing {
                 continue;
@@ -561,7 +565,12 @@ impl NetworkReconciler {
         }
         // Tunnels no link needs any more go, once the links through them are gone.
         if a.live == links {
-            let unused: Vec<String> = a.tunnels.difference(&tunnels_used).cloned().collect();
+            let unused: Vec<String> = a
+                .tunnels
+                .keys()
+                .filter(|t| !tunnels_used.contains(*t))
+                .cloned()
+                .collect();
             for t in unused {
                 let _ = self.dp.remove_node(&t);
                 a.tunnels.remove(&t);
@@ -582,18 +591,28 @@ impl NetworkReconciler {
         let mut mine = Vec::new();
         let mut links = Vec::new();
         for (i, link) in d.parsed_links() {
-            let l = self
-                .local_spec(d.name().as_str(), a, &link)
-                .and_then(|spec| live(&spec));
+            let spec = self.local_spec(d.name().as_str(), a, &link);
+            let l = spec.as_ref().and_then(&live);
             if let Some(s) = l {
                 mine.push(s.clone());
             }
+            // A link into a tunnel also loses what the tunnel could not send; one out of a
+            // tunnel, what it received but could not queue.
+            let tunnel_drops = spec.map_or(0, |spec| {
+                let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
+                    t.tx_errors.load(Ordering::Relaxed) + t.tx_too_big.load(Ordering::Relaxed)
+                });
+                let received = a.tunnels.get(spec.from.node.as_str()).map_or(0, |t| {
+                    t.rx_queue_full.load(Ordering::Relaxed) + t.rx_too_big.load(Ordering::Relaxed)
+                });
+                sent + received
+            });
             links.push(LinkState {
                 link: d.spec.links[i].clone(),
                 active: l.is_some(),
                 packets: l.map_or(0, |s| s.counters.packets),
                 bytes: l.map_or(0, |s| s.counters.bytes),
-                drops: l.map_or(0, |s| s.counters.drops),
+                drops: l.map_or(0, |s| s.counters.drops) + tunnel_drops,
             });
         }
         let mut steering = Vec::new();
