@@ -77,6 +77,11 @@ pub struct UpArgs {
     /// its agent there); `fake` gives each a made-up 4-core topology (placement on paper)
     #[arg(long, value_enum, default_value_t = InventoryMode::Slice)]
     pub inventory_mode: InventoryMode,
+    /// How long a host stays Ready after its agent's last heartbeat, in milliseconds (the
+    /// controllers' --host-lease-ttl-ms; etcd counts leases in whole seconds, so at least 1000;
+    /// agents send a heartbeat every quarter of it)
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1000..=600_000))]
+    pub host_lease_ttl_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -273,6 +278,7 @@ async fn up(args: UpArgs, format: Output) -> Result<()> {
         hosts: args.hosts,
         controllers: args.controllers,
         mode: args.inventory_mode,
+        host_lease_ttl_ms: args.host_lease_ttl_ms,
         cpus,
     };
     let started = tokio::select! {
@@ -317,6 +323,7 @@ struct Plan {
     hosts: u32,
     controllers: u32,
     mode: InventoryMode,
+    host_lease_ttl_ms: u64,
     /// This machine's online CPUs.
     cpus: Vec<u32>,
 }
@@ -398,6 +405,7 @@ async fn bring_up(record: &mut ClusterRecord, plan: &Plan, progress: &Progress) 
             .arg("controller")
             .args(["--store", &store])
             .args(["--listen", &listen])
+            .args(["--host-lease-ttl-ms", &plan.host_lease_ttl_ms.to_string()])
             .arg("--data-dir")
             .arg(&control)
             .env("TELVIRT_LOG", "info");
@@ -530,6 +538,10 @@ async fn add_host(
         .arg(&entry.data_dir)
         .args(["--health-listen", &format!("{address}:{AGENT_HEALTH_PORT}")])
         .args(["--tunnel-address", &address.to_string()])
+        .args([
+            "--heartbeat-interval-ms",
+            &(plan.host_lease_ttl_ms / 4).to_string(),
+        ])
         .env("TELVIRT_LOG", "info");
     let pin = (plan.mode == InventoryMode::Slice).then_some(cpus.as_slice());
     let child = spawn_detached(command, &entry.log, pin)?;
@@ -1170,6 +1182,7 @@ mod tests {
                 hosts: 3,
                 controllers: 1,
                 mode,
+                host_lease_ttl_ms: 1000,
                 cpus: vec![0, 1],
             };
             let (yaml, cpus) = inventory(&plan, 3, "h3").unwrap();
