@@ -411,23 +411,26 @@ TELVIRT_CONFIG="$CTL_CONFIG" run vnf list
 stop_split
 CTL_PID=""
 
-step "A cluster on this machine: etcd, two controllers, two hosts (network namespaces), a chain across them"
+step "A cluster on this machine: etcd, two controllers, three hosts (network namespaces), a chain across two of them"
 if [ "$(id -u)" -eq 0 ]; then
   CL="$DATA3/cluster"
   CL_CONFIG="$CL/control/client.toml"
   cl() { printf '$ telvirt %s\n' "$*"; TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" "$@"; }
   trap '"$TELVIRT" cluster down --dir "$CL" >/dev/null 2>&1; cleanup' EXIT
-  run cluster up --hosts 2 --controllers 2 --dir "$CL"
+  run cluster up --hosts 3 --controllers 2 --dir "$CL"
   cl host list
-  # fwa on h1, fwb on h2: the other host cordoned while each is placed.
-  for pair in "fwa h1 h2" "fwb h2 h1"; do
-    set -- $pair
-    fw1_like "s/name: fw1/name: $1/" >"$CL/$1.yaml"
-    cl host uncordon "$2" >/dev/null; cl host cordon "$3" >/dev/null
+  # fwa on h1, fwb on h2, fwc on h3: the other hosts cordoned while each is placed.
+  for vnf in "fwa h1" "fwb h2" "fwc h3"; do
+    set -- $vnf
+    fw1_like "s/name: fw1/name: $1/; s/policy: dedicated, count: 1/policy: shared, group: g$2, count: 1/" >"$CL/$1.yaml"
+    for h in h1 h2 h3; do
+      if [ "$h" = "$2" ]; then cl host uncordon "$h" >/dev/null; else cl host cordon "$h" >/dev/null; fi
+    done
     cl vnf create -f "$CL/$1.yaml"
     TELVIRT_CONFIG="$CL_CONFIG" wait_phase "$1" Running
   done
-  cl host uncordon h1 >/dev/null
+  for h in h1 h2 h3; do cl host uncordon "$h" >/dev/null; done
+  cl vnf list
   cat >"$CL/span.yaml" <<'YAML'
 apiVersion: telvirt/v1
 kind: Network
@@ -455,6 +458,17 @@ YAML
   done
   echo "(the other controller leads now, and wrote the client config: nothing acknowledged was lost)"
   cl vnf list
+  H3_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o '"name":"h3"[^}]*"pid":[0-9]*' | grep -o '[0-9]*$')"
+  echo "$ kill -9 <the agent of h3>"
+  kill -9 "$H3_PID"
+  for _ in $(seq 1 100); do
+    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "^h3 *NotReady" && break
+    sleep 0.1
+  done
+  echo "(h3's lease lapsed: it is NotReady and fwc, which ran there, is Unknown, with an event saying why)"
+  cl host list
+  TELVIRT_CONFIG="$CL_CONFIG" wait_phase fwc Unknown
+  cl vnf events fwc
   run cluster down --dir "$CL" --purge
   trap cleanup EXIT
 else
