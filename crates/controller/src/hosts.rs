@@ -53,6 +53,8 @@ pub struct Liveness {
     /// Per host record revision: whether an agent serves it, so a liveness pass decodes a host
     /// record only when it changed.
     agents: std::sync::Mutex<HashMap<String, (u64, bool)>>,
+    /// When this controller started leading (opened the store).
+    opened: std::time::Instant,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -67,11 +69,19 @@ impl Default for Liveness {
             last_not_ready: std::sync::Mutex::new(None),
             beats: std::sync::Mutex::new(HashMap::new()),
             agents: std::sync::Mutex::new(HashMap::new()),
+            opened: std::time::Instant::now(),
         }
     }
 }
 
 impl Liveness {
+    /// Whether this controller took over so recently that a lapsed host lease says nothing:
+    /// it may have lapsed while no controller led, and the host's agent gets two TTLs to send
+    /// its first heartbeat here before its VNFs are marked Unknown.
+    fn in_takeover_grace(&self) -> bool {
+        self.opened.elapsed() < self.ttl() * 2
+    }
+
     fn ttl(&self) -> Duration {
         *self.ttl.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -479,6 +489,10 @@ impl Controller {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
+        if !hosts.is_empty() && self.liveness.in_takeover_grace() {
+            // A later pass (the monitor resyncs every few seconds) decides.
+            return Ok(());
+        }
         if hosts.is_empty() && seen().as_ref() == Some(&hosts) {
             // Every host Ready, as after the last complete pass: no VNF can have become Unknown
             // or be due back (only a pass makes VNFs Unknown).

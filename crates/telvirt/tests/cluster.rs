@@ -32,7 +32,7 @@ fn second_controller(node: &Serve, store: &str, log: &str) -> (String, Child) {
             "--data-dir",
             "data",
         ])
-        .args(["--store", store])
+        .args(["--store", store, "--host-lease-ttl-ms", "1000"])
         .env("TELVIRT_LOG", "info")
         .stdout(Stdio::null())
         .stderr(file)
@@ -84,7 +84,8 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
         .block_on(LocalEtcd::start(&dir.path().join("etcd"), true))
         .unwrap_or_else(|e| panic!("{e}"));
     let store = etcd.store_url("/cluster-test");
-    let mut leader = Serve::controller_in(dir, &["--store", &store]);
+    // A host lease shorter than a handover: the hosts' leases lapse while no controller leads.
+    let mut leader = Serve::controller_in(dir, &["--store", &store, "--host-lease-ttl-ms", "1000"]);
     let first = leader.server();
     let admin = leader.admin_token();
     let (second, mut follower) = second_controller(&leader, &store, "second.log");
@@ -134,6 +135,27 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
     // Nothing acknowledged is lost; the agent moved to the new leader and its VNFs run on.
     for name in ["fw1", "fw2"] {
         leader.wait_phase(name, "Running");
+    }
+    // The host's lease lapsed during the handover, but the new leader waited for the agent's
+    // first heartbeat before judging the host: no VNF flapped to Unknown.
+    wait_until("host a1 never turned Ready under the new leader", || {
+        leader
+            .json(&["host", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "a1" && h["status"] == "Ready")
+    });
+    for name in ["fw1", "fw2"] {
+        let events = leader.json(&["vnf", "events", name]);
+        assert!(
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["to"] != "Unknown"),
+            "{name} flapped during the handover: {events}"
+        );
     }
     // The new leader frees and gives out cores from what the store holds (this machine has two
     // CPUs for workers: fw1's goes before fw3 takes one).
