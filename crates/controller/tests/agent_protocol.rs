@@ -222,7 +222,8 @@ async fn node_and_authority_tokens_do_not_stand_in_for_each_other() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_registration_for_another_host_or_of_garbage_is_refused_and_registers_nothing() {
+async fn a_registration_for_another_host_of_garbage_or_with_a_bad_tunnel_is_refused_and_registers_nothing()
+ {
     let node = Node::start().await;
     let h2 = credential(&node, "h2").await;
     let (status, body) = agent_call(
@@ -244,6 +245,19 @@ async fn a_registration_for_another_host_or_of_garbage_is_refused_and_registers_
     )
     .await;
     assert_eq!(status, 422, "{body}");
+    // A tunnel address that is not IP:PORT names the field.
+    let mut bad_tunnel = host_record("h2");
+    bad_tunnel["tunnel"] = json!("10.0.0.5");
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/register",
+        &h2,
+        Some(bad_tunnel),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["errors"][0]["path"], "tunnel", "{body}");
     let r = node
         .call("GET", "/v1/hosts", None, Some(&node.admin), None)
         .await;

@@ -401,3 +401,27 @@ async fn register(link: &dyn ControlLink, record: &HostRecord, controller: &str)
         }
     }
 }
+
+#[cfg(test)]
+mod tunnel_address_tests {
+    use super::tunnel_address;
+
+    #[test]
+    fn a_tunnel_address_is_an_ip_with_an_optional_port_and_anything_else_is_named() {
+        assert_eq!(
+            tunnel_address("10.0.0.5").unwrap().to_string(),
+            "10.0.0.5:4789"
+        );
+        assert_eq!(
+            tunnel_address("10.0.0.5:5000").unwrap().to_string(),
+            "10.0.0.5:5000"
+        );
+        for bad in ["", "h1", "10.0.0.5:port", "10.0.0.256"] {
+            let err = tunnel_address(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--tunnel-address") && err.contains("IP:PORT"),
+                "{bad}: {err}"
+            );
+        }
+    }
+}
