@@ -476,7 +476,12 @@ impl Controller {
             if agent {
                 with_agent.push(host.to_owned());
             }
-            if !ready.contains(host) {
+            // A host this controller has not heard from since it took over gets two TTLs to
+            // send it a first heartbeat (its lease may have lapsed while no controller led);
+            // a later pass judges it.
+            let spared =
+                self.liveness.last_beat(host).is_none() && self.liveness.in_takeover_grace();
+            if !ready.contains(host) && !spared {
                 let why = not_ready_reason(host, self.heartbeat_age_ms(host).await?);
                 not_ready.insert(host.to_owned(), why);
             }
@@ -489,10 +494,6 @@ impl Controller {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
         };
-        if !hosts.is_empty() && self.liveness.in_takeover_grace() {
-            // A later pass (the monitor resyncs every few seconds) decides.
-            return Ok(());
-        }
         if hosts.is_empty() && seen().as_ref() == Some(&hosts) {
             // Every host Ready, as after the last complete pass: no VNF can have become Unknown
             // or be due back (only a pass makes VNFs Unknown).
