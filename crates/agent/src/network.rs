@@ -95,14 +95,6 @@ fn host_node(ifname: &str) -> String {
     format!("host:{ifname}")
 }
 
-/// A link end's name in a network span: its node, or `host:IF`.
-fn endpoint_key(ep: &Endpoint) -> String {
-    match ep {
-        Endpoint::Port { node, .. } => node.clone(),
-        Endpoint::Host(ifname) => host_node(ifname),
-    }
-}
-
 fn dp_err(e: telvirt_dataplane::Error) -> AgentError {
     AgentError::DataPlane(e.to_string())
 }
@@ -208,8 +200,8 @@ impl NetworkReconciler {
         a: &Applied,
         link: &telvirt_model::network::Link,
     ) -> Option<LinkSpec> {
-        let from_host = a.host_of(&endpoint_key(&link.from));
-        let to_host = a.host_of(&endpoint_key(&link.to));
+        let from_host = a.host_of(&link.from.node_key());
+        let to_host = a.host_of(&link.to.node_key());
         let here = |h: Option<&str>| h.is_none_or(|h| h == self.host);
         match (here(from_host), here(to_host)) {
             (true, true) => Some(LinkSpec::new(port_ref(&link.from), port_ref(&link.to))),
@@ -513,7 +505,7 @@ impl NetworkReconciler {
             for (ep, wired) in [(&link.from, &spec.from), (&link.to, &spec.to)] {
                 if *wired != port_ref(ep) {
                     // The other host's end: through the tunnel to it.
-                    let peer = a.host_of(&endpoint_key(ep)).unwrap_or_default().to_owned();
+                    let peer = a.host_of(&ep.node_key()).unwrap_or_default().to_owned();
                     tunnels_used.insert(Self::tunnel_name(name, &peer));
                     ready &= self.ensure_tunnel(name, a, &peer, &mut waiting).is_some();
                     continue;

@@ -457,38 +457,47 @@ impl Controller {
         }
     }
 
+    /// The stored VNFs network `d` names, by name (those that exist).
+    async fn named_records(&self, d: &NetworkDescriptor) -> Result<BTreeMap<String, Vnf>> {
+        let mut out = BTreeMap::new();
+        for vnf in named_vnfs(d) {
+            let key = records::vnf_key(&vnf);
+            if let Some(v) = self.store_handle().get(&key).await? {
+                let r: VnfRecord = decode(&key, &v.value)?;
+                out.insert(vnf, r.vnf);
+            }
+        }
+        Ok(out)
+    }
+
     /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
     /// is placed.
     async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
+        self.holding_hosts(&self.named_records(d).await?).await
+    }
+
+    /// The hosts with an agent where one of `vnfs` is placed.
+    async fn holding_hosts(&self, vnfs: &BTreeMap<String, Vnf>) -> Result<BTreeSet<String>> {
         let mut hosts = BTreeSet::new();
-        for vnf in named_vnfs(d) {
-            let key = records::vnf_key(&vnf);
-            let Some(v) = self.store_handle().get(&key).await? else {
-                continue;
-            };
-            let r: VnfRecord = decode(&key, &v.value)?;
-            for p in r.vnf.placements {
-                if !hosts.contains(&p.host) && self.host_has_agent(&p.host).await? {
-                    hosts.insert(p.host);
-                }
+        for p in vnfs.values().flat_map(|v| &v.placements) {
+            if !hosts.contains(&p.host) && self.host_has_agent(&p.host).await? {
+                hosts.insert(p.host.clone());
             }
         }
         Ok(hosts)
     }
 
-    /// Where the nodes of network `n` are, when they are on several hosts.
-    async fn network_span(&self, n: &Network) -> Result<Option<NetworkSpan>> {
+    /// Where the nodes of network `n` are, when its VNFs (`vnfs`) are on several hosts.
+    async fn network_span(
+        &self,
+        n: &Network,
+        vnfs: &BTreeMap<String, Vnf>,
+    ) -> Result<Option<NetworkSpan>> {
         let d = &n.descriptor;
-        let mut vnf_hosts = BTreeMap::new();
-        for vnf in named_vnfs(d) {
-            let key = records::vnf_key(&vnf);
-            if let Some(v) = self.store_handle().get(&key).await? {
-                let r: VnfRecord = decode(&key, &v.value)?;
-                if let Some(h) = crate::maps::active_host(&r.vnf) {
-                    vnf_hosts.insert(vnf, h);
-                }
-            }
-        }
+        let vnf_hosts: BTreeMap<String, String> = vnfs
+            .iter()
+            .filter_map(|(name, v)| crate::maps::active_host(v).map(|h| (name.clone(), h)))
+            .collect();
         let distinct: BTreeSet<String> = vnf_hosts.values().cloned().collect();
         if distinct.len() < 2 {
             return Ok(None);
@@ -497,11 +506,11 @@ impl Controller {
         // The other nodes go where the first VNF linked to them is.
         for (_, link) in d.parsed_links() {
             for (this, other) in [(&link.from, &link.to), (&link.to, &link.from)] {
-                let key = endpoint_node(this);
+                let key = this.node_key();
                 if hosts.contains_key(&key) {
                     continue;
                 }
-                if let Some(h) = vnf_hosts.get(&endpoint_node(other)) {
+                if let Some(h) = vnf_hosts.get(&other.node_key()) {
                     hosts.insert(key, h.clone());
                 }
             }
@@ -537,8 +546,10 @@ impl Controller {
         let mut networks = Vec::new();
         let mut spans = Vec::new();
         for n in self.all_networks().await? {
-            if self.network_hosts(&n.descriptor).await?.contains(host) {
-                spans.extend(self.network_span(&n).await?);
+            // Each VNF record read once, for both the holding hosts and the span.
+            let vnfs = self.named_records(&n.descriptor).await?;
+            if self.holding_hosts(&vnfs).await?.contains(host) {
+                spans.extend(self.network_span(&n, &vnfs).await?);
                 networks.push(n.descriptor);
             }
         }
@@ -628,14 +639,6 @@ impl Controller {
         }
         bump(self.networks_version());
         Ok(())
-    }
-}
-
-/// The name a link end has in a [`NetworkSpan`]: its node, or `host:IF` for a host interface.
-pub fn endpoint_node(ep: &Endpoint) -> String {
-    match ep {
-        Endpoint::Port { node, .. } => node.clone(),
-        Endpoint::Host(ifname) => format!("host:{ifname}"),
     }
 }
 

@@ -138,6 +138,17 @@ pub enum Endpoint {
     Host(String),
 }
 
+impl Endpoint {
+    /// The name this end has among a network's nodes: its node, or `host:IFNAME` for a host
+    /// interface (how a network span says where each end is).
+    pub fn node_key(&self) -> String {
+        match self {
+            Endpoint::Port { node, .. } => node.clone(),
+            Endpoint::Host(ifname) => format!("host:{ifname}"),
+        }
+    }
+}
+
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
