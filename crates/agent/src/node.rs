@@ -86,7 +86,7 @@ impl ModuleCache {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&dir)?;
-            crate::runtimes::wasm::write_atomic(&path, &bytes)
+            telvirt_files::write_atomic(&path, &bytes)
         })
         .await
         .map_err(|e| AgentError::Link(format!("keeping module {reference}: {e}")))?

@@ -71,22 +71,14 @@ fn view(record: &ModuleRecord, uploaded_at: &str) -> ModuleView {
     }
 }
 
-/// Writes `bytes` to `path` so a reader (or a crash) sees the whole file or none: a temp file
-/// beside it, fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` (creating its directory) so a reader, a crash or another upload of
+/// the same module sees the whole file or none.
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
     let dir = path
         .parent()
         .ok_or_else(|| std::io::Error::other("module path has no directory"))?;
     std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("wasm.tmp");
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    telvirt_files::write_atomic(path, bytes)
 }
 
 impl Controller {

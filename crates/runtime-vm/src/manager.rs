@@ -927,9 +927,8 @@ impl Drop for KillGuard {
 fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
     let bytes = serde_json::to_vec_pretty(value)
         .map_err(|e| Error::io(format!("encode {}", path.display()))(std::io::Error::other(e)))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(Error::io(format!("write {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(Error::io(format!("rename {}", path.display())))
+    telvirt_files::write_atomic(path, &bytes)
+        .map_err(Error::io(format!("write {}", path.display())))
 }
 
 fn read_pid(dir: &Path) -> Option<i32> {

@@ -55,9 +55,7 @@ fn check_hash(hash: &str) -> Result<()> {
 }
 
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    telvirt_files::write_atomic(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 impl ModuleStore {

@@ -165,11 +165,10 @@ struct ClusterRecord {
 
 impl ClusterRecord {
     fn save(&self) -> Result<()> {
-        let path = self.dir.join(RECORD);
-        let tmp = self.dir.join(format!("{RECORD}.tmp"));
-        fs::write(&tmp, serde_json::to_vec_pretty(self)?)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))
+        Ok(telvirt_files::write_atomic(
+            &self.dir.join(RECORD),
+            &serde_json::to_vec_pretty(self)?,
+        )?)
     }
 
     fn read(path: &Path) -> Result<Self> {

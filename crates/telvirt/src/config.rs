@@ -4,8 +4,6 @@
 //! precedence flags > environment > config file. It must not talk to the server.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -48,23 +46,9 @@ impl ClientConfig {
 }
 
 /// Writes a secret (a token, a config holding one) readable by its owner only (0600), whole or
-/// not at all: a temp file beside it, fsync, rename.
+/// not at all.
 pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    Ok(telvirt_files::write_private(path, bytes)?)
 }
 
 /// Server and token for a CLI call: flags and environment first, then the config file.
@@ -106,6 +90,7 @@ pub fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn config_file_is_private_and_round_trips() {

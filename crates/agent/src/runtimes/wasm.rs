@@ -23,7 +23,6 @@
 //! - Packets a module `emit`s are not sent anywhere yet (counted by the instance).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -316,23 +315,6 @@ fn check_budget(
     Ok(())
 }
 
-/// Writes `bytes` to `path` so that a reader (or a crash) sees the old file or the new one,
-/// never half of one: a temp file beside it, fsync, rename, fsync of the directory.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
 fn engine(e: WasmEngine) -> EngineKind {
     match e {
         WasmEngine::Cranelift => EngineKind::Cranelift,
@@ -563,7 +545,7 @@ impl WasmRuntime {
             }
             i.snapshot_maps().map_err(fail)?
         };
-        write_atomic(&path, &bytes)
+        telvirt_files::write_atomic(&path, &bytes)
             .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))
     }
 
