@@ -49,6 +49,8 @@ pub struct EtcdStore {
     client: Client,
     /// `host:port, host:port` as given, for error messages.
     endpoints: String,
+    /// How many endpoints were given: how often a request no member received may go again.
+    endpoint_count: usize,
     /// Put before every key; empty or `/name…`.
     namespace: String,
     health: Arc<HealthCell>,
@@ -123,6 +125,32 @@ fn is_unreachable(e: &etcd_client::Error) -> bool {
         ),
         _ => false,
     }
+}
+
+/// Whether `e` says the request never reached a member: the connection to the one it was
+/// routed to could not be made (refused, or reset while connecting, as a stopped member's is).
+/// Such a request can go again, to another member, without any risk of applying twice.
+fn never_sent(e: &etcd_client::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    if let etcd_client::Error::GRpcStatus(status) = e {
+        source = std::error::Error::source(status);
+    }
+    let mut connecting = false;
+    while let Some(cause) = source {
+        // hyper's connector says so in its error, whose type it does not export.
+        connecting |= cause.to_string().starts_with("tcp connect error");
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind;
+            return io.kind() == ErrorKind::ConnectionRefused
+                || (connecting
+                    && matches!(
+                        io.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                    ));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Whether `e` is etcd's answer that a lease does not exist.
@@ -209,6 +237,7 @@ impl EtcdStore {
         let store = Self {
             client,
             endpoints: listed.clone(),
+            endpoint_count: endpoints.len(),
             namespace: namespace.to_owned(),
             health: Arc::new(HealthCell::default()),
             _closing: closing,
@@ -246,36 +275,51 @@ impl EtcdStore {
     }
 
     /// Runs one request with [`REQUEST_TIMEOUT`], records whether etcd was reached, and maps
-    /// its error (a missing lease to [`StoreError::NoLease`] of `lease`).
-    async fn call<T>(
+    /// its error (a missing lease to [`StoreError::NoLease`] of `lease`). `request` makes the
+    /// request afresh for each attempt: one that no member received (its connection was
+    /// refused, as a stopped member's is) goes again, to another member, up to twice per
+    /// endpoint; a request that may have reached etcd is never repeated.
+    async fn call<T, F>(
         &self,
         what: &str,
         lease: Option<LeaseId>,
-        request: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, request).await {
-            Ok(Ok(answer)) => {
-                self.health.reached();
-                Ok(answer)
-            }
-            Ok(Err(e)) if is_unreachable(&e) => {
-                Err(self.unavailable(&format!("{what}: {}", describe(&e))))
-            }
-            Ok(Err(e)) => {
-                self.health.reached();
-                match lease {
-                    Some(lease) if is_lease_not_found(&e) => Err(StoreError::NoLease(lease.0)),
-                    _ => Err(StoreError::Backend(format!(
-                        "etcd at {} refused {what}: {}",
-                        self.endpoints,
-                        describe(&e)
-                    ))),
+        mut request: impl FnMut() -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let attempts = 2 * self.endpoint_count.max(1);
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match tokio::time::timeout_at(deadline, request()).await {
+                Ok(Ok(answer)) => {
+                    self.health.reached();
+                    return Ok(answer);
+                }
+                Ok(Err(e)) if never_sent(&e) && attempt < attempts => continue,
+                Ok(Err(e)) if is_unreachable(&e) => {
+                    return Err(self.unavailable(&format!("{what}: {}", describe(&e))));
+                }
+                Ok(Err(e)) => {
+                    self.health.reached();
+                    return match lease {
+                        Some(lease) if is_lease_not_found(&e) => Err(StoreError::NoLease(lease.0)),
+                        _ => Err(StoreError::Backend(format!(
+                            "etcd at {} refused {what}: {}",
+                            self.endpoints,
+                            describe(&e)
+                        ))),
+                    };
+                }
+                Err(_) => {
+                    return Err(self.unavailable(&format!(
+                        "{what}: no answer within {} s",
+                        REQUEST_TIMEOUT.as_secs()
+                    )));
                 }
             }
-            Err(_) => Err(self.unavailable(&format!(
-                "{what}: no answer within {} s",
-                REQUEST_TIMEOUT.as_secs()
-            ))),
         }
     }
 
@@ -310,9 +354,12 @@ impl EtcdStore {
         if let Some(revision) = revision {
             options = options.with_revision(revision);
         }
-        let mut kv = self.client.kv_client();
         let answer = self
-            .call("a range read", None, kv.get(start, Some(options)))
+            .call("a range read", None, || {
+                let (mut kv, start, options) =
+                    (self.client.kv_client(), start.clone(), options.clone());
+                async move { kv.get(start, Some(options)).await }
+            })
             .await?;
         let records = answer
             .kvs()
@@ -370,7 +417,9 @@ impl EtcdStore {
             last_delivered: 0,
             tx,
         };
-        let opened = self.call("opening a watch", None, feed.open(start)).await?;
+        let opened = self
+            .call("opening a watch", None, || feed.open(start))
+            .await?;
         let (stream, resync) = match opened {
             Opened::Live { stream, revision } => {
                 feed.last_delivered = match start {
@@ -381,7 +430,10 @@ impl EtcdStore {
             }
             Opened::Compacted { .. } => {
                 // The history asked for is gone: the caller lists again, then sees what follows.
-                match self.call("opening a watch", None, feed.open(None)).await? {
+                match self
+                    .call("opening a watch", None, || feed.open(None))
+                    .await?
+                {
                     Opened::Live { stream, revision } => {
                         feed.last_delivered = revision;
                         (stream, true)
@@ -610,9 +662,12 @@ enum Pumped {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let mut kv = self.client.kv_client();
+        let key = self.full_key(key);
         let answer = self
-            .call("a read", None, kv.get(self.full_key(key), None))
+            .call("a read", None, || {
+                let (mut kv, key) = (self.client.kv_client(), key.clone());
+                async move { kv.get(key, None).await }
+            })
             .await?;
         answer
             .kvs()
@@ -695,9 +750,12 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(self.full_key(key), None),
             });
         }
-        let mut kv = self.client.kv_client();
         let txn = Txn::new().when(when).and_then(then);
-        let answer = match self.call("a transaction", None, kv.txn(txn)).await {
+        let transaction = || {
+            let (mut kv, txn) = (self.client.kv_client(), txn.clone());
+            async move { kv.txn(txn).await }
+        };
+        let answer = match self.call("a transaction", None, transaction).await {
             Ok(answer) => answer,
             Err(StoreError::Backend(why)) if names_lease && why.contains("lease not found") => {
                 return Err(match self.missing_lease(&ops).await {
@@ -727,9 +785,11 @@ impl Store for EtcdStore {
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let seconds = i64::try_from(seconds.max(1)).unwrap_or(i64::MAX);
-        let mut leases = self.client.lease_client();
         let answer = self
-            .call("granting a lease", None, leases.grant(seconds, None))
+            .call("granting a lease", None, || {
+                let mut leases = self.client.lease_client();
+                async move { leases.grant(seconds, None).await }
+            })
             .await?;
         if !answer.error().is_empty() {
             return Err(StoreError::Backend(format!(
@@ -745,19 +805,23 @@ impl Store for EtcdStore {
     /// needs no recovery here.
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         let id = to_etcd_lease(lease)?;
-        let mut leases = self.client.lease_client();
         // The stream ends here: the answer to its first request is all this call needs.
-        self.call("a lease keep-alive", Some(lease), leases.keep_alive(id))
-            .await
-            .map(drop)
+        self.call("a lease keep-alive", Some(lease), || {
+            let mut leases = self.client.lease_client();
+            async move { leases.keep_alive(id).await }
+        })
+        .await
+        .map(drop)
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let id = to_etcd_lease(lease)?;
-        let mut leases = self.client.lease_client();
-        self.call("revoking a lease", Some(lease), leases.revoke(id))
-            .await
-            .map(drop)
+        self.call("revoking a lease", Some(lease), || {
+            let mut leases = self.client.lease_client();
+            async move { leases.revoke(id).await }
+        })
+        .await
+        .map(drop)
     }
 
     fn health(&self) -> StoreHealth {

@@ -703,3 +703,66 @@ async fn etcd_a_broken_watch_resumes_after_its_last_delivered_revision() {
     );
     await_health(&store, true).await;
 }
+
+/// A store on a three-member etcd keeps answering while one member is down: once the members
+/// left have a leader, reads, writes and lease keep-alives go to them (a request the stopped
+/// member never received goes again, elsewhere), and a watch opened before the kill delivers
+/// what follows it. Requests in flight when the member died (or sent to it as raft leader
+/// before the others noticed) may fail as unavailable: whether they applied is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_store_on_three_members_answers_while_one_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = LocalEtcd::start_members(dir.path(), 3, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let store = EtcdStore::connect(&etcd.endpoints(), "/three")
+        .await
+        .unwrap();
+    let lease = store.grant_lease(Duration::from_secs(5)).await.unwrap();
+    let mut watch = store.watch("/w/").await.unwrap();
+    store
+        .txn(vec![], vec![put("/k", b"0", None)])
+        .await
+        .unwrap();
+
+    etcd.kill_member(0);
+    let deadline = Instant::now() + PATIENCE;
+    while let Err(e) = store.txn(vec![], vec![put("/k", b"0", None)]).await {
+        assert!(
+            matches!(e, StoreError::Unavailable(_)),
+            "a write right after a member's kill answered {e}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no write succeeded within {PATIENCE:?} of a member's kill: {e}"
+        );
+    }
+    for i in 1..=30u32 {
+        let value = i.to_string();
+        store
+            .txn(vec![], vec![put("/k", value.as_bytes(), Some(lease))])
+            .await
+            .unwrap_or_else(|e| panic!("write {i} with a member down: {e}"));
+        let read = store.get("/k").await.unwrap().unwrap();
+        assert_eq!(read.value, value.as_bytes());
+        store
+            .keep_alive(lease)
+            .await
+            .unwrap_or_else(|e| panic!("keep-alive {i} with a member down: {e}"));
+    }
+    store
+        .txn(vec![], vec![put("/w/after", b"1", None)])
+        .await
+        .unwrap();
+    assert_eq!(
+        next_event(&mut watch, "a put after the member's kill")
+            .await
+            .key(),
+        Some("/w/after")
+    );
+    assert!(
+        matches!(store.health(), StoreHealth::Ok),
+        "{:?}",
+        store.health()
+    );
+}
