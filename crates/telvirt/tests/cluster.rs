@@ -4,10 +4,8 @@
 //! and new ones are placed on cores nobody else holds. When the agent dies, its host turns
 //! NotReady (its etcd lease lapses) and every VNF it held is Unknown with an event.
 
-use std::process::{Child, Command, Stdio};
-
 mod common;
-use common::{Agent, BIN, Serve, a1_agent_args, lay_out_examples, wait_until};
+use common::{Agent, ExtraController, Serve, a1_agent_args, lay_out_examples, wait_until};
 use serde_json::Value;
 use telvirt_store::local_etcd::LocalEtcd;
 
@@ -17,39 +15,6 @@ const INVENTORY: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores
 fn http(base: &str, method: &str, path: &str, token: &str, body: &str) -> (u16, Value) {
     let (status, text) = common::http(base, method, path, Some(token), body);
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
-/// A second controller on the same data dir and store, logging to `<dir>/<log>`: its API
-/// address (from its log) and process.
-fn second_controller(node: &Serve, store: &str, log: &str) -> (String, Child) {
-    let file = std::fs::File::create(node.path(log)).unwrap();
-    let child = Command::new(BIN)
-        .current_dir(node.path(""))
-        .args([
-            "controller",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "data",
-        ])
-        .args(["--store", store, "--host-lease-ttl-ms", "1000"])
-        .env("TELVIRT_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .unwrap();
-    let mut api = None;
-    wait_until("the second controller never said where it listens", || {
-        let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
-        // "... on http://127.0.0.1:PORT: campaigning ..."
-        api = text
-            .split(" on http://")
-            .nth(1)
-            .and_then(|rest| rest.split(": ").next())
-            .map(|addr| format!("http://{addr}"));
-        api.is_some()
-    });
-    (api.unwrap(), child)
 }
 
 /// The dedicated cores each VNF on host a1 holds.
@@ -88,7 +53,12 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
     let mut leader = Serve::controller_in(dir, &["--store", &store, "--host-lease-ttl-ms", "1000"]);
     let first = leader.server();
     let admin = leader.admin_token();
-    let (second, mut follower) = second_controller(&leader, &store, "second.log");
+    let follower = ExtraController::start(
+        &leader,
+        &["--store", &store, "--host-lease-ttl-ms", "1000"],
+        "second.log",
+    );
+    let second = follower.api.clone();
     wait_until("the second controller never saw the first lead", || {
         let (status, v) = http(&second, "GET", "/v1/leader", "", "");
         status == 200 && v["role"] == "follower" && v["leader"]["api"] == first.as_str()
@@ -216,7 +186,6 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
         );
     }
 
-    let _ = follower.kill();
-    let _ = follower.wait();
+    drop(follower);
     drop(etcd);
 }

@@ -420,18 +420,31 @@ pub fn http(
     token: Option<&str>,
     body: &str,
 ) -> (u16, String) {
+    try_http(addr, method, path, token, body)
+        .unwrap_or_else(|e| panic!("{method} {addr}{path}: {e}"))
+}
+
+/// [`http`] that answers an error instead of panicking when the server cannot be reached or
+/// does not answer within 10 s.
+pub fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let addr = addr.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         stream,
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )
-    .unwrap();
+    )?;
     let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    stream.read_to_string(&mut answer)?;
     let status = answer
         .split_whitespace()
         .nth(1)
@@ -441,7 +454,69 @@ pub fn http(
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
-    (status, body)
+    Ok((status, body))
+}
+
+/// A further `telvirt controller` working in a [`Serve`]'s directory (its data dir `data`),
+/// on a store the first one shares; SIGKILLed when dropped.
+pub struct ExtraController {
+    /// Its API address, `http://127.0.0.1:PORT`.
+    pub api: String,
+    child: Option<Child>,
+}
+
+impl ExtraController {
+    /// `telvirt controller --listen 127.0.0.1:0 --data-dir data <args>` logging to
+    /// `<dir>/<log>`; returns once its log says where it listens.
+    pub fn start(node: &Serve, args: &[&str], log: &str) -> ExtraController {
+        let file = std::fs::File::create(node.path(log)).unwrap();
+        let child = Command::new(BIN)
+            .current_dir(node.path(""))
+            .args([
+                "controller",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "data",
+            ])
+            .args(args)
+            .env("TELVIRT_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        let mut controller = ExtraController {
+            api: String::new(),
+            child: Some(child),
+        };
+        wait_until("a further controller to say where it listens", || {
+            let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
+            // "... on http://127.0.0.1:PORT: campaigning ..."
+            if let Some(addr) = text
+                .split(" on http://")
+                .nth(1)
+                .and_then(|rest| rest.split(": ").next())
+            {
+                controller.api = format!("http://{addr}");
+            }
+            !controller.api.is_empty()
+        });
+        controller
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ExtraController {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
 
 /// The arguments of an agent for host a1 (inventory `inventory.yaml`, data in `agent-data`,
