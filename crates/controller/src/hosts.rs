@@ -136,6 +136,39 @@ impl Liveness {
     fn last_beat(&self, host: &str) -> Option<u64> {
         self.beats_map().get(host).map(|(at, _)| *at)
     }
+
+    /// A heartbeat of a host this controller already heard from arrived at `now`: its agent is
+    /// alive, whatever the store then does with the lease (recorded before the keep-alive, so
+    /// a slow store does not make the host look silent).
+    fn arrived(&self, host: &str, now: u64) {
+        if let Some(entry) = self.beats_map().get_mut(host) {
+            entry.0 = now;
+        }
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Whether `host`, heard from by this controller, sent nothing for longer than the TTL at
+    /// `now`: NotReady at once, without waiting for the store to expire its lease (etcd does
+    /// that in whole seconds, checked every 500 ms). A host not heard from since this
+    /// controller took over is judged by its lease alone.
+    fn silent(&self, host: &str, now: u64) -> bool {
+        self.last_beat(host)
+            .is_some_and(|at| now.saturating_sub(at) > self.ttl_ms())
+    }
+
+    /// How long until the next host that is heard from falls silent, if any.
+    fn next_silence(&self, now: u64) -> Option<Duration> {
+        let ttl = self.ttl_ms();
+        self.beats_map()
+            .values()
+            .map(|(at, _)| at.saturating_add(ttl))
+            .filter(|due| *due >= now)
+            .min()
+            .map(|due| Duration::from_millis(due - now + 1))
+    }
 }
 
 fn now_ms() -> u64 {
@@ -266,9 +299,11 @@ impl Controller {
         Ok((decode(&key, &v.value)?, v.mod_revision))
     }
 
-    /// Whether host `name`'s heartbeat lease is live.
+    /// Whether host `name`'s heartbeat lease is live and its agent not silent (see
+    /// [`Liveness::silent`]).
     pub(crate) async fn host_ready(&self, name: &str) -> Result<bool> {
-        Ok(self.store.get(&host_lease_key(name)).await?.is_some())
+        Ok(!self.liveness.silent(name, now_ms())
+            && self.store.get(&host_lease_key(name)).await?.is_some())
     }
 
     /// Whether an agent serves host `name` (false for an unknown host).
@@ -338,6 +373,7 @@ impl Controller {
         // next heartbeat takes the full path below and is refused).
         if let Some(l) = self.liveness.lease(host) {
             let now = now_ms();
+            self.liveness.arrived(host, now);
             if !self.liveness.write_due(host, now) {
                 match self.store.keep_alive(l).await {
                     Ok(()) => {
@@ -416,7 +452,8 @@ impl Controller {
 
     /// Runs until the process ends: marks the VNFs of hosts that went NotReady `Unknown`, and
     /// gives them back their last known phase when their host is Ready again. Woken by every
-    /// lease change (expiry included) and at least every `resync`.
+    /// lease change (expiry included), when the next host heard from would fall silent, and at
+    /// least every `resync`.
     pub async fn host_monitor(self: Arc<Self>, resync: Duration) {
         let mut watch = match self.store.watch(records::HOST_LEASES).await {
             Ok(w) => Some(w),
@@ -429,25 +466,31 @@ impl Controller {
             if let Err(e) = self.check_hosts().await {
                 tracing::warn!("host liveness check failed: {e}");
             }
+            let wait = self
+                .liveness
+                .next_silence(now_ms())
+                .map_or(resync, |silence| silence.min(resync));
             match &mut watch {
                 Some(w) => {
-                    if let Ok(None) = tokio::time::timeout(resync, w.next()).await {
+                    if let Ok(None) = tokio::time::timeout(wait, w.next()).await {
                         watch = None;
                     }
                 }
-                None => tokio::time::sleep(resync).await,
+                None => tokio::time::sleep(wait).await,
             }
         }
     }
 
     /// One liveness pass over every VNF (see [`Controller::host_monitor`]).
     pub async fn check_hosts(&self) -> Result<()> {
+        let now = now_ms();
         let ready: BTreeSet<String> = self
             .store
             .list(records::HOST_LEASES)
             .await?
             .into_iter()
             .map(|(k, _)| k[records::HOST_LEASES.len()..].to_owned())
+            .filter(|host| !self.liveness.silent(host, now))
             .collect();
         let mut not_ready = BTreeMap::new();
         let mut with_agent = Vec::new();
@@ -749,7 +792,9 @@ impl Controller {
         require_admin(caller, "delete")?;
         let mut scheduler = self.scheduler.lock().await;
         let (_, host_rev) = self.host_record(name).await?;
-        if self.store.get(&host_lease_key(name)).await?.is_some() {
+        // A lease the store still holds for an agent that fell silent goes with the host.
+        let lease = self.store.get(&host_lease_key(name)).await?;
+        if lease.is_some() && !self.liveness.silent(name, now_ms()) {
             return Err(ControllerError::Conflict(format!(
                 "host {name} is Ready: its agent still sends heartbeats; stop that agent (or wait {} ms for its lease to expire) before deleting the host",
                 self.liveness.ttl().as_millis()
@@ -778,10 +823,10 @@ impl Controller {
             },
             Compare::ModRevision {
                 key: host_lease_key(name),
-                revision: 0,
+                revision: lease.as_ref().map_or(0, |v| v.mod_revision),
             },
         ];
-        let ops = vec![
+        let mut ops = vec![
             Op::Delete {
                 key: host_key(name),
             },
@@ -792,6 +837,11 @@ impl Controller {
                 key: cordon_key(name),
             },
         ];
+        if lease.is_some() {
+            ops.push(Op::Delete {
+                key: host_lease_key(name),
+            });
+        }
         if !self.store.txn(compares, ops).await?.succeeded {
             return Err(ControllerError::Conflict(format!(
                 "host {name} changed while it was being deleted (a heartbeat, or a new registration); try again"
@@ -802,6 +852,12 @@ impl Controller {
             Err(e) => return Err(e.into()),
         }
         drop(scheduler);
+        if let Some(id) = lease.and_then(|v| v.lease)
+            && let Err(e) = self.store.revoke(id).await
+        {
+            // Its key is gone already; the lease itself expires by its TTL.
+            tracing::debug!("revoking the lease of deleted host {name}: {e}");
+        }
         self.liveness.remember(name, None);
         tracing::info!("host {name} deleted by {}", caller.name);
         self.changed();

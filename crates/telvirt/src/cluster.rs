@@ -78,9 +78,10 @@ pub struct UpArgs {
     #[arg(long, value_enum, default_value_t = InventoryMode::Slice)]
     pub inventory_mode: InventoryMode,
     /// How long a host stays Ready after its agent's last heartbeat, in milliseconds (the
-    /// controllers' --host-lease-ttl-ms; etcd counts leases in whole seconds, so at least 1000;
-    /// agents send a heartbeat every quarter of it)
-    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1000..=600_000))]
+    /// controllers' --host-lease-ttl-ms; the leader notices a silent agent by its own clock, so
+    /// it may be shorter than etcd's one-second lease; agents send a heartbeat every quarter
+    /// of it)
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
     pub host_lease_ttl_ms: u64,
 }
 
