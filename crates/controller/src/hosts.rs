@@ -394,7 +394,8 @@ impl Controller {
         }
         if let Some(l) = lease {
             match self.store.keep_alive(l).await {
-                Ok(()) => {}
+                // Kept from now on: the next heartbeats take the short path above.
+                Ok(()) => self.liveness.remember(host, Some(l)),
                 Err(StoreError::NoLease(_)) => lease = None,
                 Err(e) => return Err(e.into()),
             }

@@ -261,6 +261,18 @@ impl EtcdStore {
     }
 
     /// The key in etcd of the store's `key`.
+    /// The size of the database file of the member that answers, in bytes (the whole etcd,
+    /// every namespace, with the history not yet compacted).
+    pub async fn db_size(&self) -> Result<u64, StoreError> {
+        let status = self
+            .call("a status request", None, || {
+                let mut maintenance = self.client.maintenance_client();
+                async move { maintenance.status().await }
+            })
+            .await?;
+        Ok(from_etcd(status.db_size()))
+    }
+
     fn full_key(&self, key: &str) -> Vec<u8> {
         let mut full = Vec::with_capacity(self.namespace.len() + key.len());
         full.extend_from_slice(self.namespace.as_bytes());

@@ -417,6 +417,25 @@ async fn an_expired_lease_deletes_its_keys(b: &Backend) {
     ));
 }
 
+async fn a_kept_alive_lease_outlives_its_ttl(b: &Backend) {
+    let store = &*b.store;
+    let lease = store.grant_lease(Duration::from_secs(1)).await.unwrap();
+    store
+        .txn(Vec::new(), vec![put("/alive/h1", b"up", Some(lease))])
+        .await
+        .unwrap();
+    // Three TTLs, a keep-alive every fifth of one.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        store.keep_alive(lease).await.unwrap();
+        assert!(
+            store.get("/alive/h1").await.unwrap().is_some(),
+            "the key of a lease kept alive every 200 ms expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs each contract check once per backend.
 macro_rules! contract {
     ($($check:ident),* $(,)?) => {
@@ -449,6 +468,7 @@ contract!(
     revoking_a_lease_deletes_its_keys,
     unknown_leases_are_refused,
     an_expired_lease_deletes_its_keys,
+    a_kept_alive_lease_outlives_its_ttl,
 );
 
 // ---- etcd only ----

@@ -32,6 +32,11 @@ pub enum BenchCommand {
     /// Two real controllers on a loopback etcd: SIGKILL the leader, time until the other
     /// acknowledges a write; against etcd's own expiry of the leader key
     Handover(crate::bench_handover::HandoverArgs),
+    /// Real controller and agent processes (hosts on this machine) running wasm VNFs, on a
+    /// three-member etcd against one controller on the embedded store: creates/s,
+    /// create→Running, etcd size, leader failover and host-failure detection against etcd's own
+    /// lease expiry; acknowledged writes and store invariants checked after the kills
+    Cluster(crate::bench_cluster::ClusterArgs),
 }
 
 #[derive(Args, Debug)]
@@ -95,6 +100,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Vm(args) => crate::vm::bench_vm(format, args),
         BenchCommand::Control(args) => crate::bench_control::control(format, args),
         BenchCommand::Handover(args) => crate::bench_handover::handover(format, args),
+        BenchCommand::Cluster(args) => crate::bench_cluster::cluster_bench(format, args),
     }
 }
 

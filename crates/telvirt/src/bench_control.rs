@@ -770,14 +770,11 @@ async fn run_in(
 /// `telvirt bench control`.
 pub fn control(format: Output, args: ControlArgs) -> Result<()> {
     let progress = Progress::new(format, "control");
-    let report = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current()
-            .block_on(run_control_bench(&args, &|_, d, t| progress.update(d, t)))
-    })?;
-    progress.finish();
-    if output::report(format, &report)? {
+    let report_progress = |_: &str, d, t| progress.update(d, t);
+    let bench = run_control_bench(&args, &report_progress);
+    let Some(report) = progress.run_bench(format, bench)? else {
         return Ok(());
-    }
+    };
     let r = &report;
     println!(
         "control plane: {} VNFs on {} hosts; agents: {}",

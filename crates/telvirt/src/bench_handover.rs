@@ -53,29 +53,45 @@ pub struct HandoverReport {
     pub chaos: ChaosReport,
 }
 
-/// A `telvirt controller` of the bench.
-struct ControllerProcess {
+/// A `telvirt controller` a benchmark started, SIGKILLed when dropped.
+pub(crate) struct ControllerProcess {
     child: Child,
-    api: String,
-    port: u16,
+    pub api: String,
+    pub port: u16,
 }
 
-fn free_port() -> Result<u16> {
+impl ControllerProcess {
+    /// SIGKILL, and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub(crate) fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn spawn_controller(dir: &Path, store: &str, port: u16, ttl_ms: u64) -> Result<ControllerProcess> {
+/// `telvirt controller --data-dir control --listen 127.0.0.1:PORT <args>` working in `dir`,
+/// logging to `dir/controller-PORT.log`.
+pub(crate) fn spawn_controller(dir: &Path, port: u16, args: &[&str]) -> Result<ControllerProcess> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(format!("controller-{port}.log")))?;
     let child = Command::new(std::env::current_exe()?)
         .current_dir(dir)
-        .args(["controller", "--data-dir", "control", "--store", store])
+        .args(["controller", "--data-dir", "control"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--leader-ttl-ms", &ttl_ms.to_string()])
+        .args(args)
         .env("TELVIRT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -90,7 +106,7 @@ fn spawn_controller(dir: &Path, store: &str, port: u16, ttl_ms: u64) -> Result<C
 }
 
 /// The role `api` reports, if it answers.
-async fn role(http: &reqwest::Client, api: &str) -> Option<String> {
+pub(crate) async fn role(http: &reqwest::Client, api: &str) -> Option<String> {
     let v: serde_json::Value = http
         .get(format!("{api}/v1/leader"))
         .send()
@@ -103,7 +119,7 @@ async fn role(http: &reqwest::Client, api: &str) -> Option<String> {
 }
 
 /// Waits until the controller at `api` reports `wanted` as its role.
-async fn wait_role(http: &reqwest::Client, api: &str, wanted: &str) -> Result<()> {
+pub(crate) async fn wait_role(http: &reqwest::Client, api: &str, wanted: &str) -> Result<()> {
     poll_until(
         Duration::from_secs(20),
         &format!("{api} becoming {wanted}"),
@@ -113,7 +129,7 @@ async fn wait_role(http: &reqwest::Client, api: &str, wanted: &str) -> Result<()
 }
 
 /// Polls until `f` holds or `within` passed.
-async fn poll_until<F, Fut>(within: Duration, what: &str, mut f: F) -> Result<()>
+pub(crate) async fn poll_until<F, Fut>(within: Duration, what: &str, mut f: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -197,7 +213,9 @@ async fn to_any(
 }
 
 /// The JSON answer of `request`, or an error for a failed call or status.
-async fn answer<T: serde::de::DeserializeOwned>(request: reqwest::RequestBuilder) -> Result<T> {
+pub(crate) async fn answer<T: serde::de::DeserializeOwned>(
+    request: reqwest::RequestBuilder,
+) -> Result<T> {
     Ok(request.send().await?.error_for_status()?.json().await?)
 }
 
@@ -312,7 +330,71 @@ async fn check_invariant(
     })
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// Opens a watch of `key` on `store`: the returned task answers when it first sees the key
+/// deleted (None if the watch ends first).
+pub(crate) async fn first_deletion(
+    store: &dyn Store,
+    key: &str,
+) -> Result<tokio::task::JoinHandle<Option<Instant>>> {
+    let mut watch = store.watch(key).await?;
+    Ok(tokio::spawn(async move {
+        while let Some(event) = watch.next().await {
+            if matches!(event, WatchEvent::Delete { .. }) {
+                return Some(Instant::now());
+            }
+        }
+        None
+    }))
+}
+
+/// Waits (at most 30 s) for a task of [`first_deletion`]; what it saw, or why there is nothing.
+pub(crate) async fn deleted_at(
+    task: tokio::task::JoinHandle<Option<Instant>>,
+    what: &str,
+) -> Result<Instant> {
+    tokio::time::timeout(Duration::from_secs(30), task)
+        .await
+        .with_context(|| format!("{what} never went"))??
+        .context("the watch ended")
+}
+
+/// SIGKILLs `leader` and times, in ms from the kill: etcd's deletion of the leader key (seen
+/// by a watch on `watcher`), and the first write `survivor` acknowledges (a node credential of
+/// host `probe`, as `token`).
+pub(crate) async fn time_leader_kill(
+    http: &reqwest::Client,
+    watcher: &dyn Store,
+    leader: &mut ControllerProcess,
+    survivor: &str,
+    token: &str,
+    probe: &str,
+) -> Result<(f64, f64)> {
+    let expired = first_deletion(watcher, LEADER_KEY).await?;
+    let killed = Instant::now();
+    leader.kill();
+    let path = format!("{survivor}/v1/hosts/{probe}/credential");
+    poll_until(
+        Duration::from_secs(30),
+        "a write through the survivor",
+        || {
+            let path = path.clone();
+            async move {
+                http.post(path)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 201)
+            }
+        },
+    )
+    .await?;
+    let served = Instant::now();
+    let expired = deleted_at(expired, "the leader key").await?;
+    let ms = |t: Instant| t.duration_since(killed).as_secs_f64() * 1e3;
+    Ok((ms(expired), ms(served)))
+}
+
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(at).copied().unwrap_or(0.0)
 }
@@ -340,10 +422,11 @@ async fn run_in(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()?;
-    let ttl = args.leader_ttl_ms;
-    let mut a = spawn_controller(dir, &url, free_port()?, ttl)?;
+    let ttl = args.leader_ttl_ms.to_string();
+    let controller_args = ["--store", url.as_str(), "--leader-ttl-ms", ttl.as_str()];
+    let mut a = spawn_controller(dir, free_port()?, &controller_args)?;
     wait_role(&http, &a.api, "leader").await?;
-    let mut b = spawn_controller(dir, &url, free_port()?, ttl)?;
+    let mut b = spawn_controller(dir, free_port()?, &controller_args)?;
     wait_role(&http, &b.api, "follower").await?;
     let config = crate::config::ClientConfig::read(&dir.join("control/client.toml"))?;
     // Creates through whichever controller answers while the leaders are killed.
@@ -360,45 +443,21 @@ async fn run_in(
     let (mut expiry, mut handover) = (Vec::new(), Vec::new());
     for round in 0..args.rounds {
         progress(u64::from(round), u64::from(args.rounds));
-        let mut watch = watcher.watch(LEADER_KEY).await?;
-        let killed = Instant::now();
-        a.child.kill()?;
-        let _ = a.child.wait();
-        let expired = tokio::spawn(async move {
-            while let Some(event) = watch.next().await {
-                if matches!(event, WatchEvent::Delete { .. }) {
-                    return Some(Instant::now());
-                }
-            }
-            None
-        });
-        let path = format!("{}/v1/hosts/bench-r{round}/credential", b.api);
-        poll_until(
-            Duration::from_secs(30),
-            "a write through the survivor",
-            || {
-                let (http, path, token) = (&http, path.clone(), config.token.clone());
-                async move {
-                    http.post(path)
-                        .bearer_auth(token)
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().as_u16() == 201)
-                }
-            },
+        let probe = format!("bench-r{round}");
+        let (expired, served) = time_leader_kill(
+            &http,
+            watcher.as_ref(),
+            &mut a,
+            &b.api,
+            &config.token,
+            &probe,
         )
         .await?;
-        let served = Instant::now();
-        let expired = tokio::time::timeout(Duration::from_secs(30), expired)
-            .await
-            .context("the leader key never went")??
-            .context("the watch ended")?;
-        let ms = |t: Instant| t.duration_since(killed).as_secs_f64() * 1e3;
-        expiry.push(ms(expired));
-        handover.push(ms(served));
+        expiry.push(expired);
+        handover.push(served);
         // The killed controller comes back as the follower of the next round.
         let port = a.port;
-        a = spawn_controller(dir, &url, port, ttl)?;
+        a = spawn_controller(dir, port, &controller_args)?;
         wait_role(&http, &a.api, "follower").await?;
         std::mem::swap(&mut a, &mut b);
         // Steady leadership for a while: the load's creates land.
@@ -410,10 +469,7 @@ async fn run_in(
     // After the last swap, `a` is the controller that took over last.
     wait_role(&http, &a.api, "leader").await?;
     let chaos = check_invariant(&http, &a.api, &config.token, &acknowledged, refused).await?;
-    for c in [&mut a, &mut b] {
-        let _ = c.child.kill();
-        let _ = c.child.wait();
-    }
+    drop((a, b));
     drop(etcd);
 
     let mut sorted = handover.clone();
@@ -426,7 +482,7 @@ async fn run_in(
             args.rounds
         ),
         rounds: args.rounds,
-        leader_ttl_ms: ttl,
+        leader_ttl_ms: args.leader_ttl_ms,
         lease_expiry_max_ms: expiry_max,
         handover_max_ms: handover_max,
         handover_p50_ms: percentile(&sorted, 0.5),
@@ -444,14 +500,11 @@ async fn run_in(
 
 pub fn handover(format: Output, args: HandoverArgs) -> Result<()> {
     let progress = Progress::new(format, "handover");
-    let report = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current()
-            .block_on(run_handover_bench(&args, &|d, t| progress.update(d, t)))
-    })?;
-    progress.finish();
-    if output::report(format, &report)? {
+    let report_progress = |d, t| progress.update(d, t);
+    let bench = run_handover_bench(&args, &report_progress);
+    let Some(report) = progress.run_bench(format, bench)? else {
         return Ok(());
-    }
+    };
     let r = &report;
     println!("measured: {}", r.measured);
     let rounds = |v: &[f64]| {

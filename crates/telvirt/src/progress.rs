@@ -42,3 +42,22 @@ impl Progress {
         }
     }
 }
+
+impl Progress {
+    /// Runs `bench` (an async benchmark that reports to this bar) from the synchronous bench
+    /// dispatcher; prints the report as JSON for `-o json` and answers None, or answers the
+    /// report for the caller's table.
+    pub fn run_bench<T: serde::Serialize>(
+        &self,
+        format: Output,
+        bench: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<Option<T>> {
+        let report =
+            tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(bench))?;
+        self.finish();
+        if crate::output::report(format, &report)? {
+            return Ok(None);
+        }
+        Ok(Some(report))
+    }
+}
