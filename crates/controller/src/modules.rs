@@ -1,7 +1,9 @@
 //! Uploaded wasm modules (`POST /v1/modules`, ADR 045): verified at upload in the uploader's
-//! security domain, kept content-addressed (the bytes in the node's module directory under
-//! their SHA-256, the index under `/modules/<sha256>` with the authorities that uploaded them),
-//! and resolved when a descriptor names `sha256:<hex>`.
+//! security domain, kept content-addressed (the bytes in the store under
+//! `/module-bytes/<sha256>/` in chunks an etcd request carries, so every controller of a
+//! cluster serves them, and cached in the node's module directory under their SHA-256; the
+//! index under `/modules/<sha256>` with the authorities that uploaded them), and resolved when
+//! a descriptor names `sha256:<hex>`.
 //!
 //! Owns the upload's checks (size cap, verifier verdict), the owner scoping of the index, and
 //! the resolution of a descriptor's module to the maps it declares. It must not run modules:
@@ -17,7 +19,11 @@ use telvirt_model::vnf::limits::MAX_MODULE_BYTES;
 use telvirt_model::{FieldError, VnfDescriptor, module_digest};
 use telvirt_store::{Compare, Op};
 
-use crate::records::{self, ModuleRecord, VnfRecord, module_key};
+use crate::records::{self, ModuleRecord, VnfRecord, module_chunk_key, module_key};
+
+/// The bytes of a module are stored in chunks of this size: an etcd request carries at most
+/// 1.5 MiB by default.
+const CHUNK_BYTES: usize = 512 * 1024;
 use crate::service::{Caller, Controller, ControllerError, decode, encode, now_rfc3339};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
@@ -119,7 +125,7 @@ impl Controller {
         let domain = self.authority_domain(&caller.name).await?;
         let verifier = Arc::clone(&repo.verifier);
         let dir = repo.dir.clone();
-        let (sha256, info) = tokio::task::spawn_blocking(move || {
+        let (sha256, info, bytes) = tokio::task::spawn_blocking(move || {
             let info =
                 verifier
                     .verify(&bytes, &domain)
@@ -139,13 +145,16 @@ impl Controller {
                     ControllerError::Unavailable(format!("cannot keep the module: {e}"))
                 })?;
             }
-            Ok::<_, ControllerError>((sha256, info))
+            Ok::<_, ControllerError>((sha256, info, bytes))
         })
         .await
         .map_err(|e| ControllerError::Unavailable(format!("module check stopped: {e}")))??;
-        let size = std::fs::metadata(ModuleRepository::path(&repo.dir, &sha256))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        let size = bytes.len() as u64;
+        // The bytes before the index: a module the index names is always whole in the store.
+        let chunks = match self.module_record(&sha256).await? {
+            Some((record, _)) if record.chunks > 0 => record.chunks,
+            _ => self.store_chunks(&sha256, &bytes).await?,
+        };
         for _ in 0..16 {
             let existing = self.module_record(&sha256).await?;
             let (mut record, rev) = existing.unwrap_or_else(|| {
@@ -155,6 +164,7 @@ impl Controller {
                         size,
                         info: info.clone(),
                         owners: Default::default(),
+                        chunks,
                     },
                     0,
                 )
@@ -164,6 +174,7 @@ impl Controller {
             }
             let now = now_rfc3339();
             record.owners.insert(caller.name.clone(), now.clone());
+            record.chunks = chunks;
             let value = encode(&record)?;
             let key = module_key(&sha256);
             let outcome = self
@@ -187,6 +198,52 @@ impl Controller {
         Err(ControllerError::Conflict(
             "the module's index kept changing; upload again".into(),
         ))
+    }
+
+    /// Writes `bytes` of module `sha256` to the store in chunks (one transaction each, as etcd
+    /// bounds a request's size); their count. Content-addressed: writing them again changes
+    /// nothing a reader could tell.
+    async fn store_chunks(&self, sha256: &str, bytes: &[u8]) -> Result<u32> {
+        let mut count = 0;
+        for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
+            let index = u32::try_from(index)
+                .map_err(|_| ControllerError::TooLarge("the module has too many chunks".into()))?;
+            let op = Op::Put {
+                key: module_chunk_key(sha256, index),
+                value: chunk.to_vec(),
+                lease: None,
+            };
+            self.store_handle().txn(Vec::new(), vec![op]).await?;
+            count = index + 1;
+        }
+        Ok(count)
+    }
+
+    /// The bytes of module `sha256` from the store's chunks, checked against the digest.
+    async fn stored_bytes(&self, sha256: &str) -> Result<Vec<u8>> {
+        let reference = format!("{MODULE_REF_PREFIX}{sha256}");
+        let Some((record, _)) = self.module_record(sha256).await? else {
+            return Err(module_not_found(sha256));
+        };
+        if record.chunks == 0 {
+            return Err(ControllerError::Unavailable(format!(
+                "module {reference} was uploaded before modules were kept in the store, and this controller's module directory lacks it: upload it again"
+            )));
+        }
+        let mut bytes = Vec::with_capacity(usize::try_from(record.size).unwrap_or(0));
+        for index in 0..record.chunks {
+            let key = module_chunk_key(sha256, index);
+            let chunk = self.store_handle().get(&key).await?.ok_or_else(|| {
+                ControllerError::Corrupt(format!("{key}: a chunk of module {reference} is missing"))
+            })?;
+            bytes.extend_from_slice(&chunk.value);
+        }
+        if sha256_hex(&bytes) != sha256 {
+            return Err(ControllerError::Corrupt(format!(
+                "the stored chunks of module {reference} do not hash to its digest"
+            )));
+        }
+        Ok(bytes)
     }
 
     /// The modules the caller uploaded (the admin: all of them).
@@ -244,12 +301,26 @@ impl Controller {
             )));
         }
         let path = ModuleRepository::path(&self.repository()?.dir, sha256);
-        let read = tokio::task::spawn_blocking(move || std::fs::read(&path))
+        let cached = path.clone();
+        let read = tokio::task::spawn_blocking(move || std::fs::read(&cached))
             .await
             .map_err(|e| ControllerError::Unavailable(format!("reading a module: {e}")))?;
-        read.map_err(|e| {
-            ControllerError::Unavailable(format!("module {reference} cannot be read: {e}"))
-        })
+        match read {
+            Ok(bytes) => Ok(bytes),
+            // Uploaded through another controller of the cluster: from the store, then cached.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let bytes = self.stored_bytes(sha256).await?;
+                let copy = bytes.clone();
+                let kept = tokio::task::spawn_blocking(move || write_atomic(&path, &copy)).await;
+                if let Ok(Err(e)) = kept {
+                    tracing::warn!("caching module {reference}: {e}");
+                }
+                Ok(bytes)
+            }
+            Err(e) => Err(ControllerError::Unavailable(format!(
+                "module {reference} cannot be read: {e}"
+            ))),
+        }
     }
 
     /// Forgets the caller's upload; the bytes go when nobody keeps the module. Refused (409)
@@ -295,19 +366,23 @@ impl Controller {
                 }
             }
             let key = module_key(sha256);
-            let op = if last {
-                Op::Delete { key: key.clone() }
+            let ops = if last {
+                std::iter::once(Op::Delete { key: key.clone() })
+                    .chain((0..record.chunks).map(|i| Op::Delete {
+                        key: module_chunk_key(sha256, i),
+                    }))
+                    .collect()
             } else {
                 record.owners.remove(&owner);
-                Op::Put {
+                vec![Op::Put {
                     key: key.clone(),
                     value: encode(&record)?,
                     lease: None,
-                }
+                }]
             };
             let outcome = self
                 .store_handle()
-                .txn(vec![Compare::ModRevision { key, revision: rev }], vec![op])
+                .txn(vec![Compare::ModRevision { key, revision: rev }], ops)
                 .await?;
             if outcome.succeeded {
                 if last && let Ok(repo) = self.repository() {

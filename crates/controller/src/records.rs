@@ -93,6 +93,13 @@ pub fn module_key(sha256: &str) -> String {
     format!("{MODULES}{sha256}")
 }
 
+/// An uploaded module's bytes, in chunks: `/module-bytes/<sha256>/<index>`.
+pub const MODULE_BYTES: &str = "/module-bytes/";
+
+pub fn module_chunk_key(sha256: &str, index: u32) -> String {
+    format!("{MODULE_BYTES}{sha256}/{index:04}")
+}
+
 pub fn host_key(name: &str) -> String {
     format!("{HOSTS}{name}")
 }
@@ -135,6 +142,10 @@ pub struct ModuleRecord {
     pub info: telvirt_model::api::ModuleInfo,
     /// Authorities that uploaded it, with when each first did.
     pub owners: std::collections::BTreeMap<String, String>,
+    /// How many chunks of its bytes the store holds under [`MODULE_BYTES`] (0: a store from
+    /// before they were kept there, which has the bytes in one node's module directory only).
+    #[serde(default)]
+    pub chunks: u32,
 }
 
 /// A stored host: as its agent registers it (the agent protocol's type).
