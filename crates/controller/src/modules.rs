@@ -150,11 +150,6 @@ impl Controller {
         .await
         .map_err(|e| ControllerError::Unavailable(format!("module check stopped: {e}")))??;
         let size = bytes.len() as u64;
-        // The bytes before the index: a module the index names is always whole in the store.
-        let chunks = match self.module_record(&sha256).await? {
-            Some((record, _)) if record.chunks > 0 => record.chunks,
-            _ => self.store_chunks(&sha256, &bytes).await?,
-        };
         for _ in 0..16 {
             let existing = self.module_record(&sha256).await?;
             let (mut record, rev) = existing.unwrap_or_else(|| {
@@ -164,35 +159,46 @@ impl Controller {
                         size,
                         info: info.clone(),
                         owners: Default::default(),
-                        chunks,
+                        chunks: 0,
                     },
                     0,
                 )
             });
-            if let Some(at) = record.owners.get(&caller.name) {
+            // The bytes go before the index, and the index only while they are all there (a
+            // delete of the same module meanwhile removes them): an indexed module is always
+            // whole in the store. Once indexed, its chunks go only with its index.
+            let mut compares = Vec::new();
+            if record.chunks == 0 {
+                compares = self.store_chunks(&sha256, &bytes).await?;
+                record.chunks = u32::try_from(compares.len()).unwrap_or(u32::MAX);
+            } else if let Some(at) = record.owners.get(&caller.name) {
                 return Ok((view(&record, at), false));
             }
             let now = now_rfc3339();
-            record.owners.insert(caller.name.clone(), now.clone());
-            record.chunks = chunks;
+            let new_owner = !record.owners.contains_key(&caller.name);
+            let at = record
+                .owners
+                .entry(caller.name.clone())
+                .or_insert(now)
+                .clone();
             let value = encode(&record)?;
             let key = module_key(&sha256);
-            let outcome = self
+            compares.push(Compare::ModRevision {
+                key: key.clone(),
+                revision: rev,
+            });
+            let put = Op::Put {
+                key,
+                value,
+                lease: None,
+            };
+            if self
                 .store_handle()
-                .txn(
-                    vec![Compare::ModRevision {
-                        key: key.clone(),
-                        revision: rev,
-                    }],
-                    vec![Op::Put {
-                        key,
-                        value,
-                        lease: None,
-                    }],
-                )
-                .await?;
-            if outcome.succeeded {
-                return Ok((view(&record, &now), true));
+                .txn(compares, vec![put])
+                .await?
+                .succeeded
+            {
+                return Ok((view(&record, &at), new_owner));
             }
         }
         Err(ControllerError::Conflict(
@@ -201,22 +207,27 @@ impl Controller {
     }
 
     /// Writes `bytes` of module `sha256` to the store in chunks (one transaction each, as etcd
-    /// bounds a request's size); their count. Content-addressed: writing them again changes
-    /// nothing a reader could tell.
-    async fn store_chunks(&self, sha256: &str, bytes: &[u8]) -> Result<u32> {
-        let mut count = 0;
+    /// bounds a request's size); for each, a compare that holds while it is still as written.
+    /// Content-addressed: writing them again changes nothing a reader could tell.
+    async fn store_chunks(&self, sha256: &str, bytes: &[u8]) -> Result<Vec<Compare>> {
+        let mut written = Vec::new();
         for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
             let index = u32::try_from(index)
                 .map_err(|_| ControllerError::TooLarge("the module has too many chunks".into()))?;
+            let key = module_chunk_key(sha256, index);
             let op = Op::Put {
-                key: module_chunk_key(sha256, index),
+                key: key.clone(),
                 value: chunk.to_vec(),
                 lease: None,
             };
-            self.store_handle().txn(Vec::new(), vec![op]).await?;
-            count = index + 1;
+            let revision = self
+                .store_handle()
+                .txn(Vec::new(), vec![op])
+                .await?
+                .revision;
+            written.push(Compare::ModRevision { key, revision });
         }
-        Ok(count)
+        Ok(written)
     }
 
     /// The bytes of module `sha256` from the store's chunks, checked against the digest.
