@@ -792,62 +792,70 @@ impl Controller {
     pub async fn delete_host(&self, caller: &Caller, name: &str) -> Result<()> {
         require_admin(caller, "delete")?;
         let mut scheduler = self.scheduler.lock().await;
-        let (_, host_rev) = self.host_record(name).await?;
-        // A lease the store still holds for an agent that fell silent goes with the host.
-        let lease = self.store.get(&host_lease_key(name)).await?;
-        if lease.is_some() && !self.liveness.silent(name, now_ms()) {
-            return Err(ControllerError::Conflict(format!(
-                "host {name} is Ready: its agent still sends heartbeats; stop that agent (or wait {} ms for its lease to expire) before deleting the host",
-                self.liveness.ttl().as_millis()
-            )));
-        }
-        let mut held = Vec::new();
-        for (key, v) in self.store.list(records::VNFS).await? {
-            let record: VnfRecord = decode(&key, &v.value)?;
-            if placement::placement_on(&record.vnf, name).is_some() {
-                held.push(record.vnf.name.to_string());
+        let mut attempt = 0;
+        let lease = loop {
+            attempt += 1;
+            let (_, host_rev) = self.host_record(name).await?;
+            // A lease the store still holds for an agent that fell silent goes with the host.
+            let lease = self.store.get(&host_lease_key(name)).await?;
+            if lease.is_some() && !self.liveness.silent(name, now_ms()) {
+                return Err(ControllerError::Conflict(format!(
+                    "host {name} is Ready: its agent still sends heartbeats; stop that agent (or wait {} ms for its lease to expire) before deleting the host",
+                    self.liveness.ttl().as_millis()
+                )));
             }
-        }
-        if held.is_empty() && scheduler.host_roles(name).unwrap_or(0) > 0 {
-            held.push("(allocations without a VNF)".to_owned());
-        }
-        if !held.is_empty() {
-            return Err(ControllerError::Conflict(format!(
-                "host {name} still holds vnf {}; drain it first (telvirt host drain {name})",
-                held.join(", ")
-            )));
-        }
-        let compares = vec![
-            Compare::ModRevision {
-                key: host_key(name),
-                revision: host_rev,
-            },
-            Compare::ModRevision {
-                key: host_lease_key(name),
-                revision: lease.as_ref().map_or(0, |v| v.mod_revision),
-            },
-        ];
-        let mut ops = vec![
-            Op::Delete {
-                key: host_key(name),
-            },
-            Op::Delete {
-                key: heartbeat_key(name),
-            },
-            Op::Delete {
-                key: cordon_key(name),
-            },
-        ];
-        if lease.is_some() {
-            ops.push(Op::Delete {
-                key: host_lease_key(name),
-            });
-        }
-        if !self.store.txn(compares, ops).await?.succeeded {
-            return Err(ControllerError::Conflict(format!(
-                "host {name} changed while it was being deleted (a heartbeat, or a new registration); try again"
-            )));
-        }
+            let mut held = Vec::new();
+            for (key, v) in self.store.list(records::VNFS).await? {
+                let record: VnfRecord = decode(&key, &v.value)?;
+                if placement::placement_on(&record.vnf, name).is_some() {
+                    held.push(record.vnf.name.to_string());
+                }
+            }
+            if held.is_empty() && scheduler.host_roles(name).unwrap_or(0) > 0 {
+                held.push("(allocations without a VNF)".to_owned());
+            }
+            if !held.is_empty() {
+                return Err(ControllerError::Conflict(format!(
+                    "host {name} still holds vnf {}; drain it first (telvirt host drain {name})",
+                    held.join(", ")
+                )));
+            }
+            let compares = vec![
+                Compare::ModRevision {
+                    key: host_key(name),
+                    revision: host_rev,
+                },
+                Compare::ModRevision {
+                    key: host_lease_key(name),
+                    revision: lease.as_ref().map_or(0, |v| v.mod_revision),
+                },
+            ];
+            let mut ops = vec![
+                Op::Delete {
+                    key: host_key(name),
+                },
+                Op::Delete {
+                    key: heartbeat_key(name),
+                },
+                Op::Delete {
+                    key: cordon_key(name),
+                },
+            ];
+            if lease.is_some() {
+                ops.push(Op::Delete {
+                    key: host_lease_key(name),
+                });
+            }
+            if self.store.txn(compares, ops).await?.succeeded {
+                break lease;
+            }
+            // The silent agent's lease may have expired meanwhile (its key went): look again.
+            if attempt == 3 {
+                return Err(ControllerError::Conflict(format!(
+                    "host {name} changed while it was being deleted (a heartbeat, or a new registration); try again"
+                )));
+            }
+        };
         match scheduler.remove_host(name) {
             Ok(()) | Err(SchedError::UnknownHost(_)) => {}
             Err(e) => return Err(e.into()),
