@@ -251,6 +251,10 @@ impl Store for FencedStore {
         self.inner.current_revision().await
     }
 
+    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        self.inner.compact(revision).await
+    }
+
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         self.inner.grant_lease(ttl).await
     }

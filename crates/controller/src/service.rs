@@ -996,6 +996,33 @@ impl Controller {
         )))
     }
 
+    // ----- history -----
+
+    /// Runs until the process ends: every `every`, compacts the store's history up to the
+    /// revision it had one interval before (see [`Controller::compact_history`]).
+    pub async fn history_compactor(self: Arc<Self>, every: Duration) {
+        let mut previous = None;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.compact_history(previous).await {
+                Ok(now) => previous = Some(now),
+                Err(e) => tracing::warn!("compacting the store's history: {e}"),
+            }
+        }
+    }
+
+    /// Compacts the store's history up to `previous` (the revision the last call answered, so
+    /// a watcher always has at least one interval to catch up, as Kubernetes' API server does
+    /// every 5 minutes; nothing on the first call) and answers the revision now. etcd keeps
+    /// every revision of every key until compacted; the embedded store keeps none.
+    pub async fn compact_history(&self, previous: Option<u64>) -> Result<u64> {
+        let now = self.store.current_revision().await?;
+        if let Some(revision) = previous {
+            self.store.compact(revision).await?;
+        }
+        Ok(now)
+    }
+
     // ----- scheduling -----
 
     /// Runs until the process ends: places pending VNFs when woken, and retries every `retry`.

@@ -826,6 +826,22 @@ impl Store for EtcdStore {
         .map(drop)
     }
 
+    /// Compacts the whole etcd (every namespace: etcd's history is one), as Kubernetes' API
+    /// server does; a revision already compacted is not an error.
+    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        let revision = to_etcd_revision(revision)?;
+        let compacted = self
+            .call("compacting the history", None, || {
+                let mut kv = self.client.kv_client();
+                async move { kv.compact(revision, None).await }
+            })
+            .await;
+        match compacted {
+            Err(StoreError::Backend(why)) if why.contains("has been compacted") => Ok(()),
+            other => other.map(drop),
+        }
+    }
+
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let id = to_etcd_lease(lease)?;
         self.call("revoking a lease", Some(lease), || {

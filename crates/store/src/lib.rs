@@ -276,6 +276,14 @@ pub trait Store: Send + Sync + 'static {
     /// caller listed at). A backend that keeps its history (etcd) replays the changes since then;
     /// this default keeps none: when the store has moved past `after_revision`, the first event
     /// is [`WatchEvent::Resync`] (list again), then the changes from now on.
+    /// Forgets the history before `revision`: a backend that keeps every revision of every key
+    /// (etcd) grows with every write until it is compacted. A watch from before it then starts
+    /// with [`WatchEvent::Resync`]. This default keeps no history, so there is nothing to do.
+    async fn compact(&self, revision: u64) -> Result<(), StoreError> {
+        let _ = revision;
+        Ok(())
+    }
+
     async fn watch_from(&self, prefix: &str, after_revision: u64) -> Result<Watch, StoreError> {
         // Watching before reading the revision: a change in between costs an unneeded resync
         // at worst, never a missed change.

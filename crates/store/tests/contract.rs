@@ -786,3 +786,21 @@ async fn etcd_a_store_on_three_members_answers_while_one_is_down() {
         store.health()
     );
 }
+
+/// Compaction through the trait: history before the revision is gone (a watch from before it
+/// resyncs), the latest values stay, and compacting an already compacted revision is no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_compact_forgets_the_history_before_a_revision() {
+    let etcd = EtcdServer::start().await;
+    let store = etcd.connect("/compaction").await;
+    let old = store.put("/h/a", b"1".to_vec()).await.unwrap();
+    let latest = store.put("/h/a", b"2".to_vec()).await.unwrap();
+    store.compact(latest).await.unwrap();
+    store.compact(old).await.unwrap();
+    assert_eq!(store.get("/h/a").await.unwrap().unwrap().value, b"2");
+    let mut watch = store.watch_from("/h/", old - 1).await.unwrap();
+    assert_eq!(
+        next_event(&mut watch, "the resync after compaction").await,
+        WatchEvent::Resync
+    );
+}

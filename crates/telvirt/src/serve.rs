@@ -27,6 +27,8 @@ use crate::config::{CLIENT_CONFIG, ClientConfig, default_data_dir};
 const SCHEDULE_RETRY: Duration = Duration::from_secs(2);
 /// How often host liveness is checked when no lease changed (a lapsed lease wakes it at once).
 const HOST_CHECK: Duration = Duration::from_secs(2);
+/// How often the store's history is compacted, keeping one interval of it for watchers.
+const HISTORY_COMPACTION: Duration = Duration::from_secs(300);
 
 /// The node's data dir (flag, environment or default), created and private.
 pub fn data_dir(node: &NodeArgs) -> Result<PathBuf> {
@@ -121,6 +123,11 @@ pub async fn start_controller(
     let scheduling = controller.clone();
     health.supervise(health::SCHEDULER, TASK_RESTART, move || {
         Arc::clone(&scheduling).scheduling_loop(SCHEDULE_RETRY)
+    });
+    // etcd's database grows with every revision until compacted (a no-op on redb).
+    let compactor = controller.clone();
+    health.supervise("history", TASK_RESTART, move || {
+        Arc::clone(&compactor).history_compactor(HISTORY_COMPACTION)
     });
     Ok((controller, config_path))
 }
