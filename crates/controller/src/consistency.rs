@@ -9,11 +9,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
-use telvirt_sched::{Allocation, CpuPolicy, SchedConfig, Scheduler};
+use telvirt_sched::{Allocation, CpuPolicy, SchedConfig};
 use telvirt_store::Store;
 
 use crate::placement;
-use crate::records::{self, HostRecord, VnfRecord};
+use crate::records::{self, VnfRecord};
 use crate::service::{ControllerError, decode};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
@@ -127,11 +127,7 @@ async fn check_once(store: &dyn Store, config: SchedConfig) -> Result<Consistenc
             format!("{host}/{cpu} ({})", names.join(", "))
         })
         .collect();
-    let mut scheduler = Scheduler::new(config)?;
-    for (key, v) in store.list(records::HOSTS).await? {
-        let host: HostRecord = decode(&key, &v.value)?;
-        scheduler.add_host(host.spec)?;
-    }
+    let mut scheduler = crate::service::scheduler_with_hosts(store, config).await?;
     for (name, alloc) in &allocations {
         if let Err(e) = scheduler.restore(alloc) {
             report.conflicts.push(format!("{name}: {e}"));

@@ -306,12 +306,13 @@ impl Controller {
             && self.store.get(&host_lease_key(name)).await?.is_some())
     }
 
-    /// Whether an agent serves host `name` (false for an unknown host).
-    pub(crate) async fn host_has_agent(&self, name: &str) -> Result<bool> {
+    /// The record of host `name` when an agent serves it (None for an unknown host or an
+    /// inventory host without an agent).
+    pub(crate) async fn agent_host(&self, name: &str) -> Result<Option<HostRecord>> {
         let key = host_key(name);
         match self.store.get(&key).await? {
-            Some(v) => Ok(decode::<HostRecord>(&key, &v.value)?.agent),
-            None => Ok(false),
+            Some(v) => Ok(Some(decode::<HostRecord>(&key, &v.value)?).filter(|r| r.agent)),
+            None => Ok(None),
         }
     }
 

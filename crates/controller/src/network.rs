@@ -473,26 +473,36 @@ impl Controller {
     /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
     /// is placed.
     async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
-        self.holding_hosts(&self.named_records(d).await?).await
+        let holders = self.holding_hosts(&self.named_records(d).await?).await?;
+        Ok(holders.into_keys().collect())
     }
 
     /// The hosts with an agent where one of `vnfs` is placed.
-    async fn holding_hosts(&self, vnfs: &BTreeMap<String, Vnf>) -> Result<BTreeSet<String>> {
-        let mut hosts = BTreeSet::new();
-        for p in vnfs.values().flat_map(|v| &v.placements) {
-            if !hosts.contains(&p.host) && self.host_has_agent(&p.host).await? {
-                hosts.insert(p.host.clone());
+    async fn holding_hosts(
+        &self,
+        vnfs: &BTreeMap<String, Vnf>,
+    ) -> Result<BTreeMap<String, crate::HostRecord>> {
+        let mut hosts = BTreeMap::new();
+        let placed: BTreeSet<&String> = vnfs
+            .values()
+            .flat_map(|v| &v.placements)
+            .map(|p| &p.host)
+            .collect();
+        for host in placed {
+            if let Some(record) = self.agent_host(host).await? {
+                hosts.insert(host.clone(), record);
             }
         }
         Ok(hosts)
     }
 
-    /// Where the nodes of network `n` are, when its VNFs (`vnfs`) are on several hosts.
-    async fn network_span(
-        &self,
+    /// Where the nodes of network `n` are, when its VNFs (`vnfs`) are on several hosts of
+    /// `holders` (the hosts with an agent that hold them, with their records).
+    fn network_span(
         n: &Network,
         vnfs: &BTreeMap<String, Vnf>,
-    ) -> Result<Option<NetworkSpan>> {
+        holders: &BTreeMap<String, crate::HostRecord>,
+    ) -> Option<NetworkSpan> {
         let d = &n.descriptor;
         let vnf_hosts: BTreeMap<String, String> = vnfs
             .iter()
@@ -500,7 +510,7 @@ impl Controller {
             .collect();
         let distinct: BTreeSet<String> = vnf_hosts.values().cloned().collect();
         if distinct.len() < 2 {
-            return Ok(None);
+            return None;
         }
         let mut hosts = vnf_hosts.clone();
         // The other nodes go where the first VNF linked to them is.
@@ -522,21 +532,19 @@ impl Controller {
                     .or_insert_with(|| h.clone());
             }
         }
-        let mut tunnels = BTreeMap::new();
-        for h in distinct {
-            let key = records::host_key(&h);
-            if let Some(v) = self.store_handle().get(&key).await?
-                && let Some(t) = decode::<crate::HostRecord>(&key, &v.value)?.tunnel
-            {
-                tunnels.insert(h, t);
-            }
-        }
-        Ok(Some(NetworkSpan {
+        let tunnels = distinct
+            .into_iter()
+            .filter_map(|h| {
+                let tunnel = holders.get(&h)?.tunnel.clone()?;
+                Some((h, tunnel))
+            })
+            .collect();
+        Some(NetworkSpan {
             network: n.name.as_str().to_owned(),
             vni: n.vni,
             hosts,
             tunnels,
-        }))
+        })
     }
 
     /// The networks `host`'s data plane should hold, with the revision they were read at.
@@ -546,10 +554,11 @@ impl Controller {
         let mut networks = Vec::new();
         let mut spans = Vec::new();
         for n in self.all_networks().await? {
-            // Each VNF record read once, for both the holding hosts and the span.
+            // Each VNF and host record read once, for both the holding hosts and the span.
             let vnfs = self.named_records(&n.descriptor).await?;
-            if self.holding_hosts(&vnfs).await?.contains(host) {
-                spans.extend(self.network_span(&n, &vnfs).await?);
+            let holders = self.holding_hosts(&vnfs).await?;
+            if holders.contains_key(host) {
+                spans.extend(Self::network_span(&n, &vnfs, &holders));
                 networks.push(n.descriptor);
             }
         }

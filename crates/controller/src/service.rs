@@ -243,11 +243,7 @@ impl Controller {
 impl Controller {
     /// A controller over `store`, with the scheduler rebuilt from stored hosts and allocations.
     pub async fn open(store: Arc<dyn Store>, config: SchedConfig) -> Result<Arc<Self>> {
-        let mut scheduler = Scheduler::new(config)?;
-        for (key, v) in store.list(records::HOSTS).await? {
-            let host: HostRecord = decode(&key, &v.value)?;
-            scheduler.add_host(host.spec)?;
-        }
+        let mut scheduler = scheduler_with_hosts(store.as_ref(), config).await?;
         hosts::restore_cordons(store.as_ref(), &mut scheduler).await?;
         for (key, v) in store.list(records::ALLOCATIONS).await? {
             let alloc: Allocation = decode(&key, &v.value)?;
@@ -1647,6 +1643,19 @@ async fn rebuild_indexes(store: &dyn Store) -> Result<usize> {
 /// request (an older VNF of the same name, another owner), deletes it and puts the VNF back to
 /// Pending to be placed afresh (one transaction conditioned on both keys, with an event).
 /// Returns whether it dropped the allocation.
+/// An empty scheduler over the hosts `store` holds: what allocations are restored into.
+pub(crate) async fn scheduler_with_hosts(
+    store: &dyn Store,
+    config: SchedConfig,
+) -> Result<Scheduler> {
+    let mut scheduler = Scheduler::new(config)?;
+    for (key, v) in store.list(records::HOSTS).await? {
+        let host: HostRecord = decode(&key, &v.value)?;
+        scheduler.add_host(host.spec)?;
+    }
+    Ok(scheduler)
+}
+
 async fn drop_stale_allocation(
     store: &dyn Store,
     key: &str,

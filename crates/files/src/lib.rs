@@ -23,6 +23,14 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write(path, bytes, Some(0o600))
 }
 
+/// The last `n` lines of the text file at `path` (empty when it cannot be read): a child
+/// process's log, for an error that says why the process failed.
+pub fn last_lines(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 /// A temp path beside `path` that no other write (of this process or another) uses.
 fn temp_beside(path: &Path) -> PathBuf {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -92,6 +100,16 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(left, ["module.wasm"], "temp files were left behind");
+    }
+
+    #[test]
+    fn last_lines_are_the_tail_of_the_file_or_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        fs::write(&path, "a\nb\nc\n").unwrap();
+        assert_eq!(last_lines(&path, 2), "b\nc");
+        assert_eq!(last_lines(&path, 9), "a\nb\nc");
+        assert_eq!(last_lines(&dir.path().join("none"), 2), "");
     }
 
     #[test]

@@ -258,7 +258,7 @@ impl LocalEtcd {
 
     /// The last lines of the first member's log.
     pub fn log_tail(&self) -> String {
-        log_tail(&self.members[0].log())
+        telvirt_files::last_lines(&self.members[0].log(), 20)
     }
 
     /// Waits until every running member answers a read; `Err` when one exited or did not
@@ -300,12 +300,6 @@ impl LocalEtcd {
         }
         Ok(())
     }
-}
-
-fn log_tail(path: &Path) -> String {
-    let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 impl Drop for LocalEtcd {

@@ -204,24 +204,44 @@ fn vnf_name(i: u32) -> String {
     format!("c{i:06}")
 }
 
-fn latency(mut samples: Vec<f64>) -> Latency {
-    samples.sort_by(f64::total_cmp);
-    let at = |p: f64| -> f64 {
-        if samples.is_empty() {
-            return 0.0;
-        }
-        let i = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
-        samples[i.min(samples.len() - 1)]
+/// The `p` quantile (0 to 1) of `sorted` samples, by nearest rank; 0 when there are none.
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let Some(last) = sorted.len().checked_sub(1) else {
+        return 0.0;
     };
+    sorted[((p * last as f64).round() as usize).min(last)]
+}
+
+/// p50, p99 and max of `samples` (ms).
+pub(crate) fn latency(mut samples: Vec<f64>) -> Latency {
+    samples.sort_by(f64::total_cmp);
     Latency {
-        p50_ms: at(50.0),
-        p99_ms: at(99.0),
+        p50_ms: percentile(&samples, 0.5),
+        p99_ms: percentile(&samples, 0.99),
         max_ms: samples.last().copied().unwrap_or(0.0),
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// A process a benchmark started: SIGKILLed (and reaped) when dropped, so a benchmark that
+/// fails half-way leaves nothing running.
+pub(crate) struct BenchChild(pub std::process::Child);
+
+impl BenchChild {
+    /// SIGKILL, and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for BenchChild {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// User plus system CPU time of this process.

@@ -9,7 +9,7 @@
 //! controllers are the binary a user runs.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,9 +17,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 use telvirt_controller::leader::LEADER_KEY;
+use telvirt_sched::SchedConfig;
 use telvirt_store::local_etcd::LocalEtcd;
 use telvirt_store::{EtcdStore, Store, WatchEvent};
 
+use crate::bench_control::{BenchChild, percentile};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -55,7 +57,7 @@ pub struct HandoverReport {
 
 /// A `telvirt controller` a benchmark started, SIGKILLed when dropped.
 pub(crate) struct ControllerProcess {
-    child: Child,
+    child: BenchChild,
     pub api: String,
     pub port: u16,
 }
@@ -63,21 +65,13 @@ pub(crate) struct ControllerProcess {
 impl ControllerProcess {
     /// SIGKILL, and waits for it.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
     }
 }
 
-impl Drop for ControllerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
+/// A free TCP port on loopback.
 pub(crate) fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    crate::cluster::free_port("127.0.0.1")
 }
 
 /// `telvirt controller --data-dir control --listen 127.0.0.1:PORT <args>` working in `dir`,
@@ -99,7 +93,7 @@ pub(crate) fn spawn_controller(dir: &Path, port: u16, args: &[&str]) -> Result<C
         .spawn()
         .context("starting a controller")?;
     Ok(ControllerProcess {
-        child,
+        child: BenchChild(child),
         api: format!("http://127.0.0.1:{port}"),
         port,
     })
@@ -283,8 +277,10 @@ async fn chaos_load(
     Ok((acknowledged, refused))
 }
 
-/// Checks the store after the chaos: every acknowledged VNF is there, no CPU is held twice.
+/// Checks the store after the chaos: every acknowledged VNF is there (through the API), no
+/// CPU is held twice (the store check of `consistency`).
 async fn check_invariant(
+    store: &dyn Store,
     http: &reqwest::Client,
     api: &str,
     admin: &str,
@@ -302,31 +298,18 @@ async fn check_invariant(
         .iter()
         .filter(|n| !names.contains(n.as_str()))
         .count();
-    let mut held = std::collections::BTreeMap::<u64, u32>::new();
-    let mut placed = 0;
-    for v in &vnfs {
-        for p in v["placements"].as_array().into_iter().flatten() {
-            if p["host"] != CHAOS_HOST {
-                continue;
-            }
-            placed += 1;
-            for cpu in p["vcpus"].as_array().into_iter().flatten().flat_map(|c| {
-                c.as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(serde_json::Value::as_u64)
-            }) {
-                *held.entry(cpu).or_default() += 1;
-            }
-        }
-    }
+    let placed = vnfs
+        .iter()
+        .flat_map(|v| v["placements"].as_array().into_iter().flatten())
+        .filter(|p| p["host"] == CHAOS_HOST)
+        .count();
+    let store = telvirt_controller::consistency::check(store, SchedConfig::default()).await?;
     Ok(ChaosReport {
         acknowledged: u32::try_from(acknowledged.len()).unwrap_or(u32::MAX),
         refused,
         lost: u32::try_from(lost).unwrap_or(u32::MAX),
-        cpus_held_twice: u32::try_from(held.values().filter(|&&n| n > 1).count())
-            .unwrap_or(u32::MAX),
-        placed,
+        cpus_held_twice: u32::try_from(store.cpus_held_twice.len()).unwrap_or(u32::MAX),
+        placed: u32::try_from(placed).unwrap_or(u32::MAX),
     })
 }
 
@@ -392,11 +375,6 @@ pub(crate) async fn time_leader_kill(
     let expired = deleted_at(expired, "the leader key").await?;
     let ms = |t: Instant| t.duration_since(killed).as_secs_f64() * 1e3;
     Ok((ms(expired), ms(served)))
-}
-
-pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let at = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(at).copied().unwrap_or(0.0)
 }
 
 pub async fn run_handover_bench(
@@ -468,7 +446,15 @@ async fn run_in(
     let (acknowledged, refused) = load.await.context("the chaos load task")??;
     // After the last swap, `a` is the controller that took over last.
     wait_role(&http, &a.api, "leader").await?;
-    let chaos = check_invariant(&http, &a.api, &config.token, &acknowledged, refused).await?;
+    let chaos = check_invariant(
+        watcher.as_ref(),
+        &http,
+        &a.api,
+        &config.token,
+        &acknowledged,
+        refused,
+    )
+    .await?;
     drop((a, b));
     drop(etcd);
 

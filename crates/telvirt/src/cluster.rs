@@ -343,7 +343,7 @@ impl Started {
                 "{} exited ({status}); its log {}:\n{}",
                 self.what,
                 self.log.display(),
-                log_tail(&self.log)
+                telvirt_files::last_lines(&self.log, 20)
             );
         }
         Ok(())
@@ -1144,16 +1144,10 @@ fn choose_id_and_subnet() -> Result<(String, u8)> {
 }
 
 /// A free TCP port on `address`.
-fn free_port(address: &str) -> Result<u16> {
+pub(crate) fn free_port(address: &str) -> Result<u16> {
     let listener = std::net::TcpListener::bind((address, 0))
         .with_context(|| format!("finding a free port on {address}"))?;
     Ok(listener.local_addr()?.port())
-}
-
-fn log_tail(path: &Path) -> String {
-    let log = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 #[cfg(test)]
