@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,10 +26,10 @@ use telvirt_controller::records::host_lease_key;
 use telvirt_store::local_etcd::LocalEtcd;
 use telvirt_store::{EtcdStore, Store};
 
-use crate::bench_control::Latency;
+use crate::bench_control::{BenchChild, Latency, latency, ms, percentile};
 use crate::bench_handover::{
-    ControllerProcess, answer, deleted_at, first_deletion, free_port, percentile, poll_until,
-    spawn_controller, time_leader_kill, wait_role,
+    ControllerProcess, answer, deleted_at, first_deletion, free_port, poll_until, spawn_controller,
+    time_leader_kill, wait_role,
 };
 use crate::cli::Output;
 use crate::output;
@@ -121,6 +121,11 @@ pub struct ClusterReport {
     pub etcd_db_bytes: u64,
     /// etcd_db_bytes / VNFs created (rounds × vnfs).
     pub etcd_db_bytes_per_vnf_created: f64,
+    /// Baseline: the embedded store's file after the same rounds (redb keeps no history; its
+    /// file keeps the pages it grew to).
+    pub embedded_store_bytes: u64,
+    /// etcd_db_bytes / embedded_store_bytes.
+    pub store_size_ratio: f64,
     /// Leader killed: until the other controller acknowledged a write.
     pub leader_failover: KillFigures,
     pub host_lease_ttl_ms: u64,
@@ -139,30 +144,12 @@ pub struct ClusterReport {
     pub goal_etcd_member_failure_le_2000_ms: bool,
 }
 
-/// A `telvirt agent` process of the bench, SIGKILLed when dropped.
-struct AgentProcess {
-    child: Child,
-}
-
-impl AgentProcess {
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// What a set-up needs to start its agents again.
 struct Hosts {
     dir: PathBuf,
     controllers: String,
     heartbeat_ms: u64,
-    agents: Vec<AgentProcess>,
+    agents: Vec<BenchChild>,
 }
 
 impl Hosts {
@@ -171,7 +158,7 @@ impl Hosts {
     }
 
     /// Starts (again) host `i`'s agent; its token and inventory were written before.
-    fn start(&mut self, i: usize) -> Result<AgentProcess> {
+    fn start(&mut self, i: usize) -> Result<BenchChild> {
         let name = Self::name(i);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -191,7 +178,7 @@ impl Hosts {
             .stderr(log)
             .spawn()
             .context("starting an agent")?;
-        Ok(AgentProcess { child })
+        Ok(BenchChild(child))
     }
 }
 
@@ -252,15 +239,6 @@ fn descriptor(name: &str, group: u32, module: &str) -> String {
     )
 }
 
-fn latency(mut samples: Vec<f64>) -> Latency {
-    samples.sort_by(f64::total_cmp);
-    Latency {
-        p50_ms: percentile(&samples, 0.5),
-        p99_ms: percentile(&samples, 0.99),
-        max_ms: samples.last().copied().unwrap_or(0.0),
-    }
-}
-
 fn kill_figures(baseline: &'static str, base: Vec<f64>, telvirt: Vec<f64>) -> KillFigures {
     let mut sorted = telvirt.clone();
     sorted.sort_by(f64::total_cmp);
@@ -279,10 +257,6 @@ fn kill_figures(baseline: &'static str, base: Vec<f64>, telvirt: Vec<f64>) -> Ki
         baseline_ms: base,
         telvirt_ms: telvirt,
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 /// Registers hosts h1..hN (credential, inventory), starts their agents and waits until each
@@ -431,10 +405,21 @@ async fn round(
     }
     if !keep {
         for name in &names {
-            api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{name}"))
-                .send()
-                .await?
-                .error_for_status()?;
+            let path = format!("/v1/vnfs/{name}");
+            // A pooled connection the server closed at that moment fails before an answer:
+            // the delete goes once more (a 404 then means the first one applied).
+            let reply = match api.request(reqwest::Method::DELETE, &path).send().await {
+                Ok(reply) => reply,
+                Err(e) if e.is_request() => {
+                    let again = api.request(reqwest::Method::DELETE, &path).send().await?;
+                    if again.status() == reqwest::StatusCode::NOT_FOUND {
+                        continue;
+                    }
+                    again
+                }
+                Err(e) => return Err(e.into()),
+            };
+            reply.error_for_status()?;
         }
         poll_until(ROUND_PATIENCE, "every VNF of the round deleted", || async {
             api.phases()
@@ -496,7 +481,7 @@ async fn embedded(
     dir: &Path,
     http: &reqwest::Client,
     progress: &(dyn Fn() + Sync),
-) -> Result<CreateFigures> {
+) -> Result<(CreateFigures, u64)> {
     std::fs::create_dir_all(dir)?;
     let ttl = args.host_lease_ttl_ms.to_string();
     let controller = spawn_controller(dir, free_port()?, &["--host-lease-ttl-ms", &ttl])?;
@@ -528,9 +513,13 @@ async fn embedded(
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
+    let store = dir.join("control").join(crate::serve::STORE_FILE);
+    let store_bytes = std::fs::metadata(&store)
+        .with_context(|| format!("the embedded store {}", store.display()))?
+        .len();
     drop(hosts);
     drop(controller);
-    Ok(figures)
+    Ok((figures, store_bytes))
 }
 
 /// Kills the leader `failovers` times, timing the handover; `a` leads on entry and on exit.
@@ -786,7 +775,7 @@ pub async fn run_cluster_bench(
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (embedded, run) = result?;
+    let ((embedded, embedded_store_bytes), run) = result?;
     let vnfs = f64::from(args.vnfs);
     Ok(ClusterReport {
         measured: format!(
@@ -809,6 +798,12 @@ pub async fn run_cluster_bench(
             0.0
         },
         etcd_db_bytes: run.db_bytes,
+        embedded_store_bytes,
+        store_size_ratio: if embedded_store_bytes > 0 {
+            run.db_bytes as f64 / embedded_store_bytes as f64
+        } else {
+            0.0
+        },
         etcd_db_bytes_per_vnf_created: run.db_bytes as f64 / (vnfs * f64::from(args.rounds)),
         goal_failover_le_2000_ms: run.failover.telvirt_max_ms <= 2000.0,
         goal_host_failure_le_1000_ms: run.host_failure.telvirt_max_ms <= 1000.0,
@@ -864,11 +859,13 @@ pub fn cluster_bench(format: Output, args: ClusterArgs) -> Result<()> {
         )
     );
     println!(
-        "ratios cluster/embedded: creates/s {:.2}, create→Running p99 {:.2}; etcd database {} bytes ({:.0} per VNF created, history not compacted)",
+        "ratios cluster/embedded: creates/s {:.2}, create→Running p99 {:.2}; etcd database {} bytes ({:.0} per VNF created, history not compacted) against the embedded store's {} bytes: {:.2}",
         r.creates_ratio,
         r.create_to_running_p99_ratio,
         r.etcd_db_bytes,
-        r.etcd_db_bytes_per_vnf_created
+        r.etcd_db_bytes_per_vnf_created,
+        r.embedded_store_bytes,
+        r.store_size_ratio
     );
     let kills = |what: &str, k: &KillFigures, goal: String| {
         vec![

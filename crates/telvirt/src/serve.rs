@@ -23,6 +23,8 @@ use crate::agent::{HostAgent, TASK_RESTART};
 use crate::cli::{ControlArgs, ControllerArgs, NodeArgs, ServeArgs};
 use crate::config::{CLIENT_CONFIG, ClientConfig, default_data_dir};
 
+/// The embedded store's file in the data dir, unless `--store` names another.
+pub const STORE_FILE: &str = "telvirt.redb";
 /// How often Pending VNFs are tried again when nothing else woke the scheduler.
 const SCHEDULE_RETRY: Duration = Duration::from_secs(2);
 /// How often host liveness is checked when no lease changed (a lapsed lease wakes it at once).
@@ -59,7 +61,7 @@ async fn start_control_plane(
     policy: &SecurityPolicy,
 ) -> Result<ControlPlane> {
     let path = match control.store.as_deref().map(parse_store_url).transpose()? {
-        None => data_dir.join("telvirt.redb"),
+        None => data_dir.join(STORE_FILE),
         Some(StoreUrl::Redb(path)) => path,
         Some(StoreUrl::Etcd { .. }) => bail!(
             "--store etcd://… is for `telvirt controller` (a cluster's control plane); `telvirt serve` runs the embedded store"
