@@ -124,21 +124,24 @@ impl NetworkReconciler {
         a.host_of(node).is_none_or(|h| h == self.host)
     }
 
-    /// The tunnel node of network `name` to host `peer`.
-    fn tunnel_name(name: &str, peer: &str) -> String {
-        vxlan::tunnel_node(&format!("{name}@{peer}"))
+    /// The tunnel node of descriptor link `link` of network `name` to or from host `peer`:
+    /// each link between hosts has its own tunnel (and VNI), so two links in the same
+    /// direction between the same two hosts stay apart.
+    fn tunnel_name(name: &str, link: usize, peer: &str) -> String {
+        vxlan::tunnel_node(&format!("{name}/{link}@{peer}"))
     }
 
-    /// Makes the tunnel of network `a` to host `peer` present; its port, or why not into
-    /// `waiting`.
+    /// Makes the tunnel of link `link` of network `a` to host `peer` present; its port, or why
+    /// not into `waiting`.
     fn ensure_tunnel(
         &self,
         name: &str,
         a: &mut Applied,
+        link: usize,
         peer: &str,
         waiting: &mut Vec<String>,
     ) -> Option<PortRef> {
-        let node = Self::tunnel_name(name, peer);
+        let node = Self::tunnel_name(name, link, peer);
         let port = PortRef::new(&node, vxlan::TUNNEL_PORT);
         if a.tunnels.contains_key(&node) && self.dp.node_ports(&node).is_some() {
             return Some(port);
@@ -165,21 +168,18 @@ impl NetworkReconciler {
                 return None;
             }
         };
-        if span.vni == 0 {
+        let Some(vni) = span.link_vni(link) else {
             waiting.push(format!(
-                "links to host {peer} wait: network {name} has no VNI (it was stored before networks had one; create it again)"
+                "spec.links[{link}] to host {peer} waits: network {name} holds no VNI for it (it was stored before each link had one; apply it again)"
             ));
             return None;
-        }
-        let placed = endpoint
-            .tunnel(remote, span.vni)
-            .map_err(dp_err)
-            .and_then(|t| {
-                let stats = t.stats();
-                self.dp
-                    .add_node(&node, &[vxlan::TUNNEL_PORT], 0, Box::new(t))
-                    .map(|()| stats)
-            });
+        };
+        let placed = endpoint.tunnel(remote, vni).map_err(dp_err).and_then(|t| {
+            let stats = t.stats();
+            self.dp
+                .add_node(&node, &[vxlan::TUNNEL_PORT], 0, Box::new(t))
+                .map(|()| stats)
+        });
         match placed {
             Ok(stats) => {
                 a.tunnels.insert(node, stats);
@@ -198,6 +198,7 @@ impl NetworkReconciler {
         &self,
         name: &str,
         a: &Applied,
+        index: usize,
         link: &telvirt_model::network::Link,
     ) -> Option<LinkSpec> {
         let from_host = a.host_of(&link.from.node_key());
@@ -207,10 +208,16 @@ impl NetworkReconciler {
             (true, true) => Some(LinkSpec::new(port_ref(&link.from), port_ref(&link.to))),
             (true, false) => Some(LinkSpec::new(
                 port_ref(&link.from),
-                PortRef::new(&Self::tunnel_name(name, to_host?), vxlan::TUNNEL_PORT),
+                PortRef::new(
+                    &Self::tunnel_name(name, index, to_host?),
+                    vxlan::TUNNEL_PORT,
+                ),
             )),
             (false, true) => Some(LinkSpec::new(
-                PortRef::new(&Self::tunnel_name(name, from_host?), vxlan::TUNNEL_PORT),
+                PortRef::new(
+                    &Self::tunnel_name(name, index, from_host?),
+                    vxlan::TUNNEL_PORT,
+                ),
                 port_ref(&link.to),
             )),
             (false, false) => None,
@@ -497,8 +504,8 @@ impl NetworkReconciler {
     fn wire(&self, name: &str, a: &mut Applied, mut waiting: Vec<String>) {
         let mut links = Vec::new();
         let mut tunnels_used = BTreeSet::new();
-        for (_, link) in a.descriptor.parsed_links() {
-            let Some(spec) = self.local_spec(name, a, &link) else {
+        for (i, link) in a.descriptor.parsed_links() {
+            let Some(spec) = self.local_spec(name, a, i, &link) else {
                 continue;
             };
             let mut ready = true;
@@ -506,8 +513,10 @@ impl NetworkReconciler {
                 if *wired != port_ref(ep) {
                     // The other host's end: through the tunnel to it.
                     let peer = a.host_of(&ep.node_key()).unwrap_or_default().to_owned();
-                    tunnels_used.insert(Self::tunnel_name(name, &peer));
-                    ready &= self.ensure_tunnel(name, a, &peer, &mut waiting).is_some();
+                    tunnels_used.insert(Self::tunnel_name(name, i, &peer));
+                    ready &= self
+                        .ensure_tunnel(name, a, i, &peer, &mut waiting)
+                        .is_some();
                     continue;
                 }
                 match ep {
@@ -583,7 +592,7 @@ impl NetworkReconciler {
         let mut mine = Vec::new();
         let mut links = Vec::new();
         for (i, link) in d.parsed_links() {
-            let spec = self.local_spec(d.name().as_str(), a, &link);
+            let spec = self.local_spec(d.name().as_str(), a, i, &link);
             let l = spec.as_ref().and_then(&live);
             if let Some(s) = l {
                 mine.push(s.clone());
@@ -1079,5 +1088,67 @@ mod tests {
         assert_eq!(report.received, 0, "{report:?}");
         assert_eq!(report.lost, report.sent, "{report:?}");
         assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
+    }
+
+    const TWO_LANES: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: l2 }\nspec:\n  nodes:\n    - { name: slow, kind: generator, rate_pps: 500 }\n    - { name: fast, kind: generator, rate_pps: 20000 }\n    - { name: sink1, kind: sink }\n    - { name: sink2, kind: sink }\n  links:\n    - slow.out -> sink1.in\n    - fast.out -> sink2.in\n";
+
+    #[test]
+    fn two_links_in_one_direction_between_two_hosts_travel_apart() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let host = |name: &str| {
+            let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+            let endpoint = VxlanEndpoint::bind(
+                "127.0.0.1:0".parse().unwrap(),
+                Arc::clone(dp.panel().pool()),
+            )
+            .unwrap();
+            let address = endpoint.local_addr().to_string();
+            let r = NetworkReconciler::new(dp).with_host(name, Some(endpoint));
+            (r, address)
+        };
+        let (h1, a1) = host("h1");
+        let (h2, a2) = host("h2");
+        let d = parse_network(TWO_LANES.as_bytes(), Format::Yaml).unwrap();
+        // Both generators on h1, both sinks on h2: two links from h1 to h2.
+        let span = NetworkSpan {
+            network: "l2".into(),
+            vni: 40,
+            vnis: 2,
+            hosts: [
+                ("slow", "h1"),
+                ("fast", "h1"),
+                ("sink1", "h2"),
+                ("sink2", "h2"),
+            ]
+            .map(|(n, h)| (n.to_owned(), h.to_owned()))
+            .into(),
+            tunnels: [("h1".to_owned(), a1), ("h2".to_owned(), a2)].into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for h in [&h1, &h2] {
+                h.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(&span));
+            }
+            // Received first, sent after: what a sink got cannot exceed what its generator
+            // had sent, unless the other link's frames reached it too.
+            let received = h2.status(&d).unwrap();
+            let sent = h1.status(&d).unwrap();
+            for i in 0..2 {
+                assert!(
+                    received.links[i].packets <= sent.links[i].packets,
+                    "link {i} delivered frames of the other link: sent {sent:?}, received {received:?}"
+                );
+            }
+            if received.links.iter().all(|l| l.packets > 50) {
+                assert!(received.waiting.is_empty(), "{received:?}");
+                assert!(received.links[1].packets > received.links[0].packets);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "both links never carried traffic: sent {sent:?}, received {received:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }

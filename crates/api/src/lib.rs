@@ -124,9 +124,12 @@ pub struct NetworkSet {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSpan {
     pub network: String,
-    /// The network's VXLAN network identifier (0: none was given, its links between hosts
-    /// wait).
+    /// The network's first VXLAN network identifier (0: none was given, its links between
+    /// hosts wait); descriptor link `i` travels with `vni + i`.
     pub vni: u32,
+    /// How many identifiers from `vni` the network holds: a link at or beyond it waits.
+    #[serde(default)]
+    pub vnis: u32,
     /// The host of each node the network names, by node name: a VNF's is its active
     /// instance's; a built-in node's, a steering endpoint's and a host interface's (`host:IF`)
     /// is that of the first VNF linked to it.
@@ -162,6 +165,19 @@ pub enum NodeRequest {
         network: NetworkDescriptor,
         probe: LatencyProbe,
     },
+}
+
+impl NetworkSpan {
+    /// The VXLAN network identifier descriptor link `link` travels with between hosts, if the
+    /// network holds one for it. Each link has its own, so two links in the same direction
+    /// between the same two hosts stay apart.
+    pub fn link_vni(&self, link: usize) -> Option<u32> {
+        let link = u32::try_from(link).ok()?;
+        if self.vni == 0 || link >= self.vnis.max(1) {
+            return None;
+        }
+        self.vni.checked_add(link)
+    }
 }
 
 impl NodeRequest {
@@ -288,6 +304,22 @@ pub trait ControlLink: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_link_of_a_span_has_its_own_vni_within_the_network_block() {
+        let span = |vni, vnis| NetworkSpan {
+            vni,
+            vnis,
+            ..NetworkSpan::default()
+        };
+        assert_eq!(span(100, 3).link_vni(0), Some(100));
+        assert_eq!(span(100, 3).link_vni(2), Some(102));
+        assert_eq!(span(100, 3).link_vni(3), None);
+        // A network stored when each had one identifier holds just that one.
+        assert_eq!(span(7, 0).link_vni(0), Some(7));
+        assert_eq!(span(7, 0).link_vni(1), None);
+        assert_eq!(span(0, 4).link_vni(0), None);
+    }
 
     #[test]
     fn node_calls_and_replies_have_a_tagged_wire_form_and_refuse_unknown_fields() {

@@ -32,11 +32,28 @@ const VNI_COUNTER: &str = "/counters/vni";
 /// VNIs are 24 bits; after the last one the counter wraps to 1 (0 means none).
 const MAX_NETWORK_VNI: u32 = (1 << 24) - 1;
 
+/// The first VNI of a block of `count` (at least 1) after the counter's `last`: a block that
+/// would pass the last VNI starts again at 1.
+fn next_vni_block(last: u32, count: u32) -> u32 {
+    let first = last.saturating_add(1);
+    if first > MAX_NETWORK_VNI || MAX_NETWORK_VNI - first < count.saturating_sub(1) {
+        1
+    } else {
+        first
+    }
+}
+
 /// How long `net show` waits for a host's data plane to report a network before it shows the
 /// network without that host's counters.
 const STATUS_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
+
+fn changed_meanwhile(name: &str) -> ControllerError {
+    ControllerError::Conflict(format!(
+        "network {name} changed meanwhile; read it again and retry"
+    ))
+}
 
 fn not_found(name: &str) -> ControllerError {
     ControllerError::NotFound(format!("network {name} not found"))
@@ -242,19 +259,37 @@ impl Controller {
             descriptor,
             created_at: crate::service::now_rfc3339(),
             vni: 0,
+            vnis: 0,
             status: None,
         };
-        // The network and the next VNI in one transaction; a concurrent create that took the
-        // same VNI makes this one try the next.
+        if self.put_with_vni_block(&mut network, 0).await? {
+            return Ok(network);
+        }
+        Err(ControllerError::Conflict(format!(
+            "the network name {} is already in use",
+            network.name
+        )))
+    }
+
+    /// Writes `network` over revision `rev` (0: absent) with a fresh block of VNIs, one per
+    /// descriptor link, taken from the counter in the same transaction (a concurrent writer
+    /// that took the same block makes this one take the next). False when the network's record
+    /// was not at `rev`.
+    async fn put_with_vni_block(&self, network: &mut Network, rev: u64) -> Result<bool> {
+        let count = u32::try_from(network.descriptor.spec.links.len().max(1)).map_err(|_| {
+            ControllerError::Invalid(FieldError::new("spec.links", "too many links"))
+        })?;
+        let key = network_key(network.name.as_str());
         for _ in 0..crate::service::CAS_RETRIES {
             let counter = self.store_handle().get(VNI_COUNTER).await?;
             let (last, counter_rev) = match &counter {
                 Some(v) => (decode::<u32>(VNI_COUNTER, &v.value)?, v.mod_revision),
                 None => (0, 0),
             };
-            network.vni = if last >= MAX_NETWORK_VNI { 1 } else { last + 1 };
-            let key = network_key(network.name.as_str());
-            let value = serde_json::to_vec(&network)
+            network.vni = next_vni_block(last, count);
+            network.vnis = count;
+            let block_end = network.vni + (count - 1);
+            let value = serde_json::to_vec(&*network)
                 .map_err(|e| ControllerError::Corrupt(e.to_string()))?;
             let outcome = self
                 .store_handle()
@@ -262,7 +297,7 @@ impl Controller {
                     vec![
                         Compare::ModRevision {
                             key: key.clone(),
-                            revision: 0,
+                            revision: rev,
                         },
                         Compare::ModRevision {
                             key: VNI_COUNTER.to_owned(),
@@ -277,7 +312,7 @@ impl Controller {
                         },
                         Op::Put {
                             key: VNI_COUNTER.to_owned(),
-                            value: network.vni.to_string().into_bytes(),
+                            value: block_end.to_string().into_bytes(),
                             lease: None,
                         },
                     ],
@@ -285,17 +320,15 @@ impl Controller {
                 .await?;
             if outcome.succeeded {
                 bump(self.networks_version());
-                return Ok(network);
+                return Ok(true);
             }
-            if self.store_handle().get(&key).await?.is_some() {
-                return Err(ControllerError::Conflict(format!(
-                    "the network name {} is already in use",
-                    network.name
-                )));
+            let now = self.store_handle().get(&key).await?;
+            if now.map_or(0, |v| v.mod_revision) != rev {
+                return Ok(false);
             }
         }
         Err(ControllerError::Conflict(
-            "networks are being created faster than VNIs could be given; try again".to_owned(),
+            "networks are being written faster than VNIs could be given; try again".to_owned(),
         ))
     }
 
@@ -342,10 +375,7 @@ impl Controller {
         if self.put_network(n, rev).await? {
             Ok(())
         } else {
-            Err(ControllerError::Conflict(format!(
-                "network {} changed meanwhile; read it again and retry",
-                n.name
-            )))
+            Err(changed_meanwhile(n.name.as_str()))
         }
     }
 
@@ -375,7 +405,20 @@ impl Controller {
         };
         self.check_network(&owner, &descriptor).await?;
         n.descriptor = descriptor;
-        self.store_network(&n, rev).await?;
+        // A network that grew beyond its block of VNIs gets a new one (its links between
+        // hosts move to the new identifiers together).
+        let held = if n.vni == 0 {
+            0
+        } else {
+            n.vnis.max(1) as usize
+        };
+        if n.descriptor.spec.links.len() > held {
+            if !self.put_with_vni_block(&mut n, rev).await? {
+                return Err(changed_meanwhile(name));
+            }
+        } else {
+            self.store_network(&n, rev).await?;
+        }
         Ok(n)
     }
 
@@ -542,6 +585,7 @@ impl Controller {
         Some(NetworkSpan {
             network: n.name.as_str().to_owned(),
             vni: n.vni,
+            vnis: n.vnis,
             hosts,
             tunnels,
         })
@@ -747,4 +791,21 @@ fn merge_statuses(
     });
     st.waiting.extend(failures);
     st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vni_block_follows_the_counter_and_never_passes_the_last_vni() {
+        assert_eq!(next_vni_block(0, 1), 1);
+        assert_eq!(next_vni_block(41, 3), 42);
+        // The block ends exactly at the last VNI: it fits.
+        assert_eq!(next_vni_block(MAX_NETWORK_VNI - 3, 3), MAX_NETWORK_VNI - 2);
+        // One more would pass it: start again at 1.
+        assert_eq!(next_vni_block(MAX_NETWORK_VNI - 2, 3), 1);
+        assert_eq!(next_vni_block(MAX_NETWORK_VNI, 1), 1);
+        assert_eq!(next_vni_block(u32::MAX, 1), 1);
+    }
 }

@@ -453,3 +453,58 @@ async fn two_endpoints_sharing_an_instance_are_refused() {
         "{reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_network_holds_a_block_of_vnis_one_per_link() {
+    let node = Node::start().await;
+    for vnf in ["fw1", "nat1", "fw2", "nat2"] {
+        create_vnf(&node, &node.admin, vnf).await;
+    }
+    let vnis = |r: &common::Reply| {
+        (
+            r.body["vni"].as_u64().unwrap(),
+            r.body["vnis"].as_u64().unwrap(),
+        )
+    };
+    let a = network("a", &["gen-a.out -> fw1.in", "fw1.out -> nat1.in"]);
+    let r = create(&node, &node.admin, &a).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (a_first, a_count) = vnis(&r);
+    assert!(a_first > 0);
+    assert_eq!(a_count, 2);
+    let r = create(&node, &node.admin, &network("b", &["gen-b.out -> fw2.in"])).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(vnis(&r), (a_first + 2, 1), "blocks must not overlap");
+
+    // Fewer links keep the block; more links than it holds take a new one after every other.
+    let fewer = network("a", &["gen-a.out -> fw1.in"]);
+    let r = replace(&node, &node.admin, "a", &fewer).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(vnis(&r), (a_first, 2));
+    let more = network(
+        "a",
+        &[
+            "gen-a.out -> fw1.in",
+            "fw1.out -> nat1.in",
+            "nat1.out -> nat2.in",
+        ],
+    );
+    let r = replace(&node, &node.admin, "a", &more).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(vnis(&r), (a_first + 3, 3));
+    assert_eq!(vnis(&show(&node, &node.admin, "a").await), (a_first + 3, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_with_more_links_than_allowed_is_refused() {
+    let node = Node::start().await;
+    let links: Vec<String> = (0..=telvirt_model::network::MAX_NETWORK_LINKS)
+        .map(|i| format!("gen-big.out -> v{i}.in"))
+        .collect();
+    let links: Vec<&str> = links.iter().map(String::as_str).collect();
+    let reason = refused(&node, &network("big", &links), 422, "spec.links").await;
+    assert!(
+        reason.contains("1025 links") && reason.contains("1024"),
+        "{reason}"
+    );
+}

@@ -269,6 +269,15 @@ impl NetworkDescriptor {
     /// Every rule that needs no other facts, each with its field path.
     pub fn violations(&self) -> Vec<FieldError> {
         let mut out = Vec::new();
+        if self.spec.links.len() > MAX_NETWORK_LINKS {
+            out.push(FieldError::new(
+                "spec.links",
+                format!(
+                    "{} links are more than the {MAX_NETWORK_LINKS} a network may have; split it into several networks",
+                    self.spec.links.len()
+                ),
+            ));
+        }
         let mut builtins: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, n) in self.spec.nodes.iter().enumerate() {
             if let Some(j) = builtins.insert(n.name.as_str(), i) {
@@ -465,10 +474,16 @@ pub struct Network {
     pub owner: Name,
     pub descriptor: NetworkDescriptor,
     pub created_at: String,
-    /// The VXLAN network identifier its links between hosts travel with (given at creation,
-    /// unique among networks; 0 for a network stored before identifiers were given).
+    /// The first of the VXLAN network identifiers its links between hosts travel with: link
+    /// `i` of the descriptor travels with `vni + i` (given at creation, and again when the
+    /// network grows beyond `vnis` links; 0 for a network stored before identifiers were
+    /// given).
     #[serde(default)]
     pub vni: u32,
+    /// How many identifiers from `vni` the network holds (0 for a network stored when each
+    /// had one: it holds just `vni`).
+    #[serde(default)]
+    pub vnis: u32,
     /// What the node's data plane holds now (filled by `GET /v1/networks/{name}`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<NetworkStatus>,
@@ -548,6 +563,8 @@ pub struct LatencyProbe {
 pub const MIN_FRAME_SIZE: u32 = 62;
 /// Largest generated frame: a full Ethernet frame without FCS.
 pub const MAX_FRAME_SIZE: u32 = 1514;
+/// Most links one network may have (each may need its own VXLAN identifier between hosts).
+pub const MAX_NETWORK_LINKS: usize = 1024;
 /// Highest `rate_pps` of a generator node.
 pub const MAX_GENERATOR_PPS: u64 = 1_000_000;
 

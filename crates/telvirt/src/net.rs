@@ -51,7 +51,13 @@ pub enum NetCommand {
 }
 
 fn print_status(n: &Network) {
-    println!("network/{} (owner {})", n.name, n.owner);
+    // Link i travels between hosts with VNI `vni + i`.
+    let vnis = match (n.vni, n.vnis.max(1)) {
+        (0, _) => String::new(),
+        (first, 1) => format!(", VNI {first}"),
+        (first, count) => format!(", VNIs {first}-{}", first + (count - 1)),
+    };
+    println!("network/{} (owner {}{vnis})", n.name, n.owner);
     match &n.status {
         Some(s) => {
             print!("{}", s.table);
