@@ -55,6 +55,12 @@ pub struct Liveness {
     agents: std::sync::Mutex<HashMap<String, (u64, bool)>>,
     /// When this controller started leading (opened the store).
     opened: std::time::Instant,
+    /// How long a host stays NotReady before its VNFs without a standby go elsewhere
+    /// (`None`: never).
+    pub(super) heal_after: std::sync::Mutex<Option<Duration>>,
+    /// Per NotReady host: since when this controller has seen it so (unix ms), and whether a
+    /// pass after its heal delay has run (then the monitor no longer wakes for it).
+    not_ready_since: std::sync::Mutex<HashMap<String, (u64, bool)>>,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -70,6 +76,8 @@ impl Default for Liveness {
             beats: std::sync::Mutex::new(HashMap::new()),
             agents: std::sync::Mutex::new(HashMap::new()),
             opened: std::time::Instant::now(),
+            heal_after: std::sync::Mutex::new(Some(super::healing::DEFAULT_HEAL_AFTER)),
+            not_ready_since: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
@@ -157,6 +165,61 @@ impl Liveness {
     fn silent(&self, host: &str, now: u64) -> bool {
         self.last_beat(host)
             .is_some_and(|at| now.saturating_sub(at) > self.ttl_ms())
+    }
+
+    fn heal_after_ms(&self) -> Option<u64> {
+        self.heal_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    fn since_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, bool)>> {
+        self.not_ready_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records which hosts a pass at `now` found NotReady (a host keeps the time it was first
+    /// seen so; one Ready again is forgotten).
+    fn track_not_ready(&self, hosts: &BTreeSet<String>, now: u64) {
+        let mut since = self.since_map();
+        since.retain(|h, _| hosts.contains(h));
+        for h in hosts {
+            since.entry(h.clone()).or_insert((now, false));
+        }
+    }
+
+    /// Whether `host` has been NotReady for the heal delay at `now`.
+    fn heal_due(&self, host: &str, now: u64) -> bool {
+        let Some(after) = self.heal_after_ms() else {
+            return false;
+        };
+        self.since_map()
+            .get(host)
+            .is_some_and(|(since, _)| now >= since.saturating_add(after))
+    }
+
+    /// A complete pass at `now` healed what it could on every host whose heal delay is over:
+    /// later passes (every resync) retry what could not move, without waking for them.
+    fn heal_pass_done(&self, now: u64) {
+        let after = self.heal_after_ms();
+        for (since, done) in self.since_map().values_mut() {
+            if after.is_some_and(|a| now >= since.saturating_add(a)) {
+                *done = true;
+            }
+        }
+    }
+
+    /// How long until the heal delay of a NotReady host is over, if one is still to come.
+    fn next_heal(&self, now: u64) -> Option<Duration> {
+        let after = self.heal_after_ms()?;
+        self.since_map()
+            .values()
+            .filter(|(_, done)| !done)
+            .map(|(since, _)| since.saturating_add(after))
+            .min()
+            .map(|due| Duration::from_millis(due.saturating_sub(now) + 1))
     }
 
     /// How long until the next host that is heard from falls silent, if any.
@@ -468,10 +531,14 @@ impl Controller {
             if let Err(e) = self.check_hosts().await {
                 tracing::warn!("host liveness check failed: {e}");
             }
-            let wait = self
-                .liveness
-                .next_silence(now_ms())
-                .map_or(resync, |silence| silence.min(resync));
+            let now = now_ms();
+            let wait = [
+                self.liveness.next_silence(now),
+                self.liveness.next_heal(now),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(resync, Duration::min);
             match &mut watch {
                 Some(w) => {
                     if let Ok(None) = tokio::time::timeout(wait, w.next()).await {
@@ -533,6 +600,7 @@ impl Controller {
         }
         self.place_only_on_ready(&with_agent, &ready).await?;
         let hosts: BTreeSet<String> = not_ready.keys().cloned().collect();
+        self.liveness.track_not_ready(&hosts, now);
         let seen = || {
             self.liveness
                 .last_not_ready
@@ -544,10 +612,39 @@ impl Controller {
             // or be due back (only a pass makes VNFs Unknown).
             return Ok(());
         }
+        // Hosts whose agent failed (an inventory host without one never runs anything), and
+        // those whose VNFs go elsewhere now: NotReady for the heal delay.
+        let all_not_ready: Vec<String> = hosts
+            .iter()
+            .filter(|h| with_agent.contains(h))
+            .cloned()
+            .collect();
+        let failed: Vec<String> = all_not_ready
+            .iter()
+            .filter(|h| self.liveness.heal_due(h, now))
+            .cloned()
+            .collect();
         let mut complete = true;
         for (key, v) in self.store.list(records::VNFS).await? {
             let record: VnfRecord = decode(&key, &v.value)?;
             let vnf = &record.vnf;
+            // An active whose standby is on a Ready host fails over at once; the rest waits
+            // for the heal delay.
+            let heal_from = if super::healing::fails_over(&vnf.placements, &all_not_ready) {
+                Some(&all_not_ready)
+            } else if vnf.placements.iter().any(|p| failed.contains(&p.host)) {
+                Some(&failed)
+            } else {
+                None
+            };
+            if let Some(from) = heal_from {
+                match self.heal_vnf(vnf.name.as_str(), from).await {
+                    Ok(true) => continue,
+                    Ok(false) | Err(ControllerError::NotFound(_)) => {}
+                    Err(ControllerError::Conflict(_)) => complete = false,
+                    Err(e) => return Err(e),
+                }
+            }
             let lost = vnf.placements.iter().find_map(|p| not_ready.get(&p.host));
             let result = match (lost, vnf.phase) {
                 (Some(why), Phase::Starting | Phase::Running | Phase::Locked | Phase::Stopping) => {
@@ -565,6 +662,7 @@ impl Controller {
         }
         if complete {
             *seen() = Some(hosts);
+            self.liveness.heal_pass_done(now);
         }
         Ok(())
     }

@@ -28,6 +28,8 @@ use crate::records::{
     token_key, vnf_key,
 };
 
+#[path = "healing.rs"]
+pub mod healing;
 #[path = "hosts.rs"]
 pub mod hosts;
 
@@ -1232,23 +1234,7 @@ impl Controller {
                 return Err(e);
             }
         };
-        for host in records::placed_hosts(&next) {
-            ops.push(Op::Put {
-                key: records::assignment_key(&host, name),
-                value: Vec::new(),
-                lease: None,
-            });
-        }
-        let compares = vec![
-            Compare::ModRevision {
-                key: vnf_key(name),
-                revision: rev,
-            },
-            Compare::ModRevision {
-                key: allocation_key(name),
-                revision: alloc_rev,
-            },
-        ];
+        let compares = placement_commit(&mut ops, None, &next, rev, alloc_rev);
         Ok(Plan::Place(Box::new(PlannedPlacement {
             name: name.to_owned(),
             before: record.vnf,
@@ -1542,6 +1528,45 @@ fn transition_ops(
         });
     }
     Ok(ops)
+}
+
+/// Adds to `ops` the assignment index entries of a VNF placed as `next` (put for each of its
+/// hosts, deleted for each host `before` held that `next` does not), and returns the compares
+/// that condition the write on the VNF record (revision `rev`) and its allocation (revision
+/// `alloc_rev`, 0: absent) as read.
+pub(crate) fn placement_commit(
+    ops: &mut Vec<Op>,
+    before: Option<&VnfRecord>,
+    next: &VnfRecord,
+    rev: u64,
+    alloc_rev: u64,
+) -> Vec<Compare> {
+    let name = next.vnf.name.as_str();
+    let hosts = records::placed_hosts(next);
+    for host in before.map(records::placed_hosts).unwrap_or_default() {
+        if !hosts.contains(&host) {
+            ops.push(Op::Delete {
+                key: records::assignment_key(&host, name),
+            });
+        }
+    }
+    for host in hosts {
+        ops.push(Op::Put {
+            key: records::assignment_key(&host, name),
+            value: Vec::new(),
+            lease: None,
+        });
+    }
+    vec![
+        Compare::ModRevision {
+            key: vnf_key(name),
+            revision: rev,
+        },
+        Compare::ModRevision {
+            key: allocation_key(name),
+            revision: alloc_rev,
+        },
+    ]
 }
 
 /// Whether an allocation made for `stored` belongs to a VNF that asks for `current`: the same

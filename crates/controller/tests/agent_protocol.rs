@@ -92,16 +92,7 @@ async fn node_with_remote_h2() -> (Node, String) {
     assert_eq!(status, 204, "{body}");
     let (status, body) = agent_call(&node, "POST", "/v1/agent/hosts/h2/heartbeat", &h2, None).await;
     assert_eq!(status, 204, "{body}");
-    let r = node
-        .call(
-            "POST",
-            "/v1/hosts/{name}/cordon",
-            Some("h1"),
-            Some(&node.admin),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    node.cordon("h1").await;
     (node, h2)
 }
 

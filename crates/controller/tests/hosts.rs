@@ -6,10 +6,9 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Node, host_record, wasm_vnf};
+use common::{Node, beat, host_record, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::Controller;
 use telvirt_model::Phase;
@@ -65,48 +64,16 @@ async fn wait_host(node: &Node, name: &str, pred: impl Fn(&Value) -> bool) -> Va
     }
 }
 
-/// Heartbeats for `host` every 50 ms until aborted: a stand-in for that host's agent.
 /// A node with a 300 ms host lease, its liveness monitor running, and host h2 registered
-/// (no heartbeat yet).
+/// (no heartbeat yet). Healing is off: these tests keep VNFs on their NotReady host (healing
+/// has its own, tests/healing.rs).
 async fn node_with_monitored_h2() -> Node {
-    let node = Node::start().await;
-    node.controller
-        .set_host_lease_ttl(Duration::from_millis(300))
-        .unwrap();
-    tokio::spawn(
-        node.controller
-            .clone()
-            .host_monitor(Duration::from_millis(100)),
-    );
+    let node = Node::start_monitored(None).await;
     node.controller
         .register_host(host_record("h2"))
         .await
         .unwrap();
     node
-}
-
-fn beat(controller: &Arc<Controller>, host: &str) -> tokio::task::JoinHandle<()> {
-    let (controller, host) = (controller.clone(), host.to_owned());
-    tokio::spawn(async move {
-        loop {
-            controller.heartbeat(&host).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-}
-
-async fn events(node: &Node, vnf: &str) -> Vec<Value> {
-    let r = node
-        .call(
-            "GET",
-            "/v1/vnfs/{name}/events",
-            Some(vnf),
-            Some(&node.admin),
-            None,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body.as_array().unwrap().clone()
 }
 
 #[tokio::test]
@@ -176,7 +143,7 @@ async fn drain_places_vnfs_elsewhere_or_leaves_them_pending_with_the_reason() {
         .wait_vnf(&node.admin, "d1", |v| host_of(v) == Some("h2"))
         .await;
     assert_ne!(d1["phase"], "Pending", "{d1}");
-    let evs = events(&node, "d1").await;
+    let evs = node.events("d1").await;
     assert!(
         evs.iter().any(|e| e["to"] == "Pending"
             && e["reason"]
@@ -351,7 +318,7 @@ async fn a_lapsed_heartbeat_lease_makes_the_host_not_ready_and_its_vnfs_unknown_
         reason.contains("host h2 is NotReady (no heartbeat for"),
         "{reason}"
     );
-    let evs = events(&node, "u1").await;
+    let evs = node.events("u1").await;
     let last = evs.last().unwrap();
     assert_eq!(last["from"], "Running", "{last}");
     assert_eq!(last["to"], "Unknown", "{last}");
@@ -369,7 +336,7 @@ async fn a_lapsed_heartbeat_lease_makes_the_host_not_ready_and_its_vnfs_unknown_
             .contains("host h2 is Ready again"),
         "{u1}"
     );
-    let evs = events(&node, "u1").await;
+    let evs = node.events("u1").await;
     assert_eq!(evs.last().unwrap()["from"], "Unknown", "{evs:?}");
     beating.abort();
 }

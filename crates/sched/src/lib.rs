@@ -34,5 +34,6 @@ pub use request::{
     RolePlacement, Runtime, ThreadPolicy, VnfRequest,
 };
 pub use scheduler::{
-    Change, MAX_NODES_PER_HOST, Replacement, ReservePolicy, SchedConfig, Scheduler, Search, Stats,
+    Change, MAX_NODES_PER_HOST, Relocation, Replacement, ReservePolicy, SchedConfig, Scheduler,
+    Search, Stats,
 };

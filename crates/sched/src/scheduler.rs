@@ -203,6 +203,19 @@ pub struct Replacement {
     pub result: Result<RolePlacement, SchedError>,
 }
 
+/// What [`Scheduler::relocate`] did to a VNF that held a role on a failed host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relocation {
+    /// The role that ran on the failed host.
+    pub lost: Role,
+    /// The SBY was promoted to ACT (the controller switches traffic); `replaced` is then the
+    /// new SBY.
+    pub promoted: bool,
+    /// The new placement of the lost role (the SBY after a promotion); `None`: no host could
+    /// take the standby, the VNF runs without one.
+    pub replaced: Option<RolePlacement>,
+}
+
 /// Capacity totals, for status output and tests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
@@ -1949,6 +1962,77 @@ impl Scheduler {
             });
         }
         Ok(out)
+    }
+
+    /// Moves the role VNF `name` holds on `host` (a host that failed) to another host, keeping
+    /// the host itself. An ACT whose SBY lives elsewhere is replaced by promoting that SBY (the
+    /// new placement, if any, is the SBY); a lost SBY gets a new host; a lost ACT without a
+    /// standby (or a single VNF) moves to a new host, and when none can take it nothing
+    /// changes and the error says why. A promotion or a lost SBY happens even when no new SBY
+    /// fits: the VNF then runs without one (`replaced: None`) until [`Scheduler::heal`]. The
+    /// reserve is not checked: this is what it is kept for.
+    pub fn relocate(&mut self, name: &str, host: &str) -> Result<Relocation, SchedError> {
+        let vid = self.vnf_idx(name)?;
+        let h = self.host_idx(host)?;
+        let v = self.vnf(vid).clone();
+        if let Some(r) = v.pending.iter().flatten().next() {
+            return Err(SchedError::ChangePending {
+                vnf: name.to_string(),
+                role: r.role,
+            });
+        }
+        let held = |role: Role| v.roles[role.index()].as_ref().filter(|rs| rs.host == h);
+        let (lost, state) = match (held(Role::Act), held(Role::Sby)) {
+            (Some(rs), _) => (Role::Act, rs.clone()),
+            (None, Some(rs)) => (Role::Sby, rs.clone()),
+            (None, None) => {
+                return Err(SchedError::InvalidChange {
+                    vnf: name.to_string(),
+                    reason: format!("holds no role on host {host}"),
+                });
+            }
+        };
+        let req = v.req.clone();
+        let partner = v.roles[1 - lost.index()].as_ref().map(|r| r.host);
+        let mut avoid = self.avoid_hosts(&req, partner.into_iter().collect());
+        avoid.hosts.push(h);
+        if lost == Role::Act && partner.is_none() {
+            // Found before anything is released, so a refusal changes nothing.
+            let rs = self.find_role(vid, &req, Role::Act, &avoid)?;
+            self.unapply(vid, &state, &[]);
+            self.apply(vid, &rs);
+            let rp = self.render_role(vid, &rs);
+            self.vnf_mut(vid).roles[0] = Some(rs);
+            return Ok(Relocation {
+                lost,
+                promoted: false,
+                replaced: Some(rp),
+            });
+        }
+        self.unapply(vid, &state, &[]);
+        self.vnf_mut(vid).roles[lost.index()] = None;
+        let promoted = lost == Role::Act;
+        if promoted && let Some(mut sby) = self.vnf_mut(vid).roles[1].take() {
+            let sby_host = self.host_mut(sby.host);
+            sby_host.roles.remove(&(vid, Role::Sby));
+            sby_host.roles.insert((vid, Role::Act), 1);
+            sby.role = Role::Act;
+            self.vnf_mut(vid).roles[0] = Some(sby);
+        }
+        let replaced = match self.find_role(vid, &req, Role::Sby, &avoid) {
+            Ok(rs) => {
+                self.apply(vid, &rs);
+                let rp = self.render_role(vid, &rs);
+                self.vnf_mut(vid).roles[1] = Some(rs);
+                Some(rp)
+            }
+            Err(_) => None,
+        };
+        Ok(Relocation {
+            lost,
+            promoted,
+            replaced,
+        })
     }
 
     /// Places the missing role of a VNF that lost one (e.g. after [`Scheduler::fail_host`]

@@ -308,6 +308,73 @@ fn fail_host_replaces_and_promotes() {
 }
 
 #[test]
+fn relocate_promotes_the_standby_and_moves_what_lost_its_host() {
+    let mut s = sched(
+        ReservePolicy::NPlusOne,
+        &[small("h1", "a"), small("h2", "b"), small("h3", "c")],
+    );
+    let p = s.place(&redundant("r1", 2)).unwrap();
+    let (act, sby) = (p.act.host.clone(), p.sby.clone().unwrap().host);
+    s.set_schedulable(&act, false).unwrap();
+    let r = s.relocate("r1", &act).unwrap();
+    assert_eq!((r.lost, r.promoted), (Role::Act, true));
+    let now = s.placement("r1").unwrap();
+    assert_eq!(now.act.host, sby, "the old SBY is the ACT now");
+    assert_eq!(now.act.role, Role::Act);
+    let new = r.replaced.unwrap();
+    assert_eq!(now.sby.unwrap(), new);
+    assert!(new.host != act && new.host != sby, "{new:?}");
+    assert_eq!(
+        s.host_roles(&act).unwrap(),
+        0,
+        "the failed host holds nothing"
+    );
+    assert!(s.host_spec(&act).is_ok(), "the host itself is kept");
+    s.self_check().unwrap();
+
+    // A lost SBY gets a new host; with none left, the VNF runs without one.
+    let sby_host = s.placement("r1").unwrap().sby.unwrap().host;
+    s.set_schedulable(&sby_host, false).unwrap();
+    let r = s.relocate("r1", &sby_host).unwrap();
+    assert_eq!((r.lost, r.promoted, r.replaced), (Role::Sby, false, None));
+    assert!(s.placement("r1").unwrap().sby.is_none());
+    s.self_check().unwrap();
+    assert!(matches!(
+        s.relocate("r1", &sby_host),
+        Err(SchedError::InvalidChange { .. })
+    ));
+}
+
+#[test]
+fn relocating_a_single_vnf_moves_it_or_changes_nothing() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
+    let p = s.place(&ded("solo", 2)).unwrap();
+    let from = p.act.host.clone();
+    s.set_schedulable(&from, false).unwrap();
+    let r = s.relocate("solo", &from).unwrap();
+    let moved = r.replaced.unwrap();
+    assert_ne!(moved.host, from);
+    assert_eq!(s.placement("solo").unwrap().act, moved);
+    s.self_check().unwrap();
+
+    // Nowhere to go: refused, and the VNF keeps what it holds.
+    s.set_schedulable(&from, true).unwrap();
+    s.set_schedulable(&moved.host, false).unwrap();
+    let mut n = 0;
+    while s.place(&ded(&format!("filler{n}"), 1)).is_ok() {
+        n += 1;
+    }
+    assert!(n > 0);
+    let before = s.placement("solo").unwrap();
+    assert!(matches!(
+        s.relocate("solo", &moved.host),
+        Err(SchedError::NoPlacement { .. })
+    ));
+    assert_eq!(s.placement("solo").unwrap(), before);
+    s.self_check().unwrap();
+}
+
+#[test]
 fn fail_host_reports_what_cannot_be_replaced() {
     let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
     s.place(&ded("solo", 2)).unwrap();

@@ -146,6 +146,15 @@ pub struct ControlArgs {
     /// NotReady and its VNFs Unknown. Must exceed the agents' --heartbeat-interval-ms
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
     pub host_lease_ttl_ms: u64,
+    /// How long a host stays NotReady before the VNFs it held without a standby (and lost
+    /// standbys) are placed again on a Ready host, in milliseconds (0: at once). An active
+    /// whose standby lives on a Ready host fails over at once regardless
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
+    pub heal_after_ms: u64,
+    /// Never move VNFs off a NotReady host (they wait there, Unknown, until it is back);
+    /// failover of an active to its live standby still happens
+    #[arg(long)]
+    pub no_heal: bool,
     /// The store: a redb file path (the embedded default is telvirt.redb in the data dir), or
     /// etcd://HOST:PORT[,HOST:PORT...][/NAMESPACE] for a cluster (`telvirt controller` only:
     /// several controllers share it, one leads, the others forward to it)

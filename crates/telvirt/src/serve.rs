@@ -99,6 +99,8 @@ pub async fn start_controller(
     controller
         .set_host_lease_ttl(Duration::from_millis(control.host_lease_ttl_ms))
         .context("--host-lease-ttl-ms")?;
+    controller
+        .set_heal_after((!control.no_heal).then(|| Duration::from_millis(control.heal_after_ms)));
     crate::wasm::control_wasm(&controller, data_dir, policy)?;
 
     let config_path = data_dir.join(CLIENT_CONFIG);

@@ -12,10 +12,14 @@ use common::{Agent, Serve, a1_agent_args, lay_out_examples, stderr, wait_until};
 const INVENTORY: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 4, threads_per_core: 1 }\n";
 
 fn controller() -> Serve {
+    controller_with(&[])
+}
+
+fn controller_with(args: &[&str]) -> Serve {
     let dir = Serve::dir();
     lay_out_examples(dir.path());
     std::fs::write(dir.path().join("inventory.yaml"), INVENTORY).unwrap();
-    Serve::controller_in(dir, &[])
+    Serve::controller_in(dir, args)
 }
 
 /// A plain HTTP/1.1 GET: (status, body).
@@ -200,9 +204,10 @@ fn an_agent_without_a_valid_node_credential_is_refused() {
     assert!(node.json(&["host", "list"]).as_array().unwrap().is_empty());
 }
 
-#[test]
-fn a_chain_crosses_two_agent_processes_through_a_vxlan_tunnel() {
-    let node = controller();
+/// A controller (`controller_args`) and two agent processes with tunnel addresses: host a1
+/// runs fw1, host a2 runs fw2 (both Running).
+fn fw1_on_a1_and_fw2_on_a2(controller_args: &[&str]) -> (Serve, Agent, Agent) {
+    let node = controller_with(controller_args);
     std::fs::write(
         node.path("inventory2.yaml"),
         INVENTORY.replace("name: a1", "name: a2"),
@@ -210,12 +215,12 @@ fn a_chain_crosses_two_agent_processes_through_a_vxlan_tunnel() {
     .unwrap();
     node.ok(&["host", "credential", "a1", "--out", "a1.token"]);
     node.ok(&["host", "credential", "a2", "--out", "a2.token"]);
-    let _a1 = Agent::start(
+    let a1 = Agent::start(
         &node,
         "a1.log",
         &a1_agent_args("a1.token", &["--tunnel-address", "127.0.0.1:0"]),
     );
-    let _a2 = Agent::start(
+    let a2 = Agent::start(
         &node,
         "a2.log",
         &[
@@ -257,18 +262,66 @@ fn a_chain_crosses_two_agent_processes_through_a_vxlan_tunnel() {
         "a2"
     );
 
-    // gen (with fw1, on a1) -> fw1 -> [tunnel a1 -> a2] -> fw2 -> sink (with fw2, on a2).
-    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: x1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> fw2.in\n    - fw2.out -> sink.in\n";
-    std::fs::write(node.path("x1.yaml"), net).unwrap();
-    let created = node.json(&["net", "create", "-f", "x1.yaml"]);
-    assert!(created["vni"].as_u64() > Some(0), "{created}");
-    wait_until("packets never crossed the tunnel to a2's sink", || {
+    node.ok(&["host", "uncordon", "a1"]);
+    (node, a1, a2)
+}
+
+/// gen (with fw1, on a1) -> fw1 -> [tunnel a1 -> a2] -> fw2 -> sink (with fw2, on a2).
+const CROSSING: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: x1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> fw2.in\n    - fw2.out -> sink.in\n";
+
+/// Waits until every link of network x1 is active and its last one carried packets.
+fn x1_carries_traffic(node: &Serve, what: &str) {
+    wait_until(what, || {
         let v = node.json(&["net", "show", "x1"]);
         let links = &v["status"]["links"];
         (0..3).all(|i| links[i]["active"] == true) && links[2]["packets"].as_u64() > Some(0)
     });
+}
+
+#[test]
+fn a_chain_crosses_two_agent_processes_through_a_vxlan_tunnel() {
+    let (node, _a1, _a2) = fw1_on_a1_and_fw2_on_a2(&[]);
+    std::fs::write(node.path("x1.yaml"), CROSSING).unwrap();
+    let created = node.json(&["net", "create", "-f", "x1.yaml"]);
+    assert!(created["vni"].as_u64() > Some(0), "{created}");
+    x1_carries_traffic(&node, "packets never crossed the tunnel to a2's sink");
     // A probe needs the whole network on one data plane: refused, naming both hosts.
     let err = node.fails(&["latency", "chain", "x1"], "spans hosts");
     assert!(err.contains("a1") && err.contains("a2"), "{err}");
     node.ok(&["net", "delete", "x1"]);
+}
+
+#[test]
+fn a_vnf_whose_host_dies_runs_on_another_host_and_its_chain_carries_traffic_again() {
+    let (node, _a1, a2) =
+        fw1_on_a1_and_fw2_on_a2(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "0"]);
+    std::fs::write(node.path("x1.yaml"), CROSSING).unwrap();
+    node.ok(&["net", "create", "-f", "x1.yaml"]);
+    x1_carries_traffic(&node, "packets never crossed the tunnel to a2's sink");
+
+    // a2's agent (and fw2 in it) is killed: once a2 is NotReady, fw2 is placed on a1 (the
+    // only Ready host), starts there, and the chain, now on one host, carries traffic to a
+    // sink on a1.
+    drop(a2);
+    wait_until("fw2 never ran again on a1", || {
+        let v = node.json(&["vnf", "show", "fw2"]);
+        v["placements"][0]["host"] == "a1" && v["phase"] == "Running"
+    });
+    let events = node.json(&["vnf", "events", "fw2"]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["actor"] == "healer"
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("moved off failed host a2 to a1"))),
+        "{events}"
+    );
+    x1_carries_traffic(
+        &node,
+        "the chain never carried traffic again after fw2 moved",
+    );
+    assert_eq!(host_status(&node, "a2").as_deref(), Some("NotReady"));
 }

@@ -19,6 +19,8 @@ pub struct Node {
     pub base: String,
     pub admin: String,
     pub controller: Arc<Controller>,
+    /// The controller's store, for checks over all of it.
+    pub store: Arc<dyn telvirt_store::Store>,
     http: reqwest::Client,
     openapi: Value,
     _dir: tempfile::TempDir,
@@ -48,7 +50,7 @@ impl Node {
     pub async fn start() -> Node {
         let dir = tempfile::tempdir().unwrap();
         let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
-        let controller = Controller::open(store, SchedConfig::default())
+        let controller = Controller::open(store.clone(), SchedConfig::default())
             .await
             .unwrap();
         controller
@@ -104,6 +106,7 @@ impl Node {
             base,
             admin,
             controller,
+            store,
             http: reqwest::Client::new(),
             openapi: openapi_document(),
             _dir: dir,
@@ -340,6 +343,51 @@ impl Node {
             .collect()
     }
 
+    /// [`Node::start`] with a 300 ms host lease, heal delay `heal_after` (`None`: never) and
+    /// its liveness monitor running (a pass every 100 ms at least).
+    pub async fn start_monitored(heal_after: Option<Duration>) -> Node {
+        let node = Node::start().await;
+        node.controller
+            .set_host_lease_ttl(Duration::from_millis(300))
+            .unwrap();
+        node.controller.set_heal_after(heal_after);
+        tokio::spawn(
+            node.controller
+                .clone()
+                .host_monitor(Duration::from_millis(100)),
+        );
+        node
+    }
+
+    /// Cordons host `host` as admin.
+    pub async fn cordon(&self, host: &str) {
+        let r = self
+            .call(
+                "POST",
+                "/v1/hosts/{name}/cordon",
+                Some(host),
+                Some(&self.admin),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    /// The events of VNF `vnf`, as admin.
+    pub async fn events(&self, vnf: &str) -> Vec<Value> {
+        let r = self
+            .call(
+                "GET",
+                "/v1/vnfs/{name}/events",
+                Some(vnf),
+                Some(&self.admin),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body.as_array().unwrap().clone()
+    }
+
     /// Polls a VNF until `pred` holds on it, with a deadline.
     pub async fn wait_vnf(&self, token: &str, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -358,6 +406,17 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Heartbeats for `host` every 50 ms until aborted: a stand-in for that host's agent.
+pub fn beat(controller: &Arc<Controller>, host: &str) -> tokio::task::JoinHandle<()> {
+    let (controller, host) = (controller.clone(), host.to_owned());
+    tokio::spawn(async move {
+        loop {
+            controller.heartbeat(&host).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
 }
 
 /// The example firewall module's bytes.

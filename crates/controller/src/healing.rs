@@ -1,0 +1,243 @@
+//! Healing after a host failure: the roles VNFs held on a NotReady host go elsewhere. An
+//! active instance whose standby lives on a Ready host fails over at once (the standby is the
+//! active now, a new standby is placed when a host can take one); everything else (a VNF
+//! without a pair, a lost standby) is re-placed once its host has been NotReady for the heal
+//! delay. A VNF no other host can take stays where it is, Unknown, and is tried again on later
+//! passes.
+//!
+//! Owns the decision of when to heal and the store transaction that records it (placements,
+//! allocation, assignments, phase Scheduled with a new generation so the agents act, an event
+//! naming what moved). It must not fence or stop the failed host's instances: the store no
+//! longer assigns them to that host, and its agent stops them if it comes back.
+
+use std::time::Duration;
+
+use telvirt_model::{Phase, Placement, Role};
+use telvirt_sched::{Allocation, Relocation, SchedError};
+use telvirt_store::Op;
+
+use super::{
+    CAS_RETRIES, Controller, ControllerError, Result, decode, encode, placement_commit,
+    transition_ops,
+};
+use crate::placement;
+use crate::records::allocation_key;
+
+/// How long a host stays NotReady before the VNFs without a standby it held are placed again
+/// elsewhere, unless told otherwise.
+pub const DEFAULT_HEAL_AFTER: Duration = Duration::from_secs(5);
+
+/// Who the events written by healing name as their actor.
+const HEALER: &str = "healer";
+
+/// The roles of a VNF on failed hosts, standbys first (so an active fails over to a standby
+/// that is still alive, never to one on a failed host).
+fn lost_roles<'a>(placements: &'a [Placement], failed: &[String]) -> Vec<&'a Placement> {
+    let mut lost: Vec<&Placement> = placements
+        .iter()
+        .filter(|p| failed.contains(&p.host))
+        .collect();
+    lost.sort_by_key(|p| p.role == Role::Active);
+    lost
+}
+
+/// Whether a VNF holding `placements` fails over at once when `failed` hosts are NotReady: its
+/// active instance is on one of them and its standby on a host that is not.
+pub(crate) fn fails_over(placements: &[Placement], failed: &[String]) -> bool {
+    let on_failed = |role: Role| {
+        placements
+            .iter()
+            .find(|p| p.role == role)
+            .map(|p| failed.contains(&p.host))
+    };
+    on_failed(Role::Active) == Some(true) && on_failed(Role::Standby) == Some(false)
+}
+
+/// What one relocation did, for the event.
+fn describe(host: &str, r: &Relocation) -> String {
+    let target = |rp: &telvirt_sched::RolePlacement| {
+        let cpus: Vec<String> = rp.cpus.iter().map(ToString::to_string).collect();
+        format!("{} cpus {}", rp.host, cpus.join(","))
+    };
+    match (r.promoted, &r.replaced) {
+        (true, Some(new)) => format!(
+            "the standby is the active now (host {host} failed); new standby on {}",
+            target(new)
+        ),
+        (true, None) => format!(
+            "the standby is the active now (host {host} failed); no host can take a new standby"
+        ),
+        (false, Some(new)) if r.lost == telvirt_sched::Role::Sby => {
+            format!("standby moved off failed host {host} to {}", target(new))
+        }
+        (false, Some(new)) => format!("moved off failed host {host} to {}", target(new)),
+        (false, None) => {
+            format!("standby lost with host {host}; no host can take a new one")
+        }
+    }
+}
+
+impl Controller {
+    /// Sets how long a host stays NotReady before the VNFs without a standby it held are
+    /// placed elsewhere (`None`: never; an active with a live standby fails over regardless).
+    pub fn set_heal_after(&self, after: Option<Duration>) {
+        *self
+            .liveness
+            .heal_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = after;
+    }
+
+    /// How long a host stays NotReady before its VNFs are placed elsewhere (`None`: never).
+    pub fn heal_after(&self) -> Option<Duration> {
+        *self
+            .liveness
+            .heal_after
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the roles VNF `name` holds on the failed hosts `failed` elsewhere, and records it
+    /// in one transaction. Returns whether it moved; a VNF no host can take keeps its
+    /// placement (its reason says why).
+    pub(crate) async fn heal_vnf(&self, name: &str, failed: &[String]) -> Result<bool> {
+        let mut scheduler = self.scheduler.lock().await;
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(false);
+        };
+        if record.deleting {
+            drop(scheduler);
+            return match self.remove_when(name, |r| r.deleting).await {
+                Ok(_) | Err(ControllerError::NotFound(_)) => Ok(true),
+                Err(e) => Err(e),
+            };
+        }
+        let lost = lost_roles(&record.vnf.placements, failed);
+        if lost.is_empty() {
+            return Ok(false);
+        }
+        let mut moves = Vec::new();
+        let mut refusal = None;
+        for p in lost {
+            match scheduler.relocate(name, &p.host) {
+                Ok(r) => moves.push(describe(&p.host, &r)),
+                // Kept stable (no heartbeat age), so later passes write nothing new.
+                Err(e @ (SchedError::NoPlacement { .. } | SchedError::ReserveViolation { .. })) => {
+                    refusal = Some(format!(
+                        "host {} failed; no other host can take it now: {e}",
+                        p.host
+                    ));
+                }
+                Err(e) => {
+                    tracing::warn!(vnf = name, host = %p.host, "cannot heal: {e}");
+                    refusal = Some(format!("cannot be moved off host {}: {e}", p.host));
+                }
+            }
+        }
+        if moves.is_empty() {
+            drop(scheduler);
+            if let Some(reason) = refusal {
+                self.note_reason(name, reason).await?;
+            }
+            return Ok(false);
+        }
+        let placed = scheduler.placement(name)?;
+        // The scheduler holds the new placement; the record follows it, read again while the
+        // agents' observations change it (deletes wait for the scheduler lock held here).
+        for _ in 0..CAS_RETRIES {
+            let Some((record, rev)) = self.load(name).await? else {
+                scheduler.release(name)?;
+                return Ok(false);
+            };
+            let stored_alloc = self.store.get(&allocation_key(name)).await?;
+            let request = match &stored_alloc {
+                Some(v) => decode::<Allocation>(&allocation_key(name), &v.value)?.request,
+                None => placement::vnf_request(&record.vnf),
+            };
+            let mut next = record.clone();
+            let from = next.vnf.phase;
+            next.vnf.placements = placement::placements(&placed, &record.vnf.descriptor);
+            next.vnf.phase = Phase::Scheduled;
+            next.vnf.generation += 1;
+            let reason = moves.join("; ");
+            next.vnf.reason = Some(reason.clone());
+            let mut ops = transition_ops(&mut next, from, &reason, HEALER)?;
+            ops.push(Op::Put {
+                key: allocation_key(name),
+                value: encode(&Allocation {
+                    request,
+                    placement: placed.clone(),
+                })?,
+                lease: None,
+            });
+            let compares = placement_commit(
+                &mut ops,
+                Some(&record),
+                &next,
+                rev,
+                stored_alloc.map_or(0, |v| v.mod_revision),
+            );
+            if self.store.txn(compares, ops).await?.succeeded {
+                drop(scheduler);
+                tracing::info!(vnf = name, "healed: {reason}");
+                self.metrics.event();
+                self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
+                // The VNF's network may span hosts that hold none of its roles: they rewire.
+                super::bump(self.networks_version());
+                return Ok(true);
+            }
+        }
+        Err(ControllerError::Conflict(format!(
+            "vnf {name} kept changing while it was being moved off a failed host"
+        )))
+    }
+
+    /// Sets a VNF's reason without a phase change (and so without an event), once per reason.
+    async fn note_reason(&self, name: &str, reason: String) -> Result<()> {
+        match self
+            .update(name, |record| {
+                if record.vnf.reason.as_deref() != Some(reason.as_str()) {
+                    record.vnf.reason = Some(reason.clone());
+                }
+                Ok(None)
+            })
+            .await
+        {
+            Ok(_) | Err(ControllerError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(role: Role, host: &str) -> Placement {
+        Placement {
+            role,
+            host: host.into(),
+            vcpus: vec![vec![1]],
+            emulator_cpus: Vec::new(),
+            held: Vec::new(),
+            numa_nodes: vec![0],
+            group: None,
+        }
+    }
+
+    #[test]
+    fn an_active_fails_over_only_to_a_standby_on_a_live_host() {
+        let pair = [at(Role::Active, "h1"), at(Role::Standby, "h2")];
+        let failed = |hosts: &[&str]| hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        assert!(fails_over(&pair, &failed(&["h1"])));
+        assert!(!fails_over(&pair, &failed(&["h2"])));
+        assert!(!fails_over(&pair, &failed(&["h1", "h2"])));
+        assert!(!fails_over(&pair[..1], &failed(&["h1"])));
+        // Both lost: the standby is moved first, so the active never fails over to a dead host.
+        let order: Vec<Role> = lost_roles(&pair, &failed(&["h1", "h2"]))
+            .iter()
+            .map(|p| p.role)
+            .collect();
+        assert_eq!(order, [Role::Standby, Role::Active]);
+    }
+}

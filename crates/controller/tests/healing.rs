@@ -1,0 +1,200 @@
+//! Healing after a host failure, through the controller's liveness monitor: a VNF without a
+//! standby moves to a Ready host once its host has been NotReady for the heal delay; an active
+//! whose standby lives fails over at once (the standby is the active, a new standby is placed);
+//! a VNF no host can take stays, Unknown, with the reason, and is back when its host is. After
+//! each, the store is consistent (no CPU held twice, allocations match placements).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Node, beat, host_record, wasm_vnf};
+use serde_json::Value;
+use telvirt_controller::consistency;
+use telvirt_model::Phase;
+use telvirt_model::api::Observation;
+
+/// A node with a 300 ms host lease, heal delay `heal_after`, its liveness monitor running,
+/// hosts `hosts` registered with agents that beat (the handles stop them), h1 (the node's own
+/// inventory host) cordoned.
+async fn node_with(
+    hosts: &[&str],
+    heal_after: Option<Duration>,
+) -> (Node, Vec<tokio::task::JoinHandle<()>>) {
+    let node = Node::start_monitored(heal_after).await;
+    node.cordon("h1").await;
+    let mut beats = Vec::new();
+    for h in hosts {
+        node.controller.register_host(host_record(h)).await.unwrap();
+        beats.push(beat(&node.controller, h));
+    }
+    (node, beats)
+}
+
+fn hosts_of(v: &Value) -> Vec<(String, String)> {
+    v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["role"].as_str().unwrap().to_owned(),
+                p["host"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Plays the agent of `host` reporting VNF `vnf` Running.
+async fn running(node: &Node, host: &str, vnf: &str) {
+    let v = node
+        .wait_vnf(&node.admin, vnf, |v| v["phase"] != "Pending")
+        .await;
+    let generation = v["generation"].as_u64().unwrap();
+    node.controller
+        .observe(
+            host,
+            Observation {
+                vnf: vnf.parse().unwrap(),
+                phase: Phase::Running,
+                reason: "running".into(),
+                generation,
+            },
+        )
+        .await
+        .unwrap();
+}
+
+async fn assert_consistent(node: &Node) {
+    let report = consistency::check(node.store.as_ref(), telvirt_sched::SchedConfig::default())
+        .await
+        .unwrap();
+    assert!(report.is_consistent(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vnf_without_a_standby_moves_off_a_failed_host_after_the_heal_delay() {
+    let (node, mut beats) = node_with(&["h2", "h3"], Some(Duration::from_millis(500))).await;
+    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| {
+            v["placements"][0]["host"].is_string()
+        })
+        .await;
+    let (_, from) = hosts_of(&u1)[0].clone();
+    let to = if from == "h2" { "h3" } else { "h2" };
+    running(&node, &from, "u1").await;
+    let generation = u1["generation"].as_u64().unwrap();
+
+    // The host's agent stops: NotReady, u1 Unknown, then (after the delay) moved.
+    beats.remove(if from == "h2" { 0 } else { 1 }).abort();
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| v["placements"][0]["host"] == to)
+        .await;
+    assert_eq!(u1["phase"], "Scheduled", "{u1}");
+    assert_eq!(u1["generation"].as_u64(), Some(generation + 1), "{u1}");
+    let evs = node.events("u1").await;
+    let last = evs.last().unwrap();
+    assert_eq!(last["actor"], "healer", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("moved off failed host {from} to {to}")),
+        "{last}"
+    );
+    assert!(
+        evs.iter().any(|e| e["to"] == "Unknown"),
+        "the host's failure was seen first: {evs:?}"
+    );
+    // The new host's agent is given it; the failed one's no longer.
+    let names = |a: Vec<telvirt_model::api::Assignment>| -> Vec<String> {
+        a.into_iter().map(|a| a.vnf.to_string()).collect()
+    };
+    assert_eq!(
+        names(node.controller.assignments(to).await.unwrap()),
+        ["u1"]
+    );
+    assert!(names(node.controller.assignments(&from).await.unwrap()).is_empty());
+    assert_consistent(&node).await;
+    for b in beats {
+        b.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_fails_over_to_its_standby_at_once_and_a_new_standby_is_placed() {
+    // A heal delay far longer than the test: only the failover itself can move the pair.
+    let (node, mut beats) = node_with(&["h2", "h3", "h4"], Some(Duration::from_secs(3600))).await;
+    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
+    let r = node.create_vnf(&node.admin, &pair).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let p1 = node
+        .wait_vnf(&node.admin, "p1", |v| hosts_of(v).len() == 2)
+        .await;
+    let placed = hosts_of(&p1);
+    let act = placed
+        .iter()
+        .find(|(r, _)| r == "active")
+        .unwrap()
+        .1
+        .clone();
+    let sby = placed
+        .iter()
+        .find(|(r, _)| r == "standby")
+        .unwrap()
+        .1
+        .clone();
+    running(&node, &act, "p1").await;
+
+    let index = |h: &str| ["h2", "h3", "h4"].iter().position(|x| *x == h).unwrap();
+    beats[index(&act)].abort();
+    let p1 = node
+        .wait_vnf(&node.admin, "p1", |v| {
+            hosts_of(v).contains(&("active".to_owned(), sby.clone()))
+        })
+        .await;
+    let now = hosts_of(&p1);
+    let new_sby = &now.iter().find(|(r, _)| r == "standby").unwrap().1;
+    assert!(new_sby != &act && new_sby != &sby, "{now:?}");
+    let last = node.events("p1").await.pop().unwrap();
+    assert_eq!(last["actor"], "healer", "{last}");
+    assert!(
+        last["reason"].as_str().unwrap().contains(&format!(
+            "the standby is the active now (host {act} failed); new standby on {new_sby}"
+        )),
+        "{last}"
+    );
+    assert_consistent(&node).await;
+    beats.drain(..).for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vnf_no_host_can_take_stays_unknown_with_the_reason_until_its_host_is_back() {
+    let (node, mut beats) = node_with(&["h2"], Some(Duration::from_millis(200))).await;
+    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["placements"][0]["host"] == "h2")
+        .await;
+    running(&node, "h2", "u1").await;
+    beats.pop().unwrap().abort();
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| {
+            v["phase"] == "Unknown"
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("no other host can take it now"))
+        })
+        .await;
+    assert_eq!(hosts_of(&u1), [("active".to_owned(), "h2".to_owned())]);
+    assert!(
+        node.events("u1")
+            .await
+            .iter()
+            .all(|e| e["actor"] != "healer"),
+        "nothing moved"
+    );
+    let _back = beat(&node.controller, "h2");
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Running")
+        .await;
+    assert_consistent(&node).await;
+}
