@@ -422,7 +422,7 @@ if [ "$(id -u)" -eq 0 ]; then
   # fwa on h1, fwb on h2, fwc on h3: the other hosts cordoned while each is placed.
   for vnf in "fwa h1" "fwb h2" "fwc h3"; do
     set -- $vnf
-    fw1_like "s/name: fw1/name: $1/; s/policy: dedicated, count: 1/policy: shared, group: g$2, count: 1/" >"$CL/$1.yaml"
+    fw1_like "s/name: fw1/name: $1/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" >"$CL/$1.yaml"
     for h in h1 h2 h3; do
       if [ "$h" = "$2" ]; then cl host uncordon "$h" >/dev/null; else cl host cordon "$h" >/dev/null; fi
     done
@@ -443,7 +443,7 @@ spec:
 YAML
   cl net create -f "$CL/span.yaml"
   sleep 2
-  echo "(fwa runs on h1 and fwb on h2: the link between them crosses a VXLAN tunnel, one VNI per network)"
+  echo "(fwa runs on h1 and fwb on h2: the link between them crosses a VXLAN tunnel, one VNI per link)"
   cl net show span
   BR="$(tr -d ' \n' <"$CL/cluster.json" | grep -o '"bridge":"[^"]*"' | cut -d'"' -f4)"
   echo "$ tcpdump -i $BR -nn -c 2 udp port 4789   (the tunnel between the hosts, as tcpdump decodes it)"
@@ -458,17 +458,59 @@ YAML
   done
   echo "(the other controller leads now, and wrote the client config: nothing acknowledged was lost)"
   cl vnf list
-  H3_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o '"name":"h3"[^}]*"pid":[0-9]*' | grep -o '[0-9]*$')"
-  echo "$ kill -9 <the agent of h3>"
-  kill -9 "$H3_PID"
+  H2_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o '"name":"h2"[^}]*"pid":[0-9]*' | grep -o '[0-9]*$')"
+  echo "$ kill -9 <the agent of h2, where fwb (the middle of the chain) runs>"
+  kill -9 "$H2_PID"
   for _ in $(seq 1 100); do
-    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "^h3 *NotReady" && break
+    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "^h2 *NotReady" && break
     sleep 0.1
   done
-  echo "(h3's lease lapsed: it is NotReady and fwc, which ran there, is Unknown, with an event saying why)"
+  echo "(h2's lease lapsed: it is NotReady and fwb is Unknown, with an event saying why)"
   cl host list
-  TELVIRT_CONFIG="$CL_CONFIG" wait_phase fwc Unknown
-  cl vnf events fwc
+  TELVIRT_CONFIG="$CL_CONFIG" wait_phase fwb Unknown
+  echo "(5 s later (--heal-after-ms) the healer places fwb on a Ready host; the chain follows it)"
+  for _ in $(seq 1 300); do
+    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show fwb -o json 2>/dev/null | grep -q '"host": "h[13]"' && break
+    sleep 0.1
+  done
+  TELVIRT_CONFIG="$CL_CONFIG" wait_phase fwb Running
+  cl vnf events fwb
+  sleep 2
+  cl net show span
+  echo "(an active-standby NAT: the active's maps stream to the standby on the other host)"
+  sed 's/name: nat1/name: natp/; s/cpu: { policy: shared, group: edge, count: 1 }/cpu: { policy: shared, group: edge, count: 1 }\n  redundancy: active-standby/; s|\.\./vnfs/nat.wasm|'"$PWD"'/examples/vnfs/nat.wasm|' \
+    examples/descriptors/nat1.yaml >"$CL/natp.yaml"
+  cl vnf create -f "$CL/natp.yaml"
+  TELVIRT_CONFIG="$CL_CONFIG" wait_phase natp Running
+  cat >"$CL/sessions.yaml" <<'YAML'
+apiVersion: telvirt/v1
+kind: Network
+metadata: { name: sessions }
+spec:
+  nodes:
+    - { name: gen2, kind: generator, rate_pps: 2000, flows: 20 }
+    - { name: sink2, kind: sink }
+  links: [ gen2.out -> natp.in, natp.out -> sink2.in ]
+YAML
+  cl net create -f "$CL/sessions.yaml"
+  sleep 2
+  cl net delete sessions
+  sleep 1
+  cl vnf show natp
+  cl vnf maps natp
+  NAT_ACT="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json | tr -d ' \n' | grep -o '"role":"active","host":"h[0-9]*"' | grep -o 'h[0-9]*')"
+  ACT_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o "\"name\":\"$NAT_ACT\"[^}]*\"pid\":[0-9]*" | grep -o '[0-9]*$')"
+  echo "$ kill -9 <the agent of $NAT_ACT, where natp is active>"
+  kill -9 "$ACT_PID"
+  for _ in $(seq 1 300); do
+    now="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json 2>/dev/null | tr -d ' \n' | grep -o '"role":"active","host":"h[0-9]*"' | grep -o 'h[0-9]*')"
+    [ -n "$now" ] && [ "$now" != "$NAT_ACT" ] && break
+    sleep 0.1
+  done
+  echo "(the standby took over at once, with the 20 sessions it had been sent: no traffic refilled them)"
+  TELVIRT_CONFIG="$CL_CONFIG" wait_phase natp Running
+  cl vnf maps natp
+  cl vnf events natp
   run cluster down --dir "$CL" --purge
   trap cleanup EXIT
 else

@@ -11,6 +11,7 @@ pub mod network_sync;
 pub mod node;
 pub mod queue;
 pub mod reconcile;
+pub mod replication;
 pub mod runtime;
 pub mod runtimes;
 
@@ -19,6 +20,7 @@ pub use network_sync::network_loop;
 pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};
 pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RELIST_INTERVAL, RESYNC_INTERVAL};
+pub use replication::{ReplicaState, Replicas, serve_standbys};
 pub use runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 pub use telvirt_api::{ControlLink, LinkError};
 

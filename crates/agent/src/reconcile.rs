@@ -16,11 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use telvirt_api::{Assignment, ControlLink, Observation};
-use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, RuntimeKind};
+use telvirt_model::api::ReplicationStatus;
+use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, Role, RuntimeKind};
 use tokio::sync::{Mutex, watch};
 
 use crate::AgentError;
 use crate::queue::{Backoff, WorkQueue};
+use crate::replication::Replicas;
 use crate::runtime::{InstanceSpec, InstanceState, Runtime};
 
 /// How the agent works its queue.
@@ -53,11 +55,15 @@ impl Default for AgentConfig {
     }
 }
 
+/// What one observation told: phase, reason, generation and replication status.
+type Fact = (Phase, String, u64, Option<ReplicationStatus>);
+
 #[derive(Debug, Default)]
 struct Known {
     kind: Option<RuntimeKind>,
-    /// Last (phase, reason, generation) reported, so unchanged facts are not re-sent.
-    reported: Option<(Phase, String, u64)>,
+    /// Last (phase, reason, generation, replication) reported, so unchanged facts are not
+    /// re-sent.
+    reported: Option<Fact>,
     /// The generation whose start failed or crashed: not retried until the generation changes.
     failed_generation: Option<u64>,
     /// Adoption was tried in this agent's lifetime.
@@ -92,6 +98,9 @@ struct Inner {
     queue: WorkQueue<Name>,
     /// Where uploaded modules fetched from the controller are kept (a remote agent's).
     modules: Option<crate::node::ModuleCache>,
+    /// Streams the maps of this host's active wasm instances to their standbys (`None`: this
+    /// agent replicates nothing).
+    replicas: Option<Arc<Replicas>>,
 }
 
 /// How often the loop looks at every instance again when nothing told it to.
@@ -141,6 +150,7 @@ impl Agent {
                 desired: std::sync::Mutex::new(HashMap::new()),
                 queue: WorkQueue::new(config.workers, config.backoff),
                 modules: None,
+                replicas: None,
             }),
         }
     }
@@ -152,6 +162,25 @@ impl Agent {
             inner.modules = Some(cache);
         }
         self
+    }
+
+    /// Streams the maps of this host's active instances that have a standby through
+    /// `replicas`. Set before `run`.
+    pub fn with_replication(mut self, replicas: Arc<Replicas>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.replicas = Some(replicas);
+        }
+        self
+    }
+
+    /// Whether this host's assignments (as of the last pass) make it run `vnf`'s standby.
+    pub fn runs_standby(&self, vnf: &Name) -> bool {
+        self.inner
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .is_some_and(|a| a.placement.role == Role::Standby)
     }
 
     pub fn host(&self) -> &str {
@@ -372,6 +401,9 @@ impl Inner {
 
     /// Stops and forgets an instance no longer assigned to this host.
     async fn remove_unassigned(&self, name: &Name) -> Step {
+        if let Some(r) = &self.replicas {
+            r.stop(name);
+        }
         let kind = match self.known.lock().await.get(name) {
             Some(k) => k.kind,
             None => return Ok(()),
@@ -398,7 +430,8 @@ impl Inner {
         reason: impl Into<String>,
     ) -> Result<(), AgentError> {
         let reason = reason.into();
-        let fact = (phase, reason.clone(), a.generation);
+        let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
+        let fact = (phase, reason.clone(), a.generation, replication.clone());
         {
             let known = self.known.lock().await;
             if known.get(&a.vnf).and_then(|k| k.reported.as_ref()) == Some(&fact) {
@@ -413,6 +446,7 @@ impl Inner {
                     phase,
                     reason,
                     generation: a.generation,
+                    replication,
                 },
             )
             .await?;
@@ -461,6 +495,17 @@ impl Inner {
             }
         }
         let state = runtime.state(&a.vnf).await;
+        if let Some(r) = &self.replicas {
+            // Only a running, unlocked active wasm instance with a standby streams its maps.
+            match (&a.standby, a.placement.role, a.desired, &state) {
+                (Some(peer), Role::Active, DesiredState::Running, InstanceState::Running)
+                    if kind == RuntimeKind::Wasm && !a.locked =>
+                {
+                    r.ensure(&a.vnf, peer)
+                }
+                _ => r.stop(&a.vnf),
+            }
+        }
         let retry_allowed = failed_generation != Some(a.generation);
         match (a.desired, state) {
             (DesiredState::Stopped, InstanceState::Running | InstanceState::Paused) => {
@@ -574,7 +619,7 @@ impl Inner {
         known
             .get(&a.vnf)
             .and_then(|k| k.reported.as_ref())
-            .is_some_and(|(phase, _, generation)| {
+            .is_some_and(|(phase, _, generation, _)| {
                 *phase == Phase::Failed && *generation != a.generation
             })
     }

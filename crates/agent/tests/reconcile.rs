@@ -143,6 +143,7 @@ fn assignment(runtime: &str) -> Assignment {
         generation: 1,
         devices: Vec::new(),
         domain: "operator".into(),
+        standby: None,
     }
 }
 

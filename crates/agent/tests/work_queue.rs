@@ -270,6 +270,7 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
         generation: 1,
         devices: Vec::new(),
         domain: "operator".into(),
+        standby: None,
     }
 }
 

@@ -159,6 +159,9 @@ impl Controller {
             next.vnf.placements = placement::placements(&placed, &record.vnf.descriptor);
             next.vnf.phase = Phase::Scheduled;
             next.vnf.generation += 1;
+            // A new standby (or none): its status and the stream to it start over.
+            next.vnf.standby = None;
+            next.vnf.replication = None;
             let reason = moves.join("; ");
             next.vnf.reason = Some(reason.clone());
             let mut ops = transition_ops(&mut next, from, &reason, HEALER)?;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 
 use telvirt_model::api::{
     ADMIN_AUTHORITY, Assignment, Authority, AuthorityToken, CreateAuthority,
-    DEFAULT_AUTHORITY_DOMAIN, OPERATOR_DOMAIN, Observation,
+    DEFAULT_AUTHORITY_DOMAIN, InstanceStatus, OPERATOR_DOMAIN, Observation, StandbyPeer,
 };
 use telvirt_model::{
     DesiredState, DeviceGrant, Event, FieldError, Format, LockInfo, ModelError, Name, Phase,
@@ -582,6 +582,8 @@ impl Controller {
             generation: 1,
             created_at: now.clone(),
             updated_at: now.clone(),
+            standby: None,
+            replication: None,
         };
         let event = Event {
             seq: 1,
@@ -1365,6 +1367,25 @@ impl Controller {
                 };
                 domains.insert(owner.to_owned(), domain);
             }
+            // The active of a wasm pair streams its maps to its standby's host.
+            let standby = match (p.role, vnf.descriptor.spec.runtime) {
+                (telvirt_model::Role::Active, RuntimeKind::Wasm) => {
+                    match vnf
+                        .placements
+                        .iter()
+                        .find(|s| s.role == telvirt_model::Role::Standby)
+                    {
+                        Some(s) => self.agent_host(&s.host).await?.and_then(|r| {
+                            Some(StandbyPeer {
+                                host: s.host.clone(),
+                                address: r.tunnel?,
+                            })
+                        }),
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
             out.push(Assignment {
                 vnf: vnf.name.clone(),
                 descriptor: vnf.descriptor.clone(),
@@ -1378,6 +1399,7 @@ impl Controller {
                     .get(owner)
                     .cloned()
                     .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
+                standby,
             });
         }
         Ok(out)
@@ -1404,9 +1426,19 @@ impl Controller {
         let result = self
             .update(&name, |record| {
                 let vnf = &mut record.vnf;
-                if placement::placement_on(vnf, host).is_none() {
+                let Some(role) = placement::placement_on(vnf, host).map(|p| p.role) else {
+                    return Ok(None);
+                };
+                if role == telvirt_model::Role::Standby {
+                    // The standby's own status: the VNF's phase is its active instance's.
+                    vnf.standby = Some(InstanceStatus {
+                        host: host.to_owned(),
+                        phase: obs.phase,
+                        reason: obs.reason.clone(),
+                    });
                     return Ok(None);
                 }
+                vnf.replication = obs.replication.clone();
                 if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {
                     remove = true;
                 }

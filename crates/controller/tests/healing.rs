@@ -59,6 +59,7 @@ async fn running(node: &Node, host: &str, vnf: &str) {
                 phase: Phase::Running,
                 reason: "running".into(),
                 generation,
+                replication: None,
             },
         )
         .await

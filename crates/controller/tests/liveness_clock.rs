@@ -108,6 +108,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
             phase,
             reason: "started".into(),
             generation,
+            replication: None,
         };
         c.observe("h2", obs).await.unwrap();
     }

@@ -297,6 +297,10 @@ pub struct Assignment {
     /// The wasm security domain of the owning authority (wasm modules are installed into it;
     /// vm VNFs ignore it).
     pub domain: String,
+    /// For the active instance of an active-standby wasm VNF: where its standby runs, to
+    /// replicate its maps to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyPeer>,
 }
 
 /// What an agent observed of one VNF.
@@ -307,4 +311,45 @@ pub struct Observation {
     pub reason: String,
     /// The generation of the assignment this observation answers.
     pub generation: u64,
+    /// How the active instance's state reaches its standby (an active with a standby only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+}
+
+/// Where the standby instance of an active-standby VNF runs, for the agent of its active to
+/// stream the instance's state to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyPeer {
+    pub host: String,
+    /// The standby host's replication address: its tunnel address (`IP:PORT`), over TCP.
+    pub address: String,
+}
+
+/// How an active wasm instance's maps reach its standby: a full snapshot, then the update log
+/// in ordered, acknowledged batches.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReplicationStatus {
+    pub standby_host: String,
+    /// `synced` (the last batch was acknowledged), `resyncing` (a full snapshot is due or on
+    /// its way) or `failing` (the last attempt failed; see `error`).
+    pub state: String,
+    /// From taking the last acknowledged batch off the active instance to its
+    /// acknowledgement by the standby, in microseconds: how far the standby may lag behind.
+    pub lag_us: u64,
+    /// Map updates the standby acknowledged since replication to it started.
+    pub updates: u64,
+    /// Full snapshots sent, the first one included.
+    pub snapshots: u64,
+    /// Bytes the standby acknowledged.
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What the agent of a standby instance's host last observed of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstanceStatus {
+    pub host: String,
+    pub phase: Phase,
+    pub reason: String,
 }

@@ -162,6 +162,13 @@ pub struct Vnf {
     pub created_at: String,
     /// RFC 3339.
     pub updated_at: String,
+    /// The standby instance of an active-standby VNF, as its host's agent last saw it (the
+    /// VNF's own phase is its active instance's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<crate::api::InstanceStatus>,
+    /// How the active instance's state reaches the standby (wasm VNFs with a standby).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<crate::api::ReplicationStatus>,
 }
 
 /// One lifecycle step of a VNF.

@@ -506,6 +506,9 @@ pub struct MapSet {
     /// Largest update log in bytes before it overflows (then a new snapshot is needed); see
     /// [`MapSet::log_cap`].
     pub(crate) log_cap: usize,
+    /// Successful updates and deletes since the set was made: tells a reader of snapshots
+    /// whether anything changed since its last one without touching the update log.
+    changes: u64,
     scratch: Vec<u8>,
 }
 
@@ -545,6 +548,7 @@ impl MapSet {
             log: None,
             base: 0,
             log_cap: log_cap(defs),
+            changes: 0,
             scratch: Vec::with_capacity(MAX_KV_SIZE as usize),
         })
     }
@@ -592,6 +596,9 @@ impl MapSet {
             self.scratch.clear();
         }
         let (rc, ev) = m.update(key, value, flags);
+        if rc == code::OK {
+            self.changes += 1;
+        }
         if rc == code::OK
             && let Some(log) = self.log.as_mut()
         {
@@ -609,12 +616,20 @@ impl MapSet {
             return code::EINVAL;
         };
         let rc = m.delete(key);
+        if rc == code::OK {
+            self.changes += 1;
+        }
         if rc == code::OK
             && let Some(log) = self.log.as_mut()
         {
             log_op(log, self.log_cap, LOG_DELETE, id, key, None);
         }
         rc
+    }
+
+    /// Successful updates and deletes since this set was made (restored sets count from 0).
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Number of updates since the last snapshot or taken log (None when not logging), counted

@@ -119,6 +119,20 @@ fn header(out: &mut Vec<u8>, magic: [u8; 4], count: usize) {
 impl MapSet {
     /// Encodes every map into a snapshot and (re)starts the update log from this point.
     pub fn snapshot(&mut self) -> Vec<u8> {
+        let out = self.encode();
+        let crc = u32::from_le_bytes(
+            out[out.len() - 4..]
+                .try_into()
+                .expect("a snapshot ends with its 4-byte checksum"),
+        );
+        self.base = crc;
+        self.log = Some(UpdateLog::new());
+        out
+    }
+
+    /// Encodes every map into a snapshot, leaving the update log and its chain as they are
+    /// (a copy kept on disk must not break a standby's stream of logs).
+    pub fn encode(&self) -> Vec<u8> {
         let size: usize = self
             .maps
             .iter()
@@ -143,8 +157,6 @@ impl MapSet {
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        self.base = crc;
-        self.log = Some(UpdateLog::new());
         out
     }
 

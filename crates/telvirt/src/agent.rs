@@ -15,7 +15,8 @@ use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::network::NetworkReconciler;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 use telvirt_agent::{
-    Agent, AgentConfig, ControlLink, ModuleCache, Runtime, SysRoots, discover, node_call_loop,
+    Agent, AgentConfig, ControlLink, ModuleCache, ReplicaState, Replicas, Runtime, SysRoots,
+    discover, node_call_loop, serve_standbys,
 };
 use telvirt_api::HostRecord;
 use telvirt_controller::Restart;
@@ -56,6 +57,8 @@ pub struct HostAgent {
     /// Applies the networks the controller sends to `dataplane`.
     networks: Arc<NetworkReconciler>,
     wasm: Arc<WasmRuntime>,
+    /// Where this host's standby instances receive their actives' maps (with a tunnel address).
+    replication: Option<std::net::TcpListener>,
     data_dir: PathBuf,
     heartbeat_every: Duration,
     snapshot_every: Duration,
@@ -99,6 +102,18 @@ impl HostAgent {
                 Some(endpoint)
             }
         };
+        // Standby replication arrives over TCP on the tunnel's address and port.
+        let replication = match &vxlan {
+            None => None,
+            Some(endpoint) => {
+                let address = endpoint.local_addr();
+                let listener = std::net::TcpListener::bind(address).with_context(|| {
+                    format!("cannot receive standby replication on TCP {address}")
+                })?;
+                listener.set_nonblocking(true)?;
+                Some(listener)
+            }
+        };
         let networks =
             NetworkReconciler::new(Arc::clone(&dataplane)).with_host(&record.spec.name, vxlan);
         Ok(Self {
@@ -108,6 +123,7 @@ impl HostAgent {
             networks: Arc::new(networks),
             dataplane,
             wasm,
+            replication,
             data_dir: data_dir.to_owned(),
             heartbeat_every: Duration::from_millis(args.heartbeat_interval_ms),
             snapshot_every: Duration::from_millis(args.snapshot_interval_ms),
@@ -140,7 +156,29 @@ impl HostAgent {
         if let Some(cache) = &modules {
             agent = agent.with_module_cache(cache.clone());
         }
+        let state: Arc<dyn ReplicaState> = self.wasm.clone();
+        agent = agent.with_replication(Arc::new(Replicas::new(
+            Arc::clone(&state),
+            telvirt_agent::replication::DEFAULT_INTERVAL,
+        )));
         let agent = Arc::new(agent);
+        // This host's standby instances take their actives' maps.
+        if let Some(listener) = self.replication {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let (listener, standbys) = (Arc::new(listener), Arc::clone(&agent));
+                    health.supervise("replication", TASK_RESTART, move || {
+                        let standbys = Arc::clone(&standbys);
+                        serve_standbys(
+                            Arc::clone(&listener),
+                            Arc::clone(&state),
+                            Arc::new(move |vnf: &telvirt_model::Name| standbys.runs_standby(vnf)),
+                        )
+                    });
+                }
+                Err(e) => tracing::warn!("standby replication cannot listen: {e}"),
+            }
+        }
         let workers = Arc::clone(&self.dataplane);
         health.follow(health::DATAPLANE, move || {
             let stalled = workers.stalled_workers(WORKER_STALL);

@@ -162,6 +162,26 @@ pub fn vnf_detail(v: &Vnf) -> String {
                 .map_or(String::new(), |g| format!(", group {g}")),
         ));
     }
+    if let Some(s) = &v.standby {
+        out.push_str(&format!(
+            "Standby:     {} on {}: {}\n",
+            s.phase, s.host, s.reason
+        ));
+    }
+    if let Some(r) = &v.replication {
+        out.push_str(&format!(
+            "Replication: {} to {}, lag {:.1} ms, {} updates, {} snapshots, {} bytes{}\n",
+            r.state,
+            r.standby_host,
+            r.lag_us as f64 / 1000.0,
+            r.updates,
+            r.snapshots,
+            r.bytes,
+            r.error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})")),
+        ));
+    }
     for d in &v.devices {
         let detail = match &d.device {
             telvirt_model::Device::Rng => String::new(),

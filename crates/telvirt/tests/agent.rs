@@ -204,9 +204,9 @@ fn an_agent_without_a_valid_node_credential_is_refused() {
     assert!(node.json(&["host", "list"]).as_array().unwrap().is_empty());
 }
 
-/// A controller (`controller_args`) and two agent processes with tunnel addresses: host a1
-/// runs fw1, host a2 runs fw2 (both Running).
-fn fw1_on_a1_and_fw2_on_a2(controller_args: &[&str]) -> (Serve, Agent, Agent) {
+/// A controller (`controller_args`) and two agent processes with tunnel addresses, hosts a1
+/// (127.0.0.1) and a2 (127.0.0.2), both Ready.
+fn two_agents(controller_args: &[&str]) -> (Serve, Agent, Agent) {
     let node = controller_with(controller_args);
     std::fs::write(
         node.path("inventory2.yaml"),
@@ -243,6 +243,13 @@ fn fw1_on_a1_and_fw2_on_a2(controller_args: &[&str]) -> (Serve, Agent, Agent) {
             host_status(&node, host).is_some_and(|s| s.starts_with("Ready"))
         });
     }
+    (node, a1, a2)
+}
+
+/// A controller (`controller_args`) and two agent processes with tunnel addresses: host a1
+/// runs fw1, host a2 runs fw2 (both Running).
+fn fw1_on_a1_and_fw2_on_a2(controller_args: &[&str]) -> (Serve, Agent, Agent) {
+    let (node, a1, a2) = two_agents(controller_args);
     // fw1 on a1, fw2 on a2.
     node.ok(&["host", "cordon", "a2"]);
     node.ok(&["vnf", "create", "-f", "examples/descriptors/fw1.yaml"]);
@@ -307,21 +314,111 @@ fn a_vnf_whose_host_dies_runs_on_another_host_and_its_chain_carries_traffic_agai
         let v = node.json(&["vnf", "show", "fw2"]);
         v["placements"][0]["host"] == "a1" && v["phase"] == "Running"
     });
-    let events = node.json(&["vnf", "events", "fw2"]);
+    healed(&node, "fw2", "moved off failed host a2 to a1");
+    x1_carries_traffic(
+        &node,
+        "the chain never carried traffic again after fw2 moved",
+    );
+    assert_eq!(host_status(&node, "a2").as_deref(), Some("NotReady"));
+}
+
+/// Entries of VNF `vnf`'s map `map`, through `vnf maps` (None while it cannot be read).
+fn map_entries(node: &Serve, vnf: &str, map: &str) -> Option<u64> {
+    let out = node.cli(&["vnf", "maps", vnf, "-o", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    maps.as_array()?
+        .iter()
+        .find(|m| m["name"] == map)
+        .and_then(|m| m["entries"].as_u64())
+}
+
+#[test]
+fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_failover() {
+    // A heal delay longer than the test: only the failover to the standby moves the NAT.
+    let (node, a1, a2) = two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let pair = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
+        .unwrap()
+        .replace("name: nat1", "name: natp")
+        .replace(
+            "cpu: { policy: shared, group: edge, count: 1 }",
+            "cpu: { policy: dedicated, count: 1 }\n  redundancy: active-standby",
+        );
+    std::fs::write(node.path("examples/descriptors/natp.yaml"), pair).unwrap();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/natp.yaml"]);
+    let v = node.wait_phase("natp", "Running");
+    let host = |role: &str, v: &serde_json::Value| {
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["role"] == role)
+            .and_then(|p| p["host"].as_str())
+            .unwrap()
+            .to_owned()
+    };
+    let (active, standby) = (host("active", &v), host("standby", &v));
+    assert_ne!(active, standby);
+
+    // 20 flows through the active NAT make 20 sessions; then the traffic stops, so nothing but
+    // the replicated state can fill the standby's maps.
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 20 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> natp.in\n    - natp.out -> sink.in\n";
+    std::fs::write(node.path("t1.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "t1.yaml"]);
+    wait_until("the active NAT never held 20 sessions", || {
+        map_entries(&node, "natp", "sessions") == Some(20)
+    });
+    node.ok(&["net", "delete", "t1"]);
+    // The standby runs (its own status), and the active reports the stream to it synced.
+    wait_until("the standby never acknowledged the sessions", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        v["standby"]["phase"] == "Running"
+            && v["standby"]["host"] == standby.as_str()
+            && v["replication"]["state"] == "synced"
+            && v["replication"]["standby_host"] == standby.as_str()
+            // 20 sessions and 20 reverse entries at least (the snapshot may hold some).
+            && v["replication"]["updates"].as_u64() >= Some(40)
+    });
+    let v = node.json(&["vnf", "show", "natp"]);
+    assert!(v["replication"]["snapshots"].as_u64() >= Some(1), "{v}");
+    assert_eq!(
+        v["phase"], "Running",
+        "the standby's reports are its own: {v}"
+    );
+    let text = String::from_utf8(node.ok(&["vnf", "show", "natp", "-o", "table"]).stdout).unwrap();
+    assert!(
+        text.contains(&format!("Standby:     Running on {standby}"))
+            && text.contains(&format!("Replication: synced to {standby}, lag ")),
+        "{text}"
+    );
+
+    // The active's agent dies: the standby is the active at once, with the sessions.
+    if active == "a1" {
+        drop(a1);
+    } else {
+        drop(a2);
+    }
+    wait_until("the standby never took over", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        host("active", &v) == standby && v["phase"] == "Running"
+    });
+    assert_eq!(map_entries(&node, "natp", "sessions"), Some(20));
+    assert_eq!(map_entries(&node, "natp", "reverse"), Some(20));
+    healed(&node, "natp", "the standby is the active now");
+}
+
+/// Asserts that VNF `vnf` has an event by the healer whose reason contains `what`.
+fn healed(node: &Serve, vnf: &str, what: &str) {
+    let events = node.json(&["vnf", "events", vnf]);
     assert!(
         events
             .as_array()
             .unwrap()
             .iter()
             .any(|e| e["actor"] == "healer"
-                && e["reason"]
-                    .as_str()
-                    .is_some_and(|r| r.contains("moved off failed host a2 to a1"))),
+                && e["reason"].as_str().is_some_and(|r| r.contains(what))),
         "{events}"
     );
-    x1_carries_traffic(
-        &node,
-        "the chain never carried traffic again after fw2 moved",
-    );
-    assert_eq!(host_status(&node, "a2").as_deref(), Some("NotReady"));
 }

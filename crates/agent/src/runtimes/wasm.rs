@@ -121,6 +121,9 @@ struct Entry {
     stopped: bool,
     /// What the start did with the map snapshot, if there was one.
     note: Option<String>,
+    /// The maps' change count when they were last written to disk (`None`: not since the
+    /// instance started or its maps were replaced).
+    saved_changes: Option<u64>,
 }
 
 /// The `runtime: wasm` adapter of one agent.
@@ -455,6 +458,57 @@ impl Loader {
     }
 }
 
+/// Entries of every map of `maps`.
+fn entries_of(maps: Option<&rw::MapSet>) -> u64 {
+    maps.map_or(0, |m| {
+        m.defs()
+            .iter()
+            .filter_map(|d| m.by_name(&d.name))
+            .map(|x| u64::try_from(x.len()).unwrap_or(u64::MAX))
+            .sum()
+    })
+}
+
+/// Standby replication reads the active instance's maps and writes the standby's, between
+/// batches (under the instance's lock, as the worker runs them).
+impl crate::replication::ReplicaState for WasmRuntime {
+    fn take(&self, vnf: &Name, full: bool) -> Result<Option<(Vec<u8>, u64)>, String> {
+        let taken = self
+            .with_instance(vnf, |i| {
+                if full {
+                    let entries = entries_of(i.maps());
+                    return i.snapshot_maps().map(|b| Some((b, entries)));
+                }
+                match i.maps().and_then(rw::MapSet::logged_updates) {
+                    Some(0) => Ok(None),
+                    pending => i
+                        .take_update_log()
+                        .map(|b| Some((b, pending.unwrap_or_default()))),
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        taken.map_err(|e| e.to_string())
+    }
+
+    fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String> {
+        let applied = self
+            .with_instance(vnf, |i| {
+                if full {
+                    i.restore_maps(bytes).map(|()| entries_of(i.maps()))
+                } else {
+                    i.apply_update_log(bytes)
+                }
+            })
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        // The maps changed under the disk copy's count: the next periodic save writes them.
+        if let Some(e) = self.entries().get_mut(vnf) {
+            e.saved_changes = None;
+        }
+        Ok(applied)
+    }
+}
+
 impl WasmRuntime {
     /// A runtime whose module store lives in `store_dir`, placing VNFs on `dataplane`; relative
     /// module paths resolve against `base_dir` (the serve process's working directory).
@@ -534,19 +588,24 @@ impl WasmRuntime {
         {
             return Ok(());
         }
-        let bytes = {
-            let mut i = guard(inst);
-            let unchanged = i
-                .maps()
-                .and_then(|m| m.logged_updates())
-                .is_some_and(|n| n == 0);
-            if unchanged && path.exists() {
+        let saved = self.entries().get(name).and_then(|e| e.saved_changes);
+        let (bytes, changes) = {
+            let i = guard(inst);
+            let changes = i.maps().map(rw::MapSet::changes);
+            if changes.is_some() && changes == saved && path.exists() {
                 return Ok(());
             }
-            i.snapshot_maps().map_err(fail)?
+            // Encoded without restarting the update log: a standby's stream of logs goes on.
+            (i.encode_maps().map_err(fail)?, changes)
         };
         telvirt_files::write_atomic(&path, &bytes)
-            .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))
+            .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
+        if let Some(e) = self.entries().get_mut(name)
+            && Arc::ptr_eq(&e.inst, inst)
+        {
+            e.saved_changes = changes;
+        }
+        Ok(())
     }
 
     /// Snapshots the maps of every running or locked VNF. With `last`, each VNF stops taking
@@ -744,6 +803,7 @@ impl WasmRuntime {
                 module_hash: hash,
                 stopped: false,
                 note,
+                saved_changes: None,
             },
         );
         Ok(())
