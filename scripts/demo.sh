@@ -498,12 +498,12 @@ YAML
   sleep 1
   cl vnf show natp
   cl vnf maps natp
-  NAT_ACT="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json | tr -d ' \n' | grep -o '"role":"active","host":"h[0-9]*"' | grep -o 'h[0-9]*')"
+  NAT_ACT="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json | tr -d ' \n' | sed -n 's/.*"role":"active","host":"\(h[0-9]*\)".*/\1/p')"
   ACT_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o "\"name\":\"$NAT_ACT\"[^}]*\"pid\":[0-9]*" | grep -o '[0-9]*$')"
   echo "$ kill -9 <the agent of $NAT_ACT, where natp is active>"
   kill -9 "$ACT_PID"
   for _ in $(seq 1 300); do
-    now="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json 2>/dev/null | tr -d ' \n' | grep -o '"role":"active","host":"h[0-9]*"' | grep -o 'h[0-9]*')"
+    now="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json 2>/dev/null | tr -d ' \n' | sed -n 's/.*"role":"active","host":"\(h[0-9]*\)".*/\1/p')"
     [ -n "$now" ] && [ "$now" != "$NAT_ACT" ] && break
     sleep 0.1
   done

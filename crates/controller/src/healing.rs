@@ -1,4 +1,5 @@
-//! Healing after a host failure: the roles VNFs held on a NotReady host go elsewhere. An
+//! Healing after a host or instance failure: the roles VNFs held on a NotReady host go
+//! elsewhere, and an active instance that died hands over to its running standby. An
 //! active instance whose standby lives on a Ready host fails over at once (the standby is the
 //! active now, a new standby is placed when a host can take one); everything else (a VNF
 //! without a pair, a lost standby) is re-placed once its host has been NotReady for the heal
@@ -12,8 +13,8 @@
 
 use std::time::Duration;
 
-use telvirt_model::{Phase, Placement, Role};
-use telvirt_sched::{Allocation, Relocation, SchedError};
+use telvirt_model::{DesiredState, Phase, Placement, Role};
+use telvirt_sched::{Allocation, Relocation, SchedError, Scheduler};
 use telvirt_store::Op;
 
 use super::{
@@ -142,8 +143,80 @@ impl Controller {
             return Ok(false);
         }
         let placed = scheduler.placement(name)?;
-        // The scheduler holds the new placement; the record follows it, read again while the
-        // agents' observations change it (deletes wait for the scheduler lock held here).
+        let recorded = self
+            .record_placement(&mut scheduler, name, &placed, &moves.join("; "))
+            .await?;
+        drop(scheduler);
+        Ok(recorded)
+    }
+
+    /// The active instance of VNF `name` on `host` failed (`why`, as its agent reported):
+    /// when its standby runs on a Ready host, the standby is the active at once and the
+    /// failed instance is started again in place as the standby (a new generation). Returns
+    /// whether it took over.
+    pub(crate) async fn take_over(&self, name: &str, host: &str, why: &str) -> Result<bool> {
+        let mut scheduler = self.scheduler.lock().await;
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(false);
+        };
+        let v = &record.vnf;
+        let active_here = v
+            .placements
+            .iter()
+            .any(|p| p.role == Role::Active && p.host == host);
+        let standby_host = v
+            .placements
+            .iter()
+            .find(|p| p.role == Role::Standby)
+            .map(|p| p.host.clone());
+        let standby_runs = v
+            .standby
+            .as_ref()
+            .is_some_and(|s| s.phase == Phase::Running && Some(&s.host) == standby_host.as_ref());
+        let Some(standby_host) = standby_host else {
+            return Ok(false);
+        };
+        if record.deleting
+            || v.desired != DesiredState::Running
+            || !active_here
+            || v.phase != Phase::Failed
+            || !standby_runs
+            || !self.host_ready(&standby_host).await?
+        {
+            return Ok(false);
+        }
+        let placed = scheduler.swap_roles(name)?;
+        let reason = format!(
+            "the active instance on {host} failed ({why}); the standby on {standby_host} is the active now, and {host} starts again as the standby"
+        );
+        match self
+            .record_placement(&mut scheduler, name, &placed, &reason)
+            .await
+        {
+            Ok(true) => Ok(true),
+            // Not recorded: the scheduler goes back to what the store holds.
+            other => {
+                if scheduler.placement(name).is_ok() {
+                    scheduler.swap_roles(name)?;
+                }
+                other
+            }
+        }
+    }
+
+    /// Records the placement `placed` the scheduler (locked by the caller) now holds for VNF
+    /// `name`, in one transaction: placements, allocation, assignment index, phase Scheduled
+    /// with a new generation (so the agents act), the standby's status and stream reset, an
+    /// event by the healer with `reason`. Read again while the agents' observations change the
+    /// record (deletes wait for the scheduler lock). False when the VNF is gone (its cores are
+    /// released).
+    async fn record_placement(
+        &self,
+        scheduler: &mut Scheduler,
+        name: &str,
+        placed: &telvirt_sched::Placement,
+        reason: &str,
+    ) -> Result<bool> {
         for _ in 0..CAS_RETRIES {
             let Some((record, rev)) = self.load(name).await? else {
                 scheduler.release(name)?;
@@ -156,15 +229,14 @@ impl Controller {
             };
             let mut next = record.clone();
             let from = next.vnf.phase;
-            next.vnf.placements = placement::placements(&placed, &record.vnf.descriptor);
+            next.vnf.placements = placement::placements(placed, &record.vnf.descriptor);
             next.vnf.phase = Phase::Scheduled;
             next.vnf.generation += 1;
             // A new standby (or none): its status and the stream to it start over.
             next.vnf.standby = None;
             next.vnf.replication = None;
-            let reason = moves.join("; ");
-            next.vnf.reason = Some(reason.clone());
-            let mut ops = transition_ops(&mut next, from, &reason, HEALER)?;
+            next.vnf.reason = Some(reason.to_owned());
+            let mut ops = transition_ops(&mut next, from, reason, HEALER)?;
             ops.push(Op::Put {
                 key: allocation_key(name),
                 value: encode(&Allocation {
@@ -181,7 +253,6 @@ impl Controller {
                 stored_alloc.map_or(0, |v| v.mod_revision),
             );
             if self.store.txn(compares, ops).await?.succeeded {
-                drop(scheduler);
                 tracing::info!(vnf = name, "healed: {reason}");
                 self.metrics.event();
                 self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
@@ -191,7 +262,7 @@ impl Controller {
             }
         }
         Err(ControllerError::Conflict(format!(
-            "vnf {name} kept changing while it was being moved off a failed host"
+            "vnf {name} kept changing while its new placement was being recorded"
         )))
     }
 

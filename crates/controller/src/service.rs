@@ -1423,6 +1423,7 @@ impl Controller {
     pub async fn observe(&self, host: &str, obs: Observation) -> Result<()> {
         let name = obs.vnf.to_string();
         let mut remove = false;
+        let mut active_failed = false;
         let result = self
             .update(&name, |record| {
                 let vnf = &mut record.vnf;
@@ -1439,6 +1440,7 @@ impl Controller {
                     return Ok(None);
                 }
                 vnf.replication = obs.replication.clone();
+                active_failed = obs.phase == Phase::Failed;
                 if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {
                     remove = true;
                 }
@@ -1466,6 +1468,12 @@ impl Controller {
         }
         if remove {
             self.remove(&name).await?;
+        } else if active_failed {
+            // A pair whose standby runs takes over at once; the agent's report stands either
+            // way, so a takeover that could not be recorded is only logged.
+            if let Err(e) = self.take_over(&name, host, &obs.reason).await {
+                tracing::warn!(vnf = %name, "the standby could not take over: {e}");
+            }
         }
         Ok(())
     }

@@ -47,6 +47,11 @@ fn hosts_of(v: &Value) -> Vec<(String, String)> {
 
 /// Plays the agent of `host` reporting VNF `vnf` Running.
 async fn running(node: &Node, host: &str, vnf: &str) {
+    report(node, host, vnf, Phase::Running, "running").await;
+}
+
+/// Plays the agent of `host` reporting `phase` of its instance of VNF `vnf`.
+async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) {
     let v = node
         .wait_vnf(&node.admin, vnf, |v| v["phase"] != "Pending")
         .await;
@@ -56,8 +61,8 @@ async fn running(node: &Node, host: &str, vnf: &str) {
             host,
             Observation {
                 vnf: vnf.parse().unwrap(),
-                phase: Phase::Running,
-                reason: "running".into(),
+                phase,
+                reason: reason.into(),
                 generation,
                 replication: None,
             },
@@ -198,4 +203,67 @@ async fn a_vnf_no_host_can_take_stays_unknown_with_the_reason_until_its_host_is_
     node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Running")
         .await;
     assert_consistent(&node).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_active_instance_hands_over_to_its_running_standby_and_restarts_as_it() {
+    let (node, beats) = node_with(&["h2", "h3"], None).await;
+    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
+    assert_eq!(node.create_vnf(&node.admin, &pair).await.status, 201);
+    let p1 = node
+        .wait_vnf(&node.admin, "p1", |v| hosts_of(v).len() == 2)
+        .await;
+    let role_host =
+        |v: &Value, role: &str| hosts_of(v).into_iter().find(|(r, _)| r == role).unwrap().1;
+    let (act, sby) = (role_host(&p1, "active"), role_host(&p1, "standby"));
+    let cpus = |v: &Value, role: &str| {
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["role"] == role)
+            .unwrap()["vcpus"]
+            .clone()
+    };
+    running(&node, &act, "p1").await;
+
+    // The standby has not said it runs: a failed active stays Failed, nothing moves.
+    report(&node, &act, "p1", Phase::Failed, "worker trapped").await;
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| v["phase"] == "Failed")
+        .await;
+    assert_eq!(role_host(&v, "active"), act, "{v}");
+
+    // Once the standby runs (its own status, not the VNF's phase), the next failure of the
+    // active hands over at once; the old active comes back as the standby on its cpus.
+    running(&node, &act, "p1").await;
+    running(&node, &sby, "p1").await;
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
+        .await;
+    assert_eq!(v["phase"], "Running", "{v}");
+    let generation = v["generation"].as_u64().unwrap();
+    report(&node, &act, "p1", Phase::Failed, "worker trapped").await;
+    let after = node
+        .wait_vnf(&node.admin, "p1", |v| role_host(v, "active") == sby)
+        .await;
+    assert_eq!(role_host(&after, "standby"), act, "{after}");
+    assert_eq!(cpus(&after, "active"), cpus(&v, "standby"));
+    assert_eq!(cpus(&after, "standby"), cpus(&v, "active"));
+    assert_eq!(after["phase"], "Scheduled", "{after}");
+    assert_eq!(after["generation"].as_u64(), Some(generation + 1));
+    assert!(
+        after.get("standby").is_none(),
+        "a new standby reports afresh: {after}"
+    );
+    let last = node.events("p1").await.pop().unwrap();
+    assert_eq!(last["actor"], "healer", "{last}");
+    assert!(
+        last["reason"].as_str().unwrap().contains(&format!(
+            "the active instance on {act} failed (worker trapped); the standby on {sby} is the active now"
+        )),
+        "{last}"
+    );
+    assert_consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
 }

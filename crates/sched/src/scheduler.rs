@@ -525,6 +525,19 @@ impl Scheduler {
             .expect("vnf index refers to a live vnf")
     }
 
+    /// VNF `name`'s index and state, refused while a change of it is pending.
+    fn settled(&self, name: &str) -> Result<(u32, VnfState), SchedError> {
+        let vid = self.vnf_idx(name)?;
+        let v = self.vnf(vid).clone();
+        if let Some(r) = v.pending.iter().flatten().next() {
+            return Err(SchedError::ChangePending {
+                vnf: name.to_string(),
+                role: r.role,
+            });
+        }
+        Ok((vid, v))
+    }
+
     fn vnf_mut(&mut self, v: u32) -> &mut VnfState {
         self.vnfs[v as usize]
             .as_mut()
@@ -1972,15 +1985,8 @@ impl Scheduler {
     /// fits: the VNF then runs without one (`replaced: None`) until [`Scheduler::heal`]. The
     /// reserve is not checked: this is what it is kept for.
     pub fn relocate(&mut self, name: &str, host: &str) -> Result<Relocation, SchedError> {
-        let vid = self.vnf_idx(name)?;
+        let (vid, v) = self.settled(name)?;
         let h = self.host_idx(host)?;
-        let v = self.vnf(vid).clone();
-        if let Some(r) = v.pending.iter().flatten().next() {
-            return Err(SchedError::ChangePending {
-                vnf: name.to_string(),
-                role: r.role,
-            });
-        }
         let held = |role: Role| v.roles[role.index()].as_ref().filter(|rs| rs.host == h);
         let (lost, state) = match (held(Role::Act), held(Role::Sby)) {
             (Some(rs), _) => (Role::Act, rs.clone()),
@@ -2035,6 +2041,41 @@ impl Scheduler {
         })
     }
 
+    /// Makes the standby of VNF `name` its active and the active its standby, on the cpus each
+    /// holds (the active instance died; its standby takes over and it comes back as the
+    /// standby). Refused for a VNF without both roles or with a change pending; nothing changes
+    /// then.
+    pub fn swap_roles(&mut self, name: &str) -> Result<Placement, SchedError> {
+        let (vid, v) = self.settled(name)?;
+        let (Some(mut act), Some(mut sby)) = (v.roles[0].clone(), v.roles[1].clone()) else {
+            return Err(SchedError::InvalidChange {
+                vnf: name.to_string(),
+                reason: "has no standby to take over".into(),
+            });
+        };
+        for rs in [&act, &sby] {
+            let host = self.host_mut(rs.host);
+            if let Some(c) = host.roles.get_mut(&(vid, rs.role)) {
+                *c -= 1;
+                if *c == 0 {
+                    host.roles.remove(&(vid, rs.role));
+                }
+            }
+        }
+        act.role = Role::Sby;
+        sby.role = Role::Act;
+        for rs in [&act, &sby] {
+            *self
+                .host_mut(rs.host)
+                .roles
+                .entry((vid, rs.role))
+                .or_insert(0) += 1;
+        }
+        let vm = self.vnf_mut(vid);
+        vm.roles = [Some(sby), Some(act)];
+        self.placement(name)
+    }
+
     /// Places the missing role of a VNF that lost one (e.g. after [`Scheduler::fail_host`]
     /// could not re-place it and capacity came back). Checks the reserve.
     pub fn heal(&mut self, name: &str) -> Result<RolePlacement, SchedError> {
@@ -2073,14 +2114,7 @@ impl Scheduler {
     /// [`Scheduler::commit_change`] (frees what only the old one used) or
     /// [`Scheduler::abort_change`] (frees what only the new one used).
     pub fn begin_change(&mut self, name: &str, change: &Change) -> Result<Placement, SchedError> {
-        let vid = self.vnf_idx(name)?;
-        let v = self.vnf(vid).clone();
-        if let Some(r) = v.pending.iter().flatten().next() {
-            return Err(SchedError::ChangePending {
-                vnf: name.to_string(),
-                role: r.role,
-            });
-        }
+        let (vid, v) = self.settled(name)?;
         let mut req = v.req.clone();
         let invalid = |reason: &str| SchedError::InvalidChange {
             vnf: name.to_string(),

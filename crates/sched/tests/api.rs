@@ -346,6 +346,36 @@ fn relocate_promotes_the_standby_and_moves_what_lost_its_host() {
 }
 
 #[test]
+fn swapping_roles_makes_the_standby_active_on_the_same_cpus() {
+    let mut s = sched(
+        ReservePolicy::NPlusOne,
+        &[small("h1", "a"), small("h2", "b"), small("h3", "c")],
+    );
+    let before = s.place(&redundant("r1", 2)).unwrap();
+    let after = s.swap_roles("r1").unwrap();
+    let sby = before.sby.clone().unwrap();
+    assert_eq!(
+        (after.act.host.as_str(), &after.act.cpus),
+        (sby.host.as_str(), &sby.cpus)
+    );
+    assert_eq!(after.act.role, Role::Act);
+    let new_sby = after.sby.unwrap();
+    assert_eq!(
+        (new_sby.host, new_sby.cpus),
+        (before.act.host, before.act.cpus)
+    );
+    assert_eq!(new_sby.role, Role::Sby);
+    s.self_check().unwrap();
+    // Without a standby there is nothing to swap, and nothing changes.
+    let solo = s.place(&ded("solo", 1)).unwrap();
+    assert!(matches!(
+        s.swap_roles("solo"),
+        Err(SchedError::InvalidChange { .. })
+    ));
+    assert_eq!(s.placement("solo").unwrap(), solo);
+}
+
+#[test]
 fn relocating_a_single_vnf_moves_it_or_changes_nothing() {
     let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
     let p = s.place(&ded("solo", 2)).unwrap();
