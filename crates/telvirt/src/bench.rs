@@ -37,6 +37,10 @@ pub enum BenchCommand {
     /// create→Running, etcd size, leader failover and host-failure detection against etcd's own
     /// lease expiry; acknowledged writes and store invariants checked after the kills
     Cluster(crate::bench_cluster::ClusterArgs),
+    /// A NAT under a generator stream loses its host (SIGKILL of the active's agent), with real
+    /// controller and agent processes: detection, failover, packets lost, sessions kept and a
+    /// new standby, against the same NAT without a standby placed again by the healer
+    Failover(crate::bench_failover::FailoverArgs),
 }
 
 #[derive(Args, Debug)]
@@ -101,6 +105,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Control(args) => crate::bench_control::control(format, args),
         BenchCommand::Handover(args) => crate::bench_handover::handover(format, args),
         BenchCommand::Cluster(args) => crate::bench_cluster::cluster_bench(format, args),
+        BenchCommand::Failover(args) => crate::bench_failover::failover_bench(format, args),
     }
 }
 

@@ -145,21 +145,25 @@ pub struct ClusterReport {
 }
 
 /// What a set-up needs to start its agents again.
-struct Hosts {
-    dir: PathBuf,
-    controllers: String,
-    heartbeat_ms: u64,
-    agents: Vec<BenchChild>,
+pub(crate) struct Hosts {
+    pub dir: PathBuf,
+    pub controllers: String,
+    pub heartbeat_ms: u64,
+    pub agents: Vec<BenchChild>,
+    /// Each agent gets a tunnel address (127.0.0.N for host hN), so networks and standby
+    /// replication span hosts.
+    pub tunnels: bool,
 }
 
 impl Hosts {
-    fn name(i: usize) -> String {
+    pub fn name(i: usize) -> String {
         format!("h{}", i + 1)
     }
 
     /// Starts (again) host `i`'s agent; its token and inventory were written before.
-    fn start(&mut self, i: usize) -> Result<BenchChild> {
+    pub fn start(&mut self, i: usize) -> Result<BenchChild> {
         let name = Self::name(i);
+        let tunnel = format!("127.0.0.{}:0", i + 1);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -172,6 +176,11 @@ impl Hosts {
             .args(["--inventory", &format!("inventory-{name}.yaml")])
             .args(["--host-name", &name])
             .args(["--heartbeat-interval-ms", &self.heartbeat_ms.to_string()])
+            .args(if self.tunnels {
+                vec!["--tunnel-address", tunnel.as_str()]
+            } else {
+                Vec::new()
+            })
             .env("TELVIRT_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -184,10 +193,10 @@ impl Hosts {
 
 /// The API client of a set-up: the leader's address and the admin's token.
 #[derive(Clone)]
-struct Api {
-    http: reqwest::Client,
-    base: Arc<Mutex<String>>,
-    token: String,
+pub(crate) struct Api {
+    pub http: reqwest::Client,
+    pub base: Arc<Mutex<String>>,
+    pub token: String,
 }
 
 impl Api {
@@ -195,13 +204,13 @@ impl Api {
         self.base.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         self.http
             .request(method, format!("{}{path}", self.base()))
             .bearer_auth(&self.token)
     }
 
-    async fn json(&self, path: &str) -> Result<serde_json::Value> {
+    pub async fn json(&self, path: &str) -> Result<serde_json::Value> {
         answer(self.request(reqwest::Method::GET, path)).await
     }
 
@@ -221,7 +230,7 @@ impl Api {
             .collect())
     }
 
-    async fn host_status(&self, host: &str) -> Option<String> {
+    pub async fn host_status(&self, host: &str) -> Option<String> {
         let v = self.json(&format!("/v1/hosts/{host}")).await.ok()?;
         v["status"].as_str().map(str::to_owned)
     }
@@ -233,7 +242,7 @@ fn inventory(name: &str) -> String {
     )
 }
 
-fn descriptor(name: &str, group: u32, module: &str) -> String {
+pub(crate) fn descriptor(name: &str, group: u32, module: &str) -> String {
     format!(
         "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: shared, count: 1, group: g{group} }}\n  ports: [in, out]\n  wasm:\n    module: \"{module}\"\n    limits: {{ memory: 16MiB }}\n    config: {{ blob_hex: \"02000000\" }}\n    maps:\n      - {{ name: rules, kind: hash, key_size: 16, value_size: 4, max_entries: 1024 }}\n"
     )
@@ -261,7 +270,7 @@ fn kill_figures(baseline: &'static str, base: Vec<f64>, telvirt: Vec<f64>) -> Ki
 
 /// Registers hosts h1..hN (credential, inventory), starts their agents and waits until each
 /// is Ready; uploads the example firewall; the module reference.
-async fn lay_out_hosts(api: &Api, hosts: &mut Hosts, count: u32) -> Result<String> {
+pub(crate) async fn lay_out_hosts(api: &Api, hosts: &mut Hosts, count: u32) -> Result<String> {
     for i in 0..count as usize {
         let name = Hosts::name(i);
         let credential: serde_json::Value = answer(api.request(
@@ -289,14 +298,19 @@ async fn lay_out_hosts(api: &Api, hosts: &mut Hosts, count: u32) -> Result<Strin
         )
         .await?;
     }
-    let firewall = telvirt_agent::runtimes::wasm::example_modules()
+    upload_example(api, "firewall").await
+}
+
+/// Uploads the built-in example module `example` (`firewall`, `nat`, `gtpu`); its reference.
+pub(crate) async fn upload_example(api: &Api, example: &str) -> Result<String> {
+    let wasm = telvirt_agent::runtimes::wasm::example_modules()
         .into_iter()
-        .find_map(|(name, wasm)| (name == "firewall").then_some(wasm))
-        .context("the example firewall is built in")?;
+        .find_map(|(name, wasm)| (name == example).then_some(wasm))
+        .with_context(|| format!("the example {example} is built in"))?;
     let module: serde_json::Value = answer(
         api.request(reqwest::Method::POST, "/v1/modules")
             .header("content-type", "application/wasm")
-            .body(firewall.to_vec()),
+            .body(wasm.to_vec()),
     )
     .await?;
     Ok(module["reference"]
@@ -482,9 +496,35 @@ async fn embedded(
     http: &reqwest::Client,
     progress: &(dyn Fn() + Sync),
 ) -> Result<(CreateFigures, u64)> {
-    std::fs::create_dir_all(dir)?;
     let ttl = args.host_lease_ttl_ms.to_string();
-    let controller = spawn_controller(dir, free_port()?, &["--host-lease-ttl-ms", &ttl])?;
+    let (controller, api) = embedded_controller(dir, http, &["--host-lease-ttl-ms", &ttl]).await?;
+    let mut hosts = Hosts {
+        dir: dir.to_owned(),
+        controllers: controller.api.clone(),
+        heartbeat_ms: args.host_lease_ttl_ms / 4,
+        agents: Vec::new(),
+        tunnels: false,
+    };
+    let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
+    let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
+    let store = dir.join("control").join(crate::serve::STORE_FILE);
+    let store_bytes = std::fs::metadata(&store)
+        .with_context(|| format!("the embedded store {}", store.display()))?
+        .len();
+    drop(hosts);
+    drop(controller);
+    Ok((figures, store_bytes))
+}
+
+/// A `telvirt controller` process (`args`) on the embedded store in `dir`, once it answers,
+/// and its API as admin.
+pub(crate) async fn embedded_controller(
+    dir: &Path,
+    http: &reqwest::Client,
+    args: &[&str],
+) -> Result<(ControllerProcess, Api)> {
+    std::fs::create_dir_all(dir)?;
+    let controller = spawn_controller(dir, free_port()?, args)?;
     // A controller on the embedded store serves at once (there is no election).
     let config = dir.join("control/client.toml");
     poll_until(
@@ -505,21 +545,7 @@ async fn embedded(
         base: Arc::new(Mutex::new(controller.api.clone())),
         token: admin_token(dir)?,
     };
-    let mut hosts = Hosts {
-        dir: dir.to_owned(),
-        controllers: controller.api.clone(),
-        heartbeat_ms: args.host_lease_ttl_ms / 4,
-        agents: Vec::new(),
-    };
-    let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
-    let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
-    let store = dir.join("control").join(crate::serve::STORE_FILE);
-    let store_bytes = std::fs::metadata(&store)
-        .with_context(|| format!("the embedded store {}", store.display()))?
-        .len();
-    drop(hosts);
-    drop(controller);
-    Ok((figures, store_bytes))
+    Ok((controller, api))
 }
 
 /// Kills the leader `failovers` times, timing the handover; `a` leads on entry and on exit.
@@ -719,6 +745,7 @@ async fn cluster(
         controllers: format!("{},{}", controllers[0].api, controllers[1].api),
         heartbeat_ms: args.host_lease_ttl_ms / 4,
         agents: Vec::new(),
+        tunnels: false,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, kept) = rounds(&api, args, &module, "etcd, 3 members", 2, progress).await?;

@@ -8,6 +8,7 @@ mod agent_link;
 mod bench;
 mod bench_cluster;
 mod bench_control;
+mod bench_failover;
 mod bench_handover;
 mod cli;
 mod client;

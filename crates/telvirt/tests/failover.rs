@@ -1,0 +1,30 @@
+//! `telvirt bench failover`, at its smallest, reports every figure from real processes: the NAT
+//! pair keeps every session across the kill of its active's agent and gets a new standby, the
+//! baseline NAT without a standby makes every session again, and the figures follow the kill
+//! in order (detection, then the flip).
+
+mod common;
+use serde_json::Value;
+
+#[test]
+fn bench_failover_reports_every_figure() {
+    let out = std::process::Command::new(common::BIN)
+        .args(["bench", "failover", "--rounds", "1", "--flows", "8"])
+        .args(["--rate-pps", "2000", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for setup in ["pair", "single"] {
+        let run = &r[setup]["runs"][0];
+        let detect = run["detect_ms"].as_f64().unwrap();
+        assert!(detect > 0.0, "{r}");
+        assert!(run["flip_ms"].as_f64().unwrap() >= detect, "{r}");
+        assert!(run["outage_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(r["pair"]["sessions_kept_pct_min"], 100.0, "{r}");
+    assert_eq!(r["single"]["sessions_kept_pct_min"], 0.0, "{r}");
+    assert!(r["pair"]["reheal_max_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(r["single"]["reheal_max_ms"].is_null(), "{r}");
+    assert!(r["outage_ratio"].as_f64().unwrap() > 0.0, "{r}");
+}
