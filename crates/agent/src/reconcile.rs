@@ -187,6 +187,13 @@ impl Agent {
         &self.inner.host
     }
 
+    /// Tells the controller that this host's running standby of `vnf` lost its active
+    /// (`why`): an observation of the standby carrying `active_lost`. Nothing is sent when this
+    /// host does not run `vnf`'s standby or its instance was not reported running.
+    pub async fn report_active_lost(&self, vnf: &Name, why: String) -> Result<(), AgentError> {
+        self.inner.report_active_lost(vnf, why).await
+    }
+
     pub fn config(&self) -> AgentConfig {
         self.inner.config
     }
@@ -291,7 +298,60 @@ impl Agent {
     }
 }
 
+impl crate::replication::StandbyHost for Agent {
+    fn runs_standby(&self, vnf: &Name) -> bool {
+        Agent::runs_standby(self, vnf)
+    }
+
+    fn active_lost(&self, vnf: &Name, why: String) {
+        let (inner, vnf) = (Arc::clone(&self.inner), vnf.clone());
+        tokio::spawn(async move {
+            if let Err(e) = inner.report_active_lost(&vnf, why).await {
+                tracing::warn!(vnf = %vnf, "telling the controller its active is lost: {e}");
+            }
+        });
+    }
+}
+
 impl Inner {
+    async fn report_active_lost(&self, vnf: &Name, why: String) -> Result<(), AgentError> {
+        let standby = self
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .filter(|a| a.placement.role == Role::Standby)
+            .cloned();
+        let Some(a) = standby else {
+            return Ok(());
+        };
+        let running = self
+            .known
+            .lock()
+            .await
+            .get(vnf)
+            .and_then(|k| k.reported.as_ref())
+            .is_some_and(|(phase, ..)| *phase == Phase::Running);
+        if !running {
+            return Ok(());
+        }
+        tracing::warn!(vnf = %vnf, "the active is lost: {why}");
+        self.link
+            .report(
+                &self.host,
+                Observation {
+                    vnf: vnf.clone(),
+                    phase: Phase::Running,
+                    reason: "running as the standby".into(),
+                    generation: a.generation,
+                    replication: None,
+                    active_lost: Some(why),
+                },
+            )
+            .await?;
+        Ok(())
+    }
+
     /// Reads the assignments and queues the VNFs to work on: those whose assignment is new,
     /// changed or gone, instances known but no longer assigned, and (`full`) every other one.
     async fn pass(&self, full: bool) -> Result<(), AgentError> {
@@ -447,6 +507,7 @@ impl Inner {
                     reason,
                     generation: a.generation,
                     replication,
+                    active_lost: None,
                 },
             )
             .await?;

@@ -29,6 +29,11 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAGIC: &[u8; 4] = b"TVR1";
 const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
+/// Nothing changed since the last batch: the active is alive.
+const KIND_KEEPALIVE: u8 = 3;
+/// A standby that hears nothing from its active this long (no batch, no keepalive) takes the
+/// active for lost; so does one whose connection the active's host closed.
+pub const SILENCE: Duration = Duration::from_millis(500);
 /// Acknowledgement statuses.
 const ACK_OK: u8 = 0;
 const ACK_RESYNC: u8 = 1;
@@ -58,7 +63,7 @@ struct Ack {
 async fn write_batch(
     stream: &mut TcpStream,
     vnf: &Name,
-    full: bool,
+    kind: u8,
     seq: u64,
     bytes: &[u8],
 ) -> std::io::Result<()> {
@@ -66,7 +71,7 @@ async fn write_batch(
     let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("batch too large"))?;
     let mut head = Vec::with_capacity(4 + 1 + 2 + name.len() + 8 + 4);
     head.extend_from_slice(MAGIC);
-    head.push(if full { KIND_SNAPSHOT } else { KIND_LOG });
+    head.push(kind);
     head.extend_from_slice(&(name.len() as u16).to_le_bytes());
     head.extend_from_slice(name);
     head.extend_from_slice(&seq.to_le_bytes());
@@ -104,20 +109,19 @@ async fn write_ack(stream: &mut TcpStream, ack: &Ack) -> std::io::Result<()> {
     stream.flush().await
 }
 
-/// One batch as a standby reads it: (vnf, full, seq, bytes). Every length is checked before
+/// One batch as a standby reads it: (vnf, kind, seq, bytes). Every length is checked before
 /// anything is allocated for it.
-async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Name, bool, u64, Vec<u8>)> {
+async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Name, u8, u64, Vec<u8>)> {
     let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let mut magic = [0; 4];
     stream.read_exact(&mut magic).await?;
     if &magic != MAGIC {
         return Err(bad(format!("not a replication batch (magic {magic:?})")));
     }
-    let full = match stream.read_u8().await? {
-        KIND_SNAPSHOT => true,
-        KIND_LOG => false,
-        k => return Err(bad(format!("unknown batch kind {k}"))),
-    };
+    let kind = stream.read_u8().await?;
+    if ![KIND_SNAPSHOT, KIND_LOG, KIND_KEEPALIVE].contains(&kind) {
+        return Err(bad(format!("unknown batch kind {kind}")));
+    }
     let name_len = stream.read_u16_le().await?;
     if name_len == 0 || name_len > MAX_NAME_BYTES {
         return Err(bad(format!(
@@ -132,23 +136,33 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Name, bool, u64,
         .map_err(|e| bad(format!("VNF name: {e}")))?;
     let seq = stream.read_u64_le().await?;
     let len = stream.read_u32_le().await?;
-    if len > MAX_BATCH_BYTES {
+    if len > MAX_BATCH_BYTES || (kind == KIND_KEEPALIVE && len > 0) {
         return Err(bad(format!(
-            "a batch of {len} bytes exceeds the {MAX_BATCH_BYTES} a standby accepts"
+            "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({MAX_BATCH_BYTES}; a keepalive carries none)"
         )));
     }
     let mut bytes = vec![0; len as usize];
     stream.read_exact(&mut bytes).await?;
-    Ok((name, full, seq, bytes))
+    Ok((name, kind, seq, bytes))
+}
+
+/// What the standby side asks of its agent.
+pub trait StandbyHost: Send + Sync + 'static {
+    /// Whether this host runs `vnf`'s standby (its assignments say so).
+    fn runs_standby(&self, vnf: &Name) -> bool;
+    /// The active of `vnf`, which this host runs the standby of, is lost (`why`): its
+    /// connection closed or fell silent for [`SILENCE`].
+    fn active_lost(&self, vnf: &Name, why: String);
 }
 
 /// Accepts batches for this host's standby instances until the listener fails: each is
-/// applied when `is_standby` says this host runs `vnf`'s standby, refused otherwise. A
-/// connection that sends anything malformed is dropped.
+/// applied when this host runs `vnf`'s standby, refused otherwise. A connection that sends
+/// anything malformed is dropped. When a connection that carried a VNF's batches ends or falls
+/// silent, the host is told its active is lost.
 pub async fn serve_standbys(
     listener: Arc<TcpListener>,
     state: Arc<dyn ReplicaState>,
-    is_standby: Arc<dyn Fn(&Name) -> bool + Send + Sync>,
+    host: Arc<dyn StandbyHost>,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -159,34 +173,59 @@ pub async fn serve_standbys(
                 continue;
             }
         };
-        let (state, is_standby) = (Arc::clone(&state), Arc::clone(&is_standby));
+        let (state, host) = (Arc::clone(&state), Arc::clone(&host));
         tokio::spawn(async move {
-            if let Err(e) = standby_connection(stream, state, is_standby).await
-                && e.kind() != std::io::ErrorKind::UnexpectedEof
-            {
-                tracing::warn!(%peer, "replication connection dropped: {e}");
+            let mut seen = std::collections::BTreeSet::new();
+            let ended = standby_connection(stream, state, host.as_ref(), &mut seen).await;
+            let why = match ended {
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    format!("its host {peer} closed the replication connection")
+                }
+                Err(e) => format!("the replication connection from {peer} failed: {e}"),
+                Ok(()) => format!("nothing from {peer} for {} ms", SILENCE.as_millis()),
+            };
+            for vnf in seen {
+                if host.runs_standby(&vnf) {
+                    host.active_lost(&vnf, why.clone());
+                }
             }
         });
     }
 }
 
+/// Serves one active's connection; `Ok` when it fell silent for [`SILENCE`]. `seen`: the VNFs
+/// it carried batches of.
 async fn standby_connection(
     mut stream: TcpStream,
     state: Arc<dyn ReplicaState>,
-    is_standby: Arc<dyn Fn(&Name) -> bool + Send + Sync>,
+    host: &dyn StandbyHost,
+    seen: &mut std::collections::BTreeSet<Name>,
 ) -> std::io::Result<()> {
     let _ = stream.set_nodelay(true);
     loop {
-        let (vnf, full, seq, bytes) = read_batch(&mut stream).await?;
-        let ack = if !is_standby(&vnf) {
+        let Ok(batch) = tokio::time::timeout(SILENCE, read_batch(&mut stream)).await else {
+            return Ok(());
+        };
+        let (vnf, kind, seq, bytes) = batch?;
+        let ack = if !host.runs_standby(&vnf) {
             Ack {
                 seq,
                 status: ACK_REFUSED,
                 updates: 0,
                 message: format!("this host runs no standby of {vnf}"),
             }
+        } else if kind == KIND_KEEPALIVE {
+            seen.insert(vnf);
+            Ack {
+                seq,
+                status: ACK_OK,
+                updates: 0,
+                message: String::new(),
+            }
         } else {
+            seen.insert(vnf.clone());
             let state = Arc::clone(&state);
+            let full = kind == KIND_SNAPSHOT;
             let applied =
                 tokio::task::spawn_blocking(move || state.apply(&vnf, full, &bytes)).await;
             match applied {
@@ -334,8 +373,14 @@ async fn send_loop(
         }
         if let Some(conn) = stream.as_mut() {
             match send_one(&state, &vnf, conn, full, seq + 1).await {
-                Ok(None) => {}
-                Ok(Some((ack, sent_bytes, taken))) => {
+                // The instance could not give a batch (e.g. its update log overflowed): a full
+                // snapshot next, on the same connection (closing it would tell the standby its
+                // active is lost).
+                Err(SendError::Take(e)) => {
+                    set(&|s| fail(s, e.clone()));
+                    full = true;
+                }
+                Ok((ack, sent_bytes, taken)) => {
                     seq += 1;
                     match ack.status {
                         ACK_OK => set(&|s| {
@@ -354,7 +399,7 @@ async fn send_loop(
                     }
                     full = ack.status != ACK_OK;
                 }
-                Err(e) => {
+                Err(SendError::Io(e)) => {
                     set(&|s| fail(s, e.clone()));
                     stream = None;
                     full = true;
@@ -370,7 +415,15 @@ fn fail(s: &mut ReplicationStatus, why: String) {
     s.error = Some(why);
 }
 
-/// Takes one batch off the active instance and sends it; `None` when nothing changed.
+/// Why one batch did not go.
+enum SendError {
+    /// The instance gave no batch; the connection is fine.
+    Take(String),
+    /// The connection failed: it is dropped.
+    Io(String),
+}
+
+/// Takes one batch off the active instance and sends it (a keepalive when nothing changed).
 /// Returns the acknowledgement, the bytes sent and when the batch was taken.
 async fn send_one(
     state: &Arc<dyn ReplicaState>,
@@ -378,33 +431,38 @@ async fn send_one(
     conn: &mut TcpStream,
     full: bool,
     seq: u64,
-) -> Result<Option<(Ack, u64, Instant)>, String> {
+) -> Result<(Ack, u64, Instant), SendError> {
     let taken = Instant::now();
     let (st, name) = (Arc::clone(state), vnf.clone());
     let batch = tokio::task::spawn_blocking(move || st.take(&name, full))
         .await
-        .map_err(|e| format!("taking a batch failed: {e}"))?;
-    let bytes = match batch {
-        Ok(Some((bytes, _))) => bytes,
-        Ok(None) => return Ok(None),
-        Err(e) => return Err(format!("taking a batch: {e}")),
+        .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?;
+    let (kind, bytes) = match batch {
+        Ok(Some((bytes, _))) if full => (KIND_SNAPSHOT, bytes),
+        Ok(Some((bytes, _))) => (KIND_LOG, bytes),
+        Ok(None) => (KIND_KEEPALIVE, Vec::new()),
+        Err(e) => return Err(SendError::Take(format!("taking a batch: {e}"))),
     };
     let sent = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     let exchange = async {
-        write_batch(conn, vnf, full, seq, &bytes).await?;
+        write_batch(conn, vnf, kind, seq, &bytes).await?;
         read_ack(conn).await
     };
     let ack = tokio::time::timeout(IO_TIMEOUT, exchange)
         .await
-        .map_err(|_| format!("the standby did not acknowledge within {IO_TIMEOUT:?}"))?
-        .map_err(|e| format!("sending to the standby: {e}"))?;
+        .map_err(|_| {
+            SendError::Io(format!(
+                "the standby did not acknowledge within {IO_TIMEOUT:?}"
+            ))
+        })?
+        .map_err(|e| SendError::Io(format!("sending to the standby: {e}")))?;
     if ack.seq != seq {
-        return Err(format!(
+        return Err(SendError::Io(format!(
             "the standby acknowledged batch {} for batch {seq}",
             ack.seq
-        ));
+        )));
     }
-    Ok(Some((ack, sent, taken)))
+    Ok((ack, sent, taken))
 }
 
 #[cfg(test)]
@@ -438,17 +496,32 @@ mod tests {
         }
     }
 
+    /// A standby host running the standby of `nat1` only, noting the actives it lost.
+    #[derive(Default)]
+    struct Standbys {
+        lost: Mutex<Vec<(String, String)>>,
+    }
+
+    impl StandbyHost for Standbys {
+        fn runs_standby(&self, vnf: &Name) -> bool {
+            vnf.as_str() == "nat1"
+        }
+
+        fn active_lost(&self, vnf: &Name, why: String) {
+            self.lost.lock().unwrap().push((vnf.to_string(), why));
+        }
+    }
+
     #[tokio::test]
     async fn batches_reach_the_standby_in_order_and_other_vnfs_are_refused() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap().to_string();
         let standby = Arc::new(Counters::default());
-        let is_standby: Arc<dyn Fn(&Name) -> bool + Send + Sync> =
-            Arc::new(|n: &Name| n.as_str() == "nat1");
+        let host = Arc::new(Standbys::default());
         tokio::spawn(serve_standbys(
             Arc::new(listener),
             standby.clone(),
-            is_standby,
+            host.clone(),
         ));
 
         let active = Arc::new(Counters::default());
@@ -501,8 +574,28 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(standby.values.lock().unwrap().get("fw9").is_none());
+
+        // Idle for longer than the silence: keepalives say the active lives.
+        tokio::time::sleep(SILENCE + Duration::from_millis(200)).await;
+        assert!(host.lost.lock().unwrap().is_empty());
+        assert_eq!(replicas.status(&nat1).unwrap().state, "synced");
+
+        // The active's side goes (its process died, say): its standby hears at once, and only
+        // of the VNF it stands by for.
         replicas.stop(&nat1);
+        replicas.stop(&fw9);
         assert!(replicas.status(&nat1).is_none());
+        while host.lost.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the standby never noticed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let lost = host.lost.lock().unwrap().clone();
+        assert_eq!(lost.len(), 1, "{lost:?}");
+        assert_eq!(lost[0].0, "nat1");
+        assert!(
+            lost[0].1.contains("closed the replication connection"),
+            "{lost:?}"
+        );
     }
 
     #[tokio::test]
@@ -513,7 +606,7 @@ mod tests {
         tokio::spawn(serve_standbys(
             Arc::new(listener),
             standby,
-            Arc::new(|_: &Name| true),
+            Arc::new(Standbys::default()),
         ));
         let mut conn = TcpStream::connect(address).await.unwrap();
         let mut head = Vec::new();

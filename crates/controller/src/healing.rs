@@ -28,6 +28,14 @@ use crate::records::allocation_key;
 /// elsewhere, unless told otherwise.
 pub const DEFAULT_HEAL_AFTER: Duration = Duration::from_secs(5);
 
+/// How an active instance was lost, as reported.
+pub(crate) enum ActiveLoss<'a> {
+    /// Its own agent reported it Failed (a worker that trapped, a QEMU that exited).
+    Failed { host: &'a str, why: &'a str },
+    /// Its standby's agent lost it: the replication connection closed or fell silent.
+    Unreachable { standby_host: &'a str, why: &'a str },
+}
+
 /// Who the events written by healing name as their actor.
 const HEALER: &str = "healer";
 
@@ -150,45 +158,57 @@ impl Controller {
         Ok(recorded)
     }
 
-    /// The active instance of VNF `name` on `host` failed (`why`, as its agent reported):
-    /// when its standby runs on a Ready host, the standby is the active at once and the
-    /// failed instance is started again in place as the standby (a new generation). Returns
-    /// whether it took over.
-    pub(crate) async fn take_over(&self, name: &str, host: &str, why: &str) -> Result<bool> {
+    /// Hands VNF `name` over to its standby at once, when `loss` holds (as the store says
+    /// now), the VNF is wanted running and unlocked, and its standby runs on a Ready host: the
+    /// roles swap on the cpus each holds, and the old active's host gets the standby (started
+    /// again in place by a new generation; a host that died loses it later to the healer).
+    /// Returns whether it handed over.
+    pub(crate) async fn hand_over(&self, name: &str, loss: &ActiveLoss<'_>) -> Result<bool> {
         let mut scheduler = self.scheduler.lock().await;
         let Some((record, _)) = self.load(name).await? else {
             return Ok(false);
         };
         let v = &record.vnf;
-        let active_here = v
-            .placements
-            .iter()
-            .any(|p| p.role == Role::Active && p.host == host);
-        let standby_host = v
-            .placements
-            .iter()
-            .find(|p| p.role == Role::Standby)
-            .map(|p| p.host.clone());
+        let role_host = |role: Role| {
+            v.placements
+                .iter()
+                .find(|p| p.role == role)
+                .map(|p| p.host.clone())
+        };
+        let (Some(active), Some(standby)) = (role_host(Role::Active), role_host(Role::Standby))
+        else {
+            return Ok(false);
+        };
         let standby_runs = v
             .standby
             .as_ref()
-            .is_some_and(|s| s.phase == Phase::Running && Some(&s.host) == standby_host.as_ref());
-        let Some(standby_host) = standby_host else {
-            return Ok(false);
+            .is_some_and(|s| s.phase == Phase::Running && s.host == standby);
+        let (holds, why) = match loss {
+            ActiveLoss::Failed { host, why } => (*host == active && v.phase == Phase::Failed, why),
+            ActiveLoss::Unreachable { standby_host, why } => (
+                *standby_host == standby
+                    && matches!(v.phase, Phase::Running | Phase::Unknown | Phase::Starting),
+                why,
+            ),
         };
-        if record.deleting
+        if !holds
+            || record.deleting
             || v.desired != DesiredState::Running
-            || !active_here
-            || v.phase != Phase::Failed
+            || v.lock.is_some()
             || !standby_runs
-            || !self.host_ready(&standby_host).await?
+            || !self.host_ready(&standby).await?
         {
             return Ok(false);
         }
         let placed = scheduler.swap_roles(name)?;
-        let reason = format!(
-            "the active instance on {host} failed ({why}); the standby on {standby_host} is the active now, and {host} starts again as the standby"
-        );
+        let reason = match loss {
+            ActiveLoss::Failed { .. } => format!(
+                "the active instance on {active} failed ({why}); the standby on {standby} is the active now, and {active} starts again as the standby"
+            ),
+            ActiveLoss::Unreachable { .. } => format!(
+                "the standby on {standby} lost its active on {active} ({why}); it is the active now, and {active} holds the standby"
+            ),
+        };
         match self
             .record_placement(&mut scheduler, name, &placed, &reason)
             .await

@@ -645,7 +645,13 @@ impl Controller {
                     Err(e) => return Err(e),
                 }
             }
-            let lost = vnf.placements.iter().find_map(|p| not_ready.get(&p.host));
+            // The VNF's phase is its active instance's: a standby on a NotReady host leaves
+            // it as it is (the healer places a new standby).
+            let lost = vnf
+                .placements
+                .iter()
+                .filter(|p| p.role == telvirt_model::Role::Active)
+                .find_map(|p| not_ready.get(&p.host));
             let result = match (lost, vnf.phase) {
                 (Some(why), Phase::Starting | Phase::Running | Phase::Locked | Phase::Stopping) => {
                     self.mark_unknown(vnf.name.as_str(), why).await

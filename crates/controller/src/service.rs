@@ -30,6 +30,7 @@ use crate::records::{
 
 #[path = "healing.rs"]
 pub mod healing;
+use healing::ActiveLoss;
 #[path = "hosts.rs"]
 pub mod hosts;
 
@@ -1424,6 +1425,7 @@ impl Controller {
         let name = obs.vnf.to_string();
         let mut remove = false;
         let mut active_failed = false;
+        let mut active_lost = None;
         let result = self
             .update(&name, |record| {
                 let vnf = &mut record.vnf;
@@ -1431,6 +1433,7 @@ impl Controller {
                     return Ok(None);
                 };
                 if role == telvirt_model::Role::Standby {
+                    active_lost.clone_from(&obs.active_lost);
                     // The standby's own status: the VNF's phase is its active instance's.
                     vnf.standby = Some(InstanceStatus {
                         host: host.to_owned(),
@@ -1468,10 +1471,23 @@ impl Controller {
         }
         if remove {
             self.remove(&name).await?;
-        } else if active_failed {
+        } else {
             // A pair whose standby runs takes over at once; the agent's report stands either
             // way, so a takeover that could not be recorded is only logged.
-            if let Err(e) = self.take_over(&name, host, &obs.reason).await {
+            let loss = match (&active_lost, active_failed) {
+                (Some(why), _) => Some(ActiveLoss::Unreachable {
+                    standby_host: host,
+                    why,
+                }),
+                (None, true) => Some(ActiveLoss::Failed {
+                    host,
+                    why: &obs.reason,
+                }),
+                (None, false) => None,
+            };
+            if let Some(loss) = loss
+                && let Err(e) = self.hand_over(&name, &loss).await
+            {
                 tracing::warn!(vnf = %name, "the standby could not take over: {e}");
             }
         }

@@ -76,6 +76,7 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
                 reason: "starting".into(),
                 generation,
                 replication: None,
+                active_lost: None,
             },
         )
         .await

@@ -65,10 +65,28 @@ async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) 
                 reason: reason.into(),
                 generation,
                 replication: None,
+                active_lost: None,
             },
         )
         .await
         .unwrap();
+}
+
+/// The host of `v`'s instance in `role`.
+fn role_host(v: &Value, role: &str) -> String {
+    hosts_of(v).into_iter().find(|(r, _)| r == role).unwrap().1
+}
+
+/// Creates the active-standby VNF p1 and waits for both placements: (p1, active's host,
+/// standby's host).
+async fn placed_pair(node: &Node) -> (Value, String, String) {
+    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
+    assert_eq!(node.create_vnf(&node.admin, &pair).await.status, 201);
+    let p1 = node
+        .wait_vnf(&node.admin, "p1", |v| hosts_of(v).len() == 2)
+        .await;
+    let (act, sby) = (role_host(&p1, "active"), role_host(&p1, "standby"));
+    (p1, act, sby)
 }
 
 async fn assert_consistent(node: &Node) {
@@ -132,25 +150,7 @@ async fn a_vnf_without_a_standby_moves_off_a_failed_host_after_the_heal_delay() 
 async fn an_active_fails_over_to_its_standby_at_once_and_a_new_standby_is_placed() {
     // A heal delay far longer than the test: only the failover itself can move the pair.
     let (node, mut beats) = node_with(&["h2", "h3", "h4"], Some(Duration::from_secs(3600))).await;
-    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
-    let r = node.create_vnf(&node.admin, &pair).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let p1 = node
-        .wait_vnf(&node.admin, "p1", |v| hosts_of(v).len() == 2)
-        .await;
-    let placed = hosts_of(&p1);
-    let act = placed
-        .iter()
-        .find(|(r, _)| r == "active")
-        .unwrap()
-        .1
-        .clone();
-    let sby = placed
-        .iter()
-        .find(|(r, _)| r == "standby")
-        .unwrap()
-        .1
-        .clone();
+    let (_, act, sby) = placed_pair(&node).await;
     running(&node, &act, "p1").await;
 
     let index = |h: &str| ["h2", "h3", "h4"].iter().position(|x| *x == h).unwrap();
@@ -208,14 +208,7 @@ async fn a_vnf_no_host_can_take_stays_unknown_with_the_reason_until_its_host_is_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_active_instance_hands_over_to_its_running_standby_and_restarts_as_it() {
     let (node, beats) = node_with(&["h2", "h3"], None).await;
-    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
-    assert_eq!(node.create_vnf(&node.admin, &pair).await.status, 201);
-    let p1 = node
-        .wait_vnf(&node.admin, "p1", |v| hosts_of(v).len() == 2)
-        .await;
-    let role_host =
-        |v: &Value, role: &str| hosts_of(v).into_iter().find(|(r, _)| r == role).unwrap().1;
-    let (act, sby) = (role_host(&p1, "active"), role_host(&p1, "standby"));
+    let (_, act, sby) = placed_pair(&node).await;
     let cpus = |v: &Value, role: &str| {
         v["placements"]
             .as_array()
@@ -261,6 +254,49 @@ async fn a_failed_active_instance_hands_over_to_its_running_standby_and_restarts
     assert!(
         last["reason"].as_str().unwrap().contains(&format!(
             "the active instance on {act} failed (worker trapped); the standby on {sby} is the active now"
+        )),
+        "{last}"
+    );
+    assert_consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make_it() {
+    let (node, beats) = node_with(&["h2", "h3", "h4"], None).await;
+    let (p1, act, sby) = placed_pair(&node).await;
+    let other = ["h2", "h3", "h4"]
+        .into_iter()
+        .find(|h| *h != act && *h != sby)
+        .unwrap();
+    running(&node, &act, "p1").await;
+    running(&node, &sby, "p1").await;
+    node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
+        .await;
+    let lost = || Observation {
+        vnf: "p1".parse().unwrap(),
+        phase: Phase::Running,
+        reason: "running as the standby".into(),
+        generation: p1["generation"].as_u64().unwrap(),
+        replication: None,
+        active_lost: Some("its host closed the replication connection".into()),
+    };
+    // A host that holds no standby of p1 (nor the active) cannot make it move.
+    node.controller.observe(other, lost()).await.unwrap();
+    node.controller.observe(&act, lost()).await.unwrap();
+    let v = node.vnf_json("p1").await;
+    assert_eq!(role_host(&v, "active"), act, "{v}");
+
+    // The standby's report hands over at once: it is the active, the old active's host holds
+    // the standby (the healer moves it if that host is dead).
+    node.controller.observe(&sby, lost()).await.unwrap();
+    let v = node.vnf_json("p1").await;
+    assert_eq!(role_host(&v, "active"), sby, "{v}");
+    assert_eq!(role_host(&v, "standby"), act, "{v}");
+    let last = node.events("p1").await.pop().unwrap();
+    assert!(
+        last["reason"].as_str().unwrap().contains(&format!(
+            "the standby on {sby} lost its active on {act} (its host closed the replication connection); it is the active now"
         )),
         "{last}"
     );

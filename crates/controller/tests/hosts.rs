@@ -298,6 +298,7 @@ async fn a_lapsed_heartbeat_lease_makes_the_host_not_ready_and_its_vnfs_unknown_
                     reason: "started".into(),
                     generation,
                     replication: None,
+                    active_lost: None,
                 },
             )
             .await

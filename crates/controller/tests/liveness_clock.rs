@@ -109,6 +109,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
             reason: "started".into(),
             generation,
             replication: None,
+            active_lost: None,
         };
         c.observe("h2", obs).await.unwrap();
     }

