@@ -126,9 +126,10 @@ impl NetworkReconciler {
 
     /// The tunnel node of descriptor link `link` of network `name` to or from host `peer`:
     /// each link between hosts has its own tunnel (and VNI), so two links in the same
-    /// direction between the same two hosts stay apart.
+    /// direction between the same two hosts stay apart. A host name's dots (which node names
+    /// cannot hold) become ':' (which host names cannot hold), so names stay distinct.
     fn tunnel_name(name: &str, link: usize, peer: &str) -> String {
-        vxlan::tunnel_node(&format!("{name}/{link}@{peer}"))
+        vxlan::tunnel_node(&format!("{name}/{link}@{}", peer.replace('.', ":")))
     }
 
     /// Makes the tunnel of link `link` of network `a` to host `peer` present; its port, or why
@@ -1106,8 +1107,9 @@ mod tests {
             let r = NetworkReconciler::new(dp).with_host(name, Some(endpoint));
             (r, address)
         };
-        let (h1, a1) = host("h1");
-        let (h2, a2) = host("h2");
+        // Host names with dots, as a host's FQDN would be.
+        let (h1, a1) = host("h1.lab");
+        let (h2, a2) = host("h2.lab");
         let d = parse_network(TWO_LANES.as_bytes(), Format::Yaml).unwrap();
         // Both generators on h1, both sinks on h2: two links from h1 to h2.
         let span = NetworkSpan {
@@ -1115,14 +1117,14 @@ mod tests {
             vni: 40,
             vnis: 2,
             hosts: [
-                ("slow", "h1"),
-                ("fast", "h1"),
-                ("sink1", "h2"),
-                ("sink2", "h2"),
+                ("slow", "h1.lab"),
+                ("fast", "h1.lab"),
+                ("sink1", "h2.lab"),
+                ("sink2", "h2.lab"),
             ]
             .map(|(n, h)| (n.to_owned(), h.to_owned()))
             .into(),
-            tunnels: [("h1".to_owned(), a1), ("h2".to_owned(), a2)].into(),
+            tunnels: [("h1.lab".to_owned(), a1), ("h2.lab".to_owned(), a2)].into(),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
