@@ -175,12 +175,7 @@ impl Agent {
 
     /// Whether this host's assignments (as of the last pass) make it run `vnf`'s standby.
     pub fn runs_standby(&self, vnf: &Name) -> bool {
-        self.inner
-            .desired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(vnf)
-            .is_some_and(|a| a.placement.role == Role::Standby)
+        self.inner.standby_assignment(vnf).is_some()
     }
 
     pub fn host(&self) -> &str {
@@ -314,15 +309,18 @@ impl crate::replication::StandbyHost for Agent {
 }
 
 impl Inner {
-    async fn report_active_lost(&self, vnf: &Name, why: String) -> Result<(), AgentError> {
-        let standby = self
-            .desired
+    /// `vnf`'s assignment, when it makes this host run its standby (as of the last pass).
+    fn standby_assignment(&self, vnf: &Name) -> Option<Assignment> {
+        self.desired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(vnf)
             .filter(|a| a.placement.role == Role::Standby)
-            .cloned();
-        let Some(a) = standby else {
+            .cloned()
+    }
+
+    async fn report_active_lost(&self, vnf: &Name, why: String) -> Result<(), AgentError> {
+        let Some(a) = self.standby_assignment(vnf) else {
             return Ok(());
         };
         let running = self

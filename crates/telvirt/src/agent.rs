@@ -2,9 +2,9 @@
 //! link), or alone as `telvirt agent` against a controller over HTTP with a node credential.
 //!
 //! Owns building the agent's parts from its flags (host facts, runtimes, data plane) and
-//! starting its supervised tasks (reconcile loop, heartbeat, node calls, map snapshots). It must
-//! not hold agent logic (the agent crate's) nor reach the controller other than through the
-//! [`ControlLink`] it is given.
+//! starting its supervised tasks (reconcile loop, heartbeat, node calls, map snapshots,
+//! standby replication). It must not hold agent logic (the agent crate's) nor reach the
+//! controller other than through the [`ControlLink`] it is given.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

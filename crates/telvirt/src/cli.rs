@@ -196,8 +196,9 @@ pub struct HostAgentArgs {
     #[arg(long)]
     pub memory_reserve: Option<telvirt_model::ByteSize>,
     /// Where this host's data plane receives links from other hosts: IP[:PORT] of a local
-    /// address (VXLAN over UDP, port 4789 when left out); without it, links between this host
-    /// and another wait
+    /// address (VXLAN over UDP, port 4789 when left out), and its standby instances their
+    /// actives' state (TCP, same address and port); without it, links between this host and
+    /// another wait and standby instances here receive no state
     #[arg(long)]
     pub tunnel_address: Option<String>,
     /// How often this host's agent sends a heartbeat, in milliseconds
