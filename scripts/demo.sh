@@ -448,6 +448,8 @@ YAML
   BR="$(tr -d ' \n' <"$CL/cluster.json" | grep -o '"bridge":"[^"]*"' | cut -d'"' -f4)"
   echo "$ tcpdump -i $BR -nn -c 2 udp port 4789   (the tunnel between the hosts, as tcpdump decodes it)"
   timeout 5 tcpdump -i "$BR" -nn -c 2 udp port 4789 2>/dev/null || true
+  echo "(fwc moves to h1 with its maps: h1 holds it beside h3 until the switch)"
+  cl vnf migrate fwc --to h1
   LEADER_URL="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CL_CONFIG")"
   LEADER_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o "\"url\":\"$LEADER_URL\",\"pid\":[0-9]*" | grep -o '[0-9]*$')"
   echo "$ kill -9 <the leading controller, $LEADER_URL>"

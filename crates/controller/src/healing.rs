@@ -36,6 +36,22 @@ pub(crate) enum ActiveLoss<'a> {
     Unreachable { standby_host: &'a str, why: &'a str },
 }
 
+/// How [`Controller::record_new_placement`] records a placement: the event's reason and
+/// actor, whether the agents act again, and a last change of the record.
+pub(crate) struct Recording<'a> {
+    pub reason: &'a str,
+    pub actor: &'a str,
+    pub restart: Restart,
+    pub extra: &'a (dyn Fn(&mut telvirt_model::Vnf) + Sync),
+}
+
+/// Whether a new placement makes the agents act again (phase Scheduled, a new generation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Restart {
+    Yes,
+    No,
+}
+
 /// Who the events written by healing name as their actor.
 const HEALER: &str = "healer";
 
@@ -237,6 +253,32 @@ impl Controller {
         placed: &telvirt_sched::Placement,
         reason: &str,
     ) -> Result<bool> {
+        let how = Recording {
+            reason,
+            actor: HEALER,
+            restart: Restart::Yes,
+            extra: &|_| {},
+        };
+        self.record_new_placement(scheduler, name, placed, &how)
+            .await
+    }
+
+    /// [`Controller::record_placement`] as `how` says: keeping the phase and generation with
+    /// `Restart::No` (nothing the agents run changes, only where a standby is), by its actor,
+    /// with its `extra` applied to the new record last.
+    pub(crate) async fn record_new_placement(
+        &self,
+        scheduler: &mut Scheduler,
+        name: &str,
+        placed: &telvirt_sched::Placement,
+        how: &Recording<'_>,
+    ) -> Result<bool> {
+        let Recording {
+            reason,
+            actor,
+            restart,
+            extra,
+        } = how;
         for _ in 0..CAS_RETRIES {
             let Some((record, rev)) = self.load(name).await? else {
                 scheduler.release(name)?;
@@ -250,13 +292,18 @@ impl Controller {
             let mut next = record.clone();
             let from = next.vnf.phase;
             next.vnf.placements = placement::placements(placed, &record.vnf.descriptor);
-            next.vnf.phase = Phase::Scheduled;
-            next.vnf.generation += 1;
+            if *restart == Restart::Yes {
+                next.vnf.phase = Phase::Scheduled;
+                next.vnf.generation += 1;
+            }
             // A new standby (or none): its status and the stream to it start over.
             next.vnf.standby = None;
             next.vnf.replication = None;
-            next.vnf.reason = Some(reason.to_owned());
-            let mut ops = transition_ops(&mut next, from, reason, HEALER)?;
+            // A new placement ends a move (its destination may be the active now).
+            next.vnf.migration = None;
+            next.vnf.reason = Some((*reason).to_owned());
+            extra(&mut next.vnf);
+            let mut ops = transition_ops(&mut next, from, reason, actor)?;
             ops.push(Op::Put {
                 key: allocation_key(name),
                 value: encode(&Allocation {

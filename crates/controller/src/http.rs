@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{
     Authority, AuthorityToken, CreateAuthority, Health, HealthProblem, HostView, MapView,
-    ModuleView, Problem,
+    MigrateRequest, ModuleView, Problem,
 };
 use telvirt_model::{
     DeviceGrant, Event, FieldError, Format, HostGrants, ModelError, Vnf, VnfDescriptor,
@@ -261,6 +261,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/stats", get(vnf_stats))
         .route("/v1/vnfs/{name}/console", get(vnf_console))
         .route("/v1/vnfs/{name}/devices", post(attach_device))
+        .route("/v1/vnfs/{name}/migrate", post(migrate_vnf))
         .route(
             "/v1/vnfs/{name}/devices/{id}",
             axum::routing::delete(detach_device),
@@ -563,6 +564,30 @@ vnf_action!(
     "Locked: paused, refusing changes"
 );
 vnf_action!(unlock_vnf, unlock, "/v1/vnfs/{name}/unlock", "Unlocked");
+
+#[utoipa::path(post, path = "/v1/vnfs/{name}/migrate", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name")),
+    request_body(content = MigrateRequest, content_type = "application/json",
+        description = "`to`: the destination host (any with room when left out); `cancel: true` ends the move under way"),
+    responses(
+        (status = 200, description = "The move started (the destination is the VNF's standby placement and `migration` says so) or was cancelled; it ends by itself once the destination runs with the state", body = Vnf),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Locked, being deleted, not Running, moving already (or, for a cancel, not moving), or no room", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A vm VNF or an active-standby pair, or `to` names no host, the VNF's own host, or one that cannot receive state; `errors` names the field", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn migrate_vnf(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: MigrateRequest =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    let vnf = s.controller.migrate(&caller, &name, &req).await?;
+    Ok(json(StatusCode::OK, &vnf))
+}
 
 #[utoipa::path(post, path = "/v1/vnfs/{name}/devices", tag = "vnfs", security(("bearer" = [])),
     params(("name" = String, Path, description = "VNF name")),
@@ -1255,7 +1280,7 @@ async fn delete_module(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
     paths(
         healthz, readyz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
-        start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, list_hosts,
+        start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, migrate_vnf, list_hosts,
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency,

@@ -30,6 +30,8 @@ use crate::records::{
 
 #[path = "healing.rs"]
 pub mod healing;
+#[path = "migration.rs"]
+pub mod migration;
 use healing::ActiveLoss;
 #[path = "hosts.rs"]
 pub mod hosts;
@@ -585,6 +587,7 @@ impl Controller {
             updated_at: now.clone(),
             standby: None,
             replication: None,
+            migration: None,
         };
         let event = Event {
             seq: 1,
@@ -1426,12 +1429,14 @@ impl Controller {
         let mut remove = false;
         let mut active_failed = false;
         let mut active_lost = None;
+        let mut migrating = false;
         let result = self
             .update(&name, |record| {
                 let vnf = &mut record.vnf;
                 let Some(role) = placement::placement_on(vnf, host).map(|p| p.role) else {
                     return Ok(None);
                 };
+                migrating = vnf.migration.is_some();
                 if role == telvirt_model::Role::Standby {
                     active_lost.clone_from(&obs.active_lost);
                     // The standby's own status: the VNF's phase is its active instance's.
@@ -1489,6 +1494,11 @@ impl Controller {
                 && let Err(e) = self.hand_over(&name, &loss).await
             {
                 tracing::warn!(vnf = %name, "the standby could not take over: {e}");
+            }
+            // A move ends once its destination runs with the state (either instance's report
+            // may be the last one it waited for).
+            if migrating && let Err(e) = self.finish_migration(&name).await {
+                tracing::warn!(vnf = %name, "the move could not end: {e}");
             }
         }
         Ok(())

@@ -350,6 +350,28 @@ pub struct ReplicationStatus {
     pub error: Option<String>,
 }
 
+/// A move of a VNF to another host (`POST /v1/vnfs/{name}/migrate`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Migration {
+    /// The destination host: the VNF's standby placement until the move ends.
+    pub to: String,
+    pub from: String,
+    pub started_at: String,
+    /// Who asked.
+    pub by: String,
+}
+
+/// `POST /v1/vnfs/{name}/migrate`: where to (any host with room when left out), or `cancel`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Ends the move under way; the VNF stays where it runs.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
 /// What the agent of a standby instance's host last observed of it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct InstanceStatus {

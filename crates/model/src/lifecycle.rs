@@ -169,6 +169,9 @@ pub struct Vnf {
     /// How the active instance's state reaches the standby (wasm VNFs with a standby).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<crate::api::ReplicationStatus>,
+    /// A move under way: the standby placement is its destination.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::api::Migration>,
 }
 
 /// One lifecycle step of a VNF.

@@ -1666,36 +1666,31 @@ impl Scheduler {
         if p.act.role != Role::Act {
             return Err(restore_err(&req.name, "act.role must be ACT"));
         }
-        match (&p.sby, req.redundancy) {
-            (Some(s), Redundancy::ActiveStandby) => {
-                if s.role != Role::Sby {
-                    return Err(restore_err(&req.name, "sby.role must be SBY"));
-                }
-                if s.host == p.act.host {
+        // A VNF without redundancy holds an SBY while it moves (its destination).
+        if let Some(s) = &p.sby {
+            if s.role != Role::Sby {
+                return Err(restore_err(&req.name, "sby.role must be SBY"));
+            }
+            if s.host == p.act.host {
+                return Err(restore_err(
+                    &req.name,
+                    format!("ACT and SBY are both on host `{}`", s.host),
+                ));
+            }
+            if req.redundancy == Redundancy::ActiveStandby && req.zone_anti_affinity {
+                let z = |n: &str| {
+                    self.host_idx(n)
+                        .ok()
+                        .and_then(|h| self.host(h).zone().map(str::to_string))
+                };
+                let (za, zs) = (z(&p.act.host), z(&s.host));
+                if za.is_none() || za == zs {
                     return Err(restore_err(
                         &req.name,
-                        format!("ACT and SBY are both on host `{}`", s.host),
+                        "ACT and SBY must be in different `zone` labels",
                     ));
                 }
-                if req.zone_anti_affinity {
-                    let z = |n: &str| {
-                        self.host_idx(n)
-                            .ok()
-                            .and_then(|h| self.host(h).zone().map(str::to_string))
-                    };
-                    let (za, zs) = (z(&p.act.host), z(&s.host));
-                    if za.is_none() || za == zs {
-                        return Err(restore_err(
-                            &req.name,
-                            "ACT and SBY must be in different `zone` labels",
-                        ));
-                    }
-                }
             }
-            (Some(_), Redundancy::None) => {
-                return Err(restore_err(&req.name, "has an SBY but redundancy is none"));
-            }
-            (None, _) => {}
         }
         let existed = self.groups.len();
         let group = self.group_id(req);
@@ -2039,6 +2034,60 @@ impl Scheduler {
             promoted,
             replaced,
         })
+    }
+
+    /// Places a standby role for VNF `name` (which has none) on host `to` (or wherever fits
+    /// best, never on its active's host): the destination of a move, which takes the state
+    /// and then the traffic ([`Scheduler::swap_roles`], then [`Scheduler::drop_standby`]), so
+    /// the two never share a cpu. Nothing changes on error.
+    pub fn add_standby(
+        &mut self,
+        name: &str,
+        to: Option<&str>,
+    ) -> Result<RolePlacement, SchedError> {
+        let (vid, v) = self.settled(name)?;
+        if v.roles[1].is_some() {
+            return Err(SchedError::InvalidChange {
+                vnf: name.to_string(),
+                reason: "has a standby already".into(),
+            });
+        }
+        let Some(active) = v.roles[0].as_ref().map(|r| r.host) else {
+            return Err(SchedError::InvalidChange {
+                vnf: name.to_string(),
+                reason: "has no active instance".into(),
+            });
+        };
+        let mut avoid = self.avoid_hosts(&v.req, vec![active]);
+        if let Some(to) = to {
+            let h = self.host_idx(to)?;
+            if h == active {
+                return Err(SchedError::InvalidChange {
+                    vnf: name.to_string(),
+                    reason: format!("runs on host {to} already"),
+                });
+            }
+            avoid.only = Some(h);
+        }
+        let rs = self.find_role(vid, &v.req, Role::Sby, &avoid)?;
+        self.apply(vid, &rs);
+        let rp = self.render_role(vid, &rs);
+        self.vnf_mut(vid).roles[1] = Some(rs);
+        Ok(rp)
+    }
+
+    /// Frees the standby role of VNF `name` (a move that ended, or was cancelled).
+    pub fn drop_standby(&mut self, name: &str) -> Result<Placement, SchedError> {
+        let (vid, v) = self.settled(name)?;
+        let Some(rs) = v.roles[1].clone() else {
+            return Err(SchedError::InvalidChange {
+                vnf: name.to_string(),
+                reason: "has no standby".into(),
+            });
+        };
+        self.unapply(vid, &rs, &[]);
+        self.vnf_mut(vid).roles[1] = None;
+        self.placement(name)
     }
 
     /// Makes the standby of VNF `name` its active and the active its standby, on the cpus each

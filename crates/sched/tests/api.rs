@@ -376,6 +376,34 @@ fn swapping_roles_makes_the_standby_active_on_the_same_cpus() {
 }
 
 #[test]
+fn a_move_holds_both_places_then_only_the_new_one() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
+    let before = s.place(&ded("solo", 2)).unwrap();
+    let from = before.act.host.clone();
+    let to = if from == "h1" { "h2" } else { "h1" };
+    assert!(matches!(
+        s.add_standby("solo", Some(&from)),
+        Err(SchedError::InvalidChange { .. })
+    ));
+    let dest = s.add_standby("solo", Some(to)).unwrap();
+    assert_eq!(dest.host, to);
+    s.self_check().unwrap();
+    assert!(matches!(
+        s.add_standby("solo", None),
+        Err(SchedError::InvalidChange { .. })
+    ));
+    let swapped = s.swap_roles("solo").unwrap();
+    assert_eq!(swapped.act.cpus, dest.cpus);
+    let after = s.drop_standby("solo").unwrap();
+    assert_eq!(after.act.host, to);
+    assert!(after.sby.is_none());
+    s.self_check().unwrap();
+    // The old place is free again: the same VNF fits there once more.
+    s.add_standby("solo", Some(&from)).unwrap();
+    s.self_check().unwrap();
+}
+
+#[test]
 fn relocating_a_single_vnf_moves_it_or_changes_nothing() {
     let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
     let p = s.place(&ded("solo", 2)).unwrap();

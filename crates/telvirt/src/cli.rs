@@ -240,6 +240,9 @@ pub enum VnfCommand {
     Lock { name: String },
     /// Unlock a locked VNF
     Unlock { name: String },
+    /// Move a running wasm VNF to another host with its state: the destination takes the
+    /// maps, then the traffic; follows the move to its end with a progress bar
+    Migrate(crate::migrate::MigrateArgs),
     /// Swap a running wasm VNF's module between batches, keeping its maps
     Upgrade {
         name: String,

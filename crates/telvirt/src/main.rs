@@ -16,6 +16,7 @@ mod cluster;
 mod config;
 mod ha;
 mod latency;
+mod migrate;
 mod modules;
 mod net;
 mod output;
@@ -206,6 +207,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
             let module = modules::resolve_upgrade(client, &module).await?;
             crate::wasm::upgrade(client, format, &name, &module).await?
         }
+        VnfCommand::Migrate(args) => crate::migrate::migrate(client, format, args).await?,
         VnfCommand::Maps { name } => crate::wasm::maps(client, format, &name).await?,
         VnfCommand::Stats { name } => crate::wasm::stats(client, format, &name).await?,
         VnfCommand::Delete { name, no_wait } => {

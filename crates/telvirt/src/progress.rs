@@ -36,6 +36,13 @@ impl Progress {
         }
     }
 
+    /// Replaces the bar's label (what the operation is doing now).
+    pub fn note(&self, message: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(message.to_owned());
+        }
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();

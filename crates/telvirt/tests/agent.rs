@@ -422,3 +422,60 @@ fn healed(node: &Serve, vnf: &str, what: &str) {
         "{events}"
     );
 }
+
+#[test]
+fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() {
+    let (node, _a1, _a2) = two_agents(&[]);
+    let nat = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
+        .unwrap()
+        .replace("name: nat1", "name: natm")
+        .replace(
+            "cpu: { policy: shared, group: edge, count: 1 }",
+            "cpu: { policy: dedicated, count: 1 }",
+        );
+    std::fs::write(node.path("examples/descriptors/natm.yaml"), nat).unwrap();
+    node.ok(&["host", "cordon", "a2"]);
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/natm.yaml"]);
+    assert_eq!(
+        node.wait_phase("natm", "Running")["placements"][0]["host"],
+        "a1"
+    );
+    node.ok(&["host", "uncordon", "a2"]);
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t2 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 12 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> natm.in\n    - natm.out -> sink.in\n";
+    std::fs::write(node.path("t2.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "t2.yaml"]);
+    wait_until("the NAT never held 12 sessions", || {
+        map_entries(&node, "natm", "sessions") == Some(12)
+    });
+    node.ok(&["net", "delete", "t2"]);
+
+    // Bad moves: each refused with its reason, nothing changes.
+    let before = node.json(&["vnf", "show", "natm"]);
+    for (args, needle) in [
+        (vec!["--to", "a1"], "runs on host a1 already"),
+        (vec!["--to", "nosuch"], "there is no host nosuch"),
+        (vec!["--to", "bad..name"], "not a host name"),
+        (vec!["--cancel"], "is not moving"),
+    ] {
+        let mut cmd = vec!["vnf", "migrate", "natm"];
+        cmd.extend(args);
+        node.fails(&cmd, needle);
+    }
+    assert_eq!(node.json(&["vnf", "show", "natm"]), before);
+
+    // The move: the destination takes the maps, then the traffic; the source's place is freed.
+    let moved = node.json(&["vnf", "migrate", "natm", "--to", "a2"]);
+    assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
+    assert_eq!(moved["placements"].as_array().unwrap().len(), 1, "{moved}");
+    assert!(moved.get("migration").is_none(), "{moved}");
+    node.wait_phase("natm", "Running");
+    assert_eq!(map_entries(&node, "natm", "sessions"), Some(12));
+    assert_eq!(map_entries(&node, "natm", "reverse"), Some(12));
+    let events = node.json(&["vnf", "events", "natm"]);
+    assert!(
+        events.as_array().unwrap().iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("moved from host a1 to host a2"))),
+        "{events}"
+    );
+}

@@ -1,0 +1,248 @@
+//! Moving a running wasm VNF to another host: the destination is placed as a standby (its cpus
+//! held beside the source's, so the two never overlap), the source's agent streams the maps to
+//! it (ADR 052), and once the stream is synced and the destination runs, the roles swap and the
+//! source's place is freed, in one transaction; the network follows the active. A move can be
+//! cancelled; if the source dies during it, the destination takes over as any standby would.
+//!
+//! Owns the refusals of a move (which field, why), its start, its end and its cancel. It must
+//! not talk to agents: the store carries the move, the agents follow their assignments.
+
+use telvirt_model::api::{MigrateRequest, Migration};
+use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
+use telvirt_sched::SchedError;
+
+use super::healing::{Recording, Restart};
+use super::{Caller, Controller, ControllerError, Result, now_rfc3339};
+
+/// Why VNF `v` cannot start a move (checked on the record read under the scheduler lock).
+fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
+    let name = v.name.as_str();
+    if let Some(lock) = &v.lock {
+        return Some(ControllerError::Locked {
+            vnf: name.to_owned(),
+            by: lock.by.to_string(),
+            since: lock.at.clone(),
+        });
+    }
+    if deleting {
+        return Some(ControllerError::Conflict(format!(
+            "vnf {name} is being deleted"
+        )));
+    }
+    if let Some(m) = &v.migration {
+        return Some(ControllerError::Conflict(format!(
+            "vnf {name} is moving to host {} already (since {}); cancel it first with {{\"cancel\": true}}",
+            m.to, m.started_at
+        )));
+    }
+    if v.descriptor.spec.runtime != RuntimeKind::Wasm {
+        return Some(ControllerError::Invalid(FieldError::new(
+            "spec.runtime",
+            format!(
+                "vnf {name} runs on `{}`; only wasm VNFs move (their state is their maps)",
+                v.descriptor.spec.runtime.as_str()
+            ),
+        )));
+    }
+    if v.descriptor.spec.redundancy == Redundancy::ActiveStandby {
+        return Some(ControllerError::Invalid(FieldError::new(
+            "spec.redundancy",
+            format!(
+                "vnf {name} is an active-standby pair: its standby takes over instead of a move"
+            ),
+        )));
+    }
+    if v.phase != Phase::Running {
+        return Some(ControllerError::Conflict(format!(
+            "vnf {name} is {}, not Running: only a running VNF moves",
+            v.phase
+        )));
+    }
+    None
+}
+
+impl Controller {
+    /// `POST /v1/vnfs/{name}/migrate`: starts moving `name` to `req.to` (or wherever fits), or
+    /// cancels the move under way. Refusals change nothing.
+    pub async fn migrate(&self, caller: &Caller, name: &str, req: &MigrateRequest) -> Result<Vnf> {
+        self.load_visible(caller, name).await?;
+        if req.cancel {
+            if req.to.is_some() {
+                return Err(ControllerError::Invalid(FieldError::new(
+                    "to",
+                    "a cancel names no destination",
+                )));
+            }
+            return self.cancel_migration(caller, name).await;
+        }
+        if let Some(to) = &req.to {
+            crate::nodes::check_host_name(to).map_err(|_| {
+                ControllerError::Invalid(FieldError::new(
+                    "to",
+                    format!("'{to}' is not a host name"),
+                ))
+            })?;
+        }
+        let mut scheduler = self.scheduler.lock().await;
+        let (record, _) = self
+            .load(name)
+            .await?
+            .ok_or_else(|| super::not_found(name))?;
+        if let Some(e) = refusal(&record.vnf, record.deleting) {
+            return Err(e);
+        }
+        let from = record
+            .vnf
+            .placements
+            .iter()
+            .find(|p| p.role == Role::Active)
+            .map(|p| p.host.clone())
+            .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
+        let dest = scheduler
+            .add_standby(name, req.to.as_deref())
+            .map_err(|e| match e {
+                SchedError::UnknownHost(h) => {
+                    ControllerError::Invalid(FieldError::new("to", format!("there is no host {h}")))
+                }
+                SchedError::InvalidChange { reason, .. } => {
+                    ControllerError::Invalid(FieldError::new("to", format!("vnf {name} {reason}")))
+                }
+                SchedError::NoPlacement { .. } => ControllerError::Conflict(format!(
+                    "no room for vnf {name} {}: {e}",
+                    req.to
+                        .as_ref()
+                        .map_or("on another host".to_owned(), |h| format!("on host {h}"))
+                )),
+                e => e.into(),
+            })?;
+        // The destination must receive the state: a host with an agent and a tunnel address.
+        let receives = self
+            .agent_host(&dest.host)
+            .await?
+            .is_some_and(|h| h.tunnel.is_some());
+        if !receives || !self.host_ready(&dest.host).await? {
+            scheduler.drop_standby(name)?;
+            return Err(ControllerError::Invalid(FieldError::new(
+                "to",
+                format!(
+                    "host {} cannot receive vnf {name}'s state: it needs a running agent with a tunnel address (telvirt agent --tunnel-address)",
+                    dest.host
+                ),
+            )));
+        }
+        let placed = scheduler.placement(name)?;
+        let cpus: Vec<String> = dest.cpus.iter().map(ToString::to_string).collect();
+        let reason = format!(
+            "moving to host {} (cpus {}): its state streams there, then the traffic",
+            dest.host,
+            cpus.join(",")
+        );
+        let migration = Migration {
+            to: dest.host.clone(),
+            from,
+            started_at: now_rfc3339(),
+            by: caller.name.clone(),
+        };
+        let recorded = self
+            .record_new_placement(
+                &mut scheduler,
+                name,
+                &placed,
+                &Recording {
+                    reason: &reason,
+                    actor: &caller.name,
+                    restart: Restart::No,
+                    extra: &|v| v.migration = Some(migration.clone()),
+                },
+            )
+            .await;
+        match recorded {
+            Ok(true) => {}
+            Ok(false) => return Err(super::not_found(name)),
+            Err(e) => {
+                scheduler.drop_standby(name)?;
+                return Err(e);
+            }
+        }
+        drop(scheduler);
+        self.vnf_record(name).await
+    }
+
+    /// Ends the move of `name` under way; it stays where it runs.
+    async fn cancel_migration(&self, caller: &Caller, name: &str) -> Result<Vnf> {
+        let mut scheduler = self.scheduler.lock().await;
+        let (record, _) = self
+            .load(name)
+            .await?
+            .ok_or_else(|| super::not_found(name))?;
+        let Some(m) = record.vnf.migration.clone() else {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} is not moving"
+            )));
+        };
+        let placed = scheduler.drop_standby(name)?;
+        let reason = format!("the move to host {} was cancelled by {}", m.to, caller.name);
+        let how = Recording {
+            reason: &reason,
+            actor: &caller.name,
+            restart: Restart::No,
+            extra: &|_| {},
+        };
+        self.record_new_placement(&mut scheduler, name, &placed, &how)
+            .await?;
+        drop(scheduler);
+        self.vnf_record(name).await
+    }
+
+    /// Ends the move of `name` once its destination runs and holds the source's state (the
+    /// source's agent reported the stream synced): the destination is the active, the source's
+    /// place is freed, the agents follow. Returns whether it ended.
+    pub(crate) async fn finish_migration(&self, name: &str) -> Result<bool> {
+        let mut scheduler = self.scheduler.lock().await;
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(false);
+        };
+        let v = &record.vnf;
+        let Some(m) = &v.migration else {
+            return Ok(false);
+        };
+        let destination_runs = v
+            .standby
+            .as_ref()
+            .is_some_and(|s| s.host == m.to && s.phase == Phase::Running);
+        let synced = v
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.standby_host == m.to && r.state == "synced");
+        if !destination_runs || !synced || v.phase != Phase::Running || record.deleting {
+            return Ok(false);
+        }
+        let updates = v.replication.as_ref().map_or(0, |r| r.updates);
+        // Should the record fail to be written after this, the scheduler holds the end of the
+        // move and the store its start: the next open restores from the store.
+        scheduler.swap_roles(name)?;
+        let placed = scheduler.drop_standby(name)?;
+        let reason = format!(
+            "moved from host {} to host {} ({updates} map updates streamed before the switch)",
+            m.from, m.to
+        );
+        let how = Recording {
+            reason: &reason,
+            actor: &m.by,
+            restart: Restart::Yes,
+            extra: &|_| {},
+        };
+        self.record_new_placement(&mut scheduler, name, &placed, &how)
+            .await
+    }
+}
+
+impl Controller {
+    /// VNF `name` as stored now.
+    async fn vnf_record(&self, name: &str) -> Result<Vnf> {
+        self.load(name)
+            .await?
+            .map(|(r, _)| r.vnf)
+            .ok_or_else(|| super::not_found(name))
+    }
+}

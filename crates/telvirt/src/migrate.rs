@@ -1,0 +1,117 @@
+//! `telvirt vnf migrate`: starts (or cancels) the move of a wasm VNF to another host and
+//! follows it to its end with a progress bar (quiet with `-o json`).
+//!
+//! Owns the command's flags, its request and how it reports the move. It must not decide
+//! anything about the move: the controller does, the agents carry it out.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use reqwest::Method;
+use telvirt_model::api::MigrateRequest;
+use telvirt_model::{Role, Vnf};
+
+use crate::cli::Output;
+use crate::client::Client;
+use crate::output;
+use crate::progress::Progress;
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    pub name: String,
+    /// The destination host [default: any other host with room and a tunnel address]
+    #[arg(long, conflicts_with = "cancel")]
+    pub to: Option<String>,
+    /// End the move under way; the VNF stays where it runs
+    #[arg(long)]
+    pub cancel: bool,
+    /// Return once the move started, without following it
+    #[arg(long, conflicts_with = "cancel")]
+    pub no_wait: bool,
+    /// How long to follow the move before giving up following (the move goes on), in seconds
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+}
+
+fn active_host(v: &Vnf) -> Option<&str> {
+    v.placements
+        .iter()
+        .find(|p| p.role == Role::Active)
+        .map(|p| p.host.as_str())
+}
+
+pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Result<()> {
+    let name = &args.name;
+    let request = MigrateRequest {
+        to: args.to.clone(),
+        cancel: args.cancel,
+    };
+    let started: Vnf = client
+        .call(
+            Method::POST,
+            &format!("/v1/vnfs/{name}/migrate"),
+            Some((serde_json::to_vec(&request)?, "application/json")),
+        )
+        .await?
+        .json()?;
+    let Some(m) = started.migration.clone().filter(|_| !args.no_wait) else {
+        if !output::structured(format, &started)? {
+            match (&started.migration, args.cancel) {
+                (_, true) => println!("vnf/{name}: the move was cancelled"),
+                (Some(m), _) => println!("vnf/{name} moving from {} to {}", m.from, m.to),
+                (None, _) => println!("vnf/{name} is not moving"),
+            }
+        }
+        return Ok(());
+    };
+    let progress = Progress::new(format, "placed");
+    let deadline = Instant::now() + Duration::from_secs(args.timeout);
+    let path = format!("/v1/vnfs/{name}");
+    let ended = loop {
+        let v: Vnf = client.get(&path).await?;
+        if v.migration.is_none() {
+            break v;
+        }
+        match &v.replication {
+            Some(r) if r.state == "synced" => {
+                progress.update(2, 3);
+                progress.note(&format!("synced {} B", r.bytes));
+            }
+            Some(r) => {
+                progress.update(1, 3);
+                progress.note(&format!("{} {} B", r.state, r.bytes));
+            }
+            None => progress.update(1, 3),
+        }
+        if Instant::now() >= deadline {
+            progress.finish();
+            bail!(
+                "vnf {name} was still moving to {} after {} s; the move goes on (`telvirt vnf show {name}`; `--cancel` ends it)",
+                m.to,
+                args.timeout
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    progress.finish();
+    if active_host(&ended) != Some(m.to.as_str()) {
+        bail!(
+            "vnf {name} did not move to {}: {}",
+            m.to,
+            ended
+                .reason
+                .as_deref()
+                .unwrap_or("the move ended without a switch")
+        );
+    }
+    if !output::structured(format, &ended)? {
+        println!(
+            "vnf/{name} moved from {} to {}: {}",
+            m.from,
+            m.to,
+            ended.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(())
+}
