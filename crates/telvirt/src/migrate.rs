@@ -106,12 +106,7 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
         );
     }
     if !output::structured(format, &ended)? {
-        println!(
-            "vnf/{name} moved from {} to {}: {}",
-            m.from,
-            m.to,
-            ended.reason.as_deref().unwrap_or("")
-        );
+        println!("vnf/{name} moved from {} to {}", m.from, m.to);
     }
     Ok(())
 }
