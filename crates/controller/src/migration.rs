@@ -8,11 +8,18 @@
 //! not talk to agents: the store carries the move, the agents follow their assignments.
 
 use telvirt_model::api::{MigrateRequest, Migration};
-use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
+use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf, WasmEngine};
 use telvirt_sched::SchedError;
 
 use super::healing::{Recording, Restart};
 use super::{Caller, Controller, ControllerError, Result, now_rfc3339};
+
+fn engine_name(e: WasmEngine) -> &'static str {
+    match e {
+        WasmEngine::Cranelift => "cranelift",
+        WasmEngine::Pulley => "pulley",
+    }
+}
 
 /// Why VNF `v` cannot start a move (checked on the record read under the scheduler lock).
 fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
@@ -67,9 +74,9 @@ impl Controller {
     pub async fn migrate(&self, caller: &Caller, name: &str, req: &MigrateRequest) -> Result<Vnf> {
         self.load_visible(caller, name).await?;
         if req.cancel {
-            if req.to.is_some() {
+            if req.to.is_some() || req.engine.is_some() {
                 return Err(ControllerError::Invalid(FieldError::new(
-                    "to",
+                    if req.to.is_some() { "to" } else { "engine" },
                     "a cancel names no destination",
                 )));
             }
@@ -142,6 +149,7 @@ impl Controller {
             from,
             started_at: now_rfc3339(),
             by: caller.name.clone(),
+            engine: req.engine,
         };
         let recorded = self
             .record_new_placement(
@@ -223,14 +231,25 @@ impl Controller {
         scheduler.swap_roles(name)?;
         let placed = scheduler.drop_standby(name)?;
         let reason = format!(
-            "moved from host {} to host {} ({updates} map updates streamed before the switch)",
-            m.from, m.to
+            "moved from host {} to host {}{} ({updates} map updates streamed before the switch)",
+            m.from,
+            m.to,
+            m.engine.map_or(String::new(), |e| format!(
+                ", now on engine {}",
+                engine_name(e)
+            ))
         );
+        // The descriptor says the engine the destination runs on.
+        let engine = m.engine;
         let how = Recording {
             reason: &reason,
             actor: &m.by,
             restart: Restart::Yes,
-            extra: &|_| {},
+            extra: &|v| {
+                if let (Some(e), Some(w)) = (engine, v.descriptor.spec.wasm.as_mut()) {
+                    w.engine = e;
+                }
+            },
         };
         self.record_new_placement(&mut scheduler, name, &placed, &how)
             .await

@@ -1390,9 +1390,16 @@ impl Controller {
                 }
                 _ => None,
             };
+            // The destination of a move that changes the engine runs the module on the new one.
+            let mut descriptor = vnf.descriptor.clone();
+            if let Some(m) = vnf.migration.as_ref().filter(|m| m.to == host)
+                && let (Some(e), Some(w)) = (m.engine, descriptor.spec.wasm.as_mut())
+            {
+                w.engine = e;
+            }
             out.push(Assignment {
                 vnf: vnf.name.clone(),
-                descriptor: vnf.descriptor.clone(),
+                descriptor,
                 placement: p.clone(),
                 desired: vnf.desired,
                 locked: vnf.lock.is_some(),

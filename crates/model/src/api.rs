@@ -359,6 +359,10 @@ pub struct Migration {
     pub started_at: String,
     /// Who asked.
     pub by: String,
+    /// The engine the destination runs the module on, when the move changes it (the maps'
+    /// snapshot does not depend on it: a stand-in for a move to another CPU architecture).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::vnf::WasmEngine>,
 }
 
 /// `POST /v1/vnfs/{name}/migrate`: where to (any host with room when left out), or `cancel`.
@@ -367,6 +371,10 @@ pub struct Migration {
 pub struct MigrateRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<String>,
+    /// The engine to run the module on at the destination (`cranelift` or `pulley`); the
+    /// VNF's descriptor says so once it moved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<crate::vnf::WasmEngine>,
     /// Ends the move under way; the VNF stays where it runs.
     #[serde(default)]
     pub cancel: bool,

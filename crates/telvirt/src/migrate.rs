@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use reqwest::Method;
 use telvirt_model::api::MigrateRequest;
-use telvirt_model::{Role, Vnf};
+use telvirt_model::{Role, Vnf, WasmEngine};
 
 use crate::cli::Output;
 use crate::client::Client;
@@ -23,6 +23,10 @@ pub struct MigrateArgs {
     /// The destination host [default: any other host with room and a tunnel address]
     #[arg(long, conflicts_with = "cancel")]
     pub to: Option<String>,
+    /// The engine the destination runs the module on (the maps' snapshot does not depend on
+    /// it)
+    #[arg(long, value_enum, conflicts_with = "cancel")]
+    pub engine: Option<EngineArg>,
     /// End the move under way; the VNF stays where it runs
     #[arg(long)]
     pub cancel: bool,
@@ -32,6 +36,21 @@ pub struct MigrateArgs {
     /// How long to follow the move before giving up following (the move goes on), in seconds
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum EngineArg {
+    Cranelift,
+    Pulley,
+}
+
+impl From<EngineArg> for WasmEngine {
+    fn from(e: EngineArg) -> Self {
+        match e {
+            EngineArg::Cranelift => WasmEngine::Cranelift,
+            EngineArg::Pulley => WasmEngine::Pulley,
+        }
+    }
 }
 
 fn active_host(v: &Vnf) -> Option<&str> {
@@ -45,6 +64,7 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
     let name = &args.name;
     let request = MigrateRequest {
         to: args.to.clone(),
+        engine: args.engine.map(Into::into),
         cancel: args.cancel,
     };
     let started: Vnf = client

@@ -464,8 +464,21 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     assert_eq!(node.json(&["vnf", "show", "natm"]), before);
 
     // The move: the destination takes the maps, then the traffic; the source's place is freed.
-    let moved = node.json(&["vnf", "migrate", "natm", "--to", "a2"]);
+    // On the other engine, too (pulley to cranelift): the maps' snapshot does not depend on it.
+    let moved = node.json(&[
+        "vnf",
+        "migrate",
+        "natm",
+        "--to",
+        "a2",
+        "--engine",
+        "cranelift",
+    ]);
     assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
+    assert_eq!(
+        moved["descriptor"]["spec"]["wasm"]["engine"], "cranelift",
+        "{moved}"
+    );
     assert_eq!(moved["placements"].as_array().unwrap().len(), 1, "{moved}");
     assert!(moved.get("migration").is_none(), "{moved}");
     node.wait_phase("natm", "Running");
@@ -475,7 +488,7 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     assert!(
         events.as_array().unwrap().iter().any(|e| e["reason"]
             .as_str()
-            .is_some_and(|r| r.contains("moved from host a1 to host a2"))),
+            .is_some_and(|r| r.contains("moved from host a1 to host a2, now on engine cranelift"))),
         "{events}"
     );
 }
