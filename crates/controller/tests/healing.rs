@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, beat, host_record, wasm_vnf};
+use common::{Node, beat, host_record, role_hosts, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::consistency;
 use telvirt_model::Phase;
@@ -29,20 +29,6 @@ async fn node_with(
         beats.push(beat(&node.controller, h));
     }
     (node, beats)
-}
-
-fn hosts_of(v: &Value) -> Vec<(String, String)> {
-    v["placements"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| {
-            (
-                p["role"].as_str().unwrap().to_owned(),
-                p["host"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
 }
 
 /// Plays the agent of `host` reporting VNF `vnf` Running.
@@ -74,7 +60,11 @@ async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) 
 
 /// The host of `v`'s instance in `role`.
 fn role_host(v: &Value, role: &str) -> String {
-    hosts_of(v).into_iter().find(|(r, _)| r == role).unwrap().1
+    role_hosts(v)
+        .into_iter()
+        .find(|(r, _)| r == role)
+        .unwrap()
+        .1
 }
 
 /// Creates the active-standby VNF p1 and waits for both placements: (p1, active's host,
@@ -83,7 +73,7 @@ async fn placed_pair(node: &Node) -> (Value, String, String) {
     let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
     assert_eq!(node.create_vnf(&node.admin, &pair).await.status, 201);
     let p1 = node
-        .wait_vnf(&node.admin, "p1", |v| hosts_of(v).len() == 2)
+        .wait_vnf(&node.admin, "p1", |v| role_hosts(v).len() == 2)
         .await;
     let (act, sby) = (role_host(&p1, "active"), role_host(&p1, "standby"));
     (p1, act, sby)
@@ -105,7 +95,7 @@ async fn a_vnf_without_a_standby_moves_off_a_failed_host_after_the_heal_delay() 
             v["placements"][0]["host"].is_string()
         })
         .await;
-    let (_, from) = hosts_of(&u1)[0].clone();
+    let (_, from) = role_hosts(&u1)[0].clone();
     let to = if from == "h2" { "h3" } else { "h2" };
     running(&node, &from, "u1").await;
     let generation = u1["generation"].as_u64().unwrap();
@@ -157,10 +147,10 @@ async fn an_active_fails_over_to_its_standby_at_once_and_a_new_standby_is_placed
     beats[index(&act)].abort();
     let p1 = node
         .wait_vnf(&node.admin, "p1", |v| {
-            hosts_of(v).contains(&("active".to_owned(), sby.clone()))
+            role_hosts(v).contains(&("active".to_owned(), sby.clone()))
         })
         .await;
-    let now = hosts_of(&p1);
+    let now = role_hosts(&p1);
     let new_sby = &now.iter().find(|(r, _)| r == "standby").unwrap().1;
     assert!(new_sby != &act && new_sby != &sby, "{now:?}");
     let last = node.events("p1").await.pop().unwrap();
@@ -191,7 +181,7 @@ async fn a_vnf_no_host_can_take_stays_unknown_with_the_reason_until_its_host_is_
                     .is_some_and(|r| r.contains("no other host can take it now"))
         })
         .await;
-    assert_eq!(hosts_of(&u1), [("active".to_owned(), "h2".to_owned())]);
+    assert_eq!(role_hosts(&u1), [("active".to_owned(), "h2".to_owned())]);
     assert!(
         node.events("u1")
             .await

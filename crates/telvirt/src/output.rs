@@ -162,6 +162,18 @@ pub fn vnf_detail(v: &Vnf) -> String {
                 .map_or(String::new(), |g| format!(", group {g}")),
         ));
     }
+    if let Some(m) = &v.migration {
+        out.push_str(&format!(
+            "Migration:   from {} to {} since {} (by {}){}\n",
+            m.from,
+            m.to,
+            m.started_at,
+            m.by,
+            m.engine
+                .map_or(String::new(), |e| format!(", onto engine {e:?}")
+                    .to_lowercase()),
+        ));
+    }
     if let Some(s) = &v.standby {
         out.push_str(&format!(
             "Standby:     {} on {}: {}\n",

@@ -361,16 +361,25 @@ impl Node {
 
     /// Cordons host `host` as admin.
     pub async fn cordon(&self, host: &str) {
+        self.host_action(host, "cordon").await;
+    }
+
+    /// Uncordons host `host` as admin.
+    pub async fn uncordon(&self, host: &str) {
+        self.host_action(host, "uncordon").await;
+    }
+
+    async fn host_action(&self, host: &str, what: &str) {
         let r = self
             .call(
                 "POST",
-                "/v1/hosts/{name}/cordon",
+                &format!("/v1/hosts/{{name}}/{what}"),
                 Some(host),
                 Some(&self.admin),
                 None,
             )
             .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.status, 200, "{what} {host}: {}", r.body);
     }
 
     /// The events of VNF `vnf`, as admin.
@@ -421,6 +430,21 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// (role, host) of each of VNF `v`'s placements, in order.
+pub fn role_hosts(v: &Value) -> Vec<(String, String)> {
+    v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["role"].as_str().unwrap().to_owned(),
+                p["host"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
 }
 
 /// Heartbeats for `host` every 50 ms until aborted: a stand-in for that host's agent.
