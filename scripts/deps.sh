@@ -13,6 +13,7 @@ PACKAGES=(
   protobuf-compiler libprotobuf-dev  # protoc and its well-known types, for the etcd client's build
   etcd-server       # the etcd cluster store's tests start a real etcd
   tcpdump           # the data plane's VXLAN tests check that tcpdump decodes the tunnel traffic
+  keepalived        # the VRRP baseline of `telvirt bench failover`
 )
 
 missing=()

@@ -91,6 +91,16 @@ pub struct FailoverReport {
     pub single: FailoverFigures,
     /// pair.outage_p50_ms / single.outage_p50_ms.
     pub outage_ratio: f64,
+    /// Baseline: keepalived (VRRP, `advert_int 1`) between two namespaces, its master killed:
+    /// until the backup holds the virtual address (`None`: not measured here, see
+    /// `vrrp_missing`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vrrp: Option<crate::bench_vrrp::VrrpFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vrrp_missing: Option<String>,
+    /// pair flip max / VRRP flip max.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flip_ratio_to_vrrp: Option<f64>,
     pub goal_outage_le_50_ms: bool,
     pub goal_sessions_kept_100_pct: bool,
     pub goal_reheal_le_5000_ms: bool,
@@ -339,7 +349,7 @@ pub async fn run_failover_bench(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let total = u64::from(2 * args.rounds);
+    let total = u64::from(2 * args.rounds + 1);
     progress(0, total);
     let result = async {
         let (mut pair, mut single) = (Vec::new(), Vec::new());
@@ -353,8 +363,14 @@ pub async fn run_failover_bench(
         Ok::<_, anyhow::Error>((pair, single))
     }
     .await;
+    let vrrp = crate::bench_vrrp::vrrp_baseline(&dir.join("vrrp"), args.rounds);
+    progress(total, total);
     let _ = std::fs::remove_dir_all(&dir);
     let (pair, single) = result?;
+    let (vrrp, vrrp_missing) = match vrrp {
+        Ok(v) => (Some(v), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
     let pair = figures("active-standby NAT (state replicated)", pair);
     let single = figures("NAT without a standby, placed again", single);
     Ok(FailoverReport {
@@ -374,6 +390,12 @@ pub async fn run_failover_bench(
         } else {
             0.0
         },
+        flip_ratio_to_vrrp: vrrp
+            .as_ref()
+            .filter(|v| v.flip_max_ms > 0.0)
+            .map(|v| pair.runs.iter().map(|r| r.flip_ms).fold(0.0, f64::max) / v.flip_max_ms),
+        vrrp,
+        vrrp_missing,
         goal_outage_le_50_ms: pair.outage_max_ms <= 50.0,
         goal_sessions_kept_100_pct: pair.sessions_kept_pct_min >= 100.0,
         goal_reheal_le_5000_ms: pair.reheal_max_ms.is_some_and(|r| r <= 5000.0),
@@ -417,6 +439,17 @@ pub fn failover_bench(format: Output, args: FailoverArgs) -> Result<()> {
             &[row(&r.pair), row(&r.single)],
         )
     );
+    match (&r.vrrp, &r.vrrp_missing) {
+        (Some(v), _) => println!(
+            "baseline {} (VRRP, advert_int {} s): master SIGKILL -> backup holds the address, max {:.0} ms; telvirt's flip max / VRRP's: {:.3}",
+            v.keepalived,
+            v.advert_int_s,
+            v.flip_max_ms,
+            r.flip_ratio_to_vrrp.unwrap_or_default()
+        ),
+        (None, Some(why)) => println!("VRRP baseline not measured: {why}"),
+        (None, None) => {}
+    }
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     println!(
         "outage pair/single {:.2}; goals: outage <= 50 ms {}, sessions kept 100% {}, pair whole again <= 5 s {}",

@@ -226,7 +226,7 @@ fn cluster_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
     std::path::absolute(&dir).with_context(|| format!("--dir {}", dir.display()))
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
