@@ -15,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use crate::bench_control::ms;
+use crate::cluster::ip;
 
 const VIP: &str = "10.99.0.100";
 /// How often the backup's address is looked at: the figure's resolution.
@@ -34,22 +35,6 @@ struct Pair {
     names: [String; 2],
     links: [String; 2],
     keepalived: [Option<std::process::Child>; 2],
-}
-
-fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Pair {

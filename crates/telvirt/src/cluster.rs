@@ -950,7 +950,7 @@ fn delete(r: &mut Removal, what: &str, exists: bool, args: &[&str]) {
         return;
     }
     match ip(args) {
-        Ok(()) => r.removed.push(what.to_owned()),
+        Ok(_) => r.removed.push(what.to_owned()),
         Err(e) => r.failed.push(format!("{what}: {e}")),
     }
 }
@@ -1065,8 +1065,8 @@ fn spawn_detached(mut command: Command, log: &Path, cpus: Option<&[u32]>) -> Res
         .with_context(|| format!("cannot start {program}"))
 }
 
-/// Runs `ip ARGS`; its error output on failure.
-fn ip(args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS`; its output, or its error output on failure.
+pub(crate) fn ip(args: &[&str]) -> Result<String> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -1079,7 +1079,7 @@ fn ip(args: &[&str]) -> Result<()> {
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn link_exists(name: &str) -> bool {
