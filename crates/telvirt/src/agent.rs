@@ -89,29 +89,17 @@ impl HostAgent {
             .find(|h| h.agent)
             .cloned()
             .context("no local host")?;
-        // Links from other hosts arrive here, when this host has a tunnel address.
-        let vxlan = match &args.tunnel_address {
-            None => None,
+        // Links from other hosts arrive here over UDP, standby replication over TCP, on the
+        // same address and port.
+        let (vxlan, replication) = match &args.tunnel_address {
+            None => (None, None),
             Some(text) => {
                 let address = tunnel_address(text)?;
                 let pool = Arc::clone(dataplane.panel().pool());
-                let endpoint = VxlanEndpoint::bind(address, pool).with_context(|| {
-                    format!("--tunnel-address {text}: cannot receive tunnels there")
-                })?;
+                let (endpoint, listener) = tunnel_sockets(address, &pool)
+                    .with_context(|| format!("--tunnel-address {text}"))?;
                 record.tunnel = Some(endpoint.local_addr().to_string());
-                Some(endpoint)
-            }
-        };
-        // Standby replication arrives over TCP on the tunnel's address and port.
-        let replication = match &vxlan {
-            None => None,
-            Some(endpoint) => {
-                let address = endpoint.local_addr();
-                let listener = std::net::TcpListener::bind(address).with_context(|| {
-                    format!("cannot receive standby replication on TCP {address}")
-                })?;
-                listener.set_nonblocking(true)?;
-                Some(listener)
+                (Some(endpoint), Some(listener))
             }
         };
         let networks =
@@ -254,6 +242,31 @@ impl HostAgent {
         });
         vec![agent_task, maps_task]
     }
+}
+
+/// The tunnel's UDP endpoint and the replication's TCP listener on one address and port. Port 0
+/// picks a port free for both: TCP first (its ephemeral ports are the busier), then UDP on the
+/// same number, tried again when that one is taken.
+fn tunnel_sockets(
+    address: std::net::SocketAddr,
+    pool: &Arc<telvirt_dataplane::pool::Pool>,
+) -> Result<(Arc<VxlanEndpoint>, std::net::TcpListener)> {
+    const ATTEMPTS: u32 = 32;
+    let mut last = None;
+    for _ in 0..if address.port() == 0 { ATTEMPTS } else { 1 } {
+        let listener = std::net::TcpListener::bind(address)
+            .with_context(|| format!("cannot receive standby replication on TCP {address}"))?;
+        let bound = listener.local_addr()?;
+        match VxlanEndpoint::bind(bound, Arc::clone(pool)) {
+            Ok(endpoint) => {
+                listener.set_nonblocking(true)?;
+                return Ok((endpoint, listener));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let e = last.map_or_else(|| "no attempt".to_owned(), |e| e.to_string());
+    bail!("cannot receive tunnels on UDP {address}: {e}")
 }
 
 /// `--tunnel-address IP[:PORT]` (port 4789 when left out).
@@ -442,7 +455,24 @@ async fn register(link: &dyn ControlLink, record: &HostRecord, controller: &str)
 
 #[cfg(test)]
 mod tunnel_address_tests {
-    use super::tunnel_address;
+    use super::{tunnel_address, tunnel_sockets};
+
+    #[test]
+    fn the_tunnel_and_replication_share_one_port_and_a_taken_one_is_named() {
+        let pool = std::sync::Arc::new(
+            telvirt_dataplane::pool::Pool::new("tunnel-test", 64, 2048).unwrap(),
+        );
+        // Port 0: one port free for both.
+        let (endpoint, listener) = tunnel_sockets("127.0.0.1:0".parse().unwrap(), &pool).unwrap();
+        assert_eq!(endpoint.local_addr(), listener.local_addr().unwrap());
+        // An explicit port whose TCP side is taken: refused, naming replication.
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = tunnel_sockets(taken.local_addr().unwrap(), &pool)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("standby replication on TCP"), "{err}");
+    }
 
     #[test]
     fn a_tunnel_address_is_an_ip_with_an_optional_port_and_anything_else_is_named() {
