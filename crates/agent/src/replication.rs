@@ -42,9 +42,9 @@ const ACK_REFUSED: u8 = 2;
 /// The maps of this host's wasm instances, as replication reads and writes them.
 pub trait ReplicaState: Send + Sync + 'static {
     /// From the active instance of `vnf`: a snapshot of its maps (`full`; restarts its update
-    /// log) or the update log since the last batch, with the number of updates it holds.
-    /// `Ok(None)`: not `full` and nothing changed since the last batch (the chain untouched).
-    fn take(&self, vnf: &Name, full: bool) -> Result<Option<(Vec<u8>, u64)>, String>;
+    /// log) or the update log since the last batch. `Ok(None)`: not `full` and nothing
+    /// changed since the last batch (the chain untouched).
+    fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String>;
 
     /// Applies a snapshot (`full`) or an update log to the standby instance of `vnf`; returns
     /// the updates applied (entries, for a snapshot). Nothing changes on error.
@@ -438,8 +438,8 @@ async fn send_one(
         .await
         .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?;
     let (kind, bytes) = match batch {
-        Ok(Some((bytes, _))) if full => (KIND_SNAPSHOT, bytes),
-        Ok(Some((bytes, _))) => (KIND_LOG, bytes),
+        Ok(Some(bytes)) if full => (KIND_SNAPSHOT, bytes),
+        Ok(Some(bytes)) => (KIND_LOG, bytes),
         Ok(None) => (KIND_KEEPALIVE, Vec::new()),
         Err(e) => return Err(SendError::Take(format!("taking a batch: {e}"))),
     };
@@ -476,14 +476,14 @@ mod tests {
     }
 
     impl ReplicaState for Counters {
-        fn take(&self, vnf: &Name, full: bool) -> Result<Option<(Vec<u8>, u64)>, String> {
+        fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
             let mut v = self.values.lock().unwrap();
             let (value, dirty) = v.get_mut(vnf.as_str()).ok_or("no such instance")?;
             if !full && !*dirty {
                 return Ok(None);
             }
             *dirty = false;
-            Ok(Some((value.to_le_bytes().to_vec(), 1)))
+            Ok(Some(value.to_le_bytes().to_vec()))
         }
 
         fn apply(&self, vnf: &Name, _full: bool, bytes: &[u8]) -> Result<u64, String> {

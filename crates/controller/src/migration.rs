@@ -8,28 +8,17 @@
 //! not talk to agents: the store carries the move, the agents follow their assignments.
 
 use telvirt_model::api::{MigrateRequest, Migration};
-use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf, WasmEngine};
+use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
 use telvirt_sched::SchedError;
 
 use super::healing::{Recording, Restart};
 use super::{Caller, Controller, ControllerError, Result, now_rfc3339};
 
-fn engine_name(e: WasmEngine) -> &'static str {
-    match e {
-        WasmEngine::Cranelift => "cranelift",
-        WasmEngine::Pulley => "pulley",
-    }
-}
-
 /// Why VNF `v` cannot start a move (checked on the record read under the scheduler lock).
 fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
     let name = v.name.as_str();
     if let Some(lock) = &v.lock {
-        return Some(ControllerError::Locked {
-            vnf: name.to_owned(),
-            by: lock.by.to_string(),
-            since: lock.at.clone(),
-        });
+        return Some(ControllerError::locked(name, lock));
     }
     if deleting {
         return Some(ControllerError::Conflict(format!(
@@ -173,7 +162,7 @@ impl Controller {
             }
         }
         drop(scheduler);
-        self.vnf_record(name).await
+        self.vnf(caller, name).await
     }
 
     /// Ends the move of `name` under way; it stays where it runs.
@@ -199,7 +188,7 @@ impl Controller {
         self.record_new_placement(&mut scheduler, name, &placed, &how)
             .await?;
         drop(scheduler);
-        self.vnf_record(name).await
+        self.vnf(caller, name).await
     }
 
     /// Ends the move of `name` once its destination runs and holds the source's state (the
@@ -234,10 +223,8 @@ impl Controller {
             "moved from host {} to host {}{} ({updates} map updates streamed before the switch)",
             m.from,
             m.to,
-            m.engine.map_or(String::new(), |e| format!(
-                ", now on engine {}",
-                engine_name(e)
-            ))
+            m.engine
+                .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
         );
         // The descriptor says the engine the destination runs on.
         let engine = m.engine;
@@ -253,15 +240,5 @@ impl Controller {
         };
         self.record_new_placement(&mut scheduler, name, &placed, &how)
             .await
-    }
-}
-
-impl Controller {
-    /// VNF `name` as stored now.
-    async fn vnf_record(&self, name: &str) -> Result<Vnf> {
-        self.load(name)
-            .await?
-            .map(|(r, _)| r.vnf)
-            .ok_or_else(|| super::not_found(name))
     }
 }

@@ -52,6 +52,17 @@ impl Caller {
     }
 }
 
+impl ControllerError {
+    /// VNF `name` is locked as `lock` says.
+    pub(crate) fn locked(name: &str, lock: &LockInfo) -> Self {
+        Self::Locked {
+            vnf: name.to_owned(),
+            by: lock.by.to_string(),
+            since: lock.at.clone(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error("{0}")]
@@ -779,11 +790,7 @@ impl Controller {
         self.load_visible(caller, name).await?;
         self.update(name, |record| {
             if let (Some(lock), false) = (&record.vnf.lock, allowed_when_locked) {
-                return Err(ControllerError::Locked {
-                    vnf: name.to_owned(),
-                    by: lock.by.to_string(),
-                    since: lock.at.clone(),
-                });
+                return Err(ControllerError::locked(name, lock));
             }
             if record.deleting {
                 return Err(ControllerError::Conflict(format!(
@@ -1336,6 +1343,7 @@ impl Controller {
         // records of those VNFs' owners, not every authority.
         let prefix = records::assignments_prefix(host);
         let mut domains: BTreeMap<String, String> = BTreeMap::new();
+        let mut tunnels: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut out = Vec::new();
         for (key, _) in self.store.list(&prefix).await? {
             let Some(name) = key.strip_prefix(prefix.as_str()) else {
@@ -1371,24 +1379,28 @@ impl Controller {
                 };
                 domains.insert(owner.to_owned(), domain);
             }
-            // The active of a wasm pair streams its maps to its standby's host.
-            let standby = match (p.role, vnf.descriptor.spec.runtime) {
-                (telvirt_model::Role::Active, RuntimeKind::Wasm) => {
-                    match vnf
-                        .placements
-                        .iter()
-                        .find(|s| s.role == telvirt_model::Role::Standby)
-                    {
-                        Some(s) => self.agent_host(&s.host).await?.and_then(|r| {
-                            Some(StandbyPeer {
-                                host: s.host.clone(),
-                                address: r.tunnel?,
-                            })
-                        }),
-                        None => None,
+            // The active of a wasm pair streams its maps to its standby's host (each host's
+            // tunnel address read once per call).
+            let standby_host = vnf
+                .placements
+                .iter()
+                .find(|s| s.role == telvirt_model::Role::Standby)
+                .map(|s| s.host.clone())
+                .filter(|_| {
+                    p.role == telvirt_model::Role::Active
+                        && vnf.descriptor.spec.runtime == RuntimeKind::Wasm
+                });
+            let standby = match standby_host {
+                Some(h) => {
+                    if !tunnels.contains_key(&h) {
+                        let tunnel = self.agent_host(&h).await?.and_then(|r| r.tunnel);
+                        tunnels.insert(h.clone(), tunnel);
                     }
+                    tunnels[&h]
+                        .clone()
+                        .map(|address| StandbyPeer { host: h, address })
                 }
-                _ => None,
+                None => None,
             };
             // The destination of a move that changes the engine runs the module on the new one.
             let mut descriptor = vnf.descriptor.clone();

@@ -174,6 +174,16 @@ pub enum WasmEngine {
     Pulley,
 }
 
+impl WasmEngine {
+    /// The name descriptors use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cranelift => "cranelift",
+            Self::Pulley => "pulley",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WasmSpec {

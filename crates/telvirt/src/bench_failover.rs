@@ -133,10 +133,14 @@ async fn cordon(api: &Api, host: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// The host of `vnf`'s instance in `role`, and whether it runs (the VNF's phase for the
+/// The NAT as the API shows it now (`None` while it cannot be read).
+async fn nat(api: &Api) -> Option<serde_json::Value> {
+    api.json("/v1/vnfs/nat").await.ok()
+}
+
+/// The host of VNF `v`'s instance in `role`, and whether it runs (the VNF's phase for the
 /// active, its standby status for the standby).
-async fn instance(api: &Api, vnf: &str, role: &str) -> Option<(String, bool)> {
-    let v = api.json(&format!("/v1/vnfs/{vnf}")).await.ok()?;
+fn instance(v: &serde_json::Value, role: &str) -> Option<(String, bool)> {
     let host = v["placements"]
         .as_array()?
         .iter()
@@ -209,19 +213,15 @@ async fn round(
     }
     post_yaml(&api, "/v1/vnfs", nat_descriptor("nat", &nat_module, pair)).await?;
     poll_until(Duration::from_secs(60), "the NAT running", || async {
-        instance(&api, "nat", "active")
-            .await
-            .is_some_and(|(_, r)| r)
-            && (!pair
-                || instance(&api, "nat", "standby")
-                    .await
-                    .is_some_and(|(_, r)| r))
+        nat(&api).await.is_some_and(|v| {
+            instance(&v, "active").is_some_and(|(_, r)| r)
+                && (!pair || instance(&v, "standby").is_some_and(|(_, r)| r))
+        })
     })
     .await?;
-    let (active, _) = instance(&api, "nat", "active")
-        .await
-        .context("the NAT has no active")?;
-    let standby = instance(&api, "nat", "standby").await.map(|(h, _)| h);
+    let placed = nat(&api).await.context("the NAT cannot be read")?;
+    let (active, _) = instance(&placed, "active").context("the NAT has no active")?;
+    let standby = instance(&placed, "standby").map(|(h, _)| h);
     for h in ["h2", "h4"] {
         cordon(&api, h, false).await?;
     }
@@ -270,20 +270,19 @@ async fn round(
         if detect.is_none() && api.host_status(&active).await.as_deref() == Some("NotReady") {
             detect = Some(ms(killed.elapsed()));
         }
-        if flip.is_none()
-            && instance(&api, "nat", "active")
-                .await
-                .is_some_and(|(h, _)| h != active)
-        {
-            flip = Some(ms(killed.elapsed()));
-        }
-        if pair
-            && reheal.is_none()
-            && instance(&api, "nat", "standby")
-                .await
-                .is_some_and(|(h, running)| running && h != active && Some(&h) != standby.as_ref())
-        {
-            reheal = Some(ms(killed.elapsed()));
+        // One read of the NAT per poll serves both figures.
+        if let Some(v) = nat(&api).await {
+            if flip.is_none() && instance(&v, "active").is_some_and(|(h, _)| h != active) {
+                flip = Some(ms(killed.elapsed()));
+            }
+            if pair
+                && reheal.is_none()
+                && instance(&v, "standby").is_some_and(|(h, running)| {
+                    running && h != active && Some(&h) != standby.as_ref()
+                })
+            {
+                reheal = Some(ms(killed.elapsed()));
+            }
         }
         tokio::time::sleep(POLL).await;
     }

@@ -170,8 +170,7 @@ pub fn vnf_detail(v: &Vnf) -> String {
             m.started_at,
             m.by,
             m.engine
-                .map_or(String::new(), |e| format!(", onto engine {e:?}")
-                    .to_lowercase()),
+                .map_or(String::new(), |e| format!(", onto engine {}", e.as_str())),
         ));
     }
     if let Some(s) = &v.standby {

@@ -472,18 +472,15 @@ fn entries_of(maps: Option<&rw::MapSet>) -> u64 {
 /// Standby replication reads the active instance's maps and writes the standby's, between
 /// batches (under the instance's lock, as the worker runs them).
 impl crate::replication::ReplicaState for WasmRuntime {
-    fn take(&self, vnf: &Name, full: bool) -> Result<Option<(Vec<u8>, u64)>, String> {
+    fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
         let taken = self
             .with_instance(vnf, |i| {
                 if full {
-                    let entries = entries_of(i.maps());
-                    return i.snapshot_maps().map(|b| Some((b, entries)));
+                    return i.snapshot_maps().map(Some);
                 }
                 match i.maps().and_then(rw::MapSet::logged_updates) {
                     Some(0) => Ok(None),
-                    pending => i
-                        .take_update_log()
-                        .map(|b| Some((b, pending.unwrap_or_default()))),
+                    _ => i.take_update_log().map(Some),
                 }
             })
             .map_err(|e| e.to_string())?;
