@@ -14,6 +14,7 @@ PACKAGES=(
   etcd-server       # the etcd cluster store's tests start a real etcd
   tcpdump           # the data plane's VXLAN tests check that tcpdump decodes the tunnel traffic
   keepalived        # the VRRP baseline of `telvirt bench failover`
+  nftables          # tests that cut the path between two hosts of a pair
 )
 
 missing=()

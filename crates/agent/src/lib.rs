@@ -6,6 +6,7 @@
 
 pub mod dataplane;
 pub mod discovery;
+pub mod fencing;
 pub mod network;
 pub mod network_sync;
 pub mod node;

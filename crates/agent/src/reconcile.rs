@@ -16,11 +16,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use telvirt_api::{Assignment, ControlLink, Observation};
-use telvirt_model::api::ReplicationStatus;
+use telvirt_model::api::{ActiveLost, ReplicationStatus};
 use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, Role, RuntimeKind};
 use tokio::sync::{Mutex, watch};
 
 use crate::AgentError;
+use crate::fencing::Fencing;
 use crate::queue::{Backoff, WorkQueue};
 use crate::replication::Replicas;
 use crate::runtime::{InstanceSpec, InstanceState, Runtime};
@@ -55,8 +56,15 @@ impl Default for AgentConfig {
     }
 }
 
-/// What one observation told: phase, reason, generation and replication status.
-type Fact = (Phase, String, u64, Option<ReplicationStatus>);
+/// What one observation told: phase, reason, generation, replication status and (from a
+/// standby) whether it lost its active.
+type Fact = (
+    Phase,
+    String,
+    u64,
+    Option<ReplicationStatus>,
+    Option<ActiveLost>,
+);
 
 #[derive(Debug, Default)]
 struct Known {
@@ -101,6 +109,11 @@ struct Inner {
     /// Streams the maps of this host's active wasm instances to their standbys (`None`: this
     /// agent replicates nothing).
     replicas: Option<Arc<Replicas>>,
+    /// The gates of this host's instances, set from every list of assignments (`None`: nothing
+    /// is gated).
+    fencing: Option<Arc<Fencing>>,
+    /// The standbys on this host that lost their active, and how (as replication last said).
+    lost: std::sync::Mutex<HashMap<Name, ActiveLost>>,
 }
 
 /// How often the loop looks at every instance again when nothing told it to.
@@ -151,6 +164,8 @@ impl Agent {
                 queue: WorkQueue::new(config.workers, config.backoff),
                 modules: None,
                 replicas: None,
+                fencing: None,
+                lost: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -173,20 +188,27 @@ impl Agent {
         self
     }
 
-    /// Whether this host's assignments (as of the last pass) make it run `vnf`'s standby.
-    pub fn runs_standby(&self, vnf: &Name) -> bool {
-        self.inner.standby_assignment(vnf).is_some()
+    /// Sets the gates of `fencing` from every list of assignments, and lists them anew at once
+    /// when a heartbeat after a lapse asks. Set before `run`.
+    pub fn with_fencing(mut self, fencing: Arc<Fencing>) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.fencing = Some(fencing);
+        }
+        self
+    }
+
+    /// The role and epoch this host's assignments (as of the last pass) give `vnf`.
+    pub fn role(&self, vnf: &Name) -> Option<(Role, u64)> {
+        self.inner
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .map(|a| (a.placement.role, a.epoch))
     }
 
     pub fn host(&self) -> &str {
         &self.inner.host
-    }
-
-    /// Tells the controller that this host's running standby of `vnf` lost its active
-    /// (`why`): an observation of the standby carrying `active_lost`. Nothing is sent when this
-    /// host does not run `vnf`'s standby or its instance was not reported running.
-    pub async fn report_active_lost(&self, vnf: &Name, why: String) -> Result<(), AgentError> {
-        self.inner.report_active_lost(vnf, why).await
     }
 
     pub fn config(&self) -> AgentConfig {
@@ -253,8 +275,16 @@ impl Agent {
                 next_check = now + inner.config.resync;
             }
             let wait = next_check.min(next_list).saturating_duration_since(now);
+            let confirm = async {
+                match &inner.fencing {
+                    Some(f) => f.confirm_wanted().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 c = inner.link.wait_for_change(wait) => changed = c,
+                // A heartbeat after a lapse: the lease holds again once the assignments say so.
+                () = confirm => changed = true,
                 c = shutdown.changed() => if c.is_err() { break },
             }
             if *shutdown.borrow() {
@@ -294,15 +324,29 @@ impl Agent {
 }
 
 impl crate::replication::StandbyHost for Agent {
-    fn runs_standby(&self, vnf: &Name) -> bool {
-        Agent::runs_standby(self, vnf)
+    fn role(&self, vnf: &Name) -> Option<(Role, u64)> {
+        Agent::role(self, vnf)
     }
 
-    fn active_lost(&self, vnf: &Name, why: String) {
+    fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>) {
+        let changed = {
+            let mut all = self.inner.lost.lock().unwrap_or_else(|p| p.into_inner());
+            match &lost {
+                Some(l) => all.insert(vnf.clone(), l.clone()).as_ref() != Some(l),
+                None => all.remove(vnf).is_some(),
+            }
+        };
+        if !changed {
+            return;
+        }
+        match &lost {
+            Some(l) => tracing::warn!(vnf = %vnf, "the standby lost its active: {}", l.why),
+            None => tracing::info!(vnf = %vnf, "the standby hears its active again"),
+        }
         let (inner, vnf) = (Arc::clone(&self.inner), vnf.clone());
         tokio::spawn(async move {
-            if let Err(e) = inner.report_active_lost(&vnf, why).await {
-                tracing::warn!(vnf = %vnf, "telling the controller its active is lost: {e}");
+            if let Err(e) = inner.hearing(&vnf).await {
+                tracing::warn!(vnf = %vnf, "telling the controller how the standby hears its active: {e}");
             }
         });
     }
@@ -319,41 +363,46 @@ impl Inner {
             .cloned()
     }
 
-    async fn report_active_lost(&self, vnf: &Name, why: String) -> Result<(), AgentError> {
+    /// Reports this host's standby of `vnf` again, with how it hears its active now, when it
+    /// was last reported running.
+    async fn hearing(&self, vnf: &Name) -> Result<(), AgentError> {
         let Some(a) = self.standby_assignment(vnf) else {
             return Ok(());
         };
-        let running = self
+        let last = self
             .known
             .lock()
             .await
             .get(vnf)
-            .and_then(|k| k.reported.as_ref())
-            .is_some_and(|(phase, ..)| *phase == Phase::Running);
-        if !running {
-            return Ok(());
+            .and_then(|k| k.reported.clone());
+        match last {
+            Some((Phase::Running, reason, ..)) => self.report(&a, Phase::Running, reason).await,
+            _ => Ok(()),
         }
-        tracing::warn!(vnf = %vnf, "the active is lost: {why}");
-        self.link
-            .report(
-                &self.host,
-                Observation {
-                    vnf: vnf.clone(),
-                    phase: Phase::Running,
-                    reason: "running as the standby".into(),
-                    generation: a.generation,
-                    replication: None,
-                    active_lost: Some(why),
-                },
-            )
-            .await?;
-        Ok(())
     }
 
     /// Reads the assignments and queues the VNFs to work on: those whose assignment is new,
     /// changed or gone, instances known but no longer assigned, and (`full`) every other one.
     async fn pass(&self, full: bool) -> Result<(), AgentError> {
-        let assignments = self.link.assignments(&self.host).await?;
+        // A heartbeat after a lapse waits for assignments read after it: taken first.
+        let pending = self.fencing.as_ref().and_then(|f| f.take_pending());
+        let assignments = match self.link.assignments(&self.host).await {
+            Ok(a) => a,
+            Err(e) => {
+                if let (Some(f), Some(p)) = (&self.fencing, pending) {
+                    f.put_back(p);
+                }
+                return Err(e.into());
+            }
+        };
+        if let Some(f) = &self.fencing {
+            // Every gate as these say before the lease may hold again.
+            f.assign(&assignments);
+            if let Some(p) = pending {
+                f.confirm(p);
+                tracing::info!(host = %self.host, "the lease holds again; instances forward as the assignments say");
+            }
+        }
         let wanted: HashMap<Name, Assignment> = assignments
             .into_iter()
             .map(|a| (a.vnf.clone(), a))
@@ -489,7 +538,22 @@ impl Inner {
     ) -> Result<(), AgentError> {
         let reason = reason.into();
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
-        let fact = (phase, reason.clone(), a.generation, replication.clone());
+        let active_lost = match a.placement.role {
+            Role::Standby => self
+                .lost
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&a.vnf)
+                .cloned(),
+            Role::Active => None,
+        };
+        let fact = (
+            phase,
+            reason.clone(),
+            a.generation,
+            replication.clone(),
+            active_lost.clone(),
+        );
         {
             let known = self.known.lock().await;
             if known.get(&a.vnf).and_then(|k| k.reported.as_ref()) == Some(&fact) {
@@ -505,7 +569,7 @@ impl Inner {
                     reason,
                     generation: a.generation,
                     replication,
-                    active_lost: None,
+                    active_lost,
                 },
             )
             .await?;
@@ -560,7 +624,7 @@ impl Inner {
                 (Some(peer), Role::Active, DesiredState::Running, InstanceState::Running)
                     if kind == RuntimeKind::Wasm && !a.locked =>
                 {
-                    r.ensure(&a.vnf, peer)
+                    r.ensure(&a.vnf, peer, a.epoch)
                 }
                 _ => r.stop(&a.vnf),
             }
@@ -678,7 +742,7 @@ impl Inner {
         known
             .get(&a.vnf)
             .and_then(|k| k.reported.as_ref())
-            .is_some_and(|(phase, _, generation, _)| {
+            .is_some_and(|(phase, _, generation, ..)| {
                 *phase == Phase::Failed && *generation != a.generation
             })
     }
@@ -749,12 +813,17 @@ impl Inner {
 /// Sends a heartbeat for `host` through `link` every `every` until `shutdown` turns true, so the
 /// controller keeps the host Ready. A task of its own beside the agent's reconcile loop: a slow
 /// runtime call never delays it. A failed heartbeat is logged and the next one is sent on time.
+///
+/// With `fencing`, each heartbeat the controller took renews this host's lease there (see
+/// [`Fencing::renewed`]); a lapse is logged once.
 pub async fn heartbeat_loop(
     host: String,
     link: Arc<dyn ControlLink>,
     every: Duration,
+    fencing: Option<Arc<Fencing>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut lapse_told = false;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -765,8 +834,23 @@ pub async fn heartbeat_loop(
         if *shutdown.borrow() {
             break;
         }
-        if let Err(e) = link.heartbeat(&host).await {
-            tracing::warn!(host = %host, "heartbeat failed: {e}");
+        let sent = std::time::Instant::now();
+        match link.heartbeat(&host).await {
+            Ok(ttl) => {
+                if let Some(f) = &fencing
+                    && f.renewed(sent, ttl)
+                {
+                    tracing::warn!(host = %host, "heartbeats go through again after the lease lapsed; instances with a standby forward again once the assignments are read");
+                }
+                lapse_told = false;
+            }
+            Err(e) => {
+                tracing::warn!(host = %host, "heartbeat failed: {e}");
+                if !lapse_told && fencing.as_ref().is_some_and(|f| f.lapsed()) {
+                    lapse_told = true;
+                    tracing::warn!(host = %host, "the lease lapsed: active instances with a standby stop forwarding unless their standby still hears them");
+                }
+            }
         }
     }
 }

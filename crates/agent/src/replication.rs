@@ -5,6 +5,13 @@
 //! ordered on one connection and chained by checksum (ADR 031): a standby that missed one asks
 //! for a full snapshot again.
 //!
+//! The stream is also the pair's failure detector (ADR 054): the active sends every interval
+//! (a keepalive when nothing changed) and says how long a silence means it is lost (interval
+//! times multiplier); the standby tells its agent when the active fell silent or its host
+//! closed the connection, and when it hears it again. Every batch carries the sender's epoch:
+//! a host that holds the pair at a higher one answers that the sender is stale, which fences
+//! the sender's instance.
+//!
 //! Owns the wire format, the bounds on what a peer may send, the sending task per replicated
 //! VNF and its status. It must not decide which instance is active (the controller's
 //! assignments say) nor touch an instance other than through [`ReplicaState`].
@@ -13,31 +20,54 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use telvirt_model::Name;
-use telvirt_model::api::{ReplicationStatus, StandbyPeer};
+use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
+use telvirt_model::{Name, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// How often the active's agent sends the updates since the last batch, unless told otherwise.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_millis(10);
+use crate::fencing::{Fencing, ForwardGate};
+
+/// How the active's agent sends its batches and how long its standby waits for the next one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detection {
+    /// How often the active sends the updates since the last batch (a keepalive when none).
+    pub interval: Duration,
+    /// Intervals without a batch after which the standby takes its active for lost.
+    pub multiplier: u32,
+}
+
+impl Detection {
+    /// How long a standby waits for the next batch before it takes its active for lost.
+    pub fn silence(&self) -> Duration {
+        self.interval.saturating_mul(self.multiplier)
+    }
+}
+
+/// 10 ms times 3, as BFD is commonly run between telecom nodes.
+pub const DEFAULT_DETECTION: Detection = Detection {
+    interval: Duration::from_millis(10),
+    multiplier: 3,
+};
+/// Bounds on the silence an active may ask its standby to wait for.
+pub const MIN_SILENCE: Duration = Duration::from_millis(1);
+pub const MAX_SILENCE: Duration = Duration::from_secs(60);
 /// Largest batch a standby accepts: larger states cannot be replicated (the active reports it).
 pub const MAX_BATCH_BYTES: u32 = 256 << 20;
 /// Longest VNF name on the wire.
 const MAX_NAME_BYTES: u16 = 255;
 /// How long a peer may take to send or answer one batch before the connection is dropped.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const MAGIC: &[u8; 4] = b"TVR1";
+const MAGIC: &[u8; 4] = b"TVR2";
 const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
 /// Nothing changed since the last batch: the active is alive.
 const KIND_KEEPALIVE: u8 = 3;
-/// A standby that hears nothing from its active this long (no batch, no keepalive) takes the
-/// active for lost; so does one whose connection the active's host closed.
-pub const SILENCE: Duration = Duration::from_millis(500);
 /// Acknowledgement statuses.
 const ACK_OK: u8 = 0;
 const ACK_RESYNC: u8 = 1;
 const ACK_REFUSED: u8 = 2;
+/// The receiver holds the pair at a higher epoch than the sender: the sender is stale.
+const ACK_STALE: u8 = 3;
 
 /// The maps of this host's wasm instances, as replication reads and writes them.
 pub trait ReplicaState: Send + Sync + 'static {
@@ -57,24 +87,47 @@ struct Ack {
     seq: u64,
     status: u8,
     updates: u64,
+    /// The epoch the receiver holds the pair at (0: it holds no role of it).
+    epoch: u64,
     message: String,
 }
 
-async fn write_batch(
-    stream: &mut TcpStream,
-    vnf: &Name,
+impl Ack {
+    fn new(seq: u64, status: u8, message: String) -> Self {
+        Self {
+            seq,
+            status,
+            updates: 0,
+            epoch: 0,
+            message,
+        }
+    }
+}
+
+/// One batch's header, as sent and as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Header {
+    vnf: Name,
     kind: u8,
     seq: u64,
-    bytes: &[u8],
-) -> std::io::Result<()> {
-    let name = vnf.as_str().as_bytes();
+    /// The sender's epoch of the pair.
+    epoch: u64,
+    /// How long the standby should wait for the next batch before it takes the sender for lost.
+    silence: Duration,
+}
+
+async fn write_batch(stream: &mut TcpStream, h: &Header, bytes: &[u8]) -> std::io::Result<()> {
+    let name = h.vnf.as_str().as_bytes();
     let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("batch too large"))?;
-    let mut head = Vec::with_capacity(4 + 1 + 2 + name.len() + 8 + 4);
+    let silence_ms = u32::try_from(h.silence.as_millis()).unwrap_or(u32::MAX);
+    let mut head = Vec::with_capacity(4 + 1 + 2 + name.len() + 8 + 8 + 4 + 4);
     head.extend_from_slice(MAGIC);
-    head.push(kind);
+    head.push(h.kind);
     head.extend_from_slice(&(name.len() as u16).to_le_bytes());
     head.extend_from_slice(name);
-    head.extend_from_slice(&seq.to_le_bytes());
+    head.extend_from_slice(&h.seq.to_le_bytes());
+    head.extend_from_slice(&h.epoch.to_le_bytes());
+    head.extend_from_slice(&silence_ms.to_le_bytes());
     head.extend_from_slice(&len.to_le_bytes());
     stream.write_all(&head).await?;
     stream.write_all(bytes).await?;
@@ -85,6 +138,7 @@ async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
     let seq = stream.read_u64_le().await?;
     let status = stream.read_u8().await?;
     let updates = stream.read_u64_le().await?;
+    let epoch = stream.read_u64_le().await?;
     let len = stream.read_u16_le().await?;
     let mut message = vec![0; usize::from(len)];
     stream.read_exact(&mut message).await?;
@@ -92,6 +146,7 @@ async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
         seq,
         status,
         updates,
+        epoch,
         message: String::from_utf8_lossy(&message).into_owned(),
     })
 }
@@ -99,19 +154,20 @@ async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
 async fn write_ack(stream: &mut TcpStream, ack: &Ack) -> std::io::Result<()> {
     let message = ack.message.as_bytes();
     let message = &message[..message.len().min(1024)];
-    let mut out = Vec::with_capacity(8 + 1 + 8 + 2 + message.len());
+    let mut out = Vec::with_capacity(8 + 1 + 8 + 8 + 2 + message.len());
     out.extend_from_slice(&ack.seq.to_le_bytes());
     out.push(ack.status);
     out.extend_from_slice(&ack.updates.to_le_bytes());
+    out.extend_from_slice(&ack.epoch.to_le_bytes());
     out.extend_from_slice(&(message.len() as u16).to_le_bytes());
     out.extend_from_slice(message);
     stream.write_all(&out).await?;
     stream.flush().await
 }
 
-/// One batch as a standby reads it: (vnf, kind, seq, bytes). Every length is checked before
-/// anything is allocated for it.
-async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Name, u8, u64, Vec<u8>)> {
+/// One batch as a standby reads it. Every length is checked before anything is allocated for
+/// it.
+async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
     let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let mut magic = [0; 4];
     stream.read_exact(&mut magic).await?;
@@ -135,6 +191,16 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Name, u8, u64, V
         .parse()
         .map_err(|e| bad(format!("VNF name: {e}")))?;
     let seq = stream.read_u64_le().await?;
+    let epoch = stream.read_u64_le().await?;
+    let silence = Duration::from_millis(u64::from(stream.read_u32_le().await?));
+    if !(MIN_SILENCE..=MAX_SILENCE).contains(&silence) {
+        return Err(bad(format!(
+            "a silence of {} ms (the standby waits {}..={} ms)",
+            silence.as_millis(),
+            MIN_SILENCE.as_millis(),
+            MAX_SILENCE.as_millis()
+        )));
+    }
     let len = stream.read_u32_le().await?;
     if len > MAX_BATCH_BYTES || (kind == KIND_KEEPALIVE && len > 0) {
         return Err(bad(format!(
@@ -143,22 +209,34 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Name, u8, u64, V
     }
     let mut bytes = vec![0; len as usize];
     stream.read_exact(&mut bytes).await?;
-    Ok((name, kind, seq, bytes))
+    let header = Header {
+        vnf: name,
+        kind,
+        seq,
+        epoch,
+        silence,
+    };
+    Ok((header, bytes))
 }
 
 /// What the standby side asks of its agent.
 pub trait StandbyHost: Send + Sync + 'static {
-    /// Whether this host runs `vnf`'s standby (its assignments say so).
-    fn runs_standby(&self, vnf: &Name) -> bool;
-    /// The active of `vnf`, which this host runs the standby of, is lost (`why`): its
-    /// connection closed or fell silent for [`SILENCE`].
-    fn active_lost(&self, vnf: &Name, why: String);
+    /// The role and epoch this host's assignments give `vnf`, if it is assigned here.
+    fn role(&self, vnf: &Name) -> Option<(Role, u64)>;
+    /// Whether this host's standby of `vnf` hears its active: `Some` when it fell silent or its
+    /// host closed the connection, `None` once a batch arrived. Called on every batch; the
+    /// agent acts on changes only.
+    fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>);
 }
 
+/// Silence assumed on a connection before its first batch says how long to wait.
+const FIRST_SILENCE: Duration = Duration::from_secs(1);
+
 /// Accepts batches for this host's standby instances until the listener fails: each is
-/// applied when this host runs `vnf`'s standby, refused otherwise. A connection that sends
-/// anything malformed is dropped. When a connection that carried a VNF's batches ends or falls
-/// silent, the host is told its active is lost.
+/// applied when this host runs `vnf`'s standby, refused otherwise (as stale when this host
+/// holds the pair at a higher epoch). A connection that sends anything malformed is dropped.
+/// The host is told when a connection that carried a VNF's batches falls silent (and when it
+/// speaks again) or ends.
 pub async fn serve_standbys(
     listener: Arc<TcpListener>,
     state: Arc<dyn ReplicaState>,
@@ -175,90 +253,152 @@ pub async fn serve_standbys(
         };
         let (state, host) = (Arc::clone(&state), Arc::clone(&host));
         tokio::spawn(async move {
-            let mut seen = std::collections::BTreeSet::new();
-            let ended = standby_connection(stream, state, host.as_ref(), &mut seen).await;
-            let why = match ended {
+            let mut conn = StandbyConnection {
+                peer: peer.to_string(),
+                seen: std::collections::BTreeSet::new(),
+                silence: FIRST_SILENCE,
+                silent: false,
+            };
+            let ended = conn.serve(stream, state, host.as_ref()).await;
+            // A connection its peer closed while it still spoke: the active's agent is gone
+            // (its kernel closed the socket). One that ended after a silence, or failed on this
+            // side, may be a cut path: it counts as silent.
+            let closed = !conn.silent
+                && matches!(
+                    &ended,
+                    Err(e) if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                    )
+                );
+            let why = match &ended {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     format!("its host {peer} closed the replication connection")
                 }
                 Err(e) => format!("the replication connection from {peer} failed: {e}"),
-                Ok(()) => format!("nothing from {peer} for {} ms", SILENCE.as_millis()),
+                Ok(()) => format!("the replication connection from {peer} ended"),
             };
-            for vnf in seen {
-                if host.runs_standby(&vnf) {
-                    host.active_lost(&vnf, why.clone());
-                }
-            }
+            conn.tell(host.as_ref(), Some(ActiveLost { why, closed }));
         });
     }
 }
 
-/// Serves one active's connection; `Ok` when it fell silent for [`SILENCE`]. `seen`: the VNFs
-/// it carried batches of.
-async fn standby_connection(
-    mut stream: TcpStream,
-    state: Arc<dyn ReplicaState>,
-    host: &dyn StandbyHost,
-    seen: &mut std::collections::BTreeSet<Name>,
-) -> std::io::Result<()> {
-    let _ = stream.set_nodelay(true);
-    loop {
-        let Ok(batch) = tokio::time::timeout(SILENCE, read_batch(&mut stream)).await else {
-            return Ok(());
-        };
-        let (vnf, kind, seq, bytes) = batch?;
-        let ack = if !host.runs_standby(&vnf) {
-            Ack {
-                seq,
-                status: ACK_REFUSED,
-                updates: 0,
-                message: format!("this host runs no standby of {vnf}"),
+/// One active's connection as its standby's host serves it.
+struct StandbyConnection {
+    peer: String,
+    /// The VNFs it carried batches of.
+    seen: std::collections::BTreeSet<Name>,
+    /// How long the sender asked to be waited for (its last batch's word).
+    silence: Duration,
+    /// It has been silent for longer than that, and the host was told.
+    silent: bool,
+}
+
+impl StandbyConnection {
+    /// Tells the host about every VNF this connection carried that it runs the standby of.
+    fn tell(&self, host: &dyn StandbyHost, lost: Option<ActiveLost>) {
+        for vnf in &self.seen {
+            if matches!(host.role(vnf), Some((Role::Standby, _))) {
+                host.hearing(vnf, lost.clone());
             }
-        } else if kind == KIND_KEEPALIVE {
-            seen.insert(vnf);
-            Ack {
-                seq,
-                status: ACK_OK,
-                updates: 0,
-                message: String::new(),
+        }
+    }
+
+    /// Serves batches until the connection ends or fails.
+    async fn serve(
+        &mut self,
+        mut stream: TcpStream,
+        state: Arc<dyn ReplicaState>,
+        host: &dyn StandbyHost,
+    ) -> std::io::Result<()> {
+        let _ = stream.set_nodelay(true);
+        let mut probe = [0u8; 1];
+        loop {
+            // Only the wait for a batch's first byte is timed: a batch is then read whole (a
+            // read given up half-way would lose the stream's framing).
+            match tokio::time::timeout(self.silence, stream.peek(&mut probe)).await {
+                Err(_) => {
+                    if !self.silent {
+                        self.silent = true;
+                        let why = format!(
+                            "nothing from {} for {} ms",
+                            self.peer,
+                            self.silence.as_millis()
+                        );
+                        self.tell(host, Some(ActiveLost { why, closed: false }));
+                    }
+                    continue;
+                }
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e),
             }
-        } else {
-            seen.insert(vnf.clone());
-            let state = Arc::clone(&state);
-            let full = kind == KIND_SNAPSHOT;
-            let applied =
-                tokio::task::spawn_blocking(move || state.apply(&vnf, full, &bytes)).await;
-            match applied {
-                Ok(Ok(updates)) => Ack {
-                    seq,
-                    status: ACK_OK,
-                    updates,
-                    message: String::new(),
-                },
-                // A missing or reordered log, or no instance yet: a full snapshot sets it right.
-                Ok(Err(e)) => Ack {
-                    seq,
-                    status: ACK_RESYNC,
-                    updates: 0,
-                    message: e,
-                },
-                Err(e) => Ack {
-                    seq,
-                    status: ACK_RESYNC,
-                    updates: 0,
-                    message: format!("applying the batch failed: {e}"),
-                },
+            let (h, bytes) = tokio::time::timeout(IO_TIMEOUT, read_batch(&mut stream))
+                .await
+                .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
+            self.silence = h.silence;
+            let ack = self.receive(&h, bytes, &state, host).await;
+            tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack))
+                .await
+                .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
+        }
+    }
+
+    /// Applies (or refuses) one batch; its acknowledgement.
+    async fn receive(
+        &mut self,
+        h: &Header,
+        bytes: Vec<u8>,
+        state: &Arc<dyn ReplicaState>,
+        host: &dyn StandbyHost,
+    ) -> Ack {
+        let vnf = &h.vnf;
+        match host.role(vnf) {
+            Some((Role::Standby, mine)) if h.epoch >= mine => {}
+            Some((_, mine)) if mine > h.epoch => {
+                let mut ack = Ack::new(
+                    h.seq,
+                    ACK_STALE,
+                    format!(
+                        "this host holds {vnf} at epoch {mine}, above the sender's {}",
+                        h.epoch
+                    ),
+                );
+                ack.epoch = mine;
+                return ack;
             }
-        };
-        tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack))
-            .await
-            .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
+            _ => {
+                return Ack::new(
+                    h.seq,
+                    ACK_REFUSED,
+                    format!("this host runs no standby of {vnf}"),
+                );
+            }
+        }
+        self.seen.insert(vnf.clone());
+        self.silent = false;
+        host.hearing(vnf, None);
+        if h.kind == KIND_KEEPALIVE {
+            return Ack::new(h.seq, ACK_OK, String::new());
+        }
+        let (state, name, full) = (Arc::clone(state), vnf.clone(), h.kind == KIND_SNAPSHOT);
+        match tokio::task::spawn_blocking(move || state.apply(&name, full, &bytes)).await {
+            Ok(Ok(updates)) => {
+                let mut ack = Ack::new(h.seq, ACK_OK, String::new());
+                ack.updates = updates;
+                ack
+            }
+            // A missing or reordered log, or no instance yet: a full snapshot sets it right.
+            Ok(Err(e)) => Ack::new(h.seq, ACK_RESYNC, e),
+            Err(e) => Ack::new(h.seq, ACK_RESYNC, format!("applying the batch failed: {e}")),
+        }
     }
 }
 
 /// The sending side of one replicated VNF.
 struct Sender {
     peer: StandbyPeer,
+    epoch: u64,
     status: Arc<Mutex<ReplicationStatus>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -266,28 +406,44 @@ struct Sender {
 /// The replication tasks of this host's active instances that have a standby.
 pub struct Replicas {
     state: Arc<dyn ReplicaState>,
-    interval: Duration,
+    detection: Detection,
+    /// The agent's fencing: a standby's acknowledgement keeps an instance forwarding, a stale
+    /// answer fences it (`None`: nothing is gated).
+    fencing: Option<Arc<Fencing>>,
     senders: Mutex<HashMap<Name, Sender>>,
 }
 
 impl Replicas {
-    pub fn new(state: Arc<dyn ReplicaState>, interval: Duration) -> Self {
+    pub fn new(state: Arc<dyn ReplicaState>, detection: Detection) -> Self {
         Self {
             state,
-            interval,
+            detection,
+            fencing: None,
             senders: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Tells the gates of `fencing` what the standbys answer.
+    pub fn with_fencing(mut self, fencing: Arc<Fencing>) -> Self {
+        self.fencing = Some(fencing);
+        self
+    }
+
+    pub fn detection(&self) -> Detection {
+        self.detection
     }
 
     fn senders(&self) -> std::sync::MutexGuard<'_, HashMap<Name, Sender>> {
         self.senders.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Makes `vnf`'s maps stream to `peer` (a new peer starts over with a full snapshot).
-    pub fn ensure(&self, vnf: &Name, peer: &StandbyPeer) {
+    /// Makes `vnf`'s maps stream to `peer` as the active of `epoch` (a new peer or epoch starts
+    /// over with a full snapshot).
+    pub fn ensure(&self, vnf: &Name, peer: &StandbyPeer, epoch: u64) {
         let mut senders = self.senders();
         if let Some(s) = senders.get(vnf)
             && s.peer == *peer
+            && s.epoch == epoch
             && !s.task.is_finished()
         {
             return;
@@ -305,16 +461,21 @@ impl Replicas {
             error: None,
         }));
         let task = tokio::spawn(send_loop(
+            SendTo {
+                vnf: vnf.clone(),
+                address: peer.address.clone(),
+                epoch,
+                detection: self.detection,
+                gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
+            },
             Arc::clone(&self.state),
-            vnf.clone(),
-            peer.address.clone(),
-            self.interval,
             Arc::clone(&status),
         ));
         senders.insert(
             vnf.clone(),
             Sender {
                 peer: peer.clone(),
+                epoch,
                 status,
                 task,
             },
@@ -344,15 +505,34 @@ impl Drop for Replicas {
     }
 }
 
-/// Sends `vnf`'s maps to the standby at `address` every `interval` until aborted: a full
-/// snapshot first (and whenever the standby asks), then the update log.
-async fn send_loop(
-    state: Arc<dyn ReplicaState>,
+/// Where and as what one VNF's maps are sent.
+struct SendTo {
     vnf: Name,
     address: String,
-    interval: Duration,
+    epoch: u64,
+    detection: Detection,
+    /// The instance's gate: kept open by acknowledgements, closed by a stale answer.
+    gate: Option<Arc<ForwardGate>>,
+}
+
+/// Sends `to.vnf`'s maps to the standby at `to.address` every interval until aborted: a full
+/// snapshot first (and whenever the standby asks), then the update log.
+async fn send_loop(
+    to: SendTo,
+    state: Arc<dyn ReplicaState>,
     status: Arc<Mutex<ReplicationStatus>>,
 ) {
+    let SendTo {
+        vnf,
+        address,
+        epoch,
+        detection,
+        gate,
+    } = &to;
+    // Acknowledgements keep the instance forwarding for half the standby's silence: a standby
+    // that stopped hearing it has the instance's gate closed (unless its lease holds) before
+    // it says so.
+    let window = detection.silence() / 2;
     let set = |f: &dyn Fn(&mut ReplicationStatus)| {
         f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
     };
@@ -361,7 +541,7 @@ async fn send_loop(
     let mut seq = 0u64;
     loop {
         if stream.is_none() {
-            match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(&address)).await {
+            match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str())).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     stream = Some(s);
@@ -372,7 +552,14 @@ async fn send_loop(
             }
         }
         if let Some(conn) = stream.as_mut() {
-            match send_one(&state, &vnf, conn, full, seq + 1).await {
+            let header = Header {
+                vnf: vnf.clone(),
+                kind: if full { KIND_SNAPSHOT } else { KIND_LOG },
+                seq: seq + 1,
+                epoch: *epoch,
+                silence: detection.silence(),
+            };
+            match send_one(&state, conn, header).await {
                 // The instance could not give a batch (e.g. its update log overflowed): a full
                 // snapshot next, on the same connection (closing it would tell the standby its
                 // active is lost).
@@ -382,6 +569,17 @@ async fn send_loop(
                 }
                 Ok((ack, sent_bytes, taken)) => {
                     seq += 1;
+                    if ack.status == ACK_OK
+                        && let Some(g) = gate
+                    {
+                        g.acknowledged(window);
+                    }
+                    if ack.status == ACK_STALE
+                        && let Some(g) = gate
+                        && g.fence_below(ack.epoch)
+                    {
+                        tracing::warn!(vnf = %vnf, "fenced: {}", ack.message);
+                    }
                     match ack.status {
                         ACK_OK => set(&|s| {
                             s.state = "synced".into();
@@ -391,6 +589,10 @@ async fn send_loop(
                             s.bytes += sent_bytes;
                             s.snapshots += u64::from(full);
                             s.error = None;
+                        }),
+                        ACK_STALE => set(&|s| {
+                            s.state = "fenced".into();
+                            s.error = Some(ack.message.clone());
                         }),
                         _ => set(&|s| {
                             s.state = "resyncing".into();
@@ -406,7 +608,7 @@ async fn send_loop(
                 }
             }
         }
-        tokio::time::sleep(interval).await;
+        tokio::time::sleep(detection.interval).await;
     }
 }
 
@@ -423,29 +625,32 @@ enum SendError {
     Io(String),
 }
 
-/// Takes one batch off the active instance and sends it (a keepalive when nothing changed).
-/// Returns the acknowledgement, the bytes sent and when the batch was taken.
+/// Takes one batch off the active instance and sends it with `header` (a snapshot when its
+/// kind says so; a keepalive when nothing changed). Returns the acknowledgement, the bytes
+/// sent and when the batch was taken.
 async fn send_one(
     state: &Arc<dyn ReplicaState>,
-    vnf: &Name,
     conn: &mut TcpStream,
-    full: bool,
-    seq: u64,
+    mut header: Header,
 ) -> Result<(Ack, u64, Instant), SendError> {
     let taken = Instant::now();
-    let (st, name) = (Arc::clone(state), vnf.clone());
+    let full = header.kind == KIND_SNAPSHOT;
+    let (st, name) = (Arc::clone(state), header.vnf.clone());
     let batch = tokio::task::spawn_blocking(move || st.take(&name, full))
         .await
         .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?;
-    let (kind, bytes) = match batch {
-        Ok(Some(bytes)) if full => (KIND_SNAPSHOT, bytes),
-        Ok(Some(bytes)) => (KIND_LOG, bytes),
-        Ok(None) => (KIND_KEEPALIVE, Vec::new()),
+    let bytes = match batch {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            header.kind = KIND_KEEPALIVE;
+            Vec::new()
+        }
         Err(e) => return Err(SendError::Take(format!("taking a batch: {e}"))),
     };
+    let seq = header.seq;
     let sent = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     let exchange = async {
-        write_batch(conn, vnf, kind, seq, &bytes).await?;
+        write_batch(conn, &header, &bytes).await?;
         read_ack(conn).await
     };
     let ack = tokio::time::timeout(IO_TIMEOUT, exchange)
@@ -475,6 +680,15 @@ mod tests {
         values: Mutex<HashMap<String, (u64, bool)>>,
     }
 
+    impl Counters {
+        /// A state holding `vnf` at `value`, changed since the last batch.
+        fn holding(vnf: &str, value: u64) -> Arc<Self> {
+            let c = Arc::new(Self::default());
+            c.values.lock().unwrap().insert(vnf.into(), (value, true));
+            c
+        }
+    }
+
     impl ReplicaState for Counters {
         fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
             let mut v = self.values.lock().unwrap();
@@ -496,47 +710,85 @@ mod tests {
         }
     }
 
-    /// A standby host running the standby of `nat1` only, noting the actives it lost.
-    #[derive(Default)]
+    /// A host holding the roles in `roles` (the standby of `nat1` at epoch 0 unless told
+    /// otherwise), noting what its standbys hear.
     struct Standbys {
-        lost: Mutex<Vec<(String, String)>>,
+        roles: Mutex<HashMap<String, (Role, u64)>>,
+        heard: Mutex<Vec<(String, Option<ActiveLost>)>>,
+    }
+
+    impl Default for Standbys {
+        fn default() -> Self {
+            Self {
+                roles: Mutex::new(HashMap::from([("nat1".into(), (Role::Standby, 0))])),
+                heard: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Standbys {
+        /// The losses it was told of.
+        fn lost(&self) -> Vec<(String, ActiveLost)> {
+            self.heard
+                .lock()
+                .unwrap()
+                .iter()
+                .filter_map(|(v, l)| l.clone().map(|l| (v.clone(), l)))
+                .collect()
+        }
     }
 
     impl StandbyHost for Standbys {
-        fn runs_standby(&self, vnf: &Name) -> bool {
-            vnf.as_str() == "nat1"
+        fn role(&self, vnf: &Name) -> Option<(Role, u64)> {
+            self.roles.lock().unwrap().get(vnf.as_str()).copied()
         }
 
-        fn active_lost(&self, vnf: &Name, why: String) {
-            self.lost.lock().unwrap().push((vnf.to_string(), why));
+        fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>) {
+            let mut heard = self.heard.lock().unwrap();
+            // Changes only, as the agent acts on them.
+            let last = heard.iter().rev().find(|(v, _)| v == vnf.as_str());
+            if last.map(|(_, l)| l) != Some(&lost) && (last.is_some() || lost.is_some()) {
+                heard.push((vnf.to_string(), lost));
+            }
+        }
+    }
+
+    /// Detection for tests: 5 ms batches, lost after 200 ms of silence (a loaded machine may
+    /// delay a batch by tens of milliseconds).
+    const TEST_DETECTION: Detection = Detection {
+        interval: Duration::from_millis(5),
+        multiplier: 40,
+    };
+
+    async fn standby_host(host: Arc<Standbys>) -> (String, Arc<Counters>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let standby = Arc::new(Counters::default());
+        tokio::spawn(serve_standbys(Arc::new(listener), standby.clone(), host));
+        (address, standby)
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
     #[tokio::test]
     async fn batches_reach_the_standby_in_order_and_other_vnfs_are_refused() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap().to_string();
-        let standby = Arc::new(Counters::default());
         let host = Arc::new(Standbys::default());
-        tokio::spawn(serve_standbys(
-            Arc::new(listener),
-            standby.clone(),
-            host.clone(),
-        ));
+        let (address, standby) = standby_host(host.clone()).await;
 
-        let active = Arc::new(Counters::default());
-        active
-            .values
-            .lock()
-            .unwrap()
-            .insert("nat1".into(), (7, true));
-        let replicas = Replicas::new(active.clone(), Duration::from_millis(5));
+        let active = Counters::holding("nat1", 7);
+        let replicas = Replicas::new(active.clone(), TEST_DETECTION);
         let nat1: Name = "nat1".parse().unwrap();
         let peer = StandbyPeer {
             host: "h2".into(),
             address: address.clone(),
         };
-        replicas.ensure(&nat1, &peer);
+        replicas.ensure(&nat1, &peer, 0);
         let deadline = Instant::now() + Duration::from_secs(10);
         let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
         while value(&standby) != Some(7) {
@@ -563,7 +815,7 @@ mod tests {
             .lock()
             .unwrap()
             .insert("fw9".into(), (1, true));
-        replicas.ensure(&fw9, &peer);
+        replicas.ensure(&fw9, &peer, 0);
         loop {
             let st = replicas.status(&fw9).unwrap();
             if st.error.as_deref() == Some("this host runs no standby of fw9") {
@@ -576,8 +828,8 @@ mod tests {
         assert!(standby.values.lock().unwrap().get("fw9").is_none());
 
         // Idle for longer than the silence: keepalives say the active lives.
-        tokio::time::sleep(SILENCE + Duration::from_millis(200)).await;
-        assert!(host.lost.lock().unwrap().is_empty());
+        tokio::time::sleep(TEST_DETECTION.silence() * 2).await;
+        assert!(host.lost().is_empty(), "{:?}", host.heard.lock().unwrap());
         assert_eq!(replicas.status(&nat1).unwrap().state, "synced");
 
         // The active's side goes (its process died, say): its standby hears at once, and only
@@ -585,17 +837,129 @@ mod tests {
         replicas.stop(&nat1);
         replicas.stop(&fw9);
         assert!(replicas.status(&nat1).is_none());
-        while host.lost.lock().unwrap().is_empty() {
-            assert!(Instant::now() < deadline, "the standby never noticed");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let lost = host.lost.lock().unwrap().clone();
+        wait_for("the standby never noticed", || !host.lost().is_empty()).await;
+        let lost = host.lost();
         assert_eq!(lost.len(), 1, "{lost:?}");
         assert_eq!(lost[0].0, "nat1");
         assert!(
-            lost[0].1.contains("closed the replication connection"),
+            lost[0].1.closed && lost[0].1.why.contains("closed the replication connection"),
             "{lost:?}"
         );
+    }
+
+    /// Writes one keepalive of `vnf` at `epoch` on `conn` asking for `silence`, and reads its
+    /// acknowledgement.
+    async fn keepalive(conn: &mut TcpStream, vnf: &str, epoch: u64, silence: Duration) -> Ack {
+        let header = Header {
+            vnf: vnf.parse().unwrap(),
+            kind: KIND_KEEPALIVE,
+            seq: 1,
+            epoch,
+            silence,
+        };
+        write_batch(conn, &header, &[]).await.unwrap();
+        read_ack(conn).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_silent_active_is_lost_until_it_speaks_and_its_close_after_a_silence_is_no_proof() {
+        let host = Arc::new(Standbys::default());
+        let (address, _) = standby_host(host.clone()).await;
+        let mut conn = TcpStream::connect(&address).await.unwrap();
+        let silence = Duration::from_millis(50);
+        assert_eq!(
+            keepalive(&mut conn, "nat1", 0, silence).await.status,
+            ACK_OK
+        );
+        // Nothing more: lost after the silence the active asked for, not closed.
+        wait_for("the silence was never noticed", || !host.lost().is_empty()).await;
+        let lost = host.lost();
+        assert!(
+            !lost[0].1.closed && lost[0].1.why.contains("for 50 ms"),
+            "{lost:?}"
+        );
+        // It speaks again: heard.
+        assert_eq!(
+            keepalive(&mut conn, "nat1", 0, silence).await.status,
+            ACK_OK
+        );
+        wait_for("never heard again", || {
+            host.heard
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|(_, l)| l.is_none())
+        })
+        .await;
+        // Silent again, then the connection ends: a cut path that healed may deliver a close
+        // late, so it counts as silent still.
+        wait_for("the second silence was never noticed", || {
+            host.lost().len() == 2
+        })
+        .await;
+        drop(conn);
+        wait_for("the end was never noticed", || host.lost().len() == 3).await;
+        let lost = host.lost();
+        assert!(!lost[2].1.closed, "{lost:?}");
+    }
+
+    #[tokio::test]
+    async fn a_host_holding_the_pair_at_a_higher_epoch_fences_the_sender() {
+        let host = Arc::new(Standbys::default());
+        // This host took over nat1 at epoch 3: it is the active now.
+        host.roles
+            .lock()
+            .unwrap()
+            .insert("nat1".into(), (Role::Active, 3));
+        let (address, standby) = standby_host(host.clone()).await;
+        let active = Counters::holding("nat1", 7);
+        let fencing = Arc::new(Fencing::new());
+        let replicas =
+            Replicas::new(active.clone(), TEST_DETECTION).with_fencing(Arc::clone(&fencing));
+        let nat1: Name = "nat1".parse().unwrap();
+        let gate = fencing.gate(&nat1);
+        // The old active still holds epoch 2 and (no lease kept) forwards.
+        let mut old = crate::fencing::tests::assignment(Role::Active, true, 2);
+        old.vnf = nat1.clone();
+        fencing.assign(&[old]);
+        assert!(gate.open());
+        let peer = StandbyPeer {
+            host: "h2".into(),
+            address,
+        };
+        replicas.ensure(&nat1, &peer, 2);
+        wait_for("the sender was never fenced", || !gate.open()).await;
+        let st = replicas.status(&nat1).unwrap();
+        assert_eq!(st.state, "fenced", "{st:?}");
+        assert!(
+            st.error
+                .as_deref()
+                .is_some_and(|e| e.contains("at epoch 3, above the sender's 2")),
+            "{st:?}"
+        );
+        assert!(standby.values.lock().unwrap().is_empty(), "nothing applied");
+        assert!(host.heard.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_silence_outside_the_bounds_is_refused() {
+        let host = Arc::new(Standbys::default());
+        let (address, _) = standby_host(host).await;
+        let mut conn = TcpStream::connect(&address).await.unwrap();
+        let header = Header {
+            vnf: "nat1".parse().unwrap(),
+            kind: KIND_KEEPALIVE,
+            seq: 1,
+            epoch: 0,
+            silence: MAX_SILENCE + Duration::from_secs(1),
+        };
+        write_batch(&mut conn, &header, &[]).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+            .await
+            .expect("the standby kept the connection open")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "no acknowledgement, the connection dropped");
     }
 
     #[tokio::test]
@@ -615,6 +979,8 @@ mod tests {
         head.extend_from_slice(&4u16.to_le_bytes());
         head.extend_from_slice(b"nat1");
         head.extend_from_slice(&1u64.to_le_bytes());
+        head.extend_from_slice(&0u64.to_le_bytes());
+        head.extend_from_slice(&30u32.to_le_bytes());
         head.extend_from_slice(&(MAX_BATCH_BYTES + 1).to_le_bytes());
         conn.write_all(&head).await.unwrap();
         // The standby drops the connection instead of waiting for 256 MiB.

@@ -144,6 +144,7 @@ fn assignment(runtime: &str) -> Assignment {
         devices: Vec::new(),
         domain: "operator".into(),
         standby: None,
+        epoch: 0,
     }
 }
 

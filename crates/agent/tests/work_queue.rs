@@ -271,6 +271,7 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
         devices: Vec::new(),
         domain: "operator".into(),
         standby: None,
+        epoch: 0,
     }
 }
 

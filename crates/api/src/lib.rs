@@ -100,6 +100,13 @@ pub struct HostRecord {
 }
 
 /// The answer of a changes poll: the assignment revision now.
+/// The controller's answer to a heartbeat: how long the host's lease lasts from now. An agent
+/// that heard nothing for this long counts its host as NotReady in the controller's eyes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    pub lease_ttl_ms: u64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Changes {
     pub revision: u64,
@@ -250,10 +257,11 @@ pub trait ControlLink: Send + Sync + 'static {
     /// Tells the controller what the agent observed.
     async fn report(&self, host: &str, observation: Observation) -> Result<(), LinkError>;
 
-    /// Tells the controller the agent of `host` is alive (its liveness lease). A link that
-    /// carries no liveness keeps this default.
-    async fn heartbeat(&self, _host: &str) -> Result<(), LinkError> {
-        Ok(())
+    /// Tells the controller the agent of `host` is alive (its liveness lease); returns how
+    /// long the lease lasts from when the controller took this heartbeat (`None`: the
+    /// controller did not say). A link that carries no liveness keeps this default.
+    async fn heartbeat(&self, _host: &str) -> Result<Option<Duration>, LinkError> {
+        Ok(None)
     }
 
     /// Returns `true` when assignments may have changed since the previous call of this link's

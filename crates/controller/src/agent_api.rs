@@ -121,7 +121,13 @@ async fn heartbeat(
     NodeHost(host): NodeHost,
 ) -> Result<Response, ApiError> {
     s.controller.heartbeat(&host).await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let ttl = s.controller.host_lease_ttl();
+    Ok(json(
+        StatusCode::OK,
+        &telvirt_api::HeartbeatReply {
+            lease_ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        },
+    ))
 }
 
 async fn assignments(

@@ -66,16 +66,30 @@ fn lost_roles<'a>(placements: &'a [Placement], failed: &[String]) -> Vec<&'a Pla
     lost
 }
 
-/// Whether a VNF holding `placements` fails over at once when `failed` hosts are NotReady: its
-/// active instance is on one of them and its standby on a host that is not.
-pub(crate) fn fails_over(placements: &[Placement], failed: &[String]) -> bool {
+/// Whether `vnf` fails over at once when `failed` hosts are NotReady: its active instance is on
+/// one of them, its standby on a host that is not, and the standby lost its active too. A
+/// standby that still hears its active says the active's host is cut off from the controller
+/// only: it keeps forwarding, and a takeover would make two actives. A pair without a
+/// replication stream (vm VNFs) has no such witness: the lease alone decides.
+pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
     let on_failed = |role: Role| {
-        placements
+        vnf.placements
             .iter()
             .find(|p| p.role == role)
             .map(|p| failed.contains(&p.host))
     };
-    on_failed(Role::Active) == Some(true) && on_failed(Role::Standby) == Some(false)
+    let standby_hears_active = vnf.descriptor.spec.runtime == telvirt_model::RuntimeKind::Wasm
+        && vnf
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.state == "synced")
+        && vnf
+            .standby
+            .as_ref()
+            .is_some_and(|s| s.active_lost.is_none());
+    on_failed(Role::Active) == Some(true)
+        && on_failed(Role::Standby) == Some(false)
+        && !standby_hears_active
 }
 
 /// What one relocation did, for the event.
@@ -103,6 +117,17 @@ fn describe(host: &str, r: &Relocation) -> String {
 }
 
 impl Controller {
+    /// Whether the host of VNF `name`'s active instance is NotReady (its lease ran out).
+    pub(crate) async fn active_host_not_ready(&self, name: &str) -> Result<bool> {
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(false);
+        };
+        match crate::maps::active_host(&record.vnf) {
+            Some(host) => Ok(!self.host_ready(&host).await?),
+            None => Ok(false),
+        }
+    }
+
     /// Sets how long a host stays NotReady before the VNFs without a standby it held are
     /// placed elsewhere (`None`: never; an active with a live standby fails over regardless).
     pub fn set_heal_after(&self, after: Option<Duration>) {
@@ -172,6 +197,57 @@ impl Controller {
             .await?;
         drop(scheduler);
         Ok(recorded)
+    }
+
+    /// Places a new standby for VNF `name`, an active-standby pair left without one (no host
+    /// could take it when it was lost), once a host can. Returns whether it placed one; no host
+    /// with room is no error (a later pass tries again).
+    pub(crate) async fn complete_pair(&self, name: &str) -> Result<bool> {
+        let mut scheduler = self.scheduler.lock().await;
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(false);
+        };
+        let v = &record.vnf;
+        let has = |role: Role| v.placements.iter().any(|p| p.role == role);
+        if record.deleting
+            || v.migration.is_some()
+            || v.desired != DesiredState::Running
+            || v.descriptor.spec.redundancy != telvirt_model::Redundancy::ActiveStandby
+            || !has(Role::Active)
+            || has(Role::Standby)
+        {
+            return Ok(false);
+        }
+        let new = match scheduler.add_standby(name, None) {
+            Ok(new) => new,
+            Err(SchedError::NoPlacement { .. } | SchedError::ReserveViolation { .. }) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let placed = scheduler.placement(name)?;
+        let cpus: Vec<String> = new.cpus.iter().map(ToString::to_string).collect();
+        let reason = format!(
+            "the pair is whole again: new standby on {} cpus {}",
+            new.host,
+            cpus.join(",")
+        );
+        let how = Recording {
+            reason: &reason,
+            actor: HEALER,
+            restart: Restart::No,
+            extra: &|_| {},
+        };
+        match self
+            .record_new_placement(&mut scheduler, name, &placed, &how)
+            .await
+        {
+            Ok(recorded) => Ok(recorded),
+            Err(e) => {
+                scheduler.drop_standby(name)?;
+                Err(e)
+            }
+        }
     }
 
     /// Hands VNF `name` over to its standby at once, when `loss` holds (as the store says
@@ -292,6 +368,10 @@ impl Controller {
             let mut next = record.clone();
             let from = next.vnf.phase;
             next.vnf.placements = placement::placements(placed, &record.vnf.descriptor);
+            // The active moved: a new epoch fences the instance that held it.
+            if crate::maps::active_host(&next.vnf) != crate::maps::active_host(&record.vnf) {
+                next.vnf.epoch += 1;
+            }
             if *restart == Restart::Yes {
                 next.vnf.phase = Phase::Scheduled;
                 next.vnf.generation += 1;
@@ -366,14 +446,68 @@ mod tests {
         }
     }
 
+    /// A wasm VNF placed as `placements`, its stream to the standby synced.
+    fn pair(placements: &[Placement]) -> telvirt_model::Vnf {
+        let descriptor = telvirt_model::parse_vnf(
+            b"apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: natp }\nspec:\n  runtime: wasm\n  cpu: { policy: dedicated, count: 1 }\n  redundancy: active-standby\n  ports: [in, out]\n  wasm: { module: nat.wasm }\n",
+            telvirt_model::Format::Yaml,
+        )
+        .unwrap();
+        telvirt_model::Vnf {
+            name: descriptor.name().clone(),
+            owner: "admin".parse().unwrap(),
+            descriptor,
+            desired: DesiredState::Running,
+            phase: Phase::Running,
+            reason: None,
+            lock: None,
+            placements: placements.to_vec(),
+            devices: Vec::new(),
+            memory_bytes: 0,
+            generation: 1,
+            created_at: String::new(),
+            updated_at: String::new(),
+            standby: Some(telvirt_model::api::InstanceStatus {
+                host: "h2".into(),
+                phase: Phase::Running,
+                reason: String::new(),
+                active_lost: None,
+            }),
+            replication: Some(telvirt_model::api::ReplicationStatus {
+                standby_host: "h2".into(),
+                state: "synced".into(),
+                lag_us: 0,
+                updates: 0,
+                snapshots: 1,
+                bytes: 0,
+                error: None,
+            }),
+            migration: None,
+            epoch: 0,
+        }
+    }
+
     #[test]
-    fn an_active_fails_over_only_to_a_standby_on_a_live_host() {
-        let pair = [at(Role::Active, "h1"), at(Role::Standby, "h2")];
+    fn an_active_fails_over_only_to_a_standby_on_a_live_host_that_lost_it_too() {
+        let pair_at = [at(Role::Active, "h1"), at(Role::Standby, "h2")];
         let failed = |hosts: &[&str]| hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>();
-        assert!(fails_over(&pair, &failed(&["h1"])));
-        assert!(!fails_over(&pair, &failed(&["h2"])));
-        assert!(!fails_over(&pair, &failed(&["h1", "h2"])));
-        assert!(!fails_over(&pair[..1], &failed(&["h1"])));
+        let mut lost = pair(&pair_at);
+        lost.standby.as_mut().unwrap().active_lost = Some(telvirt_model::api::ActiveLost {
+            why: "nothing from h1 for 30 ms".into(),
+            closed: false,
+        });
+        assert!(fails_over(&lost, &failed(&["h1"])));
+        assert!(!fails_over(&lost, &failed(&["h2"])));
+        assert!(!fails_over(&lost, &failed(&["h1", "h2"])));
+        assert!(!fails_over(&pair(&pair_at[..1]), &failed(&["h1"])));
+        // The standby still hears its active: h1 is cut off from the controller only.
+        let hears = pair(&pair_at);
+        assert!(!fails_over(&hears, &failed(&["h1"])));
+        // A stream that never synced is no witness: the lease decides.
+        let mut unsynced = pair(&pair_at);
+        unsynced.replication = None;
+        assert!(fails_over(&unsynced, &failed(&["h1"])));
+        let pair = pair_at;
         // Both lost: the standby is moved first, so the active never fails over to a dead host.
         let order: Vec<Role> = lost_roles(&pair, &failed(&["h1", "h2"]))
             .iter()

@@ -630,7 +630,7 @@ impl Controller {
             let vnf = &record.vnf;
             // An active whose standby is on a Ready host fails over at once; the rest waits
             // for the heal delay.
-            let heal_from = if super::healing::fails_over(&vnf.placements, &all_not_ready) {
+            let heal_from = if super::healing::fails_over(vnf, &all_not_ready) {
                 Some(&all_not_ready)
             } else if vnf.placements.iter().any(|p| failed.contains(&p.host)) {
                 Some(&failed)
@@ -642,6 +642,20 @@ impl Controller {
                     Ok(true) => continue,
                     Ok(false) | Err(ControllerError::NotFound(_)) => {}
                     Err(ControllerError::Conflict(_)) => complete = false,
+                    Err(e) => return Err(e),
+                }
+            } else if vnf.descriptor.spec.redundancy == telvirt_model::Redundancy::ActiveStandby
+                && vnf.desired == telvirt_model::DesiredState::Running
+                && !record.deleting
+                && vnf.migration.is_none()
+                && vnf.placements.len() == 1
+            {
+                // A pair that lost its standby when no host could take one: whole again once
+                // one can (every pass looks until then).
+                match self.complete_pair(vnf.name.as_str()).await {
+                    Ok(true) => continue,
+                    Ok(false) | Err(ControllerError::Conflict(_)) => complete = false,
+                    Err(ControllerError::NotFound(_)) => {}
                     Err(e) => return Err(e),
                 }
             }

@@ -55,8 +55,9 @@ impl ControlLink for LocalLink {
         )
     }
 
-    async fn heartbeat(&self, host: &str) -> Result<(), LinkError> {
-        self.controller.heartbeat(host).await.map_err(refused)
+    async fn heartbeat(&self, host: &str) -> Result<Option<Duration>, LinkError> {
+        self.controller.heartbeat(host).await.map_err(refused)?;
+        Ok(Some(self.controller.host_lease_ttl()))
     }
 
     async fn next_calls(&self, host: &str, max_wait: Duration) -> Result<Vec<NodeCall>, LinkError> {

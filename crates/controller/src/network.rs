@@ -514,26 +514,23 @@ impl Controller {
     }
 
     /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
-    /// is placed.
+    /// has its active instance.
     async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
         let holders = self.holding_hosts(&self.named_records(d).await?).await?;
         Ok(holders.into_keys().collect())
     }
 
-    /// The hosts with an agent where one of `vnfs` is placed.
+    /// The hosts with an agent where one of `vnfs` has its active instance. A standby's host
+    /// holds none of the network: a standby never forwards.
     async fn holding_hosts(
         &self,
         vnfs: &BTreeMap<String, Vnf>,
     ) -> Result<BTreeMap<String, crate::HostRecord>> {
         let mut hosts = BTreeMap::new();
-        let placed: BTreeSet<&String> = vnfs
-            .values()
-            .flat_map(|v| &v.placements)
-            .map(|p| &p.host)
-            .collect();
+        let placed: BTreeSet<String> = vnfs.values().filter_map(crate::maps::active_host).collect();
         for host in placed {
-            if let Some(record) = self.agent_host(host).await? {
-                hosts.insert(host.clone(), record);
+            if let Some(record) = self.agent_host(&host).await? {
+                hosts.insert(host, record);
             }
         }
         Ok(hosts)

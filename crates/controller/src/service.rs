@@ -599,6 +599,7 @@ impl Controller {
             standby: None,
             replication: None,
             migration: None,
+            epoch: 0,
         };
         let event = Event {
             seq: 1,
@@ -1423,6 +1424,7 @@ impl Controller {
                     .cloned()
                     .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
                 standby,
+                epoch: vnf.epoch,
             });
         }
         Ok(out)
@@ -1463,6 +1465,7 @@ impl Controller {
                         host: host.to_owned(),
                         phase: obs.phase,
                         reason: obs.reason.clone(),
+                        active_lost: obs.active_lost.clone(),
                     });
                     return Ok(None);
                 }
@@ -1496,13 +1499,23 @@ impl Controller {
         if remove {
             self.remove(&name).await?;
         } else {
-            // A pair whose standby runs takes over at once; the agent's report stands either
-            // way, so a takeover that could not be recorded is only logged.
+            // A pair whose standby runs takes over at once when its active is surely gone (its
+            // agent's connection closed, or its host's lease ran out: a host cut off from the
+            // controller and its standby has fenced its active instance by then); a silent
+            // active on a Ready host may only be cut off from its standby, and keeps its role.
+            // The agent's report stands either way, so a takeover that could not be recorded
+            // is only logged.
+            let gone = match &active_lost {
+                Some(lost) if lost.closed => true,
+                Some(_) => self.active_host_not_ready(&name).await?,
+                None => false,
+            };
             let loss = match (&active_lost, active_failed) {
-                (Some(why), _) => Some(ActiveLoss::Unreachable {
+                (Some(lost), _) if gone => Some(ActiveLoss::Unreachable {
                     standby_host: host,
-                    why,
+                    why: &lost.why,
                 }),
+                (Some(_), _) => None,
                 (None, true) => Some(ActiveLoss::Failed {
                     host,
                     why: &obs.reason,

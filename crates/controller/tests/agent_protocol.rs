@@ -91,7 +91,13 @@ async fn node_with_remote_h2() -> (Node, String) {
     .await;
     assert_eq!(status, 204, "{body}");
     let (status, body) = agent_call(&node, "POST", "/v1/agent/hosts/h2/heartbeat", &h2, None).await;
-    assert_eq!(status, 204, "{body}");
+    // The answer says how long the lease lasts: the agent fences its actives by it.
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["lease_ttl_ms"].as_u64(),
+        Some(u64::try_from(node.controller.host_lease_ttl().as_millis()).unwrap()),
+        "{body}"
+    );
     node.cordon("h1").await;
     (node, h2)
 }

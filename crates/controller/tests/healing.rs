@@ -12,7 +12,7 @@ use common::{Node, beat, host_record, role_hosts, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::consistency;
 use telvirt_model::Phase;
-use telvirt_model::api::Observation;
+use telvirt_model::api::{ActiveLost, Observation};
 
 /// A node with a 300 ms host lease, heal delay `heal_after`, its liveness monitor running,
 /// hosts `hosts` registered with agents that beat (the handles stop them), h1 (the node's own
@@ -77,6 +77,21 @@ async fn placed_pair(node: &Node) -> (Value, String, String) {
         .await;
     let (act, sby) = (role_host(&p1, "active"), role_host(&p1, "standby"));
     (p1, act, sby)
+}
+
+/// The report of p1's running standby that no longer hears its active on `act`.
+fn silent_standby(act: &str, generation: u64) -> Observation {
+    Observation {
+        vnf: "p1".parse().unwrap(),
+        phase: Phase::Running,
+        reason: "running as the standby".into(),
+        generation,
+        replication: None,
+        active_lost: Some(ActiveLost {
+            why: format!("nothing from {act} for 30 ms"),
+            closed: false,
+        }),
+    }
 }
 
 async fn assert_consistent(node: &Node) {
@@ -269,7 +284,10 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
         reason: "running as the standby".into(),
         generation: p1["generation"].as_u64().unwrap(),
         replication: None,
-        active_lost: Some("its host closed the replication connection".into()),
+        active_lost: Some(ActiveLost {
+            why: "its host closed the replication connection".into(),
+            closed: true,
+        }),
     };
     // A host that holds no standby of p1 (nor the active) cannot make it move.
     node.controller.observe(other, lost()).await.unwrap();
@@ -288,6 +306,124 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
         last["reason"].as_str().unwrap().contains(&format!(
             "the standby on {sby} lost its active on {act} (its host closed the replication connection); it is the active now"
         )),
+        "{last}"
+    );
+    assert_consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_no_longer_hears_a_live_active_takes_over_only_once_its_lease_ran_out() {
+    let (node, mut beats) = node_with(&["h2", "h3"], None).await;
+    let (p1, act, sby) = placed_pair(&node).await;
+    running(&node, &act, "p1").await;
+    running(&node, &sby, "p1").await;
+    node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
+        .await;
+    let silent = silent_standby(&act, p1["generation"].as_u64().unwrap());
+    // The path between the two hosts is cut, both still reach the controller: the active's
+    // host is Ready, so it stays the active (a takeover would make two), and the standby's
+    // status says what it sees.
+    node.controller.observe(&sby, silent.clone()).await.unwrap();
+    let v = node.vnf_json("p1").await;
+    assert_eq!(role_host(&v, "active"), act, "{v}");
+    assert_eq!(v["epoch"].as_u64().unwrap_or(0), 0, "{v}");
+    assert_eq!(
+        v["standby"]["active_lost"]["why"],
+        format!("nothing from {act} for 30 ms"),
+        "{v}"
+    );
+
+    // The active's host goes quiet too: once its lease runs out (its agent has fenced the
+    // instance by then), the standby is the active, at a new epoch.
+    beats.remove(if act == "h2" { 0 } else { 1 }).abort();
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| role_host(v, "active") == sby)
+        .await;
+    assert_eq!(v["epoch"].as_u64(), Some(1), "{v}");
+    assert_consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_standby_hears_it() {
+    let (node, mut beats) = node_with(&["h2", "h3"], None).await;
+    let (p1, act, sby) = placed_pair(&node).await;
+    let generation = p1["generation"].as_u64().unwrap();
+    // The active reports its stream to the standby synced; the standby hears it.
+    node.controller
+        .observe(
+            &act,
+            Observation {
+                vnf: "p1".parse().unwrap(),
+                phase: Phase::Running,
+                reason: "running".into(),
+                generation,
+                replication: Some(telvirt_model::api::ReplicationStatus {
+                    standby_host: sby.clone(),
+                    state: "synced".into(),
+                    lag_us: 100,
+                    updates: 1,
+                    snapshots: 1,
+                    bytes: 8,
+                    error: None,
+                }),
+                active_lost: None,
+            },
+        )
+        .await
+        .unwrap();
+    running(&node, &sby, "p1").await;
+    node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
+        .await;
+    // The active's host stops beating: NotReady, the VNF Unknown, but no takeover.
+    beats.remove(if act == "h2" { 0 } else { 1 }).abort();
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| v["phase"] == "Unknown")
+        .await;
+    assert_eq!(role_host(&v, "active"), act, "{v}");
+    // Then the standby stops hearing it: now it takes over.
+    node.controller
+        .observe(&sby, silent_standby(&act, generation))
+        .await
+        .unwrap();
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| role_host(v, "active") == sby)
+        .await;
+    assert_eq!(v["epoch"].as_u64(), Some(1), "{v}");
+    assert_consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_left_without_a_standby_is_whole_again_once_a_host_can_take_one() {
+    let (node, mut beats) = node_with(&["h2", "h3"], None).await;
+    let (_, act, sby) = placed_pair(&node).await;
+    running(&node, &act, "p1").await;
+    running(&node, &sby, "p1").await;
+    node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
+        .await;
+    // The active's host dies; the only other host holds the standby, which takes over, and
+    // no host is left for a new standby.
+    beats.remove(if act == "h2" { 0 } else { 1 }).abort();
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| role_host(v, "active") == sby)
+        .await;
+    assert_eq!(role_hosts(&v).len(), 1, "{v}");
+    // The host is back: the pair is whole again, its standby there.
+    beats.push(beat(&node.controller, &act));
+    let v = node
+        .wait_vnf(&node.admin, "p1", |v| role_hosts(v).len() == 2)
+        .await;
+    assert_eq!(role_host(&v, "standby"), act, "{v}");
+    assert_eq!(role_host(&v, "active"), sby, "{v}");
+    let last = node.events("p1").await.pop().unwrap();
+    assert_eq!(last["actor"], "healer", "{last}");
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("the pair is whole again: new standby on {act}")),
         "{last}"
     );
     assert_consistent(&node).await;

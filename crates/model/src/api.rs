@@ -214,6 +214,10 @@ pub struct HostView {
     /// Runtimes this host's agent can run (`vm`, `wasm`).
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// Where this host's data plane takes links from other hosts (VXLAN over UDP) and its
+    /// standbys their actives' state (TCP): `IP:PORT`, when its agent has a tunnel address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<String>,
     pub cpus: Vec<CpuView>,
 }
 
@@ -301,6 +305,10 @@ pub struct Assignment {
     /// replicate its maps to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby: Option<StandbyPeer>,
+    /// The pair's fencing token (`Vnf::epoch`): the active instance forwards only while no
+    /// peer holds a higher one.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// What an agent observed of one VNF.
@@ -314,10 +322,22 @@ pub struct Observation {
     /// How the active instance's state reaches its standby (an active with a standby only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationStatus>,
-    /// From the standby's host: its active is lost (why: the replication connection closed or
-    /// fell silent); the controller may make the standby the active.
+    /// From the standby's host: its active is lost (its replication connection closed, or
+    /// fell silent); the controller may make the standby the active. Sent with every report of
+    /// the standby while it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub active_lost: Option<String>,
+    pub active_lost: Option<ActiveLost>,
+}
+
+/// How a standby lost its active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ActiveLost {
+    /// What the standby saw.
+    pub why: String,
+    /// The active's host closed the connection: the active's agent is gone (its kernel closed
+    /// the socket), so no instance of it forwards any more. Otherwise it fell silent, which a
+    /// cut path between the two hosts looks like too.
+    pub closed: bool,
 }
 
 /// Where the standby instance of an active-standby VNF runs, for the agent of its active to
@@ -386,4 +406,7 @@ pub struct InstanceStatus {
     pub host: String,
     pub phase: Phase,
     pub reason: String,
+    /// The standby no longer hears its active (as its host last reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_lost: Option<ActiveLost>,
 }

@@ -172,6 +172,15 @@ pub struct Vnf {
     /// A move under way: the standby placement is its destination.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<crate::api::Migration>,
+    /// The fencing token of an active-standby pair: raised each time its active instance
+    /// moves to another host. An instance only forwards as the active of the epoch its
+    /// assignment names; one that learns of a higher epoch stops forwarding.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One lifecycle step of a VNF.

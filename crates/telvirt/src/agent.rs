@@ -12,7 +12,9 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use telvirt_agent::dataplane::NodeDataPlane;
+use telvirt_agent::fencing::Fencing;
 use telvirt_agent::network::NetworkReconciler;
+use telvirt_agent::replication::{Detection, MAX_SILENCE};
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 use telvirt_agent::{
     Agent, AgentConfig, ControlLink, ModuleCache, ReplicaState, Replicas, Runtime, StandbyHost,
@@ -62,6 +64,8 @@ pub struct HostAgent {
     data_dir: PathBuf,
     heartbeat_every: Duration,
     snapshot_every: Duration,
+    fencing: Arc<Fencing>,
+    detection: Detection,
 }
 
 impl HostAgent {
@@ -73,11 +77,33 @@ impl HostAgent {
         module_dir: &Path,
         policy: telvirt_runtime_wasm::SecurityPolicy,
     ) -> Result<Self> {
+        let detection = Detection {
+            interval: Duration::from_millis(args.pair_interval_ms),
+            multiplier: args.pair_detect_multiplier,
+        };
+        if detection.silence() > MAX_SILENCE {
+            bail!(
+                "--pair-interval-ms {} times --pair-detect-multiplier {} is {} ms of silence; at most {} ms",
+                args.pair_interval_ms,
+                args.pair_detect_multiplier,
+                detection.silence().as_millis(),
+                MAX_SILENCE.as_millis()
+            );
+        }
         let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
         runtimes.extend(crate::vm::vm_runtime(args, data_dir).await?);
         // One data plane per node, shared by the wasm runtime and the network reconciler.
         let dataplane = NodeDataPlane::new().context("starting the data plane")?;
-        let wasm = crate::wasm::runtime(data_dir, module_dir, Arc::clone(&dataplane), policy)?;
+        // Gates this host's instances: a standby never forwards, an active with a standby only
+        // while this host holds its lease or the standby hears it.
+        let fencing = Arc::new(Fencing::new());
+        let wasm = crate::wasm::runtime(
+            data_dir,
+            module_dir,
+            Arc::clone(&dataplane),
+            policy,
+            Arc::clone(&fencing),
+        )?;
         runtimes.push(wasm.clone());
         let names: Vec<String> = runtimes
             .iter()
@@ -115,6 +141,8 @@ impl HostAgent {
             data_dir: data_dir.to_owned(),
             heartbeat_every: Duration::from_millis(args.heartbeat_interval_ms),
             snapshot_every: Duration::from_millis(args.snapshot_interval_ms),
+            fencing,
+            detection,
         })
     }
 
@@ -145,10 +173,12 @@ impl HostAgent {
             agent = agent.with_module_cache(cache.clone());
         }
         let state: Arc<dyn ReplicaState> = self.wasm.clone();
-        agent = agent.with_replication(Arc::new(Replicas::new(
-            Arc::clone(&state),
-            telvirt_agent::replication::DEFAULT_INTERVAL,
-        )));
+        agent = agent
+            .with_replication(Arc::new(
+                Replicas::new(Arc::clone(&state), self.detection)
+                    .with_fencing(Arc::clone(&self.fencing)),
+            ))
+            .with_fencing(Arc::clone(&self.fencing));
         let agent = Arc::new(agent);
         // This host's standby instances take their actives' maps.
         if let Some(listener) = self.replication {
@@ -218,11 +248,13 @@ impl HostAgent {
             self.heartbeat_every,
             shutdown.clone(),
         );
+        let fencing = Arc::clone(&self.fencing);
         health.supervise("heartbeat", TASK_RESTART, move || {
             telvirt_agent::reconcile::heartbeat_loop(
                 beat_host.clone(),
                 Arc::clone(&beat_link),
                 beat_every,
+                Some(Arc::clone(&fencing)),
                 beat_shutdown.clone(),
             )
         });

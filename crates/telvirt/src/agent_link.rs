@@ -150,10 +150,16 @@ impl ControlLink for HttpLink {
         self.post(&paths::observations(host), &observation).await
     }
 
-    async fn heartbeat(&self, host: &str) -> Result<(), LinkError> {
-        self.send(Method::POST, &paths::heartbeat(host), None, Duration::ZERO)
-            .await
-            .map(drop)
+    async fn heartbeat(&self, host: &str) -> Result<Option<Duration>, LinkError> {
+        let bytes = self
+            .send(Method::POST, &paths::heartbeat(host), None, Duration::ZERO)
+            .await?;
+        // A controller that answers without a body does not say how long its lease lasts.
+        Ok(
+            serde_json::from_slice::<telvirt_api::HeartbeatReply>(&bytes)
+                .ok()
+                .map(|r| Duration::from_millis(r.lease_ttl_ms)),
+        )
     }
 
     async fn wait_for_change(&self, max_wait: Duration) -> bool {

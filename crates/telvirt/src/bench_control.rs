@@ -445,6 +445,7 @@ async fn run_in(
             name,
             link,
             Duration::from_secs(1),
+            None,
             shutdown_rx.clone(),
         ));
     }

@@ -207,6 +207,13 @@ pub struct HostAgentArgs {
     /// VNFs the agent works on at once (a VM boot never holds another VNF back)
     #[arg(long, default_value_t = telvirt_agent::DEFAULT_WORKERS)]
     pub workers: std::num::NonZeroUsize,
+    /// How often an active wasm instance with a standby sends its state to the standby's host
+    /// (a keepalive when nothing changed), in milliseconds: the pair's heartbeat
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub pair_interval_ms: u64,
+    /// Intervals of silence after which a standby takes its active for lost
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=60))]
+    pub pair_detect_multiplier: u32,
 }
 
 #[derive(Subcommand, Debug)]

@@ -132,6 +132,7 @@ pub fn runtime(
     module_dir: &Path,
     dataplane: Arc<NodeDataPlane>,
     policy: SecurityPolicy,
+    fencing: Arc<telvirt_agent::fencing::Fencing>,
 ) -> Result<Arc<WasmRuntime>> {
     let cwd = std::env::current_dir().context("reading the working directory")?;
     let rt = WasmRuntime::with_options(
@@ -142,7 +143,8 @@ pub fn runtime(
         Some(data_dir.join("snapshots")),
     )
     .map_err(|e| anyhow::anyhow!("starting the wasm runtime: {e}"))?
-    .with_module_dir(module_dir);
+    .with_module_dir(module_dir)
+    .with_fencing(fencing);
     Ok(Arc::new(rt))
 }
 

@@ -339,28 +339,7 @@ fn map_entries(node: &Serve, vnf: &str, map: &str) -> Option<u64> {
 fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_failover() {
     // A heal delay longer than the test: only the failover to the standby moves the NAT.
     let (node, a1, a2) = two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
-    let pair = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
-        .unwrap()
-        .replace("name: nat1", "name: natp")
-        .replace(
-            "cpu: { policy: shared, group: edge, count: 1 }",
-            "cpu: { policy: dedicated, count: 1 }\n  redundancy: active-standby",
-        );
-    std::fs::write(node.path("examples/descriptors/natp.yaml"), pair).unwrap();
-    node.ok(&["vnf", "create", "-f", "examples/descriptors/natp.yaml"]);
-    let v = node.wait_phase("natp", "Running");
-    let host = |role: &str, v: &serde_json::Value| {
-        v["placements"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["role"] == role)
-            .and_then(|p| p["host"].as_str())
-            .unwrap()
-            .to_owned()
-    };
-    let (active, standby) = (host("active", &v), host("standby", &v));
-    assert_ne!(active, standby);
+    let (active, standby) = nat_pair(&node);
 
     // 20 flows through the active NAT make 20 sessions; then the traffic stops, so nothing but
     // the replicated state can fill the standby's maps.
@@ -402,11 +381,169 @@ fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_fai
     }
     wait_until("the standby never took over", || {
         let v = node.json(&["vnf", "show", "natp"]);
-        host("active", &v) == standby && v["phase"] == "Running"
+        role_host("active", &v) == standby && v["phase"] == "Running"
     });
     assert_eq!(map_entries(&node, "natp", "sessions"), Some(20));
     assert_eq!(map_entries(&node, "natp", "reverse"), Some(20));
     healed(&node, "natp", "lost its active on");
+}
+
+/// The host of `v`'s instance in `role`.
+fn role_host(role: &str, v: &serde_json::Value) -> String {
+    v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == role)
+        .and_then(|p| p["host"].as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Creates `natp`, a NAT with a standby, and waits until it runs: (active's host, standby's).
+fn nat_pair(node: &Serve) -> (String, String) {
+    let pair = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
+        .unwrap()
+        .replace("name: nat1", "name: natp")
+        .replace(
+            "cpu: { policy: shared, group: edge, count: 1 }",
+            "cpu: { policy: dedicated, count: 1 }\n  redundancy: active-standby",
+        );
+    std::fs::write(node.path("examples/descriptors/natp.yaml"), pair).unwrap();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/natp.yaml"]);
+    let v = node.wait_phase("natp", "Running");
+    let (active, standby) = (role_host("active", &v), role_host("standby", &v));
+    assert_ne!(active, standby);
+    (active, standby)
+}
+
+/// Waits until `natp`'s standby on `standby` runs and its active reports the stream to it
+/// synced; the VNF as shown then.
+fn pair_synced(node: &Serve, standby: &str) -> serde_json::Value {
+    wait_until("the standby never took the active's state", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        v["standby"]["phase"] == "Running"
+            && v["standby"]["host"] == standby
+            && v["replication"]["state"] == "synced"
+            && v["replication"]["standby_host"] == standby
+    });
+    node.json(&["vnf", "show", "natp"])
+}
+
+#[test]
+fn a_stalled_active_is_fenced_and_its_standby_takes_over_once_the_lease_ran_out() {
+    let (node, a1, a2) = two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let (active, standby) = nat_pair(&node);
+    pair_synced(&node, &standby);
+    let (stalled, log) = if active == "a1" {
+        (&a1, "a1.log")
+    } else {
+        (&a2, "a2.log")
+    };
+    // The active's agent stops as a host cut off from everyone would: its standby hears
+    // nothing (30 ms), but the active's host is Ready until its lease runs out (600 ms); then
+    // the standby is the active, at epoch 1.
+    stalled.signal(libc::SIGSTOP);
+    wait_until("the standby never took over", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        role_host("active", &v) == standby && v["epoch"] == 1
+    });
+    healed(&node, "natp", &format!("host {active} failed"));
+    // It goes on: its lease lapsed, so its NAT forwards nothing until the assignments read
+    // after its next heartbeat say what it is (the standby of epoch 1, the pair whole again).
+    stalled.signal(libc::SIGCONT);
+    let v = pair_synced(&node, &active);
+    assert_eq!(role_host("active", &v), standby, "{v}");
+    assert_eq!(v["epoch"], 1, "{v}");
+    let text = std::fs::read_to_string(node.path(log)).unwrap();
+    assert!(
+        text.contains("heartbeats go through again after the lease lapsed"),
+        "{text}"
+    );
+}
+
+/// Drops every packet this machine sends to or from `port` (TCP and UDP: a host's tunnel and
+/// replication) while it lives, with an nftables table of its own. Needs root and `nft`.
+struct CutPath {
+    table: String,
+}
+
+impl CutPath {
+    fn nft(script: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    fn new(port: u16) -> CutPath {
+        let table = format!("tvcut_{}", std::process::id());
+        let out = Self::nft(&format!(
+            "table inet {table} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    meta l4proto {{ tcp, udp }} th dport {port} drop\n    meta l4proto {{ tcp, udp }} th sport {port} drop\n  }}\n}}\n"
+        ));
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        CutPath { table }
+    }
+}
+
+impl Drop for CutPath {
+    fn drop(&mut self) {
+        let _ = Self::nft(&format!("delete table inet {}\n", self.table));
+    }
+}
+
+#[test]
+fn a_cut_path_between_a_pair_that_both_reach_the_controller_keeps_one_active() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let nft = std::process::Command::new("nft").arg("-v").output().is_ok();
+    if !root || !nft {
+        eprintln!("skipped: cutting a path needs root and nft (scripts/deps.sh installs it)");
+        return;
+    }
+    let (node, _a1, _a2) =
+        two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let (active, standby) = nat_pair(&node);
+    pair_synced(&node, &standby);
+    let tunnel = node.json(&["host", "show", &standby])["tunnel"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let port: u16 = tunnel.rsplit(':').next().unwrap().parse().unwrap();
+    let cut = CutPath::new(port);
+    // The standby hears nothing and says so; the active's host is Ready, so it keeps its role
+    // (taking over would make two actives), at epoch 0.
+    wait_until("the standby never reported the silence", || {
+        node.json(&["vnf", "show", "natp"])["standby"]["active_lost"]["closed"] == false
+    });
+    let v = node.json(&["vnf", "show", "natp"]);
+    assert_eq!(role_host("active", &v), active, "{v}");
+    assert!(v.get("epoch").is_none(), "{v}");
+    for h in [&active, &standby] {
+        assert!(host_status(&node, h).is_some_and(|s| s.starts_with("Ready")));
+    }
+    // The path is back: the standby hears its active again.
+    drop(cut);
+    wait_until("the standby never heard its active again", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        v["standby"]["phase"] == "Running" && v["standby"].get("active_lost").is_none()
+    });
+    let v = node.json(&["vnf", "show", "natp"]);
+    assert_eq!(role_host("active", &v), active, "{v}");
 }
 
 /// Asserts that VNF `vnf` has an event by the healer whose reason contains `what`.

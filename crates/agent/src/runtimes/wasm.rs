@@ -40,6 +40,7 @@ use telvirt_runtime_wasm::{
 };
 
 use crate::dataplane::NodeDataPlane;
+use crate::fencing::{Fencing, ForwardGate};
 use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 
 /// Packets per batch a wasm node takes from one input.
@@ -98,15 +99,18 @@ impl PacketProcessor for WasmStage {
     }
 }
 
-/// Polls the stage only while the VNF is scheduled (not locked, not failed).
+/// Polls the stage only while the VNF is scheduled (not locked, not failed) and its fencing
+/// gate, when it has one, is open (a standby never forwards; a fenced active stops).
 struct GatedNode {
     scheduled: Arc<AtomicBool>,
+    gate: Option<Arc<ForwardGate>>,
     inner: ProcessorNode<WasmStage>,
 }
 
 impl Node for GatedNode {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
-        if !self.scheduled.load(Ordering::Acquire) {
+        if !self.scheduled.load(Ordering::Acquire) || self.gate.as_ref().is_some_and(|g| !g.open())
+        {
             return 0;
         }
         self.inner.poll(io)
@@ -140,6 +144,9 @@ pub struct WasmRuntime {
     /// bring back the file of a VNF being removed. Taken before `entries`, never after.
     snapshot_files: Mutex<()>,
     entries: Mutex<BTreeMap<Name, Entry>>,
+    /// The agent's fencing, whose gates each instance's node asks before it polls (`None`:
+    /// instances always forward while scheduled).
+    fencing: Option<Arc<Fencing>>,
 }
 
 fn fail(e: impl std::fmt::Display) -> RuntimeFailure {
@@ -551,7 +558,15 @@ impl WasmRuntime {
             snapshot_dir,
             snapshot_files: Mutex::new(()),
             entries: Mutex::new(BTreeMap::new()),
+            fencing: None,
         })
+    }
+
+    /// Gates each instance's forwarding by `fencing` (the agent's): a standby never forwards,
+    /// an active with a standby only while its host holds its lease or its standby hears it.
+    pub fn with_fencing(mut self, fencing: Arc<Fencing>) -> Self {
+        self.fencing = Some(fencing);
+        self
     }
 
     /// Resolves `sha256:<hex>` module references to `<dir>/<hex>.wasm` (the controller's
@@ -774,6 +789,7 @@ impl WasmRuntime {
             .collect();
         let node = GatedNode {
             scheduled: Arc::clone(&scheduled),
+            gate: self.fencing.as_ref().map(|f| f.gate(&spec.name)),
             inner: ProcessorNode::new(
                 WasmStage {
                     inst: Arc::clone(&inst),
@@ -1198,12 +1214,10 @@ spec:
         assert!(!file.exists());
     }
 
-    #[tokio::test]
-    async fn packets_flow_through_a_wasm_vnf_and_lock_stops_them() {
-        let (dir, dp, rt, s) = setup();
-        rt.start(&s).await.unwrap();
-        assert_eq!(rt.state(&s.name).await, InstanceState::Running);
-
+    /// A generator at 50 kpps into fw1 and fw1 into a sink, on `dp`; the sink's counts.
+    fn gen_through_fw1_to_sink(
+        dp: &NodeDataPlane,
+    ) -> Arc<std::sync::Mutex<telvirt_dataplane::traffic::SinkState>> {
         let gen_cfg = GenConfig {
             rate_pps: Some(50_000),
             ..GenConfig::default()
@@ -1217,6 +1231,16 @@ spec:
         let links =
             ["gen.out -> fw1.in", "fw1.out -> sink.in"].map(|l| LinkSpec::parse(l).unwrap());
         dp.panel().apply_network("t", &links).unwrap();
+        seen
+    }
+
+    #[tokio::test]
+    async fn packets_flow_through_a_wasm_vnf_and_lock_stops_them() {
+        let (dir, dp, rt, s) = setup();
+        rt.start(&s).await.unwrap();
+        assert_eq!(rt.state(&s.name).await, InstanceState::Running);
+
+        let seen = gen_through_fw1_to_sink(&dp);
         let received = || seen.lock().unwrap().received;
         until("packets through fw1", || received() > 100);
         let stats = rt.with_instance(&s.name, |i| i.stats()).unwrap();
@@ -1280,5 +1304,73 @@ spec:
         rt.remove(&s.name).await.unwrap();
         assert_eq!(rt.state(&s.name).await, InstanceState::Absent);
         assert!(dp.node_ports("fw1").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_fenced_active_forwards_nothing_and_a_standby_never_does() {
+        let (dir, dp, rt, s) = setup();
+        let fencing = Arc::new(Fencing::new());
+        let rt = WasmRuntime {
+            fencing: Some(Arc::clone(&fencing)),
+            ..rt
+        };
+        // fw1 is the active with a standby elsewhere, at epoch 1.
+        let descriptor = s.descriptor.clone();
+        let assigned = |role: Role, epoch: u64| telvirt_api::Assignment {
+            vnf: s.name.clone(),
+            descriptor: descriptor.clone(),
+            placement: Placement {
+                role,
+                ..s.placement.clone()
+            },
+            desired: telvirt_model::DesiredState::Running,
+            locked: false,
+            memory_bytes: 0,
+            generation: 1,
+            devices: Vec::new(),
+            domain: "operator".into(),
+            standby: (role == Role::Active).then(|| telvirt_model::api::StandbyPeer {
+                host: "h2".into(),
+                address: "127.0.0.1:9".into(),
+            }),
+            epoch,
+        };
+        fencing.assign(&[assigned(Role::Active, 1)]);
+        rt.start(&s).await.unwrap();
+        let seen = gen_through_fw1_to_sink(&dp);
+        let received = || seen.lock().unwrap().received;
+        until("packets through fw1", || received() > 100);
+
+        // Its host's lease lapsed long ago and its standby acknowledges nothing: fenced.
+        let long_ago = Instant::now().checked_sub(Duration::from_secs(10)).unwrap();
+        fencing.renewed(long_ago, Some(Duration::from_secs(1)));
+        let packets_in = || rt.with_instance(&s.name, |i| i.stats().packets_in).unwrap();
+        dp.panel().barrier();
+        let (before, r0) = (packets_in(), received());
+        until("the generator to fill fw1's input", || {
+            dp.panel()
+                .status()
+                .iter()
+                .any(|l| l.counters.packets > r0 + 1000)
+        });
+        assert_eq!(packets_in(), before, "a fenced active must not be polled");
+        assert_eq!(received(), r0);
+
+        // A peer holds the pair at a higher epoch: a lease renewed in time does not bring it
+        // back, nor does the stale assignment.
+        let gate = fencing.gate(&s.name);
+        assert!(gate.fence_below(2));
+        fencing.renewed(Instant::now(), None);
+        fencing.assign(&[assigned(Role::Active, 1)]);
+        assert!(!gate.open());
+        // The assignments say it is the standby now: it never forwards.
+        fencing.assign(&[assigned(Role::Standby, 2)]);
+        assert!(!gate.open());
+        // Made the active again at a newer epoch: it forwards.
+        fencing.assign(&[assigned(Role::Active, 3)]);
+        until("packets again once active at epoch 3", || {
+            received() > r0 + 100
+        });
+        drop(dir);
     }
 }

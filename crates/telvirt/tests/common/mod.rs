@@ -374,6 +374,14 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` to the agent process (SIGSTOP stalls it as a host cut off from everyone
+    /// would be; SIGCONT lets it go on).
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.as_ref().expect("agent running").id()).unwrap();
+        // SAFETY: `pid` is our own child, not yet reaped (we hold its `Child`).
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
     /// SIGTERM, then waits (with a deadline) for a clean exit.
     pub fn terminate(&mut self) {
         let pid = libc::pid_t::try_from(self.child.as_ref().expect("agent running").id()).unwrap();
