@@ -411,25 +411,26 @@ TELVIRT_CONFIG="$CTL_CONFIG" run vnf list
 stop_split
 CTL_PID=""
 
-step "A cluster on this machine: etcd, two controllers, three hosts (network namespaces), a chain across two of them"
+step "A cluster on this machine: etcd, two controllers, four hosts (network namespaces), a chain across two of them, a NAT pair under a TCP flow"
 if [ "$(id -u)" -eq 0 ]; then
   CL="$DATA3/cluster"
   CL_CONFIG="$CL/control/client.toml"
   cl() { printf '$ telvirt %s\n' "$*"; TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" "$@"; }
-  trap '"$TELVIRT" cluster down --dir "$CL" >/dev/null 2>&1; cleanup' EXIT
-  run cluster up --hosts 3 --controllers 2 --dir "$CL"
+  . scripts/demo-pair.sh
+  trap 'pair_demo_cleanup; "$TELVIRT" cluster down --dir "$CL" >/dev/null 2>&1; cleanup' EXIT
+  run cluster up --hosts 4 --controllers 2 --dir "$CL"
   cl host list
   # fwa on h1, fwb on h2, fwc on h3: the other hosts cordoned while each is placed.
   for vnf in "fwa h1" "fwb h2" "fwc h3"; do
     set -- $vnf
     fw1_like "s/name: fw1/name: $1/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" >"$CL/$1.yaml"
-    for h in h1 h2 h3; do
+    for h in h1 h2 h3 h4; do
       if [ "$h" = "$2" ]; then cl host uncordon "$h" >/dev/null; else cl host cordon "$h" >/dev/null; fi
     done
     cl vnf create -f "$CL/$1.yaml"
     TELVIRT_CONFIG="$CL_CONFIG" wait_phase "$1" Running
   done
-  for h in h1 h2 h3; do cl host uncordon "$h" >/dev/null; done
+  for h in h1 h2 h3 h4; do cl host uncordon "$h" >/dev/null; done
   cl vnf list
   cat >"$CL/span.yaml" <<'YAML'
 apiVersion: telvirt/v1
@@ -472,47 +473,15 @@ YAML
   TELVIRT_CONFIG="$CL_CONFIG" wait_phase fwb Unknown
   echo "(5 s later (--heal-after-ms) the healer places fwb on a Ready host; the chain follows it)"
   for _ in $(seq 1 300); do
-    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show fwb -o json 2>/dev/null | grep -q '"host": "h[13]"' && break
+    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show fwb -o json 2>/dev/null | grep -q '"host": "h[134]"' && break
     sleep 0.1
   done
   TELVIRT_CONFIG="$CL_CONFIG" wait_phase fwb Running
   cl vnf events fwb
   sleep 2
   cl net show span
-  echo "(an active-standby NAT: the active's maps stream to the standby on the other host)"
-  sed 's/name: nat1/name: natp/; s/cpu: { policy: shared, group: edge, count: 1 }/cpu: { policy: shared, group: edge, count: 1 }\n  redundancy: active-standby/; s|\.\./vnfs/nat.wasm|'"$PWD"'/examples/vnfs/nat.wasm|' \
-    examples/descriptors/nat1.yaml >"$CL/natp.yaml"
-  cl vnf create -f "$CL/natp.yaml"
-  TELVIRT_CONFIG="$CL_CONFIG" wait_phase natp Running
-  cat >"$CL/sessions.yaml" <<'YAML'
-apiVersion: telvirt/v1
-kind: Network
-metadata: { name: sessions }
-spec:
-  nodes:
-    - { name: gen2, kind: generator, rate_pps: 2000, flows: 20 }
-    - { name: sink2, kind: sink }
-  links: [ gen2.out -> natp.in, natp.out -> sink2.in ]
-YAML
-  cl net create -f "$CL/sessions.yaml"
-  sleep 2
-  cl net delete sessions
-  sleep 1
-  cl vnf show natp
-  cl vnf maps natp
-  NAT_ACT="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json | tr -d ' \n' | sed -n 's/.*"role":"active","host":"\(h[0-9]*\)".*/\1/p')"
-  ACT_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o "\"name\":\"$NAT_ACT\"[^}]*\"pid\":[0-9]*" | grep -o '[0-9]*$')"
-  echo "$ kill -9 <the agent of $NAT_ACT, where natp is active>"
-  kill -9 "$ACT_PID"
-  for _ in $(seq 1 300); do
-    now="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natp -o json 2>/dev/null | tr -d ' \n' | sed -n 's/.*"role":"active","host":"\(h[0-9]*\)".*/\1/p')"
-    [ -n "$now" ] && [ "$now" != "$NAT_ACT" ] && break
-    sleep 0.1
-  done
-  echo "(the standby took over at once, with the 20 sessions it had been sent: no traffic refilled them)"
-  TELVIRT_CONFIG="$CL_CONFIG" wait_phase natp Running
-  cl vnf maps natp
-  cl vnf events natp
+  echo "(an active-standby NAT: the active's maps stream to its standby on another host; a TCP flow through it survives SIGKILL of the active's agent)"
+  nat_pair_demo
   run cluster down --dir "$CL" --purge
   trap cleanup EXIT
 else

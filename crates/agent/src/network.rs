@@ -87,7 +87,7 @@ pub struct NetworkReconciler {
 fn port_ref(ep: &Endpoint) -> PortRef {
     match ep {
         Endpoint::Port { node, port } => PortRef::new(node, port),
-        Endpoint::Host(ifname) => PortRef::host(ifname),
+        Endpoint::Host { ifname, .. } => PortRef::host(ifname),
     }
 }
 
@@ -524,7 +524,7 @@ impl NetworkReconciler {
                     Endpoint::Port { node, port } => {
                         ready &= self.has_port(node, port, &mut waiting);
                     }
-                    Endpoint::Host(ifname) => {
+                    Endpoint::Host { ifname, .. } => {
                         let node = host_node(ifname);
                         if self.dp.node_ports(&node).is_none() {
                             let opened = HostPort::open(ifname)

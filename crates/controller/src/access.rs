@@ -79,7 +79,7 @@ pub fn network_resources(d: &NetworkDescriptor) -> Vec<(ResourceKind, String, St
     let mut out = Vec::new();
     for (i, link) in d.parsed_links() {
         for (end, ep) in [("from", &link.from), ("to", &link.to)] {
-            if let Endpoint::Host(ifname) = ep {
+            if let Endpoint::Host { ifname, .. } = ep {
                 out.push((
                     ResourceKind::Interface,
                     format!("spec.links[{i}].{end}"),

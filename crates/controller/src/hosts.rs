@@ -356,7 +356,7 @@ impl Controller {
         self.view(caller, &record).await
     }
 
-    async fn host_record(&self, name: &str) -> Result<(HostRecord, u64)> {
+    pub(crate) async fn host_record(&self, name: &str) -> Result<(HostRecord, u64)> {
         let key = host_key(name);
         let v = self.store.get(&key).await?.ok_or_else(|| no_host(name))?;
         Ok((decode(&key, &v.value)?, v.mod_revision))

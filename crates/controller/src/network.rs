@@ -97,6 +97,32 @@ fn may_see(caller: &Caller, n: &Network) -> bool {
     caller.is_admin() || n.owner.as_str() == caller.name
 }
 
+/// One end of a network pinned to a host: a host interface `host:IFNAME@HOST`.
+struct PinnedEnd {
+    /// The end's field path.
+    path: String,
+    /// Its node's name among the network's nodes.
+    node: String,
+    host: String,
+}
+
+/// The host interfaces network `d` pins to a host.
+fn pinned_ends(d: &NetworkDescriptor) -> Vec<PinnedEnd> {
+    let mut out = Vec::new();
+    for (i, link) in d.parsed_links() {
+        for (end, ep) in [("from", &link.from), ("to", &link.to)] {
+            if let Endpoint::Host { on: Some(h), .. } = ep {
+                out.push(PinnedEnd {
+                    path: format!("spec.links[{i}].{end}"),
+                    node: ep.node_key(),
+                    host: h.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
 impl Controller {
     /// Every stored network (all owners): what the node's data plane should hold.
     pub async fn all_networks(&self) -> Result<Vec<Network>> {
@@ -121,6 +147,22 @@ impl Controller {
         // A host interface is a host resource: only what the admin granted (ADR 045).
         if let Some(g) = self.confining_grants(caller).await? {
             crate::access::require_all(&g.grants, &crate::access::network_resources(d))?;
+        }
+        // A host interface pinned to a host (`host:IFNAME@HOST`) names a host that exists.
+        for end in pinned_ends(d) {
+            match self.host_record(&end.host).await {
+                Ok(_) => {}
+                Err(ControllerError::NotFound(_)) => {
+                    return Err(ControllerError::Invalid(FieldError::new(
+                        end.path,
+                        format!(
+                            "there is no host {} (telvirt host list shows the hosts)",
+                            end.host
+                        ),
+                    )));
+                }
+                Err(e) => return Err(e),
+            }
         }
         let vnfs = self.all_vnfs().await?;
         let others: Vec<Network> = self
@@ -514,20 +556,24 @@ impl Controller {
     }
 
     /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
-    /// has its active instance.
+    /// has its active instance, or where it pins a host interface.
     async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
-        let holders = self.holding_hosts(&self.named_records(d).await?).await?;
+        let holders = self.holding_hosts(d, &self.named_records(d).await?).await?;
         Ok(holders.into_keys().collect())
     }
 
-    /// The hosts with an agent where one of `vnfs` has its active instance. A standby's host
-    /// holds none of the network: a standby never forwards.
+    /// The hosts with an agent where one of `vnfs` (those network `d` names) has its active
+    /// instance, or where `d` pins a host interface. A standby's host holds none of the
+    /// network: a standby never forwards.
     async fn holding_hosts(
         &self,
+        d: &NetworkDescriptor,
         vnfs: &BTreeMap<String, Vnf>,
     ) -> Result<BTreeMap<String, crate::HostRecord>> {
         let mut hosts = BTreeMap::new();
-        let placed: BTreeSet<String> = vnfs.values().filter_map(crate::maps::active_host).collect();
+        let mut placed: BTreeSet<String> =
+            vnfs.values().filter_map(crate::maps::active_host).collect();
+        placed.extend(pinned_ends(d).into_iter().map(|e| e.host));
         for host in placed {
             if let Some(record) = self.agent_host(&host).await? {
                 hosts.insert(host, record);
@@ -548,11 +594,18 @@ impl Controller {
             .iter()
             .filter_map(|(name, v)| crate::maps::active_host(v).map(|h| (name.clone(), h)))
             .collect();
-        let distinct: BTreeSet<String> = vnf_hosts.values().cloned().collect();
+        // Host interfaces pinned to a host stay there.
+        let pinned: BTreeMap<String, String> = pinned_ends(d)
+            .into_iter()
+            .map(|e| (e.node, e.host))
+            .collect();
+        let distinct: BTreeSet<String> =
+            vnf_hosts.values().chain(pinned.values()).cloned().collect();
         if distinct.len() < 2 {
             return None;
         }
         let mut hosts = vnf_hosts.clone();
+        hosts.extend(pinned);
         // The other nodes go where the first VNF linked to them is.
         for (_, link) in d.parsed_links() {
             for (this, other) in [(&link.from, &link.to), (&link.to, &link.from)] {
@@ -597,7 +650,7 @@ impl Controller {
         for n in self.all_networks().await? {
             // Each VNF and host record read once, for both the holding hosts and the span.
             let vnfs = self.named_records(&n.descriptor).await?;
-            let holders = self.holding_hosts(&vnfs).await?;
+            let holders = self.holding_hosts(&n.descriptor, &vnfs).await?;
             if holders.contains_key(host) {
                 spans.extend(Self::network_span(&n, &vnfs, &holders));
                 networks.push(n.descriptor);

@@ -508,3 +508,67 @@ async fn a_network_with_more_links_than_allowed_is_refused() {
         "{reason}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_interface_pinned_to_a_host_stays_there_and_a_standby_holds_no_network() {
+    let node = Node::start().await;
+    // h1 (the node's own host) cordoned: the pair lands on h2 and h3; h4 holds the interfaces.
+    node.cordon("h1").await;
+    for h in ["h2", "h3", "h4"] {
+        let mut record = common::host_record(h);
+        record.tunnel = Some(format!("127.0.0.{}:4789", &h[1..]));
+        node.controller.register_host(record).await.unwrap();
+    }
+    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
+    assert_eq!(node.create_vnf(&node.admin, &pair).await.status, 201);
+    let p1 = node
+        .wait_vnf(&node.admin, "p1", |v| common::role_hosts(v).len() == 2)
+        .await;
+    let role = |r: &str| {
+        common::role_hosts(&p1)
+            .into_iter()
+            .find(|(role, _)| role == r)
+            .unwrap()
+            .1
+    };
+    let (act, sby) = (role("active"), role("standby"));
+    assert!(!["h1", "h4"].contains(&act.as_str()) && !["h1", "h4"].contains(&sby.as_str()));
+
+    // An interface pinned to a host that does not exist: refused, naming the end.
+    let nowhere = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: edge }\nspec:\n  links: [host:vc0@h9 -> p1.in, p1.out -> host:vs0@h4]\n";
+    let reason = refused(&node, nowhere, 422, "spec.links[0].from").await;
+    assert!(reason.contains("there is no host h9"), "{reason}");
+    let bad = nowhere.replace("host:vc0@h9", "host:vc0@");
+    let reason = refused(&node, &bad, 422, "spec.links[0]").await;
+    assert!(reason.contains("the host after '@'"), "{reason}");
+
+    let edge = nowhere.replace("@h9", "@h4");
+    assert_eq!(create(&node, &node.admin, &edge).await.status, 201);
+    // The interfaces' host and the active's hold the network, spanning both; the standby's
+    // host holds none of it.
+    for (host, holds) in [(act.as_str(), true), ("h4", true), (sby.as_str(), false)] {
+        let set = node.controller.host_networks(host).await.unwrap();
+        assert_eq!(set.networks.len(), usize::from(holds), "{host}: {set:?}");
+        if holds {
+            let span = &set.spans[0];
+            assert_eq!(span.hosts["host:vc0"], "h4", "{span:?}");
+            assert_eq!(span.hosts["host:vs0"], "h4", "{span:?}");
+            assert_eq!(span.hosts["p1"], act, "{span:?}");
+            assert!(span.tunnels.contains_key("h4") && span.tunnels.contains_key(&act));
+        }
+    }
+    let shown = node
+        .call(
+            "GET",
+            "/v1/networks/{name}",
+            Some("edge"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert!(
+        shown.body.to_string().contains("host:vc0@h4 -> p1.in"),
+        "{}",
+        shown.body
+    );
+}

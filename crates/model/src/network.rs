@@ -40,7 +40,9 @@ pub struct NetworkSpec {
     /// Steering endpoints: logical nodes that stand for one of several VNF instances.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steering: Vec<SteeringEndpoint>,
-    /// Links `node.port -> node.port`; `host:IFNAME` names a host interface.
+    /// Links `node.port -> node.port`; `host:IFNAME` names a host interface of the host where
+    /// the first VNF linked to it runs, `host:IFNAME@HOST` one of host HOST (it stays there
+    /// while the VNFs move).
     pub links: Vec<String>,
 }
 
@@ -134,17 +136,27 @@ pub struct BuiltinNode {
 pub enum Endpoint {
     /// `node.port`: a VNF's or a built-in node's port.
     Port { node: String, port: String },
-    /// `host:IFNAME`.
-    Host(String),
+    /// `host:IFNAME`, or `host:IFNAME@HOST`: interface IFNAME of the host where the first VNF
+    /// linked to it runs, or of host HOST (a port that stays where it is while the VNFs it
+    /// feeds move between hosts, as a switch port does).
+    Host { ifname: String, on: Option<String> },
 }
 
 impl Endpoint {
+    /// A host interface where the VNFs linked to it run.
+    pub fn host(ifname: &str) -> Self {
+        Endpoint::Host {
+            ifname: ifname.to_owned(),
+            on: None,
+        }
+    }
+
     /// The name this end has among a network's nodes: its node, or `host:IFNAME` for a host
     /// interface (how a network span says where each end is).
     pub fn node_key(&self) -> String {
         match self {
             Endpoint::Port { node, .. } => node.clone(),
-            Endpoint::Host(ifname) => format!("host:{ifname}"),
+            Endpoint::Host { ifname, .. } => format!("host:{ifname}"),
         }
     }
 }
@@ -153,7 +165,11 @@ impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Port { node, port } => write!(f, "{node}.{port}"),
-            Endpoint::Host(i) => write!(f, "host:{i}"),
+            Endpoint::Host { ifname, on: None } => write!(f, "host:{ifname}"),
+            Endpoint::Host {
+                ifname,
+                on: Some(h),
+            } => write!(f, "host:{ifname}@{h}"),
         }
     }
 }
@@ -167,13 +183,27 @@ pub struct Link {
 
 fn endpoint(s: &str) -> Result<Endpoint, String> {
     let s = s.trim();
-    if let Some(ifname) = s.strip_prefix("host:") {
+    if let Some(rest) = s.strip_prefix("host:") {
+        let (ifname, on) = match rest.split_once('@') {
+            Some((i, h)) => (i, Some(h)),
+            None => (rest, None),
+        };
         if ifname.is_empty() || ifname.len() > 15 || ifname.contains(['/', ' ', '.']) {
             return Err(format!(
-                "`{s}`: a host interface name has 1 to 15 characters without '/', '.' or ' '"
+                "`{s}`: a host interface name has 1 to 15 characters without '/', '.', '@' or ' '"
             ));
         }
-        return Ok(Endpoint::Host(ifname.to_owned()));
+        if let Some(h) = on
+            && (h.is_empty() || h.len() > 253 || h.contains(['/', ' ', '@']))
+        {
+            return Err(format!(
+                "`{s}`: the host after '@' has 1 to 253 characters without '/', '@' or ' '"
+            ));
+        }
+        return Ok(Endpoint::Host {
+            ifname: ifname.to_owned(),
+            on: on.map(str::to_owned),
+        });
     }
     let Some((node, port)) = s.split_once('.') else {
         return Err(format!("`{s}` must be `node.port` or `host:IFNAME`"));
@@ -616,7 +646,7 @@ impl LatencyProbe {
         }
         let links = network.parsed_links();
         let feeds = |ep: &Endpoint, kind: BuiltinKind| match ep {
-            Endpoint::Host(_) => true,
+            Endpoint::Host { .. } => true,
             Endpoint::Port { node, .. } => network.builtin(node).is_some_and(|b| b.kind == kind),
         };
         // `receives`: the probe sends into the port, so the chain must send into it too (it
@@ -645,12 +675,10 @@ impl LatencyProbe {
                 }
             };
             match ep {
-                Some(Endpoint::Host(i)) => {
+                Some(h @ Endpoint::Host { .. }) => {
                     errs.push(FieldError::new(
                         field,
-                        format!(
-                            "host:{i} is a host interface; the probe needs a VNF or endpoint port"
-                        ),
+                        format!("{h} is a host interface; the probe needs a VNF or endpoint port"),
                     ));
                     None
                 }
@@ -803,7 +831,7 @@ spec:
         assert_eq!(n.name().as_str(), "chain1");
         let links = n.parsed_links();
         assert_eq!(links.len(), 2);
-        assert_eq!(links[1].1.to, Endpoint::Host("veth1".into()));
+        assert_eq!(links[1].1.to, Endpoint::host("veth1"));
         assert_eq!(links[0].1.from.to_string(), "gen.out");
     }
 
