@@ -89,7 +89,8 @@ YAML
       split($3, t, "-")
       if (/ 0.00 bits\/sec/) { if (run == 0) from = t[1]; run++; if (run > best) { best = run; at = from } } else run = 0
     } END {
-      printf "outage: %d ms without data from %s s on (the longest gap; TCP resends after its retransmission timer, so its gap is longer than the data path'"'"'s)\n", best * 100, at }' "$out"
+      if (best == 0) print "outage: no 100 ms interval without data (the gap was shorter than iperf3'"'"'s resolution; the Retr column shows the segments TCP resent)"
+      else printf "outage: %d ms without data from %s s on (the longest gap; TCP resends after its retransmission timer, so its gap is longer than the data path'"'"'s)\n", best * 100, at }' "$out"
   kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true
   TELVIRT_CONFIG="$CL_CONFIG" wait_phase natp Running
   cl vnf show natp

@@ -147,6 +147,19 @@ impl<K: Eq + Hash + Clone> WorkQueue<K> {
         self.changed.notify_waiters();
     }
 
+    /// Queues `key` once `delay` has passed (a change queues it sooner; a periodic look does
+    /// not).
+    pub fn add_after(&self, key: K, delay: Duration) {
+        {
+            let mut s = self.lock();
+            if s.closed {
+                return;
+            }
+            s.delayed.insert(key, Instant::now() + delay);
+        }
+        self.changed.notify_waiters();
+    }
+
     /// Records a failure of `key` and queues it again after its backoff; returns the wait.
     pub fn retry(&self, key: K) -> Duration {
         let delay = {

@@ -86,6 +86,35 @@ struct Known {
     /// Why the last step of this VNF failed (it is retried after a backoff); `None` once a step
     /// succeeds.
     error: Option<String>,
+    /// Restarts in place after its instance failed while it ran, in this generation.
+    restarts: u32,
+    /// Why the instance last failed while it ran (kept in its restart's reasons).
+    crash: Option<String>,
+    /// When the restart in place under way is due.
+    restart_at: Option<std::time::Instant>,
+}
+
+/// The wait before restart in place `n` (1: the first) of an instance that failed while it
+/// ran: 1 s, doubling, at most 60 s, as a crash loop backs off.
+fn restart_delay(n: u32) -> Duration {
+    Duration::from_secs(1)
+        .saturating_mul(1u32 << n.saturating_sub(1).min(6))
+        .min(MAX_RESTART_DELAY)
+}
+
+/// The longest wait between two restarts in place.
+pub const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
+
+/// What to do with an instance that failed.
+enum AfterFailure {
+    /// It failed while it ran: restart `n` in place is due now.
+    RestartNow(u32),
+    /// A restart in place is due after this long.
+    RestartLater(Duration),
+    /// It failed while it ran: restart `n` is scheduled after `delay` (report it).
+    Crashed { n: u32, delay: Duration },
+    /// Its start failed: not retried in this generation.
+    Stay,
 }
 
 /// One host's agent.
@@ -663,10 +692,31 @@ impl Inner {
             (DesiredState::Running, InstanceState::Failed(reason)) => {
                 if retry_allowed && self.failure_already_reported(&a).await {
                     // The owner asked again (a new generation): clear the wreck and start over.
+                    self.forget_restarts(&a.vnf).await;
                     let _ = runtime.remove(&a.vnf).await;
-                    self.start(&a, &spec, runtime.as_ref()).await
-                } else {
-                    Ok(self.fail(&a, reason).await?)
+                    return self.start(&a, &spec, runtime.as_ref()).await;
+                }
+                // An instance that failed while it ran (a QEMU that exited, a worker that
+                // trapped) restarts in place, backing off; one whose start failed stays Failed.
+                match self.after_failure(&a, &reason).await {
+                    AfterFailure::RestartNow(n) => {
+                        tracing::warn!(vnf = %a.vnf, "restart {n} in place after: {reason}");
+                        let _ = runtime.remove(&a.vnf).await;
+                        self.start(&a, &spec, runtime.as_ref()).await
+                    }
+                    AfterFailure::RestartLater(wait) => {
+                        self.queue.add_after(a.vnf.clone(), wait);
+                        Ok(())
+                    }
+                    AfterFailure::Crashed { n, delay } => {
+                        self.queue.add_after(a.vnf.clone(), delay);
+                        let why = format!(
+                            "{reason}; restarting in place in {} s (restart {n})",
+                            delay.as_secs()
+                        );
+                        Ok(self.report(&a, Phase::Failed, why).await?)
+                    }
+                    AfterFailure::Stay => Ok(self.fail(&a, reason).await?),
                 }
             }
             (DesiredState::Running, InstanceState::Absent | InstanceState::Stopped) => {
@@ -731,10 +781,20 @@ impl Inner {
     /// `reason` followed by the runtime's note on the instance's start, if any.
     async fn with_note(&self, a: &Assignment, reason: String) -> String {
         let known = self.known.lock().await;
-        match known.get(&a.vnf).and_then(|k| k.note.as_deref()) {
+        let Some(k) = known.get(&a.vnf) else {
+            return reason;
+        };
+        let mut reason = match k.note.as_deref() {
             Some(note) => format!("{reason}; {note}"),
             None => reason,
+        };
+        if let (n @ 1.., Some(crash)) = (k.restarts, &k.crash) {
+            reason.push_str(&format!(
+                "; restarted in place {n} time{} (last after: {crash})",
+                if n == 1 { "" } else { "s" }
+            ));
         }
+        reason
     }
 
     async fn failure_already_reported(&self, a: &Assignment) -> bool {
@@ -745,6 +805,47 @@ impl Inner {
             .is_some_and(|(phase, _, generation, ..)| {
                 *phase == Phase::Failed && *generation != a.generation
             })
+    }
+
+    /// What follows the failure (`reason`) of `a`'s instance: a restart in place when it failed
+    /// while it ran (reported Running or Locked in this generation), or one already scheduled.
+    async fn after_failure(&self, a: &Assignment, reason: &str) -> AfterFailure {
+        let mut known = self.known.lock().await;
+        let k = known.entry(a.vnf.clone()).or_default();
+        let now = std::time::Instant::now();
+        if let Some(at) = k.restart_at {
+            if now < at {
+                return AfterFailure::RestartLater(at - now);
+            }
+            k.restart_at = None;
+            return AfterFailure::RestartNow(k.restarts);
+        }
+        let ran = k
+            .reported
+            .as_ref()
+            .is_some_and(|(phase, _, generation, ..)| {
+                matches!(phase, Phase::Running | Phase::Locked) && *generation == a.generation
+            });
+        if !ran {
+            return AfterFailure::Stay;
+        }
+        k.restarts = k.restarts.saturating_add(1);
+        let delay = restart_delay(k.restarts);
+        k.restart_at = Some(now + delay);
+        k.crash = Some(reason.to_owned());
+        AfterFailure::Crashed {
+            n: k.restarts,
+            delay,
+        }
+    }
+
+    /// Forgets `vnf`'s restarts in place (a new generation starts afresh).
+    async fn forget_restarts(&self, vnf: &Name) {
+        if let Some(k) = self.known.lock().await.get_mut(vnf) {
+            k.restarts = 0;
+            k.crash = None;
+            k.restart_at = None;
+        }
     }
 
     /// Reports the VNF Failed with `reason`; its start is not retried in this generation.

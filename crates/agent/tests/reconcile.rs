@@ -309,3 +309,53 @@ async fn devices_the_runtime_refuses_keep_it_running_and_say_why_once() {
         "no restart for a device"
     );
 }
+
+#[tokio::test]
+async fn an_instance_that_fails_while_it_runs_restarts_in_place_backing_off() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    let starts = |rt: &FakeRuntime| rt.calls().iter().filter(|c| c.starts_with("start")).count();
+    let crash = "QEMU exited without being asked (signal 9)";
+    rt.set("fw1", InstanceState::Failed(crash.into()));
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(
+        link.phases().last().unwrap(),
+        &(
+            Phase::Failed,
+            format!("{crash}; restarting in place in 1 s (restart 1)")
+        )
+    );
+    // Not due yet: a look changes nothing.
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(starts(&rt), 1);
+    // Due after a second: started again, and the reason says why.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while starts(&rt) < 2 {
+        assert!(std::time::Instant::now() < deadline, "never restarted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        agent.reconcile_once().await.unwrap();
+    }
+    assert!(
+        rt.calls()
+            .ends_with(&["remove fw1".into(), "start fw1".into()])
+    );
+    assert_eq!(
+        link.phases().last().unwrap(),
+        &(
+            Phase::Running,
+            format!("running; restarted in place 1 time (last after: {crash})")
+        )
+    );
+    // A second crash waits twice as long.
+    rt.set("fw1", InstanceState::Failed(crash.into()));
+    agent.reconcile_once().await.unwrap();
+    assert!(
+        link.phases()
+            .last()
+            .unwrap()
+            .1
+            .ends_with("restarting in place in 2 s (restart 2)"),
+        "{:?}",
+        link.phases()
+    );
+}

@@ -403,18 +403,36 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
     node.ok(&["vnf", "unlock", &vm]);
     node.wait_phase(&vm, "Running", DEADLINE);
 
-    // A crash (QEMU killed behind telvirt's back) is Failed with the reason; start restarts it.
+    // A crash (QEMU killed behind telvirt's back) is Failed with the reason, and the agent
+    // restarts it in place (Masakari's instance failure), saying so.
     sigkill(pid);
     let failed = node.wait(&vm, DEADLINE, "Failed", |v| v["phase"] == "Failed");
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("without being asked"),
+        reason.contains("without being asked") && reason.contains("restarting in place in 1 s"),
         "crash reason: {reason}"
     );
-    node.ok(&["vnf", "start", &vm]);
-    node.wait_phase(&vm, "Running", BOOT_DEADLINE);
-    let pid = node.qemu_pid();
-    assert_eq!(qemu_pids(&vm), vec![pid], "one new QEMU after the restart");
+    let back = node.wait(&vm, BOOT_DEADLINE, "Running again after Failed", |v| {
+        v["phase"] == "Running"
+            && v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("restarted in place 1 time"))
+    });
+    assert!(
+        back["reason"]
+            .as_str()
+            .unwrap()
+            .contains("without being asked"),
+        "{back}"
+    );
+    let new_pid = node.qemu_pid();
+    assert_ne!(new_pid, pid);
+    assert_eq!(
+        qemu_pids(&vm),
+        vec![new_pid],
+        "one new QEMU after the restart"
+    );
+    let pid = new_pid;
 
     // Delete stops the guest and QEMU goes away.
     node.ok(&["vnf", "delete", &vm]);
