@@ -11,7 +11,10 @@
 //! (`lost_packets`, and `outage_ms` = lost / rate), the sessions the new active found rather
 //! than made again (`sessions_kept_pct`, from the module's `sessions_created` counter) and a new
 //! standby running (`reheal_ms`). The baseline, in the same run: the same NAT without a standby,
-//! placed again by the healer (heal delay 0). It must not measure anything in-process.
+//! placed again by the healer (heal delay 0). Where it can (root, iperf3), each round also
+//! kills the active under an iperf3 TCP flow between two namespaces whose interfaces are pinned
+//! to h4, both set-ups: whether the connection survived and its longest gap. It must not measure
+//! anything in-process.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,7 +27,7 @@ use crate::bench_cluster::{
     Api, Hosts, descriptor, embedded_controller, lay_out_hosts, upload_example,
 };
 use crate::bench_control::{ms, percentile};
-use crate::bench_handover::{answer, poll_until};
+use crate::bench_handover::{ControllerProcess, answer, poll_until};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -101,6 +104,12 @@ pub struct FailoverReport {
     /// pair flip max / VRRP flip max.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub flip_ratio_to_vrrp: Option<f64>,
+    /// An iperf3 TCP flow through the NAT (its own set-up per kill), both set-ups (`None`: not
+    /// measured here, see `tcp_missing`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpFigures>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp_missing: Option<String>,
     pub goal_outage_le_50_ms: bool,
     pub goal_sessions_kept_100_pct: bool,
     pub goal_reheal_le_5000_ms: bool,
@@ -174,14 +183,27 @@ async fn counter(api: &Api, vnf: &str, name: &str) -> Result<u64> {
         .with_context(|| format!("vnf {vnf} has no counter {name}: {s}"))
 }
 
-/// One round: a fresh controller and four agents in `dir`, the stream through the NAT (a pair
-/// when `pair`), the active's agent killed and the recovery timed.
-async fn round(
+/// A round's processes with the NAT placed: its active on h1 or h2, its standby (a pair) on
+/// the other; h3 and h4 open for what the round places next.
+struct NatSetup {
+    /// Dropped first: the agents stop before their controller.
+    hosts: Hosts,
+    /// Held until the round ends.
+    _controller: ControllerProcess,
+    api: Api,
+    active: String,
+    standby: Option<String>,
+}
+
+/// A fresh controller and four agents in `dir`, the NAT (a pair when `pair`) placed and
+/// running; `before`: VNFs to create on h3 first (the others cordoned).
+async fn nat_setup(
     args: &FailoverArgs,
     dir: &Path,
     http: &reqwest::Client,
     pair: bool,
-) -> Result<FailoverRun> {
+    before: &[&str],
+) -> Result<NatSetup> {
     let ttl = args.host_lease_ttl_ms.to_string();
     let (controller, api) = embedded_controller(
         dir,
@@ -198,12 +220,11 @@ async fn round(
     };
     let firewall = lay_out_hosts(&api, &mut hosts, HOSTS).await?;
     let nat_module = upload_example(&api, "nat").await?;
-    // The firewalls (and so the generator and the sink) on h3.
     for h in ["h1", "h2", "h4"] {
         cordon(&api, h, true).await?;
     }
-    for fw in ["fwa", "fwb"] {
-        post_yaml(&api, "/v1/vnfs", descriptor(fw, 1, &firewall)).await?;
+    for vnf in before {
+        post_yaml(&api, "/v1/vnfs", descriptor(vnf, 1, &firewall)).await?;
     }
     // The NAT's active on h1 (and its standby on h2); h4 stays free until the kill.
     cordon(&api, "h3", true).await?;
@@ -222,11 +243,72 @@ async fn round(
     let placed = nat(&api).await.context("the NAT cannot be read")?;
     let (active, _) = instance(&placed, "active").context("the NAT has no active")?;
     let standby = instance(&placed, "standby").map(|(h, _)| h);
-    for h in ["h2", "h4"] {
+    for h in ["h2", "h3", "h4"] {
         cordon(&api, h, false).await?;
     }
+    Ok(NatSetup {
+        hosts,
+        _controller: controller,
+        api,
+        active,
+        standby,
+    })
+}
+
+/// What a kill of the active's agent took, from the kill: (detect, flip, reheal) in ms.
+type Recovery = (f64, f64, Option<f64>);
+
+/// Kills the agent of the NAT's active (`s.active`) and times its recovery: the host NotReady,
+/// the NAT active elsewhere, and (a pair) a new standby running on a third host.
+async fn kill_active(s: &mut NatSetup, pair: bool) -> Result<Recovery> {
+    let index = s
+        .active
+        .strip_prefix('h')
+        .and_then(|n| n.parse::<usize>().ok())
+        .and_then(|n| n.checked_sub(1))
+        .context("the active's host is not one of h1..h4")?;
+    let killed = Instant::now();
+    s.hosts.agents[index].kill();
+    let (mut detect, mut flip, mut reheal) = (None, None, None);
+    while detect.is_none() || flip.is_none() || (pair && reheal.is_none()) {
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("the NAT did not recover within 60 s of its host's failure");
+        }
+        if detect.is_none() && s.api.host_status(&s.active).await.as_deref() == Some("NotReady") {
+            detect = Some(ms(killed.elapsed()));
+        }
+        // One read of the NAT per poll serves both figures.
+        if let Some(v) = nat(&s.api).await {
+            if flip.is_none() && instance(&v, "active").is_some_and(|(h, _)| h != s.active) {
+                flip = Some(ms(killed.elapsed()));
+            }
+            if pair
+                && reheal.is_none()
+                && instance(&v, "standby").is_some_and(|(h, running)| {
+                    running && h != s.active && Some(&h) != s.standby.as_ref()
+                })
+            {
+                reheal = Some(ms(killed.elapsed()));
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok((detect.unwrap_or_default(), flip.unwrap_or_default(), reheal))
+}
+
+/// One round: a fresh controller and four agents in `dir`, the stream through the NAT (a pair
+/// when `pair`), the active's agent killed and the recovery timed.
+async fn round(
+    args: &FailoverArgs,
+    dir: &Path,
+    http: &reqwest::Client,
+    pair: bool,
+) -> Result<FailoverRun> {
+    // The firewalls (and so the generator and the sink) on h3.
+    let mut s = nat_setup(args, dir, http, pair, &["fwa", "fwb"]).await?;
+    let api = &s.api;
     post_yaml(
-        &api,
+        api,
         "/v1/networks",
         format!(
             "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: stream }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: {}, flows: {} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> fwa.in\n    - fwa.out -> nat.in\n    - nat.out -> fwb.in\n    - fwb.out -> sink.in\n",
@@ -249,67 +331,318 @@ async fn round(
                 });
             sessions == Some(args.flows)
                 && replicated
-                && stream(&api).await.is_ok_and(|(_, received)| received > 0)
+                && stream(api).await.is_ok_and(|(_, received)| received > 0)
         },
     )
     .await?;
-    let (sent0, received0) = stream(&api).await?;
-
-    let index = active
-        .strip_prefix('h')
-        .and_then(|n| n.parse::<usize>().ok())
-        .and_then(|n| n.checked_sub(1))
-        .context("the active's host is not one of h1..h4")?;
-    let killed = Instant::now();
-    hosts.agents[index].kill();
-    let (mut detect, mut flip, mut reheal) = (None, None, None);
-    while detect.is_none() || flip.is_none() || (pair && reheal.is_none()) {
-        if killed.elapsed() > Duration::from_secs(60) {
-            bail!("the NAT did not recover within 60 s of its host's failure");
-        }
-        if detect.is_none() && api.host_status(&active).await.as_deref() == Some("NotReady") {
-            detect = Some(ms(killed.elapsed()));
-        }
-        // One read of the NAT per poll serves both figures.
-        if let Some(v) = nat(&api).await {
-            if flip.is_none() && instance(&v, "active").is_some_and(|(h, _)| h != active) {
-                flip = Some(ms(killed.elapsed()));
-            }
-            if pair
-                && reheal.is_none()
-                && instance(&v, "standby").is_some_and(|(h, running)| {
-                    running && h != active && Some(&h) != standby.as_ref()
-                })
-            {
-                reheal = Some(ms(killed.elapsed()));
-            }
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let (sent0, received0) = stream(api).await?;
+    let (detect, flip, reheal) = kill_active(&mut s, pair).await?;
+    let api = &s.api;
     // The stream runs again through the new active; then the sink is read.
     poll_until(
         Duration::from_secs(60),
         "the stream back at the sink",
         || async {
-            stream(&api)
+            stream(api)
                 .await
                 .is_ok_and(|(_, received)| received > received0)
         },
     )
     .await?;
     tokio::time::sleep(SETTLE).await;
-    let created = counter(&api, "nat", "sessions_created").await?;
-    let (sent1, received1) = stream(&api).await?;
+    let created = counter(api, "nat", "sessions_created").await?;
+    let (sent1, received1) = stream(api).await?;
     let lost = (sent1 - sent0).saturating_sub(received1 - received0);
-    drop(hosts);
-    drop(controller);
     Ok(FailoverRun {
-        detect_ms: detect.unwrap_or_default(),
-        flip_ms: flip.unwrap_or_default(),
+        detect_ms: detect,
+        flip_ms: flip,
         lost_packets: lost,
         outage_ms: lost as f64 * 1000.0 / args.rate_pps as f64,
         sessions_kept_pct: 100.0 * args.flows.saturating_sub(created) as f64 / args.flows as f64,
         reheal_ms: reheal,
+    })
+}
+
+/// How long the TCP flow of a round runs; the active's agent dies `TCP_KILL_AT` into it.
+const TCP_SECONDS: u64 = 6;
+const TCP_KILL_AT: Duration = Duration::from_secs(2);
+
+/// One kill under the TCP flow.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpRun {
+    pub flip_ms: f64,
+    /// The longest run of iperf3's 100 ms intervals that moved no data, in ms (0: the gap was
+    /// shorter than the resolution).
+    pub gap_ms: f64,
+    /// The connection carried data to its end (iperf3 succeeded, its last second moved data).
+    pub survived: bool,
+    /// Segments TCP sent again over the whole flow.
+    pub retransmits: u64,
+    /// Throughput over the flow, Mbit/s.
+    pub mbps: f64,
+    /// What iperf3 said when it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The TCP flow's kills, both set-ups.
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpFigures {
+    pub measured: String,
+    pub pair: Vec<TcpRun>,
+    /// Baseline: the same NAT without a standby, placed again by the healer.
+    pub single: Vec<TcpRun>,
+    pub pair_gap_max_ms: f64,
+    pub pair_survived_all: bool,
+    pub single_survived_any: bool,
+}
+
+/// The client and server namespaces of the TCP flow, each with a veth whose other end stays in
+/// this namespace, where h4's agent opens it as a host interface; deleted on drop.
+struct TcpEnds {
+    /// Client, server.
+    names: [String; 2],
+}
+
+impl TcpEnds {
+    /// Client 10.204.0.1, server 192.0.2.2 behind the NAT's default public address 192.0.2.1.
+    /// The NAT forwards IPv4 TCP/UDP only (no ARP): each side knows the other's MAC.
+    fn create() -> Result<Self> {
+        use crate::cluster::ip;
+        let tag = std::process::id() % 100_000;
+        let ends = TcpEnds {
+            names: [format!("tvfc{tag}"), format!("tvfs{tag}")],
+        };
+        for name in &ends.names {
+            ip(&["netns", "add", name])?;
+            ip(&[
+                "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", name,
+            ])?;
+            for (ns, dev) in [(None, name.as_str()), (Some(name.as_str()), "eth0")] {
+                let mut exec: Vec<&str> = Vec::new();
+                if let Some(ns) = ns {
+                    exec.extend(["ip", "netns", "exec", ns]);
+                }
+                // The NAT rewrites addresses with incremental checksum updates: full packets.
+                let mut ethtool = exec.clone();
+                ethtool.extend(["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off"]);
+                ethtool.extend(["gso", "off", "gro", "off"]);
+                run_quiet(&ethtool)?;
+                match ns {
+                    Some(ns) => ip(&["-n", ns, "link", "set", dev, "up"])?,
+                    None => ip(&["link", "set", dev, "up"])?,
+                };
+            }
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+        }
+        let [client, server] = &ends.names;
+        let mac = |ns: &str| -> Result<String> {
+            let out = ip(&["-n", ns, "-o", "link", "show", "eth0"])?;
+            out.split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .map(str::to_owned)
+                .with_context(|| format!("no MAC address on eth0 in {ns}: {out}"))
+        };
+        let (mac_c, mac_s) = (mac(client)?, mac(server)?);
+        ip(&["-n", client, "addr", "add", "10.204.0.1/24", "dev", "eth0"])?;
+        ip(&["-n", client, "route", "add", "192.0.2.0/24", "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            client,
+            "neigh",
+            "add",
+            "192.0.2.2",
+            "lladdr",
+            &mac_s,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        ip(&["-n", server, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            server,
+            "neigh",
+            "add",
+            "192.0.2.1",
+            "lladdr",
+            &mac_c,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])?;
+        Ok(ends)
+    }
+
+    /// `iperf3 args` in namespace `ns`.
+    fn iperf3(ns: &str, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", ns, "iperf3"]).args(args);
+        c.stdin(std::process::Stdio::null());
+        c
+    }
+}
+
+impl Drop for TcpEnds {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["link", "del", name])
+                .output();
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .output();
+        }
+    }
+}
+
+/// Runs `cmd` (a program and its arguments), its output discarded; an error names it.
+fn run_quiet(cmd: &[&str]) -> Result<()> {
+    let (program, args) = cmd.split_first().context("an empty command")?;
+    let out = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed: {}",
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Why the TCP flow cannot be measured here, if it cannot.
+fn tcp_missing() -> Option<String> {
+    if !crate::cluster::is_root() {
+        return Some("the TCP flow needs root (network namespaces)".into());
+    }
+    for tool in ["iperf3", "ethtool"] {
+        let found = std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok();
+        if !found {
+            return Some(format!(
+                "the TCP flow needs {tool} (scripts/deps.sh installs it)"
+            ));
+        }
+    }
+    None
+}
+
+/// The figures of one iperf3 `-J` report with 100 ms intervals.
+fn tcp_figures(report: &serde_json::Value) -> (f64, bool, u64, f64) {
+    let intervals: Vec<u64> = report["intervals"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|i| i["sum"]["bytes"].as_u64().unwrap_or(0))
+                .collect()
+        })
+        .unwrap_or_default();
+    let (mut run, mut longest) = (0u64, 0u64);
+    for bytes in &intervals {
+        run = if *bytes == 0 { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let last_second: u64 = intervals.iter().rev().take(10).sum();
+    let end = &report["end"];
+    let ok = report["error"].is_null() && last_second > 0;
+    (
+        longest as f64 * 100.0,
+        ok,
+        end["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        end["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6,
+    )
+}
+
+/// One round under a TCP flow: the NAT (a pair when `pair`) between a client and a server
+/// namespace whose interfaces are pinned to h4, iperf3 for `TCP_SECONDS`, the active's agent
+/// killed `TCP_KILL_AT` into it.
+async fn tcp_round(
+    args: &FailoverArgs,
+    dir: &Path,
+    http: &reqwest::Client,
+    pair: bool,
+) -> Result<TcpRun> {
+    let mut s = nat_setup(args, dir, http, pair, &[]).await?;
+    let ends = TcpEnds::create()?;
+    let [client, server] = &ends.names;
+    post_yaml(
+        &s.api,
+        "/v1/networks",
+        format!(
+            "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: tcp }}\nspec:\n  links:\n    - host:{client}@h4 -> nat.in\n    - nat.out -> host:{server}@h4\n    - host:{server}@h4 -> nat.out\n    - nat.in -> host:{client}@h4\n"
+        ),
+    )
+    .await?;
+    let _server = crate::bench_control::BenchChild(
+        TcpEnds::iperf3(server, &["-s", "-p", "5201"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting the iperf3 server")?,
+    );
+    // The path works once a short transfer goes through.
+    poll_until(Duration::from_secs(60), "TCP through the NAT", || async {
+        let probe = TcpEnds::iperf3(client, &["-c", "192.0.2.2", "-p", "5201", "-n", "64K"]);
+        tokio::task::spawn_blocking(move || {
+            let mut probe = probe;
+            probe.output().is_ok_and(|o| o.status.success())
+        })
+        .await
+        .unwrap_or(false)
+    })
+    .await?;
+    let seconds = TCP_SECONDS.to_string();
+    let mut flow = TcpEnds::iperf3(
+        client,
+        &[
+            "-c",
+            "192.0.2.2",
+            "-p",
+            "5201",
+            "-t",
+            &seconds,
+            "-i",
+            "0.1",
+            "-J",
+        ],
+    );
+    let flow = flow
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting the iperf3 client")?;
+    let flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
+    tokio::time::sleep(TCP_KILL_AT).await;
+    let (_, flip, _) = kill_active(&mut s, pair).await?;
+    let out = tokio::time::timeout(Duration::from_secs(TCP_SECONDS + 30), flow)
+        .await
+        .context("the iperf3 client did not end")???;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 -J printed no report: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })?;
+    let (gap_ms, survived, retransmits, mbps) = tcp_figures(&report);
+    Ok(TcpRun {
+        flip_ms: flip,
+        gap_ms,
+        survived: survived && out.status.success(),
+        retransmits,
+        mbps,
+        error: report["error"].as_str().map(str::to_owned),
     })
 }
 
@@ -348,24 +681,46 @@ pub async fn run_failover_bench(
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()?;
-    let total = u64::from(2 * args.rounds + 1);
+    let tcp_missing = tcp_missing();
+    let per_round = if tcp_missing.is_none() { 4 } else { 2 };
+    let total = u64::from(per_round * args.rounds + 1);
     progress(0, total);
     let result = async {
         let (mut pair, mut single) = (Vec::new(), Vec::new());
+        let (mut tcp_pair, mut tcp_single) = (Vec::new(), Vec::new());
+        let mut done = 0;
         for i in 0..args.rounds {
             // Alternating, so both set-ups see the machine alike.
             pair.push(round(args, &dir.join(format!("pair-{i}")), &http, true).await?);
-            progress(u64::from(2 * i + 1), total);
             single.push(round(args, &dir.join(format!("single-{i}")), &http, false).await?);
-            progress(u64::from(2 * i + 2), total);
+            done += 2;
+            progress(done, total);
+            if tcp_missing.is_none() {
+                let at = |set: &str| dir.join(format!("tcp-{set}-{i}"));
+                tcp_pair.push(tcp_round(args, &at("pair"), &http, true).await?);
+                tcp_single.push(tcp_round(args, &at("single"), &http, false).await?);
+                done += 2;
+                progress(done, total);
+            }
         }
-        Ok::<_, anyhow::Error>((pair, single))
+        Ok::<_, anyhow::Error>((pair, single, tcp_pair, tcp_single))
     }
     .await;
     let vrrp = crate::bench_vrrp::vrrp_baseline(&dir.join("vrrp"), args.rounds);
     progress(total, total);
     let _ = std::fs::remove_dir_all(&dir);
-    let (pair, single) = result?;
+    let (pair, single, tcp_pair, tcp_single) = result?;
+    let tcp = tcp_missing.is_none().then(|| TcpFigures {
+        measured: format!(
+            "iperf3 TCP, {TCP_SECONDS} s with 100 ms intervals, from a client namespace to a server namespace through the NAT (the namespaces' veths pinned to h4 as host:IFNAME@h4, the NAT's roles on h1 and h2); SIGKILL of the active's agent {} s into the flow",
+            TCP_KILL_AT.as_secs()
+        ),
+        pair_gap_max_ms: tcp_pair.iter().map(|r| r.gap_ms).fold(0.0, f64::max),
+        pair_survived_all: tcp_pair.iter().all(|r| r.survived),
+        single_survived_any: tcp_single.iter().any(|r| r.survived),
+        pair: tcp_pair,
+        single: tcp_single,
+    });
     let (vrrp, vrrp_missing) = match vrrp {
         Ok(v) => (Some(v), None),
         Err(e) => (None, Some(format!("{e:#}"))),
@@ -395,6 +750,8 @@ pub async fn run_failover_bench(
             .map(|v| pair.runs.iter().map(|r| r.flip_ms).fold(0.0, f64::max) / v.flip_max_ms),
         vrrp,
         vrrp_missing,
+        tcp,
+        tcp_missing,
         goal_outage_le_50_ms: pair.outage_max_ms <= 50.0,
         goal_sessions_kept_100_pct: pair.sessions_kept_pct_min >= 100.0,
         goal_reheal_le_5000_ms: pair.reheal_max_ms.is_some_and(|r| r <= 5000.0),
@@ -447,6 +804,14 @@ pub fn failover_bench(format: Output, args: FailoverArgs) -> Result<()> {
             r.flip_ratio_to_vrrp.unwrap_or_default()
         ),
         (None, Some(why)) => println!("VRRP baseline not measured: {why}"),
+        (None, None) => {}
+    }
+    match (&r.tcp, &r.tcp_missing) {
+        (Some(t), _) => println!(
+            "TCP flow (iperf3): pair survived every kill: {}, longest gap {:.0} ms (0: under iperf3's 100 ms); without a standby it survived: {}",
+            t.pair_survived_all, t.pair_gap_max_ms, t.single_survived_any
+        ),
+        (None, Some(why)) => println!("TCP flow not measured: {why}"),
         (None, None) => {}
     }
     let met = |ok: bool| if ok { "met" } else { "NOT met" };

@@ -1,7 +1,7 @@
 //! `telvirt bench failover`, at its smallest, reports every figure from real processes: the NAT
 //! pair keeps every session across the kill of its active's agent and gets a new standby, the
 //! baseline NAT without a standby makes every session again; keepalived's VRRP, the classic
-//! baseline, is timed beside them where it can run.
+//! baseline, is timed beside them where it can run, and so is an iperf3 TCP flow through each.
 
 mod common;
 use serde_json::Value;
@@ -34,5 +34,16 @@ fn bench_failover_reports_every_figure() {
             assert!(r["flip_ratio_to_vrrp"].as_f64().unwrap() > 0.0, "{r}");
         }
         None => assert!(r["vrrp_missing"].as_str().unwrap().contains("root"), "{r}"),
+    }
+    // An iperf3 TCP flow through the NAT: the pair keeps the connection (its sessions were
+    // replicated), the NAT without a standby loses it; where namespaces cannot be made, the
+    // report says why not.
+    match r["tcp"]["pair_survived_all"].as_bool() {
+        Some(survived) => {
+            assert!(survived, "{r}");
+            assert_eq!(r["tcp"]["single_survived_any"], false, "{r}");
+            assert!(r["tcp"]["pair"][0]["flip_ms"].as_f64().unwrap() > 0.0, "{r}");
+        }
+        None => assert!(r["tcp_missing"].as_str().is_some(), "{r}"),
     }
 }
