@@ -260,17 +260,16 @@ pub async fn serve_standbys(
                 silent: false,
             };
             let ended = conn.serve(stream, state, host.as_ref()).await;
-            // A connection its peer closed while it still spoke: the active's agent is gone
-            // (its kernel closed the socket). One that ended after a silence, or failed on this
-            // side, may be a cut path: it counts as silent.
-            let closed = !conn.silent
-                && matches!(
-                    &ended,
-                    Err(e) if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
-                    )
-                );
+            // A connection its peer closed (or reset): the active's agent is gone (its kernel
+            // closed the socket; an active never closes it while it is one, however long it
+            // waits). One that failed on this side may be a cut path: it counts as silent.
+            let closed = matches!(
+                &ended,
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                )
+            );
             let why = match &ended {
                 Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                     format!("its host {peer} closed the replication connection")
@@ -559,7 +558,8 @@ async fn send_loop(
                 epoch: *epoch,
                 silence: detection.silence(),
             };
-            match send_one(&state, conn, header).await {
+            let slow = |why: String| set(&|s| fail(s, why.clone()));
+            match send_one(&state, conn, header, &slow).await {
                 // The instance could not give a batch (e.g. its update log overflowed): a full
                 // snapshot next, on the same connection (closing it would tell the standby its
                 // active is lost).
@@ -626,12 +626,13 @@ enum SendError {
 }
 
 /// Takes one batch off the active instance and sends it with `header` (a snapshot when its
-/// kind says so; a keepalive when nothing changed). Returns the acknowledgement, the bytes
-/// sent and when the batch was taken.
+/// kind says so; a keepalive when nothing changed), telling `slow` while the acknowledgement
+/// keeps it waiting. Returns the acknowledgement, the bytes sent and when the batch was taken.
 async fn send_one(
     state: &Arc<dyn ReplicaState>,
     conn: &mut TcpStream,
     mut header: Header,
+    slow: &(dyn Fn(String) + Sync),
 ) -> Result<(Ack, u64, Instant), SendError> {
     let taken = Instant::now();
     let full = header.kind == KIND_SNAPSHOT;
@@ -653,14 +654,18 @@ async fn send_one(
         write_batch(conn, &header, &bytes).await?;
         read_ack(conn).await
     };
-    let ack = tokio::time::timeout(IO_TIMEOUT, exchange)
-        .await
-        .map_err(|_| {
-            SendError::Io(format!(
-                "the standby did not acknowledge within {IO_TIMEOUT:?}"
-            ))
-        })?
-        .map_err(|e| SendError::Io(format!("sending to the standby: {e}")))?;
+    tokio::pin!(exchange);
+    // A slow standby (or a cut path) is waited for on the same connection: an active closes
+    // it only when it stops being one or its process dies, so a close is proof to the standby.
+    let ack = loop {
+        match tokio::time::timeout(IO_TIMEOUT, &mut exchange).await {
+            Ok(r) => break r.map_err(|e| SendError::Io(format!("sending to the standby: {e}")))?,
+            Err(_) => slow(format!(
+                "the standby has not acknowledged batch {seq} for {} s",
+                IO_TIMEOUT.as_secs()
+            )),
+        }
+    };
     if ack.seq != seq {
         return Err(SendError::Io(format!(
             "the standby acknowledged batch {} for batch {seq}",
@@ -862,7 +867,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_silent_active_is_lost_until_it_speaks_and_its_close_after_a_silence_is_no_proof() {
+    async fn a_silent_active_is_lost_until_it_speaks_and_its_close_is_proof() {
         let host = Arc::new(Standbys::default());
         let (address, _) = standby_host(host.clone()).await;
         let mut conn = TcpStream::connect(&address).await.unwrap();
@@ -891,8 +896,8 @@ mod tests {
                 .is_some_and(|(_, l)| l.is_none())
         })
         .await;
-        // Silent again, then the connection ends: a cut path that healed may deliver a close
-        // late, so it counts as silent still.
+        // Silent again, then the connection ends: its host closed it (an active never does
+        // while it is one), so the active is gone.
         wait_for("the second silence was never noticed", || {
             host.lost().len() == 2
         })
@@ -900,7 +905,7 @@ mod tests {
         drop(conn);
         wait_for("the end was never noticed", || host.lost().len() == 3).await;
         let lost = host.lost();
-        assert!(!lost[2].1.closed, "{lost:?}");
+        assert!(lost[2].1.closed, "{lost:?}");
     }
 
     #[tokio::test]

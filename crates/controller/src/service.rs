@@ -1460,6 +1460,11 @@ impl Controller {
                 migrating = vnf.migration.is_some();
                 if role == telvirt_model::Role::Standby {
                     active_lost.clone_from(&obs.active_lost);
+                    let before = vnf
+                        .standby
+                        .as_ref()
+                        .filter(|s| s.host == host)
+                        .and_then(|s| s.active_lost.clone());
                     // The standby's own status: the VNF's phase is its active instance's.
                     vnf.standby = Some(InstanceStatus {
                         host: host.to_owned(),
@@ -1467,7 +1472,19 @@ impl Controller {
                         reason: obs.reason.clone(),
                         active_lost: obs.active_lost.clone(),
                     });
-                    return Ok(None);
+                    // Losing its active, and hearing it again, are events (the phase stays).
+                    let active = crate::maps::active_host(vnf).unwrap_or_default();
+                    let event = match (&before, &obs.active_lost) {
+                        (None, Some(lost)) => Some(format!(
+                            "the standby on {host} lost its active on {active}: {}",
+                            lost.why
+                        )),
+                        (Some(_), None) => Some(format!(
+                            "the standby on {host} hears its active on {active} again"
+                        )),
+                        _ => None,
+                    };
+                    return Ok(event.map(|e| (vnf.phase, e, format!("agent/{host}"))));
                 }
                 vnf.replication = obs.replication.clone();
                 active_failed = obs.phase == Phase::Failed;

@@ -333,6 +333,13 @@ async fn a_standby_that_no_longer_hears_a_live_active_takes_over_only_once_its_l
         format!("nothing from {act} for 30 ms"),
         "{v}"
     );
+    let last = node.events("p1").await.pop().unwrap();
+    assert_eq!(
+        last["reason"],
+        format!("the standby on {sby} lost its active on {act}: nothing from {act} for 30 ms"),
+        "{last}"
+    );
+    assert_eq!((&last["from"], &last["to"]), (&last["to"], &v["phase"]));
 
     // The active's host goes quiet too: once its lease runs out (its agent has fenced the
     // instance by then), the standby is the active, at a new epoch.

@@ -66,6 +66,9 @@ pub struct FailoverRun {
     pub sessions_kept_pct: f64,
     /// Until a new standby runs on a third host (`None`: the set-up has no standby).
     pub reheal_ms: Option<f64>,
+    /// Times the standby reported its live active silent before the kill (false detections
+    /// of the pair's 10 ms x 3 heartbeat under this load; they move nothing).
+    pub silences_before_kill: u64,
 }
 
 /// One set-up's kills and their medians.
@@ -255,8 +258,25 @@ async fn nat_setup(
     })
 }
 
-/// What a kill of the active's agent took, from the kill: (detect, flip, reheal) in ms.
-type Recovery = (f64, f64, Option<f64>);
+/// What a kill of the active's agent took, from the kill (ms).
+struct Recovery {
+    detect: f64,
+    flip: f64,
+    reheal: Option<f64>,
+    /// Times the standby said it lost its live active before the kill: false detections of
+    /// the pair's heartbeat (`--pair-interval-ms` x `--pair-detect-multiplier`) on this machine.
+    silences: u64,
+}
+
+/// The NAT's events whose reason contains `what`.
+async fn events_saying(api: &Api, what: &str) -> Result<u64> {
+    let events = api.json("/v1/vnfs/nat/events").await?;
+    Ok(events.as_array().map_or(0, |all| {
+        all.iter()
+            .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains(what)))
+            .count() as u64
+    }))
+}
 
 /// Kills the agent of the NAT's active (`s.active`) and times its recovery: the host NotReady,
 /// the NAT active elsewhere, and (a pair) a new standby running on a third host.
@@ -267,6 +287,7 @@ async fn kill_active(s: &mut NatSetup, pair: bool) -> Result<Recovery> {
         .and_then(|n| n.parse::<usize>().ok())
         .and_then(|n| n.checked_sub(1))
         .context("the active's host is not one of h1..h4")?;
+    let silences = events_saying(&s.api, "lost its active on").await?;
     let killed = Instant::now();
     s.hosts.agents[index].kill();
     let (mut detect, mut flip, mut reheal) = (None, None, None);
@@ -293,7 +314,12 @@ async fn kill_active(s: &mut NatSetup, pair: bool) -> Result<Recovery> {
         }
         tokio::time::sleep(POLL).await;
     }
-    Ok((detect.unwrap_or_default(), flip.unwrap_or_default(), reheal))
+    Ok(Recovery {
+        detect: detect.unwrap_or_default(),
+        flip: flip.unwrap_or_default(),
+        reheal,
+        silences,
+    })
 }
 
 /// One round: a fresh controller and four agents in `dir`, the stream through the NAT (a pair
@@ -336,7 +362,7 @@ async fn round(
     )
     .await?;
     let (sent0, received0) = stream(api).await?;
-    let (detect, flip, reheal) = kill_active(&mut s, pair).await?;
+    let recovery = kill_active(&mut s, pair).await?;
     let api = &s.api;
     // The stream runs again through the new active; then the sink is read.
     poll_until(
@@ -354,12 +380,13 @@ async fn round(
     let (sent1, received1) = stream(api).await?;
     let lost = (sent1 - sent0).saturating_sub(received1 - received0);
     Ok(FailoverRun {
-        detect_ms: detect,
-        flip_ms: flip,
+        detect_ms: recovery.detect,
+        flip_ms: recovery.flip,
         lost_packets: lost,
         outage_ms: lost as f64 * 1000.0 / args.rate_pps as f64,
         sessions_kept_pct: 100.0 * args.flows.saturating_sub(created) as f64 / args.flows as f64,
-        reheal_ms: reheal,
+        reheal_ms: recovery.reheal,
+        silences_before_kill: recovery.silences,
     })
 }
 
@@ -371,6 +398,8 @@ const TCP_KILL_AT: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Serialize)]
 pub struct TcpRun {
     pub flip_ms: f64,
+    /// As in [`FailoverRun`].
+    pub silences_before_kill: u64,
     /// The longest run of iperf3's 100 ms intervals that moved no data, in ms (0: the gap was
     /// shorter than the resolution).
     pub gap_ms: f64,
@@ -625,7 +654,7 @@ async fn tcp_round(
         .context("starting the iperf3 client")?;
     let flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
     tokio::time::sleep(TCP_KILL_AT).await;
-    let (_, flip, _) = kill_active(&mut s, pair).await?;
+    let recovery = kill_active(&mut s, pair).await?;
     let out = tokio::time::timeout(Duration::from_secs(TCP_SECONDS + 30), flow)
         .await
         .context("the iperf3 client did not end")???;
@@ -637,7 +666,8 @@ async fn tcp_round(
     })?;
     let (gap_ms, survived, retransmits, mbps) = tcp_figures(&report);
     Ok(TcpRun {
-        flip_ms: flip,
+        flip_ms: recovery.flip,
+        silences_before_kill: recovery.silences,
         gap_ms,
         survived: survived && out.status.success(),
         retransmits,

@@ -544,6 +544,19 @@ fn a_cut_path_between_a_pair_that_both_reach_the_controller_keeps_one_active() {
     });
     let v = node.json(&["vnf", "show", "natp"]);
     assert_eq!(role_host("active", &v), active, "{v}");
+    // Both were events by the standby's agent, the phase unchanged.
+    let events = node.json(&["vnf", "events", "natp"]);
+    for what in ["lost its active on", "hears its active on"] {
+        assert!(
+            events
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["actor"] == format!("agent/{standby}").as_str()
+                    && e["reason"].as_str().is_some_and(|r| r.contains(what))),
+            "{what}: {events}"
+        );
+    }
 }
 
 /// Asserts that VNF `vnf` has an event by the healer whose reason contains `what`.

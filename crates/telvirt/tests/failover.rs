@@ -42,7 +42,10 @@ fn bench_failover_reports_every_figure() {
         Some(survived) => {
             assert!(survived, "{r}");
             assert_eq!(r["tcp"]["single_survived_any"], false, "{r}");
-            assert!(r["tcp"]["pair"][0]["flip_ms"].as_f64().unwrap() > 0.0, "{r}");
+            assert!(
+                r["tcp"]["pair"][0]["flip_ms"].as_f64().unwrap() > 0.0,
+                "{r}"
+            );
         }
         None => assert!(r["tcp_missing"].as_str().is_some(), "{r}"),
     }
