@@ -268,6 +268,15 @@ impl Agent {
     /// An agent runs once: after `run` returns, its queue hands out nothing more.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let inner = &self.inner;
+        if let Some(replicas) = &inner.replicas {
+            // A stream that changed state is reported at once (a move switches once synced).
+            let weak = Arc::downgrade(inner);
+            replicas.on_state_change(Box::new(move |vnf| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.queue.add(vnf.clone());
+                }
+            }));
+        }
         let workers: Vec<_> = (0..inner.config.workers.get())
             .map(|_| {
                 let inner = Arc::clone(inner);

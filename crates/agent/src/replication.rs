@@ -17,7 +17,7 @@
 //! assignments say) nor touch an instance other than through [`ReplicaState`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
@@ -410,6 +410,8 @@ pub struct Replicas {
     /// answer fences it (`None`: nothing is gated).
     fencing: Option<Arc<Fencing>>,
     senders: Mutex<HashMap<Name, Sender>>,
+    /// Told when a stream's state changes (its VNF's name).
+    changed: Arc<OnceLock<StateChanged>>,
 }
 
 impl Replicas {
@@ -419,7 +421,14 @@ impl Replicas {
             detection,
             fencing: None,
             senders: Mutex::new(HashMap::new()),
+            changed: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Calls `tell` with the VNF's name whenever a stream's state changes (resyncing, synced,
+    /// failing, fenced). Set once; later calls are ignored.
+    pub fn on_state_change(&self, tell: StateChanged) {
+        let _ = self.changed.set(tell);
     }
 
     /// Tells the gates of `fencing` what the standbys answer.
@@ -466,6 +475,7 @@ impl Replicas {
                 epoch,
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
+                changed: Arc::clone(&self.changed),
             },
             Arc::clone(&self.state),
             Arc::clone(&status),
@@ -512,7 +522,12 @@ struct SendTo {
     detection: Detection,
     /// The instance's gate: kept open by acknowledgements, closed by a stale answer.
     gate: Option<Arc<ForwardGate>>,
+    /// Told when the stream's state changes.
+    changed: Arc<OnceLock<StateChanged>>,
 }
+
+/// What [`Replicas::on_state_change`] calls.
+pub type StateChanged = Box<dyn Fn(&Name) + Send + Sync>;
 
 /// Sends `to.vnf`'s maps to the standby at `to.address` every interval until aborted: a full
 /// snapshot first (and whenever the standby asks), then the update log.
@@ -527,13 +542,23 @@ async fn send_loop(
         epoch,
         detection,
         gate,
+        ..
     } = &to;
     // Acknowledgements keep the instance forwarding for half the standby's silence: a standby
     // that stopped hearing it has the instance's gate closed (unless its lease holds) before
     // it says so.
     let window = detection.silence() / 2;
+    // A change of the stream's state is told at once (a move waits for `synced`).
     let set = |f: &dyn Fn(&mut ReplicationStatus)| {
-        f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
+        let changed = {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            let before = s.state.clone();
+            f(&mut s);
+            s.state != before
+        };
+        if changed && let Some(tell) = to.changed.get() {
+            tell(vnf);
+        }
     };
     let mut stream: Option<TcpStream> = None;
     let mut full = true;

@@ -402,9 +402,8 @@ impl Controller {
             if self.store.txn(compares, ops).await?.succeeded {
                 tracing::info!(vnf = name, "healed: {reason}");
                 self.metrics.event();
+                // Hosts holding its networks rewire when its active moved (`vnf_changed`).
                 self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
-                // The VNF's network may span hosts that hold none of its roles: they rewire.
-                super::bump(self.networks_version());
                 return Ok(true);
             }
         }

@@ -332,6 +332,11 @@ impl Controller {
         if before.map(assignment_facts) == after.map(assignment_facts) {
             return;
         }
+        // Its active instance was placed, moved or is gone: hosts that hold its networks
+        // without holding it (a spanning chain's other hosts, pinned interfaces) rewire too.
+        if before.and_then(crate::maps::active_host) != after.and_then(crate::maps::active_host) {
+            bump(self.networks_version());
+        }
         let mut hosts: Vec<&str> = before
             .into_iter()
             .chain(after)

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Node, wasm_vnf};
 
 const YAML: &str = "application/yaml";
@@ -571,4 +573,53 @@ async fn a_host_interface_pinned_to_a_host_stays_there_and_a_standby_holds_no_ne
         "{}",
         shown.body
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_holding_a_network_rewire_when_a_vnf_it_names_is_placed_or_goes() {
+    let node = Node::start().await;
+    node.cordon("h1").await;
+    for h in ["h2", "h3"] {
+        let mut record = common::host_record(h);
+        record.tunnel = Some(format!("127.0.0.{}:4789", &h[1..]));
+        node.controller.register_host(record).await.unwrap();
+    }
+    node.cordon("h2").await;
+    node.cordon("h3").await;
+    // h3 holds the network through its pinned interface while p1 waits for a host.
+    let edge = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: edge }\nspec:\n  links: [host:vc0@h3 -> p1.in]\n";
+    create_vnf(&node, &node.admin, "p1").await;
+    let rev = || {
+        node.controller
+            .wait_networks("h3", u64::MAX, Duration::ZERO)
+    };
+    assert_eq!(create(&node, &node.admin, edge).await.status, 201);
+    let before = rev().await;
+    node.uncordon("h2").await;
+    node.wait_vnf(&node.admin, "p1", |v| common::role_hosts(v).len() == 1)
+        .await;
+    // p1 placed on h2: h3, which holds none of p1, sees a new revision and the span.
+    let placed = rev().await;
+    assert_ne!(placed, before, "h3 was not told p1 was placed");
+    let set = node.controller.host_networks("h3").await.unwrap();
+    assert_eq!(set.spans[0].hosts["p1"], "h2", "{set:?}");
+    // p1 deleted: told again.
+    let r = node
+        .call(
+            "DELETE",
+            "/v1/vnfs/{name}",
+            Some("p1"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert!(r.status < 300, "{}", r.body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rev().await == placed {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "h3 was not told p1 went"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -90,6 +90,11 @@ pub struct MapView {
     /// Entries it holds now (an array map: always `max_entries`).
     pub entries: u64,
     pub max_entries: u32,
+    /// Bytes of each entry's key and value.
+    #[serde(default)]
+    pub key_size: u32,
+    #[serde(default)]
+    pub value_size: u32,
 }
 
 /// A running wasm VNF's counters (`GET /v1/vnfs/{name}/stats`): the runtime's own, and the

@@ -41,6 +41,10 @@ pub enum BenchCommand {
     /// controller and agent processes: detection, failover, packets lost, sessions kept and a
     /// new standby, against the same NAT without a standby placed again by the healer
     Failover(crate::bench_failover::FailoverArgs),
+    /// A wasm NAT under a generator stream moves to another host (`vnf migrate`), with real
+    /// controller and agent processes: time, packets lost, sessions kept and state streamed,
+    /// against a cold move (deleted, created on the destination)
+    Migrate(crate::bench_migrate::MigrateArgs),
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +110,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Handover(args) => crate::bench_handover::handover(format, args),
         BenchCommand::Cluster(args) => crate::bench_cluster::cluster_bench(format, args),
         BenchCommand::Failover(args) => crate::bench_failover::failover_bench(format, args),
+        BenchCommand::Migrate(args) => crate::bench_migrate::migrate_bench(format, args),
     }
 }
 

@@ -129,7 +129,7 @@ fn nat_descriptor(name: &str, module: &str, pair: bool) -> String {
     )
 }
 
-async fn post_yaml(api: &Api, path: &str, body: String) -> Result<serde_json::Value> {
+pub(crate) async fn post_yaml(api: &Api, path: &str, body: String) -> Result<serde_json::Value> {
     answer(
         api.request(reqwest::Method::POST, path)
             .header("content-type", "application/yaml")
@@ -138,21 +138,28 @@ async fn post_yaml(api: &Api, path: &str, body: String) -> Result<serde_json::Va
     .await
 }
 
-async fn cordon(api: &Api, host: &str, on: bool) -> Result<()> {
+pub(crate) async fn cordon(api: &Api, host: &str, on: bool) -> Result<()> {
     let what = if on { "cordon" } else { "uncordon" };
     let _: serde_json::Value =
         answer(api.request(reqwest::Method::POST, &format!("/v1/hosts/{host}/{what}"))).await?;
     Ok(())
 }
 
+/// Network `stream`: gen -> fwa -> nat -> fwb -> sink at `rate_pps` in `flows` flows.
+pub(crate) fn stream_network(rate_pps: u64, flows: u64) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: stream }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: {rate_pps}, flows: {flows} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> fwa.in\n    - fwa.out -> nat.in\n    - nat.out -> fwb.in\n    - fwb.out -> sink.in\n"
+    )
+}
+
 /// The NAT as the API shows it now (`None` while it cannot be read).
-async fn nat(api: &Api) -> Option<serde_json::Value> {
+pub(crate) async fn nat(api: &Api) -> Option<serde_json::Value> {
     api.json("/v1/vnfs/nat").await.ok()
 }
 
 /// The host of VNF `v`'s instance in `role`, and whether it runs (the VNF's phase for the
 /// active, its standby status for the standby).
-fn instance(v: &serde_json::Value, role: &str) -> Option<(String, bool)> {
+pub(crate) fn instance(v: &serde_json::Value, role: &str) -> Option<(String, bool)> {
     let host = v["placements"]
         .as_array()?
         .iter()
@@ -168,13 +175,36 @@ fn instance(v: &serde_json::Value, role: &str) -> Option<(String, bool)> {
 
 /// Packets the generator sent and the sink received, from the network's first and last link
 /// (both on h3, which stays up: their counters run for the whole round).
-async fn stream(api: &Api) -> Result<(u64, u64)> {
+pub(crate) async fn stream(api: &Api) -> Result<(u64, u64)> {
     let n = api.json("/v1/networks/stream").await?;
     let links = &n["status"]["links"];
     match (links[0]["packets"].as_u64(), links[3]["packets"].as_u64()) {
         (Some(sent), Some(received)) => Ok((sent, received)),
         _ => bail!("network stream has no counters yet: {n}"),
     }
+}
+
+/// Once the stream reaches the sink again (and ran `SETTLE` more): the packets lost since
+/// `at` (sent, received then) and the sessions the NAT made.
+pub(crate) async fn stream_back(api: &Api, at: (u64, u64)) -> Result<(u64, u64)> {
+    let (sent0, received0) = at;
+    poll_until(
+        Duration::from_secs(60),
+        "the stream back at the sink",
+        || async {
+            stream(api)
+                .await
+                .is_ok_and(|(_, received)| received > received0)
+        },
+    )
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    let created = counter(api, "nat", "sessions_created").await?;
+    let (sent1, received1) = stream(api).await?;
+    Ok((
+        (sent1 - sent0).saturating_sub(received1 - received0),
+        created,
+    ))
 }
 
 async fn counter(api: &Api, vnf: &str, name: &str) -> Result<u64> {
@@ -188,19 +218,21 @@ async fn counter(api: &Api, vnf: &str, name: &str) -> Result<u64> {
 
 /// A round's processes with the NAT placed: its active on h1 or h2, its standby (a pair) on
 /// the other; h3 and h4 open for what the round places next.
-struct NatSetup {
+pub(crate) struct NatSetup {
     /// Dropped first: the agents stop before their controller.
-    hosts: Hosts,
+    pub hosts: Hosts,
     /// Held until the round ends.
     _controller: ControllerProcess,
-    api: Api,
-    active: String,
-    standby: Option<String>,
+    pub api: Api,
+    pub active: String,
+    pub standby: Option<String>,
+    /// The NAT's descriptor as created.
+    pub nat_yaml: String,
 }
 
 /// A fresh controller and four agents in `dir`, the NAT (a pair when `pair`) placed and
 /// running; `before`: VNFs to create on h3 first (the others cordoned).
-async fn nat_setup(
+pub(crate) async fn nat_setup(
     args: &FailoverArgs,
     dir: &Path,
     http: &reqwest::Client,
@@ -235,7 +267,8 @@ async fn nat_setup(
     if pair {
         cordon(&api, "h2", false).await?;
     }
-    post_yaml(&api, "/v1/vnfs", nat_descriptor("nat", &nat_module, pair)).await?;
+    let nat_yaml = nat_descriptor("nat", &nat_module, pair);
+    post_yaml(&api, "/v1/vnfs", nat_yaml.clone()).await?;
     poll_until(Duration::from_secs(60), "the NAT running", || async {
         nat(&api).await.is_some_and(|v| {
             instance(&v, "active").is_some_and(|(_, r)| r)
@@ -255,6 +288,7 @@ async fn nat_setup(
         api,
         active,
         standby,
+        nat_yaml,
     })
 }
 
@@ -336,10 +370,7 @@ async fn round(
     post_yaml(
         api,
         "/v1/networks",
-        format!(
-            "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: stream }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: {}, flows: {} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> fwa.in\n    - fwa.out -> nat.in\n    - nat.out -> fwb.in\n    - fwb.out -> sink.in\n",
-            args.rate_pps, args.flows
-        ),
+        stream_network(args.rate_pps, args.flows),
     )
     .await?;
     // Every flow has its session, on the standby too.
@@ -363,22 +394,7 @@ async fn round(
     .await?;
     let (sent0, received0) = stream(api).await?;
     let recovery = kill_active(&mut s, pair).await?;
-    let api = &s.api;
-    // The stream runs again through the new active; then the sink is read.
-    poll_until(
-        Duration::from_secs(60),
-        "the stream back at the sink",
-        || async {
-            stream(api)
-                .await
-                .is_ok_and(|(_, received)| received > received0)
-        },
-    )
-    .await?;
-    tokio::time::sleep(SETTLE).await;
-    let created = counter(api, "nat", "sessions_created").await?;
-    let (sent1, received1) = stream(api).await?;
-    let lost = (sent1 - sent0).saturating_sub(received1 - received0);
+    let (lost, created) = stream_back(&s.api, (sent0, received0)).await?;
     Ok(FailoverRun {
         detect_ms: recovery.detect,
         flip_ms: recovery.flip,

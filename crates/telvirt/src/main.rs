@@ -10,6 +10,7 @@ mod bench_cluster;
 mod bench_control;
 mod bench_failover;
 mod bench_handover;
+mod bench_migrate;
 mod bench_vrrp;
 mod cli;
 mod client;

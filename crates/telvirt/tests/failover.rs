@@ -50,3 +50,30 @@ fn bench_failover_reports_every_figure() {
         None => assert!(r["tcp_missing"].as_str().is_some(), "{r}"),
     }
 }
+
+/// `telvirt bench migrate`, at its smallest: the live move carries every session and the NAT's
+/// state, the cold move (deleted, created on the destination) makes every session again.
+#[test]
+fn bench_migrate_reports_every_figure() {
+    let out = std::process::Command::new(common::BIN)
+        .args(["bench", "migrate", "--rounds", "1", "--flows", "8"])
+        .args(["--rate-pps", "2000", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let size = &r["sizes"][0];
+    assert_eq!(size["flows"], 8, "{r}");
+    for setup in ["live", "cold"] {
+        assert!(size[setup]["total_p50_ms"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    assert_eq!(size["live"]["sessions_kept_pct_min"], 100.0, "{r}");
+    assert_eq!(size["cold"]["sessions_kept_pct_min"], 0.0, "{r}");
+    // 8 sessions and their reverse entries at least, in bytes.
+    assert!(
+        size["live"]["state_bytes_max"].as_u64().unwrap() >= 8 * (24 + 20),
+        "{r}"
+    );
+    assert_eq!(size["cold"]["state_bytes_max"], 0, "{r}");
+    assert!(r["goal_no_packet_lost"].is_boolean(), "{r}");
+}

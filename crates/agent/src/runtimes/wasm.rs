@@ -724,6 +724,8 @@ impl WasmRuntime {
                         .by_name(&d.name)
                         .map_or(0, |m| u64::try_from(m.len()).unwrap_or(u64::MAX)),
                     max_entries: d.max_entries,
+                    key_size: d.key_size,
+                    value_size: d.value_size,
                 })
                 .collect()
         })

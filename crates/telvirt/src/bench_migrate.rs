@@ -1,0 +1,339 @@
+//! `telvirt bench migrate`: a wasm NAT under a generator stream moves to another host, with
+//! real controller and agent processes.
+//!
+//! Owns the move benchmark: the hosts and stream of `bench failover` (gen -> fwa -> nat -> fwb
+//! -> sink, the firewalls on h3, the NAT alone on h1), then `POST /v1/vnfs/nat/migrate {"to":
+//! "h2"}`, timed from the request until the API shows the NAT active on h2 and running
+//! (`total_ms`), with the packets the sink missed (`lost_packets`; `outage_ms` = lost / rate),
+//! the sessions the destination found rather than made again (`sessions_kept_pct`) and the
+//! bytes of state the source streamed (`state_bytes`), for each count of flows (the NAT's
+//! state). The baseline, in the same run: a cold move, what an operator does without live
+//! migration (the NAT deleted on h1 and created again with only h2 open to it). Figures are of
+//! the wasm move only; vm VNFs do not move yet. It must not measure anything in-process.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use serde::Serialize;
+
+use crate::bench_cluster::Api;
+use crate::bench_control::{ms, percentile};
+use crate::bench_failover::{
+    FailoverArgs, cordon, instance, nat, nat_setup, post_yaml, stream, stream_back, stream_network,
+};
+use crate::bench_handover::{answer, poll_until};
+use crate::cli::Output;
+use crate::output;
+use crate::progress::Progress;
+
+#[derive(Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// Moves timed per set-up and state size (each starts a fresh set of processes)
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// Packets per second of the stream
+    #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(100..=100_000))]
+    pub rate_pps: u64,
+    /// UDP flows of the stream, one state size per value (the NAT's sessions; at most 60,000,
+    /// its ports)
+    #[arg(long, value_delimiter = ',', default_values_t = vec![64u64, 20_000], value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub flows: Vec<u64>,
+}
+
+/// One move, timed from its request.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveRun {
+    pub total_ms: f64,
+    pub lost_packets: u64,
+    /// lost_packets at the stream's rate.
+    pub outage_ms: f64,
+    pub sessions_kept_pct: f64,
+    /// The NAT's state before the move: every map's entries times their key and value bytes
+    /// (0 for a cold move, which carries none).
+    pub state_bytes: u64,
+}
+
+/// One set-up's moves at one state size, with their medians.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveFigures {
+    pub setup: &'static str,
+    pub flows: u64,
+    pub runs: Vec<MoveRun>,
+    pub total_p50_ms: f64,
+    pub outage_p50_ms: f64,
+    pub outage_max_ms: f64,
+    pub lost_packets_max: u64,
+    pub sessions_kept_pct_min: f64,
+    pub state_bytes_max: u64,
+}
+
+/// Both set-ups at one state size, and the ratios live / cold.
+#[derive(Debug, Clone, Serialize)]
+pub struct MoveComparison {
+    pub flows: u64,
+    pub live: MoveFigures,
+    /// Baseline: delete on the source, create on the destination.
+    pub cold: MoveFigures,
+    pub total_ratio: f64,
+    pub outage_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub measured: String,
+    pub rounds: u32,
+    pub rate_pps: u64,
+    pub sizes: Vec<MoveComparison>,
+    /// The goal for wasm: no packet lost by a move.
+    pub goal_no_packet_lost: bool,
+}
+
+/// How the NAT moves from h1 to h2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// `POST /v1/vnfs/nat/migrate`: the state streams, then the traffic.
+    Live,
+    /// Deleted on h1, created again on h2.
+    Cold,
+}
+
+/// One round: a fresh controller and four agents in `dir`, the stream of `flows` flows through
+/// the NAT on h1, the NAT moved to h2 as `how` says.
+async fn round(
+    args: &MigrateArgs,
+    flows: u64,
+    dir: &Path,
+    http: &reqwest::Client,
+    how: How,
+) -> Result<MoveRun> {
+    let setup_args = FailoverArgs {
+        rounds: 1,
+        rate_pps: args.rate_pps,
+        flows,
+        host_lease_ttl_ms: 600,
+    };
+    let s = nat_setup(&setup_args, dir, http, false, &["fwa", "fwb"]).await?;
+    let api = &s.api;
+    if s.active != "h1" {
+        bail!("the NAT was placed on {}, not h1", s.active);
+    }
+    post_yaml(api, "/v1/networks", stream_network(args.rate_pps, flows)).await?;
+    poll_until(Duration::from_secs(120), "every flow's session", || async {
+        let sessions = api.json("/v1/vnfs/nat/maps").await.ok().and_then(|m| {
+            m.as_array()?.iter().find(|m| m["name"] == "sessions")?["entries"].as_u64()
+        });
+        sessions == Some(flows) && stream(api).await.is_ok_and(|(_, received)| received > 0)
+    })
+    .await?;
+    let (sent0, received0) = stream(api).await?;
+    let state_bytes = match how {
+        How::Live => map_bytes(api).await?,
+        How::Cold => 0,
+    };
+    let asked = Instant::now();
+    match how {
+        How::Live => live_move(api).await?,
+        How::Cold => cold_move(api, &s.nat_yaml).await?,
+    }
+    let total = ms(asked.elapsed());
+    let (lost, created) = stream_back(api, (sent0, received0)).await?;
+    Ok(MoveRun {
+        total_ms: total,
+        lost_packets: lost,
+        outage_ms: lost as f64 * 1000.0 / args.rate_pps as f64,
+        sessions_kept_pct: 100.0 * flows.saturating_sub(created) as f64 / flows as f64,
+        state_bytes,
+    })
+}
+
+/// Whether the NAT runs on `host` as its only instance.
+fn runs_alone_on(v: &serde_json::Value, host: &str) -> bool {
+    instance(v, "active").is_some_and(|(h, running)| running && h == host)
+        && v["placements"].as_array().is_some_and(|p| p.len() == 1)
+        && v.get("migration").is_none()
+}
+
+/// The NAT's state: every map's entries times their key and value bytes.
+async fn map_bytes(api: &Api) -> Result<u64> {
+    let maps = api.json("/v1/vnfs/nat/maps").await?;
+    Ok(maps.as_array().map_or(0, |all| {
+        all.iter()
+            .map(|m| {
+                let size =
+                    m["key_size"].as_u64().unwrap_or(0) + m["value_size"].as_u64().unwrap_or(0);
+                m["entries"].as_u64().unwrap_or(0) * size
+            })
+            .sum()
+    }))
+}
+
+/// Moves the NAT to h2 with the API's move, until the API shows it there alone.
+async fn live_move(api: &Api) -> Result<()> {
+    let _: serde_json::Value = answer(
+        api.request(reqwest::Method::POST, "/v1/vnfs/nat/migrate")
+            .json(&serde_json::json!({ "to": "h2" })),
+    )
+    .await?;
+    poll_until(Duration::from_secs(120), "the NAT moved to h2", || async {
+        nat(api).await.is_some_and(|v| runs_alone_on(&v, "h2"))
+    })
+    .await
+}
+
+/// Moves the NAT to h2 the cold way: deleted, then created again with only h2 open to it.
+async fn cold_move(api: &Api, nat_yaml: &str) -> Result<()> {
+    for h in ["h1", "h3", "h4"] {
+        cordon(api, h, true).await?;
+    }
+    let _: serde_json::Value = answer(api.request(reqwest::Method::DELETE, "/v1/vnfs/nat")).await?;
+    poll_until(Duration::from_secs(60), "the NAT deleted", || async {
+        nat(api).await.is_none()
+    })
+    .await?;
+    post_yaml(api, "/v1/vnfs", nat_yaml.to_owned()).await?;
+    let placed = poll_until(Duration::from_secs(60), "the NAT running on h2", || async {
+        nat(api).await.is_some_and(|v| runs_alone_on(&v, "h2"))
+    })
+    .await;
+    if let Err(e) = placed {
+        let shown = nat(api).await.unwrap_or_default();
+        bail!("the cold move: {e:#}; the NAT: {shown}");
+    }
+    Ok(())
+}
+
+fn figures(setup: &'static str, flows: u64, runs: Vec<MoveRun>) -> MoveFigures {
+    let sorted = |f: &dyn Fn(&MoveRun) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let outage = sorted(&|r| r.outage_ms);
+    MoveFigures {
+        setup,
+        flows,
+        total_p50_ms: percentile(&sorted(&|r| r.total_ms), 0.5),
+        outage_p50_ms: percentile(&outage, 0.5),
+        outage_max_ms: outage.last().copied().unwrap_or_default(),
+        lost_packets_max: runs.iter().map(|r| r.lost_packets).max().unwrap_or(0),
+        sessions_kept_pct_min: runs
+            .iter()
+            .map(|r| r.sessions_kept_pct)
+            .fold(100.0, f64::min),
+        state_bytes_max: runs.iter().map(|r| r.state_bytes).max().unwrap_or(0),
+        runs,
+    }
+}
+
+pub async fn run_migrate_bench(
+    args: &MigrateArgs,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<MigrateReport> {
+    let dir = crate::bench_control::scratch_dir("migrate")?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let total = 2 * u64::from(args.rounds) * args.flows.len() as u64;
+    progress(0, total);
+    let result = async {
+        let mut sizes = Vec::new();
+        let mut done = 0;
+        for &flows in &args.flows {
+            let (mut live, mut cold) = (Vec::new(), Vec::new());
+            for i in 0..args.rounds {
+                // Alternating, so both set-ups see the machine alike.
+                let at = |set: &str| dir.join(format!("{set}-{flows}-{i}"));
+                live.push(round(args, flows, &at("live"), &http, How::Live).await?);
+                cold.push(round(args, flows, &at("cold"), &http, How::Cold).await?);
+                done += 2;
+                progress(done, total);
+            }
+            let live = figures("live move (state streamed, then the traffic)", flows, live);
+            let cold = figures(
+                "cold move (deleted, created on the destination)",
+                flows,
+                cold,
+            );
+            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+            sizes.push(MoveComparison {
+                flows,
+                total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
+                outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
+                live,
+                cold,
+            });
+        }
+        Ok::<_, anyhow::Error>(sizes)
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let sizes = result?;
+    Ok(MigrateReport {
+        measured: format!(
+            "4 telvirt agent processes on loopback tunnels under one telvirt controller (embedded store); stream gen -> fwa -> nat -> fwb -> sink at {} packets/s, the firewalls on h3, the NAT alone on h1, moved to h2; the API polled every 5 ms",
+            args.rate_pps
+        ),
+        rounds: args.rounds,
+        rate_pps: args.rate_pps,
+        goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
+        sizes,
+    })
+}
+
+pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
+    let progress = Progress::new(format, "migrate");
+    let report_progress = |d, t| progress.update(d, t);
+    let bench = run_migrate_bench(&args, &report_progress);
+    let Some(r) = progress.run_bench(format, bench)? else {
+        return Ok(());
+    };
+    println!("measured: {}", r.measured);
+    let row = |f: &MoveFigures| {
+        vec![
+            f.setup.to_owned(),
+            f.flows.to_string(),
+            format!("{:.0}", f.total_p50_ms),
+            format!("{:.1} / {:.1}", f.outage_p50_ms, f.outage_max_ms),
+            f.lost_packets_max.to_string(),
+            format!("{:.0}", f.sessions_kept_pct_min),
+            f.state_bytes_max.to_string(),
+        ]
+    };
+    let rows: Vec<Vec<String>> = r
+        .sizes
+        .iter()
+        .flat_map(|s| [row(&s.live), row(&s.cold)])
+        .collect();
+    println!(
+        "{}",
+        output::table(
+            &[
+                "SET-UP",
+                "FLOWS",
+                "TOTAL p50 ms",
+                "OUTAGE p50/max ms",
+                "LOST max",
+                "SESSIONS KEPT min %",
+                "STATE bytes",
+            ],
+            &rows,
+        )
+    );
+    for s in &r.sizes {
+        println!(
+            "{} flows: live / cold total {:.2}, outage {:.2}",
+            s.flows, s.total_ratio, s.outage_ratio
+        );
+    }
+    println!(
+        "goal: no packet lost by a live move {}",
+        if r.goal_no_packet_lost {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    Ok(())
+}
