@@ -184,9 +184,16 @@ pub(crate) async fn stream(api: &Api) -> Result<(u64, u64)> {
     }
 }
 
-/// Once the stream reaches the sink again (and ran `SETTLE` more): the packets lost since
-/// `at` (sent, received then) and the sessions the NAT made.
-pub(crate) async fn stream_back(api: &Api, at: (u64, u64)) -> Result<(u64, u64)> {
+/// How long the stream runs once it is back before the NAT's new sessions are counted: long
+/// enough for the generator to send on every one of `flows` flows at `rate_pps` (it takes them
+/// in turn), at least `SETTLE`.
+pub(crate) fn settle_for(flows: u64, rate_pps: u64) -> Duration {
+    SETTLE.max(Duration::from_millis(flows * 1000 / rate_pps.max(1) + 500))
+}
+
+/// Once the stream reaches the sink again (and ran `settle` more): the packets lost since `at`
+/// (sent, received then) and the sessions the NAT made.
+pub(crate) async fn stream_back(api: &Api, at: (u64, u64), settle: Duration) -> Result<(u64, u64)> {
     let (sent0, received0) = at;
     poll_until(
         Duration::from_secs(60),
@@ -198,7 +205,7 @@ pub(crate) async fn stream_back(api: &Api, at: (u64, u64)) -> Result<(u64, u64)>
         },
     )
     .await?;
-    tokio::time::sleep(SETTLE).await;
+    tokio::time::sleep(settle).await;
     let created = counter(api, "nat", "sessions_created").await?;
     let (sent1, received1) = stream(api).await?;
     Ok((
@@ -394,7 +401,8 @@ async fn round(
     .await?;
     let (sent0, received0) = stream(api).await?;
     let recovery = kill_active(&mut s, pair).await?;
-    let (lost, created) = stream_back(&s.api, (sent0, received0)).await?;
+    let settle = settle_for(args.flows, args.rate_pps);
+    let (lost, created) = stream_back(&s.api, (sent0, received0), settle).await?;
     Ok(FailoverRun {
         detect_ms: recovery.detect,
         flip_ms: recovery.flip,
@@ -407,8 +415,8 @@ async fn round(
 }
 
 /// How long the TCP flow of a round runs; the active's agent dies `TCP_KILL_AT` into it.
-const TCP_SECONDS: u64 = 6;
-const TCP_KILL_AT: Duration = Duration::from_secs(2);
+pub(crate) const TCP_SECONDS: u64 = 6;
+pub(crate) const TCP_KILL_AT: Duration = Duration::from_secs(2);
 
 /// One kill under the TCP flow.
 #[derive(Debug, Clone, Serialize)]
@@ -563,7 +571,7 @@ fn run_quiet(cmd: &[&str]) -> Result<()> {
 }
 
 /// Why the TCP flow cannot be measured here, if it cannot.
-fn tcp_missing() -> Option<String> {
+pub(crate) fn tcp_missing() -> Option<String> {
     if !crate::cluster::is_root() {
         return Some("the TCP flow needs root (network namespaces)".into());
     }
@@ -610,15 +618,26 @@ fn tcp_figures(report: &serde_json::Value) -> (f64, bool, u64, f64) {
     )
 }
 
-/// One round under a TCP flow: the NAT (a pair when `pair`) between a client and a server
-/// namespace whose interfaces are pinned to h4, iperf3 for `TCP_SECONDS`, the active's agent
-/// killed `TCP_KILL_AT` into it.
-async fn tcp_round(
+/// What happens to the NAT `TCP_KILL_AT` into a TCP flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TcpEvent {
+    /// SIGKILL of its active's agent (a pair when `pair`).
+    Kill { pair: bool },
+    /// A live move to h2 (`vnf migrate`).
+    Move,
+    /// A cold move to h2 (deleted, created there).
+    ColdMove,
+}
+
+/// One round under a TCP flow: the NAT between a client and a server namespace whose
+/// interfaces are pinned to h4, iperf3 for `TCP_SECONDS`, `event` `TCP_KILL_AT` into it.
+pub(crate) async fn tcp_round(
     args: &FailoverArgs,
     dir: &Path,
     http: &reqwest::Client,
-    pair: bool,
+    event: TcpEvent,
 ) -> Result<TcpRun> {
+    let pair = event == TcpEvent::Kill { pair: true };
     let mut s = nat_setup(args, dir, http, pair, &[]).await?;
     let ends = TcpEnds::create()?;
     let [client, server] = &ends.names;
@@ -670,7 +689,23 @@ async fn tcp_round(
         .context("starting the iperf3 client")?;
     let flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
     tokio::time::sleep(TCP_KILL_AT).await;
-    let recovery = kill_active(&mut s, pair).await?;
+    let recovery = match event {
+        TcpEvent::Kill { pair } => kill_active(&mut s, pair).await?,
+        TcpEvent::Move | TcpEvent::ColdMove => {
+            let asked = Instant::now();
+            if event == TcpEvent::Move {
+                crate::bench_migrate::live_move(&s.api).await?;
+            } else {
+                crate::bench_migrate::cold_move(&s.api, &s.nat_yaml).await?;
+            }
+            Recovery {
+                detect: 0.0,
+                flip: ms(asked.elapsed()),
+                reheal: None,
+                silences: 0,
+            }
+        }
+    };
     let out = tokio::time::timeout(Duration::from_secs(TCP_SECONDS + 30), flow)
         .await
         .context("the iperf3 client did not end")???;
@@ -743,8 +778,9 @@ pub async fn run_failover_bench(
             progress(done, total);
             if tcp_missing.is_none() {
                 let at = |set: &str| dir.join(format!("tcp-{set}-{i}"));
-                tcp_pair.push(tcp_round(args, &at("pair"), &http, true).await?);
-                tcp_single.push(tcp_round(args, &at("single"), &http, false).await?);
+                let kill = |pair| TcpEvent::Kill { pair };
+                tcp_pair.push(tcp_round(args, &at("pair"), &http, kill(true)).await?);
+                tcp_single.push(tcp_round(args, &at("single"), &http, kill(false)).await?);
                 done += 2;
                 progress(done, total);
             }
