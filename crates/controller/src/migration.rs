@@ -11,8 +11,17 @@ use telvirt_model::api::{MigrateRequest, Migration};
 use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
 use telvirt_sched::SchedError;
 
+use std::time::{Duration, SystemTime};
+
 use super::healing::{Recording, Restart};
 use super::{Caller, Controller, ControllerError, Result, now_rfc3339};
+
+/// How long a move may take before the controller cancels it (the VNF stays on its source),
+/// unless told otherwise.
+pub const DEFAULT_MOVE_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Who the events of an overdue move's cancel name as their actor.
+const MOVE_DEADLINE_ACTOR: &str = "controller";
 
 /// Why VNF `v` cannot start a move (checked on the record read under the scheduler lock).
 fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
@@ -189,6 +198,64 @@ impl Controller {
             .await?;
         drop(scheduler);
         self.vnf(caller, name).await
+    }
+
+    /// Sets how long a move may take before it is cancelled.
+    pub fn set_move_deadline(&self, deadline: Duration) {
+        *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
+    }
+
+    /// Cancels the move of `name` once it is older than the move deadline (a destination that
+    /// never ran, a stream that never synced): the VNF stays on its source, the destination's
+    /// cpus are freed, an event says what was missing. Returns whether it cancelled.
+    pub(crate) async fn expire_migration(&self, name: &str) -> Result<bool> {
+        let deadline = *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner());
+        let mut scheduler = self.scheduler.lock().await;
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(false);
+        };
+        let v = &record.vnf;
+        let Some(m) = &v.migration else {
+            return Ok(false);
+        };
+        let started = humantime::parse_rfc3339_weak(&m.started_at).map_err(|e| {
+            ControllerError::Corrupt(format!("vnf {name}: migration.started_at: {e}"))
+        })?;
+        let age = SystemTime::now()
+            .duration_since(started)
+            .unwrap_or_default();
+        if age < deadline {
+            return Ok(false);
+        }
+        let destination = match &v.standby {
+            Some(s) if s.host == m.to => {
+                format!("the destination is {} ({})", s.phase.as_str(), s.reason)
+            }
+            _ => "the destination never reported its instance".to_owned(),
+        };
+        let stream = match &v.replication {
+            Some(r) if r.standby_host == m.to => format!(
+                "the stream is {}{}",
+                r.state,
+                r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+            ),
+            _ => "the source never reported the stream".to_owned(),
+        };
+        let placed = scheduler.drop_standby(name)?;
+        let reason = format!(
+            "the move to host {} did not end within {} ({destination}; {stream}); cancelled, it runs on {}",
+            m.to,
+            humantime::format_duration(deadline),
+            m.from
+        );
+        let how = Recording {
+            reason: &reason,
+            actor: MOVE_DEADLINE_ACTOR,
+            restart: Restart::No,
+            extra: &|_| {},
+        };
+        self.record_new_placement(&mut scheduler, name, &placed, &how)
+            .await
     }
 
     /// Ends the move of `name` once its destination runs and holds the source's state (the

@@ -233,6 +233,8 @@ pub struct Controller {
     module_repository: std::sync::OnceLock<crate::modules::ModuleRepository>,
     /// Host liveness: the heartbeat lease TTL and each host's lease.
     liveness: hosts::Liveness,
+    /// How long a move may take before it is cancelled.
+    move_deadline: std::sync::Mutex<std::time::Duration>,
 }
 
 impl Controller {
@@ -282,6 +284,7 @@ impl Controller {
             node_calls: crate::nodecalls::NodeCalls::default(),
             module_repository: std::sync::OnceLock::new(),
             liveness: hosts::Liveness::default(),
+            move_deadline: std::sync::Mutex::new(migration::DEFAULT_MOVE_DEADLINE),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()
@@ -1550,9 +1553,17 @@ impl Controller {
                 tracing::warn!(vnf = %name, "the standby could not take over: {e}");
             }
             // A move ends once its destination runs with the state (either instance's report
-            // may be the last one it waited for).
-            if migrating && let Err(e) = self.finish_migration(&name).await {
-                tracing::warn!(vnf = %name, "the move could not end: {e}");
+            // may be the last one it waited for), or is cancelled past its deadline.
+            if migrating {
+                match self.finish_migration(&name).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        if let Err(e) = self.expire_migration(&name).await {
+                            tracing::warn!(vnf = %name, "the overdue move could not end: {e}");
+                        }
+                    }
+                    Err(e) => tracing::warn!(vnf = %name, "the move could not end: {e}"),
+                }
             }
         }
         Ok(())

@@ -1,8 +1,9 @@
 //! Moving a wasm VNF through the API with the agents played: the destination is held as a
 //! standby beside the source (cpus never shared), the move survives a controller restart, it
 //! can be cancelled, and it ends (the destination active, the source freed) once the
-//! destination runs and the source reports the stream synced. A host that cannot receive state
-//! is refused. The store stays consistent throughout.
+//! destination runs and the source reports the stream synced, or is cancelled past its
+//! deadline. A host that cannot receive state is refused. The store stays consistent
+//! throughout.
 
 mod common;
 
@@ -161,6 +162,71 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
             .unwrap()
             .contains("moved from host h2 to host h3 (7 map updates"),
         "{last}"
+    );
+    consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
+    let node = Node::start_monitored(None).await;
+    node.controller
+        .set_move_deadline(std::time::Duration::from_millis(300));
+    node.cordon("h1").await;
+    let mut beats = Vec::new();
+    for h in ["h2", "h3"] {
+        let mut record = host_record(h);
+        record.tunnel = Some("127.0.0.1:4789".into());
+        node.controller.register_host(record).await.unwrap();
+        beats.push(beat(&node.controller, h));
+    }
+    node.cordon("h3").await;
+    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    node.uncordon("h3").await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    // The destination never runs; the source keeps reporting a stream that cannot connect.
+    let failing = ReplicationStatus {
+        standby_host: "h3".into(),
+        state: "failing".into(),
+        lag_us: 0,
+        updates: 0,
+        snapshots: 0,
+        bytes: 0,
+        error: Some("connecting to 127.0.0.1:4789: Connection refused".into()),
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        report(
+            &node.controller,
+            "h2",
+            Phase::Running,
+            Some(failing.clone()),
+        )
+        .await;
+        if node.vnf_json("u1").await.get("migration").is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let v = node.vnf_json("u1").await;
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    assert!(node.controller.assignments("h3").await.unwrap().is_empty());
+    let last = node.events("u1").await.pop().unwrap();
+    assert_eq!(last["actor"], "controller", "{last}");
+    let reason = last["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("the move to host h3 did not end within 300ms")
+            && reason.contains("the destination never reported its instance")
+            && reason.contains("Connection refused")
+            && reason.ends_with("cancelled, it runs on h2"),
+        "{reason}"
     );
     consistent(&node).await;
     beats.into_iter().for_each(|b| b.abort());

@@ -151,6 +151,10 @@ pub struct ControlArgs {
     /// whose standby lives on a Ready host fails over at once regardless
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(0..=86_400_000))]
     pub heal_after_ms: u64,
+    /// How long a move (`vnf migrate`) may take before the controller cancels it (the VNF
+    /// stays where it runs, an event says what was missing), in milliseconds
+    #[arg(long, default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1000..=86_400_000))]
+    pub move_timeout_ms: u64,
     /// Never move VNFs off a NotReady host (they wait there, Unknown, until it is back);
     /// failover of an active to its live standby still happens
     #[arg(long)]

@@ -101,6 +101,7 @@ pub async fn start_controller(
         .context("--host-lease-ttl-ms")?;
     controller
         .set_heal_after((!control.no_heal).then(|| Duration::from_millis(control.heal_after_ms)));
+    controller.set_move_deadline(Duration::from_millis(control.move_timeout_ms));
     crate::wasm::control_wasm(&controller, data_dir, policy)?;
 
     let config_path = data_dir.join(CLIENT_CONFIG);
