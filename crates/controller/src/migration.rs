@@ -205,19 +205,28 @@ impl Controller {
         *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
     }
 
+    /// VNF `name`'s record and the move under way, if one is (read under the caller's
+    /// scheduler lock).
+    async fn load_move(
+        &self,
+        name: &str,
+    ) -> Result<Option<(crate::records::VnfRecord, Migration)>> {
+        let Some((record, _)) = self.load(name).await? else {
+            return Ok(None);
+        };
+        Ok(record.vnf.migration.clone().map(|m| (record, m)))
+    }
+
     /// Cancels the move of `name` once it is older than the move deadline (a destination that
     /// never ran, a stream that never synced): the VNF stays on its source, the destination's
     /// cpus are freed, an event says what was missing. Returns whether it cancelled.
     pub(crate) async fn expire_migration(&self, name: &str) -> Result<bool> {
         let deadline = *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner());
         let mut scheduler = self.scheduler.lock().await;
-        let Some((record, _)) = self.load(name).await? else {
+        let Some((record, m)) = self.load_move(name).await? else {
             return Ok(false);
         };
         let v = &record.vnf;
-        let Some(m) = &v.migration else {
-            return Ok(false);
-        };
         let started = humantime::parse_rfc3339_weak(&m.started_at).map_err(|e| {
             ControllerError::Corrupt(format!("vnf {name}: migration.started_at: {e}"))
         })?;
@@ -263,13 +272,10 @@ impl Controller {
     /// place is freed, the agents follow. Returns whether it ended.
     pub(crate) async fn finish_migration(&self, name: &str) -> Result<bool> {
         let mut scheduler = self.scheduler.lock().await;
-        let Some((record, _)) = self.load(name).await? else {
+        let Some((record, m)) = self.load_move(name).await? else {
             return Ok(false);
         };
         let v = &record.vnf;
-        let Some(m) = &v.migration else {
-            return Ok(false);
-        };
         let destination_runs = v
             .standby
             .as_ref()
