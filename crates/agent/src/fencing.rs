@@ -163,11 +163,15 @@ impl Fencing {
         for a in assignments {
             self.gate(&a.vnf).set(mode_of(a), a.epoch);
         }
-        for (name, gate) in self.gates().iter() {
-            if !by_name.contains_key(name) {
-                gate.set(CLOSED, gate.epoch.load(Ordering::Acquire));
+        // A gate no longer assigned closes; one nothing else holds any more (its instance is
+        // gone) is forgotten.
+        self.gates().retain(|name, gate| {
+            if by_name.contains_key(name) {
+                return true;
             }
-        }
+            gate.set(CLOSED, gate.epoch.load(Ordering::Acquire));
+            Arc::strong_count(gate) > 1
+        });
     }
 
     /// The controller took a heartbeat sent at `sent`; its lease lasts `ttl` (`None`: it keeps

@@ -78,7 +78,16 @@ pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
             .find(|p| p.role == role)
             .map(|p| failed.contains(&p.host))
     };
-    let standby_hears_active = vnf.descriptor.spec.runtime == telvirt_model::RuntimeKind::Wasm
+    on_failed(Role::Active) == Some(true)
+        && on_failed(Role::Standby) == Some(false)
+        && !standby_hears_active(vnf, failed)
+}
+
+/// Whether `vnf`'s standby, on a host not in `not_ready`, still hears its active over a synced
+/// stream (as last reported): its active lives, whatever the controller's view of its host.
+/// Neither a failover nor a heal moves such an active.
+pub(crate) fn standby_hears_active(vnf: &telvirt_model::Vnf, not_ready: &[String]) -> bool {
+    vnf.descriptor.spec.runtime == telvirt_model::RuntimeKind::Wasm
         && vnf
             .replication
             .as_ref()
@@ -86,10 +95,7 @@ pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
         && vnf
             .standby
             .as_ref()
-            .is_some_and(|s| s.active_lost.is_none());
-    on_failed(Role::Active) == Some(true)
-        && on_failed(Role::Standby) == Some(false)
-        && !standby_hears_active
+            .is_some_and(|s| s.active_lost.is_none() && !not_ready.contains(&s.host))
 }
 
 /// What one relocation did, for the event.

@@ -632,7 +632,11 @@ impl Controller {
             // for the heal delay.
             let heal_from = if super::healing::fails_over(vnf, &all_not_ready) {
                 Some(&all_not_ready)
-            } else if vnf.placements.iter().any(|p| failed.contains(&p.host)) {
+            } else if vnf.placements.iter().any(|p| failed.contains(&p.host))
+                // An active its standby still hears stays (Unknown) however long its host is
+                // NotReady: it is cut off from the controller only, and forwards.
+                && !super::healing::standby_hears_active(vnf, &all_not_ready)
+            {
                 Some(&failed)
             } else {
                 None

@@ -354,8 +354,21 @@ async fn a_standby_that_no_longer_hears_a_live_active_takes_over_only_once_its_l
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_standby_hears_it() {
-    let (node, mut beats) = node_with(&["h2", "h3"], None).await;
+    let (node, mut beats) = node_with(&["h2", "h3", "h4"], Some(Duration::from_millis(200))).await;
+    node.cordon("h4").await;
     let (p1, act, sby) = placed_pair(&node).await;
+    // u1, without a standby, on the active's host: its move shows a heal pass ran.
+    node.cordon(&sby).await;
+    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| {
+            v["placements"][0]["host"].is_string()
+        })
+        .await;
+    assert_eq!(u1["placements"][0]["host"], act.as_str(), "{u1}");
+    running(&node, &act, "u1").await;
+    node.uncordon(&sby).await;
+    node.uncordon("h4").await;
     let generation = p1["generation"].as_u64().unwrap();
     // The active reports its stream to the standby synced; the standby hears it.
     node.controller
@@ -383,12 +396,20 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
     running(&node, &sby, "p1").await;
     node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
         .await;
-    // The active's host stops beating: NotReady, the VNF Unknown, but no takeover.
+    // The active's host stops beating: NotReady, the VNF Unknown, but no takeover, not even
+    // once the heal delay has passed (u1 was moved off the host by then).
     beats.remove(if act == "h2" { 0 } else { 1 }).abort();
     let v = node
         .wait_vnf(&node.admin, "p1", |v| v["phase"] == "Unknown")
         .await;
     assert_eq!(role_host(&v, "active"), act, "{v}");
+    node.wait_vnf(&node.admin, "u1", |v| {
+        v["placements"][0]["host"] != act.as_str()
+    })
+    .await;
+    let v = node.vnf_json("p1").await;
+    assert_eq!(role_host(&v, "active"), act, "{v}");
+    assert_eq!(role_host(&v, "standby"), sby, "{v}");
     // Then the standby stops hearing it: now it takes over.
     node.controller
         .observe(&sby, silent_standby(&act, generation))
