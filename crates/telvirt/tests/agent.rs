@@ -402,13 +402,19 @@ fn role_host(role: &str, v: &serde_json::Value) -> String {
 
 /// Creates `natp`, a NAT with a standby, and waits until it runs: (active's host, standby's).
 fn nat_pair(node: &Serve) -> (String, String) {
+    nat_pair_limited(node, "limits: { memory: 16MiB }")
+}
+
+/// [`nat_pair`] with the descriptor's wasm `limits` line replaced by `limits`.
+fn nat_pair_limited(node: &Serve, limits: &str) -> (String, String) {
     let pair = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
         .unwrap()
         .replace("name: nat1", "name: natp")
         .replace(
             "cpu: { policy: shared, group: edge, count: 1 }",
             "cpu: { policy: dedicated, count: 1 }\n  redundancy: active-standby",
-        );
+        )
+        .replace("limits: { memory: 16MiB }", limits);
     std::fs::write(node.path("examples/descriptors/natp.yaml"), pair).unwrap();
     node.ok(&["vnf", "create", "-f", "examples/descriptors/natp.yaml"]);
     let v = node.wait_phase("natp", "Running");
@@ -460,6 +466,87 @@ fn a_stalled_active_is_fenced_and_its_standby_takes_over_once_the_lease_ran_out(
         text.contains("heartbeats go through again after the lease lapsed"),
         "{text}"
     );
+}
+
+/// A module with the NAT's manifest (maps, counters) that spins in its first batch: an upgrade
+/// to it makes the instance exceed its CPU budget and fail, as a crashing worker would.
+fn spinning_nat(node: &Serve) -> String {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/vnfs/nat.manifest.json"
+    ))
+    .unwrap()
+    .trim()
+    .replace("\"version\":\"1.0.0\"", "\"version\":\"9.9.9\"");
+    let text = format!(
+        r#"(module
+  (memory (export "memory") 4)
+  (func (export "tv_buffer") (param i32) (result i32) (i32.const 65536))
+  (func (export "tv_init") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "tv_process") (param i32 i32) (result i32) (loop $spin (br $spin)) (i32.const 0))
+  (@custom "telvirt.manifest" "{}")
+)"#,
+        manifest.replace('"', "\\\"")
+    );
+    std::fs::write(
+        node.path("spinning-nat.wasm"),
+        wat::parse_str(&text).unwrap(),
+    )
+    .unwrap();
+    "spinning-nat.wasm".to_owned()
+}
+
+#[test]
+fn a_pair_whose_active_instance_fails_hands_over_and_its_flow_goes_on_with_its_sessions() {
+    let (node, _a1, _a2) =
+        two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let (active, standby) =
+        nat_pair_limited(&node, "limits: { memory: 16MiB, fuel_per_batch: 2000000 }");
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 20 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> natp.in\n    - natp.out -> sink.in\n";
+    std::fs::write(node.path("t1.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "t1.yaml"]);
+    wait_until("the active NAT never held 20 sessions", || {
+        map_entries(&node, "natp", "sessions") == Some(20)
+    });
+    wait_until("the standby never took the 20 sessions", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        v["replication"]["state"] == "synced"
+            && v["replication"]["updates"].as_u64() >= Some(40)
+            && v["standby"]["phase"] == "Running"
+    });
+    // The active's instance dies (its module spins past the CPU budget): its agent reports it
+    // Failed, and the standby takes over at once.
+    let module = spinning_nat(&node);
+    node.ok(&["vnf", "upgrade", "natp", "--module", &module]);
+    wait_until("the standby never took over", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        role_host("active", &v) == standby && v["phase"] == "Running"
+    });
+    // Its agent reports the instance Failed and stops streaming to the standby: whichever the
+    // controller hears first hands over (the event names the old active either way).
+    healed(&node, "natp", &format!("on {active}"));
+    // The flow goes on through the new active, which found every session: it made none.
+    let sink = || {
+        node.json(&["net", "show", "t1"])["status"]["links"][1]["packets"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    wait_until("the flow never went on through the new active", || {
+        sink() > 200
+    });
+    let stats = node.json(&["vnf", "stats", "natp"]);
+    let created = stats["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "sessions_created")
+        .and_then(|c| c["value"].as_u64());
+    assert_eq!(
+        created,
+        Some(0),
+        "the new active made sessions again: {stats}"
+    );
+    assert_eq!(map_entries(&node, "natp", "sessions"), Some(20));
 }
 
 /// Drops every packet this machine sends to or from `port` (TCP and UDP: a host's tunnel and
