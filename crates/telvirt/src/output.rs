@@ -175,8 +175,22 @@ pub fn vnf_detail(v: &Vnf) -> String {
     }
     if let Some(s) = &v.standby {
         out.push_str(&format!(
-            "Standby:     {} on {}: {}\n",
-            s.phase, s.host, s.reason
+            "Standby:     {} on {}: {}{}\n",
+            s.phase,
+            s.host,
+            s.reason,
+            s.active_lost.as_ref().map_or(String::new(), |l| format!(
+                "; it lost its active: {}",
+                l.why
+            )),
+        ));
+    }
+    if v.epoch > 0 {
+        out.push_str(&format!(
+            "Epoch:       {} (the active moved to another host {} time{})\n",
+            v.epoch,
+            v.epoch,
+            if v.epoch == 1 { "" } else { "s" }
         ));
     }
     if let Some(r) = &v.replication {

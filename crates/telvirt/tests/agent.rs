@@ -455,6 +455,11 @@ fn a_stalled_active_is_fenced_and_its_standby_takes_over_once_the_lease_ran_out(
         role_host("active", &v) == standby && v["epoch"] == 1
     });
     healed(&node, "natp", &format!("host {active} failed"));
+    let text = String::from_utf8(node.ok(&["vnf", "show", "natp", "-o", "table"]).stdout).unwrap();
+    assert!(
+        text.contains("Epoch:       1 (the active moved to another host 1 time)"),
+        "{text}"
+    );
     // It goes on: its lease lapsed, so its NAT forwards nothing until the assignments read
     // after its next heartbeat say what it is (the standby of epoch 1, the pair whole again).
     stalled.signal(libc::SIGCONT);
@@ -620,6 +625,11 @@ fn a_cut_path_between_a_pair_that_both_reach_the_controller_keeps_one_active() {
     let v = node.json(&["vnf", "show", "natp"]);
     assert_eq!(role_host("active", &v), active, "{v}");
     assert!(v.get("epoch").is_none(), "{v}");
+    let text = String::from_utf8(node.ok(&["vnf", "show", "natp", "-o", "table"]).stdout).unwrap();
+    assert!(
+        text.contains("; it lost its active: nothing from"),
+        "{text}"
+    );
     for h in [&active, &standby] {
         assert!(host_status(&node, h).is_some_and(|s| s.starts_with("Ready")));
     }
