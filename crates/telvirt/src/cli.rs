@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     version,
     about = "Run network functions in QEMU/KVM virtual machines or verified WebAssembly, managed by one control plane",
     after_help = "Server and token come from --server/--token, TELVIRT_SERVER/TELVIRT_TOKEN, or the client \
-config file (--config, TELVIRT_CONFIG, else <data-dir>/client.toml written by `telvirt serve`)."
+config file (--config, TELVIRT_CONFIG, else <data-dir>/client.toml written by `telvirt serve`).\n\
+Exit codes: 0 done; 2 input refused (400, 413, 415, 422); 3 caller refused (401, 403); 4 not found \
+(404); 5 conflict (409, 412); 1 anything else. Under -o json an error is JSON on stderr too."
 )]
 pub struct Cli {
     /// API endpoint, e.g. http://127.0.0.1:7070

@@ -22,6 +22,40 @@ pub struct Answer {
     pub body: Vec<u8>,
 }
 
+/// The API refused a request: its status and the problem's detail (with the field errors it
+/// did not say already). The binary's exit code follows the status (see [`exit_code`]).
+#[derive(Debug)]
+pub struct RequestFailed {
+    pub status: u16,
+    pub detail: String,
+}
+
+impl std::fmt::Display for RequestFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let reason = reqwest::StatusCode::from_u16(self.status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or("");
+        write!(f, "{} {reason}: {}", self.status, self.detail)
+    }
+}
+
+impl std::error::Error for RequestFailed {}
+
+/// The exit code of a failed command: 2 for input the API refused (400, 413, 415, 422), 3 for
+/// a caller it does not let do this (401, 403), 4 for something that does not exist (404), 5
+/// for a conflict with the current state (409, 412), 1 for anything else (the API unreachable
+/// or failing, a local error).
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    match e.downcast_ref::<RequestFailed>().map(|r| r.status) {
+        Some(400 | 413 | 415 | 422) => 2,
+        Some(401 | 403) => 3,
+        Some(404) => 4,
+        Some(409 | 412) => 5,
+        _ => 1,
+    }
+}
+
 impl Answer {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.body)
@@ -38,7 +72,7 @@ impl Client {
         }
     }
 
-    /// Sends a request; a non-2xx answer becomes an error with the problem's detail.
+    /// Sends a request; a non-2xx answer becomes a [`RequestFailed`] with the problem's detail.
     pub async fn call(
         &self,
         method: Method,
@@ -77,11 +111,11 @@ impl Client {
                 detail
             })
             .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
-        Err(anyhow!(
-            "{} {}: {detail}",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or("")
-        ))
+        Err(RequestFailed {
+            status: status.as_u16(),
+            detail,
+        }
+        .into())
     }
 
     /// Whether `path` exists for the caller: true on 2xx, false on 404, an error otherwise.

@@ -66,9 +66,23 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let format = cli.output;
     if let Err(e) = runtime.block_on(dispatch(cli)) {
-        eprintln!("error: {}", one_line(&e));
-        std::process::exit(1);
+        let code = client::exit_code(&e);
+        match format {
+            // Machine-readable to the end: the error as JSON too (on stderr, like the text).
+            cli::Output::Json => {
+                let status = e.downcast_ref::<client::RequestFailed>().map(|r| r.status);
+                let error = serde_json::json!({
+                    "error": one_line(&e),
+                    "status": status,
+                    "exit_code": code,
+                });
+                eprintln!("{error}");
+            }
+            _ => eprintln!("error: {}", one_line(&e)),
+        }
+        std::process::exit(code);
     }
 }
 

@@ -137,10 +137,29 @@ fn bad_input_exits_non_zero_with_one_line() {
     let bad = example(&server, "bad.yaml");
     std::fs::write(&bad, fw1.replace("count: 1", "count: 0")).unwrap();
     let out = server.cli(&["vnf", "create", "-f", &bad]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "refused input exits 2");
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("spec.cpu.count"), "{err}");
+    // Under -o json the error is JSON too, with the API's status and the exit code.
+    let out = server.cli(&["vnf", "create", "-f", &bad, "-o", "json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let e: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
+    assert_eq!(
+        (e["status"].as_u64(), e["exit_code"].as_i64()),
+        (Some(422), Some(2)),
+        "{e}"
+    );
+    assert!(
+        e["error"].as_str().unwrap().contains("spec.cpu.count"),
+        "{e}"
+    );
+    // Something that does not exist exits 4, a conflict 5.
+    assert_eq!(server.cli(&["vnf", "show", "nope"]).status.code(), Some(4));
+    server.ok(&["vnf", "create", "-f", &example(&server, "fw1.yaml")]);
+    let twice = server.cli(&["vnf", "create", "-f", &example(&server, "fw1.yaml")]);
+    assert_eq!(twice.status.code(), Some(5), "{}", stderr(&twice));
+    server.ok(&["vnf", "delete", "fw1"]);
     // A relative module that is not there: refused before any request, naming the directory
     // it was looked for in.
     let lost = server.path("lost.yaml");
@@ -156,9 +175,10 @@ fn bad_input_exits_non_zero_with_one_line() {
         "{err}"
     );
     let out = server.cli(&["vnf", "create", "-f", "/nonexistent.yaml"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "a local error exits 1");
     assert!(stderr(&out).contains("/nonexistent.yaml"));
-    assert_eq!(server.json(&["vnf", "list"]), serde_json::json!([]));
+    let gone = || server.json(&["vnf", "list"]) == serde_json::json!([]);
+    common::wait_until("fw1 is gone", gone);
 }
 
 #[test]
