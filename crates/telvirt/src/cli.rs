@@ -68,7 +68,7 @@ pub enum Command {
     /// Upload and manage wasm modules (verified at upload, named by their SHA-256)
     #[command(subcommand)]
     Module(crate::modules::ModuleCommand),
-    /// Print the JSON Schema of the VNF descriptor
+    /// Print the JSON Schema of the VNF descriptor (as YAML with -o yaml)
     Schema,
     /// Measure telvirt against a baseline run in the same process
     #[command(subcommand)]

@@ -103,10 +103,14 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Agent(args) => agent::run(args).await,
         Command::Cluster(command) => cluster::run(command, format).await,
         Command::Schema => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&telvirt_controller::descriptor_schema())?
-            );
+            let schema = telvirt_controller::descriptor_schema();
+            // JSON unless YAML is asked for (a table of a schema means nothing).
+            let yaml = if format == cli::Output::Yaml {
+                cli::Output::Yaml
+            } else {
+                cli::Output::Json
+            };
+            output::structured(yaml, &schema)?;
             Ok(())
         }
         Command::Bench(cmd) => bench::run(format, cmd),

@@ -277,3 +277,26 @@ fn kill_9_during_creates_keeps_every_acknowledged_vnf() {
         server.wait_vnf(name, |v| v["phase"] != "Pending" || v["reason"].is_string());
     }
 }
+
+#[test]
+fn schema_prints_json_unless_yaml_is_asked_for() {
+    let json = std::process::Command::new(BIN)
+        .arg("schema")
+        .output()
+        .unwrap();
+    assert!(json.status.success(), "{}", stderr(&json));
+    let from_json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let yaml = std::process::Command::new(BIN)
+        .args(["schema", "-o", "yaml"])
+        .output()
+        .unwrap();
+    assert!(yaml.status.success(), "{}", stderr(&yaml));
+    assert!(
+        !String::from_utf8_lossy(&yaml.stdout)
+            .trim_start()
+            .starts_with('{'),
+        "YAML, not JSON"
+    );
+    let from_yaml: serde_json::Value = serde_yaml::from_slice(&yaml.stdout).unwrap();
+    assert_eq!(from_yaml, from_json);
+}
