@@ -699,6 +699,9 @@ impl Controller {
         with_agent: &[String],
         ready: &BTreeSet<String>,
     ) -> Result<()> {
+        // The cordons are read under the scheduler lock, which a cordon holds while it writes
+        // its record and the scheduler: read before it, a cordon made meanwhile was undone.
+        let mut scheduler = self.scheduler.lock().await;
         let cordoned: BTreeSet<String> = self
             .store
             .list(records::CORDONS)
@@ -707,7 +710,6 @@ impl Controller {
             .map(|(k, _)| k[records::CORDONS.len()..].to_owned())
             .collect();
         let mut back = false;
-        let mut scheduler = self.scheduler.lock().await;
         for host in with_agent {
             let want = ready.contains(host) && !cordoned.contains(host);
             match scheduler.is_schedulable(host) {

@@ -206,7 +206,15 @@ pub(crate) async fn stream_back(api: &Api, at: (u64, u64), settle: Duration) -> 
     )
     .await?;
     tokio::time::sleep(settle).await;
-    let created = counter(api, "nat", "sessions_created").await?;
+    // The NAT's counters once its (new) instance answers for them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let created = loop {
+        match counter(api, "nat", "sessions_created").await {
+            Ok(created) => break created,
+            Err(e) if Instant::now() > deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     let (sent1, received1) = stream(api).await?;
     Ok((
         (sent1 - sent0).saturating_sub(received1 - received0),
@@ -680,6 +688,10 @@ pub(crate) async fn tcp_round(
             "-i",
             "0.1",
             "-J",
+            // A connection whose data goes unacknowledged this long is broken: iperf3 says so
+            // instead of waiting for TCP to give up (minutes).
+            "--snd-timeout",
+            "3000",
         ],
     );
     let flow = flow
@@ -687,7 +699,8 @@ pub(crate) async fn tcp_round(
         .stderr(std::process::Stdio::null())
         .spawn()
         .context("starting the iperf3 client")?;
-    let flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
+    let pid = libc::pid_t::try_from(flow.id()).context("the iperf3 client's pid")?;
+    let mut flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
     tokio::time::sleep(TCP_KILL_AT).await;
     let recovery = match event {
         TcpEvent::Kill { pair } => kill_active(&mut s, pair).await?,
@@ -706,9 +719,26 @@ pub(crate) async fn tcp_round(
             }
         }
     };
-    let out = tokio::time::timeout(Duration::from_secs(TCP_SECONDS + 30), flow)
-        .await
-        .context("the iperf3 client did not end")???;
+    let out = match tokio::time::timeout(Duration::from_secs(TCP_SECONDS + 30), &mut flow).await {
+        Ok(out) => out??,
+        Err(_) => {
+            // Still waiting on a dead connection: it did not survive.
+            // SAFETY: `pid` is our own child, not yet reaped (its waiter still waits for it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = flow.await;
+            return Ok(TcpRun {
+                flip_ms: recovery.flip,
+                silences_before_kill: recovery.silences,
+                gap_ms: (TCP_SECONDS * 1000) as f64,
+                survived: false,
+                retransmits: 0,
+                mbps: 0.0,
+                error: Some(
+                    "the client had not ended 30 s after the flow: the connection hung".into(),
+                ),
+            });
+        }
+    };
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(
             "iperf3 -J printed no report: {}",

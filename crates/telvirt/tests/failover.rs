@@ -6,8 +6,13 @@
 mod common;
 use serde_json::Value;
 
+/// The benchmarks run one at a time: each starts a controller and four agents, which two of
+/// them at once on two cores would starve.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn bench_failover_reports_every_figure() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let out = std::process::Command::new(common::BIN)
         .args(["bench", "failover", "--rounds", "1", "--flows", "8"])
         .args(["--rate-pps", "2000", "-o", "json"])
@@ -55,6 +60,7 @@ fn bench_failover_reports_every_figure() {
 /// state, the cold move (deleted, created on the destination) makes every session again.
 #[test]
 fn bench_migrate_reports_every_figure() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let out = std::process::Command::new(common::BIN)
         .args(["bench", "migrate", "--rounds", "1", "--flows", "8"])
         .args(["--rate-pps", "2000", "-o", "json"])
