@@ -123,17 +123,6 @@ fn describe(host: &str, r: &Relocation) -> String {
 }
 
 impl Controller {
-    /// Whether the host of VNF `name`'s active instance is NotReady (its lease ran out).
-    pub(crate) async fn active_host_not_ready(&self, name: &str) -> Result<bool> {
-        let Some((record, _)) = self.load(name).await? else {
-            return Ok(false);
-        };
-        match crate::maps::active_host(&record.vnf) {
-            Some(host) => Ok(!self.host_ready(&host).await?),
-            None => Ok(false),
-        }
-    }
-
     /// Sets how long a host stays NotReady before the VNFs without a standby it held are
     /// placed elsewhere (`None`: never; an active with a live standby fails over regardless).
     pub fn set_heal_after(&self, after: Option<Duration>) {

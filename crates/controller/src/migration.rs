@@ -205,36 +205,81 @@ impl Controller {
         *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
     }
 
-    /// VNF `name`'s record and the move under way, if one is (read under the caller's
-    /// scheduler lock).
-    async fn load_move(
-        &self,
-        name: &str,
-    ) -> Result<Option<(crate::records::VnfRecord, Migration)>> {
-        let Some((record, _)) = self.load(name).await? else {
-            return Ok(None);
-        };
-        Ok(record.vnf.migration.clone().map(|m| (record, m)))
-    }
-
-    /// Cancels the move of `name` once it is older than the move deadline (a destination that
-    /// never ran, a stream that never synced): the VNF stays on its source, the destination's
-    /// cpus are freed, an event says what was missing. Returns whether it cancelled.
-    pub(crate) async fn expire_migration(&self, name: &str) -> Result<bool> {
-        let deadline = *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner());
+    /// Takes the move of `name` on after a report of either instance (one read of the record,
+    /// under the scheduler lock): ends it once the destination runs and holds the source's
+    /// state (the source's agent reported the stream synced) — the destination is the active,
+    /// the source's place is freed, the agents follow — or cancels it once it is older than
+    /// the move deadline (a destination that never ran, a stream that never synced): the VNF
+    /// stays on its source, the destination's cpus are freed, an event says what was missing.
+    /// Returns whether it changed the move.
+    pub(crate) async fn advance_migration(&self, name: &str) -> Result<bool> {
         let mut scheduler = self.scheduler.lock().await;
-        let Some((record, m)) = self.load_move(name).await? else {
+        let Some((record, _)) = self.load(name).await? else {
             return Ok(false);
         };
         let v = &record.vnf;
+        let Some(m) = v.migration.clone() else {
+            return Ok(false);
+        };
+        let destination_runs = v
+            .standby
+            .as_ref()
+            .is_some_and(|s| s.host == m.to && s.phase == Phase::Running);
+        let synced = v
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.standby_host == m.to && r.state == "synced");
+        let (placed, reason, actor, restart) = if destination_runs
+            && synced
+            && v.phase == Phase::Running
+            && !record.deleting
+        {
+            let updates = v.replication.as_ref().map_or(0, |r| r.updates);
+            // Should the record fail to be written after this, the scheduler holds the end of
+            // the move and the store its start: the next open restores from the store.
+            scheduler.swap_roles(name)?;
+            let placed = scheduler.drop_standby(name)?;
+            let reason = format!(
+                "moved from host {} to host {}{} ({updates} map updates streamed before the switch)",
+                m.from,
+                m.to,
+                m.engine
+                    .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
+            );
+            (placed, reason, m.by.clone(), Restart::Yes)
+        } else if let Some(reason) = self.overdue(v, &m)? {
+            let placed = scheduler.drop_standby(name)?;
+            (placed, reason, MOVE_DEADLINE_ACTOR.to_owned(), Restart::No)
+        } else {
+            return Ok(false);
+        };
+        // The descriptor says the engine the destination runs on (once it is the active).
+        let engine = m.engine.filter(|_| restart == Restart::Yes);
+        let how = Recording {
+            reason: &reason,
+            actor: &actor,
+            restart,
+            extra: &|v| {
+                if let (Some(e), Some(w)) = (engine, v.descriptor.spec.wasm.as_mut()) {
+                    w.engine = e;
+                }
+            },
+        };
+        self.record_new_placement(&mut scheduler, name, &placed, &how)
+            .await
+    }
+
+    /// Why move `m` of `v` is cancelled, once it is older than the move deadline.
+    fn overdue(&self, v: &Vnf, m: &Migration) -> Result<Option<String>> {
+        let deadline = *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner());
         let started = humantime::parse_rfc3339_weak(&m.started_at).map_err(|e| {
-            ControllerError::Corrupt(format!("vnf {name}: migration.started_at: {e}"))
+            ControllerError::Corrupt(format!("vnf {}: migration.started_at: {e}", v.name))
         })?;
         let age = SystemTime::now()
             .duration_since(started)
             .unwrap_or_default();
         if age < deadline {
-            return Ok(false);
+            return Ok(None);
         }
         let destination = match &v.standby {
             Some(s) if s.host == m.to => {
@@ -250,68 +295,11 @@ impl Controller {
             ),
             _ => "the source never reported the stream".to_owned(),
         };
-        let placed = scheduler.drop_standby(name)?;
-        let reason = format!(
+        Ok(Some(format!(
             "the move to host {} did not end within {} ({destination}; {stream}); cancelled, it runs on {}",
             m.to,
             humantime::format_duration(deadline),
             m.from
-        );
-        let how = Recording {
-            reason: &reason,
-            actor: MOVE_DEADLINE_ACTOR,
-            restart: Restart::No,
-            extra: &|_| {},
-        };
-        self.record_new_placement(&mut scheduler, name, &placed, &how)
-            .await
-    }
-
-    /// Ends the move of `name` once its destination runs and holds the source's state (the
-    /// source's agent reported the stream synced): the destination is the active, the source's
-    /// place is freed, the agents follow. Returns whether it ended.
-    pub(crate) async fn finish_migration(&self, name: &str) -> Result<bool> {
-        let mut scheduler = self.scheduler.lock().await;
-        let Some((record, m)) = self.load_move(name).await? else {
-            return Ok(false);
-        };
-        let v = &record.vnf;
-        let destination_runs = v
-            .standby
-            .as_ref()
-            .is_some_and(|s| s.host == m.to && s.phase == Phase::Running);
-        let synced = v
-            .replication
-            .as_ref()
-            .is_some_and(|r| r.standby_host == m.to && r.state == "synced");
-        if !destination_runs || !synced || v.phase != Phase::Running || record.deleting {
-            return Ok(false);
-        }
-        let updates = v.replication.as_ref().map_or(0, |r| r.updates);
-        // Should the record fail to be written after this, the scheduler holds the end of the
-        // move and the store its start: the next open restores from the store.
-        scheduler.swap_roles(name)?;
-        let placed = scheduler.drop_standby(name)?;
-        let reason = format!(
-            "moved from host {} to host {}{} ({updates} map updates streamed before the switch)",
-            m.from,
-            m.to,
-            m.engine
-                .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
-        );
-        // The descriptor says the engine the destination runs on.
-        let engine = m.engine;
-        let how = Recording {
-            reason: &reason,
-            actor: &m.by,
-            restart: Restart::Yes,
-            extra: &|v| {
-                if let (Some(e), Some(w)) = (engine, v.descriptor.spec.wasm.as_mut()) {
-                    w.engine = e;
-                }
-            },
-        };
-        self.record_new_placement(&mut scheduler, name, &placed, &how)
-            .await
+        )))
     }
 }

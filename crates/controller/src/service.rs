@@ -1458,6 +1458,8 @@ impl Controller {
         let mut remove = false;
         let mut active_failed = false;
         let mut active_lost = None;
+        // The host of the active, as the record read for this report says (a standby's).
+        let mut active_host = None;
         let mut migrating = false;
         let result = self
             .update(&name, |record| {
@@ -1481,7 +1483,8 @@ impl Controller {
                         active_lost: obs.active_lost.clone(),
                     });
                     // Losing its active, and hearing it again, are events (the phase stays).
-                    let active = crate::maps::active_host(vnf).unwrap_or_default();
+                    active_host = crate::maps::active_host(vnf);
+                    let active = active_host.clone().unwrap_or_default();
                     let event = match (&before, &obs.active_lost) {
                         (None, Some(lost)) => Some(format!(
                             "the standby on {host} lost its active on {active}: {}",
@@ -1530,10 +1533,10 @@ impl Controller {
             // active on a Ready host may only be cut off from its standby, and keeps its role.
             // The agent's report stands either way, so a takeover that could not be recorded
             // is only logged.
-            let gone = match &active_lost {
-                Some(lost) if lost.closed => true,
-                Some(_) => self.active_host_not_ready(&name).await?,
-                None => false,
+            let gone = match (&active_lost, &active_host) {
+                (Some(lost), _) if lost.closed => true,
+                (Some(_), Some(active)) => !self.host_ready(active).await?,
+                _ => false,
             };
             let loss = match (&active_lost, active_failed) {
                 (Some(lost), _) if gone => Some(ActiveLoss::Unreachable {
@@ -1554,16 +1557,8 @@ impl Controller {
             }
             // A move ends once its destination runs with the state (either instance's report
             // may be the last one it waited for), or is cancelled past its deadline.
-            if migrating {
-                match self.finish_migration(&name).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        if let Err(e) = self.expire_migration(&name).await {
-                            tracing::warn!(vnf = %name, "the overdue move could not end: {e}");
-                        }
-                    }
-                    Err(e) => tracing::warn!(vnf = %name, "the move could not end: {e}"),
-                }
+            if migrating && let Err(e) = self.advance_migration(&name).await {
+                tracing::warn!(vnf = %name, "the move could not end: {e}");
             }
         }
         Ok(())
