@@ -24,7 +24,7 @@ use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
 use telvirt_dataplane::vxlan::{self, VxlanEndpoint, VxlanTunnelStats};
 use telvirt_model::network::{
     BuiltinKind, BuiltinNode, Endpoint, InstanceCount, LatencyReport, LinkState, NetworkDescriptor,
-    NetworkStatus, ResolvedProbe, SteeringEndpoint, SteeringState,
+    NetworkStatus, NodeDropState, ResolvedProbe, SteeringEndpoint, SteeringState,
 };
 
 use crate::AgentError;
@@ -615,6 +615,7 @@ impl NetworkReconciler {
                 packets: l.map_or(0, |s| s.counters.packets),
                 bytes: l.map_or(0, |s| s.counters.bytes),
                 drops: l.map_or(0, |s| s.counters.drops) + tunnel_drops,
+                since: l.map_or_else(String::new, |s| unix_ms_rfc3339(s.counters.since_unix_ms)),
             });
         }
         let mut steering = Vec::new();
@@ -652,6 +653,36 @@ impl NetworkReconciler {
             });
         }
         let mut table = graph::render(&mine);
+        // Nodes of this network on this host, but not the tunnels (their losses are the links').
+        let nodes: BTreeSet<&str> = mine
+            .iter()
+            .flat_map(|l| [l.link.from.node.as_str(), l.link.to.node.as_str()])
+            .chain(a.builtins.keys().map(String::as_str))
+            .chain(a.endpoints.keys().map(String::as_str))
+            .filter(|n| !a.tunnels.contains_key(*n))
+            .collect();
+        let node_drops: Vec<NodeDropState> = {
+            let panel = self.dp.panel();
+            nodes
+                .into_iter()
+                .filter_map(|n| Some((n, panel.node_drops(n)?)))
+                .filter(|(_, d)| d.unlinked + d.refused > 0)
+                .map(|(n, d)| NodeDropState {
+                    node: n.to_owned(),
+                    unlinked: d.unlinked,
+                    refused: d.refused,
+                })
+                .collect()
+        };
+        for d in &node_drops {
+            table.push_str(&telvirt_dataplane::panel::render_node_drops(
+                &d.node,
+                telvirt_dataplane::node::NodeDrops {
+                    unlinked: d.unlinked,
+                    refused: d.refused,
+                },
+            ));
+        }
         for s in &steering {
             table.push_str(&format!(
                 "\nsteering {}: active {} (switches: {}), delivered {}\n",
@@ -677,6 +708,7 @@ impl NetworkReconciler {
             table,
             waiting: a.waiting.clone(),
             steering,
+            node_drops,
         })
     }
 
@@ -776,6 +808,15 @@ impl NetworkReconciler {
     }
 }
 
+/// `ms` since the Unix epoch as RFC 3339 (empty for 0: not recorded).
+fn unix_ms_rfc3339(ms: u64) -> String {
+    if ms == 0 {
+        return String::new();
+    }
+    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, Instant};
@@ -834,10 +875,14 @@ mod tests {
         assert!(r.status(&d).unwrap().waiting.is_empty());
 
         // fw1 restarts: its links go with it, and the next pass wires them again.
+        let since = r.status(&d).unwrap().links[1].since.clone();
+        assert!(since.ends_with('Z'), "{since:?}");
         let _ = dp.remove_node("fw1").unwrap();
         add_fw(&dp);
-        delivered_above(&r, &d, 0);
-        assert!(first > 0);
+        // The links are made again between the same ports: their counters go on.
+        let again = delivered_above(&r, &d, first);
+        assert!(first > 0 && again > first);
+        assert_eq!(r.status(&d).unwrap().links[1].since, since);
 
         // Deleting the network removes its links and built-in nodes, not fw1.
         r.sync(&[]);
@@ -923,6 +968,28 @@ mod tests {
     }
 
     #[test]
+    fn packets_a_vnf_sends_to_a_port_the_network_leaves_open_are_shown_at_the_vnf() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        add_fw(&dp);
+        let open = CHAIN.replace("    - fw1.out -> sink.in\n", "");
+        let d = parse_network(open.as_bytes(), Format::Yaml).unwrap();
+        let st = until(&r, &d, "fw1's unlinked drops", |st| {
+            st.node_drops
+                .iter()
+                .any(|n| n.node == "fw1" && n.unlinked > 100 && n.refused == 0)
+        });
+        assert!(
+            st.table.contains("fw1: ") && st.table.contains("dropped on unlinked ports"),
+            "{}",
+            st.table
+        );
+        assert!(st.node_drops.iter().all(|n| n.node == "fw1"), "{st:?}");
+        r.sync(&[]);
+    }
+
+    #[test]
     fn a_probe_measures_the_chain_and_puts_the_links_back() {
         let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
         let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
@@ -931,6 +998,7 @@ mod tests {
         let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
         delivered_above(&r, &d, 0);
         let before = dp.panel().current_links();
+        let counted = r.status(&d).unwrap().links;
         let probe = telvirt_model::network::LatencyProbe {
             rate_pps: Some(20_000),
             packets: Some(2_000),
@@ -950,9 +1018,15 @@ mod tests {
         assert_eq!(report.from, "fw1.in");
         assert_eq!(dp.panel().current_links(), before);
         assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
-        // The network carries its own traffic again.
-        let now = r.status(&d).unwrap().links[1].packets;
-        delivered_above(&r, &d, now);
+        // The network carries its own traffic again, on counters the probe did not reset.
+        let after = r.status(&d).unwrap().links;
+        for (b, a) in counted.iter().zip(&after) {
+            assert!(
+                a.packets >= b.packets && a.since == b.since,
+                "{b:?} -> {a:?}"
+            );
+        }
+        delivered_above(&r, &d, after[1].packets);
     }
 
     #[test]

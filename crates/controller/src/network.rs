@@ -813,6 +813,7 @@ fn merge_statuses(
                 m.table.push('\n');
                 m.table.push_str(&st.table);
                 m.waiting.extend(st.waiting);
+                m.node_drops.extend(st.node_drops);
                 for s in st.steering {
                     if !m.steering.iter().any(|t| t.name == s.name) {
                         m.steering.push(s);
@@ -833,11 +834,13 @@ fn merge_statuses(
                 packets: 0,
                 bytes: 0,
                 drops: 0,
+                since: String::new(),
             })
             .collect(),
         table: String::new(),
         waiting: Vec::new(),
         steering: Vec::new(),
+        node_drops: Vec::new(),
     });
     st.waiting.extend(failures);
     st

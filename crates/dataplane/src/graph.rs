@@ -361,6 +361,7 @@ mod tests {
                     packets: 10 * i as u64,
                     bytes: 640 * i as u64,
                     drops: i as u64,
+                    since_unix_ms: 0,
                 },
             })
             .collect();

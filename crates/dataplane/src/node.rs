@@ -46,7 +46,9 @@ pub trait PacketProcessor: Send {
     }
 }
 
-/// Counters of one link, shared between the sending worker and readers (`net show`).
+/// Counters of one link, shared between the sending worker and readers (`net show`). They
+/// only grow: the panel hands the same counters to a link that is removed and made again
+/// between the same ports (a probe, a re-apply, a restarted VNF).
 #[derive(Debug, Default)]
 pub struct LinkCounters {
     /// Packets enqueued on the link.
@@ -55,6 +57,8 @@ pub struct LinkCounters {
     pub bytes: AtomicU64,
     /// Packets dropped because the link's ring was full.
     pub drops: AtomicU64,
+    /// When these counters started from zero (Unix epoch milliseconds; 0: not recorded).
+    pub since_unix_ms: u64,
 }
 
 /// A point-in-time copy of [`LinkCounters`].
@@ -66,15 +70,55 @@ pub struct CounterSnapshot {
     pub bytes: u64,
     /// Packets dropped (ring full).
     pub drops: u64,
+    /// When the counters started from zero (Unix epoch milliseconds).
+    pub since_unix_ms: u64,
 }
 
 impl LinkCounters {
+    /// Counters at zero, starting now.
+    pub fn starting_now() -> Self {
+        LinkCounters {
+            since_unix_ms: crate::pcap::realtime_ns() / 1_000_000,
+            ..LinkCounters::default()
+        }
+    }
+
     /// Copy the counters.
     pub fn snapshot(&self) -> CounterSnapshot {
         CounterSnapshot {
             packets: self.packets.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
             drops: self.drops.load(Ordering::Relaxed),
+            since_unix_ms: self.since_unix_ms,
+        }
+    }
+}
+
+/// Packets a node lost without any link seeing them, shared by all of the node's ports.
+#[derive(Debug, Default)]
+pub struct NodeCounters {
+    /// Sent to a port that had no link.
+    pub unlinked: AtomicU64,
+    /// Given a drop verdict by the node itself (a firewall's deny, a VNF's drop, a verdict
+    /// naming no port).
+    pub refused: AtomicU64,
+}
+
+/// A point-in-time copy of [`NodeCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodeDrops {
+    /// Sent to a port that had no link.
+    pub unlinked: u64,
+    /// Dropped by the node's own verdict.
+    pub refused: u64,
+}
+
+impl NodeCounters {
+    /// Copy the counters.
+    pub fn snapshot(&self) -> NodeDrops {
+        NodeDrops {
+            unlinked: self.unlinked.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
@@ -93,8 +137,8 @@ pub struct TxLink {
 pub struct PortIo {
     pub(crate) tx: Option<TxLink>,
     pub(crate) rx: Vec<RxLink>,
-    /// Packets sent to this port while it had no link (shared by all ports of a node).
-    pub(crate) unlinked_drops: Arc<AtomicU64>,
+    /// The node's drop counters (shared by all ports of a node).
+    pub(crate) node_drops: Arc<NodeCounters>,
     /// The outgoing link was removed from the graph but is kept until the node's incoming
     /// rings with these link serials (removed in the same change) are drained (ADR 022).
     pub(crate) retiring: Option<Vec<u64>>,
@@ -182,6 +226,14 @@ impl<'a> NodeIo<'a> {
         }
     }
 
+    /// Free `pkt`, counted as dropped by the node's own verdict.
+    pub fn refuse(&mut self, pkt: Packet) {
+        if let Some(p) = self.ports.first() {
+            p.node_drops.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        self.cache.free(self.pool, pkt);
+    }
+
     /// True when `port` has an outgoing link.
     pub fn is_linked(&self, port: usize) -> bool {
         self.ports.get(port).is_some_and(|p| p.tx.is_some())
@@ -198,7 +250,8 @@ impl<'a> NodeIo<'a> {
             return 0;
         };
         let Some(tx) = p.tx.as_mut() else {
-            p.unlinked_drops
+            p.node_drops
+                .unlinked
                 .fetch_add(pkts.len() as u64, Ordering::Relaxed);
             self.cache.free_all(self.pool, pkts);
             return 0;
@@ -295,7 +348,7 @@ impl<P: PacketProcessor> Node for ProcessorNode<P> {
                     Some(Verdict::Forward(k)) if usize::from(*k) < nports => {
                         self.out[usize::from(*k)].push(pkt)
                     }
-                    _ => io.free(pkt),
+                    _ => io.refuse(pkt),
                 }
             }
             for (k, q) in self.out.iter_mut().enumerate() {

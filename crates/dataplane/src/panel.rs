@@ -11,11 +11,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::graph::{LinkSpec, LinkStatus, PortRef, render, validate};
-use crate::node::{LinkCounters, Node, TxLink};
+use crate::node::{LinkCounters, Node, NodeCounters, NodeDrops, TxLink};
 use crate::pool::{Packet, Pool};
 use crate::ring;
 use crate::worker::{Cmd, Worker, WorkerConfig};
@@ -24,8 +23,11 @@ struct NodeEntry {
     id: u64,
     worker: usize,
     ports: Vec<String>,
-    unlinked_drops: Arc<AtomicU64>,
+    drops: Arc<NodeCounters>,
 }
+
+/// Most counters of removed links the panel keeps for links made again between the same ports.
+const RETIRED_COUNTERS: usize = 4096;
 
 struct LiveLink {
     to: PortRef,
@@ -54,6 +56,10 @@ pub struct PatchPanel {
     next_id: u64,
     /// Links per named network service (`kind: Network`), when `apply_network` is used.
     networks: BTreeMap<String, Vec<LinkSpec>>,
+    /// Counters of removed links, handed back when the same link is made again (a probe that
+    /// paused it, a re-apply, a restarted VNF), so a link's counters only grow. A network's go
+    /// when it is deleted; at most [`RETIRED_COUNTERS`] are kept.
+    retired: BTreeMap<LinkSpec, Arc<LinkCounters>>,
 }
 
 impl PatchPanel {
@@ -79,6 +85,7 @@ impl PatchPanel {
             ring_capacity,
             next_id: 1,
             networks: BTreeMap::new(),
+            retired: BTreeMap::new(),
         })
     }
 
@@ -123,12 +130,12 @@ impl PatchPanel {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let unlinked_drops = Arc::new(AtomicU64::new(0));
+        let drops = Arc::new(NodeCounters::default());
         w.send(vec![Cmd::AddNode {
             id,
             node,
             ports: ports.len(),
-            unlinked_drops: Arc::clone(&unlinked_drops),
+            node_drops: Arc::clone(&drops),
         }]);
         self.nodes.insert(
             name.to_string(),
@@ -136,7 +143,7 @@ impl PatchPanel {
                 id,
                 worker,
                 ports: ports.iter().map(|s| s.to_string()).collect(),
-                unlinked_drops,
+                drops,
             },
         );
         Ok(())
@@ -209,7 +216,12 @@ impl PatchPanel {
             per_worker[w].push(Cmd::DetachTx { id, port, after });
         }
         for l in &removed {
-            self.links.remove(&l.from);
+            if let Some(gone) = self.links.remove(&l.from) {
+                if self.retired.len() >= RETIRED_COUNTERS {
+                    self.retired.pop_first();
+                }
+                self.retired.insert(l.clone(), gone.counters);
+            }
         }
         let mut rx_cmds: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
         for (l, producer, consumer) in fresh {
@@ -222,7 +234,10 @@ impl PatchPanel {
                 serial,
                 rx: consumer,
             });
-            let counters = Arc::new(LinkCounters::default());
+            let counters = self
+                .retired
+                .remove(&l)
+                .unwrap_or_else(|| Arc::new(LinkCounters::starting_now()));
             let (sid, sw, sport) = self.locate(&l.from);
             per_worker[sw].push(Cmd::AttachTx {
                 id: sid,
@@ -301,7 +316,11 @@ impl PatchPanel {
             .flat_map(|(_, l)| l.iter().cloned())
             .collect();
         let report = self.apply(&union)?;
-        self.networks.remove(name);
+        if let Some(gone) = self.networks.remove(name) {
+            for l in &gone {
+                self.retired.remove(l);
+            }
+        }
         Ok(report)
     }
 
@@ -346,23 +365,27 @@ impl PatchPanel {
             .collect()
     }
 
-    /// Packets each node sent to a port without a link, for nodes where that happened.
-    pub fn unlinked_drops(&self) -> Vec<(String, u64)> {
+    /// What node `name` dropped outside any link (unlinked ports, its own verdicts), if it is
+    /// on the panel.
+    pub fn node_drops(&self, name: &str) -> Option<NodeDrops> {
+        self.nodes.get(name).map(|e| e.drops.snapshot())
+    }
+
+    /// Nodes that dropped packets outside any link, with what they dropped.
+    pub fn nodes_with_drops(&self) -> Vec<(String, NodeDrops)> {
         self.nodes
             .iter()
-            .map(|(n, e)| (n.clone(), e.unlinked_drops.load(Ordering::Relaxed)))
-            .filter(|(_, d)| *d > 0)
+            .map(|(n, e)| (n.clone(), e.drops.snapshot()))
+            .filter(|(_, d)| *d != NodeDrops::default())
             .collect()
     }
 
-    /// The `telvirt net show` text: the link table, then nodes that dropped packets because
-    /// a port had no link.
+    /// The `telvirt net show` text: the link table, then nodes that dropped packets outside
+    /// any link.
     pub fn render(&self) -> String {
         let mut out = render(&self.status());
-        for (node, drops) in self.unlinked_drops() {
-            out.push_str(&format!(
-                "{node}: {drops} packets dropped on unlinked ports\n"
-            ));
+        for (node, drops) in self.nodes_with_drops() {
+            out.push_str(&render_node_drops(&node, drops));
         }
         out
     }
@@ -391,4 +414,12 @@ fn strip(e: Error) -> String {
 
 fn prefix(network: &str, e: Error) -> Error {
     Error::Graph(format!("network {network}: {}", strip(e)))
+}
+
+/// One line of `net show` for a node that dropped packets outside any link.
+pub fn render_node_drops(node: &str, d: NodeDrops) -> String {
+    format!(
+        "{node}: {} packets dropped on unlinked ports, {} dropped by its own verdict\n",
+        d.unlinked, d.refused
+    )
 }

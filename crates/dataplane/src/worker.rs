@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-use crate::node::{Node, NodeIo, PortIo, RxLink, TxLink};
+use crate::node::{Node, NodeCounters, NodeIo, PortIo, RxLink, TxLink};
 use crate::pool::{Packet, Pool, PoolCache};
 use crate::ring::Consumer;
 
@@ -88,7 +88,7 @@ pub(crate) enum Cmd {
         id: u64,
         node: Box<dyn Node>,
         ports: usize,
-        unlinked_drops: Arc<AtomicU64>,
+        node_drops: Arc<NodeCounters>,
     },
     RemoveNode {
         id: u64,
@@ -224,13 +224,13 @@ fn apply(slots: &mut Vec<Slot>, cmds: Vec<Cmd>) {
                 id,
                 node,
                 ports,
-                unlinked_drops,
+                node_drops,
             } => slots.push(Slot {
                 id,
                 node,
                 ports: (0..ports)
                     .map(|_| PortIo {
-                        unlinked_drops: Arc::clone(&unlinked_drops),
+                        node_drops: Arc::clone(&node_drops),
                         ..PortIo::default()
                     })
                     .collect(),

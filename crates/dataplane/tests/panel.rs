@@ -95,7 +95,7 @@ fn chain_gen_firewall_sink_delivers_and_counts() {
     assert!(text.contains(&total_bytes.to_string()), "{text}");
     drop(p.remove_node("sink").unwrap());
     assert_eq!(p.current_links(), links(&["gen.out -> fw1.in"]));
-    assert!(p.unlinked_drops().is_empty());
+    assert!(p.nodes_with_drops().is_empty());
     p.shutdown();
     wait_for("all buffers back in the pool", 10, || {
         pool.available() == 4096
@@ -556,13 +556,72 @@ fn packets_to_an_unlinked_port_are_counted_and_shown() {
     // fw1.out has no link: fw1 forwards into nothing.
     p.apply(&links(&["gen.out -> fw1.in"])).unwrap();
     wait_for("500 drops at fw1", 30, || {
-        p.unlinked_drops() == vec![("fw1".to_string(), 500)]
+        p.node_drops("fw1").is_some_and(|d| d.unlinked == 500)
     });
+    assert_eq!(p.node_drops("fw1").unwrap().refused, 0);
+    assert_eq!(p.nodes_with_drops().len(), 1, "{:?}", p.nodes_with_drops());
     let text = p.render();
     assert!(
-        text.contains("fw1: 500 packets dropped on unlinked ports"),
+        text.contains("fw1: 500 packets dropped on unlinked ports, 0 dropped by its own verdict"),
         "{text}"
     );
+    p.shutdown();
+}
+
+#[test]
+fn packets_a_node_refuses_are_counted_at_the_node() {
+    let pool = Arc::new(Pool::new("refused", 1024, 2048).unwrap());
+    let mut p = panel(&pool);
+    // Deny everything: every packet the generator sends is refused by fw1's verdict.
+    let fw = Box::new(ProcessorNode::new(Firewall::new(vec![], Action::Deny), 32));
+    p.add_node("gen", &["out"], 0, Box::new(make_gen(300, None)))
+        .unwrap();
+    p.add_node("fw1", &["in", "out"], 1, fw).unwrap();
+    p.add_node("sink", &["in"], 1, Box::new(LatencySink::new(32)))
+        .unwrap();
+    p.apply(&links(&["gen.out -> fw1.in", "fw1.out -> sink.in"]))
+        .unwrap();
+    wait_for("300 refused at fw1", 30, || {
+        p.node_drops("fw1").is_some_and(|d| d.refused == 300)
+    });
+    assert_eq!(p.node_drops("fw1").unwrap().unlinked, 0);
+    assert_eq!(p.node_drops("gen").unwrap(), Default::default());
+    p.shutdown();
+}
+
+#[test]
+fn a_link_made_again_between_the_same_ports_keeps_its_counters() {
+    let pool = Arc::new(Pool::new("relink", 1024, 2048).unwrap());
+    let mut p = panel(&pool);
+    p.add_node("gen", &["out"], 0, Box::new(make_gen(200, None)))
+        .unwrap();
+    p.add_node("sink", &["in"], 1, Box::new(LatencySink::new(32)))
+        .unwrap();
+    p.add_node("other", &["in"], 1, Box::new(LatencySink::new(32)))
+        .unwrap();
+    let direct = links(&["gen.out -> sink.in"]);
+    p.apply_network("n", &direct).unwrap();
+    wait_for("200 packets on the link", 30, || {
+        p.status()
+            .first()
+            .is_some_and(|l| l.counters.packets == 200)
+    });
+    let before = p.status()[0].counters;
+    assert!(before.since_unix_ms > 0, "{before:?}");
+    // Paused (as a probe does) and made again: the same counters go on.
+    p.apply_network("n", &links(&["gen.out -> other.in"]))
+        .unwrap();
+    assert_eq!(
+        p.status()[0].counters.packets,
+        0,
+        "a different link starts at zero"
+    );
+    p.apply_network("n", &direct).unwrap();
+    assert_eq!(p.status()[0].counters, before);
+    // A deleted network's links start again from zero.
+    p.delete_network("n").unwrap();
+    p.apply_network("n", &direct).unwrap();
+    assert_eq!(p.status()[0].counters.packets, 0);
     p.shutdown();
 }
 

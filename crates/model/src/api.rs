@@ -112,6 +112,9 @@ pub struct WasmStatsView {
     /// Verdicts naming a port the VNF does not have, or descriptors moved outside their slot.
     pub invalid_verdicts: u64,
     pub packets_emitted: u64,
+    /// Packets the VNF forwarded to a port with no link (lost on the data plane).
+    #[serde(default)]
+    pub packets_unlinked: u64,
     /// Restarts of the instance after a failure (per its restart policy).
     pub restarts: u32,
     /// The module's counters, in manifest order (from zero again after a module upgrade).

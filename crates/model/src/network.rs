@@ -532,6 +532,21 @@ pub struct NetworkStatus {
     /// Steering endpoints as the data plane holds them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub steering: Vec<SteeringState>,
+    /// Nodes of the network that dropped packets outside any link.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_drops: Vec<NodeDropState>,
+}
+
+/// Packets one node of a network dropped outside any link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeDropState {
+    /// The node (a VNF, a built-in node, a steering endpoint).
+    pub node: String,
+    /// Sent to one of its ports that had no link (a steering endpoint's instance not wired
+    /// here, a port the network leaves open).
+    pub unlinked: u64,
+    /// Dropped by its own verdict (a firewall's deny, a VNF's drop).
+    pub refused: u64,
 }
 
 /// A steering endpoint on the data plane.
@@ -561,8 +576,14 @@ pub struct LinkState {
     pub active: bool,
     pub packets: u64,
     pub bytes: u64,
-    /// Packets dropped because the link's ring was full.
+    /// Packets dropped because the link's ring was full (or, for a link between hosts, the
+    /// tunnel could not carry).
     pub drops: u64,
+    /// When the link's counters started from zero (RFC 3339; they only grow while the network
+    /// holds the link, through probes, re-applies and restarts of its ends). Empty while the
+    /// link is not live.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub since: String,
 }
 
 /// Body of `POST /v1/networks/{name}/latency`: a probe generator sends timestamped frames into

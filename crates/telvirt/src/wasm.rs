@@ -239,6 +239,7 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
         ("batch_errors", s.batch_errors),
         ("invalid_verdicts", s.invalid_verdicts),
         ("packets_emitted", s.packets_emitted),
+        ("packets_unlinked", s.packets_unlinked),
         ("restarts", u64::from(s.restarts)),
     ]
     .iter()

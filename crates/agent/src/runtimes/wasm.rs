@@ -733,6 +733,11 @@ impl WasmRuntime {
 
     /// The runtime's and the module's counters of the running instance of `name`.
     pub fn stats_view(&self, name: &Name) -> Result<WasmStatsView, RuntimeFailure> {
+        let unlinked = self
+            .dataplane
+            .panel()
+            .node_drops(name.as_str())
+            .map_or(0, |d| d.unlinked);
         self.with_instance(name, |i| {
             let s = i.stats();
             WasmStatsView {
@@ -744,6 +749,7 @@ impl WasmRuntime {
                 batch_errors: s.batch_errors,
                 invalid_verdicts: s.invalid_verdicts,
                 packets_emitted: s.packets_emitted,
+                packets_unlinked: unlinked,
                 restarts: s.restarts,
                 counters: i
                     .counters()
