@@ -4,6 +4,7 @@
 //! The agent must not touch the store: it talks to the controller through [`ControlLink`] only,
 //! so a remote host is the same code as the local one.
 
+pub mod capture;
 pub mod dataplane;
 pub mod discovery;
 pub mod fencing;

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::time::Duration;
 
-use telvirt_api::NetworkSpan;
+use telvirt_api::{CaptureChunk, CaptureSlice, NetworkSpan};
 use telvirt_dataplane::afpacket::HostPort;
 use telvirt_dataplane::graph::{self, LinkSpec, PortRef};
 use telvirt_dataplane::latency::{ChainLatencyOpts, ChainProbe};
@@ -28,6 +28,7 @@ use telvirt_model::network::{
 };
 
 use crate::AgentError;
+use crate::capture::Captures;
 use crate::dataplane::NodeDataPlane;
 
 /// Default generator rate.
@@ -82,6 +83,7 @@ pub struct NetworkReconciler {
     applied: Mutex<BTreeMap<String, Applied>>,
     /// Held for the length of a latency probe (its node names are fixed).
     probe_lock: Mutex<()>,
+    captures: Captures,
 }
 
 fn port_ref(ep: &Endpoint) -> PortRef {
@@ -107,6 +109,7 @@ impl NetworkReconciler {
             vxlan: None,
             applied: Mutex::new(BTreeMap::new()),
             probe_lock: Mutex::new(()),
+            captures: Captures::default(),
         }
     }
 
@@ -421,6 +424,7 @@ impl NetworkReconciler {
     /// are: only this host's part is placed, and links to another host's nodes go through a
     /// tunnel to that host.
     pub fn sync_spans(&self, wanted: &[NetworkDescriptor], spans: &[NetworkSpan]) {
+        self.captures.end_expired(&self.dp);
         let mut applied = self.applied();
         let gone: Vec<String> = applied
             .keys()
@@ -712,6 +716,42 @@ impl NetworkReconciler {
         })
     }
 
+    /// `net capture`: one slice of a capture of link `slice.link` of network `d`, on this host's
+    /// part of the link (for a link between hosts: from the sending VNF into the tunnel here,
+    /// or from the tunnel into the receiving VNF).
+    pub fn capture(
+        &self,
+        d: &NetworkDescriptor,
+        slice: &CaptureSlice,
+    ) -> Result<CaptureChunk, AgentError> {
+        let name = d.name().as_str();
+        let label = d.spec.links.get(slice.link).cloned().ok_or_else(|| {
+            AgentError::DataPlane(format!("network {name} has no link {}", slice.link))
+        })?;
+        let spec = {
+            let applied = self.applied();
+            let a = applied.get(name).ok_or_else(|| {
+                AgentError::DataPlane(format!("network {name} is not applied on this host"))
+            })?;
+            d.parsed_links()
+                .into_iter()
+                .find(|(i, _)| *i == slice.link)
+                .and_then(|(i, l)| self.local_spec(name, a, i, &l))
+                .filter(|s| a.live.contains(s))
+                .ok_or_else(|| {
+                    AgentError::DataPlane(format!(
+                        "link {label} of network {name} is not live on this host{}",
+                        if a.waiting.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" (waiting: {})", a.waiting.join("; "))
+                        }
+                    ))
+                })?
+        };
+        self.captures.slice(&self.dp, name, spec, &label, slice)
+    }
+
     /// `latency chain`: sends the probe's packets from `p.from` to `p.to` through network `d`
     /// as it is wired now. Everything that can be checked is checked before anything changes;
     /// then the links the probe displaces pause for its duration (network passes leave this
@@ -989,14 +1029,81 @@ mod tests {
         r.sync(&[]);
     }
 
-    #[test]
-    fn a_probe_measures_the_chain_and_puts_the_links_back() {
+    /// CHAIN through fw1 on a fresh data plane, once packets reach its sink.
+    fn chain_carrying_packets() -> (Arc<NodeDataPlane>, NetworkReconciler, NetworkDescriptor) {
         let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
         let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
         let r = NetworkReconciler::new(Arc::clone(&dp));
         add_fw(&dp);
         let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
         delivered_above(&r, &d, 0);
+        (dp, r, d)
+    }
+
+    #[test]
+    fn a_capture_in_slices_takes_every_frame_once_and_ends_on_its_count() {
+        use base64::Engine;
+        use telvirt_dataplane::capture::PcapngFrameCounter;
+        let (_dp, r, d) = chain_carrying_packets();
+        // 20000 packets/s: 300 frames take about 15 ms, more than the first slice waits.
+        let slice = |first: bool, wait_ms: u64| CaptureSlice {
+            link: 1,
+            packets: 300,
+            snaplen: 64,
+            wait_ms,
+            first,
+            last: false,
+        };
+        let mut stream = PcapngFrameCounter::default();
+        let mut feed = |c: &CaptureChunk| {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&c.pcapng)
+                .unwrap();
+            stream.feed(&bytes);
+            c.frames
+        };
+        let first = r.capture(&d, &slice(true, 1)).unwrap();
+        assert!(!first.done, "{first:?}");
+        let mut frames = feed(&first);
+        let e = r.capture(&d, &slice(true, 1)).unwrap_err().to_string();
+        assert!(e.contains("being captured already"), "{e}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let c = r.capture(&d, &slice(false, 1000)).unwrap();
+            frames += feed(&c);
+            if c.done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the capture never ended");
+        }
+        assert_eq!((frames, stream.frames(), stream.missed()), (300, 300, 0));
+        let e = r.capture(&d, &slice(false, 1)).unwrap_err().to_string();
+        assert!(e.contains("ended"), "{e}");
+        // The tap is gone: a new capture of the link may start.
+        let again = r.capture(
+            &d,
+            &CaptureSlice {
+                last: true,
+                ..slice(true, 1)
+            },
+        );
+        assert!(again.is_ok_and(|c| c.done));
+        let e = r
+            .capture(
+                &d,
+                &CaptureSlice {
+                    link: 7,
+                    ..slice(true, 1)
+                },
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("has no link 7"), "{e}");
+    }
+
+    #[test]
+    fn a_probe_measures_the_chain_and_puts_the_links_back() {
+        let (dp, r, d) = chain_carrying_packets();
         let before = dp.panel().current_links();
         let counted = r.status(&d).unwrap().links;
         let probe = telvirt_model::network::LatencyProbe {

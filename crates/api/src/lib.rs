@@ -34,6 +34,42 @@ pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(60);
 pub const PROBE_CALL_TIMEOUT: Duration =
     Duration::from_secs(telvirt_model::network::MAX_PROBE_SECONDS + 30);
 
+/// Longest one slice of a capture waits for frames on the agent before it answers.
+pub const CAPTURE_SLICE: Duration = Duration::from_secs(1);
+/// How long an agent keeps a capture armed after answering a slice, waiting for the next; a
+/// capture whose caller went away ends then.
+pub const CAPTURE_KEEP: Duration = Duration::from_secs(3);
+
+/// One slice of a capture of a network's link ([`NodeRequest::Capture`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureSlice {
+    /// Index of the link in the descriptor's `spec.links`.
+    pub link: usize,
+    /// Frames the whole capture takes (read by the first slice).
+    pub packets: u64,
+    /// Bytes kept of each frame (read by the first slice).
+    pub snaplen: u32,
+    /// Longest this slice waits for frames, in milliseconds.
+    pub wait_ms: u64,
+    /// The first slice: arms the tap and starts the pcapng stream with its header.
+    pub first: bool,
+    /// The last slice: the capture ends after it whether or not every frame came.
+    pub last: bool,
+}
+
+/// What one capture slice took: a piece of a pcapng stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureChunk {
+    /// The pcapng bytes (base64): the header on the first slice, then the frames, and the
+    /// statistics block (frames missed) on the slice that ends the capture.
+    pub pcapng: String,
+    /// Frames in this chunk.
+    pub frames: u64,
+    /// The capture ended with this chunk.
+    pub done: bool,
+}
+
 /// The HTTP paths of the protocol; each takes a node credential as its bearer token, bound to
 /// the host named in the path.
 pub mod paths {
@@ -172,6 +208,11 @@ pub enum NodeRequest {
         network: NetworkDescriptor,
         probe: LatencyProbe,
     },
+    /// A slice of a capture of one of `network`'s links on this host's data plane.
+    Capture {
+        network: NetworkDescriptor,
+        slice: CaptureSlice,
+    },
 }
 
 impl NetworkSpan {
@@ -195,7 +236,7 @@ impl NodeRequest {
             | Self::Stats { vnf }
             | Self::Upgrade { vnf, .. }
             | Self::Console { vnf, .. } => Some(vnf),
-            Self::NetworkStatus { .. } | Self::Probe { .. } => None,
+            Self::NetworkStatus { .. } | Self::Probe { .. } | Self::Capture { .. } => None,
         }
     }
 }
@@ -224,6 +265,9 @@ pub enum NodeReply {
     },
     Latency {
         report: LatencyReport,
+    },
+    Capture {
+        chunk: CaptureChunk,
     },
     /// The node refused or failed; the reason is for the caller.
     Failed {

@@ -278,6 +278,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
             axum::routing::put(steer_network),
         )
         .route("/v1/networks/{name}/latency", post(network_latency))
+        .route("/v1/networks/{name}/capture", post(network_capture))
         .route("/v1/hosts", get(list_hosts))
         .route("/v1/hosts/{name}", get(show_host).delete(delete_host))
         .route("/v1/hosts/{name}/cordon", post(cordon_host))
@@ -1041,6 +1042,47 @@ async fn network_latency(
     Ok(json(StatusCode::OK, &report))
 }
 
+/// Media type of a pcapng stream.
+pub const PCAPNG: &str = "application/x-pcapng";
+
+#[utoipa::path(post, path = "/v1/networks/{name}/capture", tag = "networks", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Network name")),
+    request_body(content(
+        (telvirt_model::network::CaptureRequest = "application/json"),
+        (telvirt_model::network::CaptureRequest = "application/yaml"),
+    ), description = "The link, and how many frames for how long"),
+    responses(
+        (status = 200, description = "The frames as one pcapng stream (one interface: the link), sent while the capture runs; it ends after `packets` frames or `duration_ms`, with a statistics block counting the frames the capture missed", content_type = "application/x-pcapng"),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such network visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "No host carries the link now, or it is being captured already", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field breaks the rules (no such link, too many packets, ...)", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn network_capture(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: telvirt_model::network::CaptureRequest =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    let (head, rest) = s.controller.start_capture(&caller, &name, &req).await?;
+    let first = futures_util::stream::once(std::future::ready(Ok::<_, ControllerError>(
+        Bytes::from(head),
+    )));
+    let rest = futures_util::stream::unfold(rest, |mut stream| async move {
+        let next = stream.next_bytes().await?;
+        Some((next.map(Bytes::from), stream))
+    });
+    let mut response =
+        axum::body::Body::from_stream(futures_util::StreamExt::chain(first, rest)).into_response();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(PCAPNG));
+    Ok(response)
+}
+
 #[utoipa::path(post, path = "/v1/vnfs/{name}/upgrade", tag = "vnfs", security(("bearer" = [])),
     params(("name" = String, Path, description = "VNF name")),
     request_body(content(
@@ -1283,7 +1325,7 @@ async fn delete_module(
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, migrate_vnf, list_hosts,
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, metrics, list_networks, create_network,
-        show_network, delete_network, replace_network, steer_network, network_latency,
+        show_network, delete_network, replace_network, steer_network, network_latency, network_capture,
         upgrade_vnf, vnf_maps, vnf_stats, vnf_console, show_grants, add_grants, revoke_grants,
         list_modules, upload_module, show_module, delete_module
     ),

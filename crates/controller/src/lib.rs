@@ -6,6 +6,7 @@
 pub mod access;
 pub mod agent_api;
 pub mod auth;
+pub mod capture;
 pub mod consistency;
 pub mod console;
 pub mod health;

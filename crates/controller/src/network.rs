@@ -375,7 +375,11 @@ impl Controller {
     }
 
     /// The stored network `name` if the caller may see it, with its revision.
-    async fn visible_network(&self, caller: &Caller, name: &str) -> Result<(Network, u64)> {
+    pub(crate) async fn visible_network(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<(Network, u64)> {
         let key = network_key(name);
         let Some(v) = self.store_handle().get(&key).await? else {
             return Err(not_found(name));
@@ -557,7 +561,7 @@ impl Controller {
 
     /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
     /// has its active instance, or where it pins a host interface.
-    async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
+    pub(crate) async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
         let holders = self.holding_hosts(d, &self.named_records(d).await?).await?;
         Ok(holders.into_keys().collect())
     }

@@ -9,6 +9,7 @@ pub mod ring;
 pub use error::{Error, Result};
 pub mod afpacket;
 pub mod bench;
+pub mod capture;
 pub mod firewall;
 pub mod graph;
 pub mod hist;

@@ -46,9 +46,10 @@ pub trait PacketProcessor: Send {
     }
 }
 
-/// Counters of one link, shared between the sending worker and readers (`net show`). They
-/// only grow: the panel hands the same counters to a link that is removed and made again
-/// between the same ports (a probe, a re-apply, a restarted VNF).
+/// Counters of one link, shared between the sending worker and readers (`net show`), and the
+/// slot where a capture arms its tap. They only grow: the panel hands the same counters to a
+/// link that is removed and made again between the same ports (a probe, a re-apply, a
+/// restarted VNF).
 #[derive(Debug, Default)]
 pub struct LinkCounters {
     /// Packets enqueued on the link.
@@ -59,6 +60,8 @@ pub struct LinkCounters {
     pub drops: AtomicU64,
     /// When these counters started from zero (Unix epoch milliseconds; 0: not recorded).
     pub since_unix_ms: u64,
+    /// The capture of this link, while one runs.
+    pub tap: crate::capture::TapSlot,
 }
 
 /// A point-in-time copy of [`LinkCounters`].
@@ -256,6 +259,7 @@ impl<'a> NodeIo<'a> {
             self.cache.free_all(self.pool, pkts);
             return 0;
         };
+        tx.counters.tap.offer(self.pool, pkts);
         let bytes: usize = pkts.iter().map(Packet::len).sum();
         let total = pkts.len();
         let sent = tx.ring.push_from(pkts);

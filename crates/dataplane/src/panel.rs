@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::capture::LinkTap;
 use crate::error::{Error, Result};
 use crate::graph::{LinkSpec, LinkStatus, PortRef, render, validate};
 use crate::node::{LinkCounters, Node, NodeCounters, NodeDrops, TxLink};
@@ -363,6 +364,34 @@ impl PatchPanel {
                 counters: l.counters.snapshot(),
             })
             .collect()
+    }
+
+    /// Arm `tap` on live link `link`: it takes the frames the link's sender puts on it from now
+    /// on. Refused when the link is not live or another capture of it runs.
+    pub fn tap_link(&self, link: &LinkSpec, tap: Arc<LinkTap>) -> Result<()> {
+        let live = self
+            .links
+            .get(&link.from)
+            .filter(|l| l.to == link.to)
+            .ok_or_else(|| Error::Graph(format!("link {link} is not live on this data plane")))?;
+        if !live.counters.tap.arm(tap) {
+            return Err(Error::Graph(format!(
+                "link {link} is being captured already; one capture of a link runs at a time"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Disarm `tap` from `link` (wherever the link's counters are now: live or retired).
+    pub fn untap_link(&self, link: &LinkSpec, tap: &Arc<LinkTap>) {
+        let live = self
+            .links
+            .get(&link.from)
+            .filter(|l| l.to == link.to)
+            .map(|l| &l.counters);
+        if let Some(c) = live.or_else(|| self.retired.get(link)) {
+            c.tap.disarm(tap);
+        }
     }
 
     /// What node `name` dropped outside any link (unlinked ports, its own verdicts), if it is

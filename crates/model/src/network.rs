@@ -785,6 +785,101 @@ impl LatencyProbe {
     }
 }
 
+/// Most frames one capture takes.
+pub const MAX_CAPTURE_PACKETS: u64 = 10_000_000;
+/// Longest one capture runs, in milliseconds (an hour).
+pub const MAX_CAPTURE_MS: u64 = 3_600_000;
+
+/// Body of `POST /v1/networks/{name}/capture`: the frames one link of the network carries, as
+/// a pcapng stream that ends after `packets` frames or `duration_ms`, whichever comes first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureRequest {
+    /// The link: the port it leaves (`fw1.out`), the port it enters (`sink.in`), or the link as
+    /// the descriptor writes it (`fw1.out -> sink.in`).
+    pub link: String,
+    /// Frames to take (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    /// Longest the capture runs, in milliseconds (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Bytes kept of each frame (default and most 65535, at least 64).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snaplen: Option<u32>,
+}
+
+/// A [`CaptureRequest`] checked against its network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedCapture {
+    /// Index of the link in the descriptor's `spec.links`.
+    pub link: usize,
+    pub packets: u64,
+    pub duration_ms: u64,
+    pub snaplen: u32,
+}
+
+impl CaptureRequest {
+    /// Fills defaults and checks every field against `network`; errors name the field.
+    pub fn resolve(&self, network: &NetworkDescriptor) -> Result<ResolvedCapture, ModelError> {
+        let mut errs = Vec::new();
+        let packets = self.packets.unwrap_or(1000);
+        let duration_ms = self.duration_ms.unwrap_or(10_000);
+        let snaplen = self.snaplen.unwrap_or(65535);
+        if !(1..=MAX_CAPTURE_PACKETS).contains(&packets) {
+            errs.push(FieldError::new(
+                "packets",
+                format!("{packets} is not in 1..={MAX_CAPTURE_PACKETS}"),
+            ));
+        }
+        if !(1..=MAX_CAPTURE_MS).contains(&duration_ms) {
+            errs.push(FieldError::new(
+                "duration_ms",
+                format!("{duration_ms} is not in 1..={MAX_CAPTURE_MS} milliseconds"),
+            ));
+        }
+        if !(64..=65535).contains(&snaplen) {
+            errs.push(FieldError::new(
+                "snaplen",
+                format!("{snaplen} is not in 64..=65535 bytes"),
+            ));
+        }
+        let links = network.parsed_links();
+        let wanted = self.link.trim();
+        let by_text = parse_link(wanted)
+            .ok()
+            .and_then(|w| links.iter().find(|(_, l)| *l == w));
+        let by_port = |to: bool| {
+            links
+                .iter()
+                .find(|(_, l)| (if to { &l.to } else { &l.from }).to_string() == wanted)
+        };
+        let link = match by_text.or_else(|| by_port(false)).or_else(|| by_port(true)) {
+            Some((i, _)) => Some(*i),
+            None => {
+                errs.push(FieldError::new(
+                    "link",
+                    format!(
+                        "{wanted:?} is no link or linked port of network {}; its links: {}",
+                        network.name(),
+                        network.spec.links.join(", ")
+                    ),
+                ));
+                None
+            }
+        };
+        match link {
+            Some(link) if errs.is_empty() => Ok(ResolvedCapture {
+                link,
+                packets,
+                duration_ms,
+                snaplen,
+            }),
+            _ => Err(ModelError::Invalid(errs)),
+        }
+    }
+}
+
 /// What a latency probe through a network measured.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct LatencyReport {
@@ -998,6 +1093,41 @@ spec:
             p.displaced,
             vec!["gen.out -> fw1.in", "fw1.out -> host:veth1"]
         );
+    }
+
+    #[test]
+    fn a_capture_names_its_link_by_either_port_or_the_link_and_refuses_anything_else() {
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        let link = |text: &str| {
+            CaptureRequest {
+                link: text.to_owned(),
+                ..Default::default()
+            }
+            .resolve(&d)
+        };
+        assert_eq!(link("fw1.out").unwrap().link, 1);
+        assert_eq!(link("host:veth1").unwrap().link, 1);
+        assert_eq!(link(" fw1.out  ->   host:veth1 ").unwrap().link, 1);
+        let r = link("gen.out").unwrap();
+        assert_eq!(
+            (r.link, r.packets, r.duration_ms, r.snaplen),
+            (0, 1000, 10_000, 65535)
+        );
+        let bad = CaptureRequest {
+            link: "fw1.nope".into(),
+            packets: Some(0),
+            duration_ms: Some(MAX_CAPTURE_MS + 1),
+            snaplen: Some(63),
+        }
+        .resolve(&d);
+        match bad {
+            Err(ModelError::Invalid(f)) => {
+                let paths: Vec<_> = f.iter().map(|f| f.path.as_str()).collect();
+                assert_eq!(paths, ["packets", "duration_ms", "snaplen", "link"]);
+                assert!(f[3].reason.contains("gen.out -> fw1.in"), "{f:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -79,6 +79,25 @@ impl Client {
         path: &str,
         body: Option<(Vec<u8>, &str)>,
     ) -> Result<Answer> {
+        let response = self.open(method, path, body).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await?.to_vec();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Sends a request and answers the response with its body still to read (a stream); a
+    /// non-2xx answer becomes a [`RequestFailed`] with the problem's detail.
+    pub async fn open(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(Vec<u8>, &str)>,
+    ) -> Result<reqwest::Response> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url).bearer_auth(&self.token);
         if let Some((bytes, content_type)) = body {
@@ -89,15 +108,10 @@ impl Client {
             .await
             .map_err(|e| anyhow!("cannot reach telvirt at {}: {e}", self.base))?;
         let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await?.to_vec();
         if status.is_success() {
-            return Ok(Answer {
-                status,
-                headers,
-                body,
-            });
+            return Ok(response);
         }
+        let body = response.bytes().await?.to_vec();
         let detail = serde_json::from_slice::<Problem>(&body)
             .map(|p| {
                 // Field errors the detail does not already say (a verifier's reasons, ...).

@@ -3,12 +3,14 @@
 //! Owns the CLI side of networks (arguments, printing, waiting for a steering switch). It must
 //! not hold network rules: the model, the controller and the agent do.
 
+use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
 use reqwest::Method;
-use telvirt_model::network::{Network, NetworkDescriptor, SteerRequest};
+use telvirt_dataplane::capture::PcapngFrameCounter;
+use telvirt_model::network::{CaptureRequest, Network, NetworkDescriptor, SteerRequest};
 
 use crate::cli::Output;
 use crate::client::Client;
@@ -48,6 +50,75 @@ pub enum NetCommand {
     /// Delete a network (its links go; VNFs keep running)
     #[command(alias = "rm")]
     Delete { name: String },
+    /// Capture the frames one link of a network carries into a pcapng file (tcpdump -r and
+    /// Wireshark read it), written while the capture runs
+    Capture {
+        /// Network name
+        network: String,
+        /// The link: the port it leaves (fw1.out), the port it enters (sink.in), or the link
+        /// as the descriptor writes it ("fw1.out -> sink.in")
+        link: String,
+        /// Stop after this many frames
+        #[arg(short = 'c', long = "count", default_value_t = 1000)]
+        count: u64,
+        /// Stop after this many seconds, whatever came
+        #[arg(long, default_value_t = 10.0)]
+        duration: f64,
+        /// Bytes kept of each frame (64..=65535)
+        #[arg(short = 's', long = "snaplen", default_value_t = 65535)]
+        snaplen: u32,
+        /// The pcapng file to write, or - for standard output (e.g. `| tcpdump -r -`)
+        #[arg(short = 'w', long = "write")]
+        write: std::path::PathBuf,
+    },
+}
+
+/// What `net capture` wrote.
+#[derive(Debug, serde::Serialize)]
+struct CaptureSummary {
+    file: String,
+    frames: u64,
+    missed: u64,
+}
+
+/// Streams the capture `req` of `network` into `path` (`-`: standard output) as it arrives.
+async fn capture(
+    client: &Client,
+    network: &str,
+    req: &CaptureRequest,
+    path: &std::path::Path,
+) -> Result<CaptureSummary> {
+    let body = serde_json::to_vec(req)?;
+    let mut response = client
+        .open(
+            Method::POST,
+            &format!("/v1/networks/{network}/capture"),
+            Some((body, "application/json")),
+        )
+        .await?;
+    let mut out: Box<dyn Write> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdout().lock())
+    } else {
+        Box::new(
+            std::fs::File::create(path)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?,
+        )
+    };
+    let mut counter = PcapngFrameCounter::default();
+    while let Some(bytes) = response
+        .chunk()
+        .await
+        .map_err(|e| anyhow::anyhow!("the capture stream broke off: {e}"))?
+    {
+        counter.feed(&bytes);
+        out.write_all(&bytes)?;
+        out.flush()?;
+    }
+    Ok(CaptureSummary {
+        file: path.display().to_string(),
+        frames: counter.frames(),
+        missed: counter.missed(),
+    })
 }
 
 fn print_status(n: &Network) {
@@ -187,6 +258,40 @@ pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()>
                     }
                     print_status(n);
                 }
+            }
+        }
+        NetCommand::Capture {
+            network,
+            link,
+            count,
+            duration,
+            snaplen,
+            write,
+        } => {
+            let duration_ms = if duration.is_finite() && duration > 0.0 {
+                (duration * 1000.0).ceil() as u64
+            } else {
+                anyhow::bail!("--duration {duration}: give a number of seconds above 0");
+            };
+            let req = CaptureRequest {
+                link: link.clone(),
+                packets: Some(count),
+                duration_ms: Some(duration_ms),
+                snaplen: Some(snaplen),
+            };
+            let summary = capture(client, &network, &req, &write).await?;
+            if !crate::output::structured(format, &summary)? {
+                // The frames may be on standard output: the summary goes to standard error.
+                eprintln!(
+                    "{} frames of {network} {link} captured to {}{}",
+                    summary.frames,
+                    write.display(),
+                    if summary.missed > 0 {
+                        format!(" ({} missed: the capture fell behind)", summary.missed)
+                    } else {
+                        String::new()
+                    }
+                );
             }
         }
         NetCommand::Delete { name } => {

@@ -183,6 +183,13 @@ impl HostNodeHandler {
                     .map_err(|e| e.to_string())?;
                 return Ok(NodeReply::Latency { report });
             }
+            NodeRequest::Capture { network, slice } => {
+                let chunk = self
+                    .networks
+                    .capture(network, slice)
+                    .map_err(|e| e.to_string())?;
+                return Ok(NodeReply::Capture { chunk });
+            }
             _ => {}
         }
         let vnf = request.vnf().unwrap_or_default();
@@ -210,7 +217,9 @@ impl HostNodeHandler {
                     lines: telvirt_runtime_vm::manager::console_tail(&log, n),
                 }
             }
-            NodeRequest::NetworkStatus { .. } | NodeRequest::Probe { .. } => {
+            NodeRequest::NetworkStatus { .. }
+            | NodeRequest::Probe { .. }
+            | NodeRequest::Capture { .. } => {
                 return Err("a network call reached the VNF calls' handler".to_owned());
             }
         })

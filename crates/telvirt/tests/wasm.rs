@@ -181,6 +181,48 @@ fn a_network_through_fw1_carries_packets() {
     let table = String::from_utf8_lossy(&node.ok(&["net", "show", "t1"]).stdout).into_owned();
     assert!(table.contains("fw1.out -> sink.in"), "{table}");
     assert!(table.contains("sink sink:"), "{table}");
+
+    // A capture of fw1's output: 50 frames into a pcapng file that tcpdump reads.
+    let file = node.path("fw1-out.pcapng");
+    let file_arg = file.to_str().unwrap();
+    let cap = node.json(&[
+        "net", "capture", "t1", "fw1.out", "-c", "50", "-w", file_arg,
+    ]);
+    assert_eq!(
+        (cap["frames"].as_u64(), cap["missed"].as_u64()),
+        (Some(50), Some(0)),
+        "{cap}"
+    );
+    let frames = |read: std::process::Output| {
+        let text = String::from_utf8_lossy(&read.stdout).into_owned();
+        assert!(read.status.success(), "tcpdump: {}", stderr(&read));
+        assert!(text.lines().all(|l| l.contains("UDP")), "{text}");
+        text.lines().count()
+    };
+    let read = Command::new("tcpdump")
+        .args(["-nn", "-r", file_arg])
+        .output()
+        .unwrap();
+    assert_eq!(frames(read), 50);
+    // Streamed to standard output, read from a pipe.
+    let streamed = node.ok(&["net", "capture", "t1", "gen.out", "-c", "20", "-w", "-"]);
+    let mut tcpdump = Command::new("tcpdump")
+        .args(["-nn", "-r", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut tcpdump.stdin.take().unwrap(), &streamed.stdout).unwrap();
+    assert_eq!(frames(tcpdump.wait_with_output().unwrap()), 20);
+    // A port of no link of the network: refused, naming the field and the links there are.
+    let bad = node.cli(&["net", "capture", "t1", "fw9.out", "-w", file_arg]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("link: \"fw9.out\" is no link or linked port of network t1"),
+        "{}",
+        stderr(&bad)
+    );
     node.ok(&["net", "delete", "t1"]);
     let list = node.json(&["net", "list"]);
     assert_eq!(list, serde_json::json!([]));
