@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use telvirt_api::{CAPTURE_KEEP, CaptureChunk, CaptureSlice};
-use telvirt_dataplane::capture::{LinkTap, PcapngWriter};
+use telvirt_dataplane::capture::{LinkTap, PcapngWriter, TAP_QUEUE};
 use telvirt_dataplane::graph::LinkSpec;
 
 use crate::AgentError;
@@ -91,7 +91,9 @@ impl Captures {
             // after seeing it gets them all.
             let all_came = tap.wanted() == 0;
             tap.take(&mut frames);
-            if all_came || Instant::now() >= deadline {
+            // A slice answers at most a tap queue's worth of frames (a few MiB), however fast
+            // the link runs; the rest waits in the tap for the next slice.
+            if all_came || frames.len() >= TAP_QUEUE || Instant::now() >= deadline {
                 break all_came;
             }
             std::thread::sleep(POLL);
