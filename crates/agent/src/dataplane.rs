@@ -8,13 +8,14 @@
 //! them onto the data plane's own types.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use telvirt_dataplane::node::Node;
 use telvirt_dataplane::panel::PatchPanel;
 use telvirt_dataplane::pool::{DEFAULT_BUF_SIZE, Pool};
-use telvirt_dataplane::worker::{WorkerConfig, allowed_cores};
+use telvirt_dataplane::worker::{THREAD_PREFIX, WorkerConfig, allowed_cores, set_thread_affinity};
 
 use crate::AgentError;
 
@@ -32,6 +33,8 @@ pub struct NodeDataPlane {
     workers: BTreeMap<u32, usize>,
     /// Worker index → (name, polling rounds last seen, when they last moved), for liveness.
     progress: Mutex<BTreeMap<usize, (String, u64, Instant)>>,
+    /// Keep this process's other threads off the cores whose worker busy-polls.
+    confine_housekeeping: AtomicBool,
 }
 
 impl NodeDataPlane {
@@ -60,7 +63,71 @@ impl NodeDataPlane {
             nodes: Mutex::new(BTreeMap::new()),
             workers,
             progress: Mutex::new(BTreeMap::new()),
+            confine_housekeeping: AtomicBool::new(false),
         }))
+    }
+
+    /// From now on, keep every thread of this process that is not a data-plane worker (the
+    /// API, the agent's loops, replication) off the cores whose worker busy-polls for a VNF on
+    /// a dedicated core. For a process that owns its data plane (`serve`, `agent`): the change
+    /// applies to every thread of the process.
+    pub fn confine_housekeeping(&self) {
+        self.confine_housekeeping.store(true, Ordering::Relaxed);
+        self.place_housekeeping(&self.panel());
+    }
+
+    /// Whether node `name`'s worker should poll without sleeping for it (a wasm VNF with
+    /// `spec.wasm.poll: busy`); housekeeping threads move off or back onto that core.
+    pub fn set_busy_poll(&self, name: &str, busy: bool) -> Result<(), AgentError> {
+        let mut panel = self.panel();
+        panel
+            .set_busy_poll(name, busy)
+            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        self.place_housekeeping(&panel);
+        Ok(())
+    }
+
+    /// The cores housekeeping may use: every worker's core but those busy-polling (all of
+    /// them when every one is).
+    fn place_housekeeping(&self, panel: &PatchPanel) {
+        if !self.confine_housekeeping.load(Ordering::Relaxed) {
+            return;
+        }
+        let workers = panel.workers();
+        let free: Vec<usize> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| workers.get(**w).is_some_and(|w| !w.busy_poll()))
+            .filter_map(|(cpu, _)| usize::try_from(*cpu).ok())
+            .collect();
+        let cores = if free.is_empty() {
+            self.workers
+                .keys()
+                .filter_map(|c| usize::try_from(*c).ok())
+                .collect()
+        } else {
+            free
+        };
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return;
+        };
+        for task in tasks.flatten() {
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.starts_with(THREAD_PREFIX) {
+                continue;
+            }
+            // A thread may end meanwhile; the others still move.
+            if let Err(e) = set_thread_affinity(tid, &cores) {
+                tracing::debug!(tid, "housekeeping thread not moved: {e}");
+            }
+        }
     }
 
     /// The worker pinned to `cpu`, if this process may run there.
@@ -106,6 +173,7 @@ impl NodeDataPlane {
         let node = panel
             .remove_node(name)
             .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        self.place_housekeeping(&panel);
         self.node_table().remove(name);
         Ok(node)
     }

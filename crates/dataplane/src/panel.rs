@@ -25,6 +25,8 @@ struct NodeEntry {
     worker: usize,
     ports: Vec<String>,
     drops: Arc<NodeCounters>,
+    /// The node wants its worker to poll without sleeping.
+    busy: bool,
 }
 
 /// Most counters of removed links the panel keeps for links made again between the same ports.
@@ -145,6 +147,7 @@ impl PatchPanel {
                 worker,
                 ports: ports.iter().map(|s| s.to_string()).collect(),
                 drops,
+                busy: false,
             },
         );
         Ok(())
@@ -169,6 +172,7 @@ impl PatchPanel {
             .nodes
             .remove(name)
             .expect("invariant: node checked present above");
+        self.update_busy_poll(e.worker);
         self.workers[e.worker]
             .remove_node(e.id)
             .ok_or_else(|| Error::Graph(format!("worker of {name} stopped")))
@@ -364,6 +368,28 @@ impl PatchPanel {
                 counters: l.counters.snapshot(),
             })
             .collect()
+    }
+
+    /// Whether node `name` wants its worker to poll without sleeping when idle (a VNF on a
+    /// dedicated core). A worker busy-polls while any of its nodes wants it, and backs off
+    /// when idle otherwise (the worker's own `busy_poll` setting counts as a wish too).
+    pub fn set_busy_poll(&mut self, name: &str, busy: bool) -> Result<()> {
+        let e = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| Error::Graph(format!("unknown node {name:?}")))?;
+        e.busy = busy;
+        let worker = e.worker;
+        self.update_busy_poll(worker);
+        Ok(())
+    }
+
+    fn update_busy_poll(&self, worker: usize) {
+        if let Some(w) = self.workers.get(worker) {
+            let wanted =
+                w.config().busy_poll || self.nodes.values().any(|e| e.worker == worker && e.busy);
+            w.set_busy_poll(wanted);
+        }
     }
 
     /// Arm `tap` on live link `link`: it takes the frames the link's sender puts on it from now

@@ -32,23 +32,35 @@ pub fn allowed_cores() -> Result<Vec<usize>> {
 
 /// Pin the calling thread to `core`.
 pub fn pin_current_thread(core: usize) -> Result<()> {
-    if core >= libc::CPU_SETSIZE as usize {
-        return Err(Error::config(
-            "core",
-            format!("{core} is not below CPU_SETSIZE {}", libc::CPU_SETSIZE),
-        ));
-    }
+    set_thread_affinity(0, &[core])
+}
+
+/// Let thread `tid` (0: the calling thread) run only on `cores`.
+pub fn set_thread_affinity(tid: i32, cores: &[usize]) -> Result<()> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `core` < CPU_SETSIZE (checked above).
-    unsafe { libc::CPU_SET(core, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size we pass; 0 means the calling thread.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    for &core in cores {
+        if core >= libc::CPU_SETSIZE as usize {
+            return Err(Error::config(
+                "core",
+                format!("{core} is not below CPU_SETSIZE {}", libc::CPU_SETSIZE),
+            ));
+        }
+        // SAFETY: `core` < CPU_SETSIZE (checked above).
+        unsafe { libc::CPU_SET(core, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size we pass.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
-        return Err(Error::last_os(format!("sched_setaffinity(core {core})")));
+        return Err(Error::last_os(format!(
+            "sched_setaffinity(cores {cores:?})"
+        )));
     }
     Ok(())
 }
+
+/// Prefix of the names of worker threads (`tv-<name>`).
+pub const THREAD_PREFIX: &str = "tv-";
 
 /// The core the calling thread runs on now.
 pub fn current_core() -> Option<usize> {
@@ -65,7 +77,8 @@ pub struct WorkerConfig {
     /// Core to pin to; `None` leaves the thread unpinned.
     pub core: Option<usize>,
     /// Never sleep when idle (dedicated core). When false, the worker sleeps `idle_sleep`
-    /// after 1024 idle rounds, which keeps shared machines usable.
+    /// after 1024 idle rounds, which keeps shared machines usable. The panel changes it while
+    /// the worker runs ([`crate::panel::PatchPanel::set_busy_poll`]).
     pub busy_poll: bool,
     /// Sleep when idle and not busy polling.
     pub idle_sleep: Duration,
@@ -118,6 +131,8 @@ pub(crate) enum Cmd {
 #[derive(Default)]
 struct Ctl {
     stop: AtomicBool,
+    /// Poll without sleeping when idle.
+    busy: AtomicBool,
     pending: AtomicBool,
     cmds: Mutex<Vec<Cmd>>,
     rounds: AtomicU64,
@@ -139,12 +154,15 @@ struct Slot {
 impl Worker {
     /// Start a worker polling nodes with packets from `pool`.
     pub fn spawn(config: WorkerConfig, pool: Arc<Pool>) -> Result<Worker> {
-        let ctl = Arc::new(Ctl::default());
+        let ctl = Arc::new(Ctl {
+            busy: AtomicBool::new(config.busy_poll),
+            ..Ctl::default()
+        });
         let c2 = Arc::clone(&ctl);
         let cfg = config.clone();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<()>>();
         let handle = std::thread::Builder::new()
-            .name(format!("tv-{}", config.name))
+            .name(format!("{THREAD_PREFIX}{}", config.name))
             .spawn(move || {
                 if let Some(core) = cfg.core
                     && let Err(e) = pin_current_thread(core)
@@ -176,6 +194,15 @@ impl Worker {
     /// The worker's configuration.
     pub fn config(&self) -> &WorkerConfig {
         &self.config
+    }
+
+    /// Whether the worker polls without sleeping when idle.
+    pub fn busy_poll(&self) -> bool {
+        self.ctl.busy.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_busy_poll(&self, busy: bool) {
+        self.ctl.busy.store(busy, Ordering::Relaxed);
     }
 
     /// Polling rounds done so far (a liveness signal).
@@ -339,7 +366,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
         ctl.rounds.fetch_add(1, Ordering::Relaxed);
         if work == 0 {
             idle_rounds = idle_rounds.saturating_add(1);
-            if !cfg.busy_poll && idle_rounds > 1024 {
+            if idle_rounds > 1024 && !ctl.busy.load(Ordering::Relaxed) {
                 std::thread::sleep(cfg.idle_sleep);
             } else {
                 std::hint::spin_loop();

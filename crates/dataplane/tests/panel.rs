@@ -686,3 +686,23 @@ fn networks_are_applied_changed_and_deleted_independently() {
     assert!(e.contains("unknown network \"red\" (known: blue)"), "{e}");
     p.shutdown();
 }
+
+#[test]
+fn a_worker_busy_polls_while_one_of_its_nodes_wants_it() {
+    let pool = Arc::new(Pool::new("busy", 64, 2048).unwrap());
+    let mut p = panel(&pool);
+    let fw = || Box::new(ProcessorNode::new(Firewall::new(vec![], Action::Allow), 32));
+    p.add_node("fw1", &["in", "out"], 1, fw()).unwrap();
+    p.add_node("fw2", &["in", "out"], 1, fw()).unwrap();
+    assert!(!p.workers()[1].busy_poll());
+    p.set_busy_poll("fw1", true).unwrap();
+    p.set_busy_poll("fw2", true).unwrap();
+    assert!(p.workers()[1].busy_poll() && !p.workers()[0].busy_poll());
+    p.set_busy_poll("fw2", false).unwrap();
+    assert!(p.workers()[1].busy_poll(), "fw1 still wants it");
+    drop(p.remove_node("fw1").unwrap());
+    assert!(!p.workers()[1].busy_poll(), "nobody wants it any more");
+    let e = p.set_busy_poll("nope", true).unwrap_err().to_string();
+    assert!(e.contains("unknown node \"nope\""), "{e}");
+    p.shutdown();
+}

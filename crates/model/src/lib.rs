@@ -24,8 +24,8 @@ pub use parse::{Format, from_text, parse_vnf};
 pub use units::{ByteSize, ByteSizeError};
 pub use vnf::{
     ApiVersion, CpuPolicy, CpuSpec, EmulatorPolicy, MapKind, MapSpec, Metadata, NicSpec,
-    PlacementSpec, Redundancy, RuntimeKind, ThreadPolicy, VmSpec, VnfDescriptor, VnfKind, VnfSpec,
-    WasmEngine, WasmLimits, WasmSpec, map_budget_bytes, module_digest,
+    PlacementSpec, PollMode, Redundancy, RuntimeKind, ThreadPolicy, VmSpec, VnfDescriptor, VnfKind,
+    VnfSpec, WasmEngine, WasmLimits, WasmSpec, map_budget_bytes, module_digest,
 };
 
 #[cfg(test)]
@@ -78,6 +78,40 @@ spec:
     fn edit(base: &str, from: &str, to: &str) -> String {
         assert!(base.contains(from), "test edit target missing: {from}");
         base.replacen(from, to, 1)
+    }
+
+    #[test]
+    fn a_wasm_vnf_busy_polls_on_its_own_core_by_default_and_never_in_a_shared_group() {
+        let mode = |text: &str| yaml(text).unwrap().poll_mode();
+        let shared = edit(
+            FIREWALL,
+            "policy: dedicated, count: 1, numa_node: 0",
+            "policy: shared, group: g1",
+        );
+        assert_eq!(mode(FIREWALL), Some(PollMode::Busy));
+        assert_eq!(mode(&shared), Some(PollMode::Adaptive));
+        let calm = edit(
+            FIREWALL,
+            "engine: cranelift",
+            "engine: cranelift\n    poll: adaptive",
+        );
+        assert_eq!(mode(&calm), Some(PollMode::Adaptive));
+        assert_eq!(yaml(VM).unwrap().poll_mode(), None);
+        let e = refused(&edit(
+            &shared,
+            "engine: cranelift",
+            "engine: cranelift\n    poll: busy",
+        ));
+        assert_eq!(e.path, "spec.wasm.poll");
+        assert!(e.reason.contains("shared group"), "{e}");
+        let e = yaml(&edit(
+            FIREWALL,
+            "engine: cranelift",
+            "engine: cranelift\n    poll: spin",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("busy") && e.contains("adaptive"), "{e}");
     }
 
     #[test]

@@ -198,6 +198,22 @@ pub struct WasmSpec {
     /// Key/value configuration handed to the module's init export.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub config: BTreeMap<String, String>,
+    /// How the data-plane worker on the VNF's core waits for packets: `busy` (never sleeps:
+    /// the lowest latency, the whole core) or `adaptive` (spins briefly, then sleeps 50 µs
+    /// between polls while idle). Default: `busy` on dedicated and pinned cores, `adaptive` in
+    /// a shared group (where `busy` is refused: it would take the core from the group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll: Option<PollMode>,
+}
+
+/// How a data-plane worker waits for packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// Poll without ever sleeping.
+    Busy,
+    /// Back off to short sleeps while idle.
+    Adaptive,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -343,6 +359,16 @@ impl VnfDescriptor {
         &self.metadata.name
     }
 
+    /// How a wasm VNF's worker waits for packets (`spec.wasm.poll`, or its default for the
+    /// CPU policy); `None` for a vm VNF.
+    pub fn poll_mode(&self) -> Option<PollMode> {
+        let wasm = self.spec.wasm.as_ref()?;
+        Some(wasm.poll.unwrap_or(match self.spec.cpu.policy {
+            CpuPolicy::Dedicated | CpuPolicy::Pinned => PollMode::Busy,
+            CpuPolicy::Shared => PollMode::Adaptive,
+        }))
+    }
+
     /// The host memory this VNF may use, in bytes: a vm's guest RAM; a wasm VNF's linear-memory
     /// limit, plus the budget of every map it runs with (`module_maps`, the module's own maps,
     /// with capacities overridden by `spec.wasm.maps` of the same name; maps only the descriptor
@@ -431,6 +457,13 @@ impl VnfDescriptor {
         let ports = check_ports(&spec.ports, &mut out);
         if let Some(wasm) = &spec.wasm {
             check_wasm(wasm, &mut out);
+            if wasm.poll == Some(PollMode::Busy) && spec.cpu.policy == CpuPolicy::Shared {
+                out.push(FieldError::new(
+                    "spec.wasm.poll",
+                    "busy polling would take the whole core from the shared group; use \
+                     adaptive, or cpu.policy dedicated or pinned",
+                ));
+            }
         }
         if let Some(vm) = &spec.vm {
             check_vm(vm, &ports, &mut out);

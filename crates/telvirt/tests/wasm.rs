@@ -227,7 +227,49 @@ fn a_network_through_fw1_carries_packets() {
     let list = node.json(&["net", "list"]);
     assert_eq!(list, serde_json::json!([]));
     // fw1 keeps running without its links.
-    assert_eq!(node.json(&["vnf", "show", "fw1"])["phase"], "Running");
+    let fw1 = node.json(&["vnf", "show", "fw1"]);
+    assert_eq!(fw1["phase"], "Running");
+
+    // fw1 has a dedicated core, so its worker busy-polls it and the server keeps its own
+    // threads off it; once fw1 is gone they may use it again.
+    let core = fw1["placements"][0]["vcpus"][0][0].as_u64().unwrap();
+    let on_core = |on: bool| {
+        let threads = housekeeping_cpus(node.pid());
+        !threads.is_empty() && threads.iter().all(|(_, cpus)| cpus.contains(&core) == on)
+    };
+    if telvirt_dataplane::worker::allowed_cores().unwrap().len() > 1 {
+        wait_until("housekeeping off fw1's core", || on_core(false));
+        node.ok(&["vnf", "delete", "fw1"]);
+        wait_until("housekeeping back on fw1's core", || on_core(true));
+    }
+}
+
+/// Every thread of process `pid` but its data-plane workers, with the CPUs it may run on.
+fn housekeeping_cpus(pid: u32) -> Vec<(String, Vec<u64>)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("tv-") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        else {
+            continue;
+        };
+        let mut cpus = Vec::new();
+        for part in list.trim().split(',') {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            cpus.extend(a.parse::<u64>().unwrap()..=b.parse::<u64>().unwrap());
+        }
+        out.push((comm.trim().to_owned(), cpus));
+    }
+    out
 }
 
 /// The firewall module with `log` added to its manifest's permissions (its name shortened from

@@ -32,7 +32,7 @@ use async_trait::async_trait;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
 use telvirt_dataplane::pool::{Packet, Pool};
 use telvirt_model::api::{CounterView, MapView, ModuleInfo, WasmStatsView};
-use telvirt_model::{MapSpec, Name, RuntimeKind, WasmEngine};
+use telvirt_model::{MapSpec, Name, PollMode, RuntimeKind, WasmEngine};
 use telvirt_runtime_wasm as rw;
 use telvirt_runtime_wasm::{
     EngineKind, InstallRequest, MapDef, MapKind, PacketBatch, RuntimeConfig, VnfConfig,
@@ -815,6 +815,10 @@ impl WasmRuntime {
         let _ = self.dataplane.remove_node(spec.name.as_str());
         self.dataplane
             .add_node(spec.name.as_str(), &ports, worker, Box::new(node))
+            .map_err(fail)?;
+        let busy = spec.descriptor.poll_mode() == Some(PollMode::Busy);
+        self.dataplane
+            .set_busy_poll(spec.name.as_str(), busy)
             .map_err(fail)?;
         entries.insert(
             spec.name.clone(),

@@ -171,6 +171,11 @@ impl Serve {
         }
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server runs").id()
+    }
+
     /// SIGTERM, as systemd or an operator's `kill` would, and waits (with a deadline) until the
     /// process has shut down gracefully; panics unless it exited successfully.
     pub fn terminate(&mut self) {
