@@ -77,18 +77,27 @@ impl NodeDataPlane {
     }
 
     /// Whether node `name`'s worker should poll without sleeping for it (a wasm VNF with
-    /// `spec.wasm.poll: busy`); housekeeping threads move off or back onto that core.
-    pub fn set_busy_poll(&self, name: &str, busy: bool) -> Result<(), AgentError> {
+    /// `spec.wasm.poll: busy`); housekeeping threads move off or back onto that core. Busy
+    /// polling is granted only while at least one of this process's cores stays for
+    /// housekeeping (a host whose every core spins starves its own agent): answers whether
+    /// the worker busy-polls.
+    pub fn set_busy_poll(&self, name: &str, busy: bool) -> Result<bool, AgentError> {
         let mut panel = self.panel();
-        panel
-            .set_busy_poll(name, busy)
-            .map_err(|e| AgentError::DataPlane(e.to_string()))?;
+        let dp = |e: telvirt_dataplane::Error| AgentError::DataPlane(e.to_string());
+        panel.set_busy_poll(name, busy).map_err(dp)?;
+        let spinning = panel.workers().iter().filter(|w| w.busy_poll()).count();
+        let granted = if busy && spinning >= self.workers.len() {
+            panel.set_busy_poll(name, false).map_err(dp)?;
+            false
+        } else {
+            busy
+        };
         self.place_housekeeping(&panel);
-        Ok(())
+        Ok(granted)
     }
 
     /// The cores housekeeping may use: every worker's core but those busy-polling (all of
-    /// them when every one is).
+    /// them when every one is, which only a worker configured to busy-poll can cause).
     fn place_housekeeping(&self, panel: &PatchPanel) {
         if !self.confine_housekeeping.load(Ordering::Relaxed) {
             return;
@@ -226,7 +235,8 @@ impl NodeDataPlane {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use telvirt_dataplane::node::NodeIo;
+    use telvirt_dataplane::firewall::{Action, Firewall};
+    use telvirt_dataplane::node::{NodeIo, ProcessorNode};
 
     struct Exploding;
 
@@ -234,6 +244,32 @@ mod tests {
         fn poll(&mut self, _io: &mut NodeIo<'_>) -> usize {
             panic!("node exploded");
         }
+    }
+
+    #[test]
+    fn busy_polling_always_leaves_one_core_for_the_hosts_own_threads() {
+        let cores = allowed_cores().unwrap();
+        let dp = NodeDataPlane::with_cores(&cores).unwrap();
+        let fw = || Box::new(ProcessorNode::new(Firewall::new(vec![], Action::Allow), 32));
+        let names: Vec<String> = (0..cores.len()).map(|i| format!("fw{i}")).collect();
+        for (i, name) in names.iter().enumerate() {
+            dp.add_node(name, &["in", "out"], i, fw()).unwrap();
+        }
+        let (last, others) = names.split_last().unwrap();
+        for name in others {
+            assert!(dp.set_busy_poll(name, true).unwrap(), "{name}");
+        }
+        assert!(
+            !dp.set_busy_poll(last, true).unwrap(),
+            "every core would spin"
+        );
+        assert!(!dp.panel().workers()[cores.len() - 1].busy_poll());
+        // Once another core stops spinning, the last one may.
+        if let Some(first) = others.first() {
+            drop(dp.remove_node(first).unwrap());
+            assert!(dp.set_busy_poll(last, true).unwrap());
+        }
+        assert!(dp.set_busy_poll("nope", true).is_err());
     }
 
     #[test]

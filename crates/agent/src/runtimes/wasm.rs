@@ -817,9 +817,18 @@ impl WasmRuntime {
             .add_node(spec.name.as_str(), &ports, worker, Box::new(node))
             .map_err(fail)?;
         let busy = spec.descriptor.poll_mode() == Some(PollMode::Busy);
-        self.dataplane
-            .set_busy_poll(spec.name.as_str(), busy)
-            .map_err(fail)?;
+        if busy
+            && !self
+                .dataplane
+                .set_busy_poll(spec.name.as_str(), true)
+                .map_err(fail)?
+        {
+            tracing::warn!(
+                vnf = %spec.name,
+                cpu,
+                "polling adaptively: busy polling would leave no core of this host for its own threads"
+            );
+        }
         entries.insert(
             spec.name.clone(),
             Entry {
