@@ -35,6 +35,8 @@ pub struct NodeDataPlane {
     progress: Mutex<BTreeMap<usize, (String, u64, Instant)>>,
     /// Keep this process's other threads off the cores whose worker busy-polls.
     confine_housekeeping: AtomicBool,
+    /// No worker busy-polls, whatever its nodes ask.
+    busy_forbidden: AtomicBool,
 }
 
 impl NodeDataPlane {
@@ -64,7 +66,14 @@ impl NodeDataPlane {
             workers,
             progress: Mutex::new(BTreeMap::new()),
             confine_housekeeping: AtomicBool::new(false),
+            busy_forbidden: AtomicBool::new(false),
         }))
+    }
+
+    /// From now on no worker busy-polls for a node (several hosts simulated on one machine
+    /// share its cores).
+    pub fn forbid_busy_poll(&self) {
+        self.busy_forbidden.store(true, Ordering::Relaxed);
     }
 
     /// From now on, keep every thread of this process that is not a data-plane worker (the
@@ -86,7 +95,8 @@ impl NodeDataPlane {
         let dp = |e: telvirt_dataplane::Error| AgentError::DataPlane(e.to_string());
         panel.set_busy_poll(name, busy).map_err(dp)?;
         let spinning = panel.workers().iter().filter(|w| w.busy_poll()).count();
-        let granted = if busy && spinning >= self.workers.len() {
+        let forbidden = self.busy_forbidden.load(Ordering::Relaxed);
+        let granted = if busy && (forbidden || spinning >= self.workers.len()) {
             panel.set_busy_poll(name, false).map_err(dp)?;
             false
         } else {
@@ -270,6 +280,11 @@ mod tests {
             assert!(dp.set_busy_poll(last, true).unwrap());
         }
         assert!(dp.set_busy_poll("nope", true).is_err());
+        dp.forbid_busy_poll();
+        assert!(
+            !dp.set_busy_poll(last, true).unwrap(),
+            "busy polling is forbidden"
+        );
     }
 
     #[test]

@@ -94,8 +94,12 @@ impl HostAgent {
         runtimes.extend(crate::vm::vm_runtime(args, data_dir).await?);
         // One data plane per node, shared by the wasm runtime and the network reconciler.
         let dataplane = NodeDataPlane::new().context("starting the data plane")?;
-        // A VNF whose worker busy-polls its dedicated core has that core to itself.
-        dataplane.confine_housekeeping();
+        if args.no_busy_poll {
+            dataplane.forbid_busy_poll();
+        } else {
+            // A VNF whose worker busy-polls its dedicated core has that core to itself.
+            dataplane.confine_housekeeping();
+        }
         // Gates this host's instances: a standby never forwards, an active with a standby only
         // while this host holds its lease or the standby hears it.
         let fencing = Arc::new(Fencing::new());

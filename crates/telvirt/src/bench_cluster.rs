@@ -171,6 +171,8 @@ impl Hosts {
         let child = Command::new(std::env::current_exe()?)
             .current_dir(&self.dir)
             .args(["agent", "--controller", &self.controllers])
+            // Several hosts on one machine: no worker takes a core for itself.
+            .arg("--no-busy-poll")
             .args(["--token-file", &format!("{name}.token")])
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])

@@ -220,6 +220,11 @@ pub struct HostAgentArgs {
     /// Intervals of silence after which a standby takes its active for lost
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(2..=60))]
     pub pair_detect_multiplier: u32,
+    /// Never busy-poll: every data-plane worker backs off when idle, whatever a VNF's
+    /// `spec.wasm.poll` says (for several hosts simulated on one machine, whose cores they
+    /// share)
+    #[arg(long)]
+    pub no_busy_poll: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -529,6 +529,8 @@ async fn add_host(
         .arg(&plan.exe)
         .arg("agent")
         .args(["--controller", controllers])
+        // The hosts share this machine's cores: no worker takes one for itself.
+        .arg("--no-busy-poll")
         .arg("--token-file")
         .arg(&entry.token_file)
         .args(["--host-name", &name])

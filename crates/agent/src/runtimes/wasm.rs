@@ -826,7 +826,7 @@ impl WasmRuntime {
             tracing::warn!(
                 vnf = %spec.name,
                 cpu,
-                "polling adaptively: busy polling would leave no core of this host for its own threads"
+                "polling adaptively: this host does not busy-poll (--no-busy-poll), or busy polling would leave no core for its own threads"
             );
         }
         entries.insert(

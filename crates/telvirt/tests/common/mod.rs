@@ -353,6 +353,8 @@ impl Agent {
         let child = node
             .command()
             .args(["agent", "--controller", controllers])
+            // Several hosts on one machine: no worker takes a core for itself.
+            .arg("--no-busy-poll")
             .args(args)
             .env("TELVIRT_LOG", "info")
             .stdout(Stdio::null())
