@@ -246,6 +246,18 @@ pub struct Grant {
     pub peripheral: Peripheral,
 }
 
+/// A virtio-net NIC whose backend is a vhost-user socket another process serves (the node's
+/// data plane), which listens before QEMU starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserNic {
+    /// Names the NIC's QEMU objects (`tv-nic-<id>`): 1-32 letters, digits, '-', '_'.
+    pub id: String,
+    /// The listening socket.
+    pub socket: PathBuf,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+}
+
 /// Everything needed to run one VM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VmConfig {
@@ -276,6 +288,10 @@ pub struct VmConfig {
     pub accel: AccelChoice,
     #[serde(default)]
     pub peripherals: Vec<Grant>,
+    /// NICs on vhost-user sockets, in guest order (`eth0`, `eth1`, ...); they need
+    /// `shared_memory` or huge pages.
+    #[serde(default)]
+    pub vhost_user_nics: Vec<VhostUserNic>,
     /// Running only after the telvirt guest agent says ready (off for images without it).
     pub wait_for_agent: bool,
     /// Directory of this VM's pid file, sockets, console log and grants (survives restarts);
@@ -307,6 +323,7 @@ impl VmConfig {
             cpu: CpuPlacement::default(),
             accel: AccelChoice::Auto,
             peripherals: Vec::new(),
+            vhost_user_nics: Vec::new(),
             wait_for_agent: true,
             state_dir: None,
             ready_timeout: Duration::from_secs(120),
@@ -402,6 +419,51 @@ impl VmConfig {
                 return invalid("peripherals", format!("id `{}` appears twice", g.id));
             }
         }
+        if !self.vhost_user_nics.is_empty() && !self.shared_memory && self.hugepages.is_none() {
+            return invalid(
+                "vhost_user_nics",
+                "a vhost-user NIC's backend maps the guest's RAM: set shared_memory (or huge \
+                 pages)"
+                    .into(),
+            );
+        }
+        let mut nic_ids = HashSet::new();
+        for n in &self.vhost_user_nics {
+            let id_ok = !n.id.is_empty()
+                && n.id.len() <= 32
+                && n.id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+            if !id_ok {
+                return invalid(
+                    "vhost_user_nics.id",
+                    format!("`{}`: 1-32 letters, digits, '-', '_'", n.id),
+                );
+            }
+            if !nic_ids.insert(n.id.as_str()) {
+                return invalid("vhost_user_nics.id", format!("`{}` appears twice", n.id));
+            }
+            let mac_ok = n.mac.len() == 17
+                && n.mac.split(':').count() == 6
+                && n.mac
+                    .split(':')
+                    .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
+            if !mac_ok {
+                return invalid(
+                    "vhost_user_nics.mac",
+                    format!("`{}` is not a MAC address like 52:54:00:12:34:56", n.mac),
+                );
+            }
+            if n.socket.to_str().is_none_or(|s| s.contains(',')) {
+                return invalid(
+                    "vhost_user_nics.socket",
+                    format!(
+                        "{} must be UTF-8 without ',' (QEMU's option syntax)",
+                        n.socket.display()
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 }
@@ -423,6 +485,40 @@ pub fn validate_name(name: &str) -> Result<()> {
                 "`{name}`: 1-48 characters of letters, digits, '-', '_', '.', starting with a letter or digit"
             ),
         })
+    }
+}
+
+/// `(major, minor)` of a QEMU from its `--version` or `-help` text (`QEMU emulator version
+/// 7.2.22 (Debian ...)`).
+pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
+    let rest = text.split("QEMU emulator version ").nth(1)?;
+    let mut parts = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether this QEMU can start a vhost-user virtio-net device with `accel`. QEMU 7.2 under TCG
+/// cannot: with MSI-X it segfaults in `vhost_net_start` (`msix_set_vector_notifiers`, seen
+/// here with 7.2.22), without it (`vectors=0`) the start fails with EINVAL and virtio-net falls
+/// back to a userspace path that has no backend. KVM (irqfd) takes another path, and QEMU 8.0
+/// reworked the config interrupt; neither could be run on the machines this was built on.
+pub fn vhost_user_net_support(
+    version: Option<(u32, u32)>,
+    accel: Accel,
+) -> std::result::Result<(), String> {
+    match (version, accel) {
+        (_, Accel::Kvm) => Ok(()),
+        (Some((major, _)), _) if major >= 8 => Ok(()),
+        (Some((major, minor)), Accel::Tcg) => Err(format!(
+            "QEMU {major}.{minor} cannot start a vhost-user NIC under TCG (it crashes in \
+             vhost_net_start); the NICs need KVM or QEMU 8.0 or later"
+        )),
+        (None, _) => Err(
+            "the QEMU version is unknown; vhost-user NICs need KVM or QEMU 8.0 \
+                          or later"
+                .into(),
+        ),
     }
 }
 
@@ -514,6 +610,51 @@ mod tests {
     fn valid_config_passes() {
         let (_d, c) = cfg();
         c.validate(&online()).unwrap();
+    }
+
+    #[test]
+    fn vhost_user_nics_wait_for_kvm_or_a_qemu_whose_tcg_path_works() {
+        let v = parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)\n");
+        assert_eq!(v, Some((7, 2)));
+        assert_eq!(
+            parse_qemu_version("QEMU emulator version 10.0.2"),
+            Some((10, 0))
+        );
+        assert_eq!(parse_qemu_version("qemu-img version 10.0.2"), None);
+        let e = vhost_user_net_support(v, Accel::Tcg).unwrap_err();
+        assert!(e.contains("QEMU 7.2") && e.contains("KVM"), "{e}");
+        assert!(vhost_user_net_support(v, Accel::Kvm).is_ok());
+        assert!(vhost_user_net_support(Some((10, 0)), Accel::Tcg).is_ok());
+        assert!(vhost_user_net_support(None, Accel::Tcg).is_err());
+    }
+
+    #[test]
+    fn vhost_user_nics_need_shared_memory_and_sane_ids_macs_and_sockets() {
+        let (_d, mut base) = cfg();
+        let nic = |id: &str, mac: &str, socket: &str| VhostUserNic {
+            id: id.into(),
+            socket: socket.into(),
+            mac: mac.into(),
+        };
+        base.vhost_user_nics = vec![nic("in", "52:54:00:00:00:01", "/s/in.sock")];
+        assert_eq!(field_of(base.validate(&online())), "vhost_user_nics");
+        base.shared_memory = true;
+        base.validate(&online()).unwrap();
+        let bad = [
+            (nic("a b", "52:54:00:00:00:01", "/s"), "vhost_user_nics.id"),
+            (nic("in", "52:54:00:00:00", "/s"), "vhost_user_nics.mac"),
+            (nic("in2", "52:54:00:00:00:0g", "/s"), "vhost_user_nics.mac"),
+            (
+                nic("in2", "52:54:00:00:00:02", "/s,x"),
+                "vhost_user_nics.socket",
+            ),
+            (nic("in", "52:54:00:00:00:02", "/t"), "vhost_user_nics.id"),
+        ];
+        for (n, field) in bad {
+            let mut c = base.clone();
+            c.vhost_user_nics.push(n);
+            assert_eq!(field_of(c.validate(&online())), field);
+        }
     }
 
     #[test]

@@ -23,12 +23,14 @@ pub const GUEST_MODULES: &[&str] = &[
     "virtio_blk",
     // ACPI power button as an input device: the agent powers off on `system_powerdown`.
     "button",
+    // The default guest forwards between its NICs through a bridge.
+    "bridge",
     "evdev",
 ];
 /// Kernel command line of the default guest.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 panic=-1 loglevel=4";
 /// Bumped whenever the initramfs layout changes, so cached images are rebuilt.
-const FORMAT: &str = "telvirt-initramfs-v2";
+const FORMAT: &str = "telvirt-initramfs-v3";
 
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -39,6 +41,17 @@ for m in /lib/modules/*.ko; do
   insmod "$m" || echo "telvirt-init: insmod $m failed"
 done
 echo "telvirt-init: modules loaded"
+# Forward between the NICs: with two or more, every one joins one bridge.
+set -- /sys/class/net/eth*
+if [ -e "$1" ] && [ $# -ge 2 ]; then
+  ip link add tv-br0 type bridge
+  for n in "$@"; do
+    brctl addif tv-br0 "${n##*/}"
+    ip link set "${n##*/}" up
+  done
+  ip link set tv-br0 up
+  echo "telvirt-init: bridged $*"
+fi
 while true; do
   /bin/telvirt-guest
   echo "telvirt-init: agent exited ($?), restarting"

@@ -24,7 +24,7 @@ pub use accel::{AccelDecision, AccelProbe};
 pub use bench::{BenchOptions, VmBenchReport};
 pub use config::{
     Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
-    Peripheral, VmConfig,
+    Peripheral, VhostUserNic, VmConfig, parse_qemu_version, vhost_user_net_support,
 };
 pub use confine::{Confinement, QemuUser};
 pub use error::{Error, Result};

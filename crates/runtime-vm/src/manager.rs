@@ -20,6 +20,8 @@ use tokio::sync::{Mutex, watch};
 
 use crate::accel::AccelProbe;
 use crate::agent::AgentClient;
+#[cfg(test)]
+use crate::config::VhostUserNic;
 use crate::config::{Accel, CpuPlacement, Grant, VmConfig, validate_peripheral_id};
 use crate::confine::{self, Applied, CapsProbe, Confinement};
 use crate::error::{Error, Result};
@@ -1148,6 +1150,19 @@ pub fn qemu_args(
             "virtio-blk-pci,drive=tv-disk0,id=tv-disk0-dev",
         ]);
     }
+    for n in &cfg.vhost_user_nics {
+        let chardev = format!(
+            "socket,id=tv-nic-{}-chr,path={}",
+            n.id,
+            n.socket.to_string_lossy()
+        );
+        let netdev = format!("vhost-user,id=tv-nic-{0},chardev=tv-nic-{0}-chr", n.id);
+        let device = format!(
+            "virtio-net-pci,netdev=tv-nic-{0},id=tv-nic-{0}-dev,mac={1}",
+            n.id, n.mac
+        );
+        push(&["-chardev", &chardev, "-netdev", &netdev, "-device", &device]);
+    }
     let con = format!("file,id=tv-con,path={},append=on", p("console.log"));
     push(&["-chardev", &con, "-serial", "chardev:tv-con"]);
     let agent = format!(
@@ -1194,6 +1209,16 @@ mod tests {
         assert!(j.contains("-overcommit mem-lock=on"), "{j}");
         assert!(j.contains("-S"), "{j}");
         assert!(j.contains("/run/tv/fw1/qmp.sock"), "{j}");
+        c.vhost_user_nics = vec![VhostUserNic {
+            id: "in".into(),
+            socket: "/run/tv/fw1/nic-in.sock".into(),
+            mac: "52:54:00:00:00:01".into(),
+        }];
+        let j = qemu_args(&c, Path::new("/run/tv/fw1"), Accel::Tcg, None).join(" ");
+        assert!(
+            j.contains("-chardev socket,id=tv-nic-in-chr,path=/run/tv/fw1/nic-in.sock -netdev vhost-user,id=tv-nic-in,chardev=tv-nic-in-chr -device virtio-net-pci,netdev=tv-nic-in,id=tv-nic-in-dev,mac=52:54:00:00:00:01"),
+            "{j}"
+        );
         let h = qemu_args(
             &c,
             Path::new("/d"),

@@ -90,10 +90,10 @@ impl HostAgent {
                 MAX_SILENCE.as_millis()
             );
         }
-        let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
-        runtimes.extend(crate::vm::vm_runtime(args, data_dir).await?);
-        // One data plane per node, shared by the wasm runtime and the network reconciler.
+        // One data plane per node, shared by the runtimes and the network reconciler.
         let dataplane = NodeDataPlane::new().context("starting the data plane")?;
+        let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
+        runtimes.extend(crate::vm::vm_runtime(args, data_dir, Arc::clone(&dataplane)).await?);
         if args.no_busy_poll {
             dataplane.forbid_busy_poll();
         } else {

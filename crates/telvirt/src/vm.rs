@@ -79,7 +79,11 @@ fn image_cache(explicit: Option<&Path>, data_dir: &Path) -> PathBuf {
 /// The vm runtime of `telvirt serve`, or `None` (with a log line saying why) when this host
 /// cannot run it. Builds the default image and resolves the accelerator in the background, so
 /// the accelerator warning shows at start and the first VNF does not wait for both.
-pub async fn vm_runtime(args: &HostAgentArgs, data_dir: &Path) -> Result<Option<Arc<dyn Runtime>>> {
+pub async fn vm_runtime(
+    args: &HostAgentArgs,
+    data_dir: &Path,
+    dataplane: Arc<telvirt_agent::dataplane::NodeDataPlane>,
+) -> Result<Option<Arc<dyn Runtime>>> {
     if !on_path("qemu-system-x86_64") {
         tracing::warn!(
             "vm runtime unavailable: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"
@@ -93,13 +97,16 @@ pub async fn vm_runtime(args: &HostAgentArgs, data_dir: &Path) -> Result<Option<
             return Ok(None);
         }
     };
-    let runtime = Arc::new(VmRuntime::new(VmRuntimeConfig {
-        state_root: data_dir.join("instances"),
-        cache_dir: image_cache(args.image_cache.as_deref(), data_dir),
-        guest_binary: guest,
-        accel: args.accel.into(),
-        qemu: None,
-    }));
+    let runtime = Arc::new(
+        VmRuntime::new(VmRuntimeConfig {
+            state_root: data_dir.join("instances"),
+            cache_dir: image_cache(args.image_cache.as_deref(), data_dir),
+            guest_binary: guest,
+            accel: args.accel.into(),
+            qemu: None,
+        })
+        .with_dataplane(dataplane),
+    );
     let background = runtime.clone();
     tokio::spawn(async move {
         let result = background

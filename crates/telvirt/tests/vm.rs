@@ -607,3 +607,60 @@ fn a_vm_that_never_finishes_booting_does_not_delay_a_wasm_vnf() {
     let v = node.show(&vm);
     assert_eq!(v["phase"], "Starting", "the VM is still booting: {v}");
 }
+
+/// Frames on link `i` of network `net` (`net show -o json`).
+fn link_packets(node: &Node, net: &str, i: usize) -> u64 {
+    let out = node.ok(&["net", "show", net, "-o", "json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("net show -o json is JSON");
+    v["status"]["links"][i]["packets"].as_u64().unwrap_or(0)
+}
+
+/// A VM's `spec.vm.nics` are vhost-user NICs on the node's data plane: a generator's frames
+/// enter the guest on n3, cross the default guest's bridge and leave on n6 for the sink. Where
+/// QEMU cannot start a vhost-user NIC under TCG (7.x: it crashes), the VM runs without them and
+/// the network waits for it.
+#[test]
+fn a_vm_in_a_chain_forwards_between_its_nics() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let vm = format!("vmnic{}", std::process::id());
+    let node = Node::new(&vm, guest_binary());
+    let file = descriptor(&node);
+    node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
+    node.wait_phase(&vm, "Running", BOOT_DEADLINE);
+    let version = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .expect("run qemu --version");
+    let version = telvirt_runtime_vm::parse_qemu_version(&String::from_utf8_lossy(&version.stdout));
+    let supported =
+        telvirt_runtime_vm::vhost_user_net_support(version, telvirt_runtime_vm::Accel::Tcg);
+    if let Err(why) = supported {
+        assert!(!node.instance("nic-n3.sock").exists(), "no socket: {why}");
+        assert_eq!(qemu_pids(&vm).len(), 1, "the VM runs without its NICs");
+        node.ok(&["vnf", "delete", &vm]);
+        return;
+    }
+    assert!(node.instance("nic-n3.sock").exists(), "n3's socket");
+    let net = format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: c1 }}\nspec:\n  nodes:\n    \
+         - {{ name: gen, kind: generator, rate_pps: 2000 }}\n    - {{ name: sink, kind: sink }}\n  \
+         links:\n    - gen.out -> {vm}.n3\n    - {vm}.n6 -> sink.in\n"
+    );
+    let path = node.dir.path().join("c1.yaml");
+    std::fs::write(&path, net).expect("write the network");
+    node.ok(&["net", "create", "-f", path.to_str().expect("utf-8 path")]);
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    while link_packets(&node, "c1", 1) < 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "no frames crossed the VM: {}",
+            String::from_utf8_lossy(&node.ok(&["net", "show", "c1"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(link_packets(&node, "c1", 0) >= 1000);
+    node.ok(&["vnf", "delete", &vm]);
+    node.wait(&vm, DEADLINE, "deleted with its sockets", |_| {
+        !node.instance("nic-n3.sock").exists()
+    });
+}

@@ -8,17 +8,20 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
 use telvirt_runtime_vm::{
     AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
-    Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, Peripheral, VmConfig, VmHandle,
-    VmManager, VmPhase,
+    Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, Peripheral, VhostUserNic,
+    VmConfig, VmHandle, VmManager, VmPhase, parse_qemu_version, vhost_user_net_support,
 };
+use telvirt_vhost::{NicSocket, VhostUserNode};
 use tokio::sync::{Mutex, OnceCell};
 
+use crate::dataplane::NodeDataPlane;
 use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 
 /// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
@@ -50,6 +53,9 @@ pub struct VmRuntimeConfig {
 pub struct Prepared {
     pub image: GuestImage,
     pub accel: AccelDecision,
+    /// Whether VMs' `spec.vm.nics` can be vhost-user NICs with this QEMU and accelerator, or
+    /// why not.
+    pub vhost_user: Result<(), String>,
     manager: VmManager,
 }
 
@@ -60,6 +66,10 @@ pub struct VmRuntime {
     /// Serialises preparation so one image build runs at a time.
     preparing: Mutex<()>,
     handles: Mutex<HashMap<Name, VmHandle>>,
+    /// The data plane VMs' NICs join (`None`: VMs start without their `spec.vm.nics`).
+    dataplane: Option<Arc<NodeDataPlane>>,
+    /// The NIC sockets of each VM with NICs on the data plane (dropping them ends the NICs).
+    nics: std::sync::Mutex<HashMap<Name, Vec<NicSocket>>>,
 }
 
 fn failure(e: impl std::fmt::Display) -> RuntimeFailure {
@@ -73,7 +83,90 @@ impl VmRuntime {
             prepared: OnceCell::new(),
             preparing: Mutex::new(()),
             handles: Mutex::new(HashMap::new()),
+            dataplane: None,
+            nics: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// VMs' `spec.vm.nics` become vhost-user NICs on `dataplane`, each a port of a panel node
+    /// named after the VNF (as a wasm VNF's ports are).
+    pub fn with_dataplane(mut self, dataplane: Arc<NodeDataPlane>) -> Self {
+        self.dataplane = Some(dataplane);
+        self
+    }
+
+    /// Opens one vhost-user socket per `spec.vm.nics` entry in the instance's state directory
+    /// and puts the VM's node on the data plane (on the worker of its first emulator CPU, or
+    /// the first worker); answers the NICs for QEMU's command line. Nothing is left behind on
+    /// error.
+    fn open_nics(
+        &self,
+        spec: &InstanceSpec,
+        prepared: &Prepared,
+    ) -> Result<Vec<VhostUserNic>, RuntimeFailure> {
+        let nics = spec
+            .descriptor
+            .spec
+            .vm
+            .as_ref()
+            .map(|vm| vm.nics.clone())
+            .unwrap_or_default();
+        if nics.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(dp) = &self.dataplane else {
+            tracing::warn!(
+                vnf = %spec.name,
+                "spec.vm.nics: this host has no data plane for VMs; the vm starts without them"
+            );
+            return Ok(Vec::new());
+        };
+        if let Err(why) = &prepared.vhost_user {
+            tracing::warn!(vnf = %spec.name, "the vm starts without its spec.vm.nics: {why}");
+            return Ok(Vec::new());
+        }
+        self.close_nics(&spec.name);
+        std::fs::create_dir_all(&spec.state_dir)
+            .map_err(|e| failure(format!("creating {}: {e}", spec.state_dir.display())))?;
+        let mut sockets = Vec::new();
+        let mut config = Vec::new();
+        for (i, nic) in nics.iter().enumerate() {
+            let path = spec.state_dir.join(format!("nic-{}.sock", nic.port));
+            let socket = NicSocket::listen(&path, &format!("{}.{}", spec.name, nic.port))
+                .map_err(|e| failure(format!("spec.vm.nics[{i}] ({}): {e}", nic.port)))?;
+            config.push(VhostUserNic {
+                id: nic.port.to_string(),
+                socket: path,
+                mac: nic_mac(spec.name.as_str(), i),
+            });
+            sockets.push(socket);
+        }
+        let ports: Vec<&str> = nics.iter().map(|n| n.port.as_str()).collect();
+        let worker = spec
+            .placement
+            .emulator_cpus
+            .first()
+            .and_then(|c| dp.worker_for_cpu(*c))
+            .unwrap_or(0);
+        let node = VhostUserNode::new(sockets.iter().map(NicSocket::port).collect());
+        let _ = dp.remove_node(spec.name.as_str());
+        dp.add_node(spec.name.as_str(), &ports, worker, Box::new(node))
+            .map_err(failure)?;
+        self.nic_table().insert(spec.name.clone(), sockets);
+        Ok(config)
+    }
+
+    /// Takes VM `name`'s node off the data plane and closes its NIC sockets.
+    fn close_nics(&self, name: &Name) {
+        if self.nic_table().remove(name).is_some()
+            && let Some(dp) = &self.dataplane
+        {
+            let _ = dp.remove_node(name.as_str());
+        }
+    }
+
+    fn nic_table(&self) -> std::sync::MutexGuard<'_, HashMap<Name, Vec<NicSocket>>> {
+        self.nics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A manager for adopting, removing and reading consoles: none of that boots a guest, so
@@ -129,9 +222,25 @@ impl VmRuntime {
             ),
         }
         let manager = self.with_qemu(VmManager::new(&self.config.state_root, probe));
+        let qemu = self
+            .config
+            .qemu
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        let version = tokio::process::Command::new(&qemu)
+            .arg("--version")
+            .output()
+            .await
+            .ok()
+            .and_then(|o| parse_qemu_version(&String::from_utf8_lossy(&o.stdout)));
+        let vhost_user = vhost_user_net_support(version, accel.accel);
+        if let Err(why) = &vhost_user {
+            tracing::warn!("vm runtime: VMs start without their spec.vm.nics: {why}");
+        }
         let prepared = Prepared {
             image,
             accel,
+            vhost_user,
             manager,
         };
         let _ = self.prepared.set(prepared.clone());
@@ -258,6 +367,21 @@ pub fn grant(device: &DeviceGrant) -> Grant {
     }
 }
 
+/// A locally administered MAC for NIC `index` of VM `vnf`: `52:54:00` (QEMU's prefix), two
+/// bytes of a hash of the name, the index.
+fn nic_mac(vnf: &str, index: usize) -> String {
+    // FNV-1a: stable across builds and platforms.
+    let h = vnf.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!(
+        "52:54:00:{:02x}:{:02x}:{:02x}",
+        (h >> 8) as u8,
+        h as u8,
+        index as u8
+    )
+}
+
 fn has_vm_state(dir: &Path) -> bool {
     dir.join("vm.json").is_file()
 }
@@ -269,21 +393,20 @@ impl Runtime for VmRuntime {
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
-        if spec
-            .descriptor
-            .spec
-            .vm
-            .as_ref()
-            .is_some_and(|vm| !vm.nics.is_empty())
-        {
-            tracing::warn!(
-                vnf = %spec.name,
-                "spec.vm.nics are not connected to host ports yet (ADR 043): the vm starts without them; grant a TAP with `vnf attach --kind net`"
-            );
-        }
         let prepared = self.prepare(|_| {}).await?;
-        let cfg = vm_config(spec, &prepared.image, self.config.accel)?;
-        let handle = prepared.manager.start(cfg).await.map_err(failure)?;
+        let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        // The NICs' sockets listen before QEMU starts: QEMU connects to them while it starts.
+        cfg.vhost_user_nics = self.open_nics(spec, &prepared)?;
+        if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
+            cfg.shared_memory = true;
+        }
+        let handle = match prepared.manager.start(cfg).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.close_nics(&spec.name);
+                return Err(failure(e));
+            }
+        };
         tracing::info!(
             vnf = %spec.name,
             pid = handle.pid(),
@@ -373,6 +496,7 @@ impl Runtime for VmRuntime {
         {
             h.kill().await.map_err(failure)?;
         }
+        self.close_nics(name);
         match self.plain_manager().remove(name.as_str()) {
             Ok(()) => Ok(()),
             // A name the runtime cannot hold was never started: nothing to remove.

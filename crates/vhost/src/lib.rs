@@ -1,0 +1,496 @@
+//! vhost-user-net NICs: each NIC of a VM is a vhost-user socket this process serves (QEMU
+//! connects to it as `-netdev vhost-user`) and a port of a node on the patch panel, so a VM
+//! joins networks as a wasm VNF does. QEMU shares the guest's RAM (memfd, `share=on`); the
+//! data-plane worker polling the node copies frames between the guest's virtqueues and the
+//! panel's pool, and the protocol daemon's threads only answer QEMU's messages.
+//!
+//! Owns the sockets, one protocol daemon per connection, and the rings' polling; must not start
+//! QEMU nor decide which VNF port a NIC is (the vm runtime adapter does).
+
+use std::io::{Read, Write};
+use std::num::Wrapping;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use telvirt_dataplane::node::{BATCH, Node, NodeIo};
+use telvirt_dataplane::pool::Packet;
+use vhost::vhost_user::Listener;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
+};
+
+/// Guest memory as the backend maps it (no dirty log yet).
+type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+type Vring = VringRwLock<GuestMemory>;
+
+/// The virtio-net header in front of every frame with `VIRTIO_F_VERSION_1`.
+pub const NET_HEADER: usize = 12;
+/// Queue 0 takes frames to the guest, queue 1 brings the guest's.
+const RX: usize = 0;
+const TX: usize = 1;
+/// Longest virtqueue the backend accepts (QEMU's virtio-net allows up to 1024).
+const MAX_QUEUE_SIZE: usize = 1024;
+/// Longest a UNIX socket path may be (`sun_path`).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// What can go wrong serving a NIC.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("vhost-user socket {path}: {reason}")]
+    Socket { path: PathBuf, reason: String },
+    #[error("vhost-user daemon thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Counters of one NIC. `to_guest` / `from_guest` count frames, not headers.
+#[derive(Debug, Default)]
+pub struct NicStats {
+    /// Frames written into the guest's receive queue.
+    pub to_guest: AtomicU64,
+    /// Frames the guest sent, put on the panel.
+    pub from_guest: AtomicU64,
+    /// Frames for the guest larger than the buffer it offered (dropped).
+    pub to_guest_too_big: AtomicU64,
+    /// Guest frames that were empty, larger than a pool buffer, or unreadable (dropped).
+    pub from_guest_bad: AtomicU64,
+    /// Connections from QEMU so far.
+    pub connections: AtomicU64,
+}
+
+/// What a connection shares between its protocol daemon and the polling node.
+struct Connection {
+    mem: GuestMemory,
+    /// The daemon's virtqueues, once its event thread handed them over.
+    vrings: Option<Vec<Vring>>,
+}
+
+struct Shared {
+    name: String,
+    connection: Mutex<Option<Connection>>,
+    shutdown: Mutex<Option<ShutdownHandle>>,
+    stop: AtomicBool,
+    stats: NicStats,
+}
+
+impl Shared {
+    fn connection(&self) -> MutexGuard<'_, Option<Connection>> {
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The backend of one connection: answers feature questions and hands the virtqueues to the
+/// polling node; it moves no packet itself.
+struct NetBackend {
+    shared: Arc<Shared>,
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    /// No `VHOST_USER_F_PROTOCOL_FEATURES`: QEMU's virtio-net enables its queue pair with
+    /// `SET_VRING_ENABLE` when the device is realized, before any `SET_FEATURES`, and the
+    /// backend crate refuses that message until the feature was acknowledged (seen with QEMU
+    /// 7.2: the connection ended at once). Without it every ring is enabled at `SET_FEATURES`.
+    /// The price: no protocol features, so no `LOG_SHMFD` (dirty logging for migration).
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_F_NOTIFY_ON_EMPTY
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::empty()
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn update_memory(&self, _mem: GuestMemory) -> std::io::Result<()> {
+        // The connection's `GuestMemoryAtomic` was swapped already; the node reads it anew
+        // every round.
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if let Some(c) = self.shared.connection().as_mut()
+            && c.vrings.is_none()
+        {
+            c.vrings = Some(vrings.to_vec());
+        }
+        // The node polls: the guest need not kick again.
+        if let Some(v) = vrings.get(usize::from(device_event)) {
+            let _ = v.disable_notification();
+        }
+        Ok(())
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+    }
+}
+
+/// One NIC's socket and the thread accepting QEMU on it (a new protocol daemon per
+/// connection). Dropping it ends the connection, the thread and the socket file.
+pub struct NicSocket {
+    path: PathBuf,
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NicSocket {
+    /// Listen on `path` (replacing a stale socket file) for the QEMU of NIC `name`.
+    pub fn listen(path: &Path, name: &str) -> Result<Self, Error> {
+        let socket_err = |reason: String| Error::Socket {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if path.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(socket_err(format!(
+                "the path is {} bytes; a UNIX socket path has at most {MAX_SOCKET_PATH}",
+                path.as_os_str().len()
+            )));
+        }
+        let listener = Listener::new(path, true).map_err(|e| socket_err(e.to_string()))?;
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            connection: Mutex::new(None),
+            shutdown: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            stats: NicStats::default(),
+        });
+        let for_thread = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name(format!("vhost-{name}"))
+            .spawn(move || accept_loop(listener, &for_thread))
+            .map_err(Error::Thread)?;
+        Ok(NicSocket {
+            path: path.to_path_buf(),
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket's path (QEMU's `-chardev socket,path=`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether QEMU is connected and its virtqueues are known.
+    pub fn is_running(&self) -> bool {
+        self.shared
+            .connection()
+            .as_ref()
+            .is_some_and(|c| c.vrings.is_some())
+    }
+
+    /// The NIC's counters.
+    pub fn stats(&self) -> &NicStats {
+        &self.shared.stats
+    }
+
+    /// The NIC as one port of a panel node ([`VhostUserNode`]).
+    pub fn port(&self) -> NicPort {
+        NicPort {
+            shared: Arc::clone(&self.shared),
+            buf: Vec::with_capacity(BATCH),
+        }
+    }
+}
+
+impl Drop for NicSocket {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        let handle = self
+            .shared
+            .shutdown
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            h.shutdown();
+        }
+        // Wake an accept that waits for QEMU: the loop sees `stop` and ends.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
+    while !shared.stop.load(Ordering::Acquire) {
+        let mem = GuestMemory::new(GuestMemoryMmap::new());
+        let backend = Arc::new(NetBackend {
+            shared: Arc::clone(shared),
+        });
+        let mut daemon =
+            match VhostUserDaemon::new(format!("vhost-{}-conn", shared.name), backend, mem.clone())
+            {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(nic = %shared.name, "vhost-user daemon: {e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
+        let started = daemon.start(&mut listener);
+        if shared.stop.load(Ordering::Acquire) {
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            break;
+        }
+        if let Err(e) = started {
+            tracing::warn!(nic = %shared.name, "vhost-user connection refused: {e}");
+            continue;
+        }
+        shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+        *shared.connection() = Some(Connection { mem, vrings: None });
+        *shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
+        if let Err(e) = daemon.wait() {
+            tracing::info!(nic = %shared.name, "vhost-user connection ended: {e}");
+        }
+        *shared.connection() = None;
+        *shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// One NIC as a port of a [`VhostUserNode`]: what the panel sends to the port goes into the
+/// guest's receive queue, what the guest transmits leaves through the port.
+pub struct NicPort {
+    shared: Arc<Shared>,
+    buf: Vec<Packet>,
+}
+
+impl NicPort {
+    /// One round on port `port`: the guest's frames out, then frames for the guest in (as many
+    /// as it offered buffers for; the rest wait on the link). Returns the frames moved.
+    fn poll(&mut self, io: &mut NodeIo<'_>, port: usize) -> usize {
+        let connection = self.shared.connection();
+        let Some(Connection {
+            mem,
+            vrings: Some(vrings),
+        }) = connection.as_ref()
+        else {
+            return 0;
+        };
+        let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
+            return 0;
+        };
+        // Read anew every round: a new memory table swaps it.
+        let guard = mem.memory();
+        let stats = &self.shared.stats;
+        let pool = io.pool();
+        let mut moved = 0;
+
+        // Guest → panel.
+        let room = if io.is_linked(port) {
+            io.tx_space(port).min(BATCH)
+        } else {
+            BATCH
+        };
+        self.buf.clear();
+        {
+            let mut st = tx.get_mut();
+            if st.get_queue().ready() && st.is_enabled() && room > 0 {
+                let mut used = false;
+                while self.buf.len() < room {
+                    let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    match chain.reader(&guard) {
+                        Ok(mut r) => {
+                            let len = r.available_bytes().saturating_sub(NET_HEADER);
+                            let mut header = [0u8; NET_HEADER];
+                            let fits = len > 0 && len <= pool.buf_size();
+                            match (fits, r.read_exact(&mut header), io.alloc()) {
+                                (true, Ok(()), Some(mut pkt)) => {
+                                    let mut ok = true;
+                                    pool.fill(&mut pkt, |b| {
+                                        ok = r.read_exact(&mut b[..len]).is_ok();
+                                        len
+                                    });
+                                    if ok {
+                                        self.buf.push(pkt);
+                                    } else {
+                                        io.free(pkt);
+                                        stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
+                                (_, _, pkt) => {
+                                    if let Some(p) = pkt {
+                                        io.free(p);
+                                    }
+                                    stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    // Transmit buffers are read-only: nothing written back.
+                    let _ = st.add_used(head, 0);
+                    used = true;
+                }
+                if used && st.needs_notification().unwrap_or(true) {
+                    let _ = st.signal_used_queue();
+                }
+            }
+        }
+        if !self.buf.is_empty() {
+            moved += self.buf.len();
+            stats
+                .from_guest
+                .fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+            io.send(port, &mut self.buf);
+        }
+
+        // Panel → guest: take only as many frames as the guest offered buffers for.
+        let mut st = rx.get_mut();
+        if !(st.get_queue().ready() && st.is_enabled()) {
+            return moved;
+        }
+        let offered = match st.get_queue().avail_idx(&*guard, Ordering::Acquire) {
+            Ok(avail) => (avail - Wrapping(st.get_queue().next_avail())).0,
+            Err(_) => 0,
+        };
+        let want = usize::from(offered).min(BATCH);
+        if want == 0 || io.recv(port, &mut self.buf, want) == 0 {
+            return moved;
+        }
+        let mut header = [0u8; NET_HEADER];
+        // num_buffers: each frame fits one buffer.
+        header[10] = 1;
+        for pkt in self.buf.drain(..) {
+            let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
+                io.free(pkt);
+                continue;
+            };
+            let head = chain.head_index();
+            let frame = pool.data(&pkt);
+            let written = match chain.writer(&guard) {
+                Ok(mut w) if w.available_bytes() >= NET_HEADER + frame.len() => {
+                    let ok = w.write_all(&header).is_ok() && w.write_all(frame).is_ok();
+                    ok.then_some(NET_HEADER + frame.len())
+                }
+                _ => None,
+            };
+            match written {
+                Some(n) => {
+                    stats.to_guest.fetch_add(1, Ordering::Relaxed);
+                    let _ = st.add_used(head, u32::try_from(n).unwrap_or(0));
+                    moved += 1;
+                }
+                None => {
+                    stats.to_guest_too_big.fetch_add(1, Ordering::Relaxed);
+                    let _ = st.add_used(head, 0);
+                }
+            }
+            io.free(pkt);
+        }
+        if st.needs_notification().unwrap_or(true) {
+            let _ = st.signal_used_queue();
+        }
+        moved
+    }
+}
+
+/// A VM's NICs as one panel node, port `i` being NIC `i`.
+pub struct VhostUserNode {
+    ports: Vec<NicPort>,
+}
+
+impl VhostUserNode {
+    /// The node of `ports`, in port order.
+    pub fn new(ports: Vec<NicPort>) -> Self {
+        VhostUserNode { ports }
+    }
+}
+
+impl Node for VhostUserNode {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        let mut moved = 0;
+        for (i, p) in self.ports.iter_mut().enumerate() {
+            moved += p.poll(io, i);
+        }
+        moved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn a_socket_serves_one_connection_after_another_and_goes_with_its_nic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nic0.sock");
+        let nic = NicSocket::listen(&path, "vm1.n3").unwrap();
+        assert!(path.exists());
+        assert!(!nic.is_running(), "no QEMU yet");
+        // Two peers that hang up at once: each is a connection, and the socket stays.
+        for n in 1..=2 {
+            drop(UnixStream::connect(&path).unwrap());
+            wait_for("the connection counted", || {
+                nic.stats().connections.load(Ordering::Relaxed) == n
+            });
+        }
+        assert!(
+            !nic.is_running(),
+            "a peer that sent nothing gives no virtqueues"
+        );
+        drop(nic);
+        assert!(!path.exists(), "the socket file goes with the NIC");
+    }
+
+    #[test]
+    fn a_socket_path_that_cannot_be_bound_is_refused_with_the_path() {
+        let long = PathBuf::from(format!("/tmp/{}.sock", "x".repeat(120)));
+        let e = NicSocket::listen(&long, "n").err().unwrap().to_string();
+        assert!(e.contains("at most 107") && e.contains("xxxx"), "{e}");
+        let e = NicSocket::listen(Path::new("/nonexistent-dir/n.sock"), "n")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("/nonexistent-dir/n.sock"), "{e}");
+    }
+}
