@@ -400,6 +400,10 @@ pub struct ChainOpts {
     pub ring_capacity: usize,
     /// Batch size.
     pub batch: usize,
+    /// Halvings of the no-drop / partial-drop rate searches (0: no search).
+    pub search_steps: u32,
+    /// How long each trial of a search offers its rate, milliseconds.
+    pub trial_ms: u64,
 }
 
 impl Default for ChainOpts {
@@ -412,8 +416,49 @@ impl Default for ChainOpts {
             latency_packets: 300_000,
             ring_capacity: 1024,
             batch: 32,
+            search_steps: 8,
+            trial_ms: 200,
         }
     }
+}
+
+/// Loss a partial-drop rate (PDR) may have: 0.1%, as FD.io CSIT reports it.
+pub const PDR_LOSS: f64 = 0.001;
+
+/// One trial of a rate search: a generator that overloads what it feeds offers `rate_pps` for
+/// the trial's length; what did not reach the sink was lost (dropped at a full ring).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Trial {
+    pub rate_pps: u64,
+    pub sent: u64,
+    pub received: u64,
+    /// `(sent - received) / sent`.
+    pub loss: f64,
+}
+
+/// The highest offered rates a path carries without loss (NDR) and with at most
+/// [`PDR_LOSS`] (PDR), each found by halving the interval between 0 and twice the path's
+/// max-speed rate.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RateSearch {
+    /// No-drop rate, packets per second (0: no trial passed).
+    pub ndr_pps: u64,
+    /// Partial-drop rate (loss ≤ 0.1%), packets per second.
+    pub pdr_pps: u64,
+    /// Every trial, in the order run.
+    pub trials: Vec<Trial>,
+}
+
+/// The rate searches of `bench chain`: through the firewall, and the same generator straight
+/// into the sink (the baseline), same packets, same run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChainSearch {
+    pub chain: RateSearch,
+    pub direct: RateSearch,
+    /// `chain.ndr_pps / direct.ndr_pps`.
+    pub ndr_ratio: f64,
+    /// `chain.pdr_pps / direct.pdr_pps`.
+    pub pdr_ratio: f64,
 }
 
 /// One run of the chain.
@@ -456,16 +501,34 @@ pub struct ChainReport {
     pub pinned: ChainRun,
     /// Fixed-rate run with unpinned workers (the jitter baseline).
     pub unpinned: ChainRun,
+    /// NDR and PDR of the chain and of the direct link (absent with `search_steps` 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<ChainSearch>,
 }
 
-fn chain_run(
-    opts: &ChainOpts,
+/// How one chain run offers its packets.
+#[derive(Clone, Copy)]
+struct Offer {
     count: u64,
     rate: Option<u64>,
     pinned: bool,
     with_firewall: bool,
+    /// The generator overloads the chain (a rate search's trial) instead of waiting for room.
+    overfill: bool,
+}
+
+fn chain_run(
+    opts: &ChainOpts,
+    offer: Offer,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ChainRun> {
+    let Offer {
+        count,
+        rate,
+        pinned,
+        with_firewall,
+        overfill,
+    } = offer;
     let (c0, c1) = two_cores(None)?;
     let pool = Arc::new(Pool::new("bench-chain", 8192, 2048)?);
     let mk = |name: &str, core: usize| WorkerConfig {
@@ -487,6 +550,11 @@ fn chain_run(
         },
         pool.buf_size(),
     )?;
+    let gen_node = if overfill {
+        gen_node.overfilling()
+    } else {
+        gen_node
+    };
     let gstats = gen_node.stats();
     // Deny rules that agree with the generator's frames on every field but the last one
     // compared (UDP 10.0.0.1:1024.. -> 10.0.1.1:9; the rules name destination ports 1000..),
@@ -538,10 +606,10 @@ fn chain_run(
             progress(rx, count);
         }
         let gen_done = gstats.done.load(Ordering::Acquire);
-        if rx >= count
-            || (gen_done && last_change.elapsed() > Duration::from_millis(500))
-            || t0.elapsed() > budget
-        {
+        // A trial that overloads the chain loses packets: once the generator is done, what
+        // is still on the links arrives within microseconds.
+        let settle = Duration::from_millis(if overfill { 50 } else { 500 });
+        if rx >= count || (gen_done && last_change.elapsed() > settle) || t0.elapsed() > budget {
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -574,21 +642,98 @@ pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<Cha
             "packets, latency_packets and latency_rate_pps must be > 0",
         ));
     }
-    let total = 2 * opts.packets + 2 * opts.latency_packets;
+    if opts.search_steps > 0 && opts.trial_ms == 0 {
+        return Err(Error::config(
+            "bench.chain.trial_ms",
+            "must be > 0 to search",
+        ));
+    }
+    let mut total = 2 * opts.packets + 2 * opts.latency_packets;
     let mut base = 0u64;
-    let mut run = |count: u64, rate: Option<u64>, pinned: bool, fw: bool, base: &mut u64| {
+    let mut run = |offer: Offer, base: &mut u64, total: u64| {
         let b = *base;
-        let r = chain_run(opts, count, rate, pinned, fw, &mut |d, _| {
-            progress(b + d, total)
-        });
-        *base += count;
+        let r = chain_run(opts, offer, &mut |d, _| progress(b + d, total.max(b + d)));
+        *base += offer.count;
         r
     };
-    let direct = run(opts.packets, None, true, false, &mut base)?;
-    let throughput = run(opts.packets, None, true, true, &mut base)?;
+    let offer = |count, rate, pinned, with_firewall| Offer {
+        count,
+        rate,
+        pinned,
+        with_firewall,
+        overfill: false,
+    };
+    let direct = run(offer(opts.packets, None, true, false), &mut base, total)?;
+    let throughput = run(offer(opts.packets, None, true, true), &mut base, total)?;
     let rate = Some(opts.latency_rate_pps);
-    let pinned = run(opts.latency_packets, rate, true, true, &mut base)?;
-    let unpinned = run(opts.latency_packets, rate, false, true, &mut base)?;
+    let pinned = run(
+        offer(opts.latency_packets, rate, true, true),
+        &mut base,
+        total,
+    )?;
+    let unpinned = run(
+        offer(opts.latency_packets, rate, false, true),
+        &mut base,
+        total,
+    )?;
+    let search = if opts.search_steps == 0 {
+        None
+    } else {
+        // Each trial's packets join the progress total as it starts.
+        let mut search = |with_firewall: bool, max_mpps: f64| -> Result<RateSearch> {
+            let hi = (max_mpps * 2e6).max(1.0) as u64;
+            let mut trial = |rate: u64| -> Result<Trial> {
+                let count = (rate.saturating_mul(opts.trial_ms) / 1000).max(1);
+                total += count;
+                let offer = Offer {
+                    overfill: true,
+                    ..offer(count, Some(rate), true, with_firewall)
+                };
+                let r = run(offer, &mut base, total)?;
+                let received = count.saturating_sub(r.lost);
+                Ok(Trial {
+                    rate_pps: rate,
+                    sent: count,
+                    received,
+                    loss: r.lost as f64 / count as f64,
+                })
+            };
+            let mut trials = Vec::new();
+            let mut bounds = |max_loss: f64, trials: &mut Vec<Trial>| -> Result<u64> {
+                let (mut pass, mut fail) = (0u64, hi);
+                for _ in 0..opts.search_steps {
+                    let mid = pass + (fail - pass) / 2;
+                    if mid == pass {
+                        break;
+                    }
+                    let t = trial(mid)?;
+                    if t.loss <= max_loss {
+                        pass = mid;
+                    } else {
+                        fail = mid;
+                    }
+                    trials.push(t);
+                }
+                Ok(pass)
+            };
+            let ndr_pps = bounds(0.0, &mut trials)?;
+            let pdr_pps = bounds(PDR_LOSS, &mut trials)?;
+            Ok(RateSearch {
+                ndr_pps,
+                pdr_pps,
+                trials,
+            })
+        };
+        let chain = search(true, throughput.mpps)?;
+        let direct_search = search(false, direct.mpps)?;
+        let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+        Some(ChainSearch {
+            ndr_ratio: ratio(chain.ndr_pps, direct_search.ndr_pps),
+            pdr_ratio: ratio(chain.pdr_pps, direct_search.pdr_pps),
+            chain,
+            direct: direct_search,
+        })
+    };
     Ok(ChainReport {
         mpps: throughput.mpps,
         baseline_mpps: direct.mpps,
@@ -604,6 +749,7 @@ pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<Cha
         throughput,
         pinned,
         unpinned,
+        search,
     })
 }
 
@@ -671,11 +817,59 @@ mod tests {
     }
 
     #[test]
+    fn chain_bench_searches_the_no_drop_and_partial_drop_rates_of_both_paths() {
+        let opts = ChainOpts {
+            packets: 20_000,
+            latency_packets: 2_000,
+            latency_rate_pps: 50_000,
+            search_steps: 3,
+            trial_ms: 20,
+            ..ChainOpts::default()
+        };
+        let r = chain(&opts, &mut |_, _| {}).unwrap();
+        let s = r.search.expect("a search with search_steps 3");
+        for (path, max_mpps) in [(&s.chain, r.mpps), (&s.direct, r.baseline_mpps)] {
+            assert!(path.ndr_pps <= path.pdr_pps, "{path:?}");
+            assert!(
+                path.trials.len() <= 6 && !path.trials.is_empty(),
+                "{path:?}"
+            );
+            let hi = (max_mpps * 2e6) as u64;
+            for t in &path.trials {
+                assert!(t.rate_pps > 0 && t.rate_pps < hi, "{t:?}");
+                assert_eq!(t.sent, (t.rate_pps * 20 / 1000).max(1));
+                assert!(
+                    t.received <= t.sent && (0.0..=1.0).contains(&t.loss),
+                    "{t:?}"
+                );
+                // A passing trial bounds the search from below, a failing one from above.
+                if t.loss == 0.0 {
+                    assert!(path.ndr_pps >= t.rate_pps, "{path:?}");
+                }
+                if t.loss > PDR_LOSS {
+                    assert!(path.pdr_pps < t.rate_pps, "{path:?}");
+                }
+            }
+        }
+        let v = serde_json::to_value(&s).unwrap();
+        for k in ["ndr_ratio", "pdr_ratio"] {
+            assert!(v.get(k).is_some_and(|x| x.is_f64()), "{k}");
+        }
+        let bad = ChainOpts {
+            trial_ms: 0,
+            ..opts
+        };
+        let e = chain(&bad, &mut |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("bench.chain.trial_ms"), "{e}");
+    }
+
+    #[test]
     fn chain_bench_runs_small_and_has_json_fields() {
         let opts = ChainOpts {
             packets: 20_000,
             latency_packets: 5_000,
             latency_rate_pps: 50_000,
+            search_steps: 0,
             ..ChainOpts::default()
         };
         let r = chain(&opts, &mut |_, _| {}).unwrap();
@@ -683,6 +877,7 @@ mod tests {
         assert!(r.baseline_mpps > 0.0 && r.ratio > 0.0, "{r:?}");
         assert!(r.pinned.latency.count > 0 && r.unpinned.latency.count > 0);
         assert!(r.p50_us <= r.p99_us && r.p99_us <= r.p999_us);
+        assert!(r.search.is_none());
         let v = serde_json::to_value(&r).unwrap();
         for k in [
             "mpps",

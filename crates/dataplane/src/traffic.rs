@@ -92,6 +92,9 @@ pub struct Generator {
     stats: Arc<GenStats>,
     batch: Vec<Packet>,
     stream: u16,
+    /// Send whole batches whether or not the link has room (a load generator that can
+    /// overload what it feeds).
+    overfill: bool,
 }
 
 impl Generator {
@@ -105,7 +108,17 @@ impl Generator {
             start_ns: None,
             stats: Arc::new(GenStats::default()),
             stream: 0,
+            overfill: false,
         })
+    }
+
+    /// Offer every packet when it is due, whether or not the link has room: what does not fit
+    /// is dropped and counted on the link (and in [`GenStats::dropped`]), as a traffic
+    /// generator on a wire would overload a device. Without it the generator waits for room,
+    /// so a slow stage delays packets instead of losing them.
+    pub fn overfilling(mut self) -> Self {
+        self.overfill = true;
+        self
     }
 
     /// Mark every frame as belonging to `stream` (0 unless set), so a sink filtering on it
@@ -134,9 +147,11 @@ impl Node for Generator {
             }
             want = want.min(count - self.seq);
         }
-        // Never overfill the link: a full link delays packets (their timestamps are taken
-        // when they are written), it does not drop them.
-        want = want.min(io.tx_space(0) as u64);
+        // Unless overfilling, never overfill the link: a full link delays packets (their
+        // timestamps are taken when they are written), it does not drop them.
+        if !self.overfill {
+            want = want.min(io.tx_space(0) as u64);
+        }
         if want == 0 {
             return 0;
         }

@@ -706,3 +706,33 @@ fn a_worker_busy_polls_while_one_of_its_nodes_wants_it() {
     assert!(e.contains("unknown node \"nope\""), "{e}");
     p.shutdown();
 }
+
+/// Takes nothing: whatever reaches it stays on its incoming ring.
+struct Stalled;
+
+impl Node for Stalled {
+    fn poll(&mut self, _io: &mut NodeIo<'_>) -> usize {
+        0
+    }
+}
+
+#[test]
+fn an_overfilling_generator_loses_what_the_link_cannot_hold_and_the_link_counts_it() {
+    let pool = Arc::new(Pool::new("overfill", 8192, 2048).unwrap());
+    let mut p = panel(&pool);
+    let generator = make_gen(5_000, None).overfilling();
+    let stats = generator.stats();
+    p.add_node("gen", &["out"], 0, Box::new(generator)).unwrap();
+    p.add_node("stalled", &["in"], 1, Box::new(Stalled))
+        .unwrap();
+    p.apply(&links(&["gen.out -> stalled.in"])).unwrap();
+    wait_for("the generator done", 30, || {
+        stats.done.load(Ordering::Acquire)
+    });
+    let c = p.status()[0].counters;
+    // The ring (1024 slots) holds what was enqueued; the rest was dropped at the link.
+    assert_eq!(c.packets, 1024, "{c:?}");
+    assert_eq!(c.packets + c.drops, 5_000, "{c:?}");
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), c.drops);
+    p.shutdown();
+}

@@ -84,6 +84,13 @@ pub struct ChainArgs {
     /// Packets in each latency run
     #[arg(long, default_value_t = 300_000)]
     pub latency_packets: u64,
+    /// Halvings of the no-drop (NDR) and partial-drop (PDR, ≤ 0.1% loss) rate searches, for
+    /// the chain and for the direct link; 0 skips them
+    #[arg(long, default_value_t = 8)]
+    pub search_steps: u32,
+    /// How long each search trial offers its rate, in milliseconds
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub trial_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -224,6 +231,8 @@ fn chain(format: Output, args: ChainArgs) -> Result<()> {
         packets: args.packets,
         latency_rate_pps: args.rate,
         latency_packets: args.latency_packets,
+        search_steps: args.search_steps,
+        trial_ms: args.trial_ms,
         ..bench::ChainOpts::default()
     };
     let progress = Progress::new(format, "chain");
@@ -272,6 +281,33 @@ fn chain(format: Output, args: ChainArgs) -> Result<()> {
         report.ratio * 100.0,
         report.baseline_mpps
     );
+    if let Some(s) = &report.search {
+        let mpps = |pps: u64| format!("{:.3}", pps as f64 / 1e6);
+        println!(
+            "{}",
+            output::table(
+                &["SEARCH", "NDR Mpps", "PDR Mpps (≤0.1% loss)", "TRIALS"],
+                &[
+                    vec![
+                        "chain".to_owned(),
+                        mpps(s.chain.ndr_pps),
+                        mpps(s.chain.pdr_pps),
+                        s.chain.trials.len().to_string(),
+                    ],
+                    vec![
+                        "no firewall: gen → sink (baseline)".to_owned(),
+                        mpps(s.direct.ndr_pps),
+                        mpps(s.direct.pdr_pps),
+                        s.direct.trials.len().to_string(),
+                    ],
+                ]
+            )
+        );
+        println!(
+            "NDR ratio {:.2}, PDR ratio {:.2} (chain / direct link)",
+            s.ndr_ratio, s.pdr_ratio
+        );
+    }
     Ok(())
 }
 
