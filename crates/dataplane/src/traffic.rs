@@ -82,6 +82,9 @@ pub struct GenStats {
     pub dropped: AtomicU64,
     /// Set once `count` packets were sent.
     pub done: AtomicBool,
+    /// From the first packet written to the last, nanoseconds (set with `done`): the rate the
+    /// generator really offered is `count` over it.
+    pub elapsed_ns: AtomicU64,
 }
 
 /// The generator node (one port, 0 = out).
@@ -156,8 +159,9 @@ impl Node for Generator {
             return 0;
         }
         let now = now_ns();
+        let first = *self.start_ns.get_or_insert(now);
         if let Some(rate) = self.cfg.rate_pps {
-            let start = *self.start_ns.get_or_insert(now);
+            let start = first;
             let due = u128::from(now - start) * u128::from(rate) / 1_000_000_000;
             let due = u64::try_from(due).unwrap_or(u64::MAX);
             want = want.min(due.saturating_sub(self.seq));
@@ -182,6 +186,9 @@ impl Node for Generator {
             .dropped
             .fetch_add((n - sent) as u64, Ordering::Relaxed);
         if self.cfg.count.is_some_and(|c| self.seq >= c) {
+            self.stats
+                .elapsed_ns
+                .store(now.saturating_sub(first), Ordering::Relaxed);
             self.stats.done.store(true, Ordering::Release);
         }
         n

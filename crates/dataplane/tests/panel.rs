@@ -734,5 +734,9 @@ fn an_overfilling_generator_loses_what_the_link_cannot_hold_and_the_link_counts_
     assert_eq!(c.packets, 1024, "{c:?}");
     assert_eq!(c.packets + c.drops, 5_000, "{c:?}");
     assert_eq!(stats.dropped.load(Ordering::Relaxed), c.drops);
+    assert!(
+        stats.elapsed_ns.load(Ordering::Relaxed) > 0,
+        "the time it took is kept"
+    );
     p.shutdown();
 }
