@@ -642,7 +642,7 @@ mod tests {
         base.validate(&online()).unwrap();
         let bad = [
             (nic("a b", "52:54:00:00:00:01", "/s"), "vhost_user_nics.id"),
-            (nic("in", "52:54:00:00:00", "/s"), "vhost_user_nics.mac"),
+            (nic("in1", "52:54:00:00:00", "/s"), "vhost_user_nics.mac"),
             (nic("in2", "52:54:00:00:00:0g", "/s"), "vhost_user_nics.mac"),
             (
                 nic("in2", "52:54:00:00:00:02", "/s,x"),
