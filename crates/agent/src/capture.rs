@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use telvirt_api::{CAPTURE_KEEP, CaptureChunk, CaptureSlice};
-use telvirt_dataplane::capture::{LinkTap, PcapngWriter, TAP_QUEUE};
+use telvirt_dataplane::capture::{LinkTap, PcapngWriter};
 use telvirt_dataplane::graph::LinkSpec;
 
 use crate::AgentError;
@@ -20,6 +20,11 @@ use crate::dataplane::NodeDataPlane;
 
 /// How often a slice looks for new frames while it waits.
 const POLL: Duration = Duration::from_millis(5);
+/// Most pcapng bytes one slice answers (about 700 KiB once base64 in JSON: under the 1 MiB a
+/// controller takes in one agent reply); the rest waits in the tap for the next slice.
+const SLICE_BYTES: usize = 512 << 10;
+/// Most captures running on one host at once (each tap may hold a queue of frames).
+const MAX_CAPTURES: usize = 8;
 
 struct Running {
     spec: LinkSpec,
@@ -68,6 +73,12 @@ impl Captures {
                     Arc::clone(&r.tap)
                 }
                 (None, true) => {
+                    if running.len() >= MAX_CAPTURES {
+                        return Err(AgentError::DataPlane(format!(
+                            "{MAX_CAPTURES} captures run on this host already; wait for one to \
+                             end"
+                        )));
+                    }
                     let tap = LinkTap::new(slice.packets, slice.snaplen);
                     dp.panel()
                         .tap_link(&spec, Arc::clone(&tap))
@@ -86,15 +97,20 @@ impl Captures {
         };
         let deadline = Instant::now() + Duration::from_millis(slice.wait_ms);
         let mut frames = Vec::new();
+        let mut bytes = 0;
         let done = loop {
-            // `wanted` reaches 0 only after the sender queued its last frame: one more take
-            // after seeing it gets them all.
+            // `wanted` reaches 0 only after the sender queued its last frame: once seen, the
+            // capture is done when the queue is empty.
             let all_came = tap.wanted() == 0;
-            tap.take(&mut frames);
-            // A slice answers at most a tap queue's worth of frames (a few MiB), however fast
-            // the link runs; the rest waits in the tap for the next slice.
-            if all_came || frames.len() >= TAP_QUEUE || Instant::now() >= deadline {
-                break all_came;
+            while bytes < SLICE_BYTES {
+                let before = frames.len();
+                if tap.take(&mut frames, before + 1) == 0 {
+                    break;
+                }
+                bytes += frames[before].data.len() + 32;
+            }
+            if bytes >= SLICE_BYTES || (all_came && tap.is_empty()) || Instant::now() >= deadline {
+                break all_came && tap.is_empty();
             }
             std::thread::sleep(POLL);
         };

@@ -3,9 +3,11 @@
 //! (which places VNF nodes on the worker of their allocated core) and the network reconciler
 //! (which applies `kind: Network` links).
 //!
-//! Owns the panel's lifetime, the core → worker mapping and the built-in nodes networks may
-//! name. It must not decide placement (the scheduler does) nor parse descriptors beyond mapping
-//! them onto the data plane's own types.
+//! Owns the panel's lifetime, the core → worker mapping, the built-in nodes networks may name,
+//! which workers busy-poll, and (in `serve` and `agent`) keeping the process's other threads
+//! off busy-polled cores. The vm runtime puts VMs' NIC nodes here too. It must not decide
+//! placement (the scheduler does) nor parse descriptors beyond mapping them onto the data
+//! plane's own types.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 use telvirt_dataplane::node::Node;
 use telvirt_dataplane::panel::PatchPanel;
 use telvirt_dataplane::pool::{DEFAULT_BUF_SIZE, Pool};
-use telvirt_dataplane::worker::{THREAD_PREFIX, WorkerConfig, allowed_cores, set_thread_affinity};
+use telvirt_dataplane::worker::{WorkerConfig, allowed_cores, set_thread_affinity};
 
 use crate::AgentError;
 
@@ -127,8 +129,15 @@ impl NodeDataPlane {
         } else {
             free
         };
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return;
+        let worker_tids: Vec<i32> = workers.iter().map(|w| w.tid()).collect();
+        let tasks = match std::fs::read_dir("/proc/self/task") {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot list this process's threads to keep them off busy cores: {e}"
+                );
+                return;
+            }
         };
         for task in tasks.flatten() {
             let Some(tid) = task
@@ -138,13 +147,15 @@ impl NodeDataPlane {
             else {
                 continue;
             };
-            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            if comm.starts_with(THREAD_PREFIX) {
+            if worker_tids.contains(&tid) {
                 continue;
             }
-            // A thread may end meanwhile; the others still move.
             if let Err(e) = set_thread_affinity(tid, &cores) {
-                tracing::debug!(tid, "housekeeping thread not moved: {e}");
+                // A thread that ended meanwhile is no news; anything else (a cpuset that
+                // forbids the cores) brings back the starvation busy polling must not cause.
+                if std::fs::metadata(task.path()).is_ok() {
+                    tracing::warn!(tid, "thread not moved to cores {cores:?}: {e}");
+                }
             }
         }
     }

@@ -289,9 +289,8 @@ impl NetworkReconciler {
 
     /// Removes a network's links, built-in nodes and steering endpoints.
     fn tear_down(&self, name: &str, a: &Applied) {
-        if !a.live.is_empty() {
-            let _ = self.dp.panel().delete_network(name);
-        }
+        // Known to the panel once applied, even with no link live (unknown: nothing to do).
+        let _ = self.dp.panel().delete_network(name);
         for b in a
             .builtins
             .keys()
@@ -552,15 +551,9 @@ impl NetworkReconciler {
         let live_now = self.dp.panel().current_links();
         let intact = a.live.iter().all(|l| live_now.contains(l));
         if links != a.live || !intact {
-            let result = if links.is_empty() {
-                if a.live.is_empty() {
-                    Ok(())
-                } else {
-                    self.dp.panel().delete_network(name).map(|_| ())
-                }
-            } else {
-                self.dp.panel().apply_network(name, &links).map(|_| ())
-            };
+            // No link ready is not a deleted network: its links' counters are kept for when
+            // they come back (`tear_down` deletes).
+            let result = self.dp.panel().apply_network(name, &links).map(|_| ());
             match result {
                 Ok(()) => a.live = links.clone(),
                 Err(e) => {
@@ -680,11 +673,7 @@ impl NetworkReconciler {
         };
         for d in &node_drops {
             table.push_str(&telvirt_dataplane::panel::render_node_drops(
-                &d.node,
-                telvirt_dataplane::node::NodeDrops {
-                    unlinked: d.unlinked,
-                    refused: d.refused,
-                },
+                &d.node, d.unlinked, d.refused,
             ));
         }
         for s in &steering {
@@ -1099,6 +1088,32 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("has no link 7"), "{e}");
+        // However fast the link runs, a slice answers about 512 KiB of pcapng at most (here
+        // 64-byte frames, 96 bytes each in the file): a busy link waits in the tap instead.
+        let big = r
+            .capture(
+                &d,
+                &CaptureSlice {
+                    packets: 1_000_000,
+                    ..slice(true, 1000)
+                },
+            )
+            .unwrap();
+        assert!(
+            big.frames > 0 && big.frames <= 512 * 1024 / 96 + 1,
+            "{}",
+            big.frames
+        );
+        let last = r
+            .capture(
+                &d,
+                &CaptureSlice {
+                    last: true,
+                    ..slice(false, 1)
+                },
+            )
+            .unwrap();
+        assert!(last.done);
     }
 
     #[test]

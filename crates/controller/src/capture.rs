@@ -79,7 +79,16 @@ impl CaptureStream {
         if self.done {
             return None;
         }
-        Some(self.slice(false).await)
+        let next = self.slice(false).await;
+        if let Err(e) = &next {
+            // The response is under way: the caller only sees the stream end early.
+            tracing::warn!(
+                network = %self.network.name(),
+                host = %self.host,
+                "capture ended early: {e}"
+            );
+        }
+        Some(next)
     }
 
     async fn slice(&mut self, first: bool) -> Result<Vec<u8>> {

@@ -3,8 +3,9 @@
 //! pcapng (one interface per link, nanosecond timestamps) that tcpdump and Wireshark read.
 //!
 //! Owns the tap's bounded queue and the file format; must not slow a link that is not being
-//! captured (one relaxed load per batch) nor block the sending worker (a full queue counts the
-//! frame as missed instead).
+//! captured (one relaxed load per batch) nor hold the sending worker back while it is (an
+//! uncontended lock and a copy per frame; a full queue counts the frame as missed instead of
+//! waiting).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,13 +80,20 @@ impl LinkTap {
         self.wanted.fetch_sub(n as u64, Ordering::AcqRel);
     }
 
-    /// Move every frame taken so far onto `out`; returns how many.
-    pub fn take(&self, out: &mut Vec<Frame>) -> usize {
+    /// Move frames taken so far onto `out` until it holds `max` frames; returns how many were
+    /// moved.
+    pub fn take(&self, out: &mut Vec<Frame>, max: usize) -> usize {
         let before = out.len();
-        while let Some(f) = self.frames.pop() {
+        while out.len() < max {
+            let Some(f) = self.frames.pop() else { break };
             out.push(f);
         }
         out.len() - before
+    }
+
+    /// Whether frames wait to be taken.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
     }
 
     /// Frames still wanted.
@@ -132,9 +140,14 @@ impl TapSlot {
         }
     }
 
+    /// Whether a tap is armed (one relaxed load).
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
+    }
+
     /// Offer `pkts` to the armed tap, if there is one.
     pub(crate) fn offer(&self, pool: &Pool, pkts: &[Packet]) {
-        if !self.armed.load(Ordering::Relaxed) {
+        if !self.is_armed() {
             return;
         }
         let slot = self.tap.lock().unwrap_or_else(|p| p.into_inner());
@@ -259,11 +272,18 @@ pub struct PcapngFrameCounter {
     pending: Vec<u8>,
     frames: u64,
     missed: u64,
+    broken: bool,
 }
+
+/// Largest block the counter accepts: a frame of the largest snap length and its header.
+const MAX_BLOCK: usize = 64 + MAX_SNAPLEN as usize + 4;
 
 impl PcapngFrameCounter {
     /// Feed the next bytes of the stream.
     pub fn feed(&mut self, bytes: &[u8]) {
+        if self.broken {
+            return;
+        }
         self.pending.extend_from_slice(bytes);
         let mut at = 0;
         while self.pending.len() >= at + 8 {
@@ -276,7 +296,13 @@ impl PcapngFrameCounter {
                 ])
             };
             let (kind, len) = (word(at), word(at + 4) as usize);
-            if len < 12 || self.pending.len() < at + len {
+            if len < 12 || !len.is_multiple_of(4) || len > MAX_BLOCK {
+                // Not a pcapng stream (or a corrupt one): stop counting, keep nothing.
+                self.broken = true;
+                self.pending.clear();
+                return;
+            }
+            if self.pending.len() < at + len {
                 break;
             }
             match kind {
@@ -305,6 +331,11 @@ impl PcapngFrameCounter {
     /// Frames the capture reported missing so far.
     pub fn missed(&self) -> u64 {
         self.missed
+    }
+
+    /// Whether the bytes fed so far were not a pcapng stream (counting stopped).
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 }
 
@@ -348,6 +379,12 @@ mod tests {
             c.feed(piece);
         }
         assert_eq!((c.frames(), c.missed()), (3, 7));
+        assert!(!c.is_broken());
+        // A block length that no pcapng writer makes: counting stops and nothing is kept.
+        let mut bad = PcapngFrameCounter::default();
+        bad.feed(&[6, 0, 0, 0, 7, 0, 0, 0]);
+        bad.feed(&bytes);
+        assert!(bad.is_broken() && bad.frames() == 0 && bad.pending.is_empty());
     }
 
     #[test]
@@ -367,7 +404,8 @@ mod tests {
         slot.offer(&pool, &pkts[..3]);
         slot.offer(&pool, &pkts[3..]);
         let mut got = Vec::new();
-        assert_eq!(tap.take(&mut got), 4);
+        assert_eq!(tap.take(&mut got, 3), 3, "at most as many as asked");
+        assert_eq!(tap.take(&mut got, 10), 1);
         assert_eq!(tap.wanted(), 0);
         assert_eq!(got[3].data, vec![3u8; 70]);
         assert_eq!(got[3].orig_len, 100);

@@ -102,8 +102,8 @@ impl LinkCounters {
 pub struct NodeCounters {
     /// Sent to a port that had no link.
     pub unlinked: AtomicU64,
-    /// Given a drop verdict by the node itself (a firewall's deny, a VNF's drop, a verdict
-    /// naming no port).
+    /// Dropped by the node itself: a drop verdict (a firewall's deny, a VNF's drop, a verdict
+    /// naming no port), or a batch the stage failed (a trapping wasm module's).
     pub refused: AtomicU64,
 }
 
@@ -259,7 +259,11 @@ impl<'a> NodeIo<'a> {
             self.cache.free_all(self.pool, pkts);
             return 0;
         };
-        tx.counters.tap.offer(self.pool, pkts);
+        if tx.counters.tap.is_armed() {
+            // Only what the ring takes was carried: the rest is dropped below, not captured.
+            let fits = pkts.len().min(tx.ring.free_space());
+            tx.counters.tap.offer(self.pool, &pkts[..fits]);
+        }
         let bytes: usize = pkts.iter().map(Packet::len).sum();
         let total = pkts.len();
         let sent = tx.ring.push_from(pkts);

@@ -63,6 +63,8 @@ pub struct PatchPanel {
     /// paused it, a re-apply, a restarted VNF), so a link's counters only grow. A network's go
     /// when it is deleted; at most [`RETIRED_COUNTERS`] are kept.
     retired: BTreeMap<LinkSpec, Arc<LinkCounters>>,
+    /// Per network, links `remove_node` took out of it (their counters retired).
+    stripped: BTreeMap<String, std::collections::BTreeSet<LinkSpec>>,
 }
 
 impl PatchPanel {
@@ -89,6 +91,7 @@ impl PatchPanel {
             next_id: 1,
             networks: BTreeMap::new(),
             retired: BTreeMap::new(),
+            stripped: BTreeMap::new(),
         })
     }
 
@@ -165,8 +168,13 @@ impl PatchPanel {
             .filter(|l| l.from.node != name && l.to.node != name)
             .collect();
         self.apply(&keep)?;
-        for links in self.networks.values_mut() {
-            links.retain(|l| l.from.node != name && l.to.node != name);
+        for (net, links) in self.networks.iter_mut() {
+            let (gone, kept): (Vec<LinkSpec>, Vec<LinkSpec>) = links
+                .drain(..)
+                .partition(|l| l.from.node == name || l.to.node == name);
+            *links = kept;
+            // Their counters are retired; deleting the network must still forget them.
+            self.stripped.entry(net.clone()).or_default().extend(gone);
         }
         let e = self
             .nodes
@@ -321,8 +329,9 @@ impl PatchPanel {
             .flat_map(|(_, l)| l.iter().cloned())
             .collect();
         let report = self.apply(&union)?;
+        let stripped = self.stripped.remove(name).unwrap_or_default();
         if let Some(gone) = self.networks.remove(name) {
-            for l in &gone {
+            for l in gone.iter().chain(&stripped) {
                 self.retired.remove(l);
             }
         }
@@ -440,7 +449,7 @@ impl PatchPanel {
     pub fn render(&self) -> String {
         let mut out = render(&self.status());
         for (node, drops) in self.nodes_with_drops() {
-            out.push_str(&render_node_drops(&node, drops));
+            out.push_str(&render_node_drops(&node, drops.unlinked, drops.refused));
         }
         out
     }
@@ -472,9 +481,9 @@ fn prefix(network: &str, e: Error) -> Error {
 }
 
 /// One line of `net show` for a node that dropped packets outside any link.
-pub fn render_node_drops(node: &str, d: NodeDrops) -> String {
+pub fn render_node_drops(node: &str, unlinked: u64, refused: u64) -> String {
     format!(
-        "{node}: {} packets dropped on unlinked ports, {} dropped by its own verdict\n",
-        d.unlinked, d.refused
+        "{node}: {unlinked} packets dropped on unlinked ports, {refused} dropped by the node \
+         itself (its verdict or a failed batch)\n"
     )
 }

@@ -186,9 +186,10 @@ impl Node for Generator {
             .dropped
             .fetch_add((n - sent) as u64, Ordering::Relaxed);
         if self.cfg.count.is_some_and(|c| self.seq >= c) {
+            // Up to the end of the last batch's writing.
             self.stats
                 .elapsed_ns
-                .store(now.saturating_sub(first), Ordering::Relaxed);
+                .store(now_ns().saturating_sub(first).max(1), Ordering::Relaxed);
             self.stats.done.store(true, Ordering::Release);
         }
         n

@@ -60,7 +60,7 @@ pub fn set_thread_affinity(tid: i32, cores: &[usize]) -> Result<()> {
 }
 
 /// Prefix of the names of worker threads (`tv-<name>`).
-pub const THREAD_PREFIX: &str = "tv-";
+const THREAD_PREFIX: &str = "tv-";
 
 /// The core the calling thread runs on now.
 pub fn current_core() -> Option<usize> {
@@ -77,8 +77,9 @@ pub struct WorkerConfig {
     /// Core to pin to; `None` leaves the thread unpinned.
     pub core: Option<usize>,
     /// Never sleep when idle (dedicated core). When false, the worker sleeps `idle_sleep`
-    /// after 1024 idle rounds, which keeps shared machines usable. The panel changes it while
-    /// the worker runs ([`crate::panel::PatchPanel::set_busy_poll`]).
+    /// after 1024 idle rounds, which keeps shared machines usable. This is where the worker
+    /// starts; the panel turns busy polling on and off while it runs for its nodes
+    /// ([`crate::panel::PatchPanel::set_busy_poll`], [`Worker::busy_poll`]).
     pub busy_poll: bool,
     /// Sleep when idle and not busy polling.
     pub idle_sleep: Duration,
@@ -133,6 +134,8 @@ struct Ctl {
     stop: AtomicBool,
     /// Poll without sleeping when idle.
     busy: AtomicBool,
+    /// The worker thread's Linux thread id (0 until it started).
+    tid: std::sync::atomic::AtomicI32,
     pending: AtomicBool,
     cmds: Mutex<Vec<Cmd>>,
     rounds: AtomicU64,
@@ -171,6 +174,8 @@ impl Worker {
                     let _ = ready_tx.send(Err(e));
                     return Err(Error::config("core", msg));
                 }
+                // SAFETY: gettid has no preconditions.
+                c2.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
                 let _ = ready_tx.send(Ok(()));
                 run(&cfg, &c2, &pool);
                 Ok(())
@@ -194,6 +199,11 @@ impl Worker {
     /// The worker's configuration.
     pub fn config(&self) -> &WorkerConfig {
         &self.config
+    }
+
+    /// The worker thread's Linux thread id.
+    pub fn tid(&self) -> i32 {
+        self.ctl.tid.load(Ordering::Relaxed)
     }
 
     /// Whether the worker polls without sleeping when idle.

@@ -562,7 +562,7 @@ fn packets_to_an_unlinked_port_are_counted_and_shown() {
     assert_eq!(p.nodes_with_drops().len(), 1, "{:?}", p.nodes_with_drops());
     let text = p.render();
     assert!(
-        text.contains("fw1: 500 packets dropped on unlinked ports, 0 dropped by its own verdict"),
+        text.contains("fw1: 500 packets dropped on unlinked ports, 0 dropped by the node itself"),
         "{text}"
     );
     p.shutdown();
@@ -622,6 +622,30 @@ fn a_link_made_again_between_the_same_ports_keeps_its_counters() {
     p.delete_network("n").unwrap();
     p.apply_network("n", &direct).unwrap();
     assert_eq!(p.status()[0].counters.packets, 0);
+    // Also when an end of the link went before the network was deleted.
+    p.add_node("gen2", &["out"], 0, Box::new(make_gen(100, None)))
+        .unwrap();
+    let second = links(&["gen2.out -> other.in"]);
+    p.apply_network("m", &second).unwrap();
+    let on_second = |p: &PatchPanel| {
+        p.status()
+            .into_iter()
+            .find(|l| l.link == second[0])
+            .map(|l| l.counters.packets)
+    };
+    wait_for("100 packets on the second link", 30, || {
+        on_second(&p) == Some(100)
+    });
+    drop(p.remove_node("other").unwrap());
+    p.delete_network("m").unwrap();
+    p.add_node("other", &["in"], 1, Box::new(LatencySink::new(32)))
+        .unwrap();
+    p.apply_network("m", &second).unwrap();
+    assert_eq!(
+        on_second(&p),
+        Some(0),
+        "the deleted network's counters are gone"
+    );
     p.shutdown();
 }
 

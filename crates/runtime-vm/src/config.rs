@@ -443,12 +443,7 @@ impl VmConfig {
             if !nic_ids.insert(n.id.as_str()) {
                 return invalid("vhost_user_nics.id", format!("`{}` appears twice", n.id));
             }
-            let mac_ok = n.mac.len() == 17
-                && n.mac.split(':').count() == 6
-                && n.mac
-                    .split(':')
-                    .all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()));
-            if !mac_ok {
+            if !is_mac(&n.mac) {
                 return invalid(
                     "vhost_user_nics.mac",
                     format!("`{}` is not a MAC address like 52:54:00:12:34:56", n.mac),
@@ -486,6 +481,16 @@ pub fn validate_name(name: &str) -> Result<()> {
             ),
         })
     }
+}
+
+/// Whether `s` is a MAC address written as QEMU takes it: six pairs of hex digits joined by
+/// ':'.
+pub(crate) fn is_mac(s: &str) -> bool {
+    let parts: Vec<&str> = s.split(':').collect();
+    parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// `(major, minor)` of a QEMU from its `--version` or `-help` text (`QEMU emulator version

@@ -66,18 +66,13 @@ pub fn precheck(g: &Grant) -> Result<()> {
                     ),
                 ));
             }
-            if let Some(m) = mac {
-                let parts: Vec<&str> = m.split(':').collect();
-                if parts.len() != 6
-                    || !parts
-                        .iter()
-                        .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
-                {
-                    return Err(refused(
-                        &g.id,
-                        format!("mac `{m}` is not like 52:54:00:12:34:56"),
-                    ));
-                }
+            if let Some(m) = mac
+                && !crate::config::is_mac(m)
+            {
+                return Err(refused(
+                    &g.id,
+                    format!("mac `{m}` is not like 52:54:00:12:34:56"),
+                ));
             }
             Ok(())
         }

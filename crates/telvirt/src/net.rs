@@ -105,11 +105,9 @@ async fn capture(
         )
     };
     let mut counter = PcapngFrameCounter::default();
-    while let Some(bytes) = response
-        .chunk()
-        .await
-        .map_err(|e| anyhow::anyhow!("the capture stream broke off: {e}"))?
-    {
+    while let Some(bytes) = response.chunk().await.map_err(|e| {
+        anyhow::anyhow!("the capture stream broke off: {e} (the server's log says why)")
+    })? {
         counter.feed(&bytes);
         out.write_all(&bytes)?;
         out.flush()?;
@@ -280,7 +278,14 @@ pub async fn run(client: &Client, format: Output, cmd: NetCommand) -> Result<()>
                 snaplen: Some(snaplen),
             };
             let summary = capture(client, &network, &req, &write).await?;
-            if !crate::output::structured(format, &summary)? {
+            // With `-w -` the frames are on standard output: the summary goes to standard error.
+            let mut err = std::io::stderr().lock();
+            let structured = if write.as_os_str() == "-" {
+                crate::output::structured_to(format, &summary, &mut err)?
+            } else {
+                crate::output::structured(format, &summary)?
+            };
+            if !structured {
                 // The frames may be on standard output: the summary goes to standard error.
                 eprintln!(
                     "{} frames of {network} {link} captured to {}{}",

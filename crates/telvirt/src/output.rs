@@ -11,9 +11,18 @@ use crate::cli::Output;
 
 /// Prints `value` as JSON or YAML; returns false when the format is `table` (caller prints).
 pub fn structured<T: Serialize>(format: Output, value: &T) -> Result<bool> {
+    structured_to(format, value, &mut std::io::stdout().lock())
+}
+
+/// [`structured`] onto `out` (standard error when standard output carries data).
+pub fn structured_to<T: Serialize>(
+    format: Output,
+    value: &T,
+    out: &mut dyn std::io::Write,
+) -> Result<bool> {
     match format {
-        Output::Json => println!("{}", serde_json::to_string_pretty(value)?),
-        Output::Yaml => print!("{}", serde_yaml::to_string(value)?),
+        Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(value)?)?,
+        Output::Yaml => write!(out, "{}", serde_yaml::to_string(value)?)?,
         Output::Table => return Ok(false),
     }
     Ok(true)

@@ -66,6 +66,9 @@ pub struct NicStats {
     pub to_guest_too_big: AtomicU64,
     /// Guest frames that were empty, larger than a pool buffer, or unreadable (dropped).
     pub from_guest_bad: AtomicU64,
+    /// Frames dropped for want of a buffer: a guest frame when the pool had none, a frame for
+    /// the guest when it had posted none.
+    pub no_buffer: AtomicU64,
     /// Connections from QEMU so far.
     pub connections: AtomicU64,
 }
@@ -133,6 +136,9 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 
+    /// Hands the virtqueues to the polling node. Turning notifications off only matters
+    /// without `EVENT_IDX`; with it the guest kicks rarely because the node never advances
+    /// `avail_event`.
     fn handle_event(
         &self,
         device_event: u16,
@@ -227,13 +233,18 @@ impl NicSocket {
 
 impl Drop for NicSocket {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Release);
-        let handle = self
-            .shared
-            .shutdown
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        // `stop` is set under the same lock the accept loop stores a connection's shutdown
+        // handle under: either the handle is here to end the connection, or the loop sees
+        // `stop` before it waits on one.
+        let handle = {
+            let mut slot = self
+                .shared
+                .shutdown
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.shared.stop.store(true, Ordering::Release);
+            slot.take()
+        };
         if let Some(h) = handle {
             h.shutdown();
         }
@@ -262,19 +273,29 @@ fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
                     continue;
                 }
             };
+        // Known before QEMU's first message: a kick that comes early hands the queues over.
+        *shared.connection() = Some(Connection { mem, vrings: None });
         let started = daemon.start(&mut listener);
-        if shared.stop.load(Ordering::Acquire) {
+        let stopping = {
+            let mut slot = shared.shutdown.lock().unwrap_or_else(|p| p.into_inner());
+            let stopping = shared.stop.load(Ordering::Acquire);
+            if !stopping && started.is_ok() {
+                *slot = daemon.shutdown_handle();
+            }
+            stopping
+        };
+        if stopping {
             daemon.request_shutdown();
             let _ = daemon.wait();
+            *shared.connection() = None;
             break;
         }
         if let Err(e) = started {
+            *shared.connection() = None;
             tracing::warn!(nic = %shared.name, "vhost-user connection refused: {e}");
             continue;
         }
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-        *shared.connection() = Some(Connection { mem, vrings: None });
-        *shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = daemon.shutdown_handle();
         if let Err(e) = daemon.wait() {
             tracing::info!(nic = %shared.name, "vhost-user connection ended: {e}");
         }
@@ -327,36 +348,34 @@ impl NicPort {
                         break;
                     };
                     let head = chain.head_index();
-                    match chain.reader(&guard) {
-                        Ok(mut r) => {
-                            let len = r.available_bytes().saturating_sub(NET_HEADER);
-                            let mut header = [0u8; NET_HEADER];
-                            let fits = len > 0 && len <= pool.buf_size();
-                            match (fits, r.read_exact(&mut header), io.alloc()) {
-                                (true, Ok(()), Some(mut pkt)) => {
-                                    let mut ok = true;
-                                    pool.fill(&mut pkt, |b| {
-                                        ok = r.read_exact(&mut b[..len]).is_ok();
-                                        len
-                                    });
-                                    if ok {
-                                        self.buf.push(pkt);
-                                    } else {
-                                        io.free(pkt);
-                                        stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                (_, _, pkt) => {
-                                    if let Some(p) = pkt {
-                                        io.free(p);
-                                    }
+                    let frame = chain.reader(&guard).ok().and_then(|mut r| {
+                        let len = r.available_bytes().saturating_sub(NET_HEADER);
+                        let mut header = [0u8; NET_HEADER];
+                        let readable = len > 0 && len <= pool.buf_size();
+                        (readable && r.read_exact(&mut header).is_ok()).then_some((r, len))
+                    });
+                    match frame {
+                        None => {
+                            stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Some((mut r, len)) => match io.alloc() {
+                            None => {
+                                stats.no_buffer.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(mut pkt) => {
+                                let mut ok = true;
+                                pool.fill(&mut pkt, |b| {
+                                    ok = r.read_exact(&mut b[..len]).is_ok();
+                                    len
+                                });
+                                if ok {
+                                    self.buf.push(pkt);
+                                } else {
+                                    io.free(pkt);
                                     stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
-                        }
-                        Err(_) => {
-                            stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
-                        }
+                        },
                     }
                     // Transmit buffers are read-only: nothing written back.
                     let _ = st.add_used(head, 0);
@@ -393,6 +412,7 @@ impl NicPort {
         header[10] = 1;
         for pkt in self.buf.drain(..) {
             let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
+                stats.no_buffer.fetch_add(1, Ordering::Relaxed);
                 io.free(pkt);
                 continue;
             };

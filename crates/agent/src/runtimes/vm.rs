@@ -135,7 +135,8 @@ impl VmRuntime {
             let socket = NicSocket::listen(&path, &format!("{}.{}", spec.name, nic.port))
                 .map_err(|e| failure(format!("spec.vm.nics[{i}] ({}): {e}", nic.port)))?;
             config.push(VhostUserNic {
-                id: nic.port.to_string(),
+                // Port names may be longer than QEMU ids should be: the NIC's index names it.
+                id: format!("nic{i}"),
                 socket: path,
                 mac: nic_mac(spec.name.as_str(), i),
             });
@@ -158,11 +159,14 @@ impl VmRuntime {
 
     /// Takes VM `name`'s node off the data plane and closes its NIC sockets.
     fn close_nics(&self, name: &Name) {
-        if self.nic_table().remove(name).is_some()
+        let sockets = self.nic_table().remove(name);
+        if sockets.is_some()
             && let Some(dp) = &self.dataplane
         {
             let _ = dp.remove_node(name.as_str());
         }
+        // Dropped outside the table's lock: each joins its accept thread.
+        drop(sockets);
     }
 
     fn nic_table(&self) -> std::sync::MutexGuard<'_, HashMap<Name, Vec<NicSocket>>> {
@@ -367,18 +371,17 @@ pub fn grant(device: &DeviceGrant) -> Grant {
     }
 }
 
-/// A locally administered MAC for NIC `index` of VM `vnf`: `52:54:00` (QEMU's prefix), two
-/// bytes of a hash of the name, the index.
+/// A locally administered unicast MAC for NIC `index` of VM `vnf`: `52`, four bytes of a hash
+/// of the name, the index.
 fn nic_mac(vnf: &str, index: usize) -> String {
     // FNV-1a: stable across builds and platforms.
     let h = vnf.bytes().fold(0x811c_9dc5_u32, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     });
+    let b = h.to_be_bytes();
     format!(
-        "52:54:00:{:02x}:{:02x}:{:02x}",
-        (h >> 8) as u8,
-        h as u8,
-        index as u8
+        "52:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        b[0], b[1], b[2], b[3], index as u8
     )
 }
 
@@ -424,6 +427,18 @@ impl Runtime for VmRuntime {
         match self.plain_manager().adopt_dir(&spec.state_dir).await {
             Ok(handle) => {
                 tracing::info!(vnf = %spec.name, pid = handle.pid(), "re-adopted running QEMU");
+                if spec
+                    .descriptor
+                    .spec
+                    .vm
+                    .as_ref()
+                    .is_some_and(|vm| !vm.nics.is_empty())
+                {
+                    tracing::warn!(
+                        vnf = %spec.name,
+                        "its spec.vm.nics stay disconnected until the vm restarts (ADR 056): their QEMU side does not reconnect to this agent"
+                    );
+                }
                 self.handles.lock().await.insert(spec.name.clone(), handle);
                 Ok(true)
             }
