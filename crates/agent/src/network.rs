@@ -530,9 +530,10 @@ impl NetworkReconciler {
                     Endpoint::Host { ifname, .. } => {
                         let node = host_node(ifname);
                         if self.dp.node_ports(&node).is_none() {
-                            let opened = HostPort::open(ifname)
-                                .map_err(dp_err)
-                                .and_then(|p| self.dp.add_node(&node, &[""], 0, Box::new(p)));
+                            let opened = HostPort::open(ifname).map_err(dp_err).and_then(|p| {
+                                tracing::info!(ifname, receive = p.rx_mode(), "host port open");
+                                self.dp.add_node(&node, &[""], 0, Box::new(p))
+                            });
                             if let Err(e) = opened {
                                 ready = false;
                                 waiting.push(format!("host port {ifname}: {e}"));

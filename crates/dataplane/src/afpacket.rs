@@ -2,6 +2,10 @@
 //! optionally inside a named network namespace. As a [`Node`] it has one port: frames received
 //! on the interface leave through it, frames arriving on it are transmitted on the interface.
 //!
+//! Frames are received from a TPACKET_V3 ring mapped from the kernel (read in place, no system
+//! call per batch) where the socket allows it, else with `recvmmsg`; [`HostPort::rx_mode`] says
+//! which. Frames are sent with `sendmmsg`.
+//!
 //! Owns the socket; must not create interfaces or namespaces (callers and tests do). Frames
 //! this socket itself transmits are not received back (`PACKET_IGNORE_OUTGOING`). Offloads
 //! (TSO/GSO/GRO, checksum offload) must be off on the interface, or the kernel hands over
@@ -11,7 +15,7 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
 use crate::node::{BATCH, Node, NodeIo};
@@ -31,10 +35,22 @@ pub struct HostPortStats {
     pub rx_truncated: AtomicU64,
     /// Frames the kernel refused to transmit (dropped).
     pub tx_errors: AtomicU64,
+    /// Received frames dropped because the pool had no buffer.
+    pub rx_no_buffer: AtomicU64,
+}
+
+/// How a host port receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RxMode {
+    /// A TPACKET_V3 ring when the socket allows one, else `recvmmsg`.
+    Auto,
+    /// `recvmmsg` (a system call per batch).
+    Syscalls,
 }
 
 /// An AF_PACKET socket on one interface.
 pub struct HostPort {
+    ring: Option<RxRing>,
     fd: OwnedFd,
     ifname: String,
     stats: Arc<HostPortStats>,
@@ -51,6 +67,11 @@ impl HostPort {
     /// socket stays in that namespace while the calling thread's namespace is untouched (a
     /// short-lived helper thread enters the namespace).
     pub fn open_in(ifname: &str, netns: Option<&Path>) -> Result<Self> {
+        Self::open_with(ifname, netns, RxMode::Auto)
+    }
+
+    /// [`HostPort::open_in`], receiving as `mode` says.
+    pub fn open_with(ifname: &str, netns: Option<&Path>, mode: RxMode) -> Result<Self> {
         if ifname.is_empty() || ifname.len() > 15 {
             return Err(Error::config(
                 "host_port.ifname",
@@ -73,7 +94,14 @@ impl HostPort {
                     .map_err(|_| Error::config("host_port", "netns helper thread panicked"))??
             }
         };
+        // A ring the socket refuses (an old kernel, a locked-memory limit) is not an error:
+        // the port receives with system calls.
+        let ring = match mode {
+            RxMode::Auto => RxRing::map(&fd).ok(),
+            RxMode::Syscalls => None,
+        };
         Ok(HostPort {
+            ring,
             fd,
             ifname: ifname.to_string(),
             stats: Arc::new(HostPortStats::default()),
@@ -89,6 +117,15 @@ impl HostPort {
     /// The interface name.
     pub fn ifname(&self) -> &str {
         &self.ifname
+    }
+
+    /// How the port receives: `tpacket_v3` (a mapped ring) or `recvmmsg`.
+    pub fn rx_mode(&self) -> &'static str {
+        if self.ring.is_some() {
+            "tpacket_v3"
+        } else {
+            "recvmmsg"
+        }
     }
 }
 
@@ -221,8 +258,39 @@ impl HostPort {
         io.free_all(&mut self.buf);
     }
 
+    /// Receive up to `room` frames from the mapped ring onto `self.buf`; returns how many.
+    fn receive_ring(&mut self, io: &mut NodeIo<'_>, room: usize) -> usize {
+        let before = self.buf.len();
+        let (Some(ring), buf, stats) = (self.ring.as_mut(), &mut self.buf, &self.stats) else {
+            return 0;
+        };
+        let pool = io.pool();
+        ring.take(room.min(BATCH), |data, pkttype| {
+            if pkttype == libc::PACKET_OUTGOING {
+                return;
+            }
+            if data.len() > pool.buf_size() {
+                stats.rx_truncated.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            match io.alloc() {
+                Some(mut p) => {
+                    pool.write(&mut p, data);
+                    buf.push(p);
+                }
+                None => {
+                    stats.rx_no_buffer.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        self.buf.len() - before
+    }
+
     /// Receive up to `room` frames with one `recvmmsg` onto `self.buf`; returns how many.
     fn receive(&mut self, io: &mut NodeIo<'_>, room: usize) -> usize {
+        if self.ring.is_some() {
+            return self.receive_ring(io, room);
+        }
         let pool = io.pool();
         let mut slots: Vec<Packet> = Vec::with_capacity(room);
         io.alloc_batch(room.min(BATCH), &mut slots);
@@ -271,6 +339,160 @@ impl HostPort {
             }
         }
         self.buf.len() - before
+    }
+}
+
+/// A TPACKET_V3 receive ring mapped from the kernel: frames are read in place (one copy into
+/// the pool, no system call per batch); a block goes back to the kernel once every frame in it
+/// was taken.
+pub(crate) struct RxRing {
+    map: *mut u8,
+    len: usize,
+    block_size: usize,
+    blocks: usize,
+    /// The block being read, the frame within it, and where that frame starts.
+    block: usize,
+    frame: u32,
+    offset: usize,
+}
+
+// SAFETY: the mapping belongs to the ring alone and is only touched through `&mut self`.
+unsafe impl Send for RxRing {}
+
+/// Ring geometry: 64 blocks of 256 KiB (16 MiB), frames up to 2 KiB; a block is handed over
+/// after 1 ms even when not full, so a trickle is not held back.
+const RX_BLOCK_SIZE: u32 = 1 << 18;
+const RX_BLOCKS: u32 = 64;
+const RX_FRAME_SIZE: u32 = 2048;
+const RX_BLOCK_TIMEOUT_MS: u32 = 1;
+const TP_STATUS_KERNEL: u32 = 0;
+const TP_STATUS_USER: u32 = 1;
+const TPACKET_V3: libc::c_int = 2;
+const PACKET_VERSION: libc::c_int = 10;
+const PACKET_RX_RING: libc::c_int = 5;
+/// `sizeof(struct tpacket3_hdr)` aligned to TPACKET_ALIGNMENT (16): where the frame's
+/// `sockaddr_ll` starts.
+const TPACKET3_HDR: usize = 48;
+
+impl RxRing {
+    /// Switch `fd` (an AF_PACKET socket not yet bound) to TPACKET_V3 with a receive ring and map
+    /// it. Fails on kernels or sockets without it; the caller then receives with `recvmmsg`.
+    pub(crate) fn map(fd: &OwnedFd) -> Result<RxRing> {
+        let version: libc::c_int = TPACKET_V3;
+        // SAFETY: valid fd, option value a c_int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_VERSION,
+                (&version as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::last_os("PACKET_VERSION TPACKET_V3"));
+        }
+        // struct tpacket_req3: block size, block count, frame size, frame count, block
+        // timeout (ms), private area size, feature word.
+        let req: [u32; 7] = [
+            RX_BLOCK_SIZE,
+            RX_BLOCKS,
+            RX_FRAME_SIZE,
+            RX_BLOCK_SIZE / RX_FRAME_SIZE * RX_BLOCKS,
+            RX_BLOCK_TIMEOUT_MS,
+            0,
+            0,
+        ];
+        // SAFETY: valid fd; `req` has tpacket_req3's layout and size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                PACKET_RX_RING,
+                req.as_ptr().cast(),
+                std::mem::size_of_val(&req) as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(Error::last_os("PACKET_RX_RING"));
+        }
+        let len = (RX_BLOCK_SIZE * RX_BLOCKS) as usize;
+        let map = crate::region::map_shared(fd, len, "mmap of the TPACKET_V3 ring")?;
+        Ok(RxRing {
+            map: map.as_ptr(),
+            len,
+            block_size: RX_BLOCK_SIZE as usize,
+            blocks: RX_BLOCKS as usize,
+            block: 0,
+            frame: 0,
+            offset: 0,
+        })
+    }
+
+    fn block_ptr(&self) -> *mut u8 {
+        // SAFETY: `block` < `blocks`, so the offset is inside the mapping.
+        unsafe { self.map.add(self.block * self.block_size) }
+    }
+
+    fn read_u32(p: *const u8, at: usize) -> u32 {
+        // SAFETY: callers pass pointers inside the mapping with `at + 4` within the header
+        // the kernel wrote; unaligned reads are allowed.
+        unsafe { std::ptr::read_unaligned(p.add(at).cast::<u32>()) }
+    }
+
+    fn block_status(&self) -> &AtomicU32 {
+        // SAFETY: `block_status` is the u32 at offset 8 of the block descriptor, 4-aligned
+        // (blocks are page-aligned); the kernel and this ring hand it back and forth.
+        unsafe { &*self.block_ptr().add(8).cast::<AtomicU32>() }
+    }
+
+    /// Take up to `max` frames: each `copy(data, pkttype)` call gets one frame. Returns how
+    /// many frames were offered to `copy`.
+    pub(crate) fn take(&mut self, max: usize, mut copy: impl FnMut(&[u8], u8)) -> usize {
+        let mut taken = 0;
+        while taken < max {
+            if self.block_status().load(Ordering::Acquire) & TP_STATUS_USER == 0 {
+                break;
+            }
+            let block = self.block_ptr();
+            let frames = Self::read_u32(block, 12);
+            if self.frame == 0 {
+                self.offset = Self::read_u32(block, 16) as usize;
+            }
+            while self.frame < frames && taken < max {
+                // SAFETY: the kernel wrote a tpacket3_hdr at `offset` within this block.
+                let hdr = unsafe { block.add(self.offset) };
+                let next = Self::read_u32(hdr, 0) as usize;
+                let snaplen = Self::read_u32(hdr, 12) as usize;
+                // SAFETY: tp_mac (u16 at 24) is inside the header.
+                let mac = unsafe { std::ptr::read_unaligned(hdr.add(24).cast::<u16>()) } as usize;
+                // SAFETY: sll_pkttype is byte 10 of the sockaddr_ll after the header.
+                let pkttype = unsafe { *hdr.add(TPACKET3_HDR + 10) };
+                let fits = self.offset + mac + snaplen <= self.block_size;
+                if fits {
+                    // SAFETY: the frame lies within this block (checked above).
+                    let data = unsafe { std::slice::from_raw_parts(hdr.add(mac), snaplen) };
+                    copy(data, pkttype);
+                }
+                taken += 1;
+                self.frame += 1;
+                self.offset += next;
+            }
+            if self.frame >= frames {
+                self.block_status()
+                    .store(TP_STATUS_KERNEL, Ordering::Release);
+                self.block = (self.block + 1) % self.blocks;
+                self.frame = 0;
+            }
+        }
+        taken
+    }
+}
+
+impl Drop for RxRing {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.map.cast(), self.len) };
     }
 }
 

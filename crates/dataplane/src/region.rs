@@ -48,24 +48,7 @@ impl Region {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
             return Err(Error::last_os(format!("ftruncate({name}, {len})")));
         }
-        // SAFETY: mapping a valid fd of exactly `len` bytes with a NULL hint; the result is
-        // checked against MAP_FAILED below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::last_os(format!("mmap({name}, {len})")));
-        }
-        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| {
-            Error::io("mmap returned NULL", std::io::Error::other("null mapping"))
-        })?;
+        let ptr = map_shared(&fd, len, &format!("mmap({name}, {len})"))?;
         Ok(Region { fd, ptr, len })
     }
 
@@ -107,6 +90,28 @@ pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf with a valid name has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(p).unwrap_or(4096).max(4096)
+}
+
+/// Map `len` bytes of `fd` shared and read-write (a memfd, a kernel packet ring); `what`
+/// names the mapping in the error.
+pub(crate) fn map_shared(fd: &OwnedFd, len: usize, what: &str) -> Result<NonNull<u8>> {
+    // SAFETY: mapping a valid fd of `len` bytes with a NULL hint; the result is checked
+    // against MAP_FAILED below.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return Err(Error::last_os(what));
+    }
+    NonNull::new(ptr.cast::<u8>())
+        .ok_or_else(|| Error::io("mmap returned NULL", std::io::Error::other("null mapping")))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use telvirt_dataplane::afpacket::HostPort;
+use telvirt_dataplane::afpacket::{HostPort, RxMode};
 use telvirt_dataplane::firewall::{Action, Firewall, Rule};
 use telvirt_dataplane::graph::LinkSpec;
 use telvirt_dataplane::node::ProcessorNode;
@@ -37,8 +37,23 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
         1024,
     )
     .unwrap();
-    let pa = HostPort::open_in("a1", Some(mid.as_ref())).unwrap();
-    let pb = HostPort::open_in("b1", Some(mid.as_ref())).unwrap();
+    // `TELVIRT_TEST_RX=recvmmsg` receives with system calls (the baseline of the ring).
+    let mode = match std::env::var("TELVIRT_TEST_RX").as_deref() {
+        Ok("recvmmsg") => RxMode::Syscalls,
+        _ => RxMode::Auto,
+    };
+    let pa = HostPort::open_with("a1", Some(mid.as_ref()), mode).unwrap();
+    let pb = HostPort::open_with("b1", Some(mid.as_ref()), mode).unwrap();
+    if mode == RxMode::Auto {
+        assert_eq!(
+            pa.rx_mode(),
+            "tpacket_v3",
+            "the ring is used where the kernel has it"
+        );
+    } else {
+        assert_eq!(pa.rx_mode(), "recvmmsg");
+    }
+    println!("host ports receive with {}", pa.rx_mode());
     let (sa, sb) = (pa.stats(), pb.stats());
     let fw = Firewall::new(
         vec![Rule::parse("deny proto=tcp dport=5202").unwrap()],
