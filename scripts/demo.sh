@@ -254,6 +254,10 @@ run vnf stats fw1
 step "latency chain: a probe of timestamped frames through the running chain (1 s at 20 kpps)"
 run latency chain chain --rate 20000 --packets 20000
 
+step "Capture: five frames fw1 sends to nat1, streamed as pcapng straight into tcpdump"
+printf '$ telvirt net capture chain fw1.out -c 5 -w - | tcpdump -nn -r -\n'
+"$TELVIRT" net capture chain fw1.out -c 5 -w - | tcpdump -nn -r - 2>/dev/null
+
 step "Steering: endpoint fw stands for fw1 and a standby fw2; one atomic switch moves the traffic"
 fw1_like "s/name: fw1/name: fw2/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
   >"$DATA2/fw2.yaml"
