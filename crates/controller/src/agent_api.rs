@@ -61,6 +61,10 @@ impl PollQuery {
     }
 }
 
+/// Largest node reply an agent may post: the maps of a large VNF or a capture slice answer more
+/// than an API request body may be.
+pub const MAX_NODE_REPLY: usize = 16 << 20;
+
 /// The agent protocol's routes (merged into the API by [`crate::http::router`]).
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -70,7 +74,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/agent/hosts/{host}/changes", get(changes))
         .route("/v1/agent/hosts/{host}/observations", post(observe))
         .route("/v1/agent/hosts/{host}/calls", get(calls))
-        .route("/v1/agent/hosts/{host}/calls/{id}", post(reply))
+        .route(
+            "/v1/agent/hosts/{host}/calls/{id}",
+            post(reply).layer(axum::extract::DefaultBodyLimit::max(MAX_NODE_REPLY)),
+        )
         .route("/v1/agent/hosts/{host}/modules/{sha256}", get(module))
         .route("/v1/agent/hosts/{host}/networks", get(networks))
         .route(

@@ -339,13 +339,20 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
     node.wait_vnf(&node.admin, "fw1", |v| v["phase"] == "Running")
         .await;
 
-    // A maps read is routed to h2's agent, which takes the call and replies.
+    // A maps read is routed to h2's agent, which takes the call and replies: a reply larger
+    // than an API request body may be (a VNF with many maps) still reaches the caller.
+    let mut maps =
+        vec![json!({"name": "blocked", "kind": "hash", "entries": 3, "max_entries": 16})];
+    maps.extend((0..15_000).map(|i| {
+        json!({"name": format!("m{i:05}-{}", "x".repeat(40)), "kind": "array", "entries": 0, "max_entries": 1})
+    }));
+    assert!(serde_json::to_vec(&maps).unwrap().len() > 1 << 20);
     let agent = answer_one_call(
         &node,
         "h2",
         &h2,
         json!({"call": "maps", "vnf": "fw1"}),
-        json!({"outcome": "maps", "maps": [{"name": "blocked", "kind": "hash", "entries": 3, "max_entries": 16}]}),
+        json!({"outcome": "maps", "maps": maps}),
     );
     let r = node
         .call(
@@ -359,6 +366,7 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body[0]["name"], "blocked");
     assert_eq!(r.body[0]["entries"], 3);
+    assert_eq!(r.body.as_array().map(Vec::len), Some(15_001));
     let (id, status) = agent.await.unwrap();
     assert_eq!(status, 204);
     // Answered: a second reply, and a reply that is not one, are refused.
