@@ -37,6 +37,8 @@ pub struct NodeDataPlane {
     progress: Mutex<BTreeMap<usize, (String, u64, Instant)>>,
     /// Keep this process's other threads off the cores whose worker busy-polls.
     confine_housekeeping: AtomicBool,
+    /// The cores housekeeping threads were last given (empty: not yet).
+    housekeeping_cores: Mutex<Vec<usize>>,
     /// No worker busy-polls, whatever its nodes ask.
     busy_forbidden: AtomicBool,
 }
@@ -68,6 +70,7 @@ impl NodeDataPlane {
             workers,
             progress: Mutex::new(BTreeMap::new()),
             confine_housekeeping: AtomicBool::new(false),
+            housekeeping_cores: Mutex::new(Vec::new()),
             busy_forbidden: AtomicBool::new(false),
         }))
     }
@@ -129,6 +132,18 @@ impl NodeDataPlane {
         } else {
             free
         };
+        // Most calls (every node removed by a network change) change no worker's polling:
+        // the threads already run where they should, and new ones inherit it.
+        {
+            let mut placed = self
+                .housekeeping_cores
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *placed == cores {
+                return;
+            }
+            placed.clone_from(&cores);
+        }
         let worker_tids: Vec<i32> = workers.iter().map(|w| w.tid()).collect();
         let tasks = match std::fs::read_dir("/proc/self/task") {
             Ok(t) => t,

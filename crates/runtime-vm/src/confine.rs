@@ -135,6 +135,9 @@ pub struct QemuCaps {
     pub sandbox: std::result::Result<(), String>,
     /// How this QEMU changes its user, if it can.
     pub drop_option: Option<DropOption>,
+    /// `(major, minor)` from the first line of `-help`, when it names it.
+    #[serde(default)]
+    pub version: Option<(u32, u32)>,
 }
 
 /// Probes a QEMU binary once (per manager) for the sandbox and the user option.
@@ -188,12 +191,14 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
             return QemuCaps {
                 sandbox: Err(why),
                 drop_option: None,
+                version: None,
             };
         }
         Err(e) => {
             return QemuCaps {
                 sandbox: Err(format!("cannot run {}: {e}", qemu.display())),
                 drop_option: None,
+                version: None,
             };
         }
     };
@@ -206,6 +211,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
     QemuCaps {
         sandbox,
         drop_option,
+        version: crate::config::parse_qemu_version(&help),
     }
 }
 
@@ -440,6 +446,7 @@ mod tests {
                 Err("seccomp support is disabled".into())
             },
             drop_option,
+            version: None,
         }
     }
 

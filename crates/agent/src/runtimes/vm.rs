@@ -16,7 +16,7 @@ use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
 use telvirt_runtime_vm::{
     AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
     Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, Peripheral, VhostUserNic,
-    VmConfig, VmHandle, VmManager, VmPhase, parse_qemu_version, vhost_user_net_support,
+    VmConfig, VmHandle, VmManager, VmPhase, vhost_user_net_support,
 };
 use telvirt_vhost::{NicSocket, VhostUserNode};
 use tokio::sync::{Mutex, OnceCell};
@@ -226,17 +226,8 @@ impl VmRuntime {
             ),
         }
         let manager = self.with_qemu(VmManager::new(&self.config.state_root, probe));
-        let qemu = self
-            .config
-            .qemu
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
-        let version = tokio::process::Command::new(&qemu)
-            .arg("--version")
-            .output()
-            .await
-            .ok()
-            .and_then(|o| parse_qemu_version(&String::from_utf8_lossy(&o.stdout)));
+        // The manager probes its QEMU once (and confines every start with the same answer).
+        let version = manager.qemu_caps().await.version;
         let vhost_user = vhost_user_net_support(version, accel.accel);
         if let Err(why) = &vhost_user {
             tracing::warn!("vm runtime: VMs start without their spec.vm.nics: {why}");
