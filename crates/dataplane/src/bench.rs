@@ -1,22 +1,24 @@
-//! The benchmarks behind `telvirt bench ring` and `telvirt bench chain`. Every figure is
+//! The benchmarks behind `telvirt bench ring` and `telvirt bench chain`, and the flood between
+//! two host interfaces that `telvirt bench ports` offers to what joins them. Every figure is
 //! measured next to a named baseline in the same run. Must not print: results are returned
 //! (serde-serializable) and progress goes through the callback.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
+use crate::afpacket::HostPort;
 use crate::error::{Error, Result};
 use crate::firewall::{Action, Firewall, Rule};
-use crate::graph::LinkSpec;
+use crate::graph::{LinkSpec, PortRef};
 use crate::hist::Percentiles;
 use crate::node::ProcessorNode;
 use crate::panel::PatchPanel;
 use crate::pool::Pool;
 use crate::ring;
-use crate::traffic::{GenConfig, Generator, LatencySink};
+use crate::traffic::{GenConfig, GenStats, Generator, LatencySink, SinkState};
 use crate::worker::{WorkerConfig, allowed_cores, pin_current_thread};
 
 /// Options of `bench ring`.
@@ -456,6 +458,41 @@ pub struct RateSearch {
     pub trials: Vec<Trial>,
 }
 
+/// Searches a path's NDR and PDR with `steps` halvings each: NDR between 0 and `hi` packets per
+/// second, PDR between the NDR and `hi`. `trial(rate)` offers `rate` to the path once.
+pub fn search_rates(
+    steps: u32,
+    hi: u64,
+    trial: &mut dyn FnMut(u64) -> Result<Trial>,
+) -> Result<RateSearch> {
+    let mut trials = Vec::new();
+    let mut bounds = |from: u64, max_loss: f64, trials: &mut Vec<Trial>| -> Result<u64> {
+        let (mut pass, mut fail) = (from, hi);
+        for _ in 0..steps {
+            let mid = pass + (fail - pass) / 2;
+            if mid == pass {
+                break;
+            }
+            let t = trial(mid)?;
+            let offered = t.offered_pps as f64 >= mid as f64 * MIN_OFFERED_SHARE;
+            if t.loss <= max_loss && offered {
+                pass = mid;
+            } else {
+                fail = mid;
+            }
+            trials.push(t);
+        }
+        Ok(pass)
+    };
+    let ndr_pps = bounds(0, 0.0, &mut trials)?;
+    let pdr_pps = bounds(ndr_pps, PDR_LOSS, &mut trials)?;
+    Ok(RateSearch {
+        ndr_pps,
+        pdr_pps,
+        trials,
+    })
+}
+
 /// The rate searches of `bench chain`: through the firewall, and the same generator straight
 /// into the sink (the baseline), same packets, same run.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -526,6 +563,33 @@ struct Offer {
     with_firewall: bool,
     /// The generator overloads the chain (a rate search's trial) instead of waiting for room.
     overfill: bool,
+}
+
+/// Polls the sink every millisecond, reporting progress, until `count` frames arrived, or the
+/// generator is done and nothing arrived for `settle`, or `budget` passed since the start;
+/// answers when the last frame arrived.
+fn wait_for_sink(
+    sink: &Mutex<SinkState>,
+    generator: &GenStats,
+    count: u64,
+    (start, budget): (Instant, Duration),
+    settle: Duration,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Instant {
+    let (mut last_rx, mut last_change) = (0, Instant::now());
+    loop {
+        let rx = sink.lock().map(|s| s.received).unwrap_or(0);
+        if rx != last_rx {
+            last_rx = rx;
+            last_change = Instant::now();
+            progress(rx, count);
+        }
+        let settled = generator.done.load(Ordering::Acquire) && last_change.elapsed() > settle;
+        if rx >= count || settled || start.elapsed() > budget {
+            return last_change;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn chain_run(
@@ -607,24 +671,10 @@ fn chain_run(
     let budget = Duration::from_secs(10).max(Duration::from_secs_f64(
         rate.map_or(0.0, |r| count as f64 / r as f64 * 20.0),
     ));
-    let mut last_rx = 0;
-    let mut last_change = Instant::now();
-    loop {
-        let rx = st.lock().map(|s| s.received).unwrap_or(0);
-        if rx != last_rx {
-            last_rx = rx;
-            last_change = Instant::now();
-            progress(rx, count);
-        }
-        let gen_done = gstats.done.load(Ordering::Acquire);
-        // A trial that overloads the chain loses packets: once the generator is done, what
-        // is still on the links arrives within microseconds.
-        let settle = Duration::from_millis(if overfill { 50 } else { 500 });
-        if rx >= count || (gen_done && last_change.elapsed() > settle) || t0.elapsed() > budget {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // A trial that overloads the chain loses packets: once the generator is done, what is
+    // still on the links arrives within microseconds.
+    let settle = Duration::from_millis(if overfill { 50 } else { 500 });
+    let last_change = wait_for_sink(&st, &gstats, count, (t0, budget), settle, progress);
     // Time until the last packet arrived (the loop polls every millisecond).
     let elapsed = last_change.duration_since(t0);
     panel.shutdown();
@@ -716,32 +766,7 @@ pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<Cha
                     loss: r.lost as f64 / count as f64,
                 })
             };
-            let mut trials = Vec::new();
-            let mut bounds = |from: u64, max_loss: f64, trials: &mut Vec<Trial>| -> Result<u64> {
-                let (mut pass, mut fail) = (from, hi);
-                for _ in 0..opts.search_steps {
-                    let mid = pass + (fail - pass) / 2;
-                    if mid == pass {
-                        break;
-                    }
-                    let t = trial(mid)?;
-                    let offered = t.offered_pps as f64 >= mid as f64 * MIN_OFFERED_SHARE;
-                    if t.loss <= max_loss && offered {
-                        pass = mid;
-                    } else {
-                        fail = mid;
-                    }
-                    trials.push(t);
-                }
-                Ok(pass)
-            };
-            let ndr_pps = bounds(0, 0.0, &mut trials)?;
-            let pdr_pps = bounds(ndr_pps, PDR_LOSS, &mut trials)?;
-            Ok(RateSearch {
-                ndr_pps,
-                pdr_pps,
-                trials,
-            })
+            search_rates(opts.search_steps, hi, &mut trial)
         };
         let chain = search(true, throughput.mpps)?;
         let direct_search = search(false, direct.mpps)?;
@@ -772,9 +797,185 @@ pub fn chain(opts: &ChainOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<Cha
     })
 }
 
+/// One end of a flood: a host interface, in the named network namespace when `netns` is set
+/// (e.g. `/run/netns/blue`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEnd {
+    pub netns: Option<std::path::PathBuf>,
+    pub ifname: String,
+}
+
+/// One flood between two host interfaces.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FloodRun {
+    /// Offered rate (`None` = as fast as the sending port takes them).
+    pub rate_pps: Option<u64>,
+    pub sent: u64,
+    pub received: u64,
+    /// Frames received per second from the first sent to the last received, millions.
+    pub mpps: f64,
+    /// The rate the generator really offered, millions per second.
+    pub offered_mpps: f64,
+    /// One-way latency from `tx` to `rx`.
+    pub latency: Percentiles,
+}
+
+/// Frames a flood's generator writes: the generator's UDP test frames (16 flows, 10.0.0.1 →
+/// 10.0.1.1 port 9, MAC 02:00:00:00:00:01 → 02:00:00:00:00:02), `size` bytes each.
+pub const FLOOD_FLOWS: u32 = 16;
+
+/// Sends `count` test frames of `size` bytes out of host interface `tx` at `rate_pps` (as fast
+/// as the port takes them when `None`) and counts those that arrive on `rx`: whatever joins the
+/// two interfaces (a kernel bridge, a VNF in another process) is what is measured. One worker
+/// thread, unpinned and busy-polling, runs both ends; the generator waits for room rather than
+/// dropping, so a rate it could not offer shows in `offered_mpps`, and every frame missing at
+/// `rx` was lost between the interfaces. Ends 100 ms after the last frame arrived (or 10 s,
+/// or twice the offered duration, after the start).
+pub fn flood(
+    tx: &HostEnd,
+    rx: &HostEnd,
+    size: usize,
+    rate_pps: Option<u64>,
+    count: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<FloodRun> {
+    if count == 0 || rate_pps == Some(0) {
+        return Err(Error::config("flood", "count and rate must be > 0"));
+    }
+    let pool = Arc::new(Pool::new("flood", 8192, 2048)?);
+    let mut panel = PatchPanel::new(
+        Arc::clone(&pool),
+        vec![WorkerConfig {
+            busy_poll: true,
+            ..WorkerConfig::new("flood", None)
+        }],
+        4096,
+    )?;
+    let generator = Generator::new(
+        GenConfig {
+            flows: FLOOD_FLOWS,
+            sizes: vec![size],
+            rate_pps,
+            count: Some(count),
+            batch: crate::node::BATCH,
+        },
+        pool.buf_size(),
+    )?;
+    let gstats = generator.stats();
+    let sink = LatencySink::new(crate::node::BATCH);
+    let st = sink.state();
+    let tx_port = HostPort::open_in(&tx.ifname, tx.netns.as_deref())?;
+    let rx_port = HostPort::open_in(&rx.ifname, rx.netns.as_deref())?;
+    panel.add_node("gen", &["out"], 0, Box::new(generator))?;
+    panel.add_node("sink", &["in"], 0, Box::new(sink))?;
+    let (tx_node, rx_node) = (PortRef::host("tx"), PortRef::host("rx"));
+    panel.add_node(&tx_node.node, &[""], 0, Box::new(tx_port))?;
+    panel.add_node(&rx_node.node, &[""], 0, Box::new(rx_port))?;
+    let t0 = Instant::now();
+    panel.apply(&[
+        LinkSpec::new(PortRef::new("gen", "out"), tx_node),
+        LinkSpec::new(rx_node, PortRef::new("sink", "in")),
+    ])?;
+    let budget = Duration::from_secs(10).max(Duration::from_secs_f64(
+        rate_pps.map_or(0.0, |r| count as f64 / r as f64 * 2.0),
+    ));
+    let settle = Duration::from_millis(100);
+    let last_change = wait_for_sink(&st, &gstats, count, (t0, budget), settle, progress);
+    let elapsed = last_change.duration_since(t0).as_secs_f64().max(1e-6);
+    panel.shutdown();
+    let s = st
+        .lock()
+        .map(|s| s.summary())
+        .unwrap_or_else(|p| p.into_inner().summary());
+    let sent = gstats.sent.load(Ordering::Relaxed);
+    let wrote_secs = gstats.elapsed_ns.load(Ordering::Relaxed) as f64 / 1e9;
+    Ok(FloodRun {
+        rate_pps,
+        sent,
+        received: s.received,
+        mpps: s.received as f64 / elapsed / 1e6,
+        offered_mpps: if wrote_secs > 0.0 {
+            sent as f64 / wrote_secs / 1e6
+        } else {
+            0.0
+        },
+        latency: s.latency,
+    })
+}
+
+/// The NDR and PDR of the path between `tx` and `rx` ([`search_rates`] over [`flood`] trials
+/// of `trial_ms` each, `steps` halvings, up to `hi_pps`).
+pub fn search_flood(
+    tx: &HostEnd,
+    rx: &HostEnd,
+    size: usize,
+    steps: u32,
+    trial_ms: u64,
+    hi_pps: u64,
+) -> Result<RateSearch> {
+    search_rates(steps, hi_pps, &mut |rate| {
+        let count = (rate.saturating_mul(trial_ms) / 1000).max(1);
+        let r = flood(tx, rx, size, Some(rate), count, &mut |_, _| {})?;
+        Ok(Trial {
+            rate_pps: rate,
+            offered_pps: (r.offered_mpps * 1e6) as u64,
+            sent: count,
+            received: r.received,
+            loss: count.saturating_sub(r.received) as f64 / count as f64,
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A path that carries everything up to 300 kpps, loses 0.05% up to 400 kpps and 5% above;
+    /// its generator offers only 90% of anything above 700 kpps.
+    fn modelled_trial(rate: u64) -> Result<Trial> {
+        let sent = 100_000u64;
+        let lost = match rate {
+            0..=300_000 => 0,
+            300_001..=400_000 => 50,
+            _ => 5_000,
+        };
+        let offered = if rate > 700_000 { rate * 9 / 10 } else { rate };
+        Ok(Trial {
+            rate_pps: rate,
+            offered_pps: offered,
+            sent,
+            received: sent - lost,
+            loss: lost as f64 / sent as f64,
+        })
+    }
+
+    #[test]
+    fn rate_search_finds_the_no_drop_and_partial_drop_rates() {
+        let s = search_rates(16, 1_000_000, &mut modelled_trial).unwrap();
+        assert!(
+            (299_000..=300_000).contains(&s.ndr_pps),
+            "NDR {} not just under 300 kpps",
+            s.ndr_pps
+        );
+        assert!(
+            (399_000..=400_000).contains(&s.pdr_pps),
+            "PDR {} not just under 400 kpps",
+            s.pdr_pps
+        );
+        assert_eq!(s.trials.len(), 32);
+        // A rate the generator could not offer fails even without loss.
+        let mut lossless = |rate: u64| {
+            let mut t = modelled_trial(rate.min(300_000))?;
+            t.rate_pps = rate;
+            t.offered_pps = if rate > 700_000 { rate * 9 / 10 } else { rate };
+            Ok(t)
+        };
+        let s = search_rates(16, 1_000_000, &mut lossless).unwrap();
+        assert!((699_000..=700_000).contains(&s.ndr_pps), "{}", s.ndr_pps);
+        // No steps, no trials: both rates stay 0.
+        let s = search_rates(0, 1_000_000, &mut modelled_trial).unwrap();
+        assert_eq!((s.ndr_pps, s.pdr_pps, s.trials.len()), (0, 0, 0));
+    }
 
     #[test]
     fn ring_bench_reports_all_contenders_and_json_fields() {

@@ -243,3 +243,109 @@ fn tap_host_port_receives_and_transmits_frames() {
     drop(tap);
     drop(t);
 }
+
+#[test]
+fn a_flood_between_two_host_interfaces_counts_what_crossed() {
+    use telvirt_dataplane::bench::{HostEnd, flood, search_flood};
+    require_root();
+    require_tool("ip", "iproute2");
+    require_tool("ethtool", "ethtool");
+    // a0 (in nsA) and a1 (in the middle) are the two ends of one veth: what leaves one
+    // arrives on the other, nothing else in between.
+    let t = Topology::new("fl");
+    let end = |ns: &str, ifname: &str| HostEnd {
+        netns: Some(format!("/run/netns/{ns}").into()),
+        ifname: ifname.into(),
+    };
+    let (tx, rx) = (end(&t.ns[0], "a0"), end(&t.ns[2], "a1"));
+    let mut calls = 0;
+    let run = flood(&tx, &rx, 64, Some(50_000), 5_000, &mut |_, _| calls += 1).unwrap();
+    assert_eq!(run.sent, 5_000);
+    assert!(
+        run.received > 4_500 && run.received <= 5_000,
+        "a bare veth at 50 kpps lost more than 10%: {run:?}"
+    );
+    assert!(run.mpps > 0.0 && run.offered_mpps > 0.0, "{run:?}");
+    assert!(calls > 0, "no progress reported");
+    // Nothing joins a0 to b0 (different veths): every frame is lost, and the searches say 0.
+    let lost = flood(
+        &tx,
+        &end(&t.ns[1], "b0"),
+        64,
+        Some(50_000),
+        1_000,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    assert_eq!(lost.received, 0, "{lost:?}");
+    let s = search_flood(&tx, &end(&t.ns[1], "b0"), 64, 2, 20, 100_000).unwrap();
+    assert_eq!((s.ndr_pps, s.pdr_pps), (0, 0), "{s:?}");
+    assert_eq!(s.trials.len(), 4);
+    // A bad interface is an error naming it, not a run that counts nothing.
+    let e = flood(
+        &end(&t.ns[0], "tvnosuch0"),
+        &rx,
+        64,
+        None,
+        10,
+        &mut |_, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("tvnosuch0"), "{e}");
+}
+
+#[test]
+fn a_frame_larger_than_a_pool_buffer_is_counted_and_the_ring_goes_on() {
+    require_traffic_tools();
+    let t = Topology::new("big");
+    let (a, mid) = (&t.ns[0], &t.ns[2]);
+    for (ns, ifname) in [(a, "a0"), (mid, "a1")] {
+        must(&["ip", "-n", ns, "link", "set", ifname, "mtu", "4000"]);
+    }
+    let pool = Arc::new(Pool::new("big", 1024, 2048).unwrap());
+    let mut panel =
+        PatchPanel::new(Arc::clone(&pool), vec![WorkerConfig::new("io", None)], 256).unwrap();
+    let port = HostPort::open_in("a1", Some(format!("/run/netns/{mid}").as_ref())).unwrap();
+    assert_eq!(port.rx_mode(), "tpacket_v3");
+    let stats = port.stats();
+    panel.add_node("host:a1", &[""], 0, Box::new(port)).unwrap();
+    // A 3,042-byte frame (ICMP echo of 3,000 bytes) to an address with a fixed MAC: no ARP.
+    must(&[
+        "ip",
+        "-n",
+        a,
+        "neigh",
+        "add",
+        "10.203.0.99",
+        "lladdr",
+        "02:00:00:00:00:99",
+        "dev",
+        "a0",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.rx_truncated.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "the big frame was not counted");
+        let _ = t
+            .exec(
+                0,
+                &["ping", "-c", "1", "-s", "3000", "-W", "1", "10.203.0.99"],
+            )
+            .output();
+    }
+    // The ring goes on past it: an ordinary frame is received.
+    let before = stats.rx.load(Ordering::Relaxed);
+    while stats.rx.load(Ordering::Relaxed) == before {
+        assert!(
+            Instant::now() < deadline,
+            "nothing received after the big frame"
+        );
+        let _ = t
+            .exec(
+                0,
+                &["ping", "-c", "1", "-s", "100", "-W", "1", "10.203.0.99"],
+            )
+            .output();
+    }
+    panel.shutdown();
+}
