@@ -513,7 +513,10 @@ impl NetworkReconciler {
                 continue;
             };
             let mut ready = true;
-            for (ep, wired) in [(&link.from, &spec.from), (&link.to, &spec.to)] {
+            for (ep, wired, other) in [
+                (&link.from, &spec.from, &spec.to),
+                (&link.to, &spec.to, &spec.from),
+            ] {
                 if *wired != port_ref(ep) {
                     // The other host's end: through the tunnel to it.
                     let peer = a.host_of(&ep.node_key()).unwrap_or_default().to_owned();
@@ -530,9 +533,18 @@ impl NetworkReconciler {
                     Endpoint::Host { ifname, .. } => {
                         let node = host_node(ifname);
                         if self.dp.node_ports(&node).is_none() {
+                            // On the worker of what it is linked to (a VNF's own core), so
+                            // its frames cross no ring between threads and no core that
+                            // sleeps when idle; worker 0 when that is not on the panel.
+                            let worker = self.dp.panel().worker_of(&other.node).unwrap_or(0);
                             let opened = HostPort::open(ifname).map_err(dp_err).and_then(|p| {
-                                tracing::info!(ifname, receive = p.rx_mode(), "host port open");
-                                self.dp.add_node(&node, &[""], 0, Box::new(p))
+                                tracing::info!(
+                                    ifname,
+                                    worker,
+                                    receive = p.rx_mode(),
+                                    "host port open"
+                                );
+                                self.dp.add_node(&node, &[""], worker, Box::new(p))
                             });
                             if let Err(e) = opened {
                                 ready = false;

@@ -348,6 +348,11 @@ impl PatchPanel {
         self.nodes.get(name).map(|e| e.ports.as_slice())
     }
 
+    /// The worker node `name` runs on, if it is on the panel.
+    pub fn worker_of(&self, name: &str) -> Option<usize> {
+        self.nodes.get(name).map(|e| e.worker)
+    }
+
     fn port_table(&self) -> BTreeMap<String, Vec<String>> {
         self.nodes
             .iter()
