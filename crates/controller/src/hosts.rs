@@ -332,6 +332,7 @@ impl Controller {
                 scheduler.set_schedulable(&name, false)?;
             }
         }
+        scheduler.set_runtimes(&name, crate::placement::offered_runtimes(&record.runtimes))?;
         self.store.put(&host_key(&name), encode(&record)?).await?;
         drop(scheduler);
         self.changed();

@@ -12,6 +12,25 @@ use telvirt_sched as sched;
 
 use crate::records::HostRecord;
 
+/// The runtimes a host's agent registered (`HostRecord::runtimes`), as the scheduler knows them
+/// (names it does not know are left out); `None`, every runtime, for a host that lists none
+/// (an inventory's host without an agent, whose facts are all on paper).
+pub fn offered_runtimes(names: &[String]) -> Option<Vec<sched::Runtime>> {
+    if names.is_empty() {
+        return None;
+    }
+    Some(
+        names
+            .iter()
+            .filter_map(|n| match n.as_str() {
+                "vm" => Some(sched::Runtime::Vm),
+                "wasm" => Some(sched::Runtime::Wasm),
+                _ => None,
+            })
+            .collect(),
+    )
+}
+
 /// The scheduler's request for a VNF owned by `authority`.
 pub fn request(descriptor: &VnfDescriptor, authority: &str) -> sched::VnfRequest {
     let spec = &descriptor.spec;

@@ -1802,7 +1802,9 @@ pub(crate) async fn scheduler_with_hosts(
     let mut scheduler = Scheduler::new(config)?;
     for (key, v) in store.list(records::HOSTS).await? {
         let host: HostRecord = decode(&key, &v.value)?;
+        let name = host.spec.name.clone();
         scheduler.add_host(host.spec)?;
+        scheduler.set_runtimes(&name, crate::placement::offered_runtimes(&host.runtimes))?;
     }
     Ok(scheduler)
 }

@@ -19,6 +19,16 @@ pub enum Runtime {
     Wasm,
 }
 
+impl Runtime {
+    /// The name `spec.runtime` gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Vm => "vm",
+            Runtime::Wasm => "wasm",
+        }
+    }
+}
+
 /// `spec.cpu.policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

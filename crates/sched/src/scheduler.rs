@@ -103,6 +103,9 @@ pub(crate) struct HostState {
     pub keyed_reserve: u64,
     /// Whether new roles may be placed here (false: cordoned; what it holds stays).
     pub schedulable: bool,
+    /// The runtimes its agent offers (`None`: every runtime, a host known only from an
+    /// inventory).
+    pub runtimes: Option<Vec<Runtime>>,
 }
 
 impl HostState {
@@ -359,6 +362,7 @@ impl Scheduler {
             keyed: Vec::new(),
             keyed_reserve: 0,
             schedulable: true,
+            runtimes: None,
         }));
         self.total_free += free as u64;
         self.index(idx);
@@ -424,11 +428,12 @@ impl Scheduler {
             self.vnf_mut(vid).roles[role.index()] = None;
         }
         let name = spec.name.clone();
-        let schedulable = self.host(h).schedulable;
+        let (schedulable, runtimes) = (self.host(h).schedulable, self.host(h).runtimes.clone());
         self.drop_host(h);
         self.add_host(spec)?;
         let nh = self.host_by_name[&name];
         self.host_mut(nh).schedulable = schedulable;
+        self.host_mut(nh).runtimes = runtimes;
         for (vid, rp) in saved {
             let req = self.vnf(vid).req.clone();
             let rs = self.role_from_placement(vid, &req, &rp)?;
@@ -482,6 +487,18 @@ impl Scheduler {
     pub fn set_schedulable(&mut self, name: &str, schedulable: bool) -> Result<(), SchedError> {
         let h = self.host_idx(name)?;
         self.host_mut(h).schedulable = schedulable;
+        Ok(())
+    }
+
+    /// The runtimes a host's agent offers (`None`: every runtime): new roles of a VNF whose
+    /// runtime is not among them are not placed there. Roles it holds stay.
+    pub fn set_runtimes(
+        &mut self,
+        name: &str,
+        runtimes: Option<Vec<Runtime>>,
+    ) -> Result<(), SchedError> {
+        let h = self.host_idx(name)?;
+        self.host_mut(h).runtimes = runtimes;
         Ok(())
     }
 
@@ -1064,6 +1081,20 @@ impl Scheduler {
         let host = self.host(h);
         if !host.schedulable {
             return Err("is cordoned: scheduling is disabled on it".into());
+        }
+        if let Some(offered) = &host.runtimes
+            && !offered.contains(&req.runtime)
+        {
+            let names: Vec<&str> = offered.iter().map(|r| r.as_str()).collect();
+            return Err(format!(
+                "does not run {} VNFs (its agent offers: {})",
+                req.runtime.as_str(),
+                if names.is_empty() {
+                    "none".to_owned()
+                } else {
+                    names.join(", ")
+                }
+            ));
         }
         if avoid.only.is_some_and(|o| o != h) {
             return Err("not the requested target host".into());

@@ -873,3 +873,56 @@ fn shared_refusal_shows_group_room() {
     );
     s.place(&shared("c", "op", "light", 1)).unwrap();
 }
+
+#[test]
+fn a_vnf_goes_only_to_hosts_whose_agent_offers_its_runtime() {
+    let mut s = sched(ReservePolicy::None, &[small("h1", "a"), small("h2", "b")]);
+    s.set_runtimes("h1", Some(vec![Runtime::Wasm])).unwrap();
+    let vm = VnfRequest {
+        runtime: Runtime::Vm,
+        emulator: EmulatorPolicy::Share,
+        ..ded("v1", 1)
+    };
+    assert_eq!(s.place(&vm).unwrap().act.host, "h2", "h1 runs no vm VNFs");
+    s.set_runtimes("h2", Some(vec![Runtime::Vm])).unwrap();
+    assert_eq!(
+        s.place(&ded("w1", 1)).unwrap().act.host,
+        "h1",
+        "h2 runs no wasm VNFs"
+    );
+    // With no host offering vm, the refusal names why each host was passed over.
+    s.set_runtimes("h2", Some(vec![Runtime::Wasm])).unwrap();
+    let e = s
+        .place(&VnfRequest {
+            name: "v2".into(),
+            ..vm.clone()
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not run vm VNFs (its agent offers: wasm)"),
+        "{e}"
+    );
+    // An update of the host's facts keeps what it offers; `None` offers every runtime again.
+    let spec = s.host_spec("h2").unwrap().clone();
+    s.update_host(spec).unwrap();
+    assert!(
+        s.place(&VnfRequest {
+            name: "v3".into(),
+            ..vm.clone()
+        })
+        .is_err()
+    );
+    s.set_runtimes("h2", None).unwrap();
+    assert_eq!(
+        s.place(&VnfRequest {
+            name: "v4".into(),
+            ..vm
+        })
+        .unwrap()
+        .act
+        .host,
+        "h2"
+    );
+    assert!(s.set_runtimes("nope", None).is_err());
+}

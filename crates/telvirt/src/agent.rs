@@ -93,7 +93,9 @@ impl HostAgent {
         // One data plane per node, shared by the runtimes and the network reconciler.
         let dataplane = NodeDataPlane::new().context("starting the data plane")?;
         let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
-        runtimes.extend(crate::vm::vm_runtime(args, data_dir, Arc::clone(&dataplane)).await?);
+        if !args.no_vm {
+            runtimes.extend(crate::vm::vm_runtime(args, data_dir, Arc::clone(&dataplane)).await?);
+        }
         if args.no_busy_poll {
             dataplane.forbid_busy_poll();
         } else {

@@ -171,8 +171,9 @@ impl Hosts {
         let child = Command::new(std::env::current_exe()?)
             .current_dir(&self.dir)
             .args(["agent", "--controller", &self.controllers])
-            // Several hosts on one machine: no worker takes a core for itself.
-            .arg("--no-busy-poll")
+            // Several hosts on one machine: no worker takes a core for itself. Wasm VNFs only:
+            // no guest image built (with its CPU) in each fresh data dir during the figures.
+            .args(["--no-busy-poll", "--no-vm"])
             .args(["--token-file", &format!("{name}.token")])
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])

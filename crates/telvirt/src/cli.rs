@@ -189,6 +189,10 @@ pub struct HostAgentArgs {
     /// TCG with a warning
     #[arg(long, value_enum, default_value_t = crate::vm::AccelArg::Auto)]
     pub accel: crate::vm::AccelArg,
+    /// Offer no vm runtime on this host: no guest image build, no accelerator probe, no QEMU
+    /// (vm VNFs are placed on other hosts, or stay Pending saying no host runs vm)
+    #[arg(long)]
+    pub no_vm: bool,
     /// Where the default vm guest image is built and cached [default: the data dir]
     #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
     pub image_cache: Option<PathBuf>,
