@@ -116,3 +116,11 @@ pub fn firewall_config(default_action: u32, rules: &[FirewallRule]) -> Vec<u8> {
     }
     out
 }
+
+/// [`firewall_config`] as a descriptor's `spec.wasm.config.blob_hex` writes it.
+pub fn firewall_blob_hex(default_action: u32, rules: &[FirewallRule]) -> String {
+    firewall_config(default_action, rules)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

@@ -45,6 +45,10 @@ pub enum BenchCommand {
     /// controller and agent processes: time, packets lost, sessions kept and state streamed,
     /// against a cold move (deleted, created on the destination)
     Migrate(crate::bench_migrate::MigrateArgs),
+    /// Two namespaces joined through the wasm firewall in `telvirt serve` (host ports) against
+    /// a Linux bridge with an equivalent nftables rule, alternating: iperf3 TCP, a 64-byte
+    /// flood, NDR and PDR (root, iperf3, ethtool, nftables)
+    Ports(crate::bench_ports::PortsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +122,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Cluster(args) => crate::bench_cluster::cluster_bench(format, args),
         BenchCommand::Failover(args) => crate::bench_failover::failover_bench(format, args),
         BenchCommand::Migrate(args) => crate::bench_migrate::migrate_bench(format, args),
+        BenchCommand::Ports(args) => crate::bench_ports::ports_bench(format, args),
     }
 }
 

@@ -29,6 +29,7 @@ use crate::bench_cluster::{
 use crate::bench_control::{ms, percentile};
 use crate::bench_handover::{ControllerProcess, answer, poll_until};
 use crate::cli::Output;
+use crate::netns::Netns;
 use crate::output;
 use crate::progress::Progress;
 
@@ -462,7 +463,7 @@ pub struct TcpFigures {
 /// this namespace, where h4's agent opens it as a host interface; deleted on drop.
 struct TcpEnds {
     /// Client, server.
-    names: [String; 2],
+    ns: [Netns; 2],
 }
 
 impl TcpEnds {
@@ -472,31 +473,17 @@ impl TcpEnds {
         use crate::cluster::ip;
         let tag = std::process::id() % 100_000;
         let ends = TcpEnds {
-            names: [format!("tvfc{tag}"), format!("tvfs{tag}")],
+            ns: [
+                Netns::create(&format!("tvfc{tag}"))?,
+                Netns::create(&format!("tvfs{tag}"))?,
+            ],
         };
-        for name in &ends.names {
-            ip(&["netns", "add", name])?;
-            ip(&[
-                "link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", name,
-            ])?;
-            for (ns, dev) in [(None, name.as_str()), (Some(name.as_str()), "eth0")] {
-                let mut exec: Vec<&str> = Vec::new();
-                if let Some(ns) = ns {
-                    exec.extend(["ip", "netns", "exec", ns]);
-                }
-                // The NAT rewrites addresses with incremental checksum updates: full packets.
-                let mut ethtool = exec.clone();
-                ethtool.extend(["ethtool", "-K", dev, "tx", "off", "rx", "off", "tso", "off"]);
-                ethtool.extend(["gso", "off", "gro", "off"]);
-                run_quiet(&ethtool)?;
-                match ns {
-                    Some(ns) => ip(&["-n", ns, "link", "set", dev, "up"])?,
-                    None => ip(&["link", "set", dev, "up"])?,
-                };
-            }
-            ip(&["-n", name, "link", "set", "lo", "up"])?;
+        // The NAT rewrites addresses with incremental checksum updates: full packets (the
+        // veth's offloads are off).
+        for ns in &ends.ns {
+            crate::netns::veth(None, &ns.name, ns, "eth0")?;
         }
-        let [client, server] = &ends.names;
+        let [client, server] = [&ends.ns[0].name, &ends.ns[1].name];
         let mac = |ns: &str| -> Result<String> {
             let out = ip(&["-n", ns, "-o", "link", "show", "eth0"])?;
             out.split_whitespace()
@@ -537,45 +524,6 @@ impl TcpEnds {
         ])?;
         Ok(ends)
     }
-
-    /// `iperf3 args` in namespace `ns`.
-    fn iperf3(ns: &str, args: &[&str]) -> std::process::Command {
-        let mut c = std::process::Command::new("ip");
-        c.args(["netns", "exec", ns, "iperf3"]).args(args);
-        c.stdin(std::process::Stdio::null());
-        c
-    }
-}
-
-impl Drop for TcpEnds {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = std::process::Command::new("ip")
-                .args(["link", "del", name])
-                .output();
-            let _ = std::process::Command::new("ip")
-                .args(["netns", "del", name])
-                .output();
-        }
-    }
-}
-
-/// Runs `cmd` (a program and its arguments), its output discarded; an error names it.
-fn run_quiet(cmd: &[&str]) -> Result<()> {
-    let (program, args) = cmd.split_first().context("an empty command")?;
-    let out = std::process::Command::new(program)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed: {}",
-            cmd.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// Why the TCP flow cannot be measured here, if it cannot.
@@ -648,17 +596,19 @@ pub(crate) async fn tcp_round(
     let pair = event == TcpEvent::Kill { pair: true };
     let mut s = nat_setup(args, dir, http, pair, &[]).await?;
     let ends = TcpEnds::create()?;
-    let [client, server] = &ends.names;
+    let [client, server] = &ends.ns;
+    let (client_if, server_if) = (&client.name, &server.name);
     post_yaml(
         &s.api,
         "/v1/networks",
         format!(
-            "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: tcp }}\nspec:\n  links:\n    - host:{client}@h4 -> nat.in\n    - nat.out -> host:{server}@h4\n    - host:{server}@h4 -> nat.out\n    - nat.in -> host:{client}@h4\n"
+            "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: tcp }}\nspec:\n  links:\n    - host:{client_if}@h4 -> nat.in\n    - nat.out -> host:{server_if}@h4\n    - host:{server_if}@h4 -> nat.out\n    - nat.in -> host:{client_if}@h4\n"
         ),
     )
     .await?;
     let _server = crate::bench_control::BenchChild(
-        TcpEnds::iperf3(server, &["-s", "-p", "5201"])
+        server
+            .command("iperf3", &["-s", "-p", "5201"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -666,7 +616,7 @@ pub(crate) async fn tcp_round(
     );
     // The path works once a short transfer goes through.
     poll_until(Duration::from_secs(60), "TCP through the NAT", || async {
-        let probe = TcpEnds::iperf3(client, &["-c", "192.0.2.2", "-p", "5201", "-n", "64K"]);
+        let probe = client.command("iperf3", &["-c", "192.0.2.2", "-p", "5201", "-n", "64K"]);
         tokio::task::spawn_blocking(move || {
             let mut probe = probe;
             probe.output().is_ok_and(|o| o.status.success())
@@ -676,8 +626,8 @@ pub(crate) async fn tcp_round(
     })
     .await?;
     let seconds = TCP_SECONDS.to_string();
-    let mut flow = TcpEnds::iperf3(
-        client,
+    let mut flow = client.command(
+        "iperf3",
         &[
             "-c",
             "192.0.2.2",

@@ -372,11 +372,8 @@ fn ping_and_iperf3_cross_a_chain_whose_firewalls_run_on_two_hosts() {
         out
     };
     // Two firewalls that pass everything across their ports: fw1 on h1, fw2 on h2.
-    use telvirt_runtime_wasm::vnfs::{firewall_config, fw_action};
-    let blob: String = firewall_config(fw_action::CROSS, &[])
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    use telvirt_runtime_wasm::vnfs::{firewall_blob_hex, fw_action};
+    let blob = firewall_blob_hex(fw_action::CROSS, &[]);
     let fw1 = std::fs::read_to_string(tmp.path().join("examples/descriptors/fw1.yaml"))
         .unwrap()
         .replace("blob_hex: \"02000000\"", &format!("blob_hex: \"{blob}\""));

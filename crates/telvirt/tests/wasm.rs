@@ -707,7 +707,7 @@ fn module_counter(node: &Serve, vnf: &str, name: &str) -> u64 {
 
 #[test]
 fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
-    use telvirt_runtime_wasm::vnfs::{FirewallRule, firewall_config, fw_action};
+    use telvirt_runtime_wasm::vnfs::{FirewallRule, firewall_blob_hex, fw_action};
     netns::require_traffic_tools();
     // nsA (10.203.0.1) <-> a1 [serve in the middle namespace: fw1] b1 <-> nsB (10.203.0.2)
     let t = netns::Topology::new("wf");
@@ -722,10 +722,7 @@ fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
         proto: 6,
         action: fw_action::DROP,
     };
-    let blob: String = firewall_config(fw_action::CROSS, &[deny])
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let blob = firewall_blob_hex(fw_action::CROSS, &[deny]);
     let text = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
         .unwrap()
         .replace("blob_hex: \"02000000\"", &format!("blob_hex: \"{blob}\""));
@@ -774,4 +771,83 @@ fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
         table.contains("denied") && table.contains("packets_in"),
         "{table}"
     );
+}
+
+/// `telvirt bench ports`, at its smallest: both paths carry TCP and the flood, the deny rule is
+/// checked on each before any figure, and every ratio is the medians' quotient.
+#[test]
+fn bench_ports_measures_both_paths_in_one_run() {
+    netns::require_traffic_tools();
+    netns::require_tool("nft", "nftables");
+    // Bad options are refused before anything is made, naming the option.
+    for bad in [["--rounds", "0"], ["--size", "63"], ["--trial-ms", "5"]] {
+        let out = Command::new(BIN)
+            .args(["bench", "ports"])
+            .args(bad)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(bad[0]), "{bad:?}: {}", stderr(&out));
+    }
+    let out = Command::new(BIN)
+        .args(["bench", "ports", "--rounds", "1", "--seconds", "1"])
+        .args([
+            "--flood-packets",
+            "20000",
+            "--search-steps",
+            "1",
+            "--trial-ms",
+            "50",
+        ])
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let round = &r["rounds"][0];
+    assert_eq!(round["first"], "telvirt", "{r}");
+    for path in ["telvirt", "kernel"] {
+        let p = &round[path];
+        assert!(p["tcp_gbps"].as_f64().unwrap() > 0.0, "{path}: {r}");
+        assert_eq!(p["flood"]["sent"], 20_000, "{path}: {r}");
+        assert!(p["flood"]["received"].as_u64().unwrap() > 0, "{path}: {r}");
+        assert_eq!(p["search"]["trials"].as_array().unwrap().len(), 2, "{r}");
+    }
+    assert!(round["kernel_offloads_gbps"].as_f64().unwrap() > 0.0, "{r}");
+    let f = |k: &str| r[k].as_f64().unwrap();
+    assert!(
+        (f("ratio") - f("telvirt_gbps") / f("kernel_gbps")).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (f("mpps_ratio") - f("telvirt_mpps") / f("kernel_mpps")).abs() < 1e-9,
+        "{r}"
+    );
+    assert_eq!(r["goal_tcp_ratio_ge_1"], f("ratio") >= 1.0, "{r}");
+    // Nothing is left behind: the namespaces went with the run.
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains("tvkm"),
+        "a namespace of bench ports is left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
+#[test]
+fn serve_with_no_vm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
+    let node = Serve::start(&["--no-vm"]);
+    let hosts = node.json(&["host", "list"]);
+    assert_eq!(hosts[0]["runtimes"], serde_json::json!(["wasm"]), "{hosts}");
+    let vm = format!("vmoff{}", std::process::id());
+    node.create(
+        "vm.yaml",
+        &format!(
+            "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {vm} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: shared, group: g, count: 1 }}\n  vm: {{ memory: 64MiB }}\n"
+        ),
+    );
+    node.wait_vnf(&vm, |v| {
+        v["phase"] == "Pending" && v["reason"].as_str().is_some_and(|r| r.contains("vm"))
+    });
+    // Nothing of the vm runtime was prepared: no guest image in the data dir.
+    assert!(!node.path("data/images").exists(), "an image was built");
 }

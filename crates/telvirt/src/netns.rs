@@ -1,0 +1,127 @@
+//! Network namespaces and veth pairs for the benchmarks that send real traffic between two
+//! namespaces (`bench ports`, the TCP flows of `bench failover` and `bench migrate`).
+//!
+//! Owns creating and deleting them (a [`Netns`] is deleted when dropped, with the veth ends in
+//! it) and running a tool inside one. Must not be used by `serve` or the agent: the platform
+//! opens interfaces it is given, it never makes them.
+
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cluster::ip;
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+pub(crate) struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates namespace `name` with its loopback up.
+    pub fn create(name: &str) -> Result<Self> {
+        ip(&["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its path, as an AF_PACKET socket opened inside it names it.
+    pub fn path(&self) -> std::path::PathBuf {
+        std::path::Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `program args` inside this namespace, stdin closed.
+    pub fn command(&self, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]).args(args);
+        c.stdin(Stdio::null());
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+/// A veth pair: `outer_if` in `outer` (this process's namespace when `None`), `inner_if` in
+/// `inner`; both up, offloads off (the data plane handles whole frames with finished
+/// checksums), IPv6 off (no router solicitations or address checks among the measured frames)
+/// and the outer end never forwarding what it receives (where this namespace forwards IPv4, a
+/// host port's frames would also leave by its routes). The pair goes when `inner` is deleted.
+pub(crate) fn veth(
+    outer: Option<&Netns>,
+    outer_if: &str,
+    inner: &Netns,
+    inner_if: &str,
+) -> Result<()> {
+    let mut add = vec![];
+    if let Some(ns) = outer {
+        add.extend(["-n", ns.name.as_str()]);
+    }
+    add.extend([
+        "link", "add", outer_if, "type", "veth", "peer", "name", inner_if, "netns",
+    ]);
+    add.push(&inner.name);
+    ip(&add)?;
+    for (ns, dev) in [(outer, outer_if), (Some(inner), inner_if)] {
+        offloads(ns, dev, false)?;
+        sysctl(ns, &format!("net.ipv6.conf.{dev}.disable_ipv6=1"))?;
+        match ns {
+            Some(ns) => ip(&["-n", &ns.name, "link", "set", dev, "up"])?,
+            None => ip(&["link", "set", dev, "up"])?,
+        };
+    }
+    sysctl(outer, &format!("net.ipv4.conf.{outer_if}.forwarding=0"))?;
+    Ok(())
+}
+
+/// `sysctl -qw setting` in `ns` (or this process's namespace).
+fn sysctl(ns: Option<&Netns>, setting: &str) -> Result<()> {
+    let args = ["-qw", setting];
+    run(&mut command_in(ns, "sysctl", &args))
+}
+
+/// Turns the offloads of `dev` (in `ns`, or this process's namespace) on or off: checksums,
+/// TSO, GSO and GRO.
+pub(crate) fn offloads(ns: Option<&Netns>, dev: &str, on: bool) -> Result<()> {
+    let state = if on { "on" } else { "off" };
+    let mut args = vec!["-K", dev];
+    for feature in ["tx", "rx", "tso", "gso", "gro"] {
+        args.extend([feature, state]);
+    }
+    run(&mut command_in(ns, "ethtool", &args))
+}
+
+/// `program args` in `ns`, or in this process's namespace.
+fn command_in(ns: Option<&Netns>, program: &str, args: &[&str]) -> Command {
+    match ns {
+        Some(ns) => ns.command(program, args),
+        None => {
+            let mut c = Command::new(program);
+            c.args(args).stdin(Stdio::null());
+            c
+        }
+    }
+}
+
+/// Runs `cmd`, its output discarded; an error names the command and what it printed.
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
