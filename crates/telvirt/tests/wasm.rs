@@ -835,7 +835,8 @@ fn bench_ports_measures_both_paths_in_one_run() {
 
 #[test]
 fn serve_with_no_vm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
-    let node = Serve::start(&["--no-vm"]);
+    // Its own image cache, so an image built in spite of --no-vm would show there.
+    let node = Serve::start(&["--no-vm", "--image-cache", "cache"]);
     let hosts = node.json(&["host", "list"]);
     assert_eq!(hosts[0]["runtimes"], serde_json::json!(["wasm"]), "{hosts}");
     let vm = format!("vmoff{}", std::process::id());
@@ -848,6 +849,6 @@ fn serve_with_no_vm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
     node.wait_vnf(&vm, |v| {
         v["phase"] == "Pending" && v["reason"].as_str().is_some_and(|r| r.contains("vm"))
     });
-    // Nothing of the vm runtime was prepared: no guest image in the data dir.
-    assert!(!node.path("data/images").exists(), "an image was built");
+    // Nothing of the vm runtime was prepared: no guest image in its cache.
+    assert!(!node.path("cache/images").exists(), "an image was built");
 }

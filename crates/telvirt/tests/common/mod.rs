@@ -15,6 +15,19 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// The guest image cache of the tests: `TELVIRT_TEST_CACHE`, else `<target>/telvirt-test-cache`.
+pub fn shared_image_cache() -> PathBuf {
+    std::env::var_os("TELVIRT_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(BIN)
+                .parent()
+                .and_then(Path::parent)
+                .map_or_else(|| repo("target"), Path::to_path_buf)
+                .join("telvirt-test-cache")
+        })
+}
+
 /// A path inside the repository.
 pub fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -127,7 +140,10 @@ impl Serve {
         line.split('"').nth(1).unwrap().to_owned()
     }
 
-    /// The telvirt binary under the wrapper, working in the test directory.
+    /// The telvirt binary under the wrapper, working in the test directory. Every node of every
+    /// test shares one guest image cache (built once, under its lock, where the vm tests keep
+    /// theirs): each fresh data dir otherwise built the image and probed the accelerator again,
+    /// taking the CPU other tests measure with.
     fn command(&self) -> Command {
         let mut c = match self.wrapper.split_first() {
             Some((first, rest)) => {
@@ -137,7 +153,8 @@ impl Serve {
             }
             None => Command::new(BIN),
         };
-        c.current_dir(self.dir.path());
+        c.current_dir(self.dir.path())
+            .env("TELVIRT_IMAGE_CACHE", shared_image_cache());
         c
     }
 
