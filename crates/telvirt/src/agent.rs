@@ -28,7 +28,7 @@ use telvirt_sched::Inventory;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::cli::{AgentArgs, HostAgentArgs};
+use crate::cli::{AgentArgs, HostAgentArgs, RuntimeArg};
 use crate::wasm::HostNodeHandler;
 
 /// A task that panicked starts again after this backoff.
@@ -93,7 +93,7 @@ impl HostAgent {
         // One data plane per node, shared by the runtimes and the network reconciler.
         let dataplane = NodeDataPlane::new().context("starting the data plane")?;
         let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
-        if !args.no_vm {
+        if args.runtimes.contains(&RuntimeArg::Vm) {
             runtimes.extend(crate::vm::vm_runtime(args, data_dir, Arc::clone(&dataplane)).await?);
         }
         if args.no_busy_poll {
@@ -112,7 +112,11 @@ impl HostAgent {
             policy,
             Arc::clone(&fencing),
         )?;
-        runtimes.push(wasm.clone());
+        // Built either way (the standby replication and snapshots hold it); offered only when
+        // asked for.
+        if args.runtimes.contains(&RuntimeArg::Wasm) {
+            runtimes.push(wasm.clone());
+        }
         let names: Vec<String> = runtimes
             .iter()
             .map(|r| r.kind().as_str().to_owned())

@@ -173,7 +173,7 @@ impl Hosts {
             .args(["agent", "--controller", &self.controllers])
             // Several hosts on one machine: no worker takes a core for itself. Wasm VNFs only:
             // no guest image built (with its CPU) in each fresh data dir during the figures.
-            .args(["--no-busy-poll", "--no-vm"])
+            .args(["--no-busy-poll", "--runtimes", "wasm"])
             .args(["--token-file", &format!("{name}.token")])
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])

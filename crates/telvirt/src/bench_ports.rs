@@ -310,7 +310,7 @@ impl Serve {
                 .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
                 .arg("--data-dir")
                 .arg(&data)
-                .args(["--host-name", "bench-ports", "--no-vm"])
+                .args(["--host-name", "bench-ports", "--runtimes", "wasm"])
                 .env("TELVIRT_LOG", "warn")
                 .stdin(std::process::Stdio::null())
                 .stdout(std::process::Stdio::null())

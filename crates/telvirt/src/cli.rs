@@ -175,6 +175,15 @@ pub struct ControlArgs {
     pub leader_ttl_ms: u64,
 }
 
+/// A runtime `--runtimes` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeArg {
+    /// Verified WebAssembly on the data plane's workers
+    Wasm,
+    /// QEMU/KVM virtual machines
+    Vm,
+}
+
 /// A host agent: this host's facts, its runtimes and its heartbeat.
 #[derive(Args, Debug)]
 pub struct HostAgentArgs {
@@ -189,10 +198,11 @@ pub struct HostAgentArgs {
     /// TCG with a warning
     #[arg(long, value_enum, default_value_t = crate::vm::AccelArg::Auto)]
     pub accel: crate::vm::AccelArg,
-    /// Offer no vm runtime on this host: no guest image build, no accelerator probe, no QEMU
-    /// (vm VNFs are placed on other hosts, or stay Pending saying no host runs vm)
-    #[arg(long)]
-    pub no_vm: bool,
+    /// The runtimes this host offers, comma-separated. Without `vm` no QEMU is looked for and
+    /// no guest image is built; vm VNFs go to other hosts, or stay Pending saying why. With
+    /// it, the guest image is built and the accelerator probed when the first vm VNF starts
+    #[arg(long, value_enum, value_delimiter = ',', num_args = 1.., default_values_t = [RuntimeArg::Wasm, RuntimeArg::Vm])]
+    pub runtimes: Vec<RuntimeArg>,
     /// Where the default vm guest image is built and cached [default: the data dir]
     #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
     pub image_cache: Option<PathBuf>,

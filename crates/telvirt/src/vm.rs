@@ -77,8 +77,8 @@ fn image_cache(explicit: Option<&Path>, data_dir: &Path) -> PathBuf {
 }
 
 /// The vm runtime of `telvirt serve`, or `None` (with a log line saying why) when this host
-/// cannot run it. Builds the default image and resolves the accelerator in the background, so
-/// the accelerator warning shows at start and the first VNF does not wait for both.
+/// cannot run it. The default image is built and the accelerator resolved when the first vm
+/// VNF starts (a host that runs only wasm VNFs never spends a CPU on either).
 pub async fn vm_runtime(
     args: &HostAgentArgs,
     data_dir: &Path,
@@ -107,20 +107,6 @@ pub async fn vm_runtime(
         })
         .with_dataplane(dataplane),
     );
-    let background = runtime.clone();
-    tokio::spawn(async move {
-        let result = background
-            .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
-            .await;
-        match result {
-            Ok(p) => tracing::info!(
-                "vm runtime ready: guest kernel {}, accelerator {}",
-                p.image.kernel_version,
-                p.accel.accel.as_str()
-            ),
-            Err(e) => tracing::error!("vm runtime cannot start VMs: {e}"),
-        }
-    });
     Ok(Some(runtime))
 }
 

@@ -834,9 +834,20 @@ fn bench_ports_measures_both_paths_in_one_run() {
 }
 
 #[test]
-fn serve_with_no_vm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
-    // Its own image cache, so an image built in spite of --no-vm would show there.
-    let node = Serve::start(&["--no-vm", "--image-cache", "cache"]);
+fn serve_with_runtimes_wasm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
+    // A runtime it does not know is refused, naming the flag and what is valid.
+    let out = Command::new(BIN)
+        .args(["serve", "--runtimes", "wasm,docker"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--runtimes") && stderr(&out).contains("wasm, vm"),
+        "{}",
+        stderr(&out)
+    );
+    // Its own image cache, so an image built in spite of `--runtimes wasm` would show there.
+    let node = Serve::start(&["--runtimes", "wasm", "--image-cache", "cache"]);
     let hosts = node.json(&["host", "list"]);
     assert_eq!(hosts[0]["runtimes"], serde_json::json!(["wasm"]), "{hosts}");
     let vm = format!("vmoff{}", std::process::id());

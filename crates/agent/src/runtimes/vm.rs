@@ -387,7 +387,11 @@ impl Runtime for VmRuntime {
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
-        let prepared = self.prepare(|_| {}).await?;
+        // The first vm VNF builds the guest image (or finds it cached) and probes the
+        // accelerator; the others find both done.
+        let prepared = self
+            .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
+            .await?;
         let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
         // The NICs' sockets listen before QEMU starts: QEMU connects to them while it starts.
         cfg.vhost_user_nics = self.open_nics(spec, &prepared)?;
