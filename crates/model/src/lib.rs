@@ -81,6 +81,41 @@ spec:
     }
 
     #[test]
+    fn tv_tick_runs_every_second_by_default_never_at_0_and_at_most_hourly() {
+        let tick = |text: &str| {
+            yaml(text)
+                .unwrap()
+                .spec
+                .wasm
+                .and_then(|w| w.tick_interval())
+        };
+        let with = |t: &str| {
+            edit(
+                FIREWALL,
+                "engine: cranelift",
+                &format!("engine: cranelift\n    tick_ms: {t}"),
+            )
+        };
+        assert_eq!(tick(FIREWALL), Some(std::time::Duration::from_secs(1)));
+        assert_eq!(
+            tick(&with("20")),
+            Some(std::time::Duration::from_millis(20))
+        );
+        assert_eq!(tick(&with("0")), None);
+        assert_eq!(
+            tick(&with("3600000")),
+            Some(std::time::Duration::from_secs(3600))
+        );
+        let e = refused(&with("3600001"));
+        assert_eq!(e.path, "spec.wasm.tick_ms");
+        assert!(
+            e.reason.contains("3600001") && e.reason.contains("0 never"),
+            "{e}"
+        );
+        assert!(yaml(&with("-1")).is_err(), "a negative interval parses");
+    }
+
+    #[test]
     fn a_wasm_vnf_busy_polls_on_its_own_core_by_default_and_never_in_a_shared_group() {
         let mode = |text: &str| yaml(text).unwrap().poll_mode();
         let shared = edit(

@@ -204,6 +204,23 @@ pub struct WasmSpec {
     /// a shared group (where `busy` is refused: it would take the core from the group).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub poll: Option<PollMode>,
+    /// How often the module's `tv_tick(now_ns)` export is called (session ageing,
+    /// housekeeping), in milliseconds, by the worker that runs the VNF, between batches and
+    /// under the batch's fuel budget. 0 never calls it; 1 to 3600000; default 1000. A module
+    /// without the export is never called.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tick_ms: Option<u32>,
+}
+
+impl WasmSpec {
+    /// How often `tv_tick` is called (`tick_ms`, default [`limits::DEFAULT_WASM_TICK_MS`]);
+    /// `None` never.
+    pub fn tick_interval(&self) -> Option<std::time::Duration> {
+        match self.tick_ms.unwrap_or(limits::DEFAULT_WASM_TICK_MS) {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(u64::from(ms))),
+        }
+    }
 }
 
 /// How a data-plane worker waits for packets.
@@ -321,6 +338,10 @@ pub mod limits {
     pub const WASM_PAGE: u64 = 64 * 1024;
     /// Largest `spec.wasm.limits.fuel_per_batch` (about a second of CPU per batch).
     pub const MAX_WASM_FUEL_PER_BATCH: u64 = 1_000_000_000;
+    /// Largest `spec.wasm.tick_ms` (an hour).
+    pub const MAX_WASM_TICK_MS: u32 = 3_600_000;
+    /// `spec.wasm.tick_ms` when the descriptor leaves it out.
+    pub const DEFAULT_WASM_TICK_MS: u32 = 1000;
     /// Largest `spec.wasm.limits.memory`: all a wasm32 module can address.
     pub const MAX_WASM_MEMORY: u64 = 4 << 30;
     /// Most packet ports one VNF may have.
@@ -734,6 +755,17 @@ fn check_wasm(wasm: &WasmSpec, out: &mut Vec<FieldError>) {
             ),
         )),
         _ => {}
+    }
+    if let Some(t) = wasm.tick_ms
+        && t > limits::MAX_WASM_TICK_MS
+    {
+        out.push(FieldError::new(
+            "spec.wasm.tick_ms",
+            format!(
+                "{t} ms is more than {} (an hour); 0 never ticks",
+                limits::MAX_WASM_TICK_MS
+            ),
+        ));
     }
     let mut names = BTreeSet::new();
     for (i, map) in wasm.maps.iter().enumerate() {

@@ -532,6 +532,14 @@ impl VnfInstance {
         }
     }
 
+    /// The instance's clock, as `clock_ns` reads it outside a replayed batch: nanoseconds since
+    /// it started (0 when it does not run).
+    pub fn clock_ns(&self) -> u64 {
+        self.live.as_ref().map_or(0, |l| {
+            u64::try_from(l.store.data().clock_base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
     /// Calls the optional `tv_tick` export under the batch fuel budget.
     pub fn tick(&mut self, now_ns: u64) -> Result<()> {
         self.check_running()?;

@@ -863,3 +863,56 @@ fn serve_with_runtimes_wasm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
     // Nothing of the vm runtime was prepared: no guest image in its cache.
     assert!(!node.path("cache/images").exists(), "an image was built");
 }
+
+/// A module whose `tv_tick` counts its calls in counter `ticks`, forwarding nothing.
+fn ticking_module(node: &Serve) -> String {
+    let manifest = r#"{"abi":1,"name":"ticker","version":"1.0.0","permissions":["counters"],"counters":["ticks"]}"#;
+    let text = format!(
+        r#"(module
+  (import "telvirt" "counter_add" (func $counter (param i32 i64)))
+  (memory (export "memory") 4)
+  (func (export "tv_buffer") (param i32) (result i32) (i32.const 65536))
+  (func (export "tv_init") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "tv_process") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "tv_tick") (param i64) (call $counter (i32.const 0) (i64.const 1)))
+  (@custom "telvirt.manifest" "{}")
+)"#,
+        manifest.replace('"', "\\\"")
+    );
+    std::fs::write(node.path("ticker.wasm"), wat::parse_str(&text).unwrap()).unwrap();
+    "ticker.wasm".to_owned()
+}
+
+#[test]
+fn tv_tick_is_called_at_the_descriptors_interval_and_never_with_0() {
+    let node = start();
+    let module = ticking_module(&node);
+    let descriptor = |name: &str, tick: &str| {
+        format!(
+            "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: shared, group: t, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: {module}\n    limits: {{ memory: 4MiB }}\n{tick}"
+        )
+    };
+    // A tick interval over an hour is refused, naming the field; nothing is created.
+    std::fs::write(
+        node.path("slow.yaml"),
+        descriptor("slow", "    tick_ms: 3600001\n"),
+    )
+    .unwrap();
+    let out = node.cli(&["vnf", "create", "-f", "slow.yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("spec.wasm.tick_ms"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!node.cli(&["vnf", "show", "slow"]).status.success());
+    node.create("fast.yaml", &descriptor("fast", "    tick_ms: 20\n"));
+    node.create("never.yaml", &descriptor("never", "    tick_ms: 0\n"));
+    node.wait_phase("never", "Running");
+    node.wait_vnf("fast", |_| module_counter(&node, "fast", "ticks") >= 5);
+    assert_eq!(
+        module_counter(&node, "never", "ticks"),
+        0,
+        "tick_ms 0 still ticked"
+    );
+}

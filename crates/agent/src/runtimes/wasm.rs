@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
@@ -100,11 +100,13 @@ impl PacketProcessor for WasmStage {
 }
 
 /// Polls the stage only while the VNF is scheduled (not locked, not failed) and its fencing
-/// gate, when it has one, is open (a standby never forwards; a fenced active stops).
+/// gate, when it has one, is open (a standby never forwards; a fenced active stops); calls its
+/// `tv_tick` between batches when due.
 struct GatedNode {
     scheduled: Arc<AtomicBool>,
     gate: Option<Arc<ForwardGate>>,
     inner: ProcessorNode<WasmStage>,
+    ticker: Option<Ticker>,
 }
 
 impl Node for GatedNode {
@@ -113,7 +115,53 @@ impl Node for GatedNode {
         {
             return 0;
         }
-        self.inner.poll(io)
+        let n = self.inner.poll(io);
+        if let Some(t) = &mut self.ticker {
+            t.poll();
+        }
+        n
+    }
+}
+
+/// When a VNF's `tv_tick` is next due (`spec.wasm.tick_ms`).
+struct Ticker {
+    inst: Shared,
+    every: Duration,
+    next: Instant,
+    /// Polls since the clock was last read.
+    polls: u32,
+}
+
+impl Ticker {
+    /// Polls between two readings of the clock: a poll round takes a microsecond or less busy,
+    /// 50 µs idle, so a tick is late by at most a few milliseconds.
+    const POLLS_PER_CLOCK: u32 = 64;
+
+    fn new(inst: Shared, every: Duration) -> Self {
+        Ticker {
+            inst,
+            every,
+            next: Instant::now() + every,
+            polls: 0,
+        }
+    }
+
+    fn poll(&mut self) {
+        self.polls += 1;
+        if self.polls < Self::POLLS_PER_CLOCK {
+            return;
+        }
+        self.polls = 0;
+        let now = Instant::now();
+        if now < self.next {
+            return;
+        }
+        self.next = now + self.every;
+        let mut inst = guard(&self.inst);
+        let clock = inst.clock_ns();
+        // A trap in the tick fails or restarts the instance like a batch's (its state and
+        // events say so); a module without the export is not called.
+        let _ = inst.tick(clock);
     }
 }
 
@@ -806,6 +854,13 @@ impl WasmRuntime {
                 },
                 BATCH,
             ),
+            ticker: spec
+                .descriptor
+                .spec
+                .wasm
+                .as_ref()
+                .and_then(|w| w.tick_interval())
+                .map(|every| Ticker::new(Arc::clone(&inst), every)),
         };
         let mut entries = self.entries();
         if entries.get(&spec.name).is_some_and(|e| !e.stopped) {
