@@ -85,6 +85,12 @@ pub enum Command {
     /// Latency measurement tools
     #[command(subcommand)]
     Latency(crate::latency::LatencyCommand),
+    /// Print a shell completion script, e.g. `telvirt completion bash >
+    /// /etc/bash_completion.d/telvirt`, or `source <(telvirt completion bash)`
+    Completion {
+        /// The shell to complete in
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -115,6 +115,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
             output::structured(yaml, &schema)?;
             Ok(())
         }
+        Command::Completion { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "telvirt", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Bench(cmd) => bench::run(format, cmd),
         Command::Wasm(cmd) => wasm::run(format, cmd),
         Command::Net(cmd) => {

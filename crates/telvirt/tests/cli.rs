@@ -300,3 +300,28 @@ fn schema_prints_json_unless_yaml_is_asked_for() {
     let from_yaml: serde_json::Value = serde_yaml::from_slice(&yaml.stdout).unwrap();
     assert_eq!(from_yaml, from_json);
 }
+
+#[test]
+fn completion_scripts_name_every_subcommand_and_a_bad_shell_is_refused() {
+    let script = |shell: &str| {
+        let out = Command::new(BIN)
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let bash = script("bash");
+    assert!(bash.contains("complete -F _telvirt"), "{bash}");
+    for word in ["migrate", "capture", "completion", "--runtimes"] {
+        assert!(bash.contains(word), "bash completion lacks {word}");
+    }
+    assert!(script("zsh").starts_with("#compdef telvirt"));
+    assert!(script("fish").contains("complete -c telvirt"));
+    let out = Command::new(BIN)
+        .args(["completion", "nu"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("bash"), "{}", stderr(&out));
+}
