@@ -254,6 +254,8 @@ pub enum VnfCommand {
         /// Descriptor file, or - for standard input
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        #[command(flatten)]
+        wait: WaitArg,
     },
     /// List the VNFs you may see
     #[command(alias = "ls")]
@@ -271,13 +273,29 @@ pub enum VnfCommand {
     /// Show a VNF's lifecycle events
     Events { name: String },
     /// Ask for a VNF to run
-    Start { name: String },
+    Start {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Ask for a VNF to stop
-    Stop { name: String },
+    Stop {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Lock a VNF: pause it and refuse every change but unlock and delete
-    Lock { name: String },
+    Lock {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Unlock a locked VNF
-    Unlock { name: String },
+    Unlock {
+        name: String,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// Move a running wasm VNF to another host with its state: the destination takes the
     /// maps, then the traffic; follows the move to its end with a progress bar
     Migrate(crate::migrate::MigrateArgs),
@@ -312,6 +330,16 @@ pub enum VnfCommand {
         #[arg(long)]
         no_wait: bool,
     },
+}
+
+/// `--wait[=SECONDS]` of the VNF commands whose effect is a phase.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WaitArg {
+    /// Return only once the VNF reached the phase the command asks for (Running, Stopped,
+    /// Locked), printing it; fail (exit 1) when it ends Failed or is not there within SECONDS
+    /// (default 300)
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "300", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub wait: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -37,7 +37,7 @@ use clap::Parser;
 use reqwest::{Method, StatusCode};
 use telvirt_model::HostGrants;
 use telvirt_model::api::{Authority, AuthorityToken, HostView};
-use telvirt_model::{Event, Vnf};
+use telvirt_model::{Event, Phase, Vnf};
 
 use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
 use client::Client;
@@ -185,13 +185,17 @@ fn print_vnf(format: Output, vnf: &Vnf) -> Result<()> {
 
 async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
     match cmd {
-        VnfCommand::Create { file } => {
+        VnfCommand::Create { file, wait } => {
             let (bytes, f) = read_descriptor(&file)?;
             let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f).await?;
             let vnf: Vnf = client
                 .call(Method::POST, "/v1/vnfs", Some((bytes, f.media_type())))
                 .await?
                 .json()?;
+            let vnf = match wait.wait {
+                Some(secs) => wait_phase(client, vnf.name.as_str(), Phase::Running, secs).await?,
+                None => vnf,
+            };
             if !output::structured(format, &vnf)? {
                 println!("vnf/{} created ({})", vnf.name, vnf.phase);
             }
@@ -219,17 +223,25 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
                 println!("{}", output::event_table(&events));
             }
         }
-        VnfCommand::Start { name } => {
-            action(client, format, &name, "start", "start requested").await?
+        VnfCommand::Start { name, wait } => {
+            let done = (Phase::Running, "start requested");
+            action(client, format, &name, "start", done, wait).await?
         }
-        VnfCommand::Stop { name } => {
-            action(client, format, &name, "stop", "stop requested").await?
+        VnfCommand::Stop { name, wait } => {
+            let done = (Phase::Stopped, "stop requested");
+            action(client, format, &name, "stop", done, wait).await?
         }
-        VnfCommand::Lock { name } => action(client, format, &name, "lock", "locked").await?,
+        VnfCommand::Lock { name, wait } => {
+            let done = (Phase::Locked, "locked");
+            action(client, format, &name, "lock", done, wait).await?
+        }
         VnfCommand::Console(_) => bail!("vnf console is dispatched before the API client"),
         VnfCommand::Attach(args) => vm::attach(client, format, args).await?,
         VnfCommand::Detach { name, id } => vm::detach(client, format, &name, &id).await?,
-        VnfCommand::Unlock { name } => action(client, format, &name, "unlock", "unlocked").await?,
+        VnfCommand::Unlock { name, wait } => {
+            let done = (Phase::Running, "unlocked");
+            action(client, format, &name, "unlock", done, wait).await?
+        }
         VnfCommand::Upgrade { name, module } => {
             let module = modules::resolve_upgrade(client, &module).await?;
             crate::wasm::upgrade(client, format, &name, &module).await?
@@ -257,12 +269,58 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
     Ok(())
 }
 
-async fn action(client: &Client, format: Output, name: &str, verb: &str, done: &str) -> Result<()> {
+/// `POST /v1/vnfs/NAME/VERB`; with `--wait`, then until the VNF is in `done.0`. Prints the VNF
+/// (structured) or `done.1`, or, after waiting, its phase.
+async fn action(
+    client: &Client,
+    format: Output,
+    name: &str,
+    verb: &str,
+    done: (Phase, &str),
+    wait: cli::WaitArg,
+) -> Result<()> {
     let vnf: Vnf = client.post(&format!("/v1/vnfs/{name}/{verb}")).await?;
+    let (vnf, said) = match wait.wait {
+        Some(secs) => (
+            wait_phase(client, name, done.0, secs).await?,
+            done.0.as_str(),
+        ),
+        None => (vnf, done.1),
+    };
     if !output::structured(format, &vnf)? {
-        println!("vnf/{name} {done}");
+        println!("vnf/{name} {said}");
     }
     Ok(())
+}
+
+/// Polls VNF `name` until it is in `phase` (answering it), with a deadline of `secs`; an error
+/// when it ends Failed (with its reason) or the deadline passes (with the phase it is in).
+async fn wait_phase(client: &Client, name: &str, phase: Phase, secs: u64) -> Result<Vnf> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let vnf: Vnf = client.get(&format!("/v1/vnfs/{name}")).await?;
+        if vnf.phase == phase {
+            return Ok(vnf);
+        }
+        if vnf.phase == Phase::Failed && phase != Phase::Failed {
+            bail!(
+                "vnf/{name} failed: {}",
+                vnf.reason.as_deref().unwrap_or("no reason given")
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "vnf/{name} is {} after {secs} s, not {}{}",
+                vnf.phase,
+                phase.as_str(),
+                vnf.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Polls until the VNF is gone, with a deadline.

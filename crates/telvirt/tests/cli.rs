@@ -325,3 +325,38 @@ fn completion_scripts_name_every_subcommand_and_a_bad_shell_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("bash"), "{}", stderr(&out));
 }
+
+#[test]
+fn wait_returns_once_the_phase_is_reached_and_fails_on_failed() {
+    let server = lab();
+    let fw = example(&server, "fw1.yaml");
+    let ok = |args: &[&str]| {
+        let out = server.cli(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = ok(&["vnf", "create", "-f", &fw, "--wait"]);
+    assert!(out.contains("vnf/fw1 created (Running)"), "{out}");
+    let v: Value =
+        serde_json::from_str(&ok(&["vnf", "lock", "fw1", "--wait=60", "-o", "json"])).unwrap();
+    assert_eq!(v["phase"], "Locked", "{v}");
+    assert!(ok(&["vnf", "unlock", "fw1", "--wait"]).contains("vnf/fw1 Running"));
+    assert!(ok(&["vnf", "stop", "fw1", "--wait"]).contains("vnf/fw1 Stopped"));
+    assert!(ok(&["vnf", "start", "fw1", "--wait"]).contains("vnf/fw1 Running"));
+    // A VNF that ends Failed: --wait says why and exits 1.
+    let broken = server.path("examples/descriptors/broken.yaml");
+    let text = std::fs::read_to_string(&fw)
+        .unwrap()
+        .replace("name: fw1", "name: fw9")
+        // Six bytes: not a default action plus whole rules, so the firewall's tv_init refuses.
+        .replace("blob_hex: \"02000000\"", "blob_hex: \"020000000000\"");
+    std::fs::write(&broken, text).unwrap();
+    let out = server.cli(&["vnf", "create", "-f", broken.to_str().unwrap(), "--wait=60"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("vnf/fw9 failed"), "{}", stderr(&out));
+    // A zero deadline is refused before any request.
+    let out = server.cli(&["vnf", "stop", "fw1", "--wait=0"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--wait"), "{}", stderr(&out));
+    assert_eq!(server.json(&["vnf", "show", "fw1"])["phase"], "Running");
+}
