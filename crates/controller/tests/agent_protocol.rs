@@ -127,7 +127,7 @@ fn host_record(name: &str) -> Value {
             "shared": "0"
         },
         "memory_bytes": 1u64 << 30,
-        "runtimes": ["wasm"],
+        "runtimes": ["wasm", "vm"],
         "agent": true
     })
 }
