@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{
@@ -289,6 +289,8 @@ pub fn router(controller: Arc<Controller>) -> Router {
             "/v1/authorities",
             get(list_authorities).post(create_authority),
         )
+        .route("/v1/authorities/{name}", delete(delete_authority))
+        .route("/v1/authorities/{name}/token", post(rotate_authority_token))
         .route(
             "/v1/authorities/{name}/grants",
             get(show_grants).post(add_grants).delete(revoke_grants),
@@ -816,6 +818,42 @@ async fn create_authority(
     Ok(json(StatusCode::CREATED, &created))
 }
 
+#[utoipa::path(post, path = "/v1/authorities/{name}/token", tag = "authorities", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Authority name")),
+    responses(
+        (status = 200, description = "A new token, shown only now; the old one no longer works", body = AuthorityToken),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "An authority rotates only its own token (admin any)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such authority", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The authority changed meanwhile; try again", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn rotate_authority_token(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let rotated = s.controller.rotate_authority_token(&caller, &name).await?;
+    Ok(json(StatusCode::OK, &rotated))
+}
+
+#[utoipa::path(delete, path = "/v1/authorities/{name}", tag = "authorities", security(("bearer" = [])),
+    params(("name" = String, Path, description = "Authority name")),
+    responses(
+        (status = 204, description = "Deleted with its token and grants"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin deletes authorities", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such authority", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "It still owns VNFs or networks (named), or it is admin", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn delete_authority(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.controller.delete_authority(&caller, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[utoipa::path(get, path = "/metrics", tag = "node",
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
 async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
@@ -1324,7 +1362,7 @@ async fn delete_module(
         healthz, readyz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, migrate_vnf, list_hosts,
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
-        list_authorities, create_authority, metrics, list_networks, create_network,
+        list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency, network_capture,
         upgrade_vnf, vnf_maps, vnf_stats, vnf_console, show_grants, add_grants, revoke_grants,
         list_modules, upload_module, show_module, delete_module

@@ -436,7 +436,8 @@ impl Controller {
         let record = AuthorityRecord {
             name: name.to_owned(),
             token_sha256: auth::token_hash(&token),
-            created_at: now_rfc3339(),
+            // A new token is not a new authority.
+            created_at: previous.map_or_else(now_rfc3339, |(old, _)| old.created_at.clone()),
             domain: Some(domain.to_owned()),
         };
         let won = self
@@ -527,6 +528,114 @@ impl Controller {
             domain,
             token,
         })
+    }
+
+    /// Gives authority `name` a new token (admin for any, an authority for itself); the old
+    /// token stops working in the same transaction. Shown once, like a new authority's.
+    pub async fn rotate_authority_token(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<AuthorityToken> {
+        if !caller.is_admin() && caller.name != name {
+            return Err(ControllerError::Forbidden(
+                "an authority rotates its own token only (admin rotates any)".into(),
+            ));
+        }
+        let (record, revision) = self.authority_record(name).await?;
+        let domain = auth::effective_domain(name, record.domain.as_deref()).to_owned();
+        let token = self
+            .write_authority(name, &domain, Some(&(record, revision)))
+            .await?
+            .ok_or_else(|| {
+                ControllerError::Conflict(format!(
+                    "authority {name} changed while its token was rotated; try again"
+                ))
+            })?;
+        Ok(AuthorityToken {
+            name: name
+                .parse()
+                .map_err(|e| ControllerError::Corrupt(format!("{}: {e}", authority_key(name))))?,
+            domain,
+            token,
+        })
+    }
+
+    /// Authority `name`'s record and its revision; 404 when there is none.
+    async fn authority_record(&self, name: &str) -> Result<(AuthorityRecord, u64)> {
+        let key = authority_key(name);
+        let v = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| ControllerError::NotFound(format!("authority {name} not found")))?;
+        Ok((decode(&key, &v.value)?, v.mod_revision))
+    }
+
+    /// Deletes authority `name` with its token and its grants in one transaction (admin only;
+    /// never admin itself). Refused (409) while it owns VNFs or networks, naming them: delete
+    /// those first. Nothing changes when refused.
+    pub async fn delete_authority(&self, caller: &Caller, name: &str) -> Result<()> {
+        if !caller.is_admin() {
+            return Err(ControllerError::Forbidden(
+                "only the admin authority deletes authorities".into(),
+            ));
+        }
+        if name == ADMIN_AUTHORITY {
+            return Err(ControllerError::Conflict(
+                "the admin authority cannot be deleted (rotate its token instead)".into(),
+            ));
+        }
+        let (record, revision) = self.authority_record(name).await?;
+        let owner = Caller {
+            name: name.to_owned(),
+        };
+        let vnfs: Vec<String> = self
+            .vnfs(&owner)
+            .await?
+            .into_iter()
+            .map(|v| v.name.as_str().to_owned())
+            .collect();
+        let networks: Vec<String> = self
+            .all_networks()
+            .await?
+            .into_iter()
+            .filter(|n| n.owner.as_str() == name)
+            .map(|n| n.name.as_str().to_owned())
+            .collect();
+        if !vnfs.is_empty() || !networks.is_empty() {
+            let list = |what: &str, names: &[String]| {
+                (!names.is_empty()).then(|| format!("{what} {}", names.join(", ")))
+            };
+            let owned: Vec<String> = [list("VNFs", &vnfs), list("networks", &networks)]
+                .into_iter()
+                .flatten()
+                .collect();
+            return Err(ControllerError::Conflict(format!(
+                "authority {name} still owns {}; delete them first",
+                owned.join(" and ")
+            )));
+        }
+        let key = authority_key(name);
+        let compare = Compare::ModRevision {
+            key: key.clone(),
+            revision,
+        };
+        let ops = vec![
+            Op::Delete { key },
+            Op::Delete {
+                key: token_key(&record.token_sha256),
+            },
+            Op::Delete {
+                key: crate::records::grants_key(name),
+            },
+        ];
+        if !self.store.txn(vec![compare], ops).await?.succeeded {
+            return Err(ControllerError::Conflict(format!(
+                "authority {name} changed while it was being deleted; try again"
+            )));
+        }
+        Ok(())
     }
 
     /// The wasm security domain of authority `name` (as stored; admin: operator).

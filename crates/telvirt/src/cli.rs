@@ -387,6 +387,13 @@ pub enum AuthorityCommand {
     Revoke(GrantArgs),
     /// Show the host resources granted to an authority (yours, or any for admin)
     Grants { name: String },
+    /// Give an authority a new token, shown once; the old one stops working at once (your own,
+    /// or any for admin)
+    RotateToken { name: String },
+    /// Delete an authority with its token and grants (admin only; refused while it owns VNFs
+    /// or networks, naming them)
+    #[command(alias = "rm")]
+    Delete { name: String },
 }
 
 #[derive(Args, Debug)]

@@ -412,6 +412,27 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
 
 async fn authority(client: &Client, format: Output, cmd: AuthorityCommand) -> Result<()> {
     match cmd {
+        AuthorityCommand::RotateToken { name } => {
+            let rotated: AuthorityToken = client
+                .post(&format!("/v1/authorities/{name}/token"))
+                .await?;
+            if !output::structured(format, &rotated)? {
+                println!(
+                    "authority/{} has a new token; the old one no longer works",
+                    rotated.name
+                );
+                println!("token (shown once, keep it safe): {}", rotated.token);
+            }
+        }
+        AuthorityCommand::Delete { name } => {
+            client
+                .call(Method::DELETE, &format!("/v1/authorities/{name}"), None)
+                .await?;
+            let value = serde_json::json!({ "name": name, "deleted": true });
+            if !output::structured(format, &value)? {
+                println!("authority/{name} deleted");
+            }
+        }
         AuthorityCommand::Create { name, domain } => {
             let mut body = serde_json::json!({ "name": name });
             if let Some(domain) = domain {

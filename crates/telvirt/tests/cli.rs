@@ -360,3 +360,58 @@ fn wait_returns_once_the_phase_is_reached_and_fails_on_failed() {
     assert!(stderr(&out).contains("--wait"), "{}", stderr(&out));
     assert_eq!(server.json(&["vnf", "show", "fw1"])["phase"], "Running");
 }
+
+#[test]
+fn an_authority_rotates_its_token_and_is_deleted_only_once_it_owns_nothing() {
+    let server = lab();
+    let old = server.authority("op2");
+    let created_at = server
+        .json(&["authority", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "op2")
+        .unwrap()["created_at"]
+        .clone();
+    // Rotated by itself: the new token works, the old one is refused at once (exit 3).
+    let rotated = server.json_as(&old, &["authority", "rotate-token", "op2"]);
+    let new = rotated["token"].as_str().unwrap().to_owned();
+    assert_ne!(new, old);
+    assert_eq!(server.cli_as(&old, &["vnf", "list"]).status.code(), Some(3));
+    server.ok_as(&new, &["vnf", "list"]);
+    let listed = server.json(&["authority", "list"]);
+    let op2 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "op2")
+        .unwrap();
+    assert_eq!(
+        op2["created_at"], created_at,
+        "a new token is not a new authority"
+    );
+    // Not another's, not one that does not exist.
+    let other = server.authority("op3");
+    let out = server.cli_as(&other, &["authority", "rotate-token", "op2"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = server.cli(&["authority", "rotate-token", "nobody"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    // Deletion: admin only, never admin, never while it owns a VNF (named); then its token is dead.
+    let fw = example(&server, "fw1.yaml");
+    server.ok_as(&new, &["vnf", "create", "-f", &fw]);
+    let out = server.cli_as(&other, &["authority", "delete", "op2"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let out = server.cli(&["authority", "delete", "admin"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let out = server.cli(&["authority", "delete", "op2"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("VNFs fw1"), "{}", stderr(&out));
+    server.ok_as(&new, &["vnf", "list"]);
+    server.ok_as(&new, &["vnf", "delete", "fw1"]);
+    server.ok(&["authority", "delete", "op2"]);
+    assert_eq!(server.cli_as(&new, &["vnf", "list"]).status.code(), Some(3));
+    let listed = server.json(&["authority", "list"]);
+    assert!(!listed.to_string().contains("\"op2\""), "{listed}");
+    let out = server.cli(&["authority", "delete", "op2"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+}
