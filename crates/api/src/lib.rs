@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use telvirt_model::api::{HugePageView, MapView, WasmStatsView};
+use telvirt_model::api::{HugePageView, MapView, VnfLogs, WasmStatsView};
 use telvirt_model::network::{LatencyProbe, LatencyReport, NetworkDescriptor, NetworkStatus};
 use telvirt_sched::HostSpec;
 
@@ -197,6 +197,8 @@ pub enum NodeRequest {
     Maps { vnf: String },
     /// The counters of a running wasm VNF.
     Stats { vnf: String },
+    /// The log lines of a running wasm VNF with a `seq` above `after`.
+    Logs { vnf: String, after: u64 },
     /// Swap a running wasm VNF's module for `module` (`sha256:<hex>` or a path on the node).
     Upgrade { vnf: String, module: String },
     /// The last `lines` lines of a vm VNF's serial console.
@@ -234,6 +236,7 @@ impl NodeRequest {
         match self {
             Self::Maps { vnf }
             | Self::Stats { vnf }
+            | Self::Logs { vnf, .. }
             | Self::Upgrade { vnf, .. }
             | Self::Console { vnf, .. } => Some(vnf),
             Self::NetworkStatus { .. } | Self::Probe { .. } | Self::Capture { .. } => None,
@@ -250,6 +253,9 @@ pub enum NodeReply {
     },
     Stats {
         stats: WasmStatsView,
+    },
+    Logs {
+        logs: VnfLogs,
     },
     /// The module now running: its hash.
     Upgraded {

@@ -259,6 +259,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/upgrade", post(upgrade_vnf))
         .route("/v1/vnfs/{name}/maps", get(vnf_maps))
         .route("/v1/vnfs/{name}/stats", get(vnf_stats))
+        .route("/v1/vnfs/{name}/logs", get(vnf_logs))
         .route("/v1/vnfs/{name}/console", get(vnf_console))
         .route("/v1/vnfs/{name}/devices", post(attach_device))
         .route("/v1/vnfs/{name}/migrate", post(migrate_vnf))
@@ -1187,15 +1188,54 @@ async fn vnf_console(
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Result<Response, ApiError> {
-    let axum::extract::Query(query) = query.map_err(|e| {
+    let query = typed_query(query)?;
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.vnf_console(&caller, &name, &query).await?,
+    ))
+}
+
+/// A route's typed query, or 422 naming `query` with what was wrong (an unknown parameter, a
+/// value of the wrong type).
+fn typed_query<T>(
+    query: Result<axum::extract::Query<T>, axum::extract::rejection::QueryRejection>,
+) -> Result<T, ApiError> {
+    query.map(|q| q.0).map_err(|e| {
         ApiError::from(ControllerError::Invalid(FieldError::new(
             "query",
             e.body_text(),
         )))
-    })?;
+    })
+}
+
+/// The query of `GET /v1/vnfs/{name}/logs`.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// Only lines with a `seq` above this (the last one seen; default 0: every kept line).
+    pub after: Option<u64>,
+}
+
+#[utoipa::path(get, path = "/v1/vnfs/{name}/logs", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name"), LogsQuery),
+    responses(
+        (status = 200, description = "The module's newest log lines (at most 64 kept), oldest first", body = telvirt_model::api::VnfLogs),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a wasm VNF (a vm VNF's console: /console), or not Running or Locked", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`after` not a number, or an unknown parameter", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn vnf_logs(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<LogsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let query = typed_query(query)?;
+    let after = query.after.unwrap_or(0);
     Ok(json(
         StatusCode::OK,
-        &s.controller.vnf_console(&caller, &name, &query).await?,
+        &s.controller.vnf_logs(&caller, &name, after).await?,
     ))
 }
 
@@ -1364,7 +1404,7 @@ async fn delete_module(
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency, network_capture,
-        upgrade_vnf, vnf_maps, vnf_stats, vnf_console, show_grants, add_grants, revoke_grants,
+        upgrade_vnf, vnf_maps, vnf_stats, vnf_logs, vnf_console, show_grants, add_grants, revoke_grants,
         list_modules, upload_module, show_module, delete_module
     ),
     modifiers(&BearerScheme, &StoreUnavailable)

@@ -1,12 +1,13 @@
 //! Reading a running wasm VNF's maps (`GET /v1/vnfs/{name}/maps`: per map its name, kind and
-//! how many entries it holds) and counters (`GET /v1/vnfs/{name}/stats`).
+//! how many entries it holds), counters (`GET /v1/vnfs/{name}/stats`) and module log
+//! (`GET /v1/vnfs/{name}/logs`).
 //!
 //! Owns the checks (visibility, runtime, phase) and routing the read as a node call to the agent
 //! of the host the VNF runs on (ADR 047). It must not touch the runtime itself nor write
 //! anything.
 
 use telvirt_api::{NodeReply, NodeRequest};
-use telvirt_model::api::{MapView, WasmStatsView};
+use telvirt_model::api::{MapView, VnfLogs, WasmStatsView};
 use telvirt_model::{Phase, Role, RuntimeKind};
 
 use crate::service::{Caller, Controller, ControllerError};
@@ -41,6 +42,25 @@ impl Controller {
         match self.node_call(&host, request).await? {
             NodeReply::Stats { stats } => Ok(stats),
             other => Err(unexpected(&host, "counters", other)),
+        }
+    }
+
+    /// The log lines of a wasm VNF the caller may see with a `seq` above `after`, read from its
+    /// running (or locked) instance.
+    pub async fn vnf_logs(
+        &self,
+        caller: &Caller,
+        name: &str,
+        after: u64,
+    ) -> Result<VnfLogs, ControllerError> {
+        let host = self.running_wasm(caller, name, "module logs").await?;
+        let request = NodeRequest::Logs {
+            vnf: name.to_owned(),
+            after,
+        };
+        match self.node_call(&host, request).await? {
+            NodeReply::Logs { logs } => Ok(logs),
+            other => Err(unexpected(&host, "logs", other)),
         }
     }
 

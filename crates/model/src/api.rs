@@ -97,6 +97,31 @@ pub struct MapView {
     pub value_size: u32,
 }
 
+/// One line a wasm module logged (`GET /v1/vnfs/{name}/logs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogLineView {
+    /// 1 for the first line since the instance (re)started, one more per line: ask for the
+    /// lines `after` the last one seen. A restart starts again from 1.
+    pub seq: u64,
+    /// The instance's clock when it was logged: ns since it started.
+    pub at_ns: u64,
+    /// The level the module gave (its own scale).
+    pub level: i32,
+    pub text: String,
+}
+
+/// A running wasm VNF's log (`GET /v1/vnfs/{name}/logs`): the newest lines its instance keeps
+/// (at most 64), oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VnfLogs {
+    pub lines: Vec<LogLineView>,
+    /// The `seq` of the newest line the instance keeps (0: none yet). Below the `after` asked
+    /// for, the instance restarted and counts from 1 again.
+    pub latest: u64,
+    /// Lines the module tried to log beyond 16 per batch or with a bad pointer (lost).
+    pub dropped: u64,
+}
+
 /// A running wasm VNF's counters (`GET /v1/vnfs/{name}/stats`): the runtime's own, and the
 /// module's (named by its manifest, e.g. the firewall's `allowed`, `denied`, `non_ip`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

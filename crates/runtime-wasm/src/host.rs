@@ -55,6 +55,12 @@ impl ResourceLimiter for Limiter {
 /// One line logged by a module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogLine {
+    /// 1 for the first line the instance kept since it (re)started, then one more per line:
+    /// a reader asks for the lines after the last it saw.
+    pub seq: u64,
+    /// The instance's clock when it was logged (`clock_ns`: ns since it started, or the
+    /// batch's replay time).
+    pub at_ns: u64,
     pub level: i32,
     pub text: String,
 }
@@ -70,6 +76,8 @@ pub(crate) struct HostState {
     pub(crate) emitted: Emitted,
     pub(crate) ports: u32,
     pub(crate) logs: VecDeque<LogLine>,
+    /// Lines kept since the instance started (the last line's `seq`).
+    pub(crate) logs_kept: u64,
     pub(crate) logs_this_batch: usize,
     pub(crate) logs_dropped: u64,
     pub(crate) now_ns: Option<u64>,
@@ -92,6 +100,7 @@ impl HostState {
             emitted: Emitted::new(),
             ports,
             logs: VecDeque::with_capacity(64),
+            logs_kept: 0,
             logs_this_batch: 0,
             logs_dropped: 0,
             now_ns: None,
@@ -289,10 +298,16 @@ pub(crate) fn link(
                         return;
                     };
                     st.logs_this_batch += 1;
+                    st.logs_kept += 1;
                     if st.logs.len() == 64 {
                         st.logs.pop_front();
                     }
+                    let at_ns = st
+                        .now_ns
+                        .unwrap_or_else(|| st.clock_base.elapsed().as_nanos() as u64);
                     st.logs.push_back(LogLine {
+                        seq: st.logs_kept,
+                        at_ns,
                         level,
                         text: String::from_utf8_lossy(&data[r]).into_owned(),
                     });

@@ -551,7 +551,12 @@ impl VnfInstance {
         let Some(tick) = live.tick.clone() else {
             return Ok(());
         };
-        live.store.data_mut().now_ns = Some(now_ns);
+        {
+            // A tick has its own log budget, as a batch has.
+            let st = live.store.data_mut();
+            st.now_ns = Some(now_ns);
+            st.logs_this_batch = 0;
+        }
         let r = live
             .store
             .set_fuel(fuel)

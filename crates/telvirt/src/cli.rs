@@ -314,6 +314,15 @@ pub enum VnfCommand {
     Stats { name: String },
     /// Show the last lines of a vm VNF's serial console (read on its host, through its agent)
     Console(crate::vm::ConsoleArgs),
+    /// Show a VNF's log: a wasm module's log lines (the newest 64 its instance keeps), a vm
+    /// VNF's serial console; `-f` follows it until interrupted
+    Logs {
+        name: String,
+        /// Keep printing new lines as they come (polls every 500 ms; -o json prints one JSON
+        /// object per line)
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
     /// Grant a device to a vm VNF; its agent attaches it to the running VM
     Attach(crate::vm::AttachArgs),
     /// Revoke a granted device; its agent detaches it from the running VM

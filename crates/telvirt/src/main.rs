@@ -236,6 +236,9 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
             action(client, format, &name, "lock", done, wait).await?
         }
         VnfCommand::Console(_) => bail!("vnf console is dispatched before the API client"),
+        VnfCommand::Logs { name, follow } => {
+            crate::wasm::logs(client, format, &name, follow).await?
+        }
         VnfCommand::Attach(args) => vm::attach(client, format, args).await?,
         VnfCommand::Detach { name, id } => vm::detach(client, format, &name, &id).await?,
         VnfCommand::Unlock { name, wait } => {

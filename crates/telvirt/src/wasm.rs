@@ -19,7 +19,7 @@ use telvirt_agent::NodeHandler;
 use telvirt_api::{NodeReply, NodeRequest};
 use telvirt_controller::Controller;
 use telvirt_controller::modules::{ModuleRepository, ModuleVerifier};
-use telvirt_model::api::{MapView, ModuleInfo, WasmStatsView};
+use telvirt_model::api::{LogLineView, MapView, ModuleInfo, VnfLogs, WasmStatsView};
 use telvirt_model::{Name, Vnf};
 use telvirt_runtime_wasm::SecurityPolicy;
 
@@ -202,6 +202,9 @@ impl HostNodeHandler {
             NodeRequest::Stats { .. } => NodeReply::Stats {
                 stats: rt.stats_view(&name).map_err(|e| e.to_string())?,
             },
+            NodeRequest::Logs { after, .. } => NodeReply::Logs {
+                logs: rt.logs_view(&name, *after).map_err(|e| e.to_string())?,
+            },
             NodeRequest::Upgrade { module, .. } => NodeReply::Upgraded {
                 hash: rt.upgrade(&name, module).map_err(|e| e.to_string())?,
             },
@@ -231,6 +234,71 @@ impl NodeHandler for HostNodeHandler {
         self.answer(request)
             .unwrap_or_else(|reason| NodeReply::Failed { reason })
     }
+}
+
+/// `telvirt vnf logs NAME [-f]`: a wasm module's log lines, or a vm VNF's console; following
+/// asks for what came after the last line shown every 500 ms until interrupted (or until the
+/// VNF cannot be read any more, which ends it with that error).
+pub async fn logs(client: &Client, format: Output, name: &str, follow: bool) -> Result<()> {
+    let vnf: telvirt_model::Vnf = client.get(&format!("/v1/vnfs/{name}")).await?;
+    let wasm = vnf.descriptor.spec.runtime == telvirt_model::RuntimeKind::Wasm;
+    let mut last: Option<u64> = None;
+    let mut console: Vec<String> = Vec::new();
+    loop {
+        if wasm {
+            let after = last.unwrap_or(0);
+            let logs: VnfLogs = client
+                .get(&format!("/v1/vnfs/{name}/logs?after={after}"))
+                .await?;
+            // A restarted instance counts from 1 again: show its lines from the start.
+            if logs.latest < after {
+                last = None;
+                continue;
+            }
+            if !follow && crate::output::structured(format, &logs)? {
+                return Ok(());
+            }
+            for l in &logs.lines {
+                print_log_line(format, l)?;
+                last = Some(l.seq);
+            }
+            last = last.or(Some(after));
+        } else {
+            let tail: Vec<String> = client
+                .get(&format!("/v1/vnfs/{name}/console?lines=200"))
+                .await?;
+            // What is new: the lines after the last one already shown, if it is still there.
+            let start = console
+                .last()
+                .and_then(|seen| tail.iter().rposition(|l| l == seen))
+                .map_or(0, |i| i + 1);
+            for line in &tail[start..] {
+                match format {
+                    Output::Table => println!("{line}"),
+                    _ => println!("{}", serde_json::json!({ "line": line })),
+                }
+            }
+            console = tail;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+fn print_log_line(format: Output, l: &LogLineView) -> Result<()> {
+    match format {
+        Output::Table => println!(
+            "{:>6} {:>12.6}s L{} {}",
+            l.seq,
+            l.at_ns as f64 / 1e9,
+            l.level,
+            l.text
+        ),
+        _ => println!("{}", serde_json::to_string(l)?),
+    }
+    Ok(())
 }
 
 /// `telvirt vnf stats NAME`.

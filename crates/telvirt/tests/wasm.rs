@@ -916,3 +916,99 @@ fn tv_tick_is_called_at_the_descriptors_interval_and_never_with_0() {
         "tick_ms 0 still ticked"
     );
 }
+
+#[test]
+fn vnf_logs_shows_and_follows_a_modules_log_lines() {
+    use std::io::BufRead;
+    let node = start();
+    // A module that logs "tick" from tv_tick (the admin's operator domain may log).
+    let manifest = r#"{"abi":1,"name":"logger","version":"1.0.0","permissions":["log"]}"#;
+    let text = format!(
+        r#"(module
+  (import "telvirt" "log" (func $log (param i32 i32 i32)))
+  (memory (export "memory") 4)
+  (data (i32.const 16) "tick")
+  (func (export "tv_buffer") (param i32) (result i32) (i32.const 65536))
+  (func (export "tv_init") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "tv_process") (param i32 i32) (result i32) (i32.const 0))
+  (func (export "tv_tick") (param i64) (call $log (i32.const 3) (i32.const 16) (i32.const 4)))
+  (@custom "telvirt.manifest" "{}")
+)"#,
+        manifest.replace('"', "\\\"")
+    );
+    std::fs::write(node.path("logger.wasm"), wat::parse_str(&text).unwrap()).unwrap();
+    node.create(
+        "logger.yaml",
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: logger }\nspec:\n  runtime: wasm\n  cpu: { policy: shared, group: l, count: 1 }\n  ports: [in, out]\n  wasm:\n    module: logger.wasm\n    limits: { memory: 4MiB }\n    tick_ms: 20\n",
+    );
+    node.wait_phase("logger", "Running");
+    node.wait_vnf("logger", |_| {
+        node.json(&["vnf", "logs", "logger"])["lines"]
+            .as_array()
+            .is_some_and(|l| l.len() >= 3)
+    });
+    let v = node.json(&["vnf", "logs", "logger"]);
+    let lines = v["lines"].as_array().unwrap();
+    assert!(lines.len() <= 64, "more than the 64 kept: {v}");
+    assert!(
+        lines.iter().all(|l| l["text"] == "tick" && l["level"] == 3),
+        "{v}"
+    );
+    let seqs: Vec<u64> = lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    assert_eq!(v["latest"].as_u64(), seqs.last().copied(), "{v}");
+    // -f keeps printing new lines, one per tick, each numbered after the last.
+    struct KilledOnDrop(std::process::Child);
+    impl Drop for KilledOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut follow = KilledOnDrop(
+        node.command()
+            .args(["vnf", "logs", "logger", "-f"])
+            .env("TELVIRT_CONFIG", node.config())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Its lines through a channel, so a follow that stops printing fails at a deadline.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = follow.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        rx.recv_timeout(DEADLINE)
+            .expect("vnf logs -f printed nothing new within the deadline")
+    };
+    let seq_of = |line: &str| {
+        line.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let first = seq_of(&next());
+    let mut last = first;
+    // Past what the first answer held: lines the follow fetched later.
+    while last < first + 70 {
+        let line = next();
+        assert!(line.ends_with("L3 tick"), "{line}");
+        let seq = seq_of(&line);
+        assert_eq!(seq, last + 1, "a line skipped or repeated");
+        last = seq;
+    }
+    drop(follow);
+    // A VNF that does not exist: exit 4.
+    let out = node.cli(&["vnf", "logs", "nobody"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+}

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
 use telvirt_dataplane::pool::{Packet, Pool};
-use telvirt_model::api::{CounterView, MapView, ModuleInfo, WasmStatsView};
+use telvirt_model::api::{CounterView, LogLineView, MapView, ModuleInfo, VnfLogs, WasmStatsView};
 use telvirt_model::{MapSpec, Name, PollMode, RuntimeKind, WasmEngine};
 use telvirt_runtime_wasm as rw;
 use telvirt_runtime_wasm::{
@@ -804,6 +804,27 @@ impl WasmRuntime {
                     .into_iter()
                     .map(|(name, value)| CounterView { name, value })
                     .collect(),
+            }
+        })
+    }
+
+    /// The module's log lines with a `seq` above `after`, oldest first.
+    pub fn logs_view(&self, name: &Name, after: u64) -> Result<VnfLogs, RuntimeFailure> {
+        self.with_instance(name, |i| {
+            let kept = i.logs();
+            VnfLogs {
+                latest: kept.last().map_or(0, |l| l.seq),
+                lines: kept
+                    .into_iter()
+                    .filter(|l| l.seq > after)
+                    .map(|l| LogLineView {
+                        seq: l.seq,
+                        at_ns: l.at_ns,
+                        level: l.level,
+                        text: l.text,
+                    })
+                    .collect(),
+                dropped: i.stats().logs_dropped,
             }
         })
     }

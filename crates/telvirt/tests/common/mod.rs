@@ -144,7 +144,7 @@ impl Serve {
     /// test shares one guest image cache (built once, under its lock, where the vm tests keep
     /// theirs): each fresh data dir otherwise built the image and probed the accelerator again,
     /// taking the CPU other tests measure with.
-    fn command(&self) -> Command {
+    pub fn command(&self) -> Command {
         let mut c = match self.wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
