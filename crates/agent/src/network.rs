@@ -228,6 +228,28 @@ impl NetworkReconciler {
         }
     }
 
+    /// The worker each host port of network `name` runs on: that of what the first of its
+    /// links here (in the descriptor's order) joins it to, where that is on the panel (a VNF's
+    /// own core: its frames cross no ring between threads and no worker that sleeps when
+    /// idle); worker 0, the host's own, when nothing it links to is here.
+    fn host_port_workers(&self, name: &str, a: &Applied) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for (i, link) in a.descriptor.parsed_links() {
+            let Some(spec) = self.local_spec(name, a, i, &link) else {
+                continue;
+            };
+            for (end, other) in [(&spec.from, &spec.to), (&spec.to, &spec.from)] {
+                if end.is_host() && !out.contains_key(&end.node) {
+                    let worker = self.dp.panel().worker_of(&other.node);
+                    if let Some(w) = worker {
+                        out.insert(end.node.clone(), w);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn applied(&self) -> MutexGuard<'_, BTreeMap<String, Applied>> {
         self.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -508,15 +530,13 @@ impl NetworkReconciler {
     fn wire(&self, name: &str, a: &mut Applied, mut waiting: Vec<String>) {
         let mut links = Vec::new();
         let mut tunnels_used = BTreeSet::new();
+        let host_workers = self.host_port_workers(name, a);
         for (i, link) in a.descriptor.parsed_links() {
             let Some(spec) = self.local_spec(name, a, i, &link) else {
                 continue;
             };
             let mut ready = true;
-            for (ep, wired, other) in [
-                (&link.from, &spec.from, &spec.to),
-                (&link.to, &spec.to, &spec.from),
-            ] {
+            for (ep, wired) in [(&link.from, &spec.from), (&link.to, &spec.to)] {
                 if *wired != port_ref(ep) {
                     // The other host's end: through the tunnel to it.
                     let peer = a.host_of(&ep.node_key()).unwrap_or_default().to_owned();
@@ -532,12 +552,18 @@ impl NetworkReconciler {
                     }
                     Endpoint::Host { ifname, .. } => {
                         let node = host_node(ifname);
-                        if self.dp.node_ports(&node).is_none() {
-                            // On the worker of what it is linked to (a VNF's own core), so
-                            // its frames cross no ring between threads and no core that
-                            // sleeps when idle; worker 0 when that is not on the panel.
-                            let worker = self.dp.panel().worker_of(&other.node).unwrap_or(0);
-                            let opened = HostPort::open(ifname).map_err(dp_err).and_then(|p| {
+                        let worker = host_workers.get(&node).copied().unwrap_or(0);
+                        // Bound first: the panel's lock is not held while nodes change.
+                        let current = self.dp.panel().worker_of(&node);
+                        let placed = match current {
+                            Some(w) if w == worker => Ok(()),
+                            // What it links to went (its core may be another VNF's now) or
+                            // came: the port follows; its links are wired again below.
+                            Some(_) => self.dp.remove_node(&node).and_then(|p| {
+                                tracing::info!(ifname, worker, "host port moved");
+                                self.dp.add_node(&node, &[""], worker, p)
+                            }),
+                            None => HostPort::open(ifname).map_err(dp_err).and_then(|p| {
                                 tracing::info!(
                                     ifname,
                                     worker,
@@ -545,11 +571,11 @@ impl NetworkReconciler {
                                     "host port open"
                                 );
                                 self.dp.add_node(&node, &[""], worker, Box::new(p))
-                            });
-                            if let Err(e) = opened {
-                                ready = false;
-                                waiting.push(format!("host port {ifname}: {e}"));
-                            }
+                            }),
+                        };
+                        if let Err(e) = placed {
+                            ready = false;
+                            waiting.push(format!("host port {ifname}: {e}"));
                         }
                     }
                 }
@@ -873,11 +899,16 @@ mod tests {
     const CHAIN: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: c1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 20000 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";
 
     fn add_fw(dp: &NodeDataPlane) {
+        add_fw_on(dp, "fw1", 0);
+    }
+
+    /// A pass-everything firewall `name` on worker `worker`.
+    fn add_fw_on(dp: &NodeDataPlane, name: &str, worker: usize) {
         let fw = Firewall::new(Vec::new(), Action::Allow);
         dp.add_node(
-            "fw1",
+            name,
             &["in", "out"],
-            0,
+            worker,
             Box::new(ProcessorNode::new(fw, 32)),
         )
         .unwrap();
@@ -934,15 +965,60 @@ mod tests {
         assert!(dp.panel().current_links().is_empty());
     }
 
+    #[test]
+    fn a_host_port_runs_on_the_worker_of_what_it_links_to_and_follows_it() {
+        let cores = telvirt_dataplane::worker::allowed_cores().unwrap();
+        assert!(cores.len() >= 2, "this test needs two cores: {cores:?}");
+        let dp = NodeDataPlane::with_cores(&cores[..2]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp));
+        // A veth pair in this namespace, deleted at the end (also on failure).
+        struct Veth(String);
+        impl Drop for Veth {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("ip")
+                    .args(["link", "del", &self.0])
+                    .output();
+            }
+        }
+        let a = format!("tvhw{}a", std::process::id() % 100_000);
+        let b = a.replace('a', "b");
+        let out = std::process::Command::new("ip")
+            .args(["link", "add", &a, "type", "veth", "peer", "name", &b])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _veth = Veth(a.clone());
+        let text = format!(
+            "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: hp }}\nspec:\n  links:\n    - host:{a} -> fw1.in\n    - fw1.out -> host:{b}\n"
+        );
+        let d = parse_network(text.as_bytes(), Format::Yaml).unwrap();
+        let on_worker_1 = |dp: &NodeDataPlane| add_fw_on(dp, "fw1", 1);
+        let workers = |dp: &NodeDataPlane| {
+            let panel = dp.panel();
+            [&a, &b].map(|i| panel.worker_of(&host_node(i)))
+        };
+        on_worker_1(&dp);
+        until(&r, &d, "links live", |st| st.links.iter().all(|l| l.active));
+        assert_eq!(workers(&dp), [Some(1), Some(1)], "not on fw1's worker");
+        // fw1 goes (its core may be another VNF's next): the ports go back to worker 0.
+        let _ = dp.remove_node("fw1").unwrap();
+        r.sync(std::slice::from_ref(&d));
+        assert_eq!(workers(&dp), [Some(0), Some(0)], "left on fw1's old worker");
+        // It comes back: so do they, and the links are live again.
+        on_worker_1(&dp);
+        until(&r, &d, "links live again", |st| {
+            st.links.iter().all(|l| l.active)
+        });
+        assert_eq!(workers(&dp), [Some(1), Some(1)]);
+        r.sync(&[]);
+    }
+
     fn add_fw_named(dp: &NodeDataPlane, name: &str) {
-        let fw = Firewall::new(Vec::new(), Action::Allow);
-        dp.add_node(
-            name,
-            &["in", "out"],
-            0,
-            Box::new(ProcessorNode::new(fw, 32)),
-        )
-        .unwrap();
+        add_fw_on(dp, name, 0);
     }
 
     /// Syncs `d` until `check` holds on its status, with a deadline.
