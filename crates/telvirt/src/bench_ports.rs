@@ -351,7 +351,8 @@ impl Serve {
                 "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: fw }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: \"{module}\"\n    limits: {{ memory: 16MiB }}\n    config: {{ blob_hex: \"{blob}\" }}\n    maps:\n      - {{ name: rules, kind: hash, key_size: 16, value_size: 4, max_entries: 1024 }}\n"
             ),
         ))?;
-        // Running before its network exists, so serve opens the host ports on its worker.
+        // Running before its network exists, so serve opens the host ports on its worker at
+        // once (opened earlier, they would move there on a later pass).
         block_on(poll_until(
             Duration::from_secs(60),
             "the firewall to run",
