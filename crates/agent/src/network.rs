@@ -234,16 +234,17 @@ impl NetworkReconciler {
     /// idle); worker 0, the host's own, when nothing it links to is here.
     fn host_port_workers(&self, name: &str, a: &Applied) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
+        let panel = self.dp.panel();
         for (i, link) in a.descriptor.parsed_links() {
             let Some(spec) = self.local_spec(name, a, i, &link) else {
                 continue;
             };
             for (end, other) in [(&spec.from, &spec.to), (&spec.to, &spec.from)] {
-                if end.is_host() && !out.contains_key(&end.node) {
-                    let worker = self.dp.panel().worker_of(&other.node);
-                    if let Some(w) = worker {
-                        out.insert(end.node.clone(), w);
-                    }
+                if end.is_host()
+                    && !out.contains_key(&end.node)
+                    && let Some(w) = panel.worker_of(&other.node)
+                {
+                    out.insert(end.node.clone(), w);
                 }
             }
         }

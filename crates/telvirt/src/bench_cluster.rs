@@ -526,8 +526,18 @@ pub(crate) async fn embedded_controller(
     http: &reqwest::Client,
     args: &[&str],
 ) -> Result<(ControllerProcess, Api)> {
+    embedded_api_process(dir, http, "controller", args).await
+}
+
+/// [`embedded_controller`] for `subcommand` (`controller`, or `serve`: with this host's agent).
+pub(crate) async fn embedded_api_process(
+    dir: &Path,
+    http: &reqwest::Client,
+    subcommand: &str,
+    args: &[&str],
+) -> Result<(ControllerProcess, Api)> {
     std::fs::create_dir_all(dir)?;
-    let controller = spawn_controller(dir, free_port()?, args)?;
+    let controller = crate::bench_handover::spawn_api_process(dir, subcommand, free_port()?, args)?;
     // A controller on the embedded store serves at once (there is no election).
     let config = dir.join("control/client.toml");
     poll_until(

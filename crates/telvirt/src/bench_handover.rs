@@ -77,13 +77,24 @@ pub(crate) fn free_port() -> Result<u16> {
 /// `telvirt controller --data-dir control --listen 127.0.0.1:PORT <args>` working in `dir`,
 /// logging to `dir/controller-PORT.log`.
 pub(crate) fn spawn_controller(dir: &Path, port: u16, args: &[&str]) -> Result<ControllerProcess> {
+    spawn_api_process(dir, "controller", port, args)
+}
+
+/// `telvirt SUBCOMMAND --data-dir control --listen 127.0.0.1:PORT <args>` (`controller` or
+/// `serve`) working in `dir`, logging to `dir/SUBCOMMAND-PORT.log`.
+pub(crate) fn spawn_api_process(
+    dir: &Path,
+    subcommand: &str,
+    port: u16,
+    args: &[&str],
+) -> Result<ControllerProcess> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join(format!("controller-{port}.log")))?;
+        .open(dir.join(format!("{subcommand}-{port}.log")))?;
     let child = Command::new(std::env::current_exe()?)
         .current_dir(dir)
-        .args(["controller", "--data-dir", "control"])
+        .args([subcommand, "--data-dir", "control"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(args)
         .env("TELVIRT_LOG", "warn")

@@ -17,7 +17,7 @@ use clap::Args;
 use serde::Serialize;
 use telvirt_dataplane::bench::{FloodRun, HostEnd, RateSearch, flood, search_flood};
 
-use crate::bench_cluster::{Api, upload_example};
+use crate::bench_cluster::{Api, embedded_api_process, upload_example};
 use crate::bench_control::{BenchChild, percentile};
 use crate::bench_failover::post_yaml;
 use crate::bench_handover::{answer, poll_until};
@@ -296,43 +296,18 @@ fn check_path(name: &str, client: &Netns, server: &Netns) -> Result<()> {
 
 /// The serve, its API and the firewall between telvirt's two namespaces.
 struct Serve {
-    _child: BenchChild,
+    _process: crate::bench_handover::ControllerProcess,
     api: Api,
 }
 
 impl Serve {
     fn start(dir: &Path, t: &Topology) -> Result<Self> {
-        let port = crate::bench_handover::free_port()?;
-        let log = std::fs::File::create(dir.join("serve.log"))?;
-        let data = dir.join("data");
-        let child = BenchChild(
-            std::process::Command::new(std::env::current_exe()?)
-                .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-                .arg("--data-dir")
-                .arg(&data)
-                .args(["--host-name", "bench-ports", "--runtimes", "wasm"])
-                .env("TELVIRT_LOG", "warn")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::null())
-                .stderr(log)
-                .spawn()
-                .context("starting telvirt serve")?,
-        );
-        let config = data.join("client.toml");
-        block_on(poll_until(
-            Duration::from_secs(60),
-            "telvirt serve to write its client config",
-            || async { config.exists() },
+        let (process, api) = block_on(embedded_api_process(
+            dir,
+            &reqwest::Client::new(),
+            "serve",
+            &["--host-name", "bench-ports", "--runtimes", "wasm"],
         ))?;
-        let token = crate::config::ClientConfig::read(&config)?.token;
-        let api = Api {
-            http: reqwest::Client::new(),
-            base: std::sync::Arc::new(std::sync::Mutex::new(format!("http://127.0.0.1:{port}"))),
-            token,
-        };
-        block_on(poll_until(Duration::from_secs(60), "the API", || async {
-            api.json("/v1/vnfs").await.is_ok()
-        }))?;
         let module = block_on(upload_example(&api, "firewall"))?;
         use telvirt_runtime_wasm::vnfs::{FirewallRule, firewall_blob_hex, fw_action};
         let deny = FirewallRule {
@@ -370,7 +345,10 @@ impl Serve {
                 "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: ports }}\nspec:\n  links:\n    - host:{c} -> fw.in\n    - fw.out -> host:{s}\n    - host:{s} -> fw.out\n    - fw.in -> host:{c}\n"
             ),
         ))?;
-        let serve = Serve { _child: child, api };
+        let serve = Serve {
+            _process: process,
+            api,
+        };
         serve.wait_links()?;
         Ok(serve)
     }

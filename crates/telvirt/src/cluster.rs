@@ -1069,19 +1069,7 @@ fn spawn_detached(mut command: Command, log: &Path, cpus: Option<&[u32]>) -> Res
 
 /// Runs `ip ARGS`; its output, or its error output on failure.
 pub(crate) fn ip(args: &[&str]) -> Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .context("cannot run ip (iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    crate::netns::output(Command::new("ip").args(args))
 }
 
 fn link_exists(name: &str) -> bool {

@@ -2,7 +2,7 @@
 //! namespaces (`bench ports`, the TCP flows of `bench failover` and `bench migrate`).
 //!
 //! Owns creating and deleting them (a [`Netns`] is deleted when dropped, with the veth ends in
-//! it) and running a tool inside one. Must not be used by `serve` or the agent: the platform
+//! it) and running a tool, inside one or not (`cluster up` runs `ip` through it too). Must not be used by `serve` or the agent: the platform
 //! opens interfaces it is given, it never makes them.
 
 use std::process::{Command, Stdio};
@@ -113,15 +113,26 @@ fn command_in(ns: Option<&Netns>, program: &str, args: &[&str]) -> Command {
 
 /// Runs `cmd`, its output discarded; an error names the command and what it printed.
 pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    output(cmd).map(drop)
+}
+
+/// Runs `cmd` (stdin closed); its standard output, or an error naming the command line and
+/// what it printed on its error output.
+pub(crate) fn output(cmd: &mut Command) -> Result<String> {
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
+        .with_context(|| format!("cannot run {line}"))?;
     if !out.status.success() {
         bail!(
-            "{cmd:?} failed: {}",
+            "{line} failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    Ok(())
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
