@@ -119,6 +119,37 @@ fn encode(mod_rev: u64, create_rev: u64, lease: Option<LeaseId>, value: &[u8]) -
     out
 }
 
+/// Rewrites the key-value table in one transaction, its entries in key order through one
+/// cursor, so redb packs them into full leaves (a B-tree grown one insert at a time splits its
+/// pages in half). Keys, values and revisions are unchanged: no watcher sees anything.
+fn repack(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let entries = {
+            let kv = txn.open_table(KV)?;
+            let mut entries = Vec::new();
+            for entry in kv.iter()? {
+                let (key, value) = entry?;
+                entries.push((key.value().to_owned(), value.value().to_vec()));
+            }
+            entries
+        };
+        txn.delete_table(KV)?;
+        let mut kv = txn.open_table(KV)?;
+        let mut cursor = kv.upper_bound_mut(std::ops::Bound::<&str>::Unbounded)?;
+        for (key, value) in &entries {
+            cursor
+                .insert_before(key.as_str(), value.as_slice())
+                .map_err(|e| StoreError::Backend(format!("repacking the records: {e}")))?;
+        }
+        cursor
+            .close()
+            .map_err(|e| StoreError::Backend(format!("repacking the records: {e}")))?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
 fn decode(key: &str, raw: &[u8]) -> Result<Versioned, StoreError> {
     let word = |i: usize| -> Result<u64, StoreError> {
         raw.get(i * 8..i * 8 + 8)
@@ -379,10 +410,11 @@ impl RedbStore {
             && now.saturating_sub(self.last_write_ms.load(Ordering::Relaxed)) >= idle
     }
 
-    /// Gives the file's free pages back (redb's compaction): copy-on-write commits leave the
-    /// file several times larger than what it holds. Waits for the transactions in flight and
-    /// holds every other call meanwhile; run by the store itself once it has been idle for
-    /// [`COMPACT_WHEN_IDLE`]. Returns whether the file shrank.
+    /// Packs the records into full pages and gives the file's free pages back (redb's
+    /// compaction): copy-on-write commits leave the file several times larger than what it
+    /// holds, and records written one at a time leave pages about half full. Waits for the
+    /// transactions in flight and holds every other call meanwhile; run by the store itself once
+    /// it has been idle for [`COMPACT_WHEN_IDLE`]. Returns whether the file shrank.
     pub fn compact(&self) -> Result<bool, StoreError> {
         use std::sync::atomic::Ordering;
         self.compacted.store(true, Ordering::Relaxed);
@@ -390,6 +422,7 @@ impl RedbStore {
         let Some(db) = guard.as_mut() else {
             return Err(self.unavailable());
         };
+        repack(db)?;
         let mut shrank = false;
         // Each pass moves what it can; a few passes reach the end.
         for _ in 0..8 {

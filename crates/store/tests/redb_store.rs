@@ -469,3 +469,55 @@ async fn compaction_gives_free_pages_back_and_keeps_every_record() {
     store.put("/vnfs/new", b"x".to_vec()).await.unwrap();
     assert!(store.get("/vnfs/new").await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_packs_records_written_one_at_a_time_into_full_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = RedbStore::open(&path).unwrap();
+    // As a VNF's records are written: one key under each of several prefixes, one commit
+    // each. Every insert lands at the end of its prefix's range, in the middle of the tree,
+    // where a full page splits in half and stays half full.
+    let mut revisions = Vec::new();
+    for i in 0..1000u32 {
+        for prefix in ["/allocations/", "/events/", "/vnfs/", "/zones/"] {
+            let r = store
+                .put(
+                    &format!("{prefix}v{i:05}"),
+                    vec![u8::try_from(i % 251).unwrap(); 400],
+                )
+                .await
+                .unwrap();
+            revisions.push((format!("{prefix}v{i:05}"), r));
+        }
+    }
+    revisions.sort();
+    let live: u64 = store
+        .list("/")
+        .await
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.len() + v.value.len()) as u64)
+        .sum();
+    store.compact().unwrap();
+    let file = std::fs::metadata(&path).unwrap().len();
+    // Full pages hold the records and their 24-byte headers with little to spare; half-full
+    // pages would need about twice the live bytes.
+    assert!(
+        file < live * 13 / 10,
+        "{file} bytes in the file for {live} live bytes"
+    );
+    let all = store.list("/").await.unwrap();
+    assert_eq!(all.len(), 4000);
+    for ((key, v), (written, revision)) in all.iter().zip(&revisions) {
+        assert_eq!(key, written);
+        let i: u32 = key[key.len() - 5..].parse().unwrap();
+        assert_eq!(v.value, vec![u8::try_from(i % 251).unwrap(); 400]);
+        assert_eq!(v.mod_revision, *revision, "revisions are kept");
+    }
+    store.put("/vnfs/v00000", b"x".to_vec()).await.unwrap();
+    assert_eq!(
+        store.get("/vnfs/v00000").await.unwrap().unwrap().value,
+        b"x"
+    );
+}
