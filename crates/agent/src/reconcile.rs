@@ -6,6 +6,8 @@
 //! resync interval) on the work queue (`crate::queue`); a bounded number of workers then take
 //! one VNF each, so a slow step (a VM booting) holds up no other VNF, a VNF is never worked on
 //! twice at once, and a failed step is retried with backoff without stopping the others.
+//! A start under way is cancelled (its instance removed) as soon as a pass sees its VNF gone or
+//! stopped, so deleting a VM that is still booting does not wait for its boot to end.
 //! It must not write the store or decide placement: assignments come in and observations go
 //! out through the `ControlLink`, so a remote host runs exactly this code.
 
@@ -18,13 +20,13 @@ use std::time::Duration;
 use telvirt_api::{Assignment, ControlLink, Observation};
 use telvirt_model::api::{ActiveLost, ReplicationStatus};
 use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, Role, RuntimeKind};
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, Notify, watch};
 
 use crate::AgentError;
 use crate::fencing::Fencing;
 use crate::queue::{Backoff, WorkQueue};
 use crate::replication::Replicas;
-use crate::runtime::{InstanceSpec, InstanceState, Runtime};
+use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 
 /// How the agent works its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +145,8 @@ struct Inner {
     fencing: Option<Arc<Fencing>>,
     /// The standbys on this host that lost their active, and how (as replication last said).
     lost: std::sync::Mutex<HashMap<Name, ActiveLost>>,
+    /// The starts under way, each with what cancels it.
+    starting: std::sync::Mutex<HashMap<Name, Arc<Notify>>>,
 }
 
 /// How often the loop looks at every instance again when nothing told it to.
@@ -195,6 +199,7 @@ impl Agent {
                 replicas: None,
                 fencing: None,
                 lost: std::sync::Mutex::new(HashMap::new()),
+                starting: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -462,6 +467,7 @@ impl Inner {
             desired.clone_from(&wanted);
             (changed, gone)
         };
+        self.cancel_moot_starts();
         for name in changed.into_iter().chain(gone) {
             self.queue.add(name);
         }
@@ -484,6 +490,64 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Whether a start of `vnf` is no longer wanted: its VNF is gone from this host or asked
+    /// to stop (a changed descriptor or lock does not cancel a start: the next step catches up).
+    fn start_is_moot(&self, vnf: &Name) -> bool {
+        self.desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .is_none_or(|a| a.desired == DesiredState::Stopped)
+    }
+
+    /// Cancels the starts under way that [`Inner::start_is_moot`] (called after every update
+    /// of the desired assignments).
+    fn cancel_moot_starts(&self) {
+        let starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
+        for (vnf, cancel) in starting.iter() {
+            if self.start_is_moot(vnf) {
+                tracing::info!(vnf = %vnf, "cancelling its start: the VNF is gone or stopped");
+                cancel.notify_one();
+            }
+        }
+    }
+
+    /// Runs `runtime.start(spec)` unless it becomes moot first: then the start is dropped
+    /// where it waits (a vm runtime kills the QEMU it launched) and what it left is removed.
+    /// `None`: cancelled; the VNF's next step (queued by the pass that saw the change) stops
+    /// or forgets it as its assignment now says.
+    async fn start_unless_moot(
+        &self,
+        spec: &InstanceSpec,
+        runtime: &dyn Runtime,
+    ) -> Option<Result<(), RuntimeFailure>> {
+        let cancel = Arc::new(Notify::new());
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.name.clone(), Arc::clone(&cancel));
+        // Registered before this look: a pass that changed the assignment before it is seen
+        // here, one after it finds the registration.
+        let outcome = if self.start_is_moot(&spec.name) {
+            None
+        } else {
+            tokio::select! {
+                r = runtime.start(spec) => Some(r),
+                () = cancel.notified() => None,
+            }
+        };
+        self.starting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&spec.name);
+        if outcome.is_none()
+            && let Err(e) = runtime.remove(&spec.name).await
+        {
+            tracing::warn!(vnf = %spec.name, "removing a cancelled start: {e}");
+        }
+        outcome
     }
 
     /// Queues every VNF the agent holds an assignment for or knows an instance of, to be
@@ -889,9 +953,11 @@ impl Inner {
         {
             return self.fail_retry(a, format!("fetching module: {e}")).await;
         }
-        if let Err(e) = runtime.start(spec).await {
+        match self.start_unless_moot(spec, runtime).await {
+            Some(Ok(())) => {}
             // Not retried until the owner asks again (a new generation).
-            return Ok(self.fail(a, e.to_string()).await?);
+            Some(Err(e)) => return Ok(self.fail(a, e.to_string()).await?),
+            None => return Ok(()),
         }
         let note = runtime.start_note(&a.vnf).await;
         self.known

@@ -606,6 +606,37 @@ fn a_vm_that_never_finishes_booting_does_not_delay_a_wasm_vnf() {
     node.wait_phase("fwquick", "Running", DEADLINE);
     let v = node.show(&vm);
     assert_eq!(v["phase"], "Starting", "the VM is still booting: {v}");
+
+    // Deleting it cancels its boot: QEMU goes well before the 180 s the agent would wait for
+    // the guest agent.
+    node.ok(&["vnf", "delete", &vm]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !qemu_pids(&vm).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU of {vm} still runs 30 s after its delete: the boot was not cancelled"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_until_gone(&node, &vm);
+}
+
+/// Polls `vnf show NAME` until the VNF is not found, with a deadline.
+fn wait_until_gone(node: &Node, name: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = node.cli(&["vnf", "show", name]);
+        // 4: not found.
+        if out.status.code() == Some(4) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} is never gone: {}",
+            stderr(&out)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Frames on link `i` of network `net` (`net show -o json`).
