@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use telvirt_model::api::{HugePageView, MapView, VnfLogs, WasmStatsView};
 use telvirt_model::network::{LatencyProbe, LatencyReport, NetworkDescriptor, NetworkStatus};
 use telvirt_sched::HostSpec;
+use utoipa::ToSchema;
 
 pub use telvirt_model::api::{Assignment, Observation};
 
@@ -41,7 +42,7 @@ pub const CAPTURE_SLICE: Duration = Duration::from_secs(1);
 pub const CAPTURE_KEEP: Duration = Duration::from_secs(3);
 
 /// One slice of a capture of a network's link ([`NodeRequest::Capture`]).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaptureSlice {
     /// Index of the link in the descriptor's `spec.links`.
@@ -59,7 +60,7 @@ pub struct CaptureSlice {
 }
 
 /// What one capture slice took: a piece of a pcapng stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CaptureChunk {
     /// The pcapng bytes (base64): the header on the first slice, then the frames, and the
     /// statistics block (frames missed) on the slice that ends the capture.
@@ -118,7 +119,7 @@ pub mod paths {
 }
 
 /// A host as its agent registers it and the controller stores it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostRecord {
     pub spec: HostSpec,
     pub memory_bytes: u64,
@@ -138,12 +139,12 @@ pub struct HostRecord {
 /// The answer of a changes poll: the assignment revision now.
 /// The controller's answer to a heartbeat: how long the host's lease lasts from now. An agent
 /// that heard nothing for this long counts its host as NotReady in the controller's eyes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatReply {
     pub lease_ttl_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Changes {
     pub revision: u64,
 }
@@ -151,7 +152,7 @@ pub struct Changes {
 /// The networks a host's data plane should hold: every stored network naming a VNF placed on
 /// that host. Links whose ends are on other hosts wait there (links between hosts are not
 /// carried yet).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NetworkSet {
     /// Grows whenever the stored networks or this host's assignments change.
     pub revision: u64,
@@ -164,7 +165,7 @@ pub struct NetworkSet {
 
 /// A network whose nodes are on several hosts: each host wires the links with both ends on it,
 /// and carries a link between two hosts over a VXLAN tunnel to the other host.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NetworkSpan {
     pub network: String,
     /// The network's first VXLAN network identifier (0: none was given, its links between
@@ -182,7 +183,7 @@ pub struct NetworkSpan {
 }
 
 /// A call the controller routes to the agent of the host a VNF runs on.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct NodeCall {
     /// Unique per controller process; the reply names it.
     pub id: u64,
@@ -190,7 +191,7 @@ pub struct NodeCall {
 }
 
 /// What a node call asks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "call", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NodeRequest {
     /// The maps of a running wasm VNF.
@@ -245,7 +246,7 @@ impl NodeRequest {
 }
 
 /// An agent's answer to a [`NodeCall`].
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 pub enum NodeReply {
     Maps {

@@ -17,10 +17,15 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
-use telvirt_api::{Changes, HostRecord, MAX_WAIT, NodeReply, Observation};
+use telvirt_api::{
+    Assignment, Changes, HeartbeatReply, HostRecord, MAX_WAIT, NetworkSet, NodeCall, NodeReply,
+    Observation,
+};
 use telvirt_model::FieldError;
+use telvirt_model::api::Problem;
+use utoipa::IntoParams;
 
-use crate::http::{ApiError, AppState, Body, json};
+use crate::http::{ApiError, AppState, Body, WasmBytes, json};
 use crate::service::ControllerError;
 
 /// The host a request acts for: the `{host}` of its path, which its node credential must name.
@@ -44,11 +49,15 @@ impl FromRequestParts<AppState> for NodeHost {
 }
 
 /// `?wait_ms=` of the polls, and `?after=` of the changes poll.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
-struct PollQuery {
+#[into_params(parameter_in = Query)]
+pub struct PollQuery {
+    /// The revision the agent holds: the answer comes once the revision differs (changes
+    /// polls only).
     #[serde(default)]
     after: Option<u64>,
+    /// How long to hold the poll open, in milliseconds (default and most: 30000).
     #[serde(default)]
     wait_ms: Option<u64>,
 }
@@ -93,6 +102,16 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Body, what: &str) -> Result<T, A
     })
 }
 
+#[utoipa::path(post, path = "/v1/agent/hosts/{host}/register", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names")),
+    request_body = HostRecord,
+    responses(
+        (status = 204, description = "Registered"),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The body is not a valid host record (or names another host, or a bad tunnel address)", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Registers the host: its inventory, memory, huge pages, runtimes and tunnel address. Registering again replaces the record.")]
 async fn register(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -123,6 +142,14 @@ async fn register(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(post, path = "/v1/agent/hosts/{host}/heartbeat", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names")),
+    responses(
+        (status = 200, description = "Renewed; the lease lasts this long without another heartbeat", body = HeartbeatReply),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Renews the host's liveness lease; the host is Ready while the lease holds.")]
 async fn heartbeat(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -137,6 +164,14 @@ async fn heartbeat(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/agent/hosts/{host}/assignments", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names")),
+    responses(
+        (status = 200, description = "The host's assignments", body = [Assignment]),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "What the host is to run: one assignment per VNF instance placed on it.")]
 async fn assignments(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -149,6 +184,14 @@ async fn assignments(
 
 /// Answers once the assignment revision differs from `after` (or after the wait): a revision
 /// lower than `after` means the controller restarted, which the agent must see at once too.
+#[utoipa::path(get, path = "/v1/agent/hosts/{host}/changes", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names"), PollQuery),
+    responses(
+        (status = 200, description = "The current assignment revision", body = Changes),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Long-poll: answers once the host's assignment revision differs from `after`, or after `wait_ms`. A lower revision means the controller restarted.")]
 async fn changes(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -161,6 +204,14 @@ async fn changes(
     Ok(json(StatusCode::OK, &Changes { revision }))
 }
 
+#[utoipa::path(get, path = "/v1/agent/hosts/{host}/networks", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names")),
+    responses(
+        (status = 200, description = "The host's networks", body = NetworkSet),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "The networks naming the host's VNFs, with the spans (VXLAN VNIs, peer tunnels) of those crossing hosts.")]
 async fn networks(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -172,6 +223,14 @@ async fn networks(
 }
 
 /// Answers once the host's network revision differs from `after` (or after the wait).
+#[utoipa::path(get, path = "/v1/agent/hosts/{host}/networks/changes", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names"), PollQuery),
+    responses(
+        (status = 200, description = "The current network revision", body = Changes),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Long-poll: answers once the host's network revision differs from `after`, or after `wait_ms`.")]
 async fn network_changes(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -184,6 +243,16 @@ async fn network_changes(
     Ok(json(StatusCode::OK, &Changes { revision }))
 }
 
+#[utoipa::path(post, path = "/v1/agent/hosts/{host}/observations", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names")),
+    request_body = Observation,
+    responses(
+        (status = 204, description = "Taken"), (status = 404, description = "No such VNF on this host", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The body is not a valid observation", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Reports what the agent observed of one VNF instance (phase, reason, replication).")]
 async fn observe(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -194,6 +263,14 @@ async fn observe(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(get, path = "/v1/agent/hosts/{host}/calls", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names"), PollQuery),
+    responses(
+        (status = 200, description = "Calls to answer", body = [NodeCall]),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Long-poll: the node calls (maps, stats, logs, upgrades, consoles, network status, probes, captures) waiting for this host, or an empty list after `wait_ms`.")]
 async fn calls(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -203,6 +280,16 @@ async fn calls(
     Ok(json(StatusCode::OK, &calls))
 }
 
+#[utoipa::path(post, path = "/v1/agent/hosts/{host}/calls/{id}", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names"), ("id" = u64, Path, description = "The call's id")),
+    request_body = NodeReply,
+    responses(
+        (status = 204, description = "Delivered to the caller"), (status = 404, description = "No such call waiting for this host (answered, or given up)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The body is not a valid node reply", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "Answers node call `id`.")]
 async fn reply(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
@@ -214,6 +301,15 @@ async fn reply(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(get, path = "/v1/agent/hosts/{host}/modules/{sha256}", tag = "agent", security(("bearer" = [])),
+    params(("host" = String, Path, description = "The agent's host: the one its node credential names"), ("sha256" = String, Path, description = "The module's SHA-256, hex")),
+    responses(
+        (status = 422, description = "`sha256` is not 64 lowercase hex digits", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "The module", content_type = "application/wasm", body = WasmBytes), (status = 404, description = "No such module for this host", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+    ),
+    description = "The bytes of an uploaded wasm module the host runs or is to upgrade to.")]
 async fn module(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,

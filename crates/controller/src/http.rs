@@ -25,6 +25,7 @@ use telvirt_model::{
 };
 use utoipa::OpenApi;
 
+use crate::agent_api;
 use crate::health::HealthReport;
 use crate::nodes::NodeCredential;
 use crate::service::{Caller, Controller, ControllerError, Deletion};
@@ -870,6 +871,23 @@ async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
 
 struct BearerScheme;
 
+/// A wasm module's bytes as a request or response body (a binary string, not JSON).
+pub(crate) struct WasmBytes;
+
+impl utoipa::PartialSchema for WasmBytes {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, SchemaFormat, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Binary,
+            )))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for WasmBytes {}
+
 impl utoipa::Modify for BearerScheme {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -1338,7 +1356,7 @@ async fn list_modules(
 }
 
 #[utoipa::path(post, path = "/v1/modules", tag = "modules", security(("bearer" = [])),
-    request_body(content = Vec<u8>, content_type = "application/wasm", description = "The module's bytes (at most 16 MiB)"),
+    request_body(content = WasmBytes, content_type = "application/wasm", description = "The module's bytes (at most 16 MiB)"),
     responses(
         (status = 201, description = "Verified and kept; descriptors name it by `reference`", body = ModuleView),
         (status = 200, description = "The caller had uploaded it already", body = ModuleView),
@@ -1405,8 +1423,12 @@ async fn delete_module(
         list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency, network_capture,
         upgrade_vnf, vnf_maps, vnf_stats, vnf_logs, vnf_console, show_grants, add_grants, revoke_grants,
-        list_modules, upload_module, show_module, delete_module
+        list_modules, upload_module, show_module, delete_module,
+        agent_api::register, agent_api::heartbeat, agent_api::assignments, agent_api::changes,
+        agent_api::networks, agent_api::network_changes, agent_api::observe, agent_api::calls,
+        agent_api::reply, agent_api::module
     ),
+    tags((name = "agent", description = "The agent protocol (ADR 047): what a host's agent calls with its node credential (`telvirt host credential`); an authority's token is refused here, as a node credential is on every other route.")),
     modifiers(&BearerScheme, &StoreUnavailable)
 )]
 struct ApiDoc;

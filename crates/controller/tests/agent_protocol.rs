@@ -10,7 +10,25 @@ use common::{Node, firewall_ref, firewall_wasm, wasm_vnf};
 use serde_json::{Value, json};
 use telvirt_controller::modules::sha256_hex;
 
-/// A raw call of the agent protocol with `token`: (status, body as JSON or text).
+/// The OpenAPI path template of a concrete agent-protocol path.
+fn agent_template(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let mut segments: Vec<&str> = path.split('/').collect();
+    assert!(
+        segments.len() > 5 && segments[..4] == ["", "v1", "agent", "hosts"],
+        "{path} is not an agent path"
+    );
+    segments[4] = "{host}";
+    match segments[5..] {
+        ["calls", _] => segments[6] = "{id}",
+        ["modules", _] => segments[6] = "{sha256}",
+        _ => {}
+    }
+    segments.join("/")
+}
+
+/// A raw call of the agent protocol with `token`: (status, body as JSON or text), the answer
+/// checked against the OpenAPI document.
 async fn agent_call(
     node: &Node,
     method: &str,
@@ -26,16 +44,20 @@ async fn agent_call(
     }
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
-    let is_json = resp
+    let content_type = resp
         .headers()
         .get("content-type")
-        .is_some_and(|v| v.to_str().unwrap().contains("json"));
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned())
+        .unwrap_or_default();
     let bytes = resp.bytes().await.unwrap();
-    let body = if is_json {
+    let body = if content_type.contains("json") {
         serde_json::from_slice(&bytes).unwrap()
+    } else if bytes.is_empty() {
+        Value::String(String::new())
     } else {
         Value::String(format!("{} bytes: {}", bytes.len(), sha256_hex(&bytes)))
     };
+    node.check_against_openapi(method, &agent_template(path), status, &content_type, &body);
     (status, body)
 }
 

@@ -315,7 +315,7 @@ pub struct HealthProblem {
 }
 
 /// What the controller asks one host's agent to run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Assignment {
     pub vnf: Name,
     pub descriptor: VnfDescriptor,
@@ -345,7 +345,7 @@ pub struct Assignment {
 }
 
 /// What an agent observed of one VNF.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Observation {
     pub vnf: Name,
     pub phase: Phase,
@@ -375,7 +375,7 @@ pub struct ActiveLost {
 
 /// Where the standby instance of an active-standby VNF runs, for the agent of its active to
 /// stream the instance's state to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StandbyPeer {
     pub host: String,
     /// The standby host's replication address: its tunnel address (`IP:PORT`), over TCP.

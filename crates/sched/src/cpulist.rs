@@ -136,6 +136,28 @@ impl Serialize for CpuList {
     }
 }
 
+/// Written as a string (`"0-3,8"`); read from a string, one number or a list of numbers.
+impl utoipa::PartialSchema for CpuList {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, OneOfBuilder, Type};
+        let cpu = || ObjectBuilder::new().schema_type(Type::Integer);
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(r"^[0-9,\- ]*$"))
+                    .description(Some(
+                        "CPU numbers and ranges as Linux writes them, e.g. `0-3,8`",
+                    )),
+            )
+            .item(cpu())
+            .item(ArrayBuilder::new().items(cpu()))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for CpuList {}
+
 impl<'de> Deserialize<'de> for CpuList {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]

@@ -24,7 +24,7 @@ pub struct Inventory {
 ///
 /// Give the CPU layout either as `topology` (regular machines, Linux numbering) or as explicit
 /// `sockets` (anything, e.g. what `/sys/devices/system/cpu` reports), not both.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HostSpec {
     /// Unique host name.
@@ -54,7 +54,7 @@ pub struct HostSpec {
 
 /// Regular layout: Linux numbering `cpu = thread * (sockets * cores_per_socket) + socket *
 /// cores_per_socket + core`, i.e. the SMT siblings of cpu 0 are cpu `sockets*cores_per_socket`, ...
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TopologySpec {
     /// Number of sockets (≥ 1).
@@ -77,7 +77,7 @@ fn one() -> u32 {
 }
 
 /// One socket of an explicit layout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SocketSpec {
     /// Socket (package) id.
@@ -87,7 +87,7 @@ pub struct SocketSpec {
 }
 
 /// One NUMA node of an explicit layout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NumaNodeSpec {
     /// NUMA node id (unique on the host).
@@ -100,8 +100,9 @@ pub struct NumaNodeSpec {
 }
 
 /// A network interface and the NUMA node it is attached to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = HostNicSpec)]
 pub struct NicSpec {
     /// Interface name (`near_nic` refers to it).
     pub name: String,

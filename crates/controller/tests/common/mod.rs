@@ -193,7 +193,9 @@ impl Node {
         }
     }
 
-    fn check_against_openapi(
+    /// Panics unless `body`, answered with `status` and `content_type` to `method template`,
+    /// is what the OpenAPI document says.
+    pub fn check_against_openapi(
         &self,
         method: &str,
         template: &str,
