@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{
     Authority, AuthorityToken, CreateAuthority, Health, HealthProblem, HostView, MapView,
-    MigrateRequest, ModuleView, Problem,
+    MigrateRequest, ModuleView, Problem, VnfWatchEvent, VnfWatchKind,
 };
 use telvirt_model::{
     DeviceGrant, Event, FieldError, Format, HostGrants, ModelError, Vnf, VnfDescriptor,
@@ -312,6 +312,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
             get(show_module).delete(delete_module),
         )
         .route("/v1/hosts/{name}/credential", post(issue_node_credential))
+        .route("/v1/watch/vnfs", get(watch_vnfs))
         .route("/metrics", get(metrics))
         .merge(crate::agent_api::routes())
         .fallback(not_found)
@@ -403,6 +404,37 @@ async fn vnf_schema() -> Json<serde_json::Value> {
     Json(descriptor_schema())
 }
 
+/// The query of a list (or, with `only`, of a route that takes that one list parameter): 400
+/// when it is not form-encoded, 422 naming a bad, unknown or repeated parameter.
+fn list_query(
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+    only: Option<&str>,
+) -> Result<crate::listing::ListQuery, ApiError> {
+    let axum::extract::Query(pairs) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed-query",
+            format!("the query string is not form-encoded: {e}"),
+        )
+    })?;
+    if let Some(only) = only
+        && let Some((key, _)) = pairs.iter().find(|(k, _)| k != only)
+    {
+        return Err(ControllerError::Invalid(FieldError::new(
+            key,
+            format!("is not a parameter here; it takes {only}"),
+        ))
+        .into());
+    }
+    Ok(
+        crate::listing::ListQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(ControllerError::Invalid)?,
+    )
+}
+
 /// The response header carrying the token of the next page of a list.
 pub const CONTINUE_HEADER: &str = "x-continue";
 
@@ -427,16 +459,7 @@ async fn list_vnfs(
         axum::extract::rejection::QueryRejection,
     >,
 ) -> Result<Response, ApiError> {
-    let axum::extract::Query(pairs) = query.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "malformed-query",
-            format!("the query string is not form-encoded: {e}"),
-        )
-    })?;
-    let query =
-        crate::listing::ListQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .map_err(ControllerError::Invalid)?;
+    let query = list_query(query, None)?;
     let page = s.controller.vnf_page(&caller, &query).await?;
     let mut response = json(StatusCode::OK, &page.items);
     if let Some(token) = page.continue_token {
@@ -445,6 +468,44 @@ async fn list_vnfs(
         response.headers_mut().insert(CONTINUE_HEADER, value);
     }
     Ok(response)
+}
+
+#[utoipa::path(get, path = "/v1/watch/vnfs", tag = "vnfs", security(("bearer" = [])),
+    params(
+        ("labelSelector" = Option<String>, Query, description = "As for `GET /v1/vnfs`: only VNFs whose labels match are shown; one whose labels stop matching is told as `DELETED`"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events, one per message: `event:` is the message's `type` in lower case, `data:` the message. First an `ADDED` for every VNF the caller may see that matches, then `SYNCED`, then every change: `ADDED`, `MODIFIED` (the new state) and `DELETED` (the name). Comments keep an idle stream open every 15 s. The stream ends when the node stops or cannot read its store: watch again", body = VnfWatchEvent, content_type = "text/event-stream"),
+        (status = 400, description = "The query string is not form-encoded", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A bad `labelSelector`, or another parameter; `errors` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "As many watches are open as the node keeps (64); try again once one ends", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn watch_vnfs(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let query = list_query(query, Some("labelSelector"))?;
+    let changes = s.controller.watch_vnfs(caller, query.selector).await?;
+    let events = futures_util::stream::unfold(changes, |mut changes| async move {
+        let message = changes.recv().await?;
+        let name = match message.kind {
+            VnfWatchKind::Added => "added",
+            VnfWatchKind::Modified => "modified",
+            VnfWatchKind::Deleted => "deleted",
+            VnfWatchKind::Synced => "synced",
+        };
+        let event = SseEvent::default().event(name).json_data(&message);
+        Some((event, changes))
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
 }
 
 #[utoipa::path(post, path = "/v1/vnfs", tag = "vnfs", security(("bearer" = [])),
@@ -1417,7 +1478,7 @@ async fn delete_module(
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
     paths(
-        healthz, readyz, openapi, vnf_schema, list_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
+        healthz, readyz, openapi, vnf_schema, list_vnfs, watch_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, migrate_vnf, list_hosts,
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,

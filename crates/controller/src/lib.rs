@@ -24,6 +24,7 @@ pub mod placement;
 pub mod records;
 pub mod service;
 pub mod upgrade;
+pub mod vnf_watch;
 
 pub use health::{HealthRegistry, HealthReport, Restart};
 pub use http::{descriptor_schema, openapi_document, router};

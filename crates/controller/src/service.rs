@@ -47,7 +47,7 @@ impl Caller {
         self.name == ADMIN_AUTHORITY
     }
 
-    fn may_see(&self, vnf: &Vnf) -> bool {
+    pub(crate) fn may_see(&self, vnf: &Vnf) -> bool {
         self.is_admin() || vnf.owner.as_str() == self.name
     }
 }
@@ -235,11 +235,17 @@ pub struct Controller {
     liveness: hosts::Liveness,
     /// How long a move may take before it is cancelled.
     move_deadline: std::sync::Mutex<std::time::Duration>,
+    /// The VNF watches that may be open at once (`crate::vnf_watch`).
+    watch_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Controller {
     pub(crate) fn store_handle(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    pub(crate) fn watch_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.watch_slots
     }
 
     pub(crate) fn networks_version(&self) -> &tokio::sync::watch::Sender<u64> {
@@ -285,6 +291,7 @@ impl Controller {
             module_repository: std::sync::OnceLock::new(),
             liveness: hosts::Liveness::default(),
             move_deadline: std::sync::Mutex::new(migration::DEFAULT_MOVE_DEADLINE),
+            watch_slots: crate::vnf_watch::watch_slots(),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()

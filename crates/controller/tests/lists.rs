@@ -4,8 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::{Node, wasm_vnf};
+use serde_json::Value;
 
 /// A wasm VNF with `labels` (YAML flow mapping body, e.g. `role: edge, zone: a`).
 fn labelled(name: &str, labels: &str) -> String {
@@ -229,4 +231,187 @@ async fn bad_list_parameters_are_refused_naming_them() {
     }
     // Nothing changed: the list is as before.
     assert_eq!(node.names(&node.admin).await, ["fw1"]);
+}
+
+/// Reads server-sent events from a streaming answer.
+struct EventStream {
+    answer: reqwest::Response,
+    buffered: Vec<u8>,
+}
+
+impl EventStream {
+    async fn open(node: &Node, token: &str, query: &str) -> Result<Self, (u16, Value)> {
+        let answer = reqwest::Client::new()
+            .get(format!("{}/v1/watch/vnfs{query}", node.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = answer.status().as_u16();
+        if status != 200 {
+            return Err((status, answer.json().await.unwrap()));
+        }
+        let content_type = answer.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(content_type, "text/event-stream");
+        Ok(Self {
+            answer,
+            buffered: Vec::new(),
+        })
+    }
+
+    /// The next event (keep-alive comments skipped): its name and its data, each checked
+    /// against the OpenAPI document.
+    async fn next(&mut self, node: &Node) -> (String, Value) {
+        loop {
+            if let Some(end) = self.buffered.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffered.drain(..end + 2).collect();
+                let block = String::from_utf8(block).unwrap();
+                let mut name = None;
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(n) = line.strip_prefix("event:") {
+                        name = Some(n.trim().to_owned());
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                }
+                let Some(name) = name else { continue };
+                let data: Value = serde_json::from_str(&data).unwrap();
+                node.check_against_openapi(
+                    "GET",
+                    "/v1/watch/vnfs",
+                    200,
+                    "text/event-stream",
+                    &data,
+                );
+                assert_eq!(data["type"].as_str().unwrap().to_lowercase(), name);
+                return (name, data);
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(20), self.answer.chunk())
+                .await
+                .expect("an event within 20 s")
+                .unwrap()
+                .expect("the stream goes on");
+            self.buffered.extend_from_slice(&chunk);
+        }
+    }
+
+    /// Events until the first `SYNCED`: the names shown as added.
+    async fn until_synced(&mut self, node: &Node) -> Vec<String> {
+        let mut added = Vec::new();
+        loop {
+            let (name, data) = self.next(node).await;
+            match name.as_str() {
+                "added" => added.push(data["name"].as_str().unwrap().to_owned()),
+                "synced" => return added,
+                other => panic!("{other} before synced: {data}"),
+            }
+        }
+    }
+
+    /// Events until one of `kind` for VNF `vnf`; every event on the way must name a VNF in
+    /// `allowed`.
+    async fn until(&mut self, node: &Node, kind: &str, vnf: &str, allowed: &[&str]) -> Value {
+        loop {
+            let (name, data) = self.next(node).await;
+            let of = data["name"].as_str().unwrap_or_default();
+            assert!(
+                allowed.contains(&of),
+                "{name} of {of}, outside the view: {data}"
+            );
+            if name == kind && of == vnf {
+                return data;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_shows_the_callers_matching_vnfs_then_each_change_to_them() {
+    let node = Node::start().await;
+    let ent = node.create_authority("ent1").await;
+    node.upload_firewall(&ent).await;
+    for (token, name, labels) in [
+        (&node.admin, "edge-a", "role: edge"),
+        (&node.admin, "core-a", "role: core"),
+        (&ent, "ent-edge", "role: edge"),
+    ] {
+        let r = node.create_vnf(token, &labelled(name, labels)).await;
+        assert_eq!(r.status, 201, "{name}: {}", r.body);
+    }
+    let mut all = EventStream::open(&node, &node.admin, "").await.unwrap();
+    let mut shown = all.until_synced(&node).await;
+    shown.sort();
+    assert_eq!(shown, ["core-a", "edge-a", "ent-edge"]);
+    let selector = format!("?labelSelector={}", enc("role=edge"));
+    let mut edges = EventStream::open(&node, &ent, &selector).await.unwrap();
+    assert_eq!(edges.until_synced(&node).await, ["ent-edge"]);
+
+    // Another authority's VNF and one of its own that does not match are not shown; one that
+    // matches is, with its changes, and so is its delete.
+    for (token, name, labels) in [
+        (&node.admin, "edge-b", "role: edge"),
+        (&ent, "ent-core", "role: core"),
+        (&ent, "ent-edge2", "role: edge"),
+    ] {
+        let r = node.create_vnf(token, &labelled(name, labels)).await;
+        assert_eq!(r.status, 201, "{name}: {}", r.body);
+    }
+    let allowed = ["ent-edge", "ent-edge2"];
+    let added = edges.until(&node, "added", "ent-edge2", &allowed).await;
+    assert_eq!(added["vnf"]["owner"], "ent1", "{added}");
+    // Placed: its phase moves on from Pending.
+    let changed = edges.until(&node, "modified", "ent-edge2", &allowed).await;
+    assert_ne!(changed["vnf"]["phase"], "Pending", "{changed}");
+    let r = node
+        .call(
+            "DELETE",
+            "/v1/vnfs/{name}",
+            Some("ent-edge2"),
+            Some(&ent),
+            None,
+        )
+        .await;
+    assert!(r.status == 202 || r.status == 204, "{}", r.body);
+    let deleted = edges.until(&node, "deleted", "ent-edge2", &allowed).await;
+    assert!(deleted.get("vnf").is_none(), "{deleted}");
+    // The admin's unfiltered watch saw the others come.
+    all.until(
+        &node,
+        "added",
+        "ent-core",
+        &[
+            "core-a",
+            "edge-a",
+            "ent-edge",
+            "edge-b",
+            "ent-core",
+            "ent-edge2",
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_watch_parameters_are_refused_naming_them() {
+    let node = Node::start().await;
+    for (query, path) in [
+        ("?limit=5", "limit"),
+        ("?labelSelector=a%3D%3D%3Db", "labelSelector"),
+        ("?watch=1", "watch"),
+    ] {
+        let Err((status, body)) = EventStream::open(&node, &node.admin, query).await else {
+            panic!("{query} was not refused");
+        };
+        assert_eq!(status, 422, "{query}: {body}");
+        assert_eq!(body["errors"][0]["path"], path, "{query}: {body}");
+    }
+    let (status, _) = match EventStream::open(&node, "tvt_not-a-token", "").await {
+        Err(e) => e,
+        Ok(_) => panic!("a bad token was let in"),
+    };
+    assert_eq!(status, 401);
 }

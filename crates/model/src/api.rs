@@ -443,3 +443,31 @@ pub struct InstanceStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_lost: Option<ActiveLost>,
 }
+
+/// What one message of a VNF watch (`GET /v1/watch/vnfs`) says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum VnfWatchKind {
+    /// A VNF the watcher had not been shown (from the first list, or created since).
+    Added,
+    /// A VNF already shown changed (`vnf` is its new state).
+    Modified,
+    /// A VNF shown before is gone, or no longer matches the selector (`name` only).
+    Deleted,
+    /// Every VNF that matched when the watch began has been sent: what follows are changes.
+    Synced,
+}
+
+/// One message of a VNF watch: the `data:` of one server-sent event, whose `event:` is `type`
+/// in lower case.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VnfWatchEvent {
+    #[serde(rename = "type")]
+    pub kind: VnfWatchKind,
+    /// The VNF's name (every type but `SYNCED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<Name>,
+    /// The VNF as it is now (`ADDED` and `MODIFIED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vnf: Option<crate::lifecycle::Vnf>,
+}

@@ -265,8 +265,12 @@ pub enum VnfCommand {
         #[arg(short = 'l', long = "selector")]
         selector: Option<String>,
         /// VNFs asked per request (1 to 1000); every page is fetched and printed
-        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000), conflicts_with = "watch")]
         limit: Option<u32>,
+        /// After the list, print each change as it happens (a line per change; with `-o json`
+        /// one watch message per line), until interrupted
+        #[arg(short = 'w', long)]
+        watch: bool,
     },
     /// Show one VNF with its placement
     Show { name: String },

@@ -2,7 +2,7 @@
 //!
 //! Owns HTTP details of the client side. It must not format output: `output` does.
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use telvirt_model::api::Problem;
@@ -132,6 +132,14 @@ impl Client {
         .into())
     }
 
+    /// Opens a stream of server-sent events at `path` (GET).
+    pub async fn events(&self, path: &str) -> Result<EventStream> {
+        Ok(EventStream {
+            response: self.open(Method::GET, path, None).await?,
+            buffered: Vec::new(),
+        })
+    }
+
     /// Whether `path` exists for the caller: true on 2xx, false on 404, an error otherwise.
     pub async fn exists(&self, path: &str) -> Result<bool> {
         let response = self
@@ -214,7 +222,7 @@ impl Client {
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).
-fn encode_query_value(value: &str) -> String {
+pub(crate) fn encode_query_value(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
@@ -224,6 +232,49 @@ fn encode_query_value(value: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Server-sent events read from a streaming answer: each event's name (`event:`) and data
+/// (`data:`, lines joined); comments (keep-alives) are skipped.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffered: Vec<u8>,
+}
+
+/// Largest event the CLI accepts (a VNF record is far smaller): past it the stream is refused.
+const MAX_EVENT_BYTES: usize = 4 << 20;
+
+impl EventStream {
+    /// The next event; `None` once the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<(String, String)>> {
+        loop {
+            if let Some(end) = self.buffered.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buffered.drain(..end + 2).collect();
+                let block = String::from_utf8(block)
+                    .map_err(|e| anyhow!("the server sent an event that is not UTF-8: {e}"))?;
+                let mut name = None;
+                let mut data: Vec<&str> = Vec::new();
+                for line in block.lines() {
+                    if let Some(n) = line.strip_prefix("event:") {
+                        name = Some(n.trim().to_owned());
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push(d.strip_prefix(' ').unwrap_or(d));
+                    }
+                }
+                if let Some(name) = name {
+                    return Ok(Some((name, data.join("\n"))));
+                }
+                continue;
+            }
+            if self.buffered.len() > MAX_EVENT_BYTES {
+                bail!("the server sent an event over {MAX_EVENT_BYTES} bytes");
+            }
+            match self.response.chunk().await? {
+                Some(chunk) => self.buffered.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 #[cfg(test)]

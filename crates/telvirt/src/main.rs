@@ -32,11 +32,11 @@ mod wasm;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use reqwest::{Method, StatusCode};
 use telvirt_model::HostGrants;
-use telvirt_model::api::{Authority, AuthorityToken, HostView};
+use telvirt_model::api::{Authority, AuthorityToken, HostView, VnfWatchEvent, VnfWatchKind};
 use telvirt_model::{Event, Phase, Vnf};
 
 use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
@@ -200,7 +200,14 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
                 println!("vnf/{} created ({})", vnf.name, vnf.phase);
             }
         }
-        VnfCommand::List { selector, limit } => {
+        VnfCommand::List {
+            selector,
+            watch: true,
+            ..
+        } => watch_vnfs(client, format, selector).await?,
+        VnfCommand::List {
+            selector, limit, ..
+        } => {
             let mut query = Vec::new();
             if let Some(limit) = limit {
                 query.push(("limit", limit.to_string()));
@@ -513,4 +520,39 @@ async fn grants_call(
         print!("{}", output::grants_table(&grants));
     }
     Ok(())
+}
+
+/// `vnf list -w`: the list as the watch's first messages give it, then a line per change, until
+/// interrupted or the server ends the stream.
+async fn watch_vnfs(client: &Client, format: Output, selector: Option<String>) -> Result<()> {
+    let path = match &selector {
+        Some(s) => format!(
+            "/v1/watch/vnfs?labelSelector={}",
+            crate::client::encode_query_value(s)
+        ),
+        None => "/v1/watch/vnfs".to_owned(),
+    };
+    let mut stream = client.events(&path).await?;
+    let mut first: Option<Vec<Vnf>> = Some(Vec::new());
+    while let Some((_, data)) = stream.next().await? {
+        let change: VnfWatchEvent = serde_json::from_str(&data)
+            .map_err(|e| anyhow!("the server's watch message is not what this CLI expects: {e}"))?;
+        match format {
+            Output::Json => println!("{}", serde_json::to_string(&change)?),
+            Output::Yaml => print!("---\n{}", serde_yaml::to_string(&change)?),
+            Output::Table => match (&mut first, change.kind) {
+                (Some(list), VnfWatchKind::Synced) => {
+                    println!("{}", output::vnf_table(list));
+                    first = None;
+                }
+                (Some(list), _) => list.extend(change.vnf),
+                (None, _) => {
+                    if let Some(line) = output::vnf_change_line(&change) {
+                        println!("{line}");
+                    }
+                }
+            },
+        }
+    }
+    bail!("the watch ended: the server closed the stream; run the command again to go on watching")
 }

@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use serde::Serialize;
-use telvirt_model::api::{Authority, CpuUse, HostView};
+use telvirt_model::api::{Authority, CpuUse, HostView, VnfWatchEvent, VnfWatchKind};
 use telvirt_model::{Event, Vnf};
 
 use crate::cli::Output;
@@ -90,33 +90,50 @@ fn hosts_of(vnf: &Vnf) -> String {
     }
 }
 
+const VNF_COLUMNS: [&str; 7] = [
+    "NAME",
+    "OWNER",
+    "RUNTIME",
+    "PHASE",
+    "HOST",
+    "CPUS",
+    "LOCKED-BY",
+];
+
+fn vnf_row(v: &Vnf) -> Vec<String> {
+    vec![
+        v.name.to_string(),
+        v.owner.to_string(),
+        v.descriptor.spec.runtime.as_str().into(),
+        v.phase.to_string(),
+        hosts_of(v),
+        cpus_of(v),
+        v.lock.as_ref().map_or("-".into(), |l| l.by.to_string()),
+    ]
+}
+
 pub fn vnf_table(vnfs: &[Vnf]) -> String {
-    let rows: Vec<Vec<String>> = vnfs
-        .iter()
-        .map(|v| {
-            vec![
-                v.name.to_string(),
-                v.owner.to_string(),
-                v.descriptor.spec.runtime.as_str().into(),
-                v.phase.to_string(),
-                hosts_of(v),
-                cpus_of(v),
-                v.lock.as_ref().map_or("-".into(), |l| l.by.to_string()),
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME",
-            "OWNER",
-            "RUNTIME",
-            "PHASE",
-            "HOST",
-            "CPUS",
-            "LOCKED-BY",
-        ],
-        &rows,
-    )
+    let rows: Vec<Vec<String>> = vnfs.iter().map(vnf_row).collect();
+    table(&VNF_COLUMNS, &rows)
+}
+
+/// One change of a VNF watch as a row of [`vnf_table`]'s columns (a gone VNF: its name and
+/// `Deleted`).
+pub fn vnf_change_line(change: &VnfWatchEvent) -> Option<String> {
+    let row = match (&change.vnf, &change.name) {
+        (Some(v), _) => vnf_row(v),
+        (None, Some(name)) if change.kind == VnfWatchKind::Deleted => {
+            let mut row = vec!["-".to_owned(); VNF_COLUMNS.len()];
+            row[0] = name.to_string();
+            row[3] = "Deleted".to_owned();
+            row
+        }
+        _ => return None,
+    };
+    table(&VNF_COLUMNS, &[row])
+        .lines()
+        .nth(1)
+        .map(str::to_owned)
 }
 
 pub fn vnf_detail(v: &Vnf) -> String {

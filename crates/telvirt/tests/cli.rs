@@ -415,3 +415,88 @@ fn an_authority_rotates_its_token_and_is_deleted_only_once_it_owns_nothing() {
     let out = server.cli(&["authority", "delete", "op2"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
+
+/// The lines a running command prints, as they come.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines from `rx` until one satisfies `done`, within 60 s; returns it.
+fn line_until(
+    rx: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if done(&line) => return line,
+            Ok(_) => {}
+            Err(e) => panic!("no line {what}: {e}"),
+        }
+    }
+}
+
+#[test]
+fn list_watch_prints_the_list_then_a_line_per_change() {
+    let server = lab();
+    let fw = example(&server, "fw1.yaml");
+    let spawn = |args: &[&str]| {
+        server
+            .command()
+            .args(args)
+            .env("TELVIRT_CONFIG", server.config())
+            .env_remove("TELVIRT_SERVER")
+            .env_remove("TELVIRT_TOKEN")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut watch = spawn(&["vnf", "list", "-w"]);
+    let mut json_watch = spawn(&["vnf", "list", "-w", "-o", "json", "-l", "tier=none"]);
+    let lines = lines_of(&mut watch);
+    let json_lines = lines_of(&mut json_watch);
+    line_until(&lines, "with the table's header", |l| l.starts_with("NAME"));
+    line_until(&json_lines, "SYNCED", |l| l.contains("\"SYNCED\""));
+
+    let out = server.cli(&["vnf", "create", "-f", &fw]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    line_until(&lines, "with fw1 Running", |l| {
+        l.starts_with("fw1 ") && l.contains("Running")
+    });
+    let out = server.cli(&["vnf", "delete", "fw1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    line_until(&lines, "with fw1 Deleted", |l| {
+        l.starts_with("fw1 ") && l.contains("Deleted")
+    });
+    // fw1 has no label tier=none: the selecting watch printed nothing since SYNCED.
+    assert!(
+        json_lines.try_recv().is_err(),
+        "the selecting watch showed a VNF it does not select"
+    );
+    for child in [&mut watch, &mut json_watch] {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "a watch ended by itself"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    // A watch has no pages.
+    let out = server.cli(&["vnf", "list", "-w", "--limit", "5"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--limit"), "{}", stderr(&out));
+}
