@@ -22,7 +22,7 @@ async fn health_openapi_and_schema_are_public() {
         .with_draft(jsonschema::Draft::Draft202012)
         .build(&r.body)
         .unwrap();
-    let good: Value = serde_yaml::from_str(&wasm_vnf("fw1")).unwrap();
+    let good: Value = yaml_serde::from_str(&wasm_vnf("fw1")).unwrap();
     assert!(
         schema.is_valid(&good),
         "{:?}",

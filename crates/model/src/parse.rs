@@ -62,14 +62,14 @@ pub fn from_text<T: DeserializeOwned>(text: &[u8], format: Format) -> Result<T, 
                 )));
             }
             // A first pass for well-formedness, so syntax errors are not reported as type errors.
-            serde_yaml::from_slice::<serde_yaml::Value>(text).map_err(|e| {
+            yaml_serde::from_slice::<yaml_serde::Value>(text).map_err(|e| {
                 ModelError::Syntax(FieldError::new("", format!("invalid YAML: {e}")))
             })?;
-            let de = serde_yaml::Deserializer::from_slice(text);
+            let de = yaml_serde::Deserializer::from_slice(text);
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let path = e.path().to_string();
                 let reason = e.inner().to_string();
-                // serde_yaml repeats the path in front of its message.
+                // yaml_serde repeats the path in front of its message.
                 let reason = reason
                     .strip_prefix(&format!("{path}: "))
                     .map_or(reason.clone(), str::to_owned);

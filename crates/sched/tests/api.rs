@@ -812,7 +812,7 @@ fn documented_inventory_example_parses_and_loads() {
         .nth(1)
         .and_then(|b| b.split("```").next())
         .expect("yaml block");
-    let inv: Inventory = serde_yaml::from_str(yaml).expect("documented example parses");
+    let inv: Inventory = yaml_serde::from_str(yaml).expect("documented example parses");
     let mut s = sched(ReservePolicy::NPlusOne, &[]);
     s.add_inventory(&inv).expect("documented example is valid");
     assert_eq!(s.host_names(), ["host-1", "host-2"]);

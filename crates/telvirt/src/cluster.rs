@@ -685,7 +685,7 @@ fn inventory(plan: &Plan, i: u32, name: &str) -> Result<(String, Vec<u32>)> {
             "# Host {name} of a cluster laid out by `telvirt cluster up`: a made-up 4-core topology (placement on paper).\n"
         ),
     };
-    let yaml = serde_yaml::to_string(&Inventory { hosts: vec![spec] })?;
+    let yaml = yaml_serde::to_string(&Inventory { hosts: vec![spec] })?;
     Ok((format!("{header}{yaml}"), cpus))
 }
 
@@ -1170,7 +1170,7 @@ mod tests {
                 cpus: vec![0, 1],
             };
             let (yaml, cpus) = inventory(&plan, 3, "h3").unwrap();
-            let parsed: Inventory = serde_yaml::from_str(&yaml).unwrap();
+            let parsed: Inventory = yaml_serde::from_str(&yaml).unwrap();
             assert_eq!(parsed.hosts[0].name, "h3");
             match mode {
                 InventoryMode::Slice => assert_eq!(cpus, vec![0]),

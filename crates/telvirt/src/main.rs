@@ -539,7 +539,7 @@ async fn watch_vnfs(client: &Client, format: Output, selector: Option<String>) -
             .map_err(|e| anyhow!("the server's watch message is not what this CLI expects: {e}"))?;
         match format {
             Output::Json => println!("{}", serde_json::to_string(&change)?),
-            Output::Yaml => print!("---\n{}", serde_yaml::to_string(&change)?),
+            Output::Yaml => print!("---\n{}", yaml_serde::to_string(&change)?),
             Output::Table => match (&mut first, change.kind) {
                 (Some(list), VnfWatchKind::Synced) => {
                     println!("{}", output::vnf_table(list));

@@ -22,7 +22,7 @@ pub fn structured_to<T: Serialize>(
 ) -> Result<bool> {
     match format {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(value)?)?,
-        Output::Yaml => write!(out, "{}", serde_yaml::to_string(value)?)?,
+        Output::Yaml => write!(out, "{}", yaml_serde::to_string(value)?)?,
         Output::Table => return Ok(false),
     }
     Ok(true)

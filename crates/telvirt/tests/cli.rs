@@ -297,7 +297,7 @@ fn schema_prints_json_unless_yaml_is_asked_for() {
             .starts_with('{'),
         "YAML, not JSON"
     );
-    let from_yaml: serde_json::Value = serde_yaml::from_slice(&yaml.stdout).unwrap();
+    let from_yaml: serde_json::Value = yaml_serde::from_slice(&yaml.stdout).unwrap();
     assert_eq!(from_yaml, from_json);
 }
 
