@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Server and token come from --server/--token, TELVIRT_SERVER/TELVIRT_TOKEN, or the client \
 config file (--config, TELVIRT_CONFIG, else <data-dir>/client.toml written by `telvirt serve`).\n\
 Exit codes: 0 done; 2 input refused (400, 413, 415, 422); 3 caller refused (401, 403); 4 not found \
-(404); 5 conflict (409, 412); 1 anything else. Under -o json an error is JSON on stderr too."
+(404); 5 conflict (409, 412); 1 anything else. Under -o json an error is a problem document (RFC 9457) on stderr, with exit_code."
 )]
 pub struct Cli {
     /// API endpoint, e.g. http://127.0.0.1:7070

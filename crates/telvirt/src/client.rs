@@ -28,6 +28,8 @@ pub struct Answer {
 pub struct RequestFailed {
     pub status: u16,
     pub detail: String,
+    /// The problem document the API answered (`None`: the answer was not one).
+    pub problem: Option<Problem>,
 }
 
 impl std::fmt::Display for RequestFailed {
@@ -54,6 +56,37 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         Some(409 | 412) => 5,
         _ => 1,
     }
+}
+
+/// A failed command as an RFC 9457 problem document (what `-o json` prints on stderr): the
+/// API's own problem when it refused the request, else one of type
+/// `urn:telvirt:problem:client` (the API unreachable, a local error) without a `status`. Both
+/// carry the members `exit_code` and `error` (the error and its causes on one line).
+pub fn problem_json(e: &anyhow::Error, one_line: &str) -> serde_json::Value {
+    let mut doc = match e.downcast_ref::<RequestFailed>() {
+        Some(RequestFailed {
+            problem: Some(p), ..
+        }) => serde_json::to_value(p).unwrap_or_default(),
+        Some(r) => serde_json::json!({
+            "type": "about:blank",
+            "title": reqwest::StatusCode::from_u16(r.status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Error"),
+            "status": r.status,
+            "detail": r.detail,
+        }),
+        None => serde_json::json!({
+            "type": "urn:telvirt:problem:client",
+            "title": "The command failed before or outside the API",
+            "detail": one_line,
+        }),
+    };
+    if let Some(members) = doc.as_object_mut() {
+        members.insert("exit_code".into(), exit_code(e).into());
+        members.insert("error".into(), one_line.into());
+    }
+    doc
 }
 
 impl Answer {
@@ -112,11 +145,13 @@ impl Client {
             return Ok(response);
         }
         let body = response.bytes().await?.to_vec();
-        let detail = serde_json::from_slice::<Problem>(&body)
+        let problem = serde_json::from_slice::<Problem>(&body).ok();
+        let detail = problem
+            .as_ref()
             .map(|p| {
                 // Field errors the detail does not already say (a verifier's reasons, ...).
-                let mut detail = p.detail;
-                for e in p.errors {
+                let mut detail = p.detail.clone();
+                for e in &p.errors {
                     let line = e.to_string();
                     if !detail.contains(&line) {
                         detail.push_str(&format!("\n  {line}"));
@@ -124,10 +159,11 @@ impl Client {
                 }
                 detail
             })
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
         Err(RequestFailed {
             status: status.as_u16(),
             detail,
+            problem,
         }
         .into())
     }

@@ -72,16 +72,9 @@ fn main() {
     if let Err(e) = runtime.block_on(dispatch(cli)) {
         let code = client::exit_code(&e);
         match format {
-            // Machine-readable to the end: the error as JSON too (on stderr, like the text).
-            cli::Output::Json => {
-                let status = e.downcast_ref::<client::RequestFailed>().map(|r| r.status);
-                let error = serde_json::json!({
-                    "error": one_line(&e),
-                    "status": status,
-                    "exit_code": code,
-                });
-                eprintln!("{error}");
-            }
+            // Machine-readable to the end: the error as a problem document too (on stderr,
+            // like the text).
+            cli::Output::Json => eprintln!("{}", client::problem_json(&e, &one_line(&e))),
             _ => eprintln!("error: {}", one_line(&e)),
         }
         std::process::exit(code);

@@ -141,7 +141,7 @@ fn bad_input_exits_non_zero_with_one_line() {
     let err = stderr(&out);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("spec.cpu.count"), "{err}");
-    // Under -o json the error is JSON too, with the API's status and the exit code.
+    // Under -o json the error is the API's problem document (RFC 9457), with the exit code.
     let out = server.cli(&["vnf", "create", "-f", &bad, "-o", "json"]);
     assert_eq!(out.status.code(), Some(2));
     let e: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
@@ -151,9 +151,28 @@ fn bad_input_exits_non_zero_with_one_line() {
         "{e}"
     );
     assert!(
+        e["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("urn:telvirt:problem:"),
+        "{e}"
+    );
+    assert_eq!(e["errors"][0]["path"], "spec.cpu.count", "{e}");
+    assert!(
         e["error"].as_str().unwrap().contains("spec.cpu.count"),
         "{e}"
     );
+    // A local error is a problem document too, of the client's type and without a status.
+    let out = server.cli(&["vnf", "create", "-f", "/nonexistent.yaml", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let e: serde_json::Value = serde_json::from_str(stderr(&out).trim()).unwrap();
+    assert_eq!(e["type"], "urn:telvirt:problem:client", "{e}");
+    assert!(e.get("status").is_none(), "{e}");
+    assert!(
+        e["detail"].as_str().unwrap().contains("/nonexistent.yaml"),
+        "{e}"
+    );
+    assert_eq!(e["exit_code"], 1, "{e}");
     // Something that does not exist exits 4, a conflict 5.
     assert_eq!(server.cli(&["vnf", "show", "nope"]).status.code(), Some(4));
     server.ok(&["vnf", "create", "-f", &example(&server, "fw1.yaml")]);
