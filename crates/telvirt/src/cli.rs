@@ -38,8 +38,18 @@ pub struct Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Table,
+    /// A table with more columns (`vnf list`: standby host, memory, labels, reason; `host
+    /// list`: labels, CPUs held by VNFs, tunnel); other commands print their table
+    Wide,
     Json,
     Yaml,
+}
+
+impl Output {
+    /// Whether the output is for people (`table` or `wide`), not machines.
+    pub fn is_table(self) -> bool {
+        matches!(self, Output::Table | Output::Wide)
+    }
 }
 
 #[derive(Subcommand, Debug)]

@@ -210,7 +210,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
             }
             let vnfs: Vec<Vnf> = client.get_all_pages("/v1/vnfs", &query).await?;
             if !output::structured(format, &vnfs)? {
-                println!("{}", output::vnf_table(&vnfs));
+                println!("{}", output::vnf_table(&vnfs, format == Output::Wide));
             }
         }
         VnfCommand::Show { name } => {
@@ -345,7 +345,10 @@ async fn host_action(client: &Client, format: Output, name: &str, action: &str) 
     let host: HostView = client.post(&format!("/v1/hosts/{name}/{action}")).await?;
     if !output::structured(format, &host)? {
         println!("host/{name} {action}ed");
-        println!("{}", output::host_table(std::slice::from_ref(&host)));
+        println!(
+            "{}",
+            output::host_table(std::slice::from_ref(&host), format == Output::Wide)
+        );
     }
     Ok(())
 }
@@ -355,13 +358,16 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
         HostCommand::List => {
             let hosts: Vec<HostView> = client.get("/v1/hosts").await?;
             if !output::structured(format, &hosts)? {
-                println!("{}", output::host_table(&hosts));
+                println!("{}", output::host_table(&hosts, format == Output::Wide));
             }
         }
         HostCommand::Show { name } => {
             let host: HostView = client.get(&format!("/v1/hosts/{name}")).await?;
             if !output::structured(format, &host)? {
-                println!("{}", output::host_table(std::slice::from_ref(&host)));
+                println!(
+                    "{}",
+                    output::host_table(std::slice::from_ref(&host), format == Output::Wide)
+                );
                 println!();
                 print!(
                     "{}",
@@ -533,14 +539,14 @@ async fn watch_vnfs(client: &Client, format: Output, selector: Option<String>) -
         match format {
             Output::Json => println!("{}", serde_json::to_string(&change)?),
             Output::Yaml => print!("---\n{}", yaml_serde::to_string(&change)?),
-            Output::Table => match (&mut first, change.kind) {
+            Output::Table | Output::Wide => match (&mut first, change.kind) {
                 (Some(list), VnfWatchKind::Synced) => {
-                    println!("{}", output::vnf_table(list));
+                    println!("{}", output::vnf_table(list, format == Output::Wide));
                     first = None;
                 }
                 (Some(list), _) => list.extend(change.vnf),
                 (None, _) => {
-                    if let Some(line) = output::vnf_change_line(&change) {
+                    if let Some(line) = output::vnf_change_line(&change, format == Output::Wide) {
                         println!("{line}");
                     }
                 }

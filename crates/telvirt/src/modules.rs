@@ -249,7 +249,7 @@ pub fn verify(
             Ok(())
         }
         Err(reasons) => {
-            if format != Output::Table {
+            if !format.is_table() {
                 let value = serde_json::json!({
                     "file": file.display().to_string(),
                     "domain": domain,

@@ -23,7 +23,7 @@ pub fn structured_to<T: Serialize>(
     match format {
         Output::Json => writeln!(out, "{}", serde_json::to_string_pretty(value)?)?,
         Output::Yaml => write!(out, "{}", yaml_serde::to_string(value)?)?,
-        Output::Table => return Ok(false),
+        Output::Table | Output::Wide => return Ok(false),
     }
     Ok(true)
 }
@@ -100,8 +100,19 @@ const VNF_COLUMNS: [&str; 7] = [
     "LOCKED-BY",
 ];
 
-fn vnf_row(v: &Vnf) -> Vec<String> {
-    vec![
+/// The columns `-o wide` adds to [`VNF_COLUMNS`].
+const VNF_WIDE_COLUMNS: [&str; 4] = ["STANDBY", "MEMORY", "LABELS", "REASON"];
+
+fn vnf_columns(wide: bool) -> Vec<&'static str> {
+    let mut columns = VNF_COLUMNS.to_vec();
+    if wide {
+        columns.extend(VNF_WIDE_COLUMNS);
+    }
+    columns
+}
+
+fn vnf_row(v: &Vnf, wide: bool) -> Vec<String> {
+    let mut row = vec![
         v.name.to_string(),
         v.owner.to_string(),
         v.descriptor.spec.runtime.as_str().into(),
@@ -109,31 +120,65 @@ fn vnf_row(v: &Vnf) -> Vec<String> {
         hosts_of(v),
         cpus_of(v),
         v.lock.as_ref().map_or("-".into(), |l| l.by.to_string()),
-    ]
+    ];
+    if wide {
+        let standby = v
+            .placements
+            .iter()
+            .find(|p| p.role == telvirt_model::Role::Standby)
+            .map_or("-".into(), |p| p.host.clone());
+        row.extend([
+            standby,
+            mib_or_dash(v.memory_bytes),
+            labels_of(&v.descriptor.metadata.labels),
+            v.reason.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    row
 }
 
-pub fn vnf_table(vnfs: &[Vnf]) -> String {
-    let rows: Vec<Vec<String>> = vnfs.iter().map(vnf_row).collect();
-    table(&VNF_COLUMNS, &rows)
+/// `k=v,k2=v2`, or `-` without labels.
+fn labels_of(labels: &std::collections::BTreeMap<String, String>) -> String {
+    if labels.is_empty() {
+        return "-".into();
+    }
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Whole MiB, or `-` for 0 (not counted).
+fn mib_or_dash(bytes: u64) -> String {
+    if bytes == 0 {
+        "-".into()
+    } else {
+        format!("{}MiB", bytes >> 20)
+    }
+}
+
+/// The VNFs as a table; `wide` adds [`VNF_WIDE_COLUMNS`].
+pub fn vnf_table(vnfs: &[Vnf], wide: bool) -> String {
+    let rows: Vec<Vec<String>> = vnfs.iter().map(|v| vnf_row(v, wide)).collect();
+    table(&vnf_columns(wide), &rows)
 }
 
 /// One change of a VNF watch as a row of [`vnf_table`]'s columns (a gone VNF: its name and
 /// `Deleted`).
-pub fn vnf_change_line(change: &VnfWatchEvent) -> Option<String> {
+pub fn vnf_change_line(change: &VnfWatchEvent, wide: bool) -> Option<String> {
+    let columns = vnf_columns(wide);
     let row = match (&change.vnf, &change.name) {
-        (Some(v), _) => vnf_row(v),
+        (Some(v), _) => vnf_row(v, wide),
         (None, Some(name)) if change.kind == VnfWatchKind::Deleted => {
-            let mut row = vec!["-".to_owned(); VNF_COLUMNS.len()];
+            let mut row = vec!["-".to_owned(); columns.len()];
             row[0] = name.to_string();
             row[3] = "Deleted".to_owned();
             row
         }
         _ => return None,
     };
-    table(&VNF_COLUMNS, &[row])
-        .lines()
-        .nth(1)
-        .map(str::to_owned)
+    table(&columns, &[row]).lines().nth(1).map(str::to_owned)
 }
 
 pub fn vnf_detail(v: &Vnf) -> String {
@@ -277,12 +322,13 @@ pub fn host_status(h: &HostView) -> String {
     }
 }
 
-pub fn host_table(hosts: &[HostView]) -> String {
+/// The hosts as a table; `wide` adds their labels, the CPUs VNFs hold and the tunnel address.
+pub fn host_table(hosts: &[HostView], wide: bool) -> String {
     let rows: Vec<Vec<String>> = hosts
         .iter()
         .map(|h| {
             let free = h.cpus.iter().filter(|c| c.usage == CpuUse::Free).count();
-            vec![
+            let mut row = vec![
                 h.name.clone(),
                 host_status(h),
                 h.heartbeat_age_ms.map_or_else(
@@ -292,32 +338,47 @@ pub fn host_table(hosts: &[HostView]) -> String {
                 h.cpus.len().to_string(),
                 free.to_string(),
                 h.numa_nodes.to_string(),
-                if h.memory_bytes == 0 {
-                    "-".into()
-                } else {
-                    format!("{}MiB", h.memory_bytes >> 20)
-                },
+                mib_or_dash(h.memory_bytes),
                 if h.runtimes.is_empty() {
                     "-".into()
                 } else {
                     h.runtimes.join(",")
                 },
-            ]
+            ];
+            if wide {
+                let held = h
+                    .cpus
+                    .iter()
+                    .filter(|c| {
+                        matches!(
+                            c.usage,
+                            CpuUse::Vnf { .. } | CpuUse::Group { .. } | CpuUse::InUse
+                        )
+                    })
+                    .count();
+                row.extend([
+                    labels_of(&h.labels),
+                    held.to_string(),
+                    h.tunnel.clone().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            row
         })
         .collect();
-    table(
-        &[
-            "NAME",
-            "STATUS",
-            "HEARTBEAT",
-            "CPUS",
-            "FREE",
-            "NUMA",
-            "MEMORY",
-            "RUNTIMES",
-        ],
-        &rows,
-    )
+    let mut columns = vec![
+        "NAME",
+        "STATUS",
+        "HEARTBEAT",
+        "CPUS",
+        "FREE",
+        "NUMA",
+        "MEMORY",
+        "RUNTIMES",
+    ];
+    if wide {
+        columns.extend(["LABELS", "HELD", "TUNNEL"]);
+    }
+    table(&columns, &rows)
 }
 
 pub fn authority_table(authorities: &[Authority]) -> String {

@@ -16,7 +16,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(format: Output, what: &str) -> Self {
-        let visible = format == Output::Table && std::io::stderr().is_terminal();
+        let visible = format.is_table() && std::io::stderr().is_terminal();
         let bar = visible.then(|| {
             let bar = ProgressBar::new(1);
             let style = ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {elapsed}")

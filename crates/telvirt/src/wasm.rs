@@ -274,7 +274,7 @@ pub async fn logs(client: &Client, format: Output, name: &str, follow: bool) -> 
                 .map_or(0, |i| i + 1);
             for line in &tail[start..] {
                 match format {
-                    Output::Table => println!("{line}"),
+                    Output::Table | Output::Wide => println!("{line}"),
                     _ => println!("{}", serde_json::json!({ "line": line })),
                 }
             }
@@ -289,7 +289,7 @@ pub async fn logs(client: &Client, format: Output, name: &str, follow: bool) -> 
 
 fn print_log_line(format: Output, l: &LogLineView) -> Result<()> {
     match format {
-        Output::Table => println!(
+        Output::Table | Output::Wide => println!(
             "{:>6} {:>12.6}s L{} {}",
             l.seq,
             l.at_ns as f64 / 1e9,

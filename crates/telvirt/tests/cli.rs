@@ -38,6 +38,25 @@ fn cli_round_trip() {
     let table = String::from_utf8_lossy(&list.stdout);
     assert!(table.starts_with("NAME"), "{table}");
     assert!(table.contains("fw1") && table.contains("upf1"), "{table}");
+    assert!(!table.contains("LABELS"), "{table}");
+    // -o wide: more columns, fw1's labels among them.
+    let wide = server.cli(&["vnf", "list", "-o", "wide"]);
+    let wide = String::from_utf8_lossy(&wide.stdout);
+    let header = wide.lines().next().unwrap_or_default();
+    for column in ["STANDBY", "MEMORY", "LABELS", "REASON"] {
+        assert!(header.contains(column), "{wide}");
+    }
+    assert!(
+        wide.lines()
+            .any(|l| l.starts_with("fw1 ") && l.contains("role=edge")),
+        "{wide}"
+    );
+    let hosts = server.cli(&["host", "list", "-o", "wide"]);
+    let hosts = String::from_utf8_lossy(&hosts.stdout);
+    assert!(
+        hosts.lines().next().unwrap_or_default().contains("HELD"),
+        "{hosts}"
+    );
 
     // The CLI uploaded the module the descriptor names next to itself (../vnfs/firewall.wasm)
     // and sent its reference; lab-a is this node, so fw1 runs on its dedicated core.
