@@ -502,8 +502,8 @@ impl Inner {
             .is_none_or(|a| a.desired == DesiredState::Stopped)
     }
 
-    /// Cancels the starts under way that [`Inner::start_is_moot`] (called after every update
-    /// of the desired assignments).
+    /// Cancels each start under way that has become moot ([`Inner::start_is_moot`]); called
+    /// after every update of the desired assignments.
     fn cancel_moot_starts(&self) {
         let starting = self.starting.lock().unwrap_or_else(|p| p.into_inner());
         for (vnf, cancel) in starting.iter() {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use telvirt_model::Name;
 use telvirt_model::api::{VnfWatchEvent, VnfWatchKind};
 use telvirt_store::{Store, WatchEvent};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -106,13 +107,9 @@ impl View {
     async fn send(
         &self,
         kind: VnfWatchKind,
-        name: Option<&str>,
+        name: Option<Name>,
         vnf: Option<telvirt_model::Vnf>,
     ) -> Result<(), Gone> {
-        let name = match name {
-            Some(n) => Some(n.parse().map_err(|_| Gone)?),
-            None => None,
-        };
         self.tx
             .send(VnfWatchEvent { kind, name, vnf })
             .await
@@ -138,6 +135,7 @@ impl View {
                 Some(_) => VnfWatchKind::Modified,
                 None => VnfWatchKind::Added,
             };
+            let name = record.vnf.name.clone();
             self.send(kind, Some(name), Some(record.vnf)).await
         } else {
             self.forget(name).await
@@ -145,9 +143,10 @@ impl View {
     }
 
     async fn forget(&mut self, name: &str) -> Result<(), Gone> {
-        match self.shown.remove(name) {
-            Some(_) => self.send(VnfWatchKind::Deleted, Some(name), None).await,
-            None => Ok(()),
+        // Only what was shown is told gone, and what was shown had a valid name.
+        match (self.shown.remove(name), name.parse::<Name>()) {
+            (Some(_), Ok(name)) => self.send(VnfWatchKind::Deleted, Some(name), None).await,
+            _ => Ok(()),
         }
     }
 
