@@ -73,6 +73,7 @@ impl HostAgent {
     /// modules are read from `module_dir`.
     pub async fn build(
         args: &HostAgentArgs,
+        mut inventory: Vec<HostRecord>,
         data_dir: &Path,
         module_dir: &Path,
         policy: telvirt_runtime_wasm::SecurityPolicy,
@@ -121,7 +122,9 @@ impl HostAgent {
             .iter()
             .map(|r| r.kind().as_str().to_owned())
             .collect();
-        let inventory = host_records(args, &names)?;
+        for record in inventory.iter_mut().filter(|h| h.agent) {
+            record.runtimes.clone_from(&names);
+        }
         let mut record = inventory
             .iter()
             .find(|h| h.agent)
@@ -329,9 +332,11 @@ fn tunnel_address(text: &str) -> Result<std::net::SocketAddr> {
     ))
 }
 
-/// This host's record (from the inventory file or from /sys), and the hosts without an agent
-/// the inventory names beside it.
-fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRecord>> {
+/// This host's record (from the inventory file or from /sys; its runtimes are filled in by
+/// [`HostAgent::build`]), and the hosts without an agent the inventory names beside it. Read
+/// before anything is written, so a bad `--inventory`, `--shared-cpus` or `--memory-reserve`
+/// leaves the data dir as it was.
+pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
     let local = discover(
         &args.host_name.clone().unwrap_or_else(hostname),
         &SysRoots::default(),
@@ -352,12 +357,28 @@ fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRec
     }
     let Some(path) = &args.inventory else {
         let mut spec = local.spec;
+        if let Some(shared) = &args.shared_cpus {
+            let online: Vec<u32> = spec
+                .sockets
+                .iter()
+                .flat_map(|s| &s.numa_nodes)
+                .flat_map(|n| &n.cores)
+                .flat_map(|c| c.cpus().iter().copied())
+                .collect();
+            if let Some(cpu) = shared.cpus().iter().find(|c| !online.contains(c)) {
+                bail!(
+                    "--shared-cpus {shared}: CPU {cpu} is not online on this host (online: {})",
+                    telvirt_sched::CpuList::from_cpus(online)
+                );
+            }
+            spec.shared = shared.clone();
+        }
         telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
         return Ok(vec![HostRecord {
             spec,
             memory_bytes: local.memory_bytes,
             hugepages: local.hugepages,
-            runtimes: runtimes.to_vec(),
+            runtimes: Vec::new(),
             agent: true,
             tunnel: None,
         }]);
@@ -395,11 +416,7 @@ fn host_records(args: &HostAgentArgs, runtimes: &[String]) -> Result<Vec<HostRec
                 } else {
                     Vec::new()
                 },
-                runtimes: if is_local {
-                    runtimes.to_vec()
-                } else {
-                    Vec::new()
-                },
+                runtimes: Vec::new(),
                 agent: is_local,
                 tunnel: None,
             }
@@ -422,9 +439,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
             args.token_file.display()
         );
     }
+    let inventory = host_records(&args.agent)?;
     let policy = crate::wasm::load_policy(args.node.security_policy.as_deref())?;
     let modules = ModuleCache::new(data_dir.join("modules"));
-    let host = HostAgent::build(&args.agent, &data_dir, modules.dir(), policy).await?;
+    let host = HostAgent::build(&args.agent, inventory, &data_dir, modules.dir(), policy).await?;
     if host.inventory.len() > 1 {
         tracing::warn!(
             "inventory names {} other host(s); an agent registers only its own ({})",

@@ -95,6 +95,14 @@ pub enum Command {
     /// Latency measurement tools
     #[command(subcommand)]
     Latency(crate::latency::LatencyCommand),
+    /// The node's health (`GET /v1/readyz`: store, scheduler, agent loop, data plane); exit 1
+    /// when it is not ready
+    Status {
+        /// Wait until the node answers ready, up to SECONDS (default 60): for a node just
+        /// started in the background (`telvirt serve &`), whose client config may not exist yet
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "60", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        wait: Option<u64>,
+    },
     /// Print a shell completion script, e.g. `telvirt completion bash >
     /// /etc/bash_completion.d/telvirt`, or `source <(telvirt completion bash)`
     Completion {
@@ -210,6 +218,12 @@ pub struct HostAgentArgs {
     /// Name of this host [default: the kernel's hostname]
     #[arg(long, visible_alias = "host")]
     pub host_name: Option<String>,
+    /// CPUs kept for the host OS, telvirt and shared emulator threads, never given to one VNF:
+    /// a CPU list (`0`, `0-1,8`) or `none`, so every CPU may go to VNFs (a 2-CPU machine then
+    /// fits a dedicated VNF and a shared group, but no vm VNF with `emulator: share`)
+    /// [default: CPU 0 when the host has more than one CPU]. An inventory says it there instead
+    #[arg(long, value_name = "CPUS", conflicts_with = "inventory", value_parser = parse_shared_cpus)]
+    pub shared_cpus: Option<telvirt_sched::CpuList>,
     /// Accelerator of vm VNFs: auto probes whether KVM really boots a guest and falls back to
     /// TCG with a warning
     #[arg(long, value_enum, default_value_t = crate::vm::AccelArg::Auto)]
@@ -432,4 +446,13 @@ pub struct GrantArgs {
     /// An existing TAP device for `kind: net` devices; a trailing `*` means a prefix (`tv-*`)
     #[arg(long = "tap")]
     pub taps: Vec<String>,
+}
+
+/// `--shared-cpus`: a CPU list, or `none`.
+fn parse_shared_cpus(text: &str) -> Result<telvirt_sched::CpuList, String> {
+    if text == "none" {
+        return Ok(telvirt_sched::CpuList::new());
+    }
+    text.parse()
+        .map_err(|e| format!("{e}; give a CPU list such as 0 or 0-1,8, or none"))
 }

@@ -108,6 +108,36 @@ async fn dispatch(cli: Cli) -> Result<()> {
             output::structured(yaml, &schema)?;
             Ok(())
         }
+        Command::Status { wait } => {
+            let deadline = Instant::now() + Duration::from_secs(wait.unwrap_or(0));
+            loop {
+                let attempt = async {
+                    let client = Client::new(config::resolve(
+                        cli.server.clone(),
+                        cli.token.clone(),
+                        cli.config.clone(),
+                    )?);
+                    client.get::<telvirt_model::api::Health>("/v1/readyz").await
+                };
+                match attempt.await {
+                    Ok(health) => {
+                        if !output::structured(format, &health)? {
+                            println!("{}", output::health_table(&health));
+                        }
+                        return Ok(());
+                    }
+                    Err(e) if Instant::now() >= deadline => {
+                        return Err(match wait {
+                            Some(secs) => {
+                                e.context(format!("the node was not ready within {secs} s"))
+                            }
+                            None => e,
+                        });
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "telvirt", &mut std::io::stdout());

@@ -322,6 +322,28 @@ pub fn host_status(h: &HostView) -> String {
     }
 }
 
+/// The node's health: its status line, then each component.
+pub fn health_table(health: &telvirt_model::api::Health) -> String {
+    let rows: Vec<Vec<String>> = health
+        .components
+        .iter()
+        .map(|(name, c)| {
+            vec![
+                name.clone(),
+                c.status.clone(),
+                c.restarts.to_string(),
+                c.reason.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    format!(
+        "node {} (telvirt {})\n{}",
+        health.status,
+        health.version,
+        table(&["COMPONENT", "STATUS", "RESTARTS", "REASON"], &rows)
+    )
+}
+
 /// The hosts as a table; `wide` adds their labels, the CPUs VNFs hold and the tunnel address.
 pub fn host_table(hosts: &[HostView], wide: bool) -> String {
     let rows: Vec<Vec<String>> = hosts

@@ -171,11 +171,19 @@ pub async fn run(args: ServeArgs) -> Result<()> {
             args.control.host_lease_ttl_ms
         );
     }
+    let inventory = crate::agent::host_records(&args.agent)?;
     let policy = crate::wasm::load_policy(args.node.security_policy.as_deref())?;
     let cp = start_control_plane(&args.control, &data_dir, &policy).await?;
     let controller = cp.controller.clone();
     // The controller's module directory is this agent's too: nothing to fetch.
-    let host = HostAgent::build(&args.agent, &data_dir, &data_dir.join("modules"), policy).await?;
+    let host = HostAgent::build(
+        &args.agent,
+        inventory,
+        &data_dir,
+        &data_dir.join("modules"),
+        policy,
+    )
+    .await?;
     let local_host = host.name().to_owned();
     if host.record.runtimes.is_empty() {
         tracing::warn!("no runtime is available on this host: VNFs placed here will fail");

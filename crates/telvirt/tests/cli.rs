@@ -538,3 +538,50 @@ fn list_watch_prints_the_list_then_a_line_per_change() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--limit"), "{}", stderr(&out));
 }
+
+#[test]
+fn serve_refuses_bad_shared_cpus_before_writing_anything_and_status_waits_for_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let run = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .env_remove("TELVIRT_SERVER")
+            .env_remove("TELVIRT_TOKEN")
+            .env_remove("TELVIRT_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let data_arg = data.to_str().unwrap();
+    let serve = ["serve", "--data-dir", data_arg, "--listen", "127.0.0.1:0"];
+    let out = run(&[&serve[..], &["--shared-cpus", "4096"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--shared-cpus 4096: CPU 4096 is not online"),
+        "{}",
+        stderr(&out)
+    );
+    for file in ["telvirt.redb", "client.toml"] {
+        assert!(!data.join(file).exists(), "{file} was written");
+    }
+    let out = run(&[&serve[..], &["--shared-cpus", "x-y"]].concat());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--shared-cpus"), "{}", stderr(&out));
+    // No node answers: status says so at once, or after its wait.
+    let nobody = [
+        "--server",
+        "http://127.0.0.1:9",
+        "--token",
+        "tvt_x",
+        "status",
+    ];
+    let out = run(&nobody);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let out = run(&[&nobody[..], &["--wait=1"]].concat());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the node was not ready within 1 s"),
+        "{}",
+        stderr(&out)
+    );
+}
