@@ -236,7 +236,7 @@ async fn bad_list_parameters_are_refused_naming_them() {
 /// Reads server-sent events from a streaming answer.
 struct EventStream {
     answer: reqwest::Response,
-    buffered: Vec<u8>,
+    decoder: telvirt_model::sse::SseDecoder,
 }
 
 impl EventStream {
@@ -258,7 +258,7 @@ impl EventStream {
         assert_eq!(content_type, "text/event-stream");
         Ok(Self {
             answer,
-            buffered: Vec::new(),
+            decoder: Default::default(),
         })
     }
 
@@ -266,20 +266,8 @@ impl EventStream {
     /// against the OpenAPI document.
     async fn next(&mut self, node: &Node) -> (String, Value) {
         loop {
-            if let Some(end) = self.buffered.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buffered.drain(..end + 2).collect();
-                let block = String::from_utf8(block).unwrap();
-                let mut name = None;
-                let mut data = String::new();
-                for line in block.lines() {
-                    if let Some(n) = line.strip_prefix("event:") {
-                        name = Some(n.trim().to_owned());
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data.push_str(d.trim_start());
-                    }
-                }
-                let Some(name) = name else { continue };
-                let data: Value = serde_json::from_str(&data).unwrap();
+            if let Some(event) = self.decoder.next_event() {
+                let data: Value = serde_json::from_str(&event.data).unwrap();
                 node.check_against_openapi(
                     "GET",
                     "/v1/watch/vnfs",
@@ -287,15 +275,15 @@ impl EventStream {
                     "text/event-stream",
                     &data,
                 );
-                assert_eq!(data["type"].as_str().unwrap().to_lowercase(), name);
-                return (name, data);
+                assert_eq!(data["type"].as_str().unwrap().to_lowercase(), event.name);
+                return (event.name, data);
             }
             let chunk = tokio::time::timeout(Duration::from_secs(20), self.answer.chunk())
                 .await
                 .expect("an event within 20 s")
                 .unwrap()
                 .expect("the stream goes on");
-            self.buffered.extend_from_slice(&chunk);
+            self.decoder.push(&chunk);
         }
     }
 

@@ -11,6 +11,7 @@ pub mod lifecycle;
 pub mod name;
 pub mod network;
 pub mod parse;
+pub mod sse;
 pub mod units;
 pub mod vnf;
 

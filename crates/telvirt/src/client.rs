@@ -6,6 +6,7 @@ use anyhow::{Result, anyhow, bail};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use telvirt_model::api::Problem;
+use telvirt_model::sse::SseDecoder;
 
 use crate::config::ClientConfig;
 
@@ -172,7 +173,7 @@ impl Client {
     pub async fn events(&self, path: &str) -> Result<EventStream> {
         Ok(EventStream {
             response: self.open(Method::GET, path, None).await?,
-            buffered: Vec::new(),
+            decoder: SseDecoder::default(),
         })
     }
 
@@ -270,43 +271,27 @@ pub(crate) fn encode_query_value(value: &str) -> String {
         .collect()
 }
 
-/// Server-sent events read from a streaming answer: each event's name (`event:`) and data
-/// (`data:`, lines joined); comments (keep-alives) are skipped.
+/// Server-sent events read from a streaming answer (see [`telvirt_model::sse`]).
 pub struct EventStream {
     response: reqwest::Response,
-    buffered: Vec<u8>,
+    decoder: SseDecoder,
 }
 
 /// Largest event the CLI accepts (a VNF record is far smaller): past it the stream is refused.
 const MAX_EVENT_BYTES: usize = 4 << 20;
 
 impl EventStream {
-    /// The next event; `None` once the server ended the stream.
+    /// The next event's name and data; `None` once the server ended the stream.
     pub async fn next(&mut self) -> Result<Option<(String, String)>> {
         loop {
-            if let Some(end) = self.buffered.windows(2).position(|w| w == b"\n\n") {
-                let block: Vec<u8> = self.buffered.drain(..end + 2).collect();
-                let block = String::from_utf8(block)
-                    .map_err(|e| anyhow!("the server sent an event that is not UTF-8: {e}"))?;
-                let mut name = None;
-                let mut data: Vec<&str> = Vec::new();
-                for line in block.lines() {
-                    if let Some(n) = line.strip_prefix("event:") {
-                        name = Some(n.trim().to_owned());
-                    } else if let Some(d) = line.strip_prefix("data:") {
-                        data.push(d.strip_prefix(' ').unwrap_or(d));
-                    }
-                }
-                if let Some(name) = name {
-                    return Ok(Some((name, data.join("\n"))));
-                }
-                continue;
+            if let Some(event) = self.decoder.next_event() {
+                return Ok(Some((event.name, event.data)));
             }
-            if self.buffered.len() > MAX_EVENT_BYTES {
+            if self.decoder.buffered() > MAX_EVENT_BYTES {
                 bail!("the server sent an event over {MAX_EVENT_BYTES} bytes");
             }
             match self.response.chunk().await? {
-                Some(chunk) => self.buffered.extend_from_slice(&chunk),
+                Some(chunk) => self.decoder.push(&chunk),
                 None => return Ok(None),
             }
         }

@@ -108,36 +108,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             output::structured(yaml, &schema)?;
             Ok(())
         }
-        Command::Status { wait } => {
-            let deadline = Instant::now() + Duration::from_secs(wait.unwrap_or(0));
-            loop {
-                let attempt = async {
-                    let client = Client::new(config::resolve(
-                        cli.server.clone(),
-                        cli.token.clone(),
-                        cli.config.clone(),
-                    )?);
-                    client.get::<telvirt_model::api::Health>("/v1/readyz").await
-                };
-                match attempt.await {
-                    Ok(health) => {
-                        if !output::structured(format, &health)? {
-                            println!("{}", output::health_table(&health));
-                        }
-                        return Ok(());
-                    }
-                    Err(e) if Instant::now() >= deadline => {
-                        return Err(match wait {
-                            Some(secs) => {
-                                e.context(format!("the node was not ready within {secs} s"))
-                            }
-                            None => e,
-                        });
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        }
+        Command::Status { wait } => status(cli.server, cli.token, cli.config, format, wait).await,
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "telvirt", &mut std::io::stdout());
@@ -584,4 +555,41 @@ async fn watch_vnfs(client: &Client, format: Output, selector: Option<String>) -
         }
     }
     bail!("the watch ended: the server closed the stream; run the command again to go on watching")
+}
+
+/// `telvirt status [--wait[=SECONDS]]`: the node's readiness (`GET /v1/readyz`); with a wait,
+/// asks again every 200 ms (the client config may not exist yet) until it answers ready.
+async fn status(
+    server: Option<String>,
+    token: Option<String>,
+    config: Option<std::path::PathBuf>,
+    format: Output,
+    wait: Option<u64>,
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(wait.unwrap_or(0));
+    loop {
+        let attempt = async {
+            let client = Client::new(config::resolve(
+                server.clone(),
+                token.clone(),
+                config.clone(),
+            )?);
+            client.get::<telvirt_model::api::Health>("/v1/readyz").await
+        };
+        match attempt.await {
+            Ok(health) => {
+                if !output::structured(format, &health)? {
+                    println!("{}", output::health_table(&health));
+                }
+                return Ok(());
+            }
+            Err(e) if Instant::now() >= deadline => {
+                return Err(match wait {
+                    Some(secs) => e.context(format!("the node was not ready within {secs} s")),
+                    None => e,
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
