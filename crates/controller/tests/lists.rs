@@ -403,3 +403,38 @@ async fn bad_watch_parameters_are_refused_naming_them() {
     };
     assert_eq!(status, 401);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_beyond_the_most_a_node_keeps_is_refused_until_one_ends() {
+    let node = Node::start().await;
+    let most = telvirt_controller::vnf_watch::MAX_WATCHES;
+    let mut open = Vec::new();
+    for _ in 0..most {
+        let mut watch = EventStream::open(&node, &node.admin, "").await.unwrap();
+        watch.until_synced(&node).await;
+        open.push(watch);
+    }
+    let Err((status, body)) = EventStream::open(&node, &node.admin, "").await else {
+        panic!("watch {} was let in", most + 1);
+    };
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{most} watches")),
+        "{body}"
+    );
+    // One ends (its connection closes): another may begin, once the node has seen it go.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        match EventStream::open(&node, &node.admin, "").await {
+            Ok(_) => break,
+            Err((503, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err((status, body)) => panic!("no watch after one ended: {status} {body}"),
+        }
+    }
+}
