@@ -366,6 +366,10 @@ pub enum VnfCommand {
         /// Return at once instead of waiting until it is gone
         #[arg(long)]
         no_wait: bool,
+        /// How long to wait until it is gone, in seconds (default 120); past it the command
+        /// fails (exit 1) and the delete goes on
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "120", conflicts_with = "no_wait", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        wait: Option<u64>,
     },
 }
 

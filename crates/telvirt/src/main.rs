@@ -253,11 +253,15 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
         VnfCommand::Migrate(args) => crate::migrate::migrate(client, format, args).await?,
         VnfCommand::Maps { name } => crate::wasm::maps(client, format, &name).await?,
         VnfCommand::Stats { name } => crate::wasm::stats(client, format, &name).await?,
-        VnfCommand::Delete { name, no_wait } => {
+        VnfCommand::Delete {
+            name,
+            no_wait,
+            wait,
+        } => {
             let path = format!("/v1/vnfs/{name}");
             let answer = client.call(Method::DELETE, &path, None).await?;
             if answer.status == StatusCode::ACCEPTED && !no_wait {
-                wait_gone(client, &path, Duration::from_secs(120)).await?;
+                wait_gone(client, &path, Duration::from_secs(wait.unwrap_or(120))).await?;
             }
             let gone = answer.status == StatusCode::NO_CONTENT || !no_wait;
             let value = serde_json::json!({ "name": name, "deleted": gone });

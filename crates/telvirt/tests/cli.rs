@@ -397,6 +397,17 @@ fn wait_returns_once_the_phase_is_reached_and_fails_on_failed() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--wait"), "{}", stderr(&out));
     assert_eq!(server.json(&["vnf", "show", "fw1"])["phase"], "Running");
+    // delete waits too, as long as asked; a zero or a wait with --no-wait is refused.
+    for bad in [&["--wait=0"][..], &["--wait", "--no-wait"][..]] {
+        let out = server.cli(&[&["vnf", "delete", "fw1"][..], bad].concat());
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+    }
+    assert!(ok(&["vnf", "delete", "fw1", "--wait=60"]).contains("vnf/fw1 deleted"));
+    assert_eq!(
+        server.cli(&["vnf", "show", "fw1"]).status.code(),
+        Some(4),
+        "fw1 is gone once delete --wait returned"
+    );
 }
 
 #[test]
