@@ -86,6 +86,14 @@ pub(crate) struct HostState {
 }
 
 impl HostState {
+    /// The instance's clock as `clock_ns` reads it: the replayed batch's time, else
+    /// nanoseconds since the instance started.
+    pub(crate) fn clock_ns(&self) -> u64 {
+        self.now_ns.unwrap_or_else(|| {
+            u64::try_from(self.clock_base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        })
+    }
+
     pub(crate) fn new(maps: MapSet, cap: u64, counters: usize, ports: u32, seed: u64) -> Self {
         Self {
             maps,
@@ -277,9 +285,7 @@ pub(crate) fn link(
     }
     if granted.contains(&Permission::Clock) {
         linker.func_wrap(m, "clock_ns", |c: Caller<'_, HostState>| -> i64 {
-            let st = c.data();
-            st.now_ns
-                .unwrap_or_else(|| st.clock_base.elapsed().as_nanos() as u64) as i64
+            c.data().clock_ns() as i64
         })?;
     }
     if granted.contains(&Permission::Log) {
@@ -302,9 +308,7 @@ pub(crate) fn link(
                     if st.logs.len() == 64 {
                         st.logs.pop_front();
                     }
-                    let at_ns = st
-                        .now_ns
-                        .unwrap_or_else(|| st.clock_base.elapsed().as_nanos() as u64);
+                    let at_ns = st.clock_ns();
                     st.logs.push_back(LogLine {
                         seq: st.logs_kept,
                         at_ns,

@@ -2,8 +2,9 @@
 //! namespaces (`bench ports`, the TCP flows of `bench failover` and `bench migrate`).
 //!
 //! Owns creating and deleting them (a [`Netns`] is deleted when dropped, with the veth ends in
-//! it) and running a tool, inside one or not (`cluster up` runs `ip` through it too). Must not be used by `serve` or the agent: the platform
-//! opens interfaces it is given, it never makes them.
+//! it) and running a tool, inside one or not (`cluster up` runs `ip` through it too). Must not
+//! be used by `serve` or the agent: the platform opens interfaces it is given, it never makes
+//! them.
 
 use std::process::{Command, Stdio};
 
