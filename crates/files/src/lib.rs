@@ -5,7 +5,10 @@
 //! Owns the temp-file-and-rename protocol: each write goes to a temp file of its own beside the
 //! target (named by process and a counter, so two writers never share one), is synced, renamed
 //! over the target, and the directory is synced. It must not decide paths, formats or
-//! permissions beyond the mode it is given.
+//! permissions beyond the mode it is given. Its [`proc`] module reads what a process costs the
+//! host from `/proc`.
+
+pub mod proc;
 
 use std::fs;
 use std::io::{self, Write};

@@ -1,0 +1,167 @@
+//! Reads of `/proc` for every crate that reports what a process costs the host (the node's
+//! own `/metrics`, a vm VNF's QEMU): CPU time, memory, threads and their scheduling times,
+//! open files. Reads only; it must never signal or change a process.
+
+use std::path::Path;
+
+/// One process as `/proc/<pid>/stat` tells it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProcessStat {
+    /// User and system CPU time of every thread, nanoseconds.
+    pub cpu_ns: u64,
+    pub threads: u64,
+    /// When it started, seconds since the Unix epoch.
+    pub start_time_unix_s: f64,
+    pub virtual_bytes: u64,
+    pub resident_bytes: u64,
+}
+
+/// One thread's scheduling times (`/proc/<pid>/task/<tid>/schedstat`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ThreadTimes {
+    pub tid: i32,
+    /// Its name (`comm`), as the process set it.
+    pub name: String,
+    /// Time it ran on a CPU, nanoseconds.
+    pub run_ns: u64,
+    /// Time it was runnable but waited for a CPU, nanoseconds.
+    pub wait_ns: u64,
+}
+
+/// Process `pid`'s stat; `None` when it is gone or the file cannot be parsed.
+pub fn process(pid: i32) -> Option<ProcessStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f = stat_fields(&stat)?;
+    // Fields are numbered from 1 as in proc(5); `f[0]` is field 3 (the state).
+    let field = |n: usize| -> Option<u64> { f.get(n - 3)?.parse().ok() };
+    let tick_ns = 1_000_000_000 / clock_ticks_per_second();
+    let start_ticks = field(22)?;
+    Some(ProcessStat {
+        cpu_ns: (field(14)? + field(15)?).saturating_mul(tick_ns),
+        threads: field(20)?,
+        start_time_unix_s: boot_time_unix_s()? as f64
+            + start_ticks as f64 / clock_ticks_per_second() as f64,
+        virtual_bytes: field(23)?,
+        resident_bytes: field(24)?.saturating_mul(page_size()),
+    })
+}
+
+/// The threads of process `pid` with their scheduling times (empty when it is gone).
+pub fn threads(pid: i32) -> Vec<ThreadTimes> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let dir = task.path();
+        let name = read_trimmed(&dir.join("comm")).unwrap_or_default();
+        let sched = read_trimmed(&dir.join("schedstat")).unwrap_or_default();
+        let mut times = sched.split_whitespace().map(|v| v.parse().unwrap_or(0));
+        out.push(ThreadTimes {
+            tid,
+            name,
+            run_ns: times.next().unwrap_or(0),
+            wait_ns: times.next().unwrap_or(0),
+        });
+    }
+    out.sort_by_key(|t| t.tid);
+    out
+}
+
+/// Files process `pid` holds open; `None` when its fd directory cannot be read.
+pub fn open_fds(pid: i32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// The soft limit on open files of process `pid` (`Max open files` in its limits).
+pub fn max_fds(pid: i32) -> Option<u64> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// The fields of a stat line after the command: the command (field 2) may hold spaces and
+/// parentheses, so fields resume after its last `)`.
+fn stat_fields(stat: &str) -> Option<Vec<&str>> {
+    Some(stat.rsplit_once(')')?.1.split_whitespace().collect())
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    Some(std::fs::read_to_string(path).ok()?.trim().to_owned())
+}
+
+fn boot_time_unix_s() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn clock_ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).ok().filter(|h| *h > 0).unwrap_or(100)
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> i32 {
+        std::process::id() as i32
+    }
+
+    #[test]
+    fn fields_resume_after_the_last_parenthesis_of_the_command() {
+        let f = stat_fields("42 (a b) c) S 1 42").unwrap();
+        assert_eq!(f, ["S", "1", "42"]);
+        assert_eq!(stat_fields("garbage"), None);
+    }
+
+    #[test]
+    fn this_process_uses_memory_cpu_threads_and_files() {
+        let mut x = 0u64;
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(50);
+        while std::time::Instant::now() < until {
+            x = x.wrapping_add(1);
+        }
+        assert!(x > 0);
+        let p = process(me()).unwrap();
+        assert!(p.cpu_ns > 0, "{p:?}");
+        assert!(p.resident_bytes > 1024 * 1024, "{p:?}");
+        assert!(p.virtual_bytes >= p.resident_bytes, "{p:?}");
+        assert!(p.threads >= 1, "{p:?}");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            p.start_time_unix_s <= now + 1.0 && p.start_time_unix_s > now - 3600.0,
+            "{p:?}"
+        );
+        let threads = threads(me());
+        assert!(
+            threads.iter().any(|t| t.tid == me() && t.run_ns > 0),
+            "{threads:?}"
+        );
+        assert!(open_fds(me()).unwrap() >= 3);
+        assert!(max_fds(me()).unwrap() >= open_fds(me()).unwrap());
+        assert_eq!(process(i32::MAX), None);
+        assert!(super::threads(i32::MAX).is_empty());
+    }
+}
