@@ -260,7 +260,6 @@ impl EtcdStore {
         }
     }
 
-    /// The key in etcd of the store's `key`.
     /// The size of the database file of the member that answers, in bytes (the whole etcd,
     /// every namespace, with the history not yet compacted).
     pub async fn db_size(&self) -> Result<u64, StoreError> {
@@ -273,6 +272,7 @@ impl EtcdStore {
         Ok(from_etcd(status.db_size()))
     }
 
+    /// The key in etcd of the store's `key`.
     fn full_key(&self, key: &str) -> Vec<u8> {
         let mut full = Vec::with_capacity(self.namespace.len() + key.len());
         full.extend_from_slice(self.namespace.as_bytes());
@@ -850,6 +850,10 @@ impl Store for EtcdStore {
         })
         .await
         .map(drop)
+    }
+
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        self.db_size().await.map(Some)
     }
 
     fn health(&self) -> StoreHealth {

@@ -309,6 +309,12 @@ pub trait Store: Send + Sync + 'static {
     /// Ends the lease now and deletes its keys.
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError>;
 
+    /// Bytes the store takes on disk now (redb: its file; etcd: the answering member's
+    /// database, every namespace, history not yet compacted); `None` when a backend cannot tell.
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
     /// Whether the store can be used now. Backends without failure detection are always `Ok`.
     fn health(&self) -> StoreHealth {
         StoreHealth::Ok

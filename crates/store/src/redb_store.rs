@@ -750,6 +750,13 @@ impl Store for RedbStore {
         self.drop_lease(lease)
     }
 
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| {
+            StoreError::Unavailable(format!("read the size of {}: {e}", self.path.display()))
+        })?;
+        Ok(Some(meta.len()))
+    }
+
     fn health(&self) -> StoreHealth {
         match &self.state().fault {
             None => StoreHealth::Ok,
