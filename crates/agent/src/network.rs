@@ -24,7 +24,8 @@ use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
 use telvirt_dataplane::vxlan::{self, VxlanEndpoint, VxlanTunnelStats};
 use telvirt_model::network::{
     BuiltinKind, BuiltinNode, Endpoint, InstanceCount, LatencyReport, LinkState, NetworkDescriptor,
-    NetworkStatus, NodeDropState, ResolvedProbe, SteeringEndpoint, SteeringState,
+    NetworkStatus, NodeDropState, ResolvedProbe, SINK_LATENCY_BOUNDS_NS, SinkStatus,
+    SteeringEndpoint, SteeringState,
 };
 
 use crate::AgentError;
@@ -729,12 +730,25 @@ impl NetworkReconciler {
                     .join(", ")
             ));
         }
+        let mut sinks = Vec::new();
         for (name, sink) in &a.sinks {
-            let s = sink.lock().unwrap_or_else(|p| p.into_inner()).summary();
+            let state = sink.lock().unwrap_or_else(|p| p.into_inner());
+            let s = state.summary();
             table.push_str(&format!(
                 "\nsink {name}: {} received, {} lost, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us\n",
                 s.received, s.lost, s.latency.p50_us, s.latency.p99_us, s.latency.p999_us
             ));
+            sinks.push(SinkStatus {
+                name: name.clone(),
+                received: s.received,
+                lost: s.lost,
+                bytes: s.bytes,
+                latency_buckets: telvirt_dataplane::hist::bucket_counts(
+                    &state.latency,
+                    &SINK_LATENCY_BOUNDS_NS,
+                ),
+                latency_sum_ns: (state.latency.mean() * state.latency.len() as f64) as u64,
+            });
         }
         Some(NetworkStatus {
             links,
@@ -742,6 +756,7 @@ impl NetworkReconciler {
             waiting: a.waiting.clone(),
             steering,
             node_drops,
+            sinks,
         })
     }
 

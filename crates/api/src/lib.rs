@@ -216,6 +216,40 @@ pub enum NodeRequest {
         network: NetworkDescriptor,
         slice: CaptureSlice,
     },
+    /// What every VNF on this host counts and uses now (a metrics scrape).
+    Usage,
+}
+
+/// What one VNF on a host counts and uses, for a metrics scrape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VnfUsage {
+    pub vnf: String,
+    /// A wasm VNF's counters (not for a vm VNF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wasm: Option<WasmStatsView>,
+    /// A vm VNF's QEMU process (not for a wasm VNF).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmUsage>,
+}
+
+/// A vm VNF's QEMU process as the host sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmUsage {
+    /// Resident memory, bytes.
+    pub rss_bytes: u64,
+    /// CPU time of all its threads, nanoseconds.
+    pub cpu_ns: u64,
+    pub vcpus: Vec<VcpuUsage>,
+}
+
+/// One vCPU thread of a vm VNF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VcpuUsage {
+    pub index: u32,
+    /// Time it ran, nanoseconds.
+    pub run_ns: u64,
+    /// Time it was runnable but waited for a host CPU (the guest's steal), nanoseconds.
+    pub wait_ns: u64,
 }
 
 impl NetworkSpan {
@@ -240,7 +274,10 @@ impl NodeRequest {
             | Self::Logs { vnf, .. }
             | Self::Upgrade { vnf, .. }
             | Self::Console { vnf, .. } => Some(vnf),
-            Self::NetworkStatus { .. } | Self::Probe { .. } | Self::Capture { .. } => None,
+            Self::NetworkStatus { .. }
+            | Self::Probe { .. }
+            | Self::Capture { .. }
+            | Self::Usage => None,
         }
     }
 }
@@ -275,6 +312,10 @@ pub enum NodeReply {
     },
     Capture {
         chunk: CaptureChunk,
+    },
+    /// Every VNF on the host with what it counts and uses.
+    Usage {
+        vnfs: Vec<VnfUsage>,
     },
     /// The node refused or failed; the reason is for the caller.
     Failed {

@@ -16,6 +16,19 @@ pub fn record(h: &mut Histogram<u64>, ns: u64) {
     h.saturating_record(ns.clamp(1, MAX_NS));
 }
 
+/// Samples of `h` per bucket, not cumulative: entry `i` counts values above `bounds_ns[i - 1]`
+/// and at most `bounds_ns[i]` (ascending bounds); one last entry counts the values above every
+/// bound. An HDR histogram groups equal values within its precision (3 digits), so a value
+/// within 0.1% of a bound may land on either side of it.
+pub fn bucket_counts(h: &Histogram<u64>, bounds_ns: &[u64]) -> Vec<u64> {
+    let mut out = vec![0; bounds_ns.len() + 1];
+    for v in h.iter_recorded() {
+        let i = bounds_ns.partition_point(|b| *b < v.value_iterated_to());
+        out[i] += v.count_at_value();
+    }
+    out
+}
+
 /// Percentiles of a latency distribution, in microseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Percentiles {
@@ -84,6 +97,18 @@ pub fn render(h: &Histogram<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bucket_counts_put_each_sample_under_the_first_bound_it_does_not_pass() {
+        let mut h = new_histogram();
+        for ns in [500, 1_000, 1_001, 40_000, 5_000_000_000] {
+            record(&mut h, ns);
+        }
+        let b = bucket_counts(&h, &[1_000, 50_000, 1_000_000]);
+        // 500 and 1000 at most the first bound; 1001 and 40 µs under the second; 5 s past all.
+        assert_eq!(b, vec![2, 2, 0, 1]);
+        assert_eq!(bucket_counts(&new_histogram(), &[1_000]), vec![0, 0]);
+    }
 
     #[test]
     fn percentiles_of_known_data() {

@@ -132,8 +132,14 @@ pub struct WasmStatsView {
     pub packets_dropped: u64,
     /// Batches dropped because the module trapped.
     pub batches_trapped: u64,
+    /// Packets of the trapped batches (part of `packets_dropped`).
+    #[serde(default)]
+    pub packets_trapped: u64,
     /// Batches for which the module returned an error (all their packets dropped).
     pub batch_errors: u64,
+    /// Packets of those batches (part of `packets_dropped`).
+    #[serde(default)]
+    pub packets_errored: u64,
     /// Verdicts naming a port the VNF does not have, or descriptors moved outside their slot.
     pub invalid_verdicts: u64,
     pub packets_emitted: u64,
@@ -142,6 +148,9 @@ pub struct WasmStatsView {
     pub packets_unlinked: u64,
     /// Restarts of the instance after a failure (per its restart policy).
     pub restarts: u32,
+    /// Fuel the module's code used (about one unit per wasm instruction): its CPU time.
+    #[serde(default)]
+    pub fuel_used: u64,
     /// The module's counters, in manifest order (from zero again after a module upgrade).
     pub counters: Vec<CounterView>,
 }

@@ -535,6 +535,52 @@ pub struct NetworkStatus {
     /// Nodes of the network that dropped packets outside any link.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub node_drops: Vec<NodeDropState>,
+    /// The network's built-in sinks: what each received and its latency distribution.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<SinkStatus>,
+}
+
+/// Upper bounds (nanoseconds) of the buckets a sink's latency distribution is reported in
+/// ([`SinkStatus::latency_buckets`]): 1 µs to 1 s in 1-2.5-5 steps; one more bucket past the
+/// last takes everything slower.
+pub const SINK_LATENCY_BOUNDS_NS: [u64; 19] = [
+    1_000,
+    2_500,
+    5_000,
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+];
+
+/// A built-in sink of a network as the data plane holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SinkStatus {
+    pub name: String,
+    /// Test frames received.
+    pub received: u64,
+    /// Test frames that never arrived (sequence numbers below the highest seen).
+    pub lost: u64,
+    /// Bytes of every frame received.
+    pub bytes: u64,
+    /// Test frames per latency bucket, not cumulative: entry `i` counts the frames slower than
+    /// bound `i - 1` and at most [`SINK_LATENCY_BOUNDS_NS`]`[i]`; the last entry counts those
+    /// slower than every bound.
+    pub latency_buckets: Vec<u64>,
+    /// Sum of the test frames' one-way latencies, nanoseconds.
+    pub latency_sum_ns: u64,
 }
 
 /// Packets one node of a network dropped outside any link.

@@ -19,6 +19,7 @@ pub mod memory;
 pub mod periph;
 pub mod pin;
 pub mod qmp;
+pub mod usage;
 
 pub use accel::{AccelDecision, AccelProbe};
 pub use bench::{BenchOptions, VmBenchReport};

@@ -933,6 +933,11 @@ fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
         .map_err(Error::io(format!("write {}", path.display())))
 }
 
+/// The pid of the QEMU of VM `name` whose state directory is `dir`, while that QEMU runs.
+pub fn running_pid(dir: &Path, name: &str) -> Option<i32> {
+    read_pid(dir).filter(|pid| owns_process(*pid, name))
+}
+
 fn read_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("qemu.pid"))
         .ok()?

@@ -129,13 +129,20 @@ pub struct VnfStats {
     pub packets_dropped: u64,
     /// Batches dropped because the module trapped.
     pub batches_trapped: u64,
+    /// Packets of those batches (counted in `packets_dropped` too).
+    pub packets_trapped: u64,
     /// Batches for which `tv_process` returned a negative status (all packets dropped).
     pub batch_errors: u64,
+    /// Packets of those batches (counted in `packets_dropped` too).
+    pub packets_errored: u64,
     /// Verdicts naming a port `>= ports`, or descriptors moved outside their slot (dropped).
     pub invalid_verdicts: u64,
     pub packets_emitted: u64,
     pub restarts: u32,
     pub logs_dropped: u64,
+    /// Fuel the module's batches and ticks used (about one unit per wasm instruction, plus
+    /// what host calls charge): the CPU the VNF's own code took.
+    pub fuel_used: u64,
 }
 
 /// Resolved exports of one wasm instance.
@@ -500,6 +507,7 @@ impl VnfInstance {
             .store
             .set_fuel(fuel)
             .and_then(|()| live.process.call(&mut live.store, (buf as i32, n as i32)));
+        self.stats.fuel_used += fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
         std::mem::swap(&mut live.store.data_mut().emitted, &mut batch.emitted);
         self.stats.batches += 1;
         self.stats.packets_in += n as u64;
@@ -509,6 +517,7 @@ impl VnfInstance {
                 batch.drop_all();
                 batch.emitted.items.clear();
                 self.stats.batches_trapped += 1;
+                self.stats.packets_trapped += n as u64;
                 self.stats.packets_dropped += n as u64;
                 let restarted = self.handle_failure(reason.clone());
                 Err(Error::BatchTrapped { reason, restarted })
@@ -517,6 +526,7 @@ impl VnfInstance {
                 batch.drop_all();
                 batch.emitted.items.clear();
                 self.stats.batch_errors += 1;
+                self.stats.packets_errored += n as u64;
                 self.stats.packets_dropped += n as u64;
                 Ok(())
             }
@@ -561,6 +571,7 @@ impl VnfInstance {
             .store
             .set_fuel(fuel)
             .and_then(|()| tick.call(&mut live.store, now_ns as i64));
+        self.stats.fuel_used += fuel.saturating_sub(live.store.get_fuel().unwrap_or(0));
         if let Err(e) = r {
             let reason = classify(&mut live.store, &e, &self.cfg, stack);
             let restarted = self.handle_failure(reason.clone());

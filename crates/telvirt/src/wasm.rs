@@ -16,7 +16,7 @@ use telvirt_agent::runtimes::wasm::WasmRuntime;
 
 use reqwest::Method;
 use telvirt_agent::NodeHandler;
-use telvirt_api::{NodeReply, NodeRequest};
+use telvirt_api::{NodeReply, NodeRequest, VcpuUsage, VmUsage, VnfUsage};
 use telvirt_controller::Controller;
 use telvirt_controller::modules::{ModuleRepository, ModuleVerifier};
 use telvirt_model::api::{LogLineView, MapView, ModuleInfo, VnfLogs, WasmStatsView};
@@ -190,6 +190,7 @@ impl HostNodeHandler {
                     .map_err(|e| e.to_string())?;
                 return Ok(NodeReply::Capture { chunk });
             }
+            NodeRequest::Usage => return Ok(NodeReply::Usage { vnfs: self.usage() }),
             _ => {}
         }
         let vnf = request.vnf().unwrap_or_default();
@@ -222,10 +223,58 @@ impl HostNodeHandler {
             }
             NodeRequest::NetworkStatus { .. }
             | NodeRequest::Probe { .. }
-            | NodeRequest::Capture { .. } => {
+            | NodeRequest::Capture { .. }
+            | NodeRequest::Usage => {
                 return Err("a network call reached the VNF calls' handler".to_owned());
             }
         })
+    }
+}
+
+impl HostNodeHandler {
+    /// Every VNF on this host: a wasm instance's counters, a running QEMU's use of the host.
+    fn usage(&self) -> Vec<VnfUsage> {
+        let mut out: Vec<VnfUsage> = self
+            .wasm
+            .instance_names()
+            .into_iter()
+            .filter_map(|name| {
+                Some(VnfUsage {
+                    vnf: name.to_string(),
+                    wasm: Some(self.wasm.stats_view(&name).ok()?),
+                    vm: None,
+                })
+            })
+            .collect();
+        for entry in std::fs::read_dir(&self.instances)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if let Some(u) = telvirt_runtime_vm::usage::vm_usage(&entry.path(), &name) {
+                out.push(VnfUsage {
+                    vnf: name,
+                    wasm: None,
+                    vm: Some(VmUsage {
+                        rss_bytes: u.rss_bytes,
+                        cpu_ns: u.cpu_ns,
+                        vcpus: u
+                            .vcpus
+                            .into_iter()
+                            .map(|v| VcpuUsage {
+                                index: v.index,
+                                run_ns: v.run_ns,
+                                wait_ns: v.wait_ns,
+                            })
+                            .collect(),
+                    }),
+                });
+            }
+        }
+        out
     }
 }
 

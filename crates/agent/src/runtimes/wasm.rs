@@ -715,6 +715,15 @@ impl WasmRuntime {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The VNFs with an instance here that is not stopped (running, locked or failed).
+    pub fn instance_names(&self) -> Vec<Name> {
+        self.entries()
+            .iter()
+            .filter(|(_, e)| !e.stopped)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
     fn instance(&self, name: &Name) -> Result<(Shared, Arc<AtomicBool>), RuntimeFailure> {
         let entries = self.entries();
         let e = entries
@@ -794,11 +803,14 @@ impl WasmRuntime {
                 packets_forwarded: s.packets_forwarded,
                 packets_dropped: s.packets_dropped,
                 batches_trapped: s.batches_trapped,
+                packets_trapped: s.packets_trapped,
                 batch_errors: s.batch_errors,
+                packets_errored: s.packets_errored,
                 invalid_verdicts: s.invalid_verdicts,
                 packets_emitted: s.packets_emitted,
                 packets_unlinked: unlinked,
                 restarts: s.restarts,
+                fuel_used: s.fuel_used,
                 counters: i
                     .counters()
                     .into_iter()
