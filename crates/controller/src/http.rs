@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, MatchedPath, Path, Request, State};
-use axum::http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -331,11 +331,14 @@ async fn count_requests(State(state): State<AppState>, req: Request, next: Next)
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let started = std::time::Instant::now();
     let response = next.run(req).await;
-    state
-        .controller
-        .metrics()
-        .request(&method, &route, response.status().as_u16());
+    state.controller.metrics().request(
+        &method,
+        &route,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 
@@ -917,16 +920,40 @@ async fn delete_authority(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "node",
-    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
-async fn metrics(State(s): State<AppState>) -> Result<Response, ApiError> {
-    let phases = s.controller.phase_counts().await?;
-    let text = s.controller.metrics().render(&phases);
+#[utoipa::path(get, path = "/metrics", tag = "node", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The metrics the caller may see (docs/metrics.md): Prometheus text format 0.0.4, or OpenMetrics when the Accept header asks for application/openmetrics-text", body = String, content_type = "text/plain"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn metrics(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let openmetrics = headers
+        .get_all(ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    let scrape = s.controller.scrape(&caller).await?;
+    let text = s
+        .controller
+        .metrics()
+        .render(scrape, openmetrics)
+        .map_err(|e| {
+            ApiError::from(ControllerError::Unavailable(format!(
+                "the metrics could not be encoded: {e}"
+            )))
+        })?;
+    let content_type = if openmetrics {
+        crate::metrics::OPENMETRICS_CONTENT_TYPE
+    } else {
+        prometheus_client::encoding::prometheus_text::CONTENT_TYPE
+    };
     let mut response = text.into_response();
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     Ok(response)
 }
 

@@ -267,6 +267,10 @@ impl Store for FencedStore {
         self.inner.revoke(lease).await
     }
 
+    async fn size_bytes(&self) -> Result<Option<u64>, StoreError> {
+        self.inner.size_bytes().await
+    }
+
     fn health(&self) -> StoreHealth {
         self.inner.health()
     }

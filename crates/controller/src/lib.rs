@@ -22,6 +22,7 @@ pub mod nodecalls;
 pub mod nodes;
 pub mod placement;
 pub mod records;
+pub mod scrape;
 pub mod service;
 pub mod upgrade;
 pub mod vnf_watch;

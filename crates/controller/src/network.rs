@@ -818,6 +818,7 @@ fn merge_statuses(
                 m.table.push_str(&st.table);
                 m.waiting.extend(st.waiting);
                 m.node_drops.extend(st.node_drops);
+                m.sinks.extend(st.sinks);
                 for s in st.steering {
                     if !m.steering.iter().any(|t| t.name == s.name) {
                         m.steering.push(s);
@@ -845,6 +846,7 @@ fn merge_statuses(
         waiting: Vec::new(),
         steering: Vec::new(),
         node_drops: Vec::new(),
+        sinks: Vec::new(),
     });
     st.waiting.extend(failures);
     st

@@ -1228,7 +1228,7 @@ impl Controller {
         for (p, outcome) in planned.iter().zip(outcomes) {
             match outcome {
                 Some(Ok(o)) if o.succeeded => {
-                    self.metrics.placement();
+                    self.metrics.placement(&p.before.updated_at);
                     self.metrics.event();
                     self.vnf_changed(Some(&p.before), Some(&p.next));
                 }
@@ -1291,7 +1291,7 @@ impl Controller {
             match outcome {
                 Ok(o) if o.succeeded => {
                     drop(scheduler);
-                    self.metrics.placement();
+                    self.metrics.placement(&p.before.updated_at);
                     self.metrics.event();
                     self.vnf_changed(Some(&p.before), Some(&p.next));
                     return Ok(());
@@ -1678,16 +1678,6 @@ impl Controller {
             }
         }
         Ok(())
-    }
-
-    /// Number of VNFs in each phase, for metrics.
-    pub async fn phase_counts(&self) -> Result<BTreeMap<&'static str, u64>> {
-        let mut counts = BTreeMap::new();
-        for (key, v) in self.store.list(records::VNFS).await? {
-            let record: VnfRecord = decode(&key, &v.value)?;
-            *counts.entry(record.vnf.phase.as_str()).or_insert(0) += 1;
-        }
-        Ok(counts)
     }
 }
 

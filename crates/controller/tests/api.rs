@@ -334,7 +334,12 @@ async fn metrics_count_requests_and_phases() {
     let node = Node::start().await;
     node.call("GET", "/v1/vnfs", None, Some(&node.admin), None)
         .await;
+    // The metrics name VNFs and hosts: a token is needed.
     let r = node.call("GET", "/metrics", None, None, None).await;
+    assert_eq!(r.status, 401);
+    let r = node
+        .call("GET", "/metrics", None, Some(&node.admin), None)
+        .await;
     assert_eq!(r.status, 200);
     let text = r.body.as_str().unwrap();
     assert!(
