@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+
 const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
 /// TCG boots take 3-10 s on a loaded 2-core machine; leave plenty of room.
 const BOOT_DEADLINE: Duration = Duration::from_secs(240);
@@ -338,6 +340,29 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
             "emulator threads {others:?} on {emulator}"
         );
     }
+
+    // /metrics carries the QEMU process's resident memory and its vCPU thread's run time,
+    // read from /proc on the VNF's host through its agent.
+    let config = node.config();
+    let server = common::config_value(&config, "server");
+    let token = common::config_value(&config, "token");
+    let (status, _, samples) = common::scrape(&server, Some(&token));
+    assert_eq!(status, 200, "admin scrape");
+    let rss = common::sample(
+        &samples,
+        "telvirt_vm_resident_memory_bytes",
+        &[("vnf", &vm)],
+    );
+    assert!(rss.is_some_and(|b| b > 0.0), "QEMU RSS of {vm}: {rss:?}");
+    let run = common::sample(
+        &samples,
+        "telvirt_vm_vcpu_run_seconds_total",
+        &[("vnf", &vm), ("vcpu", "0")],
+    );
+    assert!(
+        run.is_some_and(|s| s > 0.0),
+        "vCPU 0 run time of {vm}: {run:?}"
+    );
 
     // The serial console is read on the VNF's host, through its agent.
     let console = node.ok(&["vnf", "console", &vm, "--lines", "200"]);

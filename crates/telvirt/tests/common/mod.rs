@@ -68,6 +68,16 @@ pub fn lay_out_examples(root: &Path) {
     }
 }
 
+/// The quoted value of `key` (`server`, `token`) in the client config at `config`.
+pub fn config_value(config: &Path, key: &str) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split('"').nth(1))
+        .unwrap_or_else(|| panic!("the client config {} has no {key}", config.display()))
+        .to_owned()
+}
+
 pub struct Serve {
     child: Option<Child>,
     dir: tempfile::TempDir,
@@ -132,12 +142,7 @@ impl Serve {
 
     /// The API endpoint written into the client config.
     pub fn server(&self) -> String {
-        let text = std::fs::read_to_string(self.config()).unwrap();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with("server"))
-            .expect("client config names the server");
-        line.split('"').nth(1).unwrap().to_owned()
+        config_value(&self.config(), "server")
     }
 
     /// The telvirt binary under the wrapper, working in the test directory. Every node of every
@@ -235,13 +240,7 @@ impl Serve {
 
     /// The admin's token, from the client config.
     pub fn admin_token(&self) -> String {
-        let config = std::fs::read_to_string(self.config()).unwrap();
-        config
-            .lines()
-            .find(|l| l.starts_with("token"))
-            .and_then(|l| l.split('"').nth(1))
-            .expect("the client config holds a token")
-            .to_owned()
+        config_value(&self.config(), "token")
     }
 
     /// The CLI against this server, as its admin.
@@ -487,6 +486,75 @@ pub fn try_http(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// One sample of a scrape: a counter's or gauge's value, or a histogram's cumulative buckets.
+#[derive(Debug, Clone)]
+pub struct Sampled {
+    pub metric: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub value: f64,
+    /// (upper bound, cumulative count), for a histogram.
+    pub buckets: Vec<(f64, f64)>,
+}
+
+/// `GET /metrics` from `server` with `token` (`None`: without one): the status and, when 200, the families
+/// declared and their samples, as a strict Prometheus text-format parser reads them.
+pub fn scrape(
+    server: &str,
+    token: Option<&str>,
+) -> (u16, std::collections::BTreeSet<String>, Vec<Sampled>) {
+    use openmetrics_parser::PrometheusValue;
+    let (status, body) = http(server, "GET", "/metrics", token, "");
+    let (mut families, mut samples) = (std::collections::BTreeSet::new(), Vec::new());
+    if status != 200 {
+        return (status, families, samples);
+    }
+    let exposition = openmetrics_parser::prometheus::parse_prometheus(&body)
+        .unwrap_or_else(|e| panic!("not Prometheus text: {e:?}\n{body}"));
+    for (name, family) in exposition.families {
+        for s in family.iter_samples() {
+            let labels = s
+                .get_labelset()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            let (value, buckets) = match &s.value {
+                PrometheusValue::Counter(c) => (c.value.as_f64(), Vec::new()),
+                PrometheusValue::Gauge(n) | PrometheusValue::Unknown(n) => (n.as_f64(), Vec::new()),
+                PrometheusValue::Histogram(h) => (
+                    h.count.unwrap_or(0) as f64,
+                    h.buckets
+                        .iter()
+                        .map(|b| (b.upper_bound, b.count.as_f64()))
+                        .collect(),
+                ),
+                PrometheusValue::Summary(_) => panic!("{name}: no summary is expected"),
+            };
+            samples.push(Sampled {
+                metric: name.clone(),
+                labels,
+                value,
+                buckets,
+            });
+        }
+        families.insert(name);
+    }
+    (status, families, samples)
+}
+
+/// The value of metric `metric` whose labels include `labels`.
+pub fn sample(samples: &[Sampled], metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .filter(|s| s.metric == metric)
+        .find(|s| {
+            labels
+                .iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
 }
 
 /// A further `telvirt controller` working in a [`Serve`]'s directory (its data dir `data`),
