@@ -251,6 +251,12 @@ echo "still delivering: $P2 -> $(delivered) packets"
 step "The firewall's own counters (from its manifest) next to the runtime's"
 run vnf stats fw1
 
+step "Metrics: what Prometheus scrapes, with admin's token (all families: docs/metrics.md)"
+SERVER2="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")"
+printf '$ curl -H "Authorization: Bearer $TOKEN" %s/metrics | grep ...\n' "$SERVER2"
+curl -fsS -H "Authorization: Bearer $(sed -n 's/^token = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")" "$SERVER2/metrics" |
+  grep -E '^telvirt_(vnf_packets_(received|forwarded)_total\{vnf="fw1"|vnf_packets_dropped_total\{vnf="fw1",reason="verdict"|link_packets_total|sink_latency_seconds_(count|sum)|host_cpus)' || true
+
 step "latency chain: a probe of timestamped frames through the running chain (1 s at 20 kpps)"
 run latency chain chain --rate 20000 --packets 20000
 

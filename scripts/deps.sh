@@ -15,6 +15,7 @@ PACKAGES=(
   tcpdump           # the data plane's VXLAN tests check that tcpdump decodes the tunnel traffic
   keepalived        # the VRRP baseline of `telvirt bench failover`
   nftables          # tests that cut the path between two hosts of a pair
+  curl              # the demo scrapes /metrics as Prometheus would
 )
 
 missing=()
