@@ -427,6 +427,18 @@ pub struct Migration {
     pub engine: Option<crate::vnf::WasmEngine>,
 }
 
+/// What `PUT /v1/vnfs/{name}` did, or with `dryRun` would do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VnfApplied {
+    /// The VNF as it is now (with `dryRun`: as it would be, its placement included).
+    pub vnf: crate::lifecycle::Vnf,
+    /// The fields that changed, with their old and new values; empty when the descriptor was
+    /// the one the VNF has (nothing was written).
+    pub changes: Vec<crate::change::FieldChange>,
+    /// Nothing was written.
+    pub dry_run: bool,
+}
+
 /// `POST /v1/vnfs/{name}/migrate`: where to (any host with room when left out), or `cancel`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

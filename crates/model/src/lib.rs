@@ -4,6 +4,7 @@
 //! other layer depends on it, and it stays testable with nothing but values.
 
 pub mod api;
+pub mod change;
 pub mod device;
 pub mod error;
 pub mod grant;
