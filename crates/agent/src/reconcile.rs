@@ -94,6 +94,12 @@ struct Known {
     crash: Option<String>,
     /// When the restart in place under way is due.
     restart_at: Option<std::time::Instant>,
+    /// The descriptor and placement the running instance has taken (`None`: not known, as
+    /// after an adoption).
+    running_as: Option<(telvirt_model::VnfDescriptor, telvirt_model::Placement)>,
+    /// What the running instance did with the last change it took (kept in its Running
+    /// reason until it starts again).
+    taken: Option<String>,
 }
 
 /// The wait before restart in place `n` (1: the first) of an instance that failed while it
@@ -758,6 +764,7 @@ impl Inner {
                 Err(e) => self.fail_retry(&a, format!("resume failed: {e}")).await,
             },
             (DesiredState::Running, InstanceState::Running) => {
+                self.take_changes(&a, &spec, runtime.as_ref()).await;
                 let reason = self.sync_devices(&a, runtime.as_ref()).await;
                 let reason = self.with_note(&a, reason).await;
                 Ok(self.report(&a, Phase::Running, reason).await?)
@@ -851,7 +858,57 @@ impl Inner {
         }
     }
 
-    /// `reason` followed by the runtime's note on the instance's start, if any.
+    /// Makes the running instance take what changed in its assignment since it started (or
+    /// last took a change): a new placement moves its threads (`Runtime::repin`), a wasm VNF's
+    /// new config or fuel starts it again from its module (`Runtime::reconfigure`). Keeps
+    /// what it did, or why it could not, in the Running reason; either way the change counts
+    /// as taken (it is not retried until the assignment changes again).
+    async fn take_changes(&self, a: &Assignment, spec: &InstanceSpec, runtime: &dyn Runtime) {
+        let running_as = {
+            let mut known = self.known.lock().await;
+            let entry = known.entry(a.vnf.clone()).or_default();
+            entry
+                .running_as
+                .replace((a.descriptor.clone(), a.placement.clone()))
+        };
+        let mut done = Vec::new();
+        let moved = match &running_as {
+            Some((_, placement)) => *placement != a.placement,
+            // Adopted: make sure its threads are where the placement says.
+            None => runtime.kind() == RuntimeKind::Vm,
+        };
+        if moved {
+            let cpus = a
+                .placement
+                .vcpus
+                .iter()
+                .map(|c| c.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
+                .collect::<Vec<_>>()
+                .join(" ");
+            done.push(match runtime.repin(spec).await {
+                Ok(()) => format!("vCPU threads on cpus {cpus}"),
+                Err(e) => format!("its threads could not move to cpus {cpus}: {e}"),
+            });
+        }
+        let wasm_changed = running_as.as_ref().is_some_and(|(d, _)| {
+            let (was, is) = (d.spec.wasm.as_ref(), a.descriptor.spec.wasm.as_ref());
+            was.map(|w| (&w.config, w.limits.fuel_per_batch))
+                != is.map(|w| (&w.config, w.limits.fuel_per_batch))
+        });
+        if wasm_changed {
+            done.push(match runtime.reconfigure(spec).await {
+                Ok(()) => "reconfigured (config and fuel per batch), maps kept".to_owned(),
+                Err(e) => format!("runs on with its previous config: {e}"),
+            });
+        }
+        if !done.is_empty() {
+            let mut known = self.known.lock().await;
+            known.entry(a.vnf.clone()).or_default().taken = Some(done.join("; "));
+        }
+    }
+
+    /// `reason` followed by the runtime's note on the instance's start and what it did with
+    /// the last change it took, if any.
     async fn with_note(&self, a: &Assignment, reason: String) -> String {
         let known = self.known.lock().await;
         let Some(k) = known.get(&a.vnf) else {
@@ -861,6 +918,9 @@ impl Inner {
             Some(note) => format!("{reason}; {note}"),
             None => reason,
         };
+        if let Some(taken) = &k.taken {
+            reason = format!("{reason}; {taken}");
+        }
         if let (n @ 1.., Some(crash)) = (k.restarts, &k.crash) {
             reason.push_str(&format!(
                 "; restarted in place {n} time{} (last after: {crash})",
@@ -945,6 +1005,8 @@ impl Inner {
             let entry = known.entry(a.vnf.clone()).or_default();
             entry.devices = None;
             entry.devices_refused = None;
+            entry.running_as = None;
+            entry.taken = None;
         }
         if let (Some(cache), Some(wasm)) = (&self.modules, &spec.descriptor.spec.wasm)
             && let Err(e) = cache
@@ -960,12 +1022,12 @@ impl Inner {
             None => return Ok(()),
         }
         let note = runtime.start_note(&a.vnf).await;
-        self.known
-            .lock()
-            .await
-            .entry(a.vnf.clone())
-            .or_default()
-            .note = note;
+        {
+            let mut known = self.known.lock().await;
+            let entry = known.entry(a.vnf.clone()).or_default();
+            entry.note = note;
+            entry.running_as = Some((a.descriptor.clone(), a.placement.clone()));
+        }
         if a.locked {
             return match runtime.pause(&a.vnf).await {
                 Ok(()) => {

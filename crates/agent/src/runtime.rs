@@ -79,6 +79,28 @@ pub trait Runtime: Send + Sync + 'static {
         None
     }
 
+    /// Moves the running instance's threads to the CPUs `spec.placement` gives, without
+    /// stopping it (a re-pin of the same number of vCPUs). A runtime whose instances cannot
+    /// move keeps this default, which refuses.
+    async fn repin(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        Err(RuntimeFailure::new(format!(
+            "runtime {} cannot move {}'s threads while it runs",
+            self.kind().as_str(),
+            spec.name
+        )))
+    }
+
+    /// Starts the running instance again from the same code with `spec`'s configuration,
+    /// keeping its state; on failure the instance keeps running as it was. A runtime that
+    /// cannot keeps this default, which refuses.
+    async fn reconfigure(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        Err(RuntimeFailure::new(format!(
+            "runtime {} cannot reconfigure {} while it runs",
+            self.kind().as_str(),
+            spec.name
+        )))
+    }
+
     /// Makes a running instance hold exactly `devices`: attaches what is missing, detaches what
     /// is no longer granted. A runtime without peripherals keeps this default, which refuses.
     async fn set_devices(

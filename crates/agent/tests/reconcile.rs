@@ -72,6 +72,10 @@ impl Runtime for FakeRuntime {
             .cloned()
             .unwrap_or(InstanceState::Absent)
     }
+    async fn repin(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        self.note(format!("repin {} {:?}", spec.name, spec.placement.vcpus));
+        Ok(())
+    }
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
         self.note(format!("remove {name}"));
         self.states.lock().unwrap().remove(name.as_str());
@@ -218,6 +222,30 @@ async fn lock_pauses_and_unlock_resumes() {
         rt.calls()
             .ends_with(&["pause fw1".into(), "resume fw1".into()])
     );
+}
+
+#[tokio::test]
+async fn a_new_placement_moves_the_running_instance_once_without_a_restart() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    link.edit(|a| {
+        a.placement.vcpus = vec![vec![2]];
+        a.generation = 2;
+    });
+    agent.reconcile_once().await.unwrap();
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(rt.calls(), ["adopt fw1", "start fw1", "repin fw1 [[2]]"]);
+    let last = link.reports.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.phase, last.generation), (Phase::Running, 2));
+    assert!(
+        last.reason.contains("vCPU threads on cpus 2"),
+        "{}",
+        last.reason
+    );
+    // Only a changed placement moves it: a new generation alone does not.
+    link.edit(|a| a.generation = 3);
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(rt.calls().len(), 3, "{:?}", rt.calls());
 }
 
 #[tokio::test]

@@ -676,6 +676,17 @@ impl VmHandle {
         }
     }
 
+    /// Moves the running QEMU's threads to `placement` without stopping the guest: each vCPU
+    /// thread (as QMP lists them now) to its CPUs, every other thread to the emulator CPUs when
+    /// given. Returns warnings (realtime priority refused).
+    pub async fn repin(&self, placement: &CpuPlacement) -> Result<Vec<String>> {
+        if !pin::process_alive(self.inner.pid) {
+            return Err(self.not_running());
+        }
+        let cpus = sorted_cpus(&self.inner.qmp).await?;
+        pin_threads(self.inner.pid, &cpus, placement)
+    }
+
     /// Lock: stop the vCPUs (QMP `stop`); the guest's state and clock are kept.
     pub async fn pause(&self) -> Result<()> {
         self.switch(VmPhase::Running, VmPhase::Paused).await

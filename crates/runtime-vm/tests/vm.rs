@@ -11,8 +11,8 @@ use std::time::Duration;
 use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Request, Workload};
 use telvirt_runtime_vm::{
-    AccelChoice, AccelProbe, CpuSet, DiskFormat, DiskImage, Error, Grant, HugePageSize, Peripheral,
-    QmpEvent, StopMethod, VmPhase, pin,
+    AccelChoice, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error, Grant,
+    HugePageSize, Peripheral, QmpEvent, StopMethod, VmPhase, pin,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -103,6 +103,28 @@ async fn lifecycle_pinning_lock_peripherals_and_stop() {
     let h1 = vm.health(T).await.unwrap();
     assert!(h1.uptime_ms > 0);
     assert!(h1.mem_total_kib > 100 * 1024, "{h1:?}");
+
+    // A re-pin moves the threads while the guest runs on (its clock goes on: no reboot),
+    // then back.
+    for (vcpu, emu) in [(emu_cpu, vcpu_cpu), (vcpu_cpu, emu_cpu)] {
+        vm.repin(&CpuPlacement {
+            vcpu_cpus: vec![CpuSet::single(vcpu)],
+            emulator_cpus: Some(CpuSet::single(emu)),
+            realtime_priority: None,
+        })
+        .await
+        .unwrap();
+        for tid in pin::thread_ids(pid).unwrap() {
+            let want = if vcpu_tids.contains(&tid) { vcpu } else { emu };
+            assert_eq!(
+                pin::allowed_cpus(pid, tid).unwrap(),
+                CpuSet::single(want),
+                "thread {tid} after the re-pin to vCPU {vcpu}, emulator {emu}"
+            );
+        }
+        let after = vm.health(T).await.unwrap();
+        assert!(after.uptime_ms >= h1.uptime_ms, "{h1:?} then {after:?}");
+    }
 
     // Lock: paused, changes refused, nothing changed.
     let mut events = vm.qmp().events();

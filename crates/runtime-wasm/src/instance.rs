@@ -660,6 +660,24 @@ impl VnfInstance {
     /// Swaps in a new module version between batches, carrying the maps over (same name and
     /// layout). On any error the running version and its maps are unchanged. A locked VNF
     /// refuses; a failed one may be upgraded (that is how it is repaired).
+    /// Starts this instance again from its module with a new config blob (handed to
+    /// `tv_init`) and fuel per batch, between batches, the maps carried over; on failure it
+    /// keeps running exactly as it was.
+    pub fn reconfigure(&mut self, config: Vec<u8>, fuel_per_batch: u64) -> Result<()> {
+        let mut cfg = self.cfg.clone();
+        cfg.config = config;
+        cfg.limits.fuel_per_batch = fuel_per_batch;
+        let old = std::mem::replace(&mut self.cfg, cfg);
+        let (module, pre) = (self.module.clone(), self.pre.clone());
+        match self.upgrade_to(module, pre) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.cfg = old;
+                Err(e)
+            }
+        }
+    }
+
     pub(crate) fn upgrade_to(
         &mut self,
         module: InstalledModule,

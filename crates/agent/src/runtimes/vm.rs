@@ -310,12 +310,7 @@ pub fn vm_config(
         path: PathBuf::from(d),
         format: disk_format(d),
     });
-    cfg.cpu = CpuPlacement {
-        vcpu_cpus: spec.placement.vcpus.iter().map(|c| cpu_set(c)).collect(),
-        emulator_cpus: (!spec.placement.emulator_cpus.is_empty())
-            .then(|| cpu_set(&spec.placement.emulator_cpus)),
-        realtime_priority: vm.realtime.then_some(REALTIME_PRIORITY),
-    };
+    cfg.cpu = cpu_placement(spec)?;
     cfg.accel = accel;
     // Only the default guest carries the telvirt guest agent.
     cfg.wait_for_agent = !custom_kernel;
@@ -323,6 +318,22 @@ pub fn vm_config(
     cfg.ready_timeout = READY_TIMEOUT;
     cfg.stop_timeout = STOP_TIMEOUT;
     Ok(cfg)
+}
+
+/// Where a vm VNF's threads run, as its placement says.
+fn cpu_placement(spec: &InstanceSpec) -> Result<CpuPlacement, RuntimeFailure> {
+    let vm = spec.descriptor.spec.vm.as_ref().ok_or_else(|| {
+        failure(format!(
+            "vnf {} has runtime vm but no spec.vm block",
+            spec.name
+        ))
+    })?;
+    Ok(CpuPlacement {
+        vcpu_cpus: spec.placement.vcpus.iter().map(|c| cpu_set(c)).collect(),
+        emulator_cpus: (!spec.placement.emulator_cpus.is_empty())
+            .then(|| cpu_set(&spec.placement.emulator_cpus)),
+        realtime_priority: vm.realtime.then_some(REALTIME_PRIORITY),
+    })
 }
 
 fn cpu_set(cpus: &[u32]) -> CpuSet {
@@ -448,6 +459,17 @@ impl Runtime for VmRuntime {
         };
         let how = handle.stop().await.map_err(failure)?;
         tracing::info!(vnf = %name, "vm stopped ({how:?})");
+        Ok(())
+    }
+
+    async fn repin(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        let handle = self
+            .handle(&spec.name)
+            .await
+            .ok_or_else(|| failure(format!("vm {} is not held by this agent", spec.name)))?;
+        for w in handle.repin(&cpu_placement(spec)?).await.map_err(failure)? {
+            tracing::warn!(vnf = %spec.name, "{w}");
+        }
         Ok(())
     }
 

@@ -949,6 +949,16 @@ impl Runtime for WasmRuntime {
         self.place(spec, prepared)
     }
 
+    /// The instance starts again from its module between two batches with the descriptor's
+    /// config and fuel per batch, its maps carried over; on failure it runs on as it was.
+    async fn reconfigure(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        let cfg = vnf_config(spec)?;
+        let (inst, _) = self.instance(&spec.name)?;
+        guard(&inst)
+            .reconfigure(cfg.config, cfg.limits.fuel_per_batch)
+            .map_err(fail)
+    }
+
     /// Wasm instances live in the agent process: after a restart there is nothing to adopt.
     async fn adopt(&self, _spec: &InstanceSpec) -> Result<bool, RuntimeFailure> {
         Ok(false)
