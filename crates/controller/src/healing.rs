@@ -15,10 +15,9 @@ use std::time::Duration;
 
 use telvirt_model::{DesiredState, Phase, Placement, Role};
 use telvirt_sched::{Allocation, Relocation, SchedError, Scheduler};
-use telvirt_store::Op;
 
 use super::{
-    CAS_RETRIES, Controller, ControllerError, Result, decode, encode, placement_commit,
+    CAS_RETRIES, Controller, ControllerError, Result, allocation_op, decode, placement_commit,
     transition_ops,
 };
 use crate::placement;
@@ -379,14 +378,7 @@ impl Controller {
             next.vnf.reason = Some((*reason).to_owned());
             extra(&mut next.vnf);
             let mut ops = transition_ops(&mut next, from, reason, actor)?;
-            ops.push(Op::Put {
-                key: allocation_key(name),
-                value: encode(&Allocation {
-                    request,
-                    placement: placed.clone(),
-                })?,
-                lease: None,
-            });
+            ops.push(allocation_op(name, request, placed)?);
             let compares = placement_commit(
                 &mut ops,
                 Some(&record),

@@ -101,6 +101,18 @@ impl From<ControllerError> for ApiError {
                 detail,
                 errors,
             },
+            ControllerError::NeedsRecreate { errors, .. } => Self {
+                status: StatusCode::CONFLICT,
+                kind: "needs-recreate",
+                detail,
+                errors,
+            },
+            ControllerError::CannotApply(f) => Self {
+                status: StatusCode::CONFLICT,
+                kind: "cannot-apply",
+                detail,
+                errors: vec![f],
+            },
             ControllerError::NotGranted(f) => Self {
                 status: StatusCode::FORBIDDEN,
                 kind: "not-granted",
@@ -251,7 +263,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/schema/vnf", get(vnf_schema))
         .route("/v1/vnfs", get(list_vnfs).post(create_vnf))
-        .route("/v1/vnfs/{name}", get(show_vnf).delete(delete_vnf))
+        .route(
+            "/v1/vnfs/{name}",
+            get(show_vnf).put(apply_vnf).delete(delete_vnf),
+        )
         .route("/v1/vnfs/{name}/events", get(vnf_events))
         .route("/v1/vnfs/{name}/start", post(start_vnf))
         .route("/v1/vnfs/{name}/stop", post(stop_vnf))
@@ -536,6 +551,54 @@ async fn create_vnf(
         .create_vnf(&caller, &body.bytes, body.format)
         .await?;
     Ok(json(StatusCode::CREATED, &vnf))
+}
+
+/// The query of `PUT /v1/vnfs/{name}`.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyQuery {
+    /// `true`: answer what the apply would do (the diff, the placement) and change nothing.
+    #[serde(rename = "dryRun")]
+    #[param(rename = "dryRun")]
+    pub dry_run: Option<bool>,
+}
+
+#[utoipa::path(put, path = "/v1/vnfs/{name}", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name"), ApplyQuery),
+    request_body(content(
+        (VnfDescriptor = "application/json"),
+        (VnfDescriptor = "application/yaml"),
+    ), description = "The VNF's whole new descriptor"),
+    responses(
+        (status = 200, description = "Applied (or, with dryRun, what would be): the VNF and the fields that changed; a re-pin answers once the VNF's agents moved its threads (at most 30 s)", body = telvirt_model::api::VnfApplied),
+        (status = 400, description = "Malformed YAML or JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Names a host resource not granted to the authority; `errors` names the field", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Changes fields the VNF takes only when created (`needs-recreate`, `errors` names each with why), cores that are not free (`cannot-apply`), or the VNF is locked, being deleted or moving", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported content type", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Fields break the descriptor's rules, `metadata.name` is not the path's, or a bad query", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn apply_vnf(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<ApplyQuery>, axum::extract::rejection::QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let query = typed_query(query)?;
+    let applied = s
+        .controller
+        .apply_vnf(
+            &caller,
+            &name,
+            &body.bytes,
+            body.format,
+            query.dry_run.unwrap_or(false),
+        )
+        .await?;
+    Ok(json(StatusCode::OK, &applied))
 }
 
 #[utoipa::path(get, path = "/v1/vnfs/{name}", tag = "vnfs", security(("bearer" = [])),
@@ -1505,7 +1568,7 @@ async fn delete_module(
 #[openapi(
     info(title = "telvirt", description = "NFV platform API: VNFs, hosts, authorities."),
     paths(
-        healthz, readyz, openapi, vnf_schema, list_vnfs, watch_vnfs, create_vnf, show_vnf, delete_vnf, vnf_events,
+        healthz, readyz, openapi, vnf_schema, list_vnfs, watch_vnfs, create_vnf, apply_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, migrate_vnf, list_hosts,
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,

@@ -28,6 +28,8 @@ use crate::records::{
     token_key, vnf_key,
 };
 
+#[path = "apply.rs"]
+pub mod apply;
 #[path = "healing.rs"]
 pub mod healing;
 #[path = "migration.rs"]
@@ -85,6 +87,15 @@ pub enum ControllerError {
         detail: String,
         errors: Vec<FieldError>,
     },
+    /// An apply changes fields the VNF takes only when it is created (409 naming each).
+    #[error("{detail}")]
+    NeedsRecreate {
+        detail: String,
+        errors: Vec<FieldError>,
+    },
+    /// An apply the VNF could take, but not now: the cores it names are not free (409).
+    #[error("{0}")]
+    CannotApply(FieldError),
     /// A host resource the caller's authority was not granted (403 with the field).
     #[error("{0}")]
     NotGranted(FieldError),
@@ -196,6 +207,22 @@ pub(crate) fn event_ops(name: &str, event: &Event) -> Result<Vec<Op>> {
     Ok(ops)
 }
 
+/// The put of VNF `name`'s allocation: `placed` for `request`.
+pub(crate) fn allocation_op(
+    name: &str,
+    request: telvirt_sched::VnfRequest,
+    placed: &telvirt_sched::Placement,
+) -> Result<Op> {
+    Ok(Op::Put {
+        key: allocation_key(name),
+        value: encode(&Allocation {
+            request,
+            placement: placed.clone(),
+        })?,
+        lease: None,
+    })
+}
+
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| ControllerError::Corrupt(e.to_string()))
 }
@@ -237,6 +264,10 @@ pub struct Controller {
     move_deadline: std::sync::Mutex<std::time::Duration>,
     /// The VNF watches that may be open at once (`crate::vnf_watch`).
     watch_slots: Arc<tokio::sync::Semaphore>,
+    /// The newest generation each (VNF, host) reported, for the ones an apply waits for
+    /// (`apply::REPIN_CONFIRM_DEADLINE`); woken by every such report.
+    observed: std::sync::Mutex<HashMap<(String, String), u64>>,
+    observed_wake: Notify,
 }
 
 impl Controller {
@@ -292,6 +323,8 @@ impl Controller {
             liveness: hosts::Liveness::default(),
             move_deadline: std::sync::Mutex::new(migration::DEFAULT_MOVE_DEADLINE),
             watch_slots: crate::vnf_watch::watch_slots(),
+            observed: std::sync::Mutex::new(HashMap::new()),
+            observed_wake: Notify::new(),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()
@@ -1569,8 +1602,67 @@ impl Controller {
     }
 
     /// Records what an agent observed. Observed reality is recorded even when it skips a step.
+    /// Starts keeping the generations the agents of `hosts` report for VNF `name`, for
+    /// [`Controller::wait_observed`] (which stops it).
+    pub(crate) fn expect_observations(&self, name: &str, hosts: &[String]) {
+        if let Ok(mut seen) = self.observed.lock() {
+            for h in hosts {
+                seen.insert((name.to_owned(), h.clone()), 0);
+            }
+        }
+    }
+
+    /// Waits until the agent of every host in `hosts` reported generation `generation` or a
+    /// newer one of VNF `name`, at most `deadline`; whether they all did. Then stops keeping
+    /// the reports.
+    pub(crate) async fn wait_observed(
+        &self,
+        name: &str,
+        hosts: &[String],
+        generation: u64,
+        deadline: Duration,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        let all_seen = || {
+            self.observed.lock().is_ok_and(|seen| {
+                hosts.iter().all(|h| {
+                    seen.get(&(name.to_owned(), h.clone()))
+                        .is_some_and(|g| *g >= generation)
+                })
+            })
+        };
+        let confirmed = loop {
+            let woken = self.observed_wake.notified();
+            if all_seen() {
+                break true;
+            }
+            if tokio::time::timeout_at(until, woken).await.is_err() {
+                break all_seen();
+            }
+        };
+        self.forget_observations(name, hosts);
+        confirmed
+    }
+
+    /// Stops keeping what [`Controller::expect_observations`] started keeping.
+    pub(crate) fn forget_observations(&self, name: &str, hosts: &[String]) {
+        if let Ok(mut seen) = self.observed.lock() {
+            for h in hosts {
+                seen.remove(&(name.to_owned(), h.clone()));
+            }
+        }
+    }
+
     pub async fn observe(&self, host: &str, obs: Observation) -> Result<()> {
         let name = obs.vnf.to_string();
+        let expected = self.observed.lock().is_ok_and(|mut seen| {
+            seen.get_mut(&(name.clone(), host.to_owned()))
+                .map(|g| *g = (*g).max(obs.generation))
+                .is_some()
+        });
+        if expected {
+            self.observed_wake.notify_waiters();
+        }
         let mut remove = false;
         let mut active_failed = false;
         let mut active_lost = None;

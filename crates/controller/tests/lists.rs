@@ -6,16 +6,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Node, wasm_vnf};
+use common::{Node, labelled, names, wasm_vnf};
 use serde_json::Value;
-
-/// A wasm VNF with `labels` (YAML flow mapping body, e.g. `role: edge, zone: a`).
-fn labelled(name: &str, labels: &str) -> String {
-    wasm_vnf(name).replace(
-        &format!("metadata: {{ name: {name} }}"),
-        &format!("metadata: {{ name: {name}, labels: {{ {labels} }} }}"),
-    )
-}
 
 /// Percent-encodes a query value.
 fn enc(value: &str) -> String {
@@ -25,16 +17,6 @@ fn enc(value: &str) -> String {
             b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
-        .collect()
-}
-
-fn names(reply: &common::Reply) -> Vec<String> {
-    reply
-        .body
-        .as_array()
-        .unwrap_or_else(|| panic!("not a list: {}", reply.body))
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_owned())
         .collect()
 }
 
@@ -437,4 +419,38 @@ async fn a_watch_beyond_the_most_a_node_keeps_is_refused_until_one_ends() {
             Err((status, body)) => panic!("no watch after one ended: {status} {body}"),
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_change_takes_a_vnf_out_of_a_selectors_watch_and_into_anothers() {
+    let node = Node::start().await;
+    let r = node
+        .create_vnf(&node.admin, &labelled("fw1", "tier: edge"))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let mut edge = EventStream::open(&node, &node.admin, "?labelSelector=tier%3Dedge")
+        .await
+        .unwrap();
+    assert_eq!(edge.until_synced(&node).await, ["fw1"]);
+    let mut core = EventStream::open(&node, &node.admin, "?labelSelector=tier%3Dcore")
+        .await
+        .unwrap();
+    assert!(core.until_synced(&node).await.is_empty());
+    let new = labelled("fw1", "tier: core");
+    let r = node
+        .call(
+            "PUT",
+            "/v1/vnfs/{name}",
+            Some("fw1"),
+            Some(&node.admin),
+            Some((new.as_bytes(), "application/yaml")),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    edge.until(&node, "deleted", "fw1", &["fw1"]).await;
+    let added = core.until(&node, "added", "fw1", &["fw1"]).await;
+    assert_eq!(
+        added["vnf"]["descriptor"]["metadata"]["labels"]["tier"], "core",
+        "{added}"
+    );
 }

@@ -384,6 +384,18 @@ impl Node {
         assert_eq!(r.status, 200, "{what} {host}: {}", r.body);
     }
 
+    /// `POST /v1/vnfs/{name}/{action}` (`start`, `stop`, `lock`, `unlock`) as `token`.
+    pub async fn vnf_action(&self, token: &str, name: &str, action: &str) -> Reply {
+        self.call_at(
+            "POST",
+            &format!("/v1/vnfs/{{name}}/{action}"),
+            &[("name", name)],
+            Some(token),
+            None,
+        )
+        .await
+    }
+
     /// The events of VNF `vnf`, as admin.
     pub async fn events(&self, vnf: &str) -> Vec<Value> {
         let r = self
@@ -487,6 +499,25 @@ pub fn wasm_vnf(name: &str) -> String {
     format!(
         "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  ports: [in, out]\n  wasm:\n    module: \"{}\"\n    limits: {{ memory: 16MiB }}\n",
         firewall_ref()
+    )
+}
+
+/// The `name` of each object of a list answer, in order.
+pub fn names(reply: &Reply) -> Vec<String> {
+    reply
+        .body
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {}", reply.body))
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// [`wasm_vnf`] with `labels` (YAML flow mapping body, e.g. `role: edge, zone: a`).
+pub fn labelled(name: &str, labels: &str) -> String {
+    wasm_vnf(name).replace(
+        &format!("metadata: {{ name: {name} }}"),
+        &format!("metadata: {{ name: {name}, labels: {{ {labels} }} }}"),
     )
 }
 
