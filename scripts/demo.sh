@@ -248,6 +248,13 @@ P2="$(delivered)"
 for _ in $(seq 1 50); do [ "$(delivered)" -gt "$P2" ] && break; sleep 0.1; done
 echo "still delivering: $P2 -> $(delivered) packets"
 
+step "Change in place: vnf apply shows each field old -> new, takes labels, config and pinned cores, refuses the rest"
+fw1_like "s/role: edge/role: core/" >"$DATA2/fw1-core.yaml"
+run vnf apply -f "$DATA2/fw1-core.yaml" --dry-run
+run vnf apply -f "$DATA2/fw1-core.yaml"
+fw1_like "s/role: edge/role: core/; s/policy: dedicated, count: 1/policy: dedicated, count: 2/" >"$DATA2/fw1-two.yaml"
+run vnf apply -f "$DATA2/fw1-two.yaml" || echo "(refused, exit $?: nothing changed)"
+
 step "The firewall's own counters (from its manifest) next to the runtime's"
 run vnf stats fw1
 

@@ -281,6 +281,21 @@ pub enum VnfCommand {
         #[command(flatten)]
         wait: WaitArg,
     },
+    /// Apply a descriptor file: create the VNF when it does not exist, otherwise change it in
+    /// place where it can (labels; a wasm VNF's config and fuel per batch; a pinned vm VNF's
+    /// cores, its vCPU threads moved while it runs) and print each field old → new. Any other
+    /// change is refused (exit 5, conflict) naming the fields that need a re-create; nothing
+    /// changes then
+    Apply {
+        /// Descriptor file, or - for standard input
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Print what would change and the placement it would get; change nothing
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        wait: WaitArg,
+    },
     /// List the VNFs you may see
     #[command(alias = "ls")]
     List {

@@ -36,7 +36,9 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use reqwest::{Method, StatusCode};
 use telvirt_model::HostGrants;
-use telvirt_model::api::{Authority, AuthorityToken, HostView, VnfWatchEvent, VnfWatchKind};
+use telvirt_model::api::{
+    Authority, AuthorityToken, HostView, VnfApplied, VnfWatchEvent, VnfWatchKind,
+};
 use telvirt_model::{Event, Phase, Vnf};
 
 use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
@@ -177,21 +179,99 @@ fn print_vnf(format: Output, vnf: &Vnf) -> Result<()> {
     Ok(())
 }
 
+/// `POST /v1/vnfs` with a resolved descriptor, then waits for Running when asked.
+async fn create_vnf(
+    client: &Client,
+    format: Output,
+    bytes: Vec<u8>,
+    f: telvirt_model::Format,
+    wait: Option<u64>,
+) -> Result<()> {
+    let vnf: Vnf = client
+        .call(Method::POST, "/v1/vnfs", Some((bytes, f.media_type())))
+        .await?
+        .json()?;
+    let vnf = match wait {
+        Some(secs) => wait_phase(client, vnf.name.as_str(), Phase::Running, secs).await?,
+        None => vnf,
+    };
+    if !output::structured(format, &vnf)? {
+        println!("vnf/{} created ({})", vnf.name, vnf.phase);
+    }
+    Ok(())
+}
+
+/// `PUT /v1/vnfs/{name}` (with `dryRun`): prints each field old → new and the placement.
+async fn apply_vnf(
+    client: &Client,
+    format: Output,
+    name: &str,
+    bytes: Vec<u8>,
+    f: telvirt_model::Format,
+    dry_run: bool,
+    wait: Option<u64>,
+) -> Result<()> {
+    let path = format!(
+        "/v1/vnfs/{name}{}",
+        if dry_run { "?dryRun=true" } else { "" }
+    );
+    let mut applied: VnfApplied = client
+        .call(Method::PUT, &path, Some((bytes, f.media_type())))
+        .await?
+        .json()?;
+    if let (Some(secs), false) = (wait, dry_run) {
+        applied.vnf = wait_phase(client, name, Phase::Running, secs).await?;
+    }
+    if output::structured(format, &applied)? {
+        return Ok(());
+    }
+    match (applied.changes.is_empty(), dry_run) {
+        (true, _) => println!("vnf/{name} unchanged"),
+        (false, true) => println!("vnf/{name} would be changed (dry run):"),
+        (false, false) => println!("vnf/{name} changed ({}):", applied.vnf.phase),
+    }
+    for c in &applied.changes {
+        println!("  {c}");
+    }
+    if !applied.changes.is_empty() {
+        print!("{}", output::placement_lines(&applied.vnf));
+    }
+    Ok(())
+}
+
 async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
     match cmd {
         VnfCommand::Create { file, wait } => {
             let (bytes, f) = read_descriptor(&file)?;
             let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f).await?;
-            let vnf: Vnf = client
-                .call(Method::POST, "/v1/vnfs", Some((bytes, f.media_type())))
-                .await?
-                .json()?;
-            let vnf = match wait.wait {
-                Some(secs) => wait_phase(client, vnf.name.as_str(), Phase::Running, secs).await?,
-                None => vnf,
+            create_vnf(client, format, bytes, f, wait.wait).await?;
+        }
+        VnfCommand::Apply {
+            file,
+            dry_run,
+            wait,
+        } => {
+            let (bytes, f) = read_descriptor(&file)?;
+            let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f).await?;
+            // A descriptor this cannot read is created, so the API names what is wrong with it.
+            let name = telvirt_model::parse_vnf(&bytes, f).map(|d| d.name().to_string());
+            let exists = match &name {
+                Ok(name) => client.exists(&format!("/v1/vnfs/{name}")).await?,
+                Err(_) => false,
             };
-            if !output::structured(format, &vnf)? {
-                println!("vnf/{} created ({})", vnf.name, vnf.phase);
+            match name {
+                Ok(name) if exists => {
+                    apply_vnf(client, format, &name, bytes, f, dry_run, wait.wait).await?;
+                }
+                Ok(name) if dry_run => {
+                    if !output::structured(
+                        format,
+                        &serde_json::json!({ "created": name, "dry_run": true }),
+                    )? {
+                        println!("vnf/{name} would be created (dry run)");
+                    }
+                }
+                _ => create_vnf(client, format, bytes, f, wait.wait).await?,
             }
         }
         VnfCommand::List {

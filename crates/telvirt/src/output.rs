@@ -181,29 +181,9 @@ pub fn vnf_change_line(change: &VnfWatchEvent, wide: bool) -> Option<String> {
     table(&columns, &[row]).lines().nth(1).map(str::to_owned)
 }
 
-pub fn vnf_detail(v: &Vnf) -> String {
-    let spec = &v.descriptor.spec;
-    let mut out = format!(
-        "Name:        {}\nOwner:       {}\nRuntime:     {}\nPhase:       {}\nReason:      {}\nDesired:     {:?}\nLocked:      {}\nGeneration:  {}\nCreated:     {}\nCPU policy:  {:?} x{}\nPorts:       {}\n",
-        v.name,
-        v.owner,
-        spec.runtime.as_str(),
-        v.phase,
-        v.reason.as_deref().unwrap_or("-"),
-        v.desired,
-        v.lock
-            .as_ref()
-            .map_or("no".into(), |l| format!("by {} since {}", l.by, l.at)),
-        v.generation,
-        v.created_at,
-        spec.cpu.policy,
-        spec.cpu.effective_count(),
-        spec.ports
-            .iter()
-            .map(ToString::to_string)
-            .collect::<Vec<_>>()
-            .join(", "),
-    );
+/// A VNF's placements, a `Placement:` line per instance (`none yet` when unplaced).
+pub fn placement_lines(v: &Vnf) -> String {
+    let mut out = String::new();
     if v.placements.is_empty() {
         out.push_str("Placement:   none yet\n");
     }
@@ -233,6 +213,33 @@ pub fn vnf_detail(v: &Vnf) -> String {
                 .map_or(String::new(), |g| format!(", group {g}")),
         ));
     }
+    out
+}
+
+pub fn vnf_detail(v: &Vnf) -> String {
+    let spec = &v.descriptor.spec;
+    let mut out = format!(
+        "Name:        {}\nOwner:       {}\nRuntime:     {}\nPhase:       {}\nReason:      {}\nDesired:     {:?}\nLocked:      {}\nGeneration:  {}\nCreated:     {}\nCPU policy:  {:?} x{}\nPorts:       {}\n",
+        v.name,
+        v.owner,
+        spec.runtime.as_str(),
+        v.phase,
+        v.reason.as_deref().unwrap_or("-"),
+        v.desired,
+        v.lock
+            .as_ref()
+            .map_or("no".into(), |l| format!("by {} since {}", l.by, l.at)),
+        v.generation,
+        v.created_at,
+        spec.cpu.policy,
+        spec.cpu.effective_count(),
+        spec.ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out.push_str(&placement_lines(v));
     if let Some(m) = &v.migration {
         out.push_str(&format!(
             "Migration:   from {} to {} since {} (by {}){}\n",

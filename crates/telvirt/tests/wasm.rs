@@ -1160,3 +1160,77 @@ fn vnf_logs_shows_and_follows_a_modules_log_lines() {
     let out = node.cli(&["vnf", "logs", "nobody"]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
 }
+
+#[test]
+fn vnf_apply_reconfigures_a_running_firewall_in_place_and_refuses_what_needs_a_re_create() {
+    let node = start();
+    fw1_between_a_generator_and_a_sink(&node);
+    let admin = node.admin_token();
+    let dropped = || {
+        let (status, _, samples) = scrape(&node.server(), Some(&admin));
+        assert_eq!(status, 200);
+        sample(
+            &samples,
+            "telvirt_vnf_packets_dropped_total",
+            &[("vnf", "fw1"), ("reason", "verdict")],
+        )
+    };
+    wait_until("fw1 forwards", || {
+        node.json(&["vnf", "stats", "fw1"])["packets_forwarded"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    });
+    assert_eq!(dropped(), Some(0.0), "the default action forwards");
+    let generation = node.json(&["vnf", "show", "fw1"])["generation"].clone();
+
+    // The same file: unchanged, nothing written.
+    let out = node.ok(&["vnf", "apply", "-f", "examples/descriptors/fw1.yaml"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "vnf/fw1 unchanged\n");
+    assert_eq!(node.json(&["vnf", "show", "fw1"])["generation"], generation);
+
+    // Default action drop: a dry run shows it and changes nothing; applied, the instance
+    // starts again from its module between batches and drops by its verdict.
+    let fw1 = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml")).unwrap();
+    let drop_all = fw1.replace("blob_hex: \"02000000\"", "blob_hex: \"00000000\"");
+    assert_ne!(drop_all, fw1);
+    std::fs::write(node.path("examples/descriptors/fw1-drop.yaml"), &drop_all).unwrap();
+    let file = "examples/descriptors/fw1-drop.yaml";
+    let out = node.ok(&["vnf", "apply", "-f", file, "--dry-run"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with("vnf/fw1 would be changed (dry run):\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  spec.wasm.config.blob_hex: 02000000 → 00000000\n"),
+        "{text}"
+    );
+    assert_eq!(node.json(&["vnf", "show", "fw1"])["generation"], generation);
+    let applied = node.json(&["vnf", "apply", "-f", file]);
+    assert_eq!(applied["changes"][0]["path"], "spec.wasm.config.blob_hex");
+    let v = node.wait_vnf("fw1", |v| {
+        v["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("reconfigured"))
+    });
+    assert_eq!(v["phase"], "Running");
+    wait_until("fw1 drops by its verdict", || {
+        dropped().is_some_and(|n| n > 0.0)
+    });
+    // The maps were carried over, not recreated empty: the firewall still has its map.
+    let maps = node.json(&["vnf", "maps", "fw1"]);
+    assert!(maps.to_string().contains("rules"), "{maps}");
+
+    // A core count is taken only at creation: exit 5 (conflict) naming the field; nothing
+    // changes, the label in the same file included.
+    let bigger = drop_all
+        .replace("count: 1", "count: 2")
+        .replace("role: edge", "role: core");
+    std::fs::write(node.path("examples/descriptors/fw1-two.yaml"), bigger).unwrap();
+    let out = node.cli(&["vnf", "apply", "-f", "examples/descriptors/fw1-two.yaml"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("spec.cpu.count"), "{}", stderr(&out));
+    let now = node.json(&["vnf", "show", "fw1"]);
+    assert_eq!(now["descriptor"]["metadata"]["labels"]["role"], "edge");
+    assert_eq!(now["descriptor"]["spec"]["cpu"]["count"], 1);
+}
