@@ -330,6 +330,7 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/watch/vnfs", get(watch_vnfs))
         .route("/metrics", get(metrics))
         .merge(crate::agent_api::routes())
+        .merge(crate::web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))

@@ -26,6 +26,7 @@ pub mod scrape;
 pub mod service;
 pub mod upgrade;
 pub mod vnf_watch;
+pub mod web;
 
 pub use health::{HealthRegistry, HealthReport, Restart};
 pub use http::{descriptor_schema, openapi_document, router};

@@ -206,10 +206,11 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let tasks = host.start(link, &health, config, None, shutdown_rx);
 
     tracing::info!(
-        "telvirt serving on http://{} (host {local_host}, data dir {}, client config {})",
+        "telvirt serving on http://{} (host {local_host}, data dir {}, client config {}); web console at http://{}/ui/",
         cp.address,
         data_dir.display(),
-        cp.config_path.display()
+        cp.config_path.display(),
+        cp.address,
     );
     serve_api(cp, shutdown_tx).await?;
     for task in tasks {
