@@ -16,6 +16,7 @@ PACKAGES=(
   keepalived        # the VRRP baseline of `telvirt bench failover`
   nftables          # tests that cut the path between two hosts of a pair
   curl              # the demo scrapes /metrics as Prometheus would
+  chromium chromium-driver  # the web console's tests drive a headless browser
 )
 
 missing=()
