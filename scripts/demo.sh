@@ -169,6 +169,8 @@ for _ in $(seq 1 200); do
   if [ -f "$TELVIRT_CONFIG" ] && "$TELVIRT" vnf list >/dev/null 2>&1; then break; fi
   sleep 0.05
 done
+SERVER2="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")"
+printf '\033[1mweb console: %s/ui/\033[0m (sign in with the token in %s; it shows this node live until the demo moves on to an agent on its own)\n' "$SERVER2" "$TELVIRT_CONFIG"
 step "Confinement: an authority names no host path or interface the admin did not grant it"
 ENT="$("$TELVIRT" authority create ent1 -o json | sed -n 's/^  "token": "\(.*\)"$/\1/p')"
 as_ent() { printf '$ telvirt --token <ent1> %s\n' "$*"; "$TELVIRT" --token "$ENT" "$@"; }
@@ -259,7 +261,6 @@ step "The firewall's own counters (from its manifest) next to the runtime's"
 run vnf stats fw1
 
 step "Metrics: what Prometheus scrapes, with admin's token (all families: docs/metrics.md)"
-SERVER2="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")"
 printf '$ curl -H "Authorization: Bearer $TOKEN" %s/metrics | grep ...\n' "$SERVER2"
 curl -fsS -H "Authorization: Bearer $(sed -n 's/^token = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")" "$SERVER2/metrics" |
   grep -E '^telvirt_(vnf_packets_(received|forwarded)_total\{vnf="fw1"|vnf_packets_dropped_total\{vnf="fw1",reason="verdict"|link_packets_total|sink_latency_seconds_(count|sum)|host_cpus)' || true
