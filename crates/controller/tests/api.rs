@@ -352,6 +352,41 @@ async fn metrics_count_requests_and_phases() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scrape_answers_without_a_silent_hosts_counters_and_says_which_host() {
+    let node = Node::start().await;
+    // h2 holds its heartbeat lease, but no agent takes its calls.
+    node.controller
+        .register_host(common::host_record("h2"))
+        .await
+        .unwrap();
+    let _beat = common::beat(&node.controller, "h2");
+    node.cordon("h1").await;
+    let r = node.create_vnf(&node.admin, &wasm_vnf("fw9")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    node.wait_vnf(&node.admin, "fw9", |v| v["placements"][0]["host"] == "h2")
+        .await;
+    let r = node
+        .call("GET", "/metrics", None, Some(&node.admin), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let text = r.body.as_str().unwrap();
+    assert!(
+        text.contains("telvirt_host_scrape_success{host=\"h2\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "telvirt_vnf_info{vnf=\"fw9\",authority=\"admin\",runtime=\"wasm\",host=\"h2\"} 1"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("telvirt_vnf_packets_received_total{vnf=\"fw9\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_paths_and_methods_are_problems() {
     let node = Node::start().await;
     let r = node.http_raw("GET", "/v1/nothing").await;
