@@ -243,19 +243,19 @@ awk -v p="$((P1 - P0))" -v a="$T0" -v b="$T1" \
   'BEGIN { printf "delivered %d packets in %.2f s: %.0f packets/s through fw1 and nat1\n", p, b - a, p / (b - a) }'
 run net show chain
 
-step "Upgrade fw1 between batches: another build of the firewall, maps kept, traffic keeps flowing"
-perl -pe 's/"version":"1\.0\.0"/"version":"1.0.1"/' examples/vnfs/firewall.wasm >"$DATA2/firewall-v2.wasm"
-run vnf upgrade fw1 --module "$DATA2/firewall-v2.wasm"
-P2="$(delivered)"
-for _ in $(seq 1 50); do [ "$(delivered)" -gt "$P2" ] && break; sleep 0.1; done
-echo "still delivering: $P2 -> $(delivered) packets"
-
 step "Change in place: vnf apply shows each field old -> new, takes labels, config and pinned cores, refuses the rest"
 fw1_like "s/role: edge/role: core/" >"$DATA2/fw1-core.yaml"
 run vnf apply -f "$DATA2/fw1-core.yaml" --dry-run
 run vnf apply -f "$DATA2/fw1-core.yaml"
 fw1_like "s/role: edge/role: core/; s/policy: dedicated, count: 1/policy: dedicated, count: 2/" >"$DATA2/fw1-two.yaml"
 run vnf apply -f "$DATA2/fw1-two.yaml" || echo "(refused, exit $?: nothing changed)"
+
+step "Upgrade fw1 between batches: another build of the firewall, maps kept, traffic keeps flowing"
+perl -pe 's/"version":"1\.0\.0"/"version":"1.0.1"/' examples/vnfs/firewall.wasm >"$DATA2/firewall-v2.wasm"
+run vnf upgrade fw1 --module "$DATA2/firewall-v2.wasm"
+P2="$(delivered)"
+for _ in $(seq 1 50); do [ "$(delivered)" -gt "$P2" ] && break; sleep 0.1; done
+echo "still delivering: $P2 -> $(delivered) packets"
 
 step "The firewall's own counters (from its manifest) next to the runtime's"
 run vnf stats fw1

@@ -243,7 +243,8 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
     match cmd {
         VnfCommand::Create { file, wait } => {
             let (bytes, f) = read_descriptor(&file)?;
-            let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f).await?;
+            let (bytes, f) =
+                modules::resolve_descriptor(client, &file, bytes, f, modules::Upload::Yes).await?;
             create_vnf(client, format, bytes, f, wait.wait).await?;
         }
         VnfCommand::Apply {
@@ -252,7 +253,12 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
             wait,
         } => {
             let (bytes, f) = read_descriptor(&file)?;
-            let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f).await?;
+            let upload = if dry_run {
+                modules::Upload::DigestOnly
+            } else {
+                modules::Upload::Yes
+            };
+            let (bytes, f) = modules::resolve_descriptor(client, &file, bytes, f, upload).await?;
             // A descriptor this cannot read is created, so the API names what is wrong with it.
             let name = telvirt_model::parse_vnf(&bytes, f).map(|d| d.name().to_string());
             let exists = match &name {

@@ -152,14 +152,15 @@ fn local_module(module: &str, base: &Path) -> Result<Option<PathBuf>> {
     )
 }
 
-/// The descriptor to send for `vnf create -f FILE`: when `spec.wasm.module` names a local file
-/// (relative paths against the descriptor's directory), that file is uploaded and the
-/// descriptor sent as JSON with its reference instead.
+/// The descriptor to send for `vnf create|apply -f FILE`: when `spec.wasm.module` names a local
+/// file (relative paths against the descriptor's directory), that file is uploaded (or, with
+/// [`Upload::DigestOnly`], only named) and the descriptor sent with its reference instead.
 pub async fn resolve_descriptor(
     client: &Client,
     file: &Path,
     bytes: Vec<u8>,
     format: Format,
+    upload_it: Upload,
 ) -> Result<(Vec<u8>, Format)> {
     let Ok(mut doc) = telvirt_model::from_text::<serde_json::Value>(&bytes, format) else {
         // Let the server explain what is wrong with it.
@@ -183,26 +184,38 @@ pub async fn resolve_descriptor(
     let Some(path) = local_module(&module, &base)? else {
         return Ok((bytes, format));
     };
-    let uploaded = upload(client, &path).await?;
+    let reference = match upload_it {
+        Upload::Yes => upload(client, &path).await?.reference,
+        // The reference the node would give it: content-addressed, the same bytes' digest.
+        Upload::DigestOnly => format!(
+            "sha256:{}",
+            telvirt_controller::modules::sha256_hex(&read_module(&path)?)
+        ),
+    };
     // Keep the operator's text (so the server's line and column numbers point into their
     // file) when the module's path stands in it once; else send the edited document as JSON.
     if let Ok(text) = std::str::from_utf8(&bytes)
         && text.matches(module.as_str()).count() == 1
     {
-        let replaced = text.replacen(module.as_str(), &uploaded.reference, 1);
+        let replaced = text.replacen(module.as_str(), &reference, 1);
         if telvirt_model::from_text::<serde_json::Value>(replaced.as_bytes(), format).is_ok_and(
-            |d| {
-                d.pointer("/spec/wasm/module").and_then(|m| m.as_str())
-                    == Some(uploaded.reference.as_str())
-            },
+            |d| d.pointer("/spec/wasm/module").and_then(|m| m.as_str()) == Some(reference.as_str()),
         ) {
             return Ok((replaced.into_bytes(), format));
         }
     }
     if let Some(slot) = doc.pointer_mut("/spec/wasm/module") {
-        *slot = serde_json::Value::String(uploaded.reference);
+        *slot = serde_json::Value::String(reference);
     }
     Ok((serde_json::to_vec(&doc)?, Format::Json))
+}
+
+/// Whether [`resolve_descriptor`] uploads a local module file, or only names it by its digest
+/// (a dry run, which must not change the node's modules).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    Yes,
+    DigestOnly,
 }
 
 /// The module to send for `vnf upgrade --module M`: a local file is uploaded first (relative

@@ -1195,6 +1195,36 @@ fn vnf_apply_reconfigures_a_running_firewall_in_place_and_refuses_what_needs_a_r
     assert_ne!(drop_all, fw1);
     std::fs::write(node.path("examples/descriptors/fw1-drop.yaml"), &drop_all).unwrap();
     let file = "examples/descriptors/fw1-drop.yaml";
+    // A dry run uploads nothing either: a module file the node does not have yet is named by
+    // its digest, and refused as a module change.
+    let modules_before = node.json(&["module", "list"]);
+    let other = node.path("examples/vnfs/other.wasm");
+    let mut bytes = std::fs::read(node.path("examples/vnfs/firewall.wasm")).unwrap();
+    bytes.extend_from_slice(b"\x00\x08\x07padding"); // a custom section: other bytes
+    std::fs::write(&other, bytes).unwrap();
+    std::fs::write(
+        node.path("examples/descriptors/fw1-other.yaml"),
+        fw1.replace("../vnfs/firewall.wasm", "../vnfs/other.wasm"),
+    )
+    .unwrap();
+    let out = node.cli(&[
+        "vnf",
+        "apply",
+        "-f",
+        "examples/descriptors/fw1-other.yaml",
+        "--dry-run",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("spec.wasm.module"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        node.json(&["module", "list"]),
+        modules_before,
+        "a dry run uploaded"
+    );
     let out = node.ok(&["vnf", "apply", "-f", file, "--dry-run"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
