@@ -7,6 +7,7 @@
 //! the same answer and writes nothing. It must not talk to agents: the record carries the
 //! change and the agents follow their assignments.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{
@@ -27,7 +28,7 @@ impl Controller {
     /// Applies descriptor `text` to VNF `name` as `caller`, or with `dry_run` says what it
     /// would do and changes nothing.
     pub async fn apply_vnf(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
         text: &[u8],
@@ -78,20 +79,7 @@ impl Controller {
                 dry_run,
             });
         }
-        if let Some(lock) = &record.vnf.lock {
-            return Err(ControllerError::locked(name, lock));
-        }
-        if record.deleting {
-            return Err(ControllerError::Conflict(format!(
-                "vnf {name} is being deleted"
-            )));
-        }
-        if let Some(m) = &record.vnf.migration {
-            return Err(ControllerError::Conflict(format!(
-                "vnf {name} is moving to host {}; apply once the move has ended",
-                m.to
-            )));
-        }
+        refuse_now(name, &record)?;
         let memory_bytes = self.checked_budget(caller, &new).await?;
         if memory_bytes != record.vnf.memory_bytes {
             return Err(ControllerError::NeedsRecreate {
@@ -107,7 +95,9 @@ impl Controller {
         }
         let reason = format!("applied by {}: {}", caller.name, describe(&plan.changes));
         if plan.takes(Taking::Repin) && !record.vnf.placements.is_empty() {
-            return self.repin(caller, name, new, plan, &reason, dry_run).await;
+            return self
+                .repin(caller, name, &old, new, plan, &reason, dry_run)
+                .await;
         }
         if dry_run {
             let mut vnf = record.vnf;
@@ -121,9 +111,12 @@ impl Controller {
         let actor = caller.name.clone();
         let vnf = self
             .update(name, |r| {
-                if r.vnf.descriptor != old {
+                // Placed meanwhile: new cores must go through the scheduler (apply again).
+                let placed = plan.takes(Taking::Repin) && !r.vnf.placements.is_empty();
+                if r.vnf.descriptor != old || placed {
                     return Err(changed_meanwhile(name));
                 }
+                refuse_now(name, r)?;
                 r.vnf.descriptor = new.clone();
                 r.vnf.generation += 1;
                 Ok(Some((r.vnf.phase, reason.clone(), actor.clone())))
@@ -140,10 +133,12 @@ impl Controller {
     /// old ones, the record and its allocation are written in one transaction, and the old
     /// cores are freed once every host of the VNF reported the new generation (or after
     /// [`REPIN_CONFIRM_DEADLINE`]).
+    #[allow(clippy::too_many_arguments)]
     async fn repin(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         name: &str,
+        old: &VnfDescriptor,
         new: VnfDescriptor,
         plan: ApplyPlan,
         reason: &str,
@@ -200,27 +195,43 @@ impl Controller {
         let hosts: Vec<String> = hosts_after.iter().map(|h| (*h).to_owned()).collect();
         // Expected before the write: an agent in this process may report before it returns.
         self.expect_observations(name, &hosts);
-        let written = match self.record_repin(name, &new, &placed, caller, reason).await {
+        let written = match self
+            .record_repin(name, old, &new, &placed, caller, reason)
+            .await
+        {
             Ok(v) => v,
             Err(e) => {
-                scheduler.abort_change(name)?;
                 self.forget_observations(name, &hosts);
+                scheduler.abort_change(name)?;
                 return Err(e);
             }
         };
         drop(scheduler);
-        let confirmed = self
-            .wait_observed(name, &hosts, written.generation, REPIN_CONFIRM_DEADLINE)
-            .await;
-        // A host failure or a delete in the meantime may have ended the change already.
-        if let Err(e) = self.scheduler.lock().await.commit_change(name) {
-            tracing::info!(vnf = name, "the re-pin had ended before its commit: {e}");
-        }
-        if !confirmed {
+        // The wait and the commit run on their own: a caller that goes away (a closed
+        // connection) must not leave the change pending, which would hold both sets of cores
+        // and refuse every later change of the VNF, its healing included.
+        let this = Arc::clone(self);
+        let (vnf, generation) = (name.to_owned(), written.generation);
+        let finish = tokio::spawn(async move {
+            let confirmed = this
+                .wait_observed(&vnf, &hosts, generation, REPIN_CONFIRM_DEADLINE)
+                .await;
+            // A host failure or a delete in the meantime may have ended the change already.
+            if let Err(e) = this.scheduler.lock().await.commit_change(&vnf) {
+                tracing::info!(vnf, "the re-pin had ended before its commit: {e}");
+            }
+            if !confirmed {
+                tracing::warn!(
+                    vnf,
+                    "no agent confirmed the re-pin within {} s; the old cores are freed",
+                    REPIN_CONFIRM_DEADLINE.as_secs()
+                );
+            }
+        });
+        if let Err(e) = finish.await {
             tracing::warn!(
                 vnf = name,
-                "no agent confirmed the re-pin within {} s; the old cores are freed",
-                REPIN_CONFIRM_DEADLINE.as_secs()
+                "the re-pin's commit did not run to its end: {e}"
             );
         }
         let vnf = self
@@ -239,6 +250,7 @@ impl Controller {
     async fn record_repin(
         &self,
         name: &str,
+        old: &VnfDescriptor,
         new: &VnfDescriptor,
         placed: &telvirt_sched::Placement,
         caller: &Caller,
@@ -249,6 +261,10 @@ impl Controller {
                 .load(name)
                 .await?
                 .ok_or_else(|| super::not_found(name))?;
+            if record.vnf.descriptor != *old {
+                return Err(changed_meanwhile(name));
+            }
+            refuse_now(name, &record)?;
             let stored_alloc = self.store.get(&allocation_key(name)).await?;
             let mut next = record.clone();
             next.vnf.descriptor = new.clone();
@@ -282,6 +298,25 @@ impl Controller {
         }
         Err(changed_meanwhile(name))
     }
+}
+
+/// Why VNF `name`, as `record` says, takes no change now: locked, being deleted or moving.
+fn refuse_now(name: &str, record: &super::VnfRecord) -> Result<()> {
+    if let Some(lock) = &record.vnf.lock {
+        return Err(ControllerError::locked(name, lock));
+    }
+    if record.deleting {
+        return Err(ControllerError::Conflict(format!(
+            "vnf {name} is being deleted"
+        )));
+    }
+    if let Some(m) = &record.vnf.migration {
+        return Err(ControllerError::Conflict(format!(
+            "vnf {name} is moving to host {}; apply once the move has ended",
+            m.to
+        )));
+    }
+    Ok(())
 }
 
 fn changed_meanwhile(name: &str) -> ControllerError {
