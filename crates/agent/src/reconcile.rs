@@ -764,7 +764,9 @@ impl Inner {
                 Err(e) => self.fail_retry(&a, format!("resume failed: {e}")).await,
             },
             (DesiredState::Running, InstanceState::Running) => {
-                self.take_changes(&a, &spec, runtime.as_ref()).await;
+                if let Err(why) = self.take_changes(&a, &spec, runtime.as_ref()).await {
+                    return Ok(self.fail(&a, why).await?);
+                }
                 let reason = self.sync_devices(&a, runtime.as_ref()).await;
                 let reason = self.with_note(&a, reason).await;
                 Ok(self.report(&a, Phase::Running, reason).await?)
@@ -861,9 +863,16 @@ impl Inner {
     /// Makes the running instance take what changed in its assignment since it started (or
     /// last took a change): a new placement moves its threads (`Runtime::repin`), a wasm VNF's
     /// new config or fuel starts it again from its module (`Runtime::reconfigure`). Keeps
-    /// what it did, or why it could not, in the Running reason; either way the change counts
-    /// as taken (it is not retried until the assignment changes again).
-    async fn take_changes(&self, a: &Assignment, spec: &InstanceSpec, runtime: &dyn Runtime) {
+    /// what it did in the Running reason. A vm whose threads cannot move is stopped (`Err`
+    /// with why: it fails), as its old CPUs are freed once it reports; a wasm config the
+    /// module refuses leaves it running as it was, saying so. Either way the change counts as
+    /// taken (it is not retried until the assignment changes again).
+    async fn take_changes(
+        &self,
+        a: &Assignment,
+        spec: &InstanceSpec,
+        runtime: &dyn Runtime,
+    ) -> Result<(), String> {
         let running_as = {
             let mut known = self.known.lock().await;
             let entry = known.entry(a.vnf.clone()).or_default();
@@ -872,11 +881,16 @@ impl Inner {
                 .replace((a.descriptor.clone(), a.placement.clone()))
         };
         let mut done = Vec::new();
-        let moved = match &running_as {
-            Some((_, placement)) => *placement != a.placement,
-            // Adopted: make sure its threads are where the placement says.
-            None => runtime.kind() == RuntimeKind::Vm,
-        };
+        // Only its CPUs matter (a role that changes moves no thread), and only a vm's threads
+        // move: a wasm instance is its core's worker.
+        let moved = runtime.kind() == RuntimeKind::Vm
+            && match &running_as {
+                Some((_, p)) => {
+                    (&p.vcpus, &p.emulator_cpus) != (&a.placement.vcpus, &a.placement.emulator_cpus)
+                }
+                // Adopted: make sure its threads are where the placement says.
+                None => true,
+            };
         if moved {
             let cpus = a
                 .placement
@@ -885,10 +899,17 @@ impl Inner {
                 .map(|c| c.iter().map(u32::to_string).collect::<Vec<_>>().join(","))
                 .collect::<Vec<_>>()
                 .join(" ");
-            done.push(match runtime.repin(spec).await {
-                Ok(()) => format!("vCPU threads on cpus {cpus}"),
-                Err(e) => format!("its threads could not move to cpus {cpus}: {e}"),
-            });
+            match runtime.repin(spec).await {
+                Ok(()) => done.push(format!("vCPU threads on cpus {cpus}")),
+                // Its old CPUs are given back once this generation is reported: it must not
+                // run on them, so it stops, and says why.
+                Err(e) => {
+                    let _ = runtime.stop(&a.vnf).await;
+                    return Err(format!(
+                        "stopped: its threads could not move to cpus {cpus}: {e}"
+                    ));
+                }
+            }
         }
         let wasm_changed = running_as.as_ref().is_some_and(|(d, _)| {
             let (was, is) = (d.spec.wasm.as_ref(), a.descriptor.spec.wasm.as_ref());
@@ -905,6 +926,7 @@ impl Inner {
             let mut known = self.known.lock().await;
             known.entry(a.vnf.clone()).or_default().taken = Some(done.join("; "));
         }
+        Ok(())
     }
 
     /// `reason` followed by the runtime's note on the instance's start and what it did with

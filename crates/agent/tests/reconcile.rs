@@ -17,6 +17,7 @@ struct FakeRuntime {
     states: Mutex<HashMap<String, InstanceState>>,
     calls: Mutex<Vec<String>>,
     fail_start: Mutex<Option<String>>,
+    fail_repin: Mutex<bool>,
 }
 
 impl FakeRuntime {
@@ -74,6 +75,9 @@ impl Runtime for FakeRuntime {
     }
     async fn repin(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         self.note(format!("repin {} {:?}", spec.name, spec.placement.vcpus));
+        if *self.fail_repin.lock().unwrap() {
+            return Err(RuntimeFailure("sched_setaffinity: EINVAL".into()));
+        }
         Ok(())
     }
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
@@ -242,10 +246,38 @@ async fn a_new_placement_moves_the_running_instance_once_without_a_restart() {
         "{}",
         last.reason
     );
-    // Only a changed placement moves it: a new generation alone does not.
-    link.edit(|a| a.generation = 3);
+    // Only changed CPUs move it: a new generation or role alone does not.
+    link.edit(|a| {
+        a.generation = 3;
+        a.placement.role = Role::Standby;
+    });
     agent.reconcile_once().await.unwrap();
     assert_eq!(rt.calls().len(), 3, "{:?}", rt.calls());
+}
+
+#[tokio::test]
+async fn an_instance_whose_threads_cannot_move_is_stopped_and_failed_not_left_on_old_cpus() {
+    let (rt, link, agent) = setup("vm");
+    agent.reconcile_once().await.unwrap();
+    *rt.fail_repin.lock().unwrap() = true;
+    link.edit(|a| {
+        a.placement.vcpus = vec![vec![3]];
+        a.generation = 2;
+    });
+    agent.reconcile_once().await.unwrap();
+    assert!(
+        rt.calls()
+            .ends_with(&["repin fw1 [[3]]".into(), "stop fw1".into()]),
+        "{:?}",
+        rt.calls()
+    );
+    let last = link.reports.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last.phase, last.generation), (Phase::Failed, 2));
+    assert!(
+        last.reason.contains("could not move to cpus 3"),
+        "{}",
+        last.reason
+    );
 }
 
 #[tokio::test]
