@@ -32,7 +32,7 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The lifecycle phases, in the order the per-phase gauge lists them.
-const PHASES: [Phase; 8] = [
+const PHASES: [Phase; 9] = [
     Phase::Pending,
     Phase::Scheduled,
     Phase::Starting,
@@ -41,6 +41,7 @@ const PHASES: [Phase; 8] = [
     Phase::Stopping,
     Phase::Stopped,
     Phase::Failed,
+    Phase::Unknown,
 ];
 
 fn request_latency() -> Histogram {

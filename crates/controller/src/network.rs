@@ -817,8 +817,32 @@ fn merge_statuses(
                 m.table.push('\n');
                 m.table.push_str(&st.table);
                 m.waiting.extend(st.waiting);
-                m.node_drops.extend(st.node_drops);
-                m.sinks.extend(st.sinks);
+                // A node or sink reported by two hosts is one: its counts add up.
+                for d in st.node_drops {
+                    match m.node_drops.iter_mut().find(|x| x.node == d.node) {
+                        Some(x) => {
+                            x.unlinked += d.unlinked;
+                            x.refused += d.refused;
+                        }
+                        None => m.node_drops.push(d),
+                    }
+                }
+                for s in st.sinks {
+                    match m.sinks.iter_mut().find(|x| x.name == s.name) {
+                        Some(x) => {
+                            x.received += s.received;
+                            x.lost += s.lost;
+                            x.bytes += s.bytes;
+                            x.latency_sum_ns += s.latency_sum_ns;
+                            for (mine, theirs) in
+                                x.latency_buckets.iter_mut().zip(&s.latency_buckets)
+                            {
+                                *mine += theirs;
+                            }
+                        }
+                        None => m.sinks.push(s),
+                    }
+                }
                 for s in st.steering {
                     if !m.steering.iter().any(|t| t.name == s.name) {
                         m.steering.push(s);
@@ -855,6 +879,50 @@ fn merge_statuses(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_or_sink_two_hosts_report_is_one_whose_counts_add_up() {
+        let d = telvirt_model::parse_network(
+            b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec:\n  nodes:\n    - { name: gen, kind: generator }\n    - { name: sink, kind: sink }\n  links: [gen.out -> sink.in]\n",
+            telvirt_model::Format::Yaml,
+        )
+        .unwrap();
+        let report = |received, refused| NetworkStatus {
+            links: Vec::new(),
+            table: String::new(),
+            waiting: Vec::new(),
+            steering: Vec::new(),
+            node_drops: vec![telvirt_model::network::NodeDropState {
+                node: "fw1".into(),
+                unlinked: 1,
+                refused,
+            }],
+            sinks: vec![telvirt_model::network::SinkStatus {
+                name: "sink".into(),
+                received,
+                lost: 0,
+                bytes: received * 64,
+                latency_buckets: vec![received, 1],
+                latency_sum_ns: received * 1000,
+            }],
+        };
+        let st = merge_statuses(
+            &d,
+            vec![
+                ("h1".into(), Ok(Some(report(10, 2)))),
+                ("h2".into(), Ok(Some(report(5, 3)))),
+            ],
+        );
+        assert_eq!(st.node_drops.len(), 1);
+        assert_eq!(
+            (st.node_drops[0].unlinked, st.node_drops[0].refused),
+            (2, 5)
+        );
+        assert_eq!(st.sinks.len(), 1);
+        let s = &st.sinks[0];
+        assert_eq!((s.received, s.bytes, s.latency_sum_ns), (15, 960, 15_000));
+        assert_eq!(s.latency_buckets, [15, 2]);
+    }
 
     #[test]
     fn a_vni_block_follows_the_counter_and_never_passes_the_last_vni() {

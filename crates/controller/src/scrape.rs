@@ -45,14 +45,26 @@ impl Controller {
                 });
             }
         }
-        let visible: BTreeSet<&str> = vnfs.iter().map(|v| v.name.as_str()).collect();
+        // A VNF's counters are its active instance's, from that instance's host only: a
+        // standby, or a stale instance left on another host (after a move, or of a deleted VNF
+        // whose name another authority took since), is not it.
+        let active: BTreeMap<&str, &str> = vnfs
+            .iter()
+            .filter_map(|v| {
+                let p = v
+                    .placements
+                    .iter()
+                    .find(|p| p.role == telvirt_model::Role::Active)?;
+                Some((v.name.as_str(), p.host.as_str()))
+            })
+            .collect();
         let mut usage: BTreeMap<String, VnfUsage> = BTreeMap::new();
         let mut host_answers = Vec::new();
         for (host, answer) in futures_util::future::join_all(calls).await {
             let ok = match answer {
                 Ok(NodeReply::Usage { vnfs }) => {
                     for u in vnfs {
-                        if visible.contains(u.vnf.as_str()) {
+                        if active.get(u.vnf.as_str()) == Some(&host.as_str()) {
                             usage.insert(u.vnf.clone(), u);
                         }
                     }

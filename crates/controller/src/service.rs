@@ -1601,7 +1601,6 @@ impl Controller {
         Ok(())
     }
 
-    /// Records what an agent observed. Observed reality is recorded even when it skips a step.
     /// Starts keeping the generations the agents of `hosts` report for VNF `name`, for
     /// [`Controller::wait_observed`] (which stops it).
     pub(crate) fn expect_observations(&self, name: &str, hosts: &[String]) {
@@ -1653,6 +1652,7 @@ impl Controller {
         }
     }
 
+    /// Records what an agent observed. Observed reality is recorded even when it skips a step.
     pub async fn observe(&self, host: &str, obs: Observation) -> Result<()> {
         let name = obs.vnf.to_string();
         let expected = self.observed.lock().is_ok_and(|mut seen| {

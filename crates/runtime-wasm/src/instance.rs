@@ -657,9 +657,6 @@ impl VnfInstance {
         h.maps.apply_log(log)
     }
 
-    /// Swaps in a new module version between batches, carrying the maps over (same name and
-    /// layout). On any error the running version and its maps are unchanged. A locked VNF
-    /// refuses; a failed one may be upgraded (that is how it is repaired).
     /// Starts this instance again from its module with a new config blob (handed to
     /// `tv_init`) and fuel per batch, between batches, the maps carried over; on failure it
     /// keeps running exactly as it was.
@@ -678,6 +675,9 @@ impl VnfInstance {
         }
     }
 
+    /// Swaps in a new module version between batches, carrying the maps over (same name and
+    /// layout). On any error the running version and its maps are unchanged. A locked VNF
+    /// refuses; a failed one may be upgraded (that is how it is repaired).
     pub(crate) fn upgrade_to(
         &mut self,
         module: InstalledModule,
