@@ -12,6 +12,7 @@ const state = {
   watch: null,
   listeners: new Set(),
   timers: [],
+  redraw: null,
 };
 
 // ----- helpers ---------------------------------------------------------------------------
@@ -52,9 +53,16 @@ async function api(method, path) {
   return body;
 }
 
+// Runs `f` now and every `ms`, never two runs at once (a slow answer is not overtaken).
 function every(ms, f) {
-  f();
-  state.timers.push(setInterval(f, ms));
+  let busy = false;
+  const run = async () => {
+    if (busy) return;
+    busy = true;
+    try { await f(); } finally { busy = false; }
+  };
+  run();
+  state.timers.push(setInterval(run, ms));
 }
 
 function onVnfs(f) {
@@ -101,7 +109,13 @@ async function watchVnfs() {
     if (controller.signal.aborted) return;
   }
   // The stream ended (the node restarted, a proxy closed it): list again from a new watch.
-  if (state.watch === controller && state.token) setTimeout(() => { state.vnfs.clear(); state.synced = false; watchVnfs(); }, 1000);
+  // (Unless it was stopped meanwhile: signed out, or signed in again with a watch of its own.)
+  setTimeout(() => {
+    if (state.watch !== controller || !state.token) return;
+    state.vnfs.clear();
+    state.synced = false;
+    watchVnfs();
+  }, 1000);
 }
 
 function take(message) {
@@ -143,6 +157,7 @@ function signIn(message) {
 function stopPage() {
   for (const t of state.timers) clearInterval(t);
   state.timers = [];
+  clearTimeout(state.redraw);
   state.listeners.clear();
 }
 
@@ -170,7 +185,6 @@ function overview(main) {
     h("section", {}, h("h2", {}, "Hosts and their cores"),
       h("div", { class: "legend" }, ["free", "vnf", "group", "shared", "reserved"].map((c) => h("span", { class: c }, c))), hosts),
     h("section", {}, h("h2", {}, "Networks"), nets));
-  let hostTimer = null;
   onVnfs(() => {
     const by = new Map(PHASES.map((p) => [p, 0]));
     for (const v of state.vnfs.values()) by.set(v.phase, (by.get(v.phase) || 0) + 1);
@@ -185,8 +199,8 @@ function overview(main) {
       h("td", {}, cpus((v.placements || [])[0] && v.placements[0].vcpus)),
       h("td", { class: "muted" }, v.reason || ""))));
     // The core maps change with placements: redraw them soon after a change.
-    clearTimeout(hostTimer);
-    hostTimer = setTimeout(drawHosts, 200);
+    clearTimeout(state.redraw);
+    state.redraw = setTimeout(drawHosts, 200);
   });
   async function drawHosts() {
     let list;

@@ -56,9 +56,11 @@ fn call(
         .find_map(|l| l.strip_prefix("content-length:"))
         .and_then(|v| v.trim().parse::<usize>().ok());
     let chunked = head.contains("transfer-encoding: chunked");
+    // Without a length, the body ends when the connection does (`Connection: close`); a
+    // chunked one at its last chunk.
     while match length {
         Some(len) => raw.len() < split + 4 + len,
-        None => chunked && !raw.ends_with(b"0\r\n\r\n"),
+        None => !(chunked && raw[split + 4..].windows(5).any(|w| w == b"0\r\n\r\n")),
     } {
         let n = stream.read(&mut buf)?;
         if n == 0 {
@@ -75,15 +77,22 @@ fn call(
     if chunked {
         payload = unchunk(&payload);
     }
-    let value = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+    let value = serde_json::from_slice(&payload).map_err(|e| {
+        std::io::Error::other(format!(
+            "{method} {path}: not JSON ({e}): {}",
+            String::from_utf8_lossy(&payload)
+        ))
+    })?;
     Ok((status, value))
 }
 
 fn unchunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     while let Some(eol) = body.windows(2).position(|w| w == b"\r\n") {
+        // A chunk's size line may carry extensions after a `;`.
+        let line = String::from_utf8_lossy(&body[..eol]);
         let size =
-            usize::from_str_radix(String::from_utf8_lossy(&body[..eol]).trim(), 16).unwrap_or(0);
+            usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
         if size == 0 {
             break;
         }
