@@ -16,7 +16,7 @@ use super::{
 };
 use telvirt_model::api::VnfApplied;
 use telvirt_model::change::{self, ApplyPlan, FieldChange, Taking};
-use telvirt_model::{FieldError, Format, VnfDescriptor, parse_vnf};
+use telvirt_model::{FieldError, Format, Vnf, VnfDescriptor, parse_vnf};
 use telvirt_sched::Change;
 
 /// How long a re-pin waits for the VNF's agents to report that its threads moved before it
@@ -96,7 +96,7 @@ impl Controller {
         let reason = format!("applied by {}: {}", caller.name, describe(&plan.changes));
         if plan.takes(Taking::Repin) && !record.vnf.placements.is_empty() {
             return self
-                .repin(caller, name, &old, new, plan, &reason, dry_run)
+                .repin(caller, name, &record.vnf, new, plan, &reason, dry_run)
                 .await;
         }
         if dry_run {
@@ -138,7 +138,7 @@ impl Controller {
         self: &Arc<Self>,
         caller: &Caller,
         name: &str,
-        old: &VnfDescriptor,
+        current: &Vnf,
         new: VnfDescriptor,
         plan: ApplyPlan,
         reason: &str,
@@ -182,8 +182,8 @@ impl Controller {
         if dry_run {
             scheduler.abort_change(name)?;
             drop(scheduler);
-            let (record, _) = self.load_visible(caller, name).await?;
-            let mut vnf = record.vnf;
+            // The VNF as read for this apply, with what the apply would give it.
+            let mut vnf = current.clone();
             vnf.placements = placement::placements(&placed, &new);
             vnf.descriptor = new;
             return Ok(VnfApplied {
@@ -196,7 +196,7 @@ impl Controller {
         // Expected before the write: an agent in this process may report before it returns.
         self.expect_observations(name, &hosts);
         let written = match self
-            .record_repin(name, old, &new, &placed, caller, reason)
+            .record_repin(name, &current.descriptor, &new, &placed, caller, reason)
             .await
         {
             Ok(v) => v,
