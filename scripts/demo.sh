@@ -171,6 +171,8 @@ for _ in $(seq 1 200); do
 done
 SERVER2="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")"
 printf '\033[1mweb console: %s/ui/\033[0m (sign in with the token in %s; it shows this node live until the demo moves on to an agent on its own)\n' "$SERVER2" "$TELVIRT_CONFIG"
+echo "(the API speaks TLS only: its self-signed certificate $DATA2/tls/server.crt is pinned in the client config; a browser asks once, compare the SHA-256 fingerprint it shows with the one in the log:)"
+grep -o 'TLS certificate SHA-256 [0-9A-F:]*' "$DATA2/serve.log" | head -n 1
 step "Confinement: an authority names no host path or interface the admin did not grant it"
 ENT="$("$TELVIRT" authority create ent1 -o json | sed -n 's/^  "token": "\(.*\)"$/\1/p')"
 as_ent() { printf '$ telvirt --token <ent1> %s\n' "$*"; "$TELVIRT" --token "$ENT" "$@"; }
@@ -261,8 +263,8 @@ step "The firewall's own counters (from its manifest) next to the runtime's"
 run vnf stats fw1
 
 step "Metrics: what Prometheus scrapes, with admin's token (all families: docs/metrics.md)"
-printf '$ curl -H "Authorization: Bearer $TOKEN" %s/metrics | grep ...\n' "$SERVER2"
-curl -fsS -H "Authorization: Bearer $(sed -n 's/^token = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")" "$SERVER2/metrics" |
+printf '$ curl --cacert tls/server.crt -H "Authorization: Bearer $TOKEN" %s/metrics | grep ...\n' "$SERVER2"
+curl -fsS --cacert "$DATA2/tls/server.crt" -H "Authorization: Bearer $(sed -n 's/^token = "\(.*\)"$/\1/p' "$TELVIRT_CONFIG")" "$SERVER2/metrics" |
   grep -E '^telvirt_(vnf_packets_(received|forwarded)_total\{vnf="fw1"|vnf_packets_dropped_total\{vnf="fw1",reason="verdict"|link_packets_total|sink_latency_seconds_(count|sum)|host_cpus)' || true
 
 step "latency chain: a probe of timestamped frames through the running chain (1 s at 20 kpps)"
@@ -378,7 +380,7 @@ run vnf list
 kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
 SERVER_PID=""
 
-step "An agent on its own: telvirt controller and telvirt agent as two processes over HTTP"
+step "An agent on its own: telvirt controller and telvirt agent as two processes over HTTPS"
 DATA3="$DATA/split"
 mkdir -p "$DATA3"
 CTL_CONFIG="$DATA3/ctl/client.toml"
@@ -398,8 +400,8 @@ done
 CTL_URL="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CTL_CONFIG")"
 echo "controller at $CTL_URL (no agent of its own: no hosts yet)"
 TELVIRT_CONFIG="$CTL_CONFIG" run host credential demo-host --out "$DATA3/node.token"
-printf '$ telvirt agent --controller %s --token-file node.token --host-name demo-host\n' "$CTL_URL"
-"$TELVIRT" agent --controller "$CTL_URL" --token-file "$DATA3/node.token" --host-name demo-host \
+printf '$ telvirt agent --controller %s --controller-ca ctl/tls/server.crt --token-file node.token --host-name demo-host\n' "$CTL_URL"
+"$TELVIRT" agent --controller "$CTL_URL" --controller-ca "$DATA3/ctl/tls/server.crt" --token-file "$DATA3/node.token" --host-name demo-host \
   --data-dir "$DATA3/agent" --image-cache "$IMAGE_CACHE" --heartbeat-interval-ms 200 >>"$LOG" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 1 200); do

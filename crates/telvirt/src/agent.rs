@@ -451,8 +451,13 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         );
     }
     let link = Arc::new(
-        crate::agent_link::HttpLink::new(&args.controller, host.name(), token)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        crate::agent_link::HttpLink::new(
+            &args.controller,
+            host.name(),
+            token,
+            crate::tls::http_client_from(args.controller_ca.as_ref()).context("--controller-ca")?,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
     register(link.as_ref(), &host.record, &args.controller).await?;
     let health = Arc::new(HealthRegistry::new());

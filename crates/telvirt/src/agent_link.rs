@@ -37,10 +37,16 @@ pub struct HttpLink {
 }
 
 impl HttpLink {
-    /// A link to the controller at `bases` (`http://host:port`, comma-separated for several
-    /// controllers of one cluster) for `host`, whose node credential is `token`.
-    pub fn new(bases: &str, host: &str, token: String) -> Result<Self, LinkError> {
-        let http = reqwest::Client::builder()
+    /// A link to the controller at `bases` (`https://host:port`, comma-separated for several
+    /// controllers of one cluster) for `host`, whose node credential is `token`, through
+    /// `http` (which trusts the controllers' certificates).
+    pub fn new(
+        bases: &str,
+        host: &str,
+        token: String,
+        http: reqwest::ClientBuilder,
+    ) -> Result<Self, LinkError> {
+        let http = http
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| LinkError::Transport(e.to_string()))?;

@@ -171,6 +171,7 @@ impl Hosts {
         let child = Command::new(std::env::current_exe()?)
             .current_dir(&self.dir)
             .args(["agent", "--controller", &self.controllers])
+            .args(["--controller-ca", crate::bench_handover::BENCH_CERT])
             // Several hosts on one machine: no worker takes a core for itself. Wasm VNFs only:
             // no guest image built (with its CPU) in each fresh data dir during the figures.
             .args(["--no-busy-poll", "--runtimes", "wasm"])
@@ -805,7 +806,7 @@ pub async fn run_cluster_bench(
         progress(d, total);
     };
     progress(0, total);
-    let http = reqwest::Client::builder()
+    let http = crate::bench_handover::bench_http()?
         .timeout(Duration::from_secs(10))
         .build()?;
     let result = async {

@@ -739,7 +739,7 @@ pub async fn run_failover_bench(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<FailoverReport> {
     let dir = crate::bench_control::scratch_dir("failover")?;
-    let http = reqwest::Client::builder()
+    let http = crate::bench_handover::bench_http()?
         .timeout(Duration::from_secs(10))
         .build()?;
     let tcp_missing = tcp_missing();

@@ -74,6 +74,28 @@ pub(crate) fn free_port() -> Result<u16> {
     crate::cluster::free_port("127.0.0.1")
 }
 
+/// The certificate (PEM) and key every API process of this benchmark run presents, made once:
+/// a client built before they start trusts them all, and the figures include TLS as an
+/// operator's clients meet it.
+fn bench_identity() -> Result<&'static (String, String)> {
+    static IDENTITY: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    if let Some(made) = IDENTITY.get() {
+        return Ok(made);
+    }
+    let made = crate::tls::self_signed(&["127.0.0.1".to_owned(), "localhost".to_owned()])?;
+    Ok(IDENTITY.get_or_init(|| made))
+}
+
+/// Where a benchmark's API processes find [`bench_identity`]'s certificate, relative to the
+/// directory they work in (agents pass it as `--controller-ca`).
+pub(crate) const BENCH_CERT: &str = "api.crt";
+const BENCH_KEY: &str = "api.key";
+
+/// An HTTP client builder that trusts the benchmark's API processes.
+pub(crate) fn bench_http() -> Result<reqwest::ClientBuilder> {
+    crate::tls::http_client(Some(&bench_identity()?.0))
+}
+
 /// `telvirt controller --data-dir control --listen 127.0.0.1:PORT <args>` working in `dir`,
 /// logging to `dir/controller-PORT.log`.
 pub(crate) fn spawn_controller(dir: &Path, port: u16, args: &[&str]) -> Result<ControllerProcess> {
@@ -92,10 +114,14 @@ pub(crate) fn spawn_api_process(
         .create(true)
         .append(true)
         .open(dir.join(format!("{subcommand}-{port}.log")))?;
+    let (cert, key) = bench_identity()?;
+    crate::config::write_private(&dir.join(BENCH_CERT), cert.as_bytes())?;
+    crate::config::write_private(&dir.join(BENCH_KEY), key.as_bytes())?;
     let child = Command::new(std::env::current_exe()?)
         .current_dir(dir)
         .args([subcommand, "--data-dir", "control"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--tls-cert", BENCH_CERT, "--tls-key", BENCH_KEY])
         .args(args)
         .env("TELVIRT_LOG", "warn")
         .stdin(Stdio::null())
@@ -105,7 +131,7 @@ pub(crate) fn spawn_api_process(
         .context("starting a controller")?;
     Ok(ControllerProcess {
         child: BenchChild(child),
-        api: format!("http://127.0.0.1:{port}"),
+        api: format!("https://127.0.0.1:{port}"),
         port,
     })
 }
@@ -408,9 +434,7 @@ async fn run_in(
     let url = etcd.store_url(namespace);
     let watcher: Arc<dyn Store> =
         Arc::new(EtcdStore::connect(&[etcd.endpoint()], namespace).await?);
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()?;
+    let http = bench_http()?.timeout(Duration::from_secs(5)).build()?;
     let ttl = args.leader_ttl_ms.to_string();
     let controller_args = ["--store", url.as_str(), "--leader-ttl-ms", ttl.as_str()];
     let mut a = spawn_controller(dir, free_port()?, &controller_args)?;

@@ -254,7 +254,7 @@ pub async fn run_migrate_bench(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<MigrateReport> {
     let dir = crate::bench_control::scratch_dir("migrate")?;
-    let http = reqwest::Client::builder()
+    let http = crate::bench_handover::bench_http()?
         .timeout(Duration::from_secs(10))
         .build()?;
     let tcp_missing = tcp_missing();

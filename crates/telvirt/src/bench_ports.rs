@@ -304,7 +304,7 @@ impl Serve {
     fn start(dir: &Path, t: &Topology) -> Result<Self> {
         let (process, api) = block_on(embedded_api_process(
             dir,
-            &reqwest::Client::new(),
+            &crate::bench_handover::bench_http()?.build()?,
             "serve",
             &["--host-name", "bench-ports", "--runtimes", "wasm"],
         ))?;

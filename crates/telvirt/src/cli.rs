@@ -19,15 +19,19 @@ Exit codes: 0 done; 2 input refused (400, 413, 415, 422); 3 caller refused (401,
 (404); 5 conflict (409, 412); 1 anything else. Under -o json an error is a problem document (RFC 9457) on stderr, with exit_code."
 )]
 pub struct Cli {
-    /// API endpoint, e.g. http://127.0.0.1:7070
+    /// API endpoint, e.g. https://127.0.0.1:7070
     #[arg(long, global = true, env = "TELVIRT_SERVER")]
     pub server: Option<String>,
     /// Bearer token of the management authority to act as
     #[arg(long, global = true, env = "TELVIRT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Client config file (server and token)
+    /// Client config file (server, token and the API's trust anchor)
     #[arg(long, global = true, env = "TELVIRT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// PEM certificate(s) the API's certificate must chain to, instead of the client config's
+    /// `ca` [default: the client config's, else the system's trusted roots]
+    #[arg(long, global = true, value_name = "FILE", env = "TELVIRT_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -131,10 +135,15 @@ pub struct ControllerArgs {
 
 #[derive(Args, Debug)]
 pub struct AgentArgs {
-    /// The controller's API endpoint, e.g. http://10.0.0.1:7070; several, comma-separated, for
+    /// The controller's API endpoint, e.g. https://10.0.0.1:7070; several, comma-separated, for
     /// controllers sharing an etcd store (the agent moves to the next when one does not answer)
     #[arg(long, env = "TELVIRT_CONTROLLER")]
     pub controller: String,
+    /// PEM certificate(s) the controllers' certificates must chain to: the `ca` of the admin's
+    /// client config, or the controller's <data-dir>/tls/server.crt when it generated its own
+    /// [default: the system's trusted roots]
+    #[arg(long, value_name = "FILE", env = "TELVIRT_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
     /// File holding this host's node credential (`telvirt host credential NAME --out FILE`);
     /// an authority's token is refused
     #[arg(long)]
@@ -190,13 +199,39 @@ pub struct ControlArgs {
     /// several controllers share it, one leads, the others forward to it)
     #[arg(long, env = "TELVIRT_STORE")]
     pub store: Option<String>,
-    /// This controller's API as the others and agents reach it [default: http://LISTEN]
+    /// This controller's API as the others and agents reach it [default: https://LISTEN, http:// with --plain-http]
     #[arg(long)]
     pub advertise: Option<String>,
     /// With an etcd store: how long the leader key outlives a leader that died, in
     /// milliseconds (another controller leads after it); at least 1000, etcd's lease granularity
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1000..=60_000))]
     pub leader_ttl_ms: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+}
+
+/// How the API is protected: TLS with a generated or the operator's certificate, or plain HTTP
+/// on loopback when asked.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// The API's certificate, PEM (the server's first, then any intermediates) [default: one
+    /// generated on first start into <data-dir>/tls/server.crt, self-signed]
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert, PEM
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The certificate(s) clients and the other controllers must chain --tls-cert to, written
+    /// into the client config as its `ca` [default: the API's certificate itself, pinned]
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// A further DNS name or IP address a generated certificate is valid for (repeatable);
+    /// it always names localhost, 127.0.0.1, ::1, this host's name and a specific --listen address
+    #[arg(long, value_name = "NAME")]
+    pub tls_san: Vec<String>,
+    /// Serve the API as plain HTTP, unencrypted; refused unless --listen is a loopback address
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "tls_san"])]
+    pub plain_http: bool,
 }
 
 /// A runtime `--runtimes` names.

@@ -90,6 +90,19 @@ pub fn problem_json(e: &anyhow::Error, one_line: &str) -> serde_json::Value {
     doc
 }
 
+/// A request that got no answer, with every cause (a refused connection, a certificate the
+/// client does not trust, …): reqwest's own text names none of them.
+fn unreachable(base: &str, e: &reqwest::Error) -> anyhow::Error {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    anyhow!("cannot reach telvirt at {base}: {text}")
+}
+
 impl Answer {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_slice(&self.body)
@@ -98,12 +111,12 @@ impl Answer {
 }
 
 impl Client {
-    pub fn new(config: ClientConfig) -> Self {
-        Self {
-            http: reqwest::Client::new(),
+    pub fn new(config: ClientConfig) -> Result<Self> {
+        Ok(Self {
+            http: config.http()?.build()?,
             base: config.server.trim_end_matches('/').to_owned(),
             token: config.token,
-        }
+        })
     }
 
     /// Sends a request; a non-2xx answer becomes a [`RequestFailed`] with the problem's detail.
@@ -140,7 +153,7 @@ impl Client {
         let response = request
             .send()
             .await
-            .map_err(|e| anyhow!("cannot reach telvirt at {}: {e}", self.base))?;
+            .map_err(|e| unreachable(&self.base, &e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -185,7 +198,7 @@ impl Client {
             .bearer_auth(&self.token)
             .send()
             .await
-            .map_err(|e| anyhow!("cannot reach telvirt at {}: {e}", self.base))?;
+            .map_err(|e| unreachable(&self.base, &e))?;
         match response.status() {
             StatusCode::NOT_FOUND => Ok(false),
             s if s.is_success() => Ok(true),

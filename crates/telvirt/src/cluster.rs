@@ -395,6 +395,9 @@ async fn bring_up(record: &mut ClusterRecord, plan: &Plan, progress: &Progress) 
     // The controllers.
     let control = dir.join("control");
     fs::create_dir_all(&control).with_context(|| format!("cannot create {}", control.display()))?;
+    // One certificate for every controller (they all listen on the bridge's address): clients,
+    // agents and the controllers forwarding to their leader pin it.
+    let (cert, key) = cluster_certificate(&control, &record.bridge_address)?;
     let mut started = Vec::new();
     for c in 1..=plan.controllers {
         let port = free_port(&record.bridge_address)?;
@@ -405,13 +408,17 @@ async fn bring_up(record: &mut ClusterRecord, plan: &Plan, progress: &Progress) 
             .arg("controller")
             .args(["--store", &store])
             .args(["--listen", &listen])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key)
             .args(["--host-lease-ttl-ms", &plan.host_lease_ttl_ms.to_string()])
             .arg("--data-dir")
             .arg(&control)
             .env("TELVIRT_LOG", "info");
         let child = spawn_detached(command, &log, None)?;
         record.controllers.push(ControllerRecord {
-            url: format!("http://{listen}"),
+            url: format!("https://{listen}"),
             process: ProcessRecord {
                 pid: child.id(),
                 log: log.clone(),
@@ -420,13 +427,13 @@ async fn bring_up(record: &mut ClusterRecord, plan: &Plan, progress: &Progress) 
         record.save()?;
         started.push(Started {
             child,
-            what: format!("controller {c} (http://{listen})"),
+            what: format!("controller {c} (https://{listen})"),
             log,
         });
     }
     let leader = wait_for_leader(record, &mut started).await?;
     let config = ClientConfig::read(&record.client_config)?;
-    let client = Client::new(config);
+    let client = Client::new(config)?;
     done += 1;
     progress.update(done, steps);
 
@@ -529,6 +536,13 @@ async fn add_host(
         .arg(&plan.exe)
         .arg("agent")
         .args(["--controller", controllers])
+        .arg("--controller-ca")
+        .arg(
+            record
+                .client_config
+                .with_file_name(crate::tls::TLS_DIR)
+                .join(crate::tls::CERT_FILE),
+        )
         // The hosts share this machine's cores: no worker takes one for itself.
         .arg("--no-busy-poll")
         .arg("--token-file")
@@ -558,9 +572,31 @@ async fn add_host(
     })
 }
 
+/// The controllers' certificate and key in `<control>/tls`, made for `address` (and loopback).
+fn cluster_certificate(control: &Path, address: &str) -> Result<(PathBuf, PathBuf)> {
+    let tls = control.join(crate::tls::TLS_DIR);
+    fs::create_dir_all(&tls).with_context(|| format!("cannot create {}", tls.display()))?;
+    let (cert_pem, key_pem) = crate::tls::self_signed(&[
+        address.to_owned(),
+        "127.0.0.1".to_owned(),
+        "localhost".to_owned(),
+    ])?;
+    let (cert, key) = (
+        tls.join(crate::tls::CERT_FILE),
+        tls.join(crate::tls::KEY_FILE),
+    );
+    crate::config::write_private(&key, key_pem.as_bytes())?;
+    crate::config::write_private(&cert, cert_pem.as_bytes())?;
+    Ok((cert, key))
+}
+
 /// Polls every controller's `GET /v1/leader` until one leads; its URL.
 async fn wait_for_leader(record: &ClusterRecord, started: &mut [Started]) -> Result<String> {
-    let http = reqwest::Client::builder()
+    let cert = record
+        .client_config
+        .with_file_name(crate::tls::TLS_DIR)
+        .join(crate::tls::CERT_FILE);
+    let http = crate::tls::http_client_from(Some(&cert))?
         .no_proxy()
         .timeout(Duration::from_secs(2))
         .build()?;

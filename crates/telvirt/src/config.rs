@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub const CLIENT_CONFIG: &str = "client.toml";
-pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+pub const DEFAULT_SERVER: &str = "https://127.0.0.1:7070";
 
 /// `$XDG_DATA_HOME/telvirt`, else `~/.local/share/telvirt`.
 pub fn default_data_dir() -> Result<PathBuf> {
@@ -28,6 +28,10 @@ pub fn default_data_dir() -> Result<PathBuf> {
 pub struct ClientConfig {
     pub server: String,
     pub token: String,
+    /// PEM certificate(s) the API's certificate must chain to: the server's own certificate
+    /// (pinned) or its CA. Absent: the system's trusted roots (or a `--plain-http` server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
 }
 
 impl ClientConfig {
@@ -43,6 +47,11 @@ impl ClientConfig {
     pub fn write(&self, path: &Path) -> Result<()> {
         write_private(path, toml::to_string(self)?.as_bytes())
     }
+
+    /// An HTTP client that reaches this API (trusting its `ca`).
+    pub fn http(&self) -> Result<reqwest::ClientBuilder> {
+        crate::tls::http_client(self.ca.as_deref())
+    }
 }
 
 /// Writes a secret (a token, a config holding one) readable by its owner only (0600), whole or
@@ -51,20 +60,34 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(telvirt_files::write_private(path, bytes)?)
 }
 
-/// Server and token for a CLI call: flags and environment first, then the config file.
-pub fn resolve(
-    server: Option<String>,
-    token: Option<String>,
-    config: Option<PathBuf>,
-) -> Result<ClientConfig> {
-    if let (Some(server), Some(token)) = (&server, &token) {
+/// What the CLI's flags and environment say about reaching the API.
+#[derive(Debug, Clone, Default)]
+pub struct ClientFlags {
+    pub server: Option<String>,
+    pub token: Option<String>,
+    pub config: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Server, token and trust anchor for a CLI call: flags and environment first, then the config
+/// file.
+pub fn resolve(flags: &ClientFlags) -> Result<ClientConfig> {
+    let ca_file = flags
+        .ca_file
+        .as_ref()
+        .map(|p| {
+            fs::read_to_string(p).with_context(|| format!("--ca-file: cannot read {}", p.display()))
+        })
+        .transpose()?;
+    if let (Some(server), Some(token)) = (&flags.server, &flags.token) {
         return Ok(ClientConfig {
             server: server.clone(),
             token: token.clone(),
+            ca: ca_file,
         });
     }
-    let path = match config {
-        Some(p) => p,
+    let path = match &flags.config {
+        Some(p) => p.clone(),
         None => default_data_dir()?.join(CLIENT_CONFIG),
     };
     let file = if path.exists() {
@@ -72,8 +95,8 @@ pub fn resolve(
     } else {
         None
     };
-    let token = match (token, &file) {
-        (Some(t), _) => t,
+    let token = match (&flags.token, &file) {
+        (Some(t), _) => t.clone(),
         (None, Some(f)) => f.token.clone(),
         (None, None) => bail!(
             "no token: pass --token, set TELVIRT_TOKEN, or point --config/TELVIRT_CONFIG at a client.toml \
@@ -81,10 +104,13 @@ pub fn resolve(
             path.display()
         ),
     };
-    let server = server
+    let ca = ca_file.or_else(|| file.as_ref().and_then(|f| f.ca.clone()));
+    let server = flags
+        .server
+        .clone()
         .or_else(|| file.map(|f| f.server))
         .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-    Ok(ClientConfig { server, token })
+    Ok(ClientConfig { server, token, ca })
 }
 
 #[cfg(test)]
@@ -97,8 +123,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(CLIENT_CONFIG);
         let config = ClientConfig {
-            server: "http://127.0.0.1:1".into(),
+            server: "https://127.0.0.1:1".into(),
             token: "tvt_x".into(),
+            ca: Some("-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into()),
         };
         config.write(&path).unwrap();
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
@@ -113,20 +140,42 @@ mod tests {
         ClientConfig {
             server: "http://file".into(),
             token: "file-token".into(),
+            ca: Some("file-ca".into()),
         }
         .write(&path)
         .unwrap();
-        let got = resolve(None, Some("flag-token".into()), Some(path.clone())).unwrap();
+        let flags =
+            |server: Option<&str>, token: Option<&str>, ca_file: Option<PathBuf>| ClientFlags {
+                server: server.map(Into::into),
+                token: token.map(Into::into),
+                config: Some(path.clone()),
+                ca_file,
+            };
+        let got = resolve(&flags(None, Some("flag-token"), None)).unwrap();
         assert_eq!(got.token, "flag-token");
         assert_eq!(got.server, "http://file");
-        let got = resolve(Some("http://flag".into()), None, Some(path)).unwrap();
+        assert_eq!(got.ca.as_deref(), Some("file-ca"));
+        let got = resolve(&flags(Some("http://flag"), None, None)).unwrap();
         assert_eq!(got.server, "http://flag");
         assert_eq!(got.token, "file-token");
+        let ca = dir.path().join("ca.pem");
+        fs::write(&ca, "flag-ca").unwrap();
+        let got = resolve(&flags(None, None, Some(ca.clone()))).unwrap();
+        assert_eq!(got.ca.as_deref(), Some("flag-ca"));
+        // Server and token both given: the file is not read, the CA comes from the flag only.
+        let got = resolve(&flags(Some("https://flag"), Some("t"), None)).unwrap();
+        assert_eq!(got.ca, None);
+        let err = resolve(&flags(None, None, Some(dir.path().join("none.pem")))).unwrap_err();
+        assert!(err.to_string().contains("--ca-file"), "{err}");
     }
 
     #[test]
     fn missing_token_says_where_it_looked() {
-        let err = resolve(None, None, Some("/nonexistent/client.toml".into())).unwrap_err();
+        let err = resolve(&ClientFlags {
+            config: Some("/nonexistent/client.toml".into()),
+            ..ClientFlags::default()
+        })
+        .unwrap_err();
         assert!(
             err.to_string().contains("/nonexistent/client.toml"),
             "{err}"

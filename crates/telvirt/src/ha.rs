@@ -63,6 +63,7 @@ pub async fn run(
     endpoints: &[String],
     namespace: &str,
 ) -> Result<()> {
+    let tls = crate::tls::server_identity(&control.tls, data_dir, control.listen)?;
     let store: Arc<dyn Store> = Arc::new(
         EtcdStore::connect(endpoints, namespace)
             .await
@@ -75,7 +76,8 @@ pub async fn run(
     let api = control
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{}", crate::serve::reachable(address)));
+        .unwrap_or_else(|| crate::serve::api_url(tls.is_some(), address));
+    let anchor = tls.as_ref().map(|t| t.anchor_pem.clone());
     let me = LeaderRecord {
         id: format!("{}-{}", crate::agent::hostname(), std::process::id()),
         api: api.trim_end_matches('/').to_owned(),
@@ -86,7 +88,9 @@ pub async fn run(
         role: Arc::new(RwLock::new(Role::Following)),
         store: Arc::clone(&store),
         me: me.clone(),
-        http: reqwest::Client::builder()
+        // The leader is another controller of this cluster: its certificate chains to the
+        // anchor this one gives its clients (one certificate or one CA for all of them).
+        http: crate::tls::http_client(anchor.as_deref())?
             .connect_timeout(Duration::from_secs(2))
             .build()
             .context("building the forwarding client")?,
@@ -96,9 +100,10 @@ pub async fn run(
         .fallback(dispatch_request)
         .with_state(dispatch.clone());
     tracing::info!(
-        "telvirt controller {} on {api}: campaigning for leadership in etcd at {} (following meanwhile)",
+        "telvirt controller {} on {api}: campaigning for leadership in etcd at {} (following meanwhile; {})",
         me.id,
-        endpoints.join(",")
+        endpoints.join(","),
+        crate::serve::protection(tls.as_ref())
     );
 
     let (held_tx, held_rx) = tokio::sync::watch::channel(None);
@@ -110,8 +115,15 @@ pub async fn run(
             let held = election.campaign().await;
             let _ = held_tx.send(Some(held));
             let fenced: Arc<dyn Store> = Arc::new(FencedStore::new(Arc::clone(&store), held));
-            match crate::serve::start_controller(fenced, &control, &data_dir, &policy, address)
-                .await
+            match crate::serve::start_controller(
+                fenced,
+                &control,
+                &data_dir,
+                &policy,
+                address,
+                anchor.as_deref(),
+            )
+            .await
             {
                 Ok((controller, _)) => {
                     *dispatch.role.write().unwrap_or_else(|p| p.into_inner()) =
@@ -130,10 +142,14 @@ pub async fn run(
         })
     };
 
-    axum::serve(listener, app)
-        .with_graceful_shutdown(crate::serve::shutdown_signal())
-        .await
-        .context("serving the API")?;
+    crate::tls::serve(
+        listener,
+        tls.map(|t| t.config),
+        app,
+        crate::serve::shutdown_signal(),
+    )
+    .await
+    .context("serving the API")?;
     leading.abort();
     if let Some(held) = *held_rx.borrow() {
         election.resign(held).await;

@@ -26,6 +26,7 @@ mod netns;
 mod output;
 mod progress;
 mod serve;
+mod tls;
 mod vm;
 mod wasm;
 
@@ -94,6 +95,13 @@ fn one_line(e: &anyhow::Error) -> String {
 
 async fn dispatch(cli: Cli) -> Result<()> {
     let format = cli.output;
+    let flags = config::ClientFlags {
+        server: cli.server,
+        token: cli.token,
+        config: cli.config,
+        ca_file: cli.ca_file,
+    };
+    let api = || Client::new(config::resolve(&flags)?);
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Controller(args) => serve::run_controller(args).await,
@@ -110,7 +118,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
             output::structured(yaml, &schema)?;
             Ok(())
         }
-        Command::Status { wait } => status(cli.server, cli.token, cli.config, format, wait).await,
+        Command::Status { wait } => status(&flags, format, wait).await,
         Command::Completion { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "telvirt", &mut std::io::stdout());
@@ -119,37 +127,35 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Bench(cmd) => bench::run(format, cmd),
         Command::Wasm(cmd) => wasm::run(format, cmd),
         Command::Net(cmd) => {
-            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            let client = api()?;
             net::run(&client, format, cmd).await
         }
         Command::Latency(cmd) => {
             let client = match &cmd {
-                latency::LatencyCommand::Chain(_) => Some(Client::new(config::resolve(
-                    cli.server, cli.token, cli.config,
-                )?)),
+                latency::LatencyCommand::Chain(_) => Some(api()?),
                 latency::LatencyCommand::Timer(_) => None,
             };
             latency::run(client.as_ref(), format, cmd).await
         }
         Command::Image(cmd) => vm::image(format, cmd).await,
         Command::Vnf(VnfCommand::Console(args)) => {
-            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            let client = api()?;
             vm::console(&client, format, args).await
         }
         Command::Vnf(cmd) => {
-            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            let client = api()?;
             vnf(&client, format, cmd).await
         }
         Command::Host(cmd) => {
-            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            let client = api()?;
             host(&client, format, cmd).await
         }
         Command::Authority(cmd) => {
-            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            let client = api()?;
             authority(&client, format, cmd).await
         }
         Command::Module(cmd) => {
-            let client = Client::new(config::resolve(cli.server, cli.token, cli.config)?);
+            let client = api()?;
             modules::run(&client, format, cmd).await
         }
     }
@@ -649,21 +655,11 @@ async fn watch_vnfs(client: &Client, format: Output, selector: Option<String>) -
 
 /// `telvirt status [--wait[=SECONDS]]`: the node's readiness (`GET /v1/readyz`); with a wait,
 /// asks again every 200 ms (the client config may not exist yet) until it answers ready.
-async fn status(
-    server: Option<String>,
-    token: Option<String>,
-    config: Option<std::path::PathBuf>,
-    format: Output,
-    wait: Option<u64>,
-) -> Result<()> {
+async fn status(flags: &config::ClientFlags, format: Output, wait: Option<u64>) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(wait.unwrap_or(0));
     loop {
         let attempt = async {
-            let client = Client::new(config::resolve(
-                server.clone(),
-                token.clone(),
-                config.clone(),
-            )?);
+            let client = Client::new(config::resolve(flags)?)?;
             client.get::<telvirt_model::api::Health>("/v1/readyz").await
         };
         match attempt.await {

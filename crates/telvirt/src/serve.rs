@@ -51,14 +51,38 @@ struct ControlPlane {
     listener: tokio::net::TcpListener,
     address: std::net::SocketAddr,
     config_path: PathBuf,
+    /// The API's TLS (`None`: plain HTTP on loopback, `--plain-http`).
+    tls: Option<crate::tls::ServerIdentity>,
 }
 
-/// Opens the embedded store, binds the API and starts the controller on it
-/// ([`start_controller`]).
+impl ControlPlane {
+    /// The API's base URL as a client on this machine reaches it.
+    fn url(&self) -> String {
+        api_url(self.tls.is_some(), self.address)
+    }
+}
+
+/// `scheme://address` of an API served with or without TLS, a wildcard address made loopback.
+pub fn api_url(tls: bool, address: std::net::SocketAddr) -> String {
+    format!("{}://{}", crate::tls::scheme(tls), reachable(address))
+}
+
+/// How a started API is protected, for its log line: the certificate's fingerprint, or that it
+/// is not.
+pub fn protection(tls: Option<&crate::tls::ServerIdentity>) -> String {
+    match tls {
+        Some(id) => format!("TLS certificate SHA-256 {}", id.fingerprint),
+        None => "plain HTTP on loopback (--plain-http)".to_owned(),
+    }
+}
+
+/// Opens the embedded store, binds the API (over `tls`, from [`crate::tls::server_identity`],
+/// checked before anything is written) and starts the controller on it ([`start_controller`]).
 async fn start_control_plane(
     control: &ControlArgs,
     data_dir: &Path,
     policy: &SecurityPolicy,
+    tls: Option<crate::tls::ServerIdentity>,
 ) -> Result<ControlPlane> {
     let path = match control.store.as_deref().map(parse_store_url).transpose()? {
         None => data_dir.join(STORE_FILE),
@@ -73,18 +97,20 @@ async fn start_control_plane(
         .await
         .with_context(|| format!("cannot listen on {}", control.listen))?;
     let address = listener.local_addr()?;
+    let anchor = tls.as_ref().map(|t| t.anchor_pem.as_str());
     let (controller, config_path) =
-        start_controller(store, control, data_dir, policy, address).await?;
+        start_controller(store, control, data_dir, policy, address, anchor).await?;
     Ok(ControlPlane {
         controller,
         listener,
         address,
         config_path,
+        tls,
     })
 }
 
 /// Loads the controller from `store`, writes the admin's client config (pointing at
-/// `address`) and starts the supervised host-liveness and scheduling loops: what the one
+/// `address`, over TLS trusting `anchor` when there is one, else plain HTTP) and starts the supervised host-liveness and scheduling loops: what the one
 /// controller of a node, or the leader of a cluster, runs.
 pub async fn start_controller(
     store: Arc<dyn telvirt_store::Store>,
@@ -92,6 +118,7 @@ pub async fn start_controller(
     data_dir: &Path,
     policy: &SecurityPolicy,
     address: std::net::SocketAddr,
+    anchor: Option<&str>,
 ) -> Result<(Arc<Controller>, PathBuf)> {
     let controller = Controller::open(store, SchedConfig::default())
         .await
@@ -114,8 +141,9 @@ pub async fn start_controller(
         None => existing.map(|c| c.token).unwrap_or_default(),
     };
     ClientConfig {
-        server: format!("http://{}", reachable(address)),
+        server: api_url(anchor.is_some(), address),
         token,
+        ca: anchor.map(str::to_owned),
     }
     .write(&config_path)?;
 
@@ -153,10 +181,14 @@ pub fn reachable(address: std::net::SocketAddr) -> std::net::SocketAddr {
 /// Serves the API until SIGTERM or Ctrl-C, then tells the other tasks to stop.
 async fn serve_api(cp: ControlPlane, shutdown: tokio::sync::watch::Sender<bool>) -> Result<()> {
     let health = Arc::clone(cp.controller.health());
-    axum::serve(cp.listener, telvirt_controller::router(cp.controller))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving the API")?;
+    crate::tls::serve(
+        cp.listener,
+        cp.tls.map(|t| t.config),
+        telvirt_controller::router(cp.controller),
+        shutdown_signal(),
+    )
+    .await
+    .context("serving the API")?;
     health.stopping();
     let _ = shutdown.send(true);
     Ok(())
@@ -173,7 +205,8 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     }
     let inventory = crate::agent::host_records(&args.agent)?;
     let policy = crate::wasm::load_policy(args.node.security_policy.as_deref())?;
-    let cp = start_control_plane(&args.control, &data_dir, &policy).await?;
+    let tls = crate::tls::server_identity(&args.control.tls, &data_dir, args.control.listen)?;
+    let cp = start_control_plane(&args.control, &data_dir, &policy, tls).await?;
     let controller = cp.controller.clone();
     // The controller's module directory is this agent's too: nothing to fetch.
     let host = HostAgent::build(
@@ -206,11 +239,12 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let tasks = host.start(link, &health, config, None, shutdown_rx);
 
     tracing::info!(
-        "telvirt serving on http://{} (host {local_host}, data dir {}, client config {}); web console at http://{}/ui/",
-        cp.address,
+        "telvirt serving on {} (host {local_host}, data dir {}, client config {}, {}); web console at {}/ui/",
+        cp.url(),
         data_dir.display(),
         cp.config_path.display(),
-        cp.address,
+        protection(cp.tls.as_ref()),
+        cp.url(),
     );
     serve_api(cp, shutdown_tx).await?;
     for task in tasks {
@@ -237,12 +271,14 @@ pub async fn run_controller(args: ControllerArgs) -> Result<()> {
     {
         return crate::ha::run(&args.control, &data_dir, policy, &endpoints, &namespace).await;
     }
-    let cp = start_control_plane(&args.control, &data_dir, &policy).await?;
+    let tls = crate::tls::server_identity(&args.control.tls, &data_dir, args.control.listen)?;
+    let cp = start_control_plane(&args.control, &data_dir, &policy, tls).await?;
     tracing::info!(
-        "telvirt controller serving on http://{} (data dir {}, client config {}); add hosts with `telvirt host credential NAME --out FILE` and `telvirt agent`",
-        cp.address,
+        "telvirt controller serving on {} (data dir {}, client config {}, {}); add hosts with `telvirt host credential NAME --out FILE` and `telvirt agent --controller-ca`",
+        cp.url(),
         data_dir.display(),
-        cp.config_path.display()
+        cp.config_path.display(),
+        protection(cp.tls.as_ref()),
     );
     let (shutdown_tx, _) = tokio::sync::watch::channel(false);
     serve_api(cp, shutdown_tx).await?;

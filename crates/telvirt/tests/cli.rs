@@ -596,3 +596,108 @@ fn serve_refuses_bad_shared_cpus_before_writing_anything_and_status_waits_for_a_
         stderr(&out)
     );
 }
+
+#[test]
+fn the_api_speaks_tls_to_the_pinned_certificate_only_and_plain_http_only_on_loopback() {
+    // Refused set-ups write nothing: no store, no client config, no certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let data_arg = data.to_str().unwrap();
+    let serve = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--data-dir", data_arg])
+            .args(extra)
+            .env_remove("TELVIRT_CONFIG")
+            .output()
+            .unwrap()
+    };
+    let out = serve(&["--listen", "0.0.0.0:0", "--plain-http"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--plain-http")
+            && stderr(&out).contains("not one: listen on 127.0.0.1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = serve(&["--listen", "127.0.0.1:0", "--tls-cert", "c.pem"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--tls-key"), "{}", stderr(&out));
+    let missing = data.join("none.pem");
+    let out = serve(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        missing.to_str().unwrap(),
+        "--tls-key",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--tls-cert: cannot read"),
+        "{}",
+        stderr(&out)
+    );
+    for file in ["telvirt.redb", "client.toml", "tls"] {
+        assert!(!data.join(file).exists(), "{file} was written");
+    }
+
+    // By default: TLS with a generated certificate, pinned in the client config.
+    let mut node = Serve::start(&[]);
+    let server = node.server();
+    assert!(server.starts_with("https://127.0.0.1:"), "{server}");
+    let pinned = common::config_value(&node.config(), "ca");
+    let generated = std::fs::read_to_string(node.path("data/tls/server.crt")).unwrap();
+    assert_eq!(pinned, generated);
+    let admin = node.admin_token();
+    assert_eq!(
+        common::http(&server, "GET", "/v1/vnfs", Some(&admin), "").0,
+        200
+    );
+    // Plain HTTP to the TLS port gets no HTTP answer at all.
+    let plain = server.replacen("https://", "http://", 1);
+    let answer = common::try_http(&plain, "GET", "/v1/vnfs", Some(&admin), "");
+    assert!(
+        !matches!(answer, Ok((status, _)) if status != 0),
+        "{answer:?}"
+    );
+    // A client that pins another certificate refuses the server before sending its token.
+    let (other, _) = {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key)
+    };
+    let quoted = |v: &str| toml::Value::String(v.to_owned()).to_string();
+    let alt = format!(
+        "server = {}
+token = {}
+ca = {}
+",
+        quoted(&server),
+        quoted(&admin),
+        quoted(&other)
+    );
+    std::fs::write(node.path("alt.toml"), alt).unwrap();
+    let out = node.cli(&["--config", "alt.toml", "vnf", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("invalid peer certificate"),
+        "{}",
+        stderr(&out)
+    );
+    // A restart keeps the certificate, so the pinned client config stays valid.
+    node.terminate();
+    node.restart();
+    assert_eq!(common::config_value(&node.config(), "ca"), pinned);
+    node.ok(&["vnf", "list"]);
+
+    // Plain HTTP when asked, on loopback: no certificate to pin.
+    let plain_node = Serve::start(&["--plain-http"]);
+    assert!(plain_node.server().starts_with("http://127.0.0.1:"));
+    let config = std::fs::read_to_string(plain_node.config()).unwrap();
+    assert!(!config.contains("ca ="), "{config}");
+    assert!(!plain_node.path("data/tls").exists());
+    plain_node.ok(&["vnf", "list"]);
+}

@@ -3,8 +3,7 @@
 //! and once space is back the node takes writes again and reports healthy, without a restart.
 //! Needs root (it mounts a tmpfs).
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -65,31 +64,12 @@ fn fill(path: &Path) {
 
 /// One HTTP/1.1 request to the server as its admin: (status, JSON body or null).
 fn http(server: &Serve, method: &str, path: &str, body: &str) -> (u16, Value) {
-    let config: toml::Value =
-        toml::from_str(&std::fs::read_to_string(server.config()).unwrap()).unwrap();
-    let address = config["server"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("http://")
-        .to_owned();
-    let token = config["token"].as_str().unwrap();
-    let mut stream = TcpStream::connect(&address).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
-    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let token = server.admin_token();
+    let (status, body) = common::http(&server.server(), method, path, Some(&token), body);
     let body = if body.is_empty() {
         Value::Null
     } else {
-        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
     };
     (status, body)
 }

@@ -161,6 +161,7 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        common::trust(&common::config_value(&self.config(), "ca"));
     }
 
     fn kill9(&mut self) {

@@ -70,14 +70,48 @@ pub fn lay_out_examples(root: &Path) {
     }
 }
 
-/// The quoted value of `key` (`server`, `token`) in the client config at `config`.
+/// The string `key` (`server`, `token`, `ca`) of the client config at `config`.
 pub fn config_value(config: &Path, key: &str) -> String {
     let text = std::fs::read_to_string(config).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split('"').nth(1))
+    let parsed: toml::Table = toml::from_str(&text).unwrap();
+    parsed
+        .get(key)
+        .and_then(|v| v.as_str())
         .unwrap_or_else(|| panic!("the client config {} has no {key}", config.display()))
         .to_owned()
+}
+
+/// The certificates (PEM) of the servers this test process started: [`http`] trusts these and
+/// nothing else. Each [`Serve`] adds the `ca` of its client config once it is up.
+static TRUSTED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Trusts `pem` (a server's certificate or CA) in [`http`] from now on.
+pub fn trust(pem: &str) {
+    let mut trusted = TRUSTED.lock().unwrap();
+    if !trusted.iter().any(|t| t == pem) {
+        trusted.push(pem.to_owned());
+    }
+}
+
+/// A TLS client session trusting [`TRUSTED`], for `host`.
+fn tls_session(host: &str) -> std::io::Result<rustls::ClientConnection> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in TRUSTED.lock().unwrap().iter() {
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    rustls::ClientConnection::new(std::sync::Arc::new(config), name).map_err(std::io::Error::other)
 }
 
 pub struct Serve {
@@ -178,9 +212,9 @@ impl Serve {
                 "data",
             ])
             .args(&self.args)
-            .env("TELVIRT_LOG", "warn")
+            .env("TELVIRT_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file())
             .spawn()
             .unwrap();
         self.child = Some(child);
@@ -188,11 +222,53 @@ impl Serve {
         while !(self.config().exists() && self.cli(&["vnf", "list"]).status.success()) {
             assert!(
                 Instant::now() < deadline,
-                "telvirt {} did not become ready",
-                self.subcommand
+                "telvirt {} did not become ready; its log ends:\n{}",
+                self.subcommand,
+                self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        if self.server().starts_with("https://") {
+            trust(&config_value(&self.config(), "ca"));
+        }
+    }
+
+    /// The server's log (info and above, every start appended): `<dir>/serve.log`.
+    fn log_file(&self) -> std::fs::File {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("serve.log"))
+            .unwrap()
+    }
+
+    /// The last lines of the server's log, and how it ended if it did, to explain a failed
+    /// call.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.path("serve.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        if let Some(child) = &self.child {
+            // SAFETY: a zeroed siginfo_t is valid; WNOWAIT leaves the child to be reaped by
+            // its `Child`.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let peeked = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    child.id(),
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: waitid filled `info` for an exited child (si_pid set), else left it zero.
+            if peeked == 0 && unsafe { info.si_pid() } != 0 {
+                let (code, status) = (info.si_code, unsafe { info.si_status() });
+                tail.push_str(&format!(
+                    "\n(the server has ended: si_code {code}, status or signal {status})"
+                ));
+            }
+        }
+        tail
     }
 
     /// The server's process id.
@@ -306,7 +382,12 @@ impl Serve {
 
     pub fn ok(&self, args: &[&str]) -> Output {
         let out = self.cli(args);
-        assert!(out.status.success(), "telvirt {args:?}: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "telvirt {args:?}: {}\nthe server's log ends:\n{}",
+            stderr(&out),
+            self.log_tail()
+        );
         out
     }
 
@@ -371,6 +452,8 @@ impl Agent {
         let child = node
             .command()
             .args(["agent", "--controller", controllers])
+            // The node's own certificate, generated into its data dir.
+            .args(["--controller-ca", "data/tls/server.crt"])
             // Several hosts on one machine: no worker takes a core for itself.
             .arg("--no-busy-poll")
             .args(args)
@@ -444,8 +527,9 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A plain HTTP/1.1 request to `addr` (`HOST:PORT`, or `http://HOST:PORT`) with an optional
-/// bearer token and YAML body: (status, body).
+/// One HTTP/1.1 request to `addr` (`https://HOST:PORT` over TLS trusting only the certificates
+/// of [`trust`]; `http://HOST:PORT` or `HOST:PORT` in plain) with an optional bearer token and
+/// YAML body: (status, body).
 pub fn http(
     addr: &str,
     method: &str,
@@ -467,17 +551,35 @@ pub fn try_http(
     body: &str,
 ) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
-    let addr = addr.trim_start_matches("http://");
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let (tls, addr) = match addr.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, addr.trim_start_matches("http://")),
+    };
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        stream,
+    let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/yaml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
+    );
     let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
+    if tls {
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut session = rustls::StreamOwned::new(tls_session(host)?, tcp);
+        session.write_all(request.as_bytes())?;
+        // A server that closes without close_notify still said all it had to say.
+        match session.read_to_string(&mut answer) {
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !answer.is_empty() => {}
+            other => {
+                other?;
+            }
+        }
+    } else {
+        let mut tcp = tcp;
+        tcp.write_all(request.as_bytes())?;
+        tcp.read_to_string(&mut answer)?;
+    }
     let status = answer
         .split_whitespace()
         .nth(1)
@@ -562,7 +664,7 @@ pub fn sample(samples: &[Sampled], metric: &str, labels: &[(&str, &str)]) -> Opt
 /// A further `telvirt controller` working in a [`Serve`]'s directory (its data dir `data`),
 /// on a store the first one shares; SIGKILLed when dropped.
 pub struct ExtraController {
-    /// Its API address, `http://127.0.0.1:PORT`.
+    /// Its API address, `https://127.0.0.1:PORT`.
     pub api: String,
     child: Option<Child>,
 }
@@ -593,13 +695,13 @@ impl ExtraController {
         };
         wait_until("a further controller to say where it listens", || {
             let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
-            // "... on http://127.0.0.1:PORT: campaigning ..."
+            // "... on https://127.0.0.1:PORT: campaigning ..."
             if let Some(addr) = text
-                .split(" on http://")
+                .split(" on https://")
                 .nth(1)
                 .and_then(|rest| rest.split(": ").next())
             {
-                controller.api = format!("http://{addr}");
+                controller.api = format!("https://{addr}");
             }
             !controller.api.is_empty()
         });

@@ -104,8 +104,10 @@ fn unchunk(mut body: &[u8]) -> Vec<u8> {
 }
 
 impl Browser {
-    /// Starts `chromedriver` on a free port and a headless Chromium session through it.
-    pub fn start() -> Browser {
+    /// Starts `chromedriver` on a free port and a headless Chromium session through it that
+    /// accepts, besides what the system trusts, the certificates whose public keys hash (SHA-256
+    /// of the SubjectPublicKeyInfo, base64) to one of `pinned`: a self-signed API's.
+    pub fn start(pinned: &[String]) -> Browser {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
@@ -146,6 +148,7 @@ impl Browser {
                         "--no-first-run", "--disable-background-networking",
                         "--disable-component-update", "--disable-sync",
                         "--window-size=1280,1000", format!("--user-data-dir={profile}"),
+                        format!("--ignore-certificate-errors-spki-list={}", pinned.join(",")),
                     ],
                 },
             }}})),
