@@ -46,14 +46,19 @@ use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
 use client::Client;
 
 fn main() {
-    // Die quietly on a closed pipe (`telvirt vnf list | head -1`) like other Unix tools,
-    // instead of panicking inside println!.
-    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid
-    // disposition for SIGPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
     let cli = Cli::parse();
+    // A command that prints and ends dies quietly on a closed pipe (`telvirt vnf list | head
+    // -1`) like other Unix tools, instead of panicking inside println!. A process that serves
+    // or keeps connections (a node, a controller, an agent, a cluster's or a benchmark's
+    // driver) keeps SIGPIPE ignored: a peer that goes away mid-write (a TLS stream writes with
+    // writev, which raises SIGPIPE) is an error on that connection, never the process's end.
+    if !cli.command.keeps_connections() {
+        // SAFETY: called before any thread exists (parsing the arguments starts none); SIG_DFL
+        // is a valid disposition for SIGPIPE.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("TELVIRT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()

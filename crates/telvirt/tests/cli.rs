@@ -660,6 +660,16 @@ fn the_api_speaks_tls_to_the_pinned_certificate_only_and_plain_http_only_on_loop
         !matches!(answer, Ok((status, _)) if status != 0),
         "{answer:?}"
     );
+    // A peer that goes away mid-write must not end the node: a TLS stream writes with writev,
+    // which raises SIGPIPE, so the node keeps it ignored (the agent tests' hosts that die
+    // exercise it).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(ignored & (1 << (libc::SIGPIPE - 1)), 0, "{status}");
     // A client that pins another certificate refuses the server before sending its token.
     let (other, _) = {
         let key = rcgen::KeyPair::generate().unwrap();
