@@ -49,6 +49,9 @@ pub enum BenchCommand {
     /// a Linux bridge with an equivalent nftables rule, alternating: iperf3 TCP, a 64-byte
     /// flood, NDR and PDR (root, iperf3, ethtool, nftables)
     Ports(crate::bench_ports::PortsArgs),
+    /// What TLS costs an API call: the same calls to a TLS and a --plain-http controller, in
+    /// turn, on kept-alive connections and on a new connection per call
+    Api(crate::bench_api::ApiArgs),
 }
 
 #[derive(Args, Debug)]
@@ -123,6 +126,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Failover(args) => crate::bench_failover::failover_bench(format, args),
         BenchCommand::Migrate(args) => crate::bench_migrate::migrate_bench(format, args),
         BenchCommand::Ports(args) => crate::bench_ports::ports_bench(format, args),
+        BenchCommand::Api(args) => crate::bench_api::api_bench(format, args),
     }
 }
 

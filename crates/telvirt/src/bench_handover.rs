@@ -103,7 +103,8 @@ pub(crate) fn spawn_controller(dir: &Path, port: u16, args: &[&str]) -> Result<C
 }
 
 /// `telvirt SUBCOMMAND --data-dir control --listen 127.0.0.1:PORT <args>` (`controller` or
-/// `serve`) working in `dir`, logging to `dir/SUBCOMMAND-PORT.log`.
+/// `serve`) working in `dir`, logging to `dir/SUBCOMMAND-PORT.log`; over TLS with
+/// [`bench_identity`] unless `args` has `--plain-http`.
 pub(crate) fn spawn_api_process(
     dir: &Path,
     subcommand: &str,
@@ -114,14 +115,21 @@ pub(crate) fn spawn_api_process(
         .create(true)
         .append(true)
         .open(dir.join(format!("{subcommand}-{port}.log")))?;
-    let (cert, key) = bench_identity()?;
-    crate::config::write_private(&dir.join(BENCH_CERT), cert.as_bytes())?;
-    crate::config::write_private(&dir.join(BENCH_KEY), key.as_bytes())?;
+    // TLS with the benchmark's certificate, unless the caller asks for the plain baseline.
+    let tls = !args.contains(&"--plain-http");
+    let tls_args: &[&str] = if tls {
+        let (cert, key) = bench_identity()?;
+        crate::config::write_private(&dir.join(BENCH_CERT), cert.as_bytes())?;
+        crate::config::write_private(&dir.join(BENCH_KEY), key.as_bytes())?;
+        &["--tls-cert", BENCH_CERT, "--tls-key", BENCH_KEY]
+    } else {
+        &[]
+    };
     let child = Command::new(std::env::current_exe()?)
         .current_dir(dir)
         .args([subcommand, "--data-dir", "control"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--tls-cert", BENCH_CERT, "--tls-key", BENCH_KEY])
+        .args(tls_args)
         .args(args)
         .env("TELVIRT_LOG", "warn")
         .stdin(Stdio::null())
@@ -131,7 +139,7 @@ pub(crate) fn spawn_api_process(
         .context("starting a controller")?;
     Ok(ControllerProcess {
         child: BenchChild(child),
-        api: format!("https://127.0.0.1:{port}"),
+        api: format!("{}://127.0.0.1:{port}", crate::tls::scheme(tls)),
         port,
     })
 }

@@ -6,6 +6,7 @@
 mod agent;
 mod agent_link;
 mod bench;
+mod bench_api;
 mod bench_cluster;
 mod bench_control;
 mod bench_failover;

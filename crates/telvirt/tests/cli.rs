@@ -711,3 +711,49 @@ ca = {}
     assert!(!plain_node.path("data/tls").exists());
     plain_node.ok(&["vnf", "list"]);
 }
+
+#[test]
+fn bench_api_times_the_same_calls_over_tls_and_plain_http() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "api",
+            "--calls",
+            "5",
+            "--connections",
+            "3",
+            "--rounds",
+            "1",
+        ])
+        .args(["-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let figures = report["figures"].as_array().unwrap();
+    assert_eq!(figures.len(), 3, "{report}");
+    for f in figures {
+        for side in ["plain", "tls"] {
+            let p50 = f[side]["p50_ms"].as_f64().unwrap();
+            assert!(
+                p50 > 0.0 && p50 <= f[side]["max_ms"].as_f64().unwrap(),
+                "{f}"
+            );
+        }
+        let ratio = f["ratio_p50"].as_f64().unwrap();
+        let expected =
+            f["tls"]["p50_ms"].as_f64().unwrap() / f["plain"]["p50_ms"].as_f64().unwrap();
+        assert!((ratio - expected).abs() < 1e-9, "{f}");
+    }
+    // The large document is large, and both sides answered it whole.
+    assert!(
+        figures[1]["body_bytes"].as_u64().unwrap() > 10_000,
+        "{report}"
+    );
+    assert!(
+        report["measured"]
+            .as_str()
+            .unwrap()
+            .contains("--plain-http")
+    );
+}
