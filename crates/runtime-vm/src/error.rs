@@ -68,6 +68,9 @@ pub enum Error {
     #[error("guest agent: {0}")]
     Agent(String),
 
+    #[error("live migration of {vm}: {reason}")]
+    Migration { vm: String, reason: String },
+
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
 

@@ -16,6 +16,7 @@ pub mod error;
 pub mod image;
 pub mod manager;
 pub mod memory;
+pub mod migrate;
 pub mod periph;
 pub mod pin;
 pub mod qmp;
@@ -33,5 +34,6 @@ pub use image::{GuestImage, ImageBuilder, ImageProgress};
 pub use manager::{
     ExitInfo, Failure, StopMethod, VcpuThread, VmHandle, VmManager, VmPhase, VmStatus,
 };
+pub use migrate::{MigrationProgress, MigrationTuning};
 pub use qmp::{QmpClient, QmpEvent};
 pub use telvirt_guest::proto as guest_proto;

@@ -39,6 +39,8 @@ pub const CONSOLE_TAIL_LINES: usize = 20;
 #[serde(rename_all = "lowercase")]
 pub enum VmPhase {
     Starting,
+    /// The destination of a live migration: paused, receiving the source's stream.
+    Incoming,
     Running,
     /// Locked: vCPUs stopped with QMP `stop`.
     Paused,
@@ -175,6 +177,47 @@ impl VmManager {
     /// Start a VM: validate, resolve the accelerator, launch paused, pin, plug peripherals,
     /// resume, and wait for the guest agent. Any failure kills the QEMU it started.
     pub async fn start(&self, cfg: VmConfig) -> Result<VmHandle> {
+        let wait_for_agent = cfg.wait_for_agent;
+        let (handle, mut guard) = self.launch(cfg, false).await?;
+        handle.inner.qmp.cont().await?;
+        if wait_for_agent {
+            handle.attach_agent().await?;
+        }
+        handle.set_phase(VmPhase::Running);
+        guard.armed = false;
+        Ok(handle)
+    }
+
+    /// Start the destination of a live migration: the VM of `cfg` (the source's configuration,
+    /// with this side's name, state dir and CPUs) launched paused with `-incoming defer`,
+    /// pinned, its peripherals plugged, `tuning`'s capabilities and parameters set, and
+    /// listening for the source's stream on `listen` (`migrate-incoming`). Then
+    /// [`VmHandle::finish_incoming`] waits for the stream and resumes the guest here. Any
+    /// failure kills the QEMU it started.
+    pub async fn start_incoming(
+        &self,
+        cfg: VmConfig,
+        listen: std::net::SocketAddr,
+        tuning: &crate::migrate::MigrationTuning,
+    ) -> Result<VmHandle> {
+        let (handle, mut guard) = self.launch(cfg, true).await?;
+        crate::migrate::prepare(handle.qmp(), tuning).await?;
+        handle
+            .qmp()
+            .execute_raw(
+                "migrate-incoming",
+                Some(serde_json::json!({ "uri": format!("tcp:{listen}") })),
+                QMP_TIMEOUT,
+            )
+            .await?;
+        handle.set_phase(VmPhase::Incoming);
+        guard.armed = false;
+        Ok(handle)
+    }
+
+    /// Validates `cfg`, launches QEMU paused (waiting for a migration stream when `incoming`),
+    /// pins its threads and plugs its peripherals; the guard kills it unless disarmed.
+    async fn launch(&self, cfg: VmConfig, incoming: bool) -> Result<(VmHandle, KillGuard)> {
         let online = pin::online_cpus()?;
         cfg.validate(&online)?;
         let dir = self.dir_of(&cfg);
@@ -235,6 +278,9 @@ impl VmManager {
         append_console_marker(&dir, &cfg.name)?;
         let mut args = qemu_args(&cfg, &dir, accel, hugemount.as_deref());
         args.extend(plan.args.iter().cloned());
+        if incoming {
+            args.extend(["-incoming".to_owned(), "defer".to_owned()]);
+        }
         let log =
             std::fs::File::create(dir.join("qemu.log")).map_err(Error::io("create qemu.log"))?;
         let log2 = log
@@ -274,7 +320,7 @@ impl VmManager {
                 command: "spawn".into(),
                 reason: "QEMU exited before its pid was read".into(),
             })?;
-        let mut guard = KillGuard { pid, armed: true };
+        let guard = KillGuard { pid, armed: true };
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let info = match child.wait().await {
@@ -329,14 +375,7 @@ impl VmManager {
             cfg.peripherals.clone(),
             false,
         );
-        handle.inner.qmp.cont().await?;
-        if cfg.wait_for_agent {
-            let agent = handle.connect_agent(cfg.ready_timeout).await?;
-            *handle.inner.agent.lock().await = Some(agent);
-        }
-        handle.set_phase(VmPhase::Running);
-        guard.armed = false;
-        Ok(handle)
+        Ok((handle, guard))
     }
 
     /// Re-adopt a VM started by an earlier manager from its state directory.
@@ -590,7 +629,7 @@ impl VmHandle {
         *self.inner.exit.borrow()
     }
 
-    fn set_phase(&self, p: VmPhase) {
+    pub(crate) fn set_phase(&self, p: VmPhase) {
         if let Ok(mut g) = self.inner.phase.lock() {
             *g = p;
         }
@@ -654,6 +693,33 @@ impl VmHandle {
             name: self.inner.name.clone(),
             state: format!("{:?}", self.phase()).to_lowercase(),
         }
+    }
+
+    /// Resumes a guest that came in by migration: connects to its agent's socket first, so
+    /// the guest never sees its host side closed (its port was open on the source), then
+    /// `cont`, then waits for the agent (when the configuration has one). Answers how long
+    /// `cont` took.
+    pub(crate) async fn resume_incoming(&self) -> Result<Duration> {
+        let agent = if self.inner.config.wait_for_agent {
+            Some(AgentClient::connect(&self.inner.dir.join("agent.sock")).await?)
+        } else {
+            None
+        };
+        let started = std::time::Instant::now();
+        self.inner.qmp.cont().await?;
+        let resumed = started.elapsed();
+        if let Some(agent) = agent {
+            agent.wait_ready(self.inner.config.ready_timeout).await?;
+            *self.inner.agent.lock().await = Some(agent);
+        }
+        Ok(resumed)
+    }
+
+    /// Connects to the guest agent and waits (the config's `ready_timeout`) until it is ready.
+    pub(crate) async fn attach_agent(&self) -> Result<()> {
+        let agent = self.connect_agent(self.inner.config.ready_timeout).await?;
+        *self.inner.agent.lock().await = Some(agent);
+        Ok(())
     }
 
     async fn connect_agent(&self, timeout: Duration) -> Result<AgentClient> {

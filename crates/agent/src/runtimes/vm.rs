@@ -495,7 +495,8 @@ impl Runtime for VmRuntime {
         };
         match handle.phase() {
             VmPhase::Starting | VmPhase::Running => InstanceState::Running,
-            VmPhase::Paused => InstanceState::Paused,
+            // A migration's destination holds the guest stopped until the stream is in.
+            VmPhase::Paused | VmPhase::Incoming => InstanceState::Paused,
             VmPhase::Stopping | VmPhase::Stopped => InstanceState::Stopped,
             VmPhase::Failed => {
                 let reason = match handle.failure() {
