@@ -193,7 +193,13 @@ async fn run_in(
             sample.2 = size;
             done += 1;
             progress(done, total);
-            let (times, _) = series(http, &tls, kind, n).await?;
+            let (times, tls_size) = series(http, &tls, kind, n).await?;
+            if tls_size != size {
+                bail!(
+                    "{}: the TLS process answered {tls_size} bytes, the plain one {size}: not the same call",
+                    kind.name
+                );
+            }
             sample.1.extend(times);
             done += 1;
             progress(done, total);

@@ -238,11 +238,11 @@ pub struct TlsArgs {
     pub tls_key: Option<PathBuf>,
     /// The certificate(s) clients and the other controllers must chain --tls-cert to, written
     /// into the client config as its `ca` [default: the API's certificate itself, pinned]
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_ca: Option<PathBuf>,
     /// A further DNS name or IP address a generated certificate is valid for (repeatable);
     /// it always names localhost, 127.0.0.1, ::1, this host's name and a specific --listen address
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "tls_cert")]
     pub tls_san: Vec<String>,
     /// Serve the API as plain HTTP, unencrypted; refused unless --listen is a loopback address
     #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_ca", "tls_san"])]

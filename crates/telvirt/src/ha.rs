@@ -54,6 +54,40 @@ impl Dispatch {
     }
 }
 
+/// Refuses an `--advertise` URL that would send tokens where this controller's own transport
+/// would not: `https://` with TLS, and plain `http://` only to a loopback address with
+/// `--plain-http` (the others forward every request, bearer token included, to it).
+fn check_advertise(advertise: &str, tls: bool) -> Result<()> {
+    let url = reqwest::Url::parse(advertise).map_err(|e| {
+        anyhow::anyhow!("--advertise {advertise}: not a URL ({e}); e.g. https://10.0.0.1:7070")
+    })?;
+    match (url.scheme(), tls) {
+        ("https", true) => Ok(()),
+        ("http", false) => {
+            let host = url.host_str().unwrap_or("");
+            let loopback = host == "localhost"
+                || host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "--advertise {advertise}: with --plain-http this controller is reached over loopback only; give http://127.0.0.1:PORT"
+                )
+            }
+        }
+        (scheme, true) => anyhow::bail!(
+            "--advertise {advertise}: this controller serves TLS, so the others must reach it over https://, not {scheme}://"
+        ),
+        (scheme, false) => anyhow::bail!(
+            "--advertise {advertise}: with --plain-http this controller serves http://, not {scheme}://"
+        ),
+    }
+}
+
 /// Runs one controller of a cluster until SIGTERM or Ctrl-C (a leader resigns then, so the next
 /// leads at once).
 pub async fn run(
@@ -64,6 +98,15 @@ pub async fn run(
     namespace: &str,
 ) -> Result<()> {
     let tls = crate::tls::server_identity(&control.tls, data_dir, control.listen)?;
+    if let Some(advertise) = &control.advertise {
+        check_advertise(advertise, tls.is_some())?;
+    }
+    if tls.is_some() && control.tls.tls_cert.is_none() {
+        tracing::warn!(
+            "this controller generated its own certificate: the other controllers of the cluster forward to it only \
+             if they trust it too (give every controller one certificate, or certificates of one CA with --tls-ca)"
+        );
+    }
     let store: Arc<dyn Store> = Arc::new(
         EtcdStore::connect(endpoints, namespace)
             .await
@@ -91,6 +134,7 @@ pub async fn run(
         // The leader is another controller of this cluster: its certificate chains to the
         // anchor this one gives its clients (one certificate or one CA for all of them).
         http: crate::tls::http_client(anchor.as_deref())?
+            .https_only(tls.is_some())
             .connect_timeout(Duration::from_secs(2))
             .build()
             .context("building the forwarding client")?,
@@ -267,4 +311,26 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 /// A 503 problem in the API's format.
 fn unavailable(detail: &str) -> Response {
     ApiError::from(ControllerError::Unavailable(detail.to_owned())).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_advertise;
+
+    #[test]
+    fn advertise_matches_the_transport() {
+        assert!(check_advertise("https://10.0.0.1:7070", true).is_ok());
+        assert!(check_advertise("http://127.0.0.1:7070", false).is_ok());
+        assert!(check_advertise("http://[::1]:7070", false).is_ok());
+        for (url, tls, needle) in [
+            ("http://10.0.0.1:7070", true, "over https://"),
+            ("http://10.0.0.1:7070", false, "loopback only"),
+            ("https://127.0.0.1:7070", false, "serves http://"),
+            ("10.0.0.1:7070", true, "https://"),
+            ("not a url", true, "not a URL"),
+        ] {
+            let err = check_advertise(url, tls).unwrap_err().to_string();
+            assert!(err.contains(needle), "{url}: {err}");
+        }
+    }
 }

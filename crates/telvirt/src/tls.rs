@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
@@ -86,8 +87,15 @@ pub fn server_identity(
             anchors(&pem).context("--tls-ca")?;
             pem
         }
+        // Pinning a chain would make its intermediates trusted roots.
+        None if chain.len() > 1 => bail!(
+            "--tls-cert holds a chain of {} certificates: give --tls-ca FILE with the CA clients should trust \
+             (without it only a single self-signed certificate is pinned)",
+            chain.len()
+        ),
         None => chain_pem.clone(),
     };
+    check_anchor(&chain, &anchor_pem, &reachable_name(listen))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
@@ -100,6 +108,51 @@ pub fn server_identity(
         anchor_pem,
         fingerprint,
     }))
+}
+
+/// The name a client on this machine uses for an API listening on `listen` (what the client
+/// config's `server` says).
+fn reachable_name(listen: SocketAddr) -> String {
+    crate::serve::reachable(listen).ip().to_string()
+}
+
+/// Refuses a certificate that does not chain to `anchor_pem` (clients would refuse every
+/// call); warns when it does not name `name`, which the client config on this machine uses.
+fn check_anchor(chain: &[CertificateDer<'static>], anchor_pem: &str, name: &str) -> Result<()> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in anchors(anchor_pem)? {
+        roots.add(cert).context("the trust anchor")?;
+    }
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .context("the trust anchor")?;
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_owned())
+        .map_err(|e| anyhow::anyhow!("{name} is not a server name: {e}"))?;
+    let (leaf, intermediates) = chain.split_first().context("no certificate")?;
+    match verifier.verify_server_cert(
+        leaf,
+        intermediates,
+        &server_name,
+        &[],
+        rustls::pki_types::UnixTime::now(),
+    ) {
+        Ok(_) => Ok(()),
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. },
+        )) => {
+            tracing::warn!(
+                "the API's certificate does not name {name}, which the client config on this machine uses: \
+                 clients there will refuse it (add the name with --tls-san, or use a certificate that names it)"
+            );
+            Ok(())
+        }
+        Err(e) => bail!(
+            "the API's certificate does not verify against the anchor clients are given ({e}): \
+             give --tls-ca FILE with the CA that issued --tls-cert, or a self-signed --tls-cert"
+        ),
+    }
 }
 
 /// The names a generated certificate is made for: loopback, this host's name, the listen
@@ -115,8 +168,9 @@ fn names(listen: SocketAddr, extra: &[String]) -> Vec<String> {
         names.push(listen.ip().to_string());
     }
     names.extend(extra.iter().cloned());
-    let mut seen = std::collections::BTreeSet::new();
-    names.retain(|n| seen.insert(n.clone()));
+    // Sorted and unique: the same names in another order keep the certificate.
+    names.sort();
+    names.dedup();
     names
 }
 
@@ -129,6 +183,9 @@ fn generated(data_dir: &Path, names: &[String]) -> Result<(String, String)> {
         dir.join(NAMES_FILE),
     );
     let wanted = names.join("\n");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    // One process at a time looks and writes: two starts on one data dir share the pair.
+    let _lock = DirLock::take(&dir.join(".lock"))?;
     if std::fs::read_to_string(&listed).is_ok_and(|l| l == wanted)
         && let (Ok(c), Ok(k)) = (
             std::fs::read_to_string(&cert),
@@ -138,8 +195,9 @@ fn generated(data_dir: &Path, names: &[String]) -> Result<(String, String)> {
         return Ok((c, k));
     }
     let (c, k) = self_signed(names)?;
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    // The names file last: a start that finds it finds the pair it describes.
+    // The names file goes first and comes back last: a start that finds it finds the pair it
+    // describes, even after a crash half-way.
+    let _ = std::fs::remove_file(&listed);
     telvirt_files::write_private(&key, k.as_bytes())
         .with_context(|| format!("cannot write {}", key.display()))?;
     telvirt_files::write_private(&cert, c.as_bytes())
@@ -152,6 +210,27 @@ fn generated(data_dir: &Path, names: &[String]) -> Result<(String, String)> {
         names.join(", ")
     );
     Ok((c, k))
+}
+
+/// An exclusive `flock` on a file, released when dropped (the descriptor closes).
+struct DirLock(#[allow(dead_code)] std::fs::File);
+
+impl DirLock {
+    fn take(path: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot lock {}", path.display()));
+        }
+        Ok(Self(file))
+    }
 }
 
 /// A new self-signed server certificate for `names` (DNS names or IP addresses) and its key,
@@ -311,8 +390,12 @@ impl axum::serve::Listener for TlsListener {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         match self.ready.recv().await {
             Some(accepted) => accepted,
-            // The acceptor ended (aborted with the listener): nothing more comes.
-            None => std::future::pending().await,
+            // The acceptor ends only with the listener, which then is not asked again; if it
+            // ever ended otherwise the API would be silently deaf: end loudly instead.
+            None => {
+                tracing::error!("the API's TLS acceptor ended; exiting");
+                std::process::exit(1);
+            }
         }
     }
 
@@ -359,6 +442,48 @@ mod tests {
             tls_san: Vec::new(),
             plain_http: plain,
         }
+    }
+
+    #[test]
+    fn plain_http_is_allowed_on_ipv6_loopback_and_refused_on_a_mapped_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = |at: &str| server_identity(&args(true), dir.path(), at.parse().unwrap());
+        assert!(plain("[::1]:7070").unwrap().is_none());
+        assert!(plain("[::ffff:127.0.0.1]:7070").is_err());
+    }
+
+    #[test]
+    fn an_anchor_the_certificate_does_not_chain_to_or_a_chain_without_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = self_signed(&["127.0.0.1".into()]).unwrap();
+        let (other, _) = self_signed(&["127.0.0.1".into()]).unwrap();
+        let chain = format!("{cert}{other}");
+        for (name, text) in [
+            ("c.pem", &cert),
+            ("k.pem", &key),
+            ("other.pem", &other),
+            ("chain.pem", &chain),
+        ] {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let at = "127.0.0.1:7070".parse().unwrap();
+        let mut a = args(false);
+        a.tls_cert = Some(dir.path().join("c.pem"));
+        a.tls_key = Some(dir.path().join("k.pem"));
+        assert!(server_identity(&a, dir.path(), at).unwrap().is_some());
+        a.tls_ca = Some(dir.path().join("other.pem"));
+        let err = server_identity(&a, dir.path(), at)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not verify against the anchor"), "{err}");
+        a.tls_ca = None;
+        a.tls_cert = Some(dir.path().join("chain.pem"));
+        let err = server_identity(&a, dir.path(), at)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("a chain of 2 certificates"), "{err}");
     }
 
     #[test]
