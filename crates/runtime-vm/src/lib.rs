@@ -17,6 +17,7 @@ pub mod image;
 pub mod manager;
 pub mod memory;
 pub mod migrate;
+pub mod migrate_bench;
 pub mod periph;
 pub mod pin;
 pub mod qmp;

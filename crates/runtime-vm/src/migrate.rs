@@ -196,7 +196,7 @@ impl VmHandle {
             match now.status.as_str() {
                 "completed" => {
                     self.set_phase(VmPhase::Paused);
-                    return Ok(now);
+                    return Ok(self.final_figures(now).await);
                 }
                 "failed" | "cancelled" => {
                     let why = qmp
@@ -228,6 +228,26 @@ impl VmHandle {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The completed migration's figures: QEMU may say `completed` a moment before it has
+    /// filled in the times, so ask again (briefly) until they are there.
+    async fn final_figures(&self, mut done: MigrationProgress) -> MigrationProgress {
+        for _ in 0..25 {
+            if done.total_ms > 0 {
+                break;
+            }
+            tokio::time::sleep(POLL).await;
+            match self
+                .qmp()
+                .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+                .await
+            {
+                Ok(v) => done = MigrationProgress::from_query(&v),
+                Err(_) => break,
+            }
+        }
+        done
     }
 
     /// After a failed or cancelled migration: the guest runs on this side (QEMU resumes it
@@ -278,7 +298,13 @@ impl VmHandle {
             }
             tokio::time::sleep(POLL).await;
         }
-        let resumed = self.resume_incoming().await?;
+        let resumed = self.resume_incoming().await.map_err(|e| Error::Migration {
+            vm: self.name().to_owned(),
+            reason: format!(
+                "the guest did not come up after the stream: {e}; its console ends: {}",
+                self.console_tail(3).join(" | ")
+            ),
+        })?;
         self.set_phase(VmPhase::Running);
         Ok(resumed)
     }

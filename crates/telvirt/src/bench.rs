@@ -49,6 +49,10 @@ pub enum BenchCommand {
     /// a Linux bridge with an equivalent nftables rule, alternating: iperf3 TCP, a 64-byte
     /// flood, NDR and PDR (root, iperf3, ethtool, nftables)
     Ports(crate::bench_ports::PortsArgs),
+    /// Live migration of the default guest between two QEMUs while it dirties memory at
+    /// several rates: telvirt's tuning against QEMU's defaults, alternating (converged, total,
+    /// downtime, bytes sent)
+    VmMigrate(crate::vm::VmMigrateBenchArgs),
     /// What TLS costs an API call: the same calls to a TLS and a --plain-http controller, in
     /// turn, on kept-alive connections and on a new connection per call
     Api(crate::bench_api::ApiArgs),
@@ -127,6 +131,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Migrate(args) => crate::bench_migrate::migrate_bench(format, args),
         BenchCommand::Ports(args) => crate::bench_ports::ports_bench(format, args),
         BenchCommand::Api(args) => crate::bench_api::api_bench(format, args),
+        BenchCommand::VmMigrate(args) => crate::vm::bench_vm_migrate(format, args),
     }
 }
 

@@ -191,6 +191,117 @@ pub struct VmBenchArgs {
     pub image: ImageArgs,
 }
 
+#[derive(Args, Debug)]
+pub struct VmMigrateBenchArgs {
+    /// Rounds; each migrates the guest once with telvirt's tuning and once with QEMU's defaults
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
+    #[arg(long, value_enum, default_value_t = AccelArg::Auto)]
+    pub accel: AccelArg,
+    /// Guest RAM in MiB
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(128..=65_536))]
+    pub memory_mib: u64,
+    /// Memory the guest's agent keeps dirtying, MiB (less than the guest's RAM)
+    #[arg(long, default_value_t = 256)]
+    pub dirty_mib: u64,
+    /// Dirty rates to measure, MiB/s, comma-separated (0: an idle guest)
+    #[arg(long, value_delimiter = ',', default_values_t = [0, 50, 200])]
+    pub rates: Vec<u64>,
+    /// A migration not done within this many seconds is cancelled and counts as not converged
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub deadline_s: u64,
+    #[command(flatten)]
+    pub image: ImageArgs,
+}
+
+/// `telvirt bench vm-migrate` (called from the synchronous bench dispatcher).
+pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> {
+    if args.dirty_mib >= args.memory_mib {
+        anyhow::bail!(
+            "--dirty-mib {} must be less than --memory-mib {} (the guest's kernel needs some of its RAM)",
+            args.dirty_mib,
+            args.memory_mib
+        );
+    }
+    tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(run_migrate_bench(format, args))
+    })
+}
+
+async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<()> {
+    use telvirt_runtime_vm::migrate_bench::{MigrateBenchOptions, run};
+    let scratch = tempfile_dir()?;
+    let guest = bench_guest(
+        format,
+        &args.image,
+        &scratch,
+        args.rounds,
+        args.accel,
+        args.memory_mib,
+    )
+    .await?;
+    let opts = MigrateBenchOptions {
+        guest,
+        dirty_mib: args.dirty_mib,
+        rates: args.rates.clone(),
+        deadline: std::time::Duration::from_secs(args.deadline_s),
+    };
+    let progress = Progress::new(format, "migrating");
+    let report = run(&opts, &mut |d, t| progress.update(d, t)).await;
+    progress.finish();
+    let _ = std::fs::remove_dir_all(&scratch);
+    let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
+    if output::report(format, &report)? {
+        return Ok(());
+    }
+    println!("measured: {}", report.measured);
+    let side = |f: &telvirt_runtime_vm::migrate_bench::TuningFigures| {
+        vec![
+            format!("{}/{}", f.converged, report.rounds),
+            format!("{}/{}", f.intact, f.converged),
+            format!("{:.0}", f.total_ms),
+            format!("{:.0}", f.downtime_ms),
+            format!("{:.0}", f.transferred_mib),
+        ]
+    };
+    let mut rows = Vec::new();
+    for r in &report.rates {
+        for (who, f) in [
+            ("telvirt", &r.telvirt),
+            ("QEMU defaults (baseline)", &r.qemu_defaults),
+        ] {
+            let mut row = vec![format!("{} MiB/s", r.dirty_mib_per_s), who.to_owned()];
+            row.extend(side(f));
+            rows.push(row);
+        }
+        rows.push(vec![
+            String::new(),
+            "ratio telvirt / defaults".into(),
+            String::new(),
+            String::new(),
+            format!("{:.2}", r.total_ratio),
+            format!("{:.2}", r.downtime_ratio),
+            String::new(),
+        ]);
+    }
+    println!(
+        "{}",
+        output::table(
+            &[
+                "DIRTY",
+                "TUNING",
+                "CONVERGED",
+                "INTACT",
+                "TOTAL ms",
+                "DOWNTIME ms",
+                "SENT MiB"
+            ],
+            &rows
+        )
+    );
+    Ok(())
+}
+
 /// `telvirt bench vm` (called from the synchronous bench dispatcher).
 pub fn bench_vm(format: Output, args: VmBenchArgs) -> Result<()> {
     tokio::task::block_in_place(|| {
@@ -198,20 +309,42 @@ pub fn bench_vm(format: Output, args: VmBenchArgs) -> Result<()> {
     })
 }
 
-async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
-    let image = image_for(format, &args.image).await?;
-    let scratch = tempfile_dir()?;
-    let mut opts = BenchOptions::new(&image.kernel, &image.initrd, &scratch);
-    opts.rounds = args.rounds;
-    opts.accel = args.accel.into();
-    opts.memory_mib = args.memory_mib;
+/// The guest a vm benchmark boots (the default image, built or found), its rounds,
+/// accelerator and RAM, in the scratch root `scratch`.
+async fn bench_guest(
+    format: Output,
+    image: &ImageArgs,
+    scratch: &std::path::Path,
+    rounds: u32,
+    accel: AccelArg,
+    memory_mib: u64,
+) -> Result<BenchOptions> {
+    let built = image_for(format, image).await?;
+    let mut opts = BenchOptions::new(&built.kernel, &built.initrd, scratch);
+    opts.rounds = rounds;
+    opts.accel = accel.into();
+    opts.memory_mib = memory_mib;
     opts.probe_cache = image_cache(
-        args.image.image_cache.as_deref(),
-        &match &args.image.data_dir {
+        image.image_cache.as_deref(),
+        &match &image.data_dir {
             Some(d) => d.clone(),
             None => default_data_dir()?,
         },
     );
+    Ok(opts)
+}
+
+async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
+    let scratch = tempfile_dir()?;
+    let opts = bench_guest(
+        format,
+        &args.image,
+        &scratch,
+        args.rounds,
+        args.accel,
+        args.memory_mib,
+    )
+    .await?;
     let progress = Progress::new(format, "booting");
     let report = bench::run(&opts, &mut |d, t| progress.update(d, t)).await;
     progress.finish();
