@@ -191,22 +191,23 @@ impl VmManager {
     /// Start the destination of a live migration: the VM of `cfg` (the source's configuration,
     /// with this side's name, state dir and CPUs) launched paused with `-incoming defer`,
     /// pinned, its peripherals plugged, `tuning`'s capabilities and parameters set, and
-    /// listening for the source's stream on `listen` (`migrate-incoming`). Then
+    /// waiting for the source's stream on `from` (`migrate-incoming`). Then
     /// [`VmHandle::finish_incoming`] waits for the stream and resumes the guest here. Any
     /// failure kills the QEMU it started.
     pub async fn start_incoming(
         &self,
         cfg: VmConfig,
-        listen: std::net::SocketAddr,
+        from: &crate::migrate::MigrationChannel,
         tuning: &crate::migrate::MigrationTuning,
     ) -> Result<VmHandle> {
         let (handle, mut guard) = self.launch(cfg, true).await?;
-        crate::migrate::prepare(handle.qmp(), tuning).await?;
+        crate::migrate::prepare(handle.qmp(), &from.carries(tuning)).await?;
+        let uri = from.uri(handle.qmp()).await?;
         handle
             .qmp()
             .execute_raw(
                 "migrate-incoming",
-                Some(serde_json::json!({ "uri": format!("tcp:{listen}") })),
+                Some(serde_json::json!({ "uri": uri })),
                 QMP_TIMEOUT,
             )
             .await?;

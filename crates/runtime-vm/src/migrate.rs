@@ -22,6 +22,55 @@ const POLL: Duration = Duration::from_millis(20);
 /// QMP deadline of one migration command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Name under which a passed socket is handed to QEMU for a migration stream.
+const STREAM_FD: &str = "tv-migration";
+
+/// Where a migration stream goes (on the source) or comes from (on the destination).
+#[derive(Debug)]
+pub enum MigrationChannel {
+    /// A TCP address: the destination's QEMU listens on it, the source's connects.
+    Tcp(SocketAddr),
+    /// A connected stream socket (TCP or unix) handed to QEMU with `getfd`: the stream then
+    /// crosses a connection its owner opened (the agents' own port), and no QEMU listens on
+    /// the network.
+    Socket(std::os::fd::OwnedFd),
+}
+
+impl std::fmt::Display for MigrationChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(at) => write!(f, "tcp:{at}"),
+            Self::Socket(_) => f.write_str("a passed socket"),
+        }
+    }
+}
+
+impl MigrationChannel {
+    /// `tuning` as this channel can carry it: a passed socket is one stream (QEMU opens
+    /// multifd's further channels itself, to an address), so multifd is off there.
+    pub fn carries(&self, tuning: &MigrationTuning) -> MigrationTuning {
+        match self {
+            Self::Tcp(_) => tuning.clone(),
+            Self::Socket(_) => MigrationTuning {
+                multifd_channels: 0,
+                ..tuning.clone()
+            },
+        }
+    }
+
+    /// The URI QEMU takes for this channel, handing it the socket first when there is one.
+    pub(crate) async fn uri(&self, qmp: &QmpClient) -> Result<String> {
+        match self {
+            Self::Tcp(at) => Ok(format!("tcp:{at}")),
+            Self::Socket(fd) => {
+                use std::os::fd::AsFd;
+                qmp.getfd(STREAM_FD, fd.as_fd()).await?;
+                Ok(format!("fd:{STREAM_FD}"))
+            }
+        }
+    }
+}
+
 /// How a migration is asked to behave; both ends get the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationTuning {
@@ -164,7 +213,7 @@ impl VmHandle {
     /// says why.
     pub async fn migrate_to(
         &self,
-        to: SocketAddr,
+        to: &MigrationChannel,
         tuning: &MigrationTuning,
         deadline: Duration,
         mut progress: impl FnMut(&MigrationProgress),
@@ -179,13 +228,10 @@ impl VmHandle {
             });
         }
         let qmp = self.qmp();
-        prepare(qmp, tuning).await?;
-        qmp.execute_raw(
-            "migrate",
-            Some(json!({ "uri": format!("tcp:{to}") })),
-            COMMAND_TIMEOUT,
-        )
-        .await?;
+        prepare(qmp, &to.carries(tuning)).await?;
+        let uri = to.uri(qmp).await?;
+        qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
+            .await?;
         let started = Instant::now();
         loop {
             let now = MigrationProgress::from_query(
@@ -332,6 +378,20 @@ mod tests {
         let empty = MigrationProgress::from_query(&json!({}));
         assert_eq!(empty.status, "none");
         assert_eq!(empty.downtime_ms, None);
+    }
+
+    #[test]
+    fn a_passed_socket_carries_one_stream() {
+        use crate::config::Accel;
+        let tuned = MigrationTuning::tuned(Accel::Kvm);
+        let tcp = MigrationChannel::Tcp("127.0.0.1:1".parse().unwrap());
+        assert_eq!(tcp.carries(&tuned), tuned);
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let socket = MigrationChannel::Socket(a.into());
+        let carried = socket.carries(&tuned);
+        assert_eq!(carried.multifd_channels, 0);
+        assert_eq!(carried.downtime_limit_ms, tuned.downtime_limit_ms);
+        assert_eq!(socket.to_string(), "a passed socket");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::bench::{BenchOptions, median};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::manager::{VmHandle, VmManager};
-use crate::migrate::MigrationTuning;
+use crate::migrate::{MigrationChannel, MigrationTuning};
 
 /// What [`run`] measures.
 #[derive(Debug, Clone)]
@@ -147,11 +147,11 @@ async fn one(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let to = free_address()?;
+        let to = MigrationChannel::Tcp(free_address()?);
         let dst = mgr
-            .start_incoming(config(format!("mbd{n}")), to, tuning)
+            .start_incoming(config(format!("mbd{n}")), &to, tuning)
             .await?;
-        let moved = src.migrate_to(to, tuning, opts.deadline, |_| {}).await;
+        let moved = src.migrate_to(&to, tuning, opts.deadline, |_| {}).await;
         let sample = match moved {
             Ok(done) => {
                 let broken = intact(&dst, rate).await.err().map(|e| e.to_string());

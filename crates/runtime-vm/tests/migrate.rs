@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{BOOT_SLOT, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Health, Request};
-use telvirt_runtime_vm::{CpuSet, MigrationTuning, VmPhase, pin};
+use telvirt_runtime_vm::{CpuSet, MigrationChannel, MigrationTuning, VmPhase, pin};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -33,7 +33,7 @@ fn free_address() -> SocketAddr {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_running_guest_moves_to_another_qemu_pinned_there_and_goes_on() {
+async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there_and_goes_on() {
     let _slot = BOOT_SLOT.acquire().await.unwrap();
     let root = common::state_root();
     let mgr = common::manager(root.path());
@@ -46,15 +46,20 @@ async fn a_running_guest_moves_to_another_qemu_pinned_there_and_goes_on() {
     let target_cpu = *online.last().unwrap();
     let mut cfg = common::config("migdst");
     cfg.cpu.vcpu_cpus = vec![CpuSet::single(target_cpu)];
-    let to = free_address();
+    // The stream crosses a connection the caller made (as agents will), handed to each QEMU.
+    let (out, into) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (to, from) = (
+        MigrationChannel::Socket(out.into()),
+        MigrationChannel::Socket(into.into()),
+    );
     let tuning = MigrationTuning::tuned(src.accel());
-    let dst = mgr.start_incoming(cfg, to, &tuning).await.unwrap();
+    let dst = mgr.start_incoming(cfg, &from, &tuning).await.unwrap();
     let _dst_guard = VmGuard(dst.clone());
     assert_eq!(dst.phase(), VmPhase::Incoming);
 
     let mut seen = Vec::new();
     let done = src
-        .migrate_to(to, &tuning, Duration::from_secs(120), |p| {
+        .migrate_to(&to, &tuning, Duration::from_secs(120), |p| {
             seen.push(p.status.clone())
         })
         .await
@@ -137,7 +142,7 @@ async fn a_migration_to_no_destination_leaves_the_guest_running_on_its_source() 
     let before = health(&src).await;
     let err = src
         .migrate_to(
-            free_address(),
+            &MigrationChannel::Tcp(free_address()),
             &MigrationTuning::tuned(src.accel()),
             Duration::from_secs(30),
             |_| {},
@@ -154,7 +159,7 @@ async fn a_migration_to_no_destination_leaves_the_guest_running_on_its_source() 
     src.pause().await.unwrap();
     let err = src
         .migrate_to(
-            free_address(),
+            &MigrationChannel::Tcp(free_address()),
             &MigrationTuning::tuned(src.accel()),
             T,
             |_| {},
