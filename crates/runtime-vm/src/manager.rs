@@ -41,6 +41,9 @@ pub enum VmPhase {
     Starting,
     /// The destination of a live migration: paused, receiving the source's stream.
     Incoming,
+    /// The source of a completed live migration: the guest runs elsewhere now; this QEMU
+    /// holds a stopped copy that must never be resumed, only stopped.
+    Migrated,
     Running,
     /// Locked: vCPUs stopped with QMP `stop`.
     Paused,
@@ -426,6 +429,8 @@ impl VmManager {
             "running" => VmPhase::Running,
             "paused" => VmPhase::Paused,
             "prelaunch" => VmPhase::Starting,
+            "inmigrate" => VmPhase::Incoming,
+            "postmigrate" => VmPhase::Migrated,
             _ => VmPhase::Paused,
         };
         let mut warnings = persisted.warnings.clone();
@@ -709,6 +714,8 @@ impl VmHandle {
         let started = std::time::Instant::now();
         self.inner.qmp.cont().await?;
         let resumed = started.elapsed();
+        // The guest runs here from now on, whether or not its agent answers.
+        self.set_phase(VmPhase::Running);
         if let Some(agent) = agent {
             agent.wait_ready(self.inner.config.ready_timeout).await?;
             *self.inner.agent.lock().await = Some(agent);

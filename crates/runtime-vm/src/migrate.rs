@@ -101,10 +101,10 @@ impl MigrationTuning {
 impl MigrationTuning {
     /// telvirt's tuning for a guest on `accel`: the link unthrottled (10 GiB/s), two
     /// channels, auto-converge, and a 10 ms pause under KVM. Under TCG the pause limit stays
-    /// QEMU's 300 ms: with QEMU 7.2's TCG, guests migrated with a 10 or 30 ms limit (more
-    /// precopy passes) came up corrupted on the destination (a kernel panic on list
-    /// corruption in an interrupt, or a hung agent) in most runs, never at 300 ms
-    /// (`tests/migrate.rs`).
+    /// QEMU's 300 ms: with QEMU 7.2's TCG, a guest dirtying 20 MiB/s migrated with a 10 or
+    /// 30 ms limit (more precopy passes) came up corrupted on the destination (a kernel panic
+    /// on list corruption in an interrupt, or a hung agent) in most tries, and in none of 7 at
+    /// 300 ms; at 50 MiB/s guests break at 300 ms too (`telvirt bench vm-migrate`, ADR 062).
     pub fn tuned(accel: crate::config::Accel) -> Self {
         Self {
             downtime_limit_ms: match accel {
@@ -233,47 +233,93 @@ impl VmHandle {
         qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
             .await?;
         let started = Instant::now();
-        loop {
-            let now = MigrationProgress::from_query(
-                &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
-                    .await?,
-            );
+        let mut last = MigrationProgress::default();
+        let ended = loop {
+            let now = match qmp
+                .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+                .await
+            {
+                Ok(v) => MigrationProgress::from_query(&v),
+                // QEMU did not answer in time: the stream may go on; end it and see how.
+                Err(e) => break Err(format!("QEMU stopped answering ({e})")),
+            };
             progress(&now);
             match now.status.as_str() {
-                "completed" => {
-                    self.set_phase(VmPhase::Paused);
-                    return Ok(self.final_figures(now).await);
-                }
-                "failed" | "cancelled" => {
-                    let why = qmp
-                        .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
-                        .await
-                        .ok()
-                        .and_then(|v| v["error-desc"].as_str().map(str::to_owned))
-                        .unwrap_or_else(|| now.status.clone());
-                    self.keep_running_here().await?;
-                    return Err(Error::Migration {
-                        vm: self.name().to_owned(),
-                        reason: format!("the stream to {to} ended: {why}; the guest runs on here"),
-                    });
-                }
+                "completed" => break Ok(now),
+                "failed" | "cancelled" => break Err(self.why_failed(&now).await),
                 _ => {}
             }
             if started.elapsed() > deadline {
-                let _ = qmp
-                    .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
-                    .await;
+                break Err(format!(
+                    "not done within {deadline:?} ({} of {} bytes left, {} pages dirtied per second)",
+                    now.remaining_bytes, now.total_bytes, now.dirty_pages_per_s
+                ));
+            }
+            last = now;
+            tokio::time::sleep(POLL).await;
+        };
+        let why = match ended {
+            Ok(done) => return Ok(self.moved_away(done).await),
+            Err(why) => why,
+        };
+        // Cancel what may still run and wait until QEMU says how it ended: a stream that
+        // completed meanwhile did move the guest (resuming it here would run it twice).
+        match self.settle().await {
+            Some(done) => Ok(self.moved_away(done).await),
+            None => {
                 self.keep_running_here().await?;
-                return Err(Error::Migration {
+                Err(Error::Migration {
                     vm: self.name().to_owned(),
                     reason: format!(
-                        "not done within {deadline:?} ({} of {} bytes left, {} pages dirtied per second); cancelled, the guest runs on here",
-                        now.remaining_bytes, now.total_bytes, now.dirty_pages_per_s
+                        "the stream to {to} ended: {why}; the guest runs on here (last seen: {} of {} bytes left)",
+                        last.remaining_bytes, last.total_bytes
                     ),
-                });
+                })
+            }
+        }
+    }
+
+    /// QEMU's reason for a failed stream, else its status.
+    async fn why_failed(&self, now: &MigrationProgress) -> String {
+        self.qmp()
+            .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+            .await
+            .ok()
+            .and_then(|v| v["error-desc"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| now.status.clone())
+    }
+
+    /// Cancels the stream if it still runs and waits (up to 10 s) until QEMU reports it ended:
+    /// `Some` with the figures when it completed after all, `None` when it failed or was
+    /// cancelled (or QEMU does not say).
+    async fn settle(&self) -> Option<MigrationProgress> {
+        let qmp = self.qmp();
+        let _ = qmp
+            .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
+            .await;
+        let until = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < until {
+            if let Ok(v) = qmp
+                .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+                .await
+            {
+                let now = MigrationProgress::from_query(&v);
+                match now.status.as_str() {
+                    "completed" => return Some(now),
+                    "failed" | "cancelled" | "none" => return None,
+                    _ => {}
+                }
             }
             tokio::time::sleep(POLL).await;
         }
+        None
+    }
+
+    /// The guest now runs elsewhere: this QEMU holds a stopped copy (`Migrated`) until it is
+    /// stopped; the completed stream's figures.
+    async fn moved_away(&self, done: MigrationProgress) -> MigrationProgress {
+        self.set_phase(VmPhase::Migrated);
+        self.final_figures(done).await
     }
 
     /// The completed migration's figures: QEMU may say `completed` a moment before it has
@@ -344,15 +390,13 @@ impl VmHandle {
             }
             tokio::time::sleep(POLL).await;
         }
-        let resumed = self.resume_incoming().await.map_err(|e| Error::Migration {
+        self.resume_incoming().await.map_err(|e| Error::Migration {
             vm: self.name().to_owned(),
             reason: format!(
                 "the guest did not come up after the stream: {e}; its console ends: {}",
                 self.console_tail(3).join(" | ")
             ),
-        })?;
-        self.set_phase(VmPhase::Running);
-        Ok(resumed)
+        })
     }
 }
 

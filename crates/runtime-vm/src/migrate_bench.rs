@@ -36,12 +36,16 @@ pub struct MigrateBenchOptions {
 /// One migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationSample {
+    /// Completed within the deadline.
     pub converged: bool,
+    /// Why the stream failed before the deadline (`None`: it converged, or ran out of time).
+    pub failed: Option<String>,
     /// The guest answered at the destination and its dirtier counted on (converged only).
     pub intact: bool,
     /// Why it is not intact.
     pub broken: Option<String>,
-    pub total_ms: f64,
+    /// QEMU's total time (converged only).
+    pub total_ms: Option<f64>,
     /// QEMU's measure of the guest's pause (converged only).
     pub downtime_ms: Option<f64>,
     pub transferred_mib: f64,
@@ -68,9 +72,9 @@ pub struct RateFigures {
     pub telvirt: TuningFigures,
     /// Baseline: QEMU's defaults, same guest, same run.
     pub qemu_defaults: TuningFigures,
-    /// telvirt / defaults of the median total (0 unless both converged at least once).
+    /// telvirt / defaults of the median total (0 unless both converged in every round).
     pub total_ratio: f64,
-    /// telvirt / defaults of the median downtime (0 unless both converged at least once).
+    /// telvirt / defaults of the median downtime (0 unless both converged in every round).
     pub downtime_ratio: f64,
 }
 
@@ -151,31 +155,10 @@ async fn one(
         let dst = mgr
             .start_incoming(config(format!("mbd{n}")), &to, tuning)
             .await?;
-        let moved = src.migrate_to(&to, tuning, opts.deadline, |_| {}).await;
-        let sample = match moved {
-            Ok(done) => {
-                let broken = intact(&dst, rate).await.err().map(|e| e.to_string());
-                MigrationSample {
-                    converged: true,
-                    intact: broken.is_none(),
-                    broken,
-                    total_ms: done.total_ms as f64,
-                    downtime_ms: done.downtime_ms.map(|d| d as f64),
-                    transferred_mib: done.transferred_bytes as f64 / (1 << 20) as f64,
-                }
-            }
-            Err(Error::Migration { .. }) => MigrationSample {
-                converged: false,
-                intact: false,
-                broken: None,
-                total_ms: opts.deadline.as_secs_f64() * 1e3,
-                downtime_ms: None,
-                transferred_mib: 0.0,
-            },
-            Err(e) => return Err(e),
-        };
+        // The destination is killed on every path, measured or not.
+        let measured = measure(&src, &dst, &to, opts, rate, tuning).await;
         let _ = dst.kill().await;
-        Ok(sample)
+        measured
     }
     .await;
     let _ = src.kill().await;
@@ -183,6 +166,45 @@ async fn one(
         let _ = mgr.remove(&name);
     }
     result
+}
+
+/// Migrates `src` to `dst` over `to` and tells what came of it.
+async fn measure(
+    src: &VmHandle,
+    dst: &VmHandle,
+    to: &MigrationChannel,
+    opts: &MigrateBenchOptions,
+    rate: u64,
+    tuning: &MigrationTuning,
+) -> Result<MigrationSample> {
+    let started = Instant::now();
+    let moved = src.migrate_to(to, tuning, opts.deadline, |_| {}).await;
+    Ok(match moved {
+        Ok(done) => {
+            let broken = intact(dst, rate).await.err().map(|e| e.to_string());
+            MigrationSample {
+                converged: true,
+                failed: None,
+                intact: broken.is_none(),
+                broken,
+                // QEMU's figure; `None` if it never filled it in.
+                total_ms: (done.total_ms > 0).then_some(done.total_ms as f64),
+                downtime_ms: done.downtime_ms.map(|d| d as f64),
+                transferred_mib: done.transferred_bytes as f64 / (1 << 20) as f64,
+            }
+        }
+        // Not converged by the deadline, or a stream that failed: told apart.
+        Err(Error::Migration { reason, .. }) => MigrationSample {
+            converged: false,
+            failed: (started.elapsed() < opts.deadline).then_some(reason),
+            intact: false,
+            broken: None,
+            total_ms: None,
+            downtime_ms: None,
+            transferred_mib: 0.0,
+        },
+        Err(e) => return Err(e),
+    })
 }
 
 /// Whether the guest came through: it resumes with its agent at the destination and, when it
@@ -207,16 +229,17 @@ async fn intact(dst: &VmHandle, rate: u64) -> Result<()> {
 
 fn figures(tuning: MigrationTuning, samples: Vec<MigrationSample>) -> TuningFigures {
     let done: Vec<&MigrationSample> = samples.iter().filter(|s| s.converged).collect();
-    let med = |f: &dyn Fn(&MigrationSample) -> f64| {
-        median(&done.iter().map(|s| f(s)).collect::<Vec<_>>())
+    // Medians over the figures QEMU gave: a missing one is left out, never counted as 0.
+    let med = |f: &dyn Fn(&MigrationSample) -> Option<f64>| {
+        median(&done.iter().filter_map(|s| f(s)).collect::<Vec<_>>())
     };
     TuningFigures {
         tuning,
         converged: done.len() as u32,
         intact: done.iter().filter(|s| s.intact).count() as u32,
         total_ms: med(&|s| s.total_ms),
-        downtime_ms: med(&|s| s.downtime_ms.unwrap_or(0.0)),
-        transferred_mib: med(&|s| s.transferred_mib),
+        downtime_ms: med(&|s| s.downtime_ms),
+        transferred_mib: med(&|s| Some(s.transferred_mib)),
         samples,
     }
 }
@@ -262,7 +285,8 @@ pub async fn run(
             figures(tunings[1].clone(), theirs),
         );
         let ratio = |a: f64, b: f64, both: bool| if both && b > 0.0 { a / b } else { 0.0 };
-        let both = telvirt.converged > 0 && qemu_defaults.converged > 0;
+        // Compared only when both converged in every round: medians over the same runs.
+        let both = telvirt.converged == g.rounds && qemu_defaults.converged == g.rounds;
         rates.push(RateFigures {
             dirty_mib_per_s: rate,
             total_ratio: ratio(telvirt.total_ms, qemu_defaults.total_ms, both),

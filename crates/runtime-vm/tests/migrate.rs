@@ -39,7 +39,14 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let mgr = common::manager(root.path());
     let src = mgr.start(common::config("migsrc")).await.unwrap();
     let _src_guard = VmGuard(src.clone());
-    let before = health(&src).await;
+    // Up long enough that a guest rebooted by the move would show a smaller uptime after it.
+    let before = loop {
+        let h = health(&src).await;
+        if h.uptime_ms >= 8_000 {
+            break h;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
 
     // The destination: the same guest, another name and state dir, pinned to the last CPU.
     let online: Vec<usize> = pin::online_cpus().unwrap().iter().collect();
@@ -71,13 +78,16 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     );
     assert!(done.downtime_ms.is_some(), "{done:?}");
     assert!(seen.iter().any(|s| s == "active"), "{seen:?}");
-    // The source holds the guest stopped until it is stopped here.
-    assert_eq!(src.phase(), VmPhase::Paused);
+    // The source holds a stopped copy until it is stopped here, and never resumes it.
+    assert_eq!(src.phase(), VmPhase::Migrated);
     assert!(!src.qmp().query_status().await.unwrap().running);
+    let err = src.resume().await.unwrap_err().to_string();
+    assert!(err.contains("migrated"), "{err}");
 
     dst.finish_incoming(T).await.unwrap();
     assert_eq!(dst.phase(), VmPhase::Running);
-    // The same guest goes on: no reboot (its uptime continues), its agent answers here.
+    // The same guest goes on: no reboot (its uptime continues past the 8 s it had; a fresh
+    // boot answers after about 3 s), its agent answers here.
     let after = health(&dst).await;
     assert!(
         after.uptime_ms > before.uptime_ms,
@@ -126,6 +136,7 @@ async fn the_migration_benchmark_reports_both_tunings_and_whether_the_guest_came
             side.total_ms > 0.0 && side.transferred_mib > 0.0,
             "{side:?}"
         );
+        assert_eq!(side.samples[0].failed, None);
     }
     assert!(idle.telvirt.tuning.auto_converge && !idle.qemu_defaults.tuning.auto_converge);
     let ratio = idle.telvirt.total_ms / idle.qemu_defaults.total_ms;
@@ -133,7 +144,8 @@ async fn the_migration_benchmark_reports_both_tunings_and_whether_the_guest_came
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_migration_to_no_destination_leaves_the_guest_running_on_its_source() {
+async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_running_on_its_source()
+{
     let _slot = BOOT_SLOT.acquire().await.unwrap();
     let root = common::state_root();
     let mgr = common::manager(root.path());
@@ -155,6 +167,26 @@ async fn a_migration_to_no_destination_leaves_the_guest_running_on_its_source() 
     assert!(src.qmp().query_status().await.unwrap().running);
     let after = health(&src).await;
     assert!(after.uptime_ms > before.uptime_ms);
+    // A migration past its deadline is cancelled, and the guest runs on here.
+    let to = MigrationChannel::Tcp(free_address());
+    let tuning = MigrationTuning::tuned(src.accel());
+    let dst = mgr
+        .start_incoming(common::config("migtoolate"), &to, &tuning)
+        .await
+        .unwrap();
+    let _dst_guard = VmGuard(dst.clone());
+    let err = src
+        .migrate_to(&to, &tuning, Duration::from_millis(1), |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("not done within") && err.contains("the guest runs on here"),
+        "{err}"
+    );
+    assert_eq!(src.phase(), VmPhase::Running);
+    assert!(src.qmp().query_status().await.unwrap().running);
+    health(&src).await;
     // A VM that is not running does not move, and says so.
     src.pause().await.unwrap();
     let err = src

@@ -214,6 +214,15 @@ pub struct VmMigrateBenchArgs {
     pub image: ImageArgs,
 }
 
+/// A ratio, or `-` when there is none (0: the two sides were not comparable).
+fn ratio_cell(ratio: f64) -> String {
+    if ratio > 0.0 {
+        format!("{ratio:.2}")
+    } else {
+        "-".to_owned()
+    }
+}
+
 /// `telvirt bench vm-migrate` (called from the synchronous bench dispatcher).
 pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> {
     if args.dirty_mib >= args.memory_mib {
@@ -279,8 +288,8 @@ async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<(
             "ratio telvirt / defaults".into(),
             String::new(),
             String::new(),
-            format!("{:.2}", r.total_ratio),
-            format!("{:.2}", r.downtime_ratio),
+            ratio_cell(r.total_ratio),
+            ratio_cell(r.downtime_ratio),
             String::new(),
         ]);
     }

@@ -497,7 +497,8 @@ impl Runtime for VmRuntime {
             VmPhase::Starting | VmPhase::Running => InstanceState::Running,
             // A migration's destination holds the guest stopped until the stream is in.
             VmPhase::Paused | VmPhase::Incoming => InstanceState::Paused,
-            VmPhase::Stopping | VmPhase::Stopped => InstanceState::Stopped,
+            // A migrated source's guest runs elsewhere: here it has ended.
+            VmPhase::Stopping | VmPhase::Stopped | VmPhase::Migrated => InstanceState::Stopped,
             VmPhase::Failed => {
                 let reason = match handle.failure() {
                     Some(f) => {
