@@ -5,6 +5,7 @@
 //! Owns certificates, keys and rustls configuration. It must not decide who may call what: the
 //! controller's authorities and tokens do, over the channel this module protects.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -35,6 +36,41 @@ const VALID_YEARS: i32 = 10;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at once; further connections wait in the kernel's backlog.
 const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at once from one address: more from it are closed at once, so one
+/// peer cannot hold every handshake slot.
+const MAX_HANDSHAKES_PER_PEER: usize = 16;
+
+/// Handshakes in progress per peer address.
+#[derive(Default)]
+struct PeerHandshakes(std::sync::Mutex<HashMap<std::net::IpAddr, usize>>);
+
+impl PeerHandshakes {
+    /// Counts one more handshake from `ip`, unless it has [`MAX_HANDSHAKES_PER_PEER`] already.
+    fn begin(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_HANDSHAKES_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot(Arc::clone(self), ip))
+    }
+}
+
+/// One handshake counted against its peer; uncounted when dropped.
+struct PeerSlot(Arc<PeerHandshakes>, std::net::IpAddr);
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
+    }
+}
 
 /// The API's identity: what the server presents and what its clients are told to trust.
 pub struct ServerIdentity {
@@ -327,8 +363,8 @@ pub fn http_client_from(path: Option<&PathBuf>) -> Result<reqwest::ClientBuilder
 }
 
 /// A TCP listener whose connections are served over TLS. Handshakes run concurrently (at most
-/// [`MAX_HANDSHAKES`], each within [`HANDSHAKE_TIMEOUT`]), so a client that connects and says
-/// nothing holds up no one.
+/// [`MAX_HANDSHAKES`], [`MAX_HANDSHAKES_PER_PEER`] from one address, each within
+/// [`HANDSHAKE_TIMEOUT`]), so a client that connects and says nothing holds up no one.
 pub struct TlsListener {
     ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
     local: SocketAddr,
@@ -341,6 +377,7 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(64);
         let tls = TlsAcceptor::from(config);
         let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let peers = Arc::new(PeerHandshakes::default());
         let acceptor = tokio::spawn(async move {
             loop {
                 let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else {
@@ -355,10 +392,16 @@ impl TlsListener {
                         continue;
                     }
                 };
+                let Some(slot) = peers.begin(peer.ip()) else {
+                    tracing::debug!(
+                        "closing a connection from {peer}: {MAX_HANDSHAKES_PER_PEER} of its handshakes are in progress"
+                    );
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let (tls, tx) = (tls.clone(), tx.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
+                    let _held = (permit, slot);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send((stream, peer)).await;
@@ -442,6 +485,23 @@ mod tests {
             tls_san: Vec::new(),
             plain_http: plain,
         }
+    }
+
+    #[test]
+    fn one_peer_holds_at_most_its_share_of_handshakes() {
+        let peers = Arc::new(PeerHandshakes::default());
+        let (a, b) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let held: Vec<PeerSlot> = (0..MAX_HANDSHAKES_PER_PEER)
+            .map(|_| peers.begin(a).unwrap())
+            .collect();
+        assert!(peers.begin(a).is_none());
+        let other = peers.begin(b);
+        assert!(other.is_some());
+        drop(held);
+        assert!(peers.begin(a).is_some());
+        drop(other);
+        // Every slot returned: nothing is left counted.
+        assert!(peers.0.lock().unwrap().is_empty());
     }
 
     #[test]
