@@ -171,21 +171,6 @@ pub struct NodeArgs {
     pub security_policy: Option<PathBuf>,
 }
 
-impl Command {
-    /// Whether the command runs as a long-lived process holding network connections: SIGPIPE
-    /// must not end it.
-    pub fn keeps_connections(&self) -> bool {
-        matches!(
-            self,
-            Command::Serve(_)
-                | Command::Controller(_)
-                | Command::Agent(_)
-                | Command::Cluster(_)
-                | Command::Bench(_)
-        )
-    }
-}
-
 /// The controller's API and host liveness.
 #[derive(Args, Debug, Clone)]
 pub struct ControlArgs {

@@ -48,18 +48,11 @@ use client::Client;
 
 fn main() {
     let cli = Cli::parse();
-    // A command that prints and ends dies quietly on a closed pipe (`telvirt vnf list | head
-    // -1`) like other Unix tools, instead of panicking inside println!. A process that serves
-    // or keeps connections (a node, a controller, an agent, a cluster's or a benchmark's
-    // driver) keeps SIGPIPE ignored: a peer that goes away mid-write (a TLS stream writes with
-    // writev, which raises SIGPIPE) is an error on that connection, never the process's end.
-    if !cli.command.keeps_connections() {
-        // SAFETY: called before any thread exists (parsing the arguments starts none); SIG_DFL
-        // is a valid disposition for SIGPIPE.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
-    }
+    // SIGPIPE stays ignored (Rust's default) in every command: a peer that goes away mid-write
+    // (a TLS stream writes with writev, which raises SIGPIPE) is an error on that connection,
+    // never the process's end, for a node as for a CLI call whose upload the server cut short.
+    // A closed stdout (`telvirt vnf list | head -1`) ends the command quietly instead.
+    quiet_on_closed_stdout();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TELVIRT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -79,6 +72,12 @@ fn main() {
     };
     let format = cli.output;
     if let Err(e) = runtime.block_on(dispatch(cli)) {
+        // Output written into a pipe whose reader has gone: end quietly (see above).
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            std::process::exit(141);
+        }
         let code = client::exit_code(&e);
         match format {
             // Machine-readable to the end: the error as a problem document too (on stderr,
@@ -88,6 +87,27 @@ fn main() {
         }
         std::process::exit(code);
     }
+}
+
+/// Ends the process quietly, with status 141 (what a shell shows for a SIGPIPE death), when
+/// writing to a stdout whose reader has gone panics, instead of printing the panic: the way
+/// other Unix tools end in `| head`.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // println! says "failed printing to stdout: Broken pipe …", a writer's `expect` (shell
+        // completion) "…: Os { …, kind: BrokenPipe, … }"; network errors are never panics.
+        if text.contains("Broken pipe") || text.contains("kind: BrokenPipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
 }
 
 /// The error and its causes on one line.

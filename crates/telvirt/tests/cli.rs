@@ -757,3 +757,22 @@ fn bench_api_times_the_same_calls_over_tls_and_plain_http() {
             .contains("--plain-http")
     );
 }
+
+#[test]
+fn a_command_whose_reader_goes_away_ends_quietly_like_a_unix_tool() {
+    use std::io::Read;
+    for args in [&["schema"][..], &["completion", "bash"][..]] {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Read a little, then go away as `head -c 10` does.
+        let mut first = [0u8; 10];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).is_empty(), "{args:?}: {}", stderr(&out));
+    }
+}
