@@ -15,7 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::bench_control::{Latency, latency, scratch_dir};
-use crate::bench_handover::{ControllerProcess, bench_http, free_port, poll_until};
+use crate::bench_handover::{ControllerProcess, bench_http};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -98,29 +98,14 @@ struct Endpoint {
 }
 
 async fn start(dir: &Path, plain: bool) -> Result<Endpoint> {
-    std::fs::create_dir_all(dir)?;
     let args: &[&str] = if plain { &["--plain-http"] } else { &[] };
-    let process = crate::bench_handover::spawn_api_process(dir, "controller", free_port()?, args)?;
     let http = bench_http()?.timeout(Duration::from_secs(5)).build()?;
-    let config = dir.join("control").join(crate::config::CLIENT_CONFIG);
-    poll_until(
-        Duration::from_secs(20),
-        "the controller answering",
-        || async {
-            config.exists()
-                && http
-                    .get(format!("{}/v1/healthz", process.api))
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().is_success())
-        },
-    )
-    .await?;
-    let token = crate::config::ClientConfig::read(&config)?.token;
+    let (process, api) =
+        crate::bench_cluster::embedded_api_process(dir, &http, "controller", args).await?;
     Ok(Endpoint {
         base: process.api.clone(),
         _process: process,
-        token,
+        token: api.token,
     })
 }
 
