@@ -271,6 +271,7 @@ pub(crate) mod tests {
                 address: "127.0.0.2:1".into(),
             }),
             epoch,
+            incoming_from: None,
         }
     }
 

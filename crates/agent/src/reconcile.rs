@@ -100,6 +100,9 @@ struct Known {
     /// What the running instance did with the last change it took (kept in its Running
     /// reason until it starts again).
     taken: Option<String>,
+    /// The instance was started to wait for its state from a move's source, and has not been
+    /// seen running since.
+    incoming: bool,
 }
 
 /// The wait before restart in place `n` (1: the first) of an instance that failed while it
@@ -251,6 +254,24 @@ impl Agent {
         &self.inner.host
     }
 
+    /// The runtime of `vnf` when this host's assignment makes it the destination of a move.
+    fn incoming_runtime(&self, vnf: &Name) -> Result<Arc<dyn Runtime>, String> {
+        let kind = self
+            .inner
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .filter(|a| a.incoming_from.is_some())
+            .map(|a| a.descriptor.spec.runtime)
+            .ok_or_else(|| format!("this host is not the destination of a move of {vnf}"))?;
+        self.inner
+            .runtimes
+            .get(&kind)
+            .cloned()
+            .ok_or_else(|| format!("runtime {} is not available on this host", kind.as_str()))
+    }
+
     pub fn config(&self) -> AgentConfig {
         self.inner.config
     }
@@ -372,9 +393,30 @@ impl Agent {
     }
 }
 
+#[async_trait::async_trait]
 impl crate::replication::StandbyHost for Agent {
     fn role(&self, vnf: &Name) -> Option<(Role, u64)> {
         Agent::role(self, vnf)
+    }
+
+    async fn expects_guest(&self, vnf: &Name) -> Result<(), String> {
+        let runtime = self.incoming_runtime(vnf)?;
+        match runtime.state(vnf).await {
+            InstanceState::Incoming => Ok(()),
+            other => Err(format!(
+                "its instance here does not wait for a guest ({other:?}); try again"
+            )),
+        }
+    }
+
+    async fn take_guest(&self, vnf: &Name, stream: std::os::fd::OwnedFd) -> Result<(), String> {
+        let runtime = self.incoming_runtime(vnf)?;
+        runtime
+            .receive_state(vnf, stream)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.inner.queue.add(vnf.clone());
+        Ok(())
     }
 
     fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>) {
@@ -727,19 +769,78 @@ impl Inner {
         }
         let state = runtime.state(&a.vnf).await;
         if let Some(r) = &self.replicas {
-            // Only a running, unlocked active wasm instance with a standby streams its maps.
+            // Only a running, unlocked active wasm instance with a standby streams its maps;
+            // a vm's guest streams to the destination of its move (the stream that completed
+            // is kept, for its figures, while the stopped copy here waits for the switch).
             match (&a.standby, a.placement.role, a.desired, &state) {
                 (Some(peer), Role::Active, DesiredState::Running, InstanceState::Running)
                     if kind == RuntimeKind::Wasm && !a.locked =>
                 {
                     r.ensure(&a.vnf, peer, a.epoch)
                 }
+                (
+                    Some(peer),
+                    Role::Active,
+                    DesiredState::Running,
+                    InstanceState::Running | InstanceState::Moved,
+                ) if kind == RuntimeKind::Vm && !a.locked => {
+                    r.ensure_guest(&a.vnf, peer, a.epoch, Arc::clone(&runtime))
+                }
                 _ => r.stop(&a.vnf),
+            }
+        }
+        if let Some(from) = a.incoming_from.clone()
+            && a.desired == DesiredState::Running
+        {
+            match &state {
+                InstanceState::Incoming => {
+                    let why = format!("waiting for its guest from host {from}");
+                    return Ok(self.report(&a, Phase::Starting, why).await?);
+                }
+                InstanceState::Running | InstanceState::Paused => {
+                    self.arrived(&a, runtime.as_ref()).await
+                }
+                // Not started yet, or its stream failed: it waits for the source again.
+                InstanceState::Absent
+                | InstanceState::Stopped
+                | InstanceState::Failed(_)
+                | InstanceState::Moved => {
+                    return self
+                        .start_incoming(&a, &spec, runtime.as_ref(), &from, &state)
+                        .await;
+                }
             }
         }
         let retry_allowed = failed_generation != Some(a.generation);
         match (a.desired, state) {
-            (DesiredState::Stopped, InstanceState::Running | InstanceState::Paused) => {
+            (DesiredState::Running, InstanceState::Moved) => match &a.standby {
+                Some(peer) => {
+                    let why = format!(
+                        "its guest moved to host {}; the switch to it follows",
+                        peer.host
+                    );
+                    Ok(self.report(&a, Phase::Running, why).await?)
+                }
+                // The move ended without making the destination the active: the guest is not
+                // resumed here (it may have run there).
+                None => {
+                    let _ = runtime.remove(&a.vnf).await;
+                    let why = "its guest moved to another host, but the move ended without making that host the active; start it again to boot a new guest".to_owned();
+                    Ok(self.fail(&a, why).await?)
+                }
+            },
+            (DesiredState::Running, InstanceState::Incoming) => {
+                // Waiting for a stream no move sends any more: it boots afresh.
+                let _ = runtime.remove(&a.vnf).await;
+                self.start(&a, &spec, runtime.as_ref()).await
+            }
+            (
+                DesiredState::Stopped,
+                InstanceState::Running
+                | InstanceState::Paused
+                | InstanceState::Incoming
+                | InstanceState::Moved,
+            ) => {
                 self.report(&a, Phase::Stopping, "stop requested").await?;
                 match runtime.stop(&a.vnf).await {
                     Ok(()) => Ok(self.report(&a, Phase::Stopped, "stopped").await?),
@@ -1017,6 +1118,63 @@ impl Inner {
     async fn fail_retry(&self, a: &Assignment, reason: String) -> Step {
         self.fail(a, reason.clone()).await?;
         Err(StepError(reason))
+    }
+
+    /// Starts the destination of a move from `from`: the instance waits for its state there
+    /// (a failed or stopped one is cleared first).
+    async fn start_incoming(
+        &self,
+        a: &Assignment,
+        spec: &InstanceSpec,
+        runtime: &dyn Runtime,
+        from: &str,
+        state: &InstanceState,
+    ) -> Step {
+        if *state != InstanceState::Absent {
+            let _ = runtime.remove(&a.vnf).await;
+        }
+        {
+            let mut known = self.known.lock().await;
+            let entry = known.entry(a.vnf.clone()).or_default();
+            entry.incoming = true;
+            entry.note = None;
+            entry.devices = None;
+            entry.devices_refused = None;
+            entry.running_as = None;
+            entry.taken = None;
+        }
+        match runtime.start_incoming(spec).await {
+            Ok(()) => {
+                let why = format!("waiting for its guest from host {from}");
+                Ok(self.report(a, Phase::Starting, why).await?)
+            }
+            Err(e) => {
+                self.fail_retry(
+                    a,
+                    format!("cannot wait for its guest from host {from}: {e}"),
+                )
+                .await
+            }
+        }
+    }
+
+    /// The destination of a move runs its guest: what the runtime says of the arrival is kept
+    /// in its reason (once).
+    async fn arrived(&self, a: &Assignment, runtime: &dyn Runtime) {
+        let first = {
+            let mut known = self.known.lock().await;
+            let entry = known.entry(a.vnf.clone()).or_default();
+            std::mem::take(&mut entry.incoming)
+        };
+        if first {
+            let note = runtime.start_note(&a.vnf).await;
+            self.known
+                .lock()
+                .await
+                .entry(a.vnf.clone())
+                .or_default()
+                .note = note;
+        }
     }
 
     async fn start(&self, a: &Assignment, spec: &InstanceSpec, runtime: &dyn Runtime) -> Step {

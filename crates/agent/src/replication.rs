@@ -17,6 +17,8 @@
 //! assignments say) nor touch an instance other than through [`ReplicaState`].
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::fencing::{Fencing, ForwardGate};
+use crate::runtime::Runtime;
 
 /// How the active's agent sends its batches and how long its standby waits for the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +65,12 @@ const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
 /// Nothing changed since the last batch: the active is alive.
 const KIND_KEEPALIVE: u8 = 3;
+/// The connection carries a moving vm's guest (QEMU's migration stream) once acknowledged.
+const KIND_GUEST: u8 = 4;
+/// How long a move's source waits before it opens a guest stream again.
+const GUEST_RETRY: Duration = Duration::from_secs(1);
+/// How often a guest stream's progress is told to the agent (and so reported) at most.
+const GUEST_PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Acknowledgement statuses.
 const ACK_OK: u8 = 0;
 const ACK_RESYNC: u8 = 1;
@@ -175,7 +184,7 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
         return Err(bad(format!("not a replication batch (magic {magic:?})")));
     }
     let kind = stream.read_u8().await?;
-    if ![KIND_SNAPSHOT, KIND_LOG, KIND_KEEPALIVE].contains(&kind) {
+    if ![KIND_SNAPSHOT, KIND_LOG, KIND_KEEPALIVE, KIND_GUEST].contains(&kind) {
         return Err(bad(format!("unknown batch kind {kind}")));
     }
     let name_len = stream.read_u16_le().await?;
@@ -202,9 +211,9 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
         )));
     }
     let len = stream.read_u32_le().await?;
-    if len > MAX_BATCH_BYTES || (kind == KIND_KEEPALIVE && len > 0) {
+    if len > MAX_BATCH_BYTES || ([KIND_KEEPALIVE, KIND_GUEST].contains(&kind) && len > 0) {
         return Err(bad(format!(
-            "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({MAX_BATCH_BYTES}; a keepalive carries none)"
+            "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({MAX_BATCH_BYTES}; a keepalive or a guest stream's opening carries none)"
         )));
     }
     let mut bytes = vec![0; len as usize];
@@ -220,6 +229,7 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
 }
 
 /// What the standby side asks of its agent.
+#[async_trait::async_trait]
 pub trait StandbyHost: Send + Sync + 'static {
     /// The role and epoch this host's assignments give `vnf`, if it is assigned here.
     fn role(&self, vnf: &Name) -> Option<(Role, u64)>;
@@ -227,6 +237,18 @@ pub trait StandbyHost: Send + Sync + 'static {
     /// host closed the connection, `None` once a batch arrived. Called on every batch; the
     /// agent acts on changes only.
     fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>);
+    /// Whether this host's instance of `vnf` waits for its guest's migration stream now (the
+    /// destination of a vm's move); `Err` says why not. A host that takes no guests keeps
+    /// this default, which refuses.
+    async fn expects_guest(&self, vnf: &Name) -> Result<(), String> {
+        Err(format!("this host takes no guest of {vnf}"))
+    }
+    /// Hands `stream`, a connection that carries `vnf`'s guest from here on, to the instance
+    /// waiting for it.
+    async fn take_guest(&self, vnf: &Name, stream: OwnedFd) -> Result<(), String> {
+        drop(stream);
+        Err(format!("this host takes no guest of {vnf}"))
+    }
 }
 
 /// Silence assumed on a connection before its first batch says how long to wait.
@@ -259,7 +281,13 @@ pub async fn serve_standbys(
                 silence: FIRST_SILENCE,
                 silent: false,
             };
-            let ended = conn.serve(stream, state, host.as_ref()).await;
+            let mut stream = stream;
+            let ended = match conn.serve(&mut stream, state, host.as_ref()).await {
+                // The connection carries a guest from now on: it leaves the batches' framing.
+                Ok(Some(guest)) => return take_guest(stream, &guest, host.as_ref()).await,
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
             // A connection its peer closed (or reset): the active's agent is gone (its kernel
             // closed the socket; an active never closes it while it is one, however long it
             // waits). One that failed on this side may be a cut path: it counts as silent.
@@ -280,6 +308,49 @@ pub async fn serve_standbys(
             conn.tell(host.as_ref(), Some(ActiveLost { why, closed }));
         });
     }
+}
+
+/// Answers a connection that opened `vnf`'s guest stream with header `h`: acknowledged when
+/// this host's instance of the VNF waits for its guest (as its standby at the sender's epoch
+/// or above), which then takes the connection; refused (and closed) otherwise.
+async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
+    let vnf = &h.vnf;
+    let refusal = match host.role(vnf) {
+        Some((Role::Standby, mine)) if h.epoch >= mine => host.expects_guest(vnf).await.err(),
+        Some((_, mine)) if mine > h.epoch => Some(format!(
+            "this host holds {vnf} at epoch {mine}, above the sender's {}",
+            h.epoch
+        )),
+        _ => Some(format!("this host runs no destination of {vnf}")),
+    };
+    let ack = match &refusal {
+        None => Ack::new(h.seq, ACK_OK, String::new()),
+        Some(why) => Ack::new(h.seq, ACK_REFUSED, why.clone()),
+    };
+    match tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return tracing::warn!(vnf = %vnf, "answering a guest stream: {e}"),
+        Err(_) => return tracing::warn!(vnf = %vnf, "answering a guest stream timed out"),
+    }
+    if let Some(why) = refusal {
+        return tracing::info!(vnf = %vnf, "refused a guest stream: {why}");
+    }
+    let taken = match blocking_fd(stream) {
+        Ok(fd) => host.take_guest(vnf, fd).await,
+        Err(e) => Err(format!("the guest stream's socket: {e}")),
+    };
+    match taken {
+        Ok(()) => tracing::info!(vnf = %vnf, "its guest streams in"),
+        // The connection closed with the fd: the source sees its stream fail.
+        Err(why) => tracing::warn!(vnf = %vnf, "could not take the guest stream: {why}"),
+    }
+}
+
+/// `stream` as a blocking socket QEMU can be handed (`getfd`), as a migration stream expects.
+fn blocking_fd(stream: TcpStream) -> std::io::Result<OwnedFd> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(OwnedFd::from(stream))
 }
 
 /// One active's connection as its standby's host serves it.
@@ -303,13 +374,14 @@ impl StandbyConnection {
         }
     }
 
-    /// Serves batches until the connection ends or fails.
+    /// Serves batches until the connection ends or fails, or opens a guest stream (its
+    /// header is answered, for the connection to be handed over).
     async fn serve(
         &mut self,
-        mut stream: TcpStream,
+        stream: &mut TcpStream,
         state: Arc<dyn ReplicaState>,
         host: &dyn StandbyHost,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Option<Header>> {
         let _ = stream.set_nodelay(true);
         let mut probe = [0u8; 1];
         loop {
@@ -332,12 +404,15 @@ impl StandbyConnection {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
             }
-            let (h, bytes) = tokio::time::timeout(IO_TIMEOUT, read_batch(&mut stream))
+            let (h, bytes) = tokio::time::timeout(IO_TIMEOUT, read_batch(stream))
                 .await
                 .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
+            if h.kind == KIND_GUEST {
+                return Ok(Some(h));
+            }
             self.silence = h.silence;
             let ack = self.receive(&h, bytes, &state, host).await;
-            tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack))
+            tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &ack))
                 .await
                 .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
         }
@@ -394,12 +469,96 @@ impl StandbyConnection {
     }
 }
 
+/// One stream's status, shared by its sending task and [`Replicas::status`]; the agent is told
+/// of every change of its state.
+#[derive(Clone)]
+struct StreamStatus {
+    status: Arc<Mutex<ReplicationStatus>>,
+    vnf: Name,
+    changed: Arc<OnceLock<StateChanged>>,
+}
+
+impl StreamStatus {
+    fn new(
+        vnf: &Name,
+        peer: &StandbyPeer,
+        state: &str,
+        changed: &Arc<OnceLock<StateChanged>>,
+    ) -> Self {
+        Self {
+            status: Arc::new(Mutex::new(ReplicationStatus {
+                standby_host: peer.host.clone(),
+                state: state.into(),
+                lag_us: 0,
+                updates: 0,
+                snapshots: 0,
+                bytes: 0,
+                error: None,
+                guest: None,
+            })),
+            vnf: vnf.clone(),
+            changed: Arc::clone(changed),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplicationStatus> {
+        self.status.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> ReplicationStatus {
+        self.lock().clone()
+    }
+
+    /// Tells the agent the stream changed.
+    fn tell(&self) {
+        if let Some(tell) = self.changed.get() {
+            tell(&self.vnf);
+        }
+    }
+
+    /// Changes the status with `f`; a change of its state is told at once (a move waits for
+    /// `synced`).
+    fn set(&self, f: &dyn Fn(&mut ReplicationStatus)) {
+        let changed = {
+            let mut s = self.lock();
+            let before = s.state.clone();
+            f(&mut s);
+            s.state != before
+        };
+        if changed {
+            self.tell();
+        }
+    }
+}
+
 /// The sending side of one replicated VNF.
 struct Sender {
     peer: StandbyPeer,
     epoch: u64,
-    status: Arc<Mutex<ReplicationStatus>>,
+    status: StreamStatus,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The sending side of one moving vm's guest stream.
+struct GuestSender {
+    peer: StandbyPeer,
+    epoch: u64,
+    status: StreamStatus,
+    /// Set when the stream is no longer wanted: the task cancels it and ends.
+    stop: Arc<AtomicBool>,
+    runtime: Arc<dyn Runtime>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GuestSender {
+    /// Ends the stream (the guest runs on here unless it moved already).
+    fn stop(self, vnf: &Name) {
+        self.stop.store(true, Ordering::Release);
+        if !self.task.is_finished() {
+            let (runtime, vnf) = (self.runtime, vnf.clone());
+            tokio::spawn(async move { runtime.cancel_send(&vnf).await });
+        }
+    }
 }
 
 /// The replication tasks of this host's active instances that have a standby.
@@ -410,6 +569,8 @@ pub struct Replicas {
     /// answer fences it (`None`: nothing is gated).
     fencing: Option<Arc<Fencing>>,
     senders: Mutex<HashMap<Name, Sender>>,
+    /// The guest streams of this host's moving vm instances.
+    guests: Mutex<HashMap<Name, GuestSender>>,
     /// Told when a stream's state changes (its VNF's name).
     changed: Arc<OnceLock<StateChanged>>,
 }
@@ -421,6 +582,7 @@ impl Replicas {
             detection,
             fencing: None,
             senders: Mutex::new(HashMap::new()),
+            guests: Mutex::new(HashMap::new()),
             changed: Arc::new(OnceLock::new()),
         }
     }
@@ -455,15 +617,7 @@ impl Replicas {
         if let Some(old) = senders.remove(vnf) {
             old.task.abort();
         }
-        let status = Arc::new(Mutex::new(ReplicationStatus {
-            standby_host: peer.host.clone(),
-            state: "resyncing".into(),
-            lag_us: 0,
-            updates: 0,
-            snapshots: 0,
-            bytes: 0,
-            error: None,
-        }));
+        let status = StreamStatus::new(vnf, peer, "resyncing", &self.changed);
         let task = tokio::spawn(send_loop(
             SendTo {
                 vnf: vnf.clone(),
@@ -471,10 +625,9 @@ impl Replicas {
                 epoch,
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
-                changed: Arc::clone(&self.changed),
             },
             Arc::clone(&self.state),
-            Arc::clone(&status),
+            status.clone(),
         ));
         senders.insert(
             vnf.clone(),
@@ -487,18 +640,73 @@ impl Replicas {
         );
     }
 
-    /// Stops streaming `vnf`'s maps (no longer active, no standby, or gone).
+    fn guests(&self) -> std::sync::MutexGuard<'_, HashMap<Name, GuestSender>> {
+        self.guests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `vnf`'s guest (a vm of `runtime`) stream to the destination `peer` of its move,
+    /// as the active of `epoch`, until it is there (a stream that completed is not sent
+    /// again; a new peer or epoch starts over). A failed stream is tried again: the guest
+    /// runs on here meanwhile.
+    pub fn ensure_guest(
+        &self,
+        vnf: &Name,
+        peer: &StandbyPeer,
+        epoch: u64,
+        runtime: Arc<dyn Runtime>,
+    ) {
+        let mut guests = self.guests();
+        if let Some(g) = guests.get(vnf)
+            && g.peer == *peer
+            && g.epoch == epoch
+        {
+            return;
+        }
+        if let Some(old) = guests.remove(vnf) {
+            old.stop(vnf);
+        }
+        let status = StreamStatus::new(vnf, peer, "streaming", &self.changed);
+        let stop = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(send_guest(
+            GuestTo {
+                vnf: vnf.clone(),
+                address: peer.address.clone(),
+                epoch,
+                stop: Arc::clone(&stop),
+                runtime: Arc::clone(&runtime),
+            },
+            status.clone(),
+        ));
+        guests.insert(
+            vnf.clone(),
+            GuestSender {
+                peer: peer.clone(),
+                epoch,
+                status,
+                stop,
+                runtime,
+                task,
+            },
+        );
+    }
+
+    /// Stops streaming `vnf`'s maps or guest (no longer active, no standby or move, or gone);
+    /// a guest stream under way is cancelled, the guest runs on here.
     pub fn stop(&self, vnf: &Name) {
         if let Some(s) = self.senders().remove(vnf) {
             s.task.abort();
         }
+        if let Some(g) = self.guests().remove(vnf) {
+            g.stop(vnf);
+        }
     }
 
-    /// Where `vnf`'s replication stands, if it is replicated.
+    /// Where `vnf`'s replication (or its guest's stream) stands, if there is one.
     pub fn status(&self, vnf: &Name) -> Option<ReplicationStatus> {
-        self.senders()
-            .get(vnf)
-            .map(|s| s.status.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        if let Some(s) = self.senders().get(vnf) {
+            return Some(s.status.read());
+        }
+        self.guests().get(vnf).map(|g| g.status.read())
     }
 }
 
@@ -507,7 +715,113 @@ impl Drop for Replicas {
         for (_, s) in self.senders().drain() {
             s.task.abort();
         }
+        for (vnf, g) in self.guests().drain() {
+            g.stop(&vnf);
+        }
     }
+}
+
+/// Where and as what one moving vm's guest is sent.
+struct GuestTo {
+    vnf: Name,
+    address: String,
+    epoch: u64,
+    stop: Arc<AtomicBool>,
+    runtime: Arc<dyn Runtime>,
+}
+
+/// Opens a guest stream to the destination at `to.address` and hands it to the runtime, again
+/// after each failure, until the guest is there or the stream is no longer wanted.
+async fn send_guest(to: GuestTo, status: StreamStatus) {
+    let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
+    while !to.stop.load(Ordering::Acquire) {
+        let stream = match open_guest_stream(&to.vnf, &to.address, to.epoch).await {
+            Ok(fd) => fd,
+            Err(why) => {
+                set(&|s| fail(s, why.clone()));
+                tokio::time::sleep(GUEST_RETRY).await;
+                continue;
+            }
+        };
+        set(&|s| {
+            s.state = "streaming".into();
+            s.error = None;
+        });
+        let progress = {
+            let (status, stop, runtime, vnf) = (
+                status.clone(),
+                Arc::clone(&to.stop),
+                Arc::clone(&to.runtime),
+                to.vnf.clone(),
+            );
+            let mut told = (String::new(), Instant::now());
+            let mut cancelled = false;
+            move |p: &telvirt_model::api::GuestStream| {
+                {
+                    let mut s = status.lock();
+                    s.bytes = p.transferred_bytes;
+                    s.guest = Some(p.clone());
+                }
+                if told.0 != p.status || told.1.elapsed() >= GUEST_PROGRESS_EVERY {
+                    told = (p.status.clone(), Instant::now());
+                    status.tell();
+                }
+                // No longer wanted while it runs: QEMU is told to end it.
+                if stop.load(Ordering::Acquire) && !cancelled {
+                    cancelled = true;
+                    let (runtime, vnf) = (Arc::clone(&runtime), vnf.clone());
+                    tokio::spawn(async move { runtime.cancel_send(&vnf).await });
+                }
+            }
+        };
+        match to
+            .runtime
+            .send_state(&to.vnf, stream, Box::new(progress))
+            .await
+        {
+            Ok(done) => {
+                return set(&|s| {
+                    s.state = "synced".into();
+                    s.bytes = done.transferred_bytes;
+                    s.guest = Some(done.clone());
+                    s.error = None;
+                });
+            }
+            Err(e) => set(&|s| fail(s, e.to_string())),
+        }
+        tokio::time::sleep(GUEST_RETRY).await;
+    }
+}
+
+/// Connects to the destination at `address` and opens `vnf`'s guest stream as the active of
+/// `epoch`; once acknowledged, the connection is the stream's (a blocking socket).
+async fn open_guest_stream(vnf: &Name, address: &str, epoch: u64) -> Result<OwnedFd, String> {
+    let opened = async {
+        let mut conn = TcpStream::connect(address).await?;
+        conn.set_nodelay(true)?;
+        let header = Header {
+            vnf: vnf.clone(),
+            kind: KIND_GUEST,
+            seq: 1,
+            epoch,
+            silence: FIRST_SILENCE,
+        };
+        write_batch(&mut conn, &header, &[]).await?;
+        let ack = read_ack(&mut conn).await?;
+        Ok::<_, std::io::Error>((conn, ack))
+    };
+    let (conn, ack) = match tokio::time::timeout(IO_TIMEOUT, opened).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(format!("opening the guest stream to {address}: {e}")),
+        Err(_) => return Err(format!("opening the guest stream to {address} timed out")),
+    };
+    if ack.status != ACK_OK {
+        return Err(format!(
+            "the destination refused the guest stream: {}",
+            ack.message
+        ));
+    }
+    blocking_fd(conn).map_err(|e| format!("the guest stream's socket: {e}"))
 }
 
 /// Where and as what one VNF's maps are sent.
@@ -518,8 +832,6 @@ struct SendTo {
     detection: Detection,
     /// The instance's gate: kept open by acknowledgements, closed by a stale answer.
     gate: Option<Arc<ForwardGate>>,
-    /// Told when the stream's state changes.
-    changed: Arc<OnceLock<StateChanged>>,
 }
 
 /// What [`Replicas::on_state_change`] calls.
@@ -527,35 +839,19 @@ pub type StateChanged = Box<dyn Fn(&Name) + Send + Sync>;
 
 /// Sends `to.vnf`'s maps to the standby at `to.address` every interval until aborted: a full
 /// snapshot first (and whenever the standby asks), then the update log.
-async fn send_loop(
-    to: SendTo,
-    state: Arc<dyn ReplicaState>,
-    status: Arc<Mutex<ReplicationStatus>>,
-) {
+async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatus) {
     let SendTo {
         vnf,
         address,
         epoch,
         detection,
         gate,
-        ..
     } = &to;
     // Acknowledgements keep the instance forwarding for half the standby's silence: a standby
     // that stopped hearing it has the instance's gate closed (unless its lease holds) before
     // it says so.
     let window = detection.silence() / 2;
-    // A change of the stream's state is told at once (a move waits for `synced`).
-    let set = |f: &dyn Fn(&mut ReplicationStatus)| {
-        let changed = {
-            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
-            let before = s.state.clone();
-            f(&mut s);
-            s.state != before
-        };
-        if changed && let Some(tell) = to.changed.get() {
-            tell(vnf);
-        }
-    };
+    let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
     let mut stream: Option<TcpStream> = None;
     let mut full = true;
     let mut seq = 0u64;
@@ -764,6 +1060,7 @@ mod tests {
         }
     }
 
+    #[async_trait::async_trait]
     impl StandbyHost for Standbys {
         fn role(&self, vnf: &Name) -> Option<(Role, u64)> {
             self.roles.lock().unwrap().get(vnf.as_str()).copied()

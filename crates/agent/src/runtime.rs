@@ -4,9 +4,11 @@
 //! observe, adopt after a restart. It must not expose a runtime's internals: the loop never asks
 //! whether it talks to QEMU or wasmtime.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 use async_trait::async_trait;
+use telvirt_model::api::GuestStream;
 use telvirt_model::{DeviceGrant, Name, Placement, RuntimeKind, VnfDescriptor};
 
 /// Everything a runtime needs to run one instance.
@@ -37,6 +39,10 @@ pub enum InstanceState {
     Stopped,
     /// It crashed or could not run; the reason says why.
     Failed(String),
+    /// The destination of a move: it waits for (or receives) its state from the source.
+    Incoming,
+    /// Its state moved to another host: a stopped copy is kept here until it is stopped.
+    Moved,
 }
 
 /// Why a runtime refused or failed an operation.
@@ -49,6 +55,9 @@ impl RuntimeFailure {
         Self(reason.to_string())
     }
 }
+
+/// What [`Runtime::send_state`] tells how far the stream got.
+pub type StreamProgress = Box<dyn FnMut(&GuestStream) + Send>;
 
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
@@ -77,6 +86,52 @@ pub trait Runtime: Send + Sync + 'static {
     async fn start_note(&self, name: &Name) -> Option<String> {
         let _ = name;
         None
+    }
+
+    /// Starts the destination of a move: the instance waits for its state from the source
+    /// (vm: QEMU paused with `-incoming defer`, pinned to the placement's CPUs) and is
+    /// [`InstanceState::Incoming`] until it runs. A runtime whose instances move otherwise
+    /// keeps this default, which refuses.
+    async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        Err(RuntimeFailure::new(format!(
+            "runtime {} cannot take {} from a migration stream",
+            self.kind().as_str(),
+            spec.name
+        )))
+    }
+
+    /// Hands `stream`, the connection a move's source opened for `name`'s state, to the
+    /// instance waiting for it ([`Runtime::start_incoming`]). Returns once the instance took
+    /// it; the instance runs once the state is in. A runtime whose instances move otherwise
+    /// keeps this default, which refuses.
+    async fn receive_state(&self, name: &Name, stream: OwnedFd) -> Result<(), RuntimeFailure> {
+        drop(stream);
+        Err(RuntimeFailure::new(format!(
+            "runtime {} cannot take {name} from a migration stream",
+            self.kind().as_str()
+        )))
+    }
+
+    /// Sends the running instance's state to a move's destination over `stream`, telling
+    /// `progress` how far it got. Returns the final figures once the state is there (the
+    /// instance here is then [`InstanceState::Moved`]); on error it runs on here. A runtime
+    /// whose instances move otherwise keeps this default, which refuses.
+    async fn send_state(
+        &self,
+        name: &Name,
+        stream: OwnedFd,
+        progress: StreamProgress,
+    ) -> Result<GuestStream, RuntimeFailure> {
+        drop((stream, progress));
+        Err(RuntimeFailure::new(format!(
+            "runtime {} cannot send {name} over a migration stream",
+            self.kind().as_str()
+        )))
+    }
+
+    /// Ends a [`Runtime::send_state`] under way; the instance runs on here.
+    async fn cancel_send(&self, name: &Name) {
+        let _ = name;
     }
 
     /// Moves the running instance's threads to the CPUs `spec.placement` gives, without

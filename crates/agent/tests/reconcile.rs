@@ -153,6 +153,7 @@ fn assignment(runtime: &str) -> Assignment {
         domain: "operator".into(),
         standby: None,
         epoch: 0,
+        incoming_from: None,
     }
 }
 

@@ -272,6 +272,7 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
         domain: "operator".into(),
         standby: None,
         epoch: 0,
+        incoming_from: None,
     }
 }
 

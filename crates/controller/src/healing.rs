@@ -467,6 +467,7 @@ mod tests {
                 snapshots: 1,
                 bytes: 0,
                 error: None,
+                guest: None,
             }),
             migration: None,
             epoch: 0,

@@ -1,6 +1,6 @@
-//! Moving a running wasm VNF to another host: the destination is placed as a standby (its cpus
-//! held beside the source's, so the two never overlap), the source's agent streams the maps to
-//! it (ADR 052), and once the stream is synced and the destination runs, the roles swap and the
+//! Moving a running VNF to another host: the destination is placed as a standby (its cpus held
+//! beside the source's, so the two never overlap), the source's agent streams the state to it
+//! (a wasm VNF's maps, ADR 052; a vm's guest, QEMU's migration stream, ADR 062), and once the stream is synced and the destination runs, the roles swap and the
 //! source's place is freed, in one transaction; the network follows the active. A move can be
 //! cancelled; if the source dies during it, the destination takes over as any standby would.
 //!
@@ -40,14 +40,8 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
             m.to, m.started_at
         )));
     }
-    if v.descriptor.spec.runtime != RuntimeKind::Wasm {
-        return Some(ControllerError::Invalid(FieldError::new(
-            "spec.runtime",
-            format!(
-                "vnf {name} runs on `{}`; only wasm VNFs move (their state is their maps)",
-                v.descriptor.spec.runtime.as_str()
-            ),
-        )));
+    if let Some(e) = vm_refusal(v) {
+        return Some(e);
     }
     if v.descriptor.spec.redundancy == Redundancy::ActiveStandby {
         return Some(ControllerError::Invalid(FieldError::new(
@@ -62,6 +56,50 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
             "vnf {name} is {}, not Running: only a running VNF moves",
             v.phase
         )));
+    }
+    None
+}
+
+/// Why vm VNF `v`'s guest cannot move (`None` for a wasm VNF): what lives on its host only.
+fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
+    let name = v.name.as_str();
+    let vm = match (v.descriptor.spec.runtime, &v.descriptor.spec.vm) {
+        (RuntimeKind::Wasm, _) => return None,
+        (RuntimeKind::Vm, Some(vm)) => vm,
+        (RuntimeKind::Vm, None) => {
+            return Some(ControllerError::Invalid(FieldError::new(
+                "spec.vm",
+                format!("vnf {name} runs on `vm` but has no spec.vm"),
+            )));
+        }
+    };
+    let refuse = |field: &str, why: &str| {
+        Some(ControllerError::Invalid(FieldError::new(
+            field,
+            format!("vnf {name} cannot move: {why}"),
+        )))
+    };
+    if vm.disk.is_some() {
+        return refuse(
+            "spec.vm.disk",
+            "its boot disk stays on its host (telvirt has no shared storage or block migration); only guests without a disk move",
+        );
+    }
+    if !vm.nics.is_empty() {
+        return refuse(
+            "spec.vm.nics",
+            "its vhost-user NICs keep no dirty log of the guest memory they write, so a copy of the guest would miss those pages",
+        );
+    }
+    if !v.devices.is_empty() {
+        let ids: Vec<&str> = v.devices.iter().map(|d| d.id.as_str()).collect();
+        return refuse(
+            "devices",
+            &format!(
+                "it holds host devices ({}); revoke them first, a device does not follow the guest",
+                ids.join(", ")
+            ),
+        );
     }
     None
 }
@@ -95,6 +133,12 @@ impl Controller {
             .ok_or_else(|| super::not_found(name))?;
         if let Some(e) = refusal(&record.vnf, record.deleting) {
             return Err(e);
+        }
+        if req.engine.is_some() && record.vnf.descriptor.spec.runtime == RuntimeKind::Vm {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "engine",
+                format!("vnf {name} is a vm: an engine is chosen for wasm VNFs only"),
+            )));
         }
         let from = record
             .vnf
@@ -138,9 +182,13 @@ impl Controller {
         let placed = scheduler.placement(name)?;
         let cpus: Vec<String> = dest.cpus.iter().map(ToString::to_string).collect();
         let reason = format!(
-            "moving to host {} (cpus {}): its state streams there, then the traffic",
+            "moving to host {} (cpus {}): {}",
             dest.host,
-            cpus.join(",")
+            cpus.join(","),
+            match record.vnf.descriptor.spec.runtime {
+                RuntimeKind::Wasm => "its state streams there, then the traffic",
+                RuntimeKind::Vm => "its guest's memory streams there, then the guest runs there",
+            }
         );
         let migration = Migration {
             to: dest.host.clone(),
@@ -186,6 +234,17 @@ impl Controller {
                 "vnf {name} is not moving"
             )));
         };
+        if record
+            .vnf
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.standby_host == m.to && r.guest.is_some() && r.state == "synced")
+        {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name}'s guest runs on host {} already (its stream completed); the move ends with the switch to it",
+                m.to
+            )));
+        }
         let placed = scheduler.drop_standby(name)?;
         let reason = format!("the move to host {} was cancelled by {}", m.to, caller.name);
         let how = Recording {
@@ -229,30 +288,39 @@ impl Controller {
             .replication
             .as_ref()
             .is_some_and(|r| r.standby_host == m.to && r.state == "synced");
-        let (placed, reason, actor, restart) = if destination_runs
-            && synced
-            && v.phase == Phase::Running
-            && !record.deleting
-        {
-            let updates = v.replication.as_ref().map_or(0, |r| r.updates);
-            // Should the record fail to be written after this, the scheduler holds the end of
-            // the move and the store its start: the next open restores from the store.
-            scheduler.swap_roles(name)?;
-            let placed = scheduler.drop_standby(name)?;
-            let reason = format!(
-                "moved from host {} to host {}{} ({updates} map updates streamed before the switch)",
-                m.from,
-                m.to,
-                m.engine
-                    .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
-            );
-            (placed, reason, m.by.clone(), Restart::Yes)
-        } else if let Some(reason) = self.overdue(v, &m)? {
-            let placed = scheduler.drop_standby(name)?;
-            (placed, reason, MOVE_DEADLINE_ACTOR.to_owned(), Restart::No)
-        } else {
-            return Ok(false);
-        };
+        let (placed, reason, actor, restart) =
+            if destination_runs && synced && v.phase == Phase::Running && !record.deleting {
+                let streamed = match v.replication.as_ref() {
+                    Some(r) => match &r.guest {
+                        Some(g) => format!(
+                            "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms",
+                            g.transferred_bytes >> 20,
+                            g.total_ms,
+                            g.downtime_ms
+                                .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string())
+                        ),
+                        None => format!("{} map updates streamed before the switch", r.updates),
+                    },
+                    None => "nothing streamed".to_owned(),
+                };
+                // Should the record fail to be written after this, the scheduler holds the end of
+                // the move and the store its start: the next open restores from the store.
+                scheduler.swap_roles(name)?;
+                let placed = scheduler.drop_standby(name)?;
+                let reason = format!(
+                    "moved from host {} to host {}{} ({streamed})",
+                    m.from,
+                    m.to,
+                    m.engine
+                        .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
+                );
+                (placed, reason, m.by.clone(), Restart::Yes)
+            } else if let Some(reason) = self.overdue(v, &m)? {
+                let placed = scheduler.drop_standby(name)?;
+                (placed, reason, MOVE_DEADLINE_ACTOR.to_owned(), Restart::No)
+            } else {
+                return Ok(false);
+            };
         // The descriptor says the engine the destination runs on (once it is the active).
         let engine = m.engine.filter(|_| restart == Restart::Yes);
         let how = Recording {
@@ -278,7 +346,13 @@ impl Controller {
         let age = SystemTime::now()
             .duration_since(started)
             .unwrap_or_default();
-        if age < deadline {
+        // A guest whose stream completed runs only at the destination now: cancelling would
+        // stop it there. Its destination gets the deadline once more to report it running.
+        let guest_moved = v
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.standby_host == m.to && r.guest.is_some() && r.state == "synced");
+        if age < deadline || (guest_moved && age < deadline.saturating_mul(2)) {
             return Ok(None);
         }
         let destination = match &v.standby {

@@ -1537,17 +1537,36 @@ impl Controller {
                 };
                 domains.insert(owner.to_owned(), domain);
             }
-            // The active of a wasm pair streams its maps to its standby's host (each host's
-            // tunnel address read once per call).
+            // The active of a wasm pair streams its maps to its standby's host, the source of
+            // a vm's move its guest to the destination (each host's tunnel address read once
+            // per call).
+            let vm_move_to = vnf
+                .migration
+                .as_ref()
+                .filter(|_| vnf.descriptor.spec.runtime == RuntimeKind::Vm)
+                .map(|m| m.to.as_str());
             let standby_host = vnf
                 .placements
                 .iter()
                 .find(|s| s.role == telvirt_model::Role::Standby)
                 .map(|s| s.host.clone())
-                .filter(|_| {
+                .filter(|s| {
                     p.role == telvirt_model::Role::Active
-                        && vnf.descriptor.spec.runtime == RuntimeKind::Wasm
+                        && match vnf.descriptor.spec.runtime {
+                            RuntimeKind::Wasm => true,
+                            RuntimeKind::Vm => vm_move_to == Some(s.as_str()),
+                        }
                 });
+            // The destination of a vm's move waits for its guest instead of booting one.
+            let incoming_from = vnf
+                .migration
+                .as_ref()
+                .filter(|m| {
+                    vm_move_to == Some(host)
+                        && m.to == host
+                        && p.role == telvirt_model::Role::Standby
+                })
+                .map(|m| m.from.clone());
             let standby = match standby_host {
                 Some(h) => {
                     if !tunnels.contains_key(&h) {
@@ -1582,6 +1601,7 @@ impl Controller {
                     .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
                 standby,
                 epoch: vnf.epoch,
+                incoming_from,
             });
         }
         Ok(out)

@@ -387,6 +387,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
                     snapshots: 1,
                     bytes: 8,
                     error: None,
+                    guest: None,
                 }),
                 active_lost: None,
             },

@@ -1,9 +1,11 @@
-//! Moving a wasm VNF through the API with the agents played: the destination is held as a
+//! Moving a VNF through the API with the agents played: the destination is held as a
 //! standby beside the source (cpus never shared), the move survives a controller restart, it
 //! can be cancelled, and it ends (the destination active, the source freed) once the
 //! destination runs and the source reports the stream synced, or is cancelled past its
-//! deadline. A host that cannot receive state is refused. The store stays consistent
-//! throughout.
+//! deadline. A host that cannot receive state is refused. A vm VNF moves by its guest's
+//! stream (the assignments say who sends and who waits), cannot be cancelled once the stream
+//! completed, and is refused when a disk, NICs or an engine would not follow. The store stays
+//! consistent throughout.
 
 mod common;
 
@@ -39,6 +41,21 @@ async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<Re
     )
     .await
     .unwrap();
+}
+
+/// Hosts h2 and h3, heartbeating, with tunnel addresses (both can receive state); h1 and h3
+/// cordoned, so what is created next runs on h2.
+async fn h2_and_h3(node: &Node) -> Vec<tokio::task::JoinHandle<()>> {
+    node.cordon("h1").await;
+    let mut beats = Vec::new();
+    for h in ["h2", "h3"] {
+        let mut record = host_record(h);
+        record.tunnel = Some("127.0.0.1:4789".into());
+        node.controller.register_host(record).await.unwrap();
+        beats.push(beat(&node.controller, h));
+    }
+    node.cordon("h3").await;
+    beats
 }
 
 async fn consistent(node: &Node) {
@@ -144,6 +161,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         snapshots: 1,
         bytes: 512,
         error: None,
+        guest: None,
     };
     report(&node.controller, "h2", Phase::Running, Some(synced)).await;
     let moved = node.vnf_json("u1").await;
@@ -172,15 +190,7 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
     let node = Node::start_monitored(None).await;
     node.controller
         .set_move_deadline(std::time::Duration::from_millis(300));
-    node.cordon("h1").await;
-    let mut beats = Vec::new();
-    for h in ["h2", "h3"] {
-        let mut record = host_record(h);
-        record.tunnel = Some("127.0.0.1:4789".into());
-        node.controller.register_host(record).await.unwrap();
-        beats.push(beat(&node.controller, h));
-    }
-    node.cordon("h3").await;
+    let beats = h2_and_h3(&node).await;
     node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
     node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
         .await;
@@ -196,6 +206,7 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
         snapshots: 0,
         bytes: 0,
         error: Some("connecting to 127.0.0.1:4789: Connection refused".into()),
+        guest: None,
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -227,6 +238,140 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
             && reason.contains("Connection refused")
             && reason.ends_with("cancelled, it runs on h2"),
         "{reason}"
+    );
+    consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+/// A vm VNF that can move: the default guest, no disk, NICs or devices.
+const VM: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: u1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 256MiB }\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
+    let node = Node::start_monitored(None).await;
+    let beats = h2_and_h3(&node).await;
+    node.create_vnf(&node.admin, VM).await;
+    for (name, vm) in [
+        ("ud", "{ memory: 256MiB, disk: /var/lib/telvirt/ud.qcow2 }"),
+        ("un", "{ memory: 256MiB, nics: [ { port: n3 } ] }"),
+    ] {
+        let text = VM.replace("name: u1", &format!("name: {name}")).replace(
+            "vm: { memory: 256MiB }",
+            &format!("ports: [n3]\n  vm: {vm}"),
+        );
+        node.create_vnf(&node.admin, &text).await;
+    }
+    for name in ["u1", "ud", "un"] {
+        node.wait_vnf(&node.admin, name, |v| v["phase"] == "Scheduled")
+            .await;
+    }
+    report(&node.controller, "h2", Phase::Running, None).await;
+    for name in ["ud", "un"] {
+        node.controller
+            .observe(
+                "h2",
+                Observation {
+                    vnf: name.parse().unwrap(),
+                    phase: Phase::Running,
+                    reason: "running".into(),
+                    generation: 0,
+                    replication: None,
+                    active_lost: None,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    node.uncordon("h3").await;
+
+    // What stays on its host refuses the move, naming the field; nothing changes.
+    for (name, body, field, needle) in [
+        (
+            "ud",
+            r#"{"to": "h3"}"#,
+            "spec.vm.disk",
+            "boot disk stays on its host",
+        ),
+        ("un", r#"{"to": "h3"}"#, "spec.vm.nics", "dirty log"),
+        (
+            "u1",
+            r#"{"to": "h3", "engine": "pulley"}"#,
+            "engine",
+            "wasm VNFs only",
+        ),
+    ] {
+        let before = node.vnf_json(name).await;
+        let r = node
+            .call(
+                "POST",
+                "/v1/vnfs/{name}/migrate",
+                Some(name),
+                Some(&node.admin),
+                Some((body.as_bytes(), JSON)),
+            )
+            .await;
+        assert_eq!(r.status, 422, "{name}: {}", r.body);
+        assert_eq!(r.error_paths(), [field], "{}", r.body);
+        assert!(
+            r.body["detail"].as_str().unwrap().contains(needle),
+            "{}",
+            r.body
+        );
+        assert_eq!(node.vnf_json(name).await, before);
+    }
+
+    // The move: the source's assignment names the destination, the destination's says where
+    // its guest comes from (it waits instead of booting).
+    let r = migrate(&node, r#"{"to": "h3"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let source = node.controller.assignments("h2").await.unwrap();
+    let source = source.iter().find(|a| a.vnf.as_str() == "u1").unwrap();
+    assert_eq!(source.standby.as_ref().unwrap().host, "h3");
+    assert_eq!(source.incoming_from, None);
+    let dest = node.controller.assignments("h3").await.unwrap();
+    assert_eq!(dest[0].incoming_from.as_deref(), Some("h2"));
+
+    // The stream completed: the guest runs only at h3 now, so the move cannot be cancelled.
+    let completed = ReplicationStatus {
+        standby_host: "h3".into(),
+        state: "synced".into(),
+        lag_us: 0,
+        updates: 0,
+        snapshots: 0,
+        bytes: 300 << 20,
+        error: None,
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "completed".into(),
+            total_ms: 2100,
+            transferred_bytes: 300 << 20,
+            remaining_bytes: 0,
+            total_bytes: 256 << 20,
+            dirty_pages_per_s: 0,
+            downtime_ms: Some(42),
+        }),
+    };
+    report(&node.controller, "h2", Phase::Running, Some(completed)).await;
+    let r = migrate(&node, r#"{"cancel": true}"#).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(node.vnf_json("u1").await["migration"].is_object());
+
+    // The destination runs its guest: the roles swap, h2 is freed, the event has the figures.
+    report(&node.controller, "h3", Phase::Running, None).await;
+    let moved = node.vnf_json("u1").await;
+    assert_eq!(
+        role_hosts(&moved),
+        [("active".into(), "h3".into())],
+        "{moved}"
+    );
+    assert!(moved.get("migration").is_none(), "{moved}");
+    let dest = node.controller.assignments("h3").await.unwrap();
+    assert_eq!(dest[0].incoming_from, None, "the guest runs there now");
+    let last = node.events("u1").await.pop().unwrap();
+    assert!(
+        last["reason"].as_str().unwrap().contains(
+            "moved from host h2 to host h3 (300 MiB of guest memory streamed in 2100 ms, the guest stopped for 42 ms)"
+        ),
+        "{last}"
     );
     consistent(&node).await;
     beats.into_iter().for_each(|b| b.abort());

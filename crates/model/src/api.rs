@@ -351,6 +351,11 @@ pub struct Assignment {
     /// peer holds a higher one.
     #[serde(default)]
     pub epoch: u64,
+    /// For the destination of a vm VNF's move: the host its guest comes from. The instance
+    /// waits for the guest's migration stream (QEMU paused with `-incoming defer`) instead of
+    /// booting; the source's assignment names this host as its `standby`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming_from: Option<String>,
 }
 
 /// What an agent observed of one VNF.
@@ -391,13 +396,15 @@ pub struct StandbyPeer {
     pub address: String,
 }
 
-/// How an active wasm instance's maps reach its standby: a full snapshot, then the update log
-/// in ordered, acknowledged batches.
+/// How an active instance's state reaches its standby or the destination of its move. A wasm
+/// instance's maps: a full snapshot, then the update log in ordered, acknowledged batches. A
+/// moving vm's guest: QEMU's migration stream (`guest` says how far it got).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReplicationStatus {
     pub standby_host: String,
-    /// `synced` (the last batch was acknowledged), `resyncing` (a full snapshot is due or on
-    /// its way) or `failing` (the last attempt failed; see `error`).
+    /// `synced` (the last batch was acknowledged; a guest's stream completed), `resyncing` (a
+    /// full snapshot is due or on its way), `streaming` (a guest's stream runs) or `failing`
+    /// (the last attempt failed; see `error`).
     pub state: String,
     /// From taking the last acknowledged batch off the active instance to its
     /// acknowledgement by the standby, in microseconds: how far the standby may lag behind.
@@ -406,10 +413,33 @@ pub struct ReplicationStatus {
     pub updates: u64,
     /// Full snapshots sent, the first one included.
     pub snapshots: u64,
-    /// Bytes the standby acknowledged.
+    /// Bytes the standby acknowledged (a guest's stream: RAM bytes sent).
     pub bytes: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A moving vm's stream, as the source's QEMU last reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestStream>,
+}
+
+/// Where a vm guest's migration stream is, as the source's QEMU reports it (`query-migrate`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestStream {
+    /// QEMU's status: `setup`, `active`, `device`, `completed`, `failed`, `cancelled`.
+    pub status: String,
+    /// Since the stream started, ms.
+    pub total_ms: u64,
+    /// RAM bytes sent so far.
+    pub transferred_bytes: u64,
+    /// RAM bytes still to send (dirty or never sent).
+    pub remaining_bytes: u64,
+    /// Guest RAM.
+    pub total_bytes: u64,
+    /// Pages the guest dirties per second, as QEMU last measured.
+    pub dirty_pages_per_s: u64,
+    /// How long the guest was stopped for the final copy, ms (once completed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
 }
 
 /// A move of a VNF to another host (`POST /v1/vnfs/{name}/migrate`).

@@ -203,17 +203,26 @@ impl VmManager {
         from: &crate::migrate::MigrationChannel,
         tuning: &crate::migrate::MigrationTuning,
     ) -> Result<VmHandle> {
+        let handle = self.launch_incoming(cfg, &from.carries(tuning)).await?;
+        if let Err(e) = handle.receive(from).await {
+            let _ = handle.kill().await;
+            return Err(e);
+        }
+        Ok(handle)
+    }
+
+    /// The first half of [`VmManager::start_incoming`], for a destination whose stream has not
+    /// arrived yet: QEMU launched paused with `-incoming defer`, pinned, its peripherals
+    /// plugged and `tuning` set (as the channel to come carries it,
+    /// [`crate::MigrationChannel::carries`]); [`VmHandle::receive`] then takes the stream.
+    /// Any failure kills the QEMU it started.
+    pub async fn launch_incoming(
+        &self,
+        cfg: VmConfig,
+        tuning: &crate::migrate::MigrationTuning,
+    ) -> Result<VmHandle> {
         let (handle, mut guard) = self.launch(cfg, true).await?;
-        crate::migrate::prepare(handle.qmp(), &from.carries(tuning)).await?;
-        let uri = from.uri(handle.qmp()).await?;
-        handle
-            .qmp()
-            .execute_raw(
-                "migrate-incoming",
-                Some(serde_json::json!({ "uri": uri })),
-                QMP_TIMEOUT,
-            )
-            .await?;
+        crate::migrate::prepare(handle.qmp(), tuning).await?;
         handle.set_phase(VmPhase::Incoming);
         guard.armed = false;
         Ok(handle)

@@ -51,10 +51,7 @@ impl MigrationChannel {
     pub fn carries(&self, tuning: &MigrationTuning) -> MigrationTuning {
         match self {
             Self::Tcp(_) => tuning.clone(),
-            Self::Socket(_) => MigrationTuning {
-                multifd_channels: 0,
-                ..tuning.clone()
-            },
+            Self::Socket(_) => tuning.over_one_stream(),
         }
     }
 
@@ -99,6 +96,14 @@ impl MigrationTuning {
 }
 
 impl MigrationTuning {
+    /// This tuning over a single stream (a passed socket): multifd off.
+    pub fn over_one_stream(&self) -> Self {
+        Self {
+            multifd_channels: 0,
+            ..self.clone()
+        }
+    }
+
     /// telvirt's tuning for a guest on `accel`: the link unthrottled (10 GiB/s), two
     /// channels, auto-converge, and a 10 ms pause under KVM. Under TCG the pause limit stays
     /// QEMU's 300 ms: with QEMU 7.2's TCG, a guest dirtying 20 MiB/s migrated with a 10 or
@@ -279,6 +284,15 @@ impl VmHandle {
         }
     }
 
+    /// Asks QEMU to end the outgoing stream under way: [`VmHandle::migrate_to`] then answers
+    /// its error and the guest runs on here (or, had the stream completed first, it moved).
+    pub async fn cancel_migration(&self) -> Result<()> {
+        self.qmp()
+            .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
     /// QEMU's reason for a failed stream, else its status.
     async fn why_failed(&self, now: &MigrationProgress) -> String {
         self.qmp()
@@ -350,6 +364,27 @@ impl VmHandle {
             self.qmp().cont().await?;
         }
         self.set_phase(VmPhase::Running);
+        Ok(())
+    }
+
+    /// On a destination launched with [`crate::VmManager::launch_incoming`]: takes the stream
+    /// from `from` (`migrate-incoming`). Called once; [`VmHandle::finish_incoming`] then waits
+    /// for it to complete.
+    pub async fn receive(&self, from: &MigrationChannel) -> Result<()> {
+        if self.phase() != VmPhase::Incoming {
+            return Err(Error::Migration {
+                vm: self.name().to_owned(),
+                reason: "not waiting for a migration stream".to_owned(),
+            });
+        }
+        let uri = from.uri(self.qmp()).await?;
+        self.qmp()
+            .execute_raw(
+                "migrate-incoming",
+                Some(json!({ "uri": uri })),
+                COMMAND_TIMEOUT,
+            )
+            .await?;
         Ok(())
     }
 

@@ -374,8 +374,9 @@ pub enum VnfCommand {
         #[command(flatten)]
         wait: WaitArg,
     },
-    /// Move a running wasm VNF to another host with its state: the destination takes the
-    /// maps, then the traffic; follows the move to its end with a progress bar
+    /// Move a running VNF to another host with its state (a wasm VNF's maps, then its
+    /// traffic; a vm's guest, live, by QEMU's migration stream); follows the move to its end
+    /// with a progress bar
     Migrate(crate::migrate::MigrateArgs),
     /// Swap a running wasm VNF's module between batches, keeping its maps
     Upgrade {

@@ -1,4 +1,4 @@
-//! `telvirt vnf migrate`: starts (or cancels) the move of a wasm VNF to another host and
+//! `telvirt vnf migrate`: starts (or cancels) the move of a VNF to another host and
 //! follows it to its end with a progress bar (quiet with `-o json`).
 //!
 //! Owns the command's flags, its request and how it reports the move. It must not decide
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use clap::Args;
 use reqwest::Method;
-use telvirt_model::api::MigrateRequest;
+use telvirt_model::api::{MigrateRequest, ReplicationStatus};
 use telvirt_model::{Role, Vnf, WasmEngine};
 
 use crate::cli::Output;
@@ -50,6 +50,24 @@ impl From<EngineArg> for WasmEngine {
             EngineArg::Cranelift => WasmEngine::Cranelift,
             EngineArg::Pulley => WasmEngine::Pulley,
         }
+    }
+}
+
+/// One line on how far the state's stream got: a guest's phase, sent, left and dirty rate;
+/// a wasm VNF's bytes.
+fn stream_note(r: &ReplicationStatus) -> String {
+    const MIB: u64 = 1 << 20;
+    match &r.guest {
+        Some(g) => format!(
+            "{} (guest {}): {} of {} MiB sent, {} MiB left, {} pages dirtied/s",
+            r.state,
+            g.status,
+            g.transferred_bytes / MIB,
+            g.total_bytes / MIB,
+            g.remaining_bytes / MIB,
+            g.dirty_pages_per_s
+        ),
+        None => format!("{} {} B", r.state, r.bytes),
     }
 }
 
@@ -94,13 +112,9 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
             break v;
         }
         match &v.replication {
-            Some(r) if r.state == "synced" => {
-                progress.update(2, 3);
-                progress.note(&format!("synced {} B", r.bytes));
-            }
             Some(r) => {
-                progress.update(1, 3);
-                progress.note(&format!("{} {} B", r.state, r.bytes));
+                progress.update(if r.state == "synced" { 2 } else { 1 }, 3);
+                progress.note(&stream_note(r));
             }
             None => progress.update(1, 3),
         }

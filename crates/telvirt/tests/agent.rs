@@ -4,6 +4,7 @@
 //! credential that is not a node's is refused.
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
 
 mod common;
 use common::{Agent, Serve, a1_agent_args, lay_out_examples, stderr, wait_until};
@@ -207,21 +208,35 @@ fn an_agent_without_a_valid_node_credential_is_refused() {
 /// A controller (`controller_args`) and two agent processes with tunnel addresses, hosts a1
 /// (127.0.0.1) and a2 (127.0.0.2), both Ready.
 fn two_agents(controller_args: &[&str]) -> (Serve, Agent, Agent) {
+    two_agents_with(controller_args, INVENTORY, &[])
+}
+
+/// [`two_agents`] on hosts of `inventory` (its host named a1; a2 is its copy), the agents
+/// started with `env`.
+fn two_agents_with(
+    controller_args: &[&str],
+    inventory: &str,
+    env: &[(&str, &std::path::Path)],
+) -> (Serve, Agent, Agent) {
     let node = controller_with(controller_args);
+    std::fs::write(node.path("inventory.yaml"), inventory).unwrap();
     std::fs::write(
         node.path("inventory2.yaml"),
-        INVENTORY.replace("name: a1", "name: a2"),
+        inventory.replace("name: a1", "name: a2"),
     )
     .unwrap();
     node.ok(&["host", "credential", "a1", "--out", "a1.token"]);
     node.ok(&["host", "credential", "a2", "--out", "a2.token"]);
-    let a1 = Agent::start(
+    let a1 = Agent::start_with_env(
         &node,
+        &node.server(),
         "a1.log",
         &a1_agent_args("a1.token", &["--tunnel-address", "127.0.0.1:0"]),
+        env,
     );
-    let a2 = Agent::start(
+    let a2 = Agent::start_with_env(
         &node,
+        &node.server(),
         "a2.log",
         &[
             "--token-file",
@@ -237,6 +252,7 @@ fn two_agents(controller_args: &[&str]) -> (Serve, Agent, Agent) {
             "--tunnel-address",
             "127.0.0.2:0",
         ],
+        env,
     );
     for host in ["a1", "a2"] {
         wait_until("both hosts Ready", || {
@@ -736,6 +752,131 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
         events.as_array().unwrap().iter().any(|e| e["reason"]
             .as_str()
             .is_some_and(|r| r.contains("moved from host a1 to host a2, now on engine cranelift"))),
+        "{events}"
+    );
+}
+
+/// Hosts of two cores, as this machine has (cpu 0 shared, for QEMU's other threads): a vm's
+/// dedicated core is one its QEMU can use.
+const TWO_CORES: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 2, threads_per_core: 1 }\n    shared: \"0\"\n";
+/// TCG boots and moves on a loaded 2-core machine take long: plenty of room.
+const VM_DEADLINE: Duration = Duration::from_secs(240);
+/// The default guest on one dedicated core, without disk or NICs: it can move.
+const MOVING_VM: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: vmmove1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 256MiB }\n";
+
+/// The pid of the QEMU an agent started for `vm` in its data dir `data`.
+fn qemu_pid_in(node: &Serve, data: &str, vm: &str) -> Option<i32> {
+    std::fs::read_to_string(node.path(&format!("{data}/instances/{vm}/qemu.pid")))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .filter(|&p| common::alive(p))
+}
+
+#[test]
+fn a_vm_moves_live_to_another_host_pinned_on_its_cores_and_a_cancelled_move_keeps_it_running() {
+    let _qemus = common::QemuGuard("vmmove1");
+    let guest = common::guest_binary();
+    let (node, _a1, _a2) = two_agents_with(&[], TWO_CORES, &[("TELVIRT_GUEST_BIN", &guest)]);
+    node.ok(&["host", "cordon", "a2"]);
+    node.create("vmmove1.yaml", MOVING_VM);
+    let booted = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| {
+        assert!(
+            !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
+            "{v}"
+        );
+        v["phase"] == "Running"
+    });
+    let running_since = Instant::now();
+    assert_eq!(booted["placements"][0]["host"], "a1", "{booted}");
+    let source = qemu_pid_in(&node, "agent-data", "vmmove1").expect("a QEMU on a1");
+    node.ok(&["host", "uncordon", "a2"]);
+    // Long enough on a1 that a guest booted again at a2 would show a shorter uptime than the
+    // time since this one started (a boot here takes under 10 s).
+    while running_since.elapsed() < Duration::from_secs(10) {
+        assert_eq!(node.json(&["vnf", "show", "vmmove1"])["phase"], "Running");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Refused with the field: an engine is for wasm VNFs; nothing changes.
+    let before = node.json(&["vnf", "show", "vmmove1"]);
+    node.fails(
+        &[
+            "vnf", "migrate", "vmmove1", "--to", "a2", "--engine", "pulley",
+        ],
+        "an engine is chosen for wasm VNFs only",
+    );
+    assert_eq!(node.json(&["vnf", "show", "vmmove1"]), before);
+
+    // A move cancelled before its stream runs: the guest stays on a1, in the same QEMU, and
+    // a2's place is freed.
+    node.ok(&["vnf", "migrate", "vmmove1", "--to", "a2", "--no-wait"]);
+    node.ok(&["vnf", "migrate", "vmmove1", "--cancel"]);
+    let stayed = node.wait_vnf("vmmove1", |v| {
+        v["phase"] == "Running" && v["placements"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    assert_eq!(stayed["placements"][0]["host"], "a1", "{stayed}");
+    assert_eq!(qemu_pid_in(&node, "agent-data", "vmmove1"), Some(source));
+    wait_until("a2's waiting QEMU ended", || {
+        qemu_pid_in(&node, "agent2-data", "vmmove1").is_none()
+    });
+
+    // The move: the guest's memory streams to a2, whose QEMU was pinned to a2's cores before
+    // the guest ran there; the guest goes on (its uptime counts from its boot on a1).
+    let moved = node.json(&[
+        "vnf",
+        "migrate",
+        "vmmove1",
+        "--to",
+        "a2",
+        "--timeout",
+        "240",
+    ]);
+    assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
+    assert_eq!(moved["placements"].as_array().unwrap().len(), 1, "{moved}");
+    let moved = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| {
+        v["phase"] == "Running"
+            && v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("arrived by a migration stream"))
+    });
+    let reason = moved["reason"].as_str().unwrap();
+    let uptime: u64 = reason
+        .split("its guest has been up ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no guest uptime in: {reason}"));
+    assert!(
+        uptime + 1 >= running_since.elapsed().as_secs(),
+        "the guest was up {uptime} s, but it ran {} s before: it booted again ({reason})",
+        running_since.elapsed().as_secs()
+    );
+    let dest = qemu_pid_in(&node, "agent2-data", "vmmove1").expect("a QEMU on a2");
+    let vcpus = common::cpu_list(&moved["placements"][0]["vcpus"][0]);
+    assert_eq!(
+        common::allowed_cpus(dest, true),
+        vec![vcpus],
+        "vCPU pinned on a2"
+    );
+    let emulator = common::cpu_list(&moved["placements"][0]["emulator_cpus"]);
+    let others = common::allowed_cpus(dest, false);
+    assert!(
+        !others.is_empty() && others.iter().all(|c| *c == emulator),
+        "QEMU's other threads on a2's cpus {emulator}: {others:?}"
+    );
+    // The destination never booted the guest: its console shows no kernel start.
+    let console =
+        std::fs::read_to_string(node.path("agent2-data/instances/vmmove1/console.log")).unwrap();
+    assert!(!console.contains("Linux version"), "{console}");
+    wait_until("a1's QEMU ended after the switch", || {
+        !common::alive(source)
+    });
+    let events = node.json(&["vnf", "events", "vmmove1"]);
+    assert!(
+        events.as_array().unwrap().iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("moved from host a1 to host a2")
+                && r.contains("MiB of guest memory streamed"))),
         "{events}"
     );
 }

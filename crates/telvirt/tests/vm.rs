@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -27,82 +27,8 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `target/<profile>/telvirt` → `target`.
-fn target_dir() -> PathBuf {
-    Path::new(BIN)
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| workspace().join("target"))
-}
-
-/// The static guest agent: `TELVIRT_GUEST_BIN`, else built here with crt-static into
-/// `<target>/guest-static` (the outer cargo holds the lock of the main target dir).
-fn guest_binary() -> PathBuf {
-    static BIN_PATH: OnceLock<PathBuf> = OnceLock::new();
-    BIN_PATH
-        .get_or_init(|| {
-            if let Some(p) = std::env::var_os("TELVIRT_GUEST_BIN") {
-                return PathBuf::from(p);
-            }
-            let tdir = target_dir().join("guest-static");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let status = Command::new(cargo)
-                .current_dir(workspace())
-                .args(["rustc", "-q", "-p", "telvirt-guest", "--release"])
-                .args([
-                    "--bin",
-                    "telvirt-guest",
-                    "--",
-                    "-C",
-                    "target-feature=+crt-static",
-                ])
-                .env("CARGO_TARGET_DIR", &tdir)
-                .status()
-                .expect("run cargo to build the static guest agent");
-            assert!(status.success(), "building the static guest agent failed");
-            tdir.join("release/telvirt-guest")
-        })
-        .clone()
-}
-
-/// Kernel and initramfs cache shared across runs (apt downloads the kernel once).
-fn image_cache() -> PathBuf {
-    std::env::var_os("TELVIRT_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target_dir().join("telvirt-test-cache"))
-}
-
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            // State is the field after the parenthesised command name; Z is a zombie.
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-                .unwrap_or(false)
-        })
-        .unwrap_or(false)
-}
-
-fn sigkill(pid: i32) {
-    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-}
-
-/// Live QEMUs started for VM `name`.
-fn qemu_pids(name: &str) -> Vec<i32> {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("guest={name},")])
-        .output()
-        .expect("run pgrep");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .filter(|&p| alive(p))
-        .collect()
 }
 
 /// A `telvirt serve` in a short temp dir (unix socket paths are limited); on drop the node is
@@ -145,7 +71,7 @@ impl Node {
             .arg("--data-dir")
             .arg(self.data())
             .arg("--image-cache")
-            .arg(image_cache())
+            .arg(common::shared_image_cache())
             .env("TELVIRT_GUEST_BIN", &self.guest)
             .env("TELVIRT_LOG", "warn")
             .stdout(Stdio::null())
@@ -261,8 +187,8 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill9();
-        for pid in qemu_pids(&self.vm) {
-            sigkill(pid);
+        for pid in common::qemu_pids(&self.vm) {
+            common::sigkill(pid);
         }
     }
 }
@@ -279,62 +205,35 @@ fn descriptor(node: &Node) -> PathBuf {
     path
 }
 
-/// `Cpus_allowed_list` of every thread of `pid` whose name starts with `prefix`.
-fn allowed_cpus(pid: i32, vcpu: bool) -> Vec<String> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.starts_with("CPU ") != vcpu {
-            continue;
-        }
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            out.push(line["Cpus_allowed_list:".len()..].trim().to_owned());
-        }
-    }
-    out
-}
-
-fn cpu_list(v: &Value) -> String {
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_u64)
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let vm = format!("vmint{}", std::process::id());
-    let mut node = Node::new(&vm, guest_binary());
+    let mut node = Node::new(&vm, common::guest_binary());
     let file = descriptor(&node);
     node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
 
     // Running means the guest agent in the default image said ready.
     let v = node.wait_phase(&vm, "Running", BOOT_DEADLINE);
     let pid = node.qemu_pid();
-    assert_eq!(qemu_pids(&vm), vec![pid], "exactly one QEMU for {vm}");
+    assert_eq!(
+        common::qemu_pids(&vm),
+        vec![pid],
+        "exactly one QEMU for {vm}"
+    );
 
     // The vCPU thread runs only on the placed CPU, QEMU's other threads on the emulator set.
     let placement = &v["placements"][0];
-    let vcpu_cpus = cpu_list(&placement["vcpus"][0]);
+    let vcpu_cpus = common::cpu_list(&placement["vcpus"][0]);
     assert!(!vcpu_cpus.is_empty(), "placement has vCPU CPUs: {v}");
     assert_eq!(
-        allowed_cpus(pid, true),
+        common::allowed_cpus(pid, true),
         vec![vcpu_cpus.clone()],
         "vCPU pinning"
     );
-    let emulator = cpu_list(&placement["emulator_cpus"]);
+    let emulator = common::cpu_list(&placement["emulator_cpus"]);
     if !emulator.is_empty() {
-        let others = allowed_cpus(pid, false);
+        let others = common::allowed_cpus(pid, false);
         assert!(!others.is_empty());
         assert!(
             others.iter().all(|c| *c == emulator),
@@ -415,14 +314,14 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
 
     // SIGKILL the node: QEMU keeps running; the restarted node adopts it, starts no other.
     node.kill9();
-    assert!(alive(pid), "QEMU survives its node");
+    assert!(common::alive(pid), "QEMU survives its node");
     node.start();
     node.wait_phase(&vm, "Running", DEADLINE);
     // Give a duplicate start its chance to show up before counting.
     node.ok(&["vnf", "lock", &vm]);
     node.wait_phase(&vm, "Locked", DEADLINE);
     assert_eq!(
-        qemu_pids(&vm),
+        common::qemu_pids(&vm),
         vec![pid],
         "the same QEMU, adopted, and no duplicate"
     );
@@ -431,7 +330,7 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
 
     // A crash (QEMU killed behind telvirt's back) is Failed with the reason, and the agent
     // restarts it in place (Masakari's instance failure), saying so.
-    sigkill(pid);
+    common::sigkill(pid);
     let failed = node.wait(&vm, DEADLINE, "Failed", |v| v["phase"] == "Failed");
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert!(
@@ -454,7 +353,7 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
     let new_pid = node.qemu_pid();
     assert_ne!(new_pid, pid);
     assert_eq!(
-        qemu_pids(&vm),
+        common::qemu_pids(&vm),
         vec![new_pid],
         "one new QEMU after the restart"
     );
@@ -463,14 +362,14 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
     // Delete stops the guest and QEMU goes away.
     node.ok(&["vnf", "delete", &vm]);
     let deadline = Instant::now() + DEADLINE;
-    while alive(pid) {
+    while common::alive(pid) {
         assert!(
             Instant::now() < deadline,
             "QEMU {pid} still runs after delete"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(qemu_pids(&vm).is_empty());
+    assert!(common::qemu_pids(&vm).is_empty());
 }
 
 #[test]
@@ -493,7 +392,7 @@ fn without_the_static_guest_agent_vm_vnfs_fail_honestly() {
             && (v["phase"] == "Failed" || v["phase"] == "Pending")
     });
     assert!(
-        qemu_pids(&vm).is_empty(),
+        common::qemu_pids(&vm).is_empty(),
         "no QEMU without the runtime: {v}"
     );
 }
@@ -503,7 +402,7 @@ fn offline(args: &[&str], guest: &Path) -> Output {
     Command::new(BIN)
         .args(args)
         .arg("--image-cache")
-        .arg(image_cache())
+        .arg(common::shared_image_cache())
         .env("TELVIRT_GUEST_BIN", guest)
         .env("TELVIRT_DATA_DIR", "/nonexistent-data-dir")
         .output()
@@ -512,7 +411,7 @@ fn offline(args: &[&str], guest: &Path) -> Output {
 
 #[test]
 fn image_build_reports_the_image_and_refuses_a_dynamic_agent() {
-    let out = offline(&["image", "build", "-o", "json"], &guest_binary());
+    let out = offline(&["image", "build", "-o", "json"], &common::guest_binary());
     assert!(out.status.success(), "image build: {}", stderr(&out));
     let image: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     for file in ["kernel", "initrd"] {
@@ -521,7 +420,7 @@ fn image_build_reports_the_image_and_refuses_a_dynamic_agent() {
     }
     assert!(image["digest"].as_str().is_some_and(|d| !d.is_empty()));
     // Same inputs again: found in the cache.
-    let again = offline(&["image", "build", "-o", "json"], &guest_binary());
+    let again = offline(&["image", "build", "-o", "json"], &common::guest_binary());
     let again: Value = serde_json::from_slice(&again.stdout).expect("one JSON object");
     assert_eq!(again["cached"], true);
     assert_eq!(again["initrd"], image["initrd"]);
@@ -542,7 +441,7 @@ fn bench_vm_prints_one_json_object_with_both_boots() {
         &[
             "bench", "vm", "--rounds", "1", "--accel", "tcg", "-o", "json",
         ],
-        &guest_binary(),
+        &common::guest_binary(),
     );
     assert!(out.status.success(), "bench vm: {}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
@@ -597,7 +496,7 @@ fn attach_arguments_are_checked_before_any_request() {
 fn a_vm_that_never_finishes_booting_does_not_delay_a_wasm_vnf() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let vm = format!("vmslow{}", std::process::id());
-    let node = Node::new(&vm, guest_binary());
+    let node = Node::new(&vm, common::guest_binary());
     let text = std::fs::read_to_string(descriptor(&node))
         .expect("read the vm descriptor")
         .replace(
@@ -610,7 +509,7 @@ fn a_vm_that_never_finishes_booting_does_not_delay_a_wasm_vnf() {
     node.ok(&["vnf", "create", "-f", slow.to_str().expect("utf-8 path")]);
     // QEMU runs and the agent waits for a guest agent that never comes.
     node.wait(&vm, DEADLINE, "Starting with a QEMU", |v| {
-        v["phase"] == "Starting" && !qemu_pids(&vm).is_empty()
+        v["phase"] == "Starting" && !common::qemu_pids(&vm).is_empty()
     });
 
     let vnfs = node.dir.path().join("vnfs");
@@ -637,7 +536,7 @@ fn a_vm_that_never_finishes_booting_does_not_delay_a_wasm_vnf() {
     // the guest agent.
     node.ok(&["vnf", "delete", &vm]);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !qemu_pids(&vm).is_empty() {
+    while !common::qemu_pids(&vm).is_empty() {
         assert!(
             Instant::now() < deadline,
             "QEMU of {vm} still runs 30 s after its delete: the boot was not cancelled"
@@ -680,7 +579,7 @@ fn link_packets(node: &Node, net: &str, i: usize) -> u64 {
 fn a_vm_in_a_chain_forwards_between_its_nics() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let vm = format!("vmnic{}", std::process::id());
-    let node = Node::new(&vm, guest_binary());
+    let node = Node::new(&vm, common::guest_binary());
     let file = descriptor(&node);
     node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
     node.wait_phase(&vm, "Running", BOOT_DEADLINE);
@@ -693,7 +592,11 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         telvirt_runtime_vm::vhost_user_net_support(version, telvirt_runtime_vm::Accel::Tcg);
     if let Err(why) = supported {
         assert!(!node.instance("nic-n3.sock").exists(), "no socket: {why}");
-        assert_eq!(qemu_pids(&vm).len(), 1, "the VM runs without its NICs");
+        assert_eq!(
+            common::qemu_pids(&vm).len(),
+            1,
+            "the VM runs without its NICs"
+        );
         node.ok(&["vnf", "delete", &vm]);
         return;
     }

@@ -6,23 +6,26 @@
 //! handles of the VMs this agent holds. It must not hold reconcile logic and must not know the
 //! store: the reconcile loop decides, this adapter does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use telvirt_model::api::GuestStream;
 use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
 use telvirt_runtime_vm::{
     AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
-    Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, Peripheral, VhostUserNic,
-    VmConfig, VmHandle, VmManager, VmPhase, vhost_user_net_support,
+    Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, MigrationChannel,
+    MigrationProgress, MigrationTuning, Peripheral, VhostUserNic, VmConfig, VmHandle, VmManager,
+    VmPhase, vhost_user_net_support,
 };
 use telvirt_vhost::{NicSocket, VhostUserNode};
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::dataplane::NodeDataPlane;
-use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure, StreamProgress};
 
 /// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
 pub const REALTIME_PRIORITY: u8 = 50;
@@ -70,10 +73,37 @@ pub struct VmRuntime {
     dataplane: Option<Arc<NodeDataPlane>>,
     /// The NIC sockets of each VM with NICs on the data plane (dropping them ends the NICs).
     nics: std::sync::Mutex<HashMap<Name, Vec<NicSocket>>>,
+    /// The move destinations whose guest stream is being taken in.
+    receiving: Arc<std::sync::Mutex<HashSet<Name>>>,
+    /// What the last arrival of each guest that came by a migration stream says (its start
+    /// note).
+    arrivals: Arc<std::sync::Mutex<HashMap<Name, String>>>,
+}
+
+/// How long a guest's migration stream may run, on either end, before it is given up (the
+/// guest then runs on at its source).
+pub const MOVE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
+
+/// A migration's progress as the API reports it.
+fn guest_stream(p: &MigrationProgress) -> GuestStream {
+    GuestStream {
+        status: p.status.clone(),
+        total_ms: p.total_ms,
+        transferred_bytes: p.transferred_bytes,
+        remaining_bytes: p.remaining_bytes,
+        total_bytes: p.total_bytes,
+        dirty_pages_per_s: p.dirty_pages_per_s,
+        downtime_ms: p.downtime_ms,
+    }
 }
 
 fn failure(e: impl std::fmt::Display) -> RuntimeFailure {
     RuntimeFailure::new(e)
+}
+
+/// A table's guard, also after a panic elsewhere left its lock poisoned.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl VmRuntime {
@@ -85,6 +115,8 @@ impl VmRuntime {
             handles: Mutex::new(HashMap::new()),
             dataplane: None,
             nics: std::sync::Mutex::new(HashMap::new()),
+            receiving: Arc::new(std::sync::Mutex::new(HashSet::new())),
+            arrivals: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
 
@@ -170,7 +202,11 @@ impl VmRuntime {
     }
 
     fn nic_table(&self) -> std::sync::MutexGuard<'_, HashMap<Name, Vec<NicSocket>>> {
-        self.nics.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.nics)
+    }
+
+    fn arrival_table(&self) -> std::sync::MutexGuard<'_, HashMap<Name, String>> {
+        lock(&self.arrivals)
     }
 
     /// A manager for adopting, removing and reading consoles: none of that boots a guest, so
@@ -422,8 +458,120 @@ impl Runtime for VmRuntime {
             accel = handle.accel().as_str(),
             "vm running"
         );
+        self.arrival_table().remove(&spec.name);
         self.handles.lock().await.insert(spec.name.clone(), handle);
         Ok(())
+    }
+
+    async fn start_note(&self, name: &Name) -> Option<String> {
+        self.arrival_table().get(name).cloned()
+    }
+
+    async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        let prepared = self
+            .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
+            .await?;
+        // NICs and disks do not move (the controller refuses such moves): none is opened.
+        let cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        // The stream comes over one passed socket: both ends tuned alike, multifd off.
+        let tuning = MigrationTuning::tuned(prepared.accel.accel).over_one_stream();
+        let handle = prepared
+            .manager
+            .launch_incoming(cfg, &tuning)
+            .await
+            .map_err(failure)?;
+        tracing::info!(vnf = %spec.name, pid = handle.pid(), "vm waiting for its guest's migration stream");
+        self.arrival_table().remove(&spec.name);
+        self.handles.lock().await.insert(spec.name.clone(), handle);
+        Ok(())
+    }
+
+    async fn receive_state(&self, name: &Name, stream: OwnedFd) -> Result<(), RuntimeFailure> {
+        let handle = self
+            .handle(name)
+            .await
+            .filter(|h| h.phase() == VmPhase::Incoming)
+            .ok_or_else(|| {
+                failure(format!(
+                    "vm {name} does not wait for a migration stream here"
+                ))
+            })?;
+        if !lock(&self.receiving).insert(name.clone()) {
+            return Err(failure(format!(
+                "vm {name} takes a migration stream already"
+            )));
+        }
+        if let Err(e) = handle.receive(&MigrationChannel::Socket(stream)).await {
+            lock(&self.receiving).remove(name);
+            return Err(failure(e));
+        }
+        let (name, receiving, arrivals) = (
+            name.clone(),
+            Arc::clone(&self.receiving),
+            Arc::clone(&self.arrivals),
+        );
+        tokio::spawn(async move {
+            match handle.finish_incoming(MOVE_STREAM_DEADLINE).await {
+                Ok(resumed) => {
+                    // The guest's own uptime says it was not booted again.
+                    let uptime = handle
+                        .health(Duration::from_secs(5))
+                        .await
+                        .map(|h| format!("; its guest has been up {} s", h.uptime_ms / 1000))
+                        .unwrap_or_default();
+                    let note = format!(
+                        "arrived by a migration stream, resumed in {} ms{uptime}",
+                        resumed.as_millis()
+                    );
+                    tracing::info!(vnf = %name, "{note}");
+                    lock(&arrivals).insert(name.clone(), note);
+                }
+                Err(e) => {
+                    tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
+                    let _ = handle.kill().await;
+                }
+            }
+            lock(&receiving).remove(&name);
+        });
+        Ok(())
+    }
+
+    async fn send_state(
+        &self,
+        name: &Name,
+        stream: OwnedFd,
+        mut progress: StreamProgress,
+    ) -> Result<GuestStream, RuntimeFailure> {
+        let handle = self
+            .handle(name)
+            .await
+            .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
+        let tuning = MigrationTuning::tuned(handle.accel()).over_one_stream();
+        let done = handle
+            .migrate_to(
+                &MigrationChannel::Socket(stream),
+                &tuning,
+                MOVE_STREAM_DEADLINE,
+                |p| progress(&guest_stream(p)),
+            )
+            .await
+            .map_err(failure)?;
+        tracing::info!(
+            vnf = %name,
+            "guest moved: {} MiB in {} ms, stopped for {:?} ms",
+            done.transferred_bytes >> 20,
+            done.total_ms,
+            done.downtime_ms
+        );
+        Ok(guest_stream(&done))
+    }
+
+    async fn cancel_send(&self, name: &Name) {
+        if let Some(handle) = self.handle(name).await
+            && let Err(e) = handle.cancel_migration().await
+        {
+            tracing::warn!(vnf = %name, "cancelling the guest's migration stream: {e}");
+        }
     }
 
     async fn adopt(&self, spec: &InstanceSpec) -> Result<bool, RuntimeFailure> {
@@ -495,10 +643,12 @@ impl Runtime for VmRuntime {
         };
         match handle.phase() {
             VmPhase::Starting | VmPhase::Running => InstanceState::Running,
-            // A migration's destination holds the guest stopped until the stream is in.
-            VmPhase::Paused | VmPhase::Incoming => InstanceState::Paused,
-            // A migrated source's guest runs elsewhere: here it has ended.
-            VmPhase::Stopping | VmPhase::Stopped | VmPhase::Migrated => InstanceState::Stopped,
+            VmPhase::Paused => InstanceState::Paused,
+            // A move's destination holds the guest stopped until the stream is in.
+            VmPhase::Incoming => InstanceState::Incoming,
+            // A move's source: the guest runs elsewhere, a stopped copy waits here.
+            VmPhase::Migrated => InstanceState::Moved,
+            VmPhase::Stopping | VmPhase::Stopped => InstanceState::Stopped,
             VmPhase::Failed => {
                 let reason = match handle.failure() {
                     Some(f) => {

@@ -1453,6 +1453,7 @@ spec:
                 address: "127.0.0.1:9".into(),
             }),
             epoch,
+            incoming_from: None,
         };
         fencing.assign(&[assigned(Role::Active, 1)]);
         rt.start(&s).await.unwrap();

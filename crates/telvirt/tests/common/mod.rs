@@ -30,6 +30,40 @@ pub fn shared_image_cache() -> PathBuf {
         })
 }
 
+/// The static guest agent: `TELVIRT_GUEST_BIN`, else built here with crt-static into
+/// `<target>/guest-static` (the outer cargo holds the lock of the main target dir).
+pub fn guest_binary() -> PathBuf {
+    static BIN_PATH: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN_PATH
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("TELVIRT_GUEST_BIN") {
+                return PathBuf::from(p);
+            }
+            let tdir = Path::new(BIN)
+                .parent()
+                .and_then(Path::parent)
+                .map_or_else(|| repo("target"), Path::to_path_buf)
+                .join("guest-static");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let status = Command::new(cargo)
+                .current_dir(repo(""))
+                .args(["rustc", "-q", "-p", "telvirt-guest", "--release"])
+                .args([
+                    "--bin",
+                    "telvirt-guest",
+                    "--",
+                    "-C",
+                    "target-feature=+crt-static",
+                ])
+                .env("CARGO_TARGET_DIR", &tdir)
+                .status()
+                .expect("run cargo to build the static guest agent");
+            assert!(status.success(), "building the static guest agent failed");
+            tdir.join("release/telvirt-guest")
+        })
+        .clone()
+}
+
 /// A path inside the repository.
 pub fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -415,7 +449,17 @@ impl Serve {
 
     /// Polls `vnf show` until `pred` holds, with a deadline.
     pub fn wait_vnf(&self, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + DEADLINE;
+        self.wait_vnf_for(name, DEADLINE, pred)
+    }
+
+    /// [`Serve::wait_vnf`] with a deadline of `limit`.
+    pub fn wait_vnf_for(
+        &self,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
         loop {
             let v = self.json(&["vnf", "show", name]);
             if pred(&v) {
@@ -448,9 +492,21 @@ impl Agent {
 
     /// [`Agent::start`] against `controllers` (comma-separated API addresses).
     pub fn start_at(node: &Serve, controllers: &str, log: &str, args: &[&str]) -> Agent {
+        Self::start_with_env(node, controllers, log, args, &[])
+    }
+
+    /// [`Agent::start_at`] with `env` set for the agent process.
+    pub fn start_with_env(
+        node: &Serve,
+        controllers: &str,
+        log: &str,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Agent {
         let log = std::fs::File::create(node.path(log)).unwrap();
         let child = node
             .command()
+            .envs(env.iter().copied())
             .args(["agent", "--controller", controllers])
             // The node's own certificate, generated into its data dir.
             .args(["--controller-ca", "data/tls/server.crt"])
@@ -740,4 +796,75 @@ pub fn a1_agent_args<'a>(token_file: &'a str, extra: &[&'a str]) -> Vec<&'a str>
     ];
     args.extend_from_slice(extra);
     args
+}
+
+/// `Cpus_allowed_list` of every thread of QEMU `pid` that is a vCPU (`vcpu`) or is not.
+pub fn allowed_cpus(pid: i32, vcpu: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.starts_with("CPU ") != vcpu {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        if let Some(line) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            out.push(line["Cpus_allowed_list:".len()..].trim().to_owned());
+        }
+    }
+    out
+}
+
+pub fn cpu_list(v: &Value) -> String {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_u64)
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            // State is the field after the parenthesised command name; Z is a zombie.
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+pub fn sigkill(pid: i32) {
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+}
+
+/// Live QEMUs started for VM `name`.
+pub fn qemu_pids(name: &str) -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("guest={name},")])
+        .output()
+        .expect("run pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&p| alive(p))
+        .collect()
+}
+
+/// SIGKILLs every QEMU of VM `name` when dropped (they run in process groups of their own
+/// and outlive the agent or node that started them), even when an assertion fails.
+pub struct QemuGuard(pub &'static str);
+
+impl Drop for QemuGuard {
+    fn drop(&mut self) {
+        for pid in qemu_pids(self.0) {
+            sigkill(pid);
+        }
+    }
 }
