@@ -254,19 +254,24 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     for (name, vm) in [
         ("ud", "{ memory: 256MiB, disk: /var/lib/telvirt/ud.qcow2 }"),
         ("un", "{ memory: 256MiB, nics: [ { port: n3 } ] }"),
+        ("ug", "{ memory: 256MiB }"),
     ] {
-        let text = VM.replace("name: u1", &format!("name: {name}")).replace(
-            "vm: { memory: 256MiB }",
-            &format!("ports: [n3]\n  vm: {vm}"),
-        );
+        // In a shared group: h2 has no dedicated cpus for all of them.
+        let text = VM
+            .replace("name: u1", &format!("name: {name}"))
+            .replace("policy: dedicated", "policy: shared, group: edge")
+            .replace(
+                "vm: { memory: 256MiB }",
+                &format!("ports: [n3]\n  vm: {vm}"),
+            );
         node.create_vnf(&node.admin, &text).await;
     }
-    for name in ["u1", "ud", "un"] {
+    for name in ["u1", "ud", "un", "ug"] {
         node.wait_vnf(&node.admin, name, |v| v["phase"] == "Scheduled")
             .await;
     }
     report(&node.controller, "h2", Phase::Running, None).await;
-    for name in ["ud", "un"] {
+    for name in ["ud", "un", "ug"] {
         node.controller
             .observe(
                 "h2",
@@ -282,6 +287,17 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             .await
             .unwrap();
     }
+    // ug holds a host device.
+    let r = node
+        .call(
+            "POST",
+            "/v1/vnfs/{name}/devices",
+            Some("ug"),
+            Some(&node.admin),
+            Some((br#"{"id":"rng0","kind":"rng"}"#.as_slice(), JSON)),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
     node.uncordon("h3").await;
 
     // What stays on its host refuses the move, naming the field; nothing changes.
@@ -293,6 +309,12 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             "boot disk stays on its host",
         ),
         ("un", r#"{"to": "h3"}"#, "spec.vm.nics", "dirty log"),
+        (
+            "ug",
+            r#"{"to": "h3"}"#,
+            "devices",
+            "holds host devices (rng0)",
+        ),
         (
             "u1",
             r#"{"to": "h3", "engine": "pulley"}"#,
