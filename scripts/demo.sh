@@ -387,8 +387,9 @@ CTL_CONFIG="$DATA3/ctl/client.toml"
 "$TELVIRT" controller --data-dir "$DATA3/ctl" --listen 127.0.0.1:0 >>"$LOG" 2>&1 &
 CTL_PID=$!
 AGENT_PID=""
+AGENT2_PID=""
 stop_split() {
-  for pid in "$AGENT_PID" "$CTL_PID"; do
+  for pid in "$AGENT2_PID" "$AGENT_PID" "$CTL_PID"; do
     if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; fi
   done
 }
@@ -400,9 +401,9 @@ done
 CTL_URL="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CTL_CONFIG")"
 echo "controller at $CTL_URL (no agent of its own: no hosts yet)"
 TELVIRT_CONFIG="$CTL_CONFIG" run host credential demo-host --out "$DATA3/node.token"
-printf '$ telvirt agent --controller %s --controller-ca ctl/tls/server.crt --token-file node.token --host-name demo-host\n' "$CTL_URL"
+printf '$ telvirt agent --controller %s --controller-ca ctl/tls/server.crt --token-file node.token --host-name demo-host --tunnel-address 127.0.0.1:0\n' "$CTL_URL"
 "$TELVIRT" agent --controller "$CTL_URL" --controller-ca "$DATA3/ctl/tls/server.crt" --token-file "$DATA3/node.token" --host-name demo-host \
-  --data-dir "$DATA3/agent" --image-cache "$IMAGE_CACHE" --heartbeat-interval-ms 200 >>"$LOG" 2>&1 &
+  --data-dir "$DATA3/agent" --image-cache "$IMAGE_CACHE" --heartbeat-interval-ms 200 --tunnel-address 127.0.0.1:0 >>"$LOG" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 1 200); do
   TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "demo-host.*Ready" && break
@@ -419,6 +420,43 @@ if TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" --token "$(cat "$DATA3/node.token")" 
   echo "demo: a node credential acted as an authority" >&2; exit 1
 fi
 echo "(refused: a node credential acts only for its host's agent)"
+
+step "A vm VNF moves live to a second agent: its guest's memory streams from one QEMU to the other"
+if TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host show demo-host -o json | grep -q '"vm"'; then
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host credential demo-host2 --out "$DATA3/node2.token" >/dev/null
+  printf '$ telvirt agent ... --host-name demo-host2 --tunnel-address 127.0.0.2:0   (a second host on this machine)\n'
+  "$TELVIRT" agent --controller "$CTL_URL" --controller-ca "$DATA3/ctl/tls/server.crt" --token-file "$DATA3/node2.token" --host-name demo-host2 \
+    --data-dir "$DATA3/agent2" --image-cache "$IMAGE_CACHE" --heartbeat-interval-ms 200 --tunnel-address 127.0.0.2:0 >>"$LOG" 2>&1 &
+  AGENT2_PID=$!
+  for _ in $(seq 1 200); do
+    TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "demo-host2.*Ready" && break
+    sleep 0.05
+  done
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host cordon demo-host2 >/dev/null
+  cat >"$DATA3/vm2.yaml" <<'YAML'
+apiVersion: telvirt/v1
+kind: Vnf
+metadata: { name: vm2 }
+spec:
+  runtime: vm
+  cpu: { policy: shared, group: edge, count: 1 }
+  vm: { memory: 256MiB }
+YAML
+  TELVIRT_CONFIG="$CTL_CONFIG" run vnf create -f "$DATA3/vm2.yaml"
+  TELVIRT_CONFIG="$CTL_CONFIG" wait_phase vm2 Running Failed
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host uncordon demo-host2 >/dev/null
+  echo "(vm2 booted on demo-host; demo-host2 holds its cores while the guest streams, then runs it)"
+  TELVIRT_CONFIG="$CTL_CONFIG" run vnf migrate vm2 --to demo-host2
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf events vm2 | grep -E "moving to|moved from|arrived"
+  echo "(the guest was not booted again: its uptime counts from its boot on demo-host)"
+  TELVIRT_CONFIG="$CTL_CONFIG" run vnf show vm2
+  TELVIRT_CONFIG="$CTL_CONFIG" run vnf delete vm2
+  kill -TERM "$AGENT2_PID"; wait "$AGENT2_PID" || true
+  AGENT2_PID=""
+else
+  echo "(skipped: the vm runtime is not available on this host; $LOG says why)"
+fi
+
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true
 AGENT_PID=""
 for _ in $(seq 1 100); do
