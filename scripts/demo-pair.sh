@@ -1,5 +1,6 @@
 # Sourced by demo.sh in its cluster step (root only): an iperf3 TCP flow between two network
-# namespaces through an active-standby NAT whose active's agent is killed with SIGKILL.
+# namespaces through an active-standby NAT whose active's agent is killed with SIGKILL, then
+# through a NAT without a standby that moves to another host (`vnf migrate`).
 #
 # Needs: TELVIRT, CL (the cluster's dir), CL_CONFIG, the functions cl and wait_phase, a cluster
 # with a Ready host that holds neither of natp's instances, iperf3 and ethtool.
@@ -34,6 +35,7 @@ nat_pair_demo() {
   # The NAT forwards IPv4 TCP/UDP only (no ARP): each side knows the other's MAC statically.
   ns_c="tvpc$$"; ns_s="tvps$$"; vc="tvc$$"; vs="tvs$$"
   PAIR_NS="$ns_c $ns_s"
+  NS_C="$ns_c"; NS_S="$ns_s"; VC="$vc"; VS="$vs"; FREE="$free"
   for side in c s; do
     local ns="tvp$side$$" veth="tv$side$$"
     ip netns add "$ns"
@@ -84,19 +86,27 @@ YAML
   wait "$client" || { cat "$out"; echo "demo: the TCP flow through natp broke" >&2; return 1; }
   grep -E '^\[ *[0-9]+\] +[0-9.]+-[0-9.]+ +sec' "$out" | sed -n '26,40p'
   tail -n 4 "$out"
-  # The outage as the flow saw it: the longest run of 100 ms intervals that moved no data.
-  awk '/^\[ *[0-9]+\] +[0-9.]+-[0-9.]+ +sec/ && !/sender|receiver/ {
-      split($3, t, "-")
-      if (/ 0.00 bits\/sec/) { if (run == 0) from = t[1]; run++; if (run > best) { best = run; at = from } } else run = 0
-    } END {
-      if (best == 0) print "outage: no 100 ms interval without data (the gap was shorter than iperf3'"'"'s resolution; the Retr column shows the segments TCP resent)"
-      else printf "outage: %d ms without data from %s s on (the longest gap; TCP resends after its retransmission timer, so its gap is longer than the data path'"'"'s)\n", best * 100, at }' "$out"
+  flow_outage "$out"
   kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true
   TELVIRT_CONFIG="$CL_CONFIG" wait_phase natp Running
   cl vnf show natp
   cl vnf maps natp
   cl vnf events natp
+  cl net delete edge
+  echo "(a NAT without a standby moves instead: its maps stream to the destination, then the traffic)"
+  nat_move_demo
   pair_demo_cleanup
+}
+
+# The outage as the iperf3 flow in file $1 saw it: the longest run of 100 ms intervals that
+# moved no data.
+flow_outage() {
+  awk '/^\[ *[0-9]+\] +[0-9.]+-[0-9.]+ +sec/ && !/sender|receiver/ {
+      split($3, t, "-")
+      if (/ 0.00 bits\/sec/) { if (run == 0) from = t[1]; run++; if (run > best) { best = run; at = from } } else run = 0
+    } END {
+      if (best == 0) print "outage: no 100 ms interval without data (the gap was shorter than iperf3'"'"'s resolution; the Retr column shows the segments TCP resent)"
+      else printf "outage: %d ms without data from %s s on (the longest gap; TCP resends after its retransmission timer, so its gap is longer than the data path'"'"'s)\n", best * 100, at }' "$1"
 }
 
 pair_demo_cleanup() {
@@ -105,4 +115,44 @@ pair_demo_cleanup() {
     ip netns del "$ns" 2>/dev/null || true
   done
   PAIR_NS=""
+}
+
+# natm: a NAT without a standby, moved to another host while a TCP flow runs through it (the
+# namespaces of nat_pair_demo, kept by it in NS_C, NS_S, VC, VS and FREE).
+nat_move_demo() {
+  local from to out srv client
+  sed 's/name: nat1/name: natm/; s|\.\./vnfs/nat.wasm|'"$PWD"'/examples/vnfs/nat.wasm|' examples/descriptors/nat1.yaml >"$CL/natm.yaml"
+  cl vnf create -f "$CL/natm.yaml"
+  TELVIRT_CONFIG="$CL_CONFIG" wait_phase natm Running
+  from="$(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" vnf show natm -o json | tr -d ' \n' | grep -o '"host":"h[0-9]*"' | head -n 1 | cut -d'"' -f4)"
+  to=""
+  for h in $(TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" host list | awk '$2 == "Ready" {print $1}'); do
+    [ "$h" != "$from" ] && { to="$h"; break; }
+  done
+  [ -n "$to" ] || { echo "(no other Ready host to move natm to)"; return 0; }
+  cat >"$CL/edge2.yaml" <<YAML
+apiVersion: telvirt/v1
+kind: Network
+metadata: { name: edge2 }
+spec:
+  links: [host:$VC@$FREE -> natm.in, natm.out -> host:$VS@$FREE, host:$VS@$FREE -> natm.out, natm.in -> host:$VC@$FREE]
+YAML
+  cl net create -f "$CL/edge2.yaml"
+  ip netns exec "$NS_S" iperf3 -s -p 5202 >/dev/null 2>&1 & srv=$!
+  for _ in $(seq 1 100); do
+    ip netns exec "$NS_C" iperf3 -c 192.0.2.2 -p 5202 -t 1 >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  out="$CL/iperf3-move.txt"
+  echo "$ iperf3 -c 192.0.2.2 -t 8 -i 0.1   (through natm on $from; it moves to $to at 3 s)"
+  ip netns exec "$NS_C" iperf3 -c 192.0.2.2 -p 5202 -t 8 -i 0.1 --forceflush >"$out" 2>&1 &
+  client=$!
+  sleep 3
+  cl vnf migrate natm --to "$to"
+  wait "$client" || { cat "$out"; echo "demo: the TCP flow through natm broke" >&2; return 1; }
+  tail -n 4 "$out"
+  flow_outage "$out"
+  kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true
+  cl vnf events natm
+  cl net delete edge2
 }

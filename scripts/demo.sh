@@ -460,7 +460,7 @@ fi
 kill -TERM "$AGENT_PID"; wait "$AGENT_PID" || true
 AGENT_PID=""
 for _ in $(seq 1 100); do
-  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "demo-host.*NotReady" && break
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "^demo-host  *NotReady" && break
   sleep 0.1
 done
 echo "(the agent stopped: its host turns NotReady when its heartbeat lease lapses; fw5 shows Unknown)"

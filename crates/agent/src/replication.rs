@@ -554,9 +554,12 @@ impl GuestSender {
     /// Ends the stream (the guest runs on here unless it moved already).
     fn stop(self, vnf: &Name) {
         self.stop.store(true, Ordering::Release);
-        if !self.task.is_finished() {
+        // Without a tokio runtime (the agent ending) nothing can ask QEMU to end its stream.
+        if !self.task.is_finished()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
             let (runtime, vnf) = (self.runtime, vnf.clone());
-            tokio::spawn(async move { runtime.cancel_send(&vnf).await });
+            rt.spawn(async move { runtime.cancel_send(&vnf).await });
         }
     }
 }

@@ -257,7 +257,7 @@ fn metrics_show_vnfs_links_sinks_hosts_and_the_process_and_an_authority_only_its
     let mut families = std::collections::BTreeSet::new();
     let mut samples = Vec::new();
     let through = ("link", "fw1.out -> sink.in");
-    wait_until("packets through fw1 counted in /metrics", || {
+    wait_until("fw1 Running, its packets in /metrics", || {
         let (status, f, s) = scrape(&node.server(), Some(&admin));
         assert_eq!(status, 200);
         (families, samples) = (f, s);
@@ -269,6 +269,14 @@ fn metrics_show_vnfs_links_sinks_hosts_and_the_process_and_an_authority_only_its
         .is_some_and(|n| n > 0.0)
             && sample(&samples, "telvirt_sink_received_total", &[("sink", "sink")])
                 .is_some_and(|n| n > 0.0)
+            // Packets flow as soon as fw1's worker runs; its agent reports it Running after
+            // (on a loaded machine, a scrape can fall between the two).
+            && sample(
+                &samples,
+                "telvirt_vnf_phase",
+                &[("vnf", "fw1"), ("phase", "Running")],
+            )
+            .is_some_and(|n| n > 0.0)
     });
     let fw1 = [("vnf", "fw1")];
     let positive = |metric: &str, labels: &[(&str, &str)]| {
