@@ -773,10 +773,15 @@ fn qemu_pid_in(node: &Serve, data: &str, vm: &str) -> Option<i32> {
 }
 
 #[test]
-fn a_vm_moves_live_to_another_host_pinned_on_its_cores_and_a_cancelled_move_keeps_it_running() {
+fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves_it_running() {
     let _qemus = common::QemuGuard("vmmove1");
     let guest = common::guest_binary();
-    let (node, _a1, _a2) = two_agents_with(&[], TWO_CORES, &[("TELVIRT_GUEST_BIN", &guest)]);
+    // A move that does not end within 20 s is cancelled (a guest stream of this one takes 2-5 s).
+    let (node, _a1, a2) = two_agents_with(
+        &["--move-timeout-ms", "20000"],
+        TWO_CORES,
+        &[("TELVIRT_GUEST_BIN", &guest)],
+    );
     node.ok(&["host", "cordon", "a2"]);
     node.create("vmmove1.yaml", MOVING_VM);
     let booted = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| {
@@ -817,6 +822,25 @@ fn a_vm_moves_live_to_another_host_pinned_on_its_cores_and_a_cancelled_move_keep
     assert_eq!(stayed["placements"][0]["host"], "a1", "{stayed}");
     assert_eq!(qemu_pid_in(&node, "agent-data", "vmmove1"), Some(source));
     wait_until("a2's waiting QEMU ended", || {
+        qemu_pid_in(&node, "agent2-data", "vmmove1").is_none()
+    });
+
+    // A move whose destination hangs (its agent stopped, so no QEMU waits there and its
+    // replication port never answers): it ends without the guest, which runs on in the same
+    // QEMU on a1.
+    a2.signal(libc::SIGSTOP);
+    // At once: a2 stays Ready for its lease (1 s) after its last heartbeat.
+    node.ok(&["vnf", "migrate", "vmmove1", "--to", "a2", "--no-wait"]);
+    let ended = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| v.get("migration").is_none());
+    a2.signal(libc::SIGCONT);
+    assert_eq!(ended["phase"], "Running", "{ended}");
+    assert_eq!(ended["placements"][0]["host"], "a1", "{ended}");
+    assert_eq!(ended["placements"].as_array().unwrap().len(), 1, "{ended}");
+    assert_eq!(qemu_pid_in(&node, "agent-data", "vmmove1"), Some(source));
+    wait_until("a2 Ready again", || {
+        host_status(&node, "a2").is_some_and(|s| s.starts_with("Ready"))
+    });
+    wait_until("nothing of the failed move left on a2", || {
         qemu_pid_in(&node, "agent2-data", "vmmove1").is_none()
     });
 
