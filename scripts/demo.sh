@@ -429,7 +429,7 @@ if TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host show demo-host -o json | grep -q
     --data-dir "$DATA3/agent2" --image-cache "$IMAGE_CACHE" --heartbeat-interval-ms 200 --tunnel-address 127.0.0.2:0 >>"$LOG" 2>&1 &
   AGENT2_PID=$!
   for _ in $(seq 1 200); do
-    TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "demo-host2.*Ready" && break
+    TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host list 2>/dev/null | grep -q "^demo-host2  *Ready" && break
     sleep 0.05
   done
   TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host cordon demo-host2 >/dev/null
@@ -444,6 +444,7 @@ spec:
 YAML
   TELVIRT_CONFIG="$CTL_CONFIG" run vnf create -f "$DATA3/vm2.yaml"
   TELVIRT_CONFIG="$CTL_CONFIG" wait_phase vm2 Running Failed
+  [ "$phase" = Running ] || { TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf show vm2; echo "demo: vm2 is $phase; see $LOG" >&2; exit 1; }
   TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host uncordon demo-host2 >/dev/null
   echo "(vm2 booted on demo-host; demo-host2 holds its cores while the guest streams, then runs it)"
   TELVIRT_CONFIG="$CTL_CONFIG" run vnf migrate vm2 --to demo-host2

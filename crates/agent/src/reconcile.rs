@@ -797,9 +797,8 @@ impl Inner {
                     let why = format!("waiting for its guest from host {from}");
                     return Ok(self.report(&a, Phase::Starting, why).await?);
                 }
-                InstanceState::Running | InstanceState::Paused => {
-                    self.arrived(&a, runtime.as_ref()).await
-                }
+                // Arrived: it goes on as any running instance (its arrival noted there).
+                InstanceState::Running | InstanceState::Paused => {}
                 // Not started yet, or its stream failed: it waits for the source again.
                 InstanceState::Absent
                 | InstanceState::Stopped
@@ -830,9 +829,11 @@ impl Inner {
                 }
             },
             (DesiredState::Running, InstanceState::Incoming) => {
-                // Waiting for a stream no move sends any more: it boots afresh.
-                let _ = runtime.remove(&a.vnf).await;
-                self.start(&a, &spec, runtime.as_ref()).await
+                // The active without a move: its move switched once the guest's stream
+                // completed, before the guest ran here. It runs once resumed; should that
+                // fail, its QEMU ends and it is restarted as any failed instance.
+                let why = "its guest is arriving by its migration stream";
+                Ok(self.report(&a, Phase::Starting, why).await?)
             }
             (
                 DesiredState::Stopped,
@@ -865,6 +866,7 @@ impl Inner {
                 Err(e) => self.fail_retry(&a, format!("resume failed: {e}")).await,
             },
             (DesiredState::Running, InstanceState::Running) => {
+                self.arrived(&a, runtime.as_ref()).await;
                 if let Err(why) = self.take_changes(&a, &spec, runtime.as_ref()).await {
                     return Ok(self.fail(&a, why).await?);
                 }
@@ -1159,21 +1161,22 @@ impl Inner {
     }
 
     /// The destination of a move runs its guest: what the runtime says of the arrival is kept
-    /// in its reason (once).
+    /// in its reason, once it has said it (it asks the guest first, after resuming it).
     async fn arrived(&self, a: &Assignment, runtime: &dyn Runtime) {
-        let first = {
+        let waiting = self
+            .known
+            .lock()
+            .await
+            .get(&a.vnf)
+            .is_some_and(|k| k.incoming);
+        if !waiting {
+            return;
+        }
+        if let Some(note) = runtime.start_note(&a.vnf).await {
             let mut known = self.known.lock().await;
             let entry = known.entry(a.vnf.clone()).or_default();
-            std::mem::take(&mut entry.incoming)
-        };
-        if first {
-            let note = runtime.start_note(&a.vnf).await;
-            self.known
-                .lock()
-                .await
-                .entry(a.vnf.clone())
-                .or_default()
-                .note = note;
+            entry.note = Some(note);
+            entry.incoming = false;
         }
     }
 

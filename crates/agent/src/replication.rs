@@ -551,14 +551,21 @@ struct GuestSender {
 }
 
 impl GuestSender {
-    /// Ends the stream (the guest runs on here unless it moved already).
-    fn stop(self, vnf: &Name) {
-        self.stop.store(true, Ordering::Release);
+    /// Whether its stream was told to end.
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Ends the stream (the guest runs on here unless it moved already); once.
+    fn stop(&self, vnf: &Name) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
         // Without a tokio runtime (the agent ending) nothing can ask QEMU to end its stream.
         if !self.task.is_finished()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            let (runtime, vnf) = (self.runtime, vnf.clone());
+            let (runtime, vnf) = (Arc::clone(&self.runtime), vnf.clone());
             rt.spawn(async move { runtime.cancel_send(&vnf).await });
         }
     }
@@ -659,14 +666,16 @@ impl Replicas {
         runtime: Arc<dyn Runtime>,
     ) {
         let mut guests = self.guests();
-        if let Some(g) = guests.get(vnf)
-            && g.peer == *peer
-            && g.epoch == epoch
-        {
-            return;
-        }
-        if let Some(old) = guests.remove(vnf) {
-            old.stop(vnf);
+        if let Some(g) = guests.get(vnf) {
+            if g.peer == *peer && g.epoch == epoch && !g.stopping() {
+                return;
+            }
+            // QEMU runs one migration at a time: the old stream ends before a new one starts
+            // (a later step starts it).
+            if !g.task.is_finished() {
+                return g.stop(vnf);
+            }
+            guests.remove(vnf);
         }
         let status = StreamStatus::new(vnf, peer, "streaming", &self.changed);
         let stop = Arc::new(AtomicBool::new(false));
@@ -699,8 +708,14 @@ impl Replicas {
         if let Some(s) = self.senders().remove(vnf) {
             s.task.abort();
         }
-        if let Some(g) = self.guests().remove(vnf) {
-            g.stop(vnf);
+        let mut guests = self.guests();
+        if let Some(g) = guests.get(vnf) {
+            if g.task.is_finished() {
+                guests.remove(vnf);
+            } else {
+                // Kept until its task ended, so no new stream starts meanwhile.
+                g.stop(vnf);
+            }
         }
     }
 
@@ -709,7 +724,10 @@ impl Replicas {
         if let Some(s) = self.senders().get(vnf) {
             return Some(s.status.read());
         }
-        self.guests().get(vnf).map(|g| g.status.read())
+        self.guests()
+            .get(vnf)
+            .filter(|g| !g.stopping())
+            .map(|g| g.status.read())
     }
 }
 

@@ -60,6 +60,18 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
     None
 }
 
+/// Whether move `m` of vm `v` is past its point of no return: its guest's stream reached its
+/// final copy (the source stops the guest for it) or completed (the guest runs only at the
+/// destination).
+fn guest_moved(v: &Vnf, m: &Migration) -> bool {
+    v.replication.as_ref().is_some_and(|r| {
+        r.standby_host == m.to
+            && r.guest.as_ref().is_some_and(|g| {
+                r.state == "synced" || ["device", "completed"].contains(&g.status.as_str())
+            })
+    })
+}
+
 /// Why vm VNF `v`'s guest cannot move (`None` for a wasm VNF): what lives on its host only.
 fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
     let name = v.name.as_str();
@@ -234,14 +246,9 @@ impl Controller {
                 "vnf {name} is not moving"
             )));
         };
-        if record
-            .vnf
-            .replication
-            .as_ref()
-            .is_some_and(|r| r.standby_host == m.to && r.guest.is_some() && r.state == "synced")
-        {
+        if guest_moved(&record.vnf, &m) {
             return Err(ControllerError::Conflict(format!(
-                "vnf {name}'s guest runs on host {} already (its stream completed); the move ends with the switch to it",
+                "vnf {name}'s guest is moving to host {} for good (its stream is in its final copy or completed); the move ends with the switch to it",
                 m.to
             )));
         }
@@ -257,6 +264,21 @@ impl Controller {
             .await?;
         drop(scheduler);
         self.vnf(caller, name).await
+    }
+
+    fn move_deadline(&self) -> Duration {
+        *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether move `m` of `v` is older than the move deadline.
+    fn past_deadline(&self, v: &Vnf, m: &Migration) -> Result<bool> {
+        let started = humantime::parse_rfc3339_weak(&m.started_at).map_err(|e| {
+            ControllerError::Corrupt(format!("vnf {}: migration.started_at: {e}", v.name))
+        })?;
+        let age = SystemTime::now()
+            .duration_since(started)
+            .unwrap_or_default();
+        Ok(age >= self.move_deadline())
     }
 
     /// Sets how long a move may take before it is cancelled.
@@ -288,39 +310,50 @@ impl Controller {
             .replication
             .as_ref()
             .is_some_and(|r| r.standby_host == m.to && r.state == "synced");
-        let (placed, reason, actor, restart) =
-            if destination_runs && synced && v.phase == Phase::Running && !record.deleting {
-                let streamed = match v.replication.as_ref() {
-                    Some(r) => match &r.guest {
-                        Some(g) => format!(
-                            "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms",
-                            g.transferred_bytes >> 20,
-                            g.total_ms,
-                            g.downtime_ms
-                                .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string())
-                        ),
-                        None => format!("{} map updates streamed before the switch", r.updates),
-                    },
-                    None => "nothing streamed".to_owned(),
-                };
-                // Should the record fail to be written after this, the scheduler holds the end of
-                // the move and the store its start: the next open restores from the store.
-                scheduler.swap_roles(name)?;
-                let placed = scheduler.drop_standby(name)?;
-                let reason = format!(
-                    "moved from host {} to host {}{} ({streamed})",
-                    m.from,
-                    m.to,
-                    m.engine
-                        .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
-                );
-                (placed, reason, m.by.clone(), Restart::Yes)
-            } else if let Some(reason) = self.overdue(v, &m)? {
-                let placed = scheduler.drop_standby(name)?;
-                (placed, reason, MOVE_DEADLINE_ACTOR.to_owned(), Restart::No)
-            } else {
-                return Ok(false);
+        // A vm's guest whose stream completed runs only at the destination: past the deadline
+        // the destination becomes the active without its report (a cancel would stop it there).
+        let completed = synced && v.replication.as_ref().is_some_and(|r| r.guest.is_some());
+        let forced = completed && !record.deleting && self.past_deadline(v, &m)?;
+        let (placed, reason, actor, restart) = if forced
+            || (destination_runs && synced && v.phase == Phase::Running && !record.deleting)
+        {
+            let streamed = match v.replication.as_ref() {
+                Some(r) => match &r.guest {
+                    Some(g) => format!(
+                        "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms",
+                        g.transferred_bytes >> 20,
+                        g.total_ms,
+                        g.downtime_ms
+                            .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string())
+                    ),
+                    None => format!("{} map updates streamed before the switch", r.updates),
+                },
+                None => "nothing streamed".to_owned(),
             };
+            // Should the record fail to be written after this, the scheduler holds the end of
+            // the move and the store its start: the next open restores from the store.
+            scheduler.swap_roles(name)?;
+            let placed = scheduler.drop_standby(name)?;
+            let mut reason = format!(
+                "moved from host {} to host {}{} ({streamed})",
+                m.from,
+                m.to,
+                m.engine
+                    .map_or(String::new(), |e| format!(", now on engine {}", e.as_str()))
+            );
+            if !destination_runs {
+                reason.push_str(&format!(
+                    "; host {} had not reported the guest running by the move's deadline",
+                    m.to
+                ));
+            }
+            (placed, reason, m.by.clone(), Restart::Yes)
+        } else if let Some(reason) = self.overdue(v, &m)? {
+            let placed = scheduler.drop_standby(name)?;
+            (placed, reason, MOVE_DEADLINE_ACTOR.to_owned(), Restart::No)
+        } else {
+            return Ok(false);
+        };
         // The descriptor says the engine the destination runs on (once it is the active).
         let engine = m.engine.filter(|_| restart == Restart::Yes);
         let how = Recording {
@@ -339,22 +372,10 @@ impl Controller {
 
     /// Why move `m` of `v` is cancelled, once it is older than the move deadline.
     fn overdue(&self, v: &Vnf, m: &Migration) -> Result<Option<String>> {
-        let deadline = *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner());
-        let started = humantime::parse_rfc3339_weak(&m.started_at).map_err(|e| {
-            ControllerError::Corrupt(format!("vnf {}: migration.started_at: {e}", v.name))
-        })?;
-        let age = SystemTime::now()
-            .duration_since(started)
-            .unwrap_or_default();
-        // A guest whose stream completed runs only at the destination now: cancelling would
-        // stop it there. Its destination gets the deadline once more to report it running.
-        let guest_moved = v
-            .replication
-            .as_ref()
-            .is_some_and(|r| r.standby_host == m.to && r.guest.is_some() && r.state == "synced");
-        if age < deadline || (guest_moved && age < deadline.saturating_mul(2)) {
+        if guest_moved(v, m) || !self.past_deadline(v, m)? {
             return Ok(None);
         }
+        let deadline = self.move_deadline();
         let destination = match &v.standby {
             Some(s) if s.host == m.to => {
                 format!("the destination is {} ({})", s.phase.as_str(), s.reason)

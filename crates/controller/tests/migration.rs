@@ -372,7 +372,13 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             downtime_ms: Some(42),
         }),
     };
-    report(&node.controller, "h2", Phase::Running, Some(completed)).await;
+    report(
+        &node.controller,
+        "h2",
+        Phase::Running,
+        Some(completed.clone()),
+    )
+    .await;
     let r = migrate(&node, r#"{"cancel": true}"#).await;
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(node.vnf_json("u1").await["migration"].is_object());
@@ -393,6 +399,34 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         last["reason"].as_str().unwrap().contains(
             "moved from host h2 to host h3 (300 MiB of guest memory streamed in 2100 ms, the guest stopped for 42 ms)"
         ),
+        "{last}"
+    );
+    consistent(&node).await;
+
+    // Back to h2, whose agent never reports the guest running: past the deadline a completed
+    // stream switches anyway (cancelling would stop the only guest), and the event says so.
+    report(&node.controller, "h3", Phase::Running, None).await;
+    node.controller
+        .set_move_deadline(std::time::Duration::from_millis(300));
+    assert_eq!(migrate(&node, r#"{"to": "h2"}"#).await.status, 200);
+    let back = ReplicationStatus {
+        standby_host: "h2".into(),
+        ..completed.clone()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.vnf_json("u1").await.get("migration").is_some() {
+        assert!(std::time::Instant::now() < deadline, "the move never ended");
+        report(&node.controller, "h3", Phase::Running, Some(back.clone())).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let v = node.vnf_json("u1").await;
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    let last = node.events("u1").await.pop().unwrap();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("host h2 had not reported the guest running by the move's deadline"),
         "{last}"
     );
     consistent(&node).await;

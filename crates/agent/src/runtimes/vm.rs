@@ -83,6 +83,9 @@ pub struct VmRuntime {
 /// How long a guest's migration stream may run, on either end, before it is given up (the
 /// guest then runs on at its source).
 pub const MOVE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
+/// How much longer the destination waits for the stream than the source streams: the source
+/// may reach its end just as its deadline passes.
+const INCOMING_GRACE: Duration = Duration::from_secs(30);
 
 /// A migration's progress as the API reports it.
 fn guest_stream(p: &MigrationProgress) -> GuestStream {
@@ -511,7 +514,11 @@ impl Runtime for VmRuntime {
             Arc::clone(&self.arrivals),
         );
         tokio::spawn(async move {
-            match handle.finish_incoming(MOVE_STREAM_DEADLINE).await {
+            // Longer than the source's wait: this clock starts before the source's stream.
+            match handle
+                .finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE)
+                .await
+            {
                 Ok(resumed) => {
                     // The guest's own uptime says it was not booted again.
                     let uptime = handle
