@@ -119,8 +119,7 @@ pub(crate) fn spawn_api_process(
     let tls = !args.contains(&"--plain-http");
     let tls_args: &[&str] = if tls {
         let (cert, key) = bench_identity()?;
-        crate::config::write_private(&dir.join(BENCH_CERT), cert.as_bytes())?;
-        crate::config::write_private(&dir.join(BENCH_KEY), key.as_bytes())?;
+        crate::tls::write_identity(&dir.join(BENCH_CERT), &dir.join(BENCH_KEY), cert, key)?;
         &["--tls-cert", BENCH_CERT, "--tls-key", BENCH_KEY]
     } else {
         &[]

@@ -585,8 +585,7 @@ fn cluster_certificate(control: &Path, address: &str) -> Result<(PathBuf, PathBu
         tls.join(crate::tls::CERT_FILE),
         tls.join(crate::tls::KEY_FILE),
     );
-    crate::config::write_private(&key, key_pem.as_bytes())?;
-    crate::config::write_private(&cert, cert_pem.as_bytes())?;
+    crate::tls::write_identity(&cert, &key, &cert_pem, &key_pem)?;
     Ok((cert, key))
 }
 

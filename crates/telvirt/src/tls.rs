@@ -234,10 +234,7 @@ fn generated(data_dir: &Path, names: &[String]) -> Result<(String, String)> {
     // The names file goes first and comes back last: a start that finds it finds the pair it
     // describes, even after a crash half-way.
     let _ = std::fs::remove_file(&listed);
-    telvirt_files::write_private(&key, k.as_bytes())
-        .with_context(|| format!("cannot write {}", key.display()))?;
-    telvirt_files::write_private(&cert, c.as_bytes())
-        .with_context(|| format!("cannot write {}", cert.display()))?;
+    write_identity(&cert, &key, &c, &k)?;
     telvirt_files::write_private(&listed, wanted.as_bytes())
         .with_context(|| format!("cannot write {}", listed.display()))?;
     tracing::info!(
@@ -267,6 +264,16 @@ impl DirLock {
         }
         Ok(Self(file))
     }
+}
+
+/// Writes a certificate and its key (PEM) to `cert` and `key`, readable by their owner only,
+/// the key first.
+pub fn write_identity(cert: &Path, key: &Path, cert_pem: &str, key_pem: &str) -> Result<()> {
+    for (path, pem) in [(key, key_pem), (cert, cert_pem)] {
+        telvirt_files::write_private(path, pem.as_bytes())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A new self-signed server certificate for `names` (DNS names or IP addresses) and its key,
