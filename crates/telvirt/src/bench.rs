@@ -53,6 +53,10 @@ pub enum BenchCommand {
     /// several rates: telvirt's tuning against QEMU's defaults, alternating (converged, total,
     /// downtime, bytes sent)
     VmMigrate(crate::vm::VmMigrateBenchArgs),
+    /// A vm VNF moves between two hosts of a cluster (a controller and two agent processes on
+    /// this machine): live (`vnf migrate`, the guest streams and goes on) against a cold move
+    /// (deleted, created on the other host), alternating: total and how long the guest stopped
+    VmMove(crate::bench_vm_move::VmMoveArgs),
     /// What TLS costs an API call: the same calls to a TLS and a --plain-http controller, in
     /// turn, on kept-alive connections and on a new connection per call
     Api(crate::bench_api::ApiArgs),
@@ -132,6 +136,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Ports(args) => crate::bench_ports::ports_bench(format, args),
         BenchCommand::Api(args) => crate::bench_api::api_bench(format, args),
         BenchCommand::VmMigrate(args) => crate::vm::bench_vm_migrate(format, args),
+        BenchCommand::VmMove(args) => crate::bench_vm_move::vm_move_bench(format, args),
     }
 }
 

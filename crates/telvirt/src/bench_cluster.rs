@@ -153,6 +153,9 @@ pub(crate) struct Hosts {
     /// Each agent gets a tunnel address (127.0.0.N for host hN), so networks and standby
     /// replication span hosts.
     pub tunnels: bool,
+    /// The agents run vm VNFs too, with the default guest image from this cache (and the
+    /// hosts keep cpu 0 shared, for QEMU's other threads); `None`: wasm VNFs only.
+    pub vm_image_cache: Option<PathBuf>,
 }
 
 impl Hosts {
@@ -172,9 +175,19 @@ impl Hosts {
             .current_dir(&self.dir)
             .args(["agent", "--controller", &self.controllers])
             .args(["--controller-ca", crate::bench_handover::BENCH_CERT])
-            // Several hosts on one machine: no worker takes a core for itself. Wasm VNFs only:
-            // no guest image built (with its CPU) in each fresh data dir during the figures.
-            .args(["--no-busy-poll", "--runtimes", "wasm"])
+            // Several hosts on one machine: no worker takes a core for itself. Wasm VNFs only
+            // unless asked: no guest image built (with its CPU) in each fresh data dir during
+            // the figures.
+            .arg("--no-busy-poll")
+            .args(match &self.vm_image_cache {
+                Some(cache) => vec![
+                    "--runtimes".into(),
+                    "vm,wasm".into(),
+                    "--image-cache".into(),
+                    cache.clone().into_os_string(),
+                ],
+                None => vec!["--runtimes".into(), "wasm".into()],
+            })
             .args(["--token-file", &format!("{name}.token")])
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])
@@ -240,9 +253,14 @@ impl Api {
     }
 }
 
-fn inventory(name: &str) -> String {
+fn inventory(name: &str, shared_cpu0: bool) -> String {
     format!(
-        "# Host {name} of `telvirt bench cluster`: this machine's two CPUs on paper.\nhosts:\n  - name: {name}\n    topology: {{ sockets: 1, cores_per_socket: 2, threads_per_core: 1 }}\n"
+        "# Host {name} of a benchmark: this machine's two CPUs on paper.\nhosts:\n  - name: {name}\n    topology: {{ sockets: 1, cores_per_socket: 2, threads_per_core: 1 }}\n{}",
+        if shared_cpu0 {
+            "    shared: \"0\"\n"
+        } else {
+            ""
+        }
     )
 }
 
@@ -288,7 +306,7 @@ pub(crate) async fn lay_out_hosts(api: &Api, hosts: &mut Hosts, count: u32) -> R
         crate::config::write_private(&hosts.dir.join(format!("{name}.token")), token.as_bytes())?;
         std::fs::write(
             hosts.dir.join(format!("inventory-{name}.yaml")),
-            inventory(&name),
+            inventory(&name, hosts.vm_image_cache.is_some()),
         )?;
         let agent = hosts.start(i)?;
         hosts.agents.push(agent);
@@ -508,6 +526,7 @@ async fn embedded(
         heartbeat_ms: args.host_lease_ttl_ms / 4,
         agents: Vec::new(),
         tunnels: false,
+        vm_image_cache: None,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
@@ -760,6 +779,7 @@ async fn cluster(
         heartbeat_ms: args.host_lease_ttl_ms / 4,
         agents: Vec::new(),
         tunnels: false,
+        vm_image_cache: None,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, kept) = rounds(&api, args, &module, "etcd, 3 members", 2, progress).await?;

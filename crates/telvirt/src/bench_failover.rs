@@ -268,6 +268,7 @@ pub(crate) async fn nat_setup(
         heartbeat_ms: args.host_lease_ttl_ms / 4,
         agents: Vec::new(),
         tunnels: true,
+        vm_image_cache: None,
     };
     let firewall = lay_out_hosts(&api, &mut hosts, HOSTS).await?;
     let nat_module = upload_example(&api, "nat").await?;

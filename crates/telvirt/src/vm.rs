@@ -129,12 +129,19 @@ pub struct ImageArgs {
     pub image_cache: Option<PathBuf>,
 }
 
+impl ImageArgs {
+    /// The image cache these flags name: `--image-cache`, else the data dir.
+    pub fn cache(&self) -> Result<PathBuf> {
+        let data_dir = match &self.data_dir {
+            Some(d) => d.clone(),
+            None => default_data_dir()?,
+        };
+        Ok(image_cache(self.image_cache.as_deref(), &data_dir))
+    }
+}
+
 async fn image_for(format: Output, args: &ImageArgs) -> Result<GuestImage> {
-    let data_dir = match &args.data_dir {
-        Some(d) => d.clone(),
-        None => default_data_dir()?,
-    };
-    let cache = image_cache(args.image_cache.as_deref(), &data_dir);
+    let cache = args.cache()?;
     let guest = guest_binary()?;
     let progress = Arc::new(Progress::new(format, "image"));
     let bar = progress.clone();
@@ -333,13 +340,7 @@ async fn bench_guest(
     opts.rounds = rounds;
     opts.accel = accel.into();
     opts.memory_mib = memory_mib;
-    opts.probe_cache = image_cache(
-        image.image_cache.as_deref(),
-        &match &image.data_dir {
-            Some(d) => d.clone(),
-            None => default_data_dir()?,
-        },
-    );
+    opts.probe_cache = image.cache()?;
     Ok(opts)
 }
 

@@ -463,6 +463,40 @@ fn bench_vm_prints_one_json_object_with_both_boots() {
 }
 
 #[test]
+fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _qemus = common::QemuGuard("vmm");
+    let out = offline(
+        &["bench", "vm-move", "--rounds", "1", "-o", "json"],
+        &common::guest_binary(),
+    );
+    assert!(out.status.success(), "bench vm-move: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.lines().count(),
+        1,
+        "one JSON object on one line: {text}"
+    );
+    let r: Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(r["rounds"], 1);
+    for set in ["live", "cold"] {
+        for figure in ["total_p50_ms", "outage_p50_ms"] {
+            assert!(r[set][figure].as_f64() > Some(0.0), "{set}.{figure}: {r}");
+        }
+    }
+    assert!(r["live"]["streamed_mib"][0].as_u64() > Some(0), "{r}");
+    let ratio = r["outage_ratio"].as_f64().unwrap_or(0.0);
+    let (live, cold) = (
+        r["live"]["outage_p50_ms"].as_f64().unwrap_or(0.0),
+        r["cold"]["outage_p50_ms"].as_f64().unwrap_or(1.0),
+    );
+    assert!(
+        (ratio - live / cold).abs() < 1e-6,
+        "outage ratio is live / cold: {r}"
+    );
+}
+
+#[test]
 fn attach_arguments_are_checked_before_any_request() {
     for (args, expected) in [
         (vec!["--kind", "net"], "--tap"),

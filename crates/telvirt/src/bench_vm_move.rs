@@ -1,0 +1,272 @@
+//! `telvirt bench vm-move`: a vm VNF moved between the two hosts of a cluster on this machine
+//! (a controller and two agent processes with tunnel addresses on loopback), live (`vnf
+//! migrate`: its guest streams from one QEMU to the other and goes on) against what an operator
+//! does without live migration, a cold move (deleted, created on the other host: a new guest
+//! boots), alternating in one run.
+//!
+//! Owns the set-up, the rounds and the report. It must not time anything inside the platform:
+//! the figures are the API's (total) and QEMU's (how long the guest was stopped), as the move's
+//! event reports them.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Serialize;
+
+use crate::bench_cluster::{Api, Hosts, embedded_controller, lay_out_hosts};
+use crate::bench_control::{ms, percentile};
+use crate::bench_failover::{cordon, post_yaml};
+use crate::bench_handover::{answer, poll_until};
+use crate::cli::Output;
+use crate::output;
+use crate::progress::Progress;
+
+#[derive(Args, Debug)]
+pub struct VmMoveArgs {
+    /// Moves of each kind, alternating
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub rounds: u32,
+    /// Guest memory of the VNF, MiB
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..=4096))]
+    pub memory_mib: u64,
+    #[command(flatten)]
+    pub image: crate::vm::ImageArgs,
+}
+
+/// One kind of move, every round.
+#[derive(Debug, Serialize)]
+pub struct VmMoveFigures {
+    pub setup: &'static str,
+    /// From the request until the API shows the VNF running on the other host alone, ms.
+    pub total_ms: Vec<f64>,
+    pub total_p50_ms: f64,
+    /// How long the guest did not run: QEMU's downtime of the live move; for the cold move,
+    /// from the delete until the new guest runs (its agent answered), ms.
+    pub outage_ms: Vec<f64>,
+    pub outage_p50_ms: f64,
+    /// Guest memory streamed (live moves), MiB.
+    pub streamed_mib: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VmMoveReport {
+    pub measured: String,
+    pub rounds: u32,
+    pub memory_mib: u64,
+    pub live: VmMoveFigures,
+    pub cold: VmMoveFigures,
+    /// Live over cold, of the medians.
+    pub total_ratio: f64,
+    pub outage_ratio: f64,
+}
+
+const VNF: &str = "vmm";
+
+fn descriptor(memory_mib: u64) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {VNF} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: dedicated, count: 1 }}\n  vm: {{ memory: {memory_mib}MiB }}\n"
+    )
+}
+
+/// The host the VNF runs on alone, if it runs.
+async fn running_alone(api: &Api) -> Option<String> {
+    let v = api.json(&format!("/v1/vnfs/{VNF}")).await.ok()?;
+    let placements = v["placements"].as_array()?;
+    (v["phase"] == "Running" && placements.len() == 1 && v.get("migration").is_none())
+        .then(|| placements[0]["host"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+fn other(host: &str) -> &'static str {
+    if host == "h1" { "h2" } else { "h1" }
+}
+
+/// The figures of the last switch event: (MiB streamed, ms the guest was stopped).
+async fn switch_figures(api: &Api) -> Result<(u64, f64)> {
+    let events = api.json(&format!("/v1/vnfs/{VNF}/events")).await?;
+    let reason = events
+        .as_array()
+        .and_then(|all| {
+            all.iter().rev().find_map(|e| {
+                e["reason"]
+                    .as_str()
+                    .filter(|r| r.contains("moved from host"))
+            })
+        })
+        .context("the move left no event")?;
+    let number_before = |suffix: &str| -> Option<f64> {
+        let head = reason.split(suffix).next()?;
+        head.rsplit([' ', '(']).next()?.parse().ok()
+    };
+    let mib = number_before(" MiB of guest memory")
+        .with_context(|| format!("no guest memory figure in: {reason}"))?;
+    let stopped = reason
+        .split("the guest stopped for ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no downtime in: {reason}"))?;
+    Ok((mib as u64, stopped))
+}
+
+async fn live_move(api: &Api, from: &str) -> Result<(f64, f64, u64)> {
+    let to = other(from);
+    let asked = Instant::now();
+    let _: serde_json::Value = answer(
+        api.request(reqwest::Method::POST, &format!("/v1/vnfs/{VNF}/migrate"))
+            .json(&serde_json::json!({ "to": to })),
+    )
+    .await?;
+    poll_until(Duration::from_secs(240), "the vm moved", || async {
+        running_alone(api).await.as_deref() == Some(to)
+    })
+    .await?;
+    let total = ms(asked.elapsed());
+    let (mib, stopped) = switch_figures(api).await?;
+    Ok((total, stopped, mib))
+}
+
+async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
+    let to = other(from);
+    cordon(api, from, true).await?;
+    let asked = Instant::now();
+    let _: serde_json::Value =
+        answer(api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}"))).await?;
+    poll_until(Duration::from_secs(120), "the vm deleted", || async {
+        api.json(&format!("/v1/vnfs/{VNF}")).await.is_err()
+    })
+    .await?;
+    post_yaml(api, "/v1/vnfs", yaml.to_owned()).await?;
+    let ran = poll_until(Duration::from_secs(240), "the new vm running", || async {
+        running_alone(api).await.as_deref() == Some(to)
+    })
+    .await;
+    let total = ms(asked.elapsed());
+    cordon(api, from, false).await?;
+    ran?;
+    Ok(total)
+}
+
+fn figures(setup: &'static str, total: Vec<f64>, outage: Vec<f64>, mib: Vec<u64>) -> VmMoveFigures {
+    let p50 = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        percentile(&s, 0.5)
+    };
+    VmMoveFigures {
+        setup,
+        total_p50_ms: p50(&total),
+        outage_p50_ms: p50(&outage),
+        total_ms: total,
+        outage_ms: outage,
+        streamed_mib: mib,
+    }
+}
+
+pub async fn run_vm_move_bench(
+    args: &VmMoveArgs,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<VmMoveReport> {
+    let dir = crate::bench_control::scratch_dir("vm-move")?;
+    let http = crate::bench_handover::bench_http()?
+        .timeout(Duration::from_secs(30))
+        .build()?;
+    let cache = args.image.cache()?;
+    let (controller, api) =
+        embedded_controller(&dir, &http, &["--host-lease-ttl-ms", "1000"]).await?;
+    let mut hosts = Hosts {
+        dir: dir.clone(),
+        controllers: controller.api.clone(),
+        heartbeat_ms: 250,
+        agents: Vec::new(),
+        tunnels: true,
+        vm_image_cache: Some(cache),
+    };
+    lay_out_hosts(&api, &mut hosts, 2).await?;
+    let total_steps = 2 * u64::from(args.rounds) + 1;
+    cordon(&api, "h2", true).await?;
+    let yaml = descriptor(args.memory_mib);
+    post_yaml(&api, "/v1/vnfs", yaml.clone()).await?;
+    poll_until(Duration::from_secs(300), "the vm running on h1", || async {
+        running_alone(&api).await.as_deref() == Some("h1")
+    })
+    .await?;
+    cordon(&api, "h2", false).await?;
+    progress(1, total_steps);
+    let (mut live_total, mut live_outage, mut live_mib) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
+    let mut at = "h1".to_owned();
+    for i in 0..args.rounds {
+        let (total, stopped, mib) = live_move(&api, &at).await?;
+        live_total.push(total);
+        live_outage.push(stopped);
+        live_mib.push(mib);
+        at = other(&at).to_owned();
+        progress(2 + 2 * u64::from(i), total_steps);
+        let total = cold_move(&api, &at, &yaml).await?;
+        // The guest is gone from the delete until the new one runs.
+        cold_total.push(total);
+        cold_outage.push(total);
+        at = other(&at).to_owned();
+        progress(3 + 2 * u64::from(i), total_steps);
+    }
+    let _ = answer::<serde_json::Value>(
+        api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}")),
+    )
+    .await;
+    let live = figures(
+        "live move (vnf migrate: the guest streams and goes on)",
+        live_total,
+        live_outage,
+        live_mib,
+    );
+    let cold = figures(
+        "cold move (deleted, created on the other host: a new guest boots)",
+        cold_total,
+        cold_outage,
+        Vec::new(),
+    );
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    if live.outage_ms.is_empty() {
+        bail!("no move was measured");
+    }
+    Ok(VmMoveReport {
+        measured: "the default guest (1 vCPU) moved between two agents' hosts on loopback through a controller, live against cold, alternating".into(),
+        rounds: args.rounds,
+        memory_mib: args.memory_mib,
+        total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
+        outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
+        live,
+        cold,
+    })
+}
+
+pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
+    let progress = Progress::new(format, "vm-move");
+    let report_progress = |d, t| progress.update(d, t);
+    let bench = run_vm_move_bench(&args, &report_progress);
+    let Some(r) = progress.run_bench(format, bench)? else {
+        return Ok(());
+    };
+    println!("measured: {}", r.measured);
+    let rows: Vec<Vec<String>> = [&r.live, &r.cold]
+        .iter()
+        .map(|f| {
+            vec![
+                f.setup.to_owned(),
+                format!("{:.0}", f.total_p50_ms),
+                format!("{:.0}", f.outage_p50_ms),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        output::table(&["SET-UP", "TOTAL p50 ms", "GUEST STOPPED p50 ms"], &rows)
+    );
+    println!(
+        "live / cold: total {:.2}, guest stopped {:.3}",
+        r.total_ratio, r.outage_ratio
+    );
+    Ok(())
+}
