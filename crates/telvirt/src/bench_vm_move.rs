@@ -78,6 +78,25 @@ async fn running_alone(api: &Api) -> Option<String> {
         .flatten()
 }
 
+/// Kills the VNF's QEMU on either host when dropped: QEMU runs in a process group of its own
+/// and outlives the agents the benchmark ends, on success or on an error.
+struct GuestSweep(std::path::PathBuf);
+
+impl Drop for GuestSweep {
+    fn drop(&mut self) {
+        for host in ["h1", "h2"] {
+            let dir = self.0.join(format!("agent-{host}/instances/{VNF}"));
+            if let Some(pid) = telvirt_runtime_vm::manager::running_pid(&dir, VNF) {
+                // SAFETY: kill has no memory preconditions; `pid` was checked to be this VNF's
+                // QEMU.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
 fn other(host: &str) -> &'static str {
     if host == "h1" { "h2" } else { "h1" }
 }
@@ -169,6 +188,8 @@ pub async fn run_vm_move_bench(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<VmMoveReport> {
     let dir = crate::bench_control::scratch_dir("vm-move")?;
+    // Dropped last: after the agents, so none starts a QEMU again.
+    let _sweep = GuestSweep(dir.clone());
     let http = crate::bench_handover::bench_http()?
         .timeout(Duration::from_secs(30))
         .build()?;
@@ -211,9 +232,14 @@ pub async fn run_vm_move_bench(
         at = other(&at).to_owned();
         progress(3 + 2 * u64::from(i), total_steps);
     }
+    // Its agent stops the guest; the sweep kills whatever is left.
     let _ = answer::<serde_json::Value>(
         api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}")),
     )
+    .await;
+    let _ = poll_until(Duration::from_secs(30), "the vm deleted", || async {
+        api.json(&format!("/v1/vnfs/{VNF}")).await.is_err()
+    })
     .await;
     let live = figures(
         "live move (vnf migrate: the guest streams and goes on)",
