@@ -448,6 +448,11 @@ YAML
   TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" host uncordon demo-host2 >/dev/null
   echo "(vm2 booted on demo-host; demo-host2 holds its cores while the guest streams, then runs it)"
   TELVIRT_CONFIG="$CTL_CONFIG" run vnf migrate vm2 --to demo-host2
+  # demo-host2's agent notes the arrival once the guest's agent answered there.
+  for _ in $(seq 1 200); do
+    TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf show vm2 | grep -q "arrived by a migration stream" && break
+    sleep 0.1
+  done
   TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf events vm2 | grep -E "moving to|moved from|arrived"
   echo "(the guest was not booted again: its uptime counts from its boot on demo-host)"
   TELVIRT_CONFIG="$CTL_CONFIG" run vnf show vm2
