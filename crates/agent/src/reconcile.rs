@@ -105,6 +105,16 @@ struct Known {
     incoming: bool,
 }
 
+impl Known {
+    /// A fresh instance holds no devices until they are applied again, and has taken no change.
+    fn fresh_instance(&mut self) {
+        self.devices = None;
+        self.devices_refused = None;
+        self.running_as = None;
+        self.taken = None;
+    }
+}
+
 /// The wait before restart in place `n` (1: the first) of an instance that failed while it
 /// ran: 1 s, doubling, at most 60 s, as a crash loop backs off.
 fn restart_delay(n: u32) -> Duration {
@@ -1138,12 +1148,9 @@ impl Inner {
         {
             let mut known = self.known.lock().await;
             let entry = known.entry(a.vnf.clone()).or_default();
+            entry.fresh_instance();
             entry.incoming = true;
             entry.note = None;
-            entry.devices = None;
-            entry.devices_refused = None;
-            entry.running_as = None;
-            entry.taken = None;
         }
         match runtime.start_incoming(spec).await {
             Ok(()) => {
@@ -1182,15 +1189,12 @@ impl Inner {
 
     async fn start(&self, a: &Assignment, spec: &InstanceSpec, runtime: &dyn Runtime) -> Step {
         self.report(a, Phase::Starting, "starting").await?;
-        {
-            // A fresh instance holds no devices until they are applied again.
-            let mut known = self.known.lock().await;
-            let entry = known.entry(a.vnf.clone()).or_default();
-            entry.devices = None;
-            entry.devices_refused = None;
-            entry.running_as = None;
-            entry.taken = None;
-        }
+        self.known
+            .lock()
+            .await
+            .entry(a.vnf.clone())
+            .or_default()
+            .fresh_instance();
         if let (Some(cache), Some(wasm)) = (&self.modules, &spec.descriptor.spec.wasm)
             && let Err(e) = cache
                 .ensure(self.link.as_ref(), &self.host, &wasm.module)

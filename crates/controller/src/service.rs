@@ -1540,11 +1540,10 @@ impl Controller {
             // The active of a wasm pair streams its maps to its standby's host, the source of
             // a vm's move its guest to the destination (each host's tunnel address read once
             // per call).
-            let vm_move_to = vnf
+            let vm_move = vnf
                 .migration
                 .as_ref()
-                .filter(|_| vnf.descriptor.spec.runtime == RuntimeKind::Vm)
-                .map(|m| m.to.as_str());
+                .filter(|_| vnf.descriptor.spec.runtime == RuntimeKind::Vm);
             let standby_host = vnf
                 .placements
                 .iter()
@@ -1554,18 +1553,12 @@ impl Controller {
                     p.role == telvirt_model::Role::Active
                         && match vnf.descriptor.spec.runtime {
                             RuntimeKind::Wasm => true,
-                            RuntimeKind::Vm => vm_move_to == Some(s.as_str()),
+                            RuntimeKind::Vm => vm_move.is_some_and(|m| m.to == *s),
                         }
                 });
             // The destination of a vm's move waits for its guest instead of booting one.
-            let incoming_from = vnf
-                .migration
-                .as_ref()
-                .filter(|m| {
-                    vm_move_to == Some(host)
-                        && m.to == host
-                        && p.role == telvirt_model::Role::Standby
-                })
+            let incoming_from = vm_move
+                .filter(|m| m.to == host && p.role == telvirt_model::Role::Standby)
                 .map(|m| m.from.clone());
             let standby = match standby_host {
                 Some(h) => {

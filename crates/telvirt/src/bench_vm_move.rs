@@ -15,7 +15,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::bench_cluster::{Api, Hosts, embedded_controller, lay_out_hosts};
-use crate::bench_control::{ms, percentile};
+use crate::bench_control::{latency, ms};
 use crate::bench_failover::{cordon, post_yaml};
 use crate::bench_handover::{answer, poll_until};
 use crate::cli::Output;
@@ -168,15 +168,10 @@ async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
 }
 
 fn figures(setup: &'static str, total: Vec<f64>, outage: Vec<f64>, mib: Vec<u64>) -> VmMoveFigures {
-    let p50 = |v: &[f64]| {
-        let mut s = v.to_vec();
-        s.sort_by(f64::total_cmp);
-        percentile(&s, 0.5)
-    };
     VmMoveFigures {
         setup,
-        total_p50_ms: p50(&total),
-        outage_p50_ms: p50(&outage),
+        total_p50_ms: latency(total.clone()).p50_ms,
+        outage_p50_ms: latency(outage.clone()).p50_ms,
         total_ms: total,
         outage_ms: outage,
         streamed_mib: mib,

@@ -82,7 +82,7 @@ pub struct VmRuntime {
 
 /// How long a guest's migration stream may run, on either end, before it is given up (the
 /// guest then runs on at its source).
-pub const MOVE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
+const MOVE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
 /// How much longer the destination waits for the stream than the source streams: the source
 /// may reach its end just as its deadline passes.
 const INCOMING_GRACE: Duration = Duration::from_secs(30);
