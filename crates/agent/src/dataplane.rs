@@ -9,7 +9,7 @@
 //! placement (the scheduler does) nor parse descriptors beyond mapping them onto the data
 //! plane's own types.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -41,6 +41,9 @@ pub struct NodeDataPlane {
     housekeeping_cores: Mutex<Vec<usize>>,
     /// No worker busy-polls, whatever its nodes ask.
     busy_forbidden: AtomicBool,
+    /// Nodes whose links stay as they are whatever the networks say (a frozen move's source
+    /// that still receives what was sent to it before its senders rewired).
+    held: Mutex<BTreeSet<String>>,
 }
 
 impl NodeDataPlane {
@@ -72,7 +75,34 @@ impl NodeDataPlane {
             confine_housekeeping: AtomicBool::new(false),
             housekeeping_cores: Mutex::new(Vec::new()),
             busy_forbidden: AtomicBool::new(false),
+            held: Mutex::new(BTreeSet::new()),
         }))
+    }
+
+    /// Keeps the links of `node` (and the tunnels they use) as they are until
+    /// [`NodeDataPlane::release_links`].
+    pub fn hold_links(&self, node: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_owned());
+    }
+
+    /// Ends [`NodeDataPlane::hold_links`]: the next network pass rewires `node` as its networks
+    /// say.
+    pub fn release_links(&self, node: &str) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(node);
+    }
+
+    /// Whether the links of `node` are held.
+    pub fn links_held(&self, node: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(node)
     }
 
     /// From now on no worker busy-polls for a node (several hosts simulated on one machine

@@ -272,6 +272,7 @@ pub(crate) mod tests {
             }),
             epoch,
             incoming_from: None,
+            hand_off: false,
         }
     }
 

@@ -449,8 +449,20 @@ impl NetworkReconciler {
     pub fn sync_spans(&self, wanted: &[NetworkDescriptor], spans: &[NetworkSpan]) {
         self.captures.end_expired(&self.dp);
         let mut applied = self.applied();
+        // A network with a node whose links are held (a frozen move's source still receiving)
+        // stays as it is until they are released.
+        let held: BTreeSet<String> = applied
+            .iter()
+            .filter(|(_, a)| {
+                a.live
+                    .iter()
+                    .any(|l| self.dp.links_held(&l.from.node) || self.dp.links_held(&l.to.node))
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
         let gone: Vec<String> = applied
             .keys()
+            .filter(|n| !held.contains(*n))
             .filter(|n| !wanted.iter().any(|w| w.name().as_str() == n.as_str()))
             .cloned()
             .collect();
@@ -472,7 +484,7 @@ impl NetworkReconciler {
                 span: None,
                 tunnels: BTreeMap::new(),
             });
-            if a.probing {
+            if a.probing || held.contains(&name) {
                 continue;
             }
             a.span = spans.iter().find(|s| s.network == name).cloned();

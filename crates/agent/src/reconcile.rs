@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use telvirt_api::{Assignment, ControlLink, Observation};
 use telvirt_model::api::{ActiveLost, ReplicationStatus};
@@ -170,6 +170,11 @@ struct Inner {
 
 /// How often the loop looks at every instance again when nothing told it to.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// A handed-off source passes on what arrives until nothing came for this long: the hosts
+/// that send to it rewire within it.
+pub const HANDOFF_QUIET: Duration = Duration::from_millis(200);
+/// ... and for this long at most.
+pub const HANDOFF_DRAIN: Duration = Duration::from_secs(2);
 /// How often the assignments are listed again when no change was signalled.
 pub const RELIST_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -666,15 +671,74 @@ impl Inner {
         }
     }
 
+    /// A wasm move's source freezes when its assignment asks for the hand-off (its stream
+    /// then carries the last updates and what it queues); a hand-off no longer asked for (the
+    /// move was cancelled) ends the freeze, the queued packets processed first.
+    async fn follow_hand_off(
+        &self,
+        a: &Assignment,
+        runtime: &dyn Runtime,
+        state: &InstanceState,
+    ) -> Step {
+        let frozen = runtime.frozen(&a.vnf).is_some();
+        let wanted = a.hand_off
+            && a.standby.is_some()
+            && a.placement.role == Role::Active
+            && a.desired == DesiredState::Running
+            && !a.locked;
+        if wanted && !frozen && *state == InstanceState::Running {
+            runtime
+                .freeze(&a.vnf)
+                .await
+                .map_err(|e| StepError(format!("freezing for the move's hand-off: {e}")))?;
+            tracing::info!(vnf = %a.vnf, "frozen for its move's hand-off");
+        } else if !wanted && frozen {
+            runtime
+                .thaw(&a.vnf)
+                .await
+                .map_err(|e| StepError(format!("ending the freeze: {e}")))?;
+            tracing::info!(vnf = %a.vnf, "the hand-off ended without a switch: it goes on, what it queued first");
+        }
+        Ok(())
+    }
+
+    /// Before a handed-off instance (the switch was made) stops: what its senders sent before
+    /// they rewired still arrives and is queued; once nothing came for [`HANDOFF_QUIET`] (at
+    /// most [`HANDOFF_DRAIN`]), the stream passes the rest on and ends.
+    async fn pass_on_queued(&self, name: &Name, runtime: &dyn Runtime, r: &Replicas) {
+        let Some(mut queued) = runtime.frozen(name) else {
+            return;
+        };
+        let started = Instant::now();
+        let mut since = Instant::now();
+        while since.elapsed() < HANDOFF_QUIET && started.elapsed() < HANDOFF_DRAIN {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let now = runtime.frozen(name).unwrap_or(queued);
+            if now != queued {
+                (queued, since) = (now, Instant::now());
+            }
+        }
+        let passed = r.finish(name, HANDOFF_DRAIN).await;
+        tracing::info!(vnf = %name, queued, passed, "handed over: the packets queued since the freeze went to the destination");
+    }
+
     /// Stops and forgets an instance no longer assigned to this host.
     async fn remove_unassigned(&self, name: &Name) -> Step {
-        if let Some(r) = &self.replicas {
-            r.stop(name);
-        }
         let kind = match self.known.lock().await.get(name) {
             Some(k) => k.kind,
-            None => return Ok(()),
+            None => {
+                if let Some(r) = &self.replicas {
+                    r.stop(name);
+                }
+                return Ok(());
+            }
         };
+        if let Some(r) = &self.replicas {
+            if let Some(runtime) = kind.and_then(|k| self.runtimes.get(&k)) {
+                self.pass_on_queued(name, runtime.as_ref(), r).await;
+            }
+            r.stop(name);
+        }
         if let Some(runtime) = kind.and_then(|k| self.runtimes.get(&k)) {
             runtime
                 .stop(name)
@@ -798,6 +862,7 @@ impl Inner {
                 }
                 _ => r.stop(&a.vnf),
             }
+            self.follow_hand_off(&a, runtime.as_ref(), &state).await?;
         }
         if let Some(from) = a.incoming_from.clone()
             && a.desired == DesiredState::Running

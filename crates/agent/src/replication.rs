@@ -67,6 +67,12 @@ const KIND_LOG: u8 = 2;
 const KIND_KEEPALIVE: u8 = 3;
 /// The connection carries a moving vm's guest (QEMU's migration stream) once acknowledged.
 const KIND_GUEST: u8 = 4;
+/// Packets a frozen move's source queued, for the destination's instance to process first.
+const KIND_PACKETS: u8 = 5;
+/// Bytes of queued packets one batch carries at most.
+const PACKET_BATCH_BYTES: usize = 1 << 20;
+/// How often a frozen source sends its batch (its last updates, then what it queued).
+const FROZEN_INTERVAL: Duration = Duration::from_millis(1);
 /// How long a move's source waits before it opens a guest stream again.
 const GUEST_RETRY: Duration = Duration::from_secs(1);
 /// How often a guest stream's progress is told to the agent (and so reported) at most.
@@ -88,6 +94,27 @@ pub trait ReplicaState: Send + Sync + 'static {
     /// Applies a snapshot (`full`) or an update log to the standby instance of `vnf`; returns
     /// the updates applied (entries, for a snapshot). Nothing changes on error.
     fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String>;
+
+    /// Whether the active instance of `vnf` is frozen for its move's hand-off (its maps
+    /// change no more: the next batch taken is the last).
+    fn is_frozen(&self, vnf: &Name) -> bool {
+        let _ = vnf;
+        false
+    }
+
+    /// From a frozen instance of `vnf`: up to `max_bytes` of the packets it queued (at least
+    /// one), encoded, and how many; `None` when none waits.
+    fn take_packets(&self, vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
+        let _ = (vnf, max_bytes);
+        None
+    }
+
+    /// Hands packets a move's source queued to this host's instance of `vnf`, which processes
+    /// them before anything else; returns how many it took.
+    fn hand_in(&self, vnf: &Name, bytes: &[u8]) -> Result<u64, String> {
+        let _ = bytes;
+        Err(format!("this host takes no packets of {vnf}"))
+    }
 }
 
 /// What a standby answered to one batch.
@@ -184,7 +211,15 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
         return Err(bad(format!("not a replication batch (magic {magic:?})")));
     }
     let kind = stream.read_u8().await?;
-    if ![KIND_SNAPSHOT, KIND_LOG, KIND_KEEPALIVE, KIND_GUEST].contains(&kind) {
+    if ![
+        KIND_SNAPSHOT,
+        KIND_LOG,
+        KIND_KEEPALIVE,
+        KIND_GUEST,
+        KIND_PACKETS,
+    ]
+    .contains(&kind)
+    {
         return Err(bad(format!("unknown batch kind {kind}")));
     }
     let name_len = stream.read_u16_le().await?;
@@ -427,6 +462,9 @@ impl StandbyConnection {
         host: &dyn StandbyHost,
     ) -> Ack {
         let vnf = &h.vnf;
+        if h.kind == KIND_PACKETS {
+            return self.receive_packets(h, bytes, state, host).await;
+        }
         match host.role(vnf) {
             Some((Role::Standby, mine)) if h.epoch >= mine => {}
             Some((_, mine)) if mine > h.epoch => {
@@ -469,6 +507,50 @@ impl StandbyConnection {
     }
 }
 
+impl StandbyConnection {
+    /// Hands the packets of one batch to this host's instance of the VNF, standby or (once the
+    /// switch was made) active, whatever the sender's epoch: they are traffic for the VNF, not
+    /// its state, and the instance's queue bounds them.
+    async fn receive_packets(
+        &mut self,
+        h: &Header,
+        bytes: Vec<u8>,
+        state: &Arc<dyn ReplicaState>,
+        host: &dyn StandbyHost,
+    ) -> Ack {
+        let vnf = &h.vnf;
+        match host.role(vnf) {
+            None => {
+                return Ack::new(
+                    h.seq,
+                    ACK_REFUSED,
+                    format!("this host runs no instance of {vnf}"),
+                );
+            }
+            Some((Role::Standby, _)) => {
+                self.seen.insert(vnf.clone());
+                self.silent = false;
+                host.hearing(vnf, None);
+            }
+            Some((Role::Active, _)) => {}
+        }
+        let (state, name) = (Arc::clone(state), vnf.clone());
+        match tokio::task::spawn_blocking(move || state.hand_in(&name, &bytes)).await {
+            Ok(Ok(n)) => {
+                let mut ack = Ack::new(h.seq, ACK_OK, String::new());
+                ack.updates = n;
+                ack
+            }
+            Ok(Err(e)) => Ack::new(h.seq, ACK_REFUSED, e),
+            Err(e) => Ack::new(
+                h.seq,
+                ACK_REFUSED,
+                format!("handing the packets in failed: {e}"),
+            ),
+        }
+    }
+}
+
 /// One stream's status, shared by its sending task and [`Replicas::status`]; the agent is told
 /// of every change of its state.
 #[derive(Clone)]
@@ -495,6 +577,7 @@ impl StreamStatus {
                 bytes: 0,
                 error: None,
                 guest: None,
+                packets_passed: 0,
             })),
             vnf: vnf.clone(),
             changed: Arc::clone(changed),
@@ -536,6 +619,8 @@ struct Sender {
     peer: StandbyPeer,
     epoch: u64,
     status: StreamStatus,
+    /// Set when a handed-off instance is going: the task ends once nothing it queued waits.
+    finish: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -628,6 +713,7 @@ impl Replicas {
             old.task.abort();
         }
         let status = StreamStatus::new(vnf, peer, "resyncing", &self.changed);
+        let finish = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(send_loop(
             SendTo {
                 vnf: vnf.clone(),
@@ -635,6 +721,7 @@ impl Replicas {
                 epoch,
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
+                finish: Arc::clone(&finish),
             },
             Arc::clone(&self.state),
             status.clone(),
@@ -645,6 +732,7 @@ impl Replicas {
                 peer: peer.clone(),
                 epoch,
                 status,
+                finish,
                 task,
             },
         );
@@ -700,6 +788,29 @@ impl Replicas {
                 task,
             },
         );
+    }
+
+    /// Lets a handed-off `vnf`'s stream pass on what its instance still queues and end once
+    /// nothing waits, within `within` (then it is stopped). Returns the packets the
+    /// destination took.
+    pub async fn finish(&self, vnf: &Name, within: Duration) -> u64 {
+        let deadline = Instant::now() + within;
+        if let Some(s) = self.senders().get(vnf) {
+            s.finish.store(true, Ordering::Release);
+        }
+        loop {
+            let done = self.senders().get(vnf).is_none_or(|s| s.task.is_finished());
+            if done || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(FROZEN_INTERVAL).await;
+        }
+        let passed = self
+            .senders()
+            .get(vnf)
+            .map_or(0, |s| s.status.read().packets_passed);
+        self.stop(vnf);
+        passed
     }
 
     /// Stops streaming `vnf`'s maps or guest (no longer active, no standby or move, or gone);
@@ -853,6 +964,8 @@ struct SendTo {
     detection: Detection,
     /// The instance's gate: kept open by acknowledgements, closed by a stale answer.
     gate: Option<Arc<ForwardGate>>,
+    /// A handed-off stream ends once nothing queued waits.
+    finish: Arc<AtomicBool>,
 }
 
 /// What [`Replicas::on_state_change`] calls.
@@ -867,6 +980,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
         epoch,
         detection,
         gate,
+        finish,
     } = &to;
     // Acknowledgements keep the instance forwarding for half the standby's silence: a standby
     // that stopped hearing it has the instance's gate closed (unless its lease holds) before
@@ -876,6 +990,9 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     let mut stream: Option<TcpStream> = None;
     let mut full = true;
     let mut seq = 0u64;
+    // The instance froze for its move and its last updates were acknowledged: from then on
+    // only the packets it queues go (a keepalive when none wait).
+    let mut handed_off = false;
     loop {
         if stream.is_none() {
             match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str())).await {
@@ -887,6 +1004,36 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                 Ok(Err(e)) => set(&|s| fail(s, format!("connecting to {address}: {e}"))),
                 Err(_) => set(&|s| fail(s, format!("connecting to {address} timed out"))),
             }
+        }
+        let frozen = state.is_frozen(vnf);
+        if let Some(conn) = stream.as_mut()
+            && handed_off
+            && !full
+        {
+            let header = Header {
+                vnf: vnf.clone(),
+                kind: KIND_PACKETS,
+                seq: seq + 1,
+                epoch: *epoch,
+                silence: detection.silence(),
+            };
+            match pass_packets(&state, conn, header).await {
+                // Nothing waited: a handed-off instance that is going has passed on all.
+                Ok(()) if finish.load(Ordering::Acquire) => return,
+                Ok(()) => seq += 1,
+                Err(SendError::Io(e)) => {
+                    set(&|s| s.error = Some(e.clone()));
+                    stream = None;
+                    full = true;
+                }
+                Err(SendError::Take(e)) => set(&|s| s.error = Some(e.clone())),
+                Err(SendError::Passed(n)) => {
+                    seq += 1;
+                    set(&|s| s.packets_passed += n);
+                }
+            }
+            tokio::time::sleep(FROZEN_INTERVAL).await;
+            continue;
         }
         if let Some(conn) = stream.as_mut() {
             let header = Header {
@@ -918,9 +1065,11 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     {
                         tracing::warn!(vnf = %vnf, "fenced: {}", ack.message);
                     }
+                    // Taken after the freeze: the last updates are there.
+                    handed_off |= frozen && ack.status == ACK_OK;
                     match ack.status {
                         ACK_OK => set(&|s| {
-                            s.state = "synced".into();
+                            s.state = if handed_off { "handed-off" } else { "synced" }.into();
                             s.lag_us =
                                 u64::try_from(taken.elapsed().as_micros()).unwrap_or(u64::MAX);
                             s.updates += ack.updates;
@@ -944,9 +1093,49 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     stream = None;
                     full = true;
                 }
+                Err(SendError::Passed(_)) => {}
             }
         }
-        tokio::time::sleep(detection.interval).await;
+        tokio::time::sleep(if frozen {
+            FROZEN_INTERVAL
+        } else {
+            detection.interval
+        })
+        .await;
+    }
+}
+
+/// Sends the packets the frozen instance queued (a keepalive when none wait); `Passed(n)`
+/// when the destination took `n` of them.
+async fn pass_packets(
+    state: &Arc<dyn ReplicaState>,
+    conn: &mut TcpStream,
+    mut header: Header,
+) -> Result<(), SendError> {
+    let (st, name) = (Arc::clone(state), header.vnf.clone());
+    let taken = tokio::task::spawn_blocking(move || st.take_packets(&name, PACKET_BATCH_BYTES))
+        .await
+        .map_err(|e| SendError::Take(format!("taking queued packets failed: {e}")))?;
+    let (bytes, n) = taken.unwrap_or_default();
+    if n == 0 {
+        header.kind = KIND_KEEPALIVE;
+    }
+    let ack = exchange(conn, &header, &bytes, &|_| {}).await?;
+    match (n, ack.status) {
+        (0, _) => Ok(()),
+        (_, ACK_OK) => {
+            if ack.updates < n {
+                tracing::warn!(vnf = %header.vnf, dropped = n - ack.updates, "the destination's queue took only part of the packets handed over");
+            }
+            Err(SendError::Passed(ack.updates))
+        }
+        _ => {
+            tracing::warn!(vnf = %header.vnf, packets = n, "the destination refused the packets handed over: {}", ack.message);
+            Err(SendError::Take(format!(
+                "the destination refused {n} queued packets: {}",
+                ack.message
+            )))
+        }
     }
 }
 
@@ -955,12 +1144,14 @@ fn fail(s: &mut ReplicationStatus, why: String) {
     s.error = Some(why);
 }
 
-/// Why one batch did not go.
+/// Why one batch did not go (or, for queued packets, how many went).
 enum SendError {
     /// The instance gave no batch; the connection is fine.
     Take(String),
     /// The connection failed: it is dropped.
     Io(String),
+    /// The destination took this many of the packets handed over.
+    Passed(u64),
 }
 
 /// Takes one batch off the active instance and sends it with `header` (a snapshot when its
@@ -986,10 +1177,21 @@ async fn send_one(
         }
         Err(e) => return Err(SendError::Take(format!("taking a batch: {e}"))),
     };
-    let seq = header.seq;
     let sent = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    let ack = exchange(conn, &header, &bytes, slow).await?;
+    Ok((ack, sent, taken))
+}
+
+/// Sends one batch and reads its acknowledgement, telling `slow` while it keeps waiting.
+async fn exchange(
+    conn: &mut TcpStream,
+    header: &Header,
+    bytes: &[u8],
+    slow: &(dyn Fn(String) + Sync),
+) -> Result<Ack, SendError> {
+    let seq = header.seq;
     let exchange = async {
-        write_batch(conn, &header, &bytes).await?;
+        write_batch(conn, header, bytes).await?;
         read_ack(conn).await
     };
     tokio::pin!(exchange);
@@ -1010,7 +1212,7 @@ async fn send_one(
             ack.seq
         )));
     }
-    Ok((ack, sent, taken))
+    Ok(ack)
 }
 
 #[cfg(test)]
@@ -1018,9 +1220,14 @@ mod tests {
     use super::*;
 
     /// A state of named counters: the "maps" are one u64 per VNF; a log carries the new value.
+    /// Frozen, it gives the bytes of `queued` as packets of one byte each; `handed` gets the
+    /// packets handed in.
     #[derive(Default)]
     struct Counters {
         values: Mutex<HashMap<String, (u64, bool)>>,
+        frozen: AtomicBool,
+        queued: Mutex<Vec<u8>>,
+        handed: Mutex<Vec<u8>>,
     }
 
     impl Counters {
@@ -1050,6 +1257,21 @@ mod tests {
                 .unwrap()
                 .insert(vnf.as_str().to_owned(), (value, false));
             Ok(1)
+        }
+
+        fn is_frozen(&self, _vnf: &Name) -> bool {
+            self.frozen.load(Ordering::Acquire)
+        }
+
+        fn take_packets(&self, _vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
+            let mut q = self.queued.lock().unwrap();
+            let n = q.len().min(max_bytes);
+            (n > 0).then(|| (q.drain(..n).collect(), n as u64))
+        }
+
+        fn hand_in(&self, _vnf: &Name, bytes: &[u8]) -> Result<u64, String> {
+            self.handed.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len() as u64)
         }
     }
 
@@ -1120,19 +1342,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn batches_reach_the_standby_in_order_and_other_vnfs_are_refused() {
-        let host = Arc::new(Standbys::default());
+    /// Active and standby states of `nat1` (held at 7 by the active), the standby served on
+    /// a host of `host`'s roles, and its maps streaming there: the replicas, the two states,
+    /// the VNF's name and the standby's peer.
+    async fn replicating_nat1(
+        host: &Arc<Standbys>,
+    ) -> (Replicas, Arc<Counters>, Arc<Counters>, Name, StandbyPeer) {
         let (address, standby) = standby_host(host.clone()).await;
-
         let active = Counters::holding("nat1", 7);
         let replicas = Replicas::new(active.clone(), TEST_DETECTION);
         let nat1: Name = "nat1".parse().unwrap();
         let peer = StandbyPeer {
             host: "h2".into(),
-            address: address.clone(),
+            address,
         };
         replicas.ensure(&nat1, &peer, 0);
+        (replicas, active, standby, nat1, peer)
+    }
+
+    #[tokio::test]
+    async fn batches_reach_the_standby_in_order_and_other_vnfs_are_refused() {
+        let host = Arc::new(Standbys::default());
+        let (replicas, active, standby, nat1, peer) = replicating_nat1(&host).await;
         let deadline = Instant::now() + Duration::from_secs(10);
         let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
         while value(&standby) != Some(7) {
@@ -1193,6 +1424,48 @@ mod tests {
                     || lost[0].1.why.contains("reset by peer")),
             "{lost:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_frozen_active_hands_over_its_last_update_then_what_it_queues_until_it_finishes() {
+        let host = Arc::new(Standbys::default());
+        let (replicas, active, standby, nat1, _) = replicating_nat1(&host).await;
+        let state = || replicas.status(&nat1).unwrap();
+        wait_for("synced", || state().state == "synced").await;
+
+        // Frozen with a last change and three packets queued: the change goes first, and the
+        // stream says handed-off only once it was acknowledged.
+        active
+            .values
+            .lock()
+            .unwrap()
+            .insert("nat1".into(), (9, true));
+        active.queued.lock().unwrap().extend([1, 2, 3]);
+        active.frozen.store(true, Ordering::Release);
+        wait_for("handed-off", || state().state == "handed-off").await;
+        let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
+        assert_eq!(value(&standby), Some(9), "the last update is there");
+        wait_for("the queued packets handed in", || {
+            *standby.handed.lock().unwrap() == [1, 2, 3]
+        })
+        .await;
+
+        // The switch: the standby's host holds the VNF as its active at a higher epoch. What
+        // still arrives at the frozen source (sent before its senders rewired) follows.
+        host.roles
+            .lock()
+            .unwrap()
+            .insert("nat1".into(), (Role::Active, 1));
+        active.queued.lock().unwrap().push(4);
+        wait_for("the straggler handed in", || {
+            *standby.handed.lock().unwrap() == [1, 2, 3, 4]
+        })
+        .await;
+        assert_eq!(state().state, "handed-off", "stale answers change nothing");
+        active.queued.lock().unwrap().push(5);
+        assert_eq!(replicas.finish(&nat1, Duration::from_secs(10)).await, 5);
+        assert_eq!(*standby.handed.lock().unwrap(), [1, 2, 3, 4, 5]);
+        assert!(replicas.status(&nat1).is_none(), "the stream ended");
     }
 
     /// Writes one keepalive of `vnf` at `epoch` on `conn` asking for `silence`, and reads its

@@ -129,6 +129,30 @@ pub trait Runtime: Send + Sync + 'static {
         )))
     }
 
+    /// Freezes `name` for its move's hand-off and returns once no batch of it runs: what
+    /// arrives on its ports is queued, not processed, and its state changes no more (the last
+    /// map updates can be taken). A runtime whose instances move otherwise keeps this default,
+    /// which refuses.
+    async fn freeze(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        Err(RuntimeFailure::new(format!(
+            "runtime {} cannot freeze {name} for a hand-off",
+            self.kind().as_str()
+        )))
+    }
+
+    /// Ends a freeze (the move was cancelled): the instance goes on, the packets queued
+    /// meanwhile first.
+    async fn thaw(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let _ = name;
+        Ok(())
+    }
+
+    /// Whether `name` is frozen for a hand-off, and how many packets arrived since.
+    fn frozen(&self, name: &Name) -> Option<u64> {
+        let _ = name;
+        None
+    }
+
     /// Ends a [`Runtime::send_state`] under way; the instance runs on here.
     async fn cancel_send(&self, name: &Name) {
         let _ = name;

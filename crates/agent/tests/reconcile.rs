@@ -154,6 +154,7 @@ fn assignment(runtime: &str) -> Assignment {
         standby: None,
         epoch: 0,
         incoming_from: None,
+        hand_off: false,
     }
 }
 

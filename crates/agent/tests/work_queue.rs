@@ -273,6 +273,7 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
         standby: None,
         epoch: 0,
         incoming_from: None,
+        hand_off: false,
     }
 }
 

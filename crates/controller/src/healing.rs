@@ -468,6 +468,7 @@ mod tests {
                 bytes: 0,
                 error: None,
                 guest: None,
+                packets_passed: 0,
             }),
             migration: None,
             epoch: 0,

@@ -208,6 +208,7 @@ impl Controller {
             started_at: now_rfc3339(),
             by: caller.name.clone(),
             engine: req.engine,
+            handoff_at: None,
         };
         let recorded = self
             .record_new_placement(
@@ -314,9 +315,20 @@ impl Controller {
         // the destination becomes the active without its report (a cancel would stop it there).
         let completed = synced && v.replication.as_ref().is_some_and(|r| r.guest.is_some());
         let forced = completed && !record.deleting && self.past_deadline(v, &m)?;
-        let (placed, reason, actor, restart) = if forced
-            || (destination_runs && synced && v.phase == Phase::Running && !record.deleting)
-        {
+        let wasm = v.descriptor.spec.runtime == RuntimeKind::Wasm;
+        let ready = destination_runs && v.phase == Phase::Running && !record.deleting;
+        // A wasm move's source first freezes between two batches and hands its last updates
+        // over (with the packets it queues meanwhile); the switch follows its report.
+        if wasm && ready && synced && m.handoff_at.is_none() {
+            drop(scheduler);
+            return self.ask_hand_off(name, &m).await;
+        }
+        let handed_off = v
+            .replication
+            .as_ref()
+            .is_some_and(|r| r.standby_host == m.to && r.state == "handed-off");
+        let switch = if wasm { handed_off } else { synced };
+        let (placed, reason, actor, restart) = if forced || (ready && switch) {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
                     Some(g) => format!(
@@ -326,7 +338,10 @@ impl Controller {
                         g.downtime_ms
                             .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string())
                     ),
-                    None => format!("{} map updates streamed before the switch", r.updates),
+                    None => format!(
+                        "{} map updates streamed, the last after the source froze; {} packets it queued meanwhile passed on",
+                        r.updates, r.packets_passed
+                    ),
                 },
                 None => "nothing streamed".to_owned(),
             };
@@ -368,6 +383,32 @@ impl Controller {
         };
         self.record_new_placement(&mut scheduler, name, &placed, &how)
             .await
+    }
+
+    /// Asks the source of wasm move `m` of `name` to freeze and hand its last updates over
+    /// (once: the record says when), with an event. Returns whether it asked.
+    async fn ask_hand_off(&self, name: &str, m: &Migration) -> Result<bool> {
+        let at = now_rfc3339();
+        let reason = format!(
+            "freezing on host {} between two batches: its last map updates go to host {}, the packets that arrive meanwhile are queued and follow them, then the traffic switches",
+            m.from, m.to
+        );
+        let mut asked = false;
+        self.update(name, |record| {
+            let v = &mut record.vnf;
+            let phase = v.phase;
+            match v.migration.as_mut() {
+                Some(now) if now.to == m.to && now.handoff_at.is_none() => {
+                    now.handoff_at = Some(at.clone());
+                    v.reason = Some(reason.clone());
+                    asked = true;
+                    Ok(Some((phase, reason.clone(), m.by.clone())))
+                }
+                _ => Ok(None),
+            }
+        })
+        .await?;
+        Ok(asked)
     }
 
     /// Why move `m` of `v` is cancelled, once it is older than the move deadline.

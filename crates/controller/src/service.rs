@@ -177,6 +177,7 @@ fn assignment_facts(
     u64,
     &[telvirt_model::DeviceGrant],
     u64,
+    bool,
 ) {
     (
         &v.descriptor,
@@ -186,7 +187,14 @@ fn assignment_facts(
         v.generation,
         &v.devices,
         v.memory_bytes,
+        handing_off(v),
     )
+}
+
+/// Whether the source of `v`'s move (a wasm VNF) was asked to freeze and hand its state over.
+pub(crate) fn handing_off(v: &Vnf) -> bool {
+    v.descriptor.spec.runtime == RuntimeKind::Wasm
+        && v.migration.as_ref().is_some_and(|m| m.handoff_at.is_some())
 }
 
 /// Writes event `event` of VNF `name` and deletes the one that falls out of the
@@ -884,7 +892,7 @@ impl Controller {
 
     /// Read-modify-write of one VNF record with compare-and-swap, retried on races. `change`
     /// returns the phase transition to record as an event, if any.
-    async fn update<F>(&self, name: &str, mut change: F) -> Result<Vnf>
+    pub(crate) async fn update<F>(&self, name: &str, mut change: F) -> Result<Vnf>
     where
         F: FnMut(&mut VnfRecord) -> Result<Option<(Phase, String, String)>>,
     {
@@ -1592,6 +1600,9 @@ impl Controller {
                     .get(owner)
                     .cloned()
                     .unwrap_or_else(|| DEFAULT_AUTHORITY_DOMAIN.to_owned()),
+                hand_off: p.role == telvirt_model::Role::Active
+                    && standby.is_some()
+                    && handing_off(&vnf),
                 standby,
                 epoch: vnf.epoch,
                 incoming_from,

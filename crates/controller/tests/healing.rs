@@ -388,6 +388,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
                     bytes: 8,
                     error: None,
                     guest: None,
+                    packets_passed: 0,
                 }),
                 active_lost: None,
             },

@@ -162,8 +162,36 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         bytes: 512,
         error: None,
         guest: None,
+        packets_passed: 0,
     };
-    report(&node.controller, "h2", Phase::Running, Some(synced)).await;
+    // Synced: the source is asked to freeze and hand its last updates over (an event says
+    // so); nothing switches yet.
+    report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
+    let handing = node.vnf_json("u1").await;
+    assert!(handing["migration"]["handoff_at"].is_string(), "{handing}");
+    assert_eq!(role_hosts(&handing).len(), 2, "{handing}");
+    let source = node.controller.assignments("h2").await.unwrap();
+    assert!(source[0].hand_off, "{source:?}");
+    assert!(
+        !node.controller.assignments("h3").await.unwrap()[0].hand_off,
+        "only the source freezes"
+    );
+    let asked = node.events("u1").await.pop().unwrap();
+    assert!(
+        asked["reason"]
+            .as_str()
+            .unwrap()
+            .contains("freezing on host h2 between two batches"),
+        "{asked}"
+    );
+    // Its report that the last batch after the freeze was acknowledged ends the move.
+    let handed = ReplicationStatus {
+        state: "handed-off".into(),
+        updates: 9,
+        packets_passed: 41,
+        ..synced
+    };
+    report(&node.controller, "h2", Phase::Running, Some(handed)).await;
     let moved = node.vnf_json("u1").await;
     assert_eq!(
         role_hosts(&moved),
@@ -178,7 +206,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         last["reason"]
             .as_str()
             .unwrap()
-            .contains("moved from host h2 to host h3 (7 map updates"),
+            .contains("moved from host h2 to host h3 (9 map updates streamed, the last after the source froze; 41 packets it queued meanwhile passed on)"),
         "{last}"
     );
     consistent(&node).await;
@@ -207,6 +235,7 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
         bytes: 0,
         error: Some("connecting to 127.0.0.1:4789: Connection refused".into()),
         guest: None,
+        packets_passed: 0,
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -371,6 +400,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             dirty_pages_per_s: 0,
             downtime_ms: Some(42),
         }),
+        packets_passed: 0,
     };
     report(
         &node.controller,

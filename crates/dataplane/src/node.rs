@@ -318,53 +318,77 @@ impl<P: PacketProcessor> ProcessorNode<P> {
     }
 }
 
-impl<P: PacketProcessor> Node for ProcessorNode<P> {
-    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+impl<P: PacketProcessor> ProcessorNode<P> {
+    /// How many packets of `input` the processor can take now: as many as the link its
+    /// packets leave by has room for (a batch when that port is unlinked: it drops, counted),
+    /// or the least room of the linked ports when any port may be chosen.
+    pub fn room(&mut self, input: usize, io: &mut NodeIo<'_>) -> usize {
+        let room = match self.processor.next_output(input) {
+            Some(k) if !io.is_linked(usize::from(k)) => self.batch,
+            Some(k) => io.tx_space(usize::from(k)),
+            None => {
+                let mut room = self.batch;
+                for k in 0..io.port_count() {
+                    if io.is_linked(k) {
+                        room = room.min(io.tx_space(k));
+                    }
+                }
+                room
+            }
+        };
+        room.min(self.batch)
+    }
+
+    /// Whether packets of `input` can leave: the port they leave by is linked (any port is,
+    /// when the processor may choose any).
+    pub fn output_linked(&mut self, input: usize, io: &NodeIo<'_>) -> bool {
+        match self.processor.next_output(input) {
+            Some(k) => io.is_linked(usize::from(k)),
+            None => (0..io.port_count()).any(|k| io.is_linked(k)),
+        }
+    }
+
+    /// Processes `pkts` (left empty) as packets that arrived on `input` and sends each where
+    /// its verdict says (a refused packet is freed and counted).
+    pub fn run(&mut self, input: usize, pkts: &mut Vec<Packet>, io: &mut NodeIo<'_>) {
         let nports = io.port_count();
         if self.out.len() < nports {
             self.out.resize_with(nports, Vec::new);
         }
-        let pool = io.pool();
-        let mut handled = 0;
-        for input in 0..nports {
-            self.inbuf.clear();
-            let room = match self.processor.next_output(input) {
-                // An unlinked port drops (counted): no reason to hold the input back.
-                Some(k) if !io.is_linked(usize::from(k)) => self.batch,
-                Some(k) => io.tx_space(usize::from(k)),
-                None => {
-                    let mut room = self.batch;
-                    for k in 0..nports {
-                        if io.is_linked(k) {
-                            room = room.min(io.tx_space(k));
-                        }
-                    }
-                    room
+        self.verdicts.clear();
+        self.processor
+            .process(input, io.pool(), pkts, &mut self.verdicts);
+        let mut verdicts = self.verdicts.iter();
+        for pkt in pkts.drain(..) {
+            match verdicts.next() {
+                Some(Verdict::Forward(k)) if usize::from(*k) < nports => {
+                    self.out[usize::from(*k)].push(pkt)
                 }
-            };
-            let want = room.min(self.batch);
-            if want == 0 || io.recv(input, &mut self.inbuf, want) == 0 {
-                continue;
-            }
-            handled += self.inbuf.len();
-            self.verdicts.clear();
-            self.processor
-                .process(input, pool, &mut self.inbuf, &mut self.verdicts);
-            let mut verdicts = self.verdicts.iter();
-            for pkt in self.inbuf.drain(..) {
-                match verdicts.next() {
-                    Some(Verdict::Forward(k)) if usize::from(*k) < nports => {
-                        self.out[usize::from(*k)].push(pkt)
-                    }
-                    _ => io.refuse(pkt),
-                }
-            }
-            for (k, q) in self.out.iter_mut().enumerate() {
-                if !q.is_empty() {
-                    io.send(k, q);
-                }
+                _ => io.refuse(pkt),
             }
         }
+        for (k, q) in self.out.iter_mut().enumerate() {
+            if !q.is_empty() {
+                io.send(k, q);
+            }
+        }
+    }
+}
+
+impl<P: PacketProcessor> Node for ProcessorNode<P> {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        let mut handled = 0;
+        let mut inbuf = std::mem::take(&mut self.inbuf);
+        for input in 0..io.port_count() {
+            inbuf.clear();
+            let want = self.room(input, io);
+            if want == 0 || io.recv(input, &mut inbuf, want) == 0 {
+                continue;
+            }
+            handled += inbuf.len();
+            self.run(input, &mut inbuf, io);
+        }
+        self.inbuf = inbuf;
         handled
     }
 }

@@ -18,7 +18,12 @@
 //! Holding the lock across receive and dispatch keeps each tunnel's datagrams in arrival order
 //! under several worker threads; the queues are lock-free and multi-producer. Nothing is lost
 //! silently: a full queue counts `rx_queue_full`, a datagram for no tunnel `unknown_tunnel`, a
-//! datagram that is not VXLAN `malformed`, an oversized one `rx_too_big`. While no tunnel is
+//! datagram that is not VXLAN `malformed`, an oversized one `rx_too_big`. A datagram whose
+//! tunnel does not exist yet is held for up to [`EARLY_WAIT`] (at most [`EARLY_CAPACITY`] of
+//! them, the oldest dropped first) and delivered first when that tunnel is made: when a link
+//! moves to another host, the two hosts rewire independently, and a sender that rewired first
+//! does not lose what it sends before the receiver's tunnel is there (`early_held`,
+//! `early_delivered`; what expires or is pushed out counts `unknown_tunnel`). While no tunnel is
 //! polled, the kernel's socket buffer ([`RECV_BUFFER`] asked for) holds datagrams; what
 //! overflows it the kernel drops and counts ([`VxlanEndpoint::kernel_drops`]). The tunnel map
 //! is copy-on-write behind an `RwLock<Arc<_>>`: a receive round takes one `Arc` clone;
@@ -28,12 +33,13 @@
 //! frames are not copied in user space. All tunnels of an endpoint and the panel polling them
 //! must share the endpoint's [`Pool`] (packets cross between tunnels through the queues).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, TryLockError};
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
@@ -59,6 +65,10 @@ pub const MAX_DATAGRAM: usize = 65_507;
 pub const MAX_INNER_FRAME: usize = MAX_DATAGRAM - HEADER_LEN;
 /// Datagrams each tunnel can hold between the receive round and its own poll.
 pub const QUEUE_CAPACITY: usize = 512;
+/// Datagrams for a tunnel not made yet an endpoint holds at most (see the module's comment).
+pub const EARLY_CAPACITY: usize = 1024;
+/// How long such a datagram is held for its tunnel.
+pub const EARLY_WAIT: Duration = Duration::from_millis(500);
 /// Receive batches one poll takes from the shared socket at most.
 pub const RECV_ROUNDS: usize = 4;
 /// Receive buffer the endpoint asks for (the kernel caps it at `net.core.rmem_max`): room for
@@ -156,8 +166,13 @@ pub fn tunnel_port(name: &str) -> PortRef {
 pub struct VxlanEndpointStats {
     /// Datagrams received on the socket (whatever became of them).
     pub datagrams: AtomicU64,
-    /// Datagrams whose (source IP, VNI) has no tunnel (dropped).
+    /// Datagrams whose (source IP, VNI) has no tunnel (dropped, after being held for
+    /// [`EARLY_WAIT`] or pushed out of the [`EARLY_CAPACITY`] held).
     pub unknown_tunnel: AtomicU64,
+    /// Datagrams held because their tunnel did not exist yet.
+    pub early_held: AtomicU64,
+    /// Held datagrams delivered to their tunnel once it was made.
+    pub early_delivered: AtomicU64,
     /// Datagrams that are not VXLAN: too short, or the I flag missing (dropped).
     pub malformed: AtomicU64,
     /// `recvmmsg` failures other than "nothing to read".
@@ -221,6 +236,14 @@ impl Drop for TunnelShared {
     }
 }
 
+impl Drop for VxlanEndpoint {
+    fn drop(&mut self) {
+        for (_, _, p) in self.early().drain(..) {
+            self.pool.free(p);
+        }
+    }
+}
+
 type TunnelKey = (IpAddr, u32);
 type TunnelMap = HashMap<TunnelKey, Arc<TunnelShared>>;
 
@@ -232,6 +255,10 @@ pub struct VxlanEndpoint {
     tunnels: RwLock<Arc<TunnelMap>>,
     rx_lock: Mutex<()>,
     stats: Arc<VxlanEndpointStats>,
+    /// Datagrams whose tunnel does not exist yet, oldest first (decapsulated, with when they
+    /// came); `early_len` mirrors its length so a receive round skips the lock when empty.
+    early: Mutex<VecDeque<(TunnelKey, Instant, Packet)>>,
+    early_len: AtomicUsize,
 }
 
 impl std::fmt::Debug for VxlanEndpoint {
@@ -313,7 +340,70 @@ impl VxlanEndpoint {
             tunnels: RwLock::new(Arc::new(HashMap::new())),
             rx_lock: Mutex::new(()),
             stats: Arc::new(VxlanEndpointStats::default()),
+            early: Mutex::new(VecDeque::new()),
+            early_len: AtomicUsize::new(0),
         }))
+    }
+
+    fn early(&self) -> std::sync::MutexGuard<'_, VecDeque<(TunnelKey, Instant, Packet)>> {
+        self.early.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds `p`, a datagram for the tunnel `key` that does not exist yet; the oldest held one
+    /// goes when [`EARLY_CAPACITY`] are held.
+    fn hold_early(&self, key: TunnelKey, p: Packet) {
+        let mut early = self.early();
+        if early.len() >= EARLY_CAPACITY
+            && let Some((_, _, old)) = early.pop_front()
+        {
+            self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
+            self.pool.free(old);
+        }
+        early.push_back((key, Instant::now(), p));
+        self.stats.early_held.fetch_add(1, Ordering::Relaxed);
+        self.early_len.store(early.len(), Ordering::Release);
+    }
+
+    /// Drops the held datagrams older than [`EARLY_WAIT`] (counted `unknown_tunnel`).
+    fn expire_early(&self) {
+        if self.early_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut early = self.early();
+        while early
+            .front()
+            .is_some_and(|(_, at, _)| at.elapsed() > EARLY_WAIT)
+        {
+            if let Some((_, _, old)) = early.pop_front() {
+                self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
+                self.pool.free(old);
+            }
+        }
+        self.early_len.store(early.len(), Ordering::Release);
+    }
+
+    /// Moves the held datagrams of `key` onto `shared`'s queue, in arrival order.
+    fn deliver_early(&self, key: &TunnelKey, shared: &TunnelShared) {
+        if self.early_len.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut early = self.early();
+        let mut kept = VecDeque::with_capacity(early.len());
+        for (k, at, p) in early.drain(..) {
+            if k != *key {
+                kept.push_back((k, at, p));
+            } else if at.elapsed() > EARLY_WAIT {
+                self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
+                self.pool.free(p);
+            } else if let Err(p) = shared.queue.push(p) {
+                shared.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
+                self.pool.free(p);
+            } else {
+                self.stats.early_delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        *early = kept;
+        self.early_len.store(early.len(), Ordering::Release);
     }
 
     /// The address the socket is bound to (with the port the kernel chose for port 0).
@@ -416,6 +506,9 @@ impl VxlanEndpoint {
             pool: Arc::clone(&self.pool),
         });
         {
+            // No receive round runs while the tunnel is registered and its held datagrams are
+            // queued: they stay ahead of what arrives after.
+            let _rx = self.rx_lock.lock().unwrap_or_else(|p| p.into_inner());
             let mut guard = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
             if guard.contains_key(&key) {
                 return Err(Error::config(
@@ -430,6 +523,8 @@ impl VxlanEndpoint {
             let mut next = TunnelMap::clone(&guard);
             next.insert(key, Arc::clone(&shared));
             *guard = Arc::new(next);
+            drop(guard);
+            self.deliver_early(&key, &shared);
         }
         let (dest_addr, dest_len) = sockaddr(dest);
         Ok(VxlanTunnel {
@@ -465,6 +560,7 @@ impl VxlanEndpoint {
             Err(TryLockError::WouldBlock) => return 0,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         };
+        self.expire_early();
         let map = self.map();
         let mut total = 0;
         for _ in 0..RECV_ROUNDS {
@@ -556,8 +652,13 @@ impl VxlanEndpoint {
                 continue;
             };
             let Some(t) = map.get(&(src, vni)) else {
-                self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
-                io.free(p);
+                if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                    self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
+                    io.free(p);
+                } else {
+                    pool.set_len(&mut p, n - HEADER_LEN);
+                    self.hold_early((src, vni), p);
+                }
                 continue;
             };
             if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
@@ -1003,12 +1104,57 @@ mod tests {
         assert_eq!(got, vec![inner]);
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         assert_eq!(load(&es.datagrams), 5);
-        assert_eq!(load(&es.unknown_tunnel), 2);
+        // The other VNI and the other source are held for a tunnel that may still come.
+        assert_eq!((load(&es.early_held), load(&es.unknown_tunnel)), (2, 0));
         assert_eq!(load(&es.malformed), 2);
         assert_eq!(load(&tb.stats().rx_packets), 1);
         assert_eq!(tb.stats().drops(), 0);
         drop(tb);
         hb.finish();
+        // The endpoint returns what it held when it goes.
+        drop(eb);
+        assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
+    }
+
+    #[test]
+    fn a_datagram_before_its_tunnel_is_delivered_first_once_the_tunnel_is_made() {
+        let pool = Arc::new(Pool::new("vxlan-early", 512, 2048).unwrap());
+        let eb = VxlanEndpoint::bind(LOCAL.parse().unwrap(), Arc::clone(&pool)).unwrap();
+        // A tunnel of another VNI polls the shared socket meanwhile.
+        let mut other = eb.tunnel("127.0.0.1:4789".parse().unwrap(), 1).unwrap();
+        let mut h_other = Harness::new(&pool, 1024);
+        let src = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = eb.local_addr();
+        let (first, second, stale) = (frame(1), frame(2), frame(3));
+        // VNI 8 never gets a tunnel: what came for it is dropped after EARLY_WAIT.
+        src.send_to(&encap(8, &stale).unwrap(), to).unwrap();
+        src.send_to(&encap(7, &first).unwrap(), to).unwrap();
+        let es = eb.stats();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        wait_until("two datagrams held", || {
+            h_other.poll(&mut other);
+            load(&es.early_held) == 2
+        });
+        let mut tb = eb.tunnel("127.0.0.1:4789".parse().unwrap(), 7).unwrap();
+        src.send_to(&encap(7, &second).unwrap(), to).unwrap();
+        let mut hb = Harness::new(&pool, 1024);
+        let mut got = Vec::new();
+        wait_until("both frames of VNI 7", || {
+            hb.poll(&mut tb);
+            got.extend(hb.take());
+            got.len() == 2
+        });
+        assert_eq!(got, vec![first, second], "the held frame comes first");
+        assert_eq!(load(&es.early_delivered), 1);
+        assert_eq!(load(&es.unknown_tunnel), 0);
+        wait_until("the frame of VNI 8 expired", || {
+            h_other.poll(&mut other);
+            load(&es.unknown_tunnel) == 1
+        });
+        drop((tb, other));
+        hb.finish();
+        h_other.finish();
+        drop(eb);
         assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
     }
 

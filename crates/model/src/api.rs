@@ -356,6 +356,13 @@ pub struct Assignment {
     /// booting; the source's assignment names this host as its `standby`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incoming_from: Option<String>,
+    /// For the source of a wasm VNF's move, once its stream is synced and the destination
+    /// runs: freeze the instance between two batches (packets that arrive are queued, not
+    /// processed), send the last map updates to the standby and report the stream
+    /// `handed-off`; the queued packets follow the maps to the destination, which processes
+    /// them first. Cleared (the move cancelled): the instance goes on, its queue first.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hand_off: bool,
 }
 
 /// What an agent observed of one VNF.
@@ -403,8 +410,9 @@ pub struct StandbyPeer {
 pub struct ReplicationStatus {
     pub standby_host: String,
     /// `synced` (the last batch was acknowledged; a guest's stream completed), `resyncing` (a
-    /// full snapshot is due or on its way), `streaming` (a guest's stream runs) or `failing`
-    /// (the last attempt failed; see `error`).
+    /// full snapshot is due or on its way), `streaming` (a guest's stream runs), `handed-off`
+    /// (a moving source froze and its last batch was acknowledged) or `failing` (the last
+    /// attempt failed; see `error`).
     pub state: String,
     /// From taking the last acknowledged batch off the active instance to its
     /// acknowledgement by the standby, in microseconds: how far the standby may lag behind.
@@ -420,6 +428,13 @@ pub struct ReplicationStatus {
     /// A moving vm's stream, as the source's QEMU last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestStream>,
+    /// Packets a frozen source passed on to the destination (its move's hand-off).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub packets_passed: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Where a vm guest's migration stream is, as the source's QEMU reports it (`query-migrate`).
@@ -455,6 +470,10 @@ pub struct Migration {
     /// snapshot does not depend on it: a stand-in for a move to another CPU architecture).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<crate::vnf::WasmEngine>,
+    /// When the source of a wasm VNF's move was asked to freeze and hand its last updates
+    /// over (its stream synced, the destination running); the switch follows its report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff_at: Option<String>,
 }
 
 /// What `PUT /v1/vnfs/{name}` did, or with `dryRun` would do.

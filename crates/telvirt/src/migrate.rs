@@ -67,6 +67,10 @@ fn stream_note(r: &ReplicationStatus) -> String {
             g.remaining_bytes / MIB,
             g.dirty_pages_per_s
         ),
+        None if r.packets_passed > 0 => format!(
+            "{} {} B, {} queued packets passed on",
+            r.state, r.bytes, r.packets_passed
+        ),
         None => format!("{} {} B", r.state, r.bytes),
     }
 }
@@ -113,10 +117,15 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
         }
         match &v.replication {
             Some(r) => {
-                progress.update(if r.state == "synced" { 2 } else { 1 }, 3);
+                let step = match r.state.as_str() {
+                    "synced" => 2,
+                    "handed-off" => 3,
+                    _ => 1,
+                };
+                progress.update(step, 4);
                 progress.note(&stream_note(r));
             }
-            None => progress.update(1, 3),
+            None => progress.update(1, 4),
         }
         if Instant::now() >= deadline {
             progress.finish();

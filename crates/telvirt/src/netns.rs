@@ -43,7 +43,29 @@ impl Netns {
 }
 
 impl Drop for Netns {
+    /// Deletes its links first (a veth's other end goes with it), then the namespace: a
+    /// namespace something still holds outlives its deletion, and so would the outer ends of
+    /// its veths, whose names a later namespace of the same name would want again.
     fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["-n", &self.name, "-o", "link", "show"])
+            .stdin(Stdio::null())
+            .output()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            // "2: eth0@if489: <BROADCAST,...> ..."
+            for ifname in text
+                .lines()
+                .filter_map(|l| l.split(": ").nth(1))
+                .filter_map(|n| n.split('@').next())
+                .filter(|n| *n != "lo")
+            {
+                let _ = Command::new("ip")
+                    .args(["-n", &self.name, "link", "del", ifname])
+                    .stdin(Stdio::null())
+                    .output();
+            }
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .stdin(Stdio::null())

@@ -703,14 +703,43 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
         node.wait_phase("natm", "Running")["placements"][0]["host"],
         "a1"
     );
+    // Two firewalls on a2 around the NAT, the generator and the sink with them: the stream
+    // crosses between the hosts until the NAT moves to a2.
     node.ok(&["host", "uncordon", "a2"]);
-    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t2 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 12 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> natm.in\n    - natm.out -> sink.in\n";
+    node.ok(&["host", "cordon", "a1"]);
+    let fw = std::fs::read_to_string(node.path("examples/descriptors/fw1.yaml"))
+        .unwrap()
+        .replace(
+            "cpu: { policy: dedicated, count: 1 }",
+            "cpu: { policy: shared, group: edge, count: 1 }",
+        );
+    for name in ["fwt1", "fwt2"] {
+        let file = format!("examples/descriptors/{name}.yaml");
+        std::fs::write(
+            node.path(&file),
+            fw.replace("name: fw1", &format!("name: {name}")),
+        )
+        .unwrap();
+        node.ok(&["vnf", "create", "-f", &file]);
+        assert_eq!(
+            node.wait_phase(name, "Running")["placements"][0]["host"],
+            "a2"
+        );
+    }
+    node.ok(&["host", "uncordon", "a1"]);
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t2 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 12 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fwt1.in\n    - fwt1.out -> natm.in\n    - natm.out -> fwt2.in\n    - fwt2.out -> sink.in\n";
     std::fs::write(node.path("t2.yaml"), net).unwrap();
     node.ok(&["net", "create", "-f", "t2.yaml"]);
     wait_until("the NAT never held 12 sessions", || {
         map_entries(&node, "natm", "sessions") == Some(12)
     });
-    node.ok(&["net", "delete", "t2"]);
+    // The sink's frames and the gaps in their sequence numbers, once it has some.
+    let sink = || {
+        let n = node.json(&["net", "show", "t2"]);
+        let s = &n["status"]["sinks"][0];
+        (s["received"].as_u64(), s["lost"].as_u64())
+    };
+    wait_until("the sink receiving", || sink().0.is_some_and(|r| r > 0));
 
     // Bad moves: each refused with its reason, nothing changes.
     let before = node.json(&["vnf", "show", "natm"]);
@@ -725,6 +754,8 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
         node.fails(&cmd, needle);
     }
     assert_eq!(node.json(&["vnf", "show", "natm"]), before);
+    // What the sink missed before the move (while the chain was being wired).
+    let (_, lost_before) = sink();
 
     // The move: the destination takes the maps, then the traffic; the source's place is freed.
     // On the other engine, too (pulley to cranelift): the maps' snapshot does not depend on it.
@@ -748,12 +779,31 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     assert_eq!(map_entries(&node, "natm", "sessions"), Some(12));
     assert_eq!(map_entries(&node, "natm", "reverse"), Some(12));
     let events = node.json(&["vnf", "events", "natm"]);
+    let said = |what: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"].as_str().is_some_and(|r| r.contains(what)))
+    };
     assert!(
-        events.as_array().unwrap().iter().any(|e| e["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("moved from host a1 to host a2, now on engine cranelift"))),
+        said("moved from host a1 to host a2, now on engine cranelift"),
         "{events}"
     );
+    assert!(said("freezing on host a1 between two batches"), "{events}");
+    // The stream went on through the move (the frozen source's queue handed over, what was
+    // sent before the rewiring passed on): no sequence number is missing at the sink.
+    let (received, _) = sink();
+    wait_until("the stream at the sink after the move", || {
+        sink().0 > received.map(|r| r + 2000)
+    });
+    assert_eq!(
+        sink().1,
+        lost_before,
+        "frames lost across the move: {}",
+        node.json(&["net", "show", "t2"])["status"]["table"]
+    );
+    node.ok(&["net", "delete", "t2"]);
 }
 
 /// Hosts of two cores, as this machine has (cpu 0 shared, for QEMU's other threads): a vm's

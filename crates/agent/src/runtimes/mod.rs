@@ -3,5 +3,6 @@
 //! Owns mapping descriptors onto each runtime's own configuration types; must not hold
 //! reconcile logic (that is [`crate::reconcile`]'s).
 
+pub mod handoff;
 pub mod vm;
 pub mod wasm;

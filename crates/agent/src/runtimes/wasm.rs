@@ -21,6 +21,9 @@
 //!   why it was not used (`start_note`). Removing a stopped VNF deletes its snapshot; removing a
 //!   failed one to start it again keeps it.
 //! - Packets a module `emit`s are not sent anywhere yet (counted by the instance).
+//! - A move's source freezes its instance between two batches (`freeze`): the node queues what
+//!   arrives for the destination ([`super::handoff`]); the destination processes the packets
+//!   handed over before anything else.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +42,7 @@ use telvirt_runtime_wasm::{
     VnfInstance, VnfState,
 };
 
+use super::handoff::{Handoff, decode_frames, encode_frames};
 use crate::dataplane::NodeDataPlane;
 use crate::fencing::{Fencing, ForwardGate};
 use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
@@ -107,15 +111,20 @@ struct GatedNode {
     gate: Option<Arc<ForwardGate>>,
     inner: ProcessorNode<WasmStage>,
     ticker: Option<Ticker>,
+    handoff: Arc<Handoff>,
 }
 
 impl Node for GatedNode {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        // A frozen move's source queues what arrives, whatever its gate (the switch closes it).
+        if self.handoff.diverting() {
+            return self.handoff.divert_poll(io);
+        }
         if !self.scheduled.load(Ordering::Acquire) || self.gate.as_ref().is_some_and(|g| !g.open())
         {
             return 0;
         }
-        let n = self.inner.poll(io);
+        let n = self.handoff.inject_poll(&mut self.inner, io) + self.inner.poll(io);
         if let Some(t) = &mut self.ticker {
             t.poll();
         }
@@ -176,6 +185,10 @@ struct Entry {
     /// The maps' change count when they were last written to disk (`None`: not since the
     /// instance started or its maps were replaced).
     saved_changes: Option<u64>,
+    /// Its move's packets (queued at a frozen source, handed in at the destination).
+    handoff: Arc<Handoff>,
+    /// Frozen for a hand-off: no batch runs, the maps change no more.
+    frozen: bool,
 }
 
 /// The `runtime: wasm` adapter of one agent.
@@ -559,6 +572,31 @@ impl crate::replication::ReplicaState for WasmRuntime {
         }
         Ok(applied)
     }
+
+    fn is_frozen(&self, vnf: &Name) -> bool {
+        self.entries().get(vnf).is_some_and(|e| e.frozen)
+    }
+
+    fn take_packets(&self, vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
+        let handoff = Arc::clone(&self.entries().get(vnf)?.handoff);
+        let frames = handoff.take_diverted(max_bytes);
+        let n = u64::try_from(frames.len()).unwrap_or(u64::MAX);
+        (n > 0).then(|| (encode_frames(&frames), n))
+    }
+
+    fn hand_in(&self, vnf: &Name, bytes: &[u8]) -> Result<u64, String> {
+        let handoff = match self.entries().get(vnf) {
+            Some(e) if !e.stopped => Arc::clone(&e.handoff),
+            _ => return Err(format!("no instance of {vnf} runs here")),
+        };
+        let frames = decode_frames(bytes, self.dataplane.panel().pool().buf_size())?;
+        let sent = frames.len();
+        let taken = handoff.hand_in(frames);
+        if taken < sent {
+            tracing::warn!(vnf = %vnf, dropped = sent - taken, "handed-over packets beyond the queue's bound dropped");
+        }
+        Ok(u64::try_from(taken).unwrap_or(u64::MAX))
+    }
 }
 
 impl WasmRuntime {
@@ -869,6 +907,7 @@ impl WasmRuntime {
         })?;
         let inst: Shared = Arc::new(Mutex::new(inst));
         let scheduled = Arc::new(AtomicBool::new(true));
+        let handoff = Arc::new(Handoff::default());
         let ports: Vec<&str> = spec
             .descriptor
             .spec
@@ -894,6 +933,7 @@ impl WasmRuntime {
                 .as_ref()
                 .and_then(|w| w.tick_interval())
                 .map(|every| Ticker::new(Arc::clone(&inst), every)),
+            handoff: Arc::clone(&handoff),
         };
         let mut entries = self.entries();
         if entries.get(&spec.name).is_some_and(|e| !e.stopped) {
@@ -926,6 +966,8 @@ impl WasmRuntime {
                 stopped: false,
                 note,
                 saved_changes: None,
+                handoff,
+                frozen: false,
             },
         );
         Ok(())
@@ -977,7 +1019,9 @@ impl Runtime for WasmRuntime {
             // Dropping the returned node drops the stage; the instance lives on in the entry
             // until `remove` (its maps can still be read).
             let _ = self.dataplane.remove_node(name.as_str());
+            self.dataplane.release_links(name.as_str());
             e.stopped = true;
+            e.frozen = false;
             Arc::clone(&e.inst)
         };
         // Off the panel: this is the VNF's last state until it starts again.
@@ -1000,6 +1044,50 @@ impl Runtime for WasmRuntime {
         guard(&inst).unlock().map_err(fail)?;
         scheduled.store(true, Ordering::Release);
         Ok(())
+    }
+
+    async fn freeze(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let handoff = {
+            let entries = self.entries();
+            let e = entries
+                .get(name)
+                .filter(|e| !e.stopped)
+                .ok_or_else(|| fail(format!("no instance of {name} runs here")))?;
+            if e.frozen {
+                return Ok(());
+            }
+            Arc::clone(&e.handoff)
+        };
+        // Its links stay until it stops: what its senders sent before they rewired still comes.
+        self.dataplane.hold_links(name.as_str());
+        handoff.divert();
+        // Commands are applied between poll rounds: past the barrier no batch runs, and every
+        // later poll queues.
+        let dp = Arc::clone(&self.dataplane);
+        tokio::task::spawn_blocking(move || dp.panel().barrier())
+            .await
+            .map_err(|e| fail(format!("waiting for the worker of {name}: {e}")))?;
+        if let Some(e) = self.entries().get_mut(name) {
+            e.frozen = true;
+        }
+        Ok(())
+    }
+
+    async fn thaw(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let mut entries = self.entries();
+        if let Some(e) = entries.get_mut(name).filter(|e| e.frozen) {
+            e.frozen = false;
+            e.handoff.end_divert();
+            self.dataplane.release_links(name.as_str());
+        }
+        Ok(())
+    }
+
+    fn frozen(&self, name: &Name) -> Option<u64> {
+        self.entries()
+            .get(name)
+            .filter(|e| e.frozen)
+            .map(|e| e.handoff.diverted_total())
     }
 
     async fn state(&self, name: &Name) -> InstanceState {
@@ -1454,6 +1542,7 @@ spec:
             }),
             epoch,
             incoming_from: None,
+            hand_off: false,
         };
         fencing.assign(&[assigned(Role::Active, 1)]);
         rt.start(&s).await.unwrap();

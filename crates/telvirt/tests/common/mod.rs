@@ -16,6 +16,9 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
 pub const DEADLINE: Duration = Duration::from_secs(30);
+/// How long a started process may take to serve: longer than [`DEADLINE`], since a start under
+/// the whole suite's load (a store to open, certificates to write, a campaign) is slow.
+pub const PROCESS_START: Duration = Duration::from_secs(90);
 
 /// The guest image cache of the tests: `TELVIRT_TEST_CACHE`, else `<target>/telvirt-test-cache`.
 pub fn shared_image_cache() -> PathBuf {
@@ -252,7 +255,7 @@ impl Serve {
             .spawn()
             .unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + DEADLINE;
+        let deadline = Instant::now() + PROCESS_START;
         while !(self.config().exists() && self.cli(&["vnf", "list"]).status.success()) {
             assert!(
                 Instant::now() < deadline,
@@ -575,8 +578,13 @@ impl Drop for Serve {
 }
 
 /// Polls `f` every 50 ms until it holds; panics naming `what` after [`DEADLINE`].
-pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
+pub fn wait_until(what: &str, f: impl FnMut() -> bool) {
+    wait_until_for(what, DEADLINE, f);
+}
+
+/// [`wait_until`] with its own deadline.
+pub fn wait_until_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(50));
@@ -749,18 +757,22 @@ impl ExtraController {
             api: String::new(),
             child: Some(child),
         };
-        wait_until("a further controller to say where it listens", || {
-            let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
-            // "... on https://127.0.0.1:PORT: campaigning ..."
-            if let Some(addr) = text
-                .split(" on https://")
-                .nth(1)
-                .and_then(|rest| rest.split(": ").next())
-            {
-                controller.api = format!("https://{addr}");
-            }
-            !controller.api.is_empty()
-        });
+        wait_until_for(
+            "a further controller to say where it listens",
+            PROCESS_START,
+            || {
+                let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
+                // "... on https://127.0.0.1:PORT: campaigning ..."
+                if let Some(addr) = text
+                    .split(" on https://")
+                    .nth(1)
+                    .and_then(|rest| rest.split(": ").next())
+                {
+                    controller.api = format!("https://{addr}");
+                }
+                !controller.api.is_empty()
+            },
+        );
         controller
     }
 

@@ -1,0 +1,270 @@
+//! The packets of a wasm VNF's move (ADR 053, "the freeze"): at the source, a frozen
+//! instance's node copies what arrives on its ports into a bounded queue instead of processing
+//! it (the replication stream carries the queue to the destination after the last map
+//! updates); at the destination, the packets handed over wait in another bounded queue and
+//! are processed before anything else once the instance forwards and every port is linked.
+//!
+//! Owns both queues, their bounds and the node's part of the freeze. It must not decide when
+//! an instance freezes (the agent's assignments say) nor send anything over the network.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use telvirt_dataplane::node::{NodeIo, PacketProcessor, ProcessorNode};
+use telvirt_dataplane::pool::Packet;
+
+/// Packets each queue holds at most (a second of a 64 kpps stream); what would go beyond is
+/// dropped and counted as the node's refused packets.
+pub const MAX_QUEUED_PACKETS: usize = 65_536;
+/// Packets one poll processes from the handed-over queue at most.
+const INJECT_PER_POLL: usize = 256;
+/// How long handed-over packets wait for every port of the instance to be linked; then they
+/// are processed anyway (a port the network leaves open drops what leaves by it, counted).
+pub const LINK_WAIT: Duration = Duration::from_secs(2);
+
+/// One frame and the port it arrived on.
+pub type PortFrame = (u16, Vec<u8>);
+
+/// A wasm instance's hand-off state, shared by its node and the runtime.
+#[derive(Debug, Default)]
+pub struct Handoff {
+    /// Set at the source: the node queues what arrives instead of processing it.
+    divert: AtomicBool,
+    /// Queued at the source, oldest first.
+    diverted: Mutex<VecDeque<PortFrame>>,
+    /// Packets queued since the freeze, taken or not.
+    diverted_total: AtomicU64,
+    /// Handed over from the source (or left by a freeze that ended): processed first.
+    injected: Mutex<VecDeque<PortFrame>>,
+    injected_waiting: AtomicBool,
+    /// The ports (bit i: port i, the 64 first) of the frames handed in.
+    injected_ports: AtomicU64,
+    /// Since when handed-over packets wait for links (set by the node's first try).
+    waiting_since: Mutex<Option<Instant>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Handoff {
+    /// The node queues what arrives from its next poll on.
+    pub fn divert(&self) {
+        self.divert.store(true, Ordering::Release);
+    }
+
+    /// Whether the node queues what arrives.
+    pub fn diverting(&self) -> bool {
+        self.divert.load(Ordering::Acquire)
+    }
+
+    /// Packets queued since the freeze.
+    pub fn diverted_total(&self) -> u64 {
+        self.diverted_total.load(Ordering::Acquire)
+    }
+
+    /// Ends the divert: what it queued is processed first, as if handed over.
+    pub fn end_divert(&self) {
+        self.divert.store(false, Ordering::Release);
+        let queued: Vec<PortFrame> = locked(&self.diverted).drain(..).collect();
+        self.hand_in(queued);
+    }
+
+    /// Takes up to `max_bytes` of queued frames (at least one when any is queued).
+    pub fn take_diverted(&self, max_bytes: usize) -> Vec<PortFrame> {
+        let mut q = locked(&self.diverted);
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some((_, f)) = q.front() {
+            if !out.is_empty() && bytes + f.len() > max_bytes {
+                break;
+            }
+            bytes += f.len();
+            out.extend(q.pop_front());
+        }
+        out
+    }
+
+    /// Queues `frames` to be processed first; returns how many were taken (the rest would
+    /// pass the bound).
+    pub fn hand_in(&self, frames: Vec<PortFrame>) -> usize {
+        let mut q = locked(&self.injected);
+        let room = MAX_QUEUED_PACKETS.saturating_sub(q.len());
+        let taken = frames.len().min(room);
+        let ports = frames.iter().take(taken).fold(0u64, |m, (p, _)| {
+            m | 1u64.checked_shl(u32::from(*p)).unwrap_or(0)
+        });
+        self.injected_ports.fetch_or(ports, Ordering::AcqRel);
+        q.extend(frames.into_iter().take(taken));
+        if !q.is_empty() {
+            self.injected_waiting.store(true, Ordering::Release);
+        }
+        taken
+    }
+
+    /// The node's poll while it diverts: every packet waiting on its ports is copied into the
+    /// queue (beyond its bound, refused) and freed. Returns how many were taken off the ports.
+    pub fn divert_poll(&self, io: &mut NodeIo<'_>) -> usize {
+        let mut buf: Vec<Packet> = Vec::with_capacity(crate::runtimes::wasm::BATCH);
+        let mut handled = 0;
+        for port in 0..io.port_count() {
+            let Ok(tag) = u16::try_from(port) else {
+                break;
+            };
+            while io.recv(port, &mut buf, crate::runtimes::wasm::BATCH) > 0 {
+                handled += buf.len();
+                let mut q = locked(&self.diverted);
+                for p in buf.drain(..) {
+                    if q.len() < MAX_QUEUED_PACKETS {
+                        q.push_back((tag, io.pool().data(&p).to_vec()));
+                        self.diverted_total.fetch_add(1, Ordering::AcqRel);
+                        io.free(p);
+                    } else {
+                        io.refuse(p);
+                    }
+                }
+            }
+        }
+        handled
+    }
+
+    /// Processes handed-over frames through `node`, oldest first, once the ports they leave by
+    /// are linked (a frame processed earlier would leave by a port with no link, and be lost;
+    /// after [`LINK_WAIT`] they go anyway), as far as the links have room. Returns how many it
+    /// processed.
+    pub fn inject_poll<P: PacketProcessor>(
+        &self,
+        node: &mut ProcessorNode<P>,
+        io: &mut NodeIo<'_>,
+    ) -> usize {
+        if !self.injected_waiting.load(Ordering::Acquire) {
+            return 0;
+        }
+        let ports = self.injected_ports.load(Ordering::Acquire);
+        let unlinked = (0..io.port_count().min(64))
+            .any(|p| ports & (1 << p) != 0 && !node.output_linked(p, io));
+        let mut q = locked(&self.injected);
+        if unlinked {
+            let mut since = locked(&self.waiting_since);
+            if since.get_or_insert_with(Instant::now).elapsed() < LINK_WAIT {
+                return 0;
+            }
+        }
+        let mut handled = 0;
+        let mut pkts: Vec<Packet> = Vec::new();
+        while handled < INJECT_PER_POLL {
+            let Some(port) = q.front().map(|(p, _)| usize::from(*p)) else {
+                break;
+            };
+            if port >= io.port_count() {
+                // Not a port of this VNF (the descriptor changed under the move): dropped.
+                q.pop_front();
+                continue;
+            }
+            let room = node.room(port, io).min(INJECT_PER_POLL - handled);
+            while pkts.len() < room && q.front().is_some_and(|(p, _)| usize::from(*p) == port) {
+                let Some(mut pkt) = io.alloc() else {
+                    break;
+                };
+                if let Some((_, frame)) = q.pop_front() {
+                    io.pool().write(&mut pkt, &frame);
+                }
+                pkts.push(pkt);
+            }
+            if pkts.is_empty() {
+                break;
+            }
+            handled += pkts.len();
+            node.run(port, &mut pkts, io);
+        }
+        if q.is_empty() {
+            self.injected_waiting.store(false, Ordering::Release);
+            self.injected_ports.store(0, Ordering::Release);
+        }
+        handled
+    }
+}
+
+/// Frames on the wire: for each, its port (u16) and length (u32), big-endian, then its bytes.
+pub fn encode_frames(frames: &[PortFrame]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frames.iter().map(|(_, f)| f.len() + 6).sum());
+    for (port, f) in frames {
+        out.extend_from_slice(&port.to_be_bytes());
+        out.extend_from_slice(&u32::try_from(f.len()).unwrap_or(u32::MAX).to_be_bytes());
+        out.extend_from_slice(f);
+    }
+    out
+}
+
+/// Reads [`encode_frames`]' format; `Err` says where it is malformed. A frame longer than
+/// `max_frame` is refused.
+pub fn decode_frames(mut bytes: &[u8], max_frame: usize) -> Result<Vec<PortFrame>, String> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 6 {
+            return Err(format!("frame {}: a header needs 6 bytes", out.len()));
+        }
+        let port = u16::from_be_bytes([bytes[0], bytes[1]]);
+        let len = u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+        if len > max_frame {
+            return Err(format!(
+                "frame {}: {len} bytes, above the {max_frame} a packet buffer holds",
+                out.len()
+            ));
+        }
+        let Some(frame) = bytes.get(6..6 + len) else {
+            return Err(format!(
+                "frame {}: {len} bytes announced, fewer sent",
+                out.len()
+            ));
+        };
+        out.push((port, frame.to_vec()));
+        bytes = &bytes[6 + len..];
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_malformed_ones_say_where() {
+        let frames = vec![(0, vec![1u8; 60]), (1, vec![2u8; 1514]), (0, Vec::new())];
+        assert_eq!(
+            decode_frames(&encode_frames(&frames), 2048).unwrap(),
+            frames
+        );
+        let bytes = encode_frames(&frames);
+        let e = decode_frames(&bytes[..bytes.len() - 1], 2048).unwrap_err();
+        assert!(e.contains("frame 1") || e.contains("frame 2"), "{e}");
+        let e = decode_frames(&bytes, 1000).unwrap_err();
+        assert!(e.contains("frame 1: 1514 bytes"), "{e}");
+        assert!(
+            decode_frames(&[0, 1, 0], 2048)
+                .unwrap_err()
+                .contains("6 bytes")
+        );
+    }
+
+    #[test]
+    fn an_ended_divert_hands_its_queue_in_and_the_queues_are_bounded() {
+        let h = Handoff::default();
+        h.divert();
+        locked(&h.diverted).extend((0..3).map(|i| (0u16, vec![i as u8])));
+        let taken = h.take_diverted(1);
+        assert_eq!(
+            taken,
+            vec![(0, vec![0])],
+            "at least one, within the bytes asked"
+        );
+        h.end_divert();
+        assert!(!h.diverting());
+        assert_eq!(locked(&h.injected).len(), 2);
+        let many = vec![(0u16, vec![0u8]); MAX_QUEUED_PACKETS];
+        assert_eq!(h.hand_in(many), MAX_QUEUED_PACKETS - 2);
+        assert_eq!(locked(&h.injected).len(), MAX_QUEUED_PACKETS);
+    }
+}
