@@ -273,6 +273,7 @@ pub(crate) mod tests {
             epoch,
             incoming_from: None,
             hand_off: false,
+            active_from: None,
         }
     }
 

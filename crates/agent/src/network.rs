@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use telvirt_api::{CaptureChunk, CaptureSlice, NetworkSpan};
 use telvirt_dataplane::afpacket::HostPort;
@@ -53,7 +53,14 @@ struct Applied {
     /// Tunnel nodes this network placed (one per other host it links to), by node name, with
     /// their counters.
     tunnels: BTreeMap<String, Arc<VxlanTunnelStats>>,
+    /// Tunnels no link needs any more, since when: they go after [`TUNNEL_LINGER`], and
+    /// meanwhile send on what their incoming rings still hold.
+    retiring: BTreeMap<String, Instant>,
 }
+
+/// How long a tunnel no link needs stays on the panel: what was queued for it when its link
+/// was rewired (a VNF moved to another host) still leaves through it.
+const TUNNEL_LINGER: Duration = Duration::from_secs(1);
 
 impl Applied {
     /// The host of `node` (a node name, or `host:IF`) when the network spans hosts.
@@ -483,6 +490,7 @@ impl NetworkReconciler {
                 endpoints: BTreeMap::new(),
                 span: None,
                 tunnels: BTreeMap::new(),
+                retiring: BTreeMap::new(),
             });
             if a.probing || held.contains(&name) {
                 continue;
@@ -615,17 +623,24 @@ impl NetworkReconciler {
                 }
             }
         }
-        // Tunnels no link needs any more go, once the links through them are gone.
+        // Tunnels no link needs any more go, once the links through them are gone and they
+        // had time to send on what their rings held.
         if a.live == links {
-            let unused: Vec<String> = a
-                .tunnels
-                .keys()
-                .filter(|t| !tunnels_used.contains(*t))
-                .cloned()
+            let now = Instant::now();
+            a.retiring.retain(|t, _| !tunnels_used.contains(t));
+            for t in a.tunnels.keys().filter(|t| !tunnels_used.contains(*t)) {
+                a.retiring.entry(t.clone()).or_insert(now);
+            }
+            let gone: Vec<String> = a
+                .retiring
+                .iter()
+                .filter(|(_, since)| now.duration_since(**since) >= TUNNEL_LINGER)
+                .map(|(t, _)| t.clone())
                 .collect();
-            for t in unused {
+            for t in gone {
                 let _ = self.dp.remove_node(&t);
                 a.tunnels.remove(&t);
+                a.retiring.remove(&t);
             }
         }
         a.waiting = waiting;

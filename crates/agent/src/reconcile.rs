@@ -12,6 +12,7 @@
 //! out through the `ControlLink`, so a remote host runs exactly this code.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -164,6 +165,10 @@ struct Inner {
     fencing: Option<Arc<Fencing>>,
     /// The standbys on this host that lost their active, and how (as replication last said).
     lost: std::sync::Mutex<HashMap<Name, ActiveLost>>,
+    /// The address each VNF's state may come from here: its active's host, as a standby's
+    /// assignment last named it; kept while the VNF is assigned here (a standby made the
+    /// active still takes what its old active passes on after a move's switch).
+    active_peers: std::sync::Mutex<HashMap<Name, IpAddr>>,
     /// The starts under way, each with what cancels it.
     starting: std::sync::Mutex<HashMap<Name, Arc<Notify>>>,
 }
@@ -223,6 +228,7 @@ impl Agent {
                 replicas: None,
                 fencing: None,
                 lost: std::sync::Mutex::new(HashMap::new()),
+                active_peers: std::sync::Mutex::new(HashMap::new()),
                 starting: std::sync::Mutex::new(HashMap::new()),
             }),
         }
@@ -414,6 +420,23 @@ impl crate::replication::StandbyHost for Agent {
         Agent::role(self, vnf)
     }
 
+    fn peer_allowed(&self, vnf: &Name, peer: IpAddr) -> Result<(), String> {
+        let peers = self
+            .inner
+            .active_peers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match peers.get(vnf) {
+            Some(ip) if *ip == peer => Ok(()),
+            Some(ip) => Err(format!(
+                "this host takes {vnf}'s state only from {ip}, the host of its active, not from {peer}"
+            )),
+            None => Err(format!(
+                "this host knows no active of {vnf} to take its state from (not from {peer})"
+            )),
+        }
+    }
+
     async fn expects_guest(&self, vnf: &Name) -> Result<(), String> {
         let runtime = self.incoming_runtime(vnf)?;
         match runtime.state(vnf).await {
@@ -530,6 +553,19 @@ impl Inner {
             desired.clone_from(&wanted);
             (changed, gone)
         };
+        {
+            let mut peers = self.active_peers.lock().unwrap_or_else(|p| p.into_inner());
+            peers.retain(|name, _| wanted.contains_key(name));
+            for a in wanted.values() {
+                if let Some(ip) = a
+                    .active_from
+                    .as_deref()
+                    .and_then(|t| t.parse::<std::net::SocketAddr>().ok())
+                {
+                    peers.insert(a.vnf.clone(), ip.ip());
+                }
+            }
+        }
         self.cancel_moot_starts();
         for name in changed.into_iter().chain(gone) {
             self.queue.add(name);

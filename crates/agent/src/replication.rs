@@ -12,11 +12,16 @@
 //! a host that holds the pair at a higher one answers that the sender is stale, which fences
 //! the sender's instance.
 //!
+//! A standby's host takes a VNF's batches (and a moving vm's guest stream) only from the IP
+//! address its assignment names as the active's (`active_from`); the sender connects from its
+//! own tunnel address for that.
+//!
 //! Owns the wire format, the bounds on what a peer may send, the sending task per replicated
 //! VNF and its status. It must not decide which instance is active (the controller's
 //! assignments say) nor touch an instance other than through [`ReplicaState`].
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
 use telvirt_model::{Name, Role};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::fencing::{Fencing, ForwardGate};
 use crate::runtime::Runtime;
@@ -272,6 +277,13 @@ pub trait StandbyHost: Send + Sync + 'static {
     /// host closed the connection, `None` once a batch arrived. Called on every batch; the
     /// agent acts on changes only.
     fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>);
+    /// Whether `peer` may send `vnf`'s state, guest or packets here: the address of its
+    /// active's host as the assignments name it; `Err` says why not. A host that checks
+    /// nothing keeps this default.
+    fn peer_allowed(&self, vnf: &Name, peer: IpAddr) -> Result<(), String> {
+        let _ = (vnf, peer);
+        Ok(())
+    }
     /// Whether this host's instance of `vnf` waits for its guest's migration stream now (the
     /// destination of a vm's move); `Err` says why not. A host that takes no guests keeps
     /// this default, which refuses.
@@ -312,6 +324,7 @@ pub async fn serve_standbys(
         tokio::spawn(async move {
             let mut conn = StandbyConnection {
                 peer: peer.to_string(),
+                peer_ip: peer.ip(),
                 seen: std::collections::BTreeSet::new(),
                 silence: FIRST_SILENCE,
                 silent: false,
@@ -350,7 +363,12 @@ pub async fn serve_standbys(
 /// or above), which then takes the connection; refused (and closed) otherwise.
 async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
     let vnf = &h.vnf;
+    let from = match stream.peer_addr() {
+        Ok(a) => host.peer_allowed(vnf, a.ip()),
+        Err(e) => Err(format!("the stream's peer is unknown: {e}")),
+    };
     let refusal = match host.role(vnf) {
+        _ if from.is_err() => from.err(),
         Some((Role::Standby, mine)) if h.epoch >= mine => host.expects_guest(vnf).await.err(),
         Some((_, mine)) if mine > h.epoch => Some(format!(
             "this host holds {vnf} at epoch {mine}, above the sender's {}",
@@ -391,6 +409,7 @@ fn blocking_fd(stream: TcpStream) -> std::io::Result<OwnedFd> {
 /// One active's connection as its standby's host serves it.
 struct StandbyConnection {
     peer: String,
+    peer_ip: IpAddr,
     /// The VNFs it carried batches of.
     seen: std::collections::BTreeSet<Name>,
     /// How long the sender asked to be waited for (its last batch's word).
@@ -462,6 +481,9 @@ impl StandbyConnection {
         host: &dyn StandbyHost,
     ) -> Ack {
         let vnf = &h.vnf;
+        if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
+            return Ack::new(h.seq, ACK_REFUSED, why);
+        }
         if h.kind == KIND_PACKETS {
             return self.receive_packets(h, bytes, state, host).await;
         }
@@ -668,6 +690,9 @@ pub struct Replicas {
     guests: Mutex<HashMap<Name, GuestSender>>,
     /// Told when a stream's state changes (its VNF's name).
     changed: Arc<OnceLock<StateChanged>>,
+    /// The address streams connect from (this host's tunnel address), for standbys to know
+    /// their active by it (`None`: the kernel chooses).
+    source: Option<IpAddr>,
 }
 
 impl Replicas {
@@ -679,7 +704,15 @@ impl Replicas {
             senders: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
             changed: Arc::new(OnceLock::new()),
+            source: None,
         }
+    }
+
+    /// Streams connect from `source` (this host's tunnel address, which its standbys'
+    /// assignments name).
+    pub fn with_source(mut self, source: IpAddr) -> Self {
+        self.source = Some(source);
+        self
     }
 
     /// Calls `tell` with the VNF's name whenever a stream's state changes (resyncing, synced,
@@ -722,6 +755,7 @@ impl Replicas {
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
                 finish: Arc::clone(&finish),
+                source: self.source,
             },
             Arc::clone(&self.state),
             status.clone(),
@@ -774,6 +808,7 @@ impl Replicas {
                 epoch,
                 stop: Arc::clone(&stop),
                 runtime: Arc::clone(&runtime),
+                source: self.source,
             },
             status.clone(),
         ));
@@ -860,6 +895,7 @@ struct GuestTo {
     epoch: u64,
     stop: Arc<AtomicBool>,
     runtime: Arc<dyn Runtime>,
+    source: Option<IpAddr>,
 }
 
 /// Opens a guest stream to the destination at `to.address` and hands it to the runtime, again
@@ -867,7 +903,7 @@ struct GuestTo {
 async fn send_guest(to: GuestTo, status: StreamStatus) {
     let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
     while !to.stop.load(Ordering::Acquire) {
-        let stream = match open_guest_stream(&to.vnf, &to.address, to.epoch).await {
+        let stream = match open_guest_stream(&to, to.epoch).await {
             Ok(fd) => fd,
             Err(why) => {
                 set(&|s| fail(s, why.clone()));
@@ -927,9 +963,10 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 
 /// Connects to the destination at `address` and opens `vnf`'s guest stream as the active of
 /// `epoch`; once acknowledged, the connection is the stream's (a blocking socket).
-async fn open_guest_stream(vnf: &Name, address: &str, epoch: u64) -> Result<OwnedFd, String> {
+async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
+    let (vnf, address) = (&to.vnf, to.address.as_str());
     let opened = async {
-        let mut conn = TcpStream::connect(address).await?;
+        let mut conn = connect_from(to.source, address).await?;
         conn.set_nodelay(true)?;
         let header = Header {
             vnf: vnf.clone(),
@@ -966,6 +1003,24 @@ struct SendTo {
     gate: Option<Arc<ForwardGate>>,
     /// A handed-off stream ends once nothing queued waits.
     finish: Arc<AtomicBool>,
+    source: Option<IpAddr>,
+}
+
+/// A connection to `address` (`IP:PORT`) from `source` (any port; the kernel's choice of
+/// address when `None`).
+async fn connect_from(source: Option<IpAddr>, address: &str) -> std::io::Result<TcpStream> {
+    let Some(ip) = source else {
+        return TcpStream::connect(address).await;
+    };
+    let to: SocketAddr = address
+        .parse()
+        .map_err(|e| std::io::Error::other(format!("{address} is not IP:PORT: {e}")))?;
+    let socket = match ip {
+        IpAddr::V4(_) => TcpSocket::new_v4()?,
+        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(to).await
 }
 
 /// What [`Replicas::on_state_change`] calls.
@@ -981,6 +1036,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
         detection,
         gate,
         finish,
+        source,
     } = &to;
     // Acknowledgements keep the instance forwarding for half the standby's silence: a standby
     // that stopped hearing it has the instance's gate closed (unless its lease holds) before
@@ -995,7 +1051,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     let mut handed_off = false;
     loop {
         if stream.is_none() {
-            match tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(address.as_str())).await {
+            match tokio::time::timeout(IO_TIMEOUT, connect_from(*source, address)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     stream = Some(s);
@@ -1280,6 +1336,8 @@ mod tests {
     struct Standbys {
         roles: Mutex<HashMap<String, (Role, u64)>>,
         heard: Mutex<Vec<(String, Option<ActiveLost>)>>,
+        /// The only address state may come from (`None`: any).
+        active_from: Mutex<Option<IpAddr>>,
     }
 
     impl Default for Standbys {
@@ -1287,6 +1345,7 @@ mod tests {
             Self {
                 roles: Mutex::new(HashMap::from([("nat1".into(), (Role::Standby, 0))])),
                 heard: Mutex::new(Vec::new()),
+                active_from: Mutex::new(None),
             }
         }
     }
@@ -1307,6 +1366,13 @@ mod tests {
     impl StandbyHost for Standbys {
         fn role(&self, vnf: &Name) -> Option<(Role, u64)> {
             self.roles.lock().unwrap().get(vnf.as_str()).copied()
+        }
+
+        fn peer_allowed(&self, _vnf: &Name, peer: IpAddr) -> Result<(), String> {
+            match *self.active_from.lock().unwrap() {
+                Some(ip) if ip != peer => Err(format!("only from {ip}, not from {peer}")),
+                _ => Ok(()),
+            }
         }
 
         fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>) {
@@ -1466,6 +1532,41 @@ mod tests {
         assert_eq!(replicas.finish(&nat1, Duration::from_secs(10)).await, 5);
         assert_eq!(*standby.handed.lock().unwrap(), [1, 2, 3, 4, 5]);
         assert!(replicas.status(&nat1).is_none(), "the stream ended");
+    }
+
+    #[tokio::test]
+    async fn a_standby_takes_state_only_from_its_actives_address() {
+        let host = Arc::new(Standbys::default());
+        let active_ip: IpAddr = "127.0.0.3".parse().unwrap();
+        *host.active_from.lock().unwrap() = Some(active_ip);
+        let (address, standby) = standby_host(host.clone()).await;
+        let nat1: Name = "nat1".parse().unwrap();
+        let peer = StandbyPeer {
+            host: "h2".into(),
+            address,
+        };
+        // From the kernel's choice of address (127.0.0.1): refused, nothing applied.
+        let stranger = Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION);
+        stranger.ensure(&nat1, &peer, 0);
+        wait_for("the refusal", || {
+            stranger.status(&nat1).unwrap().error.as_deref()
+                == Some("only from 127.0.0.3, not from 127.0.0.1")
+        })
+        .await;
+        stranger.stop(&nat1);
+        assert!(standby.values.lock().unwrap().is_empty());
+        // From the active's own address: taken.
+        let active =
+            Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION).with_source(active_ip);
+        active.ensure(&nat1, &peer, 0);
+        wait_for("synced from the active's address", || {
+            active.status(&nat1).unwrap().state == "synced"
+        })
+        .await;
+        assert_eq!(
+            standby.values.lock().unwrap().get("nat1").map(|v| v.0),
+            Some(7)
+        );
     }
 
     /// Writes one keepalive of `vnf` at `epoch` on `conn` asking for `silence`, and reads its

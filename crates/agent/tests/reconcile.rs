@@ -155,6 +155,7 @@ fn assignment(runtime: &str) -> Assignment {
         epoch: 0,
         incoming_from: None,
         hand_off: false,
+        active_from: None,
     }
 }
 

@@ -1569,15 +1569,21 @@ impl Controller {
                 .filter(|m| m.to == host && p.role == telvirt_model::Role::Standby)
                 .map(|m| m.from.clone());
             let standby = match standby_host {
-                Some(h) => {
-                    if !tunnels.contains_key(&h) {
-                        let tunnel = self.agent_host(&h).await?.and_then(|r| r.tunnel);
-                        tunnels.insert(h.clone(), tunnel);
-                    }
-                    tunnels[&h]
-                        .clone()
-                        .map(|address| StandbyPeer { host: h, address })
-                }
+                Some(h) => self
+                    .tunnel_of(&mut tunnels, &h)
+                    .await?
+                    .map(|address| StandbyPeer { host: h, address }),
+                None => None,
+            };
+            // A standby takes its state only from its active's host.
+            let active_host = vnf
+                .placements
+                .iter()
+                .find(|a| a.role == telvirt_model::Role::Active)
+                .map(|a| a.host.clone())
+                .filter(|_| p.role == telvirt_model::Role::Standby);
+            let active_from = match active_host {
+                Some(h) => self.tunnel_of(&mut tunnels, &h).await?,
                 None => None,
             };
             // The destination of a move that changes the engine runs the module on the new one.
@@ -1606,9 +1612,24 @@ impl Controller {
                 standby,
                 epoch: vnf.epoch,
                 incoming_from,
+                active_from,
             });
         }
         Ok(out)
+    }
+
+    /// The tunnel address of `host`'s agent, read once per call of [`Controller::assignments`]
+    /// (`tunnels` keeps what was read).
+    async fn tunnel_of(
+        &self,
+        tunnels: &mut BTreeMap<String, Option<String>>,
+        host: &str,
+    ) -> Result<Option<String>> {
+        if !tunnels.contains_key(host) {
+            let tunnel = self.agent_host(host).await?.and_then(|r| r.tunnel);
+            tunnels.insert(host.to_owned(), tunnel);
+        }
+        Ok(tunnels.get(host).cloned().flatten())
     }
 
     /// Deletes the assignment index entry `key` of VNF `name`, which is not placed on that host

@@ -48,9 +48,9 @@ async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<Re
 async fn h2_and_h3(node: &Node) -> Vec<tokio::task::JoinHandle<()>> {
     node.cordon("h1").await;
     let mut beats = Vec::new();
-    for h in ["h2", "h3"] {
+    for (h, tunnel) in [("h2", "127.0.0.2:4789"), ("h3", "127.0.0.3:4789")] {
         let mut record = host_record(h);
-        record.tunnel = Some("127.0.0.1:4789".into());
+        record.tunnel = Some(tunnel.into());
         node.controller.register_host(record).await.unwrap();
         beats.push(beat(&node.controller, h));
     }
@@ -71,11 +71,13 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
     node.cordon("h1").await;
     // h2 runs u1; h3 can receive state (a tunnel address), h4 cannot.
     let mut beats = Vec::new();
-    for (h, tunnel) in [("h2", true), ("h3", true), ("h4", false)] {
+    for (h, tunnel) in [
+        ("h2", Some("127.0.0.2:4789")),
+        ("h3", Some("127.0.0.3:4789")),
+        ("h4", None),
+    ] {
         let mut record = host_record(h);
-        if tunnel {
-            record.tunnel = Some("127.0.0.1:4789".into());
-        }
+        record.tunnel = tunnel.map(Into::into);
         node.controller.register_host(record).await.unwrap();
         beats.push(beat(&node.controller, h));
     }
@@ -128,6 +130,14 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
     );
     let source = node.controller.assignments("h2").await.unwrap();
     assert_eq!(source[0].standby.as_ref().unwrap().host, "h3");
+    // The destination takes state only from the source's tunnel address.
+    let dest = node.controller.assignments("h3").await.unwrap();
+    assert_eq!(dest[0].active_from.as_deref(), Some("127.0.0.2:4789"));
+    assert_eq!(
+        source[0].standby.as_ref().unwrap().address,
+        "127.0.0.3:4789"
+    );
+    assert!(source[0].active_from.is_none(), "an active takes no state");
 
     // A controller opened again on the store restores the move (the standby of a VNF
     // without redundancy) and keeps it.

@@ -860,11 +860,12 @@ impl Node for VxlanTunnel {
         // Drain the shared socket into every tunnel's queue (unless another poll does).
         let received = self.endpoint.receive(io);
         // Forward this tunnel's queue, only as much as the outgoing link has room for (the
-        // rest waits in the queue).
+        // rest waits in the queue). Unlinked, it waits too: a tunnel is placed before the
+        // link out of it, and what arrives in between (a VNF that moved here, say) is kept.
         let room = if io.is_linked(0) {
             io.tx_space(0).min(BATCH)
         } else {
-            BATCH
+            0
         };
         self.buf.clear();
         while self.buf.len() < room {

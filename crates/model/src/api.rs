@@ -363,6 +363,11 @@ pub struct Assignment {
     /// them first. Cleared (the move cancelled): the instance goes on, its queue first.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hand_off: bool,
+    /// For a standby instance (a pair's, or a move's destination): the tunnel address
+    /// (`IP:PORT`) of the host its active runs on. This host's replication port takes the
+    /// VNF's state, guest stream and queued packets only from that IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_from: Option<String>,
 }
 
 /// What an agent observed of one VNF.

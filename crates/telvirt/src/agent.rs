@@ -188,11 +188,19 @@ impl HostAgent {
             agent = agent.with_module_cache(cache.clone());
         }
         let state: Arc<dyn ReplicaState> = self.wasm.clone();
+        let mut replicas = Replicas::new(Arc::clone(&state), self.detection)
+            .with_fencing(Arc::clone(&self.fencing));
+        // Its standbys' hosts know it by its tunnel address: its streams leave from there.
+        if let Some(ip) = self
+            .record
+            .tunnel
+            .as_deref()
+            .and_then(|t| t.parse::<std::net::SocketAddr>().ok())
+        {
+            replicas = replicas.with_source(ip.ip());
+        }
         agent = agent
-            .with_replication(Arc::new(
-                Replicas::new(Arc::clone(&state), self.detection)
-                    .with_fencing(Arc::clone(&self.fencing)),
-            ))
+            .with_replication(Arc::new(replicas))
             .with_fencing(Arc::clone(&self.fencing));
         let agent = Arc::new(agent);
         // This host's standby instances take their actives' maps.
@@ -318,18 +326,25 @@ fn tunnel_sockets(
 
 /// `--tunnel-address IP[:PORT]` (port 4789 when left out).
 fn tunnel_address(text: &str) -> Result<std::net::SocketAddr> {
-    if let Ok(a) = text.parse::<std::net::SocketAddr>() {
-        return Ok(a);
+    let address = match text.parse::<std::net::SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            let ip: std::net::IpAddr = text.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--tunnel-address {text}: not IP or IP:PORT (e.g. 10.0.0.5 or 10.0.0.5:4789)"
+                )
+            })?;
+            std::net::SocketAddr::new(ip, telvirt_dataplane::vxlan::VXLAN_PORT)
+        }
+    };
+    // Other hosts send to it, and know this host's replication streams by it.
+    if address.ip().is_unspecified() {
+        anyhow::bail!(
+            "--tunnel-address {text}: an address other hosts reach this one at, not {} (e.g. 10.0.0.5 or 10.0.0.5:4789)",
+            address.ip()
+        );
     }
-    let ip: std::net::IpAddr = text.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "--tunnel-address {text}: not IP or IP:PORT (e.g. 10.0.0.5 or 10.0.0.5:4789)"
-        )
-    })?;
-    Ok(std::net::SocketAddr::new(
-        ip,
-        telvirt_dataplane::vxlan::VXLAN_PORT,
-    ))
+    Ok(address)
 }
 
 /// This host's record (from the inventory file or from /sys; its runtimes are filled in by
@@ -556,6 +571,13 @@ mod tunnel_address_tests {
             assert!(
                 err.contains("--tunnel-address") && err.contains("IP:PORT"),
                 "{bad}: {err}"
+            );
+        }
+        for unspecified in ["0.0.0.0", "[::]:4789"] {
+            let err = tunnel_address(unspecified).unwrap_err().to_string();
+            assert!(
+                err.contains("other hosts reach this one at"),
+                "{unspecified}: {err}"
             );
         }
     }

@@ -1543,6 +1543,7 @@ spec:
             epoch,
             incoming_from: None,
             hand_off: false,
+            active_from: None,
         };
         fencing.assign(&[assigned(Role::Active, 1)]);
         rt.start(&s).await.unwrap();
