@@ -76,6 +76,8 @@ const KIND_GUEST: u8 = 4;
 const KIND_PACKETS: u8 = 5;
 /// Bytes of queued packets one batch carries at most.
 const PACKET_BATCH_BYTES: usize = 1 << 20;
+/// Largest packet batch a host accepts: the frames' bytes and their headers.
+const MAX_PACKET_BATCH_BYTES: u32 = 2 << 20;
 /// How often a frozen source sends its batch (its last updates, then what it queued).
 const FROZEN_INTERVAL: Duration = Duration::from_millis(1);
 /// How long a move's source waits before it opens a guest stream again.
@@ -251,9 +253,14 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
         )));
     }
     let len = stream.read_u32_le().await?;
-    if len > MAX_BATCH_BYTES || ([KIND_KEEPALIVE, KIND_GUEST].contains(&kind) && len > 0) {
+    let max = if kind == KIND_PACKETS {
+        MAX_PACKET_BATCH_BYTES
+    } else {
+        MAX_BATCH_BYTES
+    };
+    if len > max || ([KIND_KEEPALIVE, KIND_GUEST].contains(&kind) && len > 0) {
         return Err(bad(format!(
-            "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({MAX_BATCH_BYTES}; a keepalive or a guest stream's opening carries none)"
+            "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({max}; a keepalive or a guest stream's opening carries none)"
         )));
     }
     let mut bytes = vec![0; len as usize];
@@ -302,8 +309,9 @@ pub trait StandbyHost: Send + Sync + 'static {
 const FIRST_SILENCE: Duration = Duration::from_secs(1);
 
 /// Accepts batches for this host's standby instances until the listener fails: each is
-/// applied when this host runs `vnf`'s standby, refused otherwise (as stale when this host
-/// holds the pair at a higher epoch). A connection that sends anything malformed is dropped.
+/// applied when this host runs `vnf`'s standby and the batch comes from its active's address,
+/// refused otherwise (as stale when this host holds the pair at a higher epoch); queued
+/// packets of a move's hand-off are taken for an instance in either role, from that address. A connection that sends anything malformed is dropped.
 /// The host is told when a connection that carried a VNF's batches falls silent (and when it
 /// speaks again) or ends.
 pub async fn serve_standbys(
@@ -324,7 +332,7 @@ pub async fn serve_standbys(
         tokio::spawn(async move {
             let mut conn = StandbyConnection {
                 peer: peer.to_string(),
-                peer_ip: peer.ip(),
+                peer_ip: peer.ip().to_canonical(),
                 seen: std::collections::BTreeSet::new(),
                 silence: FIRST_SILENCE,
                 silent: false,
@@ -364,7 +372,7 @@ pub async fn serve_standbys(
 async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
     let vnf = &h.vnf;
     let from = match stream.peer_addr() {
-        Ok(a) => host.peer_allowed(vnf, a.ip()),
+        Ok(a) => host.peer_allowed(vnf, a.ip().to_canonical()),
         Err(e) => Err(format!("the stream's peer is unknown: {e}")),
     };
     let refusal = match host.role(vnf) {
@@ -481,9 +489,6 @@ impl StandbyConnection {
         host: &dyn StandbyHost,
     ) -> Ack {
         let vnf = &h.vnf;
-        if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
-            return Ack::new(h.seq, ACK_REFUSED, why);
-        }
         if h.kind == KIND_PACKETS {
             return self.receive_packets(h, bytes, state, host).await;
         }
@@ -508,6 +513,11 @@ impl StandbyConnection {
                     format!("this host runs no standby of {vnf}"),
                 );
             }
+        }
+        // A stale sender was told so above (it fences itself); a current one must be the
+        // active's host.
+        if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
+            return Ack::new(h.seq, ACK_REFUSED, why);
         }
         self.seen.insert(vnf.clone());
         self.silent = false;
@@ -541,6 +551,9 @@ impl StandbyConnection {
         host: &dyn StandbyHost,
     ) -> Ack {
         let vnf = &h.vnf;
+        if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
+            return Ack::new(h.seq, ACK_REFUSED, why);
+        }
         match host.role(vnf) {
             None => {
                 return Ack::new(
@@ -1049,13 +1062,17 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     // The instance froze for its move and its last updates were acknowledged: from then on
     // only the packets it queues go (a keepalive when none wait).
     let mut handed_off = false;
+    // The last batch was acknowledged: a frozen instance's next one goes at once.
+    let mut acked = false;
     loop {
         if stream.is_none() {
             match tokio::time::timeout(IO_TIMEOUT, connect_from(*source, address)).await {
                 Ok(Ok(s)) => {
                     let _ = s.set_nodelay(true);
                     stream = Some(s);
-                    full = true;
+                    // A handed-off stream only passes packets on (the receiver takes them at
+                    // any epoch); any other starts over with a snapshot.
+                    full = !handed_off;
                 }
                 Ok(Err(e)) => set(&|s| fail(s, format!("connecting to {address}: {e}"))),
                 Err(_) => set(&|s| fail(s, format!("connecting to {address} timed out"))),
@@ -1073,22 +1090,30 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                 epoch: *epoch,
                 silence: detection.silence(),
             };
-            match pass_packets(&state, conn, header).await {
+            let pause = match pass_packets(&state, conn, header).await {
                 // Nothing waited: a handed-off instance that is going has passed on all.
                 Ok(()) if finish.load(Ordering::Acquire) => return,
-                Ok(()) => seq += 1,
+                Ok(()) => {
+                    seq += 1;
+                    FROZEN_INTERVAL
+                }
                 Err(SendError::Io(e)) => {
                     set(&|s| s.error = Some(e.clone()));
                     stream = None;
-                    full = true;
+                    detection.interval
                 }
-                Err(SendError::Take(e)) => set(&|s| s.error = Some(e.clone())),
+                Err(SendError::Take(e)) => {
+                    seq += 1;
+                    set(&|s| s.error = Some(e.clone()));
+                    detection.interval
+                }
                 Err(SendError::Passed(n)) => {
                     seq += 1;
                     set(&|s| s.packets_passed += n);
+                    FROZEN_INTERVAL
                 }
-            }
-            tokio::time::sleep(FROZEN_INTERVAL).await;
+            };
+            tokio::time::sleep(pause).await;
             continue;
         }
         if let Some(conn) = stream.as_mut() {
@@ -1123,6 +1148,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     }
                     // Taken after the freeze: the last updates are there.
                     handed_off |= frozen && ack.status == ACK_OK;
+                    acked = ack.status == ACK_OK;
                     match ack.status {
                         ACK_OK => set(&|s| {
                             s.state = if handed_off { "handed-off" } else { "synced" }.into();
@@ -1152,7 +1178,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                 Err(SendError::Passed(_)) => {}
             }
         }
-        tokio::time::sleep(if frozen {
+        tokio::time::sleep(if frozen && acked {
             FROZEN_INTERVAL
         } else {
             detection.interval

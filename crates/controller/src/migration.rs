@@ -72,6 +72,21 @@ fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     })
 }
 
+/// Whether the source of wasm move `m` of `v` froze and handed its last updates over (asked
+/// to, and its report says so): from then on the destination holds the VNF's state and
+/// traffic, the move ends with the switch to it.
+fn handed_off(v: &Vnf, m: &Migration) -> bool {
+    m.handoff_at.is_some()
+        && v.replication
+            .as_ref()
+            .is_some_and(|r| r.standby_host == m.to && r.state == "handed-off")
+}
+
+/// How long the source of a wasm move may take to freeze and hand its last updates over once
+/// asked: its traffic waits meanwhile, so the move is cancelled (the source goes on, what it
+/// queued first) well before the move's own deadline.
+const HANDOFF_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Why vm VNF `v`'s guest cannot move (`None` for a wasm VNF): what lives on its host only.
 fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
     let name = v.name.as_str();
@@ -253,6 +268,12 @@ impl Controller {
                 m.to
             )));
         }
+        if handed_off(&record.vnf, &m) {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} handed its state and queued packets to host {} (its source is frozen); the move ends with the switch to it",
+                m.to
+            )));
+        }
         let placed = scheduler.drop_standby(name)?;
         let reason = format!("the move to host {} was cancelled by {}", m.to, caller.name);
         let how = Recording {
@@ -314,7 +335,8 @@ impl Controller {
         // A vm's guest whose stream completed runs only at the destination: past the deadline
         // the destination becomes the active without its report (a cancel would stop it there).
         let completed = synced && v.replication.as_ref().is_some_and(|r| r.guest.is_some());
-        let forced = completed && !record.deleting && self.past_deadline(v, &m)?;
+        let forced =
+            (completed || handed_off(v, &m)) && !record.deleting && self.past_deadline(v, &m)?;
         let wasm = v.descriptor.spec.runtime == RuntimeKind::Wasm;
         let ready = destination_runs && v.phase == Phase::Running && !record.deleting;
         // A wasm move's source first freezes between two batches and hands its last updates
@@ -323,11 +345,7 @@ impl Controller {
             drop(scheduler);
             return self.ask_hand_off(name, &m).await;
         }
-        let handed_off = v
-            .replication
-            .as_ref()
-            .is_some_and(|r| r.standby_host == m.to && r.state == "handed-off");
-        let switch = if wasm { handed_off } else { synced };
+        let switch = if wasm { handed_off(v, &m) } else { synced };
         let (placed, reason, actor, restart) = if forced || (ready && switch) {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
@@ -413,7 +431,35 @@ impl Controller {
 
     /// Why move `m` of `v` is cancelled, once it is older than the move deadline.
     fn overdue(&self, v: &Vnf, m: &Migration) -> Result<Option<String>> {
-        if guest_moved(v, m) || !self.past_deadline(v, m)? {
+        if guest_moved(v, m) || handed_off(v, m) {
+            return Ok(None);
+        }
+        if let Some(asked) = &m.handoff_at {
+            let at = humantime::parse_rfc3339_weak(asked).map_err(|e| {
+                ControllerError::Corrupt(format!("vnf {}: migration.handoff_at: {e}", v.name))
+            })?;
+            let waited = SystemTime::now().duration_since(at).unwrap_or_default();
+            if waited >= HANDOFF_DEADLINE {
+                let stream = v.replication.as_ref().map_or_else(
+                    || "it reported no stream".to_owned(),
+                    |r| {
+                        format!(
+                            "its stream is {}{}",
+                            r.state,
+                            r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+                        )
+                    },
+                );
+                return Ok(Some(format!(
+                    "host {} did not hand the move to host {} over within {} of being asked ({stream}); cancelled, it runs on {}, what it queued first",
+                    m.from,
+                    m.to,
+                    humantime::format_duration(HANDOFF_DEADLINE),
+                    m.from
+                )));
+            }
+        }
+        if !self.past_deadline(v, m)? {
             return Ok(None);
         }
         let deadline = self.move_deadline();

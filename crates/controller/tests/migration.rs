@@ -201,7 +201,21 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         packets_passed: 41,
         ..synced
     };
-    report(&node.controller, "h2", Phase::Running, Some(handed)).await;
+    // While the destination is not running, the handed-off move waits for it, and a cancel
+    // is refused: the destination holds the state and the queued packets.
+    report(&node.controller, "h3", Phase::Starting, None).await;
+    report(&node.controller, "h2", Phase::Running, Some(handed.clone())).await;
+    assert!(node.vnf_json("u1").await["migration"].is_object());
+    let r = migrate(&node, r#"{"cancel": true}"#).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body
+            .to_string()
+            .contains("handed its state and queued packets to host h3"),
+        "{}",
+        r.body
+    );
+    report(&node.controller, "h3", Phase::Running, None).await;
     let moved = node.vnf_json("u1").await;
     assert_eq!(
         role_hosts(&moved),

@@ -18,6 +18,10 @@ use telvirt_dataplane::pool::Packet;
 /// Packets each queue holds at most (a second of a 64 kpps stream); what would go beyond is
 /// dropped and counted as the node's refused packets.
 pub const MAX_QUEUED_PACKETS: usize = 65_536;
+/// Frame bytes each queue holds at most.
+pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// Shortest frame taken: an Ethernet header.
+const MIN_FRAME: usize = 14;
 /// Packets one poll processes from the handed-over queue at most.
 const INJECT_PER_POLL: usize = 256;
 /// How long handed-over packets wait for every port of the instance to be linked; then they
@@ -33,11 +37,11 @@ pub struct Handoff {
     /// Set at the source: the node queues what arrives instead of processing it.
     divert: AtomicBool,
     /// Queued at the source, oldest first.
-    diverted: Mutex<VecDeque<PortFrame>>,
+    diverted: Mutex<FrameQueue>,
     /// Packets queued since the freeze, taken or not.
     diverted_total: AtomicU64,
     /// Handed over from the source (or left by a freeze that ended): processed first.
-    injected: Mutex<VecDeque<PortFrame>>,
+    injected: Mutex<FrameQueue>,
     injected_waiting: AtomicBool,
     /// The ports (bit i: port i, the 64 first) of the frames handed in.
     injected_ports: AtomicU64,
@@ -47,6 +51,44 @@ pub struct Handoff {
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Frames in arrival order, bounded by [`MAX_QUEUED_PACKETS`] and [`MAX_QUEUED_BYTES`].
+#[derive(Debug, Default)]
+struct FrameQueue {
+    frames: VecDeque<PortFrame>,
+    bytes: usize,
+}
+
+impl FrameQueue {
+    /// Appends `f` unless the queue is full; whether it did.
+    fn push(&mut self, f: PortFrame) -> bool {
+        if self.frames.len() >= MAX_QUEUED_PACKETS || self.bytes + f.1.len() > MAX_QUEUED_BYTES {
+            return false;
+        }
+        self.bytes += f.1.len();
+        self.frames.push_back(f);
+        true
+    }
+
+    fn pop(&mut self) -> Option<PortFrame> {
+        let f = self.frames.pop_front()?;
+        self.bytes -= f.1.len();
+        Some(f)
+    }
+
+    fn front(&self) -> Option<&PortFrame> {
+        self.frames.front()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
 }
 
 impl Handoff {
@@ -65,10 +107,21 @@ impl Handoff {
         self.diverted_total.load(Ordering::Acquire)
     }
 
-    /// Ends the divert: what it queued is processed first, as if handed over.
-    pub fn end_divert(&self) {
+    /// Ends the divert: polls process again from their next round on (the caller waits for
+    /// a worker barrier before [`Handoff::requeue_diverted`]).
+    pub fn stop_divert(&self) {
         self.divert.store(false, Ordering::Release);
-        let queued: Vec<PortFrame> = locked(&self.diverted).drain(..).collect();
+    }
+
+    /// After a divert ended and no poll diverts any more: what it queued is processed first,
+    /// as if handed over.
+    pub fn requeue_diverted(&self) {
+        let mut queued = Vec::new();
+        let mut q = locked(&self.diverted);
+        while let Some(f) = q.pop() {
+            queued.push(f);
+        }
+        drop(q);
         self.hand_in(queued);
     }
 
@@ -82,26 +135,36 @@ impl Handoff {
                 break;
             }
             bytes += f.len();
-            out.extend(q.pop_front());
+            out.extend(q.pop());
         }
         out
     }
 
     /// Queues `frames` to be processed first; returns how many were taken (the rest would
-    /// pass the bound).
+    /// pass the bounds).
     pub fn hand_in(&self, frames: Vec<PortFrame>) -> usize {
         let mut q = locked(&self.injected);
-        let room = MAX_QUEUED_PACKETS.saturating_sub(q.len());
-        let taken = frames.len().min(room);
-        let ports = frames.iter().take(taken).fold(0u64, |m, (p, _)| {
-            m | 1u64.checked_shl(u32::from(*p)).unwrap_or(0)
-        });
+        let mut ports = 0u64;
+        let mut taken = 0;
+        for f in frames {
+            let port = f.0;
+            if !q.push(f) {
+                break;
+            }
+            ports |= 1u64.checked_shl(u32::from(port)).unwrap_or(0);
+            taken += 1;
+        }
         self.injected_ports.fetch_or(ports, Ordering::AcqRel);
-        q.extend(frames.into_iter().take(taken));
         if !q.is_empty() {
             self.injected_waiting.store(true, Ordering::Release);
         }
         taken
+    }
+
+    /// Whether handed-over frames wait to be processed (the node's own traffic waits behind
+    /// them).
+    pub fn injecting(&self) -> bool {
+        self.injected_waiting.load(Ordering::Acquire)
     }
 
     /// The node's poll while it diverts: every packet waiting on its ports is copied into the
@@ -117,8 +180,7 @@ impl Handoff {
                 handled += buf.len();
                 let mut q = locked(&self.diverted);
                 for p in buf.drain(..) {
-                    if q.len() < MAX_QUEUED_PACKETS {
-                        q.push_back((tag, io.pool().data(&p).to_vec()));
+                    if q.push((tag, io.pool().data(&p).to_vec())) {
                         self.diverted_total.fetch_add(1, Ordering::AcqRel);
                         io.free(p);
                     } else {
@@ -160,7 +222,7 @@ impl Handoff {
             };
             if port >= io.port_count() {
                 // Not a port of this VNF (the descriptor changed under the move): dropped.
-                q.pop_front();
+                q.pop();
                 continue;
             }
             let room = node.room(port, io).min(INJECT_PER_POLL - handled);
@@ -168,7 +230,7 @@ impl Handoff {
                 let Some(mut pkt) = io.alloc() else {
                     break;
                 };
-                if let Some((_, frame)) = q.pop_front() {
+                if let Some((_, frame)) = q.pop() {
                     io.pool().write(&mut pkt, &frame);
                 }
                 pkts.push(pkt);
@@ -182,6 +244,7 @@ impl Handoff {
         if q.is_empty() {
             self.injected_waiting.store(false, Ordering::Release);
             self.injected_ports.store(0, Ordering::Release);
+            *locked(&self.waiting_since) = None;
         }
         handled
     }
@@ -208,6 +271,12 @@ pub fn decode_frames(mut bytes: &[u8], max_frame: usize) -> Result<Vec<PortFrame
         }
         let port = u16::from_be_bytes([bytes[0], bytes[1]]);
         let len = u32::from_be_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+        if len < MIN_FRAME {
+            return Err(format!(
+                "frame {}: {len} bytes, below the {MIN_FRAME} of an Ethernet header",
+                out.len()
+            ));
+        }
         if len > max_frame {
             return Err(format!(
                 "frame {}: {len} bytes, above the {max_frame} a packet buffer holds",
@@ -232,14 +301,14 @@ mod tests {
 
     #[test]
     fn frames_round_trip_and_malformed_ones_say_where() {
-        let frames = vec![(0, vec![1u8; 60]), (1, vec![2u8; 1514]), (0, Vec::new())];
+        let frames = vec![(0, vec![1u8; 60]), (1, vec![2u8; 1514]), (0, vec![3u8; 14])];
         assert_eq!(
             decode_frames(&encode_frames(&frames), 2048).unwrap(),
             frames
         );
         let bytes = encode_frames(&frames);
         let e = decode_frames(&bytes[..bytes.len() - 1], 2048).unwrap_err();
-        assert!(e.contains("frame 1") || e.contains("frame 2"), "{e}");
+        assert!(e.contains("frame 2: 14 bytes announced"), "{e}");
         let e = decode_frames(&bytes, 1000).unwrap_err();
         assert!(e.contains("frame 1: 1514 bytes"), "{e}");
         assert!(
@@ -247,24 +316,38 @@ mod tests {
                 .unwrap_err()
                 .contains("6 bytes")
         );
+        let empty = encode_frames(&[(0, Vec::new())]);
+        assert!(
+            decode_frames(&empty, 2048)
+                .unwrap_err()
+                .contains("below the 14")
+        );
     }
 
     #[test]
     fn an_ended_divert_hands_its_queue_in_and_the_queues_are_bounded() {
         let h = Handoff::default();
         h.divert();
-        locked(&h.diverted).extend((0..3).map(|i| (0u16, vec![i as u8])));
+        for i in 0..3 {
+            assert!(locked(&h.diverted).push((0u16, vec![i as u8])));
+        }
         let taken = h.take_diverted(1);
         assert_eq!(
             taken,
             vec![(0, vec![0])],
             "at least one, within the bytes asked"
         );
-        h.end_divert();
-        assert!(!h.diverting());
+        h.stop_divert();
+        h.requeue_diverted();
+        assert!(!h.diverting() && h.injecting());
         assert_eq!(locked(&h.injected).len(), 2);
         let many = vec![(0u16, vec![0u8]); MAX_QUEUED_PACKETS];
         assert_eq!(h.hand_in(many), MAX_QUEUED_PACKETS - 2);
         assert_eq!(locked(&h.injected).len(), MAX_QUEUED_PACKETS);
+        // Bytes bound the queue too.
+        let big = Handoff::default();
+        let frame = vec![0u8; 2048];
+        let fits = MAX_QUEUED_BYTES / frame.len();
+        assert_eq!(big.hand_in(vec![(0, frame); fits + 5]), fits);
     }
 }

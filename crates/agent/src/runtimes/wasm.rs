@@ -124,7 +124,13 @@ impl Node for GatedNode {
         {
             return 0;
         }
-        let n = self.handoff.inject_poll(&mut self.inner, io) + self.inner.poll(io);
+        // Handed-over frames first: the node's own traffic waits in its rings behind them.
+        let injected = self.handoff.inject_poll(&mut self.inner, io);
+        let n = if self.handoff.injecting() {
+            injected
+        } else {
+            injected + self.inner.poll(io)
+        };
         if let Some(t) = &mut self.ticker {
             t.poll();
         }
@@ -600,6 +606,14 @@ impl crate::replication::ReplicaState for WasmRuntime {
 }
 
 impl WasmRuntime {
+    /// Waits until every data-plane worker went through a round boundary.
+    async fn worker_barrier(&self) -> Result<(), RuntimeFailure> {
+        let dp = Arc::clone(&self.dataplane);
+        tokio::task::spawn_blocking(move || dp.panel().barrier())
+            .await
+            .map_err(|e| fail(format!("waiting for the data-plane workers: {e}")))
+    }
+
     /// A runtime whose module store lives in `store_dir`, placing VNFs on `dataplane`; relative
     /// module paths resolve against `base_dir` (the serve process's working directory).
     pub fn new(
@@ -1029,6 +1043,11 @@ impl Runtime for WasmRuntime {
     }
 
     async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        if self.frozen(name).is_some() {
+            return Err(fail(format!(
+                "{name} is frozen for its move's hand-off; it cannot be locked now"
+            )));
+        }
         let (inst, scheduled) = self.instance(name)?;
         scheduled.store(false, Ordering::Release);
         guard(&inst).lock().map_err(fail)?;
@@ -1063,24 +1082,37 @@ impl Runtime for WasmRuntime {
         handoff.divert();
         // Commands are applied between poll rounds: past the barrier no batch runs, and every
         // later poll queues.
-        let dp = Arc::clone(&self.dataplane);
-        tokio::task::spawn_blocking(move || dp.panel().barrier())
-            .await
-            .map_err(|e| fail(format!("waiting for the worker of {name}: {e}")))?;
-        if let Some(e) = self.entries().get_mut(name) {
-            e.frozen = true;
+        if let Err(e) = self.worker_barrier().await {
+            handoff.stop_divert();
+            self.dataplane.release_links(name.as_str());
+            return Err(e);
+        }
+        match self.entries().get_mut(name).filter(|e| !e.stopped) {
+            Some(e) => e.frozen = true,
+            // Stopped meanwhile: nothing to freeze.
+            None => self.dataplane.release_links(name.as_str()),
         }
         Ok(())
     }
 
     async fn thaw(&self, name: &Name) -> Result<(), RuntimeFailure> {
-        let mut entries = self.entries();
-        if let Some(e) = entries.get_mut(name).filter(|e| e.frozen) {
+        let handoff = {
+            let mut entries = self.entries();
+            let Some(e) = entries
+                .get_mut(name)
+                .filter(|e| e.frozen || e.handoff.diverting())
+            else {
+                return Ok(());
+            };
             e.frozen = false;
-            e.handoff.end_divert();
-            self.dataplane.release_links(name.as_str());
-        }
-        Ok(())
+            Arc::clone(&e.handoff)
+        };
+        handoff.stop_divert();
+        // No poll diverts past the barrier: what the divert queued is all there is.
+        let waited = self.worker_barrier().await;
+        handoff.requeue_diverted();
+        self.dataplane.release_links(name.as_str());
+        waited
     }
 
     fn frozen(&self, name: &Name) -> Option<u64> {
@@ -1136,6 +1168,7 @@ impl Runtime for WasmRuntime {
             if let Some(e) = &removed {
                 e.scheduled.store(false, Ordering::Release);
                 let _ = self.dataplane.remove_node(name.as_str());
+                self.dataplane.release_links(name.as_str());
                 if entries.values().any(|o| o.module_hash == e.module_hash) {
                     return Ok(());
                 }
