@@ -83,8 +83,8 @@ fn handed_off(v: &Vnf, m: &Migration) -> bool {
 }
 
 /// How long the source of a wasm move may take to freeze and hand its last updates over once
-/// asked: its traffic waits meanwhile, so the move is cancelled (the source goes on, what it
-/// queued first) well before the move's own deadline.
+/// asked (at most the move's own deadline): its traffic waits meanwhile, so the move is
+/// cancelled (the source goes on, what it queued first) well before the move's deadline.
 const HANDOFF_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Why vm VNF `v`'s guest cannot move (`None` for a wasm VNF): what lives on its host only.
@@ -439,7 +439,9 @@ impl Controller {
                 ControllerError::Corrupt(format!("vnf {}: migration.handoff_at: {e}", v.name))
             })?;
             let waited = SystemTime::now().duration_since(at).unwrap_or_default();
-            if waited >= HANDOFF_DEADLINE {
+            let limit = HANDOFF_DEADLINE.min(self.move_deadline());
+            // Past either deadline, what was missing is the hand-off.
+            if waited >= limit || self.past_deadline(v, m)? {
                 let stream = v.replication.as_ref().map_or_else(
                     || "it reported no stream".to_owned(),
                     |r| {
@@ -451,10 +453,12 @@ impl Controller {
                     },
                 );
                 return Ok(Some(format!(
-                    "host {} did not hand the move to host {} over within {} of being asked ({stream}); cancelled, it runs on {}, what it queued first",
+                    "host {} had not handed the move to host {} over {} after it was asked ({stream}); cancelled, it runs on {}, what it queued first",
                     m.from,
                     m.to,
-                    humantime::format_duration(HANDOFF_DEADLINE),
+                    humantime::format_duration(Duration::from_millis(
+                        u64::try_from(waited.as_millis()).unwrap_or(u64::MAX)
+                    )),
                     m.from
                 )));
             }

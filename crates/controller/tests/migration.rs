@@ -237,8 +237,9 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
     beats.into_iter().for_each(|b| b.abort());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
+/// A controller whose moves end within 300 ms, hosts h2 and h3, and wasm VNF u1 running on h2
+/// moving to h3.
+async fn moving_u1_with_a_300ms_deadline() -> (Node, Vec<tokio::task::JoinHandle<()>>) {
     let node = Node::start_monitored(None).await;
     node.controller
         .set_move_deadline(std::time::Duration::from_millis(300));
@@ -249,6 +250,60 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
     report(&node.controller, "h2", Phase::Running, None).await;
     node.uncordon("h3").await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    (node, beats)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancelled() {
+    let (node, beats) = moving_u1_with_a_300ms_deadline().await;
+    report(&node.controller, "h3", Phase::Running, None).await;
+    // The stream synced: the source is asked to hand off, and never says it did.
+    let synced = ReplicationStatus {
+        standby_host: "h3".into(),
+        state: "synced".into(),
+        lag_us: 100,
+        updates: 3,
+        snapshots: 1,
+        bytes: 64,
+        error: None,
+        guest: None,
+        packets_passed: 0,
+    };
+    report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
+    assert!(node.controller.assignments("h2").await.unwrap()[0].hand_off);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.vnf_json("u1").await.get("migration").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hand-off never expired"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
+    }
+    // It goes on where it ran, unfrozen; the event says why.
+    let v = node.vnf_json("u1").await;
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    let source = node.controller.assignments("h2").await.unwrap();
+    assert!(
+        !source[0].hand_off && source[0].standby.is_none(),
+        "{source:?}"
+    );
+    let last = node.events("u1").await.pop().unwrap();
+    let reason = last["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("host h2 had not handed the move to host h3 over")
+            && reason.contains("ms after it was asked")
+            && reason.contains("its stream is synced")
+            && reason.ends_with("cancelled, it runs on h2, what it queued first"),
+        "{reason}"
+    );
+    consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
+    let (node, beats) = moving_u1_with_a_300ms_deadline().await;
     // The destination never runs; the source keeps reporting a stream that cannot connect.
     let failing = ReplicationStatus {
         standby_host: "h3".into(),

@@ -606,6 +606,17 @@ impl crate::replication::ReplicaState for WasmRuntime {
 }
 
 impl WasmRuntime {
+    /// Refuses to change `name`'s module or config while it is frozen for a hand-off (its
+    /// last map updates were taken: a change now would not reach the destination).
+    fn refuse_if_frozen(&self, name: &Name, what: &str) -> Result<(), RuntimeFailure> {
+        if self.entries().get(name).is_some_and(|e| e.frozen) {
+            return Err(fail(format!(
+                "{name} is frozen for its move's hand-off; it cannot be {what} until the move ends"
+            )));
+        }
+        Ok(())
+    }
+
     /// Waits until every data-plane worker went through a round boundary.
     async fn worker_barrier(&self) -> Result<(), RuntimeFailure> {
         let dp = Arc::clone(&self.dataplane);
@@ -800,6 +811,7 @@ impl WasmRuntime {
     /// directory) between two batches; maps with the same name and layout keep their contents.
     /// On any error the old module keeps running with its maps.
     pub fn upgrade(&self, name: &Name, module: &str) -> Result<String, RuntimeFailure> {
+        self.refuse_if_frozen(name, "upgraded")?;
         let (inst, _) = self.instance(name)?;
         let (kind, domain) = {
             let i = guard(&inst);
@@ -1008,6 +1020,7 @@ impl Runtime for WasmRuntime {
     /// The instance starts again from its module between two batches with the descriptor's
     /// config and fuel per batch, its maps carried over; on failure it runs on as it was.
     async fn reconfigure(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        self.refuse_if_frozen(&spec.name, "reconfigured")?;
         let cfg = vnf_config(spec)?;
         let (inst, _) = self.instance(&spec.name)?;
         guard(&inst)
@@ -1043,11 +1056,7 @@ impl Runtime for WasmRuntime {
     }
 
     async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
-        if self.frozen(name).is_some() {
-            return Err(fail(format!(
-                "{name} is frozen for its move's hand-off; it cannot be locked now"
-            )));
-        }
+        self.refuse_if_frozen(name, "locked")?;
         let (inst, scheduled) = self.instance(name)?;
         scheduled.store(false, Ordering::Release);
         guard(&inst).lock().map_err(fail)?;
