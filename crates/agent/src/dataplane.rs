@@ -97,12 +97,9 @@ impl NodeDataPlane {
             .remove(node);
     }
 
-    /// Whether the links of `node` are held.
-    pub fn links_held(&self, node: &str) -> bool {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(node)
+    /// The nodes whose links are held.
+    pub fn held_nodes(&self) -> BTreeSet<String> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// From now on no worker busy-polls for a node (several hosts simulated on one machine

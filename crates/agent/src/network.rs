@@ -458,12 +458,13 @@ impl NetworkReconciler {
         let mut applied = self.applied();
         // A network with a node whose links are held (a frozen move's source still receiving)
         // stays as it is until they are released.
+        let nodes = self.dp.held_nodes();
         let held: BTreeSet<String> = applied
             .iter()
             .filter(|(_, a)| {
                 a.live
                     .iter()
-                    .any(|l| self.dp.links_held(&l.from.node) || self.dp.links_held(&l.to.node))
+                    .any(|l| nodes.contains(&l.from.node) || nodes.contains(&l.to.node))
             })
             .map(|(n, _)| n.clone())
             .collect();

@@ -519,9 +519,7 @@ impl StandbyConnection {
         if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
             return Ack::new(h.seq, ACK_REFUSED, why);
         }
-        self.seen.insert(vnf.clone());
-        self.silent = false;
-        host.hearing(vnf, None);
+        self.heard(vnf, host);
         if h.kind == KIND_KEEPALIVE {
             return Ack::new(h.seq, ACK_OK, String::new());
         }
@@ -537,9 +535,14 @@ impl StandbyConnection {
             Err(e) => Ack::new(h.seq, ACK_RESYNC, format!("applying the batch failed: {e}")),
         }
     }
-}
 
-impl StandbyConnection {
+    /// Its active spoke of `vnf`, whose standby this host runs: the host hears it.
+    fn heard(&mut self, vnf: &Name, host: &dyn StandbyHost) {
+        self.seen.insert(vnf.clone());
+        self.silent = false;
+        host.hearing(vnf, None);
+    }
+
     /// Hands the packets of one batch to this host's instance of the VNF, standby or (once the
     /// switch was made) active, whatever the sender's epoch: they are traffic for the VNF, not
     /// its state, and the instance's queue bounds them.
@@ -562,11 +565,7 @@ impl StandbyConnection {
                     format!("this host runs no instance of {vnf}"),
                 );
             }
-            Some((Role::Standby, _)) => {
-                self.seen.insert(vnf.clone());
-                self.silent = false;
-                host.hearing(vnf, None);
-            }
+            Some((Role::Standby, _)) => self.heard(vnf, host),
             Some((Role::Active, _)) => {}
         }
         let (state, name) = (Arc::clone(state), vnf.clone());
@@ -1079,17 +1078,17 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
             }
         }
         let frozen = state.is_frozen(vnf);
+        let mut header = Header {
+            vnf: vnf.clone(),
+            kind: KIND_PACKETS,
+            seq: seq + 1,
+            epoch: *epoch,
+            silence: detection.silence(),
+        };
         if let Some(conn) = stream.as_mut()
             && handed_off
             && !full
         {
-            let header = Header {
-                vnf: vnf.clone(),
-                kind: KIND_PACKETS,
-                seq: seq + 1,
-                epoch: *epoch,
-                silence: detection.silence(),
-            };
             let pause = match pass_packets(&state, conn, header).await {
                 // Nothing waited: a handed-off instance that is going has passed on all.
                 Ok(()) if finish.load(Ordering::Acquire) => return,
@@ -1117,13 +1116,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
             continue;
         }
         if let Some(conn) = stream.as_mut() {
-            let header = Header {
-                vnf: vnf.clone(),
-                kind: if full { KIND_SNAPSHOT } else { KIND_LOG },
-                seq: seq + 1,
-                epoch: *epoch,
-                silence: detection.silence(),
-            };
+            header.kind = if full { KIND_SNAPSHOT } else { KIND_LOG };
             let slow = |why: String| set(&|s| fail(s, why.clone()));
             match send_one(&state, conn, header, &slow).await {
                 // The instance could not give a batch (e.g. its update log overflowed): a full

@@ -87,6 +87,13 @@ fn handed_off(v: &Vnf, m: &Migration) -> bool {
 /// cancelled (the source goes on, what it queued first) well before the move's deadline.
 const HANDOFF_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long ago `at`, the RFC 3339 time in `v`'s field `field`, was.
+fn since(v: &Vnf, field: &str, at: &str) -> Result<Duration> {
+    let at = humantime::parse_rfc3339_weak(at)
+        .map_err(|e| ControllerError::Corrupt(format!("vnf {}: {field}: {e}", v.name)))?;
+    Ok(SystemTime::now().duration_since(at).unwrap_or_default())
+}
+
 /// Why vm VNF `v`'s guest cannot move (`None` for a wasm VNF): what lives on its host only.
 fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
     let name = v.name.as_str();
@@ -294,13 +301,7 @@ impl Controller {
 
     /// Whether move `m` of `v` is older than the move deadline.
     fn past_deadline(&self, v: &Vnf, m: &Migration) -> Result<bool> {
-        let started = humantime::parse_rfc3339_weak(&m.started_at).map_err(|e| {
-            ControllerError::Corrupt(format!("vnf {}: migration.started_at: {e}", v.name))
-        })?;
-        let age = SystemTime::now()
-            .duration_since(started)
-            .unwrap_or_default();
-        Ok(age >= self.move_deadline())
+        Ok(since(v, "migration.started_at", &m.started_at)? >= self.move_deadline())
     }
 
     /// Sets how long a move may take before it is cancelled.
@@ -435,10 +436,7 @@ impl Controller {
             return Ok(None);
         }
         if let Some(asked) = &m.handoff_at {
-            let at = humantime::parse_rfc3339_weak(asked).map_err(|e| {
-                ControllerError::Corrupt(format!("vnf {}: migration.handoff_at: {e}", v.name))
-            })?;
-            let waited = SystemTime::now().duration_since(at).unwrap_or_default();
+            let waited = since(v, "migration.handoff_at", asked)?;
             let limit = HANDOFF_DEADLINE.min(self.move_deadline());
             // Past either deadline, what was missing is the hand-off.
             if waited >= limit || self.past_deadline(v, m)? {

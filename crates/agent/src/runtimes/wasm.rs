@@ -580,7 +580,7 @@ impl crate::replication::ReplicaState for WasmRuntime {
     }
 
     fn is_frozen(&self, vnf: &Name) -> bool {
-        self.entries().get(vnf).is_some_and(|e| e.frozen)
+        Runtime::frozen(self, vnf).is_some()
     }
 
     fn take_packets(&self, vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
@@ -609,7 +609,7 @@ impl WasmRuntime {
     /// Refuses to change `name`'s module or config while it is frozen for a hand-off (its
     /// last map updates were taken: a change now would not reach the destination).
     fn refuse_if_frozen(&self, name: &Name, what: &str) -> Result<(), RuntimeFailure> {
-        if self.entries().get(name).is_some_and(|e| e.frozen) {
+        if Runtime::frozen(self, name).is_some() {
             return Err(fail(format!(
                 "{name} is frozen for its move's hand-off; it cannot be {what} until the move ends"
             )));
