@@ -165,8 +165,21 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
     assert!(err.contains("the guest runs on here"), "{err}");
     assert_eq!(src.phase(), VmPhase::Running);
     assert!(src.qmp().query_status().await.unwrap().running);
+    // Not rebooted, and its clock goes on (`/proc/uptime` counts in 10 ms steps, and a refused
+    // connection fails faster than that).
     let after = health(&src).await;
-    assert!(after.uptime_ms > before.uptime_ms);
+    assert!(
+        after.uptime_ms >= before.uptime_ms,
+        "{before:?} then {after:?}"
+    );
+    let deadline = std::time::Instant::now() + T;
+    while health(&src).await.uptime_ms <= before.uptime_ms {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest's clock stood still"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // A migration past its deadline is cancelled, and the guest runs on here.
     let to = MigrationChannel::Tcp(free_address());
     let tuning = MigrationTuning::tuned(src.accel());
