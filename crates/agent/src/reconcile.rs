@@ -727,6 +727,9 @@ impl Inner {
                 .freeze(&a.vnf)
                 .await
                 .map_err(|e| StepError(format!("freezing for the move's hand-off: {e}")))?;
+            if let Some(r) = &self.replicas {
+                r.wake(&a.vnf);
+            }
             tracing::info!(vnf = %a.vnf, "frozen for its move's hand-off");
         } else if !wanted && frozen {
             runtime

@@ -102,11 +102,11 @@ pub trait ReplicaState: Send + Sync + 'static {
     /// the updates applied (entries, for a snapshot). Nothing changes on error.
     fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String>;
 
-    /// Whether the active instance of `vnf` is frozen for its move's hand-off (its maps
-    /// change no more: the next batch taken is the last).
-    fn is_frozen(&self, vnf: &Name) -> bool {
+    /// Since when the active instance of `vnf` is frozen for its move's hand-off (its maps
+    /// change no more: the next batch taken is the last); `None` while it is not.
+    fn frozen_since(&self, vnf: &Name) -> Option<Instant> {
         let _ = vnf;
-        false
+        None
     }
 
     /// From a frozen instance of `vnf`: up to `max_bytes` of the packets it queued (at least
@@ -612,6 +612,7 @@ impl StreamStatus {
                 error: None,
                 guest: None,
                 packets_passed: 0,
+                frozen_us: None,
             })),
             vnf: vnf.clone(),
             changed: Arc::clone(changed),
@@ -655,6 +656,8 @@ struct Sender {
     status: StreamStatus,
     /// Set when a handed-off instance is going: the task ends once nothing it queued waits.
     finish: Arc<AtomicBool>,
+    /// Cuts the task's wait short (its instance just froze: the last batch goes at once).
+    wake: Arc<tokio::sync::Notify>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -759,6 +762,7 @@ impl Replicas {
         }
         let status = StreamStatus::new(vnf, peer, "resyncing", &self.changed);
         let finish = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(tokio::sync::Notify::new());
         let task = tokio::spawn(send_loop(
             SendTo {
                 vnf: vnf.clone(),
@@ -767,6 +771,7 @@ impl Replicas {
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
                 finish: Arc::clone(&finish),
+                wake: Arc::clone(&wake),
                 source: self.source,
             },
             Arc::clone(&self.state),
@@ -779,9 +784,18 @@ impl Replicas {
                 epoch,
                 status,
                 finish,
+                wake,
                 task,
             },
         );
+    }
+
+    /// Sends `vnf`'s next batch now rather than at its interval (its instance just froze for
+    /// a hand-off: the sooner its last updates go, the shorter the freeze).
+    pub fn wake(&self, vnf: &Name) {
+        if let Some(s) = self.senders().get(vnf) {
+            s.wake.notify_one();
+        }
     }
 
     fn guests(&self) -> std::sync::MutexGuard<'_, HashMap<Name, GuestSender>> {
@@ -1015,6 +1029,8 @@ struct SendTo {
     gate: Option<Arc<ForwardGate>>,
     /// A handed-off stream ends once nothing queued waits.
     finish: Arc<AtomicBool>,
+    /// Ends a wait between batches early.
+    wake: Arc<tokio::sync::Notify>,
     source: Option<IpAddr>,
 }
 
@@ -1048,6 +1064,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
         detection,
         gate,
         finish,
+        wake,
         source,
     } = &to;
     // Acknowledgements keep the instance forwarding for half the standby's silence: a standby
@@ -1077,7 +1094,8 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                 Err(_) => set(&|s| fail(s, format!("connecting to {address} timed out"))),
             }
         }
-        let frozen = state.is_frozen(vnf);
+        let frozen_since = state.frozen_since(vnf);
+        let frozen = frozen_since.is_some();
         let mut header = Header {
             vnf: vnf.clone(),
             kind: KIND_PACKETS,
@@ -1140,11 +1158,18 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                         tracing::warn!(vnf = %vnf, "fenced: {}", ack.message);
                     }
                     // Taken after the freeze: the last updates are there.
-                    handed_off |= frozen && ack.status == ACK_OK;
+                    let now_handed_off = !handed_off && frozen && ack.status == ACK_OK;
+                    handed_off |= now_handed_off;
                     acked = ack.status == ACK_OK;
+                    let frozen_us = frozen_since
+                        .filter(|_| now_handed_off)
+                        .map(|at| u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX));
                     match ack.status {
                         ACK_OK => set(&|s| {
                             s.state = if handed_off { "handed-off" } else { "synced" }.into();
+                            if frozen_us.is_some() {
+                                s.frozen_us = frozen_us;
+                            }
                             s.lag_us =
                                 u64::try_from(taken.elapsed().as_micros()).unwrap_or(u64::MAX);
                             s.updates += ack.updates;
@@ -1171,12 +1196,15 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                 Err(SendError::Passed(_)) => {}
             }
         }
-        tokio::time::sleep(if frozen && acked {
+        let pause = if frozen && acked {
             FROZEN_INTERVAL
         } else {
             detection.interval
-        })
-        .await;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = wake.notified() => {}
+        }
     }
 }
 
@@ -1300,7 +1328,7 @@ mod tests {
     #[derive(Default)]
     struct Counters {
         values: Mutex<HashMap<String, (u64, bool)>>,
-        frozen: AtomicBool,
+        frozen: Mutex<Option<Instant>>,
         queued: Mutex<Vec<u8>>,
         handed: Mutex<Vec<u8>>,
     }
@@ -1334,8 +1362,8 @@ mod tests {
             Ok(1)
         }
 
-        fn is_frozen(&self, _vnf: &Name) -> bool {
-            self.frozen.load(Ordering::Acquire)
+        fn frozen_since(&self, _vnf: &Name) -> Option<Instant> {
+            *self.frozen.lock().unwrap()
         }
 
         fn take_packets(&self, _vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
@@ -1526,8 +1554,17 @@ mod tests {
             .unwrap()
             .insert("nat1".into(), (9, true));
         active.queued.lock().unwrap().extend([1, 2, 3]);
-        active.frozen.store(true, Ordering::Release);
+        let froze = Instant::now();
+        *active.frozen.lock().unwrap() = Some(froze);
         wait_for("handed-off", || state().state == "handed-off").await;
+        // The freeze lasted from the instance's freeze to that acknowledgement.
+        let frozen_us = state()
+            .frozen_us
+            .expect("a handed-off stream says how long");
+        assert!(
+            frozen_us > 0 && u128::from(frozen_us) <= froze.elapsed().as_micros(),
+            "{frozen_us} µs"
+        );
         let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
         assert_eq!(value(&standby), Some(9), "the last update is there");
         wait_for("the queued packets handed in", || {
@@ -1551,6 +1588,34 @@ mod tests {
         assert_eq!(replicas.finish(&nat1, Duration::from_secs(10)).await, 5);
         assert_eq!(*standby.handed.lock().unwrap(), [1, 2, 3, 4, 5]);
         assert!(replicas.status(&nat1).is_none(), "the stream ended");
+    }
+
+    #[tokio::test]
+    async fn a_freeze_sends_the_last_batch_at_once_not_at_the_next_interval() {
+        let host = Arc::new(Standbys::default());
+        let (address, _standby) = standby_host(host.clone()).await;
+        let active = Counters::holding("nat1", 7);
+        // Batches every 15 s (a silence of 45 s, within MAX_SILENCE): the first (the
+        // snapshot) goes at once, the next only when woken, well within `wait_for`'s 10 s.
+        let slow = Detection {
+            interval: Duration::from_secs(15),
+            multiplier: 3,
+        };
+        let replicas = Replicas::new(active.clone(), slow);
+        let nat1: Name = "nat1".parse().unwrap();
+        let peer = StandbyPeer {
+            host: "h2".into(),
+            address,
+        };
+        replicas.ensure(&nat1, &peer, 0);
+        let state = || replicas.status(&nat1).unwrap();
+        wait_for("synced", || state().state == "synced").await;
+        *active.frozen.lock().unwrap() = Some(Instant::now());
+        replicas.wake(&nat1);
+        wait_for("handed-off well before the next interval", || {
+            state().state == "handed-off"
+        })
+        .await;
     }
 
     #[tokio::test]

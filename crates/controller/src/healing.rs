@@ -469,6 +469,7 @@ mod tests {
                 error: None,
                 guest: None,
                 packets_passed: 0,
+                frozen_us: None,
             }),
             migration: None,
             epoch: 0,

@@ -358,8 +358,11 @@ impl Controller {
                             .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string())
                     ),
                     None => format!(
-                        "{} map updates streamed, the last after the source froze; {} packets it queued meanwhile passed on",
-                        r.updates, r.packets_passed
+                        "{} map updates streamed, the last after the source froze; frozen for {} µs; {} packets it queued meanwhile passed on",
+                        r.updates,
+                        r.frozen_us
+                            .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string()),
+                        r.packets_passed
                     ),
                 },
                 None => "nothing streamed".to_owned(),

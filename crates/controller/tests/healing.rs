@@ -389,6 +389,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
                     error: None,
                     guest: None,
                     packets_passed: 0,
+                    frozen_us: None,
                 }),
                 active_lost: None,
             },

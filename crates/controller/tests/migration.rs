@@ -173,6 +173,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         error: None,
         guest: None,
         packets_passed: 0,
+        frozen_us: None,
     };
     // Synced: the source is asked to freeze and hand its last updates over (an event says
     // so); nothing switches yet.
@@ -199,6 +200,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         state: "handed-off".into(),
         updates: 9,
         packets_passed: 41,
+        frozen_us: Some(730),
         ..synced
     };
     // While the destination is not running, the handed-off move waits for it, and a cancel
@@ -230,7 +232,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         last["reason"]
             .as_str()
             .unwrap()
-            .contains("moved from host h2 to host h3 (9 map updates streamed, the last after the source froze; 41 packets it queued meanwhile passed on)"),
+            .contains("moved from host h2 to host h3 (9 map updates streamed, the last after the source froze; frozen for 730 µs; 41 packets it queued meanwhile passed on)"),
         "{last}"
     );
     consistent(&node).await;
@@ -268,6 +270,7 @@ async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancell
         error: None,
         guest: None,
         packets_passed: 0,
+        frozen_us: None,
     };
     report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
     assert!(node.controller.assignments("h2").await.unwrap()[0].hand_off);
@@ -315,6 +318,7 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
         error: Some("connecting to 127.0.0.1:4789: Connection refused".into()),
         guest: None,
         packets_passed: 0,
+        frozen_us: None,
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -480,6 +484,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             downtime_ms: Some(42),
         }),
         packets_passed: 0,
+        frozen_us: None,
     };
     report(
         &node.controller,

@@ -436,6 +436,12 @@ pub struct ReplicationStatus {
     /// Packets a frozen source passed on to the destination (its move's hand-off).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub packets_passed: u64,
+    /// A wasm move's downtime, on the source's clock: from its freeze (the first packet
+    /// queued rather than processed) to the destination's acknowledgement of the last map
+    /// updates, in microseconds. Meanwhile no instance processes the VNF's packets: they
+    /// queue at the source and pass on to the destination after it. Set with `handed-off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frozen_us: Option<u64>,
 }
 
 fn is_zero_u64(n: &u64) -> bool {

@@ -101,10 +101,10 @@ fn other(host: &str) -> &'static str {
     if host == "h1" { "h2" } else { "h1" }
 }
 
-/// The figures of the last switch event: (MiB streamed, ms the guest was stopped).
-async fn switch_figures(api: &Api) -> Result<(u64, f64)> {
-    let events = api.json(&format!("/v1/vnfs/{VNF}/events")).await?;
-    let reason = events
+/// The reason of `vnf`'s last switch event (a move's end).
+pub(crate) async fn switch_event(api: &Api, vnf: &str) -> Result<String> {
+    let events = api.json(&format!("/v1/vnfs/{vnf}/events")).await?;
+    events
         .as_array()
         .and_then(|all| {
             all.iter().rev().find_map(|e| {
@@ -113,7 +113,13 @@ async fn switch_figures(api: &Api) -> Result<(u64, f64)> {
                     .filter(|r| r.contains("moved from host"))
             })
         })
-        .context("the move left no event")?;
+        .map(str::to_owned)
+        .with_context(|| format!("the move of {vnf} left no event"))
+}
+
+/// The figures of the last switch event: (MiB streamed, ms the guest was stopped).
+async fn switch_figures(api: &Api) -> Result<(u64, f64)> {
+    let reason = switch_event(api, VNF).await?;
     let number_before = |suffix: &str| -> Option<f64> {
         let head = reason.split(suffix).next()?;
         head.rsplit([' ', '(']).next()?.parse().ok()

@@ -791,6 +791,19 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
         "{events}"
     );
     assert!(said("freezing on host a1 between two batches"), "{events}");
+    // The switch says how long the source stood frozen before the destination held its last
+    // updates.
+    let frozen_us: Option<u64> = events.as_array().unwrap().iter().find_map(|e| {
+        let reason = e["reason"].as_str()?;
+        reason
+            .split("frozen for ")
+            .nth(1)?
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    });
+    assert!(frozen_us.is_some_and(|us| us > 0), "{events}");
     // The stream went on through the move (the frozen source's queue handed over, what was
     // sent before the rewiring passed on): no sequence number is missing at the sink.
     let (received, _) = sink();

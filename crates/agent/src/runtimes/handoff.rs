@@ -47,6 +47,8 @@ pub struct Handoff {
     injected_ports: AtomicU64,
     /// Since when handed-over packets wait for links (set by the node's first try).
     waiting_since: Mutex<Option<Instant>>,
+    /// When the divert began (the first packet queued rather than processed).
+    diverted_since: Mutex<Option<Instant>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,7 +96,17 @@ impl FrameQueue {
 impl Handoff {
     /// The node queues what arrives from its next poll on.
     pub fn divert(&self) {
+        *locked(&self.diverted_since) = Some(Instant::now());
         self.divert.store(true, Ordering::Release);
+    }
+
+    /// When the divert under way began (`None`: none is).
+    pub fn diverted_since(&self) -> Option<Instant> {
+        if self.diverting() {
+            *locked(&self.diverted_since)
+        } else {
+            None
+        }
     }
 
     /// Whether the node queues what arrives.

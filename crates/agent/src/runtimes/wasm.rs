@@ -579,8 +579,10 @@ impl crate::replication::ReplicaState for WasmRuntime {
         Ok(applied)
     }
 
-    fn is_frozen(&self, vnf: &Name) -> bool {
-        Runtime::frozen(self, vnf).is_some()
+    fn frozen_since(&self, vnf: &Name) -> Option<Instant> {
+        let entries = self.entries();
+        let e = entries.get(vnf).filter(|e| e.frozen)?;
+        e.handoff.diverted_since()
     }
 
     fn take_packets(&self, vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
