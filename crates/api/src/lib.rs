@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use telvirt_model::api::{HugePageView, MapView, VnfLogs, WasmStatsView};
+use telvirt_model::api::{
+    HugePageView, MapChangeRequest, MapChangeResult, MapView, VnfLogs, WasmStatsView,
+};
 use telvirt_model::network::{LatencyProbe, LatencyReport, NetworkDescriptor, NetworkStatus};
 use telvirt_sched::HostSpec;
 use utoipa::ToSchema;
@@ -196,6 +198,13 @@ pub struct NodeCall {
 pub enum NodeRequest {
     /// The maps of a running wasm VNF.
     Maps { vnf: String },
+    /// A control-plane change of map `map` of a running wasm VNF (its keys and values hex,
+    /// as the API took them; bounded there).
+    MapChange {
+        vnf: String,
+        map: String,
+        change: MapChangeRequest,
+    },
     /// The counters of a running wasm VNF.
     Stats { vnf: String },
     /// The log lines of a running wasm VNF with a `seq` above `after`.
@@ -270,6 +279,7 @@ impl NodeRequest {
     pub fn vnf(&self) -> Option<&str> {
         match self {
             Self::Maps { vnf }
+            | Self::MapChange { vnf, .. }
             | Self::Stats { vnf }
             | Self::Logs { vnf, .. }
             | Self::Upgrade { vnf, .. }
@@ -288,6 +298,9 @@ impl NodeRequest {
 pub enum NodeReply {
     Maps {
         maps: Vec<MapView>,
+    },
+    MapChanged {
+        result: MapChangeResult,
     },
     Stats {
         stats: WasmStatsView,
@@ -319,6 +332,11 @@ pub enum NodeReply {
     },
     /// The node refused or failed; the reason is for the caller.
     Failed {
+        reason: String,
+    },
+    /// The node refused the call's input: which field of it, and why (nothing changed).
+    Invalid {
+        field: String,
         reason: String,
     },
 }

@@ -17,8 +17,8 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{
-    Authority, AuthorityToken, CreateAuthority, Health, HealthProblem, HostView, MapView,
-    MigrateRequest, ModuleView, Problem, VnfWatchEvent, VnfWatchKind,
+    Authority, AuthorityToken, CreateAuthority, Health, HealthProblem, HostView, MapChangeRequest,
+    MapChangeResult, MapView, MigrateRequest, ModuleView, Problem, VnfWatchEvent, VnfWatchKind,
 };
 use telvirt_model::{
     DeviceGrant, Event, FieldError, Format, HostGrants, ModelError, Vnf, VnfDescriptor,
@@ -226,7 +226,10 @@ impl FromRequest<AppState> for Body {
                 ApiError::new(
                     status,
                     "body-too-large",
-                    format!("the request body is larger than {MAX_BODY} bytes"),
+                    format!(
+                        "the request body is larger than this route accepts ({MAX_BODY} bytes; {} for a map change)",
+                        telvirt_model::vnf::limits::MAX_MAP_CHANGE_BYTES
+                    ),
                 )
             } else {
                 ApiError::new(status, "unreadable-body", rejection.body_text())
@@ -274,6 +277,12 @@ pub fn router(controller: Arc<Controller>) -> Router {
         .route("/v1/vnfs/{name}/unlock", post(unlock_vnf))
         .route("/v1/vnfs/{name}/upgrade", post(upgrade_vnf))
         .route("/v1/vnfs/{name}/maps", get(vnf_maps))
+        .route(
+            "/v1/vnfs/{name}/maps/{map}/entries",
+            post(change_vnf_map).layer(axum::extract::DefaultBodyLimit::max(
+                telvirt_model::vnf::limits::MAX_MAP_CHANGE_BYTES,
+            )),
+        )
         .route("/v1/vnfs/{name}/stats", get(vnf_stats))
         .route("/v1/vnfs/{name}/logs", get(vnf_logs))
         .route("/v1/vnfs/{name}/console", get(vnf_console))
@@ -1353,6 +1362,34 @@ async fn vnf_maps(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/vnfs/{name}/maps/{map}/entries", tag = "vnfs", security(("bearer" = [])),
+    params(("name" = String, Path, description = "VNF name"), ("map" = String, Path, description = "The map's name")),
+    request_body(content = MapChangeRequest, content_type = "application/json",
+        description = "`delete`: keys (hex) to remove; `put`: entries (hex key and value, of the map's sizes) to insert or replace; at most 65,536 in all, 8 MiB"),
+    responses(
+        (status = 200, description = "Applied between two batches, all of it; what it did and the map's entries now. A standby (or a move's destination) follows through the update log", body = MapChangeResult),
+        (status = 400, description = "Malformed body", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not a wasm VNF, not Running, locked or moving", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "A body over 8 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Nothing named, too many keys and entries, bad hex, no such map, a key or value not of the map's size, an array index past its end, or more entries than a hash map's max_entries; `errors` names the field. Nothing changed", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The agent of the VNF's host did not answer", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn change_vnf_map(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+    Path((name, map)): Path<(String, String)>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let req: MapChangeRequest =
+        telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.change_map(&caller, &name, &map, req).await?,
+    ))
+}
+
 #[utoipa::path(get, path = "/v1/vnfs/{name}/console", tag = "vnfs", security(("bearer" = [])),
     params(("name" = String, Path, description = "VNF name"), crate::console::ConsoleQuery),
     responses(
@@ -1588,7 +1625,7 @@ async fn delete_module(
         show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency, network_capture,
-        upgrade_vnf, vnf_maps, vnf_stats, vnf_logs, vnf_console, show_grants, add_grants, revoke_grants,
+        upgrade_vnf, vnf_maps, change_vnf_map, vnf_stats, vnf_logs, vnf_console, show_grants, add_grants, revoke_grants,
         list_modules, upload_module, show_module, delete_module,
         agent_api::register, agent_api::heartbeat, agent_api::assignments, agent_api::changes,
         agent_api::networks, agent_api::network_changes, agent_api::observe, agent_api::calls,

@@ -1,13 +1,14 @@
 //! Reading a running wasm VNF's maps (`GET /v1/vnfs/{name}/maps`: per map its name, kind and
 //! how many entries it holds), counters (`GET /v1/vnfs/{name}/stats`) and module log
-//! (`GET /v1/vnfs/{name}/logs`).
+//! (`GET /v1/vnfs/{name}/logs`), and changing one of its maps (`POST
+//! /v1/vnfs/{name}/maps/{map}/entries`: a rule or a bearer provisioned).
 //!
-//! Owns the checks (visibility, runtime, phase) and routing the read as a node call to the agent
-//! of the host the VNF runs on (ADR 047). It must not touch the runtime itself nor write
-//! anything.
+//! Owns the checks (visibility, runtime, phase, lock, move, the change's bounds) and routing the
+//! call as a node call to the agent of the host the VNF runs on (ADR 047). It must not touch
+//! the runtime itself nor write anything to the store.
 
 use telvirt_api::{NodeReply, NodeRequest};
-use telvirt_model::api::{MapView, VnfLogs, WasmStatsView};
+use telvirt_model::api::{MapChangeRequest, MapChangeResult, MapView, VnfLogs, WasmStatsView};
 use telvirt_model::{Phase, Role, RuntimeKind};
 
 use crate::service::{Caller, Controller, ControllerError};
@@ -26,6 +27,47 @@ impl Controller {
         match self.node_call(&host, request).await? {
             NodeReply::Maps { maps } => Ok(maps),
             other => Err(unexpected(&host, "maps", other)),
+        }
+    }
+
+    /// Changes map `map` of a wasm VNF the caller owns, on its running instance, all or
+    /// nothing. Refused before any call: a change that names nothing, too much or bad hex
+    /// (422, the field), a locked VNF, one not Running or moving (409). The instance
+    /// refuses an unknown map or a key or value of the wrong size (422, the field) and a
+    /// change that would overfill a hash map (422).
+    pub async fn change_map(
+        &self,
+        caller: &Caller,
+        name: &str,
+        map: &str,
+        change: MapChangeRequest,
+    ) -> Result<MapChangeResult, ControllerError> {
+        change.decode().map_err(ControllerError::Invalid)?;
+        let vnf = self.vnf(caller, name).await?;
+        if let Some(lock) = &vnf.lock {
+            return Err(ControllerError::locked(name, lock));
+        }
+        if let Some(m) = &vnf.migration {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} is moving from host {} to host {}: its maps change by its own traffic only until the move ends (or `telvirt vnf migrate {name} --cancel`)",
+                m.from, m.to
+            )));
+        }
+        if vnf.phase != Phase::Running {
+            return Err(ControllerError::Conflict(format!(
+                "vnf {name} is {}: only a Running instance's maps are changed",
+                vnf.phase.as_str()
+            )));
+        }
+        let host = self.running_wasm(caller, name, "maps").await?;
+        let request = NodeRequest::MapChange {
+            vnf: name.to_owned(),
+            map: map.to_owned(),
+            change,
+        };
+        match self.node_call(&host, request).await? {
+            NodeReply::MapChanged { result } => Ok(result),
+            other => Err(unexpected(&host, "map change", other)),
         }
     }
 
@@ -100,11 +142,14 @@ pub(crate) fn active_host(vnf: &telvirt_model::Vnf) -> Option<String> {
         .map(|p| p.host.clone())
 }
 
-/// A reply that does not answer the call: the agent failed (409 with its reason) or spoke
-/// out of turn (500).
+/// A reply that does not answer the call: the agent failed (409 with its reason), refused the
+/// call's input (422 with the field) or spoke out of turn (500).
 pub(crate) fn unexpected(host: &str, what: &str, reply: NodeReply) -> ControllerError {
     match reply {
         NodeReply::Failed { reason } => ControllerError::Conflict(reason),
+        NodeReply::Invalid { field, reason } => {
+            ControllerError::Invalid(telvirt_model::FieldError::new(field, reason))
+        }
         other => ControllerError::Corrupt(format!(
             "the agent of host {host} answered a {what} call with {other:?}"
         )),

@@ -19,11 +19,15 @@ use crate::service::{Controller, ControllerError};
 
 /// Calls that may wait for one host's agent at once; more are refused (503) until it catches up.
 pub const MAX_QUEUED_PER_HOST: usize = 64;
+/// Most bytes of calls (as JSON) one take hands an agent, unless a single call is larger (a map
+/// change takes up to 8 MiB of hex); the rest waits for its next take. The agent reads at most
+/// 32 MiB of an answer.
+pub const MAX_TAKE_BYTES: usize = 16 << 20;
 
 #[derive(Default)]
 struct HostCalls {
-    /// Not yet taken by the agent.
-    queued: VecDeque<NodeCall>,
+    /// Not yet taken by the agent, with their size as JSON.
+    queued: VecDeque<(NodeCall, usize)>,
     /// Taken or not: each call's request and the caller waiting for its reply.
     waiting: HashMap<u64, (NodeRequest, oneshot::Sender<NodeReply>)>,
     /// Signalled when a call is queued (a permit is kept when no agent waits).
@@ -51,6 +55,11 @@ impl NodeCalls {
     ) -> Result<NodeReply, ControllerError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
+        let call = NodeCall {
+            id,
+            request: request.clone(),
+        };
+        let size = serde_json::to_vec(&call).map_or(0, |b| b.len());
         {
             let mut hosts = self.hosts();
             let calls = hosts.entry(host.to_owned()).or_default();
@@ -59,14 +68,14 @@ impl NodeCalls {
                     "{MAX_QUEUED_PER_HOST} calls already wait for the agent of host {host}; try again later"
                 )));
             }
-            calls.waiting.insert(id, (request.clone(), tx));
-            calls.queued.push_back(NodeCall { id, request });
+            calls.waiting.insert(id, (request, tx));
+            calls.queued.push_back((call, size));
             calls.arrived.notify_one();
         }
         let outcome = tokio::time::timeout(timeout, rx).await;
         let mut hosts = self.hosts();
         if let Some(calls) = hosts.get_mut(host) {
-            calls.queued.retain(|c| c.id != id);
+            calls.queued.retain(|(c, _)| c.id != id);
             calls.waiting.remove(&id);
         }
         match outcome {
@@ -86,7 +95,20 @@ impl NodeCalls {
                 let mut hosts = self.hosts();
                 let calls = hosts.entry(host.to_owned()).or_default();
                 if !calls.queued.is_empty() {
-                    return calls.queued.drain(..).collect();
+                    let mut taken = Vec::new();
+                    let mut bytes = 0;
+                    while let Some((_, size)) = calls.queued.front() {
+                        if !taken.is_empty() && bytes + size > MAX_TAKE_BYTES {
+                            // The rest on the next take, at once.
+                            calls.arrived.notify_one();
+                            break;
+                        }
+                        bytes += size;
+                        if let Some((call, _)) = calls.queued.pop_front() {
+                            taken.push(call);
+                        }
+                    }
+                    return taken;
                 }
                 Arc::clone(&calls.arrived)
             };
@@ -243,6 +265,61 @@ mod tests {
             .reply("h1", taken[0].id, NodeReply::Failed { reason: "r".into() })
             .unwrap();
         second.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn one_take_hands_over_at_most_its_bytes_and_the_next_take_the_rest_at_once() {
+        let calls = Arc::new(NodeCalls::default());
+        // Three changes of ~6 MiB each: two fit one take, the third waits for the next.
+        let big = |vnf: &str| NodeRequest::MapChange {
+            vnf: vnf.into(),
+            map: "downlink".into(),
+            change: telvirt_model::api::MapChangeRequest {
+                delete: vec!["00".repeat(3 << 20)],
+                put: Vec::new(),
+            },
+        };
+        let mut callers = Vec::new();
+        for vnf in ["u1", "u2", "u3"] {
+            let calls = Arc::clone(&calls);
+            let request = big(vnf);
+            callers.push(tokio::spawn(async move {
+                calls.call("h1", request, Duration::from_secs(5)).await
+            }));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut taken = Vec::new();
+        while taken.len() < 3 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} taken",
+                taken.len()
+            );
+            let got = calls.take("h1", Duration::from_millis(50)).await;
+            assert!(got.len() <= 2, "{} calls in one take", got.len());
+            taken.extend(got);
+        }
+        // A lone call larger than the budget still goes.
+        let lone = {
+            let calls = Arc::clone(&calls);
+            let mut request = big("u4");
+            if let NodeRequest::MapChange { change, .. } = &mut request {
+                change.delete[0] = "00".repeat(9 << 20);
+            }
+            tokio::spawn(async move { calls.call("h1", request, Duration::from_secs(5)).await })
+        };
+        let got = calls.take("h1", Duration::from_secs(5)).await;
+        assert_eq!(got.len(), 1);
+        taken.extend(got);
+        for t in &taken {
+            calls
+                .reply("h1", t.id, NodeReply::Failed { reason: "r".into() })
+                .unwrap();
+        }
+        for c in callers {
+            c.await.unwrap().unwrap();
+        }
+        lone.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -97,6 +97,118 @@ pub struct MapView {
     pub value_size: u32,
 }
 
+/// `POST /v1/vnfs/{name}/maps/{map}/entries`: a control-plane change of one map of a running
+/// wasm VNF (a firewall rule, a UPF's bearer), applied between two batches, all or nothing:
+/// the keys of `delete` go, then the entries of `put` are inserted or replaced. Keys and
+/// values are hex, of the map's exact sizes (an array's key: its little-endian index).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapChangeRequest {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub delete: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub put: Vec<MapEntry>,
+}
+
+/// One entry of a map, key and value in hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MapEntry {
+    pub key: String,
+    pub value: String,
+}
+
+/// The keys and entries of a [`MapChangeRequest`], decoded.
+pub type DecodedMapChange = (Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>);
+
+impl MapChangeRequest {
+    /// Its keys and entries as bytes, once it names something, at most
+    /// [`MAX_MAP_CHANGE_ENTRIES`](crate::vnf::limits::MAX_MAP_CHANGE_ENTRIES) of them, each
+    /// valid hex within the largest key or value a map has. The map's own sizes are checked
+    /// where it runs.
+    pub fn decode(&self) -> Result<DecodedMapChange, FieldError> {
+        use crate::vnf::limits::{MAX_KEY_SIZE, MAX_MAP_CHANGE_ENTRIES, MAX_VALUE_SIZE};
+        let named = self.delete.len() + self.put.len();
+        if named == 0 {
+            return Err(FieldError::new(
+                "put",
+                "the change names no key to delete and no entry to put",
+            ));
+        }
+        if named > MAX_MAP_CHANGE_ENTRIES {
+            return Err(FieldError::new(
+                "put",
+                format!(
+                    "{named} keys and entries; one change takes at most {MAX_MAP_CHANGE_ENTRIES}: split it"
+                ),
+            ));
+        }
+        let delete = self
+            .delete
+            .iter()
+            .enumerate()
+            .map(|(i, k)| hex_bytes(&format!("delete[{i}]"), k, MAX_KEY_SIZE))
+            .collect::<Result<_, _>>()?;
+        let put = self
+            .put
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Ok((
+                    hex_bytes(&format!("put[{i}].key"), &e.key, MAX_KEY_SIZE)?,
+                    hex_bytes(&format!("put[{i}].value"), &e.value, MAX_VALUE_SIZE)?,
+                ))
+            })
+            .collect::<Result<_, FieldError>>()?;
+        Ok((delete, put))
+    }
+}
+
+/// `text` as bytes: pairs of hex digits, 1 to `max` bytes.
+fn hex_bytes(field: &str, text: &str, max: u32) -> Result<Vec<u8>, FieldError> {
+    let max = usize::try_from(max).unwrap_or(usize::MAX);
+    if text.is_empty() || !text.len().is_multiple_of(2) || text.len() / 2 > max {
+        return Err(FieldError::new(
+            field,
+            format!(
+                "{} hex digits; expected an even number from 2 to {} (1 to {max} bytes)",
+                text.len(),
+                2 * max
+            ),
+        ));
+    }
+    text.as_bytes()
+        .chunks(2)
+        .enumerate()
+        .map(|(i, pair)| {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(hi), Some(lo)) => Ok(u8::try_from(hi * 16 + lo).unwrap_or(0)),
+                _ => Err(FieldError::new(
+                    field,
+                    format!(
+                        "`{}` at character {} is not a hex digit pair",
+                        String::from_utf8_lossy(pair),
+                        2 * i
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// What a change of a map did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MapChangeResult {
+    pub map: String,
+    /// Keys removed (those of `delete` the map held).
+    pub deleted: u64,
+    /// Entries inserted or replaced.
+    pub put: u64,
+    /// Entries the map holds now (an array: always its `max_entries`).
+    pub entries: u64,
+}
+
 /// One line a wasm module logged (`GET /v1/vnfs/{name}/logs`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct LogLineView {
@@ -551,4 +663,62 @@ pub struct VnfWatchEvent {
     /// The VNF as it is now (`ADDED` and `MODIFIED`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vnf: Option<crate::lifecycle::Vnf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: &str, value: &str) -> MapEntry {
+        MapEntry {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn a_map_change_decodes_hex_and_names_the_field_it_refuses() {
+        let ok = MapChangeRequest {
+            delete: vec!["0A000002".into()],
+            put: vec![entry("0a000001", "01ff")],
+        };
+        assert_eq!(
+            ok.decode().unwrap(),
+            (
+                vec![vec![10, 0, 0, 2]],
+                vec![(vec![10, 0, 0, 1], vec![1, 255])]
+            )
+        );
+        let refused = |r: MapChangeRequest| r.decode().unwrap_err().to_string();
+        assert!(refused(MapChangeRequest::default()).contains("names no key"));
+        let e = refused(MapChangeRequest {
+            delete: vec![],
+            put: vec![entry("0a", "0g")],
+        });
+        assert!(
+            e.starts_with("put[0].value: `0g` at character 0 is not a hex digit pair"),
+            "{e}"
+        );
+        let e = refused(MapChangeRequest {
+            delete: vec!["abc".into()],
+            put: vec![],
+        });
+        assert!(
+            e.starts_with("delete[0]: 3 hex digits; expected an even number"),
+            "{e}"
+        );
+        let e = refused(MapChangeRequest {
+            delete: vec![],
+            put: vec![entry(&"00".repeat(1025), "00")],
+        });
+        assert!(e.starts_with("put[0].key: 2050 hex digits"), "{e}");
+        let e = refused(MapChangeRequest {
+            delete: vec!["00".into(); crate::vnf::limits::MAX_MAP_CHANGE_ENTRIES + 1],
+            put: vec![],
+        });
+        assert!(
+            e.contains("65537 keys and entries; one change takes at most 65536"),
+            "{e}"
+        );
+    }
 }

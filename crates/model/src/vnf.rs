@@ -355,6 +355,10 @@ pub mod limits {
     pub const MAX_MAP_LOG_BYTES: u64 = 64 << 20;
     /// Largest wasm module accepted (upload or file).
     pub const MAX_MODULE_BYTES: u64 = 16 << 20;
+    /// Most keys and entries one change of a map names (`POST
+    /// /v1/vnfs/{name}/maps/{map}/entries`), and the largest body of one.
+    pub const MAX_MAP_CHANGE_ENTRIES: usize = 65_536;
+    pub const MAX_MAP_CHANGE_BYTES: usize = 8 << 20;
     /// Longest string field of a descriptor (a path, a kernel command line, a config value).
     pub const MAX_STRING_LEN: usize = 4096;
 }

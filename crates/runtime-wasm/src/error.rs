@@ -89,6 +89,10 @@ pub enum Error {
     /// A map operation or definition is invalid.
     #[error("map: {0}")]
     Map(String),
+    /// A control-plane change of a map was refused before anything changed: which field of
+    /// the change, and why.
+    #[error("{field}: {reason}")]
+    InvalidChange { field: String, reason: String },
     /// A snapshot or update log could not be decoded or applied.
     #[error("snapshot: {0}")]
     Snapshot(String),

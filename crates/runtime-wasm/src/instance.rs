@@ -755,6 +755,23 @@ impl VnfInstance {
         crate::native::map_update_by_name(&mut h.maps, map, key, value)
     }
 
+    /// A control-plane change of map `map` between batches, all or nothing (see
+    /// [`MapSet::change`]); refused while the VNF is locked.
+    pub fn map_change(
+        &mut self,
+        map: &str,
+        delete: &[Vec<u8>],
+        put: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<crate::maps::MapChanged> {
+        if self.state == VnfState::Locked {
+            return Err(Error::Locked);
+        }
+        self.host_mut()
+            .ok_or_else(|| Error::Map("instance has no state".into()))?
+            .maps
+            .change(map, delete, put)
+    }
+
     /// Map definitions in effect.
     pub fn map_defs(&self) -> Vec<MapDef> {
         self.host().map(|h| h.maps.defs()).unwrap_or_default()

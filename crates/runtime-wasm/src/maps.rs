@@ -497,6 +497,17 @@ impl UpdateLog {
 pub(crate) const LOG_UPDATE: u8 = 1;
 pub(crate) const LOG_DELETE: u8 = 2;
 
+/// What [`MapSet::change`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapChanged {
+    /// Keys removed (those of `delete` the map held).
+    pub deleted: u64,
+    /// Entries inserted or replaced.
+    pub put: u64,
+    /// Entries the map holds after the change (an array: always its `max_entries`).
+    pub entries: u64,
+}
+
 /// All maps of one VNF, addressed by id (index in the manifest's map list).
 pub struct MapSet {
     pub(crate) maps: Vec<Map>,
@@ -576,6 +587,119 @@ impl MapSet {
     /// Whether there is no map.
     pub fn is_empty(&self) -> bool {
         self.maps.is_empty()
+    }
+
+    /// A control-plane change of map `name` (a rule or a bearer provisioned): the keys of
+    /// `delete` removed, then the entries of `put` inserted or replaced, all or nothing. Every
+    /// key and value is checked against the map's sizes, and a hash map's room against what
+    /// the change would leave, before anything changes; logged like the module's own updates
+    /// (a standby or a move's destination follows).
+    pub fn change(
+        &mut self,
+        name: &str,
+        delete: &[Vec<u8>],
+        put: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<MapChanged> {
+        let invalid = |field: &str, reason: String| Error::InvalidChange {
+            field: field.to_owned(),
+            reason,
+        };
+        let Some(id) = self.maps.iter().position(|m| m.def.name == name) else {
+            let names: Vec<&str> = self.maps.iter().map(|m| m.def.name.as_str()).collect();
+            let has = if names.is_empty() {
+                "no maps".to_owned()
+            } else {
+                format!("the maps {}", names.join(", "))
+            };
+            return Err(invalid(
+                "map",
+                format!("no map named `{name}`; this VNF has {has}"),
+            ));
+        };
+        let m = &self.maps[id];
+        let (ks, vs, kind, max) = (m.ks, m.vs, m.def.kind, m.def.max_entries);
+        if kind == MapKind::Array && !delete.is_empty() {
+            return Err(invalid(
+                "delete",
+                format!(
+                    "map `{name}` is an array: its {max} entries always exist; put zeroes instead"
+                ),
+            ));
+        }
+        let check_key = |field: &str, key: &[u8]| -> Result<()> {
+            if key.len() != ks {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{} bytes; the keys of map `{name}` are {ks} bytes",
+                        key.len()
+                    ),
+                ));
+            }
+            if kind == MapKind::Array && m.array_index(key).is_none() {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "past the {max} entries of array `{name}` (its keys are little-endian indices)"
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        for (i, k) in delete.iter().enumerate() {
+            check_key(&format!("delete[{i}]"), k)?;
+        }
+        for (i, (k, v)) in put.iter().enumerate() {
+            check_key(&format!("put[{i}].key"), k)?;
+            if v.len() != vs {
+                return Err(invalid(
+                    &format!("put[{i}].value"),
+                    format!(
+                        "{} bytes; the values of map `{name}` are {vs} bytes",
+                        v.len()
+                    ),
+                ));
+            }
+        }
+        if kind == MapKind::Hash {
+            let gone: std::collections::HashSet<&[u8]> = delete
+                .iter()
+                .map(Vec::as_slice)
+                .filter(|k| m.peek(k).is_some())
+                .collect();
+            let added: std::collections::HashSet<&[u8]> = put
+                .iter()
+                .map(|(k, _)| k.as_slice())
+                .filter(|k| m.peek(k).is_none() || gone.contains(k))
+                .collect();
+            let after = m.len() - gone.len() + added.len();
+            if after > max as usize {
+                return Err(invalid(
+                    "put",
+                    format!(
+                        "map `{name}` holds {} of its {max} entries and this change would leave {after}: delete entries first, or raise its max_entries in the descriptor",
+                        m.len()
+                    ),
+                ));
+            }
+        }
+        let mut changed = MapChanged::default();
+        for k in delete {
+            if self.delete(id, k) == code::OK {
+                changed.deleted += 1;
+            }
+        }
+        for (k, v) in put {
+            let rc = self.update(id, k, v, update_flags::ANY);
+            if rc != code::OK {
+                return Err(Error::Map(format!(
+                    "map `{name}`: an update checked beforehand failed with code {rc}"
+                )));
+            }
+            changed.put += 1;
+        }
+        changed.entries = u64::try_from(self.maps[id].len()).unwrap_or(u64::MAX);
+        Ok(changed)
     }
 
     /// Looks up a key in map `id`.

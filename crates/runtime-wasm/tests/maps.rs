@@ -227,6 +227,82 @@ fn lru_evictions_replay_on_a_standby() {
 }
 
 #[test]
+fn a_control_plane_change_is_checked_whole_before_anything_changes_and_is_logged() {
+    let defs = [
+        def("h", MapKind::Hash, 4, 8, 3),
+        def("a", MapKind::Array, 4, 4, 2),
+    ];
+    let mut s = MapSet::new(&defs).expect("maps");
+    let snap = s.snapshot();
+    let mut standby = MapSet::restore(&defs, &snap).expect("restore");
+    let put = |pairs: &[(u32, u64)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(key, v)| (k(*key).to_vec(), v.to_le_bytes().to_vec()))
+            .collect()
+    };
+    let done = s.change("h", &[], &put(&[(1, 10), (2, 20)])).expect("put");
+    assert_eq!((done.put, done.deleted, done.entries), (2, 0, 2));
+    let entries = |s: &MapSet, id: usize| {
+        let mut e = s.get(id).expect("map").entries();
+        e.sort();
+        e
+    };
+    let before = entries(&s, 0);
+    // Each refusal names its field and why, and leaves the map as it was.
+    let refused = |s: &mut MapSet, map: &str, del: &[Vec<u8>], p: &[(Vec<u8>, Vec<u8>)]| match s
+        .change(map, del, p)
+    {
+        Err(Error::InvalidChange { field, reason }) => format!("{field}: {reason}"),
+        other => panic!("{other:?}"),
+    };
+    let e = refused(&mut s, "nope", &[], &put(&[(3, 30)]));
+    assert!(
+        e.starts_with("map: no map named `nope`") && e.contains("h, a"),
+        "{e}"
+    );
+    let mut bad_value = put(&[(3, 30), (4, 40)]);
+    bad_value[1].1.pop();
+    let e = refused(&mut s, "h", &[], &bad_value);
+    assert_eq!(
+        e,
+        "put[1].value: 7 bytes; the values of map `h` are 8 bytes"
+    );
+    let e = refused(&mut s, "h", &[vec![1, 2]], &[]);
+    assert_eq!(e, "delete[0]: 2 bytes; the keys of map `h` are 4 bytes");
+    // Two new keys where one fits; a replaced key takes no room, a deleted one makes some.
+    let e = refused(&mut s, "h", &[], &put(&[(2, 21), (3, 30), (4, 40)]));
+    assert!(
+        e.contains("holds 2 of its 3 entries and this change would leave 4"),
+        "{e}"
+    );
+    assert_eq!(entries(&s, 0), before, "nothing changed");
+    // 1 deleted and put again, 2 kept, 3 new: three, its max.
+    let done = s
+        .change("h", &[k(1).to_vec()], &put(&[(1, 11), (3, 30)]))
+        .expect("a deleted key's room is taken again");
+    assert_eq!((done.deleted, done.put, done.entries), (1, 2, 3));
+    // An array's entries always exist: no delete, no index past its end.
+    let e = refused(&mut s, "a", &[k(0).to_vec()], &[]);
+    assert!(e.starts_with("delete: map `a` is an array"), "{e}");
+    let e = refused(&mut s, "a", &[], &[(k(2).to_vec(), k(5).to_vec())]);
+    assert!(
+        e.starts_with("put[0].key: past the 2 entries of array `a`"),
+        "{e}"
+    );
+    let done = s
+        .change("a", &[], &[(k(1).to_vec(), k(5).to_vec())])
+        .expect("array put");
+    assert_eq!(done.entries, 2);
+    // Logged like the module's updates: a standby following the log ends up the same.
+    standby
+        .apply_log(&s.take_log().expect("log"))
+        .expect("apply");
+    assert_eq!(entries(&standby, 0), entries(&s, 0));
+    assert_eq!(entries(&standby, 1), entries(&s, 1));
+}
+
+#[test]
 fn worker_runs_pinned_and_serialises_commands() {
     let rt = runtime("worker");
     let m = install(&rt, &counter_module(), "untrusted");

@@ -388,6 +388,10 @@ pub enum VnfCommand {
     },
     /// Show a running wasm VNF's maps and how many entries each holds
     Maps { name: String },
+    /// Change one map of a running wasm VNF (a firewall rule, a UPF's bearer): delete keys,
+    /// then put entries, all or nothing, between two batches (keys and values in hex, of the
+    /// map's sizes; an array's key is its little-endian index)
+    MapUpdate(crate::wasm::MapUpdateArgs),
     /// Show a running wasm VNF's counters: batches, packets in/forwarded/dropped, traps, and
     /// the module's own (e.g. the firewall's allowed/denied)
     Stats { name: String },

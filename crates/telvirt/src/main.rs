@@ -371,6 +371,7 @@ async fn vnf(client: &Client, format: Output, cmd: VnfCommand) -> Result<()> {
         }
         VnfCommand::Migrate(args) => crate::migrate::migrate(client, format, args).await?,
         VnfCommand::Maps { name } => crate::wasm::maps(client, format, &name).await?,
+        VnfCommand::MapUpdate(args) => crate::wasm::map_update(client, format, args).await?,
         VnfCommand::Stats { name } => crate::wasm::stats(client, format, &name).await?,
         VnfCommand::Delete {
             name,

@@ -19,7 +19,10 @@ use telvirt_agent::NodeHandler;
 use telvirt_api::{NodeReply, NodeRequest, VcpuUsage, VmUsage, VnfUsage};
 use telvirt_controller::Controller;
 use telvirt_controller::modules::{ModuleRepository, ModuleVerifier};
-use telvirt_model::api::{LogLineView, MapView, ModuleInfo, VnfLogs, WasmStatsView};
+use telvirt_model::api::{
+    LogLineView, MapChangeRequest, MapChangeResult, MapEntry, MapView, ModuleInfo, VnfLogs,
+    WasmStatsView,
+};
 use telvirt_model::{Name, Vnf};
 use telvirt_runtime_wasm::SecurityPolicy;
 
@@ -200,6 +203,7 @@ impl HostNodeHandler {
             NodeRequest::Maps { .. } => NodeReply::Maps {
                 maps: rt.map_views(&name).map_err(|e| e.to_string())?,
             },
+            NodeRequest::MapChange { map, change, .. } => rt.change_map(&name, map, change),
             NodeRequest::Stats { .. } => NodeReply::Stats {
                 stats: rt.stats_view(&name).map_err(|e| e.to_string())?,
             },
@@ -401,6 +405,73 @@ pub async fn maps(client: &Client, format: Output, name: &str) -> Result<()> {
         println!(
             "{}",
             crate::output::table(&["MAP", "KIND", "ENTRIES", "MAX"], &rows)
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MapUpdateArgs {
+    pub name: String,
+    /// The map (`telvirt vnf maps NAME` lists them)
+    pub map: String,
+    /// An entry to insert or replace, key and value in hex (repeatable)
+    #[arg(long = "put", value_name = "KEY=VALUE")]
+    pub put: Vec<String>,
+    /// A key to remove, in hex (repeatable; removed before the entries are put)
+    #[arg(long = "delete", value_name = "KEY")]
+    pub delete: Vec<String>,
+    /// More of the change from a JSON or YAML file: `{"delete": [KEY...], "put": [{"key":
+    /// KEY, "value": VALUE}...]}` (at most 65,536 keys and entries in all)
+    #[arg(long, short = 'f', value_name = "FILE")]
+    pub file: Option<std::path::PathBuf>,
+}
+
+/// `telvirt vnf map-update NAME MAP [--put KEY=VALUE]... [--delete KEY]... [-f FILE]`.
+pub async fn map_update(client: &Client, format: Output, args: MapUpdateArgs) -> Result<()> {
+    let mut change = match &args.file {
+        Some(path) => {
+            let text =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            telvirt_model::from_text::<MapChangeRequest>(&text, telvirt_model::Format::sniff(&text))
+                .with_context(|| format!("{}", path.display()))?
+        }
+        None => MapChangeRequest::default(),
+    };
+    change.delete.extend(args.delete);
+    for (i, entry) in args.put.iter().enumerate() {
+        let Some((key, value)) = entry.split_once('=') else {
+            anyhow::bail!(
+                "--put {entry} (number {}): expected KEY=VALUE, both in hex",
+                i + 1
+            );
+        };
+        change.put.push(MapEntry {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    let body = serde_json::to_vec(&change)?;
+    let done: MapChangeResult = client
+        .call(
+            Method::POST,
+            &format!("/v1/vnfs/{}/maps/{}/entries", args.name, args.map),
+            Some((body, "application/json")),
+        )
+        .await?
+        .json()?;
+    if !crate::output::structured(format, &done)? {
+        println!(
+            "{}",
+            crate::output::table(
+                &["MAP", "DELETED", "PUT", "ENTRIES"],
+                &[vec![
+                    done.map.clone(),
+                    done.deleted.to_string(),
+                    done.put.to_string(),
+                    done.entries.to_string(),
+                ]],
+            )
         );
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Agent, Serve, a1_agent_args, lay_out_examples, stderr, wait_until};
+use common::{Agent, Serve, a1_agent_args, lay_out_examples, map_entries, stderr, wait_until};
 
 /// Four dedicatable CPUs for the agent's host (as in the serve tests).
 const INVENTORY: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 4, threads_per_core: 1 }\n";
@@ -336,19 +336,6 @@ fn a_vnf_whose_host_dies_runs_on_another_host_and_its_chain_carries_traffic_agai
         "the chain never carried traffic again after fw2 moved",
     );
     assert_eq!(host_status(&node, "a2").as_deref(), Some("NotReady"));
-}
-
-/// Entries of VNF `vnf`'s map `map`, through `vnf maps` (None while it cannot be read).
-fn map_entries(node: &Serve, vnf: &str, map: &str) -> Option<u64> {
-    let out = node.cli(&["vnf", "maps", vnf, "-o", "json"]);
-    if !out.status.success() {
-        return None;
-    }
-    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    maps.as_array()?
-        .iter()
-        .find(|m| m["name"] == map)
-        .and_then(|m| m["entries"].as_u64())
 }
 
 #[test]

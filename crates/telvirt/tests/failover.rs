@@ -82,6 +82,10 @@ fn bench_migrate_reports_every_figure() {
     );
     assert_eq!(size["cold"]["state_bytes_max"], 0, "{r}");
     assert!(r["goal_no_packet_lost"].is_boolean(), "{r}");
+    // The live move's freeze, from its switch event; a cold move has none.
+    assert!(size["live"]["downtime_max_us"].as_u64() > Some(0), "{r}");
+    assert!(size["cold"]["downtime_max_us"].is_null(), "{r}");
+    assert!(r["goal_downtime_1ms"].is_boolean(), "{r}");
     // A TCP flow through the NAT survives the live move (its session moved with it), not the
     // cold one; where namespaces cannot be made, the report says why not.
     match r["tcp"]["live_survived_all"].as_bool() {

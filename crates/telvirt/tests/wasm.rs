@@ -8,7 +8,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{BIN, DEADLINE, Serve, lay_out_examples, sample, scrape, stderr, wait_until};
+use common::{
+    BIN, DEADLINE, Serve, lay_out_examples, map_entries, sample, scrape, stderr, wait_until,
+};
 #[path = "../../dataplane/tests/support/netns.rs"]
 mod netns;
 
@@ -859,6 +861,109 @@ fn module_counter(node: &Serve, vnf: &str, name: &str) -> u64 {
         .and_then(|c| c.iter().find(|c| c["name"] == name))
         .and_then(|c| c["value"].as_u64())
         .unwrap_or_else(|| panic!("no counter {name}: {s}"))
+}
+
+#[test]
+fn a_bearer_put_into_a_running_upf_carries_its_traffic_and_a_bad_change_changes_nothing() {
+    let node = start();
+    node.ok(&["vnf", "create", "-f", "examples/descriptors/gtpu1.yaml"]);
+    node.wait_phase("gtpu1", "Running");
+    // The generator's frames (10.0.0.1 -> 10.0.1.1) come from the data network; what the
+    // UPF tunnels leaves on the access side.
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: dn }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 500, flows: 4 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> gtpu1.n6\n    - gtpu1.n3 -> sink.in\n";
+    std::fs::write(node.path("dn.yaml"), net).unwrap();
+    node.ok(&["net", "create", "-f", "dn.yaml"]);
+    // No bearer for the UE yet: every frame is dropped as of an unknown bearer.
+    wait_until("frames of an unknown bearer", || {
+        module_counter(&node, "gtpu1", "unknown_bearer") > 0
+    });
+    assert_eq!(module_counter(&node, "gtpu1", "downlink"), 0);
+
+    // Each bad change is refused with its field and why, and changes nothing.
+    let refused = |args: &[&str]| {
+        let mut all = vec!["vnf", "map-update", "gtpu1"];
+        all.extend_from_slice(args);
+        let out = node.cli(&all);
+        assert!(!out.status.success(), "{all:?} was taken");
+        stderr(&out)
+    };
+    let bearer = "0a000101=00000101c0000201c0000202";
+    let e = refused(&["downlink", "--put", "0a000101=00000101"]);
+    assert!(
+        e.contains("put[0].value")
+            && e.contains("4 bytes; the values of map `downlink` are 12 bytes"),
+        "{e}"
+    );
+    let e = refused(&["bearers", "--put", bearer]);
+    assert!(
+        e.contains("no map named `bearers`") && e.contains("uplink, downlink"),
+        "{e}"
+    );
+    let e = refused(&[
+        "downlink",
+        "--put",
+        bearer,
+        "--put",
+        "0a0001zz=00000101c0000201c0000202",
+    ]);
+    assert!(
+        e.contains("put[1].key") && e.contains("`zz` at character 6"),
+        "{e}"
+    );
+    let e = refused(&["downlink"]);
+    assert!(e.contains("names no key"), "{e}");
+    let e = refused(&["downlink", "--put", "0a000101"]);
+    assert!(e.contains("expected KEY=VALUE"), "{e}");
+    // Another authority does not see the VNF, let alone change it.
+    let other = node.authority("ent9");
+    let out = node.cli_as(
+        &other,
+        &["vnf", "map-update", "gtpu1", "downlink", "--put", bearer],
+    );
+    assert!(
+        !out.status.success() && stderr(&out).contains("not found"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(map_entries(&node, "gtpu1", "downlink"), Some(0));
+
+    // The bearer: the UE's frames are tunnelled to the access side from then on.
+    let done = node.json(&["vnf", "map-update", "gtpu1", "downlink", "--put", bearer]);
+    assert_eq!(
+        (done["put"].as_u64(), done["entries"].as_u64()),
+        (Some(1), Some(1)),
+        "{done}"
+    );
+    assert_eq!(map_entries(&node, "gtpu1", "downlink"), Some(1));
+    wait_until("frames tunnelled on the bearer", || {
+        module_counter(&node, "gtpu1", "downlink") > 0
+    });
+    wait_until("the tunnelled frames at the sink", || {
+        let v = node.json(&["net", "show", "dn"]);
+        v["status"]["links"][1]["packets"].as_u64() > Some(0)
+    });
+
+    // A locked VNF's maps do not change.
+    node.ok(&["vnf", "lock", "gtpu1"]);
+    node.wait_phase("gtpu1", "Locked");
+    let e = refused(&["downlink", "--delete", "0a000101"]);
+    assert!(e.contains("locked"), "{e}");
+    node.ok(&["vnf", "unlock", "gtpu1"]);
+    node.wait_phase("gtpu1", "Running");
+    assert_eq!(map_entries(&node, "gtpu1", "downlink"), Some(1));
+    let done = node.json(&[
+        "vnf",
+        "map-update",
+        "gtpu1",
+        "downlink",
+        "--delete",
+        "0a000101",
+    ]);
+    assert_eq!(
+        (done["deleted"].as_u64(), done["entries"].as_u64()),
+        (Some(1), Some(0)),
+        "{done}"
+    );
 }
 
 #[test]

@@ -32,9 +32,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use telvirt_api::NodeReply;
 use telvirt_dataplane::node::{Node, NodeIo, PacketProcessor, ProcessorNode, Verdict};
 use telvirt_dataplane::pool::{Packet, Pool};
-use telvirt_model::api::{CounterView, LogLineView, MapView, ModuleInfo, VnfLogs, WasmStatsView};
+use telvirt_model::api::{
+    CounterView, LogLineView, MapChangeRequest, MapChangeResult, MapView, ModuleInfo, VnfLogs,
+    WasmStatsView,
+};
 use telvirt_model::{MapSpec, Name, PollMode, RuntimeKind, WasmEngine};
 use telvirt_runtime_wasm as rw;
 use telvirt_runtime_wasm::{
@@ -825,6 +829,47 @@ impl WasmRuntime {
             e.module_hash = meta.hash.clone();
         }
         Ok(meta.hash)
+    }
+
+    /// A control-plane change of map `map` of `name`'s running instance (ADR 063), applied
+    /// between two batches, all or nothing: `Invalid` names the field of a change that does
+    /// not fit the map, `Failed` says why none was made (no such instance, locked, frozen for
+    /// a move). The update log carries it to a standby or a move's destination.
+    pub fn change_map(&self, name: &Name, map: &str, change: &MapChangeRequest) -> NodeReply {
+        let failed = |reason: String| NodeReply::Failed { reason };
+        let (delete, put) = match change.decode() {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                return NodeReply::Invalid {
+                    field: e.path,
+                    reason: e.reason,
+                };
+            }
+        };
+        if let Err(e) = self.refuse_if_frozen(name, "changed by the control plane") {
+            return failed(e.to_string());
+        }
+        match self.with_instance(name, |i| i.map_change(map, &delete, &put)) {
+            Err(e) => failed(e.to_string()),
+            Ok(Err(rw::Error::InvalidChange { field, reason })) => {
+                NodeReply::Invalid { field, reason }
+            }
+            Ok(Err(e)) => failed(format!("vnf {name}: {e}")),
+            Ok(Ok(done)) => {
+                // The maps changed under the disk copy's count: the next periodic save writes them.
+                if let Some(e) = self.entries().get_mut(name) {
+                    e.saved_changes = None;
+                }
+                NodeReply::MapChanged {
+                    result: MapChangeResult {
+                        map: map.to_owned(),
+                        deleted: done.deleted,
+                        put: done.put,
+                        entries: done.entries,
+                    },
+                }
+            }
+        }
     }
 
     /// The maps of a running (or locked) VNF with their entry counts, in declaration order.

@@ -578,6 +578,20 @@ impl Drop for Serve {
 }
 
 /// Polls `f` every 50 ms until it holds; panics naming `what` after [`DEADLINE`].
+/// Entries of map `map` of wasm VNF `vnf` as `vnf maps` shows them (`None` while it cannot
+/// be read).
+pub fn map_entries(node: &Serve, vnf: &str, map: &str) -> Option<u64> {
+    let out = node.cli(&["vnf", "maps", vnf, "-o", "json"]);
+    if !out.status.success() {
+        return None;
+    }
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    maps.as_array()?
+        .iter()
+        .find(|m| m["name"] == map)
+        .and_then(|m| m["entries"].as_u64())
+}
+
 pub fn wait_until(what: &str, f: impl FnMut() -> bool) {
     wait_until_for(what, DEADLINE, f);
 }
