@@ -623,6 +623,43 @@ impl VnfInstance {
         Ok(h.maps.snapshot())
     }
 
+    /// [`MapSet::begin_sliced_snapshot`] of this instance's maps (the update log restarted);
+    /// [`VnfInstance::map_snapshot_slice`] copies it slice by slice and
+    /// [`VnfInstance::map_snapshot_sent`] chains the next log to it.
+    pub fn begin_sliced_map_snapshot(&mut self) -> Result<crate::snapshot::SlicedSnapshot> {
+        let h = self
+            .host_mut()
+            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?;
+        Ok(h.maps.begin_sliced_snapshot())
+    }
+
+    /// [`MapSet::snapshot_slice`] of this instance's maps.
+    pub fn map_snapshot_slice(
+        &self,
+        snapshot: &mut crate::snapshot::SlicedSnapshot,
+        max_bytes: usize,
+    ) -> Result<bool> {
+        self.maps()
+            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?
+            .snapshot_slice(snapshot, max_bytes)
+    }
+
+    /// [`MapSet::snapshot_sent`]: the next update log follows `snapshot`.
+    pub fn map_snapshot_sent(&mut self, snapshot: &[u8]) {
+        if let Some(h) = self.host_mut() {
+            h.maps.snapshot_sent(snapshot);
+        }
+    }
+
+    /// A copy of every map's entries to encode outside the instance, the update log's chain
+    /// left alone (a copy for disk).
+    pub fn copy_maps(&self) -> Result<crate::maps::MapsCopy> {
+        let maps = self
+            .maps()
+            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?;
+        Ok(maps.copy_entries())
+    }
+
     /// Snapshot of every map that leaves the update log's chain alone (a copy for disk).
     pub fn encode_maps(&self) -> Result<Vec<u8>> {
         let maps = self

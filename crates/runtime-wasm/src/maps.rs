@@ -195,6 +195,27 @@ impl Map {
         m
     }
 
+    /// Its entries without the lookup table (what encoding needs): a copy taken between two
+    /// batches and encoded outside them, so the instance is held for a copy, not an encode.
+    fn entries_copy(&self) -> Self {
+        Self {
+            def: self.def.clone(),
+            ks: self.ks,
+            vs: self.vs,
+            keys: self.keys.clone(),
+            values: self.values.clone(),
+            live: self.live.clone(),
+            table: HashTable::new(),
+            free: Vec::new(),
+            len: self.len,
+            prev: self.prev.clone(),
+            next: Vec::new(),
+            head: self.head,
+            tail: self.tail,
+            hasher: self.hasher.clone(),
+        }
+    }
+
     /// The definition.
     pub fn def(&self) -> &MapDef {
         &self.def
@@ -220,6 +241,17 @@ impl Map {
             + (self.prev.capacity() + self.next.capacity()) * size_of::<u32>()
             + self.table.allocation_size();
         bytes as u64
+    }
+
+    /// Slots a hash map has used so far (live or free); entries live in slots below it.
+    pub(crate) fn slots(&self) -> usize {
+        self.live.len()
+    }
+
+    /// The entry in `slot` of a hash map, if one lives there.
+    pub(crate) fn slot_entry(&self, slot: usize) -> Option<(&[u8], &[u8])> {
+        let s = u32::try_from(slot).ok()?;
+        (*self.live.get(slot)?).then(|| (self.key_at(s), self.value_at(s)))
     }
 
     fn key_at(&self, slot: u32) -> &[u8] {
@@ -497,6 +529,46 @@ impl UpdateLog {
 pub(crate) const LOG_UPDATE: u8 = 1;
 pub(crate) const LOG_DELETE: u8 = 2;
 
+/// Ids of update-log starts, unique in the process.
+static NEXT_LOG_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// The entries of every map of a [`MapSet`] as they were between two batches, to encode as a
+/// snapshot without holding the instance ([`MapsCopy::encode`]).
+pub struct MapsCopy {
+    pub(crate) maps: Vec<Map>,
+}
+
+impl MapSet {
+    /// A copy of every map's entries (keys, values, recency), for [`MapsCopy::encode`]; the
+    /// update log and its chain are left as they are.
+    pub fn copy_entries(&self) -> MapsCopy {
+        MapsCopy {
+            maps: self.maps.iter().map(Map::entries_copy).collect(),
+        }
+    }
+
+    /// Restarts the update log from this point, under a new id (a sliced snapshot under way
+    /// checks it).
+    pub(crate) fn restart_log(&mut self) -> u64 {
+        self.log = Some(UpdateLog::new());
+        self.log_id = NEXT_LOG_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.log_id
+    }
+
+    /// The next update log follows `snapshot` (a [`SlicedSnapshot`] completed).
+    pub fn snapshot_sent(&mut self, snapshot: &[u8]) {
+        if let Some(tail) = snapshot
+            .len()
+            .checked_sub(4)
+            .and_then(|at| snapshot.get(at..))
+        {
+            let mut crc = [0u8; 4];
+            crc.copy_from_slice(tail);
+            self.base = u32::from_le_bytes(crc);
+        }
+    }
+}
+
 /// What [`MapSet::change`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MapChanged {
@@ -512,6 +584,8 @@ pub struct MapChanged {
 pub struct MapSet {
     pub(crate) maps: Vec<Map>,
     pub(crate) log: Option<UpdateLog>,
+    /// Which start of the update log this is (see [`MapSet::restart_log`]).
+    pub(crate) log_id: u64,
     /// Checksum of the last snapshot or log this set was written to / restored from.
     pub(crate) base: u32,
     /// Largest update log in bytes before it overflows (then a new snapshot is needed); see
@@ -557,6 +631,7 @@ impl MapSet {
         Ok(Self {
             maps: defs.iter().cloned().map(Map::new).collect(),
             log: None,
+            log_id: 0,
             base: 0,
             log_cap: log_cap(defs),
             changes: 0,

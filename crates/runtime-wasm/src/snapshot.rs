@@ -4,7 +4,7 @@
 
 use crate::abi::update_flags;
 use crate::error::{Error, Result};
-use crate::maps::{LOG_DELETE, LOG_UPDATE, Map, MapDef, MapKind, MapSet, UpdateLog};
+use crate::maps::{LOG_DELETE, LOG_UPDATE, Map, MapDef, MapKind, MapSet, MapsCopy};
 
 /// Snapshot magic.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TVMS";
@@ -109,6 +109,80 @@ fn read_def(r: &mut Reader<'_>, i: usize) -> Result<MapDef> {
     })
 }
 
+/// Header flag of a snapshot taken in slices: an entry may appear twice (the later copy
+/// wins) and the snapshot is exact only with the update log that follows it.
+pub const FLAG_FOLLOWED_BY_LOG: u16 = 1;
+
+/// A snapshot being taken in slices ([`MapSet::begin_sliced_snapshot`]).
+pub struct SlicedSnapshot {
+    out: Vec<u8>,
+    log_id: u64,
+    defs: Vec<MapDef>,
+    /// The map being copied and its next slot (or array index).
+    map: usize,
+    slot: usize,
+    /// Where the current map's entry count goes once known.
+    count_at: Option<usize>,
+    count: u64,
+    done: bool,
+}
+
+impl SlicedSnapshot {
+    /// The snapshot's bytes once [`MapSet::snapshot_slice`] said it is complete.
+    pub fn into_bytes(self) -> Option<Vec<u8>> {
+        self.done.then_some(self.out)
+    }
+
+    /// Bytes copied so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Whether nothing but its header was copied yet.
+    pub fn is_empty(&self) -> bool {
+        self.out.len() <= 12
+    }
+}
+
+impl MapsCopy {
+    /// The snapshot of the copied maps: the bytes [`MapSet::encode`] would have given when
+    /// the copy was taken.
+    pub fn encode(&self) -> Vec<u8> {
+        encode_maps(&self.maps)
+    }
+}
+
+/// Bytes a snapshot of `maps` takes as they are now (at most).
+fn encoded_size(maps: &[Map]) -> usize {
+    16 + maps
+        .iter()
+        .map(|m| {
+            let d = m.def();
+            64 + d.name.len() + m.len() * (d.key_size + d.value_size) as usize
+        })
+        .sum::<usize>()
+}
+
+fn encode_maps(maps: &[Map]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(encoded_size(maps));
+    header(&mut out, SNAPSHOT_MAGIC, maps.len());
+    for m in maps {
+        write_def(&mut out, m.def());
+        out.extend_from_slice(&(m.len() as u64).to_le_bytes());
+        if m.def().kind == MapKind::Array {
+            out.extend_from_slice(m.array_values());
+        } else {
+            m.for_each(|k, v| {
+                out.extend_from_slice(k);
+                out.extend_from_slice(v);
+            });
+        }
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
 fn header(out: &mut Vec<u8>, magic: [u8; 4], count: usize) {
     out.extend_from_slice(&magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -126,44 +200,146 @@ impl MapSet {
                 .expect("a snapshot ends with its 4-byte checksum"),
         );
         self.base = crc;
-        self.log = Some(UpdateLog::new());
+        self.restart_log();
         out
+    }
+
+    /// Starts a snapshot taken in slices ([`MapSet::snapshot_slice`], each between two
+    /// batches, so a large state never holds the instance for long) and restarts the update
+    /// log here. The maps change between slices, so an entry may be copied as it was at any
+    /// time after this point, or twice (moved to a later slot): the snapshot says so (header
+    /// flag [`FLAG_FOLLOWED_BY_LOG`]) and is exact only with the update log taken after it,
+    /// which holds every change since this point. Chain that log with
+    /// [`MapSet::snapshot_sent`] once the snapshot is complete.
+    pub fn begin_sliced_snapshot(&mut self) -> SlicedSnapshot {
+        let log_id = self.restart_log();
+        // Reserved whole (with room for growth meanwhile) so no slice copies what the ones
+        // before it wrote into a larger buffer; its pages are touched slice by slice.
+        let size = encoded_size(&self.maps);
+        let mut out = Vec::with_capacity(size.saturating_add(size / 8));
+        header(&mut out, SNAPSHOT_MAGIC, self.maps.len());
+        out[6..8].copy_from_slice(&FLAG_FOLLOWED_BY_LOG.to_le_bytes());
+        SlicedSnapshot {
+            out,
+            log_id,
+            defs: self.defs(),
+            map: 0,
+            slot: 0,
+            count_at: None,
+            count: 0,
+            done: false,
+        }
+    }
+
+    /// Copies about `max_bytes` more of a sliced snapshot; `Ok(true)` once it is complete
+    /// (checksummed: [`SlicedSnapshot::into_bytes`]). An LRU map is copied in one slice (its
+    /// recency order cannot be followed across slices). Errors when the update log was
+    /// restarted or the maps replaced since it began: start again.
+    pub fn snapshot_slice(&self, s: &mut SlicedSnapshot, max_bytes: usize) -> Result<bool> {
+        if s.done {
+            return Ok(true);
+        }
+        if s.log_id != self.log_id || self.log.is_none() || s.defs.len() != self.maps.len() {
+            return Err(Error::Snapshot(
+                "the maps were snapshotted again or replaced while a sliced snapshot was taken: start it again".into(),
+            ));
+        }
+        let end = s.out.len().saturating_add(max_bytes.max(1));
+        while s.map < self.maps.len() {
+            let m = &self.maps[s.map];
+            if !m.def().layout_eq(&s.defs[s.map]) || m.def().name != s.defs[s.map].name {
+                return Err(Error::Snapshot(format!(
+                    "map {} changed its layout while a sliced snapshot was taken: start it again",
+                    s.map
+                )));
+            }
+            let count_at = match s.count_at {
+                Some(at) => at,
+                None => {
+                    write_def(&mut s.out, m.def());
+                    let at = s.out.len();
+                    s.out.extend_from_slice(&0u64.to_le_bytes());
+                    s.count_at = Some(at);
+                    s.count = 0;
+                    s.slot = 0;
+                    at
+                }
+            };
+            let complete = match m.def().kind {
+                MapKind::Array => {
+                    let vs = m.def().value_size as usize;
+                    let n = m.def().max_entries as usize;
+                    let take = ((end.saturating_sub(s.out.len())) / vs.max(1))
+                        .max(1)
+                        .min(n - s.slot);
+                    s.out
+                        .extend_from_slice(&m.array_values()[s.slot * vs..(s.slot + take) * vs]);
+                    s.slot += take;
+                    s.count += take as u64;
+                    s.slot >= n
+                }
+                MapKind::Hash => {
+                    let slots = m.slots();
+                    while s.slot < slots && s.out.len() < end {
+                        if let Some((k, v)) = m.slot_entry(s.slot) {
+                            s.out.extend_from_slice(k);
+                            s.out.extend_from_slice(v);
+                            s.count += 1;
+                        }
+                        s.slot += 1;
+                    }
+                    s.slot >= slots
+                }
+                MapKind::LruHash => {
+                    m.for_each(|k, v| {
+                        s.out.extend_from_slice(k);
+                        s.out.extend_from_slice(v);
+                        s.count += 1;
+                    });
+                    true
+                }
+            };
+            if !complete {
+                return Ok(false);
+            }
+            s.out[count_at..count_at + 8].copy_from_slice(&s.count.to_le_bytes());
+            s.count_at = None;
+            s.map += 1;
+            if s.out.len() >= end {
+                break;
+            }
+        }
+        if s.map < self.maps.len() {
+            return Ok(false);
+        }
+        let crc = crc32fast::hash(&s.out);
+        s.out.extend_from_slice(&crc.to_le_bytes());
+        s.done = true;
+        Ok(true)
     }
 
     /// Encodes every map into a snapshot, leaving the update log and its chain as they are
     /// (a copy kept on disk must not break a standby's stream of logs).
     pub fn encode(&self) -> Vec<u8> {
-        let size: usize = self
-            .maps
-            .iter()
-            .map(|m| {
-                let d = m.def();
-                64 + d.name.len() + m.len() * (d.key_size + d.value_size) as usize
-            })
-            .sum();
-        let mut out = Vec::with_capacity(16 + size);
-        header(&mut out, SNAPSHOT_MAGIC, self.maps.len());
-        for m in &self.maps {
-            write_def(&mut out, m.def());
-            out.extend_from_slice(&(m.len() as u64).to_le_bytes());
-            if m.def().kind == MapKind::Array {
-                out.extend_from_slice(m.array_values());
-            } else {
-                m.for_each(|k, v| {
-                    out.extend_from_slice(k);
-                    out.extend_from_slice(v);
-                });
-            }
-        }
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        encode_maps(&self.maps)
     }
 
     /// Decodes a snapshot into maps of the given definitions (same names and layouts; a larger
     /// capacity is allowed). Nothing changes on error.
     pub fn restore(defs: &[MapDef], bytes: &[u8]) -> Result<MapSet> {
         let (body, crc) = checked_body(bytes, SNAPSHOT_MAGIC, "snapshot")?;
+        let flags = u16::from_le_bytes([body[6], body[7]]);
+        if flags & !FLAG_FOLLOWED_BY_LOG != 0 {
+            return Err(Error::Snapshot(format!(
+                "snapshot flags {flags:#06x}: this runtime knows only {FLAG_FOLLOWED_BY_LOG:#06x}"
+            )));
+        }
+        // A sliced snapshot may hold a key twice: the later copy is the newer.
+        let insert = if flags & FLAG_FOLLOWED_BY_LOG != 0 {
+            update_flags::ANY
+        } else {
+            update_flags::NOEXIST
+        };
         let mut r = Reader { b: body, pos: 8 };
         let n = r.u32("map count")? as usize;
         let mut set = MapSet::new(defs)?;
@@ -203,7 +379,7 @@ impl MapSet {
             } else {
                 let all = r.take(count as usize * (ks + vs), "entries")?;
                 for e in all.chunks_exact(ks + vs) {
-                    let (rc, _) = map.update(&e[..ks], &e[ks..], update_flags::NOEXIST);
+                    let (rc, _) = map.update(&e[..ks], &e[ks..], insert);
                     if rc != crate::abi::code::OK {
                         return Err(Error::Snapshot(format!(
                             "map `{}`: duplicate or invalid entry (code {rc})",

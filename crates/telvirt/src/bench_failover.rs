@@ -119,14 +119,19 @@ pub struct FailoverReport {
     pub goal_reheal_le_5000_ms: bool,
 }
 
-fn nat_descriptor(name: &str, module: &str, pair: bool) -> String {
+/// The NAT's descriptor; `sessions_max` raises its session table's capacity (the module's
+/// manifest says 65,536).
+fn nat_descriptor(name: &str, module: &str, pair: bool, sessions_max: Option<u32>) -> String {
     format!(
-        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: shared, count: 1, group: nat }}\n{}  ports: [in, out]\n  wasm:\n    module: \"{module}\"\n    limits: {{ memory: 16MiB }}\n",
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: shared, count: 1, group: nat }}\n{}  ports: [in, out]\n  wasm:\n    module: \"{module}\"\n    limits: {{ memory: 16MiB }}\n{}",
         if pair {
             "  redundancy: active-standby\n"
         } else {
             ""
-        }
+        },
+        sessions_max.map_or_else(String::new, |max| format!(
+            "    maps:\n      - {{ name: sessions, kind: hash, key_size: 16, value_size: 8, max_entries: {max} }}\n"
+        ))
     )
 }
 
@@ -254,6 +259,7 @@ pub(crate) async fn nat_setup(
     http: &reqwest::Client,
     pair: bool,
     before: &[&str],
+    sessions_max: Option<u32>,
 ) -> Result<NatSetup> {
     let ttl = args.host_lease_ttl_ms.to_string();
     let (controller, api) = embedded_controller(
@@ -284,7 +290,7 @@ pub(crate) async fn nat_setup(
     if pair {
         cordon(&api, "h2", false).await?;
     }
-    let nat_yaml = nat_descriptor("nat", &nat_module, pair);
+    let nat_yaml = nat_descriptor("nat", &nat_module, pair, sessions_max);
     post_yaml(&api, "/v1/vnfs", nat_yaml.clone()).await?;
     poll_until(Duration::from_secs(60), "the NAT running", || async {
         nat(&api).await.is_some_and(|v| {
@@ -382,7 +388,7 @@ async fn round(
     pair: bool,
 ) -> Result<FailoverRun> {
     // The firewalls (and so the generator and the sink) on h3.
-    let mut s = nat_setup(args, dir, http, pair, &["fwa", "fwb"]).await?;
+    let mut s = nat_setup(args, dir, http, pair, &["fwa", "fwb"], None).await?;
     let api = &s.api;
     post_yaml(
         api,
@@ -595,7 +601,7 @@ pub(crate) async fn tcp_round(
     event: TcpEvent,
 ) -> Result<TcpRun> {
     let pair = event == TcpEvent::Kill { pair: true };
-    let mut s = nat_setup(args, dir, http, pair, &[]).await?;
+    let mut s = nat_setup(args, dir, http, pair, &[], None).await?;
     let ends = TcpEnds::create()?;
     let [client, server] = &ends.ns;
     let (client_if, server_if) = (&client.name, &server.name);

@@ -10,7 +10,8 @@
 //! bytes of state the source streamed (`state_bytes`), the source's freeze as its switch event
 //! reports it (`downtime_us`) and the slowest a frame of the stream was meanwhile
 //! (`delay_max_us`, from the sink's latency buckets), for each count of flows (the NAT's
-//! state). The baseline, in the same run: a cold move, what an operator does without live
+//! state) and once more with idle sessions loaded through the map API (ADR 063) up to 100 MiB
+//! of state. The baseline, in the same run: a cold move, what an operator does without live
 //! migration (the NAT deleted on h1 and created again with only h2 open to it). Where it can
 //! (root, iperf3), both moves also run under an iperf3 TCP flow between two namespaces pinned to
 //! h4: whether the connection survived and its longest gap. Figures are of the wasm move only
@@ -47,7 +48,17 @@ pub struct MigrateArgs {
     /// its ports)
     #[arg(long, value_delimiter = ',', default_values_t = vec![64u64, 24_000], value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub flows: Vec<u64>,
+    /// MiB of idle sessions (24 bytes each, no reverse entries: no packet of theirs comes)
+    /// loaded into the NAT's session table through the map API before the move, besides the
+    /// flows' own: one more state size per value, at the largest count of flows (0: none)
+    #[arg(long, value_delimiter = ',', default_values_t = vec![100u64], value_parser = clap::value_parser!(u64).range(0..=256))]
+    pub loaded_mib: Vec<u64>,
 }
+
+/// Bytes of one NAT session: its 5-tuple key and its value.
+const SESSION_BYTES: u64 = 16 + 8;
+/// Entries one map change carries (the API's most).
+const LOAD_CHUNK: u64 = 65_536;
 
 /// One move, timed from its request.
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +89,8 @@ pub struct MoveRun {
 pub struct MoveFigures {
     pub setup: &'static str,
     pub flows: u64,
+    /// MiB of idle sessions loaded besides the flows'.
+    pub loaded_mib: u64,
     pub runs: Vec<MoveRun>,
     pub total_p50_ms: f64,
     pub outage_p50_ms: f64,
@@ -96,6 +109,7 @@ pub struct MoveFigures {
 #[derive(Debug, Clone, Serialize)]
 pub struct MoveComparison {
     pub flows: u64,
+    pub loaded_mib: u64,
     pub live: MoveFigures,
     /// Baseline: delete on the source, create on the destination.
     pub cold: MoveFigures,
@@ -129,8 +143,8 @@ pub struct MigrateReport {
     pub tcp_missing: Option<String>,
     /// The goal for wasm: no packet lost by a move.
     pub goal_no_packet_lost: bool,
-    /// The goal for wasm: every live move's downtime at most 1 ms (the state sizes
-    /// measured: up to `state_bytes_max`).
+    /// The goal for wasm: every live move's downtime at most 1 ms, at the sizes of
+    /// the flows' own state (up to 1 MiB by default; not those with idle sessions loaded).
     pub goal_downtime_1ms: bool,
 }
 
@@ -147,7 +161,7 @@ enum How {
 /// the NAT on h1, the NAT moved to h2 as `how` says.
 async fn round(
     args: &MigrateArgs,
-    flows: u64,
+    (flows, loaded_mib): (u64, u64),
     dir: &Path,
     http: &reqwest::Client,
     how: How,
@@ -158,7 +172,11 @@ async fn round(
         flows,
         host_lease_ttl_ms: 600,
     };
-    let s = nat_setup(&setup_args, dir, http, false, &["fwa", "fwb"]).await?;
+    let idle = (loaded_mib << 20) / SESSION_BYTES;
+    let sessions_max = (idle > 0)
+        .then(|| u32::try_from(flows + idle + LOAD_CHUNK))
+        .transpose()?;
+    let s = nat_setup(&setup_args, dir, http, false, &["fwa", "fwb"], sessions_max).await?;
     let api = &s.api;
     if s.active != "h1" {
         bail!("the NAT was placed on {}, not h1", s.active);
@@ -171,6 +189,7 @@ async fn round(
         sessions == Some(flows) && stream(api).await.is_ok_and(|(_, received)| received > 0)
     })
     .await?;
+    load_idle_sessions(api, idle).await?;
     let (sent0, received0) = stream(api).await?;
     let missing0 = sink_missing(api).await?;
     let delays0 = sink_delays(api).await?;
@@ -208,6 +227,37 @@ async fn round(
         downtime_us,
         delay_max_us,
     })
+}
+
+/// Loads `count` idle sessions into the NAT's session table, 65,536 a change: keys of
+/// 100.64.0.0/10 to 198.51.100.10:443 over TCP (none of the stream's flows), values a public
+/// port and a zero creation time.
+async fn load_idle_sessions(api: &Api, count: u64) -> Result<()> {
+    let mut next = 0u64;
+    while next < count {
+        let end = (next + LOAD_CHUNK).min(count);
+        let put: Vec<serde_json::Value> = (next..end)
+            .map(|i| {
+                let sport = 40_000 + (i >> 22);
+                let key = format!(
+                    "64{:02x}{:02x}{:02x}c633640a{sport:04x}01bb06000000",
+                    64 | ((i >> 16) & 63),
+                    (i >> 8) & 255,
+                    i & 255
+                );
+                let value = format!("{:04x}000000000000", 1024 + i % 64_512);
+                serde_json::json!({ "key": key, "value": value })
+            })
+            .collect();
+        let _: serde_json::Value = answer(
+            api.request(reqwest::Method::POST, "/v1/vnfs/nat/maps/sessions/entries")
+                .json(&serde_json::json!({ "put": put })),
+        )
+        .await
+        .with_context(|| format!("loading idle sessions {next}..{end}"))?;
+        next = end;
+    }
+    Ok(())
 }
 
 /// The stream's sink's frames per latency bucket so far (bounds: [`SINK_LATENCY_BOUNDS_NS`]).
@@ -296,7 +346,11 @@ pub(crate) async fn cold_move(api: &Api, nat_yaml: &str) -> Result<()> {
     Ok(())
 }
 
-fn figures(setup: &'static str, flows: u64, runs: Vec<MoveRun>) -> MoveFigures {
+fn figures(
+    setup: &'static str,
+    (flows, loaded_mib): (u64, u64),
+    runs: Vec<MoveRun>,
+) -> MoveFigures {
     let sorted = |f: &dyn Fn(&MoveRun) -> f64| {
         let mut v: Vec<f64> = runs.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
@@ -306,6 +360,7 @@ fn figures(setup: &'static str, flows: u64, runs: Vec<MoveRun>) -> MoveFigures {
     MoveFigures {
         setup,
         flows,
+        loaded_mib,
         total_p50_ms: percentile(&sorted(&|r| r.total_ms), 0.5),
         outage_p50_ms: percentile(&outage, 0.5),
         outage_max_ms: outage.last().copied().unwrap_or_default(),
@@ -347,7 +402,20 @@ pub async fn run_migrate_bench(
     } else {
         0
     };
-    let total = 2 * u64::from(args.rounds) * args.flows.len() as u64 + 2 * u64::from(tcp_rounds);
+    // Each count of flows alone, then the largest with each load of idle sessions.
+    let most = args.flows.iter().copied().max().unwrap_or(1);
+    let sizes_asked: Vec<(u64, u64)> = args
+        .flows
+        .iter()
+        .map(|&f| (f, 0))
+        .chain(
+            args.loaded_mib
+                .iter()
+                .filter(|&&m| m > 0)
+                .map(|&m| (most, m)),
+        )
+        .collect();
+    let total = 2 * u64::from(args.rounds) * sizes_asked.len() as u64 + 2 * u64::from(tcp_rounds);
     progress(0, total);
     let result = async {
         let mut sizes = Vec::new();
@@ -366,25 +434,27 @@ pub async fn run_migrate_bench(
             done += 2;
             progress(done, total);
         }
-        for &flows in &args.flows {
+        for &size in &sizes_asked {
+            let (flows, loaded) = size;
             let (mut live, mut cold) = (Vec::new(), Vec::new());
             for i in 0..args.rounds {
                 // Alternating, so both set-ups see the machine alike.
-                let at = |set: &str| dir.join(format!("{set}-{flows}-{i}"));
-                live.push(round(args, flows, &at("live"), &http, How::Live).await?);
-                cold.push(round(args, flows, &at("cold"), &http, How::Cold).await?);
+                let at = |set: &str| dir.join(format!("{set}-{flows}-{loaded}-{i}"));
+                live.push(round(args, size, &at("live"), &http, How::Live).await?);
+                cold.push(round(args, size, &at("cold"), &http, How::Cold).await?);
                 done += 2;
                 progress(done, total);
             }
-            let live = figures("live move (state streamed, then the traffic)", flows, live);
+            let live = figures("live move (state streamed, then the traffic)", size, live);
             let cold = figures(
                 "cold move (deleted, created on the destination)",
-                flows,
+                size,
                 cold,
             );
             let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
             sizes.push(MoveComparison {
                 flows,
+                loaded_mib: loaded,
                 total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
                 outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
                 live,
@@ -417,6 +487,7 @@ pub async fn run_migrate_bench(
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
         goal_downtime_1ms: sizes
             .iter()
+            .filter(|s| s.loaded_mib == 0)
             .all(|s| s.live.downtime_max_us.is_some_and(|d| d <= 1000)),
         sizes,
         tcp,
@@ -435,7 +506,11 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
     let row = |f: &MoveFigures| {
         vec![
             f.setup.to_owned(),
-            f.flows.to_string(),
+            if f.loaded_mib > 0 {
+                format!("{} + {} MiB idle", f.flows, f.loaded_mib)
+            } else {
+                f.flows.to_string()
+            },
             format!("{:.0}", f.total_p50_ms),
             format!("{:.1} / {:.1}", f.outage_p50_ms, f.outage_max_ms),
             f.lost_packets_max.to_string(),
@@ -473,8 +548,15 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
     );
     for s in &r.sizes {
         println!(
-            "{} flows: live / cold total {:.2}, outage {:.2}",
-            s.flows, s.total_ratio, s.outage_ratio
+            "{} flows{}: live / cold total {:.2}, outage {:.2}",
+            s.flows,
+            if s.loaded_mib > 0 {
+                format!(" + {} MiB of idle sessions", s.loaded_mib)
+            } else {
+                String::new()
+            },
+            s.total_ratio,
+            s.outage_ratio
         );
     }
     match (&r.tcp, &r.tcp_missing) {

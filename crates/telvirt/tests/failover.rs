@@ -62,7 +62,16 @@ fn bench_failover_reports_every_figure() {
 fn bench_migrate_reports_every_figure() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let out = std::process::Command::new(common::BIN)
-        .args(["bench", "migrate", "--rounds", "1", "--flows", "8"])
+        .args([
+            "bench",
+            "migrate",
+            "--rounds",
+            "1",
+            "--flows",
+            "8",
+            "--loaded-mib",
+            "1",
+        ])
         .args(["--rate-pps", "2000", "-o", "json"])
         .output()
         .unwrap();
@@ -86,6 +95,18 @@ fn bench_migrate_reports_every_figure() {
     assert!(size["live"]["downtime_max_us"].as_u64() > Some(0), "{r}");
     assert!(size["cold"]["downtime_max_us"].is_null(), "{r}");
     assert!(r["goal_downtime_1ms"].is_boolean(), "{r}");
+    // Then with 1 MiB of idle sessions loaded through the map API: they move too.
+    let loaded = &r["sizes"][1];
+    assert_eq!(
+        (loaded["flows"].as_u64(), loaded["loaded_mib"].as_u64()),
+        (Some(8), Some(1)),
+        "{r}"
+    );
+    assert!(
+        loaded["live"]["state_bytes_max"].as_u64().unwrap() >= 1 << 20,
+        "{r}"
+    );
+    assert_eq!(loaded["live"]["sessions_kept_pct_min"], 100.0, "{r}");
     // A TCP flow through the NAT survives the live move (its session moved with it), not the
     // cold one; where namespaces cannot be made, the report says why not.
     match r["tcp"]["live_survived_all"].as_bool() {

@@ -547,15 +547,59 @@ fn entries_of(maps: Option<&rw::MapSet>) -> u64 {
     })
 }
 
+/// Bytes of a replication snapshot copied while the instance is held (between two batches).
+const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
+/// Pause between two slices, for the worker to take the instance back.
+const SNAPSHOT_SLICE_GAP: Duration = Duration::from_micros(200);
+
 /// Standby replication reads the active instance's maps and writes the standby's, between
 /// batches (under the instance's lock, as the worker runs them).
 impl crate::replication::ReplicaState for WasmRuntime {
     fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
+        if full {
+            // In slices, each between two batches: a large state never holds the instance
+            // for long (the update log that follows makes the snapshot exact).
+            let started = Instant::now();
+            let mut sliced = self
+                .with_instance(vnf, rw::VnfInstance::begin_sliced_map_snapshot)
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let (mut slices, mut held_max) = (0u32, Duration::ZERO);
+            loop {
+                let at = Instant::now();
+                let done = self
+                    .with_instance(vnf, |i| {
+                        i.map_snapshot_slice(&mut sliced, SNAPSHOT_SLICE_BYTES)
+                    })
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                held_max = held_max.max(at.elapsed());
+                slices += 1;
+                if done {
+                    break;
+                }
+                // The worker waiting for the instance takes it before the next slice.
+                std::thread::sleep(SNAPSHOT_SLICE_GAP);
+            }
+            let snapshot = sliced
+                .into_bytes()
+                .ok_or("a sliced snapshot ended incomplete")?;
+            self.with_instance(vnf, |i| i.map_snapshot_sent(&snapshot))
+                .map_err(|e| e.to_string())?;
+            if slices > 1 {
+                tracing::info!(
+                    vnf = %vnf,
+                    bytes = snapshot.len(),
+                    slices,
+                    held_max_us = held_max.as_micros(),
+                    took_ms = started.elapsed().as_millis(),
+                    "snapshot of the maps taken in slices"
+                );
+            }
+            return Ok(Some(snapshot));
+        }
         let taken = self
             .with_instance(vnf, |i| {
-                if full {
-                    return i.snapshot_maps().map(Some);
-                }
                 match i.maps().and_then(rw::MapSet::logged_updates) {
                     Some(0) => Ok(None),
                     _ => i.take_update_log().map(Some),
@@ -724,9 +768,11 @@ impl WasmRuntime {
             if changes.is_some() && changes == saved && path.exists() {
                 return Ok(());
             }
-            // Encoded without restarting the update log: a standby's stream of logs goes on.
-            (i.encode_maps().map_err(fail)?, changes)
+            // Copied without restarting the update log (a standby's stream of logs goes on),
+            // and encoded once the instance is free again.
+            (i.copy_maps().map_err(fail)?, changes)
         };
+        let bytes = bytes.encode();
         telvirt_files::write_atomic(&path, &bytes)
             .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
         if let Some(e) = self.entries().get_mut(name)
