@@ -274,6 +274,18 @@ step "Capture: five frames fw1 sends to nat1, streamed as pcapng straight into t
 printf '$ telvirt net capture chain fw1.out -c 5 -w - | tcpdump -nn -r -\n'
 "$TELVIRT" net capture chain fw1.out -c 5 -w - | tcpdump -nn -r - 2>/dev/null
 
+step "A rule put into the running firewall's map (control plane, between batches): the chain's UDP service denied, then allowed again"
+# Key: the service rule (any source) to 10.0.1.1 UDP port 9; value: action 0, drop.
+RULE=000000000a0001010000000911000000
+run vnf map-update fw1 rules --put "$RULE=00000000"
+P3="$(delivered)"; sleep 1
+echo "delivered while denied: $P3 -> $(delivered) packets"
+run vnf map-update fw1 rules --delete "$RULE"
+P4="$(delivered)"
+for _ in $(seq 1 50); do [ "$(delivered)" -gt "$P4" ] && break; sleep 0.1; done
+echo "delivered again: $P4 -> $(delivered) packets"
+run vnf map-update fw1 rules --put "$RULE=0000" || echo "(refused, exit $?: a value of the wrong size changes nothing)"
+
 step "Steering: endpoint fw stands for fw1 and a standby fw2; one atomic switch moves the traffic"
 fw1_like "s/name: fw1/name: fw2/; s/policy: dedicated, count: 1/policy: shared, group: edge, count: 1/" \
   >"$DATA2/fw2.yaml"

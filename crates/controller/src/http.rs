@@ -1373,6 +1373,7 @@ async fn vnf_maps(
         (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Not a wasm VNF, not Running, locked or moving", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "A body over 8 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "A body that is not JSON (YAML is refused here: its aliases could expand it past the bounds)", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Nothing named, too many keys and entries, bad hex, no such map, a key or value not of the map's size, an array index past its end, or more entries than a hash map's max_entries; `errors` names the field. Nothing changed", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The agent of the VNF's host did not answer", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -1382,6 +1383,14 @@ async fn change_vnf_map(
     Path((name, map)): Path<(String, String)>,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // JSON only: YAML's aliases could make a body within its bounds expand far past them.
+    if body.format != Format::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "a map change is taken as application/json only",
+        ));
+    }
     let req: MapChangeRequest =
         telvirt_model::from_text(&body.bytes, body.format).map_err(ControllerError::from)?;
     Ok(json(

@@ -243,3 +243,55 @@ async fn semantic_violations_are_all_reported() {
     assert_eq!(r.status, 422);
     assert_eq!(r.error_paths(), ["spec.cpu.count", "spec.ports[1]"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_change_is_refused_before_it_reaches_a_host() {
+    let node = Node::start().await;
+    let created = node
+        .call(
+            "POST",
+            "/v1/vnfs",
+            None,
+            Some(&node.admin),
+            Some((wasm_vnf("fw1").as_bytes(), "application/yaml")),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let change = |body: &'static [u8], content_type: &'static str| {
+        let node = &node;
+        async move {
+            node.call_at(
+                "POST",
+                "/v1/vnfs/{name}/maps/{map}/entries",
+                &[("name", "fw1"), ("map", "rules")],
+                Some(&node.admin),
+                Some((body, content_type)),
+            )
+            .await
+        }
+    };
+    // YAML (whose aliases could expand past the bounds) is not taken here.
+    let r = change(b"put: [{key: '00', value: '00'}]", "application/yaml").await;
+    assert_eq!(r.status, 415, "{}", r.body);
+    // Bad hex names its field; an empty change says so.
+    let r = change(
+        br#"{"put": [{"key": "0x01", "value": "00"}]}"#,
+        "application/json",
+    )
+    .await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.body["errors"][0]["path"], "put[0].key", "{}", r.body);
+    let r = change(br#"{}"#, "application/json").await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    // A VNF that is not running (no host took it here) has no maps to change.
+    let r = change(br#"{"delete": ["00"]}"#, "application/json").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("only a Running instance's maps are changed"),
+        "{}",
+        r.body
+    );
+}

@@ -124,20 +124,23 @@ pub type DecodedMapChange = (Vec<Vec<u8>>, Vec<(Vec<u8>, Vec<u8>)>);
 impl MapChangeRequest {
     /// Its keys and entries as bytes, once it names something, at most
     /// [`MAX_MAP_CHANGE_ENTRIES`](crate::vnf::limits::MAX_MAP_CHANGE_ENTRIES) of them, each
-    /// valid hex within the largest key or value a map has. The map's own sizes are checked
-    /// where it runs.
+    /// valid hex of at most 1 KiB (the wasm runtime's largest key or value). The map's own
+    /// sizes are checked where it runs.
     pub fn decode(&self) -> Result<DecodedMapChange, FieldError> {
-        use crate::vnf::limits::{MAX_KEY_SIZE, MAX_MAP_CHANGE_ENTRIES, MAX_VALUE_SIZE};
+        use crate::vnf::limits::{MAX_KEY_SIZE, MAX_MAP_CHANGE_ENTRIES};
+        // The wasm runtime's largest key or value, whatever a descriptor may declare.
+        const MAX_PART: u32 = MAX_KEY_SIZE;
+        let field = if self.put.is_empty() { "delete" } else { "put" };
         let named = self.delete.len() + self.put.len();
         if named == 0 {
             return Err(FieldError::new(
-                "put",
+                field,
                 "the change names no key to delete and no entry to put",
             ));
         }
         if named > MAX_MAP_CHANGE_ENTRIES {
             return Err(FieldError::new(
-                "put",
+                field,
                 format!(
                     "{named} keys and entries; one change takes at most {MAX_MAP_CHANGE_ENTRIES}: split it"
                 ),
@@ -147,7 +150,7 @@ impl MapChangeRequest {
             .delete
             .iter()
             .enumerate()
-            .map(|(i, k)| hex_bytes(&format!("delete[{i}]"), k, MAX_KEY_SIZE))
+            .map(|(i, k)| hex_bytes(&format!("delete[{i}]"), k, MAX_PART))
             .collect::<Result<_, _>>()?;
         let put = self
             .put
@@ -155,8 +158,8 @@ impl MapChangeRequest {
             .enumerate()
             .map(|(i, e)| {
                 Ok((
-                    hex_bytes(&format!("put[{i}].key"), &e.key, MAX_KEY_SIZE)?,
-                    hex_bytes(&format!("put[{i}].value"), &e.value, MAX_VALUE_SIZE)?,
+                    hex_bytes(&format!("put[{i}].key"), &e.key, MAX_PART)?,
+                    hex_bytes(&format!("put[{i}].value"), &e.value, MAX_PART)?,
                 ))
             })
             .collect::<Result<_, FieldError>>()?;
@@ -167,6 +170,16 @@ impl MapChangeRequest {
 /// `text` as bytes: pairs of hex digits, 1 to `max` bytes.
 fn hex_bytes(field: &str, text: &str, max: u32) -> Result<Vec<u8>, FieldError> {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
+    if let Some((at, c)) = text
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !c.is_ascii_hexdigit())
+    {
+        return Err(FieldError::new(
+            field,
+            format!("`{c}` at character {at} is not a hex digit"),
+        ));
+    }
     if text.is_empty() || !text.len().is_multiple_of(2) || text.len() / 2 > max {
         return Err(FieldError::new(
             field,
@@ -177,24 +190,12 @@ fn hex_bytes(field: &str, text: &str, max: u32) -> Result<Vec<u8>, FieldError> {
             ),
         ));
     }
-    text.as_bytes()
+    let digit = |c: u8| (c as char).to_digit(16).unwrap_or(0);
+    Ok(text
+        .as_bytes()
         .chunks(2)
-        .enumerate()
-        .map(|(i, pair)| {
-            let digit = |c: u8| (c as char).to_digit(16);
-            match (digit(pair[0]), digit(pair[1])) {
-                (Some(hi), Some(lo)) => Ok(u8::try_from(hi * 16 + lo).unwrap_or(0)),
-                _ => Err(FieldError::new(
-                    field,
-                    format!(
-                        "`{}` at character {} is not a hex digit pair",
-                        String::from_utf8_lossy(pair),
-                        2 * i
-                    ),
-                )),
-            }
-        })
-        .collect()
+        .map(|pair| u8::try_from(digit(pair[0]) * 16 + digit(pair[1])).unwrap_or(0))
+        .collect())
 }
 
 /// What a change of a map did.
@@ -548,9 +549,9 @@ pub struct ReplicationStatus {
     /// Packets a frozen source passed on to the destination (its move's hand-off).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub packets_passed: u64,
-    /// A wasm move's downtime, on the source's clock: from its freeze (the first packet
-    /// queued rather than processed) to the destination's acknowledgement of the last map
-    /// updates, in microseconds. Meanwhile no instance processes the VNF's packets: they
+    /// A wasm move's downtime, on the source's clock: from its freeze (the divert: what
+    /// arrives from then on is queued, not processed; a batch under way finishes) to the
+    /// destination's acknowledgement of the last map updates, in microseconds. Meanwhile no instance processes the VNF's packets: they
     /// queue at the source and pass on to the destination after it. Set with `handed-off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen_us: Option<u64>,
@@ -696,7 +697,7 @@ mod tests {
             put: vec![entry("0a", "0g")],
         });
         assert!(
-            e.starts_with("put[0].value: `0g` at character 0 is not a hex digit pair"),
+            e.starts_with("put[0].value: `g` at character 1 is not a hex digit"),
             "{e}"
         );
         let e = refused(MapChangeRequest {
@@ -717,7 +718,15 @@ mod tests {
             put: vec![],
         });
         assert!(
-            e.contains("65537 keys and entries; one change takes at most 65536"),
+            e.starts_with("delete: 65537 keys and entries; one change takes at most 65536"),
+            "{e}"
+        );
+        let e = refused(MapChangeRequest {
+            delete: vec!["0a00é1".into()],
+            put: vec![],
+        });
+        assert!(
+            e.starts_with("delete[0]: `é` at character 4 is not a hex digit"),
             "{e}"
         );
     }

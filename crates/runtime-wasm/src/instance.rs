@@ -624,30 +624,27 @@ impl VnfInstance {
     }
 
     /// [`MapSet::begin_sliced_snapshot`] of this instance's maps (the update log restarted);
-    /// [`VnfInstance::map_snapshot_slice`] copies it slice by slice and
-    /// [`VnfInstance::map_snapshot_sent`] chains the next log to it.
-    pub fn begin_sliced_map_snapshot(&mut self) -> Result<crate::snapshot::SlicedSnapshot> {
-        let h = self
-            .host_mut()
-            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?;
-        Ok(h.maps.begin_sliced_snapshot())
-    }
-
-    /// [`MapSet::snapshot_slice`] of this instance's maps.
-    pub fn map_snapshot_slice(
-        &self,
-        snapshot: &mut crate::snapshot::SlicedSnapshot,
-        max_bytes: usize,
-    ) -> Result<bool> {
-        self.maps()
+    /// [`VnfInstance::map_snapshot_slice`] copies it slice by slice.
+    pub fn begin_sliced_map_snapshot(&mut self) -> Result<()> {
+        self.host_mut()
             .ok_or_else(|| Error::Snapshot("instance has no state".into()))?
-            .snapshot_slice(snapshot, max_bytes)
+            .maps
+            .begin_sliced_snapshot();
+        Ok(())
     }
 
-    /// [`MapSet::snapshot_sent`]: the next update log follows `snapshot`.
-    pub fn map_snapshot_sent(&mut self, snapshot: &[u8]) {
+    /// [`MapSet::snapshot_slice`] of this instance's maps: the snapshot once complete.
+    pub fn map_snapshot_slice(&mut self, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+        self.host_mut()
+            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?
+            .maps
+            .snapshot_slice(max_bytes)
+    }
+
+    /// [`MapSet::abort_sliced_snapshot`] of this instance's maps.
+    pub fn abort_sliced_map_snapshot(&mut self) {
         if let Some(h) = self.host_mut() {
-            h.maps.snapshot_sent(snapshot);
+            h.maps.abort_sliced_snapshot();
         }
     }
 

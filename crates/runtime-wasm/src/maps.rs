@@ -243,9 +243,9 @@ impl Map {
         bytes as u64
     }
 
-    /// Slots a hash map has used so far (live or free); entries live in slots below it.
-    pub(crate) fn slots(&self) -> usize {
-        self.live.len()
+    /// Which slots of a hash map hold an entry (the others are free).
+    pub(crate) fn live_slots(&self) -> &[bool] {
+        &self.live
     }
 
     /// The entry in `slot` of a hash map, if one lives there.
@@ -262,6 +262,14 @@ impl Map {
     fn value_at(&self, slot: u32) -> &[u8] {
         let s = slot as usize * self.vs;
         &self.values[s..s + self.vs]
+    }
+
+    /// The slot of `key` in a hash map, if it holds it.
+    pub(crate) fn slot_of(&self, key: &[u8]) -> Option<usize> {
+        if key.len() != self.ks || self.def.kind == MapKind::Array {
+            return None;
+        }
+        self.find(key).map(|s| s as usize)
     }
 
     fn find(&self, key: &[u8]) -> Option<u32> {
@@ -529,9 +537,6 @@ impl UpdateLog {
 pub(crate) const LOG_UPDATE: u8 = 1;
 pub(crate) const LOG_DELETE: u8 = 2;
 
-/// Ids of update-log starts, unique in the process.
-static NEXT_LOG_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-
 /// The entries of every map of a [`MapSet`] as they were between two batches, to encode as a
 /// snapshot without holding the instance ([`MapsCopy::encode`]).
 pub struct MapsCopy {
@@ -547,25 +552,10 @@ impl MapSet {
         }
     }
 
-    /// Restarts the update log from this point, under a new id (a sliced snapshot under way
-    /// checks it).
-    pub(crate) fn restart_log(&mut self) -> u64 {
+    /// Restarts the update log from this point (a sliced snapshot under way ends).
+    pub(crate) fn restart_log(&mut self) {
         self.log = Some(UpdateLog::new());
-        self.log_id = NEXT_LOG_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.log_id
-    }
-
-    /// The next update log follows `snapshot` (a [`SlicedSnapshot`] completed).
-    pub fn snapshot_sent(&mut self, snapshot: &[u8]) {
-        if let Some(tail) = snapshot
-            .len()
-            .checked_sub(4)
-            .and_then(|at| snapshot.get(at..))
-        {
-            let mut crc = [0u8; 4];
-            crc.copy_from_slice(tail);
-            self.base = u32::from_le_bytes(crc);
-        }
+        self.slicing = None;
     }
 }
 
@@ -584,8 +574,8 @@ pub struct MapChanged {
 pub struct MapSet {
     pub(crate) maps: Vec<Map>,
     pub(crate) log: Option<UpdateLog>,
-    /// Which start of the update log this is (see [`MapSet::restart_log`]).
-    pub(crate) log_id: u64,
+    /// A snapshot being taken in slices (see [`MapSet::begin_sliced_snapshot`]).
+    pub(crate) slicing: Option<crate::snapshot::Slicing>,
     /// Checksum of the last snapshot or log this set was written to / restored from.
     pub(crate) base: u32,
     /// Largest update log in bytes before it overflows (then a new snapshot is needed); see
@@ -631,7 +621,7 @@ impl MapSet {
         Ok(Self {
             maps: defs.iter().cloned().map(Map::new).collect(),
             log: None,
-            log_id: 0,
+            slicing: None,
             base: 0,
             log_cap: log_cap(defs),
             changes: 0,
@@ -784,6 +774,11 @@ impl MapSet {
 
     /// Updates map `id`; returns an ABI code. Logged when the update log is on.
     pub fn update(&mut self, id: usize, key: &[u8], value: &[u8], flags: i32) -> i32 {
+        if let Some(sl) = self.slicing.as_mut()
+            && let Some(m) = self.maps.get(id)
+        {
+            sl.before_change(id, m, key);
+        }
         let Some(m) = self.maps.get_mut(id) else {
             return code::EINVAL;
         };
@@ -811,6 +806,11 @@ impl MapSet {
 
     /// Deletes a key from map `id`; returns an ABI code. Logged when the update log is on.
     pub fn delete(&mut self, id: usize, key: &[u8]) -> i32 {
+        if let Some(sl) = self.slicing.as_mut()
+            && let Some(m) = self.maps.get(id)
+        {
+            sl.before_change(id, m, key);
+        }
         let Some(m) = self.maps.get_mut(id) else {
             return code::EINVAL;
         };

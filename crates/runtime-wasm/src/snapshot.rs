@@ -109,38 +109,53 @@ fn read_def(r: &mut Reader<'_>, i: usize) -> Result<MapDef> {
     })
 }
 
-/// Header flag of a snapshot taken in slices: an entry may appear twice (the later copy
-/// wins) and the snapshot is exact only with the update log that follows it.
-pub const FLAG_FOLLOWED_BY_LOG: u16 = 1;
-
 /// A snapshot being taken in slices ([`MapSet::begin_sliced_snapshot`]).
-pub struct SlicedSnapshot {
+pub(crate) struct Slicing {
     out: Vec<u8>,
-    log_id: u64,
-    defs: Vec<MapDef>,
-    /// The map being copied and its next slot (or array index).
+    maps: Vec<SlicedMap>,
+    /// The map being copied, whether its definition was written, its next slot, and the
+    /// entries written of it so far.
     map: usize,
+    started: bool,
     slot: usize,
-    /// Where the current map's entry count goes once known.
-    count_at: Option<usize>,
-    count: u64,
-    done: bool,
+    written: u64,
 }
 
-impl SlicedSnapshot {
-    /// The snapshot's bytes once [`MapSet::snapshot_slice`] said it is complete.
-    pub fn into_bytes(self) -> Option<Vec<u8>> {
-        self.done.then_some(self.out)
-    }
+/// One map of a sliced snapshot.
+enum SlicedMap {
+    /// Encoded whole when the snapshot began (an array, an LRU map).
+    Whole(Vec<u8>),
+    /// A hash map copied slot by slot: the slots live when it began (cleared when a change
+    /// saved the entry first), how many entries it held, and the entries saved.
+    Slots {
+        live: Vec<bool>,
+        len: u64,
+        saved: Vec<u8>,
+    },
+}
 
-    /// Bytes copied so far.
-    pub fn len(&self) -> usize {
-        self.out.len()
-    }
-
-    /// Whether nothing but its header was copied yet.
-    pub fn is_empty(&self) -> bool {
-        self.out.len() <= 12
+impl Slicing {
+    /// Before map `id` changes at `key`: an entry the snapshot holds but has not copied yet
+    /// is saved as it is now (as it was when the snapshot began).
+    pub(crate) fn before_change(&mut self, id: usize, map: &Map, key: &[u8]) {
+        if id < self.map {
+            return;
+        }
+        let Some(SlicedMap::Slots { live, saved, .. }) = self.maps.get_mut(id) else {
+            return;
+        };
+        let Some(slot) = map.slot_of(key) else {
+            return;
+        };
+        let copied = id == self.map && slot < self.slot;
+        if !copied
+            && live.get(slot).copied().unwrap_or(false)
+            && let Some((k, v)) = map.slot_entry(slot)
+        {
+            saved.extend_from_slice(k);
+            saved.extend_from_slice(v);
+            live[slot] = false;
+        }
     }
 }
 
@@ -167,19 +182,32 @@ fn encode_maps(maps: &[Map]) -> Vec<u8> {
     let mut out = Vec::with_capacity(encoded_size(maps));
     header(&mut out, SNAPSHOT_MAGIC, maps.len());
     for m in maps {
-        write_def(&mut out, m.def());
-        out.extend_from_slice(&(m.len() as u64).to_le_bytes());
-        if m.def().kind == MapKind::Array {
-            out.extend_from_slice(m.array_values());
-        } else {
-            m.for_each(|k, v| {
-                out.extend_from_slice(k);
-                out.extend_from_slice(v);
-            });
-        }
+        encode_map_into(&mut out, m);
     }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// One map's section of a snapshot: its definition, its entry count, its entries.
+fn encode_map_into(out: &mut Vec<u8>, m: &Map) {
+    write_def(out, m.def());
+    out.extend_from_slice(&(m.len() as u64).to_le_bytes());
+    if m.def().kind == MapKind::Array {
+        out.extend_from_slice(m.array_values());
+    } else {
+        m.for_each(|k, v| {
+            out.extend_from_slice(k);
+            out.extend_from_slice(v);
+        });
+    }
+}
+
+fn encode_map(m: &Map) -> Vec<u8> {
+    let d = m.def();
+    let mut out =
+        Vec::with_capacity(64 + d.name.len() + m.len() * (d.key_size + d.value_size) as usize);
+    encode_map_into(&mut out, m);
     out
 }
 
@@ -204,118 +232,122 @@ impl MapSet {
         out
     }
 
-    /// Starts a snapshot taken in slices ([`MapSet::snapshot_slice`], each between two
-    /// batches, so a large state never holds the instance for long) and restarts the update
-    /// log here. The maps change between slices, so an entry may be copied as it was at any
-    /// time after this point, or twice (moved to a later slot): the snapshot says so (header
-    /// flag [`FLAG_FOLLOWED_BY_LOG`]) and is exact only with the update log taken after it,
-    /// which holds every change since this point. Chain that log with
-    /// [`MapSet::snapshot_sent`] once the snapshot is complete.
-    pub fn begin_sliced_snapshot(&mut self) -> SlicedSnapshot {
-        let log_id = self.restart_log();
-        // Reserved whole (with room for growth meanwhile) so no slice copies what the ones
-        // before it wrote into a larger buffer; its pages are touched slice by slice.
+    /// Starts a snapshot of the maps as they are now, taken in slices
+    /// ([`MapSet::snapshot_slice`], each between two batches, so a large state never holds
+    /// the instance for long), and restarts the update log here. Copy on write keeps it
+    /// exact: a change to an entry of a hash map that no slice copied yet first saves the
+    /// entry as it was; arrays and LRU maps (whose recency order cannot be followed across
+    /// slices) are encoded whole now. Another snapshot, or a taken log, ends it.
+    pub fn begin_sliced_snapshot(&mut self) {
+        self.restart_log();
         let size = encoded_size(&self.maps);
-        let mut out = Vec::with_capacity(size.saturating_add(size / 8));
+        // Reserved whole, so no slice copies what the ones before it wrote into a larger
+        // buffer; its pages are touched slice by slice.
+        let mut out = Vec::with_capacity(size);
         header(&mut out, SNAPSHOT_MAGIC, self.maps.len());
-        out[6..8].copy_from_slice(&FLAG_FOLLOWED_BY_LOG.to_le_bytes());
-        SlicedSnapshot {
+        let maps = self
+            .maps
+            .iter()
+            .map(|m| {
+                if m.def().kind == MapKind::Hash {
+                    SlicedMap::Slots {
+                        live: m.live_slots().to_vec(),
+                        len: m.len() as u64,
+                        saved: Vec::new(),
+                    }
+                } else {
+                    SlicedMap::Whole(encode_map(m))
+                }
+            })
+            .collect();
+        self.slicing = Some(Slicing {
             out,
-            log_id,
-            defs: self.defs(),
+            maps,
             map: 0,
+            started: false,
             slot: 0,
-            count_at: None,
-            count: 0,
-            done: false,
-        }
+            written: 0,
+        });
     }
 
-    /// Copies about `max_bytes` more of a sliced snapshot; `Ok(true)` once it is complete
-    /// (checksummed: [`SlicedSnapshot::into_bytes`]). An LRU map is copied in one slice (its
-    /// recency order cannot be followed across slices). Errors when the update log was
-    /// restarted or the maps replaced since it began: start again.
-    pub fn snapshot_slice(&self, s: &mut SlicedSnapshot, max_bytes: usize) -> Result<bool> {
-        if s.done {
-            return Ok(true);
+    /// Copies about `max_bytes` more of the sliced snapshot under way; its bytes once it is
+    /// complete (the next update log follows them). Errors when none is under way (another
+    /// snapshot or a taken log ended it) or the update log overflowed meanwhile (too many
+    /// changes for one snapshot's time): start again.
+    pub fn snapshot_slice(&mut self, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+        if self.log.as_ref().is_some_and(|l| l.overflowed) {
+            self.slicing = None;
+            return Err(Error::Snapshot(format!(
+                "the update log overflowed its cap of {} bytes while a snapshot was taken in slices: start it again",
+                self.log_cap
+            )));
         }
-        if s.log_id != self.log_id || self.log.is_none() || s.defs.len() != self.maps.len() {
+        let Some(sl) = self.slicing.as_mut() else {
             return Err(Error::Snapshot(
-                "the maps were snapshotted again or replaced while a sliced snapshot was taken: start it again".into(),
+                "no snapshot is being taken in slices (another snapshot or a taken log ended it): start it again".into(),
             ));
-        }
-        let end = s.out.len().saturating_add(max_bytes.max(1));
-        while s.map < self.maps.len() {
-            let m = &self.maps[s.map];
-            if !m.def().layout_eq(&s.defs[s.map]) || m.def().name != s.defs[s.map].name {
-                return Err(Error::Snapshot(format!(
-                    "map {} changed its layout while a sliced snapshot was taken: start it again",
-                    s.map
-                )));
-            }
-            let count_at = match s.count_at {
-                Some(at) => at,
-                None => {
-                    write_def(&mut s.out, m.def());
-                    let at = s.out.len();
-                    s.out.extend_from_slice(&0u64.to_le_bytes());
-                    s.count_at = Some(at);
-                    s.count = 0;
-                    s.slot = 0;
-                    at
+        };
+        let end = sl.out.len().saturating_add(max_bytes.max(1));
+        while sl.map < self.maps.len() && sl.out.len() < end {
+            let m = &self.maps[sl.map];
+            match &mut sl.maps[sl.map] {
+                SlicedMap::Whole(bytes) => {
+                    sl.out.extend_from_slice(bytes);
+                    sl.map += 1;
                 }
-            };
-            let complete = match m.def().kind {
-                MapKind::Array => {
-                    let vs = m.def().value_size as usize;
-                    let n = m.def().max_entries as usize;
-                    let take = ((end.saturating_sub(s.out.len())) / vs.max(1))
-                        .max(1)
-                        .min(n - s.slot);
-                    s.out
-                        .extend_from_slice(&m.array_values()[s.slot * vs..(s.slot + take) * vs]);
-                    s.slot += take;
-                    s.count += take as u64;
-                    s.slot >= n
-                }
-                MapKind::Hash => {
-                    let slots = m.slots();
-                    while s.slot < slots && s.out.len() < end {
-                        if let Some((k, v)) = m.slot_entry(s.slot) {
-                            s.out.extend_from_slice(k);
-                            s.out.extend_from_slice(v);
-                            s.count += 1;
-                        }
-                        s.slot += 1;
+                SlicedMap::Slots { live, len, saved } => {
+                    if !sl.started {
+                        write_def(&mut sl.out, m.def());
+                        sl.out.extend_from_slice(&len.to_le_bytes());
+                        sl.started = true;
                     }
-                    s.slot >= slots
+                    while sl.slot < live.len() && sl.out.len() < end {
+                        if live[sl.slot]
+                            && let Some((k, v)) = m.slot_entry(sl.slot)
+                        {
+                            sl.out.extend_from_slice(k);
+                            sl.out.extend_from_slice(v);
+                            sl.written += 1;
+                        }
+                        sl.slot += 1;
+                    }
+                    if sl.slot < live.len() {
+                        break;
+                    }
+                    // The entries changed before their slot was reached, as they were.
+                    sl.out.extend_from_slice(saved);
+                    sl.written +=
+                        (saved.len() / (m.def().key_size + m.def().value_size) as usize) as u64;
+                    if sl.written != *len {
+                        let name = m.def().name.clone();
+                        let (written, len) = (sl.written, *len);
+                        self.slicing = None;
+                        return Err(Error::Snapshot(format!(
+                            "map `{name}`: a sliced snapshot copied {written} entries of the {len} it held: start it again"
+                        )));
+                    }
+                    sl.map += 1;
+                    sl.started = false;
+                    sl.slot = 0;
+                    sl.written = 0;
                 }
-                MapKind::LruHash => {
-                    m.for_each(|k, v| {
-                        s.out.extend_from_slice(k);
-                        s.out.extend_from_slice(v);
-                        s.count += 1;
-                    });
-                    true
-                }
-            };
-            if !complete {
-                return Ok(false);
-            }
-            s.out[count_at..count_at + 8].copy_from_slice(&s.count.to_le_bytes());
-            s.count_at = None;
-            s.map += 1;
-            if s.out.len() >= end {
-                break;
             }
         }
-        if s.map < self.maps.len() {
-            return Ok(false);
+        if sl.map < self.maps.len() {
+            return Ok(None);
         }
-        let crc = crc32fast::hash(&s.out);
-        s.out.extend_from_slice(&crc.to_le_bytes());
-        s.done = true;
-        Ok(true)
+        let Some(mut done) = self.slicing.take() else {
+            return Ok(None);
+        };
+        let crc = crc32fast::hash(&done.out);
+        done.out.extend_from_slice(&crc.to_le_bytes());
+        self.base = crc;
+        Ok(Some(done.out))
+    }
+
+    /// Ends a sliced snapshot under way (its buffer freed); the update log goes on.
+    pub fn abort_sliced_snapshot(&mut self) {
+        self.slicing = None;
     }
 
     /// Encodes every map into a snapshot, leaving the update log and its chain as they are
@@ -328,18 +360,6 @@ impl MapSet {
     /// capacity is allowed). Nothing changes on error.
     pub fn restore(defs: &[MapDef], bytes: &[u8]) -> Result<MapSet> {
         let (body, crc) = checked_body(bytes, SNAPSHOT_MAGIC, "snapshot")?;
-        let flags = u16::from_le_bytes([body[6], body[7]]);
-        if flags & !FLAG_FOLLOWED_BY_LOG != 0 {
-            return Err(Error::Snapshot(format!(
-                "snapshot flags {flags:#06x}: this runtime knows only {FLAG_FOLLOWED_BY_LOG:#06x}"
-            )));
-        }
-        // A sliced snapshot may hold a key twice: the later copy is the newer.
-        let insert = if flags & FLAG_FOLLOWED_BY_LOG != 0 {
-            update_flags::ANY
-        } else {
-            update_flags::NOEXIST
-        };
         let mut r = Reader { b: body, pos: 8 };
         let n = r.u32("map count")? as usize;
         let mut set = MapSet::new(defs)?;
@@ -379,7 +399,7 @@ impl MapSet {
             } else {
                 let all = r.take(count as usize * (ks + vs), "entries")?;
                 for e in all.chunks_exact(ks + vs) {
-                    let (rc, _) = map.update(&e[..ks], &e[ks..], insert);
+                    let (rc, _) = map.update(&e[..ks], &e[ks..], update_flags::NOEXIST);
                     if rc != crate::abi::code::OK {
                         return Err(Error::Snapshot(format!(
                             "map `{}`: duplicate or invalid entry (code {rc})",
@@ -403,6 +423,12 @@ impl MapSet {
     /// empty. Errors when no snapshot started logging or the log overflowed its cap (then only
     /// a new snapshot carries the state on).
     pub fn take_log(&mut self) -> Result<Vec<u8>> {
+        if self.slicing.is_some() {
+            return Err(Error::Snapshot(
+                "a snapshot is being taken in slices: the log follows it once it is complete"
+                    .into(),
+            ));
+        }
         let Some(log) = self.log.as_mut() else {
             return Err(Error::Snapshot(
                 "no update log: take a snapshot first to start logging".into(),

@@ -303,7 +303,7 @@ fn a_control_plane_change_is_checked_whole_before_anything_changes_and_is_logged
 }
 
 #[test]
-fn a_snapshot_in_slices_with_changes_between_them_is_exact_once_its_log_follows() {
+fn a_snapshot_in_slices_is_the_maps_as_they_were_when_it_began_and_its_log_follows_it() {
     let defs = [
         def("h", MapKind::Hash, 4, 4, 512),
         def("a", MapKind::Array, 4, 4, 300),
@@ -325,11 +325,15 @@ fn a_snapshot_in_slices_with_changes_between_them_is_exact_once_its_log_follows(
         for i in 0..100 {
             s.update(2, &k(i), &k(i), 0);
         }
-        let mut sliced = s.begin_sliced_snapshot();
+        let at_begin = s.encode();
+        s.begin_sliced_snapshot();
         let mut slices = 0;
         // Slices of 64 bytes (a few entries), each followed by changes: deletes, new keys
         // (into freed slots before or after the copy's position), replaced values.
-        while !s.snapshot_slice(&mut sliced, 64).expect("slice") {
+        let snapshot = loop {
+            if let Some(done) = s.snapshot_slice(64).expect("slice") {
+                break done;
+            }
             slices += 1;
             for _ in 0..next(8) {
                 let key = k(next(600));
@@ -348,10 +352,20 @@ fn a_snapshot_in_slices_with_changes_between_them_is_exact_once_its_log_follows(
                     }
                 }
             }
-        }
+        };
         assert!(slices > 10, "{slices} slices");
-        let snapshot = sliced.into_bytes().expect("complete");
-        s.snapshot_sent(&snapshot);
+        // The maps as they were when it began (copy on write), in another order maybe.
+        let restored = |b: &[u8]| {
+            let set = MapSet::restore(&defs, b).expect("restore");
+            (0..3)
+                .map(|id| {
+                    let mut e = set.get(id).expect("map").entries();
+                    e.sort();
+                    e
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(restored(&snapshot), restored(&at_begin), "round {round}");
         let mut standby = MapSet::restore(&defs, &snapshot).expect("a sliced snapshot restores");
         standby
             .apply_log(&s.take_log().expect("log"))
@@ -365,22 +379,61 @@ fn a_snapshot_in_slices_with_changes_between_them_is_exact_once_its_log_follows(
             assert_eq!(got, want, "round {round}, map {id}");
         }
     }
-    // A restart of the log (another snapshot) while slicing: the slices refuse to go on.
+    // Another snapshot, or a taken log, while slicing: the slices refuse to go on, and no log
+    // is taken while one is under way.
     let mut s = MapSet::new(&defs).expect("maps");
     for i in 0..100 {
         s.update(0, &k(i), &k(i), 0);
     }
-    let mut sliced = s.begin_sliced_snapshot();
-    assert!(!s.snapshot_slice(&mut sliced, 16).expect("slice"));
+    s.begin_sliced_snapshot();
+    assert!(s.snapshot_slice(16).expect("slice").is_none());
+    assert!(matches!(s.take_log(), Err(Error::Snapshot(m)) if m.contains("being taken in slices")));
     s.snapshot();
     assert!(matches!(
-        s.snapshot_slice(&mut sliced, 16),
+        s.snapshot_slice(16),
         Err(Error::Snapshot(m)) if m.contains("start it again")
     ));
+    // A full hash map with churn, and an LRU map that deletes and evicts, while slicing: the
+    // log replays onto the snapshot without running out of room.
+    let tight = [
+        def("h", MapKind::Hash, 4, 4, 3),
+        def("l", MapKind::LruHash, 4, 4, 3),
+    ];
+    let mut s = MapSet::new(&tight).expect("maps");
+    for i in 0..2 {
+        s.update(0, &k(i), &k(i), 0);
+    }
+    for i in 0..3 {
+        s.update(1, &k(i), &k(i), 0);
+    }
+    s.begin_sliced_snapshot();
+    assert!(s.snapshot_slice(1).expect("slice").is_none());
+    s.update(0, &k(7), &k(7), 0);
+    s.delete(0, &k(7));
+    s.update(0, &k(8), &k(8), 0);
+    s.update(1, &k(9), &k(9), 0);
+    s.delete(1, &k(9));
+    s.update(1, &k(10), &k(10), 0);
+    let snapshot = loop {
+        if let Some(done) = s.snapshot_slice(1).expect("slice") {
+            break done;
+        }
+    };
+    let mut standby = MapSet::restore(&tight, &snapshot).expect("restore");
+    standby
+        .apply_log(&s.take_log().expect("log"))
+        .expect("the log replays with room");
+    for id in 0..2 {
+        let mut want = s.get(id).expect("map").entries();
+        let mut got = standby.get(id).expect("map").entries();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "map {id}");
+    }
     // A copy for disk encodes as the maps are and leaves the chain alone.
     assert_eq!(s.copy_entries().encode(), s.encode());
     s.update(0, &k(5), &k(55), 0);
-    let mut standby = MapSet::restore(&defs, &s.snapshot()).expect("restore");
+    let mut standby = MapSet::restore(&tight, &s.snapshot()).expect("restore");
     s.update(0, &k(6), &k(66), 0);
     let _ = s.copy_entries().encode();
     standby

@@ -215,7 +215,7 @@ async fn round(
         None => Some(0),
     };
     let downtime_us = match how {
-        How::Live => Some(frozen_us(api).await?),
+        How::Live => frozen_us(api).await?,
         How::Cold => None,
     };
     Ok(MoveRun {
@@ -269,15 +269,16 @@ async fn sink_delays(api: &Api) -> Result<Vec<u64>> {
         .with_context(|| format!("network stream shows no sink latencies: {n}"))
 }
 
-/// The source's freeze as the NAT's last switch event reports it, in microseconds.
-async fn frozen_us(api: &Api) -> Result<u64> {
+/// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
+/// the event says its time was not reported, as when a move's deadline switched it).
+async fn frozen_us(api: &Api) -> Result<Option<u64>> {
     let reason = crate::bench_vm_move::switch_event(api, "nat").await?;
-    reason
+    let figure = reason
         .split("frozen for ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .with_context(|| format!("no freeze time in: {reason}"))
+        .with_context(|| format!("no freeze time in: {reason}"))?;
+    Ok(figure.parse().ok())
 }
 
 /// The frames the stream's sink missed so far: sequence numbers below the highest it saw that

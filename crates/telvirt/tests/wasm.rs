@@ -907,7 +907,7 @@ fn a_bearer_put_into_a_running_upf_carries_its_traffic_and_a_bad_change_changes_
         "0a0001zz=00000101c0000201c0000202",
     ]);
     assert!(
-        e.contains("put[1].key") && e.contains("`zz` at character 6"),
+        e.contains("put[1].key") && e.contains("`z` at character 6"),
         "{e}"
     );
     let e = refused(&["downlink"]);

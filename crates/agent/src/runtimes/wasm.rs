@@ -558,34 +558,30 @@ impl crate::replication::ReplicaState for WasmRuntime {
     fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
         if full {
             // In slices, each between two batches: a large state never holds the instance
-            // for long (the update log that follows makes the snapshot exact).
+            // for long (copy on write keeps the snapshot as the maps were when it began).
             let started = Instant::now();
-            let mut sliced = self
-                .with_instance(vnf, rw::VnfInstance::begin_sliced_map_snapshot)
+            self.with_instance(vnf, rw::VnfInstance::begin_sliced_map_snapshot)
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
             let (mut slices, mut held_max) = (0u32, Duration::ZERO);
-            loop {
+            let snapshot = loop {
                 let at = Instant::now();
-                let done = self
-                    .with_instance(vnf, |i| {
-                        i.map_snapshot_slice(&mut sliced, SNAPSHOT_SLICE_BYTES)
-                    })
-                    .map_err(|e| e.to_string())?
+                let slice = self
+                    .with_instance(vnf, |i| i.map_snapshot_slice(SNAPSHOT_SLICE_BYTES))
                     .map_err(|e| e.to_string())?;
                 held_max = held_max.max(at.elapsed());
                 slices += 1;
-                if done {
-                    break;
+                match slice {
+                    Ok(Some(snapshot)) => break snapshot,
+                    Ok(None) => {}
+                    Err(e) => {
+                        let _ = self.with_instance(vnf, rw::VnfInstance::abort_sliced_map_snapshot);
+                        return Err(e.to_string());
+                    }
                 }
                 // The worker waiting for the instance takes it before the next slice.
                 std::thread::sleep(SNAPSHOT_SLICE_GAP);
-            }
-            let snapshot = sliced
-                .into_bytes()
-                .ok_or("a sliced snapshot ended incomplete")?;
-            self.with_instance(vnf, |i| i.map_snapshot_sent(&snapshot))
-                .map_err(|e| e.to_string())?;
+            };
             if slices > 1 {
                 tracing::info!(
                     vnf = %vnf,
@@ -892,15 +888,25 @@ impl WasmRuntime {
                 };
             }
         };
-        if let Err(e) = self.refuse_if_frozen(name, "changed by the control plane") {
-            return failed(e.to_string());
-        }
-        match self.with_instance(name, |i| i.map_change(map, &delete, &put)) {
+        let Some(handoff) = self.entries().get(name).map(|e| Arc::clone(&e.handoff)) else {
+            return failed(format!("no instance of {name} runs here"));
+        };
+        // Checked under the instance, where a freeze's last update log is taken too: a
+        // change either goes into that log or is refused (the divert comes first).
+        match self.with_instance(name, |i| {
+            if handoff.diverting() {
+                return Err(None);
+            }
+            i.map_change(map, &delete, &put).map_err(Some)
+        }) {
             Err(e) => failed(e.to_string()),
-            Ok(Err(rw::Error::InvalidChange { field, reason })) => {
+            Ok(Err(None)) => failed(format!(
+                "{name} is frozen for its move's hand-off; its maps cannot be changed until the move ends"
+            )),
+            Ok(Err(Some(rw::Error::InvalidChange { field, reason }))) => {
                 NodeReply::Invalid { field, reason }
             }
-            Ok(Err(e)) => failed(format!("vnf {name}: {e}")),
+            Ok(Err(Some(e))) => failed(format!("vnf {name}: {e}")),
             Ok(Ok(done)) => {
                 // The maps changed under the disk copy's count: the next periodic save writes them.
                 if let Some(e) = self.entries().get_mut(name) {

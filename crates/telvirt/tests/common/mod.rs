@@ -577,7 +577,6 @@ impl Drop for Serve {
     }
 }
 
-/// Polls `f` every 50 ms until it holds; panics naming `what` after [`DEADLINE`].
 /// Entries of map `map` of wasm VNF `vnf` as `vnf maps` shows them (`None` while it cannot
 /// be read).
 pub fn map_entries(node: &Serve, vnf: &str, map: &str) -> Option<u64> {
@@ -592,6 +591,7 @@ pub fn map_entries(node: &Serve, vnf: &str, map: &str) -> Option<u64> {
         .and_then(|m| m["entries"].as_u64())
 }
 
+/// Polls `f` every 50 ms until it holds; panics naming `what` after [`DEADLINE`].
 pub fn wait_until(what: &str, f: impl FnMut() -> bool) {
     wait_until_for(what, DEADLINE, f);
 }
