@@ -82,6 +82,10 @@ pub struct MoveRun {
     /// what the freeze and the hand-off cost a frame that was queued. `None`: slower than
     /// the last bound (1 s).
     pub delay_max_us: Option<u64>,
+    /// When frames were lost: the stream network's `net show` table after the move (each
+    /// link's counters, its drops among them), to see where.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lost_where: Option<String>,
 }
 
 /// One set-up's moves at one state size, with their medians.
@@ -226,7 +230,20 @@ async fn round(
         state_bytes,
         downtime_us,
         delay_max_us,
+        lost_where: match lost {
+            0 => None,
+            _ => Some(stream_table(api).await?),
+        },
     })
+}
+
+/// The stream network's `net show` table.
+async fn stream_table(api: &Api) -> Result<String> {
+    let n = api.json("/v1/networks/stream").await?;
+    n["status"]["table"]
+        .as_str()
+        .map(str::to_owned)
+        .with_context(|| format!("network stream shows no table: {n}"))
 }
 
 /// Loads `count` idle sessions into the NAT's session table, 65,536 a change: keys of
