@@ -657,14 +657,6 @@ impl VnfInstance {
         Ok(maps.copy_entries())
     }
 
-    /// Snapshot of every map that leaves the update log's chain alone (a copy for disk).
-    pub fn encode_maps(&self) -> Result<Vec<u8>> {
-        let maps = self
-            .maps()
-            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?;
-        Ok(maps.encode())
-    }
-
     /// Updates since the last snapshot or taken log.
     pub fn take_update_log(&mut self) -> Result<Vec<u8>> {
         let h = self
