@@ -127,9 +127,7 @@ impl MapChangeRequest {
     /// valid hex of at most 1 KiB (the wasm runtime's largest key or value). The map's own
     /// sizes are checked where it runs.
     pub fn decode(&self) -> Result<DecodedMapChange, FieldError> {
-        use crate::vnf::limits::{MAX_KEY_SIZE, MAX_MAP_CHANGE_ENTRIES};
-        // The wasm runtime's largest key or value, whatever a descriptor may declare.
-        const MAX_PART: u32 = MAX_KEY_SIZE;
+        use crate::vnf::limits::{MAX_KEY_SIZE, MAX_MAP_CHANGE_ENTRIES, MAX_VALUE_SIZE};
         let field = if self.put.is_empty() { "delete" } else { "put" };
         let named = self.delete.len() + self.put.len();
         if named == 0 {
@@ -150,7 +148,7 @@ impl MapChangeRequest {
             .delete
             .iter()
             .enumerate()
-            .map(|(i, k)| hex_bytes(&format!("delete[{i}]"), k, MAX_PART))
+            .map(|(i, k)| hex_bytes(&format!("delete[{i}]"), k, MAX_KEY_SIZE))
             .collect::<Result<_, _>>()?;
         let put = self
             .put
@@ -158,8 +156,8 @@ impl MapChangeRequest {
             .enumerate()
             .map(|(i, e)| {
                 Ok((
-                    hex_bytes(&format!("put[{i}].key"), &e.key, MAX_PART)?,
-                    hex_bytes(&format!("put[{i}].value"), &e.value, MAX_PART)?,
+                    hex_bytes(&format!("put[{i}].key"), &e.key, MAX_KEY_SIZE)?,
+                    hex_bytes(&format!("put[{i}].value"), &e.value, MAX_VALUE_SIZE)?,
                 ))
             })
             .collect::<Result<_, FieldError>>()?;

@@ -352,6 +352,11 @@ spec:
             "kind: array, key_size: 16",
         ));
         assert_eq!(e.path, "spec.wasm.maps[0].key_size");
+        // The runtime's bound on a value (1 KiB), refused here rather than at start.
+        let e = refused(&edit(FIREWALL, "value_size: 4", "value_size: 1025"));
+        assert_eq!(e.path, "spec.wasm.maps[0].value_size");
+        assert!(e.reason.contains("outside 1..=1024"), "{e}");
+        assert!(yaml(&edit(FIREWALL, "value_size: 4", "value_size: 1024")).is_ok());
     }
 
     #[test]

@@ -332,8 +332,10 @@ pub struct NicSpec {
 /// Upper bounds that keep one descriptor from asking for absurd amounts.
 pub mod limits {
     pub const MAX_CPUS: u32 = 1024;
+    /// Largest key and value of a wasm map: the wasm runtime's own bound, so a descriptor it
+    /// would refuse at start is refused here, naming the field.
     pub const MAX_KEY_SIZE: u32 = 1024;
-    pub const MAX_VALUE_SIZE: u32 = 64 * 1024;
+    pub const MAX_VALUE_SIZE: u32 = 1024;
     pub const MAX_MAP_ENTRIES: u32 = 1 << 24;
     pub const WASM_PAGE: u64 = 64 * 1024;
     /// Largest `spec.wasm.limits.fuel_per_batch` (about a second of CPU per batch).
