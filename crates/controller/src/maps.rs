@@ -59,7 +59,7 @@ impl Controller {
                 vnf.phase.as_str()
             )));
         }
-        let host = self.running_wasm(caller, name, "maps").await?;
+        let host = running_wasm_host(&vnf, "maps")?;
         let request = NodeRequest::MapChange {
             vnf: name.to_owned(),
             map: map.to_owned(),
@@ -114,23 +114,29 @@ impl Controller {
         name: &str,
         what: &str,
     ) -> Result<String, ControllerError> {
-        let vnf = self.vnf(caller, name).await?;
-        if vnf.descriptor.spec.runtime != RuntimeKind::Wasm {
-            return Err(ControllerError::Conflict(format!(
-                "vnf {name} runs on the {} runtime, which has no {what}; only wasm VNFs do",
-                vnf.descriptor.spec.runtime.as_str()
-            )));
-        }
-        if !matches!(vnf.phase, Phase::Running | Phase::Locked) {
-            return Err(ControllerError::Conflict(format!(
-                "vnf {name} is {}: its {what} are read from its running instance",
-                vnf.phase.as_str()
-            )));
-        }
-        active_host(&vnf).ok_or_else(|| {
-            ControllerError::Conflict(format!("vnf {name} is placed nowhere to read {what} from"))
-        })
+        running_wasm_host(&self.vnf(caller, name).await?, what)
     }
+}
+
+/// The host running wasm VNF `vnf`'s active instance, if it runs (or is locked); `what` names
+/// what is read, for the errors.
+fn running_wasm_host(vnf: &telvirt_model::Vnf, what: &str) -> Result<String, ControllerError> {
+    let name = vnf.name.as_str();
+    if vnf.descriptor.spec.runtime != RuntimeKind::Wasm {
+        return Err(ControllerError::Conflict(format!(
+            "vnf {name} runs on the {} runtime, which has no {what}; only wasm VNFs do",
+            vnf.descriptor.spec.runtime.as_str()
+        )));
+    }
+    if !matches!(vnf.phase, Phase::Running | Phase::Locked) {
+        return Err(ControllerError::Conflict(format!(
+            "vnf {name} is {}: its {what} are read from its running instance",
+            vnf.phase.as_str()
+        )));
+    }
+    active_host(vnf).ok_or_else(|| {
+        ControllerError::Conflict(format!("vnf {name} is placed nowhere to read {what} from"))
+    })
 }
 
 /// The host of a VNF's active instance (its only one without a standby).

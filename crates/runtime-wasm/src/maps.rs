@@ -641,7 +641,12 @@ impl MapSet {
 
     /// Map by name.
     pub fn by_name(&self, name: &str) -> Option<&Map> {
-        self.maps.iter().find(|m| m.def.name == name)
+        self.maps.get(self.id_of(name)?)
+    }
+
+    /// The id of the map named `name`.
+    pub fn id_of(&self, name: &str) -> Option<usize> {
+        self.maps.iter().position(|m| m.def.name == name)
     }
 
     /// Number of maps.
@@ -669,7 +674,7 @@ impl MapSet {
             field: field.to_owned(),
             reason,
         };
-        let Some(id) = self.maps.iter().position(|m| m.def.name == name) else {
+        let Some(id) = self.id_of(name) else {
             let names: Vec<&str> = self.maps.iter().map(|m| m.def.name.as_str()).collect();
             let has = if names.is_empty() {
                 "no maps".to_owned()

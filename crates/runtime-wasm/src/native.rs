@@ -244,8 +244,8 @@ pub(crate) fn map_update_by_name(
     key: &[u8],
     value: &[u8],
 ) -> Result<()> {
-    let id = (0..maps.len())
-        .find(|i| maps.get(*i).is_some_and(|m| m.def().name == map))
+    let id = maps
+        .id_of(map)
         .ok_or_else(|| Error::Map(format!("no map named `{map}`")))?;
     let rc = maps.update(id, key, value, crate::abi::update_flags::ANY);
     if rc == code::OK {

@@ -169,13 +169,13 @@ impl MapsCopy {
 
 /// Bytes a snapshot of `maps` takes as they are now (at most).
 fn encoded_size(maps: &[Map]) -> usize {
-    16 + maps
-        .iter()
-        .map(|m| {
-            let d = m.def();
-            64 + d.name.len() + m.len() * (d.key_size + d.value_size) as usize
-        })
-        .sum::<usize>()
+    16 + maps.iter().map(map_size).sum::<usize>()
+}
+
+/// Bytes one map's section of a snapshot takes as it is now (at most).
+fn map_size(m: &Map) -> usize {
+    let d = m.def();
+    64 + d.name.len() + m.len() * (d.key_size + d.value_size) as usize
 }
 
 fn encode_maps(maps: &[Map]) -> Vec<u8> {
@@ -204,9 +204,7 @@ fn encode_map_into(out: &mut Vec<u8>, m: &Map) {
 }
 
 fn encode_map(m: &Map) -> Vec<u8> {
-    let d = m.def();
-    let mut out =
-        Vec::with_capacity(64 + d.name.len() + m.len() * (d.key_size + d.value_size) as usize);
+    let mut out = Vec::with_capacity(map_size(m));
     encode_map_into(&mut out, m);
     out
 }

@@ -195,8 +195,7 @@ async fn round(
     .await?;
     load_idle_sessions(api, idle).await?;
     let (sent0, received0) = stream(api).await?;
-    let missing0 = sink_missing(api).await?;
-    let delays0 = sink_delays(api).await?;
+    let before = SinkReading::read(api).await?;
     let state_bytes = match how {
         How::Live => map_bytes(api).await?,
         How::Cold => 0,
@@ -209,11 +208,11 @@ async fn round(
     let total = ms(asked.elapsed());
     let settle = settle_for(flows, args.rate_pps);
     let (_, created) = stream_back(api, (sent0, received0), settle).await?;
-    let lost = sink_missing(api).await?.saturating_sub(missing0);
-    let delays = sink_delays(api).await?;
-    let slowest = (0..delays.len())
+    let after = SinkReading::read(api).await?;
+    let lost = after.missing.saturating_sub(before.missing);
+    let slowest = (0..after.delays.len())
         .rev()
-        .find(|&i| delays[i] > delays0.get(i).copied().unwrap_or(0));
+        .find(|&i| after.delays[i] > before.delays.get(i).copied().unwrap_or(0));
     let delay_max_us = match slowest {
         Some(i) => SINK_LATENCY_BOUNDS_NS.get(i).map(|ns| ns / 1000),
         None => Some(0),
@@ -230,20 +229,40 @@ async fn round(
         state_bytes,
         downtime_us,
         delay_max_us,
-        lost_where: match lost {
-            0 => None,
-            _ => Some(stream_table(api).await?),
-        },
+        lost_where: (lost > 0).then_some(after.table),
     })
 }
 
-/// The stream network's `net show` table.
-async fn stream_table(api: &Api) -> Result<String> {
-    let n = api.json("/v1/networks/stream").await?;
-    n["status"]["table"]
-        .as_str()
-        .map(str::to_owned)
-        .with_context(|| format!("network stream shows no table: {n}"))
+/// What the stream network's sink showed at one reading.
+struct SinkReading {
+    /// The frames it missed so far: sequence numbers below the highest it saw that never
+    /// came (frames in flight are above it: they are not counted, unlike a difference of the
+    /// links' counters).
+    missing: u64,
+    /// Its frames per latency bucket so far (bounds: [`SINK_LATENCY_BOUNDS_NS`]).
+    delays: Vec<u64>,
+    /// The network's `net show` table (each link's counters, its drops among them).
+    table: String,
+}
+
+impl SinkReading {
+    async fn read(api: &Api) -> Result<Self> {
+        let n = api.json("/v1/networks/stream").await?;
+        let status = &n["status"];
+        let sink = &status["sinks"][0];
+        let (Some(missing), Some(delays), Some(table)) = (
+            sink["lost"].as_u64(),
+            sink["latency_buckets"].as_array(),
+            status["table"].as_str(),
+        ) else {
+            bail!("network stream shows no sink or table: {n}");
+        };
+        Ok(Self {
+            missing,
+            delays: delays.iter().map(|v| v.as_u64().unwrap_or(0)).collect(),
+            table: table.to_owned(),
+        })
+    }
 }
 
 /// Loads `count` idle sessions into the NAT's session table, 65,536 a change: keys of
@@ -277,15 +296,6 @@ async fn load_idle_sessions(api: &Api, count: u64) -> Result<()> {
     Ok(())
 }
 
-/// The stream's sink's frames per latency bucket so far (bounds: [`SINK_LATENCY_BOUNDS_NS`]).
-async fn sink_delays(api: &Api) -> Result<Vec<u64>> {
-    let n = api.json("/v1/networks/stream").await?;
-    n["status"]["sinks"][0]["latency_buckets"]
-        .as_array()
-        .map(|b| b.iter().map(|v| v.as_u64().unwrap_or(0)).collect())
-        .with_context(|| format!("network stream shows no sink latencies: {n}"))
-}
-
 /// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
 /// the event says its time was not reported, as when a move's deadline switched it).
 async fn frozen_us(api: &Api) -> Result<Option<u64>> {
@@ -296,16 +306,6 @@ async fn frozen_us(api: &Api) -> Result<Option<u64>> {
         .and_then(|r| r.split(' ').next())
         .with_context(|| format!("no freeze time in: {reason}"))?;
     Ok(figure.parse().ok())
-}
-
-/// The frames the stream's sink missed so far: sequence numbers below the highest it saw that
-/// never came (frames in flight are above it: they are not counted, unlike a difference of
-/// the links' counters).
-async fn sink_missing(api: &Api) -> Result<u64> {
-    let n = api.json("/v1/networks/stream").await?;
-    n["status"]["sinks"][0]["lost"]
-        .as_u64()
-        .with_context(|| format!("network stream shows no sink: {n}"))
 }
 
 /// Whether the NAT runs on `host` as its only instance.

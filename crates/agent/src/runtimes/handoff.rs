@@ -128,13 +128,8 @@ impl Handoff {
     /// After a divert ended and no poll diverts any more: what it queued is processed first,
     /// as if handed over.
     pub fn requeue_diverted(&self) {
-        let mut queued = Vec::new();
-        let mut q = locked(&self.diverted);
-        while let Some(f) = q.pop() {
-            queued.push(f);
-        }
-        drop(q);
-        self.hand_in(queued);
+        let queued = std::mem::take(&mut *locked(&self.diverted));
+        self.hand_in(queued.frames.into());
     }
 
     /// Takes up to `max_bytes` of queued frames (at least one when any is queued).

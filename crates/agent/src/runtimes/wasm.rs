@@ -547,6 +547,11 @@ fn entries_of(maps: Option<&rw::MapSet>) -> u64 {
     })
 }
 
+/// Why `name` cannot be `what` (changed, upgraded, ...) now: it is frozen for a move.
+fn frozen_refusal(name: &Name, what: &str) -> String {
+    format!("{name} is frozen for its move's hand-off; it cannot be {what} until the move ends")
+}
+
 /// Bytes of a replication snapshot copied while the instance is held (between two batches).
 const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
 /// Pause between two slices, for the worker to take the instance back.
@@ -656,9 +661,7 @@ impl WasmRuntime {
     /// last map updates were taken: a change now would not reach the destination).
     fn refuse_if_frozen(&self, name: &Name, what: &str) -> Result<(), RuntimeFailure> {
         if Runtime::frozen(self, name).is_some() {
-            return Err(fail(format!(
-                "{name} is frozen for its move's hand-off; it cannot be {what} until the move ends"
-            )));
+            return Err(fail(frozen_refusal(name, what)));
         }
         Ok(())
     }
@@ -900,9 +903,7 @@ impl WasmRuntime {
             i.map_change(map, &delete, &put).map_err(Some)
         }) {
             Err(e) => failed(e.to_string()),
-            Ok(Err(None)) => failed(format!(
-                "{name} is frozen for its move's hand-off; its maps cannot be changed until the move ends"
-            )),
+            Ok(Err(None)) => failed(frozen_refusal(name, "changed by the control plane")),
             Ok(Err(Some(rw::Error::InvalidChange { field, reason }))) => {
                 NodeReply::Invalid { field, reason }
             }
