@@ -1107,9 +1107,12 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
             && handed_off
             && !full
         {
+            // Read before the pass: a frame queued before the instance was told it is going
+            // is then seen by this pass or a later one, never left behind by the return.
+            let finishing = finish.load(Ordering::Acquire);
             let pause = match pass_packets(&state, conn, header).await {
                 // Nothing waited: a handed-off instance that is going has passed on all.
-                Ok(()) if finish.load(Ordering::Acquire) => return,
+                Ok(()) if finishing => return,
                 Ok(()) => {
                     seq += 1;
                     FROZEN_INTERVAL
