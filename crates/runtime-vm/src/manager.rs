@@ -1231,10 +1231,12 @@ pub fn qemu_args(
         if let Some(i) = &cfg.initrd {
             push(&["-initrd", &i.to_string_lossy()]);
         }
-        push(&[
-            "-append",
+        let append = crate::config::kernel_command_line(
             cfg.append.as_deref().unwrap_or(image::DEFAULT_APPEND),
-        ]);
+            accel,
+            !cfg.vhost_user_nics.is_empty(),
+        );
+        push(&["-append", &append]);
     }
     if let Some(d) = &cfg.disk {
         let drive = format!(

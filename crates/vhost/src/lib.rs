@@ -7,6 +7,8 @@
 //! Owns the sockets, one protocol daemon per connection, and the rings' polling; must not start
 //! QEMU nor decide which VNF port a NIC is (the vm runtime adapter does).
 
+mod filter;
+
 use std::io::{Read, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
@@ -19,7 +21,7 @@ use std::time::Duration;
 use telvirt_dataplane::node::{BATCH, Node, NodeIo};
 use telvirt_dataplane::pool::Packet;
 use vhost::vhost_user::Listener;
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::{
@@ -112,13 +114,13 @@ impl VhostUserBackend for NetBackend {
         MAX_QUEUE_SIZE
     }
 
-    /// No `VHOST_USER_F_PROTOCOL_FEATURES`: QEMU's virtio-net enables its queue pair with
-    /// `SET_VRING_ENABLE` when the device is realized, before any `SET_FEATURES`, and the
-    /// backend crate refuses that message until the feature was acknowledged (seen with QEMU
-    /// 7.2: the connection ended at once). Without it every ring is enabled at `SET_FEATURES`.
-    /// The price: no protocol features, so no `LOG_SHMFD` (dirty logging for migration).
+    /// `VHOST_USER_F_PROTOCOL_FEATURES` is required: QEMU's virtio-net start enables the rings
+    /// with `SET_VRING_ENABLE`, which fails without it (EINVAL, the NIC falls back to a path
+    /// with no backend). Its early enable, before `SET_FEATURES`, is dropped by the
+    /// [`filter`].
     fn features(&self) -> u64 {
-        1 << VIRTIO_F_VERSION_1
+        VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_F_NOTIFY_ON_EMPTY
@@ -257,7 +259,7 @@ impl Drop for NicSocket {
     }
 }
 
-fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
+fn accept_loop(listener: Listener, shared: &Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
         let mem = GuestMemory::new(GuestMemoryMmap::new());
         let backend = Arc::new(NetBackend {
@@ -273,9 +275,35 @@ fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
                     continue;
                 }
             };
+        let qemu = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(nic = %shared.name, "vhost-user accept: {e}");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+        };
+        // The daemon takes its connection from a private listener; the filter stands between.
+        let (mut inner, ours) = match filter::private_pair() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(nic = %shared.name, "vhost-user connection refused: {e}");
+                continue;
+            }
+        };
         // Known before QEMU's first message: a kick that comes early hands the queues over.
         *shared.connection() = Some(Connection { mem, vrings: None });
-        let started = daemon.start(&mut listener);
+        let started = daemon.start(&mut inner);
+        drop(inner);
+        let filter = match filter::Filter::spawn(qemu, ours, &shared.name) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(nic = %shared.name, "vhost-user filter: {e}");
+                daemon.request_shutdown();
+                None
+            }
+        };
         let stopping = {
             let mut slot = shared.shutdown.lock().unwrap_or_else(|p| p.into_inner());
             let stopping = shared.stop.load(Ordering::Acquire);
@@ -287,17 +315,26 @@ fn accept_loop(mut listener: Listener, shared: &Arc<Shared>) {
         if stopping {
             daemon.request_shutdown();
             let _ = daemon.wait();
+            if let Some(f) = filter {
+                f.join();
+            }
             *shared.connection() = None;
             break;
         }
         if let Err(e) = started {
             *shared.connection() = None;
             tracing::warn!(nic = %shared.name, "vhost-user connection refused: {e}");
+            if let Some(f) = filter {
+                f.join();
+            }
             continue;
         }
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = daemon.wait() {
             tracing::info!(nic = %shared.name, "vhost-user connection ended: {e}");
+        }
+        if let Some(f) = filter {
+            f.join();
         }
         *shared.connection() = None;
         *shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;

@@ -19,7 +19,7 @@ use telvirt_runtime_vm::{
     AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
     Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, MigrationChannel,
     MigrationProgress, MigrationTuning, Peripheral, VhostUserNic, VmConfig, VmHandle, VmManager,
-    VmPhase, vhost_user_net_support,
+    VmPhase,
 };
 use telvirt_vhost::{NicSocket, VhostUserNode};
 use tokio::sync::{Mutex, OnceCell};
@@ -56,9 +56,6 @@ pub struct VmRuntimeConfig {
 pub struct Prepared {
     pub image: GuestImage,
     pub accel: AccelDecision,
-    /// Whether VMs' `spec.vm.nics` can be vhost-user NICs with this QEMU and accelerator, or
-    /// why not.
-    pub vhost_user: Result<(), String>,
     manager: VmManager,
 }
 
@@ -134,11 +131,7 @@ impl VmRuntime {
     /// and puts the VM's node on the data plane (on the worker of its first emulator CPU, or
     /// the first worker); answers the NICs for QEMU's command line. Nothing is left behind on
     /// error.
-    fn open_nics(
-        &self,
-        spec: &InstanceSpec,
-        prepared: &Prepared,
-    ) -> Result<Vec<VhostUserNic>, RuntimeFailure> {
+    fn open_nics(&self, spec: &InstanceSpec) -> Result<Vec<VhostUserNic>, RuntimeFailure> {
         let nics = spec
             .descriptor
             .spec
@@ -156,10 +149,6 @@ impl VmRuntime {
             );
             return Ok(Vec::new());
         };
-        if let Err(why) = &prepared.vhost_user {
-            tracing::warn!(vnf = %spec.name, "the vm starts without its spec.vm.nics: {why}");
-            return Ok(Vec::new());
-        }
         self.close_nics(&spec.name);
         std::fs::create_dir_all(&spec.state_dir)
             .map_err(|e| failure(format!("creating {}: {e}", spec.state_dir.display())))?;
@@ -265,16 +254,9 @@ impl VmRuntime {
             ),
         }
         let manager = self.with_qemu(VmManager::new(&self.config.state_root, probe));
-        // The manager probes its QEMU once (and confines every start with the same answer).
-        let version = manager.qemu_caps().await.version;
-        let vhost_user = vhost_user_net_support(version, accel.accel);
-        if let Err(why) = &vhost_user {
-            tracing::warn!("vm runtime: VMs start without their spec.vm.nics: {why}");
-        }
         let prepared = Prepared {
             image,
             accel,
-            vhost_user,
             manager,
         };
         let _ = self.prepared.set(prepared.clone());
@@ -444,7 +426,7 @@ impl Runtime for VmRuntime {
             .await?;
         let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
         // The NICs' sockets listen before QEMU starts: QEMU connects to them while it starts.
-        cfg.vhost_user_nics = self.open_nics(spec, &prepared)?;
+        cfg.vhost_user_nics = self.open_nics(spec)?;
         if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
             cfg.shared_memory = true;
         }

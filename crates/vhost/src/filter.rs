@@ -1,0 +1,324 @@
+//! The message filter between QEMU and a NIC's protocol daemon. QEMU's virtio-net (7.2 at
+//! least) enables its queue pair with `SET_VRING_ENABLE` when the guest's driver sets its
+//! features, before it sends `SET_FEATURES` to the backend, and does not enable the rings again
+//! when it starts the device; the backend crate refuses an enable until
+//! `VHOST_USER_F_PROTOCOL_FEATURES` is acknowledged and ends the connection. Without protocol
+//! features QEMU cannot start the device at all (EINVAL). So the filter holds such early
+//! enables back and passes the last state of each ring right after the first `SET_FEATURES`;
+//! every other message passes unchanged, with its file descriptors.
+//!
+//! Owns the two forwarding threads of one connection; must not read or change any other
+//! message, and must not outlive either end.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::Listener;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// A vhost-user message header: request, flags, payload size (little-endian `u32` each).
+const HEADER: usize = 12;
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+/// `NEED_REPLY` in the header's flags: the frontend waits for an answer (only with
+/// `REPLY_ACK`, which this backend does not offer; such a message is passed, not dropped).
+const NEED_REPLY: u32 = 0x8;
+/// The most descriptors a message may carry and the largest payload (the backend crate's own
+/// limits; it refuses more).
+const MAX_FDS: usize = 32;
+const MAX_PAYLOAD: usize = 0x1000;
+
+/// The forwarding threads of one connection. They end when either end hangs up; [`join`]
+/// waits for both.
+///
+/// [`join`]: Filter::join
+pub(crate) struct Filter {
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Filter {
+    /// Forwards between `qemu` (the accepted connection) and `daemon` (the daemon's peer).
+    pub(crate) fn spawn(qemu: UnixStream, daemon: UnixStream, name: &str) -> io::Result<Filter> {
+        let (qemu_in, daemon_out) = (qemu.try_clone()?, daemon.try_clone()?);
+        let to_daemon = std::thread::Builder::new()
+            .name(format!("vhost-{name}-in"))
+            .spawn(move || {
+                if let Err(e) = forward_requests(&qemu_in, &daemon_out) {
+                    tracing::debug!("vhost-user filter: {e}");
+                }
+                // The daemon reads the end of its requests and closes; the reply side follows.
+                let _ = daemon_out.shutdown(Shutdown::Write);
+                let _ = qemu_in.shutdown(Shutdown::Read);
+            })?;
+        let to_qemu = std::thread::Builder::new()
+            .name(format!("vhost-{name}-out"))
+            .spawn(move || {
+                // Replies carry no descriptors for the protocol features this backend offers.
+                let (mut from, mut to) = (&daemon, &qemu);
+                let _ = io::copy(&mut from, &mut to);
+                let _ = qemu.shutdown(Shutdown::Both);
+                let _ = daemon.shutdown(Shutdown::Both);
+            })?;
+        Ok(Filter {
+            threads: vec![to_daemon, to_qemu],
+        })
+    }
+
+    /// Waits for both threads (after either end hung up).
+    pub(crate) fn join(self) {
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A listener with one connection already queued, and that connection's other end: the
+/// daemon accepts it as if QEMU had connected. The socket lives in a fresh directory only
+/// this process's user may enter, removed before this returns, so nobody else can connect.
+pub(crate) fn private_pair() -> io::Result<(Listener, UnixStream)> {
+    let dir = tempfile::Builder::new().prefix("telvirt-vhost").tempdir()?;
+    let path = dir.path().join("s");
+    let listener = UnixListener::bind(&path)?;
+    let ours = UnixStream::connect(&path)?;
+    drop(dir);
+    Ok((Listener::from(listener), ours))
+}
+
+/// Whether a frontend's message passes now: everything but a ring enable (8 bytes: ring,
+/// state) before the features.
+fn passes(request: u32, flags: u32, size: usize, features_seen: bool) -> bool {
+    features_seen || request != SET_VRING_ENABLE || flags & NEED_REPLY != 0 || size != 8
+}
+
+/// The rings' enable states held back until the features are acknowledged: the last state
+/// asked for each ring, in the order rings were first named. At most [`MAX_HELD`] rings.
+#[derive(Debug, Default)]
+struct HeldEnables(Vec<[u8; 8]>);
+
+/// More rings than a NIC of this backend has; an enable of a ring beyond them is dropped.
+const MAX_HELD: usize = 64;
+
+impl HeldEnables {
+    fn hold(&mut self, payload: &[u8]) {
+        let Ok(state) = <[u8; 8]>::try_from(payload) else {
+            return;
+        };
+        if let Some(s) = self.0.iter_mut().find(|s| s[..4] == state[..4]) {
+            *s = state;
+        } else if self.0.len() < MAX_HELD {
+            self.0.push(state);
+        }
+    }
+
+    /// The held enables as messages (version 1, no reply wanted), emptied.
+    fn messages(&mut self) -> Vec<[u8; HEADER + 8]> {
+        self.0
+            .drain(..)
+            .map(|state| {
+                let mut m = [0u8; HEADER + 8];
+                m[..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+                m[4..8].copy_from_slice(&1u32.to_le_bytes());
+                m[8..12].copy_from_slice(&8u32.to_le_bytes());
+                m[HEADER..].copy_from_slice(&state);
+                m
+            })
+            .collect()
+    }
+}
+
+/// Reads QEMU's messages one at a time and passes them on until QEMU hangs up.
+fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
+    let mut features_seen = false;
+    let mut held = HeldEnables::default();
+    let mut payload = Vec::with_capacity(MAX_PAYLOAD);
+    loop {
+        let Some((header, files)) = recv_header(qemu)? else {
+            return Ok(());
+        };
+        let word =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let (request, flags, size) = (word(0), word(4), word(8) as usize);
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("request {request} has a payload of {size} bytes; at most {MAX_PAYLOAD}"),
+            ));
+        }
+        payload.resize(size, 0);
+        let mut reader = qemu;
+        reader.read_exact(&mut payload)?;
+        if !passes(request, flags, size, features_seen) {
+            tracing::debug!(
+                ?payload,
+                "vhost-user filter: a ring enable before SET_FEATURES held"
+            );
+            held.hold(&payload);
+            continue;
+        }
+        let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let sent = daemon.send_with_fds(&[&header[..], &payload[..]], &fds)?;
+        let mut writer = daemon;
+        // A stream may take part of a message; the descriptors went with its first byte.
+        let whole = [&header[..], &payload[..]].concat();
+        if let Some(rest) = whole.get(sent..) {
+            writer.write_all(rest)?;
+        }
+        drop(files);
+        if request == SET_FEATURES && !features_seen {
+            features_seen = true;
+            for m in held.messages() {
+                writer.write_all(&m)?;
+            }
+        }
+    }
+}
+
+/// One message header and the descriptors that came with it; `None` when QEMU hung up.
+fn recv_header(qemu: &UnixStream) -> io::Result<Option<([u8; HEADER], Vec<File>)>> {
+    let mut header = [0u8; HEADER];
+    let mut fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: HEADER,
+    }];
+    // SAFETY: the iovec points at `header`, which lives and is writable for the whole call.
+    let (bytes, nfds) = unsafe { qemu.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let files = fds[..nfds.min(MAX_FDS)]
+        .iter()
+        // SAFETY: the kernel just installed these descriptors for this process; each is owned
+        // once, here.
+        .map(|&fd| unsafe { File::from_raw_fd(fd) })
+        .collect();
+    if bytes == 0 {
+        return Ok(None);
+    }
+    if bytes < HEADER {
+        let mut reader = qemu;
+        reader.read_exact(&mut header[bytes..])?;
+    }
+    Ok(Some((header, files)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_enable_before_the_features_is_held() {
+        assert!(!passes(SET_VRING_ENABLE, 1, 8, false));
+        assert!(passes(SET_VRING_ENABLE, 1, 8, true));
+        assert!(passes(SET_VRING_ENABLE, 1 | NEED_REPLY, 8, false));
+        assert!(
+            passes(SET_VRING_ENABLE, 1, 4, false),
+            "malformed: the daemon answers it"
+        );
+        assert!(passes(SET_FEATURES, 1, 8, false));
+        assert!(passes(1, 1, 0, false));
+    }
+
+    #[test]
+    fn held_enables_keep_the_last_state_of_each_ring() {
+        let mut held = HeldEnables::default();
+        held.hold(&[0, 0, 0, 0, 1, 0, 0, 0]);
+        held.hold(&[1, 0, 0, 0, 1, 0, 0, 0]);
+        held.hold(&[0, 0, 0, 0, 0, 0, 0, 0]);
+        held.hold(&[9]);
+        for i in 0..100u8 {
+            held.hold(&[i, 1, 0, 0, 1, 0, 0, 0]);
+        }
+        let m = held.messages();
+        assert_eq!(m.len(), MAX_HELD);
+        assert_eq!(
+            m[0],
+            message(SET_VRING_ENABLE, &[0, 0, 0, 0, 0, 0, 0, 0])[..]
+        );
+        assert_eq!(
+            m[1],
+            message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0])[..]
+        );
+        assert!(held.messages().is_empty(), "passed once");
+    }
+
+    fn message(request: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        for w in [request, 1, payload.len() as u32] {
+            m.extend_from_slice(&w.to_le_bytes());
+        }
+        m.extend_from_slice(payload);
+        m
+    }
+
+    #[test]
+    fn an_early_enable_waits_for_the_features_and_other_messages_pass_with_their_files() {
+        let (qemu, qemu_peer) = UnixStream::pair().unwrap();
+        let (daemon, daemon_peer) = UnixStream::pair().unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        let features = message(SET_FEATURES, &[0, 0, 0, 0x40, 1, 0, 0, 0]);
+        let late = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0]);
+        let file = tempfile::tempfile().unwrap();
+        qemu.send_with_fds(&[&early[..]], &[]).unwrap();
+        qemu.send_with_fds(&[&features[..]], &[file.as_raw_fd()])
+            .unwrap();
+        qemu.send_with_fds(&[&late[..]], &[]).unwrap();
+        let mut got = vec![0u8; features.len()];
+        let mut fds = [-1 as RawFd; 4];
+        let mut iov = [libc::iovec {
+            iov_base: got.as_mut_ptr().cast(),
+            iov_len: got.len(),
+        }];
+        // SAFETY: the iovec points at `got` for the whole call.
+        let (n, nfds) = unsafe { daemon.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+        assert_eq!(
+            (n, nfds),
+            (features.len(), 1),
+            "the features first, with their file"
+        );
+        // SAFETY: the descriptor was just received and is owned here once.
+        drop(unsafe { File::from_raw_fd(fds[0]) });
+        assert_eq!(got, features);
+        let mut rest = vec![0u8; early.len() + late.len()];
+        (&daemon).read_exact(&mut rest).unwrap();
+        assert_eq!(
+            rest[..early.len()],
+            early,
+            "the held enable follows the features"
+        );
+        assert_eq!(
+            rest[early.len()..],
+            late,
+            "an enable after the features passes"
+        );
+        // A reply goes back; QEMU hanging up ends both threads.
+        (&daemon).write_all(b"reply").unwrap();
+        let mut reply = [0u8; 5];
+        (&qemu).read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"reply");
+        drop(qemu);
+        let mut end = Vec::new();
+        (&daemon).read_to_end(&mut end).unwrap();
+        assert!(end.is_empty());
+        drop(daemon);
+        filter.join();
+    }
+
+    #[test]
+    fn an_oversized_payload_ends_the_connection() {
+        let (qemu, qemu_peer) = UnixStream::pair().unwrap();
+        let (daemon, daemon_peer) = UnixStream::pair().unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let mut m = message(SET_FEATURES, &[]);
+        m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        (&qemu).write_all(&m).unwrap();
+        let mut end = Vec::new();
+        (&daemon).read_to_end(&mut end).unwrap();
+        assert!(end.is_empty(), "nothing passed");
+        drop(daemon);
+        filter.join();
+    }
+}
