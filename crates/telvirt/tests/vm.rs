@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
+#[path = "../../dataplane/tests/support/netns.rs"]
+mod netns;
 
 const BIN: &str = env!("CARGO_BIN_EXE_telvirt");
 /// TCG boots take 3-10 s on a loaded 2-core machine; leave plenty of room.
@@ -38,10 +40,17 @@ struct Node {
     dir: tempfile::TempDir,
     vm: String,
     guest: PathBuf,
+    /// A command the node and the CLI run under (e.g. `ip netns exec NS`), or none.
+    wrapper: Vec<String>,
 }
 
 impl Node {
     fn new(vm: &str, guest: PathBuf) -> Node {
+        Node::new_wrapped(vm, guest, &[])
+    }
+
+    /// A node whose serve and CLI run under `wrapper`.
+    fn new_wrapped(vm: &str, guest: PathBuf, wrapper: &[&str]) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("tvi")
             .tempdir_in("/tmp")
@@ -51,9 +60,22 @@ impl Node {
             dir,
             vm: vm.to_owned(),
             guest,
+            wrapper: wrapper.iter().map(|w| (*w).to_owned()).collect(),
         };
         node.start();
         node
+    }
+
+    /// `telvirt` under the node's wrapper.
+    fn command(&self) -> Command {
+        match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(BIN);
+                c
+            }
+            None => Command::new(BIN),
+        }
     }
 
     fn data(&self) -> PathBuf {
@@ -66,7 +88,8 @@ impl Node {
 
     fn start(&mut self) {
         let _ = std::fs::remove_file(self.config());
-        let child = Command::new(BIN)
+        let child = self
+            .command()
             .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"])
             .arg("--data-dir")
             .arg(self.data())
@@ -98,7 +121,7 @@ impl Node {
     }
 
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+        self.command()
             .args(args)
             .env("TELVIRT_CONFIG", self.config())
             .env_remove("TELVIRT_SERVER")
@@ -642,4 +665,64 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         assert!(Instant::now() < deadline, "n3's socket outlives the VM");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Ping and iperf3 cross a VM between two namespaces: nsA's veth is a host port linked to the
+/// VM's n3, n6 to a host port on nsB's veth, and the default guest bridges its NICs.
+#[test]
+fn ping_and_iperf3_cross_a_vm_between_namespaces() {
+    netns::require_traffic_tools();
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    // nsA (10.203.0.1) <-> a1 [serve in the middle namespace: the VM] b1 <-> nsB (10.203.0.2)
+    let t = netns::Topology::new("vw");
+    let vm = format!("vmwire{}", std::process::id());
+    let node = Node::new_wrapped(
+        &vm,
+        common::guest_binary(),
+        &["ip", "netns", "exec", &t.ns[2]],
+    );
+    let file = descriptor(&node);
+    node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
+    node.wait_phase(&vm, "Running", BOOT_DEADLINE);
+    let net = format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: wire }}\nspec:\n  links:\n    \
+         - host:a1 -> {vm}.n3\n    - {vm}.n6 -> host:b1\n    - host:b1 -> {vm}.n6\n    \
+         - {vm}.n3 -> host:a1\n"
+    );
+    let path = node.dir.path().join("wire.yaml");
+    std::fs::write(&path, net).expect("write the network");
+    node.ok(&["net", "create", "-f", path.to_str().expect("utf-8 path")]);
+    // The guest's bridge may take a moment to forward: ping until it answers.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = t
+            .exec(0, &["ping", "-c", "1", "-W", "1", "10.203.0.2"])
+            .output()
+            .expect("run ping");
+        if out.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ping crossed the VM: {}",
+            String::from_utf8_lossy(&node.ok(&["net", "show", "wire"]).stdout)
+        );
+    }
+    netns::ping_ok(&t, 0, "10.203.0.2");
+    let _srv = netns::iperf3_server(&t, 1, 5201);
+    let (bytes, bps) = netns::iperf3_moves_data(&t, 0, "10.203.0.2", 5201);
+    eprintln!(
+        "iperf3 TCP across the VM (TCG): {bytes} bytes, {:.0} Mbit/s",
+        bps / 1e6
+    );
+    let v: Value = serde_json::from_slice(&node.ok(&["net", "show", "wire", "-o", "json"]).stdout)
+        .expect("net show -o json is JSON");
+    for l in v["status"]["links"].as_array().expect("links") {
+        assert!(
+            l["packets"].as_u64() > Some(0),
+            "a link carried nothing: {v}"
+        );
+    }
+    node.ok(&["vnf", "delete", &vm]);
+    wait_until_gone(&node, &vm);
 }
