@@ -850,6 +850,45 @@ pub fn flood(
     count: u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<FloodRun> {
+    let path = |panel: &mut PatchPanel| -> Result<(PortRef, PortRef)> {
+        let tx_port = HostPort::open_in(&tx.ifname, tx.netns.as_deref())?;
+        let rx_port = HostPort::open_in(&rx.ifname, rx.netns.as_deref())?;
+        let (tx_node, rx_node) = (PortRef::host("tx"), PortRef::host("rx"));
+        panel.add_node(&tx_node.node, &[""], 0, Box::new(tx_port))?;
+        panel.add_node(&rx_node.node, &[""], 0, Box::new(rx_port))?;
+        Ok((tx_node, rx_node))
+    };
+    flood_through(path, size, rate_pps, count, progress)
+}
+
+/// [`flood`] through a node of the panel: the generator's frames enter `node` on port `tx`,
+/// the sink counts those it sends out of port `rx` (e.g. a VM's two vhost-user NICs, with
+/// the guest forwarding between them).
+pub fn flood_node(
+    node: Box<dyn crate::node::Node>,
+    tx: &str,
+    rx: &str,
+    size: usize,
+    rate_pps: Option<u64>,
+    count: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<FloodRun> {
+    let path = |panel: &mut PatchPanel| -> Result<(PortRef, PortRef)> {
+        panel.add_node("path", &[tx, rx], 0, node)?;
+        Ok((PortRef::new("path", tx), PortRef::new("path", rx)))
+    };
+    flood_through(path, size, rate_pps, count, progress)
+}
+
+/// A flood whose path `path` adds to the panel, answering the port the generator feeds and
+/// the port the sink reads.
+fn flood_through(
+    path: impl FnOnce(&mut PatchPanel) -> Result<(PortRef, PortRef)>,
+    size: usize,
+    rate_pps: Option<u64>,
+    count: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<FloodRun> {
     if count == 0 || rate_pps == Some(0) {
         return Err(Error::config("flood", "count and rate must be > 0"));
     }
@@ -875,13 +914,9 @@ pub fn flood(
     let gstats = generator.stats();
     let sink = LatencySink::new(crate::node::BATCH);
     let st = sink.state();
-    let tx_port = HostPort::open_in(&tx.ifname, tx.netns.as_deref())?;
-    let rx_port = HostPort::open_in(&rx.ifname, rx.netns.as_deref())?;
     panel.add_node("gen", &["out"], 0, Box::new(generator))?;
     panel.add_node("sink", &["in"], 0, Box::new(sink))?;
-    let (tx_node, rx_node) = (PortRef::host("tx"), PortRef::host("rx"));
-    panel.add_node(&tx_node.node, &[""], 0, Box::new(tx_port))?;
-    panel.add_node(&rx_node.node, &[""], 0, Box::new(rx_port))?;
+    let (tx_node, rx_node) = path(&mut panel)?;
     let t0 = Instant::now();
     panel.apply(&[
         LinkSpec::new(PortRef::new("gen", "out"), tx_node),
@@ -924,9 +959,22 @@ pub fn search_flood(
     trial_ms: u64,
     hi_pps: u64,
 ) -> Result<RateSearch> {
+    search_floods(steps, trial_ms, hi_pps, &mut |rate, count| {
+        flood(tx, rx, size, Some(rate), count, &mut |_, _| {})
+    })
+}
+
+/// [`search_rates`] over floods of `trial_ms` each, up to `hi_pps`: `flood(rate, count)` offers
+/// `count` frames at `rate` to the path once (e.g. [`flood_node`]).
+pub fn search_floods(
+    steps: u32,
+    trial_ms: u64,
+    hi_pps: u64,
+    flood: &mut dyn FnMut(u64, u64) -> Result<FloodRun>,
+) -> Result<RateSearch> {
     search_rates(steps, hi_pps, &mut |rate| {
         let count = (rate.saturating_mul(trial_ms) / 1000).max(1);
-        let r = flood(tx, rx, size, Some(rate), count, &mut |_, _| {})?;
+        let r = flood(rate, count)?;
         Ok(Trial {
             rate_pps: rate,
             offered_pps: (r.offered_mpps * 1e6) as u64,

@@ -49,6 +49,9 @@ pub enum BenchCommand {
     /// a Linux bridge with an equivalent nftables rule, alternating: iperf3 TCP, a 64-byte
     /// flood, NDR and PDR (root, iperf3, ethtool, nftables)
     Ports(crate::bench_ports::PortsArgs),
+    /// Frames through the default guest over its vhost-user NICs against the same guest on
+    /// TAP NICs, alternating in one run (root; builds the guest image if needed)
+    Vhost(crate::bench_vhost::VhostArgs),
     /// Live migration of the default guest between two QEMUs while it dirties memory at
     /// several rates: telvirt's tuning against QEMU's defaults, alternating (converged, total,
     /// downtime, bytes sent)
@@ -134,6 +137,7 @@ pub fn run(format: Output, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Failover(args) => crate::bench_failover::failover_bench(format, args),
         BenchCommand::Migrate(args) => crate::bench_migrate::migrate_bench(format, args),
         BenchCommand::Ports(args) => crate::bench_ports::ports_bench(format, args),
+        BenchCommand::Vhost(args) => crate::bench_vhost::vhost_bench(format, args),
         BenchCommand::Api(args) => crate::bench_api::api_bench(format, args),
         BenchCommand::VmMigrate(args) => crate::vm::bench_vm_migrate(format, args),
         BenchCommand::VmMove(args) => crate::bench_vm_move::vm_move_bench(format, args),

@@ -327,7 +327,7 @@ pub fn bench_vm(format: Output, args: VmBenchArgs) -> Result<()> {
 
 /// The guest a vm benchmark boots (the default image, built or found), its rounds,
 /// accelerator and RAM, in the scratch root `scratch`.
-async fn bench_guest(
+pub(crate) async fn bench_guest(
     format: Output,
     image: &ImageArgs,
     scratch: &std::path::Path,

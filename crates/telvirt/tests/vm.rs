@@ -726,3 +726,66 @@ fn ping_and_iperf3_cross_a_vm_between_namespaces() {
     node.ok(&["vnf", "delete", &vm]);
     wait_until_gone(&node, &vm);
 }
+
+/// `bench vhost` floods the same guest image over vhost-user NICs and over TAP NICs in one
+/// run and reports both with their ratio; bad options are refused before anything starts.
+#[test]
+fn bench_vhost_measures_both_transports_in_one_run() {
+    netns::require_root();
+    for bad in [
+        &["--rounds", "0"][..],
+        &["--size", "63"],
+        &["--frames", "1"],
+    ] {
+        let out = Command::new(BIN)
+            .args(["bench", "vhost"])
+            .args(bad)
+            .output()
+            .expect("run telvirt");
+        assert_eq!(out.status.code(), Some(2), "{bad:?}: {}", stderr(&out));
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new(BIN)
+        .args(["bench", "vhost", "--rounds", "1", "--frames", "2000"])
+        .args(["--search-steps", "1", "--accel", "tcg", "-o", "json"])
+        .arg("--image-cache")
+        .arg(common::shared_image_cache())
+        .env("TELVIRT_GUEST_BIN", common::guest_binary())
+        .output()
+        .expect("run telvirt bench vhost");
+    assert!(out.status.success(), "bench vhost: {}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("bench vhost -o json is JSON");
+    for side in ["vhost_user", "tap"] {
+        let f = &v[side];
+        assert_eq!(f["runs"].as_array().map(Vec::len), Some(1), "{side}: {v}");
+        assert!(
+            f["mpps_p50"].as_f64() > Some(0.0),
+            "{side} carried nothing: {v}"
+        );
+        assert!(
+            f["runs"][0]["search"]["trials"]
+                .as_array()
+                .is_some_and(|t| !t.is_empty()),
+            "{side}: no search trial: {v}"
+        );
+    }
+    let (a, b) = (
+        v["vhost_user"]["mpps_p50"].as_f64().unwrap_or(0.0),
+        v["tap"]["mpps_p50"].as_f64().unwrap_or(1.0),
+    );
+    let ratio = v["mpps_ratio"].as_f64().unwrap_or(0.0);
+    assert!(
+        (ratio - a / b).abs() < 1e-9,
+        "ratio {ratio} is not {a} / {b}"
+    );
+    // Nothing left behind: no TAP of the bench, no QEMU of its guests.
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("tvbv"),
+        "a TAP of the bench is left"
+    );
+    assert!(common::qemu_pids("tvb-vhu").is_empty() && common::qemu_pids("tvb-tap").is_empty());
+}

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread::JoinHandle;
 
@@ -23,7 +24,11 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// A vhost-user message header: request, flags, payload size (little-endian `u32` each).
 const HEADER: usize = 12;
 const SET_FEATURES: u32 = 2;
+const RESET_OWNER: u32 = 4;
 const SET_VRING_ENABLE: u32 = 18;
+const RESET_DEVICE: u32 = 34;
+/// `VHOST_USER_F_PROTOCOL_FEATURES` in `SET_FEATURES`' payload.
+const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `NEED_REPLY` in the header's flags: the frontend waits for an answer (only with
 /// `REPLY_ACK`, which this backend does not offer; such a message is passed, not dropped).
 const NEED_REPLY: u32 = 0x8;
@@ -38,11 +43,45 @@ const MAX_PAYLOAD: usize = 0x1000;
 /// [`join`]: Filter::join
 pub(crate) struct Filter {
     threads: Vec<JoinHandle<()>>,
+    ends: Ends,
+}
+
+/// Both sockets of a filter, to hang up on from outside (a NIC going away while QEMU does not
+/// read).
+pub(crate) struct Ends(UnixStream, UnixStream);
+
+impl Ends {
+    pub(crate) fn hang_up(&self) {
+        let _ = self.0.shutdown(Shutdown::Both);
+        let _ = self.1.shutdown(Shutdown::Both);
+    }
 }
 
 impl Filter {
-    /// Forwards between `qemu` (the accepted connection) and `daemon` (the daemon's peer).
+    /// Forwards between `qemu` (the accepted connection) and `daemon` (the daemon's peer). On
+    /// error both are shut down and no thread is left.
     pub(crate) fn spawn(qemu: UnixStream, daemon: UnixStream, name: &str) -> io::Result<Filter> {
+        let ends = Ends(qemu.try_clone()?, daemon.try_clone()?);
+        let spawned = Filter::spawn_threads(qemu, daemon, name);
+        match spawned {
+            Ok(threads) => Ok(Filter { threads, ends }),
+            Err(e) => {
+                ends.hang_up();
+                Err(e)
+            }
+        }
+    }
+
+    /// Another handle on both sockets.
+    pub(crate) fn ends(&self) -> io::Result<Ends> {
+        Ok(Ends(self.ends.0.try_clone()?, self.ends.1.try_clone()?))
+    }
+
+    fn spawn_threads(
+        qemu: UnixStream,
+        daemon: UnixStream,
+        name: &str,
+    ) -> io::Result<Vec<JoinHandle<()>>> {
         let (qemu_in, daemon_out) = (qemu.try_clone()?, daemon.try_clone()?);
         let to_daemon = std::thread::Builder::new()
             .name(format!("vhost-{name}-in"))
@@ -63,9 +102,7 @@ impl Filter {
                 let _ = qemu.shutdown(Shutdown::Both);
                 let _ = daemon.shutdown(Shutdown::Both);
             })?;
-        Ok(Filter {
-            threads: vec![to_daemon, to_qemu],
-        })
+        Ok(vec![to_daemon, to_qemu])
     }
 
     /// Waits for both threads (after either end hung up).
@@ -80,12 +117,20 @@ impl Filter {
 /// daemon accepts it as if QEMU had connected. The socket lives in a fresh directory only
 /// this process's user may enter, removed before this returns, so nobody else can connect.
 pub(crate) fn private_pair() -> io::Result<(Listener, UnixStream)> {
-    let dir = tempfile::Builder::new().prefix("telvirt-vhost").tempdir()?;
+    let dir = private_dir()?;
     let path = dir.path().join("s");
     let listener = UnixListener::bind(&path)?;
     let ours = UnixStream::connect(&path)?;
     drop(dir);
     Ok((Listener::from(listener), ours))
+}
+
+/// A fresh directory only this process's user may enter (0700 whatever the umask).
+fn private_dir() -> io::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix("telvirt-vhost")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
 }
 
 /// Whether a frontend's message passes now: everything but a ring enable (8 bytes: ring,
@@ -160,7 +205,12 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
             continue;
         }
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-        let sent = daemon.send_with_fds(&[&header[..], &payload[..]], &fds)?;
+        let sent = loop {
+            match daemon.send_with_fds(&[&header[..], &payload[..]], &fds) {
+                Err(e) if e.errno() == libc::EINTR => continue,
+                r => break r.map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
+            }
+        };
         let mut writer = daemon;
         // A stream may take part of a message; the descriptors went with its first byte.
         let whole = [&header[..], &payload[..]].concat();
@@ -168,13 +218,28 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
             writer.write_all(rest)?;
         }
         drop(files);
-        if request == SET_FEATURES && !features_seen {
-            features_seen = true;
-            for m in held.messages() {
-                writer.write_all(&m)?;
+        match request {
+            SET_FEATURES if !features_seen => {
+                features_seen = true;
+                // Without protocol features the backend enables every ring itself and
+                // refuses an enable: what was held is dropped.
+                let enables = held.messages();
+                if features(&payload) & PROTOCOL_FEATURES != 0 {
+                    for m in enables {
+                        writer.write_all(&m)?;
+                    }
+                }
             }
+            // The backend forgets the acknowledged features: enables wait again.
+            RESET_OWNER | RESET_DEVICE => features_seen = false,
+            _ => {}
         }
     }
+}
+
+/// The features of a `SET_FEATURES` payload (a little-endian `u64`; 0 when malformed).
+fn features(payload: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(payload).map_or(0, u64::from_le_bytes)
 }
 
 /// One message header and the descriptors that came with it; `None` when QEMU hung up.
@@ -185,15 +250,24 @@ fn recv_header(qemu: &UnixStream) -> io::Result<Option<([u8; HEADER], Vec<File>)
         iov_base: header.as_mut_ptr().cast(),
         iov_len: HEADER,
     }];
-    // SAFETY: the iovec points at `header`, which lives and is writable for the whole call.
-    let (bytes, nfds) = unsafe { qemu.recv_with_fds(&mut iov, &mut fds) }
-        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
-    let files = fds[..nfds.min(MAX_FDS)]
+    let (bytes, nfds) = loop {
+        // SAFETY: the iovec points at `header`, which lives and is writable for the whole call.
+        match unsafe { qemu.recv_with_fds(&mut iov, &mut fds) } {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => break r.map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
+        }
+    };
+    let files: Vec<File> = fds[..nfds.min(MAX_FDS)]
         .iter()
         // SAFETY: the kernel just installed these descriptors for this process; each is owned
         // once, here.
         .map(|&fd| unsafe { File::from_raw_fd(fd) })
         .collect();
+    for f in &files {
+        // Not inherited by a process started meanwhile (the daemon's copy is its own).
+        // SAFETY: fcntl on a descriptor this process owns; no pointers.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     if bytes == 0 {
         return Ok(None);
     }
@@ -303,6 +377,44 @@ mod tests {
         let mut end = Vec::new();
         (&daemon).read_to_end(&mut end).unwrap();
         assert!(end.is_empty());
+        drop(daemon);
+        filter.join();
+    }
+
+    #[test]
+    fn the_private_directory_is_for_this_user_alone_whatever_the_umask() {
+        // SAFETY: umask has no preconditions; restored below.
+        let old = unsafe { libc::umask(0) };
+        let dir = private_dir();
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let mode = std::fs::metadata(dir.unwrap().path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn held_enables_are_dropped_without_protocol_features_and_wait_again_after_a_reset() {
+        let (qemu, qemu_peer) = UnixStream::pair().unwrap();
+        let (daemon, daemon_peer) = UnixStream::pair().unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        let plain = message(SET_FEATURES, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        let reset = message(RESET_OWNER, &[]);
+        let with_protocol = message(SET_FEATURES, &[0, 0, 0, 0x40, 1, 0, 0, 0]);
+        for m in [&early, &plain, &reset, &early, &with_protocol] {
+            (&qemu).write_all(m).unwrap();
+        }
+        drop(qemu);
+        let mut got = Vec::new();
+        (&daemon).read_to_end(&mut got).unwrap();
+        let want = [plain.clone(), reset, with_protocol, early].concat();
+        assert_eq!(
+            got, want,
+            "the first enable dropped, the second held until the features"
+        );
         drop(daemon);
         filter.join();
     }

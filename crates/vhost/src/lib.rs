@@ -22,6 +22,7 @@ use telvirt_dataplane::node::{BATCH, Node, NodeIo};
 use telvirt_dataplane::pool::Packet;
 use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::bindings::virtio_ring::{
@@ -34,8 +35,10 @@ use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
 
-/// Guest memory as the backend maps it (no dirty log yet).
-type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as the backend maps it. Each region carries a dirty bitmap that QEMU's log
+/// (`SET_LOG_BASE`, during a migration) replaces: every write through vm-memory (frames into
+/// the guest's buffers, used-ring entries) marks its pages there.
+type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 type Vring = VringRwLock<GuestMemory>;
 
 /// The virtio-net header in front of every frame with `VIRTIO_F_VERSION_1`.
@@ -85,7 +88,7 @@ struct Connection {
 struct Shared {
     name: String,
     connection: Mutex<Option<Connection>>,
-    shutdown: Mutex<Option<ShutdownHandle>>,
+    shutdown: Mutex<Option<Hangup>>,
     stop: AtomicBool,
     stats: NicStats,
 }
@@ -96,6 +99,23 @@ impl Shared {
     }
 }
 
+/// What ends a connection from outside: the daemon's socket and both of the filter's.
+struct Hangup {
+    daemon: Option<ShutdownHandle>,
+    filter: Option<filter::Ends>,
+}
+
+impl Hangup {
+    fn hang_up(&self) {
+        if let Some(d) = &self.daemon {
+            d.shutdown();
+        }
+        if let Some(f) = &self.filter {
+            f.hang_up();
+        }
+    }
+}
+
 /// The backend of one connection: answers feature questions and hands the virtqueues to the
 /// polling node; it moves no packet itself.
 struct NetBackend {
@@ -103,7 +123,7 @@ struct NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -116,10 +136,13 @@ impl VhostUserBackend for NetBackend {
 
     /// `VHOST_USER_F_PROTOCOL_FEATURES` is required: QEMU's virtio-net start enables the rings
     /// with `SET_VRING_ENABLE`, which fails without it (EINVAL, the NIC falls back to a path
-    /// with no backend). Its early enable, before `SET_FEATURES`, is dropped by the
-    /// [`filter`].
+    /// with no backend). Its early enable, before `SET_FEATURES`, is held back by the
+    /// [`filter`] until the features are acknowledged.
+    /// `LOG_ALL` with the `LOG_SHMFD` protocol feature: QEMU migrates a VM with these NICs only
+    /// when the backend logs the guest pages it writes.
     fn features(&self) -> u64 {
         VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
             | 1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
@@ -127,7 +150,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::empty()
+        VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -248,7 +271,7 @@ impl Drop for NicSocket {
             slot.take()
         };
         if let Some(h) = handle {
-            h.shutdown();
+            h.hang_up();
         }
         // Wake an accept that waits for QEMU: the loop sees `stop` and ends.
         let _ = UnixStream::connect(&self.path);
@@ -308,7 +331,10 @@ fn accept_loop(listener: Listener, shared: &Arc<Shared>) {
             let mut slot = shared.shutdown.lock().unwrap_or_else(|p| p.into_inner());
             let stopping = shared.stop.load(Ordering::Acquire);
             if !stopping && started.is_ok() {
-                *slot = daemon.shutdown_handle();
+                *slot = Some(Hangup {
+                    daemon: daemon.shutdown_handle(),
+                    filter: filter.as_ref().and_then(|f| f.ends().ok()),
+                });
             }
             stopping
         };
@@ -316,6 +342,9 @@ fn accept_loop(listener: Listener, shared: &Arc<Shared>) {
             daemon.request_shutdown();
             let _ = daemon.wait();
             if let Some(f) = filter {
+                if let Ok(ends) = f.ends() {
+                    ends.hang_up();
+                }
                 f.join();
             }
             *shared.connection() = None;

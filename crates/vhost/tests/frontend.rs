@@ -18,8 +18,9 @@ use telvirt_dataplane::pool::{Packet, Pool};
 use telvirt_dataplane::traffic::{GenConfig, Generator};
 use telvirt_dataplane::worker::{WorkerConfig, allowed_cores};
 use telvirt_vhost::{NET_HEADER, NicSocket, VhostUserNode};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM: usize = 1 << 20;
@@ -300,5 +301,60 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!((load(&stats.to_guest), load(&stats.from_guest)), (3, 1));
     assert!(calls[0].read().unwrap() > 0, "the guest was interrupted");
+
+    // A migration starts: the frontend asks for the dirty log (LOG_ALL, a shared log). A frame
+    // written into the guest afterwards marks its buffer's page and the used ring's page.
+    assert_ne!(features & (1 << 26), 0, "VHOST_F_LOG_ALL offered");
+    assert!(
+        protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD),
+        "LOG_SHMFD offered: {protocol:?}"
+    );
+    fe.set_features(1 << 32 | 1 << 30 | 1 << 26).unwrap();
+    let log = GuestRam::new();
+    fe.set_log_base(
+        0,
+        Some(VhostUserDirtyLogRegion {
+            mmap_size: (MEM / 4096 / 8) as u64,
+            mmap_offset: 0,
+            mmap_handle: log.fd.as_raw_fd(),
+        }),
+    )
+    .unwrap();
+    let page_dirty = |gpa: u64| {
+        let page = gpa / 4096;
+        log.read(page / 8, 1)[0] & (1 << (page % 8)) != 0
+    };
+    let (slot, used_ring) = (3u64, QUEUE_BASE[0] + 0x2000);
+    assert!(
+        !page_dirty(BUFFERS + slot * BUF) && !page_dirty(used_ring),
+        "a fresh log"
+    );
+    let one_more = Generator::new(
+        GenConfig {
+            count: Some(1),
+            ..GenConfig::default()
+        },
+        pool.buf_size(),
+    )
+    .unwrap();
+    panel
+        .add_node("gen2", &["out"], 0, Box::new(one_more))
+        .unwrap();
+    panel
+        .apply(&[
+            LinkSpec::parse("vm1.eth0 -> sink.in").unwrap(),
+            LinkSpec::parse("gen2.out -> vm1.eth0").unwrap(),
+        ])
+        .unwrap();
+    wait_for("a fourth frame in the guest", || ram.used_idx(0) == 4);
+    assert!(
+        page_dirty(BUFFERS + slot * BUF),
+        "the frame's page is logged"
+    );
+    assert!(page_dirty(used_ring), "the used ring's page is logged");
+    assert!(
+        !page_dirty(BUFFERS + 16 * BUF),
+        "a page nobody wrote is clean"
+    );
     panel.shutdown();
 }
