@@ -119,12 +119,6 @@ fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
             "its boot disk stays on its host (telvirt has no shared storage or block migration); only guests without a disk move",
         );
     }
-    if !vm.nics.is_empty() {
-        return refuse(
-            "spec.vm.nics",
-            "its vhost-user NICs keep no dirty log of the guest memory they write, so a copy of the guest would miss those pages",
-        );
-    }
     if !v.devices.is_empty() {
         let ids: Vec<&str> = v.devices.iter().map(|d| d.id.as_str()).collect();
         return refuse(

@@ -84,7 +84,7 @@ pub struct TransportFigures {
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    percentile(&v, 50.0)
+    percentile(&v, 0.5)
 }
 
 impl TransportFigures {
@@ -456,4 +456,45 @@ async fn trials(
         }
     }
     Ok((vhost_runs, tap_runs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use telvirt_dataplane::bench::Trial;
+    use telvirt_dataplane::hist::Percentiles;
+
+    fn run(mpps: f64, lost: u64, ndr_pps: u64) -> PathRun {
+        PathRun {
+            flood: FloodRun {
+                rate_pps: None,
+                sent: 1000,
+                received: 1000 - lost,
+                mpps,
+                offered_mpps: mpps,
+                latency: Percentiles::default(),
+            },
+            search: Some(RateSearch {
+                ndr_pps,
+                pdr_pps: ndr_pps + 1000,
+                trials: Vec::<Trial>::new(),
+            }),
+        }
+    }
+
+    #[test]
+    fn figures_are_the_medians_of_the_rounds() {
+        let f = TransportFigures::new(
+            "t",
+            vec![
+                run(0.3, 0, 20_000),
+                run(0.1, 5, 10_000),
+                run(0.2, 1, 30_000),
+            ],
+        );
+        assert_eq!(f.mpps_p50, 0.2);
+        assert_eq!(f.lost, vec![0, 5, 1]);
+        assert_eq!(f.ndr_mpps, 0.02);
+        assert_eq!(f.pdr_mpps, 0.021);
+    }
 }

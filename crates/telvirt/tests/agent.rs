@@ -814,6 +814,9 @@ const VM_DEADLINE: Duration = Duration::from_secs(240);
 /// The default guest on one dedicated core, without disk or NICs: it can move.
 const MOVING_VM: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: vmmove1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 256MiB }\n";
 
+/// The default guest with two vhost-user NICs, which its bridge joins: it forwards n3 <-> n6.
+const NIC_VM: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: vmnic1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  ports: [n3, n6]\n  vm: { memory: 256MiB, nics: [ { port: n3 }, { port: n6 } ] }\n";
+
 /// The pid of the QEMU an agent started for `vm` in its data dir `data`.
 fn qemu_pid_in(node: &Serve, data: &str, vm: &str) -> Option<i32> {
     std::fs::read_to_string(node.path(&format!("{data}/instances/{vm}/qemu.pid")))
@@ -957,6 +960,77 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
             .as_str()
             .is_some_and(|r| r.contains("moved from host a1 to host a2")
                 && r.contains("MiB of guest memory streamed"))),
+        "{events}"
+    );
+}
+
+/// Frames the sink of network `net` received (its second link, `net show -o json`).
+fn sink_link_packets(node: &Serve, net: &str) -> u64 {
+    node.json(&["net", "show", net])["status"]["links"][1]["packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A VM with vhost-user NICs in a chain (gen -> VM -> sink) moves live: its NICs listen on the
+/// destination before the waiting QEMU starts there, the pages its NICs write are logged
+/// (QEMU refuses to move a vhost-user guest otherwise), and after the switch the network runs
+/// on the new host with the same guest forwarding.
+#[test]
+fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
+    let _qemus = common::QemuGuard("vmnic1");
+    let guest = common::guest_binary();
+    let (node, _a1, _a2) = two_agents_with(
+        &["--move-timeout-ms", "60000"],
+        TWO_CORES,
+        &[("TELVIRT_GUEST_BIN", &guest)],
+    );
+    node.ok(&["host", "cordon", "a2"]);
+    node.create("vmnic1.yaml", NIC_VM);
+    let booted = node.wait_vnf_for("vmnic1", VM_DEADLINE, |v| {
+        assert_ne!(v["phase"], "Failed", "{v}");
+        v["phase"] == "Running"
+    });
+    assert_eq!(booted["placements"][0]["host"], "a1", "{booted}");
+    let source = qemu_pid_in(&node, "agent-data", "vmnic1").expect("a QEMU on a1");
+    node.ok(&["host", "uncordon", "a2"]);
+    std::fs::write(
+        node.path("c1.yaml"),
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: c1 }\nspec:\n  nodes:\n    \
+         - { name: gen, kind: generator, rate_pps: 1000 }\n    - { name: sink, kind: sink }\n  \
+         links:\n    - gen.out -> vmnic1.n3\n    - vmnic1.n6 -> sink.in\n",
+    )
+    .unwrap();
+    node.ok(&["net", "create", "-f", "c1.yaml"]);
+    common::wait_until_for("frames across the VM on a1", VM_DEADLINE, || {
+        sink_link_packets(&node, "c1") > 500
+    });
+
+    let moved = node.json(&["vnf", "migrate", "vmnic1", "--to", "a2", "--timeout", "240"]);
+    assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
+    wait_until("a1's QEMU ended after the switch", || {
+        !common::alive(source)
+    });
+    assert!(
+        qemu_pid_in(&node, "agent2-data", "vmnic1").is_some(),
+        "a QEMU on a2"
+    );
+    // The same guest forwards on a2: the sink's count grows again (a rate, read twice).
+    common::wait_until_for("frames across the VM on a2", VM_DEADLINE, || {
+        let before = sink_link_packets(&node, "c1");
+        std::thread::sleep(Duration::from_secs(1));
+        sink_link_packets(&node, "c1") >= before + 300
+    });
+    let console =
+        std::fs::read_to_string(node.path("agent2-data/instances/vmnic1/console.log")).unwrap();
+    assert!(
+        !console.contains("Linux version"),
+        "a2 booted a guest: {console}"
+    );
+    let events = node.json(&["vnf", "events", "vmnic1"]);
+    assert!(
+        events.as_array().unwrap().iter().any(|e| e["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("moved from host a1 to host a2"))),
         "{events}"
     );
 }

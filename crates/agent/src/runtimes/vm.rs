@@ -456,15 +456,24 @@ impl Runtime for VmRuntime {
         let prepared = self
             .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
             .await?;
-        // NICs and disks do not move (the controller refuses such moves): none is opened.
-        let cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        // Disks do not move (the controller refuses such moves). The NICs do: the incoming
+        // QEMU needs the same devices and the same shared RAM as the source's, and this host's
+        // sockets listen before it starts (its panel node stays out of every network until
+        // the switch makes this host the VM's).
+        let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        cfg.vhost_user_nics = self.open_nics(spec)?;
+        if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
+            cfg.shared_memory = true;
+        }
         // The stream comes over one passed socket: both ends tuned alike, multifd off.
         let tuning = MigrationTuning::tuned(prepared.accel.accel).over_one_stream();
-        let handle = prepared
-            .manager
-            .launch_incoming(cfg, &tuning)
-            .await
-            .map_err(failure)?;
+        let handle = match prepared.manager.launch_incoming(cfg, &tuning).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.close_nics(&spec.name);
+                return Err(failure(e));
+            }
+        };
         tracing::info!(vnf = %spec.name, pid = handle.pid(), "vm waiting for its guest's migration stream");
         self.arrival_table().remove(&spec.name);
         self.handles.lock().await.insert(spec.name.clone(), handle);
