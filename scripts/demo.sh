@@ -141,6 +141,27 @@ if "$TELVIRT" host list -o json | grep -q '"vm"'; then
   "$TELVIRT" vnf show upf1 | grep Reason
   run vnf detach upf1 rng0
   run vnf console upf1 --lines 5
+  echo "upf1's spec.vm.nics n3 and n6 are vhost-user ports of this node's data plane; its guest bridges them:"
+  cat >"$DATA/vmchain.yaml" <<'YAML'
+apiVersion: telvirt/v1
+kind: Network
+metadata: { name: vmchain }
+spec:
+  nodes:
+    - { name: gen, kind: generator, rate_pps: 2000 }
+    - { name: sink, kind: sink }
+  links:
+    - gen.out -> upf1.n3
+    - upf1.n6 -> sink.in
+YAML
+  run net create -f "$DATA/vmchain.yaml"
+  for _ in $(seq 1 600); do
+    n="$("$TELVIRT" net show vmchain -o json | grep -o '"packets": [0-9]*' | tail -1 | grep -o '[0-9]*$' || true)"
+    [ "${n:-0}" -gt 2000 ] && break
+    sleep 0.1
+  done
+  run net show vmchain
+  run net delete vmchain
   run vnf delete upf1
   # Gone, or a zombie waiting for its reaper (an adopted QEMU is not our child).
   state=""

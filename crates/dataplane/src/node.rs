@@ -103,7 +103,8 @@ pub struct NodeCounters {
     /// Sent to a port that had no link.
     pub unlinked: AtomicU64,
     /// Dropped by the node itself: a drop verdict (a firewall's deny, a VNF's drop, a verdict
-    /// naming no port), or a batch the stage failed (a trapping wasm module's).
+    /// naming no port), a batch the stage failed (a trapping wasm module's), or a frame a VM's
+    /// NIC could not pass (no buffer posted or left, too large, malformed).
     pub refused: AtomicU64,
 }
 
@@ -235,6 +236,14 @@ impl<'a> NodeIo<'a> {
             p.node_drops.refused.fetch_add(1, Ordering::Relaxed);
         }
         self.cache.free(self.pool, pkt);
+    }
+
+    /// Count `n` frames the node dropped that never had a pool buffer (a guest's malformed
+    /// frame, one the pool had no buffer for), as [`refuse`](Self::refuse) counts.
+    pub fn count_refused(&mut self, n: u64) {
+        if let Some(p) = self.ports.first() {
+            p.node_drops.refused.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// True when `port` has an outgoing link.

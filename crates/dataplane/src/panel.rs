@@ -489,6 +489,6 @@ fn prefix(network: &str, e: Error) -> Error {
 pub fn render_node_drops(node: &str, unlinked: u64, refused: u64) -> String {
     format!(
         "{node}: {unlinked} packets dropped on unlinked ports, {refused} dropped by the node \
-         itself (its verdict or a failed batch)\n"
+         itself (its verdict, a failed batch, a frame a VM's NIC could not pass)\n"
     )
 }

@@ -246,8 +246,8 @@ pub struct Grant {
     pub peripheral: Peripheral,
 }
 
-/// A virtio-net NIC whose backend is a vhost-user socket another process serves (the node's
-/// data plane), which listens before QEMU starts.
+/// A virtio-net NIC whose backend is another process (the node's data plane) that connects to
+/// the vhost-user socket QEMU serves (QEMU waits for it while it starts).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VhostUserNic {
     /// Names the NIC's QEMU objects (`tv-nic-<id>`): 1-32 letters, digits, '-', '_'.

@@ -1252,8 +1252,11 @@ pub fn qemu_args(
         ]);
     }
     for n in &cfg.vhost_user_nics {
+        // QEMU serves the socket and the node connects: a node that restarts connects again
+        // and QEMU takes it up (a client QEMU would reconnect as the user it dropped to, which
+        // cannot reach the node's private data directory).
         let chardev = format!(
-            "socket,id=tv-nic-{}-chr,path={}",
+            "socket,id=tv-nic-{}-chr,path={},server=on,wait=off",
             n.id,
             n.socket.to_string_lossy()
         );
@@ -1317,7 +1320,7 @@ mod tests {
         }];
         let j = qemu_args(&c, Path::new("/run/tv/fw1"), Accel::Tcg, None).join(" ");
         assert!(
-            j.contains("-chardev socket,id=tv-nic-in-chr,path=/run/tv/fw1/nic-in.sock -netdev vhost-user,id=tv-nic-in,chardev=tv-nic-in-chr -device virtio-net-pci,netdev=tv-nic-in,id=tv-nic-in-dev,mac=52:54:00:00:00:01"),
+            j.contains("-chardev socket,id=tv-nic-in-chr,path=/run/tv/fw1/nic-in.sock,server=on,wait=off -netdev vhost-user,id=tv-nic-in,chardev=tv-nic-in-chr -device virtio-net-pci,netdev=tv-nic-in,id=tv-nic-in-dev,mac=52:54:00:00:00:01"),
             "{j}"
         );
         let h = qemu_args(

@@ -277,8 +277,8 @@ async fn measure(format: Output, args: &VhostArgs, scratch: &Path) -> Result<Vho
     let _taps = Taps::create(&tap_names)?;
     let sockets = [scratch.join("n0.sock"), scratch.join("n1.sock")];
     let nics = [
-        NicSocket::listen(&sockets[0], "bench.n0")?,
-        NicSocket::listen(&sockets[1], "bench.n1")?,
+        NicSocket::open(&sockets[0], "bench.n0")?,
+        NicSocket::open(&sockets[1], "bench.n1")?,
     ];
 
     let mut vhost_cfg = config("tvb-vhu");

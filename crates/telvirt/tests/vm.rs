@@ -630,7 +630,8 @@ fn link_packets(node: &Node, net: &str, i: usize) -> u64 {
 
 /// A VM's `spec.vm.nics` are vhost-user NICs on the node's data plane: a generator's frames
 /// enter the guest on n3, cross the default guest's bridge and leave on n6 for the sink (under
-/// TCG, with the guest on INTx interrupts: see `kernel_command_line`).
+/// TCG, with the guest on INTx interrupts: see `kernel_command_line`), and again after the node
+/// was killed and restarted (it connects to the sockets the adopted QEMU serves).
 #[test]
 fn a_vm_in_a_chain_forwards_between_its_nics() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
@@ -658,6 +659,24 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(link_packets(&node, "c1", 0) >= 1000);
+
+    // The node dies and comes back: it adopts the running QEMU and connects to the NICs' sockets
+    // QEMU serves again; frames cross the same guest.
+    let pid = node.qemu_pid();
+    let mut node = node;
+    node.kill9();
+    node.start();
+    assert_eq!(node.qemu_pid(), pid, "the same QEMU");
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    let before = link_packets(&node, "c1", 1);
+    while link_packets(&node, "c1", 1) < before + 1000 {
+        assert!(
+            Instant::now() < deadline,
+            "no frames crossed the VM after the node's restart: {}",
+            String::from_utf8_lossy(&node.ok(&["net", "show", "c1"]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     node.ok(&["vnf", "delete", &vm]);
     wait_until_gone(&node, &vm);
     let deadline = Instant::now() + DEADLINE;

@@ -1,11 +1,13 @@
 //! The message filter between QEMU and a NIC's protocol daemon. QEMU's virtio-net (7.2 at
 //! least) enables its queue pair with `SET_VRING_ENABLE` when the guest's driver sets its
 //! features, before it sends `SET_FEATURES` to the backend, and does not enable the rings again
-//! when it starts the device; the backend crate refuses an enable until
-//! `VHOST_USER_F_PROTOCOL_FEATURES` is acknowledged and ends the connection. Without protocol
-//! features QEMU cannot start the device at all (EINVAL). So the filter holds such early
-//! enables back and passes the last state of each ring right after the first `SET_FEATURES`;
-//! every other message passes unchanged, with its file descriptors.
+//! when it starts the device, nor when it reconnects to a restarted node; the backend crate
+//! refuses an enable until `VHOST_USER_F_PROTOCOL_FEATURES` is acknowledged and ends the
+//! connection, and keeps every ring disabled until one comes. Without protocol features QEMU
+//! cannot start the device at all (EINVAL). So the filter holds early enables back and, right
+//! after the first `SET_FEATURES` with protocol features, passes each ring's state: the last
+//! one QEMU asked for, else enabled (a NIC of this backend has one queue pair, which QEMU
+//! never leaves disabled). Every other message passes unchanged, with its file descriptors.
 //!
 //! Owns the two forwarding threads of one connection; must not read or change any other
 //! message, and must not outlive either end.
@@ -140,9 +142,16 @@ fn passes(request: u32, flags: u32, size: usize, features_seen: bool) -> bool {
 }
 
 /// The rings' enable states held back until the features are acknowledged: the last state
-/// asked for each ring, in the order rings were first named. At most [`MAX_HELD`] rings.
-#[derive(Debug, Default)]
+/// asked for each ring, in the order rings were first named, starting from the queue pair's
+/// two rings enabled. At most [`MAX_HELD`] rings.
+#[derive(Debug)]
 struct HeldEnables(Vec<[u8; 8]>);
+
+impl Default for HeldEnables {
+    fn default() -> Self {
+        HeldEnables(vec![[0, 0, 0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 1, 0, 0, 0]])
+    }
+}
 
 /// More rings than a NIC of this backend has; an enable of a ring beyond them is dropped.
 const MAX_HELD: usize = 64;
@@ -231,7 +240,10 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
                 }
             }
             // The backend forgets the acknowledged features: enables wait again.
-            RESET_OWNER | RESET_DEVICE => features_seen = false,
+            RESET_OWNER | RESET_DEVICE => {
+                features_seen = false;
+                held = HeldEnables::default();
+            }
             _ => {}
         }
     }
@@ -296,8 +308,22 @@ mod tests {
     }
 
     #[test]
+    fn without_an_early_enable_both_rings_of_the_pair_are_enabled() {
+        let m = HeldEnables::default().messages();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            m[0],
+            message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0])[..]
+        );
+        assert_eq!(
+            m[1],
+            message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0])[..]
+        );
+    }
+
+    #[test]
     fn held_enables_keep_the_last_state_of_each_ring() {
-        let mut held = HeldEnables::default();
+        let mut held = HeldEnables(Vec::new());
         held.hold(&[0, 0, 0, 0, 1, 0, 0, 0]);
         held.hold(&[1, 0, 0, 0, 1, 0, 0, 0]);
         held.hold(&[0, 0, 0, 0, 0, 0, 0, 0]);
@@ -332,9 +358,11 @@ mod tests {
         let (qemu, qemu_peer) = UnixStream::pair().unwrap();
         let (daemon, daemon_peer) = UnixStream::pair().unwrap();
         let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
-        let early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        // Ring 0 disabled early; ring 1 never named before the features (enabled then).
+        let early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 0, 0, 0, 0]);
         let features = message(SET_FEATURES, &[0, 0, 0, 0x40, 1, 0, 0, 0]);
-        let late = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0]);
+        let ring1 = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0]);
+        let late = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 0, 0, 0, 0]);
         let file = tempfile::tempfile().unwrap();
         qemu.send_with_fds(&[&early[..]], &[]).unwrap();
         qemu.send_with_fds(&[&features[..]], &[file.as_raw_fd()])
@@ -356,17 +384,12 @@ mod tests {
         // SAFETY: the descriptor was just received and is owned here once.
         drop(unsafe { File::from_raw_fd(fds[0]) });
         assert_eq!(got, features);
-        let mut rest = vec![0u8; early.len() + late.len()];
+        let mut rest = vec![0u8; early.len() + ring1.len() + late.len()];
         (&daemon).read_exact(&mut rest).unwrap();
         assert_eq!(
-            rest[..early.len()],
-            early,
-            "the held enable follows the features"
-        );
-        assert_eq!(
-            rest[early.len()..],
-            late,
-            "an enable after the features passes"
+            rest,
+            [early, ring1, late].concat(),
+            "the held states follow the features, then an enable after them passes"
         );
         // A reply goes back; QEMU hanging up ends both threads.
         (&daemon).write_all(b"reply").unwrap();
@@ -410,7 +433,8 @@ mod tests {
         drop(qemu);
         let mut got = Vec::new();
         (&daemon).read_to_end(&mut got).unwrap();
-        let want = [plain.clone(), reset, with_protocol, early].concat();
+        let ring1 = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0]);
+        let want = [plain.clone(), reset, with_protocol, early, ring1].concat();
         assert_eq!(
             got, want,
             "the first enable dropped, the second held until the features"

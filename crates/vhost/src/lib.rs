@@ -1,11 +1,12 @@
-//! vhost-user-net NICs: each NIC of a VM is a vhost-user socket this process serves (QEMU
-//! connects to it as `-netdev vhost-user`) and a port of a node on the patch panel, so a VM
-//! joins networks as a wasm VNF does. QEMU shares the guest's RAM (memfd, `share=on`); the
+//! vhost-user-net NICs: each NIC of a VM is a vhost-user socket its QEMU serves
+//! (`-chardev socket,server=on` + `-netdev vhost-user`; this process connects, and connects
+//! again after either side restarts) and a port of a node on the patch panel, so a VM joins
+//! networks as a wasm VNF does. QEMU shares the guest's RAM (memfd, `share=on`); the
 //! data-plane worker polling the node copies frames between the guest's virtqueues and the
 //! panel's pool, and the protocol daemon's threads only answer QEMU's messages.
 //!
-//! Owns the sockets, one protocol daemon per connection, and the rings' polling; must not start
-//! QEMU nor decide which VNF port a NIC is (the vm runtime adapter does).
+//! Owns the connections, one protocol daemon per connection, and the rings' polling; must not
+//! start QEMU nor decide which VNF port a NIC is (the vm runtime adapter does).
 
 mod filter;
 
@@ -20,7 +21,6 @@ use std::time::Duration;
 
 use telvirt_dataplane::node::{BATCH, Node, NodeIo};
 use telvirt_dataplane::pool::Packet;
-use vhost::vhost_user::Listener;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
@@ -188,28 +188,32 @@ impl VhostUserBackend for NetBackend {
     }
 }
 
-/// One NIC's socket and the thread accepting QEMU on it (a new protocol daemon per
-/// connection). Dropping it ends the connection, the thread and the socket file.
+/// One NIC's connection to the socket its QEMU serves (`-chardev socket,server=on`), and the
+/// thread that connects to it, serves each connection with a new protocol daemon, and connects
+/// again when one ends: a node that restarts finds its VMs' NICs again, as a restarted switch
+/// does with QEMU in server mode. Dropping it ends the connection and the thread; the socket
+/// file is QEMU's.
 pub struct NicSocket {
     path: PathBuf,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long the connecting thread waits between two tries while QEMU does not listen.
+const CONNECT_RETRY: Duration = Duration::from_millis(50);
+
 impl NicSocket {
-    /// Listen on `path` (replacing a stale socket file) for the QEMU of NIC `name`.
-    pub fn listen(path: &Path, name: &str) -> Result<Self, Error> {
-        let socket_err = |reason: String| Error::Socket {
-            path: path.to_path_buf(),
-            reason,
-        };
+    /// Connects (and keeps connecting) to the socket at `path` that NIC `name`'s QEMU serves.
+    pub fn open(path: &Path, name: &str) -> Result<Self, Error> {
         if path.as_os_str().len() > MAX_SOCKET_PATH {
-            return Err(socket_err(format!(
-                "the path is {} bytes; a UNIX socket path has at most {MAX_SOCKET_PATH}",
-                path.as_os_str().len()
-            )));
+            return Err(Error::Socket {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "the path is {} bytes; a UNIX socket path has at most {MAX_SOCKET_PATH}",
+                    path.as_os_str().len()
+                ),
+            });
         }
-        let listener = Listener::new(path, true).map_err(|e| socket_err(e.to_string()))?;
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             connection: Mutex::new(None),
@@ -218,9 +222,10 @@ impl NicSocket {
             stats: NicStats::default(),
         });
         let for_thread = Arc::clone(&shared);
+        let at = path.to_path_buf();
         let thread = std::thread::Builder::new()
             .name(format!("vhost-{name}"))
-            .spawn(move || accept_loop(listener, &for_thread))
+            .spawn(move || connect_loop(&at, &for_thread))
             .map_err(Error::Thread)?;
         Ok(NicSocket {
             path: path.to_path_buf(),
@@ -258,9 +263,9 @@ impl NicSocket {
 
 impl Drop for NicSocket {
     fn drop(&mut self) {
-        // `stop` is set under the same lock the accept loop stores a connection's shutdown
-        // handle under: either the handle is here to end the connection, or the loop sees
-        // `stop` before it waits on one.
+        // `stop` is set under the same lock the loop stores a connection's hang-up under:
+        // either the hang-up is here to end the connection, or the loop sees `stop` before it
+        // serves one.
         let handle = {
             let mut slot = self
                 .shared
@@ -273,17 +278,22 @@ impl Drop for NicSocket {
         if let Some(h) = handle {
             h.hang_up();
         }
-        // Wake an accept that waits for QEMU: the loop sees `stop` and ends.
-        let _ = UnixStream::connect(&self.path);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
-fn accept_loop(listener: Listener, shared: &Arc<Shared>) {
+fn connect_loop(path: &Path, shared: &Arc<Shared>) {
     while !shared.stop.load(Ordering::Acquire) {
+        let qemu = match UnixStream::connect(path) {
+            Ok(s) => s,
+            Err(_) => {
+                // QEMU not started yet, gone, or restarting: try again shortly.
+                std::thread::sleep(CONNECT_RETRY);
+                continue;
+            }
+        };
         let mem = GuestMemory::new(GuestMemoryMmap::new());
         let backend = Arc::new(NetBackend {
             shared: Arc::clone(shared),
@@ -298,20 +308,12 @@ fn accept_loop(listener: Listener, shared: &Arc<Shared>) {
                     continue;
                 }
             };
-        let qemu = match listener.accept() {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::warn!(nic = %shared.name, "vhost-user accept: {e}");
-                std::thread::sleep(Duration::from_millis(500));
-                continue;
-            }
-        };
         // The daemon takes its connection from a private listener; the filter stands between.
         let (mut inner, ours) = match filter::private_pair() {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(nic = %shared.name, "vhost-user connection refused: {e}");
+                std::thread::sleep(Duration::from_millis(500));
                 continue;
             }
         };
@@ -367,6 +369,8 @@ fn accept_loop(listener: Listener, shared: &Arc<Shared>) {
         }
         *shared.connection() = None;
         *shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // A QEMU that hung up on purpose (it exits, or resets the device) is connected to
+        // again at once if it still listens.
     }
 }
 
@@ -423,10 +427,12 @@ impl NicPort {
                     match frame {
                         None => {
                             stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
+                            io.count_refused(1);
                         }
                         Some((mut r, len)) => match io.alloc() {
                             None => {
                                 stats.no_buffer.fetch_add(1, Ordering::Relaxed);
+                                io.count_refused(1);
                             }
                             Some(mut pkt) => {
                                 let mut ok = true;
@@ -437,7 +443,7 @@ impl NicPort {
                                 if ok {
                                     self.buf.push(pkt);
                                 } else {
-                                    io.free(pkt);
+                                    io.refuse(pkt);
                                     stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
@@ -479,7 +485,7 @@ impl NicPort {
         for pkt in self.buf.drain(..) {
             let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
                 stats.no_buffer.fetch_add(1, Ordering::Relaxed);
-                io.free(pkt);
+                io.refuse(pkt);
                 continue;
             };
             let head = chain.head_index();
@@ -496,13 +502,14 @@ impl NicPort {
                     stats.to_guest.fetch_add(1, Ordering::Relaxed);
                     let _ = st.add_used(head, u32::try_from(n).unwrap_or(0));
                     moved += 1;
+                    io.free(pkt);
                 }
                 None => {
                     stats.to_guest_too_big.fetch_add(1, Ordering::Relaxed);
                     let _ = st.add_used(head, 0);
+                    io.refuse(pkt);
                 }
             }
-            io.free(pkt);
         }
         if st.needs_notification().unwrap_or(true) {
             let _ = st.signal_used_queue();
@@ -547,36 +554,41 @@ mod tests {
     }
 
     #[test]
-    fn a_socket_serves_one_connection_after_another_and_goes_with_its_nic() {
+    fn a_nic_connects_to_its_qemu_again_after_each_hang_up_until_it_goes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nic0.sock");
-        let nic = NicSocket::listen(&path, "vm1.n3").unwrap();
-        assert!(path.exists());
+        // Opened before QEMU listens: it keeps trying.
+        let nic = NicSocket::open(&path, "vm1.n3").unwrap();
+        std::thread::sleep(CONNECT_RETRY * 2);
+        let qemu = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(!nic.is_running(), "no QEMU yet");
-        // Two peers that hang up at once: each is a connection, and the socket stays.
+        // Two connections QEMU ends at once: each is counted, and the NIC connects again
+        // (possibly before the count is read: at least n).
         for n in 1..=2 {
-            drop(UnixStream::connect(&path).unwrap());
+            let (conn, _) = qemu.accept().unwrap();
+            drop(conn);
             wait_for("the connection counted", || {
-                nic.stats().connections.load(Ordering::Relaxed) == n
+                nic.stats().connections.load(Ordering::Relaxed) >= n
             });
         }
+        let (third, _) = qemu.accept().unwrap();
         assert!(
             !nic.is_running(),
             "a peer that sent nothing gives no virtqueues"
         );
+        // Dropping the NIC hangs up on QEMU and connects no more.
         drop(nic);
-        assert!(!path.exists(), "the socket file goes with the NIC");
+        let mut buf = [0u8; 1];
+        assert_eq!((&third).read(&mut buf).unwrap(), 0, "hung up");
+        qemu.set_nonblocking(true).unwrap();
+        std::thread::sleep(CONNECT_RETRY * 3);
+        assert!(qemu.accept().is_err(), "no connection after the drop");
     }
 
     #[test]
-    fn a_socket_path_that_cannot_be_bound_is_refused_with_the_path() {
+    fn a_socket_path_longer_than_a_unix_socket_takes_is_refused_with_the_path() {
         let long = PathBuf::from(format!("/tmp/{}.sock", "x".repeat(120)));
-        let e = NicSocket::listen(&long, "n").err().unwrap().to_string();
+        let e = NicSocket::open(&long, "n").err().unwrap().to_string();
         assert!(e.contains("at most 107") && e.contains("xxxx"), "{e}");
-        let e = NicSocket::listen(Path::new("/nonexistent-dir/n.sock"), "n")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(e.contains("/nonexistent-dir/n.sock"), "{e}");
     }
 }

@@ -7,7 +7,6 @@
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -160,7 +159,9 @@ fn wait_for(what: &str, f: impl Fn() -> bool) {
 fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nic.sock");
-    let nic = NicSocket::listen(&path, "vm1.eth0").unwrap();
+    // QEMU serves the socket; the NIC connects to it.
+    let qemu = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let nic = NicSocket::open(&path, "vm1.eth0").unwrap();
     let pool = Arc::new(Pool::new("vhost-test", 1024, 2048).unwrap());
     let core = allowed_cores().unwrap()[0];
     let mut panel = PatchPanel::new(
@@ -186,7 +187,7 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     // device is realized, the queue pair enabled when the guest's driver sets its features
     // (before any SET_FEATURES reaches the backend), then the device started at DRIVER_OK.
     let ram = GuestRam::new();
-    let stream = UnixStream::connect(&path).unwrap();
+    let (stream, _) = qemu.accept().unwrap();
     let mut fe = Frontend::from_stream(stream.try_clone().unwrap(), 2);
     fe.set_owner().unwrap();
     let features = fe.get_features().unwrap();
@@ -356,5 +357,32 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
         !page_dirty(BUFFERS + 16 * BUF),
         "a page nobody wrote is clean"
     );
+
+    // A buffer too small for the next frame: the frame is dropped where it vanishes, counted
+    // as the node's own drop (`net show`) and by the NIC, and the buffer goes back empty.
+    assert_eq!(panel.node_drops("vm1").map(|d| d.refused), Some(0));
+    ram.descriptor(0, 4, BUFFERS + 4 * BUF, 40, VIRTQ_DESC_F_WRITE);
+    ram.offer(0, 4, &[4]);
+    let too_big = Generator::new(
+        GenConfig {
+            count: Some(1),
+            ..GenConfig::default()
+        },
+        pool.buf_size(),
+    )
+    .unwrap();
+    panel
+        .add_node("gen3", &["out"], 0, Box::new(too_big))
+        .unwrap();
+    panel
+        .apply(&[
+            LinkSpec::parse("vm1.eth0 -> sink.in").unwrap(),
+            LinkSpec::parse("gen3.out -> vm1.eth0").unwrap(),
+        ])
+        .unwrap();
+    wait_for("the small buffer returned", || ram.used_idx(0) == 5);
+    assert_eq!(ram.used(0, 4), (4, 0));
+    assert_eq!(load(&stats.to_guest_too_big), 1);
+    assert_eq!(panel.node_drops("vm1").map(|d| d.refused), Some(1));
     panel.shutdown();
 }

@@ -156,7 +156,7 @@ impl VmRuntime {
         let mut config = Vec::new();
         for (i, nic) in nics.iter().enumerate() {
             let path = spec.state_dir.join(format!("nic-{}.sock", nic.port));
-            let socket = NicSocket::listen(&path, &format!("{}.{}", spec.name, nic.port))
+            let socket = NicSocket::open(&path, &format!("{}.{}", spec.name, nic.port))
                 .map_err(|e| failure(format!("spec.vm.nics[{i}] ({}): {e}", nic.port)))?;
             config.push(VhostUserNic {
                 // Port names may be longer than QEMU ids should be: the NIC's index names it.
@@ -425,7 +425,8 @@ impl Runtime for VmRuntime {
             .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
             .await?;
         let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
-        // The NICs' sockets listen before QEMU starts: QEMU connects to them while it starts.
+        // The NICs try to connect before QEMU starts: QEMU serves their sockets and waits for
+        // them while it starts.
         cfg.vhost_user_nics = self.open_nics(spec)?;
         if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
             cfg.shared_memory = true;
@@ -579,17 +580,10 @@ impl Runtime for VmRuntime {
         match self.plain_manager().adopt_dir(&spec.state_dir).await {
             Ok(handle) => {
                 tracing::info!(vnf = %spec.name, pid = handle.pid(), "re-adopted running QEMU");
-                if spec
-                    .descriptor
-                    .spec
-                    .vm
-                    .as_ref()
-                    .is_some_and(|vm| !vm.nics.is_empty())
-                {
-                    tracing::warn!(
-                        vnf = %spec.name,
-                        "its spec.vm.nics stay disconnected until the vm restarts (ADR 056): their QEMU side does not reconnect to this agent"
-                    );
+                // Its NICs connect to QEMU's sockets again: QEMU serves them and takes the new
+                // connection in place of the one that ended with the previous agent.
+                if let Err(e) = self.open_nics(spec) {
+                    tracing::warn!(vnf = %spec.name, "its spec.vm.nics stay disconnected: {}", e.0);
                 }
                 self.handles.lock().await.insert(spec.name.clone(), handle);
                 Ok(true)
