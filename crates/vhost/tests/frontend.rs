@@ -155,6 +155,27 @@ fn wait_for(what: &str, f: impl Fn() -> bool) {
     }
 }
 
+/// A generator `name` that sends `count` frames to the guest's NIC (in place of the previous).
+fn send_to_guest(panel: &mut PatchPanel, pool: &Pool, name: &str, count: u64) {
+    let generator = Generator::new(
+        GenConfig {
+            count: Some(count),
+            ..GenConfig::default()
+        },
+        pool.buf_size(),
+    )
+    .unwrap();
+    panel
+        .add_node(name, &["out"], 0, Box::new(generator))
+        .unwrap();
+    panel
+        .apply(&[
+            LinkSpec::parse("vm1.eth0 -> sink.in").unwrap(),
+            LinkSpec::parse(&format!("{name}.out -> vm1.eth0")).unwrap(),
+        ])
+        .unwrap();
+}
+
 #[test]
 fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     let dir = tempfile::tempdir().unwrap();
@@ -273,23 +294,7 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     assert_eq!(ram.used(1, 0), (0, 0));
 
     // Panel → guest: three generated frames land in three of the four buffers.
-    let generator = Generator::new(
-        GenConfig {
-            count: Some(3),
-            ..GenConfig::default()
-        },
-        pool.buf_size(),
-    )
-    .unwrap();
-    panel
-        .add_node("gen", &["out"], 0, Box::new(generator))
-        .unwrap();
-    panel
-        .apply(&[
-            LinkSpec::parse("vm1.eth0 -> sink.in").unwrap(),
-            LinkSpec::parse("gen.out -> vm1.eth0").unwrap(),
-        ])
-        .unwrap();
+    send_to_guest(&mut panel, &pool, "gen", 3);
     wait_for("three frames in the guest", || ram.used_idx(0) == 3);
     for slot in 0..3u16 {
         let (id, len) = ram.used(0, slot);
@@ -330,23 +335,7 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
         !page_dirty(BUFFERS + slot * BUF) && !page_dirty(used_ring),
         "a fresh log"
     );
-    let one_more = Generator::new(
-        GenConfig {
-            count: Some(1),
-            ..GenConfig::default()
-        },
-        pool.buf_size(),
-    )
-    .unwrap();
-    panel
-        .add_node("gen2", &["out"], 0, Box::new(one_more))
-        .unwrap();
-    panel
-        .apply(&[
-            LinkSpec::parse("vm1.eth0 -> sink.in").unwrap(),
-            LinkSpec::parse("gen2.out -> vm1.eth0").unwrap(),
-        ])
-        .unwrap();
+    send_to_guest(&mut panel, &pool, "gen2", 1);
     wait_for("a fourth frame in the guest", || ram.used_idx(0) == 4);
     assert!(
         page_dirty(BUFFERS + slot * BUF),
@@ -363,23 +352,7 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     assert_eq!(panel.node_drops("vm1").map(|d| d.refused), Some(0));
     ram.descriptor(0, 4, BUFFERS + 4 * BUF, 40, VIRTQ_DESC_F_WRITE);
     ram.offer(0, 4, &[4]);
-    let too_big = Generator::new(
-        GenConfig {
-            count: Some(1),
-            ..GenConfig::default()
-        },
-        pool.buf_size(),
-    )
-    .unwrap();
-    panel
-        .add_node("gen3", &["out"], 0, Box::new(too_big))
-        .unwrap();
-    panel
-        .apply(&[
-            LinkSpec::parse("vm1.eth0 -> sink.in").unwrap(),
-            LinkSpec::parse("gen3.out -> vm1.eth0").unwrap(),
-        ])
-        .unwrap();
+    send_to_guest(&mut panel, &pool, "gen3", 1);
     wait_for("the small buffer returned", || ram.used_idx(0) == 5);
     assert_eq!(ram.used(0, 4), (4, 0));
     assert_eq!(load(&stats.to_guest_too_big), 1);
