@@ -675,6 +675,7 @@ fn holds_open(pid: i32, path: &std::path::Path) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::PermissionsExt;
     use telvirt_runtime_vm::{Confinement, QemuUser};
     let _slot = BOOT_SLOT.acquire().await.unwrap();
@@ -696,11 +697,26 @@ async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
     }
     assert!(!root.path().join("confine1").exists());
 
+    // A descriptor this process holds without close-on-exec (as the vhost-user daemon holds
+    // other VMs' guest RAM) does not reach QEMU.
+    let secret = root.path().join("other-vm-ram");
+    std::fs::write(&secret, b"x").unwrap();
+    let secret_fd = std::fs::File::open(&secret).unwrap();
+    // SAFETY: fcntl on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::fcntl(secret_fd.as_raw_fd(), libc::F_SETFD, 0) },
+        0
+    );
     let mgr = common::manager(root.path());
     let vm = mgr.start(common::config("confine1")).await.unwrap();
     let _guard = VmGuard(vm.clone());
     assert_eq!(vm.phase(), VmPhase::Running);
     let pid = vm.pid();
+    assert!(
+        !holds_open(pid, &secret),
+        "QEMU inherited a descriptor of the node's"
+    );
+    drop(secret_fd);
 
     // The kernel says QEMU runs under a seccomp filter (mode 2) ...
     assert_eq!(proc_status_field(pid, "Seccomp"), vec!["2"]);

@@ -403,12 +403,17 @@ fn samples(v: &[f64]) -> String {
         .join(" ")
 }
 
-/// A short scratch dir in /tmp (unix socket paths under it are limited to ~100 bytes).
+/// A short scratch dir in /tmp (unix socket paths under it are limited to ~100 bytes), new
+/// and for this user alone (a name another user could have made first would let them plant
+/// sockets and links in it); the caller removes it.
 fn tempfile_dir() -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("tvb-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .with_context(|| format!("cannot create scratch dir {}", dir.display()))?;
-    Ok(dir)
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::Builder::new()
+        .prefix("tvb")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("cannot create a scratch dir")?;
+    Ok(dir.keep())
 }
 
 // ----- telvirt vnf console / attach / detach -----

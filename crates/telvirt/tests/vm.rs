@@ -766,7 +766,16 @@ fn bench_vhost_measures_both_transports_in_one_run() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(BIN)
         .args(["bench", "vhost", "--rounds", "1", "--frames", "2000"])
-        .args(["--search-steps", "1", "--accel", "tcg", "-o", "json"])
+        .args([
+            "--search-steps",
+            "1",
+            "--trial-ms",
+            "300",
+            "--accel",
+            "tcg",
+            "-o",
+            "json",
+        ])
         .arg("--image-cache")
         .arg(common::shared_image_cache())
         .env("TELVIRT_GUEST_BIN", common::guest_binary())

@@ -72,9 +72,10 @@ pub struct NicStats {
     /// Guest frames that were empty, larger than a pool buffer, or unreadable (dropped).
     pub from_guest_bad: AtomicU64,
     /// Frames dropped for want of a buffer: a guest frame when the pool had none, a frame for
-    /// the guest when it had posted none.
+    /// the guest whose posted buffer vanished between counting and taking it (frames for a
+    /// guest that posted none wait on the link, where a full ring counts its drops).
     pub no_buffer: AtomicU64,
-    /// Connections from QEMU so far.
+    /// Connections to QEMU so far.
     pub connections: AtomicU64,
 }
 
@@ -199,8 +200,12 @@ pub struct NicSocket {
     thread: Option<JoinHandle<()>>,
 }
 
-/// How long the connecting thread waits between two tries while QEMU does not listen.
+/// How long the connecting thread waits between two tries while QEMU does not listen, and
+/// after a connection that ended before its QEMU handed the virtqueues over (doubling up to
+/// [`CONNECT_RETRY_MAX`] while that repeats: a QEMU that accepts and hangs up at once does not
+/// make the node spin).
 const CONNECT_RETRY: Duration = Duration::from_millis(50);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
 
 impl NicSocket {
     /// Connects (and keeps connecting) to the socket at `path` that NIC `name`'s QEMU serves.
@@ -285,12 +290,13 @@ impl Drop for NicSocket {
 }
 
 fn connect_loop(path: &Path, shared: &Arc<Shared>) {
+    let mut after_empty = CONNECT_RETRY;
     while !shared.stop.load(Ordering::Acquire) {
         let qemu = match UnixStream::connect(path) {
             Ok(s) => s,
             Err(_) => {
                 // QEMU not started yet, gone, or restarting: try again shortly.
-                std::thread::sleep(CONNECT_RETRY);
+                pause(shared, CONNECT_RETRY);
                 continue;
             }
         };
@@ -304,7 +310,7 @@ fn connect_loop(path: &Path, shared: &Arc<Shared>) {
                 Ok(d) => d,
                 Err(e) => {
                     tracing::warn!(nic = %shared.name, "vhost-user daemon: {e}");
-                    std::thread::sleep(Duration::from_millis(500));
+                    pause(shared, Duration::from_millis(500));
                     continue;
                 }
             };
@@ -313,7 +319,7 @@ fn connect_loop(path: &Path, shared: &Arc<Shared>) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(nic = %shared.name, "vhost-user connection refused: {e}");
-                std::thread::sleep(Duration::from_millis(500));
+                pause(shared, Duration::from_millis(500));
                 continue;
             }
         };
@@ -367,10 +373,31 @@ fn connect_loop(path: &Path, shared: &Arc<Shared>) {
         if let Some(f) = filter {
             f.join();
         }
-        *shared.connection() = None;
+        let served = shared
+            .connection()
+            .take()
+            .is_some_and(|c| c.vrings.is_some());
         *shared.shutdown.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        // A QEMU that hung up on purpose (it exits, or resets the device) is connected to
-        // again at once if it still listens.
+        // A QEMU that hung up after running (it exits, or resets the device) is connected to
+        // again at once if it still listens; one that hangs up before, ever later.
+        after_empty = if served {
+            CONNECT_RETRY
+        } else {
+            pause(shared, after_empty);
+            (after_empty * 2).min(CONNECT_RETRY_MAX)
+        };
+    }
+}
+
+/// Sleeps `d`, or less when the NIC is being dropped.
+fn pause(shared: &Shared, d: Duration) {
+    let until = std::time::Instant::now() + d;
+    while !shared.stop.load(Ordering::Acquire) {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(CONNECT_RETRY));
     }
 }
 

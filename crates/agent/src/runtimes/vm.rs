@@ -599,6 +599,8 @@ impl Runtime for VmRuntime {
         };
         let how = handle.stop().await.map_err(failure)?;
         tracing::info!(vnf = %name, "vm stopped ({how:?})");
+        // Its NICs stop connecting to a QEMU that is gone; a start opens them again.
+        self.close_nics(name);
         Ok(())
     }
 
