@@ -27,7 +27,7 @@ pub use accel::{AccelDecision, AccelProbe};
 pub use bench::{BenchOptions, VmBenchReport};
 pub use config::{
     Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
-    Peripheral, VhostUserNic, VmConfig, kernel_command_line, parse_qemu_version,
+    Peripheral, VhostUserNic, VmConfig, parse_qemu_version, vhost_user_nic_options,
 };
 pub use confine::{Confinement, QemuUser};
 pub use error::{Error, Result};

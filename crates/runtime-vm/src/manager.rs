@@ -1256,12 +1256,10 @@ pub fn qemu_args(
         if let Some(i) = &cfg.initrd {
             push(&["-initrd", &i.to_string_lossy()]);
         }
-        let append = crate::config::kernel_command_line(
+        push(&[
+            "-append",
             cfg.append.as_deref().unwrap_or(image::DEFAULT_APPEND),
-            accel,
-            !cfg.vhost_user_nics.is_empty(),
-        );
-        push(&["-append", &append]);
+        ]);
     }
     if let Some(d) = &cfg.disk {
         let drive = format!(
@@ -1287,8 +1285,10 @@ pub fn qemu_args(
         );
         let netdev = format!("vhost-user,id=tv-nic-{0},chardev=tv-nic-{0}-chr", n.id);
         let device = format!(
-            "virtio-net-pci,netdev=tv-nic-{0},id=tv-nic-{0}-dev,mac={1}",
-            n.id, n.mac
+            "virtio-net-pci,netdev=tv-nic-{0},id=tv-nic-{0}-dev,mac={1}{2}",
+            n.id,
+            n.mac,
+            crate::config::vhost_user_nic_options(accel)
         );
         push(&["-chardev", &chardev, "-netdev", &netdev, "-device", &device]);
     }
@@ -1345,7 +1345,7 @@ mod tests {
         }];
         let j = qemu_args(&c, Path::new("/run/tv/fw1"), Accel::Tcg, None).join(" ");
         assert!(
-            j.contains("-chardev socket,id=tv-nic-in-chr,path=/run/tv/fw1/nic-in.sock,server=on,wait=off -netdev vhost-user,id=tv-nic-in,chardev=tv-nic-in-chr -device virtio-net-pci,netdev=tv-nic-in,id=tv-nic-in-dev,mac=52:54:00:00:00:01"),
+            j.contains("-chardev socket,id=tv-nic-in-chr,path=/run/tv/fw1/nic-in.sock,server=on,wait=off -netdev vhost-user,id=tv-nic-in,chardev=tv-nic-in-chr -device virtio-net-pci,netdev=tv-nic-in,id=tv-nic-in-dev,mac=52:54:00:00:00:01,vectors=0"),
             "{j}"
         );
         let h = qemu_args(

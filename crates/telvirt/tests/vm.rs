@@ -630,7 +630,7 @@ fn link_packets(node: &Node, net: &str, i: usize) -> u64 {
 
 /// A VM's `spec.vm.nics` are vhost-user NICs on the node's data plane: a generator's frames
 /// enter the guest on n3, cross the default guest's bridge and leave on n6 for the sink (under
-/// TCG, with the guest on INTx interrupts: see `kernel_command_line`), and again after the node
+/// TCG, its NICs on INTx interrupts: see `vhost_user_nic_options`), and again after the node
 /// was killed and restarted (it connects to the sockets the adopted QEMU serves).
 #[test]
 fn a_vm_in_a_chain_forwards_between_its_nics() {
