@@ -855,6 +855,10 @@ fn steering_switches_between_two_firewalls_and_latency_chain_probes_the_chain() 
 
 /// The module counter `name` of `vnf`, from `vnf stats -o json`.
 fn module_counter(node: &Serve, vnf: &str, name: &str) -> u64 {
+    // Counters are read from the running instance: under the load of a traffic test on two
+    // cores the host's lease can lapse for a moment (the VNF is Unknown until its next
+    // heartbeat), which is not what these tests check.
+    node.wait_phase(vnf, "Running");
     let s = node.json(&["vnf", "stats", vnf]);
     s["counters"]
         .as_array()
