@@ -232,9 +232,7 @@ impl<'a> NodeIo<'a> {
 
     /// Free `pkt`, counted as dropped by the node's own verdict.
     pub fn refuse(&mut self, pkt: Packet) {
-        if let Some(p) = self.ports.first() {
-            p.node_drops.refused.fetch_add(1, Ordering::Relaxed);
-        }
+        self.count_refused(1);
         self.cache.free(self.pool, pkt);
     }
 

@@ -173,8 +173,41 @@ pub fn probe_sandbox_value() -> String {
     format!("on,{SANDBOX_DENY},{SANDBOX_DENY_ELEVATE}")
 }
 
+/// A command that runs QEMU `program` with nothing of this process's but stdio: the node
+/// holds other VMs' guest RAM and eventfds (their vhost-user NICs' memory tables, received
+/// without close-on-exec), which the kernel would hand to every child that does not close
+/// them. Every QEMU telvirt starts, probes included, is built here; devices reach QEMU over QMP
+/// (`getfd`).
+pub fn qemu_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(program);
+    // SAFETY: the closure calls only close_range, getrlimit and fcntl, which are
+    // async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
+                // Kernels before 5.11: mark each descriptor up to the open-file limit.
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur.min(1 << 20) as i32
+                } else {
+                    4096
+                };
+                for fd in 3..top {
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 async fn probe(qemu: PathBuf) -> QemuCaps {
-    let help = tokio::process::Command::new(&qemu)
+    let help = tokio::process::Command::from(qemu_command(&qemu))
         .arg("-help")
         .stdin(std::process::Stdio::null())
         .output()
@@ -218,7 +251,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
 /// Start QEMU with no machine under the full filter and ask it to quit over QMP on stdio.
 async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
     let sandbox = probe_sandbox_value();
-    let child = tokio::process::Command::new(qemu)
+    let child = tokio::process::Command::from(qemu_command(qemu))
         .args([
             "-machine",
             "none",

@@ -299,37 +299,12 @@ impl VmManager {
         let log2 = log
             .try_clone()
             .map_err(Error::io("clone qemu.log handle"))?;
-        let mut cmd = Command::new(&self.qemu);
+        let mut cmd = Command::from(crate::confine::qemu_command(&self.qemu));
         cmd.args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
             .process_group(0);
-        // Nothing of this process's but stdio reaches QEMU: the node holds other VMs' guest RAM
-        // and eventfds (their vhost-user NICs' memory tables), which the kernel would hand to
-        // every child that does not close them. Devices reach QEMU over QMP (`getfd`).
-        // SAFETY: the closure calls only close_range, getrlimit and fcntl, which are
-        // async-signal-safe, and allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) != 0 {
-                    // Kernels before 5.11: mark each descriptor up to the open-file limit.
-                    let mut limit = libc::rlimit {
-                        rlim_cur: 0,
-                        rlim_max: 0,
-                    };
-                    let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-                        limit.rlim_cur.min(1 << 20) as i32
-                    } else {
-                        4096
-                    };
-                    for fd in 3..top {
-                        libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                    }
-                }
-                Ok(())
-            });
-        }
         if plan.applied.dropped && cfg.lock_memory {
             // With mem-lock=on (MCL_FUTURE) an unprivileged QEMU could map nothing more than
             // RLIMIT_MEMLOCK once it has dropped CAP_IPC_LOCK: lift the limit before exec

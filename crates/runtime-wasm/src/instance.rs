@@ -641,13 +641,6 @@ impl VnfInstance {
             .snapshot_slice(max_bytes)
     }
 
-    /// [`MapSet::abort_sliced_snapshot`] of this instance's maps.
-    pub fn abort_sliced_map_snapshot(&mut self) {
-        if let Some(h) = self.host_mut() {
-            h.maps.abort_sliced_snapshot();
-        }
-    }
-
     /// A copy of every map's entries to encode outside the instance, the update log's chain
     /// left alone (a copy for disk).
     pub fn copy_maps(&self) -> Result<crate::maps::MapsCopy> {

@@ -777,13 +777,19 @@ impl MapSet {
         self.maps.get_mut(id)?.lookup(key)
     }
 
-    /// Updates map `id`; returns an ABI code. Logged when the update log is on.
-    pub fn update(&mut self, id: usize, key: &[u8], value: &[u8], flags: i32) -> i32 {
+    /// Before `key` of map `id` changes: a sliced snapshot under way saves the entry as it was
+    /// if its slot was not copied yet.
+    fn note_change(&mut self, id: usize, key: &[u8]) {
         if let Some(sl) = self.slicing.as_mut()
             && let Some(m) = self.maps.get(id)
         {
             sl.before_change(id, m, key);
         }
+    }
+
+    /// Updates map `id`; returns an ABI code. Logged when the update log is on.
+    pub fn update(&mut self, id: usize, key: &[u8], value: &[u8], flags: i32) -> i32 {
+        self.note_change(id, key);
         let Some(m) = self.maps.get_mut(id) else {
             return code::EINVAL;
         };
@@ -811,11 +817,7 @@ impl MapSet {
 
     /// Deletes a key from map `id`; returns an ABI code. Logged when the update log is on.
     pub fn delete(&mut self, id: usize, key: &[u8]) -> i32 {
-        if let Some(sl) = self.slicing.as_mut()
-            && let Some(m) = self.maps.get(id)
-        {
-            sl.before_change(id, m, key);
-        }
+        self.note_change(id, key);
         let Some(m) = self.maps.get_mut(id) else {
             return code::EINVAL;
         };

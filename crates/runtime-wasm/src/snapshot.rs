@@ -343,11 +343,6 @@ impl MapSet {
         Ok(Some(done.out))
     }
 
-    /// Ends a sliced snapshot under way (its buffer freed); the update log goes on.
-    pub fn abort_sliced_snapshot(&mut self) {
-        self.slicing = None;
-    }
-
     /// Encodes every map into a snapshot, leaving the update log and its chain as they are
     /// (a copy kept on disk must not break a standby's stream of logs).
     pub fn encode(&self) -> Vec<u8> {

@@ -23,7 +23,8 @@ use telvirt_runtime_vm::{
 };
 use telvirt_vhost::{NicSocket, VhostUserNode};
 
-use crate::bench_control::percentile;
+use crate::bench_handover::poll_until;
+use crate::bench_ports::{median, ratio};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -85,11 +86,6 @@ pub struct TransportFigures {
     pub pdr_mpps: f64,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    percentile(&v, 0.5)
-}
-
 impl TransportFigures {
     fn new(setup: &'static str, runs: Vec<PathRun>) -> Self {
         let mpps: Vec<f64> = runs.iter().map(|r| r.flood.mpps).collect();
@@ -97,13 +93,12 @@ impl TransportFigures {
             median(
                 runs.iter()
                     .filter_map(|r| r.search.as_ref())
-                    .map(|s| f(s) as f64 / 1e6)
-                    .collect(),
+                    .map(|s| f(s) as f64 / 1e6),
             )
         };
         TransportFigures {
             setup,
-            mpps_p50: median(mpps.clone()),
+            mpps_p50: median(mpps.iter().copied()),
             lost: runs
                 .iter()
                 .map(|r| r.flood.sent.saturating_sub(r.flood.received))
@@ -140,9 +135,9 @@ impl Taps {
     fn create(names: &[String]) -> Result<Taps> {
         let mut taps = Taps(Vec::new());
         for name in names {
-            ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
+            crate::cluster::ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
             taps.0.push(name.clone());
-            ip(&["link", "set", name, "up"])?;
+            crate::cluster::ip(&["link", "set", name, "up"])?;
         }
         Ok(taps)
     }
@@ -156,45 +151,15 @@ impl Drop for Taps {
     }
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (apt-get install -y iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-/// Polls `done` every 50 ms until it holds, or fails naming `what` after `limit`.
-fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        if Instant::now() > deadline {
-            bail!("{what} within {} s", limit.as_secs());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// `telvirt bench vhost` (called from the synchronous bench dispatcher).
 pub fn vhost_bench(format: Output, args: VhostArgs) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !crate::cluster::is_root() {
         bail!("bench vhost creates TAP devices: run it as root");
     }
-    let report = tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(run(format, &args))
-    })?;
-    if output::report(format, &report)? {
+    let progress = Progress::new(format, "vhost");
+    let Some(report) = progress.run_bench(format, run(format, &args, &progress))? else {
         return Ok(());
-    }
+    };
     println!("{}", report.measured);
     let row = |f: &TransportFigures| {
         vec![
@@ -240,17 +205,22 @@ pub fn vhost_bench(format: Output, args: VhostArgs) -> Result<()> {
     Ok(())
 }
 
-async fn run(format: Output, args: &VhostArgs) -> Result<VhostReport> {
+async fn run(format: Output, args: &VhostArgs, progress: &Progress) -> Result<VhostReport> {
     // A fresh directory only this user may enter: the node connects to the sockets in it.
     let scratch = tempfile::Builder::new()
         .prefix("tvbv")
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()
         .context("cannot create a scratch dir")?;
-    measure(format, args, scratch.path()).await
+    measure(format, args, scratch.path(), progress).await
 }
 
-async fn measure(format: Output, args: &VhostArgs, scratch: &Path) -> Result<VhostReport> {
+async fn measure(
+    format: Output,
+    args: &VhostArgs,
+    scratch: &Path,
+    progress: &Progress,
+) -> Result<VhostReport> {
     let guest = crate::vm::bench_guest(
         format,
         &args.image,
@@ -305,7 +275,6 @@ async fn measure(format: Output, args: &VhostArgs, scratch: &Path) -> Result<Vho
         })
         .collect();
 
-    let progress = Progress::new(format, "vhost");
     progress.note("booting the two guests");
     let vhost_vm = mgr
         .start(vhost_cfg)
@@ -316,13 +285,12 @@ async fn measure(format: Output, args: &VhostArgs, scratch: &Path) -> Result<Vho
             .start(tap_cfg)
             .await
             .map_err(|e| anyhow::anyhow!("the TAP guest: {e}"))?;
-        let r = trials(args, &progress, &nics, &tap_names, &vhost_vm, &tap_vm).await;
+        let r = trials(args, progress, &nics, &tap_names, &vhost_vm, &tap_vm).await;
         let _ = tap_vm.kill().await;
         r
     }
     .await;
     let _ = vhost_vm.kill().await;
-    progress.finish();
     let (vhost_runs, tap_runs) = guests?;
 
     let vhost_user = TransportFigures::new(
@@ -333,7 +301,6 @@ async fn measure(format: Output, args: &VhostArgs, scratch: &Path) -> Result<Vho
         "TAP NICs (QEMU's tap backend, host ports on the TAPs)",
         tap_runs,
     );
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     let mpps_ratio = ratio(vhost_user.mpps_p50, tap.mpps_p50);
     let ndr_ratio = ratio(vhost_user.ndr_mpps, tap.ndr_mpps);
     let pdr_ratio = ratio(vhost_user.pdr_mpps, tap.pdr_mpps);
@@ -404,11 +371,12 @@ async fn trials(
     tap_vm: &VmHandle,
 ) -> Result<(Vec<PathRun>, Vec<PathRun>)> {
     // The guest's driver posts its receive buffers (a kick) once it is up.
-    wait_until(
-        "the vhost-user guest did not take its NICs' queues",
+    poll_until(
         Duration::from_secs(60),
-        || nics.iter().all(NicSocket::is_running),
-    )?;
+        "the vhost-user guest taking its NICs' queues",
+        || async { nics.iter().all(NicSocket::is_running) },
+    )
+    .await?;
     let size = usize::try_from(args.size).unwrap_or(64);
     let mut vhost_path = |rate: Option<u64>, count: u64| {
         let node = VhostUserNode::new(vec![nics[0].port(), nics[1].port()]);

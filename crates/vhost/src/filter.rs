@@ -34,10 +34,10 @@ const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// `NEED_REPLY` in the header's flags: the frontend waits for an answer (only with
 /// `REPLY_ACK`, which this backend does not offer; such a message is passed, not dropped).
 const NEED_REPLY: u32 = 0x8;
-/// The most descriptors a message may carry and the largest payload (the backend crate's own
-/// limits; it refuses more).
-const MAX_FDS: usize = 32;
-const MAX_PAYLOAD: usize = 0x1000;
+/// The most descriptors a message may carry and the largest payload: the backend crate's own
+/// limits (it refuses more).
+const MAX_FDS: usize = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
+const MAX_PAYLOAD: usize = vhost::vhost_user::message::MAX_MSG_SIZE;
 
 /// The forwarding threads of one connection. They end when either end hangs up; [`join`]
 /// waits for both.
@@ -168,20 +168,23 @@ impl HeldEnables {
         }
     }
 
-    /// The held enables as messages (version 1, no reply wanted), emptied.
-    fn messages(&mut self) -> Vec<[u8; HEADER + 8]> {
+    /// The held enables as messages, emptied.
+    fn messages(&mut self) -> Vec<Vec<u8>> {
         self.0
             .drain(..)
-            .map(|state| {
-                let mut m = [0u8; HEADER + 8];
-                m[..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
-                m[4..8].copy_from_slice(&1u32.to_le_bytes());
-                m[8..12].copy_from_slice(&8u32.to_le_bytes());
-                m[HEADER..].copy_from_slice(&state);
-                m
-            })
+            .map(|state| message(SET_VRING_ENABLE, &state))
             .collect()
     }
+}
+
+/// A frontend message: `request`, version 1 (no reply wanted), `payload`.
+fn message(request: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER + payload.len());
+    for w in [request, 1, payload.len() as u32] {
+        m.extend_from_slice(&w.to_le_bytes());
+    }
+    m.extend_from_slice(payload);
+    m
 }
 
 /// Reads QEMU's messages one at a time and passes them on until QEMU hangs up.
@@ -275,11 +278,6 @@ fn recv_header(qemu: &UnixStream) -> io::Result<Option<([u8; HEADER], Vec<File>)
         // once, here.
         .map(|&fd| unsafe { File::from_raw_fd(fd) })
         .collect();
-    for f in &files {
-        // Not inherited by a process started meanwhile (the daemon's copy is its own).
-        // SAFETY: fcntl on a descriptor this process owns; no pointers.
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-    }
     if bytes == 0 {
         return Ok(None);
     }
@@ -342,15 +340,6 @@ mod tests {
             message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0])[..]
         );
         assert!(held.messages().is_empty(), "passed once");
-    }
-
-    fn message(request: u32, payload: &[u8]) -> Vec<u8> {
-        let mut m = Vec::new();
-        for w in [request, 1, payload.len() as u32] {
-            m.extend_from_slice(&w.to_le_bytes());
-        }
-        m.extend_from_slice(payload);
-        m
     }
 
     #[test]

@@ -127,6 +127,17 @@ impl VmRuntime {
         self
     }
 
+    /// Opens the NICs of `spec` ([`Self::open_nics`]) into `cfg`, with the shared guest RAM
+    /// their backend maps. The NICs try to connect before QEMU starts: QEMU serves their
+    /// sockets and waits for them while it starts.
+    fn nics_into(&self, spec: &InstanceSpec, cfg: &mut VmConfig) -> Result<(), RuntimeFailure> {
+        cfg.vhost_user_nics = self.open_nics(spec)?;
+        if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
+            cfg.shared_memory = true;
+        }
+        Ok(())
+    }
+
     /// Opens one vhost-user socket per `spec.vm.nics` entry in the instance's state directory
     /// and puts the VM's node on the data plane (on the worker of its first emulator CPU, or
     /// the first worker); answers the NICs for QEMU's command line. Nothing is left behind on
@@ -425,12 +436,7 @@ impl Runtime for VmRuntime {
             .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
             .await?;
         let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
-        // The NICs try to connect before QEMU starts: QEMU serves their sockets and waits for
-        // them while it starts.
-        cfg.vhost_user_nics = self.open_nics(spec)?;
-        if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
-            cfg.shared_memory = true;
-        }
+        self.nics_into(spec, &mut cfg)?;
         let handle = match prepared.manager.start(cfg).await {
             Ok(h) => h,
             Err(e) => {
@@ -458,14 +464,10 @@ impl Runtime for VmRuntime {
             .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
             .await?;
         // Disks do not move (the controller refuses such moves). The NICs do: the incoming
-        // QEMU needs the same devices and the same shared RAM as the source's, and this host's
-        // sockets listen before it starts (its panel node stays out of every network until
-        // the switch makes this host the VM's).
+        // QEMU needs the same devices and the same shared RAM as the source's (its panel node
+        // stays out of every network until the switch makes this host the VM's).
         let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
-        cfg.vhost_user_nics = self.open_nics(spec)?;
-        if !cfg.vhost_user_nics.is_empty() && cfg.hugepages.is_none() {
-            cfg.shared_memory = true;
-        }
+        self.nics_into(spec, &mut cfg)?;
         // The stream comes over one passed socket: both ends tuned alike, multifd off.
         let tuning = MigrationTuning::tuned(prepared.accel.accel).over_one_stream();
         let handle = match prepared.manager.launch_incoming(cfg, &tuning).await {

@@ -579,10 +579,8 @@ impl crate::replication::ReplicaState for WasmRuntime {
                 match slice {
                     Ok(Some(snapshot)) => break snapshot,
                     Ok(None) => {}
-                    Err(e) => {
-                        let _ = self.with_instance(vnf, rw::VnfInstance::abort_sliced_map_snapshot);
-                        return Err(e.to_string());
-                    }
+                    // A slice that fails has ended the sliced snapshot itself.
+                    Err(e) => return Err(e.to_string()),
                 }
                 // The worker waiting for the instance takes it before the next slice.
                 std::thread::sleep(SNAPSHOT_SLICE_GAP);
