@@ -4,7 +4,9 @@
 //! active now, a new standby is placed when a host can take one); everything else (a VNF
 //! without a pair, a lost standby) is re-placed once its host has been NotReady for the heal
 //! delay. A VNF no other host can take stays where it is, Unknown, and is tried again on later
-//! passes.
+//! passes. A vm's move destination is no standby until its guest's stream reached the final
+//! copy (the QEMU waiting there holds no guest): it never takes over, and a source lost for the
+//! heal delay ends the move before the VNF is healed.
 //!
 //! Owns the decision of when to heal and the store transaction that records it (placements,
 //! allocation, assignments, phase Scheduled with a new generation so the agents act, an event
@@ -71,6 +73,9 @@ fn lost_roles<'a>(placements: &'a [Placement], failed: &[String]) -> Vec<&'a Pla
 /// only: it keeps forwarding, and a takeover would make two actives. A pair without a
 /// replication stream (vm VNFs) has no such witness: the lease alone decides.
 pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
+    if destination_holds_no_guest(vnf) {
+        return false;
+    }
     let on_failed = |role: Role| {
         vnf.placements
             .iter()
@@ -80,6 +85,18 @@ pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
     on_failed(Role::Active) == Some(true)
         && on_failed(Role::Standby) == Some(false)
         && !standby_hears_active(vnf, failed)
+}
+
+/// Whether `vnf` is a vm under a move whose stream has not reached its final copy: the
+/// standby placement is the destination's QEMU waiting for the stream, which holds no guest.
+/// It is no standby to fail over or promote to: its source's host may only be slow (a lease
+/// lapsed under the stream's load), and were it lost, the guest is not there either.
+pub(crate) fn destination_holds_no_guest(vnf: &telvirt_model::Vnf) -> bool {
+    vnf.descriptor.spec.runtime == telvirt_model::RuntimeKind::Vm
+        && vnf
+            .migration
+            .as_ref()
+            .is_some_and(|m| !super::migration::guest_moved(vnf, m))
 }
 
 /// Whether `vnf`'s standby, on a host not in `not_ready`, still hears its active over a synced
@@ -155,6 +172,29 @@ impl Controller {
                 Ok(_) | Err(ControllerError::NotFound(_)) => Ok(true),
                 Err(e) => Err(e),
             };
+        }
+        if let Some(m) = record
+            .vnf
+            .migration
+            .as_ref()
+            .filter(|m| failed.contains(&m.from) && destination_holds_no_guest(&record.vnf))
+        {
+            // The move ends first, its destination freed (its agent stops the waiting QEMU);
+            // a later pass heals the active as any other.
+            let reason = format!(
+                "host {} failed during the move to host {}: the move ended (the QEMU waiting there held no guest)",
+                m.from, m.to
+            );
+            let placed = scheduler.drop_standby(name)?;
+            let how = Recording {
+                reason: &reason,
+                actor: HEALER,
+                restart: Restart::No,
+                extra: &|_| {},
+            };
+            return self
+                .record_new_placement(&mut scheduler, name, &placed, &how)
+                .await;
         }
         let lost = lost_roles(&record.vnf.placements, failed);
         if lost.is_empty() {
@@ -282,6 +322,7 @@ impl Controller {
             || v.desired != DesiredState::Running
             || v.lock.is_some()
             || !standby_runs
+            || destination_holds_no_guest(v)
             || !self.host_ready(&standby).await?
         {
             return Ok(false);
@@ -503,5 +544,55 @@ mod tests {
             .map(|p| p.role)
             .collect();
         assert_eq!(order, [Role::Standby, Role::Active]);
+    }
+
+    #[test]
+    fn a_vm_moving_fails_over_to_its_destination_only_once_the_guest_is_there() {
+        let at_both = [at(Role::Active, "h1"), at(Role::Standby, "h2")];
+        let mut moving = pair(&at_both);
+        moving.descriptor.spec.runtime = telvirt_model::RuntimeKind::Vm;
+        moving.standby.as_mut().unwrap().active_lost = Some(telvirt_model::api::ActiveLost {
+            why: "nothing from h1".into(),
+            closed: false,
+        });
+        moving.migration = Some(telvirt_model::api::Migration {
+            to: "h2".into(),
+            from: "h1".into(),
+            started_at: String::new(),
+            by: "admin".into(),
+            engine: None,
+            handoff_at: None,
+        });
+        let stream = |status: &str| telvirt_model::api::ReplicationStatus {
+            standby_host: "h2".into(),
+            state: "streaming".into(),
+            lag_us: 0,
+            updates: 0,
+            snapshots: 0,
+            bytes: 0,
+            error: None,
+            guest: Some(telvirt_model::api::GuestStream {
+                status: status.into(),
+                ..Default::default()
+            }),
+            packets_passed: 0,
+            frozen_us: None,
+        };
+        let h1 = ["h1".to_owned()];
+        // Still streaming: the QEMU waiting on h2 holds no guest.
+        moving.replication = Some(stream("active"));
+        assert!(destination_holds_no_guest(&moving));
+        assert!(!fails_over(&moving, &h1));
+        moving.replication = None;
+        assert!(!fails_over(&moving, &h1));
+        // The final copy under way: the guest runs only on h2 from now on.
+        moving.replication = Some(stream("device"));
+        assert!(!destination_holds_no_guest(&moving));
+        assert!(fails_over(&moving, &h1));
+        // A wasm move's destination holds the replicated maps.
+        let mut wasm = moving.clone();
+        wasm.descriptor.spec.runtime = telvirt_model::RuntimeKind::Wasm;
+        wasm.replication = Some(stream("active"));
+        assert!(!destination_holds_no_guest(&wasm));
     }
 }

@@ -63,7 +63,7 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 /// Whether move `m` of vm `v` is past its point of no return: its guest's stream reached its
 /// final copy (the source stops the guest for it) or completed (the guest runs only at the
 /// destination).
-fn guest_moved(v: &Vnf, m: &Migration) -> bool {
+pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     v.replication.as_ref().is_some_and(|r| {
         r.standby_host == m.to
             && r.guest.as_ref().is_some_and(|g| {

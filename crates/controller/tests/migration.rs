@@ -544,3 +544,88 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     consistent(&node).await;
     beats.into_iter().for_each(|b| b.abort());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiting_destination() {
+    let heal_after = std::time::Duration::from_millis(1500);
+    let node = Node::start_monitored(Some(heal_after)).await;
+    let mut beats = h2_and_h3(&node).await;
+    node.create_vnf(&node.admin, VM).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    node.uncordon("h3").await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    // h3's QEMU waits for the stream, which runs.
+    report(&node.controller, "h3", Phase::Starting, None).await;
+    let streaming = ReplicationStatus {
+        standby_host: "h3".into(),
+        state: "streaming".into(),
+        lag_us: 0,
+        updates: 0,
+        snapshots: 0,
+        bytes: 64 << 20,
+        error: None,
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "active".into(),
+            total_ms: 300,
+            transferred_bytes: 64 << 20,
+            remaining_bytes: 192 << 20,
+            total_bytes: 256 << 20,
+            dirty_pages_per_s: 0,
+            downtime_ms: None,
+        }),
+        packets_passed: 0,
+        frozen_us: None,
+    };
+    report(&node.controller, "h2", Phase::Running, Some(streaming)).await;
+
+    // h2's agent falls silent: its lease lapses (300 ms), u1 is Unknown. The QEMU waiting on
+    // h3 holds no guest, so nothing fails over to it: for the heal delay u1 stays on h2 with
+    // its move (its host may only be slow).
+    let silent = std::time::Instant::now();
+    beats.remove(0).abort();
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Unknown")
+        .await;
+    while silent.elapsed() < heal_after - std::time::Duration::from_millis(300) {
+        let v = node.vnf_json("u1").await;
+        assert_eq!(
+            role_hosts(&v),
+            [
+                ("active".into(), "h2".into()),
+                ("standby".into(), "h3".into())
+            ],
+            "{v}"
+        );
+        assert_eq!(v["migration"]["to"], "h3", "{v}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Past the heal delay the move ends (h3's place freed) and u1 is healed as any VNF: a new
+    // guest boots on h3, the one Ready host.
+    let healed = node
+        .wait_vnf(&node.admin, "u1", |v| {
+            v["placements"].as_array().is_some_and(|p| p.len() == 1)
+                && v["placements"][0]["host"] == "h3"
+        })
+        .await;
+    assert!(healed.get("migration").is_none(), "{healed}");
+    assert_eq!(healed["phase"], "Scheduled", "{healed}");
+    let reasons: Vec<String> = node
+        .events("u1")
+        .await
+        .iter()
+        .filter(|e| e["actor"] == "healer")
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains(
+            "host h2 failed during the move to host h3: the move ended (the QEMU waiting there held no guest)"
+        )),
+        "{reasons:?}"
+    );
+    let dest = node.controller.assignments("h3").await.unwrap();
+    assert_eq!(dest[0].incoming_from, None, "a new guest boots there");
+    consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}

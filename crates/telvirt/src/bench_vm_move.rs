@@ -78,6 +78,50 @@ async fn running_alone(api: &Api) -> Option<String> {
         .flatten()
 }
 
+/// `waited` (a wait that ended without the VNF where it was expected) with what the API shows
+/// of the VNF then: its phase, placements, move and stream, and its last events.
+async fn with_state(api: &Api, waited: Result<()>) -> Result<()> {
+    let Err(e) = waited else {
+        return Ok(());
+    };
+    let state = match api.json(&format!("/v1/vnfs/{VNF}")).await {
+        Ok(v) => {
+            let pick = |k: &str| {
+                v.get(k)
+                    .map_or_else(|| "none".to_owned(), |x| x.to_string())
+            };
+            format!(
+                "phase {}, reason {}, placements {}, standby {}, migration {}, replication {}",
+                pick("phase"),
+                pick("reason"),
+                pick("placements"),
+                pick("standby"),
+                pick("migration"),
+                pick("replication")
+            )
+        }
+        Err(e) => format!("not readable: {e:#}"),
+    };
+    let events = api
+        .json(&format!("/v1/vnfs/{VNF}/events"))
+        .await
+        .ok()
+        .and_then(|all| {
+            all.as_array().map(|a| {
+                a.iter()
+                    .rev()
+                    .take(6)
+                    .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
+        })
+        .unwrap_or_default();
+    Err(e.context(format!(
+        "vnf {VNF}: {state}; last events, newest first: {events}"
+    )))
+}
+
 /// Kills the VNF's QEMU on either host when dropped: QEMU runs in a process group of its own
 /// and outlives the agents the benchmark ends, on success or on an error.
 struct GuestSweep(std::path::PathBuf);
@@ -143,10 +187,11 @@ async fn live_move(api: &Api, from: &str) -> Result<(f64, f64, u64)> {
             .json(&serde_json::json!({ "to": to })),
     )
     .await?;
-    poll_until(Duration::from_secs(240), "the vm moved", || async {
+    let moved = poll_until(Duration::from_secs(240), "the vm moved", || async {
         running_alone(api).await.as_deref() == Some(to)
     })
-    .await?;
+    .await;
+    with_state(api, moved).await?;
     let total = ms(asked.elapsed());
     let (mib, stopped) = switch_figures(api).await?;
     Ok((total, stopped, mib))
@@ -158,10 +203,11 @@ async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
     let asked = Instant::now();
     let _: serde_json::Value =
         answer(api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}"))).await?;
-    poll_until(Duration::from_secs(120), "the vm deleted", || async {
+    let deleted = poll_until(Duration::from_secs(120), "the vm deleted", || async {
         api.json(&format!("/v1/vnfs/{VNF}")).await.is_err()
     })
-    .await?;
+    .await;
+    with_state(api, deleted).await?;
     post_yaml(api, "/v1/vnfs", yaml.to_owned()).await?;
     let ran = poll_until(Duration::from_secs(240), "the new vm running", || async {
         running_alone(api).await.as_deref() == Some(to)
@@ -169,7 +215,7 @@ async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
     .await;
     let total = ms(asked.elapsed());
     cordon(api, from, false).await?;
-    ran?;
+    with_state(api, ran).await?;
     Ok(total)
 }
 
@@ -210,10 +256,11 @@ pub async fn run_vm_move_bench(
     cordon(&api, "h2", true).await?;
     let yaml = descriptor(args.memory_mib);
     post_yaml(&api, "/v1/vnfs", yaml.clone()).await?;
-    poll_until(Duration::from_secs(300), "the vm running on h1", || async {
+    let ran = poll_until(Duration::from_secs(300), "the vm running on h1", || async {
         running_alone(&api).await.as_deref() == Some("h1")
     })
-    .await?;
+    .await;
+    with_state(&api, ran).await?;
     cordon(&api, "h2", false).await?;
     progress(1, total_steps);
     let (mut live_total, mut live_outage, mut live_mib) = (Vec::new(), Vec::new(), Vec::new());
