@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use telvirt_api::{Assignment, ControlLink, Observation};
-use telvirt_model::api::{ActiveLost, ReplicationStatus};
+use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
 use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, Role, RuntimeKind};
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -172,6 +172,10 @@ struct Inner {
     /// The starts under way, each with what cancels it.
     starting: std::sync::Mutex<HashMap<Name, Arc<Notify>>>,
 }
+
+/// How long a guest move's commit point waits for the controller (the guest is stopped
+/// meanwhile); past it the stream is cancelled and the guest runs on here.
+const COMMIT_WITHIN: Duration = Duration::from_secs(2);
 
 /// How often the loop looks at every instance again when nothing told it to.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -328,6 +332,16 @@ impl Agent {
                 if let Some(inner) = weak.upgrade() {
                     inner.queue.add(vnf.clone());
                 }
+            }));
+            let weak = Arc::downgrade(inner);
+            replicas.on_commit_point(Arc::new(move |vnf, peer| {
+                let weak = weak.clone();
+                Box::pin(async move {
+                    match weak.upgrade() {
+                        Some(inner) => inner.commit_move(&vnf, &peer).await,
+                        None => false,
+                    }
+                })
             }));
         }
         let workers: Vec<_> = (0..inner.config.workers.get())
@@ -844,6 +858,48 @@ impl Inner {
             .or_default()
             .reported = Some(fact);
         Ok(())
+    }
+
+    /// The commit point of `vnf`'s guest move to `peer` (its stream waits at its final copy,
+    /// the guest stopped here): reports the stream's status to the controller, which from then
+    /// on refuses to cancel the move, then reads this host's assignments. The move stands
+    /// when they still name `peer` as the destination at the same epoch: a cancel recorded
+    /// first shows there as no destination. Any failure (the controller unreachable, too
+    /// slow) answers `false`, and the guest runs on here.
+    async fn commit_move(&self, vnf: &Name, peer: &StandbyPeer) -> bool {
+        let held = self
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .cloned();
+        let Some(a) = held else {
+            return false;
+        };
+        let last = self
+            .known
+            .lock()
+            .await
+            .get(vnf)
+            .and_then(|k| k.reported.as_ref().map(|f| (f.0, f.1.clone())));
+        let (phase, reason) = last.unwrap_or((Phase::Running, "running".to_owned()));
+        let asked = async {
+            self.report(&a, phase, reason).await.ok()?;
+            self.link.assignments(&self.host).await.ok()
+        };
+        let Ok(Some(now)) = tokio::time::timeout(COMMIT_WITHIN, asked).await else {
+            tracing::warn!(vnf = %vnf, "the move's commit point got no answer in {COMMIT_WITHIN:?}: the guest runs on here");
+            return false;
+        };
+        let stands = now
+            .iter()
+            .any(|x| x.vnf == *vnf && x.epoch == a.epoch && x.standby.as_ref() == Some(peer));
+        if stands {
+            tracing::info!(vnf = %vnf, to = %peer.host, "the guest's stream passed its commit point: the final copy goes");
+        } else {
+            tracing::info!(vnf = %vnf, to = %peer.host, "the move was cancelled before its commit point: the guest runs on here");
+        }
+        stands
     }
 
     async fn reconcile_one(&self, a: Assignment) -> Step {

@@ -705,6 +705,8 @@ pub struct Replicas {
     guests: Mutex<HashMap<Name, GuestSender>>,
     /// Told when a stream's state changes (its VNF's name).
     changed: Arc<OnceLock<StateChanged>>,
+    /// Asked at a guest stream's commit point whether its move stands.
+    commit: Arc<OnceLock<Arc<MoveCommit>>>,
     /// The address streams connect from (this host's tunnel address), for standbys to know
     /// their active by it (`None`: the kernel chooses).
     source: Option<IpAddr>,
@@ -719,6 +721,7 @@ impl Replicas {
             senders: Mutex::new(HashMap::new()),
             guests: Mutex::new(HashMap::new()),
             changed: Arc::new(OnceLock::new()),
+            commit: Arc::new(OnceLock::new()),
             source: None,
         }
     }
@@ -734,6 +737,13 @@ impl Replicas {
     /// failing, fenced). Set once; later calls are ignored.
     pub fn on_state_change(&self, tell: StateChanged) {
         let _ = self.changed.set(tell);
+    }
+
+    /// Asks `commit` (the VNF's name and its move's destination) at each guest stream's commit
+    /// point whether the move still stands; without it a guest stream has no commit point.
+    /// Set once; later calls are ignored.
+    pub fn on_commit_point(&self, commit: Arc<MoveCommit>) {
+        let _ = self.commit.set(commit);
     }
 
     /// Tells the gates of `fencing` what the standbys answer.
@@ -835,6 +845,8 @@ impl Replicas {
                 stop: Arc::clone(&stop),
                 runtime: Arc::clone(&runtime),
                 source: self.source,
+                commit: self.commit.get().cloned(),
+                peer: peer.clone(),
             },
             status.clone(),
         ));
@@ -922,7 +934,18 @@ struct GuestTo {
     stop: Arc<AtomicBool>,
     runtime: Arc<dyn Runtime>,
     source: Option<IpAddr>,
+    /// Asked at the stream's commit point.
+    commit: Option<Arc<MoveCommit>>,
+    /// The move's destination.
+    peer: StandbyPeer,
 }
+
+/// What [`Replicas::on_commit_point`] asks: whether the move of the VNF (its name) to the
+/// destination (its peer) still stands, once its guest's stream waits at its final copy. Its
+/// answer `true` must make the move one that can no longer be cancelled.
+pub type MoveCommit = dyn Fn(Name, StandbyPeer) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+    + Send
+    + Sync;
 
 /// Opens a guest stream to the destination at `to.address` and hands it to the runtime, again
 /// after each failure, until the guest is there or the stream is no longer wanted.
@@ -968,9 +991,14 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                 }
             }
         };
+        let gate = to.commit.clone().map(|commit| {
+            let (vnf, peer) = (to.vnf.clone(), to.peer.clone());
+            Box::new(move || commit(vnf.clone(), peer.clone()))
+                as telvirt_runtime_vm::SwitchoverGate
+        });
         match to
             .runtime
-            .send_state(&to.vnf, stream, Box::new(progress))
+            .send_state(&to.vnf, stream, Box::new(progress), gate)
             .await
         {
             Ok(done) => {

@@ -113,16 +113,18 @@ pub trait Runtime: Send + Sync + 'static {
     }
 
     /// Sends the running instance's state to a move's destination over `stream`, telling
-    /// `progress` how far it got. Returns the final figures once the state is there (the
-    /// instance here is then [`InstanceState::Moved`]); on error it runs on here. A runtime
-    /// whose instances move otherwise keeps this default, which refuses.
+    /// `progress` how far it got and asking `commit` (when given) at the stream's final copy
+    /// whether to complete it. Returns the final figures once the state is there (the instance
+    /// here is then [`InstanceState::Moved`]); on error it runs on here. A runtime whose
+    /// instances move otherwise keeps this default, which refuses.
     async fn send_state(
         &self,
         name: &Name,
         stream: OwnedFd,
         progress: StreamProgress,
+        commit: Option<telvirt_runtime_vm::SwitchoverGate>,
     ) -> Result<GuestStream, RuntimeFailure> {
-        drop((stream, progress));
+        drop((stream, progress, commit));
         Err(RuntimeFailure::new(format!(
             "runtime {} cannot send {name} over a migration stream",
             self.kind().as_str()

@@ -96,7 +96,7 @@ pub(crate) fn destination_holds_no_guest(vnf: &telvirt_model::Vnf) -> bool {
         && vnf
             .migration
             .as_ref()
-            .is_some_and(|m| !super::migration::guest_moved(vnf, m))
+            .is_some_and(|m| !super::migration::guest_at_destination(vnf, m))
 }
 
 /// Whether `vnf`'s standby, on a host not in `not_ready`, still hears its active over a synced
@@ -585,6 +585,9 @@ mod tests {
         assert!(!fails_over(&moving, &h1));
         moving.replication = None;
         assert!(!fails_over(&moving, &h1));
+        // At its commit point the guest is stopped at h1, its device state not sent.
+        moving.replication = Some(stream("pre-switchover"));
+        assert!(destination_holds_no_guest(&moving));
         // The final copy under way: the guest runs only on h2 from now on.
         moving.replication = Some(stream("device"));
         assert!(!destination_holds_no_guest(&moving));

@@ -60,16 +60,35 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
     None
 }
 
-/// Whether move `m` of vm `v` is past its point of no return: its guest's stream reached its
-/// final copy (the source stops the guest for it) or completed (the guest runs only at the
-/// destination).
+/// Whether move `m` of vm `v` is past its point of no return: its source reported the stream
+/// waiting at its commit point (`pre-switchover`, the guest stopped there: from the record of
+/// that report on, the move is not cancelled, and the source lets the final copy through only
+/// once it has read that the move stands), in its final copy, or completed.
 pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
+    guest_stream_at(v, m, &["pre-switchover", "device", "completed"])
+}
+
+/// Whether the guest of vm `v`'s move `m` is (or is being) copied whole to the destination:
+/// its device state streams (`device`) or the stream completed. Before that the destination's
+/// QEMU holds no guest.
+pub(crate) fn guest_at_destination(v: &Vnf, m: &Migration) -> bool {
+    guest_stream_at(v, m, &["device", "completed"])
+}
+
+fn guest_stream_at(v: &Vnf, m: &Migration, statuses: &[&str]) -> bool {
     v.replication.as_ref().is_some_and(|r| {
         r.standby_host == m.to
-            && r.guest.as_ref().is_some_and(|g| {
-                r.state == "synced" || ["device", "completed"].contains(&g.status.as_str())
-            })
+            && r.guest
+                .as_ref()
+                .is_some_and(|g| r.state == "synced" || statuses.contains(&g.status.as_str()))
     })
+}
+
+/// Whether a report's guest stream waits at its move's commit point.
+pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::ReplicationStatus>) -> bool {
+    replication
+        .and_then(|r| r.guest.as_ref())
+        .is_some_and(|g| g.status == "pre-switchover")
 }
 
 /// Whether the source of wasm move `m` of `v` froze and handed its last updates over (asked
@@ -265,7 +284,7 @@ impl Controller {
         };
         if guest_moved(&record.vnf, &m) {
             return Err(ControllerError::Conflict(format!(
-                "vnf {name}'s guest is moving to host {} for good (its stream is in its final copy or completed); the move ends with the switch to it",
+                "vnf {name}'s guest is moving to host {} for good (its stream passed its commit point); the move ends with the switch to it",
                 m.to
             )));
         }

@@ -1714,6 +1714,16 @@ impl Controller {
         // The host of the active, as the record read for this report says (a standby's).
         let mut active_host = None;
         let mut migrating = false;
+        // A vm move's commit point (its source's stream waits at its final copy) is recorded
+        // under the scheduler lock, which a cancel (or the move's deadline, or the healer) holds
+        // from its look at the record to its write: exactly one of them comes first. The
+        // source lets the final copy through only once it has read that the move stands.
+        let commit_point = migration::at_commit_point(obs.replication.as_ref());
+        let serialized = if commit_point {
+            Some(self.scheduler.lock().await)
+        } else {
+            None
+        };
         let result = self
             .update(&name, |record| {
                 let vnf = &mut record.vnf;
@@ -1772,6 +1782,7 @@ impl Controller {
                 )))
             })
             .await;
+        drop(serialized);
         match result {
             Ok(_) => {}
             Err(ControllerError::NotFound(_)) => return Ok(()),

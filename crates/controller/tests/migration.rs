@@ -463,6 +463,58 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let dest = node.controller.assignments("h3").await.unwrap();
     assert_eq!(dest[0].incoming_from.as_deref(), Some("h2"));
 
+    // A cancel recorded before the stream's commit point wins: the source's report of its
+    // commit point comes too late, and its assignment names no destination, so it cancels
+    // the stream and the guest runs on at h2. Then the move is asked again.
+    assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 200);
+    let late = ReplicationStatus {
+        standby_host: "h3".into(),
+        state: "streaming".into(),
+        lag_us: 0,
+        updates: 0,
+        snapshots: 0,
+        bytes: 256 << 20,
+        error: None,
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "pre-switchover".into(),
+            total_ms: 2000,
+            transferred_bytes: 256 << 20,
+            remaining_bytes: 4 << 20,
+            total_bytes: 256 << 20,
+            dirty_pages_per_s: 0,
+            downtime_ms: None,
+        }),
+        packets_passed: 0,
+        frozen_us: None,
+    };
+    report(&node.controller, "h2", Phase::Running, Some(late.clone())).await;
+    let source = node.controller.assignments("h2").await.unwrap();
+    let source = source.iter().find(|a| a.vnf.as_str() == "u1").unwrap();
+    assert_eq!(source.standby, None);
+    let v = node.vnf_json("u1").await;
+    assert!(v.get("migration").is_none(), "{v}");
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    report(&node.controller, "h2", Phase::Running, None).await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+
+    // The stream waits at its commit point (the guest stopped at h2): once that report is
+    // recorded the move cannot be cancelled (the source reads its assignment next, finds the
+    // move standing and lets the final copy through).
+    report(&node.controller, "h2", Phase::Running, Some(late)).await;
+    let r = migrate(&node, r#"{"cancel": true}"#).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("its stream passed its commit point"),
+        "{}",
+        r.body
+    );
+    let source = node.controller.assignments("h2").await.unwrap();
+    let source = source.iter().find(|a| a.vnf.as_str() == "u1").unwrap();
+    assert_eq!(source.standby.as_ref().unwrap().host, "h3");
+
     // The stream completed: the guest runs only at h3 now, so the move cannot be cancelled.
     let completed = ReplicationStatus {
         standby_host: "h3".into(),

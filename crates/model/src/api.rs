@@ -562,7 +562,8 @@ fn is_zero_u64(n: &u64) -> bool {
 /// Where a vm guest's migration stream is, as the source's QEMU reports it (`query-migrate`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct GuestStream {
-    /// QEMU's status: `setup`, `active`, `device`, `completed`, `failed`, `cancelled`.
+    /// QEMU's status: `setup`, `active`, `pre-switchover` (at the move's commit point, the guest
+    /// stopped), `device`, `completed`, `failed`, `cancelled`.
     pub status: String,
     /// Since the stream started, ms.
     pub total_ms: u64,

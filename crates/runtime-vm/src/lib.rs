@@ -35,6 +35,6 @@ pub use image::{GuestImage, ImageBuilder, ImageProgress};
 pub use manager::{
     ExitInfo, Failure, StopMethod, VcpuThread, VmHandle, VmManager, VmPhase, VmStatus,
 };
-pub use migrate::{MigrationChannel, MigrationProgress, MigrationTuning};
+pub use migrate::{MigrationChannel, MigrationProgress, MigrationTuning, SwitchoverGate};
 pub use qmp::{QmpClient, QmpEvent};
 pub use telvirt_guest::proto as guest_proto;

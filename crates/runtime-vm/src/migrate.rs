@@ -22,6 +22,9 @@ const POLL: Duration = Duration::from_millis(20);
 /// QMP deadline of one migration command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// QEMU's capability that holds a stream at its final copy until `migrate-continue`.
+const PAUSE_BEFORE_SWITCHOVER: &str = "pause-before-switchover";
+
 /// Name under which a passed socket is handed to QEMU for a migration stream.
 const STREAM_FD: &str = "tv-migration";
 
@@ -67,6 +70,13 @@ impl MigrationChannel {
         }
     }
 }
+
+/// The commit point of a migration ([`VmHandle::migrate_to_gated`]): asked once the stream
+/// reached its final copy, the guest stopped on the source and its device state not yet sent
+/// (QEMU's `pre-switchover`). `true` lets the copy complete (the guest then runs only at the
+/// destination); `false` cancels the stream and the guest runs on at the source.
+pub type SwitchoverGate =
+    Box<dyn FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> + Send>;
 
 /// How a migration is asked to behave; both ends get the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,7 +231,24 @@ impl VmHandle {
         to: &MigrationChannel,
         tuning: &MigrationTuning,
         deadline: Duration,
+        progress: impl FnMut(&MigrationProgress),
+    ) -> Result<MigrationProgress> {
+        self.migrate_to_gated(to, tuning, deadline, progress, None)
+            .await
+    }
+
+    /// [`VmHandle::migrate_to`] with a commit point: when this QEMU offers
+    /// `pause-before-switchover`, the stream waits at its final copy (the guest stopped here)
+    /// for `gate`'s answer, which lets it complete or cancels it (the guest then runs on here).
+    /// The wait counts in the guest's downtime. A QEMU without the capability streams as
+    /// [`VmHandle::migrate_to`] does and `gate` is never asked.
+    pub async fn migrate_to_gated(
+        &self,
+        to: &MigrationChannel,
+        tuning: &MigrationTuning,
+        deadline: Duration,
         mut progress: impl FnMut(&MigrationProgress),
+        mut gate: Option<SwitchoverGate>,
     ) -> Result<MigrationProgress> {
         if self.phase() != VmPhase::Running {
             return Err(Error::Migration {
@@ -234,6 +261,24 @@ impl VmHandle {
         }
         let qmp = self.qmp();
         prepare(qmp, &to.carries(tuning)).await?;
+        // The source's own capability (the destination has no part in it): set either way, so
+        // an earlier gated stream's setting does not outlive it.
+        if offered(qmp)
+            .await?
+            .iter()
+            .any(|o| o == PAUSE_BEFORE_SWITCHOVER)
+        {
+            qmp.execute_raw(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": [
+                    { "capability": PAUSE_BEFORE_SWITCHOVER, "state": gate.is_some() }
+                ] })),
+                COMMAND_TIMEOUT,
+            )
+            .await?;
+        } else {
+            gate = None;
+        }
         let uri = to.uri(qmp).await?;
         qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
             .await?;
@@ -252,6 +297,23 @@ impl VmHandle {
             match now.status.as_str() {
                 "completed" => break Ok(now),
                 "failed" | "cancelled" => break Err(self.why_failed(&now).await),
+                "pre-switchover" => {
+                    if let Some(mut ask) = gate.take() {
+                        if !ask().await {
+                            break Err("it was cancelled at its commit point (the final copy was not let through)".to_owned());
+                        }
+                        if let Err(e) = qmp
+                            .execute_raw(
+                                "migrate-continue",
+                                Some(json!({ "state": "pre-switchover" })),
+                                COMMAND_TIMEOUT,
+                            )
+                            .await
+                        {
+                            break Err(format!("QEMU did not go on past the commit point ({e})"));
+                        }
+                    }
+                }
                 _ => {}
             }
             if started.elapsed() > deadline {

@@ -32,6 +32,21 @@ fn free_address() -> SocketAddr {
     taken.local_addr().unwrap()
 }
 
+/// A destination QEMU `name` waiting on a free loopback address (the channel to stream to),
+/// killed when its guard drops.
+async fn waiting_destination(
+    mgr: &telvirt_runtime_vm::VmManager,
+    name: &str,
+    tuning: &MigrationTuning,
+) -> (MigrationChannel, VmGuard) {
+    let to = MigrationChannel::Tcp(free_address());
+    let dst = mgr
+        .start_incoming(common::config(name), &to, tuning)
+        .await
+        .unwrap();
+    (to, VmGuard(dst))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there_and_goes_on() {
     let _slot = BOOT_SLOT.acquire().await.unwrap();
@@ -64,14 +79,37 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let _dst_guard = VmGuard(dst.clone());
     assert_eq!(dst.phase(), VmPhase::Incoming);
 
+    // Through its commit point: asked once, with the guest stopped here, and let through.
     let mut seen = Vec::new();
-    let done = src
-        .migrate_to(&to, &tuning, Duration::from_secs(120), |p| {
-            seen.push(p.status.clone())
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let gate: telvirt_runtime_vm::SwitchoverGate = {
+        let (asked, src) = (asked.clone(), src.clone());
+        Box::new(move || {
+            let (asked, src) = (asked.clone(), src.clone());
+            Box::pin(async move {
+                let running = src.qmp().query_status().await.unwrap().running;
+                asked.lock().unwrap().push(running);
+                true
+            })
         })
+    };
+    let done = src
+        .migrate_to_gated(
+            &to,
+            &tuning,
+            Duration::from_secs(120),
+            |p| seen.push(p.status.clone()),
+            Some(gate),
+        )
         .await
         .unwrap();
     assert_eq!(done.status, "completed");
+    assert_eq!(
+        *asked.lock().unwrap(),
+        [false],
+        "asked once, the guest stopped"
+    );
+    assert!(seen.iter().any(|s| s == "pre-switchover"), "{seen:?}");
     assert!(
         done.transferred_bytes > 0 && done.total_bytes >= 256 << 20,
         "{done:?}"
@@ -181,13 +219,8 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A migration past its deadline is cancelled, and the guest runs on here.
-    let to = MigrationChannel::Tcp(free_address());
     let tuning = MigrationTuning::tuned(src.accel());
-    let dst = mgr
-        .start_incoming(common::config("migtoolate"), &to, &tuning)
-        .await
-        .unwrap();
-    let _dst_guard = VmGuard(dst.clone());
+    let (to, _late) = waiting_destination(&mgr, "migtoolate", &tuning).await;
     let err = src
         .migrate_to(&to, &tuning, Duration::from_millis(1), |_| {})
         .await
@@ -200,6 +233,35 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
     assert_eq!(src.phase(), VmPhase::Running);
     assert!(src.qmp().query_status().await.unwrap().running);
     health(&src).await;
+    // A migration its commit point does not let through is cancelled with the guest stopped
+    // for its final copy: the guest runs on here, and the destination never got it.
+    let (to, refused) = waiting_destination(&mgr, "migrefused", &tuning).await;
+    let refuse: telvirt_runtime_vm::SwitchoverGate = Box::new(|| Box::pin(async { false }));
+    let mut seen = Vec::new();
+    let err = src
+        .migrate_to_gated(
+            &to,
+            &tuning,
+            T,
+            |p| seen.push(p.status.clone()),
+            Some(refuse),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cancelled at its commit point") && err.contains("the guest runs on here"),
+        "{err}"
+    );
+    assert!(seen.iter().any(|s| s == "pre-switchover"), "{seen:?}");
+    assert_eq!(src.phase(), VmPhase::Running);
+    assert!(src.qmp().query_status().await.unwrap().running);
+    let after = health(&src).await;
+    assert!(
+        after.uptime_ms >= before.uptime_ms,
+        "{before:?} then {after:?}"
+    );
+    assert_ne!(refused.0.phase(), VmPhase::Running);
     // A VM that is not running does not move, and says so.
     src.pause().await.unwrap();
     let err = src

@@ -969,6 +969,12 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
                 && r.contains("MiB of guest memory streamed"))),
         "{events}"
     );
+    // The final copy went only once a1's agent had read that the move stood.
+    let log = std::fs::read_to_string(node.path("a1.log")).unwrap();
+    assert!(
+        log.contains("the guest's stream passed its commit point"),
+        "{log}"
+    );
 }
 
 /// Frames the sink of network `net` received (its second link, `net show -o json`).

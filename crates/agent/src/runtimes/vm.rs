@@ -542,6 +542,7 @@ impl Runtime for VmRuntime {
         name: &Name,
         stream: OwnedFd,
         mut progress: StreamProgress,
+        commit: Option<telvirt_runtime_vm::SwitchoverGate>,
     ) -> Result<GuestStream, RuntimeFailure> {
         let handle = self
             .handle(name)
@@ -549,11 +550,12 @@ impl Runtime for VmRuntime {
             .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
         let tuning = MigrationTuning::tuned(handle.accel()).over_one_stream();
         let done = handle
-            .migrate_to(
+            .migrate_to_gated(
                 &MigrationChannel::Socket(stream),
                 &tuning,
                 MOVE_STREAM_DEADLINE,
                 |p| progress(&guest_stream(p)),
+                commit,
             )
             .await
             .map_err(failure)?;
