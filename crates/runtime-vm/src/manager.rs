@@ -417,6 +417,7 @@ impl VmManager {
             )));
         }
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
+        let orphan = crate::migrate::end_orphaned_stream(&qmp).await?;
         let status = qmp.query_status().await?;
         let cpus = sorted_cpus(&qmp).await?;
         let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))
@@ -447,6 +448,10 @@ impl VmManager {
             "adopted running QEMU pid {pid} (state {})",
             status.status
         ));
+        if let Some(orphan) = orphan {
+            tracing::warn!("vm {name}: {orphan}");
+            warnings.push(orphan);
+        }
         let handle = VmHandle::assemble(
             dir,
             Persisted {

@@ -171,6 +171,48 @@ impl MigrationProgress {
     }
 }
 
+/// Ends an outgoing stream of a QEMU being adopted: the agent that started it (and would have
+/// followed it to its end, or let it through its commit point) is gone, so nobody would. It
+/// is cancelled and waited for (up to 10 s): a stream that completed meanwhile leaves the
+/// guest moved (`postmigrate`), any other end leaves it running here (resumed if the stream
+/// had stopped it); a move that still stands starts a new stream. Returns what was done, for
+/// the handle's warnings. A destination's incoming stream is left alone.
+pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<String>> {
+    if qmp.query_status().await?.status == "inmigrate" {
+        return Ok(None);
+    }
+    let status = |v: &Value| v["status"].as_str().unwrap_or("none").to_owned();
+    let was = status(
+        &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+            .await?,
+    );
+    if ["none", "completed", "failed", "cancelled"].contains(&was.as_str()) {
+        return Ok(None);
+    }
+    let _ = qmp
+        .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
+        .await;
+    let until = Instant::now() + Duration::from_secs(10);
+    let ended = loop {
+        let now = status(
+            &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+                .await?,
+        );
+        if ["completed", "failed", "cancelled", "none"].contains(&now.as_str())
+            || Instant::now() > until
+        {
+            break now;
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    if ended != "completed" && !qmp.query_status().await?.running {
+        qmp.cont().await?;
+    }
+    Ok(Some(format!(
+        "its outgoing migration stream ({was}) was left by the agent that started it: cancelled, it ended {ended}"
+    )))
+}
+
 /// The capabilities this QEMU offers, by name.
 async fn offered(qmp: &QmpClient) -> Result<Vec<String>> {
     let caps = qmp

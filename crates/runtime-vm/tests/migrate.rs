@@ -13,7 +13,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{BOOT_SLOT, VmGuard};
+use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Health, Request};
 use telvirt_runtime_vm::{CpuSet, MigrationChannel, MigrationTuning, VmPhase, pin};
 
@@ -277,5 +277,66 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
     assert!(
         err.contains("only a running VM moves; this one is paused"),
         "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_qemu_ends_the_stream_its_gone_agent_left_at_the_commit_point_and_runs_on() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    let (pid, before) = {
+        let mgr = common::manager(root.path());
+        let src = mgr.start(common::config("migorphan")).await.unwrap();
+        let before = health(&src).await;
+        let tuning = MigrationTuning::tuned(src.accel());
+        let (to, _dst) = waiting_destination(&mgr, "migorphandst", &tuning).await;
+        // The agent reaches the commit point and goes away before it answers: the guest waits
+        // stopped at its final copy, with nobody to let it through or cancel it.
+        let (at, reached) = tokio::sync::oneshot::channel();
+        let mut at = Some(at);
+        let gate: telvirt_runtime_vm::SwitchoverGate = Box::new(move || {
+            let at = at.take();
+            Box::pin(async move {
+                if let Some(at) = at {
+                    let _ = at.send(());
+                }
+                std::future::pending::<bool>().await
+            })
+        });
+        let task = tokio::spawn({
+            let src = src.clone();
+            async move {
+                src.migrate_to_gated(&to, &tuning, T, |_| {}, Some(gate))
+                    .await
+            }
+        });
+        tokio::time::timeout(T, reached).await.unwrap().unwrap();
+        assert!(!src.qmp().query_status().await.unwrap().running);
+        task.abort();
+        let _ = task.await;
+        (src.pid(), before)
+        // The handles go away; QEMU keeps running, its guest stopped.
+    };
+    let _guard = PidGuard(pid);
+    let vm = common::manager(root.path())
+        .adopt("migorphan")
+        .await
+        .unwrap();
+    // Adopted, the stream is ended and the guest runs on here: the same guest, its clock on.
+    assert_eq!(vm.phase(), VmPhase::Running);
+    assert!(vm.qmp().query_status().await.unwrap().running);
+    let after = health(&vm).await;
+    assert!(
+        after.uptime_ms > before.uptime_ms,
+        "{before:?} then {after:?}"
+    );
+    let status = vm.status().await;
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains("(pre-switchover) was left by the agent that started it")),
+        "{:?}",
+        status.warnings
     );
 }
