@@ -161,6 +161,8 @@ YAML
     sleep 0.1
   done
   run net show vmchain
+  echo "What crossed upf1's NICs, counted on the host's side:"
+  run vnf stats upf1
   run net delete vmchain
   run vnf delete upf1
   # Gone, or a zombie waiting for its reaper (an adopted QEMU is not our child).

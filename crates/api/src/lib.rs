@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use telvirt_model::api::{
-    HugePageView, MapChangeRequest, MapChangeResult, MapView, VnfLogs, WasmStatsView,
+    HugePageView, MapChangeRequest, MapChangeResult, MapView, NicStatsView, VnfLogs, WasmStatsView,
 };
 use telvirt_model::network::{LatencyProbe, LatencyReport, NetworkDescriptor, NetworkStatus};
 use telvirt_sched::HostSpec;
@@ -207,6 +207,8 @@ pub enum NodeRequest {
     },
     /// The counters of a running wasm VNF.
     Stats { vnf: String },
+    /// The NIC counters of a running vm VNF.
+    NicStats { vnf: String },
     /// The log lines of a running wasm VNF with a `seq` above `after`.
     Logs { vnf: String, after: u64 },
     /// Swap a running wasm VNF's module for `module` (`sha256:<hex>` or a path on the node).
@@ -239,6 +241,9 @@ pub struct VnfUsage {
     /// A vm VNF's QEMU process (not for a wasm VNF).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<VmUsage>,
+    /// A vm VNF's vhost-user NICs (none for a wasm VNF).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicStatsView>,
 }
 
 /// A vm VNF's QEMU process as the host sees it.
@@ -281,6 +286,7 @@ impl NodeRequest {
             Self::Maps { vnf }
             | Self::MapChange { vnf, .. }
             | Self::Stats { vnf }
+            | Self::NicStats { vnf }
             | Self::Logs { vnf, .. }
             | Self::Upgrade { vnf, .. }
             | Self::Console { vnf, .. } => Some(vnf),
@@ -304,6 +310,9 @@ pub enum NodeReply {
     },
     Stats {
         stats: WasmStatsView,
+    },
+    NicStats {
+        nics: Vec<NicStatsView>,
     },
     Logs {
         logs: VnfLogs,

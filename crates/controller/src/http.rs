@@ -1472,10 +1472,10 @@ async fn vnf_logs(
 #[utoipa::path(get, path = "/v1/vnfs/{name}/stats", tag = "vnfs", security(("bearer" = [])),
     params(("name" = String, Path, description = "VNF name")),
     responses(
-        (status = 200, description = "The runtime's and the module's counters of the running wasm instance", body = telvirt_model::api::WasmStatsView),
+        (status = 200, description = "The running instance's counters: a wasm VNF's runtime and module counters, or a vm VNF's NIC counters (`nics`)", body = telvirt_model::api::VnfStatsView),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such VNF visible to the caller", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not a wasm VNF, or not Running or Locked", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not Running or Locked", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn vnf_stats(
     State(s): State<AppState>,

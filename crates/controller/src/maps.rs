@@ -8,7 +8,9 @@
 //! the runtime itself nor write anything to the store.
 
 use telvirt_api::{NodeReply, NodeRequest};
-use telvirt_model::api::{MapChangeRequest, MapChangeResult, MapView, VnfLogs, WasmStatsView};
+use telvirt_model::api::{
+    MapChangeRequest, MapChangeResult, MapView, VmStatsView, VnfLogs, VnfStatsView,
+};
 use telvirt_model::{Phase, Role, RuntimeKind};
 
 use crate::service::{Caller, Controller, ControllerError};
@@ -71,18 +73,30 @@ impl Controller {
         }
     }
 
-    /// The counters of a wasm VNF the caller may see, read from its running (or locked) instance.
+    /// The counters of a VNF the caller may see, read from its running (or locked) instance:
+    /// a wasm VNF's runtime and module counters, a vm VNF's NIC counters.
     pub async fn vnf_stats(
         &self,
         caller: &Caller,
         name: &str,
-    ) -> Result<WasmStatsView, ControllerError> {
-        let host = self.running_wasm(caller, name, "counters").await?;
+    ) -> Result<VnfStatsView, ControllerError> {
+        let vnf = self.vnf(caller, name).await?;
+        if vnf.descriptor.spec.runtime == RuntimeKind::Vm {
+            let host = running_host(&vnf, "counters")?;
+            let request = NodeRequest::NicStats {
+                vnf: name.to_owned(),
+            };
+            return match self.node_call(&host, request).await? {
+                NodeReply::NicStats { nics } => Ok(VnfStatsView::Vm(VmStatsView { nics })),
+                other => Err(unexpected(&host, "NIC counters", other)),
+            };
+        }
+        let host = running_wasm_host(&vnf, "counters")?;
         let request = NodeRequest::Stats {
             vnf: name.to_owned(),
         };
         match self.node_call(&host, request).await? {
-            NodeReply::Stats { stats } => Ok(stats),
+            NodeReply::Stats { stats } => Ok(VnfStatsView::Wasm(stats)),
             other => Err(unexpected(&host, "counters", other)),
         }
     }
@@ -128,6 +142,13 @@ fn running_wasm_host(vnf: &telvirt_model::Vnf, what: &str) -> Result<String, Con
             vnf.descriptor.spec.runtime.as_str()
         )));
     }
+    running_host(vnf, what)
+}
+
+/// The host running VNF `vnf`'s active instance, if it runs (or is locked); `what` names what
+/// is read, for the errors.
+fn running_host(vnf: &telvirt_model::Vnf, what: &str) -> Result<String, ControllerError> {
+    let name = vnf.name.as_str();
     if !matches!(vnf.phase, Phase::Running | Phase::Locked) {
         return Err(ControllerError::Conflict(format!(
             "vnf {name} is {}: its {what} are read from its running instance",

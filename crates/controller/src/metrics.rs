@@ -490,6 +490,47 @@ impl Scrape {
             "Time a vm VNF's vCPU thread was runnable but waited for a host CPU (the guest's steal)",
             MetricType::Counter,
             vcpus().map(|(l, c)| (l, seconds(c.wait_ns))),
+        )?;
+        let nics = || {
+            self.usage.values().flat_map(|u| {
+                u.nics
+                    .iter()
+                    .map(move |n| ([("vnf", u.vnf.clone()), ("port", n.port.clone())], n))
+            })
+        };
+        family(
+            e,
+            "telvirt_vm_nic_frames",
+            "Frames a vm VNF's vhost-user NIC carried, by direction (to or from the guest)",
+            MetricType::Counter,
+            nics().flat_map(|([vnf, port], n)| {
+                [
+                    ("to_guest", n.frames_to_guest),
+                    ("from_guest", n.frames_from_guest),
+                ]
+                .map(|(direction, v)| {
+                    (
+                        [
+                            vnf.clone(),
+                            port.clone(),
+                            ("direction", direction.to_owned()),
+                        ],
+                        counter(v),
+                    )
+                })
+            }),
+        )?;
+        family(
+            e,
+            "telvirt_vm_nic_dropped",
+            "Frames a vm VNF's vhost-user NIC dropped on the host's side (too big for the guest's buffer, bad, or no buffer)",
+            MetricType::Counter,
+            nics().map(|(l, n)| {
+                (
+                    l,
+                    counter(n.dropped_too_big + n.dropped_bad + n.dropped_no_buffer),
+                )
+            }),
         )
     }
 
@@ -762,6 +803,16 @@ mod tests {
                     wait_ns: 30_000_000,
                 }],
             }),
+            nics: vec![telvirt_model::api::NicStatsView {
+                port: "n3".into(),
+                connected: true,
+                frames_to_guest: 1200,
+                frames_from_guest: 1100,
+                dropped_too_big: 1,
+                dropped_bad: 2,
+                dropped_no_buffer: 4,
+                connections: 1,
+            }],
         };
         Scrape {
             admin: true,
@@ -791,6 +842,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("telvirt_vm_resident_memory_bytes{vnf=\"vm1\"} 536870912\n"));
+        for line in [
+            "telvirt_vm_nic_frames_total{vnf=\"vm1\",port=\"n3\",direction=\"to_guest\"} 1200\n",
+            "telvirt_vm_nic_frames_total{vnf=\"vm1\",port=\"n3\",direction=\"from_guest\"} 1100\n",
+            "telvirt_vm_nic_dropped_total{vnf=\"vm1\",port=\"n3\"} 7\n",
+        ] {
+            assert!(text.contains(line), "{line}{text}");
+        }
         let open = metrics.render(with_a_vm(), true).unwrap();
         assert!(open.ends_with("# EOF\n"), "{open}");
         openmetrics_parser::openmetrics::parse_openmetrics(&open)

@@ -233,6 +233,43 @@ pub struct VnfLogs {
     pub dropped: u64,
 }
 
+/// A running VNF's counters (`GET /v1/vnfs/{name}/stats`): a wasm VNF's, or a vm VNF's NICs'.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum VnfStatsView {
+    Wasm(WasmStatsView),
+    Vm(VmStatsView),
+}
+
+/// A running vm VNF's counters: its vhost-user NICs as the host's data plane counts them (what
+/// the guest does inside is its own: the host sees only what crosses the NIC).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmStatsView {
+    /// One per `spec.vm.nics` entry, in its order (empty: the VM has none on the data plane).
+    pub nics: Vec<NicStatsView>,
+}
+
+/// One vhost-user NIC of a vm VNF.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NicStatsView {
+    /// The VNF port the NIC is.
+    pub port: String,
+    /// Whether QEMU is connected and the guest's driver has set its queues up.
+    pub connected: bool,
+    /// Frames written into the guest's receive queue.
+    pub frames_to_guest: u64,
+    /// Frames the guest sent, passed on to the port's link.
+    pub frames_from_guest: u64,
+    /// Frames for the guest larger than the buffer it offered (dropped).
+    pub dropped_too_big: u64,
+    /// Guest frames that were empty, too large or unreadable (dropped).
+    pub dropped_bad: u64,
+    /// Frames dropped for want of a buffer on the host's side.
+    pub dropped_no_buffer: u64,
+    /// Connections to QEMU so far (more than one: QEMU or the host's agent restarted).
+    pub connections: u64,
+}
+
 /// A running wasm VNF's counters (`GET /v1/vnfs/{name}/stats`): the runtime's own, and the
 /// module's (named by its manifest, e.g. the firewall's `allowed`, `denied`, `non_ip`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -15,6 +15,7 @@ use telvirt_agent::dataplane::NodeDataPlane;
 use telvirt_agent::fencing::Fencing;
 use telvirt_agent::network::NetworkReconciler;
 use telvirt_agent::replication::{Detection, MAX_SILENCE};
+use telvirt_agent::runtimes::vm::VmRuntime;
 use telvirt_agent::runtimes::wasm::WasmRuntime;
 use telvirt_agent::{
     Agent, AgentConfig, ControlLink, ModuleCache, ReplicaState, Replicas, Runtime, StandbyHost,
@@ -59,6 +60,8 @@ pub struct HostAgent {
     /// Applies the networks the controller sends to `dataplane`.
     networks: Arc<NetworkReconciler>,
     wasm: Arc<WasmRuntime>,
+    /// The vm runtime, when this host offers it.
+    vm: Option<Arc<VmRuntime>>,
     /// Where this host's standby instances receive their actives' maps (with a tunnel address).
     replication: Option<std::net::TcpListener>,
     data_dir: PathBuf,
@@ -94,8 +97,10 @@ impl HostAgent {
         // One data plane per node, shared by the runtimes and the network reconciler.
         let dataplane = NodeDataPlane::new().context("starting the data plane")?;
         let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
+        let mut vm = None;
         if args.runtimes.contains(&RuntimeArg::Vm) {
-            runtimes.extend(crate::vm::vm_runtime(args, data_dir, Arc::clone(&dataplane)).await?);
+            vm = crate::vm::vm_runtime(args, data_dir, Arc::clone(&dataplane)).await?;
+            runtimes.extend(vm.clone().map(|r| r as Arc<dyn Runtime>));
         }
         if args.no_busy_poll {
             dataplane.forbid_busy_poll();
@@ -152,6 +157,7 @@ impl HostAgent {
             networks: Arc::new(networks),
             dataplane,
             wasm,
+            vm,
             replication,
             data_dir: data_dir.to_owned(),
             heartbeat_every: Duration::from_millis(args.heartbeat_interval_ms),
@@ -241,6 +247,7 @@ impl HostAgent {
         });
         let handler: Arc<dyn telvirt_agent::NodeHandler> = Arc::new(HostNodeHandler {
             wasm: Arc::clone(&self.wasm),
+            vm: self.vm.clone(),
             instances: self.data_dir.join("instances"),
             networks: Arc::clone(&self.networks),
         });

@@ -392,8 +392,9 @@ pub enum VnfCommand {
     /// then put entries, all or nothing, between two batches (keys and values in hex, of the
     /// map's sizes; an array's key is its little-endian index)
     MapUpdate(crate::wasm::MapUpdateArgs),
-    /// Show a running wasm VNF's counters: batches, packets in/forwarded/dropped, traps, and
-    /// the module's own (e.g. the firewall's allowed/denied)
+    /// Show a running VNF's counters: a wasm VNF's batches, packets in/forwarded/dropped,
+    /// traps and the module's own (e.g. the firewall's allowed/denied); a vm VNF's NICs (frames
+    /// to and from the guest, drops on the host's side)
     Stats { name: String },
     /// Show the last lines of a vm VNF's serial console (read on its host, through its agent)
     Console(crate::vm::ConsoleArgs),

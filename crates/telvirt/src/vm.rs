@@ -12,7 +12,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use reqwest::Method;
-use telvirt_agent::Runtime;
 use telvirt_agent::runtimes::vm::{VmRuntime, VmRuntimeConfig, build_image};
 use telvirt_model::{Device, Vnf};
 use telvirt_runtime_vm::{AccelChoice, BenchOptions, GuestImage, bench};
@@ -83,7 +82,7 @@ pub async fn vm_runtime(
     args: &HostAgentArgs,
     data_dir: &Path,
     dataplane: Arc<telvirt_agent::dataplane::NodeDataPlane>,
-) -> Result<Option<Arc<dyn Runtime>>> {
+) -> Result<Option<Arc<VmRuntime>>> {
     if !on_path("qemu-system-x86_64") {
         tracing::warn!(
             "vm runtime unavailable: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"

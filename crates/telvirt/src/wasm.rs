@@ -20,8 +20,8 @@ use telvirt_api::{NodeReply, NodeRequest, VcpuUsage, VmUsage, VnfUsage};
 use telvirt_controller::Controller;
 use telvirt_controller::modules::{ModuleRepository, ModuleVerifier};
 use telvirt_model::api::{
-    LogLineView, MapChangeRequest, MapChangeResult, MapEntry, MapView, ModuleInfo, VnfLogs,
-    WasmStatsView,
+    LogLineView, MapChangeRequest, MapChangeResult, MapEntry, MapView, ModuleInfo, NicStatsView,
+    VnfLogs, VnfStatsView,
 };
 use telvirt_model::{Name, Vnf};
 use telvirt_runtime_wasm::SecurityPolicy;
@@ -165,6 +165,8 @@ impl ModuleVerifier for UploadVerifier {
 /// networks (status, latency probes).
 pub struct HostNodeHandler {
     pub wasm: Arc<WasmRuntime>,
+    /// The vm runtime, when this host offers it.
+    pub vm: Option<Arc<telvirt_agent::runtimes::vm::VmRuntime>>,
     /// `<data dir>/instances`: a vm VNF's console log is `<instances>/<name>/console.log`.
     pub instances: PathBuf,
     pub networks: Arc<NetworkReconciler>,
@@ -207,6 +209,9 @@ impl HostNodeHandler {
             NodeRequest::Stats { .. } => NodeReply::Stats {
                 stats: rt.stats_view(&name).map_err(|e| e.to_string())?,
             },
+            NodeRequest::NicStats { .. } => NodeReply::NicStats {
+                nics: self.nic_stats(&name)?,
+            },
             NodeRequest::Logs { after, .. } => NodeReply::Logs {
                 logs: rt.logs_view(&name, *after).map_err(|e| e.to_string())?,
             },
@@ -236,6 +241,20 @@ impl HostNodeHandler {
 }
 
 impl HostNodeHandler {
+    /// The counters of vm VNF `name`'s NICs here (none: a VM without NICs on the data plane).
+    fn nic_stats(&self, name: &Name) -> Result<Vec<NicStatsView>, String> {
+        if let Some(nics) = self.vm.as_ref().and_then(|vm| vm.nic_stats(name)) {
+            return Ok(nics);
+        }
+        match telvirt_runtime_vm::manager::running_pid(
+            &self.instances.join(name.as_str()),
+            name.as_str(),
+        ) {
+            Some(_) => Ok(Vec::new()),
+            None => Err(format!("vnf {name} has no running VM on this host")),
+        }
+    }
+
     /// Every VNF on this host: a wasm instance's counters, a running QEMU's use of the host.
     fn usage(&self) -> Vec<VnfUsage> {
         let mut out: Vec<VnfUsage> = self
@@ -247,6 +266,7 @@ impl HostNodeHandler {
                     vnf: name.to_string(),
                     wasm: Some(self.wasm.stats_view(&name).ok()?),
                     vm: None,
+                    nics: Vec::new(),
                 })
             })
             .collect();
@@ -259,9 +279,15 @@ impl HostNodeHandler {
                 continue;
             };
             if let Some(u) = telvirt_runtime_vm::usage::vm_usage(&entry.path(), &name) {
+                let nics = name
+                    .parse::<Name>()
+                    .ok()
+                    .and_then(|n| self.vm.as_ref()?.nic_stats(&n))
+                    .unwrap_or_default();
                 out.push(VnfUsage {
                     vnf: name,
                     wasm: None,
+                    nics,
                     vm: Some(VmUsage {
                         rss_bytes: u.rss_bytes,
                         cpu_ns: u.cpu_ns,
@@ -354,12 +380,19 @@ fn print_log_line(format: Output, l: &LogLineView) -> Result<()> {
     Ok(())
 }
 
-/// `telvirt vnf stats NAME`.
+/// `telvirt vnf stats NAME`: a wasm VNF's counters, or a vm VNF's NICs'.
 pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
-    let s: WasmStatsView = client.get(&format!("/v1/vnfs/{name}/stats")).await?;
-    if crate::output::structured(format, &s)? {
+    let view: VnfStatsView = client.get(&format!("/v1/vnfs/{name}/stats")).await?;
+    if crate::output::structured(format, &view)? {
         return Ok(());
     }
+    let s = match view {
+        VnfStatsView::Wasm(s) => s,
+        VnfStatsView::Vm(vm) => {
+            print_nic_stats(name, &vm.nics);
+            return Ok(());
+        }
+    };
     let mut rows: Vec<Vec<String>> = [
         ("batches", s.batches),
         ("packets_in", s.packets_in),
@@ -385,6 +418,41 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
         crate::output::table(&["FROM", "COUNTER", "VALUE"], &rows)
     );
     Ok(())
+}
+
+/// A vm VNF's NICs as a table, one row each.
+fn print_nic_stats(name: &str, nics: &[NicStatsView]) {
+    if nics.is_empty() {
+        println!("vnf {name} has no NICs on the data plane (spec.vm.nics)");
+        return;
+    }
+    let rows: Vec<Vec<String>> = nics
+        .iter()
+        .map(|n| {
+            vec![
+                n.port.clone(),
+                if n.connected { "yes" } else { "no" }.to_owned(),
+                n.frames_to_guest.to_string(),
+                n.frames_from_guest.to_string(),
+                (n.dropped_too_big + n.dropped_bad + n.dropped_no_buffer).to_string(),
+                n.connections.to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "{}",
+        crate::output::table(
+            &[
+                "NIC",
+                "CONNECTED",
+                "TO GUEST",
+                "FROM GUEST",
+                "DROPPED",
+                "CONNECTIONS"
+            ],
+            &rows
+        )
+    );
 }
 
 /// `telvirt vnf maps NAME`.

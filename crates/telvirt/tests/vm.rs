@@ -659,6 +659,30 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(link_packets(&node, "c1", 0) >= 1000);
+    // The VM's NICs count what crossed them, in spec.vm.nics order.
+    let stats: serde_json::Value =
+        serde_json::from_slice(&node.ok(&["vnf", "stats", &vm, "-o", "json"]).stdout)
+            .expect("JSON");
+    let nics = stats["nics"].as_array().expect("nics");
+    assert_eq!(nics.len(), 2, "{stats}");
+    assert_eq!(
+        (nics[0]["port"].as_str(), nics[1]["port"].as_str()),
+        (Some("n3"), Some("n6"))
+    );
+    assert!(
+        nics[0]["connected"] == true && nics[1]["connected"] == true,
+        "{stats}"
+    );
+    assert!(nics[0]["frames_to_guest"].as_u64() >= Some(1000), "{stats}");
+    assert!(
+        nics[1]["frames_from_guest"].as_u64() >= Some(1000),
+        "{stats}"
+    );
+    let table = String::from_utf8_lossy(&node.ok(&["vnf", "stats", &vm]).stdout).into_owned();
+    assert!(
+        table.contains("FROM GUEST") && table.lines().any(|l| l.starts_with("n6 ")),
+        "{table}"
+    );
 
     // The node dies and comes back: it adopts the running QEMU and connects to the NICs' sockets
     // QEMU serves again; frames cross the same guest.

@@ -79,6 +79,32 @@ pub struct NicStats {
     pub connections: AtomicU64,
 }
 
+impl NicStats {
+    /// The counters as they are now (each read on its own, relaxed).
+    pub fn snapshot(&self) -> NicCounters {
+        let read = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        NicCounters {
+            to_guest: read(&self.to_guest),
+            from_guest: read(&self.from_guest),
+            to_guest_too_big: read(&self.to_guest_too_big),
+            from_guest_bad: read(&self.from_guest_bad),
+            no_buffer: read(&self.no_buffer),
+            connections: read(&self.connections),
+        }
+    }
+}
+
+/// [`NicStats`] read at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicCounters {
+    pub to_guest: u64,
+    pub from_guest: u64,
+    pub to_guest_too_big: u64,
+    pub from_guest_bad: u64,
+    pub no_buffer: u64,
+    pub connections: u64,
+}
+
 /// What a connection shares between its protocol daemon and the polling node.
 struct Connection {
     mem: GuestMemory,
@@ -255,6 +281,11 @@ impl NicSocket {
     /// The NIC's counters.
     pub fn stats(&self) -> &NicStats {
         &self.shared.stats
+    }
+
+    /// The name it was opened with.
+    pub fn name(&self) -> &str {
+        &self.shared.name
     }
 
     /// The NIC as one port of a panel node ([`VhostUserNode`]).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use telvirt_model::api::GuestStream;
+use telvirt_model::api::{GuestStream, NicStatsView};
 use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
 use telvirt_runtime_vm::{
     AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
@@ -190,6 +190,35 @@ impl VmRuntime {
             .map_err(failure)?;
         self.nic_table().insert(spec.name.clone(), sockets);
         Ok(config)
+    }
+
+    /// The counters of VM `name`'s NICs on this host, in `spec.vm.nics` order (`None`: no
+    /// NICs of a VM `name` are open here).
+    pub fn nic_stats(&self, name: &Name) -> Option<Vec<NicStatsView>> {
+        let table = self.nic_table();
+        let prefix = format!("{name}.");
+        table.get(name).map(|sockets| {
+            sockets
+                .iter()
+                .map(|nic| {
+                    let c = nic.stats().snapshot();
+                    NicStatsView {
+                        port: nic
+                            .name()
+                            .strip_prefix(&prefix)
+                            .unwrap_or(nic.name())
+                            .to_owned(),
+                        connected: nic.is_running(),
+                        frames_to_guest: c.to_guest,
+                        frames_from_guest: c.from_guest,
+                        dropped_too_big: c.to_guest_too_big,
+                        dropped_bad: c.from_guest_bad,
+                        dropped_no_buffer: c.no_buffer,
+                        connections: c.connections,
+                    }
+                })
+                .collect()
+        })
     }
 
     /// Takes VM `name`'s node off the data plane and closes its NIC sockets.
