@@ -334,11 +334,11 @@ impl Agent {
                 }
             }));
             let weak = Arc::downgrade(inner);
-            replicas.on_commit_point(Arc::new(move |vnf, peer| {
+            replicas.on_commit_point(Arc::new(move |vnf, peer, epoch| {
                 let weak = weak.clone();
                 Box::pin(async move {
                     match weak.upgrade() {
-                        Some(inner) => inner.commit_move(&vnf, &peer).await,
+                        Some(inner) => inner.commit_move(&vnf, &peer, epoch).await,
                         None => false,
                     }
                 })
@@ -860,13 +860,13 @@ impl Inner {
         Ok(())
     }
 
-    /// The commit point of `vnf`'s guest move to `peer` (its stream waits at its final copy,
-    /// the guest stopped here): reports the stream's status to the controller, which from then
-    /// on refuses to cancel the move, then reads this host's assignments. The move stands
-    /// when they still name `peer` as the destination at the same epoch: a cancel recorded
-    /// first shows there as no destination. Any failure (the controller unreachable, too
+    /// The commit point of `vnf`'s guest move to `peer`, streamed as the active of `epoch` (its
+    /// stream waits at its final copy, the guest stopped here): reports the stream's status to
+    /// the controller, which from then on refuses to cancel the move, then reads this host's
+    /// assignments. The move stands when they still name `peer` as the destination at that
+    /// epoch: a cancel recorded first shows there as no destination. Any failure (the controller unreachable, too
     /// slow) answers `false`, and the guest runs on here.
-    async fn commit_move(&self, vnf: &Name, peer: &StandbyPeer) -> bool {
+    async fn commit_move(&self, vnf: &Name, peer: &StandbyPeer, epoch: u64) -> bool {
         let held = self
             .desired
             .lock()
@@ -876,14 +876,16 @@ impl Inner {
         let Some(a) = held else {
             return false;
         };
-        let last = self
-            .known
-            .lock()
-            .await
-            .get(vnf)
-            .and_then(|k| k.reported.as_ref().map(|f| (f.0, f.1.clone())));
-        let (phase, reason) = last.unwrap_or((Phase::Running, "running".to_owned()));
         let asked = async {
+            // Sent whatever was reported before (an equal report may have gone to an earlier
+            // move): the controller must record this one.
+            let last = self
+                .known
+                .lock()
+                .await
+                .get_mut(vnf)
+                .and_then(|k| k.reported.take().map(|f| (f.0, f.1)));
+            let (phase, reason) = last.unwrap_or((Phase::Running, "running".to_owned()));
             self.report(&a, phase, reason).await.ok()?;
             self.link.assignments(&self.host).await.ok()
         };
@@ -893,7 +895,7 @@ impl Inner {
         };
         let stands = now
             .iter()
-            .any(|x| x.vnf == *vnf && x.epoch == a.epoch && x.standby.as_ref() == Some(peer));
+            .any(|x| x.vnf == *vnf && x.epoch == epoch && x.standby.as_ref() == Some(peer));
         if stands {
             tracing::info!(vnf = %vnf, to = %peer.host, "the guest's stream passed its commit point: the final copy goes");
         } else {

@@ -739,7 +739,7 @@ impl Replicas {
         let _ = self.changed.set(tell);
     }
 
-    /// Asks `commit` (the VNF's name and its move's destination) at each guest stream's commit
+    /// Asks `commit` (the VNF's name, its move's destination and the stream's epoch) at each guest stream's commit
     /// point whether the move still stands; without it a guest stream has no commit point.
     /// Set once; later calls are ignored.
     pub fn on_commit_point(&self, commit: Arc<MoveCommit>) {
@@ -941,9 +941,9 @@ struct GuestTo {
 }
 
 /// What [`Replicas::on_commit_point`] asks: whether the move of the VNF (its name) to the
-/// destination (its peer) still stands, once its guest's stream waits at its final copy. Its
+/// destination (its peer), streamed as the active of an epoch, still stands, once its guest's stream waits at its final copy. Its
 /// answer `true` must make the move one that can no longer be cancelled.
-pub type MoveCommit = dyn Fn(Name, StandbyPeer) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+pub type MoveCommit = dyn Fn(Name, StandbyPeer, u64) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
     + Send
     + Sync;
 
@@ -992,8 +992,8 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
             }
         };
         let gate = to.commit.clone().map(|commit| {
-            let (vnf, peer) = (to.vnf.clone(), to.peer.clone());
-            Box::new(move || commit(vnf.clone(), peer.clone()))
+            let (vnf, peer, epoch) = (to.vnf.clone(), to.peer.clone(), to.epoch);
+            Box::new(move || commit(vnf.clone(), peer.clone(), epoch))
                 as telvirt_runtime_vm::SwitchoverGate
         });
         match to
@@ -1009,7 +1009,14 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                     s.error = None;
                 });
             }
-            Err(e) => set(&|s| fail(s, e.to_string())),
+            // The guest runs on here: the last stream's status says it ended (not where it
+            // stood when last polled, which may have been its commit point).
+            Err(e) => set(&|s| {
+                fail(s, e.to_string());
+                if let Some(g) = s.guest.as_mut() {
+                    g.status = "failed".into();
+                }
+            }),
         }
         tokio::time::sleep(GUEST_RETRY).await;
     }

@@ -71,7 +71,8 @@ fn lost_roles<'a>(placements: &'a [Placement], failed: &[String]) -> Vec<&'a Pla
 /// one of them, its standby on a host that is not, and the standby lost its active too. A
 /// standby that still hears its active says the active's host is cut off from the controller
 /// only: it keeps forwarding, and a takeover would make two actives. A pair without a
-/// replication stream (vm VNFs) has no such witness: the lease alone decides.
+/// replication stream (vm VNFs) has no such witness: the lease alone decides, except for a vm
+/// move short of its commit point, whose destination holds no guest (never).
 pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
     if destination_holds_no_guest(vnf) {
         return false;
@@ -87,16 +88,18 @@ pub(crate) fn fails_over(vnf: &telvirt_model::Vnf, failed: &[String]) -> bool {
         && !standby_hears_active(vnf, failed)
 }
 
-/// Whether `vnf` is a vm under a move whose stream has not reached its final copy: the
-/// standby placement is the destination's QEMU waiting for the stream, which holds no guest.
-/// It is no standby to fail over or promote to: its source's host may only be slow (a lease
-/// lapsed under the stream's load), and were it lost, the guest is not there either.
+/// Whether `vnf` is a vm under a move short of its commit point: the standby placement is the
+/// destination's QEMU waiting for the stream, which holds no guest and will not get one
+/// unless the source lets the final copy through. It is no standby to fail over or promote to:
+/// its source's host may only be slow (a lease lapsed under the stream's load), and were it
+/// lost, the guest is not at the destination either. Past the commit point the guest is on
+/// its way there (or runs there): the destination takes over.
 pub(crate) fn destination_holds_no_guest(vnf: &telvirt_model::Vnf) -> bool {
     vnf.descriptor.spec.runtime == telvirt_model::RuntimeKind::Vm
         && vnf
             .migration
             .as_ref()
-            .is_some_and(|m| !super::migration::guest_at_destination(vnf, m))
+            .is_some_and(|m| !super::migration::guest_moved(vnf, m))
 }
 
 /// Whether `vnf`'s standby, on a host not in `not_ready`, still hears its active over a synced
@@ -562,6 +565,7 @@ mod tests {
             by: "admin".into(),
             engine: None,
             handoff_at: None,
+            committed_at: None,
         });
         let stream = |status: &str| telvirt_model::api::ReplicationStatus {
             standby_host: "h2".into(),
@@ -588,6 +592,11 @@ mod tests {
         // At its commit point the guest is stopped at h1, its device state not sent.
         moving.replication = Some(stream("pre-switchover"));
         assert!(destination_holds_no_guest(&moving));
+        // Once the controller recorded that report, the source lets the final copy through.
+        let mut committed = moving.clone();
+        committed.migration.as_mut().unwrap().committed_at = Some("2026-12-04T12:00:00Z".into());
+        assert!(!destination_holds_no_guest(&committed));
+        assert!(fails_over(&committed, &h1));
         // The final copy under way: the guest runs only on h2 from now on.
         moving.replication = Some(stream("device"));
         assert!(!destination_holds_no_guest(&moving));

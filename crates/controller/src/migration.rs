@@ -1,8 +1,11 @@
 //! Moving a running VNF to another host: the destination is placed as a standby (its cpus held
 //! beside the source's, so the two never overlap), the source's agent streams the state to it
-//! (a wasm VNF's maps, ADR 052; a vm's guest, QEMU's migration stream, ADR 062), and once the stream is synced and the destination runs, the roles swap and the
-//! source's place is freed, in one transaction; the network follows the active. A move can be
-//! cancelled; if the source dies during it, the destination takes over as any standby would.
+//! (a wasm VNF's maps, ADR 052; a vm's guest, QEMU's migration stream, ADR 062), and once the
+//! stream is synced and the destination runs, the roles swap and the source's place is freed,
+//! in one transaction; the network follows the active. A move can be cancelled until its
+//! commit point (a vm's: its source reported the final copy waiting). If the source dies
+//! during a wasm move, the destination takes over as any standby would; a vm's destination
+//! does so only past the commit point (before it, it holds no guest).
 //!
 //! Owns the refusals of a move (which field, why), its start, its end and its cancel. It must
 //! not talk to agents: the store carries the move, the agents follow their assignments.
@@ -61,34 +64,29 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 }
 
 /// Whether move `m` of vm `v` is past its point of no return: its source reported the stream
-/// waiting at its commit point (`pre-switchover`, the guest stopped there: from the record of
-/// that report on, the move is not cancelled, and the source lets the final copy through only
-/// once it has read that the move stands), in its final copy, or completed.
+/// waiting at its commit point (`m.committed_at`, recorded once under the scheduler lock: from
+/// then on the move is not cancelled, and the source lets the final copy through only once it
+/// has read that the move stands), or a report says the final copy streams or completed.
 pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
-    guest_stream_at(v, m, &["pre-switchover", "device", "completed"])
-}
-
-/// Whether the guest of vm `v`'s move `m` is (or is being) copied whole to the destination:
-/// its device state streams (`device`) or the stream completed. Before that the destination's
-/// QEMU holds no guest.
-pub(crate) fn guest_at_destination(v: &Vnf, m: &Migration) -> bool {
-    guest_stream_at(v, m, &["device", "completed"])
-}
-
-fn guest_stream_at(v: &Vnf, m: &Migration, statuses: &[&str]) -> bool {
-    v.replication.as_ref().is_some_and(|r| {
-        r.standby_host == m.to
-            && r.guest
-                .as_ref()
-                .is_some_and(|g| r.state == "synced" || statuses.contains(&g.status.as_str()))
-    })
+    m.committed_at.is_some()
+        || v.replication.as_ref().is_some_and(|r| {
+            r.standby_host == m.to
+                && r.guest.as_ref().is_some_and(|g| {
+                    r.state == "synced"
+                        || (r.state == "streaming"
+                            && ["device", "completed"].contains(&g.status.as_str()))
+                })
+        })
 }
 
 /// Whether a report's guest stream waits at its move's commit point.
 pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::ReplicationStatus>) -> bool {
-    replication
-        .and_then(|r| r.guest.as_ref())
-        .is_some_and(|g| g.status == "pre-switchover")
+    replication.is_some_and(|r| {
+        r.state == "streaming"
+            && r.guest
+                .as_ref()
+                .is_some_and(|g| g.status == "pre-switchover")
+    })
 }
 
 /// Whether the source of wasm move `m` of `v` froze and handed its last updates over (asked
@@ -244,6 +242,7 @@ impl Controller {
             by: caller.name.clone(),
             engine: req.engine,
             handoff_at: None,
+            committed_at: None,
         };
         let recorded = self
             .record_new_placement(
@@ -448,6 +447,22 @@ impl Controller {
 
     /// Why move `m` of `v` is cancelled, once it is older than the move deadline.
     fn overdue(&self, v: &Vnf, m: &Migration) -> Result<Option<String>> {
+        // A committed move whose stream then failed (the guest runs on at the source; its
+        // agent opens streams again while the move stands) is given up at the deadline.
+        let failed_after_commit = m.committed_at.is_some()
+            && v.replication.as_ref().is_some_and(|r| {
+                r.standby_host == m.to
+                    && r.state == "failing"
+                    && r.guest.as_ref().is_some_and(|g| g.status == "failed")
+            });
+        if failed_after_commit && self.past_deadline(v, m)? {
+            return Ok(Some(format!(
+                "the move to host {} passed its commit point, but its stream failed since and did not end within {}; cancelled, it runs on {}",
+                m.to,
+                humantime::format_duration(self.move_deadline()),
+                m.from
+            )));
+        }
         if guest_moved(v, m) || handed_off(v, m) {
             return Ok(None);
         }

@@ -1715,9 +1715,10 @@ impl Controller {
         let mut active_host = None;
         let mut migrating = false;
         // A vm move's commit point (its source's stream waits at its final copy) is recorded
-        // under the scheduler lock, which a cancel (or the move's deadline, or the healer) holds
-        // from its look at the record to its write: exactly one of them comes first. The
-        // source lets the final copy through only once it has read that the move stands.
+        // under the scheduler lock, which a cancel, the move's deadline and the healer hold
+        // from their look at the record to their write: the commit and an end of the move
+        // never both happen. The source lets the final copy through only once it has read
+        // that the move stands.
         let commit_point = migration::at_commit_point(obs.replication.as_ref());
         let serialized = if commit_point {
             Some(self.scheduler.lock().await)
@@ -1761,6 +1762,18 @@ impl Controller {
                     return Ok(event.map(|e| (vnf.phase, e, format!("agent/{host}"))));
                 }
                 vnf.replication = obs.replication.clone();
+                // The commit point, recorded once for the move's destination: a later report
+                // (a stale one too) does not undo it.
+                if let Some(m) = vnf.migration.as_mut().filter(|m| {
+                    commit_point
+                        && m.committed_at.is_none()
+                        && obs
+                            .replication
+                            .as_ref()
+                            .is_some_and(|r| r.standby_host == m.to)
+                }) {
+                    m.committed_at = Some(now_rfc3339());
+                }
                 active_failed = obs.phase == Phase::Failed;
                 if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {
                     remove = true;

@@ -500,7 +500,21 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     // The stream waits at its commit point (the guest stopped at h2): once that report is
     // recorded the move cannot be cancelled (the source reads its assignment next, finds the
     // move standing and lets the final copy through).
-    report(&node.controller, "h2", Phase::Running, Some(late)).await;
+    report(&node.controller, "h2", Phase::Running, Some(late.clone())).await;
+    assert!(
+        node.vnf_json("u1").await["migration"]["committed_at"].is_string(),
+        "the commit point is recorded"
+    );
+    // A report that left the agent before (its stream still `active`) lands after it: the
+    // commit stands.
+    let stale = ReplicationStatus {
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "active".into(),
+            ..late.guest.clone().unwrap()
+        }),
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(stale)).await;
     let r = migrate(&node, r#"{"cancel": true}"#).await;
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(
@@ -591,6 +605,39 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             .as_str()
             .unwrap()
             .contains("host h2 had not reported the guest running by the move's deadline"),
+        "{last}"
+    );
+    consistent(&node).await;
+
+    // A move past its commit point whose stream then failed (the guest runs on at h2): not
+    // cancellable by hand, but given up at its deadline.
+    report(&node.controller, "h2", Phase::Running, None).await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    report(&node.controller, "h2", Phase::Running, Some(late.clone())).await;
+    assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 409);
+    let failed = ReplicationStatus {
+        state: "failing".into(),
+        error: Some("the stream to a passed socket ended: Connection reset".into()),
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "failed".into(),
+            ..late.guest.clone().unwrap()
+        }),
+        ..late.clone()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.vnf_json("u1").await.get("migration").is_some() {
+        assert!(std::time::Instant::now() < deadline, "the move never ended");
+        report(&node.controller, "h2", Phase::Running, Some(failed.clone())).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let v = node.vnf_json("u1").await;
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    let last = node.events("u1").await.pop().unwrap();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("passed its commit point, but its stream failed since"),
         "{last}"
     );
     consistent(&node).await;

@@ -634,6 +634,11 @@ pub struct Migration {
     /// over (its stream synced, the destination running); the switch follows its report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_at: Option<String>,
+    /// When the source of a vm VNF's move reported its guest's stream waiting at its commit
+    /// point (the guest stopped for the final copy): from then on the move is not cancelled,
+    /// and the source lets the final copy through only once it has read that the move stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_at: Option<String>,
 }
 
 /// What `PUT /v1/vnfs/{name}` did, or with `dryRun` would do.

@@ -417,7 +417,7 @@ impl VmManager {
             )));
         }
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
-        let orphan = crate::migrate::end_orphaned_stream(&qmp).await?;
+        let orphan = crate::migrate::end_orphaned_stream(&qmp, name).await?;
         let status = qmp.query_status().await?;
         let cpus = sorted_cpus(&qmp).await?;
         let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))

@@ -171,13 +171,15 @@ impl MigrationProgress {
     }
 }
 
-/// Ends an outgoing stream of a QEMU being adopted: the agent that started it (and would have
-/// followed it to its end, or let it through its commit point) is gone, so nobody would. It
-/// is cancelled and waited for (up to 10 s): a stream that completed meanwhile leaves the
-/// guest moved (`postmigrate`), any other end leaves it running here (resumed if the stream
-/// had stopped it); a move that still stands starts a new stream. Returns what was done, for
-/// the handle's warnings. A destination's incoming stream is left alone.
-pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<String>> {
+/// Ends an outgoing stream of a QEMU being adopted (named `vm`): the agent that started it
+/// (and would have followed it to its end, or let it through its commit point) is gone, so
+/// nobody would. A stream short of its final copy is cancelled (the guest runs on here,
+/// resumed if the commit point had stopped it; a move that still stands streams anew); one in
+/// its final copy (`device`, past the commit point) is let finish (the guest then moved:
+/// `postmigrate`). Either is waited for, up to 10 s: a stream that has not ended by then is an
+/// error (the guest is neither resumed nor given up). Returns what was done, for the handle's
+/// warnings. A destination's incoming stream is left alone.
+pub(crate) async fn end_orphaned_stream(qmp: &QmpClient, vm: &str) -> Result<Option<String>> {
     if qmp.query_status().await?.status == "inmigrate" {
         return Ok(None);
     }
@@ -189,27 +191,40 @@ pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<String
     if ["none", "completed", "failed", "cancelled"].contains(&was.as_str()) {
         return Ok(None);
     }
-    let _ = qmp
-        .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
-        .await;
+    if was != "device" {
+        let _ = qmp
+            .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
+            .await;
+    }
     let until = Instant::now() + Duration::from_secs(10);
     let ended = loop {
         let now = status(
             &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
                 .await?,
         );
-        if ["completed", "failed", "cancelled", "none"].contains(&now.as_str())
-            || Instant::now() > until
-        {
+        if ["completed", "failed", "cancelled", "none"].contains(&now.as_str()) {
             break now;
+        }
+        if Instant::now() > until {
+            return Err(Error::Migration {
+                vm: vm.to_owned(),
+                reason: format!(
+                    "its outgoing stream, left by the agent that started it, was {was} and is still {now} after 10 s"
+                ),
+            });
         }
         tokio::time::sleep(POLL).await;
     };
     if ended != "completed" && !qmp.query_status().await?.running {
         qmp.cont().await?;
     }
+    let done = if was == "device" {
+        "let finish"
+    } else {
+        "cancelled"
+    };
     Ok(Some(format!(
-        "its outgoing migration stream ({was}) was left by the agent that started it: cancelled, it ended {ended}"
+        "its outgoing migration stream ({was}) was left by the agent that started it: {done}, it ended {ended}"
     )))
 }
 
@@ -326,6 +341,8 @@ impl VmHandle {
             .await?;
         let started = Instant::now();
         let mut last = MigrationProgress::default();
+        // Let through its commit point: no deadline ends it any more.
+        let mut continued = false;
         let ended = loop {
             let now = match qmp
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
@@ -354,11 +371,12 @@ impl VmHandle {
                         {
                             break Err(format!("QEMU did not go on past the commit point ({e})"));
                         }
+                        continued = true;
                     }
                 }
                 _ => {}
             }
-            if started.elapsed() > deadline {
+            if !continued && started.elapsed() > deadline {
                 break Err(format!(
                     "not done within {deadline:?} ({} of {} bytes left, {} pages dirtied per second)",
                     now.remaining_bytes, now.total_bytes, now.dirty_pages_per_s
@@ -460,8 +478,8 @@ impl VmHandle {
         done
     }
 
-    /// After a failed or cancelled migration: the guest runs on this side (QEMU resumes it
-    /// itself unless the failure came after it was stopped for the final copy).
+    /// After a failed or cancelled migration: the guest runs on this side (QEMU resumes a guest
+    /// that ran before the stream itself; this resumes it should QEMU not have).
     async fn keep_running_here(&self) -> Result<()> {
         let status = self.qmp().query_status().await?;
         if !status.running {
