@@ -358,6 +358,22 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
 /// A vm VNF that can move: the default guest, no disk, NICs or devices.
 const VM: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: u1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 256MiB }\n";
 
+/// Plays `host`'s agent reporting `stream` (past the move deadline) until u1's move ends; it
+/// must end with u1 active on h2 alone and an event saying `why`.
+async fn move_ends_on_h2(node: &Node, host: &str, stream: &ReplicationStatus, why: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while node.vnf_json("u1").await.get("migration").is_some() {
+        assert!(std::time::Instant::now() < deadline, "the move never ended");
+        report(&node.controller, host, Phase::Running, Some(stream.clone())).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let v = node.vnf_json("u1").await;
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    let last = node.events("u1").await.pop().unwrap();
+    assert!(last["reason"].as_str().unwrap().contains(why), "{last}");
+    consistent(node).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let node = Node::start_monitored(None).await;
@@ -591,23 +607,13 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         standby_host: "h2".into(),
         ..completed.clone()
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while node.vnf_json("u1").await.get("migration").is_some() {
-        assert!(std::time::Instant::now() < deadline, "the move never ended");
-        report(&node.controller, "h3", Phase::Running, Some(back.clone())).await;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let v = node.vnf_json("u1").await;
-    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
-    let last = node.events("u1").await.pop().unwrap();
-    assert!(
-        last["reason"]
-            .as_str()
-            .unwrap()
-            .contains("host h2 had not reported the guest running by the move's deadline"),
-        "{last}"
-    );
-    consistent(&node).await;
+    move_ends_on_h2(
+        &node,
+        "h3",
+        &back,
+        "host h2 had not reported the guest running by the move's deadline",
+    )
+    .await;
 
     // A move past its commit point whose stream then failed (the guest runs on at h2): not
     // cancellable by hand, but given up at its deadline.
@@ -624,23 +630,13 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         }),
         ..late.clone()
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while node.vnf_json("u1").await.get("migration").is_some() {
-        assert!(std::time::Instant::now() < deadline, "the move never ended");
-        report(&node.controller, "h2", Phase::Running, Some(failed.clone())).await;
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let v = node.vnf_json("u1").await;
-    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
-    let last = node.events("u1").await.pop().unwrap();
-    assert!(
-        last["reason"]
-            .as_str()
-            .unwrap()
-            .contains("passed its commit point, but its stream failed since"),
-        "{last}"
-    );
-    consistent(&node).await;
+    move_ends_on_h2(
+        &node,
+        "h2",
+        &failed,
+        "passed its commit point, but its stream failed since",
+    )
+    .await;
     beats.into_iter().for_each(|b| b.abort());
 }
 
