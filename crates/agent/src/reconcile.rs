@@ -813,7 +813,17 @@ impl Inner {
         phase: Phase,
         reason: impl Into<String>,
     ) -> Result<(), AgentError> {
-        let reason = reason.into();
+        self.report_as(a, phase, reason.into(), false).await
+    }
+
+    /// [`Self::report`], sent even when it repeats the last fact when `always`.
+    async fn report_as(
+        &self,
+        a: &Assignment,
+        phase: Phase,
+        reason: String,
+        always: bool,
+    ) -> Result<(), AgentError> {
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
         let active_lost = match a.placement.role {
             Role::Standby => self
@@ -831,7 +841,7 @@ impl Inner {
             replication.clone(),
             active_lost.clone(),
         );
-        {
+        if !always {
             let known = self.known.lock().await;
             if known.get(&a.vnf).and_then(|k| k.reported.as_ref()) == Some(&fact) {
                 return Ok(());
@@ -873,20 +883,23 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .get(vnf)
             .cloned();
-        let Some(a) = held else {
+        // Streamed for a move this host no longer knows of (cancelled, another begun): no
+        // report of it may commit the one now assigned.
+        let Some(a) = held.filter(|a| a.epoch == epoch && a.standby.as_ref() == Some(peer)) else {
             return false;
         };
+        let since = std::time::Instant::now();
         let asked = async {
-            // Sent whatever was reported before (an equal report may have gone to an earlier
-            // move): the controller must record this one.
             let last = self
                 .known
                 .lock()
                 .await
-                .get_mut(vnf)
-                .and_then(|k| k.reported.take().map(|f| (f.0, f.1)));
+                .get(vnf)
+                .and_then(|k| k.reported.as_ref().map(|f| (f.0, f.1.clone())));
             let (phase, reason) = last.unwrap_or((Phase::Running, "running".to_owned()));
-            self.report(&a, phase, reason).await.ok()?;
+            // Sent even if it repeats one (an equal report may have gone to an earlier move):
+            // the controller must record this one.
+            self.report_as(&a, phase, reason, true).await.ok()?;
             self.link.assignments(&self.host).await.ok()
         };
         let Ok(Some(now)) = tokio::time::timeout(COMMIT_WITHIN, asked).await else {
@@ -896,10 +909,11 @@ impl Inner {
         let stands = now
             .iter()
             .any(|x| x.vnf == *vnf && x.epoch == epoch && x.standby.as_ref() == Some(peer));
+        let took = since.elapsed().as_millis();
         if stands {
-            tracing::info!(vnf = %vnf, to = %peer.host, "the guest's stream passed its commit point: the final copy goes");
+            tracing::info!(vnf = %vnf, to = %peer.host, took_ms = took, "the guest's stream passed its commit point: the final copy goes");
         } else {
-            tracing::info!(vnf = %vnf, to = %peer.host, "the move was cancelled before its commit point: the guest runs on here");
+            tracing::info!(vnf = %vnf, to = %peer.host, took_ms = took, "the move was cancelled before its commit point: the guest runs on here");
         }
         stands
     }

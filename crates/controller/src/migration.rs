@@ -66,17 +66,19 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 /// Whether move `m` of vm `v` is past its point of no return: its source reported the stream
 /// waiting at its commit point (`m.committed_at`, recorded once under the scheduler lock: from
 /// then on the move is not cancelled, and the source lets the final copy through only once it
-/// has read that the move stands), or a report says the final copy streams or completed.
+/// has read that the move stands) and has not reported it failed since (the guest then runs
+/// at the source again, and the move may be cancelled until a stream commits again), or a
+/// report says the final copy streams or completed.
 pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
-    m.committed_at.is_some()
-        || v.replication.as_ref().is_some_and(|r| {
-            r.standby_host == m.to
-                && r.guest.as_ref().is_some_and(|g| {
-                    r.state == "synced"
-                        || (r.state == "streaming"
-                            && ["device", "completed"].contains(&g.status.as_str()))
-                })
+    let report = v.replication.as_ref().filter(|r| r.standby_host == m.to);
+    let copying = report.is_some_and(|r| {
+        r.guest.as_ref().is_some_and(|g| {
+            r.state == "synced"
+                || (r.state == "streaming" && ["device", "completed"].contains(&g.status.as_str()))
         })
+    });
+    let failed = report.is_some_and(|r| r.state == "failing");
+    copying || (m.committed_at.is_some() && !failed)
 }
 
 /// Whether a report's guest stream waits at its move's commit point.
@@ -358,7 +360,13 @@ impl Controller {
             drop(scheduler);
             return self.ask_hand_off(name, &m).await;
         }
-        let switch = if wasm { handed_off(v, &m) } else { synced };
+        // A vm destination runs only once its guest's stream completed: past the commit point
+        // its report is enough (the source's may not come: its agent restarted meanwhile).
+        let switch = if wasm {
+            handed_off(v, &m)
+        } else {
+            synced || guest_moved(v, &m)
+        };
         let (placed, reason, actor, restart) = if forced || (ready && switch) {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
@@ -447,22 +455,6 @@ impl Controller {
 
     /// Why move `m` of `v` is cancelled, once it is older than the move deadline.
     fn overdue(&self, v: &Vnf, m: &Migration) -> Result<Option<String>> {
-        // A committed move whose stream then failed (the guest runs on at the source; its
-        // agent opens streams again while the move stands) is given up at the deadline.
-        let failed_after_commit = m.committed_at.is_some()
-            && v.replication.as_ref().is_some_and(|r| {
-                r.standby_host == m.to
-                    && r.state == "failing"
-                    && r.guest.as_ref().is_some_and(|g| g.status == "failed")
-            });
-        if failed_after_commit && self.past_deadline(v, m)? {
-            return Ok(Some(format!(
-                "the move to host {} passed its commit point, but its stream failed since and did not end within {}; cancelled, it runs on {}",
-                m.to,
-                humantime::format_duration(self.move_deadline()),
-                m.from
-            )));
-        }
         if guest_moved(v, m) || handed_off(v, m) {
             return Ok(None);
         }

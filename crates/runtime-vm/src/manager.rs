@@ -417,7 +417,7 @@ impl VmManager {
             )));
         }
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
-        let orphan = crate::migrate::end_orphaned_stream(&qmp, name).await?;
+        let orphan = crate::migrate::end_orphaned_stream(&qmp).await?;
         let status = qmp.query_status().await?;
         let cpus = sorted_cpus(&qmp).await?;
         let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))
@@ -435,7 +435,10 @@ impl VmManager {
                 status_known: false,
             }));
         });
+        let still_streaming = orphan.as_ref().is_some_and(|o| !o.ended);
         let phase = match status.status.as_str() {
+            // Never resumed here: the guest may run at the destination.
+            _ if still_streaming => VmPhase::Migrated,
             "running" => VmPhase::Running,
             "paused" => VmPhase::Paused,
             "prelaunch" => VmPhase::Starting,
@@ -449,8 +452,8 @@ impl VmManager {
             status.status
         ));
         if let Some(orphan) = orphan {
-            tracing::warn!("vm {name}: {orphan}");
-            warnings.push(orphan);
+            tracing::warn!("vm {name}: {}", orphan.note);
+            warnings.push(orphan.note);
         }
         let handle = VmHandle::assemble(
             dir,

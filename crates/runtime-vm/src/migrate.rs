@@ -22,6 +22,11 @@ const POLL: Duration = Duration::from_millis(20);
 /// QMP deadline of one migration command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the final copy may take once let through its commit point (device state and the
+/// last dirty pages; a destination gone mid-copy would otherwise hold the guest stopped until
+/// TCP gives up).
+const FINAL_COPY_LIMIT: Duration = Duration::from_secs(30);
+
 /// QEMU's capability that holds a stream at its final copy until `migrate-continue`.
 const PAUSE_BEFORE_SWITCHOVER: &str = "pause-before-switchover";
 
@@ -176,10 +181,11 @@ impl MigrationProgress {
 /// nobody would. A stream short of its final copy is cancelled (the guest runs on here,
 /// resumed if the commit point had stopped it; a move that still stands streams anew); one in
 /// its final copy (`device`, past the commit point) is let finish (the guest then moved:
-/// `postmigrate`). Either is waited for, up to 10 s: a stream that has not ended by then is an
-/// error (the guest is neither resumed nor given up). Returns what was done, for the handle's
-/// warnings. A destination's incoming stream is left alone.
-pub(crate) async fn end_orphaned_stream(qmp: &QmpClient, vm: &str) -> Result<Option<String>> {
+/// `postmigrate`). Either is waited for, up to 10 s: a stream that has not ended by then leaves
+/// the guest as it is, never resumed here (it may run at the destination): `ended` false.
+/// Returns what was done, for the handle's warnings. A destination's incoming stream is left
+/// alone.
+pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<OrphanStream>> {
     if qmp.query_status().await?.status == "inmigrate" {
         return Ok(None);
     }
@@ -206,12 +212,12 @@ pub(crate) async fn end_orphaned_stream(qmp: &QmpClient, vm: &str) -> Result<Opt
             break now;
         }
         if Instant::now() > until {
-            return Err(Error::Migration {
-                vm: vm.to_owned(),
-                reason: format!(
-                    "its outgoing stream, left by the agent that started it, was {was} and is still {now} after 10 s"
+            return Ok(Some(OrphanStream {
+                note: format!(
+                    "its outgoing migration stream, left by the agent that started it, was {was} and is still {now} after 10 s: the guest is not resumed here"
                 ),
-            });
+                ended: false,
+            }));
         }
         tokio::time::sleep(POLL).await;
     };
@@ -223,9 +229,19 @@ pub(crate) async fn end_orphaned_stream(qmp: &QmpClient, vm: &str) -> Result<Opt
     } else {
         "cancelled"
     };
-    Ok(Some(format!(
-        "its outgoing migration stream ({was}) was left by the agent that started it: {done}, it ended {ended}"
-    )))
+    Ok(Some(OrphanStream {
+        note: format!(
+            "its outgoing migration stream ({was}) was left by the agent that started it: {done}, it ended {ended}"
+        ),
+        ended: true,
+    }))
+}
+
+/// What [`end_orphaned_stream`] did.
+pub(crate) struct OrphanStream {
+    pub note: String,
+    /// Whether the stream ended (else it still runs, and the guest is not to be resumed here).
+    pub ended: bool,
 }
 
 /// The capabilities this QEMU offers, by name.
@@ -341,8 +357,9 @@ impl VmHandle {
             .await?;
         let started = Instant::now();
         let mut last = MigrationProgress::default();
-        // Let through its commit point: no deadline ends it any more.
-        let mut continued = false;
+        // When it was let through its commit point: from then on only the final copy's own
+        // limit ends it (the move's deadline no longer does).
+        let mut continued: Option<Instant> = None;
         let ended = loop {
             let now = match qmp
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
@@ -371,12 +388,19 @@ impl VmHandle {
                         {
                             break Err(format!("QEMU did not go on past the commit point ({e})"));
                         }
-                        continued = true;
+                        continued = Some(Instant::now());
                     }
                 }
                 _ => {}
             }
-            if !continued && started.elapsed() > deadline {
+            if let Some(at) = continued
+                && at.elapsed() > FINAL_COPY_LIMIT
+            {
+                break Err(format!(
+                    "its final copy did not complete within {FINAL_COPY_LIMIT:?} of its commit point"
+                ));
+            }
+            if continued.is_none() && started.elapsed() > deadline {
                 break Err(format!(
                     "not done within {deadline:?} ({} of {} bytes left, {} pages dirtied per second)",
                     now.remaining_bytes, now.total_bytes, now.dirty_pages_per_s

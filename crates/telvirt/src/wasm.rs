@@ -423,7 +423,9 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
 /// A vm VNF's NICs as a table, one row each.
 fn print_nic_stats(name: &str, nics: &[NicStatsView]) {
     if nics.is_empty() {
-        println!("vnf {name} has no NICs on the data plane (spec.vm.nics)");
+        println!(
+            "vnf {name} has no NICs open on its host's data plane (none in spec.vm.nics, or the host could not open them: its agent's log says why)"
+        );
         return;
     }
     let rows: Vec<Vec<String>> = nics
