@@ -247,6 +247,25 @@ impl Drop for BenchChild {
     }
 }
 
+/// The QEMUs a benchmark started, each by its state dir and VM name: SIGKILLed when dropped if
+/// they still run (QEMU runs in a process group of its own and outlives whoever started it),
+/// so a benchmark that fails or is interrupted half-way leaves no guest running.
+pub(crate) struct QemuSweep(pub Vec<(std::path::PathBuf, String)>);
+
+impl Drop for QemuSweep {
+    fn drop(&mut self) {
+        for (dir, name) in &self.0 {
+            if let Some(pid) = telvirt_runtime_vm::manager::running_pid(dir, name) {
+                // SAFETY: kill has no memory preconditions; `pid` was checked to be this VM's
+                // QEMU.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
 /// User plus system CPU time of this process.
 fn cpu_time() -> Result<Duration> {
     // SAFETY: getrusage writes into the zeroed struct we own; RUSAGE_SELF is always valid.

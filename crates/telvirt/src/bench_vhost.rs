@@ -275,6 +275,12 @@ async fn measure(
         })
         .collect();
 
+    // Whatever happens next (an error, an interrupt), neither guest outlives the benchmark.
+    let _sweep = crate::bench_control::QemuSweep(
+        ["tvb-vhu", "tvb-tap"]
+            .map(|n| (mgr.state_dir(n), n.to_owned()))
+            .to_vec(),
+    );
     progress.note("booting the two guests");
     let vhost_vm = mgr
         .start(vhost_cfg)

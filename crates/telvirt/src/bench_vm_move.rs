@@ -122,25 +122,6 @@ async fn with_state(api: &Api, waited: Result<()>) -> Result<()> {
     )))
 }
 
-/// Kills the VNF's QEMU on either host when dropped: QEMU runs in a process group of its own
-/// and outlives the agents the benchmark ends, on success or on an error.
-struct GuestSweep(std::path::PathBuf);
-
-impl Drop for GuestSweep {
-    fn drop(&mut self) {
-        for host in ["h1", "h2"] {
-            let dir = self.0.join(format!("agent-{host}/instances/{VNF}"));
-            if let Some(pid) = telvirt_runtime_vm::manager::running_pid(&dir, VNF) {
-                // SAFETY: kill has no memory preconditions; `pid` was checked to be this VNF's
-                // QEMU.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-    }
-}
-
 fn other(host: &str) -> &'static str {
     if host == "h1" { "h2" } else { "h1" }
 }
@@ -236,7 +217,16 @@ pub async fn run_vm_move_bench(
 ) -> Result<VmMoveReport> {
     let dir = crate::bench_control::scratch_dir("vm-move")?;
     // Dropped last: after the agents, so none starts a QEMU again.
-    let _sweep = GuestSweep(dir.clone());
+    let _sweep = crate::bench_control::QemuSweep(
+        ["h1", "h2"]
+            .map(|h| {
+                (
+                    dir.join(format!("agent-{h}/instances/{VNF}")),
+                    VNF.to_owned(),
+                )
+            })
+            .to_vec(),
+    );
     let http = crate::bench_handover::bench_http()?
         .timeout(Duration::from_secs(30))
         .build()?;

@@ -840,4 +840,50 @@ fn bench_vhost_measures_both_transports_in_one_run() {
         "a TAP of the bench is left"
     );
     assert!(common::qemu_pids("tvb-vhu").is_empty() && common::qemu_pids("tvb-tap").is_empty());
+
+    // Interrupted once its guests boot (Ctrl-C), it stops them and removes its TAPs.
+    let _qemus = (common::QemuGuard("tvb-vhu"), common::QemuGuard("tvb-tap"));
+    let mut run = Command::new(BIN)
+        .args([
+            "bench", "vhost", "--rounds", "3", "--accel", "tcg", "-o", "json",
+        ])
+        .arg("--image-cache")
+        .arg(common::shared_image_cache())
+        .env("TELVIRT_GUEST_BIN", common::guest_binary())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run telvirt bench vhost");
+    let deadline = Instant::now() + DEADLINE;
+    while common::qemu_pids("tvb-vhu").is_empty() {
+        assert!(Instant::now() < deadline, "bench vhost started no guest");
+        assert!(
+            run.try_wait().ok().flatten().is_none(),
+            "bench vhost ended early"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    unsafe {
+        libc::kill(i32::try_from(run.id()).expect("pid"), libc::SIGINT);
+    }
+    let out = run.wait_with_output().expect("bench vhost ends");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("interrupted"), "{}", stderr(&out));
+    let deadline = Instant::now() + DEADLINE;
+    while !(common::qemu_pids("tvb-vhu").is_empty() && common::qemu_pids("tvb-tap").is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "an interrupted bench vhost left its guests"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let links = Command::new("ip")
+        .args(["-o", "link"])
+        .output()
+        .expect("ip link");
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("tvbv"),
+        "an interrupted bench vhost left a TAP"
+    );
 }
