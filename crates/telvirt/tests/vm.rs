@@ -831,14 +831,7 @@ fn bench_vhost_measures_both_transports_in_one_run() {
         "ratio {ratio} is not {a} / {b}"
     );
     // Nothing left behind: no TAP of the bench, no QEMU of its guests.
-    let links = Command::new("ip")
-        .args(["-o", "link"])
-        .output()
-        .expect("ip link");
-    assert!(
-        !String::from_utf8_lossy(&links.stdout).contains("tvbv"),
-        "a TAP of the bench is left"
-    );
+    assert!(!bench_taps_left(), "a TAP of the bench is left");
     assert!(common::qemu_pids("tvb-vhu").is_empty() && common::qemu_pids("tvb-tap").is_empty());
 
     // Interrupted once its guests boot (Ctrl-C), it stops them and removes its TAPs.
@@ -878,12 +871,14 @@ fn bench_vhost_measures_both_transports_in_one_run() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(!bench_taps_left(), "an interrupted bench vhost left a TAP");
+}
+
+/// Whether a TAP of `telvirt bench vhost` (named `tvbv...`) exists.
+fn bench_taps_left() -> bool {
     let links = Command::new("ip")
         .args(["-o", "link"])
         .output()
         .expect("ip link");
-    assert!(
-        !String::from_utf8_lossy(&links.stdout).contains("tvbv"),
-        "an interrupted bench vhost left a TAP"
-    );
+    String::from_utf8_lossy(&links.stdout).contains("tvbv")
 }
