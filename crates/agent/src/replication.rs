@@ -951,6 +951,8 @@ pub type MoveCommit = dyn Fn(Name, StandbyPeer, u64) -> std::pin::Pin<Box<dyn st
 /// after each failure, until the guest is there or the stream is no longer wanted.
 async fn send_guest(to: GuestTo, status: StreamStatus) {
     let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
+    // Counts the streams opened (the controller tells a late report of an earlier one by it).
+    let mut attempt: u32 = 0;
     while !to.stop.load(Ordering::Acquire) {
         let stream = match open_guest_stream(&to, to.epoch).await {
             Ok(fd) => fd,
@@ -960,6 +962,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                 continue;
             }
         };
+        attempt = attempt.saturating_add(1);
         set(&|s| {
             s.state = "streaming".into();
             s.error = None;
@@ -977,7 +980,10 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                 {
                     let mut s = status.lock();
                     s.bytes = p.transferred_bytes;
-                    s.guest = Some(p.clone());
+                    s.guest = Some(telvirt_model::api::GuestStream {
+                        attempt,
+                        ..p.clone()
+                    });
                 }
                 if told.0 != p.status || told.1.elapsed() >= GUEST_PROGRESS_EVERY {
                     told = (p.status.clone(), Instant::now());
@@ -1005,7 +1011,10 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                 return set(&|s| {
                     s.state = "synced".into();
                     s.bytes = done.transferred_bytes;
-                    s.guest = Some(done.clone());
+                    s.guest = Some(telvirt_model::api::GuestStream {
+                        attempt,
+                        ..done.clone()
+                    });
                     s.error = None;
                 });
             }

@@ -566,6 +566,7 @@ mod tests {
             engine: None,
             handoff_at: None,
             committed_at: None,
+            committed_attempt: None,
         });
         let stream = |status: &str| telvirt_model::api::ReplicationStatus {
             standby_host: "h2".into(),
@@ -577,6 +578,7 @@ mod tests {
             error: None,
             guest: Some(telvirt_model::api::GuestStream {
                 status: status.into(),
+                attempt: 1,
                 ..Default::default()
             }),
             packets_passed: 0,

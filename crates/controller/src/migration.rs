@@ -66,9 +66,9 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 /// Whether move `m` of vm `v` is past its point of no return: its source reported the stream
 /// waiting at its commit point (`m.committed_at`, recorded once under the scheduler lock: from
 /// then on the move is not cancelled, and the source lets the final copy through only once it
-/// has read that the move stands) and has not reported it failed since (the guest then runs
-/// at the source again, and the move may be cancelled until a stream commits again), or a
-/// report says the final copy streams or completed.
+/// has read that the move stands) and has not reported that stream (or a later one) failed
+/// since (the guest then runs at the source again, and the move may be cancelled until a
+/// stream commits again), or a report says the final copy streams or completed.
 pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     let report = v.replication.as_ref().filter(|r| r.standby_host == m.to);
     let copying = report.is_some_and(|r| {
@@ -77,7 +77,13 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
                 || (r.state == "streaming" && ["device", "completed"].contains(&g.status.as_str()))
         })
     });
-    let failed = report.is_some_and(|r| r.state == "failing");
+    // A failure of the committed stream (or a later one): the guest runs at the source again.
+    let failed = report.is_some_and(|r| {
+        r.state == "failing"
+            && r.guest
+                .as_ref()
+                .is_some_and(|g| g.attempt >= m.committed_attempt.unwrap_or(0))
+    });
     copying || (m.committed_at.is_some() && !failed)
 }
 
@@ -245,6 +251,7 @@ impl Controller {
             engine: req.engine,
             handoff_at: None,
             committed_at: None,
+            committed_attempt: None,
         };
         let recorded = self
             .record_new_placement(
@@ -360,13 +367,10 @@ impl Controller {
             drop(scheduler);
             return self.ask_hand_off(name, &m).await;
         }
-        // A vm destination runs only once its guest's stream completed: past the commit point
-        // its report is enough (the source's may not come: its agent restarted meanwhile).
-        let switch = if wasm {
-            handed_off(v, &m)
-        } else {
-            synced || guest_moved(v, &m)
-        };
+        // A vm destination runs only once its guest's stream completed (the source's QEMU then
+        // holds a stopped copy it never resumes): its report is enough, the source's may not
+        // come (its agent restarted meanwhile).
+        let switch = if wasm { handed_off(v, &m) } else { true };
         let (placed, reason, actor, restart) = if forced || (ready && switch) {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {

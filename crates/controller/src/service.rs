@@ -1762,17 +1762,18 @@ impl Controller {
                     return Ok(event.map(|e| (vnf.phase, e, format!("agent/{host}"))));
                 }
                 vnf.replication = obs.replication.clone();
-                // The commit point, recorded once for the move's destination: a later report
-                // (a stale one too) does not undo it.
-                if let Some(m) = vnf.migration.as_mut().filter(|m| {
-                    commit_point
-                        && m.committed_at.is_none()
-                        && obs
-                            .replication
-                            .as_ref()
-                            .is_some_and(|r| r.standby_host == m.to)
-                }) {
-                    m.committed_at = Some(now_rfc3339());
+                // The commit point of the move's destination, with the stream that reached it:
+                // a later report of an earlier stream (a stale one) does not undo it.
+                let committing = obs
+                    .replication
+                    .as_ref()
+                    .filter(|_| commit_point)
+                    .and_then(|r| Some((r.standby_host.clone(), r.guest.as_ref()?.attempt)));
+                if let Some((to, attempt)) = committing
+                    && let Some(m) = vnf.migration.as_mut().filter(|m| m.to == to)
+                {
+                    m.committed_at.get_or_insert_with(now_rfc3339);
+                    m.committed_attempt = Some(attempt);
                 }
                 active_failed = obs.phase == Phase::Failed;
                 if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {

@@ -499,6 +499,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: None,
+            attempt: 1,
         }),
         packets_passed: 0,
         frozen_us: None,
@@ -531,6 +532,29 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         ..late.clone()
     };
     report(&node.controller, "h2", Phase::Running, Some(stale)).await;
+    // Nor does a failure of an earlier stream (the commit is the second stream's).
+    let second = ReplicationStatus {
+        guest: Some(telvirt_model::api::GuestStream {
+            attempt: 2,
+            ..late.guest.clone().unwrap()
+        }),
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(second)).await;
+    let first_failed = ReplicationStatus {
+        state: "failing".into(),
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "failed".into(),
+            attempt: 1,
+            ..late.guest.clone().unwrap()
+        }),
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(first_failed)).await;
+    assert_eq!(
+        node.vnf_json("u1").await["migration"]["committed_attempt"],
+        2
+    );
     let r = migrate(&node, r#"{"cancel": true}"#).await;
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(
@@ -562,6 +586,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: Some(42),
+            attempt: 1,
         }),
         packets_passed: 0,
         frozen_us: None,
@@ -670,6 +695,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: None,
+            attempt: 1,
         }),
         packets_passed: 0,
         frozen_us: None,
