@@ -357,9 +357,14 @@ impl Controller {
         // A vm's guest whose stream completed runs only at the destination: past the deadline
         // the destination becomes the active without its report (a cancel would stop it there).
         let completed = synced && v.replication.as_ref().is_some_and(|r| r.guest.is_some());
-        let forced =
-            (completed || handed_off(v, &m)) && !record.deleting && self.past_deadline(v, &m)?;
         let wasm = v.descriptor.spec.runtime == RuntimeKind::Wasm;
+        // A vm destination runs only once its guest's stream completed (the source's QEMU then
+        // holds a stopped copy it never resumes): past the commit point and the deadline its
+        // report is enough (the source's may never come: its agent restarted meanwhile).
+        let arrived = !wasm && destination_runs && m.committed_at.is_some();
+        let forced = (completed || arrived || handed_off(v, &m))
+            && !record.deleting
+            && self.past_deadline(v, &m)?;
         let ready = destination_runs && v.phase == Phase::Running && !record.deleting;
         // A wasm move's source first freezes between two batches and hands its last updates
         // over (with the packets it queues meanwhile); the switch follows its report.
@@ -367,10 +372,7 @@ impl Controller {
             drop(scheduler);
             return self.ask_hand_off(name, &m).await;
         }
-        // A vm destination runs only once its guest's stream completed (the source's QEMU then
-        // holds a stopped copy it never resumes): its report is enough, the source's may not
-        // come (its agent restarted meanwhile).
-        let switch = if wasm { handed_off(v, &m) } else { true };
+        let switch = if wasm { handed_off(v, &m) } else { synced };
         let (placed, reason, actor, restart) = if forced || (ready && switch) {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
