@@ -951,8 +951,9 @@ pub type MoveCommit = dyn Fn(Name, StandbyPeer, u64) -> std::pin::Pin<Box<dyn st
 /// after each failure, until the guest is there or the stream is no longer wanted.
 async fn send_guest(to: GuestTo, status: StreamStatus) {
     let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
-    // Counts the streams opened (the controller tells a late report of an earlier one by it).
-    let mut attempt: u32 = 0;
+    // When each stream opened (the controller tells a late report of an earlier one by it):
+    // strictly later than the one before even should the clock step back.
+    let mut opened_ms: u64 = 0;
     while !to.stop.load(Ordering::Acquire) {
         let stream = match open_guest_stream(&to, to.epoch).await {
             Ok(fd) => fd,
@@ -962,7 +963,10 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                 continue;
             }
         };
-        attempt = attempt.saturating_add(1);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        opened_ms = now_ms.max(opened_ms.saturating_add(1));
         set(&|s| {
             s.state = "streaming".into();
             s.error = None;
@@ -981,7 +985,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                     let mut s = status.lock();
                     s.bytes = p.transferred_bytes;
                     s.guest = Some(telvirt_model::api::GuestStream {
-                        attempt,
+                        opened_ms,
                         ..p.clone()
                     });
                 }
@@ -1012,7 +1016,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                     s.state = "synced".into();
                     s.bytes = done.transferred_bytes;
                     s.guest = Some(telvirt_model::api::GuestStream {
-                        attempt,
+                        opened_ms,
                         ..done.clone()
                     });
                     s.error = None;

@@ -566,7 +566,7 @@ mod tests {
             engine: None,
             handoff_at: None,
             committed_at: None,
-            committed_attempt: None,
+            committed_stream: None,
         });
         let stream = |status: &str| telvirt_model::api::ReplicationStatus {
             standby_host: "h2".into(),
@@ -578,7 +578,7 @@ mod tests {
             error: None,
             guest: Some(telvirt_model::api::GuestStream {
                 status: status.into(),
-                attempt: 1,
+                opened_ms: 1_000,
                 ..Default::default()
             }),
             packets_passed: 0,

@@ -82,7 +82,7 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
         r.state == "failing"
             && r.guest
                 .as_ref()
-                .is_some_and(|g| g.attempt >= m.committed_attempt.unwrap_or(0))
+                .is_some_and(|g| g.opened_ms >= m.committed_stream.unwrap_or(0))
     });
     copying || (m.committed_at.is_some() && !failed)
 }
@@ -251,7 +251,7 @@ impl Controller {
             engine: req.engine,
             handoff_at: None,
             committed_at: None,
-            committed_attempt: None,
+            committed_stream: None,
         };
         let recorded = self
             .record_new_placement(

@@ -1768,12 +1768,13 @@ impl Controller {
                     .replication
                     .as_ref()
                     .filter(|_| commit_point)
-                    .and_then(|r| Some((r.standby_host.clone(), r.guest.as_ref()?.attempt)));
-                if let Some((to, attempt)) = committing
+                    .and_then(|r| Some((r.standby_host.clone(), r.guest.as_ref()?.opened_ms)));
+                if let Some((to, opened)) = committing
                     && let Some(m) = vnf.migration.as_mut().filter(|m| m.to == to)
                 {
                     m.committed_at.get_or_insert_with(now_rfc3339);
-                    m.committed_attempt = Some(attempt);
+                    // The latest stream's: a late report of an earlier one does not lower it.
+                    m.committed_stream = Some(m.committed_stream.map_or(opened, |c| c.max(opened)));
                 }
                 active_failed = obs.phase == Phase::Failed;
                 if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {

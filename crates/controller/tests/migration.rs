@@ -499,7 +499,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: None,
-            attempt: 1,
+            opened_ms: 1_000,
         }),
         packets_passed: 0,
         frozen_us: None,
@@ -535,25 +535,27 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     // Nor does a failure of an earlier stream (the commit is the second stream's).
     let second = ReplicationStatus {
         guest: Some(telvirt_model::api::GuestStream {
-            attempt: 2,
+            opened_ms: 2_000,
             ..late.guest.clone().unwrap()
         }),
         ..late.clone()
     };
     report(&node.controller, "h2", Phase::Running, Some(second)).await;
+    // A late report of the first stream at its commit point does not lower the commit either.
+    report(&node.controller, "h2", Phase::Running, Some(late.clone())).await;
     let first_failed = ReplicationStatus {
         state: "failing".into(),
         guest: Some(telvirt_model::api::GuestStream {
             status: "failed".into(),
-            attempt: 1,
+            opened_ms: 1_000,
             ..late.guest.clone().unwrap()
         }),
         ..late.clone()
     };
     report(&node.controller, "h2", Phase::Running, Some(first_failed)).await;
     assert_eq!(
-        node.vnf_json("u1").await["migration"]["committed_attempt"],
-        2
+        node.vnf_json("u1").await["migration"]["committed_stream"],
+        2_000
     );
     let r = migrate(&node, r#"{"cancel": true}"#).await;
     assert_eq!(r.status, 409, "{}", r.body);
@@ -586,7 +588,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: Some(42),
-            attempt: 1,
+            opened_ms: 1_000,
         }),
         packets_passed: 0,
         frozen_us: None,
@@ -695,7 +697,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: None,
-            attempt: 1,
+            opened_ms: 1_000,
         }),
         packets_passed: 0,
         frozen_us: None,

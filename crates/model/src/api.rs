@@ -615,10 +615,11 @@ pub struct GuestStream {
     /// How long the guest was stopped for the final copy, ms (once completed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
-    /// Which stream of the move this is, as its source's agent counts them (1 for the first;
-    /// a failed stream is opened again as the next).
+    /// When the source's agent opened this stream, ms since the Unix epoch: each stream of a
+    /// move opens later than the one before (a failed stream is opened again), also across a
+    /// restart of the agent, so the controller orders the streams by it.
     #[serde(default)]
-    pub attempt: u32,
+    pub opened_ms: u64,
 }
 
 /// A move of a VNF to another host (`POST /v1/vnfs/{name}/migrate`).
@@ -643,10 +644,10 @@ pub struct Migration {
     /// and the source lets the final copy through only once it has read that the move stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_at: Option<String>,
-    /// The stream (its `replication.guest.attempt`) whose commit point was recorded last: a
-    /// failure reported for an earlier stream (a report that left before) does not undo it.
+    /// The latest stream (its `replication.guest.opened_ms`) whose commit point was recorded:
+    /// a failure reported for an earlier stream (a report that left before) does not undo it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub committed_attempt: Option<u32>,
+    pub committed_stream: Option<u64>,
 }
 
 /// What `PUT /v1/vnfs/{name}` did, or with `dryRun` would do.

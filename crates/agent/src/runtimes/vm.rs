@@ -94,7 +94,7 @@ fn guest_stream(p: &MigrationProgress) -> GuestStream {
         total_bytes: p.total_bytes,
         dirty_pages_per_s: p.dirty_pages_per_s,
         downtime_ms: p.downtime_ms,
-        attempt: 0,
+        opened_ms: 0,
     }
 }
 
