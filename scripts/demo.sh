@@ -39,6 +39,8 @@ fw1_like() {
   sed "s|\.\./vnfs/firewall\.wasm|$PWD/examples/vnfs/firewall.wasm|; $1" examples/descriptors/fw1.yaml
 }
 run() { printf '$ telvirt %s\n' "$*"; "$TELVIRT" "$@"; }
+# Packets the last link of network $1 (default: chain) carried.
+delivered() { "$TELVIRT" net show "${1:-chain}" -o json | grep -o '"packets": [0-9]*' | tail -1 | grep -o '[0-9]*$'; }
 
 start_node() {
   rm -f "$TELVIRT_CONFIG"
@@ -156,7 +158,7 @@ spec:
 YAML
   run net create -f "$DATA/vmchain.yaml"
   for _ in $(seq 1 600); do
-    n="$("$TELVIRT" net show vmchain -o json | grep -o '"packets": [0-9]*' | tail -1 | grep -o '[0-9]*$' || true)"
+    n="$(delivered vmchain || true)"
     [ "${n:-0}" -gt 2000 ] && break
     sleep 0.1
   done
@@ -256,7 +258,6 @@ run vnf list
 run module list
 
 # Packets counted on the chain's last link (nat1.out -> sink.in).
-delivered() { "$TELVIRT" net show chain -o json | grep -o '"packets": [0-9]*' | tail -1 | grep -o '[0-9]*$'; }
 
 step "A chain on the patch panel: generator -> fw1 (firewall) -> nat1 (NAT) -> latency sink"
 run net create -f examples/descriptors/chain.yaml

@@ -883,12 +883,15 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .get(vnf)
             .cloned();
+        // An assignment that names this move: the destination `peer` at `epoch`.
+        let names_move =
+            |x: &Assignment| x.vnf == *vnf && x.epoch == epoch && x.standby.as_ref() == Some(peer);
         // Streamed for a move this host no longer knows of (cancelled, another begun): no
         // report of it may commit the one now assigned.
-        let Some(a) = held.filter(|a| a.epoch == epoch && a.standby.as_ref() == Some(peer)) else {
+        let Some(a) = held.filter(|a| names_move(a)) else {
             return false;
         };
-        let since = std::time::Instant::now();
+        let since = Instant::now();
         let asked = async {
             let last = self
                 .known
@@ -906,9 +909,7 @@ impl Inner {
             tracing::warn!(vnf = %vnf, "the move's commit point got no answer in {COMMIT_WITHIN:?}: the guest runs on here");
             return false;
         };
-        let stands = now
-            .iter()
-            .any(|x| x.vnf == *vnf && x.epoch == epoch && x.standby.as_ref() == Some(peer));
+        let stands = now.iter().any(names_move);
         let took = since.elapsed().as_millis();
         if stands {
             tracing::info!(vnf = %vnf, to = %peer.host, took_ms = took, "the guest's stream passed its commit point: the final copy goes");

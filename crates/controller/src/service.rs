@@ -1774,7 +1774,7 @@ impl Controller {
                 {
                     m.committed_at.get_or_insert_with(now_rfc3339);
                     // The latest stream's: a late report of an earlier one does not lower it.
-                    m.committed_stream = Some(m.committed_stream.map_or(opened, |c| c.max(opened)));
+                    m.committed_stream = m.committed_stream.max(Some(opened));
                 }
                 active_failed = obs.phase == Phase::Failed;
                 if record.deleting && matches!(obs.phase, Phase::Stopped | Phase::Failed) {

@@ -76,7 +76,7 @@ impl AccelProbe {
 
     fn cache_key(&self) -> String {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-        let qemu = crate::confine::qemu_command(&self.qemu)
+        let qemu = crate::confine::child_command(&self.qemu)
             .arg("--version")
             .output()
             .map(|o| {

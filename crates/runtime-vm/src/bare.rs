@@ -85,7 +85,7 @@ impl BareBoot {
         let log = std::fs::File::create(&log_path)
             .map_err(Error::io(format!("create {}", log_path.display())))?;
         let start = Instant::now();
-        let child = crate::confine::qemu_command(&self.qemu)
+        let child = crate::confine::child_command(&self.qemu)
             .args(self.args())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

@@ -173,12 +173,12 @@ pub fn probe_sandbox_value() -> String {
     format!("on,{SANDBOX_DENY},{SANDBOX_DENY_ELEVATE}")
 }
 
-/// A command that runs QEMU `program` with nothing of this process's but stdio: the node
-/// holds other VMs' guest RAM and eventfds (their vhost-user NICs' memory tables, received
-/// without close-on-exec), which the kernel would hand to every child that does not close
-/// them. Every QEMU telvirt starts, probes included, is built here; devices reach QEMU over QMP
-/// (`getfd`).
-pub fn qemu_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+/// A command that runs `program` with nothing of this process's but stdio: the node holds
+/// VMs' guest RAM and eventfds (their vhost-user NICs' memory tables, received without
+/// close-on-exec by the vhost-user daemon), which the kernel would hand to every child that
+/// does not close them. Every child the vm runtime starts is built here: each QEMU, probes
+/// included (devices reach QEMU over QMP, `getfd`), and the image build's tools.
+pub fn child_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
     use std::os::unix::process::CommandExt;
     let mut cmd = std::process::Command::new(program);
     // SAFETY: the closure calls only close_range, getrlimit and fcntl, which are
@@ -207,7 +207,7 @@ pub fn qemu_command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Comma
 }
 
 async fn probe(qemu: PathBuf) -> QemuCaps {
-    let help = tokio::process::Command::from(qemu_command(&qemu))
+    let help = tokio::process::Command::from(child_command(&qemu))
         .arg("-help")
         .stdin(std::process::Stdio::null())
         .output()
@@ -251,7 +251,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
 /// Start QEMU with no machine under the full filter and ask it to quit over QMP on stdio.
 async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
     let sandbox = probe_sandbox_value();
-    let child = tokio::process::Command::from(qemu_command(qemu))
+    let child = tokio::process::Command::from(child_command(qemu))
         .args([
             "-machine",
             "none",

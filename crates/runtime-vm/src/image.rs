@@ -302,7 +302,12 @@ fn resolve_kernel_package(pkg: &str) -> Result<String> {
     }
     let query = || {
         run(
-            Command::new("apt-cache").args(["depends", "--no-recommends", "--no-suggests", pkg]),
+            crate::confine::child_command("apt-cache").args([
+                "depends",
+                "--no-recommends",
+                "--no-suggests",
+                pkg,
+            ]),
             "apt-cache depends",
         )
         .ok()
@@ -316,7 +321,10 @@ fn resolve_kernel_package(pkg: &str) -> Result<String> {
     if let Some(p) = query() {
         return Ok(p);
     }
-    run(Command::new("apt-get").arg("update"), "apt-get update")?;
+    run(
+        crate::confine::child_command("apt-get").arg("update"),
+        "apt-get update",
+    )?;
     query().ok_or_else(|| {
         Error::Image(format!(
             "apt knows no kernel image that {pkg} depends on (is it a linux-image package?)"
@@ -342,14 +350,17 @@ fn download_deb(pkg: &str, dir: &Path) -> Result<PathBuf> {
     }
     let dl = || {
         run(
-            Command::new("apt-get")
+            crate::confine::child_command("apt-get")
                 .args(["download", pkg])
                 .current_dir(dir),
             "apt-get download",
         )
     };
     if dl().is_err() {
-        run(Command::new("apt-get").arg("update"), "apt-get update")?;
+        run(
+            crate::confine::child_command("apt-get").arg("update"),
+            "apt-get update",
+        )?;
         dl()?;
     }
     find().ok_or_else(|| {
@@ -365,7 +376,10 @@ fn extract_deb(deb: &Path, dest: &Path) -> Result<()> {
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(Error::io(format!("create {}", tmp.display())))?;
     run(
-        Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp),
+        crate::confine::child_command("dpkg-deb")
+            .arg("-x")
+            .arg(deb)
+            .arg(&tmp),
         "dpkg-deb -x",
     )?;
     std::fs::write(tmp.join(".complete"), b"").map_err(Error::io("mark kernel extracted"))?;
@@ -469,7 +483,7 @@ fn module_contents(path: &Path) -> Result<Vec<u8>> {
     match tool {
         None => read(path, "kernel module"),
         Some(t) => {
-            let out = Command::new(t)
+            let out = crate::confine::child_command(t)
                 .arg("-dc")
                 .arg(path)
                 .output()

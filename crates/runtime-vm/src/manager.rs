@@ -222,7 +222,7 @@ impl VmManager {
         tuning: &crate::migrate::MigrationTuning,
     ) -> Result<VmHandle> {
         let (handle, mut guard) = self.launch(cfg, true).await?;
-        crate::migrate::prepare(handle.qmp(), tuning).await?;
+        crate::migrate::prepare(handle.qmp(), tuning, false).await?;
         handle.set_phase(VmPhase::Incoming);
         guard.armed = false;
         Ok(handle)
@@ -299,7 +299,7 @@ impl VmManager {
         let log2 = log
             .try_clone()
             .map_err(Error::io("clone qemu.log handle"))?;
-        let mut cmd = Command::from(crate::confine::qemu_command(&self.qemu));
+        let mut cmd = Command::from(crate::confine::child_command(&self.qemu));
         cmd.args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -417,8 +417,12 @@ impl VmManager {
             )));
         }
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
-        let orphan = crate::migrate::end_orphaned_stream(&qmp).await?;
-        let status = qmp.query_status().await?;
+        let mut status = qmp.query_status().await?;
+        let orphan = crate::migrate::end_orphaned_stream(&qmp, &status.status).await?;
+        if orphan.is_some() {
+            // The stream's end changed it.
+            status = qmp.query_status().await?;
+        }
         let cpus = sorted_cpus(&qmp).await?;
         let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))
             .ok()

@@ -176,24 +176,46 @@ impl MigrationProgress {
     }
 }
 
-/// Ends an outgoing stream of a QEMU being adopted (named `vm`): the agent that started it
-/// (and would have followed it to its end, or let it through its commit point) is gone, so
-/// nobody would. A stream short of its final copy is cancelled (the guest runs on here,
-/// resumed if the commit point had stopped it; a move that still stands streams anew); one in
-/// its final copy (`device`, past the commit point) is let finish (the guest then moved:
-/// `postmigrate`). Either is waited for, up to 10 s: a stream that has not ended by then leaves
-/// the guest as it is, never resumed here (it may run at the destination): `ended` false.
-/// Returns what was done, for the handle's warnings. A destination's incoming stream is left
-/// alone.
-pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<OrphanStream>> {
-    if qmp.query_status().await?.status == "inmigrate" {
+/// Waits (up to 10 s) for this QEMU's outgoing stream to end: its last figures once QEMU says
+/// it ended (`completed`, `failed`, `cancelled`, or `none`), `None` while it still runs.
+async fn stream_end(qmp: &QmpClient) -> Option<MigrationProgress> {
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until {
+        if let Ok(v) = qmp
+            .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
+            .await
+        {
+            let now = MigrationProgress::from_query(&v);
+            if ["completed", "failed", "cancelled", "none"].contains(&now.status.as_str()) {
+                return Some(now);
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    None
+}
+
+/// Ends an outgoing stream of a QEMU being adopted, whose run state is `run_state`: the agent
+/// that started it (and would have followed it to its end, or let it through its commit
+/// point) is gone, so nobody would. A stream short of its final copy is cancelled (the guest
+/// runs on here, resumed if the commit point had stopped it; a move that still stands streams
+/// anew); one in its final copy (`device`, past the commit point) is let finish (the guest then
+/// moved: `postmigrate`). Either is waited for ([`stream_end`]): a stream that has not ended
+/// by then leaves the guest as it is, never resumed here (it may run at the destination):
+/// `ended` false. Returns what was done, for the handle's warnings (`None`: no stream ran). A
+/// destination's incoming stream is left alone.
+pub(crate) async fn end_orphaned_stream(
+    qmp: &QmpClient,
+    run_state: &str,
+) -> Result<Option<OrphanStream>> {
+    if run_state == "inmigrate" {
         return Ok(None);
     }
-    let status = |v: &Value| v["status"].as_str().unwrap_or("none").to_owned();
-    let was = status(
+    let was = MigrationProgress::from_query(
         &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
             .await?,
-    );
+    )
+    .status;
     if ["none", "completed", "failed", "cancelled"].contains(&was.as_str()) {
         return Ok(None);
     }
@@ -202,26 +224,15 @@ pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<Orphan
             .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
             .await;
     }
-    let until = Instant::now() + Duration::from_secs(10);
-    let ended = loop {
-        let now = status(
-            &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
-                .await?,
-        );
-        if ["completed", "failed", "cancelled", "none"].contains(&now.as_str()) {
-            break now;
-        }
-        if Instant::now() > until {
-            return Ok(Some(OrphanStream {
-                note: format!(
-                    "its outgoing migration stream, left by the agent that started it, was {was} and is still {now} after 10 s: the guest is not resumed here"
-                ),
-                ended: false,
-            }));
-        }
-        tokio::time::sleep(POLL).await;
+    let Some(end) = stream_end(qmp).await else {
+        return Ok(Some(OrphanStream {
+            note: format!(
+                "its outgoing migration stream, left by the agent that started it, was {was} and still runs after 10 s: the guest is not resumed here"
+            ),
+            ended: false,
+        }));
     };
-    if ended != "completed" && !qmp.query_status().await?.running {
+    if end.status != "completed" && !qmp.query_status().await?.running {
         qmp.cont().await?;
     }
     let done = if was == "device" {
@@ -231,7 +242,8 @@ pub(crate) async fn end_orphaned_stream(qmp: &QmpClient) -> Result<Option<Orphan
     };
     Ok(Some(OrphanStream {
         note: format!(
-            "its outgoing migration stream ({was}) was left by the agent that started it: {done}, it ended {ended}"
+            "its outgoing migration stream ({was}) was left by the agent that started it: {done}, it ended {}",
+            end.status
         ),
         ended: true,
     }))
@@ -261,12 +273,19 @@ async fn offered(qmp: &QmpClient) -> Result<Vec<String>> {
 
 /// Sets `tuning` on one end: the capabilities it asks for that this QEMU offers, then the
 /// parameters. Both ends must be prepared alike before the stream starts (multifd on one end
-/// only fails the migration).
-pub(crate) async fn prepare(qmp: &QmpClient, tuning: &MigrationTuning) -> Result<()> {
+/// only fails the migration). `commit_point` asks for the source's own
+/// `pause-before-switchover` (set off otherwise, so an earlier gated stream's setting does not
+/// outlive it); returns whether this QEMU holds the stream there.
+pub(crate) async fn prepare(
+    qmp: &QmpClient,
+    tuning: &MigrationTuning,
+    commit_point: bool,
+) -> Result<bool> {
     let offered = offered(qmp).await?;
     let wanted = [
         ("multifd", tuning.multifd_channels > 0),
         ("auto-converge", tuning.auto_converge),
+        (PAUSE_BEFORE_SWITCHOVER, commit_point),
     ];
     let capabilities: Vec<Value> = wanted
         .iter()
@@ -288,7 +307,7 @@ pub(crate) async fn prepare(qmp: &QmpClient, tuning: &MigrationTuning) -> Result
     }
     qmp.execute_raw("migrate-set-parameters", Some(parameters), COMMAND_TIMEOUT)
         .await?;
-    Ok(())
+    Ok(commit_point && offered.iter().any(|o| o == PAUSE_BEFORE_SWITCHOVER))
 }
 
 impl VmHandle {
@@ -333,23 +352,7 @@ impl VmHandle {
             });
         }
         let qmp = self.qmp();
-        prepare(qmp, &to.carries(tuning)).await?;
-        // The source's own capability (the destination has no part in it): set either way, so
-        // an earlier gated stream's setting does not outlive it.
-        if offered(qmp)
-            .await?
-            .iter()
-            .any(|o| o == PAUSE_BEFORE_SWITCHOVER)
-        {
-            qmp.execute_raw(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": [
-                    { "capability": PAUSE_BEFORE_SWITCHOVER, "state": gate.is_some() }
-                ] })),
-                COMMAND_TIMEOUT,
-            )
-            .await?;
-        } else {
+        if !prepare(qmp, &to.carries(tuning), gate.is_some()).await? {
             gate = None;
         }
         let uri = to.uri(qmp).await?;
@@ -457,22 +460,9 @@ impl VmHandle {
         let _ = qmp
             .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
             .await;
-        let until = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < until {
-            if let Ok(v) = qmp
-                .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
-                .await
-            {
-                let now = MigrationProgress::from_query(&v);
-                match now.status.as_str() {
-                    "completed" => return Some(now),
-                    "failed" | "cancelled" | "none" => return None,
-                    _ => {}
-                }
-            }
-            tokio::time::sleep(POLL).await;
-        }
-        None
+        stream_end(qmp)
+            .await
+            .filter(|end| end.status == "completed")
     }
 
     /// The guest now runs elsewhere: this QEMU holds a stopped copy (`Migrated`) until it is

@@ -9,12 +9,11 @@
 //! the panel and the guest differs. While one guest is measured the other is paused. It must
 //! not leave a TAP or a QEMU behind.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use serde::Serialize;
 use telvirt_dataplane::bench::{FloodRun, HostEnd, RateSearch, flood, flood_node, search_floods};
@@ -207,11 +206,7 @@ pub fn vhost_bench(format: Output, args: VhostArgs) -> Result<()> {
 
 async fn run(format: Output, args: &VhostArgs, progress: &Progress) -> Result<VhostReport> {
     // A fresh directory only this user may enter: the node connects to the sockets in it.
-    let scratch = tempfile::Builder::new()
-        .prefix("tvbv")
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir()
-        .context("cannot create a scratch dir")?;
+    let scratch = crate::vm::scratch_dir("tvbv")?;
     measure(format, args, scratch.path(), progress).await
 }
 

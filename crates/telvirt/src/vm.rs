@@ -245,11 +245,11 @@ pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> 
 
 async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<()> {
     use telvirt_runtime_vm::migrate_bench::{MigrateBenchOptions, run};
-    let scratch = tempfile_dir()?;
+    let scratch = scratch_dir("tvb")?;
     let guest = bench_guest(
         format,
         &args.image,
-        &scratch,
+        scratch.path(),
         args.rounds,
         args.accel,
         args.memory_mib,
@@ -264,7 +264,7 @@ async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<(
     let progress = Progress::new(format, "migrating");
     let report = run(&opts, &mut |d, t| progress.update(d, t)).await;
     progress.finish();
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
     let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
     if output::report(format, &report)? {
         return Ok(());
@@ -344,11 +344,11 @@ pub(crate) async fn bench_guest(
 }
 
 async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
-    let scratch = tempfile_dir()?;
+    let scratch = scratch_dir("tvb")?;
     let opts = bench_guest(
         format,
         &args.image,
-        &scratch,
+        scratch.path(),
         args.rounds,
         args.accel,
         args.memory_mib,
@@ -357,7 +357,7 @@ async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
     let progress = Progress::new(format, "booting");
     let report = bench::run(&opts, &mut |d, t| progress.update(d, t)).await;
     progress.finish();
-    let _ = std::fs::remove_dir_all(&scratch);
+    drop(scratch);
     let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
     if output::report(format, &report)? {
         return Ok(());
@@ -402,17 +402,16 @@ fn samples(v: &[f64]) -> String {
         .join(" ")
 }
 
-/// A short scratch dir in /tmp (unix socket paths under it are limited to ~100 bytes), new
-/// and for this user alone (a name another user could have made first would let them plant
-/// sockets and links in it); the caller removes it.
-fn tempfile_dir() -> Result<PathBuf> {
+/// A short scratch dir in /tmp named `prefix...` (unix socket paths under it are limited to
+/// ~100 bytes), new and for this user alone (a name another user could have made first would
+/// let them plant sockets and links in it); removed when dropped.
+pub(crate) fn scratch_dir(prefix: &str) -> Result<tempfile::TempDir> {
     use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::Builder::new()
-        .prefix("tvb")
+    tempfile::Builder::new()
+        .prefix(prefix)
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir()
-        .context("cannot create a scratch dir")?;
-    Ok(dir.keep())
+        .context("cannot create a scratch dir")
 }
 
 // ----- telvirt vnf console / attach / detach -----

@@ -534,11 +534,7 @@ fn a_pair_whose_active_instance_fails_hands_over_and_its_flow_goes_on_with_its_s
     // controller hears first hands over (the event names the old active either way).
     healed(&node, "natp", &format!("on {active}"));
     // The flow goes on through the new active, which found every session: it made none.
-    let sink = || {
-        node.json(&["net", "show", "t1"])["status"]["links"][1]["packets"]
-            .as_u64()
-            .unwrap_or(0)
-    };
+    let sink = || sink_link_packets(&node, "t1");
     wait_until("the flow never went on through the new active", || {
         sink() > 200
     });

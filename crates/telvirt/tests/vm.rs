@@ -628,6 +628,20 @@ fn link_packets(node: &Node, net: &str, i: usize) -> u64 {
     v["status"]["links"][i]["packets"].as_u64().unwrap_or(0)
 }
 
+/// Polls (up to the boot deadline) until link `i` of network `net` carried `at_least` packets;
+/// fails saying `what`, with the network as shown then.
+fn wait_link_packets(node: &Node, net: &str, i: usize, at_least: u64, what: &str) {
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    while link_packets(node, net, i) < at_least {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {}",
+            String::from_utf8_lossy(&node.ok(&["net", "show", net]).stdout)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A VM's `spec.vm.nics` are vhost-user NICs on the node's data plane: a generator's frames
 /// enter the guest on n3, cross the default guest's bridge and leave on n6 for the sink (under
 /// TCG, its NICs on INTx interrupts: see `vhost_user_nic_options`), and again after the node
@@ -649,15 +663,7 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
     let path = node.dir.path().join("c1.yaml");
     std::fs::write(&path, net).expect("write the network");
     node.ok(&["net", "create", "-f", path.to_str().expect("utf-8 path")]);
-    let deadline = Instant::now() + BOOT_DEADLINE;
-    while link_packets(&node, "c1", 1) < 1000 {
-        assert!(
-            Instant::now() < deadline,
-            "no frames crossed the VM: {}",
-            String::from_utf8_lossy(&node.ok(&["net", "show", "c1"]).stdout)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_link_packets(&node, "c1", 1, 1000, "no frames crossed the VM");
     assert!(link_packets(&node, "c1", 0) >= 1000);
     // The VM's NICs count what crossed them, in spec.vm.nics order.
     let stats: serde_json::Value =
@@ -691,16 +697,14 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
     node.kill9();
     node.start();
     assert_eq!(node.qemu_pid(), pid, "the same QEMU");
-    let deadline = Instant::now() + BOOT_DEADLINE;
     let before = link_packets(&node, "c1", 1);
-    while link_packets(&node, "c1", 1) < before + 1000 {
-        assert!(
-            Instant::now() < deadline,
-            "no frames crossed the VM after the node's restart: {}",
-            String::from_utf8_lossy(&node.ok(&["net", "show", "c1"]).stdout)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_link_packets(
+        &node,
+        "c1",
+        1,
+        before + 1000,
+        "no frames crossed the VM after the node's restart",
+    );
     node.ok(&["vnf", "delete", &vm]);
     wait_until_gone(&node, &vm);
     let deadline = Instant::now() + DEADLINE;
