@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use telvirt_api::{CaptureChunk, CaptureSlice, NetworkSpan};
-use telvirt_dataplane::afpacket::HostPort;
+use telvirt_dataplane::afpacket::{HostPort, HostPortStats, RxMode};
 use telvirt_dataplane::graph::{self, LinkSpec, PortRef};
 use telvirt_dataplane::latency::{ChainLatencyOpts, ChainProbe};
 use telvirt_dataplane::node::ProcessorNode;
@@ -23,9 +23,9 @@ use telvirt_dataplane::steering::{self, SteeringNode};
 use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
 use telvirt_dataplane::vxlan::{self, VxlanEndpoint, VxlanTunnelStats};
 use telvirt_model::network::{
-    BuiltinKind, BuiltinNode, Endpoint, InstanceCount, LatencyReport, LinkState, NetworkDescriptor,
-    NetworkStatus, NodeDropState, ResolvedProbe, SINK_LATENCY_BOUNDS_NS, SinkStatus,
-    SteeringEndpoint, SteeringState,
+    BuiltinKind, BuiltinNode, Endpoint, HostPortStatus, InstanceCount, LatencyReport, LinkState,
+    NetworkDescriptor, NetworkStatus, NodeDropState, ResolvedProbe, SINK_LATENCY_BOUNDS_NS,
+    SinkStatus, SteeringEndpoint, SteeringState,
 };
 
 use crate::AgentError;
@@ -92,6 +92,18 @@ pub struct NetworkReconciler {
     /// Held for the length of a latency probe (its node names are fixed).
     probe_lock: Mutex<()>,
     captures: Captures,
+    /// Host ports opened on the panel (they stay for the agent's life), by node name.
+    host_ports: Mutex<BTreeMap<String, OpenHostPort>>,
+    /// How host ports are opened.
+    host_port_mode: RxMode,
+}
+
+/// What `net show` reports of an open host port.
+struct OpenHostPort {
+    interface: String,
+    socket: &'static str,
+    af_xdp_refused: Option<String>,
+    stats: Arc<HostPortStats>,
 }
 
 fn port_ref(ep: &Endpoint) -> PortRef {
@@ -118,7 +130,15 @@ impl NetworkReconciler {
             applied: Mutex::new(BTreeMap::new()),
             probe_lock: Mutex::new(()),
             captures: Captures::default(),
+            host_ports: Mutex::new(BTreeMap::new()),
+            host_port_mode: RxMode::Auto,
         }
+    }
+
+    /// Host ports opened as `mode` says (default: AF_XDP where the interface allows it).
+    pub fn with_host_port_mode(mut self, mode: RxMode) -> Self {
+        self.host_port_mode = mode;
+        self
     }
 
     /// The reconciler of host `host`, carrying links to other hosts through `vxlan` (none:
@@ -584,17 +604,37 @@ impl NetworkReconciler {
                             // came: the port follows; its links are wired again below.
                             Some(_) => self.dp.remove_node(&node).and_then(|p| {
                                 tracing::info!(ifname, worker, "host port moved");
-                                self.dp.add_node(&node, &[""], worker, p)
+                                self.dp.add_node(&node, &[""], worker, p).inspect_err(|_| {
+                                    // Closed: reopened (and reported again) on a later pass.
+                                    self.host_ports
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .remove(&node);
+                                })
                             }),
-                            None => HostPort::open(ifname).map_err(dp_err).and_then(|p| {
-                                tracing::info!(
-                                    ifname,
-                                    worker,
-                                    receive = p.rx_mode(),
-                                    "host port open"
-                                );
-                                self.dp.add_node(&node, &[""], worker, Box::new(p))
-                            }),
+                            None => HostPort::open_with(ifname, None, self.host_port_mode)
+                                .map_err(dp_err)
+                                .and_then(|p| {
+                                    tracing::info!(
+                                        ifname,
+                                        worker,
+                                        socket = p.rx_mode(),
+                                        af_xdp_refused = p.xdp_refused(),
+                                        "host port open"
+                                    );
+                                    let open = OpenHostPort {
+                                        interface: ifname.clone(),
+                                        socket: p.rx_mode(),
+                                        af_xdp_refused: p.xdp_refused().map(str::to_owned),
+                                        stats: p.stats(),
+                                    };
+                                    self.dp.add_node(&node, &[""], worker, Box::new(p))?;
+                                    self.host_ports
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .insert(node.clone(), open);
+                                    Ok(())
+                                }),
                         };
                         if let Err(e) = placed {
                             ready = false;
@@ -658,8 +698,14 @@ impl NetworkReconciler {
         };
         let mut mine = Vec::new();
         let mut links = Vec::new();
+        let mut host_nodes = BTreeSet::new();
         for (i, link) in d.parsed_links() {
             let spec = self.local_spec(d.name().as_str(), a, i, &link);
+            for end in spec.iter().flat_map(|s| [&s.from.node, &s.to.node]) {
+                if end.starts_with("host:") {
+                    host_nodes.insert(end.clone());
+                }
+            }
             let l = spec.as_ref().and_then(&live);
             if let Some(s) = l {
                 mine.push(s.clone());
@@ -778,6 +824,26 @@ impl NetworkReconciler {
                 latency_sum_ns: (state.latency.mean() * state.latency.len() as f64) as u64,
             });
         }
+        let mut host_ports = Vec::new();
+        let open = self.host_ports.lock().unwrap_or_else(|p| p.into_inner());
+        for p in host_nodes.iter().filter_map(|n| open.get(n)) {
+            let st = HostPortStatus {
+                host: self.host.clone(),
+                interface: p.interface.clone(),
+                socket: p.socket.to_owned(),
+                af_xdp_refused: p.af_xdp_refused.clone(),
+                received: p.stats.rx.load(Ordering::Relaxed),
+                sent: p.stats.tx.load(Ordering::Relaxed),
+                rx_dropped: p.stats.rx_dropped(),
+                tx_dropped: p.stats.tx_errors.load(Ordering::Relaxed),
+            };
+            table.push_str(&format!(
+                "\nhost port {} ({}): received {}, sent {}, dropped {} on receive, {} on send\n",
+                st.interface, st.socket, st.received, st.sent, st.rx_dropped, st.tx_dropped
+            ));
+            host_ports.push(st);
+        }
+        drop(open);
         Some(NetworkStatus {
             links,
             table,
@@ -785,6 +851,7 @@ impl NetworkReconciler {
             steering,
             node_drops,
             sinks,
+            host_ports,
         })
     }
 

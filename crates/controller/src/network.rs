@@ -843,6 +843,7 @@ fn merge_statuses(
                         None => m.sinks.push(s),
                     }
                 }
+                m.host_ports.extend(st.host_ports);
                 for s in st.steering {
                     if !m.steering.iter().any(|t| t.name == s.name) {
                         m.steering.push(s);
@@ -871,6 +872,7 @@ fn merge_statuses(
         steering: Vec::new(),
         node_drops: Vec::new(),
         sinks: Vec::new(),
+        host_ports: Vec::new(),
     });
     st.waiting.extend(failures);
     st
@@ -905,6 +907,7 @@ mod tests {
                 latency_buckets: vec![received, 1],
                 latency_sum_ns: received * 1000,
             }],
+            host_ports: Vec::new(),
         };
         let st = merge_statuses(
             &d,

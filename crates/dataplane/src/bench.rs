@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
-use crate::afpacket::HostPort;
+use crate::afpacket::{HostPort, RxMode};
 use crate::error::{Error, Result};
 use crate::firewall::{Action, Firewall, Rule};
 use crate::graph::{LinkSpec, PortRef};
@@ -851,8 +851,11 @@ pub fn flood(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<FloodRun> {
     let path = |panel: &mut PatchPanel| -> Result<(PortRef, PortRef)> {
-        let tx_port = HostPort::open_in(&tx.ifname, tx.netns.as_deref())?;
-        let rx_port = HostPort::open_in(&rx.ifname, rx.netns.as_deref())?;
+        // AF_XDP (copy mode on veth): with it the kernel path forwarded the most of the
+        // sockets tried (it forwards in the sender's context), so the baseline runs at its
+        // best (ADR 064).
+        let tx_port = HostPort::open_with(&tx.ifname, tx.netns.as_deref(), RxMode::Xdp)?;
+        let rx_port = HostPort::open_with(&rx.ifname, rx.netns.as_deref(), RxMode::Xdp)?;
         let (tx_node, rx_node) = (PortRef::host("tx"), PortRef::host("rx"));
         panel.add_node(&tx_node.node, &[""], 0, Box::new(tx_port))?;
         panel.add_node(&rx_node.node, &[""], 0, Box::new(rx_port))?;

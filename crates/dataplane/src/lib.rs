@@ -22,3 +22,4 @@ pub mod steering;
 pub mod traffic;
 pub mod vxlan;
 pub mod worker;
+pub(crate) mod xdp;

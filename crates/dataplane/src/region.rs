@@ -95,6 +95,16 @@ pub(crate) fn page_size() -> usize {
 /// Map `len` bytes of `fd` shared and read-write (a memfd, a kernel packet ring); `what`
 /// names the mapping in the error.
 pub(crate) fn map_shared(fd: &OwnedFd, len: usize, what: &str) -> Result<NonNull<u8>> {
+    map_shared_at(fd, len, 0, what)
+}
+
+/// [`map_shared`] from byte `offset` of `fd` (rings a socket maps at fixed offsets).
+pub(crate) fn map_shared_at(
+    fd: &OwnedFd,
+    len: usize,
+    offset: libc::off_t,
+    what: &str,
+) -> Result<NonNull<u8>> {
     // SAFETY: mapping a valid fd of `len` bytes with a NULL hint; the result is checked
     // against MAP_FAILED below.
     let ptr = unsafe {
@@ -104,7 +114,7 @@ pub(crate) fn map_shared(fd: &OwnedFd, len: usize, what: &str) -> Result<NonNull
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             fd.as_raw_fd(),
-            0,
+            offset,
         )
     };
     if ptr == libc::MAP_FAILED {

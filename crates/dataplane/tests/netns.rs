@@ -37,21 +37,26 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
         1024,
     )
     .unwrap();
-    // `TELVIRT_TEST_RX=recvmmsg` receives with system calls (the baseline of the ring).
+    // `TELVIRT_TEST_RX=recvmmsg` receives with system calls, `tpacket_v3` with the packet
+    // ring, `af_xdp` with a copy-mode AF_XDP socket.
     let mode = match std::env::var("TELVIRT_TEST_RX").as_deref() {
         Ok("recvmmsg") => RxMode::Syscalls,
+        Ok("tpacket_v3") => RxMode::Packet,
+        Ok("af_xdp") => RxMode::Xdp,
         _ => RxMode::Auto,
     };
     let pa = HostPort::open_with("a1", Some(mid.as_ref()), mode).unwrap();
     let pb = HostPort::open_with("b1", Some(mid.as_ref()), mode).unwrap();
-    if mode == RxMode::Auto {
-        assert_eq!(
-            pa.rx_mode(),
-            "tpacket_v3",
-            "the ring is used where the kernel has it"
-        );
-    } else {
-        assert_eq!(pa.rx_mode(), "recvmmsg");
+    match mode {
+        // veth has native XDP but no zero-copy: the packet ring is chosen, saying why.
+        RxMode::Auto => {
+            assert_eq!(pa.rx_mode(), "tpacket_v3");
+            let why = pa.xdp_refused().expect("why AF_XDP was not used");
+            assert!(why.contains("a1 has no zero-copy AF_XDP"), "{why}");
+        }
+        RxMode::Xdp => assert_eq!((pa.rx_mode(), pa.xdp_refused()), ("af_xdp_copy", None)),
+        RxMode::Packet => assert_eq!(pa.rx_mode(), "tpacket_v3"),
+        RxMode::Syscalls => assert_eq!(pa.rx_mode(), "recvmmsg"),
     }
     println!("host ports receive with {}", pa.rx_mode());
     let (sa, sb) = (pa.stats(), pb.stats());
@@ -297,17 +302,29 @@ fn a_flood_between_two_host_interfaces_counts_what_crossed() {
 
 #[test]
 fn a_frame_larger_than_a_pool_buffer_is_counted_and_the_ring_goes_on() {
+    // An MTU of 4,000 is too large for XDP on veth: the port falls back to the packet ring
+    // and says why. At 3,400 AF_XDP takes the interface.
+    big_frame_through("4000", "tpacket_v3");
+    big_frame_through("3400", "af_xdp_copy");
+}
+
+fn big_frame_through(mtu: &str, socket: &str) {
     require_traffic_tools();
     let t = Topology::new("big");
     let (a, mid) = (&t.ns[0], &t.ns[2]);
     for (ns, ifname) in [(a, "a0"), (mid, "a1")] {
-        must(&["ip", "-n", ns, "link", "set", ifname, "mtu", "4000"]);
+        must(&["ip", "-n", ns, "link", "set", ifname, "mtu", mtu]);
     }
     let pool = Arc::new(Pool::new("big", 1024, 2048).unwrap());
     let mut panel =
         PatchPanel::new(Arc::clone(&pool), vec![WorkerConfig::new("io", None)], 256).unwrap();
-    let port = HostPort::open_in("a1", Some(format!("/run/netns/{mid}").as_ref())).unwrap();
-    assert_eq!(port.rx_mode(), "tpacket_v3");
+    let mode = RxMode::Xdp;
+    let port = HostPort::open_with("a1", Some(format!("/run/netns/{mid}").as_ref()), mode).unwrap();
+    assert_eq!(port.rx_mode(), socket, "MTU {mtu}");
+    if socket == "tpacket_v3" {
+        let why = port.xdp_refused().expect("why AF_XDP was not used");
+        assert!(why.contains("attach XDP (driver mode) to a1"), "{why}");
+    }
     let stats = port.stats();
     panel.add_node("host:a1", &[""], 0, Box::new(port)).unwrap();
     // A 3,042-byte frame (ICMP echo of 3,000 bytes) to an address with a fixed MAC: no ARP.
@@ -346,6 +363,77 @@ fn a_frame_larger_than_a_pool_buffer_is_counted_and_the_ring_goes_on() {
                 &["ping", "-c", "1", "-s", "100", "-W", "1", "10.203.0.99"],
             )
             .output();
+    }
+    panel.shutdown();
+}
+
+#[test]
+fn an_af_xdp_port_counts_what_the_kernel_drops_and_a_second_port_falls_back() {
+    require_traffic_tools();
+    let t = Topology::new("xdp");
+    let (a, mid) = (
+        format!("/run/netns/{}", t.ns[0]),
+        format!("/run/netns/{}", t.ns[2]),
+    );
+    // The receiving port is never polled: its receive ring (2,048 frames) fills, and the
+    // kernel drops the rest.
+    let mut rx = HostPort::open_with("a1", Some(mid.as_ref()), RxMode::Xdp).unwrap();
+    assert_eq!((rx.rx_mode(), rx.xdp_refused()), ("af_xdp_copy", None));
+    // Queue 0 of the interface has its AF_XDP socket: a second port falls back, saying why.
+    let second = HostPort::open_with("a1", Some(mid.as_ref()), RxMode::Xdp).unwrap();
+    assert_eq!(second.rx_mode(), "tpacket_v3");
+    let why = second.xdp_refused().expect("why AF_XDP was not used");
+    assert!(
+        why.contains("bind AF_XDP to a1") && why.contains("busy"),
+        "{why}"
+    );
+    drop(second);
+    // A generator sends 10,000 frames through a host port on the other end of the veth.
+    let pool = Arc::new(Pool::new("xdp", 4096, 2048).unwrap());
+    let mut panel =
+        PatchPanel::new(Arc::clone(&pool), vec![WorkerConfig::new("io", None)], 1024).unwrap();
+    let tx = HostPort::open_with("a0", Some(a.as_ref()), RxMode::Xdp).unwrap();
+    let tx_stats = tx.stats();
+    panel.add_node("host:a0", &[""], 0, Box::new(tx)).unwrap();
+    let generator = Generator::new(
+        telvirt_dataplane::traffic::GenConfig {
+            count: Some(10_000),
+            rate_pps: Some(200_000),
+            ..Default::default()
+        },
+        2048,
+    )
+    .unwrap();
+    panel
+        .add_node("gen", &["out"], 0, Box::new(generator))
+        .unwrap();
+    panel
+        .apply(&[LinkSpec::parse("gen.out -> host:a0").unwrap()])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sent = || tx_stats.tx.load(Ordering::Relaxed);
+    while sent() + tx_stats.tx_errors.load(Ordering::Relaxed) < 10_000 {
+        assert!(
+            Instant::now() < deadline,
+            "the generator's frames were not sent"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Frames may still be in flight on the veth: poll the kernel's counters.
+    let stats = rx.stats();
+    let expected = sent().saturating_sub(2048);
+    assert!(expected > 0, "only {} frames were sent", sent());
+    loop {
+        rx.read_kernel_stats();
+        let dropped = stats.rx_kernel_dropped.load(Ordering::Relaxed);
+        if dropped >= expected {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the kernel's drops were not counted: {dropped} of at least {expected}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
     panel.shutdown();
 }

@@ -538,6 +538,35 @@ pub struct NetworkStatus {
     /// The network's built-in sinks: what each received and its latency distribution.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sinks: Vec<SinkStatus>,
+    /// The host interfaces the network's links name, as their ports on this node hold them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_ports: Vec<HostPortStatus>,
+}
+
+/// A host port (a host interface on the data plane): how it moves frames and what it moved.
+/// Counters run for the life of the port (shared by every network naming the interface).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostPortStatus {
+    /// The host whose interface it is (the agent's host name).
+    pub host: String,
+    /// The host interface.
+    pub interface: String,
+    /// How the port receives and sends: `af_xdp_zerocopy` or `af_xdp_copy` (an AF_XDP socket),
+    /// `tpacket_v3` (an AF_PACKET socket with a mapped receive ring) or `recvmmsg`.
+    pub socket: String,
+    /// Why AF_XDP is not used on the interface (more than one receive queue, no native XDP,
+    /// an MTU too large for XDP, another XDP program attached).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub af_xdp_refused: Option<String>,
+    /// Frames received from the interface into the data plane.
+    pub received: u64,
+    /// Frames sent on the interface.
+    pub sent: u64,
+    /// Frames that arrived on the interface and were dropped: by the kernel before the port
+    /// took them (its receive ring full), larger than a buffer, or no free buffer.
+    pub rx_dropped: u64,
+    /// Frames the port could not send (the kernel refused them, or its transmit ring was full).
+    pub tx_dropped: u64,
 }
 
 /// Upper bounds (nanoseconds) of the buckets a sink's latency distribution is reported in

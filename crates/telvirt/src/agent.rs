@@ -148,8 +148,9 @@ impl HostAgent {
                 (Some(endpoint), Some(listener))
             }
         };
-        let networks =
-            NetworkReconciler::new(Arc::clone(&dataplane)).with_host(&record.spec.name, vxlan);
+        let networks = NetworkReconciler::new(Arc::clone(&dataplane))
+            .with_host(&record.spec.name, vxlan)
+            .with_host_port_mode(args.host_port_socket.mode());
         Ok(Self {
             record,
             inventory,

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::Serialize;
 use telvirt_dataplane::bench::{FloodRun, HostEnd, RateSearch, flood, search_flood};
 
@@ -59,6 +59,11 @@ pub struct PortsArgs {
     /// How long each search trial offers its rate, in milliseconds
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub trial_ms: u64,
+    /// How serve's host ports move frames (serve's `--host-port-socket`); the flood's own
+    /// generator and sink ports always use AF_XDP (copy mode on veth: the kernel path forwards
+    /// fastest with it)
+    #[arg(long, value_enum, default_value_t = crate::cli::HostPortSocketArg::Auto)]
+    pub host_port_socket: crate::cli::HostPortSocketArg,
 }
 
 /// One path in one round.
@@ -89,6 +94,9 @@ pub struct PortsRound {
 #[derive(Debug, Clone, Serialize)]
 pub struct PortsReport {
     pub telvirt_path: &'static str,
+    /// How serve's host ports moved frames, as `net show` reports them (`af_xdp_copy`,
+    /// `tpacket_v3`, ...).
+    pub telvirt_host_port_socket: String,
     pub kernel_path: &'static str,
     pub telvirt_gbps: f64,
     pub kernel_gbps: f64,
@@ -301,12 +309,22 @@ struct Serve {
 }
 
 impl Serve {
-    fn start(dir: &Path, t: &Topology) -> Result<Self> {
+    fn start(dir: &Path, t: &Topology, socket: crate::cli::HostPortSocketArg) -> Result<Self> {
+        let socket = socket
+            .to_possible_value()
+            .context("every host port socket has a name")?;
         let (process, api) = block_on(embedded_api_process(
             dir,
             &crate::bench_handover::bench_http()?.build()?,
             "serve",
-            &["--host-name", "bench-ports", "--runtimes", "wasm"],
+            &[
+                "--host-name",
+                "bench-ports",
+                "--runtimes",
+                "wasm",
+                "--host-port-socket",
+                socket.get_name(),
+            ],
         ))?;
         let module = block_on(upload_example(&api, "firewall"))?;
         use telvirt_runtime_wasm::vnfs::{FirewallRule, firewall_blob_hex, fw_action};
@@ -351,6 +369,20 @@ impl Serve {
         };
         serve.wait_links()?;
         Ok(serve)
+    }
+
+    /// How serve's host ports move frames: the sockets `net show` reports, joined.
+    fn host_port_socket(&self) -> Result<String> {
+        let v = block_on(self.api.json("/v1/networks/ports"))?;
+        let mut sockets: Vec<String> = v["status"]["host_ports"]
+            .as_array()
+            .context("the network reports no host ports")?
+            .iter()
+            .filter_map(|p| p["socket"].as_str().map(str::to_owned))
+            .collect();
+        sockets.sort();
+        sockets.dedup();
+        Ok(sockets.join(","))
     }
 
     /// Waits until the firewall runs and the network's four links are live.
@@ -455,7 +487,8 @@ fn run_ports(args: &PortsArgs, progress: &Progress) -> Result<PortsReport> {
     let result = (|| {
         let t = Topology::create(&dir)?;
         progress.note("starting serve");
-        let serve = Serve::start(&dir, &t)?;
+        let serve = Serve::start(&dir, &t, args.host_port_socket)?;
+        let socket = serve.host_port_socket()?;
         check_path("the telvirt firewall", &t.tv[0], &t.tv[1])?;
         serve.firewall(false)?;
         check_path("the kernel bridge", &t.k[0], &t.k[1])?;
@@ -498,13 +531,13 @@ fn run_ports(args: &PortsArgs, progress: &Progress) -> Result<PortsReport> {
             });
         }
         progress.update(total, total);
-        Ok(report(args, rounds))
+        Ok(report(args, socket, rounds))
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn report(args: &PortsArgs, rounds: Vec<PortsRound>) -> PortsReport {
+fn report(args: &PortsArgs, socket: String, rounds: Vec<PortsRound>) -> PortsReport {
     let med = |f: &dyn Fn(&PortsRound) -> f64| median(rounds.iter().map(f));
     let rate = |s: &Option<RateSearch>, ndr: bool| {
         s.as_ref().map_or(0.0, |s| {
@@ -522,6 +555,7 @@ fn report(args: &PortsArgs, rounds: Vec<PortsRound>) -> PortsReport {
     let kernel_pdr_mpps = med(&|r| rate(&r.kernel.search, false));
     PortsReport {
         telvirt_path: "veth -> host port -> wasm firewall (cranelift, 1 deny rule) in telvirt serve -> host port -> veth",
+        telvirt_host_port_socket: socket,
         kernel_path: "veth -> Linux bridge with an nftables bridge-family deny rule -> veth",
         ratio: ratio(telvirt_gbps, kernel_gbps),
         ratio_to_offloads: ratio(telvirt_gbps, kernel_offloads_gbps),
@@ -552,7 +586,10 @@ pub fn ports_bench(format: Output, args: PortsArgs) -> Result<()> {
         return Ok(());
     }
     let r = &report;
-    println!("telvirt: {}", r.telvirt_path);
+    println!(
+        "telvirt: {} (host ports: {})",
+        r.telvirt_path, r.telvirt_host_port_socket
+    );
     println!("kernel (baseline): {}", r.kernel_path);
     let row = |name: &str, gbps: f64, mpps: Option<(f64, f64, f64)>| {
         let (m, n, p) = mpps.map_or(("-".into(), "-".into(), "-".into()), |(m, n, p)| {

@@ -243,6 +243,31 @@ pub enum RuntimeArg {
     Vm,
 }
 
+/// How host ports move frames (`--host-port-socket`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HostPortSocketArg {
+    /// Zero-copy AF_XDP where the interface's driver has it (one receive queue, native XDP, no
+    /// other XDP program), else an AF_PACKET socket with a mapped receive ring
+    Auto,
+    /// AF_XDP wherever the interface allows it, in copy mode where the driver has no zero-copy
+    /// (veth), else an AF_PACKET socket
+    AfXdp,
+    /// Always an AF_PACKET socket (leaves the interface's XDP hook alone)
+    AfPacket,
+}
+
+impl HostPortSocketArg {
+    /// The data plane's mode for it.
+    pub fn mode(self) -> telvirt_dataplane::afpacket::RxMode {
+        use telvirt_dataplane::afpacket::RxMode;
+        match self {
+            Self::Auto => RxMode::Auto,
+            Self::AfXdp => RxMode::Xdp,
+            Self::AfPacket => RxMode::Packet,
+        }
+    }
+}
+
 /// A host agent: this host's facts, its runtimes and its heartbeat.
 #[derive(Args, Debug)]
 pub struct HostAgentArgs {
@@ -304,6 +329,12 @@ pub struct HostAgentArgs {
     /// share)
     #[arg(long)]
     pub no_busy_poll: bool,
+    /// How host ports (`host:IF` in a network's links) move frames; `net show` reports what
+    /// each port uses and why AF_XDP was not. AF_XDP takes every frame of the interface from
+    /// the host's own stack (a packet socket only copies them): name interfaces dedicated to
+    /// the data plane
+    #[arg(long, value_enum, default_value_t = HostPortSocketArg::Auto)]
+    pub host_port_socket: HostPortSocketArg,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1020,6 +1020,29 @@ fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
         );
     }
     assert!(module_counter(&node, "fw1", "allowed") > 0);
+    // Both host ports say how they move frames (veth has no zero-copy AF_XDP: the packet
+    // ring, and why) and what they moved.
+    let ports = v["status"]["host_ports"].as_array().unwrap();
+    let mut names: Vec<&str> = ports
+        .iter()
+        .map(|p| p["interface"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a1", "b1"], "{v}");
+    for p in ports {
+        assert_eq!(p["socket"], "tpacket_v3", "{v}");
+        let why = p["af_xdp_refused"].as_str().unwrap();
+        assert!(why.contains("no zero-copy AF_XDP"), "{v}");
+        assert!(
+            p["received"].as_u64() > Some(0) && p["sent"].as_u64() > Some(0),
+            "{v}"
+        );
+    }
+    let shown = String::from_utf8_lossy(&node.ok(&["net", "show", "wire"]).stdout).into_owned();
+    assert!(
+        shown.contains("host port a1 (tpacket_v3): received"),
+        "{shown}"
+    );
 
     // The rule blocks TCP to port 5202 and the module counts the denials.
     let denied = module_counter(&node, "fw1", "denied");
@@ -1045,7 +1068,12 @@ fn bench_ports_measures_both_paths_in_one_run() {
     netns::require_traffic_tools();
     netns::require_tool("nft", "nftables");
     // Bad options are refused before anything is made, naming the option.
-    for bad in [["--rounds", "0"], ["--size", "63"], ["--trial-ms", "5"]] {
+    for bad in [
+        ["--rounds", "0"],
+        ["--size", "63"],
+        ["--trial-ms", "5"],
+        ["--host-port-socket", "dpdk"],
+    ] {
         let out = Command::new(BIN)
             .args(["bench", "ports"])
             .args(bad)
@@ -1064,11 +1092,13 @@ fn bench_ports_measures_both_paths_in_one_run() {
             "--trial-ms",
             "50",
         ])
-        .args(["-o", "json"])
+        // serve's host ports on AF_XDP (copy mode on veth), end to end.
+        .args(["--host-port-socket", "af-xdp", "-o", "json"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["telvirt_host_port_socket"], "af_xdp_copy", "{r}");
     let round = &r["rounds"][0];
     assert_eq!(round["first"], "telvirt", "{r}");
     for path in ["telvirt", "kernel"] {
