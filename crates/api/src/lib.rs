@@ -132,6 +132,10 @@ pub struct HostRecord {
     pub runtimes: Vec<String>,
     /// Whether an agent serves this host.
     pub agent: bool,
+    /// The QEMU version (`major.minor`) of its vm runtime; none without one. A vm VNF moves
+    /// only between hosts with the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<String>,
     /// Where this host's data plane receives the VXLAN tunnels of links from other hosts
     /// (`IP:PORT`); none: links between this host and another wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]

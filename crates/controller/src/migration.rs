@@ -10,6 +10,7 @@
 //! Owns the refusals of a move (which field, why), its start, its end and its cancel. It must
 //! not talk to agents: the store carries the move, the agents follow their assignments.
 
+use crate::records::HostRecord;
 use telvirt_model::api::{MigrateRequest, Migration};
 use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
 use telvirt_sched::SchedError;
@@ -231,6 +232,27 @@ impl Controller {
                     dest.host
                 ),
             )));
+        }
+        // A guest's machine type and device state follow its QEMU's version: a destination
+        // with another version would refuse the stream (or run the guest on another machine).
+        if record.vnf.descriptor.spec.runtime == RuntimeKind::Vm {
+            let qemu = |h: Option<HostRecord>| h.and_then(|h| h.qemu);
+            let (here, there) = (
+                qemu(self.agent_host(&from).await?),
+                qemu(self.agent_host(&dest.host).await?),
+            );
+            if let (Some(here), Some(there)) = (&here, &there)
+                && here != there
+            {
+                scheduler.drop_standby(name)?;
+                return Err(ControllerError::Invalid(FieldError::new(
+                    "to",
+                    format!(
+                        "host {} runs QEMU {there} and vnf {name}'s host {from} QEMU {here}: a vm moves only between hosts with the same QEMU version (its machine type and device state follow the version)",
+                        dest.host
+                    ),
+                )));
+            }
         }
         let placed = scheduler.placement(name)?;
         let cpus: Vec<String> = dest.cpus.iter().map(ToString::to_string).collect();

@@ -159,6 +159,7 @@ pub fn host_view(record: &HostRecord, life: HostLife, map: &sched::coremap::Host
         memory_bytes: record.memory_bytes,
         hugepages: record.hugepages.clone(),
         runtimes: record.runtimes.clone(),
+        qemu: record.qemu.clone(),
         tunnel: record.tunnel.clone(),
         cpus,
     }

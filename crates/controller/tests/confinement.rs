@@ -84,6 +84,7 @@ fn host(spec: HostSpec) -> HostRecord {
         runtimes: Vec::new(),
         agent: false,
         tunnel: None,
+        qemu: None,
     }
 }
 

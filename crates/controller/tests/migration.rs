@@ -375,6 +375,63 @@ async fn move_ends_on_h2(node: &Node, host: &str, stream: &ReplicationStatus, wh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_moves_only_between_hosts_with_the_same_qemu_version() {
+    let node = Node::start_monitored(None).await;
+    node.cordon("h1").await;
+    let mut beats = Vec::new();
+    for (h, tunnel, qemu) in [
+        ("h2", "127.0.0.2:4789", "7.2"),
+        ("h3", "127.0.0.3:4789", "8.0"),
+    ] {
+        let mut record = host_record(h);
+        record.tunnel = Some(tunnel.into());
+        record.qemu = Some(qemu.into());
+        node.controller.register_host(record).await.unwrap();
+        beats.push(beat(&node.controller, h));
+    }
+    node.cordon("h3").await;
+    node.create_vnf(&node.admin, VM).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    node.uncordon("h3").await;
+    let host = node
+        .call(
+            "GET",
+            "/v1/hosts/{name}",
+            Some("h3"),
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(host.body["qemu"], "8.0", "{}", host.body);
+
+    // Refused, naming `to` and both versions; nothing changes (no standby kept on h3).
+    let before = node.vnf_json("u1").await;
+    let r = migrate(&node, r#"{"to": "h3"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.error_paths(), ["to"], "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("host h3 runs QEMU 8.0") && detail.contains("host h2 QEMU 7.2"),
+        "{detail}"
+    );
+    assert_eq!(node.vnf_json("u1").await, before);
+
+    // The same version on both: the move starts.
+    let mut record = host_record("h3");
+    record.tunnel = Some("127.0.0.3:4789".into());
+    record.qemu = Some("7.2".into());
+    node.controller.register_host(record).await.unwrap();
+    let r = migrate(&node, r#"{"to": "h3"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["migration"]["to"], "h3", "{}", r.body);
+    for b in beats {
+        b.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let node = Node::start_monitored(None).await;
     let beats = h2_and_h3(&node).await;

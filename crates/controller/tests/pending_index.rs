@@ -119,6 +119,7 @@ fn host() -> HostRecord {
         runtimes: Vec::new(),
         agent: false,
         tunnel: None,
+        qemu: None,
     }
 }
 

@@ -404,6 +404,10 @@ pub struct HostView {
     /// Runtimes this host's agent can run (`vm`, `wasm`).
     #[serde(default)]
     pub runtimes: Vec<String>,
+    /// The QEMU version (`major.minor`) of its vm runtime, when it has one: a vm VNF moves
+    /// only between hosts with the same version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<String>,
     /// Where this host's data plane takes links from other hosts (VXLAN over UDP) and its
     /// standbys their actives' state (TCP): `IP:PORT`, when its agent has a tunnel address.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -173,6 +173,22 @@ pub fn probe_sandbox_value() -> String {
     format!("on,{SANDBOX_DENY},{SANDBOX_DENY_ELEVATE}")
 }
 
+/// The `(major, minor)` version `qemu --version` prints; `None` when it cannot be run or says
+/// something else.
+pub async fn qemu_version(qemu: &Path) -> Option<(u32, u32)> {
+    let out = tokio::process::Command::from(child_command(qemu))
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(10), out)
+        .await
+        .ok()?
+        .ok()?;
+    crate::config::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
 /// A command that runs `program` with nothing of this process's but stdio: the node holds
 /// VMs' guest RAM and eventfds (their vhost-user NICs' memory tables, received without
 /// close-on-exec by the vhost-user daemon), which the kernel would hand to every child that

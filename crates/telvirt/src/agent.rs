@@ -127,8 +127,14 @@ impl HostAgent {
             .iter()
             .map(|r| r.kind().as_str().to_owned())
             .collect();
+        // A vm VNF moves only to a host whose QEMU has the same version.
+        let qemu = match &vm {
+            Some(vm) => vm.qemu_version().await,
+            None => None,
+        };
         for record in inventory.iter_mut().filter(|h| h.agent) {
             record.runtimes.clone_from(&names);
+            record.qemu.clone_from(&qemu);
         }
         let mut record = inventory
             .iter()
@@ -404,6 +410,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
             runtimes: Vec::new(),
             agent: true,
             tunnel: None,
+            qemu: None,
         }]);
     };
     let text =
@@ -442,6 +449,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
                 runtimes: Vec::new(),
                 agent: is_local,
                 tunnel: None,
+                qemu: None,
             }
         })
         .collect())

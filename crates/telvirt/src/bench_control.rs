@@ -323,6 +323,7 @@ fn host(name: String, per_host: u32) -> HostRecord {
         runtimes: vec![RuntimeKind::Wasm.as_str().to_owned()],
         agent: true,
         tunnel: None,
+        qemu: None,
     }
 }
 

@@ -389,6 +389,7 @@ pub fn host_table(hosts: &[HostView], wide: bool) -> String {
                     labels_of(&h.labels),
                     held.to_string(),
                     h.tunnel.clone().unwrap_or_else(|| "-".into()),
+                    h.qemu.clone().unwrap_or_else(|| "-".into()),
                 ]);
             }
             row
@@ -405,7 +406,7 @@ pub fn host_table(hosts: &[HostView], wide: bool) -> String {
         "RUNTIMES",
     ];
     if wide {
-        columns.extend(["LABELS", "HELD", "TUNNEL"]);
+        columns.extend(["LABELS", "HELD", "TUNNEL", "QEMU"]);
     }
     table(&columns, &rows)
 }

@@ -53,8 +53,9 @@ fn cli_round_trip() {
     );
     let hosts = server.cli(&["host", "list", "-o", "wide"]);
     let hosts = String::from_utf8_lossy(&hosts.stdout);
+    let header = hosts.lines().next().unwrap_or_default();
     assert!(
-        hosts.lines().next().unwrap_or_default().contains("HELD"),
+        header.contains("HELD") && header.contains("QEMU"),
         "{hosts}"
     );
 
@@ -110,6 +111,28 @@ fn cli_round_trip() {
         .map(|h| h["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["lab-a", "lab-b", "lab-c"]);
+    // This node's agent reports the version of the QEMU its vm runtime starts (vm VNFs move
+    // only between hosts with the same); the hosts without an agent report none.
+    let qemu = std::process::Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let version: String = qemu
+        .split("QEMU emulator version ")
+        .nth(1)
+        .map(|v| v.split('.').take(2).collect::<Vec<_>>().join("."))
+        .unwrap_or_default();
+    let lab_a = &hosts[0];
+    if lab_a["runtimes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r == "vm")
+    {
+        assert_eq!(lab_a["qemu"].as_str(), Some(version.as_str()), "{lab_a}");
+    }
+    assert!(hosts[1].get("qemu").is_none(), "{}", hosts[1]);
     let upf1 = server.wait_vnf("upf1", |v| v["phase"] != "Pending");
     let host = upf1["placements"][0]["host"].as_str().unwrap();
     let show = server.cli(&["host", "show", host]);

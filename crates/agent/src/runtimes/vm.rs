@@ -121,6 +121,18 @@ impl VmRuntime {
         }
     }
 
+    /// The version (`major.minor`) of the QEMU this runtime starts, as it reports it; `None`
+    /// when it cannot be run.
+    pub async fn qemu_version(&self) -> Option<String> {
+        let qemu = self
+            .config
+            .qemu
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        let (major, minor) = telvirt_runtime_vm::qemu_version(&qemu).await?;
+        Some(format!("{major}.{minor}"))
+    }
+
     /// VMs' `spec.vm.nics` become vhost-user NICs on `dataplane`, each a port of a panel node
     /// named after the VNF (as a wasm VNF's ports are).
     pub fn with_dataplane(mut self, dataplane: Arc<NodeDataPlane>) -> Self {

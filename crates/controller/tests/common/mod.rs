@@ -72,6 +72,7 @@ impl Node {
                 runtimes: Vec::new(),
                 agent: true,
                 tunnel: None,
+                qemu: None,
             })
             .await
             .unwrap();
@@ -541,5 +542,6 @@ pub fn host_record(name: &str) -> HostRecord {
         runtimes: Vec::new(),
         agent: true,
         tunnel: None,
+        qemu: None,
     }
 }
