@@ -31,6 +31,8 @@ use crate::{image, memory, periph, pin};
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_START_DEADLINE: Duration = Duration::from_secs(30);
 const DETACH_DEADLINE: Duration = Duration::from_secs(30);
+/// In a move destination's state dir from its launch until its arrived guest is resumed.
+const INCOMING_MARK: &str = "incoming";
 /// Console lines kept in a failure report.
 pub const CONSOLE_TAIL_LINES: usize = 20;
 
@@ -284,8 +286,20 @@ impl VmManager {
         );
 
         std::fs::create_dir_all(&dir).map_err(Error::io(format!("create {}", dir.display())))?;
-        for f in ["qmp.sock", "agent.sock", "qemu.pid", "grants.json"] {
+        for f in [
+            "qmp.sock",
+            "agent.sock",
+            "qemu.pid",
+            "grants.json",
+            INCOMING_MARK,
+        ] {
             let _ = std::fs::remove_file(dir.join(f));
+        }
+        if incoming {
+            // Until the arrived guest is resumed: an adopter then knows a paused guest here is
+            // one that came in by a stream nobody finished, not one an operator paused.
+            std::fs::write(dir.join(INCOMING_MARK), b"")
+                .map_err(Error::io(format!("create {INCOMING_MARK}")))?;
         }
         check_socket_path(&dir.join("agent.sock"))?;
         append_console_marker(&dir, &cfg.name)?;
@@ -440,9 +454,13 @@ impl VmManager {
             }));
         });
         let still_streaming = orphan.as_ref().is_some_and(|o| !o.ended);
+        // A move's destination whose stream completed while no agent watched: its guest
+        // waits, paused, to be resumed here ([`VmHandle::finish_incoming`]).
+        let arrived_unresumed = dir.join(INCOMING_MARK).exists();
         let phase = match status.status.as_str() {
             // Never resumed here: the guest may run at the destination.
             _ if still_streaming => VmPhase::Migrated,
+            "paused" if arrived_unresumed => VmPhase::Incoming,
             "running" => VmPhase::Running,
             "paused" => VmPhase::Paused,
             "prelaunch" => VmPhase::Starting,
@@ -722,6 +740,17 @@ impl VmHandle {
         }
     }
 
+    /// On a move's destination: whether its stream was taken (`migrate-incoming` issued: the
+    /// stream runs, completed or failed); `false` while it still waits for one.
+    pub async fn incoming_started(&self) -> Result<bool> {
+        let v = self
+            .inner
+            .qmp
+            .execute_raw("query-migrate", None, QMP_TIMEOUT)
+            .await?;
+        Ok(v["status"].as_str().is_some_and(|s| s != "none"))
+    }
+
     /// Resumes a guest that came in by migration: connects to its agent's socket first, so
     /// the guest never sees its host side closed (its port was open on the source), then
     /// `cont`, then waits for the agent (when the configuration has one). Answers how long
@@ -737,6 +766,7 @@ impl VmHandle {
         let resumed = started.elapsed();
         // The guest runs here from now on, whether or not its agent answers.
         self.set_phase(VmPhase::Running);
+        let _ = std::fs::remove_file(self.inner.dir.join(INCOMING_MARK));
         if let Some(agent) = agent {
             agent.wait_ready(self.inner.config.ready_timeout).await?;
             *self.inner.agent.lock().await = Some(agent);

@@ -340,3 +340,85 @@ async fn an_adopted_qemu_ends_the_stream_its_gone_agent_left_at_the_commit_point
         status.warnings
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_adopted_mid_stream_or_after_it_resumes_the_guest_that_arrived() {
+    let _slot = BOOT_SLOT.acquire().await.unwrap();
+    let root = common::state_root();
+    let mgr = common::manager(root.path());
+    let src = mgr.start(common::config("migadopt")).await.unwrap();
+    let _src_guard = VmGuard(src.clone());
+    let before = health(&src).await;
+    let tuning = MigrationTuning::tuned(src.accel());
+    // The destination takes the stream; then its handle goes away, as with its agent.
+    let to = MigrationChannel::Tcp(free_address());
+    let dst_pid = {
+        let dst = mgr
+            .start_incoming(common::config("migadoptdst"), &to, &tuning)
+            .await
+            .unwrap();
+        dst.pid()
+    };
+    let _dst_guard = PidGuard(dst_pid);
+    // The source holds its final copy until the destination was adopted mid-stream.
+    let (reached_tx, reached) = tokio::sync::oneshot::channel();
+    let (go_tx, go) = tokio::sync::oneshot::channel::<bool>();
+    let mut gate_ends = Some((reached_tx, go));
+    let gate: telvirt_runtime_vm::SwitchoverGate = Box::new(move || {
+        let ends = gate_ends.take();
+        Box::pin(async move {
+            let Some((reached, go)) = ends else {
+                return false;
+            };
+            let _ = reached.send(());
+            go.await.unwrap_or(false)
+        })
+    });
+    let task = tokio::spawn({
+        let src = src.clone();
+        async move {
+            src.migrate_to_gated(&to, &tuning, Duration::from_secs(120), |_| {}, Some(gate))
+                .await
+        }
+    });
+    tokio::time::timeout(T, reached).await.unwrap().unwrap();
+    let dst = common::manager(root.path())
+        .adopt("migadoptdst")
+        .await
+        .unwrap();
+    assert_eq!(dst.phase(), VmPhase::Incoming);
+    assert!(dst.incoming_started().await.unwrap(), "its stream runs");
+    go_tx.send(true).unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(150), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, "completed");
+    // Completed with nobody to resume the guest: adopted again, it is still the arrival (not
+    // a guest an operator paused), and finishing resumes it, the same guest, its clock on.
+    drop(dst);
+    let dst = common::manager(root.path())
+        .adopt("migadoptdst")
+        .await
+        .unwrap();
+    assert_eq!(dst.phase(), VmPhase::Incoming);
+    assert!(!dst.qmp().query_status().await.unwrap().running);
+    dst.finish_incoming(T).await.unwrap();
+    assert_eq!(dst.phase(), VmPhase::Running);
+    let after = health(&dst).await;
+    assert!(
+        after.uptime_ms > before.uptime_ms,
+        "{before:?} then {after:?}"
+    );
+    // Resumed, it is an ordinary guest for the next adopter: paused by an operator, it stays
+    // paused.
+    dst.pause().await.unwrap();
+    drop(dst);
+    let dst = common::manager(root.path())
+        .adopt("migadoptdst")
+        .await
+        .unwrap();
+    assert_eq!(dst.phase(), VmPhase::Paused);
+    src.kill().await.unwrap();
+}

@@ -133,6 +133,43 @@ impl VmRuntime {
         Some(format!("{major}.{minor}"))
     }
 
+    /// Waits (in a task) for the stream `name` takes in to end, then resumes the arrived
+    /// guest here, or kills the QEMU that waited for it. `name` is in `receiving` until then.
+    fn watch_arrival(&self, name: &Name, handle: VmHandle) {
+        let (name, receiving, arrivals) = (
+            name.clone(),
+            Arc::clone(&self.receiving),
+            Arc::clone(&self.arrivals),
+        );
+        tokio::spawn(async move {
+            // Longer than the source's wait: this clock starts before the source's stream.
+            match handle
+                .finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE)
+                .await
+            {
+                Ok(resumed) => {
+                    // The guest's own uptime says it was not booted again.
+                    let uptime = handle
+                        .health(Duration::from_secs(5))
+                        .await
+                        .map(|h| format!("; its guest has been up {} s", h.uptime_ms / 1000))
+                        .unwrap_or_default();
+                    let note = format!(
+                        "arrived by a migration stream, resumed in {} ms{uptime}",
+                        resumed.as_millis()
+                    );
+                    tracing::info!(vnf = %name, "{note}");
+                    lock(&arrivals).insert(name.clone(), note);
+                }
+                Err(e) => {
+                    tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
+                    let _ = handle.kill().await;
+                }
+            }
+            lock(&receiving).remove(&name);
+        });
+    }
+
     /// VMs' `spec.vm.nics` become vhost-user NICs on `dataplane`, each a port of a panel node
     /// named after the VNF (as a wasm VNF's ports are).
     pub fn with_dataplane(mut self, dataplane: Arc<NodeDataPlane>) -> Self {
@@ -544,38 +581,7 @@ impl Runtime for VmRuntime {
             lock(&self.receiving).remove(name);
             return Err(failure(e));
         }
-        let (name, receiving, arrivals) = (
-            name.clone(),
-            Arc::clone(&self.receiving),
-            Arc::clone(&self.arrivals),
-        );
-        tokio::spawn(async move {
-            // Longer than the source's wait: this clock starts before the source's stream.
-            match handle
-                .finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE)
-                .await
-            {
-                Ok(resumed) => {
-                    // The guest's own uptime says it was not booted again.
-                    let uptime = handle
-                        .health(Duration::from_secs(5))
-                        .await
-                        .map(|h| format!("; its guest has been up {} s", h.uptime_ms / 1000))
-                        .unwrap_or_default();
-                    let note = format!(
-                        "arrived by a migration stream, resumed in {} ms{uptime}",
-                        resumed.as_millis()
-                    );
-                    tracing::info!(vnf = %name, "{note}");
-                    lock(&arrivals).insert(name.clone(), note);
-                }
-                Err(e) => {
-                    tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
-                    let _ = handle.kill().await;
-                }
-            }
-            lock(&receiving).remove(&name);
-        });
+        self.watch_arrival(name, handle);
         Ok(())
     }
 
@@ -626,6 +632,16 @@ impl Runtime for VmRuntime {
         match self.plain_manager().adopt_dir(&spec.state_dir).await {
             Ok(handle) => {
                 tracing::info!(vnf = %spec.name, pid = handle.pid(), "re-adopted running QEMU");
+                // A move's destination whose stream was taken by the agent before (it runs, or
+                // completed with nobody to resume the guest): followed as that agent would
+                // have. One still waiting for its stream takes it as usual.
+                if handle.phase() == VmPhase::Incoming
+                    && handle.incoming_started().await.unwrap_or(false)
+                {
+                    tracing::info!(vnf = %spec.name, "following the guest stream it was taking in");
+                    lock(&self.receiving).insert(spec.name.clone());
+                    self.watch_arrival(&spec.name, handle.clone());
+                }
                 // Its NICs connect to QEMU's sockets again: QEMU serves them and takes the new
                 // connection in place of the one that ended with the previous agent.
                 if let Err(e) = self.open_nics(spec) {
