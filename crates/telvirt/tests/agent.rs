@@ -213,6 +213,22 @@ fn two_agents(controller_args: &[&str]) -> (Serve, Agent, Agent) {
 
 /// [`two_agents`] on hosts of `inventory` (its host named a1; a2 is its copy), the agents
 /// started with `env`.
+/// The arguments of the agent of host a2 in [`two_agents_with`].
+const A2_AGENT_ARGS: &[&str] = &[
+    "--token-file",
+    "a2.token",
+    "--data-dir",
+    "agent2-data",
+    "--inventory",
+    "inventory2.yaml",
+    "--host-name",
+    "a2",
+    "--heartbeat-interval-ms",
+    "200",
+    "--tunnel-address",
+    "127.0.0.2:0",
+];
+
 fn two_agents_with(
     controller_args: &[&str],
     inventory: &str,
@@ -234,26 +250,7 @@ fn two_agents_with(
         &a1_agent_args("a1.token", &["--tunnel-address", "127.0.0.1:0"]),
         env,
     );
-    let a2 = Agent::start_with_env(
-        &node,
-        &node.server(),
-        "a2.log",
-        &[
-            "--token-file",
-            "a2.token",
-            "--data-dir",
-            "agent2-data",
-            "--inventory",
-            "inventory2.yaml",
-            "--host-name",
-            "a2",
-            "--heartbeat-interval-ms",
-            "200",
-            "--tunnel-address",
-            "127.0.0.2:0",
-        ],
-        env,
-    );
+    let a2 = Agent::start_with_env(&node, &node.server(), "a2.log", A2_AGENT_ARGS, env);
     for host in ["a1", "a2"] {
         wait_until("both hosts Ready", || {
             host_status(&node, host).is_some_and(|s| s.starts_with("Ready"))
@@ -969,6 +966,97 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
     let log = std::fs::read_to_string(node.path("a1.log")).unwrap();
     assert!(
         log.contains("the guest's stream passed its commit point"),
+        "{log}"
+    );
+}
+
+/// A move whose destination's agent dies while the guest streams there: the restarted agent
+/// adopts the waiting QEMU, follows the stream to its end and resumes the same guest, and the
+/// move ends on the destination.
+#[test]
+fn a_vm_move_whose_destination_agent_restarts_mid_stream_ends_there_with_the_same_guest() {
+    let _qemus = common::QemuGuard("vmmove2");
+    let guest = common::guest_binary();
+    let env = [("TELVIRT_GUEST_BIN", guest.as_path())];
+    let (node, _a1, mut a2) = two_agents_with(&["--move-timeout-ms", "60000"], TWO_CORES, &env);
+    node.ok(&["host", "cordon", "a2"]);
+    node.create("vmmove2.yaml", &MOVING_VM.replace("vmmove1", "vmmove2"));
+    let booted = node.wait_vnf_for("vmmove2", VM_DEADLINE, |v| {
+        assert!(
+            !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
+            "{v}"
+        );
+        v["phase"] == "Running"
+    });
+    assert_eq!(booted["placements"][0]["host"], "a1", "{booted}");
+    node.ok(&["host", "uncordon", "a2"]);
+    node.ok(&["vnf", "migrate", "vmmove2", "--to", "a2", "--no-wait"]);
+    node.wait_vnf_for("vmmove2", VM_DEADLINE, |v| {
+        v["replication"]["guest"]["status"] == "active"
+    });
+    let waiting = qemu_pid_in(&node, "agent2-data", "vmmove2").expect("a QEMU waiting on a2");
+    // The guest streams into a2's QEMU; a2's agent dies and comes back on the same tunnel
+    // address (a changed address is another destination: the source would open a new stream).
+    let tunnel = node.json(&["host", "show", "a2"])["tunnel"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    a2.signal(libc::SIGKILL);
+    a2.wait_exit();
+    let args: Vec<&str> = A2_AGENT_ARGS
+        .iter()
+        .map(|a| {
+            if *a == "127.0.0.2:0" {
+                tunnel.as_str()
+            } else {
+                a
+            }
+        })
+        .collect();
+    let _a2 = Agent::start_with_env(&node, &node.server(), "a2-again.log", &args, &env);
+    let logs = || {
+        ["a1.log", "a2.log", "a2-again.log", "serve.log"]
+            .map(|f| {
+                let text = std::fs::read_to_string(node.path(f)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+                format!(
+                    "\n--- {f}\n{}",
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                )
+            })
+            .concat()
+    };
+    let deadline = Instant::now() + VM_DEADLINE;
+    let moved = loop {
+        let v = node.json(&["vnf", "show", "vmmove2"]);
+        if v.get("migration").is_none()
+            && v["placements"].as_array().is_some_and(|p| p.len() == 1)
+            && v["phase"] == "Running"
+        {
+            break v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the move did not end: {v}\nlogs: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
+    // The QEMU that took the stream runs the guest: adopted, not started again.
+    assert_eq!(
+        qemu_pid_in(&node, "agent2-data", "vmmove2"),
+        Some(waiting),
+        "events: {}\nlogs: {}",
+        node.json(&["vnf", "events", "vmmove2"]),
+        logs()
+    );
+    let console =
+        std::fs::read_to_string(node.path("agent2-data/instances/vmmove2/console.log")).unwrap();
+    assert!(!console.contains("Linux version"), "{console}");
+    let log = std::fs::read_to_string(node.path("a2-again.log")).unwrap();
+    assert!(
+        log.contains("following the guest stream it was taking in"),
         "{log}"
     );
 }
