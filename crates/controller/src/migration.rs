@@ -218,41 +218,13 @@ impl Controller {
                 )),
                 e => e.into(),
             })?;
-        // The destination must receive the state: a host with an agent and a tunnel address.
-        let receives = self
-            .agent_host(&dest.host)
-            .await?
-            .is_some_and(|h| h.tunnel.is_some());
-        if !receives || !self.host_ready(&dest.host).await? {
+        // Checked with the destination reserved; any refusal or failure releases it.
+        let checked = self
+            .check_destination(&record.vnf, &from, &dest.host, req.to.is_some())
+            .await;
+        if let Err(e) = checked {
             scheduler.drop_standby(name)?;
-            return Err(ControllerError::Invalid(FieldError::new(
-                "to",
-                format!(
-                    "host {} cannot receive vnf {name}'s state: it needs a running agent with a tunnel address (telvirt agent --tunnel-address)",
-                    dest.host
-                ),
-            )));
-        }
-        // A guest's machine type and device state follow its QEMU's version: a destination
-        // with another version would refuse the stream (or run the guest on another machine).
-        if record.vnf.descriptor.spec.runtime == RuntimeKind::Vm {
-            let qemu = |h: Option<HostRecord>| h.and_then(|h| h.qemu);
-            let (here, there) = (
-                qemu(self.agent_host(&from).await?),
-                qemu(self.agent_host(&dest.host).await?),
-            );
-            if let (Some(here), Some(there)) = (&here, &there)
-                && here != there
-            {
-                scheduler.drop_standby(name)?;
-                return Err(ControllerError::Invalid(FieldError::new(
-                    "to",
-                    format!(
-                        "host {} runs QEMU {there} and vnf {name}'s host {from} QEMU {here}: a vm moves only between hosts with the same QEMU version (its machine type and device state follow the version)",
-                        dest.host
-                    ),
-                )));
-            }
+            return Err(e);
         }
         let placed = scheduler.placement(name)?;
         let cpus: Vec<String> = dest.cpus.iter().map(ToString::to_string).collect();
@@ -298,6 +270,48 @@ impl Controller {
         }
         drop(scheduler);
         self.vnf(caller, name).await
+    }
+
+    /// Whether `host` may take `v`'s move from `from`: its agent must receive the state (a
+    /// running agent with a tunnel address), and a vm's QEMU must have the version of its
+    /// source's (its machine type and device state follow the version; a host whose agent
+    /// reports none is not compared). `named`: the caller named the host (`to`).
+    async fn check_destination(&self, v: &Vnf, from: &str, host: &str, named: bool) -> Result<()> {
+        let name = &v.name;
+        let there = self.agent_host(host).await?;
+        let receives = there.as_ref().is_some_and(|h| h.tunnel.is_some());
+        if !receives || !self.host_ready(host).await? {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "to",
+                format!(
+                    "host {host} cannot receive vnf {name}'s state: it needs a running agent with a tunnel address (telvirt agent --tunnel-address)"
+                ),
+            )));
+        }
+        if v.descriptor.spec.runtime != RuntimeKind::Vm {
+            return Ok(());
+        }
+        let here = self
+            .agent_host(from)
+            .await?
+            .and_then(|h: HostRecord| h.qemu);
+        let there = there.and_then(|h| h.qemu);
+        let (Some(here), Some(there)) = (here, there) else {
+            return Ok(());
+        };
+        if here == there {
+            return Ok(());
+        }
+        let why = format!(
+            "host {host} runs QEMU {there} and vnf {name}'s host {from} QEMU {here}: a vm moves only between hosts with the same QEMU version (its machine type and device state follow the version)"
+        );
+        Err(if named {
+            ControllerError::Invalid(FieldError::new("to", why))
+        } else {
+            ControllerError::Conflict(format!(
+                "{why}; the host picked has another version: name one with QEMU {here} (--to)"
+            ))
+        })
     }
 
     /// Ends the move of `name` under way; it stays where it runs.

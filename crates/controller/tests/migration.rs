@@ -417,6 +417,12 @@ async fn a_vm_moves_only_between_hosts_with_the_same_qemu_version() {
         "{detail}"
     );
     assert_eq!(node.vnf_json("u1").await, before);
+    // The controller picks h3 itself: a conflict, saying which version to name.
+    let r = migrate(&node, "{}").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(detail.contains("name one with QEMU 7.2"), "{detail}");
+    assert_eq!(node.vnf_json("u1").await, before);
 
     // The same version on both: the move starts.
     let mut record = host_record("h3");

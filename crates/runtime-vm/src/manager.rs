@@ -31,8 +31,11 @@ use crate::{image, memory, periph, pin};
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_START_DEADLINE: Duration = Duration::from_secs(30);
 const DETACH_DEADLINE: Duration = Duration::from_secs(30);
-/// In a move destination's state dir from its launch until its arrived guest is resumed.
-const INCOMING_MARK: &str = "incoming";
+/// In a move destination's state dir from its launch until its arrived guest is resumed;
+/// it says `taken` once the destination took its stream (`migrate-incoming`), empty before.
+pub(crate) const INCOMING_MARK: &str = "incoming";
+/// What [`INCOMING_MARK`] holds once the stream was taken.
+pub(crate) const STREAM_TAKEN: &[u8] = b"taken";
 /// Console lines kept in a failure report.
 pub const CONSOLE_TAIL_LINES: usize = 20;
 
@@ -298,8 +301,8 @@ impl VmManager {
         if incoming {
             // Until the arrived guest is resumed: an adopter then knows a paused guest here is
             // one that came in by a stream nobody finished, not one an operator paused.
-            std::fs::write(dir.join(INCOMING_MARK), b"")
-                .map_err(Error::io(format!("create {INCOMING_MARK}")))?;
+            let mark = dir.join(INCOMING_MARK);
+            std::fs::write(&mark, b"").map_err(Error::io(format!("create {}", mark.display())))?;
         }
         check_socket_path(&dir.join("agent.sock"))?;
         append_console_marker(&dir, &cfg.name)?;
@@ -457,6 +460,10 @@ impl VmManager {
         // A move's destination whose stream completed while no agent watched: its guest
         // waits, paused, to be resumed here ([`VmHandle::finish_incoming`]).
         let arrived_unresumed = dir.join(INCOMING_MARK).exists();
+        if status.status == "running" {
+            // Resumed (by the agent that died before it removed the mark): an ordinary guest.
+            let _ = std::fs::remove_file(dir.join(INCOMING_MARK));
+        }
         let phase = match status.status.as_str() {
             // Never resumed here: the guest may run at the destination.
             _ if still_streaming => VmPhase::Migrated,
@@ -740,15 +747,12 @@ impl VmHandle {
         }
     }
 
-    /// On a move's destination: whether its stream was taken (`migrate-incoming` issued: the
-    /// stream runs, completed or failed); `false` while it still waits for one.
-    pub async fn incoming_started(&self) -> Result<bool> {
-        let v = self
-            .inner
-            .qmp
-            .execute_raw("query-migrate", None, QMP_TIMEOUT)
-            .await?;
-        Ok(v["status"].as_str().is_some_and(|s| s != "none"))
+    /// On a move's destination: whether it took its stream (`migrate-incoming` succeeded: the
+    /// stream may not have sent a byte yet, run, or have completed); `false` while it still
+    /// waits for one. Read from the state dir, which outlives the agent that took it (QEMU 7.2
+    /// reports no status until the first bytes arrive).
+    pub fn incoming_stream_taken(&self) -> bool {
+        std::fs::read(self.inner.dir.join(INCOMING_MARK)).is_ok_and(|m| m == STREAM_TAKEN)
     }
 
     /// Resumes a guest that came in by migration: connects to its agent's socket first, so

@@ -521,6 +521,15 @@ impl VmHandle {
                 COMMAND_TIMEOUT,
             )
             .await?;
+        // An agent that adopts this QEMU later follows the stream it took.
+        let mark = self.state_dir().join(crate::manager::INCOMING_MARK);
+        if let Err(e) = std::fs::write(&mark, crate::manager::STREAM_TAKEN) {
+            tracing::warn!(
+                vm = self.name(),
+                "cannot note in {} that the stream was taken: {e}; an agent restarted before the guest runs will not resume it",
+                mark.display()
+            );
+        }
         Ok(())
     }
 

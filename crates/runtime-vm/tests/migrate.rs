@@ -387,7 +387,7 @@ async fn a_destination_adopted_mid_stream_or_after_it_resumes_the_guest_that_arr
         .await
         .unwrap();
     assert_eq!(dst.phase(), VmPhase::Incoming);
-    assert!(dst.incoming_started().await.unwrap(), "its stream runs");
+    assert!(dst.incoming_stream_taken(), "its stream runs");
     go_tx.send(true).unwrap();
     let done = tokio::time::timeout(Duration::from_secs(150), task)
         .await
@@ -395,6 +395,15 @@ async fn a_destination_adopted_mid_stream_or_after_it_resumes_the_guest_that_arr
         .unwrap()
         .unwrap();
     assert_eq!(done.status, "completed");
+    // The destination has loaded it all: paused, nobody resumed it.
+    let deadline = std::time::Instant::now() + T;
+    while dst.qmp().query_status().await.unwrap().status != "paused" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the destination did not finish loading"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Completed with nobody to resume the guest: adopted again, it is still the arrival (not
     // a guest an operator paused), and finishing resumes it, the same guest, its clock on.
     drop(dst);

@@ -129,7 +129,15 @@ impl HostAgent {
             .collect();
         // A vm VNF moves only to a host whose QEMU has the same version.
         let qemu = match &vm {
-            Some(vm) => vm.qemu_version().await,
+            Some(vm) => {
+                let version = vm.qemu_version().await;
+                if version.is_none() {
+                    tracing::warn!(
+                        "the QEMU of the vm runtime did not tell its version: vm moves to and from this host are not checked for a version match"
+                    );
+                }
+                version
+            }
             None => None,
         };
         for record in inventory.iter_mut().filter(|h| h.agent) {

@@ -211,8 +211,6 @@ fn two_agents(controller_args: &[&str]) -> (Serve, Agent, Agent) {
     two_agents_with(controller_args, INVENTORY, &[])
 }
 
-/// [`two_agents`] on hosts of `inventory` (its host named a1; a2 is its copy), the agents
-/// started with `env`.
 /// The arguments of the agent of host a2 in [`two_agents_with`].
 const A2_AGENT_ARGS: &[&str] = &[
     "--token-file",
@@ -229,6 +227,8 @@ const A2_AGENT_ARGS: &[&str] = &[
     "127.0.0.2:0",
 ];
 
+/// [`two_agents`] on hosts of `inventory` (its host named a1; a2 is its copy), the agents
+/// started with `env`.
 fn two_agents_with(
     controller_args: &[&str],
     inventory: &str,
@@ -990,17 +990,18 @@ fn a_vm_move_whose_destination_agent_restarts_mid_stream_ends_there_with_the_sam
     });
     assert_eq!(booted["placements"][0]["host"], "a1", "{booted}");
     node.ok(&["host", "uncordon", "a2"]);
+    // a2 comes back on the same tunnel address (a changed address is another destination:
+    // the source would open a new stream).
+    let tunnel = node.json(&["host", "show", "a2"])["tunnel"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     node.ok(&["vnf", "migrate", "vmmove2", "--to", "a2", "--no-wait"]);
     node.wait_vnf_for("vmmove2", VM_DEADLINE, |v| {
         v["replication"]["guest"]["status"] == "active"
     });
     let waiting = qemu_pid_in(&node, "agent2-data", "vmmove2").expect("a QEMU waiting on a2");
-    // The guest streams into a2's QEMU; a2's agent dies and comes back on the same tunnel
-    // address (a changed address is another destination: the source would open a new stream).
-    let tunnel = node.json(&["host", "show", "a2"])["tunnel"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // The guest streams into a2's QEMU; a2's agent dies and comes back.
     a2.signal(libc::SIGKILL);
     a2.wait_exit();
     let args: Vec<&str> = A2_AGENT_ARGS

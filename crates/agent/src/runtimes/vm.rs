@@ -632,20 +632,19 @@ impl Runtime for VmRuntime {
         match self.plain_manager().adopt_dir(&spec.state_dir).await {
             Ok(handle) => {
                 tracing::info!(vnf = %spec.name, pid = handle.pid(), "re-adopted running QEMU");
-                // A move's destination whose stream was taken by the agent before (it runs, or
-                // completed with nobody to resume the guest): followed as that agent would
-                // have. One still waiting for its stream takes it as usual.
-                if handle.phase() == VmPhase::Incoming
-                    && handle.incoming_started().await.unwrap_or(false)
-                {
-                    tracing::info!(vnf = %spec.name, "following the guest stream it was taking in");
-                    lock(&self.receiving).insert(spec.name.clone());
-                    self.watch_arrival(&spec.name, handle.clone());
-                }
                 // Its NICs connect to QEMU's sockets again: QEMU serves them and takes the new
                 // connection in place of the one that ended with the previous agent.
                 if let Err(e) = self.open_nics(spec) {
                     tracing::warn!(vnf = %spec.name, "its spec.vm.nics stay disconnected: {}", e.0);
+                }
+                // A move's destination whose stream the agent before took (not yet sending,
+                // running, or completed with nobody to resume the guest): followed as that
+                // agent would have, its NICs connected first. One still waiting for its stream
+                // takes it as usual.
+                if handle.phase() == VmPhase::Incoming && handle.incoming_stream_taken() {
+                    tracing::info!(vnf = %spec.name, "following the guest stream it was taking in");
+                    lock(&self.receiving).insert(spec.name.clone());
+                    self.watch_arrival(&spec.name, handle.clone());
                 }
                 self.handles.lock().await.insert(spec.name.clone(), handle);
                 Ok(true)
