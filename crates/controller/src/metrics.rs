@@ -586,6 +586,41 @@ impl Scrape {
                 })
             }),
         )?;
+        // The host ports a network names, per direction: frames moved, and frames dropped
+        // (on receive: by the kernel before the port took them, too big, no buffer).
+        let host_ports = |what: fn(&telvirt_model::network::HostPortStatus, bool) -> u64| {
+            self.networks.iter().flat_map(move |n| {
+                n.status.iter().flat_map(move |st| {
+                    st.host_ports.iter().flat_map(move |p| {
+                        [("received", true), ("sent", false)].map(|(direction, rx)| {
+                            (
+                                [
+                                    ("network", n.name.to_string()),
+                                    ("host", p.host.clone()),
+                                    ("interface", p.interface.clone()),
+                                    ("direction", direction.to_owned()),
+                                ],
+                                counter(what(p, rx)),
+                            )
+                        })
+                    })
+                })
+            })
+        };
+        family(
+            e,
+            "telvirt_network_host_port_frames",
+            "Frames a host port of a network received from its interface or sent on it",
+            MetricType::Counter,
+            host_ports(|p, rx| if rx { p.received } else { p.sent }),
+        )?;
+        family(
+            e,
+            "telvirt_network_host_port_dropped",
+            "Frames a host port of a network dropped: on receive (the kernel's ring full, too big, no buffer) or on send",
+            MetricType::Counter,
+            host_ports(|p, rx| if rx { p.rx_dropped } else { p.tx_dropped }),
+        )?;
         let sinks = || per_network(&self.networks, "sink", |st| &st.sinks, |s| s.name.clone());
         family(
             e,
@@ -853,6 +888,72 @@ mod tests {
         assert!(open.ends_with("# EOF\n"), "{open}");
         openmetrics_parser::openmetrics::parse_openmetrics(&open)
             .unwrap_or_else(|e| panic!("{e:?}\n{open}"));
+    }
+
+    #[test]
+    fn a_networks_host_ports_are_counted_per_direction() {
+        let descriptor = telvirt_model::parse_network(
+            b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: wire }\nspec:\n  links: [host:a1 -> fw1.in]\n",
+            telvirt_model::Format::Yaml,
+        )
+        .unwrap();
+        let port = telvirt_model::network::HostPortStatus {
+            host: "h1".into(),
+            interface: "a1".into(),
+            socket: "tpacket_v3".into(),
+            af_xdp_refused: None,
+            received: 900,
+            sent: 800,
+            rx_dropped: 7,
+            tx_dropped: 3,
+        };
+        let network = Network {
+            name: "wire".parse().unwrap(),
+            owner: "admin".parse().unwrap(),
+            descriptor,
+            created_at: String::new(),
+            vni: 0,
+            vnis: 0,
+            status: Some(NetworkStatus {
+                links: Vec::new(),
+                table: String::new(),
+                waiting: Vec::new(),
+                steering: Vec::new(),
+                node_drops: Vec::new(),
+                sinks: Vec::new(),
+                host_ports: vec![port],
+            }),
+        };
+        let scrape = Scrape {
+            networks: vec![network],
+            ..with_a_vm()
+        };
+        let text = Metrics::default().render(scrape, false).unwrap();
+        openmetrics_parser::prometheus::parse_prometheus(&text)
+            .unwrap_or_else(|e| panic!("{e:?}\n{text}"));
+        let labels = |d: &str| {
+            format!("{{network=\"wire\",host=\"h1\",interface=\"a1\",direction=\"{d}\"}}")
+        };
+        for line in [
+            format!(
+                "telvirt_network_host_port_frames_total{} 900\n",
+                labels("received")
+            ),
+            format!(
+                "telvirt_network_host_port_frames_total{} 800\n",
+                labels("sent")
+            ),
+            format!(
+                "telvirt_network_host_port_dropped_total{} 7\n",
+                labels("received")
+            ),
+            format!(
+                "telvirt_network_host_port_dropped_total{} 3\n",
+                labels("sent")
+            ),
+        ] {
+            assert!(text.contains(&line), "{line}{text}");
+        }
     }
 
     #[test]
