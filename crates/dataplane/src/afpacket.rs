@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crate::error::{Error, Result};
 use crate::node::{BATCH, Node, NodeIo};
 use crate::pool::Packet;
+use crate::region::Mapping;
 use crate::xdp::XdpSocket;
 
 /// `PACKET_IGNORE_OUTGOING` socket option (Linux 4.20+), not in every libc version.
@@ -180,10 +181,10 @@ impl HostPort {
     pub fn read_kernel_stats(&mut self) {
         if let Some(x) = &self.xdp {
             // The socket's counters only grow; a failed read leaves the last value.
-            if let Some(k) = x.kernel_stats() {
+            if let Some(dropped) = x.kernel_rx_dropped() {
                 self.stats
                     .rx_kernel_dropped
-                    .store(k.rx_dropped + k.rx_ring_full, Ordering::Relaxed);
+                    .store(dropped, Ordering::Relaxed);
             }
             return;
         }
@@ -483,8 +484,7 @@ impl HostPort {
 /// the pool, no system call per batch); a block goes back to the kernel once every frame in it
 /// was taken.
 pub(crate) struct RxRing {
-    map: *mut u8,
-    len: usize,
+    map: Mapping,
     block_size: usize,
     blocks: usize,
     /// The block being read, the frame within it, and where that frame starts.
@@ -492,9 +492,6 @@ pub(crate) struct RxRing {
     frame: u32,
     offset: usize,
 }
-
-// SAFETY: the mapping belongs to the ring alone and is only touched through `&mut self`.
-unsafe impl Send for RxRing {}
 
 /// Ring geometry: 64 blocks of 256 KiB (16 MiB), frames up to 2 KiB; a block is handed over
 /// after 1 ms even when not full, so a trickle is not held back.
@@ -554,10 +551,9 @@ impl RxRing {
             return Err(Error::last_os("PACKET_RX_RING"));
         }
         let len = (RX_BLOCK_SIZE * RX_BLOCKS) as usize;
-        let map = crate::region::map_shared(fd, len, "mmap of the TPACKET_V3 ring")?;
+        let map = Mapping::shared_at(fd, len, 0, "mmap of the TPACKET_V3 ring")?;
         Ok(RxRing {
-            map: map.as_ptr(),
-            len,
+            map,
             block_size: RX_BLOCK_SIZE as usize,
             blocks: RX_BLOCKS as usize,
             block: 0,
@@ -568,7 +564,7 @@ impl RxRing {
 
     fn block_ptr(&self) -> *mut u8 {
         // SAFETY: `block` < `blocks`, so the offset is inside the mapping.
-        unsafe { self.map.add(self.block * self.block_size) }
+        unsafe { self.map.ptr().as_ptr().add(self.block * self.block_size) }
     }
 
     fn read_u32(p: *const u8, at: usize) -> u32 {
@@ -623,13 +619,6 @@ impl RxRing {
             }
         }
         taken
-    }
-}
-
-impl Drop for RxRing {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.map.cast(), self.len) };
     }
 }
 

@@ -94,26 +94,33 @@ pub(crate) fn page_size() -> usize {
 
 /// Map `len` bytes of `fd` shared and read-write (a memfd, a kernel packet ring); `what`
 /// names the mapping in the error.
-pub(crate) fn map_shared(fd: &OwnedFd, len: usize, what: &str) -> Result<NonNull<u8>> {
+fn map_shared(fd: &OwnedFd, len: usize, what: &str) -> Result<NonNull<u8>> {
     map_shared_at(fd, len, 0, what)
 }
 
 /// [`map_shared`] from byte `offset` of `fd` (rings a socket maps at fixed offsets).
-pub(crate) fn map_shared_at(
-    fd: &OwnedFd,
+fn map_shared_at(fd: &OwnedFd, len: usize, offset: libc::off_t, what: &str) -> Result<NonNull<u8>> {
+    mmap(len, libc::MAP_SHARED, fd.as_raw_fd(), offset, what)
+}
+
+/// A read-write mapping of `len` bytes with `flags`, of `fd` from `offset` (`-1`, 0 for an
+/// anonymous one).
+fn mmap(
     len: usize,
+    flags: libc::c_int,
+    fd: libc::c_int,
     offset: libc::off_t,
     what: &str,
 ) -> Result<NonNull<u8>> {
-    // SAFETY: mapping a valid fd of `len` bytes with a NULL hint; the result is checked
-    // against MAP_FAILED below.
+    // SAFETY: mapping `len` bytes of a valid fd (or anonymous memory) with a NULL hint; the
+    // result is checked against MAP_FAILED below.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd.as_raw_fd(),
+            flags,
+            fd,
             offset,
         )
     };
@@ -122,6 +129,48 @@ pub(crate) fn map_shared_at(
     }
     NonNull::new(ptr.cast::<u8>())
         .ok_or_else(|| Error::io("mmap returned NULL", std::io::Error::other("null mapping")))
+}
+
+/// A mapping unmapped when dropped: a ring a socket shares with the kernel, an AF_XDP UMEM.
+#[derive(Debug)]
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: plain memory; the types holding a `Mapping` decide which thread touches which bytes.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// `len` bytes of `fd` from byte `offset`, shared with whoever else maps them (the kernel).
+    pub(crate) fn shared_at(
+        fd: &OwnedFd,
+        len: usize,
+        offset: libc::off_t,
+        what: &str,
+    ) -> Result<Mapping> {
+        let ptr = map_shared_at(fd, len, offset, what)?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// `len` bytes of private anonymous memory, populated at once.
+    pub(crate) fn anonymous(len: usize, what: &str) -> Result<Mapping> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
+        let ptr = mmap(len, flags, -1, 0, what)?;
+        Ok(Mapping { ptr, len })
+    }
+
+    /// The first byte.
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made by a constructor, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 #[cfg(test)]

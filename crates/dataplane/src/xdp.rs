@@ -19,6 +19,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, Result};
+use crate::region::Mapping;
 
 const AF_XDP: libc::c_int = 44;
 const SOL_XDP: libc::c_int = 283;
@@ -59,23 +60,16 @@ const ETHTOOL_GCHANNELS: u32 = 0x3c;
 const FRAME: u64 = 4096;
 const RX_FRAMES: u32 = 2048;
 const TX_FRAMES: u32 = 1024;
+/// The UMEM's size.
+const UMEM_LEN: usize = (FRAME as usize) * (RX_FRAMES + TX_FRAMES) as usize;
 /// The shortest frame sent: an Ethernet header.
 const ETH_HLEN: usize = 14;
-
-/// Kernel drop counters of the socket (`XDP_STATISTICS`).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct XdpKernelStats {
-    /// Frames the kernel dropped (no free frame on the fill ring, too large for a frame).
-    pub(crate) rx_dropped: u64,
-    /// Frames dropped because the receive ring was full.
-    pub(crate) rx_ring_full: u64,
-}
 
 /// One ring shared with the kernel: a producer and a consumer index, a flags word and the
 /// descriptors. This side either produces (fill, transmit) or consumes (receive, completion).
 struct XskRing {
-    map: NonNull<u8>,
-    map_len: usize,
+    /// Keeps the pointers below valid.
+    _map: Mapping,
     producer: NonNull<AtomicU32>,
     consumer: NonNull<AtomicU32>,
     flags: NonNull<AtomicU32>,
@@ -108,16 +102,15 @@ impl XskRing {
                 .filter(|o| o % 4 == 0 && o + 4 <= map_len)
                 .ok_or_else(|| Error::config("xdp ring", "ring offsets out of range"))?;
         }
-        let map = crate::region::map_shared_at(fd, map_len, pgoff, "mmap of an AF_XDP ring")?;
+        let map = Mapping::shared_at(fd, map_len, pgoff, "mmap of an AF_XDP ring")?;
         // SAFETY: every offset is inside the mapping (checked above).
-        let at = |i: usize| unsafe { map.add(at[i]) };
+        let at = |i: usize| unsafe { map.ptr().add(at[i]) };
         let producer = at(0).cast::<AtomicU32>();
         let consumer = at(1).cast::<AtomicU32>();
         let descs = at(2);
         let flags = at(3).cast::<AtomicU32>();
         let mut ring = XskRing {
-            map,
-            map_len,
+            _map: map,
             producer,
             consumer,
             flags,
@@ -155,14 +148,6 @@ impl XskRing {
             .wrapping_sub(self.local)
     }
 
-    /// Producer side: free descriptor slots.
-    fn free(&self) -> u32 {
-        self.size
-            - self
-                .local
-                .wrapping_sub(self.consumer().load(Ordering::Acquire))
-    }
-
     /// Producer side: descriptors produced but not yet consumed by the kernel.
     fn outstanding(&self) -> u32 {
         self.local
@@ -188,18 +173,11 @@ impl XskRing {
     }
 }
 
-impl Drop for XskRing {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `map`, unmapped once.
-        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
-    }
-}
-
-/// The XDP program and its map, attached to one interface for as long as this lives.
+/// The XDP program and its map, loaded; [`XdpProgram::attach`] turns it into the link that
+/// keeps both.
 struct XdpProgram {
     map: OwnedFd,
     prog: OwnedFd,
-    link: Option<OwnedFd>,
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut [u8; BPF_ATTR_SIZE]) -> libc::c_long {
@@ -289,11 +267,7 @@ impl XdpProgram {
                 other => other,
             }
         })?;
-        Ok(XdpProgram {
-            map,
-            prog,
-            link: None,
-        })
+        Ok(XdpProgram { map, prog })
     }
 
     /// Put `socket` into the map at `queue`.
@@ -310,19 +284,18 @@ impl XdpProgram {
         Ok(())
     }
 
-    /// Attach in driver (native) mode to `ifindex` of the calling thread's namespace.
-    fn attach(&mut self, ifindex: u32, ifname: &str) -> Result<()> {
+    /// Attach in driver (native) mode to `ifindex` of the calling thread's namespace: the
+    /// link answered holds the program (and it the map); closing it detaches the program.
+    fn attach(self, ifindex: u32, ifname: &str) -> Result<OwnedFd> {
         let mut attr = [0u8; BPF_ATTR_SIZE];
         put_u32(&mut attr, 0, self.prog.as_raw_fd() as u32);
         put_u32(&mut attr, 4, ifindex);
         put_u32(&mut attr, 8, BPF_XDP);
         put_u32(&mut attr, 12, XDP_FLAGS_DRV_MODE);
-        let link = owned(
+        owned(
             bpf(BPF_LINK_CREATE, &mut attr),
             &format!("attach XDP (driver mode) to {ifname}"),
-        )?;
-        self.link = Some(link);
-        Ok(())
+        )
     }
 }
 
@@ -364,21 +337,20 @@ fn rx_queues(ifname: &str) -> Option<u32> {
 /// An AF_XDP socket on queue 0 of one interface, with its UMEM, rings and program.
 pub(crate) struct XdpSocket {
     // Field order is drop order: the program goes first (no more frames redirected), then
-    // the rings and the socket. The UMEM is unmapped by `Drop::drop`, before all of them:
-    // the kernel keeps its own reference to the pinned pages until the socket closes.
-    _program: XdpProgram,
+    // the rings, the socket, and the UMEM last.
+    /// The attached program's link.
+    _link: OwnedFd,
     fill: XskRing,
     completion: XskRing,
     rx: XskRing,
     tx: XskRing,
     fd: OwnedFd,
-    umem: NonNull<u8>,
-    umem_len: usize,
     /// Transmit frames not in flight.
     tx_free: Vec<u64>,
     /// Transmit frames completed since [`XdpSocket::take_completed`] was last called.
     completed: u64,
     zerocopy: bool,
+    umem: Mapping,
 }
 
 // SAFETY: the mappings belong to this socket alone and are only touched through `&mut self`.
@@ -404,36 +376,15 @@ impl XdpSocket {
                 ));
             }
         }
-        let mut program = XdpProgram::load()?;
+        let program = XdpProgram::load()?;
         // SAFETY: plain socket(2) call with constant arguments.
         let raw = unsafe { libc::socket(AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         let fd = owned(raw.into(), "socket(AF_XDP)")?;
-        let umem_len = (FRAME * u64::from(RX_FRAMES + TX_FRAMES)) as usize;
-        // SAFETY: an anonymous private mapping with a NULL hint; checked against MAP_FAILED.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                umem_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::last_os("mmap of the AF_XDP UMEM"));
-        }
-        let umem = NonNull::new(ptr.cast::<u8>())
-            .ok_or_else(|| Error::io("mmap returned NULL", std::io::Error::other("null")))?;
-        // Unmapped by this guard on an error below, by the socket's `Drop` once it exists.
-        let unmap = UnmapOnError {
-            ptr: umem,
-            len: umem_len,
-        };
+        let umem = Mapping::anonymous(UMEM_LEN, "mmap of the AF_XDP UMEM")?;
         // struct xdp_umem_reg: addr, len, chunk_size, headroom, flags, tx_metadata_len.
         let mut reg = [0u8; 32];
-        put_u64(&mut reg, 0, umem.as_ptr() as u64);
-        put_u64(&mut reg, 8, umem_len as u64);
+        put_u64(&mut reg, 0, umem.ptr().as_ptr() as u64);
+        put_u64(&mut reg, 8, UMEM_LEN as u64);
         put_u32(&mut reg, 16, FRAME as u32);
         setsockopt(&fd, XDP_UMEM_REG, &reg, "XDP_UMEM_REG")?;
         for (opt, n, what) in [
@@ -500,22 +451,20 @@ impl XdpSocket {
             }
         };
         program.register(0, &fd)?;
-        program.attach(ifindex, ifname)?;
-        std::mem::forget(unmap);
+        let link = program.attach(ifindex, ifname)?;
         Ok(XdpSocket {
-            _program: program,
+            _link: link,
             fill,
             completion,
             rx,
             tx,
             fd,
-            umem,
-            umem_len,
             tx_free: (RX_FRAMES..RX_FRAMES + TX_FRAMES)
                 .map(|i| u64::from(i) * FRAME)
                 .collect(),
             completed: 0,
             zerocopy,
+            umem,
         })
     }
 
@@ -545,12 +494,13 @@ impl XdpSocket {
             if let Some(end) = usize::try_from(addr)
                 .ok()
                 .and_then(|a| a.checked_add(len))
-                .filter(|end| *end <= self.umem_len)
+                .filter(|end| *end <= UMEM_LEN)
             {
                 // SAFETY: `addr..end` lies inside the UMEM (checked), written by the kernel
                 // before it published the descriptor.
-                let data =
-                    unsafe { std::slice::from_raw_parts(self.umem.as_ptr().add(end - len), len) };
+                let data = unsafe {
+                    std::slice::from_raw_parts(self.umem.ptr().as_ptr().add(end - len), len)
+                };
                 frame(data);
             }
             let fslot = self.fill.slot(self.fill.local.wrapping_add(i), 8);
@@ -584,29 +534,22 @@ impl XdpSocket {
         let (mut queued, mut dropped) = (0u32, 0usize);
         for data in frames {
             let fits = (ETH_HLEN..=FRAME as usize).contains(&data.len());
-            let addr = match self.tx_free.pop() {
-                Some(a) if fits && self.tx.free() > queued => a,
-                Some(a) => {
-                    self.tx_free.push(a);
-                    dropped += 1;
-                    continue;
-                }
-                None => {
-                    dropped += 1;
-                    continue;
-                }
+            // A free frame means a free ring slot: the ring holds only frames in flight.
+            let Some(addr) = fits.then(|| self.tx_free.pop()).flatten() else {
+                dropped += 1;
+                continue;
             };
             // SAFETY: `addr` is a transmit frame not in flight (from `tx_free`), FRAME bytes
             // inside the UMEM, and `data` fits in it.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     data.as_ptr(),
-                    self.umem.as_ptr().add(addr as usize),
+                    self.umem.ptr().as_ptr().add(addr as usize),
                     data.len(),
                 );
             }
             let slot = self.tx.slot(self.tx.local.wrapping_add(queued), 16);
-            // SAFETY: a free transmit-ring slot (checked against `free()`), 8-aligned.
+            // SAFETY: a free transmit-ring slot (one per frame not in flight), 8-aligned.
             unsafe {
                 slot.cast::<u64>().write(addr);
                 slot.add(8).cast::<u32>().write(data.len() as u32);
@@ -667,7 +610,7 @@ impl XdpSocket {
             // SAFETY: a completion descriptor the kernel produced, 8-aligned.
             let addr = unsafe { slot.cast::<u64>().read() } & !(FRAME - 1);
             // Only transmit frames were handed out; anything else is not taken back.
-            if (u64::from(RX_FRAMES) * FRAME..self.umem_len as u64).contains(&addr) {
+            if (u64::from(RX_FRAMES) * FRAME..UMEM_LEN as u64).contains(&addr) {
                 self.tx_free.push(addr);
                 self.completed += 1;
             }
@@ -677,8 +620,10 @@ impl XdpSocket {
         }
     }
 
-    /// The kernel's counters for this socket (`None`: the kernel did not answer).
-    pub(crate) fn kernel_stats(&self) -> Option<XdpKernelStats> {
+    /// Frames the kernel dropped before this socket took them (`XDP_STATISTICS`: no free
+    /// frame on the fill ring, too large for a frame, the receive ring full); `None` when the
+    /// kernel did not answer.
+    pub(crate) fn kernel_rx_dropped(&self) -> Option<u64> {
         let mut s = [0u64; 6];
         let mut len = std::mem::size_of_val(&s) as libc::socklen_t;
         // SAFETY: valid fd; `s` is writable for `len` bytes (the kernel writes at most that).
@@ -696,32 +641,7 @@ impl XdpSocket {
         }
         // struct xdp_statistics: rx_dropped, rx_invalid_descs, tx_invalid_descs,
         // rx_ring_full, rx_fill_ring_empty_descs, tx_ring_empty_descs.
-        Some(XdpKernelStats {
-            rx_dropped: s[0],
-            rx_ring_full: s[3],
-        })
-    }
-}
-
-impl Drop for XdpSocket {
-    fn drop(&mut self) {
-        // SAFETY: the UMEM mapping made in `open`, unmapped once; the socket and program
-        // fields are dropped after this body, but the kernel holds its own reference to the
-        // pinned pages until the socket closes.
-        unsafe { libc::munmap(self.umem.as_ptr().cast(), self.umem_len) };
-    }
-}
-
-/// Unmaps the UMEM when `open` fails after mapping it.
-struct UnmapOnError {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Drop for UnmapOnError {
-    fn drop(&mut self) {
-        // SAFETY: the UMEM mapping, unmapped once (the guard is forgotten on success).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        Some(s[0] + s[3])
     }
 }
 
