@@ -701,9 +701,9 @@ impl NetworkReconciler {
         let mut host_nodes = BTreeSet::new();
         for (i, link) in d.parsed_links() {
             let spec = self.local_spec(d.name().as_str(), a, i, &link);
-            for end in spec.iter().flat_map(|s| [&s.from.node, &s.to.node]) {
-                if end.starts_with("host:") {
-                    host_nodes.insert(end.clone());
+            for end in spec.iter().flat_map(|s| [&s.from, &s.to]) {
+                if end.is_host() {
+                    host_nodes.insert(end.node.clone());
                 }
             }
             let l = spec.as_ref().and_then(&live);

@@ -840,7 +840,6 @@ impl Replicas {
         let task = tokio::spawn(send_guest(
             GuestTo {
                 vnf: vnf.clone(),
-                address: peer.address.clone(),
                 epoch,
                 stop: Arc::clone(&stop),
                 runtime: Arc::clone(&runtime),
@@ -929,14 +928,13 @@ impl Drop for Replicas {
 /// Where and as what one moving vm's guest is sent.
 struct GuestTo {
     vnf: Name,
-    address: String,
     epoch: u64,
     stop: Arc<AtomicBool>,
     runtime: Arc<dyn Runtime>,
     source: Option<IpAddr>,
     /// Asked at the stream's commit point.
     commit: Option<Arc<MoveCommit>>,
-    /// The move's destination.
+    /// The move's destination (its replication port at `peer.address`).
     peer: StandbyPeer,
 }
 
@@ -947,7 +945,7 @@ pub type MoveCommit = dyn Fn(Name, StandbyPeer, u64) -> std::pin::Pin<Box<dyn st
     + Send
     + Sync;
 
-/// Opens a guest stream to the destination at `to.address` and hands it to the runtime, again
+/// Opens a guest stream to the destination at `to.peer.address` and hands it to the runtime, again
 /// after each failure, until the guest is there or the stream is no longer wanted.
 async fn send_guest(to: GuestTo, status: StreamStatus) {
     let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
@@ -1038,7 +1036,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 /// Connects to the destination at `address` and opens `vnf`'s guest stream as the active of
 /// `epoch`; once acknowledged, the connection is the stream's (a blocking socket).
 async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
-    let (vnf, address) = (&to.vnf, to.address.as_str());
+    let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
         let mut conn = connect_from(to.source, address).await?;
         conn.set_nodelay(true)?;

@@ -188,16 +188,7 @@ impl Controller {
                 "host {} failed during the move to host {}: the move ended (the QEMU waiting there held no guest)",
                 m.from, m.to
             );
-            let placed = scheduler.drop_standby(name)?;
-            let how = Recording {
-                reason: &reason,
-                actor: HEALER,
-                restart: Restart::No,
-                extra: &|_| {},
-            };
-            return self
-                .record_new_placement(&mut scheduler, name, &placed, &how)
-                .await;
+            return self.end_move(&mut scheduler, name, &reason, HEALER).await;
         }
         let lost = lost_roles(&record.vnf.placements, failed);
         if lost.is_empty() {

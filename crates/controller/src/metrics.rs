@@ -20,7 +20,7 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 use telvirt_api::VnfUsage;
 use telvirt_model::api::{CpuUse, HostView, WasmStatsView};
-use telvirt_model::network::{Network, NetworkStatus, SINK_LATENCY_BOUNDS_NS};
+use telvirt_model::network::{HostPortStatus, Network, NetworkStatus, SINK_LATENCY_BOUNDS_NS};
 use telvirt_model::{Phase, Vnf};
 
 type RequestLabels = [(&'static str, String); 3];
@@ -525,12 +525,7 @@ impl Scrape {
             "telvirt_vm_nic_dropped",
             "Frames a vm VNF's vhost-user NIC dropped on the host's side (too big for the guest's buffer, bad, or no buffer)",
             MetricType::Counter,
-            nics().map(|(l, n)| {
-                (
-                    l,
-                    counter(n.dropped_too_big + n.dropped_bad + n.dropped_no_buffer),
-                )
-            }),
+            nics().map(|(l, n)| (l, counter(n.dropped()))),
         )
     }
 
@@ -588,22 +583,25 @@ impl Scrape {
         )?;
         // The host ports a network names, per direction: frames moved, and frames dropped
         // (on receive: by the kernel before the port took them, too big, no buffer).
-        let host_ports = |what: fn(&telvirt_model::network::HostPortStatus, bool) -> u64| {
-            self.networks.iter().flat_map(move |n| {
-                n.status.iter().flat_map(move |st| {
-                    st.host_ports.iter().flat_map(move |p| {
-                        [("received", true), ("sent", false)].map(|(direction, rx)| {
-                            (
-                                [
-                                    ("network", n.name.to_string()),
-                                    ("host", p.host.clone()),
-                                    ("interface", p.interface.clone()),
-                                    ("direction", direction.to_owned()),
-                                ],
-                                counter(what(p, rx)),
-                            )
-                        })
-                    })
+        let host_ports = |counts: fn(&HostPortStatus) -> [u64; 2]| {
+            per_network(
+                &self.networks,
+                "host",
+                |st| &st.host_ports,
+                |p| p.host.clone(),
+            )
+            .flat_map(move |([network, host], p)| {
+                let [received, sent] = counts(p);
+                [("received", received), ("sent", sent)].map(|(direction, n)| {
+                    (
+                        [
+                            network.clone(),
+                            host.clone(),
+                            ("interface", p.interface.clone()),
+                            ("direction", direction.to_owned()),
+                        ],
+                        counter(n),
+                    )
                 })
             })
         };
@@ -612,14 +610,14 @@ impl Scrape {
             "telvirt_network_host_port_frames",
             "Frames a host port of a network received from its interface or sent on it",
             MetricType::Counter,
-            host_ports(|p, rx| if rx { p.received } else { p.sent }),
+            host_ports(|p| [p.received, p.sent]),
         )?;
         family(
             e,
             "telvirt_network_host_port_dropped",
             "Frames a host port of a network dropped: on receive (the kernel's ring full, too big, no buffer) or on send",
             MetricType::Counter,
-            host_ports(|p, rx| if rx { p.rx_dropped } else { p.tx_dropped }),
+            host_ports(|p| [p.rx_dropped, p.tx_dropped]),
         )?;
         let sinks = || per_network(&self.networks, "sink", |st| &st.sinks, |s| s.name.clone());
         family(

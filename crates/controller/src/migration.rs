@@ -10,7 +10,6 @@
 //! Owns the refusals of a move (which field, why), its start, its end and its cancel. It must
 //! not talk to agents: the store carries the move, the agents follow their assignments.
 
-use crate::records::HostRecord;
 use telvirt_model::api::{MigrateRequest, Migration};
 use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
 use telvirt_sched::SchedError;
@@ -291,10 +290,7 @@ impl Controller {
         if v.descriptor.spec.runtime != RuntimeKind::Vm {
             return Ok(());
         }
-        let here = self
-            .agent_host(from)
-            .await?
-            .and_then(|h: HostRecord| h.qemu);
+        let here = self.agent_host(from).await?.and_then(|h| h.qemu);
         let there = there.and_then(|h| h.qemu);
         let (Some(here), Some(there)) = (here, there) else {
             return Ok(());
@@ -338,18 +334,32 @@ impl Controller {
                 m.to
             )));
         }
-        let placed = scheduler.drop_standby(name)?;
         let reason = format!("the move to host {} was cancelled by {}", m.to, caller.name);
-        let how = Recording {
-            reason: &reason,
-            actor: &caller.name,
-            restart: Restart::No,
-            extra: &|_| {},
-        };
-        self.record_new_placement(&mut scheduler, name, &placed, &how)
+        self.end_move(&mut scheduler, name, &reason, &caller.name)
             .await?;
         drop(scheduler);
         self.vnf(caller, name).await
+    }
+
+    /// Ends the move of `name` short of its switch, saying `reason` as `actor`: the VNF stays
+    /// on its source, the destination's place is freed (its agent stops what waits there).
+    /// Returns whether the record was written.
+    pub(crate) async fn end_move(
+        &self,
+        scheduler: &mut telvirt_sched::Scheduler,
+        name: &str,
+        reason: &str,
+        actor: &str,
+    ) -> Result<bool> {
+        let placed = scheduler.drop_standby(name)?;
+        let how = Recording {
+            reason,
+            actor,
+            restart: Restart::No,
+            extra: &|_| {},
+        };
+        self.record_new_placement(scheduler, name, &placed, &how)
+            .await
     }
 
     fn move_deadline(&self) -> Duration {

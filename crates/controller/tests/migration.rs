@@ -46,11 +46,20 @@ async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<Re
 /// Hosts h2 and h3, heartbeating, with tunnel addresses (both can receive state); h1 and h3
 /// cordoned, so what is created next runs on h2.
 async fn h2_and_h3(node: &Node) -> Vec<tokio::task::JoinHandle<()>> {
+    h2_and_h3_with(node, [None, None]).await
+}
+
+/// [`h2_and_h3`] whose agents report QEMU versions `qemu` (h2's, h3's).
+async fn h2_and_h3_with(node: &Node, qemu: [Option<&str>; 2]) -> Vec<tokio::task::JoinHandle<()>> {
     node.cordon("h1").await;
     let mut beats = Vec::new();
-    for (h, tunnel) in [("h2", "127.0.0.2:4789"), ("h3", "127.0.0.3:4789")] {
+    for ((h, tunnel), qemu) in [("h2", "127.0.0.2:4789"), ("h3", "127.0.0.3:4789")]
+        .into_iter()
+        .zip(qemu)
+    {
         let mut record = host_record(h);
         record.tunnel = Some(tunnel.into());
+        record.qemu = qemu.map(str::to_owned);
         node.controller.register_host(record).await.unwrap();
         beats.push(beat(&node.controller, h));
     }
@@ -377,19 +386,7 @@ async fn move_ends_on_h2(node: &Node, host: &str, stream: &ReplicationStatus, wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_moves_only_between_hosts_with_the_same_qemu_version() {
     let node = Node::start_monitored(None).await;
-    node.cordon("h1").await;
-    let mut beats = Vec::new();
-    for (h, tunnel, qemu) in [
-        ("h2", "127.0.0.2:4789", "7.2"),
-        ("h3", "127.0.0.3:4789", "8.0"),
-    ] {
-        let mut record = host_record(h);
-        record.tunnel = Some(tunnel.into());
-        record.qemu = Some(qemu.into());
-        node.controller.register_host(record).await.unwrap();
-        beats.push(beat(&node.controller, h));
-    }
-    node.cordon("h3").await;
+    let beats = h2_and_h3_with(&node, [Some("7.2"), Some("8.0")]).await;
     node.create_vnf(&node.admin, VM).await;
     node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
         .await;

@@ -270,6 +270,13 @@ pub struct NicStatsView {
     pub connections: u64,
 }
 
+impl NicStatsView {
+    /// Every frame the NIC dropped on the host's side.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_too_big + self.dropped_bad + self.dropped_no_buffer
+    }
+}
+
 /// A running wasm VNF's counters (`GET /v1/vnfs/{name}/stats`): the runtime's own, and the
 /// module's (named by its manifest, e.g. the firewall's `allowed`, `denied`, `non_ip`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

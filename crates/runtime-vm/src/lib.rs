@@ -29,7 +29,7 @@ pub use config::{
     Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
     Peripheral, VhostUserNic, VmConfig, parse_qemu_version, vhost_user_nic_options,
 };
-pub use confine::{Confinement, QemuUser, qemu_version};
+pub use confine::{Confinement, QemuUser};
 pub use error::{Error, Result};
 pub use image::{GuestImage, ImageBuilder, ImageProgress};
 pub use manager::{

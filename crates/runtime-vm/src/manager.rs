@@ -152,6 +152,12 @@ impl VmManager {
         }
     }
 
+    /// The `(major, minor)` version of the QEMU this manager starts (`--version`); `None`
+    /// when it cannot be run.
+    pub async fn qemu_version(&self) -> Option<(u32, u32)> {
+        confine::qemu_version(&self.qemu).await
+    }
+
     /// Use another QEMU binary (default `qemu-system-x86_64` from PATH).
     pub fn qemu_binary(mut self, path: impl Into<PathBuf>) -> Self {
         self.qemu = path.into();

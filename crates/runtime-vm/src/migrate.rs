@@ -174,19 +174,27 @@ impl MigrationProgress {
             downtime_ms: v["downtime"].as_u64(),
         }
     }
+
+    /// Whether the stream has ended (`completed`, `failed`, `cancelled`), or none runs.
+    fn ended(&self) -> bool {
+        ["completed", "failed", "cancelled", "none"].contains(&self.status.as_str())
+    }
 }
 
-/// Waits (up to 10 s) for this QEMU's outgoing stream to end: its last figures once QEMU says
-/// it ended (`completed`, `failed`, `cancelled`, or `none`), `None` while it still runs.
+/// How long [`stream_end`] waits.
+const STREAM_END_WAIT: Duration = Duration::from_secs(10);
+
+/// Waits (up to [`STREAM_END_WAIT`]) for this QEMU's outgoing stream to end: its last figures
+/// once QEMU says it ended ([`MigrationProgress::ended`]), `None` while it still runs.
 async fn stream_end(qmp: &QmpClient) -> Option<MigrationProgress> {
-    let until = Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + STREAM_END_WAIT;
     while Instant::now() < until {
         if let Ok(v) = qmp
             .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
             .await
         {
             let now = MigrationProgress::from_query(&v);
-            if ["completed", "failed", "cancelled", "none"].contains(&now.status.as_str()) {
+            if now.ended() {
                 return Some(now);
             }
         }
@@ -214,11 +222,11 @@ pub(crate) async fn end_orphaned_stream(
     let was = MigrationProgress::from_query(
         &qmp.execute_raw("query-migrate", None, COMMAND_TIMEOUT)
             .await?,
-    )
-    .status;
-    if ["none", "completed", "failed", "cancelled"].contains(&was.as_str()) {
+    );
+    if was.ended() {
         return Ok(None);
     }
+    let was = was.status;
     if was != "device" {
         let _ = qmp
             .execute_raw("migrate_cancel", None, COMMAND_TIMEOUT)
@@ -227,13 +235,14 @@ pub(crate) async fn end_orphaned_stream(
     let Some(end) = stream_end(qmp).await else {
         return Ok(Some(OrphanStream {
             note: format!(
-                "its outgoing migration stream, left by the agent that started it, was {was} and still runs after 10 s: the guest is not resumed here"
+                "its outgoing migration stream, left by the agent that started it, was {was} and still runs after {} s: the guest is not resumed here",
+                STREAM_END_WAIT.as_secs()
             ),
             ended: false,
         }));
     };
-    if end.status != "completed" && !qmp.query_status().await?.running {
-        qmp.cont().await?;
+    if end.status != "completed" {
+        resume_if_stopped(qmp).await?;
     }
     let done = if was == "device" {
         "let finish"
@@ -247,6 +256,14 @@ pub(crate) async fn end_orphaned_stream(
         ),
         ended: true,
     }))
+}
+
+/// `cont` a guest that is stopped (at a commit point, after a cancelled stream).
+async fn resume_if_stopped(qmp: &QmpClient) -> Result<()> {
+    if !qmp.query_status().await?.running {
+        qmp.cont().await?;
+    }
+    Ok(())
 }
 
 /// What [`end_orphaned_stream`] did.
@@ -495,10 +512,7 @@ impl VmHandle {
     /// After a failed or cancelled migration: the guest runs on this side (QEMU resumes a guest
     /// that ran before the stream itself; this resumes it should QEMU not have).
     async fn keep_running_here(&self) -> Result<()> {
-        let status = self.qmp().query_status().await?;
-        if !status.running {
-            self.qmp().cont().await?;
-        }
+        resume_if_stopped(self.qmp()).await?;
         self.set_phase(VmPhase::Running);
         Ok(())
     }

@@ -436,7 +436,7 @@ fn print_nic_stats(name: &str, nics: &[NicStatsView]) {
                 if n.connected { "yes" } else { "no" }.to_owned(),
                 n.frames_to_guest.to_string(),
                 n.frames_from_guest.to_string(),
-                (n.dropped_too_big + n.dropped_bad + n.dropped_no_buffer).to_string(),
+                n.dropped().to_string(),
                 n.connections.to_string(),
             ]
         })

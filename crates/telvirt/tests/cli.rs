@@ -118,10 +118,8 @@ fn cli_round_trip() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
-    let version: String = qemu
-        .split("QEMU emulator version ")
-        .nth(1)
-        .map(|v| v.split('.').take(2).collect::<Vec<_>>().join("."))
+    let version = telvirt_runtime_vm::parse_qemu_version(&qemu)
+        .map(|(major, minor)| format!("{major}.{minor}"))
         .unwrap_or_default();
     let lab_a = &hosts[0];
     if lab_a["runtimes"]

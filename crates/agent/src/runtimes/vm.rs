@@ -124,12 +124,7 @@ impl VmRuntime {
     /// The version (`major.minor`) of the QEMU this runtime starts, as it reports it; `None`
     /// when it cannot be run.
     pub async fn qemu_version(&self) -> Option<String> {
-        let qemu = self
-            .config
-            .qemu
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
-        let (major, minor) = telvirt_runtime_vm::qemu_version(&qemu).await?;
+        let (major, minor) = self.plain_manager().qemu_version().await?;
         Some(format!("{major}.{minor}"))
     }
 
