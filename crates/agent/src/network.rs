@@ -25,7 +25,7 @@ use telvirt_dataplane::vxlan::{self, VxlanEndpoint, VxlanTunnelStats};
 use telvirt_model::network::{
     BuiltinKind, BuiltinNode, Endpoint, HostPortStatus, InstanceCount, LatencyReport, LinkState,
     NetworkDescriptor, NetworkStatus, NodeDropState, ResolvedProbe, SINK_LATENCY_BOUNDS_NS,
-    SinkStatus, SteeringEndpoint, SteeringState,
+    SinkStatus, SteeringEndpoint, SteeringState, TunnelEndpointStatus,
 };
 
 use crate::AgentError;
@@ -96,6 +96,9 @@ pub struct NetworkReconciler {
     host_ports: Mutex<BTreeMap<String, OpenHostPort>>,
     /// How host ports are opened.
     host_port_mode: RxMode,
+    /// The endpoint's drops the last pass saw (no tunnel, queued in removed tunnels, in
+    /// the kernel): a pass that finds more says so in the log.
+    endpoint_drops_seen: Mutex<[u64; 3]>,
 }
 
 /// What `net show` reports of an open host port.
@@ -132,6 +135,7 @@ impl NetworkReconciler {
             captures: Captures::default(),
             host_ports: Mutex::new(BTreeMap::new()),
             host_port_mode: RxMode::Auto,
+            endpoint_drops_seen: Mutex::new([0; 3]),
         }
     }
 
@@ -477,7 +481,7 @@ impl NetworkReconciler {
         self.captures.end_expired(&self.dp);
         let mut applied = self.applied();
         // A network with a node whose links are held (a frozen move's source still receiving)
-        // stays as it is until they are released.
+        // is not torn down until they are released (`wire` keeps those links meanwhile).
         let nodes = self.dp.held_nodes();
         let held: BTreeSet<String> = applied
             .iter()
@@ -513,12 +517,43 @@ impl NetworkReconciler {
                 tunnels: BTreeMap::new(),
                 retiring: BTreeMap::new(),
             });
-            if a.probing || held.contains(&name) {
+            if a.probing {
                 continue;
             }
             a.span = spans.iter().find(|s| s.network == name).cloned();
             self.reconcile(&name, a, d);
         }
+        drop(applied);
+        self.log_endpoint_drops();
+    }
+
+    /// Says in the log what the tunnel endpoint dropped since the last pass (frames between
+    /// hosts lost where no network's links count them: the network left this host).
+    fn log_endpoint_drops(&self) {
+        let Some(e) = &self.vxlan else {
+            return;
+        };
+        let stats = e.stats();
+        let now = [
+            stats.unknown_tunnel.load(Ordering::Relaxed),
+            stats.removed_queued.load(Ordering::Relaxed),
+            e.kernel_drops().unwrap_or(0),
+        ];
+        let mut seen = self
+            .endpoint_drops_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let [no_tunnel, removed, kernel] = std::array::from_fn(|i| now[i].saturating_sub(seen[i]));
+        if no_tunnel + removed + kernel > 0 {
+            tracing::warn!(
+                endpoint = %e.local_addr(),
+                no_tunnel,
+                removed,
+                kernel,
+                "the tunnel endpoint dropped datagrams: for no tunnel here, queued in tunnels removed, in the kernel's receive buffer"
+            );
+        }
+        *seen = now;
     }
 
     /// Whether `node` is on the panel with `port`; otherwise why not, into `waiting`.
@@ -648,6 +683,7 @@ impl NetworkReconciler {
             }
         }
         links.extend(self.endpoint_links(a, &mut waiting));
+        links.extend(self.held_links(a, &links, &mut tunnels_used));
         waiting.dedup();
         // A VNF that restarted lost its links on the panel: compare with what is live.
         let live_now = self.dp.panel().current_links();
@@ -687,6 +723,44 @@ impl NetworkReconciler {
         a.waiting = waiting;
     }
 
+    /// The live links of `a` to or from a node whose links are held (a frozen move's source,
+    /// still receiving what its senders send before they rewire) that `links` (the network as
+    /// it is now) does not replace: no link of `links` sends from or receives at their ports,
+    /// and both their ends are on the panel. The tunnels they use go into `tunnels_used`. The
+    /// rest of the network is wired as it is now meanwhile (the frames the moved instance
+    /// sends back here arrive).
+    fn held_links(
+        &self,
+        a: &Applied,
+        links: &[LinkSpec],
+        tunnels_used: &mut BTreeSet<String>,
+    ) -> Vec<LinkSpec> {
+        let held = self.dp.held_nodes();
+        if held.is_empty() {
+            return Vec::new();
+        }
+        let kept: Vec<LinkSpec> = a
+            .live
+            .iter()
+            .filter(|l| held.contains(&l.from.node) || held.contains(&l.to.node))
+            .filter(|l| !links.iter().any(|n| n.from == l.from || n.to == l.to))
+            .filter(|l| {
+                [&l.from, &l.to]
+                    .iter()
+                    .all(|e| self.dp.node_ports(&e.node).is_some())
+            })
+            .cloned()
+            .collect();
+        for l in &kept {
+            for end in [&l.from, &l.to] {
+                if a.tunnels.contains_key(&end.node) {
+                    tunnels_used.insert(end.node.clone());
+                }
+            }
+        }
+        kept
+    }
+
     /// The live state of network `d`, if this reconciler applied it.
     pub fn status(&self, d: &NetworkDescriptor) -> Option<NetworkStatus> {
         let applied = self.applied();
@@ -711,16 +785,23 @@ impl NetworkReconciler {
                 mine.push(s.clone());
             }
             // A link into a tunnel also loses what the tunnel could not send; one out of a
-            // tunnel, what it received but could not queue.
-            let tunnel_drops = spec.map_or(0, |spec| {
-                let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
-                    t.tx_errors.load(Ordering::Relaxed) + t.tx_too_big.load(Ordering::Relaxed)
+            // tunnel, what it received but could not queue; a link between hosts, what the
+            // endpoint here dropped of its VNI (for no tunnel, or in a tunnel removed since).
+            let vni_drops = match (&self.vxlan, &a.span) {
+                (Some(e), Some(span)) => span.link_vni(i).map_or(0, |v| e.vni_drops(v)),
+                _ => 0,
+            };
+            let tunnel_drops = vni_drops
+                + spec.map_or(0, |spec| {
+                    let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
+                        t.tx_errors.load(Ordering::Relaxed) + t.tx_too_big.load(Ordering::Relaxed)
+                    });
+                    let received = a.tunnels.get(spec.from.node.as_str()).map_or(0, |t| {
+                        t.rx_queue_full.load(Ordering::Relaxed)
+                            + t.rx_too_big.load(Ordering::Relaxed)
+                    });
+                    sent + received
                 });
-                let received = a.tunnels.get(spec.from.node.as_str()).map_or(0, |t| {
-                    t.rx_queue_full.load(Ordering::Relaxed) + t.rx_too_big.load(Ordering::Relaxed)
-                });
-                sent + received
-            });
             links.push(LinkState {
                 link: d.spec.links[i].clone(),
                 active: l.is_some(),
@@ -844,6 +925,26 @@ impl NetworkReconciler {
             host_ports.push(st);
         }
         drop(open);
+        let mut tunnel_endpoints = Vec::new();
+        if let (Some(e), Some(_)) = (&self.vxlan, &a.span) {
+            let stats = e.stats();
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            let st = TunnelEndpointStatus {
+                host: self.host.clone(),
+                address: e.local_addr().to_string(),
+                received: load(&stats.datagrams),
+                // Unreadable only if the kernel lacks SO_MEMINFO (before 4.6): nothing counted.
+                kernel_dropped: e.kernel_drops().unwrap_or(0),
+                not_vxlan: load(&stats.malformed),
+                no_tunnel: load(&stats.unknown_tunnel),
+                removed_queued: load(&stats.removed_queued),
+            };
+            table.push_str(&format!(
+                "\ntunnel endpoint {}: received {}, dropped {} in the kernel, {} not VXLAN, {} for no tunnel, {} queued in removed tunnels\n",
+                st.address, st.received, st.kernel_dropped, st.not_vxlan, st.no_tunnel, st.removed_queued
+            ));
+            tunnel_endpoints.push(st);
+        }
         Some(NetworkStatus {
             links,
             table,
@@ -852,6 +953,7 @@ impl NetworkReconciler {
             node_drops,
             sinks,
             host_ports,
+            tunnel_endpoints,
         })
     }
 
@@ -1489,39 +1591,161 @@ mod tests {
 
     const TWO_LANES: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: l2 }\nspec:\n  nodes:\n    - { name: slow, kind: generator, rate_pps: 500 }\n    - { name: fast, kind: generator, rate_pps: 20000 }\n    - { name: sink1, kind: sink }\n    - { name: sink2, kind: sink }\n  links:\n    - slow.out -> sink1.in\n    - fast.out -> sink2.in\n";
 
-    #[test]
-    fn two_links_in_one_direction_between_two_hosts_travel_apart() {
+    /// A reconciler of host `name` with a tunnel endpoint on loopback, and its address.
+    fn tunnel_host(name: &str) -> (NetworkReconciler, String) {
         let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
-        let host = |name: &str| {
-            let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
-            let endpoint = VxlanEndpoint::bind(
-                "127.0.0.1:0".parse().unwrap(),
-                Arc::clone(dp.panel().pool()),
-            )
-            .unwrap();
-            let address = endpoint.local_addr().to_string();
-            let r = NetworkReconciler::new(dp).with_host(name, Some(endpoint));
-            (r, address)
-        };
-        // Host names with dots, as a host's FQDN would be.
-        let (h1, a1) = host("h1.lab");
-        let (h2, a2) = host("h2.lab");
-        let d = parse_network(TWO_LANES.as_bytes(), Format::Yaml).unwrap();
-        // Both generators on h1, both sinks on h2: two links from h1 to h2.
-        let span = NetworkSpan {
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let endpoint = VxlanEndpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(dp.panel().pool()),
+        )
+        .unwrap();
+        let address = endpoint.local_addr().to_string();
+        let r = NetworkReconciler::new(dp).with_host(name, Some(endpoint));
+        (r, address)
+    }
+
+    /// TWO_LANES spread as `hosts` says (node, host), VNIs 40 and 41.
+    fn two_lanes_span(hosts: [(&str, &str); 4], tunnels: &[(&str, &str)]) -> NetworkSpan {
+        NetworkSpan {
             network: "l2".into(),
             vni: 40,
             vnis: 2,
-            hosts: [
+            hosts: hosts.map(|(n, h)| (n.to_owned(), h.to_owned())).into(),
+            tunnels: tunnels
+                .iter()
+                .map(|(h, a)| ((*h).to_owned(), (*a).to_owned()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn frames_that_reach_a_host_with_no_tunnel_for_them_are_the_links_drops() {
+        let (h1, a1) = tunnel_host("h1");
+        let (h2, a2) = tunnel_host("h2");
+        let d = parse_network(TWO_LANES.as_bytes(), Format::Yaml).unwrap();
+        let tunnels = [
+            ("h1", a1.as_str()),
+            ("h2", a2.as_str()),
+            ("h3", "127.0.0.1:9"),
+        ];
+        // h1 sends both links to h2; h2 holds sink1 on h3 (an older placement): link 0's
+        // datagrams reach h2's endpoint (read while link 1's tunnel polls) with no tunnel.
+        let sent_to_h2 = two_lanes_span(
+            [
+                ("slow", "h1"),
+                ("fast", "h1"),
+                ("sink1", "h2"),
+                ("sink2", "h2"),
+            ],
+            &tunnels,
+        );
+        let stale = two_lanes_span(
+            [
+                ("slow", "h1"),
+                ("fast", "h1"),
+                ("sink1", "h3"),
+                ("sink2", "h2"),
+            ],
+            &tunnels,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            h1.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(&sent_to_h2));
+            h2.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(&stale));
+            let st = h2.status(&d).unwrap();
+            let e = &st.tunnel_endpoints;
+            // Held for EARLY_WAIT, then dropped: counted on link 0, not link 1.
+            if st.links[0].drops > 0 && st.links[1].packets > 0 {
+                assert_eq!(e.len(), 1, "{st:?}");
+                assert_eq!(
+                    (e[0].host.as_str(), e[0].address.as_str()),
+                    ("h2", a2.as_str())
+                );
+                assert!(e[0].no_tunnel >= st.links[0].drops, "{st:?}");
+                assert!(e[0].received > e[0].no_tunnel, "{st:?}");
+                assert_eq!(st.links[1].drops, 0, "{st:?}");
+                assert!(st.table.contains("tunnel endpoint"), "{}", st.table);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "link 0's frames at h2 were never counted: {st:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The sender's status reports its own endpoint, which dropped nothing.
+        let sender = h1.status(&d).unwrap();
+        assert_eq!(sender.tunnel_endpoints.len(), 1, "{sender:?}");
+        assert_eq!(sender.tunnel_endpoints[0].no_tunnel, 0, "{sender:?}");
+    }
+
+    #[test]
+    fn a_held_instance_keeps_its_input_while_the_rest_of_its_network_rewires() {
+        let (h1, _) = tunnel_host("h1");
+        for (node, ports) in [("x", &["in", "out"][..]), ("b", &["in"][..])] {
+            h1.dp.add_node(node, ports, 0, Box::new(Stuck)).unwrap();
+        }
+        let d = parse_network(
+            b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec:\n  links: [a.out -> x.in, x.out -> b.in]\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        let span = |x_host: &str| NetworkSpan {
+            network: "n".into(),
+            vni: 70,
+            vnis: 2,
+            hosts: [("a", "h3"), ("x", x_host), ("b", "h1")]
+                .map(|(n, h)| (n.to_owned(), h.to_owned()))
+                .into(),
+            tunnels: [("h2", "127.0.0.1:9"), ("h3", "127.0.0.1:9")]
+                .map(|(h, t)| (h.to_owned(), t.to_owned()))
+                .into(),
+        };
+        let live = || {
+            let mut l: Vec<String> = h1.applied()["n"]
+                .live
+                .iter()
+                .map(|l| l.to_string())
+                .collect();
+            l.sort();
+            l
+        };
+        let from_h3 = "tun:n/0@h3.io -> x.in";
+        h1.sync_spans(std::slice::from_ref(&d), &[span("h1")]);
+        assert_eq!(live(), [from_h3, "x.out -> b.in"]);
+        // x moves to h2, frozen here: what h3 still sends it arrives, what x sends from h2
+        // reaches b.
+        h1.dp.hold_links("x");
+        h1.sync_spans(std::slice::from_ref(&d), &[span("h2")]);
+        assert_eq!(live(), [from_h3, "tun:n/1@h2.io -> b.in"]);
+        // Its tunnel stays past the linger of a tunnel no link needs.
+        std::thread::sleep(TUNNEL_LINGER + Duration::from_millis(100));
+        h1.sync_spans(std::slice::from_ref(&d), &[span("h2")]);
+        assert_eq!(live(), [from_h3, "tun:n/1@h2.io -> b.in"]);
+        assert!(h1.dp.node_ports("tun:n/0@h3").is_some());
+        // Released: the network is as its span says.
+        h1.dp.release_links("x");
+        h1.sync_spans(std::slice::from_ref(&d), &[span("h2")]);
+        assert_eq!(live(), ["tun:n/1@h2.io -> b.in"]);
+    }
+
+    #[test]
+    fn two_links_in_one_direction_between_two_hosts_travel_apart() {
+        // Host names with dots, as a host's FQDN would be.
+        let (h1, a1) = tunnel_host("h1.lab");
+        let (h2, a2) = tunnel_host("h2.lab");
+        let d = parse_network(TWO_LANES.as_bytes(), Format::Yaml).unwrap();
+        // Both generators on h1, both sinks on h2: two links from h1 to h2.
+        let span = two_lanes_span(
+            [
                 ("slow", "h1.lab"),
                 ("fast", "h1.lab"),
                 ("sink1", "h2.lab"),
                 ("sink2", "h2.lab"),
-            ]
-            .map(|(n, h)| (n.to_owned(), h.to_owned()))
-            .into(),
-            tunnels: [("h1.lab".to_owned(), a1), ("h2.lab".to_owned(), a2)].into(),
-        };
+            ],
+            &[("h1.lab", a1.as_str()), ("h2.lab", a2.as_str())],
+        );
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             for h in [&h1, &h2] {

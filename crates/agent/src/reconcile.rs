@@ -772,7 +772,14 @@ impl Inner {
             }
         }
         let passed = r.finish(name, HANDOFF_DRAIN).await;
-        tracing::info!(vnf = %name, queued, passed, "handed over: the packets queued since the freeze went to the destination");
+        let queued = runtime.frozen(name).unwrap_or(queued);
+        if passed < queued {
+            // Still queued here when the stream ended, or refused by the destination's
+            // bounded queue: the instance's removal drops them.
+            tracing::warn!(vnf = %name, queued, passed, lost = queued - passed, "handed over: not every packet queued since the freeze reached the destination");
+        } else {
+            tracing::info!(vnf = %name, queued, passed, "handed over: the packets queued since the freeze went to the destination");
+        }
     }
 
     /// Stops and forgets an instance no longer assigned to this host.

@@ -619,6 +619,32 @@ impl Scrape {
             MetricType::Counter,
             host_ports(|p| [p.rx_dropped, p.tx_dropped]),
         )?;
+        family(
+            e,
+            "telvirt_network_tunnel_endpoint_dropped",
+            "Datagrams a host's tunnel endpoint (of the hosts a network crosses) dropped: in the kernel (its receive buffer full), not VXLAN, for no tunnel, queued in a tunnel removed",
+            MetricType::Counter,
+            per_network(
+                &self.networks,
+                "host",
+                |st| &st.tunnel_endpoints,
+                |t| t.host.clone(),
+            )
+            .flat_map(|([network, host], t)| {
+                [
+                    ("kernel", t.kernel_dropped),
+                    ("not_vxlan", t.not_vxlan),
+                    ("no_tunnel", t.no_tunnel),
+                    ("removed_tunnel", t.removed_queued),
+                ]
+                .map(|(reason, n)| {
+                    (
+                        [network.clone(), host.clone(), ("reason", reason.to_owned())],
+                        counter(n),
+                    )
+                })
+            }),
+        )?;
         let sinks = || per_network(&self.networks, "sink", |st| &st.sinks, |s| s.name.clone());
         family(
             e,
@@ -889,7 +915,7 @@ mod tests {
     }
 
     #[test]
-    fn a_networks_host_ports_are_counted_per_direction() {
+    fn a_networks_host_ports_and_tunnel_endpoints_are_counted() {
         let descriptor = telvirt_model::parse_network(
             b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: wire }\nspec:\n  links: [host:a1 -> fw1.in]\n",
             telvirt_model::Format::Yaml,
@@ -920,6 +946,15 @@ mod tests {
                 node_drops: Vec::new(),
                 sinks: Vec::new(),
                 host_ports: vec![port],
+                tunnel_endpoints: vec![telvirt_model::network::TunnelEndpointStatus {
+                    host: "h2".into(),
+                    address: "10.0.0.2:4789".into(),
+                    received: 50,
+                    kernel_dropped: 1,
+                    not_vxlan: 2,
+                    no_tunnel: 4,
+                    removed_queued: 5,
+                }],
             }),
         };
         let scrape = Scrape {
@@ -949,6 +984,9 @@ mod tests {
                 "telvirt_network_host_port_dropped_total{} 3\n",
                 labels("sent")
             ),
+            "telvirt_network_tunnel_endpoint_dropped_total{network=\"wire\",host=\"h2\",reason=\"kernel\"} 1\n".to_owned(),
+            "telvirt_network_tunnel_endpoint_dropped_total{network=\"wire\",host=\"h2\",reason=\"no_tunnel\"} 4\n".to_owned(),
+            "telvirt_network_tunnel_endpoint_dropped_total{network=\"wire\",host=\"h2\",reason=\"removed_tunnel\"} 5\n".to_owned(),
         ] {
             assert!(text.contains(&line), "{line}{text}");
         }

@@ -809,10 +809,14 @@ fn merge_statuses(
         merged = Some(match merged.take() {
             None => st,
             Some(mut m) => {
+                // A link between hosts drops on each of them (its ring on the sender, its
+                // tunnel and ring on the receiver): its drops add up.
                 for (mine, theirs) in m.links.iter_mut().zip(st.links) {
+                    let drops = mine.drops + theirs.drops;
                     if !mine.active && theirs.active {
                         *mine = theirs;
                     }
+                    mine.drops = drops;
                 }
                 m.table.push('\n');
                 m.table.push_str(&st.table);
@@ -844,6 +848,7 @@ fn merge_statuses(
                     }
                 }
                 m.host_ports.extend(st.host_ports);
+                m.tunnel_endpoints.extend(st.tunnel_endpoints);
                 for s in st.steering {
                     if !m.steering.iter().any(|t| t.name == s.name) {
                         m.steering.push(s);
@@ -873,6 +878,7 @@ fn merge_statuses(
         node_drops: Vec::new(),
         sinks: Vec::new(),
         host_ports: Vec::new(),
+        tunnel_endpoints: Vec::new(),
     });
     st.waiting.extend(failures);
     st
@@ -883,14 +889,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_node_or_sink_two_hosts_report_is_one_whose_counts_add_up() {
+    fn a_node_sink_or_link_two_hosts_report_is_one_whose_counts_add_up() {
         let d = telvirt_model::parse_network(
             b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec:\n  nodes:\n    - { name: gen, kind: generator }\n    - { name: sink, kind: sink }\n  links: [gen.out -> sink.in]\n",
             telvirt_model::Format::Yaml,
         )
         .unwrap();
+        // The link is live on h2 only (its packets are h2's), and dropped on both.
         let report = |received, refused| NetworkStatus {
-            links: Vec::new(),
+            links: vec![LinkState {
+                link: d.spec.links[0].clone(),
+                active: received == 5,
+                packets: received,
+                bytes: 0,
+                drops: refused * 10,
+                since: String::new(),
+            }],
             table: String::new(),
             waiting: Vec::new(),
             steering: Vec::new(),
@@ -908,6 +922,7 @@ mod tests {
                 latency_sum_ns: received * 1000,
             }],
             host_ports: Vec::new(),
+            tunnel_endpoints: Vec::new(),
         };
         let st = merge_statuses(
             &d,
@@ -925,6 +940,8 @@ mod tests {
         let s = &st.sinks[0];
         assert_eq!((s.received, s.bytes, s.latency_sum_ns), (15, 960, 15_000));
         assert_eq!(s.latency_buckets, [15, 2]);
+        let l = &st.links[0];
+        assert_eq!((l.active, l.packets, l.drops), (true, 5, 50));
     }
 
     #[test]

@@ -23,9 +23,14 @@
 //! them, the oldest dropped first) and delivered first when that tunnel is made: when a link
 //! moves to another host, the two hosts rewire independently, and a sender that rewired first
 //! does not lose what it sends before the receiver's tunnel is there (`early_held`,
-//! `early_delivered`; what expires or is pushed out counts `unknown_tunnel`). While no tunnel is
-//! polled, the kernel's socket buffer ([`RECV_BUFFER`] asked for) holds datagrams; what
-//! overflows it the kernel drops and counts ([`VxlanEndpoint::kernel_drops`]). The tunnel map
+//! `early_delivered`; what expires or is pushed out counts `unknown_tunnel`). While the
+//! endpoint has no tunnel at all, its [`EndpointDrain`] node reads the socket in their place,
+//! so what still arrives for a tunnel gone is held and counted like that, not left unseen in
+//! the kernel's buffer. While no tunnel is polled, the kernel's socket buffer ([`RECV_BUFFER`] asked for) holds datagrams; what
+//! overflows it the kernel drops and counts ([`VxlanEndpoint::kernel_drops`]). Every drop that
+//! names a VNI is also kept per VNI for the life of the endpoint ([`VxlanEndpoint::vni_drops`]):
+//! the datagrams for no tunnel, what a tunnel still queued when it was removed, and a removed
+//! tunnel's own drops, so a link's drop count does not shrink when its tunnel goes. The tunnel map
 //! is copy-on-write behind an `RwLock<Arc<_>>`: a receive round takes one `Arc` clone;
 //! registering a tunnel (rare) builds a new map.
 //!
@@ -77,6 +82,8 @@ pub const RECV_BUFFER: usize = 4 << 20;
 /// `SO_MEMINFO` socket option (asm-generic value; Linux 4.6+), not exported by every libc
 /// version.
 const SO_MEMINFO: libc::c_int = 55;
+/// Name of an endpoint's [`EndpointDrain`] node on the panel.
+pub const DRAIN_NODE: &str = "vxlan:drain";
 /// Prefix of tunnel node names on the panel (`tun:NAME`).
 pub const TUNNEL_PREFIX: &str = "tun:";
 /// The single port of a tunnel node.
@@ -175,6 +182,8 @@ pub struct VxlanEndpointStats {
     pub early_delivered: AtomicU64,
     /// Datagrams that are not VXLAN: too short, or the I flag missing (dropped).
     pub malformed: AtomicU64,
+    /// Datagrams still queued for a tunnel when it was removed (dropped).
+    pub removed_queued: AtomicU64,
     /// `recvmmsg` failures other than "nothing to read".
     pub rx_errors: AtomicU64,
     /// Polls that skipped receiving because the polling panel's pool is not the endpoint's
@@ -219,20 +228,62 @@ impl VxlanTunnelStats {
     }
 }
 
+/// VNIs whose drops [`VniDrops`] keeps apart; past them, drops of further VNIs are kept in
+/// one sum (a sender of random VNIs cannot grow the table).
+pub const VNI_DROPS_TRACKED: usize = 4096;
+
+/// Drops per VNI for the life of an endpoint (see the module's comment).
+#[derive(Debug, Default)]
+struct VniDrops {
+    by_vni: Mutex<HashMap<u32, u64>>,
+    /// Drops of VNIs beyond [`VNI_DROPS_TRACKED`].
+    untracked: AtomicU64,
+}
+
+impl VniDrops {
+    fn add(&self, vni: u32, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut m = self.by_vni.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = m.get_mut(&vni) {
+            *c += n;
+        } else if m.len() < VNI_DROPS_TRACKED {
+            m.insert(vni, n);
+        } else {
+            self.untracked.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn of(&self, vni: u32) -> u64 {
+        let m = self.by_vni.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(&vni).copied().unwrap_or(0)
+    }
+}
+
 /// What the receive round shares with one tunnel.
 struct TunnelShared {
     queue: ArrayQueue<Packet>,
     stats: Arc<VxlanTunnelStats>,
     pool: Arc<Pool>,
+    vni: u32,
+    endpoint_stats: Arc<VxlanEndpointStats>,
+    vni_drops: Arc<VniDrops>,
 }
 
 impl Drop for TunnelShared {
     /// The last holder (the tunnel, or a receive round that still had it in its map) returns
-    /// what is still queued to the pool.
+    /// what is still queued to the pool, counted, and leaves the tunnel's drops with its VNI.
     fn drop(&mut self) {
+        let mut queued = 0;
         while let Some(p) = self.queue.pop() {
             self.pool.free(p);
+            queued += 1;
         }
+        self.endpoint_stats
+            .removed_queued
+            .fetch_add(queued, Ordering::Relaxed);
+        self.vni_drops.add(self.vni, queued + self.stats.drops());
     }
 }
 
@@ -259,6 +310,7 @@ pub struct VxlanEndpoint {
     /// came); `early_len` mirrors its length so a receive round skips the lock when empty.
     early: Mutex<VecDeque<(TunnelKey, Instant, Packet)>>,
     early_len: AtomicUsize,
+    vni_drops: Arc<VniDrops>,
 }
 
 impl std::fmt::Debug for VxlanEndpoint {
@@ -342,7 +394,15 @@ impl VxlanEndpoint {
             stats: Arc::new(VxlanEndpointStats::default()),
             early: Mutex::new(VecDeque::new()),
             early_len: AtomicUsize::new(0),
+            vni_drops: Arc::new(VniDrops::default()),
         }))
+    }
+
+    /// Drops `p`, a datagram for the tunnel `key` that does not exist (counted).
+    fn drop_unknown(&self, key: TunnelKey, p: Packet) {
+        self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
+        self.vni_drops.add(key.1, 1);
+        self.pool.free(p);
     }
 
     fn early(&self) -> std::sync::MutexGuard<'_, VecDeque<(TunnelKey, Instant, Packet)>> {
@@ -354,10 +414,9 @@ impl VxlanEndpoint {
     fn hold_early(&self, key: TunnelKey, p: Packet) {
         let mut early = self.early();
         if early.len() >= EARLY_CAPACITY
-            && let Some((_, _, old)) = early.pop_front()
+            && let Some((k, _, old)) = early.pop_front()
         {
-            self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
-            self.pool.free(old);
+            self.drop_unknown(k, old);
         }
         early.push_back((key, Instant::now(), p));
         self.stats.early_held.fetch_add(1, Ordering::Relaxed);
@@ -374,9 +433,8 @@ impl VxlanEndpoint {
             .front()
             .is_some_and(|(_, at, _)| at.elapsed() > EARLY_WAIT)
         {
-            if let Some((_, _, old)) = early.pop_front() {
-                self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
-                self.pool.free(old);
+            if let Some((k, _, old)) = early.pop_front() {
+                self.drop_unknown(k, old);
             }
         }
         self.early_len.store(early.len(), Ordering::Release);
@@ -393,8 +451,7 @@ impl VxlanEndpoint {
             if k != *key {
                 kept.push_back((k, at, p));
             } else if at.elapsed() > EARLY_WAIT {
-                self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
-                self.pool.free(p);
+                self.drop_unknown(k, p);
             } else if let Err(p) = shared.queue.push(p) {
                 shared.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
                 self.pool.free(p);
@@ -455,9 +512,25 @@ impl VxlanEndpoint {
         Ok(u64::from(info[drops]))
     }
 
+    /// Every datagram or frame of VNI `vni` this endpoint dropped outside its live tunnels'
+    /// own counters: datagrams for no tunnel (`unknown_tunnel`), what a tunnel still queued
+    /// when it was removed (`removed_queued`), and the drops of removed tunnels. With the live
+    /// tunnel's [`VxlanTunnelStats::drops`], a link's drops on this host for the endpoint's life.
+    pub fn vni_drops(&self, vni: u32) -> u64 {
+        self.vni_drops.of(vni)
+    }
+
     /// Number of registered tunnels.
     pub fn tunnel_count(&self) -> usize {
-        self.map().len()
+        self.tunnels.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// The node that reads this endpoint's socket while it has no tunnel (place it on the
+    /// panel whose pool the endpoint uses, with no port).
+    pub fn drain_node(self: &Arc<Self>) -> EndpointDrain {
+        EndpointDrain {
+            endpoint: Arc::clone(self),
+        }
     }
 
     fn map(&self) -> Arc<TunnelMap> {
@@ -504,6 +577,9 @@ impl VxlanEndpoint {
             queue: ArrayQueue::new(QUEUE_CAPACITY),
             stats: Arc::new(VxlanTunnelStats::default()),
             pool: Arc::clone(&self.pool),
+            vni,
+            endpoint_stats: Arc::clone(&self.stats),
+            vni_drops: Arc::clone(&self.vni_drops),
         });
         {
             // No receive round runs while the tunnel is registered and its held datagrams are
@@ -653,8 +729,7 @@ impl VxlanEndpoint {
             };
             let Some(t) = map.get(&(src, vni)) else {
                 if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
-                    self.stats.unknown_tunnel.fetch_add(1, Ordering::Relaxed);
-                    io.free(p);
+                    self.drop_unknown((src, vni), p);
                 } else {
                     pool.set_len(&mut p, n - HEADER_LEN);
                     self.hold_early((src, vni), p);
@@ -843,6 +918,22 @@ impl VxlanTunnel {
     }
 }
 
+/// Reads an endpoint's socket while the endpoint has no tunnel (when it has one, its tunnels
+/// read): a datagram is held for the tunnel it names, then counted `unknown_tunnel`, as when
+/// a tunnel reads it.
+pub struct EndpointDrain {
+    endpoint: Arc<VxlanEndpoint>,
+}
+
+impl Node for EndpointDrain {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        if self.endpoint.tunnel_count() > 0 {
+            return 0;
+        }
+        self.endpoint.receive(io)
+    }
+}
+
 impl Drop for VxlanTunnel {
     fn drop(&mut self) {
         self.endpoint.unregister(&self.key, &self.shared);
@@ -972,7 +1063,7 @@ mod tests {
             }
         }
 
-        fn poll(&mut self, node: &mut VxlanTunnel) -> usize {
+        fn poll(&mut self, node: &mut dyn Node) -> usize {
             let mut io = NodeIo::new(&self.pool, &mut self.cache, &mut self.ports);
             node.poll(&mut io)
         }
@@ -1152,6 +1243,11 @@ mod tests {
             h_other.poll(&mut other);
             load(&es.unknown_tunnel) == 1
         });
+        assert_eq!(
+            (eb.vni_drops(8), eb.vni_drops(7)),
+            (1, 0),
+            "the expired datagram is VNI 8's drop"
+        );
         drop((tb, other));
         hb.finish();
         h_other.finish();
@@ -1218,17 +1314,63 @@ mod tests {
         }
         // t1's poll receives for t2, which is never polled.
         let es = eb.stats();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         wait_until("10 datagrams", || {
             h.poll(&mut t1);
             es.datagrams.load(Ordering::Relaxed) == 10
         });
         assert_eq!(t2.shared.queue.len(), 10);
         assert_eq!(eb.tunnel_count(), 2);
+        // A queue-full drop of t2's own is kept with its VNI once t2 goes.
+        t2.stats().rx_queue_full.fetch_add(1, Ordering::Relaxed);
+        assert_eq!((eb.vni_drops(2), load(&es.removed_queued)), (0, 0));
         drop(t2);
         assert_eq!(eb.tunnel_count(), 1);
+        assert_eq!(
+            (load(&es.removed_queued), eb.vni_drops(2), eb.vni_drops(1)),
+            (10, 11, 0),
+            "the frames t2 still queued are counted dropped, with its own drops, for VNI 2"
+        );
         drop(t1);
         assert_eq!(eb.tunnel_count(), 0);
         h.finish();
+        assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
+    }
+
+    #[test]
+    fn an_endpoint_without_tunnels_is_drained_and_what_it_holds_is_counted() {
+        let pool = Arc::new(Pool::new("vxlan-drain", 256, 2048).unwrap());
+        let eb = VxlanEndpoint::bind(LOCAL.parse().unwrap(), Arc::clone(&pool)).unwrap();
+        let mut drain = eb.drain_node();
+        let mut h = Harness::new(&pool, 32);
+        let src = UdpSocket::bind("127.0.0.1:0").unwrap();
+        src.send_to(&encap(5, &frame(1)).unwrap(), eb.local_addr())
+            .unwrap();
+        let es = eb.stats();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        wait_until("the datagram held", || {
+            h.poll(&mut drain);
+            load(&es.early_held) == 1
+        });
+        // No tunnel of VNI 5 comes: the held datagram is dropped and counted.
+        let deadline = Instant::now() + EARLY_WAIT * 4;
+        while load(&es.unknown_tunnel) == 0 {
+            assert!(Instant::now() < deadline, "the held datagram never expired");
+            h.poll(&mut drain);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!((eb.vni_drops(5), load(&es.datagrams)), (1, 1));
+        // With a tunnel, the tunnel reads: the drain leaves the socket alone.
+        let t = eb.tunnel("127.0.0.1:4789".parse().unwrap(), 6).unwrap();
+        src.send_to(&encap(6, &frame(2)).unwrap(), eb.local_addr())
+            .unwrap();
+        for _ in 0..100 {
+            assert_eq!(h.poll(&mut drain), 0);
+        }
+        assert_eq!(load(&es.datagrams), 1);
+        drop(t);
+        h.finish();
+        drop(eb);
         assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
     }
 

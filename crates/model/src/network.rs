@@ -541,6 +541,31 @@ pub struct NetworkStatus {
     /// The host interfaces the network's links name, as their ports on this node hold them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_ports: Vec<HostPortStatus>,
+    /// The tunnel endpoints of the hosts the network's links cross between, as each host's
+    /// endpoint counts (shared by every network of that host).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tunnel_endpoints: Vec<TunnelEndpointStatus>,
+}
+
+/// A host's tunnel endpoint (its one VXLAN socket): what reached it and what it dropped before
+/// any tunnel took it. Counters run for the life of the agent. A drop that names a link's VNI
+/// (for no tunnel, queued in a tunnel when it was removed) is also in that link's `drops`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TunnelEndpointStatus {
+    /// The host whose endpoint it is.
+    pub host: String,
+    /// The endpoint's UDP address.
+    pub address: String,
+    /// Datagrams read from the socket.
+    pub received: u64,
+    /// Datagrams the kernel dropped before the endpoint read them (its receive buffer full).
+    pub kernel_dropped: u64,
+    /// Datagrams that are not VXLAN (too short, or the I flag missing).
+    pub not_vxlan: u64,
+    /// Datagrams for a (source, VNI) with no tunnel here, dropped after being held for one.
+    pub no_tunnel: u64,
+    /// Datagrams a tunnel still queued when it was removed.
+    pub removed_queued: u64,
 }
 
 /// A host port (a host interface on the data plane): how it moves frames and what it moved.

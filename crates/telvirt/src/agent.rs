@@ -158,6 +158,13 @@ impl HostAgent {
                 let pool = Arc::clone(dataplane.panel().pool());
                 let (endpoint, listener) = tunnel_sockets(address, &pool)
                     .with_context(|| format!("--tunnel-address {text}"))?;
+                // Read while no tunnel does, so late datagrams are counted, not left unseen.
+                dataplane.add_node(
+                    telvirt_dataplane::vxlan::DRAIN_NODE,
+                    &[],
+                    0,
+                    Box::new(endpoint.drain_node()),
+                )?;
                 record.tunnel = Some(endpoint.local_addr().to_string());
                 (Some(endpoint), Some(listener))
             }

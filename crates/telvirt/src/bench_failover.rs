@@ -38,7 +38,7 @@ const POLL: Duration = Duration::from_millis(10);
 /// How long the stream runs after the NAT is back before the sink is read.
 const SETTLE: Duration = Duration::from_secs(1);
 /// Hosts of a round: h1 and h2 hold the NAT, h3 the stream, h4 is free.
-const HOSTS: u32 = 4;
+pub(crate) const HOSTS: u32 = 4;
 
 #[derive(Args, Debug, Clone)]
 pub struct FailoverArgs {

@@ -24,11 +24,11 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench_cluster::Api;
+use crate::bench_cluster::{Api, Hosts};
 use crate::bench_control::{ms, percentile};
 use crate::bench_failover::{
-    FailoverArgs, TCP_KILL_AT, TCP_SECONDS, TcpEvent, TcpRun, cordon, instance, nat, nat_setup,
-    post_yaml, settle_for, stream, stream_back, stream_network, tcp_missing, tcp_round,
+    FailoverArgs, HOSTS, TCP_KILL_AT, TCP_SECONDS, TcpEvent, TcpRun, cordon, instance, nat,
+    nat_setup, post_yaml, settle_for, stream, stream_back, stream_network, tcp_missing, tcp_round,
 };
 use crate::bench_handover::{answer, poll_until};
 use crate::cli::Output;
@@ -229,8 +229,23 @@ async fn round(
         state_bytes,
         downtime_us,
         delay_max_us,
-        lost_where: (lost > 0).then_some(after.table),
+        lost_where: (lost > 0).then(|| lost_where(&after.table, dir)),
     })
+}
+
+/// Where a move's lost frames may have gone: the stream network's table (each link's drops,
+/// each tunnel endpoint's) and the agents' warnings.
+fn lost_where(table: &str, dir: &Path) -> String {
+    let mut out = table.to_owned();
+    for i in 0..HOSTS as usize {
+        let name = Hosts::name(i);
+        let log =
+            std::fs::read_to_string(dir.join(format!("agent-{name}.log"))).unwrap_or_default();
+        for line in log.lines().filter(|l| l.contains("WARN")).take(20) {
+            out.push_str(&format!("\n{name}: {line}"));
+        }
+    }
+    out
 }
 
 /// What the stream network's sink showed at one reading.

@@ -238,23 +238,12 @@ pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> 
             args.memory_mib
         );
     }
-    tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(run_migrate_bench(format, args))
-    })
-}
-
-async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<()> {
     use telvirt_runtime_vm::migrate_bench::{MigrateBenchOptions, run};
-    let scratch = scratch_dir("tvb")?;
-    let guest = bench_guest(
+    let (_scratch, guest) = bench_guest_blocking(
         format,
         &args.image,
-        scratch.path(),
-        args.rounds,
-        args.accel,
-        args.memory_mib,
-    )
-    .await?;
+        (args.rounds, args.accel, args.memory_mib),
+    )?;
     let opts = MigrateBenchOptions {
         guest,
         dirty_mib: args.dirty_mib,
@@ -262,13 +251,14 @@ async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<(
         deadline: std::time::Duration::from_secs(args.deadline_s),
     };
     let progress = Progress::new(format, "migrating");
-    let report = run(&opts, &mut |d, t| progress.update(d, t)).await;
-    progress.finish();
-    drop(scratch);
-    let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if output::report(format, &report)? {
+    let bench = async {
+        run(&opts, &mut |d, t| progress.update(d, t))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let Some(report) = progress.run_bench(format, bench)? else {
         return Ok(());
-    }
+    };
     println!("measured: {}", report.measured);
     let side = |f: &telvirt_runtime_vm::migrate_bench::TuningFigures| {
         vec![
@@ -317,11 +307,45 @@ async fn run_migrate_bench(format: Output, args: VmMigrateBenchArgs) -> Result<(
     Ok(())
 }
 
-/// `telvirt bench vm` (called from the synchronous bench dispatcher).
+/// `telvirt bench vm` (called from the synchronous bench dispatcher). Interrupted, the
+/// guests it started stop and its scratch directory goes.
 pub fn bench_vm(format: Output, args: VmBenchArgs) -> Result<()> {
-    tokio::task::block_in_place(|| {
-        tokio::runtime::Handle::current().block_on(run_bench(format, args))
-    })
+    let (_scratch, opts) = bench_guest_blocking(
+        format,
+        &args.image,
+        (args.rounds, args.accel, args.memory_mib),
+    )?;
+    let progress = Progress::new(format, "booting");
+    let bench = async {
+        bench::run(&opts, &mut |d, t| progress.update(d, t))
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let Some(report) = progress.run_bench(format, bench)? else {
+        return Ok(());
+    };
+    print_boot_report(&report)
+}
+
+/// [`bench_guest`] from the synchronous bench dispatcher, in a scratch root of its own (gone
+/// when the returned directory is dropped), with the rounds, accelerator and RAM (MiB) given.
+fn bench_guest_blocking(
+    format: Output,
+    image: &ImageArgs,
+    (rounds, accel, memory_mib): (u32, AccelArg, u64),
+) -> Result<(tempfile::TempDir, BenchOptions)> {
+    let scratch = scratch_dir("tvb")?;
+    let opts = tokio::task::block_in_place(|| {
+        tokio::runtime::Handle::current().block_on(bench_guest(
+            format,
+            image,
+            scratch.path(),
+            rounds,
+            accel,
+            memory_mib,
+        ))
+    })?;
+    Ok((scratch, opts))
 }
 
 /// The guest a vm benchmark boots (the default image, built or found), its rounds,
@@ -343,25 +367,8 @@ pub(crate) async fn bench_guest(
     Ok(opts)
 }
 
-async fn run_bench(format: Output, args: VmBenchArgs) -> Result<()> {
-    let scratch = scratch_dir("tvb")?;
-    let opts = bench_guest(
-        format,
-        &args.image,
-        scratch.path(),
-        args.rounds,
-        args.accel,
-        args.memory_mib,
-    )
-    .await?;
-    let progress = Progress::new(format, "booting");
-    let report = bench::run(&opts, &mut |d, t| progress.update(d, t)).await;
-    progress.finish();
-    drop(scratch);
-    let report = report.map_err(|e| anyhow::anyhow!("{e}"))?;
-    if output::report(format, &report)? {
-        return Ok(());
-    }
+/// `bench vm`'s table.
+fn print_boot_report(report: &bench::VmBenchReport) -> Result<()> {
     println!(
         "vm boot to guest-agent ready: {} rounds, {}, {} MiB guest",
         report.rounds, report.accel, report.guest_ram_mib
