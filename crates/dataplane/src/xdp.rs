@@ -1,18 +1,20 @@
-//! AF_XDP sockets for host ports: a UMEM of frames shared with the kernel, its fill and
-//! completion rings, the socket's receive and transmit rings, and the six-instruction XDP
-//! program (loaded with `bpf(2)`, attached through a BPF link) that redirects every frame of
-//! the interface's receive queue into the socket.
+//! AF_XDP sockets for host ports: one socket per receive queue of the interface, each with a
+//! UMEM of frames shared with the kernel, its fill and completion rings and its receive and
+//! transmit rings, and the six-instruction XDP program (loaded with `bpf(2)`, attached through
+//! a BPF link) that redirects every frame into the socket of the queue it arrived on.
 //!
-//! Owns the socket, its mappings and the program's link (closing the port detaches the program,
-//! also when the process dies). Must not choose when to use AF_XDP (`afpacket::HostPort`
-//! does) nor touch the interface beyond attaching the program: it does not create interfaces
-//! or change their MTU or queues.
+//! Owns the sockets, their mappings and the program's link (closing the port detaches the
+//! program, also when the process dies). Must not choose when to use AF_XDP
+//! (`afpacket::HostPort` does) nor touch the interface beyond attaching the program: it does
+//! not create interfaces or change their MTU or queues.
 //!
-//! Only interfaces with one receive queue and native (driver) XDP are used: veth and
-//! single-queue NICs; a multi-queue NIC would need one socket per queue (not built) and generic
-//! XDP is no faster than a packet ring, so both make [`XdpSocket::open`] fail and the port falls
-//! back to TPACKET_V3. Zero-copy is asked for first; copy mode (veth) only when the caller
-//! allows it, since on veth it measured slower than the packet ring for TCP (docs/BENCHMARKS.md).
+//! Only interfaces with native (driver) XDP and at most [`MAX_QUEUES`] receive queues are used
+//! (12 MiB of UMEM each): generic XDP is no faster than a packet ring, and more queues would
+//! pin too much memory, so both make [`XdpSocket::open`] fail and the port falls back to
+//! TPACKET_V3. Frames are received from every queue (round robin, one start queue per call)
+//! and sent through queue 0's socket. Zero-copy is asked for first; copy mode (veth) only when
+//! the caller allows it, since on veth it measured slower than the packet ring for TCP
+//! (docs/BENCHMARKS.md).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
@@ -54,9 +56,13 @@ const BPF_ATTR_SIZE: usize = 128;
 const SIOCETHTOOL: libc::c_ulong = 0x8946;
 const ETHTOOL_GCHANNELS: u32 = 0x3c;
 
+/// Receive queues a port serves at most (one socket and UMEM each); an interface with more
+/// falls back to the packet ring (`ethtool -L IF combined N` gives it fewer).
+pub(crate) const MAX_QUEUES: u32 = 8;
+
 /// UMEM geometry: 4 KiB frames (a frame up to 3,840 bytes after the kernel's headroom, so
 /// one larger than a pool buffer still arrives and is counted, as on the packet ring), 2,048
-/// for receiving and 1,024 for transmitting: 12 MiB per port.
+/// for receiving and 1,024 for transmitting: 12 MiB per queue.
 const FRAME: u64 = 4096;
 const RX_FRAMES: u32 = 2048;
 const TX_FRAMES: u32 = 1024;
@@ -214,8 +220,8 @@ fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
 }
 
 impl XdpProgram {
-    /// Load the redirect program over a fresh one-entry XSKMAP. Not attached yet.
-    fn load() -> Result<XdpProgram> {
+    /// Load the redirect program over a fresh XSKMAP of `queues` entries. Not attached yet.
+    fn load(queues: u32) -> Result<XdpProgram> {
         if cfg!(target_endian = "big") {
             // `insn` packs the register nibbles in little-endian order.
             return Err(Error::config(
@@ -227,7 +233,7 @@ impl XdpProgram {
         put_u32(&mut attr, 0, BPF_MAP_TYPE_XSKMAP);
         put_u32(&mut attr, 4, 4); // key: the receive queue
         put_u32(&mut attr, 8, 4); // value: the socket
-        put_u32(&mut attr, 12, 1); // one queue
+        put_u32(&mut attr, 12, queues); // one entry per receive queue
         let map = owned(
             bpf(BPF_MAP_CREATE, &mut attr),
             "bpf(BPF_MAP_CREATE, xskmap)",
@@ -334,12 +340,22 @@ fn rx_queues(ifname: &str) -> Option<u32> {
     (rc == 0).then(|| ch[5].max(ch[8]))
 }
 
-/// An AF_XDP socket on queue 0 of one interface, with its UMEM, rings and program.
+/// The AF_XDP sockets of one interface, one per receive queue, and the program that
+/// redirects each queue's frames into its socket.
 pub(crate) struct XdpSocket {
     // Field order is drop order: the program goes first (no more frames redirected), then
-    // the rings, the socket, and the UMEM last.
+    // the sockets.
     /// The attached program's link.
     _link: OwnedFd,
+    /// Indexed by receive queue.
+    queues: Vec<XskQueue>,
+    /// The queue the next receive starts at.
+    next: usize,
+}
+
+/// The AF_XDP socket of one receive queue, with its UMEM and rings.
+struct XskQueue {
+    // Field order is drop order: the rings, the socket, and the UMEM last.
     fill: XskRing,
     completion: XskRing,
     rx: XskRing,
@@ -349,24 +365,31 @@ pub(crate) struct XdpSocket {
     tx_free: Vec<u64>,
     /// Transmit frames completed since [`XdpSocket::take_completed`] was last called.
     completed: u64,
+    /// Frames received.
+    received: u64,
     zerocopy: bool,
     umem: Mapping,
 }
 
-// SAFETY: the mappings belong to this socket alone and are only touched through `&mut self`.
-unsafe impl Send for XdpSocket {}
+// SAFETY: the mappings belong to their socket alone and are only touched through `&mut self`.
+unsafe impl Send for XskQueue {}
 
 impl XdpSocket {
-    /// Open an AF_XDP socket on `ifname` (index `ifindex`) in the calling thread's namespace
-    /// and redirect the interface's frames into it. Fails (and leaves the interface as it was)
-    /// where the interface has more than one receive queue or no native XDP.
+    /// Open an AF_XDP socket on each receive queue of `ifname` (index `ifindex`) in the
+    /// calling thread's namespace and redirect the interface's frames into them. Fails (and
+    /// leaves the interface as it was) where the interface has more than [`MAX_QUEUES`]
+    /// receive queues, does not say how many, or has no native XDP; or, unless
+    /// `copy_allowed`, where a queue has no zero-copy.
     pub(crate) fn open(ifname: &str, ifindex: u32, copy_allowed: bool) -> Result<XdpSocket> {
-        match rx_queues(ifname) {
-            Some(1) => {}
+        let n = match rx_queues(ifname) {
+            Some(n) if (1..=MAX_QUEUES).contains(&n) => n,
             Some(n) => {
                 return Err(Error::config(
                     "host_port",
-                    format!("{ifname} has {n} receive queues; AF_XDP is used on one only"),
+                    format!(
+                        "{ifname} has {n} receive queues; AF_XDP serves at most {MAX_QUEUES} \
+                         (ethtool -L {ifname} combined {MAX_QUEUES})"
+                    ),
                 ));
             }
             None => {
@@ -375,8 +398,88 @@ impl XdpSocket {
                     format!("{ifname} does not report its receive queues"),
                 ));
             }
+        };
+        let program = XdpProgram::load(n)?;
+        let mut queues = Vec::new();
+        for queue in 0..n {
+            let q = XskQueue::open(ifname, ifindex, queue, copy_allowed)?;
+            program.register(queue, &q.fd)?;
+            queues.push(q);
         }
-        let program = XdpProgram::load()?;
+        let link = program.attach(ifindex, ifname)?;
+        Ok(XdpSocket {
+            _link: link,
+            queues,
+            next: 0,
+        })
+    }
+
+    /// `af_xdp_zerocopy` or `af_xdp_copy`.
+    pub(crate) fn mode(&self) -> &'static str {
+        if self.queues.iter().all(|q| q.zerocopy) {
+            "af_xdp_zerocopy"
+        } else {
+            "af_xdp_copy"
+        }
+    }
+
+    /// Frames received so far on each receive queue.
+    pub(crate) fn received_per_queue(&self) -> Vec<u64> {
+        self.queues.iter().map(|q| q.received).collect()
+    }
+
+    /// Take up to `max` received frames, each offered to `frame`; returns how many. Each call
+    /// starts at the next queue, so a busy queue does not starve the others.
+    pub(crate) fn receive(&mut self, max: usize, mut frame: impl FnMut(&[u8])) -> usize {
+        let n = self.queues.len();
+        let mut got = 0;
+        for i in 0..n {
+            if got >= max {
+                break;
+            }
+            got += self.queues[(self.next + i) % n].receive(max - got, &mut frame);
+        }
+        self.next = (self.next + 1) % n;
+        got
+    }
+
+    /// Queue `frames` for transmission on queue 0's socket; returns how many were dropped
+    /// (see [`XskQueue::transmit`]).
+    pub(crate) fn transmit<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
+        self.queues[0].transmit(frames)
+    }
+
+    /// Frames the kernel finished sending since the last call.
+    pub(crate) fn take_completed(&mut self) -> u64 {
+        self.queues.iter_mut().map(|q| q.take_completed()).sum()
+    }
+
+    /// Ask the kernel to send what the transmit rings hold.
+    pub(crate) fn kick(&mut self) {
+        for q in &mut self.queues {
+            q.kick();
+        }
+    }
+
+    /// Whether frames wait in a transmit ring.
+    pub(crate) fn tx_pending(&self) -> bool {
+        self.queues.iter().any(XskQueue::tx_pending)
+    }
+
+    /// Frames the kernel dropped before the sockets took them (see
+    /// [`XskQueue::kernel_rx_dropped`]); `None` when the kernel answered for no queue.
+    pub(crate) fn kernel_rx_dropped(&self) -> Option<u64> {
+        self.queues
+            .iter()
+            .filter_map(XskQueue::kernel_rx_dropped)
+            .reduce(|a, b| a + b)
+    }
+}
+
+impl XskQueue {
+    /// The socket of receive queue `queue` of `ifname` (index `ifindex`), bound zero-copy,
+    /// else (when `copy_allowed`) in copy mode.
+    fn open(ifname: &str, ifindex: u32, queue: u32, copy_allowed: bool) -> Result<XskQueue> {
         // SAFETY: plain socket(2) call with constant arguments.
         let raw = unsafe { libc::socket(AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
         let fd = owned(raw.into(), "socket(AF_XDP)")?;
@@ -434,7 +537,7 @@ impl XdpSocket {
             unsafe { slot.cast::<u64>().write(u64::from(i) * FRAME) };
         }
         fill.submit(RX_FRAMES);
-        let zerocopy = match bind(&fd, ifindex, XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP) {
+        let zerocopy = match bind(&fd, ifindex, queue, XDP_ZEROCOPY | XDP_USE_NEED_WAKEUP) {
             Ok(()) => true,
             Err(e) if !copy_allowed => {
                 let what = if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
@@ -442,18 +545,15 @@ impl XdpSocket {
                 } else {
                     format!("bind AF_XDP (zero-copy) to {ifname}")
                 };
-                return Err(Error::io(what, e));
+                return Err(Error::io(format!("{what}, queue {queue}"), e));
             }
             Err(_) => {
-                bind(&fd, ifindex, XDP_COPY | XDP_USE_NEED_WAKEUP)
-                    .map_err(|e| Error::io(format!("bind AF_XDP to {ifname}"), e))?;
+                bind(&fd, ifindex, queue, XDP_COPY | XDP_USE_NEED_WAKEUP)
+                    .map_err(|e| Error::io(format!("bind AF_XDP to {ifname} queue {queue}"), e))?;
                 false
             }
         };
-        program.register(0, &fd)?;
-        let link = program.attach(ifindex, ifname)?;
-        Ok(XdpSocket {
-            _link: link,
+        Ok(XskQueue {
             fill,
             completion,
             rx,
@@ -463,22 +563,14 @@ impl XdpSocket {
                 .map(|i| u64::from(i) * FRAME)
                 .collect(),
             completed: 0,
+            received: 0,
             zerocopy,
             umem,
         })
     }
 
-    /// `af_xdp_zerocopy` or `af_xdp_copy`.
-    pub(crate) fn mode(&self) -> &'static str {
-        if self.zerocopy {
-            "af_xdp_zerocopy"
-        } else {
-            "af_xdp_copy"
-        }
-    }
-
     /// Take up to `max` received frames, each offered to `frame`; returns how many.
-    pub(crate) fn receive(&mut self, max: usize, mut frame: impl FnMut(&[u8])) -> usize {
+    fn receive(&mut self, max: usize, frame: &mut impl FnMut(&[u8])) -> usize {
         let n = self.rx.ready().min(max as u32);
         for i in 0..n {
             let slot = self.rx.slot(self.rx.local.wrapping_add(i), 16);
@@ -510,6 +602,7 @@ impl XdpSocket {
         if n > 0 {
             self.rx.release(n);
             self.fill.submit(n);
+            self.received += u64::from(n);
         } else if self.fill.needs_wakeup() {
             // SAFETY: a zero-length receive only wakes the driver up.
             unsafe {
@@ -529,7 +622,7 @@ impl XdpSocket {
     /// Queue `frames` for transmission; returns how many were dropped: a frame shorter than
     /// an Ethernet header (the kernel would refuse it and never hand its UMEM frame back) or
     /// larger than a UMEM frame, or found every transmit frame in flight.
-    pub(crate) fn transmit<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
+    fn transmit<'a>(&mut self, frames: impl Iterator<Item = &'a [u8]>) -> usize {
         self.reclaim();
         let (mut queued, mut dropped) = (0u32, 0usize);
         for data in frames {
@@ -565,14 +658,14 @@ impl XdpSocket {
     }
 
     /// Frames the kernel finished sending since the last call.
-    pub(crate) fn take_completed(&mut self) -> u64 {
+    fn take_completed(&mut self) -> u64 {
         std::mem::take(&mut self.completed)
     }
 
     /// Ask the kernel to send what the transmit ring holds (copy mode sends only when asked;
     /// each call sends a bounded batch, so this repeats while frames are left and the kernel
     /// makes progress).
-    pub(crate) fn kick(&mut self) {
+    fn kick(&mut self) {
         for _ in 0..8 {
             if self.tx.outstanding() == 0 || !self.tx.needs_wakeup() {
                 break;
@@ -596,7 +689,7 @@ impl XdpSocket {
     }
 
     /// Whether frames wait in the transmit ring.
-    pub(crate) fn tx_pending(&self) -> bool {
+    fn tx_pending(&self) -> bool {
         self.tx.outstanding() > 0
     }
 
@@ -623,7 +716,7 @@ impl XdpSocket {
     /// Frames the kernel dropped before this socket took them (`XDP_STATISTICS`: no free
     /// frame on the fill ring, too large for a frame, the receive ring full); `None` when the
     /// kernel did not answer.
-    pub(crate) fn kernel_rx_dropped(&self) -> Option<u64> {
+    fn kernel_rx_dropped(&self) -> Option<u64> {
         let mut s = [0u64; 6];
         let mut len = std::mem::size_of_val(&s) as libc::socklen_t;
         // SAFETY: valid fd; `s` is writable for `len` bytes (the kernel writes at most that).
@@ -662,12 +755,13 @@ fn setsockopt(fd: &OwnedFd, opt: libc::c_int, value: &[u8], what: &str) -> Resul
     Ok(())
 }
 
-fn bind(fd: &OwnedFd, ifindex: u32, flags: u16) -> std::io::Result<()> {
+fn bind(fd: &OwnedFd, ifindex: u32, queue: u32, flags: u16) -> std::io::Result<()> {
     // struct sockaddr_xdp: family, flags, ifindex, queue id, shared UMEM fd.
     let mut sa = [0u8; 16];
     sa[0..2].copy_from_slice(&(AF_XDP as u16).to_ne_bytes());
     sa[2..4].copy_from_slice(&flags.to_ne_bytes());
     sa[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+    sa[8..12].copy_from_slice(&queue.to_ne_bytes());
     // SAFETY: valid fd; `sa` is a sockaddr_xdp of the size passed.
     let rc = unsafe { libc::bind(fd.as_raw_fd(), sa.as_ptr().cast(), sa.len() as u32) };
     if rc != 0 {
@@ -691,7 +785,7 @@ mod tests {
     #[test]
     fn the_program_loads_and_a_loopback_has_its_queue_count() {
         // Needs CAP_BPF (root here); the program is loaded, not attached.
-        XdpProgram::load().expect("load the redirect program");
+        XdpProgram::load(2).expect("load the redirect program");
         // loopback has no channels to report: AF_XDP is then not used.
         assert_eq!(rx_queues("lo"), None);
         let e = XdpSocket::open("lo", 1, true).err().expect("lo is refused");

@@ -437,3 +437,109 @@ fn an_af_xdp_port_counts_what_the_kernel_drops_and_a_second_port_falls_back() {
     }
     panel.shutdown();
 }
+
+#[test]
+fn an_af_xdp_port_takes_frames_from_every_receive_queue() {
+    require_traffic_tools();
+    let t = Topology::new("xq");
+    let (a, m) = (&t.ns[0], &t.ns[2]);
+    // A veth pair with two queues each way: q0 in nsA (10.209.0.1), q1 in the middle.
+    must(&[
+        "ip",
+        "-n",
+        a,
+        "link",
+        "add",
+        "q0",
+        "numtxqueues",
+        "2",
+        "numrxqueues",
+        "2",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "q1",
+        "netns",
+        m,
+        "numtxqueues",
+        "2",
+        "numrxqueues",
+        "2",
+    ]);
+    must(&["ip", "-n", a, "addr", "add", "10.209.0.1/24", "dev", "q0"]);
+    // Nothing answers ARP behind the host port: the neighbour is fixed.
+    must(&[
+        "ip",
+        "-n",
+        a,
+        "neigh",
+        "add",
+        "10.209.0.2",
+        "lladdr",
+        "02:00:00:00:00:02",
+        "dev",
+        "q0",
+    ]);
+    for (ns, ifname) in [(a, "q0"), (m, "q1")] {
+        must(&["ip", "-n", ns, "link", "set", ifname, "up"]);
+    }
+    let mid = format!("/run/netns/{m}");
+    let rx = HostPort::open_with("q1", Some(mid.as_ref()), RxMode::Xdp).unwrap();
+    assert_eq!((rx.rx_mode(), rx.xdp_refused()), ("af_xdp_copy", None));
+    let stats = rx.stats();
+    let pool = Arc::new(Pool::new("xq", 4096, 2048).unwrap());
+    let mut panel =
+        PatchPanel::new(Arc::clone(&pool), vec![WorkerConfig::new("io", None)], 1024).unwrap();
+    panel.add_node("host:q1", &[""], 0, Box::new(rx)).unwrap();
+    let sink = telvirt_dataplane::traffic::LatencySink::new(32);
+    panel.add_node("sink", &["in"], 0, Box::new(sink)).unwrap();
+    panel
+        .apply(&[LinkSpec::parse("host:q1 -> sink.in").unwrap()])
+        .unwrap();
+    // 32 UDP flows (one socket each) from nsA: the kernel spreads them over q0's transmit
+    // queues, and veth delivers each on the receive queue of the same number.
+    const FLOWS: u64 = 32;
+    const EACH: u64 = 20;
+    let ns_file = std::fs::File::open(format!("/run/netns/{a}")).unwrap();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: an open namespace file; setns only changes this thread.
+        assert_eq!(
+            unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0
+        );
+        for _ in 0..FLOWS {
+            let s = std::net::UdpSocket::bind("10.209.0.1:0").unwrap();
+            for _ in 0..EACH {
+                s.send_to(&[0u8; 64], "10.209.0.2:9").unwrap();
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let per_queue = stats
+            .rx_per_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let received = stats.rx.load(Ordering::Relaxed);
+        if received >= FLOWS * EACH && per_queue.iter().sum::<u64>() == received {
+            assert_eq!(per_queue.len(), 2, "{per_queue:?}");
+            assert!(
+                per_queue.iter().all(|n| *n > 0),
+                "a queue's socket took nothing: {per_queue:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the flows did not all arrive: {received} of {} ({per_queue:?})",
+            FLOWS * EACH
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panel.shutdown();
+}
