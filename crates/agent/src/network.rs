@@ -106,6 +106,7 @@ struct OpenHostPort {
     interface: String,
     socket: &'static str,
     af_xdp_refused: Option<String>,
+    af_xdp_queues: Option<u32>,
     stats: Arc<HostPortStats>,
 }
 
@@ -655,12 +656,14 @@ impl NetworkReconciler {
                                         worker,
                                         socket = p.rx_mode(),
                                         af_xdp_refused = p.xdp_refused(),
+                                        af_xdp_queues = p.xdp_queues(),
                                         "host port open"
                                     );
                                     let open = OpenHostPort {
                                         interface: ifname.clone(),
                                         socket: p.rx_mode(),
                                         af_xdp_refused: p.xdp_refused().map(str::to_owned),
+                                        af_xdp_queues: p.xdp_queues(),
                                         stats: p.stats(),
                                     };
                                     self.dp.add_node(&node, &[""], worker, Box::new(p))?;
@@ -913,13 +916,18 @@ impl NetworkReconciler {
                 interface: p.interface.clone(),
                 socket: p.socket.to_owned(),
                 af_xdp_refused: p.af_xdp_refused.clone(),
+                af_xdp_queues: p.af_xdp_queues,
                 received: p.stats.rx.load(Ordering::Relaxed),
                 sent: p.stats.tx.load(Ordering::Relaxed),
                 rx_dropped: p.stats.rx_dropped(),
                 tx_dropped: p.stats.tx_errors.load(Ordering::Relaxed),
             };
+            let queues = match st.af_xdp_queues {
+                Some(n) if n > 1 => format!(", {n} queues"),
+                _ => String::new(),
+            };
             table.push_str(&format!(
-                "\nhost port {} ({}): received {}, sent {}, dropped {} on receive, {} on send\n",
+                "\nhost port {} ({}{queues}): received {}, sent {}, dropped {} on receive, {} on send\n",
                 st.interface, st.socket, st.received, st.sent, st.rx_dropped, st.tx_dropped
             ));
             host_ports.push(st);

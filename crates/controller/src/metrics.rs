@@ -926,6 +926,7 @@ mod tests {
             interface: "a1".into(),
             socket: "tpacket_v3".into(),
             af_xdp_refused: None,
+            af_xdp_queues: None,
             received: 900,
             sent: 800,
             rx_dropped: 7,

@@ -174,6 +174,11 @@ impl HostPort {
         }
     }
 
+    /// The receive queues with an AF_XDP socket of this port (`None`: not AF_XDP).
+    pub fn xdp_queues(&self) -> Option<u32> {
+        self.xdp.as_ref().map(|x| x.queue_count())
+    }
+
     /// Why AF_XDP is not used, when it was tried ([`RxMode::Auto`], [`RxMode::Xdp`]) and
     /// refused.
     pub fn xdp_refused(&self) -> Option<&str> {

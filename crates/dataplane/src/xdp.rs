@@ -423,6 +423,11 @@ impl XdpSocket {
         }
     }
 
+    /// The receive queues served (one socket each).
+    pub(crate) fn queue_count(&self) -> u32 {
+        self.queues.len() as u32
+    }
+
     /// Frames received so far on each receive queue.
     pub(crate) fn received_per_queue(&self) -> Vec<u64> {
         self.queues.iter().map(|q| q.received).collect()

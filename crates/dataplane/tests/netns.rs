@@ -487,6 +487,7 @@ fn an_af_xdp_port_takes_frames_from_every_receive_queue() {
     let mid = format!("/run/netns/{m}");
     let rx = HostPort::open_with("q1", Some(mid.as_ref()), RxMode::Xdp).unwrap();
     assert_eq!((rx.rx_mode(), rx.xdp_refused()), ("af_xdp_copy", None));
+    assert_eq!(rx.xdp_queues(), Some(2));
     let stats = rx.stats();
     let pool = Arc::new(Pool::new("xq", 4096, 2048).unwrap());
     let mut panel =

@@ -583,6 +583,9 @@ pub struct HostPortStatus {
     /// an MTU too large for XDP, another XDP program attached).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub af_xdp_refused: Option<String>,
+    /// The interface's receive queues, one AF_XDP socket each (none: not AF_XDP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub af_xdp_queues: Option<u32>,
     /// Frames received from the interface into the data plane.
     pub received: u64,
     /// Frames sent on the interface.
