@@ -524,12 +524,25 @@ impl NetworkReconciler {
             a.span = spans.iter().find(|s| s.network == name).cloned();
             self.reconcile(&name, a, d);
         }
+        // Half full, the per-VNI drops keep only the VNIs of this host's networks (until
+        // then a VNI whose network has not reached this host yet keeps its drops too).
+        if let Some(e) = &self.vxlan
+            && e.vni_drops_tracked() >= vxlan::VNI_DROPS_TRACKED / 2
+        {
+            let held: Vec<(u32, u32)> = applied
+                .values()
+                .filter_map(|a| a.span.as_ref())
+                .map(|s| (s.vni, s.vnis.max(1)))
+                .collect();
+            e.forget_vni_drops(|v| held.iter().any(|(first, n)| v >= *first && v - first < *n));
+        }
         drop(applied);
         self.log_endpoint_drops();
     }
 
-    /// Says in the log what the tunnel endpoint dropped since the last pass (frames between
-    /// hosts lost where no network's links count them: the network left this host).
+    /// Says in the log what the tunnel endpoint dropped since the last pass: for a network
+    /// this host still holds, the links' drops count it too; for one it left (a moved
+    /// VNF's old host), the log is the only place that says so.
     fn log_endpoint_drops(&self) {
         let Some(e) = &self.vxlan else {
             return;
@@ -731,7 +744,8 @@ impl NetworkReconciler {
     /// it is now) does not replace: no link of `links` sends from or receives at their ports,
     /// and both their ends are on the panel. The tunnels they use go into `tunnels_used`. The
     /// rest of the network is wired as it is now meanwhile (the frames the moved instance
-    /// sends back here arrive).
+    /// sends back here arrive). Only links whose ends still have their ports are kept (a node
+    /// placed again with other ports would fail the whole network's wiring).
     fn held_links(
         &self,
         a: &Applied,
@@ -748,9 +762,11 @@ impl NetworkReconciler {
             .filter(|l| held.contains(&l.from.node) || held.contains(&l.to.node))
             .filter(|l| !links.iter().any(|n| n.from == l.from || n.to == l.to))
             .filter(|l| {
-                [&l.from, &l.to]
-                    .iter()
-                    .all(|e| self.dp.node_ports(&e.node).is_some())
+                [&l.from, &l.to].iter().all(|e| {
+                    self.dp
+                        .node_ports(&e.node)
+                        .is_some_and(|ports| ports.contains(&e.port))
+                })
             })
             .cloned()
             .collect();

@@ -622,7 +622,7 @@ impl Scrape {
         family(
             e,
             "telvirt_network_tunnel_endpoint_dropped",
-            "Datagrams a host's tunnel endpoint (of the hosts a network crosses) dropped: in the kernel (its receive buffer full), not VXLAN, for no tunnel, queued in a tunnel removed",
+            "Datagrams a host's tunnel endpoint (of the hosts a network crosses) dropped: in the kernel (its receive buffer full), not VXLAN, for no tunnel, queued in a tunnel removed; the endpoint is the host's, repeated under each of its networks (do not sum over networks)",
             MetricType::Counter,
             per_network(
                 &self.networks,

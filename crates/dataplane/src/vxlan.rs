@@ -520,6 +520,25 @@ impl VxlanEndpoint {
         self.vni_drops.of(vni)
     }
 
+    /// VNIs whose drops are kept apart now (at most [`VNI_DROPS_TRACKED`]).
+    pub fn vni_drops_tracked(&self) -> usize {
+        self.vni_drops
+            .by_vni
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// Forgets the drops of the VNIs `keep` refuses (VNIs no network here holds any more, or
+    /// never held: a sender of stray VNIs), so the table has room for the VNIs to come.
+    pub fn forget_vni_drops(&self, keep: impl Fn(u32) -> bool) {
+        self.vni_drops
+            .by_vni
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|vni, _| keep(*vni));
+    }
+
     /// Number of registered tunnels.
     pub fn tunnel_count(&self) -> usize {
         self.tunnels.read().unwrap_or_else(|p| p.into_inner()).len()
@@ -1248,6 +1267,10 @@ mod tests {
             (1, 0),
             "the expired datagram is VNI 8's drop"
         );
+        // A VNI no network holds any more is forgotten when asked.
+        assert_eq!(eb.vni_drops_tracked(), 1);
+        eb.forget_vni_drops(|v| v != 8);
+        assert_eq!((eb.vni_drops(8), eb.vni_drops_tracked()), (0, 0));
         drop((tb, other));
         hb.finish();
         h_other.finish();

@@ -472,12 +472,10 @@ impl XdpSocket {
     }
 
     /// Frames the kernel dropped before the sockets took them (see
-    /// [`XskQueue::kernel_rx_dropped`]); `None` when the kernel answered for no queue.
+    /// [`XskQueue::kernel_rx_dropped`]); `None` when the kernel did not answer for every
+    /// queue (a partial sum would make the count go back).
     pub(crate) fn kernel_rx_dropped(&self) -> Option<u64> {
-        self.queues
-            .iter()
-            .filter_map(XskQueue::kernel_rx_dropped)
-            .reduce(|a, b| a + b)
+        self.queues.iter().map(XskQueue::kernel_rx_dropped).sum()
     }
 }
 

@@ -105,8 +105,18 @@ async fn health(vm: &VmHandle) -> Result<telvirt_guest::proto::Health> {
     }
 }
 
+/// Kills its guest's QEMU when dropped (QEMU runs in a process group of its own: a benchmark
+/// interrupted, its future dropped, would leave it running otherwise).
+struct KillOnDrop<'a>(&'a VmHandle);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.kill_now();
+    }
+}
+
 /// Boots a source, dirties at `rate`, migrates it with `tuning`, checks the guest goes on at
-/// the destination, stops both.
+/// the destination, stops both (also when the benchmark is dropped half way).
 async fn one(
     mgr: &VmManager,
     opts: &MigrateBenchOptions,
@@ -122,6 +132,7 @@ async fn one(
         c
     };
     let src = mgr.start(config(format!("mbs{n}"))).await?;
+    let _src_killed = KillOnDrop(&src);
     let result = async {
         if rate > 0 {
             let dirty = Workload::DirtyMemory {
@@ -155,6 +166,7 @@ async fn one(
         let dst = mgr
             .start_incoming(config(format!("mbd{n}")), &to, tuning)
             .await?;
+        let _dst_killed = KillOnDrop(&dst);
         // The destination is killed on every path, measured or not.
         let measured = measure(&src, &dst, &to, opts, rate, tuning).await;
         let _ = dst.kill().await;

@@ -241,7 +241,8 @@ fn lost_where(table: &str, dir: &Path) -> String {
         let name = Hosts::name(i);
         let log =
             std::fs::read_to_string(dir.join(format!("agent-{name}.log"))).unwrap_or_default();
-        for line in log.lines().filter(|l| l.contains("WARN")).take(20) {
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+        for line in &warnings[warnings.len().saturating_sub(20)..] {
             out.push_str(&format!("\n{name}: {line}"));
         }
     }

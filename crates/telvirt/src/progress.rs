@@ -70,8 +70,10 @@ impl Progress {
                     )),
                 }
             })
-        })?;
+        });
+        // The bar goes on every path, so an error is printed on a clean line.
         self.finish();
+        let report = report?;
         if crate::output::report(format, &report)? {
             return Ok(None);
         }
