@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::error::{Error, Result};
+use crate::netdev;
 use crate::node::{BATCH, Node, NodeIo};
 use crate::pool::Packet;
 use crate::region::Mapping;
@@ -235,6 +236,27 @@ fn open_sockets(ifname: &str, mode: RxMode) -> Result<Sockets> {
         return Ok((open_socket(ifname, true)?, Err(None)));
     }
     let ifindex = if_index(ifname)?;
+    // What the driver says it can do, where the kernel says (6.3+): no program loaded nor
+    // UMEM mapped to find out.
+    if let Some(features) = netdev::xdp_features(ifindex) {
+        let redirect = netdev::XDP_ACT_BASIC | netdev::XDP_ACT_REDIRECT;
+        let why = if features & redirect != redirect {
+            Some(format!(
+                "{ifname} has no native XDP redirect (its driver's XDP features: {})",
+                netdev::xdp_feature_names(features)
+            ))
+        } else if mode == RxMode::Auto && features & netdev::XDP_ACT_XSK_ZEROCOPY == 0 {
+            Some(format!(
+                "{ifname} has no zero-copy AF_XDP (its driver copies; XDP features: {})",
+                netdev::xdp_feature_names(features)
+            ))
+        } else {
+            None
+        };
+        if why.is_some() {
+            return Ok((open_socket(ifname, true)?, Err(why)));
+        }
+    }
     match XdpSocket::open(ifname, ifindex, mode == RxMode::Xdp) {
         Ok(x) => Ok((open_socket(ifname, false)?, Ok(x))),
         Err(e) => Ok((open_socket(ifname, true)?, Err(Some(e.to_string())))),

@@ -53,6 +53,8 @@ fn ping_and_iperf3_cross_a_firewall_chain_and_a_rule_blocks() {
             assert_eq!(pa.rx_mode(), "tpacket_v3");
             let why = pa.xdp_refused().expect("why AF_XDP was not used");
             assert!(why.contains("a1 has no zero-copy AF_XDP"), "{why}");
+            // Known from the driver's XDP features, before any program was loaded.
+            assert!(why.contains("XDP features: basic, redirect"), "{why}");
         }
         RxMode::Xdp => assert_eq!((pa.rx_mode(), pa.xdp_refused()), ("af_xdp_copy", None)),
         RxMode::Packet => assert_eq!(pa.rx_mode(), "tpacket_v3"),
