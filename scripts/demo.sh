@@ -163,7 +163,7 @@ YAML
     sleep 0.1
   done
   run net show vmchain
-  echo "What crossed upf1's NICs, counted on the host's side:"
+  echo "What crossed upf1's NICs, counted on the host's side, and what its guest's kernel counted inside:"
   run vnf stats upf1
   run net delete vmchain
   run vnf delete upf1

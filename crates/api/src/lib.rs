@@ -317,6 +317,9 @@ pub enum NodeReply {
     },
     NicStats {
         nics: Vec<NicStatsView>,
+        /// The guest's own counters, when its agent answered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<telvirt_model::api::GuestNetView>,
     },
     Logs {
         logs: VnfLogs,

@@ -87,7 +87,9 @@ impl Controller {
                 vnf: name.to_owned(),
             };
             return match self.node_call(&host, request).await? {
-                NodeReply::NicStats { nics } => Ok(VnfStatsView::Vm(VmStatsView { nics })),
+                NodeReply::NicStats { nics, guest } => {
+                    Ok(VnfStatsView::Vm(VmStatsView { nics, guest }))
+                }
                 other => Err(unexpected(&host, "NIC counters", other)),
             };
         }

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::proto::{
-    Body, Health, MAX_TIMER_PROBE_US, PROTOCOL_VERSION, Ready, Request, TimerStats, Workload,
+    Body, GuestNic, Health, MAX_TIMER_PROBE_US, PROTOCOL_VERSION, Ready, Request, TimerStats,
+    Workload,
 };
 
 const PAGE: usize = 4096;
@@ -77,6 +78,10 @@ impl Agent {
             mem_available_kib: avail,
             workload: self.background.as_ref().map(|b| b.name.clone()),
             dirtied_mib: self.dirtied_bytes.load(Ordering::Relaxed) / MIB,
+            nics: guest_nics(std::path::Path::new("/sys/class/net")),
+            backlog_dropped: backlog_dropped(
+                &std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default(),
+            ),
         }
     }
 
@@ -236,6 +241,45 @@ fn loadavg() -> (f64, f64, f64) {
     )
 }
 
+/// The interfaces under `sys_class_net` (but loopback), sorted by name, with their counters
+/// (0 where one cannot be read).
+fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
+    let Ok(dir) = std::fs::read_dir(sys_class_net) else {
+        return Vec::new();
+    };
+    let mut nics: Vec<GuestNic> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| name != "lo")
+        .map(|name| {
+            let stat = |what: &str| {
+                std::fs::read_to_string(sys_class_net.join(&name).join("statistics").join(what))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            GuestNic {
+                rx_packets: stat("rx_packets"),
+                tx_packets: stat("tx_packets"),
+                rx_dropped: stat("rx_dropped"),
+                tx_dropped: stat("tx_dropped"),
+                name,
+            }
+        })
+        .collect();
+    nics.sort_by(|a, b| a.name.cmp(&b.name));
+    nics
+}
+
+/// The second column of `/proc/net/softnet_stat` (hexadecimal, one line per CPU), summed: the
+/// frames each CPU's input backlog was too full to take.
+fn backlog_dropped(softnet_stat: &str) -> u64 {
+    softnet_stat
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum()
+}
+
 fn meminfo() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let field = |name: &str| {
@@ -250,6 +294,31 @@ fn meminfo() -> (u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nic_counters_and_backlog_drops_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        for (nic, rx, dropped) in [
+            ("eth1", "7\n", "2\n"),
+            ("eth0", "40\n", "0\n"),
+            ("lo", "9\n", "0\n"),
+        ] {
+            let s = dir.path().join(nic).join("statistics");
+            std::fs::create_dir_all(&s).unwrap();
+            std::fs::write(s.join("rx_packets"), rx).unwrap();
+            std::fs::write(s.join("rx_dropped"), dropped).unwrap();
+        }
+        let nics = guest_nics(dir.path());
+        let seen: Vec<(&str, u64, u64, u64)> = nics
+            .iter()
+            .map(|n| (n.name.as_str(), n.rx_packets, n.rx_dropped, n.tx_packets))
+            .collect();
+        // Sorted, loopback left out, a counter that is not there read as 0.
+        assert_eq!(seen, [("eth0", 40, 0, 0), ("eth1", 7, 2, 0)]);
+        let softnet = "0000a1b2 00000003 00000000\n00000010 0000000a 00000001\n";
+        assert_eq!(backlog_dropped(softnet), 13);
+        assert_eq!(backlog_dropped(""), 0);
+    }
 
     #[test]
     fn power_key_press_is_recognised() {

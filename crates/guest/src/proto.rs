@@ -99,6 +99,22 @@ pub struct Health {
     pub workload: Option<String>,
     /// MiB written by the memory dirtier since it started.
     pub dirtied_mib: u64,
+    /// The guest's network interfaces (not loopback) as its kernel counts them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<GuestNic>,
+    /// Frames the guest kernel's per-CPU input backlogs dropped (`/proc/net/softnet_stat`).
+    #[serde(default)]
+    pub backlog_dropped: u64,
+}
+
+/// One network interface of the guest, from `/sys/class/net/IF/statistics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNic {
+    pub name: String,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
 }
 
 /// Result of a timer latency probe (wake-up lateness, microseconds).

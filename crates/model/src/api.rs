@@ -241,12 +241,35 @@ pub enum VnfStatsView {
     Vm(VmStatsView),
 }
 
-/// A running vm VNF's counters: its vhost-user NICs as the host's data plane counts them (what
-/// the guest does inside is its own: the host sees only what crosses the NIC).
+/// A running vm VNF's counters: its vhost-user NICs as the host's data plane counts them, and
+/// the guest's own interfaces as its kernel counts them (what the guest drops inside shows
+/// there, not on the host's side).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct VmStatsView {
     /// One per `spec.vm.nics` entry, in its order (empty: the VM has none on the data plane).
     pub nics: Vec<NicStatsView>,
+    /// The guest's view, from its agent (`None`: the guest agent did not answer in time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestNetView>,
+}
+
+/// A guest's network counters as its own kernel keeps them, read by the guest agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestNetView {
+    /// Its interfaces but loopback, by name.
+    pub nics: Vec<GuestNicView>,
+    /// Frames its CPUs' input backlogs were too full to take (`/proc/net/softnet_stat`).
+    pub backlog_dropped: u64,
+}
+
+/// One interface inside a guest (`/sys/class/net/IF/statistics`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestNicView {
+    pub name: String,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub rx_dropped: u64,
+    pub tx_dropped: u64,
 }
 
 /// One vhost-user NIC of a vm VNF.

@@ -29,6 +29,9 @@ use telvirt_runtime_wasm::SecurityPolicy;
 use crate::cli::Output;
 use crate::client::Client;
 
+/// How long `vnf stats` waits for a vm guest's agent to give its own counters.
+const GUEST_STATS_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(Subcommand, Debug)]
 pub enum WasmCommand {
     /// Write the built-in example modules (firewall.wasm, nat.wasm, gtpu.wasm) into a directory
@@ -211,6 +214,7 @@ impl HostNodeHandler {
             },
             NodeRequest::NicStats { .. } => NodeReply::NicStats {
                 nics: self.nic_stats(&name)?,
+                guest: self.guest_net(&name),
             },
             NodeRequest::Logs { after, .. } => NodeReply::Logs {
                 logs: rt.logs_view(&name, *after).map_err(|e| e.to_string())?,
@@ -253,6 +257,30 @@ impl HostNodeHandler {
             Some(_) => Ok(Vec::new()),
             None => Err(format!("vnf {name} has no running VM on this host")),
         }
+    }
+
+    /// What vm VNF `name`'s guest counts on its own interfaces, asked of its agent (`None`: no
+    /// VM of that name here, or its agent did not answer within [`GUEST_STATS_WAIT`]). Runs on
+    /// a blocking thread (node calls do), so it may wait for the runtime.
+    fn guest_net(&self, name: &Name) -> Option<telvirt_model::api::GuestNetView> {
+        let vm = self.vm.as_ref()?;
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let health = runtime
+            .block_on(async { vm.handle(name).await?.health(GUEST_STATS_WAIT).await.ok() })?;
+        Some(telvirt_model::api::GuestNetView {
+            nics: health
+                .nics
+                .into_iter()
+                .map(|n| telvirt_model::api::GuestNicView {
+                    name: n.name,
+                    rx_packets: n.rx_packets,
+                    tx_packets: n.tx_packets,
+                    rx_dropped: n.rx_dropped,
+                    tx_dropped: n.tx_dropped,
+                })
+                .collect(),
+            backlog_dropped: health.backlog_dropped,
+        })
     }
 
     /// Every VNF on this host: a wasm instance's counters, a running QEMU's use of the host.
@@ -390,6 +418,7 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
         VnfStatsView::Wasm(s) => s,
         VnfStatsView::Vm(vm) => {
             print_nic_stats(name, &vm.nics);
+            print_guest_net(name, vm.guest.as_ref());
             return Ok(());
         }
     };
@@ -418,6 +447,37 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
         crate::output::table(&["FROM", "COUNTER", "VALUE"], &rows)
     );
     Ok(())
+}
+
+/// A vm VNF's guest's own interfaces as a table (what it dropped inside).
+fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>) {
+    let Some(g) = guest else {
+        println!(
+            "inside the guest: its agent did not answer (vnf {name}'s guest counters unknown)"
+        );
+        return;
+    };
+    let rows: Vec<Vec<String>> = g
+        .nics
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.rx_packets.to_string(),
+                n.tx_packets.to_string(),
+                n.rx_dropped.to_string(),
+                n.tx_dropped.to_string(),
+            ]
+        })
+        .collect();
+    println!(
+        "Inside the guest, as its kernel counts (input backlog dropped {}):",
+        g.backlog_dropped
+    );
+    println!(
+        "{}",
+        crate::output::table(&["IF", "RX", "TX", "RX DROPPED", "TX DROPPED"], &rows)
+    );
 }
 
 /// A vm VNF's NICs as a table, one row each.

@@ -684,11 +684,23 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         nics[1]["frames_from_guest"].as_u64() >= Some(1000),
         "{stats}"
     );
+    // The guest's own kernel counts what its bridge took in (and what it dropped inside).
+    let guest_nics = stats["guest"]["nics"]
+        .as_array()
+        .expect("the guest's counters");
+    assert!(
+        guest_nics
+            .iter()
+            .any(|n| n["rx_packets"].as_u64() >= Some(1000) && n["name"] != "lo"),
+        "{stats}"
+    );
+    assert!(stats["guest"]["backlog_dropped"].is_u64(), "{stats}");
     let table = String::from_utf8_lossy(&node.ok(&["vnf", "stats", &vm]).stdout).into_owned();
     assert!(
         table.contains("FROM GUEST") && table.lines().any(|l| l.starts_with("n6 ")),
         "{table}"
     );
+    assert!(table.contains("Inside the guest"), "{table}");
 
     // The node dies and comes back: it adopts the running QEMU and connects to the NICs' sockets
     // QEMU serves again; frames cross the same guest.
