@@ -236,16 +236,19 @@ fn open_sockets(ifname: &str, mode: RxMode) -> Result<Sockets> {
         return Ok((open_socket(ifname, true)?, Err(None)));
     }
     let ifindex = if_index(ifname)?;
-    // What the driver says it can do, where the kernel says (6.3+): no program loaded nor
-    // UMEM mapped to find out.
-    if let Some(features) = netdev::xdp_features(ifindex) {
+    // In `auto`, what the driver says it can do (kernel 6.3+) spares loading a program and
+    // mapping a UMEM to find out. A driver that reports no feature at all may predate the
+    // reporting: it is tried, as is every driver when AF_XDP is asked for.
+    if mode == RxMode::Auto
+        && let Some(features) = netdev::xdp_features(ifindex).filter(|f| *f != 0)
+    {
         let redirect = netdev::XDP_ACT_BASIC | netdev::XDP_ACT_REDIRECT;
         let why = if features & redirect != redirect {
             Some(format!(
                 "{ifname} has no native XDP redirect (its driver's XDP features: {})",
                 netdev::xdp_feature_names(features)
             ))
-        } else if mode == RxMode::Auto && features & netdev::XDP_ACT_XSK_ZEROCOPY == 0 {
+        } else if features & netdev::XDP_ACT_XSK_ZEROCOPY == 0 {
             Some(format!(
                 "{ifname} has no zero-copy AF_XDP (its driver copies; XDP features: {})",
                 netdev::xdp_feature_names(features)

@@ -14,7 +14,7 @@ pub mod firewall;
 pub mod graph;
 pub mod hist;
 pub mod latency;
-pub mod netdev;
+pub(crate) mod netdev;
 pub mod node;
 pub mod packet;
 pub mod panel;

@@ -3,8 +3,8 @@
 //! AF_XDP, known before any program is loaded or UMEM mapped.
 //!
 //! Owns one short-lived netlink socket per question. Must not change the device nor decide
-//! which socket a host port uses (`afpacket::HostPort` does); a kernel without the family
-//! answers `None` and the caller finds out by trying.
+//! which socket a host port uses (`afpacket::HostPort` does, in its automatic mode only); a
+//! kernel without the family answers `None` and the caller finds out by trying.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -12,8 +12,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 pub const XDP_ACT_BASIC: u64 = 1;
 /// The driver redirects (what an XSKMAP program does).
 pub const XDP_ACT_REDIRECT: u64 = 2;
+/// The driver transmits frames other devices redirect to it.
+pub const XDP_ACT_NDO_XMIT: u64 = 4;
 /// The driver has zero-copy AF_XDP.
 pub const XDP_ACT_XSK_ZEROCOPY: u64 = 8;
+/// The program runs on the NIC.
+pub const XDP_ACT_HW_OFFLOAD: u64 = 16;
+/// Frames larger than a page arrive in fragments.
+pub const XDP_ACT_RX_SG: u64 = 32;
+/// Redirected fragmented frames are transmitted.
+pub const XDP_ACT_NDO_XMIT_SG: u64 = 64;
 
 const NETLINK_GENERIC: libc::c_int = 16;
 const GENL_ID_CTRL: u16 = 0x10;
@@ -57,11 +65,11 @@ pub fn xdp_feature_names(features: u64) -> String {
     let names = [
         (XDP_ACT_BASIC, "basic"),
         (XDP_ACT_REDIRECT, "redirect"),
-        (4, "ndo-xmit"),
+        (XDP_ACT_NDO_XMIT, "ndo-xmit"),
         (XDP_ACT_XSK_ZEROCOPY, "xsk-zerocopy"),
-        (16, "hw-offload"),
-        (32, "rx-sg"),
-        (64, "ndo-xmit-sg"),
+        (XDP_ACT_HW_OFFLOAD, "hw-offload"),
+        (XDP_ACT_RX_SG, "rx-sg"),
+        (XDP_ACT_NDO_XMIT_SG, "ndo-xmit-sg"),
     ];
     let set: Vec<&str> = names
         .iter()
@@ -119,7 +127,7 @@ impl Netlink {
         msg.extend_from_slice(&family.to_ne_bytes());
         msg.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
         msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-        msg.extend_from_slice(&0u32.to_ne_bytes()); // port: the kernel's
+        msg.extend_from_slice(&0u32.to_ne_bytes()); // sender's port: 0, the kernel fills it
         msg.extend_from_slice(&[cmd, 1, 0, 0]); // genlmsghdr: command, version 1
         msg.extend_from_slice(attrs);
         // SAFETY: valid fd; `msg` is readable for its length (the kernel is the peer:
@@ -207,7 +215,8 @@ mod tests {
 
     #[test]
     fn loopback_has_no_zero_copy_and_names_read_back() {
-        // The kernels here have the netdev family (6.3+): loopback (index 1) answers.
+        // Needs the netdev family (kernel 6.3+, as on the machines this runs on): loopback
+        // (index 1) answers.
         let f = xdp_features(1).expect("the netdev family answers for loopback");
         assert_eq!(f & XDP_ACT_XSK_ZEROCOPY, 0, "{}", xdp_feature_names(f));
         assert_eq!(xdp_features(u32::MAX), None, "no such device");

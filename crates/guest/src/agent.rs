@@ -249,6 +249,8 @@ fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
     };
     let mut nics: Vec<GuestNic> = dir
         .flatten()
+        // Interfaces are directories (links to them); a file such as `bonding_masters` is not.
+        .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|name| name != "lo")
         .map(|name| {
@@ -298,6 +300,7 @@ mod tests {
     #[test]
     fn nic_counters_and_backlog_drops_are_read() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bonding_masters"), "\n").unwrap();
         for (nic, rx, dropped) in [
             ("eth1", "7\n", "2\n"),
             ("eth0", "40\n", "0\n"),

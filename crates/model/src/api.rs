@@ -248,7 +248,8 @@ pub enum VnfStatsView {
 pub struct VmStatsView {
     /// One per `spec.vm.nics` entry, in its order (empty: the VM has none on the data plane).
     pub nics: Vec<NicStatsView>,
-    /// The guest's view, from its agent (`None`: the guest agent did not answer in time).
+    /// The guest's view, from its agent (`None`: the guest agent did not answer in time, or is
+    /// older than these counters).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestNetView>,
 }

@@ -267,6 +267,10 @@ impl HostNodeHandler {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let health = runtime
             .block_on(async { vm.handle(name).await?.health(GUEST_STATS_WAIT).await.ok() })?;
+        // A guest agent older than these counters names no interface: unknown, not zero.
+        if health.nics.is_empty() {
+            return None;
+        }
         Some(telvirt_model::api::GuestNetView {
             nics: health
                 .nics
@@ -453,7 +457,7 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
 fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>) {
     let Some(g) = guest else {
         println!(
-            "inside the guest: its agent did not answer (vnf {name}'s guest counters unknown)"
+            "inside the guest: no counters (vnf {name}'s guest agent did not answer within 2 s, or predates them)"
         );
         return;
     };
