@@ -247,6 +247,7 @@ fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
     let Ok(dir) = std::fs::read_dir(sys_class_net) else {
         return Vec::new();
     };
+    let qdisc = crate::qdisc::root_drops();
     let mut nics: Vec<GuestNic> = dir
         .flatten()
         // Interfaces are directories (links to them); a file such as `bonding_masters` is not.
@@ -260,7 +261,11 @@ fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
                     .and_then(|s| s.trim().parse::<u64>().ok())
                     .unwrap_or(0)
             };
+            let ifindex = std::fs::read_to_string(sys_class_net.join(&name).join("ifindex"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
             GuestNic {
+                qdisc_dropped: ifindex.and_then(|i| qdisc.get(&i).copied()),
                 rx_packets: stat("rx_packets"),
                 tx_packets: stat("tx_packets"),
                 rx_dropped: stat("rx_dropped"),

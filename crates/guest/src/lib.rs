@@ -7,3 +7,4 @@
 
 pub mod agent;
 pub mod proto;
+pub mod qdisc;

@@ -271,6 +271,10 @@ pub struct GuestNicView {
     pub tx_packets: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    /// Frames its root queue discipline dropped before the device took them (`None`: it has
+    /// none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qdisc_dropped: Option<u64>,
 }
 
 /// One vhost-user NIC of a vm VNF.

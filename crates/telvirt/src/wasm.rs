@@ -281,6 +281,7 @@ impl HostNodeHandler {
                     tx_packets: n.tx_packets,
                     rx_dropped: n.rx_dropped,
                     tx_dropped: n.tx_dropped,
+                    qdisc_dropped: n.qdisc_dropped,
                 })
                 .collect(),
             backlog_dropped: health.backlog_dropped,
@@ -471,6 +472,8 @@ fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>)
                 n.tx_packets.to_string(),
                 n.rx_dropped.to_string(),
                 n.tx_dropped.to_string(),
+                n.qdisc_dropped
+                    .map_or_else(|| "-".to_owned(), |d| d.to_string()),
             ]
         })
         .collect();
@@ -480,7 +483,17 @@ fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>)
     );
     println!(
         "{}",
-        crate::output::table(&["IF", "RX", "TX", "RX DROPPED", "TX DROPPED"], &rows)
+        crate::output::table(
+            &[
+                "IF",
+                "RX",
+                "TX",
+                "RX DROPPED",
+                "TX DROPPED",
+                "QDISC DROPPED"
+            ],
+            &rows
+        )
     );
 }
 

@@ -695,6 +695,11 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         "{stats}"
     );
     assert!(stats["guest"]["backlog_dropped"].is_u64(), "{stats}");
+    // Its NICs have root queue disciplines, whose drops are read too.
+    assert!(
+        guest_nics.iter().any(|n| n["qdisc_dropped"].is_u64()),
+        "{stats}"
+    );
     let table = String::from_utf8_lossy(&node.ok(&["vnf", "stats", &vm]).stdout).into_owned();
     assert!(
         table.contains("FROM GUEST") && table.lines().any(|l| l.starts_with("n6 ")),
