@@ -247,7 +247,7 @@ fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
     let Ok(dir) = std::fs::read_dir(sys_class_net) else {
         return Vec::new();
     };
-    let qdisc = crate::qdisc::root_drops();
+    let qdisc = crate::qdisc::root_counts();
     let mut nics: Vec<GuestNic> = dir
         .flatten()
         // Interfaces are directories (links to them); a file such as `bonding_masters` is not.
@@ -265,11 +265,14 @@ fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
             GuestNic {
-                qdisc_dropped: ifindex.and_then(|i| qdisc.get(&i).copied()),
+                qdisc_dropped: ifindex.and_then(|i| qdisc.get(&i)).map(|q| q.dropped),
+                qdisc_queued: ifindex.and_then(|i| qdisc.get(&i)).map(|q| q.queued),
                 rx_packets: stat("rx_packets"),
                 tx_packets: stat("tx_packets"),
                 rx_dropped: stat("rx_dropped"),
                 tx_dropped: stat("tx_dropped"),
+                rx_errors: stat("rx_errors"),
+                tx_errors: stat("tx_errors"),
                 name,
             }
         })

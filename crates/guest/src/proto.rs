@@ -115,10 +115,19 @@ pub struct GuestNic {
     pub tx_packets: u64,
     pub rx_dropped: u64,
     pub tx_dropped: u64,
+    /// Frames received with an error (length, CRC, frame, FIFO, missed): not delivered.
+    #[serde(default)]
+    pub rx_errors: u64,
+    /// Frames that failed to be sent.
+    #[serde(default)]
+    pub tx_errors: u64,
     /// Frames its root queue discipline dropped before the device took them (`None`: it has
     /// none, e.g. `noqueue` on a bridge).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qdisc_dropped: Option<u64>,
+    /// Frames its root queue discipline holds now, waiting for the device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qdisc_queued: Option<u64>,
 }
 
 /// Result of a timer latency probe (wake-up lateness, microseconds).

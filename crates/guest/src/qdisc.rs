@@ -17,9 +17,18 @@ const TC_H_ROOT: u32 = 0xffff_ffff;
 const TCA_STATS2: u16 = 7;
 const TCA_STATS_QUEUE: u16 = 3;
 
-/// Frames the root queue discipline of each interface (by index) dropped; empty when the
-/// kernel did not answer. A root (`mq` on a multi-queue device) counts for its children.
-pub fn root_drops() -> HashMap<u32, u64> {
+/// What the root queue discipline of an interface holds and dropped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QdiscCounts {
+    /// Frames dropped since it was made.
+    pub dropped: u64,
+    /// Frames queued now, waiting for the device.
+    pub queued: u64,
+}
+
+/// The root queue discipline's counts of each interface (by index); empty when the kernel did
+/// not answer. A root (`mq` on a multi-queue device) counts for its children.
+pub fn root_counts() -> HashMap<u32, QdiscCounts> {
     let mut out = HashMap::new();
     let dump = NetlinkSocket::open(libc::NETLINK_ROUTE).and_then(|s| {
         // Every interface, every family: an empty tcmsg.
@@ -31,17 +40,19 @@ pub fn root_drops() -> HashMap<u32, u64> {
     });
     for (kind, payload) in dump.unwrap_or_default() {
         if kind == RTM_NEWQDISC
-            && let Some((ifindex, drops)) = root_qdisc(&payload)
+            && let Some((ifindex, counts)) = root_qdisc(&payload)
         {
-            *out.entry(ifindex).or_insert(0) += drops;
+            let e = out.entry(ifindex).or_insert_with(QdiscCounts::default);
+            e.dropped += counts.dropped;
+            e.queued += counts.queued;
         }
     }
     out
 }
 
-/// The interface and drops of one `RTM_NEWQDISC` payload, if it is a root discipline with
+/// The interface and counts of one `RTM_NEWQDISC` payload, if it is a root discipline with
 /// queue statistics.
-fn root_qdisc(payload: &[u8]) -> Option<(u32, u64)> {
+fn root_qdisc(payload: &[u8]) -> Option<(u32, QdiscCounts)> {
     let ifindex = u32_at(payload, 4)?;
     if u32_at(payload, 12)? != TC_H_ROOT {
         return None;
@@ -49,7 +60,13 @@ fn root_qdisc(payload: &[u8]) -> Option<(u32, u64)> {
     let stats = find_attr(payload.get(TCMSG_LEN..)?, TCA_STATS2)?;
     // struct gnet_stats_queue: qlen, backlog, drops, requeues, overlimits (u32 each).
     let queue = find_attr(stats, TCA_STATS_QUEUE)?;
-    Some((ifindex, u64::from(u32_at(queue, 8)?)))
+    Some((
+        ifindex,
+        QdiscCounts {
+            dropped: u64::from(u32_at(queue, 8)?),
+            queued: u64::from(u32_at(queue, 0)?),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -64,7 +81,7 @@ mod tests {
         p[4..8].copy_from_slice(&ifindex.to_ne_bytes());
         p[12..16].copy_from_slice(&parent.to_ne_bytes());
         p.extend(attr(1, b"pfifo_fast\0"));
-        let queue: Vec<u8> = [0u32, 0, drops, 0, 0]
+        let queue: Vec<u8> = [4u32, 256, drops, 0, 0]
             .iter()
             .flat_map(|v| v.to_ne_bytes())
             .collect();
@@ -76,7 +93,11 @@ mod tests {
 
     #[test]
     fn a_root_disciplines_drops_are_read_and_its_children_left_out() {
-        assert_eq!(root_qdisc(&payload(3, TC_H_ROOT, 773)), Some((3, 773)));
+        let counts = QdiscCounts {
+            dropped: 773,
+            queued: 4,
+        };
+        assert_eq!(root_qdisc(&payload(3, TC_H_ROOT, 773)), Some((3, counts)));
         // A child of `mq` (its parent a class): counted by the root already.
         assert_eq!(root_qdisc(&payload(3, 0x0001_0001, 5)), None);
         // Too short to be a tcmsg.

@@ -281,7 +281,10 @@ impl HostNodeHandler {
                     tx_packets: n.tx_packets,
                     rx_dropped: n.rx_dropped,
                     tx_dropped: n.tx_dropped,
+                    rx_errors: n.rx_errors,
+                    tx_errors: n.tx_errors,
                     qdisc_dropped: n.qdisc_dropped,
+                    qdisc_queued: n.qdisc_queued,
                 })
                 .collect(),
             backlog_dropped: health.backlog_dropped,
@@ -470,10 +473,12 @@ fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>)
                 n.name.clone(),
                 n.rx_packets.to_string(),
                 n.tx_packets.to_string(),
-                n.rx_dropped.to_string(),
-                n.tx_dropped.to_string(),
-                n.qdisc_dropped
-                    .map_or_else(|| "-".to_owned(), |d| d.to_string()),
+                format!("{} / {}", n.rx_dropped, n.rx_errors),
+                format!("{} / {}", n.tx_dropped, n.tx_errors),
+                match (n.qdisc_dropped, n.qdisc_queued) {
+                    (Some(d), Some(q)) => format!("{d} / {q}"),
+                    _ => "-".to_owned(),
+                },
             ]
         })
         .collect();
@@ -488,9 +493,9 @@ fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>)
                 "IF",
                 "RX",
                 "TX",
-                "RX DROPPED",
-                "TX DROPPED",
-                "QDISC DROPPED"
+                "RX DROPPED / ERRORS",
+                "TX DROPPED / ERRORS",
+                "QDISC DROPPED / QUEUED"
             ],
             &rows
         )
