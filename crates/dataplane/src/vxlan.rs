@@ -549,6 +549,7 @@ impl VxlanEndpoint {
     pub fn drain_node(self: &Arc<Self>) -> EndpointDrain {
         EndpointDrain {
             endpoint: Arc::clone(self),
+            last: None,
         }
     }
 
@@ -937,18 +938,27 @@ impl VxlanTunnel {
     }
 }
 
+/// How often an [`EndpointDrain`] reads at most: it only counts what no tunnel takes, so a
+/// read per worker round (a system call and a batch of buffers taken and given back) would
+/// cost an idle host CPU time for nothing.
+pub const DRAIN_EVERY: Duration = Duration::from_millis(1);
+
 /// Reads an endpoint's socket while the endpoint has no tunnel (when it has one, its tunnels
-/// read): a datagram is held for the tunnel it names, then counted `unknown_tunnel`, as when
-/// a tunnel reads it.
+/// read), every [`DRAIN_EVERY`] at most: a datagram is held for the tunnel it names, then
+/// counted `unknown_tunnel`, as when a tunnel reads it.
 pub struct EndpointDrain {
     endpoint: Arc<VxlanEndpoint>,
+    last: Option<Instant>,
 }
 
 impl Node for EndpointDrain {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
-        if self.endpoint.tunnel_count() > 0 {
+        if self.last.is_some_and(|at| at.elapsed() < DRAIN_EVERY)
+            || self.endpoint.tunnel_count() > 0
+        {
             return 0;
         }
+        self.last = Some(Instant::now());
         self.endpoint.receive(io)
     }
 }
