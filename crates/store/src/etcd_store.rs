@@ -26,6 +26,12 @@ use crate::{
 /// How long a call waits for an answer before it reports etcd unavailable. Requests to a cluster
 /// that cannot be reached wait for a connection rather than fail, so this bounds every call.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many times at least a request no member received goes again. The client routes each
+/// attempt to a member at random: with one of three members stopped, 24 attempts all meet it
+/// with a chance of 3^-24; each refused connection fails at once, so a store whose members
+/// are all down still answers "unavailable" without delay.
+const NEVER_SENT_ATTEMPTS: usize = 24;
 /// How long opening one TCP connection to an endpoint may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 pings on idle connections find a peer that vanished without closing them.
@@ -289,8 +295,9 @@ impl EtcdStore {
     /// Runs one request with [`REQUEST_TIMEOUT`], records whether etcd was reached, and maps
     /// its error (a missing lease to [`StoreError::NoLease`] of `lease`). `request` makes the
     /// request afresh for each attempt: one that no member received (its connection was
-    /// refused, as a stopped member's is) goes again, to another member, up to twice per
-    /// endpoint; a request that may have reached etcd is never repeated.
+    /// refused, as a stopped member's is) goes again, up to [`NEVER_SENT_ATTEMPTS`] times
+    /// (the client picks a member at random for each, so a fixed few can all meet the stopped
+    /// one); a request that may have reached etcd is never repeated.
     async fn call<T, F>(
         &self,
         what: &str,
@@ -300,7 +307,7 @@ impl EtcdStore {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
-        let attempts = 2 * self.endpoint_count.max(1);
+        let attempts = NEVER_SENT_ATTEMPTS.max(8 * self.endpoint_count);
         let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
         let mut attempt = 0;
         loop {
