@@ -949,9 +949,21 @@ async fn teardown(record: &ClusterRecord) -> Removal {
             )
         })
         .collect();
-    for group in [agents, controllers, etcd] {
-        stop(&group, &marker, &mut r).await;
+    for group in [&agents, &controllers, &etcd] {
+        stop(group, &marker, &mut r).await;
     }
+    // What they left in their sessions (each was started in one of its own): a child an
+    // agent had forked but not yet turned into its program when the agent died still carries
+    // the agent's command line; a child that outlived its agent names a path of its host.
+    let sessions: Vec<u32> = [&agents, &controllers, &etcd]
+        .iter()
+        .flat_map(|group| group.iter().map(|(_, pid)| *pid))
+        .collect();
+    let left: Vec<(String, u32)> = left_in_sessions(&sessions, &marker)
+        .into_iter()
+        .map(|(pid, command)| (format!("process {pid} ({command})"), pid))
+        .collect();
+    stop(&left, &marker, &mut r).await;
     // Deleting the root end of a veth deletes its peer at once (deleting the namespace does it
     // later, in the kernel's own time): the veth goes first, then the namespace.
     let namespaces = existing_namespaces();
@@ -1025,6 +1037,30 @@ async fn stop(group: &[(String, u32)], marker: &str, r: &mut Removal) {
             r.removed.push(what);
         }
     }
+}
+
+/// Every running process in one of `sessions` whose command line contains `marker`, with
+/// that line.
+fn left_in_sessions(sessions: &[u32], marker: &str) -> Vec<(u32, String)> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let session_of = |pid: u32| {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the command's closing parenthesis: state, ppid, pgrp, session.
+        let (_, rest) = stat.rsplit_once(')')?;
+        rest.split_whitespace().nth(3)?.parse::<u32>().ok()
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| session_of(*pid).is_some_and(|sid| sessions.contains(&sid)))
+        .filter(|pid| ours(*pid, marker))
+        .filter_map(|pid| {
+            let command = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let command = String::from_utf8_lossy(&command).replace('\0', " ");
+            Some((pid, command.trim_end().to_owned()))
+        })
+        .collect()
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -1178,6 +1214,46 @@ pub(crate) fn free_port(address: &str) -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child the stopped process left in its session, naming the cluster's directory, is
+    /// found and stopped; a process of another session naming it too is left alone.
+    #[tokio::test]
+    async fn what_a_stopped_process_left_in_its_session_is_stopped_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("{}/", dir.path().display());
+        let log = dir.path().join("log");
+        fs::write(&log, "").unwrap();
+        let mut leader = Command::new("sh");
+        leader.args([
+            "-c",
+            "tail -f \"$0\" & echo started; exec tail -f \"$0\"",
+            log.to_str().unwrap(),
+        ]);
+        let mut leader = spawn_detached(leader, &dir.path().join("out"), None).unwrap();
+        let mut outsider = Command::new("tail").arg("-f").arg(&log).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let session = [leader.id()];
+        while left_in_sessions(&session, &marker).len() < 2 {
+            assert!(Instant::now() < deadline, "the leader's child never ran");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut r = Removal::default();
+        stop(&[("leader".to_owned(), leader.id())], &marker, &mut r).await;
+        let _ = leader.wait();
+        let left = left_in_sessions(&session, &marker);
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert!(left[0].1.starts_with("tail -f "), "{left:?}");
+        let left: Vec<(String, u32)> = left.into_iter().map(|(p, c)| (c, p)).collect();
+        stop(&left, &marker, &mut r).await;
+        assert!(left_in_sessions(&session, &marker).is_empty());
+        assert_eq!(r.removed.len(), 2, "{r:?}");
+        assert!(
+            ours(outsider.id(), &marker),
+            "a process of another session was stopped"
+        );
+        outsider.kill().unwrap();
+        let _ = outsider.wait();
+    }
 
     #[test]
     fn slices_are_disjoint_when_there_are_enough_cpus() {
