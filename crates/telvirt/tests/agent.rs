@@ -503,8 +503,10 @@ fn spinning_nat(node: &Serve) -> String {
 
 #[test]
 fn a_pair_whose_active_instance_fails_hands_over_and_its_flow_goes_on_with_its_sessions() {
+    // The hosts stay up: a lease long enough that a spinning instance on a loaded machine does
+    // not starve its agent's heartbeat past it (the handover must come from the instance).
     let (node, _a1, _a2) =
-        two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+        two_agents(&["--host-lease-ttl-ms", "3000", "--heal-after-ms", "3600000"]);
     let (active, standby) =
         nat_pair_limited(&node, "limits: { memory: 16MiB, fuel_per_batch: 2000000 }");
     let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 20 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> natp.in\n    - natp.out -> sink.in\n";
