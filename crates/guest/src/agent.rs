@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::drops::DropTrace;
 use crate::proto::{
-    Body, GuestNic, Health, MAX_TIMER_PROBE_US, PROTOCOL_VERSION, Ready, Request, TimerStats,
-    Workload,
+    Body, GuestNic, Health, KernelDrops, MAX_TIMER_PROBE_US, PROTOCOL_VERSION, Ready, Request,
+    TimerStats, Workload,
 };
 
 const PAGE: usize = 4096;
@@ -25,6 +26,8 @@ struct Background {
 pub struct Agent {
     background: Option<Background>,
     dirtied_bytes: Arc<AtomicU64>,
+    /// The kernel's drop record, or why there is none.
+    drop_trace: Result<DropTrace, String>,
 }
 
 impl Default for Agent {
@@ -38,7 +41,14 @@ impl Agent {
         Self {
             background: None,
             dirtied_bytes: Arc::new(AtomicU64::new(0)),
+            drop_trace: Err("the agent was started without drop tracing".into()),
         }
+    }
+
+    /// Reports the kernel's drops from `trace` (or why they cannot be traced).
+    pub fn with_drop_trace(mut self, trace: Result<DropTrace, String>) -> Self {
+        self.drop_trace = trace;
+        self
     }
 
     /// The announcement sent when the port opens and as the answer to `hello`.
@@ -82,6 +92,13 @@ impl Agent {
             backlog_dropped: backlog_dropped(
                 &std::fs::read_to_string("/proc/net/softnet_stat").unwrap_or_default(),
             ),
+            kernel_drops: Some(match &self.drop_trace {
+                Ok(trace) => trace.read(),
+                Err(why) => KernelDrops {
+                    untraced: Some(why.clone()),
+                    ..KernelDrops::default()
+                },
+            }),
         }
     }
 

@@ -6,5 +6,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
+pub mod drops;
 pub mod proto;
 pub mod qdisc;

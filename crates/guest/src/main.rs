@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use telvirt_guest::agent::{Agent, INPUT_EVENT_SIZE, is_power_button_press};
+use telvirt_guest::drops::{DropTrace, TRACEFS};
 use telvirt_guest::proto::{AGENT_PORT_NAME, Body, Message, RequestEnvelope, encode_line};
 
 fn find_port() -> Option<PathBuf> {
@@ -107,6 +108,7 @@ fn watch_power_button() {
 fn main() {
     let mut agent = Agent::new();
     if std::env::args().any(|a| a == "--stdio") {
+        // On the host (tests): its tracing is not the agent's to change.
         let stdin = std::io::stdin();
         let mut input = stdin.lock();
         let mut out = std::io::stdout();
@@ -125,6 +127,11 @@ fn main() {
             }
         }
     }
+    let trace = DropTrace::install(Path::new(TRACEFS));
+    if let Err(why) = &trace {
+        eprintln!("telvirt-guest: the kernel's drops are not traced: {why}");
+    }
+    agent = agent.with_drop_trace(trace);
     watch_power_button();
     let port = loop {
         if let Some(p) = find_port() {

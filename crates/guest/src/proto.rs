@@ -105,6 +105,39 @@ pub struct Health {
     /// Frames the guest kernel's per-CPU input backlogs dropped (`/proc/net/softnet_stat`).
     #[serde(default)]
     pub backlog_dropped: u64,
+    /// Every buffer the guest kernel dropped, by where and why (`None`: an agent older than
+    /// this record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_drops: Option<KernelDrops>,
+}
+
+/// How many drop sites a health answer lists at most; the rest are summed.
+pub const MAX_DROP_SITES: usize = 16;
+
+/// The buffers the guest kernel freed as dropped since its agent first started, as the
+/// `skb:kfree_skb` tracepoint counts them: every drop the kernel records a reason for,
+/// including those no interface or queue counter shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelDrops {
+    /// Why the drops are not traced (tracefs or the trigger unavailable); `sites` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub untraced: Option<String>,
+    /// Where and why, most first: at most [`MAX_DROP_SITES`].
+    #[serde(default)]
+    pub sites: Vec<GuestDrop>,
+    /// Drops at the sites beyond those listed.
+    #[serde(default)]
+    pub elsewhere: u64,
+}
+
+/// The buffers one kernel function dropped for one reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestDrop {
+    /// The function that freed them (with its module in brackets when not built in).
+    pub function: String,
+    /// The kernel's drop reason (`NOT_SPECIFIED` where the code gives none).
+    pub reason: String,
+    pub count: u64,
 }
 
 /// One network interface of the guest, from `/sys/class/net/IF/statistics`.

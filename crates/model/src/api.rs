@@ -261,6 +261,35 @@ pub struct GuestNetView {
     pub nics: Vec<GuestNicView>,
     /// Frames its CPUs' input backlogs were too full to take (`/proc/net/softnet_stat`).
     pub backlog_dropped: u64,
+    /// Every buffer its kernel dropped, by where and why, since its agent first started
+    /// (`None`: a guest agent older than this record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_drops: Option<GuestKernelDropsView>,
+}
+
+/// The buffers a guest's kernel freed as dropped, as its `skb:kfree_skb` tracepoint counts them:
+/// also the drops no interface or queue counter shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestKernelDropsView {
+    /// Why its drops are not traced (tracefs or histogram triggers unavailable in its kernel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub untraced: Option<String>,
+    /// Where and why, most first (at most 16).
+    #[serde(default)]
+    pub sites: Vec<GuestDropView>,
+    /// Drops at the sites beyond those listed.
+    #[serde(default)]
+    pub elsewhere: u64,
+}
+
+/// The buffers one function of a guest's kernel dropped for one reason.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GuestDropView {
+    /// The kernel function that freed them (its module in brackets when not built in).
+    pub function: String,
+    /// The kernel's drop reason (`NOT_SPECIFIED` where its code gives none).
+    pub reason: String,
+    pub count: u64,
 }
 
 /// One interface inside a guest (`/sys/class/net/IF/statistics`).

@@ -288,6 +288,21 @@ impl HostNodeHandler {
                 })
                 .collect(),
             backlog_dropped: health.backlog_dropped,
+            kernel_drops: health
+                .kernel_drops
+                .map(|d| telvirt_model::api::GuestKernelDropsView {
+                    untraced: d.untraced,
+                    sites: d
+                        .sites
+                        .into_iter()
+                        .map(|s| telvirt_model::api::GuestDropView {
+                            function: s.function,
+                            reason: s.reason,
+                            count: s.count,
+                        })
+                        .collect(),
+                    elsewhere: d.elsewhere,
+                }),
         })
     }
 
@@ -499,6 +514,40 @@ fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>)
             ],
             &rows
         )
+    );
+    print_kernel_drops(g.kernel_drops.as_ref());
+}
+
+/// Where and why a guest's kernel dropped buffers, a row per site.
+fn print_kernel_drops(drops: Option<&telvirt_model::api::GuestKernelDropsView>) {
+    let Some(d) = drops else {
+        println!("dropped by the guest's kernel: not recorded (its guest agent predates it)");
+        return;
+    };
+    if let Some(why) = &d.untraced {
+        println!("dropped by the guest's kernel: not traced ({why})");
+        return;
+    }
+    if d.sites.is_empty() {
+        println!("dropped by the guest's kernel: nothing since its agent started");
+        return;
+    }
+    let mut rows: Vec<Vec<String>> = d
+        .sites
+        .iter()
+        .map(|s| vec![s.function.clone(), s.reason.clone(), s.count.to_string()])
+        .collect();
+    if d.elsewhere > 0 {
+        rows.push(vec![
+            "(elsewhere)".to_owned(),
+            "-".to_owned(),
+            d.elsewhere.to_string(),
+        ]);
+    }
+    println!("Dropped by the guest's kernel since its agent started, by where and why:");
+    println!(
+        "{}",
+        crate::output::table(&["FUNCTION", "REASON", "BUFFERS"], &rows)
     );
 }
 
