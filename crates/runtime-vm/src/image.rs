@@ -30,7 +30,7 @@ pub const GUEST_MODULES: &[&str] = &[
 /// Kernel command line of the default guest.
 pub const DEFAULT_APPEND: &str = "console=ttyS0 panic=-1 loglevel=4";
 /// Bumped whenever the initramfs layout changes, so cached images are rebuilt.
-const FORMAT: &str = "telvirt-initramfs-v3";
+const FORMAT: &str = "telvirt-initramfs-v4";
 
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -51,6 +51,21 @@ if [ -e "$1" ] && [ $# -ge 2 ]; then
   done
   ip link set tv-br0 up
   echo "telvirt-init: bridged $*"
+  # The agent says the guest is ready only once every port forwards (state 3): a port turns
+  # forwarding when the kernel sees its carrier, up to a second after the link came up, and
+  # the bridge drops what reaches a port before that. At most 10 s: a NIC whose host end is
+  # not connected has no carrier.
+  waited=0
+  while [ "$waited" -lt 200 ]; do
+    pending=""
+    for n in "$@"; do
+      [ "$(cat "$n/brport/state" 2>/dev/null)" = 3 ] || pending="$pending ${n##*/}"
+    done
+    [ -z "$pending" ] && break
+    usleep 50000
+    waited=$((waited + 1))
+  done
+  [ -n "$pending" ] && echo "telvirt-init: not forwarding after 10 s:$pending"
 fi
 while true; do
   /bin/telvirt-guest

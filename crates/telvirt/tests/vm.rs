@@ -706,6 +706,25 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         "{table}"
     );
     assert!(table.contains("Inside the guest"), "{table}");
+    // Its kernel's drops are traced, by where and why; its bridge dropped none of the chain's
+    // frames (the guest is ready only once both ports forward).
+    let drops = &stats["guest"]["kernel_drops"];
+    assert!(
+        drops["untraced"].is_null() && drops["sites"].is_array(),
+        "{stats}"
+    );
+    let in_bridge: u64 = drops["sites"]
+        .as_array()
+        .expect("sites")
+        .iter()
+        .filter(|s| {
+            s["function"]
+                .as_str()
+                .is_some_and(|f| f.ends_with("[bridge]"))
+        })
+        .filter_map(|s| s["count"].as_u64())
+        .sum();
+    assert_eq!(in_bridge, 0, "{table}");
 
     // The node dies and comes back: it adopts the running QEMU and connects to the NICs' sockets
     // QEMU serves again; frames cross the same guest.
