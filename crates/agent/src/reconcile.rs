@@ -67,6 +67,7 @@ type Fact = (
     u64,
     Option<ReplicationStatus>,
     Option<ActiveLost>,
+    Option<String>,
 );
 
 #[derive(Debug, Default)]
@@ -832,6 +833,10 @@ impl Inner {
         always: bool,
     ) -> Result<(), AgentError> {
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
+        let machine = match self.runtimes.get(&a.descriptor.spec.runtime) {
+            Some(runtime) => runtime.machine(&a.vnf).await,
+            None => None,
+        };
         let active_lost = match a.placement.role {
             Role::Standby => self
                 .lost
@@ -847,6 +852,7 @@ impl Inner {
             a.generation,
             replication.clone(),
             active_lost.clone(),
+            machine.clone(),
         );
         if !always {
             let known = self.known.lock().await;
@@ -858,6 +864,7 @@ impl Inner {
             .report(
                 &self.host,
                 Observation {
+                    machine,
                     vnf: a.vnf.clone(),
                     phase,
                     reason,

@@ -88,6 +88,13 @@ pub trait Runtime: Send + Sync + 'static {
         None
     }
 
+    /// The machine type instance `name` runs on (vm: its QEMU's versioned type), reported to
+    /// the controller so its restarts and moves keep it. Runtimes without one keep this default.
+    async fn machine(&self, name: &Name) -> Option<String> {
+        let _ = name;
+        None
+    }
+
     /// Starts the destination of a move: the instance waits for its state from the source
     /// (vm: QEMU paused with `-incoming defer`, pinned to the placement's CPUs) and is
     /// [`InstanceState::Incoming`] until it runs. A runtime whose instances move otherwise

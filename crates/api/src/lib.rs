@@ -136,6 +136,10 @@ pub struct HostRecord {
     /// only between hosts with the same version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<String>,
+    /// The i440FX machine types its QEMU has (`pc-i440fx-X.Y`, newest first): a vm VNF moves
+    /// to a host whose QEMU has its machine type and is no older than its source's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qemu_machines: Vec<String>,
     /// Where this host's data plane receives the VXLAN tunnels of links from other hosts
     /// (`IP:PORT`); none: links between this host and another wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]

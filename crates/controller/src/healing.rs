@@ -475,6 +475,7 @@ mod tests {
         )
         .unwrap();
         telvirt_model::Vnf {
+            machine: None,
             name: descriptor.name().clone(),
             owner: "admin".parse().unwrap(),
             descriptor,

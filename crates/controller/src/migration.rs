@@ -157,6 +157,63 @@ fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
     None
 }
 
+/// Why vm VNF `v` cannot move from host `from` (`here`) to `host` (`there`), or `None` when it
+/// can. QEMU takes a guest's stream only from the same or an older version, on the machine
+/// type the guest runs on: the destination's QEMU must be no older and have that type (the
+/// controller pins it on the destination). A host that reports no version is not compared;
+/// without the guest's machine type or the destination's list, the versions must be equal.
+pub(crate) fn vm_move_refusal(
+    v: &Vnf,
+    from: &str,
+    here: &telvirt_api::HostRecord,
+    host: &str,
+    there: &telvirt_api::HostRecord,
+) -> Option<String> {
+    let name = &v.name;
+    let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
+        return None;
+    };
+    let version = |v: &str| {
+        let (major, minor) = v.split_once('.')?;
+        Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?))
+    };
+    if version(new) < version(old) {
+        return Some(format!(
+            "host {host} runs QEMU {new}, older than QEMU {old} of vnf {name}'s host {from}: QEMU takes a guest's stream only from the same or an older version"
+        ));
+    }
+    if old == new {
+        return None;
+    }
+    // The type the guest runs on; a descriptor's versioned type is what it was started with.
+    let machine = v.machine.clone().or_else(|| {
+        v.descriptor
+            .spec
+            .vm
+            .as_ref()
+            .and_then(|vm| vm.machine.clone())
+            .filter(|m| telvirt_model::vnf::machine_version(m).is_some())
+    });
+    match machine {
+        Some(m) if !there.qemu_machines.is_empty() => {
+            (!there.qemu_machines.contains(&m)).then(|| {
+                format!(
+                    "host {host}'s QEMU {new} has no machine type {m}, which vnf {name}'s guest runs on (it has {})",
+                    telvirt_model::vnf::machine_span(&there.qemu_machines)
+                )
+            })
+        }
+        _ => Some(format!(
+            "host {host} runs QEMU {new} and vnf {name}'s host {from} QEMU {old}, and whether the newer one has the guest's machine type is unknown ({}): a vm moves between QEMU versions only when it is known",
+            if machine.is_none() {
+                "its host has not reported the type the guest runs on"
+            } else {
+                "the destination's agent does not report its machine types"
+            }
+        )),
+    }
+}
+
 impl Controller {
     /// `POST /v1/vnfs/{name}/migrate`: starts moving `name` to `req.to` (or wherever fits), or
     /// cancels the move under way. Refusals change nothing.
@@ -290,22 +347,18 @@ impl Controller {
         if v.descriptor.spec.runtime != RuntimeKind::Vm {
             return Ok(());
         }
-        let here = self.agent_host(from).await?.and_then(|h| h.qemu);
-        let there = there.and_then(|h| h.qemu);
-        let (Some(here), Some(there)) = (here, there) else {
+        let Some(here) = self.agent_host(from).await? else {
             return Ok(());
         };
-        if here == there {
+        let Some(there) = there else { return Ok(()) };
+        let Some(why) = vm_move_refusal(v, from, &here, host, &there) else {
             return Ok(());
-        }
-        let why = format!(
-            "host {host} runs QEMU {there} and vnf {name}'s host {from} QEMU {here}: a vm moves only between hosts with the same QEMU version (its machine type and device state follow the version)"
-        );
+        };
         Err(if named {
             ControllerError::Invalid(FieldError::new("to", why))
         } else {
             ControllerError::Conflict(format!(
-                "{why}; the host picked has another version: name one with QEMU {here} (--to)"
+                "{why}; the host picked cannot take it: name one that can (--to)"
             ))
         })
     }
@@ -560,5 +613,122 @@ impl Controller {
             humantime::format_duration(deadline),
             m.from
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vm(machine: Option<&str>) -> Vnf {
+        let descriptor = telvirt_model::parse_vnf(
+            b"apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: upf1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 256MiB }\n",
+            telvirt_model::Format::Yaml,
+        )
+        .unwrap();
+        let mut v: Vnf = serde_json::from_value(serde_json::json!({
+            "name": "upf1",
+            "owner": "admin",
+            "descriptor": descriptor,
+            "desired": "Running",
+            "phase": "Running",
+            "generation": 1,
+            "created_at": "",
+            "updated_at": "",
+        }))
+        .unwrap();
+        v.machine = machine.map(str::to_owned);
+        v
+    }
+
+    fn host(qemu: Option<&str>, machines: &[&str]) -> telvirt_api::HostRecord {
+        telvirt_api::HostRecord {
+            spec: telvirt_sched::HostSpec::default(),
+            memory_bytes: 0,
+            hugepages: Vec::new(),
+            runtimes: vec!["vm".into()],
+            agent: true,
+            qemu: qemu.map(str::to_owned),
+            qemu_machines: machines.iter().map(|m| (*m).to_owned()).collect(),
+            tunnel: None,
+        }
+    }
+
+    const OLD: &[&str] = &["pc-i440fx-7.2", "pc-i440fx-7.1"];
+    const NEW: &[&str] = &["pc-i440fx-8.2", "pc-i440fx-8.1", "pc-i440fx-7.2"];
+
+    #[test]
+    fn a_vm_moves_to_a_newer_qemu_that_has_its_machine_type() {
+        let v = vm(Some("pc-i440fx-7.2"));
+        let refused = |here: &telvirt_api::HostRecord, there: &telvirt_api::HostRecord| {
+            vm_move_refusal(&v, "h1", here, "h2", there)
+        };
+        // Same version, or a newer one with the guest's type: allowed.
+        assert_eq!(
+            refused(&host(Some("7.2"), OLD), &host(Some("7.2"), OLD)),
+            None
+        );
+        assert_eq!(
+            refused(&host(Some("7.2"), OLD), &host(Some("8.2"), NEW)),
+            None
+        );
+        // Newer, but without the type.
+        let why = refused(
+            &host(Some("7.2"), OLD),
+            &host(Some("10.0"), &["pc-i440fx-10.0", "pc-i440fx-8.0"]),
+        )
+        .unwrap();
+        assert!(
+            why.contains("no machine type pc-i440fx-7.2")
+                && why.contains("pc-i440fx-8.0 … pc-i440fx-10.0"),
+            "{why}"
+        );
+        // Older: QEMU does not take a stream from a newer version, whatever the type.
+        let why = refused(&host(Some("8.2"), NEW), &host(Some("7.2"), OLD)).unwrap();
+        assert!(why.contains("older than QEMU 8.2"), "{why}");
+        // 10.0 is newer than 8.2 (numbers, not text).
+        assert_eq!(
+            refused(
+                &host(Some("8.2"), NEW),
+                &host(Some("10.0"), &["pc-i440fx-10.0", "pc-i440fx-7.2"])
+            ),
+            None
+        );
+        // A host reporting no version is not compared.
+        assert_eq!(refused(&host(None, &[]), &host(Some("7.1"), OLD)), None);
+    }
+
+    #[test]
+    fn without_the_guests_machine_type_or_the_destinations_list_versions_must_match() {
+        let unknown = vm(None);
+        let why = vm_move_refusal(
+            &unknown,
+            "h1",
+            &host(Some("7.2"), OLD),
+            "h2",
+            &host(Some("8.2"), NEW),
+        )
+        .unwrap();
+        assert!(why.contains("has not reported the type"), "{why}");
+        let known = vm(Some("pc-i440fx-7.2"));
+        let why = vm_move_refusal(
+            &known,
+            "h1",
+            &host(Some("7.2"), OLD),
+            "h2",
+            &host(Some("8.2"), &[]),
+        )
+        .unwrap();
+        assert!(why.contains("does not report its machine types"), "{why}");
+        assert_eq!(
+            vm_move_refusal(
+                &unknown,
+                "h1",
+                &host(Some("7.2"), OLD),
+                "h2",
+                &host(Some("7.2"), &[])
+            ),
+            None
+        );
     }
 }

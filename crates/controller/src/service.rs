@@ -748,6 +748,7 @@ impl Controller {
             .map_err(|e| ControllerError::Corrupt(format!("authority name: {e}")))?;
         let now = now_rfc3339();
         let vnf = Vnf {
+            machine: None,
             name: name.clone(),
             owner,
             descriptor,
@@ -1588,6 +1589,15 @@ impl Controller {
             };
             // The destination of a move that changes the engine runs the module on the new one.
             let mut descriptor = vnf.descriptor.clone();
+            // A vm keeps the machine type it runs on: a move's destination takes in the guest
+            // on the same hardware, and a restart keeps it unless the descriptor names one.
+            let moving_here = vnf.migration.as_ref().is_some_and(|m| m.to == host);
+            if let Some(vm) = descriptor.spec.vm.as_mut()
+                && vnf.machine.is_some()
+                && (vm.machine.is_none() || moving_here)
+            {
+                vm.machine.clone_from(&vnf.machine);
+            }
             if let Some(m) = vnf.migration.as_ref().filter(|m| m.to == host)
                 && let (Some(e), Some(w)) = (m.engine, descriptor.spec.wasm.as_mut())
             {
@@ -1762,6 +1772,10 @@ impl Controller {
                     return Ok(event.map(|e| (vnf.phase, e, format!("agent/{host}"))));
                 }
                 vnf.replication = obs.replication.clone();
+                // The machine type its guest runs on: what its restarts and moves keep.
+                if obs.machine.is_some() {
+                    vnf.machine.clone_from(&obs.machine);
+                }
                 // The commit point of the move's destination, with the stream that reached it:
                 // a later report of an earlier stream (a stale one) does not undo it.
                 let committing = obs

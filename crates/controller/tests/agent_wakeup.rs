@@ -71,6 +71,7 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
         .observe(
             "h1",
             Observation {
+                machine: None,
                 vnf: "fw1".parse().unwrap(),
                 phase: Phase::Starting,
                 reason: "starting".into(),

@@ -78,6 +78,7 @@ async fn authorities(c: &Controller) {
 /// A host without an agent, so placed VNFs stay Scheduled and deletes need no agent.
 fn host(spec: HostSpec) -> HostRecord {
     HostRecord {
+        qemu_machines: Vec::new(),
         spec,
         memory_bytes: 0,
         hugepages: Vec::new(),

@@ -46,6 +46,7 @@ async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) 
         .observe(
             host,
             Observation {
+                machine: None,
                 vnf: vnf.parse().unwrap(),
                 phase,
                 reason: reason.into(),
@@ -82,6 +83,7 @@ async fn placed_pair(node: &Node) -> (Value, String, String) {
 /// The report of p1's running standby that no longer hears its active on `act`.
 fn silent_standby(act: &str, generation: u64) -> Observation {
     Observation {
+        machine: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -279,6 +281,7 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
     node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
         .await;
     let lost = || Observation {
+        machine: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -375,6 +378,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
         .observe(
             &act,
             Observation {
+                machine: None,
                 vnf: "p1".parse().unwrap(),
                 phase: Phase::Running,
                 reason: "running".into(),

@@ -28,9 +28,21 @@ async fn migrate(node: &Node, body: &str) -> common::Reply {
 }
 
 async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<ReplicationStatus>) {
+    observe_u1(c, host, phase, replication, None).await;
+}
+
+/// `host`'s agent reports u1 in `phase`.
+async fn observe_u1(
+    c: &Controller,
+    host: &str,
+    phase: Phase,
+    replication: Option<ReplicationStatus>,
+    machine: Option<&str>,
+) {
     c.observe(
         host,
         Observation {
+            machine: machine.map(str::to_owned),
             vnf: "u1".parse().unwrap(),
             phase,
             reason: "running".into(),
@@ -41,6 +53,11 @@ async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<Re
     )
     .await
     .unwrap();
+}
+
+/// h2's report that u1 runs on machine type `machine`.
+async fn report_machine(c: &Controller, machine: &str) {
+    observe_u1(c, "h2", Phase::Running, None, Some(machine)).await;
 }
 
 /// Hosts h2 and h3, heartbeating, with tunnel addresses (both can receive state); h1 and h3
@@ -384,7 +401,7 @@ async fn move_ends_on_h2(node: &Node, host: &str, stream: &ReplicationStatus, wh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_moves_only_between_hosts_with_the_same_qemu_version() {
+async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else() {
     let node = Node::start_monitored(None).await;
     let beats = h2_and_h3_with(&node, [Some("7.2"), Some("8.0")]).await;
     node.create_vnf(&node.admin, VM).await;
@@ -409,26 +426,67 @@ async fn a_vm_moves_only_between_hosts_with_the_same_qemu_version() {
     assert_eq!(r.status, 422, "{}", r.body);
     assert_eq!(r.error_paths(), ["to"], "{}", r.body);
     let detail = r.body["detail"].as_str().unwrap();
+    // Neither the guest's machine type nor h3's types are known: the versions must match.
     assert!(
-        detail.contains("host h3 runs QEMU 8.0") && detail.contains("host h2 QEMU 7.2"),
+        detail.contains("host h3 runs QEMU 8.0")
+            && detail.contains("host h2 QEMU 7.2")
+            && detail.contains("has not reported the type the guest runs on"),
         "{detail}"
     );
     assert_eq!(node.vnf_json("u1").await, before);
-    // The controller picks h3 itself: a conflict, saying which version to name.
+    // The controller picks h3 itself: a conflict, saying to name a host.
     let r = migrate(&node, "{}").await;
     assert_eq!(r.status, 409, "{}", r.body);
     let detail = r.body["detail"].as_str().unwrap();
-    assert!(detail.contains("name one with QEMU 7.2"), "{detail}");
+    assert!(detail.contains("name one that can (--to)"), "{detail}");
     assert_eq!(node.vnf_json("u1").await, before);
 
-    // The same version on both: the move starts.
-    let mut record = host_record("h3");
-    record.tunnel = Some("127.0.0.3:4789".into());
-    record.qemu = Some("7.2".into());
-    node.controller.register_host(record).await.unwrap();
+    // h2 reports the type the guest runs on: the VNF keeps it.
+    report_machine(&node.controller, "pc-i440fx-7.2").await;
+    let v = node.vnf_json("u1").await;
+    assert_eq!(v["machine"], "pc-i440fx-7.2", "{v}");
+    let before = node.vnf_json("u1").await;
+    let h3 = |qemu: &str, machines: &[&str]| {
+        let mut record = host_record("h3");
+        record.tunnel = Some("127.0.0.3:4789".into());
+        record.qemu = Some(qemu.into());
+        record.qemu_machines = machines.iter().map(|m| (*m).to_owned()).collect();
+        record
+    };
+    // A newer QEMU without that type, an older QEMU: refused, naming why; nothing changes.
+    for (record, why) in [
+        (
+            h3("8.0", &["pc-i440fx-8.0", "pc-i440fx-7.1"]),
+            "host h3's QEMU 8.0 has no machine type pc-i440fx-7.2",
+        ),
+        (
+            h3("7.1", &["pc-i440fx-7.1"]),
+            "host h3 runs QEMU 7.1, older than QEMU 7.2",
+        ),
+    ] {
+        node.controller.register_host(record).await.unwrap();
+        let r = migrate(&node, r#"{"to": "h3"}"#).await;
+        assert_eq!(r.status, 422, "{}", r.body);
+        assert_eq!(r.error_paths(), ["to"], "{}", r.body);
+        let detail = r.body["detail"].as_str().unwrap();
+        assert!(detail.contains(why), "{detail}");
+        assert_eq!(node.vnf_json("u1").await, before);
+    }
+
+    // A newer QEMU that has the guest's type: the move starts, and h3's assignment pins it.
+    node.controller
+        .register_host(h3("8.0", &["pc-i440fx-8.0", "pc-i440fx-7.2"]))
+        .await
+        .unwrap();
     let r = migrate(&node, r#"{"to": "h3"}"#).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["migration"]["to"], "h3", "{}", r.body);
+    let assigned = node.controller.assignments("h3").await.unwrap();
+    let pinned = assigned
+        .iter()
+        .find(|a| a.vnf.as_str() == "u1")
+        .and_then(|a| a.descriptor.spec.vm.as_ref()?.machine.clone());
+    assert_eq!(pinned.as_deref(), Some("pc-i440fx-7.2"));
     for b in beats {
         b.abort();
     }
@@ -463,6 +521,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             .observe(
                 "h2",
                 Observation {
+                    machine: None,
                     vnf: name.parse().unwrap(),
                     phase: Phase::Running,
                     reason: "running".into(),

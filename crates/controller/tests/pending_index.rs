@@ -102,6 +102,7 @@ fn descriptor(name: &str, count: u32, shared: bool) -> String {
 /// A host of 8 cores without an agent, so placed VNFs stay Scheduled.
 fn host() -> HostRecord {
     HostRecord {
+        qemu_machines: Vec::new(),
         spec: HostSpec {
             name: "h1".into(),
             topology: Some(TopologySpec {

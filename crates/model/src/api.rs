@@ -611,6 +611,10 @@ pub struct Observation {
     /// the standby while it holds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_lost: Option<ActiveLost>,
+    /// The QEMU machine type a vm instance runs on (`pc-i440fx-7.2`; none for wasm, or
+    /// before its QEMU started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 /// How a standby lost its active.

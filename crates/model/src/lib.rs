@@ -421,6 +421,21 @@ spec:
             "emulator: isolate\n    cmdline: \"a\\0b\"",
         ));
         assert_eq!(e.path, "spec.vm.cmdline");
+        let e = refused(&edit(
+            VM,
+            "emulator: isolate",
+            "emulator: isolate\n    machine: pc-q35-7.2",
+        ));
+        assert_eq!(e.path, "spec.vm.machine");
+        assert!(e.reason.contains("pc-i440fx-7.2"), "{e}");
+        assert!(
+            yaml(&edit(
+                VM,
+                "emulator: isolate",
+                "emulator: isolate\n    machine: pc-i440fx-7.1"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

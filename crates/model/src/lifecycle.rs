@@ -177,6 +177,11 @@ pub struct Vnf {
     /// assignment names; one that learns of a higher epoch stops forwarding.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
+    /// The QEMU machine type its guest runs on (`pc-i440fx-7.2`), as its active's host last
+    /// reported it (vm VNFs): its restarts and moves keep it unless `spec.vm.machine` names
+    /// another, so a move to a host with a newer QEMU keeps the guest's hardware.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -320,6 +320,11 @@ pub struct VmSpec {
     /// SCHED_FIFO for vCPU threads where the host permits it.
     #[serde(default)]
     pub realtime: bool,
+    /// QEMU machine type: `pc` (the host QEMU's newest i440FX PC) or a versioned one such as
+    /// `pc-i440fx-7.2`; left out, the VNF keeps the versioned type its first start resolved
+    /// (`machine` in its status), on restarts and moves alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -327,6 +332,41 @@ pub struct VmSpec {
 pub struct NicSpec {
     /// One of the VNF's `ports`.
     pub port: Name,
+}
+
+/// The machine types telvirt runs guests on: QEMU's i440FX PC, by its alias or a version.
+pub const MACHINE_ALIAS: &str = "pc";
+const MACHINE_PREFIX: &str = "pc-i440fx-";
+
+/// Whether `machine` is `pc` or `pc-i440fx-MAJOR.MINOR`; the reason when not.
+pub fn check_machine_type(machine: &str) -> std::result::Result<(), String> {
+    if machine == MACHINE_ALIAS || machine_version(machine).is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{machine}` is not an i440FX PC machine type: `pc` or a versioned one such as `pc-i440fx-7.2`"
+    ))
+}
+
+/// `pc-i440fx-OLDEST … NEWEST` of a newest-first list of machine types (or the one), for
+/// messages.
+pub fn machine_span(newest_first: &[String]) -> String {
+    match (newest_first.last(), newest_first.first()) {
+        (Some(old), Some(new)) if old != new => format!("{old} … {new}"),
+        (Some(one), _) => one.clone(),
+        _ => "no i440FX PC machine type".to_owned(),
+    }
+}
+
+/// `(major, minor)` of a versioned i440FX machine type (`pc-i440fx-7.2`).
+pub fn machine_version(machine: &str) -> Option<(u32, u32)> {
+    let (major, minor) = machine.strip_prefix(MACHINE_PREFIX)?.split_once('.')?;
+    let number = |s: &str| {
+        (!s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u32>().ok())
+            .flatten()
+    };
+    Some((number(major)?, number(minor)?))
 }
 
 /// Upper bounds that keep one descriptor from asking for absurd amounts.
@@ -868,6 +908,11 @@ fn check_vm(vm: &VmSpec, ports: &BTreeSet<&Name>, out: &mut Vec<FieldError>) {
             "spec.vm.initrd",
             "needs spec.vm.kernel: an initrd is booted with its kernel",
         ));
+    }
+    if let Some(m) = &vm.machine
+        && let Err(why) = check_machine_type(m)
+    {
+        out.push(FieldError::new("spec.vm.machine", why));
     }
     for (i, nic) in vm.nics.iter().enumerate() {
         if !ports.contains(&nic.port) {

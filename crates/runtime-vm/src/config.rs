@@ -300,6 +300,11 @@ pub struct VmConfig {
     pub state_dir: Option<PathBuf>,
     pub ready_timeout: Duration,
     pub stop_timeout: Duration,
+    /// The QEMU machine type: `pc` (the QEMU's newest i440FX type) or a versioned one such as
+    /// `pc-i440fx-7.2`, which a newer QEMU still has, so a guest moved there keeps its hardware
+    /// (`None`: `pc`). A started VM's config holds the versioned type its QEMU resolved.
+    #[serde(default)]
+    pub machine: Option<String>,
 }
 
 impl VmConfig {
@@ -328,6 +333,7 @@ impl VmConfig {
             state_dir: None,
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(30),
+            machine: None,
         }
     }
 
@@ -365,6 +371,12 @@ impl VmConfig {
         }
         if self.initrd.is_some() && self.kernel.is_none() {
             return invalid("initrd", "an initrd needs a kernel".into());
+        }
+        if let Some(m) = &self.machine {
+            check_machine_type(m).map_err(|reason| Error::InvalidConfig {
+                field: "machine",
+                reason,
+            })?;
         }
         if let Some(k) = &self.kernel {
             check_readable("kernel", k)?;
@@ -493,6 +505,66 @@ pub(crate) fn is_mac(s: &str) -> bool {
             .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+pub use telvirt_model::vnf::{MACHINE_ALIAS, check_machine_type, machine_version};
+
+/// The i440FX machine types a QEMU has, from its `-machine help`: the versioned ones, newest
+/// first, and the one its `pc` alias stands for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineTypes {
+    /// What `pc` resolves to (`None`: the text names no alias for it).
+    pub pc: Option<String>,
+    /// Every `pc-i440fx-X.Y`, newest first.
+    pub versioned: Vec<String>,
+}
+
+impl MachineTypes {
+    /// Reads `qemu -machine help`.
+    pub fn parse(help: &str) -> Self {
+        let mut out = Self::default();
+        for line in help.lines() {
+            let mut words = line.split_whitespace();
+            let Some(name) = words.next() else { continue };
+            if name == MACHINE_ALIAS {
+                out.pc = line
+                    .split("(alias of ")
+                    .nth(1)
+                    .and_then(|rest| rest.split(')').next())
+                    .filter(|m| machine_version(m).is_some())
+                    .map(str::to_owned);
+            } else if machine_version(name).is_some() {
+                out.versioned.push(name.to_owned());
+            }
+        }
+        out.versioned
+            .sort_by_key(|m| std::cmp::Reverse(machine_version(m)));
+        out
+    }
+
+    /// The versioned type a VM asking for `wanted` (`None`: `pc`) runs on with this QEMU, or
+    /// why it cannot. A QEMU whose list could not be read takes what is asked as it is.
+    pub fn resolve(&self, wanted: Option<&str>) -> std::result::Result<String, String> {
+        let wanted = wanted.unwrap_or(MACHINE_ALIAS);
+        if self.versioned.is_empty() {
+            return Ok(wanted.to_owned());
+        }
+        if wanted == MACHINE_ALIAS {
+            return Ok(self.pc.clone().unwrap_or_else(|| self.versioned[0].clone()));
+        }
+        if self.versioned.iter().any(|m| m == wanted) {
+            return Ok(wanted.to_owned());
+        }
+        Err(format!(
+            "this QEMU has no machine type {wanted}: it has {}",
+            self.span()
+        ))
+    }
+
+    /// `pc-i440fx-OLDEST … NEWEST` (or the one), for messages.
+    pub fn span(&self) -> String {
+        telvirt_model::vnf::machine_span(&self.versioned)
+    }
+}
+
 /// `(major, minor)` of a QEMU from its `--version` or `-help` text (`QEMU emulator version
 /// 7.2.22 (Debian ...)`).
 pub fn parse_qemu_version(text: &str) -> Option<(u32, u32)> {
@@ -603,6 +675,65 @@ mod tests {
     fn valid_config_passes() {
         let (_d, c) = cfg();
         c.validate(&online()).unwrap();
+    }
+
+    const MACHINE_HELP: &str = "Supported machines are:\n\
+        microvm              microvm (i386)\n\
+        pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)\n\
+        pc-i440fx-7.2        Standard PC (i440FX + PIIX, 1996) (default)\n\
+        pc-i440fx-7.1        Standard PC (i440FX + PIIX, 1996)\n\
+        pc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996)\n\
+        pc-i440fx-1.4        Standard PC (i440FX + PIIX, 1996)\n\
+        q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)\n\
+        pc-q35-7.2           Standard PC (Q35 + ICH9, 2009)\n";
+
+    #[test]
+    fn machine_types_are_read_newest_first_and_resolved() {
+        let m = MachineTypes::parse(MACHINE_HELP);
+        assert_eq!(m.pc.as_deref(), Some("pc-i440fx-7.2"));
+        assert_eq!(
+            m.versioned,
+            [
+                "pc-i440fx-10.0",
+                "pc-i440fx-7.2",
+                "pc-i440fx-7.1",
+                "pc-i440fx-1.4"
+            ]
+        );
+        assert_eq!(m.resolve(None).unwrap(), "pc-i440fx-7.2");
+        assert_eq!(m.resolve(Some("pc")).unwrap(), "pc-i440fx-7.2");
+        assert_eq!(m.resolve(Some("pc-i440fx-7.1")).unwrap(), "pc-i440fx-7.1");
+        let e = m.resolve(Some("pc-i440fx-8.0")).unwrap_err();
+        assert!(
+            e.contains("no machine type pc-i440fx-8.0")
+                && e.contains("pc-i440fx-1.4 … pc-i440fx-10.0"),
+            "{e}"
+        );
+        // A QEMU whose list is unknown takes what is asked.
+        assert_eq!(MachineTypes::default().resolve(None).unwrap(), "pc");
+    }
+
+    #[test]
+    fn only_i440fx_machine_types_are_accepted() {
+        assert!(check_machine_type("pc").is_ok());
+        assert!(check_machine_type("pc-i440fx-7.2").is_ok());
+        assert_eq!(machine_version("pc-i440fx-10.1"), Some((10, 1)));
+        for bad in [
+            "q35",
+            "pc-q35-7.2",
+            "pc-i440fx-7",
+            "pc-i440fx-7.x",
+            "pc-i440fx-.2",
+            "",
+        ] {
+            let e = check_machine_type(bad).unwrap_err();
+            assert!(e.contains("not an i440FX PC machine type"), "{bad}: {e}");
+        }
+        let (_d, mut c) = cfg();
+        c.machine = Some("pc-i440fx-7.2".into());
+        c.validate(&online()).unwrap();
+        c.machine = Some("pc-q35-7.2".into());
+        assert_eq!(field_of(c.validate(&online())), "machine");
     }
 
     #[test]

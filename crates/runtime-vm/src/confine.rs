@@ -138,6 +138,9 @@ pub struct QemuCaps {
     /// `(major, minor)` from the first line of `-help`, when it names it.
     #[serde(default)]
     pub version: Option<(u32, u32)>,
+    /// Its i440FX machine types (`-machine help`; empty when that could not be read).
+    #[serde(default)]
+    pub machines: crate::config::MachineTypes,
 }
 
 /// Probes a QEMU binary once (per manager) for the sandbox and the user option.
@@ -241,6 +244,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
                 sandbox: Err(why),
                 drop_option: None,
                 version: None,
+                machines: Default::default(),
             };
         }
         Err(e) => {
@@ -248,6 +252,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
                 sandbox: Err(format!("cannot run {}: {e}", qemu.display())),
                 drop_option: None,
                 version: None,
+                machines: Default::default(),
             };
         }
     };
@@ -261,6 +266,23 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
         sandbox,
         drop_option,
         version: crate::config::parse_qemu_version(&help),
+        machines: machine_types(&qemu).await,
+    }
+}
+
+/// The i440FX machine types `qemu -machine help` lists (none when it cannot be run).
+pub async fn machine_types(qemu: &Path) -> crate::config::MachineTypes {
+    let out = tokio::process::Command::from(child_command(qemu))
+        .args(["-machine", "help"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(PROBE_DEADLINE, out).await {
+        Ok(Ok(o)) if o.status.success() => {
+            crate::config::MachineTypes::parse(&String::from_utf8_lossy(&o.stdout))
+        }
+        _ => Default::default(),
     }
 }
 
@@ -496,6 +518,7 @@ mod tests {
             },
             drop_option,
             version: None,
+            machines: Default::default(),
         }
     }
 

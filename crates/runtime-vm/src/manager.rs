@@ -158,6 +158,11 @@ impl VmManager {
         confine::qemu_version(&self.qemu).await
     }
 
+    /// The i440FX machine types of the QEMU this manager starts (`-machine help`, probed once).
+    pub async fn machine_types(&self) -> crate::config::MachineTypes {
+        self.caps.get(&self.qemu).await.machines
+    }
+
     /// Use another QEMU binary (default `qemu-system-x86_64` from PATH).
     pub fn qemu_binary(mut self, path: impl Into<PathBuf>) -> Self {
         self.qemu = path.into();
@@ -241,7 +246,7 @@ impl VmManager {
 
     /// Validates `cfg`, launches QEMU paused (waiting for a migration stream when `incoming`),
     /// pins its threads and plugs its peripherals; the guard kills it unless disarmed.
-    async fn launch(&self, cfg: VmConfig, incoming: bool) -> Result<(VmHandle, KillGuard)> {
+    async fn launch(&self, mut cfg: VmConfig, incoming: bool) -> Result<(VmHandle, KillGuard)> {
         let online = pin::online_cpus()?;
         cfg.validate(&online)?;
         let dir = self.dir_of(&cfg);
@@ -268,6 +273,15 @@ impl VmManager {
         }
         let accel = decision.accel;
         let caps = self.caps.get(&self.qemu).await;
+        // The versioned type, kept in the VM's record: what a move's destination must have.
+        cfg.machine = Some(
+            caps.machines
+                .resolve(cfg.machine.as_deref())
+                .map_err(|reason| Error::InvalidConfig {
+                    field: "machine",
+                    reason: format!("{reason} ({})", self.qemu.display()),
+                })?,
+        );
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
         let mut plan = confine::plan(&self.confinement, &caps, euid, confine::lookup_user)?;
@@ -1251,10 +1265,17 @@ pub fn qemu_args(
     } else {
         None
     };
+    let machine_type = cfg
+        .machine
+        .as_deref()
+        .unwrap_or(crate::config::MACHINE_ALIAS);
     let machine = if backend.is_some() {
-        format!("pc,accel={},memory-backend=tv-mem", accel.as_str())
+        format!(
+            "{machine_type},accel={},memory-backend=tv-mem",
+            accel.as_str()
+        )
     } else {
-        format!("pc,accel={}", accel.as_str())
+        format!("{machine_type},accel={}", accel.as_str())
     };
     push(&["-machine", &machine]);
     push(&["-cpu", if accel == Accel::Kvm { "host" } else { "max" }]);
@@ -1361,8 +1382,18 @@ mod tests {
             j.contains("memory-backend-memfd,id=tv-mem,size=512M,share=on"),
             "{j}"
         );
-        assert!(j.contains("pc,accel=tcg,memory-backend=tv-mem"), "{j}");
+        assert!(
+            j.contains("-machine pc,accel=tcg,memory-backend=tv-mem"),
+            "{j}"
+        );
         assert!(j.contains("-overcommit mem-lock=on"), "{j}");
+        c.machine = Some("pc-i440fx-7.1".into());
+        let pinned = qemu_args(&c, Path::new("/run/tv/fw1"), Accel::Tcg, None).join(" ");
+        assert!(
+            pinned.contains("-machine pc-i440fx-7.1,accel=tcg,memory-backend=tv-mem"),
+            "{pinned}"
+        );
+        c.machine = None;
         assert!(j.contains("-S"), "{j}");
         assert!(j.contains("/run/tv/fw1/qmp.sock"), "{j}");
         c.vhost_user_nics = vec![VhostUserNic {

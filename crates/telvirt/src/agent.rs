@@ -127,7 +127,7 @@ impl HostAgent {
             .iter()
             .map(|r| r.kind().as_str().to_owned())
             .collect();
-        // A vm VNF moves only to a host whose QEMU has the same version.
+        // A vm VNF moves only to a host whose QEMU is as new as its source's ...
         let qemu = match &vm {
             Some(vm) => {
                 let version = vm.qemu_version().await;
@@ -140,9 +140,15 @@ impl HostAgent {
             }
             None => None,
         };
+        // ... and has the machine type of the guest it takes in.
+        let qemu_machines = match &vm {
+            Some(vm) => vm.machine_types().await,
+            None => Vec::new(),
+        };
         for record in inventory.iter_mut().filter(|h| h.agent) {
             record.runtimes.clone_from(&names);
             record.qemu.clone_from(&qemu);
+            record.qemu_machines.clone_from(&qemu_machines);
         }
         let mut record = inventory
             .iter()
@@ -419,6 +425,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
         }
         telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
         return Ok(vec![HostRecord {
+            qemu_machines: Vec::new(),
             spec,
             memory_bytes: local.memory_bytes,
             hugepages: local.hugepages,
@@ -454,6 +461,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
                 telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
             }
             HostRecord {
+                qemu_machines: Vec::new(),
                 spec,
                 memory_bytes: if is_local { local.memory_bytes } else { 0 },
                 hugepages: if is_local {

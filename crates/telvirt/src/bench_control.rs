@@ -306,6 +306,7 @@ fn rss_bytes() -> Result<u64> {
 /// A synthetic host with room for twice `per_host` dedicated one-core VNFs.
 fn host(name: String, per_host: u32) -> HostRecord {
     HostRecord {
+        qemu_machines: Vec::new(),
         spec: HostSpec {
             name,
             topology: Some(TopologySpec {

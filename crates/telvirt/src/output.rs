@@ -240,6 +240,20 @@ pub fn vnf_detail(v: &Vnf) -> String {
             .join(", "),
     );
     out.push_str(&placement_lines(v));
+    if let Some(machine) = &v.machine {
+        let pinned = spec.vm.as_ref().and_then(|vm| vm.machine.as_deref());
+        out.push_str(&format!(
+            "Machine:     {machine} ({})\n",
+            match pinned {
+                Some(p) if p == machine => "as spec.vm.machine names it".to_owned(),
+                Some("pc") => {
+                    "spec.vm.machine pc: the newest of its host's QEMU, at each start".to_owned()
+                }
+                Some(p) => format!("spec.vm.machine {p}: its next start takes it"),
+                None => "kept across its restarts and moves".to_owned(),
+            }
+        ));
+    }
     if let Some(m) = &v.migration {
         out.push_str(&format!(
             "Migration:   from {} to {} since {} (by {}){}\n",

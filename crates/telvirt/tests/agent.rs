@@ -820,6 +820,19 @@ fn qemu_pid_in(node: &Serve, data: &str, vm: &str) -> Option<i32> {
         .filter(|&p| common::alive(p))
 }
 
+/// The value of `-machine` on QEMU `pid`'s command line.
+fn qemu_machine(pid: i32) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    args.iter()
+        .position(|a| a == "-machine")
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_default()
+}
+
 #[test]
 fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves_it_running() {
     let _qemus = common::QemuGuard("vmmove1");
@@ -842,6 +855,18 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
     let running_since = Instant::now();
     assert_eq!(booted["placements"][0]["host"], "a1", "{booted}");
     let source = qemu_pid_in(&node, "agent-data", "vmmove1").expect("a QEMU on a1");
+    // Its QEMU runs the versioned type `pc` resolved to, and the VNF keeps it.
+    let machine =
+        node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| v["machine"].is_string())["machine"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    assert!(machine.starts_with("pc-i440fx-"), "{machine}");
+    assert!(
+        qemu_machine(source).starts_with(&format!("{machine},")),
+        "{}",
+        qemu_machine(source)
+    );
     node.ok(&["host", "uncordon", "a2"]);
     // Long enough on a1 that a guest booted again at a2 would show a shorter uptime than the
     // time since this one started (a boot here takes under 10 s).
@@ -937,6 +962,13 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         running_since.elapsed().as_secs()
     );
     let dest = qemu_pid_in(&node, "agent2-data", "vmmove1").expect("a QEMU on a2");
+    // The destination took the guest in on the machine type it ran on at a1.
+    assert!(
+        qemu_machine(dest).starts_with(&format!("{machine},")),
+        "{}",
+        qemu_machine(dest)
+    );
+    assert_eq!(moved["machine"], machine.as_str(), "{moved}");
     let vcpus = common::cpu_list(&moved["placements"][0]["vcpus"][0]);
     assert_eq!(
         common::allowed_cpus(dest, true),

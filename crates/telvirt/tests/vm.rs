@@ -706,6 +706,14 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
         "{table}"
     );
     assert!(table.contains("Inside the guest"), "{table}");
+    // It runs on the versioned machine type its QEMU resolved, which the VNF keeps.
+    let show = String::from_utf8_lossy(&node.ok(&["vnf", "show", &vm]).stdout).into_owned();
+    assert!(
+        show.lines()
+            .any(|l| l.starts_with("Machine:     pc-i440fx-")
+                && l.ends_with("(kept across its restarts and moves)")),
+        "{show}"
+    );
     // Its kernel's drops are traced, by where and why; its bridge dropped none of the chain's
     // frames (the guest is ready only once both ports forward).
     let drops = &stats["guest"]["kernel_drops"];

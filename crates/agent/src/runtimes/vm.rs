@@ -128,6 +128,11 @@ impl VmRuntime {
         Some(format!("{major}.{minor}"))
     }
 
+    /// The i440FX machine types of that QEMU, newest first (empty when it cannot be run).
+    pub async fn machine_types(&self) -> Vec<String> {
+        self.plain_manager().machine_types().await.versioned
+    }
+
     /// Waits (in a task) for the stream `name` takes in to end, then resumes the arrived
     /// guest here, or kills the QEMU that waited for it. `name` is in `receiving` until then.
     fn watch_arrival(&self, name: &Name, handle: VmHandle) {
@@ -412,6 +417,7 @@ pub fn vm_config(
     cfg.shared_memory = vm.shared_memory;
     cfg.lock_memory = vm.lock_memory;
     cfg.append = vm.cmdline.clone();
+    cfg.machine = vm.machine.clone();
     cfg.disk = vm.disk.as_ref().map(|d| DiskImage {
         path: PathBuf::from(d),
         format: disk_format(d),
@@ -531,6 +537,10 @@ impl Runtime for VmRuntime {
 
     async fn start_note(&self, name: &Name) -> Option<String> {
         self.arrival_table().get(name).cloned()
+    }
+
+    async fn machine(&self, name: &Name) -> Option<String> {
+        self.handle(name).await?.config().machine.clone()
     }
 
     async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {

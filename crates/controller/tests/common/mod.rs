@@ -55,6 +55,7 @@ impl Node {
             .unwrap();
         controller
             .register_host(HostRecord {
+                qemu_machines: Vec::new(),
                 spec: HostSpec {
                     name: "h1".into(),
                     topology: Some(TopologySpec {
@@ -525,6 +526,7 @@ pub fn labelled(name: &str, labels: &str) -> String {
 /// A 4-core host with an agent (no runtimes: placement does not need them).
 pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
+        qemu_machines: Vec::new(),
         spec: HostSpec {
             name: name.into(),
             topology: Some(TopologySpec {
