@@ -133,7 +133,7 @@ pub struct HostRecord {
     /// Whether an agent serves this host.
     pub agent: bool,
     /// The QEMU version (`major.minor`) of its vm runtime; none without one. A vm VNF moves
-    /// only between hosts with the same version.
+    /// to a host whose QEMU is as new and has its machine type (`qemu_machines`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<String>,
     /// The i440FX machine types its QEMU has (`pc-i440fx-X.Y`, newest first): a vm VNF moves

@@ -160,6 +160,7 @@ pub fn host_view(record: &HostRecord, life: HostLife, map: &sched::coremap::Host
         hugepages: record.hugepages.clone(),
         runtimes: record.runtimes.clone(),
         qemu: record.qemu.clone(),
+        qemu_machines: record.qemu_machines.clone(),
         tunnel: record.tunnel.clone(),
         cpus,
     }

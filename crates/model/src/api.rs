@@ -478,9 +478,12 @@ pub struct HostView {
     #[serde(default)]
     pub runtimes: Vec<String>,
     /// The QEMU version (`major.minor`) of its vm runtime, when it has one: a vm VNF moves
-    /// only between hosts with the same version.
+    /// to a host whose QEMU is as new as its source's and has its machine type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qemu: Option<String>,
+    /// The i440FX machine types that QEMU has (`pc-i440fx-X.Y`), newest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub qemu_machines: Vec<String>,
     /// Where this host's data plane takes links from other hosts (VXLAN over UDP) and its
     /// standbys their actives' state (TCP): `IP:PORT`, when its agent has a tunnel address.
     #[serde(default, skip_serializing_if = "Option::is_none")]

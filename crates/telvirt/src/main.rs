@@ -494,6 +494,12 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                     "{}",
                     output::host_table(std::slice::from_ref(&host), format == Output::Wide)
                 );
+                if let Some(qemu) = &host.qemu {
+                    println!(
+                        "QEMU {qemu}, machine types {} (a vm moves here from the same or an older QEMU whose guest's type is among them)",
+                        telvirt_model::vnf::machine_span(&host.qemu_machines)
+                    );
+                }
                 println!();
                 print!(
                     "{}",

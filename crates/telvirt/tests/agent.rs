@@ -867,6 +867,15 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         "{}",
         qemu_machine(source)
     );
+    // Each host says which machine types its QEMU has: a2's include the guest's.
+    let a2_show = String::from_utf8_lossy(&node.ok(&["host", "show", "a2"]).stdout).into_owned();
+    assert!(
+        a2_show.contains("machine types pc-i440fx-")
+            && node.json(&["host", "show", "a2"])["qemu_machines"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|t| t == machine.as_str())),
+        "{a2_show}"
+    );
     node.ok(&["host", "uncordon", "a2"]);
     // Long enough on a1 that a guest booted again at a2 would show a shorter uptime than the
     // time since this one started (a boot here takes under 10 s).
