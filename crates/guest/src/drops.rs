@@ -37,12 +37,18 @@ impl DropTrace {
         let installed = std::fs::read_to_string(&trigger)
             .map_err(|e| format!("cannot read {}: {e}", trigger.display()))?;
         if !installed.lines().any(|l| l.starts_with(TRIGGER)) {
-            std::fs::write(&trigger, TRIGGER).map_err(|e| {
-                format!(
-                    "cannot install `{TRIGGER}` in {}: {e} (a kernel without CONFIG_HIST_TRIGGERS refuses it)",
-                    trigger.display()
-                )
-            })?;
+            // Appended: opening the file truncated would remove the event's other triggers.
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&trigger)
+                .and_then(|mut f| f.write_all(TRIGGER.as_bytes()))
+                .map_err(|e| {
+                    format!(
+                        "cannot install `{TRIGGER}` in {}: {e} (a kernel without CONFIG_HIST_TRIGGERS refuses it)",
+                        trigger.display()
+                    )
+                })?;
         }
         Ok(Self {
             event,
@@ -116,8 +122,19 @@ pub fn drop_reasons(format: &str) -> BTreeMap<u64, String> {
 }
 
 /// The histogram's entries (`{ location: [ffffffff81234567] br_flood, reason: 2 } hitcount:
-/// 5`), most first: at most [`MAX_DROP_SITES`], the rest summed in `elsewhere`.
+/// 5`), most first: at most [`MAX_DROP_SITES`], the rest summed in `elsewhere` with the drops
+/// the kernel could not file because its table was full (`Dropped:` under the totals).
 pub fn drops(hist: &str, reasons: &BTreeMap<u64, String>) -> KernelDrops {
+    let unfiled = hist
+        .lines()
+        .filter_map(|l| {
+            l.trim()
+                .strip_prefix("Dropped:")?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum::<u64>();
     let mut sites: Vec<GuestDrop> = hist.lines().filter_map(|l| entry(l, reasons)).collect();
     sites.sort_by(|a, b| {
         b.count
@@ -128,7 +145,8 @@ pub fn drops(hist: &str, reasons: &BTreeMap<u64, String>) -> KernelDrops {
         .iter()
         .skip(MAX_DROP_SITES)
         .map(|s| s.count)
-        .sum::<u64>();
+        .sum::<u64>()
+        + unfiled;
     sites.truncate(MAX_DROP_SITES);
     KernelDrops {
         untraced: None,
@@ -195,7 +213,8 @@ print fmt: "skbaddr=%p protocol=%u location=%p reason: %s", REC->skbaddr, REC->p
         let mut hist = String::from(
             "# event histogram\n#\n# trigger info: hist:keys=location.sym,reason:vals=hitcount:sort=hitcount:size=2048 [active]\n#\n\n",
         );
-        hist.push_str("{ location: [ffffffffc04a1b20] br_handle_frame_finish [bridge], reason: 2 } hitcount:        700\n");
+        // As the kernel prints it: the symbol padded to 45 columns, the reason to 10.
+        hist.push_str("{ location: [ffffffffc04a1b20] br_handle_frame_finish [bridge]              , reason:          2 } hitcount:        700\n");
         hist.push_str(
             "{ location: [ffffffff81a0c3d0] __udp4_lib_rcv, reason: 3 } hitcount:          5\n",
         );
@@ -207,7 +226,7 @@ print fmt: "skbaddr=%p protocol=%u location=%p reason: %s", REC->skbaddr, REC->p
                 "{{ location: [ffffffff8100{i:04x}] site{i}, reason: 2 }} hitcount:          1\n"
             ));
         }
-        hist.push_str("\nTotals:\n    Hits: 730\n    Entries: 19\n    Dropped: 0\n");
+        hist.push_str("\nTotals:\n    Hits: 730\n    Entries: 19\n    Dropped: 4\n");
         let d = drops(&hist, &reasons);
         assert_eq!(d.untraced, None);
         assert_eq!(d.sites.len(), MAX_DROP_SITES);
@@ -223,8 +242,9 @@ print fmt: "skbaddr=%p protocol=%u location=%p reason: %s", REC->skbaddr, REC->p
         assert_eq!(d.sites[1].reason, "99");
         assert_eq!(d.sites[2].reason, "NO_SOCKET");
         let shown: u64 = d.sites.iter().map(|s| s.count).sum();
-        assert_eq!(shown + d.elsewhere, 700 + 5 + 9 + MAX_DROP_SITES as u64);
-        assert_eq!(d.elsewhere, 3);
+        assert_eq!(shown + d.elsewhere, 700 + 5 + 9 + MAX_DROP_SITES as u64 + 4);
+        // Three sites beyond those listed, and four drops the full table could not file.
+        assert_eq!(d.elsewhere, 3 + 4);
     }
 
     #[test]
