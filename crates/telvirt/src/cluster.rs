@@ -961,6 +961,8 @@ async fn teardown(record: &ClusterRecord) -> Removal {
         .collect();
     let left: Vec<(String, u32)> = left_in_sessions(&sessions, &marker)
         .into_iter()
+        // A recorded process still there (it outlived SIGKILL) was counted already.
+        .filter(|(pid, _)| !sessions.contains(pid))
         .map(|(pid, command)| (format!("process {pid} ({command})"), pid))
         .collect();
     stop(&left, &marker, &mut r).await;
