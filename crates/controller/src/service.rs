@@ -1511,6 +1511,8 @@ impl Controller {
         let prefix = records::assignments_prefix(host);
         let mut domains: BTreeMap<String, String> = BTreeMap::new();
         let mut tunnels: BTreeMap<String, Option<String>> = BTreeMap::new();
+        // The machine types of this host's QEMU, read once when a vm needs them.
+        let mut host_machines: Option<Vec<String>> = None;
         let mut out = Vec::new();
         for (key, _) in self.store.list(&prefix).await? {
             let Some(name) = key.strip_prefix(prefix.as_str()) else {
@@ -1590,13 +1592,26 @@ impl Controller {
             // The destination of a move that changes the engine runs the module on the new one.
             let mut descriptor = vnf.descriptor.clone();
             // A vm keeps the machine type it runs on: a move's destination takes in the guest
-            // on the same hardware, and a restart keeps it unless the descriptor names one.
+            // on the same hardware (the move was checked against this host's types), and a
+            // start here keeps it unless the descriptor names one or this host's QEMU lacks it
+            // (a VNF healed onto such a host boots on its newest type rather than not at all;
+            // a host whose agent reports no types is not sent the field).
             let moving_here = vnf.migration.as_ref().is_some_and(|m| m.to == host);
-            if let Some(vm) = descriptor.spec.vm.as_mut()
-                && vnf.machine.is_some()
+            if let (Some(vm), Some(machine)) = (descriptor.spec.vm.as_mut(), &vnf.machine)
                 && (vm.machine.is_none() || moving_here)
             {
-                vm.machine.clone_from(&vnf.machine);
+                if host_machines.is_none() {
+                    host_machines = Some(
+                        self.agent_host(host)
+                            .await?
+                            .map(|h| h.qemu_machines)
+                            .unwrap_or_default(),
+                    );
+                }
+                let here = host_machines.as_deref().unwrap_or_default();
+                if moving_here || here.contains(machine) {
+                    vm.machine = Some(machine.clone());
+                }
             }
             if let Some(m) = vnf.migration.as_ref().filter(|m| m.to == host)
                 && let (Some(e), Some(w)) = (m.engine, descriptor.spec.wasm.as_mut())
@@ -1773,8 +1788,12 @@ impl Controller {
                 }
                 vnf.replication = obs.replication.clone();
                 // The machine type its guest runs on: what its restarts and moves keep.
-                if obs.machine.is_some() {
-                    vnf.machine.clone_from(&obs.machine);
+                if let Some(m) = obs
+                    .machine
+                    .as_ref()
+                    .filter(|m| telvirt_model::vnf::machine_version(m).is_some())
+                {
+                    vnf.machine = Some(m.clone());
                 }
                 // The commit point of the move's destination, with the stream that reached it:
                 // a later report of an earlier stream (a stale one) does not undo it.

@@ -487,6 +487,27 @@ async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else(
         .find(|a| a.vnf.as_str() == "u1")
         .and_then(|a| a.descriptor.spec.vm.as_ref()?.machine.clone());
     assert_eq!(pinned.as_deref(), Some("pc-i440fx-7.2"));
+    // Its own host's assignment names the type only once that host's agent reports having it
+    // (an older agent, or a QEMU without the type, starts the guest on its own newest).
+    let machine_on = |assigned: Vec<telvirt_model::api::Assignment>| {
+        assigned
+            .into_iter()
+            .find(|a| a.vnf.as_str() == "u1")
+            .and_then(|a| a.descriptor.spec.vm?.machine)
+    };
+    assert_eq!(
+        machine_on(node.controller.assignments("h2").await.unwrap()),
+        None
+    );
+    let mut h2 = host_record("h2");
+    h2.tunnel = Some("127.0.0.2:4789".into());
+    h2.qemu = Some("7.2".into());
+    h2.qemu_machines = vec!["pc-i440fx-7.2".into(), "pc-i440fx-7.1".into()];
+    node.controller.register_host(h2).await.unwrap();
+    assert_eq!(
+        machine_on(node.controller.assignments("h2").await.unwrap()).as_deref(),
+        Some("pc-i440fx-7.2")
+    );
     for b in beats {
         b.abort();
     }

@@ -158,9 +158,9 @@ impl VmManager {
         confine::qemu_version(&self.qemu).await
     }
 
-    /// The i440FX machine types of the QEMU this manager starts (`-machine help`, probed once).
+    /// The i440FX machine types of the QEMU this manager starts (`-machine help`).
     pub async fn machine_types(&self) -> crate::config::MachineTypes {
-        self.caps.get(&self.qemu).await.machines
+        confine::machine_types(&self.qemu).await
     }
 
     /// Use another QEMU binary (default `qemu-system-x86_64` from PATH).

@@ -540,7 +540,13 @@ impl Runtime for VmRuntime {
     }
 
     async fn machine(&self, name: &Name) -> Option<String> {
-        self.handle(name).await?.config().machine.clone()
+        // Versioned only: `pc` (its QEMU's list could not be read) says nothing to keep.
+        self.handle(name)
+            .await?
+            .config()
+            .machine
+            .clone()
+            .filter(|m| telvirt_model::vnf::machine_version(m).is_some())
     }
 
     async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
