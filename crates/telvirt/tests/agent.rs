@@ -1155,14 +1155,27 @@ fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
         qemu_pid_in(&node, "agent2-data", "vmnic1").is_some(),
         "a QEMU on a2"
     );
-    // The same guest forwards on a2: the sink's count grows again (a rate, read twice).
-    common::wait_until_for("frames across the VM on a2", VM_DEADLINE, || {
+    // The same guest forwards on a2: the sink's count grows again (a rate, read twice). A
+    // guest that broke on arrival fails at once, with its console.
+    let console_log = node.path("agent2-data/instances/vmnic1/console.log");
+    let deadline = Instant::now() + VM_DEADLINE;
+    loop {
         let before = sink_link_packets(&node, "c1");
         std::thread::sleep(Duration::from_secs(1));
-        sink_link_packets(&node, "c1") >= before + 300
-    });
-    let console =
-        std::fs::read_to_string(node.path("agent2-data/instances/vmnic1/console.log")).unwrap();
+        if sink_link_packets(&node, "c1") >= before + 300 {
+            break;
+        }
+        let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+        assert!(
+            !console.contains("BUG:") && !console.contains("is not a head"),
+            "the guest broke after its arrival on a2:\n{console}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "no frames across the VM on a2 within {VM_DEADLINE:?}; its console:\n{console}"
+        );
+    }
+    let console = std::fs::read_to_string(&console_log).unwrap();
     assert!(
         !console.contains("Linux version"),
         "a2 booted a guest: {console}"
