@@ -322,7 +322,7 @@ pub struct VmSpec {
     pub realtime: bool,
     /// QEMU machine type: `pc` (the host QEMU's newest i440FX PC) or a versioned one such as
     /// `pc-i440fx-7.2`; left out, the VNF keeps the versioned type its first start resolved
-    /// (`machine` in its status), on restarts and moves alike.
+    /// (`machine` in its status) on its moves, and on its restarts where the host's QEMU has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
 }
