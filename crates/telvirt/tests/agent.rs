@@ -820,6 +820,11 @@ fn qemu_pid_in(node: &Serve, data: &str, vm: &str) -> Option<i32> {
         .filter(|&p| common::alive(p))
 }
 
+/// The vm tests here boot TCG guests and move them: one at a time on a 2-core machine, as in
+/// tests/vm.rs (a TCG guest moved while the machine's cores were busy arrived broken in 1 of
+/// 5-10 tries here, ADR 062).
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The value of `-machine` on QEMU `pid`'s command line.
 fn qemu_machine(pid: i32) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
@@ -835,6 +840,7 @@ fn qemu_machine(pid: i32) -> String {
 
 #[test]
 fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves_it_running() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmmove1");
     let guest = common::guest_binary();
     // A move that does not end within 20 s is cancelled (a guest stream of this one takes 2-5 s).
@@ -1018,6 +1024,7 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
 /// move ends on the destination.
 #[test]
 fn a_vm_move_whose_destination_agent_restarts_mid_stream_ends_there_with_the_same_guest() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmmove2");
     let guest = common::guest_binary();
     let env = [("TELVIRT_GUEST_BIN", guest.as_path())];
@@ -1118,6 +1125,7 @@ fn sink_link_packets(node: &Serve, net: &str) -> u64 {
 /// on the new host with the same guest forwarding.
 #[test]
 fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmnic1");
     let guest = common::guest_binary();
     let (node, _a1, _a2) = two_agents_with(
