@@ -470,6 +470,7 @@ impl NicPort {
         {
             let mut st = tx.get_mut();
             if st.get_queue().ready() && st.is_enabled() && room > 0 {
+                resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
                 let mut used = false;
                 while self.buf.len() < room {
                     let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
@@ -529,6 +530,7 @@ impl NicPort {
         if !(st.get_queue().ready() && st.is_enabled()) {
             return moved;
         }
+        resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
         let offered = match st.get_queue().avail_idx(&*guard, Ordering::Acquire) {
             Ok(avail) => (avail - Wrapping(st.get_queue().next_avail())).0,
             Err(_) => 0,
@@ -576,6 +578,36 @@ impl NicPort {
     }
 }
 
+/// Brings `queue`'s next used index to the one in the guest's used ring, where it lags: the
+/// guest sees only the ring's. This backend completes every chain in the round that takes it,
+/// so the two are equal between rounds, except when QEMU sends `SET_VRING_ADDR` while the
+/// ring runs (it does so for every ring when a migration starts logging): the backend crate
+/// reads the ring's index and sets the queue's in two steps, and a round of the worker in
+/// between leaves the queue behind the ring, so its next entries would overwrite completions
+/// the guest already has and move the ring's index back (the guest then reads stale entries:
+/// `id N is not a head`). Called under the ring's lock before each round. Returns whether it
+/// moved the index.
+fn resync_used<M: vm_memory::GuestMemory>(
+    queue: &mut virtio_queue::Queue,
+    mem: &M,
+    nic: &str,
+) -> bool {
+    let Ok(ring) = queue.used_idx(mem, Ordering::Acquire) else {
+        return false;
+    };
+    if ring.0 == queue.next_used() {
+        return false;
+    }
+    tracing::debug!(
+        nic,
+        queue = queue.next_used(),
+        ring = ring.0,
+        "the used index was set behind the guest's ring while it ran: taken from the ring"
+    );
+    queue.set_next_used(ring.0);
+    true
+}
+
 /// A VM's NICs as one panel node, port `i` being NIC `i`.
 pub struct VhostUserNode {
     ports: Vec<NicPort>,
@@ -602,6 +634,43 @@ impl Node for VhostUserNode {
 mod tests {
     use super::*;
     use std::time::Instant;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A queue whose next used index was set behind its ring (the crate's two-step
+    /// `SET_VRING_ADDR` racing a round) takes the ring's; its next completion goes after the
+    /// guest's last one instead of over it.
+    #[test]
+    fn a_used_index_set_behind_the_guests_ring_is_taken_from_the_ring() {
+        let mem: vm_memory::GuestMemoryMmap =
+            vm_memory::GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mut q = virtio_queue::Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0x0), Some(0));
+        q.set_avail_ring_address(Some(0x1000), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_ready(true);
+        // Two chains offered (heads 0 and 1, one descriptor each), both completed.
+        for head in 0u16..2 {
+            let desc = u64::from(head) * 16;
+            mem.write_obj(0x4000u64 + u64::from(head) * 0x100, GuestAddress(desc))
+                .unwrap();
+            mem.write_obj(0x100u32, GuestAddress(desc + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VIRTQ_DESC_F_WRITE
+            mem.write_obj(head, GuestAddress(0x1004 + u64::from(head) * 2))
+                .unwrap();
+        }
+        mem.write_obj(2u16, GuestAddress(0x1002)).unwrap();
+        for _ in 0..2 {
+            let chain = q.pop_descriptor_chain(&mem).unwrap();
+            q.add_used(&mem, chain.head_index(), 0x10).unwrap();
+        }
+        assert_eq!(q.used_idx(&mem, Ordering::Acquire).unwrap().0, 2);
+        assert!(!resync_used(&mut q, &mem, "t"), "in step: nothing to do");
+        // The crate read the ring at 1 before the second completion, then set it.
+        q.set_next_used(1);
+        assert!(resync_used(&mut q, &mem, "t"));
+        assert_eq!(q.next_used(), 2);
+        assert_eq!(q.used_idx(&mem, Ordering::Acquire).unwrap().0, 2);
+    }
 
     fn wait_for(what: &str, f: impl Fn() -> bool) {
         let deadline = Instant::now() + Duration::from_secs(10);
