@@ -46,6 +46,26 @@ pub fn process(pid: i32) -> Option<ProcessStat> {
     })
 }
 
+/// Process `pid`'s state letter (`R`, `S`, `D`, `Z`, ...) and the id of its session; `None`
+/// when it is gone.
+pub fn state_and_session(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let f = stat_fields(&stat)?;
+    // Field 3 is the state, field 6 the session.
+    Some((f.first()?.chars().next()?, f.get(6 - 3)?.parse().ok()?))
+}
+
+/// Process `pid`'s arguments joined by spaces; `None` when it is gone.
+pub fn command_line(pid: i32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        String::from_utf8_lossy(&raw)
+            .replace('\0', " ")
+            .trim_end()
+            .to_owned(),
+    )
+}
+
 /// The threads of process `pid` with their scheduling times (empty when it is gone).
 pub fn threads(pid: i32) -> Vec<ThreadTimes> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -124,6 +144,18 @@ mod tests {
 
     fn me() -> i32 {
         std::process::id() as i32
+    }
+
+    #[test]
+    fn a_process_reads_its_own_state_session_and_command_line() {
+        let (state, session) = state_and_session(me()).unwrap();
+        // The process's main thread waits for this test's thread: running or sleeping.
+        assert!(matches!(state, 'R' | 'S'), "{state}");
+        // SAFETY: getsid has no preconditions.
+        assert_eq!(session, unsafe { libc::getsid(0) });
+        let exe = std::env::args().next().unwrap();
+        assert!(command_line(me()).unwrap().starts_with(&exe));
+        assert_eq!(state_and_session(i32::MAX), None);
     }
 
     #[test]

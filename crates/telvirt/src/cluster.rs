@@ -1047,20 +1047,17 @@ fn left_in_sessions(sessions: &[u32], marker: &str) -> Vec<(u32, String)> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let session_of = |pid: u32| {
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // After the command's closing parenthesis: state, ppid, pgrp, session.
-        let (_, rest) = stat.rsplit_once(')')?;
-        rest.split_whitespace().nth(3)?.parse::<u32>().ok()
-    };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| session_of(*pid).is_some_and(|sid| sessions.contains(&sid)))
-        .filter(|pid| ours(*pid, marker))
         .filter_map(|pid| {
-            let command = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-            let command = String::from_utf8_lossy(&command).replace('\0', " ");
-            Some((pid, command.trim_end().to_owned()))
+            let id = i32::try_from(pid).ok()?;
+            let (state, session) = telvirt_files::proc::state_and_session(id)?;
+            let in_one = u32::try_from(session).is_ok_and(|s| sessions.contains(&s));
+            if !in_one || !runs(state) {
+                return None;
+            }
+            let command = telvirt_files::proc::command_line(id)?;
+            command.contains(marker).then_some((pid, command))
         })
         .collect()
 }
@@ -1077,22 +1074,16 @@ fn signal(pid: u32, sig: libc::c_int) {
 /// Whether `pid` runs (not a zombie) with `marker` in its command line: the process recorded,
 /// not another that got its pid since.
 fn ours(pid: u32, marker: &str) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    if matches!(state, Some("Z" | "X") | None) {
-        return false;
-    }
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| {
-            String::from_utf8_lossy(&c)
-                .replace('\0', " ")
-                .contains(marker)
-        })
-        .unwrap_or(false)
+    telvirt_files::proc::state_and_session(pid).is_some_and(|(state, _)| runs(state))
+        && telvirt_files::proc::command_line(pid).is_some_and(|c| c.contains(marker))
+}
+
+/// Whether a process in `state` runs: neither a zombie nor dead.
+fn runs(state: char) -> bool {
+    !matches!(state, 'Z' | 'X')
 }
 
 /// Starts `command` in a session of its own (it outlives `up` and its terminal), with stdin
