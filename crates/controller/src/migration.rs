@@ -173,10 +173,7 @@ pub(crate) fn vm_move_refusal(
     let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
         return None;
     };
-    let version = |v: &str| {
-        let (major, minor) = v.split_once('.')?;
-        Some((major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?))
-    };
+    let version = telvirt_model::vnf::major_minor;
     if version(new) < version(old) {
         return Some(format!(
             "host {host} runs QEMU {new}, older than QEMU {old} of vnf {name}'s host {from}: QEMU takes a guest's stream only from the same or an older version"

@@ -1589,31 +1589,39 @@ impl Controller {
                 Some(h) => self.tunnel_of(&mut tunnels, &h).await?,
                 None => None,
             };
-            // The destination of a move that changes the engine runs the module on the new one.
             let mut descriptor = vnf.descriptor.clone();
+            // The move whose destination this host is.
+            let move_here = vnf.migration.as_ref().filter(|m| m.to == host);
             // A vm keeps the machine type it runs on: a move's destination takes in the guest
             // on the same hardware (the move was checked against this host's types), and a
             // start here keeps it unless the descriptor names one or this host's QEMU lacks it
             // (a VNF healed onto such a host boots on its newest type rather than not at all;
             // a host whose agent reports no types is not sent the field).
-            let moving_here = vnf.migration.as_ref().is_some_and(|m| m.to == host);
-            if let (Some(vm), Some(machine)) = (descriptor.spec.vm.as_mut(), &vnf.machine)
-                && (vm.machine.is_none() || moving_here)
-            {
-                if host_machines.is_none() {
-                    host_machines = Some(
-                        self.agent_host(host)
-                            .await?
-                            .map(|h| h.qemu_machines)
-                            .unwrap_or_default(),
-                    );
-                }
-                let here = host_machines.as_deref().unwrap_or_default();
-                if moving_here || here.contains(machine) {
+            if let (Some(vm), Some(machine)) = (descriptor.spec.vm.as_mut(), &vnf.machine) {
+                let pin = if move_here.is_some() {
+                    true
+                } else if vm.machine.is_none() {
+                    if host_machines.is_none() {
+                        host_machines = Some(
+                            self.agent_host(host)
+                                .await?
+                                .map(|h| h.qemu_machines)
+                                .unwrap_or_default(),
+                        );
+                    }
+                    host_machines
+                        .as_deref()
+                        .unwrap_or_default()
+                        .contains(machine)
+                } else {
+                    false
+                };
+                if pin {
                     vm.machine = Some(machine.clone());
                 }
             }
-            if let Some(m) = vnf.migration.as_ref().filter(|m| m.to == host)
+            // The destination of a move that changes the engine runs the module on the new one.
+            if let Some(m) = move_here
                 && let (Some(e), Some(w)) = (m.engine, descriptor.spec.wasm.as_mut())
             {
                 w.engine = e;

@@ -953,8 +953,8 @@ pub struct EndpointDrain {
 
 impl Node for EndpointDrain {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
-        if self.last.is_some_and(|at| at.elapsed() < DRAIN_EVERY)
-            || self.endpoint.tunnel_count() > 0
+        if self.endpoint.tunnel_count() > 0
+            || self.last.is_some_and(|at| at.elapsed() < DRAIN_EVERY)
         {
             return 0;
         }

@@ -281,9 +281,10 @@ fn guest_nics(sys_class_net: &std::path::Path) -> Vec<GuestNic> {
             let ifindex = std::fs::read_to_string(sys_class_net.join(&name).join("ifindex"))
                 .ok()
                 .and_then(|s| s.trim().parse::<u32>().ok());
+            let root = ifindex.and_then(|i| qdisc.get(&i));
             GuestNic {
-                qdisc_dropped: ifindex.and_then(|i| qdisc.get(&i)).map(|q| q.dropped),
-                qdisc_queued: ifindex.and_then(|i| qdisc.get(&i)).map(|q| q.queued),
+                qdisc_dropped: root.map(|q| q.dropped),
+                qdisc_queued: root.map(|q| q.queued),
                 rx_packets: stat("rx_packets"),
                 tx_packets: stat("tx_packets"),
                 rx_dropped: stat("rx_dropped"),

@@ -360,7 +360,13 @@ pub fn machine_span(newest_first: &[String]) -> String {
 
 /// `(major, minor)` of a versioned i440FX machine type (`pc-i440fx-7.2`).
 pub fn machine_version(machine: &str) -> Option<(u32, u32)> {
-    let (major, minor) = machine.strip_prefix(MACHINE_PREFIX)?.split_once('.')?;
+    major_minor(machine.strip_prefix(MACHINE_PREFIX)?)
+}
+
+/// `(major, minor)` of a `MAJOR.MINOR` version (a QEMU's, as its agent reports it): each of 1
+/// to 4 digits.
+pub fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let (major, minor) = version.split_once('.')?;
     let number = |s: &str| {
         (!s.is_empty() && s.len() <= 4 && s.bytes().all(|b| b.is_ascii_digit()))
             .then(|| s.parse::<u32>().ok())

@@ -179,17 +179,20 @@ pub fn probe_sandbox_value() -> String {
 /// The `(major, minor)` version `qemu --version` prints; `None` when it cannot be run or says
 /// something else.
 pub async fn qemu_version(qemu: &Path) -> Option<(u32, u32)> {
+    let out = probe_output(qemu, &["--version"]).await?;
+    crate::config::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// What `qemu ARGS` printed, when it ran within [`PROBE_DEADLINE`] (stdin closed, stderr
+/// dropped, killed when late).
+async fn probe_output(qemu: &Path, args: &[&str]) -> Option<std::process::Output> {
     let out = tokio::process::Command::from(child_command(qemu))
-        .arg("--version")
+        .args(args)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(std::time::Duration::from_secs(10), out)
-        .await
-        .ok()?
-        .ok()?;
-    crate::config::parse_qemu_version(&String::from_utf8_lossy(&out.stdout))
+    tokio::time::timeout(PROBE_DEADLINE, out).await.ok()?.ok()
 }
 
 /// A command that runs `program` with nothing of this process's but stdio: the node holds
@@ -271,15 +274,9 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
 }
 
 /// The i440FX machine types `qemu -machine help` lists (none when it cannot be run).
-pub async fn machine_types(qemu: &Path) -> crate::config::MachineTypes {
-    let out = tokio::process::Command::from(child_command(qemu))
-        .args(["-machine", "help"])
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(PROBE_DEADLINE, out).await {
-        Ok(Ok(o)) if o.status.success() => {
+pub(crate) async fn machine_types(qemu: &Path) -> crate::config::MachineTypes {
+    match probe_output(qemu, &["-machine", "help"]).await {
+        Some(o) if o.status.success() => {
             crate::config::MachineTypes::parse(&String::from_utf8_lossy(&o.stdout))
         }
         _ => Default::default(),

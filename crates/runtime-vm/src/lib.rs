@@ -27,8 +27,7 @@ pub use accel::{AccelDecision, AccelProbe};
 pub use bench::{BenchOptions, VmBenchReport};
 pub use config::{
     Accel, AccelChoice, CpuPlacement, CpuSet, DiskFormat, DiskImage, Grant, HugePageSize,
-    MACHINE_ALIAS, MachineTypes, Peripheral, VhostUserNic, VmConfig, check_machine_type,
-    machine_version, parse_qemu_version, vhost_user_nic_options,
+    MachineTypes, Peripheral, VhostUserNic, VmConfig, parse_qemu_version, vhost_user_nic_options,
 };
 pub use confine::{Confinement, QemuUser};
 pub use error::{Error, Result};

@@ -246,7 +246,7 @@ pub fn vnf_detail(v: &Vnf) -> String {
             "Machine:     {machine} ({})\n",
             match pinned {
                 Some(p) if p == machine => "as spec.vm.machine names it".to_owned(),
-                Some("pc") => {
+                Some(telvirt_model::vnf::MACHINE_ALIAS) => {
                     "spec.vm.machine pc: the newest of its host's QEMU, at each start".to_owned()
                 }
                 Some(p) => format!("spec.vm.machine {p}: its next start takes it"),

@@ -476,7 +476,8 @@ pub async fn stats(client: &Client, format: Output, name: &str) -> Result<()> {
 fn print_guest_net(name: &str, guest: Option<&telvirt_model::api::GuestNetView>) {
     let Some(g) = guest else {
         println!(
-            "inside the guest: no counters (vnf {name}'s guest agent did not answer within 2 s, or predates them)"
+            "inside the guest: no counters (vnf {name}'s guest agent did not answer within {} s, or predates them)",
+            GUEST_STATS_WAIT.as_secs()
         );
         return;
     };

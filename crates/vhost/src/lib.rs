@@ -470,12 +470,15 @@ impl NicPort {
         {
             let mut st = tx.get_mut();
             if st.get_queue().ready() && st.is_enabled() && room > 0 {
-                resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
                 let mut used = false;
                 while self.buf.len() < room {
                     let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
                         break;
                     };
+                    // Before the round's first completion only: an idle round reads nothing.
+                    if !used {
+                        resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
+                    }
                     let head = chain.head_index();
                     let frame = chain.reader(&guard).ok().and_then(|mut r| {
                         let len = r.available_bytes().saturating_sub(NET_HEADER);
@@ -530,7 +533,6 @@ impl NicPort {
         if !(st.get_queue().ready() && st.is_enabled()) {
             return moved;
         }
-        resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
         let offered = match st.get_queue().avail_idx(&*guard, Ordering::Acquire) {
             Ok(avail) => (avail - Wrapping(st.get_queue().next_avail())).0,
             Err(_) => 0,
@@ -539,6 +541,7 @@ impl NicPort {
         if want == 0 || io.recv(port, &mut self.buf, want) == 0 {
             return moved;
         }
+        resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
         let mut header = [0u8; NET_HEADER];
         // num_buffers: each frame fits one buffer.
         header[10] = 1;
@@ -585,8 +588,8 @@ impl NicPort {
 /// reads the ring's index and sets the queue's in two steps, and a round of the worker in
 /// between leaves the queue behind the ring, so its next entries would overwrite completions
 /// the guest already has and move the ring's index back (the guest then reads stale entries:
-/// `id N is not a head`). Called under the ring's lock before each round. Returns whether it
-/// moved the index.
+/// `id N is not a head`). Called under the ring's lock before a round's first completion.
+/// Returns whether it moved the index.
 fn resync_used<M: vm_memory::GuestMemory>(
     queue: &mut virtio_queue::Queue,
     mem: &M,
