@@ -27,7 +27,7 @@ use crate::AgentError;
 use crate::fencing::Fencing;
 use crate::queue::{Backoff, WorkQueue};
 use crate::replication::Replicas;
-use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+use crate::runtime::{GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure};
 
 /// How the agent works its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,15 +59,15 @@ impl Default for AgentConfig {
     }
 }
 
-/// What one observation told: phase, reason, generation, replication status and (from a
-/// standby) whether it lost its active.
+/// What one observation told: phase, reason, generation, replication status, (from a
+/// standby) whether it lost its active, and what its guest runs on.
 type Fact = (
     Phase,
     String,
     u64,
     Option<ReplicationStatus>,
     Option<ActiveLost>,
-    Option<String>,
+    GuestHardware,
 );
 
 #[derive(Debug, Default)]
@@ -833,9 +833,9 @@ impl Inner {
         always: bool,
     ) -> Result<(), AgentError> {
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
-        let machine = match self.runtimes.get(&a.descriptor.spec.runtime) {
-            Some(runtime) => runtime.machine(&a.vnf).await,
-            None => None,
+        let hardware = match self.runtimes.get(&a.descriptor.spec.runtime) {
+            Some(runtime) => runtime.hardware(&a.vnf).await,
+            None => GuestHardware::default(),
         };
         let active_lost = match a.placement.role {
             Role::Standby => self
@@ -852,7 +852,7 @@ impl Inner {
             a.generation,
             replication.clone(),
             active_lost.clone(),
-            machine.clone(),
+            hardware.clone(),
         );
         if !always {
             let known = self.known.lock().await;
@@ -864,7 +864,8 @@ impl Inner {
             .report(
                 &self.host,
                 Observation {
-                    machine,
+                    machine: hardware.machine,
+                    accel: hardware.accel,
                     vnf: a.vnf.clone(),
                     phase,
                     reason,

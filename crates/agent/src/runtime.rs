@@ -59,6 +59,14 @@ impl RuntimeFailure {
 /// What [`Runtime::send_state`] tells how far the stream got.
 pub type StreamProgress = Box<dyn FnMut(&GuestStream) + Send>;
 
+/// What an instance's guest runs on, as its runtime reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestHardware {
+    /// A versioned QEMU machine type (`pc-i440fx-7.2`).
+    pub machine: Option<String>,
+    pub accel: Option<telvirt_model::vnf::Accelerator>,
+}
+
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
     fn kind(&self) -> RuntimeKind;
@@ -88,11 +96,12 @@ pub trait Runtime: Send + Sync + 'static {
         None
     }
 
-    /// The machine type instance `name` runs on (vm: its QEMU's versioned type), reported to
-    /// the controller so its restarts and moves keep it. Runtimes without one keep this default.
-    async fn machine(&self, name: &Name) -> Option<String> {
+    /// The hardware instance `name`'s guest runs on (vm: its QEMU's versioned machine type and
+    /// accelerator), reported to the controller so its restarts and moves keep it. Runtimes
+    /// without a guest keep this default.
+    async fn hardware(&self, name: &Name) -> GuestHardware {
         let _ = name;
-        None
+        GuestHardware::default()
     }
 
     /// Starts the destination of a move: the instance waits for its state from the source

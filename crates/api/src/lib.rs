@@ -140,6 +140,10 @@ pub struct HostRecord {
     /// to a host whose QEMU has its machine type and is no older than its source's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_machines: Vec<String>,
+    /// The accelerator its vm runtime runs guests with, when known at its agent's start (its
+    /// `--accel`, or the probe's cached answer): a guest moves only to a host of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<telvirt_model::vnf::Accelerator>,
     /// Where this host's data plane receives the VXLAN tunnels of links from other hosts
     /// (`IP:PORT`); none: links between this host and another wait.
     #[serde(default, skip_serializing_if = "Option::is_none")]

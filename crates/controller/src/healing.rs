@@ -476,6 +476,7 @@ mod tests {
         .unwrap();
         telvirt_model::Vnf {
             machine: None,
+            accel: None,
             name: descriptor.name().clone(),
             owner: "admin".parse().unwrap(),
             descriptor,

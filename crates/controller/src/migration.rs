@@ -11,6 +11,7 @@
 //! not talk to agents: the store carries the move, the agents follow their assignments.
 
 use telvirt_model::api::{MigrateRequest, Migration};
+use telvirt_model::vnf::Accelerator;
 use telvirt_model::{FieldError, Phase, Redundancy, Role, RuntimeKind, Vnf};
 use telvirt_sched::SchedError;
 
@@ -158,7 +159,8 @@ fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
 }
 
 /// Why vm VNF `v` cannot move from host `from` (`here`) to `host` (`there`), or `None` when it
-/// can. QEMU takes a guest's stream only from the same or an older version, on the machine
+/// can. A guest under KVM moves only to a host whose guests run under KVM (its stream carries
+/// the host CPU model; a TCG guest may move anywhere, its destination emulates it too). QEMU takes a guest's stream only from the same or an older version, on the machine
 /// type the guest runs on: the destination's QEMU must be no older and have that type (the
 /// controller pins it on the destination). A host that reports no version is not compared;
 /// without the guest's machine type or the destination's list, the versions must be equal.
@@ -170,6 +172,18 @@ pub(crate) fn vm_move_refusal(
     there: &telvirt_api::HostRecord,
 ) -> Option<String> {
     let name = &v.name;
+    let accel = v
+        .descriptor
+        .spec
+        .vm
+        .as_ref()
+        .and_then(|vm| vm.accel)
+        .or(v.accel);
+    if let (Some(Accelerator::Kvm), Some(Accelerator::Tcg)) = (accel, there.accel) {
+        return Some(format!(
+            "host {host} runs guests under TCG and vnf {name}'s guest runs under KVM: a KVM guest moves only to a host whose KVM runs guests"
+        ));
+    }
     let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
         return None;
     };
@@ -647,6 +661,7 @@ mod tests {
             agent: true,
             qemu: qemu.map(str::to_owned),
             qemu_machines: machines.iter().map(|m| (*m).to_owned()).collect(),
+            accel: None,
             tunnel: None,
         }
     }
@@ -727,5 +742,37 @@ mod tests {
             ),
             None
         );
+    }
+
+    /// A KVM guest moves only to a host whose guests run under KVM, or whose accelerator is
+    /// not known (its agent refuses it there if it cannot); a TCG guest moves anywhere.
+    #[test]
+    fn a_kvm_guest_does_not_move_to_a_host_that_runs_guests_under_tcg() {
+        let on = |accel: Option<Accelerator>| {
+            let mut h = host(Some("7.2"), OLD);
+            h.accel = accel;
+            h
+        };
+        let mut guest = vm(Some("pc-i440fx-7.2"));
+        guest.accel = Some(Accelerator::Kvm);
+        let here = on(Some(Accelerator::Kvm));
+        let why = vm_move_refusal(&guest, "h1", &here, "h2", &on(Some(Accelerator::Tcg))).unwrap();
+        assert!(
+            why.contains("host h2 runs guests under TCG") && why.contains("under KVM"),
+            "{why}"
+        );
+        for there in [on(Some(Accelerator::Kvm)), on(None)] {
+            assert_eq!(vm_move_refusal(&guest, "h1", &here, "h2", &there), None);
+        }
+        // The descriptor's accelerator is the guest's, whatever was last reported.
+        let mut pinned = vm(Some("pc-i440fx-7.2"));
+        if let Some(vm) = pinned.descriptor.spec.vm.as_mut() {
+            vm.accel = Some(Accelerator::Kvm);
+        }
+        assert!(vm_move_refusal(&pinned, "h1", &here, "h2", &on(Some(Accelerator::Tcg))).is_some());
+        guest.accel = Some(Accelerator::Tcg);
+        for there in [on(Some(Accelerator::Kvm)), on(Some(Accelerator::Tcg))] {
+            assert_eq!(vm_move_refusal(&guest, "h1", &here, "h2", &there), None);
+        }
     }
 }

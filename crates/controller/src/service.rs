@@ -749,6 +749,7 @@ impl Controller {
         let now = now_rfc3339();
         let vnf = Vnf {
             machine: None,
+            accel: None,
             name: name.clone(),
             owner,
             descriptor,
@@ -1620,6 +1621,16 @@ impl Controller {
                     vm.machine = Some(machine.clone());
                 }
             }
+            // A move's destination runs the guest with its source's accelerator: the stream
+            // carries a CPU of that accelerator's model (the move was checked against this
+            // host's accelerator where it is known; where not, its agent refuses a KVM guest
+            // it cannot run, and the move fails with the guest still at its source).
+            if move_here.is_some()
+                && let (Some(vm), Some(accel)) = (descriptor.spec.vm.as_mut(), vnf.accel)
+                && vm.accel.is_none()
+            {
+                vm.accel = Some(accel);
+            }
             // The destination of a move that changes the engine runs the module on the new one.
             if let Some(m) = move_here
                 && let (Some(e), Some(w)) = (m.engine, descriptor.spec.wasm.as_mut())
@@ -1802,6 +1813,10 @@ impl Controller {
                     .filter(|m| telvirt_model::vnf::machine_version(m).is_some())
                 {
                     vnf.machine = Some(m.clone());
+                }
+                // And the accelerator it runs with: what its moves keep.
+                if let Some(a) = obs.accel {
+                    vnf.accel = Some(a);
                 }
                 // The commit point of the move's destination, with the stream that reached it:
                 // a later report of an earlier stream (a stale one) does not undo it.

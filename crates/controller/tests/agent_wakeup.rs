@@ -72,6 +72,7 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
             "h1",
             Observation {
                 machine: None,
+                accel: None,
                 vnf: "fw1".parse().unwrap(),
                 phase: Phase::Starting,
                 reason: "starting".into(),

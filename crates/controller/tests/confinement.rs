@@ -79,6 +79,7 @@ async fn authorities(c: &Controller) {
 fn host(spec: HostSpec) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
+        accel: None,
         spec,
         memory_bytes: 0,
         hugepages: Vec::new(),

@@ -47,6 +47,7 @@ async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) 
             host,
             Observation {
                 machine: None,
+                accel: None,
                 vnf: vnf.parse().unwrap(),
                 phase,
                 reason: reason.into(),
@@ -84,6 +85,7 @@ async fn placed_pair(node: &Node) -> (Value, String, String) {
 fn silent_standby(act: &str, generation: u64) -> Observation {
     Observation {
         machine: None,
+        accel: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -282,6 +284,7 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
         .await;
     let lost = || Observation {
         machine: None,
+        accel: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -379,6 +382,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
             &act,
             Observation {
                 machine: None,
+                accel: None,
                 vnf: "p1".parse().unwrap(),
                 phase: Phase::Running,
                 reason: "running".into(),

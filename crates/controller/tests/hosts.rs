@@ -294,6 +294,7 @@ async fn a_lapsed_heartbeat_lease_makes_the_host_not_ready_and_its_vnfs_unknown_
                 "h2",
                 Observation {
                     machine: None,
+                    accel: None,
                     vnf: "u1".parse().unwrap(),
                     phase,
                     reason: "started".into(),

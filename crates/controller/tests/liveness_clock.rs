@@ -105,6 +105,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
     for phase in [Phase::Starting, Phase::Running] {
         let obs = Observation {
             machine: None,
+            accel: None,
             vnf: "u1".parse().unwrap(),
             phase,
             reason: "started".into(),

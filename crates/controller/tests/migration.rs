@@ -13,6 +13,7 @@ use common::{Node, beat, host_record, role_hosts, wasm_vnf};
 use telvirt_controller::{Controller, consistency};
 use telvirt_model::Phase;
 use telvirt_model::api::{Observation, ReplicationStatus};
+use telvirt_model::vnf::Accelerator;
 
 const JSON: &str = "application/json";
 
@@ -28,7 +29,7 @@ async fn migrate(node: &Node, body: &str) -> common::Reply {
 }
 
 async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<ReplicationStatus>) {
-    observe_u1(c, host, phase, replication, None).await;
+    observe_u1(c, host, phase, replication, None, None).await;
 }
 
 /// `host`'s agent reports u1 in `phase`.
@@ -38,11 +39,13 @@ async fn observe_u1(
     phase: Phase,
     replication: Option<ReplicationStatus>,
     machine: Option<&str>,
+    accel: Option<Accelerator>,
 ) {
     c.observe(
         host,
         Observation {
             machine: machine.map(str::to_owned),
+            accel,
             vnf: "u1".parse().unwrap(),
             phase,
             reason: "running".into(),
@@ -57,7 +60,7 @@ async fn observe_u1(
 
 /// h2's report that u1 runs on machine type `machine`.
 async fn report_machine(c: &Controller, machine: &str) {
-    observe_u1(c, "h2", Phase::Running, None, Some(machine)).await;
+    observe_u1(c, "h2", Phase::Running, None, Some(machine), None).await;
 }
 
 /// Hosts h2 and h3, heartbeating, with tunnel addresses (both can receive state); h1 and h3
@@ -82,6 +85,27 @@ async fn h2_and_h3_with(node: &Node, qemu: [Option<&str>; 2]) -> Vec<tokio::task
     }
     node.cordon("h3").await;
     beats
+}
+
+/// h3 as the API shows it.
+async fn h3_view(node: &Node) -> serde_json::Value {
+    node.call(
+        "GET",
+        "/v1/hosts/{name}",
+        Some("h3"),
+        Some(&node.admin),
+        None,
+    )
+    .await
+    .body
+}
+
+/// Asks to move u1 to h3, which must be refused naming `to`; the refusal's detail.
+async fn refused_to_h3(node: &Node) -> String {
+    let r = migrate(node, r#"{"to": "h3"}"#).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(r.error_paths(), ["to"], "{}", r.body);
+    r.body["detail"].as_str().unwrap().to_owned()
 }
 
 async fn consistent(node: &Node) {
@@ -400,6 +424,74 @@ async fn move_ends_on_h2(node: &Node, host: &str, stream: &ReplicationStatus, wh
     consistent(node).await;
 }
 
+/// A guest under KVM moves only to a host whose agent does not report TCG; the destination's
+/// assignment names the accelerator (its agent refuses a KVM guest it cannot run), its
+/// source's does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kvm_guest_moves_only_where_guests_are_not_emulated_and_keeps_kvm_there() {
+    let node = Node::start_monitored(None).await;
+    let beats = h2_and_h3(&node).await;
+    node.create_vnf(&node.admin, VM).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    observe_u1(
+        &node.controller,
+        "h2",
+        Phase::Running,
+        None,
+        None,
+        Some(Accelerator::Kvm),
+    )
+    .await;
+    let v = node.vnf_json("u1").await;
+    assert_eq!(v["accel"], "kvm", "{v}");
+    node.uncordon("h3").await;
+    let h3 = |accel: Option<Accelerator>| {
+        let mut record = host_record("h3");
+        record.tunnel = Some("127.0.0.3:4789".into());
+        record.accel = accel;
+        record
+    };
+    node.controller
+        .register_host(h3(Some(Accelerator::Tcg)))
+        .await
+        .unwrap();
+    let host = h3_view(&node).await;
+    assert_eq!(host["accel"], "tcg", "{host}");
+    let before = node.vnf_json("u1").await;
+    let detail = refused_to_h3(&node).await;
+    assert!(
+        detail.contains("host h3 runs guests under TCG") && detail.contains("under KVM"),
+        "{detail}"
+    );
+    assert_eq!(node.vnf_json("u1").await, before);
+    let r = migrate(&node, "{}").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(node.vnf_json("u1").await, before);
+
+    // h3's accelerator unknown (not probed yet): the move starts, pinned to KVM there.
+    node.controller.register_host(h3(None)).await.unwrap();
+    let r = migrate(&node, r#"{"to": "h3"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let accel_on = |assigned: Vec<telvirt_model::api::Assignment>| {
+        assigned
+            .into_iter()
+            .find(|a| a.vnf.as_str() == "u1")
+            .and_then(|a| a.descriptor.spec.vm?.accel)
+    };
+    assert_eq!(
+        accel_on(node.controller.assignments("h3").await.unwrap()),
+        Some(Accelerator::Kvm)
+    );
+    assert_eq!(
+        accel_on(node.controller.assignments("h2").await.unwrap()),
+        None
+    );
+    for b in beats {
+        b.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else() {
     let node = Node::start_monitored(None).await;
@@ -409,23 +501,12 @@ async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else(
         .await;
     report(&node.controller, "h2", Phase::Running, None).await;
     node.uncordon("h3").await;
-    let host = node
-        .call(
-            "GET",
-            "/v1/hosts/{name}",
-            Some("h3"),
-            Some(&node.admin),
-            None,
-        )
-        .await;
-    assert_eq!(host.body["qemu"], "8.0", "{}", host.body);
+    let host = h3_view(&node).await;
+    assert_eq!(host["qemu"], "8.0", "{host}");
 
     // Refused, naming `to` and both versions; nothing changes (no standby kept on h3).
     let before = node.vnf_json("u1").await;
-    let r = migrate(&node, r#"{"to": "h3"}"#).await;
-    assert_eq!(r.status, 422, "{}", r.body);
-    assert_eq!(r.error_paths(), ["to"], "{}", r.body);
-    let detail = r.body["detail"].as_str().unwrap();
+    let detail = refused_to_h3(&node).await;
     // Neither the guest's machine type nor h3's types are known: the versions must match.
     assert!(
         detail.contains("host h3 runs QEMU 8.0")
@@ -465,10 +546,7 @@ async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else(
         ),
     ] {
         node.controller.register_host(record).await.unwrap();
-        let r = migrate(&node, r#"{"to": "h3"}"#).await;
-        assert_eq!(r.status, 422, "{}", r.body);
-        assert_eq!(r.error_paths(), ["to"], "{}", r.body);
-        let detail = r.body["detail"].as_str().unwrap();
+        let detail = refused_to_h3(&node).await;
         assert!(detail.contains(why), "{detail}");
         assert_eq!(node.vnf_json("u1").await, before);
     }
@@ -543,6 +621,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
                 "h2",
                 Observation {
                     machine: None,
+                    accel: None,
                     vnf: name.parse().unwrap(),
                     phase: Phase::Running,
                     reason: "running".into(),

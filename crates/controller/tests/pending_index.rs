@@ -103,6 +103,7 @@ fn descriptor(name: &str, count: u32, shared: bool) -> String {
 fn host() -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
+        accel: None,
         spec: HostSpec {
             name: "h1".into(),
             topology: Some(TopologySpec {

@@ -484,6 +484,10 @@ pub struct HostView {
     /// The i440FX machine types that QEMU has (`pc-i440fx-X.Y`), newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_machines: Vec<String>,
+    /// The accelerator its vm runtime runs guests with, when known (set by its agent's
+    /// `--accel`, or found by a probe boot): a guest moves only to a host of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<crate::vnf::Accelerator>,
     /// Where this host's data plane takes links from other hosts (VXLAN over UDP) and its
     /// standbys their actives' state (TCP): `IP:PORT`, when its agent has a tunnel address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -618,6 +622,9 @@ pub struct Observation {
     /// before its QEMU started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// The accelerator a vm instance's QEMU runs with (none for wasm, or before it started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<crate::vnf::Accelerator>,
 }
 
 /// How a standby lost its active.

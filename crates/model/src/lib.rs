@@ -436,6 +436,22 @@ spec:
             ))
             .is_ok()
         );
+        let accel = |value: &str| {
+            yaml(&edit(
+                VM,
+                "emulator: isolate",
+                &format!("emulator: isolate\n    accel: {value}"),
+            ))
+        };
+        let vm = |d: VnfDescriptor| d.spec.vm.and_then(|vm| vm.accel);
+        assert_eq!(vm(accel("kvm").unwrap()), Some(vnf::Accelerator::Kvm));
+        assert_eq!(vm(accel("tcg").unwrap()), Some(vnf::Accelerator::Tcg));
+        assert_eq!(vm(yaml(VM).unwrap()), None);
+        let e = accel("xen").unwrap_err().to_string();
+        assert!(
+            e.contains("spec.vm.accel") && e.contains("kvm") && e.contains("tcg"),
+            "{e}"
+        );
     }
 
     #[test]

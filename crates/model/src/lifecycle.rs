@@ -182,6 +182,10 @@ pub struct Vnf {
     /// another, so a move to a host with a newer QEMU keeps the guest's hardware.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// The accelerator its guest runs with (`kvm`, `tcg`), as its active's host last
+    /// reported it (vm VNFs): a move keeps it unless `spec.vm.accel` names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<crate::vnf::Accelerator>,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -325,6 +325,38 @@ pub struct VmSpec {
     /// (`machine` in its status) on its moves, and on its restarts where the host's QEMU has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine: Option<String>,
+    /// The accelerator its QEMU runs the guest with: `kvm` (the host's KVM, the guest's CPU
+    /// the host's; a host whose KVM does not boot a guest refuses to start it) or `tcg`
+    /// (emulation, even where KVM runs). Left out, each start takes the host's (KVM where it
+    /// boots a guest, else TCG), and a move keeps the one its source runs (`accel` in its
+    /// status): a guest is never moved between a KVM and a TCG QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<Accelerator>,
+}
+
+/// How a vm VNF's QEMU runs its guest's CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Accelerator {
+    /// The host's KVM (`-cpu host`).
+    Kvm,
+    /// QEMU's TCG emulation (`-cpu max`): much slower, any host.
+    Tcg,
+}
+
+impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+}
+
+impl std::fmt::Display for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

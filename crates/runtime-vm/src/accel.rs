@@ -90,6 +90,20 @@ impl AccelProbe {
         format!("{}|{}", release.trim(), qemu.trim())
     }
 
+    /// The accelerator `choice` resolves to when that is known without a probe boot: an
+    /// override, or `auto`'s answer cached for this kernel and QEMU. `None` until probed.
+    pub fn known(&self, choice: AccelChoice) -> Option<Accel> {
+        match choice {
+            AccelChoice::Tcg => Some(Accel::Tcg),
+            AccelChoice::Kvm => kvm_openable().is_ok().then_some(Accel::Kvm),
+            AccelChoice::Auto => std::fs::read(self.cache_file())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok())
+                .filter(|e| e.key == self.cache_key())
+                .map(|e| e.decision.accel),
+        }
+    }
+
     /// Resolve a choice: `tcg` and `kvm` are overrides; `auto` uses the memo, the cache file,
     /// or a probe boot.
     pub async fn resolve(&self, choice: AccelChoice) -> Result<AccelDecision> {

@@ -120,22 +120,8 @@ impl FromStr for AccelChoice {
     }
 }
 
-/// The accelerator a VM actually runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Accel::Kvm => "kvm",
-            Accel::Tcg => "tcg",
-        }
-    }
-}
+/// The accelerator a VM actually runs on (the descriptor's `spec.vm.accel` names the same).
+pub use telvirt_model::vnf::Accelerator as Accel;
 
 /// Huge page size backing guest memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

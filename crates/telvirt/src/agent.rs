@@ -145,10 +145,13 @@ impl HostAgent {
             Some(vm) => vm.machine_types().await,
             None => Vec::new(),
         };
+        // ... and whose guests run under KVM, when it is a KVM guest (unknown until probed).
+        let accel = vm.as_ref().and_then(|vm| vm.known_accel());
         for record in inventory.iter_mut().filter(|h| h.agent) {
             record.runtimes.clone_from(&names);
             record.qemu.clone_from(&qemu);
             record.qemu_machines.clone_from(&qemu_machines);
+            record.accel = accel;
         }
         let mut record = inventory
             .iter()
@@ -426,6 +429,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
         telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
         return Ok(vec![HostRecord {
             qemu_machines: Vec::new(),
+            accel: None,
             spec,
             memory_bytes: local.memory_bytes,
             hugepages: local.hugepages,
@@ -462,6 +466,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
             }
             HostRecord {
                 qemu_machines: Vec::new(),
+                accel: None,
                 spec,
                 memory_bytes: if is_local { local.memory_bytes } else { 0 },
                 hugepages: if is_local {

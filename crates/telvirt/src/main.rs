@@ -500,6 +500,16 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                         telvirt_model::vnf::machine_span(&host.qemu_machines)
                     );
                 }
+                if let Some(accel) = host.accel {
+                    println!(
+                        "Guests run under {accel}{}",
+                        match accel {
+                            telvirt_model::vnf::Accelerator::Kvm => "",
+                            telvirt_model::vnf::Accelerator::Tcg =>
+                                " (emulated: a KVM guest does not move here)",
+                        }
+                    );
+                }
                 println!();
                 print!(
                     "{}",

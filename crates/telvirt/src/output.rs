@@ -254,6 +254,17 @@ pub fn vnf_detail(v: &Vnf) -> String {
             }
         ));
     }
+    if let Some(accel) = v.accel {
+        let named = spec.vm.as_ref().and_then(|vm| vm.accel);
+        out.push_str(&format!(
+            "Accel:       {accel} ({})\n",
+            match named {
+                Some(n) if n == accel => "as spec.vm.accel names it".to_owned(),
+                Some(n) => format!("spec.vm.accel {n}: its next start takes it"),
+                None => "its host's; kept across its moves".to_owned(),
+            }
+        ));
+    }
     if let Some(m) = &v.migration {
         out.push_str(&format!(
             "Migration:   from {} to {} since {} (by {}){}\n",
@@ -404,6 +415,7 @@ pub fn host_table(hosts: &[HostView], wide: bool) -> String {
                     held.to_string(),
                     h.tunnel.clone().unwrap_or_else(|| "-".into()),
                     h.qemu.clone().unwrap_or_else(|| "-".into()),
+                    h.accel.map_or_else(|| "-".into(), |a| a.to_string()),
                 ]);
             }
             row
@@ -420,7 +432,7 @@ pub fn host_table(hosts: &[HostView], wide: bool) -> String {
         "RUNTIMES",
     ];
     if wide {
-        columns.extend(["LABELS", "HELD", "TUNNEL", "QEMU"]);
+        columns.extend(["LABELS", "HELD", "TUNNEL", "QEMU", "ACCEL"]);
     }
     table(&columns, &rows)
 }

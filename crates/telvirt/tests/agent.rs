@@ -873,6 +873,16 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         "{}",
         qemu_machine(source)
     );
+    // And the accelerator it runs with (TCG here), which its move keeps.
+    let accel = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| v["accel"].is_string())["accel"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        qemu_machine(source).contains(&format!(",accel={accel}")),
+        "{accel}: {}",
+        qemu_machine(source)
+    );
     // Each host says which machine types its QEMU has: a2's include the guest's.
     let a2_show = String::from_utf8_lossy(&node.ok(&["host", "show", "a2"]).stdout).into_owned();
     assert!(
@@ -984,6 +994,12 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         qemu_machine(dest)
     );
     assert_eq!(moved["machine"], machine.as_str(), "{moved}");
+    assert!(
+        qemu_machine(dest).contains(&format!(",accel={accel}")),
+        "{accel}: {}",
+        qemu_machine(dest)
+    );
+    assert_eq!(moved["accel"], accel.as_str(), "{moved}");
     let vcpus = common::cpu_list(&moved["placements"][0]["vcpus"][0]);
     assert_eq!(
         common::allowed_cpus(dest, true),

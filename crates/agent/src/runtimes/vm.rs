@@ -16,8 +16,8 @@ use async_trait::async_trait;
 use telvirt_model::api::{GuestStream, NicStatsView};
 use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
 use telvirt_runtime_vm::{
-    AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error,
-    Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, MigrationChannel,
+    Accel, AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage,
+    Error, Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, MigrationChannel,
     MigrationProgress, MigrationTuning, Peripheral, VhostUserNic, VmConfig, VmHandle, VmManager,
     VmPhase,
 };
@@ -25,7 +25,9 @@ use telvirt_vhost::{NicSocket, VhostUserNode};
 use tokio::sync::{Mutex, OnceCell};
 
 use crate::dataplane::NodeDataPlane;
-use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure, StreamProgress};
+use crate::runtime::{
+    GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure, StreamProgress,
+};
 
 /// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
 pub const REALTIME_PRIORITY: u8 = 50;
@@ -291,6 +293,20 @@ impl VmRuntime {
         lock(&self.arrivals)
     }
 
+    /// The accelerator this runtime runs guests with, when known without a probe boot (its
+    /// configured choice, or the probe's cached answer): its host reports it, so a KVM guest
+    /// is not moved to a host that would emulate it.
+    pub fn known_accel(&self) -> Option<Accel> {
+        if let Some(p) = self.prepared.get() {
+            return Some(p.accel.accel);
+        }
+        let mut probe = AccelProbe::new(&self.config.cache_dir);
+        if let Some(q) = &self.config.qemu {
+            probe = probe.qemu_binary(q);
+        }
+        probe.known(self.config.accel)
+    }
+
     /// A manager for adopting, removing and reading consoles: none of that boots a guest, so
     /// it needs neither the image nor the accelerator decision.
     fn plain_manager(&self) -> VmManager {
@@ -376,6 +392,26 @@ pub async fn build_image(
     .await
     .map_err(|e| failure(format!("building the default guest image: {e}")))?
     .map_err(|e| failure(format!("building the default guest image: {e}")))
+}
+
+/// The accelerator instance `spec` starts with: the one its descriptor names (a move's
+/// destination is sent its source's), else this runtime's `configured` choice. A guest named
+/// to KVM is refused where `host`, this runtime's decision, is TCG (its KVM did not boot the
+/// probe guest, or the agent runs `--accel tcg`).
+fn guest_accel(
+    spec: &InstanceSpec,
+    host: &AccelDecision,
+    configured: AccelChoice,
+) -> Result<AccelChoice, RuntimeFailure> {
+    match spec.descriptor.spec.vm.as_ref().and_then(|vm| vm.accel) {
+        None => Ok(configured),
+        Some(Accel::Tcg) => Ok(AccelChoice::Tcg),
+        Some(Accel::Kvm) if host.accel == Accel::Kvm => Ok(AccelChoice::Kvm),
+        Some(Accel::Kvm) => Err(failure(format!(
+            "spec.vm.accel: vnf {}'s guest runs under KVM, and this host runs guests under TCG ({}): it cannot take it",
+            spec.name, host.reason
+        ))),
+    }
 }
 
 /// The `VmConfig` of an instance. `image` is the default guest, used when the descriptor names
@@ -515,7 +551,8 @@ impl Runtime for VmRuntime {
         let prepared = self
             .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
             .await?;
-        let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        let accel = guest_accel(spec, &prepared.accel, self.config.accel)?;
+        let mut cfg = vm_config(spec, &prepared.image, accel)?;
         self.nics_into(spec, &mut cfg)?;
         let handle = match prepared.manager.start(cfg).await {
             Ok(h) => h,
@@ -539,14 +576,19 @@ impl Runtime for VmRuntime {
         self.arrival_table().get(name).cloned()
     }
 
-    async fn machine(&self, name: &Name) -> Option<String> {
-        // Versioned only: `pc` (its QEMU's list could not be read) says nothing to keep.
-        self.handle(name)
-            .await?
-            .config()
-            .machine
-            .clone()
-            .filter(|m| telvirt_model::vnf::machine_version(m).is_some())
+    async fn hardware(&self, name: &Name) -> GuestHardware {
+        let Some(handle) = self.handle(name).await else {
+            return GuestHardware::default();
+        };
+        GuestHardware {
+            // Versioned only: `pc` (its QEMU's list could not be read) says nothing to keep.
+            machine: handle
+                .config()
+                .machine
+                .clone()
+                .filter(|m| telvirt_model::vnf::machine_version(m).is_some()),
+            accel: Some(handle.accel()),
+        }
     }
 
     async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
@@ -556,10 +598,18 @@ impl Runtime for VmRuntime {
         // Disks do not move (the controller refuses such moves). The NICs do: the incoming
         // QEMU needs the same devices and the same shared RAM as the source's (its panel node
         // stays out of every network until the switch makes this host the VM's).
-        let mut cfg = vm_config(spec, &prepared.image, self.config.accel)?;
+        // The guest's accelerator is pinned by the move: a KVM guest is refused here when
+        // this host runs guests under TCG.
+        let accel = guest_accel(spec, &prepared.accel, self.config.accel)?;
+        let mut cfg = vm_config(spec, &prepared.image, accel)?;
         self.nics_into(spec, &mut cfg)?;
         // The stream comes over one passed socket: both ends tuned alike, multifd off.
-        let tuning = MigrationTuning::tuned(prepared.accel.accel).over_one_stream();
+        let tuning = MigrationTuning::tuned(match accel {
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+            AccelChoice::Auto => prepared.accel.accel,
+        })
+        .over_one_stream();
         let handle = match prepared.manager.launch_incoming(cfg, &tuning).await {
             Ok(h) => h,
             Err(e) => {
@@ -849,6 +899,44 @@ mod tests {
         assert_eq!(c.cpu.realtime_priority, Some(REALTIME_PRIORITY));
         assert_eq!(c.state_dir, Some(PathBuf::from("/tmp/x/upf1")));
         assert_eq!(c.accel, AccelChoice::Tcg);
+    }
+
+    /// A guest named to an accelerator (by its descriptor, or a move's pin) gets it; one named
+    /// to KVM is refused on a host that runs guests under TCG, naming the field and why.
+    #[test]
+    fn a_guest_named_to_kvm_is_refused_where_the_host_runs_tcg() {
+        let decided = |accel: Accel| AccelDecision {
+            accel,
+            warning: None,
+            reason: "KVM is present but did not boot the probe guest".into(),
+            from_cache: true,
+        };
+        let tcg_host = decided(Accel::Tcg);
+        let kvm_host = decided(Accel::Kvm);
+        let unnamed = spec("{ memory: 64MiB }", vec![vec![1]], vec![]);
+        assert_eq!(
+            guest_accel(&unnamed, &tcg_host, AccelChoice::Auto).unwrap(),
+            AccelChoice::Auto
+        );
+        let kvm = spec("{ memory: 64MiB, accel: kvm }", vec![vec![1]], vec![]);
+        assert_eq!(
+            guest_accel(&kvm, &kvm_host, AccelChoice::Auto).unwrap(),
+            AccelChoice::Kvm
+        );
+        let e = guest_accel(&kvm, &tcg_host, AccelChoice::Auto)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("spec.vm.accel") && e.contains("under TCG") && e.contains("probe guest"),
+            "{e}"
+        );
+        let tcg = spec("{ memory: 64MiB, accel: tcg }", vec![vec![1]], vec![]);
+        for host in [&tcg_host, &kvm_host] {
+            assert_eq!(
+                guest_accel(&tcg, host, AccelChoice::Kvm).unwrap(),
+                AccelChoice::Tcg
+            );
+        }
     }
 
     #[test]

@@ -56,6 +56,7 @@ impl Node {
         controller
             .register_host(HostRecord {
                 qemu_machines: Vec::new(),
+                accel: None,
                 spec: HostSpec {
                     name: "h1".into(),
                     topology: Some(TopologySpec {
@@ -527,6 +528,7 @@ pub fn labelled(name: &str, labels: &str) -> String {
 pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
+        accel: None,
         spec: HostSpec {
             name: name.into(),
             topology: Some(TopologySpec {
