@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::fencing::{Fencing, ForwardGate};
-use crate::runtime::Runtime;
+use crate::runtime::{InstanceState, Runtime};
 
 /// How the active's agent sends its batches and how long its standby waits for the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -605,14 +605,7 @@ impl StreamStatus {
             status: Arc::new(Mutex::new(ReplicationStatus {
                 standby_host: peer.host.clone(),
                 state: state.into(),
-                lag_us: 0,
-                updates: 0,
-                snapshots: 0,
-                bytes: 0,
-                error: None,
-                guest: None,
-                packets_passed: 0,
-                frozen_us: None,
+                ..Default::default()
             })),
             vnf: vnf.clone(),
             changed: Arc::clone(changed),
@@ -952,19 +945,29 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
     // When each stream opened (the controller tells a late report of an earlier one by it):
     // strictly later than the one before even should the clock step back.
     let mut opened_ms: u64 = 0;
+    let next_opened = |before: u64| {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        now_ms.max(before.saturating_add(1))
+    };
     while !to.stop.load(Ordering::Acquire) {
         let stream = match open_guest_stream(&to, to.epoch).await {
             Ok(fd) => fd,
             Err(why) => {
-                set(&|s| fail(s, why.clone()));
+                let here = matches!(
+                    to.runtime.state(&to.vnf).await,
+                    InstanceState::Running | InstanceState::Paused
+                );
+                if here && status.lock().guest.is_none() {
+                    opened_ms = next_opened(opened_ms);
+                }
+                set(&|s| open_failed(s, why.clone(), here, opened_ms));
                 tokio::time::sleep(GUEST_RETRY).await;
                 continue;
             }
         };
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        opened_ms = now_ms.max(opened_ms.saturating_add(1));
+        opened_ms = next_opened(opened_ms);
         set(&|s| {
             s.state = "streaming".into();
             s.error = None;
@@ -1296,6 +1299,23 @@ fn fail(s: &mut ReplicationStatus, why: String) {
     s.error = Some(why);
 }
 
+/// A guest stream that could not be opened. When no stream of this agent went before (it
+/// restarted: its adoption of the guest cancelled the stream the agent before it left) and the
+/// guest is `here` (running or paused at this source, not moved), it says so as a stream
+/// `failed` at `attempt_ms`, later than any stream before the restart: a move that stream
+/// committed becomes one that may be cancelled again, instead of waiting for a destination
+/// that will not run.
+fn open_failed(s: &mut ReplicationStatus, why: String, here: bool, attempt_ms: u64) {
+    fail(s, why);
+    if here && s.guest.is_none() {
+        s.guest = Some(telvirt_model::api::GuestStream {
+            status: "failed".into(),
+            opened_ms: attempt_ms,
+            ..Default::default()
+        });
+    }
+}
+
 /// Why one batch did not go (or, for queued packets, how many went).
 enum SendError {
     /// The instance gave no batch; the connection is fine.
@@ -1370,6 +1390,30 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A restarted source whose guest runs here says its failed tries as a failed stream opened
+    /// at the first of them, which the controller orders after the stream that committed the
+    /// move (so the move may be cancelled: `telvirt-controller --lib guest_moved`); a guest
+    /// that moved says no stream.
+    #[test]
+    fn a_restarted_source_that_cannot_open_a_stream_says_its_guest_stream_failed() {
+        let mut fresh = ReplicationStatus::default();
+        open_failed(&mut fresh, "refused".into(), true, 1_000);
+        assert_eq!(fresh.state, "failing");
+        let g = fresh.guest.clone().unwrap();
+        assert_eq!((g.status.as_str(), g.opened_ms), ("failed", 1_000));
+        // A later try keeps the first one's time.
+        open_failed(&mut fresh, "refused again".into(), true, 2_000);
+        assert_eq!(fresh.guest.as_ref().unwrap().opened_ms, 1_000);
+        assert_eq!(fresh.error.as_deref(), Some("refused again"));
+        // The guest moved (or its stream still runs after the adoption): no stream is said.
+        let mut moved = ReplicationStatus::default();
+        open_failed(&mut moved, "refused".into(), false, 1_000);
+        assert_eq!(
+            (moved.state.as_str(), moved.guest.is_none()),
+            ("failing", true)
+        );
+    }
 
     /// A state of named counters: the "maps" are one u64 per VNF; a log carries the new value.
     /// Frozen, it gives the bytes of `queued` as packets of one byte each; `handed` gets the

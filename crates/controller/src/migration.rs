@@ -744,6 +744,48 @@ mod tests {
         );
     }
 
+    /// A committed move stays one (not cancelled) until its source reports the committed
+    /// stream, or a later one, failed: as a restarted source's agent says its failed tries
+    /// (a stream `failed` at its first try, later than the committed one).
+    #[test]
+    fn guest_moved_holds_a_committed_move_until_a_later_stream_failed() {
+        let m = Migration {
+            to: "h3".into(),
+            from: "h2".into(),
+            started_at: String::new(),
+            by: "admin".into(),
+            engine: None,
+            handoff_at: None,
+            committed_at: Some("t".into()),
+            committed_stream: Some(1_000),
+        };
+        let reported = |state: &str, stream: Option<(&str, u64)>| {
+            let mut v = vm(None);
+            v.replication = Some(telvirt_model::api::ReplicationStatus {
+                standby_host: "h3".into(),
+                state: state.into(),
+                guest: stream.map(|(status, opened_ms)| telvirt_model::api::GuestStream {
+                    status: status.into(),
+                    opened_ms,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            v
+        };
+        let moved = |v: &Vnf| guest_moved(v, &m);
+        assert!(moved(&reported(
+            "streaming",
+            Some(("pre-switchover", 1_000))
+        )));
+        // A try that says no stream, or a late report of an earlier stream's failure.
+        assert!(moved(&reported("failing", None)));
+        assert!(moved(&reported("failing", Some(("failed", 999)))));
+        // The committed stream failed, or a restarted source's later try did.
+        assert!(!moved(&reported("failing", Some(("failed", 1_000)))));
+        assert!(!moved(&reported("failing", Some(("failed", 5_000)))));
+    }
+
     /// A KVM guest moves only to a host whose guests run under KVM, or whose accelerator is
     /// not known (its agent refuses it there if it cannot); a TCG guest moves anywhere.
     #[test]

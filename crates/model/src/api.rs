@@ -650,7 +650,7 @@ pub struct StandbyPeer {
 /// How an active instance's state reaches its standby or the destination of its move. A wasm
 /// instance's maps: a full snapshot, then the update log in ordered, acknowledged batches. A
 /// moving vm's guest: QEMU's migration stream (`guest` says how far it got).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReplicationStatus {
     pub standby_host: String,
     /// `synced` (the last batch was acknowledged; a guest's stream completed), `resyncing` (a
