@@ -547,12 +547,8 @@ impl NetworkReconciler {
         let Some(e) = &self.vxlan else {
             return;
         };
-        let stats = e.stats();
-        let now = [
-            stats.unknown_tunnel.load(Ordering::Relaxed),
-            stats.removed_queued.load(Ordering::Relaxed),
-            e.kernel_drops().unwrap_or(0),
-        ];
+        let st = endpoint_status(&self.host, e);
+        let now = [st.no_tunnel, st.removed_queued, st.kernel_dropped];
         let mut seen = self
             .endpoint_drops_seen
             .lock()
@@ -951,18 +947,7 @@ impl NetworkReconciler {
         drop(open);
         let mut tunnel_endpoints = Vec::new();
         if let (Some(e), Some(_)) = (&self.vxlan, &a.span) {
-            let stats = e.stats();
-            let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-            let st = TunnelEndpointStatus {
-                host: self.host.clone(),
-                address: e.local_addr().to_string(),
-                received: load(&stats.datagrams),
-                // Unreadable only if the kernel lacks SO_MEMINFO (before 4.6): nothing counted.
-                kernel_dropped: e.kernel_drops().unwrap_or(0),
-                not_vxlan: load(&stats.malformed),
-                no_tunnel: load(&stats.unknown_tunnel),
-                removed_queued: load(&stats.removed_queued),
-            };
+            let st = endpoint_status(&self.host, e);
             table.push_str(&format!(
                 "\ntunnel endpoint {}: received {}, dropped {} in the kernel, {} not VXLAN, {} for no tunnel, {} queued in removed tunnels\n",
                 st.address, st.received, st.kernel_dropped, st.not_vxlan, st.no_tunnel, st.removed_queued
@@ -1120,6 +1105,28 @@ fn unix_ms_rfc3339(ms: u64) -> String {
     }
     let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// Host `host`'s tunnel endpoint `e` and its counters. Its drops are read before what it
+/// received: each dropped datagram was counted received first, so `received` is never below
+/// them (read the other way, datagrams received and dropped between the two reads would show
+/// more drops than receipts).
+fn endpoint_status(host: &str, e: &VxlanEndpoint) -> TunnelEndpointStatus {
+    let stats = e.stats();
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Acquire);
+    let no_tunnel = load(&stats.unknown_tunnel);
+    let removed_queued = load(&stats.removed_queued);
+    let not_vxlan = load(&stats.malformed);
+    TunnelEndpointStatus {
+        host: host.to_owned(),
+        address: e.local_addr().to_string(),
+        received: load(&stats.datagrams),
+        // Unreadable only if the kernel lacks SO_MEMINFO (before 4.6): nothing counted.
+        kernel_dropped: e.kernel_drops().unwrap_or(0),
+        not_vxlan,
+        no_tunnel,
+        removed_queued,
+    }
 }
 
 #[cfg(test)]
