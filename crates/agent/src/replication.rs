@@ -33,7 +33,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::fencing::{Fencing, ForwardGate};
-use crate::runtime::{InstanceState, Runtime};
+use crate::runtime::Runtime;
 
 /// How the active's agent sends its batches and how long its standby waits for the next one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -955,14 +955,14 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
         let stream = match open_guest_stream(&to, to.epoch).await {
             Ok(fd) => fd,
             Err(why) => {
-                let here = matches!(
-                    to.runtime.state(&to.vnf).await,
-                    InstanceState::Running | InstanceState::Paused
-                );
-                if here && status.lock().guest.is_none() {
+                // Said once, before this agent's first stream: its adoption of the guest
+                // ended the stream the agent before it left, without moving the guest.
+                let undone =
+                    status.lock().guest.is_none() && to.runtime.left_stream_undone(&to.vnf).await;
+                if undone {
                     opened_ms = next_opened(opened_ms);
                 }
-                set(&|s| open_failed(s, why.clone(), here, opened_ms));
+                set(&|s| open_failed(s, why.clone(), undone.then_some(opened_ms)));
                 tokio::time::sleep(GUEST_RETRY).await;
                 continue;
             }
@@ -1299,15 +1299,15 @@ fn fail(s: &mut ReplicationStatus, why: String) {
     s.error = Some(why);
 }
 
-/// A guest stream that could not be opened. When no stream of this agent went before (it
-/// restarted: its adoption of the guest cancelled the stream the agent before it left) and the
-/// guest is `here` (running or paused at this source, not moved), it says so as a stream
-/// `failed` at `attempt_ms`, later than any stream before the restart: a move that stream
-/// committed becomes one that may be cancelled again, instead of waiting for a destination
-/// that will not run.
-fn open_failed(s: &mut ReplicationStatus, why: String, here: bool, attempt_ms: u64) {
+/// A guest stream that could not be opened. `undone_at`: this agent's adoption of the guest
+/// ended the stream the agent before it left without moving the guest (the guest runs here),
+/// no stream of this agent went since, and this try was at that time: said as a stream
+/// `failed` then, later than any stream before the restart, a move that stream committed
+/// becomes one that may be cancelled again, instead of waiting for a destination that will not
+/// run.
+fn open_failed(s: &mut ReplicationStatus, why: String, undone_at: Option<u64>) {
     fail(s, why);
-    if here && s.guest.is_none() {
+    if let Some(attempt_ms) = undone_at {
         s.guest = Some(telvirt_model::api::GuestStream {
             status: "failed".into(),
             opened_ms: attempt_ms,
@@ -1391,24 +1391,25 @@ async fn exchange(
 mod tests {
     use super::*;
 
-    /// A restarted source whose guest runs here says its failed tries as a failed stream opened
-    /// at the first of them, which the controller orders after the stream that committed the
-    /// move (so the move may be cancelled: `telvirt-controller --lib guest_moved`); a guest
-    /// that moved says no stream.
+    /// A restarted source whose adoption undid the stream its agent left says its first failed
+    /// try as a failed stream opened then, which the controller orders after the stream that
+    /// committed the move (so the move may be cancelled: `telvirt-controller --lib
+    /// guest_moved`); later tries keep it; otherwise no stream is said.
     #[test]
     fn a_restarted_source_that_cannot_open_a_stream_says_its_guest_stream_failed() {
         let mut fresh = ReplicationStatus::default();
-        open_failed(&mut fresh, "refused".into(), true, 1_000);
+        open_failed(&mut fresh, "refused".into(), Some(1_000));
         assert_eq!(fresh.state, "failing");
         let g = fresh.guest.clone().unwrap();
         assert_eq!((g.status.as_str(), g.opened_ms), ("failed", 1_000));
         // A later try keeps the first one's time.
-        open_failed(&mut fresh, "refused again".into(), true, 2_000);
+        open_failed(&mut fresh, "refused again".into(), None);
         assert_eq!(fresh.guest.as_ref().unwrap().opened_ms, 1_000);
         assert_eq!(fresh.error.as_deref(), Some("refused again"));
-        // The guest moved (or its stream still runs after the adoption): no stream is said.
+        // No stream undone by the adoption (the guest moved, its stream still runs, or the
+        // destination is not ready yet on a first move): no stream is said.
         let mut moved = ReplicationStatus::default();
-        open_failed(&mut moved, "refused".into(), false, 1_000);
+        open_failed(&mut moved, "refused".into(), None);
         assert_eq!(
             (moved.state.as_str(), moved.guest.is_none()),
             ("failing", true)

@@ -104,6 +104,15 @@ pub trait Runtime: Send + Sync + 'static {
         GuestHardware::default()
     }
 
+    /// Whether instance `name` was adopted (from an agent before this one) with an outgoing
+    /// move stream that ended without moving it: its guest runs here, so a move that stream
+    /// reached the commit point of did not happen. Runtimes whose moves never outlive their
+    /// agent keep this default.
+    async fn left_stream_undone(&self, name: &Name) -> bool {
+        let _ = name;
+        false
+    }
+
     /// Starts the destination of a move: the instance waits for its state from the source
     /// (vm: QEMU paused with `-incoming defer`, pinned to the placement's CPUs) and is
     /// [`InstanceState::Incoming`] until it runs. A runtime whose instances move otherwise

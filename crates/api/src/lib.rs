@@ -141,7 +141,7 @@ pub struct HostRecord {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_machines: Vec<String>,
     /// The accelerator its vm runtime runs guests with, when known at its agent's start (its
-    /// `--accel`, or the probe's cached answer): a guest moves only to a host of its own.
+    /// `--accel`, or a probe boot's cached answer): a KVM guest does not move to a TCG host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<telvirt_model::vnf::Accelerator>,
     /// Where this host's data plane receives the VXLAN tunnels of links from other hosts

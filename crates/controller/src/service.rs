@@ -1814,9 +1814,11 @@ impl Controller {
                 {
                     vnf.machine = Some(m.clone());
                 }
-                // And the accelerator it runs with: what its moves keep.
-                if let Some(a) = obs.accel {
-                    vnf.accel = Some(a);
+                // And the accelerator it runs with, what its moves keep: the running active's
+                // word (none from an agent that does not report it, so a guest healed onto an
+                // older agent's host keeps no stale one).
+                if obs.phase == Phase::Running {
+                    vnf.accel = obs.accel;
                 }
                 // The commit point of the move's destination, with the stream that reached it:
                 // a later report of an earlier stream (a stale one) does not undo it.

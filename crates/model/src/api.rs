@@ -484,8 +484,8 @@ pub struct HostView {
     /// The i440FX machine types that QEMU has (`pc-i440fx-X.Y`), newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_machines: Vec<String>,
-    /// The accelerator its vm runtime runs guests with, when known (set by its agent's
-    /// `--accel`, or found by a probe boot): a guest moves only to a host of its own.
+    /// The accelerator its vm runtime runs guests with, when known at its agent's start (its
+    /// `--accel`, or a probe boot's cached answer): a KVM guest does not move to a TCG host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<crate::vnf::Accelerator>,
     /// Where this host's data plane takes links from other hosts (VXLAN over UDP) and its

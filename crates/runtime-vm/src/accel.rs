@@ -96,12 +96,17 @@ impl AccelProbe {
         match choice {
             AccelChoice::Tcg => Some(Accel::Tcg),
             AccelChoice::Kvm => kvm_openable().is_ok().then_some(Accel::Kvm),
-            AccelChoice::Auto => std::fs::read(self.cache_file())
-                .ok()
-                .and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok())
-                .filter(|e| e.key == self.cache_key())
-                .map(|e| e.decision.accel),
+            AccelChoice::Auto => self.cached(&self.cache_key()).map(|d| d.accel),
         }
+    }
+
+    /// The cache file's decision, when it was made for `key` (this kernel and QEMU).
+    fn cached(&self, key: &str) -> Option<AccelDecision> {
+        std::fs::read(self.cache_file())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok())
+            .filter(|e| e.key == key)
+            .map(|e| e.decision)
     }
 
     /// Resolve a choice: `tcg` and `kvm` are overrides; `auto` uses the memo, the cache file,
@@ -138,14 +143,10 @@ impl AccelProbe {
             return Ok(d);
         }
         let key = self.cache_key();
-        let cached = std::fs::read(self.cache_file())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<CacheEntry>(&b).ok())
-            .filter(|e| e.key == key);
-        let decision = match cached {
-            Some(e) => AccelDecision {
+        let decision = match self.cached(&key) {
+            Some(d) => AccelDecision {
                 from_cache: true,
-                ..e.decision
+                ..d
             },
             None => {
                 let d = self.probe().await;

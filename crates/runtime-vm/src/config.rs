@@ -120,6 +120,17 @@ impl FromStr for AccelChoice {
     }
 }
 
+impl AccelChoice {
+    /// The accelerator this choice runs guests with, `auto` being what the host `decided`.
+    pub fn or_decided(self, decided: Accel) -> Accel {
+        match self {
+            AccelChoice::Auto => decided,
+            AccelChoice::Kvm => Accel::Kvm,
+            AccelChoice::Tcg => Accel::Tcg,
+        }
+    }
+}
+
 /// The accelerator a VM actually runs on (the descriptor's `spec.vm.accel` names the same).
 pub use telvirt_model::vnf::Accelerator as Accel;
 

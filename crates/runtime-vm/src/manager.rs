@@ -423,7 +423,7 @@ impl VmManager {
             },
             VmPhase::Starting,
             cfg.peripherals.clone(),
-            false,
+            Adopted::No,
         );
         Ok((handle, guard))
     }
@@ -454,12 +454,11 @@ impl VmManager {
             )));
         }
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
-        let mut status = qmp.query_status().await?;
+        let status = qmp.query_status().await?;
         let orphan = crate::migrate::end_orphaned_stream(&qmp, &status.status).await?;
-        if orphan.is_some() {
-            // The stream's end changed it.
-            status = qmp.query_status().await?;
-        }
+        // Read again: the stream's end changes it, and so does a stream that completed between
+        // the two reads (`finish-migrate`, then `postmigrate`: the guest moved).
+        let status = qmp.query_status().await?;
         let cpus = sorted_cpus(&qmp).await?;
         let grants: Vec<Grant> = std::fs::read(dir.join("grants.json"))
             .ok()
@@ -492,9 +491,12 @@ impl VmManager {
             "paused" => VmPhase::Paused,
             "prelaunch" => VmPhase::Starting,
             "inmigrate" => VmPhase::Incoming,
-            "postmigrate" => VmPhase::Migrated,
+            // In its final copy, or after it: the guest is on its way to the destination or
+            // runs there.
+            "postmigrate" | "finish-migrate" => VmPhase::Migrated,
             _ => VmPhase::Paused,
         };
+        let stream_undone = orphan.as_ref().is_some_and(|o| o.undone);
         let mut warnings = persisted.warnings.clone();
         warnings.push(format!(
             "adopted running QEMU pid {pid} (state {})",
@@ -517,7 +519,7 @@ impl VmManager {
             },
             phase,
             grants,
-            true,
+            Adopted::Yes { stream_undone },
         );
         if phase == VmPhase::Running && handle.inner.config.wait_for_agent {
             match handle.connect_agent(Duration::from_secs(15)).await {
@@ -591,8 +593,20 @@ struct Inner {
     exit: watch::Receiver<Option<ExitInfo>>,
     vcpus: Vec<VcpuThread>,
     warnings: Vec<String>,
-    adopted: bool,
+    adopted: Adopted,
     confinement: Option<Applied>,
+}
+
+/// Whether a handle's QEMU was started by this process or adopted from one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Adopted {
+    No,
+    /// `stream_undone`: it had an outgoing migration stream, left by the process before,
+    /// that ended without moving the guest (the adoption cancelled it, or it failed): the guest
+    /// runs here, and a move that stream reached the commit point of did not happen.
+    Yes {
+        stream_undone: bool,
+    },
 }
 
 /// A running (or ended) VM. Cloning shares the same VM; dropping it leaves QEMU running.
@@ -630,7 +644,7 @@ impl VmHandle {
         s: Session,
         phase: VmPhase,
         grants: Vec<Grant>,
-        adopted: bool,
+        adopted: Adopted,
     ) -> Self {
         let vcpus = s
             .cpus
@@ -669,6 +683,15 @@ impl VmHandle {
     }
     pub fn accel(&self) -> Accel {
         self.inner.accel
+    }
+    /// Whether it was adopted with an outgoing migration stream, left by the process before,
+    /// that ended without moving the guest: the guest runs here, and a move that stream
+    /// committed did not happen.
+    pub fn outgoing_stream_undone(&self) -> bool {
+        self.inner.adopted
+            == Adopted::Yes {
+                stream_undone: true,
+            }
     }
     pub fn state_dir(&self) -> &Path {
         &self.inner.dir
@@ -745,7 +768,7 @@ impl VmHandle {
             peripherals: self.inner.grants.lock().await.clone(),
             failure: self.failure(),
             warnings: self.inner.warnings.clone(),
-            adopted: self.inner.adopted,
+            adopted: self.inner.adopted != Adopted::No,
             confinement: self.inner.confinement.clone(),
         }
     }

@@ -239,9 +239,11 @@ pub(crate) async fn end_orphaned_stream(
                 STREAM_END_WAIT.as_secs()
             ),
             ended: false,
+            undone: false,
         }));
     };
-    if end.status != "completed" {
+    let undone = end.status != "completed";
+    if undone {
         resume_if_stopped(qmp).await?;
     }
     let done = if was == "device" {
@@ -255,6 +257,7 @@ pub(crate) async fn end_orphaned_stream(
             end.status
         ),
         ended: true,
+        undone,
     }))
 }
 
@@ -271,6 +274,8 @@ pub(crate) struct OrphanStream {
     pub note: String,
     /// Whether the stream ended (else it still runs, and the guest is not to be resumed here).
     pub ended: bool,
+    /// Whether it ended without moving the guest (failed or cancelled): the guest runs here.
+    pub undone: bool,
 }
 
 /// The capabilities this QEMU offers, by name.

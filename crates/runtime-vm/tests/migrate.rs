@@ -324,6 +324,7 @@ async fn an_adopted_qemu_ends_the_stream_its_gone_agent_left_at_the_commit_point
         .unwrap();
     // Adopted, the stream is ended and the guest runs on here: the same guest, its clock on.
     assert_eq!(vm.phase(), VmPhase::Running);
+    assert!(vm.outgoing_stream_undone(), "the move did not happen");
     assert!(vm.qmp().query_status().await.unwrap().running);
     let after = health(&vm).await;
     assert!(
@@ -388,6 +389,7 @@ async fn a_destination_adopted_mid_stream_or_after_it_resumes_the_guest_that_arr
         .unwrap();
     assert_eq!(dst.phase(), VmPhase::Incoming);
     assert!(dst.incoming_stream_taken(), "its stream runs");
+    assert!(!dst.outgoing_stream_undone(), "a destination sends nothing");
     go_tx.send(true).unwrap();
     let done = tokio::time::timeout(Duration::from_secs(150), task)
         .await

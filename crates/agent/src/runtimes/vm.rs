@@ -591,6 +591,12 @@ impl Runtime for VmRuntime {
         }
     }
 
+    async fn left_stream_undone(&self, name: &Name) -> bool {
+        self.handle(name)
+            .await
+            .is_some_and(|h| h.outgoing_stream_undone())
+    }
+
     async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         let prepared = self
             .prepare(|p| tracing::info!("guest image: [{}/{}] {}", p.step, p.total, p.message))
@@ -604,12 +610,8 @@ impl Runtime for VmRuntime {
         let mut cfg = vm_config(spec, &prepared.image, accel)?;
         self.nics_into(spec, &mut cfg)?;
         // The stream comes over one passed socket: both ends tuned alike, multifd off.
-        let tuning = MigrationTuning::tuned(match accel {
-            AccelChoice::Kvm => Accel::Kvm,
-            AccelChoice::Tcg => Accel::Tcg,
-            AccelChoice::Auto => prepared.accel.accel,
-        })
-        .over_one_stream();
+        let tuning =
+            MigrationTuning::tuned(accel.or_decided(prepared.accel.accel)).over_one_stream();
         let handle = match prepared.manager.launch_incoming(cfg, &tuning).await {
             Ok(h) => h,
             Err(e) => {
