@@ -4,7 +4,7 @@
 
 CARGO ?= cargo
 
-.PHONY: all deps build release guest-static test lint fmt demo clean
+.PHONY: all deps build release guest-static qemu-next test lint fmt demo clean
 
 all: build
 
@@ -26,11 +26,16 @@ guest-static:
 	CARGO_TARGET_DIR=$(TARGET_DIR)/guest-static $(CARGO) rustc -p telvirt-guest --release --bin telvirt-guest -- -C target-feature=+crt-static
 	cp $(TARGET_DIR)/guest-static/release/telvirt-guest $(TARGET_DIR)/$(PROFILE_DIR)/telvirt-guest
 
+# A second, newer QEMU unpacked beside the system's (nothing installed system-wide), for the
+# test that moves a vm live between two QEMU versions.
+qemu-next:
+	@scripts/qemu-next.sh $(TARGET_DIR)/qemu-next
+
 lint: deps
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: lint
+test: lint qemu-next
 	$(CARGO) test --workspace
 
 demo: release

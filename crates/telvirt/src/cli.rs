@@ -296,6 +296,10 @@ pub struct HostAgentArgs {
     /// Where the default vm guest image is built and cached [default: the data dir]
     #[arg(long, env = "TELVIRT_IMAGE_CACHE")]
     pub image_cache: Option<PathBuf>,
+    /// The QEMU that runs this host's vm VNFs (its version and machine types are reported
+    /// with the host) [default: qemu-system-x86_64 on PATH]
+    #[arg(long, value_name = "PATH", env = "TELVIRT_QEMU", value_parser = parse_qemu)]
+    pub qemu: Option<PathBuf>,
     /// How often the maps of running wasm VNFs are snapshotted into the data dir, in
     /// milliseconds (a SIGKILL loses at most this much map state)
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
@@ -540,6 +544,15 @@ pub struct GrantArgs {
 }
 
 /// `--shared-cpus`: a CPU list, or `none`.
+fn parse_qemu(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err("no such file: give the path of a QEMU system emulator (qemu-system-x86_64)".into())
+    }
+}
+
 fn parse_shared_cpus(text: &str) -> Result<telvirt_sched::CpuList, String> {
     if text == "none" {
         return Ok(telvirt_sched::CpuList::new());

@@ -83,7 +83,8 @@ pub async fn vm_runtime(
     data_dir: &Path,
     dataplane: Arc<telvirt_agent::dataplane::NodeDataPlane>,
 ) -> Result<Option<Arc<VmRuntime>>> {
-    if !on_path("qemu-system-x86_64") {
+    // A `--qemu` path was checked at parse (a file).
+    if args.qemu.is_none() && !on_path("qemu-system-x86_64") {
         tracing::warn!(
             "vm runtime unavailable: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"
         );
@@ -102,7 +103,7 @@ pub async fn vm_runtime(
             cache_dir: image_cache(args.image_cache.as_deref(), data_dir),
             guest_binary: guest,
             accel: args.accel.into(),
-            qemu: None,
+            qemu: args.qemu.clone(),
         })
         .with_dataplane(dataplane),
     );

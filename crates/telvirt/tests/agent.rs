@@ -234,6 +234,16 @@ fn two_agents_with(
     inventory: &str,
     env: &[(&str, &std::path::Path)],
 ) -> (Serve, Agent, Agent) {
+    two_agents_with_a2(controller_args, inventory, env, &[])
+}
+
+/// [`two_agents_with`], a2's agent given `a2_args` too.
+fn two_agents_with_a2(
+    controller_args: &[&str],
+    inventory: &str,
+    env: &[(&str, &std::path::Path)],
+    a2_args: &[&str],
+) -> (Serve, Agent, Agent) {
     let node = controller_with(controller_args);
     std::fs::write(node.path("inventory.yaml"), inventory).unwrap();
     std::fs::write(
@@ -250,7 +260,8 @@ fn two_agents_with(
         &a1_agent_args("a1.token", &["--tunnel-address", "127.0.0.1:0"]),
         env,
     );
-    let a2 = Agent::start_with_env(&node, &node.server(), "a2.log", A2_AGENT_ARGS, env);
+    let a2_args: Vec<&str> = A2_AGENT_ARGS.iter().chain(a2_args).copied().collect();
+    let a2 = Agent::start_with_env(&node, &node.server(), "a2.log", &a2_args, env);
     for host in ["a1", "a2"] {
         wait_until("both hosts Ready", || {
             host_status(&node, host).is_some_and(|s| s.starts_with("Ready"))
@@ -838,6 +849,101 @@ fn qemu_machine(pid: i32) -> String {
         .unwrap_or_default()
 }
 
+/// Asserts that VNF `arrived`, Running after a move, says its guest has been up at least since
+/// `running_since` (it did not boot again at the destination).
+fn arrived_without_a_reboot(arrived: &serde_json::Value, running_since: Instant) {
+    let reason = arrived["reason"].as_str().unwrap();
+    let uptime: u64 = reason
+        .split("its guest has been up ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no guest uptime in: {reason}"));
+    assert!(
+        uptime + 1 >= running_since.elapsed().as_secs(),
+        "the guest was up {uptime} s, but it ran {} s before: it booted again ({reason})",
+        running_since.elapsed().as_secs()
+    );
+}
+
+/// A vm moves live from a host on the system's QEMU to one whose agent runs a newer QEMU
+/// (`--qemu`, `make qemu-next`): the guest goes on there on the machine type it ran on, in the
+/// newer binary; back to the older QEMU it is refused, naming both versions, and stays.
+#[test]
+fn a_vm_moves_live_to_a_newer_qemu_on_its_machine_type_and_not_back() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let _qemus = common::QemuGuard("vmnext1");
+    let guest = common::guest_binary();
+    let next = common::qemu_next();
+    let next_arg = next.to_string_lossy().into_owned();
+    let (node, _a1, _a2) = two_agents_with_a2(
+        &["--move-timeout-ms", "60000"],
+        TWO_CORES,
+        &[("TELVIRT_GUEST_BIN", &guest)],
+        &["--qemu", &next_arg],
+    );
+    let (a1, a2) = (
+        node.json(&["host", "show", "a1"]),
+        node.json(&["host", "show", "a2"]),
+    );
+    let (old, new) = (a1["qemu"].as_str().unwrap(), a2["qemu"].as_str().unwrap());
+    assert_ne!(old, new, "two QEMU versions: {a1} {a2}");
+    node.ok(&["host", "cordon", "a2"]);
+    node.create("vmnext1.yaml", &MOVING_VM.replace("vmmove1", "vmnext1"));
+    node.wait_vnf_for("vmnext1", VM_DEADLINE, |v| {
+        assert!(
+            !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
+            "{v}"
+        );
+        v["phase"] == "Running"
+    });
+    let running_since = Instant::now();
+    let machine =
+        node.wait_vnf_for("vmnext1", VM_DEADLINE, |v| v["machine"].is_string())["machine"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    assert!(
+        a2["qemu_machines"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|t| t == machine.as_str())),
+        "a2's QEMU {new} has the guest's {machine}: {a2}"
+    );
+    node.ok(&["host", "uncordon", "a2"]);
+    node.ok(&["vnf", "migrate", "vmnext1", "--to", "a2"]);
+    let moved = node.wait_vnf_for("vmnext1", VM_DEADLINE, |v| {
+        v["phase"] == "Running"
+            && v["placements"][0]["host"] == "a2"
+            && v["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("arrived by a migration stream"))
+    });
+    arrived_without_a_reboot(&moved, running_since);
+    assert_eq!(moved["machine"], machine.as_str(), "{moved}");
+    let dest = qemu_pid_in(&node, "agent2-data", "vmnext1").expect("a QEMU on a2");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{dest}/exe")).unwrap(),
+        next.canonicalize().unwrap(),
+        "the guest runs in the newer QEMU"
+    );
+    assert!(
+        qemu_machine(dest).starts_with(&format!("{machine},")),
+        "{}",
+        qemu_machine(dest)
+    );
+    // Back to the older QEMU: refused, and nothing changes.
+    let before = node.json(&["vnf", "show", "vmnext1"]);
+    node.fails(
+        &["vnf", "migrate", "vmnext1", "--to", "a1"],
+        &format!("host a1 runs QEMU {old}, older than QEMU {new}"),
+    );
+    assert_eq!(node.json(&["vnf", "show", "vmnext1"]), before);
+    node.ok(&["vnf", "delete", "vmnext1"]);
+    wait_until("the guest's QEMU ended", || {
+        qemu_pid_in(&node, "agent2-data", "vmnext1").is_none()
+    });
+}
+
 #[test]
 fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves_it_running() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
@@ -974,18 +1080,7 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
                 .as_str()
                 .is_some_and(|r| r.contains("arrived by a migration stream"))
     });
-    let reason = moved["reason"].as_str().unwrap();
-    let uptime: u64 = reason
-        .split("its guest has been up ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no guest uptime in: {reason}"));
-    assert!(
-        uptime + 1 >= running_since.elapsed().as_secs(),
-        "the guest was up {uptime} s, but it ran {} s before: it booted again ({reason})",
-        running_since.elapsed().as_secs()
-    );
+    arrived_without_a_reboot(&moved, running_since);
     let dest = qemu_pid_in(&node, "agent2-data", "vmmove1").expect("a QEMU on a2");
     // The destination took the guest in on the machine type it ran on at a1.
     assert!(

@@ -1129,6 +1129,31 @@ fn bench_ports_measures_both_paths_in_one_run() {
 }
 
 #[test]
+fn serve_with_a_qemu_that_is_no_file_is_refused_naming_the_flag_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--qemu",
+            "/nonexistent/qemu",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--qemu") && stderr(&out).contains("no such file"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!data.exists(), "the data dir was made");
+}
+
+#[test]
 fn serve_with_runtimes_wasm_offers_only_wasm_and_leaves_vm_vnfs_pending() {
     // A runtime it does not know is refused, naming the flag and what is valid.
     let out = Command::new(BIN)

@@ -67,6 +67,21 @@ pub fn guest_binary() -> PathBuf {
         .clone()
 }
 
+/// A second QEMU, newer than the system's, that `make qemu-next` unpacks (or
+/// `TELVIRT_TEST_QEMU_NEXT`): a host whose agent runs it takes guests moved from the system's.
+pub fn qemu_next() -> PathBuf {
+    let path = std::env::var_os("TELVIRT_TEST_QEMU_NEXT").map_or_else(
+        || repo("target/qemu-next/usr/bin/qemu-system-x86_64"),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "{} is missing: `make qemu-next` unpacks a newer QEMU there",
+        path.display()
+    );
+    path
+}
+
 /// A path inside the repository.
 pub fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
