@@ -125,6 +125,9 @@ struct Persisted {
     config: VmConfig,
     pid: i32,
     accel: Accel,
+    /// Its QEMU's `major.minor` (from the binary's `-help` at launch), when it said.
+    #[serde(default)]
+    qemu_version: Option<(u32, u32)>,
     warnings: Vec<String>,
     #[serde(default)]
     confinement: Option<Applied>,
@@ -397,6 +400,7 @@ impl VmManager {
             config: cfg.clone(),
             pid,
             accel,
+            qemu_version: caps.version,
             warnings: warnings.clone(),
             confinement: Some(plan.applied.clone()),
         };
@@ -584,6 +588,7 @@ struct Inner {
     dir: PathBuf,
     pid: i32,
     accel: Accel,
+    qemu_version: Option<(u32, u32)>,
     config: VmConfig,
     qmp: QmpClient,
     agent: Mutex<Option<AgentClient>>,
@@ -660,6 +665,7 @@ impl VmHandle {
                 dir,
                 pid: p.pid,
                 accel: p.accel,
+                qemu_version: p.qemu_version,
                 config: p.config,
                 qmp: s.qmp,
                 agent: Mutex::new(None),
@@ -683,6 +689,15 @@ impl VmHandle {
     }
     pub fn accel(&self) -> Accel {
         self.inner.accel
+    }
+    /// Its QEMU's `major.minor`, when known (a VM adopted from a record before it was kept:
+    /// not).
+    pub fn qemu_version(&self) -> Option<(u32, u32)> {
+        self.inner.qemu_version
+    }
+    /// telvirt's migration tuning for this VM, by its accelerator and QEMU version.
+    pub fn tuning(&self) -> crate::migrate::MigrationTuning {
+        crate::migrate::MigrationTuning::tuned(self.inner.accel, self.inner.qemu_version)
     }
     /// Whether it was adopted with an outgoing migration stream, left by the process before,
     /// that ended without moving the guest: the guest runs here, and a move that stream

@@ -110,6 +110,11 @@ impl MigrationTuning {
     }
 }
 
+/// The first QEMU version (`major.minor`) whose TCG guests telvirt moves with a 10 ms pause
+/// limit: the one measured to deliver guests that dirty memory intact (QEMU 7.2 did not; the
+/// versions between were not measured).
+pub const TCG_TIGHT_FROM: (u32, u32) = (10, 0);
+
 impl MigrationTuning {
     /// This tuning over a single stream (a passed socket): multifd off.
     pub fn over_one_stream(&self) -> Self {
@@ -119,18 +124,18 @@ impl MigrationTuning {
         }
     }
 
-    /// telvirt's tuning for a guest on `accel`: the link unthrottled (10 GiB/s), two
-    /// channels, auto-converge, and a 10 ms pause under KVM. Under TCG the pause limit stays
-    /// QEMU's 300 ms: with QEMU 7.2's TCG, a guest dirtying 20 MiB/s migrated with a 10 or
-    /// 30 ms limit (more precopy passes) came up corrupted on the destination (a kernel panic
-    /// on list corruption in an interrupt, or a hung agent) in most tries, and in none of 7 at
-    /// 300 ms; at 50 MiB/s guests break at 300 ms too (`telvirt bench vm-migrate`, ADR 062).
-    pub fn tuned(accel: crate::config::Accel) -> Self {
+    /// telvirt's tuning for a guest on `accel` whose source runs QEMU `qemu` (`major.minor`,
+    /// when known): the link unthrottled (10 GiB/s), two channels, auto-converge, and a 10 ms
+    /// pause. Under TCG before QEMU [`TCG_TIGHT_FROM`] the pause limit stays QEMU's 300 ms:
+    /// with QEMU 7.2's TCG, a guest dirtying 20 MiB/s migrated with a 10 or 30 ms limit (more
+    /// precopy passes) came up corrupted on the destination (a kernel panic on list corruption
+    /// in an interrupt, or a hung agent) in most tries, and in none of 7 at 300 ms; at 50 MiB/s
+    /// guests break at 300 ms too. QEMU 10.0's TCG delivered every one intact, at 10 ms, up to
+    /// 200 MiB/s (`telvirt bench vm-migrate --qemu`, ADR 062).
+    pub fn tuned(accel: crate::config::Accel, qemu: Option<(u32, u32)>) -> Self {
+        let tight = accel == crate::config::Accel::Kvm || qemu >= Some(TCG_TIGHT_FROM);
         Self {
-            downtime_limit_ms: match accel {
-                crate::config::Accel::Kvm => 10,
-                crate::config::Accel::Tcg => 300,
-            },
+            downtime_limit_ms: if tight { 10 } else { 300 },
             max_bandwidth: Some(10 << 30),
             multifd_channels: 2,
             auto_converge: true,
@@ -626,7 +631,7 @@ mod tests {
     #[test]
     fn a_passed_socket_carries_one_stream() {
         use crate::config::Accel;
-        let tuned = MigrationTuning::tuned(Accel::Kvm);
+        let tuned = MigrationTuning::tuned(Accel::Kvm, None);
         let tcp = MigrationChannel::Tcp("127.0.0.1:1".parse().unwrap());
         assert_eq!(tcp.carries(&tuned), tuned);
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -641,13 +646,22 @@ mod tests {
     fn telvirt_tunes_tighter_than_qemus_defaults() {
         use crate::config::Accel;
         let theirs = MigrationTuning::qemu_defaults();
-        let (kvm, tcg) = (
-            MigrationTuning::tuned(Accel::Kvm),
-            MigrationTuning::tuned(Accel::Tcg),
+        let (kvm, tcg, tcg_next, tcg_unknown) = (
+            MigrationTuning::tuned(Accel::Kvm, Some((7, 2))),
+            MigrationTuning::tuned(Accel::Tcg, Some((7, 2))),
+            MigrationTuning::tuned(Accel::Tcg, Some((10, 0))),
+            MigrationTuning::tuned(Accel::Tcg, None),
         );
-        assert!(kvm.downtime_limit_ms < theirs.downtime_limit_ms);
+        assert_eq!(kvm.downtime_limit_ms, 10);
+        // TCG keeps QEMU's limit before the first version measured to move guests intact.
         assert_eq!(tcg.downtime_limit_ms, theirs.downtime_limit_ms);
-        for ours in [kvm, tcg] {
+        assert_eq!(tcg_unknown.downtime_limit_ms, theirs.downtime_limit_ms);
+        assert_eq!(tcg_next.downtime_limit_ms, 10);
+        assert_eq!(
+            MigrationTuning::tuned(Accel::Tcg, Some((11, 3))).downtime_limit_ms,
+            10
+        );
+        for ours in [kvm, tcg, tcg_next] {
             assert!(ours.auto_converge && !theirs.auto_converge);
             assert!(ours.multifd_channels > theirs.multifd_channels);
         }

@@ -82,6 +82,8 @@ pub struct RateFigures {
 pub struct MigrateBenchReport {
     pub measured: String,
     pub accel: String,
+    /// Both QEMUs' `major.minor`, when read.
+    pub qemu: Option<String>,
     pub rounds: u32,
     pub memory_mib: u64,
     pub dirty_mib: u64,
@@ -273,8 +275,9 @@ pub async fn run(
         .qemu_binary(&g.qemu);
     let accel = probe.resolve(g.accel).await?.accel;
     let mgr = VmManager::new(&g.state_root, probe).qemu_binary(&g.qemu);
+    let qemu = mgr.qemu_caps().await.version;
     let tunings = [
-        MigrationTuning::tuned(accel),
+        MigrationTuning::tuned(accel, qemu),
         MigrationTuning::qemu_defaults(),
     ];
     let total = opts.rates.len() as u64 * u64::from(g.rounds) * 2;
@@ -309,12 +312,17 @@ pub async fn run(
     }
     Ok(MigrateBenchReport {
         measured: format!(
-            "the default guest ({} MiB, 1 vCPU, {}) migrated between two QEMUs on this machine over loopback TCP, its agent dirtying {} MiB at each rate; telvirt's tuning against QEMU's defaults in the same run, alternating; each migrated guest checked to go on at the destination (intact)",
+            "the default guest ({} MiB, 1 vCPU, {}) migrated between two QEMUs {} on this machine over loopback TCP, its agent dirtying {} MiB at each rate; telvirt's tuning against QEMU's defaults in the same run, alternating; each migrated guest checked to go on at the destination (intact)",
             g.memory_mib,
             accel.as_str(),
+            qemu.map_or_else(
+                || "(of a version that was not read)".to_owned(),
+                |(major, minor)| format!("{major}.{minor}")
+            ),
             opts.dirty_mib
         ),
         accel: accel.as_str().to_owned(),
+        qemu: qemu.map(|(major, minor)| format!("{major}.{minor}")),
         rounds: g.rounds,
         memory_mib: g.memory_mib,
         dirty_mib: opts.dirty_mib,

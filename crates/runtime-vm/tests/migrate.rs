@@ -74,7 +74,7 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
         MigrationChannel::Socket(out.into()),
         MigrationChannel::Socket(into.into()),
     );
-    let tuning = MigrationTuning::tuned(src.accel());
+    let tuning = src.tuning();
     let dst = mgr.start_incoming(cfg, &from, &tuning).await.unwrap();
     let _dst_guard = VmGuard(dst.clone());
     assert_eq!(dst.phase(), VmPhase::Incoming);
@@ -193,7 +193,7 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
     let err = src
         .migrate_to(
             &MigrationChannel::Tcp(free_address()),
-            &MigrationTuning::tuned(src.accel()),
+            &src.tuning(),
             Duration::from_secs(30),
             |_| {},
         )
@@ -219,7 +219,7 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A migration past its deadline is cancelled, and the guest runs on here.
-    let tuning = MigrationTuning::tuned(src.accel());
+    let tuning = src.tuning();
     let (to, _late) = waiting_destination(&mgr, "migtoolate", &tuning).await;
     let err = src
         .migrate_to(&to, &tuning, Duration::from_millis(1), |_| {})
@@ -267,7 +267,7 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
     let err = src
         .migrate_to(
             &MigrationChannel::Tcp(free_address()),
-            &MigrationTuning::tuned(src.accel()),
+            &src.tuning(),
             T,
             |_| {},
         )
@@ -288,7 +288,7 @@ async fn an_adopted_qemu_ends_the_stream_its_gone_agent_left_at_the_commit_point
         let mgr = common::manager(root.path());
         let src = mgr.start(common::config("migorphan")).await.unwrap();
         let before = health(&src).await;
-        let tuning = MigrationTuning::tuned(src.accel());
+        let tuning = src.tuning();
         let (to, _dst) = waiting_destination(&mgr, "migorphandst", &tuning).await;
         // The agent reaches the commit point and goes away before it answers: the guest waits
         // stopped at its final copy, with nobody to let it through or cancel it.
@@ -350,7 +350,7 @@ async fn a_destination_adopted_mid_stream_or_after_it_resumes_the_guest_that_arr
     let src = mgr.start(common::config("migadopt")).await.unwrap();
     let _src_guard = VmGuard(src.clone());
     let before = health(&src).await;
-    let tuning = MigrationTuning::tuned(src.accel());
+    let tuning = src.tuning();
     // The destination takes the stream; then its handle goes away, as with its agent.
     let to = MigrationChannel::Tcp(free_address());
     let dst_pid = {

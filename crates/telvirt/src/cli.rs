@@ -544,7 +544,7 @@ pub struct GrantArgs {
 }
 
 /// `--shared-cpus`: a CPU list, or `none`.
-fn parse_qemu(text: &str) -> Result<PathBuf, String> {
+pub(crate) fn parse_qemu(text: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(text);
     if path.is_file() {
         Ok(path)

@@ -217,6 +217,10 @@ pub struct VmMigrateBenchArgs {
     /// A migration not done within this many seconds is cancelled and counts as not converged
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub deadline_s: u64,
+    /// The QEMU both ends run (telvirt's tuning follows its version) [default:
+    /// qemu-system-x86_64 on PATH]
+    #[arg(long, value_name = "PATH", value_parser = crate::cli::parse_qemu)]
+    pub qemu: Option<PathBuf>,
     #[command(flatten)]
     pub image: ImageArgs,
 }
@@ -240,11 +244,14 @@ pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> 
         );
     }
     use telvirt_runtime_vm::migrate_bench::{MigrateBenchOptions, run};
-    let (_scratch, guest) = bench_guest_blocking(
+    let (_scratch, mut guest) = bench_guest_blocking(
         format,
         &args.image,
         (args.rounds, args.accel, args.memory_mib),
     )?;
+    if let Some(q) = &args.qemu {
+        guest.qemu.clone_from(q);
+    }
     let opts = MigrateBenchOptions {
         guest,
         dirty_mib: args.dirty_mib,

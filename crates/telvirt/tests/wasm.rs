@@ -1129,7 +1129,7 @@ fn bench_ports_measures_both_paths_in_one_run() {
 }
 
 #[test]
-fn serve_with_a_qemu_that_is_no_file_is_refused_naming_the_flag_and_writes_nothing() {
+fn a_qemu_that_is_no_file_is_refused_naming_the_flag_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let out = Command::new(BIN)
@@ -1151,6 +1151,13 @@ fn serve_with_a_qemu_that_is_no_file_is_refused_naming_the_flag_and_writes_nothi
         stderr(&out)
     );
     assert!(!data.exists(), "the data dir was made");
+    // The migration benchmark's --qemu alike, before it builds or boots anything.
+    let out = Command::new(BIN)
+        .args(["bench", "vm-migrate", "--qemu", "/nonexistent/qemu"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--qemu"), "{}", stderr(&out));
 }
 
 #[test]

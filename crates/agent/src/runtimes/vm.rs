@@ -610,8 +610,9 @@ impl Runtime for VmRuntime {
         let mut cfg = vm_config(spec, &prepared.image, accel)?;
         self.nics_into(spec, &mut cfg)?;
         // The stream comes over one passed socket: both ends tuned alike, multifd off.
+        let qemu = prepared.manager.qemu_caps().await.version;
         let tuning =
-            MigrationTuning::tuned(accel.or_decided(prepared.accel.accel)).over_one_stream();
+            MigrationTuning::tuned(accel.or_decided(prepared.accel.accel), qemu).over_one_stream();
         let handle = match prepared.manager.launch_incoming(cfg, &tuning).await {
             Ok(h) => h,
             Err(e) => {
@@ -659,7 +660,7 @@ impl Runtime for VmRuntime {
             .handle(name)
             .await
             .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
-        let tuning = MigrationTuning::tuned(handle.accel()).over_one_stream();
+        let tuning = handle.tuning().over_one_stream();
         let done = handle
             .migrate_to_gated(
                 &MigrationChannel::Socket(stream),
