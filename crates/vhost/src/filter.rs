@@ -7,7 +7,11 @@
 //! cannot start the device at all (EINVAL). So the filter holds early enables back and, right
 //! after the first `SET_FEATURES` with protocol features, passes each ring's state: the last
 //! one QEMU asked for, else enabled (a NIC of this backend has one queue pair, which QEMU
-//! never leaves disabled). Every other message passes unchanged, with its file descriptors.
+//! never leaves disabled). QEMU 10 asks for a reply to that early enable (`NEED_REPLY`, the
+//! backend crate offering `REPLY_ACK`) and waits for it: the filter answers it, success, as
+//! the enable is held. Every other message passes unchanged, with its file descriptors.
+//! Only that answer is written to QEMU besides the daemon's replies: the frontend waits for
+//! each reply before its next request, so no other reply is under way then.
 //!
 //! Owns the two forwarding threads of one connection; must not read or change any other
 //! message, and must not outlive either end.
@@ -31,9 +35,10 @@ const SET_VRING_ENABLE: u32 = 18;
 const RESET_DEVICE: u32 = 34;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in `SET_FEATURES`' payload.
 const PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `NEED_REPLY` in the header's flags: the frontend waits for an answer (only with
-/// `REPLY_ACK`, which this backend does not offer; such a message is passed, not dropped).
+/// `NEED_REPLY` in the header's flags: the frontend waits for an answer (with `REPLY_ACK`).
 const NEED_REPLY: u32 = 0x8;
+/// The header flags of a reply: version 1, `REPLY`.
+const REPLY: u32 = 0x1 | 0x4;
 /// The most descriptors a message may carry and the largest payload: the backend crate's own
 /// limits (it refuses more).
 const MAX_FDS: usize = vhost::vhost_user::message::MAX_ATTACHED_FD_ENTRIES;
@@ -137,8 +142,18 @@ fn private_dir() -> io::Result<tempfile::TempDir> {
 
 /// Whether a frontend's message passes now: everything but a ring enable (8 bytes: ring,
 /// state) before the features.
-fn passes(request: u32, flags: u32, size: usize, features_seen: bool) -> bool {
-    features_seen || request != SET_VRING_ENABLE || flags & NEED_REPLY != 0 || size != 8
+fn passes(request: u32, size: usize, features_seen: bool) -> bool {
+    features_seen || request != SET_VRING_ENABLE || size != 8
+}
+
+/// The answer to a held message that asked for one (`NEED_REPLY`): `request` succeeded.
+fn success_reply(request: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(HEADER + 8);
+    for w in [request, REPLY, 8] {
+        m.extend_from_slice(&w.to_le_bytes());
+    }
+    m.extend_from_slice(&0u64.to_le_bytes());
+    m
 }
 
 /// The rings' enable states held back until the features are acknowledged: the last state
@@ -208,12 +223,24 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
         payload.resize(size, 0);
         let mut reader = qemu;
         reader.read_exact(&mut payload)?;
-        if !passes(request, flags, size, features_seen) {
+        tracing::trace!(
+            request,
+            flags,
+            size,
+            features_seen,
+            "vhost-user filter: a request"
+        );
+        if !passes(request, size, features_seen) {
             tracing::debug!(
                 ?payload,
+                flags,
                 "vhost-user filter: a ring enable before SET_FEATURES held"
             );
             held.hold(&payload);
+            if flags & NEED_REPLY != 0 {
+                let mut writer = qemu;
+                writer.write_all(&success_reply(request))?;
+            }
             continue;
         }
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
@@ -294,15 +321,14 @@ mod tests {
 
     #[test]
     fn only_an_enable_before_the_features_is_held() {
-        assert!(!passes(SET_VRING_ENABLE, 1, 8, false));
-        assert!(passes(SET_VRING_ENABLE, 1, 8, true));
-        assert!(passes(SET_VRING_ENABLE, 1 | NEED_REPLY, 8, false));
+        assert!(!passes(SET_VRING_ENABLE, 8, false));
+        assert!(passes(SET_VRING_ENABLE, 8, true));
         assert!(
-            passes(SET_VRING_ENABLE, 1, 4, false),
+            passes(SET_VRING_ENABLE, 4, false),
             "malformed: the daemon answers it"
         );
-        assert!(passes(SET_FEATURES, 1, 8, false));
-        assert!(passes(1, 1, 0, false));
+        assert!(passes(SET_FEATURES, 8, false));
+        assert!(passes(1, 0, false));
     }
 
     #[test]
@@ -389,6 +415,36 @@ mod tests {
         let mut end = Vec::new();
         (&daemon).read_to_end(&mut end).unwrap();
         assert!(end.is_empty());
+        drop(daemon);
+        filter.join();
+    }
+
+    /// QEMU 10 asks for a reply to its early enable and waits: the filter answers it (success)
+    /// and holds the enable until the features, as one that asked for nothing.
+    #[test]
+    fn an_early_enable_that_asks_for_a_reply_is_answered_and_held() {
+        let (qemu, qemu_peer) = UnixStream::pair().unwrap();
+        let (daemon, daemon_peer) = UnixStream::pair().unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let mut early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        early[4..8].copy_from_slice(&(1 | NEED_REPLY).to_le_bytes());
+        (&qemu).write_all(&early).unwrap();
+        let mut reply = vec![0u8; HEADER + 8];
+        (&qemu).read_exact(&mut reply).unwrap();
+        assert_eq!(reply, success_reply(SET_VRING_ENABLE));
+        assert_eq!(&reply[4..8], &5u32.to_le_bytes(), "version 1, REPLY");
+        let features = message(SET_FEATURES, &[0, 0, 0, 0x40, 1, 0, 0, 0]);
+        (&qemu).write_all(&features).unwrap();
+        drop(qemu);
+        let mut got = Vec::new();
+        (&daemon).read_to_end(&mut got).unwrap();
+        let ring0 = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0]);
+        let ring1 = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 1, 0, 0, 0]);
+        assert_eq!(
+            got,
+            [features, ring0, ring1].concat(),
+            "the daemon saw no early enable, then both rings' after the features"
+        );
         drop(daemon);
         filter.join();
     }
