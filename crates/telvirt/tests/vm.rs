@@ -42,6 +42,8 @@ struct Node {
     guest: PathBuf,
     /// A command the node and the CLI run under (e.g. `ip netns exec NS`), or none.
     wrapper: Vec<String>,
+    /// The QEMU the node runs (`--qemu`), or the system's.
+    qemu: Option<PathBuf>,
 }
 
 impl Node {
@@ -51,6 +53,15 @@ impl Node {
 
     /// A node whose serve and CLI run under `wrapper`.
     fn new_wrapped(vm: &str, guest: PathBuf, wrapper: &[&str]) -> Node {
+        Node::create(vm, guest, wrapper, None)
+    }
+
+    /// A node whose serve runs its VMs with the QEMU at `qemu`.
+    fn on_qemu(vm: &str, guest: PathBuf, qemu: PathBuf) -> Node {
+        Node::create(vm, guest, &[], Some(qemu))
+    }
+
+    fn create(vm: &str, guest: PathBuf, wrapper: &[&str], qemu: Option<PathBuf>) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("tvi")
             .tempdir_in("/tmp")
@@ -61,6 +72,7 @@ impl Node {
             vm: vm.to_owned(),
             guest,
             wrapper: wrapper.iter().map(|w| (*w).to_owned()).collect(),
+            qemu,
         };
         node.start();
         node
@@ -88,9 +100,12 @@ impl Node {
 
     fn start(&mut self) {
         let _ = std::fs::remove_file(self.config());
-        let child = self
-            .command()
-            .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"])
+        let mut serve = self.command();
+        serve.args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"]);
+        if let Some(q) = &self.qemu {
+            serve.arg("--qemu").arg(q);
+        }
+        let child = serve
             .arg("--data-dir")
             .arg(self.data())
             .arg("--image-cache")
@@ -642,6 +657,46 @@ fn wait_link_packets(node: &Node, net: &str, i: usize, at_least: u64, what: &str
     }
 }
 
+/// Network c1, generator -> the node's VM (n3, n6) -> sink, once 1,000 frames crossed the VM.
+fn chain_through_the_vm(node: &Node) {
+    let vm = &node.vm;
+    let net = format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: c1 }}\nspec:\n  nodes:\n    \
+         - {{ name: gen, kind: generator, rate_pps: 2000 }}\n    - {{ name: sink, kind: sink }}\n  \
+         links:\n    - gen.out -> {vm}.n3\n    - {vm}.n6 -> sink.in\n"
+    );
+    let path = node.dir.path().join("c1.yaml");
+    std::fs::write(&path, net).expect("write the network");
+    node.ok(&["net", "create", "-f", path.to_str().expect("utf-8 path")]);
+    wait_link_packets(node, "c1", 1, 1000, "no frames crossed the VM");
+}
+
+/// The same NICs on the newer QEMU (`make qemu-next`), whose vhost-user frontend waits for a
+/// reply to its early ring enable (ADR 056): frames cross its guest too.
+#[test]
+fn a_vm_on_the_newer_qemu_forwards_between_its_nics() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let vm = format!("vmnxt{}", std::process::id());
+    let next = common::qemu_next();
+    let node = Node::on_qemu(&vm, common::guest_binary(), next.clone());
+    let file = descriptor(&node);
+    node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
+    node.wait_phase(&vm, "Running", BOOT_DEADLINE);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{}/exe", node.qemu_pid())).expect("QEMU's binary"),
+        next.canonicalize().expect("the newer QEMU"),
+        "the guest runs in the newer QEMU"
+    );
+    chain_through_the_vm(&node);
+    let stats: serde_json::Value =
+        serde_json::from_slice(&node.ok(&["vnf", "stats", &vm, "-o", "json"]).stdout)
+            .expect("JSON");
+    assert!(
+        stats["nics"][1]["frames_from_guest"].as_u64() >= Some(1000),
+        "{stats}"
+    );
+}
+
 /// A VM's `spec.vm.nics` are vhost-user NICs on the node's data plane: a generator's frames
 /// enter the guest on n3, cross the default guest's bridge and leave on n6 for the sink (under
 /// TCG, its NICs on INTx interrupts: see `vhost_user_nic_options`), and again after the node
@@ -655,15 +710,7 @@ fn a_vm_in_a_chain_forwards_between_its_nics() {
     node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
     node.wait_phase(&vm, "Running", BOOT_DEADLINE);
     assert!(node.instance("nic-n3.sock").exists(), "n3's socket");
-    let net = format!(
-        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: c1 }}\nspec:\n  nodes:\n    \
-         - {{ name: gen, kind: generator, rate_pps: 2000 }}\n    - {{ name: sink, kind: sink }}\n  \
-         links:\n    - gen.out -> {vm}.n3\n    - {vm}.n6 -> sink.in\n"
-    );
-    let path = node.dir.path().join("c1.yaml");
-    std::fs::write(&path, net).expect("write the network");
-    node.ok(&["net", "create", "-f", path.to_str().expect("utf-8 path")]);
-    wait_link_packets(&node, "c1", 1, 1000, "no frames crossed the VM");
+    chain_through_the_vm(&node);
     assert!(link_packets(&node, "c1", 0) >= 1000);
     // The VM's NICs count what crossed them, in spec.vm.nics order.
     let stats: serde_json::Value =
