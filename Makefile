@@ -28,7 +28,7 @@ guest-static:
 
 # A second, newer QEMU unpacked beside the system's (nothing installed system-wide), for the
 # test that moves a vm live between two QEMU versions.
-qemu-next:
+qemu-next: deps
 	@scripts/qemu-next.sh $(TARGET_DIR)/qemu-next
 
 lint: deps

@@ -544,13 +544,16 @@ pub struct GrantArgs {
 }
 
 /// `--shared-cpus`: a CPU list, or `none`.
+/// A `--qemu` path: a file, made absolute (a bare name would otherwise be looked up on PATH
+/// when run, not where it was checked).
 pub(crate) fn parse_qemu(text: &str) -> Result<PathBuf, String> {
     let path = PathBuf::from(text);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err("no such file: give the path of a QEMU system emulator (qemu-system-x86_64)".into())
+    if !path.is_file() {
+        return Err(
+            "no such file: give the path of a QEMU system emulator (qemu-system-x86_64)".into(),
+        );
     }
+    std::path::absolute(&path).map_err(|e| format!("cannot make it absolute: {e}"))
 }
 
 fn parse_shared_cpus(text: &str) -> Result<telvirt_sched::CpuList, String> {

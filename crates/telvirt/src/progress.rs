@@ -59,13 +59,13 @@ impl Progress {
         format: Output,
         bench: impl std::future::Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<Option<T>> {
-        // Interrupted (Ctrl-C), the benchmark is dropped: what it started (agents, QEMUs,
-        // TAPs) goes with it.
+        // Interrupted (Ctrl-C, or SIGTERM as `timeout` sends), the benchmark is dropped: what
+        // it started (agents, QEMUs, TAPs) goes with it.
         let report = tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current().block_on(async {
                 tokio::select! {
                     r = bench => r,
-                    _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!(
+                    _ = crate::serve::shutdown_signal() => Err(anyhow::anyhow!(
                         "interrupted: what the benchmark had started is stopped"
                     )),
                 }

@@ -609,7 +609,8 @@ impl Runtime for VmRuntime {
         let accel = guest_accel(spec, &prepared.accel, self.config.accel)?;
         let mut cfg = vm_config(spec, &prepared.image, accel)?;
         self.nics_into(spec, &mut cfg)?;
-        // The stream comes over one passed socket: both ends tuned alike, multifd off.
+        // The stream comes over one passed socket: multifd off on both ends (the pause limit,
+        // by this QEMU's version here, matters only at the source).
         let qemu = prepared.manager.qemu_caps().await.version;
         let tuning =
             MigrationTuning::tuned(accel.or_decided(prepared.accel.accel), qemu).over_one_stream();
