@@ -1405,6 +1405,25 @@ pub fn qemu_args(
 mod tests {
     use super::*;
 
+    /// A VM's record from before its QEMU's version was kept reads with none, and a TCG guest
+    /// adopted from it keeps QEMU's 300 ms pause limit; a record with QEMU 10.0 gets 10 ms.
+    #[test]
+    fn a_record_without_the_qemu_version_keeps_the_careful_tcg_tuning() {
+        let config = serde_json::to_value(VmConfig::new("fw1", "/k", "/i")).unwrap();
+        let old: Persisted = serde_json::from_value(serde_json::json!({
+            "config": config, "pid": 1, "accel": "tcg", "warnings": []
+        }))
+        .unwrap();
+        assert_eq!(old.qemu_version, None);
+        let tuned = |p: &Persisted| crate::migrate::MigrationTuning::tuned(p.accel, p.qemu_version);
+        assert_eq!(tuned(&old).downtime_limit_ms, 300);
+        let new: Persisted = serde_json::from_value(serde_json::json!({
+            "config": config, "pid": 1, "accel": "tcg", "qemu_version": [10, 0], "warnings": []
+        }))
+        .unwrap();
+        assert_eq!(tuned(&new).downtime_limit_ms, 10);
+    }
+
     #[test]
     fn command_line_carries_name_and_resources() {
         let mut c = VmConfig::new("fw1", "/k", "/i");
