@@ -690,11 +690,6 @@ impl VmHandle {
     pub fn accel(&self) -> Accel {
         self.inner.accel
     }
-    /// Its QEMU's `major.minor`, when known (a VM adopted from a record before it was kept:
-    /// not).
-    pub fn qemu_version(&self) -> Option<(u32, u32)> {
-        self.inner.qemu_version
-    }
     /// telvirt's migration tuning for this VM, by its accelerator and QEMU version.
     pub fn tuning(&self) -> crate::migrate::MigrationTuning {
         crate::migrate::MigrationTuning::tuned(self.inner.accel, self.inner.qemu_version)

@@ -310,19 +310,19 @@ pub async fn run(
             qemu_defaults,
         });
     }
+    let version = qemu.map(|(major, minor)| format!("{major}.{minor}"));
     Ok(MigrateBenchReport {
         measured: format!(
             "the default guest ({} MiB, 1 vCPU, {}) migrated between two QEMUs {} on this machine over loopback TCP, its agent dirtying {} MiB at each rate; telvirt's tuning against QEMU's defaults in the same run, alternating; each migrated guest checked to go on at the destination (intact)",
             g.memory_mib,
             accel.as_str(),
-            qemu.map_or_else(
-                || "(of a version that was not read)".to_owned(),
-                |(major, minor)| format!("{major}.{minor}")
-            ),
+            version
+                .as_deref()
+                .unwrap_or("(of a version that was not read)"),
             opts.dirty_mib
         ),
         accel: accel.as_str().to_owned(),
-        qemu: qemu.map(|(major, minor)| format!("{major}.{minor}")),
+        qemu: version,
         rounds: g.rounds,
         memory_mib: g.memory_mib,
         dirty_mib: opts.dirty_mib,

@@ -258,10 +258,11 @@ pub fn vnf_detail(v: &Vnf) -> String {
         let named = spec.vm.as_ref().and_then(|vm| vm.accel);
         out.push_str(&format!(
             "Accel:       {accel} ({})\n",
-            match named {
-                Some(n) if n == accel => "as spec.vm.accel names it".to_owned(),
-                Some(n) => format!("spec.vm.accel {n}: its next start takes it"),
-                None => "its host's; kept across its moves".to_owned(),
+            // A named accelerator is the one the guest started with (it is set at creation).
+            if named.is_some() {
+                "as spec.vm.accel names it"
+            } else {
+                "its host's; kept across its moves"
             }
         ));
     }
