@@ -246,7 +246,7 @@ impl Controller {
         {
             return Ok(false);
         }
-        let new = match scheduler.add_standby(name, None) {
+        let new = match scheduler.add_standby(name, None, &[]) {
             Ok(new) => new,
             Err(SchedError::NoPlacement { .. } | SchedError::ReserveViolation { .. }) => {
                 return Ok(false);

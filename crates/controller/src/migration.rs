@@ -268,8 +268,17 @@ impl Controller {
             .find(|p| p.role == Role::Active)
             .map(|p| p.host.clone())
             .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
+        // Named: the host is checked below. Picked: only among the hosts that can take it.
+        let unfit = match req.to {
+            Some(_) => Vec::new(),
+            None => {
+                self.unfit_destinations(scheduler.host_names(), &record.vnf, &from)
+                    .await?
+            }
+        };
+        let except: Vec<String> = unfit.iter().map(|(h, _)| h.clone()).collect();
         let dest = scheduler
-            .add_standby(name, req.to.as_deref())
+            .add_standby(name, req.to.as_deref(), &except)
             .map_err(|e| match e {
                 SchedError::UnknownHost(h) => {
                     ControllerError::Invalid(FieldError::new("to", format!("there is no host {h}")))
@@ -278,17 +287,32 @@ impl Controller {
                     ControllerError::Invalid(FieldError::new("to", format!("vnf {name} {reason}")))
                 }
                 SchedError::NoPlacement { .. } => ControllerError::Conflict(format!(
-                    "no room for vnf {name} {}: {e}",
+                    "no room for vnf {name} {}: {e}{}",
                     req.to
                         .as_ref()
-                        .map_or("on another host".to_owned(), |h| format!("on host {h}"))
+                        .map_or("on another host".to_owned(), |h| format!("on host {h}")),
+                    unfit
+                        .iter()
+                        .map(|(_, why)| format!("; {why}"))
+                        .collect::<String>()
                 )),
                 e => e.into(),
             })?;
-        // Checked with the destination reserved; any refusal or failure releases it.
-        let checked = self
-            .check_destination(&record.vnf, &from, &dest.host, req.to.is_some())
-            .await;
+        // Checked with the destination reserved (a picked one was fit a moment ago, under
+        // the same lock); any refusal or failure releases it.
+        let checked = match self
+            .destination_refusal(&record.vnf, &from, &dest.host)
+            .await
+        {
+            Ok(None) => Ok(()),
+            Ok(Some(why)) if req.to.is_some() => {
+                Err(ControllerError::Invalid(FieldError::new("to", why)))
+            }
+            Ok(Some(why)) => Err(ControllerError::Conflict(format!(
+                "{why}; the host picked cannot take it: name one that can (--to)"
+            ))),
+            Err(e) => Err(e),
+        };
         if let Err(e) = checked {
             scheduler.drop_standby(name)?;
             return Err(e);
@@ -339,39 +363,43 @@ impl Controller {
         self.vnf(caller, name).await
     }
 
-    /// Whether `host` may take `v`'s move from `from`: its agent must receive the state (a
-    /// running agent with a tunnel address), and a vm's QEMU must have the version of its
-    /// source's (its machine type and device state follow the version; a host whose agent
-    /// reports none is not compared). `named`: the caller named the host (`to`).
-    async fn check_destination(&self, v: &Vnf, from: &str, host: &str, named: bool) -> Result<()> {
+    /// Why `host` may not take `v`'s move from `from`, or `None` when it may: its agent must
+    /// receive the state (a running agent with a tunnel address), and a vm's guest must be
+    /// able to run there ([`vm_move_refusal`]: accelerator, QEMU version, machine type; a host
+    /// whose agent reports no version is not compared).
+    async fn destination_refusal(&self, v: &Vnf, from: &str, host: &str) -> Result<Option<String>> {
         let name = &v.name;
         let there = self.agent_host(host).await?;
         let receives = there.as_ref().is_some_and(|h| h.tunnel.is_some());
         if !receives || !self.host_ready(host).await? {
-            return Err(ControllerError::Invalid(FieldError::new(
-                "to",
-                format!(
-                    "host {host} cannot receive vnf {name}'s state: it needs a running agent with a tunnel address (telvirt agent --tunnel-address)"
-                ),
+            return Ok(Some(format!(
+                "host {host} cannot receive vnf {name}'s state: it needs a running agent with a tunnel address (telvirt agent --tunnel-address)"
             )));
         }
         if v.descriptor.spec.runtime != RuntimeKind::Vm {
-            return Ok(());
+            return Ok(None);
         }
-        let Some(here) = self.agent_host(from).await? else {
-            return Ok(());
+        let (Some(here), Some(there)) = (self.agent_host(from).await?, there) else {
+            return Ok(None);
         };
-        let Some(there) = there else { return Ok(()) };
-        let Some(why) = vm_move_refusal(v, from, &here, host, &there) else {
-            return Ok(());
-        };
-        Err(if named {
-            ControllerError::Invalid(FieldError::new("to", why))
-        } else {
-            ControllerError::Conflict(format!(
-                "{why}; the host picked cannot take it: name one that can (--to)"
-            ))
-        })
+        Ok(vm_move_refusal(v, from, &here, host, &there))
+    }
+
+    /// The hosts other than `from` that cannot take `v`'s move, each with why
+    /// ([`Controller::destination_refusal`]): left out of the scheduler's own pick.
+    async fn unfit_destinations(
+        &self,
+        hosts: Vec<String>,
+        v: &Vnf,
+        from: &str,
+    ) -> Result<Vec<(String, String)>> {
+        let mut unfit = Vec::new();
+        for host in hosts.into_iter().filter(|h| h != from) {
+            if let Some(why) = self.destination_refusal(v, from, &host).await? {
+                unfit.push((host, why));
+            }
+        }
+        Ok(unfit)
     }
 
     /// Ends the move of `name` under way; it stays where it runs.

@@ -515,11 +515,16 @@ async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else(
         "{detail}"
     );
     assert_eq!(node.vnf_json("u1").await, before);
-    // The controller picks h3 itself: a conflict, saying to name a host.
+    // No host named: h3 is left out of the pick, and no other host can take it.
     let r = migrate(&node, "{}").await;
     assert_eq!(r.status, 409, "{}", r.body);
     let detail = r.body["detail"].as_str().unwrap();
-    assert!(detail.contains("name one that can (--to)"), "{detail}");
+    assert!(
+        detail.contains("no room for vnf u1 on another host")
+            && detail.contains("h3: cannot take this VNF")
+            && detail.contains("; host h3 runs QEMU 8.0"),
+        "{detail}"
+    );
     assert_eq!(node.vnf_json("u1").await, before);
 
     // h2 reports the type the guest runs on: the VNF keeps it.
@@ -586,6 +591,46 @@ async fn a_vm_moves_to_a_qemu_as_new_that_has_its_machine_type_and_nowhere_else(
         machine_on(node.controller.assignments("h2").await.unwrap()).as_deref(),
         Some("pc-i440fx-7.2")
     );
+    for b in beats {
+        b.abort();
+    }
+}
+
+/// A move without a destination goes only to a host that can take the guest: one whose QEMU
+/// is older is passed over for one with the same version, and with none left the refusal says
+/// why each was left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_without_a_destination_picks_only_a_host_that_can_take_the_guest() {
+    let node = Node::start_monitored(None).await;
+    let mut beats = h2_and_h3_with(&node, [Some("7.2"), Some("7.1")]).await;
+    node.create_vnf(&node.admin, VM).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    node.uncordon("h3").await;
+    let before = node.vnf_json("u1").await;
+    let r = migrate(&node, "{}").await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    let detail = r.body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("h3: cannot take this VNF")
+            && detail.contains("; host h3 runs QEMU 7.1, older than QEMU 7.2"),
+        "{detail}"
+    );
+    assert_eq!(node.vnf_json("u1").await, before);
+    assert!(node.controller.assignments("h3").await.unwrap().is_empty());
+
+    // h4 joins with h2's version, after h3 in the scheduler's order: the pick is h4.
+    let mut h4 = host_record("h4");
+    h4.tunnel = Some("127.0.0.4:4789".into());
+    h4.qemu = Some("7.2".into());
+    node.controller.register_host(h4).await.unwrap();
+    node.controller.heartbeat("h4").await.unwrap();
+    beats.push(beat(&node.controller, "h4"));
+    let r = migrate(&node, "{}").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["migration"]["to"], "h4", "{}", r.body);
+    assert!(node.controller.assignments("h3").await.unwrap().is_empty());
     for b in beats {
         b.abort();
     }

@@ -753,7 +753,9 @@ pub struct VnfApplied {
     pub dry_run: bool,
 }
 
-/// `POST /v1/vnfs/{name}/migrate`: where to (any host with room when left out), or `cancel`.
+/// `POST /v1/vnfs/{name}/migrate`: where to (when left out, a host with room that can take
+/// the VNF: a running agent with a tunnel address and, for a vm, the guest's accelerator, a
+/// QEMU no older and the guest's machine type), or `cancel`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {

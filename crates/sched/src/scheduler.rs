@@ -164,6 +164,8 @@ pub(crate) struct GroupState {
 #[derive(Debug, Clone, Default)]
 struct Avoid {
     hosts: Vec<u32>,
+    /// Hosts the caller found unfit for reasons of its own ([`Scheduler::add_standby`]).
+    unfit: Vec<u32>,
     zones: Vec<String>,
     need_zone: bool,
     only: Option<u32>,
@@ -1103,6 +1105,9 @@ impl Scheduler {
             return Err(
                 "holds the other role of this VNF (or is the host it moves away from)".into(),
             );
+        }
+        if avoid.unfit.contains(&h) {
+            return Err("cannot take this VNF (the caller says why)".into());
         }
         if avoid.need_zone {
             match host.zone() {
@@ -2068,13 +2073,16 @@ impl Scheduler {
     }
 
     /// Places a standby role for VNF `name` (which has none) on host `to` (or wherever fits
-    /// best, never on its active's host): the destination of a move, which takes the state
-    /// and then the traffic ([`Scheduler::swap_roles`], then [`Scheduler::drop_standby`]), so
-    /// the two never share a cpu. Nothing changes on error.
+    /// best, never on its active's host nor on a host named in `except`, which a caller found
+    /// unfit for reasons the scheduler does not know, such as a QEMU too old to take the
+    /// guest; unknown names there are ignored): the destination of a move, which takes the
+    /// state and then the traffic ([`Scheduler::swap_roles`], then
+    /// [`Scheduler::drop_standby`]), so the two never share a cpu. Nothing changes on error.
     pub fn add_standby(
         &mut self,
         name: &str,
         to: Option<&str>,
+        except: &[String],
     ) -> Result<RolePlacement, SchedError> {
         let (vid, v) = self.settled(name)?;
         if v.roles[1].is_some() {
@@ -2090,6 +2098,10 @@ impl Scheduler {
             });
         };
         let mut avoid = self.avoid_hosts(&v.req, vec![active]);
+        avoid.unfit = except
+            .iter()
+            .filter_map(|h| self.host_idx(h).ok())
+            .collect();
         if let Some(to) = to {
             let h = self.host_idx(to)?;
             if h == active {
@@ -2334,6 +2346,7 @@ impl Scheduler {
         };
         Avoid {
             hosts,
+            unfit: Vec::new(),
             zones,
             need_zone: req.zone_anti_affinity,
             only: None,

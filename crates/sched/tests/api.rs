@@ -382,14 +382,14 @@ fn a_move_holds_both_places_then_only_the_new_one() {
     let from = before.act.host.clone();
     let to = if from == "h1" { "h2" } else { "h1" };
     assert!(matches!(
-        s.add_standby("solo", Some(&from)),
+        s.add_standby("solo", Some(&from), &[]),
         Err(SchedError::InvalidChange { .. })
     ));
-    let dest = s.add_standby("solo", Some(to)).unwrap();
+    let dest = s.add_standby("solo", Some(to), &[]).unwrap();
     assert_eq!(dest.host, to);
     s.self_check().unwrap();
     assert!(matches!(
-        s.add_standby("solo", None),
+        s.add_standby("solo", None, &[]),
         Err(SchedError::InvalidChange { .. })
     ));
     let swapped = s.swap_roles("solo").unwrap();
@@ -399,7 +399,41 @@ fn a_move_holds_both_places_then_only_the_new_one() {
     assert!(after.sby.is_none());
     s.self_check().unwrap();
     // The old place is free again: the same VNF fits there once more.
-    s.add_standby("solo", Some(&from)).unwrap();
+    s.add_standby("solo", Some(&from), &[]).unwrap();
+    s.self_check().unwrap();
+}
+
+#[test]
+fn a_move_never_picks_a_host_the_caller_left_out() {
+    let hosts = [small("h1", "a"), small("h2", "b"), small("h3", "c")];
+    let mut s = sched(ReservePolicy::None, &hosts);
+    let from = s.place(&ded("solo", 2)).unwrap().act.host;
+    let others: Vec<String> = ["h1", "h2", "h3"]
+        .into_iter()
+        .filter(|h| *h != from)
+        .map(str::to_owned)
+        .collect();
+    // Each other host left out in turn: the pick is the one left.
+    for (i, out) in others.iter().enumerate() {
+        let dest = s
+            .add_standby("solo", None, &[out.clone(), "no-such-host".into()])
+            .unwrap();
+        assert_eq!(dest.host, others[1 - i]);
+        s.drop_standby("solo").unwrap();
+    }
+    // Both left out: no place, and nothing changed.
+    let before = s.placement("solo").unwrap();
+    let e = s.add_standby("solo", None, &others).unwrap_err();
+    assert!(matches!(e, SchedError::NoPlacement { .. }), "{e}");
+    for out in &others {
+        assert!(
+            e.to_string().contains(&format!(
+                "{out}: cannot take this VNF (the caller says why)"
+            )),
+            "{e}"
+        );
+    }
+    assert_eq!(s.placement("solo").unwrap(), before);
     s.self_check().unwrap();
 }
 

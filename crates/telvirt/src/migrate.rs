@@ -20,7 +20,8 @@ use crate::progress::Progress;
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
     pub name: String,
-    /// The destination host [default: any other host with room and a tunnel address]
+    /// The destination host [default: another host with room and a tunnel address whose
+    /// agent can run the guest: for a vm, its accelerator, a QEMU no older, the machine type]
     #[arg(long, conflicts_with = "cancel")]
     pub to: Option<String>,
     /// The engine the destination runs the module on (the maps' snapshot does not depend on
