@@ -15,10 +15,33 @@ use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 use crate::manager::{VmHandle, VmPhase};
-use crate::qmp::QmpClient;
+use crate::qmp::{QmpClient, QmpEvent};
 
-/// How often a running migration is asked how far it got.
+/// How often a running migration is asked how far it got, at most: a change of its status
+/// (QEMU's `MIGRATION` event) has it asked at once ([`next_status_change`]).
 const POLL: Duration = Duration::from_millis(20);
+
+/// QEMU's capability that sends a `MIGRATION` event at each change of a stream's status.
+const EVENTS: &str = "events";
+
+/// Waits for QEMU's next `MIGRATION` event, at most [`POLL`]: a loop that follows a stream
+/// looks again at once when its status changes (the source reaching its commit point or
+/// completing, the destination's stream completing), not up to a poll later, while the guest
+/// stands stopped. Lost events (a lagging receiver) end the wait too.
+async fn next_status_change(events: &mut tokio::sync::broadcast::Receiver<QmpEvent>) {
+    use tokio::sync::broadcast::error::RecvError;
+    let changed = async {
+        loop {
+            match events.recv().await {
+                Ok(QmpEvent::Migration { .. }) | Err(RecvError::Lagged(_)) => return,
+                Ok(_) => {}
+                // The connection ended: the poll's own wait ends this one.
+                Err(RecvError::Closed) => std::future::pending::<()>().await,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(POLL, changed).await;
+}
 /// QMP deadline of one migration command.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -160,8 +183,14 @@ pub struct MigrationProgress {
     pub dirty_pages_per_s: u64,
     /// Passes over the dirty bitmap so far.
     pub dirty_syncs: u64,
-    /// How long the source was stopped for the final copy, ms (once completed).
+    /// How long the source was stopped for the final copy, ms (once completed): QEMU's own
+    /// measure, until its last byte left; the destination resumes the guest later.
     pub downtime_ms: Option<u64>,
+    /// When the source's QEMU stopped the guest (its `STOP` event), µs since the Unix epoch by
+    /// this host's clock (once completed): the start of the guest's whole pause, which ends
+    /// when the destination resumes it ([`VmHandle::resumed_at_us`]).
+    #[serde(default)]
+    pub stopped_at_us: Option<u64>,
 }
 
 impl MigrationProgress {
@@ -177,6 +206,7 @@ impl MigrationProgress {
             dirty_pages_per_s: n(&ram["dirty-pages-rate"]),
             dirty_syncs: n(&ram["dirty-sync-count"]),
             downtime_ms: v["downtime"].as_u64(),
+            stopped_at_us: None,
         }
     }
 
@@ -313,6 +343,7 @@ pub(crate) async fn prepare(
         ("multifd", tuning.multifd_channels > 0),
         ("auto-converge", tuning.auto_converge),
         (PAUSE_BEFORE_SWITCHOVER, commit_point),
+        (EVENTS, true),
     ];
     let capabilities: Vec<Value> = wanted
         .iter()
@@ -383,6 +414,7 @@ impl VmHandle {
             gate = None;
         }
         let uri = to.uri(qmp).await?;
+        let mut events = qmp.events();
         qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
             .await?;
         let started = Instant::now();
@@ -437,7 +469,7 @@ impl VmHandle {
                 ));
             }
             last = now;
-            tokio::time::sleep(POLL).await;
+            next_status_change(&mut events).await;
         };
         let why = match ended {
             Ok(done) => return Ok(self.moved_away(done).await),
@@ -496,7 +528,15 @@ impl VmHandle {
     /// stopped; the completed stream's figures.
     async fn moved_away(&self, done: MigrationProgress) -> MigrationProgress {
         self.set_phase(VmPhase::Migrated);
-        self.final_figures(done).await
+        let mut done = self.final_figures(done).await;
+        done.stopped_at_us = self.qmp().last_event_at("STOP");
+        done
+    }
+
+    /// When this QEMU last resumed its guest (its `RESUME` event), µs since the Unix epoch by
+    /// this host's clock: for a guest that arrived by a migration stream, the end of its pause.
+    pub fn resumed_at_us(&self) -> Option<u64> {
+        self.qmp().last_event_at("RESUME")
     }
 
     /// The completed migration's figures: QEMU may say `completed` a moment before it has
@@ -569,6 +609,7 @@ impl VmHandle {
         }
         let qmp = self.qmp();
         let started = Instant::now();
+        let mut events = qmp.events();
         loop {
             let v = qmp
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
@@ -592,7 +633,7 @@ impl VmHandle {
                     after: deadline,
                 });
             }
-            tokio::time::sleep(POLL).await;
+            next_status_change(&mut events).await;
         }
         self.resume_incoming().await.map_err(|e| Error::Migration {
             vm: self.name().to_owned(),

@@ -1,8 +1,10 @@
 //! `telvirt bench vm-migrate`: live migration of the default guest while its agent dirties
 //! memory at several rates, telvirt's tuning ([`MigrationTuning::tuned`]) against QEMU's
 //! defaults in the same run, alternating which goes first. Per migration: whether it converged
-//! within the deadline, total time, the guest's pause (QEMU's `downtime`) and the bytes sent,
-//! and whether the guest came through intact (answering on the destination with its dirtier
+//! within the deadline, total time, the guest's pause (QEMU's `downtime`, the source's own
+//! measure, and the whole pause the guest saw: from the source QEMU's `STOP` event to the
+//! destination QEMU's `RESUME`, by their own timestamps on this host's clock) and the bytes
+//! sent, and whether the guest came through intact (answering on the destination with its dirtier
 //! still counting: under QEMU 7.2's TCG some migrations deliver a guest that panics at once).
 //! Owns the measurement; must not print.
 
@@ -46,8 +48,13 @@ pub struct MigrationSample {
     pub broken: Option<String>,
     /// QEMU's total time (converged only).
     pub total_ms: Option<f64>,
-    /// QEMU's measure of the guest's pause (converged only).
+    /// QEMU's measure of the guest's pause (converged only): the source's, until its last
+    /// byte left.
     pub downtime_ms: Option<f64>,
+    /// The whole pause (intact only): from the source's stop until the guest ran again at
+    /// the destination (QEMU's `STOP` and `RESUME` events), which includes resuming it there.
+    #[serde(default)]
+    pub paused_ms: Option<f64>,
     pub transferred_mib: f64,
 }
 
@@ -62,6 +69,8 @@ pub struct TuningFigures {
     /// Medians over the converged ones (0 when none did).
     pub total_ms: f64,
     pub downtime_ms: f64,
+    #[serde(default)]
+    pub paused_ms: f64,
     pub transferred_mib: f64,
     pub samples: Vec<MigrationSample>,
 }
@@ -76,6 +85,9 @@ pub struct RateFigures {
     pub total_ratio: f64,
     /// telvirt / defaults of the median downtime (0 unless both converged in every round).
     pub downtime_ratio: f64,
+    /// telvirt / defaults of the median whole pause (0 unless both came through every round).
+    #[serde(default)]
+    pub paused_ratio: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -192,11 +204,39 @@ async fn measure(
     tuning: &MigrationTuning,
 ) -> Result<MigrationSample> {
     let started = Instant::now();
-    let moved = src.migrate_to(to, tuning, opts.deadline, |_| {}).await;
+    // The destination waits for its stream while the source streams, as an agent's does: it
+    // resumes the guest as soon as its stream completed.
+    let incoming = dst.finish_incoming(opts.deadline + Duration::from_secs(30));
+    tokio::pin!(incoming);
+    let outgoing = src.migrate_to(to, tuning, opts.deadline, |_| {});
+    tokio::pin!(outgoing);
+    let mut arrived = None;
+    let moved = loop {
+        tokio::select! {
+            moved = &mut outgoing => break moved,
+            a = &mut incoming, if arrived.is_none() => arrived = Some(a),
+        }
+    };
     Ok(match moved {
         Ok(done) => {
-            let broken = intact(dst, rate).await.err().map(|e| e.to_string());
+            let arrived = match arrived {
+                Some(a) => a,
+                None => incoming.await,
+            };
+            let broken = match arrived {
+                Ok(_) => intact(dst, rate).await,
+                Err(e) => Err(e),
+            }
+            .err()
+            .map(|e| e.to_string());
+            let paused_ms = match (done.stopped_at_us, dst.resumed_at_us()) {
+                (Some(stop), Some(resume)) if broken.is_none() && resume >= stop => {
+                    Some((resume - stop) as f64 / 1000.0)
+                }
+                _ => None,
+            };
             MigrationSample {
+                paused_ms,
                 converged: true,
                 failed: None,
                 intact: broken.is_none(),
@@ -215,16 +255,16 @@ async fn measure(
             broken: None,
             total_ms: None,
             downtime_ms: None,
+            paused_ms: None,
             transferred_mib: 0.0,
         },
         Err(e) => return Err(e),
     })
 }
 
-/// Whether the guest came through: it resumes with its agent at the destination and, when it
-/// was dirtying memory, its dirtier counts on there.
+/// Whether the guest came through, once resumed at the destination: its agent answers there
+/// and, when it was dirtying memory, its dirtier counts on.
 async fn intact(dst: &VmHandle, rate: u64) -> Result<()> {
-    dst.finish_incoming(Duration::from_secs(30)).await?;
     let before = health(dst).await?;
     if rate > 0 {
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -253,6 +293,7 @@ fn figures(tuning: MigrationTuning, samples: Vec<MigrationSample>) -> TuningFigu
         intact: done.iter().filter(|s| s.intact).count() as u32,
         total_ms: med(&|s| s.total_ms),
         downtime_ms: med(&|s| s.downtime_ms),
+        paused_ms: med(&|s| s.paused_ms),
         transferred_mib: med(&|s| Some(s.transferred_mib)),
         samples,
     }
@@ -306,6 +347,11 @@ pub async fn run(
             dirty_mib_per_s: rate,
             total_ratio: ratio(telvirt.total_ms, qemu_defaults.total_ms, both),
             downtime_ratio: ratio(telvirt.downtime_ms, qemu_defaults.downtime_ms, both),
+            paused_ratio: ratio(
+                telvirt.paused_ms,
+                qemu_defaults.paused_ms,
+                telvirt.intact == g.rounds && qemu_defaults.intact == g.rounds,
+            ),
             telvirt,
             qemu_defaults,
         });

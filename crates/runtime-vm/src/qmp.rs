@@ -138,9 +138,13 @@ pub struct QmpClient {
     writer: Arc<Mutex<OwnedWriteHalf>>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
+    /// When QEMU last sent each event, by name: its own timestamp, µs since the Unix epoch.
+    event_times: EventTimes,
     next_id: Arc<AtomicU64>,
     timeout: Duration,
 }
+
+type EventTimes = Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
 impl std::fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -176,14 +180,16 @@ impl QmpClient {
             }
             let (events, _) = broadcast::channel(256);
             let pending: Pending = Arc::new(std::sync::Mutex::new(Some(HashMap::new())));
+            let event_times = EventTimes::default();
             let client = QmpClient {
                 writer: Arc::new(Mutex::new(write)),
                 pending: Arc::clone(&pending),
                 events: events.clone(),
+                event_times: Arc::clone(&event_times),
                 next_id: Arc::new(AtomicU64::new(1)),
                 timeout,
             };
-            tokio::spawn(read_loop(lines, pending, events));
+            tokio::spawn(read_loop(lines, pending, events, event_times));
             client
                 .execute_raw("qmp_capabilities", None, timeout)
                 .await?;
@@ -200,6 +206,16 @@ impl QmpClient {
     /// Subscribe to events received from now on.
     pub fn events(&self) -> broadcast::Receiver<QmpEvent> {
         self.events.subscribe()
+    }
+
+    /// When QEMU last sent event `name` (`STOP`, `RESUME`, ...) on this connection, by its own
+    /// timestamp: µs since the Unix epoch on the host's clock; `None` if it has not.
+    pub fn last_event_at(&self, name: &str) -> Option<u64> {
+        self.event_times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .copied()
     }
 
     /// Whether the connection is still open.
@@ -525,10 +541,19 @@ fn send_with_fd(sock: RawFd, line: &[u8], fd: RawFd) -> std::io::Result<usize> {
     Ok(n as usize)
 }
 
+/// An event's `timestamp` (`{"seconds": S, "microseconds": U}`) in µs since the Unix epoch.
+fn event_timestamp(v: &Value) -> Option<u64> {
+    let t = v.get("timestamp")?;
+    let seconds = t.get("seconds")?.as_u64()?;
+    let micros = t.get("microseconds")?.as_u64()?;
+    seconds.checked_mul(1_000_000)?.checked_add(micros)
+}
+
 async fn read_loop(
     mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
+    event_times: EventTimes,
 ) {
     while let Ok(Some(line)) = lines.next_line().await {
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
@@ -536,6 +561,12 @@ async fn read_loop(
             continue;
         };
         if let Some(name) = v.get("event").and_then(Value::as_str) {
+            if let Some(at) = event_timestamp(&v) {
+                event_times
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name.to_owned(), at);
+            }
             let data = v.get("data").cloned().unwrap_or(Value::Null);
             let _ = events.send(QmpEvent::parse(name, data));
             continue;
@@ -590,7 +621,7 @@ mod tests {
             let reply = match v["execute"].as_str().unwrap() {
                 "qmp_capabilities" | "cont" => json!({"return": {}, "id": id}),
                 "stop" => {
-                    w.write_all(b"{\"event\": \"STOP\", \"data\": {}, \"timestamp\": {}}\n")
+                    w.write_all(b"{\"event\": \"STOP\", \"data\": {}, \"timestamp\": {\"seconds\": 1764900000, \"microseconds\": 250}}\n")
                         .await
                         .unwrap();
                     json!({"return": {}, "id": id})
@@ -627,8 +658,12 @@ mod tests {
         let cpus = c.query_cpus_fast().await.unwrap();
         assert_eq!(cpus[0].thread_id, 42);
         let mut ev = c.events();
+        assert_eq!(c.last_event_at("STOP"), None);
         c.stop().await.unwrap();
         assert_eq!(ev.recv().await.unwrap(), QmpEvent::Stop);
+        // QEMU's own timestamp of the event, in µs.
+        assert_eq!(c.last_event_at("STOP"), Some(1_764_900_000_000_250));
+        assert_eq!(c.last_event_at("RESUME"), None);
         match c.device_del("x").await {
             Err(Error::Qmp { command, reason }) => {
                 assert_eq!(command, "device_del");

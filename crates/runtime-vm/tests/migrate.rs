@@ -124,6 +124,14 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
 
     dst.finish_incoming(T).await.unwrap();
     assert_eq!(dst.phase(), VmPhase::Running);
+    // Its whole pause: from the source's stop (before QEMU's downtime ends) until its resume
+    // here, by the two QEMUs' own event times on this host's clock.
+    let (stopped, resumed) = (done.stopped_at_us.unwrap(), dst.resumed_at_us().unwrap());
+    let downtime_us = done.downtime_ms.unwrap() * 1000;
+    assert!(
+        resumed > stopped && resumed - stopped + 1000 >= downtime_us,
+        "stopped {stopped}, resumed {resumed}, downtime {downtime_us} µs"
+    );
     // The same guest goes on: no reboot (its uptime continues past the 8 s it had; a fresh
     // boot answers after about 3 s), its agent answers here.
     let after = health(&dst).await;
@@ -175,6 +183,13 @@ async fn the_migration_benchmark_reports_both_tunings_and_whether_the_guest_came
             "{side:?}"
         );
         assert_eq!(side.samples[0].failed, None);
+        // The whole pause (source stop to destination resume) holds QEMU's downtime (whole
+        // ms, its own clock).
+        let (paused, downtime) = (side.samples[0].paused_ms, side.samples[0].downtime_ms);
+        assert!(
+            paused.zip(downtime).is_some_and(|(p, d)| p + 1.0 >= d) && side.paused_ms > 0.0,
+            "{side:?}"
+        );
     }
     assert!(idle.telvirt.tuning.auto_converge && !idle.qemu_defaults.tuning.auto_converge);
     let ratio = idle.telvirt.total_ms / idle.qemu_defaults.total_ms;

@@ -274,6 +274,7 @@ pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> 
             format!("{}/{}", f.intact, f.converged),
             format!("{:.0}", f.total_ms),
             format!("{:.0}", f.downtime_ms),
+            format!("{:.1}", f.paused_ms),
             format!("{:.0}", f.transferred_mib),
         ]
     };
@@ -294,6 +295,7 @@ pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> 
             String::new(),
             ratio_cell(r.total_ratio),
             ratio_cell(r.downtime_ratio),
+            ratio_cell(r.paused_ratio),
             String::new(),
         ]);
     }
@@ -307,6 +309,7 @@ pub fn bench_vm_migrate(format: Output, args: VmMigrateBenchArgs) -> Result<()> 
                 "INTACT",
                 "TOTAL ms",
                 "DOWNTIME ms",
+                "PAUSED ms",
                 "SENT MiB"
             ],
             &rows
