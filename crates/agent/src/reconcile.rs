@@ -68,6 +68,7 @@ type Fact = (
     Option<ReplicationStatus>,
     Option<ActiveLost>,
     GuestHardware,
+    Option<u64>,
 );
 
 #[derive(Debug, Default)]
@@ -833,9 +834,12 @@ impl Inner {
         always: bool,
     ) -> Result<(), AgentError> {
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
-        let hardware = match self.runtimes.get(&a.descriptor.spec.runtime) {
-            Some(runtime) => runtime.hardware(&a.vnf).await,
-            None => GuestHardware::default(),
+        let (hardware, resumed_at_us) = match self.runtimes.get(&a.descriptor.spec.runtime) {
+            Some(runtime) => (
+                runtime.hardware(&a.vnf).await,
+                runtime.resumed_at_us(&a.vnf).await,
+            ),
+            None => (GuestHardware::default(), None),
         };
         let active_lost = match a.placement.role {
             Role::Standby => self
@@ -853,6 +857,7 @@ impl Inner {
             replication.clone(),
             active_lost.clone(),
             hardware.clone(),
+            resumed_at_us,
         );
         if !always {
             let known = self.known.lock().await;
@@ -872,6 +877,7 @@ impl Inner {
                     generation: a.generation,
                     replication,
                     active_lost,
+                    resumed_at_us,
                 },
             )
             .await?;

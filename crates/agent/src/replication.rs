@@ -1041,7 +1041,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
     let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
-        let mut conn = connect_from(to.source, address).await?;
+        let mut conn = connect_from_with(to.source, address, Some(GUEST_SEND_BUFFER)).await?;
         conn.set_nodelay(true)?;
         let header = Header {
             vnf: vnf.clone(),
@@ -1086,17 +1086,35 @@ struct SendTo {
 /// A connection to `address` (`IP:PORT`) from `source` (any port; the kernel's choice of
 /// address when `None`).
 async fn connect_from(source: Option<IpAddr>, address: &str) -> std::io::Result<TcpStream> {
-    let Some(ip) = source else {
-        return TcpStream::connect(address).await;
-    };
+    connect_from_with(source, address, None).await
+}
+
+/// The send buffer a guest stream's socket asks for (the kernel doubles it, and no longer
+/// grows it). QEMU counts a byte as sent once its socket took it: what the buffers still hold
+/// when the source completes, the destination reads before it can resume the guest, so the
+/// kernel's own growth (to 4 MiB) lengthened the guest's pause (measured: 2-4 ms of 20 on
+/// loopback, `telvirt bench vm-move`, BENCHMARKS). 1 MiB in flight still fills a 10 Gbit/s link
+/// up to 0.8 ms of round trip; a longer one caps the stream at 1 MiB per round trip.
+const GUEST_SEND_BUFFER: u32 = 512 << 10;
+
+async fn connect_from_with(
+    source: Option<IpAddr>,
+    address: &str,
+    send_buffer: Option<u32>,
+) -> std::io::Result<TcpStream> {
     let to: SocketAddr = address
         .parse()
         .map_err(|e| std::io::Error::other(format!("{address} is not IP:PORT: {e}")))?;
-    let socket = match ip {
-        IpAddr::V4(_) => TcpSocket::new_v4()?,
-        IpAddr::V6(_) => TcpSocket::new_v6()?,
+    let socket = match to {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    socket.bind(SocketAddr::new(ip, 0))?;
+    if let Some(bytes) = send_buffer {
+        socket.set_send_buffer_size(bytes)?;
+    }
+    if let Some(ip) = source {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
     socket.connect(to).await
 }
 

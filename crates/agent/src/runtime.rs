@@ -104,6 +104,15 @@ pub trait Runtime: Send + Sync + 'static {
         GuestHardware::default()
     }
 
+    /// When instance `name`'s guest, which arrived by a move's stream, was resumed here: µs
+    /// since the Unix epoch by this host's clock. Reported with the instance, so the move's
+    /// switch states the guest's whole pause (from its source's stop). Runtimes without a
+    /// guest keep this default.
+    async fn resumed_at_us(&self, name: &Name) -> Option<u64> {
+        let _ = name;
+        None
+    }
+
     /// Whether instance `name` was adopted (from an agent before this one) with an outgoing
     /// move stream that ended without moving it: its guest runs here, so a move that stream
     /// reached the commit point of did not happen. Runtimes whose moves never outlive their

@@ -560,6 +560,7 @@ mod tests {
             handoff_at: None,
             committed_at: None,
             committed_stream: None,
+            resumed_at_us: None,
         });
         let stream = |status: &str| telvirt_model::api::ReplicationStatus {
             standby_host: "h2".into(),

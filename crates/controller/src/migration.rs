@@ -89,6 +89,20 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
 }
 
 /// Whether a report's guest stream waits at its move's commit point.
+/// The guest's whole pause in a move's switch event: from its source's stop (`stopped`) until
+/// its destination resumed it (`resumed`), µs by the two hosts' clocks; QEMU's own measure of
+/// the stop ends when the source's last byte left. Empty when either is unknown, or the clocks
+/// disagree so far that it would be negative.
+fn whole_pause(stopped: Option<u64>, resumed: Option<u64>) -> String {
+    match (stopped, resumed) {
+        (Some(stop), Some(resume)) if resume >= stop => format!(
+            " by its source's measure, {:.1} ms until its destination resumed it (the two hosts' clocks)",
+            (resume - stop) as f64 / 1000.0
+        ),
+        _ => String::new(),
+    }
+}
+
 pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::ReplicationStatus>) -> bool {
     replication.is_some_and(|r| {
         r.state == "streaming"
@@ -337,6 +351,7 @@ impl Controller {
             handoff_at: None,
             committed_at: None,
             committed_stream: None,
+            resumed_at_us: None,
         };
         let recorded = self
             .record_new_placement(
@@ -515,11 +530,12 @@ impl Controller {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
                     Some(g) => format!(
-                        "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms",
+                        "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms{}",
                         g.transferred_bytes >> 20,
                         g.total_ms,
                         g.downtime_ms
-                            .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string())
+                            .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string()),
+                        whole_pause(g.stopped_at_us, m.resumed_at_us)
                     ),
                     None => format!(
                         "{} map updates streamed, the last after the source froze; frozen for {} µs; {} packets it queued meanwhile passed on",
@@ -659,6 +675,18 @@ impl Controller {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_whole_pause_is_stated_only_from_both_ends() {
+        assert_eq!(
+            whole_pause(Some(1_000_000), Some(1_006_540)),
+            " by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks)"
+        );
+        assert_eq!(whole_pause(None, Some(1_006_540)), "");
+        assert_eq!(whole_pause(Some(1_000_000), None), "");
+        // Clocks so far apart that it would be negative: nothing is claimed.
+        assert_eq!(whole_pause(Some(1_000_000), Some(999_000)), "");
+    }
+
     fn vm(machine: Option<&str>) -> Vnf {
         let descriptor = telvirt_model::parse_vnf(
             b"apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: upf1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  vm: { memory: 256MiB }\n",
@@ -786,6 +814,7 @@ mod tests {
             handoff_at: None,
             committed_at: Some("t".into()),
             committed_stream: Some(1_000),
+            resumed_at_us: None,
         };
         let reported = |state: &str, stream: Option<(&str, u64)>| {
             let mut v = vm(None);

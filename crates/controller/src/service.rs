@@ -1777,6 +1777,13 @@ impl Controller {
                 };
                 migrating = vnf.migration.is_some();
                 if role == telvirt_model::Role::Standby {
+                    // A move's destination says when it resumed the guest that arrived.
+                    if let (Some(at), Some(m)) = (
+                        obs.resumed_at_us,
+                        vnf.migration.as_mut().filter(|m| m.to == host),
+                    ) {
+                        m.resumed_at_us = Some(at);
+                    }
                     active_lost.clone_from(&obs.active_lost);
                     let before = vnf
                         .standby

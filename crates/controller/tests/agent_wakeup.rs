@@ -73,6 +73,7 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
             Observation {
                 machine: None,
                 accel: None,
+                resumed_at_us: None,
                 vnf: "fw1".parse().unwrap(),
                 phase: Phase::Starting,
                 reason: "starting".into(),

@@ -48,6 +48,7 @@ async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) 
             Observation {
                 machine: None,
                 accel: None,
+                resumed_at_us: None,
                 vnf: vnf.parse().unwrap(),
                 phase,
                 reason: reason.into(),
@@ -86,6 +87,7 @@ fn silent_standby(act: &str, generation: u64) -> Observation {
     Observation {
         machine: None,
         accel: None,
+        resumed_at_us: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -285,6 +287,7 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
     let lost = || Observation {
         machine: None,
         accel: None,
+        resumed_at_us: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -383,6 +386,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
             Observation {
                 machine: None,
                 accel: None,
+                resumed_at_us: None,
                 vnf: "p1".parse().unwrap(),
                 phase: Phase::Running,
                 reason: "running".into(),

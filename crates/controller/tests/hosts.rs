@@ -8,7 +8,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Node, beat, host_record, wasm_vnf};
+use common::{Node, beat, host_record, observation, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::Controller;
 use telvirt_model::Phase;
@@ -293,14 +293,9 @@ async fn a_lapsed_heartbeat_lease_makes_the_host_not_ready_and_its_vnfs_unknown_
             .observe(
                 "h2",
                 Observation {
-                    machine: None,
-                    accel: None,
-                    vnf: "u1".parse().unwrap(),
-                    phase,
                     reason: "started".into(),
                     generation,
-                    replication: None,
-                    active_lost: None,
+                    ..observation("u1", phase)
                 },
             )
             .await

@@ -106,6 +106,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
         let obs = Observation {
             machine: None,
             accel: None,
+            resumed_at_us: None,
             vnf: "u1".parse().unwrap(),
             phase,
             reason: "started".into(),

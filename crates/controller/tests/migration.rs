@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{Node, beat, host_record, role_hosts, wasm_vnf};
+use common::{Node, beat, host_record, observation, role_hosts, wasm_vnf};
 use telvirt_controller::{Controller, consistency};
 use telvirt_model::Phase;
 use telvirt_model::api::{Observation, ReplicationStatus};
@@ -46,12 +46,8 @@ async fn observe_u1(
         Observation {
             machine: machine.map(str::to_owned),
             accel,
-            vnf: "u1".parse().unwrap(),
-            phase,
-            reason: "running".into(),
-            generation: 0,
             replication,
-            active_lost: None,
+            ..observation("u1", phase)
         },
     )
     .await
@@ -667,6 +663,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
                 Observation {
                     machine: None,
                     accel: None,
+                    resumed_at_us: None,
                     vnf: name.parse().unwrap(),
                     phase: Phase::Running,
                     reason: "running".into(),
@@ -763,6 +760,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: None,
+            stopped_at_us: None,
             opened_ms: 1_000,
         }),
         packets_passed: 0,
@@ -852,6 +850,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: Some(42),
+            stopped_at_us: Some(1_800_000_000_000_000),
             opened_ms: 1_000,
         }),
         packets_passed: 0,
@@ -868,8 +867,18 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(node.vnf_json("u1").await["migration"].is_object());
 
-    // The destination runs its guest: the roles swap, h2 is freed, the event has the figures.
-    report(&node.controller, "h3", Phase::Running, None).await;
+    // The destination runs its guest, resumed 6.5 ms after its source stopped it: the roles
+    // swap, h2 is freed, the event has the figures.
+    node.controller
+        .observe(
+            "h3",
+            Observation {
+                resumed_at_us: Some(1_800_000_000_006_500),
+                ..observation("u1", Phase::Running)
+            },
+        )
+        .await
+        .unwrap();
     let moved = node.vnf_json("u1").await;
     assert_eq!(
         role_hosts(&moved),
@@ -882,7 +891,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let last = node.events("u1").await.pop().unwrap();
     assert!(
         last["reason"].as_str().unwrap().contains(
-            "moved from host h2 to host h3 (300 MiB of guest memory streamed in 2100 ms, the guest stopped for 42 ms)"
+            "moved from host h2 to host h3 (300 MiB of guest memory streamed in 2100 ms, the guest stopped for 42 ms by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks))"
         ),
         "{last}"
     );
@@ -961,6 +970,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
             total_bytes: 256 << 20,
             dirty_pages_per_s: 0,
             downtime_ms: None,
+            stopped_at_us: None,
             opened_ms: 1_000,
         }),
         packets_passed: 0,

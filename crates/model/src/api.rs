@@ -625,6 +625,10 @@ pub struct Observation {
     /// The accelerator a vm instance's QEMU runs with (none for wasm, or before it started).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<crate::vnf::Accelerator>,
+    /// A vm instance whose guest arrived by a migration stream: when its QEMU resumed the
+    /// guest, µs since the Unix epoch by this host's clock (the end of the guest's pause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at_us: Option<u64>,
 }
 
 /// How a standby lost its active.
@@ -703,9 +707,14 @@ pub struct GuestStream {
     pub total_bytes: u64,
     /// Pages the guest dirties per second, as QEMU last measured.
     pub dirty_pages_per_s: u64,
-    /// How long the guest was stopped for the final copy, ms (once completed).
+    /// How long the guest was stopped for the final copy, ms (once completed): the source
+    /// QEMU's measure, until its last byte left (the destination resumes the guest later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// When the source's QEMU stopped the guest for the final copy, µs since the Unix epoch by
+    /// the source host's clock (once completed): the start of the guest's whole pause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_at_us: Option<u64>,
     /// When the source's agent opened this stream, ms since the Unix epoch: each stream of a
     /// move opens later than the one before (a failed stream is opened again), also across a
     /// restart of the agent, so the controller orders the streams by it.
@@ -739,6 +748,11 @@ pub struct Migration {
     /// a failure reported for an earlier stream (a report that left before) does not undo it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_stream: Option<u64>,
+    /// When the destination of a vm VNF's move resumed the guest, µs since the Unix epoch by
+    /// its host's clock (its agent's report): with the stream's `stopped_at_us`, the guest's
+    /// whole pause, as the move's switch event states it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed_at_us: Option<u64>,
 }
 
 /// What `PUT /v1/vnfs/{name}` did, or with `dryRun` would do.

@@ -156,6 +156,8 @@ pub(crate) struct Hosts {
     /// The agents run vm VNFs too, with the default guest image from this cache (and the
     /// hosts keep cpu 0 shared, for QEMU's other threads); `None`: wasm VNFs only.
     pub vm_image_cache: Option<PathBuf>,
+    /// The QEMU the agents run vm VNFs with (`agent --qemu`); `None`: theirs on PATH.
+    pub qemu: Option<PathBuf>,
 }
 
 impl Hosts {
@@ -188,6 +190,11 @@ impl Hosts {
                 ],
                 None => vec!["--runtimes".into(), "wasm".into()],
             })
+            .args(
+                self.qemu
+                    .iter()
+                    .flat_map(|q| [std::ffi::OsString::from("--qemu"), q.clone().into()]),
+            )
             .args(["--token-file", &format!("{name}.token")])
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])
@@ -527,6 +534,7 @@ async fn embedded(
         agents: Vec::new(),
         tunnels: false,
         vm_image_cache: None,
+        qemu: None,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
@@ -780,6 +788,7 @@ async fn cluster(
         agents: Vec::new(),
         tunnels: false,
         vm_image_cache: None,
+        qemu: None,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, kept) = rounds(&api, args, &module, "etcd, 3 members", 2, progress).await?;

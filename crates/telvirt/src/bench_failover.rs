@@ -275,6 +275,7 @@ pub(crate) async fn nat_setup(
         agents: Vec::new(),
         tunnels: true,
         vm_image_cache: None,
+        qemu: None,
     };
     let firewall = lay_out_hosts(&api, &mut hosts, HOSTS).await?;
     let nat_module = upload_example(&api, "nat").await?;

@@ -30,6 +30,10 @@ pub struct VmMoveArgs {
     /// Guest memory of the VNF, MiB
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..=4096))]
     pub memory_mib: u64,
+    /// The QEMU both agents run the guest with (`agent --qemu`) [default: qemu-system-x86_64
+    /// on PATH]
+    #[arg(long, value_name = "PATH", value_parser = crate::cli::parse_qemu)]
+    pub qemu: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub image: crate::vm::ImageArgs,
 }
@@ -41,10 +45,16 @@ pub struct VmMoveFigures {
     /// From the request until the API shows the VNF running on the other host alone, ms.
     pub total_ms: Vec<f64>,
     pub total_p50_ms: f64,
-    /// How long the guest did not run: QEMU's downtime of the live move; for the cold move,
-    /// from the delete until the new guest runs (its agent answered), ms.
+    /// How long the guest did not run, ms: for the live move, from its source QEMU's stop
+    /// until its destination QEMU resumed it (their `STOP` and `RESUME` events, one clock
+    /// here), as the move's event states it; for the cold move, from the delete until the new
+    /// guest runs (its agent answered).
     pub outage_ms: Vec<f64>,
     pub outage_p50_ms: f64,
+    /// The live move's pause as its source QEMU measures it (`downtime`: until its last byte
+    /// left, short of the destination's resume), ms.
+    pub qemu_downtime_ms: Vec<f64>,
+    pub qemu_downtime_p50_ms: f64,
     /// Guest memory streamed (live moves), MiB.
     pub streamed_mib: Vec<u64>,
 }
@@ -52,6 +62,8 @@ pub struct VmMoveFigures {
 #[derive(Debug, Serialize)]
 pub struct VmMoveReport {
     pub measured: String,
+    /// The QEMU both agents ran (`--qemu`, or the one on PATH).
+    pub qemu: String,
     pub rounds: u32,
     pub memory_mib: u64,
     pub live: VmMoveFigures,
@@ -142,8 +154,9 @@ pub(crate) async fn switch_event(api: &Api, vnf: &str) -> Result<String> {
         .with_context(|| format!("the move of {vnf} left no event"))
 }
 
-/// The figures of the last switch event: (MiB streamed, ms the guest was stopped).
-async fn switch_figures(api: &Api) -> Result<(u64, f64)> {
+/// The figures of the last switch event: MiB streamed, ms the guest was stopped by its source
+/// QEMU's measure and in all, until its destination resumed it.
+async fn switch_figures(api: &Api) -> Result<(u64, f64, f64)> {
     let reason = switch_event(api, VNF).await?;
     let number_before = |suffix: &str| -> Option<f64> {
         let head = reason.split(suffix).next()?;
@@ -157,10 +170,13 @@ async fn switch_figures(api: &Api) -> Result<(u64, f64)> {
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no downtime in: {reason}"))?;
-    Ok((mib as u64, stopped))
+    let paused = number_before(" ms until its destination resumed it")
+        .with_context(|| format!("no whole pause in: {reason}"))?;
+    Ok((mib as u64, stopped, paused))
 }
 
-async fn live_move(api: &Api, from: &str) -> Result<(f64, f64, u64)> {
+/// One live move from `from`: (total ms, whole pause ms, QEMU's downtime ms, MiB streamed).
+async fn live_move(api: &Api, from: &str) -> Result<(f64, f64, f64, u64)> {
     let to = other(from);
     let asked = Instant::now();
     let _: serde_json::Value = answer(
@@ -174,8 +190,8 @@ async fn live_move(api: &Api, from: &str) -> Result<(f64, f64, u64)> {
     .await;
     with_state(api, moved).await?;
     let total = ms(asked.elapsed());
-    let (mib, stopped) = switch_figures(api).await?;
-    Ok((total, stopped, mib))
+    let (mib, stopped, paused) = switch_figures(api).await?;
+    Ok((total, paused, stopped, mib))
 }
 
 async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
@@ -200,13 +216,22 @@ async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
     Ok(total)
 }
 
-fn figures(setup: &'static str, total: Vec<f64>, outage: Vec<f64>, mib: Vec<u64>) -> VmMoveFigures {
+fn figures(
+    setup: &'static str,
+    total: Vec<f64>,
+    outage: Vec<f64>,
+    qemu_downtime: Vec<f64>,
+    mib: Vec<u64>,
+) -> VmMoveFigures {
+    let p50 = |v: &Vec<f64>| latency(v.clone()).p50_ms;
     VmMoveFigures {
         setup,
-        total_p50_ms: latency(total.clone()).p50_ms,
-        outage_p50_ms: latency(outage.clone()).p50_ms,
+        total_p50_ms: p50(&total),
+        outage_p50_ms: p50(&outage),
+        qemu_downtime_p50_ms: p50(&qemu_downtime),
         total_ms: total,
         outage_ms: outage,
+        qemu_downtime_ms: qemu_downtime,
         streamed_mib: mib,
     }
 }
@@ -240,6 +265,7 @@ pub async fn run_vm_move_bench(
         agents: Vec::new(),
         tunnels: true,
         vm_image_cache: Some(cache),
+        qemu: args.qemu.clone(),
     };
     lay_out_hosts(&api, &mut hosts, 2).await?;
     let total_steps = 2 * u64::from(args.rounds) + 1;
@@ -254,12 +280,14 @@ pub async fn run_vm_move_bench(
     cordon(&api, "h2", false).await?;
     progress(1, total_steps);
     let (mut live_total, mut live_outage, mut live_mib) = (Vec::new(), Vec::new(), Vec::new());
+    let mut live_downtime = Vec::new();
     let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
     let mut at = "h1".to_owned();
     for i in 0..args.rounds {
-        let (total, stopped, mib) = live_move(&api, &at).await?;
+        let (total, paused, stopped, mib) = live_move(&api, &at).await?;
         live_total.push(total);
-        live_outage.push(stopped);
+        live_outage.push(paused);
+        live_downtime.push(stopped);
         live_mib.push(mib);
         at = other(&at).to_owned();
         progress(2 + 2 * u64::from(i), total_steps);
@@ -283,12 +311,14 @@ pub async fn run_vm_move_bench(
         "live move (vnf migrate: the guest streams and goes on)",
         live_total,
         live_outage,
+        live_downtime,
         live_mib,
     );
     let cold = figures(
         "cold move (deleted, created on the other host: a new guest boots)",
         cold_total,
         cold_outage,
+        Vec::new(),
         Vec::new(),
     );
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
@@ -297,6 +327,10 @@ pub async fn run_vm_move_bench(
     }
     Ok(VmMoveReport {
         measured: "the default guest (1 vCPU) moved between two agents' hosts on loopback through a controller, live against cold, alternating".into(),
+        qemu: args.qemu.as_ref().map_or_else(
+            || "qemu-system-x86_64 on PATH".to_owned(),
+            |q| q.display().to_string(),
+        ),
         rounds: args.rounds,
         memory_mib: args.memory_mib,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
@@ -320,13 +354,26 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
             vec![
                 f.setup.to_owned(),
                 format!("{:.0}", f.total_p50_ms),
-                format!("{:.0}", f.outage_p50_ms),
+                format!("{:.1}", f.outage_p50_ms),
+                if f.qemu_downtime_ms.is_empty() {
+                    "-".to_owned()
+                } else {
+                    format!("{:.0}", f.qemu_downtime_p50_ms)
+                },
             ]
         })
         .collect();
     println!(
         "{}",
-        output::table(&["SET-UP", "TOTAL p50 ms", "GUEST STOPPED p50 ms"], &rows)
+        output::table(
+            &[
+                "SET-UP",
+                "TOTAL p50 ms",
+                "GUEST STOPPED p50 ms",
+                "QEMU DOWNTIME p50 ms"
+            ],
+            &rows
+        )
     );
     println!(
         "live / cold: total {:.2}, guest stopped {:.3}",

@@ -1118,10 +1118,16 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
     });
     let events = node.json(&["vnf", "events", "vmmove1"]);
     assert!(
-        events.as_array().unwrap().iter().any(|e| e["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("moved from host a1 to host a2")
-                && r.contains("MiB of guest memory streamed"))),
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["reason"].as_str().is_some_and(
+                |r| r.contains("moved from host a1 to host a2")
+                && r.contains("MiB of guest memory streamed")
+                // The whole pause, from a1's stop until a2 resumed the guest.
+                && r.contains("ms until its destination resumed it")
+            )),
         "{events}"
     );
     // The final copy went only once a1's agent had read that the move stood.

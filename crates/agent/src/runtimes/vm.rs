@@ -96,6 +96,7 @@ fn guest_stream(p: &MigrationProgress) -> GuestStream {
         total_bytes: p.total_bytes,
         dirty_pages_per_s: p.dirty_pages_per_s,
         downtime_ms: p.downtime_ms,
+        stopped_at_us: p.stopped_at_us,
         opened_ms: 0,
     }
 }
@@ -574,6 +575,18 @@ impl Runtime for VmRuntime {
 
     async fn start_note(&self, name: &Name) -> Option<String> {
         self.arrival_table().get(name).cloned()
+    }
+
+    /// Its QEMU's last resume, for a guest that arrives or arrived by a stream: read from the
+    /// handle, so the first report of it running (which may come before its arrival's note)
+    /// has it.
+    async fn resumed_at_us(&self, name: &Name) -> Option<u64> {
+        let arrived =
+            lock(&self.receiving).contains(name) || self.arrival_table().contains_key(name);
+        if !arrived {
+            return None;
+        }
+        self.handle(name).await?.resumed_at_us()
     }
 
     async fn hardware(&self, name: &Name) -> GuestHardware {

@@ -525,6 +525,21 @@ pub fn labelled(name: &str, labels: &str) -> String {
 }
 
 /// A 4-core host with an agent (no runtimes: placement does not need them).
+/// An agent's report of `vnf` in `phase` ("running", generation 0), nothing else said.
+pub fn observation(vnf: &str, phase: telvirt_model::Phase) -> telvirt_model::api::Observation {
+    telvirt_model::api::Observation {
+        machine: None,
+        accel: None,
+        resumed_at_us: None,
+        vnf: vnf.parse().expect("a VNF name"),
+        phase,
+        reason: "running".into(),
+        generation: 0,
+        replication: None,
+        active_lost: None,
+    }
+}
+
 pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
