@@ -523,6 +523,16 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
         }
     }
     assert!(r["live"]["streamed_mib"][0].as_u64() > Some(0), "{r}");
+    // The live move's outage is the guest's whole pause (source stop to destination resume),
+    // which holds QEMU's own downtime (whole ms).
+    let (paused, downtime) = (
+        r["live"]["outage_ms"][0].as_f64().unwrap_or(0.0),
+        r["live"]["qemu_downtime_ms"][0]
+            .as_f64()
+            .unwrap_or(f64::MAX),
+    );
+    assert!(paused + 1.0 >= downtime && downtime > 0.0, "{r}");
+    assert_eq!(r["qemu"], "qemu-system-x86_64 on PATH", "{r}");
     let ratio = r["outage_ratio"].as_f64().unwrap_or(0.0);
     let (live, cold) = (
         r["live"]["outage_p50_ms"].as_f64().unwrap_or(0.0),
