@@ -396,6 +396,11 @@ async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
     if let Some(why) = refusal {
         return tracing::info!(vnf = %vnf, "refused a guest stream: {why}");
     }
+    // What the destination's buffers hold when the source completes, it reads before it can
+    // resume the guest: the kernel would grow this to 6 MiB.
+    if let Err(e) = socket2::SockRef::from(&stream).set_recv_buffer_size(GUEST_BUFFER as usize) {
+        tracing::warn!(vnf = %vnf, "the guest stream's receive buffer: {e}");
+    }
     let taken = match blocking_fd(stream) {
         Ok(fd) => host.take_guest(vnf, fd).await,
         Err(e) => Err(format!("the guest stream's socket: {e}")),
@@ -1041,7 +1046,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
     let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
-        let mut conn = connect_from_with(to.source, address, Some(GUEST_SEND_BUFFER)).await?;
+        let mut conn = connect_from_with(to.source, address, Some(GUEST_BUFFER)).await?;
         conn.set_nodelay(true)?;
         let header = Header {
             vnf: vnf.clone(),
@@ -1089,13 +1094,14 @@ async fn connect_from(source: Option<IpAddr>, address: &str) -> std::io::Result<
     connect_from_with(source, address, None).await
 }
 
-/// The send buffer a guest stream's socket asks for (the kernel doubles it, and no longer
-/// grows it). QEMU counts a byte as sent once its socket took it: what the buffers still hold
-/// when the source completes, the destination reads before it can resume the guest, so the
-/// kernel's own growth (to 4 MiB) lengthened the guest's pause (measured: 2-4 ms of 20 on
-/// loopback, `telvirt bench vm-move`, BENCHMARKS). 1 MiB in flight still fills a 10 Gbit/s link
-/// up to 0.8 ms of round trip; a longer one caps the stream at 1 MiB per round trip.
-const GUEST_SEND_BUFFER: u32 = 512 << 10;
+/// The send and receive buffers a guest stream's sockets ask for (the kernel doubles each, up
+/// to its `net.core.wmem_max` / `rmem_max`, and no longer grows them). QEMU counts a byte as
+/// sent once its socket took it: what the two buffers still hold when the source completes,
+/// the destination reads before it can resume the guest, so the kernel's own growth (to 4 and
+/// 6 MiB) lengthened the guest's pause (A/B runs of `telvirt bench vm-move`, BENCHMARKS). With
+/// Linux's default 208 KiB caps a socket gets about 416 KiB, which still fills a 10 Gbit/s link
+/// up to about 0.3 ms of round trip; a longer one caps the stream at that per round trip.
+const GUEST_BUFFER: u32 = 512 << 10;
 
 async fn connect_from_with(
     source: Option<IpAddr>,
@@ -1109,8 +1115,10 @@ async fn connect_from_with(
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(bytes) = send_buffer {
-        socket.set_send_buffer_size(bytes)?;
+    if let Some(bytes) = send_buffer
+        && let Err(e) = socket.set_send_buffer_size(bytes)
+    {
+        tracing::warn!("the send buffer of a connection to {address}: {e}");
     }
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;

@@ -88,21 +88,19 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     copying || (m.committed_at.is_some() && !failed)
 }
 
-/// Whether a report's guest stream waits at its move's commit point.
 /// The guest's whole pause in a move's switch event: from its source's stop (`stopped`) until
 /// its destination resumed it (`resumed`), µs by the two hosts' clocks; QEMU's own measure of
-/// the stop ends when the source's last byte left. Empty when either is unknown, or the clocks
-/// disagree so far that it would be negative.
+/// the stop ends when the source's last byte left. Empty when it is not known
+/// ([`telvirt_model::api::whole_pause_ms`]).
 fn whole_pause(stopped: Option<u64>, resumed: Option<u64>) -> String {
-    match (stopped, resumed) {
-        (Some(stop), Some(resume)) if resume >= stop => format!(
-            " by its source's measure, {:.1} ms until its destination resumed it (the two hosts' clocks)",
-            (resume - stop) as f64 / 1000.0
-        ),
-        _ => String::new(),
-    }
+    telvirt_model::api::whole_pause_ms(stopped, resumed).map_or_else(String::new, |ms| {
+        format!(
+            " by its source's measure, {ms:.1} ms until its destination resumed it (the two hosts' clocks)"
+        )
+    })
 }
 
+/// Whether a report's guest stream waits at its move's commit point.
 pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::ReplicationStatus>) -> bool {
     replication.is_some_and(|r| {
         r.state == "streaming"
@@ -314,10 +312,12 @@ impl Controller {
             })?;
         // Checked with the destination reserved (a picked one was fit a moment ago, under
         // the same lock); any refusal or failure releases it.
-        let checked = match self
-            .destination_refusal(&record.vnf, &from, &dest.host)
-            .await
-        {
+        let refusal = async {
+            let here = self.agent_host(&from).await?;
+            self.destination_refusal(&record.vnf, &from, here.as_ref(), &dest.host)
+                .await
+        };
+        let checked = match refusal.await {
             Ok(None) => Ok(()),
             Ok(Some(why)) if req.to.is_some() => {
                 Err(ControllerError::Invalid(FieldError::new("to", why)))
@@ -382,7 +382,14 @@ impl Controller {
     /// receive the state (a running agent with a tunnel address), and a vm's guest must be
     /// able to run there ([`vm_move_refusal`]: accelerator, QEMU version, machine type; a host
     /// whose agent reports no version is not compared).
-    async fn destination_refusal(&self, v: &Vnf, from: &str, host: &str) -> Result<Option<String>> {
+    /// `here`: the source's agent record, when it has one.
+    async fn destination_refusal(
+        &self,
+        v: &Vnf,
+        from: &str,
+        here: Option<&telvirt_api::HostRecord>,
+        host: &str,
+    ) -> Result<Option<String>> {
         let name = &v.name;
         let there = self.agent_host(host).await?;
         let receives = there.as_ref().is_some_and(|h| h.tunnel.is_some());
@@ -394,10 +401,10 @@ impl Controller {
         if v.descriptor.spec.runtime != RuntimeKind::Vm {
             return Ok(None);
         }
-        let (Some(here), Some(there)) = (self.agent_host(from).await?, there) else {
+        let (Some(here), Some(there)) = (here, there) else {
             return Ok(None);
         };
-        Ok(vm_move_refusal(v, from, &here, host, &there))
+        Ok(vm_move_refusal(v, from, here, host, &there))
     }
 
     /// The hosts other than `from` that cannot take `v`'s move, each with why
@@ -408,9 +415,13 @@ impl Controller {
         v: &Vnf,
         from: &str,
     ) -> Result<Vec<(String, String)>> {
+        let here = self.agent_host(from).await?;
         let mut unfit = Vec::new();
         for host in hosts.into_iter().filter(|h| h != from) {
-            if let Some(why) = self.destination_refusal(v, from, &host).await? {
+            if let Some(why) = self
+                .destination_refusal(v, from, here.as_ref(), &host)
+                .await?
+            {
                 unfit.push((host, why));
             }
         }

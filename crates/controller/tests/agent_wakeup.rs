@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::host_record;
+use common::{host_record, observation};
 use telvirt_agent::ControlLink;
 use telvirt_controller::{Caller, Controller, LocalLink};
 use telvirt_model::api::Observation;
@@ -71,15 +71,13 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
         .observe(
             "h1",
             Observation {
-                machine: None,
-                accel: None,
-                resumed_at_us: None,
                 vnf: "fw1".parse().unwrap(),
                 phase: Phase::Starting,
                 reason: "starting".into(),
                 generation,
                 replication: None,
                 active_lost: None,
+                ..observation("x", Phase::Running)
             },
         )
         .await

@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Node, beat, host_record, role_hosts, wasm_vnf};
+use common::{Node, beat, host_record, observation, role_hosts, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::consistency;
 use telvirt_model::Phase;
@@ -46,15 +46,13 @@ async fn report(node: &Node, host: &str, vnf: &str, phase: Phase, reason: &str) 
         .observe(
             host,
             Observation {
-                machine: None,
-                accel: None,
-                resumed_at_us: None,
                 vnf: vnf.parse().unwrap(),
                 phase,
                 reason: reason.into(),
                 generation,
                 replication: None,
                 active_lost: None,
+                ..observation("x", Phase::Running)
             },
         )
         .await
@@ -85,9 +83,6 @@ async fn placed_pair(node: &Node) -> (Value, String, String) {
 /// The report of p1's running standby that no longer hears its active on `act`.
 fn silent_standby(act: &str, generation: u64) -> Observation {
     Observation {
-        machine: None,
-        accel: None,
-        resumed_at_us: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -97,6 +92,7 @@ fn silent_standby(act: &str, generation: u64) -> Observation {
             why: format!("nothing from {act} for 30 ms"),
             closed: false,
         }),
+        ..observation("x", Phase::Running)
     }
 }
 
@@ -285,9 +281,6 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
     node.wait_vnf(&node.admin, "p1", |v| v["standby"]["phase"] == "Running")
         .await;
     let lost = || Observation {
-        machine: None,
-        accel: None,
-        resumed_at_us: None,
         vnf: "p1".parse().unwrap(),
         phase: Phase::Running,
         reason: "running as the standby".into(),
@@ -297,6 +290,7 @@ async fn a_standby_that_lost_its_active_takes_over_while_other_hosts_cannot_make
             why: "its host closed the replication connection".into(),
             closed: true,
         }),
+        ..observation("x", Phase::Running)
     };
     // A host that holds no standby of p1 (nor the active) cannot make it move.
     node.controller.observe(other, lost()).await.unwrap();
@@ -384,9 +378,6 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
         .observe(
             &act,
             Observation {
-                machine: None,
-                accel: None,
-                resumed_at_us: None,
                 vnf: "p1".parse().unwrap(),
                 phase: Phase::Running,
                 reason: "running".into(),
@@ -404,6 +395,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
                     frozen_us: None,
                 }),
                 active_lost: None,
+                ..observation("x", Phase::Running)
             },
         )
         .await

@@ -104,15 +104,13 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
     let generation = c.vnf(&admin, "u1").await.unwrap().generation;
     for phase in [Phase::Starting, Phase::Running] {
         let obs = Observation {
-            machine: None,
-            accel: None,
-            resumed_at_us: None,
             vnf: "u1".parse().unwrap(),
             phase,
             reason: "started".into(),
             generation,
             replication: None,
             active_lost: None,
+            ..common::observation("x", Phase::Running)
         };
         c.observe("h2", obs).await.unwrap();
     }

@@ -600,6 +600,9 @@ struct Inner {
     warnings: Vec<String>,
     adopted: Adopted,
     confinement: Option<Applied>,
+    /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
+    /// event, µs since the Unix epoch): set once, so a later unlock's resume is not taken for it.
+    arrival_resumed_at: std::sync::OnceLock<u64>,
 }
 
 /// Whether a handle's QEMU was started by this process or adopted from one before it.
@@ -677,6 +680,7 @@ impl VmHandle {
                 warnings: p.warnings,
                 adopted,
                 confinement: p.confinement,
+                arrival_resumed_at: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -721,6 +725,13 @@ impl VmHandle {
         self.inner.confinement.as_ref()
     }
     /// The QMP session (for migration and other commands the handle does not wrap).
+    /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
+    /// event), µs since the Unix epoch by this host's clock: the end of the guest's pause in a
+    /// move. `None` for a guest that did not arrive by a stream here (or was adopted after).
+    pub fn resumed_at_us(&self) -> Option<u64> {
+        self.inner.arrival_resumed_at.get().copied()
+    }
+
     pub fn qmp(&self) -> &QmpClient {
         &self.inner.qmp
     }
@@ -821,6 +832,10 @@ impl VmHandle {
         let started = std::time::Instant::now();
         self.inner.qmp.cont().await?;
         let resumed = started.elapsed();
+        // QEMU sends its RESUME event before its answer to `cont`: read now, it is this one.
+        if let Some(at) = self.inner.qmp.last_event_at("RESUME") {
+            let _ = self.inner.arrival_resumed_at.set(at);
+        }
         // The guest runs here from now on, whether or not its agent answers.
         self.set_phase(VmPhase::Running);
         let _ = std::fs::remove_file(self.inner.dir.join(INCOMING_MARK));

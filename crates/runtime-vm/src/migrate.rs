@@ -188,7 +188,7 @@ pub struct MigrationProgress {
     pub downtime_ms: Option<u64>,
     /// When the source's QEMU stopped the guest (its `STOP` event), µs since the Unix epoch by
     /// this host's clock (once completed): the start of the guest's whole pause, which ends
-    /// when the destination resumes it ([`VmHandle::resumed_at_us`]).
+    /// when the destination resumes it ([`crate::VmHandle::resumed_at_us`]).
     #[serde(default)]
     pub stopped_at_us: Option<u64>,
 }
@@ -533,12 +533,6 @@ impl VmHandle {
         done
     }
 
-    /// When this QEMU last resumed its guest (its `RESUME` event), µs since the Unix epoch by
-    /// this host's clock: for a guest that arrived by a migration stream, the end of its pause.
-    pub fn resumed_at_us(&self) -> Option<u64> {
-        self.qmp().last_event_at("RESUME")
-    }
-
     /// The completed migration's figures: QEMU may say `completed` a moment before it has
     /// filled in the times, so ask again (briefly) until they are there.
     async fn final_figures(&self, mut done: MigrationProgress) -> MigrationProgress {
@@ -648,6 +642,36 @@ impl VmHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// On the paused test clock: how long (virtual) one wait took.
+    async fn waited(events: &mut tokio::sync::broadcast::Receiver<QmpEvent>) -> Duration {
+        let at = tokio::time::Instant::now();
+        next_status_change(events).await;
+        at.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_status_change_ends_the_wait_and_other_events_do_not() {
+        let (tx, mut rx) = tokio::sync::broadcast::channel(4);
+        // Nothing arrives: the poll's own wait.
+        assert_eq!(waited(&mut rx).await, POLL);
+        // Another event first, then a status change: over at once.
+        tx.send(QmpEvent::Stop).unwrap();
+        tx.send(QmpEvent::Migration {
+            status: "completed".into(),
+        })
+        .unwrap();
+        assert_eq!(waited(&mut rx).await, Duration::ZERO);
+        // Events lost to a full channel may have held one: over at once too.
+        for _ in 0..6 {
+            tx.send(QmpEvent::Resume).unwrap();
+        }
+        assert_eq!(waited(&mut rx).await, Duration::ZERO);
+        // The connection gone: neither a spin nor a hang, the poll's wait.
+        while rx.try_recv().is_ok() {}
+        drop(tx);
+        assert_eq!(waited(&mut rx).await, POLL);
+    }
 
     #[test]
     fn progress_reads_qemus_answer_and_survives_missing_members() {

@@ -229,12 +229,9 @@ async fn measure(
             }
             .err()
             .map(|e| e.to_string());
-            let paused_ms = match (done.stopped_at_us, dst.resumed_at_us()) {
-                (Some(stop), Some(resume)) if broken.is_none() && resume >= stop => {
-                    Some((resume - stop) as f64 / 1000.0)
-                }
-                _ => None,
-            };
+            let paused_ms =
+                telvirt_model::api::whole_pause_ms(done.stopped_at_us, dst.resumed_at_us())
+                    .filter(|_| broken.is_none());
             MigrationSample {
                 paused_ms,
                 converged: true,

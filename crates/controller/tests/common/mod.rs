@@ -524,7 +524,6 @@ pub fn labelled(name: &str, labels: &str) -> String {
     )
 }
 
-/// A 4-core host with an agent (no runtimes: placement does not need them).
 /// An agent's report of `vnf` in `phase` ("running", generation 0), nothing else said.
 pub fn observation(vnf: &str, phase: telvirt_model::Phase) -> telvirt_model::api::Observation {
     telvirt_model::api::Observation {
@@ -540,6 +539,7 @@ pub fn observation(vnf: &str, phase: telvirt_model::Phase) -> telvirt_model::api
     }
 }
 
+/// A 4-core host with an agent (no runtimes: placement does not need them).
 pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
