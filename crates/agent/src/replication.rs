@@ -943,6 +943,98 @@ pub type MoveCommit = dyn Fn(Name, StandbyPeer, u64) -> std::pin::Pin<Box<dyn st
     + Send
     + Sync;
 
+/// How long before its final copy (by the stream's own rate so far) a guest stream asks to
+/// pass its commit point: long enough for the controller's answer to be back when QEMU
+/// stops the guest, so the round trip does not pause it.
+const COMMIT_AHEAD_LEAD_MS: u64 = 50;
+/// How long the final copy waits for an ahead ask still under way (the guest stopped).
+const COMMIT_AHEAD_ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// How long a stream committed ahead may stream on before its final copy: past it the stream
+/// is cancelled (the guest runs on here, the failed stream makes the move cancellable again)
+/// and the move's later streams commit at their final copy.
+const COMMIT_AHEAD_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether stream `p` is near its final copy: QEMU streams, and what is left would go within
+/// twice its pause limit and [`COMMIT_AHEAD_LEAD_MS`] more at the rate it streamed so far
+/// (QEMU stops the guest once it expects the rest to go within the limit, by its own recent
+/// rate, which may be higher than the average).
+fn near_final_copy(p: &telvirt_model::api::GuestStream) -> bool {
+    let rate = p.transferred_bytes.saturating_mul(1000) / p.total_ms.max(1);
+    let lead_ms = p
+        .downtime_limit_ms
+        .saturating_mul(2)
+        .saturating_add(COMMIT_AHEAD_LEAD_MS);
+    p.status == "active"
+        && p.transferred_bytes > 0
+        && p.remaining_bytes <= rate.saturating_mul(lead_ms) / 1000
+}
+
+/// One guest stream's commit point asked ahead of its final copy: the ask goes once the
+/// stream is near its end ([`near_final_copy`]); at the final copy the stream takes its
+/// answer (waiting for it if needed) instead of asking then, while the guest stands stopped.
+/// A stream whose final copy has not come [`COMMIT_AHEAD_WITHIN`] after a yes is cancelled.
+struct CommitAhead {
+    asked: AtomicBool,
+    /// The stream reached its final copy (its gate was asked).
+    reached: AtomicBool,
+    /// The stream ended (its `send_state` returned).
+    ended: AtomicBool,
+    answer: tokio::sync::watch::Sender<Option<bool>>,
+}
+
+impl CommitAhead {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            asked: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            answer: tokio::sync::watch::channel(None).0,
+        })
+    }
+
+    /// Asks `ask` once (true when this call asked), in a task: its answer is kept for the
+    /// final copy; a yes arms the [`COMMIT_AHEAD_WITHIN`] limit, past which `cancel` ends the
+    /// stream (unless it reached its final copy or ended) and `gave_up` is called.
+    fn ask(
+        self: &Arc<Self>,
+        ask: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
+        cancel: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
+        + Send
+        + 'static,
+        gave_up: impl FnOnce() + Send + 'static,
+    ) -> bool {
+        if self.asked.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let stands = ask.await;
+            me.answer.send_replace(Some(stands));
+            if !stands {
+                return;
+            }
+            tokio::time::sleep(COMMIT_AHEAD_WITHIN).await;
+            if !me.reached.load(Ordering::Acquire) && !me.ended.load(Ordering::Acquire) {
+                gave_up();
+                cancel().await;
+            }
+        });
+        true
+    }
+
+    /// At the final copy: the ahead answer when asked (awaited up to `within`; none in time:
+    /// `false`), `None` when it was not asked.
+    async fn answer_at_final_copy(&self, within: Duration) -> Option<bool> {
+        self.reached.store(true, Ordering::Release);
+        if !self.asked.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut rx = self.answer.subscribe();
+        let answered = tokio::time::timeout(within, rx.wait_for(Option::is_some)).await;
+        Some(matches!(answered, Ok(Ok(a)) if *a == Some(true)))
+    }
+}
+
 /// Opens a guest stream to the destination at `to.peer.address` and hands it to the runtime, again
 /// after each failure, until the guest is there or the stream is no longer wanted.
 async fn send_guest(to: GuestTo, status: StreamStatus) {
@@ -956,6 +1048,9 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         now_ms.max(before.saturating_add(1))
     };
+    // Whether this move's streams ask for their commit point ahead (not after one such
+    // stream failed to reach its final copy in time).
+    let ahead_allowed = Arc::new(AtomicBool::new(true));
     while !to.stop.load(Ordering::Acquire) {
         let stream = match open_guest_stream(&to, to.epoch).await {
             Ok(fd) => fd,
@@ -977,6 +1072,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
             s.state = "streaming".into();
             s.error = None;
         });
+        let ahead = CommitAhead::new();
         let progress = {
             let (status, stop, runtime, vnf) = (
                 status.clone(),
@@ -984,16 +1080,37 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                 Arc::clone(&to.runtime),
                 to.vnf.clone(),
             );
+            let (ahead, ahead_allowed) = (Arc::clone(&ahead), Arc::clone(&ahead_allowed));
+            let (commit, peer, epoch) = (to.commit.clone(), to.peer.clone(), to.epoch);
             let mut told = (String::new(), Instant::now());
             let mut cancelled = false;
             move |p: &telvirt_model::api::GuestStream| {
+                // Near its end: the commit point is asked now (the report below says so), its
+                // answer taken at the final copy.
+                let asking = commit.is_some()
+                    && ahead_allowed.load(Ordering::Acquire)
+                    && near_final_copy(p)
+                    && !ahead.asked.load(Ordering::Acquire);
                 {
                     let mut s = status.lock();
                     s.bytes = p.transferred_bytes;
                     s.guest = Some(telvirt_model::api::GuestStream {
                         opened_ms,
+                        commit_ahead: asking || ahead.asked.load(Ordering::Acquire),
                         ..p.clone()
                     });
+                }
+                if asking && let Some(commit) = &commit {
+                    let (runtime, cancelled_vnf) = (Arc::clone(&runtime), vnf.clone());
+                    let (allowed, late_vnf) = (Arc::clone(&ahead_allowed), vnf.clone());
+                    ahead.ask(
+                        commit(vnf.clone(), peer.clone(), epoch),
+                        move || Box::pin(async move { runtime.cancel_send(&cancelled_vnf).await }),
+                        move || {
+                            allowed.store(false, Ordering::Release);
+                            tracing::warn!(vnf = %late_vnf, "the stream committed ahead did not reach its final copy within {COMMIT_AHEAD_WITHIN:?}: cancelled (the guest runs on here; the move's next stream commits at its final copy)");
+                        },
+                    );
                 }
                 if told.0 != p.status || told.1.elapsed() >= GUEST_PROGRESS_EVERY {
                     told = (p.status.clone(), Instant::now());
@@ -1009,14 +1126,27 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
         };
         let gate = to.commit.clone().map(|commit| {
             let (vnf, peer, epoch) = (to.vnf.clone(), to.peer.clone(), to.epoch);
-            Box::new(move || commit(vnf.clone(), peer.clone(), epoch))
-                as telvirt_runtime_vm::SwitchoverGate
+            let ahead = Arc::clone(&ahead);
+            Box::new(move || {
+                let (commit, vnf, peer, ahead) =
+                    (Arc::clone(&commit), vnf.clone(), peer.clone(), Arc::clone(&ahead));
+                Box::pin(async move {
+                    match ahead.answer_at_final_copy(COMMIT_AHEAD_ANSWER_WITHIN).await {
+                        Some(stands) => {
+                            tracing::info!(vnf = %vnf, to = %peer.host, stands, "the guest's stream reached its final copy committed ahead");
+                            stands
+                        }
+                        None => commit(vnf, peer, epoch).await,
+                    }
+                }) as std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+            }) as telvirt_runtime_vm::SwitchoverGate
         });
-        match to
+        let sent = to
             .runtime
             .send_state(&to.vnf, stream, Box::new(progress), gate)
-            .await
-        {
+            .await;
+        ahead.ended.store(true, Ordering::Release);
+        match sent {
             Ok(done) => {
                 return set(&|s| {
                     s.state = "synced".into();
@@ -1416,6 +1546,81 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_is_near_its_final_copy_within_its_pause_limit_and_a_lead_at_its_rate() {
+        // 100 MiB in 1 s: 100 MiB/s; twice a 10 ms limit and the 50 ms lead: 7 MiB.
+        let at = |remaining: u64, status: &str| telvirt_model::api::GuestStream {
+            status: status.into(),
+            total_ms: 1000,
+            transferred_bytes: 100 << 20,
+            remaining_bytes: remaining,
+            downtime_limit_ms: 10,
+            ..Default::default()
+        };
+        assert!(near_final_copy(&at(7 << 20, "active")));
+        assert!(!near_final_copy(&at((7 << 20) + (1 << 20), "active")));
+        // Only while QEMU streams, and once it has a rate.
+        assert!(!near_final_copy(&at(1 << 20, "setup")));
+        assert!(!near_final_copy(&at(0, "pre-switchover")));
+        assert!(!near_final_copy(&telvirt_model::api::GuestStream {
+            transferred_bytes: 0,
+            ..at(0, "active")
+        }));
+    }
+
+    /// A commit asked ahead, answered `answer` (never, for `None`), and what the final copy
+    /// and the limit then do: (the final copy's answer, whether the stream was cancelled).
+    async fn ahead(answer: Option<bool>, reach: bool, end: bool) -> (Option<bool>, bool) {
+        let ahead = CommitAhead::new();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let (c, g) = (Arc::clone(&cancelled), Arc::new(AtomicBool::new(false)));
+        let ask: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> = match answer {
+            Some(a) => Box::pin(async move { a }),
+            None => Box::pin(std::future::pending()),
+        };
+        let gave_up = Arc::clone(&g);
+        assert!(ahead.ask(
+            ask,
+            move || Box::pin(async move { c.store(true, Ordering::Release) }),
+            move || gave_up.store(true, Ordering::Release),
+        ));
+        // Asked once per stream.
+        assert!(!ahead.ask(Box::pin(async { true }), || Box::pin(async {}), || {}));
+        tokio::task::yield_now().await;
+        if end {
+            ahead.ended.store(true, Ordering::Release);
+        }
+        let at_final = if reach {
+            ahead.answer_at_final_copy(COMMIT_AHEAD_ANSWER_WITHIN).await
+        } else {
+            None
+        };
+        tokio::time::sleep(COMMIT_AHEAD_WITHIN + Duration::from_millis(1)).await;
+        let cancelled = cancelled.load(Ordering::Acquire);
+        assert_eq!(cancelled, g.load(Ordering::Acquire));
+        (at_final, cancelled)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_commit_asked_ahead_answers_the_final_copy_and_cancels_a_stream_that_never_gets_there()
+     {
+        // Answered yes: the final copy goes at once; yes and no final copy in time: cancelled.
+        assert_eq!(ahead(Some(true), true, false).await, (Some(true), false));
+        assert_eq!(ahead(Some(true), false, false).await, (None, true));
+        // A stream that ended otherwise (failed, completed) is not cancelled later.
+        assert_eq!(ahead(Some(true), false, true).await, (None, false));
+        // No: the final copy does not go, and nothing is cancelled by the limit.
+        assert_eq!(ahead(Some(false), true, false).await, (Some(false), false));
+        // No answer by the time the final copy waits out its limit: it does not go.
+        assert_eq!(ahead(None, true, false).await, (Some(false), false));
+        // Not asked ahead: the final copy asks itself.
+        let fresh = CommitAhead::new();
+        assert_eq!(
+            fresh.answer_at_final_copy(COMMIT_AHEAD_ANSWER_WITHIN).await,
+            None
+        );
+    }
 
     /// A restarted source whose adoption undid the stream its agent left says its first failed
     /// try as a failed stream opened then, which the controller orders after the stream that

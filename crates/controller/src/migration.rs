@@ -100,13 +100,14 @@ fn whole_pause(stopped: Option<u64>, resumed: Option<u64>) -> String {
     })
 }
 
-/// Whether a report's guest stream waits at its move's commit point.
+/// Whether a report's guest stream waits at its move's commit point, or asks to pass it ahead
+/// of its final copy (`commit_ahead` while QEMU still streams).
 pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::ReplicationStatus>) -> bool {
     replication.is_some_and(|r| {
         r.state == "streaming"
-            && r.guest
-                .as_ref()
-                .is_some_and(|g| g.status == "pre-switchover")
+            && r.guest.as_ref().is_some_and(|g| {
+                g.status == "pre-switchover" || (g.commit_ahead && g.status == "active")
+            })
     })
 }
 

@@ -762,6 +762,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             downtime_ms: None,
             stopped_at_us: None,
             opened_ms: 1_000,
+            ..Default::default()
         }),
         packets_passed: 0,
         frozen_us: None,
@@ -775,6 +776,24 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
     report(&node.controller, "h2", Phase::Running, None).await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+
+    // A stream still copying is not committed; one that asks to pass its commit point ahead
+    // of its final copy (QEMU still streams, the guest still runs) is, as one waiting at it.
+    let active = |commit_ahead: bool| ReplicationStatus {
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "active".into(),
+            commit_ahead,
+            ..late.guest.clone().unwrap()
+        }),
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(active(false))).await;
+    let v = node.vnf_json("u1").await;
+    assert!(v["migration"].get("committed_at").is_none(), "{v}");
+    report(&node.controller, "h2", Phase::Running, Some(active(true))).await;
+    let v = node.vnf_json("u1").await;
+    assert!(v["migration"]["committed_at"].is_string(), "{v}");
+    assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 409);
 
     // The stream waits at its commit point (the guest stopped at h2): once that report is
     // recorded the move cannot be cancelled (the source reads its assignment next, finds the
@@ -852,6 +871,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             downtime_ms: Some(42),
             stopped_at_us: Some(1_800_000_000_000_000),
             opened_ms: 1_000,
+            ..Default::default()
         }),
         packets_passed: 0,
         frozen_us: None,
@@ -972,6 +992,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
             downtime_ms: None,
             stopped_at_us: None,
             opened_ms: 1_000,
+            ..Default::default()
         }),
         packets_passed: 0,
         frozen_us: None,

@@ -720,6 +720,15 @@ pub struct GuestStream {
     /// restart of the agent, so the controller orders the streams by it.
     #[serde(default)]
     pub opened_ms: u64,
+    /// The source asks to pass the move's commit point ahead of its final copy: the stream is
+    /// near its end (QEMU still streams, the guest still runs there). Recorded as a report at
+    /// the commit point (`pre-switchover`) is, so the final copy need not wait for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub commit_ahead: bool,
+    /// The pause limit the stream was set, ms: QEMU stops the guest for the final copy once it
+    /// expects to send the rest within it.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub downtime_limit_ms: u64,
 }
 
 /// A moved guest's whole pause in ms: from its source QEMU's stop (`stopped_at_us`) until its

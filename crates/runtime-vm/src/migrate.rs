@@ -191,6 +191,10 @@ pub struct MigrationProgress {
     /// when the destination resumes it ([`crate::VmHandle::resumed_at_us`]).
     #[serde(default)]
     pub stopped_at_us: Option<u64>,
+    /// The pause limit the stream was set (its tuning's `downtime_limit_ms`): QEMU stops the
+    /// guest for the final copy once it expects to send the rest within it.
+    #[serde(default)]
+    pub downtime_limit_ms: u64,
 }
 
 impl MigrationProgress {
@@ -207,6 +211,7 @@ impl MigrationProgress {
             dirty_syncs: n(&ram["dirty-sync-count"]),
             downtime_ms: v["downtime"].as_u64(),
             stopped_at_us: None,
+            downtime_limit_ms: 0,
         }
     }
 
@@ -410,6 +415,7 @@ impl VmHandle {
             });
         }
         let qmp = self.qmp();
+        let limit_ms = to.carries(tuning).downtime_limit_ms;
         if !prepare(qmp, &to.carries(tuning), gate.is_some()).await? {
             gate = None;
         }
@@ -427,7 +433,10 @@ impl VmHandle {
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
                 .await
             {
-                Ok(v) => MigrationProgress::from_query(&v),
+                Ok(v) => MigrationProgress {
+                    downtime_limit_ms: limit_ms,
+                    ..MigrationProgress::from_query(&v)
+                },
                 // QEMU did not answer in time: the stream may go on; end it and see how.
                 Err(e) => break Err(format!("QEMU stopped answering ({e})")),
             };

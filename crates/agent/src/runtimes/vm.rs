@@ -98,6 +98,8 @@ fn guest_stream(p: &MigrationProgress) -> GuestStream {
         downtime_ms: p.downtime_ms,
         stopped_at_us: p.stopped_at_us,
         opened_ms: 0,
+        commit_ahead: false,
+        downtime_limit_ms: p.downtime_limit_ms,
     }
 }
 
