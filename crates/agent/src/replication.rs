@@ -949,6 +949,10 @@ pub type MoveCommit = dyn Fn(Name, StandbyPeer, u64) -> std::pin::Pin<Box<dyn st
 const COMMIT_AHEAD_LEAD_MS: u64 = 50;
 /// How long the final copy waits for an ahead ask still under way (the guest stopped).
 const COMMIT_AHEAD_ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// Streams whose pause limit is above this (ms) commit at their final copy: the round trip is
+/// small against such a pause, and asking ahead of a long final copy would hold the move
+/// uncancellable longer (QEMU 7.2's 300 ms under TCG).
+const COMMIT_AHEAD_UP_TO_LIMIT_MS: u64 = 50;
 /// How long a stream committed ahead may stream on before its final copy: past it the stream
 /// is cancelled (the guest runs on here, the failed stream makes the move cancellable again)
 /// and the move's later streams commit at their final copy.
@@ -959,6 +963,9 @@ const COMMIT_AHEAD_WITHIN: Duration = Duration::from_secs(5);
 /// (QEMU stops the guest once it expects the rest to go within the limit, by its own recent
 /// rate, which may be higher than the average).
 fn near_final_copy(p: &telvirt_model::api::GuestStream) -> bool {
+    if p.downtime_limit_ms > COMMIT_AHEAD_UP_TO_LIMIT_MS {
+        return false;
+    }
     let rate = p.transferred_bytes.saturating_mul(1000) / p.total_ms.max(1);
     let lead_ms = p
         .downtime_limit_ms
@@ -969,16 +976,25 @@ fn near_final_copy(p: &telvirt_model::api::GuestStream) -> bool {
         && p.remaining_bytes <= rate.saturating_mul(lead_ms) / 1000
 }
 
+/// A future of the agent's own, boxed.
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// Where a stream asked ahead stands: waiting for its final copy, reached it, given up by the
+/// [`COMMIT_AHEAD_WITHIN`] limit, or ended otherwise. Changed once, from waiting.
+const AHEAD_WAITING: u8 = 0;
+const AHEAD_REACHED: u8 = 1;
+const AHEAD_GAVE_UP: u8 = 2;
+const AHEAD_ENDED: u8 = 3;
+
 /// One guest stream's commit point asked ahead of its final copy: the ask goes once the
 /// stream is near its end ([`near_final_copy`]); at the final copy the stream takes its
 /// answer (waiting for it if needed) instead of asking then, while the guest stands stopped.
-/// A stream whose final copy has not come [`COMMIT_AHEAD_WITHIN`] after a yes is cancelled.
+/// A stream whose final copy has not come [`COMMIT_AHEAD_WITHIN`] after a yes is cancelled;
+/// the final copy and that limit race for one state change, so a final copy let through is
+/// never cancelled by the limit, and one that comes after it gave up does not go.
 struct CommitAhead {
     asked: AtomicBool,
-    /// The stream reached its final copy (its gate was asked).
-    reached: AtomicBool,
-    /// The stream ended (its `send_state` returned).
-    ended: AtomicBool,
+    state: std::sync::atomic::AtomicU8,
     answer: tokio::sync::watch::Sender<Option<bool>>,
 }
 
@@ -986,21 +1002,36 @@ impl CommitAhead {
     fn new() -> Arc<Self> {
         Arc::new(Self {
             asked: AtomicBool::new(false),
-            reached: AtomicBool::new(false),
-            ended: AtomicBool::new(false),
+            state: std::sync::atomic::AtomicU8::new(AHEAD_WAITING),
             answer: tokio::sync::watch::channel(None).0,
         })
     }
 
+    /// Whether the stream's reports ask for the commit point: asked, and not answered no
+    /// nor given up (a report after a no must not commit the move at the controller).
+    fn wants_commit(&self) -> bool {
+        self.asked.load(Ordering::Acquire)
+            && *self.answer.borrow() != Some(false)
+            && self.state.load(Ordering::Acquire) != AHEAD_GAVE_UP
+    }
+
+    /// The stream ended (its `send_state` returned): the limit no longer cancels anything.
+    fn end(&self) {
+        let _ = self.state.compare_exchange(
+            AHEAD_WAITING,
+            AHEAD_ENDED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     /// Asks `ask` once (true when this call asked), in a task: its answer is kept for the
-    /// final copy; a yes arms the [`COMMIT_AHEAD_WITHIN`] limit, past which `cancel` ends the
-    /// stream (unless it reached its final copy or ended) and `gave_up` is called.
+    /// final copy; a yes arms the [`COMMIT_AHEAD_WITHIN`] limit, past which, unless the stream
+    /// reached its final copy or ended first, `gave_up` is called and `cancel` ends the stream.
     fn ask(
         self: &Arc<Self>,
-        ask: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>,
-        cancel: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>
-        + Send
-        + 'static,
+        ask: BoxFuture<bool>,
+        cancel: impl FnOnce() -> BoxFuture<()> + Send + 'static,
         gave_up: impl FnOnce() + Send + 'static,
     ) -> bool {
         if self.asked.swap(true, Ordering::AcqRel) {
@@ -1014,7 +1045,13 @@ impl CommitAhead {
                 return;
             }
             tokio::time::sleep(COMMIT_AHEAD_WITHIN).await;
-            if !me.reached.load(Ordering::Acquire) && !me.ended.load(Ordering::Acquire) {
+            let won = me.state.compare_exchange(
+                AHEAD_WAITING,
+                AHEAD_GAVE_UP,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if won.is_ok() {
                 gave_up();
                 cancel().await;
             }
@@ -1022,16 +1059,26 @@ impl CommitAhead {
         true
     }
 
-    /// At the final copy: the ahead answer when asked (awaited up to `within`; none in time:
-    /// `false`), `None` when it was not asked.
+    /// At the final copy: the ahead answer when asked (awaited up to `within`; none in time,
+    /// or the limit gave up first: `false`), `None` when it was not asked.
     async fn answer_at_final_copy(&self, within: Duration) -> Option<bool> {
-        self.reached.store(true, Ordering::Release);
         if !self.asked.load(Ordering::Acquire) {
             return None;
         }
         let mut rx = self.answer.subscribe();
         let answered = tokio::time::timeout(within, rx.wait_for(Option::is_some)).await;
-        Some(matches!(answered, Ok(Ok(a)) if *a == Some(true)))
+        let stands = matches!(answered, Ok(Ok(a)) if *a == Some(true));
+        // Reached, unless the limit gave up first (its cancel is on its way).
+        let reached = self
+            .state
+            .compare_exchange(
+                AHEAD_WAITING,
+                AHEAD_REACHED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        Some(stands && reached)
     }
 }
 
@@ -1096,7 +1143,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                     s.bytes = p.transferred_bytes;
                     s.guest = Some(telvirt_model::api::GuestStream {
                         opened_ms,
-                        commit_ahead: asking || ahead.asked.load(Ordering::Acquire),
+                        commit_ahead: asking || ahead.wants_commit(),
                         ..p.clone()
                     });
                 }
@@ -1145,7 +1192,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
             .runtime
             .send_state(&to.vnf, stream, Box::new(progress), gate)
             .await;
-        ahead.ended.store(true, Ordering::Release);
+        ahead.end();
         match sent {
             Ok(done) => {
                 return set(&|s| {
@@ -1567,6 +1614,11 @@ mod tests {
             transferred_bytes: 0,
             ..at(0, "active")
         }));
+        // A long pause limit commits at the final copy.
+        assert!(!near_final_copy(&telvirt_model::api::GuestStream {
+            downtime_limit_ms: 300,
+            ..at(0, "active")
+        }));
     }
 
     /// A commit asked ahead, answered `answer` (never, for `None`), and what the final copy
@@ -1589,7 +1641,7 @@ mod tests {
         assert!(!ahead.ask(Box::pin(async { true }), || Box::pin(async {}), || {}));
         tokio::task::yield_now().await;
         if end {
-            ahead.ended.store(true, Ordering::Release);
+            ahead.end();
         }
         let at_final = if reach {
             ahead.answer_at_final_copy(COMMIT_AHEAD_ANSWER_WITHIN).await
@@ -1599,6 +1651,14 @@ mod tests {
         tokio::time::sleep(COMMIT_AHEAD_WITHIN + Duration::from_millis(1)).await;
         let cancelled = cancelled.load(Ordering::Acquire);
         assert_eq!(cancelled, g.load(Ordering::Acquire));
+        if cancelled {
+            // A final copy after the limit gave up does not go, and reports no longer ask.
+            assert_eq!(
+                ahead.answer_at_final_copy(COMMIT_AHEAD_ANSWER_WITHIN).await,
+                Some(false)
+            );
+            assert!(!ahead.wants_commit());
+        }
         (at_final, cancelled)
     }
 
@@ -1610,8 +1670,14 @@ mod tests {
         assert_eq!(ahead(Some(true), false, false).await, (None, true));
         // A stream that ended otherwise (failed, completed) is not cancelled later.
         assert_eq!(ahead(Some(true), false, true).await, (None, false));
-        // No: the final copy does not go, and nothing is cancelled by the limit.
+        // No: the final copy does not go, nothing is cancelled by the limit, and the stream's
+        // reports no longer ask (they would commit the move at the controller).
         assert_eq!(ahead(Some(false), true, false).await, (Some(false), false));
+        let refused = CommitAhead::new();
+        refused.ask(Box::pin(async { false }), || Box::pin(async {}), || {});
+        assert!(refused.wants_commit(), "asked, not yet answered");
+        tokio::task::yield_now().await;
+        assert!(!refused.wants_commit());
         // No answer by the time the final copy waits out its limit: it does not go.
         assert_eq!(ahead(None, true, false).await, (Some(false), false));
         // Not asked ahead: the final copy asks itself.
@@ -1625,7 +1691,7 @@ mod tests {
     /// A restarted source whose adoption undid the stream its agent left says its first failed
     /// try as a failed stream opened then, which the controller orders after the stream that
     /// committed the move (so the move may be cancelled: `telvirt-controller --lib
-    /// guest_moved`); later tries keep it; otherwise no stream is said.
+    /// a_committed_move`); later tries keep it; otherwise no stream is said.
     #[test]
     fn a_restarted_source_that_cannot_open_a_stream_says_its_guest_stream_failed() {
         let mut fresh = ReplicationStatus::default();

@@ -593,6 +593,15 @@ mod tests {
         committed.migration.as_mut().unwrap().committed_at = Some("2026-12-04T12:00:00Z".into());
         assert!(!destination_holds_no_guest(&committed));
         assert!(fails_over(&committed, &h1));
+        // Committed ahead of the final copy (QEMU still streams, the guest runs at h1): no
+        // guest at h2 yet, no failover there.
+        let mut ahead = committed.clone();
+        ahead.migration.as_mut().unwrap().committed_stream = Some(1_000);
+        ahead.replication = Some(stream("active"));
+        assert!(destination_holds_no_guest(&ahead));
+        assert!(!fails_over(&ahead, &h1));
+        ahead.replication = Some(stream("pre-switchover"));
+        assert!(fails_over(&ahead, &h1));
         // The final copy under way: the guest runs only on h2 from now on.
         moving.replication = Some(stream("device"));
         assert!(!destination_holds_no_guest(&moving));

@@ -65,27 +65,52 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 }
 
 /// Whether move `m` of vm `v` is past its point of no return: its source reported the stream
-/// waiting at its commit point (`m.committed_at`, recorded once under the scheduler lock: from
-/// then on the move is not cancelled, and the source lets the final copy through only once it
-/// has read that the move stands) and has not reported that stream (or a later one) failed
-/// since (the guest then runs at the source again, and the move may be cancelled until a
-/// stream commits again), or a report says the final copy streams or completed.
-pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
+/// at its commit point (`m.committed_at`, recorded once under the scheduler lock, when the
+/// stream asked for it near its end or waited at its final copy: from then on the move is not
+/// cancelled, nor ended by its deadline, and the source lets the final copy through only once
+/// it has read that the move stands), and the latest stream reported is that one (not a
+/// later stream, which has not committed) and has not failed (the guest then runs at the
+/// source again, and the move may be cancelled until a stream commits again); or a report says
+/// the final copy streams or completed.
+pub(crate) fn move_committed(v: &Vnf, m: &Migration) -> bool {
     let report = v.replication.as_ref().filter(|r| r.standby_host == m.to);
-    let copying = report.is_some_and(|r| {
-        r.guest.as_ref().is_some_and(|g| {
-            r.state == "synced"
-                || (r.state == "streaming" && ["device", "completed"].contains(&g.status.as_str()))
-        })
-    });
+    let stream = report.and_then(|r| r.guest.as_ref());
+    let committed = m.committed_stream.unwrap_or(0);
     // A failure of the committed stream (or a later one): the guest runs at the source again.
-    let failed = report.is_some_and(|r| {
-        r.state == "failing"
-            && r.guest
-                .as_ref()
-                .is_some_and(|g| g.opened_ms >= m.committed_stream.unwrap_or(0))
-    });
-    copying || (m.committed_at.is_some() && !failed)
+    let failed = report.is_some_and(|r| r.state == "failing")
+        && stream.is_some_and(|g| g.opened_ms >= committed);
+    // A later stream than the committed one: that one ended; this one has not committed (a
+    // record from before streams were told apart has no committed stream to compare).
+    let later = stream.is_some_and(|g| m.committed_stream.is_some_and(|c| g.opened_ms > c));
+    final_copy(v, m) || (m.committed_at.is_some() && !failed && !later)
+}
+
+/// Whether a report of move `m` says its final copy streams or completed.
+fn final_copy(v: &Vnf, m: &Migration) -> bool {
+    v.replication
+        .as_ref()
+        .filter(|r| r.standby_host == m.to)
+        .is_some_and(|r| {
+            r.guest.as_ref().is_some_and(|g| {
+                r.state == "synced"
+                    || (r.state == "streaming"
+                        && ["device", "completed"].contains(&g.status.as_str()))
+            })
+        })
+}
+
+/// Whether move `m`'s guest has left its source: the move is committed
+/// ([`move_committed`]) and its stream reached its final copy (the guest stopped at the source
+/// for it, `pre-switchover`, or later). A move committed ahead, whose stream still copies
+/// while the guest runs at the source, has not: its destination holds no guest yet.
+pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
+    let stopped = v
+        .replication
+        .as_ref()
+        .filter(|r| r.standby_host == m.to && r.state == "streaming")
+        .and_then(|r| r.guest.as_ref())
+        .is_some_and(|g| g.status == "pre-switchover");
+    move_committed(v, m) && (stopped || final_copy(v, m))
 }
 
 /// The guest's whole pause in a move's switch event: from its source's stop (`stopped`) until
@@ -441,7 +466,7 @@ impl Controller {
                 "vnf {name} is not moving"
             )));
         };
-        if guest_moved(&record.vnf, &m) {
+        if move_committed(&record.vnf, &m) {
             return Err(ControllerError::Conflict(format!(
                 "vnf {name}'s guest is moving to host {} for good (its stream passed its commit point); the move ends with the switch to it",
                 m.to
@@ -627,7 +652,7 @@ impl Controller {
 
     /// Why move `m` of `v` is cancelled, once it is older than the move deadline.
     fn overdue(&self, v: &Vnf, m: &Migration) -> Result<Option<String>> {
-        if guest_moved(v, m) || handed_off(v, m) {
+        if move_committed(v, m) || handed_off(v, m) {
             return Ok(None);
         }
         if let Some(asked) = &m.handoff_at {
@@ -816,7 +841,7 @@ mod tests {
     /// stream, or a later one, failed: as a restarted source's agent says its failed tries
     /// (a stream `failed` at its first try, later than the committed one).
     #[test]
-    fn guest_moved_holds_a_committed_move_until_a_later_stream_failed() {
+    fn a_committed_move_holds_until_its_stream_failed_or_a_later_one_runs() {
         let m = Migration {
             to: "h3".into(),
             from: "h2".into(),
@@ -842,17 +867,24 @@ mod tests {
             });
             v
         };
-        let moved = |v: &Vnf| guest_moved(v, &m);
-        assert!(moved(&reported(
-            "streaming",
-            Some(("pre-switchover", 1_000))
-        )));
+        let committed = |v: &Vnf| move_committed(v, &m);
+        let at_final_copy = reported("streaming", Some(("pre-switchover", 1_000)));
+        assert!(committed(&at_final_copy) && guest_moved(&at_final_copy, &m));
         // A try that says no stream, or a late report of an earlier stream's failure.
-        assert!(moved(&reported("failing", None)));
-        assert!(moved(&reported("failing", Some(("failed", 999)))));
+        assert!(committed(&reported("failing", None)));
+        assert!(committed(&reported("failing", Some(("failed", 999)))));
         // The committed stream failed, or a restarted source's later try did.
-        assert!(!moved(&reported("failing", Some(("failed", 1_000)))));
-        assert!(!moved(&reported("failing", Some(("failed", 5_000)))));
+        assert!(!committed(&reported("failing", Some(("failed", 1_000)))));
+        assert!(!committed(&reported("failing", Some(("failed", 5_000)))));
+        // A later stream runs (the committed one ended): it has not committed.
+        assert!(!committed(&reported("streaming", Some(("active", 2_000)))));
+        // Committed ahead, still copying: not cancelled, but the guest is still at its
+        // source (its destination holds none: no failover there).
+        let ahead = reported("streaming", Some(("active", 1_000)));
+        assert!(committed(&ahead) && !guest_moved(&ahead, &m));
+        // The final copy streams: moved whatever else.
+        let device = reported("streaming", Some(("device", 1_000)));
+        assert!(committed(&device) && guest_moved(&device, &m));
     }
 
     /// A KVM guest moves only to a host whose guests run under KVM, or whose accelerator is

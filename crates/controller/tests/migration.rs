@@ -794,6 +794,26 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let v = node.vnf_json("u1").await;
     assert!(v["migration"]["committed_at"].is_string(), "{v}");
     assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 409);
+    // Its guest still runs at h2 (the destination holds none: the healer must not fail over
+    // there). The stream committed ahead fails (its source gave up on its final copy): the
+    // move may be cancelled again. Then the move is asked again.
+    let failed = ReplicationStatus {
+        state: "failing".into(),
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "failed".into(),
+            ..active(true).guest.unwrap()
+        }),
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(failed)).await;
+    assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 200);
+    report(&node.controller, "h2", Phase::Running, None).await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    let v = node.vnf_json("u1").await;
+    assert!(
+        v["migration"].get("committed_at").is_none(),
+        "a new move: {v}"
+    );
 
     // The stream waits at its commit point (the guest stopped at h2): once that report is
     // recorded the move cannot be cancelled (the source reads its assignment next, finds the
