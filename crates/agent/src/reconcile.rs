@@ -892,11 +892,12 @@ impl Inner {
     }
 
     /// The commit point of `vnf`'s guest move to `peer`, streamed as the active of `epoch` (its
-    /// stream waits at its final copy, the guest stopped here): reports the stream's status to
-    /// the controller, which from then on refuses to cancel the move, then reads this host's
-    /// assignments. The move stands when they still name `peer` as the destination at that
-    /// epoch: a cancel recorded first shows there as no destination. Any failure (the controller unreachable, too
-    /// slow) answers `false`, and the guest runs on here.
+    /// stream near its end and asking ahead, or waiting at its final copy with the guest
+    /// stopped here): reports the stream's status to the controller, which from then on
+    /// refuses to cancel the move, then reads this host's assignments. The move stands when
+    /// they still name `peer` as the destination at that epoch: a cancel recorded first shows
+    /// there as no destination. Any failure (the controller unreachable, too slow) answers
+    /// `false`, and the guest runs on here.
     async fn commit_move(&self, vnf: &Name, peer: &StandbyPeer, epoch: u64) -> bool {
         let held = self
             .desired
@@ -933,7 +934,7 @@ impl Inner {
         let stands = now.iter().any(names_move);
         let took = since.elapsed().as_millis();
         if stands {
-            tracing::info!(vnf = %vnf, to = %peer.host, took_ms = took, "the guest's stream passed its commit point: the final copy goes");
+            tracing::info!(vnf = %vnf, to = %peer.host, took_ms = took, "the guest's stream passed its commit point: the move stands, its final copy may go");
         } else {
             tracing::info!(vnf = %vnf, to = %peer.host, took_ms = took, "the move was cancelled before its commit point: the guest runs on here");
         }
