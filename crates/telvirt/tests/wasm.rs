@@ -1054,6 +1054,8 @@ fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
     );
     // Allowed traffic still crosses after the denial.
     netns::ping_ok(&t, 0, "10.203.0.2");
+    // As `module_counter`: the host's lease may have lapsed for a moment under the traffic.
+    node.wait_phase("fw1", "Running");
     let table = String::from_utf8_lossy(&node.ok(&["vnf", "stats", "fw1"]).stdout).into_owned();
     assert!(
         table.contains("denied") && table.contains("packets_in"),
