@@ -1185,7 +1185,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
                         }
                         None => commit(vnf, peer, epoch).await,
                     }
-                }) as std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+                }) as BoxFuture<bool>
             }) as telvirt_runtime_vm::SwitchoverGate
         });
         let sent = to
@@ -1627,7 +1627,7 @@ mod tests {
         let ahead = CommitAhead::new();
         let cancelled = Arc::new(AtomicBool::new(false));
         let (c, g) = (Arc::clone(&cancelled), Arc::new(AtomicBool::new(false)));
-        let ask: std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>> = match answer {
+        let ask: BoxFuture<bool> = match answer {
             Some(a) => Box::pin(async move { a }),
             None => Box::pin(std::future::pending()),
         };

@@ -724,7 +724,6 @@ impl VmHandle {
     pub fn confinement(&self) -> Option<&Applied> {
         self.inner.confinement.as_ref()
     }
-    /// The QMP session (for migration and other commands the handle does not wrap).
     /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
     /// event), µs since the Unix epoch by this host's clock: the end of the guest's pause in a
     /// move. `None` for a guest that did not arrive by a stream here (or was adopted after).
@@ -732,6 +731,7 @@ impl VmHandle {
         self.inner.arrival_resumed_at.get().copied()
     }
 
+    /// The QMP session (for migration and other commands the handle does not wrap).
     pub fn qmp(&self) -> &QmpClient {
         &self.inner.qmp
     }

@@ -24,6 +24,14 @@ const POLL: Duration = Duration::from_millis(20);
 /// QEMU's capability that sends a `MIGRATION` event at each change of a stream's status.
 const EVENTS: &str = "events";
 
+/// QMP deadline of one migration command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the final copy may take once let through its commit point (device state and the
+/// last dirty pages; a destination gone mid-copy would otherwise hold the guest stopped until
+/// TCP gives up).
+const FINAL_COPY_LIMIT: Duration = Duration::from_secs(30);
+
 /// Waits for QEMU's next `MIGRATION` event, at most [`POLL`]: a loop that follows a stream
 /// looks again at once when its status changes (the source reaching its commit point or
 /// completing, the destination's stream completing), not up to a poll later, while the guest
@@ -42,13 +50,6 @@ async fn next_status_change(events: &mut tokio::sync::broadcast::Receiver<QmpEve
     };
     let _ = tokio::time::timeout(POLL, changed).await;
 }
-/// QMP deadline of one migration command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long the final copy may take once let through its commit point (device state and the
-/// last dirty pages; a destination gone mid-copy would otherwise hold the guest stopped until
-/// TCP gives up).
-const FINAL_COPY_LIMIT: Duration = Duration::from_secs(30);
 
 /// QEMU's capability that holds a stream at its final copy until `migrate-continue`.
 const PAUSE_BEFORE_SWITCHOVER: &str = "pause-before-switchover";
@@ -415,7 +416,6 @@ impl VmHandle {
             });
         }
         let qmp = self.qmp();
-        let limit_ms = to.carries(tuning).downtime_limit_ms;
         if !prepare(qmp, &to.carries(tuning), gate.is_some()).await? {
             gate = None;
         }
@@ -434,7 +434,7 @@ impl VmHandle {
                 .await
             {
                 Ok(v) => MigrationProgress {
-                    downtime_limit_ms: limit_ms,
+                    downtime_limit_ms: tuning.downtime_limit_ms,
                     ..MigrationProgress::from_query(&v)
                 },
                 // QEMU did not answer in time: the stream may go on; end it and see how.

@@ -579,15 +579,10 @@ impl Runtime for VmRuntime {
         self.arrival_table().get(name).cloned()
     }
 
-    /// Its QEMU's last resume, for a guest that arrives or arrived by a stream: read from the
-    /// handle, so the first report of it running (which may come before its arrival's note)
-    /// has it.
+    /// Read from the handle, which keeps the resume that ended its arrival (none for a guest
+    /// that did not arrive by a stream), so the first report of it running, which may come
+    /// before its arrival's note, has it.
     async fn resumed_at_us(&self, name: &Name) -> Option<u64> {
-        let arrived =
-            lock(&self.receiving).contains(name) || self.arrival_table().contains_key(name);
-        if !arrived {
-            return None;
-        }
         self.handle(name).await?.resumed_at_us()
     }
 
