@@ -269,6 +269,7 @@ pub(crate) mod tests {
             standby: standby.then(|| StandbyPeer {
                 host: "h2".into(),
                 address: "127.0.0.2:1".into(),
+                move_id: 0,
             }),
             epoch,
             incoming_from: None,

@@ -610,6 +610,7 @@ impl StreamStatus {
             status: Arc::new(Mutex::new(ReplicationStatus {
                 standby_host: peer.host.clone(),
                 state: state.into(),
+                move_id: peer.move_id,
                 ..Default::default()
             })),
             vnf: vnf.clone(),
@@ -1595,6 +1596,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_stream_reports_the_move_it_serves() {
+        let peer = StandbyPeer {
+            host: "h3".into(),
+            address: "127.0.0.1:9".into(),
+            move_id: 7,
+        };
+        let status = StreamStatus::new(
+            &"u1".parse().unwrap(),
+            &peer,
+            "streaming",
+            &Arc::new(OnceLock::new()),
+        );
+        let read = status.read();
+        assert_eq!((read.standby_host.as_str(), read.move_id), ("h3", 7));
+    }
+
+    #[test]
     fn a_stream_is_near_its_final_copy_within_its_pause_limit_and_a_lead_at_its_rate() {
         // 100 MiB in 1 s: 100 MiB/s; twice a 10 ms limit and the 50 ms lead: 7 MiB.
         let at = |remaining: u64, status: &str| telvirt_model::api::GuestStream {
@@ -1859,6 +1877,7 @@ mod tests {
         let peer = StandbyPeer {
             host: "h2".into(),
             address,
+            move_id: 0,
         };
         replicas.ensure(&nat1, &peer, 0);
         (replicas, active, standby, nat1, peer)
@@ -1997,6 +2016,7 @@ mod tests {
         let peer = StandbyPeer {
             host: "h2".into(),
             address,
+            move_id: 0,
         };
         replicas.ensure(&nat1, &peer, 0);
         let state = || replicas.status(&nat1).unwrap();
@@ -2019,6 +2039,7 @@ mod tests {
         let peer = StandbyPeer {
             host: "h2".into(),
             address,
+            move_id: 0,
         };
         // From the kernel's choice of address (127.0.0.1): refused, nothing applied.
         let stranger = Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION);
@@ -2123,6 +2144,7 @@ mod tests {
         let peer = StandbyPeer {
             host: "h2".into(),
             address,
+            move_id: 0,
         };
         replicas.ensure(&nat1, &peer, 2);
         wait_for("the sender was never fenced", || !gate.open()).await;

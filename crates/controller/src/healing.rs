@@ -477,6 +477,7 @@ mod tests {
         telvirt_model::Vnf {
             machine: None,
             accel: None,
+            moves: 0,
             name: descriptor.name().clone(),
             owner: "admin".parse().unwrap(),
             descriptor,
@@ -507,6 +508,7 @@ mod tests {
                 guest: None,
                 packets_passed: 0,
                 frozen_us: None,
+                move_id: 0,
             }),
             migration: None,
             epoch: 0,
@@ -552,6 +554,7 @@ mod tests {
             closed: false,
         });
         moving.migration = Some(telvirt_model::api::Migration {
+            id: 0,
             to: "h2".into(),
             from: "h1".into(),
             started_at: String::new(),
@@ -577,6 +580,7 @@ mod tests {
             }),
             packets_passed: 0,
             frozen_us: None,
+            move_id: 0,
         };
         let h1 = ["h1".to_owned()];
         // Still streaming: the QEMU waiting on h2 holds no guest.

@@ -73,7 +73,7 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 /// source again, and the move may be cancelled until a stream commits again); or a report says
 /// the final copy streams or completed.
 pub(crate) fn move_committed(v: &Vnf, m: &Migration) -> bool {
-    let report = v.replication.as_ref().filter(|r| r.standby_host == m.to);
+    let report = v.replication.as_ref().filter(|r| r.serves(m));
     let stream = report.and_then(|r| r.guest.as_ref());
     let committed = m.committed_stream.unwrap_or(0);
     // A failure of the committed stream (or a later one): the guest runs at the source again.
@@ -89,7 +89,7 @@ pub(crate) fn move_committed(v: &Vnf, m: &Migration) -> bool {
 fn final_copy(v: &Vnf, m: &Migration) -> bool {
     v.replication
         .as_ref()
-        .filter(|r| r.standby_host == m.to)
+        .filter(|r| r.serves(m))
         .is_some_and(|r| {
             r.guest.as_ref().is_some_and(|g| {
                 r.state == "synced"
@@ -107,7 +107,7 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     let stopped = v
         .replication
         .as_ref()
-        .filter(|r| r.standby_host == m.to && r.state == "streaming")
+        .filter(|r| r.serves(m) && r.state == "streaming")
         .and_then(|r| r.guest.as_ref())
         .is_some_and(|g| g.status == "pre-switchover");
     move_committed(v, m) && (stopped || final_copy(v, m))
@@ -143,7 +143,7 @@ fn handed_off(v: &Vnf, m: &Migration) -> bool {
     m.handoff_at.is_some()
         && v.replication
             .as_ref()
-            .is_some_and(|r| r.standby_host == m.to && r.state == "handed-off")
+            .is_some_and(|r| r.serves(m) && r.state == "handed-off")
 }
 
 /// How long the source of a wasm move may take to freeze and hand its last updates over once
@@ -369,6 +369,8 @@ impl Controller {
             }
         );
         let migration = Migration {
+            // The VNF's next move: set by the recording.
+            id: 0,
             to: dest.host.clone(),
             from,
             started_at: now_rfc3339(),
@@ -388,7 +390,13 @@ impl Controller {
                     reason: &reason,
                     actor: &caller.name,
                     restart: Restart::No,
-                    extra: &|v| v.migration = Some(migration.clone()),
+                    extra: &|v| {
+                        v.moves += 1;
+                        v.migration = Some(Migration {
+                            id: v.moves,
+                            ..migration.clone()
+                        })
+                    },
                 },
             )
             .await;
@@ -543,7 +551,7 @@ impl Controller {
         let synced = v
             .replication
             .as_ref()
-            .is_some_and(|r| r.standby_host == m.to && r.state == "synced");
+            .is_some_and(|r| r.serves(&m) && r.state == "synced");
         // A vm's guest whose stream completed runs only at the destination: past the deadline
         // the destination becomes the active without its report (a cancel would stop it there).
         let completed = synced && v.replication.as_ref().is_some_and(|r| r.guest.is_some());
@@ -692,7 +700,7 @@ impl Controller {
             _ => "the destination never reported its instance".to_owned(),
         };
         let stream = match &v.replication {
-            Some(r) if r.standby_host == m.to => format!(
+            Some(r) if r.serves(m) => format!(
                 "the stream is {}{}",
                 r.state,
                 r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
@@ -843,6 +851,7 @@ mod tests {
     #[test]
     fn a_committed_move_holds_until_its_stream_failed_or_a_later_one_runs() {
         let m = Migration {
+            id: 0,
             to: "h3".into(),
             from: "h2".into(),
             started_at: String::new(),

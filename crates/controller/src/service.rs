@@ -750,6 +750,7 @@ impl Controller {
         let vnf = Vnf {
             machine: None,
             accel: None,
+            moves: 0,
             name: name.clone(),
             owner,
             descriptor,
@@ -1576,7 +1577,16 @@ impl Controller {
                 Some(h) => self
                     .tunnel_of(&mut tunnels, &h)
                     .await?
-                    .map(|address| StandbyPeer { host: h, address }),
+                    .map(|address| StandbyPeer {
+                        // A move's destination: its stream serves that move alone.
+                        move_id: vnf
+                            .migration
+                            .as_ref()
+                            .filter(|m| m.to == h)
+                            .map_or(0, |m| m.id),
+                        host: h,
+                        address,
+                    }),
                 None => None,
             };
             // A standby takes its state only from its active's host.
@@ -1833,9 +1843,9 @@ impl Controller {
                     .replication
                     .as_ref()
                     .filter(|_| commit_point)
-                    .and_then(|r| Some((r.standby_host.clone(), r.guest.as_ref()?.opened_ms)));
-                if let Some((to, opened)) = committing
-                    && let Some(m) = vnf.migration.as_mut().filter(|m| m.to == to)
+                    .and_then(|r| Some((r, r.guest.as_ref()?.opened_ms)));
+                if let Some((r, opened)) = committing
+                    && let Some(m) = vnf.migration.as_mut().filter(|m| r.serves(m))
                 {
                     m.committed_at.get_or_insert_with(now_rfc3339);
                     // The latest stream's: a late report of an earlier one does not lower it.

@@ -220,6 +220,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         guest: None,
         packets_passed: 0,
         frozen_us: None,
+        move_id: 0,
     };
     // Synced: the source is asked to freeze and hand its last updates over (an event says
     // so); nothing switches yet.
@@ -317,6 +318,7 @@ async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancell
         guest: None,
         packets_passed: 0,
         frozen_us: None,
+        move_id: 0,
     };
     report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
     assert!(node.controller.assignments("h2").await.unwrap()[0].hand_off);
@@ -365,6 +367,7 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
         guest: None,
         packets_passed: 0,
         frozen_us: None,
+        move_id: 0,
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -739,6 +742,12 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     assert_eq!(source.incoming_from, None);
     let dest = node.controller.assignments("h3").await.unwrap();
     assert_eq!(dest[0].incoming_from.as_deref(), Some("h2"));
+    // The move's id: the source's assignment names it (its stream's reports carry it).
+    let first_move = node.vnf_json("u1").await["migration"]["id"]
+        .as_u64()
+        .unwrap();
+    assert!(first_move > 0);
+    assert_eq!(source.standby.as_ref().unwrap().move_id, first_move);
 
     // A cancel recorded before the stream's commit point wins: the source's report of its
     // commit point comes too late, and its assignment names no destination, so it cancels
@@ -766,6 +775,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         }),
         packets_passed: 0,
         frozen_us: None,
+        move_id: 0,
     };
     report(&node.controller, "h2", Phase::Running, Some(late.clone())).await;
     let source = node.controller.assignments("h2").await.unwrap();
@@ -774,6 +784,43 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let v = node.vnf_json("u1").await;
     assert!(v.get("migration").is_none(), "{v}");
     assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    report(&node.controller, "h2", Phase::Running, None).await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    let second_move = node.vnf_json("u1").await["migration"]["id"]
+        .as_u64()
+        .unwrap();
+    assert!(second_move > first_move, "each move has its own id");
+    let source = node.controller.assignments("h2").await.unwrap();
+    let source = source.iter().find(|a| a.vnf.as_str() == "u1").unwrap();
+    assert_eq!(source.standby.as_ref().unwrap().move_id, second_move);
+    // A report of the cancelled move's stream at its commit point that lands only now (it
+    // left before the cancel) names that move: it does not commit this one, to the same host.
+    let cancelled = ReplicationStatus {
+        move_id: first_move,
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(cancelled)).await;
+    let v = node.vnf_json("u1").await;
+    assert!(v["migration"].get("committed_at").is_none(), "{v}");
+    // The same report of this move's stream does.
+    let this = ReplicationStatus {
+        move_id: second_move,
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(this)).await;
+    let v = node.vnf_json("u1").await;
+    assert!(v["migration"]["committed_at"].is_string(), "{v}");
+    let failed_this = ReplicationStatus {
+        state: "failing".into(),
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "failed".into(),
+            ..late.guest.clone().unwrap()
+        }),
+        move_id: second_move,
+        ..late.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(failed_this)).await;
+    assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 200);
     report(&node.controller, "h2", Phase::Running, None).await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
 
@@ -895,6 +942,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         }),
         packets_passed: 0,
         frozen_us: None,
+        move_id: 0,
     };
     report(
         &node.controller,
@@ -1016,6 +1064,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
         }),
         packets_passed: 0,
         frozen_us: None,
+        move_id: 0,
     };
     report(&node.controller, "h2", Phase::Running, Some(streaming)).await;
 

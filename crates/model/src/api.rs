@@ -649,6 +649,11 @@ pub struct StandbyPeer {
     pub host: String,
     /// The standby host's replication address: its tunnel address (`IP:PORT`), over TCP.
     pub address: String,
+    /// For the source of a move: the move's id ([`Migration::id`]), which its stream's
+    /// reports carry (`ReplicationStatus::move_id`). A new move is a new peer, even to the
+    /// same host: its stream starts over. 0 for the standby of an active-standby pair.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub move_id: u64,
 }
 
 /// How an active instance's state reaches its standby or the destination of its move. A wasm
@@ -685,6 +690,19 @@ pub struct ReplicationStatus {
     /// queue at the source and pass on to the destination after it. Set with `handed-off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen_us: Option<u64>,
+    /// The move this stream serves (its peer's `move_id`): the controller takes a report for
+    /// the move it names only. 0 for a pair's standby, or from an agent that does not say.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub move_id: u64,
+}
+
+impl ReplicationStatus {
+    /// Whether this report is of a stream of move `m`: to its destination, and of this move
+    /// rather than an earlier one to the same host (one cancelled, whose report came late).
+    /// A report or record without an id (0, from before moves had one) is taken by its host.
+    pub fn serves(&self, m: &Migration) -> bool {
+        self.standby_host == m.to && (self.move_id == m.id || self.move_id == 0 || m.id == 0)
+    }
 }
 
 fn is_zero_u64(n: &u64) -> bool {
@@ -742,6 +760,12 @@ pub fn whole_pause_ms(stopped_at_us: Option<u64>, resumed_at_us: Option<u64>) ->
 /// A move of a VNF to another host (`POST /v1/vnfs/{name}/migrate`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Migration {
+    /// The move's id: the VNF's count of moves (`Vnf::moves`) once it began. The source's assignment names it
+    /// (`StandbyPeer::move_id`) and its stream's reports carry it, so a report of an earlier
+    /// move's stream to the same host is not taken for this one's. 0 in a record from before
+    /// moves had one.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub id: u64,
     /// The destination host: the VNF's standby placement until the move ends.
     pub to: String,
     pub from: String,

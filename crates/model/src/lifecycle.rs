@@ -177,6 +177,10 @@ pub struct Vnf {
     /// assignment names; one that learns of a higher epoch stops forwarding.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub epoch: u64,
+    /// Moves of it begun so far (`vnf migrate`): the latest one's id is this count
+    /// ([`crate::api::Migration::id`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub moves: u64,
     /// The QEMU machine type its guest runs on (`pc-i440fx-7.2`), as its active's host last
     /// reported it (vm VNFs): its restarts and moves keep it unless `spec.vm.machine` names
     /// another, so a move to a host with a newer QEMU keeps the guest's hardware.

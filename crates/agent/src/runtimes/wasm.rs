@@ -1679,6 +1679,7 @@ spec:
             standby: (role == Role::Active).then(|| telvirt_model::api::StandbyPeer {
                 host: "h2".into(),
                 address: "127.0.0.1:9".into(),
+                move_id: 0,
             }),
             epoch,
             incoming_from: None,
