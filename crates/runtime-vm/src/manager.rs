@@ -603,6 +603,9 @@ struct Inner {
     /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
     /// event, µs since the Unix epoch): set once, so a later unlock's resume is not taken for it.
     arrival_resumed_at: std::sync::OnceLock<u64>,
+    /// On a move's destination: the guest agent's socket, connected when the stream was taken
+    /// ([`VmHandle::prepare_arrival`]), for the resume to take.
+    arrival_agent: Mutex<Option<AgentClient>>,
 }
 
 /// Whether a handle's QEMU was started by this process or adopted from one before it.
@@ -681,6 +684,7 @@ impl VmHandle {
                 adopted,
                 confinement: p.confinement,
                 arrival_resumed_at: std::sync::OnceLock::new(),
+                arrival_agent: Mutex::new(None),
             }),
         }
     }
@@ -819,20 +823,44 @@ impl VmHandle {
         std::fs::read(self.inner.dir.join(INCOMING_MARK)).is_ok_and(|m| m == STREAM_TAKEN)
     }
 
-    /// Resumes a guest that came in by migration: connects to its agent's socket first, so
-    /// the guest never sees its host side closed (its port was open on the source), then
-    /// `cont`, then waits for the agent (when the configuration has one). Answers how long
-    /// `cont` took.
+    /// On a move's destination, before it takes the stream: connects to the guest agent's
+    /// socket (when the configuration has one), so the guest never sees its host side closed
+    /// (its port was open on the source), then, for a guest without a disk, `cont`, which
+    /// QEMU takes while it waits for a stream as "resume the guest the moment the stream
+    /// completes": the resume then costs the guest's pause no round trip to this process. A
+    /// guest with a disk is resumed after the stream ([`VmHandle::resume_incoming`]): QEMU
+    /// would take its image over from the source at once (telvirt moves no disks).
+    pub(crate) async fn prepare_arrival(&self) -> Result<()> {
+        let mut early = self.inner.arrival_agent.lock().await;
+        if early.is_none() && self.inner.config.wait_for_agent {
+            *early = Some(AgentClient::connect(&self.inner.dir.join("agent.sock")).await?);
+        }
+        if self.inner.config.disk.is_none() {
+            self.inner.qmp.cont().await?;
+        }
+        Ok(())
+    }
+
+    /// Resumes a guest that came in by migration, unless QEMU did as the stream completed
+    /// ([`VmHandle::prepare_arrival`]), with its agent's socket connected before (or now,
+    /// when the stream was taken without it), then waits for the agent (when the
+    /// configuration has one). Answers how long the resume took here.
     pub(crate) async fn resume_incoming(&self) -> Result<Duration> {
-        let agent = if self.inner.config.wait_for_agent {
-            Some(AgentClient::connect(&self.inner.dir.join("agent.sock")).await?)
-        } else {
-            None
+        let early = self.inner.arrival_agent.lock().await.take();
+        let agent = match early {
+            Some(a) => Some(a),
+            None if self.inner.config.wait_for_agent => {
+                Some(AgentClient::connect(&self.inner.dir.join("agent.sock")).await?)
+            }
+            None => None,
         };
         let started = std::time::Instant::now();
-        self.inner.qmp.cont().await?;
+        // QEMU resumed it itself as the stream completed when the stream was taken after
+        // [`VmHandle::prepare_arrival`]: a `cont` then would add a STOP and RESUME of its own.
+        crate::migrate::resume_if_stopped(&self.inner.qmp).await?;
         let resumed = started.elapsed();
-        // QEMU sends its RESUME event before its answer to `cont`: read now, it is this one.
+        // QEMU sends its RESUME event before its answers (to `cont`, or to the query that
+        // found the stream completed): read now, it is this one.
         if let Some(at) = self.inner.qmp.last_event_at("RESUME") {
             let _ = self.inner.arrival_resumed_at.set(at);
         }

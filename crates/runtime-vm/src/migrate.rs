@@ -303,7 +303,7 @@ pub(crate) async fn end_orphaned_stream(
 }
 
 /// `cont` a guest that is stopped (at a commit point, after a cancelled stream).
-async fn resume_if_stopped(qmp: &QmpClient) -> Result<()> {
+pub(crate) async fn resume_if_stopped(qmp: &QmpClient) -> Result<()> {
     if !qmp.query_status().await?.running {
         qmp.cont().await?;
     }
@@ -581,6 +581,7 @@ impl VmHandle {
             });
         }
         let uri = from.uri(self.qmp()).await?;
+        self.prepare_arrival().await?;
         self.qmp()
             .execute_raw(
                 "migrate-incoming",
@@ -601,8 +602,8 @@ impl VmHandle {
     }
 
     /// On the destination: waits up to `deadline` for the incoming stream to complete, then
-    /// resumes the guest here and reconnects to its agent (when the configuration waits for
-    /// one). Answers how long resuming (`cont`) took.
+    /// resumes the guest here unless QEMU did as it completed, and waits for its agent (when
+    /// the configuration has one). Answers how long the resume took here.
     pub async fn finish_incoming(&self, deadline: Duration) -> Result<Duration> {
         if self.phase() != VmPhase::Incoming {
             return Err(Error::Migration {
