@@ -645,7 +645,8 @@ impl Controller {
             let v = &mut record.vnf;
             let phase = v.phase;
             match v.migration.as_mut() {
-                Some(now) if now.to == m.to && now.handoff_at.is_none() => {
+                // This move (not a new one to the same host begun meanwhile).
+                Some(now) if now.id == m.id && now.to == m.to && now.handoff_at.is_none() => {
                     now.handoff_at = Some(at.clone());
                     v.reason = Some(reason.clone());
                     asked = true;

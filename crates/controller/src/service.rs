@@ -1822,7 +1822,14 @@ impl Controller {
                     };
                     return Ok(event.map(|e| (vnf.phase, e, format!("agent/{host}"))));
                 }
-                vnf.replication = obs.replication.clone();
+                // A report of another move's stream (one cancelled, its report late) is not
+                // this move's: the move's own report stays until its stream reports again.
+                let other_move = obs.replication.as_ref().is_some_and(|r| {
+                    r.move_id != 0 && vnf.migration.as_ref().is_some_and(|m| !r.serves(m))
+                });
+                if !other_move {
+                    vnf.replication = obs.replication.clone();
+                }
                 // The machine type its guest runs on: what its restarts and moves keep.
                 if let Some(m) = obs
                     .machine

@@ -802,6 +802,8 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     report(&node.controller, "h2", Phase::Running, Some(cancelled)).await;
     let v = node.vnf_json("u1").await;
     assert!(v["migration"].get("committed_at").is_none(), "{v}");
+    // Nor does it stand for this move's stream, which has not reported yet.
+    assert!(v.get("replication").is_none(), "{v}");
     // The same report of this move's stream does.
     let this = ReplicationStatus {
         move_id: second_move,

@@ -213,9 +213,10 @@ impl VmManager {
     /// Start the destination of a live migration: the VM of `cfg` (the source's configuration,
     /// with this side's name, state dir and CPUs) launched paused with `-incoming defer`,
     /// pinned, its peripherals plugged, `tuning`'s capabilities and parameters set, and
-    /// waiting for the source's stream on `from` (`migrate-incoming`). Then
-    /// [`VmHandle::finish_incoming`] waits for the stream and resumes the guest here. Any
-    /// failure kills the QEMU it started.
+    /// waiting for the source's stream on `from` (`migrate-incoming`; QEMU resumes the guest
+    /// as the stream completes). Then
+    /// [`VmHandle::finish_incoming`] waits for the stream and the guest's agent. Any failure
+    /// kills the QEMU it started.
     pub async fn start_incoming(
         &self,
         cfg: VmConfig,
@@ -480,8 +481,9 @@ impl VmManager {
             }));
         });
         let still_streaming = orphan.as_ref().is_some_and(|o| !o.ended);
-        // A move's destination whose stream completed while no agent watched: its guest
-        // waits, paused, to be resumed here ([`VmHandle::finish_incoming`]).
+        // A move's destination whose stream completed while no agent watched, paused (a guest
+        // with a disk, which QEMU does not start by itself): it waits to be resumed here
+        // ([`VmHandle::finish_incoming`]). A guest without one runs already.
         let arrived_unresumed = dir.join(INCOMING_MARK).exists();
         if status.status == "running" {
             // Resumed (by the agent that died before it removed the mark): an ordinary guest.

@@ -378,8 +378,8 @@ impl VmHandle {
     /// Migrates this running VM to the destination listening on `to` (started with
     /// [`crate::VmManager::start_incoming`] and the same `tuning`), reporting progress to
     /// `progress` about every 20 ms. Answers the final report once QEMU says `completed`: the
-    /// guest then waits, stopped, on this side (`postmigrate`) until it is stopped here and
-    /// resumed there ([`VmHandle::finish_incoming`]). When the stream fails, or `deadline`
+    /// guest then waits, stopped, on this side (`postmigrate`) until it is stopped here; it
+    /// runs there ([`VmHandle::finish_incoming`]). When the stream fails, or `deadline`
     /// passes (the migration is cancelled then), the guest goes on running here and the error
     /// says why.
     pub async fn migrate_to(
@@ -580,8 +580,10 @@ impl VmHandle {
                 reason: "not waiting for a migration stream".to_owned(),
             });
         }
-        let uri = from.uri(self.qmp()).await?;
+        // Before QEMU holds the stream's socket: should this fail, the socket closes with its
+        // owner and the source sees its stream fail at once.
         self.prepare_arrival().await?;
+        let uri = from.uri(self.qmp()).await?;
         self.qmp()
             .execute_raw(
                 "migrate-incoming",

@@ -152,17 +152,14 @@ impl VmRuntime {
                 .finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE)
                 .await
             {
-                Ok(resumed) => {
+                Ok(_) => {
                     // The guest's own uptime says it was not booted again.
                     let uptime = handle
                         .health(Duration::from_secs(5))
                         .await
                         .map(|h| format!("; its guest has been up {} s", h.uptime_ms / 1000))
                         .unwrap_or_default();
-                    let note = format!(
-                        "arrived by a migration stream, resumed in {} ms{uptime}",
-                        resumed.as_millis()
-                    );
+                    let note = format!("arrived by a migration stream, running here{uptime}");
                     tracing::info!(vnf = %name, "{note}");
                     lock(&arrivals).insert(name.clone(), note);
                 }
