@@ -1827,7 +1827,15 @@ impl Controller {
                 let other_move = obs.replication.as_ref().is_some_and(|r| {
                     r.move_id != 0 && vnf.migration.as_ref().is_some_and(|m| !r.serves(m))
                 });
-                if !other_move {
+                // Nor is one that left before the failure recorded for its stream (a commit
+                // asked ahead, sent alongside): it would commit a stream that failed.
+                let outdated = obs
+                    .replication
+                    .as_ref()
+                    .zip(vnf.replication.as_ref())
+                    .is_some_and(|(new, recorded)| new.outdated_by(recorded));
+                let kept = other_move || outdated;
+                if !kept {
                     vnf.replication = obs.replication.clone();
                 }
                 // The machine type its guest runs on: what its restarts and moves keep.
@@ -1849,7 +1857,7 @@ impl Controller {
                 let committing = obs
                     .replication
                     .as_ref()
-                    .filter(|_| commit_point)
+                    .filter(|_| commit_point && !kept)
                     .and_then(|r| Some((r, r.guest.as_ref()?.opened_ms)));
                 if let Some((r, opened)) = committing
                     && let Some(m) = vnf.migration.as_mut().filter(|m| r.serves(m))

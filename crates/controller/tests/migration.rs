@@ -855,6 +855,10 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         ..late.clone()
     };
     report(&node.controller, "h2", Phase::Running, Some(failed)).await;
+    // The ahead ask's own report, sent alongside, lands after the failure: it left before,
+    // and commits nothing.
+    report(&node.controller, "h2", Phase::Running, Some(active(true))).await;
+    assert_eq!(node.vnf_json("u1").await["replication"]["state"], "failing");
     assert_eq!(migrate(&node, r#"{"cancel": true}"#).await.status, 200);
     report(&node.controller, "h2", Phase::Running, None).await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
@@ -939,7 +943,8 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             dirty_pages_per_s: 0,
             downtime_ms: Some(42),
             stopped_at_us: Some(1_800_000_000_000_000),
-            opened_ms: 1_000,
+            // The committed stream's.
+            opened_ms: 2_000,
             ..Default::default()
         }),
         packets_passed: 0,

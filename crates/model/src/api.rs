@@ -703,6 +703,20 @@ impl ReplicationStatus {
     pub fn serves(&self, m: &Migration) -> bool {
         self.standby_host == m.to && (self.move_id == m.id || self.move_id == 0 || m.id == 0)
     }
+
+    /// Whether this report of a guest's stream left its agent before the failure `recorded`
+    /// for the same stream (same destination, move and `opened_ms`): a stream that failed
+    /// stays failed, its source opens the next one later. Reports without an `opened_ms`
+    /// (from before streams had one) are never outdated.
+    pub fn outdated_by(&self, recorded: &ReplicationStatus) -> bool {
+        let opened = |r: &ReplicationStatus| r.guest.as_ref().map(|g| g.opened_ms);
+        recorded.state == "failing"
+            && self.state != "failing"
+            && self.standby_host == recorded.standby_host
+            && self.move_id == recorded.move_id
+            && opened(self).is_some_and(|o| o != 0)
+            && opened(self) == opened(recorded)
+    }
 }
 
 fn is_zero_u64(n: &u64) -> bool {
