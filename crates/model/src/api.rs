@@ -882,6 +882,67 @@ pub struct VnfWatchEvent {
 mod tests {
     use super::*;
 
+    fn a_move(id: u64) -> Migration {
+        Migration {
+            id,
+            to: "h3".into(),
+            from: "h2".into(),
+            started_at: String::new(),
+            by: "admin".into(),
+            engine: None,
+            handoff_at: None,
+            committed_at: None,
+            committed_stream: None,
+            resumed_at_us: None,
+        }
+    }
+
+    fn stream(state: &str, move_id: u64, opened_ms: u64) -> ReplicationStatus {
+        ReplicationStatus {
+            standby_host: "h3".into(),
+            state: state.into(),
+            move_id,
+            guest: Some(GuestStream {
+                status: "active".into(),
+                opened_ms,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_report_serves_its_own_move_to_its_host_and_one_without_an_id_serves_any() {
+        let r = stream("streaming", 2, 1_000);
+        assert!(r.serves(&a_move(2)));
+        assert!(!r.serves(&a_move(1)), "an earlier move to the same host");
+        assert!(!r.serves(&Migration {
+            to: "h4".into(),
+            ..a_move(2)
+        }));
+        // From before moves had ids: a report or a record without one.
+        assert!(stream("streaming", 0, 1_000).serves(&a_move(2)));
+        assert!(r.serves(&a_move(0)));
+    }
+
+    #[test]
+    fn a_report_that_left_before_its_streams_failure_is_outdated_and_a_later_stream_is_not() {
+        let failed = stream("failing", 2, 1_000);
+        assert!(stream("streaming", 2, 1_000).outdated_by(&failed));
+        // Another stream (opened later), another move, another host, or no stream time.
+        assert!(!stream("streaming", 2, 2_000).outdated_by(&failed));
+        assert!(!stream("streaming", 3, 1_000).outdated_by(&failed));
+        assert!(!stream("streaming", 2, 0).outdated_by(&stream("failing", 2, 0)));
+        let elsewhere = ReplicationStatus {
+            standby_host: "h4".into(),
+            ..stream("streaming", 2, 1_000)
+        };
+        assert!(!elsewhere.outdated_by(&failed));
+        // A failure again, or a report after one that did not fail, is taken.
+        assert!(!stream("failing", 2, 1_000).outdated_by(&failed));
+        assert!(!stream("streaming", 2, 1_000).outdated_by(&stream("streaming", 2, 1_000)));
+    }
+
     fn entry(key: &str, value: &str) -> MapEntry {
         MapEntry {
             key: key.into(),
