@@ -17,7 +17,9 @@ pub mod replication;
 pub mod runtime;
 pub mod runtimes;
 
-pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
+pub use discovery::{
+    HostFacts, SysRoots, budget_memory, cpu_identity, default_memory_reserve, discover, host_cpu,
+};
 pub use network_sync::network_loop;
 pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};

@@ -222,6 +222,23 @@ pub(crate) fn vm_move_refusal(
             "host {host} runs guests under TCG and vnf {name}'s guest runs under KVM: a KVM guest moves only to a host whose KVM runs guests"
         ));
     }
+    // A KVM guest on its host's CPU (no named model) sees that CPU: it moves only to a host
+    // with the same one (when both hosts say which they have).
+    let named_model = v
+        .descriptor
+        .spec
+        .vm
+        .as_ref()
+        .is_some_and(|vm| vm.cpu_model.is_some());
+    if accel == Some(Accelerator::Kvm)
+        && !named_model
+        && let (Some(mine), Some(theirs)) = (here.cpu.as_deref(), there.cpu.as_deref())
+        && mine != theirs
+    {
+        return Some(format!(
+            "host {host}'s CPU ({theirs}) is not host {from}'s ({mine}), and vnf {name}'s guest runs under KVM on its host's CPU: it moves only to a host with the same CPU; name a CPU model both have in spec.vm.cpu_model to move it between different CPUs"
+        ));
+    }
     let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
         return None;
     };
@@ -764,6 +781,7 @@ mod tests {
             qemu: qemu.map(str::to_owned),
             qemu_machines: machines.iter().map(|m| (*m).to_owned()).collect(),
             accel: None,
+            cpu: None,
             tunnel: None,
         }
     }
@@ -927,5 +945,35 @@ mod tests {
         for there in [on(Some(Accelerator::Kvm)), on(Some(Accelerator::Tcg))] {
             assert_eq!(vm_move_refusal(&guest, "h1", &here, "h2", &there), None);
         }
+    }
+
+    /// A KVM guest on its host's CPU moves only to a host that reports the same CPU (or does
+    /// not say); with a named CPU model, or under TCG, the hosts' CPUs are not compared.
+    #[test]
+    fn a_kvm_guest_on_its_hosts_cpu_moves_only_to_the_same_cpu_unless_it_names_a_model() {
+        let with = |cpu: Option<&str>| {
+            let mut h = host(Some("7.2"), OLD);
+            (h.accel, h.cpu) = (Some(Accelerator::Kvm), cpu.map(str::to_owned));
+            h
+        };
+        let mut guest = vm(Some("pc-i440fx-7.2"));
+        guest.accel = Some(Accelerator::Kvm);
+        let here = with(Some("GenuineIntel 6/85/7 flags 0a1b2c3d"));
+        let other = with(Some("AuthenticAMD 25/1/1 flags 44556677"));
+        let why = vm_move_refusal(&guest, "h1", &here, "h2", &other).unwrap();
+        assert!(
+            why.contains("host h2's CPU (AuthenticAMD 25/1/1") && why.contains("spec.vm.cpu_model"),
+            "{why}"
+        );
+        for there in [with(Some("GenuineIntel 6/85/7 flags 0a1b2c3d")), with(None)] {
+            assert_eq!(vm_move_refusal(&guest, "h1", &here, "h2", &there), None);
+        }
+        let mut named = guest.clone();
+        if let Some(vm) = named.descriptor.spec.vm.as_mut() {
+            vm.cpu_model = Some("Haswell-v4".into());
+        }
+        assert_eq!(vm_move_refusal(&named, "h1", &here, "h2", &other), None);
+        guest.accel = Some(Accelerator::Tcg);
+        assert_eq!(vm_move_refusal(&guest, "h1", &here, "h2", &other), None);
     }
 }

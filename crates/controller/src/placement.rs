@@ -162,6 +162,7 @@ pub fn host_view(record: &HostRecord, life: HostLife, map: &sched::coremap::Host
         qemu: record.qemu.clone(),
         qemu_machines: record.qemu_machines.clone(),
         accel: record.accel,
+        cpu: record.cpu.clone(),
         tunnel: record.tunnel.clone(),
         cpus,
     }

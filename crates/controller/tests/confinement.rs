@@ -80,6 +80,7 @@ fn host(spec: HostSpec) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
         accel: None,
+        cpu: None,
         spec,
         memory_bytes: 0,
         hugepages: Vec::new(),

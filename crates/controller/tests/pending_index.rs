@@ -104,6 +104,7 @@ fn host() -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
         accel: None,
+        cpu: None,
         spec: HostSpec {
             name: "h1".into(),
             topology: Some(TopologySpec {

@@ -452,6 +452,30 @@ spec:
             e.contains("spec.vm.accel") && e.contains("kvm") && e.contains("tcg"),
             "{e}"
         );
+        let cpu = |value: &str| {
+            edit(
+                VM,
+                "emulator: isolate",
+                &format!("emulator: isolate\n    cpu_model: {value}"),
+            )
+        };
+        let model = |d: VnfDescriptor| d.spec.vm.and_then(|vm| vm.cpu_model);
+        assert_eq!(
+            model(yaml(&cpu("Haswell-v4")).unwrap()).as_deref(),
+            Some("Haswell-v4")
+        );
+        assert_eq!(model(yaml(VM).unwrap()), None);
+        for (bad, why) in [
+            ("host", "the host's CPU"),
+            ("max", "leave it out"),
+            ("\"Has well\"", "not a QEMU CPU model name"),
+            ("\"-cpu\"", "starting with a letter or digit"),
+            ("\"Haswell,+vmx\"", "not a QEMU CPU model name"),
+        ] {
+            let e = refused(&cpu(bad));
+            assert_eq!(e.path, "spec.vm.cpu_model", "{bad}: {e}");
+            assert!(e.reason.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -332,6 +332,14 @@ pub struct VmSpec {
     /// status): a guest is never moved between a KVM and a TCG QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<Accelerator>,
+    /// The CPU model its guest sees, a QEMU model name (`Haswell-v4`, `EPYC-v3`, as `qemu
+    /// -cpu help` lists them): the same CPU on every host, so under KVM the guest moves
+    /// between hosts with different CPUs (QEMU refuses to start it where the host's CPU
+    /// lacks one of the model's features). Left out, the guest sees the host's CPU under KVM
+    /// (`-cpu host`: it moves only to a host that reports the same CPU) and QEMU's `max`
+    /// under TCG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
 }
 
 /// How a vm VNF's QEMU runs its guest's CPUs.
@@ -371,6 +379,28 @@ pub const MACHINE_ALIAS: &str = "pc";
 const MACHINE_PREFIX: &str = "pc-i440fx-";
 
 /// Whether `machine` is `pc` or `pc-i440fx-MAJOR.MINOR`; the reason when not.
+/// Whether `model` may name a vm guest's CPU model (`spec.vm.cpu_model`): a QEMU model name
+/// (letters, digits, `.`, `_`, `-`; at most 64), not `host` or `max`, which are the host's CPU
+/// and the default when the field is left out. Whether the host's QEMU has it, its start says.
+pub fn check_cpu_model(model: &str) -> std::result::Result<(), String> {
+    if model == "host" || model == "max" {
+        return Err(format!(
+            "`{model}` is what a guest gets with no cpu_model (the host's CPU under KVM, `max` under TCG); name a QEMU CPU model the guest keeps on every host, such as `Haswell-v4` or `EPYC-v3`, or leave it out"
+        ));
+    }
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if model.is_empty()
+        || model.len() > 64
+        || !model.starts_with(|c: char| c.is_ascii_alphanumeric())
+        || !model.chars().all(valid)
+    {
+        return Err(format!(
+            "`{model}` is not a QEMU CPU model name: 1 to 64 letters, digits, `.`, `_` or `-`, starting with a letter or digit, such as `Haswell-v4`"
+        ));
+    }
+    Ok(())
+}
+
 pub fn check_machine_type(machine: &str) -> std::result::Result<(), String> {
     if machine == MACHINE_ALIAS || machine_version(machine).is_some() {
         return Ok(());
@@ -951,6 +981,11 @@ fn check_vm(vm: &VmSpec, ports: &BTreeSet<&Name>, out: &mut Vec<FieldError>) {
         && let Err(why) = check_machine_type(m)
     {
         out.push(FieldError::new("spec.vm.machine", why));
+    }
+    if let Some(m) = &vm.cpu_model
+        && let Err(why) = check_cpu_model(m)
+    {
+        out.push(FieldError::new("spec.vm.cpu_model", why));
     }
     for (i, nic) in vm.nics.iter().enumerate() {
         if !ports.contains(&nic.port) {

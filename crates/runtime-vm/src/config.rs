@@ -302,6 +302,11 @@ pub struct VmConfig {
     /// (`None`: `pc`). A started VM's config holds the versioned type its QEMU resolved.
     #[serde(default)]
     pub machine: Option<String>,
+    /// The guest's CPU model, a QEMU model name (`Haswell-v4`): the same CPU on every host.
+    /// `None`: the host's CPU under KVM (`-cpu host`), `max` under TCG. Under KVM QEMU is
+    /// asked to enforce it (it refuses to start where the host's CPU lacks a feature of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_model: Option<String>,
 }
 
 impl VmConfig {
@@ -331,6 +336,7 @@ impl VmConfig {
             ready_timeout: Duration::from_secs(120),
             stop_timeout: Duration::from_secs(30),
             machine: None,
+            cpu_model: None,
         }
     }
 
@@ -372,6 +378,12 @@ impl VmConfig {
         if let Some(m) = &self.machine {
             check_machine_type(m).map_err(|reason| Error::InvalidConfig {
                 field: "machine",
+                reason,
+            })?;
+        }
+        if let Some(m) = &self.cpu_model {
+            telvirt_model::vnf::check_cpu_model(m).map_err(|reason| Error::InvalidConfig {
+                field: "cpu_model",
                 reason,
             })?;
         }

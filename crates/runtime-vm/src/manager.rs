@@ -1356,7 +1356,15 @@ pub fn qemu_args(
         format!("{machine_type},accel={}", accel.as_str())
     };
     push(&["-machine", &machine]);
-    push(&["-cpu", if accel == Accel::Kvm { "host" } else { "max" }]);
+    let cpu = match (&cfg.cpu_model, accel) {
+        // Under KVM a named model's features must all be there: the guest would otherwise
+        // see another CPU here than on the host it moves from.
+        (Some(model), Accel::Kvm) => format!("{model},enforce"),
+        (Some(model), Accel::Tcg) => model.clone(),
+        (None, Accel::Kvm) => "host".to_owned(),
+        (None, Accel::Tcg) => "max".to_owned(),
+    };
+    push(&["-cpu", &cpu]);
     push(&[
         "-smp",
         &cfg.vcpus.to_string(),
@@ -1512,6 +1520,16 @@ mod tests {
         let j = h.join(" ");
         assert!(j.contains("memory-backend-file,id=tv-mem,size=512M,mem-path=/dev/hugepages,share=on,prealloc=on"), "{j}");
         assert!(j.contains("-cpu host"), "{j}");
+        assert!(
+            qemu_args(&c, Path::new("/d"), Accel::Tcg, None)
+                .join(" ")
+                .contains("-cpu max"),
+        );
+        // A named model: the same CPU on every host, enforced under KVM.
+        c.cpu_model = Some("Haswell-v4".into());
+        let named = |accel| qemu_args(&c, Path::new("/d"), accel, None).join(" ");
+        assert!(named(Accel::Kvm).contains("-cpu Haswell-v4,enforce"));
+        assert!(named(Accel::Tcg).contains("-cpu Haswell-v4 "));
     }
 
     #[test]

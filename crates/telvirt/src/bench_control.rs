@@ -308,6 +308,7 @@ fn host(name: String, per_host: u32) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
         accel: None,
+        cpu: None,
         spec: HostSpec {
             name,
             topology: Some(TopologySpec {

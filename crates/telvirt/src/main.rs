@@ -510,6 +510,11 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                         }
                     );
                 }
+                if let Some(cpu) = &host.cpu {
+                    println!(
+                        "CPU {cpu} (a KVM guest on its host's CPU moves here only from the same CPU; one with spec.vm.cpu_model from any)"
+                    );
+                }
                 println!();
                 print!(
                     "{}",

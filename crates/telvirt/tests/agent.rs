@@ -838,13 +838,18 @@ static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The value of `-machine` on QEMU `pid`'s command line.
 fn qemu_machine(pid: i32) -> String {
+    qemu_option(pid, "-machine")
+}
+
+/// The value of option `flag` on QEMU `pid`'s command line.
+fn qemu_option(pid: i32, flag: &str) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
     args.iter()
-        .position(|a| a == "-machine")
+        .position(|a| a == flag)
         .and_then(|i| args.get(i + 1).cloned())
         .unwrap_or_default()
 }
@@ -958,7 +963,12 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         &[("TELVIRT_GUEST_BIN", &guest)],
     );
     node.ok(&["host", "cordon", "a2"]);
-    node.create("vmmove1.yaml", MOVING_VM);
+    // A named CPU model: the guest's CPU on every host (a KVM guest on its host's CPU moves
+    // only between hosts with the same one).
+    node.create(
+        "vmmove1.yaml",
+        &MOVING_VM.replace("memory: 256MiB", "memory: 256MiB, cpu_model: Westmere-v1"),
+    );
     let booted = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| {
         assert!(
             !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
@@ -981,6 +991,7 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         "{}",
         qemu_machine(source)
     );
+    assert_eq!(qemu_option(source, "-cpu"), "Westmere-v1");
     // And the accelerator it runs with (TCG here), which its move keeps.
     let accel = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| v["accel"].is_string())["accel"]
         .as_str()
@@ -1097,6 +1108,8 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         qemu_machine(dest)
     );
     assert_eq!(moved["accel"], accel.as_str(), "{moved}");
+    // The destination gave the guest the model it names, as its source did.
+    assert_eq!(qemu_option(dest, "-cpu"), "Westmere-v1");
     let vcpus = common::cpu_list(&moved["placements"][0]["vcpus"][0]);
     assert_eq!(
         common::allowed_cpus(dest, true),

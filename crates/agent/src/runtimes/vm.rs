@@ -454,6 +454,7 @@ pub fn vm_config(
     cfg.lock_memory = vm.lock_memory;
     cfg.append = vm.cmdline.clone();
     cfg.machine = vm.machine.clone();
+    cfg.cpu_model = vm.cpu_model.clone();
     cfg.disk = vm.disk.as_ref().map(|d| DiskImage {
         path: PathBuf::from(d),
         format: disk_format(d),
@@ -524,11 +525,7 @@ pub fn grant(device: &DeviceGrant) -> Grant {
 /// A locally administered unicast MAC for NIC `index` of VM `vnf`: `52`, four bytes of a hash
 /// of the name, the index.
 fn nic_mac(vnf: &str, index: usize) -> String {
-    // FNV-1a: stable across builds and platforms.
-    let h = vnf.bytes().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    });
-    let b = h.to_be_bytes();
+    let b = crate::discovery::stable_hash(vnf.as_bytes()).to_be_bytes();
     format!(
         "52:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         b[0], b[1], b[2], b[3], index as u8

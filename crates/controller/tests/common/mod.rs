@@ -57,6 +57,7 @@ impl Node {
             .register_host(HostRecord {
                 qemu_machines: Vec::new(),
                 accel: None,
+                cpu: None,
                 spec: HostSpec {
                     name: "h1".into(),
                     topology: Some(TopologySpec {
@@ -544,6 +545,7 @@ pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
         accel: None,
+        cpu: None,
         spec: HostSpec {
             name: name.into(),
             topology: Some(TopologySpec {
