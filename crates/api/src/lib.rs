@@ -144,8 +144,8 @@ pub struct HostRecord {
     /// `--accel`, or a probe boot's cached answer): a KVM guest does not move to a TCG host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<telvirt_model::vnf::Accelerator>,
-    /// Its CPU as a KVM guest on the host's CPU sees it (vendor, family/model/stepping and a
-    /// hash of the feature flags): such a guest moves only to a host with the same one.
+    /// Its CPU as a KVM guest on the host's CPU sees it (vendor, family/model/stepping and
+    /// model name): such a guest moves only to a host with the same one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
     /// Where this host's data plane receives the VXLAN tunnels of links from other hosts

@@ -198,7 +198,9 @@ fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
 
 /// Why vm VNF `v` cannot move from host `from` (`here`) to `host` (`there`), or `None` when it
 /// can. A guest under KVM moves only to a host whose guests run under KVM (its stream carries
-/// the host CPU model; a TCG guest may move anywhere, its destination emulates it too). QEMU takes a guest's stream only from the same or an older version, on the machine
+/// the host CPU model; a TCG guest may move anywhere, its destination emulates it too), and
+/// one on its host's CPU (no `spec.vm.cpu_model`) only to a host that reports the same CPU.
+/// QEMU takes a guest's stream only from the same or an older version, on the machine
 /// type the guest runs on: the destination's QEMU must be no older and have that type (the
 /// controller pins it on the destination). A host that reports no version is not compared;
 /// without the guest's machine type or the destination's list, the versions must be equal.
@@ -230,13 +232,14 @@ pub(crate) fn vm_move_refusal(
         .vm
         .as_ref()
         .is_some_and(|vm| vm.cpu_model.is_some());
-    if accel == Some(Accelerator::Kvm)
+    // Its accelerator, or when it was never reported its host's.
+    if accel.or(here.accel) == Some(Accelerator::Kvm)
         && !named_model
         && let (Some(mine), Some(theirs)) = (here.cpu.as_deref(), there.cpu.as_deref())
         && mine != theirs
     {
         return Some(format!(
-            "host {host}'s CPU ({theirs}) is not host {from}'s ({mine}), and vnf {name}'s guest runs under KVM on its host's CPU: it moves only to a host with the same CPU; name a CPU model both have in spec.vm.cpu_model to move it between different CPUs"
+            "host {host}'s CPU ({theirs}) is not host {from}'s ({mine}), and vnf {name}'s guest runs under KVM on its host's CPU: it moves only to a host with the same CPU (a VNF created with spec.vm.cpu_model, a CPU model both hosts have, moves between different CPUs; the field is taken only at creation)"
         ));
     }
     let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
@@ -973,6 +976,9 @@ mod tests {
             vm.cpu_model = Some("Haswell-v4".into());
         }
         assert_eq!(vm_move_refusal(&named, "h1", &here, "h2", &other), None);
+        // A guest whose accelerator was never reported runs with its host's.
+        guest.accel = None;
+        assert!(vm_move_refusal(&guest, "h1", &here, "h2", &other).is_some());
         guest.accel = Some(Accelerator::Tcg);
         assert_eq!(vm_move_refusal(&guest, "h1", &here, "h2", &other), None);
     }

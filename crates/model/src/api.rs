@@ -488,9 +488,9 @@ pub struct HostView {
     /// `--accel`, or a probe boot's cached answer): a KVM guest does not move to a TCG host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<crate::vnf::Accelerator>,
-    /// Its CPU as a KVM guest on the host's CPU sees it (vendor, family/model/stepping and a
-    /// hash of the feature flags): such a guest (no `spec.vm.cpu_model`) moves only to a host
-    /// with the same one.
+    /// Its CPU as a KVM guest on the host's CPU sees it (vendor, family/model/stepping and
+    /// model name): such a guest (no `spec.vm.cpu_model`) moves only to a host with the same
+    /// one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
     /// Where this host's data plane takes links from other hosts (VXLAN over UDP) and its

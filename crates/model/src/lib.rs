@@ -468,6 +468,7 @@ spec:
         for (bad, why) in [
             ("host", "the host's CPU"),
             ("max", "leave it out"),
+            ("help", "-cpu help"),
             ("\"Has well\"", "not a QEMU CPU model name"),
             ("\"-cpu\"", "starting with a letter or digit"),
             ("\"Haswell,+vmx\"", "not a QEMU CPU model name"),

@@ -378,11 +378,15 @@ pub struct NicSpec {
 pub const MACHINE_ALIAS: &str = "pc";
 const MACHINE_PREFIX: &str = "pc-i440fx-";
 
-/// Whether `machine` is `pc` or `pc-i440fx-MAJOR.MINOR`; the reason when not.
 /// Whether `model` may name a vm guest's CPU model (`spec.vm.cpu_model`): a QEMU model name
 /// (letters, digits, `.`, `_`, `-`; at most 64), not `host` or `max`, which are the host's CPU
 /// and the default when the field is left out. Whether the host's QEMU has it, its start says.
 pub fn check_cpu_model(model: &str) -> std::result::Result<(), String> {
+    if model == "help" {
+        return Err(
+            "`help` lists QEMU's CPU models (`qemu-system-x86_64 -cpu help`); name one of them, such as `Haswell-v4`".to_owned(),
+        );
+    }
     if model == "host" || model == "max" {
         return Err(format!(
             "`{model}` is what a guest gets with no cpu_model (the host's CPU under KVM, `max` under TCG); name a QEMU CPU model the guest keeps on every host, such as `Haswell-v4` or `EPYC-v3`, or leave it out"
@@ -401,6 +405,7 @@ pub fn check_cpu_model(model: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// Whether `machine` is `pc` or `pc-i440fx-MAJOR.MINOR`; the reason when not.
 pub fn check_machine_type(machine: &str) -> std::result::Result<(), String> {
     if machine == MACHINE_ALIAS || machine_version(machine).is_some() {
         return Ok(());

@@ -525,7 +525,11 @@ pub fn grant(device: &DeviceGrant) -> Grant {
 /// A locally administered unicast MAC for NIC `index` of VM `vnf`: `52`, four bytes of a hash
 /// of the name, the index.
 fn nic_mac(vnf: &str, index: usize) -> String {
-    let b = crate::discovery::stable_hash(vnf.as_bytes()).to_be_bytes();
+    // FNV-1a: stable across builds and platforms.
+    let h = vnf.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let b = h.to_be_bytes();
     format!(
         "52:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
         b[0], b[1], b[2], b[3], index as u8
