@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use reqwest::Method;
 use telvirt_model::api::{MigrateRequest, ReplicationStatus};
-use telvirt_model::{Role, Vnf, WasmEngine};
+use telvirt_model::{Event, Role, Vnf, WasmEngine};
 
 use crate::cli::Output;
 use crate::client::Client;
@@ -74,6 +74,14 @@ fn stream_note(r: &ReplicationStatus) -> String {
         ),
         None => format!("{} {} B", r.state, r.bytes),
     }
+}
+
+/// The figures of a move's switch event (`moved from host A to host B (FIGURES)`): what
+/// streamed, and how long the VNF stood still; `None` for another event.
+fn switch_figures(reason: &str) -> Option<&str> {
+    let rest = reason.strip_prefix("moved from host ")?;
+    let (_, figures) = rest.split_once(" (")?;
+    figures.rfind(')').map(|end| &figures[..end])
 }
 
 fn active_host(v: &Vnf) -> Option<&str> {
@@ -151,6 +159,38 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
     }
     if !output::structured(format, &ended)? {
         println!("vnf/{name} moved from {} to {}", m.from, m.to);
+        // What its switch event says it took (the event is written with the switch).
+        let events: Vec<Event> = client.get(&format!("/v1/vnfs/{name}/events")).await?;
+        if let Some(figures) = events.iter().rev().find_map(|e| switch_figures(&e.reason)) {
+            println!("  {figures}");
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::switch_figures;
+
+    #[test]
+    fn a_switch_events_figures_are_what_its_parentheses_hold() {
+        assert_eq!(
+            switch_figures(
+                "moved from host h1 to host h2 (107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks))"
+            ),
+            Some(
+                "107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks)"
+            )
+        );
+        assert_eq!(
+            switch_figures(
+                "moved from host h1 to host h2, now on engine pulley (12 map updates streamed); host h2 had not reported the guest running by the move's deadline"
+            ),
+            Some("12 map updates streamed")
+        );
+        assert_eq!(
+            switch_figures("moving to host h2 (cpus 1): its state streams"),
+            None
+        );
+    }
 }

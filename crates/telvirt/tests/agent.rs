@@ -917,7 +917,14 @@ fn a_vm_moves_live_to_a_newer_qemu_on_its_machine_type_and_not_back() {
         "a2's QEMU {new} has the guest's {machine}: {a2}"
     );
     node.ok(&["host", "uncordon", "a2"]);
-    node.ok(&["vnf", "migrate", "vmnext1", "--to", "a2"]);
+    // The command says what the move took, as its switch event does.
+    let said = node.ok(&["vnf", "migrate", "vmnext1", "--to", "a2"]);
+    let said = String::from_utf8_lossy(&said.stdout);
+    assert!(
+        said.contains("vnf/vmnext1 moved from a1 to a2\n  ")
+            && said.contains("MiB of guest memory streamed in"),
+        "{said}"
+    );
     let moved = node.wait_vnf_for("vmnext1", VM_DEADLINE, |v| {
         v["phase"] == "Running"
             && v["placements"][0]["host"] == "a2"
@@ -1197,18 +1204,7 @@ fn a_vm_move_whose_destination_agent_restarts_mid_stream_ends_there_with_the_sam
         })
         .collect();
     let _a2 = Agent::start_with_env(&node, &node.server(), "a2-again.log", &args, &env);
-    let logs = || {
-        ["a1.log", "a2.log", "a2-again.log", "serve.log"]
-            .map(|f| {
-                let text = std::fs::read_to_string(node.path(f)).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
-                format!(
-                    "\n--- {f}\n{}",
-                    lines[lines.len().saturating_sub(25)..].join("\n")
-                )
-            })
-            .concat()
-    };
+    let logs = || log_tails(&node, &["a1.log", "a2.log", "a2-again.log", "serve.log"]);
     let deadline = Instant::now() + VM_DEADLINE;
     let moved = loop {
         let v = node.json(&["vnf", "show", "vmmove2"]);
@@ -1241,6 +1237,21 @@ fn a_vm_move_whose_destination_agent_restarts_mid_stream_ends_there_with_the_sam
     // guest itself: which one is the stream's timing), not started again.
     let log = std::fs::read_to_string(node.path("a2-again.log")).unwrap();
     assert!(log.contains("re-adopted running QEMU"), "{log}");
+}
+
+/// The last 25 lines (DEBUG left out) of each of `node`'s log `files`, for a failure's message.
+fn log_tails(node: &Serve, files: &[&str]) -> String {
+    files
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(node.path(f)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.contains("DEBUG")).collect();
+            format!(
+                "\n--- {f}\n{}",
+                lines[lines.len().saturating_sub(25)..].join("\n")
+            )
+        })
+        .collect()
 }
 
 /// Frames the sink of network `net` received (its second link, `net show -o json`).
@@ -1311,7 +1322,8 @@ fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
         );
         assert!(
             Instant::now() < deadline,
-            "no frames across the VM on a2 within {VM_DEADLINE:?}; its console:\n{console}"
+            "no frames across the VM on a2 within {VM_DEADLINE:?}; its console:\n{console}\nlogs: {}",
+            log_tails(&node, &["a1.log", "a2.log", "serve.log"])
         );
     }
     let console = std::fs::read_to_string(&console_log).unwrap();
