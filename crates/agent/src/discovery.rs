@@ -19,6 +19,9 @@ pub struct HostFacts {
     pub spec: HostSpec,
     pub memory_bytes: u64,
     pub hugepages: Vec<HugePageView>,
+    /// Its CPU as KVM's `-cpu host` shows it to a guest ([`cpu_identity`]); `None` when
+    /// `cpuinfo` cannot be read.
+    pub cpu: Option<String>,
 }
 
 /// Where to read from; `/` on a real host.
@@ -163,13 +166,13 @@ pub fn discover(name: &str, roots: &SysRoots) -> Result<HostFacts, AgentError> {
         },
         memory_bytes,
         hugepages: hugepages(&roots.sys.join("kernel/mm/hugepages")),
+        cpu: host_cpu(&roots.proc),
     })
 }
 
-/// This host's CPU as KVM's `-cpu host` shows it to a guest ([`cpu_identity`] of
-/// `/proc/cpuinfo`); `None` when it cannot be read.
-pub fn host_cpu() -> Option<String> {
-    cpu_identity(&fs::read_to_string("/proc/cpuinfo").ok()?)
+/// The CPU of the host whose proc filesystem is `proc` ([`cpu_identity`] of its `cpuinfo`).
+fn host_cpu(proc: &Path) -> Option<String> {
+    cpu_identity(&fs::read_to_string(proc.join("cpuinfo")).ok()?)
 }
 
 /// The first processor of a `/proc/cpuinfo` text as `VENDOR FAMILY/MODEL/STEPPING (MODEL
@@ -353,7 +356,7 @@ mod tests {
         assert_eq!(cpu_identity("processor\t: 0\n"), None);
         // This host's, read as the agent reports it (x86: the platform's hosts).
         if cfg!(target_arch = "x86_64") {
-            assert!(host_cpu().is_some());
+            assert!(host_cpu(&SysRoots::default().proc).is_some());
         }
     }
 

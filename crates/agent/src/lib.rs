@@ -17,9 +17,7 @@ pub mod replication;
 pub mod runtime;
 pub mod runtimes;
 
-pub use discovery::{
-    HostFacts, SysRoots, budget_memory, cpu_identity, default_memory_reserve, discover, host_cpu,
-};
+pub use discovery::{HostFacts, SysRoots, budget_memory, default_memory_reserve, discover};
 pub use network_sync::network_loop;
 pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};

@@ -68,7 +68,6 @@ type Fact = (
     Option<ReplicationStatus>,
     Option<ActiveLost>,
     GuestHardware,
-    Option<u64>,
 );
 
 #[derive(Debug, Default)]
@@ -834,12 +833,9 @@ impl Inner {
         always: bool,
     ) -> Result<(), AgentError> {
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
-        let (hardware, resumed_at_us) = match self.runtimes.get(&a.descriptor.spec.runtime) {
-            Some(runtime) => (
-                runtime.hardware(&a.vnf).await,
-                runtime.resumed_at_us(&a.vnf).await,
-            ),
-            None => (GuestHardware::default(), None),
+        let hardware = match self.runtimes.get(&a.descriptor.spec.runtime) {
+            Some(runtime) => runtime.hardware(&a.vnf).await,
+            None => GuestHardware::default(),
         };
         let active_lost = match a.placement.role {
             Role::Standby => self
@@ -857,7 +853,6 @@ impl Inner {
             replication.clone(),
             active_lost.clone(),
             hardware.clone(),
-            resumed_at_us,
         );
         if !always {
             let known = self.known.lock().await;
@@ -877,7 +872,7 @@ impl Inner {
                     generation: a.generation,
                     replication,
                     active_lost,
-                    resumed_at_us,
+                    resumed_at_us: hardware.resumed_at_us,
                 },
             )
             .await?;

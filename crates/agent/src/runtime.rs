@@ -65,6 +65,10 @@ pub struct GuestHardware {
     /// A versioned QEMU machine type (`pc-i440fx-7.2`).
     pub machine: Option<String>,
     pub accel: Option<telvirt_model::vnf::Accelerator>,
+    /// A guest that arrived by a move's stream: when it was resumed here, µs since the Unix
+    /// epoch by this host's clock, so the move's switch states its whole pause (from its
+    /// source's stop).
+    pub resumed_at_us: Option<u64>,
 }
 
 #[async_trait]
@@ -102,15 +106,6 @@ pub trait Runtime: Send + Sync + 'static {
     async fn hardware(&self, name: &Name) -> GuestHardware {
         let _ = name;
         GuestHardware::default()
-    }
-
-    /// When instance `name`'s guest, which arrived by a move's stream, was resumed here: µs
-    /// since the Unix epoch by this host's clock. Reported with the instance, so the move's
-    /// switch states the guest's whole pause (from its source's stop). Runtimes without a
-    /// guest keep this default.
-    async fn resumed_at_us(&self, name: &Name) -> Option<u64> {
-        let _ = name;
-        None
     }
 
     /// Whether instance `name` was adopted (from an agent before this one) with an outgoing

@@ -73,7 +73,7 @@ fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
 /// source again, and the move may be cancelled until a stream commits again); or a report says
 /// the final copy streams or completed.
 pub(crate) fn move_committed(v: &Vnf, m: &Migration) -> bool {
-    let report = v.replication.as_ref().filter(|r| r.serves(m));
+    let report = move_report(v, m);
     let stream = report.and_then(|r| r.guest.as_ref());
     let committed = m.committed_stream.unwrap_or(0);
     // A failure of the committed stream (or a later one): the guest runs at the source again.
@@ -85,18 +85,19 @@ pub(crate) fn move_committed(v: &Vnf, m: &Migration) -> bool {
     final_copy(v, m) || (m.committed_at.is_some() && !failed && !later)
 }
 
+/// `v`'s last stream report when it is of move `m` (not of an earlier move's stream).
+fn move_report<'a>(v: &'a Vnf, m: &Migration) -> Option<&'a telvirt_model::api::ReplicationStatus> {
+    v.replication.as_ref().filter(|r| r.serves(m))
+}
+
 /// Whether a report of move `m` says its final copy streams or completed.
 fn final_copy(v: &Vnf, m: &Migration) -> bool {
-    v.replication
-        .as_ref()
-        .filter(|r| r.serves(m))
-        .is_some_and(|r| {
-            r.guest.as_ref().is_some_and(|g| {
-                r.state == "synced"
-                    || (r.state == "streaming"
-                        && ["device", "completed"].contains(&g.status.as_str()))
-            })
+    move_report(v, m).is_some_and(|r| {
+        r.guest.as_ref().is_some_and(|g| {
+            r.state == "synced"
+                || (r.state == "streaming" && ["device", "completed"].contains(&g.status.as_str()))
         })
+    })
 }
 
 /// Whether move `m`'s guest has left its source: the move is committed
@@ -104,13 +105,12 @@ fn final_copy(v: &Vnf, m: &Migration) -> bool {
 /// for it, `pre-switchover`, or later). A move committed ahead, whose stream still copies
 /// while the guest runs at the source, has not: its destination holds no guest yet.
 pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
-    let stopped = v
-        .replication
-        .as_ref()
-        .filter(|r| r.serves(m) && r.state == "streaming")
+    let stopped = move_report(v, m)
+        .filter(|r| r.state == "streaming")
         .and_then(|r| r.guest.as_ref())
         .is_some_and(|g| g.status == "pre-switchover");
-    move_committed(v, m) && (stopped || final_copy(v, m))
+    // A final copy commits the move by itself ([`move_committed`]).
+    final_copy(v, m) || (move_committed(v, m) && stopped)
 }
 
 /// The guest's whole pause in a move's switch event: from its source's stop (`stopped`) until
@@ -140,10 +140,7 @@ pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::Replicati
 /// to, and its report says so): from then on the destination holds the VNF's state and
 /// traffic, the move ends with the switch to it.
 fn handed_off(v: &Vnf, m: &Migration) -> bool {
-    m.handoff_at.is_some()
-        && v.replication
-            .as_ref()
-            .is_some_and(|r| r.serves(m) && r.state == "handed-off")
+    m.handoff_at.is_some() && move_report(v, m).is_some_and(|r| r.state == "handed-off")
 }
 
 /// How long the source of a wasm move may take to freeze and hand its last updates over once
@@ -568,10 +565,7 @@ impl Controller {
             .standby
             .as_ref()
             .is_some_and(|s| s.host == m.to && s.phase == Phase::Running);
-        let synced = v
-            .replication
-            .as_ref()
-            .is_some_and(|r| r.serves(&m) && r.state == "synced");
+        let synced = move_report(v, &m).is_some_and(|r| r.state == "synced");
         // A vm's guest whose stream completed runs only at the destination: past the deadline
         // the destination becomes the active without its report (a cancel would stop it there).
         let completed = synced && v.replication.as_ref().is_some_and(|r| r.guest.is_some());
@@ -720,8 +714,8 @@ impl Controller {
             }
             _ => "the destination never reported its instance".to_owned(),
         };
-        let stream = match &v.replication {
-            Some(r) if r.serves(m) => format!(
+        let stream = match move_report(v, m) {
+            Some(r) => format!(
                 "the stream is {}{}",
                 r.state,
                 r.error.as_ref().map_or(String::new(), |e| format!(": {e}"))

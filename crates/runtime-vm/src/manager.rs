@@ -846,8 +846,8 @@ impl VmHandle {
     /// Resumes a guest that came in by migration, unless QEMU did as the stream completed
     /// ([`VmHandle::prepare_arrival`]), with its agent's socket connected before (or now,
     /// when the stream was taken without it), then waits for the agent (when the
-    /// configuration has one). Answers how long the resume took here.
-    pub(crate) async fn resume_incoming(&self) -> Result<Duration> {
+    /// configuration has one).
+    pub(crate) async fn resume_incoming(&self) -> Result<()> {
         let early = self.inner.arrival_agent.lock().await.take();
         let agent = match early {
             Some(a) => Some(a),
@@ -856,11 +856,9 @@ impl VmHandle {
             }
             None => None,
         };
-        let started = std::time::Instant::now();
         // QEMU resumed it itself as the stream completed when the stream was taken after
         // [`VmHandle::prepare_arrival`]: a `cont` then would add a STOP and RESUME of its own.
         crate::migrate::resume_if_stopped(&self.inner.qmp).await?;
-        let resumed = started.elapsed();
         // QEMU sends its RESUME event before its answers (to `cont`, or to the query that
         // found the stream completed): read now, it is this one.
         if let Some(at) = self.inner.qmp.last_event_at("RESUME") {
@@ -873,7 +871,7 @@ impl VmHandle {
             agent.wait_ready(self.inner.config.ready_timeout).await?;
             *self.inner.agent.lock().await = Some(agent);
         }
-        Ok(resumed)
+        Ok(())
     }
 
     /// Connects to the guest agent and waits (the config's `ready_timeout`) until it is ready.

@@ -192,10 +192,6 @@ pub struct MigrationProgress {
     /// when the destination resumes it ([`crate::VmHandle::resumed_at_us`]).
     #[serde(default)]
     pub stopped_at_us: Option<u64>,
-    /// The pause limit the stream was set (its tuning's `downtime_limit_ms`): QEMU stops the
-    /// guest for the final copy once it expects to send the rest within it.
-    #[serde(default)]
-    pub downtime_limit_ms: u64,
 }
 
 impl MigrationProgress {
@@ -212,7 +208,6 @@ impl MigrationProgress {
             dirty_syncs: n(&ram["dirty-sync-count"]),
             downtime_ms: v["downtime"].as_u64(),
             stopped_at_us: None,
-            downtime_limit_ms: 0,
         }
     }
 
@@ -433,10 +428,7 @@ impl VmHandle {
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
                 .await
             {
-                Ok(v) => MigrationProgress {
-                    downtime_limit_ms: tuning.downtime_limit_ms,
-                    ..MigrationProgress::from_query(&v)
-                },
+                Ok(v) => MigrationProgress::from_query(&v),
                 // QEMU did not answer in time: the stream may go on; end it and see how.
                 Err(e) => break Err(format!("QEMU stopped answering ({e})")),
             };
@@ -605,8 +597,8 @@ impl VmHandle {
 
     /// On the destination: waits up to `deadline` for the incoming stream to complete, then
     /// resumes the guest here unless QEMU did as it completed, and waits for its agent (when
-    /// the configuration has one). Answers how long the resume took here.
-    pub async fn finish_incoming(&self, deadline: Duration) -> Result<Duration> {
+    /// the configuration has one).
+    pub async fn finish_incoming(&self, deadline: Duration) -> Result<()> {
         if self.phase() != VmPhase::Incoming {
             return Err(Error::Migration {
                 vm: self.name().to_owned(),

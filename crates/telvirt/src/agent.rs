@@ -147,10 +147,7 @@ impl HostAgent {
         };
         // ... and whose guests run under KVM, when it is a KVM guest (unknown until probed).
         let accel = vm.as_ref().and_then(|vm| vm.known_accel());
-        // ... and whose CPU is this one's, for a KVM guest on the host's CPU.
-        let cpu = telvirt_agent::host_cpu();
         for record in inventory.iter_mut().filter(|h| h.agent) {
-            record.cpu.clone_from(&cpu);
             record.runtimes.clone_from(&names);
             record.qemu.clone_from(&qemu);
             record.qemu_machines.clone_from(&qemu_machines);
@@ -433,7 +430,8 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
         return Ok(vec![HostRecord {
             qemu_machines: Vec::new(),
             accel: None,
-            cpu: None,
+            // A KVM guest on the host's CPU moves only to a host with the same one.
+            cpu: local.cpu,
             spec,
             memory_bytes: local.memory_bytes,
             hugepages: local.hugepages,
@@ -471,7 +469,7 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
             HostRecord {
                 qemu_machines: Vec::new(),
                 accel: None,
-                cpu: None,
+                cpu: local.cpu.clone().filter(|_| is_local),
                 spec,
                 memory_bytes: if is_local { local.memory_bytes } else { 0 },
                 hugepages: if is_local {

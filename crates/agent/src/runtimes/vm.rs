@@ -86,8 +86,8 @@ const MOVE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
 /// may reach its end just as its deadline passes.
 const INCOMING_GRACE: Duration = Duration::from_secs(30);
 
-/// A migration's progress as the API reports it.
-fn guest_stream(p: &MigrationProgress) -> GuestStream {
+/// A migration's progress as the API reports it, with the pause limit its stream was set.
+fn guest_stream(p: &MigrationProgress, downtime_limit_ms: u64) -> GuestStream {
     GuestStream {
         status: p.status.clone(),
         total_ms: p.total_ms,
@@ -99,7 +99,7 @@ fn guest_stream(p: &MigrationProgress) -> GuestStream {
         stopped_at_us: p.stopped_at_us,
         opened_ms: 0,
         commit_ahead: false,
-        downtime_limit_ms: p.downtime_limit_ms,
+        downtime_limit_ms,
     }
 }
 
@@ -577,13 +577,6 @@ impl Runtime for VmRuntime {
         self.arrival_table().get(name).cloned()
     }
 
-    /// Read from the handle, which keeps the resume that ended its arrival (none for a guest
-    /// that did not arrive by a stream), so the first report of it running, which may come
-    /// before its arrival's note, has it.
-    async fn resumed_at_us(&self, name: &Name) -> Option<u64> {
-        self.handle(name).await?.resumed_at_us()
-    }
-
     async fn hardware(&self, name: &Name) -> GuestHardware {
         let Some(handle) = self.handle(name).await else {
             return GuestHardware::default();
@@ -596,6 +589,9 @@ impl Runtime for VmRuntime {
                 .clone()
                 .filter(|m| telvirt_model::vnf::machine_version(m).is_some()),
             accel: Some(handle.accel()),
+            // Kept by the handle (the resume that ended its arrival; none for a guest that did
+            // not arrive by a stream), so the first report of it running has it.
+            resumed_at_us: handle.resumed_at_us(),
         }
     }
 
@@ -675,7 +671,7 @@ impl Runtime for VmRuntime {
                 &MigrationChannel::Socket(stream),
                 &tuning,
                 MOVE_STREAM_DEADLINE,
-                |p| progress(&guest_stream(p)),
+                |p| progress(&guest_stream(p, tuning.downtime_limit_ms)),
                 commit,
             )
             .await
@@ -687,7 +683,7 @@ impl Runtime for VmRuntime {
             done.total_ms,
             done.downtime_ms
         );
-        Ok(guest_stream(&done))
+        Ok(guest_stream(&done, tuning.downtime_limit_ms))
     }
 
     async fn cancel_send(&self, name: &Name) {
