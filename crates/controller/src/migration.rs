@@ -113,14 +113,17 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     final_copy(v, m) || (move_committed(v, m) && stopped)
 }
 
-/// The guest's whole pause in a move's switch event: from its source's stop (`stopped`) until
-/// its destination resumed it (`resumed`), µs by the two hosts' clocks; QEMU's own measure of
-/// the stop ends when the source's last byte left. Empty when it is not known
+/// The guest's whole pause in a move's switch event: from its source's stop until its
+/// destination resumed it (`resumed`), µs by the two hosts' clocks, and where it went
+/// ([`telvirt_model::api::PausePhases`]); QEMU's own measure of the stop ends when the
+/// source's last byte left. Empty when it is not known
 /// ([`telvirt_model::api::whole_pause_ms`]).
-fn whole_pause(stopped: Option<u64>, resumed: Option<u64>) -> String {
-    telvirt_model::api::whole_pause_ms(stopped, resumed).map_or_else(String::new, |ms| {
+fn whole_pause(g: &telvirt_model::api::GuestStream, resumed: Option<u64>) -> String {
+    telvirt_model::api::whole_pause_ms(g.stopped_at_us, resumed).map_or_else(String::new, |ms| {
+        let phases = telvirt_model::api::PausePhases::of(g, resumed)
+            .map_or_else(String::new, |p| format!(": {p}"));
         format!(
-            " by its source's measure, {ms:.1} ms until its destination resumed it (the two hosts' clocks)"
+            " by its source's measure, {ms:.1} ms until its destination resumed it (the two hosts' clocks{phases})"
         )
     })
 }
@@ -594,7 +597,7 @@ impl Controller {
                         g.total_ms,
                         g.downtime_ms
                             .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string()),
-                        whole_pause(g.stopped_at_us, m.resumed_at_us)
+                        whole_pause(g, m.resumed_at_us)
                     ),
                     None => format!(
                         "{} map updates streamed, the last after the source froze; frozen for {} µs; {} packets it queued meanwhile passed on",
@@ -737,14 +740,27 @@ mod tests {
 
     #[test]
     fn the_whole_pause_is_stated_only_from_both_ends() {
+        let stopped = |at: Option<u64>| telvirt_model::api::GuestStream {
+            stopped_at_us: at,
+            ..Default::default()
+        };
         assert_eq!(
-            whole_pause(Some(1_000_000), Some(1_006_540)),
+            whole_pause(&stopped(Some(1_000_000)), Some(1_006_540)),
             " by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks)"
         );
-        assert_eq!(whole_pause(None, Some(1_006_540)), "");
-        assert_eq!(whole_pause(Some(1_000_000), None), "");
+        assert_eq!(whole_pause(&stopped(None), Some(1_006_540)), "");
+        assert_eq!(whole_pause(&stopped(Some(1_000_000)), None), "");
         // Clocks so far apart that it would be negative: nothing is claimed.
-        assert_eq!(whole_pause(Some(1_000_000), Some(999_000)), "");
+        assert_eq!(whole_pause(&stopped(Some(1_000_000)), Some(999_000)), "");
+        // With the source's last byte known, where the pause went.
+        let completed = telvirt_model::api::GuestStream {
+            completed_at_us: Some(1_003_000),
+            ..stopped(Some(1_000_000))
+        };
+        assert_eq!(
+            whole_pause(&completed, Some(1_006_540)),
+            " by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks: 3.0 ms final copy, 3.5 ms at the destination)"
+        );
     }
 
     fn vm(machine: Option<&str>) -> Vnf {

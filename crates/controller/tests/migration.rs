@@ -943,6 +943,9 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
             dirty_pages_per_s: 0,
             downtime_ms: Some(42),
             stopped_at_us: Some(1_800_000_000_000_000),
+            commit_point_at_us: Some(1_800_000_000_001_100),
+            continued_at_us: Some(1_800_000_000_001_800),
+            completed_at_us: Some(1_800_000_000_003_200),
             // The committed stream's.
             opened_ms: 2_000,
             ..Default::default()
@@ -986,7 +989,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let last = node.events("u1").await.pop().unwrap();
     assert!(
         last["reason"].as_str().unwrap().contains(
-            "moved from host h2 to host h3 (300 MiB of guest memory streamed in 2100 ms, the guest stopped for 42 ms by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks))"
+            "moved from host h2 to host h3 (300 MiB of guest memory streamed in 2100 ms, the guest stopped for 42 ms by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks: 1.1 ms stopping, 0.7 ms at the commit point, 1.4 ms final copy, 3.3 ms at the destination))"
         ),
         "{last}"
     );

@@ -752,6 +752,18 @@ pub struct GuestStream {
     /// the source host's clock (once completed): the start of the guest's whole pause.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_at_us: Option<u64>,
+    /// When the source's QEMU reached the move's commit point with the guest stopped
+    /// (`pre-switchover`), µs since the Unix epoch by the source host's clock (once completed;
+    /// none for a stream without a commit point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_point_at_us: Option<u64>,
+    /// When its agent let the final copy through the commit point (QEMU's `device`), µs, the
+    /// source host's clock (once completed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continued_at_us: Option<u64>,
+    /// When the source's last byte left (QEMU's `completed`), µs, the source host's clock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at_us: Option<u64>,
     /// When the source's agent opened this stream, ms since the Unix epoch: each stream of a
     /// move opens later than the one before (a failed stream is opened again), also across a
     /// restart of the agent, so the controller orders the streams by it.
@@ -774,6 +786,64 @@ pub struct GuestStream {
 pub fn whole_pause_ms(stopped_at_us: Option<u64>, resumed_at_us: Option<u64>) -> Option<f64> {
     let (stop, resume) = (stopped_at_us?, resumed_at_us?);
     (resume >= stop).then(|| (resume - stop) as f64 / 1000.0)
+}
+
+/// Where a moved guest's whole pause went, ms, by its QEMUs' event times (the source's for
+/// the first three, the destination's resume for the last: two hosts' clocks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PausePhases {
+    /// From the source's stop until it reached the move's commit point (QEMU stopping the
+    /// guest's vCPUs); none for a stream without a commit point.
+    pub stopping_ms: Option<f64>,
+    /// Held at the commit point until its agent let the final copy through.
+    pub commit_point_ms: Option<f64>,
+    /// The final copy: the device state and the last dirty pages, until the source's last
+    /// byte left (from the stop, for a stream without a commit point).
+    pub final_copy_ms: f64,
+    /// From the source's last byte until the destination resumed the guest: the destination
+    /// reading what was still in flight and loading the device state.
+    pub destination_ms: f64,
+}
+
+impl PausePhases {
+    /// The phases of `g`'s pause, once its destination resumed the guest at `resumed_at_us`;
+    /// `None` when a time is missing or the times are out of order (a commit point of an
+    /// earlier stream is left out, not taken).
+    pub fn of(g: &GuestStream, resumed_at_us: Option<u64>) -> Option<Self> {
+        let (stop, done, resumed) = (g.stopped_at_us?, g.completed_at_us?, resumed_at_us?);
+        if !(stop <= done && done <= resumed) {
+            return None;
+        }
+        let ms = |from: u64, to: u64| (to - from) as f64 / 1000.0;
+        let gate = match (g.commit_point_at_us, g.continued_at_us) {
+            (Some(at), Some(on)) if stop <= at && at <= on && on <= done => Some((at, on)),
+            _ => None,
+        };
+        Some(Self {
+            stopping_ms: gate.map(|(at, _)| ms(stop, at)),
+            commit_point_ms: gate.map(|(at, on)| ms(at, on)),
+            final_copy_ms: ms(gate.map_or(stop, |(_, on)| on), done),
+            destination_ms: ms(done, resumed),
+        })
+    }
+}
+
+impl std::fmt::Display for PausePhases {
+    /// `1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 3.3 ms at the
+    /// destination` (the first two only when the stream had a commit point).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let (Some(stopping), Some(held)) = (self.stopping_ms, self.commit_point_ms) {
+            write!(
+                f,
+                "{stopping:.1} ms stopping, {held:.1} ms at the commit point, "
+            )?;
+        }
+        write!(
+            f,
+            "{:.1} ms final copy, {:.1} ms at the destination",
+            self.final_copy_ms, self.destination_ms
+        )
+    }
 }
 
 /// A move of a VNF to another host (`POST /v1/vnfs/{name}/migrate`).
@@ -914,6 +984,43 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_pause_splits_at_its_qemus_event_times_and_times_out_of_order_are_left_out() {
+        let t0 = 1_800_000_000_000_000;
+        let g = GuestStream {
+            stopped_at_us: Some(t0),
+            commit_point_at_us: Some(t0 + 1_100),
+            continued_at_us: Some(t0 + 1_800),
+            completed_at_us: Some(t0 + 3_700),
+            ..Default::default()
+        };
+        let p = PausePhases::of(&g, Some(t0 + 7_000)).unwrap();
+        assert_eq!(p.stopping_ms, Some(1.1));
+        assert_eq!(p.commit_point_ms, Some(0.7));
+        assert_eq!(p.final_copy_ms, 1.9);
+        assert_eq!(p.destination_ms, 3.3);
+        assert_eq!(
+            p.to_string(),
+            "1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 3.3 ms at the destination"
+        );
+        // Not resumed yet, or resumed before its last byte left (clocks apart): no phases.
+        assert_eq!(PausePhases::of(&g, None), None);
+        assert_eq!(PausePhases::of(&g, Some(t0 + 3_000)), None);
+        // A commit point before the stop is an earlier stream's: the final copy counts from
+        // the stop.
+        let earlier = GuestStream {
+            commit_point_at_us: Some(t0 - 5_000_000),
+            ..g.clone()
+        };
+        let p = PausePhases::of(&earlier, Some(t0 + 7_000)).unwrap();
+        assert_eq!((p.stopping_ms, p.commit_point_ms), (None, None));
+        assert_eq!(p.final_copy_ms, 3.7);
+        assert_eq!(
+            p.to_string(),
+            "3.7 ms final copy, 3.3 ms at the destination"
+        );
     }
 
     #[test]

@@ -192,6 +192,15 @@ pub struct MigrationProgress {
     /// when the destination resumes it ([`crate::VmHandle::resumed_at_us`]).
     #[serde(default)]
     pub stopped_at_us: Option<u64>,
+    /// When it reached its commit point (`pre-switchover`), was let through it (`device`) and
+    /// its last byte left (`completed`): QEMU's `MIGRATION` event times, µs since the Unix
+    /// epoch by this host's clock (once completed; the first two only with a commit point).
+    #[serde(default)]
+    pub commit_point_at_us: Option<u64>,
+    #[serde(default)]
+    pub continued_at_us: Option<u64>,
+    #[serde(default)]
+    pub completed_at_us: Option<u64>,
 }
 
 impl MigrationProgress {
@@ -208,6 +217,9 @@ impl MigrationProgress {
             dirty_syncs: n(&ram["dirty-sync-count"]),
             downtime_ms: v["downtime"].as_u64(),
             stopped_at_us: None,
+            commit_point_at_us: None,
+            continued_at_us: None,
+            completed_at_us: None,
         }
     }
 
@@ -530,7 +542,11 @@ impl VmHandle {
     async fn moved_away(&self, done: MigrationProgress) -> MigrationProgress {
         self.set_phase(VmPhase::Migrated);
         let mut done = self.final_figures(done).await;
-        done.stopped_at_us = self.qmp().last_event_at("STOP");
+        let qmp = self.qmp();
+        done.stopped_at_us = qmp.last_event_at("STOP");
+        done.commit_point_at_us = qmp.last_event_at("MIGRATION:pre-switchover");
+        done.continued_at_us = qmp.last_event_at("MIGRATION:device");
+        done.completed_at_us = qmp.last_event_at("MIGRATION:completed");
         done
     }
 

@@ -209,7 +209,9 @@ impl QmpClient {
     }
 
     /// When QEMU last sent event `name` (`STOP`, `RESUME`, ...) on this connection, by its own
-    /// timestamp: µs since the Unix epoch on the host's clock; `None` if it has not.
+    /// timestamp: µs since the Unix epoch on the host's clock; `None` if it has not. A
+    /// `MIGRATION` event is kept by its status too: `MIGRATION:completed` is when the stream
+    /// last reached `completed`.
     pub fn last_event_at(&self, name: &str) -> Option<u64> {
         self.event_times
             .lock()
@@ -561,13 +563,16 @@ async fn read_loop(
             continue;
         };
         if let Some(name) = v.get("event").and_then(Value::as_str) {
-            if let Some(at) = event_timestamp(&v) {
-                event_times
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.to_owned(), at);
-            }
             let data = v.get("data").cloned().unwrap_or(Value::Null);
+            if let Some(at) = event_timestamp(&v) {
+                let mut times = event_times.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(status) = data.get("status").and_then(Value::as_str)
+                    && name == "MIGRATION"
+                {
+                    times.insert(format!("{name}:{status}"), at);
+                }
+                times.insert(name.to_owned(), at);
+            }
             let _ = events.send(QmpEvent::parse(name, data));
             continue;
         }
@@ -626,6 +631,12 @@ mod tests {
                         .unwrap();
                     json!({"return": {}, "id": id})
                 }
+                "migrate-continue" => {
+                    w.write_all(b"{\"event\": \"MIGRATION\", \"data\": {\"status\": \"device\"}, \"timestamp\": {\"seconds\": 1764900000, \"microseconds\": 900}}\n")
+                        .await
+                        .unwrap();
+                    json!({"return": {}, "id": id})
+                }
                 "query-status" => {
                     json!({"return": {"running": true, "status": "running"}, "id": id})
                 }
@@ -664,6 +675,21 @@ mod tests {
         // QEMU's own timestamp of the event, in µs.
         assert_eq!(c.last_event_at("STOP"), Some(1_764_900_000_000_250));
         assert_eq!(c.last_event_at("RESUME"), None);
+        // A MIGRATION event is kept by its status too.
+        c.execute_raw("migrate-continue", None, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            ev.recv().await.unwrap(),
+            QmpEvent::Migration {
+                status: "device".into()
+            }
+        );
+        assert_eq!(
+            c.last_event_at("MIGRATION:device"),
+            Some(1_764_900_000_000_900)
+        );
+        assert_eq!(c.last_event_at("MIGRATION:completed"), None);
         match c.device_del("x").await {
             Err(Error::Qmp { command, reason }) => {
                 assert_eq!(command, "device_del");

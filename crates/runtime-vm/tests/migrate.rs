@@ -132,6 +132,23 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
         resumed > stopped && resumed - stopped + 1000 >= downtime_us,
         "stopped {stopped}, resumed {resumed}, downtime {downtime_us} µs"
     );
+    // Where the pause went: stopped, at the commit point, let through, the last byte sent,
+    // resumed, in that order by QEMU's own event times.
+    let phases = telvirt_model::api::PausePhases::of(
+        &telvirt_model::api::GuestStream {
+            stopped_at_us: done.stopped_at_us,
+            commit_point_at_us: done.commit_point_at_us,
+            continued_at_us: done.continued_at_us,
+            completed_at_us: done.completed_at_us,
+            ..Default::default()
+        },
+        Some(resumed),
+    )
+    .unwrap_or_else(|| panic!("no phases in {done:?}, resumed {resumed}"));
+    assert!(
+        phases.stopping_ms.is_some() && phases.commit_point_ms.is_some(),
+        "{phases:?} from {done:?}"
+    );
     // The same guest goes on: no reboot (its uptime continues past the 8 s it had; a fresh
     // boot answers after about 3 s), its agent answers here.
     let after = health(&dst).await;

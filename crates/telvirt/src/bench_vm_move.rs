@@ -74,6 +74,27 @@ pub struct VmMoveReport {
     /// Live over cold, of the medians.
     pub total_ratio: f64,
     pub outage_ratio: f64,
+    /// Where the live moves' pauses went.
+    pub pause_phases: PausePhaseFigures,
+}
+
+/// Where each live move's whole pause went, by its QEMUs' event times as its switch event
+/// states them (`telvirt_model::api::PausePhases`), ms; moves whose event states none are
+/// left out.
+#[derive(Debug, Serialize)]
+pub struct PausePhaseFigures {
+    /// From the source's stop until its commit point (QEMU stopping the guest's vCPUs).
+    pub stopping_ms: Vec<f64>,
+    pub stopping_p50_ms: f64,
+    /// Held at the commit point until the source's agent let the final copy through.
+    pub commit_point_ms: Vec<f64>,
+    pub commit_point_p50_ms: f64,
+    /// The final copy (device state, last dirty pages) until the source's last byte left.
+    pub final_copy_ms: Vec<f64>,
+    pub final_copy_p50_ms: f64,
+    /// From the source's last byte until the destination resumed the guest.
+    pub destination_ms: Vec<f64>,
+    pub destination_p50_ms: f64,
 }
 
 const VNF: &str = "vmm";
@@ -157,29 +178,54 @@ pub(crate) async fn switch_event(api: &Api, vnf: &str) -> Result<String> {
         .with_context(|| format!("the move of {vnf} left no event"))
 }
 
-/// The figures of the last switch event: MiB streamed, ms the guest was stopped by its source
-/// QEMU's measure and in all, until its destination resumed it.
-async fn switch_figures(api: &Api) -> Result<(u64, f64, Option<f64>)> {
+/// What one live move's switch event states.
+struct SwitchFigures {
+    /// Guest memory streamed, MiB.
+    mib: u64,
+    /// The guest's stop by its source QEMU's measure (`downtime`), ms.
+    qemu_downtime_ms: f64,
+    /// Its whole pause, until its destination resumed it, ms, when stated.
+    paused_ms: Option<f64>,
+    /// Where the pause went, when stated: stopping, at the commit point, final copy, at the
+    /// destination (`telvirt_model::api::PausePhases`), ms.
+    phases: Option<[f64; 4]>,
+}
+
+/// The figures of the last switch event.
+async fn switch_figures(api: &Api) -> Result<SwitchFigures> {
     let reason = switch_event(api, VNF).await?;
     let number_before = |suffix: &str| -> Option<f64> {
-        let head = reason.split(suffix).next()?;
+        let (head, _) = reason.split_once(suffix)?;
         head.rsplit([' ', '(']).next()?.parse().ok()
     };
     let mib = number_before(" MiB of guest memory")
         .with_context(|| format!("no guest memory figure in: {reason}"))?;
-    let stopped = reason
+    let qemu_downtime_ms = reason
         .split("the guest stopped for ")
         .nth(1)
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no downtime in: {reason}"))?;
-    let paused = number_before(" ms until its destination resumed it");
-    Ok((mib as u64, stopped, paused))
+    let phases = [
+        " ms stopping",
+        " ms at the commit point",
+        " ms final copy",
+        " ms at the destination",
+    ]
+    .map(number_before);
+    Ok(SwitchFigures {
+        mib: mib as u64,
+        qemu_downtime_ms,
+        paused_ms: number_before(" ms until its destination resumed it"),
+        phases: phases
+            .iter()
+            .all(Option::is_some)
+            .then(|| phases.map(|p| p.unwrap_or_default())),
+    })
 }
 
-/// One live move from `from`: (total ms, whole pause ms when stated, QEMU's downtime ms, MiB
-/// streamed).
-async fn live_move(api: &Api, from: &str) -> Result<(f64, Option<f64>, f64, u64)> {
+/// One live move from `from`: its total ms and what its switch event states.
+async fn live_move(api: &Api, from: &str) -> Result<(f64, SwitchFigures)> {
     let to = other(from);
     let asked = Instant::now();
     let _: serde_json::Value = answer(
@@ -193,8 +239,7 @@ async fn live_move(api: &Api, from: &str) -> Result<(f64, Option<f64>, f64, u64)
     .await;
     with_state(api, moved).await?;
     let total = ms(asked.elapsed());
-    let (mib, stopped, paused) = switch_figures(api).await?;
-    Ok((total, paused, stopped, mib))
+    Ok((total, switch_figures(api).await?))
 }
 
 async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
@@ -219,6 +264,11 @@ async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
     Ok(total)
 }
 
+/// The median of `v` (0 when empty).
+fn p50(v: &[f64]) -> f64 {
+    latency(v.to_vec()).p50_ms
+}
+
 fn figures(
     setup: &'static str,
     total: Vec<f64>,
@@ -226,7 +276,6 @@ fn figures(
     qemu_downtime: Vec<f64>,
     mib: Vec<u64>,
 ) -> VmMoveFigures {
-    let p50 = |v: &Vec<f64>| latency(v.clone()).p50_ms;
     VmMoveFigures {
         setup,
         total_p50_ms: p50(&total),
@@ -286,17 +335,23 @@ pub async fn run_vm_move_bench(
     let (mut live_total, mut live_outage, mut live_mib) = (Vec::new(), Vec::new(), Vec::new());
     let mut live_downtime = Vec::new();
     let mut unmeasured = 0;
+    let mut phases: [Vec<f64>; 4] = Default::default();
     let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
     let mut at = "h1".to_owned();
     for i in 0..args.rounds {
-        let (total, paused, stopped, mib) = live_move(&api, &at).await?;
+        let (total, moved) = live_move(&api, &at).await?;
         live_total.push(total);
-        match paused {
+        match moved.paused_ms {
             Some(p) => live_outage.push(p),
             None => unmeasured += 1,
         }
-        live_downtime.push(stopped);
-        live_mib.push(mib);
+        if let Some(p) = moved.phases {
+            for (all, one) in phases.iter_mut().zip(p) {
+                all.push(one);
+            }
+        }
+        live_downtime.push(moved.qemu_downtime_ms);
+        live_mib.push(moved.mib);
         at = other(&at).to_owned();
         progress(2 + 2 * u64::from(i), total_steps);
         let total = cold_move(&api, &at, &yaml).await?;
@@ -323,6 +378,17 @@ pub async fn run_vm_move_bench(
         live_mib,
     );
     live.outage_unmeasured = unmeasured;
+    let [stopping_ms, commit_point_ms, final_copy_ms, destination_ms] = phases;
+    let pause_phases = PausePhaseFigures {
+        stopping_p50_ms: p50(&stopping_ms),
+        commit_point_p50_ms: p50(&commit_point_ms),
+        final_copy_p50_ms: p50(&final_copy_ms),
+        destination_p50_ms: p50(&destination_ms),
+        stopping_ms,
+        commit_point_ms,
+        final_copy_ms,
+        destination_ms,
+    };
     let cold = figures(
         "cold move (deleted, created on the other host: a new guest boots)",
         cold_total,
@@ -346,6 +412,7 @@ pub async fn run_vm_move_bench(
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
         live,
         cold,
+        pause_phases,
     })
 }
 
@@ -388,5 +455,16 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
         "live / cold: total {:.2}, guest stopped {:.3}",
         r.total_ratio, r.outage_ratio
     );
+    let p = &r.pause_phases;
+    if !p.destination_ms.is_empty() {
+        println!(
+            "the live pause, p50 of {} moves: {:.1} ms stopping, {:.1} ms at the commit point, {:.1} ms final copy, {:.1} ms at the destination",
+            p.destination_ms.len(),
+            p.stopping_p50_ms,
+            p.commit_point_p50_ms,
+            p.final_copy_p50_ms,
+            p.destination_p50_ms
+        );
+    }
     Ok(())
 }

@@ -176,10 +176,10 @@ mod tests {
     fn a_switch_events_figures_are_what_its_parentheses_hold() {
         assert_eq!(
             switch_figures(
-                "moved from host h1 to host h2 (107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks))"
+                "moved from host h1 to host h2 (107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks: 1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 4.7 ms at the destination))"
             ),
             Some(
-                "107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks)"
+                "107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks: 1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 4.7 ms at the destination)"
             )
         );
         assert_eq!(

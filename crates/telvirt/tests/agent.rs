@@ -1145,8 +1145,11 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
             .any(|e| e["reason"].as_str().is_some_and(
                 |r| r.contains("moved from host a1 to host a2")
                 && r.contains("MiB of guest memory streamed")
-                // The whole pause, from a1's stop until a2 resumed the guest.
+                // The whole pause, from a1's stop until a2 resumed the guest, and where it
+                // went by the two QEMUs' event times.
                 && r.contains("ms until its destination resumed it")
+                && r.contains("ms at the commit point")
+                && r.contains("ms at the destination")
             )),
         "{events}"
     );
