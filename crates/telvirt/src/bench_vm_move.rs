@@ -294,25 +294,39 @@ pub async fn run_vm_move_bench(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<VmMoveReport> {
     let dir = crate::bench_control::scratch_dir("vm-move")?;
-    // Dropped last: after the agents, so none starts a QEMU again.
-    let _sweep = crate::bench_control::QemuSweep(
-        ["h1", "h2"]
-            .map(|h| {
-                (
-                    dir.join(format!("agent-{h}/instances/{VNF}")),
-                    VNF.to_owned(),
-                )
-            })
-            .to_vec(),
-    );
+    let report = {
+        // Dropped after the agents (whose processes end with `moves`), so none starts a QEMU
+        // again, and before the directory goes.
+        let _sweep = crate::bench_control::QemuSweep(
+            ["h1", "h2"]
+                .map(|h| {
+                    (
+                        dir.join(format!("agent-{h}/instances/{VNF}")),
+                        VNF.to_owned(),
+                    )
+                })
+                .to_vec(),
+        );
+        moves(&dir, args, progress).await
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    report
+}
+
+/// The controller, both hosts and the moves, in `dir`.
+async fn moves(
+    dir: &std::path::Path,
+    args: &VmMoveArgs,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<VmMoveReport> {
     let http = crate::bench_handover::bench_http()?
         .timeout(Duration::from_secs(30))
         .build()?;
     let cache = args.image.cache()?;
     let (controller, api) =
-        embedded_controller(&dir, &http, &["--host-lease-ttl-ms", "1000"]).await?;
+        embedded_controller(dir, &http, &["--host-lease-ttl-ms", "1000"]).await?;
     let mut hosts = Hosts {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         controllers: controller.api.clone(),
         heartbeat_ms: 250,
         agents: Vec::new(),
