@@ -1272,14 +1272,8 @@ async fn connect_from(source: Option<IpAddr>, address: &str) -> std::io::Result<
     connect_from_with(source, address, None).await
 }
 
-/// The send and receive buffers a guest stream's sockets ask for (the kernel doubles each, up
-/// to its `net.core.wmem_max` / `rmem_max`, and no longer grows them). QEMU counts a byte as
-/// sent once its socket took it: what the two buffers still hold when the source completes,
-/// the destination reads before it can resume the guest, so the kernel's own growth (to 4 and
-/// 6 MiB) lengthened the guest's pause (A/B runs of `telvirt bench vm-move`, BENCHMARKS). With
-/// Linux's default 208 KiB caps a socket gets about 416 KiB, which still fills a 10 Gbit/s link
-/// up to about 0.3 ms of round trip; a longer one caps the stream at that per round trip.
-const GUEST_BUFFER: u32 = 512 << 10;
+/// The send and receive buffers a guest stream's sockets ask for.
+const GUEST_BUFFER: u32 = telvirt_runtime_vm::STREAM_BUFFER_BYTES;
 
 async fn connect_from_with(
     source: Option<IpAddr>,

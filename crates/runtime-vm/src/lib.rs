@@ -35,6 +35,8 @@ pub use image::{GuestImage, ImageBuilder, ImageProgress};
 pub use manager::{
     ExitInfo, Failure, StopMethod, VcpuThread, VmHandle, VmManager, VmPhase, VmStatus,
 };
-pub use migrate::{MigrationChannel, MigrationProgress, MigrationTuning, SwitchoverGate};
+pub use migrate::{
+    MigrationChannel, MigrationProgress, MigrationTuning, STREAM_BUFFER_BYTES, SwitchoverGate,
+};
 pub use qmp::{QmpClient, QmpEvent};
 pub use telvirt_guest::proto as guest_proto;

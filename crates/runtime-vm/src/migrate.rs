@@ -57,6 +57,16 @@ const PAUSE_BEFORE_SWITCHOVER: &str = "pause-before-switchover";
 /// Name under which a passed socket is handed to QEMU for a migration stream.
 const STREAM_FD: &str = "tv-migration";
 
+/// The send and receive buffers a guest stream's sockets ask for (the kernel doubles each, up
+/// to its `net.core.wmem_max` / `rmem_max`, and no longer grows them): the cluster's agents
+/// give them to the sockets they pass ([`MigrationChannel::Socket`]). QEMU counts a byte as
+/// sent once its socket took it: what the two buffers still hold when the source completes,
+/// the destination reads before it can resume the guest, so the kernel's own growth (to 4 and
+/// 6 MiB) lengthened the guest's pause (A/B runs of `telvirt bench vm-move`, BENCHMARKS). With
+/// Linux's default 208 KiB caps a socket gets about 416 KiB, which still fills a 10 Gbit/s link
+/// up to about 0.3 ms of round trip; a longer one caps the stream at that per round trip.
+pub const STREAM_BUFFER_BYTES: u32 = 512 << 10;
+
 /// Where a migration stream goes (on the source) or comes from (on the destination).
 #[derive(Debug)]
 pub enum MigrationChannel {

@@ -1,6 +1,8 @@
 //! `telvirt bench vm-migrate`: live migration of the default guest while its agent dirties
-//! memory at several rates, telvirt's tuning ([`MigrationTuning::tuned`]) against QEMU's
-//! defaults in the same run, alternating which goes first. Per migration: whether it converged
+//! memory at several rates, telvirt's tuning ([`MigrationTuning::tuned`]) over telvirt's
+//! channel (a connection passed to both QEMUs with bounded buffers, as the cluster's agents
+//! move a guest) against QEMU's defaults over QEMU's own connection, in the same run,
+//! alternating which goes first. Per migration: whether it converged
 //! within the deadline, total time, the guest's pause (QEMU's `downtime`, the source's own
 //! measure, and the whole pause the guest saw: from the source QEMU's `STOP` event to the
 //! destination QEMU's `RESUME`, by their own timestamps on this host's clock) and the bytes
@@ -19,7 +21,7 @@ use crate::bench::{BenchOptions, median};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::manager::{VmHandle, VmManager};
-use crate::migrate::{MigrationChannel, MigrationTuning};
+use crate::migrate::{MigrationChannel, MigrationTuning, STREAM_BUFFER_BYTES};
 
 /// What [`run`] measures.
 #[derive(Debug, Clone)]
@@ -61,7 +63,11 @@ pub struct MigrationSample {
 /// One tuning at one rate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TuningFigures {
+    /// The tuning as its channel carried it (a passed socket is one stream: no multifd).
     pub tuning: MigrationTuning,
+    /// What the stream crossed.
+    #[serde(default)]
+    pub channel: String,
     /// Migrations that converged, of `rounds`.
     pub converged: u32,
     /// Converged migrations whose guest came through intact.
@@ -109,6 +115,55 @@ fn free_address() -> Result<SocketAddr> {
     taken.local_addr().map_err(Error::io("read a bound port"))
 }
 
+/// How a migration's stream travels: telvirt's way, a loopback TCP connection opened here with
+/// the buffers the cluster's agents give a guest stream ([`STREAM_BUFFER_BYTES`]) and passed
+/// to both QEMUs (one stream, as between two agents), or QEMU's own, its destination listening
+/// on a loopback address and the source connecting with the kernel's own buffers (multifd
+/// opening further channels when the tuning asks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Passed,
+    QemuTcp,
+}
+
+impl Channel {
+    fn describe(self) -> String {
+        match self {
+            Self::Passed => format!(
+                "a loopback TCP connection passed to both QEMUs, {} KiB buffers asked (as between two agents)",
+                STREAM_BUFFER_BYTES >> 10
+            ),
+            Self::QemuTcp => "QEMU's own loopback TCP connection(s), the kernel's buffers".into(),
+        }
+    }
+
+    /// The destination's end and the source's.
+    fn open(self) -> Result<(MigrationChannel, MigrationChannel)> {
+        if self == Self::QemuTcp {
+            let at = free_address()?;
+            return Ok((MigrationChannel::Tcp(at), MigrationChannel::Tcp(at)));
+        }
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind a port"))?;
+        let at = listener
+            .local_addr()
+            .map_err(Error::io("read a bound port"))?;
+        let out = std::net::TcpStream::connect(at).map_err(Error::io("connect on loopback"))?;
+        let (into, _) = listener.accept().map_err(Error::io("accept on loopback"))?;
+        let bytes = STREAM_BUFFER_BYTES as usize;
+        socket2::SockRef::from(&out)
+            .set_send_buffer_size(bytes)
+            .map_err(Error::io("set a stream's send buffer"))?;
+        socket2::SockRef::from(&into)
+            .set_recv_buffer_size(bytes)
+            .map_err(Error::io("set a stream's receive buffer"))?;
+        Ok((
+            MigrationChannel::Socket(into.into()),
+            MigrationChannel::Socket(out.into()),
+        ))
+    }
+}
+
 async fn health(vm: &VmHandle) -> Result<telvirt_guest::proto::Health> {
     match vm
         .agent_request(Request::Health, Duration::from_secs(30))
@@ -136,6 +191,7 @@ async fn one(
     opts: &MigrateBenchOptions,
     rate: u64,
     tuning: &MigrationTuning,
+    channel: Channel,
     n: u32,
 ) -> Result<MigrationSample> {
     let config = |name: String| {
@@ -176,10 +232,12 @@ async fn one(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        let to = MigrationChannel::Tcp(free_address()?);
+        let (from, to) = channel.open()?;
         let dst = mgr
-            .start_incoming(config(format!("mbd{n}")), &to, tuning)
+            .start_incoming(config(format!("mbd{n}")), &from, tuning)
             .await?;
+        // QEMU holds its own copy of a passed socket now.
+        drop(from);
         let _dst_killed = KillOnDrop(&dst);
         // The destination is killed on every path, measured or not.
         let measured = measure(&src, &dst, &to, opts, rate, tuning).await;
@@ -278,7 +336,11 @@ async fn intact(dst: &VmHandle, rate: u64) -> Result<()> {
     Ok(())
 }
 
-fn figures(tuning: MigrationTuning, samples: Vec<MigrationSample>) -> TuningFigures {
+fn figures(
+    tuning: MigrationTuning,
+    channel: Channel,
+    samples: Vec<MigrationSample>,
+) -> TuningFigures {
     let done: Vec<&MigrationSample> = samples.iter().filter(|s| s.converged).collect();
     // Medians over the figures QEMU gave: a missing one is left out, never counted as 0.
     let med = |f: &dyn Fn(&MigrationSample) -> Option<f64>| {
@@ -286,6 +348,7 @@ fn figures(tuning: MigrationTuning, samples: Vec<MigrationSample>) -> TuningFigu
     };
     TuningFigures {
         tuning,
+        channel: channel.describe(),
         converged: done.len() as u32,
         intact: done.iter().filter(|s| s.intact).count() as u32,
         total_ms: med(&|s| s.total_ms),
@@ -314,8 +377,11 @@ pub async fn run(
     let accel = probe.resolve(g.accel).await?.accel;
     let mgr = VmManager::new(&g.state_root, probe).qemu_binary(&g.qemu);
     let qemu = mgr.qemu_caps().await.version;
+    // telvirt's tuning over telvirt's channel, as its agents move a guest; QEMU's defaults
+    // over QEMU's own.
+    let channels = [Channel::Passed, Channel::QemuTcp];
     let tunings = [
-        MigrationTuning::tuned(accel, qemu),
+        MigrationTuning::tuned(accel, qemu).over_one_stream(),
         MigrationTuning::qemu_defaults(),
     ];
     let total = opts.rates.len() as u64 * u64::from(g.rounds) * 2;
@@ -327,15 +393,15 @@ pub async fn run(
             // Alternate which goes first so drift in host load hits both alike.
             for side in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
                 n += 1;
-                samples[side].push(one(&mgr, opts, rate, &tunings[side], n).await?);
+                samples[side].push(one(&mgr, opts, rate, &tunings[side], channels[side], n).await?);
                 done += 1;
                 progress(done, total);
             }
         }
         let [ours, theirs] = samples;
         let (telvirt, qemu_defaults) = (
-            figures(tunings[0].clone(), ours),
-            figures(tunings[1].clone(), theirs),
+            figures(tunings[0].clone(), channels[0], ours),
+            figures(tunings[1].clone(), channels[1], theirs),
         );
         let ratio = |a: f64, b: f64, both: bool| if both && b > 0.0 { a / b } else { 0.0 };
         // Compared only when both converged in every round: medians over the same runs.
@@ -356,7 +422,7 @@ pub async fn run(
     let version = qemu.map(|(major, minor)| format!("{major}.{minor}"));
     Ok(MigrateBenchReport {
         measured: format!(
-            "the default guest ({} MiB, 1 vCPU, {}) migrated between two QEMUs {} on this machine over loopback TCP, its agent dirtying {} MiB at each rate; telvirt's tuning against QEMU's defaults in the same run, alternating; each migrated guest checked to go on at the destination (intact)",
+            "the default guest ({} MiB, 1 vCPU, {}) migrated between two QEMUs {} on this machine over loopback TCP, its agent dirtying {} MiB at each rate; telvirt's tuning over telvirt's channel (a connection passed to both QEMUs, as between two agents) against QEMU's defaults over QEMU's own connection in the same run, alternating; each migrated guest checked to go on at the destination (intact)",
             g.memory_mib,
             accel.as_str(),
             version

@@ -209,6 +209,13 @@ async fn the_migration_benchmark_reports_both_tunings_and_whether_the_guest_came
         );
     }
     assert!(idle.telvirt.tuning.auto_converge && !idle.qemu_defaults.tuning.auto_converge);
+    // telvirt's side streams as its agents do: one passed connection, so no multifd.
+    assert!(
+        idle.telvirt.channel.contains("passed") && idle.telvirt.tuning.multifd_channels == 0,
+        "{:?}",
+        idle.telvirt
+    );
+    assert!(idle.qemu_defaults.channel.contains("QEMU's own"));
     let ratio = idle.telvirt.total_ms / idle.qemu_defaults.total_ms;
     assert!((idle.total_ratio - ratio).abs() < 1e-9);
 }
