@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
 use telvirt_model::{Name, Role};
+use telvirt_runtime_vm::StreamEnd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -396,12 +397,7 @@ async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
     if let Some(why) = refusal {
         return tracing::info!(vnf = %vnf, "refused a guest stream: {why}");
     }
-    // What the destination's buffers hold when the source completes, it reads before it can
-    // resume the guest: the kernel would grow this to 6 MiB.
-    if let Err(e) = socket2::SockRef::from(&stream).set_recv_buffer_size(GUEST_BUFFER as usize) {
-        tracing::warn!(vnf = %vnf, "the guest stream's receive buffer: {e}");
-    }
-    let taken = match blocking_fd(stream) {
+    let taken = match guest_socket(stream, StreamEnd::Destination) {
         Ok(fd) => host.take_guest(vnf, fd).await,
         Err(e) => Err(format!("the guest stream's socket: {e}")),
     };
@@ -412,11 +408,10 @@ async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
     }
 }
 
-/// `stream` as a blocking socket QEMU can be handed (`getfd`), as a migration stream expects.
-fn blocking_fd(stream: TcpStream) -> std::io::Result<OwnedFd> {
-    let stream = stream.into_std()?;
-    stream.set_nonblocking(false)?;
-    Ok(OwnedFd::from(stream))
+/// `stream` as the guest stream's socket QEMU is handed (`getfd`): bounded buffers, no Nagle
+/// delay, blocking ([`telvirt_runtime_vm::stream_socket`]).
+fn guest_socket(stream: TcpStream, end: StreamEnd) -> std::io::Result<OwnedFd> {
+    telvirt_runtime_vm::stream_socket(stream.into_std()?, end)
 }
 
 /// One active's connection as its standby's host serves it.
@@ -1224,7 +1219,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
     let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
-        let mut conn = connect_from_with(to.source, address, Some(GUEST_BUFFER)).await?;
+        let mut conn = connect_from(to.source, address).await?;
         conn.set_nodelay(true)?;
         let header = Header {
             vnf: vnf.clone(),
@@ -1248,7 +1243,7 @@ async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> 
             ack.message
         ));
     }
-    blocking_fd(conn).map_err(|e| format!("the guest stream's socket: {e}"))
+    guest_socket(conn, StreamEnd::Source).map_err(|e| format!("the guest stream's socket: {e}"))
 }
 
 /// Where and as what one VNF's maps are sent.
@@ -1269,17 +1264,6 @@ struct SendTo {
 /// A connection to `address` (`IP:PORT`) from `source` (any port; the kernel's choice of
 /// address when `None`).
 async fn connect_from(source: Option<IpAddr>, address: &str) -> std::io::Result<TcpStream> {
-    connect_from_with(source, address, None).await
-}
-
-/// The send and receive buffers a guest stream's sockets ask for.
-const GUEST_BUFFER: u32 = telvirt_runtime_vm::STREAM_BUFFER_BYTES;
-
-async fn connect_from_with(
-    source: Option<IpAddr>,
-    address: &str,
-    send_buffer: Option<u32>,
-) -> std::io::Result<TcpStream> {
     let to: SocketAddr = address
         .parse()
         .map_err(|e| std::io::Error::other(format!("{address} is not IP:PORT: {e}")))?;
@@ -1287,11 +1271,6 @@ async fn connect_from_with(
         SocketAddr::V4(_) => TcpSocket::new_v4()?,
         SocketAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    if let Some(bytes) = send_buffer
-        && let Err(e) = socket.set_send_buffer_size(bytes)
-    {
-        tracing::warn!("the send buffer of a connection to {address}: {e}");
-    }
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;
     }

@@ -801,17 +801,18 @@ pub struct PausePhases {
     /// byte left (from the stop, for a stream without a commit point).
     pub final_copy_ms: f64,
     /// From the source's last byte until the destination resumed the guest: the destination
-    /// reading what was still in flight and loading the device state.
-    pub destination_ms: f64,
+    /// reading what was still in flight and loading the device state. Two hosts' clocks: none
+    /// when the resume is unknown or would come before the last byte left.
+    pub destination_ms: Option<f64>,
 }
 
 impl PausePhases {
-    /// The phases of `g`'s pause, once its destination resumed the guest at `resumed_at_us`;
-    /// `None` when a time is missing or the times are out of order (a commit point of an
-    /// earlier stream is left out, not taken).
+    /// The phases of `g`'s pause, its destination having resumed the guest at
+    /// `resumed_at_us`; `None` when the source's stop or last byte is unknown or out of order
+    /// (a commit point of an earlier stream is left out, not taken).
     pub fn of(g: &GuestStream, resumed_at_us: Option<u64>) -> Option<Self> {
-        let (stop, done, resumed) = (g.stopped_at_us?, g.completed_at_us?, resumed_at_us?);
-        if !(stop <= done && done <= resumed) {
+        let (stop, done) = (g.stopped_at_us?, g.completed_at_us?);
+        if stop > done {
             return None;
         }
         let ms = |from: u64, to: u64| (to - from) as f64 / 1000.0;
@@ -823,10 +824,33 @@ impl PausePhases {
             stopping_ms: gate.map(|(at, _)| ms(stop, at)),
             commit_point_ms: gate.map(|(at, on)| ms(at, on)),
             final_copy_ms: ms(gate.map_or(stop, |(_, on)| on), done),
-            destination_ms: ms(done, resumed),
+            destination_ms: resumed_at_us
+                .filter(|&resumed| resumed >= done)
+                .map(|resumed| ms(done, resumed)),
+        })
+    }
+
+    /// The phases a text states in [`PausePhases`]'s own words (a switch event's reason):
+    /// `None` unless it states the final copy; the others as stated.
+    pub fn stated_in(text: &str) -> Option<Self> {
+        let figure = |label: &str| -> Option<f64> {
+            let (head, _) = text.split_once(&format!(" ms {label}"))?;
+            head.rsplit([' ', '(']).next()?.parse().ok()
+        };
+        Some(Self {
+            stopping_ms: figure(PHASE_STOPPING),
+            commit_point_ms: figure(PHASE_COMMIT_POINT),
+            final_copy_ms: figure(PHASE_FINAL_COPY)?,
+            destination_ms: figure(PHASE_DESTINATION),
         })
     }
 }
+
+/// The words [`PausePhases`] states each phase in, after its figure and " ms ".
+const PHASE_STOPPING: &str = "stopping";
+const PHASE_COMMIT_POINT: &str = "at the commit point";
+const PHASE_FINAL_COPY: &str = "final copy";
+const PHASE_DESTINATION: &str = "at the destination";
 
 impl std::fmt::Display for PausePhases {
     /// `1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 3.3 ms at the
@@ -835,14 +859,14 @@ impl std::fmt::Display for PausePhases {
         if let (Some(stopping), Some(held)) = (self.stopping_ms, self.commit_point_ms) {
             write!(
                 f,
-                "{stopping:.1} ms stopping, {held:.1} ms at the commit point, "
+                "{stopping:.1} ms {PHASE_STOPPING}, {held:.1} ms {PHASE_COMMIT_POINT}, "
             )?;
         }
-        write!(
-            f,
-            "{:.1} ms final copy, {:.1} ms at the destination",
-            self.final_copy_ms, self.destination_ms
-        )
+        write!(f, "{:.1} ms {PHASE_FINAL_COPY}", self.final_copy_ms)?;
+        if let Some(destination) = self.destination_ms {
+            write!(f, ", {destination:.1} ms {PHASE_DESTINATION}")?;
+        }
+        Ok(())
     }
 }
 
@@ -1000,14 +1024,34 @@ mod tests {
         assert_eq!(p.stopping_ms, Some(1.1));
         assert_eq!(p.commit_point_ms, Some(0.7));
         assert_eq!(p.final_copy_ms, 1.9);
-        assert_eq!(p.destination_ms, 3.3);
+        assert_eq!(p.destination_ms, Some(3.3));
+        let said = p.to_string();
         assert_eq!(
-            p.to_string(),
+            said,
             "1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 3.3 ms at the destination"
         );
-        // Not resumed yet, or resumed before its last byte left (clocks apart): no phases.
-        assert_eq!(PausePhases::of(&g, None), None);
-        assert_eq!(PausePhases::of(&g, Some(t0 + 3_000)), None);
+        // Read back from a text that states them, as a switch event does.
+        assert_eq!(
+            PausePhases::stated_in(&format!("moved (7.0 ms in all (clocks: {said}))")),
+            Some(p)
+        );
+        assert_eq!(PausePhases::stated_in("moved (nothing streamed)"), None);
+        // Not resumed yet, or resumed before its last byte left (the two hosts' clocks
+        // apart): the source's phases still, the destination's not.
+        for resumed in [None, Some(t0 + 3_000)] {
+            let p = PausePhases::of(&g, resumed).unwrap();
+            assert_eq!((p.final_copy_ms, p.destination_ms), (1.9, None));
+            assert_eq!(
+                p.to_string(),
+                "1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy"
+            );
+        }
+        // A last byte before the stop is no stream's.
+        let odd = GuestStream {
+            completed_at_us: Some(t0 - 1),
+            ..g.clone()
+        };
+        assert_eq!(PausePhases::of(&odd, Some(t0 + 7_000)), None);
         // A commit point before the stop is an earlier stream's: the final copy counts from
         // the stop.
         let earlier = GuestStream {
@@ -1021,6 +1065,8 @@ mod tests {
             p.to_string(),
             "3.7 ms final copy, 3.3 ms at the destination"
         );
+        let read = PausePhases::stated_in(&p.to_string()).unwrap();
+        assert_eq!((read.stopping_ms, read.final_copy_ms), (None, 3.7));
     }
 
     #[test]

@@ -21,7 +21,9 @@ use crate::bench::{BenchOptions, median};
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
 use crate::manager::{VmHandle, VmManager};
-use crate::migrate::{MigrationChannel, MigrationTuning, STREAM_BUFFER_BYTES};
+use crate::migrate::{
+    MigrationChannel, MigrationTuning, STREAM_BUFFER_BYTES, StreamEnd, stream_socket,
+};
 
 /// What [`run`] measures.
 #[derive(Debug, Clone)]
@@ -109,10 +111,16 @@ pub struct MigrateBenchReport {
     pub rates: Vec<RateFigures>,
 }
 
+/// A loopback port of this process's and its address.
+fn bound_port() -> Result<(std::net::TcpListener, SocketAddr)> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind a port"))?;
+    let at = taken.local_addr().map_err(Error::io("read a bound port"))?;
+    Ok((taken, at))
+}
+
 /// A loopback address nobody listens on now, for the destination.
 fn free_address() -> Result<SocketAddr> {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind a port"))?;
-    taken.local_addr().map_err(Error::io("read a bound port"))
+    bound_port().map(|(_, at)| at)
 }
 
 /// How a migration's stream travels: telvirt's way, a loopback TCP connection opened here with
@@ -143,23 +151,27 @@ impl Channel {
             let at = free_address()?;
             return Ok((MigrationChannel::Tcp(at), MigrationChannel::Tcp(at)));
         }
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").map_err(Error::io("bind a port"))?;
-        let at = listener
-            .local_addr()
-            .map_err(Error::io("read a bound port"))?;
+        let (listener, at) = bound_port()?;
         let out = std::net::TcpStream::connect(at).map_err(Error::io("connect on loopback"))?;
-        let (into, _) = listener.accept().map_err(Error::io("accept on loopback"))?;
-        let bytes = STREAM_BUFFER_BYTES as usize;
-        socket2::SockRef::from(&out)
-            .set_send_buffer_size(bytes)
-            .map_err(Error::io("set a stream's send buffer"))?;
-        socket2::SockRef::from(&into)
-            .set_recv_buffer_size(bytes)
-            .map_err(Error::io("set a stream's receive buffer"))?;
+        let mine = out
+            .local_addr()
+            .map_err(Error::io("read a connected port"))?;
+        // The connection just made, not another that reached the port first.
+        let into = loop {
+            let (into, from) = listener.accept().map_err(Error::io("accept on loopback"))?;
+            if from == mine {
+                break into;
+            }
+        };
         Ok((
-            MigrationChannel::Socket(into.into()),
-            MigrationChannel::Socket(out.into()),
+            MigrationChannel::Socket(
+                stream_socket(into, StreamEnd::Destination)
+                    .map_err(Error::io("make a stream's destination socket"))?,
+            ),
+            MigrationChannel::Socket(
+                stream_socket(out, StreamEnd::Source)
+                    .map_err(Error::io("make a stream's source socket"))?,
+            ),
         ))
     }
 }

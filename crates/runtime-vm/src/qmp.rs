@@ -563,17 +563,15 @@ async fn read_loop(
             continue;
         };
         if let Some(name) = v.get("event").and_then(Value::as_str) {
-            let data = v.get("data").cloned().unwrap_or(Value::Null);
+            let event = QmpEvent::parse(name, v.get("data").cloned().unwrap_or(Value::Null));
             if let Some(at) = event_timestamp(&v) {
                 let mut times = event_times.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(status) = data.get("status").and_then(Value::as_str)
-                    && name == "MIGRATION"
-                {
+                if let QmpEvent::Migration { status } = &event {
                     times.insert(format!("{name}:{status}"), at);
                 }
                 times.insert(name.to_owned(), at);
             }
-            let _ = events.send(QmpEvent::parse(name, data));
+            let _ = events.send(event);
             continue;
         }
         let Some(id) = v.get("id").and_then(Value::as_u64) else {

@@ -79,22 +79,22 @@ pub struct VmMoveReport {
 }
 
 /// Where each live move's whole pause went, by its QEMUs' event times as its switch event
-/// states them (`telvirt_model::api::PausePhases`), ms; moves whose event states none are
-/// left out.
+/// states them (`telvirt_model::api::PausePhases`), ms: each part of the moves whose event
+/// states it, and its median (none when no move's did).
 #[derive(Debug, Serialize)]
 pub struct PausePhaseFigures {
     /// From the source's stop until its commit point (QEMU stopping the guest's vCPUs).
     pub stopping_ms: Vec<f64>,
-    pub stopping_p50_ms: f64,
+    pub stopping_p50_ms: Option<f64>,
     /// Held at the commit point until the source's agent let the final copy through.
     pub commit_point_ms: Vec<f64>,
-    pub commit_point_p50_ms: f64,
+    pub commit_point_p50_ms: Option<f64>,
     /// The final copy (device state, last dirty pages) until the source's last byte left.
     pub final_copy_ms: Vec<f64>,
-    pub final_copy_p50_ms: f64,
+    pub final_copy_p50_ms: Option<f64>,
     /// From the source's last byte until the destination resumed the guest.
     pub destination_ms: Vec<f64>,
-    pub destination_p50_ms: f64,
+    pub destination_p50_ms: Option<f64>,
 }
 
 const VNF: &str = "vmm";
@@ -186,9 +186,8 @@ struct SwitchFigures {
     qemu_downtime_ms: f64,
     /// Its whole pause, until its destination resumed it, ms, when stated.
     paused_ms: Option<f64>,
-    /// Where the pause went, when stated: stopping, at the commit point, final copy, at the
-    /// destination (`telvirt_model::api::PausePhases`), ms.
-    phases: Option<[f64; 4]>,
+    /// Where the pause went, as far as stated.
+    phases: Option<telvirt_model::api::PausePhases>,
 }
 
 /// The figures of the last switch event.
@@ -206,21 +205,11 @@ async fn switch_figures(api: &Api) -> Result<SwitchFigures> {
         .and_then(|r| r.split(' ').next())
         .and_then(|n| n.parse().ok())
         .with_context(|| format!("no downtime in: {reason}"))?;
-    let phases = [
-        " ms stopping",
-        " ms at the commit point",
-        " ms final copy",
-        " ms at the destination",
-    ]
-    .map(number_before);
     Ok(SwitchFigures {
         mib: mib as u64,
         qemu_downtime_ms,
         paused_ms: number_before(" ms until its destination resumed it"),
-        phases: phases
-            .iter()
-            .all(Option::is_some)
-            .then(|| phases.map(|p| p.unwrap_or_default())),
+        phases: telvirt_model::api::PausePhases::stated_in(&reason),
     })
 }
 
@@ -360,8 +349,14 @@ async fn moves(
             None => unmeasured += 1,
         }
         if let Some(p) = moved.phases {
-            for (all, one) in phases.iter_mut().zip(p) {
-                all.push(one);
+            let each = [
+                p.stopping_ms,
+                p.commit_point_ms,
+                Some(p.final_copy_ms),
+                p.destination_ms,
+            ];
+            for (all, one) in phases.iter_mut().zip(each) {
+                all.extend(one);
             }
         }
         live_downtime.push(moved.qemu_downtime_ms);
@@ -393,11 +388,12 @@ async fn moves(
     );
     live.outage_unmeasured = unmeasured;
     let [stopping_ms, commit_point_ms, final_copy_ms, destination_ms] = phases;
+    let stated_p50 = |v: &Vec<f64>| (!v.is_empty()).then(|| p50(v));
     let pause_phases = PausePhaseFigures {
-        stopping_p50_ms: p50(&stopping_ms),
-        commit_point_p50_ms: p50(&commit_point_ms),
-        final_copy_p50_ms: p50(&final_copy_ms),
-        destination_p50_ms: p50(&destination_ms),
+        stopping_p50_ms: stated_p50(&stopping_ms),
+        commit_point_p50_ms: stated_p50(&commit_point_ms),
+        final_copy_p50_ms: stated_p50(&final_copy_ms),
+        destination_p50_ms: stated_p50(&destination_ms),
         stopping_ms,
         commit_point_ms,
         final_copy_ms,
@@ -470,14 +466,16 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
         r.total_ratio, r.outage_ratio
     );
     let p = &r.pause_phases;
-    if !p.destination_ms.is_empty() {
+    if let Some(final_copy_ms) = p.final_copy_p50_ms {
+        let median = telvirt_model::api::PausePhases {
+            stopping_ms: p.stopping_p50_ms,
+            commit_point_ms: p.commit_point_p50_ms,
+            final_copy_ms,
+            destination_ms: p.destination_p50_ms,
+        };
         println!(
-            "the live pause, p50 of {} moves: {:.1} ms stopping, {:.1} ms at the commit point, {:.1} ms final copy, {:.1} ms at the destination",
-            p.destination_ms.len(),
-            p.stopping_p50_ms,
-            p.commit_point_p50_ms,
-            p.final_copy_p50_ms,
-            p.destination_p50_ms
+            "the live pause, medians of {} moves: {median}",
+            p.final_copy_ms.len()
         );
     }
     Ok(())
