@@ -180,7 +180,7 @@ fn host_cpu(proc: &Path) -> Option<String> {
 /// adds its own to them (mitigations, `pti`, VMX flags before 5.8) and boot parameters remove
 /// some, so the same CPU under two kernels (a rolling kernel upgrade) would differ; features
 /// a BIOS or kernel masks are therefore not compared. `None` without a vendor, family or model.
-pub fn cpu_identity(cpuinfo: &str) -> Option<String> {
+fn cpu_identity(cpuinfo: &str) -> Option<String> {
     let first = cpuinfo.split("\n\n").next()?;
     let field = |name: &str| {
         first.lines().find_map(|l| {

@@ -956,23 +956,23 @@ const COMMIT_AHEAD_WITHIN: Duration = Duration::from_secs(5);
 
 /// Whether stream `p` is near its final copy: QEMU streams, and what is left would go within
 /// twice its pause limit and [`COMMIT_AHEAD_LEAD_MS`] more at the rate it streamed so far, or
-/// at the rate what is left fell since the sample `before` (QEMU stops the guest once it
+/// at the rate what is left fell since the sample `before` (its `total_ms` and
+/// `remaining_bytes`) (QEMU stops the guest once it
 /// expects the rest to go within the limit, by its own recent rate, which may be higher than
 /// the average; and pages of zeros leave the count of what is left far faster than bytes are
 /// sent: an idle guest's 112 MB fell to 20 MB between two 22 ms samples).
-fn near_final_copy(
-    p: &telvirt_model::api::GuestStream,
-    before: Option<&telvirt_model::api::GuestStream>,
-) -> bool {
+fn near_final_copy(p: &telvirt_model::api::GuestStream, before: Option<(u64, u64)>) -> bool {
     if p.downtime_limit_ms > COMMIT_AHEAD_UP_TO_LIMIT_MS {
         return false;
     }
-    let falling = before.filter(|b| b.total_ms < p.total_ms).map_or(0, |b| {
-        b.remaining_bytes
-            .saturating_sub(p.remaining_bytes)
-            .saturating_mul(1000)
-            / (p.total_ms - b.total_ms)
-    });
+    let falling = before
+        .filter(|&(total_ms, _)| total_ms < p.total_ms)
+        .map_or(0, |(total_ms, remaining)| {
+            remaining
+                .saturating_sub(p.remaining_bytes)
+                .saturating_mul(1000)
+                / (p.total_ms - total_ms)
+        });
     let rate = (p.transferred_bytes.saturating_mul(1000) / p.total_ms.max(1)).max(falling);
     let lead_ms = p
         .downtime_limit_ms
@@ -1138,15 +1138,16 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
             let (commit, peer, epoch) = (to.commit.clone(), to.peer.clone(), to.epoch);
             let mut told = (String::new(), Instant::now());
             let mut cancelled = false;
-            let mut before: Option<telvirt_model::api::GuestStream> = None;
+            // The last sample's time and bytes left.
+            let mut before: Option<(u64, u64)> = None;
             move |p: &telvirt_model::api::GuestStream| {
                 // Near its end: the commit point is asked now (the report below says so), its
                 // answer taken at the final copy.
                 let asking = commit.is_some()
                     && ahead_allowed.load(Ordering::Acquire)
-                    && near_final_copy(p, before.as_ref())
+                    && near_final_copy(p, before)
                     && !ahead.asked.load(Ordering::Acquire);
-                before = Some(p.clone());
+                before = Some((p.total_ms, p.remaining_bytes));
                 {
                     let mut s = status.lock();
                     s.bytes = p.transferred_bytes;
@@ -1233,7 +1234,6 @@ async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> 
     let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
         let mut conn = connect_from(to.source, address).await?;
-        conn.set_nodelay(true)?;
         let header = Header {
             vnf: vnf.clone(),
             kind: KIND_GUEST,
@@ -1638,18 +1638,27 @@ mod tests {
             ..after_zeros.clone()
         };
         assert!(!near_final_copy(&after_zeros, None));
-        assert!(near_final_copy(&after_zeros, Some(&before)));
+        assert!(near_final_copy(
+            &after_zeros,
+            Some((before.total_ms, before.remaining_bytes))
+        ));
         // A count that grew (the guest dirtied more), or a sample from no later, adds nothing.
         let grew = telvirt_model::api::GuestStream {
             remaining_bytes: 10 << 20,
             ..before.clone()
         };
-        assert!(!near_final_copy(&after_zeros, Some(&grew)));
+        assert!(!near_final_copy(
+            &after_zeros,
+            Some((grew.total_ms, grew.remaining_bytes))
+        ));
         let same_time = telvirt_model::api::GuestStream {
             total_ms: 1000,
             ..before
         };
-        assert!(!near_final_copy(&after_zeros, Some(&same_time)));
+        assert!(!near_final_copy(
+            &after_zeros,
+            Some((same_time.total_ms, same_time.remaining_bytes))
+        ));
     }
 
     /// A commit asked ahead, answered `answer` (never, for `None`), and what the final copy

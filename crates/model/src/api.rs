@@ -833,10 +833,7 @@ impl PausePhases {
     /// The phases a text states in [`PausePhases`]'s own words (a switch event's reason):
     /// `None` unless it states the final copy; the others as stated.
     pub fn stated_in(text: &str) -> Option<Self> {
-        let figure = |label: &str| -> Option<f64> {
-            let (head, _) = text.split_once(&format!(" ms {label}"))?;
-            head.rsplit([' ', '(']).next()?.parse().ok()
-        };
+        let figure = |label: &str| figure_before(text, &format!(" ms {label}"));
         Some(Self {
             stopping_ms: figure(PHASE_STOPPING),
             commit_point_ms: figure(PHASE_COMMIT_POINT),
@@ -844,6 +841,13 @@ impl PausePhases {
             destination_ms: figure(PHASE_DESTINATION),
         })
     }
+}
+
+/// The number `text` states right before the first `suffix` (`7.1` in `… resumed (7.1 ms
+/// until …`), as the controller's events word their figures; `None` without one there.
+pub fn figure_before(text: &str, suffix: &str) -> Option<f64> {
+    let (head, _) = text.split_once(suffix)?;
+    head.rsplit([' ', '(']).next()?.parse().ok()
 }
 
 /// The words [`PausePhases`] states each phase in, after its figure and " ms ".

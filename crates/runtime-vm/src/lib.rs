@@ -36,8 +36,7 @@ pub use manager::{
     ExitInfo, Failure, StopMethod, VcpuThread, VmHandle, VmManager, VmPhase, VmStatus,
 };
 pub use migrate::{
-    MigrationChannel, MigrationProgress, MigrationTuning, STREAM_BUFFER_BYTES, StreamEnd,
-    SwitchoverGate, stream_socket,
+    MigrationChannel, MigrationProgress, MigrationTuning, StreamEnd, SwitchoverGate, stream_socket,
 };
 pub use qmp::{QmpClient, QmpEvent};
 pub use telvirt_guest::proto as guest_proto;

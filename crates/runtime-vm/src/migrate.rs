@@ -580,10 +580,17 @@ impl VmHandle {
         self.set_phase(VmPhase::Migrated);
         let mut done = self.final_figures(done).await;
         let qmp = self.qmp();
-        done.stopped_at_us = qmp.last_event_at("STOP");
-        done.commit_point_at_us = qmp.last_event_at("MIGRATION:pre-switchover");
-        done.continued_at_us = qmp.last_event_at("MIGRATION:device");
-        done.completed_at_us = qmp.last_event_at("MIGRATION:completed");
+        let stop = qmp.last_event_at("STOP");
+        done.stopped_at_us = stop;
+        // Times before this stream's stop are an earlier stream's (one cancelled at its
+        // commit point): not this one's.
+        let since_stop = |status| {
+            qmp.last_migration_at(status)
+                .filter(|&at| stop.is_some_and(|stop| at >= stop))
+        };
+        done.commit_point_at_us = since_stop("pre-switchover");
+        done.continued_at_us = since_stop("device");
+        done.completed_at_us = since_stop("completed");
         done
     }
 

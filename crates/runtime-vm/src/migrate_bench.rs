@@ -118,11 +118,6 @@ fn bound_port() -> Result<(std::net::TcpListener, SocketAddr)> {
     Ok((taken, at))
 }
 
-/// A loopback address nobody listens on now, for the destination.
-fn free_address() -> Result<SocketAddr> {
-    bound_port().map(|(_, at)| at)
-}
-
 /// How a migration's stream travels: telvirt's way, a loopback TCP connection opened here with
 /// the buffers the cluster's agents give a guest stream ([`STREAM_BUFFER_BYTES`]) and passed
 /// to both QEMUs (one stream, as between two agents), or QEMU's own, its destination listening
@@ -148,7 +143,8 @@ impl Channel {
     /// The destination's end and the source's.
     fn open(self) -> Result<(MigrationChannel, MigrationChannel)> {
         if self == Self::QemuTcp {
-            let at = free_address()?;
+            // A loopback address nobody listens on once the port is let go.
+            let (_, at) = bound_port()?;
             return Ok((MigrationChannel::Tcp(at), MigrationChannel::Tcp(at)));
         }
         let (listener, at) = bound_port()?;

@@ -220,6 +220,12 @@ impl QmpClient {
             .copied()
     }
 
+    /// When this connection's migration stream last reached `status` (its `MIGRATION` event),
+    /// as [`QmpClient::last_event_at`] tells.
+    pub fn last_migration_at(&self, status: &str) -> Option<u64> {
+        self.last_event_at(&migration_key(status))
+    }
+
     /// Whether the connection is still open.
     pub fn is_connected(&self) -> bool {
         self.pending.lock().map(|p| p.is_some()).unwrap_or(false)
@@ -543,6 +549,11 @@ fn send_with_fd(sock: RawFd, line: &[u8], fd: RawFd) -> std::io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Where a `MIGRATION` event's time is kept, by its status.
+fn migration_key(status: &str) -> String {
+    format!("MIGRATION:{status}")
+}
+
 /// An event's `timestamp` (`{"seconds": S, "microseconds": U}`) in µs since the Unix epoch.
 fn event_timestamp(v: &Value) -> Option<u64> {
     let t = v.get("timestamp")?;
@@ -567,7 +578,7 @@ async fn read_loop(
             if let Some(at) = event_timestamp(&v) {
                 let mut times = event_times.lock().unwrap_or_else(|p| p.into_inner());
                 if let QmpEvent::Migration { status } = &event {
-                    times.insert(format!("{name}:{status}"), at);
+                    times.insert(migration_key(status), at);
                 }
                 times.insert(name.to_owned(), at);
             }

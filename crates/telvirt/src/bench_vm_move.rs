@@ -15,9 +15,10 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::bench_cluster::{Api, Hosts, embedded_controller, lay_out_hosts};
-use crate::bench_control::{latency, ms};
+use crate::bench_control::ms;
 use crate::bench_failover::{cordon, post_yaml};
 use crate::bench_handover::{answer, poll_until};
+use crate::bench_ports::median;
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -171,7 +172,7 @@ pub(crate) async fn switch_event(api: &Api, vnf: &str) -> Result<String> {
             all.iter().rev().find_map(|e| {
                 e["reason"]
                     .as_str()
-                    .filter(|r| r.contains("moved from host"))
+                    .filter(|r| crate::migrate::switch_figures(r).is_some())
             })
         })
         .map(str::to_owned)
@@ -193,10 +194,7 @@ struct SwitchFigures {
 /// The figures of the last switch event.
 async fn switch_figures(api: &Api) -> Result<SwitchFigures> {
     let reason = switch_event(api, VNF).await?;
-    let number_before = |suffix: &str| -> Option<f64> {
-        let (head, _) = reason.split_once(suffix)?;
-        head.rsplit([' ', '(']).next()?.parse().ok()
-    };
+    let number_before = |suffix: &str| telvirt_model::api::figure_before(&reason, suffix);
     let mib = number_before(" MiB of guest memory")
         .with_context(|| format!("no guest memory figure in: {reason}"))?;
     let qemu_downtime_ms = reason
@@ -253,11 +251,6 @@ async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
     Ok(total)
 }
 
-/// The median of `v` (0 when empty).
-fn p50(v: &[f64]) -> f64 {
-    latency(v.to_vec()).p50_ms
-}
-
 fn figures(
     setup: &'static str,
     total: Vec<f64>,
@@ -267,9 +260,9 @@ fn figures(
 ) -> VmMoveFigures {
     VmMoveFigures {
         setup,
-        total_p50_ms: p50(&total),
-        outage_p50_ms: p50(&outage),
-        qemu_downtime_p50_ms: p50(&qemu_downtime),
+        total_p50_ms: median(total.iter().copied()),
+        outage_p50_ms: median(outage.iter().copied()),
+        qemu_downtime_p50_ms: median(qemu_downtime.iter().copied()),
         total_ms: total,
         outage_ms: outage,
         qemu_downtime_ms: qemu_downtime,
@@ -388,7 +381,7 @@ async fn moves(
     );
     live.outage_unmeasured = unmeasured;
     let [stopping_ms, commit_point_ms, final_copy_ms, destination_ms] = phases;
-    let stated_p50 = |v: &Vec<f64>| (!v.is_empty()).then(|| p50(v));
+    let stated_p50 = |v: &Vec<f64>| (!v.is_empty()).then(|| median(v.iter().copied()));
     let pause_phases = PausePhaseFigures {
         stopping_p50_ms: stated_p50(&stopping_ms),
         commit_point_p50_ms: stated_p50(&commit_point_ms),

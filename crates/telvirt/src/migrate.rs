@@ -78,7 +78,7 @@ fn stream_note(r: &ReplicationStatus) -> String {
 
 /// The figures of a move's switch event (`moved from host A to host B (FIGURES)`): what
 /// streamed, and how long the VNF stood still; `None` for another event.
-fn switch_figures(reason: &str) -> Option<&str> {
+pub(crate) fn switch_figures(reason: &str) -> Option<&str> {
     let rest = reason.strip_prefix("moved from host ")?;
     let (_, figures) = rest.split_once(" (")?;
     figures.rfind(')').map(|end| &figures[..end])
