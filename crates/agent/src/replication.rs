@@ -81,6 +81,10 @@ const PACKET_BATCH_BYTES: usize = 1 << 20;
 const MAX_PACKET_BATCH_BYTES: u32 = 2 << 20;
 /// How often a frozen source sends its batch (its last updates, then what it queued).
 const FROZEN_INTERVAL: Duration = Duration::from_millis(1);
+/// A log batch up to this size is applied on the connection's own task: the hop to a blocking
+/// thread (a wake-up on a busy machine) would cost more than the work, and a frozen move's
+/// last log waits on it.
+const APPLY_INLINE_BYTES: usize = 64 << 10;
 /// How long a move's source waits before it opens a guest stream again.
 const GUEST_RETRY: Duration = Duration::from_secs(1);
 /// How often a guest stream's progress is told to the agent (and so reported) at most.
@@ -523,8 +527,14 @@ impl StandbyConnection {
         if h.kind == KIND_KEEPALIVE {
             return Ack::new(h.seq, ACK_OK, String::new());
         }
-        let (state, name, full) = (Arc::clone(state), vnf.clone(), h.kind == KIND_SNAPSHOT);
-        match tokio::task::spawn_blocking(move || state.apply(&name, full, &bytes)).await {
+        let full = h.kind == KIND_SNAPSHOT;
+        let applied = if !full && bytes.len() <= APPLY_INLINE_BYTES {
+            Ok(state.apply(vnf, false, &bytes))
+        } else {
+            let (state, name) = (Arc::clone(state), vnf.clone());
+            tokio::task::spawn_blocking(move || state.apply(&name, full, &bytes)).await
+        };
+        match applied {
             Ok(Ok(updates)) => {
                 let mut ack = Ack::new(h.seq, ACK_OK, String::new());
                 ack.updates = updates;
@@ -1378,7 +1388,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
         if let Some(conn) = stream.as_mut() {
             header.kind = if full { KIND_SNAPSHOT } else { KIND_LOG };
             let slow = |why: String| set(&|s| fail(s, why.clone()));
-            match send_one(&state, conn, header, &slow).await {
+            match send_one(&state, conn, header, frozen, &slow).await {
                 // The instance could not give a batch (e.g. its update log overflowed): a full
                 // snapshot next, on the same connection (closing it would tell the standby its
                 // active is lost).
@@ -1523,14 +1533,21 @@ async fn send_one(
     state: &Arc<dyn ReplicaState>,
     conn: &mut TcpStream,
     mut header: Header,
+    frozen: bool,
     slow: &(dyn Fn(String) + Sync),
 ) -> Result<(Ack, u64, Instant), SendError> {
     let taken = Instant::now();
     let full = header.kind == KIND_SNAPSHOT;
-    let (st, name) = (Arc::clone(state), header.vnf.clone());
-    let batch = tokio::task::spawn_blocking(move || st.take(&name, full))
-        .await
-        .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?;
+    let batch = if frozen && !full {
+        // A frozen instance's log holds what changed since the last batch, and no batch of
+        // it contends for its maps: taken here, not behind a blocking thread's wake-up.
+        state.take(&header.vnf, false)
+    } else {
+        let (st, name) = (Arc::clone(state), header.vnf.clone());
+        tokio::task::spawn_blocking(move || st.take(&name, full))
+            .await
+            .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?
+    };
     let bytes = match batch {
         Ok(Some(bytes)) => bytes,
         Ok(None) => {

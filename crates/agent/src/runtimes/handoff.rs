@@ -49,6 +49,23 @@ pub struct Handoff {
     waiting_since: Mutex<Option<Instant>>,
     /// When the divert began (the first packet queued rather than processed).
     diverted_since: Mutex<Option<Instant>>,
+    /// The node's polls begun plus those ended: odd while one runs. A change of the divert
+    /// waits for the poll under way (it may have read the divert before the change), not for
+    /// the node's worker to come round ([`Handoff::poll_under_way`]).
+    polls: AtomicU64,
+}
+
+/// One poll of the node, from [`Handoff::begin_poll`] until dropped.
+pub struct PollUnderWay<'a> {
+    handoff: &'a Handoff,
+    /// The divert as this poll read it, after it was counted as begun.
+    pub diverting: bool,
+}
+
+impl Drop for PollUnderWay<'_> {
+    fn drop(&mut self) {
+        self.handoff.polls.fetch_add(1, Ordering::Release);
+    }
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,10 +111,51 @@ impl FrameQueue {
 }
 
 impl Handoff {
-    /// The node queues what arrives from its next poll on.
+    /// The node queues what arrives from its next poll on; a poll under way may still process
+    /// (wait for it with [`Handoff::poll_under_way`]).
     pub fn divert(&self) {
         *locked(&self.diverted_since) = Some(Instant::now());
-        self.divert.store(true, Ordering::Release);
+        self.divert.store(true, Ordering::SeqCst);
+    }
+
+    /// The node's poll begins: counted first, then the divert read (the order a change of the
+    /// divert and [`Handoff::poll_under_way`] rely on: a poll that began after the change was
+    /// seen as not under way reads the change).
+    pub fn begin_poll(&self) -> PollUnderWay<'_> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        PollUnderWay {
+            handoff: self,
+            diverting: self.divert.load(Ordering::SeqCst),
+        }
+    }
+
+    /// After a change of the divert: the poll that may have read the divert from before it
+    /// and still runs (its mark for [`Handoff::poll_ended`]), or `None` when every later poll
+    /// reads the change.
+    pub fn poll_under_way(&self) -> Option<u64> {
+        let polls = self.polls.load(Ordering::SeqCst);
+        (polls % 2 == 1).then_some(polls)
+    }
+
+    /// Whether the poll [`Handoff::poll_under_way`] marked `mark` has ended.
+    pub fn poll_ended(&self, mark: u64) -> bool {
+        self.polls.load(Ordering::Acquire) != mark
+    }
+
+    /// Blocks until the poll marked `mark` ended: spins a little (a poll takes microseconds),
+    /// then yields, then sleeps in steps of 10 µs (its worker may wait for a core).
+    pub fn wait_poll_ended(&self, mark: u64) {
+        let mut tries = 0u32;
+        while !self.poll_ended(mark) {
+            tries = tries.saturating_add(1);
+            if tries < 64 {
+                std::hint::spin_loop();
+            } else if tries < 256 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(10));
+            }
+        }
     }
 
     /// When the divert under way began (`None`: none is).
@@ -120,9 +178,9 @@ impl Handoff {
     }
 
     /// Ends the divert: polls process again from their next round on (the caller waits for
-    /// a worker barrier before [`Handoff::requeue_diverted`]).
+    /// the poll under way, [`Handoff::poll_under_way`], before [`Handoff::requeue_diverted`]).
     pub fn stop_divert(&self) {
-        self.divert.store(false, Ordering::Release);
+        self.divert.store(false, Ordering::SeqCst);
     }
 
     /// After a divert ended and no poll diverts any more: what it queued is processed first,
@@ -305,6 +363,93 @@ pub fn decode_frames(mut bytes: &[u8], max_frame: usize) -> Result<Vec<PortFrame
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn a_divert_waits_for_the_poll_under_way_only() {
+        let h = Handoff::default();
+        // No poll runs: every later poll reads the divert at once.
+        h.divert();
+        assert_eq!(h.poll_under_way(), None);
+        assert!(h.begin_poll().diverting);
+        h.stop_divert();
+        // A poll that read the divert before the change is waited for until it returns.
+        let poll = h.begin_poll();
+        assert!(!poll.diverting);
+        h.divert();
+        let mark = h.poll_under_way().expect("a poll is under way");
+        assert!(!h.poll_ended(mark));
+        drop(poll);
+        assert!(h.poll_ended(mark));
+        h.wait_poll_ended(mark);
+        assert_eq!(h.poll_under_way(), None);
+        assert!(h.begin_poll().diverting);
+    }
+
+    #[test]
+    fn no_batch_runs_once_the_divert_settled() {
+        // A thread polls as a worker does; a batch reads a count, works a little and writes it
+        // back one higher. Once a divert settled, the count stays put while polls go on.
+        let h = Arc::new(Handoff::default());
+        let processed = Arc::new(AtomicU64::new(0));
+        let polls = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let (h, processed, polls, stop) = (
+                Arc::clone(&h),
+                Arc::clone(&processed),
+                Arc::clone(&polls),
+                Arc::clone(&stop),
+            );
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let poll = h.begin_poll();
+                    if !poll.diverting {
+                        let n = processed.load(Ordering::Relaxed);
+                        for _ in 0..200 {
+                            std::hint::spin_loop();
+                        }
+                        processed.store(n + 1, Ordering::Relaxed);
+                    }
+                    drop(poll);
+                    polls.fetch_add(1, Ordering::AcqRel);
+                }
+            })
+        };
+        let wait_for = |what: &str, done: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !done() {
+                assert!(Instant::now() < deadline, "{what}: not within 20 s");
+                std::thread::yield_now();
+            }
+        };
+        for round in 0..200 {
+            let before = processed.load(Ordering::Acquire);
+            wait_for("a batch processed", &|| {
+                processed.load(Ordering::Acquire) > before
+            });
+            h.divert();
+            if let Some(mark) = h.poll_under_way() {
+                h.wait_poll_ended(mark);
+            }
+            let frozen_at = processed.load(Ordering::Acquire);
+            let seen = polls.load(Ordering::Acquire);
+            wait_for("polls while diverted", &|| {
+                polls.load(Ordering::Acquire) >= seen + 50
+            });
+            assert_eq!(
+                processed.load(Ordering::Acquire),
+                frozen_at,
+                "round {round}: a batch ran after the divert settled"
+            );
+            h.stop_divert();
+            if let Some(mark) = h.poll_under_way() {
+                h.wait_poll_ended(mark);
+            }
+        }
+        stop.store(true, Ordering::Release);
+        worker.join().expect("the polling thread");
+    }
 
     #[test]
     fn frames_round_trip_and_malformed_ones_say_where() {

@@ -120,8 +120,10 @@ struct GatedNode {
 
 impl Node for GatedNode {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        // Counted as under way until it returns: a freeze waits for this poll, not the worker.
+        let poll = self.handoff.begin_poll();
         // A frozen move's source queues what arrives, whatever its gate (the switch closes it).
-        if self.handoff.diverting() {
+        if poll.diverting {
             return self.handoff.divert_poll(io);
         }
         if !self.scheduled.load(Ordering::Acquire) || self.gate.as_ref().is_some_and(|g| !g.open())
@@ -664,12 +666,23 @@ impl WasmRuntime {
         Ok(())
     }
 
-    /// Waits until every data-plane worker went through a round boundary.
-    async fn worker_barrier(&self) -> Result<(), RuntimeFailure> {
-        let dp = Arc::clone(&self.dataplane);
-        tokio::task::spawn_blocking(move || dp.panel().barrier())
+    /// After a change of `handoff`'s divert: waits for the instance's poll that may have read
+    /// it from before (none runs most of the time; its worker's other nodes are not waited for).
+    async fn poll_settled(handoff: &Arc<Handoff>) -> Result<(), RuntimeFailure> {
+        let Some(mark) = handoff.poll_under_way() else {
+            return Ok(());
+        };
+        // A poll takes microseconds: a few looks before the hop to a blocking thread.
+        for _ in 0..64 {
+            if handoff.poll_ended(mark) {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let handoff = Arc::clone(handoff);
+        tokio::task::spawn_blocking(move || handoff.wait_poll_ended(mark))
             .await
-            .map_err(|e| fail(format!("waiting for the data-plane workers: {e}")))
+            .map_err(|e| fail(format!("waiting for the instance's poll under way: {e}")))
     }
 
     /// A runtime whose module store lives in `store_dir`, placing VNFs on `dataplane`; relative
@@ -1187,9 +1200,8 @@ impl Runtime for WasmRuntime {
         // Its links stay until it stops: what its senders sent before they rewired still comes.
         self.dataplane.hold_links(name.as_str());
         handoff.divert();
-        // Commands are applied between poll rounds: past the barrier no batch runs, and every
-        // later poll queues.
-        if let Err(e) = self.worker_barrier().await {
+        // Once the poll under way ended no batch runs, and every later poll queues.
+        if let Err(e) = Self::poll_settled(&handoff).await {
             handoff.stop_divert();
             self.dataplane.release_links(name.as_str());
             return Err(e);
@@ -1215,8 +1227,8 @@ impl Runtime for WasmRuntime {
             Arc::clone(&e.handoff)
         };
         handoff.stop_divert();
-        // No poll diverts past the barrier: what the divert queued is all there is.
-        let waited = self.worker_barrier().await;
+        // No poll diverts once the one under way ended: what the divert queued is all there is.
+        let waited = Self::poll_settled(&handoff).await;
         handoff.requeue_diverted();
         self.dataplane.release_links(name.as_str());
         waited
