@@ -744,8 +744,9 @@ impl Inner {
                 .map_err(|e| StepError(format!("freezing for the move's hand-off: {e}")))?;
             if let Some(r) = &self.replicas {
                 r.wake(&a.vnf);
-                // The stream's task, woken on this thread, sends the last updates before this
-                // pass goes on (the instance is frozen until they are acknowledged).
+                // Lets the stream's task, woken on this thread (where it would wait for this
+                // pass otherwise), send the last updates first: the instance is frozen until
+                // they are acknowledged.
                 tokio::task::yield_now().await;
             }
             tracing::info!(vnf = %a.vnf, "frozen for its move's hand-off");

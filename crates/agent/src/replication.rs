@@ -81,10 +81,13 @@ const PACKET_BATCH_BYTES: usize = 1 << 20;
 const MAX_PACKET_BATCH_BYTES: u32 = 2 << 20;
 /// How often a frozen source sends its batch (its last updates, then what it queued).
 const FROZEN_INTERVAL: Duration = Duration::from_millis(1);
-/// A log batch up to this size is applied on the connection's own task: the hop to a blocking
-/// thread (a wake-up on a busy machine) would cost more than the work, and a frozen move's
-/// last log waits on it.
+/// A log batch up to this size is applied on the connection's own task when nobody holds the
+/// instance: the hop to a blocking thread (a wake-up on a busy machine) would cost more than
+/// the work, and a frozen move's last log waits on it.
 const APPLY_INLINE_BYTES: usize = 64 << 10;
+/// A frozen instance's last log of up to this many updates is taken on the stream's task
+/// (when nobody holds the instance), for the same reason.
+const TAKE_INLINE_UPDATES: u64 = 1024;
 /// How long a move's source waits before it opens a guest stream again.
 const GUEST_RETRY: Duration = Duration::from_secs(1);
 /// How often a guest stream's progress is told to the agent (and so reported) at most.
@@ -106,6 +109,25 @@ pub trait ReplicaState: Send + Sync + 'static {
     /// Applies a snapshot (`full`) or an update log to the standby instance of `vnf`; returns
     /// the updates applied (entries, for a snapshot). Nothing changes on error.
     fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String>;
+
+    /// [`ReplicaState::take`] of the update log when it can be had at once, without waiting:
+    /// nobody holds the instance and its log holds at most `max_updates` updates. `None`
+    /// otherwise (the caller takes it on a blocking thread).
+    fn take_log_at_once(
+        &self,
+        vnf: &Name,
+        max_updates: u64,
+    ) -> Option<Result<Option<Vec<u8>>, String>> {
+        let _ = (vnf, max_updates);
+        None
+    }
+
+    /// [`ReplicaState::apply`] of an update log when nobody holds the standby instance; `None`
+    /// otherwise (the caller applies it on a blocking thread).
+    fn apply_log_at_once(&self, vnf: &Name, bytes: &[u8]) -> Option<Result<u64, String>> {
+        let _ = (vnf, bytes);
+        None
+    }
 
     /// Since when the active instance of `vnf` is frozen for its move's hand-off (its maps
     /// change no more: the next batch taken is the last); `None` while it is not.
@@ -528,11 +550,15 @@ impl StandbyConnection {
             return Ack::new(h.seq, ACK_OK, String::new());
         }
         let full = h.kind == KIND_SNAPSHOT;
-        let applied = if !full && bytes.len() <= APPLY_INLINE_BYTES {
-            Ok(state.apply(vnf, false, &bytes))
-        } else {
-            let (state, name) = (Arc::clone(state), vnf.clone());
-            tokio::task::spawn_blocking(move || state.apply(&name, full, &bytes)).await
+        let at_once = (!full && bytes.len() <= APPLY_INLINE_BYTES)
+            .then(|| state.apply_log_at_once(vnf, &bytes))
+            .flatten();
+        let applied = match at_once {
+            Some(applied) => Ok(applied),
+            None => {
+                let (state, name) = (Arc::clone(state), vnf.clone());
+                tokio::task::spawn_blocking(move || state.apply(&name, full, &bytes)).await
+            }
         };
         match applied {
             Ok(Ok(updates)) => {
@@ -1538,15 +1564,20 @@ async fn send_one(
 ) -> Result<(Ack, u64, Instant), SendError> {
     let taken = Instant::now();
     let full = header.kind == KIND_SNAPSHOT;
-    let batch = if frozen && !full {
-        // A frozen instance's log holds what changed since the last batch, and no batch of
-        // it contends for its maps: taken here, not behind a blocking thread's wake-up.
-        state.take(&header.vnf, false)
-    } else {
-        let (st, name) = (Arc::clone(state), header.vnf.clone());
-        tokio::task::spawn_blocking(move || st.take(&name, full))
-            .await
-            .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?
+    // A frozen instance's last log holds what changed since the previous batch, and no batch
+    // of it contends for its maps: taken here when small and free, not behind a blocking
+    // thread's wake-up.
+    let at_once = (frozen && !full)
+        .then(|| state.take_log_at_once(&header.vnf, TAKE_INLINE_UPDATES))
+        .flatten();
+    let batch = match at_once {
+        Some(batch) => batch,
+        None => {
+            let (st, name) = (Arc::clone(state), header.vnf.clone());
+            tokio::task::spawn_blocking(move || st.take(&name, full))
+                .await
+                .map_err(|e| SendError::Take(format!("taking a batch failed: {e}")))?
+        }
     };
     let bytes = match batch {
         Ok(Some(bytes)) => bytes,

@@ -40,6 +40,8 @@ pub struct Handoff {
     diverted: Mutex<FrameQueue>,
     /// Packets queued since the freeze, taken or not.
     diverted_total: AtomicU64,
+    /// The divert's queue may hold frames (set and cleared under its lock).
+    diverted_waiting: AtomicBool,
     /// Handed over from the source (or left by a freeze that ended): processed first.
     injected: Mutex<FrameQueue>,
     injected_waiting: AtomicBool,
@@ -122,7 +124,12 @@ impl Handoff {
     /// divert and [`Handoff::poll_under_way`] rely on: a poll that began after the change was
     /// seen as not under way reads the change).
     pub fn begin_poll(&self) -> PollUnderWay<'_> {
-        self.polls.fetch_add(1, Ordering::SeqCst);
+        let before = self.polls.fetch_add(1, Ordering::SeqCst);
+        // One node polls: two polls under way at once would look like none.
+        debug_assert!(
+            before.is_multiple_of(2),
+            "two polls of one node under way at once"
+        );
         PollUnderWay {
             handoff: self,
             diverting: self.divert.load(Ordering::SeqCst),
@@ -186,8 +193,30 @@ impl Handoff {
     /// After a divert ended and no poll diverts any more: what it queued is processed first,
     /// as if handed over.
     pub fn requeue_diverted(&self) {
-        let queued = std::mem::take(&mut *locked(&self.diverted));
+        let queued = {
+            let mut q = locked(&self.diverted);
+            self.diverted_waiting.store(false, Ordering::Release);
+            std::mem::take(&mut *q)
+        };
         self.hand_in(queued.frames.into());
+    }
+
+    /// The node's poll when it does not divert: a divert that ended (a move cancelled) left
+    /// its queue, which goes before anything on the rings ([`Handoff::requeue_diverted`]).
+    pub fn requeue_if_diverted(&self) {
+        if self.diverted_waiting.load(Ordering::Acquire) {
+            self.requeue_diverted();
+        }
+    }
+
+    /// Queues one frame the node diverted; whether the bounds let it in.
+    fn queue_diverted(&self, q: &mut FrameQueue, frame: PortFrame) -> bool {
+        if !q.push(frame) {
+            return false;
+        }
+        self.diverted_waiting.store(true, Ordering::Release);
+        self.diverted_total.fetch_add(1, Ordering::AcqRel);
+        true
     }
 
     /// Takes up to `max_bytes` of queued frames (at least one when any is queued).
@@ -245,8 +274,7 @@ impl Handoff {
                 handled += buf.len();
                 let mut q = locked(&self.diverted);
                 for p in buf.drain(..) {
-                    if q.push((tag, io.pool().data(&p).to_vec())) {
-                        self.diverted_total.fetch_add(1, Ordering::AcqRel);
+                    if self.queue_diverted(&mut q, (tag, io.pool().data(&p).to_vec())) {
                         io.free(p);
                     } else {
                         io.refuse(p);
@@ -394,6 +422,14 @@ mod tests {
         let processed = Arc::new(AtomicU64::new(0));
         let polls = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        // The polling thread stops when the test ends, also by a failed assertion.
+        struct StopOnDrop(Arc<AtomicBool>);
+        impl Drop for StopOnDrop {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let stopping = StopOnDrop(Arc::clone(&stop));
         let worker = {
             let (h, processed, polls, stop) = (
                 Arc::clone(&h),
@@ -447,7 +483,7 @@ mod tests {
                 h.wait_poll_ended(mark);
             }
         }
-        stop.store(true, Ordering::Release);
+        drop(stopping);
         worker.join().expect("the polling thread");
     }
 
@@ -481,7 +517,7 @@ mod tests {
         let h = Handoff::default();
         h.divert();
         for i in 0..3 {
-            assert!(locked(&h.diverted).push((0u16, vec![i as u8])));
+            assert!(h.queue_diverted(&mut locked(&h.diverted), (0u16, vec![i as u8])));
         }
         let taken = h.take_diverted(1);
         assert_eq!(
@@ -490,8 +526,13 @@ mod tests {
             "at least one, within the bytes asked"
         );
         h.stop_divert();
-        h.requeue_diverted();
+        // The node's first poll after the divert ended hands the queue in, before its rings.
+        h.requeue_if_diverted();
         assert!(!h.diverting() && h.injecting());
+        assert_eq!(locked(&h.injected).len(), 2);
+        assert!(locked(&h.diverted).is_empty());
+        // Once only: the next poll finds nothing left to hand in.
+        h.requeue_if_diverted();
         assert_eq!(locked(&h.injected).len(), 2);
         let many = vec![(0u16, vec![0u8]); MAX_QUEUED_PACKETS];
         assert_eq!(h.hand_in(many), MAX_QUEUED_PACKETS - 2);

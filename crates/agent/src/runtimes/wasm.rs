@@ -126,6 +126,8 @@ impl Node for GatedNode {
         if poll.diverting {
             return self.handoff.divert_poll(io);
         }
+        // A divert that ended without a switch: what it queued goes before the rings' packets.
+        self.handoff.requeue_if_diverted();
         if !self.scheduled.load(Ordering::Acquire) || self.gate.as_ref().is_some_and(|g| !g.open())
         {
             return 0;
@@ -559,6 +561,14 @@ const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
 /// Pause between two slices, for the worker to take the instance back.
 const SNAPSHOT_SLICE_GAP: Duration = Duration::from_micros(200);
 
+/// The update log since the last batch; `None` when nothing changed since.
+fn take_log(i: &mut VnfInstance) -> Result<Option<Vec<u8>>, rw::Error> {
+    match i.maps().and_then(rw::MapSet::logged_updates) {
+        Some(0) => Ok(None),
+        _ => i.take_update_log().map(Some),
+    }
+}
+
 /// Standby replication reads the active instance's maps and writes the standby's, between
 /// batches (under the instance's lock, as the worker runs them).
 impl crate::replication::ReplicaState for WasmRuntime {
@@ -600,14 +610,29 @@ impl crate::replication::ReplicaState for WasmRuntime {
             return Ok(Some(snapshot));
         }
         let taken = self
-            .with_instance(vnf, |i| {
-                match i.maps().and_then(rw::MapSet::logged_updates) {
-                    Some(0) => Ok(None),
-                    _ => i.take_update_log().map(Some),
-                }
-            })
+            .with_instance(vnf, take_log)
             .map_err(|e| e.to_string())?;
         taken.map_err(|e| e.to_string())
+    }
+
+    fn take_log_at_once(
+        &self,
+        vnf: &Name,
+        max_updates: u64,
+    ) -> Option<Result<Option<Vec<u8>>, String>> {
+        let taken = self.try_with_instance(vnf, |i| {
+            let small = i
+                .maps()
+                .and_then(rw::MapSet::logged_updates)
+                .is_some_and(|n| n <= max_updates);
+            small.then(|| take_log(i))
+        });
+        match taken {
+            Err(e) => Some(Err(e.to_string())),
+            Ok(Some(Some(log))) => Some(log.map_err(|e| e.to_string())),
+            // Held by another (a batch, a save), or a larger log: on a blocking thread.
+            Ok(_) => None,
+        }
     }
 
     fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String> {
@@ -621,11 +646,19 @@ impl crate::replication::ReplicaState for WasmRuntime {
             })
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        // The maps changed under the disk copy's count: the next periodic save writes them.
-        if let Some(e) = self.entries().get_mut(vnf) {
-            e.saved_changes = None;
-        }
+        self.maps_changed(vnf);
         Ok(applied)
+    }
+
+    fn apply_log_at_once(&self, vnf: &Name, bytes: &[u8]) -> Option<Result<u64, String>> {
+        match self.try_with_instance(vnf, |i| i.apply_update_log(bytes)) {
+            Err(e) => Some(Err(e.to_string())),
+            Ok(None) => None,
+            Ok(Some(applied)) => {
+                self.maps_changed(vnf);
+                Some(applied.map_err(|e| e.to_string()))
+            }
+        }
     }
 
     fn frozen_since(&self, vnf: &Name) -> Option<Instant> {
@@ -657,13 +690,37 @@ impl crate::replication::ReplicaState for WasmRuntime {
 }
 
 impl WasmRuntime {
-    /// Refuses to change `name`'s module or config while it is frozen for a hand-off (its
-    /// last map updates were taken: a change now would not reach the destination).
+    /// Refuses to lock `name` while it is frozen for a hand-off.
     fn refuse_if_frozen(&self, name: &Name, what: &str) -> Result<(), RuntimeFailure> {
         if Runtime::frozen(self, name).is_some() {
             return Err(fail(frozen_refusal(name, what)));
         }
         Ok(())
+    }
+
+    /// Runs `f`, a change of `name`'s module, config or maps, on its instance unless it is
+    /// frozen for a hand-off (`Ok(Err(refusal))`): checked under the instance, where a
+    /// freeze's last update log is taken too, so a change either goes into that log or is
+    /// refused (the divert comes first).
+    fn change_unless_frozen<R>(
+        &self,
+        name: &Name,
+        what: &str,
+        f: impl FnOnce(&mut VnfInstance) -> R,
+    ) -> Result<Result<R, String>, RuntimeFailure> {
+        let (inst, handoff) = {
+            let entries = self.entries();
+            let e = entries
+                .get(name)
+                .filter(|e| !e.stopped)
+                .ok_or_else(|| fail(format!("no running wasm instance {name}")))?;
+            (Arc::clone(&e.inst), Arc::clone(&e.handoff))
+        };
+        let mut i = guard(&inst);
+        if handoff.diverting() {
+            return Ok(Err(frozen_refusal(name, what)));
+        }
+        Ok(Ok(f(&mut i)))
     }
 
     /// After a change of `handoff`'s divert: waits for the instance's poll that may have read
@@ -873,14 +930,15 @@ impl WasmRuntime {
     /// directory) between two batches; maps with the same name and layout keep their contents.
     /// On any error the old module keeps running with its maps.
     pub fn upgrade(&self, name: &Name, module: &str) -> Result<String, RuntimeFailure> {
-        self.refuse_if_frozen(name, "upgraded")?;
-        let (inst, _) = self.instance(name)?;
-        let (kind, domain) = {
-            let i = guard(&inst);
-            (i.config().engine, i.module().domain.clone())
-        };
+        let (kind, domain) = self
+            .change_unless_frozen(name, "upgraded", |i| {
+                (i.config().engine, i.module().domain.clone())
+            })?
+            .map_err(fail)?;
         let meta = self.loader().install(module, kind, &domain)?;
-        self.rt.upgrade(&mut guard(&inst), &meta).map_err(fail)?;
+        self.change_unless_frozen(name, "upgraded", |i| self.rt.upgrade(i, &meta))?
+            .map_err(fail)?
+            .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
         }
@@ -902,28 +960,17 @@ impl WasmRuntime {
                 };
             }
         };
-        let Some(handoff) = self.entries().get(name).map(|e| Arc::clone(&e.handoff)) else {
-            return failed(format!("no instance of {name} runs here"));
-        };
-        // Checked under the instance, where a freeze's last update log is taken too: a
-        // change either goes into that log or is refused (the divert comes first).
-        match self.with_instance(name, |i| {
-            if handoff.diverting() {
-                return Err(None);
-            }
-            i.map_change(map, &delete, &put).map_err(Some)
+        match self.change_unless_frozen(name, "changed by the control plane", |i| {
+            i.map_change(map, &delete, &put)
         }) {
             Err(e) => failed(e.to_string()),
-            Ok(Err(None)) => failed(frozen_refusal(name, "changed by the control plane")),
-            Ok(Err(Some(rw::Error::InvalidChange { field, reason }))) => {
+            Ok(Err(refusal)) => failed(refusal),
+            Ok(Ok(Err(rw::Error::InvalidChange { field, reason }))) => {
                 NodeReply::Invalid { field, reason }
             }
-            Ok(Err(Some(e))) => failed(format!("vnf {name}: {e}")),
-            Ok(Ok(done)) => {
-                // The maps changed under the disk copy's count: the next periodic save writes them.
-                if let Some(e) = self.entries().get_mut(name) {
-                    e.saved_changes = None;
-                }
+            Ok(Ok(Err(e))) => failed(format!("vnf {name}: {e}")),
+            Ok(Ok(Ok(done))) => {
+                self.maps_changed(name);
                 NodeReply::MapChanged {
                     result: MapChangeResult {
                         map: map.to_owned(),
@@ -1024,6 +1071,29 @@ impl WasmRuntime {
     ) -> Result<R, RuntimeFailure> {
         let (inst, _) = self.instance(name)?;
         Ok(f(&mut guard(&inst)))
+    }
+
+    /// [`Self::with_instance`] when nobody holds the instance now (a batch, a save, a
+    /// snapshot slice); `Ok(None)` when somebody does.
+    fn try_with_instance<R>(
+        &self,
+        name: &Name,
+        f: impl FnOnce(&mut VnfInstance) -> R,
+    ) -> Result<Option<R>, RuntimeFailure> {
+        let (inst, _) = self.instance(name)?;
+        let mut held = match inst.try_lock() {
+            Ok(held) => held,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+        };
+        Ok(Some(f(&mut held)))
+    }
+
+    /// `vnf`'s maps changed under its disk copy's count: the next periodic save writes them.
+    fn maps_changed(&self, vnf: &Name) {
+        if let Some(e) = self.entries().get_mut(vnf) {
+            e.saved_changes = None;
+        }
     }
 
     /// Puts an instance [`Loader::prepare`] made on the data-plane worker of the VNF's CPU.
@@ -1131,12 +1201,12 @@ impl Runtime for WasmRuntime {
     /// The instance starts again from its module between two batches with the descriptor's
     /// config and fuel per batch, its maps carried over; on failure it runs on as it was.
     async fn reconfigure(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
-        self.refuse_if_frozen(&spec.name, "reconfigured")?;
         let cfg = vnf_config(spec)?;
-        let (inst, _) = self.instance(&spec.name)?;
-        guard(&inst)
-            .reconfigure(cfg.config, cfg.limits.fuel_per_batch)
-            .map_err(fail)
+        self.change_unless_frozen(&spec.name, "reconfigured", |i| {
+            i.reconfigure(cfg.config, cfg.limits.fuel_per_batch)
+        })?
+        .map_err(fail)?
+        .map_err(fail)
     }
 
     /// Wasm instances live in the agent process: after a restart there is nothing to adopt.
@@ -1206,9 +1276,14 @@ impl Runtime for WasmRuntime {
             self.dataplane.release_links(name.as_str());
             return Err(e);
         }
-        match self.entries().get_mut(name).filter(|e| !e.stopped) {
+        // The instance diverted, not one started in its place meanwhile.
+        match self
+            .entries()
+            .get_mut(name)
+            .filter(|e| !e.stopped && Arc::ptr_eq(&e.handoff, &handoff))
+        {
             Some(e) => e.frozen = true,
-            // Stopped meanwhile: nothing to freeze.
+            // Stopped (or replaced) meanwhile: nothing to freeze.
             None => self.dataplane.release_links(name.as_str()),
         }
         Ok(())
@@ -1227,7 +1302,8 @@ impl Runtime for WasmRuntime {
             Arc::clone(&e.handoff)
         };
         handoff.stop_divert();
-        // No poll diverts once the one under way ended: what the divert queued is all there is.
+        // No poll diverts once the one under way ended: what the divert queued is all there is
+        // (the node's next poll hands it in first; this does when no poll comes).
         let waited = Self::poll_settled(&handoff).await;
         handoff.requeue_diverted();
         self.dataplane.release_links(name.as_str());
@@ -1402,6 +1478,94 @@ spec:
         let rt = WasmRuntime::new(dir.path().join("store"), dir.path(), Arc::clone(&dp)).unwrap();
         let s = spec(dir.path(), u32::try_from(cpu).unwrap());
         (dir, dp, rt, s)
+    }
+
+    #[tokio::test]
+    async fn a_log_is_taken_and_applied_at_once_only_when_nobody_holds_the_instance() {
+        use crate::replication::ReplicaState;
+        let (_d1, _dp1, src, s) = setup();
+        let (_d2, _dp2, dst, _) = setup();
+        src.start(&s).await.unwrap();
+        dst.start(&s).await.unwrap();
+        let snapshot = src.take(&s.name, true).unwrap().unwrap();
+        dst.apply(&s.name, true, &snapshot).unwrap();
+        let key = [9u8; 16];
+        src.with_instance(&s.name, move |i| i.map_update("rules", &key, &[2, 0, 0, 0]))
+            .unwrap()
+            .unwrap();
+        // Held (as a batch or a save holds it): not at once.
+        let (inst, _) = src.instance(&s.name).unwrap();
+        let held = guard(&inst);
+        assert!(src.take_log_at_once(&s.name, 1024).is_none());
+        drop(held);
+        // A log of more updates than asked for: not at once either.
+        assert!(src.take_log_at_once(&s.name, 0).is_none());
+        // Free and small (the node's worker may hold it for a moment: tried until free).
+        let mut log = None;
+        until("the log taken at once", || {
+            log = src.take_log_at_once(&s.name, 1024);
+            log.is_some()
+        });
+        let log = log.unwrap().unwrap().expect("one update logged");
+        let (inst, _) = dst.instance(&s.name).unwrap();
+        let held = guard(&inst);
+        assert!(dst.apply_log_at_once(&s.name, &log).is_none());
+        drop(held);
+        let mut applied = None;
+        until("the log applied at once", || {
+            applied = dst.apply_log_at_once(&s.name, &log);
+            applied.is_some()
+        });
+        assert_eq!(applied.unwrap(), Ok(1));
+        assert_eq!(dst.map_views(&s.name).unwrap()[0].entries, 1);
+    }
+
+    #[tokio::test]
+    async fn a_frozen_instance_refuses_changes_of_its_module_config_and_maps() {
+        let (dir, _dp, rt, s) = setup();
+        rt.start(&s).await.unwrap();
+        std::fs::write(
+            dir.path().join("firewall-copy.wasm"),
+            rw::vnfs::firewall().wasm,
+        )
+        .unwrap();
+        let put = MapChangeRequest {
+            delete: Vec::new(),
+            put: vec![telvirt_model::api::MapEntry {
+                key: "09".repeat(16),
+                value: "02000000".into(),
+            }],
+        };
+        let rules = |rt: &WasmRuntime| rt.map_views(&s.name).unwrap()[0].entries;
+        rt.freeze(&s.name).await.unwrap();
+        let refused = |why: String| {
+            assert!(
+                why.contains("frozen for its move's hand-off"),
+                "not refused as frozen: {why}"
+            );
+        };
+        match rt.change_map(&s.name, "rules", &put) {
+            NodeReply::Failed { reason } => refused(reason),
+            other => panic!("a map change while frozen: {other:?}"),
+        }
+        refused(rt.reconfigure(&s).await.unwrap_err().to_string());
+        refused(
+            rt.upgrade(&s.name, "firewall-copy.wasm")
+                .unwrap_err()
+                .to_string(),
+        );
+        assert_eq!(rules(&rt), 0, "nothing changed while frozen");
+        // The move cancelled: changes go again.
+        rt.thaw(&s.name).await.unwrap();
+        assert!(
+            matches!(
+                rt.change_map(&s.name, "rules", &put),
+                NodeReply::MapChanged { .. }
+            ),
+            "a map change after the thaw"
+        );
+        assert_eq!(rules(&rt), 1);
+        rt.reconfigure(&s).await.unwrap();
     }
 
     #[tokio::test]
