@@ -450,6 +450,9 @@ pub struct TcpRun {
     pub retransmits: u64,
     /// Throughput over the flow, Mbit/s.
     pub mbps: f64,
+    /// A live move's freeze under the flow, from its switch event (`bench migrate`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub downtime_us: Option<u64>,
     /// What iperf3 said when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -660,6 +663,7 @@ pub(crate) async fn tcp_round(
     let pid = libc::pid_t::try_from(flow.id()).context("the iperf3 client's pid")?;
     let mut flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
     tokio::time::sleep(TCP_KILL_AT).await;
+    let mut downtime_us = None;
     let recovery = match event {
         TcpEvent::Kill { pair } => kill_active(&mut s, pair).await?,
         TcpEvent::Move | TcpEvent::ColdMove => {
@@ -669,9 +673,13 @@ pub(crate) async fn tcp_round(
             } else {
                 crate::bench_migrate::cold_move(&s.api, &s.nat_yaml).await?;
             }
+            let flip = ms(asked.elapsed());
+            if event == TcpEvent::Move {
+                downtime_us = crate::bench_migrate::frozen_us(&s.api).await?;
+            }
             Recovery {
                 detect: 0.0,
-                flip: ms(asked.elapsed()),
+                flip,
                 reheal: None,
                 silences: 0,
             }
@@ -691,6 +699,7 @@ pub(crate) async fn tcp_round(
                 survived: false,
                 retransmits: 0,
                 mbps: 0.0,
+                downtime_us,
                 error: Some(
                     "the client had not ended 30 s after the flow: the connection hung".into(),
                 ),
@@ -711,6 +720,7 @@ pub(crate) async fn tcp_round(
         survived: survived && out.status.success(),
         retransmits,
         mbps,
+        downtime_us,
         error: report["error"].as_str().map(str::to_owned),
     })
 }

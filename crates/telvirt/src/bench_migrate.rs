@@ -131,6 +131,9 @@ pub struct TcpMoves {
     pub live_gap_max_ms: f64,
     pub live_survived_all: bool,
     pub cold_survived_any: bool,
+    /// The live moves' freezes under the flow (`live[].downtime_us`), median and largest.
+    pub live_downtime_p50_us: Option<f64>,
+    pub live_downtime_max_us: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -312,9 +315,21 @@ async fn load_idle_sessions(api: &Api, count: u64) -> Result<()> {
     Ok(())
 }
 
+/// The median of the moves' downtimes; `None` when a move's was not reported (or none moved).
+fn downtime_p50(downtimes: impl Iterator<Item = Option<u64>>) -> Option<f64> {
+    downtimes
+        .map(|d| d.map(|d| d as f64))
+        .collect::<Option<Vec<f64>>>()
+        .filter(|d| !d.is_empty())
+        .map(|mut d| {
+            d.sort_by(f64::total_cmp);
+            percentile(&d, 0.5)
+        })
+}
+
 /// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
 /// the event says its time was not reported, as when a move's deadline switched it).
-async fn frozen_us(api: &Api) -> Result<Option<u64>> {
+pub(crate) async fn frozen_us(api: &Api) -> Result<Option<u64>> {
     let reason = crate::bench_vm_move::switch_event(api, "nat").await?;
     let figure = reason
         .split("frozen for ")
@@ -404,14 +419,7 @@ fn figures(
             .map(|r| r.sessions_kept_pct)
             .fold(100.0, f64::min),
         state_bytes_max: runs.iter().map(|r| r.state_bytes).max().unwrap_or(0),
-        downtime_p50_us: runs
-            .iter()
-            .map(|r| r.downtime_us.map(|d| d as f64))
-            .collect::<Option<Vec<f64>>>()
-            .map(|mut d| {
-                d.sort_by(f64::total_cmp);
-                percentile(&d, 0.5)
-            }),
+        downtime_p50_us: downtime_p50(runs.iter().map(|r| r.downtime_us)),
         downtime_max_us: runs.iter().filter_map(|r| r.downtime_us).max(),
         delay_max_us: runs
             .iter()
@@ -508,6 +516,8 @@ pub async fn run_migrate_bench(
         live_gap_max_ms: tcp_live.iter().map(|r| r.gap_ms).fold(0.0, f64::max),
         live_survived_all: tcp_live.iter().all(|r| r.survived),
         cold_survived_any: tcp_cold.iter().any(|r| r.survived),
+        live_downtime_p50_us: downtime_p50(tcp_live.iter().map(|r| r.downtime_us)),
+        live_downtime_max_us: tcp_live.iter().filter_map(|r| r.downtime_us).max(),
         live: tcp_live,
         cold: tcp_cold,
     });
@@ -595,8 +605,14 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
     }
     match (&r.tcp, &r.tcp_missing) {
         (Some(t), _) => println!(
-            "TCP flow (iperf3): kept across every live move: {}, longest gap {:.0} ms (0: under iperf3's 100 ms); across a cold move: {}",
-            t.live_survived_all, t.live_gap_max_ms, t.cold_survived_any
+            "TCP flow (iperf3): kept across every live move: {}, longest gap {:.0} ms (0: under iperf3's 100 ms); across a cold move: {}; live moves' downtime under the flow p50 / max: {}",
+            t.live_survived_all,
+            t.live_gap_max_ms,
+            t.cold_survived_any,
+            match (t.live_downtime_p50_us, t.live_downtime_max_us) {
+                (Some(p50), Some(max)) => format!("{p50:.0} / {max} µs"),
+                _ => "not reported".to_owned(),
+            }
         ),
         (None, Some(why)) => println!("TCP flow not measured: {why}"),
         (None, None) => {}
@@ -611,4 +627,19 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
         met(r.goal_downtime_1ms)
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_median_downtime_needs_every_move_reported() {
+        assert_eq!(
+            downtime_p50([Some(300), Some(100), Some(200)].into_iter()),
+            Some(200.0)
+        );
+        assert_eq!(downtime_p50([Some(300), None].into_iter()), None);
+        assert_eq!(downtime_p50(std::iter::empty()), None);
+    }
 }
