@@ -113,6 +113,10 @@ fn bench_migrate_reports_every_figure() {
         Some(survived) => {
             assert!(survived, "{r}");
             assert_eq!(r["tcp"]["cold_survived_any"], false, "{r}");
+            // The live move's freeze under the flow, from its switch event; none for a cold one.
+            assert!(r["tcp"]["live"][0]["downtime_us"].as_u64() > Some(0), "{r}");
+            assert!(r["tcp"]["live_downtime_max_us"].as_u64() > Some(0), "{r}");
+            assert!(r["tcp"]["cold"][0].get("downtime_us").is_none(), "{r}");
         }
         None => assert!(r["tcp_missing"].as_str().is_some(), "{r}"),
     }
