@@ -172,6 +172,8 @@ struct Inner {
     active_peers: std::sync::Mutex<HashMap<Name, IpAddr>>,
     /// The starts under way, each with what cancels it.
     starting: std::sync::Mutex<HashMap<Name, Arc<Notify>>>,
+    /// Each VNF's turn to report ([`Inner::report_turn`]).
+    report_turns: std::sync::Mutex<HashMap<Name, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How long a guest move's commit point waits for the controller (the guest is stopped
@@ -235,6 +237,7 @@ impl Agent {
                 lost: std::sync::Mutex::new(HashMap::new()),
                 active_peers: std::sync::Mutex::new(HashMap::new()),
                 starting: std::sync::Mutex::new(HashMap::new()),
+                report_turns: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -816,7 +819,20 @@ impl Inner {
         }
         // Assigned again meanwhile: its next step starts it afresh (with adoption tried again).
         self.known.lock().await.remove(name);
+        // Its turn to report goes too, unless a report holds it.
+        let mut turns = self.report_turns.lock().unwrap_or_else(|p| p.into_inner());
+        if turns.get(name).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(name);
+        }
         Ok(())
+    }
+
+    /// `vnf`'s turn to report: a report is built and sent while it holds its VNF's turn, so a
+    /// report built before another (the pass's and a guest stream's commit point, say) is
+    /// told before it, never after.
+    fn report_turn(&self, vnf: &Name) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.report_turns.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(turns.entry(vnf.clone()).or_default())
     }
 
     async fn report(
@@ -836,6 +852,8 @@ impl Inner {
         reason: String,
         always: bool,
     ) -> Result<(), AgentError> {
+        let turn = self.report_turn(&a.vnf);
+        let _turn = turn.lock().await;
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
         let hardware = match self.runtimes.get(&a.descriptor.spec.runtime) {
             Some(runtime) => runtime.hardware(&a.vnf).await,
@@ -1475,5 +1493,105 @@ pub async fn heartbeat_loop(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use telvirt_api::LinkError;
+    use telvirt_model::{Format, Placement, parse_vnf};
+
+    use super::*;
+
+    /// A link whose first report waits in the link until released.
+    #[derive(Default)]
+    struct HeldFirstReport {
+        calls: AtomicU32,
+        first_in_link: Notify,
+        release: Notify,
+        told: std::sync::Mutex<Vec<String>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ControlLink for HeldFirstReport {
+        async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, LinkError> {
+            Ok(Vec::new())
+        }
+        async fn report(&self, _host: &str, o: Observation) -> Result<(), LinkError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                self.first_in_link.notify_one();
+                self.release.notified().await;
+            }
+            self.told
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(o.reason);
+            Ok(())
+        }
+        async fn wait_for_change(&self, max_wait: Duration) -> bool {
+            tokio::time::sleep(max_wait).await;
+            true
+        }
+    }
+
+    fn assignment() -> Assignment {
+        let text = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: fw1 }\nspec:\n  runtime: wasm\n  wasm: { module: fw.wasm }\n";
+        Assignment {
+            vnf: "fw1".parse().unwrap(),
+            descriptor: parse_vnf(text.as_bytes(), Format::Yaml).unwrap(),
+            placement: Placement {
+                role: Role::Active,
+                host: "h1".into(),
+                vcpus: vec![vec![1]],
+                emulator_cpus: vec![0],
+                held: vec![],
+                numa_nodes: vec![0],
+                group: None,
+            },
+            desired: DesiredState::Running,
+            locked: false,
+            memory_bytes: 0,
+            generation: 1,
+            devices: Vec::new(),
+            domain: "operator".into(),
+            standby: None,
+            epoch: 0,
+            incoming_from: None,
+            hand_off: false,
+            active_from: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vnfs_reports_are_told_in_the_order_they_were_built() {
+        let link = Arc::new(HeldFirstReport::default());
+        let agent = Agent::new("h1", Vec::new(), link.clone(), std::env::temp_dir());
+        let a = assignment();
+        let report = |reason: &str| {
+            let (inner, a, reason) = (Arc::clone(&agent.inner), a.clone(), reason.to_owned());
+            tokio::spawn(async move { inner.report_as(&a, Phase::Running, reason, true).await })
+        };
+        let first = report("first");
+        link.first_in_link.notified().await;
+        // A second report of the same VNF (as a guest stream's commit point sends beside the
+        // pass): it waits for its turn while the first is in the link.
+        let second = report("second");
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            link.calls.load(Ordering::SeqCst),
+            1,
+            "the second went ahead"
+        );
+        link.release.notify_one();
+        first.await.unwrap().unwrap();
+        second.await.unwrap().unwrap();
+        assert_eq!(
+            *link.told.lock().unwrap(),
+            ["first".to_owned(), "second".to_owned()]
+        );
     }
 }
