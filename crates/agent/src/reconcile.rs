@@ -1501,7 +1501,6 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
 
     use telvirt_api::LinkError;
-    use telvirt_model::{Format, Placement, parse_vnf};
 
     use super::*;
 
@@ -1536,39 +1535,11 @@ mod tests {
         }
     }
 
-    fn assignment() -> Assignment {
-        let text = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: fw1 }\nspec:\n  runtime: wasm\n  wasm: { module: fw.wasm }\n";
-        Assignment {
-            vnf: "fw1".parse().unwrap(),
-            descriptor: parse_vnf(text.as_bytes(), Format::Yaml).unwrap(),
-            placement: Placement {
-                role: Role::Active,
-                host: "h1".into(),
-                vcpus: vec![vec![1]],
-                emulator_cpus: vec![0],
-                held: vec![],
-                numa_nodes: vec![0],
-                group: None,
-            },
-            desired: DesiredState::Running,
-            locked: false,
-            memory_bytes: 0,
-            generation: 1,
-            devices: Vec::new(),
-            domain: "operator".into(),
-            standby: None,
-            epoch: 0,
-            incoming_from: None,
-            hand_off: false,
-            active_from: None,
-        }
-    }
-
     #[tokio::test]
     async fn a_vnfs_reports_are_told_in_the_order_they_were_built() {
         let link = Arc::new(HeldFirstReport::default());
         let agent = Agent::new("h1", Vec::new(), link.clone(), std::env::temp_dir());
-        let a = assignment();
+        let a = crate::fencing::tests::assignment(Role::Active, false, 0);
         let report = |reason: &str| {
             let (inner, a, reason) = (Arc::clone(&agent.inner), a.clone(), reason.to_owned());
             tokio::spawn(async move { inner.report_as(&a, Phase::Running, reason, true).await })
