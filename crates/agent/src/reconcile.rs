@@ -516,16 +516,10 @@ impl Inner {
         let Some(a) = self.standby_assignment(vnf) else {
             return Ok(());
         };
-        let last = self
-            .known
-            .lock()
-            .await
-            .get(vnf)
-            .and_then(|k| k.reported.clone());
-        match last {
-            Some((Phase::Running, reason, ..)) => self.report(&a, Phase::Running, reason).await,
-            _ => Ok(()),
-        }
+        self.report_with(&a, false, |last| {
+            last.filter(|(phase, _)| *phase == Phase::Running)
+        })
+        .await
     }
 
     /// Reads the assignments and queues the VNFs to work on: those whose assignment is new,
@@ -798,6 +792,7 @@ impl Inner {
                 if let Some(r) = &self.replicas {
                     r.stop(name);
                 }
+                self.drop_report_turn(name);
                 return Ok(());
             }
         };
@@ -819,12 +814,17 @@ impl Inner {
         }
         // Assigned again meanwhile: its next step starts it afresh (with adoption tried again).
         self.known.lock().await.remove(name);
-        // Its turn to report goes too, unless a report holds it.
-        let mut turns = self.report_turns.lock().unwrap_or_else(|p| p.into_inner());
-        if turns.get(name).is_some_and(|t| Arc::strong_count(t) == 1) {
-            turns.remove(name);
-        }
+        self.drop_report_turn(name);
         Ok(())
+    }
+
+    /// Forgets `vnf`'s turn to report (it is no longer on this host), unless a report holds
+    /// or waits for it.
+    fn drop_report_turn(&self, vnf: &Name) {
+        let mut turns = self.report_turns.lock().unwrap_or_else(|p| p.into_inner());
+        if turns.get(vnf).is_some_and(|t| Arc::strong_count(t) == 1) {
+            turns.remove(vnf);
+        }
     }
 
     /// `vnf`'s turn to report: a report is built and sent while it holds its VNF's turn, so a
@@ -852,8 +852,29 @@ impl Inner {
         reason: String,
         always: bool,
     ) -> Result<(), AgentError> {
+        self.report_with(a, always, |_| Some((phase, reason))).await
+    }
+
+    /// Reports `a`'s VNF with the phase and reason `say` makes of the last ones told (read
+    /// once it is the VNF's turn, so a report told meanwhile is not said over); nothing when
+    /// `say` gives none. Sent even when it repeats the last fact when `always`.
+    async fn report_with(
+        &self,
+        a: &Assignment,
+        always: bool,
+        say: impl FnOnce(Option<(Phase, String)>) -> Option<(Phase, String)>,
+    ) -> Result<(), AgentError> {
         let turn = self.report_turn(&a.vnf);
         let _turn = turn.lock().await;
+        let last = self
+            .known
+            .lock()
+            .await
+            .get(&a.vnf)
+            .and_then(|k| k.reported.as_ref().map(|f| (f.0, f.1.clone())));
+        let Some((phase, reason)) = say(last) else {
+            return Ok(());
+        };
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
         let hardware = match self.runtimes.get(&a.descriptor.spec.runtime) {
             Some(runtime) => runtime.hardware(&a.vnf).await,
@@ -932,16 +953,14 @@ impl Inner {
         };
         let since = Instant::now();
         let asked = async {
-            let last = self
-                .known
-                .lock()
-                .await
-                .get(vnf)
-                .and_then(|k| k.reported.as_ref().map(|f| (f.0, f.1.clone())));
-            let (phase, reason) = last.unwrap_or((Phase::Running, "running".to_owned()));
-            // Sent even if it repeats one (an equal report may have gone to an earlier move):
-            // the controller must record this one.
-            self.report_as(&a, phase, reason, true).await.ok()?;
+            // What was last told, with the stream's status now. Sent even if it repeats one
+            // (an equal report may have gone to an earlier move): the controller must record
+            // this one.
+            self.report_with(&a, true, |last| {
+                Some(last.unwrap_or((Phase::Running, "running".to_owned())))
+            })
+            .await
+            .ok()?;
             self.link.assignments(&self.host).await.ok()
         };
         let Ok(Some(now)) = tokio::time::timeout(COMMIT_WITHIN, asked).await else {

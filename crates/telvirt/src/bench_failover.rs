@@ -435,7 +435,7 @@ async fn round(
 pub(crate) const TCP_SECONDS: u64 = 6;
 pub(crate) const TCP_KILL_AT: Duration = Duration::from_secs(2);
 
-/// One kill under the TCP flow.
+/// One kill (`bench failover`) or move (`bench migrate`) under the TCP flow.
 #[derive(Debug, Clone, Serialize)]
 pub struct TcpRun {
     pub flip_ms: f64,

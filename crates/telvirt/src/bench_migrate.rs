@@ -327,6 +327,13 @@ fn downtime_p50(downtimes: impl Iterator<Item = Option<u64>>) -> Option<f64> {
         })
 }
 
+/// The largest of the moves' downtimes; `None` when a move's was not reported (as the median).
+fn downtime_max(downtimes: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    downtimes
+        .collect::<Option<Vec<u64>>>()
+        .and_then(|d| d.into_iter().max())
+}
+
 /// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
 /// the event says its time was not reported, as when a move's deadline switched it).
 pub(crate) async fn frozen_us(api: &Api) -> Result<Option<u64>> {
@@ -420,7 +427,7 @@ fn figures(
             .fold(100.0, f64::min),
         state_bytes_max: runs.iter().map(|r| r.state_bytes).max().unwrap_or(0),
         downtime_p50_us: downtime_p50(runs.iter().map(|r| r.downtime_us)),
-        downtime_max_us: runs.iter().filter_map(|r| r.downtime_us).max(),
+        downtime_max_us: downtime_max(runs.iter().map(|r| r.downtime_us)),
         delay_max_us: runs
             .iter()
             .map(|r| r.delay_max_us)
@@ -517,7 +524,7 @@ pub async fn run_migrate_bench(
         live_survived_all: tcp_live.iter().all(|r| r.survived),
         cold_survived_any: tcp_cold.iter().any(|r| r.survived),
         live_downtime_p50_us: downtime_p50(tcp_live.iter().map(|r| r.downtime_us)),
-        live_downtime_max_us: tcp_live.iter().filter_map(|r| r.downtime_us).max(),
+        live_downtime_max_us: downtime_max(tcp_live.iter().map(|r| r.downtime_us)),
         live: tcp_live,
         cold: tcp_cold,
     });
@@ -641,5 +648,7 @@ mod tests {
         );
         assert_eq!(downtime_p50([Some(300), None].into_iter()), None);
         assert_eq!(downtime_p50(std::iter::empty()), None);
+        assert_eq!(downtime_max([Some(300), Some(100)].into_iter()), Some(300));
+        assert_eq!(downtime_max([Some(300), None].into_iter()), None);
     }
 }
