@@ -317,6 +317,29 @@ async fn moves(
         qemu: args.qemu.clone(),
     };
     lay_out_hosts(&api, &mut hosts, 2).await?;
+    // An agent without its vm runtime runs none: said now, not after the VNF waited for a host.
+    for host in ["h1", "h2"] {
+        let v = api.json(&format!("/v1/hosts/{host}")).await?;
+        let offers: Vec<&str> = v["runtimes"]
+            .as_array()
+            .map(|all| all.iter().filter_map(|r| r.as_str()).collect())
+            .unwrap_or_default();
+        if !offers.contains(&"vm") {
+            // The agent's log says why (its directory goes with the benchmark's).
+            let log = std::fs::read_to_string(hosts.dir.join(format!("agent-{host}.log")))
+                .unwrap_or_default();
+            let why = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("vm runtime unavailable"))
+                .and_then(|l| l.split("vm runtime unavailable: ").nth(1))
+                .unwrap_or("its log says nothing about it");
+            bail!(
+                "host {host}'s agent offers no vm runtime (only {}): {why}",
+                offers.join(", ")
+            );
+        }
+    }
     let total_steps = 2 * u64::from(args.rounds) + 1;
     cordon(&api, "h2", true).await?;
     let yaml = descriptor(args.memory_mib);

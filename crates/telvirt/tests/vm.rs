@@ -501,6 +501,22 @@ fn bench_vm_prints_one_json_object_with_both_boots() {
 }
 
 #[test]
+fn bench_vm_move_says_at_once_when_its_agents_have_no_vm_runtime() {
+    // No guest agent where the agents look: they run without their vm runtime.
+    let out = offline(
+        &["bench", "vm-move", "--rounds", "1", "-o", "json"],
+        Path::new("/nonexistent/telvirt-guest"),
+    );
+    assert!(!out.status.success());
+    let e = stderr(&out);
+    assert!(
+        e.contains("agent offers no vm runtime (only wasm)")
+            && e.contains("/nonexistent/telvirt-guest does not exist"),
+        "{e}"
+    );
+}
+
+#[test]
 fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmm");
