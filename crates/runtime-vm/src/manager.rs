@@ -833,7 +833,8 @@ impl VmHandle {
     /// guest with a disk is resumed after the stream ([`VmHandle::resume_incoming`]): QEMU
     /// would take its image over from the source at once (telvirt moves no disks).
     pub(crate) async fn prepare_arrival(&self) -> Result<()> {
-        self.connect_arrival_agent().await?;
+        // Connected and kept for the arrival; not held across the `cont`.
+        drop(self.connect_arrival_agent().await?);
         if self.inner.config.disk.is_none() {
             self.inner.qmp.cont().await?;
         }
@@ -841,13 +842,15 @@ impl VmHandle {
     }
 
     /// Connects the arriving guest's agent socket (when the configuration has an agent), unless
-    /// it is connected already.
-    async fn connect_arrival_agent(&self) -> Result<()> {
+    /// it is connected already; the connection, still held.
+    async fn connect_arrival_agent(
+        &self,
+    ) -> Result<tokio::sync::MutexGuard<'_, Option<AgentClient>>> {
         let mut agent = self.inner.arrival_agent.lock().await;
         if agent.is_none() && self.inner.config.wait_for_agent {
             *agent = Some(AgentClient::connect(&self.inner.dir.join("agent.sock")).await?);
         }
-        Ok(())
+        Ok(agent)
     }
 
     /// Resumes a guest that came in by migration, unless QEMU did as the stream completed
@@ -855,8 +858,7 @@ impl VmHandle {
     /// when the stream was taken without it), then waits for the agent (when the
     /// configuration has one).
     pub(crate) async fn resume_incoming(&self) -> Result<()> {
-        self.connect_arrival_agent().await?;
-        let agent = self.inner.arrival_agent.lock().await.take();
+        let agent = self.connect_arrival_agent().await?.take();
         // QEMU resumed it itself as the stream completed when the stream was taken after
         // [`VmHandle::prepare_arrival`]: a `cont` then would add a STOP and RESUME of its own.
         crate::migrate::resume_if_stopped(&self.inner.qmp).await?;

@@ -165,6 +165,11 @@ impl Hosts {
         format!("h{}", i + 1)
     }
 
+    /// Where host `name`'s agent logs, in the benchmark's directory `dir`.
+    pub fn log_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(format!("agent-{name}.log"))
+    }
+
     /// Starts (again) host `i`'s agent; its token and inventory were written before.
     pub fn start(&mut self, i: usize) -> Result<BenchChild> {
         let name = Self::name(i);
@@ -172,7 +177,7 @@ impl Hosts {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("agent-{name}.log")))?;
+            .open(Self::log_path(&self.dir, &name))?;
         let child = Command::new(std::env::current_exe()?)
             .current_dir(&self.dir)
             .args(["agent", "--controller", &self.controllers])

@@ -242,8 +242,7 @@ fn lost_where(table: &str, dir: &Path) -> String {
     let mut out = table.to_owned();
     for i in 0..HOSTS as usize {
         let name = Hosts::name(i);
-        let log =
-            std::fs::read_to_string(dir.join(format!("agent-{name}.log"))).unwrap_or_default();
+        let log = std::fs::read_to_string(Hosts::log_path(dir, &name)).unwrap_or_default();
         let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
         for line in &warnings[warnings.len().saturating_sub(20)..] {
             out.push_str(&format!("\n{name}: {line}"));
@@ -320,11 +319,7 @@ fn downtime_p50(downtimes: impl Iterator<Item = Option<u64>>) -> Option<f64> {
     downtimes
         .map(|d| d.map(|d| d as f64))
         .collect::<Option<Vec<f64>>>()
-        .filter(|d| !d.is_empty())
-        .map(|mut d| {
-            d.sort_by(f64::total_cmp);
-            percentile(&d, 0.5)
-        })
+        .and_then(crate::bench_ports::median_if_any)
 }
 
 /// The largest of the moves' downtimes; `None` when a move's was not reported (as the median).

@@ -475,6 +475,12 @@ pub(crate) fn median(values: impl Iterator<Item = f64>) -> f64 {
     percentile(&v, 0.5)
 }
 
+/// [`median`], or none when there are no values.
+pub(crate) fn median_if_any(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = values.into_iter().collect();
+    (!v.is_empty()).then(|| median(v.into_iter()))
+}
+
 pub(crate) fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { 0.0 }
 }

@@ -18,7 +18,7 @@ use crate::bench_cluster::{Api, Hosts, embedded_controller, lay_out_hosts};
 use crate::bench_control::ms;
 use crate::bench_failover::{cordon, post_yaml};
 use crate::bench_handover::{answer, poll_until};
-use crate::bench_ports::median;
+use crate::bench_ports::{median, median_if_any};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -326,13 +326,13 @@ async fn moves(
             .unwrap_or_default();
         if !offers.contains(&"vm") {
             // The agent's log says why (its directory goes with the benchmark's).
-            let log = std::fs::read_to_string(hosts.dir.join(format!("agent-{host}.log")))
-                .unwrap_or_default();
+            let log =
+                std::fs::read_to_string(Hosts::log_path(&hosts.dir, host)).unwrap_or_default();
+            let said = format!("{}: ", crate::vm::VM_RUNTIME_UNAVAILABLE);
             let why = log
                 .lines()
                 .rev()
-                .find(|l| l.contains("vm runtime unavailable"))
-                .and_then(|l| l.split("vm runtime unavailable: ").nth(1))
+                .find_map(|l| l.split_once(&said).map(|(_, why)| why))
                 .unwrap_or("its log says nothing about it");
             bail!(
                 "host {host}'s agent offers no vm runtime (only {}): {why}",
@@ -404,7 +404,7 @@ async fn moves(
     );
     live.outage_unmeasured = unmeasured;
     let [stopping_ms, commit_point_ms, final_copy_ms, destination_ms] = phases;
-    let stated_p50 = |v: &Vec<f64>| (!v.is_empty()).then(|| median(v.iter().copied()));
+    let stated_p50 = |v: &Vec<f64>| median_if_any(v.iter().copied());
     let pause_phases = PausePhaseFigures {
         stopping_p50_ms: stated_p50(&stopping_ms),
         commit_point_p50_ms: stated_p50(&commit_point_ms),

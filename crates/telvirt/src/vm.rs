@@ -75,9 +75,13 @@ fn image_cache(explicit: Option<&Path>, data_dir: &Path) -> PathBuf {
     explicit.map_or_else(|| data_dir.to_path_buf(), Path::to_path_buf)
 }
 
-/// The vm runtime of `telvirt serve`, or `None` (with a log line saying why) when this host
-/// cannot run it. The default image is built and the accelerator resolved when the first vm
-/// VNF starts (a host that runs only wasm VNFs never spends a CPU on either).
+/// How an agent's log begins the warning that it runs without its vm runtime.
+pub const VM_RUNTIME_UNAVAILABLE: &str = "vm runtime unavailable";
+
+/// The vm runtime of `telvirt serve`, or `None` (with a warning saying why, after
+/// [`VM_RUNTIME_UNAVAILABLE`]) when this host cannot run it. The default image is built and the
+/// accelerator resolved when the first vm VNF starts (a host that runs only wasm VNFs never
+/// spends a CPU on either).
 pub async fn vm_runtime(
     args: &HostAgentArgs,
     data_dir: &Path,
@@ -86,14 +90,14 @@ pub async fn vm_runtime(
     // A `--qemu` path was checked at parse (a file).
     if args.qemu.is_none() && !on_path("qemu-system-x86_64") {
         tracing::warn!(
-            "vm runtime unavailable: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"
+            "{VM_RUNTIME_UNAVAILABLE}: qemu-system-x86_64 is not on PATH (Debian: apt-get install qemu-system-x86)"
         );
         return Ok(None);
     }
     let guest = match guest_binary() {
         Ok(g) => g,
         Err(e) => {
-            tracing::warn!("vm runtime unavailable: {e:#}");
+            tracing::warn!("{VM_RUNTIME_UNAVAILABLE}: {e:#}");
             return Ok(None);
         }
     };

@@ -20,6 +20,8 @@ use telvirt_dataplane::pool::Packet;
 pub const MAX_QUEUED_PACKETS: usize = 65_536;
 /// Frame bytes each queue holds at most.
 pub const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// Looks at the poll count before a wait for a poll under way yields or sleeps.
+const SPINS_FOR_A_POLL: u32 = 64;
 /// Shortest frame taken: an Ethernet header.
 const MIN_FRAME: usize = 14;
 /// Packets one poll processes from the handed-over queue at most.
@@ -60,13 +62,19 @@ pub struct Handoff {
 /// One poll of the node, from [`Handoff::begin_poll`] until dropped.
 pub struct PollUnderWay<'a> {
     handoff: &'a Handoff,
+    /// The count once this poll began (odd).
+    begun: u64,
     /// The divert as this poll read it, after it was counted as begun.
     pub diverting: bool,
 }
 
 impl Drop for PollUnderWay<'_> {
     fn drop(&mut self) {
-        self.handoff.polls.fetch_add(1, Ordering::Release);
+        // Only this node's poll writes the count (one poller): a store, not another
+        // read-modify-write on the poll's path.
+        self.handoff
+            .polls
+            .store(self.begun.wrapping_add(1), Ordering::Release);
     }
 }
 
@@ -132,6 +140,7 @@ impl Handoff {
         );
         PollUnderWay {
             handoff: self,
+            begun: before.wrapping_add(1),
             diverting: self.divert.load(Ordering::SeqCst),
         }
     }
@@ -149,15 +158,24 @@ impl Handoff {
         self.polls.load(Ordering::Acquire) != mark
     }
 
-    /// Blocks until the poll marked `mark` ended: spins a little (a poll takes microseconds),
+    /// Whether the poll marked `mark` ended within a few looks (a poll takes microseconds).
+    pub fn poll_ended_soon(&self, mark: u64) -> bool {
+        (0..SPINS_FOR_A_POLL).any(|_| {
+            std::hint::spin_loop();
+            self.poll_ended(mark)
+        })
+    }
+
+    /// Blocks until the poll marked `mark` ended: a few looks ([`Handoff::poll_ended_soon`]),
     /// then yields, then sleeps in steps of 10 µs (its worker may wait for a core).
     pub fn wait_poll_ended(&self, mark: u64) {
+        if self.poll_ended_soon(mark) {
+            return;
+        }
         let mut tries = 0u32;
         while !self.poll_ended(mark) {
             tries = tries.saturating_add(1);
-            if tries < 64 {
-                std::hint::spin_loop();
-            } else if tries < 256 {
+            if tries < 192 {
                 std::thread::yield_now();
             } else {
                 std::thread::sleep(Duration::from_micros(10));
@@ -185,14 +203,15 @@ impl Handoff {
     }
 
     /// Ends the divert: polls process again from their next round on (the caller waits for
-    /// the poll under way, [`Handoff::poll_under_way`], before [`Handoff::requeue_diverted`]).
+    /// the poll under way, [`Handoff::poll_under_way`], then hands the queue in:
+    /// [`Handoff::requeue_if_diverted`]).
     pub fn stop_divert(&self) {
         self.divert.store(false, Ordering::SeqCst);
     }
 
     /// After a divert ended and no poll diverts any more: what it queued is processed first,
     /// as if handed over.
-    pub fn requeue_diverted(&self) {
+    fn requeue_diverted(&self) {
         let queued = {
             let mut q = locked(&self.diverted);
             self.diverted_waiting.store(false, Ordering::Release);

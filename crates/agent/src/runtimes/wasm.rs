@@ -629,9 +629,8 @@ impl crate::replication::ReplicaState for WasmRuntime {
         });
         match taken {
             Err(e) => Some(Err(e.to_string())),
-            Ok(Some(Some(log))) => Some(log.map_err(|e| e.to_string())),
-            // Held by another (a batch, a save), or a larger log: on a blocking thread.
-            Ok(_) => None,
+            // `None`: held by another (a batch, a save), or a larger log: on a blocking thread.
+            Ok(log) => log.flatten().map(|log| log.map_err(|e| e.to_string())),
         }
     }
 
@@ -690,16 +689,8 @@ impl crate::replication::ReplicaState for WasmRuntime {
 }
 
 impl WasmRuntime {
-    /// Refuses to lock `name` while it is frozen for a hand-off.
-    fn refuse_if_frozen(&self, name: &Name, what: &str) -> Result<(), RuntimeFailure> {
-        if Runtime::frozen(self, name).is_some() {
-            return Err(fail(frozen_refusal(name, what)));
-        }
-        Ok(())
-    }
-
     /// Runs `f`, a change of `name`'s module, config or maps, on its instance unless it is
-    /// frozen for a hand-off (`Ok(Err(refusal))`): checked under the instance, where a
+    /// frozen for a hand-off (refused, saying so): checked under the instance, where a
     /// freeze's last update log is taken too, so a change either goes into that log or is
     /// refused (the divert comes first).
     fn change_unless_frozen<R>(
@@ -707,20 +698,14 @@ impl WasmRuntime {
         name: &Name,
         what: &str,
         f: impl FnOnce(&mut VnfInstance) -> R,
-    ) -> Result<Result<R, String>, RuntimeFailure> {
-        let (inst, handoff) = {
-            let entries = self.entries();
-            let e = entries
-                .get(name)
-                .filter(|e| !e.stopped)
-                .ok_or_else(|| fail(format!("no running wasm instance {name}")))?;
-            (Arc::clone(&e.inst), Arc::clone(&e.handoff))
-        };
+    ) -> Result<R, RuntimeFailure> {
+        let (inst, handoff) =
+            self.running_entry(name, |e| (Arc::clone(&e.inst), Arc::clone(&e.handoff)))?;
         let mut i = guard(&inst);
         if handoff.diverting() {
-            return Ok(Err(frozen_refusal(name, what)));
+            return Err(fail(frozen_refusal(name, what)));
         }
-        Ok(Ok(f(&mut i)))
+        Ok(f(&mut i))
     }
 
     /// After a change of `handoff`'s divert: waits for the instance's poll that may have read
@@ -730,11 +715,8 @@ impl WasmRuntime {
             return Ok(());
         };
         // A poll takes microseconds: a few looks before the hop to a blocking thread.
-        for _ in 0..64 {
-            if handoff.poll_ended(mark) {
-                return Ok(());
-            }
-            std::hint::spin_loop();
+        if handoff.poll_ended_soon(mark) {
+            return Ok(());
         }
         let handoff = Arc::clone(handoff);
         tokio::task::spawn_blocking(move || handoff.wait_poll_ended(mark))
@@ -907,12 +889,21 @@ impl WasmRuntime {
     }
 
     fn instance(&self, name: &Name) -> Result<(Shared, Arc<AtomicBool>), RuntimeFailure> {
+        self.running_entry(name, |e| (Arc::clone(&e.inst), Arc::clone(&e.scheduled)))
+    }
+
+    /// What `pick` takes from `name`'s entry while its instance is not stopped.
+    fn running_entry<T>(
+        &self,
+        name: &Name,
+        pick: impl FnOnce(&Entry) -> T,
+    ) -> Result<T, RuntimeFailure> {
         let entries = self.entries();
         let e = entries
             .get(name)
             .filter(|e| !e.stopped)
             .ok_or_else(|| fail(format!("no running wasm instance {name}")))?;
-        Ok((Arc::clone(&e.inst), Arc::clone(&e.scheduled)))
+        Ok(pick(e))
     }
 
     /// What reads, verifies and instantiates modules for this runtime, apart from it so the
@@ -930,14 +921,11 @@ impl WasmRuntime {
     /// directory) between two batches; maps with the same name and layout keep their contents.
     /// On any error the old module keeps running with its maps.
     pub fn upgrade(&self, name: &Name, module: &str) -> Result<String, RuntimeFailure> {
-        let (kind, domain) = self
-            .change_unless_frozen(name, "upgraded", |i| {
-                (i.config().engine, i.module().domain.clone())
-            })?
-            .map_err(fail)?;
+        let (kind, domain) = self.change_unless_frozen(name, "upgraded", |i| {
+            (i.config().engine, i.module().domain.clone())
+        })?;
         let meta = self.loader().install(module, kind, &domain)?;
         self.change_unless_frozen(name, "upgraded", |i| self.rt.upgrade(i, &meta))?
-            .map_err(fail)?
             .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
@@ -964,12 +952,11 @@ impl WasmRuntime {
             i.map_change(map, &delete, &put)
         }) {
             Err(e) => failed(e.to_string()),
-            Ok(Err(refusal)) => failed(refusal),
-            Ok(Ok(Err(rw::Error::InvalidChange { field, reason }))) => {
+            Ok(Err(rw::Error::InvalidChange { field, reason })) => {
                 NodeReply::Invalid { field, reason }
             }
-            Ok(Ok(Err(e))) => failed(format!("vnf {name}: {e}")),
-            Ok(Ok(Ok(done))) => {
+            Ok(Err(e)) => failed(format!("vnf {name}: {e}")),
+            Ok(Ok(done)) => {
                 self.maps_changed(name);
                 NodeReply::MapChanged {
                     result: MapChangeResult {
@@ -1205,7 +1192,6 @@ impl Runtime for WasmRuntime {
         self.change_unless_frozen(&spec.name, "reconfigured", |i| {
             i.reconfigure(cfg.config, cfg.limits.fuel_per_batch)
         })?
-        .map_err(fail)?
         .map_err(fail)
     }
 
@@ -1237,7 +1223,9 @@ impl Runtime for WasmRuntime {
     }
 
     async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
-        self.refuse_if_frozen(name, "locked")?;
+        if Runtime::frozen(self, name).is_some() {
+            return Err(fail(frozen_refusal(name, "locked")));
+        }
         let (inst, scheduled) = self.instance(name)?;
         scheduled.store(false, Ordering::Release);
         guard(&inst).lock().map_err(fail)?;
@@ -1305,7 +1293,7 @@ impl Runtime for WasmRuntime {
         // No poll diverts once the one under way ended: what the divert queued is all there is
         // (the node's next poll hands it in first; this does when no poll comes).
         let waited = Self::poll_settled(&handoff).await;
-        handoff.requeue_diverted();
+        handoff.requeue_if_diverted();
         self.dataplane.release_links(name.as_str());
         waited
     }
