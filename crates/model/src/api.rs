@@ -748,8 +748,9 @@ pub struct GuestStream {
     /// QEMU's measure, until its last byte left (the destination resumes the guest later).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
-    /// When the source's QEMU stopped the guest for the final copy, µs since the Unix epoch by
-    /// the source host's clock (once completed): the start of the guest's whole pause.
+    /// When the source's QEMU began stopping the guest for the final copy, µs since the Unix
+    /// epoch by the source host's clock (once completed): the start of the guest's whole
+    /// pause, the earlier of its `STOP` event and its last byte less its own downtime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_at_us: Option<u64>,
     /// When the source's QEMU reached the move's commit point with the guest stopped

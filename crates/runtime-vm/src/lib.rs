@@ -36,7 +36,8 @@ pub use manager::{
     ExitInfo, Failure, StopMethod, VcpuThread, VmHandle, VmManager, VmPhase, VmStatus,
 };
 pub use migrate::{
-    MigrationChannel, MigrationProgress, MigrationTuning, StreamEnd, SwitchoverGate, stream_socket,
+    MigrationChannel, MigrationProgress, MigrationTuning, StreamEnd, SwitchoverGate,
+    pause_began_at_us, stream_socket,
 };
 pub use qmp::{QmpClient, QmpEvent};
 pub use telvirt_guest::proto as guest_proto;

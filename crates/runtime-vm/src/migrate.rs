@@ -224,9 +224,9 @@ pub struct MigrationProgress {
     /// How long the source was stopped for the final copy, ms (once completed): QEMU's own
     /// measure, until its last byte left; the destination resumes the guest later.
     pub downtime_ms: Option<u64>,
-    /// When the source's QEMU stopped the guest (its `STOP` event), µs since the Unix epoch by
-    /// this host's clock (once completed): the start of the guest's whole pause, which ends
-    /// when the destination resumes it ([`crate::VmHandle::resumed_at_us`]).
+    /// When the source's QEMU began stopping the guest, µs since the Unix epoch by this host's
+    /// clock (once completed; [`pause_began_at_us`]): the start of the guest's whole pause,
+    /// which ends when the destination resumes it ([`crate::VmHandle::resumed_at_us`]).
     #[serde(default)]
     pub stopped_at_us: Option<u64>,
     /// When it reached its commit point (`pre-switchover`), was let through it (`device`) and
@@ -238,6 +238,26 @@ pub struct MigrationProgress {
     pub continued_at_us: Option<u64>,
     #[serde(default)]
     pub completed_at_us: Option<u64>,
+}
+
+/// When a stream's source began stopping its guest, µs: the earlier of its `STOP` event
+/// (`stop`) and its last byte (`completed`) less QEMU's own downtime. QEMU starts its downtime
+/// clock before it pauses the vCPUs and runs the run-state handlers, and emits `STOP` only
+/// after them (under TCG on a loaded host, ms later), so a pause counted from the event alone
+/// could read shorter than QEMU's own measure; counted from the earlier, it never does.
+/// QEMU's downtime is whole ms; without it or the last byte, the event.
+pub fn pause_began_at_us(
+    stop: Option<u64>,
+    completed: Option<u64>,
+    downtime_ms: Option<u64>,
+) -> Option<u64> {
+    let by_downtime = completed
+        .zip(downtime_ms)
+        .map(|(done, ms)| done.saturating_sub(ms.saturating_mul(1000)));
+    match (stop, by_downtime) {
+        (Some(stop), Some(began)) => Some(stop.min(began)),
+        (stop, _) => stop,
+    }
 }
 
 impl MigrationProgress {
@@ -591,6 +611,7 @@ impl VmHandle {
         done.commit_point_at_us = since_stop("pre-switchover");
         done.continued_at_us = since_stop("device");
         done.completed_at_us = since_stop("completed");
+        done.stopped_at_us = pause_began_at_us(stop, done.completed_at_us, done.downtime_ms);
         done
     }
 
@@ -755,6 +776,26 @@ mod tests {
         let empty = MigrationProgress::from_query(&json!({}));
         assert_eq!(empty.status, "none");
         assert_eq!(empty.downtime_ms, None);
+    }
+
+    #[test]
+    fn a_pause_begins_when_qemu_began_stopping_the_guest() {
+        // As seen in a run under load: STOP stamped at 10 s, the last byte 74.9 ms later, QEMU's
+        // downtime 80 ms: its clock began 5.1 ms before the event.
+        let stop = 10_000_000;
+        let done = stop + 74_900;
+        assert_eq!(
+            pause_began_at_us(Some(stop), Some(done), Some(80)),
+            Some(stop - 5_100)
+        );
+        // QEMU's whole ms fall short of the event: the event.
+        assert_eq!(
+            pause_began_at_us(Some(stop), Some(done), Some(74)),
+            Some(stop)
+        );
+        assert_eq!(pause_began_at_us(Some(stop), None, Some(80)), Some(stop));
+        assert_eq!(pause_began_at_us(Some(stop), Some(done), None), Some(stop));
+        assert_eq!(pause_began_at_us(None, Some(done), Some(80)), None);
     }
 
     #[test]

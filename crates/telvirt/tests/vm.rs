@@ -539,15 +539,20 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
         }
     }
     assert!(r["live"]["streamed_mib"][0].as_u64() > Some(0), "{r}");
-    // The live move's outage is the guest's whole pause (source stop to destination resume),
-    // which holds QEMU's own downtime (whole ms).
+    // The live move's outage is the guest's whole pause (from the source's QEMU beginning to
+    // stop it until the destination resumed it), which holds QEMU's own downtime (whole ms,
+    // until the source's last byte) when the destination resumed after that byte by their
+    // stamps (its part of the pause stated).
     let (paused, downtime) = (
         r["live"]["outage_ms"][0].as_f64().unwrap_or(0.0),
         r["live"]["qemu_downtime_ms"][0]
             .as_f64()
             .unwrap_or(f64::MAX),
     );
-    assert!(paused + 1.0 >= downtime && downtime > 0.0, "{r}");
+    assert!(paused > 0.0 && downtime > 0.0, "{r}");
+    if r["pause_phases"]["destination_ms"][0].is_number() {
+        assert!(paused + 0.1 >= downtime, "{r}");
+    }
     assert_eq!(r["qemu"], "qemu-system-x86_64 on PATH", "{r}");
     let ratio = r["outage_ratio"].as_f64().unwrap_or(0.0);
     let (live, cold) = (
