@@ -518,7 +518,9 @@ if [ "$(id -u)" -eq 0 ]; then
   cl() { printf '$ telvirt %s\n' "$*"; TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" "$@"; }
   . scripts/demo-pair.sh
   trap 'pair_demo_cleanup; "$TELVIRT" cluster down --dir "$CL" >/dev/null 2>&1; cleanup' EXIT
-  run cluster up --hosts 4 --controllers 2 --dir "$CL"
+  # The agents' async control threads at SCHED_FIFO 2: a wasm move's freeze waits for them,
+  # and here they share two cores with the data plane and an iperf3 flow (ADR 065).
+  run cluster up --hosts 4 --controllers 2 --control-priority 2 --dir "$CL"
   cl host list
   # fwa on h1, fwb on h2, fwc on h3: the other hosts cordoned while each is placed.
   for vnf in "fwa h1" "fwb h2" "fwc h3"; do

@@ -36,18 +36,24 @@ pub fn set_affinity(tid: i32, cpus: &CpuSet) -> Result<()> {
     Ok(())
 }
 
-/// Give thread `tid` SCHED_FIFO at `priority`.
+/// Give thread `tid` (0: the calling thread) SCHED_FIFO at `priority`. Threads and processes
+/// it creates from then on start as SCHED_OTHER (`SCHED_RESET_ON_FORK`), not at its priority.
 pub fn set_fifo(tid: i32, priority: u8) -> Result<()> {
+    sched_fifo(tid, priority)
+        .map_err(|e| Error::Pinning(format!("SCHED_FIFO {priority} for thread {tid}: {e}")))
+}
+
+/// [`set_fifo`] with the system's own error.
+pub fn sched_fifo(tid: i32, priority: u8) -> std::io::Result<()> {
     let param = libc::sched_param {
         sched_priority: i32::from(priority),
     };
     // SAFETY: valid pointer to an initialised sched_param.
-    let rc = unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) };
+    let rc = unsafe {
+        libc::sched_setscheduler(tid, libc::SCHED_FIFO | libc::SCHED_RESET_ON_FORK, &param)
+    };
     if rc != 0 {
-        return Err(Error::Pinning(format!(
-            "SCHED_FIFO {priority} for thread {tid}: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

@@ -158,6 +158,9 @@ pub(crate) struct Hosts {
     pub vm_image_cache: Option<PathBuf>,
     /// The QEMU the agents run vm VNFs with (`agent --qemu`); `None`: theirs on PATH.
     pub qemu: Option<PathBuf>,
+    /// The agents' `--control-priority` (their async control threads at SCHED_FIFO);
+    /// `None`: SCHED_OTHER, whatever the environment says.
+    pub control_priority: Option<u8>,
 }
 
 impl Hosts {
@@ -205,6 +208,8 @@ impl Hosts {
             .args(["--inventory", &format!("inventory-{name}.yaml")])
             .args(["--host-name", &name])
             .args(["--heartbeat-interval-ms", &self.heartbeat_ms.to_string()])
+            .args(crate::control_threads::agent_args(self.control_priority))
+            .env_remove(crate::control_threads::PRIORITY_ENV)
             .args(if self.tunnels {
                 vec!["--tunnel-address", tunnel.as_str()]
             } else {
@@ -540,6 +545,7 @@ async fn embedded(
         tunnels: false,
         vm_image_cache: None,
         qemu: None,
+        control_priority: None,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
@@ -794,6 +800,7 @@ async fn cluster(
         tunnels: false,
         vm_image_cache: None,
         qemu: None,
+        control_priority: None,
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, kept) = rounds(&api, args, &module, "etcd, 3 members", 2, progress).await?;

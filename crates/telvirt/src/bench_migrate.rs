@@ -53,6 +53,10 @@ pub struct MigrateArgs {
     /// flows' own: one more state size per value, at the largest count of flows (0: none)
     #[arg(long, value_delimiter = ',', default_values_t = vec![100u64], value_parser = clap::value_parser!(u64).range(0..=256))]
     pub loaded_mib: Vec<u64>,
+    /// The agents' `--control-priority`: their async control threads at this SCHED_FIFO
+    /// priority (1-99), for the freeze's wait on them [default: SCHED_OTHER]
+    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub control_priority: Option<u8>,
 }
 
 /// Bytes of one NAT session: its 5-tuple key and its value.
@@ -141,6 +145,9 @@ pub struct MigrateReport {
     pub measured: String,
     pub rounds: u32,
     pub rate_pps: u64,
+    /// The agents' SCHED_FIFO priority for their async control threads (`--control-priority`);
+    /// none: SCHED_OTHER.
+    pub control_priority: Option<u8>,
     pub sizes: Vec<MoveComparison>,
     /// The same moves under an iperf3 TCP flow (`None`: not measured here, see
     /// `tcp_missing`).
@@ -178,6 +185,7 @@ async fn round(
         rate_pps: args.rate_pps,
         flows,
         host_lease_ttl_ms: 600,
+        control_priority: args.control_priority,
     };
     let idle = (loaded_mib << 20) / SESSION_BYTES;
     let sessions_max = (idle > 0)
@@ -470,6 +478,7 @@ pub async fn run_migrate_bench(
             rate_pps: args.rate_pps,
             flows: 1,
             host_lease_ttl_ms: 600,
+            control_priority: args.control_priority,
         };
         for i in 0..tcp_rounds {
             let at = |set: &str| dir.join(format!("tcp-{set}-{i}"));
@@ -529,6 +538,7 @@ pub async fn run_migrate_bench(
             args.rate_pps
         ),
         rounds: args.rounds,
+        control_priority: args.control_priority,
         rate_pps: args.rate_pps,
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
         goal_downtime_1ms: sizes

@@ -35,6 +35,10 @@ pub struct VmMoveArgs {
     /// on PATH]
     #[arg(long, value_name = "PATH", value_parser = crate::cli::parse_qemu)]
     pub qemu: Option<std::path::PathBuf>,
+    /// The agents' `--control-priority`: their async control threads (the move's commit
+    /// point waits for them) at this SCHED_FIFO priority, 1-99 [default: SCHED_OTHER]
+    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub control_priority: Option<u8>,
     #[command(flatten)]
     pub image: crate::vm::ImageArgs,
 }
@@ -46,9 +50,9 @@ pub struct VmMoveFigures {
     /// From the request until the API shows the VNF running on the other host alone, ms.
     pub total_ms: Vec<f64>,
     pub total_p50_ms: f64,
-    /// How long the guest did not run, ms: for the live move, from its source QEMU's stop
-    /// until its destination QEMU resumed it (their `STOP` and `RESUME` events, one clock
-    /// here), as the move's event states it; for the cold move, from the delete until the new
+    /// How long the guest did not run, ms: for the live move, from when its source QEMU began
+    /// stopping it until its destination QEMU resumed it (the earlier of `STOP` and the last
+    /// byte less QEMU's downtime, and `RESUME`; one clock here), as the move's event states it; for the cold move, from the delete until the new
     /// guest runs (its agent answered).
     pub outage_ms: Vec<f64>,
     pub outage_p50_ms: f64,
@@ -70,6 +74,9 @@ pub struct VmMoveReport {
     pub qemu: String,
     pub rounds: u32,
     pub memory_mib: u64,
+    /// The agents' SCHED_FIFO priority for their async control threads (`--control-priority`);
+    /// none: SCHED_OTHER.
+    pub control_priority: Option<u8>,
     pub live: VmMoveFigures,
     pub cold: VmMoveFigures,
     /// Live over cold, of the medians.
@@ -315,6 +322,7 @@ async fn moves(
         tunnels: true,
         vm_image_cache: Some(cache),
         qemu: args.qemu.clone(),
+        control_priority: args.control_priority,
     };
     lay_out_hosts(&api, &mut hosts, 2).await?;
     // An agent without its vm runtime runs none: said now, not after the VNF waited for a host.
@@ -434,6 +442,7 @@ async fn moves(
         ),
         rounds: args.rounds,
         memory_mib: args.memory_mib,
+        control_priority: args.control_priority,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
         live,

@@ -333,6 +333,14 @@ pub struct HostAgentArgs {
     /// share)
     #[arg(long)]
     pub no_busy_poll: bool,
+    /// Run the node's async control threads (state streams of moves and standbys, the
+    /// agent's reports, the API) at this SCHED_FIFO priority, 1-99, so on a loaded host they
+    /// run as soon as they wake instead of after a data-plane worker's or another process's
+    /// turn on the core (a wasm move's freeze waits for them). What they start (data-plane
+    /// workers, QEMU, blocking work) stays SCHED_OTHER. Needs CAP_SYS_NICE [default:
+    /// SCHED_OTHER, as every other thread]
+    #[arg(long, value_name = "PRIORITY", env = "TELVIRT_CONTROL_PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub control_priority: Option<u8>,
     /// How host ports (`host:IF` in a network's links) move frames; `net show` reports what
     /// each port uses and why AF_XDP was not. AF_XDP takes every frame of the interface from
     /// the host's own stack (a packet socket only copies them): name interfaces dedicated to

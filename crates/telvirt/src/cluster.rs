@@ -83,6 +83,10 @@ pub struct UpArgs {
     /// of it)
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
     pub host_lease_ttl_ms: u64,
+    /// The agents' `--control-priority`: their async control threads (a move's freeze waits
+    /// for them) at this SCHED_FIFO priority, 1-99 [default: SCHED_OTHER]
+    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub control_priority: Option<u8>,
 }
 
 #[derive(Args, Debug)]
@@ -279,6 +283,7 @@ async fn up(args: UpArgs, format: Output) -> Result<()> {
         controllers: args.controllers,
         mode: args.inventory_mode,
         host_lease_ttl_ms: args.host_lease_ttl_ms,
+        control_priority: args.control_priority,
         cpus,
     };
     let started = tokio::select! {
@@ -324,6 +329,8 @@ struct Plan {
     controllers: u32,
     mode: InventoryMode,
     host_lease_ttl_ms: u64,
+    /// The agents' `--control-priority`.
+    control_priority: Option<u8>,
     /// This machine's online CPUs.
     cpus: Vec<u32>,
 }
@@ -558,6 +565,8 @@ async fn add_host(
             "--heartbeat-interval-ms",
             &(plan.host_lease_ttl_ms / 4).to_string(),
         ])
+        .args(crate::control_threads::agent_args(plan.control_priority))
+        .env_remove(crate::control_threads::PRIORITY_ENV)
         .env("TELVIRT_LOG", "info");
     let pin = (plan.mode == InventoryMode::Slice).then_some(cpus.as_slice());
     let child = spawn_detached(command, &entry.log, pin)?;
@@ -1271,6 +1280,7 @@ mod tests {
                 controllers: 1,
                 mode,
                 host_lease_ttl_ms: 1000,
+                control_priority: None,
                 cpus: vec![0, 1],
             };
             let (yaml, cpus) = inventory(&plan, 3, "h3").unwrap();

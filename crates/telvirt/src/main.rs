@@ -20,6 +20,7 @@ mod cli;
 mod client;
 mod cluster;
 mod config;
+mod control_threads;
 mod ha;
 mod latency;
 mod migrate;
@@ -62,10 +63,22 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let control_priority = match &cli.command {
+        cli::Command::Serve(a) => a.agent.control_priority,
+        cli::Command::Agent(a) => a.agent.control_priority,
+        _ => None,
+    };
+    if let Some(priority) = control_priority {
+        if let Err(e) = control_threads::check(priority) {
+            eprintln!("error: --control-priority {priority}: {e}");
+            std::process::exit(2);
+        }
+        builder.on_thread_unpark(control_threads::on_worker_wake(priority));
+        tracing::info!("the node's async control threads run at SCHED_FIFO {priority}");
+    }
+    let runtime = match builder.build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

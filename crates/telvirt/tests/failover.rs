@@ -72,11 +72,21 @@ fn bench_migrate_reports_every_figure() {
             "--loaded-mib",
             "1",
         ])
-        .args(["--rate-pps", "2000", "-o", "json"])
+        .args([
+            "--rate-pps",
+            "2000",
+            "--control-priority",
+            "2",
+            "-o",
+            "json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", common::stderr(&out));
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Its agents ran their control threads at the priority asked (refused at their start
+    // otherwise: the benchmark would have failed).
+    assert_eq!(r["control_priority"], 2, "{r}");
     let size = &r["sizes"][0];
     assert_eq!(size["flows"], 8, "{r}");
     for setup in ["live", "cold"] {

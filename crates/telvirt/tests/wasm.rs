@@ -403,6 +403,60 @@ fn metrics_show_vnfs_links_sinks_hosts_and_the_process_and_an_authority_only_its
 }
 
 /// Every thread of process `pid` but its data-plane workers, with the CPUs it may run on.
+/// `--control-priority`: the node's tokio worker threads run at SCHED_FIFO of the priority
+/// asked, its data-plane workers (started from them) and every other thread SCHED_OTHER.
+#[test]
+fn control_threads_run_at_the_priority_asked_and_nothing_else_does() {
+    let node = start_with(&["--control-priority", "3"]);
+    fw1_between_a_generator_and_a_sink(&node);
+    wait_until(
+        "tokio's workers at SCHED_FIFO 3, the rest SCHED_OTHER",
+        || {
+            let threads = thread_policies(node.pid());
+            // Tokio's blocking threads share its workers' name and stay SCHED_OTHER: the
+            // runtime has a worker per CPU, at least those are at the priority asked.
+            let fifo = threads
+                .iter()
+                .filter(|t| t.1 == (libc::SCHED_FIFO, 3))
+                .count();
+            let named = |t: &&(String, (i32, u32))| t.0 == "tokio-rt-worker";
+            let others_fair = threads
+                .iter()
+                .filter(|t| !named(t))
+                .all(|t| t.1 == (libc::SCHED_OTHER, 0));
+            let data_plane = threads.iter().any(|t| t.0.starts_with("tv-"));
+            fifo >= telvirt_dataplane::worker::allowed_cores().unwrap().len()
+                && threads.iter().filter(named).count() >= fifo
+                && others_fair
+                && data_plane
+        },
+    );
+}
+
+/// Each thread of process `pid`: its name and its scheduling policy and real-time priority
+/// (`/proc/PID/task/TID/stat` fields 41 and 40).
+fn thread_policies(pid: u32) -> Vec<(String, (i32, u32))> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (head, rest) = stat.rsplit_once(") ").unwrap();
+        let name = head.split_once(" (").unwrap().1.to_owned();
+        // `rest` starts at field 3 (state).
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (prio, policy) = (
+            fields[40 - 3].parse().unwrap(),
+            fields[41 - 3].parse().unwrap(),
+        );
+        out.push((name, (policy, prio)));
+    }
+    out
+}
+
 fn housekeeping_cpus(pid: u32) -> Vec<(String, Vec<u64>)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -723,6 +777,36 @@ fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
     let out = serve(&["--security-policy", "policy.yaml"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("network"), "{}", stderr(&out));
+    // A real-time priority outside 1-99, and one the host does not permit (no CAP_SYS_NICE):
+    // refused before anything is written.
+    let out = serve(&["--control-priority", "0"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--control-priority"),
+        "{}",
+        stderr(&out)
+    );
+    let out = Command::new("setpriv")
+        .args([
+            "--bounding-set",
+            "-sys_nice",
+            BIN,
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data-dir", "unprivileged", "--control-priority", "5"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--control-priority 5: SCHED_FIFO 5")
+            && stderr(&out).contains("CAP_SYS_NICE"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!dir.path().join("unprivileged").exists());
     // An interval outside 100 ms ..= 1 h.
     let out = serve(&["--snapshot-interval-ms", "5"]);
     assert!(!out.status.success());
