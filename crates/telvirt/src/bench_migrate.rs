@@ -338,15 +338,22 @@ fn downtime_max(downtimes: impl Iterator<Item = Option<u64>>) -> Option<u64> {
 }
 
 /// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
-/// the event says its time was not reported, as when a move's deadline switched it).
+/// the event says its time was not reported, as when a move's deadline switched it, or that
+/// nothing streamed: the move is kept, its downtime unknown, so no goal passes on it).
 pub(crate) async fn frozen_us(api: &Api) -> Result<Option<u64>> {
     let reason = crate::bench_vm_move::switch_event(api, "nat").await?;
-    let figure = reason
+    Ok(frozen_us_in(&reason))
+}
+
+/// The freeze a switch event's `reason` states, µs.
+fn frozen_us_in(reason: &str) -> Option<u64> {
+    reason
         .split("frozen for ")
-        .nth(1)
-        .and_then(|r| r.split(' ').next())
-        .with_context(|| format!("no freeze time in: {reason}"))?;
-    Ok(figure.parse().ok())
+        .nth(1)?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Whether the NAT runs on `host` as its only instance.
@@ -655,5 +662,15 @@ mod tests {
         assert_eq!(downtime_p50(std::iter::empty()), None);
         assert_eq!(downtime_max([Some(300), Some(100)].into_iter()), Some(300));
         assert_eq!(downtime_max([Some(300), None].into_iter()), None);
+    }
+
+    #[test]
+    fn a_switch_events_freeze_is_read_or_unknown() {
+        let moved = "moved from host h3 to host h4 (9 map updates streamed, the last after the source froze; frozen for 158 µs; 64 packets it queued meanwhile passed on)";
+        assert_eq!(frozen_us_in(moved), Some(158));
+        let unreported = "moved from host h1 to host h2 (9 map updates streamed, the last after the source froze; frozen for an unreported time; 0 packets it queued meanwhile passed on)";
+        assert_eq!(frozen_us_in(unreported), None);
+        // A switch with nothing streamed: kept, its downtime unknown (the run goes on).
+        assert_eq!(frozen_us_in("moved from host h1 to host h2 (nothing streamed)"), None);
     }
 }
