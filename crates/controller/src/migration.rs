@@ -113,8 +113,8 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
     final_copy(v, m) || (move_committed(v, m) && stopped)
 }
 
-/// The guest's whole pause in a move's switch event: from its source's stop until its
-/// destination resumed it (`resumed`), µs by the two hosts' clocks, and where it went
+/// The guest's whole pause in a move's switch event: from when its source began stopping it
+/// (`stopped_at_us`) until its destination resumed it (`resumed`), µs by the two hosts' clocks, and where it went
 /// ([`telvirt_model::api::PausePhases`]); QEMU's own measure of the stop ends when the
 /// source's last byte left. Empty when it is not known
 /// ([`telvirt_model::api::whole_pause_ms`]).

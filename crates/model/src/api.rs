@@ -781,9 +781,10 @@ pub struct GuestStream {
     pub downtime_limit_ms: u64,
 }
 
-/// A moved guest's whole pause in ms: from its source QEMU's stop (`stopped_at_us`) until its
-/// destination QEMU resumed it (`resumed_at_us`), both µs since the Unix epoch. `None` when
-/// either is unknown, or the two clocks disagree so far that it would be negative.
+/// A moved guest's whole pause in ms: from when its source QEMU began stopping it
+/// (`stopped_at_us`) until its destination QEMU resumed it (`resumed_at_us`), both µs since
+/// the Unix epoch. `None` when either is unknown, or the two clocks disagree so far that it
+/// would be negative.
 pub fn whole_pause_ms(stopped_at_us: Option<u64>, resumed_at_us: Option<u64>) -> Option<f64> {
     let (stop, resume) = (stopped_at_us?, resumed_at_us?);
     (resume >= stop).then(|| (resume - stop) as f64 / 1000.0)

@@ -241,11 +241,14 @@ pub struct MigrationProgress {
 }
 
 /// When a stream's source began stopping its guest, µs: the earlier of its `STOP` event
-/// (`stop`) and its last byte (`completed`) less QEMU's own downtime. QEMU starts its downtime
-/// clock before it pauses the vCPUs and runs the run-state handlers, and emits `STOP` only
-/// after them (under TCG on a loaded host, ms later), so a pause counted from the event alone
-/// could read shorter than QEMU's own measure; counted from the earlier, it never does.
-/// QEMU's downtime is whole ms; without it or the last byte, the event.
+/// (`stop`) and its last byte (`completed`, QEMU's `COMPLETED` event) less QEMU's own
+/// downtime. QEMU starts its downtime clock before it pauses the vCPUs and runs the run-state
+/// handlers, and emits `STOP` only after them, so a pause counted from the event alone could
+/// read shorter than QEMU's own measure; counted from the earlier, it never does. QEMU 9.0 and
+/// later read the downtime's end before emitting `COMPLETED`, so this is within QEMU's whole
+/// ms of its clock's start; older ones (7.2) read it after, once the main lock is theirs, so
+/// there the start may come that much early and the pause read longer than it was (never
+/// shorter). Without the downtime or the last byte, the event.
 pub fn pause_began_at_us(
     stop: Option<u64>,
     completed: Option<u64>,
@@ -601,7 +604,6 @@ impl VmHandle {
         let mut done = self.final_figures(done).await;
         let qmp = self.qmp();
         let stop = qmp.last_event_at("STOP");
-        done.stopped_at_us = stop;
         // Times before this stream's stop are an earlier stream's (one cancelled at its
         // commit point): not this one's.
         let since_stop = |status| {

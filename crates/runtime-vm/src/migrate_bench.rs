@@ -4,8 +4,9 @@
 //! move a guest) against QEMU's defaults over QEMU's own connection, in the same run,
 //! alternating which goes first. Per migration: whether it converged
 //! within the deadline, total time, the guest's pause (QEMU's `downtime`, the source's own
-//! measure, and the whole pause the guest saw: from the source QEMU's `STOP` event to the
-//! destination QEMU's `RESUME`, by their own timestamps on this host's clock) and the bytes
+//! measure, and the whole pause the guest saw: from when the source QEMU began stopping it
+//! (`pause_began_at_us`) to the destination QEMU's `RESUME`, by their own times on this
+//! host's clock) and the bytes
 //! sent, and whether the guest came through intact (answering on the destination with its dirtier
 //! still counting: under QEMU 7.2's TCG some migrations deliver a guest that panics at once).
 //! Owns the measurement; must not print.
@@ -55,8 +56,9 @@ pub struct MigrationSample {
     /// QEMU's measure of the guest's pause (converged only): the source's, until its last
     /// byte left.
     pub downtime_ms: Option<f64>,
-    /// The whole pause (intact only): from the source's stop until the guest ran again at
-    /// the destination (QEMU's `STOP` and `RESUME` events), which includes resuming it there.
+    /// The whole pause (intact only): from when the source began stopping the guest until it
+    /// ran again at the destination (`pause_began_at_us`, QEMU's `RESUME` event), which
+    /// includes resuming it there.
     #[serde(default)]
     pub paused_ms: Option<f64>,
     pub transferred_mib: f64,

@@ -54,10 +54,8 @@ pub struct FailoverArgs {
     /// The controller's --host-lease-ttl-ms (agents beat every quarter of it): the detection
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(200..=60_000))]
     pub host_lease_ttl_ms: u64,
-    /// The agents' `--control-priority`: their async control threads at this SCHED_FIFO
-    /// priority (1-99) [default: SCHED_OTHER]
-    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
-    pub control_priority: Option<u8>,
+    #[command(flatten)]
+    pub agents: crate::control_threads::AgentPriorityArgs,
 }
 
 /// One kill, timed from the kill.
@@ -283,7 +281,7 @@ pub(crate) async fn nat_setup(
         tunnels: true,
         vm_image_cache: None,
         qemu: None,
-        control_priority: args.control_priority,
+        control_priority: args.agents.control_priority,
     };
     let firewall = lay_out_hosts(&api, &mut hosts, HOSTS).await?;
     let nat_module = upload_example(&api, "nat").await?;
@@ -827,7 +825,7 @@ pub async fn run_failover_bench(
         rate_pps: args.rate_pps,
         flows: args.flows,
         host_lease_ttl_ms: args.host_lease_ttl_ms,
-        control_priority: args.control_priority,
+        control_priority: args.agents.control_priority,
         outage_ratio: if single.outage_p50_ms > 0.0 {
             pair.outage_p50_ms / single.outage_p50_ms
         } else {

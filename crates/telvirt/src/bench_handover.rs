@@ -130,6 +130,9 @@ pub(crate) fn spawn_api_process(
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(tls_args)
         .args(args)
+        // A benchmark's serve or controller runs its threads as every process does, whatever
+        // the environment asks (`--control-priority` is a benchmark's own option).
+        .env_remove(crate::control_threads::PRIORITY_ENV)
         .env("TELVIRT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -53,10 +53,8 @@ pub struct MigrateArgs {
     /// flows' own: one more state size per value, at the largest count of flows (0: none)
     #[arg(long, value_delimiter = ',', default_values_t = vec![100u64], value_parser = clap::value_parser!(u64).range(0..=256))]
     pub loaded_mib: Vec<u64>,
-    /// The agents' `--control-priority`: their async control threads at this SCHED_FIFO
-    /// priority (1-99), for the freeze's wait on them [default: SCHED_OTHER]
-    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
-    pub control_priority: Option<u8>,
+    #[command(flatten)]
+    pub agents: crate::control_threads::AgentPriorityArgs,
 }
 
 /// Bytes of one NAT session: its 5-tuple key and its value.
@@ -185,7 +183,7 @@ async fn round(
         rate_pps: args.rate_pps,
         flows,
         host_lease_ttl_ms: 600,
-        control_priority: args.control_priority,
+        agents: args.agents,
     };
     let idle = (loaded_mib << 20) / SESSION_BYTES;
     let sessions_max = (idle > 0)
@@ -485,7 +483,7 @@ pub async fn run_migrate_bench(
             rate_pps: args.rate_pps,
             flows: 1,
             host_lease_ttl_ms: 600,
-            control_priority: args.control_priority,
+            agents: args.agents,
         };
         for i in 0..tcp_rounds {
             let at = |set: &str| dir.join(format!("tcp-{set}-{i}"));
@@ -545,7 +543,7 @@ pub async fn run_migrate_bench(
             args.rate_pps
         ),
         rounds: args.rounds,
-        control_priority: args.control_priority,
+        control_priority: args.agents.control_priority,
         rate_pps: args.rate_pps,
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
         goal_downtime_1ms: sizes
@@ -671,6 +669,9 @@ mod tests {
         let unreported = "moved from host h1 to host h2 (9 map updates streamed, the last after the source froze; frozen for an unreported time; 0 packets it queued meanwhile passed on)";
         assert_eq!(frozen_us_in(unreported), None);
         // A switch with nothing streamed: kept, its downtime unknown (the run goes on).
-        assert_eq!(frozen_us_in("moved from host h1 to host h2 (nothing streamed)"), None);
+        assert_eq!(
+            frozen_us_in("moved from host h1 to host h2 (nothing streamed)"),
+            None
+        );
     }
 }

@@ -35,10 +35,8 @@ pub struct VmMoveArgs {
     /// on PATH]
     #[arg(long, value_name = "PATH", value_parser = crate::cli::parse_qemu)]
     pub qemu: Option<std::path::PathBuf>,
-    /// The agents' `--control-priority`: their async control threads (the move's commit
-    /// point waits for them) at this SCHED_FIFO priority, 1-99 [default: SCHED_OTHER]
-    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
-    pub control_priority: Option<u8>,
+    #[command(flatten)]
+    pub agents: crate::control_threads::AgentPriorityArgs,
     #[command(flatten)]
     pub image: crate::vm::ImageArgs,
 }
@@ -322,7 +320,7 @@ async fn moves(
         tunnels: true,
         vm_image_cache: Some(cache),
         qemu: args.qemu.clone(),
-        control_priority: args.control_priority,
+        control_priority: args.agents.control_priority,
     };
     lay_out_hosts(&api, &mut hosts, 2).await?;
     // An agent without its vm runtime runs none: said now, not after the VNF waited for a host.
@@ -442,7 +440,7 @@ async fn moves(
         ),
         rounds: args.rounds,
         memory_mib: args.memory_mib,
-        control_priority: args.control_priority,
+        control_priority: args.agents.control_priority,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
         live,

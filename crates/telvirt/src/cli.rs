@@ -339,7 +339,7 @@ pub struct HostAgentArgs {
     /// turn on the core (a wasm move's freeze waits for them). What they start (data-plane
     /// workers, QEMU, blocking work) stays SCHED_OTHER. Needs CAP_SYS_NICE [default:
     /// SCHED_OTHER, as every other thread]
-    #[arg(long, value_name = "PRIORITY", env = "TELVIRT_CONTROL_PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    #[arg(long, value_name = "PRIORITY", env = crate::control_threads::PRIORITY_ENV, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub control_priority: Option<u8>,
     /// How host ports (`host:IF` in a network's links) move frames; `net show` reports what
     /// each port uses and why AF_XDP was not. AF_XDP takes every frame of the interface from

@@ -83,10 +83,8 @@ pub struct UpArgs {
     /// of it)
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(200..=600_000))]
     pub host_lease_ttl_ms: u64,
-    /// The agents' `--control-priority`: their async control threads (a move's freeze waits
-    /// for them) at this SCHED_FIFO priority, 1-99 [default: SCHED_OTHER]
-    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
-    pub control_priority: Option<u8>,
+    #[command(flatten)]
+    pub agents: crate::control_threads::AgentPriorityArgs,
 }
 
 #[derive(Args, Debug)]
@@ -283,7 +281,7 @@ async fn up(args: UpArgs, format: Output) -> Result<()> {
         controllers: args.controllers,
         mode: args.inventory_mode,
         host_lease_ttl_ms: args.host_lease_ttl_ms,
-        control_priority: args.control_priority,
+        control_priority: args.agents.control_priority,
         cpus,
     };
     let started = tokio::select! {

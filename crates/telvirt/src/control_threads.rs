@@ -1,6 +1,6 @@
 //! The scheduling class of a node's async control threads (`--control-priority`).
 //!
-//! Owns giving tokio's worker threads SCHED_FIFO, each the first time it wakes (tokio runs
+//! Owns giving tokio's worker threads SCHED_FIFO, each the first time it goes idle (tokio runs
 //! that hook on its workers only, never on its blocking threads), and checking up front that
 //! the host permits it. Must not touch any other thread: what a worker starts (a data-plane
 //! worker, QEMU, a blocking thread) begins as SCHED_OTHER (reset on fork).
@@ -10,6 +10,16 @@ use std::cell::Cell;
 /// The environment variable that sets `--control-priority` (an agent telvirt starts is given
 /// the option, or none, and must not inherit it).
 pub const PRIORITY_ENV: &str = "TELVIRT_CONTROL_PRIORITY";
+
+/// The `--control-priority` a command gives the agents it starts (`cluster up`, the
+/// benchmarks that start agents).
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct AgentPriorityArgs {
+    /// The agents' `--control-priority`: their async control threads at this SCHED_FIFO
+    /// priority, 1-99 (a wasm move's freeze waits for them; ADR 065) [default: SCHED_OTHER]
+    #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub control_priority: Option<u8>,
+}
 
 /// The arguments that start an agent with `priority` (none: none).
 pub fn agent_args(priority: Option<u8>) -> Vec<String> {
@@ -31,10 +41,11 @@ pub fn check(priority: u8) -> Result<(), String> {
         })
 }
 
-/// The hook tokio calls on a worker thread each time it wakes: gives the thread SCHED_FIFO
+/// The hook tokio calls on a worker thread each time it is about to park (every worker parks
+/// once it first runs out of work, before any wake-up): gives the thread SCHED_FIFO
 /// `priority` the first time (checked with [`check`] first, so a refusal here is only
 /// logged, once per thread).
-pub fn on_worker_wake(priority: u8) -> impl Fn() + Send + Sync + 'static {
+pub fn on_worker_park(priority: u8) -> impl Fn() + Send + Sync + 'static {
     move || {
         thread_local!(static GIVEN: Cell<bool> = const { Cell::new(false) });
         GIVEN.with(|given| {

@@ -75,7 +75,7 @@ fn main() {
             eprintln!("error: --control-priority {priority}: {e}");
             std::process::exit(2);
         }
-        builder.on_thread_unpark(control_threads::on_worker_wake(priority));
+        builder.on_thread_park(control_threads::on_worker_park(priority));
         tracing::info!("the node's async control threads run at SCHED_FIFO {priority}");
     }
     let runtime = match builder.build() {
