@@ -459,10 +459,12 @@ impl PatchPanel {
         out
     }
 
-    /// Wait until every worker has applied every command sent so far.
+    /// Wait until every worker has applied every command sent so far: asked of all of them
+    /// first, then waited for, so the wait is the slowest worker's, not the sum.
     pub fn barrier(&self) {
-        for w in &self.workers {
-            w.barrier();
+        let answers: Vec<_> = self.workers.iter().map(|w| w.barrier_sent()).collect();
+        for answer in answers {
+            let _ = answer.recv();
         }
     }
 

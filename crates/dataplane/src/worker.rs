@@ -228,9 +228,15 @@ impl Worker {
 
     /// Wait until every command sent so far has been applied.
     pub fn barrier(&self) {
+        let _ = self.barrier_sent().recv();
+    }
+
+    /// Asks the worker to answer once every command sent so far has been applied: the answer
+    /// comes on the returned channel (or it closes, should the worker be gone).
+    pub(crate) fn barrier_sent(&self) -> mpsc::Receiver<()> {
         let (tx, rx) = mpsc::channel();
         self.send(vec![Cmd::Barrier(tx)]);
-        let _ = rx.recv();
+        rx
     }
 
     pub(crate) fn remove_node(&self, id: u64) -> Option<Box<dyn Node>> {
