@@ -56,6 +56,21 @@ pub const BATCH: usize = 32;
 
 type Shared = Arc<Mutex<VnfInstance>>;
 
+/// [`WasmRuntime::change_unless_frozen`] on an instance and its hand-off already looked up.
+fn change_held_unless_frozen<R>(
+    inst: &Shared,
+    handoff: &Handoff,
+    name: &Name,
+    what: &str,
+    f: impl FnOnce(&mut VnfInstance) -> R,
+) -> Result<R, RuntimeFailure> {
+    let mut i = guard(inst);
+    if handoff.diverting() {
+        return Err(fail(frozen_refusal(name, what)));
+    }
+    Ok(f(&mut i))
+}
+
 fn guard(inst: &Shared) -> MutexGuard<'_, VnfInstance> {
     // A panic inside the runtime while processing leaves the instance as the runtime left it;
     // its own state (Failed) says whether it can still run.
@@ -701,11 +716,7 @@ impl WasmRuntime {
     ) -> Result<R, RuntimeFailure> {
         let (inst, handoff) =
             self.running_entry(name, |e| (Arc::clone(&e.inst), Arc::clone(&e.handoff)))?;
-        let mut i = guard(&inst);
-        if handoff.diverting() {
-            return Err(fail(frozen_refusal(name, what)));
-        }
-        Ok(f(&mut i))
+        change_held_unless_frozen(&inst, &handoff, name, what, f)
     }
 
     /// After a change of `handoff`'s divert: waits for the instance's poll that may have read
@@ -1187,11 +1198,21 @@ impl Runtime for WasmRuntime {
 
     /// The instance starts again from its module between two batches with the descriptor's
     /// config and fuel per batch, its maps carried over; on failure it runs on as it was.
+    /// It runs on a blocking thread: starting the module again runs its `tv_init` (up to 16
+    /// batches' fuel), which must not hold an async worker (with `--control-priority`, a core).
     async fn reconfigure(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         let cfg = vnf_config(spec)?;
-        self.change_unless_frozen(&spec.name, "reconfigured", |i| {
-            i.reconfigure(cfg.config, cfg.limits.fuel_per_batch)
-        })?
+        let (inst, handoff) = self.running_entry(&spec.name, |e| {
+            (Arc::clone(&e.inst), Arc::clone(&e.handoff))
+        })?;
+        let name = spec.name.clone();
+        tokio::task::spawn_blocking(move || {
+            change_held_unless_frozen(&inst, &handoff, &name, "reconfigured", |i| {
+                i.reconfigure(cfg.config, cfg.limits.fuel_per_batch)
+            })
+        })
+        .await
+        .map_err(|e| fail(format!("reconfiguring {}: {e}", spec.name)))??
         .map_err(fail)
     }
 
