@@ -245,6 +245,10 @@ fn ring(format: Output, args: RingArgs) -> Result<()> {
         "ratio (telvirt / best peer {}): {:.2}",
         report.baseline_name, report.ratio
     );
+    println!(
+        "ratio (telvirt / rtrb handing its batch over the same way, into a Vec): {:.2}",
+        report.same_handoff_ratio
+    );
     Ok(())
 }
 
