@@ -292,8 +292,13 @@ fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Dur
                         };
                         let k = chunk.len();
                         if into_vec {
+                            // Its two runs (before and after the ring's end) copied as
+                            // slices, as telvirt's `pop_into` copies an exact-length run.
+                            let (head, tail) = chunk.as_slices();
                             buf.clear();
-                            buf.extend(chunk);
+                            buf.extend_from_slice(head);
+                            buf.extend_from_slice(tail);
+                            chunk.commit_all();
                             for d in &buf {
                                 sum = sum.wrapping_add(u64::from(frames[*d as usize][0]));
                             }
@@ -345,7 +350,8 @@ fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Dur
     Ok(elapsed)
 }
 
-/// `telvirt bench ring`: telvirt's ring against crossbeam's `ArrayQueue` and `rtrb`, same
+/// `telvirt bench ring`: telvirt's ring against crossbeam's `ArrayQueue` and `rtrb`, and
+/// against rtrb handing each batch over into a `Vec` as telvirt's worker takes one, same
 /// packets, batch and pinned cores, in the same run. `progress(done, total)` counts rounds.
 pub fn ring(opts: &RingOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<RingReport> {
     if opts.packets == 0 || opts.rounds == 0 {
@@ -391,13 +397,19 @@ pub fn ring(opts: &RingOpts, progress: &mut dyn FnMut(u64, u64)) -> Result<RingR
             }
         })
         .collect();
-    let mpps = results[0].mpps;
+    let of = |c: Contender| {
+        results
+            .iter()
+            .find(|r| r.name == c.name())
+            .expect("invariant: every contender ran")
+    };
+    let mpps = of(Contender::Telvirt).mpps;
     // The best peer at its own best (not the same-handoff variant, which does more work).
-    let peer = results[1..3]
-        .iter()
+    let peer = [of(Contender::ArrayQueue), of(Contender::Rtrb)]
+        .into_iter()
         .max_by(|a, b| a.mpps.total_cmp(&b.mpps))
         .expect("invariant: two peers");
-    let same_handoff = results[3].mpps;
+    let same_handoff = of(Contender::RtrbIntoVec).mpps;
     Ok(RingReport {
         mpps,
         baseline: peer.mpps,
