@@ -139,6 +139,21 @@ struct Ctl {
     pending: AtomicBool,
     cmds: Mutex<Vec<Cmd>>,
     rounds: AtomicU64,
+    /// The worker thread has ended (stopped, or a node panicked): commands sent from then on
+    /// are dropped at once, so a caller waiting for an answer sees its channel close.
+    gone: AtomicBool,
+}
+
+/// Marks its worker gone when the thread ends, however it ends (a node's panic unwinds
+/// through it): drops the commands still queued, closing their answer channels.
+struct GoneOnExit<'a>(&'a Ctl);
+
+impl Drop for GoneOnExit<'_> {
+    fn drop(&mut self) {
+        let mut q = self.0.cmds.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.gone.store(true, Ordering::Release);
+        q.clear();
+    }
 }
 
 /// A running worker thread.
@@ -177,6 +192,7 @@ impl Worker {
                 // SAFETY: gettid has no preconditions.
                 c2.tid.store(unsafe { libc::gettid() }, Ordering::Relaxed);
                 let _ = ready_tx.send(Ok(()));
+                let _gone = GoneOnExit(&c2);
                 run(&cfg, &c2, &pool);
                 Ok(())
             })
@@ -220,8 +236,13 @@ impl Worker {
         self.ctl.rounds.load(Ordering::Relaxed)
     }
 
+    /// Queues `cmds` for the worker; a worker that has ended drops them (their answer
+    /// channels close).
     pub(crate) fn send(&self, cmds: Vec<Cmd>) {
         let mut q = self.ctl.cmds.lock().unwrap_or_else(|p| p.into_inner());
+        if self.ctl.gone.load(Ordering::Acquire) {
+            return;
+        }
         q.extend(cmds);
         self.ctl.pending.store(true, Ordering::Release);
     }
@@ -408,6 +429,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     #[test]
     fn allowed_cores_is_nonempty_and_pinning_works() {
@@ -432,5 +454,46 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("sched_setaffinity"), "{err}");
+    }
+
+    /// A node that panics on its first poll.
+    struct Panics;
+
+    impl Node for Panics {
+        fn poll(&mut self, _io: &mut NodeIo<'_>) -> usize {
+            panic!("a node's panic, on purpose");
+        }
+    }
+
+    /// Once a node's panic ended its worker, a barrier and a node's removal answer at once
+    /// (their channels close) instead of waiting for a thread that is gone.
+    #[test]
+    fn a_worker_whose_thread_ended_answers_at_once() {
+        let pool = Arc::new(Pool::new("w", 4, 64).unwrap());
+        let w = Worker::spawn(WorkerConfig::new("panics", None), pool).unwrap();
+        w.send(vec![Cmd::AddNode {
+            id: 1,
+            node: Box::new(Panics),
+            ports: 0,
+            node_drops: Arc::new(NodeCounters::default()),
+        }]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.handle.as_ref().unwrap().is_finished() {
+            assert!(
+                Instant::now() < deadline,
+                "the node's panic did not end the worker"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            w.barrier();
+            let removed = w.remove_node(1).is_some();
+            let _ = done_tx.send(removed);
+        });
+        let removed = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the barrier and the removal answered");
+        assert!(!removed, "a gone worker hands no node back");
     }
 }
