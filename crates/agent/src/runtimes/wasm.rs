@@ -1326,20 +1326,37 @@ impl Runtime for WasmRuntime {
             .map(|e| e.handoff.diverted_total())
     }
 
+    /// The instance is looked at once the entries are let go, and on a blocking thread when
+    /// someone holds it (a reconfigure restarting its module, a save of its maps): the async
+    /// thread asking never waits for it, nor does anyone waiting for the entries.
     async fn state(&self, name: &Name) -> InstanceState {
-        let entries = self.entries();
-        let Some(e) = entries.get(name) else {
-            return InstanceState::Absent;
+        let (inst, scheduled) = {
+            let entries = self.entries();
+            let Some(e) = entries.get(name) else {
+                return InstanceState::Absent;
+            };
+            if e.stopped {
+                return InstanceState::Stopped;
+            }
+            (Arc::clone(&e.inst), Arc::clone(&e.scheduled))
         };
-        if e.stopped {
-            return InstanceState::Stopped;
-        }
-        let inst = guard(&e.inst);
-        match inst.state() {
+        let free = match inst.try_lock() {
+            Ok(i) => Some(i.state().clone()),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().state().clone()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        let now = match free {
+            Some(now) => now,
+            None => match tokio::task::spawn_blocking(move || guard(&inst).state().clone()).await {
+                Ok(now) => now,
+                Err(e) => return InstanceState::Failed(format!("reading its state: {e}")),
+            },
+        };
+        match now {
             VnfState::Running => InstanceState::Running,
             VnfState::Locked => InstanceState::Paused,
             VnfState::Failed(reason) => {
-                e.scheduled.store(false, Ordering::Release);
+                scheduled.store(false, Ordering::Release);
                 InstanceState::Failed(format!("module failed: {reason}"))
             }
         }
