@@ -247,11 +247,6 @@ impl Worker {
         self.ctl.pending.store(true, Ordering::Release);
     }
 
-    /// Wait until every command sent so far has been applied.
-    pub fn barrier(&self) {
-        let _ = self.barrier_sent().recv();
-    }
-
     /// Asks the worker to answer once every command sent so far has been applied: the answer
     /// comes on the returned channel (or it closes, should the worker be gone).
     pub(crate) fn barrier_sent(&self) -> mpsc::Receiver<()> {
@@ -487,7 +482,7 @@ mod tests {
         }
         let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || {
-            w.barrier();
+            let _ = w.barrier_sent().recv();
             let removed = w.remove_node(1).is_some();
             let _ = done_tx.send(removed);
         });

@@ -181,7 +181,8 @@ impl Hosts {
             .create(true)
             .append(true)
             .open(Self::log_path(&self.dir, &name))?;
-        let child = Command::new(std::env::current_exe()?)
+        let mut command = Command::new(std::env::current_exe()?);
+        command
             .current_dir(&self.dir)
             .args(["agent", "--controller", &self.controllers])
             .args(["--controller-ca", crate::bench_handover::BENCH_CERT])
@@ -207,9 +208,8 @@ impl Hosts {
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])
             .args(["--host-name", &name])
-            .args(["--heartbeat-interval-ms", &self.heartbeat_ms.to_string()])
-            .args(crate::control_threads::agent_args(self.control_priority))
-            .env_remove(crate::control_threads::PRIORITY_ENV)
+            .args(["--heartbeat-interval-ms", &self.heartbeat_ms.to_string()]);
+        let child = crate::control_threads::pass_to_agent(&mut command, self.control_priority)
             .args(if self.tunnels {
                 vec!["--tunnel-address", tunnel.as_str()]
             } else {

@@ -563,9 +563,8 @@ async fn add_host(
             "--heartbeat-interval-ms",
             &(plan.host_lease_ttl_ms / 4).to_string(),
         ])
-        .args(crate::control_threads::agent_args(plan.control_priority))
-        .env_remove(crate::control_threads::PRIORITY_ENV)
         .env("TELVIRT_LOG", "info");
+    crate::control_threads::pass_to_agent(&mut command, plan.control_priority);
     let pin = (plan.mode == InventoryMode::Slice).then_some(cpus.as_slice());
     let child = spawn_detached(command, &entry.log, pin)?;
     if let Some(h) = record.hosts.last_mut() {

@@ -21,11 +21,16 @@ pub struct AgentPriorityArgs {
     pub control_priority: Option<u8>,
 }
 
-/// The arguments that start an agent with `priority` (none: none).
-pub fn agent_args(priority: Option<u8>) -> Vec<String> {
-    priority
-        .map(|p| vec!["--control-priority".to_owned(), p.to_string()])
-        .unwrap_or_default()
+/// Gives the agent `command` starts `priority` (none: SCHED_OTHER), whatever the
+/// environment it inherits says.
+pub fn pass_to_agent(
+    command: &mut std::process::Command,
+    priority: Option<u8>,
+) -> &mut std::process::Command {
+    if let Some(p) = priority {
+        command.args(["--control-priority", &p.to_string()]);
+    }
+    command.env_remove(PRIORITY_ENV)
 }
 
 /// Whether this host lets the node's threads run at SCHED_FIFO `priority`: tried on a thread

@@ -71,6 +71,15 @@ fn change_held_unless_frozen<R>(
     Ok(f(&mut i))
 }
 
+/// The instance if nobody holds it right now (a poisoned lock taken as [`guard`] takes it).
+fn try_guard(inst: &Shared) -> Option<MutexGuard<'_, VnfInstance>> {
+    match inst.try_lock() {
+        Ok(held) => Some(held),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+}
+
 fn guard(inst: &Shared) -> MutexGuard<'_, VnfInstance> {
     // A panic inside the runtime while processing leaves the instance as the runtime left it;
     // its own state (Failed) says whether it can still run.
@@ -714,9 +723,13 @@ impl WasmRuntime {
         what: &str,
         f: impl FnOnce(&mut VnfInstance) -> R,
     ) -> Result<R, RuntimeFailure> {
-        let (inst, handoff) =
-            self.running_entry(name, |e| (Arc::clone(&e.inst), Arc::clone(&e.handoff)))?;
+        let (inst, handoff) = self.running_with_handoff(name)?;
         change_held_unless_frozen(&inst, &handoff, name, what, f)
+    }
+
+    /// The running instance of `name` and its hand-off.
+    fn running_with_handoff(&self, name: &Name) -> Result<(Shared, Arc<Handoff>), RuntimeFailure> {
+        self.running_entry(name, |e| (Arc::clone(&e.inst), Arc::clone(&e.handoff)))
     }
 
     /// After a change of `handoff`'s divert: waits for the instance's poll that may have read
@@ -1079,12 +1092,7 @@ impl WasmRuntime {
         f: impl FnOnce(&mut VnfInstance) -> R,
     ) -> Result<Option<R>, RuntimeFailure> {
         let (inst, _) = self.instance(name)?;
-        let mut held = match inst.try_lock() {
-            Ok(held) => held,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
-        };
-        Ok(Some(f(&mut held)))
+        Ok(try_guard(&inst).map(|mut held| f(&mut held)))
     }
 
     /// `vnf`'s maps changed under its disk copy's count: the next periodic save writes them.
@@ -1202,9 +1210,7 @@ impl Runtime for WasmRuntime {
     /// batches' fuel), which must not hold an async worker (with `--control-priority`, a core).
     async fn reconfigure(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         let cfg = vnf_config(spec)?;
-        let (inst, handoff) = self.running_entry(&spec.name, |e| {
-            (Arc::clone(&e.inst), Arc::clone(&e.handoff))
-        })?;
+        let (inst, handoff) = self.running_with_handoff(&spec.name)?;
         let name = spec.name.clone();
         tokio::task::spawn_blocking(move || {
             change_held_unless_frozen(&inst, &handoff, &name, "reconfigured", |i| {
@@ -1340,11 +1346,7 @@ impl Runtime for WasmRuntime {
             }
             (Arc::clone(&e.inst), Arc::clone(&e.scheduled))
         };
-        let free = match inst.try_lock() {
-            Ok(i) => Some(i.state().clone()),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().state().clone()),
-            Err(std::sync::TryLockError::WouldBlock) => None,
-        };
+        let free = try_guard(&inst).map(|i| i.state().clone());
         let now = match free {
             Some(now) => now,
             None => match tokio::task::spawn_blocking(move || guard(&inst).state().clone()).await {
