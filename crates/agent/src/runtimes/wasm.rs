@@ -229,6 +229,71 @@ struct Entry {
     frozen: bool,
 }
 
+/// Writes one VNF's map snapshot file; cloned onto the blocking thread that does it.
+struct MapSaver {
+    dir: PathBuf,
+    files: Arc<Mutex<()>>,
+    entries: Arc<Mutex<BTreeMap<Name, Entry>>>,
+}
+
+impl MapSaver {
+    fn entries(&self) -> MutexGuard<'_, BTreeMap<Name, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Deletes `name`'s snapshot file (none: nothing to do). Under the files' lock, after the
+    /// VNF's entry is gone: a periodic snapshot that saw the entry has finished writing, and
+    /// any later one skips it, so nothing brings the file back.
+    fn delete(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let path = snapshot_file(&self.dir, name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fail(format!(
+                "deleting map snapshot {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    /// Writes the instance's maps to its snapshot file. Skipped when no map changed since the
+    /// last snapshot this process wrote, and (`periodic`) when the instance is no longer the
+    /// running one of `name` (stopped or removed meanwhile).
+    fn save(&self, name: &Name, inst: &Shared, periodic: bool) -> Result<(), RuntimeFailure> {
+        let path = snapshot_file(&self.dir, name);
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if periodic
+            && !self
+                .entries()
+                .get(name)
+                .is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst))
+        {
+            return Ok(());
+        }
+        let saved = self.entries().get(name).and_then(|e| e.saved_changes);
+        let (bytes, changes) = {
+            let i = guard(inst);
+            let changes = i.maps().map(rw::MapSet::changes);
+            if changes.is_some() && changes == saved && path.exists() {
+                return Ok(());
+            }
+            // Copied without restarting the update log (a standby's stream of logs goes on),
+            // and encoded once the instance is free again.
+            (i.copy_maps().map_err(fail)?, changes)
+        };
+        let bytes = bytes.encode();
+        telvirt_files::write_atomic(&path, &bytes)
+            .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
+        if let Some(e) = self.entries().get_mut(name)
+            && Arc::ptr_eq(&e.inst, inst)
+        {
+            e.saved_changes = changes;
+        }
+        Ok(())
+    }
+}
+
 /// The `runtime: wasm` adapter of one agent.
 pub struct WasmRuntime {
     rt: Arc<rw::WasmRuntime>,
@@ -241,8 +306,8 @@ pub struct WasmRuntime {
     snapshot_dir: Option<PathBuf>,
     /// Held while a snapshot file is written or deleted, so that a periodic snapshot cannot
     /// bring back the file of a VNF being removed. Taken before `entries`, never after.
-    snapshot_files: Mutex<()>,
-    entries: Mutex<BTreeMap<Name, Entry>>,
+    snapshot_files: Arc<Mutex<()>>,
+    entries: Arc<Mutex<BTreeMap<Name, Entry>>>,
     /// The agent's fencing, whose gates each instance's node asks before it polls (`None`:
     /// instances always forward while scheduled).
     fencing: Option<Arc<Fencing>>,
@@ -790,8 +855,8 @@ impl WasmRuntime {
             base_dir: base_dir.into(),
             module_dir: None,
             snapshot_dir,
-            snapshot_files: Mutex::new(()),
-            entries: Mutex::new(BTreeMap::new()),
+            snapshot_files: Arc::new(Mutex::new(())),
+            entries: Arc::new(Mutex::new(BTreeMap::new())),
             fencing: None,
         })
     }
@@ -815,45 +880,26 @@ impl WasmRuntime {
         self.snapshot_dir.as_ref().map(|d| snapshot_file(d, name))
     }
 
-    /// Writes the instance's maps to its snapshot file. Skipped when no map changed since the
-    /// last snapshot this process wrote, and (`periodic`) when the instance is no longer the
-    /// running one of `name` (stopped or removed meanwhile).
-    fn save_maps(&self, name: &Name, inst: &Shared, periodic: bool) -> Result<(), RuntimeFailure> {
-        let Some(path) = self.snapshot_path(name) else {
+    /// What writes a VNF's map snapshot (`None`: maps are not kept here).
+    fn map_saver(&self) -> Option<MapSaver> {
+        Some(MapSaver {
+            dir: self.snapshot_dir.clone()?,
+            files: Arc::clone(&self.snapshot_files),
+            entries: Arc::clone(&self.entries),
+        })
+    }
+
+    /// [`MapSaver::save`] on a blocking thread: copying, encoding and syncing a VNF's maps
+    /// (up to its memory limit) never holds an async thread, which may be the node's only
+    /// control thread on a core, or one at a real-time priority (`--control-priority`).
+    async fn save_maps_off_async(&self, name: &Name, inst: Shared) -> Result<(), RuntimeFailure> {
+        let Some(saver) = self.map_saver() else {
             return Ok(());
         };
-        let _files = self
-            .snapshot_files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if periodic
-            && !self
-                .entries()
-                .get(name)
-                .is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst))
-        {
-            return Ok(());
-        }
-        let saved = self.entries().get(name).and_then(|e| e.saved_changes);
-        let (bytes, changes) = {
-            let i = guard(inst);
-            let changes = i.maps().map(rw::MapSet::changes);
-            if changes.is_some() && changes == saved && path.exists() {
-                return Ok(());
-            }
-            // Copied without restarting the update log (a standby's stream of logs goes on),
-            // and encoded once the instance is free again.
-            (i.copy_maps().map_err(fail)?, changes)
-        };
-        let bytes = bytes.encode();
-        telvirt_files::write_atomic(&path, &bytes)
-            .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
-        if let Some(e) = self.entries().get_mut(name)
-            && Arc::ptr_eq(&e.inst, inst)
-        {
-            e.saved_changes = changes;
-        }
-        Ok(())
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || saver.save(&name, &inst, false))
+            .await
+            .map_err(|e| fail(format!("writing a map snapshot: {e}")))?
     }
 
     /// Snapshots the maps of every running or locked VNF. With `last`, each VNF stops taking
@@ -870,8 +916,11 @@ impl WasmRuntime {
                 (n.clone(), Arc::clone(&e.inst))
             })
             .collect();
+        let Some(saver) = self.map_saver() else {
+            return;
+        };
         for (name, inst) in live {
-            if let Err(e) = self.save_maps(&name, &inst, true) {
+            if let Err(e) = saver.save(&name, &inst, true) {
                 tracing::warn!(vnf = %name, "map snapshot: {e}");
             }
         }
@@ -1246,7 +1295,7 @@ impl Runtime for WasmRuntime {
             Arc::clone(&e.inst)
         };
         // Off the panel: this is the VNF's last state until it starts again.
-        self.save_maps(name, &inst, false)
+        self.save_maps_off_async(name, inst).await
     }
 
     async fn pause(&self, name: &Name) -> Result<(), RuntimeFailure> {
@@ -1256,7 +1305,7 @@ impl Runtime for WasmRuntime {
         let (inst, scheduled) = self.instance(name)?;
         scheduled.store(false, Ordering::Release);
         guard(&inst).lock().map_err(fail)?;
-        self.save_maps(name, &inst, false)
+        self.save_maps_off_async(name, inst).await
     }
 
     async fn start_note(&self, name: &Name) -> Option<String> {
@@ -1365,43 +1414,41 @@ impl Runtime for WasmRuntime {
     }
 
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
-        let removed = {
-            let _files = self
-                .snapshot_files
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+        let (removed, snapshot, unused_module) = {
             let mut entries = self.entries();
             let removed = entries.remove(name);
             // A stopped (or unknown) VNF is going away: its maps go with it. One removed
             // without a stop is a failed instance cleared to start again: its snapshot stays.
-            if removed.as_ref().is_none_or(|e| e.stopped)
-                && let Some(path) = self.snapshot_path(name)
-            {
-                match std::fs::remove_file(&path) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(fail(format!(
-                            "deleting map snapshot {}: {e}",
-                            path.display()
-                        )));
-                    }
-                }
-            }
+            let snapshot = self
+                .map_saver()
+                .filter(|_| removed.as_ref().is_none_or(|e| e.stopped));
+            let mut unused_module = None;
             if let Some(e) = &removed {
                 e.scheduled.store(false, Ordering::Release);
                 let _ = self.dataplane.remove_node(name.as_str());
                 self.dataplane.release_links(name.as_str());
-                if entries.values().any(|o| o.module_hash == e.module_hash) {
-                    return Ok(());
+                if !entries.values().any(|o| o.module_hash == e.module_hash) {
+                    unused_module = Some(e.module_hash.clone());
                 }
             }
-            removed
+            (removed, snapshot, unused_module)
         };
-        if let Some(e) = removed {
-            self.rt.remove(&e.module_hash).map_err(fail)?;
-        }
-        Ok(())
+        // Deleting files and dropping the instance (its memory, up to its limit) on a blocking
+        // thread, as a save is written.
+        let rt = Arc::clone(&self.rt);
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || {
+            drop(removed);
+            if let Some(saver) = snapshot {
+                saver.delete(&name)?;
+            }
+            if let Some(hash) = unused_module {
+                rt.remove(&hash).map_err(fail)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| fail(format!("removing a wasm VNF's files: {e}")))?
     }
 }
 
