@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::bench_control::{Latency, latency, scratch_dir};
 use crate::bench_handover::{ControllerProcess, bench_http};
+use crate::bench_ports::ratio;
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -195,7 +196,6 @@ async fn run_in(
         .zip(samples)
         .map(|(kind, (plain, tls, body_bytes))| {
             let (plain, tls) = (latency(plain), latency(tls));
-            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
             ApiFigure {
                 call: kind.name.to_owned(),
                 body_bytes,

@@ -31,6 +31,7 @@ use crate::bench_failover::{
     nat_setup, post_yaml, settle_for, stream, stream_back, stream_network, tcp_missing, tcp_round,
 };
 use crate::bench_handover::{answer, poll_until};
+use crate::bench_ports::ratio;
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -104,9 +105,11 @@ pub struct MoveFigures {
     pub lost_packets_max: u64,
     pub sessions_kept_pct_min: f64,
     pub state_bytes_max: u64,
-    /// `None` for a cold move.
+    /// Over the moves whose downtime was reported; `None` for a cold move (or none reported).
     pub downtime_p50_us: Option<f64>,
     pub downtime_max_us: Option<u64>,
+    /// Live moves whose downtime was not reported (no goal passes on them).
+    pub downtime_unreported: u64,
     /// The largest `delay_max_us` (`None`: a frame slower than 1 s).
     pub delay_max_us: Option<u64>,
 }
@@ -133,9 +136,11 @@ pub struct TcpMoves {
     pub live_gap_max_ms: f64,
     pub live_survived_all: bool,
     pub cold_survived_any: bool,
-    /// The live moves' freezes under the flow (`live[].downtime_us`), median and largest.
+    /// The live moves' freezes under the flow (`live[].downtime_us`), median and largest of
+    /// those reported, and how many were not.
     pub live_downtime_p50_us: Option<f64>,
     pub live_downtime_max_us: Option<u64>,
+    pub live_downtime_unreported: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -320,19 +325,50 @@ async fn load_idle_sessions(api: &Api, count: u64) -> Result<()> {
     Ok(())
 }
 
-/// The median of the moves' downtimes; `None` when a move's was not reported (or none moved).
-fn downtime_p50(downtimes: impl Iterator<Item = Option<u64>>) -> Option<f64> {
-    downtimes
-        .map(|d| d.map(|d| d as f64))
-        .collect::<Option<Vec<f64>>>()
-        .and_then(crate::bench_ports::median_if_any)
+/// The median and the largest of the live moves' reported downtimes (`None`: none reported),
+/// and how many moves' downtimes were not reported. A cold move has none: it counts nowhere.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Downtimes {
+    p50_us: Option<f64>,
+    max_us: Option<u64>,
+    unreported: u64,
 }
 
-/// The largest of the moves' downtimes; `None` when a move's was not reported (as the median).
-fn downtime_max(downtimes: impl Iterator<Item = Option<u64>>) -> Option<u64> {
-    downtimes
-        .collect::<Option<Vec<u64>>>()
-        .and_then(|d| d.into_iter().max())
+impl Downtimes {
+    fn of(downtimes: impl Iterator<Item = Option<u64>>, live: bool) -> Self {
+        let mut reported = Vec::new();
+        let mut unreported = 0;
+        for d in downtimes {
+            match d {
+                Some(d) => reported.push(d),
+                None if live => unreported += 1,
+                None => {}
+            }
+        }
+        Downtimes {
+            p50_us: crate::bench_ports::median_if_any(reported.iter().map(|&d| d as f64)),
+            max_us: reported.iter().copied().max(),
+            unreported,
+        }
+    }
+
+    /// Every live move reported (`unreported` 0), and the largest within `limit_us`.
+    fn all_within(max_us: Option<u64>, unreported: u64, limit_us: u64) -> bool {
+        unreported == 0 && max_us.is_some_and(|d| d <= limit_us)
+    }
+
+    /// `p50 / max`, and how many went unreported.
+    fn show(p50: Option<f64>, max: Option<u64>, unreported: u64, unit: &str) -> String {
+        let known = match (p50, max) {
+            (Some(p50), Some(max)) => format!("{p50:.0} / {max}{unit}"),
+            _ => "-".to_owned(),
+        };
+        if unreported > 0 {
+            format!("{known} ({unreported} unreported)")
+        } else {
+            known
+        }
+    }
 }
 
 /// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
@@ -415,8 +451,9 @@ pub(crate) async fn cold_move(api: &Api, nat_yaml: &str) -> Result<()> {
     Ok(())
 }
 
+/// One set-up's figures at one state size (`live`: its moves report a downtime).
 fn figures(
-    setup: &'static str,
+    (setup, live): (&'static str, bool),
     (flows, loaded_mib): (u64, u64),
     runs: Vec<MoveRun>,
 ) -> MoveFigures {
@@ -426,6 +463,7 @@ fn figures(
         v
     };
     let outage = sorted(&|r| r.outage_ms);
+    let downtimes = Downtimes::of(runs.iter().map(|r| r.downtime_us), live);
     MoveFigures {
         setup,
         flows,
@@ -439,8 +477,9 @@ fn figures(
             .map(|r| r.sessions_kept_pct)
             .fold(100.0, f64::min),
         state_bytes_max: runs.iter().map(|r| r.state_bytes).max().unwrap_or(0),
-        downtime_p50_us: downtime_p50(runs.iter().map(|r| r.downtime_us)),
-        downtime_max_us: downtime_max(runs.iter().map(|r| r.downtime_us)),
+        downtime_p50_us: downtimes.p50_us,
+        downtime_max_us: downtimes.max_us,
+        downtime_unreported: downtimes.unreported,
         delay_max_us: runs
             .iter()
             .map(|r| r.delay_max_us)
@@ -508,13 +547,16 @@ pub async fn run_migrate_bench(
                 done += 2;
                 progress(done, total);
             }
-            let live = figures("live move (state streamed, then the traffic)", size, live);
+            let live = figures(
+                ("live move (state streamed, then the traffic)", true),
+                size,
+                live,
+            );
             let cold = figures(
-                "cold move (deleted, created on the destination)",
+                ("cold move (deleted, created on the destination)", false),
                 size,
                 cold,
             );
-            let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
             sizes.push(MoveComparison {
                 flows,
                 loaded_mib: loaded,
@@ -529,6 +571,7 @@ pub async fn run_migrate_bench(
     .await;
     let _ = std::fs::remove_dir_all(&dir);
     let (sizes, tcp_live, tcp_cold) = result?;
+    let tcp_downtimes = Downtimes::of(tcp_live.iter().map(|r| r.downtime_us), true);
     let tcp = tcp_missing.is_none().then(|| TcpMoves {
         measured: format!(
             "iperf3 TCP, {TCP_SECONDS} s with 100 ms intervals, from a client namespace to a server namespace through the NAT (the namespaces' veths pinned to h4), the NAT moved from h1 to h2 {} s into the flow",
@@ -537,8 +580,9 @@ pub async fn run_migrate_bench(
         live_gap_max_ms: tcp_live.iter().map(|r| r.gap_ms).fold(0.0, f64::max),
         live_survived_all: tcp_live.iter().all(|r| r.survived),
         cold_survived_any: tcp_cold.iter().any(|r| r.survived),
-        live_downtime_p50_us: downtime_p50(tcp_live.iter().map(|r| r.downtime_us)),
-        live_downtime_max_us: downtime_max(tcp_live.iter().map(|r| r.downtime_us)),
+        live_downtime_p50_us: tcp_downtimes.p50_us,
+        live_downtime_max_us: tcp_downtimes.max_us,
+        live_downtime_unreported: tcp_downtimes.unreported,
         live: tcp_live,
         cold: tcp_cold,
     });
@@ -551,10 +595,9 @@ pub async fn run_migrate_bench(
         control_priority: args.agents.control_priority,
         rate_pps: args.rate_pps,
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
-        goal_downtime_1ms: sizes
-            .iter()
-            .filter(|s| s.loaded_mib == 0)
-            .all(|s| s.live.downtime_max_us.is_some_and(|d| d <= 1000)),
+        goal_downtime_1ms: sizes.iter().filter(|s| s.loaded_mib == 0).all(|s| {
+            Downtimes::all_within(s.live.downtime_max_us, s.live.downtime_unreported, 1000)
+        }),
         sizes,
         tcp,
         tcp_missing,
@@ -582,10 +625,12 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
             f.lost_packets_max.to_string(),
             format!("{:.0}", f.sessions_kept_pct_min),
             f.state_bytes_max.to_string(),
-            match (f.downtime_p50_us, f.downtime_max_us) {
-                (Some(p50), Some(max)) => format!("{p50:.0} / {max}"),
-                _ => "-".to_owned(),
-            },
+            Downtimes::show(
+                f.downtime_p50_us,
+                f.downtime_max_us,
+                f.downtime_unreported,
+                "",
+            ),
             f.delay_max_us
                 .map_or_else(|| "> 1 s".to_owned(), |d| format!("≤ {d}")),
         ]
@@ -631,10 +676,12 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
             t.live_survived_all,
             t.live_gap_max_ms,
             t.cold_survived_any,
-            match (t.live_downtime_p50_us, t.live_downtime_max_us) {
-                (Some(p50), Some(max)) => format!("{p50:.0} / {max} µs"),
-                _ => "not reported".to_owned(),
-            }
+            Downtimes::show(
+                t.live_downtime_p50_us,
+                t.live_downtime_max_us,
+                t.live_downtime_unreported,
+                " µs"
+            )
         ),
         (None, Some(why)) => println!("TCP flow not measured: {why}"),
         (None, None) => {}
@@ -656,15 +703,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_median_downtime_needs_every_move_reported() {
+    fn an_unreported_downtime_is_counted_and_fails_the_goal() {
+        let all = Downtimes::of([Some(300), Some(100), Some(200)].into_iter(), true);
         assert_eq!(
-            downtime_p50([Some(300), Some(100), Some(200)].into_iter()),
-            Some(200.0)
+            (all.p50_us, all.max_us, all.unreported),
+            (Some(200.0), Some(300), 0)
         );
-        assert_eq!(downtime_p50([Some(300), None].into_iter()), None);
-        assert_eq!(downtime_p50(std::iter::empty()), None);
-        assert_eq!(downtime_max([Some(300), Some(100)].into_iter()), Some(300));
-        assert_eq!(downtime_max([Some(300), None].into_iter()), None);
+        assert!(Downtimes::all_within(all.max_us, all.unreported, 1000));
+        assert!(!Downtimes::all_within(all.max_us, all.unreported, 299));
+        // One move unreported: the others still give their median and largest, the goal fails.
+        let one = Downtimes::of([Some(300), None, Some(100), Some(200)].into_iter(), true);
+        assert_eq!(
+            (one.p50_us, one.max_us, one.unreported),
+            (Some(200.0), Some(300), 1)
+        );
+        assert!(!Downtimes::all_within(one.max_us, one.unreported, 1000));
+        assert_eq!(
+            Downtimes::show(one.p50_us, one.max_us, one.unreported, ""),
+            "200 / 300 (1 unreported)"
+        );
+        // A cold move has no downtime to report.
+        let cold = Downtimes::of([None, None].into_iter(), false);
+        assert_eq!((cold.p50_us, cold.max_us, cold.unreported), (None, None, 0));
+        assert!(!Downtimes::all_within(cold.max_us, cold.unreported, 1000));
+        assert_eq!(Downtimes::show(None, None, 0, ""), "-");
     }
 
     #[test]

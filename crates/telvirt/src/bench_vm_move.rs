@@ -18,7 +18,7 @@ use crate::bench_cluster::{Api, Hosts, embedded_controller, lay_out_hosts};
 use crate::bench_control::ms;
 use crate::bench_failover::{cordon, post_yaml};
 use crate::bench_handover::{answer, poll_until};
-use crate::bench_ports::{median, median_if_any};
+use crate::bench_ports::{median, median_if_any, ratio};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -428,7 +428,6 @@ async fn moves(
         Vec::new(),
         Vec::new(),
     );
-    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
     if live.outage_ms.is_empty() {
         bail!("no live move's whole pause was measured ({unmeasured} moves' events stated none)");
     }
