@@ -10,7 +10,7 @@
 //! plane's own types.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,29 @@ pub const POOL_BUFFERS: usize = 16384;
 /// Slots per link ring.
 pub const RING_CAPACITY: usize = 1024;
 
+/// Where this process's threads other than the data-plane workers belong, as decided.
+struct HousekeepingPlacement {
+    /// Decided as the `number`th placement.
+    number: u64,
+    cores: Vec<usize>,
+    worker_tids: Vec<i32>,
+}
+
+/// Records the `number`th placement's `cores` in `placed` (the last applied: its number and
+/// cores) unless a later one was applied; answers whether the threads must move (the cores
+/// differ from where they are).
+fn takes_over(placed: &mut (u64, Vec<usize>), number: u64, cores: &[usize]) -> bool {
+    if number < placed.0 {
+        return false;
+    }
+    placed.0 = number;
+    if placed.1 == cores {
+        return false;
+    }
+    placed.1 = cores.to_vec();
+    true
+}
+
 /// The agent's patch panel and which worker runs on which core.
 pub struct NodeDataPlane {
     panel: Mutex<PatchPanel>,
@@ -37,8 +60,11 @@ pub struct NodeDataPlane {
     progress: Mutex<BTreeMap<usize, (String, u64, Instant)>>,
     /// Keep this process's other threads off the cores whose worker busy-polls.
     confine_housekeeping: AtomicBool,
-    /// The cores housekeeping threads were last given (empty: not yet).
-    housekeeping_cores: Mutex<Vec<usize>>,
+    /// The cores housekeeping threads were last given (empty: not yet), and the number of
+    /// the placement that gave them (a placement decided earlier never undoes a later one).
+    housekeeping_cores: Mutex<(u64, Vec<usize>)>,
+    /// Numbers the placements as they are decided, under the panel's lock.
+    housekeeping_decided: AtomicU64,
     /// No worker busy-polls, whatever its nodes ask.
     busy_forbidden: AtomicBool,
     /// Nodes whose links stay as they are whatever the networks say (a frozen move's source
@@ -73,7 +99,8 @@ impl NodeDataPlane {
             workers,
             progress: Mutex::new(BTreeMap::new()),
             confine_housekeeping: AtomicBool::new(false),
-            housekeeping_cores: Mutex::new(Vec::new()),
+            housekeeping_cores: Mutex::new((0, Vec::new())),
+            housekeeping_decided: AtomicU64::new(0),
             busy_forbidden: AtomicBool::new(false),
             held: Mutex::new(BTreeSet::new()),
         }))
@@ -114,7 +141,8 @@ impl NodeDataPlane {
     /// applies to every thread of the process.
     pub fn confine_housekeeping(&self) {
         self.confine_housekeeping.store(true, Ordering::Relaxed);
-        self.place_housekeeping(&self.panel());
+        let placement = self.housekeeping_placement(&self.panel());
+        self.place_housekeeping(placement);
     }
 
     /// Whether node `name`'s worker should poll without sleeping for it (a wasm VNF with
@@ -134,15 +162,19 @@ impl NodeDataPlane {
         } else {
             busy
         };
-        self.place_housekeeping(&panel);
+        let placement = self.housekeeping_placement(&panel);
+        drop(panel);
+        self.place_housekeeping(placement);
         Ok(granted)
     }
 
-    /// The cores housekeeping may use: every worker's core but those busy-polling (all of
-    /// them when every one is, which only a worker configured to busy-poll can cause).
-    fn place_housekeeping(&self, panel: &PatchPanel) {
+    /// Where housekeeping threads belong as `panel` stands (`None`: not confined): every
+    /// worker's core but those busy-polling (all of them when every one is, which only a worker
+    /// configured to busy-poll can cause). Decided under the panel's lock, applied by
+    /// [`Self::place_housekeeping`] after it is let go.
+    fn housekeeping_placement(&self, panel: &PatchPanel) -> Option<HousekeepingPlacement> {
         if !self.confine_housekeeping.load(Ordering::Relaxed) {
-            return;
+            return None;
         }
         let workers = panel.workers();
         let free: Vec<usize> = self
@@ -159,19 +191,34 @@ impl NodeDataPlane {
         } else {
             free
         };
-        // Most calls (every node removed by a network change) change no worker's polling:
-        // the threads already run where they should, and new ones inherit it.
-        {
-            let mut placed = self
-                .housekeeping_cores
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if *placed == cores {
-                return;
-            }
-            placed.clone_from(&cores);
+        Some(HousekeepingPlacement {
+            number: self.housekeeping_decided.fetch_add(1, Ordering::Relaxed) + 1,
+            cores,
+            worker_tids: workers.iter().map(|w| w.tid()).collect(),
+        })
+    }
+
+    /// Moves this process's threads but the workers to the placement's cores, walking
+    /// `/proc/self/task` without the panel's lock (a network change or a move's switch waits
+    /// for no thread list). Skipped when the threads are there already (most calls: every
+    /// node removed by a network change) or a placement decided later was applied.
+    fn place_housekeeping(&self, placement: Option<HousekeepingPlacement>) {
+        let Some(HousekeepingPlacement {
+            number,
+            cores,
+            worker_tids,
+        }) = placement
+        else {
+            return;
+        };
+        let mut placed = self
+            .housekeeping_cores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !takes_over(&mut placed, number, &cores) {
+            return;
         }
-        let worker_tids: Vec<i32> = workers.iter().map(|w| w.tid()).collect();
+        // Held while moving the threads: two placements never interleave their moves.
         let tasks = match std::fs::read_dir("/proc/self/task") {
             Ok(t) => t,
             Err(e) => {
@@ -245,8 +292,10 @@ impl NodeDataPlane {
         let node = panel
             .remove_node(name)
             .map_err(|e| AgentError::DataPlane(e.to_string()))?;
-        self.place_housekeeping(&panel);
+        let placement = self.housekeeping_placement(&panel);
         self.node_table().remove(name);
+        drop(panel);
+        self.place_housekeeping(placement);
         Ok(node)
     }
 
@@ -307,6 +356,23 @@ mod tests {
         fn poll(&mut self, _io: &mut NodeIo<'_>) -> usize {
             panic!("node exploded");
         }
+    }
+
+    #[test]
+    fn a_housekeeping_placement_decided_earlier_never_undoes_a_later_one() {
+        let mut placed = (0, Vec::new());
+        // The first placement moves the threads; the same cores again do not.
+        assert!(takes_over(&mut placed, 1, &[0, 1]));
+        assert!(!takes_over(&mut placed, 2, &[0, 1]));
+        assert_eq!(placed, (2, vec![0, 1]));
+        // Decided as 4 and 3, applied in the other order: 3 is older than what is applied.
+        assert!(takes_over(&mut placed, 4, &[0]));
+        assert!(!takes_over(&mut placed, 3, &[0, 1]));
+        assert_eq!(placed, (4, vec![0]));
+        // A later one that finds the threads where it wants them still counts as applied.
+        assert!(!takes_over(&mut placed, 6, &[0]));
+        assert!(!takes_over(&mut placed, 5, &[1]));
+        assert_eq!(placed, (6, vec![0]));
     }
 
     #[test]
