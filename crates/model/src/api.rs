@@ -328,7 +328,9 @@ pub struct NicStatsView {
     pub frames_from_guest: u64,
     /// Frames for the guest larger than the buffer it offered (dropped).
     pub dropped_too_big: u64,
-    /// Guest frames that were empty, too large or unreadable (dropped).
+    /// Guest frames that were empty, too large or unreadable, and buffer chains the guest
+    /// posted that name a descriptor beyond their queue or have more than 64 descriptors
+    /// (dropped; a frame for such a receive buffer too).
     pub dropped_bad: u64,
     /// Frames dropped for want of a buffer on the host's side.
     pub dropped_no_buffer: u64,

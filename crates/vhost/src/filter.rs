@@ -13,6 +13,11 @@
 //! Only that answer is written to QEMU besides the daemon's replies: the frontend waits for
 //! each reply before its next request, so no other reply is under way then.
 //!
+//! It also bounds what the backend crate would take on trust: a memory region or dirty log
+//! larger than the file that comes with it (the first touch past the file's end would raise
+//! SIGBUS and end the whole node) and a ring size that is not a power of two (the crate
+//! ignores it and keeps the old size, walking past the guest's ring) end the connection.
+//!
 //! Owns the two forwarding threads of one connection; must not read or change any other
 //! message, and must not outlive either end.
 
@@ -31,6 +36,11 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 const HEADER: usize = 12;
 const SET_FEATURES: u32 = 2;
 const RESET_OWNER: u32 = 4;
+const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
+const SET_VRING_NUM: u32 = 8;
+/// Bytes of one region in `SET_MEM_TABLE`: guest address, size, QEMU's address, offset.
+const MEM_REGION: usize = 32;
 const SET_VRING_ENABLE: u32 = 18;
 const RESET_DEVICE: u32 = 34;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in `SET_FEATURES`' payload.
@@ -230,6 +240,7 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
             features_seen,
             "vhost-user filter: a request"
         );
+        check_request(request, &payload, &files)?;
         if !passes(request, size, features_seen) {
             tracing::debug!(
                 ?payload,
@@ -276,6 +287,62 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
             }
             _ => {}
         }
+    }
+}
+
+/// Refuses a message whose sizes the backend crate would trust: a ring size that is not a
+/// power of two; a memory region (`SET_MEM_TABLE`) or dirty log (`SET_LOG_BASE`) that reaches
+/// past the end of the file sent with it. Anything malformed otherwise is the crate's to refuse.
+fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()> {
+    let u32_at = |i: usize| {
+        payload
+            .get(i..i + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |i: usize| {
+        payload
+            .get(i..i + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
+    match request {
+        SET_VRING_NUM => match u32_at(4) {
+            Some(num) if !num.is_power_of_two() => refuse(format!(
+                "SET_VRING_NUM {num}: a ring's size is a power of two"
+            )),
+            _ => Ok(()),
+        },
+        SET_MEM_TABLE => {
+            let regions = u32_at(0).unwrap_or(0) as usize;
+            for (i, file) in files.iter().enumerate().take(regions) {
+                let at = 8 + i * MEM_REGION;
+                let (Some(size), Some(offset)) = (u64_at(at + 8), u64_at(at + 24)) else {
+                    break;
+                };
+                fits_file(file, offset, size, &format!("SET_MEM_TABLE region {i}"))?;
+            }
+            Ok(())
+        }
+        SET_LOG_BASE => match (u64_at(0), u64_at(8), files.first()) {
+            (Some(size), Some(offset), Some(file)) => fits_file(file, offset, size, "SET_LOG_BASE"),
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
+/// `size` bytes from `offset` lie within `file` as it is now.
+fn fits_file(file: &File, offset: u64, size: u64, what: &str) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    match offset.checked_add(size) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{what}: {size} bytes from offset {offset} reach past the end of its file ({len} bytes)"
+            ),
+        )),
     }
 }
 

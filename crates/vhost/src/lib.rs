@@ -14,7 +14,7 @@ use std::io::{Read, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -43,6 +43,13 @@ type Vring = VringRwLock<GuestMemory>;
 
 /// The virtio-net header in front of every frame with `VIRTIO_F_VERSION_1`.
 pub const NET_HEADER: usize = 12;
+/// The header of a legacy driver (no `VIRTIO_F_VERSION_1`, no mergeable buffers: no
+/// `num_buffers`).
+pub const LEGACY_NET_HEADER: usize = 10;
+/// Most descriptors one chain may have, direct and indirect together: more than a Linux
+/// guest's virtio-net puts in one frame (`MAX_SKB_FRAGS` + 2, at most 47), far fewer than an
+/// indirect table may claim (65,535), so one chain costs the worker a bounded walk.
+pub const MAX_CHAIN_DESCRIPTORS: usize = 64;
 /// Queue 0 takes frames to the guest, queue 1 brings the guest's.
 const RX: usize = 0;
 const TX: usize = 1;
@@ -69,7 +76,9 @@ pub struct NicStats {
     pub from_guest: AtomicU64,
     /// Frames for the guest larger than the buffer it offered (dropped).
     pub to_guest_too_big: AtomicU64,
-    /// Guest frames that were empty, larger than a pool buffer, or unreadable (dropped).
+    /// Guest frames that were empty, larger than a pool buffer, or unreadable, and buffer
+    /// chains on either queue that name a descriptor beyond the queue or have more than
+    /// [`MAX_CHAIN_DESCRIPTORS`] (dropped; a frame meant for such a receive buffer too).
     pub from_guest_bad: AtomicU64,
     /// Frames dropped for want of a buffer: a guest frame when the pool had none, a frame for
     /// the guest whose posted buffer vanished between counting and taking it (frames for a
@@ -118,11 +127,27 @@ struct Shared {
     shutdown: Mutex<Option<Hangup>>,
     stop: AtomicBool,
     stats: NicStats,
+    /// The virtio-net header's length the driver's features give ([`NET_HEADER`], or
+    /// [`LEGACY_NET_HEADER`] without `VIRTIO_F_VERSION_1`).
+    header_len: AtomicUsize,
+    /// This connection's guest was told about a queue whose avail index ran beyond its size.
+    told_broken_ring: AtomicBool,
 }
 
 impl Shared {
     fn connection(&self) -> MutexGuard<'_, Option<Connection>> {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Says once per connection that the guest's `queue` offers more chains than it has slots
+    /// (a broken or hostile driver): nothing is taken from it while it does.
+    fn ring_broken(&self, queue: &str) {
+        if !self.told_broken_ring.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                nic = %self.name,
+                "the guest's {queue} queue offers more buffers than it has slots (its avail index ran past the queue's size): the queue is not served while it does"
+            );
+        }
     }
 }
 
@@ -181,6 +206,17 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
+
+    /// The header's length follows the driver: a legacy one (no `VIRTIO_F_VERSION_1`) has no
+    /// `num_buffers`.
+    fn acked_features(&self, features: u64) {
+        let len = if features & (1 << VIRTIO_F_VERSION_1) != 0 {
+            NET_HEADER
+        } else {
+            LEGACY_NET_HEADER
+        };
+        self.shared.header_len.store(len, Ordering::Relaxed);
+    }
 
     fn update_memory(&self, _mem: GuestMemory) -> std::io::Result<()> {
         // The connection's `GuestMemoryAtomic` was swapped already; the node reads it anew
@@ -251,6 +287,8 @@ impl NicSocket {
             shutdown: Mutex::new(None),
             stop: AtomicBool::new(false),
             stats: NicStats::default(),
+            header_len: AtomicUsize::new(NET_HEADER),
+            told_broken_ring: AtomicBool::new(false),
         });
         let for_thread = Arc::clone(&shared);
         let at = path.to_path_buf();
@@ -356,6 +394,8 @@ fn connect_loop(path: &Path, shared: &Arc<Shared>) {
         };
         // Known before QEMU's first message: a kick that comes early hands the queues over.
         *shared.connection() = Some(Connection { mem, vrings: None });
+        shared.told_broken_ring.store(false, Ordering::Relaxed);
+        shared.header_len.store(NET_HEADER, Ordering::Relaxed);
         let started = daemon.start(&mut inner);
         drop(inner);
         let filter = match filter::Filter::spawn(qemu, ours, &shared.name) {
@@ -467,11 +507,22 @@ impl NicPort {
             BATCH
         };
         self.buf.clear();
+        let header_len = self.shared.header_len.load(Ordering::Relaxed);
         {
             let mut st = tx.get_mut();
             if st.get_queue().ready() && st.is_enabled() && room > 0 {
+                // At most a batch of chains a round, whatever becomes of them (dropped chains
+                // too): a guest that keeps offering bad frames costs the worker one batch.
+                let chains = match pending_chains(st.get_queue(), &*guard) {
+                    Some(pending) => usize::from(pending).min(room),
+                    None => {
+                        self.shared.ring_broken("transmit");
+                        0
+                    }
+                };
+                let size = st.get_queue().size();
                 let mut used = false;
-                while self.buf.len() < room {
+                for _ in 0..chains {
                     let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
                         break;
                     };
@@ -480,12 +531,16 @@ impl NicPort {
                         resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
                     }
                     let head = chain.head_index();
-                    let frame = chain.reader(&guard).ok().and_then(|mut r| {
-                        let len = r.available_bytes().saturating_sub(NET_HEADER);
-                        let mut header = [0u8; NET_HEADER];
-                        let readable = len > 0 && len <= pool.buf_size();
-                        (readable && r.read_exact(&mut header).is_ok()).then_some((r, len))
-                    });
+                    let frame = chain_in_bounds(&chain, size)
+                        .then(|| chain.reader(&guard).ok())
+                        .flatten()
+                        .and_then(|mut r| {
+                            let len = r.available_bytes().saturating_sub(header_len);
+                            let mut header = [0u8; NET_HEADER];
+                            let readable = len > 0 && len <= pool.buf_size();
+                            (readable && r.read_exact(&mut header[..header_len]).is_ok())
+                                .then_some((r, len))
+                        });
                     match frame {
                         None => {
                             stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
@@ -511,9 +566,12 @@ impl NicPort {
                             }
                         },
                     }
-                    // Transmit buffers are read-only: nothing written back.
-                    let _ = st.add_used(head, 0);
-                    used = true;
+                    // Transmit buffers are read-only: nothing written back. A head beyond the
+                    // queue names no buffer to give back.
+                    if head < size {
+                        let _ = st.add_used(head, 0);
+                        used = true;
+                    }
                 }
                 if used && st.needs_notification().unwrap_or(true) {
                     let _ = st.signal_used_queue();
@@ -533,18 +591,21 @@ impl NicPort {
         if !(st.get_queue().ready() && st.is_enabled()) {
             return moved;
         }
-        let offered = match st.get_queue().avail_idx(&*guard, Ordering::Acquire) {
-            Ok(avail) => (avail - Wrapping(st.get_queue().next_avail())).0,
-            Err(_) => 0,
+        let Some(offered) = pending_chains(st.get_queue(), &*guard) else {
+            // Frames for the guest wait on the link meanwhile (a full ring counts its drops).
+            self.shared.ring_broken("receive");
+            return moved;
         };
         let want = usize::from(offered).min(BATCH);
         if want == 0 || io.recv(port, &mut self.buf, want) == 0 {
             return moved;
         }
         resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
+        let size = st.get_queue().size();
         let mut header = [0u8; NET_HEADER];
-        // num_buffers: each frame fits one buffer.
+        // num_buffers (a modern driver's): each frame fits one buffer.
         header[10] = 1;
+        let header = &header[..header_len];
         for pkt in self.buf.drain(..) {
             let Some(chain) = st.get_queue_mut().pop_descriptor_chain(&*guard) else {
                 stats.no_buffer.fetch_add(1, Ordering::Relaxed);
@@ -552,11 +613,19 @@ impl NicPort {
                 continue;
             };
             let head = chain.head_index();
+            if !chain_in_bounds(&chain, size) {
+                stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
+                io.refuse(pkt);
+                if head < size {
+                    let _ = st.add_used(head, 0);
+                }
+                continue;
+            }
             let frame = pool.data(&pkt);
             let written = match chain.writer(&guard) {
-                Ok(mut w) if w.available_bytes() >= NET_HEADER + frame.len() => {
-                    let ok = w.write_all(&header).is_ok() && w.write_all(frame).is_ok();
-                    ok.then_some(NET_HEADER + frame.len())
+                Ok(mut w) if w.available_bytes() >= header_len + frame.len() => {
+                    let ok = w.write_all(header).is_ok() && w.write_all(frame).is_ok();
+                    ok.then_some(header_len + frame.len())
                 }
                 _ => None,
             };
@@ -579,6 +648,26 @@ impl NicPort {
         }
         moved
     }
+}
+
+/// Chains the guest offered on `queue` that the backend has not taken; `None` when its avail
+/// index is more than the queue's size ahead (a broken or hostile driver: the queue's crate
+/// would refuse, and log, every chain asked of it).
+fn pending_chains<M: vm_memory::GuestMemory>(queue: &virtio_queue::Queue, mem: &M) -> Option<u16> {
+    let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?;
+    let pending = (avail - Wrapping(queue.next_avail())).0;
+    (pending <= queue.size()).then_some(pending)
+}
+
+/// Whether the backend serves `chain`: its head is a slot of the queue (`size`) and it has
+/// 1 to [`MAX_CHAIN_DESCRIPTORS`] descriptors (counted before its bytes are walked).
+fn chain_in_bounds<M>(chain: &virtio_queue::DescriptorChain<M>, size: u16) -> bool
+where
+    M: Clone + std::ops::Deref,
+    M::Target: vm_memory::GuestMemory,
+{
+    let descriptors = chain.clone().take(MAX_CHAIN_DESCRIPTORS + 1).count();
+    chain.head_index() < size && (1..=MAX_CHAIN_DESCRIPTORS).contains(&descriptors)
 }
 
 /// Brings `queue`'s next used index to the one in the guest's used ring, where it lags: the
