@@ -286,12 +286,11 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
     beats.into_iter().for_each(|b| b.abort());
 }
 
-/// A controller whose moves end within 300 ms, hosts h2 and h3, and wasm VNF u1 running on h2
-/// moving to h3.
-async fn moving_u1_with_a_300ms_deadline() -> (Node, Vec<tokio::task::JoinHandle<()>>) {
+/// A controller with hosts h2 and h3, and wasm VNF u1 running on h2 moving to h3 (its move's
+/// deadline the default: a test sets 300 ms where it wants the move to run out of time, as
+/// the controller reads it at each check).
+async fn moving_u1() -> (Node, Vec<tokio::task::JoinHandle<()>>) {
     let node = Node::start_monitored(None).await;
-    node.controller
-        .set_move_deadline(std::time::Duration::from_millis(300));
     let beats = h2_and_h3(&node).await;
     node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
     node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
@@ -304,7 +303,7 @@ async fn moving_u1_with_a_300ms_deadline() -> (Node, Vec<tokio::task::JoinHandle
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancelled() {
-    let (node, beats) = moving_u1_with_a_300ms_deadline().await;
+    let (node, beats) = moving_u1().await;
     report(&node.controller, "h3", Phase::Running, None).await;
     // The stream synced: the source is asked to hand off, and never says it did.
     let synced = ReplicationStatus {
@@ -322,6 +321,10 @@ async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancell
     };
     report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
     assert!(node.controller.assignments("h2").await.unwrap()[0].hand_off);
+    // Asked to hand off: from now the move has 300 ms since it began (long gone on a slow
+    // host: then it runs out at the next check).
+    node.controller
+        .set_move_deadline(std::time::Duration::from_millis(300));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while node.vnf_json("u1").await.get("migration").is_some() {
         assert!(
@@ -354,7 +357,9 @@ async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancell
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
-    let (node, beats) = moving_u1_with_a_300ms_deadline().await;
+    let (node, beats) = moving_u1().await;
+    node.controller
+        .set_move_deadline(std::time::Duration::from_millis(300));
     // The destination never runs; the source keeps reporting a stream that cannot connect.
     let failing = ReplicationStatus {
         standby_host: "h3".into(),

@@ -125,14 +125,9 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     dst.finish_incoming(T).await.unwrap();
     assert_eq!(dst.phase(), VmPhase::Running);
     // Its whole pause: from when the source's QEMU began stopping the guest until its resume
-    // here (after the source's last byte), by the two QEMUs' own times on this host's clock:
-    // it holds QEMU's own downtime.
+    // here, by the two QEMUs' own times on this host's clock.
     let (stopped, resumed) = (done.stopped_at_us.unwrap(), dst.resumed_at_us().unwrap());
-    let downtime_us = done.downtime_ms.unwrap() * 1000;
-    assert!(
-        resumed > stopped && resumed - stopped >= downtime_us,
-        "stopped {stopped}, resumed {resumed}, downtime {downtime_us} µs"
-    );
+    assert!(resumed > stopped, "stopped {stopped}, resumed {resumed}");
     // Where the pause went: stopped, at the commit point, let through, the last byte sent,
     // resumed, in that order by QEMU's own event times.
     let phases = telvirt_model::api::PausePhases::of(
@@ -150,6 +145,16 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
         phases.stopping_ms.is_some() && phases.commit_point_ms.is_some(),
         "{phases:?} from {done:?}"
     );
+    // The pause holds QEMU's own downtime (until the source's last byte) when the destination
+    // resumed after that byte by the stamps (its part stated): on a loaded host the source
+    // may stamp its last byte only after the destination already resumed.
+    let downtime_us = done.downtime_ms.unwrap() * 1000;
+    if phases.destination_ms.is_some() {
+        assert!(
+            resumed - stopped >= downtime_us,
+            "stopped {stopped}, resumed {resumed}, downtime {downtime_us} µs"
+        );
+    }
     // The same guest goes on: no reboot (its uptime continues past the 8 s it had; a fresh
     // boot answers after about 3 s), its agent answers here.
     let after = health(&dst).await;
@@ -201,11 +206,13 @@ async fn the_migration_benchmark_reports_both_tunings_and_whether_the_guest_came
             "{side:?}"
         );
         assert_eq!(side.samples[0].failed, None);
-        // The whole pause (source stop to destination resume) holds QEMU's downtime (whole
-        // ms, its own clock).
+        // The whole pause (source stop to destination resume) and QEMU's downtime are both
+        // measured. (Whether the pause holds the downtime depends on the destination resuming
+        // after the source stamped its last byte, which a loaded host may reorder: the
+        // migration test above checks it where the stamps say so.)
         let (paused, downtime) = (side.samples[0].paused_ms, side.samples[0].downtime_ms);
         assert!(
-            paused.zip(downtime).is_some_and(|(p, d)| p + 1.0 >= d) && side.paused_ms > 0.0,
+            paused.is_some_and(|p| p > 0.0) && downtime.is_some() && side.paused_ms > 0.0,
             "{side:?}"
         );
     }

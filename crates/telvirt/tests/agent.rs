@@ -732,6 +732,17 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
         let s = &n["status"]["sinks"][0];
         (s["received"].as_u64(), s["lost"].as_u64())
     };
+    // The datagrams the hosts' kernels dropped from their tunnel sockets, full while a worker
+    // did not run (loopback UDP on a busy host): counted there, not lost by a move.
+    let kernel_dropped = || -> u64 {
+        node.json(&["net", "show", "t2"])["status"]["tunnel_endpoints"]
+            .as_array()
+            .map_or(0, |e| {
+                e.iter()
+                    .map(|e| e["kernel_dropped"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+    };
     wait_until("the sink receiving", || sink().0.is_some_and(|r| r > 0));
 
     // Bad moves: each refused with its reason, nothing changes.
@@ -749,6 +760,7 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     assert_eq!(node.json(&["vnf", "show", "natm"]), before);
     // What the sink missed before the move (while the chain was being wired).
     let (_, lost_before) = sink();
+    let dropped_before = kernel_dropped();
 
     // The move: the destination takes the maps, then the traffic; the source's place is freed.
     // On the other engine, too (pulley to cranelift): the maps' snapshot does not depend on it.
@@ -803,10 +815,13 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     wait_until("the stream at the sink after the move", || {
         sink().0 > received.map(|r| r + 2000)
     });
-    assert_eq!(
-        sink().1,
-        lost_before,
-        "frames lost across the move: {}",
+    // The sink first: a frame the kernel drops between the two reads is counted, and shows as
+    // missing at the sink only later.
+    let lost = sink().1.zip(lost_before).map(|(l, b)| l - b);
+    let dropped = kernel_dropped() - dropped_before;
+    assert!(
+        lost.is_some_and(|l| l <= dropped),
+        "frames lost across the move: {lost:?} ({dropped} dropped by the kernel): {}",
         node.json(&["net", "show", "t2"])["status"]["table"]
     );
     node.ok(&["net", "delete", "t2"]);
@@ -963,9 +978,10 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmmove1");
     let guest = common::guest_binary();
-    // A move that does not end within 20 s is cancelled (a guest stream of this one takes 2-5 s).
+    // A move that does not end within 60 s is cancelled (a guest stream of this one takes 2-5
+    // s; the stalled source below adds its lease and 1.5 s, and a loaded host more).
     let (node, a1, a2) = two_agents_with(
-        &["--move-timeout-ms", "20000"],
+        &["--move-timeout-ms", "60000"],
         TWO_CORES,
         &[("TELVIRT_GUEST_BIN", &guest)],
     );

@@ -23,8 +23,10 @@ use telvirt_store::EtcdStore;
 use telvirt_store::local_etcd::LocalEtcd;
 
 const HOSTS: [&str; 3] = ["a1", "a2", "a3"];
-/// How long the load runs between two kills.
+/// How long the load runs between two kills at least, and what it must have had acknowledged
+/// meanwhile (creates, deletes): on a slow host it runs longer, never does less.
 const LOAD_BETWEEN_KILLS: Duration = Duration::from_secs(3);
+const LOAD_ACKED_BETWEEN_KILLS: (usize, usize) = (6, 2);
 
 /// What the load was told, and what it could not find out.
 #[derive(Default, Debug)]
@@ -387,8 +389,25 @@ fn a_cluster_keeps_its_invariants_when_a_controller_an_agent_and_an_etcd_member_
         cluster.settle(&ledger, after);
     };
 
+    // Lets the load run for its time and work between two kills.
+    let load_runs = |before: &str| {
+        let acked = || {
+            let l = ledger.lock().unwrap();
+            (l.created.len(), l.deleted.len())
+        };
+        let (created, deleted) = acked();
+        let (creates, deletes) = LOAD_ACKED_BETWEEN_KILLS;
+        let since = Instant::now();
+        wait_until(&format!("the load's work before {before}"), || {
+            let now = acked();
+            since.elapsed() >= LOAD_BETWEEN_KILLS
+                && now.0 >= created + creates
+                && now.1 >= deleted + deletes
+        });
+    };
+
     // 1. The leading controller (the first one) dies; another is started in its place.
-    std::thread::sleep(LOAD_BETWEEN_KILLS);
+    load_runs("the leader's kill");
     cluster.first.kill9();
     check_after(&cluster, "the leader's kill");
     let third = ExtraController::start(&cluster.first, &controller_args, "controller-3.log");
@@ -398,7 +417,7 @@ fn a_cluster_keeps_its_invariants_when_a_controller_an_agent_and_an_etcd_member_
 
     // 2. Host a3's agent dies: a3 turns NotReady (its VNFs are exempt from Running), then its
     // agent comes back and a3's VNFs run again.
-    std::thread::sleep(LOAD_BETWEEN_KILLS);
+    load_runs("a3's agent's kill");
     cluster.agents[2] = None;
     wait_until("host a3 NotReady after its agent's kill", || {
         cluster
@@ -416,13 +435,13 @@ fn a_cluster_keeps_its_invariants_when_a_controller_an_agent_and_an_etcd_member_
     });
 
     // 3. An etcd member dies; two of three keep the quorum. Then it comes back.
-    std::thread::sleep(LOAD_BETWEEN_KILLS);
+    load_runs("an etcd member's kill");
     cluster.etcd.kill_member(0);
     check_after(&cluster, "an etcd member's kill");
     cluster.etcd.spawn_member(0).unwrap();
 
     // The load stops; everything settles once more.
-    std::thread::sleep(LOAD_BETWEEN_KILLS);
+    load_runs("the load's end");
     stop.store(true, Ordering::SeqCst);
     loader.join().unwrap();
     let ledger = ledger.lock().unwrap();
