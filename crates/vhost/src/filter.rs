@@ -13,13 +13,21 @@
 //! Only that answer is written to QEMU besides the daemon's replies: the frontend waits for
 //! each reply before its next request, so no other reply is under way then.
 //!
+//! While QEMU logs dirty pages (a migration: `LOG_ALL` acknowledged, a log sent with
+//! `SET_LOG_BASE`), a new memory table would come up without the log (the backend crate maps
+//! the new regions with empty bitmaps, and QEMU sends the log again only when its size
+//! changes), so the guest pages the node writes would not be logged and the migration would
+//! carry stale ones. So the filter sends the last log to the daemon again right after each
+//! such table, drops the daemon's reply to it, and holds the NIC's polling (`log_pending`)
+//! from before the table until the log is in place.
+//!
 //! It also bounds what the backend crate would take on trust: a memory region or dirty log
 //! larger than the file that comes with it (the first touch past the file's end would raise
 //! SIGBUS and end the whole node) and a ring size that is not a power of two (the crate
 //! ignores it and keeps the old size, walking past the guest's ring) end the connection.
 //!
-//! Owns the two forwarding threads of one connection; must not read or change any other
-//! message, and must not outlive either end.
+//! Owns the two forwarding threads of one connection; must not change any other message, and
+//! must not outlive either end.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -27,6 +35,8 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::Listener;
@@ -45,6 +55,8 @@ const SET_VRING_ENABLE: u32 = 18;
 const RESET_DEVICE: u32 = 34;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in `SET_FEATURES`' payload.
 const PROTOCOL_FEATURES: u64 = 1 << 30;
+/// `VHOST_F_LOG_ALL` in `SET_FEATURES`' payload: the frontend logs dirty pages.
+const LOG_ALL: u64 = 1 << 26;
 /// `NEED_REPLY` in the header's flags: the frontend waits for an answer (with `REPLY_ACK`).
 const NEED_REPLY: u32 = 0x8;
 /// The header flags of a reply: version 1, `REPLY`.
@@ -75,11 +87,17 @@ impl Ends {
 }
 
 impl Filter {
-    /// Forwards between `qemu` (the accepted connection) and `daemon` (the daemon's peer). On
-    /// error both are shut down and no thread is left.
-    pub(crate) fn spawn(qemu: UnixStream, daemon: UnixStream, name: &str) -> io::Result<Filter> {
+    /// Forwards between `qemu` (the accepted connection) and `daemon` (the daemon's peer),
+    /// setting `log_pending` while a new memory table waits for its dirty log. On error both
+    /// are shut down and no thread is left.
+    pub(crate) fn spawn(
+        qemu: UnixStream,
+        daemon: UnixStream,
+        name: &str,
+        log_pending: Arc<AtomicBool>,
+    ) -> io::Result<Filter> {
         let ends = Ends(qemu.try_clone()?, daemon.try_clone()?);
-        let spawned = Filter::spawn_threads(qemu, daemon, name);
+        let spawned = Filter::spawn_threads(qemu, daemon, name, log_pending);
         match spawned {
             Ok(threads) => Ok(Filter { threads, ends }),
             Err(e) => {
@@ -98,12 +116,19 @@ impl Filter {
         qemu: UnixStream,
         daemon: UnixStream,
         name: &str,
+        log_pending: Arc<AtomicBool>,
     ) -> io::Result<Vec<JoinHandle<()>>> {
         let (qemu_in, daemon_out) = (qemu.try_clone()?, daemon.try_clone()?);
+        let replayed = Arc::new(AtomicU32::new(0));
+        let log = LogReplay {
+            pending: log_pending,
+            replies_to_drop: Arc::clone(&replayed),
+        };
+        let log_out = log.clone();
         let to_daemon = std::thread::Builder::new()
             .name(format!("vhost-{name}-in"))
             .spawn(move || {
-                if let Err(e) = forward_requests(&qemu_in, &daemon_out) {
+                if let Err(e) = forward_requests(&qemu_in, &daemon_out, &log) {
                     tracing::debug!("vhost-user filter: {e}");
                 }
                 // The daemon reads the end of its requests and closes; the reply side follows.
@@ -113,9 +138,9 @@ impl Filter {
         let to_qemu = std::thread::Builder::new()
             .name(format!("vhost-{name}-out"))
             .spawn(move || {
-                // Replies carry no descriptors for the protocol features this backend offers.
-                let (mut from, mut to) = (&daemon, &qemu);
-                let _ = io::copy(&mut from, &mut to);
+                if let Err(e) = forward_replies(&daemon, &qemu, &log_out) {
+                    tracing::debug!("vhost-user filter: {e}");
+                }
                 let _ = qemu.shutdown(Shutdown::Both);
                 let _ = daemon.shutdown(Shutdown::Both);
             })?;
@@ -212,10 +237,39 @@ fn message(request: u32, payload: &[u8]) -> Vec<u8> {
     m
 }
 
+/// What the two forwarding threads share about the dirty log sent again after a memory table.
+#[derive(Clone)]
+struct LogReplay {
+    /// Set from before such a table reaches the daemon until its log is in place: the NIC's
+    /// polling writes nothing into the guest meanwhile.
+    pending: Arc<AtomicBool>,
+    /// Replies to `SET_LOG_BASE` that answer the filter, not QEMU (dropped).
+    replies_to_drop: Arc<AtomicU32>,
+}
+
+/// Sends one message (`bytes`: header and payload) to `to` with `fds`.
+fn send_message(to: &UnixStream, bytes: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    let sent = loop {
+        match to.send_with_fds(&[bytes], fds) {
+            Err(e) if e.errno() == libc::EINTR => continue,
+            r => break r.map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
+        }
+    };
+    // A stream may take part of a message; the descriptors went with its first byte.
+    if let Some(rest) = bytes.get(sent..) {
+        let mut writer = to;
+        writer.write_all(rest)?;
+    }
+    Ok(())
+}
+
 /// Reads QEMU's messages one at a time and passes them on until QEMU hangs up.
-fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
+fn forward_requests(qemu: &UnixStream, daemon: &UnixStream, log: &LogReplay) -> io::Result<()> {
     let mut features_seen = false;
     let mut held = HeldEnables::default();
+    // Whether the frontend logs dirty pages, and the last log it sent (payload, file).
+    let mut logging = false;
+    let mut last_log: Option<(Vec<u8>, File)> = None;
     let mut payload = Vec::with_capacity(MAX_PAYLOAD);
     loop {
         let Some((header, files)) = recv_header(qemu)? else {
@@ -254,20 +308,37 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
             }
             continue;
         }
+        let replay = request == SET_MEM_TABLE && logging && last_log.is_some();
+        if replay {
+            log.pending.store(true, Ordering::Release);
+        }
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
-        let sent = loop {
-            match daemon.send_with_fds(&[&header[..], &payload[..]], &fds) {
-                Err(e) if e.errno() == libc::EINTR => continue,
-                r => break r.map_err(|e| io::Error::from_raw_os_error(e.errno()))?,
+        send_message(daemon, &[&header[..], &payload[..]].concat(), &fds)?;
+        match request {
+            SET_FEATURES => {
+                logging = features(&payload) & LOG_ALL != 0;
+                if !logging {
+                    last_log = None;
+                }
             }
-        };
-        let mut writer = daemon;
-        // A stream may take part of a message; the descriptors went with its first byte.
-        let whole = [&header[..], &payload[..]].concat();
-        if let Some(rest) = whole.get(sent..) {
-            writer.write_all(rest)?;
+            SET_LOG_BASE => {
+                if let Some(file) = files.first() {
+                    last_log = Some((payload.clone(), file.try_clone()?));
+                }
+            }
+            RESET_OWNER | RESET_DEVICE => (logging, last_log) = (false, None),
+            _ => {}
+        }
+        if replay && let Some((log_payload, file)) = &last_log {
+            log.replies_to_drop.fetch_add(1, Ordering::AcqRel);
+            send_message(
+                daemon,
+                &message(SET_LOG_BASE, log_payload),
+                &[file.as_raw_fd()],
+            )?;
         }
         drop(files);
+        let mut writer = daemon;
         match request {
             SET_FEATURES if !features_seen => {
                 features_seen = true;
@@ -287,6 +358,44 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
             }
             _ => {}
         }
+    }
+}
+
+/// Passes the daemon's replies to QEMU until either hangs up, but for those that answer the
+/// filter's own `SET_LOG_BASE`. Any reply to one means the log covers the memory the daemon
+/// has: the NIC may write into the guest again. Replies carry no descriptors for the protocol
+/// features this backend offers.
+fn forward_replies(daemon: &UnixStream, qemu: &UnixStream, log: &LogReplay) -> io::Result<()> {
+    let mut header = [0u8; HEADER];
+    let mut payload = Vec::with_capacity(MAX_PAYLOAD);
+    let (mut from, mut to) = (daemon, qemu);
+    loop {
+        match from.read(&mut header[..1])? {
+            0 => return Ok(()),
+            _ => from.read_exact(&mut header[1..])?,
+        }
+        let word =
+            |i: usize| u32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+        let (request, size) = (word(0), word(8) as usize);
+        if size > MAX_PAYLOAD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a reply to request {request} of {size} bytes; at most {MAX_PAYLOAD}"),
+            ));
+        }
+        payload.resize(size, 0);
+        from.read_exact(&mut payload)?;
+        if request == SET_LOG_BASE {
+            log.pending.store(false, Ordering::Release);
+            let ours = log
+                .replies_to_drop
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+            if ours {
+                continue;
+            }
+        }
+        to.write_all(&[&header[..], &payload[..]].concat())?;
     }
 }
 
@@ -439,7 +548,7 @@ mod tests {
     fn an_early_enable_waits_for_the_features_and_other_messages_pass_with_their_files() {
         let (qemu, qemu_peer) = UnixStream::pair().unwrap();
         let (daemon, daemon_peer) = UnixStream::pair().unwrap();
-        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t", Default::default()).unwrap();
         // Ring 0 disabled early; ring 1 never named before the features (enabled then).
         let early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 0, 0, 0, 0]);
         let features = message(SET_FEATURES, &[0, 0, 0, 0x40, 1, 0, 0, 0]);
@@ -474,10 +583,11 @@ mod tests {
             "the held states follow the features, then an enable after them passes"
         );
         // A reply goes back; QEMU hanging up ends both threads.
-        (&daemon).write_all(b"reply").unwrap();
-        let mut reply = [0u8; 5];
+        let answer = success_reply(SET_FEATURES);
+        (&daemon).write_all(&answer).unwrap();
+        let mut reply = vec![0u8; answer.len()];
         (&qemu).read_exact(&mut reply).unwrap();
-        assert_eq!(&reply, b"reply");
+        assert_eq!(reply, answer);
         drop(qemu);
         let mut end = Vec::new();
         (&daemon).read_to_end(&mut end).unwrap();
@@ -492,7 +602,7 @@ mod tests {
     fn an_early_enable_that_asks_for_a_reply_is_answered_and_held() {
         let (qemu, qemu_peer) = UnixStream::pair().unwrap();
         let (daemon, daemon_peer) = UnixStream::pair().unwrap();
-        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t", Default::default()).unwrap();
         // Ring 1 disabled, a reply asked for.
         let mut early = message(SET_VRING_ENABLE, &[1, 0, 0, 0, 0, 0, 0, 0]);
         early[4..8].copy_from_slice(&(1 | NEED_REPLY).to_le_bytes());
@@ -539,7 +649,7 @@ mod tests {
     fn held_enables_are_dropped_without_protocol_features_and_wait_again_after_a_reset() {
         let (qemu, qemu_peer) = UnixStream::pair().unwrap();
         let (daemon, daemon_peer) = UnixStream::pair().unwrap();
-        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t", Default::default()).unwrap();
         let early = message(SET_VRING_ENABLE, &[0, 0, 0, 0, 1, 0, 0, 0]);
         let plain = message(SET_FEATURES, &[0, 0, 0, 0, 1, 0, 0, 0]);
         let reset = message(RESET_OWNER, &[]);
@@ -560,11 +670,101 @@ mod tests {
         filter.join();
     }
 
+    /// While the frontend logs, a memory table is followed by the last log to the daemon (with
+    /// its file), the NIC holds from before the table until the daemon answers that log, and
+    /// that answer does not reach QEMU; QEMU's own log's answer does.
+    #[test]
+    fn a_memory_table_while_logging_is_followed_by_the_last_log_whose_answer_is_dropped() {
+        let (qemu, qemu_peer) = UnixStream::pair().unwrap();
+        let (daemon, daemon_peer) = UnixStream::pair().unwrap();
+        let pending = Arc::new(AtomicBool::new(false));
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t", Arc::clone(&pending)).unwrap();
+        let recv = |len: usize| {
+            let mut got = vec![0u8; len];
+            let mut fds = [-1 as RawFd; 4];
+            let mut iov = [libc::iovec {
+                iov_base: got.as_mut_ptr().cast(),
+                iov_len: got.len(),
+            }];
+            // SAFETY: the iovec points at `got` for the whole call.
+            let (n, nfds) = unsafe { daemon.recv_with_fds(&mut iov, &mut fds) }.unwrap();
+            for fd in &fds[..nfds] {
+                // SAFETY: received just now, owned here once.
+                drop(unsafe { File::from_raw_fd(*fd) });
+            }
+            (got[..n].to_vec(), nfds)
+        };
+        let log_file = tempfile::tempfile().unwrap();
+        log_file.set_len(4096).unwrap();
+        let features = message(SET_FEATURES, &(LOG_ALL | PROTOCOL_FEATURES).to_le_bytes());
+        let log_payload = [4096u64.to_le_bytes(), 0u64.to_le_bytes()].concat();
+        let log = message(SET_LOG_BASE, &log_payload);
+        qemu.send_with_fds(&[&features[..]], &[]).unwrap();
+        assert_eq!(recv(features.len()), (features.clone(), 0));
+        // The queue pair's held enables follow the first features.
+        let mut enables = vec![0u8; 2 * (HEADER + 8)];
+        (&daemon).read_exact(&mut enables).unwrap();
+        qemu.send_with_fds(&[&log[..]], &[log_file.as_raw_fd()])
+            .unwrap();
+        assert_eq!(recv(log.len()), (log.clone(), 1));
+        // QEMU's own log is answered to QEMU.
+        let answer = [
+            SET_LOG_BASE.to_le_bytes(),
+            REPLY.to_le_bytes(),
+            16u32.to_le_bytes(),
+        ]
+        .concat();
+        let answer = [answer, log_payload.clone()].concat();
+        (&daemon).write_all(&answer).unwrap();
+        let mut got = vec![0u8; answer.len()];
+        (&qemu).read_exact(&mut got).unwrap();
+        assert_eq!(got, answer);
+        // A new table: passed, then the last log with its file; the NIC holds meanwhile.
+        let memory = tempfile::tempfile().unwrap();
+        memory.set_len(1 << 20).unwrap();
+        let region = [0u64, 1 << 20, 0x7000_0000, 0];
+        let mut table = 1u64.to_le_bytes().to_vec();
+        for w in region {
+            table.extend_from_slice(&w.to_le_bytes());
+        }
+        let table = message(SET_MEM_TABLE, &table);
+        qemu.send_with_fds(&[&table[..]], &[memory.as_raw_fd()])
+            .unwrap();
+        assert_eq!(recv(table.len()), (table.clone(), 1));
+        assert_eq!(recv(log.len()), (log.clone(), 1), "the log again");
+        assert!(
+            pending.load(Ordering::Acquire),
+            "held until the log is in place"
+        );
+        // The daemon answers the table's ack and the filter's log: only the ack reaches QEMU.
+        let ack = success_reply(SET_MEM_TABLE);
+        (&daemon)
+            .write_all(&[ack.clone(), answer.clone()].concat())
+            .unwrap();
+        let mut got = vec![0u8; ack.len()];
+        (&qemu).read_exact(&mut got).unwrap();
+        assert_eq!(got, ack);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while pending.load(Ordering::Acquire) {
+            assert!(std::time::Instant::now() < deadline, "still held");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // The next answer QEMU reads is the next one the daemon sends, not the log's.
+        let next = success_reply(SET_FEATURES);
+        (&daemon).write_all(&next).unwrap();
+        let mut got = vec![0u8; next.len()];
+        (&qemu).read_exact(&mut got).unwrap();
+        assert_eq!(got, next);
+        drop(qemu);
+        drop(daemon);
+        filter.join();
+    }
+
     #[test]
     fn an_oversized_payload_ends_the_connection() {
         let (qemu, qemu_peer) = UnixStream::pair().unwrap();
         let (daemon, daemon_peer) = UnixStream::pair().unwrap();
-        let filter = Filter::spawn(qemu_peer, daemon_peer, "t").unwrap();
+        let filter = Filter::spawn(qemu_peer, daemon_peer, "t", Default::default()).unwrap();
         let mut m = message(SET_FEATURES, &[]);
         m[8..12].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
         (&qemu).write_all(&m).unwrap();

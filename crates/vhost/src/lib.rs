@@ -132,6 +132,9 @@ struct Shared {
     header_len: AtomicUsize,
     /// This connection's guest was told about a queue whose avail index ran beyond its size.
     told_broken_ring: AtomicBool,
+    /// A new memory table waits for its dirty log (set by the [`filter`]): the node writes
+    /// nothing into the guest, whose pages the migration would then miss.
+    log_pending: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -289,6 +292,7 @@ impl NicSocket {
             stats: NicStats::default(),
             header_len: AtomicUsize::new(NET_HEADER),
             told_broken_ring: AtomicBool::new(false),
+            log_pending: Arc::new(AtomicBool::new(false)),
         });
         let for_thread = Arc::clone(&shared);
         let at = path.to_path_buf();
@@ -395,10 +399,16 @@ fn connect_loop(path: &Path, shared: &Arc<Shared>) {
         // Known before QEMU's first message: a kick that comes early hands the queues over.
         *shared.connection() = Some(Connection { mem, vrings: None });
         shared.told_broken_ring.store(false, Ordering::Relaxed);
+        shared.log_pending.store(false, Ordering::Release);
         shared.header_len.store(NET_HEADER, Ordering::Relaxed);
         let started = daemon.start(&mut inner);
         drop(inner);
-        let filter = match filter::Filter::spawn(qemu, ours, &shared.name) {
+        let filter = match filter::Filter::spawn(
+            qemu,
+            ours,
+            &shared.name,
+            Arc::clone(&shared.log_pending),
+        ) {
             Ok(f) => Some(f),
             Err(e) => {
                 tracing::warn!(nic = %shared.name, "vhost-user filter: {e}");
@@ -483,6 +493,9 @@ impl NicPort {
     /// One round on port `port`: the guest's frames out, then frames for the guest in (as many
     /// as it offered buffers for; the rest wait on the link). Returns the frames moved.
     fn poll(&mut self, io: &mut NodeIo<'_>, port: usize) -> usize {
+        if self.shared.log_pending.load(Ordering::Acquire) {
+            return 0;
+        }
         let connection = self.shared.connection();
         let Some(Connection {
             mem,

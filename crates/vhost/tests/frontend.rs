@@ -25,8 +25,11 @@ use vhost::VhostBackend;
 use vhost::VhostUserDirtyLogRegion;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+/// The frames a [`Collect`] received.
+type Frames = Arc<Mutex<Vec<Vec<u8>>>>;
+
 /// Keeps every frame it receives.
-struct Collect(Arc<Mutex<Vec<Vec<u8>>>>);
+struct Collect(Frames);
 
 impl Node for Collect {
     fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
@@ -63,9 +66,7 @@ fn send_to_guest(panel: &mut PatchPanel, pool: &Pool, name: &str, count: u64) {
 
 /// A NIC `vm1.eth0` connecting to `path` (QEMU serves the socket), node `vm1` on a panel of
 /// one worker, and node `sink` keeping what it receives.
-fn nic_on_a_panel(
-    path: &std::path::Path,
-) -> (NicSocket, Arc<Pool>, PatchPanel, Arc<Mutex<Vec<Vec<u8>>>>) {
+fn nic_on_a_panel(path: &std::path::Path) -> (NicSocket, Arc<Pool>, PatchPanel, Frames) {
     let nic = NicSocket::open(path, "vm1.eth0").unwrap();
     let pool = Arc::new(Pool::new("vhost-test", 1024, 2048).unwrap());
     let core = allowed_cores().unwrap()[0];
@@ -207,6 +208,23 @@ fn frames_cross_between_a_frontends_virtqueues_and_the_panel() {
     assert_eq!(ram.used(0, 4), (4, 0));
     assert_eq!(load(&stats.to_guest_too_big), 1);
     assert_eq!(panel.node_drops("vm1").map(|d| d.refused), Some(1));
+
+    // A new memory table while the log runs (QEMU sends one when the guest's memory map
+    // changes, and the log again only when its size does): what the NIC writes afterwards is
+    // logged still, so the migration carries it.
+    fe.set_mem_table(&[ram.region(MEM as u64)]).unwrap();
+    let far = BUFFERS + 24 * BUF;
+    assert!(!page_dirty(far), "a page nobody wrote yet");
+    ram.descriptor(0, 5, far, BUF as u32, VIRTQ_DESC_F_WRITE);
+    ram.offer(0, 5, &[5]);
+    send_to_guest(&mut panel, &pool, "gen4", 1);
+    wait_for("a frame in the guest after the new table", || {
+        ram.used_idx(0) == 6
+    });
+    assert!(
+        page_dirty(far),
+        "the frame's page is logged after the new table"
+    );
     panel.shutdown();
 }
 

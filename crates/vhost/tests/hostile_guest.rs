@@ -15,7 +15,7 @@ use telvirt_dataplane::node::{BATCH, Node, NodeIo, PortIo};
 use telvirt_dataplane::pool::{Pool, PoolCache};
 use telvirt_vhost::{MAX_CHAIN_DESCRIPTORS, NET_HEADER, NicSocket, VhostUserNode};
 use vhost::vhost_user::VhostUserFrontend;
-use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 
 const VIRTQ_DESC_F_NEXT: u16 = 1;
 const VIRTQ_DESC_F_INDIRECT: u16 = 4;
@@ -244,13 +244,7 @@ fn a_ring_size_not_a_power_of_two_ends_the_connection() {
 #[test]
 fn memory_or_a_dirty_log_beyond_its_file_ends_the_connection() {
     let ram = GuestRam::new(QUEUE);
-    let region = |size: u64| VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: size,
-        userspace_addr: ram.va(0),
-        mmap_offset: 0,
-        mmap_handle: ram.fd.as_raw_fd(),
-    };
+    let region = |size: u64| ram.region(size);
     let dir = tempfile::tempdir().unwrap();
     let (_nic, fe) = handshake_to_features(&dir);
     fe.set_mem_table(&[region(MEM as u64)]).unwrap();

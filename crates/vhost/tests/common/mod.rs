@@ -85,6 +85,18 @@ impl GuestRam {
         u16::from_le_bytes([b[0], b[1]])
     }
 
+    /// This memory as one region of `size` bytes from guest address 0 (`MEM`: all of it), as
+    /// `SET_MEM_TABLE` names it.
+    pub fn region(&self, size: u64) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: size,
+            userspace_addr: self.va(0),
+            mmap_offset: 0,
+            mmap_handle: self.fd.as_raw_fd(),
+        }
+    }
+
     /// Descriptor `i` of queue `q`: a buffer at `addr` of `len` bytes.
     pub fn descriptor(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16) {
         self.descriptor_at(QUEUE_BASE[q] + u64::from(i) * 16, addr, len, flags, 0);
@@ -176,14 +188,7 @@ pub fn connect(qemu: &UnixListener, ram: &GuestRam, acked: u64) -> QemuEnd {
         (&stream).write_all(&early).unwrap();
     }
     fe.set_features(acked).unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: ram.va(0),
-        mmap_offset: 0,
-        mmap_handle: ram.fd.as_raw_fd(),
-    }])
-    .unwrap();
+    fe.set_mem_table(&[ram.region(MEM as u64)]).unwrap();
     let kicks: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
     let calls: Vec<EventFd> = (0..2).map(|_| EventFd::new(0).unwrap()).collect();
     for q in 0..2 {
