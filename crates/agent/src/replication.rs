@@ -235,9 +235,10 @@ async fn write_ack(stream: &mut TcpStream, ack: &Ack) -> std::io::Result<()> {
     stream.flush().await
 }
 
-/// One batch as a standby reads it. Every length is checked before anything is allocated for
-/// it.
-async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)> {
+/// One batch's header as a standby reads it, and the length of the body that follows. Every
+/// length is checked before anything is allocated for it; the body is read (or passed over)
+/// once the batch is judged ([`read_body`], [`skip_body`]).
+async fn read_header(stream: &mut TcpStream) -> std::io::Result<(Header, u32)> {
     let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let mut magic = [0; 4];
     stream.read_exact(&mut magic).await?;
@@ -290,8 +291,6 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
             "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({max}; a keepalive or a guest stream's opening carries none)"
         )));
     }
-    let mut bytes = vec![0; len as usize];
-    stream.read_exact(&mut bytes).await?;
     let header = Header {
         vnf: name,
         kind,
@@ -299,7 +298,28 @@ async fn read_batch(stream: &mut TcpStream) -> std::io::Result<(Header, Vec<u8>)
         epoch,
         silence,
     };
-    Ok((header, bytes))
+    Ok((header, len))
+}
+
+/// The `len` bytes of a batch's body, once its sender is allowed to send them.
+async fn read_body(stream: &mut TcpStream, len: u32) -> std::io::Result<Vec<u8>> {
+    let mut bytes = vec![0; len as usize];
+    stream.read_exact(&mut bytes).await?;
+    Ok(bytes)
+}
+
+/// Reads past the `len` bytes of a refused batch's body without keeping them, so the
+/// connection's framing goes on and nothing is allocated for a sender that may not send.
+async fn skip_body(stream: &mut TcpStream, len: u32) -> std::io::Result<()> {
+    let skipped = tokio::io::copy(
+        &mut (&mut *stream).take(u64::from(len)),
+        &mut tokio::io::sink(),
+    )
+    .await?;
+    if skipped < u64::from(len) {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
 }
 
 /// What the standby side asks of its agent.
@@ -334,6 +354,12 @@ pub trait StandbyHost: Send + Sync + 'static {
 
 /// Silence assumed on a connection before its first batch says how long to wait.
 const FIRST_SILENCE: Duration = Duration::from_secs(1);
+/// How long a connection may stay open without a batch this host accepts: one that brings
+/// none by then is closed (it holds a task and a descriptor).
+const UNANSWERED_CONNECTION: Duration = IO_TIMEOUT;
+/// Connections served at once; more are closed as they come (a peer opening thousands would
+/// take the agent's descriptors). Each replicated VNF takes one from its active's host.
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// Accepts batches for this host's standby instances until the listener fails: each is
 /// applied when this host runs `vnf`'s standby and the batch comes from its active's address,
@@ -346,6 +372,18 @@ pub async fn serve_standbys(
     state: Arc<dyn ReplicaState>,
     host: Arc<dyn StandbyHost>,
 ) {
+    serve_at_most(listener, state, host, MAX_CONNECTIONS).await;
+}
+
+/// [`serve_standbys`] with `cap` connections at once.
+async fn serve_at_most(
+    listener: Arc<TcpListener>,
+    state: Arc<dyn ReplicaState>,
+    host: Arc<dyn StandbyHost>,
+    cap: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
+    let mut told_full = false;
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -355,14 +393,26 @@ pub async fn serve_standbys(
                 continue;
             }
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            if !std::mem::replace(&mut told_full, true) {
+                tracing::warn!(
+                    "replication listener: {cap} connections open; closing the one from {peer} (and more, unsaid, while it stays full)"
+                );
+            }
+            continue;
+        };
+        told_full = false;
         let (state, host) = (Arc::clone(&state), Arc::clone(&host));
         tokio::spawn(async move {
+            let _slot = slot;
             let mut conn = StandbyConnection {
                 peer: peer.to_string(),
                 peer_ip: peer.ip().to_canonical(),
                 seen: std::collections::BTreeSet::new(),
                 silence: FIRST_SILENCE,
                 silent: false,
+                accepted_at: tokio::time::Instant::now(),
+                answered: false,
             };
             let mut stream = stream;
             let ended = match conn.serve(&mut stream, state, host.as_ref()).await {
@@ -450,6 +500,10 @@ struct StandbyConnection {
     silence: Duration,
     /// It has been silent for longer than that, and the host was told.
     silent: bool,
+    /// When it was accepted.
+    accepted_at: tokio::time::Instant,
+    /// A batch of it was accepted (judged allowed) here.
+    answered: bool,
 }
 
 impl StandbyConnection {
@@ -474,49 +528,88 @@ impl StandbyConnection {
         let mut probe = [0u8; 1];
         loop {
             // Only the wait for a batch's first byte is timed: a batch is then read whole (a
-            // read given up half-way would lose the stream's framing).
-            match tokio::time::timeout(self.silence, stream.peek(&mut probe)).await {
-                Err(_) => {
-                    if !self.silent {
-                        self.silent = true;
-                        let why = format!(
-                            "nothing from {} for {} ms",
-                            self.peer,
-                            self.silence.as_millis()
-                        );
-                        self.tell(host, Some(ActiveLost { why, closed: false }));
+            // read given up half-way would lose the stream's framing). Once the host was told
+            // of the silence, the wait is for the next byte, however long (no timer runs).
+            let first_byte = if self.silent {
+                Ok(stream.peek(&mut probe).await)
+            } else {
+                tokio::time::timeout(self.silence, stream.peek(&mut probe)).await
+            };
+            match first_byte {
+                Err(_) if !self.answered => {
+                    if self.accepted_at.elapsed() >= UNANSWERED_CONNECTION {
+                        return Err(std::io::Error::other(format!(
+                            "no batch this host accepts in {} s",
+                            UNANSWERED_CONNECTION.as_secs()
+                        )));
                     }
+                    continue;
+                }
+                Err(_) => {
+                    self.silent = true;
+                    let why = format!(
+                        "nothing from {} for {} ms",
+                        self.peer,
+                        self.silence.as_millis()
+                    );
+                    self.tell(host, Some(ActiveLost { why, closed: false }));
                     continue;
                 }
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
             }
-            let (h, bytes) = tokio::time::timeout(IO_TIMEOUT, read_batch(stream))
+            let (h, len) = tokio::time::timeout(IO_TIMEOUT, read_header(stream))
                 .await
                 .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
             if h.kind == KIND_GUEST {
                 return Ok(Some(h));
             }
-            self.silence = h.silence;
-            let ack = self.receive(&h, bytes, &state, host).await;
+            // Judged on its header: a refused batch is answered at once and its body passed
+            // over, never held in memory; only an accepted one's sender sets the silence.
+            let ack = match self.judge(&h, host) {
+                Ok(role) => {
+                    let bytes = tokio::time::timeout(IO_TIMEOUT, read_body(stream, len))
+                        .await
+                        .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
+                    self.silence = h.silence;
+                    self.answered = true;
+                    self.receive(&h, role, bytes, &state, host).await
+                }
+                Err(refusal) => {
+                    tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &refusal))
+                        .await
+                        .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
+                    tokio::time::timeout(IO_TIMEOUT, skip_body(stream, len))
+                        .await
+                        .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
+                    continue;
+                }
+            };
             tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &ack))
                 .await
                 .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
         }
     }
 
-    /// Applies (or refuses) one batch; its acknowledgement.
-    async fn receive(
-        &mut self,
-        h: &Header,
-        bytes: Vec<u8>,
-        state: &Arc<dyn ReplicaState>,
-        host: &dyn StandbyHost,
-    ) -> Ack {
+    /// Whether batch `h` may be taken here, judged on its header: the role this host's
+    /// instance of the VNF has; the refusal to answer otherwise. State (a snapshot, a log, a
+    /// keepalive) goes to a standby at the sender's epoch or above (a sender below it is told
+    /// it is stale, and fences itself) from its active's address; packets of a move's
+    /// hand-off to an instance in either role, from that address.
+    fn judge(&self, h: &Header, host: &dyn StandbyHost) -> Result<Role, Ack> {
         let vnf = &h.vnf;
         if h.kind == KIND_PACKETS {
-            return self.receive_packets(h, bytes, state, host).await;
+            host.peer_allowed(vnf, self.peer_ip)
+                .map_err(|why| Ack::new(h.seq, ACK_REFUSED, why))?;
+            return match host.role(vnf) {
+                Some((role, _)) => Ok(role),
+                None => Err(Ack::new(
+                    h.seq,
+                    ACK_REFUSED,
+                    format!("this host runs no instance of {vnf}"),
+                )),
+            };
         }
         match host.role(vnf) {
             Some((Role::Standby, mine)) if h.epoch >= mine => {}
@@ -530,20 +623,34 @@ impl StandbyConnection {
                     ),
                 );
                 ack.epoch = mine;
-                return ack;
+                return Err(ack);
             }
             _ => {
-                return Ack::new(
+                return Err(Ack::new(
                     h.seq,
                     ACK_REFUSED,
                     format!("this host runs no standby of {vnf}"),
-                );
+                ));
             }
         }
-        // A stale sender was told so above (it fences itself); a current one must be the
-        // active's host.
-        if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
-            return Ack::new(h.seq, ACK_REFUSED, why);
+        host.peer_allowed(vnf, self.peer_ip)
+            .map_err(|why| Ack::new(h.seq, ACK_REFUSED, why))?;
+        Ok(Role::Standby)
+    }
+
+    /// Applies one batch [`judged`](Self::judge) allowed for this host's instance in `role`;
+    /// its acknowledgement.
+    async fn receive(
+        &mut self,
+        h: &Header,
+        role: Role,
+        bytes: Vec<u8>,
+        state: &Arc<dyn ReplicaState>,
+        host: &dyn StandbyHost,
+    ) -> Ack {
+        let vnf = &h.vnf;
+        if h.kind == KIND_PACKETS {
+            return self.receive_packets(h, role, bytes, state, host).await;
         }
         self.heard(vnf, host);
         if h.kind == KIND_KEEPALIVE {
@@ -585,24 +692,14 @@ impl StandbyConnection {
     async fn receive_packets(
         &mut self,
         h: &Header,
+        role: Role,
         bytes: Vec<u8>,
         state: &Arc<dyn ReplicaState>,
         host: &dyn StandbyHost,
     ) -> Ack {
         let vnf = &h.vnf;
-        if let Err(why) = host.peer_allowed(vnf, self.peer_ip) {
-            return Ack::new(h.seq, ACK_REFUSED, why);
-        }
-        match host.role(vnf) {
-            None => {
-                return Ack::new(
-                    h.seq,
-                    ACK_REFUSED,
-                    format!("this host runs no instance of {vnf}"),
-                );
-            }
-            Some((Role::Standby, _)) => self.heard(vnf, host),
-            Some((Role::Active, _)) => {}
+        if role == Role::Standby {
+            self.heard(vnf, host);
         }
         let (state, name) = (Arc::clone(state), vnf.clone());
         match tokio::task::spawn_blocking(move || state.hand_in(&name, &bytes)).await {
@@ -2249,6 +2346,132 @@ mod tests {
             .expect("the standby kept the connection open")
             .unwrap_or(0);
         assert_eq!(n, 0, "no acknowledgement, the connection dropped");
+    }
+
+    /// The header of a batch of `kind` for nat1 announcing `len` bytes (a silence of `silence`).
+    fn raw_header(kind: u8, len: u32, silence_ms: u32) -> Vec<u8> {
+        let mut head = Vec::new();
+        head.extend_from_slice(MAGIC);
+        head.push(kind);
+        head.extend_from_slice(&4u16.to_le_bytes());
+        head.extend_from_slice(b"nat1");
+        head.extend_from_slice(&1u64.to_le_bytes());
+        head.extend_from_slice(&0u64.to_le_bytes());
+        head.extend_from_slice(&silence_ms.to_le_bytes());
+        head.extend_from_slice(&len.to_le_bytes());
+        head
+    }
+
+    /// A batch from an address that may not send is refused on its header: answered before
+    /// its body (announced at 256 MiB) is even sent, so nothing is held for it; the
+    /// connection's framing goes on past the body.
+    #[tokio::test]
+    async fn a_batch_from_a_peer_that_may_not_send_is_refused_before_its_body() {
+        let host = Arc::new(Standbys::default());
+        *host.active_from.lock().unwrap() = Some("10.9.9.9".parse().unwrap());
+        let (address, standby) = standby_host(host.clone()).await;
+        let mut conn = TcpStream::connect(&address).await.unwrap();
+        conn.write_all(&raw_header(KIND_SNAPSHOT, MAX_BATCH_BYTES - 1, 30))
+            .await
+            .unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn))
+            .await
+            .expect("no answer before the body")
+            .unwrap();
+        assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
+        assert!(ack.message.contains("only from 10.9.9.9"), "{ack:?}");
+        // A small refused batch's body is passed over: the next header is read as one.
+        drop(conn);
+        let mut conn = TcpStream::connect(&address).await.unwrap();
+        let mut two = raw_header(KIND_LOG, 3, 30);
+        two.extend_from_slice(&[1, 2, 3]);
+        two.extend_from_slice(&raw_header(KIND_KEEPALIVE, 0, 30));
+        conn.write_all(&two).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(read_ack(&mut conn).await.unwrap().status, ACK_REFUSED);
+        }
+        assert!(standby.values.lock().unwrap().is_empty(), "nothing applied");
+        assert!(host.heard.lock().unwrap().is_empty());
+    }
+
+    /// A connection that brings no batch this host accepts is closed after a while, and a
+    /// refused batch's silence is not taken (a 1 ms one would wake the standby every ms).
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_an_accepted_batch_is_closed() {
+        let host = Arc::new(Standbys::default());
+        *host.active_from.lock().unwrap() = Some("10.9.9.9".parse().unwrap());
+        let (address, _) = standby_host(host.clone()).await;
+        let mut idle = TcpStream::connect(&address).await.unwrap();
+        let mut refused = TcpStream::connect(&address).await.unwrap();
+        refused
+            .write_all(&raw_header(KIND_KEEPALIVE, 0, 1))
+            .await
+            .unwrap();
+        assert_eq!(read_ack(&mut refused).await.unwrap().status, ACK_REFUSED);
+        for conn in [&mut idle, &mut refused] {
+            let mut buf = [0u8; 1];
+            let n = tokio::time::timeout(UNANSWERED_CONNECTION * 2, conn.read(&mut buf))
+                .await
+                .expect("the standby kept a connection nobody may use open")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "closed");
+        }
+        assert!(host.heard.lock().unwrap().is_empty());
+    }
+
+    /// Beyond the cap ([`MAX_CONNECTIONS`] in an agent) open at once, a new connection is
+    /// closed as it comes.
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_closed_at_once() {
+        const CAP: usize = 8;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let host = Arc::new(Standbys::default());
+        tokio::spawn(serve_at_most(
+            Arc::new(listener),
+            Arc::new(Counters::default()),
+            host,
+            CAP,
+        ));
+        let mut open = Vec::new();
+        for _ in 0..CAP {
+            open.push(TcpStream::connect(&address).await.unwrap());
+        }
+        // Every one of them served: each answers a keepalive.
+        let last = open.last_mut().unwrap();
+        assert_eq!(
+            keepalive(last, "nat1", 0, Duration::from_secs(5))
+                .await
+                .status,
+            ACK_OK
+        );
+        let mut extra = TcpStream::connect(&address).await.unwrap();
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("a connection beyond the cap was kept")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed");
+        // One goes: a new one is served again.
+        drop(open.pop());
+        let mut again = None;
+        for _ in 0..100 {
+            let mut conn = TcpStream::connect(&address).await.unwrap();
+            let header = Header {
+                vnf: "nat1".parse().unwrap(),
+                kind: KIND_KEEPALIVE,
+                seq: 1,
+                epoch: 0,
+                silence: Duration::from_secs(5),
+            };
+            write_batch(&mut conn, &header, &[]).await.unwrap();
+            if let Ok(ack) = read_ack(&mut conn).await {
+                again = Some(ack);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(again.map(|a| a.status), Some(ACK_OK));
     }
 
     #[tokio::test]
