@@ -53,6 +53,8 @@ struct Applied {
     /// Tunnel nodes this network placed (one per other host it links to), by node name, with
     /// their counters.
     tunnels: BTreeMap<String, Arc<VxlanTunnelStats>>,
+    /// The remote endpoint and VNI each of those tunnels was made for.
+    tunnel_ends: BTreeMap<String, (SocketAddr, u32)>,
     /// Tunnels no link needs any more, since when: they go after [`TUNNEL_LINGER`], and
     /// meanwhile send on what their incoming rings still hold.
     retiring: BTreeMap<String, Instant>,
@@ -180,11 +182,8 @@ impl NetworkReconciler {
     ) -> Option<PortRef> {
         let node = Self::tunnel_name(name, link, peer);
         let port = PortRef::new(&node, vxlan::TUNNEL_PORT);
-        if a.tunnels.contains_key(&node) && self.dp.node_ports(&node).is_some() {
-            return Some(port);
-        }
         let Some(span) = &a.span else {
-            return None;
+            return a.tunnels.contains_key(&node).then_some(port);
         };
         let Some(endpoint) = &self.vxlan else {
             waiting.push(format!(
@@ -211,6 +210,18 @@ impl NetworkReconciler {
             ));
             return None;
         };
+        if a.tunnels.contains_key(&node) && self.dp.node_ports(&node).is_some() {
+            if a.tunnel_ends.get(&node) == Some(&(remote, vni)) {
+                return Some(port);
+            }
+            // The peer's tunnel address or the link's VNI changed (a host renumbered, a
+            // network given a new block): the tunnel is made again, so nothing more goes to,
+            // or is taken from, the old address under the old VNI.
+            let _ = self.dp.remove_node(&node);
+            a.tunnels.remove(&node);
+            a.tunnel_ends.remove(&node);
+            a.retiring.remove(&node);
+        }
         let placed = endpoint.tunnel(remote, vni).map_err(dp_err).and_then(|t| {
             let stats = t.stats();
             self.dp
@@ -219,6 +230,7 @@ impl NetworkReconciler {
         });
         match placed {
             Ok(stats) => {
+                a.tunnel_ends.insert(node.clone(), (remote, vni));
                 a.tunnels.insert(node, stats);
                 Some(port)
             }
@@ -516,6 +528,7 @@ impl NetworkReconciler {
                 endpoints: BTreeMap::new(),
                 span: None,
                 tunnels: BTreeMap::new(),
+                tunnel_ends: BTreeMap::new(),
                 retiring: BTreeMap::new(),
             });
             if a.probing {
@@ -729,6 +742,7 @@ impl NetworkReconciler {
             for t in gone {
                 let _ = self.dp.remove_node(&t);
                 a.tunnels.remove(&t);
+                a.tunnel_ends.remove(&t);
                 a.retiring.remove(&t);
             }
         }
@@ -1759,6 +1773,56 @@ mod tests {
         h1.dp.release_links("x");
         h1.sync_spans(std::slice::from_ref(&d), &[span("h2")]);
         assert_eq!(live(), ["tun:n/1@h2.io -> b.in"]);
+    }
+
+    /// A peer host whose tunnel address changes gets the link's frames at its new address
+    /// (the tunnel is made again), as does a link whose VNI changes (a network given a new
+    /// block): the old address and VNI are no longer used.
+    #[test]
+    fn a_tunnel_follows_its_peers_new_address_and_its_links_new_vni() {
+        let (h1, _) = tunnel_host("h1");
+        let d = parse_network(TWO_LANES.as_bytes(), Format::Yaml).unwrap();
+        let old = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let new = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for s in [&old, &new] {
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        }
+        let spread = [
+            ("slow", "h1"),
+            ("fast", "h1"),
+            ("sink1", "h2"),
+            ("sink2", "h2"),
+        ];
+        let at = |peer: &std::net::UdpSocket| peer.local_addr().unwrap().to_string();
+        // The VNI of the first datagram `peer` receives within the deadline.
+        let vni_at = |peer: &std::net::UdpSocket, span: &NetworkSpan| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut buf = [0u8; 2048];
+            loop {
+                h1.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(span));
+                if let Ok(n) = peer.recv(&mut buf) {
+                    return vxlan::decap(&buf[..n]).unwrap().0;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "nothing at {:?}",
+                    peer.local_addr()
+                );
+            }
+        };
+        let first = two_lanes_span(spread, &[("h2", &at(&old))]);
+        assert!([40, 41].contains(&vni_at(&old, &first)));
+        let moved = two_lanes_span(spread, &[("h2", &at(&new))]);
+        assert!([40, 41].contains(&vni_at(&new, &moved)));
+        let renumbered = NetworkSpan {
+            vni: 90,
+            ..moved.clone()
+        };
+        // Frames in flight with the old VNI may still come: the new one comes in the end.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ![90, 91].contains(&vni_at(&new, &renumbered)) {
+            assert!(Instant::now() < deadline, "the old VNIs are still used");
+        }
     }
 
     #[test]

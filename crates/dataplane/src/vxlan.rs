@@ -72,6 +72,12 @@ pub const MAX_INNER_FRAME: usize = MAX_DATAGRAM - HEADER_LEN;
 pub const QUEUE_CAPACITY: usize = 512;
 /// Datagrams for a tunnel not made yet an endpoint holds at most (see the module's comment).
 pub const EARLY_CAPACITY: usize = 1024;
+/// The share of the pool an endpoint's tunnels may hold in their queues and early at once
+/// (1/4, at least one tunnel's [`QUEUE_CAPACITY`]): past it a tunnel keeps taking datagrams
+/// only up to its fair part of that, so stuck tunnels (unlinked, or their VNF stalled) and
+/// whoever floods them hold at most about half the pool, never the buffers every VNF and port
+/// of the host allocates from.
+pub const HELD_SHARE_OF_POOL: usize = 4;
 /// How long such a datagram is held for its tunnel.
 pub const EARLY_WAIT: Duration = Duration::from_millis(500);
 /// Receive batches one poll takes from the shared socket at most.
@@ -658,9 +664,10 @@ impl VxlanEndpoint {
         };
         self.expire_early();
         let map = self.map();
+        let mut held = Held::of(&map, self.early_len.load(Ordering::Acquire), &self.pool);
         let mut total = 0;
         for _ in 0..RECV_ROUNDS {
-            let got = self.receive_batch(io, &map);
+            let got = self.receive_batch(io, &map, &mut held);
             total += got;
             if got < BATCH {
                 break;
@@ -670,7 +677,7 @@ impl VxlanEndpoint {
     }
 
     /// One `recvmmsg` of up to [`BATCH`] datagrams, each dispatched to its tunnel's queue.
-    fn receive_batch(&self, io: &mut NodeIo<'_>, map: &TunnelMap) -> usize {
+    fn receive_batch(&self, io: &mut NodeIo<'_>, map: &TunnelMap, held: &mut Held) -> usize {
         let pool = io.pool();
         let mut slots: Vec<Packet> = Vec::with_capacity(BATCH);
         let k = io.alloc_batch(BATCH, &mut slots);
@@ -748,11 +755,12 @@ impl VxlanEndpoint {
                 continue;
             };
             let Some(t) = map.get(&(src, vni)) else {
-                if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
+                if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || held.full() {
                     self.drop_unknown((src, vni), p);
                 } else {
                     pool.set_len(&mut p, n - HEADER_LEN);
                     self.hold_early((src, vni), p);
+                    held.count += 1;
                 }
                 continue;
             };
@@ -762,12 +770,47 @@ impl VxlanEndpoint {
                 continue;
             }
             pool.set_len(&mut p, n - HEADER_LEN);
-            if let Err(p) = t.queue.push(p) {
+            if held.full() && t.queue.len() >= held.fair_part {
                 t.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
                 io.free(p);
+                continue;
+            }
+            match t.queue.push(p) {
+                Ok(()) => held.count += 1,
+                Err(p) => {
+                    t.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
+                    io.free(p);
+                }
             }
         }
         got
+    }
+}
+
+/// The pool buffers an endpoint's tunnels hold (queued, and early), as a receive round counts
+/// them: at its start, plus what it queued since (what tunnels took meanwhile is not taken
+/// off: the count errs high).
+struct Held {
+    count: usize,
+    /// [`HELD_SHARE_OF_POOL`] of the pool.
+    budget: usize,
+    /// A tunnel's part of the budget.
+    fair_part: usize,
+}
+
+impl Held {
+    fn of(map: &TunnelMap, early: usize, pool: &Pool) -> Held {
+        let budget = (pool.capacity() / HELD_SHARE_OF_POOL).max(QUEUE_CAPACITY);
+        Held {
+            count: map.values().map(|t| t.queue.len()).sum::<usize>() + early,
+            budget,
+            fair_part: (budget / map.len().max(1)).max(1),
+        }
+    }
+
+    /// The budget is spent.
+    fn full(&self) -> bool {
+        self.count >= self.budget
     }
 }
 
@@ -1329,6 +1372,60 @@ mod tests {
         let want: Vec<u64> = (0..(32 + QUEUE_CAPACITY) as u64).collect();
         assert_eq!(seqs, want);
         drop(tb);
+        hb.finish();
+        assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
+    }
+
+    /// Eight tunnels nobody drains (unlinked, or their VNF stalled), flooded: together they
+    /// hold about half the pool at most, and a tunnel that forwards still gets its datagrams
+    /// (before, they took every buffer and the whole endpoint stopped receiving).
+    #[test]
+    fn stuck_tunnels_cannot_take_the_pool() {
+        let pool = Arc::new(Pool::new("vxlan-stuck", 4096, 2048).unwrap());
+        let eb = VxlanEndpoint::bind(LOCAL.parse().unwrap(), Arc::clone(&pool)).unwrap();
+        let peer: SocketAddr = "127.0.0.1:4789".parse().unwrap();
+        let stuck: Vec<VxlanTunnel> = (1..=8).map(|vni| eb.tunnel(peer, vni).unwrap()).collect();
+        let mut live = eb.tunnel(peer, 9).unwrap();
+        let mut hb = Harness::new(&pool, 1024);
+        let src = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let es = eb.stats();
+        let mut sent = 0u64;
+        for round in 0..600 / 4 {
+            for vni in 1..=8u32 {
+                for _ in 0..4 {
+                    src.send_to(&encap(vni, &frame(round)).unwrap(), eb.local_addr())
+                        .unwrap();
+                    sent += 1;
+                }
+            }
+            wait_until("the flood read", || {
+                hb.poll(&mut live);
+                es.datagrams.load(Ordering::Relaxed) == sent
+            });
+        }
+        assert!(
+            pool.available() >= pool.capacity() / 2 - 2 * BATCH,
+            "the stuck tunnels hold {} of {} buffers",
+            pool.capacity() - pool.available(),
+            pool.capacity()
+        );
+        let full: u64 = stuck
+            .iter()
+            .map(|t| t.stats().rx_queue_full.load(Ordering::Relaxed))
+            .sum();
+        assert!(full > 0, "what they could not hold is counted");
+        for i in 0..10 {
+            src.send_to(&encap(9, &frame(i)).unwrap(), eb.local_addr())
+                .unwrap();
+        }
+        let mut got = 0;
+        wait_until("the forwarding tunnel's datagrams", || {
+            hb.poll(&mut live);
+            got += hb.take().len();
+            got == 10
+        });
+        drop(stuck);
+        drop(live);
         hb.finish();
         assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
     }
