@@ -32,6 +32,10 @@ const VNI_COUNTER: &str = "/counters/vni";
 /// VNIs are 24 bits; after the last one the counter wraps to 1 (0 means none).
 const MAX_NETWORK_VNI: u32 = (1 << 24) - 1;
 
+/// Set once the counter wrapped: from then on a new block may meet a live network's, so
+/// each is checked against them.
+const VNI_WRAPPED: &str = "/counters/vni-wrapped";
+
 /// The first VNI of a block of `count` (at least 1) after the counter's `last`: a block that
 /// would pass the last VNI starts again at 1.
 fn next_vni_block(last: u32, count: u32) -> u32 {
@@ -41,6 +45,35 @@ fn next_vni_block(last: u32, count: u32) -> u32 {
     } else {
         first
     }
+}
+
+/// The first block of `count` VNIs after `last` (wrapping to 1 past the last VNI) that meets
+/// none of the `taken` blocks (first VNI, count); `None` when every place meets one.
+fn free_vni_block(last: u32, count: u32, taken: &[(u32, u32)]) -> Option<u32> {
+    let end_of = |first: u32, n: u32| first.saturating_add(n.max(1) - 1);
+    let meets = |first: u32| {
+        taken
+            .iter()
+            .filter(|(f, n)| *f <= end_of(first, count) && first <= end_of(*f, *n))
+            .map(|(f, n)| end_of(*f, *n))
+            .max()
+    };
+    let mut first = next_vni_block(last, count);
+    let mut wrapped = first <= last;
+    for _ in 0..=2 * taken.len() + 1 {
+        let Some(end) = meets(first) else {
+            return Some(first);
+        };
+        let next = next_vni_block(end, count);
+        if next <= first {
+            if wrapped {
+                return None;
+            }
+            wrapped = true;
+        }
+        first = next;
+    }
+    None
 }
 
 /// How long `net show` waits for a host's data plane to report a network before it shows the
@@ -328,7 +361,26 @@ impl Controller {
                 Some(v) => (decode::<u32>(VNI_COUNTER, &v.value)?, v.mod_revision),
                 None => (0, 0),
             };
-            network.vni = next_vni_block(last, count);
+            // Until the counter first wraps, blocks only grow: none can meet a live one.
+            let next = next_vni_block(last, count);
+            let wraps = next <= last;
+            let wrapped = wraps || self.store_handle().get(VNI_WRAPPED).await?.is_some();
+            network.vni = if wrapped {
+                let taken: Vec<(u32, u32)> = self
+                    .all_networks()
+                    .await?
+                    .iter()
+                    .filter(|n| n.name != network.name && n.vni != 0)
+                    .map(|n| (n.vni, n.vnis))
+                    .collect();
+                free_vni_block(last, count, &taken).ok_or_else(|| {
+                    ControllerError::Conflict(format!(
+                        "no free block of {count} VNIs: the networks hold them (of 1..={MAX_NETWORK_VNI}); delete a network to free its block"
+                    ))
+                })?
+            } else {
+                next
+            };
             network.vnis = count;
             let block_end = network.vni + (count - 1);
             let value = serde_json::to_vec(&*network)
@@ -357,7 +409,14 @@ impl Controller {
                             value: block_end.to_string().into_bytes(),
                             lease: None,
                         },
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(wraps.then(|| Op::Put {
+                        key: VNI_WRAPPED.to_owned(),
+                        value: b"true".to_vec(),
+                        lease: None,
+                    }))
+                    .collect(),
                 )
                 .await?;
             if outcome.succeeded {
@@ -954,5 +1013,27 @@ mod tests {
         assert_eq!(next_vni_block(MAX_NETWORK_VNI - 2, 3), 1);
         assert_eq!(next_vni_block(MAX_NETWORK_VNI, 1), 1);
         assert_eq!(next_vni_block(u32::MAX, 1), 1);
+    }
+
+    #[test]
+    fn after_the_counter_wraps_a_block_meets_no_live_network() {
+        // Nothing taken: the counter's next block.
+        assert_eq!(free_vni_block(41, 3, &[]), Some(42));
+        // Wrapped to 1 where a live network holds 1..=4: the first free place after it.
+        assert_eq!(free_vni_block(MAX_NETWORK_VNI, 2, &[(1, 4)]), Some(5));
+        // Between two networks, only a gap large enough takes the block.
+        assert_eq!(free_vni_block(0, 3, &[(1, 2), (5, 1), (9, 1)]), Some(6));
+        // A block that overlaps a network's end, not its start, also meets it.
+        assert_eq!(free_vni_block(2, 2, &[(1, 3)]), Some(4));
+        // Past the last VNI's neighbours, back at 1.
+        let near_end = MAX_NETWORK_VNI - 1;
+        assert_eq!(free_vni_block(near_end - 1, 2, &[(near_end, 2)]), Some(1));
+        // Every place taken: none.
+        assert_eq!(free_vni_block(0, 2, &[(1, MAX_NETWORK_VNI)]), None);
+        assert_eq!(
+            free_vni_block(5, 2, &[(1, MAX_NETWORK_VNI - 1)]),
+            None,
+            "one VNI left is not a block of 2"
+        );
     }
 }

@@ -497,6 +497,42 @@ async fn each_network_holds_a_block_of_vnis_one_per_link() {
     assert_eq!(vnis(&show(&node, &node.admin, "a").await), (a_first + 3, 3));
 }
 
+/// Once the VNI counter wraps (after 2^24 - 1 VNIs given out), a new block goes where no live
+/// network's is: two networks never share a VNI, which would join their links between hosts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_vni_counter_wraps_no_two_networks_share_a_vni() {
+    let node = Node::start().await;
+    for vnf in ["fw1", "nat1", "fw2"] {
+        create_vnf(&node, &node.admin, vnf).await;
+    }
+    let vnis = |r: &common::Reply| {
+        (
+            r.body["vni"].as_u64().unwrap(),
+            r.body["vnis"].as_u64().unwrap(),
+        )
+    };
+    let r = create(
+        &node,
+        &node.admin,
+        &network("a", &["gen-a.out -> fw1.in", "fw1.out -> nat1.in"]),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (a_first, a_count) = vnis(&r);
+    // The counter at the last VNI: the next block starts again from 1.
+    node.store
+        .put("/counters/vni", ((1u32 << 24) - 1).to_string().into_bytes())
+        .await
+        .unwrap();
+    let r = create(&node, &node.admin, &network("b", &["gen-b.out -> fw2.in"])).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (b_first, _) = vnis(&r);
+    assert!(
+        b_first < a_first || b_first >= a_first + a_count,
+        "b's VNI {b_first} is in a's block {a_first}+{a_count}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_network_with_more_links_than_allowed_is_refused() {
     let node = Node::start().await;
