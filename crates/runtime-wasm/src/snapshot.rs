@@ -447,7 +447,11 @@ impl MapSet {
     }
 
     /// Applies an update log taken right after the snapshot or log this set was restored from
-    /// (checked through the chained checksums). Validates everything before changing anything.
+    /// (checked through the chained checksums). Validates the log's framing and map ids
+    /// before changing anything; an update that fails in the replay (a map here smaller than
+    /// the sender's, full) leaves the maps at a prefix of the log, a past state of the
+    /// sender's, and the set at its old checksum, so no later log applies until a snapshot
+    /// sets it right (the error says to resync).
     pub fn apply_log(&mut self, bytes: &[u8]) -> Result<u64> {
         let (body, crc) = checked_body(bytes, LOG_MAGIC, "update log")?;
         let mut r = Reader { b: body, pos: 8 };
