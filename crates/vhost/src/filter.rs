@@ -429,12 +429,20 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
                 let (Some(size), Some(offset)) = (u64_at(at + 8), u64_at(at + 24)) else {
                     break;
                 };
-                fits_file(file, offset, size, &format!("SET_MEM_TABLE region {i}"))?;
+                fits_file(
+                    file,
+                    offset,
+                    size,
+                    &format!("SET_MEM_TABLE region {i}"),
+                    true,
+                )?;
             }
             Ok(())
         }
         SET_LOG_BASE => match (u64_at(0), u64_at(8), files.first()) {
-            (Some(size), Some(offset), Some(file)) => fits_file(file, offset, size, "SET_LOG_BASE"),
+            (Some(size), Some(offset), Some(file)) => {
+                fits_file(file, offset, size, "SET_LOG_BASE", false)
+            }
             _ => Ok(()),
         },
         _ => Ok(()),
@@ -442,17 +450,27 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
 }
 
 /// `size` bytes from `offset` lie within `file` as it is now.
-fn fits_file(file: &File, offset: u64, size: u64, what: &str) -> io::Result<()> {
+/// Guest memory in a memfd (`sealed`) must also be sealed against shrinking (QEMU seals its
+/// memory backends so), or it could be cut short after this check; a file on hugetlbfs
+/// cannot be sealed, and QEMU's dirty log is a memfd it does not seal: both are taken on
+/// their size alone.
+fn fits_file(file: &File, offset: u64, size: u64, what: &str, sealed: bool) -> io::Result<()> {
+    let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
     let len = file.metadata()?.len();
-    match offset.checked_add(size) {
-        Some(end) if end <= len => Ok(()),
-        _ => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "{what}: {size} bytes from offset {offset} reach past the end of its file ({len} bytes)"
-            ),
-        )),
+    if offset.checked_add(size).is_none_or(|end| end > len) {
+        return refuse(format!(
+            "{what}: {size} bytes from offset {offset} reach past the end of its file ({len} bytes)"
+        ));
     }
+    // SAFETY: F_GET_SEALS reads the seals of an open descriptor; a file that is not a memfd
+    // answers EINVAL.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    if sealed && seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
+        return refuse(format!(
+            "{what}: its memfd may still be shrunk (no F_SEAL_SHRINK), and a touch past a shrunk end would end the node"
+        ));
+    }
+    Ok(())
 }
 
 /// The features of a `SET_FEATURES` payload (a little-endian `u64`; 0 when malformed).

@@ -271,3 +271,23 @@ fn memory_or_a_dirty_log_beyond_its_file_ends_the_connection() {
         "a log past its file refused: the connection ended"
     );
 }
+
+/// Guest memory in a memfd that may still shrink ends the connection: cut short after the
+/// check, a touch past its end would end the node (QEMU seals its memory backends).
+#[test]
+fn guest_memory_in_a_memfd_that_may_shrink_ends_the_connection() {
+    // SAFETY: a valid NUL-terminated name; no seals allowed, so it can always shrink.
+    let fd = unsafe { libc::memfd_create(c"tv-unsealed".as_ptr(), 0) };
+    assert!(fd >= 0);
+    // SAFETY: just returned by memfd_create, owned here alone.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: a valid fd; MEM bytes.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as i64) }, 0);
+    let sealed = GuestRam::new(QUEUE);
+    let mut region = sealed.region(MEM as u64);
+    region.mmap_handle = fd.as_raw_fd();
+    let dir = tempfile::tempdir().unwrap();
+    let (_nic, fe) = handshake_to_features(&dir);
+    fe.set_mem_table(&[region]).unwrap();
+    assert!(fe.get_features().is_err(), "an unsealed memfd refused");
+}

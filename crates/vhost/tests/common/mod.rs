@@ -32,13 +32,20 @@ pub struct GuestRam {
 
 impl GuestRam {
     pub fn new(queue: u16) -> GuestRam {
-        // SAFETY: a valid NUL-terminated name; no flags.
-        let fd = unsafe { libc::memfd_create(c"tv-guest".as_ptr(), 0) };
+        // SAFETY: a valid NUL-terminated name; sealable, as QEMU's memory backends are.
+        let fd = unsafe { libc::memfd_create(c"tv-guest".as_ptr(), libc::MFD_ALLOW_SEALING) };
         assert!(fd >= 0);
         // SAFETY: `fd` was just returned by memfd_create and is owned here alone.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         // SAFETY: a valid fd; MEM bytes.
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as i64) }, 0);
+        // Its size fixed, as QEMU seals its memfds (the NIC refuses one that may shrink).
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+        // SAFETY: a valid fd created with MFD_ALLOW_SEALING.
+        assert_eq!(
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+            0
+        );
         // SAFETY: a shared mapping of the whole memfd.
         let base = unsafe {
             libc::mmap(
