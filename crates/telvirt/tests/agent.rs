@@ -827,6 +827,22 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     node.ok(&["net", "delete", "t2"]);
 }
 
+/// `f`, and if it fails, the last lines of both agents' logs on stderr first (a move that
+/// hangs shows where on each side).
+fn with_agent_logs<T>(node: &Serve, f: impl FnOnce() -> T) -> T {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|e| {
+        for log in ["a1.log", "a2.log"] {
+            let text = std::fs::read_to_string(node.path(log)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "{log} ends:\n{}",
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
+        std::panic::resume_unwind(e)
+    })
+}
+
 /// Hosts of two cores, as this machine has (cpu 0 shared, for QEMU's other threads): a vm's
 /// dedicated core is one its QEMU can use.
 const TWO_CORES: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 2, threads_per_core: 1 }\n    shared: \"0\"\n";
@@ -1318,7 +1334,9 @@ fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
         sink_link_packets(&node, "c1") > 500
     });
 
-    let moved = node.json(&["vnf", "migrate", "vmnic1", "--to", "a2", "--timeout", "240"]);
+    let moved = with_agent_logs(&node, || {
+        node.json(&["vnf", "migrate", "vmnic1", "--to", "a2", "--timeout", "240"])
+    });
     assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
     wait_until("a1's QEMU ended after the switch", || {
         !common::alive(source)
