@@ -664,7 +664,8 @@ impl VxlanEndpoint {
         };
         self.expire_early();
         let map = self.map();
-        let mut held = Held::of(&map, self.early_len.load(Ordering::Acquire), &self.pool);
+        // Counted once a round has datagrams to place (an idle poll reads no tunnel's queue).
+        let mut held = None;
         let mut total = 0;
         for _ in 0..RECV_ROUNDS {
             let got = self.receive_batch(io, &map, &mut held);
@@ -677,7 +678,12 @@ impl VxlanEndpoint {
     }
 
     /// One `recvmmsg` of up to [`BATCH`] datagrams, each dispatched to its tunnel's queue.
-    fn receive_batch(&self, io: &mut NodeIo<'_>, map: &TunnelMap, held: &mut Held) -> usize {
+    fn receive_batch(
+        &self,
+        io: &mut NodeIo<'_>,
+        map: &TunnelMap,
+        held: &mut Option<Held>,
+    ) -> usize {
         let pool = io.pool();
         let mut slots: Vec<Packet> = Vec::with_capacity(BATCH);
         let k = io.alloc_batch(BATCH, &mut slots);
@@ -732,11 +738,16 @@ impl VxlanEndpoint {
                 0
             }
         };
-        if got > 0 {
-            self.stats
-                .datagrams
-                .fetch_add(got as u64, Ordering::Relaxed);
+        if got == 0 {
+            io.free_all(&mut slots);
+            return 0;
         }
+        self.stats
+            .datagrams
+            .fetch_add(got as u64, Ordering::Relaxed);
+        let held = held.get_or_insert_with(|| {
+            Held::of(map, self.early_len.load(Ordering::Acquire), &self.pool)
+        });
         for (i, mut p) in slots.into_iter().enumerate() {
             if i >= got {
                 io.free(p);
