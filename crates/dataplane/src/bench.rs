@@ -152,6 +152,54 @@ fn backoff(spins: &mut u32) {
     }
 }
 
+/// rtrb's reader at its best taking `n` descriptors in chunks of up to `batch` (a partial
+/// chunk when fewer are ready) and reading each one's frame; with `INTO_VEC`, each chunk's two
+/// runs copied into a reused `Vec` first, as telvirt's `pop_into` hands a batch over. Returns
+/// the frames' checksum.
+fn rtrb_consume<const INTO_VEC: bool>(
+    mut q: rtrb::Consumer<u64>,
+    n: u64,
+    batch: usize,
+    frames: &[[u8; PACKET_SIZE]],
+) -> u64 {
+    let mut got = 0u64;
+    let mut sum = 0u64;
+    let mut spins = 0;
+    let mut buf = Vec::with_capacity(if INTO_VEC { batch } else { 0 });
+    while got < n {
+        let chunk = match q.read_chunk(batch) {
+            Ok(chunk) => chunk,
+            Err(rtrb::chunks::ChunkError::TooFewSlots(0)) => {
+                backoff(&mut spins);
+                continue;
+            }
+            Err(rtrb::chunks::ChunkError::TooFewSlots(k)) => match q.read_chunk(k) {
+                Ok(chunk) => chunk,
+                Err(_) => continue,
+            },
+        };
+        let k = chunk.len();
+        if INTO_VEC {
+            // Its two runs (before and after the ring's end) copied as slices, as telvirt's
+            // `pop_into` copies an exact-length run.
+            let (head, tail) = chunk.as_slices();
+            buf.clear();
+            buf.extend_from_slice(head);
+            buf.extend_from_slice(tail);
+            chunk.commit_all();
+            for d in &buf {
+                sum = sum.wrapping_add(u64::from(frames[*d as usize][0]));
+            }
+        } else {
+            for d in chunk {
+                sum = sum.wrapping_add(u64::from(frames[d as usize][0]));
+            }
+        }
+        got += k as u64;
+    }
+    sum
+}
+
 /// Move `n` descriptors from a pinned producer to a pinned consumer; returns elapsed time.
 fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Duration> {
     let n = opts.packets;
@@ -247,7 +295,7 @@ fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Dur
         }
         Contender::Rtrb | Contender::RtrbIntoVec => {
             let into_vec = matches!(c, Contender::RtrbIntoVec);
-            let (mut p, mut q) = rtrb::RingBuffer::<u64>::new(opts.capacity);
+            let (mut p, q) = rtrb::RingBuffer::<u64>::new(opts.capacity);
             (
                 // rtrb at its best: chunks that check the cached index first and read the
                 // other side's only when it does not suffice, and a partial chunk taken when
@@ -271,45 +319,14 @@ fn run_round(c: Contender, opts: &RingOpts, cores: (usize, usize)) -> Result<Dur
                     }
                     0
                 }),
+                // Each consumer compiled on its own: rtrb reading in place carries no trace of
+                // the copying variant.
                 Box::new(move || {
-                    let mut got = 0u64;
-                    let mut sum = 0u64;
-                    let mut spins = 0;
-                    let mut buf = Vec::with_capacity(batch);
-                    while got < n {
-                        let chunk = match q.read_chunk(batch) {
-                            Ok(chunk) => chunk,
-                            Err(rtrb::chunks::ChunkError::TooFewSlots(0)) => {
-                                backoff(&mut spins);
-                                continue;
-                            }
-                            Err(rtrb::chunks::ChunkError::TooFewSlots(k)) => {
-                                match q.read_chunk(k) {
-                                    Ok(chunk) => chunk,
-                                    Err(_) => continue,
-                                }
-                            }
-                        };
-                        let k = chunk.len();
-                        if into_vec {
-                            // Its two runs (before and after the ring's end) copied as
-                            // slices, as telvirt's `pop_into` copies an exact-length run.
-                            let (head, tail) = chunk.as_slices();
-                            buf.clear();
-                            buf.extend_from_slice(head);
-                            buf.extend_from_slice(tail);
-                            chunk.commit_all();
-                            for d in &buf {
-                                sum = sum.wrapping_add(u64::from(frames[*d as usize][0]));
-                            }
-                        } else {
-                            for d in chunk {
-                                sum = sum.wrapping_add(u64::from(frames[d as usize][0]));
-                            }
-                        }
-                        got += k as u64;
+                    if into_vec {
+                        rtrb_consume::<true>(q, n, batch, &frames)
+                    } else {
+                        rtrb_consume::<false>(q, n, batch, &frames)
                     }
-                    sum
                 }),
             )
         }
