@@ -119,10 +119,9 @@ impl Filter {
         log_pending: Arc<AtomicBool>,
     ) -> io::Result<Vec<JoinHandle<()>>> {
         let (qemu_in, daemon_out) = (qemu.try_clone()?, daemon.try_clone()?);
-        let replayed = Arc::new(AtomicU32::new(0));
         let log = LogReplay {
             pending: log_pending,
-            replies_to_drop: Arc::clone(&replayed),
+            replies_to_drop: Arc::new(AtomicU32::new(0)),
         };
         let log_out = log.clone();
         let to_daemon = std::thread::Builder::new()
@@ -272,7 +271,7 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream, log: &LogReplay) -> 
     let mut last_log: Option<(Vec<u8>, File)> = None;
     let mut payload = Vec::with_capacity(MAX_PAYLOAD);
     loop {
-        let Some((header, files)) = recv_header(qemu)? else {
+        let Some((header, mut files)) = recv_header(qemu)? else {
             return Ok(());
         };
         let word =
@@ -322,8 +321,9 @@ fn forward_requests(qemu: &UnixStream, daemon: &UnixStream, log: &LogReplay) -> 
                 }
             }
             SET_LOG_BASE => {
-                if let Some(file) = files.first() {
-                    last_log = Some((payload.clone(), file.try_clone()?));
+                // Kept, not duplicated: the daemon has its own copy of the descriptor.
+                if let Some(file) = std::mem::take(&mut files).into_iter().next() {
+                    last_log = Some((payload.clone(), file));
                 }
             }
             RESET_OWNER | RESET_DEVICE => (logging, last_log) = (false, None),
@@ -433,7 +433,7 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
                     file,
                     offset,
                     size,
-                    &format!("SET_MEM_TABLE region {i}"),
+                    format_args!("SET_MEM_TABLE region {i}"),
                     true,
                 )?;
             }
@@ -441,7 +441,7 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
         }
         SET_LOG_BASE => match (u64_at(0), u64_at(8), files.first()) {
             (Some(size), Some(offset), Some(file)) => {
-                fits_file(file, offset, size, "SET_LOG_BASE", false)
+                fits_file(file, offset, size, format_args!("SET_LOG_BASE"), false)
             }
             _ => Ok(()),
         },
@@ -454,7 +454,13 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
 /// memory backends so), or it could be cut short after this check; a file on hugetlbfs
 /// cannot be sealed, and QEMU's dirty log is a memfd it does not seal: both are taken on
 /// their size alone.
-fn fits_file(file: &File, offset: u64, size: u64, what: &str, sealed: bool) -> io::Result<()> {
+fn fits_file(
+    file: &File,
+    offset: u64,
+    size: u64,
+    what: std::fmt::Arguments<'_>,
+    sealed: bool,
+) -> io::Result<()> {
     let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
     let len = file.metadata()?.len();
     if offset.checked_add(size).is_none_or(|end| end > len) {
@@ -462,10 +468,13 @@ fn fits_file(file: &File, offset: u64, size: u64, what: &str, sealed: bool) -> i
             "{what}: {size} bytes from offset {offset} reach past the end of its file ({len} bytes)"
         ));
     }
+    if !sealed {
+        return Ok(());
+    }
     // SAFETY: F_GET_SEALS reads the seals of an open descriptor; a file that is not a memfd
     // answers EINVAL.
     let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-    if sealed && seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
+    if seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 {
         return refuse(format!(
             "{what}: its memfd may still be shrunk (no F_SEAL_SHRINK), and a touch past a shrunk end would end the node"
         ));
