@@ -21,6 +21,16 @@ use telvirt_dataplane::worker::{WorkerConfig, allowed_cores, set_thread_affinity
 
 use crate::AgentError;
 
+/// `m` if nobody holds it right now; a poisoned lock is taken as it was left (its holder's
+/// panic left it between two changes).
+pub(crate) fn try_lock_unpoisoned<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(held) => Some(held),
+        Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
+}
+
 /// Packet buffers in the node's pool.
 pub const POOL_BUFFERS: usize = 16384;
 /// Slots per link ring.
@@ -141,8 +151,7 @@ impl NodeDataPlane {
     /// applies to every thread of the process.
     pub fn confine_housekeeping(&self) {
         self.confine_housekeeping.store(true, Ordering::Relaxed);
-        let placement = self.housekeeping_placement(&self.panel());
-        self.place_housekeeping(placement);
+        self.rehouse(self.panel());
     }
 
     /// Whether node `name`'s worker should poll without sleeping for it (a wasm VNF with
@@ -162,10 +171,16 @@ impl NodeDataPlane {
         } else {
             busy
         };
+        self.rehouse(panel);
+        Ok(granted)
+    }
+
+    /// Decides where housekeeping threads belong as `panel` stands, lets the panel go, then
+    /// moves them there.
+    fn rehouse(&self, panel: MutexGuard<'_, PatchPanel>) {
         let placement = self.housekeeping_placement(&panel);
         drop(panel);
         self.place_housekeeping(placement);
-        Ok(granted)
     }
 
     /// Where housekeeping threads belong as `panel` stands (`None`: not confined): every
@@ -292,10 +307,8 @@ impl NodeDataPlane {
         let node = panel
             .remove_node(name)
             .map_err(|e| AgentError::DataPlane(e.to_string()))?;
-        let placement = self.housekeeping_placement(&panel);
         self.node_table().remove(name);
-        drop(panel);
-        self.place_housekeeping(placement);
+        self.rehouse(panel);
         Ok(node)
     }
 
@@ -315,11 +328,7 @@ impl NodeDataPlane {
     pub fn stalled_workers(&self, limit: Duration) -> Vec<(String, Duration)> {
         let now = Instant::now();
         let mut seen = self.progress.lock().unwrap_or_else(|p| p.into_inner());
-        let panel = match self.panel.try_lock() {
-            Ok(panel) => Some(panel),
-            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
+        let panel = try_lock_unpoisoned(&self.panel);
         if let Some(panel) = &panel {
             for (i, worker) in panel.workers().iter().enumerate() {
                 let rounds = worker.rounds();

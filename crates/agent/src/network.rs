@@ -35,6 +35,13 @@ use crate::dataplane::NodeDataPlane;
 /// Default generator rate.
 pub const DEFAULT_RATE_PPS: u64 = 10_000;
 
+/// A tunnel node a network placed: its counters, and the peer endpoint and VNI it was made for.
+struct PlacedTunnel {
+    stats: Arc<VxlanTunnelStats>,
+    remote: SocketAddr,
+    vni: u32,
+}
+
 struct Applied {
     descriptor: NetworkDescriptor,
     /// Links wired now.
@@ -52,9 +59,7 @@ struct Applied {
     span: Option<NetworkSpan>,
     /// Tunnel nodes this network placed (one per other host it links to), by node name, with
     /// their counters.
-    tunnels: BTreeMap<String, Arc<VxlanTunnelStats>>,
-    /// The remote endpoint and VNI each of those tunnels was made for.
-    tunnel_ends: BTreeMap<String, (SocketAddr, u32)>,
+    tunnels: BTreeMap<String, PlacedTunnel>,
     /// Tunnels no link needs any more, since when: they go after [`TUNNEL_LINGER`], and
     /// meanwhile send on what their incoming rings still hold.
     retiring: BTreeMap<String, Instant>,
@@ -170,6 +175,13 @@ impl NetworkReconciler {
         vxlan::tunnel_node(&format!("{name}/{link}@{}", peer.replace('.', ":")))
     }
 
+    /// Takes tunnel node `node` of network `a` off the panel and out of `a`'s records.
+    fn remove_tunnel(&self, a: &mut Applied, node: &str) {
+        let _ = self.dp.remove_node(node);
+        a.tunnels.remove(node);
+        a.retiring.remove(node);
+    }
+
     /// Makes the tunnel of link `link` of network `a` to host `peer` present; its port, or why
     /// not into `waiting`.
     fn ensure_tunnel(
@@ -210,17 +222,16 @@ impl NetworkReconciler {
             ));
             return None;
         };
-        if a.tunnels.contains_key(&node) && self.dp.node_ports(&node).is_some() {
-            if a.tunnel_ends.get(&node) == Some(&(remote, vni)) {
+        if let Some(t) = a.tunnels.get(&node)
+            && self.dp.node_ports(&node).is_some()
+        {
+            if (t.remote, t.vni) == (remote, vni) {
                 return Some(port);
             }
             // The peer's tunnel address or the link's VNI changed (a host renumbered, a
             // network given a new block): the tunnel is made again, so nothing more goes to,
             // or is taken from, the old address under the old VNI.
-            let _ = self.dp.remove_node(&node);
-            a.tunnels.remove(&node);
-            a.tunnel_ends.remove(&node);
-            a.retiring.remove(&node);
+            self.remove_tunnel(a, &node);
         }
         let placed = endpoint.tunnel(remote, vni).map_err(dp_err).and_then(|t| {
             let stats = t.stats();
@@ -230,8 +241,7 @@ impl NetworkReconciler {
         });
         match placed {
             Ok(stats) => {
-                a.tunnel_ends.insert(node.clone(), (remote, vni));
-                a.tunnels.insert(node, stats);
+                a.tunnels.insert(node, PlacedTunnel { stats, remote, vni });
                 Some(port)
             }
             Err(e) => {
@@ -528,7 +538,6 @@ impl NetworkReconciler {
                 endpoints: BTreeMap::new(),
                 span: None,
                 tunnels: BTreeMap::new(),
-                tunnel_ends: BTreeMap::new(),
                 retiring: BTreeMap::new(),
             });
             if a.probing {
@@ -740,10 +749,7 @@ impl NetworkReconciler {
                 .map(|(t, _)| t.clone())
                 .collect();
             for t in gone {
-                let _ = self.dp.remove_node(&t);
-                a.tunnels.remove(&t);
-                a.tunnel_ends.remove(&t);
-                a.retiring.remove(&t);
+                self.remove_tunnel(a, &t);
             }
         }
         a.waiting = waiting;
@@ -823,9 +829,11 @@ impl NetworkReconciler {
             let tunnel_drops = vni_drops
                 + spec.map_or(0, |spec| {
                     let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
+                        let t = &t.stats;
                         t.tx_errors.load(Ordering::Relaxed) + t.tx_too_big.load(Ordering::Relaxed)
                     });
                     let received = a.tunnels.get(spec.from.node.as_str()).map_or(0, |t| {
+                        let t = &t.stats;
                         t.rx_queue_full.load(Ordering::Relaxed)
                             + t.rx_too_big.load(Ordering::Relaxed)
                     });

@@ -567,16 +567,22 @@ impl StandbyConnection {
             }
             // Judged on its header: a refused batch is answered at once and its body passed
             // over, never held in memory; only an accepted one's sender sets the silence.
-            let ack = match self.judge(&h, host) {
+            let judged = self.judge(&h, host);
+            let ack = match judged {
                 Ok(_) => {
                     let bytes = tokio::time::timeout(IO_TIMEOUT, read_body(stream, len))
                         .await
                         .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
                     self.silence = h.silence;
                     self.answered = true;
-                    // Judged again once the body is here (it may take seconds to arrive): a
+                    // Judged again once a body is here (it may take seconds to arrive): a
                     // standby promoted meanwhile takes no more of its former active's state.
-                    match self.judge(&h, host) {
+                    let judged = if len == 0 {
+                        judged
+                    } else {
+                        self.judge(&h, host)
+                    };
+                    match judged {
                         Ok(role) => self.receive(&h, role, bytes, &state, host).await,
                         Err(refusal) => refusal,
                     }

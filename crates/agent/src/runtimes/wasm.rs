@@ -73,11 +73,7 @@ fn change_held_unless_frozen<R>(
 
 /// The instance if nobody holds it right now (a poisoned lock taken as [`guard`] takes it).
 fn try_guard(inst: &Shared) -> Option<MutexGuard<'_, VnfInstance>> {
-    match inst.try_lock() {
-        Ok(held) => Some(held),
-        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
+    crate::dataplane::try_lock_unpoisoned(inst)
 }
 
 fn guard(inst: &Shared) -> MutexGuard<'_, VnfInstance> {
@@ -229,6 +225,12 @@ struct Entry {
     frozen: bool,
 }
 
+/// The runtime's entries, locked (a panic while they were held left them as they were between
+/// two changes).
+fn lock_entries(entries: &Mutex<BTreeMap<Name, Entry>>) -> MutexGuard<'_, BTreeMap<Name, Entry>> {
+    entries.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Writes one VNF's map snapshot file; cloned onto the blocking thread that does it.
 struct MapSaver {
     dir: PathBuf,
@@ -238,7 +240,7 @@ struct MapSaver {
 
 impl MapSaver {
     fn entries(&self) -> MutexGuard<'_, BTreeMap<Name, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        lock_entries(&self.entries)
     }
 
     /// Deletes `name`'s snapshot file (none: nothing to do). Under the files' lock, after the
@@ -263,15 +265,14 @@ impl MapSaver {
     fn save(&self, name: &Name, inst: &Shared, periodic: bool) -> Result<(), RuntimeFailure> {
         let path = snapshot_file(&self.dir, name);
         let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        if periodic
-            && !self
-                .entries()
-                .get(name)
-                .is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst))
-        {
-            return Ok(());
-        }
-        let saved = self.entries().get(name).and_then(|e| e.saved_changes);
+        let saved = {
+            let entries = self.entries();
+            let entry = entries.get(name);
+            if periodic && !entry.is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst)) {
+                return Ok(());
+            }
+            entry.and_then(|e| e.saved_changes)
+        };
         let (bytes, changes) = {
             let i = guard(inst);
             let changes = i.maps().map(rw::MapSet::changes);
@@ -949,7 +950,7 @@ impl WasmRuntime {
     }
 
     fn entries(&self) -> MutexGuard<'_, BTreeMap<Name, Entry>> {
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        lock_entries(&self.entries)
     }
 
     /// The VNFs with an instance here that is not stopped (running, locked or failed).
