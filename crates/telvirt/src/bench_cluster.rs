@@ -31,6 +31,7 @@ use crate::bench_handover::{
     ControllerProcess, answer, deleted_at, first_deletion, free_port, poll_until, spawn_controller,
     time_leader_kill, wait_role,
 };
+use crate::bench_ports::ratio;
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -208,8 +209,7 @@ impl Hosts {
             .args(["--data-dir", &format!("agent-{name}")])
             .args(["--inventory", &format!("inventory-{name}.yaml")])
             .args(["--host-name", &name])
-            .args(["--heartbeat-interval-ms", &self.heartbeat_ms.to_string()]);
-        let child = crate::control_threads::pass_to_agent(&mut command, self.control_priority)
+            .args(["--heartbeat-interval-ms", &self.heartbeat_ms.to_string()])
             .args(if self.tunnels {
                 vec!["--tunnel-address", tunnel.as_str()]
             } else {
@@ -218,9 +218,9 @@ impl Hosts {
             .env("TELVIRT_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("starting an agent")?;
+            .stderr(log);
+        crate::control_threads::pass_to_agent(&mut command, self.control_priority);
+        let child = command.spawn().context("starting an agent")?;
         Ok(BenchChild(child))
     }
 }
@@ -869,23 +869,14 @@ pub async fn run_cluster_bench(
         vnfs: args.vnfs,
         rounds: args.rounds,
         concurrency: args.concurrency,
-        creates_ratio: if embedded.creates_per_s > 0.0 {
-            run.figures.creates_per_s / embedded.creates_per_s
-        } else {
-            0.0
-        },
-        create_to_running_p99_ratio: if embedded.create_to_running.p99_ms > 0.0 {
-            run.figures.create_to_running.p99_ms / embedded.create_to_running.p99_ms
-        } else {
-            0.0
-        },
+        creates_ratio: ratio(run.figures.creates_per_s, embedded.creates_per_s),
+        create_to_running_p99_ratio: ratio(
+            run.figures.create_to_running.p99_ms,
+            embedded.create_to_running.p99_ms,
+        ),
         etcd_db_bytes: run.db_bytes,
         embedded_store_bytes,
-        store_size_ratio: if embedded_store_bytes > 0 {
-            run.db_bytes as f64 / embedded_store_bytes as f64
-        } else {
-            0.0
-        },
+        store_size_ratio: ratio(run.db_bytes as f64, embedded_store_bytes as f64),
         etcd_db_bytes_per_vnf_created: run.db_bytes as f64 / (vnfs * f64::from(args.rounds)),
         goal_failover_le_2000_ms: run.failover.telvirt_max_ms <= 2000.0,
         goal_host_failure_le_1000_ms: run.host_failure.telvirt_max_ms <= 1000.0,

@@ -28,6 +28,7 @@ use crate::bench_cluster::{
 };
 use crate::bench_control::{ms, percentile};
 use crate::bench_handover::{ControllerProcess, answer, poll_until};
+use crate::bench_ports::ratio;
 use crate::cli::Output;
 use crate::netns::Netns;
 use crate::output;
@@ -826,11 +827,7 @@ pub async fn run_failover_bench(
         flows: args.flows,
         host_lease_ttl_ms: args.host_lease_ttl_ms,
         control_priority: args.agents.control_priority,
-        outage_ratio: if single.outage_p50_ms > 0.0 {
-            pair.outage_p50_ms / single.outage_p50_ms
-        } else {
-            0.0
-        },
+        outage_ratio: ratio(pair.outage_p50_ms, single.outage_p50_ms),
         flip_ratio_to_vrrp: vrrp
             .as_ref()
             .filter(|v| v.flip_max_ms > 0.0)

@@ -352,21 +352,42 @@ impl Downtimes {
         }
     }
 
-    /// Every live move reported (`unreported` 0), and the largest within `limit_us`.
-    fn all_within(max_us: Option<u64>, unreported: u64, limit_us: u64) -> bool {
-        unreported == 0 && max_us.is_some_and(|d| d <= limit_us)
+    /// Every live move reported, and the largest within `limit_us`.
+    fn all_within(&self, limit_us: u64) -> bool {
+        self.unreported == 0 && self.max_us.is_some_and(|d| d <= limit_us)
     }
 
     /// `p50 / max`, and how many went unreported.
-    fn show(p50: Option<f64>, max: Option<u64>, unreported: u64, unit: &str) -> String {
-        let known = match (p50, max) {
+    fn show(&self, unit: &str) -> String {
+        let known = match (self.p50_us, self.max_us) {
             (Some(p50), Some(max)) => format!("{p50:.0} / {max}{unit}"),
             _ => "-".to_owned(),
         };
-        if unreported > 0 {
-            format!("{known} ({unreported} unreported)")
-        } else {
-            known
+        match self.unreported {
+            0 => known,
+            n => format!("{known} ({n} unreported)"),
+        }
+    }
+}
+
+impl MoveFigures {
+    /// Its downtime fields as one.
+    fn downtimes(&self) -> Downtimes {
+        Downtimes {
+            p50_us: self.downtime_p50_us,
+            max_us: self.downtime_max_us,
+            unreported: self.downtime_unreported,
+        }
+    }
+}
+
+impl TcpMoves {
+    /// Its live moves' downtime fields as one.
+    fn live_downtimes(&self) -> Downtimes {
+        Downtimes {
+            p50_us: self.live_downtime_p50_us,
+            max_us: self.live_downtime_max_us,
+            unreported: self.live_downtime_unreported,
         }
     }
 }
@@ -387,11 +408,9 @@ fn frozen_us_in(reason: &str) -> Result<Option<u64>> {
         return Ok(None);
     }
     reason
-        .split("frozen for ")
-        .nth(1)
-        .and_then(|r| r.strip_suffix(')').unwrap_or(r).split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .map(Some)
+        .split_once("frozen for ")
+        .and_then(|(_, after)| telvirt_model::api::figure_before(after, " µs"))
+        .map(|us| Some(us as u64))
         .with_context(|| format!("no freeze time in: {reason}"))
 }
 
@@ -595,9 +614,10 @@ pub async fn run_migrate_bench(
         control_priority: args.agents.control_priority,
         rate_pps: args.rate_pps,
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
-        goal_downtime_1ms: sizes.iter().filter(|s| s.loaded_mib == 0).all(|s| {
-            Downtimes::all_within(s.live.downtime_max_us, s.live.downtime_unreported, 1000)
-        }),
+        goal_downtime_1ms: sizes
+            .iter()
+            .filter(|s| s.loaded_mib == 0)
+            .all(|s| s.live.downtimes().all_within(1000)),
         sizes,
         tcp,
         tcp_missing,
@@ -625,12 +645,7 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
             f.lost_packets_max.to_string(),
             format!("{:.0}", f.sessions_kept_pct_min),
             f.state_bytes_max.to_string(),
-            Downtimes::show(
-                f.downtime_p50_us,
-                f.downtime_max_us,
-                f.downtime_unreported,
-                "",
-            ),
+            f.downtimes().show(""),
             f.delay_max_us
                 .map_or_else(|| "> 1 s".to_owned(), |d| format!("≤ {d}")),
         ]
@@ -676,12 +691,7 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
             t.live_survived_all,
             t.live_gap_max_ms,
             t.cold_survived_any,
-            Downtimes::show(
-                t.live_downtime_p50_us,
-                t.live_downtime_max_us,
-                t.live_downtime_unreported,
-                " µs"
-            )
+            t.live_downtimes().show(" µs")
         ),
         (None, Some(why)) => println!("TCP flow not measured: {why}"),
         (None, None) => {}
@@ -709,24 +719,21 @@ mod tests {
             (all.p50_us, all.max_us, all.unreported),
             (Some(200.0), Some(300), 0)
         );
-        assert!(Downtimes::all_within(all.max_us, all.unreported, 1000));
-        assert!(!Downtimes::all_within(all.max_us, all.unreported, 299));
+        assert!(all.all_within(1000));
+        assert!(!all.all_within(299));
         // One move unreported: the others still give their median and largest, the goal fails.
         let one = Downtimes::of([Some(300), None, Some(100), Some(200)].into_iter(), true);
         assert_eq!(
             (one.p50_us, one.max_us, one.unreported),
             (Some(200.0), Some(300), 1)
         );
-        assert!(!Downtimes::all_within(one.max_us, one.unreported, 1000));
-        assert_eq!(
-            Downtimes::show(one.p50_us, one.max_us, one.unreported, ""),
-            "200 / 300 (1 unreported)"
-        );
+        assert!(!one.all_within(1000));
+        assert_eq!(one.show(""), "200 / 300 (1 unreported)");
         // A cold move has no downtime to report.
         let cold = Downtimes::of([None, None].into_iter(), false);
         assert_eq!((cold.p50_us, cold.max_us, cold.unreported), (None, None, 0));
-        assert!(!Downtimes::all_within(cold.max_us, cold.unreported, 1000));
-        assert_eq!(Downtimes::show(None, None, 0, ""), "-");
+        assert!(!cold.all_within(1000));
+        assert_eq!(cold.show(""), "-");
     }
 
     #[test]

@@ -23,14 +23,11 @@ pub struct AgentPriorityArgs {
 
 /// Gives the agent `command` starts `priority` (none: SCHED_OTHER), whatever the
 /// environment it inherits says.
-pub fn pass_to_agent(
-    command: &mut std::process::Command,
-    priority: Option<u8>,
-) -> &mut std::process::Command {
+pub fn pass_to_agent(command: &mut std::process::Command, priority: Option<u8>) {
     if let Some(p) = priority {
         command.args(["--control-priority", &p.to_string()]);
     }
-    command.env_remove(PRIORITY_ENV)
+    command.env_remove(PRIORITY_ENV);
 }
 
 /// Whether this host lets the node's threads run at SCHED_FIFO `priority`: tried on a thread
