@@ -270,11 +270,13 @@ pub(crate) mod tests {
                 host: "h2".into(),
                 address: "127.0.0.2:1".into(),
                 move_id: 0,
+                key: telvirt_model::api::PairKey::new([5; 32]),
             }),
             epoch,
             incoming_from: None,
             hand_off: false,
             active_from: None,
+            active_key: None,
         }
     }
 

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use telvirt_api::{Assignment, ControlLink, Observation};
-use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
+use telvirt_model::api::{ActiveLost, PairKey, ReplicationStatus, StandbyPeer};
 use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, Role, RuntimeKind};
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -166,10 +166,10 @@ struct Inner {
     fencing: Option<Arc<Fencing>>,
     /// The standbys on this host that lost their active, and how (as replication last said).
     lost: std::sync::Mutex<HashMap<Name, ActiveLost>>,
-    /// The address each VNF's state may come from here: its active's host, as a standby's
-    /// assignment last named it; kept while the VNF is assigned here (a standby made the
+    /// The address each VNF's state may come from here (its active's host) and the key of
+    /// its stream, as a standby's assignment last named them; kept while the VNF is assigned here (a standby made the
     /// active still takes what its old active passes on after a move's switch).
-    active_peers: std::sync::Mutex<HashMap<Name, IpAddr>>,
+    active_peers: std::sync::Mutex<HashMap<Name, (IpAddr, PairKey)>>,
     /// The starts under way, each with what cancels it.
     starting: std::sync::Mutex<HashMap<Name, Arc<Notify>>>,
     /// Each VNF's turn to report ([`Inner::report_turn`]).
@@ -438,15 +438,15 @@ impl crate::replication::StandbyHost for Agent {
         Agent::role(self, vnf)
     }
 
-    fn peer_allowed(&self, vnf: &Name, peer: IpAddr) -> Result<(), String> {
+    fn active_key(&self, vnf: &Name, peer: IpAddr) -> Result<PairKey, String> {
         let peers = self
             .inner
             .active_peers
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         match peers.get(vnf) {
-            Some(ip) if *ip == peer => Ok(()),
-            Some(ip) => Err(format!(
+            Some((ip, key)) if *ip == peer => Ok(key.clone()),
+            Some((ip, _)) => Err(format!(
                 "this host takes {vnf}'s state only from {ip}, the host of its active, not from {peer}"
             )),
             None => Err(format!(
@@ -569,12 +569,13 @@ impl Inner {
             let mut peers = self.active_peers.lock().unwrap_or_else(|p| p.into_inner());
             peers.retain(|name, _| wanted.contains_key(name));
             for a in wanted.values() {
-                if let Some(ip) = a
-                    .active_from
-                    .as_deref()
-                    .and_then(|t| t.parse::<std::net::SocketAddr>().ok())
-                {
-                    peers.insert(a.vnf.clone(), ip.ip());
+                if let (Some(ip), Some(key)) = (
+                    a.active_from
+                        .as_deref()
+                        .and_then(|t| t.parse::<std::net::SocketAddr>().ok()),
+                    &a.active_key,
+                ) {
+                    peers.insert(a.vnf.clone(), (ip.ip(), key.clone()));
                 }
             }
         }

@@ -14,7 +14,12 @@
 //!
 //! A standby's host takes a VNF's batches (and a moving vm's guest stream) only from the IP
 //! address its assignment names as the active's (`active_from`); the sender connects from its
-//! own tunnel address for that.
+//! own tunnel address for that. And only when they are tagged with the stream's key
+//! (`active_key`, [`PairKey`]; ADR 066): every connection opens with the receiver's random
+//! challenge, and each batch carries an HMAC-SHA256 tag of its header (checked before its body
+//! is read) and one of its body, both over the challenge and the batch's number on the
+//! connection, so a batch from anyone without the key, or replayed from another connection or
+//! out of order, is refused. Acknowledgements are not tagged (ADR 066 says why).
 //!
 //! Owns the wire format, the bounds on what a peer may send, the sending task per replicated
 //! VNF and its status. It must not decide which instance is active (the controller's
@@ -27,7 +32,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use telvirt_model::api::{ActiveLost, ReplicationStatus, StandbyPeer};
+use ring::hmac;
+use telvirt_model::api::{ActiveLost, PairKey, ReplicationStatus, StandbyPeer};
 use telvirt_model::{Name, Role};
 use telvirt_runtime_vm::StreamEnd;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -66,7 +72,17 @@ pub const MAX_BATCH_BYTES: u32 = 256 << 20;
 const MAX_NAME_BYTES: u16 = 255;
 /// How long a peer may take to send or answer one batch before the connection is dropped.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const MAGIC: &[u8; 4] = b"TVR2";
+const MAGIC: &[u8; 4] = b"TVR3";
+/// Random bytes of the challenge a host serving a connection sends first.
+const NONCE_BYTES: usize = 16;
+/// Bytes of a batch's header tag and of its body's.
+const TAG_BYTES: usize = 32;
+/// A body is tagged and written (read and checked) in pieces of at most this size: a large
+/// snapshot's tag is made between writes, not in one stretch that holds the task's thread.
+const TAG_CHUNK: usize = 256 << 10;
+/// What each tag says it covers, so one can never pass for the other.
+const HEAD_LABEL: &[u8] = b"telvirt replication head";
+const BODY_LABEL: &[u8] = b"telvirt replication body";
 const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
 /// Nothing changed since the last batch: the active is alive.
@@ -186,11 +202,12 @@ struct Header {
     silence: Duration,
 }
 
-async fn write_batch(stream: &mut TcpStream, h: &Header, bytes: &[u8]) -> std::io::Result<()> {
+/// Header `h` of a batch whose body is `len` bytes, as it goes on the wire (its tag covers
+/// these bytes; the receiver makes them again from what it read).
+fn encode_head(h: &Header, len: u32) -> Vec<u8> {
     let name = h.vnf.as_str().as_bytes();
-    let len = u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("batch too large"))?;
     let silence_ms = u32::try_from(h.silence.as_millis()).unwrap_or(u32::MAX);
-    let mut head = Vec::with_capacity(4 + 1 + 2 + name.len() + 8 + 8 + 4 + 4);
+    let mut head = Vec::with_capacity(4 + 1 + 2 + name.len() + 8 + 8 + 4 + 4 + TAG_BYTES);
     head.extend_from_slice(MAGIC);
     head.push(h.kind);
     head.extend_from_slice(&(name.len() as u16).to_le_bytes());
@@ -199,9 +216,147 @@ async fn write_batch(stream: &mut TcpStream, h: &Header, bytes: &[u8]) -> std::i
     head.extend_from_slice(&h.epoch.to_le_bytes());
     head.extend_from_slice(&silence_ms.to_le_bytes());
     head.extend_from_slice(&len.to_le_bytes());
-    stream.write_all(&head).await?;
-    stream.write_all(bytes).await?;
-    stream.flush().await
+    head
+}
+
+/// Where one batch stands: its connection's challenge and its number on that connection
+/// (from 1). Its tags cover both, so a batch copied from another connection, or replayed or
+/// reordered on its own, matches nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    nonce: [u8; NONCE_BYTES],
+    n: u64,
+}
+
+/// A tag under way for what `label` names of the batch at `at`, over `first` so far.
+fn tag_context(key: &hmac::Key, label: &[u8], at: Place, first: &[u8]) -> hmac::Context {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(label);
+    ctx.update(&at.nonce);
+    ctx.update(&at.n.to_le_bytes());
+    ctx.update(first);
+    ctx
+}
+
+/// The tag of a batch's header `head` (as [`encode_head`] makes it) at `at`.
+fn head_tag(key: &hmac::Key, at: Place, head: &[u8]) -> hmac::Tag {
+    tag_context(key, HEAD_LABEL, at, head).sign()
+}
+
+/// The tag of a batch's body, before the body: over its header's tag, which binds the two.
+fn body_context(key: &hmac::Key, at: Place, head_tag: &[u8]) -> hmac::Context {
+    tag_context(key, BODY_LABEL, at, head_tag)
+}
+
+/// Whether two tags are equal, in a time that does not say where they differ.
+fn tags_match(made: &[u8], sent: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    made.len() == sent.len() && bool::from(made.ct_eq(sent))
+}
+
+/// `key` for making and checking tags.
+fn tag_key(key: &PairKey) -> hmac::Key {
+    hmac::Key::new(hmac::HMAC_SHA256, key.bytes())
+}
+
+/// The bytes after a header of a batch whose body is `len` bytes: the body and its tag (none
+/// when there is no body).
+fn wire_body_len(len: u32) -> u64 {
+    if len == 0 {
+        0
+    } else {
+        u64::from(len) + TAG_BYTES as u64
+    }
+}
+
+/// Writes a fresh challenge on a connection this host serves (its first bytes); returns it.
+async fn write_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+        .map_err(|_| std::io::Error::other("no random bytes for a challenge"))?;
+    let mut out = Vec::with_capacity(MAGIC.len() + NONCE_BYTES);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&nonce);
+    stream.write_all(&out).await?;
+    Ok(nonce)
+}
+
+/// The challenge a host serving this connection sent.
+async fn read_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
+    let mut magic = [0; 4];
+    stream.read_exact(&mut magic).await?;
+    if &magic != MAGIC {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("the peer speaks no replication protocol this host knows (magic {magic:?})"),
+        ));
+    }
+    let mut nonce = [0u8; NONCE_BYTES];
+    stream.read_exact(&mut nonce).await?;
+    Ok(nonce)
+}
+
+/// The sending end of one replication connection: the stream's key, the receiver's challenge
+/// and how many batches went.
+struct Link {
+    stream: TcpStream,
+    key: hmac::Key,
+    nonce: [u8; NONCE_BYTES],
+    sent: u64,
+}
+
+impl Link {
+    /// Connects to `address` from `source` ([`connect_from`]) and reads the receiver's
+    /// challenge.
+    async fn open(source: Option<IpAddr>, address: &str, key: &PairKey) -> std::io::Result<Self> {
+        let mut stream = connect_from(source, address).await?;
+        let _ = stream.set_nodelay(true);
+        let nonce = read_challenge(&mut stream).await?;
+        Ok(Self {
+            stream,
+            key: tag_key(key),
+            nonce,
+            sent: 0,
+        })
+    }
+
+    /// Sends one batch, tagged: its header and header tag, then (when it has one) its body
+    /// and body tag.
+    async fn send(&mut self, h: &Header, bytes: &[u8]) -> std::io::Result<()> {
+        let len =
+            u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("batch too large"))?;
+        self.sent += 1;
+        let at = Place {
+            nonce: self.nonce,
+            n: self.sent,
+        };
+        let mut out = encode_head(h, len);
+        let tag = head_tag(&self.key, at, &out);
+        out.extend_from_slice(tag.as_ref());
+        if bytes.is_empty() {
+            self.stream.write_all(&out).await?;
+            return self.stream.flush().await;
+        }
+        let mut body = body_context(&self.key, at, tag.as_ref());
+        if bytes.len() <= TAG_CHUNK {
+            body.update(bytes);
+            out.extend_from_slice(bytes);
+        } else {
+            self.stream.write_all(&out).await?;
+            out.clear();
+            for chunk in bytes.chunks(TAG_CHUNK) {
+                body.update(chunk);
+                self.stream.write_all(chunk).await?;
+            }
+        }
+        out.extend_from_slice(body.sign().as_ref());
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
+    }
+
+    async fn read_ack(&mut self) -> std::io::Result<Ack> {
+        read_ack(&mut self.stream).await
+    }
 }
 
 async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
@@ -235,10 +390,18 @@ async fn write_ack(stream: &mut TcpStream, ack: &Ack) -> std::io::Result<()> {
     stream.flush().await
 }
 
-/// One batch's header as a standby reads it, and the length of the body that follows. Every
-/// length is checked before anything is allocated for it; the body is read (or passed over)
-/// once the batch is judged ([`read_body`], [`skip_body`]).
-async fn read_header(stream: &mut TcpStream) -> std::io::Result<(Header, u32)> {
+/// One batch's header as a standby read it: the header, the length of the body that follows
+/// and the header's tag.
+struct Head {
+    h: Header,
+    len: u32,
+    tag: [u8; TAG_BYTES],
+}
+
+/// One batch's header as a standby reads it, with its tag. Every length is checked before
+/// anything is allocated for it; the body is read (or passed over) once the batch is judged
+/// ([`read_body`], [`skip_body`]).
+async fn read_header(stream: &mut TcpStream) -> std::io::Result<Head> {
     let bad = |why: String| std::io::Error::new(std::io::ErrorKind::InvalidData, why);
     let mut magic = [0; 4];
     stream.read_exact(&mut magic).await?;
@@ -291,32 +454,47 @@ async fn read_header(stream: &mut TcpStream) -> std::io::Result<(Header, u32)> {
             "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({max}; a keepalive or a guest stream's opening carries none)"
         )));
     }
-    let header = Header {
+    let mut tag = [0u8; TAG_BYTES];
+    stream.read_exact(&mut tag).await?;
+    let h = Header {
         vnf: name,
         kind,
         seq,
         epoch,
         silence,
     };
-    Ok((header, len))
+    Ok(Head { h, len, tag })
 }
 
-/// The `len` bytes of a batch's body, once its sender is allowed to send them.
-async fn read_body(stream: &mut TcpStream, len: u32) -> std::io::Result<Vec<u8>> {
-    let mut bytes = vec![0; len as usize];
-    stream.read_exact(&mut bytes).await?;
-    Ok(bytes)
+/// The body of the batch `head` at `at`, once its header's tag proved the sender holds `key`;
+/// `None` when the body does not match its tag (nothing of it may be used).
+async fn read_body(
+    stream: &mut TcpStream,
+    head: &Head,
+    at: Place,
+    key: &hmac::Key,
+) -> std::io::Result<Option<Vec<u8>>> {
+    if head.len == 0 {
+        return Ok(Some(Vec::new()));
+    }
+    let mut bytes = vec![0; head.len as usize];
+    let mut made = body_context(key, at, &head.tag);
+    for chunk in bytes.chunks_mut(TAG_CHUNK) {
+        stream.read_exact(chunk).await?;
+        made.update(chunk);
+    }
+    let mut tag = [0u8; TAG_BYTES];
+    stream.read_exact(&mut tag).await?;
+    Ok(tags_match(made.sign().as_ref(), &tag).then_some(bytes))
 }
 
-/// Reads past the `len` bytes of a refused batch's body without keeping them, so the
-/// connection's framing goes on and nothing is allocated for a sender that may not send.
+/// Reads past the body (and its tag) of a refused batch whose body is `len` bytes without
+/// keeping them, so the connection's framing goes on and nothing is allocated for a sender
+/// that may not send.
 async fn skip_body(stream: &mut TcpStream, len: u32) -> std::io::Result<()> {
-    let skipped = tokio::io::copy(
-        &mut (&mut *stream).take(u64::from(len)),
-        &mut tokio::io::sink(),
-    )
-    .await?;
-    if skipped < u64::from(len) {
+    let len = wire_body_len(len);
+    let skipped = tokio::io::copy(&mut (&mut *stream).take(len), &mut tokio::io::sink()).await?;
+    if skipped < len {
         return Err(std::io::ErrorKind::UnexpectedEof.into());
     }
     Ok(())
@@ -331,12 +509,11 @@ pub trait StandbyHost: Send + Sync + 'static {
     /// host closed the connection, `None` once a batch arrived. Called on every batch; the
     /// agent acts on changes only.
     fn hearing(&self, vnf: &Name, lost: Option<ActiveLost>);
-    /// Whether `peer` may send `vnf`'s state, guest or packets here: the address of its
-    /// active's host as the assignments name it; `Err` says why not. A host that checks
-    /// nothing keeps this default.
-    fn peer_allowed(&self, vnf: &Name, peer: IpAddr) -> Result<(), String> {
-        let _ = (vnf, peer);
-        Ok(())
+    /// The key of `vnf`'s stream into this host when `peer` may send its state, guest or
+    /// packets here (the address of its active's host as the assignments name it); `Err` says
+    /// why not. A host that takes nothing keeps this default, which refuses.
+    fn active_key(&self, vnf: &Name, peer: IpAddr) -> Result<PairKey, String> {
+        Err(format!("this host takes nothing of {vnf} from {peer}"))
     }
     /// Whether this host's instance of `vnf` waits for its guest's migration stream now (the
     /// destination of a vm's move); `Err` says why not. A host that takes no guests keeps
@@ -413,11 +590,15 @@ async fn serve_at_most(
                 silent: false,
                 accepted_at: tokio::time::Instant::now(),
                 answered: false,
+                nonce: [0; NONCE_BYTES],
+                received: 0,
             };
             let mut stream = stream;
             let ended = match conn.serve(&mut stream, state, host.as_ref()).await {
                 // The connection carries a guest from now on: it leaves the batches' framing.
-                Ok(Some(guest)) => return take_guest(stream, &guest, host.as_ref()).await,
+                Ok(Some((guest, at))) => {
+                    return take_guest(stream, &guest, at, host.as_ref()).await;
+                }
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
             };
@@ -443,13 +624,14 @@ async fn serve_at_most(
     }
 }
 
-/// Answers a connection that opened `vnf`'s guest stream with header `h`: acknowledged when
-/// this host's instance of the VNF waits for its guest (as its standby at the sender's epoch
-/// or above), which then takes the connection; refused (and closed) otherwise.
-async fn take_guest(mut stream: TcpStream, h: &Header, host: &dyn StandbyHost) {
-    let vnf = &h.vnf;
+/// Answers a connection that opened `vnf`'s guest stream with header `head` at `at`:
+/// acknowledged when this host's instance of the VNF waits for its guest (as its standby at
+/// the sender's epoch or above) and the header is tagged with the stream's key, and the
+/// instance then takes the connection; refused (and closed) otherwise.
+async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn StandbyHost) {
+    let (h, vnf) = (&head.h, &head.h.vnf);
     let from = match stream.peer_addr() {
-        Ok(a) => host.peer_allowed(vnf, a.ip().to_canonical()),
+        Ok(a) => authentic(host, head, at, a.ip().to_canonical()).map(drop),
         Err(e) => Err(format!("the stream's peer is unknown: {e}")),
     };
     let refusal = match host.role(vnf) {
@@ -490,6 +672,25 @@ fn guest_socket(stream: TcpStream, end: StreamEnd) -> std::io::Result<OwnedFd> {
     telvirt_runtime_vm::stream_socket(stream.into_std()?, end)
 }
 
+/// The key of `head`'s stream into this host when `peer` may send it and its header is tagged
+/// with that key at `at`; why not otherwise.
+fn authentic(
+    host: &dyn StandbyHost,
+    head: &Head,
+    at: Place,
+    peer: IpAddr,
+) -> Result<hmac::Key, String> {
+    let vnf = &head.h.vnf;
+    let key = tag_key(&host.active_key(vnf, peer)?);
+    let made = head_tag(&key, at, &encode_head(&head.h, head.len));
+    if !tags_match(made.as_ref(), &head.tag) {
+        return Err(format!(
+            "the batch from {peer} is not tagged with the key of {vnf}'s stream into this host"
+        ));
+    }
+    Ok(key)
+}
+
 /// One active's connection as its standby's host serves it.
 struct StandbyConnection {
     peer: String,
@@ -504,6 +705,10 @@ struct StandbyConnection {
     accepted_at: tokio::time::Instant,
     /// A batch of it was accepted (judged allowed) here.
     answered: bool,
+    /// The challenge this host sent on it.
+    nonce: [u8; NONCE_BYTES],
+    /// Batches read on it.
+    received: u64,
 }
 
 impl StandbyConnection {
@@ -516,15 +721,19 @@ impl StandbyConnection {
         }
     }
 
-    /// Serves batches until the connection ends or fails, or opens a guest stream (its
-    /// header is answered, for the connection to be handed over).
+    /// Sends the connection's challenge, then serves batches until the connection ends or
+    /// fails, or opens a guest stream (its header, and where it stands, are returned for the
+    /// connection to be answered and handed over).
     async fn serve(
         &mut self,
         stream: &mut TcpStream,
         state: Arc<dyn ReplicaState>,
         host: &dyn StandbyHost,
-    ) -> std::io::Result<Option<Header>> {
+    ) -> std::io::Result<Option<(Head, Place)>> {
         let _ = stream.set_nodelay(true);
+        self.nonce = tokio::time::timeout(IO_TIMEOUT, write_challenge(stream))
+            .await
+            .map_err(|_| std::io::Error::other("sending the challenge timed out"))??;
         let mut probe = [0u8; 1];
         loop {
             // Only the wait for a batch's first byte is timed: a batch is then read whole (a
@@ -559,32 +768,51 @@ impl StandbyConnection {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
             }
-            let (h, len) = tokio::time::timeout(IO_TIMEOUT, read_header(stream))
+            let head = tokio::time::timeout(IO_TIMEOUT, read_header(stream))
                 .await
                 .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
+            self.received += 1;
+            let at = Place {
+                nonce: self.nonce,
+                n: self.received,
+            };
+            let (h, len) = (&head.h, head.len);
             if h.kind == KIND_GUEST {
-                return Ok(Some(h));
+                return Ok(Some((head, at)));
             }
             // Judged on its header: a refused batch is answered at once and its body passed
             // over, never held in memory; only an accepted one's sender sets the silence.
-            let judged = self.judge(&h, host);
+            let judged = self.judge(&head, at, host);
             let ack = match judged {
-                Ok(_) => {
-                    let bytes = tokio::time::timeout(IO_TIMEOUT, read_body(stream, len))
+                Ok((_, ref key)) => {
+                    let body = tokio::time::timeout(IO_TIMEOUT, read_body(stream, &head, at, key))
                         .await
                         .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
-                    self.silence = h.silence;
-                    self.answered = true;
-                    // Judged again once a body is here (it may take seconds to arrive): a
-                    // standby promoted meanwhile takes no more of its former active's state.
-                    let judged = if len == 0 {
-                        judged
-                    } else {
-                        self.judge(&h, host)
-                    };
-                    match judged {
-                        Ok(role) => self.receive(&h, role, bytes, &state, host).await,
-                        Err(refusal) => refusal,
+                    match body {
+                        None => Ack::new(
+                            h.seq,
+                            ACK_REFUSED,
+                            format!(
+                                "the body of batch {} of {} does not match its tag",
+                                h.seq, h.vnf
+                            ),
+                        ),
+                        Some(bytes) => {
+                            self.silence = h.silence;
+                            self.answered = true;
+                            // Judged again once a body is here (it may take seconds to
+                            // arrive): a standby promoted meanwhile takes no more of its former
+                            // active's state.
+                            let judged = if len == 0 {
+                                judged
+                            } else {
+                                self.judge(&head, at, host)
+                            };
+                            match judged {
+                                Ok((role, _)) => self.receive(h, role, bytes, &state, host).await,
+                                Err(refusal) => refusal,
+                            }
+                        }
                     }
                 }
                 Err(refusal) => {
@@ -603,23 +831,25 @@ impl StandbyConnection {
         }
     }
 
-    /// Whether batch `h` may be taken here, judged on its header: the role this host's
-    /// instance of the VNF has; the refusal to answer otherwise. State (a snapshot, a log, a
-    /// keepalive) goes to a standby at the sender's epoch or above (a sender below it is told
-    /// it is stale, and fences itself) from its active's address; packets of a move's
-    /// hand-off to an instance in either role, from that address.
-    fn judge(&self, h: &Header, host: &dyn StandbyHost) -> Result<Role, Ack> {
-        let vnf = &h.vnf;
+    /// Whether batch `head` at `at` may be taken here, judged on its header: the role this
+    /// host's instance of the VNF has and the stream's key; the refusal to answer otherwise.
+    /// State (a snapshot, a log, a keepalive) goes to a standby at the sender's epoch or above
+    /// (a sender below it is told it is stale, and fences itself) from its active's address,
+    /// tagged with the stream's key; packets of a move's hand-off to an instance in either
+    /// role, from that address with that key.
+    fn judge(
+        &self,
+        head: &Head,
+        at: Place,
+        host: &dyn StandbyHost,
+    ) -> Result<(Role, hmac::Key), Ack> {
+        let (h, vnf) = (&head.h, &head.h.vnf);
+        let refused = |why| Ack::new(h.seq, ACK_REFUSED, why);
         if h.kind == KIND_PACKETS {
-            host.peer_allowed(vnf, self.peer_ip)
-                .map_err(|why| Ack::new(h.seq, ACK_REFUSED, why))?;
+            let key = authentic(host, head, at, self.peer_ip).map_err(refused)?;
             return match host.role(vnf) {
-                Some((role, _)) => Ok(role),
-                None => Err(Ack::new(
-                    h.seq,
-                    ACK_REFUSED,
-                    format!("this host runs no instance of {vnf}"),
-                )),
+                Some((role, _)) => Ok((role, key)),
+                None => Err(refused(format!("this host runs no instance of {vnf}"))),
             };
         }
         match host.role(vnf) {
@@ -644,9 +874,8 @@ impl StandbyConnection {
                 ));
             }
         }
-        host.peer_allowed(vnf, self.peer_ip)
-            .map_err(|why| Ack::new(h.seq, ACK_REFUSED, why))?;
-        Ok(Role::Standby)
+        let key = authentic(host, head, at, self.peer_ip).map_err(refused)?;
+        Ok((Role::Standby, key))
     }
 
     /// Applies one batch [`judged`](Self::judge) allowed for this host's instance in `role`;
@@ -915,6 +1144,7 @@ impl Replicas {
             SendTo {
                 vnf: vnf.clone(),
                 address: peer.address.clone(),
+                key: peer.key.clone(),
                 epoch,
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
@@ -1377,7 +1607,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
     let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
-        let mut conn = connect_from(to.source, address).await?;
+        let mut conn = Link::open(to.source, address, &to.peer.key).await?;
         let header = Header {
             vnf: vnf.clone(),
             kind: KIND_GUEST,
@@ -1385,9 +1615,9 @@ async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> 
             epoch,
             silence: FIRST_SILENCE,
         };
-        write_batch(&mut conn, &header, &[]).await?;
-        let ack = read_ack(&mut conn).await?;
-        Ok::<_, std::io::Error>((conn, ack))
+        conn.send(&header, &[]).await?;
+        let ack = conn.read_ack().await?;
+        Ok::<_, std::io::Error>((conn.stream, ack))
     };
     let (conn, ack) = match tokio::time::timeout(IO_TIMEOUT, opened).await {
         Ok(Ok(c)) => c,
@@ -1407,6 +1637,8 @@ async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> 
 struct SendTo {
     vnf: Name,
     address: String,
+    /// The stream's key: every batch is tagged with it.
+    key: PairKey,
     epoch: u64,
     detection: Detection,
     /// The instance's gate: kept open by acknowledgements, closed by a stale answer.
@@ -1443,6 +1675,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     let SendTo {
         vnf,
         address,
+        key,
         epoch,
         detection,
         gate,
@@ -1455,7 +1688,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     // it says so.
     let window = detection.silence() / 2;
     let set = |f: &dyn Fn(&mut ReplicationStatus)| status.set(f);
-    let mut stream: Option<TcpStream> = None;
+    let mut stream: Option<Link> = None;
     let mut full = true;
     let mut seq = 0u64;
     // The instance froze for its move and its last updates were acknowledged: from then on
@@ -1465,9 +1698,8 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     let mut acked = false;
     loop {
         if stream.is_none() {
-            match tokio::time::timeout(IO_TIMEOUT, connect_from(*source, address)).await {
+            match tokio::time::timeout(IO_TIMEOUT, Link::open(*source, address, key)).await {
                 Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
                     stream = Some(s);
                     // A handed-off stream only passes packets on (the receiver takes them at
                     // any epoch); any other starts over with a snapshot.
@@ -1598,7 +1830,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
 /// when the destination took `n` of them.
 async fn pass_packets(
     state: &Arc<dyn ReplicaState>,
-    conn: &mut TcpStream,
+    conn: &mut Link,
     mut header: Header,
 ) -> Result<(), SendError> {
     let (st, name) = (Arc::clone(state), header.vnf.clone());
@@ -1665,7 +1897,7 @@ enum SendError {
 /// keeps it waiting. Returns the acknowledgement, the bytes sent and when the batch was taken.
 async fn send_one(
     state: &Arc<dyn ReplicaState>,
-    conn: &mut TcpStream,
+    conn: &mut Link,
     mut header: Header,
     frozen: bool,
     slow: &(dyn Fn(String) + Sync),
@@ -1702,15 +1934,15 @@ async fn send_one(
 
 /// Sends one batch and reads its acknowledgement, telling `slow` while it keeps waiting.
 async fn exchange(
-    conn: &mut TcpStream,
+    conn: &mut Link,
     header: &Header,
     bytes: &[u8],
     slow: &(dyn Fn(String) + Sync),
 ) -> Result<Ack, SendError> {
     let seq = header.seq;
     let exchange = async {
-        write_batch(conn, header, bytes).await?;
-        read_ack(conn).await
+        conn.send(header, bytes).await?;
+        conn.read_ack().await
     };
     tokio::pin!(exchange);
     // A slow standby (or a cut path) is waited for on the same connection: an active closes
@@ -1743,6 +1975,7 @@ mod tests {
             host: "h3".into(),
             address: "127.0.0.1:9".into(),
             move_id: 7,
+            key: test_key(),
         };
         let status = StreamStatus::new(
             &"u1".parse().unwrap(),
@@ -1970,8 +2203,23 @@ mod tests {
     struct Standbys {
         roles: Mutex<HashMap<String, (Role, u64)>>,
         heard: Mutex<Vec<(String, Option<ActiveLost>)>>,
-        /// The only address state may come from (`None`: any).
+        /// The only address state may come from (`None`: any), with [`test_key`].
         active_from: Mutex<Option<IpAddr>>,
+    }
+
+    /// The key of every stream in these tests.
+    fn test_key() -> PairKey {
+        PairKey::new([5; PairKey::LEN])
+    }
+
+    /// A pair's standby on host h2 at `address`, its stream tagged with `key`.
+    fn standby_at(address: String, key: PairKey) -> StandbyPeer {
+        StandbyPeer {
+            host: "h2".into(),
+            address,
+            move_id: 0,
+            key,
+        }
     }
 
     impl Default for Standbys {
@@ -2002,10 +2250,10 @@ mod tests {
             self.roles.lock().unwrap().get(vnf.as_str()).copied()
         }
 
-        fn peer_allowed(&self, _vnf: &Name, peer: IpAddr) -> Result<(), String> {
+        fn active_key(&self, _vnf: &Name, peer: IpAddr) -> Result<PairKey, String> {
             match *self.active_from.lock().unwrap() {
                 Some(ip) if ip != peer => Err(format!("only from {ip}, not from {peer}")),
-                _ => Ok(()),
+                _ => Ok(test_key()),
             }
         }
 
@@ -2052,11 +2300,7 @@ mod tests {
         let active = Counters::holding("nat1", 7);
         let replicas = Replicas::new(active.clone(), TEST_DETECTION);
         let nat1: Name = "nat1".parse().unwrap();
-        let peer = StandbyPeer {
-            host: "h2".into(),
-            address,
-            move_id: 0,
-        };
+        let peer = standby_at(address, test_key());
         replicas.ensure(&nat1, &peer, 0);
         (replicas, active, standby, nat1, peer)
     }
@@ -2191,11 +2435,7 @@ mod tests {
         };
         let replicas = Replicas::new(active.clone(), slow);
         let nat1: Name = "nat1".parse().unwrap();
-        let peer = StandbyPeer {
-            host: "h2".into(),
-            address,
-            move_id: 0,
-        };
+        let peer = standby_at(address, test_key());
         replicas.ensure(&nat1, &peer, 0);
         let state = || replicas.status(&nat1).unwrap();
         wait_for("synced", || state().state == "synced").await;
@@ -2214,11 +2454,7 @@ mod tests {
         *host.active_from.lock().unwrap() = Some(active_ip);
         let (address, standby) = standby_host(host.clone()).await;
         let nat1: Name = "nat1".parse().unwrap();
-        let peer = StandbyPeer {
-            host: "h2".into(),
-            address,
-            move_id: 0,
-        };
+        let peer = standby_at(address, test_key());
         // From the kernel's choice of address (127.0.0.1): refused, nothing applied.
         let stranger = Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION);
         stranger.ensure(&nat1, &peer, 0);
@@ -2243,25 +2479,119 @@ mod tests {
         );
     }
 
-    /// Writes one keepalive of `vnf` at `epoch` on `conn` asking for `silence`, and reads its
-    /// acknowledgement.
-    async fn keepalive(conn: &mut TcpStream, vnf: &str, epoch: u64, silence: Duration) -> Ack {
-        let header = Header {
+    /// A connection to the host at `address` tagging with [`test_key`].
+    async fn link(address: &str) -> Link {
+        Link::open(None, address, &test_key()).await.unwrap()
+    }
+
+    /// A keepalive of `vnf` at `epoch` asking for `silence`.
+    fn keepalive_of(vnf: &str, epoch: u64, silence: Duration) -> Header {
+        Header {
             vnf: vnf.parse().unwrap(),
             kind: KIND_KEEPALIVE,
             seq: 1,
             epoch,
             silence,
+        }
+    }
+
+    /// A stream whose key is not the one the standby's host holds for it is refused on its
+    /// first header, from the active's own address: nothing applied, nothing heard.
+    #[tokio::test]
+    async fn a_stream_without_its_key_is_refused() {
+        let host = Arc::new(Standbys::default());
+        let (address, standby) = standby_host(host.clone()).await;
+        let nat1: Name = "nat1".parse().unwrap();
+        let peer = standby_at(address, PairKey::new([6; PairKey::LEN]));
+        let stranger = Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION);
+        stranger.ensure(&nat1, &peer, 0);
+        wait_for("the refusal", || {
+            stranger.status(&nat1).unwrap().error.is_some_and(|e| {
+                e.contains("is not tagged with the key of nat1's stream into this host")
+            })
+        })
+        .await;
+        stranger.stop(&nat1);
+        assert!(standby.values.lock().unwrap().is_empty(), "nothing applied");
+        assert!(host.heard.lock().unwrap().is_empty(), "nothing heard");
+    }
+
+    /// A batch tagged for another connection (its challenge), one whose number on its
+    /// connection is not the next (a replay), and one whose body is not the one its tags were
+    /// made over are each refused and change nothing; the connection goes on.
+    #[tokio::test]
+    async fn a_batch_copied_replayed_or_changed_is_refused() {
+        let host = Arc::new(Standbys::default());
+        let (address, standby) = standby_host(host.clone()).await;
+        let snapshot = |seq: u64| Header {
+            vnf: "nat1".parse().unwrap(),
+            kind: KIND_SNAPSHOT,
+            seq,
+            epoch: 0,
+            silence: Duration::from_secs(5),
         };
-        write_batch(conn, &header, &[]).await.unwrap();
-        read_ack(conn).await.unwrap()
+        let value = || standby.values.lock().unwrap().get("nat1").map(|v| v.0);
+        let other = link(&address).await;
+        let mut conn = link(&address).await;
+        // Tagged over the other connection's challenge.
+        let own = conn.nonce;
+        conn.nonce = other.nonce;
+        conn.send(&snapshot(1), &9u64.to_le_bytes()).await.unwrap();
+        let ack = conn.read_ack().await.unwrap();
+        assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
+        assert!(
+            ack.message.contains("is not tagged with the key"),
+            "{ack:?}"
+        );
+        conn.nonce = own;
+        // Its own: taken.
+        conn.send(&snapshot(2), &7u64.to_le_bytes()).await.unwrap();
+        assert_eq!(conn.read_ack().await.unwrap().status, ACK_OK);
+        assert_eq!(value(), Some(7));
+        // The batch before, sent again at its number: a replay.
+        conn.sent -= 1;
+        conn.send(&snapshot(2), &7u64.to_le_bytes()).await.unwrap();
+        assert_eq!(conn.read_ack().await.unwrap().status, ACK_REFUSED);
+        conn.sent += 1;
+        // Its header tagged right, its body changed on the way.
+        let head = encode_head(&snapshot(4), 8);
+        conn.sent += 1;
+        let at = Place {
+            nonce: conn.nonce,
+            n: conn.sent,
+        };
+        let tag = head_tag(&conn.key, at, &head);
+        let mut body = body_context(&conn.key, at, tag.as_ref());
+        body.update(&5u64.to_le_bytes());
+        let mut out = head;
+        out.extend_from_slice(tag.as_ref());
+        out.extend_from_slice(&3u64.to_le_bytes());
+        out.extend_from_slice(body.sign().as_ref());
+        conn.stream.write_all(&out).await.unwrap();
+        let ack = conn.read_ack().await.unwrap();
+        assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
+        assert!(ack.message.contains("does not match its tag"), "{ack:?}");
+        assert_eq!(value(), Some(7), "nothing of them applied");
+        // The connection's framing held: the next batch is taken.
+        conn.send(&snapshot(5), &8u64.to_le_bytes()).await.unwrap();
+        assert_eq!(conn.read_ack().await.unwrap().status, ACK_OK);
+        assert_eq!(value(), Some(8));
+    }
+
+    /// Writes one keepalive of `vnf` at `epoch` on `conn` asking for `silence`, and reads its
+    /// acknowledgement.
+    async fn keepalive(conn: &mut Link, vnf: &str, epoch: u64, silence: Duration) -> Ack {
+        conn.send(&keepalive_of(vnf, epoch, silence), &[])
+            .await
+            .unwrap();
+        conn.read_ack().await.unwrap()
     }
 
     #[tokio::test]
     async fn a_silent_active_is_lost_until_it_speaks_and_its_close_is_proof() {
         let host = Arc::new(Standbys::default());
         let (address, _) = standby_host(host.clone()).await;
-        let mut conn = TcpStream::connect(&address).await.unwrap();
+        let mut conn = link(&address).await;
         let silence = Duration::from_millis(50);
         assert_eq!(
             keepalive(&mut conn, "nat1", 0, silence).await.status,
@@ -2319,11 +2649,7 @@ mod tests {
         old.vnf = nat1.clone();
         fencing.assign(&[old]);
         assert!(gate.open());
-        let peer = StandbyPeer {
-            host: "h2".into(),
-            address,
-            move_id: 0,
-        };
+        let peer = standby_at(address, test_key());
         replicas.ensure(&nat1, &peer, 2);
         wait_for("the sender was never fenced", || !gate.open()).await;
         let st = replicas.status(&nat1).unwrap();
@@ -2342,24 +2668,26 @@ mod tests {
     async fn a_silence_outside_the_bounds_is_refused() {
         let host = Arc::new(Standbys::default());
         let (address, _) = standby_host(host).await;
-        let mut conn = TcpStream::connect(&address).await.unwrap();
-        let header = Header {
-            vnf: "nat1".parse().unwrap(),
-            kind: KIND_KEEPALIVE,
-            seq: 1,
-            epoch: 0,
-            silence: MAX_SILENCE + Duration::from_secs(1),
-        };
-        write_batch(&mut conn, &header, &[]).await.unwrap();
+        let mut conn = link(&address).await;
+        let header = keepalive_of("nat1", 0, MAX_SILENCE + Duration::from_secs(1));
+        conn.send(&header, &[]).await.unwrap();
         let mut buf = [0u8; 1];
-        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.stream.read(&mut buf))
             .await
             .expect("the standby kept the connection open")
             .unwrap_or(0);
         assert_eq!(n, 0, "no acknowledgement, the connection dropped");
     }
 
-    /// The header of a batch of `kind` for nat1 announcing `len` bytes (a silence of `silence`).
+    /// A connection to `address` whose challenge was read: its bytes, and the challenge.
+    async fn raw_connection(address: &str) -> (TcpStream, [u8; NONCE_BYTES]) {
+        let mut conn = TcpStream::connect(address).await.unwrap();
+        let nonce = read_challenge(&mut conn).await.unwrap();
+        (conn, nonce)
+    }
+
+    /// The header of a batch of `kind` for nat1 announcing `len` bytes (a silence of `silence`),
+    /// without its tag.
     fn raw_header(kind: u8, len: u32, silence_ms: u32) -> Vec<u8> {
         let mut head = Vec::new();
         head.extend_from_slice(MAGIC);
@@ -2381,10 +2709,10 @@ mod tests {
         let host = Arc::new(Standbys::default());
         *host.active_from.lock().unwrap() = Some("10.9.9.9".parse().unwrap());
         let (address, standby) = standby_host(host.clone()).await;
-        let mut conn = TcpStream::connect(&address).await.unwrap();
-        conn.write_all(&raw_header(KIND_SNAPSHOT, MAX_BATCH_BYTES - 1, 30))
-            .await
-            .unwrap();
+        let (mut conn, _) = raw_connection(&address).await;
+        let mut head = raw_header(KIND_SNAPSHOT, MAX_BATCH_BYTES - 1, 30);
+        head.extend_from_slice(&[0; TAG_BYTES]);
+        conn.write_all(&head).await.unwrap();
         let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn))
             .await
             .expect("no answer before the body")
@@ -2393,10 +2721,13 @@ mod tests {
         assert!(ack.message.contains("only from 10.9.9.9"), "{ack:?}");
         // A small refused batch's body is passed over: the next header is read as one.
         drop(conn);
-        let mut conn = TcpStream::connect(&address).await.unwrap();
+        let (mut conn, _) = raw_connection(&address).await;
         let mut two = raw_header(KIND_LOG, 3, 30);
+        two.extend_from_slice(&[0; TAG_BYTES]);
         two.extend_from_slice(&[1, 2, 3]);
+        two.extend_from_slice(&[0; TAG_BYTES]);
         two.extend_from_slice(&raw_header(KIND_KEEPALIVE, 0, 30));
+        two.extend_from_slice(&[0; TAG_BYTES]);
         conn.write_all(&two).await.unwrap();
         for _ in 0..2 {
             assert_eq!(read_ack(&mut conn).await.unwrap().status, ACK_REFUSED);
@@ -2411,10 +2742,12 @@ mod tests {
     async fn a_batch_whose_standby_was_promoted_while_it_arrived_is_not_applied() {
         let host = Arc::new(Standbys::default());
         let (address, standby) = standby_host(host.clone()).await;
-        let mut conn = TcpStream::connect(&address).await.unwrap();
-        conn.write_all(&raw_header(KIND_SNAPSHOT, 4, 30))
-            .await
-            .unwrap();
+        let (mut conn, nonce) = raw_connection(&address).await;
+        let (key, at) = (tag_key(&test_key()), Place { nonce, n: 1 });
+        let mut head = raw_header(KIND_SNAPSHOT, 4, 30);
+        let tag = head_tag(&key, at, &head);
+        head.extend_from_slice(tag.as_ref());
+        conn.write_all(&head).await.unwrap();
         // The header is judged (nat1's standby here, at epoch 0) while the body is held back;
         // then nat1 is promoted. (Were the header not judged yet, the first judgement refuses
         // instead: the outcome is the same, so the pause cannot make the test fail falsely;
@@ -2424,7 +2757,11 @@ mod tests {
             .lock()
             .unwrap()
             .insert("nat1".into(), (Role::Active, 1));
-        conn.write_all(&[1, 2, 3, 4]).await.unwrap();
+        let mut body = body_context(&key, at, tag.as_ref());
+        body.update(&[1, 2, 3, 4]);
+        let mut rest = vec![1, 2, 3, 4];
+        rest.extend_from_slice(body.sign().as_ref());
+        conn.write_all(&rest).await.unwrap();
         let ack = read_ack(&mut conn).await.unwrap();
         assert_eq!(ack.status, ACK_STALE, "{ack:?}");
         assert!(standby.values.lock().unwrap().is_empty(), "nothing applied");
@@ -2437,12 +2774,11 @@ mod tests {
         let host = Arc::new(Standbys::default());
         *host.active_from.lock().unwrap() = Some("10.9.9.9".parse().unwrap());
         let (address, _) = standby_host(host.clone()).await;
-        let mut idle = TcpStream::connect(&address).await.unwrap();
-        let mut refused = TcpStream::connect(&address).await.unwrap();
-        refused
-            .write_all(&raw_header(KIND_KEEPALIVE, 0, 1))
-            .await
-            .unwrap();
+        let (mut idle, _) = raw_connection(&address).await;
+        let (mut refused, _) = raw_connection(&address).await;
+        let mut head = raw_header(KIND_KEEPALIVE, 0, 1);
+        head.extend_from_slice(&[0; TAG_BYTES]);
+        refused.write_all(&head).await.unwrap();
         assert_eq!(read_ack(&mut refused).await.unwrap().status, ACK_REFUSED);
         for conn in [&mut idle, &mut refused] {
             let mut buf = [0u8; 1];
@@ -2471,7 +2807,7 @@ mod tests {
         ));
         let mut open = Vec::new();
         for _ in 0..CAP {
-            open.push(TcpStream::connect(&address).await.unwrap());
+            open.push(link(&address).await);
         }
         // Every one of them served: each answers a keepalive.
         let last = open.last_mut().unwrap();
@@ -2492,17 +2828,11 @@ mod tests {
         drop(open.pop());
         let mut again = None;
         for _ in 0..100 {
-            let mut conn = TcpStream::connect(&address).await.unwrap();
-            let header = Header {
-                vnf: "nat1".parse().unwrap(),
-                kind: KIND_KEEPALIVE,
-                seq: 1,
-                epoch: 0,
-                silence: Duration::from_secs(5),
-            };
-            write_batch(&mut conn, &header, &[]).await.unwrap();
-            if let Ok(ack) = read_ack(&mut conn).await {
-                again = Some(ack);
+            // Closed at once while the slot is not yet free: no challenge comes.
+            if let Ok(mut conn) = Link::open(None, &address, &test_key()).await {
+                let header = keepalive_of("nat1", 0, Duration::from_secs(5));
+                conn.send(&header, &[]).await.unwrap();
+                again = Some(conn.read_ack().await.unwrap());
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -2520,7 +2850,7 @@ mod tests {
             standby,
             Arc::new(Standbys::default()),
         ));
-        let mut conn = TcpStream::connect(address).await.unwrap();
+        let (mut conn, _) = raw_connection(&address.to_string()).await;
         let mut head = Vec::new();
         head.extend_from_slice(MAGIC);
         head.push(KIND_LOG);

@@ -156,6 +156,7 @@ fn assignment(runtime: &str) -> Assignment {
         incoming_from: None,
         hand_off: false,
         active_from: None,
+        active_key: None,
     }
 }
 

@@ -275,6 +275,7 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
         incoming_from: None,
         hand_off: false,
         active_from: None,
+        active_key: None,
     }
 }
 

@@ -6,7 +6,7 @@
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use telvirt_model::api::{ADMIN_AUTHORITY, DEFAULT_AUTHORITY_DOMAIN, OPERATOR_DOMAIN};
+use telvirt_model::api::{ADMIN_AUTHORITY, DEFAULT_AUTHORITY_DOMAIN, OPERATOR_DOMAIN, hex};
 
 /// The domains of the wasm runtime's default security policy (`SecurityPolicy::default()` of
 /// telvirt-runtime-wasm); `telvirt serve` replaces them by its configured policy's.
@@ -34,14 +34,6 @@ pub fn new_token() -> String {
 /// SHA-256 of a token, hex.
 pub fn token_hash(token: &str) -> String {
     hex(&Sha256::digest(token.as_bytes()))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
 }
 
 /// Compares two hashes in time independent of where they differ.

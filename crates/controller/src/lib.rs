@@ -20,6 +20,7 @@ pub mod modules;
 pub mod network;
 pub mod nodecalls;
 pub mod nodes;
+pub mod pair_keys;
 pub mod placement;
 pub mod records;
 pub mod scrape;

@@ -22,6 +22,7 @@ use tokio::sync::{Mutex, Notify};
 
 use crate::auth;
 use crate::metrics::Metrics;
+use crate::pair_keys;
 use crate::placement;
 use crate::records::{
     self, AuthorityRecord, HostRecord, VnfRecord, allocation_key, authority_key, event_key,
@@ -276,6 +277,8 @@ pub struct Controller {
     /// (`apply::REPIN_CONFIRM_DEADLINE`); woken by every such report.
     observed: std::sync::Mutex<HashMap<(String, String), u64>>,
     observed_wake: Notify,
+    /// The cluster's replication secret, read (or made) once when a stream first needs a key.
+    replication_secret: tokio::sync::OnceCell<ring::hmac::Key>,
 }
 
 impl Controller {
@@ -333,6 +336,7 @@ impl Controller {
             watch_slots: crate::vnf_watch::watch_slots(),
             observed: std::sync::Mutex::new(HashMap::new()),
             observed_wake: Notify::new(),
+            replication_secret: tokio::sync::OnceCell::new(),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()
@@ -1573,20 +1577,29 @@ impl Controller {
             let incoming_from = vm_move
                 .filter(|m| m.to == host && p.role == telvirt_model::Role::Standby)
                 .map(|m| m.from.clone());
+            // A move's destination: its stream serves that move alone.
+            let move_to = |to: &str| {
+                vnf.migration
+                    .as_ref()
+                    .filter(|m| m.to == to)
+                    .map_or(0, |m| m.id)
+            };
             let standby = match standby_host {
-                Some(h) => self
-                    .tunnel_of(&mut tunnels, &h)
-                    .await?
-                    .map(|address| StandbyPeer {
-                        // A move's destination: its stream serves that move alone.
-                        move_id: vnf
-                            .migration
-                            .as_ref()
-                            .filter(|m| m.to == h)
-                            .map_or(0, |m| m.id),
+                Some(h) => match self.tunnel_of(&mut tunnels, &h).await? {
+                    Some(address) => Some(StandbyPeer {
+                        key: pair_keys::stream_key(
+                            self.replication_secret().await?,
+                            vnf.name.as_str(),
+                            host,
+                            &h,
+                            move_to(&h),
+                        ),
+                        move_id: move_to(&h),
                         host: h,
                         address,
                     }),
+                    None => None,
+                },
                 None => None,
             };
             // A standby takes its state only from its active's host.
@@ -1596,9 +1609,21 @@ impl Controller {
                 .find(|a| a.role == telvirt_model::Role::Active)
                 .map(|a| a.host.clone())
                 .filter(|_| p.role == telvirt_model::Role::Standby);
-            let active_from = match active_host {
-                Some(h) => self.tunnel_of(&mut tunnels, &h).await?,
-                None => None,
+            let (active_from, active_key) = match active_host {
+                Some(h) => match self.tunnel_of(&mut tunnels, &h).await? {
+                    Some(address) => {
+                        let key = pair_keys::stream_key(
+                            self.replication_secret().await?,
+                            vnf.name.as_str(),
+                            &h,
+                            host,
+                            move_to(host),
+                        );
+                        (Some(address), Some(key))
+                    }
+                    None => (None, None),
+                },
+                None => (None, None),
             };
             let mut descriptor = vnf.descriptor.clone();
             // The move whose destination this host is.
@@ -1667,9 +1692,17 @@ impl Controller {
                 epoch: vnf.epoch,
                 incoming_from,
                 active_from,
+                active_key,
             });
         }
         Ok(out)
+    }
+
+    /// The cluster's replication secret ([`pair_keys::cluster_secret`]), read once.
+    async fn replication_secret(&self) -> Result<&ring::hmac::Key> {
+        self.replication_secret
+            .get_or_try_init(|| pair_keys::cluster_secret(&self.store))
+            .await
     }
 
     /// The tunnel address of `host`'s agent, read once per call of [`Controller::assignments`]

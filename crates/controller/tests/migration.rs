@@ -184,6 +184,10 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         "127.0.0.3:4789"
     );
     assert!(source[0].active_from.is_none(), "an active takes no state");
+    // Both ends of the stream hold its key, and nobody else is given one.
+    let key = source[0].standby.as_ref().unwrap().key.clone();
+    assert_eq!(dest[0].active_key.as_ref(), Some(&key));
+    assert!(source[0].active_key.is_none());
 
     // A controller opened again on the store restores the move (the standby of a VNF
     // without redundancy) and keeps it.
@@ -194,6 +198,9 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         name: "admin".into(),
     };
     assert!(again.vnf(&admin, "u1").await.unwrap().migration.is_some());
+    // The cluster's secret is kept in the store: the same key from another controller.
+    let dest_again = again.assignments("h3").await.unwrap();
+    assert_eq!(dest_again[0].active_key.as_ref(), Some(&key));
     drop(again);
 
     // Cancelled: h3 is free again, h2 keeps running it; a second cancel has nothing to end.
@@ -206,6 +213,12 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
 
     // Again, to the end: the destination runs, the source reports the stream synced.
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    // Another move, another key: nothing tagged for the cancelled one is taken.
+    let source = node.controller.assignments("h2").await.unwrap();
+    let second_key = source[0].standby.as_ref().unwrap().key.clone();
+    assert_ne!(second_key, key);
+    let dest = node.controller.assignments("h3").await.unwrap();
+    assert_eq!(dest[0].active_key.as_ref(), Some(&second_key));
     report(&node.controller, "h3", Phase::Running, None).await;
     let still = node.vnf_json("u1").await;
     assert!(still["migration"].is_object(), "not synced yet: {still}");

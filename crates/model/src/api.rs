@@ -165,6 +165,17 @@ impl MapChangeRequest {
     }
 }
 
+/// `bytes` as lower-case hex digits, two per byte.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(2 * bytes.len()), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// `text` as bytes: pairs of hex digits, 1 to `max` bytes.
 fn hex_bytes(field: &str, text: &str, max: u32) -> Result<Vec<u8>, FieldError> {
     let max = usize::try_from(max).unwrap_or(usize::MAX);
@@ -607,6 +618,11 @@ pub struct Assignment {
     /// VNF's state, guest stream and queued packets only from that IP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_from: Option<String>,
+    /// With `active_from`: the key of the stream from there ([`StandbyPeer::key`]); a batch
+    /// whose tag was not made with it is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub active_key: Option<PairKey>,
 }
 
 /// What an agent observed of one VNF.
@@ -649,6 +665,55 @@ pub struct ActiveLost {
     pub closed: bool,
 }
 
+/// The secret the two ends of one replication stream share (a pair's active and standby, a
+/// move's source and destination): every batch on the stream carries a tag made with it, and
+/// the receiving host takes none whose tag does not match (ADR 066). The controller derives it
+/// from the cluster's secret, the VNF, both hosts and the move; only the agents of those two
+/// hosts are given it. 32 bytes, as 64 hex digits on the wire; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairKey([u8; PairKey::LEN]);
+
+impl PairKey {
+    pub const LEN: usize = 32;
+
+    pub fn new(bytes: [u8; Self::LEN]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn bytes(&self) -> &[u8; Self::LEN] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for PairKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PairKey(<secret>)")
+    }
+}
+
+impl Serialize for PairKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for PairKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        let bytes = hex_bytes("key", &text, Self::LEN as u32)
+            .map_err(|e| serde::de::Error::custom(e.to_string()))?;
+        let bytes: [u8; Self::LEN] = bytes.try_into().map_err(|b: Vec<u8>| {
+            serde::de::Error::custom(format!(
+                "key: {} bytes; a pair key is {} bytes ({} hex digits)",
+                b.len(),
+                Self::LEN,
+                2 * Self::LEN
+            ))
+        })?;
+        Ok(Self(bytes))
+    }
+}
+
 /// Where the standby instance of an active-standby VNF runs, for the agent of its active to
 /// stream the instance's state to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -656,6 +721,9 @@ pub struct StandbyPeer {
     pub host: String,
     /// The standby host's replication address: its tunnel address (`IP:PORT`), over TCP.
     pub address: String,
+    /// The stream's key: its batches are tagged with it.
+    #[schema(value_type = String)]
+    pub key: PairKey,
     /// For the source of a move: the move's id ([`Migration::id`]), which its stream's
     /// reports carry (`ReplicationStatus::move_id`). A new move is a new peer, even to the
     /// same host: its stream starts over. 0 for the standby of an active-standby pair.

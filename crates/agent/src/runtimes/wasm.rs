@@ -1932,11 +1932,13 @@ spec:
                 host: "h2".into(),
                 address: "127.0.0.1:9".into(),
                 move_id: 0,
+                key: telvirt_model::api::PairKey::new([5; 32]),
             }),
             epoch,
             incoming_from: None,
             hand_off: false,
             active_from: None,
+            active_key: None,
         };
         fencing.assign(&[assigned(Role::Active, 1)]);
         rt.start(&s).await.unwrap();
