@@ -465,10 +465,15 @@ impl crate::replication::StandbyHost for Agent {
         }
     }
 
-    async fn take_guest(&self, vnf: &Name, stream: std::os::fd::OwnedFd) -> Result<(), String> {
+    async fn take_guest(
+        &self,
+        vnf: &Name,
+        stream: std::os::fd::OwnedFd,
+        secret: telvirt_runtime_vm::StreamSecret,
+    ) -> Result<(), String> {
         let runtime = self.incoming_runtime(vnf)?;
         runtime
-            .receive_state(vnf, stream)
+            .receive_state(vnf, stream, secret)
             .await
             .map_err(|e| e.to_string())?;
         self.inner.queue.add(vnf.clone());

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use ring::hmac;
 use telvirt_model::api::{ActiveLost, PairKey, ReplicationStatus, StandbyPeer};
 use telvirt_model::{Name, Role};
-use telvirt_runtime_vm::StreamEnd;
+use telvirt_runtime_vm::{StreamEnd, StreamSecret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -83,6 +83,7 @@ const TAG_CHUNK: usize = 256 << 10;
 /// What each tag says it covers, so one can never pass for the other.
 const HEAD_LABEL: &[u8] = b"telvirt replication head";
 const BODY_LABEL: &[u8] = b"telvirt replication body";
+const GUEST_TLS_LABEL: &[u8] = b"telvirt guest stream tls psk";
 const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
 /// Nothing changed since the last batch: the active is alive.
@@ -246,6 +247,15 @@ fn head_tag(key: &hmac::Key, at: Place, head: &[u8]) -> hmac::Tag {
 /// The tag of a batch's body, before the body: over its header's tag, which binds the two.
 fn body_context(key: &hmac::Key, at: Place, head_tag: &[u8]) -> hmac::Context {
     tag_context(key, BODY_LABEL, at, head_tag)
+}
+
+/// The pre-shared key a guest stream's TLS runs with, from its stream's `key` (another use of
+/// it, so a label of its own).
+fn guest_secret(key: &hmac::Key) -> StreamSecret {
+    let tag = hmac::sign(key, GUEST_TLS_LABEL);
+    let mut secret = [0u8; StreamSecret::LEN];
+    secret.copy_from_slice(&tag.as_ref()[..StreamSecret::LEN]);
+    StreamSecret::new(secret)
 }
 
 /// Whether two tags are equal, in a time that does not say where they differ.
@@ -521,10 +531,15 @@ pub trait StandbyHost: Send + Sync + 'static {
     async fn expects_guest(&self, vnf: &Name) -> Result<(), String> {
         Err(format!("this host takes no guest of {vnf}"))
     }
-    /// Hands `stream`, a connection that carries `vnf`'s guest from here on, to the instance
-    /// waiting for it.
-    async fn take_guest(&self, vnf: &Name, stream: OwnedFd) -> Result<(), String> {
-        drop(stream);
+    /// Hands `stream`, a connection that carries `vnf`'s guest from here on encrypted with
+    /// `secret`, to the instance waiting for it.
+    async fn take_guest(
+        &self,
+        vnf: &Name,
+        stream: OwnedFd,
+        secret: StreamSecret,
+    ) -> Result<(), String> {
+        drop((stream, secret));
         Err(format!("this host takes no guest of {vnf}"))
     }
 }
@@ -631,13 +646,13 @@ async fn serve_at_most(
 async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn StandbyHost) {
     let (h, vnf) = (&head.h, &head.h.vnf);
     let from = match stream.peer_addr() {
-        Ok(a) => authentic(host, head, at, a.ip().to_canonical()).map(drop),
+        Ok(a) => authentic(host, head, at, a.ip().to_canonical()),
         Err(e) => Err(format!("the stream's peer is unknown: {e}")),
     };
-    let refusal = match host.role(vnf) {
-        _ if from.is_err() => from.err(),
-        Some((Role::Standby, mine)) if h.epoch >= mine => host.expects_guest(vnf).await.err(),
-        Some((_, mine)) if mine > h.epoch => Some(format!(
+    let refusal = match (host.role(vnf), &from) {
+        (_, Err(why)) => Some(why.clone()),
+        (Some((Role::Standby, mine)), _) if h.epoch >= mine => host.expects_guest(vnf).await.err(),
+        (Some((_, mine)), _) if mine > h.epoch => Some(format!(
             "this host holds {vnf} at epoch {mine}, above the sender's {}",
             h.epoch
         )),
@@ -652,11 +667,14 @@ async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn St
         Ok(Err(e)) => return tracing::warn!(vnf = %vnf, "answering a guest stream: {e}"),
         Err(_) => return tracing::warn!(vnf = %vnf, "answering a guest stream timed out"),
     }
-    if let Some(why) = refusal {
-        return tracing::info!(vnf = %vnf, "refused a guest stream: {why}");
-    }
+    let key = match (refusal, from) {
+        (None, Ok(key)) => key,
+        (Some(why), _) | (None, Err(why)) => {
+            return tracing::info!(vnf = %vnf, "refused a guest stream: {why}");
+        }
+    };
     let taken = match guest_socket(stream, StreamEnd::Destination) {
-        Ok(fd) => host.take_guest(vnf, fd).await,
+        Ok(fd) => host.take_guest(vnf, fd, guest_secret(&key)).await,
         Err(e) => Err(format!("the guest stream's socket: {e}")),
     };
     match taken {
@@ -1574,7 +1592,13 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
         });
         let sent = to
             .runtime
-            .send_state(&to.vnf, stream, Box::new(progress), gate)
+            .send_state(
+                &to.vnf,
+                stream,
+                guest_secret(&tag_key(&to.peer.key)),
+                Box::new(progress),
+                gate,
+            )
             .await;
         ahead.end();
         match sent {

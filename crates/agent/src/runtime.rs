@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use async_trait::async_trait;
 use telvirt_model::api::GuestStream;
 use telvirt_model::{DeviceGrant, Name, Placement, RuntimeKind, VnfDescriptor};
+use telvirt_runtime_vm::StreamSecret;
 
 /// Everything a runtime needs to run one instance.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,19 +131,25 @@ pub trait Runtime: Send + Sync + 'static {
     }
 
     /// Hands `stream`, the connection a move's source opened for `name`'s state, to the
-    /// instance waiting for it ([`Runtime::start_incoming`]). Returns once the instance took
-    /// it; the instance runs once the state is in. A runtime whose instances move otherwise
-    /// keeps this default, which refuses.
-    async fn receive_state(&self, name: &Name, stream: OwnedFd) -> Result<(), RuntimeFailure> {
-        drop(stream);
+    /// instance waiting for it ([`Runtime::start_incoming`]); the state comes encrypted with
+    /// `secret`, which the source holds too. Returns once the instance took it; the instance
+    /// runs once the state is in. A runtime whose instances move otherwise keeps this default,
+    /// which refuses.
+    async fn receive_state(
+        &self,
+        name: &Name,
+        stream: OwnedFd,
+        secret: StreamSecret,
+    ) -> Result<(), RuntimeFailure> {
+        drop((stream, secret));
         Err(RuntimeFailure::new(format!(
             "runtime {} cannot take {name} from a migration stream",
             self.kind().as_str()
         )))
     }
 
-    /// Sends the running instance's state to a move's destination over `stream`, telling
-    /// `progress` how far it got and asking `commit` (when given) at the stream's final copy
+    /// Sends the running instance's state to a move's destination over `stream`, encrypted
+    /// with `secret` (the destination's too), telling `progress` how far it got and asking `commit` (when given) at the stream's final copy
     /// whether to complete it. Returns the final figures once the state is there (the instance
     /// here is then [`InstanceState::Moved`]); on error it runs on here. A runtime whose
     /// instances move otherwise keeps this default, which refuses.
@@ -150,10 +157,11 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         name: &Name,
         stream: OwnedFd,
+        secret: StreamSecret,
         progress: StreamProgress,
         commit: Option<telvirt_runtime_vm::SwitchoverGate>,
     ) -> Result<GuestStream, RuntimeFailure> {
-        drop((stream, progress, commit));
+        drop((stream, secret, progress, commit));
         Err(RuntimeFailure::new(format!(
             "runtime {} cannot send {name} over a migration stream",
             self.kind().as_str()

@@ -21,6 +21,7 @@ pub mod migrate_bench;
 pub mod periph;
 pub mod pin;
 pub mod qmp;
+pub mod stream_tls;
 pub mod usage;
 
 pub use accel::{AccelDecision, AccelProbe};
@@ -40,4 +41,5 @@ pub use migrate::{
     pause_began_at_us, stream_socket,
 };
 pub use qmp::{QmpClient, QmpEvent};
+pub use stream_tls::StreamSecret;
 pub use telvirt_guest::proto as guest_proto;

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 use crate::manager::{VmHandle, VmPhase};
 use crate::qmp::{QmpClient, QmpEvent};
+use crate::stream_tls::{self, StreamSecret};
 
 /// How often a running migration is asked how far it got, at most: a change of its status
 /// (QEMU's `MIGRATION` event) has it asked at once ([`next_status_change`]).
@@ -103,6 +104,9 @@ pub enum MigrationChannel {
     /// crosses a connection its owner opened (the agents' own port), and no QEMU listens on
     /// the network.
     Socket(std::os::fd::OwnedFd),
+    /// A passed socket as [`MigrationChannel::Socket`] whose stream runs over TLS with the
+    /// secret as its pre-shared key: encrypted, and refused by a peer without the secret.
+    Encrypted(std::os::fd::OwnedFd, StreamSecret),
 }
 
 impl std::fmt::Display for MigrationChannel {
@@ -110,6 +114,7 @@ impl std::fmt::Display for MigrationChannel {
         match self {
             Self::Tcp(at) => write!(f, "tcp:{at}"),
             Self::Socket(_) => f.write_str("a passed socket"),
+            Self::Encrypted(..) => f.write_str("a passed socket, over TLS"),
         }
     }
 }
@@ -120,15 +125,24 @@ impl MigrationChannel {
     pub fn carries(&self, tuning: &MigrationTuning) -> MigrationTuning {
         match self {
             Self::Tcp(_) => tuning.clone(),
-            Self::Socket(_) => tuning.over_one_stream(),
+            Self::Socket(_) | Self::Encrypted(..) => tuning.over_one_stream(),
         }
     }
 
-    /// The URI QEMU takes for this channel, handing it the socket first when there is one.
-    pub(crate) async fn uri(&self, qmp: &QmpClient) -> Result<String> {
+    /// The URI QEMU takes for this channel, as the `end` of the stream of the VM `vm`,
+    /// handing it the socket first when there is one and setting its TLS up (or off).
+    pub(crate) async fn uri(&self, vm: &VmHandle, end: StreamEnd) -> Result<String> {
+        let qmp = vm.qmp();
+        let uid = vm.confinement().map(|c| c.uid);
+        match self {
+            Self::Encrypted(_, secret) => {
+                stream_tls::secure(qmp, vm.state_dir(), uid, secret, end).await?;
+            }
+            _ => stream_tls::unsecure(qmp, vm.state_dir()).await,
+        }
         match self {
             Self::Tcp(at) => Ok(format!("tcp:{at}")),
-            Self::Socket(fd) => {
+            Self::Socket(fd) | Self::Encrypted(fd, _) => {
                 use std::os::fd::AsFd;
                 qmp.getfd(STREAM_FD, fd.as_fd()).await?;
                 Ok(format!("fd:{STREAM_FD}"))
@@ -486,7 +500,7 @@ impl VmHandle {
         if !prepare(qmp, &to.carries(tuning), gate.is_some()).await? {
             gate = None;
         }
-        let uri = to.uri(qmp).await?;
+        let uri = to.uri(self, StreamEnd::Source).await?;
         let mut events = qmp.events();
         qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
             .await?;
@@ -544,12 +558,26 @@ impl VmHandle {
             last = now;
             next_status_change(&mut events).await;
         };
-        let why = match ended {
-            Ok(done) => return Ok(self.moved_away(done).await),
-            Err(why) => why,
+        let outcome = match ended {
+            Ok(done) => Ok(self.moved_away(done).await),
+            Err(why) => self.settle_failed(to, &why, &last).await,
         };
-        // Cancel what may still run and wait until QEMU says how it ended: a stream that
-        // completed meanwhile did move the guest (resuming it here would run it twice).
+        // The key's file and QEMU's credentials go with the stream (after the guest runs
+        // again wherever it runs: nothing here waits for them).
+        stream_tls::unsecure(qmp, self.state_dir()).await;
+        outcome
+    }
+
+    /// After a stream to `to` that ended with `why` (last seen at `last`): cancels what may
+    /// still run and waits until QEMU says how it ended. A stream that completed meanwhile did
+    /// move the guest (resuming it here would run it twice): its figures; otherwise the guest
+    /// runs on here and the error says why.
+    async fn settle_failed(
+        &self,
+        to: &MigrationChannel,
+        why: &str,
+        last: &MigrationProgress,
+    ) -> Result<MigrationProgress> {
         match self.settle().await {
             Some(done) => Ok(self.moved_away(done).await),
             None => {
@@ -658,7 +686,7 @@ impl VmHandle {
         // Before QEMU holds the stream's socket: should this fail, the socket closes with its
         // owner and the source sees its stream fail at once.
         self.prepare_arrival().await?;
-        let uri = from.uri(self.qmp()).await?;
+        let uri = from.uri(self, StreamEnd::Destination).await?;
         self.qmp()
             .execute_raw(
                 "migrate-incoming",
@@ -682,6 +710,15 @@ impl VmHandle {
     /// resumes the guest here unless QEMU did as it completed, and waits for its agent (when
     /// the configuration has one).
     pub async fn finish_incoming(&self, deadline: Duration) -> Result<()> {
+        let arrived = self.finish_incoming_stream(deadline).await;
+        // The key's file and QEMU's credentials go with the stream (after the guest runs:
+        // nothing of its arrival waits for them).
+        stream_tls::unsecure(self.qmp(), self.state_dir()).await;
+        arrived
+    }
+
+    /// [`VmHandle::finish_incoming`] up to the stream's end and the guest's resumption.
+    async fn finish_incoming_stream(&self, deadline: Duration) -> Result<()> {
         if self.phase() != VmPhase::Incoming {
             return Err(Error::Migration {
                 vm: self.name().to_owned(),

@@ -1,7 +1,7 @@
 //! `telvirt bench vm-migrate`: live migration of the default guest while its agent dirties
 //! memory at several rates, telvirt's tuning ([`MigrationTuning::tuned`]) over telvirt's
-//! channel (a connection passed to both QEMUs with bounded buffers, as the cluster's agents
-//! move a guest) against QEMU's defaults over QEMU's own connection, in the same run,
+//! channel (a connection passed to both QEMUs with bounded buffers, the stream over TLS, as the
+//! cluster's agents move a guest) against QEMU's defaults over QEMU's own connection, in the same run,
 //! alternating which goes first. Per migration: whether it converged
 //! within the deadline, total time, the guest's pause (QEMU's `downtime`, the source's own
 //! measure, and the whole pause the guest saw: from when the source QEMU began stopping it
@@ -25,6 +25,7 @@ use crate::manager::{VmHandle, VmManager};
 use crate::migrate::{
     MigrationChannel, MigrationTuning, STREAM_BUFFER_BYTES, StreamEnd, stream_socket,
 };
+use crate::stream_tls::StreamSecret;
 
 /// What [`run`] measures.
 #[derive(Debug, Clone)]
@@ -135,7 +136,7 @@ impl Channel {
     fn describe(self) -> String {
         match self {
             Self::Passed => format!(
-                "a loopback TCP connection passed to both QEMUs, {} KiB buffers asked (as between two agents)",
+                "a loopback TCP connection passed to both QEMUs, {} KiB buffers asked, the stream over TLS with a pre-shared key (as between two agents)",
                 STREAM_BUFFER_BYTES >> 10
             ),
             Self::QemuTcp => "QEMU's own loopback TCP connection(s), the kernel's buffers".into(),
@@ -161,14 +162,18 @@ impl Channel {
                 break into;
             }
         };
+        // Any key does: both ends are given it, as the agents give theirs.
+        let secret = StreamSecret::new([0x5a; StreamSecret::LEN]);
         Ok((
-            MigrationChannel::Socket(
+            MigrationChannel::Encrypted(
                 stream_socket(into, StreamEnd::Destination)
                     .map_err(Error::io("make a stream's destination socket"))?,
+                secret.clone(),
             ),
-            MigrationChannel::Socket(
+            MigrationChannel::Encrypted(
                 stream_socket(out, StreamEnd::Source)
                     .map_err(Error::io("make a stream's source socket"))?,
+                secret,
             ),
         ))
     }

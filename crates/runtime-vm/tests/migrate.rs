@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Health, Request};
-use telvirt_runtime_vm::{CpuSet, MigrationChannel, MigrationTuning, VmPhase, pin};
+use telvirt_runtime_vm::{CpuSet, MigrationChannel, MigrationTuning, StreamSecret, VmPhase, pin};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -24,6 +24,24 @@ async fn health(vm: &telvirt_runtime_vm::VmHandle) -> Health {
         Body::Health(h) => h,
         other => panic!("health answered {other:?}"),
     }
+}
+
+/// Migrates `src` over `to`, which fails: the error says the guest runs on at its source, and
+/// it does.
+async fn fails_and_runs_on(
+    src: &telvirt_runtime_vm::VmHandle,
+    to: &MigrationChannel,
+    tuning: &MigrationTuning,
+    deadline: Duration,
+) {
+    let err = src
+        .migrate_to(to, tuning, deadline, |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the guest runs on here"), "{err}");
+    assert_eq!(src.phase(), VmPhase::Running);
+    assert!(src.qmp().query_status().await.unwrap().running);
 }
 
 /// A loopback address nobody listens on now.
@@ -63,18 +81,50 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
 
+    // The stream crosses a connection the caller made (as agents do), handed to each QEMU,
+    // over TLS with a key both ends are given.
+    let secret = StreamSecret::new([7; StreamSecret::LEN]);
+    let encrypted = |secret: &StreamSecret| {
+        let (out, into) = std::os::unix::net::UnixStream::pair().unwrap();
+        (
+            MigrationChannel::Encrypted(out.into(), secret.clone()),
+            MigrationChannel::Encrypted(into.into(), secret.clone()),
+        )
+    };
+    let tuning = src.tuning();
+
+    // A destination given another key: the handshake fails, the guest runs on here, and the
+    // key's file is gone from both ends (a stream in the clear would have moved the guest).
+    let (out, into) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (to, from) = (
+        MigrationChannel::Encrypted(out.into(), secret.clone()),
+        MigrationChannel::Encrypted(into.into(), StreamSecret::new([8; StreamSecret::LEN])),
+    );
+    let stranger = mgr
+        .start_incoming(common::config("migother"), &from, &tuning)
+        .await
+        .unwrap();
+    let _stranger_guard = VmGuard(stranger.clone());
+    // QEMU holds its own copy of the socket: this one closed, as an agent's is.
+    drop(from);
+    fails_and_runs_on(&src, &to, &tuning, Duration::from_secs(60)).await;
+    assert!(!src.state_dir().join("migration-tls").exists());
+    // It took nothing (the stream failed, or never began by QEMU's count), and its key's
+    // file is gone too.
+    assert!(
+        stranger
+            .finish_incoming(Duration::from_secs(5))
+            .await
+            .is_err()
+    );
+    assert!(!stranger.state_dir().join("migration-tls").exists());
+
     // The destination: the same guest, another name and state dir, pinned to the last CPU.
     let online: Vec<usize> = pin::online_cpus().unwrap().iter().collect();
     let target_cpu = *online.last().unwrap();
     let mut cfg = common::config("migdst");
     cfg.cpu.vcpu_cpus = vec![CpuSet::single(target_cpu)];
-    // The stream crosses a connection the caller made (as agents will), handed to each QEMU.
-    let (out, into) = std::os::unix::net::UnixStream::pair().unwrap();
-    let (to, from) = (
-        MigrationChannel::Socket(out.into()),
-        MigrationChannel::Socket(into.into()),
-    );
-    let tuning = src.tuning();
+    let (to, from) = encrypted(&secret);
     let dst = mgr.start_incoming(cfg, &from, &tuning).await.unwrap();
     let _dst_guard = VmGuard(dst.clone());
     assert_eq!(dst.phase(), VmPhase::Incoming);
@@ -237,19 +287,13 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
     let src = mgr.start(common::config("migalone")).await.unwrap();
     let _guard = VmGuard(src.clone());
     let before = health(&src).await;
-    let err = src
-        .migrate_to(
-            &MigrationChannel::Tcp(free_address()),
-            &src.tuning(),
-            Duration::from_secs(30),
-            |_| {},
-        )
-        .await
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("the guest runs on here"), "{err}");
-    assert_eq!(src.phase(), VmPhase::Running);
-    assert!(src.qmp().query_status().await.unwrap().running);
+    fails_and_runs_on(
+        &src,
+        &MigrationChannel::Tcp(free_address()),
+        &src.tuning(),
+        Duration::from_secs(30),
+    )
+    .await;
     // Not rebooted, and its clock goes on (`/proc/uptime` counts in 10 ms steps, and a refused
     // connection fails faster than that).
     let after = health(&src).await;

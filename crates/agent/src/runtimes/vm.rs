@@ -18,8 +18,8 @@ use telvirt_model::{Device, DeviceGrant, Name, RuntimeKind, VmSpec};
 use telvirt_runtime_vm::{
     Accel, AccelChoice, AccelDecision, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage,
     Error, Grant, GuestImage, HugePageSize, ImageBuilder, ImageProgress, MigrationChannel,
-    MigrationProgress, MigrationTuning, Peripheral, VhostUserNic, VmConfig, VmHandle, VmManager,
-    VmPhase,
+    MigrationProgress, MigrationTuning, Peripheral, StreamSecret, VhostUserNic, VmConfig, VmHandle,
+    VmManager, VmPhase,
 };
 use telvirt_vhost::{NicSocket, VhostUserNode};
 use tokio::sync::{Mutex, OnceCell};
@@ -634,7 +634,12 @@ impl Runtime for VmRuntime {
         Ok(())
     }
 
-    async fn receive_state(&self, name: &Name, stream: OwnedFd) -> Result<(), RuntimeFailure> {
+    async fn receive_state(
+        &self,
+        name: &Name,
+        stream: OwnedFd,
+        secret: StreamSecret,
+    ) -> Result<(), RuntimeFailure> {
         let handle = self
             .handle(name)
             .await
@@ -649,7 +654,10 @@ impl Runtime for VmRuntime {
                 "vm {name} takes a migration stream already"
             )));
         }
-        if let Err(e) = handle.receive(&MigrationChannel::Socket(stream)).await {
+        if let Err(e) = handle
+            .receive(&MigrationChannel::Encrypted(stream, secret))
+            .await
+        {
             lock(&self.receiving).remove(name);
             return Err(failure(e));
         }
@@ -661,6 +669,7 @@ impl Runtime for VmRuntime {
         &self,
         name: &Name,
         stream: OwnedFd,
+        secret: StreamSecret,
         mut progress: StreamProgress,
         commit: Option<telvirt_runtime_vm::SwitchoverGate>,
     ) -> Result<GuestStream, RuntimeFailure> {
@@ -671,7 +680,7 @@ impl Runtime for VmRuntime {
         let tuning = handle.tuning().over_one_stream();
         let done = handle
             .migrate_to_gated(
-                &MigrationChannel::Socket(stream),
+                &MigrationChannel::Encrypted(stream, secret),
                 &tuning,
                 MOVE_STREAM_DEADLINE,
                 |p| progress(&guest_stream(p, tuning.downtime_limit_ms)),

@@ -1,0 +1,208 @@
+//! TLS for a guest stream: QEMU's migration stream runs over TLS with a pre-shared key
+//! (`tls-creds-psk`) both ends are given, so the guest's memory crosses the network encrypted
+//! and a peer without the key fails the handshake (ADR 066's addendum).
+//!
+//! Owns the key's file for QEMU, the credentials object and the `tls-creds` parameter on one
+//! end. It must not open or pass the stream's socket (`migrate` does) nor choose the key (the
+//! agents derive it from their stream's key).
+//!
+//! QEMU reads the key from `<dir>/keys.psk` after it dropped to its unprivileged user (ADR 044),
+//! which may not traverse the agent's directories: the key's directory, owned by that user,
+//! is handed to QEMU as a descriptor (`add-fd`) and named to it as `/proc/self/fd/N`.
+
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::migrate::StreamEnd;
+use crate::qmp::QmpClient;
+
+/// Id of the credentials object a stream's QEMU gets.
+const CREDS_ID: &str = "tv-migration-tls";
+/// The PSK identity both ends use.
+const PSK_USER: &str = "telvirt";
+/// The fd set's note on the key directory's descriptor, to find it again.
+const FDSET_NOTE: &str = "tv-migration-tls-dir";
+/// Directory in the VM's state dir that holds the key for QEMU while a stream runs.
+const KEY_DIR: &str = "migration-tls";
+/// QMP deadline of one command here.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The pre-shared key a guest stream runs over TLS with. 32 bytes; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StreamSecret([u8; StreamSecret::LEN]);
+
+impl StreamSecret {
+    pub const LEN: usize = 32;
+
+    pub fn new(bytes: [u8; Self::LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The line of QEMU's `keys.psk` that holds it.
+    fn psk_line(&self) -> String {
+        let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{PSK_USER}:{hex}\n")
+    }
+}
+
+impl std::fmt::Debug for StreamSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamSecret(<secret>)")
+    }
+}
+
+/// Sets the QEMU of `qmp` up to run its next stream, as `end`, over TLS with `secret`: the key
+/// written for its user `uid` (`None`: the user it runs as is this process's) under
+/// `state_dir`, its credentials object, and `tls-creds` (with a `tls-hostname` on the source,
+/// which QEMU asks for though a pre-shared key checks no name). What an earlier stream left
+/// is removed first.
+pub(crate) async fn secure(
+    qmp: &QmpClient,
+    state_dir: &Path,
+    uid: Option<u32>,
+    secret: &StreamSecret,
+    end: StreamEnd,
+) -> Result<()> {
+    unsecure(qmp, state_dir).await;
+    let dir = write_key(state_dir, uid, secret)?;
+    let opened = std::fs::File::open(&dir).map_err(Error::io(format!("open {}", dir.display())));
+    let fd = match opened {
+        Ok(f) => f,
+        Err(e) => {
+            remove_key(state_dir);
+            return Err(e);
+        }
+    };
+    let set_up = async {
+        use std::os::fd::AsFd;
+        let held = qmp.add_fd(fd.as_fd(), None, Some(FDSET_NOTE)).await?;
+        let endpoint = match end {
+            StreamEnd::Source => "client",
+            StreamEnd::Destination => "server",
+        };
+        let mut creds = json!({
+            "qom-type": "tls-creds-psk",
+            "id": CREDS_ID,
+            "endpoint": endpoint,
+            "dir": format!("/proc/self/fd/{}", held.fd),
+        });
+        let mut parameters = json!({ "tls-creds": CREDS_ID });
+        if end == StreamEnd::Source {
+            creds["username"] = PSK_USER.into();
+            parameters["tls-hostname"] = PSK_USER.into();
+        }
+        qmp.execute_raw("object-add", Some(creds), COMMAND_TIMEOUT)
+            .await?;
+        qmp.execute_raw("migrate-set-parameters", Some(parameters), COMMAND_TIMEOUT)
+            .await?;
+        Ok::<(), Error>(())
+    };
+    let done = set_up.await;
+    if done.is_err() {
+        unsecure(qmp, state_dir).await;
+    }
+    done
+}
+
+/// Makes the QEMU of `qmp` run its next stream in the clear again and removes what
+/// [`secure`] set up (each step tried; what is not there is skipped).
+pub(crate) async fn unsecure(qmp: &QmpClient, state_dir: &Path) {
+    let _ = qmp
+        .execute_raw(
+            "migrate-set-parameters",
+            Some(json!({ "tls-creds": "", "tls-hostname": "" })),
+            COMMAND_TIMEOUT,
+        )
+        .await;
+    let _ = qmp
+        .execute_raw(
+            "object-del",
+            Some(json!({ "id": CREDS_ID })),
+            COMMAND_TIMEOUT,
+        )
+        .await;
+    if let Ok(sets) = qmp.query_fdsets().await {
+        for set in sets {
+            for fd in set.fds {
+                if fd.opaque.as_deref() == Some(FDSET_NOTE) {
+                    let _ = qmp.remove_fd(set.fdset_id, Some(fd.fd)).await;
+                }
+            }
+        }
+    }
+    remove_key(state_dir);
+}
+
+/// Writes `secret` as QEMU's `keys.psk` in a directory of `state_dir` that only QEMU's user
+/// `uid` may read (when this process may give it away: as root); returns the directory.
+fn write_key(state_dir: &Path, uid: Option<u32>, secret: &StreamSecret) -> Result<PathBuf> {
+    let dir = state_dir.join(KEY_DIR);
+    remove_key(state_dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(Error::io(format!("create {}", dir.display())))?;
+    let file = dir.join("keys.psk");
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o400)
+        .open(&file)
+        .and_then(|mut f| f.write_all(secret.psk_line().as_bytes()));
+    let owned = written.and_then(|()| give_to(uid, &[&dir, &file]));
+    if let Err(e) = owned {
+        remove_key(state_dir);
+        return Err(Error::io(format!("write {}", file.display()))(e));
+    }
+    Ok(dir)
+}
+
+/// Makes `paths` QEMU's user `uid`'s, when that is another user and this process is root
+/// (otherwise QEMU runs as this process's user, which owns them already).
+fn give_to(uid: Option<u32>, paths: &[&Path]) -> std::io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    match uid {
+        Some(uid) if euid == 0 && uid != 0 => paths
+            .iter()
+            .try_for_each(|p| std::os::unix::fs::chown(p, Some(uid), None)),
+        _ => Ok(()),
+    }
+}
+
+fn remove_key(state_dir: &Path) {
+    let dir = state_dir.join(KEY_DIR);
+    if let Err(e) = std::fs::remove_dir_all(&dir)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!("removing {}: {e}", dir.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_file_is_qemus_psk_line_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = tempfile::tempdir().unwrap();
+        let secret = StreamSecret::new([0xab; StreamSecret::LEN]);
+        let dir = write_key(state.path(), None, &secret).unwrap();
+        let text = std::fs::read_to_string(dir.join("keys.psk")).unwrap();
+        assert_eq!(text, format!("telvirt:{}\n", "ab".repeat(32)));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("keys.psk")), 0o400);
+        assert_eq!(format!("{secret:?}"), "StreamSecret(<secret>)");
+        // Written again: the old one goes first.
+        write_key(state.path(), None, &secret).unwrap();
+        remove_key(state.path());
+        assert!(!dir.exists());
+    }
+}
