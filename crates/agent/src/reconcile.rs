@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use telvirt_api::{Assignment, ControlLink, Observation};
 use telvirt_model::api::{ActiveLost, PairKey, ReplicationStatus, StandbyPeer};
-use telvirt_model::{DesiredState, DeviceGrant, Name, Phase, Role, RuntimeKind};
+use telvirt_model::{
+    DesiredState, DeviceGrant, MoveEncryption, Name, Phase, Role, RuntimeKind, VnfDescriptor,
+};
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::AgentError;
@@ -115,6 +117,15 @@ impl Known {
         self.running_as = None;
         self.taken = None;
     }
+}
+
+/// Whether a vm VNF described so moves its guest over TLS (`spec.vm.move_encryption`).
+fn encrypts_moves(descriptor: &VnfDescriptor) -> bool {
+    descriptor
+        .spec
+        .vm
+        .as_ref()
+        .is_none_or(|vm| vm.move_encryption == MoveEncryption::Tls)
 }
 
 /// The wait before restart in place `n` (1: the first) of an instance that failed while it
@@ -472,6 +483,15 @@ impl crate::replication::StandbyHost for Agent {
         secret: telvirt_runtime_vm::StreamSecret,
     ) -> Result<(), String> {
         let runtime = self.incoming_runtime(vnf)?;
+        // In the clear only when the VNF says so (both ends read the same descriptor).
+        let secret = self
+            .inner
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .is_none_or(|a| encrypts_moves(&a.descriptor))
+            .then_some(secret);
         runtime
             .receive_state(vnf, stream, secret)
             .await
@@ -1033,9 +1053,13 @@ impl Inner {
                     Role::Active,
                     DesiredState::Running,
                     InstanceState::Running | InstanceState::Moved,
-                ) if kind == RuntimeKind::Vm && !a.locked => {
-                    r.ensure_guest(&a.vnf, peer, a.epoch, Arc::clone(&runtime))
-                }
+                ) if kind == RuntimeKind::Vm && !a.locked => r.ensure_guest(
+                    &a.vnf,
+                    peer,
+                    a.epoch,
+                    Arc::clone(&runtime),
+                    encrypts_moves(&a.descriptor),
+                ),
                 _ => r.stop(&a.vnf),
             }
             self.follow_hand_off(&a, runtime.as_ref(), &state).await?;

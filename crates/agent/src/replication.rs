@@ -1199,7 +1199,8 @@ impl Replicas {
     }
 
     /// Makes `vnf`'s guest (a vm of `runtime`) stream to the destination `peer` of its move,
-    /// as the active of `epoch`, until it is there (a stream that completed is not sent
+    /// as the active of `epoch`, over TLS when it `encrypts` (`spec.vm.move_encryption`),
+    /// until it is there (a stream that completed is not sent
     /// again; a new peer or epoch starts over). A failed stream is tried again: the guest
     /// runs on here meanwhile.
     pub fn ensure_guest(
@@ -1208,6 +1209,7 @@ impl Replicas {
         peer: &StandbyPeer,
         epoch: u64,
         runtime: Arc<dyn Runtime>,
+        encrypts: bool,
     ) {
         let mut guests = self.guests();
         if let Some(g) = guests.get(vnf) {
@@ -1232,6 +1234,7 @@ impl Replicas {
                 source: self.source,
                 commit: self.commit.get().cloned(),
                 peer: peer.clone(),
+                encrypts,
             },
             status.clone(),
         ));
@@ -1322,6 +1325,8 @@ struct GuestTo {
     commit: Option<Arc<MoveCommit>>,
     /// The move's destination (its replication port at `peer.address`).
     peer: StandbyPeer,
+    /// The stream runs over TLS (with a secret from the stream's key).
+    encrypts: bool,
 }
 
 /// What [`Replicas::on_commit_point`] asks: whether the move of the VNF (its name) to the
@@ -1595,7 +1600,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
             .send_state(
                 &to.vnf,
                 stream,
-                guest_secret(&tag_key(&to.peer.key)),
+                to.encrypts.then(|| guest_secret(&tag_key(&to.peer.key))),
                 Box::new(progress),
                 gate,
             )

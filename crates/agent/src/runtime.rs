@@ -132,14 +132,14 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Hands `stream`, the connection a move's source opened for `name`'s state, to the
     /// instance waiting for it ([`Runtime::start_incoming`]); the state comes encrypted with
-    /// `secret`, which the source holds too. Returns once the instance took it; the instance
+    /// `secret`, which the source holds too (`None`: in the clear). Returns once the instance took it; the instance
     /// runs once the state is in. A runtime whose instances move otherwise keeps this default,
     /// which refuses.
     async fn receive_state(
         &self,
         name: &Name,
         stream: OwnedFd,
-        secret: StreamSecret,
+        secret: Option<StreamSecret>,
     ) -> Result<(), RuntimeFailure> {
         drop((stream, secret));
         Err(RuntimeFailure::new(format!(
@@ -149,7 +149,7 @@ pub trait Runtime: Send + Sync + 'static {
     }
 
     /// Sends the running instance's state to a move's destination over `stream`, encrypted
-    /// with `secret` (the destination's too), telling `progress` how far it got and asking `commit` (when given) at the stream's final copy
+    /// with `secret` (the destination's too; `None`: in the clear), telling `progress` how far it got and asking `commit` (when given) at the stream's final copy
     /// whether to complete it. Returns the final figures once the state is there (the instance
     /// here is then [`InstanceState::Moved`]); on error it runs on here. A runtime whose
     /// instances move otherwise keeps this default, which refuses.
@@ -157,7 +157,7 @@ pub trait Runtime: Send + Sync + 'static {
         &self,
         name: &Name,
         stream: OwnedFd,
-        secret: StreamSecret,
+        secret: Option<StreamSecret>,
         progress: StreamProgress,
         commit: Option<telvirt_runtime_vm::SwitchoverGate>,
     ) -> Result<GuestStream, RuntimeFailure> {

@@ -25,9 +25,9 @@ pub use network::{NetworkDescriptor, parse_network};
 pub use parse::{Format, from_text, parse_vnf};
 pub use units::{ByteSize, ByteSizeError};
 pub use vnf::{
-    ApiVersion, CpuPolicy, CpuSpec, EmulatorPolicy, MapKind, MapSpec, Metadata, NicSpec,
-    PlacementSpec, PollMode, Redundancy, RuntimeKind, ThreadPolicy, VmSpec, VnfDescriptor, VnfKind,
-    VnfSpec, WasmEngine, WasmLimits, WasmSpec, map_budget_bytes, module_digest,
+    ApiVersion, CpuPolicy, CpuSpec, EmulatorPolicy, MapKind, MapSpec, Metadata, MoveEncryption,
+    NicSpec, PlacementSpec, PollMode, Redundancy, RuntimeKind, ThreadPolicy, VmSpec, VnfDescriptor,
+    VnfKind, VnfSpec, WasmEngine, WasmLimits, WasmSpec, map_budget_bytes, module_digest,
 };
 
 #[cfg(test)]

@@ -340,6 +340,30 @@ pub struct VmSpec {
     /// under TCG.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
+    /// How the guest's memory crosses the network when it moves (`vnf migrate`): `tls` (QEMU's
+    /// stream over TLS with a key only the two hosts' agents derive; under TCG here the guest's
+    /// pause about doubles, BENCHMARKS) or `none` (in the clear, as QEMU, libvirt and Nova move
+    /// a guest by default; the stream's opening is still tagged with the move's key, so only
+    /// the source's agent can start it). Default `tls`; taken only at creation.
+    #[serde(default, skip_serializing_if = "MoveEncryption::is_default")]
+    pub move_encryption: MoveEncryption,
+}
+
+/// How a vm guest's memory crosses the network when it moves (`spec.vm.move_encryption`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveEncryption {
+    /// Over TLS with a pre-shared key (encrypted and authenticated).
+    #[default]
+    Tls,
+    /// In the clear.
+    None,
+}
+
+impl MoveEncryption {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// How a vm VNF's QEMU runs its guest's CPUs.

@@ -733,6 +733,9 @@ impl VmHandle {
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
                 .await?;
             match v["status"].as_str().unwrap_or("none") {
+                // Past its TLS handshake (QEMU reads the stream once it is): the key's file is
+                // no longer read.
+                "active" => stream_tls::forget_key(self.state_dir()),
                 "completed" => break,
                 "failed" | "cancelled" => {
                     return Err(Error::Migration {

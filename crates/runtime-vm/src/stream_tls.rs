@@ -1,6 +1,6 @@
 //! TLS for a guest stream: QEMU's migration stream runs over TLS with a pre-shared key
 //! (`tls-creds-psk`) both ends are given, so the guest's memory crosses the network encrypted
-//! and a peer without the key fails the handshake (ADR 066's addendum).
+//! and a peer without the key fails the handshake (ADR 066).
 //!
 //! Owns the key's file for QEMU, the credentials object and the `tls-creds` parameter on one
 //! end. It must not open or pass the stream's socket (`migrate` does) nor choose the key (the
@@ -74,7 +74,7 @@ pub(crate) async fn secure(
     let fd = match opened {
         Ok(f) => f,
         Err(e) => {
-            remove_key(state_dir);
+            forget_key(state_dir);
             return Err(e);
         }
     };
@@ -98,6 +98,11 @@ pub(crate) async fn secure(
         }
         qmp.execute_raw("object-add", Some(creds), COMMAND_TIMEOUT)
             .await?;
+        // A client's credentials hold the key from here on; a server reads the file at the
+        // handshake ([`forget_key`] once it is past).
+        if end == StreamEnd::Source {
+            forget_key(state_dir);
+        }
         qmp.execute_raw("migrate-set-parameters", Some(parameters), COMMAND_TIMEOUT)
             .await?;
         Ok::<(), Error>(())
@@ -135,14 +140,14 @@ pub(crate) async fn unsecure(qmp: &QmpClient, state_dir: &Path) {
             }
         }
     }
-    remove_key(state_dir);
+    forget_key(state_dir);
 }
 
 /// Writes `secret` as QEMU's `keys.psk` in a directory of `state_dir` that only QEMU's user
 /// `uid` may read (when this process may give it away: as root); returns the directory.
 fn write_key(state_dir: &Path, uid: Option<u32>, secret: &StreamSecret) -> Result<PathBuf> {
     let dir = state_dir.join(KEY_DIR);
-    remove_key(state_dir);
+    forget_key(state_dir);
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
@@ -156,7 +161,7 @@ fn write_key(state_dir: &Path, uid: Option<u32>, secret: &StreamSecret) -> Resul
         .and_then(|mut f| f.write_all(secret.psk_line().as_bytes()));
     let owned = written.and_then(|()| give_to(uid, &[&dir, &file]));
     if let Err(e) = owned {
-        remove_key(state_dir);
+        forget_key(state_dir);
         return Err(Error::io(format!("write {}", file.display()))(e));
     }
     Ok(dir)
@@ -175,7 +180,10 @@ fn give_to(uid: Option<u32>, paths: &[&Path]) -> std::io::Result<()> {
     }
 }
 
-fn remove_key(state_dir: &Path) {
+/// Removes the key's file, once QEMU no longer reads it (its credentials loaded it, or its
+/// stream is past the handshake) or the stream ended: QEMU's user is shared by every QEMU of
+/// the host (ADR 044), so the file is left to it no longer than needed. Idempotent.
+pub(crate) fn forget_key(state_dir: &Path) {
     let dir = state_dir.join(KEY_DIR);
     if let Err(e) = std::fs::remove_dir_all(&dir)
         && e.kind() != std::io::ErrorKind::NotFound
@@ -202,7 +210,7 @@ mod tests {
         assert_eq!(format!("{secret:?}"), "StreamSecret(<secret>)");
         // Written again: the old one goes first.
         write_key(state.path(), None, &secret).unwrap();
-        remove_key(state.path());
+        forget_key(state.path());
         assert!(!dir.exists());
     }
 }

@@ -174,6 +174,9 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
 
     dst.finish_incoming(T).await.unwrap();
     assert_eq!(dst.phase(), VmPhase::Running);
+    for end in [&src, &dst] {
+        assert!(!end.state_dir().join("migration-tls").exists());
+    }
     // Its whole pause: from when the source's QEMU began stopping the guest until its resume
     // here, by the two QEMUs' own times on this host's clock.
     let (stopped, resumed) = (done.stopped_at_us.unwrap(), dst.resumed_at_us().unwrap());

@@ -31,6 +31,10 @@ pub struct VmMoveArgs {
     /// Guest memory of the VNF, MiB
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..=4096))]
     pub memory_mib: u64,
+    /// How the guest crosses the network when it moves (`spec.vm.move_encryption`: `tls`,
+    /// the platform's default, or `none`)
+    #[arg(long, value_enum, default_value_t = MoveEncryptionArg::Tls)]
+    pub move_encryption: MoveEncryptionArg,
     /// The QEMU both agents run the guest with (`agent --qemu`) [default: qemu-system-x86_64
     /// on PATH]
     #[arg(long, value_name = "PATH", value_parser = crate::cli::parse_qemu)]
@@ -39,6 +43,23 @@ pub struct VmMoveArgs {
     pub agents: crate::control_threads::AgentPriorityArgs,
     #[command(flatten)]
     pub image: crate::vm::ImageArgs,
+}
+
+/// `--move-encryption`: the descriptor's `spec.vm.move_encryption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MoveEncryptionArg {
+    Tls,
+    None,
+}
+
+impl MoveEncryptionArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Tls => "tls",
+            Self::None => "none",
+        }
+    }
 }
 
 /// One kind of move, every round.
@@ -72,6 +93,8 @@ pub struct VmMoveReport {
     pub qemu: String,
     pub rounds: u32,
     pub memory_mib: u64,
+    /// How the guest crossed the network (`spec.vm.move_encryption`).
+    pub move_encryption: MoveEncryptionArg,
     /// The agents' SCHED_FIFO priority for their async control threads (`--control-priority`);
     /// none: SCHED_OTHER.
     pub control_priority: Option<u8>,
@@ -105,9 +128,10 @@ pub struct PausePhaseFigures {
 
 const VNF: &str = "vmm";
 
-fn descriptor(memory_mib: u64) -> String {
+fn descriptor(memory_mib: u64, encryption: MoveEncryptionArg) -> String {
     format!(
-        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {VNF} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: dedicated, count: 1 }}\n  vm: {{ memory: {memory_mib}MiB }}\n"
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {VNF} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: dedicated, count: 1 }}\n  vm: {{ memory: {memory_mib}MiB, move_encryption: {} }}\n",
+        encryption.as_str()
     )
 }
 
@@ -348,7 +372,7 @@ async fn moves(
     }
     let total_steps = 2 * u64::from(args.rounds) + 1;
     cordon(&api, "h2", true).await?;
-    let yaml = descriptor(args.memory_mib);
+    let yaml = descriptor(args.memory_mib, args.move_encryption);
     post_yaml(&api, "/v1/vnfs", yaml.clone()).await?;
     let ran = poll_until(Duration::from_secs(300), "the vm running on h1", || async {
         running_alone(&api).await.as_deref() == Some("h1")
@@ -439,6 +463,7 @@ async fn moves(
         ),
         rounds: args.rounds,
         memory_mib: args.memory_mib,
+        move_encryption: args.move_encryption,
         control_priority: args.agents.control_priority,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),

@@ -520,8 +520,18 @@ fn bench_vm_move_says_at_once_when_its_agents_have_no_vm_runtime() {
 fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmm");
+    // In the clear (the agent tests move guests over TLS, the default): both paths move.
     let out = offline(
-        &["bench", "vm-move", "--rounds", "1", "-o", "json"],
+        &[
+            "bench",
+            "vm-move",
+            "--rounds",
+            "1",
+            "--move-encryption",
+            "none",
+            "-o",
+            "json",
+        ],
         &common::guest_binary(),
     );
     assert!(out.status.success(), "bench vm-move: {}", stderr(&out));
@@ -533,6 +543,7 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
     );
     let r: Value = serde_json::from_str(&text).expect("JSON");
     assert_eq!(r["rounds"], 1);
+    assert_eq!(r["move_encryption"], "none", "{r}");
     for set in ["live", "cold"] {
         for figure in ["total_p50_ms", "outage_p50_ms"] {
             assert!(r[set][figure].as_f64() > Some(0.0), "{set}.{figure}: {r}");

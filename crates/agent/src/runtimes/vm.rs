@@ -79,6 +79,15 @@ pub struct VmRuntime {
     arrivals: Arc<std::sync::Mutex<HashMap<Name, String>>>,
 }
 
+/// A guest stream's channel over the connection `stream`: over TLS with `secret`, or in the
+/// clear without one.
+fn channel_of(stream: OwnedFd, secret: Option<StreamSecret>) -> MigrationChannel {
+    match secret {
+        Some(secret) => MigrationChannel::Encrypted(stream, secret),
+        None => MigrationChannel::Socket(stream),
+    }
+}
+
 /// How long a guest's migration stream may run, on either end, before it is given up (the
 /// guest then runs on at its source).
 const MOVE_STREAM_DEADLINE: Duration = Duration::from_secs(120);
@@ -638,7 +647,7 @@ impl Runtime for VmRuntime {
         &self,
         name: &Name,
         stream: OwnedFd,
-        secret: StreamSecret,
+        secret: Option<StreamSecret>,
     ) -> Result<(), RuntimeFailure> {
         let handle = self
             .handle(name)
@@ -654,10 +663,7 @@ impl Runtime for VmRuntime {
                 "vm {name} takes a migration stream already"
             )));
         }
-        if let Err(e) = handle
-            .receive(&MigrationChannel::Encrypted(stream, secret))
-            .await
-        {
+        if let Err(e) = handle.receive(&channel_of(stream, secret)).await {
             lock(&self.receiving).remove(name);
             return Err(failure(e));
         }
@@ -669,7 +675,7 @@ impl Runtime for VmRuntime {
         &self,
         name: &Name,
         stream: OwnedFd,
-        secret: StreamSecret,
+        secret: Option<StreamSecret>,
         mut progress: StreamProgress,
         commit: Option<telvirt_runtime_vm::SwitchoverGate>,
     ) -> Result<GuestStream, RuntimeFailure> {
@@ -680,7 +686,7 @@ impl Runtime for VmRuntime {
         let tuning = handle.tuning().over_one_stream();
         let done = handle
             .migrate_to_gated(
-                &MigrationChannel::Encrypted(stream, secret),
+                &channel_of(stream, secret),
                 &tuning,
                 MOVE_STREAM_DEADLINE,
                 |p| progress(&guest_stream(p, tuning.downtime_limit_ms)),

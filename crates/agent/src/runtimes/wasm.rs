@@ -661,6 +661,13 @@ fn take_log(i: &mut VnfInstance) -> Result<Option<Vec<u8>>, rw::Error> {
 
 /// Standby replication reads the active instance's maps and writes the standby's, between
 /// batches (under the instance's lock, as the worker runs them).
+/// Why a standby's state is not applied to `vnf`'s instance here: it forwards, as the active.
+fn made_active(vnf: &Name) -> String {
+    format!(
+        "{vnf}'s instance here forwards now (it was made the active): a standby's state is not applied to it"
+    )
+}
+
 impl crate::replication::ReplicaState for WasmRuntime {
     fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
         if full {
@@ -725,27 +732,40 @@ impl crate::replication::ReplicaState for WasmRuntime {
     }
 
     fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String> {
+        let forwards = self.forwards(vnf);
         let applied = self
             .with_instance(vnf, |i| {
-                if full {
+                // Read under the instance's lock, which its batches take too: an instance made
+                // the active after the batch was judged has forwarded nothing since.
+                if forwards() {
+                    return Err(made_active(vnf));
+                }
+                let applied = if full {
                     i.restore_maps(bytes).map(|()| entries_of(i.maps()))
                 } else {
                     i.apply_update_log(bytes)
-                }
+                };
+                applied.map_err(|e| e.to_string())
             })
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())??;
         self.maps_changed(vnf);
         Ok(applied)
     }
 
     fn apply_log_at_once(&self, vnf: &Name, bytes: &[u8]) -> Option<Result<u64, String>> {
-        match self.try_with_instance(vnf, |i| i.apply_update_log(bytes)) {
+        let forwards = self.forwards(vnf);
+        let applied = self.try_with_instance(vnf, |i| {
+            if forwards() {
+                return Err(made_active(vnf));
+            }
+            i.apply_update_log(bytes).map_err(|e| e.to_string())
+        });
+        match applied {
             Err(e) => Some(Err(e.to_string())),
             Ok(None) => None,
             Ok(Some(applied)) => {
                 self.maps_changed(vnf);
-                Some(applied.map_err(|e| e.to_string()))
+                Some(applied)
             }
         }
     }
@@ -1132,6 +1152,13 @@ impl WasmRuntime {
     ) -> Result<R, RuntimeFailure> {
         let (inst, _) = self.instance(name)?;
         Ok(f(&mut guard(&inst)))
+    }
+
+    /// Whether `vnf`'s instance here may forward now, by its fencing gate (a standby's never
+    /// does); never, without fencing.
+    fn forwards(&self, vnf: &Name) -> impl Fn() -> bool + use<> {
+        let gate = self.fencing.as_ref().map(|f| f.gate(vnf));
+        move || gate.as_ref().is_some_and(|g| g.open())
     }
 
     /// [`Self::with_instance`] when nobody holds the instance now (a batch, a save, a
@@ -1976,6 +2003,15 @@ spec:
         until("packets again once active at epoch 3", || {
             received() > r0 + 100
         });
+        // A standby's state that arrives now is not applied to it (a batch judged while it
+        // was the standby, applied after it was made the active); as the standby it is.
+        use crate::replication::ReplicaState;
+        let snapshot = rt.take(&s.name, true).unwrap().unwrap();
+        let err = rt.apply(&s.name, true, &snapshot).unwrap_err();
+        assert!(err.contains("forwards now"), "{err}");
+        fencing.assign(&[assigned(Role::Standby, 4)]);
+        assert!(!gate.open());
+        rt.apply(&s.name, true, &snapshot).unwrap();
         drop(dir);
     }
 }
