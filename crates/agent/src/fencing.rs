@@ -91,6 +91,12 @@ impl ForwardGate {
         self.epoch.load(Ordering::Acquire) < epoch
     }
 
+    /// Whether the assignments make the instance an active (its gate open or leased), whatever
+    /// its lease says at this moment; a standby's never.
+    pub fn assigned_active(&self) -> bool {
+        self.mode.load(Ordering::Acquire) != CLOSED
+    }
+
     fn set(&self, mode: u8, epoch: u64) {
         self.epoch.store(epoch, Ordering::Release);
         self.mode.store(mode, Ordering::Release);

@@ -84,6 +84,7 @@ const TAG_CHUNK: usize = 256 << 10;
 const HEAD_LABEL: &[u8] = b"telvirt replication head";
 const BODY_LABEL: &[u8] = b"telvirt replication body";
 const GUEST_TLS_LABEL: &[u8] = b"telvirt guest stream tls psk";
+const ACK_LABEL: &[u8] = b"telvirt replication ack";
 const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
 /// Nothing changed since the last batch: the active is alive.
@@ -177,6 +178,10 @@ struct Ack {
     /// The epoch the receiver holds the pair at (0: it holds no role of it).
     epoch: u64,
     message: String,
+    /// As read: its tag, when it came with one, and the bytes the tag covers.
+    tag: Option<([u8; TAG_BYTES], Vec<u8>)>,
+    /// As read by a [`Link`]: it came tagged with the stream's key.
+    authentic: bool,
 }
 
 impl Ack {
@@ -187,6 +192,8 @@ impl Ack {
             updates: 0,
             epoch: 0,
             message,
+            tag: None,
+            authentic: false,
         }
     }
 }
@@ -364,38 +371,93 @@ impl Link {
         self.stream.flush().await
     }
 
+    /// The answer to the last batch sent. One tagged is checked against the stream's key
+    /// (a tag that does not match fails the connection); one that says the batch was taken or
+    /// asks for a snapshot must be tagged, since only the stream's receiver can say so. An
+    /// untagged refusal or stale answer is read as it is (`authentic` false): its sender may
+    /// not hold the key, and the caller does not act on what it claims.
     async fn read_ack(&mut self) -> std::io::Result<Ack> {
-        read_ack(&mut self.stream).await
+        let mut ack = read_ack(&mut self.stream).await?;
+        let at = Place {
+            nonce: self.nonce,
+            n: self.sent,
+        };
+        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+        if let Some((tag, signed)) = &ack.tag {
+            let made = tag_context(&self.key, ACK_LABEL, at, signed).sign();
+            if !tags_match(made.as_ref(), tag) {
+                return Err(bad(
+                    "an acknowledgement whose tag was not made with the stream's key",
+                ));
+            }
+            ack.authentic = true;
+        }
+        if !ack.authentic && [ACK_OK, ACK_RESYNC].contains(&ack.status) {
+            return Err(bad(
+                "an acknowledgement that takes the batch (or asks for a snapshot) without the stream's tag",
+            ));
+        }
+        Ok(ack)
     }
 }
 
 async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
-    let seq = stream.read_u64_le().await?;
-    let status = stream.read_u8().await?;
-    let updates = stream.read_u64_le().await?;
-    let epoch = stream.read_u64_le().await?;
-    let len = stream.read_u16_le().await?;
+    let mut fixed = [0u8; 8 + 1 + 8 + 8 + 2];
+    stream.read_exact(&mut fixed).await?;
+    let word = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&fixed[at..at + 8]);
+        u64::from_le_bytes(b)
+    };
+    let (seq, status, updates, epoch) = (word(0), fixed[8], word(9), word(17));
+    let len = u16::from_le_bytes([fixed[25], fixed[26]]);
     let mut message = vec![0; usize::from(len)];
     stream.read_exact(&mut message).await?;
+    let tag = match stream.read_u8().await? {
+        0 => None,
+        _ => {
+            let mut tag = [0u8; TAG_BYTES];
+            stream.read_exact(&mut tag).await?;
+            let mut signed = fixed.to_vec();
+            signed.extend_from_slice(&message);
+            Some((tag, signed))
+        }
+    };
     Ok(Ack {
         seq,
         status,
         updates,
         epoch,
         message: String::from_utf8_lossy(&message).into_owned(),
+        tag,
+        authentic: false,
     })
 }
 
-async fn write_ack(stream: &mut TcpStream, ack: &Ack) -> std::io::Result<()> {
+/// Writes `ack`, tagged with the stream's key at the batch's place when `seal` gives them (the
+/// batch it answers was tagged with that key), untagged otherwise.
+async fn write_ack(
+    stream: &mut TcpStream,
+    ack: &Ack,
+    seal: Option<(&hmac::Key, Place)>,
+) -> std::io::Result<()> {
     let message = ack.message.as_bytes();
     let message = &message[..message.len().min(1024)];
-    let mut out = Vec::with_capacity(8 + 1 + 8 + 8 + 2 + message.len());
+    let mut out = Vec::with_capacity(8 + 1 + 8 + 8 + 2 + message.len() + 1 + TAG_BYTES);
     out.extend_from_slice(&ack.seq.to_le_bytes());
     out.push(ack.status);
     out.extend_from_slice(&ack.updates.to_le_bytes());
     out.extend_from_slice(&ack.epoch.to_le_bytes());
     out.extend_from_slice(&(message.len() as u16).to_le_bytes());
     out.extend_from_slice(message);
+    match seal {
+        Some((key, at)) => {
+            let tag = tag_context(key, ACK_LABEL, at, &out).sign();
+            out.push(1);
+            out.extend_from_slice(tag.as_ref());
+        }
+        None => out.push(0),
+    }
     stream.write_all(&out).await?;
     stream.flush().await
 }
@@ -662,7 +724,8 @@ async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn St
         None => Ack::new(h.seq, ACK_OK, String::new()),
         Some(why) => Ack::new(h.seq, ACK_REFUSED, why.clone()),
     };
-    match tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack)).await {
+    let seal = from.as_ref().ok().map(|k| (k, at));
+    match tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack, seal)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return tracing::warn!(vnf = %vnf, "answering a guest stream: {e}"),
         Err(_) => return tracing::warn!(vnf = %vnf, "answering a guest stream timed out"),
@@ -707,6 +770,13 @@ fn authentic(
         ));
     }
     Ok(key)
+}
+
+/// A batch refused on its header: the answer, and the stream's key when the header was
+/// tagged with it (the answer is tagged then).
+struct Refusal {
+    ack: Ack,
+    key: Option<hmac::Key>,
 }
 
 /// One active's connection as its standby's host serves it.
@@ -801,12 +871,12 @@ impl StandbyConnection {
             // Judged on its header: a refused batch is answered at once and its body passed
             // over, never held in memory; only an accepted one's sender sets the silence.
             let judged = self.judge(&head, at, host);
-            let ack = match judged {
-                Ok((_, ref key)) => {
-                    let body = tokio::time::timeout(IO_TIMEOUT, read_body(stream, &head, at, key))
+            let (ack, key) = match judged {
+                Ok((first_role, key)) => {
+                    let body = tokio::time::timeout(IO_TIMEOUT, read_body(stream, &head, at, &key))
                         .await
                         .map_err(|_| std::io::Error::other("a batch took too long to arrive"))??;
-                    match body {
+                    let ack = match body {
                         None => Ack::new(
                             h.seq,
                             ACK_REFUSED,
@@ -821,20 +891,22 @@ impl StandbyConnection {
                             // Judged again once a body is here (it may take seconds to
                             // arrive): a standby promoted meanwhile takes no more of its former
                             // active's state.
-                            let judged = if len == 0 {
-                                judged
+                            let role = if len == 0 {
+                                Ok(first_role)
                             } else {
-                                self.judge(&head, at, host)
+                                self.judge(&head, at, host).map(|(role, _)| role)
                             };
-                            match judged {
-                                Ok((role, _)) => self.receive(h, role, bytes, &state, host).await,
-                                Err(refusal) => refusal,
+                            match role {
+                                Ok(role) => self.receive(h, role, bytes, &state, host).await,
+                                Err(refused) => refused.ack,
                             }
                         }
-                    }
+                    };
+                    (ack, key)
                 }
-                Err(refusal) => {
-                    tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &refusal))
+                Err(refused) => {
+                    let seal = refused.key.as_ref().map(|k| (k, at));
+                    tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &refused.ack, seal))
                         .await
                         .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
                     tokio::time::timeout(IO_TIMEOUT, skip_body(stream, len))
@@ -843,7 +915,8 @@ impl StandbyConnection {
                     continue;
                 }
             };
-            tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &ack))
+            // Its header was tagged with the stream's key: so is the answer.
+            tokio::time::timeout(IO_TIMEOUT, write_ack(stream, &ack, Some((&key, at))))
                 .await
                 .map_err(|_| std::io::Error::other("acknowledgement timed out"))??;
         }
@@ -855,19 +928,30 @@ impl StandbyConnection {
     /// (a sender below it is told it is stale, and fences itself) from its active's address,
     /// tagged with the stream's key; packets of a move's hand-off to an instance in either
     /// role, from that address with that key.
+    ///
+    /// A refusal comes with the stream's key when the header was tagged with it (its answer is
+    /// tagged then): a stale answer is believed only so.
     fn judge(
         &self,
         head: &Head,
         at: Place,
         host: &dyn StandbyHost,
-    ) -> Result<(Role, hmac::Key), Ack> {
+    ) -> Result<(Role, hmac::Key), Box<Refusal>> {
         let (h, vnf) = (&head.h, &head.h.vnf);
-        let refused = |why| Ack::new(h.seq, ACK_REFUSED, why);
+        let refusal = |ack, key| Box::new(Refusal { ack, key });
+        let refused = |why| refusal(Ack::new(h.seq, ACK_REFUSED, why), None);
         if h.kind == KIND_PACKETS {
             let key = authentic(host, head, at, self.peer_ip).map_err(refused)?;
             return match host.role(vnf) {
                 Some((role, _)) => Ok((role, key)),
-                None => Err(refused(format!("this host runs no instance of {vnf}"))),
+                None => Err(refusal(
+                    Ack::new(
+                        h.seq,
+                        ACK_REFUSED,
+                        format!("this host runs no instance of {vnf}"),
+                    ),
+                    Some(key),
+                )),
             };
         }
         match host.role(vnf) {
@@ -882,14 +966,12 @@ impl StandbyConnection {
                     ),
                 );
                 ack.epoch = mine;
-                return Err(ack);
+                // Tagged when this host still holds the stream's key (the former standby
+                // keeps its former active's while the VNF is assigned here).
+                return Err(refusal(ack, authentic(host, head, at, self.peer_ip).ok()));
             }
             _ => {
-                return Err(Ack::new(
-                    h.seq,
-                    ACK_REFUSED,
-                    format!("this host runs no standby of {vnf}"),
-                ));
+                return Err(refused(format!("this host runs no standby of {vnf}")));
             }
         }
         let key = authentic(host, head, at, self.peer_ip).map_err(refused)?;
@@ -1798,7 +1880,10 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     {
                         g.acknowledged(window);
                     }
+                    // A stale answer fences the instance only when its sender holds the stream's
+                    // key (anyone could claim an epoch; the lease closes the gate otherwise).
                     if ack.status == ACK_STALE
+                        && ack.authentic
                         && let Some(g) = gate
                         && g.fence_below(ack.epoch)
                     {
@@ -1824,9 +1909,16 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                             s.snapshots += u64::from(full);
                             s.error = None;
                         }),
-                        ACK_STALE => set(&|s| {
+                        ACK_STALE if ack.authentic => set(&|s| {
                             s.state = "fenced".into();
                             s.error = Some(ack.message.clone());
+                        }),
+                        ACK_STALE => set(&|s| {
+                            s.state = "resyncing".into();
+                            s.error = Some(format!(
+                                "an answer without the stream's tag says: {} (not taken)",
+                                ack.message
+                            ));
                         }),
                         _ => set(&|s| {
                             s.state = "resyncing".into();
@@ -2579,8 +2671,14 @@ mod tests {
         assert_eq!(value(), Some(7));
         // The batch before, sent again at its number: a replay.
         conn.sent -= 1;
-        conn.send(&snapshot(2), &7u64.to_le_bytes()).await.unwrap();
-        assert_eq!(conn.read_ack().await.unwrap().status, ACK_REFUSED);
+        conn.send(&snapshot(3), &6u64.to_le_bytes()).await.unwrap();
+        let ack = read_ack(&mut conn.stream).await.unwrap();
+        assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
+        assert!(
+            ack.message.contains("is not tagged with the key"),
+            "{ack:?}"
+        );
+        assert_eq!(value(), Some(7));
         conn.sent += 1;
         // Its header tagged right, its body changed on the way.
         let head = encode_head(&snapshot(4), 8);
@@ -2605,6 +2703,124 @@ mod tests {
         conn.send(&snapshot(5), &8u64.to_le_bytes()).await.unwrap();
         assert_eq!(conn.read_ack().await.unwrap().status, ACK_OK);
         assert_eq!(value(), Some(8));
+    }
+
+    /// A header not tagged with the stream's key, from the active's own address, is refused
+    /// before its body (announced at 256 MiB) is sent: nothing is held for a sender without
+    /// the key.
+    #[tokio::test]
+    async fn a_header_without_the_key_is_refused_before_its_body() {
+        let host = Arc::new(Standbys::default());
+        let (address, standby) = standby_host(host.clone()).await;
+        let mut conn = Link::open(None, &address, &PairKey::new([6; PairKey::LEN]))
+            .await
+            .unwrap();
+        conn.sent += 1;
+        let at = Place {
+            nonce: conn.nonce,
+            n: conn.sent,
+        };
+        let mut head = raw_header(KIND_SNAPSHOT, MAX_BATCH_BYTES - 1, 30);
+        let tag = head_tag(&conn.key, at, &head);
+        head.extend_from_slice(tag.as_ref());
+        conn.stream.write_all(&head).await.unwrap();
+        let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn.stream))
+            .await
+            .expect("no answer before the body")
+            .unwrap();
+        assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
+        assert!(
+            ack.message.contains("is not tagged with the key"),
+            "{ack:?}"
+        );
+        assert!(
+            ack.tag.is_none(),
+            "a refusal of a sender without the key is not tagged"
+        );
+        assert!(standby.values.lock().unwrap().is_empty());
+    }
+
+    /// A "taken" answer without the stream's tag (from anyone on the path, or a host that does
+    /// not hold the key) is not believed: the stream does not say synced, and keeps trying.
+    #[tokio::test]
+    async fn an_answer_without_the_streams_tag_is_not_believed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // A receiver that answers every batch "taken", untagged.
+        tokio::spawn(async move {
+            loop {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    write_challenge(&mut conn).await.unwrap();
+                    while let Ok(head) = read_header(&mut conn).await {
+                        skip_body(&mut conn, head.len).await.unwrap();
+                        let ok = Ack::new(head.h.seq, ACK_OK, String::new());
+                        write_ack(&mut conn, &ok, None).await.unwrap();
+                    }
+                });
+            }
+        });
+        let nat1: Name = "nat1".parse().unwrap();
+        let replicas = Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION);
+        replicas.ensure(&nat1, &standby_at(address, test_key()), 0);
+        wait_for("the untagged answer refused", || {
+            replicas.status(&nat1).unwrap().error.is_some_and(|e| {
+                e.contains("takes the batch (or asks for a snapshot) without the stream's tag")
+            })
+        })
+        .await;
+        let st = replicas.status(&nat1).unwrap();
+        assert_ne!(st.state, "synced", "{st:?}");
+        assert_eq!(st.updates, 0, "{st:?}");
+    }
+
+    /// An old active of nat1 at epoch 2, its gate open (no lease kept), streaming to a host of
+    /// `host`'s roles that took nat1 over at epoch 3: the replicas, its gate, the VNF's name and
+    /// the receiving host's state.
+    async fn stale_sender(
+        host: &Arc<Standbys>,
+    ) -> (
+        Replicas,
+        Arc<crate::fencing::ForwardGate>,
+        Name,
+        Arc<Counters>,
+    ) {
+        host.roles
+            .lock()
+            .unwrap()
+            .insert("nat1".into(), (Role::Active, 3));
+        let (address, standby) = standby_host(host.clone()).await;
+        let fencing = Arc::new(Fencing::new());
+        let replicas = Replicas::new(Counters::holding("nat1", 7), TEST_DETECTION)
+            .with_fencing(Arc::clone(&fencing));
+        let nat1: Name = "nat1".parse().unwrap();
+        let gate = fencing.gate(&nat1);
+        let mut old = crate::fencing::tests::assignment(Role::Active, true, 2);
+        old.vnf = nat1.clone();
+        fencing.assign(&[old]);
+        assert!(gate.open());
+        replicas.ensure(&nat1, &standby_at(address, test_key()), 2);
+        (replicas, gate, nat1, standby)
+    }
+
+    /// A stale answer from a host that does not hold the stream's key (untagged) does not fence
+    /// the sender: anyone could claim an epoch; the lease closes its gate otherwise.
+    #[tokio::test]
+    async fn an_untagged_stale_answer_does_not_fence() {
+        let host = Arc::new(Standbys::default());
+        // This host takes nat1's stream only from elsewhere: it holds no key for this sender.
+        *host.active_from.lock().unwrap() = Some("10.9.9.9".parse().unwrap());
+        let (replicas, gate, nat1, _) = stale_sender(&host).await;
+        wait_for("the stale answer read", || {
+            replicas
+                .status(&nat1)
+                .unwrap()
+                .error
+                .is_some_and(|e| e.contains("(not taken)"))
+        })
+        .await;
+        assert!(gate.open(), "not fenced by an answer without the key");
+        assert_ne!(replicas.status(&nat1).unwrap().state, "fenced");
     }
 
     /// Writes one keepalive of `vnf` at `epoch` on `conn` asking for `silence`, and reads its
@@ -2661,25 +2877,7 @@ mod tests {
     #[tokio::test]
     async fn a_host_holding_the_pair_at_a_higher_epoch_fences_the_sender() {
         let host = Arc::new(Standbys::default());
-        // This host took over nat1 at epoch 3: it is the active now.
-        host.roles
-            .lock()
-            .unwrap()
-            .insert("nat1".into(), (Role::Active, 3));
-        let (address, standby) = standby_host(host.clone()).await;
-        let active = Counters::holding("nat1", 7);
-        let fencing = Arc::new(Fencing::new());
-        let replicas =
-            Replicas::new(active.clone(), TEST_DETECTION).with_fencing(Arc::clone(&fencing));
-        let nat1: Name = "nat1".parse().unwrap();
-        let gate = fencing.gate(&nat1);
-        // The old active still holds epoch 2 and (no lease kept) forwards.
-        let mut old = crate::fencing::tests::assignment(Role::Active, true, 2);
-        old.vnf = nat1.clone();
-        fencing.assign(&[old]);
-        assert!(gate.open());
-        let peer = standby_at(address, test_key());
-        replicas.ensure(&nat1, &peer, 2);
+        let (replicas, gate, nat1, standby) = stale_sender(&host).await;
         wait_for("the sender was never fenced", || !gate.open()).await;
         let st = replicas.status(&nat1).unwrap();
         assert_eq!(st.state, "fenced", "{st:?}");

@@ -500,10 +500,16 @@ impl VmHandle {
         if !prepare(qmp, &to.carries(tuning), gate.is_some()).await? {
             gate = None;
         }
-        let uri = to.uri(self, StreamEnd::Source).await?;
         let mut events = qmp.events();
-        qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
-            .await?;
+        let begun = async {
+            let uri = to.uri(self, StreamEnd::Source).await?;
+            qmp.execute_raw("migrate", Some(json!({ "uri": uri })), COMMAND_TIMEOUT)
+                .await
+        };
+        if let Err(e) = begun.await {
+            stream_tls::unsecure(qmp, self.state_dir()).await;
+            return Err(e);
+        }
         let started = Instant::now();
         let mut last = MigrationProgress::default();
         // When it was let through its commit point: from then on only the final copy's own
@@ -562,9 +568,12 @@ impl VmHandle {
             Ok(done) => Ok(self.moved_away(done).await),
             Err(why) => self.settle_failed(to, &why, &last).await,
         };
-        // The key's file and QEMU's credentials go with the stream (after the guest runs
-        // again wherever it runs: nothing here waits for them).
-        stream_tls::unsecure(qmp, self.state_dir()).await;
+        // What the stream's TLS left goes with it: once the guest moved, on the side (nothing
+        // waits for it, and this QEMU streams no more); otherwise now, before any stream again.
+        match &outcome {
+            Ok(_) => stream_tls::unsecure_later(qmp, self.state_dir()),
+            Err(_) => stream_tls::unsecure(qmp, self.state_dir()).await,
+        }
         outcome
     }
 
@@ -686,14 +695,20 @@ impl VmHandle {
         // Before QEMU holds the stream's socket: should this fail, the socket closes with its
         // owner and the source sees its stream fail at once.
         self.prepare_arrival().await?;
-        let uri = from.uri(self, StreamEnd::Destination).await?;
-        self.qmp()
-            .execute_raw(
-                "migrate-incoming",
-                Some(json!({ "uri": uri })),
-                COMMAND_TIMEOUT,
-            )
-            .await?;
+        let taken = async {
+            let uri = from.uri(self, StreamEnd::Destination).await?;
+            self.qmp()
+                .execute_raw(
+                    "migrate-incoming",
+                    Some(json!({ "uri": uri })),
+                    COMMAND_TIMEOUT,
+                )
+                .await
+        };
+        if let Err(e) = taken.await {
+            stream_tls::unsecure(self.qmp(), self.state_dir()).await;
+            return Err(e);
+        }
         // An agent that adopts this QEMU later follows the stream it took.
         let mark = self.state_dir().join(crate::manager::INCOMING_MARK);
         if let Err(e) = std::fs::write(&mark, crate::manager::STREAM_TAKEN) {
@@ -711,9 +726,12 @@ impl VmHandle {
     /// the configuration has one).
     pub async fn finish_incoming(&self, deadline: Duration) -> Result<()> {
         let arrived = self.finish_incoming_stream(deadline).await;
-        // The key's file and QEMU's credentials go with the stream (after the guest runs:
-        // nothing of its arrival waits for them).
-        stream_tls::unsecure(self.qmp(), self.state_dir()).await;
+        // What the stream's TLS left goes with it, on the side once the guest runs here
+        // (nothing of its arrival waits for it).
+        match &arrived {
+            Ok(()) => stream_tls::unsecure_later(self.qmp(), self.state_dir()),
+            Err(_) => stream_tls::unsecure(self.qmp(), self.state_dir()).await,
+        }
         arrived
     }
 

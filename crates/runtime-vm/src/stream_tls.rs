@@ -117,13 +117,19 @@ pub(crate) async fn secure(
 /// Makes the QEMU of `qmp` run its next stream in the clear again and removes what
 /// [`secure`] set up (each step tried; what is not there is skipped).
 pub(crate) async fn unsecure(qmp: &QmpClient, state_dir: &Path) {
-    let _ = qmp
+    forget_key(state_dir);
+    let cleared = qmp
         .execute_raw(
             "migrate-set-parameters",
             Some(json!({ "tls-creds": "", "tls-hostname": "" })),
             COMMAND_TIMEOUT,
         )
         .await;
+    // A QEMU that does not answer (one held in a handshake, or gone) is not asked three more
+    // times: each would wait out its deadline.
+    if matches!(cleared, Err(Error::Timeout { .. })) {
+        return;
+    }
     let _ = qmp
         .execute_raw(
             "object-del",
@@ -140,7 +146,14 @@ pub(crate) async fn unsecure(qmp: &QmpClient, state_dir: &Path) {
             }
         }
     }
+}
+
+/// [`unsecure`] on a task of its own, for a QEMU that streams no more (its guest moved away, or
+/// arrived): the key's file goes at once, the rest when QEMU answers.
+pub(crate) fn unsecure_later(qmp: &QmpClient, state_dir: &Path) {
     forget_key(state_dir);
+    let (qmp, state_dir) = (qmp.clone(), state_dir.to_path_buf());
+    tokio::spawn(async move { unsecure(&qmp, &state_dir).await });
 }
 
 /// Writes `secret` as QEMU's `keys.psk` in a directory of `state_dir` that only QEMU's user
@@ -159,7 +172,9 @@ fn write_key(state_dir: &Path, uid: Option<u32>, secret: &StreamSecret) -> Resul
         .mode(0o400)
         .open(&file)
         .and_then(|mut f| f.write_all(secret.psk_line().as_bytes()));
-    let owned = written.and_then(|()| give_to(uid, &[&dir, &file]));
+    // The file first: once the directory is QEMU's user's, that user could put a link in the
+    // file's place.
+    let owned = written.and_then(|()| give_to(uid, &[&file, &dir]));
     if let Err(e) = owned {
         forget_key(state_dir);
         return Err(Error::io(format!("write {}", file.display()))(e));

@@ -109,6 +109,13 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     drop(from);
     fails_and_runs_on(&src, &to, &tuning, Duration::from_secs(60)).await;
     assert!(!src.state_dir().join("migration-tls").exists());
+    // Nothing of the stream's TLS is left in the source's QEMU for its next stream.
+    let params = src
+        .qmp()
+        .execute_raw("query-migrate-parameters", None, T)
+        .await
+        .unwrap();
+    assert_eq!(params["tls-creds"], "", "{params}");
     // It took nothing (the stream failed, or never began by QEMU's count), and its key's
     // file is gone too.
     assert!(

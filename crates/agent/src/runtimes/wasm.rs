@@ -659,15 +659,13 @@ fn take_log(i: &mut VnfInstance) -> Result<Option<Vec<u8>>, rw::Error> {
     }
 }
 
-/// Standby replication reads the active instance's maps and writes the standby's, between
-/// batches (under the instance's lock, as the worker runs them).
-/// Why a standby's state is not applied to `vnf`'s instance here: it forwards, as the active.
+/// Why a standby's state is not applied to `vnf`'s instance here: it was made the active.
 fn made_active(vnf: &Name) -> String {
-    format!(
-        "{vnf}'s instance here forwards now (it was made the active): a standby's state is not applied to it"
-    )
+    format!("{vnf}'s instance here is the active now: a standby's state is not applied to it")
 }
 
+/// Standby replication reads the active instance's maps and writes the standby's, between
+/// batches (under the instance's lock, as the worker runs them).
 impl crate::replication::ReplicaState for WasmRuntime {
     fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
         if full {
@@ -1154,11 +1152,11 @@ impl WasmRuntime {
         Ok(f(&mut guard(&inst)))
     }
 
-    /// Whether `vnf`'s instance here may forward now, by its fencing gate (a standby's never
-    /// does); never, without fencing.
+    /// Whether `vnf`'s instance here is assigned as the active now, by its fencing gate
+    /// (whether or not its lease lets it forward at this moment); never, without fencing.
     fn forwards(&self, vnf: &Name) -> impl Fn() -> bool + use<> {
         let gate = self.fencing.as_ref().map(|f| f.gate(vnf));
-        move || gate.as_ref().is_some_and(|g| g.open())
+        move || gate.as_ref().is_some_and(|g| g.assigned_active())
     }
 
     /// [`Self::with_instance`] when nobody holds the instance now (a batch, a save, a
@@ -2008,7 +2006,7 @@ spec:
         use crate::replication::ReplicaState;
         let snapshot = rt.take(&s.name, true).unwrap().unwrap();
         let err = rt.apply(&s.name, true, &snapshot).unwrap_err();
-        assert!(err.contains("forwards now"), "{err}");
+        assert!(err.contains("is the active now"), "{err}");
         fencing.assign(&[assigned(Role::Standby, 4)]);
         assert!(!gate.open());
         rt.apply(&s.name, true, &snapshot).unwrap();
