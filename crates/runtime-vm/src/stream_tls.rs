@@ -29,6 +29,20 @@ const PSK_USER: &str = "telvirt";
 const FDSET_NOTE: &str = "tv-migration-tls-dir";
 /// Directory in the VM's state dir that holds the key for QEMU while a stream runs.
 const KEY_DIR: &str = "migration-tls";
+/// The Diffie-Hellman group a destination's credentials use: RFC 7919's ffdhe2048, as PKCS#3
+/// (`openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048`). Without a
+/// `dh-params.pem` QEMU generates parameters when the credentials object is added, which
+/// holds its main loop (and the move) for as long as that takes.
+const DH_PARAMS: &str = "-----BEGIN DH PARAMETERS-----\n\
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz\n\
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a\n\
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7\n\
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi\n\
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD\n\
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==\n\
+-----END DH PARAMETERS-----\n\
+";
+
 /// QMP deadline of one command here.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -156,8 +170,9 @@ pub(crate) fn unsecure_later(qmp: &QmpClient, state_dir: &Path) {
     tokio::spawn(async move { unsecure(&qmp, &state_dir).await });
 }
 
-/// Writes `secret` as QEMU's `keys.psk` in a directory of `state_dir` that only QEMU's user
-/// `uid` may read (when this process may give it away: as root); returns the directory.
+/// Writes `secret` as QEMU's `keys.psk` (and the Diffie-Hellman group, [`DH_PARAMS`]) in a
+/// directory of `state_dir` that only QEMU's user `uid` may read (when this process may give it
+/// away: as root); returns the directory.
 fn write_key(state_dir: &Path, uid: Option<u32>, secret: &StreamSecret) -> Result<PathBuf> {
     let dir = state_dir.join(KEY_DIR);
     forget_key(state_dir);
@@ -166,15 +181,19 @@ fn write_key(state_dir: &Path, uid: Option<u32>, secret: &StreamSecret) -> Resul
         .create(&dir)
         .map_err(Error::io(format!("create {}", dir.display())))?;
     let file = dir.join("keys.psk");
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o400)
-        .open(&file)
-        .and_then(|mut f| f.write_all(secret.psk_line().as_bytes()));
-    // The file first: once the directory is QEMU's user's, that user could put a link in the
+    let group = dir.join("dh-params.pem");
+    let write = |path: &Path, text: &str| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+    };
+    let written = write(&file, &secret.psk_line()).and_then(|()| write(&group, DH_PARAMS));
+    // The files first: once the directory is QEMU's user's, that user could put a link in a
     // file's place.
-    let owned = written.and_then(|()| give_to(uid, &[&file, &dir]));
+    let owned = written.and_then(|()| give_to(uid, &[&file, &group, &dir]));
     if let Err(e) = owned {
         forget_key(state_dir);
         return Err(Error::io(format!("write {}", file.display()))(e));
@@ -222,6 +241,13 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&dir.join("keys.psk")), 0o400);
+        // The destination's Diffie-Hellman group, so QEMU generates none.
+        let group = std::fs::read_to_string(dir.join("dh-params.pem")).unwrap();
+        assert!(
+            group.starts_with("-----BEGIN DH PARAMETERS-----\nMIIBCAKCAQEA"),
+            "{group}"
+        );
+        assert!(group.ends_with("-----END DH PARAMETERS-----\n"), "{group}");
         assert_eq!(format!("{secret:?}"), "StreamSecret(<secret>)");
         // Written again: the old one goes first.
         write_key(state.path(), None, &secret).unwrap();
