@@ -5,7 +5,6 @@
 //! shown once, to whoever created the authority.
 
 use rand::RngCore;
-use sha2::{Digest, Sha256};
 use telvirt_model::api::{ADMIN_AUTHORITY, DEFAULT_AUTHORITY_DOMAIN, OPERATOR_DOMAIN, hex};
 
 /// The domains of the wasm runtime's default security policy (`SecurityPolicy::default()` of
@@ -33,7 +32,7 @@ pub fn new_token() -> String {
 
 /// SHA-256 of a token, hex.
 pub fn token_hash(token: &str) -> String {
-    hex(&Sha256::digest(token.as_bytes()))
+    crate::modules::sha256_hex(token.as_bytes())
 }
 
 /// Compares two hashes in time independent of where they differ.

@@ -57,10 +57,7 @@ impl ModuleRepository {
 
 /// Lower-case hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    telvirt_model::api::hex(&Sha256::digest(bytes))
 }
 
 fn invalid(path: &str, reason: impl Into<String>) -> ControllerError {

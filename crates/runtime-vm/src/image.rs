@@ -193,11 +193,7 @@ impl ImageBuilder {
             hasher.update(&bytes);
             module_bytes.push((name.clone(), bytes));
         }
-        let digest: String = hasher
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = telvirt_model::api::hex(&hasher.finalize());
         let initrd = images.join(format!("initrd-{}.cpio", &digest[..16]));
         let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
         let cached = initrd.exists();

@@ -59,8 +59,7 @@ impl StreamSecret {
 
     /// The line of QEMU's `keys.psk` that holds it.
     fn psk_line(&self) -> String {
-        let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
-        format!("{PSK_USER}:{hex}\n")
+        format!("{PSK_USER}:{}\n", telvirt_model::api::hex(&self.0))
     }
 }
 
