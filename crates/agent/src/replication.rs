@@ -19,7 +19,8 @@
 //! challenge, and each batch carries an HMAC-SHA256 tag of its header (checked before its body
 //! is read) and one of its body, both over the challenge and the batch's number on the
 //! connection, so a batch from anyone without the key, or replayed from another connection or
-//! out of order, is refused. Acknowledgements are not tagged (ADR 066 says why).
+//! out of order, is refused. The answer to a tagged batch is tagged too; a sender believes a
+//! "taken", "resync" or "stale" answer only tagged.
 //!
 //! Owns the wire format, the bounds on what a peer may send, the sending task per replicated
 //! VNF and its status. It must not decide which instance is active (the controller's
@@ -711,30 +712,37 @@ async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn St
         Ok(a) => authentic(host, head, at, a.ip().to_canonical()),
         Err(e) => Err(format!("the stream's peer is unknown: {e}")),
     };
-    let refusal = match (host.role(vnf), &from) {
-        (_, Err(why)) => Some(why.clone()),
-        (Some((Role::Standby, mine)), _) if h.epoch >= mine => host.expects_guest(vnf).await.err(),
-        (Some((_, mine)), _) if mine > h.epoch => Some(format!(
-            "this host holds {vnf} at epoch {mine}, above the sender's {}",
-            h.epoch
-        )),
-        _ => Some(format!("this host runs no destination of {vnf}")),
+    // The stream's key when the header was tagged with it; why it is refused otherwise.
+    let (key, refusal) = match from {
+        Err(why) => (None, Some(why)),
+        Ok(key) => {
+            let refusal = match host.role(vnf) {
+                Some((Role::Standby, mine)) if h.epoch >= mine => {
+                    host.expects_guest(vnf).await.err()
+                }
+                Some((_, mine)) if mine > h.epoch => Some(format!(
+                    "this host holds {vnf} at epoch {mine}, above the sender's {}",
+                    h.epoch
+                )),
+                _ => Some(format!("this host runs no destination of {vnf}")),
+            };
+            (Some(key), refusal)
+        }
     };
     let ack = match &refusal {
         None => Ack::new(h.seq, ACK_OK, String::new()),
         Some(why) => Ack::new(h.seq, ACK_REFUSED, why.clone()),
     };
-    let seal = from.as_ref().ok().map(|k| (k, at));
+    let seal = key.as_ref().map(|k| (k, at));
     match tokio::time::timeout(IO_TIMEOUT, write_ack(&mut stream, &ack, seal)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return tracing::warn!(vnf = %vnf, "answering a guest stream: {e}"),
         Err(_) => return tracing::warn!(vnf = %vnf, "answering a guest stream timed out"),
     }
-    let key = match (refusal, from) {
-        (None, Ok(key)) => key,
-        (Some(why), _) | (None, Err(why)) => {
-            return tracing::info!(vnf = %vnf, "refused a guest stream: {why}");
-        }
+    let key = match (refusal, key) {
+        (None, Some(key)) => key,
+        (Some(why), _) => return tracing::info!(vnf = %vnf, "refused a guest stream: {why}"),
+        (None, None) => return,
     };
     let taken = match guest_socket(stream, StreamEnd::Destination) {
         Ok(fd) => host.take_guest(vnf, fd, guest_secret(&key)).await,
@@ -1316,7 +1324,7 @@ impl Replicas {
                 source: self.source,
                 commit: self.commit.get().cloned(),
                 peer: peer.clone(),
-                encrypts,
+                secret: encrypts.then(|| guest_secret(&tag_key(&peer.key))),
             },
             status.clone(),
         ));
@@ -1407,8 +1415,9 @@ struct GuestTo {
     commit: Option<Arc<MoveCommit>>,
     /// The move's destination (its replication port at `peer.address`).
     peer: StandbyPeer,
-    /// The stream runs over TLS (with a secret from the stream's key).
-    encrypts: bool,
+    /// The secret the stream's TLS runs with, derived from the stream's key (`None`: in the
+    /// clear).
+    secret: Option<StreamSecret>,
 }
 
 /// What [`Replicas::on_commit_point`] asks: whether the move of the VNF (its name) to the
@@ -1679,13 +1688,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
         });
         let sent = to
             .runtime
-            .send_state(
-                &to.vnf,
-                stream,
-                to.encrypts.then(|| guest_secret(&tag_key(&to.peer.key))),
-                Box::new(progress),
-                gate,
-            )
+            .send_state(&to.vnf, stream, to.secret.clone(), Box::new(progress), gate)
             .await;
         ahead.end();
         match sent {

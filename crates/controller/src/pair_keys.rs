@@ -39,11 +39,12 @@ pub async fn cluster_secret(store: &Arc<dyn Store>) -> Result<hmac::Key, Control
         }
         let mut secret = vec![0u8; SECRET_BYTES];
         rand::rng().fill_bytes(&mut secret);
+        let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
         if store
-            .compare_and_swap(REPLICATION_SECRET, 0, secret.clone())
+            .compare_and_swap(REPLICATION_SECRET, 0, secret)
             .await?
         {
-            return Ok(hmac::Key::new(hmac::HMAC_SHA256, &secret));
+            return Ok(key);
         }
     }
 }

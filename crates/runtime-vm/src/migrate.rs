@@ -130,15 +130,14 @@ impl MigrationChannel {
     }
 
     /// The URI QEMU takes for this channel, as the `end` of the stream of the VM `vm`,
-    /// handing it the socket first when there is one and setting its TLS up (or off).
+    /// handing it the socket first when there is one and setting its TLS up for an encrypted
+    /// one (a stream in the clear needs nothing undone: every stream over TLS undoes what it
+    /// set up when it ends, and a VNF's streams are all one or the other).
     pub(crate) async fn uri(&self, vm: &VmHandle, end: StreamEnd) -> Result<String> {
         let qmp = vm.qmp();
-        let uid = vm.confinement().map(|c| c.uid);
-        match self {
-            Self::Encrypted(_, secret) => {
-                stream_tls::secure(qmp, vm.state_dir(), uid, secret, end).await?;
-            }
-            _ => stream_tls::unsecure(qmp, vm.state_dir()).await,
+        if let Self::Encrypted(_, secret) = self {
+            let uid = vm.confinement().map(|c| c.uid);
+            stream_tls::secure(qmp, vm.state_dir(), uid, secret, end).await?;
         }
         match self {
             Self::Tcp(at) => Ok(format!("tcp:{at}")),
@@ -725,6 +724,12 @@ impl VmHandle {
     /// resumes the guest here unless QEMU did as it completed, and waits for its agent (when
     /// the configuration has one).
     pub async fn finish_incoming(&self, deadline: Duration) -> Result<()> {
+        if self.phase() != VmPhase::Incoming {
+            return Err(Error::Migration {
+                vm: self.name().to_owned(),
+                reason: "not waiting for a migration stream".to_owned(),
+            });
+        }
         let arrived = self.finish_incoming_stream(deadline).await;
         // What the stream's TLS left goes with it, on the side once the guest runs here
         // (nothing of its arrival waits for it).
@@ -737,15 +742,10 @@ impl VmHandle {
 
     /// [`VmHandle::finish_incoming`] up to the stream's end and the guest's resumption.
     async fn finish_incoming_stream(&self, deadline: Duration) -> Result<()> {
-        if self.phase() != VmPhase::Incoming {
-            return Err(Error::Migration {
-                vm: self.name().to_owned(),
-                reason: "not waiting for a migration stream".to_owned(),
-            });
-        }
         let qmp = self.qmp();
         let started = Instant::now();
         let mut events = qmp.events();
+        let mut key_forgotten = false;
         loop {
             let v = qmp
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
@@ -753,7 +753,10 @@ impl VmHandle {
             match v["status"].as_str().unwrap_or("none") {
                 // Past its TLS handshake (QEMU reads the stream once it is): the key's file is
                 // no longer read.
-                "active" => stream_tls::forget_key(self.state_dir()),
+                "active" if !key_forgotten => {
+                    stream_tls::forget_key(self.state_dir());
+                    key_forgotten = true;
+                }
                 "completed" => break,
                 "failed" | "cancelled" => {
                     return Err(Error::Migration {

@@ -73,7 +73,7 @@ impl std::fmt::Debug for StreamSecret {
 /// written for its user `uid` (`None`: the user it runs as is this process's) under
 /// `state_dir`, its credentials object, and `tls-creds` (with a `tls-hostname` on the source,
 /// which QEMU asks for though a pre-shared key checks no name). What an earlier stream left
-/// is removed first.
+/// is removed first; what it set up before failing its caller removes ([`unsecure`]).
 pub(crate) async fn secure(
     qmp: &QmpClient,
     state_dir: &Path,
@@ -83,15 +83,8 @@ pub(crate) async fn secure(
 ) -> Result<()> {
     unsecure(qmp, state_dir).await;
     let dir = write_key(state_dir, uid, secret)?;
-    let opened = std::fs::File::open(&dir).map_err(Error::io(format!("open {}", dir.display())));
-    let fd = match opened {
-        Ok(f) => f,
-        Err(e) => {
-            forget_key(state_dir);
-            return Err(e);
-        }
-    };
-    let set_up = async {
+    let fd = std::fs::File::open(&dir).map_err(Error::io(format!("open {}", dir.display())))?;
+    {
         use std::os::fd::AsFd;
         let held = qmp.add_fd(fd.as_fd(), None, Some(FDSET_NOTE)).await?;
         let endpoint = match end {
@@ -118,19 +111,20 @@ pub(crate) async fn secure(
         }
         qmp.execute_raw("migrate-set-parameters", Some(parameters), COMMAND_TIMEOUT)
             .await?;
-        Ok::<(), Error>(())
-    };
-    let done = set_up.await;
-    if done.is_err() {
-        unsecure(qmp, state_dir).await;
+        Ok(())
     }
-    done
 }
 
 /// Makes the QEMU of `qmp` run its next stream in the clear again and removes what
 /// [`secure`] set up (each step tried; what is not there is skipped).
 pub(crate) async fn unsecure(qmp: &QmpClient, state_dir: &Path) {
     forget_key(state_dir);
+    unset(qmp).await;
+}
+
+/// The QMP part of [`unsecure`]: `tls-creds` cleared, the credentials object and the key
+/// directory's descriptor gone.
+async fn unset(qmp: &QmpClient) {
     let cleared = qmp
         .execute_raw(
             "migrate-set-parameters",
@@ -165,8 +159,8 @@ pub(crate) async fn unsecure(qmp: &QmpClient, state_dir: &Path) {
 /// arrived): the key's file goes at once, the rest when QEMU answers.
 pub(crate) fn unsecure_later(qmp: &QmpClient, state_dir: &Path) {
     forget_key(state_dir);
-    let (qmp, state_dir) = (qmp.clone(), state_dir.to_path_buf());
-    tokio::spawn(async move { unsecure(&qmp, &state_dir).await });
+    let qmp = qmp.clone();
+    tokio::spawn(async move { unset(&qmp).await });
 }
 
 /// Writes `secret` as QEMU's `keys.psk` (and the Diffie-Hellman group, [`DH_PARAMS`]) in a

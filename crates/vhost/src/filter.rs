@@ -55,8 +55,9 @@ const SET_VRING_ENABLE: u32 = 18;
 const RESET_DEVICE: u32 = 34;
 /// `VHOST_USER_F_PROTOCOL_FEATURES` in `SET_FEATURES`' payload.
 const PROTOCOL_FEATURES: u64 = 1 << 30;
-/// `VHOST_F_LOG_ALL` in `SET_FEATURES`' payload: the frontend logs dirty pages.
-const LOG_ALL: u64 = 1 << 26;
+/// `VHOST_F_LOG_ALL` in `SET_FEATURES`' payload: the frontend logs dirty pages (the bit the
+/// backend offers, `lib.rs`).
+const LOG_ALL: u64 = vhost::vhost_user::message::VhostUserVirtioFeatures::LOG_ALL.bits();
 /// `NEED_REPLY` in the header's flags: the frontend waits for an answer (with `REPLY_ACK`).
 const NEED_REPLY: u32 = 0x8;
 /// The header flags of a reply: version 1, `REPLY`.
