@@ -1577,29 +1577,16 @@ impl Controller {
             let incoming_from = vm_move
                 .filter(|m| m.to == host && p.role == telvirt_model::Role::Standby)
                 .map(|m| m.from.clone());
-            // A move's destination: its stream serves that move alone.
-            let move_to = |to: &str| {
-                vnf.migration
-                    .as_ref()
-                    .filter(|m| m.to == to)
-                    .map_or(0, |m| m.id)
-            };
             let standby = match standby_host {
-                Some(h) => match self.tunnel_of(&mut tunnels, &h).await? {
-                    Some(address) => Some(StandbyPeer {
-                        key: pair_keys::stream_key(
-                            self.replication_secret().await?,
-                            vnf.name.as_str(),
-                            host,
-                            &h,
-                            move_to(&h),
-                        ),
-                        move_id: move_to(&h),
+                Some(h) => self
+                    .stream_end(&mut tunnels, &vnf, &h, host, &h)
+                    .await?
+                    .map(|(address, key, move_id)| StandbyPeer {
                         host: h,
                         address,
+                        key,
+                        move_id,
                     }),
-                    None => None,
-                },
                 None => None,
             };
             // A standby takes its state only from its active's host.
@@ -1610,19 +1597,11 @@ impl Controller {
                 .map(|a| a.host.clone())
                 .filter(|_| p.role == telvirt_model::Role::Standby);
             let (active_from, active_key) = match active_host {
-                Some(h) => match self.tunnel_of(&mut tunnels, &h).await? {
-                    Some(address) => {
-                        let key = pair_keys::stream_key(
-                            self.replication_secret().await?,
-                            vnf.name.as_str(),
-                            &h,
-                            host,
-                            move_to(host),
-                        );
-                        (Some(address), Some(key))
-                    }
-                    None => (None, None),
-                },
+                Some(h) => self
+                    .stream_end(&mut tunnels, &vnf, &h, &h, host)
+                    .await?
+                    .map(|(address, key, _)| (address, key))
+                    .unzip(),
                 None => (None, None),
             };
             let mut descriptor = vnf.descriptor.clone();
@@ -1696,6 +1675,30 @@ impl Controller {
             });
         }
         Ok(out)
+    }
+
+    /// For `vnf`'s stream from host `from` to host `to`, one of which is `peer`: `peer`'s
+    /// tunnel address, the stream's key and its move (a move's destination: its stream serves
+    /// that move alone; 0 for a pair's); `None` while `peer` has no tunnel address.
+    async fn stream_end(
+        &self,
+        tunnels: &mut BTreeMap<String, Option<String>>,
+        vnf: &telvirt_model::Vnf,
+        peer: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Option<(String, telvirt_model::api::PairKey, u64)>> {
+        let Some(address) = self.tunnel_of(tunnels, peer).await? else {
+            return Ok(None);
+        };
+        let move_id = vnf
+            .migration
+            .as_ref()
+            .filter(|m| m.to == to)
+            .map_or(0, |m| m.id);
+        let secret = self.replication_secret().await?;
+        let key = pair_keys::stream_key(secret, vnf.name.as_str(), from, to, move_id);
+        Ok(Some((address, key, move_id)))
     }
 
     /// The cluster's replication secret ([`pair_keys::cluster_secret`]), read once.
