@@ -179,10 +179,8 @@ struct Ack {
     /// The epoch the receiver holds the pair at (0: it holds no role of it).
     epoch: u64,
     message: String,
-    /// As read: its tag, when it came with one, and the bytes the tag covers.
-    tag: Option<([u8; TAG_BYTES], Vec<u8>)>,
-    /// As read by a [`Link`]: it came tagged with the stream's key.
-    authentic: bool,
+    /// As read: it came tagged (checked against the stream's key when read by a [`Link`]).
+    tagged: bool,
 }
 
 impl Ack {
@@ -193,8 +191,7 @@ impl Ack {
             updates: 0,
             epoch: 0,
             message,
-            tag: None,
-            authentic: false,
+            tagged: false,
         }
     }
 }
@@ -375,26 +372,17 @@ impl Link {
     /// The answer to the last batch sent. One tagged is checked against the stream's key
     /// (a tag that does not match fails the connection); one that says the batch was taken or
     /// asks for a snapshot must be tagged, since only the stream's receiver can say so. An
-    /// untagged refusal or stale answer is read as it is (`authentic` false): its sender may
+    /// untagged refusal or stale answer is read as it is (`tagged` false): its sender may
     /// not hold the key, and the caller does not act on what it claims.
     async fn read_ack(&mut self) -> std::io::Result<Ack> {
-        let mut ack = read_ack(&mut self.stream).await?;
         let at = Place {
             nonce: self.nonce,
             n: self.sent,
         };
-        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
-        if let Some((tag, signed)) = &ack.tag {
-            let made = tag_context(&self.key, ACK_LABEL, at, signed).sign();
-            if !tags_match(made.as_ref(), tag) {
-                return Err(bad(
-                    "an acknowledgement whose tag was not made with the stream's key",
-                ));
-            }
-            ack.authentic = true;
-        }
-        if !ack.authentic && [ACK_OK, ACK_RESYNC].contains(&ack.status) {
-            return Err(bad(
+        let ack = read_ack(&mut self.stream, Some((&self.key, at))).await?;
+        if !ack.tagged && [ACK_OK, ACK_RESYNC].contains(&ack.status) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
                 "an acknowledgement that takes the batch (or asks for a snapshot) without the stream's tag",
             ));
         }
@@ -402,7 +390,12 @@ impl Link {
     }
 }
 
-async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
+/// One answer; its tag, when it comes with one, checked against the stream's key at the
+/// batch's place when `seal` gives them (one that does not match fails the read).
+async fn read_ack(
+    stream: &mut TcpStream,
+    seal: Option<(&hmac::Key, Place)>,
+) -> std::io::Result<Ack> {
     let mut fixed = [0u8; 8 + 1 + 8 + 8 + 2];
     stream.read_exact(&mut fixed).await?;
     let word = |at: usize| {
@@ -414,24 +407,28 @@ async fn read_ack(stream: &mut TcpStream) -> std::io::Result<Ack> {
     let len = u16::from_le_bytes([fixed[25], fixed[26]]);
     let mut message = vec![0; usize::from(len)];
     stream.read_exact(&mut message).await?;
-    let tag = match stream.read_u8().await? {
-        0 => None,
-        _ => {
-            let mut tag = [0u8; TAG_BYTES];
-            stream.read_exact(&mut tag).await?;
-            let mut signed = fixed.to_vec();
-            signed.extend_from_slice(&message);
-            Some((tag, signed))
+    let tagged = stream.read_u8().await? != 0;
+    if tagged {
+        let mut tag = [0u8; TAG_BYTES];
+        stream.read_exact(&mut tag).await?;
+        if let Some((key, at)) = seal {
+            let mut made = tag_context(key, ACK_LABEL, at, &fixed);
+            made.update(&message);
+            if !tags_match(made.sign().as_ref(), &tag) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "an acknowledgement whose tag was not made with the stream's key",
+                ));
+            }
         }
-    };
+    }
     Ok(Ack {
         seq,
         status,
         updates,
         epoch,
         message: String::from_utf8_lossy(&message).into_owned(),
-        tag,
-        authentic: false,
+        tagged,
     })
 }
 
@@ -1886,7 +1883,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     // A stale answer fences the instance only when its sender holds the stream's
                     // key (anyone could claim an epoch; the lease closes the gate otherwise).
                     if ack.status == ACK_STALE
-                        && ack.authentic
+                        && ack.tagged
                         && let Some(g) = gate
                         && g.fence_below(ack.epoch)
                     {
@@ -1912,7 +1909,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                             s.snapshots += u64::from(full);
                             s.error = None;
                         }),
-                        ACK_STALE if ack.authentic => set(&|s| {
+                        ACK_STALE if ack.tagged => set(&|s| {
                             s.state = "fenced".into();
                             s.error = Some(ack.message.clone());
                         }),
@@ -2675,7 +2672,7 @@ mod tests {
         // The batch before, sent again at its number: a replay.
         conn.sent -= 1;
         conn.send(&snapshot(3), &6u64.to_le_bytes()).await.unwrap();
-        let ack = read_ack(&mut conn.stream).await.unwrap();
+        let ack = read_ack(&mut conn.stream, None).await.unwrap();
         assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
         assert!(
             ack.message.contains("is not tagged with the key"),
@@ -2727,7 +2724,7 @@ mod tests {
         let tag = head_tag(&conn.key, at, &head);
         head.extend_from_slice(tag.as_ref());
         conn.stream.write_all(&head).await.unwrap();
-        let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn.stream))
+        let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn.stream, None))
             .await
             .expect("no answer before the body")
             .unwrap();
@@ -2737,7 +2734,7 @@ mod tests {
             "{ack:?}"
         );
         assert!(
-            ack.tag.is_none(),
+            !ack.tagged,
             "a refusal of a sender without the key is not tagged"
         );
         assert!(standby.values.lock().unwrap().is_empty());
@@ -2943,7 +2940,7 @@ mod tests {
         let mut head = raw_header(KIND_SNAPSHOT, MAX_BATCH_BYTES - 1, 30);
         head.extend_from_slice(&[0; TAG_BYTES]);
         conn.write_all(&head).await.unwrap();
-        let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn))
+        let ack = tokio::time::timeout(Duration::from_secs(5), read_ack(&mut conn, None))
             .await
             .expect("no answer before the body")
             .unwrap();
@@ -2960,7 +2957,7 @@ mod tests {
         two.extend_from_slice(&[0; TAG_BYTES]);
         conn.write_all(&two).await.unwrap();
         for _ in 0..2 {
-            assert_eq!(read_ack(&mut conn).await.unwrap().status, ACK_REFUSED);
+            assert_eq!(read_ack(&mut conn, None).await.unwrap().status, ACK_REFUSED);
         }
         assert!(standby.values.lock().unwrap().is_empty(), "nothing applied");
         assert!(host.heard.lock().unwrap().is_empty());
@@ -2992,7 +2989,7 @@ mod tests {
         let mut rest = vec![1, 2, 3, 4];
         rest.extend_from_slice(body.sign().as_ref());
         conn.write_all(&rest).await.unwrap();
-        let ack = read_ack(&mut conn).await.unwrap();
+        let ack = read_ack(&mut conn, None).await.unwrap();
         assert_eq!(ack.status, ACK_STALE, "{ack:?}");
         assert!(standby.values.lock().unwrap().is_empty(), "nothing applied");
     }
@@ -3009,7 +3006,10 @@ mod tests {
         let mut head = raw_header(KIND_KEEPALIVE, 0, 1);
         head.extend_from_slice(&[0; TAG_BYTES]);
         refused.write_all(&head).await.unwrap();
-        assert_eq!(read_ack(&mut refused).await.unwrap().status, ACK_REFUSED);
+        assert_eq!(
+            read_ack(&mut refused, None).await.unwrap().status,
+            ACK_REFUSED
+        );
         for conn in [&mut idle, &mut refused] {
             let mut buf = [0u8; 1];
             let n = tokio::time::timeout(UNANSWERED_CONNECTION * 2, conn.read(&mut buf))
