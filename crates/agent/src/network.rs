@@ -195,7 +195,9 @@ impl NetworkReconciler {
         let node = Self::tunnel_name(name, link, peer);
         let port = PortRef::new(&node, vxlan::TUNNEL_PORT);
         let Some(span) = &a.span else {
-            return a.tunnels.contains_key(&node).then_some(port);
+            // Without a span nothing can be made: only a tunnel still on the panel serves.
+            let present = a.tunnels.contains_key(&node) && self.dp.node_ports(&node).is_some();
+            return present.then_some(port);
         };
         let Some(endpoint) = &self.vxlan else {
             waiting.push(format!(
