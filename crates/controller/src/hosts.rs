@@ -613,6 +613,10 @@ impl Controller {
             // or be due back (only a pass makes VNFs Unknown).
             return Ok(());
         }
+        // Until this pass completes, the next one looks at every VNF however the hosts stand:
+        // a pass cut short (a store error, a VNF changing under it) may have made VNFs Unknown
+        // that only a later pass brings back.
+        *seen() = None;
         // Hosts whose agent failed (an inventory host without one never runs anything), and
         // those whose VNFs go elsewhere now: NotReady for the heal delay.
         let all_not_ready: Vec<String> = hosts
@@ -770,8 +774,15 @@ impl Controller {
         );
         let seen = record.last_event;
         self.update(name, |r| {
-            if r.vnf.phase != Phase::Unknown || r.last_event != seen {
+            if r.vnf.phase != Phase::Unknown {
                 return Ok(None);
+            }
+            if r.last_event != seen {
+                // Still Unknown, from another event than the one read: the next pass looks
+                // again (returning as if done would let it stay Unknown).
+                return Err(ControllerError::Conflict(format!(
+                    "VNF {name} changed while its host's return was recorded"
+                )));
             }
             r.vnf.phase = back;
             r.vnf.reason = Some(reason.clone());

@@ -2,13 +2,14 @@
 //! heartbeat, and a host heard from that sends nothing for one TTL is NotReady at once (its
 //! VNFs Unknown, woken by the coming silence rather than a periodic pass) even while the store
 //! still holds its lease, as etcd does for up to 1.5 s after a 1 s lease runs out. The store
-//! here grants every lease for a minute, so only the controller's clock can notice.
+//! here grants every lease for a minute, so only the controller's clock can notice. And a
+//! liveness pass cut short after it made a VNF Unknown does not let the next passes skip it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use telvirt_controller::records::host_lease_key;
+use telvirt_controller::records::{host_lease_key, vnf_key};
 use telvirt_controller::{Caller, Controller};
 use telvirt_model::Format;
 use telvirt_model::Phase;
@@ -20,16 +21,29 @@ use telvirt_store::{
 
 mod common;
 
-/// A real redb store whose leases last a minute whatever TTL is asked.
-struct MinuteLeases(Arc<RedbStore>);
+/// A real redb store whose leases last a minute whatever TTL is asked, and which refuses the
+/// next write of the key set in `fail_write` (once).
+struct MinuteLeases {
+    inner: Arc<RedbStore>,
+    fail_write: Mutex<Option<String>>,
+}
+
+impl MinuteLeases {
+    fn open(dir: &tempfile::TempDir) -> Arc<Self> {
+        Arc::new(MinuteLeases {
+            inner: RedbStore::open(&dir.path().join("store.redb")).unwrap(),
+            fail_write: Mutex::new(None),
+        })
+    }
+}
 
 #[async_trait]
 impl Store for MinuteLeases {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        self.0.get(key).await
+        self.inner.get(key).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        self.0.list(prefix).await
+        self.inner.list(prefix).await
     }
     async fn list_range(
         &self,
@@ -37,25 +51,76 @@ impl Store for MinuteLeases {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Versioned)>, StoreError> {
-        self.0.list_range(prefix, start_after, limit).await
+        self.inner.list_range(prefix, start_after, limit).await
     }
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        self.0.txn(compares, ops).await
+        let refused = {
+            let mut fail = self.fail_write.lock().unwrap();
+            let hit = fail.as_ref().is_some_and(|key| {
+                ops.iter()
+                    .any(|op| matches!(op, Op::Put { key: k, .. } if k == key))
+            });
+            if hit { fail.take() } else { None }
+        };
+        if let Some(key) = refused {
+            return Err(StoreError::Unavailable(format!(
+                "the test refuses this write of {key}"
+            )));
+        }
+        self.inner.txn(compares, ops).await
     }
     async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
-        self.0.watch(prefix).await
+        self.inner.watch(prefix).await
     }
     async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.0.grant_lease(Duration::from_secs(60)).await
+        self.inner.grant_lease(Duration::from_secs(60)).await
     }
     async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.0.keep_alive(lease).await
+        self.inner.keep_alive(lease).await
     }
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.0.revoke(lease).await
+        self.inner.revoke(lease).await
     }
     fn health(&self) -> StoreHealth {
-        self.0.health()
+        self.inner.health()
+    }
+}
+
+/// A controller over `store` with a 300 ms host lease and host h2 registered, and its admin.
+async fn controller_with_h2(store: Arc<MinuteLeases>) -> (Arc<Controller>, Caller) {
+    let c = Controller::open(store, SchedConfig::default())
+        .await
+        .unwrap();
+    c.set_host_lease_ttl(Duration::from_millis(300)).unwrap();
+    c.register_host(common::host_record("h2")).await.unwrap();
+    let admin = Caller {
+        name: "admin".into(),
+    };
+    (c, admin)
+}
+
+/// Creates wasm VNF `name` (one dedicated cpu).
+async fn create(c: &Controller, admin: &Caller, name: &str) {
+    let text = format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  wasm:\n    module: /srv/telvirt/fw.wasm\n"
+    );
+    c.create_vnf(admin, text.as_bytes(), Format::Yaml)
+        .await
+        .unwrap();
+}
+
+/// Plays h2's agent reporting VNF `name` Starting, then Running.
+async fn report_running(c: &Controller, admin: &Caller, name: &str) {
+    let generation = c.vnf(admin, name).await.unwrap().generation;
+    for phase in [Phase::Starting, Phase::Running] {
+        let obs = Observation {
+            vnf: name.parse().unwrap(),
+            phase,
+            reason: "started".into(),
+            generation,
+            ..common::observation("x", Phase::Running)
+        };
+        c.observe("h2", obs).await.unwrap();
     }
 }
 
@@ -68,19 +133,10 @@ async fn status(c: &Controller, admin: &Caller, host: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_on() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(MinuteLeases(
-        RedbStore::open(&dir.path().join("store.redb")).unwrap(),
-    ));
-    let c = Controller::open(store.clone(), SchedConfig::default())
-        .await
-        .unwrap();
-    c.set_host_lease_ttl(Duration::from_millis(300)).unwrap();
-    c.register_host(common::host_record("h2")).await.unwrap();
+    let store = MinuteLeases::open(&dir);
+    let (c, admin) = controller_with_h2(store.clone()).await;
     // The periodic pass is an hour apart: only the coming silence can wake the monitor.
     tokio::spawn(c.clone().host_monitor(Duration::from_secs(3600)));
-    let admin = Caller {
-        name: "admin".into(),
-    };
     let beating = {
         let c = c.clone();
         tokio::spawn(async move {
@@ -90,10 +146,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
             }
         })
     };
-    let u1 = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: u1 }\nspec:\n  runtime: wasm\n  cpu: { policy: dedicated, count: 1 }\n  wasm:\n    module: /srv/telvirt/fw.wasm\n";
-    c.create_vnf(&admin, u1.as_bytes(), Format::Yaml)
-        .await
-        .unwrap();
+    create(&c, &admin, "u1").await;
     // Placed once the monitor has seen h2's lease (a host is placeable only while Ready).
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.vnf(&admin, "u1").await.unwrap().placements.is_empty() {
@@ -101,19 +154,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
         c.schedule_pending().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let generation = c.vnf(&admin, "u1").await.unwrap().generation;
-    for phase in [Phase::Starting, Phase::Running] {
-        let obs = Observation {
-            vnf: "u1".parse().unwrap(),
-            phase,
-            reason: "started".into(),
-            generation,
-            replication: None,
-            active_lost: None,
-            ..common::observation("x", Phase::Running)
-        };
-        c.observe("h2", obs).await.unwrap();
-    }
+    report_running(&c, &admin, "u1").await;
     assert_eq!(status(&c, &admin, "h2").await, "Ready");
 
     beating.abort();
@@ -132,4 +173,54 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
         store.get(&host_lease_key("h2")).await.unwrap().is_some(),
         "the store's lease expired: the test proves nothing"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_bring_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MinuteLeases::open(&dir);
+    let (c, admin) = controller_with_h2(store.clone()).await;
+    // The passes run here, one at a time, no monitor.
+    c.heartbeat("h2").await.unwrap();
+    c.check_hosts().await.unwrap();
+    for name in ["u1", "u2"] {
+        create(&c, &admin, name).await;
+    }
+    c.schedule_pending().await.unwrap();
+    for name in ["u1", "u2"] {
+        report_running(&c, &admin, name).await;
+    }
+    // Every host Ready: the passes after this complete one may skip the VNFs.
+    c.check_hosts().await.unwrap();
+
+    // h2 falls silent. The pass that sees it makes u1 Unknown, then the store refuses u2's
+    // write: the pass ends there.
+    *store.fail_write.lock().unwrap() = Some(vnf_key("u2"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match c.check_hosts().await {
+            Err(e) => {
+                assert!(e.to_string().contains("the test refuses"), "{e}");
+                break;
+            }
+            Ok(()) => {
+                assert!(Instant::now() < deadline, "h2 never fell silent");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    assert_eq!(c.vnf(&admin, "u1").await.unwrap().phase, Phase::Unknown);
+    assert_eq!(c.vnf(&admin, "u2").await.unwrap().phase, Phase::Running);
+
+    // h2 is heard again, every host Ready as at the last complete pass: the next pass still
+    // looks, and u1 is known again.
+    c.heartbeat("h2").await.unwrap();
+    c.check_hosts().await.unwrap();
+    let u1 = c.vnf(&admin, "u1").await.unwrap();
+    assert_eq!(u1.phase, Phase::Running, "{u1:?}");
+    assert!(
+        u1.reason.as_deref().unwrap_or("").contains("Ready again"),
+        "{u1:?}"
+    );
+    assert_eq!(c.vnf(&admin, "u2").await.unwrap().phase, Phase::Running);
 }
