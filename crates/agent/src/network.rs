@@ -818,9 +818,6 @@ impl NetworkReconciler {
                 }
             }
             let l = spec.as_ref().and_then(&live);
-            if let Some(s) = l {
-                mine.push(s.clone());
-            }
             // A link into a tunnel also loses what the tunnel could not send; one out of a
             // tunnel, what it received but could not queue; a link between hosts, what the
             // endpoint here dropped of its VNI (for no tunnel, or in a tunnel removed since).
@@ -841,6 +838,12 @@ impl NetworkReconciler {
                     });
                     sent + received
                 });
+            if let Some(s) = l {
+                // The table's row shows the link's whole drops, its tunnel's and VNI's too.
+                let mut row = s.clone();
+                row.counters.drops += tunnel_drops;
+                mine.push(row);
+            }
             links.push(LinkState {
                 link: d.spec.links[i].clone(),
                 active: l.is_some(),
@@ -1733,6 +1736,52 @@ mod tests {
         let sender = h1.status(&d).unwrap();
         assert_eq!(sender.tunnel_endpoints.len(), 1, "{sender:?}");
         assert_eq!(sender.tunnel_endpoints[0].no_tunnel, 0, "{sender:?}");
+    }
+
+    /// A tunnel's drops (here: what it received while the VNF behind it read nothing) are
+    /// its link's, in the table's row as in the link's state.
+    #[test]
+    fn a_tunnels_drops_show_in_its_links_row_of_the_table() {
+        let (h1, a1) = tunnel_host("h1");
+        let (h2, a2) = tunnel_host("h2");
+        h2.dp.add_node("x", &["in"], 0, Box::new(Stuck)).unwrap();
+        let d = parse_network(
+            b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec:\n  nodes:\n    - { name: fast, kind: generator, rate_pps: 20000 }\n  links: [fast.out -> x.in]\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        let span = NetworkSpan {
+            network: "n".into(),
+            vni: 80,
+            vnis: 1,
+            hosts: [("fast", "h1"), ("x", "h2")]
+                .map(|(n, h)| (n.to_owned(), h.to_owned()))
+                .into(),
+            tunnels: [("h1", a1.as_str()), ("h2", a2.as_str())]
+                .map(|(h, t)| (h.to_owned(), t.to_owned()))
+                .into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            h1.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(&span));
+            h2.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(&span));
+            let st = h2.status(&d).unwrap();
+            if st.links[0].drops > 0 {
+                let row = st
+                    .table
+                    .lines()
+                    .find(|l| l.contains("-> x.in"))
+                    .unwrap_or_else(|| panic!("no row of the link: {}", st.table));
+                let shown: u64 = row.split_whitespace().last().unwrap().parse().unwrap();
+                assert_eq!(shown, st.links[0].drops, "{}", st.table);
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the tunnel never dropped: {st:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     #[test]
