@@ -641,13 +641,22 @@ impl VnfInstance {
             .snapshot_slice(max_bytes)
     }
 
-    /// A copy of every map's entries to encode outside the instance, the update log's chain
-    /// left alone (a copy for disk).
-    pub fn copy_maps(&self) -> Result<crate::maps::MapsCopy> {
-        let maps = self
-            .maps()
-            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?;
-        Ok(maps.copy_entries())
+    /// [`MapSet::begin_sliced_copy`] of this instance's maps (a copy for disk, the update
+    /// log's chain left alone); [`VnfInstance::map_copy_slice`] copies it slice by slice.
+    pub fn begin_sliced_map_copy(&mut self) -> Result<()> {
+        self.host_mut()
+            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?
+            .maps
+            .begin_sliced_copy();
+        Ok(())
+    }
+
+    /// [`MapSet::copy_slice`] of this instance's maps: the copy once complete.
+    pub fn map_copy_slice(&mut self, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+        self.host_mut()
+            .ok_or_else(|| Error::Snapshot("instance has no state".into()))?
+            .maps
+            .copy_slice(max_bytes)
     }
 
     /// Updates since the last snapshot or taken log.

@@ -39,7 +39,7 @@ pub use instance::{
     VnfStats,
 };
 pub use manifest::Manifest;
-pub use maps::{MAP_ENTRY_OVERHEAD_BYTES, MapChanged, MapDef, MapKind, MapSet, MapsCopy};
+pub use maps::{MAP_ENTRY_OVERHEAD_BYTES, MapChanged, MapDef, MapKind, MapSet};
 pub use module_file::{MAX_MODULE_BYTES, read_module_file};
 pub use runtime::{InstallRequest, RuntimeConfig, WasmRuntime};
 pub use security::{DomainPolicy, ModuleSignature, Permission, SecurityPolicy};

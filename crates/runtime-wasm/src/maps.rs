@@ -195,27 +195,6 @@ impl Map {
         m
     }
 
-    /// Its entries without the lookup table (what encoding needs): a copy taken between two
-    /// batches and encoded outside them, so the instance is held for a copy, not an encode.
-    fn entries_copy(&self) -> Self {
-        Self {
-            def: self.def.clone(),
-            ks: self.ks,
-            vs: self.vs,
-            keys: self.keys.clone(),
-            values: self.values.clone(),
-            live: self.live.clone(),
-            table: HashTable::new(),
-            free: Vec::new(),
-            len: self.len,
-            prev: self.prev.clone(),
-            next: Vec::new(),
-            head: self.head,
-            tail: self.tail,
-            hasher: self.hasher.clone(),
-        }
-    }
-
     /// The definition.
     pub fn def(&self) -> &MapDef {
         &self.def
@@ -537,21 +516,7 @@ impl UpdateLog {
 pub(crate) const LOG_UPDATE: u8 = 1;
 pub(crate) const LOG_DELETE: u8 = 2;
 
-/// The entries of every map of a [`MapSet`] as they were between two batches, to encode as a
-/// snapshot without holding the instance ([`MapsCopy::encode`]).
-pub struct MapsCopy {
-    pub(crate) maps: Vec<Map>,
-}
-
 impl MapSet {
-    /// A copy of every map's entries (keys, values, recency), for [`MapsCopy::encode`]; the
-    /// update log and its chain are left as they are.
-    pub fn copy_entries(&self) -> MapsCopy {
-        MapsCopy {
-            maps: self.maps.iter().map(Map::entries_copy).collect(),
-        }
-    }
-
     /// Restarts the update log from this point (a sliced snapshot under way ends).
     pub(crate) fn restart_log(&mut self) {
         self.log = Some(UpdateLog::new());
@@ -576,6 +541,8 @@ pub struct MapSet {
     pub(crate) log: Option<UpdateLog>,
     /// A snapshot being taken in slices (see [`MapSet::begin_sliced_snapshot`]).
     pub(crate) slicing: Option<crate::snapshot::Slicing>,
+    /// A copy for disk being taken in slices (see [`MapSet::begin_sliced_copy`]).
+    pub(crate) copying: Option<crate::snapshot::Slicing>,
     /// Checksum of the last snapshot or log this set was written to / restored from.
     pub(crate) base: u32,
     /// Largest update log in bytes before it overflows (then a new snapshot is needed); see
@@ -622,6 +589,7 @@ impl MapSet {
             maps: defs.iter().cloned().map(Map::new).collect(),
             log: None,
             slicing: None,
+            copying: None,
             base: 0,
             log_cap: log_cap(defs),
             changes: 0,
@@ -777,11 +745,15 @@ impl MapSet {
         self.maps.get_mut(id)?.lookup(key)
     }
 
-    /// Before `key` of map `id` changes: a sliced snapshot under way saves the entry as it was
-    /// if its slot was not copied yet.
+    /// Before `key` of map `id` changes: a sliced snapshot or copy under way saves the entry
+    /// as it was if its slot was not copied yet.
     fn note_change(&mut self, id: usize, key: &[u8]) {
-        if let Some(sl) = self.slicing.as_mut()
-            && let Some(m) = self.maps.get(id)
+        let Some(m) = self.maps.get(id) else {
+            return;
+        };
+        for sl in [self.slicing.as_mut(), self.copying.as_mut()]
+            .into_iter()
+            .flatten()
         {
             sl.before_change(id, m, key);
         }
@@ -928,8 +900,11 @@ impl MapSet {
         Ok((fresh, pool.into_iter().flatten().collect()))
     }
 
-    /// Takes the maps out, leaving the set empty (log and base stay).
+    /// Takes the maps out, leaving the set empty (log and base stay). A sliced snapshot or
+    /// copy of them under way ends: maps put back are laid out anew.
     pub(crate) fn take_maps(&mut self) -> Vec<Map> {
+        self.slicing = None;
+        self.copying = None;
         std::mem::take(&mut self.maps)
     }
 }

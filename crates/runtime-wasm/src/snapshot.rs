@@ -4,7 +4,7 @@
 
 use crate::abi::update_flags;
 use crate::error::{Error, Result};
-use crate::maps::{LOG_DELETE, LOG_UPDATE, Map, MapDef, MapKind, MapSet, MapsCopy};
+use crate::maps::{LOG_DELETE, LOG_UPDATE, Map, MapDef, MapKind, MapSet};
 
 /// Snapshot magic.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TVMS";
@@ -109,7 +109,8 @@ fn read_def(r: &mut Reader<'_>, i: usize) -> Result<MapDef> {
     })
 }
 
-/// A snapshot being taken in slices ([`MapSet::begin_sliced_snapshot`]).
+/// A snapshot being taken in slices: the standby's ([`MapSet::begin_sliced_snapshot`]) or a
+/// copy for disk ([`MapSet::begin_sliced_copy`]).
 pub(crate) struct Slicing {
     out: Vec<u8>,
     maps: Vec<SlicedMap>,
@@ -159,11 +160,94 @@ impl Slicing {
     }
 }
 
-impl MapsCopy {
-    /// The snapshot of the copied maps: the bytes [`MapSet::encode`] would have given when
-    /// the copy was taken.
-    pub fn encode(&self) -> Vec<u8> {
-        encode_maps(&self.maps)
+impl Slicing {
+    /// A snapshot of `maps` as they are now, to be copied slice by slice.
+    fn new(maps: &[Map]) -> Slicing {
+        let size = encoded_size(maps);
+        // Reserved whole, so no slice copies what the ones before it wrote into a larger
+        // buffer; its pages are touched slice by slice.
+        let mut out = Vec::with_capacity(size);
+        header(&mut out, SNAPSHOT_MAGIC, maps.len());
+        let maps = maps
+            .iter()
+            .map(|m| {
+                if m.def().kind == MapKind::Hash {
+                    SlicedMap::Slots {
+                        live: m.live_slots().to_vec(),
+                        len: m.len() as u64,
+                        saved: Vec::new(),
+                    }
+                } else {
+                    SlicedMap::Whole(encode_map(m))
+                }
+            })
+            .collect();
+        Slicing {
+            out,
+            maps,
+            map: 0,
+            started: false,
+            slot: 0,
+            written: 0,
+        }
+    }
+
+    /// Copies about `max_bytes` more of `maps` (the maps it began on); whether every map is
+    /// copied. An error (a map whose entries do not add up) ends it: start again.
+    fn step(&mut self, maps: &[Map], max_bytes: usize) -> Result<bool> {
+        let end = self.out.len().saturating_add(max_bytes.max(1));
+        while self.map < maps.len() && self.out.len() < end {
+            let m = &maps[self.map];
+            match &mut self.maps[self.map] {
+                SlicedMap::Whole(bytes) => {
+                    self.out.extend_from_slice(bytes);
+                    self.map += 1;
+                }
+                SlicedMap::Slots { live, len, saved } => {
+                    if !self.started {
+                        write_def(&mut self.out, m.def());
+                        self.out.extend_from_slice(&len.to_le_bytes());
+                        self.started = true;
+                    }
+                    while self.slot < live.len() && self.out.len() < end {
+                        if live[self.slot]
+                            && let Some((k, v)) = m.slot_entry(self.slot)
+                        {
+                            self.out.extend_from_slice(k);
+                            self.out.extend_from_slice(v);
+                            self.written += 1;
+                        }
+                        self.slot += 1;
+                    }
+                    if self.slot < live.len() {
+                        break;
+                    }
+                    // The entries changed before their slot was reached, as they were.
+                    self.out.extend_from_slice(saved);
+                    self.written +=
+                        (saved.len() / (m.def().key_size + m.def().value_size) as usize) as u64;
+                    if self.written != *len {
+                        return Err(Error::Snapshot(format!(
+                            "map `{}`: a sliced snapshot copied {} entries of the {len} it held: start it again",
+                            m.def().name,
+                            self.written
+                        )));
+                    }
+                    self.map += 1;
+                    self.started = false;
+                    self.slot = 0;
+                    self.written = 0;
+                }
+            }
+        }
+        Ok(self.map >= maps.len())
+    }
+
+    /// The complete snapshot's bytes, its checksum appended, and the checksum.
+    fn finish(mut self) -> (Vec<u8>, u32) {
+        let crc = crc32fast::hash(&self.out);
+        self.out.extend_from_slice(&crc.to_le_bytes());
+        (self.out, crc)
     }
 }
 
@@ -238,34 +322,7 @@ impl MapSet {
     /// slices) are encoded whole now. Another snapshot, or a taken log, ends it.
     pub fn begin_sliced_snapshot(&mut self) {
         self.restart_log();
-        let size = encoded_size(&self.maps);
-        // Reserved whole, so no slice copies what the ones before it wrote into a larger
-        // buffer; its pages are touched slice by slice.
-        let mut out = Vec::with_capacity(size);
-        header(&mut out, SNAPSHOT_MAGIC, self.maps.len());
-        let maps = self
-            .maps
-            .iter()
-            .map(|m| {
-                if m.def().kind == MapKind::Hash {
-                    SlicedMap::Slots {
-                        live: m.live_slots().to_vec(),
-                        len: m.len() as u64,
-                        saved: Vec::new(),
-                    }
-                } else {
-                    SlicedMap::Whole(encode_map(m))
-                }
-            })
-            .collect();
-        self.slicing = Some(Slicing {
-            out,
-            maps,
-            map: 0,
-            started: false,
-            slot: 0,
-            written: 0,
-        });
+        self.slicing = Some(Slicing::new(&self.maps));
     }
 
     /// Copies about `max_bytes` more of the sliced snapshot under way; its bytes once it is
@@ -285,62 +342,48 @@ impl MapSet {
                 "no snapshot is being taken in slices (another snapshot or a taken log ended it): start it again".into(),
             ));
         };
-        let end = sl.out.len().saturating_add(max_bytes.max(1));
-        while sl.map < self.maps.len() && sl.out.len() < end {
-            let m = &self.maps[sl.map];
-            match &mut sl.maps[sl.map] {
-                SlicedMap::Whole(bytes) => {
-                    sl.out.extend_from_slice(bytes);
-                    sl.map += 1;
-                }
-                SlicedMap::Slots { live, len, saved } => {
-                    if !sl.started {
-                        write_def(&mut sl.out, m.def());
-                        sl.out.extend_from_slice(&len.to_le_bytes());
-                        sl.started = true;
-                    }
-                    while sl.slot < live.len() && sl.out.len() < end {
-                        if live[sl.slot]
-                            && let Some((k, v)) = m.slot_entry(sl.slot)
-                        {
-                            sl.out.extend_from_slice(k);
-                            sl.out.extend_from_slice(v);
-                            sl.written += 1;
-                        }
-                        sl.slot += 1;
-                    }
-                    if sl.slot < live.len() {
-                        break;
-                    }
-                    // The entries changed before their slot was reached, as they were.
-                    sl.out.extend_from_slice(saved);
-                    sl.written +=
-                        (saved.len() / (m.def().key_size + m.def().value_size) as usize) as u64;
-                    if sl.written != *len {
-                        let name = m.def().name.clone();
-                        let (written, len) = (sl.written, *len);
-                        self.slicing = None;
-                        return Err(Error::Snapshot(format!(
-                            "map `{name}`: a sliced snapshot copied {written} entries of the {len} it held: start it again"
-                        )));
-                    }
-                    sl.map += 1;
-                    sl.started = false;
-                    sl.slot = 0;
-                    sl.written = 0;
-                }
+        match sl.step(&self.maps, max_bytes) {
+            Ok(false) => Ok(None),
+            Ok(true) => {
+                let Some(done) = self.slicing.take() else {
+                    return Ok(None);
+                };
+                let (out, crc) = done.finish();
+                self.base = crc;
+                Ok(Some(out))
+            }
+            Err(e) => {
+                self.slicing = None;
+                Err(e)
             }
         }
-        if sl.map < self.maps.len() {
-            return Ok(None);
-        }
-        let Some(mut done) = self.slicing.take() else {
-            return Ok(None);
+    }
+
+    /// Starts a copy of the maps as they are now for disk, taken in slices
+    /// ([`MapSet::copy_slice`]) exactly as [`MapSet::begin_sliced_snapshot`] takes a
+    /// snapshot, but leaving the update log, its chain and a snapshot under way alone (a copy
+    /// kept on disk must not break a standby's stream). Another copy ends it.
+    pub fn begin_sliced_copy(&mut self) {
+        self.copying = Some(Slicing::new(&self.maps));
+    }
+
+    /// Copies about `max_bytes` more of the copy for disk under way; its bytes (a snapshot, as
+    /// [`MapSet::encode`] gave when the copy began) once it is complete. Errors when none is
+    /// under way (the maps were replaced meanwhile): start again.
+    pub fn copy_slice(&mut self, max_bytes: usize) -> Result<Option<Vec<u8>>> {
+        let Some(sl) = self.copying.as_mut() else {
+            return Err(Error::Snapshot(
+                "no copy of the maps is being taken in slices (the maps were replaced): start it again".into(),
+            ));
         };
-        let crc = crc32fast::hash(&done.out);
-        done.out.extend_from_slice(&crc.to_le_bytes());
-        self.base = crc;
-        Ok(Some(done.out))
+        match sl.step(&self.maps, max_bytes) {
+            Ok(false) => Ok(None),
+            Ok(true) => Ok(self.copying.take().map(|done| done.finish().0)),
+            Err(e) => {
+                self.copying = None;
+                Err(e)
+            }
+        }
     }
 
     /// Encodes every map into a snapshot, leaving the update log and its chain as they are

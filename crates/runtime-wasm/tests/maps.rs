@@ -355,29 +355,17 @@ fn a_snapshot_in_slices_is_the_maps_as_they_were_when_it_began_and_its_log_follo
         };
         assert!(slices > 10, "{slices} slices");
         // The maps as they were when it began (copy on write), in another order maybe.
-        let restored = |b: &[u8]| {
-            let set = MapSet::restore(&defs, b).expect("restore");
-            (0..3)
-                .map(|id| {
-                    let mut e = set.get(id).expect("map").entries();
-                    e.sort();
-                    e
-                })
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(restored(&snapshot), restored(&at_begin), "round {round}");
+        assert_eq!(
+            sorted_entries(&defs, &snapshot),
+            sorted_entries(&defs, &at_begin),
+            "round {round}"
+        );
         let mut standby = MapSet::restore(&defs, &snapshot).expect("a sliced snapshot restores");
         standby
             .apply_log(&s.take_log().expect("log"))
             .expect("its log follows it");
-        for id in 0..3 {
-            // Compared as sets (an LRU map's recency on the standby follows the log).
-            let mut want = s.get(id).expect("map").entries();
-            let mut got = standby.get(id).expect("map").entries();
-            want.sort();
-            got.sort();
-            assert_eq!(got, want, "round {round}, map {id}");
-        }
+        // Compared as sets (an LRU map's recency on the standby follows the log).
+        assert_eq!(entry_sets(&standby), entry_sets(&s), "round {round}");
     }
     // Another snapshot, or a taken log, while slicing: the slices refuse to go on, and no log
     // is taken while one is under way.
@@ -423,22 +411,111 @@ fn a_snapshot_in_slices_is_the_maps_as_they_were_when_it_began_and_its_log_follo
     standby
         .apply_log(&s.take_log().expect("log"))
         .expect("the log replays with room");
-    for id in 0..2 {
-        let mut want = s.get(id).expect("map").entries();
-        let mut got = standby.get(id).expect("map").entries();
-        want.sort();
-        got.sort();
-        assert_eq!(got, want, "map {id}");
-    }
-    // A copy for disk encodes as the maps are and leaves the chain alone.
-    assert_eq!(s.copy_entries().encode(), s.encode());
+    assert_eq!(entry_sets(&standby), entry_sets(&s));
+    // A copy for disk holds the maps as they are and leaves the chain alone.
+    assert_eq!(
+        sorted_entries(&tight, &copy_in_slices(&mut s, 1)),
+        sorted_entries(&tight, &s.encode())
+    );
     s.update(0, &k(5), &k(55), 0);
     let mut standby = MapSet::restore(&tight, &s.snapshot()).expect("restore");
     s.update(0, &k(6), &k(66), 0);
-    let _ = s.copy_entries().encode();
+    let _ = copy_in_slices(&mut s, 1);
     standby
         .apply_log(&s.take_log().expect("log"))
         .expect("still chained");
+}
+
+/// Every map's entries of `set`, each map's sorted (maps compared as sets).
+fn entry_sets(set: &MapSet) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    (0..)
+        .map_while(|id| set.get(id))
+        .map(|m| {
+            let mut e = m.entries();
+            e.sort();
+            e
+        })
+        .collect()
+}
+
+/// [`entry_sets`] of snapshot `bytes` of maps `defs`.
+fn sorted_entries(defs: &[MapDef], bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+    entry_sets(&MapSet::restore(defs, bytes).expect("restore"))
+}
+
+/// A copy of `s` for disk, taken in slices of `slice` bytes with nothing changing between.
+fn copy_in_slices(s: &mut MapSet, slice: usize) -> Vec<u8> {
+    s.begin_sliced_copy();
+    loop {
+        if let Some(done) = s.copy_slice(slice).expect("copy slice") {
+            return done;
+        }
+    }
+}
+
+#[test]
+fn a_copy_for_disk_in_slices_is_the_maps_when_it_began_while_a_standbys_snapshot_and_log_go_on() {
+    let defs = [
+        def("h", MapKind::Hash, 4, 4, 512),
+        def("l", MapKind::LruHash, 4, 4, 64),
+    ];
+    let mut s = MapSet::new(&defs).expect("maps");
+    for i in 0..400 {
+        s.update(0, &k(i), &k(i), 0);
+    }
+    for i in 0..50 {
+        s.update(1, &k(i), &k(i), 0);
+    }
+    // Logging, as for a standby.
+    s.snapshot();
+    let at_begin = s.encode();
+    s.begin_sliced_copy();
+    let (mut copy, mut snapshot, mut slices) = (None, None, 0u32);
+    while copy.is_none() || snapshot.is_none() {
+        if copy.is_none() {
+            copy = s.copy_slice(64).expect("copy slice");
+        }
+        slices += 1;
+        // Halfway through the copy a standby's snapshot begins (the log restarts), sliced
+        // alongside it.
+        if slices == 20 {
+            s.begin_sliced_snapshot();
+        }
+        if slices > 20 && snapshot.is_none() {
+            snapshot = s.snapshot_slice(64).expect("snapshot slice");
+        }
+        // Changes between slices: deletes, new keys, replaced values.
+        let i = slices * 7 % 600;
+        match slices % 3 {
+            0 => {
+                s.delete(0, &k(i));
+            }
+            1 => {
+                s.update(0, &k(i), &k(i + 1000), 0);
+            }
+            _ => {
+                s.update(1, &k(i % 100), &k(i), 0);
+            }
+        }
+    }
+    assert!(slices > 40, "{slices} slices");
+    // The copy holds the maps as they were when it began.
+    let copy = copy.expect("copy");
+    assert_eq!(
+        sorted_entries(&defs, &copy),
+        sorted_entries(&defs, &at_begin)
+    );
+    // The standby's snapshot and the log after it are the maps as they are now.
+    let mut standby = MapSet::restore(&defs, &snapshot.expect("snapshot")).expect("restore");
+    standby
+        .apply_log(&s.take_log().expect("the log follows the snapshot"))
+        .expect("its log follows it");
+    assert_eq!(entry_sets(&standby), entry_sets(&s));
+    // With no copy under way, a slice says so.
+    assert!(matches!(
+        s.copy_slice(64),
+        Err(Error::Snapshot(m)) if m.contains("start it again")
+    ));
 }
 
 #[test]
