@@ -36,6 +36,10 @@ pub const MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 pub const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
 /// Who the events written by the liveness check name as their actor.
 const MONITOR: &str = "host-monitor";
+/// How soon a liveness pass that could not heal everything due is tried again.
+const HEAL_RETRY: Duration = Duration::from_millis(100);
+/// How many events back a VNF's return from Unknown looks for the event that made it so.
+const RESTORE_LOOKBACK: usize = 64;
 
 /// The controller's view of host liveness: the lease TTL and the lease each host holds.
 #[derive(Debug)]
@@ -211,7 +215,10 @@ impl Liveness {
         }
     }
 
-    /// How long until the heal delay of a NotReady host is over, if one is still to come.
+    /// How long until the heal delay of a NotReady host is over, if one is still to come; for
+    /// one whose delay is over but that no complete pass healed yet (a conflict, a pair with no
+    /// room for its standby), [`HEAL_RETRY`] (not at once: the monitor would go over every VNF
+    /// again each millisecond for as long as that lasts).
     fn next_heal(&self, now: u64) -> Option<Duration> {
         let after = self.heal_after_ms()?;
         self.since_map()
@@ -219,7 +226,10 @@ impl Liveness {
             .filter(|(_, done)| !done)
             .map(|(since, _)| since.saturating_add(after))
             .min()
-            .map(|due| Duration::from_millis(due.saturating_sub(now) + 1))
+            .map(|due| match due.checked_sub(now) {
+                Some(wait) if wait > 0 => Duration::from_millis(wait + 1),
+                _ => HEAL_RETRY,
+            })
     }
 
     /// How long until the next host that is heard from falls silent, if any.
@@ -750,18 +760,29 @@ impl Controller {
     }
 
     /// Gives a VNF whose hosts are all Ready again the phase it had before it became Unknown
-    /// (the `from` of the event that made it Unknown).
+    /// (the `from` of the event that made it Unknown: events written while it stayed Unknown,
+    /// an apply or a standby's word, go from Unknown to Unknown and are passed over), or
+    /// Starting when that event is not found (compacted, or further back than
+    /// [`RESTORE_LOOKBACK`]): never Unknown again.
     async fn restore_known(&self, record: &VnfRecord) -> Result<()> {
         let name = record.vnf.name.as_str();
-        let key = event_key(name, record.last_event);
-        let last = match self.store.get(&key).await? {
-            Some(v) => Some(decode::<Event>(&key, &v.value)?),
-            None => None,
-        };
-        let back = last
-            .filter(|e| e.to == Phase::Unknown)
-            .and_then(|e| e.from)
-            .unwrap_or(Phase::Starting);
+        let mut back = Phase::Starting;
+        let mut seq = record.last_event;
+        for _ in 0..RESTORE_LOOKBACK {
+            let key = event_key(name, seq);
+            let Some(v) = self.store.get(&key).await? else {
+                break;
+            };
+            let e: Event = decode(&key, &v.value)?;
+            match e.from {
+                Some(Phase::Unknown) if e.to == Phase::Unknown && seq > 1 => seq -= 1,
+                Some(from) if e.to == Phase::Unknown && from != Phase::Unknown => {
+                    back = from;
+                    break;
+                }
+                _ => break,
+            }
+        }
         let hosts: Vec<&str> = record
             .vnf
             .placements
@@ -1008,5 +1029,26 @@ impl Controller {
         tracing::info!("host {name} deleted by {}", caller.name);
         self.changed();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_heal_left_to_the_next_pass_is_retried_after_a_pause_not_at_once() {
+        let l = Liveness::default();
+        *l.heal_after.lock().unwrap() = Some(Duration::from_millis(1_000));
+        let hosts: BTreeSet<String> = ["h2".to_owned()].into();
+        l.track_not_ready(&hosts, 10_000);
+        // Before the delay is over: woken when it is.
+        assert_eq!(l.next_heal(10_400), Some(Duration::from_millis(601)));
+        // Over, and no complete pass healed it yet: retried after a pause.
+        assert_eq!(l.next_heal(11_000), Some(HEAL_RETRY));
+        assert_eq!(l.next_heal(15_000), Some(HEAL_RETRY));
+        // A complete pass healed it: nothing to wake for.
+        l.heal_pass_done(15_000);
+        assert_eq!(l.next_heal(15_001), None);
     }
 }

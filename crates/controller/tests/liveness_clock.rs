@@ -99,12 +99,16 @@ async fn controller_with_h2(store: Arc<MinuteLeases>) -> (Arc<Controller>, Calle
     (c, admin)
 }
 
+/// The descriptor of wasm VNF `name` (one dedicated cpu).
+fn wasm_text(name: &str) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  wasm:\n    module: /srv/telvirt/fw.wasm\n"
+    )
+}
+
 /// Creates wasm VNF `name` (one dedicated cpu).
 async fn create(c: &Controller, admin: &Caller, name: &str) {
-    let text = format!(
-        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: wasm\n  cpu: {{ policy: dedicated, count: 1 }}\n  wasm:\n    module: /srv/telvirt/fw.wasm\n"
-    );
-    c.create_vnf(admin, text.as_bytes(), Format::Yaml)
+    c.create_vnf(admin, wasm_text(name).as_bytes(), Format::Yaml)
         .await
         .unwrap();
 }
@@ -211,6 +215,22 @@ async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_br
     }
     assert_eq!(c.vnf(&admin, "u1").await.unwrap().phase, Phase::Unknown);
     assert_eq!(c.vnf(&admin, "u2").await.unwrap().phase, Phase::Running);
+    // An event while u1 stays Unknown (an applied label: Unknown to Unknown) is not the phase
+    // it comes back to.
+    let labelled = wasm_text("u1").replace(
+        "metadata: { name: u1 }",
+        "metadata: { name: u1, labels: { tier: edge } }",
+    );
+    c.apply_vnf(&admin, "u1", labelled.as_bytes(), Format::Yaml, false)
+        .await
+        .unwrap();
+    let events = c.events(&admin, "u1").await.unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last.from, last.to),
+        (Some(Phase::Unknown), Phase::Unknown),
+        "{last:?}"
+    );
 
     // h2 is heard again, every host Ready as at the last complete pass: the next pass still
     // looks, and u1 is known again.
