@@ -747,7 +747,7 @@ impl MapSet {
 
     /// Before `key` of map `id` changes: a sliced snapshot or copy under way saves the entry
     /// as it was if its slot was not copied yet.
-    fn note_change(&mut self, id: usize, key: &[u8]) {
+    pub(crate) fn note_change(&mut self, id: usize, key: &[u8]) {
         let Some(m) = self.maps.get(id) else {
             return;
         };

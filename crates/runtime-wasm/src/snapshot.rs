@@ -540,6 +540,7 @@ impl MapSet {
             let (ks, vs) = (d.key_size as usize, d.value_size as usize);
             if op == LOG_UPDATE {
                 let e = r.take(ks + vs, "update entry")?;
+                self.note_change(id, &e[..ks]);
                 let (rc, _) = self.maps[id].update(&e[..ks], &e[ks..], update_flags::ANY);
                 if rc != crate::abi::code::OK {
                     return Err(Error::Snapshot(format!(
@@ -549,6 +550,7 @@ impl MapSet {
                 }
             } else {
                 let k = r.take(ks, "delete entry")?;
+                self.note_change(id, k);
                 self.maps[id].delete(k);
             }
         }

@@ -516,6 +516,27 @@ fn a_copy_for_disk_in_slices_is_the_maps_when_it_began_while_a_standbys_snapshot
         s.copy_slice(64),
         Err(Error::Snapshot(m)) if m.contains("start it again")
     ));
+    // On a standby the copy holds as its active's logs are applied between slices: a key
+    // deleted and a new one put, which takes the freed slot.
+    let mut standby = MapSet::restore(&defs, &s.snapshot()).expect("restore");
+    let at_begin = standby.encode();
+    standby.begin_sliced_copy();
+    let (mut copy, mut round) = (None, 0u32);
+    while copy.is_none() {
+        copy = standby.copy_slice(64).expect("copy slice");
+        round += 1;
+        let victim = standby.get(0).expect("map").entries()[0].0.clone();
+        assert_eq!(s.delete(0, &victim), code::OK);
+        assert_eq!(s.update(0, &k(5000 + round), &k(round), 0), code::OK);
+        standby
+            .apply_log(&s.take_log().expect("log"))
+            .expect("apply");
+    }
+    assert!(round > 10, "{round} slices");
+    assert_eq!(
+        sorted_entries(&defs, &copy.expect("copy")),
+        sorted_entries(&defs, &at_begin)
+    );
 }
 
 #[test]

@@ -219,6 +219,9 @@ struct Entry {
     /// The maps' change count when they were last written to disk (`None`: not since the
     /// instance started or its maps were replaced).
     saved_changes: Option<u64>,
+    /// Times its maps changed without their count moving (a standby's applied logs): a save
+    /// that began before one does not count as having written it.
+    outside_changes: u64,
     /// Its move's packets (queued at a frozen source, handed in at the destination).
     handoff: Arc<Handoff>,
     /// Frozen for a hand-off: no batch runs, the maps change no more.
@@ -265,13 +268,16 @@ impl MapSaver {
     fn save(&self, name: &Name, inst: &Shared, periodic: bool) -> Result<(), RuntimeFailure> {
         let path = snapshot_file(&self.dir, name);
         let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let saved = {
+        let (saved, outside) = {
             let entries = self.entries();
             let entry = entries.get(name);
             if periodic && !entry.is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst)) {
                 return Ok(());
             }
-            entry.and_then(|e| e.saved_changes)
+            (
+                entry.and_then(|e| e.saved_changes),
+                entry.map(|e| e.outside_changes),
+            )
         };
         let changes = {
             let mut i = guard(inst);
@@ -290,8 +296,11 @@ impl MapSaver {
             in_slices(|| guard(inst).map_copy_slice(SNAPSHOT_SLICE_BYTES)).map_err(fail)?;
         telvirt_files::write_atomic(&path, &bytes)
             .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
+        // Not if the maps changed outside their count while they were copied: the next save
+        // writes that.
         if let Some(e) = self.entries().get_mut(name)
             && Arc::ptr_eq(&e.inst, inst)
+            && Some(e.outside_changes) == outside
         {
             e.saved_changes = changes;
         }
@@ -1187,6 +1196,7 @@ impl WasmRuntime {
     fn maps_changed(&self, vnf: &Name) {
         if let Some(e) = self.entries().get_mut(vnf) {
             e.saved_changes = None;
+            e.outside_changes += 1;
         }
     }
 
@@ -1267,6 +1277,7 @@ impl WasmRuntime {
                 stopped: false,
                 note,
                 saved_changes: None,
+                outside_changes: 0,
                 handoff,
                 frozen: false,
             },
