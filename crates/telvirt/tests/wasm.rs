@@ -929,13 +929,32 @@ fn steering_switches_between_two_firewalls_and_latency_chain_probes_the_chain() 
     node.fails(&["latency", "chain", "nosuch"], "not found");
 }
 
+/// `vnf stats VNF ARGS...` once the VNF is Running. Counters are read from the running
+/// instance: under the load of a traffic test on two cores the host's lease can lapse for a
+/// moment (the VNF is Unknown until its next heartbeat), even between the phase read and the
+/// stats, which is not what these tests check: asked again then, with a deadline.
+fn running_stats(node: &Serve, vnf: &str, args: &[&str]) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        node.wait_phase(vnf, "Running");
+        let mut all = vec!["vnf", "stats", vnf];
+        all.extend(args);
+        let out = node.cli(&all);
+        if out.status.success() {
+            return out.stdout;
+        }
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            err.contains("is Unknown") && Instant::now() < deadline,
+            "telvirt {all:?}: {err}"
+        );
+    }
+}
+
 /// The module counter `name` of `vnf`, from `vnf stats -o json`.
 fn module_counter(node: &Serve, vnf: &str, name: &str) -> u64 {
-    // Counters are read from the running instance: under the load of a traffic test on two
-    // cores the host's lease can lapse for a moment (the VNF is Unknown until its next
-    // heartbeat), which is not what these tests check.
-    node.wait_phase(vnf, "Running");
-    let s = node.json(&["vnf", "stats", vnf]);
+    let s: serde_json::Value =
+        serde_json::from_slice(&running_stats(node, vnf, &["-o", "json"])).unwrap();
     s["counters"]
         .as_array()
         .and_then(|c| c.iter().find(|c| c["name"] == name))
@@ -1130,9 +1149,7 @@ fn ping_and_iperf3_cross_a_wasm_firewall_in_serve_and_its_rule_blocks() {
     );
     // Allowed traffic still crosses after the denial.
     netns::ping_ok(&t, 0, "10.203.0.2");
-    // As `module_counter`: the host's lease may have lapsed for a moment under the traffic.
-    node.wait_phase("fw1", "Running");
-    let table = String::from_utf8_lossy(&node.ok(&["vnf", "stats", "fw1"]).stdout).into_owned();
+    let table = String::from_utf8_lossy(&running_stats(&node, "fw1", &[])).into_owned();
     assert!(
         table.contains("denied") && table.contains("packets_in"),
         "{table}"
