@@ -767,9 +767,10 @@ impl crate::replication::ReplicaState for WasmRuntime {
                 };
                 applied.map_err(|e| e.to_string())
             })
-            .map_err(|e| e.to_string())??;
+            .map_err(|e| e.to_string())?;
+        // Even after a log that failed part way: what it applied is not on disk yet.
         self.maps_changed(vnf);
-        Ok(applied)
+        applied
     }
 
     fn apply_log_at_once(&self, vnf: &Name, bytes: &[u8]) -> Option<Result<u64, String>> {
@@ -1044,6 +1045,9 @@ impl WasmRuntime {
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
         }
+        // The carried maps count their changes from 0 again: the next save writes them (in the
+        // new layout) whatever the count it saved last.
+        self.maps_changed(name);
         Ok(meta.hash)
     }
 
@@ -1792,6 +1796,50 @@ spec:
         assert_eq!(rt.state(&s.name).await, InstanceState::Running);
     }
 
+    /// Writes `firewall-v2.wasm` into `dir`: the example firewall with another manifest
+    /// version (same length, same maps), so another module to upgrade to.
+    fn write_firewall_v2(dir: &Path) {
+        let mut v2 = rw::vnfs::firewall().wasm.to_vec();
+        let needle = b"\"version\":\"1.0.0\"";
+        let at = v2
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .expect("firewall manifest has version 1.0.0");
+        v2[at..at + needle.len()].copy_from_slice(b"\"version\":\"1.0.1\"");
+        std::fs::write(dir.join("firewall-v2.wasm"), v2).unwrap();
+    }
+
+    /// An upgrade restarts the maps' change count: the next save still writes what changed
+    /// before it.
+    #[tokio::test]
+    async fn maps_changed_before_an_upgrade_are_saved_after_it() {
+        let (dir, dp, _, s) = setup();
+        let rt = WasmRuntime::with_options(
+            dir.path().join("store"),
+            dir.path(),
+            Arc::clone(&dp),
+            rw::SecurityPolicy::default(),
+            Some(dir.path().join("snapshots")),
+        )
+        .unwrap();
+        rt.start(&s).await.unwrap();
+        rt.save_all_maps(false);
+        let key = [9u8; 16];
+        rt.with_instance(&s.name, move |i| i.map_update("rules", &key, &[2, 0, 0, 0]))
+            .unwrap()
+            .unwrap();
+        write_firewall_v2(dir.path());
+        rt.upgrade(&s.name, "firewall-v2.wasm").unwrap();
+        rt.save_all_maps(false);
+        rt.stop(&s.name).await.unwrap();
+        rt.start(&s).await.unwrap();
+        let note = rt.start_note(&s.name).await.unwrap();
+        assert!(
+            note.contains("maps restored from snapshot (rules 1 entries)"),
+            "{note}"
+        );
+    }
+
     #[tokio::test]
     async fn maps_are_restored_from_a_matching_snapshot_only() {
         let (dir, dp, _, s) = setup();
@@ -1916,14 +1964,7 @@ spec:
         rt.with_instance(&s.name, move |i| i.map_update("rules", &key, &[2, 0, 0, 0]))
             .unwrap()
             .unwrap();
-        let mut v2 = rw::vnfs::firewall().wasm.to_vec();
-        let needle = b"\"version\":\"1.0.0\"";
-        let at = v2
-            .windows(needle.len())
-            .position(|w| w == needle)
-            .expect("firewall manifest has version 1.0.0");
-        v2[at..at + needle.len()].copy_from_slice(b"\"version\":\"1.0.1\"");
-        std::fs::write(dir.path().join("firewall-v2.wasm"), v2).unwrap();
+        write_firewall_v2(dir.path());
         let old = rt
             .with_instance(&s.name, |i| i.module().hash.clone())
             .unwrap();
