@@ -1809,19 +1809,24 @@ spec:
         std::fs::write(dir.join("firewall-v2.wasm"), v2).unwrap();
     }
 
+    /// A runtime over `dir` that keeps map snapshots in `dir/snapshots`.
+    fn with_snapshots(dir: &tempfile::TempDir, dp: &Arc<NodeDataPlane>) -> WasmRuntime {
+        WasmRuntime::with_options(
+            dir.path().join("store"),
+            dir.path(),
+            Arc::clone(dp),
+            rw::SecurityPolicy::default(),
+            Some(dir.path().join("snapshots")),
+        )
+        .unwrap()
+    }
+
     /// An upgrade restarts the maps' change count: the next save still writes what changed
     /// before it.
     #[tokio::test]
     async fn maps_changed_before_an_upgrade_are_saved_after_it() {
         let (dir, dp, _, s) = setup();
-        let rt = WasmRuntime::with_options(
-            dir.path().join("store"),
-            dir.path(),
-            Arc::clone(&dp),
-            rw::SecurityPolicy::default(),
-            Some(dir.path().join("snapshots")),
-        )
-        .unwrap();
+        let rt = with_snapshots(&dir, &dp);
         rt.start(&s).await.unwrap();
         rt.save_all_maps(false);
         let key = [9u8; 16];
@@ -1843,15 +1848,7 @@ spec:
     #[tokio::test]
     async fn maps_are_restored_from_a_matching_snapshot_only() {
         let (dir, dp, _, s) = setup();
-        let snaps = dir.path().join("snapshots");
-        let rt = WasmRuntime::with_options(
-            dir.path().join("store"),
-            dir.path(),
-            Arc::clone(&dp),
-            rw::SecurityPolicy::default(),
-            Some(snaps.clone()),
-        )
-        .unwrap();
+        let rt = with_snapshots(&dir, &dp);
         let file = rt.snapshot_path(&s.name).unwrap();
         rt.start(&s).await.unwrap();
         assert_eq!(rt.start_note(&s.name).await, None, "no snapshot yet");
