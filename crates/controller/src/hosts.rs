@@ -65,6 +65,8 @@ pub struct Liveness {
     /// Per NotReady host: since when this controller has seen it so (unix ms), and whether a
     /// pass after its heal delay has run (then the monitor no longer wakes for it).
     not_ready_since: std::sync::Mutex<HashMap<String, (u64, bool)>>,
+    /// When the last liveness pass began (unix ms; 0: none yet).
+    last_pass: std::sync::atomic::AtomicU64,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -82,6 +84,7 @@ impl Default for Liveness {
             opened: std::time::Instant::now(),
             heal_after: std::sync::Mutex::new(Some(super::healing::DEFAULT_HEAL_AFTER)),
             not_ready_since: std::sync::Mutex::new(HashMap::new()),
+            last_pass: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -215,10 +218,11 @@ impl Liveness {
         }
     }
 
-    /// How long until the heal delay of a NotReady host is over, if one is still to come; for
-    /// one whose delay is over but that no complete pass healed yet (a conflict, a pair with no
-    /// room for its standby), [`HEAL_RETRY`] (not at once: the monitor would go over every VNF
-    /// again each millisecond for as long as that lasts).
+    /// How long until the heal delay of a NotReady host is over, if one is still to come; at
+    /// once for one whose delay ended after the last pass began; for one that a pass since
+    /// could not heal (a conflict, a pair with no room for its standby), [`HEAL_RETRY`] (not
+    /// at once: the monitor would go over every VNF again each millisecond for as long as that
+    /// lasts).
     fn next_heal(&self, now: u64) -> Option<Duration> {
         let after = self.heal_after_ms()?;
         self.since_map()
@@ -228,6 +232,9 @@ impl Liveness {
             .min()
             .map(|due| match due.checked_sub(now) {
                 Some(wait) if wait > 0 => Duration::from_millis(wait + 1),
+                _ if due > self.last_pass.load(std::sync::atomic::Ordering::Relaxed) => {
+                    Duration::from_millis(1)
+                }
                 _ => HEAL_RETRY,
             })
     }
@@ -564,6 +571,9 @@ impl Controller {
     /// One liveness pass over every VNF (see [`Controller::host_monitor`]).
     pub async fn check_hosts(&self) -> Result<()> {
         let now = now_ms();
+        self.liveness
+            .last_pass
+            .store(now, std::sync::atomic::Ordering::Relaxed);
         let ready: BTreeSet<String> = self
             .store
             .list(records::HOST_LEASES)
@@ -1043,9 +1053,15 @@ mod tests {
         let hosts: BTreeSet<String> = ["h2".to_owned()].into();
         l.track_not_ready(&hosts, 10_000);
         // Before the delay is over: woken when it is.
+        l.last_pass
+            .store(10_400, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(l.next_heal(10_400), Some(Duration::from_millis(601)));
-        // Over, and no complete pass healed it yet: retried after a pause.
-        assert_eq!(l.next_heal(11_000), Some(HEAL_RETRY));
+        // Over since the last pass began (a pass that straddled the end): at once.
+        assert_eq!(l.next_heal(11_000), Some(Duration::from_millis(1)));
+        // A pass since could not heal it: retried after a pause.
+        l.last_pass
+            .store(11_001, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(l.next_heal(11_002), Some(HEAL_RETRY));
         assert_eq!(l.next_heal(15_000), Some(HEAL_RETRY));
         // A complete pass healed it: nothing to wake for.
         l.heal_pass_done(15_000);
