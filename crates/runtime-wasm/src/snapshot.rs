@@ -158,9 +158,7 @@ impl Slicing {
             live[slot] = false;
         }
     }
-}
 
-impl Slicing {
     /// A snapshot of `maps` as they are now, to be copied slice by slice.
     fn new(maps: &[Map]) -> Slicing {
         let size = encoded_size(maps);
@@ -243,11 +241,29 @@ impl Slicing {
         Ok(self.map >= maps.len())
     }
 
-    /// The complete snapshot's bytes, its checksum appended, and the checksum.
-    fn finish(mut self) -> (Vec<u8>, u32) {
-        let crc = crc32fast::hash(&self.out);
-        self.out.extend_from_slice(&crc.to_le_bytes());
-        (self.out, crc)
+    /// Copies about `max_bytes` more of the sliced snapshot in `under_way` (`missing` when
+    /// none is): once complete, its bytes with their checksum appended, and the checksum,
+    /// and none is under way any more; an error ends it too.
+    fn next(
+        under_way: &mut Option<Slicing>,
+        maps: &[Map],
+        max_bytes: usize,
+        missing: &str,
+    ) -> Result<Option<(Vec<u8>, u32)>> {
+        let Some(sl) = under_way.as_mut() else {
+            return Err(Error::Snapshot(missing.into()));
+        };
+        match sl.step(maps, max_bytes) {
+            Ok(false) => Ok(None),
+            Ok(true) => Ok(under_way.take().map(|mut done| {
+                let crc = seal(&mut done.out);
+                (done.out, crc)
+            })),
+            Err(e) => {
+                *under_way = None;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -268,9 +284,15 @@ fn encode_maps(maps: &[Map]) -> Vec<u8> {
     for m in maps {
         encode_map_into(&mut out, m);
     }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_le_bytes());
+    seal(&mut out);
     out
+}
+
+/// Appends the checksum of `out` (CRC-32, little-endian) to it; returns the checksum.
+fn seal(out: &mut Vec<u8>) -> u32 {
+    let crc = crc32fast::hash(out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    crc
 }
 
 /// One map's section of a snapshot: its definition, its entry count, its entries.
@@ -337,26 +359,16 @@ impl MapSet {
                 self.log_cap
             )));
         }
-        let Some(sl) = self.slicing.as_mut() else {
-            return Err(Error::Snapshot(
-                "no snapshot is being taken in slices (another snapshot or a taken log ended it): start it again".into(),
-            ));
-        };
-        match sl.step(&self.maps, max_bytes) {
-            Ok(false) => Ok(None),
-            Ok(true) => {
-                let Some(done) = self.slicing.take() else {
-                    return Ok(None);
-                };
-                let (out, crc) = done.finish();
-                self.base = crc;
-                Ok(Some(out))
-            }
-            Err(e) => {
-                self.slicing = None;
-                Err(e)
-            }
-        }
+        let done = Slicing::next(
+            &mut self.slicing,
+            &self.maps,
+            max_bytes,
+            "no snapshot is being taken in slices (another snapshot or a taken log ended it): start it again",
+        )?;
+        Ok(done.map(|(out, crc)| {
+            self.base = crc;
+            out
+        }))
     }
 
     /// Starts a copy of the maps as they are now for disk, taken in slices
@@ -371,19 +383,13 @@ impl MapSet {
     /// [`MapSet::encode`] gave when the copy began) once it is complete. Errors when none is
     /// under way (the maps were replaced meanwhile): start again.
     pub fn copy_slice(&mut self, max_bytes: usize) -> Result<Option<Vec<u8>>> {
-        let Some(sl) = self.copying.as_mut() else {
-            return Err(Error::Snapshot(
-                "no copy of the maps is being taken in slices (the maps were replaced): start it again".into(),
-            ));
-        };
-        match sl.step(&self.maps, max_bytes) {
-            Ok(false) => Ok(None),
-            Ok(true) => Ok(self.copying.take().map(|done| done.finish().0)),
-            Err(e) => {
-                self.copying = None;
-                Err(e)
-            }
-        }
+        let done = Slicing::next(
+            &mut self.copying,
+            &self.maps,
+            max_bytes,
+            "no copy of the maps is being taken in slices (the maps were replaced): start it again",
+        )?;
+        Ok(done.map(|(out, _)| out))
     }
 
     /// Encodes every map into a snapshot, leaving the update log and its chain as they are
@@ -481,8 +487,7 @@ impl MapSet {
         out.extend_from_slice(&self.base.to_le_bytes());
         out.extend_from_slice(&log.count.to_le_bytes());
         out.extend_from_slice(&log.buf);
-        let crc = crc32fast::hash(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
+        let crc = seal(&mut out);
         log.buf.clear();
         log.count = 0;
         self.base = crc;

@@ -665,7 +665,6 @@ const SNAPSHOT_SLICE_BYTES: usize = 1 << 20;
 /// Pause between two slices, for the worker to take the instance back.
 const SNAPSHOT_SLICE_GAP: Duration = Duration::from_micros(200);
 
-/// The update log since the last batch; `None` when nothing changed since.
 /// Takes `slice` (one slice of a sliced snapshot or copy, under the instance's lock) until it
 /// gives the whole, letting the instance go between two (the worker waiting for it takes it
 /// first): the bytes, how many slices, and the longest a slice held the instance.
@@ -685,6 +684,7 @@ fn in_slices<E>(
     }
 }
 
+/// The update log since the last batch; `None` when nothing changed since.
 fn take_log(i: &mut VnfInstance) -> Result<Option<Vec<u8>>, rw::Error> {
     match i.maps().and_then(rw::MapSet::logged_updates) {
         Some(0) => Ok(None),
