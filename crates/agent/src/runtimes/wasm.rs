@@ -216,11 +216,11 @@ struct Entry {
     stopped: bool,
     /// What the start did with the map snapshot, if there was one.
     note: Option<String>,
-    /// The maps' change count when they were last written to disk (`None`: not since the
-    /// instance started or its maps were replaced).
-    saved_changes: Option<u64>,
-    /// Times its maps changed without their count moving (a standby's applied logs): a save
-    /// that began before one does not count as having written it.
+    /// The maps' change count and `outside_changes` when the copy last written to disk began
+    /// (`None`: not since the instance started).
+    saved_changes: Option<(u64, u64)>,
+    /// Times its maps changed without their count moving (a standby's applied logs, an
+    /// upgrade's fresh count): a save that began before one has not written it.
     outside_changes: u64,
     /// Its move's packets (queued at a frozen source, handed in at the destination).
     handoff: Arc<Handoff>,
@@ -281,7 +281,7 @@ impl MapSaver {
         };
         let changes = {
             let mut i = guard(inst);
-            let changes = i.maps().map(rw::MapSet::changes);
+            let changes = i.maps().map(rw::MapSet::changes).zip(outside);
             if changes.is_some() && changes == saved && path.exists() {
                 return Ok(());
             }
@@ -296,11 +296,10 @@ impl MapSaver {
             in_slices(|| guard(inst).map_copy_slice(SNAPSHOT_SLICE_BYTES)).map_err(fail)?;
         telvirt_files::write_atomic(&path, &bytes)
             .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
-        // Not if the maps changed outside their count while they were copied: the next save
-        // writes that.
+        // Maps that changed outside their count while they were copied moved it past
+        // `outside`: the next save writes them.
         if let Some(e) = self.entries().get_mut(name)
             && Arc::ptr_eq(&e.inst, inst)
-            && Some(e.outside_changes) == outside
         {
             e.saved_changes = changes;
         }
@@ -1199,7 +1198,6 @@ impl WasmRuntime {
     /// `vnf`'s maps changed under its disk copy's count: the next periodic save writes them.
     fn maps_changed(&self, vnf: &Name) {
         if let Some(e) = self.entries().get_mut(vnf) {
-            e.saved_changes = None;
             e.outside_changes += 1;
         }
     }
