@@ -838,10 +838,11 @@ impl NetworkReconciler {
                     });
                     sent + received
                 });
+            let drops = l.map_or(0, |s| s.counters.drops) + tunnel_drops;
             if let Some(s) = l {
                 // The table's row shows the link's whole drops, its tunnel's and VNI's too.
                 let mut row = s.clone();
-                row.counters.drops += tunnel_drops;
+                row.counters.drops = drops;
                 mine.push(row);
             }
             links.push(LinkState {
@@ -849,7 +850,7 @@ impl NetworkReconciler {
                 active: l.is_some(),
                 packets: l.map_or(0, |s| s.counters.packets),
                 bytes: l.map_or(0, |s| s.counters.bytes),
-                drops: l.map_or(0, |s| s.counters.drops) + tunnel_drops,
+                drops,
                 since: l.map_or_else(String::new, |s| unix_ms_rfc3339(s.counters.since_unix_ms)),
             });
         }

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use telvirt_model::api::{HostStatus, HostView};
@@ -66,7 +67,7 @@ pub struct Liveness {
     /// pass after its heal delay has run (then the monitor no longer wakes for it).
     not_ready_since: std::sync::Mutex<HashMap<String, (u64, bool)>>,
     /// When the last liveness pass began (unix ms; 0: none yet).
-    last_pass: std::sync::atomic::AtomicU64,
+    last_pass: AtomicU64,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -84,7 +85,7 @@ impl Default for Liveness {
             opened: std::time::Instant::now(),
             heal_after: std::sync::Mutex::new(Some(super::healing::DEFAULT_HEAL_AFTER)),
             not_ready_since: std::sync::Mutex::new(HashMap::new()),
-            last_pass: std::sync::atomic::AtomicU64::new(0),
+            last_pass: AtomicU64::new(0),
         }
     }
 }
@@ -232,9 +233,7 @@ impl Liveness {
             .min()
             .map(|due| match due.checked_sub(now) {
                 Some(wait) if wait > 0 => Duration::from_millis(wait + 1),
-                _ if due > self.last_pass.load(std::sync::atomic::Ordering::Relaxed) => {
-                    Duration::from_millis(1)
-                }
+                _ if due > self.last_pass.load(Ordering::Relaxed) => Duration::from_millis(1),
                 _ => HEAL_RETRY,
             })
     }
@@ -571,9 +570,7 @@ impl Controller {
     /// One liveness pass over every VNF (see [`Controller::host_monitor`]).
     pub async fn check_hosts(&self) -> Result<()> {
         let now = now_ms();
-        self.liveness
-            .last_pass
-            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.liveness.last_pass.store(now, Ordering::Relaxed);
         let ready: BTreeSet<String> = self
             .store
             .list(records::HOST_LEASES)
@@ -784,9 +781,9 @@ impl Controller {
                 break;
             };
             let e: Event = decode(&key, &v.value)?;
-            match e.from {
-                Some(Phase::Unknown) if e.to == Phase::Unknown && seq > 1 => seq -= 1,
-                Some(from) if e.to == Phase::Unknown && from != Phase::Unknown => {
+            match (e.from, e.to) {
+                (Some(Phase::Unknown), Phase::Unknown) if seq > 1 => seq -= 1,
+                (Some(from), Phase::Unknown) if from != Phase::Unknown => {
                     back = from;
                     break;
                 }
@@ -1053,14 +1050,12 @@ mod tests {
         let hosts: BTreeSet<String> = ["h2".to_owned()].into();
         l.track_not_ready(&hosts, 10_000);
         // Before the delay is over: woken when it is.
-        l.last_pass
-            .store(10_400, std::sync::atomic::Ordering::Relaxed);
+        l.last_pass.store(10_400, Ordering::Relaxed);
         assert_eq!(l.next_heal(10_400), Some(Duration::from_millis(601)));
         // Over since the last pass began (a pass that straddled the end): at once.
         assert_eq!(l.next_heal(11_000), Some(Duration::from_millis(1)));
         // A pass since could not heal it: retried after a pause.
-        l.last_pass
-            .store(11_001, std::sync::atomic::Ordering::Relaxed);
+        l.last_pass.store(11_001, Ordering::Relaxed);
         assert_eq!(l.next_heal(11_002), Some(HEAL_RETRY));
         assert_eq!(l.next_heal(15_000), Some(HEAL_RETRY));
         // A complete pass healed it: nothing to wake for.
