@@ -16,11 +16,13 @@
 //! address its assignment names as the active's (`active_from`); the sender connects from its
 //! own tunnel address for that. And only when they are tagged with the stream's key
 //! (`active_key`, [`PairKey`]; ADR 066): every connection opens with the receiver's random
-//! challenge, and each batch carries an HMAC-SHA256 tag of its header (checked before its body
-//! is read) and one of its body, both over the challenge and the batch's number on the
-//! connection, so a batch from anyone without the key, or replayed from another connection or
-//! out of order, is refused. The answer to a tagged batch is tagged too; a sender believes a
-//! "taken", "resync" or "stale" answer only tagged.
+//! challenge and the sender's random salt, and each batch carries an HMAC-SHA256 tag of its
+//! header (checked before its body is read) over both and the batch's number on the connection,
+//! so a batch from anyone without the key, or replayed from another connection or out of order,
+//! is refused. Its body is encrypted and authenticated (AES-256-GCM, ADR 067) with a key made
+//! from the stream's key and that header tag, so a batch's key is its own: a VNF's sessions and
+//! counters do not cross the underlay readable. The answer to a tagged batch is tagged too; a
+//! sender believes a "taken", "resync" or "stale" answer only tagged.
 //!
 //! Owns the wire format, the bounds on what a peer may send, the sending task per replicated
 //! VNF and its status. It must not decide which instance is active (the controller's
@@ -33,7 +35,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use ring::hmac;
+use ring::{aead, hmac};
 use telvirt_model::api::{ActiveLost, PairKey, ReplicationStatus, StandbyPeer};
 use telvirt_model::{Name, Role};
 use telvirt_runtime_vm::{StreamEnd, StreamSecret};
@@ -73,17 +75,21 @@ pub const MAX_BATCH_BYTES: u32 = 256 << 20;
 const MAX_NAME_BYTES: u16 = 255;
 /// How long a peer may take to send or answer one batch before the connection is dropped.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
-const MAGIC: &[u8; 4] = b"TVR3";
-/// Random bytes of the challenge a host serving a connection sends first.
+const MAGIC: &[u8; 4] = b"TVR4";
+/// Random bytes of the challenge a host serving a connection sends first, and of the salt the
+/// connecting host answers it with.
 const NONCE_BYTES: usize = 16;
-/// Bytes of a batch's header tag and of its body's.
+/// Bytes of a batch's header tag and of an answer's.
 const TAG_BYTES: usize = 32;
-/// A body is tagged and written (read and checked) in pieces of at most this size: a large
-/// snapshot's tag is made between writes, not in one stretch that holds the task's thread.
-const TAG_CHUNK: usize = 256 << 10;
-/// What each tag says it covers, so one can never pass for the other.
+/// A body is encrypted and written (read and opened) in pieces of at most this size, each with
+/// its own authentication tag: a large snapshot is sealed between writes, not in one stretch
+/// that holds the task's thread, and a receiver uses no byte of a piece before its tag checked.
+const PIECE_BYTES: usize = 256 << 10;
+/// Bytes of a piece's authentication tag (AES-256-GCM's).
+const SEAL_BYTES: usize = 16;
+/// What each tag or key derived from the stream's key is for, so one can never pass for another.
 const HEAD_LABEL: &[u8] = b"telvirt replication head";
-const BODY_LABEL: &[u8] = b"telvirt replication body";
+const BODY_LABEL: &[u8] = b"telvirt replication v4 body key";
 const GUEST_TLS_LABEL: &[u8] = b"telvirt guest stream tls psk";
 const ACK_LABEL: &[u8] = b"telvirt replication ack";
 const KIND_SNAPSHOT: u8 = 1;
@@ -208,8 +214,8 @@ struct Header {
     silence: Duration,
 }
 
-/// Header `h` of a batch whose body is `len` bytes, as it goes on the wire (its tag covers
-/// these bytes; the receiver makes them again from what it read).
+/// Header `h` of a batch whose body is `len` bytes (before encryption), as it goes on the wire
+/// (its tag covers these bytes; the receiver makes them again from what it read).
 fn encode_head(h: &Header, len: u32) -> Vec<u8> {
     let name = h.vnf.as_str().as_bytes();
     let silence_ms = u32::try_from(h.silence.as_millis()).unwrap_or(u32::MAX);
@@ -225,12 +231,15 @@ fn encode_head(h: &Header, len: u32) -> Vec<u8> {
     head
 }
 
-/// Where one batch stands: its connection's challenge and its number on that connection
-/// (from 1). Its tags cover both, so a batch copied from another connection, or replayed or
-/// reordered on its own, matches nothing.
+/// Where one batch stands: its connection's challenge (the receiver's), salt (the sender's)
+/// and its number on that connection (from 1). Its tags cover all three, so a batch copied
+/// from another connection, or replayed or reordered on its own, matches nothing; and since
+/// the sender draws the salt, no two batches' bodies are ever encrypted with the same key,
+/// even for a receiver (or someone on the path) that sends an old challenge again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Place {
     nonce: [u8; NONCE_BYTES],
+    salt: [u8; NONCE_BYTES],
     n: u64,
 }
 
@@ -239,6 +248,7 @@ fn tag_context(key: &hmac::Key, label: &[u8], at: Place, first: &[u8]) -> hmac::
     let mut ctx = hmac::Context::with_key(key);
     ctx.update(label);
     ctx.update(&at.nonce);
+    ctx.update(&at.salt);
     ctx.update(&at.n.to_le_bytes());
     ctx.update(first);
     ctx
@@ -249,9 +259,76 @@ fn head_tag(key: &hmac::Key, at: Place, head: &[u8]) -> hmac::Tag {
     tag_context(key, HEAD_LABEL, at, head).sign()
 }
 
-/// The tag of a batch's body, before the body: over its header's tag, which binds the two.
-fn body_context(key: &hmac::Key, at: Place, head_tag: &[u8]) -> hmac::Context {
-    tag_context(key, BODY_LABEL, at, head_tag)
+/// One batch's body cipher: AES-256-GCM under a key of that batch alone (made from the stream's
+/// key over the batch's place and its header's tag, which binds the body to its header), each
+/// piece of the body ([`PIECE_BYTES`]) sealed under the next nonce (its index), so pieces
+/// cannot be reordered, dropped or taken from another batch.
+struct BodyCipher {
+    key: aead::LessSafeKey,
+    piece: u64,
+}
+
+impl BodyCipher {
+    /// The cipher of the body of the batch at `at` whose header's tag is `head_tag`.
+    fn new(key: &hmac::Key, at: Place, head_tag: &[u8]) -> std::io::Result<Self> {
+        let secret = tag_context(key, BODY_LABEL, at, head_tag).sign();
+        let key = aead::UnboundKey::new(&aead::AES_256_GCM, secret.as_ref())
+            .map_err(|_| std::io::Error::other("no AES-256-GCM key from a body's secret"))?;
+        Ok(Self {
+            key: aead::LessSafeKey::new(key),
+            piece: 0,
+        })
+    }
+
+    /// The next piece's nonce: its index in the body.
+    fn next_nonce(&mut self) -> aead::Nonce {
+        let mut nonce = [0u8; aead::NONCE_LEN];
+        nonce[..8].copy_from_slice(&self.piece.to_le_bytes());
+        self.piece += 1;
+        aead::Nonce::assume_unique_for_key(nonce)
+    }
+
+    /// Encrypts the next piece in place; its authentication tag.
+    fn seal(&mut self, piece: &mut [u8]) -> std::io::Result<aead::Tag> {
+        let nonce = self.next_nonce();
+        self.key
+            .seal_in_place_separate_tag(nonce, aead::Aad::empty(), piece)
+            .map_err(|_| std::io::Error::other("a body piece too large to seal"))
+    }
+
+    /// Decrypts the next piece in place when `tag` proves it was sealed as this piece of
+    /// this batch; false (the piece's bytes are then not to be used) otherwise.
+    fn open(&mut self, piece: &mut [u8], tag: [u8; SEAL_BYTES]) -> bool {
+        let nonce = self.next_nonce();
+        self.key
+            .open_in_place_separate_tag(nonce, aead::Aad::empty(), aead::Tag::from(tag), piece, 0..)
+            .is_ok()
+    }
+}
+
+/// A batch's body `bytes` as it goes on the wire after `out` (which may hold its header):
+/// each piece sealed by `cipher` and followed by its tag; `out` is written to `stream`
+/// whenever it holds a piece or more, and what is left of it at the end.
+async fn write_sealed(
+    stream: &mut TcpStream,
+    cipher: &mut BodyCipher,
+    mut out: Vec<u8>,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    for piece in bytes.chunks(PIECE_BYTES) {
+        let start = out.len();
+        out.extend_from_slice(piece);
+        let tag = cipher.seal(&mut out[start..])?;
+        out.extend_from_slice(tag.as_ref());
+        if out.len() >= PIECE_BYTES {
+            stream.write_all(&out).await?;
+            out.clear();
+        }
+    }
+    if !out.is_empty() {
+        stream.write_all(&out).await?;
+    }
+    stream.flush().await
 }
 
 /// The pre-shared key a guest stream's TLS runs with, from its stream's `key` (another use of
@@ -274,14 +351,10 @@ fn tag_key(key: &PairKey) -> hmac::Key {
     hmac::Key::new(hmac::HMAC_SHA256, key.bytes())
 }
 
-/// The bytes after a header of a batch whose body is `len` bytes: the body and its tag (none
-/// when there is no body).
+/// The bytes after a header of a batch whose body is `len` bytes: the body's pieces, each
+/// with its tag (nothing when there is no body).
 fn wire_body_len(len: u32) -> u64 {
-    if len == 0 {
-        0
-    } else {
-        u64::from(len) + TAG_BYTES as u64
-    }
+    u64::from(len) + u64::from(len).div_ceil(PIECE_BYTES as u64) * SEAL_BYTES as u64
 }
 
 /// Writes a fresh challenge on a connection this host serves (its first bytes); returns it.
@@ -294,6 +367,23 @@ async fn write_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_B
     out.extend_from_slice(&nonce);
     stream.write_all(&out).await?;
     Ok(nonce)
+}
+
+/// Answers the challenge of the host serving this connection with a fresh salt of this host's
+/// (its first bytes); returns it.
+async fn write_salt(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
+    let mut salt = [0u8; NONCE_BYTES];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
+        .map_err(|_| std::io::Error::other("no random bytes for a salt"))?;
+    stream.write_all(&salt).await?;
+    Ok(salt)
+}
+
+/// The salt the connecting host answered this host's challenge with.
+async fn read_salt(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
+    let mut salt = [0u8; NONCE_BYTES];
+    stream.read_exact(&mut salt).await?;
+    Ok(salt)
 }
 
 /// The challenge a host serving this connection sent.
@@ -311,40 +401,49 @@ async fn read_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BY
     Ok(nonce)
 }
 
-/// The sending end of one replication connection: the stream's key, the receiver's challenge
-/// and how many batches went.
+/// The sending end of one replication connection: the stream's key, the receiver's challenge,
+/// this host's salt and how many batches went.
 struct Link {
     stream: TcpStream,
     key: hmac::Key,
     nonce: [u8; NONCE_BYTES],
+    salt: [u8; NONCE_BYTES],
     sent: u64,
 }
 
 impl Link {
-    /// Connects to `address` from `source` ([`connect_from`]) and reads the receiver's
-    /// challenge.
+    /// Connects to `address` from `source` ([`connect_from`]), reads the receiver's challenge
+    /// and answers it with a salt.
     async fn open(source: Option<IpAddr>, address: &str, key: &PairKey) -> std::io::Result<Self> {
         let mut stream = connect_from(source, address).await?;
         let _ = stream.set_nodelay(true);
         let nonce = read_challenge(&mut stream).await?;
+        let salt = write_salt(&mut stream).await?;
         Ok(Self {
             stream,
             key: tag_key(key),
             nonce,
+            salt,
             sent: 0,
         })
     }
 
-    /// Sends one batch, tagged: its header and header tag, then (when it has one) its body
-    /// and body tag.
+    /// Where the next batch (`ahead` 1) or the last sent (0) stands on this connection.
+    fn place(&self, ahead: u64) -> Place {
+        Place {
+            nonce: self.nonce,
+            salt: self.salt,
+            n: self.sent + ahead,
+        }
+    }
+
+    /// Sends one batch: its header and header tag, then (when it has one) its body, encrypted
+    /// piece by piece, each piece with its tag.
     async fn send(&mut self, h: &Header, bytes: &[u8]) -> std::io::Result<()> {
         let len =
             u32::try_from(bytes.len()).map_err(|_| std::io::Error::other("batch too large"))?;
+        let at = self.place(1);
         self.sent += 1;
-        let at = Place {
-            nonce: self.nonce,
-            n: self.sent,
-        };
         let mut out = encode_head(h, len);
         let tag = head_tag(&self.key, at, &out);
         out.extend_from_slice(tag.as_ref());
@@ -352,21 +451,8 @@ impl Link {
             self.stream.write_all(&out).await?;
             return self.stream.flush().await;
         }
-        let mut body = body_context(&self.key, at, tag.as_ref());
-        if bytes.len() <= TAG_CHUNK {
-            body.update(bytes);
-            out.extend_from_slice(bytes);
-        } else {
-            self.stream.write_all(&out).await?;
-            out.clear();
-            for chunk in bytes.chunks(TAG_CHUNK) {
-                body.update(chunk);
-                self.stream.write_all(chunk).await?;
-            }
-        }
-        out.extend_from_slice(body.sign().as_ref());
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await
+        let mut cipher = BodyCipher::new(&self.key, at, tag.as_ref())?;
+        write_sealed(&mut self.stream, &mut cipher, out, bytes).await
     }
 
     /// The answer to the last batch sent. One tagged is checked against the stream's key
@@ -375,10 +461,7 @@ impl Link {
     /// untagged refusal or stale answer is read as it is (`tagged` false): its sender may
     /// not hold the key, and the caller does not act on what it claims.
     async fn read_ack(&mut self) -> std::io::Result<Ack> {
-        let at = Place {
-            nonce: self.nonce,
-            n: self.sent,
-        };
+        let at = self.place(0);
         let ack = read_ack(&mut self.stream, Some((&self.key, at))).await?;
         if !ack.tagged && [ACK_OK, ACK_RESYNC].contains(&ack.status) {
             return Err(std::io::Error::new(
@@ -536,10 +619,11 @@ async fn read_header(stream: &mut TcpStream) -> std::io::Result<Head> {
     Ok(Head { h, len, tag })
 }
 
-/// The body of the batch `head` at `at`, once its header's tag proved the sender holds `key`;
-/// `None` when the body does not match its tag (nothing of it may be used).
+/// The body of the batch `head` at `at`, decrypted, once its header's tag proved the sender
+/// holds `key`; `None` when a piece of it does not open under its tag (nothing of the body may
+/// be used then; the rest of it is still read, so the connection's framing goes on).
 async fn read_body(
-    stream: &mut TcpStream,
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
     head: &Head,
     at: Place,
     key: &hmac::Key,
@@ -548,19 +632,20 @@ async fn read_body(
         return Ok(Some(Vec::new()));
     }
     let mut bytes = vec![0; head.len as usize];
-    let mut made = body_context(key, at, &head.tag);
-    for chunk in bytes.chunks_mut(TAG_CHUNK) {
-        stream.read_exact(chunk).await?;
-        made.update(chunk);
+    let mut cipher = BodyCipher::new(key, at, &head.tag)?;
+    let mut whole = true;
+    for piece in bytes.chunks_mut(PIECE_BYTES) {
+        stream.read_exact(piece).await?;
+        let mut tag = [0u8; SEAL_BYTES];
+        stream.read_exact(&mut tag).await?;
+        whole = whole && cipher.open(piece, tag);
     }
-    let mut tag = [0u8; TAG_BYTES];
-    stream.read_exact(&mut tag).await?;
-    Ok(tags_match(made.sign().as_ref(), &tag).then_some(bytes))
+    Ok(whole.then_some(bytes))
 }
 
-/// Reads past the body (and its tag) of a refused batch whose body is `len` bytes without
-/// keeping them, so the connection's framing goes on and nothing is allocated for a sender
-/// that may not send.
+/// Reads past the body (its pieces and their tags) of a refused batch whose body is `len`
+/// bytes without keeping them, so the connection's framing goes on and nothing is allocated
+/// for a sender that may not send.
 async fn skip_body(stream: &mut TcpStream, len: u32) -> std::io::Result<()> {
     let len = wire_body_len(len);
     let skipped = tokio::io::copy(&mut (&mut *stream).take(len), &mut tokio::io::sink()).await?;
@@ -666,6 +751,7 @@ async fn serve_at_most(
                 accepted_at: tokio::time::Instant::now(),
                 answered: false,
                 nonce: [0; NONCE_BYTES],
+                salt: [0; NONCE_BYTES],
                 received: 0,
             };
             let mut stream = stream;
@@ -800,6 +886,8 @@ struct StandbyConnection {
     answered: bool,
     /// The challenge this host sent on it.
     nonce: [u8; NONCE_BYTES],
+    /// The salt its sender answered the challenge with.
+    salt: [u8; NONCE_BYTES],
     /// Batches read on it.
     received: u64,
 }
@@ -814,9 +902,10 @@ impl StandbyConnection {
         }
     }
 
-    /// Sends the connection's challenge, then serves batches until the connection ends or
-    /// fails, or opens a guest stream (its header, and where it stands, are returned for the
-    /// connection to be answered and handed over).
+    /// Sends the connection's challenge and reads its sender's salt (both within
+    /// [`UNANSWERED_CONNECTION`] of its acceptance), then serves batches until the connection
+    /// ends or fails, or opens a guest stream (its header, and where it stands, are returned
+    /// for the connection to be answered and handed over).
     async fn serve(
         &mut self,
         stream: &mut TcpStream,
@@ -824,9 +913,13 @@ impl StandbyConnection {
         host: &dyn StandbyHost,
     ) -> std::io::Result<Option<(Head, Place)>> {
         let _ = stream.set_nodelay(true);
-        self.nonce = tokio::time::timeout(IO_TIMEOUT, write_challenge(stream))
+        let opened_by = self.accepted_at + UNANSWERED_CONNECTION;
+        self.nonce = tokio::time::timeout_at(opened_by, write_challenge(stream))
             .await
             .map_err(|_| std::io::Error::other("sending the challenge timed out"))??;
+        self.salt = tokio::time::timeout_at(opened_by, read_salt(stream))
+            .await
+            .map_err(|_| std::io::Error::other("no salt answered the challenge in time"))??;
         let mut probe = [0u8; 1];
         loop {
             // Only the wait for a batch's first byte is timed: a batch is then read whole (a
@@ -867,6 +960,7 @@ impl StandbyConnection {
             self.received += 1;
             let at = Place {
                 nonce: self.nonce,
+                salt: self.salt,
                 n: self.received,
             };
             let (h, len) = (&head.h, head.len);
@@ -886,7 +980,7 @@ impl StandbyConnection {
                             h.seq,
                             ACK_REFUSED,
                             format!(
-                                "the body of batch {} of {} does not match its tag",
+                                "the body of batch {} of {} does not open under its tags",
                                 h.seq, h.vnf
                             ),
                         ),
@@ -2680,29 +2774,138 @@ mod tests {
         );
         assert_eq!(value(), Some(7));
         conn.sent += 1;
-        // Its header tagged right, its body changed on the way.
+        // Its header tagged right, its body changed on the way (one bit of its ciphertext).
         let head = encode_head(&snapshot(4), 8);
+        let at = conn.place(1);
         conn.sent += 1;
-        let at = Place {
-            nonce: conn.nonce,
-            n: conn.sent,
-        };
         let tag = head_tag(&conn.key, at, &head);
-        let mut body = body_context(&conn.key, at, tag.as_ref());
-        body.update(&5u64.to_le_bytes());
+        let mut cipher = BodyCipher::new(&conn.key, at, tag.as_ref()).unwrap();
+        let mut body = 5u64.to_le_bytes();
+        let seal = cipher.seal(&mut body).unwrap();
+        body[0] ^= 1;
         let mut out = head;
         out.extend_from_slice(tag.as_ref());
-        out.extend_from_slice(&3u64.to_le_bytes());
-        out.extend_from_slice(body.sign().as_ref());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(seal.as_ref());
         conn.stream.write_all(&out).await.unwrap();
         let ack = conn.read_ack().await.unwrap();
         assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
-        assert!(ack.message.contains("does not match its tag"), "{ack:?}");
+        assert!(
+            ack.message.contains("does not open under its tags"),
+            "{ack:?}"
+        );
         assert_eq!(value(), Some(7), "nothing of them applied");
         // The connection's framing held: the next batch is taken.
         conn.send(&snapshot(5), &8u64.to_le_bytes()).await.unwrap();
         assert_eq!(conn.read_ack().await.unwrap().status, ACK_OK);
         assert_eq!(value(), Some(8));
+    }
+
+    /// A batch's body crosses the wire encrypted: what a listener on the path reads holds none
+    /// of it (600 KiB of a repeated session line: three pieces), yet the stream's receiver
+    /// opens it whole; its pieces swapped, or the batch opened at another place, open to
+    /// nothing.
+    #[tokio::test]
+    async fn a_body_crosses_the_wire_encrypted_in_pieces_that_open_only_in_order() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let capture = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let nonce = write_challenge(&mut conn).await.unwrap();
+            let salt = read_salt(&mut conn).await.unwrap();
+            let head = read_header(&mut conn).await.unwrap();
+            let mut wire = vec![0; wire_body_len(head.len) as usize];
+            conn.read_exact(&mut wire).await.unwrap();
+            let mut after = Vec::new();
+            conn.read_to_end(&mut after).await.unwrap();
+            assert!(after.is_empty(), "{} bytes after the body", after.len());
+            (head, Place { nonce, salt, n: 1 }, wire)
+        });
+        let body: Vec<u8> = b"session 10.0.0.1:4242 "
+            .iter()
+            .copied()
+            .cycle()
+            .take(600 << 10)
+            .collect();
+        let header = Header {
+            vnf: "nat1".parse().unwrap(),
+            kind: KIND_SNAPSHOT,
+            seq: 1,
+            epoch: 0,
+            silence: Duration::from_secs(5),
+        };
+        let mut conn = link(&address).await;
+        conn.send(&header, &body).await.unwrap();
+        drop(conn);
+        let (head, at, wire) = capture.await.unwrap();
+        assert_eq!(head.len as usize, body.len());
+        assert_eq!(
+            wire.len(),
+            body.len() + 3 * SEAL_BYTES,
+            "three pieces, each tagged"
+        );
+        assert!(
+            !wire.windows(8).any(|w| w == b"session "),
+            "the body crossed the wire readable"
+        );
+        let key = tag_key(&test_key());
+        let opened = read_body(&mut &wire[..], &head, at, &key).await.unwrap();
+        assert!(
+            opened.as_deref() == Some(&body[..]),
+            "the receiver opens it whole"
+        );
+        // The first two pieces (both full) swapped: the body does not open.
+        let piece = PIECE_BYTES + SEAL_BYTES;
+        let mut swapped = wire.clone();
+        swapped[..piece].copy_from_slice(&wire[piece..2 * piece]);
+        swapped[piece..2 * piece].copy_from_slice(&wire[..piece]);
+        let opened = read_body(&mut &swapped[..], &head, at, &key).await.unwrap();
+        assert!(opened.is_none(), "pieces swapped opened");
+        // The same bytes read as another batch of the connection: nothing opens.
+        let elsewhere = Place { n: 2, ..at };
+        let opened = read_body(&mut &wire[..], &head, elsewhere, &key)
+            .await
+            .unwrap();
+        assert!(opened.is_none(), "a batch opened at another place");
+        // Or on a connection with another salt (the same challenge sent again): nothing opens.
+        let salted = Place {
+            salt: [1; NONCE_BYTES],
+            ..at
+        };
+        let opened = read_body(&mut &wire[..], &head, salted, &key)
+            .await
+            .unwrap();
+        assert!(opened.is_none(), "a batch opened under another salt");
+    }
+
+    /// A refused batch's body of several pieces is passed over exactly: the next batch on the
+    /// connection is read as one, and taken.
+    #[tokio::test]
+    async fn a_refused_body_of_several_pieces_is_passed_over_exactly() {
+        let host = Arc::new(Standbys::default());
+        let (address, standby) = standby_host(host.clone()).await;
+        let snapshot = |vnf: &str| Header {
+            vnf: vnf.parse().unwrap(),
+            kind: KIND_SNAPSHOT,
+            seq: 1,
+            epoch: 0,
+            silence: Duration::from_secs(5),
+        };
+        let mut conn = link(&address).await;
+        conn.send(&snapshot("nat2"), &vec![3; 600 << 10])
+            .await
+            .unwrap();
+        let ack = conn.read_ack().await.unwrap();
+        assert_eq!(ack.status, ACK_REFUSED, "{ack:?}");
+        assert!(ack.message.contains("runs no standby of nat2"), "{ack:?}");
+        conn.send(&snapshot("nat1"), &7u64.to_le_bytes())
+            .await
+            .unwrap();
+        assert_eq!(conn.read_ack().await.unwrap().status, ACK_OK);
+        assert_eq!(
+            standby.values.lock().unwrap().get("nat1").map(|v| v.0),
+            Some(7)
+        );
     }
 
     /// A header not tagged with the stream's key, from the active's own address, is refused
@@ -2715,11 +2918,8 @@ mod tests {
         let mut conn = Link::open(None, &address, &PairKey::new([6; PairKey::LEN]))
             .await
             .unwrap();
+        let at = conn.place(1);
         conn.sent += 1;
-        let at = Place {
-            nonce: conn.nonce,
-            n: conn.sent,
-        };
         let mut head = raw_header(KIND_SNAPSHOT, MAX_BATCH_BYTES - 1, 30);
         let tag = head_tag(&conn.key, at, &head);
         head.extend_from_slice(tag.as_ref());
@@ -2752,6 +2952,7 @@ mod tests {
                 let (mut conn, _) = listener.accept().await.unwrap();
                 tokio::spawn(async move {
                     write_challenge(&mut conn).await.unwrap();
+                    read_salt(&mut conn).await.unwrap();
                     while let Ok(head) = read_header(&mut conn).await {
                         skip_body(&mut conn, head.len).await.unwrap();
                         let ok = Ack::new(head.h.seq, ACK_OK, String::new());
@@ -2906,11 +3107,13 @@ mod tests {
         assert_eq!(n, 0, "no acknowledgement, the connection dropped");
     }
 
-    /// A connection to `address` whose challenge was read: its bytes, and the challenge.
-    async fn raw_connection(address: &str) -> (TcpStream, [u8; NONCE_BYTES]) {
+    /// A connection to `address` whose challenge was read and answered with a salt: its
+    /// bytes, and where its first batch stands.
+    async fn raw_connection(address: &str) -> (TcpStream, Place) {
         let mut conn = TcpStream::connect(address).await.unwrap();
         let nonce = read_challenge(&mut conn).await.unwrap();
-        (conn, nonce)
+        let salt = write_salt(&mut conn).await.unwrap();
+        (conn, Place { nonce, salt, n: 1 })
     }
 
     /// The header of a batch of `kind` for nat1 announcing `len` bytes (a silence of `silence`),
@@ -2952,7 +3155,7 @@ mod tests {
         let mut two = raw_header(KIND_LOG, 3, 30);
         two.extend_from_slice(&[0; TAG_BYTES]);
         two.extend_from_slice(&[1, 2, 3]);
-        two.extend_from_slice(&[0; TAG_BYTES]);
+        two.extend_from_slice(&[0; SEAL_BYTES]);
         two.extend_from_slice(&raw_header(KIND_KEEPALIVE, 0, 30));
         two.extend_from_slice(&[0; TAG_BYTES]);
         conn.write_all(&two).await.unwrap();
@@ -2969,8 +3172,8 @@ mod tests {
     async fn a_batch_whose_standby_was_promoted_while_it_arrived_is_not_applied() {
         let host = Arc::new(Standbys::default());
         let (address, standby) = standby_host(host.clone()).await;
-        let (mut conn, nonce) = raw_connection(&address).await;
-        let (key, at) = (tag_key(&test_key()), Place { nonce, n: 1 });
+        let (mut conn, at) = raw_connection(&address).await;
+        let key = tag_key(&test_key());
         let mut head = raw_header(KIND_SNAPSHOT, 4, 30);
         let tag = head_tag(&key, at, &head);
         head.extend_from_slice(tag.as_ref());
@@ -2984,10 +3187,12 @@ mod tests {
             .lock()
             .unwrap()
             .insert("nat1".into(), (Role::Active, 1));
-        let mut body = body_context(&key, at, tag.as_ref());
-        body.update(&[1, 2, 3, 4]);
         let mut rest = vec![1, 2, 3, 4];
-        rest.extend_from_slice(body.sign().as_ref());
+        let seal = BodyCipher::new(&key, at, tag.as_ref())
+            .unwrap()
+            .seal(&mut rest)
+            .unwrap();
+        rest.extend_from_slice(seal.as_ref());
         conn.write_all(&rest).await.unwrap();
         let ack = read_ack(&mut conn, None).await.unwrap();
         assert_eq!(ack.status, ACK_STALE, "{ack:?}");
@@ -3010,6 +3215,17 @@ mod tests {
             read_ack(&mut refused, None).await.unwrap().status,
             ACK_REFUSED
         );
+        // One that never finishes its salt: closed once the connection is that old.
+        let mut unsalted = TcpStream::connect(&address).await.unwrap();
+        read_challenge(&mut unsalted).await.unwrap();
+        unsalted.write_all(&[7; NONCE_BYTES - 1]).await.unwrap();
+        let mut buf = [0u8; 1];
+        let within = UNANSWERED_CONNECTION + Duration::from_secs(1);
+        let n = tokio::time::timeout(within, unsalted.read(&mut buf))
+            .await
+            .expect("the standby waited longer than a connection may stay unanswered")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed");
         for conn in [&mut idle, &mut refused] {
             let mut buf = [0u8; 1];
             let n = tokio::time::timeout(UNANSWERED_CONNECTION * 2, conn.read(&mut buf))
