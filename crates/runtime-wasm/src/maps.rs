@@ -125,7 +125,8 @@ impl MapDef {
     }
 }
 
-const NIL: u32 = u32::MAX;
+/// No slot: the end of an LRU map's recency list.
+pub(crate) const NIL: u32 = u32::MAX;
 
 /// One map with flat, preallocated storage.
 pub struct Map {
@@ -260,7 +261,8 @@ impl Map {
             .copied()
     }
 
-    fn array_index(&self, key: &[u8]) -> Option<usize> {
+    /// The index `key` names in an array map, if it is one of its indices.
+    pub(crate) fn array_index(&self, key: &[u8]) -> Option<usize> {
         let idx = u32::from_le_bytes(key.try_into().ok()?) as usize;
         (idx < self.def.max_entries as usize).then_some(idx)
     }
@@ -433,6 +435,11 @@ impl Map {
 
     /// The key an insert of `key` would evict (LRU map full and `key` absent).
     pub(crate) fn lru_victim(&self, key: &[u8]) -> Option<&[u8]> {
+        self.lru_victim_slot(key).map(|s| self.key_at(s as u32))
+    }
+
+    /// The slot an insert of `key` would evict (LRU map full and `key` absent).
+    pub(crate) fn lru_victim_slot(&self, key: &[u8]) -> Option<usize> {
         if self.def.kind != MapKind::LruHash
             || self.len < self.def.max_entries as usize
             || self.tail == NIL
@@ -441,7 +448,13 @@ impl Map {
         {
             return None;
         }
-        Some(self.key_at(self.tail))
+        Some(self.tail as usize)
+    }
+
+    /// An LRU map's recency list: its least recently used slot ([`NIL`] when empty) and, for
+    /// each slot, the next more recently used one.
+    pub(crate) fn lru_links(&self) -> (u32, &[u32]) {
+        (self.tail, &self.prev)
     }
 
     /// Visits every entry: arrays in index order (key = LE index), LRU maps from least to most

@@ -4,7 +4,7 @@
 
 use crate::abi::update_flags;
 use crate::error::{Error, Result};
-use crate::maps::{LOG_DELETE, LOG_UPDATE, Map, MapDef, MapKind, MapSet};
+use crate::maps::{LOG_DELETE, LOG_UPDATE, Map, MapDef, MapKind, MapSet, NIL};
 
 /// Snapshot magic.
 pub const SNAPSHOT_MAGIC: [u8; 4] = *b"TVMS";
@@ -124,15 +124,165 @@ pub(crate) struct Slicing {
 
 /// One map of a sliced snapshot.
 enum SlicedMap {
-    /// Encoded whole when the snapshot began (an array, an LRU map).
-    Whole(Vec<u8>),
     /// A hash map copied slot by slot: the slots live when it began (cleared when a change
-    /// saved the entry first), how many entries it held, and the entries saved.
+    /// saved the entry first), how many entries it held, and the entries saved (after the
+    /// others: a hash map's order is its own).
     Slots {
         live: Vec<bool>,
         len: u64,
         saved: Vec<u8>,
     },
+    /// An array or an LRU map, copied in the order it had when the snapshot began (its
+    /// indices; least to most recently used), which its snapshot keeps.
+    InOrder(OrderedCopy),
+}
+
+/// An array or LRU map under a sliced copy: the walk over its places (an index, a slot) in
+/// the order they had when the copy began, the places whose entry is still to be copied from
+/// the map (cleared when it is copied, or saved before a change), and the entries saved, by
+/// place, as they were.
+struct OrderedCopy {
+    walk: Walk,
+    pending: Vec<bool>,
+    saved: std::collections::HashMap<u32, usize>,
+    saved_bytes: Vec<u8>,
+    len: u64,
+}
+
+/// The order an [`OrderedCopy`] goes through its map.
+enum Walk {
+    /// An array's indices from `next` up to `end`.
+    Indices { next: u32, end: u32 },
+    /// An LRU map's slots from `at` ([`NIL`]: done) toward the most recently used, along the
+    /// links as they were when the copy began (copied then: a lookup relinks the map's own).
+    Chain { at: u32, links: Vec<u32> },
+}
+
+impl Walk {
+    /// The next place, if any.
+    fn next(&mut self) -> Option<usize> {
+        match self {
+            Walk::Indices { next, end } => (*next < *end).then(|| {
+                *next += 1;
+                (*next - 1) as usize
+            }),
+            Walk::Chain { at, links } => (*at != NIL).then(|| {
+                let s = *at;
+                *at = links.get(s as usize).copied().unwrap_or(NIL);
+                s as usize
+            }),
+        }
+    }
+
+    /// Whether every place was walked.
+    fn done(&self) -> bool {
+        match self {
+            Walk::Indices { next, end } => next >= end,
+            Walk::Chain { at, .. } => *at == NIL,
+        }
+    }
+}
+
+impl OrderedCopy {
+    /// A copy of `map` (an array or an LRU map) as it is now.
+    fn new(map: &Map) -> Self {
+        let (walk, pending) = if map.def().kind == MapKind::Array {
+            let end = map.def().max_entries;
+            (Walk::Indices { next: 0, end }, vec![true; end as usize])
+        } else {
+            let (tail, links) = map.lru_links();
+            let walk = Walk::Chain {
+                at: tail,
+                links: links.to_vec(),
+            };
+            (walk, map.live_slots().to_vec())
+        };
+        OrderedCopy {
+            walk,
+            pending,
+            saved: std::collections::HashMap::new(),
+            saved_bytes: Vec::new(),
+            len: map.len() as u64,
+        }
+    }
+
+    /// The place in `map` a change at `key` touches: an array's index; an LRU map's slot of
+    /// `key`, or of the entry an insert of `key` evicts.
+    fn place_of(&self, map: &Map, key: &[u8]) -> Option<usize> {
+        match self.walk {
+            Walk::Indices { .. } => map.array_index(key),
+            Walk::Chain { .. } => map.slot_of(key).or_else(|| map.lru_victim_slot(key)),
+        }
+    }
+
+    /// Appends the entry at `place` of `map` as a snapshot holds it (an array's value; an LRU
+    /// map's key and value); whether one is there.
+    fn entry_into(out: &mut Vec<u8>, map: &Map, place: usize) -> bool {
+        if map.def().kind == MapKind::Array {
+            let vs = map.def().value_size as usize;
+            match map.array_values().get(place * vs..(place + 1) * vs) {
+                Some(v) => out.extend_from_slice(v),
+                None => return false,
+            }
+        } else {
+            match map.slot_entry(place) {
+                Some((k, v)) => {
+                    out.extend_from_slice(k);
+                    out.extend_from_slice(v);
+                }
+                None => return false,
+            }
+        }
+        true
+    }
+
+    /// Before the entry at `key` of `map` changes: saved as it is (as it was when the copy
+    /// began) if it was not copied yet.
+    fn before_change(&mut self, map: &Map, key: &[u8]) {
+        let Some(place) = self.place_of(map, key) else {
+            return;
+        };
+        if !self.pending.get(place).copied().unwrap_or(false) {
+            return;
+        }
+        let at = self.saved_bytes.len();
+        if Self::entry_into(&mut self.saved_bytes, map, place) {
+            self.saved.insert(place as u32, at);
+        }
+        self.pending[place] = false;
+    }
+
+    /// Appends the next entries of `map` to `out` until it reaches `end` bytes or the map's
+    /// last; how many. An entry neither in the map nor saved is an error: start again.
+    fn step(&mut self, map: &Map, out: &mut Vec<u8>, end: usize) -> Result<u64> {
+        let size = if map.def().kind == MapKind::Array {
+            map.def().value_size as usize
+        } else {
+            (map.def().key_size + map.def().value_size) as usize
+        };
+        let mut written = 0;
+        while out.len() < end
+            && let Some(place) = self.walk.next()
+        {
+            let copied = if self.pending.get(place).copied().unwrap_or(false) {
+                self.pending[place] = false;
+                Self::entry_into(out, map, place)
+            } else if let Some(at) = self.saved.remove(&(place as u32)) {
+                out.extend_from_slice(&self.saved_bytes[at..at + size]);
+                true
+            } else {
+                false
+            };
+            if !copied {
+                return Err(Error::Snapshot(format!(
+                    "map `{}`: a sliced snapshot lost track of the entry at {place}: start it again",
+                    map.def().name
+                )));
+            }
+            written += 1;
+        }
+        Ok(written)
+    }
 }
 
 impl Slicing {
@@ -142,20 +292,23 @@ impl Slicing {
         if id < self.map {
             return;
         }
-        let Some(SlicedMap::Slots { live, saved, .. }) = self.maps.get_mut(id) else {
-            return;
-        };
-        let Some(slot) = map.slot_of(key) else {
-            return;
-        };
-        let copied = id == self.map && slot < self.slot;
-        if !copied
-            && live.get(slot).copied().unwrap_or(false)
-            && let Some((k, v)) = map.slot_entry(slot)
-        {
-            saved.extend_from_slice(k);
-            saved.extend_from_slice(v);
-            live[slot] = false;
+        match self.maps.get_mut(id) {
+            Some(SlicedMap::Slots { live, saved, .. }) => {
+                let Some(slot) = map.slot_of(key) else {
+                    return;
+                };
+                let copied = id == self.map && slot < self.slot;
+                if !copied
+                    && live.get(slot).copied().unwrap_or(false)
+                    && let Some((k, v)) = map.slot_entry(slot)
+                {
+                    saved.extend_from_slice(k);
+                    saved.extend_from_slice(v);
+                    live[slot] = false;
+                }
+            }
+            Some(SlicedMap::InOrder(copy)) => copy.before_change(map, key),
+            None => {}
         }
     }
 
@@ -176,7 +329,7 @@ impl Slicing {
                         saved: Vec::new(),
                     }
                 } else {
-                    SlicedMap::Whole(encode_map(m))
+                    SlicedMap::InOrder(OrderedCopy::new(m))
                 }
             })
             .collect();
@@ -196,17 +349,29 @@ impl Slicing {
         let end = self.out.len().saturating_add(max_bytes.max(1));
         while self.map < maps.len() && self.out.len() < end {
             let m = &maps[self.map];
+            if !self.started {
+                let len = match &self.maps[self.map] {
+                    SlicedMap::Slots { len, .. } => *len,
+                    SlicedMap::InOrder(copy) => copy.len,
+                };
+                write_def(&mut self.out, m.def());
+                self.out.extend_from_slice(&len.to_le_bytes());
+                self.started = true;
+            }
             match &mut self.maps[self.map] {
-                SlicedMap::Whole(bytes) => {
-                    self.out.extend_from_slice(bytes);
+                SlicedMap::InOrder(copy) => {
+                    self.written += copy.step(m, &mut self.out, end)?;
+                    if !copy.walk.done() {
+                        break;
+                    }
+                    if self.written != copy.len {
+                        return Err(miscounted(m, self.written, copy.len));
+                    }
                     self.map += 1;
+                    self.started = false;
+                    self.written = 0;
                 }
                 SlicedMap::Slots { live, len, saved } => {
-                    if !self.started {
-                        write_def(&mut self.out, m.def());
-                        self.out.extend_from_slice(&len.to_le_bytes());
-                        self.started = true;
-                    }
                     while self.slot < live.len() && self.out.len() < end {
                         if live[self.slot]
                             && let Some((k, v)) = m.slot_entry(self.slot)
@@ -225,11 +390,7 @@ impl Slicing {
                     self.written +=
                         (saved.len() / (m.def().key_size + m.def().value_size) as usize) as u64;
                     if self.written != *len {
-                        return Err(Error::Snapshot(format!(
-                            "map `{}`: a sliced snapshot copied {} entries of the {len} it held: start it again",
-                            m.def().name,
-                            self.written
-                        )));
+                        return Err(miscounted(m, self.written, *len));
                     }
                     self.map += 1;
                     self.started = false;
@@ -265,6 +426,14 @@ impl Slicing {
             }
         }
     }
+}
+
+/// A sliced snapshot that copied `written` entries of map `m`, which held `len` when it began.
+fn miscounted(m: &Map, written: u64, len: u64) -> Error {
+    Error::Snapshot(format!(
+        "map `{}`: a sliced snapshot copied {written} entries of the {len} it held: start it again",
+        m.def().name
+    ))
 }
 
 /// Bytes a snapshot of `maps` takes as they are now (at most).
@@ -309,12 +478,6 @@ fn encode_map_into(out: &mut Vec<u8>, m: &Map) {
     }
 }
 
-fn encode_map(m: &Map) -> Vec<u8> {
-    let mut out = Vec::with_capacity(map_size(m));
-    encode_map_into(&mut out, m);
-    out
-}
-
 fn header(out: &mut Vec<u8>, magic: [u8; 4], count: usize) {
     out.extend_from_slice(&magic);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -339,9 +502,10 @@ impl MapSet {
     /// Starts a snapshot of the maps as they are now, taken in slices
     /// ([`MapSet::snapshot_slice`], each between two batches, so a large state never holds
     /// the instance for long), and restarts the update log here. Copy on write keeps it
-    /// exact: a change to an entry of a hash map that no slice copied yet first saves the
-    /// entry as it was; arrays and LRU maps (whose recency order cannot be followed across
-    /// slices) are encoded whole now. Another snapshot, or a taken log, ends it.
+    /// exact: a change to an entry that no slice copied yet first saves the entry as it was.
+    /// Arrays go in index order and LRU maps in the recency order they have now (their links
+    /// are copied now, four bytes a slot: a lookup relinks the map, not the copy). Another
+    /// snapshot, or a taken log, ends it.
     pub fn begin_sliced_snapshot(&mut self) {
         self.restart_log();
         self.slicing = Some(Slicing::new(&self.maps));

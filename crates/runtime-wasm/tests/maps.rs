@@ -22,6 +22,17 @@ fn k(i: u32) -> [u8; 4] {
     i.to_le_bytes()
 }
 
+/// A small deterministic generator from `seed` (xorshift): each call gives a number below its
+/// argument, the same ones every run.
+fn below(mut seed: u64) -> impl FnMut(u32) -> u32 {
+    move |n: u32| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % u64::from(n)) as u32
+    }
+}
+
 #[test]
 fn hash_array_and_lru_semantics() {
     let mut s = MapSet::new(&[
@@ -309,14 +320,7 @@ fn a_snapshot_in_slices_is_the_maps_as_they_were_when_it_began_and_its_log_follo
         def("a", MapKind::Array, 4, 4, 300),
         def("l", MapKind::LruHash, 4, 4, 64),
     ];
-    // A small deterministic generator: the same "random" changes every run.
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: u32| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        (seed % u64::from(n)) as u32
-    };
+    let mut next = below(0x2545_f491_4f6c_dd1d);
     for round in 0..20 {
         let mut s = MapSet::new(&defs).expect("maps");
         for i in 0..400 {
@@ -424,6 +428,86 @@ fn a_snapshot_in_slices_is_the_maps_as_they_were_when_it_began_and_its_log_follo
     standby
         .apply_log(&s.take_log().expect("log"))
         .expect("still chained");
+}
+
+/// Arrays and LRU maps are copied in slices too, not encoded whole when a sliced snapshot or
+/// copy begins (which held the VNF as long as a large map took to encode): slices of 64 bytes
+/// take many, and give the maps byte for byte as they were when it began, in the order they
+/// had (indices; least to most recently used), whatever changed between slices: values
+/// replaced, keys deleted, lookups that reorder, inserts that evict.
+#[test]
+fn arrays_and_lru_maps_are_copied_in_slices_in_the_order_they_had() {
+    let defs = [
+        def("a", MapKind::Array, 4, 8, 400),
+        def("l", MapKind::LruHash, 4, 8, 300),
+    ];
+    let v = |i: u32| u64::from(i).to_le_bytes();
+    let mut next = below(0x9e37_79b9_7f4a_7c15);
+    for for_disk in [false, true] {
+        for round in 0..10 {
+            let mut s = MapSet::new(&defs).expect("maps");
+            for i in 0..400 {
+                s.update(0, &k(i), &v(i), 0);
+            }
+            // The LRU map full, its recency not its insertion order.
+            for i in 0..300 {
+                s.update(1, &k(i), &v(i), 0);
+            }
+            for i in (0..300).step_by(7) {
+                s.lookup(1, &k(i));
+            }
+            let at_begin = s.encode();
+            if for_disk {
+                s.begin_sliced_copy();
+            } else {
+                s.begin_sliced_snapshot();
+            }
+            let mut slices = 0;
+            let bytes = loop {
+                let done = if for_disk {
+                    s.copy_slice(64)
+                } else {
+                    s.snapshot_slice(64)
+                };
+                if let Some(done) = done.expect("slice") {
+                    break done;
+                }
+                slices += 1;
+                for _ in 0..next(8) {
+                    match next(5) {
+                        0 => {
+                            s.update(0, &k(next(400)), &v(next(1000)), 0);
+                        }
+                        1 => {
+                            s.delete(1, &k(next(600)));
+                        }
+                        2 => {
+                            s.lookup(1, &k(next(600)));
+                        }
+                        // A key it may not hold: an insert into the full map evicts.
+                        3 => {
+                            s.update(1, &k(300 + next(300)), &v(next(1000)), 0);
+                        }
+                        _ => {
+                            s.update(1, &k(next(300)), &v(next(1000)), 0);
+                        }
+                    }
+                }
+            };
+            assert!(slices > 50, "round {round}: {slices} slices");
+            assert!(
+                bytes == at_begin,
+                "round {round} (for disk: {for_disk}): not the maps as they were, in their order"
+            );
+            if !for_disk {
+                let mut standby = MapSet::restore(&defs, &bytes).expect("restore");
+                standby
+                    .apply_log(&s.take_log().expect("log"))
+                    .expect("its log follows it");
+                assert_eq!(entry_sets(&standby), entry_sets(&s), "round {round}");
+            }
+        }
+    }
 }
 
 /// Every map's entries of `set`, each map's sorted (maps compared as sets).
