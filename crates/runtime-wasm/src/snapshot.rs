@@ -139,13 +139,17 @@ enum SlicedMap {
 
 /// An array or LRU map under a sliced copy: the walk over its places (an index, a slot) in
 /// the order they had when the copy began, the places whose entry is still to be copied from
-/// the map (cleared when it is copied, or saved before a change), and the entries saved, by
-/// place, as they were.
+/// the map (cleared when it is copied, or saved before a change), and the entries saved as they
+/// were (each `size` bytes; `saved_at` holds a saved place's entry number plus one). Both are
+/// made at the first save, at their largest (the buffer reserved, `saved_at` zeroed: pages the
+/// kernel maps on first write), so a change, which runs between packets, never rehashes, grows
+/// or fills anything large; and a copy that saves nothing allocates neither.
 struct OrderedCopy {
     walk: Walk,
     pending: Vec<bool>,
-    saved: std::collections::HashMap<u32, usize>,
-    saved_bytes: Vec<u8>,
+    saved_at: Vec<u32>,
+    saved: Vec<u8>,
+    size: usize,
     len: u64,
 }
 
@@ -154,8 +158,13 @@ enum Walk {
     /// An array's indices from `next` up to `end`.
     Indices { next: u32, end: u32 },
     /// An LRU map's slots from `at` ([`NIL`]: done) toward the most recently used, along the
-    /// links as they were when the copy began (copied then: a lookup relinks the map's own).
-    Chain { at: u32, links: Vec<u32> },
+    /// links as they were when the copy began (copied then: a lookup relinks the map's own);
+    /// at most `left` more (a list that loops ends the walk, and the count check fails it).
+    Chain {
+        at: u32,
+        links: Vec<u32>,
+        left: usize,
+    },
 }
 
 impl Walk {
@@ -166,11 +175,16 @@ impl Walk {
                 *next += 1;
                 (*next - 1) as usize
             }),
-            Walk::Chain { at, links } => (*at != NIL).then(|| {
+            Walk::Chain { at, links, left } => {
+                if *at == NIL || *left == 0 {
+                    *at = NIL;
+                    return None;
+                }
+                *left -= 1;
                 let s = *at;
                 *at = links.get(s as usize).copied().unwrap_or(NIL);
-                s as usize
-            }),
+                Some(s as usize)
+            }
         }
     }
 
@@ -186,22 +200,27 @@ impl Walk {
 impl OrderedCopy {
     /// A copy of `map` (an array or an LRU map) as it is now.
     fn new(map: &Map) -> Self {
-        let (walk, pending) = if map.def().kind == MapKind::Array {
-            let end = map.def().max_entries;
-            (Walk::Indices { next: 0, end }, vec![true; end as usize])
+        let d = map.def();
+        let (walk, pending, size) = if d.kind == MapKind::Array {
+            let end = d.max_entries;
+            let walk = Walk::Indices { next: 0, end };
+            (walk, vec![true; end as usize], d.value_size as usize)
         } else {
             let (tail, links) = map.lru_links();
+            let live = map.live_slots();
             let walk = Walk::Chain {
                 at: tail,
                 links: links.to_vec(),
+                left: live.len(),
             };
-            (walk, map.live_slots().to_vec())
+            (walk, live.to_vec(), (d.key_size + d.value_size) as usize)
         };
         OrderedCopy {
             walk,
             pending,
-            saved: std::collections::HashMap::new(),
-            saved_bytes: Vec::new(),
+            saved_at: Vec::new(),
+            saved: Vec::new(),
+            size,
             len: map.len() as u64,
         }
     }
@@ -245,9 +264,14 @@ impl OrderedCopy {
         if !self.pending.get(place).copied().unwrap_or(false) {
             return;
         }
-        let at = self.saved_bytes.len();
-        if Self::entry_into(&mut self.saved_bytes, map, place) {
-            self.saved.insert(place as u32, at);
+        if self.saved_at.is_empty() {
+            // Made at the first save, both at their largest: untouched pages cost nothing.
+            self.saved_at = vec![0; self.pending.len()];
+            self.saved = Vec::with_capacity(self.len as usize * self.size);
+        }
+        let n = self.saved.len() / self.size.max(1);
+        if Self::entry_into(&mut self.saved, map, place) {
+            self.saved_at[place] = u32::try_from(n + 1).unwrap_or(0);
         }
         self.pending[place] = false;
     }
@@ -255,11 +279,6 @@ impl OrderedCopy {
     /// Appends the next entries of `map` to `out` until it reaches `end` bytes or the map's
     /// last; how many. An entry neither in the map nor saved is an error: start again.
     fn step(&mut self, map: &Map, out: &mut Vec<u8>, end: usize) -> Result<u64> {
-        let size = if map.def().kind == MapKind::Array {
-            map.def().value_size as usize
-        } else {
-            (map.def().key_size + map.def().value_size) as usize
-        };
         let mut written = 0;
         while out.len() < end
             && let Some(place) = self.walk.next()
@@ -267,11 +286,22 @@ impl OrderedCopy {
             let copied = if self.pending.get(place).copied().unwrap_or(false) {
                 self.pending[place] = false;
                 Self::entry_into(out, map, place)
-            } else if let Some(at) = self.saved.remove(&(place as u32)) {
-                out.extend_from_slice(&self.saved_bytes[at..at + size]);
-                true
             } else {
-                false
+                // Not pending on the walk: saved before a change (each place is walked once).
+                let entry = match self.saved_at.get(place).copied() {
+                    Some(n) if n > 0 => {
+                        let at = (n as usize - 1) * self.size;
+                        self.saved.get(at..at + self.size)
+                    }
+                    _ => None,
+                };
+                match entry {
+                    Some(entry) => {
+                        out.extend_from_slice(entry);
+                        true
+                    }
+                    None => false,
+                }
             };
             if !copied {
                 return Err(Error::Snapshot(format!(
@@ -293,7 +323,7 @@ impl Slicing {
             return;
         }
         match self.maps.get_mut(id) {
-            Some(SlicedMap::Slots { live, saved, .. }) => {
+            Some(SlicedMap::Slots { live, len, saved }) => {
                 let Some(slot) = map.slot_of(key) else {
                     return;
                 };
@@ -302,6 +332,11 @@ impl Slicing {
                     && live.get(slot).copied().unwrap_or(false)
                     && let Some((k, v)) = map.slot_entry(slot)
                 {
+                    // Reserved whole at the first save (untouched pages cost nothing): a
+                    // change, between packets, never grows it.
+                    if saved.capacity() == 0 {
+                        saved.reserve_exact(*len as usize * (k.len() + v.len()));
+                    }
                     saved.extend_from_slice(k);
                     saved.extend_from_slice(v);
                     live[slot] = false;
