@@ -405,6 +405,8 @@ async fn read_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BY
 /// this host's salt and how many batches went.
 struct Link {
     stream: TcpStream,
+    /// The stream's key, and as the key tags are made with.
+    pair_key: PairKey,
     key: hmac::Key,
     nonce: [u8; NONCE_BYTES],
     salt: [u8; NONCE_BYTES],
@@ -421,11 +423,21 @@ impl Link {
         let salt = write_salt(&mut stream).await?;
         Ok(Self {
             stream,
+            pair_key: key.clone(),
             key: tag_key(key),
             nonce,
             salt,
             sent: 0,
         })
+    }
+
+    /// Tags (and encrypts) the next batches with `key` from now on, when it is not the one
+    /// this connection holds.
+    fn rekey(&mut self, key: &PairKey) {
+        if self.pair_key != *key {
+            self.pair_key = key.clone();
+            self.key = tag_key(key);
+        }
     }
 
     /// Where the next batch (`ahead` 1) or the last sent (0) stands on this connection.
@@ -1218,6 +1230,10 @@ impl StreamStatus {
 /// The sending side of one replicated VNF.
 struct Sender {
     peer: StandbyPeer,
+    /// The stream's key, which its task reads before each batch: a new one (the cluster's
+    /// secret rotated) is taken on the same connection, which the standby's host would take
+    /// for proof that the active is gone were it closed.
+    key: tokio::sync::watch::Sender<PairKey>,
     epoch: u64,
     status: StreamStatus,
     /// Set when a handed-off instance is going: the task ends once nothing it queued waits.
@@ -1326,12 +1342,23 @@ impl Replicas {
     /// over with a full snapshot).
     pub fn ensure(&self, vnf: &Name, peer: &StandbyPeer, epoch: u64) {
         let mut senders = self.senders();
-        if let Some(s) = senders.get(vnf)
-            && s.peer == *peer
+        if let Some(s) = senders.get_mut(vnf)
             && s.epoch == epoch
             && !s.task.is_finished()
         {
-            return;
+            if s.peer == *peer {
+                return;
+            }
+            // Only its key changed: the running stream takes it.
+            let rekeyed = StandbyPeer {
+                key: peer.key.clone(),
+                ..s.peer.clone()
+            };
+            if rekeyed == *peer {
+                s.key.send_replace(peer.key.clone());
+                s.peer = peer.clone();
+                return;
+            }
         }
         if let Some(old) = senders.remove(vnf) {
             old.task.abort();
@@ -1339,11 +1366,12 @@ impl Replicas {
         let status = StreamStatus::new(vnf, peer, "resyncing", &self.changed);
         let finish = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(tokio::sync::Notify::new());
+        let (key, key_now) = tokio::sync::watch::channel(peer.key.clone());
         let task = tokio::spawn(send_loop(
             SendTo {
                 vnf: vnf.clone(),
                 address: peer.address.clone(),
-                key: peer.key.clone(),
+                key: key_now,
                 epoch,
                 detection: self.detection,
                 gate: self.fencing.as_ref().map(|f| f.gate(vnf)),
@@ -1358,6 +1386,7 @@ impl Replicas {
             vnf.clone(),
             Sender {
                 peer: peer.clone(),
+                key,
                 epoch,
                 status,
                 finish,
@@ -1842,8 +1871,8 @@ async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> 
 struct SendTo {
     vnf: Name,
     address: String,
-    /// The stream's key: every batch is tagged with it.
-    key: PairKey,
+    /// The stream's key: every batch is tagged with the one it holds when the batch goes.
+    key: tokio::sync::watch::Receiver<PairKey>,
     epoch: u64,
     detection: Detection,
     /// The instance's gate: kept open by acknowledgements, closed by a stale answer.
@@ -1902,8 +1931,12 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     // The last batch was acknowledged: a frozen instance's next one goes at once.
     let mut acked = false;
     loop {
+        if let Some(conn) = stream.as_mut() {
+            conn.rekey(&key.borrow());
+        }
         if stream.is_none() {
-            match tokio::time::timeout(IO_TIMEOUT, Link::open(*source, address, key)).await {
+            let key = key.borrow().clone();
+            match tokio::time::timeout(IO_TIMEOUT, Link::open(*source, address, &key)).await {
                 Ok(Ok(s)) => {
                     stream = Some(s);
                     // A handed-off stream only passes packets on (the receiver takes them at
@@ -2420,6 +2453,8 @@ mod tests {
         heard: Mutex<Vec<(String, Option<ActiveLost>)>>,
         /// The only address state may come from (`None`: any), with [`test_key`].
         active_from: Mutex<Option<IpAddr>>,
+        /// The stream's key when not [`test_key`].
+        key: Mutex<Option<PairKey>>,
     }
 
     /// The key of every stream in these tests.
@@ -2443,6 +2478,7 @@ mod tests {
                 roles: Mutex::new(HashMap::from([("nat1".into(), (Role::Standby, 0))])),
                 heard: Mutex::new(Vec::new()),
                 active_from: Mutex::new(None),
+                key: Mutex::new(None),
             }
         }
     }
@@ -2468,7 +2504,7 @@ mod tests {
         fn active_key(&self, _vnf: &Name, peer: IpAddr) -> Result<PairKey, String> {
             match *self.active_from.lock().unwrap() {
                 Some(ip) if ip != peer => Err(format!("only from {ip}, not from {peer}")),
-                _ => Ok(test_key()),
+                _ => Ok(self.key.lock().unwrap().clone().unwrap_or_else(test_key)),
             }
         }
 
@@ -2518,6 +2554,33 @@ mod tests {
         let peer = standby_at(address, test_key());
         replicas.ensure(&nat1, &peer, 0);
         (replicas, active, standby, nat1, peer)
+    }
+
+    /// A stream whose key changes (the cluster's secret rotated) takes the new one on the
+    /// connection it holds: the standby's host never sees that connection close (which it
+    /// would take for proof that its active is gone), and batches are taken again once both
+    /// ends hold the new key.
+    #[tokio::test]
+    async fn a_new_key_is_taken_on_the_connection_the_stream_holds() {
+        let host = Arc::new(Standbys::default());
+        let (replicas, active, standby, nat1, peer) = replicating_nat1(&host).await;
+        let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
+        wait_for("the snapshot", || value(&standby) == Some(7)).await;
+        let key = PairKey::new([8; PairKey::LEN]);
+        *host.key.lock().unwrap() = Some(key.clone());
+        replicas.ensure(&nat1, &StandbyPeer { key, ..peer }, 0);
+        active
+            .values
+            .lock()
+            .unwrap()
+            .insert("nat1".into(), (9, true));
+        wait_for("an update under the new key", || value(&standby) == Some(9)).await;
+        wait_for("synced", || {
+            replicas.status(&nat1).unwrap().state == "synced"
+        })
+        .await;
+        let lost = host.lost();
+        assert!(lost.iter().all(|(_, l)| !l.closed), "{lost:?}");
     }
 
     #[tokio::test]

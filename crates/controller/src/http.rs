@@ -18,7 +18,8 @@ use axum::{Json, Router};
 use serde::Serialize;
 use telvirt_model::api::{
     Authority, AuthorityToken, CreateAuthority, Health, HealthProblem, HostView, MapChangeRequest,
-    MapChangeResult, MapView, MigrateRequest, ModuleView, Problem, VnfWatchEvent, VnfWatchKind,
+    MapChangeResult, MapView, MigrateRequest, ModuleView, Problem, SecretRotation, VnfWatchEvent,
+    VnfWatchKind,
 };
 use telvirt_model::{
     DeviceGrant, Event, FieldError, Format, HostGrants, ModelError, Vnf, VnfDescriptor,
@@ -336,6 +337,10 @@ pub fn router(controller: Arc<Controller>) -> Router {
             get(show_module).delete(delete_module),
         )
         .route("/v1/hosts/{name}/credential", post(issue_node_credential))
+        .route(
+            "/v1/secrets/replication/rotate",
+            post(rotate_replication_secret),
+        )
         .route("/v1/watch/vnfs", get(watch_vnfs))
         .route("/metrics", get(metrics))
         .merge(crate::agent_api::routes())
@@ -914,6 +919,23 @@ async fn issue_node_credential(
     Ok(json(
         StatusCode::CREATED,
         &s.controller.issue_node_credential(&caller, &name).await?,
+    ))
+}
+
+#[utoipa::path(post, path = "/v1/secrets/replication/rotate", tag = "hosts", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The cluster has a new replication secret: every stream between two hosts takes a new key on the connection it holds (the VNFs with a standby are listed)", body = SecretRotation),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only admin rotates the replication secret", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A move is under way (its stream would fail part way), or another rotation raced this one: nothing changed", body = Problem, content_type = "application/problem+json"),
+    ))]
+async fn rotate_replication_secret(
+    State(s): State<AppState>,
+    Authed(caller): Authed,
+) -> Result<Response, ApiError> {
+    Ok(json(
+        StatusCode::OK,
+        &s.controller.rotate_replication_secret(&caller).await?,
     ))
 }
 
@@ -1631,7 +1653,7 @@ async fn delete_module(
     paths(
         healthz, readyz, openapi, vnf_schema, list_vnfs, watch_vnfs, create_vnf, apply_vnf, show_vnf, delete_vnf, vnf_events,
         start_vnf, stop_vnf, lock_vnf, unlock_vnf, attach_device, detach_device, migrate_vnf, list_hosts,
-        show_host, host_core_map, issue_node_credential, cordon_host, uncordon_host, drain_host, delete_host,
+        show_host, host_core_map, issue_node_credential, rotate_replication_secret, cordon_host, uncordon_host, drain_host, delete_host,
         list_authorities, create_authority, rotate_authority_token, delete_authority, metrics, list_networks, create_network,
         show_network, delete_network, replace_network, steer_network, network_latency, network_capture,
         upgrade_vnf, vnf_maps, change_vnf_map, vnf_stats, vnf_logs, vnf_console, show_grants, add_grants, revoke_grants,

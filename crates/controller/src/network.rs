@@ -166,7 +166,8 @@ impl Controller {
         Ok(out)
     }
 
-    async fn all_vnfs(&self) -> Result<BTreeMap<String, Vnf>> {
+    /// Every stored VNF (all owners), by name.
+    pub(crate) async fn all_vnfs(&self) -> Result<BTreeMap<String, Vnf>> {
         let mut out = BTreeMap::new();
         for (key, v) in self.store_handle().list(records::VNFS).await? {
             let r: VnfRecord = decode(&key, &v.value)?;

@@ -49,6 +49,29 @@ pub async fn cluster_secret(store: &Arc<dyn Store>) -> Result<hmac::Key, Control
     }
 }
 
+/// Replaces the cluster's replication secret with a new random one (made when there was none),
+/// on condition that it is still the one read: a rotation that raced another is refused
+/// (Conflict) rather than undone by it.
+pub async fn rotate_secret(store: &Arc<dyn Store>) -> Result<(), ControllerError> {
+    let revision = store
+        .get(REPLICATION_SECRET)
+        .await?
+        .map_or(0, |v| v.mod_revision);
+    let mut secret = vec![0u8; SECRET_BYTES];
+    rand::rng().fill_bytes(&mut secret);
+    if store
+        .compare_and_swap(REPLICATION_SECRET, revision, secret)
+        .await?
+    {
+        Ok(())
+    } else {
+        Err(ControllerError::Conflict(
+            "the replication secret changed while it was rotated (another rotation?); try again"
+                .into(),
+        ))
+    }
+}
+
 /// The key of `vnf`'s stream from `from` (the active's host, a move's source) to `to` (the
 /// standby's host, a move's destination) for move `move_id` (0: an active-standby pair's).
 /// Another pair of hosts, another direction or another move gets another key.

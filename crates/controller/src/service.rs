@@ -277,8 +277,6 @@ pub struct Controller {
     /// (`apply::REPIN_CONFIRM_DEADLINE`); woken by every such report.
     observed: std::sync::Mutex<HashMap<(String, String), u64>>,
     observed_wake: Notify,
-    /// The cluster's replication secret, read (or made) once when a stream first needs a key.
-    replication_secret: tokio::sync::OnceCell<ring::hmac::Key>,
 }
 
 impl Controller {
@@ -336,7 +334,6 @@ impl Controller {
             watch_slots: crate::vnf_watch::watch_slots(),
             observed: std::sync::Mutex::new(HashMap::new()),
             observed_wake: Notify::new(),
-            replication_secret: tokio::sync::OnceCell::new(),
             security_domains: std::sync::RwLock::new(
                 crate::auth::DEFAULT_DOMAINS
                     .iter()
@@ -1517,6 +1514,9 @@ impl Controller {
         let prefix = records::assignments_prefix(host);
         let mut domains: BTreeMap<String, String> = BTreeMap::new();
         let mut tunnels: BTreeMap<String, Option<String>> = BTreeMap::new();
+        // The cluster's replication secret, read once per call when a stream needs a key
+        // (never kept longer: another controller may have rotated it).
+        let mut secret: Option<ring::hmac::Key> = None;
         // The machine types of this host's QEMU, read once when a vm needs them.
         let mut host_machines: Option<Vec<String>> = None;
         let mut out = Vec::new();
@@ -1579,7 +1579,7 @@ impl Controller {
                 .map(|m| m.from.clone());
             let standby = match standby_host {
                 Some(h) => self
-                    .stream_end(&mut tunnels, &vnf, &h, host, &h)
+                    .stream_end(&mut tunnels, &mut secret, &vnf, &h, host, &h)
                     .await?
                     .map(|(address, key, move_id)| StandbyPeer {
                         host: h,
@@ -1598,7 +1598,7 @@ impl Controller {
                 .filter(|_| p.role == telvirt_model::Role::Standby);
             let (active_from, active_key) = match active_host {
                 Some(h) => self
-                    .stream_end(&mut tunnels, &vnf, &h, &h, host)
+                    .stream_end(&mut tunnels, &mut secret, &vnf, &h, &h, host)
                     .await?
                     .map(|(address, key, _)| (address, key))
                     .unzip(),
@@ -1679,10 +1679,12 @@ impl Controller {
 
     /// For `vnf`'s stream from host `from` to host `to`, one of which is `peer`: `peer`'s
     /// tunnel address, the stream's key and its move (a move's destination: its stream serves
-    /// that move alone; 0 for a pair's); `None` while `peer` has no tunnel address.
+    /// that move alone; 0 for a pair's); `None` while `peer` has no tunnel address. `secret`
+    /// keeps the cluster's replication secret once read.
     async fn stream_end(
         &self,
         tunnels: &mut BTreeMap<String, Option<String>>,
+        secret: &mut Option<ring::hmac::Key>,
         vnf: &telvirt_model::Vnf,
         peer: &str,
         from: &str,
@@ -1696,16 +1698,55 @@ impl Controller {
             .as_ref()
             .filter(|m| m.to == to)
             .map_or(0, |m| m.id);
-        let secret = self.replication_secret().await?;
+        let secret = match secret {
+            Some(secret) => secret,
+            None => secret.insert(pair_keys::cluster_secret(&self.store).await?),
+        };
         let key = pair_keys::stream_key(secret, vnf.name.as_str(), from, to, move_id);
         Ok(Some((address, key, move_id)))
     }
 
-    /// The cluster's replication secret ([`pair_keys::cluster_secret`]), read once.
-    async fn replication_secret(&self) -> Result<&ring::hmac::Key> {
-        self.replication_secret
-            .get_or_try_init(|| pair_keys::cluster_secret(&self.store))
-            .await
+    /// Gives the cluster a new replication secret (admin only; ADR 066's addendum): every
+    /// stream between two hosts gets a new key, which both its agents take at their next read
+    /// of the assignments (woken now) on the connection they hold. Refused while a move is
+    /// under way, whose stream would fail part way; nothing changes then.
+    pub async fn rotate_replication_secret(
+        &self,
+        caller: &Caller,
+    ) -> Result<telvirt_model::api::SecretRotation> {
+        if !caller.is_admin() {
+            return Err(ControllerError::Forbidden(
+                "only the admin authority may rotate the replication secret".into(),
+            ));
+        }
+        let vnfs = self.all_vnfs().await?;
+        let moving: Vec<String> = vnfs
+            .values()
+            .filter_map(|v| {
+                let m = v.migration.as_ref()?;
+                Some(format!("{} ({} -> {})", v.name, m.from, m.to))
+            })
+            .collect();
+        if !moving.is_empty() {
+            return Err(ControllerError::Conflict(format!(
+                "moves under way would lose their streams: {}; rotate the replication secret once they end (or `telvirt vnf migrate NAME --cancel` them)",
+                moving.join(", ")
+            )));
+        }
+        pair_keys::rotate_secret(&self.store).await?;
+        tracing::info!(by = %caller.name, "the cluster's replication secret was rotated");
+        // Every agent reads its assignments, and so its streams' keys, again.
+        self.changed();
+        let streams = vnfs
+            .values()
+            .filter(|v| {
+                v.placements
+                    .iter()
+                    .any(|p| p.role == telvirt_model::Role::Standby)
+            })
+            .map(|v| v.name.as_str().to_owned())
+            .collect();
+        Ok(telvirt_model::api::SecretRotation { streams })
     }
 
     /// The tunnel address of `host`'s agent, read once per call of [`Controller::assignments`]

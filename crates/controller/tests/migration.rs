@@ -28,6 +28,85 @@ async fn migrate(node: &Node, body: &str) -> common::Reply {
     .await
 }
 
+/// `POST /v1/secrets/replication/rotate` as the holder of `token`.
+async fn rotate_secret(node: &Node, token: &str) -> common::Reply {
+    node.call(
+        "POST",
+        "/v1/secrets/replication/rotate",
+        None,
+        Some(token),
+        None,
+    )
+    .await
+}
+
+/// The key of p1's stream as its active's host (`act`) and its standby's (`sby`) are given it.
+async fn pair_keys(
+    c: &Controller,
+    act: &str,
+    sby: &str,
+) -> (telvirt_model::api::PairKey, telvirt_model::api::PairKey) {
+    let source = c.assignments(act).await.unwrap();
+    let dest = c.assignments(sby).await.unwrap();
+    (
+        source[0].standby.as_ref().unwrap().key.clone(),
+        dest[0].active_key.clone().unwrap(),
+    )
+}
+
+/// The cluster's replication secret rotated (admin only): every stream takes a new key, both
+/// its ends the same one, and a controller opened again on the store derives it too; every
+/// agent is woken to read it. (Refused under a move: the test above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_replication_secret_gives_every_stream_a_new_key() {
+    let node = Node::start_monitored(None).await;
+    node.cordon("h1").await;
+    let mut beats = Vec::new();
+    for (h, tunnel) in [("h2", "127.0.0.2:4789"), ("h3", "127.0.0.3:4789")] {
+        let mut record = host_record(h);
+        record.tunnel = Some(tunnel.into());
+        node.controller.register_host(record).await.unwrap();
+        beats.push(beat(&node.controller, h));
+    }
+    let pair = wasm_vnf("p1").replace("  ports:", "  redundancy: active-standby\n  ports:");
+    assert_eq!(node.create_vnf(&node.admin, &pair).await.status, 201);
+    let p1 = node
+        .wait_vnf(&node.admin, "p1", |v| role_hosts(v).len() == 2)
+        .await;
+    let host_of = |role: &str| {
+        role_hosts(&p1)
+            .into_iter()
+            .find(|(r, _)| r == role)
+            .unwrap()
+            .1
+    };
+    let (act, sby) = (host_of("active"), host_of("standby"));
+    let (before, at_standby) = pair_keys(&node.controller, &act, &sby).await;
+    assert_eq!(before, at_standby);
+
+    // Another authority may not: 403, the key kept.
+    let tenant = node.create_authority("t1").await;
+    let r = rotate_secret(&node, &tenant).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(pair_keys(&node.controller, &act, &sby).await.0, before);
+
+    let mut woken = node.controller.assignments_watch(&sby);
+    let seen = *woken.borrow_and_update();
+    let r = rotate_secret(&node, &node.admin).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["streams"], serde_json::json!(["p1"]), "{}", r.body);
+    assert_ne!(*woken.borrow(), seen, "the standby's agent was not woken");
+    let (after, at_standby) = pair_keys(&node.controller, &act, &sby).await;
+    assert_ne!(after, before);
+    assert_eq!(after, at_standby);
+    // Kept in the store: another controller derives the new key.
+    let again = Controller::open(node.store.clone(), telvirt_sched::SchedConfig::default())
+        .await
+        .unwrap();
+    assert_eq!(pair_keys(&again, &act, &sby).await.0, after);
+    drop(beats);
+}
+
 async fn report(c: &Controller, host: &str, phase: Phase, replication: Option<ReplicationStatus>) {
     observe_u1(c, host, phase, replication, None, None).await;
 }
@@ -202,6 +281,17 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
     let dest_again = again.assignments("h3").await.unwrap();
     assert_eq!(dest_again[0].active_key.as_ref(), Some(&key));
     drop(again);
+
+    // The replication secret is not rotated under a move: 409 naming it, the key kept.
+    let r = rotate_secret(&node, &node.admin).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["detail"].as_str().unwrap().contains("u1 (h2 -> h3)"),
+        "{}",
+        r.body
+    );
+    let dest = node.controller.assignments("h3").await.unwrap();
+    assert_eq!(dest[0].active_key.as_ref(), Some(&key));
 
     // Cancelled: h3 is free again, h2 keeps running it; a second cancel has nothing to end.
     let r = migrate(&node, r#"{"cancel": true}"#).await;

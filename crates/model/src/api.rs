@@ -946,6 +946,13 @@ impl std::fmt::Display for PausePhases {
     }
 }
 
+/// What a rotation of the cluster's replication secret did (`POST
+/// /v1/secrets/replication/rotate`): the VNFs whose streams (a standby's) take a new key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SecretRotation {
+    pub streams: Vec<String>,
+}
+
 /// A move of a VNF to another host (`POST /v1/vnfs/{name}/migrate`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Migration {

@@ -506,6 +506,10 @@ pub enum HostCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Give the cluster a new replication secret (admin only): every stream between two hosts
+    /// (a standby's state, a move's) takes a new key from it, on the connection it holds.
+    /// Refused while a move is under way
+    RotateReplicationSecret,
 }
 
 #[derive(Subcommand, Debug)]

@@ -549,6 +549,23 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                 println!("host/{name} deleted");
             }
         }
+        HostCommand::RotateReplicationSecret => {
+            let rotation: telvirt_model::api::SecretRotation = client
+                .call(Method::POST, "/v1/secrets/replication/rotate", None)
+                .await?
+                .json()?;
+            if !output::structured(format, &rotation)? {
+                println!(
+                    "replication secret rotated: {} stream(s) take a new key{}",
+                    rotation.streams.len(),
+                    if rotation.streams.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", rotation.streams.join(", "))
+                    }
+                );
+            }
+        }
         HostCommand::Credential { name, out } => {
             let issued: telvirt_controller::nodes::NodeCredential = client
                 .call(Method::POST, &format!("/v1/hosts/{name}/credential"), None)

@@ -347,7 +347,7 @@ fn a_vnf_whose_host_dies_runs_on_another_host_and_its_chain_carries_traffic_agai
 }
 
 #[test]
-fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_failover() {
+fn a_nat_pair_keeps_its_sessions_on_the_standby_across_a_secret_rotation_and_a_failover() {
     // A heal delay longer than the test: only the failover to the standby moves the NAT.
     let (node, a1, a2) = two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
     let (active, standby) = nat_pair(&node);
@@ -384,6 +384,39 @@ fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_fai
         "{text}"
     );
 
+    // The cluster's replication secret rotated: the stream takes its new key on the
+    // connection it holds, so the pair keeps its roles, and what the NAT learns next still
+    // reaches the standby (10 more sessions: the failover below finds 30).
+    let epoch = v["epoch"].clone();
+    let rotation = node.json(&["host", "rotate-replication-secret"]);
+    assert_eq!(
+        rotation["streams"],
+        serde_json::json!(["natp"]),
+        "{rotation}"
+    );
+    std::fs::write(node.path("t1.yaml"), net.replace("flows: 20", "flows: 30")).unwrap();
+    node.ok(&["net", "create", "-f", "t1.yaml"]);
+    wait_until("the active NAT never held 30 sessions", || {
+        map_entries(&node, "natp", "sessions") == Some(30)
+    });
+    node.ok(&["net", "delete", "t1"]);
+    let updates = v["replication"]["updates"].as_u64().unwrap();
+    wait_until(
+        "the standby never took the new sessions under the new key",
+        || {
+            let v = node.json(&["vnf", "show", "natp"]);
+            v["replication"]["state"] == "synced"
+                && v["replication"]["updates"].as_u64() >= Some(updates + 20)
+        },
+    );
+    let v = node.json(&["vnf", "show", "natp"]);
+    assert_eq!(
+        role_host("active", &v),
+        active,
+        "the rotation moved the pair: {v}"
+    );
+    assert_eq!(v["epoch"], epoch, "{v}");
+
     // The active's agent dies: the standby is the active at once, with the sessions.
     if active == "a1" {
         drop(a1);
@@ -394,8 +427,8 @@ fn a_nat_pair_replicates_its_sessions_to_the_standby_and_keeps_them_across_a_fai
         let v = node.json(&["vnf", "show", "natp"]);
         role_host("active", &v) == standby && v["phase"] == "Running"
     });
-    assert_eq!(map_entries(&node, "natp", "sessions"), Some(20));
-    assert_eq!(map_entries(&node, "natp", "reverse"), Some(20));
+    assert_eq!(map_entries(&node, "natp", "sessions"), Some(30));
+    assert_eq!(map_entries(&node, "natp", "reverse"), Some(30));
     healed(&node, "natp", "lost its active on");
 }
 
