@@ -762,6 +762,7 @@ async fn serve_at_most(
                 silent: false,
                 accepted_at: tokio::time::Instant::now(),
                 answered: false,
+                heard_at: tokio::time::Instant::now(),
                 nonce: [0; NONCE_BYTES],
                 salt: [0; NONCE_BYTES],
                 received: 0,
@@ -896,6 +897,10 @@ struct StandbyConnection {
     accepted_at: tokio::time::Instant,
     /// A batch of it was accepted (judged allowed) here.
     answered: bool,
+    /// When it last brought a batch this host took: its silence counts from then, not from
+    /// its last byte (batches refused, say under a key this host does not hold yet, are not
+    /// its active heard).
+    heard_at: tokio::time::Instant,
     /// The challenge this host sent on it.
     nonce: [u8; NONCE_BYTES],
     /// The salt its sender answered the challenge with.
@@ -934,13 +939,20 @@ impl StandbyConnection {
             .map_err(|_| std::io::Error::other("no salt answered the challenge in time"))??;
         let mut probe = [0u8; 1];
         loop {
+            // Batches keep coming, none taken since the silence ran out: silent all the same.
+            if self.answered && !self.silent && self.heard_at.elapsed() >= self.silence {
+                self.fell_silent(host);
+            }
             // Only the wait for a batch's first byte is timed: a batch is then read whole (a
             // read given up half-way would lose the stream's framing). Once the host was told
             // of the silence, the wait is for the next byte, however long (no timer runs).
             let first_byte = if self.silent {
                 Ok(stream.peek(&mut probe).await)
-            } else {
+            } else if !self.answered {
                 tokio::time::timeout(self.silence, stream.peek(&mut probe)).await
+            } else {
+                let until = self.heard_at + self.silence;
+                tokio::time::timeout_at(until, stream.peek(&mut probe)).await
             };
             match first_byte {
                 Err(_) if !self.answered => {
@@ -953,13 +965,7 @@ impl StandbyConnection {
                     continue;
                 }
                 Err(_) => {
-                    self.silent = true;
-                    let why = format!(
-                        "nothing from {} for {} ms",
-                        self.peer,
-                        self.silence.as_millis()
-                    );
-                    self.tell(host, Some(ActiveLost { why, closed: false }));
+                    self.fell_silent(host);
                     continue;
                 }
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
@@ -999,6 +1005,7 @@ impl StandbyConnection {
                         Some(bytes) => {
                             self.silence = h.silence;
                             self.answered = true;
+                            self.heard_at = tokio::time::Instant::now();
                             // Judged again once a body is here (it may take seconds to
                             // arrive): a standby promoted meanwhile takes no more of its former
                             // active's state.
@@ -1131,6 +1138,18 @@ impl StandbyConnection {
     }
 
     /// Its active spoke of `vnf`, whose standby this host runs: the host hears it.
+    /// Tells the host that this connection's sender fell silent: no batch taken for its
+    /// silence.
+    fn fell_silent(&mut self, host: &dyn StandbyHost) {
+        self.silent = true;
+        let why = format!(
+            "nothing from {} for {} ms (no batch taken)",
+            self.peer,
+            self.silence.as_millis()
+        );
+        self.tell(host, Some(ActiveLost { why, closed: false }));
+    }
+
     fn heard(&mut self, vnf: &Name, host: &dyn StandbyHost) {
         self.seen.insert(vnf.clone());
         self.silent = false;
@@ -2554,6 +2573,49 @@ mod tests {
         let peer = standby_at(address, test_key());
         replicas.ensure(&nat1, &peer, 0);
         (replicas, active, standby, nat1, peer)
+    }
+
+    /// A sender whose batches this host refuses (here: under a key it does not hold yet) is
+    /// silent all the same once its silence ran out since the last batch taken: refused
+    /// batches are not its active heard (they would hide a lost active from its controller).
+    /// It is heard again once a batch is taken.
+    #[tokio::test]
+    async fn batches_refused_count_as_silence() {
+        let host = Arc::new(Standbys::default());
+        let (replicas, active, standby, nat1, peer) = replicating_nat1(&host).await;
+        let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
+        wait_for("the snapshot", || value(&standby) == Some(7)).await;
+        let key = PairKey::new([8; PairKey::LEN]);
+        replicas.ensure(
+            &nat1,
+            &StandbyPeer {
+                key: key.clone(),
+                ..peer
+            },
+            0,
+        );
+        wait_for("silence while refused batches arrive", || {
+            host.lost()
+                .iter()
+                .any(|(v, l)| v == "nat1" && !l.closed && l.why.contains("no batch taken"))
+        })
+        .await;
+        *host.key.lock().unwrap() = Some(key);
+        active
+            .values
+            .lock()
+            .unwrap()
+            .insert("nat1".into(), (9, true));
+        wait_for("a batch taken again", || value(&standby) == Some(9)).await;
+        let last_word = || {
+            let heard = host.heard.lock().unwrap();
+            heard
+                .iter()
+                .rev()
+                .find(|(v, _)| v == "nat1")
+                .map(|(_, l)| l.is_none())
+        };
+        wait_for("heard again", || last_word() == Some(true)).await;
     }
 
     /// A stream whose key changes (the cluster's secret rotated) takes the new one on the

@@ -1719,6 +1719,8 @@ impl Controller {
                 "only the admin authority may rotate the replication secret".into(),
             ));
         }
+        // Held as a move's start holds it: no move begins between the check and the new secret.
+        let _moves = self.scheduler.lock().await;
         let vnfs = self.all_vnfs().await?;
         let moving: Vec<String> = vnfs
             .values()
@@ -1737,12 +1739,15 @@ impl Controller {
         tracing::info!(by = %caller.name, "the cluster's replication secret was rotated");
         // Every agent reads its assignments, and so its streams' keys, again.
         self.changed();
+        // A wasm VNF with a standby streams its state (a vm's standby is a move's, refused
+        // above).
         let streams = vnfs
             .values()
             .filter(|v| {
-                v.placements
-                    .iter()
-                    .any(|p| p.role == telvirt_model::Role::Standby)
+                v.descriptor.spec.runtime == RuntimeKind::Wasm
+                    && v.placements
+                        .iter()
+                        .any(|p| p.role == telvirt_model::Role::Standby)
             })
             .map(|v| v.name.as_str().to_owned())
             .collect();

@@ -90,12 +90,14 @@ async fn a_rotated_replication_secret_gives_every_stream_a_new_key() {
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(pair_keys(&node.controller, &act, &sby).await.0, before);
 
-    let mut woken = node.controller.assignments_watch(&sby);
-    let seen = *woken.borrow_and_update();
+    let mut woken = [&act, &sby].map(|h| node.controller.assignments_watch(h));
+    let seen = woken.each_mut().map(|w| *w.borrow_and_update());
     let r = rotate_secret(&node, &node.admin).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["streams"], serde_json::json!(["p1"]), "{}", r.body);
-    assert_ne!(*woken.borrow(), seen, "the standby's agent was not woken");
+    for (w, seen) in woken.iter().zip(seen) {
+        assert_ne!(*w.borrow(), seen, "an agent of the pair was not woken");
+    }
     let (after, at_standby) = pair_keys(&node.controller, &act, &sby).await;
     assert_ne!(after, before);
     assert_eq!(after, at_standby);

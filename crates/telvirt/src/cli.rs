@@ -506,9 +506,9 @@ pub enum HostCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Give the cluster a new replication secret (admin only): every stream between two hosts
-    /// (a standby's state, a move's) takes a new key from it, on the connection it holds.
-    /// Refused while a move is under way
+    /// Give the cluster a new replication secret (admin only): every stream of a VNF's state to
+    /// its standby takes a new key from it, on the connection it holds. Refused while a move is
+    /// under way
     RotateReplicationSecret,
 }
 

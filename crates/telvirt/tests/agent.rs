@@ -394,13 +394,22 @@ fn a_nat_pair_keeps_its_sessions_on_the_standby_across_a_secret_rotation_and_a_f
         serde_json::json!(["natp"]),
         "{rotation}"
     );
+    // Settled: batches taken again (a batch refused meanwhile makes the next a snapshot,
+    // whose acknowledgement counts every entry: counted from here, the updates below are the
+    // new sessions').
+    wait_until("the stream never took batches again", || {
+        let v = node.json(&["vnf", "show", "natp"]);
+        v["replication"]["state"] == "synced" && v["replication"]["error"].is_null()
+    });
+    let updates = node.json(&["vnf", "show", "natp"])["replication"]["updates"]
+        .as_u64()
+        .unwrap();
     std::fs::write(node.path("t1.yaml"), net.replace("flows: 20", "flows: 30")).unwrap();
     node.ok(&["net", "create", "-f", "t1.yaml"]);
     wait_until("the active NAT never held 30 sessions", || {
         map_entries(&node, "natp", "sessions") == Some(30)
     });
     node.ok(&["net", "delete", "t1"]);
-    let updates = v["replication"]["updates"].as_u64().unwrap();
     wait_until(
         "the standby never took the new sessions under the new key",
         || {
