@@ -234,6 +234,21 @@ fn lock_entries(entries: &Mutex<BTreeMap<Name, Entry>>) -> MutexGuard<'_, BTreeM
     entries.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Why a VNF's maps are saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SaveOf {
+    /// Its instance stops (or is locked): written whatever it does.
+    Stop,
+    /// The node shuts down: every running VNF's, skipped only for an instance that is no
+    /// longer the running one.
+    Last,
+    /// The periodic save: skipped like [`SaveOf::Last`], and given up between two slices for
+    /// an instance that froze for a move (its maps change no more: the destination takes
+    /// them, or, the move cancelled, the next save writes them). A freeze then waits for no
+    /// more than the slice under way.
+    Periodic,
+}
+
 /// Writes one VNF's map snapshot file; cloned onto the blocking thread that does it.
 struct MapSaver {
     dir: PathBuf,
@@ -263,22 +278,32 @@ impl MapSaver {
     }
 
     /// Writes the instance's maps to its snapshot file. Skipped when no map changed since the
-    /// last snapshot this process wrote, and (`periodic`) when the instance is no longer the
-    /// running one of `name` (stopped or removed meanwhile).
-    fn save(&self, name: &Name, inst: &Shared, periodic: bool) -> Result<(), RuntimeFailure> {
+    /// last snapshot this process wrote, and (but for [`SaveOf::Stop`]) when the instance is
+    /// no longer the running one of `name` (stopped or removed meanwhile); a periodic one is
+    /// given up when the instance freezes for a move.
+    fn save(&self, name: &Name, inst: &Shared, of: SaveOf) -> Result<(), RuntimeFailure> {
         let path = snapshot_file(&self.dir, name);
         let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let (saved, outside) = {
+        let (saved, outside, handoff) = {
             let entries = self.entries();
             let entry = entries.get(name);
-            if periodic && !entry.is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst)) {
+            if of != SaveOf::Stop
+                && !entry.is_some_and(|e| !e.stopped && Arc::ptr_eq(&e.inst, inst))
+            {
                 return Ok(());
             }
             (
                 entry.and_then(|e| e.saved_changes),
                 entry.map(|e| e.outside_changes),
+                entry.map(|e| Arc::clone(&e.handoff)),
             )
         };
+        // A move's freeze (its divert) ends a periodic save between two slices.
+        let gives_way =
+            || of == SaveOf::Periodic && handoff.as_ref().is_some_and(|h| h.diverting());
+        if gives_way() {
+            return Ok(());
+        }
         let changes = {
             let mut i = guard(inst);
             let changes = i.maps().map(rw::MapSet::changes).zip(outside);
@@ -292,8 +317,20 @@ impl MapSaver {
             i.begin_sliced_map_copy().map_err(fail)?;
             changes
         };
-        let (bytes, _, _) =
-            in_slices(|| guard(inst).map_copy_slice(SNAPSHOT_SLICE_BYTES)).map_err(fail)?;
+        let copied = in_slices(|| {
+            if gives_way() {
+                return Err(None);
+            }
+            guard(inst)
+                .map_copy_slice(SNAPSHOT_SLICE_BYTES)
+                .map_err(Some)
+        });
+        let bytes = match copied {
+            Ok((bytes, _, _)) => bytes,
+            // Given way: nothing written, the next save writes what changed.
+            Err(None) => return Ok(()),
+            Err(Some(e)) => return Err(fail(e)),
+        };
         telvirt_files::write_atomic(&path, &bytes)
             .map_err(|e| fail(format!("writing map snapshot {}: {e}", path.display())))?;
         // Maps that changed outside their count while they were copied moved it past
@@ -938,7 +975,7 @@ impl WasmRuntime {
             return Ok(());
         };
         let name = name.clone();
-        tokio::task::spawn_blocking(move || saver.save(&name, &inst, false))
+        tokio::task::spawn_blocking(move || saver.save(&name, &inst, SaveOf::Stop))
             .await
             .map_err(|e| fail(format!("writing a map snapshot: {e}")))?
     }
@@ -961,7 +998,8 @@ impl WasmRuntime {
             return;
         };
         for (name, inst) in live {
-            if let Err(e) = saver.save(&name, &inst, true) {
+            let of = if last { SaveOf::Last } else { SaveOf::Periodic };
+            if let Err(e) = saver.save(&name, &inst, of) {
                 tracing::warn!(vnf = %name, "map snapshot: {e}");
             }
         }
@@ -1817,6 +1855,34 @@ spec:
             Some(dir.path().join("snapshots")),
         )
         .unwrap()
+    }
+
+    /// A periodic save gives way to a move's freeze (nothing written, the freeze waits for
+    /// no copy); once the move is cancelled (thawed) the next one writes what changed. The
+    /// node's last save does not give way.
+    #[tokio::test]
+    async fn a_periodic_save_gives_way_to_a_moves_freeze() {
+        let (dir, dp, _, s) = setup();
+        let rt = with_snapshots(&dir, &dp);
+        let file = rt.snapshot_path(&s.name).unwrap();
+        rt.start(&s).await.unwrap();
+        let key = [9u8; 16];
+        rt.with_instance(&s.name, move |i| i.map_update("rules", &key, &[2, 0, 0, 0]))
+            .unwrap()
+            .unwrap();
+        rt.freeze(&s.name).await.unwrap();
+        rt.save_all_maps(false);
+        assert!(
+            !file.exists(),
+            "a periodic save was written during a freeze"
+        );
+        rt.thaw(&s.name).await.unwrap();
+        rt.save_all_maps(false);
+        assert!(file.exists(), "the save after the thaw was not written");
+        std::fs::remove_file(&file).unwrap();
+        rt.freeze(&s.name).await.unwrap();
+        rt.save_all_maps(true);
+        assert!(file.exists(), "the node's last save gave way");
     }
 
     /// An upgrade restarts the maps' change count: the next save still writes what changed
