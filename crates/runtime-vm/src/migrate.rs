@@ -78,7 +78,10 @@ pub enum StreamEnd {
 /// A connected TCP socket made a guest stream's, to hand to QEMU with
 /// [`MigrationChannel::Socket`]: no Nagle delay (the final copy's last bytes go at once), the
 /// buffer that end fills bounded to [`STREAM_BUFFER_BYTES`] (the source's send buffer, the
-/// destination's receive buffer), and blocking, as QEMU's stream expects. The cluster's agents
+/// destination's receive buffer), and blocking, as QEMU's stream expects (QEMU makes any
+/// descriptor it receives over its monitor blocking anyway: its TLS handshake then runs
+/// blocking in its main loop, which a peer that never answers holds until the `migrate`
+/// command times out, ADR 066). The cluster's agents
 /// and `telvirt bench vm-migrate` make their streams' sockets with it.
 pub fn stream_socket(
     stream: std::net::TcpStream,
