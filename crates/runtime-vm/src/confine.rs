@@ -283,6 +283,17 @@ pub(crate) async fn machine_types(qemu: &Path) -> crate::config::MachineTypes {
     }
 }
 
+/// Whether `qemu` has the TLS credentials a stream over TLS needs (`tls-creds-psk` among the
+/// objects `-object help` lists: QEMU built with gnutls); `None` when it cannot be run.
+pub(crate) async fn has_tls_creds(qemu: &Path) -> Option<bool> {
+    let o = probe_output(qemu, &["-object", "help"]).await?;
+    o.status.success().then(|| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .any(|l| l.trim() == "tls-creds-psk")
+    })
+}
+
 /// Start QEMU with no machine under the full filter and ask it to quit over QMP on stdio.
 async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
     let sandbox = probe_sandbox_value();
@@ -658,5 +669,15 @@ mod tests {
             .get(Path::new("/nonexistent/qemu-system-x86_64"))
             .await;
         assert!(missing.sandbox.unwrap_err().contains("/nonexistent"));
+        // Debian's QEMU is built with gnutls: it can run a stream over TLS; a binary that is
+        // not there says nothing.
+        assert_eq!(
+            has_tls_creds(Path::new("qemu-system-x86_64")).await,
+            Some(true)
+        );
+        assert_eq!(
+            has_tls_creds(Path::new("/nonexistent/qemu-system-x86_64")).await,
+            None
+        );
     }
 }

@@ -513,6 +513,13 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                         telvirt_model::vnf::machine_span(&host.qemu_machines)
                     );
                 }
+                match host.qemu_tls {
+                    Some(true) => println!("Guest streams over TLS: yes"),
+                    Some(false) => println!(
+                        "Guest streams over TLS: no (QEMU built without gnutls: only a vm with spec.vm.move_encryption: none moves to or from here)"
+                    ),
+                    None => {}
+                }
                 if let Some(accel) = host.accel {
                     println!(
                         "Guests run under {accel}{}",

@@ -150,6 +150,11 @@ impl VmRuntime {
         self.plain_manager().machine_types().await.versioned
     }
 
+    /// Whether that QEMU can run a guest's stream over TLS (`None`: it cannot be run).
+    pub async fn qemu_tls(&self) -> Option<bool> {
+        self.plain_manager().tls_creds().await
+    }
+
     /// Waits (in a task) for the stream `name` takes in to end, then resumes the arrived
     /// guest here, or kills the QEMU that waited for it. `name` is in `receiving` until then.
     fn watch_arrival(&self, name: &Name, handle: VmHandle) {

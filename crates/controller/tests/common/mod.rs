@@ -56,6 +56,7 @@ impl Node {
         controller
             .register_host(HostRecord {
                 qemu_machines: Vec::new(),
+                qemu_tls: None,
                 accel: None,
                 cpu: None,
                 spec: HostSpec {
@@ -544,6 +545,7 @@ pub fn observation(vnf: &str, phase: telvirt_model::Phase) -> telvirt_model::api
 pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
+        qemu_tls: None,
         accel: None,
         cpu: None,
         spec: HostSpec {
