@@ -196,6 +196,23 @@ fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
     None
 }
 
+/// Whether vm VNF `v`'s guest moves over TLS (`spec.vm.move_encryption`, `tls` by default).
+fn moves_over_tls(v: &Vnf) -> bool {
+    v.descriptor
+        .spec
+        .vm
+        .as_ref()
+        .is_none_or(|vm| vm.move_encryption == telvirt_model::vnf::MoveEncryption::Tls)
+}
+
+/// Why vm VNF `name`, which moves over TLS, cannot move to or from host `host`, whose QEMU
+/// cannot run TLS.
+fn without_tls(host: &str, name: &telvirt_model::Name) -> String {
+    format!(
+        "host {host}'s QEMU cannot run a stream over TLS (built without gnutls), and vnf {name}'s guest moves over TLS (spec.vm.move_encryption: tls, the default): a VNF created with move_encryption: none moves in the clear (the field is taken only at creation)"
+    )
+}
+
 /// Why vm VNF `v` cannot move from host `from` (`here`) to `host` (`there`), or `None` when it
 /// can. A guest under KVM moves only to a host whose guests run under KVM (its stream carries
 /// the host CPU model; a TCG guest may move anywhere, its destination emulates it too), and
@@ -243,20 +260,12 @@ pub(crate) fn vm_move_refusal(
         ));
     }
     // Over TLS (the default), both QEMUs need TLS credentials (gnutls).
-    let over_tls = v
-        .descriptor
-        .spec
-        .vm
-        .as_ref()
-        .is_none_or(|vm| vm.move_encryption == telvirt_model::vnf::MoveEncryption::Tls);
-    if over_tls
-        && let Some(h) = [(from, here), (host, there)]
-            .into_iter()
-            .find_map(|(h, r)| (r.qemu_tls == Some(false)).then_some(h))
+    if let Some(h) = [(from, here), (host, there)]
+        .into_iter()
+        .find_map(|(h, r)| (r.qemu_tls == Some(false)).then_some(h))
+        && moves_over_tls(v)
     {
-        return Some(format!(
-            "host {h}'s QEMU cannot run a stream over TLS (built without gnutls: it has no tls-creds-psk object), and vnf {name}'s guest moves over TLS (spec.vm.move_encryption: tls, the default): a VNF created with move_encryption: none moves in the clear (the field is taken only at creation)"
-        ));
+        return Some(without_tls(h, name));
     }
     let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
         return None;
@@ -342,6 +351,19 @@ impl Controller {
             .find(|p| p.role == Role::Active)
             .map(|p| p.host.clone())
             .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
+        // A guest whose source cannot run its stream's TLS moves to no host: said once.
+        if record.vnf.descriptor.spec.runtime == RuntimeKind::Vm
+            && moves_over_tls(&record.vnf)
+            && self
+                .agent_host(&from)
+                .await?
+                .is_some_and(|h| h.qemu_tls == Some(false))
+        {
+            return Err(ControllerError::Conflict(without_tls(
+                &from,
+                &record.vnf.name,
+            )));
+        }
         // Named: the host is checked below. Picked: only among the hosts that can take it.
         let unfit = match req.to {
             Some(_) => Vec::new(),

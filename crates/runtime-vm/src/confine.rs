@@ -283,20 +283,46 @@ pub(crate) async fn machine_types(qemu: &Path) -> crate::config::MachineTypes {
     }
 }
 
-/// Whether `qemu` has the TLS credentials a stream over TLS needs (`tls-creds-psk` among the
-/// objects `-object help` lists: QEMU built with gnutls); `None` when it cannot be run.
+/// Whether `qemu` can make the TLS credentials a stream over TLS needs: it starts with a
+/// `tls-creds-anon` object (QEMU lists the TLS objects whether or not it was built with
+/// gnutls; without, making one fails saying it requires GNUTLS). `None` when that cannot be
+/// told (QEMU cannot be run, or failed otherwise).
 pub(crate) async fn has_tls_creds(qemu: &Path) -> Option<bool> {
-    let o = probe_output(qemu, &["-object", "help"]).await?;
-    o.status.success().then(|| {
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .any(|l| l.trim() == "tls-creds-psk")
-    })
+    let o = started_and_quit(
+        qemu,
+        &["-object", "tls-creds-anon,id=tls-probe,endpoint=client"],
+    )
+    .await
+    .ok()?;
+    if o.status.success() {
+        return Some(true);
+    }
+    String::from_utf8_lossy(&o.stderr)
+        .contains("GNUTLS")
+        .then_some(false)
 }
 
 /// Start QEMU with no machine under the full filter and ask it to quit over QMP on stdio.
 async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
     let sandbox = probe_sandbox_value();
+    let o = started_and_quit(qemu, &["-sandbox", &sandbox]).await?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`-sandbox {sandbox}` refused ({}): {}",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
+/// Starts `qemu` with no machine and `args`, and asks it to quit over QMP on stdio: how it
+/// ended (its stderr kept), or why it could not be run or did not quit in time.
+async fn started_and_quit(
+    qemu: &Path,
+    args: &[&str],
+) -> std::result::Result<std::process::Output, String> {
     let child = tokio::process::Command::from(child_command(qemu))
         .args([
             "-machine",
@@ -305,11 +331,9 @@ async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
             "-no-user-config",
             "-display",
             "none",
-            "-sandbox",
-            &sandbox,
-            "-qmp",
-            "stdio",
         ])
+        .args(args)
+        .args(["-qmp", "stdio"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -322,15 +346,11 @@ async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
             .await;
     }
     match tokio::time::timeout(PROBE_DEADLINE, child.wait_with_output()).await {
-        Ok(Ok(o)) if o.status.success() => Ok(()),
-        Ok(Ok(o)) => Err(format!(
-            "`-sandbox {sandbox}` refused ({}): {}",
-            o.status,
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
-        Ok(Err(e)) => Err(format!("waiting for the sandbox probe: {e}")),
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) => Err(format!("waiting for {}: {e}", qemu.display())),
         Err(_) => Err(format!(
-            "the sandbox probe did not quit within {PROBE_DEADLINE:?}"
+            "{} did not quit within {PROBE_DEADLINE:?}",
+            qemu.display()
         )),
     }
 }
@@ -679,5 +699,27 @@ mod tests {
             has_tls_creds(Path::new("/nonexistent/qemu-system-x86_64")).await,
             None
         );
+    }
+
+    /// A QEMU built without gnutls fails to make the probe's object, saying so: it cannot;
+    /// one that fails otherwise says nothing. (Stand-ins for such builds: this machine's have
+    /// gnutls.)
+    #[tokio::test]
+    async fn a_qemu_without_gnutls_is_told_from_one_that_fails_otherwise() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let stand_in = |name: &str, stderr: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho '{stderr}' >&2\nexit 1\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let without = stand_in(
+            "without-gnutls",
+            "qemu-system-x86_64: -object tls-creds-anon,id=tls-probe,endpoint=client: TLS credentials support requires GNUTLS",
+        );
+        assert_eq!(has_tls_creds(&without).await, Some(false));
+        let broken = stand_in("broken", "qemu-system-x86_64: cannot allocate memory");
+        assert_eq!(has_tls_creds(&broken).await, None);
     }
 }
