@@ -10,7 +10,11 @@
 use criterion::{Criterion, criterion_group, criterion_main};
 use ring::{aead, hmac};
 
-/// Bytes of the header tag and place (challenge, salt, number) a derivation covers.
+// Mirrors of crates/agent/src/replication.rs (private there): `BODY_LABEL` and
+// `BodyCipher::new` (`derive`), the former body tag's label and `tag_context` (`tag`); kept in
+// step with them by hand.
+
+/// Bytes a derivation covers: the place (challenge, salt, number) and the header's tag.
 const PLACE_BYTES: usize = 16 + 16 + 8 + 32;
 
 fn derive(key: &hmac::Key, place: &[u8]) -> aead::LessSafeKey {

@@ -357,11 +357,17 @@ fn wire_body_len(len: u32) -> u64 {
     u64::from(len) + u64::from(len).div_ceil(PIECE_BYTES as u64) * SEAL_BYTES as u64
 }
 
-/// Writes a fresh challenge on a connection this host serves (its first bytes); returns it.
-async fn write_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
+/// Fresh random bytes for a connection's challenge or salt (`what`).
+fn fresh_nonce(what: &str) -> std::io::Result<[u8; NONCE_BYTES]> {
     let mut nonce = [0u8; NONCE_BYTES];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
-        .map_err(|_| std::io::Error::other("no random bytes for a challenge"))?;
+        .map_err(|_| std::io::Error::other(format!("no random bytes for a {what}")))?;
+    Ok(nonce)
+}
+
+/// Writes a fresh challenge on a connection this host serves (its first bytes); returns it.
+async fn write_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
+    let nonce = fresh_nonce("challenge")?;
     let mut out = Vec::with_capacity(MAGIC.len() + NONCE_BYTES);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&nonce);
@@ -372,9 +378,7 @@ async fn write_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_B
 /// Answers the challenge of the host serving this connection with a fresh salt of this host's
 /// (its first bytes); returns it.
 async fn write_salt(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BYTES]> {
-    let mut salt = [0u8; NONCE_BYTES];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-        .map_err(|_| std::io::Error::other("no random bytes for a salt"))?;
+    let salt = fresh_nonce("salt")?;
     stream.write_all(&salt).await?;
     Ok(salt)
 }
@@ -405,8 +409,6 @@ async fn read_challenge(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_BY
 /// this host's salt and how many batches went.
 struct Link {
     stream: TcpStream,
-    /// The stream's key, and as the key tags are made with.
-    pair_key: PairKey,
     key: hmac::Key,
     nonce: [u8; NONCE_BYTES],
     salt: [u8; NONCE_BYTES],
@@ -423,21 +425,11 @@ impl Link {
         let salt = write_salt(&mut stream).await?;
         Ok(Self {
             stream,
-            pair_key: key.clone(),
             key: tag_key(key),
             nonce,
             salt,
             sent: 0,
         })
-    }
-
-    /// Tags (and encrypts) the next batches with `key` from now on, when it is not the one
-    /// this connection holds.
-    fn rekey(&mut self, key: &PairKey) {
-        if self.pair_key != *key {
-            self.pair_key = key.clone();
-            self.key = tag_key(key);
-        }
     }
 
     /// Where the next batch (`ahead` 1) or the last sent (0) stands on this connection.
@@ -1137,7 +1129,6 @@ impl StandbyConnection {
         }
     }
 
-    /// Its active spoke of `vnf`, whose standby this host runs: the host hears it.
     /// Tells the host that this connection's sender fell silent: no batch taken for its
     /// silence.
     fn fell_silent(&mut self, host: &dyn StandbyHost) {
@@ -1150,6 +1141,7 @@ impl StandbyConnection {
         self.tell(host, Some(ActiveLost { why, closed: false }));
     }
 
+    /// Its active spoke of `vnf`, whose standby this host runs: the host hears it.
     fn heard(&mut self, vnf: &Name, host: &dyn StandbyHost) {
         self.seen.insert(vnf.clone());
         self.silent = false;
@@ -1949,12 +1941,16 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     let mut handed_off = false;
     // The last batch was acknowledged: a frozen instance's next one goes at once.
     let mut acked = false;
+    // The key as this loop last took it: a new one is taken on the connection held.
+    let mut key = key.clone();
     loop {
-        if let Some(conn) = stream.as_mut() {
-            conn.rekey(&key.borrow());
+        if key.has_changed().unwrap_or(false)
+            && let Some(conn) = stream.as_mut()
+        {
+            conn.key = tag_key(&key.borrow_and_update());
         }
         if stream.is_none() {
-            let key = key.borrow().clone();
+            let key = key.borrow_and_update().clone();
             match tokio::time::timeout(IO_TIMEOUT, Link::open(*source, address, &key)).await {
                 Ok(Ok(s)) => {
                     stream = Some(s);

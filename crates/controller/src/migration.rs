@@ -351,13 +351,12 @@ impl Controller {
             .find(|p| p.role == Role::Active)
             .map(|p| p.host.clone())
             .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
+        // The source's record, read once for every check below.
+        let here = self.agent_host(&from).await?;
         // A guest whose source cannot run its stream's TLS moves to no host: said once.
         if record.vnf.descriptor.spec.runtime == RuntimeKind::Vm
             && moves_over_tls(&record.vnf)
-            && self
-                .agent_host(&from)
-                .await?
-                .is_some_and(|h| h.qemu_tls == Some(false))
+            && here.as_ref().is_some_and(|h| h.qemu_tls == Some(false))
         {
             return Err(ControllerError::Conflict(without_tls(
                 &from,
@@ -368,7 +367,7 @@ impl Controller {
         let unfit = match req.to {
             Some(_) => Vec::new(),
             None => {
-                self.unfit_destinations(scheduler.host_names(), &record.vnf, &from)
+                self.unfit_destinations(scheduler.host_names(), &record.vnf, &from, here.as_ref())
                     .await?
             }
         };
@@ -396,12 +395,10 @@ impl Controller {
             })?;
         // Checked with the destination reserved (a picked one was fit a moment ago, under
         // the same lock); any refusal or failure releases it.
-        let refusal = async {
-            let here = self.agent_host(&from).await?;
-            self.destination_refusal(&record.vnf, &from, here.as_ref(), &dest.host)
-                .await
-        };
-        let checked = match refusal.await {
+        let refusal = self
+            .destination_refusal(&record.vnf, &from, here.as_ref(), &dest.host)
+            .await;
+        let checked = match refusal {
             Ok(None) => Ok(()),
             Ok(Some(why)) if req.to.is_some() => {
                 Err(ControllerError::Invalid(FieldError::new("to", why)))
@@ -500,20 +497,18 @@ impl Controller {
     }
 
     /// The hosts other than `from` that cannot take `v`'s move, each with why
-    /// ([`Controller::destination_refusal`]): left out of the scheduler's own pick.
+    /// ([`Controller::destination_refusal`], the source's record `here`): left out of the
+    /// scheduler's own pick.
     async fn unfit_destinations(
         &self,
         hosts: Vec<String>,
         v: &Vnf,
         from: &str,
+        here: Option<&telvirt_api::HostRecord>,
     ) -> Result<Vec<(String, String)>> {
-        let here = self.agent_host(from).await?;
         let mut unfit = Vec::new();
         for host in hosts.into_iter().filter(|h| h != from) {
-            if let Some(why) = self
-                .destination_refusal(v, from, here.as_ref(), &host)
-                .await?
-            {
+            if let Some(why) = self.destination_refusal(v, from, here, &host).await? {
                 unfit.push((host, why));
             }
         }

@@ -24,6 +24,13 @@ const SECRET_BYTES: usize = 32;
 /// Says what a derived key is for, so it can serve nothing else.
 const DERIVATION_LABEL: &[u8] = b"telvirt replication stream v1";
 
+/// A new random secret.
+fn new_secret() -> Vec<u8> {
+    let mut secret = vec![0u8; SECRET_BYTES];
+    rand::rng().fill_bytes(&mut secret);
+    secret
+}
+
 /// The cluster's replication secret, from the store; made and stored first when there is none
 /// (by whichever controller gets there first: one that loses the race reads the winner's).
 pub async fn cluster_secret(store: &Arc<dyn Store>) -> Result<hmac::Key, ControllerError> {
@@ -37,8 +44,7 @@ pub async fn cluster_secret(store: &Arc<dyn Store>) -> Result<hmac::Key, Control
             }
             return Ok(hmac::Key::new(hmac::HMAC_SHA256, &v.value));
         }
-        let mut secret = vec![0u8; SECRET_BYTES];
-        rand::rng().fill_bytes(&mut secret);
+        let secret = new_secret();
         let key = hmac::Key::new(hmac::HMAC_SHA256, &secret);
         if store
             .compare_and_swap(REPLICATION_SECRET, 0, secret)
@@ -57,10 +63,8 @@ pub async fn rotate_secret(store: &Arc<dyn Store>) -> Result<(), ControllerError
         .get(REPLICATION_SECRET)
         .await?
         .map_or(0, |v| v.mod_revision);
-    let mut secret = vec![0u8; SECRET_BYTES];
-    rand::rng().fill_bytes(&mut secret);
     if store
-        .compare_and_swap(REPLICATION_SECRET, revision, secret)
+        .compare_and_swap(REPLICATION_SECRET, revision, new_secret())
         .await?
     {
         Ok(())

@@ -997,8 +997,8 @@ impl WasmRuntime {
         let Some(saver) = self.map_saver() else {
             return;
         };
+        let of = if last { SaveOf::Last } else { SaveOf::Periodic };
         for (name, inst) in live {
-            let of = if last { SaveOf::Last } else { SaveOf::Periodic };
             if let Err(e) = saver.save(&name, &inst, of) {
                 tracing::warn!(vnf = %name, "map snapshot: {e}");
             }
@@ -1081,10 +1081,10 @@ impl WasmRuntime {
             .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
+            // The carried maps count their changes from 0 again: the next save writes them (in
+            // the new layout) whatever the count it saved last.
+            e.outside_changes += 1;
         }
-        // The carried maps count their changes from 0 again: the next save writes them (in the
-        // new layout) whatever the count it saved last.
-        self.maps_changed(name);
         Ok(meta.hash)
     }
 
