@@ -127,20 +127,29 @@ impl HostAgent {
             .iter()
             .map(|r| r.kind().as_str().to_owned())
             .collect();
-        // A vm VNF moves only to a host whose QEMU is as new as its source's, has the machine
-        // type of the guest it takes in, and can run its stream over TLS when it moves so: three
-        // probes of the QEMU, run at once.
-        let (qemu, qemu_machines, qemu_tls) = match &vm {
+        // A vm VNF moves only to a host whose QEMU is as new as its source's ...
+        let qemu = match &vm {
             Some(vm) => {
-                tokio::join!(vm.qemu_version(), vm.machine_types(), vm.qemu_tls())
+                let version = vm.qemu_version().await;
+                if version.is_none() {
+                    tracing::warn!(
+                        "the QEMU of the vm runtime did not tell its version: vm moves to and from this host are not checked for a version match"
+                    );
+                }
+                version
             }
-            None => (None, Vec::new(), None),
+            None => None,
         };
-        if vm.is_some() && qemu.is_none() {
-            tracing::warn!(
-                "the QEMU of the vm runtime did not tell its version: vm moves to and from this host are not checked for a version match"
-            );
-        }
+        // ... and has the machine type of the guest it takes in.
+        let qemu_machines = match &vm {
+            Some(vm) => vm.machine_types().await,
+            None => Vec::new(),
+        };
+        // ... and can run its stream over TLS, when it moves so.
+        let qemu_tls = match &vm {
+            Some(vm) => vm.qemu_tls().await,
+            None => None,
+        };
         // ... and whose guests run under KVM, when it is a KVM guest (unknown until probed).
         let accel = vm.as_ref().and_then(|vm| vm.known_accel());
         for record in inventory.iter_mut().filter(|h| h.agent) {
