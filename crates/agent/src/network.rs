@@ -18,14 +18,14 @@ use telvirt_api::{CaptureChunk, CaptureSlice, NetworkSpan};
 use telvirt_dataplane::afpacket::{HostPort, HostPortStats, RxMode};
 use telvirt_dataplane::graph::{self, LinkSpec, PortRef};
 use telvirt_dataplane::latency::{ChainLatencyOpts, ChainProbe};
-use telvirt_dataplane::node::ProcessorNode;
+use telvirt_dataplane::node::{NodeDrops, ProcessorNode};
 use telvirt_dataplane::steering::{self, SteeringNode};
-use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState};
+use telvirt_dataplane::traffic::{GenConfig, Generator, LatencySink, SinkState, SinkSummary};
 use telvirt_dataplane::vxlan::{self, VxlanEndpoint, VxlanTunnelStats};
 use telvirt_model::network::{
-    BuiltinKind, BuiltinNode, Endpoint, HostPortStatus, InstanceCount, LatencyReport, LinkState,
-    NetworkDescriptor, NetworkStatus, NodeDropState, ResolvedProbe, SINK_LATENCY_BOUNDS_NS,
-    SinkStatus, SteeringEndpoint, SteeringState, TunnelEndpointStatus,
+    BuiltinKind, BuiltinNode, DepartedCounts, Endpoint, HostPortStatus, InstanceCount,
+    LatencyReport, LinkState, NetworkDescriptor, NetworkStatus, NodeDropState, ResolvedProbe,
+    SINK_LATENCY_BOUNDS_NS, SinkStatus, SteeringEndpoint, SteeringState, TunnelEndpointStatus,
 };
 
 use crate::AgentError;
@@ -106,7 +106,13 @@ pub struct NetworkReconciler {
     /// The endpoint's drops the last pass saw (no tunnel, queued in removed tunnels, in
     /// the kernel): a pass that finds more says so in the log.
     endpoint_drops_seen: Mutex<[u64; 3]>,
+    /// The final counts of networks this host left, by name (at most [`DEPARTED_KEPT`], the
+    /// most recent departures).
+    departed: Mutex<BTreeMap<String, DepartedCounts>>,
 }
+
+/// Networks whose final counts on a host they left its agent keeps.
+const DEPARTED_KEPT: usize = 256;
 
 /// What `net show` reports of an open host port.
 struct OpenHostPort {
@@ -144,6 +150,7 @@ impl NetworkReconciler {
             host_ports: Mutex::new(BTreeMap::new()),
             host_port_mode: RxMode::Auto,
             endpoint_drops_seen: Mutex::new([0; 3]),
+            departed: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -368,6 +375,90 @@ impl NetworkReconciler {
     }
 
     /// Removes a network's links, built-in nodes and steering endpoints.
+    /// Takes network `name` (applied as `a`) off this host, keeping its final counts here:
+    /// its links' (live or retired with an end that left), its own nodes', those of the VNFs
+    /// it names that left the panel, and its sinks'. Those nodes' drops are then forgotten by
+    /// the panel, so a later stint of the network here counts from zero beside them.
+    fn depart(&self, name: &str, a: &Applied) {
+        let d = &a.descriptor;
+        let sinks = a
+            .sinks
+            .iter()
+            .map(|(n, s)| sink_status(n, &s.lock().unwrap_or_else(|p| p.into_inner())).0)
+            .collect();
+        let (links, counted) = {
+            let panel = self.dp.panel();
+            let links = d
+                .parsed_links()
+                .into_iter()
+                .map(|(i, link)| {
+                    let c = self
+                        .local_spec(name, a, i, &link)
+                        .and_then(|spec| panel.link_counters(&spec));
+                    LinkState {
+                        link: d.spec.links[i].clone(),
+                        active: false,
+                        packets: c.map_or(0, |c| c.packets),
+                        bytes: c.map_or(0, |c| c.bytes),
+                        drops: c.map_or(0, |c| c.drops),
+                        since: c.map_or_else(String::new, |c| unix_ms_rfc3339(c.since_unix_ms)),
+                    }
+                })
+                .collect::<Vec<_>>();
+            // The network's own nodes go with it; a VNF it names counts here once it left.
+            let own = a
+                .builtins
+                .keys()
+                .chain(a.endpoints.keys())
+                .chain(a.tunnels.keys())
+                .cloned();
+            let left = d
+                .named_vnfs()
+                .into_iter()
+                .filter(|n| panel.node_ports(n).is_none());
+            let counted: Vec<(String, NodeDrops)> = own
+                .chain(left)
+                .filter_map(|n| Some((n.clone(), panel.node_drops(&n)?)))
+                .collect();
+            (links, counted)
+        };
+        self.tear_down(name, a);
+        let mut panel = self.dp.panel();
+        for (n, _) in &counted {
+            panel.forget_node_drops(n);
+        }
+        drop(panel);
+        let counts = DepartedCounts {
+            host: self.host.clone(),
+            left_at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            links,
+            node_drops: counted
+                .into_iter()
+                .filter(|(_, d)| d.unlinked + d.refused > 0)
+                .map(|(node, d)| NodeDropState {
+                    node,
+                    unlinked: d.unlinked,
+                    refused: d.refused,
+                })
+                .collect(),
+            sinks,
+        };
+        let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(before) = departed.get_mut(name) {
+            before.add(counts);
+        } else {
+            if departed.len() >= DEPARTED_KEPT
+                && let Some(oldest) = departed
+                    .iter()
+                    .min_by(|x, y| x.1.left_at.cmp(&y.1.left_at))
+                    .map(|(n, _)| n.clone())
+            {
+                departed.remove(&oldest);
+            }
+            departed.insert(name.to_owned(), counts);
+        }
+    }
+
     fn tear_down(&self, name: &str, a: &Applied) {
         // Known to the panel once applied, even with no link live (unknown: nothing to do).
         let _ = self.dp.panel().delete_network(name);
@@ -525,7 +616,7 @@ impl NetworkReconciler {
             .collect();
         for name in gone {
             if let Some(a) = applied.remove(&name) {
-                self.tear_down(&name, &a);
+                self.depart(&name, &a);
             }
         }
         for d in wanted {
@@ -799,9 +890,35 @@ impl NetworkReconciler {
     }
 
     /// The live state of network `d`, if this reconciler applied it.
+    /// With it, or alone once the network left this host, the final counts it had here
+    /// ([`NetworkStatus::departed`]).
     pub fn status(&self, d: &NetworkDescriptor) -> Option<NetworkStatus> {
+        let name = d.name().as_str();
         let applied = self.applied();
-        let a = applied.get(d.name().as_str())?;
+        let departed: Vec<DepartedCounts> = self
+            .departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+            .into_iter()
+            .collect();
+        let mut st = match applied.get(name) {
+            Some(a) => self.live_status(d, a),
+            None if departed.is_empty() => return None,
+            None => {
+                let mut st = NetworkStatus::idle(d);
+                st.waiting
+                    .push("the network is not on this host's data plane now".to_owned());
+                st
+            }
+        };
+        st.departed = departed;
+        Some(st)
+    }
+
+    /// The live state of network `d`, applied as `a`.
+    fn live_status(&self, d: &NetworkDescriptor, a: &Applied) -> NetworkStatus {
         let all = self.dp.panel().status();
         let live = |spec: &LinkSpec| {
             all.iter()
@@ -930,23 +1047,12 @@ impl NetworkReconciler {
         }
         let mut sinks = Vec::new();
         for (name, sink) in &a.sinks {
-            let state = sink.lock().unwrap_or_else(|p| p.into_inner());
-            let s = state.summary();
+            let (st, s) = sink_status(name, &sink.lock().unwrap_or_else(|p| p.into_inner()));
             table.push_str(&format!(
                 "\nsink {name}: {} received, {} lost, latency p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us\n",
                 s.received, s.lost, s.latency.p50_us, s.latency.p99_us, s.latency.p999_us
             ));
-            sinks.push(SinkStatus {
-                name: name.clone(),
-                received: s.received,
-                lost: s.lost,
-                bytes: s.bytes,
-                latency_buckets: telvirt_dataplane::hist::bucket_counts(
-                    &state.latency,
-                    &SINK_LATENCY_BOUNDS_NS,
-                ),
-                latency_sum_ns: (state.latency.mean() * state.latency.len() as f64) as u64,
-            });
+            sinks.push(st);
         }
         let mut host_ports = Vec::new();
         let open = self.host_ports.lock().unwrap_or_else(|p| p.into_inner());
@@ -982,7 +1088,7 @@ impl NetworkReconciler {
             ));
             tunnel_endpoints.push(st);
         }
-        Some(NetworkStatus {
+        NetworkStatus {
             links,
             table,
             waiting: a.waiting.clone(),
@@ -991,7 +1097,8 @@ impl NetworkReconciler {
             sinks,
             host_ports,
             tunnel_endpoints,
-        })
+            departed: Vec::new(),
+        }
     }
 
     /// `net capture`: one slice of a capture of link `slice.link` of network `d`, on this host's
@@ -1127,6 +1234,23 @@ impl NetworkReconciler {
 }
 
 /// `ms` since the Unix epoch as RFC 3339 (empty for 0: not recorded).
+/// What `net show` reports of sink `name`, with its summary.
+fn sink_status(name: &str, state: &SinkState) -> (SinkStatus, SinkSummary) {
+    let s = state.summary();
+    let st = SinkStatus {
+        name: name.to_owned(),
+        received: s.received,
+        lost: s.lost,
+        bytes: s.bytes,
+        latency_buckets: telvirt_dataplane::hist::bucket_counts(
+            &state.latency,
+            &SINK_LATENCY_BOUNDS_NS,
+        ),
+        latency_sum_ns: (state.latency.mean() * state.latency.len() as f64) as u64,
+    };
+    (st, s)
+}
+
 fn unix_ms_rfc3339(ms: u64) -> String {
     if ms == 0 {
         return String::new();
@@ -1229,12 +1353,94 @@ mod tests {
         assert!(first > 0 && again > first);
         assert_eq!(r.status(&d).unwrap().links[1].since, since);
 
-        // Deleting the network removes its links and built-in nodes, not fw1.
+        // Deleting the network removes its links and built-in nodes, not fw1 (what it
+        // counted here stays, as a network that left the host).
         r.sync(&[]);
-        assert!(r.status(&d).is_none());
+        let st = r.status(&d).unwrap();
+        assert!(st.links.iter().all(|l| !l.active), "{st:?}");
+        assert!(st.departed[0].links[1].packets >= again, "{st:?}");
         assert!(dp.node_ports("gen").is_none() && dp.node_ports("sink").is_none());
         assert!(dp.node_ports("fw1").is_some());
         assert!(dp.panel().current_links().is_empty());
+    }
+
+    #[test]
+    fn a_network_that_leaves_the_host_keeps_its_final_counts_here() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp)).with_host("h1", None);
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        add_fw(&dp);
+        delivered_above(&r, &d, 0);
+        // fw1 restarts refusing everything (a deny-all rule set): its drops count here.
+        drop(dp.remove_node("fw1").unwrap());
+        let deny = Firewall::new(Vec::new(), Action::Deny);
+        dp.add_node(
+            "fw1",
+            &["in", "out"],
+            0,
+            Box::new(ProcessorNode::new(deny, 32)),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !r
+            .status(&d)
+            .unwrap()
+            .node_drops
+            .iter()
+            .any(|n| n.node == "fw1" && n.refused > 0)
+        {
+            assert!(Instant::now() < deadline, "{:?}", r.status(&d));
+            r.sync(std::slice::from_ref(&d));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // fw1 leaves the host (moved away), then its network does.
+        drop(dp.remove_node("fw1").unwrap());
+        let refused = dp.panel().node_drops("fw1").unwrap().refused;
+        let before = r.status(&d).unwrap();
+        assert!(before.links.iter().all(|l| !l.active), "{before:?}");
+        r.sync(&[]);
+        let st = r.status(&d).unwrap();
+        assert!(
+            st.links.iter().all(|l| !l.active && l.packets == 0),
+            "{st:?}"
+        );
+        assert!(st.table.is_empty(), "{st:?}");
+        let [left] = &st.departed[..] else {
+            panic!("one departure: {st:?}")
+        };
+        assert_eq!(left.host, "h1");
+        assert!(left.left_at.ends_with('Z'), "{left:?}");
+        let into_fw = &left.links[0];
+        assert!(into_fw.packets > 0 && !into_fw.since.is_empty(), "{left:?}");
+        let fw = left.node_drops.iter().find(|n| n.node == "fw1");
+        assert_eq!(fw.map(|n| n.refused), Some(refused), "{left:?}");
+        assert!(
+            left.sinks
+                .iter()
+                .any(|s| s.name == "sink" && s.received > 0),
+            "{left:?}"
+        );
+        // The panel forgot fw1's drops: counted once, here.
+        assert_eq!(dp.panel().node_drops("fw1"), None);
+
+        // The network comes back, and leaves again: its counts here add up.
+        add_fw(&dp);
+        delivered_above(&r, &d, 0);
+        let second = r.status(&d).unwrap();
+        assert_eq!(second.departed, st.departed, "kept beside the live counts");
+        let fw_out = second.links[1].packets;
+        r.sync(&[]);
+        let st = r.status(&d).unwrap();
+        let [both] = &st.departed[..] else {
+            panic!("one host's departures: {st:?}")
+        };
+        assert!(
+            both.links[1].packets >= left.links[1].packets + fw_out,
+            "{both:?}"
+        );
+        assert!(both.links[0].packets > left.links[0].packets, "{both:?}");
+        assert!(both.left_at >= left.left_at, "{both:?}");
     }
 
     #[test]

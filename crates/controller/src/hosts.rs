@@ -386,6 +386,18 @@ impl Controller {
             && self.store.get(&host_lease_key(name)).await?.is_some())
     }
 
+    /// The hosts an agent serves whose lease is live, by name.
+    pub(crate) async fn ready_agent_hosts(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for (key, v) in self.store.list(records::HOSTS).await? {
+            let record: HostRecord = decode(&key, &v.value)?;
+            if record.agent && self.host_ready(&record.spec.name).await? {
+                out.push(record.spec.name);
+            }
+        }
+        Ok(out)
+    }
+
     /// The record of host `name` when an agent serves it (None for an unknown host or an
     /// inventory host without an agent).
     pub(crate) async fn agent_host(&self, name: &str) -> Result<Option<HostRecord>> {

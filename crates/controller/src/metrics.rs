@@ -956,6 +956,7 @@ mod tests {
                     no_tunnel: 4,
                     removed_queued: 5,
                 }],
+                departed: Vec::new(),
             }),
         };
         let scrape = Scrape {

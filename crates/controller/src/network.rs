@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use telvirt_api::{NetworkSet, NetworkSpan, NodeReply, NodeRequest};
 use telvirt_model::network::{
-    Endpoint, LatencyProbe, LatencyReport, LinkState, Network, NetworkDescriptor, NetworkStatus,
-    SteerRequest, parse_network,
+    Endpoint, LatencyProbe, LatencyReport, Network, NetworkDescriptor, NetworkStatus, SteerRequest,
+    add_node_drops, add_sinks, parse_network,
 };
 use telvirt_model::{FieldError, Format, Name, Vnf};
 use telvirt_store::{Compare, Op};
@@ -609,7 +609,7 @@ impl Controller {
     /// The stored VNFs network `d` names, by name (those that exist).
     async fn named_records(&self, d: &NetworkDescriptor) -> Result<BTreeMap<String, Vnf>> {
         let mut out = BTreeMap::new();
-        for vnf in named_vnfs(d) {
+        for vnf in d.named_vnfs() {
             let key = records::vnf_key(&vnf);
             if let Some(v) = self.store_handle().get(&key).await? {
                 let r: VnfRecord = decode(&key, &v.value)?;
@@ -764,24 +764,43 @@ impl Controller {
     /// One network with its live state from the data planes of the hosts holding it.
     pub async fn network(&self, caller: &Caller, name: &str) -> Result<Network> {
         let (mut n, _) = self.visible_network(caller, name).await?;
-        let hosts = self.network_hosts(&n.descriptor).await?;
-        let mut reports = Vec::new();
-        for host in hosts {
+        let holders = self.network_hosts(&n.descriptor).await?;
+        // The other hosts may be ones the network left (a VNF moved or failed over away):
+        // they keep its final counts there.
+        let mut others = self.ready_agent_hosts().await?;
+        others.retain(|h| !holders.contains(h));
+        let ask = |host: String| {
             let request = NodeRequest::NetworkStatus {
                 network: n.descriptor.clone(),
             };
-            let answer = match self
-                .node_call_within(&host, request, STATUS_CALL_TIMEOUT)
-                .await
-            {
-                Ok(NodeReply::NetworkStatus { status }) => Ok(status),
-                Ok(NodeReply::Failed { reason }) => Err(reason),
-                Ok(other) => Err(format!("answered {other:?}")),
-                Err(e) => Err(e.to_string()),
-            };
-            reports.push((host, answer));
+            async move {
+                let answer = match self
+                    .node_call_within(&host, request, STATUS_CALL_TIMEOUT)
+                    .await
+                {
+                    Ok(NodeReply::NetworkStatus { status }) => Ok(status),
+                    Ok(NodeReply::Failed { reason }) => Err(reason),
+                    Ok(other) => Err(format!("answered {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                (host, answer)
+            }
+        };
+        let (reports, left) = futures_util::future::join(
+            futures_util::future::join_all(holders.into_iter().map(ask)),
+            futures_util::future::join_all(others.into_iter().map(ask)),
+        )
+        .await;
+        let mut status = merge_statuses(&n.descriptor, reports);
+        // Of a host that does not hold the network, only what it kept from before counts (a
+        // part it still tears down is gone within a pass).
+        for (_, answer) in left {
+            if let Ok(Some(st)) = answer {
+                status.departed.extend(st.departed);
+            }
         }
-        n.status = Some(merge_statuses(&n.descriptor, reports));
+        add_departed(&mut status, &n.created_at);
+        n.status = Some(status);
         Ok(n)
     }
 
@@ -807,25 +826,6 @@ impl Controller {
         bump(self.networks_version());
         Ok(())
     }
-}
-
-/// The VNFs network `d` names: link ends that are not its own nodes, and steering instances.
-fn named_vnfs(d: &NetworkDescriptor) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    for (_, link) in d.parsed_links() {
-        for ep in [link.from, link.to] {
-            if let Endpoint::Port { node, .. } = ep
-                && d.builtin(&node).is_none()
-                && d.steering(&node).is_none()
-            {
-                out.insert(node);
-            }
-        }
-    }
-    for e in &d.spec.steering {
-        out.extend(e.instances.iter().map(|i| i.as_str().to_owned()));
-    }
-    out
 }
 
 /// One status of network `d` from what each host holding it answered (none: every link waits).
@@ -882,32 +882,10 @@ fn merge_statuses(
                 m.table.push_str(&st.table);
                 m.waiting.extend(st.waiting);
                 // A node or sink reported by two hosts is one: its counts add up.
-                for d in st.node_drops {
-                    match m.node_drops.iter_mut().find(|x| x.node == d.node) {
-                        Some(x) => {
-                            x.unlinked += d.unlinked;
-                            x.refused += d.refused;
-                        }
-                        None => m.node_drops.push(d),
-                    }
-                }
-                for s in st.sinks {
-                    match m.sinks.iter_mut().find(|x| x.name == s.name) {
-                        Some(x) => {
-                            x.received += s.received;
-                            x.lost += s.lost;
-                            x.bytes += s.bytes;
-                            x.latency_sum_ns += s.latency_sum_ns;
-                            for (mine, theirs) in
-                                x.latency_buckets.iter_mut().zip(&s.latency_buckets)
-                            {
-                                *mine += theirs;
-                            }
-                        }
-                        None => m.sinks.push(s),
-                    }
-                }
+                add_node_drops(&mut m.node_drops, st.node_drops);
+                add_sinks(&mut m.sinks, st.sinks);
                 m.host_ports.extend(st.host_ports);
+                m.departed.extend(st.departed);
                 m.tunnel_endpoints.extend(st.tunnel_endpoints);
                 for s in st.steering {
                     if !m.steering.iter().any(|t| t.name == s.name) {
@@ -918,35 +896,33 @@ fn merge_statuses(
             }
         });
     }
-    let mut st = merged.unwrap_or_else(|| NetworkStatus {
-        links: d
-            .spec
-            .links
-            .iter()
-            .map(|l| LinkState {
-                link: l.clone(),
-                active: false,
-                packets: 0,
-                bytes: 0,
-                drops: 0,
-                since: String::new(),
-            })
-            .collect(),
-        table: String::new(),
-        waiting: Vec::new(),
-        steering: Vec::new(),
-        node_drops: Vec::new(),
-        sinks: Vec::new(),
-        host_ports: Vec::new(),
-        tunnel_endpoints: Vec::new(),
-    });
+    let mut st = merged.unwrap_or_else(|| NetworkStatus::idle(d));
     st.waiting.extend(failures);
     st
+}
+
+/// Keeps the hosts' departed counts of the network made at `created_at` (not those of an
+/// earlier network of the same name, which left before it was made) and adds them to the
+/// table, oldest departure first.
+fn add_departed(st: &mut NetworkStatus, created_at: &str) {
+    let made = humantime::parse_rfc3339(created_at).ok();
+    st.departed.retain(|d| {
+        let left = humantime::parse_rfc3339(&d.left_at).ok();
+        match (made, left) {
+            (Some(made), Some(left)) => left >= made,
+            _ => true,
+        }
+    });
+    st.departed.sort_by(|a, b| a.left_at.cmp(&b.left_at));
+    for d in &st.departed {
+        st.table.push_str(&d.render());
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use telvirt_model::network::LinkState;
 
     #[test]
     fn a_node_sink_or_link_two_hosts_report_is_one_whose_counts_add_up() {
@@ -983,6 +959,7 @@ mod tests {
             }],
             host_ports: Vec::new(),
             tunnel_endpoints: Vec::new(),
+            departed: Vec::new(),
         };
         let st = merge_statuses(
             &d,
@@ -1002,6 +979,66 @@ mod tests {
         assert_eq!(s.latency_buckets, [15, 2]);
         let l = &st.links[0];
         assert_eq!((l.active, l.packets, l.drops), (true, 5, 50));
+    }
+
+    #[test]
+    fn departed_counts_of_the_network_are_shown_and_those_of_an_earlier_one_are_not() {
+        let left = |host: &str, at: &str, packets| telvirt_model::network::DepartedCounts {
+            host: host.into(),
+            left_at: at.into(),
+            links: vec![LinkState {
+                link: "gen.out -> fw1.in".into(),
+                active: false,
+                packets,
+                bytes: packets * 64,
+                drops: 1,
+                since: String::new(),
+            }],
+            node_drops: vec![telvirt_model::network::NodeDropState {
+                node: "fw1".into(),
+                unlinked: 0,
+                refused: 7,
+            }],
+            sinks: Vec::new(),
+        };
+        let mut st = merge_statuses(
+            &telvirt_model::parse_network(
+                b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec:\n  links: [gen.out -> fw1.in]\n  nodes: [{ name: gen, kind: generator }]\n",
+                telvirt_model::Format::Yaml,
+            )
+            .unwrap(),
+            Vec::new(),
+        );
+        st.departed = vec![
+            left("h2", "2026-12-06T10:00:02.000Z", 40),
+            left("h1", "2026-12-06T10:00:01.000Z", 30),
+            // Left before the network was made: an earlier network of the same name.
+            left("h3", "2026-12-06T09:59:59.000Z", 99),
+        ];
+        add_departed(&mut st, "2026-12-06T10:00:00.000Z");
+        let hosts: Vec<&str> = st.departed.iter().map(|d| d.host.as_str()).collect();
+        assert_eq!(hosts, ["h1", "h2"]);
+        let h1 = st
+            .table
+            .find("host h1, which the network left at 2026-12-06T10:00:01.000Z");
+        let h2 = st
+            .table
+            .find("host h2, which the network left at 2026-12-06T10:00:02.000Z");
+        assert!(h1.is_some() && h1 < h2, "{}", st.table);
+        assert!(
+            st.table
+                .contains("  gen.out -> fw1.in: 40 packets, 2560 bytes, 1 dropped\n"),
+            "{}",
+            st.table
+        );
+        assert!(
+            st.table.contains(
+                "  fw1: 0 packets dropped on unlinked ports, 7 dropped by the node itself\n"
+            ),
+            "{}",
+            st.table
+        );
+        assert!(!st.table.contains("h3"), "{}", st.table);
     }
 
     #[test]

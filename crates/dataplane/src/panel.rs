@@ -15,7 +15,7 @@ use std::sync::Arc;
 use crate::capture::LinkTap;
 use crate::error::{Error, Result};
 use crate::graph::{LinkSpec, LinkStatus, PortRef, render, validate};
-use crate::node::{LinkCounters, Node, NodeCounters, NodeDrops, TxLink};
+use crate::node::{CounterSnapshot, LinkCounters, Node, NodeCounters, NodeDrops, TxLink};
 use crate::pool::{Packet, Pool};
 use crate::ring;
 use crate::worker::{Cmd, Worker, WorkerConfig};
@@ -65,6 +65,9 @@ pub struct PatchPanel {
     retired: BTreeMap<LinkSpec, Arc<LinkCounters>>,
     /// Per network, links `remove_node` took out of it (their counters retired).
     stripped: BTreeMap<String, std::collections::BTreeSet<LinkSpec>>,
+    /// Drop counters of removed nodes, handed back when a node of the same name is added again
+    /// (a restarted VNF), so a node's drops only grow too; at most [`RETIRED_COUNTERS`] are kept.
+    retired_drops: BTreeMap<String, Arc<NodeCounters>>,
 }
 
 impl PatchPanel {
@@ -92,6 +95,7 @@ impl PatchPanel {
             networks: BTreeMap::new(),
             retired: BTreeMap::new(),
             stripped: BTreeMap::new(),
+            retired_drops: BTreeMap::new(),
         })
     }
 
@@ -136,7 +140,7 @@ impl PatchPanel {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let drops = Arc::new(NodeCounters::default());
+        let drops = self.retired_drops.remove(name).unwrap_or_default();
         w.send(vec![Cmd::AddNode {
             id,
             node,
@@ -180,6 +184,11 @@ impl PatchPanel {
             .nodes
             .remove(name)
             .expect("invariant: node checked present above");
+        if self.retired_drops.len() >= RETIRED_COUNTERS {
+            self.retired_drops.pop_first();
+        }
+        self.retired_drops
+            .insert(name.to_owned(), Arc::clone(&e.drops));
         self.update_busy_poll(e.worker);
         self.workers[e.worker]
             .remove_node(e.id)
@@ -435,9 +444,31 @@ impl PatchPanel {
     }
 
     /// What node `name` dropped outside any link (unlinked ports, its own verdicts), if it is
-    /// on the panel.
+    /// on the panel or was (its final count, until a node of that name comes back or
+    /// [`PatchPanel::forget_node_drops`]).
     pub fn node_drops(&self, name: &str) -> Option<NodeDrops> {
-        self.nodes.get(name).map(|e| e.drops.snapshot())
+        self.nodes
+            .get(name)
+            .map(|e| &e.drops)
+            .or_else(|| self.retired_drops.get(name))
+            .map(|d| d.snapshot())
+    }
+
+    /// Forgets the drops of removed node `name` (a node on the panel keeps its own): a node of
+    /// that name added later starts from zero.
+    pub fn forget_node_drops(&mut self, name: &str) {
+        self.retired_drops.remove(name);
+    }
+
+    /// The counters of `link`, live or removed (until the same link is made again or its
+    /// network deleted).
+    pub fn link_counters(&self, link: &LinkSpec) -> Option<CounterSnapshot> {
+        self.links
+            .get(&link.from)
+            .filter(|l| l.to == link.to)
+            .map(|l| &l.counters)
+            .or_else(|| self.retired.get(link))
+            .map(|c| c.snapshot())
     }
 
     /// Nodes that dropped packets outside any link, with what they dropped.

@@ -590,6 +590,39 @@ fn packets_a_node_refuses_are_counted_at_the_node() {
 }
 
 #[test]
+fn a_removed_nodes_drops_and_links_stay_readable_and_come_back_with_it() {
+    let pool = Arc::new(Pool::new("removed", 1024, 2048).unwrap());
+    let mut p = panel(&pool);
+    let deny = || Box::new(ProcessorNode::new(Firewall::new(vec![], Action::Deny), 32));
+    p.add_node("gen", &["out"], 0, Box::new(make_gen(300, None)))
+        .unwrap();
+    p.add_node("fw1", &["in", "out"], 1, deny()).unwrap();
+    let link = links(&["gen.out -> fw1.in"]);
+    p.apply_network("n", &link).unwrap();
+    wait_for("300 refused at fw1", 30, || {
+        p.node_drops("fw1").is_some_and(|d| d.refused == 300)
+    });
+    let carried = p.link_counters(&link[0]).unwrap();
+    assert_eq!(carried.packets, 300);
+    // The node goes (a VNF moved away): what it dropped and what its link carried stay.
+    drop(p.remove_node("fw1").unwrap());
+    assert!(p.status().is_empty());
+    assert_eq!(p.node_drops("fw1").unwrap().refused, 300);
+    assert_eq!(p.link_counters(&link[0]), Some(carried));
+    assert_eq!(p.node_drops("never"), None);
+    // Back on the panel: its drops go on from there.
+    p.add_node("fw1", &["in", "out"], 1, deny()).unwrap();
+    assert_eq!(p.node_drops("fw1").unwrap().refused, 300);
+    // Forgotten once removed again: a node of that name starts from zero.
+    drop(p.remove_node("fw1").unwrap());
+    p.forget_node_drops("fw1");
+    assert_eq!(p.node_drops("fw1"), None);
+    p.add_node("fw1", &["in", "out"], 1, deny()).unwrap();
+    assert_eq!(p.node_drops("fw1").unwrap(), Default::default());
+    p.shutdown();
+}
+
+#[test]
 fn a_link_made_again_between_the_same_ports_keeps_its_counters() {
     let pool = Arc::new(Pool::new("relink", 1024, 2048).unwrap());
     let mut p = panel(&pool);

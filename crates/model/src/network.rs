@@ -6,7 +6,7 @@
 //! It must not look at VNFs, hosts or the store: whether `fw1` has a port `in` is checked by the
 //! controller, which knows the VNFs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -247,6 +247,25 @@ impl NetworkDescriptor {
     }
 
     /// The built-in node named `name`.
+    /// The VNFs it names: link ends that are not its own nodes, and steering instances.
+    pub fn named_vnfs(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for (_, link) in self.parsed_links() {
+            for ep in [link.from, link.to] {
+                if let Endpoint::Port { node, .. } = ep
+                    && self.builtin(&node).is_none()
+                    && self.steering(&node).is_none()
+                {
+                    out.insert(node);
+                }
+            }
+        }
+        for e in &self.spec.steering {
+            out.extend(e.instances.iter().map(|i| i.as_str().to_owned()));
+        }
+        out
+    }
+
     pub fn builtin(&self, name: &str) -> Option<&BuiltinNode> {
         self.spec.nodes.iter().find(|n| n.name.as_str() == name)
     }
@@ -545,6 +564,137 @@ pub struct NetworkStatus {
     /// endpoint counts (shared by every network of that host).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tunnel_endpoints: Vec<TunnelEndpointStatus>,
+    /// What the network counted on hosts it left (a VNF moved or failed over away, and with
+    /// it the network's part on that host): their final counts, which the live ones above do
+    /// not hold.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub departed: Vec<DepartedCounts>,
+}
+
+impl NetworkStatus {
+    /// The status of network `d` where no data plane holds it: every link waits, nothing
+    /// counted.
+    pub fn idle(d: &NetworkDescriptor) -> Self {
+        Self {
+            links: d
+                .spec
+                .links
+                .iter()
+                .map(|l| LinkState {
+                    link: l.clone(),
+                    active: false,
+                    packets: 0,
+                    bytes: 0,
+                    drops: 0,
+                    since: String::new(),
+                })
+                .collect(),
+            table: String::new(),
+            waiting: Vec::new(),
+            steering: Vec::new(),
+            node_drops: Vec::new(),
+            sinks: Vec::new(),
+            host_ports: Vec::new(),
+            tunnel_endpoints: Vec::new(),
+            departed: Vec::new(),
+        }
+    }
+}
+
+/// The final counts of a network's part on a host it left, summed over each time it left
+/// (the agent keeps them while it runs; the most recent networks only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DepartedCounts {
+    pub host: String,
+    /// When the network last left the host (RFC 3339).
+    pub left_at: String,
+    /// One entry per descriptor link the host carried (`active` false, `since` when its
+    /// counters there started).
+    pub links: Vec<LinkState>,
+    /// Nodes that dropped packets outside any link there (a moved VNF's source instance
+    /// refusing what its freeze's queue could not hold, say).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_drops: Vec<NodeDropState>,
+    /// Built-in sinks the network had there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sinks: Vec<SinkStatus>,
+}
+
+impl DepartedCounts {
+    /// Adds the counts of a later departure from the same host (`left_at` becomes its).
+    pub fn add(&mut self, later: DepartedCounts) {
+        self.left_at = later.left_at;
+        for l in later.links {
+            match self.links.iter_mut().find(|x| x.link == l.link) {
+                Some(x) => {
+                    x.packets += l.packets;
+                    x.bytes += l.bytes;
+                    x.drops += l.drops;
+                }
+                None => self.links.push(l),
+            }
+        }
+        add_node_drops(&mut self.node_drops, later.node_drops);
+        add_sinks(&mut self.sinks, later.sinks);
+    }
+
+    /// The lines `net show` prints for it.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "\nhost {}, which the network left at {} (final counts):\n",
+            self.host, self.left_at
+        );
+        for l in self.links.iter().filter(|l| l.packets + l.drops > 0) {
+            out.push_str(&format!(
+                "  {}: {} packets, {} bytes, {} dropped\n",
+                l.link, l.packets, l.bytes, l.drops
+            ));
+        }
+        for d in &self.node_drops {
+            out.push_str(&format!(
+                "  {}: {} packets dropped on unlinked ports, {} dropped by the node itself\n",
+                d.node, d.unlinked, d.refused
+            ));
+        }
+        for s in &self.sinks {
+            out.push_str(&format!(
+                "  sink {}: {} received, {} lost\n",
+                s.name, s.received, s.lost
+            ));
+        }
+        out
+    }
+}
+
+/// Adds `more` into `into`: a node two reports name is one, its counts add up.
+pub fn add_node_drops(into: &mut Vec<NodeDropState>, more: Vec<NodeDropState>) {
+    for d in more {
+        match into.iter_mut().find(|x| x.node == d.node) {
+            Some(x) => {
+                x.unlinked += d.unlinked;
+                x.refused += d.refused;
+            }
+            None => into.push(d),
+        }
+    }
+}
+
+/// Adds `more` into `into`: a sink two reports name is one, its counts and latencies add up.
+pub fn add_sinks(into: &mut Vec<SinkStatus>, more: Vec<SinkStatus>) {
+    for s in more {
+        match into.iter_mut().find(|x| x.name == s.name) {
+            Some(x) => {
+                x.received += s.received;
+                x.lost += s.lost;
+                x.bytes += s.bytes;
+                x.latency_sum_ns += s.latency_sum_ns;
+                for (mine, theirs) in x.latency_buckets.iter_mut().zip(&s.latency_buckets) {
+                    *mine += theirs;
+                }
+            }
+            None => into.push(s),
+        }
+    }
 }
 
 /// A host's tunnel endpoint (its one VXLAN socket): what reached it and what it dropped before

@@ -868,6 +868,17 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
         "frames lost across the move: {lost:?} ({dropped} dropped by the kernel): {}",
         node.json(&["net", "show", "t2"])["status"]["table"]
     );
+    // The source's part of the network left with the NAT: what it carried there (into the
+    // NAT from the tunnel) stays in view, as a1's final counts.
+    wait_until("a1's final counts of t2 in net show", || {
+        let st = node.json(&["net", "show", "t2"])["status"].clone();
+        st["departed"].as_array().is_some_and(|d| {
+            d.iter()
+                .any(|d| d["host"] == "a1" && d["links"][1]["packets"].as_u64() > Some(0))
+        }) && st["table"]
+            .as_str()
+            .is_some_and(|t| t.contains("host a1, which the network left at"))
+    });
     node.ok(&["net", "delete", "t2"]);
 }
 
