@@ -135,6 +135,10 @@ pub struct QemuCaps {
     pub sandbox: std::result::Result<(), String>,
     /// How this QEMU changes its user, if it can.
     pub drop_option: Option<DropOption>,
+    /// Whether that option takes a numeric `uid:gid` (a user without a passwd entry: a VM's
+    /// own uid, [`crate::uid_lease`]).
+    #[serde(default)]
+    pub numeric_user: bool,
     /// `(major, minor)` from the first line of `-help`, when it names it.
     #[serde(default)]
     pub version: Option<(u32, u32)>,
@@ -246,6 +250,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
             return QemuCaps {
                 sandbox: Err(why),
                 drop_option: None,
+                numeric_user: false,
                 version: None,
                 machines: Default::default(),
             };
@@ -254,6 +259,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
             return QemuCaps {
                 sandbox: Err(format!("cannot run {}: {e}", qemu.display())),
                 drop_option: None,
+                numeric_user: false,
                 version: None,
                 machines: Default::default(),
             };
@@ -268,6 +274,7 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
     QemuCaps {
         sandbox,
         drop_option,
+        numeric_user: drop_option.is_some() && help.contains("uid:gid"),
         version: crate::config::parse_qemu_version(&help),
         machines: machine_types(&qemu).await,
     }
@@ -424,6 +431,9 @@ pub struct Applied {
     pub uid: u32,
     /// True when QEMU changes to `user` itself after opening what it needs.
     pub dropped: bool,
+    /// True when `uid` is this QEMU's own (no other process of the host was given it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub own_uid: bool,
 }
 
 /// The command-line options, what they give, and the warnings to show for one start.
@@ -434,14 +444,22 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// Whether a QEMU started under `conf` runs as a uid of its own ([`crate::uid_lease`]): the
+/// `auto` user, as root, with a QEMU that changes its user to a numeric `uid:gid`.
+pub fn wants_own_uid(conf: &Confinement, caps: &QemuCaps, euid: u32) -> bool {
+    conf.user == QemuUser::Auto && euid == 0 && caps.drop_option.is_some() && caps.numeric_user
+}
+
 /// Decide the confinement of one QEMU: pure, given the probed capabilities, telvirt's
-/// effective uid and a user lookup. An explicitly named user that does not exist or is root is
-/// an error; everything else the host does not allow falls back with a warning.
+/// effective uid, a user lookup and the uid leased for this QEMU alone (`own`, when
+/// [`wants_own_uid`] and a lease was taken). An explicitly named user that does not exist or
+/// is root is an error; everything else the host does not allow falls back with a warning.
 pub fn plan(
     conf: &Confinement,
     caps: &QemuCaps,
     euid: u32,
     lookup: impl Fn(&str) -> Option<Account>,
+    own: Option<u32>,
 ) -> Result<Plan> {
     let mut warnings = Vec::new();
     let current = Applied {
@@ -449,7 +467,9 @@ pub fn plan(
         user: format!("uid {euid}"),
         uid: euid,
         dropped: false,
+        own_uid: false,
     };
+    let own = own.filter(|uid| *uid != 0 && wants_own_uid(conf, caps, euid));
     let target = match &conf.user {
         QemuUser::Current => None,
         QemuUser::Named(name) => {
@@ -467,6 +487,11 @@ pub fn plan(
             }
             Some(acct)
         }
+        QemuUser::Auto if own.is_some() => own.map(|uid| Account {
+            name: format!("{uid}:{uid}"),
+            uid,
+            gid: uid,
+        }),
         QemuUser::Auto => {
             let found = lookup(DEFAULT_USER)
                 .or_else(|| lookup(FALLBACK_USER))
@@ -503,9 +528,13 @@ pub fn plan(
             if !args.is_empty() {
                 applied = Applied {
                     sandbox: None,
-                    user: acct.name.clone(),
+                    user: match own {
+                        Some(uid) => format!("uid {uid} (its own)"),
+                        None => acct.name.clone(),
+                    },
                     uid: acct.uid,
                     dropped: true,
+                    own_uid: own.is_some(),
                 };
             }
         }
@@ -545,6 +574,7 @@ mod tests {
                 Err("seccomp support is disabled".into())
             },
             drop_option,
+            numeric_user: drop_option.is_some(),
             version: None,
             machines: Default::default(),
         }
@@ -567,7 +597,14 @@ mod tests {
     #[test]
     fn root_drops_to_the_dedicated_user_else_nobody() {
         let c = Confinement::default();
-        let p = plan(&c, &caps(true, Some(DropOption::Runas)), 0, users(BOTH)).unwrap();
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::Runas)),
+            0,
+            users(BOTH),
+            None,
+        )
+        .unwrap();
         assert_eq!(
             p.args,
             vec![
@@ -580,16 +617,95 @@ mod tests {
         assert_eq!(p.applied.uid, 990);
         assert!(p.applied.dropped);
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
-        let p = plan(&c, &caps(true, Some(DropOption::RunWith)), 0, users(NOBODY)).unwrap();
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::RunWith)),
+            0,
+            users(NOBODY),
+            None,
+        )
+        .unwrap();
         assert_eq!(&p.args[..2], &["-run-with", "user=nobody"]);
         assert_eq!(p.applied.user, "nobody");
+    }
+
+    #[test]
+    fn root_gives_each_qemu_its_own_uid_where_qemu_takes_a_numeric_one() {
+        let c = Confinement::default();
+        let uid = 1_900_000_007;
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::Runas)),
+            0,
+            users(BOTH),
+            Some(uid),
+        )
+        .unwrap();
+        assert_eq!(&p.args[..2], &["-runas", "1900000007:1900000007"]);
+        assert_eq!(p.applied.user, "uid 1900000007 (its own)");
+        assert!(p.applied.dropped && p.applied.own_uid && p.applied.uid == uid);
+        assert!(!p.applied.sandbox.unwrap().contains("elevateprivileges"));
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::RunWith)),
+            0,
+            users(BOTH),
+            Some(uid),
+        )
+        .unwrap();
+        assert_eq!(&p.args[..2], &["-run-with", "user=1900000007:1900000007"]);
+        // A QEMU whose option takes names only, a named user, not root: no own uid.
+        let mut names_only = caps(true, Some(DropOption::Runas));
+        names_only.numeric_user = false;
+        assert!(!wants_own_uid(&c, &names_only, 0));
+        let p = plan(&c, &names_only, 0, users(BOTH), Some(uid)).unwrap();
+        assert_eq!((p.applied.uid, p.applied.own_uid), (990, false));
+        let named = Confinement {
+            sandbox: true,
+            user: QemuUser::Named("nobody".into()),
+        };
+        assert!(!wants_own_uid(
+            &named,
+            &caps(true, Some(DropOption::Runas)),
+            0
+        ));
+        let p = plan(
+            &named,
+            &caps(true, Some(DropOption::Runas)),
+            0,
+            users(BOTH),
+            Some(uid),
+        )
+        .unwrap();
+        assert_eq!(p.applied.uid, 65534);
+        assert!(!wants_own_uid(
+            &c,
+            &caps(true, Some(DropOption::Runas)),
+            1000
+        ));
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::Runas)),
+            1000,
+            users(BOTH),
+            Some(uid),
+        )
+        .unwrap();
+        assert_eq!((p.applied.uid, p.applied.dropped), (1000, false));
     }
 
     #[test]
     fn fallbacks_keep_running_with_a_warning() {
         let c = Confinement::default();
         // No suitable user: QEMU stays root, fully sandboxed, and says so.
-        let p = plan(&c, &caps(true, Some(DropOption::Runas)), 0, users(NONE)).unwrap();
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::Runas)),
+            0,
+            users(NONE),
+            None,
+        )
+        .unwrap();
         assert!(!p.applied.dropped);
         assert_eq!(p.applied.uid, 0);
         assert_eq!(
@@ -601,13 +717,20 @@ mod tests {
         );
         assert!(p.warnings[0].contains("telvirt-qemu"), "{:?}", p.warnings);
         // Not root: the current user, with elevateprivileges=deny.
-        let p = plan(&c, &caps(true, Some(DropOption::Runas)), 1000, users(BOTH)).unwrap();
+        let p = plan(
+            &c,
+            &caps(true, Some(DropOption::Runas)),
+            1000,
+            users(BOTH),
+            None,
+        )
+        .unwrap();
         assert_eq!(p.applied.uid, 1000);
         assert!(p.args.iter().all(|a| a != "-runas"));
         assert!(p.args[1].contains("elevateprivileges=deny"));
         assert!(p.warnings[0].contains("not root"), "{:?}", p.warnings);
         // A QEMU without a user option, without seccomp.
-        let p = plan(&c, &caps(false, None), 0, users(BOTH)).unwrap();
+        let p = plan(&c, &caps(false, None), 0, users(BOTH), None).unwrap();
         assert!(p.args.is_empty());
         assert_eq!(p.applied.sandbox, None);
         assert_eq!(p.warnings.len(), 2, "{:?}", p.warnings);
@@ -617,7 +740,14 @@ mod tests {
             sandbox: false,
             user: QemuUser::Current,
         };
-        let p = plan(&off, &caps(true, Some(DropOption::Runas)), 0, users(BOTH)).unwrap();
+        let p = plan(
+            &off,
+            &caps(true, Some(DropOption::Runas)),
+            0,
+            users(BOTH),
+            None,
+        )
+        .unwrap();
         assert!(p.args.is_empty());
         assert!(p.warnings[0].contains("turned off"), "{:?}", p.warnings);
     }
@@ -629,10 +759,10 @@ mod tests {
             user: n.parse().unwrap(),
         };
         let c = caps(true, Some(DropOption::Runas));
-        let p = plan(&named("nobody"), &c, 0, users(BOTH)).unwrap();
+        let p = plan(&named("nobody"), &c, 0, users(BOTH), None).unwrap();
         assert_eq!(p.applied.user, "nobody");
         for (name, why) in [("qemu-x", "does not exist"), ("root", "uid 0")] {
-            match plan(&named(name), &c, 0, users(BOTH)) {
+            match plan(&named(name), &c, 0, users(BOTH), None) {
                 Err(Error::InvalidConfig { field, reason }) => {
                     assert_eq!(field, "qemu user");
                     assert!(reason.contains(why), "{reason}");
@@ -681,9 +811,10 @@ mod tests {
         assert!(o.status.success());
         let probe = CapsProbe::default();
         let c = probe.get(Path::new("qemu-system-x86_64")).await;
-        // Debian's QEMU is built with seccomp and has -runas or -run-with user=.
+        // Debian's QEMU is built with seccomp and has -runas or -run-with user=, which take a
+        // numeric uid:gid too (QEMU 7.2's -help says so under -runas).
         assert_eq!(c.sandbox, Ok(()), "{c:?}");
-        assert!(c.drop_option.is_some(), "{c:?}");
+        assert!(c.drop_option.is_some() && c.numeric_user, "{c:?}");
         // A binary that is not there: a reason, not a panic.
         let missing = CapsProbe::default()
             .get(Path::new("/nonexistent/qemu-system-x86_64"))

@@ -22,6 +22,7 @@ pub mod periph;
 pub mod pin;
 pub mod qmp;
 pub mod stream_tls;
+pub mod uid_lease;
 pub mod usage;
 
 pub use accel::{AccelDecision, AccelProbe};

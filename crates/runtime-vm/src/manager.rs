@@ -26,6 +26,7 @@ use crate::config::{Accel, CpuPlacement, Grant, VmConfig, validate_peripheral_id
 use crate::confine::{self, Applied, CapsProbe, Confinement};
 use crate::error::{Error, Result};
 use crate::qmp::{CpuInfoFast, QmpClient, QmpEvent};
+use crate::uid_lease::{LEASE_DIR, OWN_UIDS, UidLease};
 use crate::{image, memory, periph, pin};
 
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -294,7 +295,18 @@ impl VmManager {
         );
         // SAFETY: geteuid has no preconditions.
         let euid = unsafe { libc::geteuid() };
-        let mut plan = confine::plan(&self.confinement, &caps, euid, confine::lookup_user)?;
+        // A uid of its own for this QEMU where it can have one (else the shared user, said).
+        let mut lease = None;
+        if confine::wants_own_uid(&self.confinement, &caps, euid) {
+            match UidLease::take(Path::new(LEASE_DIR), OWN_UIDS, &cfg.name) {
+                Ok(l) => lease = Some(l),
+                Err(e) => warnings.push(format!(
+                    "QEMU shares its user with the host's other QEMUs: no uid of its own ({e})"
+                )),
+            }
+        }
+        let own = lease.as_ref().map(UidLease::uid);
+        let mut plan = confine::plan(&self.confinement, &caps, euid, confine::lookup_user, own)?;
         if plan.applied.dropped && cfg.lock_memory && !confine::memlock_liftable() {
             // Locked guest memory needs an unlimited RLIMIT_MEMLOCK once QEMU is unprivileged.
             let stay = Confinement {
@@ -302,7 +314,8 @@ impl VmManager {
                 ..self.confinement.clone()
             };
             let user = plan.applied.user.clone();
-            plan = confine::plan(&stay, &caps, euid, confine::lookup_user)?;
+            lease = None;
+            plan = confine::plan(&stay, &caps, euid, confine::lookup_user, None)?;
             plan.warnings.push(format!(
                 "lock_memory: telvirt cannot lift RLIMIT_MEMLOCK for QEMU (hard limit set and no CAP_SYS_RESOURCE), so QEMU keeps uid {euid} instead of `{user}`"
             ));
@@ -435,6 +448,7 @@ impl VmManager {
             VmPhase::Starting,
             cfg.peripherals.clone(),
             Adopted::No,
+            lease,
         );
         Ok((handle, guard))
     }
@@ -510,6 +524,17 @@ impl VmManager {
         };
         let stream_undone = orphan.as_ref().is_some_and(|o| o.undone);
         let mut warnings = persisted.warnings.clone();
+        // Its own uid is held again for it (no other QEMU gets it meanwhile: it runs with it).
+        let lease = match &persisted.confinement {
+            Some(c) if c.own_uid => match UidLease::retake(Path::new(LEASE_DIR), c.uid) {
+                Ok(lease) => lease,
+                Err(e) => {
+                    tracing::warn!("vm {name}: its uid {} not held again: {e}", c.uid);
+                    None
+                }
+            },
+            _ => None,
+        };
         warnings.push(format!(
             "adopted running QEMU pid {pid} (state {})",
             status.status
@@ -532,6 +557,7 @@ impl VmManager {
             phase,
             grants,
             Adopted::Yes { stream_undone },
+            lease,
         );
         if phase == VmPhase::Running && handle.inner.config.wait_for_agent {
             match handle.connect_agent(Duration::from_secs(15)).await {
@@ -608,6 +634,8 @@ struct Inner {
     warnings: Vec<String>,
     adopted: Adopted,
     confinement: Option<Applied>,
+    /// Holds the uid of its own its QEMU runs as, while this VM is known here.
+    _uid_lease: Option<UidLease>,
     /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
     /// event, µs since the Unix epoch): set once, so a later unlock's resume is not taken for it.
     arrival_resumed_at: std::sync::OnceLock<u64>,
@@ -664,6 +692,7 @@ impl VmHandle {
         phase: VmPhase,
         grants: Vec<Grant>,
         adopted: Adopted,
+        uid_lease: Option<UidLease>,
     ) -> Self {
         let vcpus = s
             .cpus
@@ -691,6 +720,7 @@ impl VmHandle {
                 warnings: p.warnings,
                 adopted,
                 confinement: p.confinement,
+                _uid_lease: uid_lease,
                 arrival_resumed_at: std::sync::OnceLock::new(),
                 arrival_agent: Mutex::new(None),
             }),

@@ -6,10 +6,12 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::Duration;
 
 use common::{BOOT_SLOT, PidGuard, VmGuard};
 use telvirt_runtime_vm::guest_proto::{Body, Request, Workload};
+use telvirt_runtime_vm::uid_lease::{LEASE_DIR, OWN_UIDS, UidLease};
 use telvirt_runtime_vm::{
     AccelChoice, AccelProbe, CpuPlacement, CpuSet, DiskFormat, DiskImage, Error, Grant,
     HugePageSize, Peripheral, QmpEvent, StopMethod, VmPhase, pin,
@@ -735,6 +737,30 @@ async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
         assert_eq!(uids, vec![applied.uid; 4], "{applied:?}");
         assert_ne!(applied.uid, 0);
         assert_eq!(proc_status_field(pid, "CapEff"), vec!["0000000000000000"]);
+        // A uid of its own (Debian's QEMU takes a numeric uid:gid): held for it alone while
+        // it runs, and no other process of the host has it.
+        assert!(applied.own_uid, "{applied:?}");
+        assert!(OWN_UIDS.contains(&applied.uid), "{applied:?}");
+        assert!(
+            UidLease::retake(Path::new(LEASE_DIR), applied.uid)
+                .unwrap()
+                .is_none(),
+            "the uid of a running QEMU is not held"
+        );
+        let others = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|p| *p != pid)
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|st| {
+                    st.lines()
+                        .find(|l| l.starts_with("Uid:"))
+                        .is_some_and(|l| l.split_whitespace().any(|u| u == applied.uid.to_string()))
+                })
+            })
+            .count();
+        assert_eq!(others, 0, "another process runs as QEMU's own uid");
     } else {
         eprintln!("not root: QEMU runs as uid {euid}, the user change is not tested");
         assert_eq!(uids, vec![euid; 4]);
@@ -831,6 +857,16 @@ async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
     );
     assert_eq!(vm.failure().unwrap().exit.signal, Some(libc::SIGSYS));
     assert!(!marker.exists(), "the spawned command ran");
+    // The VM let go: its uid is free again.
+    drop(_guard);
+    drop(vm);
+    if applied.own_uid {
+        assert!(
+            UidLease::retake(Path::new(LEASE_DIR), applied.uid)
+                .unwrap()
+                .is_some()
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
