@@ -106,13 +106,21 @@ pub struct NetworkReconciler {
     /// The endpoint's drops the last pass saw (no tunnel, queued in removed tunnels, in
     /// the kernel): a pass that finds more says so in the log.
     endpoint_drops_seen: Mutex<[u64; 3]>,
-    /// The final counts of networks this host left, by name (at most [`DEPARTED_KEPT`], the
-    /// most recent departures).
-    departed: Mutex<BTreeMap<String, DepartedCounts>>,
+    /// The final counts of networks this host left, by name, one entry per departure, oldest
+    /// first (at most [`DEPARTED_KEPT`] networks, [`DEPARTURES_KEPT`] departures each).
+    departed: Mutex<BTreeMap<String, Vec<DepartedCounts>>>,
 }
 
-/// Networks whose final counts on a host they left its agent keeps.
+/// Networks whose final counts on a host they left its agent keeps (those that left last).
 const DEPARTED_KEPT: usize = 256;
+/// Departures of one network (by name) whose counts its agent keeps apart (the latest): the
+/// controller keeps those of the network it shows, not of an earlier one of that name.
+const DEPARTURES_KEPT: usize = 16;
+
+/// When the latest of `departures` left.
+fn last_left(departures: &[DepartedCounts]) -> &str {
+    departures.last().map_or("", |d| d.left_at.as_str())
+}
 
 /// What `net show` reports of an open host port.
 struct OpenHostPort {
@@ -374,59 +382,58 @@ impl NetworkReconciler {
         })
     }
 
-    /// Removes a network's links, built-in nodes and steering endpoints.
-    /// Takes network `name` (applied as `a`) off this host, keeping its final counts here:
-    /// its links' (live or retired with an end that left), its own nodes', those of the VNFs
-    /// it names that left the panel, and its sinks'. Those nodes' drops are then forgotten by
-    /// the panel, so a later stint of the network here counts from zero beside them.
+    /// Takes network `name` (applied as `a`) off this host, keeping its final counts here
+    /// ([`DepartedCounts`]): its own nodes go first (nothing counts after), then its links'
+    /// counters (live, or retired with an end that left), its own nodes' drops, those of the
+    /// VNFs it names that left the panel, and its sinks' are read, then its links go. The
+    /// drops read are forgotten by the panel: counted once, here (a VNF two networks name is
+    /// counted by the first that leaves).
     fn depart(&self, name: &str, a: &Applied) {
         let d = &a.descriptor;
+        let own: Vec<&String> = a.builtins.keys().chain(a.endpoints.keys()).collect();
+        for n in own.iter().copied().chain(a.tunnels.keys()) {
+            let _ = self.dp.remove_node(n);
+        }
         let sinks = a
             .sinks
             .iter()
             .map(|(n, s)| sink_status(n, &s.lock().unwrap_or_else(|p| p.into_inner())).0)
             .collect();
-        let (links, counted) = {
-            let panel = self.dp.panel();
-            let links = d
-                .parsed_links()
-                .into_iter()
-                .map(|(i, link)| {
-                    let c = self
-                        .local_spec(name, a, i, &link)
-                        .and_then(|spec| panel.link_counters(&spec));
-                    LinkState {
-                        link: d.spec.links[i].clone(),
-                        active: false,
-                        packets: c.map_or(0, |c| c.packets),
-                        bytes: c.map_or(0, |c| c.bytes),
-                        drops: c.map_or(0, |c| c.drops),
-                        since: c.map_or_else(String::new, |c| unix_ms_rfc3339(c.since_unix_ms)),
-                    }
-                })
-                .collect::<Vec<_>>();
-            // The network's own nodes go with it; a VNF it names counts here once it left.
-            let own = a
-                .builtins
-                .keys()
-                .chain(a.endpoints.keys())
-                .chain(a.tunnels.keys())
-                .cloned();
-            let left = d
-                .named_vnfs()
-                .into_iter()
-                .filter(|n| panel.node_ports(n).is_none());
-            let counted: Vec<(String, NodeDrops)> = own
-                .chain(left)
-                .filter_map(|n| Some((n.clone(), panel.node_drops(&n)?)))
-                .collect();
-            (links, counted)
-        };
-        self.tear_down(name, a);
         let mut panel = self.dp.panel();
+        let links = d
+            .parsed_links()
+            .into_iter()
+            .map(|(i, link)| {
+                let spec = self.local_spec(name, a, i, &link);
+                let c = spec.as_ref().and_then(|spec| panel.link_counters(spec));
+                LinkState {
+                    link: d.spec.links[i].clone(),
+                    active: false,
+                    packets: c.map_or(0, |c| c.packets),
+                    bytes: c.map_or(0, |c| c.bytes),
+                    drops: c.map_or(0, |c| c.drops) + self.tunnel_drops(a, i, spec.as_ref()),
+                    since: c.map_or_else(String::new, |c| unix_ms_rfc3339(c.since_unix_ms)),
+                }
+            })
+            .collect();
+        let left = d
+            .named_vnfs()
+            .into_iter()
+            .filter(|n| panel.node_ports(n).is_none());
+        let counted: Vec<(String, NodeDrops)> = own
+            .into_iter()
+            .cloned()
+            .chain(left)
+            .filter_map(|n| Some((n.clone(), panel.node_drops(&n)?)))
+            .collect();
         for (n, _) in &counted {
             panel.forget_node_drops(n);
         }
+        for n in a.tunnels.keys() {
+            panel.forget_node_drops(n);
+        }
+        // Known to the panel once applied, even with no link live (unknown: nothing to do).
+        let _ = panel.delete_network(name);
         drop(panel);
         let counts = DepartedCounts {
             host: self.host.clone(),
@@ -444,32 +451,43 @@ impl NetworkReconciler {
             sinks,
         };
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(before) = departed.get_mut(name) {
-            before.add(counts);
-        } else {
-            if departed.len() >= DEPARTED_KEPT
-                && let Some(oldest) = departed
-                    .iter()
-                    .min_by(|x, y| x.1.left_at.cmp(&y.1.left_at))
-                    .map(|(n, _)| n.clone())
-            {
-                departed.remove(&oldest);
-            }
-            departed.insert(name.to_owned(), counts);
+        if !departed.contains_key(name)
+            && departed.len() >= DEPARTED_KEPT
+            && let Some(oldest) = departed
+                .iter()
+                .min_by(|x, y| last_left(x.1).cmp(last_left(y.1)))
+                .map(|(n, _)| n.clone())
+        {
+            departed.remove(&oldest);
         }
+        let list = departed.entry(name.to_owned()).or_default();
+        if list.len() >= DEPARTURES_KEPT {
+            list.remove(0);
+        }
+        list.push(counts);
     }
 
-    fn tear_down(&self, name: &str, a: &Applied) {
-        // Known to the panel once applied, even with no link live (unknown: nothing to do).
-        let _ = self.dp.panel().delete_network(name);
-        for b in a
-            .builtins
-            .keys()
-            .chain(a.endpoints.keys())
-            .chain(a.tunnels.keys())
-        {
-            let _ = self.dp.remove_node(b);
-        }
+    /// What descriptor link `i` of `a` (`spec` its link here) lost beyond its ring: a link into
+    /// a tunnel, what the tunnel could not send; one out of a tunnel, what it received but could
+    /// not queue; a link between hosts, what the endpoint here dropped of its VNI (for no
+    /// tunnel, or in a tunnel removed since).
+    fn tunnel_drops(&self, a: &Applied, i: usize, spec: Option<&LinkSpec>) -> u64 {
+        let vni_drops = match (&self.vxlan, &a.span) {
+            (Some(e), Some(span)) => span.link_vni(i).map_or(0, |v| e.vni_drops(v)),
+            _ => 0,
+        };
+        vni_drops
+            + spec.map_or(0, |spec| {
+                let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
+                    let t = &t.stats;
+                    t.tx_errors.load(Ordering::Relaxed) + t.tx_too_big.load(Ordering::Relaxed)
+                });
+                let received = a.tunnels.get(spec.from.node.as_str()).map_or(0, |t| {
+                    let t = &t.stats;
+                    t.rx_queue_full.load(Ordering::Relaxed) + t.rx_too_big.load(Ordering::Relaxed)
+                });
+                sent + received
+            })
     }
 
     /// Brings the built-in nodes and steering endpoints of `a` to those of `d`: nodes that
@@ -901,15 +919,14 @@ impl NetworkReconciler {
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
-            .into_iter()
-            .collect();
+            .unwrap_or_default();
         let mut st = match applied.get(name) {
             Some(a) => self.live_status(d, a),
             None if departed.is_empty() => return None,
             None => {
                 let mut st = NetworkStatus::idle(d);
                 st.waiting
-                    .push("the network is not on this host's data plane now".to_owned());
+                    .push("the network is not applied to this host's data plane (yet)".to_owned());
                 st
             }
         };
@@ -935,27 +952,7 @@ impl NetworkReconciler {
                 }
             }
             let l = spec.as_ref().and_then(&live);
-            // A link into a tunnel also loses what the tunnel could not send; one out of a
-            // tunnel, what it received but could not queue; a link between hosts, what the
-            // endpoint here dropped of its VNI (for no tunnel, or in a tunnel removed since).
-            let vni_drops = match (&self.vxlan, &a.span) {
-                (Some(e), Some(span)) => span.link_vni(i).map_or(0, |v| e.vni_drops(v)),
-                _ => 0,
-            };
-            let tunnel_drops = vni_drops
-                + spec.map_or(0, |spec| {
-                    let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
-                        let t = &t.stats;
-                        t.tx_errors.load(Ordering::Relaxed) + t.tx_too_big.load(Ordering::Relaxed)
-                    });
-                    let received = a.tunnels.get(spec.from.node.as_str()).map_or(0, |t| {
-                        let t = &t.stats;
-                        t.rx_queue_full.load(Ordering::Relaxed)
-                            + t.rx_too_big.load(Ordering::Relaxed)
-                    });
-                    sent + received
-                });
-            let drops = l.map_or(0, |s| s.counters.drops) + tunnel_drops;
+            let drops = l.map_or(0, |s| s.counters.drops) + self.tunnel_drops(a, i, spec.as_ref());
             if let Some(s) = l {
                 // The table's row shows the link's whole drops, its tunnel's and VNI's too.
                 let mut row = s.clone();
@@ -1233,7 +1230,6 @@ impl NetworkReconciler {
     }
 }
 
-/// `ms` since the Unix epoch as RFC 3339 (empty for 0: not recorded).
 /// What `net show` reports of sink `name`, with its summary.
 fn sink_status(name: &str, state: &SinkState) -> (SinkStatus, SinkSummary) {
     let s = state.summary();
@@ -1251,6 +1247,7 @@ fn sink_status(name: &str, state: &SinkState) -> (SinkStatus, SinkSummary) {
     (st, s)
 }
 
+/// `ms` since the Unix epoch as RFC 3339 (empty for 0: not recorded).
 fn unix_ms_rfc3339(ms: u64) -> String {
     if ms == 0 {
         return String::new();
@@ -1432,15 +1429,16 @@ mod tests {
         let fw_out = second.links[1].packets;
         r.sync(&[]);
         let st = r.status(&d).unwrap();
-        let [both] = &st.departed[..] else {
-            panic!("one host's departures: {st:?}")
+        let [first, then] = &st.departed[..] else {
+            panic!("two departures, each apart: {st:?}")
         };
+        assert_eq!(first, left);
+        assert!(then.links[1].packets >= fw_out, "{then:?}");
+        assert!(then.left_at >= left.left_at, "{then:?}");
         assert!(
-            both.links[1].packets >= left.links[1].packets + fw_out,
-            "{both:?}"
+            then.node_drops.is_empty(),
+            "fw1 dropped nothing there: {then:?}"
         );
-        assert!(both.links[0].packets > left.links[0].packets, "{both:?}");
-        assert!(both.left_at >= left.left_at, "{both:?}");
     }
 
     #[test]

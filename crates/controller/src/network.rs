@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use telvirt_api::{NetworkSet, NetworkSpan, NodeReply, NodeRequest};
 use telvirt_model::network::{
-    Endpoint, LatencyProbe, LatencyReport, Network, NetworkDescriptor, NetworkStatus, SteerRequest,
-    add_node_drops, add_sinks, parse_network,
+    DepartedCounts, Endpoint, LatencyProbe, LatencyReport, Network, NetworkDescriptor,
+    NetworkStatus, SteerRequest, add_node_drops, add_sinks, parse_network,
 };
 use telvirt_model::{FieldError, Format, Name, Vnf};
 use telvirt_store::{Compare, Op};
@@ -763,11 +763,26 @@ impl Controller {
 
     /// One network with its live state from the data planes of the hosts holding it.
     pub async fn network(&self, caller: &Caller, name: &str) -> Result<Network> {
+        self.network_with(caller, name, true).await
+    }
+
+    /// [`Controller::network`]; with `departed`, the counts the network left on hosts
+    /// that no longer hold it too (every Ready host is asked), else those of its holders only.
+    pub(crate) async fn network_with(
+        &self,
+        caller: &Caller,
+        name: &str,
+        departed: bool,
+    ) -> Result<Network> {
         let (mut n, _) = self.visible_network(caller, name).await?;
         let holders = self.network_hosts(&n.descriptor).await?;
         // The other hosts may be ones the network left (a VNF moved or failed over away):
         // they keep its final counts there.
-        let mut others = self.ready_agent_hosts().await?;
+        let mut others = if departed {
+            self.ready_agent_hosts().await?
+        } else {
+            Vec::new()
+        };
         others.retain(|h| !holders.contains(h));
         let ask = |host: String| {
             let request = NodeRequest::NetworkStatus {
@@ -901,18 +916,28 @@ fn merge_statuses(
     st
 }
 
-/// Keeps the hosts' departed counts of the network made at `created_at` (not those of an
-/// earlier network of the same name, which left before it was made) and adds them to the
-/// table, oldest departure first.
+/// Keeps the hosts' departures of the network made at `created_at` (not those of an earlier
+/// network of the same name, which left before it was made; by the hosts' clocks against the
+/// controller's), sums them per host and adds them to the table, the host left first first.
 fn add_departed(st: &mut NetworkStatus, created_at: &str) {
     let made = humantime::parse_rfc3339(created_at).ok();
-    st.departed.retain(|d| {
-        let left = humantime::parse_rfc3339(&d.left_at).ok();
-        match (made, left) {
-            (Some(made), Some(left)) => left >= made,
-            _ => true,
+    let mut kept: Vec<DepartedCounts> = std::mem::take(&mut st.departed)
+        .into_iter()
+        .filter(|d| {
+            let left = humantime::parse_rfc3339(&d.left_at).ok();
+            match (made, left) {
+                (Some(made), Some(left)) => left >= made,
+                _ => true,
+            }
+        })
+        .collect();
+    kept.sort_by(|a, b| a.left_at.cmp(&b.left_at));
+    for d in kept {
+        match st.departed.iter_mut().find(|x| x.host == d.host) {
+            Some(x) => x.add(d),
+            None => st.departed.push(d),
         }
-    });
+    }
     st.departed.sort_by(|a, b| a.left_at.cmp(&b.left_at));
     for d in &st.departed {
         st.table.push_str(&d.render());
@@ -1011,13 +1036,18 @@ mod tests {
         );
         st.departed = vec![
             left("h2", "2026-12-06T10:00:02.000Z", 40),
-            left("h1", "2026-12-06T10:00:01.000Z", 30),
+            left("h1", "2026-12-06T10:00:01.000Z", 20),
             // Left before the network was made: an earlier network of the same name.
             left("h3", "2026-12-06T09:59:59.000Z", 99),
+            left("h1", "2026-12-06T09:59:58.000Z", 500),
+            // h1 left it twice: the counts add up, the later time stays.
+            left("h1", "2026-12-06T10:00:00.500Z", 10),
         ];
         add_departed(&mut st, "2026-12-06T10:00:00.000Z");
         let hosts: Vec<&str> = st.departed.iter().map(|d| d.host.as_str()).collect();
         assert_eq!(hosts, ["h1", "h2"]);
+        assert_eq!(st.departed[0].links[0].packets, 30);
+        assert_eq!(st.departed[0].node_drops[0].refused, 14);
         let h1 = st
             .table
             .find("host h1, which the network left at 2026-12-06T10:00:01.000Z");

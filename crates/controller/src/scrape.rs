@@ -85,7 +85,9 @@ impl Controller {
             self.networks(caller)
                 .await?
                 .into_iter()
-                .map(|n| async move { self.network(caller, n.name.as_str()).await }),
+                // Holders only: the counts a network left on other hosts are not metrics (a
+                // scrape would ask every host for every network).
+                .map(|n| async move { self.network_with(caller, n.name.as_str(), false).await }),
         )
         .await
         .into_iter()

@@ -65,9 +65,10 @@ pub struct PatchPanel {
     retired: BTreeMap<LinkSpec, Arc<LinkCounters>>,
     /// Per network, links `remove_node` took out of it (their counters retired).
     stripped: BTreeMap<String, std::collections::BTreeSet<LinkSpec>>,
-    /// Drop counters of removed nodes, handed back when a node of the same name is added again
-    /// (a restarted VNF), so a node's drops only grow too; at most [`RETIRED_COUNTERS`] are kept.
-    retired_drops: BTreeMap<String, Arc<NodeCounters>>,
+    /// The final drops of removed nodes, by name, with the order of their removal: readable
+    /// until a node of that name is added again (which starts from zero) or they are forgotten;
+    /// at most [`RETIRED_COUNTERS`], the earliest removed go first.
+    retired_drops: BTreeMap<String, (u64, NodeDrops)>,
 }
 
 impl PatchPanel {
@@ -140,7 +141,8 @@ impl PatchPanel {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let drops = self.retired_drops.remove(name).unwrap_or_default();
+        self.retired_drops.remove(name);
+        let drops = Arc::new(NodeCounters::default());
         w.send(vec![Cmd::AddNode {
             id,
             node,
@@ -184,15 +186,23 @@ impl PatchPanel {
             .nodes
             .remove(name)
             .expect("invariant: node checked present above");
-        if self.retired_drops.len() >= RETIRED_COUNTERS {
-            self.retired_drops.pop_first();
+        self.update_busy_poll(e.worker);
+        let node = self.workers[e.worker]
+            .remove_node(e.id)
+            .ok_or_else(|| Error::Graph(format!("worker of {name} stopped")))?;
+        // Off its worker: its drops are final.
+        if self.retired_drops.len() >= RETIRED_COUNTERS
+            && let Some(earliest) = self
+                .retired_drops
+                .iter()
+                .min_by_key(|(_, (order, _))| *order)
+                .map(|(n, _)| n.clone())
+        {
+            self.retired_drops.remove(&earliest);
         }
         self.retired_drops
-            .insert(name.to_owned(), Arc::clone(&e.drops));
-        self.update_busy_poll(e.worker);
-        self.workers[e.worker]
-            .remove_node(e.id)
-            .ok_or_else(|| Error::Graph(format!("worker of {name} stopped")))
+            .insert(name.to_owned(), (e.id, e.drops.snapshot()));
+        Ok(node)
     }
 
     /// The links now in force.
@@ -447,15 +457,13 @@ impl PatchPanel {
     /// on the panel or was (its final count, until a node of that name comes back or
     /// [`PatchPanel::forget_node_drops`]).
     pub fn node_drops(&self, name: &str) -> Option<NodeDrops> {
-        self.nodes
-            .get(name)
-            .map(|e| &e.drops)
-            .or_else(|| self.retired_drops.get(name))
-            .map(|d| d.snapshot())
+        match self.nodes.get(name) {
+            Some(e) => Some(e.drops.snapshot()),
+            None => self.retired_drops.get(name).map(|(_, d)| *d),
+        }
     }
 
-    /// Forgets the drops of removed node `name` (a node on the panel keeps its own): a node of
-    /// that name added later starts from zero.
+    /// Forgets the final drops of removed node `name` (a node on the panel keeps its own).
     pub fn forget_node_drops(&mut self, name: &str) {
         self.retired_drops.remove(name);
     }

@@ -246,7 +246,6 @@ impl NetworkDescriptor {
             .collect()
     }
 
-    /// The built-in node named `name`.
     /// The VNFs it names: link ends that are not its own nodes, and steering instances.
     pub fn named_vnfs(&self) -> BTreeSet<String> {
         let mut out = BTreeSet::new();
@@ -266,6 +265,7 @@ impl NetworkDescriptor {
         out
     }
 
+    /// The built-in node named `name`.
     pub fn builtin(&self, name: &str) -> Option<&BuiltinNode> {
         self.spec.nodes.iter().find(|n| n.name.as_str() == name)
     }
@@ -601,12 +601,13 @@ impl NetworkStatus {
     }
 }
 
-/// The final counts of a network's part on a host it left, summed over each time it left
-/// (the agent keeps them while it runs; the most recent networks only).
+/// The final counts of a network's part on a host it left: one departure as the host's agent
+/// keeps it (while it runs; the latest departures of the networks that left last), or, as
+/// `net show` gives them, every departure of the network from that host summed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DepartedCounts {
     pub host: String,
-    /// When the network last left the host (RFC 3339).
+    /// When the network (last) left the host (RFC 3339, by the host's clock).
     pub left_at: String,
     /// One entry per descriptor link the host carried (`active` false, `since` when its
     /// counters there started).
