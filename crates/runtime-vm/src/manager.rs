@@ -298,7 +298,13 @@ impl VmManager {
         // A uid of its own for this QEMU where it can have one (else the shared user, said).
         let mut lease = None;
         if confine::wants_own_uid(&self.confinement, &caps, euid) {
-            match UidLease::take(Path::new(LEASE_DIR), OWN_UIDS, &cfg.name) {
+            let hint = cfg.name.clone();
+            let taken = tokio::task::spawn_blocking(move || {
+                UidLease::take(Path::new(LEASE_DIR), OWN_UIDS, &hint)
+            })
+            .await
+            .map_err(|e| Error::io("take a uid lease")(std::io::Error::other(e.to_string())))?;
+            match taken {
                 Ok(l) => lease = Some(l),
                 Err(e) => warnings.push(format!(
                     "QEMU shares its user with the host's other QEMUs: no uid of its own ({e})"
@@ -315,9 +321,14 @@ impl VmManager {
             };
             let user = plan.applied.user.clone();
             lease = None;
+            let user = if own.is_some() {
+                format!("its own uid {}", plan.applied.uid)
+            } else {
+                format!("`{user}`")
+            };
             plan = confine::plan(&stay, &caps, euid, confine::lookup_user, None)?;
             plan.warnings.push(format!(
-                "lock_memory: telvirt cannot lift RLIMIT_MEMLOCK for QEMU (hard limit set and no CAP_SYS_RESOURCE), so QEMU keeps uid {euid} instead of `{user}`"
+                "lock_memory: telvirt cannot lift RLIMIT_MEMLOCK for QEMU (hard limit set and no CAP_SYS_RESOURCE), so QEMU keeps uid {euid} instead of {user}"
             ));
         }
         for w in &plan.warnings {
@@ -359,7 +370,22 @@ impl VmManager {
         let log2 = log
             .try_clone()
             .map_err(Error::io("clone qemu.log handle"))?;
-        let mut cmd = Command::from(crate::confine::child_command(&self.qemu));
+        let mut std_cmd = crate::confine::child_command(&self.qemu);
+        if let Some(lease) = &lease {
+            // QEMU inherits the lease's lock (after `child_command` marked every descriptor
+            // close-on-exec): its uid stays held while it runs, whatever becomes of this process.
+            let fd = lease.fd();
+            // SAFETY: the closure calls only fcntl, which is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut std_cmd, move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut cmd = Command::from(std_cmd);
         cmd.args(&args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
@@ -386,6 +412,8 @@ impl VmManager {
         let mut child = cmd
             .spawn()
             .map_err(Error::io(format!("spawn {}", self.qemu.display())))?;
+        // QEMU holds the lease now.
+        drop(lease);
         let pid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())
@@ -448,7 +476,6 @@ impl VmManager {
             VmPhase::Starting,
             cfg.peripherals.clone(),
             Adopted::No,
-            lease,
         );
         Ok((handle, guard))
     }
@@ -524,17 +551,6 @@ impl VmManager {
         };
         let stream_undone = orphan.as_ref().is_some_and(|o| o.undone);
         let mut warnings = persisted.warnings.clone();
-        // Its own uid is held again for it (no other QEMU gets it meanwhile: it runs with it).
-        let lease = match &persisted.confinement {
-            Some(c) if c.own_uid => match UidLease::retake(Path::new(LEASE_DIR), c.uid) {
-                Ok(lease) => lease,
-                Err(e) => {
-                    tracing::warn!("vm {name}: its uid {} not held again: {e}", c.uid);
-                    None
-                }
-            },
-            _ => None,
-        };
         warnings.push(format!(
             "adopted running QEMU pid {pid} (state {})",
             status.status
@@ -557,7 +573,6 @@ impl VmManager {
             phase,
             grants,
             Adopted::Yes { stream_undone },
-            lease,
         );
         if phase == VmPhase::Running && handle.inner.config.wait_for_agent {
             match handle.connect_agent(Duration::from_secs(15)).await {
@@ -634,8 +649,6 @@ struct Inner {
     warnings: Vec<String>,
     adopted: Adopted,
     confinement: Option<Applied>,
-    /// Holds the uid of its own its QEMU runs as, while this VM is known here.
-    _uid_lease: Option<UidLease>,
     /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
     /// event, µs since the Unix epoch): set once, so a later unlock's resume is not taken for it.
     arrival_resumed_at: std::sync::OnceLock<u64>,
@@ -692,7 +705,6 @@ impl VmHandle {
         phase: VmPhase,
         grants: Vec<Grant>,
         adopted: Adopted,
-        uid_lease: Option<UidLease>,
     ) -> Self {
         let vcpus = s
             .cpus
@@ -720,7 +732,6 @@ impl VmHandle {
                 warnings: p.warnings,
                 adopted,
                 confinement: p.confinement,
-                _uid_lease: uid_lease,
                 arrival_resumed_at: std::sync::OnceLock::new(),
                 arrival_agent: Mutex::new(None),
             }),

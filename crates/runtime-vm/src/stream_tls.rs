@@ -208,8 +208,9 @@ fn give_to(uid: Option<u32>, paths: &[&Path]) -> std::io::Result<()> {
 }
 
 /// Removes the key's file, once QEMU no longer reads it (its credentials loaded it, or its
-/// stream is past the handshake) or the stream ended: QEMU's user is shared by every QEMU of
-/// the host (ADR 044), so the file is left to it no longer than needed. Idempotent.
+/// stream is past the handshake) or the stream ended: where QEMU's user is shared by the
+/// host's QEMUs (ADR 044, no uid of its own: ADR 068), the file is left to it no longer than
+/// needed. Idempotent.
 pub(crate) fn forget_key(state_dir: &Path) {
     let dir = state_dir.join(KEY_DIR);
     if let Err(e) = std::fs::remove_dir_all(&dir)

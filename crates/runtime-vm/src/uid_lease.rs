@@ -3,15 +3,16 @@
 //! guest that broke out into its QEMU reached every other VM of the host.
 //!
 //! Owns choosing a free uid of [`OWN_UIDS`] and holding it: an exclusive lock on the uid's
-//! file in the host-wide lease directory while the lease lives (two telvirt processes on one
-//! host never give one uid out twice), and no process ran with the uid when it was taken (a
-//! QEMU whose agent went away keeps its uid). It must not start QEMU nor decide whether a QEMU
-//! gets an own uid (`confine::plan` does).
+//! file in the host-wide lease directory, which QEMU inherits and so holds until it exits (two
+//! telvirt processes on one host never give one uid out twice, whatever becomes of the one that
+//! started it); a uid some process runs with, a user or group of the host has, or
+//! `/etc/subuid`/`/etc/subgid` hands out is passed over. It must not start QEMU nor decide
+//! whether a QEMU gets an own uid (`confine::plan` does).
 
 use std::collections::BTreeSet;
 use std::fs::File;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -23,12 +24,12 @@ pub const OWN_UIDS: std::ops::Range<u32> = 1_900_000_000..1_900_065_536;
 /// The host-wide directory of the uid leases: one file per uid taken, locked by its holder.
 pub const LEASE_DIR: &str = "/run/telvirt/qemu-uids";
 
-/// One uid held for one VM's QEMU until dropped.
+/// One uid held for one VM's QEMU: the lock goes when every copy of its descriptor is closed
+/// (this one, and QEMU's once it inherited it: [`UidLease::fd`]).
 #[derive(Debug)]
 pub struct UidLease {
     uid: u32,
-    /// Holds the uid's exclusive lock (released when closed).
-    _lock: File,
+    lock: File,
 }
 
 impl UidLease {
@@ -36,9 +37,31 @@ impl UidLease {
         self.uid
     }
 
-    /// A free uid of `range` (no other lease holds it, no process runs with it), trying first
-    /// the place `hint` hashes to, so a VM started again tends to get the uid it had.
+    /// The lock's descriptor, for QEMU to inherit (clear its close-on-exec in the child): the
+    /// uid is then held as long as QEMU runs.
+    pub fn fd(&self) -> RawFd {
+        self.lock.as_raw_fd()
+    }
+
+    /// A free uid of `range` (see the module), trying first the place `hint` hashes to, so a
+    /// VM started again tends to get the uid it had.
     pub fn take(dir: &Path, range: std::ops::Range<u32>, hint: &str) -> Result<Self> {
+        let busy = uids_in_use()?;
+        let handed = sub_ranges();
+        Self::take_in(dir, range, hint, |uid| {
+            !busy.contains(&uid)
+                && !handed.iter().any(|r| r.contains(&u64::from(uid)))
+                && !known_id(uid)
+        })
+    }
+
+    /// [`UidLease::take`] with `free` saying which uids nothing else of the host has.
+    fn take_in(
+        dir: &Path,
+        range: std::ops::Range<u32>,
+        hint: &str,
+        free: impl Fn(u32) -> bool,
+    ) -> Result<Self> {
         let len = range.end.saturating_sub(range.start);
         if len == 0 {
             return Err(Error::InvalidConfig {
@@ -47,40 +70,56 @@ impl UidLease {
             });
         }
         make_dir(dir)?;
-        let busy = uids_in_use()?;
         let start = fnv1a(hint.as_bytes()) % u64::from(len);
         for i in 0..u64::from(len) {
             let uid = range.start + ((start + i) % u64::from(len)) as u32;
-            if busy.contains(&uid) {
+            if !free(uid) {
                 continue;
             }
             if let Some(lock) = try_lock(dir, uid)? {
-                return Ok(Self { uid, _lock: lock });
+                return Ok(Self { uid, lock });
             }
         }
         Err(Error::InvalidConfig {
             field: "qemu uids",
             reason: format!(
-                "every uid of {}..{} is held by a lease or runs a process",
+                "every uid of {}..{} is held by a lease, runs a process or belongs to the host",
                 range.start, range.end
             ),
         })
     }
 
-    /// Holds `uid` again for a QEMU that runs with it already (a VM adopted by a new
-    /// process); `None` when another lease holds it.
-    pub fn retake(dir: &Path, uid: u32) -> Result<Option<Self>> {
+    /// Whether `uid`'s lease is held now (by a telvirt process or the QEMU that inherited it).
+    pub fn held(dir: &Path, uid: u32) -> Result<bool> {
         make_dir(dir)?;
-        Ok(try_lock(dir, uid)?.map(|lock| Self { uid, _lock: lock }))
+        Ok(try_lock(dir, uid)?.is_none())
     }
 }
 
+/// Makes `dir` (owned by this process's user, mode 0700) or checks that it is so: a directory
+/// another user could write to could put a link in a lease's place.
 fn make_dir(dir: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(Error::io(format!("create {}", dir.display())))
+        .map_err(Error::io(format!("create {}", dir.display())))?;
+    let meta =
+        std::fs::symlink_metadata(dir).map_err(Error::io(format!("stat {}", dir.display())))?;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != euid || meta.mode() & 0o077 != 0 {
+        return Err(Error::InvalidConfig {
+            field: "qemu uids",
+            reason: format!(
+                "{} must be a directory of uid {euid} that no one else may enter (mode 0700); it is uid {}, mode {:o}",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// The lock of `uid`'s file in `dir`, unless another open file holds it.
@@ -92,6 +131,7 @@ fn try_lock(dir: &Path, uid: u32) -> Result<Option<File>> {
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(Error::io(format!("open {}", path.display())))?;
     // SAFETY: flock on a descriptor this function owns.
@@ -141,6 +181,44 @@ fn status_uids(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The id ranges `/etc/subuid` and `/etc/subgid` hand to users (their containers' ids).
+fn sub_ranges() -> Vec<std::ops::Range<u64>> {
+    ["/etc/subuid", "/etc/subgid"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .flat_map(|text| text.lines().filter_map(sub_range).collect::<Vec<_>>())
+        .collect()
+}
+
+/// The range of one `NAME:FIRST:COUNT` line.
+fn sub_range(line: &str) -> Option<std::ops::Range<u64>> {
+    let mut parts = line.trim().split(':');
+    let (_, first, count) = (parts.next()?, parts.next()?, parts.next()?);
+    let first: u64 = first.parse().ok()?;
+    Some(first..first + count.parse::<u64>().ok()?)
+}
+
+/// Whether the host knows `uid` as a user or as a group (the own gid is the uid).
+fn known_id(uid: u32) -> bool {
+    let mut buf = vec![0u8; 16384];
+    // SAFETY: plain data, all-zero is a valid empty record.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut pout: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; nothing of the record is read.
+    let user =
+        unsafe { libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr().cast(), buf.len(), &mut pout) };
+    if user != 0 || !pout.is_null() {
+        return true;
+    }
+    // SAFETY: as above.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut gout: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: as above.
+    let group =
+        unsafe { libc::getgrgid_r(uid, &mut grp, buf.as_mut_ptr().cast(), buf.len(), &mut gout) };
+    group != 0 || !gout.is_null()
+}
+
 /// FNV-1a: a stable spread of a VM's name over the range.
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -152,41 +230,69 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    const RANGE: std::ops::Range<u32> = 5000..5003;
+
+    /// A lease directory of its own (made by the first take, mode 0700), in a temporary one.
+    fn leases() -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let leases = dir.path().join("leases");
+        (dir, leases)
+    }
+
     #[test]
     fn a_held_uid_is_not_given_again_until_its_lease_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let range = OWN_UIDS.start..OWN_UIDS.start + 2;
-        let a = UidLease::take(dir.path(), range.clone(), "vm-a").unwrap();
-        let b = UidLease::take(dir.path(), range.clone(), "vm-a").unwrap();
+        let (_tmp, dir) = leases();
+        let two = RANGE.start..RANGE.start + 2;
+        let a = UidLease::take_in(&dir, two.clone(), "vm-a", |_| true).unwrap();
+        let b = UidLease::take_in(&dir, two.clone(), "vm-a", |_| true).unwrap();
         assert_ne!(a.uid(), b.uid());
-        assert!(range.contains(&a.uid()) && range.contains(&b.uid()));
-        let e = UidLease::take(dir.path(), range.clone(), "vm-c").unwrap_err();
+        assert!(two.contains(&a.uid()) && two.contains(&b.uid()));
+        let e = UidLease::take_in(&dir, two.clone(), "vm-c", |_| true).unwrap_err();
         assert!(e.to_string().contains("every uid of"), "{e}");
-        assert!(UidLease::retake(dir.path(), a.uid()).unwrap().is_none());
+        assert!(UidLease::held(&dir, a.uid()).unwrap());
         let uid = a.uid();
         drop(a);
-        assert_eq!(
-            UidLease::retake(dir.path(), uid).unwrap().map(|l| l.uid()),
-            Some(uid)
-        );
+        assert!(!UidLease::held(&dir, uid).unwrap());
         // The same name tends to the same uid.
         drop(b);
-        let again = UidLease::take(dir.path(), range, "vm-a").unwrap();
+        let again = UidLease::take_in(&dir, two, "vm-a", |_| true).unwrap();
         assert_eq!(again.uid(), uid);
     }
 
     #[test]
-    fn a_uid_some_process_runs_with_is_passed_over() {
-        let dir = tempfile::tempdir().unwrap();
-        // SAFETY: getuid has no preconditions.
-        let mine = unsafe { libc::getuid() };
-        let lease = UidLease::take(dir.path(), mine..mine + 2, "x").unwrap();
-        assert_eq!(lease.uid(), mine + 1);
-        assert!(UidLease::take(dir.path(), mine..mine + 1, "x").is_err());
+    fn a_uid_the_host_has_is_passed_over() {
+        let (_tmp, dir) = leases();
+        let taken = [5000, 5001];
+        let lease = UidLease::take_in(&dir, RANGE, "x", |uid| !taken.contains(&uid)).unwrap();
+        assert_eq!(lease.uid(), 5002);
+        assert!(UidLease::take_in(&dir, RANGE, "x", |uid| !taken.contains(&uid)).is_err());
+        assert!(UidLease::take_in(&dir, 7..7, "x", |_| true).is_err());
+        // What the host has: root is a user and a group; the own range is neither.
+        assert!(known_id(0));
+        assert!(!known_id(OWN_UIDS.start));
     }
 
     #[test]
-    fn the_uid_line_of_a_status_is_read() {
+    fn a_lease_directory_others_may_enter_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let leases = dir.path().join("leases");
+        std::fs::create_dir(&leases).unwrap();
+        std::fs::set_permissions(&leases, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let e = UidLease::take_in(&leases, RANGE, "x", |_| true).unwrap_err();
+        assert!(
+            e.to_string().contains("mode 0700") && e.to_string().contains("755"),
+            "{e}"
+        );
+        // A link in a lease's place is not followed.
+        std::fs::set_permissions(&leases, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), leases.join("5000")).unwrap();
+        assert!(UidLease::take_in(&leases, 5000..5001, "x", |_| true).is_err());
+        assert!(!dir.path().join("elsewhere").exists());
+    }
+
+    #[test]
+    fn the_uid_line_of_a_status_and_the_sub_id_lines_are_read() {
         assert_eq!(
             status_uids(
                 "Name:\tqemu\nUid:\t1900000001\t1900000001\t1900000001\t1900000001\nGid:\t0\n"
@@ -194,5 +300,10 @@ mod tests {
             vec![1_900_000_001; 4]
         );
         assert!(status_uids("Name:\tx\n").is_empty());
+        assert_eq!(sub_range("alice:100000:65536"), Some(100_000..165_536));
+        assert_eq!(sub_range("broken"), None);
+        // The processes of this host are found (this one among them).
+        // SAFETY: getuid has no preconditions.
+        assert!(uids_in_use().unwrap().contains(&unsafe { libc::getuid() }));
     }
 }
