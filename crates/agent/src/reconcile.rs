@@ -802,8 +802,10 @@ impl Inner {
         let passed = r.finish(name, HANDOFF_DRAIN).await;
         let queued = runtime.frozen(name).unwrap_or(queued);
         if passed < queued {
-            // Still queued here when the stream ended, or refused by the destination's
-            // bounded queue: the instance's removal drops them.
+            // Still queued here when the stream ended, or refused by the destination (it
+            // counts those it took beyond its queue's bound itself): the instance's removal
+            // drops them, counted as its node's drops here.
+            runtime.count_lost(name, queued - passed);
             tracing::warn!(vnf = %name, queued, passed, lost = queued - passed, "handed over: not every packet queued since the freeze reached the destination");
         } else {
             tracing::info!(vnf = %name, queued, passed, "handed over: the packets queued since the freeze went to the destination");

@@ -2111,7 +2111,9 @@ async fn pass_packets(
             if ack.updates < n {
                 tracing::warn!(vnf = %header.vnf, dropped = n - ack.updates, "the destination's queue took only part of the packets handed over");
             }
-            Err(SendError::Passed(ack.updates))
+            // Passed on: what the destination's queue could not take it counts as its own
+            // node's drops.
+            Err(SendError::Passed(n))
         }
         _ => {
             tracing::warn!(vnf = %header.vnf, packets = n, "the destination refused the packets handed over: {}", ack.message);

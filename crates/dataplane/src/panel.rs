@@ -463,6 +463,20 @@ impl PatchPanel {
         }
     }
 
+    /// Counts `packets` as dropped by node `name`'s own doing (frames it held outside the
+    /// panel and will not deliver); false when it is not on the panel.
+    pub fn count_refused(&self, name: &str, packets: u64) -> bool {
+        match self.nodes.get(name) {
+            Some(e) => {
+                e.drops
+                    .refused
+                    .fetch_add(packets, std::sync::atomic::Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Forgets the final drops of removed node `name` (a node on the panel keeps its own).
     pub fn forget_node_drops(&mut self, name: &str) {
         self.retired_drops.remove(name);

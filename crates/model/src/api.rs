@@ -761,7 +761,8 @@ pub struct ReplicationStatus {
     /// A moving vm's stream, as the source's QEMU last reported it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestStream>,
-    /// Packets a frozen source passed on to the destination (its move's hand-off).
+    /// Packets a frozen source passed on to the destination (its move's hand-off), taken by
+    /// the destination's agent (what its queue could not hold it counts as its VNF's drops).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub packets_passed: u64,
     /// A wasm move's downtime, on the source's clock: from its freeze (the divert: what

@@ -849,7 +849,9 @@ impl crate::replication::ReplicaState for WasmRuntime {
         let sent = frames.len();
         let taken = handoff.hand_in(frames);
         if taken < sent {
-            tracing::warn!(vnf = %vnf, dropped = sent - taken, "handed-over packets beyond the queue's bound dropped");
+            let dropped = sent - taken;
+            tracing::warn!(vnf = %vnf, dropped, "handed-over packets beyond the queue's bound dropped");
+            Runtime::count_lost(self, vnf, u64::try_from(dropped).unwrap_or(u64::MAX));
         }
         Ok(u64::try_from(taken).unwrap_or(u64::MAX))
     }
@@ -1471,6 +1473,12 @@ impl Runtime for WasmRuntime {
             .map(|e| e.handoff.diverted_total())
     }
 
+    fn count_lost(&self, name: &Name, packets: u64) {
+        if !self.dataplane.panel().count_refused(name.as_str(), packets) {
+            tracing::warn!(vnf = %name, packets, "lost packets not counted: the VNF is not on the panel");
+        }
+    }
+
     /// The instance is looked at once the entries are let go, and on a blocking thread when
     /// someone holds it (a reconfigure restarting its module, a save of its maps): the async
     /// thread asking never waits for it, nor does anyone waiting for the entries.
@@ -1683,6 +1691,22 @@ spec:
         });
         assert_eq!(applied.unwrap(), Ok(1));
         assert_eq!(dst.map_views(&s.name).unwrap()[0].entries, 1);
+    }
+
+    #[tokio::test]
+    async fn handed_over_packets_beyond_the_queues_bound_are_the_nodes_drops() {
+        use crate::replication::ReplicaState;
+        let (_d, dp, rt, s) = setup();
+        rt.start(&s).await.unwrap();
+        let frames = vec![(0u16, vec![0u8; 60]); super::super::handoff::MAX_QUEUED_PACKETS + 5];
+        let bytes = super::super::handoff::encode_frames(&frames);
+        let taken = rt.hand_in(&s.name, &bytes).unwrap();
+        assert_eq!(taken, super::super::handoff::MAX_QUEUED_PACKETS as u64);
+        // The rest is counted where it was lost (the queue waits for links: nothing processed).
+        assert_eq!(dp.panel().node_drops(s.name.as_str()).unwrap().refused, 5);
+        // And what a source's stream did not carry, by the reconciler's word.
+        rt.count_lost(&s.name, 7);
+        assert_eq!(dp.panel().node_drops(s.name.as_str()).unwrap().refused, 12);
     }
 
     #[tokio::test]
