@@ -114,49 +114,38 @@ fn read_def(r: &mut Reader<'_>, i: usize) -> Result<MapDef> {
 pub(crate) struct Slicing {
     out: Vec<u8>,
     maps: Vec<SlicedMap>,
-    /// The map being copied, whether its definition was written, its next slot, and the
-    /// entries written of it so far.
+    /// The map being copied, whether its definition was written, and the entries written of
+    /// it so far.
     map: usize,
     started: bool,
-    slot: usize,
     written: u64,
 }
 
-/// One map of a sliced snapshot.
-enum SlicedMap {
-    /// A hash map copied slot by slot: the slots live when it began (cleared when a change
-    /// saved the entry first), how many entries it held, and the entries saved (after the
-    /// others: a hash map's order is its own).
-    Slots {
-        live: Vec<bool>,
-        len: u64,
-        saved: Vec<u8>,
-    },
-    /// An array or an LRU map, copied in the order it had when the snapshot began (its
-    /// indices; least to most recently used), which its snapshot keeps.
-    InOrder(OrderedCopy),
-}
-
-/// An array or LRU map under a sliced copy: the walk over its places (an index, a slot) in
-/// the order they had when the copy began, the places whose entry is still to be copied from
-/// the map (cleared when it is copied, or saved before a change), and the entries saved as they
-/// were (each `size` bytes; `saved_at` holds a saved place's entry number plus one). Both are
-/// made at the first save, at their largest (the buffer reserved, `saved_at` zeroed: pages the
+/// One map under a sliced copy: the walk over its places (an array's index, a slot) in the
+/// order its snapshot keeps, the places whose entry is still to be copied from the map
+/// (cleared when it is copied, or saved before a change), and the entries saved as they were
+/// (each `size` bytes; `saved_at` holds a saved place's entry number plus one). Both are made
+/// at the first save, at their largest (the buffer reserved, `saved_at` zeroed: pages the
 /// kernel maps on first write), so a change, which runs between packets, never rehashes, grows
 /// or fills anything large; and a copy that saves nothing allocates neither.
-struct OrderedCopy {
+struct SlicedMap {
     walk: Walk,
     pending: Vec<bool>,
     saved_at: Vec<u32>,
     saved: Vec<u8>,
     size: usize,
     len: u64,
+    /// An array: its places hold values only (else a slot's key and value).
+    array: bool,
 }
 
-/// The order an [`OrderedCopy`] goes through its map.
+/// The order a [`SlicedMap`] goes through its map.
 enum Walk {
     /// An array's indices from `next` up to `end`.
     Indices { next: u32, end: u32 },
+    /// A hash map's slots from `next` up to `end` (its order is its own): a slot empty when
+    /// the copy began is passed over.
+    Slots { next: u32, end: u32 },
     /// An LRU map's slots from `at` ([`NIL`]: done) toward the most recently used, along the
     /// links as they were when the copy began (copied then: a lookup relinks the map's own);
     /// at most `left` more (a list that loops ends the walk, and the count check fails it).
@@ -171,7 +160,7 @@ impl Walk {
     /// The next place, if any.
     fn next(&mut self) -> Option<usize> {
         match self {
-            Walk::Indices { next, end } => (*next < *end).then(|| {
+            Walk::Indices { next, end } | Walk::Slots { next, end } => (*next < *end).then(|| {
                 *next += 1;
                 (*next - 1) as usize
             }),
@@ -191,55 +180,72 @@ impl Walk {
     /// Whether every place was walked.
     fn done(&self) -> bool {
         match self {
-            Walk::Indices { next, end } => next >= end,
+            Walk::Indices { next, end } | Walk::Slots { next, end } => next >= end,
             Walk::Chain { at, .. } => *at == NIL,
         }
     }
 }
 
-impl OrderedCopy {
-    /// A copy of `map` (an array or an LRU map) as it is now.
+impl SlicedMap {
+    /// A copy of `map` as it is now.
     fn new(map: &Map) -> Self {
         let d = map.def();
-        let (walk, pending, size) = if d.kind == MapKind::Array {
-            let end = d.max_entries;
-            let walk = Walk::Indices { next: 0, end };
-            (walk, vec![true; end as usize], d.value_size as usize)
-        } else {
-            let (tail, links) = map.lru_links();
-            let live = map.live_slots();
-            let walk = Walk::Chain {
-                at: tail,
-                links: links.to_vec(),
-                left: live.len(),
-            };
-            (walk, live.to_vec(), (d.key_size + d.value_size) as usize)
+        let slots = |live: &[bool]| u32::try_from(live.len()).unwrap_or(u32::MAX);
+        let (walk, pending) = match d.kind {
+            MapKind::Array => {
+                let end = d.max_entries;
+                (Walk::Indices { next: 0, end }, vec![true; end as usize])
+            }
+            MapKind::Hash => {
+                let live = map.live_slots();
+                let end = slots(live);
+                (Walk::Slots { next: 0, end }, live.to_vec())
+            }
+            MapKind::LruHash => {
+                let (tail, links) = map.lru_links();
+                let live = map.live_slots();
+                let walk = Walk::Chain {
+                    at: tail,
+                    links: links.to_vec(),
+                    left: live.len(),
+                };
+                (walk, live.to_vec())
+            }
         };
-        OrderedCopy {
+        let array = d.kind == MapKind::Array;
+        SlicedMap {
             walk,
             pending,
             saved_at: Vec::new(),
             saved: Vec::new(),
-            size,
+            size: if array {
+                d.value_size as usize
+            } else {
+                (d.key_size + d.value_size) as usize
+            },
             len: map.len() as u64,
+            array,
         }
     }
 
-    /// The place in `map` a change at `key` touches: an array's index; an LRU map's slot of
-    /// `key`, or of the entry an insert of `key` evicts.
+    /// The place in `map` a change at `key` touches: an array's index; a slot of `key`, or
+    /// for an LRU map, of the entry an insert of `key` evicts.
     fn place_of(&self, map: &Map, key: &[u8]) -> Option<usize> {
         match self.walk {
             Walk::Indices { .. } => map.array_index(key),
+            Walk::Slots { .. } => map.slot_of(key),
             Walk::Chain { .. } => map.slot_of(key).or_else(|| map.lru_victim_slot(key)),
         }
     }
 
-    /// Appends the entry at `place` of `map` as a snapshot holds it (an array's value; an LRU
-    /// map's key and value); whether one is there.
-    fn entry_into(out: &mut Vec<u8>, map: &Map, place: usize) -> bool {
-        if map.def().kind == MapKind::Array {
-            let vs = map.def().value_size as usize;
-            match map.array_values().get(place * vs..(place + 1) * vs) {
+    /// Appends the entry at `place` of `map` as a snapshot holds it (an array's value; a
+    /// slot's key and value); whether one is there.
+    fn entry_into(&self, out: &mut Vec<u8>, map: &Map, place: usize) -> bool {
+        if self.array {
+            match map
+                .array_values()
+                .get(place * self.size..(place + 1) * self.size)
+            {
                 Some(v) => out.extend_from_slice(v),
                 None => return false,
             }
@@ -270,14 +276,17 @@ impl OrderedCopy {
             self.saved = Vec::with_capacity(self.len as usize * self.size);
         }
         let n = self.saved.len() / self.size.max(1);
-        if Self::entry_into(&mut self.saved, map, place) {
+        let mut saved = std::mem::take(&mut self.saved);
+        if self.entry_into(&mut saved, map, place) {
             self.saved_at[place] = u32::try_from(n + 1).unwrap_or(0);
         }
+        self.saved = saved;
         self.pending[place] = false;
     }
 
     /// Appends the next entries of `map` to `out` until it reaches `end` bytes or the map's
-    /// last; how many. An entry neither in the map nor saved is an error: start again.
+    /// last; how many. An entry neither in the map nor saved is an error (a hash map's slot
+    /// that was empty is passed over): start again.
     fn step(&mut self, map: &Map, out: &mut Vec<u8>, end: usize) -> Result<u64> {
         let mut written = 0;
         while out.len() < end
@@ -285,9 +294,10 @@ impl OrderedCopy {
         {
             let copied = if self.pending.get(place).copied().unwrap_or(false) {
                 self.pending[place] = false;
-                Self::entry_into(out, map, place)
+                self.entry_into(out, map, place)
             } else {
-                // Not pending on the walk: saved before a change (each place is walked once).
+                // Not pending on the walk: saved before a change (each place is walked once),
+                // or a hash map's slot empty when the copy began.
                 let entry = match self.saved_at.get(place).copied() {
                     Some(n) if n > 0 => {
                         let at = (n as usize - 1) * self.size;
@@ -300,6 +310,7 @@ impl OrderedCopy {
                         out.extend_from_slice(entry);
                         true
                     }
+                    None if matches!(self.walk, Walk::Slots { .. }) => continue,
                     None => false,
                 }
             };
@@ -322,28 +333,8 @@ impl Slicing {
         if id < self.map {
             return;
         }
-        match self.maps.get_mut(id) {
-            Some(SlicedMap::Slots { live, len, saved }) => {
-                let Some(slot) = map.slot_of(key) else {
-                    return;
-                };
-                let copied = id == self.map && slot < self.slot;
-                if !copied
-                    && live.get(slot).copied().unwrap_or(false)
-                    && let Some((k, v)) = map.slot_entry(slot)
-                {
-                    // Reserved whole at the first save (untouched pages cost nothing): a
-                    // change, between packets, never grows it.
-                    if saved.capacity() == 0 {
-                        saved.reserve_exact(*len as usize * (k.len() + v.len()));
-                    }
-                    saved.extend_from_slice(k);
-                    saved.extend_from_slice(v);
-                    live[slot] = false;
-                }
-            }
-            Some(SlicedMap::InOrder(copy)) => copy.before_change(map, key),
-            None => {}
+        if let Some(copy) = self.maps.get_mut(id) {
+            copy.before_change(map, key);
         }
     }
 
@@ -354,26 +345,11 @@ impl Slicing {
         // buffer; its pages are touched slice by slice.
         let mut out = Vec::with_capacity(size);
         header(&mut out, SNAPSHOT_MAGIC, maps.len());
-        let maps = maps
-            .iter()
-            .map(|m| {
-                if m.def().kind == MapKind::Hash {
-                    SlicedMap::Slots {
-                        live: m.live_slots().to_vec(),
-                        len: m.len() as u64,
-                        saved: Vec::new(),
-                    }
-                } else {
-                    SlicedMap::InOrder(OrderedCopy::new(m))
-                }
-            })
-            .collect();
         Slicing {
             out,
-            maps,
+            maps: maps.iter().map(SlicedMap::new).collect(),
             map: 0,
             started: false,
-            slot: 0,
             written: 0,
         }
     }
@@ -384,55 +360,22 @@ impl Slicing {
         let end = self.out.len().saturating_add(max_bytes.max(1));
         while self.map < maps.len() && self.out.len() < end {
             let m = &maps[self.map];
+            let copy = &mut self.maps[self.map];
             if !self.started {
-                let len = match &self.maps[self.map] {
-                    SlicedMap::Slots { len, .. } => *len,
-                    SlicedMap::InOrder(copy) => copy.len,
-                };
                 write_def(&mut self.out, m.def());
-                self.out.extend_from_slice(&len.to_le_bytes());
+                self.out.extend_from_slice(&copy.len.to_le_bytes());
                 self.started = true;
             }
-            match &mut self.maps[self.map] {
-                SlicedMap::InOrder(copy) => {
-                    self.written += copy.step(m, &mut self.out, end)?;
-                    if !copy.walk.done() {
-                        break;
-                    }
-                    if self.written != copy.len {
-                        return Err(miscounted(m, self.written, copy.len));
-                    }
-                    self.map += 1;
-                    self.started = false;
-                    self.written = 0;
-                }
-                SlicedMap::Slots { live, len, saved } => {
-                    while self.slot < live.len() && self.out.len() < end {
-                        if live[self.slot]
-                            && let Some((k, v)) = m.slot_entry(self.slot)
-                        {
-                            self.out.extend_from_slice(k);
-                            self.out.extend_from_slice(v);
-                            self.written += 1;
-                        }
-                        self.slot += 1;
-                    }
-                    if self.slot < live.len() {
-                        break;
-                    }
-                    // The entries changed before their slot was reached, as they were.
-                    self.out.extend_from_slice(saved);
-                    self.written +=
-                        (saved.len() / (m.def().key_size + m.def().value_size) as usize) as u64;
-                    if self.written != *len {
-                        return Err(miscounted(m, self.written, *len));
-                    }
-                    self.map += 1;
-                    self.started = false;
-                    self.slot = 0;
-                    self.written = 0;
-                }
+            self.written += copy.step(m, &mut self.out, end)?;
+            if !copy.walk.done() {
+                break;
             }
+            if self.written != copy.len {
+                return Err(miscounted(m, self.written, copy.len));
+            }
+            self.map += 1;
+            self.started = false;
+            self.written = 0;
         }
         Ok(self.map >= maps.len())
     }
@@ -538,8 +481,9 @@ impl MapSet {
     /// ([`MapSet::snapshot_slice`], each between two batches, so a large state never holds
     /// the instance for long), and restarts the update log here. Copy on write keeps it
     /// exact: a change to an entry that no slice copied yet first saves the entry as it was.
-    /// Arrays go in index order and LRU maps in the recency order they have now (their links
-    /// are copied now, four bytes a slot: a lookup relinks the map, not the copy). Another
+    /// Arrays go in index order, hash maps in slot order (an entry saved before a change
+    /// where its slot comes) and LRU maps in the recency order they have now (their links are
+    /// copied now, four bytes a slot: a lookup relinks the map, not the copy). Another
     /// snapshot, or a taken log, ends it.
     pub fn begin_sliced_snapshot(&mut self) {
         self.restart_log();
