@@ -300,6 +300,17 @@ pub struct HostAgentArgs {
     /// with the host) [default: qemu-system-x86_64 on PATH]
     #[arg(long, value_name = "PATH", env = "TELVIRT_QEMU", value_parser = parse_qemu)]
     pub qemu: Option<PathBuf>,
+    /// The user each vm VNF's QEMU changes to once started (telvirt as root): `auto`, a uid of
+    /// its own leased from 1900000000-1900065535 where QEMU takes a numeric uid (else the
+    /// system user `telvirt-qemu`, else `nobody`); `current`, telvirt's own user (no change);
+    /// or a user name every QEMU of the host shares. What a VM got is in its warnings when it
+    /// is less than asked
+    #[arg(long, value_name = "USER", default_value = "auto", value_parser = parse_qemu_user)]
+    pub qemu_user: telvirt_runtime_vm::QemuUser,
+    /// Run QEMU without its seccomp sandbox (`-sandbox on,...=deny`): only to find out whether
+    /// the filter kills a QEMU; each VM says so in its warnings
+    #[arg(long)]
+    pub no_qemu_sandbox: bool,
     /// How often the maps of running wasm VNFs are snapshotted into the data dir, in
     /// milliseconds (a SIGKILL loses at most this much map state)
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
@@ -566,6 +577,30 @@ pub(crate) fn parse_qemu(text: &str) -> Result<PathBuf, String> {
         );
     }
     std::path::absolute(&path).map_err(|e| format!("cannot make it absolute: {e}"))
+}
+
+/// A `--qemu-user`: `auto`, `current`, or a user of this host that is not root.
+fn parse_qemu_user(text: &str) -> Result<telvirt_runtime_vm::QemuUser, String> {
+    use telvirt_runtime_vm::QemuUser;
+    let user: QemuUser = text
+        .parse()
+        .map_err(|e: telvirt_runtime_vm::Error| e.to_string())?;
+    if let QemuUser::Named(name) = &user {
+        match telvirt_runtime_vm::confine::lookup_user(name) {
+            None => {
+                return Err(format!(
+                    "user `{name}` does not exist on this host (create it, or use `auto` or `current`)"
+                ));
+            }
+            Some(a) if a.uid == 0 => {
+                return Err(format!(
+                    "user `{name}` has uid 0: QEMU must run unprivileged"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(user)
 }
 
 fn parse_shared_cpus(text: &str) -> Result<telvirt_sched::CpuList, String> {

@@ -108,6 +108,10 @@ pub async fn vm_runtime(
             guest_binary: guest,
             accel: args.accel.into(),
             qemu: args.qemu.clone(),
+            confinement: telvirt_runtime_vm::Confinement {
+                sandbox: !args.no_qemu_sandbox,
+                user: args.qemu_user.clone(),
+            },
         })
         .with_dataplane(dataplane),
     );

@@ -599,6 +599,20 @@ fn serve_refuses_bad_shared_cpus_before_writing_anything_and_status_waits_for_a_
     let out = run(&[&serve[..], &["--shared-cpus", "x-y"]].concat());
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--shared-cpus"), "{}", stderr(&out));
+    // A QEMU user that is no name, no user of the host, or root: refused at once.
+    for (user, why) in [
+        ("bad user!", "is not `auto`, `current` or a user name"),
+        ("telvirt-no-such-user", "does not exist on this host"),
+        ("root", "has uid 0"),
+    ] {
+        let out = run(&[&serve[..], &["--qemu-user", user]].concat());
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        let err = stderr(&out);
+        assert!(err.contains("--qemu-user") && err.contains(why), "{err}");
+    }
+    for file in ["telvirt.redb", "client.toml"] {
+        assert!(!data.join(file).exists(), "{file} was written");
+    }
     // No node answers: status says so at once, or after its wait.
     let nobody = [
         "--server",

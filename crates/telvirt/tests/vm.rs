@@ -44,6 +44,8 @@ struct Node {
     wrapper: Vec<String>,
     /// The QEMU the node runs (`--qemu`), or the system's.
     qemu: Option<PathBuf>,
+    /// The user its QEMUs change to (`--qemu-user`), or the default (`auto`).
+    qemu_user: Option<String>,
 }
 
 impl Node {
@@ -56,12 +58,22 @@ impl Node {
         Node::create(vm, guest, wrapper, None)
     }
 
-    /// A node whose serve runs its VMs with the QEMU at `qemu`.
-    fn on_qemu(vm: &str, guest: PathBuf, qemu: PathBuf) -> Node {
-        Node::create(vm, guest, &[], Some(qemu))
+    /// A node whose serve runs its VMs with the QEMU at `qemu`, as `user`.
+    fn on_qemu_as(vm: &str, guest: PathBuf, qemu: PathBuf, user: &str) -> Node {
+        Node::create_as(vm, guest, &[], Some(qemu), Some(user.to_owned()))
     }
 
     fn create(vm: &str, guest: PathBuf, wrapper: &[&str], qemu: Option<PathBuf>) -> Node {
+        Node::create_as(vm, guest, wrapper, qemu, None)
+    }
+
+    fn create_as(
+        vm: &str,
+        guest: PathBuf,
+        wrapper: &[&str],
+        qemu: Option<PathBuf>,
+        qemu_user: Option<String>,
+    ) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("tvi")
             .tempdir_in("/tmp")
@@ -73,6 +85,7 @@ impl Node {
             guest,
             wrapper: wrapper.iter().map(|w| (*w).to_owned()).collect(),
             qemu,
+            qemu_user,
         };
         node.start();
         node
@@ -104,6 +117,9 @@ impl Node {
         serve.args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg"]);
         if let Some(q) = &self.qemu {
             serve.arg("--qemu").arg(q);
+        }
+        if let Some(u) = &self.qemu_user {
+            serve.arg("--qemu-user").arg(u);
         }
         let child = serve
             .arg("--data-dir")
@@ -233,6 +249,25 @@ impl Drop for Node {
 
 /// `examples/descriptors/upf1.json` (shared group `edge`, 1 vCPU, 256 MiB) under another name,
 /// so no other QEMU on the machine matches `guest=<name>,`.
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The real, effective, saved and filesystem uids of process `pid`.
+fn qemu_uids(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("QEMU's status")
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|ids| {
+            ids.split_whitespace()
+                .filter_map(|u| u.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn descriptor(node: &Node) -> PathBuf {
     let text = std::fs::read_to_string(workspace().join("examples/descriptors/upf1.json"))
         .expect("read upf1.json")
@@ -254,6 +289,16 @@ fn vm_vnf_boots_pinned_locks_takes_devices_survives_a_node_kill_and_is_deleted()
     // Running means the guest agent in the default image said ready.
     let v = node.wait_phase(&vm, "Running", BOOT_DEADLINE);
     let pid = node.qemu_pid();
+    // As root, its QEMU runs as a uid of its own (`--qemu-user auto`, the default).
+    if is_root() {
+        let uids = qemu_uids(pid);
+        assert!(
+            uids.iter()
+                .all(|u| (1_900_000_000..1_900_065_536).contains(u))
+                && uids.len() == 4,
+            "QEMU's uids {uids:?}"
+        );
+    }
     assert_eq!(
         common::qemu_pids(&vm),
         vec![pid],
@@ -722,7 +767,8 @@ fn a_vm_on_the_newer_qemu_forwards_between_its_nics() {
     let Some(next) = common::qemu_next() else {
         return;
     };
-    let node = Node::on_qemu(&vm, common::guest_binary(), next.clone());
+    // Its QEMU as the user named (`--qemu-user`), shared by the host's QEMUs.
+    let node = Node::on_qemu_as(&vm, common::guest_binary(), next.clone(), "nobody");
     let file = descriptor(&node);
     node.ok(&["vnf", "create", "-f", file.to_str().expect("utf-8 path")]);
     node.wait_phase(&vm, "Running", BOOT_DEADLINE);
@@ -731,6 +777,13 @@ fn a_vm_on_the_newer_qemu_forwards_between_its_nics() {
         next.canonicalize().expect("the newer QEMU"),
         "the guest runs in the newer QEMU"
     );
+    if is_root() {
+        assert_eq!(
+            qemu_uids(node.qemu_pid()),
+            vec![65534; 4],
+            "QEMU runs as nobody"
+        );
+    }
     chain_through_the_vm(&node);
     let stats: serde_json::Value =
         serde_json::from_slice(&node.ok(&["vnf", "stats", &vm, "-o", "json"]).stdout)

@@ -51,6 +51,8 @@ pub struct VmRuntimeConfig {
     pub accel: AccelChoice,
     /// `qemu-system-x86_64` unless set.
     pub qemu: Option<PathBuf>,
+    /// How its QEMUs are confined (ADR 044, ADR 068).
+    pub confinement: telvirt_runtime_vm::Confinement,
 }
 
 /// Ready to start VMs: the default image is built and the accelerator decided.
@@ -333,7 +335,9 @@ impl VmRuntime {
         ))
     }
 
+    /// `manager` with the configured QEMU and confinement.
     fn with_qemu(&self, manager: VmManager) -> VmManager {
+        let manager = manager.confinement(self.config.confinement.clone());
         match &self.config.qemu {
             Some(q) => manager.qemu_binary(q),
             None => manager,
@@ -1022,6 +1026,7 @@ mod tests {
             guest_binary: dir.path().join("missing"),
             accel: AccelChoice::Tcg,
             qemu: None,
+            confinement: Default::default(),
         });
         let name: Name = "upf1".parse().unwrap();
         assert_eq!(rt.state(&name).await, InstanceState::Absent);
