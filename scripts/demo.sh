@@ -553,6 +553,13 @@ YAML
   timeout 5 tcpdump -i "$BR" -nn -c 2 udp port 4789 2>/dev/null || true
   echo "(fwc moves to h1 with its maps: h1 holds it beside h3 until the switch)"
   cl vnf migrate fwc --to h1
+  echo "(fwa moves to h3, the generator with it: h1 leaves the network and keeps its final counts there, which net show still shows)"
+  cl vnf migrate fwa --to h3
+  for _ in $(seq 1 50); do
+    TELVIRT_CONFIG="$CL_CONFIG" "$TELVIRT" net show span 2>/dev/null | grep -q "which the network left" && break
+    sleep 0.1
+  done
+  cl net show span
   LEADER_URL="$(sed -n 's/^server = "\(.*\)"$/\1/p' "$CL_CONFIG")"
   LEADER_PID="$(tr -d ' \n' <"$CL/cluster.json" | grep -o "\"url\":\"$LEADER_URL\",\"pid\":[0-9]*" | grep -o '[0-9]*$')"
   echo "$ kill -9 <the leading controller, $LEADER_URL>"

@@ -804,8 +804,7 @@ impl Inner {
         if passed < queued {
             // Still queued here when the stream ended, or refused by the destination (it
             // counts those it took beyond its queue's bound itself): the instance's removal
-            // drops them, counted as its node's drops here.
-            runtime.count_lost(name, queued - passed);
+            // drops them, counted as its node's drops here (`Handoff::discard`).
             tracing::warn!(vnf = %name, queued, passed, lost = queued - passed, "handed over: not every packet queued since the freeze reached the destination");
         } else {
             tracing::info!(vnf = %name, queued, passed, "handed over: the packets queued since the freeze went to the destination");

@@ -168,6 +168,12 @@ pub trait ReplicaState: Send + Sync + 'static {
         None
     }
 
+    /// `packets` taken by [`ReplicaState::take_packets`] reached the destination's agent (those
+    /// taken and never acknowledged are the instance's drops when it goes).
+    fn packets_passed(&self, vnf: &Name, packets: u64) {
+        let _ = (vnf, packets);
+    }
+
     /// Hands packets a move's source queued to this host's instance of `vnf`, which processes
     /// them before anything else; returns how many it took.
     fn hand_in(&self, vnf: &Name, bytes: &[u8]) -> Result<u64, String> {
@@ -2113,6 +2119,7 @@ async fn pass_packets(
             }
             // Passed on: what the destination's queue could not take it counts as its own
             // node's drops.
+            state.packets_passed(&header.vnf, n);
             Err(SendError::Passed(n))
         }
         _ => {

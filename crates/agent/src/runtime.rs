@@ -192,13 +192,6 @@ pub trait Runtime: Send + Sync + 'static {
         None
     }
 
-    /// Counts `packets` of `name`'s that this host will not deliver (queued for a hand-off
-    /// its stream did not carry) as dropped by its node, so `net show` and `vnf stats` show
-    /// them.
-    fn count_lost(&self, name: &Name, packets: u64) {
-        let _ = (name, packets);
-    }
-
     /// Ends a [`Runtime::send_state`] under way; the instance runs on here.
     async fn cancel_send(&self, name: &Name) {
         let _ = name;

@@ -464,13 +464,18 @@ impl PatchPanel {
     }
 
     /// Counts `packets` as dropped by node `name`'s own doing (frames it held outside the
-    /// panel and will not deliver); false when it is not on the panel.
-    pub fn count_refused(&self, name: &str, packets: u64) -> bool {
-        match self.nodes.get(name) {
-            Some(e) => {
-                e.drops
-                    .refused
-                    .fetch_add(packets, std::sync::atomic::Ordering::Relaxed);
+    /// panel and will not deliver), on the panel or removed (its final drops); false when it
+    /// is neither.
+    pub fn count_refused(&mut self, name: &str, packets: u64) -> bool {
+        if let Some(e) = self.nodes.get(name) {
+            e.drops
+                .refused
+                .fetch_add(packets, std::sync::atomic::Ordering::Relaxed);
+            return true;
+        }
+        match self.retired_drops.get_mut(name) {
+            Some((_, d)) => {
+                d.refused += packets;
                 true
             }
             None => false,

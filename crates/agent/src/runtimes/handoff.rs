@@ -57,6 +57,11 @@ pub struct Handoff {
     /// waits for the poll under way (it may have read the divert before the change), not for
     /// the node's worker to come round ([`Handoff::poll_under_way`]).
     polls: AtomicU64,
+    /// Packets taken off the divert's queue for the destination whose batch it has not
+    /// acknowledged yet: lost if the instance goes before it does.
+    in_flight: AtomicU64,
+    /// Packets the hand-off dropped (a queue's bound) not yet counted as the node's drops.
+    lost: AtomicU64,
 }
 
 /// One poll of the node, from [`Handoff::begin_poll`] until dropped.
@@ -110,7 +115,6 @@ impl FrameQueue {
         self.frames.front()
     }
 
-    #[cfg(test)]
     fn len(&self) -> usize {
         self.frames.len()
     }
@@ -125,6 +129,7 @@ impl Handoff {
     /// (wait for it with [`Handoff::poll_under_way`]).
     pub fn divert(&self) {
         *locked(&self.diverted_since) = Some(Instant::now());
+        self.diverted_total.store(0, Ordering::Release);
         self.divert.store(true, Ordering::SeqCst);
     }
 
@@ -217,7 +222,53 @@ impl Handoff {
             self.diverted_waiting.store(false, Ordering::Release);
             std::mem::take(&mut *q)
         };
-        self.hand_in(queued.frames.into());
+        let n = queued.len();
+        let taken = self.hand_in(queued.frames.into());
+        self.drop_frames(n - taken);
+    }
+
+    /// Counts `n` frames the hand-off dropped (taken as the node's drops by
+    /// [`Handoff::take_lost`]).
+    pub fn drop_frames(&self, n: usize) {
+        if n > 0 {
+            self.lost
+                .fetch_add(u64::try_from(n).unwrap_or(u64::MAX), Ordering::AcqRel);
+        }
+    }
+
+    /// The frames dropped since the last call (the node's poll, or the instance's removal,
+    /// counts them as its drops).
+    pub fn take_lost(&self) -> u64 {
+        self.lost.swap(0, Ordering::AcqRel)
+    }
+
+    /// `n` packets taken off the divert's queue reached the destination's agent.
+    pub fn passed(&self, n: u64) {
+        let _ = self
+            .in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |f| {
+                Some(f.saturating_sub(n))
+            });
+    }
+
+    /// A divert that ended without a switch (the move cancelled): the frames taken for the
+    /// destination and not acknowledged are lost (counted as the node's drops at its next poll).
+    pub fn abandon_in_flight(&self) {
+        let n = self.in_flight.swap(0, Ordering::AcqRel);
+        self.lost.fetch_add(n, Ordering::AcqRel);
+    }
+
+    /// When the instance goes: every frame it will never deliver (still queued either way,
+    /// taken for the destination and not acknowledged, dropped and not counted yet), the
+    /// queues emptied.
+    pub fn discard(&self) -> u64 {
+        let diverted = std::mem::take(&mut *locked(&self.diverted)).len();
+        let injected = std::mem::take(&mut *locked(&self.injected)).len();
+        self.diverted_waiting.store(false, Ordering::Release);
+        self.injected_waiting.store(false, Ordering::Release);
+        u64::try_from(diverted + injected).unwrap_or(u64::MAX)
+            + self.in_flight.swap(0, Ordering::AcqRel)
+            + self.take_lost()
     }
 
     /// The node's poll when it does not divert: a divert that ended (a move cancelled) left
@@ -250,6 +301,10 @@ impl Handoff {
             bytes += f.len();
             out.extend(q.pop());
         }
+        self.in_flight.fetch_add(
+            u64::try_from(out.len()).unwrap_or(u64::MAX),
+            Ordering::AcqRel,
+        );
         out
     }
 
@@ -333,8 +388,10 @@ impl Handoff {
                 break;
             };
             if port >= io.port_count() {
-                // Not a port of this VNF (the descriptor changed under the move): dropped.
+                // Not a port of this VNF (the descriptor changed under the move): dropped,
+                // counted.
                 q.pop();
+                io.count_refused(1);
                 continue;
             }
             let room = node.room(port, io).min(INJECT_PER_POLL - handled);
@@ -561,5 +618,38 @@ mod tests {
         let frame = vec![0u8; 2048];
         let fits = MAX_QUEUED_BYTES / frame.len();
         assert_eq!(big.hand_in(vec![(0, frame); fits + 5]), fits);
+    }
+
+    #[test]
+    fn frames_a_hand_off_never_delivers_are_counted_once() {
+        let h = Handoff::default();
+        h.divert();
+        for i in 0..10 {
+            assert!(h.queue_diverted(&mut locked(&h.diverted), (0u16, vec![i as u8])));
+        }
+        assert_eq!(h.diverted_total(), 10);
+        // Six taken for the destination, four acknowledged: two in flight, four queued.
+        assert_eq!(h.take_diverted(6).len(), 6);
+        h.passed(4);
+        assert_eq!(h.discard(), 2 + 4);
+        assert_eq!(h.discard(), 0, "counted once");
+        // A divert counts from its start; a requeue beyond the injected queue's bound is lost.
+        h.divert();
+        assert_eq!(h.diverted_total(), 0);
+        for _ in 0..3 {
+            assert!(h.queue_diverted(&mut locked(&h.diverted), (0u16, vec![1])));
+        }
+        assert_eq!(
+            h.hand_in(vec![(0u16, vec![0u8]); MAX_QUEUED_PACKETS - 1]),
+            MAX_QUEUED_PACKETS - 1
+        );
+        assert_eq!(h.take_diverted(1).len(), 1);
+        h.stop_divert();
+        h.abandon_in_flight();
+        h.requeue_if_diverted();
+        assert_eq!(h.take_lost(), 1 + 1, "one in flight, one beyond the bound");
+        assert_eq!(h.take_lost(), 0);
+        // Handed in and never processed: lost when the instance goes.
+        assert_eq!(h.discard(), MAX_QUEUED_PACKETS as u64);
     }
 }

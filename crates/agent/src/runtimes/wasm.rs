@@ -148,6 +148,11 @@ impl Node for GatedNode {
         }
         // A divert that ended without a switch: what it queued goes before the rings' packets.
         self.handoff.requeue_if_diverted();
+        // What the hand-off dropped (a queue's bound) is this node's drops.
+        let lost = self.handoff.take_lost();
+        if lost > 0 {
+            io.count_refused(lost);
+        }
         if !self.scheduled.load(Ordering::Acquire) || self.gate.as_ref().is_some_and(|g| !g.open())
         {
             return 0;
@@ -833,6 +838,12 @@ impl crate::replication::ReplicaState for WasmRuntime {
         e.handoff.diverted_since()
     }
 
+    fn packets_passed(&self, vnf: &Name, packets: u64) {
+        if let Some(e) = self.entries().get(vnf) {
+            e.handoff.passed(packets);
+        }
+    }
+
     fn take_packets(&self, vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
         let handoff = Arc::clone(&self.entries().get(vnf)?.handoff);
         let frames = handoff.take_diverted(max_bytes);
@@ -851,13 +862,21 @@ impl crate::replication::ReplicaState for WasmRuntime {
         if taken < sent {
             let dropped = sent - taken;
             tracing::warn!(vnf = %vnf, dropped, "handed-over packets beyond the queue's bound dropped");
-            Runtime::count_lost(self, vnf, u64::try_from(dropped).unwrap_or(u64::MAX));
+            self.count_refused(vnf, u64::try_from(dropped).unwrap_or(u64::MAX));
         }
         Ok(u64::try_from(taken).unwrap_or(u64::MAX))
     }
 }
 
 impl WasmRuntime {
+    /// Counts `packets` of `name`'s that this host will not deliver as its node's drops (on
+    /// the panel or just removed from it).
+    fn count_refused(&self, name: &Name, packets: u64) {
+        if !self.dataplane.panel().count_refused(name.as_str(), packets) {
+            tracing::warn!(vnf = %name, packets, "lost packets not counted: the VNF was never on the panel");
+        }
+    }
+
     /// Runs `f`, a change of `name`'s module, config or maps, on its instance unless it is
     /// frozen for a hand-off (refused, saying so): checked under the instance, where a
     /// freeze's last update log is taken too, so a change either goes into that log or is
@@ -1382,6 +1401,11 @@ impl Runtime for WasmRuntime {
             // until `remove` (its maps can still be read).
             let _ = self.dataplane.remove_node(name.as_str());
             self.dataplane.release_links(name.as_str());
+            // Off its worker: what its hand-off holds is never delivered, the node's drops.
+            let left = e.handoff.discard();
+            if left > 0 {
+                self.count_refused(name, left);
+            }
             e.stopped = true;
             e.frozen = false;
             Arc::clone(&e.inst)
@@ -1461,6 +1485,7 @@ impl Runtime for WasmRuntime {
         // No poll diverts once the one under way ended: what the divert queued is all there is
         // (the node's next poll hands it in first; this does when no poll comes).
         let waited = Self::poll_settled(&handoff).await;
+        handoff.abandon_in_flight();
         handoff.requeue_if_diverted();
         self.dataplane.release_links(name.as_str());
         waited
@@ -1471,12 +1496,6 @@ impl Runtime for WasmRuntime {
             .get(name)
             .filter(|e| e.frozen)
             .map(|e| e.handoff.diverted_total())
-    }
-
-    fn count_lost(&self, name: &Name, packets: u64) {
-        if !self.dataplane.panel().count_refused(name.as_str(), packets) {
-            tracing::warn!(vnf = %name, packets, "lost packets not counted: the VNF is not on the panel");
-        }
     }
 
     /// The instance is looked at once the entries are let go, and on a blocking thread when
@@ -1694,7 +1713,7 @@ spec:
     }
 
     #[tokio::test]
-    async fn handed_over_packets_beyond_the_queues_bound_are_the_nodes_drops() {
+    async fn handed_over_packets_it_never_processes_are_the_nodes_drops() {
         use crate::replication::ReplicaState;
         let (_d, dp, rt, s) = setup();
         rt.start(&s).await.unwrap();
@@ -1704,9 +1723,12 @@ spec:
         assert_eq!(taken, super::super::handoff::MAX_QUEUED_PACKETS as u64);
         // The rest is counted where it was lost (the queue waits for links: nothing processed).
         assert_eq!(dp.panel().node_drops(s.name.as_str()).unwrap().refused, 5);
-        // And what a source's stream did not carry, by the reconciler's word.
-        rt.count_lost(&s.name, 7);
-        assert_eq!(dp.panel().node_drops(s.name.as_str()).unwrap().refused, 12);
+        // The instance stops before it processed them: the handed-in frames are its drops.
+        rt.stop(&s.name).await.unwrap();
+        assert_eq!(
+            dp.panel().node_drops(s.name.as_str()).unwrap().refused,
+            5 + super::super::handoff::MAX_QUEUED_PACKETS as u64
+        );
     }
 
     #[tokio::test]
