@@ -305,7 +305,7 @@ pub struct HostAgentArgs {
     /// system user `telvirt-qemu`, else `nobody`); `current`, telvirt's own user (no change);
     /// or a user name every QEMU of the host shares. What a VM got is in its warnings when it
     /// is less than asked
-    #[arg(long, value_name = "USER", default_value = "auto", value_parser = parse_qemu_user)]
+    #[arg(long, value_name = "USER", env = "TELVIRT_QEMU_USER", default_value = "auto", value_parser = parse_qemu_user)]
     pub qemu_user: telvirt_runtime_vm::QemuUser,
     /// Run QEMU without its seccomp sandbox (`-sandbox on,...=deny`): only to find out whether
     /// the filter kills a QEMU; each VM says so in its warnings
