@@ -62,6 +62,9 @@ pub struct Handoff {
     in_flight: AtomicU64,
     /// Packets the hand-off dropped (a queue's bound) not yet counted as the node's drops.
     lost: AtomicU64,
+    /// The instance went ([`Handoff::discard`]): nothing is handed in any more (set under the
+    /// injected queue's lock).
+    closed: AtomicBool,
 }
 
 /// One poll of the node, from [`Handoff::begin_poll`] until dropped.
@@ -266,8 +269,13 @@ impl Handoff {
     /// taken for the destination and not acknowledged, dropped and not counted yet), the
     /// queues emptied.
     pub fn discard(&self) -> u64 {
+        self.stop_divert();
         let diverted = std::mem::take(&mut *locked(&self.diverted)).len();
-        let injected = std::mem::take(&mut *locked(&self.injected)).len();
+        let injected = {
+            let mut q = locked(&self.injected);
+            self.closed.store(true, Ordering::Release);
+            std::mem::take(&mut *q).len()
+        };
         self.diverted_waiting.store(false, Ordering::Release);
         self.injected_waiting.store(false, Ordering::Release);
         u64::try_from(diverted + injected).unwrap_or(u64::MAX)
@@ -316,6 +324,10 @@ impl Handoff {
     /// pass the bounds).
     pub fn hand_in(&self, frames: Vec<PortFrame>) -> usize {
         let mut q = locked(&self.injected);
+        // The instance went: the caller counts them all as not taken.
+        if self.closed.load(Ordering::Acquire) {
+            return 0;
+        }
         let mut ports = 0u64;
         let mut taken = 0;
         for f in frames {
@@ -637,9 +649,16 @@ mod tests {
         h.passed(4);
         assert_eq!(h.discard(), 2 + 4);
         assert_eq!(h.discard(), 0, "counted once");
-        // A divert counts from its start; a requeue beyond the injected queue's bound is lost.
+        // A second divert counts from its start (an instance freezes again after a cancelled
+        // move); a requeue beyond the injected queue's bound is lost.
+        let h = Handoff::default();
+        h.divert();
+        h.queue_diverted(&mut locked(&h.diverted), (0u16, vec![1]));
+        h.stop_divert();
+        h.requeue_if_diverted();
         h.divert();
         assert_eq!(h.diverted_total(), 0);
+        let _ = std::mem::take(&mut *locked(&h.injected));
         for _ in 0..3 {
             assert!(h.queue_diverted(&mut locked(&h.diverted), (0u16, vec![1])));
         }
@@ -653,7 +672,10 @@ mod tests {
         h.requeue_if_diverted();
         assert_eq!(h.take_lost(), 1 + 1, "one in flight, one beyond the bound");
         assert_eq!(h.take_lost(), 0);
-        // Handed in and never processed: lost when the instance goes.
+        // Handed in and never processed: lost when the instance goes; nothing is taken after.
         assert_eq!(h.discard(), MAX_QUEUED_PACKETS as u64);
+        assert!(!h.diverting());
+        assert_eq!(h.hand_in(vec![(0u16, vec![0u8])]), 0);
+        assert_eq!(h.discard(), 0);
     }
 }

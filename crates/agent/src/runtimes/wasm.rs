@@ -1723,12 +1723,16 @@ spec:
         assert_eq!(taken, super::super::handoff::MAX_QUEUED_PACKETS as u64);
         // The rest is counted where it was lost (the queue waits for links: nothing processed).
         assert_eq!(dp.panel().node_drops(s.name.as_str()).unwrap().refused, 5);
-        // The instance stops before it processed them: the handed-in frames are its drops.
+        // The instance stops: what it did not process is its drops (what it processed went to
+        // ports without links: its unlinked drops, after its wait for links).
         rt.stop(&s.name).await.unwrap();
+        let drops = dp.panel().node_drops(s.name.as_str()).unwrap();
         assert_eq!(
-            dp.panel().node_drops(s.name.as_str()).unwrap().refused,
+            drops.refused + drops.unlinked,
             5 + super::super::handoff::MAX_QUEUED_PACKETS as u64
         );
+        // A batch handed in after it stopped is refused (counted by the source).
+        assert!(rt.hand_in(&s.name, &bytes).is_err());
     }
 
     #[tokio::test]
