@@ -111,8 +111,9 @@ pub struct NetworkReconciler {
     departed: Mutex<BTreeMap<String, Vec<DepartedCounts>>>,
 }
 
-/// Networks whose final counts on a host they left its agent keeps (those that left last).
-const DEPARTED_KEPT: usize = 256;
+/// Networks whose final counts on a host they left its agent keeps (those that left last): as
+/// many as its heartbeat may name.
+const DEPARTED_KEPT: usize = telvirt_api::MAX_DEPARTED_NAMED;
 /// Departures of one network (by name) whose counts its agent keeps apart (the latest): the
 /// controller keeps those of the network it shows, not of an earlier one of that name.
 const DEPARTURES_KEPT: usize = 16;
@@ -908,6 +909,17 @@ impl NetworkReconciler {
     }
 
     /// The live state of network `d`, if this reconciler applied it.
+    /// The networks whose final counts this host keeps (its heartbeat names them, so `net
+    /// show` asks it for them).
+    pub fn departed_networks(&self) -> Vec<String> {
+        self.departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     /// With it, or alone once the network left this host, the final counts it had here
     /// ([`NetworkStatus::departed`]).
     pub fn status(&self, d: &NetworkDescriptor) -> Option<NetworkStatus> {

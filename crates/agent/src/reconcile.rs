@@ -1501,6 +1501,10 @@ impl Inner {
     }
 }
 
+/// The networks whose final counts this host keeps, for its heartbeat to name
+/// ([`crate::network::NetworkReconciler::departed_networks`]).
+pub type DepartedNetworks = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+
 /// Sends a heartbeat for `host` through `link` every `every` until `shutdown` turns true, so the
 /// controller keeps the host Ready. A task of its own beside the agent's reconcile loop: a slow
 /// runtime call never delays it. A failed heartbeat is logged and the next one is sent on time.
@@ -1512,6 +1516,7 @@ pub async fn heartbeat_loop(
     link: Arc<dyn ControlLink>,
     every: Duration,
     fencing: Option<Arc<Fencing>>,
+    departed: Option<DepartedNetworks>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut lapse_told = false;
@@ -1525,8 +1530,11 @@ pub async fn heartbeat_loop(
         if *shutdown.borrow() {
             break;
         }
+        let beat = telvirt_api::HeartbeatRequest {
+            departed: departed.as_ref().map(|d| d()).unwrap_or_default(),
+        };
         let sent = std::time::Instant::now();
-        match link.heartbeat(&host).await {
+        match link.heartbeat(&host, &beat).await {
             Ok(ttl) => {
                 if let Some(f) = &fencing
                     && f.renewed(sent, ttl)

@@ -158,7 +158,20 @@ pub struct HostRecord {
     pub tunnel: Option<String>,
 }
 
-/// The answer of a changes poll: the assignment revision now.
+/// Networks whose final counts a heartbeat names at most ([`HeartbeatRequest::departed`]).
+pub const MAX_DEPARTED_NAMED: usize = 256;
+
+/// What a heartbeat says beside "alive" (its body; an empty body says nothing more).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    /// The networks whose final counts the host keeps (networks that left it): `net show`
+    /// asks a host that no longer holds a network only when it names it here. At most
+    /// [`MAX_DEPARTED_NAMED`].
+    #[serde(default)]
+    pub departed: Vec<String>,
+}
+
 /// The controller's answer to a heartbeat: how long the host's lease lasts from now. An agent
 /// that heard nothing for this long counts its host as NotReady in the controller's eyes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -166,6 +179,7 @@ pub struct HeartbeatReply {
     pub lease_ttl_ms: u64,
 }
 
+/// The answer of a changes poll: the assignment revision now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Changes {
     pub revision: u64,
@@ -399,10 +413,15 @@ pub trait ControlLink: Send + Sync + 'static {
     /// Tells the controller what the agent observed.
     async fn report(&self, host: &str, observation: Observation) -> Result<(), LinkError>;
 
-    /// Tells the controller the agent of `host` is alive (its liveness lease); returns how
-    /// long the lease lasts from when the controller took this heartbeat (`None`: the
-    /// controller did not say). A link that carries no liveness keeps this default.
-    async fn heartbeat(&self, _host: &str) -> Result<Option<Duration>, LinkError> {
+    /// Tells the controller the agent of `host` is alive (its liveness lease), and what else
+    /// `beat` says; returns how long the lease lasts from when the controller took this
+    /// heartbeat (`None`: the controller did not say). A link that carries no liveness keeps
+    /// this default.
+    async fn heartbeat(
+        &self,
+        _host: &str,
+        _beat: &HeartbeatRequest,
+    ) -> Result<Option<Duration>, LinkError> {
         Ok(None)
     }
 

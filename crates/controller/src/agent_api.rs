@@ -148,13 +148,27 @@ async fn register(
         (status = 200, description = "Renewed; the lease lasts this long without another heartbeat", body = HeartbeatReply),
         (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "The body is not a heartbeat (too many networks named, a name that is none): nothing renewed", body = Problem, content_type = "application/problem+json"),
     ),
+    request_body(content = telvirt_api::HeartbeatRequest, description = "Optional: the networks whose final counts the host keeps"),
     description = "Renews the host's liveness lease; the host is Ready while the lease holds.")]
 async fn heartbeat(
     State(s): State<AppState>,
     NodeHost(host): NodeHost,
+    body: Body,
 ) -> Result<Response, ApiError> {
+    // An agent from before heartbeats had a body sends none: it says nothing more.
+    let beat: telvirt_api::HeartbeatRequest = if body.bytes.is_empty() {
+        Default::default()
+    } else {
+        parse(&body, "heartbeat")?
+    };
+    // Refused whole: a bad body renews nothing.
+    crate::Controller::check_heartbeat(&beat)?;
     s.controller.heartbeat(&host).await?;
+    s.controller
+        .departed_named(&host, &beat)
+        .map_err(ApiError::from)?;
     let ttl = s.controller.host_lease_ttl();
     Ok(json(
         StatusCode::OK,

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use telvirt_model::api::{HostStatus, HostView};
-use telvirt_model::{Event, FieldError, Phase};
+use telvirt_model::{Event, FieldError, Name, Phase};
 use telvirt_sched::{SchedError, Scheduler};
 use telvirt_store::{Compare, LeaseId, Op, Store, StoreError};
 
@@ -68,6 +68,9 @@ pub struct Liveness {
     not_ready_since: std::sync::Mutex<HashMap<String, (u64, bool)>>,
     /// When the last liveness pass began (unix ms; 0: none yet).
     last_pass: AtomicU64,
+    /// Per host: the networks whose final counts its last heartbeat said it keeps (a host
+    /// absent here never said: its agent is older, or none came since this controller led).
+    departed: std::sync::Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -86,11 +89,22 @@ impl Default for Liveness {
             heal_after: std::sync::Mutex::new(Some(super::healing::DEFAULT_HEAL_AFTER)),
             not_ready_since: std::sync::Mutex::new(HashMap::new()),
             last_pass: AtomicU64::new(0),
+            departed: std::sync::Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Liveness {
+    /// Whether `host` may keep final counts of `network`: its last heartbeat named it, or it
+    /// never said.
+    fn may_keep(&self, host: &str, network: &str) -> bool {
+        self.departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(host)
+            .is_none_or(|kept| kept.contains(network))
+    }
+
     /// Whether this controller took over so recently that a lapsed host lease says nothing:
     /// it may have lapsed while no controller led, and the host's agent gets two TTLs to send
     /// its first heartbeat here before its VNFs are marked Unknown.
@@ -386,16 +400,54 @@ impl Controller {
             && self.store.get(&host_lease_key(name)).await?.is_some())
     }
 
-    /// The hosts an agent serves whose lease is live, by name.
-    pub(crate) async fn ready_agent_hosts(&self) -> Result<Vec<String>> {
+    /// The hosts an agent serves whose lease is live and that may keep final counts of
+    /// network `network` (their heartbeat named it, or never said which they keep), by name.
+    pub(crate) async fn hosts_keeping_counts_of(&self, network: &str) -> Result<Vec<String>> {
         let mut out = Vec::new();
         for (key, v) in self.store.list(records::HOSTS).await? {
             let record: HostRecord = decode(&key, &v.value)?;
-            if record.agent && self.host_ready(&record.spec.name).await? {
+            if record.agent
+                && self.liveness.may_keep(&record.spec.name, network)
+                && self.host_ready(&record.spec.name).await?
+            {
                 out.push(record.spec.name);
             }
         }
         Ok(out)
+    }
+
+    /// What `host`'s heartbeat says of the networks whose final counts it keeps (see
+    /// [`Controller::check_heartbeat`]).
+    pub fn departed_named(&self, host: &str, beat: &telvirt_api::HeartbeatRequest) -> Result<()> {
+        Self::check_heartbeat(beat)?;
+        self.liveness
+            .departed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(host.to_owned(), beat.departed.iter().cloned().collect());
+        Ok(())
+    }
+
+    /// Refuses a heartbeat's body that names more than [`telvirt_api::MAX_DEPARTED_NAMED`]
+    /// networks, or a name that is none.
+    pub fn check_heartbeat(beat: &telvirt_api::HeartbeatRequest) -> Result<()> {
+        if beat.departed.len() > telvirt_api::MAX_DEPARTED_NAMED {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "departed",
+                format!(
+                    "{} networks named; a heartbeat names at most {}",
+                    beat.departed.len(),
+                    telvirt_api::MAX_DEPARTED_NAMED
+                ),
+            )));
+        }
+        if let Some(bad) = beat.departed.iter().find(|n| n.parse::<Name>().is_err()) {
+            return Err(ControllerError::Invalid(FieldError::new(
+                "departed",
+                format!("`{bad}` is not a network name"),
+            )));
+        }
+        Ok(())
     }
 
     /// The record of host `name` when an agent serves it (None for an unknown host or an

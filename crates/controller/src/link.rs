@@ -55,8 +55,16 @@ impl ControlLink for LocalLink {
         )
     }
 
-    async fn heartbeat(&self, host: &str) -> Result<Option<Duration>, LinkError> {
+    async fn heartbeat(
+        &self,
+        host: &str,
+        beat: &telvirt_api::HeartbeatRequest,
+    ) -> Result<Option<Duration>, LinkError> {
+        crate::Controller::check_heartbeat(beat).map_err(refused)?;
         self.controller.heartbeat(host).await.map_err(refused)?;
+        self.controller
+            .departed_named(host, beat)
+            .map_err(refused)?;
         Ok(Some(self.controller.host_lease_ttl()))
     }
 

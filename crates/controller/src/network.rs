@@ -777,9 +777,9 @@ impl Controller {
         let (mut n, _) = self.visible_network(caller, name).await?;
         let holders = self.network_hosts(&n.descriptor).await?;
         // The other hosts may be ones the network left (a VNF moved or failed over away):
-        // they keep its final counts there.
+        // those whose heartbeat says so keep its final counts there.
         let mut others = if departed {
-            self.ready_agent_hosts().await?
+            self.hosts_keeping_counts_of(name).await?
         } else {
             Vec::new()
         };

@@ -466,6 +466,102 @@ async fn a_vm_console_is_read_on_its_host_and_bad_requests_for_it_are_refused() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn net_show_asks_a_host_that_holds_no_part_of_a_network_only_when_its_heartbeat_names_it() {
+    let (node, h2) = node_with_remote_h2().await;
+    let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n2 }\nspec:\n  nodes:\n    - { name: gen, kind: generator }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> sink.in\n";
+    let r = node
+        .call(
+            "POST",
+            "/v1/networks",
+            None,
+            Some(&node.admin),
+            Some((net.as_bytes(), "application/yaml")),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let beat = |departed: Value| {
+        agent_call(
+            &node,
+            "POST",
+            "/v1/agent/hosts/h2/heartbeat",
+            &h2,
+            Some(json!({ "departed": departed })),
+        )
+    };
+    let show = || {
+        node.call(
+            "GET",
+            "/v1/networks/{name}",
+            Some("n2"),
+            Some(&node.admin),
+            None,
+        )
+    };
+    // Bad heartbeats are refused whole.
+    let many: Vec<String> = (0..=telvirt_api::MAX_DEPARTED_NAMED)
+        .map(|i| format!("n{i}"))
+        .collect();
+    for (departed, why) in [
+        (json!(many), "at most 256"),
+        (json!(["bad name!"]), "not a network name"),
+    ] {
+        let (status, body) = beat(departed).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body["detail"].as_str().unwrap().contains(why), "{body}");
+    }
+    // h2 keeps the counts of no network: `net show` does not ask it.
+    let (status, body) = beat(json!([])).await;
+    assert_eq!(status, 200, "{body}");
+    // (h2's calls read while `net show` runs: a call to h2 would wait there.)
+    let (r, (status, calls)) = tokio::join!(
+        show(),
+        agent_call(
+            &node,
+            "GET",
+            "/v1/agent/hosts/h2/calls?wait_ms=1000",
+            &h2,
+            None,
+        )
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!((status, calls), (200, json!([])));
+    // It keeps n2's: asked, and what it kept is shown.
+    let (status, body) = beat(json!(["n2"])).await;
+    assert_eq!(status, 200, "{body}");
+    let descriptor = r.body["descriptor"].clone();
+    let agent = answer_one_call(
+        &node,
+        "h2",
+        &h2,
+        json!({"call": "network_status", "network": descriptor}),
+        json!({"outcome": "network_status", "status": {
+            "links": [],
+            "table": "",
+            "departed": [{
+                "host": "h2",
+                "left_at": "2999-01-01T00:00:00.000Z",
+                "links": [{"link": "gen.out -> sink.in", "active": false, "packets": 7, "bytes": 448, "drops": 0}],
+                "node_drops": [{"node": "gen", "unlinked": 3, "refused": 0}]
+            }]
+        }}),
+    );
+    let r = show().await;
+    assert_eq!(agent.await.unwrap().1, 204);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let departed = &r.body["status"]["departed"];
+    assert_eq!(departed[0]["host"], "h2", "{}", r.body);
+    assert_eq!(departed[0]["links"][0]["packets"], 7, "{}", r.body);
+    assert!(
+        r.body["status"]["table"]
+            .as_str()
+            .unwrap()
+            .contains("host h2, which the network left at"),
+        "{}",
+        r.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_gets_the_networks_naming_its_vnfs_and_answers_their_status_and_probes() {
     let (node, h2) = node_with_remote_h2().await;
     let r = node.create_vnf(&node.admin, &wasm_vnf("fw1")).await;

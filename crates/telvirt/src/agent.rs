@@ -316,12 +316,16 @@ impl HostAgent {
             shutdown.clone(),
         );
         let fencing = Arc::clone(&self.fencing);
+        let kept = Arc::clone(&self.networks);
+        let departed: telvirt_agent::reconcile::DepartedNetworks =
+            Arc::new(move || kept.departed_networks());
         health.supervise("heartbeat", TASK_RESTART, move || {
             telvirt_agent::reconcile::heartbeat_loop(
                 beat_host.clone(),
                 Arc::clone(&beat_link),
                 beat_every,
                 Some(Arc::clone(&fencing)),
+                Some(Arc::clone(&departed)),
                 beat_shutdown.clone(),
             )
         });

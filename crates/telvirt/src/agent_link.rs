@@ -156,9 +156,19 @@ impl ControlLink for HttpLink {
         self.post(&paths::observations(host), &observation).await
     }
 
-    async fn heartbeat(&self, host: &str) -> Result<Option<Duration>, LinkError> {
+    async fn heartbeat(
+        &self,
+        host: &str,
+        beat: &telvirt_api::HeartbeatRequest,
+    ) -> Result<Option<Duration>, LinkError> {
+        let body = serde_json::to_vec(beat).map_err(|e| LinkError::Transport(e.to_string()))?;
         let bytes = self
-            .send(Method::POST, &paths::heartbeat(host), None, Duration::ZERO)
+            .send(
+                Method::POST,
+                &paths::heartbeat(host),
+                Some(body),
+                Duration::ZERO,
+            )
             .await?;
         // A controller that answers without a body does not say how long its lease lasts.
         Ok(

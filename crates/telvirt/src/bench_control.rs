@@ -473,6 +473,7 @@ async fn run_in(
             link,
             Duration::from_secs(1),
             None,
+            None,
             shutdown_rx.clone(),
         ));
     }
