@@ -109,6 +109,8 @@ pub struct NetworkReconciler {
     /// The final counts of networks this host left, by name, one entry per departure, oldest
     /// first (at most [`DEPARTED_KEPT`] networks, [`DEPARTURES_KEPT`] departures each).
     departed: Mutex<BTreeMap<String, Vec<DepartedCounts>>>,
+    /// Notified when a network left this host.
+    departed_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Networks whose final counts on a host they left its agent keeps (those that left last): as
@@ -160,6 +162,7 @@ impl NetworkReconciler {
             host_port_mode: RxMode::Auto,
             endpoint_drops_seen: Mutex::new([0; 3]),
             departed: Mutex::new(BTreeMap::new()),
+            departed_changed: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -466,6 +469,8 @@ impl NetworkReconciler {
             list.remove(0);
         }
         list.push(counts);
+        drop(departed);
+        self.departed_changed.notify_one();
     }
 
     /// What descriptor link `i` of `a` (`spec` its link here) lost beyond its ring: a link into
@@ -908,7 +913,6 @@ impl NetworkReconciler {
         kept
     }
 
-    /// The live state of network `d`, if this reconciler applied it.
     /// The networks whose final counts this host keeps (its heartbeat names them, so `net
     /// show` asks it for them).
     pub fn departed_networks(&self) -> Vec<String> {
@@ -920,8 +924,13 @@ impl NetworkReconciler {
             .collect()
     }
 
-    /// With it, or alone once the network left this host, the final counts it had here
-    /// ([`NetworkStatus::departed`]).
+    /// Notified whenever a network leaves this host (its heartbeat then names it at once).
+    pub fn departed_changed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.departed_changed)
+    }
+
+    /// The live state of network `d`, if this reconciler applied it; with it, or alone once
+    /// the network left this host, the final counts it had here ([`NetworkStatus::departed`]).
     pub fn status(&self, d: &NetworkDescriptor) -> Option<NetworkStatus> {
         let name = d.name().as_str();
         let applied = self.applied();

@@ -1503,7 +1503,14 @@ impl Inner {
 
 /// The networks whose final counts this host keeps, for its heartbeat to name
 /// ([`crate::network::NetworkReconciler::departed_networks`]).
-pub type DepartedNetworks = Arc<dyn Fn() -> Vec<String> + Send + Sync>;
+#[derive(Clone)]
+pub struct DepartedNetworks {
+    /// Their names now.
+    pub names: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// Notified when a network left the host: a heartbeat names it at once, so `net show`
+    /// asks this host for its counts from then on.
+    pub changed: Arc<tokio::sync::Notify>,
+}
 
 /// Sends a heartbeat for `host` through `link` every `every` until `shutdown` turns true, so the
 /// controller keeps the host Ready. A task of its own beside the agent's reconcile loop: a slow
@@ -1523,15 +1530,22 @@ pub async fn heartbeat_loop(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let left = async {
+            match &departed {
+                Some(d) => d.changed.notified().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = tick.tick() => {}
+            _ = left => {}
             _ = shutdown.changed() => {}
         }
         if *shutdown.borrow() {
             break;
         }
         let beat = telvirt_api::HeartbeatRequest {
-            departed: departed.as_ref().map(|d| d()).unwrap_or_default(),
+            departed: departed.as_ref().map(|d| (d.names)()),
         };
         let sent = std::time::Instant::now();
         match link.heartbeat(&host, &beat).await {
@@ -1591,6 +1605,81 @@ mod tests {
             tokio::time::sleep(max_wait).await;
             true
         }
+    }
+
+    /// A link that records what each heartbeat said.
+    #[derive(Default)]
+    struct Beats(std::sync::Mutex<Vec<Option<Vec<String>>>>);
+
+    #[async_trait::async_trait]
+    impl ControlLink for Beats {
+        async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, LinkError> {
+            Ok(Vec::new())
+        }
+        async fn report(&self, _host: &str, _o: Observation) -> Result<(), LinkError> {
+            Ok(())
+        }
+        async fn wait_for_change(&self, max_wait: Duration) -> bool {
+            tokio::time::sleep(max_wait).await;
+            true
+        }
+        async fn heartbeat(
+            &self,
+            _host: &str,
+            beat: &telvirt_api::HeartbeatRequest,
+        ) -> Result<Option<Duration>, LinkError> {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(beat.departed.clone());
+            Ok(None)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_network_that_left_the_host_is_named_by_a_heartbeat_at_once() {
+        let link = Arc::new(Beats::default());
+        let names = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let departed = DepartedNetworks {
+            names: {
+                let names = Arc::clone(&names);
+                Arc::new(move || names.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            },
+            changed: Arc::clone(&changed),
+        };
+        let (stop, shutdown) = watch::channel(false);
+        // A heartbeat an hour: only the first comes by the clock.
+        let beats = tokio::spawn(heartbeat_loop(
+            "h1".into(),
+            link.clone(),
+            Duration::from_secs(3600),
+            None,
+            Some(departed),
+            shutdown,
+        ));
+        let said = || link.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while said().is_empty() {
+            assert!(Instant::now() < deadline, "no first heartbeat");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(said(), vec![Some(Vec::new())]);
+        names
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push("n1".into());
+        changed.notify_one();
+        while said().len() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "no heartbeat after the departure"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(said()[1], Some(vec!["n1".to_owned()]));
+        stop.send_replace(true);
+        beats.await.unwrap();
     }
 
     #[tokio::test]

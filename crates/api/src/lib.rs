@@ -161,22 +161,26 @@ pub struct HostRecord {
 /// Networks whose final counts a heartbeat names at most ([`HeartbeatRequest::departed`]).
 pub const MAX_DEPARTED_NAMED: usize = 256;
 
-/// What a heartbeat says beside "alive" (its body; an empty body says nothing more).
+/// What a heartbeat says beside "alive" (its body; an empty body says nothing more). Fields a
+/// controller does not know are passed over: a heartbeat is never refused for its body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// The networks whose final counts the host keeps (networks that left it): `net show`
-    /// asks a host that no longer holds a network only when it names it here. At most
-    /// [`MAX_DEPARTED_NAMED`].
-    #[serde(default)]
-    pub departed: Vec<String>,
+    /// asks a host that no longer holds a network only when it names it here (none: the host
+    /// does not say, and is asked for every network). At most [`MAX_DEPARTED_NAMED`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub departed: Option<Vec<String>>,
 }
 
 /// The controller's answer to a heartbeat: how long the host's lease lasts from now. An agent
 /// that heard nothing for this long counts its host as NotReady in the controller's eyes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HeartbeatReply {
     pub lease_ttl_ms: u64,
+    /// Why the controller passed over what the heartbeat's body said (the lease is renewed
+    /// all the same).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_refused: Option<String>,
 }
 
 /// The answer of a changes poll: the assignment revision now.

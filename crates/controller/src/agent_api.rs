@@ -148,7 +148,6 @@ async fn register(
         (status = 200, description = "Renewed; the lease lasts this long without another heartbeat", body = HeartbeatReply),
         (status = 401, description = "No valid node credential (an authority token is not one)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The credential is another host's, or an authority's token", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The body is not a heartbeat (too many networks named, a name that is none): nothing renewed", body = Problem, content_type = "application/problem+json"),
     ),
     request_body(content = telvirt_api::HeartbeatRequest, description = "Optional: the networks whose final counts the host keeps"),
     description = "Renews the host's liveness lease; the host is Ready while the lease holds.")]
@@ -157,23 +156,37 @@ async fn heartbeat(
     NodeHost(host): NodeHost,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // An agent from before heartbeats had a body sends none: it says nothing more.
-    let beat: telvirt_api::HeartbeatRequest = if body.bytes.is_empty() {
-        Default::default()
-    } else {
-        parse(&body, "heartbeat")?
-    };
-    // Refused whole: a bad body renews nothing.
-    crate::Controller::check_heartbeat(&beat)?;
+    // The lease first, whatever the body says: a host is never made NotReady by it. An agent
+    // from before heartbeats had a body sends none: it says nothing more.
     s.controller.heartbeat(&host).await?;
-    s.controller
-        .departed_named(&host, &beat)
-        .map_err(ApiError::from)?;
+    let beat = if body.bytes.is_empty() {
+        Ok(telvirt_api::HeartbeatRequest::default())
+    } else {
+        serde_json::from_slice::<telvirt_api::HeartbeatRequest>(&body.bytes)
+            .map_err(|e| format!("not a heartbeat body: {e}"))
+    };
+    let body_refused = match beat {
+        Ok(beat) => s
+            .controller
+            .departed_named(&host, &beat)
+            .err()
+            .map(|e| e.to_string()),
+        Err(why) => {
+            let _ = s
+                .controller
+                .departed_named(&host, &telvirt_api::HeartbeatRequest::default());
+            Some(why)
+        }
+    };
+    if let Some(why) = &body_refused {
+        tracing::warn!(host = %host, "heartbeat body passed over: {why}");
+    }
     let ttl = s.controller.host_lease_ttl();
     Ok(json(
         StatusCode::OK,
         &telvirt_api::HeartbeatReply {
             lease_ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            body_refused,
         },
     ))
 }

@@ -130,6 +130,10 @@ impl Liveness {
             Some(l) => leases.insert(host.to_owned(), l),
             None => {
                 self.beats_map().remove(host);
+                self.departed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(host);
                 leases.remove(host)
             }
         };
@@ -416,32 +420,43 @@ impl Controller {
         Ok(out)
     }
 
-    /// What `host`'s heartbeat says of the networks whose final counts it keeps (see
-    /// [`Controller::check_heartbeat`]).
+    /// What `host`'s heartbeat (just taken) says of the networks whose final counts it keeps.
+    /// A body that names more than [`telvirt_api::MAX_DEPARTED_NAMED`] networks, or a name
+    /// that is none, is passed over (the host is then asked for every network, as one that
+    /// does not say) and the error says why: the heartbeat stands.
     pub fn departed_named(&self, host: &str, beat: &telvirt_api::HeartbeatRequest) -> Result<()> {
-        Self::check_heartbeat(beat)?;
-        self.liveness
+        let checked = match &beat.departed {
+            Some(names) => Self::check_departed(names).map(|()| Some(names)),
+            None => Ok(None),
+        };
+        let mut kept = self
+            .liveness
             .departed
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(host.to_owned(), beat.departed.iter().cloned().collect());
-        Ok(())
+            .unwrap_or_else(|p| p.into_inner());
+        match &checked {
+            Ok(Some(names)) => {
+                kept.insert(host.to_owned(), names.iter().cloned().collect());
+            }
+            _ => {
+                kept.remove(host);
+            }
+        }
+        checked.map(|_| ())
     }
 
-    /// Refuses a heartbeat's body that names more than [`telvirt_api::MAX_DEPARTED_NAMED`]
-    /// networks, or a name that is none.
-    pub fn check_heartbeat(beat: &telvirt_api::HeartbeatRequest) -> Result<()> {
-        if beat.departed.len() > telvirt_api::MAX_DEPARTED_NAMED {
+    fn check_departed(names: &[String]) -> Result<()> {
+        if names.len() > telvirt_api::MAX_DEPARTED_NAMED {
             return Err(ControllerError::Invalid(FieldError::new(
                 "departed",
                 format!(
                     "{} networks named; a heartbeat names at most {}",
-                    beat.departed.len(),
+                    names.len(),
                     telvirt_api::MAX_DEPARTED_NAMED
                 ),
             )));
         }
-        if let Some(bad) = beat.departed.iter().find(|n| n.parse::<Name>().is_err()) {
+        if let Some(bad) = names.iter().find(|n| n.parse::<Name>().is_err()) {
             return Err(ControllerError::Invalid(FieldError::new(
                 "departed",
                 format!("`{bad}` is not a network name"),

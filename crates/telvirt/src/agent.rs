@@ -317,15 +317,17 @@ impl HostAgent {
         );
         let fencing = Arc::clone(&self.fencing);
         let kept = Arc::clone(&self.networks);
-        let departed: telvirt_agent::reconcile::DepartedNetworks =
-            Arc::new(move || kept.departed_networks());
+        let departed = telvirt_agent::reconcile::DepartedNetworks {
+            changed: kept.departed_changed(),
+            names: Arc::new(move || kept.departed_networks()),
+        };
         health.supervise("heartbeat", TASK_RESTART, move || {
             telvirt_agent::reconcile::heartbeat_loop(
                 beat_host.clone(),
                 Arc::clone(&beat_link),
                 beat_every,
                 Some(Arc::clone(&fencing)),
-                Some(Arc::clone(&departed)),
+                Some(departed.clone()),
                 beat_shutdown.clone(),
             )
         });

@@ -171,11 +171,11 @@ impl ControlLink for HttpLink {
             )
             .await?;
         // A controller that answers without a body does not say how long its lease lasts.
-        Ok(
-            serde_json::from_slice::<telvirt_api::HeartbeatReply>(&bytes)
-                .ok()
-                .map(|r| Duration::from_millis(r.lease_ttl_ms)),
-        )
+        let reply = serde_json::from_slice::<telvirt_api::HeartbeatReply>(&bytes).ok();
+        if let Some(why) = reply.as_ref().and_then(|r| r.body_refused.as_deref()) {
+            tracing::warn!(host = %host, "the controller passed over what the heartbeat said: {why}");
+        }
+        Ok(reply.map(|r| Duration::from_millis(r.lease_ttl_ms)))
     }
 
     async fn wait_for_change(&self, max_wait: Duration) -> bool {
