@@ -111,7 +111,12 @@ pub struct NetworkReconciler {
     departed: Mutex<BTreeMap<String, Vec<DepartedCounts>>>,
     /// Notified when a network left this host.
     departed_changed: Arc<tokio::sync::Notify>,
+    /// Where the final counts are kept across restarts of the agent (none: in memory only).
+    departures_file: Option<std::path::PathBuf>,
 }
+
+/// Largest departures file read back (the ledger's bounds keep it far below).
+const MAX_DEPARTURES_FILE: u64 = 16 << 20;
 
 /// Networks whose final counts on a host they left its agent keeps (those that left last): as
 /// many as its heartbeat may name.
@@ -163,7 +168,24 @@ impl NetworkReconciler {
             endpoint_drops_seen: Mutex::new([0; 3]),
             departed: Mutex::new(BTreeMap::new()),
             departed_changed: Arc::new(tokio::sync::Notify::new()),
+            departures_file: None,
         }
+    }
+
+    /// Keeps the final counts of the networks that left this host in `file` as well (written
+    /// at each departure) and takes those it holds now: a restarted agent still shows them. A
+    /// file that cannot be read is said in the log and left to be replaced.
+    pub fn with_departures_file(mut self, file: std::path::PathBuf) -> Self {
+        match read_departures(&file) {
+            Ok(kept) => {
+                *self.departed.get_mut().unwrap_or_else(|p| p.into_inner()) = kept;
+            }
+            Err(why) => {
+                tracing::warn!(file = %file.display(), "final counts of networks that left this host not read back: {why}")
+            }
+        }
+        self.departures_file = Some(file);
+        self
     }
 
     /// Host ports opened as `mode` says (default: AF_XDP where the interface allows it).
@@ -469,7 +491,13 @@ impl NetworkReconciler {
             list.remove(0);
         }
         list.push(counts);
+        let kept = self.departures_file.as_ref().map(|f| (f, departed.clone()));
         drop(departed);
+        if let Some((file, kept)) = kept
+            && let Err(why) = write_departures(file, &kept)
+        {
+            tracing::warn!(file = %file.display(), "final counts of networks that left this host not written: {why}");
+        }
         self.departed_changed.notify_one();
     }
 
@@ -1251,6 +1279,50 @@ impl NetworkReconciler {
     }
 }
 
+/// The final counts kept in `file` (none when it does not exist), within the ledger's bounds.
+fn read_departures(
+    file: &std::path::Path,
+) -> Result<BTreeMap<String, Vec<DepartedCounts>>, String> {
+    let meta = match std::fs::metadata(file) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e.to_string()),
+    };
+    if meta.len() > MAX_DEPARTURES_FILE {
+        return Err(format!(
+            "{} bytes, more than the {MAX_DEPARTURES_FILE} a departures file may hold",
+            meta.len()
+        ));
+    }
+    let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+    let mut kept: BTreeMap<String, Vec<DepartedCounts>> =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a departures file: {e}"))?;
+    for list in kept.values_mut() {
+        let extra = list.len().saturating_sub(DEPARTURES_KEPT);
+        list.drain(..extra);
+    }
+    while kept.len() > DEPARTED_KEPT {
+        let Some(oldest) = kept
+            .iter()
+            .min_by(|x, y| last_left(x.1).cmp(last_left(y.1)))
+            .map(|(n, _)| n.clone())
+        else {
+            break;
+        };
+        kept.remove(&oldest);
+    }
+    Ok(kept)
+}
+
+/// Writes `kept` to `file` whole (a crash leaves the old or the new, never half of one).
+fn write_departures(
+    file: &std::path::Path,
+    kept: &BTreeMap<String, Vec<DepartedCounts>>,
+) -> Result<(), String> {
+    let bytes = serde_json::to_vec(kept).map_err(|e| e.to_string())?;
+    telvirt_files::write_atomic(file, &bytes).map_err(|e| e.to_string())
+}
+
 /// What `net show` reports of sink `name`, with its summary.
 fn sink_status(name: &str, state: &SinkState) -> (SinkStatus, SinkSummary) {
     let s = state.summary();
@@ -1460,6 +1532,34 @@ mod tests {
             then.node_drops.is_empty(),
             "fw1 dropped nothing there: {then:?}"
         );
+    }
+
+    #[test]
+    fn the_final_counts_of_a_network_that_left_outlive_the_agent_in_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("network-departures.json");
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = NetworkReconciler::new(Arc::clone(&dp))
+            .with_host("h1", None)
+            .with_departures_file(file.clone());
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        add_fw(&dp);
+        delivered_above(&r, &d, 0);
+        r.sync(&[]);
+        let before = r.status(&d).unwrap().departed;
+        assert_eq!(before.len(), 1);
+        drop(r);
+        // The agent again, on another data plane: the counts are read back.
+        let again = NetworkReconciler::new(Arc::clone(&dp))
+            .with_host("h1", None)
+            .with_departures_file(file.clone());
+        assert_eq!(again.departed_networks(), ["c1"]);
+        assert_eq!(again.status(&d).unwrap().departed, before);
+        // A file that is no departures file: none read, and it is replaced at the next.
+        std::fs::write(&file, b"{not json").unwrap();
+        let fresh = NetworkReconciler::new(dp).with_departures_file(file);
+        assert!(fresh.departed_networks().is_empty());
     }
 
     #[test]

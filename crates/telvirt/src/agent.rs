@@ -186,7 +186,8 @@ impl HostAgent {
         };
         let networks = NetworkReconciler::new(Arc::clone(&dataplane))
             .with_host(&record.spec.name, vxlan)
-            .with_host_port_mode(args.host_port_socket.mode());
+            .with_host_port_mode(args.host_port_socket.mode())
+            .with_departures_file(data_dir.join("network-departures.json"));
         Ok(Self {
             record,
             inventory,
