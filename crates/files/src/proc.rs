@@ -46,6 +46,33 @@ pub fn process(pid: i32) -> Option<ProcessStat> {
     })
 }
 
+/// The ids of the host's processes now (one may exit before it is read).
+pub fn pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Process `pid`'s real, effective, saved and filesystem uids; `None` when it is gone.
+pub fn uids(pid: i32) -> Option<Vec<u32>> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_uids(&status)
+}
+
+/// The uids of a `/proc/PID/status` text's `Uid:` line.
+fn status_uids(status: &str) -> Option<Vec<u32>> {
+    let ids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    Some(
+        ids.split_whitespace()
+            .filter_map(|u| u.parse().ok())
+            .collect(),
+    )
+}
+
 /// Process `pid`'s state letter (`R`, `S`, `D`, `Z`, ...) and the id of its session; `None`
 /// when it is gone.
 pub fn state_and_session(pid: i32) -> Option<(char, i32)> {
@@ -144,6 +171,21 @@ mod tests {
 
     fn me() -> i32 {
         std::process::id() as i32
+    }
+
+    #[test]
+    fn the_host_s_processes_and_their_uids_are_read() {
+        assert!(pids().contains(&me()));
+        // SAFETY: getuid has no preconditions.
+        let uid = unsafe { libc::getuid() };
+        assert_eq!(uids(me()).map(|u| u[0]), Some(uid));
+        assert_eq!(
+            status_uids(
+                "Name:\tqemu\nUid:\t1900000001\t1900000001\t1900000001\t1900000001\nGid:\t0\n"
+            ),
+            Some(vec![1_900_000_001; 4])
+        );
+        assert_eq!(status_uids("Name:\tx\n"), None);
     }
 
     #[test]

@@ -148,37 +148,18 @@ fn try_lock(dir: &Path, uid: u32) -> Result<Option<File>> {
 
 /// Every uid a process of this host runs with (real, effective, saved or filesystem).
 fn uids_in_use() -> Result<BTreeSet<u32>> {
-    let mut out = BTreeSet::new();
-    let entries = std::fs::read_dir("/proc").map_err(Error::io("read /proc"))?;
-    for e in entries.flatten() {
-        if !e
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        // A process that exited meanwhile has no status: nothing to count.
-        let Ok(status) = std::fs::read_to_string(e.path().join("status")) else {
-            continue;
-        };
-        out.extend(status_uids(&status));
+    let pids = telvirt_files::proc::pids();
+    // This process is one: none listed means /proc could not be read.
+    if pids.is_empty() {
+        return Err(Error::io("read /proc")(std::io::Error::other(
+            "no process listed",
+        )));
     }
-    Ok(out)
-}
-
-/// The uids of a `/proc/PID/status` text's `Uid:` line.
-fn status_uids(status: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .map(|ids| {
-            ids.split_whitespace()
-                .filter_map(|u| u.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    Ok(pids
+        .into_iter()
+        .filter_map(telvirt_files::proc::uids)
+        .flatten()
+        .collect())
 }
 
 /// The id ranges `/etc/subuid` and `/etc/subgid` hand to users (their containers' ids).
@@ -292,14 +273,7 @@ mod tests {
     }
 
     #[test]
-    fn the_uid_line_of_a_status_and_the_sub_id_lines_are_read() {
-        assert_eq!(
-            status_uids(
-                "Name:\tqemu\nUid:\t1900000001\t1900000001\t1900000001\t1900000001\nGid:\t0\n"
-            ),
-            vec![1_900_000_001; 4]
-        );
-        assert!(status_uids("Name:\tx\n").is_empty());
+    fn the_sub_id_lines_and_the_uids_in_use_are_read() {
         assert_eq!(sub_range("alice:100000:65536"), Some(100_000..165_536));
         assert_eq!(sub_range("broken"), None);
         // The processes of this host are found (this one among them).

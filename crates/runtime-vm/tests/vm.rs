@@ -745,18 +745,10 @@ async fn qemu_runs_sandboxed_unprivileged_and_gets_files_as_descriptors() {
             UidLease::held(Path::new(LEASE_DIR), applied.uid).unwrap(),
             "the uid of a running QEMU is not held"
         );
-        let others = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        let others = telvirt_files::proc::pids()
+            .into_iter()
             .filter(|p| *p != pid)
-            .filter(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/status")).is_ok_and(|st| {
-                    st.lines()
-                        .find(|l| l.starts_with("Uid:"))
-                        .is_some_and(|l| l.split_whitespace().any(|u| u == applied.uid.to_string()))
-                })
-            })
+            .filter(|p| telvirt_files::proc::uids(*p).is_some_and(|u| u.contains(&applied.uid)))
             .count();
         assert_eq!(others, 0, "another process runs as QEMU's own uid");
     } else {

@@ -1050,13 +1050,10 @@ async fn stop(group: &[(String, u32)], marker: &str, r: &mut Removal) {
 /// Every running process in one of `sessions` whose command line contains `marker`, with
 /// that line.
 fn left_in_sessions(sessions: &[u32], marker: &str) -> Vec<(u32, String)> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| {
-            let id = i32::try_from(pid).ok()?;
+    telvirt_files::proc::pids()
+        .into_iter()
+        .filter_map(|id| {
+            let pid = u32::try_from(id).ok()?;
             let (state, session) = telvirt_files::proc::state_and_session(id)?;
             let in_one = u32::try_from(session).is_ok_and(|s| sessions.contains(&s));
             if !in_one || !runs(state) {

@@ -256,16 +256,7 @@ fn is_root() -> bool {
 
 /// The real, effective, saved and filesystem uids of process `pid`.
 fn qemu_uids(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("QEMU's status")
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .map(|ids| {
-            ids.split_whitespace()
-                .filter_map(|u| u.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    telvirt_files::proc::uids(pid).expect("QEMU's status")
 }
 
 fn descriptor(node: &Node) -> PathBuf {
