@@ -26,7 +26,7 @@ pub const SANDBOX_DENY: &str = "obsolete=deny,spawn=deny,resourcecontrol=deny";
 /// Added when QEMU does not change its user itself: its own `-runas` calls setgid, initgroups
 /// and setuid after the filter is installed, and `elevateprivileges=deny` kills it for that.
 pub const SANDBOX_DENY_ELEVATE: &str = "elevateprivileges=deny";
-/// How long the sandbox probe may take.
+/// How long each probe of the QEMU binary may take.
 const PROBE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Which user QEMU runs as.
@@ -444,6 +444,23 @@ pub struct Plan {
     pub warnings: Vec<String>,
 }
 
+/// The account of QEMU user `name`, given by name: it must exist and must not be root.
+pub fn named_account(name: &str, lookup: impl Fn(&str) -> Option<Account>) -> Result<Account> {
+    let acct = lookup(name).ok_or_else(|| Error::InvalidConfig {
+        field: "qemu user",
+        reason: format!(
+            "user `{name}` does not exist on this host (create it, or use `auto` or `current`)"
+        ),
+    })?;
+    if acct.uid == 0 {
+        return Err(Error::InvalidConfig {
+            field: "qemu user",
+            reason: format!("user `{name}` has uid 0: QEMU must run unprivileged"),
+        });
+    }
+    Ok(acct)
+}
+
 /// Whether a QEMU started under `conf` runs as a uid of its own ([`crate::uid_lease`]): the
 /// `auto` user, as root, with a QEMU that changes its user to a numeric `uid:gid`.
 pub fn wants_own_uid(conf: &Confinement, caps: &QemuCaps, euid: u32) -> bool {
@@ -472,21 +489,7 @@ pub fn plan(
     let own = own.filter(|uid| *uid != 0 && wants_own_uid(conf, caps, euid));
     let target = match &conf.user {
         QemuUser::Current => None,
-        QemuUser::Named(name) => {
-            let acct = lookup(name).ok_or_else(|| Error::InvalidConfig {
-                field: "qemu user",
-                reason: format!(
-                    "user `{name}` does not exist on this host (create it, or use `auto` or `current`)"
-                ),
-            })?;
-            if acct.uid == 0 {
-                return Err(Error::InvalidConfig {
-                    field: "qemu user",
-                    reason: format!("user `{name}` has uid 0: QEMU must run unprivileged"),
-                });
-            }
-            Some(acct)
-        }
+        QemuUser::Named(name) => Some(named_account(name, &lookup)?),
         QemuUser::Auto if own.is_some() => own.map(|uid| Account {
             name: format!("{uid}:{uid}"),
             uid,

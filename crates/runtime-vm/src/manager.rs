@@ -319,13 +319,12 @@ impl VmManager {
                 user: confine::QemuUser::Current,
                 ..self.confinement.clone()
             };
-            let user = plan.applied.user.clone();
-            lease = None;
             let user = if own.is_some() {
                 format!("its own uid {}", plan.applied.uid)
             } else {
-                format!("`{user}`")
+                format!("`{}`", plan.applied.user)
             };
+            lease = None;
             plan = confine::plan(&stay, &caps, euid, confine::lookup_user, None)?;
             plan.warnings.push(format!(
                 "lock_memory: telvirt cannot lift RLIMIT_MEMLOCK for QEMU (hard limit set and no CAP_SYS_RESOURCE), so QEMU keeps uid {euid} instead of {user}"

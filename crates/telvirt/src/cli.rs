@@ -586,19 +586,8 @@ fn parse_qemu_user(text: &str) -> Result<telvirt_runtime_vm::QemuUser, String> {
         .parse()
         .map_err(|e: telvirt_runtime_vm::Error| e.to_string())?;
     if let QemuUser::Named(name) = &user {
-        match telvirt_runtime_vm::confine::lookup_user(name) {
-            None => {
-                return Err(format!(
-                    "user `{name}` does not exist on this host (create it, or use `auto` or `current`)"
-                ));
-            }
-            Some(a) if a.uid == 0 => {
-                return Err(format!(
-                    "user `{name}` has uid 0: QEMU must run unprivileged"
-                ));
-            }
-            Some(_) => {}
-        }
+        use telvirt_runtime_vm::confine;
+        confine::named_account(name, confine::lookup_user).map_err(|e| e.to_string())?;
     }
     Ok(user)
 }
