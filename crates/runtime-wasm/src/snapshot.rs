@@ -135,8 +135,6 @@ struct SlicedMap {
     saved: Vec<u8>,
     size: usize,
     len: u64,
-    /// An array: its places hold values only (else a slot's key and value).
-    array: bool,
 }
 
 /// The order a [`SlicedMap`] goes through its map.
@@ -184,68 +182,12 @@ impl Walk {
             Walk::Chain { at, .. } => *at == NIL,
         }
     }
-}
-
-impl SlicedMap {
-    /// A copy of `map` as it is now.
-    fn new(map: &Map) -> Self {
-        let d = map.def();
-        let slots = |live: &[bool]| u32::try_from(live.len()).unwrap_or(u32::MAX);
-        let (walk, pending) = match d.kind {
-            MapKind::Array => {
-                let end = d.max_entries;
-                (Walk::Indices { next: 0, end }, vec![true; end as usize])
-            }
-            MapKind::Hash => {
-                let live = map.live_slots();
-                let end = slots(live);
-                (Walk::Slots { next: 0, end }, live.to_vec())
-            }
-            MapKind::LruHash => {
-                let (tail, links) = map.lru_links();
-                let live = map.live_slots();
-                let walk = Walk::Chain {
-                    at: tail,
-                    links: links.to_vec(),
-                    left: live.len(),
-                };
-                (walk, live.to_vec())
-            }
-        };
-        let array = d.kind == MapKind::Array;
-        SlicedMap {
-            walk,
-            pending,
-            saved_at: Vec::new(),
-            saved: Vec::new(),
-            size: if array {
-                d.value_size as usize
-            } else {
-                (d.key_size + d.value_size) as usize
-            },
-            len: map.len() as u64,
-            array,
-        }
-    }
-
-    /// The place in `map` a change at `key` touches: an array's index; a slot of `key`, or
-    /// for an LRU map, of the entry an insert of `key` evicts.
-    fn place_of(&self, map: &Map, key: &[u8]) -> Option<usize> {
-        match self.walk {
-            Walk::Indices { .. } => map.array_index(key),
-            Walk::Slots { .. } => map.slot_of(key),
-            Walk::Chain { .. } => map.slot_of(key).or_else(|| map.lru_victim_slot(key)),
-        }
-    }
 
     /// Appends the entry at `place` of `map` as a snapshot holds it (an array's value; a
-    /// slot's key and value); whether one is there.
-    fn entry_into(&self, out: &mut Vec<u8>, map: &Map, place: usize) -> bool {
-        if self.array {
-            match map
-                .array_values()
-                .get(place * self.size..(place + 1) * self.size)
-            {
+    /// slot's key and value), `size` bytes; whether one is there.
+    fn entry_into(&self, out: &mut Vec<u8>, map: &Map, place: usize, size: usize) -> bool {
+        if let Walk::Indices { .. } = self {
+            match map.array_values().get(place * size..(place + 1) * size) {
                 Some(v) => out.extend_from_slice(v),
                 None => return false,
             }
@@ -259,6 +201,56 @@ impl SlicedMap {
             }
         }
         true
+    }
+}
+
+impl SlicedMap {
+    /// A copy of `map` as it is now.
+    fn new(map: &Map) -> Self {
+        let d = map.def();
+        let (walk, pending) = match d.kind {
+            MapKind::Array => {
+                let end = d.max_entries;
+                (Walk::Indices { next: 0, end }, vec![true; end as usize])
+            }
+            MapKind::Hash => {
+                let live = map.live_slots();
+                let end = u32::try_from(live.len()).unwrap_or(u32::MAX);
+                (Walk::Slots { next: 0, end }, live.to_vec())
+            }
+            MapKind::LruHash => {
+                let (tail, links) = map.lru_links();
+                let live = map.live_slots();
+                let walk = Walk::Chain {
+                    at: tail,
+                    links: links.to_vec(),
+                    left: live.len(),
+                };
+                (walk, live.to_vec())
+            }
+        };
+        SlicedMap {
+            walk,
+            pending,
+            saved_at: Vec::new(),
+            saved: Vec::new(),
+            size: if d.kind == MapKind::Array {
+                d.value_size as usize
+            } else {
+                (d.key_size + d.value_size) as usize
+            },
+            len: map.len() as u64,
+        }
+    }
+
+    /// The place in `map` a change at `key` touches: an array's index; a slot of `key`, or
+    /// for an LRU map, of the entry an insert of `key` evicts.
+    fn place_of(&self, map: &Map, key: &[u8]) -> Option<usize> {
+        match self.walk {
+            Walk::Indices { .. } => map.array_index(key),
+            Walk::Slots { .. } => map.slot_of(key),
+            Walk::Chain { .. } => map.slot_of(key).or_else(|| map.lru_victim_slot(key)),
+        }
     }
 
     /// Before the entry at `key` of `map` changes: saved as it is (as it was when the copy
@@ -276,11 +268,9 @@ impl SlicedMap {
             self.saved = Vec::with_capacity(self.len as usize * self.size);
         }
         let n = self.saved.len() / self.size.max(1);
-        let mut saved = std::mem::take(&mut self.saved);
-        if self.entry_into(&mut saved, map, place) {
+        if self.walk.entry_into(&mut self.saved, map, place, self.size) {
             self.saved_at[place] = u32::try_from(n + 1).unwrap_or(0);
         }
-        self.saved = saved;
         self.pending[place] = false;
     }
 
@@ -294,7 +284,7 @@ impl SlicedMap {
         {
             let copied = if self.pending.get(place).copied().unwrap_or(false) {
                 self.pending[place] = false;
-                self.entry_into(out, map, place)
+                self.walk.entry_into(out, map, place, self.size)
             } else {
                 // Not pending on the walk: saved before a change (each place is walked once),
                 // or a hash map's slot empty when the copy began.
