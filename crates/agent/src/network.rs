@@ -130,6 +130,25 @@ fn last_left(departures: &[DepartedCounts]) -> &str {
     departures.last().map_or("", |d| d.left_at.as_str())
 }
 
+/// Keeps the ledger of final counts within its bounds: the latest [`DEPARTURES_KEPT`]
+/// departures of a network, the [`DEPARTED_KEPT`] networks that left last.
+fn keep_within_bounds(kept: &mut BTreeMap<String, Vec<DepartedCounts>>) {
+    for list in kept.values_mut() {
+        let extra = list.len().saturating_sub(DEPARTURES_KEPT);
+        list.drain(..extra);
+    }
+    while kept.len() > DEPARTED_KEPT {
+        let Some(oldest) = kept
+            .iter()
+            .min_by(|x, y| last_left(x.1).cmp(last_left(y.1)))
+            .map(|(n, _)| n.clone())
+        else {
+            break;
+        };
+        kept.remove(&oldest);
+    }
+}
+
 /// What `net show` reports of an open host port.
 struct OpenHostPort {
     interface: String,
@@ -477,26 +496,21 @@ impl NetworkReconciler {
             sinks,
         };
         let mut departed = self.departed.lock().unwrap_or_else(|p| p.into_inner());
-        if !departed.contains_key(name)
-            && departed.len() >= DEPARTED_KEPT
-            && let Some(oldest) = departed
-                .iter()
-                .min_by(|x, y| last_left(x.1).cmp(last_left(y.1)))
-                .map(|(n, _)| n.clone())
-        {
-            departed.remove(&oldest);
-        }
-        let list = departed.entry(name.to_owned()).or_default();
-        if list.len() >= DEPARTURES_KEPT {
-            list.remove(0);
-        }
-        list.push(counts);
-        let kept = self.departures_file.as_ref().map(|f| (f, departed.clone()));
+        departed.entry(name.to_owned()).or_default().push(counts);
+        keep_within_bounds(&mut departed);
+        // Encoded under the lock, written after it.
+        let encoded = self
+            .departures_file
+            .as_ref()
+            .map(|f| (f, serde_json::to_vec(&*departed)));
         drop(departed);
-        if let Some((file, kept)) = kept
-            && let Err(why) = write_departures(file, &kept)
-        {
-            tracing::warn!(file = %file.display(), "final counts of networks that left this host not written: {why}");
+        if let Some((file, encoded)) = encoded {
+            let written = encoded.map_err(|e| e.to_string()).and_then(|bytes| {
+                telvirt_files::write_atomic(file, &bytes).map_err(|e| e.to_string())
+            });
+            if let Err(why) = written {
+                tracing::warn!(file = %file.display(), "final counts of networks that left this host not written: {why}");
+            }
         }
         self.departed_changed.notify_one();
     }
@@ -1297,30 +1311,8 @@ fn read_departures(
     let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
     let mut kept: BTreeMap<String, Vec<DepartedCounts>> =
         serde_json::from_slice(&bytes).map_err(|e| format!("not a departures file: {e}"))?;
-    for list in kept.values_mut() {
-        let extra = list.len().saturating_sub(DEPARTURES_KEPT);
-        list.drain(..extra);
-    }
-    while kept.len() > DEPARTED_KEPT {
-        let Some(oldest) = kept
-            .iter()
-            .min_by(|x, y| last_left(x.1).cmp(last_left(y.1)))
-            .map(|(n, _)| n.clone())
-        else {
-            break;
-        };
-        kept.remove(&oldest);
-    }
+    keep_within_bounds(&mut kept);
     Ok(kept)
-}
-
-/// Writes `kept` to `file` whole (a crash leaves the old or the new, never half of one).
-fn write_departures(
-    file: &std::path::Path,
-    kept: &BTreeMap<String, Vec<DepartedCounts>>,
-) -> Result<(), String> {
-    let bytes = serde_json::to_vec(kept).map_err(|e| e.to_string())?;
-    telvirt_files::write_atomic(file, &bytes).map_err(|e| e.to_string())
 }
 
 /// What `net show` reports of sink `name`, with its summary.

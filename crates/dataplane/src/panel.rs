@@ -429,9 +429,7 @@ impl PatchPanel {
     /// on. Refused when the link is not live or another capture of it runs.
     pub fn tap_link(&self, link: &LinkSpec, tap: Arc<LinkTap>) -> Result<()> {
         let live = self
-            .links
-            .get(&link.from)
-            .filter(|l| l.to == link.to)
+            .live_link(link)
             .ok_or_else(|| Error::Graph(format!("link {link} is not live on this data plane")))?;
         if !live.counters.tap.arm(tap) {
             return Err(Error::Graph(format!(
@@ -443,12 +441,7 @@ impl PatchPanel {
 
     /// Disarm `tap` from `link` (wherever the link's counters are now: live or retired).
     pub fn untap_link(&self, link: &LinkSpec, tap: &Arc<LinkTap>) {
-        let live = self
-            .links
-            .get(&link.from)
-            .filter(|l| l.to == link.to)
-            .map(|l| &l.counters);
-        if let Some(c) = live.or_else(|| self.retired.get(link)) {
+        if let Some(c) = self.counters_of(link) {
             c.tap.disarm(tap);
         }
     }
@@ -490,12 +483,19 @@ impl PatchPanel {
     /// The counters of `link`, live or removed (until the same link is made again or its
     /// network deleted).
     pub fn link_counters(&self, link: &LinkSpec) -> Option<CounterSnapshot> {
-        self.links
-            .get(&link.from)
-            .filter(|l| l.to == link.to)
+        self.counters_of(link).map(|c| c.snapshot())
+    }
+
+    /// `link` if it is live.
+    fn live_link(&self, link: &LinkSpec) -> Option<&LiveLink> {
+        self.links.get(&link.from).filter(|l| l.to == link.to)
+    }
+
+    /// The counters of `link` wherever they are now: live or retired.
+    fn counters_of(&self, link: &LinkSpec) -> Option<&Arc<LinkCounters>> {
+        self.live_link(link)
             .map(|l| &l.counters)
             .or_else(|| self.retired.get(link))
-            .map(|c| c.snapshot())
     }
 
     /// Nodes that dropped packets outside any link, with what they dropped.
