@@ -221,7 +221,7 @@ impl Controller {
         Ok(after)
     }
 
-    fn admin_only(&self, caller: &Caller, what: &str) -> Result<()> {
+    pub(crate) fn admin_only(&self, caller: &Caller, what: &str) -> Result<()> {
         if caller.is_admin() {
             Ok(())
         } else {

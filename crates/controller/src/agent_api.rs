@@ -156,31 +156,19 @@ async fn heartbeat(
     NodeHost(host): NodeHost,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // The lease first, whatever the body says: a host is never made NotReady by it. An agent
-    // from before heartbeats had a body sends none: it says nothing more.
-    s.controller.heartbeat(&host).await?;
-    let beat = if body.bytes.is_empty() {
-        Ok(telvirt_api::HeartbeatRequest::default())
+    // An agent from before heartbeats had a body sends none: it says nothing more.
+    let (beat, unread) = if body.bytes.is_empty() {
+        (telvirt_api::HeartbeatRequest::default(), None)
     } else {
-        serde_json::from_slice::<telvirt_api::HeartbeatRequest>(&body.bytes)
-            .map_err(|e| format!("not a heartbeat body: {e}"))
-    };
-    let body_refused = match beat {
-        Ok(beat) => s
-            .controller
-            .departed_named(&host, &beat)
-            .err()
-            .map(|e| e.to_string()),
-        Err(why) => {
-            let _ = s
-                .controller
-                .departed_named(&host, &telvirt_api::HeartbeatRequest::default());
-            Some(why)
+        match serde_json::from_slice::<telvirt_api::HeartbeatRequest>(&body.bytes) {
+            Ok(beat) => (beat, None),
+            Err(e) => (
+                telvirt_api::HeartbeatRequest::default(),
+                Some(format!("not a heartbeat body: {e}")),
+            ),
         }
     };
-    if let Some(why) = &body_refused {
-        tracing::warn!(host = %host, "heartbeat body passed over: {why}");
-    }
+    let body_refused = s.controller.take_heartbeat(&host, &beat, unread).await?;
     let ttl = s.controller.host_lease_ttl();
     Ok(json(
         StatusCode::OK,

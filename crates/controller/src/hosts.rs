@@ -420,11 +420,30 @@ impl Controller {
         Ok(out)
     }
 
+    /// A heartbeat of `host` with its body (`unread`: why a body could not be read, `beat`
+    /// then the default): the lease first, whatever the body says (a host is never made
+    /// NotReady by it), then what it says of the networks whose final counts the host keeps.
+    /// Returns why the body was passed over, if it was.
+    pub async fn take_heartbeat(
+        &self,
+        host: &str,
+        beat: &telvirt_api::HeartbeatRequest,
+        unread: Option<String>,
+    ) -> Result<Option<String>> {
+        self.heartbeat(host).await?;
+        let named = self.departed_named(host, beat).err().map(|e| e.to_string());
+        let refused = unread.or(named);
+        if let Some(why) = &refused {
+            tracing::warn!(host = %host, "heartbeat body passed over: {why}");
+        }
+        Ok(refused)
+    }
+
     /// What `host`'s heartbeat (just taken) says of the networks whose final counts it keeps.
     /// A body that names more than [`telvirt_api::MAX_DEPARTED_NAMED`] networks, or a name
     /// that is none, is passed over (the host is then asked for every network, as one that
     /// does not say) and the error says why: the heartbeat stands.
-    pub fn departed_named(&self, host: &str, beat: &telvirt_api::HeartbeatRequest) -> Result<()> {
+    fn departed_named(&self, host: &str, beat: &telvirt_api::HeartbeatRequest) -> Result<()> {
         let checked = match &beat.departed {
             Some(names) => Self::check_departed(names).map(|()| Some(names)),
             None => Ok(None),

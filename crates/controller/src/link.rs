@@ -60,10 +60,10 @@ impl ControlLink for LocalLink {
         host: &str,
         beat: &telvirt_api::HeartbeatRequest,
     ) -> Result<Option<Duration>, LinkError> {
-        self.controller.heartbeat(host).await.map_err(refused)?;
-        if let Err(e) = self.controller.departed_named(host, beat) {
-            tracing::warn!(host = %host, "heartbeat body passed over: {e}");
-        }
+        self.controller
+            .take_heartbeat(host, beat, None)
+            .await
+            .map_err(refused)?;
         Ok(Some(self.controller.host_lease_ttl()))
     }
 

@@ -766,8 +766,9 @@ impl Controller {
         self.network_with(caller, name, true).await
     }
 
-    /// [`Controller::network`]; with `departed`, the counts the network left on hosts
-    /// that no longer hold it too (every Ready host is asked), else those of its holders only.
+    /// [`Controller::network`]; with `departed`, the counts the network left on hosts that no
+    /// longer hold it too (the Ready hosts whose heartbeat named it, or did not say, are
+    /// asked), else those of its holders only.
     pub(crate) async fn network_with(
         &self,
         caller: &Caller,

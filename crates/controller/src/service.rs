@@ -1714,11 +1714,7 @@ impl Controller {
         &self,
         caller: &Caller,
     ) -> Result<telvirt_model::api::SecretRotation> {
-        if !caller.is_admin() {
-            return Err(ControllerError::Forbidden(
-                "only the admin authority may rotate the replication secret".into(),
-            ));
-        }
+        self.admin_only(caller, "may rotate the replication secret")?;
         // Held as a move's start holds it: no move begins between the check and the new secret.
         let _moves = self.scheduler.lock().await;
         let vnfs = self.all_vnfs().await?;

@@ -602,8 +602,8 @@ impl NetworkStatus {
 }
 
 /// The final counts of a network's part on a host it left: one departure as the host's agent
-/// keeps it (while it runs; the latest departures of the networks that left last), or, as
-/// `net show` gives them, every departure of the network from that host summed.
+/// keeps it (the latest departures of the networks that left last, in its data dir too), or,
+/// as `net show` gives them, every departure of the network from that host summed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DepartedCounts {
     pub host: String,

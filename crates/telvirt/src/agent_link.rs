@@ -134,18 +134,20 @@ impl HttpLink {
             .map_err(|e| LinkError::Transport(format!("the controller's answer to {path}: {e}")))
     }
 
-    async fn post<T: Serialize>(&self, path: &str, body: &T) -> Result<(), LinkError> {
+    /// Posts `body` as JSON; the answer's bytes.
+    async fn post<T: Serialize>(&self, path: &str, body: &T) -> Result<Vec<u8>, LinkError> {
         let body = serde_json::to_vec(body).map_err(|e| LinkError::Transport(e.to_string()))?;
         self.send(Method::POST, path, Some(body), Duration::ZERO)
             .await
-            .map(drop)
     }
 }
 
 #[async_trait]
 impl ControlLink for HttpLink {
     async fn register(&self, record: &HostRecord) -> Result<(), LinkError> {
-        self.post(&paths::register(&record.spec.name), record).await
+        self.post(&paths::register(&record.spec.name), record)
+            .await
+            .map(drop)
     }
 
     async fn assignments(&self, host: &str) -> Result<Vec<Assignment>, LinkError> {
@@ -153,7 +155,9 @@ impl ControlLink for HttpLink {
     }
 
     async fn report(&self, host: &str, observation: Observation) -> Result<(), LinkError> {
-        self.post(&paths::observations(host), &observation).await
+        self.post(&paths::observations(host), &observation)
+            .await
+            .map(drop)
     }
 
     async fn heartbeat(
@@ -161,15 +165,7 @@ impl ControlLink for HttpLink {
         host: &str,
         beat: &telvirt_api::HeartbeatRequest,
     ) -> Result<Option<Duration>, LinkError> {
-        let body = serde_json::to_vec(beat).map_err(|e| LinkError::Transport(e.to_string()))?;
-        let bytes = self
-            .send(
-                Method::POST,
-                &paths::heartbeat(host),
-                Some(body),
-                Duration::ZERO,
-            )
-            .await?;
+        let bytes = self.post(&paths::heartbeat(host), beat).await?;
         // A controller that answers without a body does not say how long its lease lasts.
         let reply = serde_json::from_slice::<telvirt_api::HeartbeatReply>(&bytes).ok();
         if let Some(why) = reply.as_ref().and_then(|r| r.body_refused.as_deref()) {
@@ -210,7 +206,7 @@ impl ControlLink for HttpLink {
     }
 
     async fn reply(&self, host: &str, id: u64, reply: NodeReply) -> Result<(), LinkError> {
-        self.post(&paths::reply(host, id), &reply).await
+        self.post(&paths::reply(host, id), &reply).await.map(drop)
     }
 
     async fn module(&self, host: &str, sha256: &str) -> Result<Option<Vec<u8>>, LinkError> {
