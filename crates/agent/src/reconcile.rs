@@ -119,13 +119,32 @@ impl Known {
     }
 }
 
-/// Whether a vm VNF described so moves its guest over TLS (`spec.vm.move_encryption`).
+/// Why a destination that takes `vnf`'s guest sealed (`seals`) or in the clear cannot take the
+/// stream its source opened the other way (`sealed`); `None` when both ends agree.
+fn sealing_mismatch(vnf: &Name, seals: bool, sealed: bool) -> Option<String> {
+    if seals == sealed {
+        return None;
+    }
+    let (theirs, mine) = if sealed {
+        ("sealed", "in the clear (spec.vm.move_encryption: none)")
+    } else {
+        (
+            "in the clear",
+            "sealed (spec.vm.move_encryption: encrypted; an agent from before the agents sealed guest streams sends it otherwise)",
+        )
+    };
+    Some(format!(
+        "the source streams {vnf}'s guest {theirs} and this host takes it {mine}"
+    ))
+}
+
+/// Whether a vm VNF described so moves its guest sealed (`spec.vm.move_encryption`).
 fn encrypts_moves(descriptor: &VnfDescriptor) -> bool {
     descriptor
         .spec
         .vm
         .as_ref()
-        .is_none_or(|vm| vm.move_encryption == MoveEncryption::Tls)
+        .is_none_or(|vm| vm.move_encryption == MoveEncryption::Encrypted)
 }
 
 /// The wait before restart in place `n` (1: the first) of an instance that failed while it
@@ -466,8 +485,19 @@ impl crate::replication::StandbyHost for Agent {
         }
     }
 
-    async fn expects_guest(&self, vnf: &Name) -> Result<(), String> {
+    async fn expects_guest(&self, vnf: &Name, sealed: bool) -> Result<(), String> {
         let runtime = self.incoming_runtime(vnf)?;
+        // Both ends read the same descriptor; an agent that streams otherwise is refused here.
+        let seals = self
+            .inner
+            .desired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vnf)
+            .is_none_or(|a| encrypts_moves(&a.descriptor));
+        if let Some(why) = sealing_mismatch(vnf, seals, sealed) {
+            return Err(why);
+        }
         match runtime.state(vnf).await {
             InstanceState::Incoming => Ok(()),
             other => Err(format!(
@@ -480,18 +510,9 @@ impl crate::replication::StandbyHost for Agent {
         &self,
         vnf: &Name,
         stream: std::os::fd::OwnedFd,
-        secret: telvirt_runtime_vm::StreamSecret,
+        secret: Option<telvirt_runtime_vm::StreamSecret>,
     ) -> Result<(), String> {
         let runtime = self.incoming_runtime(vnf)?;
-        // In the clear only when the VNF says so (both ends read the same descriptor).
-        let secret = self
-            .inner
-            .desired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(vnf)
-            .is_none_or(|a| encrypts_moves(&a.descriptor))
-            .then_some(secret);
         runtime
             .receive_state(vnf, stream, secret)
             .await
@@ -1571,6 +1592,25 @@ pub async fn heartbeat_loop(
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A destination takes a guest stream only as its own descriptor streams it: sealed or in
+    /// the clear, the refusal names both ways.
+    #[test]
+    fn a_guest_stream_is_taken_only_sealed_as_the_vnf_says() {
+        let vnf: Name = "u1".parse().unwrap();
+        assert_eq!(sealing_mismatch(&vnf, true, true), None);
+        assert_eq!(sealing_mismatch(&vnf, false, false), None);
+        let why = sealing_mismatch(&vnf, true, false).unwrap();
+        assert!(
+            why.contains("streams u1's guest in the clear") && why.contains("takes it sealed"),
+            "{why}"
+        );
+        let why = sealing_mismatch(&vnf, false, true).unwrap();
+        assert!(
+            why.contains("streams u1's guest sealed") && why.contains("move_encryption: none"),
+            "{why}"
+        );
+    }
 
     use telvirt_api::LinkError;
 

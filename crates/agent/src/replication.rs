@@ -90,14 +90,19 @@ const SEAL_BYTES: usize = 16;
 /// What each tag or key derived from the stream's key is for, so one can never pass for another.
 const HEAD_LABEL: &[u8] = b"telvirt replication head";
 const BODY_LABEL: &[u8] = b"telvirt replication v4 body key";
-const GUEST_TLS_LABEL: &[u8] = b"telvirt guest stream tls psk";
+const GUEST_SEAL_LABEL: &[u8] = b"telvirt guest stream seal key";
 const ACK_LABEL: &[u8] = b"telvirt replication ack";
 const KIND_SNAPSHOT: u8 = 1;
 const KIND_LOG: u8 = 2;
 /// Nothing changed since the last batch: the active is alive.
 const KIND_KEEPALIVE: u8 = 3;
-/// The connection carries a moving vm's guest (QEMU's migration stream) once acknowledged.
+/// The connection carries a moving vm's guest (QEMU's migration stream) in the clear once
+/// acknowledged (`spec.vm.move_encryption: none`).
 const KIND_GUEST: u8 = 4;
+/// As [`KIND_GUEST`], the stream sealed by the two agents (`stream_seal`): a kind of its own so
+/// that two agents that would stream it differently (a VNF's ends that disagree, an agent from
+/// before the agents sealed it) refuse it at its opening, saying why.
+const KIND_GUEST_SEALED: u8 = 6;
 /// Packets a frozen move's source queued, for the destination's instance to process first.
 const KIND_PACKETS: u8 = 5;
 /// Bytes of queued packets one batch carries at most.
@@ -337,10 +342,12 @@ async fn write_sealed(
     stream.flush().await
 }
 
-/// The pre-shared key a guest stream's TLS runs with, from its stream's `key` (another use of
-/// it, so a label of its own).
-fn guest_secret(key: &hmac::Key) -> StreamSecret {
-    let tag = hmac::sign(key, GUEST_TLS_LABEL);
+/// The key a guest stream is sealed with on the connection its opening at `at` began: made
+/// from its stream's `key` (under a label of its own) over the connection's challenge and salt,
+/// so each connection's is its own and the source, which draws the salt, never seals two with
+/// one key.
+fn guest_secret(key: &hmac::Key, at: Place) -> StreamSecret {
+    let tag = tag_context(key, GUEST_SEAL_LABEL, at, &[]).sign();
     let mut secret = [0u8; StreamSecret::LEN];
     secret.copy_from_slice(&tag.as_ref()[..StreamSecret::LEN]);
     StreamSecret::new(secret)
@@ -578,6 +585,7 @@ async fn read_header(stream: &mut TcpStream) -> std::io::Result<Head> {
         KIND_KEEPALIVE,
         KIND_GUEST,
         KIND_PACKETS,
+        KIND_GUEST_SEALED,
     ]
     .contains(&kind)
     {
@@ -612,7 +620,7 @@ async fn read_header(stream: &mut TcpStream) -> std::io::Result<Head> {
     } else {
         MAX_BATCH_BYTES
     };
-    if len > max || ([KIND_KEEPALIVE, KIND_GUEST].contains(&kind) && len > 0) {
+    if len > max || ([KIND_KEEPALIVE, KIND_GUEST, KIND_GUEST_SEALED].contains(&kind) && len > 0) {
         return Err(bad(format!(
             "a batch of {len} bytes (kind {kind}) exceeds what a standby accepts ({max}; a keepalive or a guest stream's opening carries none)"
         )));
@@ -681,18 +689,19 @@ pub trait StandbyHost: Send + Sync + 'static {
         Err(format!("this host takes nothing of {vnf} from {peer}"))
     }
     /// Whether this host's instance of `vnf` waits for its guest's migration stream now (the
-    /// destination of a vm's move); `Err` says why not. A host that takes no guests keeps
-    /// this default, which refuses.
-    async fn expects_guest(&self, vnf: &Name) -> Result<(), String> {
+    /// destination of a vm's move), `sealed` or in the clear as its source streams it; `Err`
+    /// says why not. A host that takes no guests keeps this default, which refuses.
+    async fn expects_guest(&self, vnf: &Name, sealed: bool) -> Result<(), String> {
+        let _ = sealed;
         Err(format!("this host takes no guest of {vnf}"))
     }
-    /// Hands `stream`, a connection that carries `vnf`'s guest from here on encrypted with
-    /// `secret`, to the instance waiting for it.
+    /// Hands `stream`, a connection that carries `vnf`'s guest from here on, sealed with
+    /// `secret` (in the clear without), to the instance waiting for it.
     async fn take_guest(
         &self,
         vnf: &Name,
         stream: OwnedFd,
-        secret: StreamSecret,
+        secret: Option<StreamSecret>,
     ) -> Result<(), String> {
         drop((stream, secret));
         Err(format!("this host takes no guest of {vnf}"))
@@ -811,9 +820,10 @@ async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn St
         Err(why) => (None, Some(why)),
         Ok(key) => {
             let refusal = match host.role(vnf) {
-                Some((Role::Standby, mine)) if h.epoch >= mine => {
-                    host.expects_guest(vnf).await.err()
-                }
+                Some((Role::Standby, mine)) if h.epoch >= mine => host
+                    .expects_guest(vnf, h.kind == KIND_GUEST_SEALED)
+                    .await
+                    .err(),
                 Some((_, mine)) if mine > h.epoch => Some(format!(
                     "this host holds {vnf} at epoch {mine}, above the sender's {}",
                     h.epoch
@@ -839,7 +849,10 @@ async fn take_guest(mut stream: TcpStream, head: &Head, at: Place, host: &dyn St
         (None, None) => return,
     };
     let taken = match guest_socket(stream, StreamEnd::Destination) {
-        Ok(fd) => host.take_guest(vnf, fd, guest_secret(&key)).await,
+        Ok(fd) => {
+            let secret = (h.kind == KIND_GUEST_SEALED).then(|| guest_secret(&key, at));
+            host.take_guest(vnf, fd, secret).await
+        }
         Err(e) => Err(format!("the guest stream's socket: {e}")),
     };
     match taken {
@@ -980,7 +993,7 @@ impl StandbyConnection {
                 n: self.received,
             };
             let (h, len) = (&head.h, head.len);
-            if h.kind == KIND_GUEST {
+            if [KIND_GUEST, KIND_GUEST_SEALED].contains(&h.kind) {
                 return Ok(Some((head, at)));
             }
             // Judged on its header: a refused batch is answered at once and its body passed
@@ -1426,7 +1439,7 @@ impl Replicas {
     }
 
     /// Makes `vnf`'s guest (a vm of `runtime`) stream to the destination `peer` of its move,
-    /// as the active of `epoch`, over TLS when it `encrypts` (`spec.vm.move_encryption`),
+    /// as the active of `epoch`, sealed when it `encrypts` (`spec.vm.move_encryption`),
     /// until it is there (a stream that completed is not sent
     /// again; a new peer or epoch starts over). A failed stream is tried again: the guest
     /// runs on here meanwhile.
@@ -1461,7 +1474,7 @@ impl Replicas {
                 source: self.source,
                 commit: self.commit.get().cloned(),
                 peer: peer.clone(),
-                secret: encrypts.then(|| guest_secret(&tag_key(&peer.key))),
+                encrypts,
             },
             status.clone(),
         ));
@@ -1552,9 +1565,9 @@ struct GuestTo {
     commit: Option<Arc<MoveCommit>>,
     /// The move's destination (its replication port at `peer.address`).
     peer: StandbyPeer,
-    /// The secret the stream's TLS runs with, derived from the stream's key (`None`: in the
-    /// clear).
-    secret: Option<StreamSecret>,
+    /// Whether the stream is sealed (`spec.vm.move_encryption`); each connection's key is
+    /// made from the stream's key when it opens.
+    encrypts: bool,
 }
 
 /// What [`Replicas::on_commit_point`] asks: whether the move of the VNF (its name) to the
@@ -1731,8 +1744,8 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
     // stream failed to reach its final copy in time).
     let ahead_allowed = Arc::new(AtomicBool::new(true));
     while !to.stop.load(Ordering::Acquire) {
-        let stream = match open_guest_stream(&to, to.epoch).await {
-            Ok(fd) => fd,
+        let (stream, secret) = match open_guest_stream(&to, to.epoch).await {
+            Ok(opened) => opened,
             Err(why) => {
                 // Said once, before this agent's first stream: its adoption of the guest
                 // ended the stream the agent before it left, without moving the guest.
@@ -1825,7 +1838,7 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
         });
         let sent = to
             .runtime
-            .send_state(&to.vnf, stream, to.secret.clone(), Box::new(progress), gate)
+            .send_state(&to.vnf, stream, secret, Box::new(progress), gate)
             .await;
         ahead.end();
         match sent {
@@ -1854,23 +1867,32 @@ async fn send_guest(to: GuestTo, status: StreamStatus) {
 }
 
 /// Connects to the destination at `address` and opens `vnf`'s guest stream as the active of
-/// `epoch`; once acknowledged, the connection is the stream's (a blocking socket).
-async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> {
+/// `epoch`; once acknowledged, the connection is the stream's (a blocking socket), with the
+/// key it is sealed with when the stream is.
+async fn open_guest_stream(
+    to: &GuestTo,
+    epoch: u64,
+) -> Result<(OwnedFd, Option<StreamSecret>), String> {
     let (vnf, address) = (&to.vnf, to.peer.address.as_str());
     let opened = async {
         let mut conn = Link::open(to.source, address, &to.peer.key).await?;
         let header = Header {
             vnf: vnf.clone(),
-            kind: KIND_GUEST,
+            kind: if to.encrypts {
+                KIND_GUEST_SEALED
+            } else {
+                KIND_GUEST
+            },
             seq: 1,
             epoch,
             silence: FIRST_SILENCE,
         };
         conn.send(&header, &[]).await?;
         let ack = conn.read_ack().await?;
-        Ok::<_, std::io::Error>((conn.stream, ack))
+        let secret = to.encrypts.then(|| guest_secret(&conn.key, conn.place(0)));
+        Ok::<_, std::io::Error>((conn.stream, ack, secret))
     };
-    let (conn, ack) = match tokio::time::timeout(IO_TIMEOUT, opened).await {
+    let (conn, ack, secret) = match tokio::time::timeout(IO_TIMEOUT, opened).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(format!("opening the guest stream to {address}: {e}")),
         Err(_) => return Err(format!("opening the guest stream to {address} timed out")),
@@ -1881,7 +1903,9 @@ async fn open_guest_stream(to: &GuestTo, epoch: u64) -> Result<OwnedFd, String> 
             ack.message
         ));
     }
-    guest_socket(conn, StreamEnd::Source).map_err(|e| format!("the guest stream's socket: {e}"))
+    guest_socket(conn, StreamEnd::Source)
+        .map(|fd| (fd, secret))
+        .map_err(|e| format!("the guest stream's socket: {e}"))
 }
 
 /// Where and as what one VNF's maps are sent.
@@ -2842,6 +2866,41 @@ mod tests {
 
     /// A stream whose key is not the one the standby's host holds for it is refused on its
     /// first header, from the active's own address: nothing applied, nothing heard.
+    /// Both ends of a sealed guest stream make the same key from the stream's key and the
+    /// opening's place; another connection (another challenge or salt), another stream's key
+    /// or another use of the same key makes another.
+    #[test]
+    fn a_guest_streams_key_is_its_connections_alone() {
+        let key = tag_key(&test_key());
+        let at = Place {
+            nonce: [1; NONCE_BYTES],
+            salt: [2; NONCE_BYTES],
+            n: 1,
+        };
+        let secret = guest_secret(&key, at);
+        assert_eq!(secret, guest_secret(&tag_key(&test_key()), at));
+        for other in [
+            Place {
+                nonce: [3; NONCE_BYTES],
+                ..at
+            },
+            Place {
+                salt: [3; NONCE_BYTES],
+                ..at
+            },
+            Place { n: 2, ..at },
+        ] {
+            assert_ne!(secret, guest_secret(&key, other), "{other:?}");
+        }
+        let another = tag_key(&PairKey::new([0x42; 32]));
+        assert_ne!(secret, guest_secret(&another, at));
+        // Not the key a batch body at the same place would be sealed with.
+        let body = tag_context(&key, BODY_LABEL, at, &[]).sign();
+        let mut same = [0u8; StreamSecret::LEN];
+        same.copy_from_slice(&body.as_ref()[..StreamSecret::LEN]);
+        assert_ne!(secret, StreamSecret::new(same));
+    }
+
     #[tokio::test]
     async fn a_stream_without_its_key_is_refused() {
         let host = Arc::new(Standbys::default());

@@ -196,23 +196,6 @@ fn vm_refusal(v: &Vnf) -> Option<ControllerError> {
     None
 }
 
-/// Whether vm VNF `v`'s guest moves over TLS (`spec.vm.move_encryption`, `tls` by default).
-fn moves_over_tls(v: &Vnf) -> bool {
-    v.descriptor
-        .spec
-        .vm
-        .as_ref()
-        .is_none_or(|vm| vm.move_encryption == telvirt_model::vnf::MoveEncryption::Tls)
-}
-
-/// Why vm VNF `name`, which moves over TLS, cannot move to or from host `host`, whose QEMU
-/// cannot run TLS.
-fn without_tls(host: &str, name: &telvirt_model::Name) -> String {
-    format!(
-        "host {host}'s QEMU cannot run a stream over TLS (built without gnutls), and vnf {name}'s guest moves over TLS (spec.vm.move_encryption: tls, the default): a VNF created with move_encryption: none moves in the clear (the field is taken only at creation)"
-    )
-}
-
 /// Why vm VNF `v` cannot move from host `from` (`here`) to `host` (`there`), or `None` when it
 /// can. A guest under KVM moves only to a host whose guests run under KVM (its stream carries
 /// the host CPU model; a TCG guest may move anywhere, its destination emulates it too), and
@@ -258,14 +241,6 @@ pub(crate) fn vm_move_refusal(
         return Some(format!(
             "host {host}'s CPU ({theirs}) is not host {from}'s ({mine}), and vnf {name}'s guest runs under KVM on its host's CPU: it moves only to a host with the same CPU (a VNF created with spec.vm.cpu_model, a CPU model both hosts have, moves between different CPUs; the field is taken only at creation)"
         ));
-    }
-    // Over TLS (the default), both QEMUs need TLS credentials (gnutls).
-    if let Some(h) = [(from, here), (host, there)]
-        .into_iter()
-        .find_map(|(h, r)| (r.qemu_tls == Some(false)).then_some(h))
-        && moves_over_tls(v)
-    {
-        return Some(without_tls(h, name));
     }
     let (Some(old), Some(new)) = (here.qemu.as_deref(), there.qemu.as_deref()) else {
         return None;
@@ -353,16 +328,6 @@ impl Controller {
             .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
         // The source's record, read once for every check below.
         let here = self.agent_host(&from).await?;
-        // A guest whose source cannot run its stream's TLS moves to no host: said once.
-        if record.vnf.descriptor.spec.runtime == RuntimeKind::Vm
-            && moves_over_tls(&record.vnf)
-            && here.as_ref().is_some_and(|h| h.qemu_tls == Some(false))
-        {
-            return Err(ControllerError::Conflict(without_tls(
-                &from,
-                &record.vnf.name,
-            )));
-        }
         // Named: the host is checked below. Picked: only among the hosts that can take it.
         let unfit = match req.to {
             Some(_) => Vec::new(),
@@ -826,7 +791,6 @@ mod tests {
             agent: true,
             qemu: qemu.map(str::to_owned),
             qemu_machines: machines.iter().map(|m| (*m).to_owned()).collect(),
-            qemu_tls: None,
             accel: None,
             cpu: None,
             tunnel: None,
@@ -835,36 +799,6 @@ mod tests {
 
     const OLD: &[&str] = &["pc-i440fx-7.2", "pc-i440fx-7.1"];
     const NEW: &[&str] = &["pc-i440fx-8.2", "pc-i440fx-8.1", "pc-i440fx-7.2"];
-
-    /// A guest that moves over TLS (the default) moves only between QEMUs that can run TLS
-    /// (built with gnutls), either end refused by name; in the clear, or when a host does not
-    /// say (an older agent), it moves.
-    #[test]
-    fn a_vm_moves_over_tls_only_between_qemus_that_have_it() {
-        let v = vm(Some("pc-i440fx-7.2"));
-        let tls = |has| telvirt_api::HostRecord {
-            qemu_tls: Some(has),
-            ..host(Some("7.2"), OLD)
-        };
-        let (with, without) = (tls(true), tls(false));
-        for (here, there, refused) in [(&with, &without, "h2"), (&without, &with, "h1")] {
-            let why = vm_move_refusal(&v, "h1", here, "h2", there).unwrap();
-            assert!(
-                why.contains(&format!(
-                    "host {refused}'s QEMU cannot run a stream over TLS"
-                )) && why.contains("move_encryption: none"),
-                "{why}"
-            );
-        }
-        assert_eq!(vm_move_refusal(&v, "h1", &with, "h2", &with), None);
-        let unknown = host(Some("7.2"), OLD);
-        assert_eq!(vm_move_refusal(&v, "h1", &unknown, "h2", &unknown), None);
-        let mut clear = v.clone();
-        if let Some(vm) = clear.descriptor.spec.vm.as_mut() {
-            vm.move_encryption = telvirt_model::vnf::MoveEncryption::None;
-        }
-        assert_eq!(vm_move_refusal(&clear, "h1", &with, "h2", &without), None);
-    }
 
     #[test]
     fn a_vm_moves_to_a_newer_qemu_that_has_its_machine_type() {

@@ -161,7 +161,6 @@ pub fn host_view(record: &HostRecord, life: HostLife, map: &sched::coremap::Host
         runtimes: record.runtimes.clone(),
         qemu: record.qemu.clone(),
         qemu_machines: record.qemu_machines.clone(),
-        qemu_tls: record.qemu_tls,
         accel: record.accel,
         cpu: record.cpu.clone(),
         tunnel: record.tunnel.clone(),

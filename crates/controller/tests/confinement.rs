@@ -79,7 +79,6 @@ async fn authorities(c: &Controller) {
 fn host(spec: HostSpec) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
-        qemu_tls: None,
         accel: None,
         cpu: None,
         spec,

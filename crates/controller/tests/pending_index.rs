@@ -103,7 +103,6 @@ fn descriptor(name: &str, count: u32, shared: bool) -> String {
 fn host() -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
-        qemu_tls: None,
         accel: None,
         cpu: None,
         spec: HostSpec {

@@ -497,11 +497,6 @@ pub struct HostView {
     /// The i440FX machine types that QEMU has (`pc-i440fx-X.Y`), newest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub qemu_machines: Vec<String>,
-    /// Whether that QEMU can run a guest's stream over TLS (built with gnutls); absent when
-    /// its agent does not say. A vm VNF that moves over TLS (the default) moves only between
-    /// hosts that can.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub qemu_tls: Option<bool>,
     /// The accelerator its vm runtime runs guests with, when known at its agent's start (its
     /// `--accel`, or a probe boot's cached answer): a KVM guest does not move to a TCG host.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -340,11 +340,12 @@ pub struct VmSpec {
     /// under TCG.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_model: Option<String>,
-    /// How the guest's memory crosses the network when it moves (`vnf migrate`): `tls` (QEMU's
-    /// stream over TLS with a key only the two hosts' agents derive; under TCG here the guest's
-    /// pause about doubles, BENCHMARKS) or `none` (in the clear, as QEMU, libvirt and Nova move
-    /// a guest by default; the stream's opening is still tagged with the move's key, so only
-    /// the source's agent can start it). Default `tls`; taken only at creation.
+    /// How the guest's memory crosses the network when it moves (`vnf migrate`): `encrypted`
+    /// (the two hosts' agents seal QEMU's stream with AES-256-GCM under a key only they derive,
+    /// a new one for each connection; QEMU never holds it) or `none` (in the clear, as QEMU,
+    /// libvirt and Nova move a guest by default; the stream's opening is still tagged with the
+    /// move's key, so only the source's agent can start it). Default `encrypted` (`tls`, its
+    /// name before, is read as it); taken only at creation.
     #[serde(default, skip_serializing_if = "MoveEncryption::is_default")]
     pub move_encryption: MoveEncryption,
 }
@@ -353,9 +354,10 @@ pub struct VmSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum MoveEncryption {
-    /// Over TLS with a pre-shared key (encrypted and authenticated).
+    /// Encrypted and authenticated by the two hosts' agents (AES-256-GCM).
     #[default]
-    Tls,
+    #[serde(alias = "tls")]
+    Encrypted,
     /// In the clear.
     None,
 }

@@ -290,25 +290,6 @@ pub(crate) async fn machine_types(qemu: &Path) -> crate::config::MachineTypes {
     }
 }
 
-/// Whether `qemu` can make the TLS credentials a stream over TLS needs: it starts with a
-/// `tls-creds-anon` object (QEMU lists the TLS objects whether or not it was built with
-/// gnutls; without, making one fails saying it requires GNUTLS). `None` when that cannot be
-/// told (QEMU cannot be run, or failed otherwise).
-pub(crate) async fn has_tls_creds(qemu: &Path) -> Option<bool> {
-    let o = started_and_quit(
-        qemu,
-        &["-object", "tls-creds-anon,id=tls-probe,endpoint=client"],
-    )
-    .await
-    .ok()?;
-    if o.status.success() {
-        return Some(true);
-    }
-    String::from_utf8_lossy(&o.stderr)
-        .contains("GNUTLS")
-        .then_some(false)
-}
-
 /// Start QEMU with no machine under the full filter and ask it to quit over QMP on stdio.
 async fn try_sandbox(qemu: &Path) -> std::result::Result<(), String> {
     let sandbox = probe_sandbox_value();
@@ -823,37 +804,5 @@ mod tests {
             .get(Path::new("/nonexistent/qemu-system-x86_64"))
             .await;
         assert!(missing.sandbox.unwrap_err().contains("/nonexistent"));
-        // Debian's QEMU is built with gnutls: it can run a stream over TLS; a binary that is
-        // not there says nothing.
-        assert_eq!(
-            has_tls_creds(Path::new("qemu-system-x86_64")).await,
-            Some(true)
-        );
-        assert_eq!(
-            has_tls_creds(Path::new("/nonexistent/qemu-system-x86_64")).await,
-            None
-        );
-    }
-
-    /// A QEMU built without gnutls fails to make the probe's object, saying so: it cannot;
-    /// one that fails otherwise says nothing. (Stand-ins for such builds: this machine's have
-    /// gnutls.)
-    #[tokio::test]
-    async fn a_qemu_without_gnutls_is_told_from_one_that_fails_otherwise() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let stand_in = |name: &str, stderr: &str| {
-            let path = dir.path().join(name);
-            std::fs::write(&path, format!("#!/bin/sh\necho '{stderr}' >&2\nexit 1\n")).unwrap();
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-            path
-        };
-        let without = stand_in(
-            "without-gnutls",
-            "qemu-system-x86_64: -object tls-creds-anon,id=tls-probe,endpoint=client: TLS credentials support requires GNUTLS",
-        );
-        assert_eq!(has_tls_creds(&without).await, Some(false));
-        let broken = stand_in("broken", "qemu-system-x86_64: cannot allocate memory");
-        assert_eq!(has_tls_creds(&broken).await, None);
     }
 }

@@ -21,7 +21,7 @@ pub mod migrate_bench;
 pub mod periph;
 pub mod pin;
 pub mod qmp;
-pub mod stream_tls;
+pub mod stream_seal;
 pub mod uid_lease;
 pub mod usage;
 
@@ -42,5 +42,5 @@ pub use migrate::{
     pause_began_at_us, stream_socket,
 };
 pub use qmp::{QmpClient, QmpEvent};
-pub use stream_tls::StreamSecret;
+pub use stream_seal::StreamSecret;
 pub use telvirt_guest::proto as guest_proto;

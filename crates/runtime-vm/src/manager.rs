@@ -167,12 +167,6 @@ impl VmManager {
         confine::machine_types(&self.qemu).await
     }
 
-    /// Whether the QEMU this manager starts can run a stream over TLS (built with gnutls);
-    /// `None` when it cannot be run.
-    pub async fn tls_creds(&self) -> Option<bool> {
-        confine::has_tls_creds(&self.qemu).await
-    }
-
     /// Use another QEMU binary (default `qemu-system-x86_64` from PATH).
     pub fn qemu_binary(mut self, path: impl Into<PathBuf>) -> Self {
         self.qemu = path.into();

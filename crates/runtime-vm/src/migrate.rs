@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::error::{Error, Result};
 use crate::manager::{VmHandle, VmPhase};
 use crate::qmp::{QmpClient, QmpEvent};
-use crate::stream_tls::{self, StreamSecret};
+use crate::stream_seal::{self, OneStreamKey, StreamSecret};
 
 /// How often a running migration is asked how far it got, at most: a change of its status
 /// (QEMU's `MIGRATION` event) has it asked at once ([`next_status_change`]).
@@ -76,13 +76,12 @@ pub enum StreamEnd {
 }
 
 /// A connected TCP socket made a guest stream's, to hand to QEMU with
-/// [`MigrationChannel::Socket`]: no Nagle delay (the final copy's last bytes go at once), the
-/// buffer that end fills bounded to [`STREAM_BUFFER_BYTES`] (the source's send buffer, the
-/// destination's receive buffer), and blocking, as QEMU's stream expects (QEMU makes any
-/// descriptor it receives over its monitor blocking anyway: its TLS handshake then runs
-/// blocking in its main loop, which a peer that never answers holds until the `migrate`
-/// command times out, ADR 066). The cluster's agents
-/// and `telvirt bench vm-migrate` make their streams' sockets with it.
+/// [`MigrationChannel::Socket`] (or to a sealing relay with [`MigrationChannel::Encrypted`]):
+/// no Nagle delay (the final copy's last bytes go at once), the buffer that end fills bounded
+/// to [`STREAM_BUFFER_BYTES`] (the source's send buffer, the destination's receive buffer), and
+/// blocking, as QEMU's stream and the relay expect (QEMU makes any descriptor it receives over
+/// its monitor blocking anyway). The cluster's agents and `telvirt bench vm-migrate` make their
+/// streams' sockets with it.
 pub fn stream_socket(
     stream: std::net::TcpStream,
     end: StreamEnd,
@@ -107,9 +106,10 @@ pub enum MigrationChannel {
     /// crosses a connection its owner opened (the agents' own port), and no QEMU listens on
     /// the network.
     Socket(std::os::fd::OwnedFd),
-    /// A passed socket as [`MigrationChannel::Socket`] whose stream runs over TLS with the
-    /// secret as its pre-shared key: encrypted, and refused by a peer without the secret.
-    Encrypted(std::os::fd::OwnedFd, StreamSecret),
+    /// A passed socket whose stream this process seals with the secret ([`stream_seal`]):
+    /// QEMU is handed a socket pair's end in its place and streams into it in the clear; the
+    /// network sees the stream encrypted, and a peer without the secret opens none of it.
+    Encrypted(std::os::fd::OwnedFd, OneStreamKey),
 }
 
 impl std::fmt::Display for MigrationChannel {
@@ -117,12 +117,17 @@ impl std::fmt::Display for MigrationChannel {
         match self {
             Self::Tcp(at) => write!(f, "tcp:{at}"),
             Self::Socket(_) => f.write_str("a passed socket"),
-            Self::Encrypted(..) => f.write_str("a passed socket, over TLS"),
+            Self::Encrypted(..) => f.write_str("a passed socket, sealed (AES-256-GCM)"),
         }
     }
 }
 
 impl MigrationChannel {
+    /// A passed socket whose stream is sealed with `secret` (the key of this one stream).
+    pub fn encrypted(socket: std::os::fd::OwnedFd, secret: StreamSecret) -> Self {
+        Self::Encrypted(socket, OneStreamKey::new(secret))
+    }
+
     /// `tuning` as this channel can carry it: a passed socket is one stream (QEMU opens
     /// multifd's further channels itself, to an address), so multifd is off there.
     pub fn carries(&self, tuning: &MigrationTuning) -> MigrationTuning {
@@ -133,20 +138,23 @@ impl MigrationChannel {
     }
 
     /// The URI QEMU takes for this channel, as the `end` of the stream of the VM `vm`,
-    /// handing it the socket first when there is one and setting its TLS up for an encrypted
-    /// one (a stream in the clear needs nothing undone: every stream over TLS undoes what it
-    /// set up when it ends, and a VNF's streams are all one or the other).
+    /// handing it the socket first when there is one (for an encrypted one, the end of a
+    /// socket pair whose other end a relay of this process seals onto the connection).
     pub(crate) async fn uri(&self, vm: &VmHandle, end: StreamEnd) -> Result<String> {
+        use std::os::fd::AsFd;
         let qmp = vm.qmp();
-        if let Self::Encrypted(_, secret) = self {
-            let uid = vm.confinement().map(|c| c.uid);
-            stream_tls::secure(qmp, vm.state_dir(), uid, secret, end).await?;
-        }
         match self {
             Self::Tcp(at) => Ok(format!("tcp:{at}")),
-            Self::Socket(fd) | Self::Encrypted(fd, _) => {
-                use std::os::fd::AsFd;
+            Self::Socket(fd) => {
                 qmp.getfd(STREAM_FD, fd.as_fd()).await?;
+                Ok(format!("fd:{STREAM_FD}"))
+            }
+            Self::Encrypted(fd, key) => {
+                let relayed = key
+                    .take()
+                    .and_then(|secret| stream_seal::relay(fd, &secret, end, vm.name()))
+                    .map_err(Error::io("start a guest stream's sealing relay"))?;
+                qmp.getfd(STREAM_FD, relayed.as_fd()).await?;
                 Ok(format!("fd:{STREAM_FD}"))
             }
         }
@@ -445,7 +453,9 @@ pub(crate) async fn prepare(
         COMMAND_TIMEOUT,
     )
     .await?;
-    let mut parameters = json!({ "downtime-limit": tuning.downtime_limit_ms });
+    // No QEMU TLS: a sealed stream is sealed by its relay (`stream_seal`), and a QEMU adopted
+    // from an agent that still set `tls-creds` would otherwise run TLS its peer does not.
+    let mut parameters = json!({ "downtime-limit": tuning.downtime_limit_ms, "tls-creds": "" });
     if let Some(bandwidth) = tuning.max_bandwidth {
         parameters["max-bandwidth"] = bandwidth.into();
     }
@@ -509,7 +519,8 @@ impl VmHandle {
                 .await
         };
         if let Err(e) = begun.await {
-            stream_tls::unsecure(qmp, self.state_dir()).await;
+            // QEMU would hold the stream's socket (or its relay's end) until a next stream.
+            let _ = qmp.closefd(STREAM_FD).await;
             return Err(e);
         }
         let started = Instant::now();
@@ -566,17 +577,10 @@ impl VmHandle {
             last = now;
             next_status_change(&mut events).await;
         };
-        let outcome = match ended {
+        match ended {
             Ok(done) => Ok(self.moved_away(done).await),
             Err(why) => self.settle_failed(to, &why, &last).await,
-        };
-        // What the stream's TLS left goes with it: once the guest moved, on the side (nothing
-        // waits for it, and this QEMU streams no more); otherwise now, before any stream again.
-        match &outcome {
-            Ok(_) => stream_tls::unsecure_later(qmp, self.state_dir()),
-            Err(_) => stream_tls::unsecure(qmp, self.state_dir()).await,
         }
-        outcome
     }
 
     /// After a stream to `to` that ended with `why` (last seen at `last`): cancels what may
@@ -708,7 +712,7 @@ impl VmHandle {
                 .await
         };
         if let Err(e) = taken.await {
-            stream_tls::unsecure(self.qmp(), self.state_dir()).await;
+            let _ = self.qmp().closefd(STREAM_FD).await;
             return Err(e);
         }
         // An agent that adopts this QEMU later follows the stream it took.
@@ -733,33 +737,14 @@ impl VmHandle {
                 reason: "not waiting for a migration stream".to_owned(),
             });
         }
-        let arrived = self.finish_incoming_stream(deadline).await;
-        // What the stream's TLS left goes with it, on the side once the guest runs here
-        // (nothing of its arrival waits for it).
-        match &arrived {
-            Ok(()) => stream_tls::unsecure_later(self.qmp(), self.state_dir()),
-            Err(_) => stream_tls::unsecure(self.qmp(), self.state_dir()).await,
-        }
-        arrived
-    }
-
-    /// [`VmHandle::finish_incoming`] up to the stream's end and the guest's resumption.
-    async fn finish_incoming_stream(&self, deadline: Duration) -> Result<()> {
         let qmp = self.qmp();
         let started = Instant::now();
         let mut events = qmp.events();
-        let mut key_forgotten = false;
         loop {
             let v = qmp
                 .execute_raw("query-migrate", None, COMMAND_TIMEOUT)
                 .await?;
             match v["status"].as_str().unwrap_or("none") {
-                // Past its TLS handshake (QEMU reads the stream once it is): the key's file is
-                // no longer read.
-                "active" if !key_forgotten => {
-                    stream_tls::forget_key(self.state_dir());
-                    key_forgotten = true;
-                }
                 "completed" => break,
                 "failed" | "cancelled" => {
                     return Err(Error::Migration {

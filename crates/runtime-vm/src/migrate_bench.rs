@@ -1,8 +1,8 @@
 //! `telvirt bench vm-migrate`: live migration of the default guest while its agent dirties
 //! memory at several rates, telvirt's tuning ([`MigrationTuning::tuned`]) over telvirt's
-//! channel (a connection passed to both QEMUs with bounded buffers, the stream over TLS, as the
-//! cluster's agents move a guest) against QEMU's defaults over QEMU's own connection, in the same run,
-//! alternating which goes first. Per migration: whether it converged
+//! channel (a connection with bounded buffers, the stream sealed by a relay at each end as the
+//! cluster's agents seal it, ADR 066's last addendum) against QEMU's defaults over QEMU's own
+//! connection, in the same run, alternating which goes first. Per migration: whether it converged
 //! within the deadline, total time, the guest's pause (QEMU's `downtime`, the source's own
 //! measure, and the whole pause the guest saw: from when the source QEMU began stopping it
 //! (`pause_began_at_us`) to the destination QEMU's `RESUME`, by their own times on this
@@ -25,7 +25,7 @@ use crate::manager::{VmHandle, VmManager};
 use crate::migrate::{
     MigrationChannel, MigrationTuning, STREAM_BUFFER_BYTES, StreamEnd, stream_socket,
 };
-use crate::stream_tls::StreamSecret;
+use crate::stream_seal::StreamSecret;
 
 /// What [`run`] measures.
 #[derive(Debug, Clone)]
@@ -136,7 +136,7 @@ impl Channel {
     fn describe(self) -> String {
         match self {
             Self::Passed => format!(
-                "a loopback TCP connection passed to both QEMUs, {} KiB buffers asked, the stream over TLS with a pre-shared key (as between two agents)",
+                "a loopback TCP connection passed to both QEMUs, {} KiB buffers asked, the stream sealed with AES-256-GCM by a relay at each end (as between two agents)",
                 STREAM_BUFFER_BYTES >> 10
             ),
             Self::QemuTcp => "QEMU's own loopback TCP connection(s), the kernel's buffers".into(),
@@ -162,15 +162,15 @@ impl Channel {
                 break into;
             }
         };
-        // Any key does: both ends are given it, as the agents give theirs.
-        let secret = StreamSecret::new([0x5a; StreamSecret::LEN]);
+        // A key of this connection alone, both ends given it, as the agents give theirs.
+        let secret = StreamSecret::random().map_err(Error::io("draw a stream's key"))?;
         Ok((
-            MigrationChannel::Encrypted(
+            MigrationChannel::encrypted(
                 stream_socket(into, StreamEnd::Destination)
                     .map_err(Error::io("make a stream's destination socket"))?,
                 secret.clone(),
             ),
-            MigrationChannel::Encrypted(
+            MigrationChannel::encrypted(
                 stream_socket(out, StreamEnd::Source)
                     .map_err(Error::io("make a stream's source socket"))?,
                 secret,
@@ -251,7 +251,7 @@ async fn one(
         let dst = mgr
             .start_incoming(config(format!("mbd{n}")), &from, tuning)
             .await?;
-        // QEMU holds its own copy of a passed socket now.
+        // QEMU (or its sealing relay) holds its own copy of a passed socket now.
         drop(from);
         let _dst_killed = KillOnDrop(&dst);
         // The destination is killed on every path, measured or not.

@@ -145,18 +145,12 @@ impl HostAgent {
             Some(vm) => vm.machine_types().await,
             None => Vec::new(),
         };
-        // ... and can run its stream over TLS, when it moves so.
-        let qemu_tls = match &vm {
-            Some(vm) => vm.qemu_tls().await,
-            None => None,
-        };
         // ... and whose guests run under KVM, when it is a KVM guest (unknown until probed).
         let accel = vm.as_ref().and_then(|vm| vm.known_accel());
         for record in inventory.iter_mut().filter(|h| h.agent) {
             record.runtimes.clone_from(&names);
             record.qemu.clone_from(&qemu);
             record.qemu_machines.clone_from(&qemu_machines);
-            record.qemu_tls = qemu_tls;
             record.accel = accel;
         }
         let mut record = inventory
@@ -442,7 +436,6 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
         telvirt_agent::budget_memory(&mut spec, local.memory_bytes, reserve);
         return Ok(vec![HostRecord {
             qemu_machines: Vec::new(),
-            qemu_tls: None,
             accel: None,
             // A KVM guest on the host's CPU moves only to a host with the same one.
             cpu: local.cpu,
@@ -482,7 +475,6 @@ pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
             }
             HostRecord {
                 qemu_machines: Vec::new(),
-                qemu_tls: None,
                 accel: None,
                 cpu: local.cpu.clone().filter(|_| is_local),
                 spec,

@@ -307,7 +307,6 @@ fn rss_bytes() -> Result<u64> {
 fn host(name: String, per_host: u32) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
-        qemu_tls: None,
         accel: None,
         cpu: None,
         spec: HostSpec {

@@ -31,9 +31,9 @@ pub struct VmMoveArgs {
     /// Guest memory of the VNF, MiB
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..=4096))]
     pub memory_mib: u64,
-    /// How the guest crosses the network when it moves (`spec.vm.move_encryption`: `tls`,
-    /// the platform's default, or `none`)
-    #[arg(long, value_enum, default_value_t = MoveEncryptionArg::Tls)]
+    /// How the guest crosses the network when it moves (`spec.vm.move_encryption`:
+    /// `encrypted`, the platform's default, or `none`)
+    #[arg(long, value_enum, default_value_t = MoveEncryptionArg::Encrypted)]
     pub move_encryption: MoveEncryptionArg,
     /// The QEMU both agents run the guest with (`agent --qemu`) [default: qemu-system-x86_64
     /// on PATH]
@@ -49,14 +49,15 @@ pub struct VmMoveArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MoveEncryptionArg {
-    Tls,
+    #[value(alias = "tls")]
+    Encrypted,
     None,
 }
 
 impl MoveEncryptionArg {
     fn as_str(self) -> &'static str {
         match self {
-            Self::Tls => "tls",
+            Self::Encrypted => "encrypted",
             Self::None => "none",
         }
     }

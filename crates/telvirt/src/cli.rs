@@ -84,6 +84,13 @@ pub enum Command {
     Module(crate::modules::ModuleCommand),
     /// Print the JSON Schema of the VNF descriptor (as YAML with -o yaml)
     Schema,
+    /// One end of a moving guest's sealed stream (started by the agent only: the connection
+    /// at descriptor 3, QEMU's socket at 4, the key on standard input)
+    #[command(hide = true)]
+    StreamRelay {
+        /// `source` or `destination`
+        end: String,
+    },
     /// Measure telvirt against a baseline run in the same process
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),

@@ -49,8 +49,35 @@ use telvirt_model::{Event, Phase, Vnf};
 use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
 use client::Client;
 
+/// `telvirt stream-relay END`: one end of a sealed guest stream until it ends; the exit code.
+fn stream_relay(end: &str) -> i32 {
+    let Some(end) = telvirt_runtime_vm::stream_seal::parse_end(end) else {
+        eprintln!("error: stream-relay takes source or destination, not {end:?}");
+        return 2;
+    };
+    match telvirt_runtime_vm::stream_seal::relay_main(end) {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("telvirt stream-relay {end:?}: {e}");
+            1
+        }
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
+    if let cli::Command::StreamRelay { end } = &cli.command {
+        std::process::exit(stream_relay(end));
+    }
+    // A moving guest's stream is sealed by a process of this binary (`stream-relay`).
+    if let Ok(program) = std::env::current_exe() {
+        telvirt_runtime_vm::stream_seal::set_relay_program(
+            telvirt_runtime_vm::stream_seal::RelayProgram {
+                program,
+                args: vec!["stream-relay".into()],
+            },
+        );
+    }
     // SIGPIPE stays ignored (Rust's default) in every command: a peer that goes away mid-write
     // (a TLS stream writes with writev, which raises SIGPIPE) is an error on that connection,
     // never the process's end, for a node as for a CLI call whose upload the server cut short.
@@ -148,6 +175,7 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Controller(args) => serve::run_controller(args).await,
         Command::Agent(args) => agent::run(args).await,
         Command::Cluster(command) => cluster::run(command, format).await,
+        Command::StreamRelay { .. } => anyhow::bail!("stream-relay runs before the async runtime"),
         Command::Schema => {
             let schema = telvirt_controller::descriptor_schema();
             // JSON unless YAML is asked for (a table of a schema means nothing).
@@ -512,13 +540,6 @@ async fn host(client: &Client, format: Output, cmd: HostCommand) -> Result<()> {
                         "QEMU {qemu}, machine types {} (a vm moves here from the same or an older QEMU whose guest's type is among them)",
                         telvirt_model::vnf::machine_span(&host.qemu_machines)
                     );
-                }
-                match host.qemu_tls {
-                    Some(true) => println!("Guest streams over TLS: yes"),
-                    Some(false) => println!(
-                        "Guest streams over TLS: no (QEMU built without gnutls: only a vm with spec.vm.move_encryption: none moves to or from here)"
-                    ),
-                    None => {}
                 }
                 if let Some(accel) = host.accel {
                     println!(

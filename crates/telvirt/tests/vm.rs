@@ -556,7 +556,7 @@ fn bench_vm_move_says_at_once_when_its_agents_have_no_vm_runtime() {
 fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmm");
-    // In the clear (the agent tests move guests over TLS, the default): both paths move.
+    // In the clear (the agent tests move guests sealed, the default): both paths move.
     let out = offline(
         &[
             "bench",

@@ -81,11 +81,11 @@ pub struct VmRuntime {
     arrivals: Arc<std::sync::Mutex<HashMap<Name, String>>>,
 }
 
-/// A guest stream's channel over the connection `stream`: over TLS with `secret`, or in the
+/// A guest stream's channel over the connection `stream`: sealed with `secret`, or in the
 /// clear without one.
 fn channel_of(stream: OwnedFd, secret: Option<StreamSecret>) -> MigrationChannel {
     match secret {
-        Some(secret) => MigrationChannel::Encrypted(stream, secret),
+        Some(secret) => MigrationChannel::encrypted(stream, secret),
         None => MigrationChannel::Socket(stream),
     }
 }
@@ -150,11 +150,6 @@ impl VmRuntime {
     /// The i440FX machine types of that QEMU, newest first (empty when it cannot be run).
     pub async fn machine_types(&self) -> Vec<String> {
         self.plain_manager().machine_types().await.versioned
-    }
-
-    /// Whether that QEMU can run a guest's stream over TLS (`None`: it cannot be run).
-    pub async fn qemu_tls(&self) -> Option<bool> {
-        self.plain_manager().tls_creds().await
     }
 
     /// Waits (in a task) for the stream `name` takes in to end, then resumes the arrived

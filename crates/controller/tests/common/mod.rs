@@ -56,7 +56,6 @@ impl Node {
         controller
             .register_host(HostRecord {
                 qemu_machines: Vec::new(),
-                qemu_tls: None,
                 accel: None,
                 cpu: None,
                 spec: HostSpec {
@@ -545,7 +544,6 @@ pub fn observation(vnf: &str, phase: telvirt_model::Phase) -> telvirt_model::api
 pub fn host_record(name: &str) -> HostRecord {
     HostRecord {
         qemu_machines: Vec::new(),
-        qemu_tls: None,
         accel: None,
         cpu: None,
         spec: HostSpec {

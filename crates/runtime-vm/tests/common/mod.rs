@@ -109,6 +109,13 @@ pub fn state_root() -> tempfile::TempDir {
 
 /// A manager whose probe never boots KVM (tests run under TCG).
 pub fn manager(root: &Path) -> VmManager {
+    // A sealed stream's relay runs as this package's relay binary.
+    telvirt_runtime_vm::stream_seal::set_relay_program(
+        telvirt_runtime_vm::stream_seal::RelayProgram {
+            program: env!("CARGO_BIN_EXE_telvirt-stream-relay").into(),
+            args: Vec::new(),
+        },
+    );
     VmManager::new(root, AccelProbe::new(root.join("cache")))
 }
 
