@@ -2864,8 +2864,6 @@ mod tests {
         }
     }
 
-    /// A stream whose key is not the one the standby's host holds for it is refused on its
-    /// first header, from the active's own address: nothing applied, nothing heard.
     /// Both ends of a sealed guest stream make the same key from the stream's key and the
     /// opening's place; another connection (another challenge or salt), another stream's key
     /// or another use of the same key makes another.
@@ -2901,6 +2899,8 @@ mod tests {
         assert_ne!(secret, StreamSecret::new(same));
     }
 
+    /// A stream whose key is not the one the standby's host holds for it is refused on its
+    /// first header, from the active's own address: nothing applied, nothing heard.
     #[tokio::test]
     async fn a_stream_without_its_key_is_refused() {
         let host = Arc::new(Standbys::default());

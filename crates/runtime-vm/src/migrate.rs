@@ -106,9 +106,10 @@ pub enum MigrationChannel {
     /// crosses a connection its owner opened (the agents' own port), and no QEMU listens on
     /// the network.
     Socket(std::os::fd::OwnedFd),
-    /// A passed socket whose stream this process seals with the secret ([`stream_seal`]):
-    /// QEMU is handed a socket pair's end in its place and streams into it in the clear; the
-    /// network sees the stream encrypted, and a peer without the secret opens none of it.
+    /// A passed socket whose stream a relay process this process starts seals with the secret
+    /// ([`stream_seal`]): QEMU is handed a socket pair's end in its place and streams into it in
+    /// the clear; the network sees the stream encrypted, and a peer without the secret opens
+    /// none of it. Made with [`MigrationChannel::encrypted`]; it carries one stream.
     Encrypted(std::os::fd::OwnedFd, OneStreamKey),
 }
 
@@ -139,7 +140,7 @@ impl MigrationChannel {
 
     /// The URI QEMU takes for this channel, as the `end` of the stream of the VM `vm`,
     /// handing it the socket first when there is one (for an encrypted one, the end of a
-    /// socket pair whose other end a relay of this process seals onto the connection).
+    /// socket pair whose other end the relay process it starts seals onto the connection).
     pub(crate) async fn uri(&self, vm: &VmHandle, end: StreamEnd) -> Result<String> {
         use std::os::fd::AsFd;
         let qmp = vm.qmp();

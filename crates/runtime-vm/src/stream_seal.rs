@@ -184,7 +184,9 @@ pub(crate) fn relay(
         std::io::Error::other("no stream relay program is set (stream_seal::set_relay_program)")
     })?;
     let (qemu, own) = UnixStream::pair()?;
-    let mut command = std::process::Command::new(&program.program);
+    // With nothing of this process's but stdio and the two descriptors placed below (the node
+    // holds guests' RAM without close-on-exec: `confine::child_command`).
+    let mut command = crate::confine::child_command(&program.program);
     command
         .args(&program.args)
         .arg(end_name(end))
@@ -195,7 +197,8 @@ pub(crate) fn relay(
     let (network_fd, own_fd) = (network.as_raw_fd(), own.as_raw_fd());
     // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) on descriptors
     // this process holds open across the spawn. Each is first copied above the two targets so
-    // that placing one cannot close the other.
+    // that placing one cannot close the other. This runs after `child_command`'s own hook,
+    // which marked every descriptor from 3 close-on-exec; dup2 clears the mark on 3 and 4.
     unsafe {
         command.pre_exec(move || {
             let high = |fd: i32| {
@@ -230,14 +233,27 @@ pub(crate) fn relay(
         return Err(e);
     }
     // Reaped when it ends (should this process end first, it runs on and init reaps it).
+    let pid = child.id();
     let vm = vm.to_owned();
-    std::thread::Builder::new()
+    let waiting = std::thread::Builder::new()
         .name("tv-relay-wait".into())
         .spawn(move || match child.wait() {
             Ok(status) if status.success() => tracing::debug!(vm, ?end, "guest stream relayed"),
             Ok(status) => tracing::info!(vm, ?end, "guest stream relay ended: {status}"),
             Err(e) => tracing::warn!(vm, ?end, "waiting for the guest stream relay: {e}"),
-        })?;
+        });
+    if let Err(e) = waiting {
+        // No thread to reap it: end it now (its stream cannot start without the pair's end).
+        let pid = libc::pid_t::try_from(pid).unwrap_or(0);
+        if pid > 0 {
+            // SAFETY: plain system calls on the child this function started and still owns.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        return Err(e);
+    }
     Ok(qemu.into())
 }
 

@@ -69,15 +69,15 @@ fn main() {
     if let cli::Command::StreamRelay { end } = &cli.command {
         std::process::exit(stream_relay(end));
     }
-    // A moving guest's stream is sealed by a process of this binary (`stream-relay`).
-    if let Ok(program) = std::env::current_exe() {
-        telvirt_runtime_vm::stream_seal::set_relay_program(
-            telvirt_runtime_vm::stream_seal::RelayProgram {
-                program,
-                args: vec!["stream-relay".into()],
-            },
-        );
-    }
+    // A moving guest's stream is sealed by a process of this very binary (`stream-relay`):
+    // its image as the kernel holds it, so an upgrade in place since this process started
+    // neither changes the relay's frames nor leaves it without a program.
+    telvirt_runtime_vm::stream_seal::set_relay_program(
+        telvirt_runtime_vm::stream_seal::RelayProgram {
+            program: "/proc/self/exe".into(),
+            args: vec!["stream-relay".into()],
+        },
+    );
     // SIGPIPE stays ignored (Rust's default) in every command: a peer that goes away mid-write
     // (a TLS stream writes with writev, which raises SIGPIPE) is an error on that connection,
     // never the process's end, for a node as for a CLI call whose upload the server cut short.
