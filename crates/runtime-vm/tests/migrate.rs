@@ -101,6 +101,14 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
         MigrationChannel::encrypted(out.into(), secret.clone()),
         MigrationChannel::encrypted(into.into(), StreamSecret::new([8; StreamSecret::LEN])),
     );
+    // A descriptor of this process without close-on-exec, as a guest's RAM is that the node's
+    // vhost-user daemon received: no relay may hold it.
+    // SAFETY: memfd_create with a valid name; the descriptor is owned below.
+    let stand_in = unsafe { libc::memfd_create(c"guest-ram-stand-in".as_ptr(), 0) };
+    assert!(stand_in >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: a descriptor this test just made and nothing else owns.
+    let _stand_in =
+        unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(stand_in) };
     let stranger = mgr
         .start_incoming(common::config("migother"), &from, &tuning)
         .await
@@ -108,6 +116,11 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let _stranger_guard = VmGuard(stranger.clone());
     // The relay holds its own copy of the socket: this one closed, as an agent's is.
     drop(from);
+    // The destination's relay, waiting for the stream, holds its stdio, the connection (3) and
+    // its QEMU's end (4): nothing else of this process.
+    let relay = relay_of("destination").await;
+    let held = open_descriptors(relay);
+    assert_eq!(held, [0, 1, 2, 3, 4], "relay {relay} holds {held:?}");
     fails_and_runs_on(&src, &to, &tuning, Duration::from_secs(60)).await;
     // It took nothing: its stream ended before any of the guest opened.
     assert!(
@@ -519,4 +532,44 @@ async fn a_destination_adopted_mid_stream_runs_the_guest_that_arrived_by_itself(
         .unwrap();
     assert_eq!(dst.phase(), VmPhase::Paused);
     src.kill().await.unwrap();
+}
+
+/// The sealing relay (`end`) this test process started, once it runs (polled up to 10 s).
+async fn relay_of(end: &str) -> i32 {
+    let me = i32::try_from(std::process::id()).unwrap();
+    let parent = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = telvirt_files::proc::pids().into_iter().find(|&pid| {
+            parent(pid) == Some(me)
+                && telvirt_files::proc::command_line(pid)
+                    .is_some_and(|c| c.contains("telvirt-stream-relay") && c.ends_with(end))
+        });
+        if let Some(pid) = found {
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {end} relay started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The descriptors process `pid` holds open, in order.
+fn open_descriptors(pid: i32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    fds
 }
