@@ -43,6 +43,8 @@ use crate::migrate::StreamEnd;
 pub const FRAME_BYTES: usize = 256 << 10;
 /// What the source's relay reads from QEMU at most for one frame.
 const READ_BYTES: usize = 64 << 10;
+/// What the destination's relay reads from the network at most at once (several frames).
+const WIRE_READ_BYTES: usize = 512 << 10;
 const LEN_BYTES: usize = 4;
 const TAG_BYTES: usize = 16;
 /// How long a relay waits for the network to take or give the rest of a frame before it gives
@@ -352,20 +354,22 @@ fn seal_into(
 /// The destination's relay: frames from `network` opened into `plain` for QEMU, until the end
 /// frame, or until QEMU closes its end (it read what it wanted, or gave up). The bytes relayed.
 fn open_into(
-    mut network: &TcpStream,
+    network: &TcpStream,
     mut plain: &UnixStream,
     mut cipher: FrameCipher,
 ) -> std::io::Result<u64> {
     network.set_read_timeout(Some(STALL))?;
     let mut body = vec![0u8; FRAME_BYTES + TAG_BYTES];
     let mut relayed = 0u64;
+    // Frames are read out of what the network delivered in large reads, not one or two
+    // system calls each.
+    let mut wire = std::io::BufReader::with_capacity(WIRE_READ_BYTES, network);
     loop {
-        if !network_first(network, plain)? {
+        if wire.buffer().is_empty() && !network_first(network, plain)? {
             return Ok(relayed);
         }
         let mut len = [0u8; LEN_BYTES];
-        network
-            .read_exact(&mut len)
+        wire.read_exact(&mut len)
             .map_err(|e| stalled(e, "the stream was cut before its end frame"))?;
         let n = u32::from_le_bytes(len) as usize;
         if n > FRAME_BYTES {
@@ -374,8 +378,7 @@ fn open_into(
                 format!("a frame of {n} bytes (at most {FRAME_BYTES})"),
             ));
         }
-        network
-            .read_exact(&mut body[..n + TAG_BYTES])
+        wire.read_exact(&mut body[..n + TAG_BYTES])
             .map_err(|e| stalled(e, "the stream was cut inside a frame"))?;
         let mut tag = [0u8; TAG_BYTES];
         tag.copy_from_slice(&body[n..n + TAG_BYTES]);
