@@ -151,9 +151,11 @@ impl MigrationChannel {
                 Ok(format!("fd:{STREAM_FD}"))
             }
             Self::Encrypted(fd, key) => {
+                // As its QEMU's own uid, where QEMU has one (ADR 068; its gid is the same).
+                let run_as = vm.confinement().filter(|c| c.own_uid).map(|c| c.uid);
                 let relayed = key
                     .take()
-                    .and_then(|secret| stream_seal::relay(fd, &secret, end, vm.name()))
+                    .and_then(|secret| stream_seal::relay(fd, &secret, end, vm.name(), run_as))
                     .map_err(Error::io("start a guest stream's sealing relay"))?;
                 qmp.getfd(STREAM_FD, relayed.as_fd()).await?;
                 Ok(format!("fd:{STREAM_FD}"))

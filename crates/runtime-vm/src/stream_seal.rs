@@ -171,7 +171,9 @@ impl FrameCipher {
 }
 
 /// Starts the relay of the `end` of VM `vm`'s guest stream over the connected, blocking
-/// `network` socket, sealed with `secret`; answers the socket to hand QEMU in its place. The
+/// `network` socket, sealed with `secret`, as the uid `run_as` when given (its QEMU's own: the
+/// relay then holds no privilege of this process, and no other VM's process shares its uid);
+/// answers the socket to hand QEMU in its place. The
 /// relay ([`relay_main`], in a process of its own) ends with the stream: at the source when
 /// QEMU closes its end (the end frame then goes), at the destination at the end frame or when
 /// QEMU closes its end; either way at the first error, which closes both sockets, so the
@@ -181,6 +183,7 @@ pub(crate) fn relay(
     secret: &StreamSecret,
     end: StreamEnd,
     vm: &str,
+    run_as: Option<u32>,
 ) -> std::io::Result<OwnedFd> {
     let program = RELAY_PROGRAM.get().ok_or_else(|| {
         std::io::Error::other("no stream relay program is set (stream_seal::set_relay_program)")
@@ -192,6 +195,9 @@ pub(crate) fn relay(
     command
         .args(&program.args)
         .arg(end_name(end))
+        // It changes to that uid itself, first thing (its program need not be one the uid
+        // may execute or reach).
+        .args(run_as.map(|uid| uid.to_string()))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
@@ -273,9 +279,25 @@ pub fn parse_end(name: &str) -> Option<StreamEnd> {
         .find(|e| end_name(*e) == name)
 }
 
-/// A relay process's work ([`relay`] starts it): the key from standard input, the connection
-/// at descriptor 3 and its QEMU's socket at 4; the bytes relayed, or why it ended.
-pub fn relay_main(end: StreamEnd) -> std::io::Result<u64> {
+/// A relay process's work ([`relay`] starts it): first the uid `run_as` when given (all of
+/// its ids, no supplementary group), then the key from standard input, the connection at
+/// descriptor 3 and its QEMU's socket at 4; the bytes relayed, or why it ended.
+pub fn relay_main(end: StreamEnd, run_as: Option<u32>) -> std::io::Result<u64> {
+    if let Some(uid) = run_as {
+        // SAFETY: plain system calls; nothing else runs in this process yet.
+        let changed = unsafe {
+            libc::setgroups(0, std::ptr::null()) == 0
+                && libc::setresgid(uid, uid, uid) == 0
+                && libc::setresuid(uid, uid, uid) == 0
+        };
+        if !changed {
+            let e = std::io::Error::last_os_error();
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot run as uid {uid}: {e}"),
+            ));
+        }
+    }
     let mut key = [0u8; StreamSecret::LEN];
     std::io::stdin().read_exact(&mut key)?;
     for fd in [NETWORK_FD, QEMU_FD] {

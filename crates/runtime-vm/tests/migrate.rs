@@ -121,6 +121,25 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let relay = relay_of("destination").await;
     let held = open_descriptors(relay);
     assert_eq!(held, [0, 1, 2, 3, 4], "relay {relay} holds {held:?}");
+    // It runs as its QEMU's own uid where QEMU has one (as root: ADR 068), not as this process.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let own = stranger.confinement().filter(|c| c.own_uid).map(|c| c.uid);
+        let uid = own.expect("as root, each QEMU has a uid of its own");
+        // It changes its uid first thing after it starts: polled.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let uids = telvirt_files::proc::uids(relay).unwrap();
+            if uids == [uid; 4] {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "relay {relay} runs as {uids:?}, not {uid}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     fails_and_runs_on(&src, &to, &tuning, Duration::from_secs(60)).await;
     // It took nothing: its stream ended before any of the guest opened.
     assert!(
@@ -550,8 +569,9 @@ async fn relay_of(end: &str) -> i32 {
     loop {
         let found = telvirt_files::proc::pids().into_iter().find(|&pid| {
             parent(pid) == Some(me)
-                && telvirt_files::proc::command_line(pid)
-                    .is_some_and(|c| c.contains("telvirt-stream-relay") && c.ends_with(end))
+                && telvirt_files::proc::command_line(pid).is_some_and(|c| {
+                    c.contains("telvirt-stream-relay") && c.contains(&format!(" {end}"))
+                })
         });
         if let Some(pid) = found {
             return pid;

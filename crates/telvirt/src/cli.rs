@@ -90,6 +90,8 @@ pub enum Command {
     StreamRelay {
         /// `source` or `destination`
         end: String,
+        /// The uid it runs as (its QEMU's own)
+        uid: Option<u32>,
     },
     /// Measure telvirt against a baseline run in the same process
     #[command(subcommand)]

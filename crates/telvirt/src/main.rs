@@ -50,12 +50,12 @@ use cli::{AuthorityCommand, Cli, Command, HostCommand, Output, VnfCommand};
 use client::Client;
 
 /// `telvirt stream-relay END`: one end of a sealed guest stream until it ends; the exit code.
-fn stream_relay(end: &str) -> i32 {
+fn stream_relay(end: &str, uid: Option<u32>) -> i32 {
     let Some(end) = telvirt_runtime_vm::stream_seal::parse_end(end) else {
         eprintln!("error: stream-relay takes source or destination, not {end:?}");
         return 2;
     };
-    match telvirt_runtime_vm::stream_seal::relay_main(end) {
+    match telvirt_runtime_vm::stream_seal::relay_main(end, uid) {
         Ok(_) => 0,
         Err(e) => {
             eprintln!("telvirt stream-relay {end:?}: {e}");
@@ -66,8 +66,8 @@ fn stream_relay(end: &str) -> i32 {
 
 fn main() {
     let cli = Cli::parse();
-    if let cli::Command::StreamRelay { end } = &cli.command {
-        std::process::exit(stream_relay(end));
+    if let cli::Command::StreamRelay { end, uid } = &cli.command {
+        std::process::exit(stream_relay(end, *uid));
     }
     // A moving guest's stream is sealed by a process of this very binary (`stream-relay`):
     // its image as the kernel holds it, so an upgrade in place since this process started
