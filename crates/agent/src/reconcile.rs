@@ -313,22 +313,23 @@ impl Agent {
         &self.inner.host
     }
 
-    /// The runtime of `vnf` when this host's assignment makes it the destination of a move.
-    fn incoming_runtime(&self, vnf: &Name) -> Result<Arc<dyn Runtime>, String> {
-        let kind = self
+    /// The runtime of `vnf` when this host's assignment makes it the destination of a move,
+    /// and whether its descriptor has its guest sealed ([`encrypts_moves`]).
+    fn incoming_runtime(&self, vnf: &Name) -> Result<(Arc<dyn Runtime>, bool), String> {
+        let (kind, seals) = self
             .inner
             .desired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(vnf)
             .filter(|a| a.incoming_from.is_some())
-            .map(|a| a.descriptor.spec.runtime)
+            .map(|a| (a.descriptor.spec.runtime, encrypts_moves(&a.descriptor)))
             .ok_or_else(|| format!("this host is not the destination of a move of {vnf}"))?;
-        self.inner
-            .runtimes
-            .get(&kind)
-            .cloned()
-            .ok_or_else(|| format!("runtime {} is not available on this host", kind.as_str()))
+        let runtime =
+            self.inner.runtimes.get(&kind).cloned().ok_or_else(|| {
+                format!("runtime {} is not available on this host", kind.as_str())
+            })?;
+        Ok((runtime, seals))
     }
 
     pub fn config(&self) -> AgentConfig {
@@ -486,15 +487,8 @@ impl crate::replication::StandbyHost for Agent {
     }
 
     async fn expects_guest(&self, vnf: &Name, sealed: bool) -> Result<(), String> {
-        let runtime = self.incoming_runtime(vnf)?;
         // Both ends read the same descriptor; an agent that streams otherwise is refused here.
-        let seals = self
-            .inner
-            .desired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(vnf)
-            .is_none_or(|a| encrypts_moves(&a.descriptor));
+        let (runtime, seals) = self.incoming_runtime(vnf)?;
         if let Some(why) = sealing_mismatch(vnf, seals, sealed) {
             return Err(why);
         }
@@ -512,7 +506,7 @@ impl crate::replication::StandbyHost for Agent {
         stream: std::os::fd::OwnedFd,
         secret: Option<telvirt_runtime_vm::StreamSecret>,
     ) -> Result<(), String> {
-        let runtime = self.incoming_runtime(vnf)?;
+        let (runtime, _) = self.incoming_runtime(vnf)?;
         runtime
             .receive_state(vnf, stream, secret)
             .await

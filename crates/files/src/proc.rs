@@ -120,7 +120,24 @@ pub fn threads(pid: i32) -> Vec<ThreadTimes> {
 
 /// Files process `pid` holds open; `None` when its fd directory cannot be read.
 pub fn open_fds(pid: i32) -> Option<u64> {
-    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+    Some(descriptors(pid)?.len() as u64)
+}
+
+/// The descriptors process `pid` holds open, in order; `None` when its fd directory cannot be
+/// read.
+pub fn descriptors(pid: i32) -> Option<Vec<i32>> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort_unstable();
+    Some(fds)
+}
+
+/// The parent of process `pid` (field 4 of its stat); `None` when it is gone.
+pub fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_fields(&stat)?.get(1)?.parse().ok()
 }
 
 /// The soft limit on open files of process `pid` (`Max open files` in its limits).
@@ -234,6 +251,11 @@ mod tests {
             "{threads:?}"
         );
         assert!(open_fds(me()).unwrap() >= 3);
+        let fds = descriptors(me()).unwrap();
+        assert!(fds.starts_with(&[0, 1, 2]) && fds.is_sorted(), "{fds:?}");
+        // SAFETY: getppid has no preconditions.
+        assert_eq!(parent(me()), Some(unsafe { libc::getppid() }));
+        assert_eq!((descriptors(i32::MAX), parent(i32::MAX)), (None, None));
         assert!(max_fds(me()).unwrap() >= open_fds(me()).unwrap());
         assert_eq!(process(i32::MAX), None);
         assert!(super::threads(i32::MAX).is_empty());

@@ -119,7 +119,7 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     // The destination's relay, waiting for the stream, holds its stdio, the connection (3) and
     // its QEMU's end (4): nothing else of this process.
     let relay = relay_of("destination").await;
-    let held = open_descriptors(relay);
+    let held = telvirt_files::proc::descriptors(relay).unwrap();
     assert_eq!(held, [0, 1, 2, 3, 4], "relay {relay} holds {held:?}");
     // It runs as its QEMU's own uid where QEMU has one (as root: ADR 068), not as this process.
     // SAFETY: geteuid has no preconditions.
@@ -556,19 +556,10 @@ async fn a_destination_adopted_mid_stream_runs_the_guest_that_arrived_by_itself(
 /// The sealing relay (`end`) this test process started, once it runs (polled up to 10 s).
 async fn relay_of(end: &str) -> i32 {
     let me = i32::try_from(std::process::id()).unwrap();
-    let parent = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit_once(')')?
-            .1
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let found = telvirt_files::proc::pids().into_iter().find(|&pid| {
-            parent(pid) == Some(me)
+            telvirt_files::proc::parent(pid) == Some(me)
                 && telvirt_files::proc::command_line(pid).is_some_and(|c| {
                     c.contains("telvirt-stream-relay") && c.contains(&format!(" {end}"))
                 })
@@ -582,14 +573,4 @@ async fn relay_of(end: &str) -> i32 {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The descriptors process `pid` holds open, in order.
-fn open_descriptors(pid: i32) -> Vec<i32> {
-    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    fds.sort_unstable();
-    fds
 }
