@@ -891,6 +891,15 @@ fn with_agent_logs<T>(node: &Serve, f: impl FnOnce() -> T) -> T {
     })
 }
 
+/// A vm VNF just created boots where it was placed: never Failed, and Pending only for the
+/// moment between its record and its placement (the placer runs right after the create; a
+/// poll on a loaded machine can land in between), never for want of room.
+fn booting_where_placed(v: &serde_json::Value) {
+    let phase = v["phase"].as_str().unwrap_or("");
+    let placing = phase == "Pending" && v["reason"] == "waiting for a placement";
+    assert!(!["Pending", "Failed"].contains(&phase) || placing, "{v}");
+}
+
 /// Hosts of two cores, as this machine has (cpu 0 shared, for QEMU's other threads): a vm's
 /// dedicated core is one its QEMU can use.
 const TWO_CORES: &str = "hosts:\n  - name: a1\n    topology: { sockets: 1, cores_per_socket: 2, threads_per_core: 1 }\n    shared: \"0\"\n";
@@ -977,10 +986,7 @@ fn a_vm_moves_live_to_a_newer_qemu_on_its_machine_type_and_not_back() {
     node.ok(&["host", "cordon", "a2"]);
     node.create("vmnext1.yaml", &MOVING_VM.replace("vmmove1", "vmnext1"));
     node.wait_vnf_for("vmnext1", VM_DEADLINE, |v| {
-        assert!(
-            !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
-            "{v}"
-        );
+        booting_where_placed(v);
         v["phase"] == "Running"
     });
     let running_since = Instant::now();
@@ -1057,10 +1063,7 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
         &MOVING_VM.replace("memory: 256MiB", "memory: 256MiB, cpu_model: Westmere-v1"),
     );
     let booted = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| {
-        assert!(
-            !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
-            "{v}"
-        );
+        booting_where_placed(v);
         v["phase"] == "Running"
     });
     let running_since = Instant::now();
@@ -1257,10 +1260,7 @@ fn a_vm_move_whose_destination_agent_restarts_mid_stream_ends_there_with_the_sam
     node.ok(&["host", "cordon", "a2"]);
     node.create("vmmove2.yaml", &MOVING_VM.replace("vmmove1", "vmmove2"));
     let booted = node.wait_vnf_for("vmmove2", VM_DEADLINE, |v| {
-        assert!(
-            !["Pending", "Failed"].contains(&v["phase"].as_str().unwrap_or("")),
-            "{v}"
-        );
+        booting_where_placed(v);
         v["phase"] == "Running"
     });
     assert_eq!(booted["placements"][0]["host"], "a1", "{booted}");
