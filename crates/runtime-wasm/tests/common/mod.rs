@@ -8,10 +8,11 @@ use telvirt_runtime_wasm::{
     EngineKind, InstallRequest, InstalledModule, RuntimeConfig, WasmRuntime,
 };
 
-/// A fresh, unique store directory under the target dir's tmp.
+/// A fresh, unique store directory under the target directory's `tmp` (which `cargo clean`
+/// empties; the tests leave their stores there, not in the host's temporary directory).
 pub fn temp_dir(tag: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    let d = std::env::temp_dir().join(format!(
+    let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
         "telvirt-rw-{tag}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
