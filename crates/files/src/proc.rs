@@ -73,6 +73,24 @@ fn status_uids(status: &str) -> Option<Vec<u32>> {
     )
 }
 
+/// How many seccomp filters process `pid` runs under (`Seccomp_filters:` in its status, Linux
+/// 5.9 and later; a filter stays for the life of a process and its children inherit it);
+/// `None` when it is gone or its kernel does not say.
+pub fn seccomp_filters(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status_seccomp_filters(&status)
+}
+
+/// The count of a `/proc/PID/status` text's `Seccomp_filters:` line.
+fn status_seccomp_filters(status: &str) -> Option<u32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// Process `pid`'s state letter (`R`, `S`, `D`, `Z`, ...) and the id of its session; `None`
 /// when it is gone.
 pub fn state_and_session(pid: i32) -> Option<(char, i32)> {
@@ -203,6 +221,14 @@ mod tests {
             Some(vec![1_900_000_001; 4])
         );
         assert_eq!(status_uids("Name:\tx\n"), None);
+        assert_eq!(
+            status_seccomp_filters(
+                "Seccomp:\t2\nSeccomp_filters:\t3\nSpeculation_Store_Bypass:\tx\n"
+            ),
+            Some(3)
+        );
+        assert_eq!(status_seccomp_filters("Seccomp:\t0\n"), None);
+        assert!(seccomp_filters(me()).is_some());
     }
 
     #[test]

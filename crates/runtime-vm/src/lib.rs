@@ -21,6 +21,7 @@ pub mod migrate_bench;
 pub mod periph;
 pub mod pin;
 pub mod qmp;
+mod relay_filter;
 pub mod stream_seal;
 pub mod uid_lease;
 pub mod usage;

@@ -12,7 +12,9 @@
 //! subcommand, or the `telvirt-stream-relay` binary), in a process group of its own, as QEMU
 //! is: a stream outlives the agent that started it (an agent restarted mid-stream finds it
 //! still running, as it found QEMU's own stream before), and a guest whose source QEMU counted
-//! its last bytes sent is not lost with the agent.
+//! its last bytes sent is not lost with the agent. It holds nothing of the node but its stdio
+//! and its two sockets, runs as its QEMU's own uid where QEMU has one, and relays under a
+//! seccomp filter that kills it at any system call relaying does not make (`relay_filter`).
 //!
 //! Why not QEMU's own TLS (`tls-creds-psk`, which this replaced): QEMU's TLS channel sends each
 //! piece of a write as a TLS record of its own and a system call of its own, and QEMU writes a
@@ -281,7 +283,9 @@ pub fn parse_end(name: &str) -> Option<StreamEnd> {
 
 /// A relay process's work ([`relay`] starts it): first the uid `run_as` when given (all of
 /// its ids, no supplementary group), then the key from standard input, the connection at
-/// descriptor 3 and its QEMU's socket at 4; the bytes relayed, or why it ended.
+/// descriptor 3 and its QEMU's socket at 4, then its seccomp filter (`relay_filter`: from
+/// there on only the system calls of relaying), then the stream; the bytes relayed, or why it
+/// ended.
 pub fn relay_main(end: StreamEnd, run_as: Option<u32>) -> std::io::Result<u64> {
     if let Some(uid) = run_as {
         // SAFETY: plain system calls; nothing else runs in this process yet.
@@ -318,19 +322,33 @@ pub fn relay_main(end: StreamEnd, run_as: Option<u32>) -> std::io::Result<u64> {
         )
     };
     let cipher = FrameCipher::new(&StreamSecret(key))?;
-    let relayed = run(end, &network, &plain, cipher);
+    let relayed = run(
+        end,
+        &network,
+        &plain,
+        cipher,
+        crate::relay_filter::confine_relay,
+    );
     let _ = network.shutdown(Shutdown::Both);
     let _ = plain.shutdown(Shutdown::Both);
     relayed
 }
 
-/// One end's relay between `network` and its QEMU's `plain` socket.
+/// One end's relay between `network` and its QEMU's `plain` socket: the network's timeout
+/// ([`STALL`]) set, then `confine` (the relay process's seccomp filter: after it, the relay
+/// makes only the system calls of relaying), then the relaying.
 fn run(
     end: StreamEnd,
     network: &TcpStream,
     plain: &UnixStream,
     cipher: FrameCipher,
+    confine: fn() -> std::io::Result<()>,
 ) -> std::io::Result<u64> {
+    match end {
+        StreamEnd::Source => network.set_write_timeout(Some(STALL))?,
+        StreamEnd::Destination => network.set_read_timeout(Some(STALL))?,
+    }
+    confine()?;
     match end {
         StreamEnd::Source => seal_into(plain, network, cipher),
         StreamEnd::Destination => open_into(network, plain, cipher),
@@ -344,7 +362,6 @@ fn seal_into(
     mut network: &TcpStream,
     mut cipher: FrameCipher,
 ) -> std::io::Result<u64> {
-    network.set_write_timeout(Some(STALL))?;
     let mut frame = vec![0u8; LEN_BYTES + READ_BYTES + TAG_BYTES];
     let mut relayed = 0u64;
     loop {
@@ -380,7 +397,6 @@ fn open_into(
     mut plain: &UnixStream,
     mut cipher: FrameCipher,
 ) -> std::io::Result<u64> {
-    network.set_read_timeout(Some(STALL))?;
     let mut body = vec![0u8; FRAME_BYTES + TAG_BYTES];
     let mut relayed = 0u64;
     // Frames are read out of what the network delivered in large reads, not one or two
@@ -483,7 +499,7 @@ mod tests {
         let (qemu, own) = UnixStream::pair().unwrap();
         let cipher = FrameCipher::new(secret).unwrap();
         std::thread::spawn(move || {
-            let r = run(end, &network, &own, cipher);
+            let r = run(end, &network, &own, cipher, || Ok(()));
             let _ = network.shutdown(Shutdown::Both);
             let _ = own.shutdown(Shutdown::Both);
             r

@@ -121,6 +121,21 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let relay = relay_of("destination").await;
     let held = telvirt_files::proc::descriptors(relay).unwrap();
     assert_eq!(held, [0, 1, 2, 3, 4], "relay {relay} holds {held:?}");
+    // It relays under a seccomp filter of its own (one more than this process runs under),
+    // installed once it has its key and sockets: polled.
+    let ours = telvirt_files::proc::seccomp_filters(std::process::id() as i32).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let filters = telvirt_files::proc::seccomp_filters(relay).unwrap();
+        if filters == ours + 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay {relay} runs under {filters} seccomp filters, this test under {ours}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // It runs as its QEMU's own uid where QEMU has one (as root: ADR 068), not as this process.
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
