@@ -1,9 +1,9 @@
 //! The seccomp filter a guest stream's relay runs under once it holds its key and its two
 //! sockets: the system calls relaying makes (reads and writes on descriptors it already has,
-//! polling, memory, its end) and nothing else. Opening a file, making or connecting a socket,
-//! passing descriptors, starting a program, changing ids or signalling another process kill
-//! the relay instead: bytes from the network that took a relay over reach nothing beyond its
-//! stream.
+//! polling, memory that is never code, its end) and nothing else. Opening a file, making or
+//! connecting a socket, passing descriptors, starting a program, changing ids, signalling
+//! another process or mapping code kill the relay instead: bytes from the network that took a
+//! relay over reach nothing beyond its stream.
 //!
 //! Owns that list and its installation. It must not be applied to a process that does anything
 //! but relay afterwards (the filter stays for the life of the process), nor before the relay
@@ -17,9 +17,10 @@ use seccompiler::{
 };
 
 /// The system calls a confined relay makes whatever their arguments: its reads and writes
-/// (plain and socket forms, as the standard library issues them), waiting on its two sockets,
-/// closing them, memory for its buffers, a contended lock, the clock, signal returns, and its
-/// end. ([`confine_relay`] adds `fcntl`, for one question only.)
+/// (plain and socket forms, as the standard library issues them), waiting on its two sockets
+/// (and resuming that wait after the relay was stopped or traced: `restart_syscall`), closing
+/// them, memory for its buffers, the clock, signal returns, and its end. ([`confine_relay`]
+/// adds `mmap`, `futex` and `fcntl` for some arguments only.)
 fn relay_system_calls() -> Vec<i64> {
     let mut calls = vec![
         libc::SYS_read,
@@ -29,14 +30,13 @@ fn relay_system_calls() -> Vec<i64> {
         libc::SYS_recvfrom,
         libc::SYS_sendto,
         libc::SYS_ppoll,
+        libc::SYS_restart_syscall,
         libc::SYS_shutdown,
         libc::SYS_close,
         libc::SYS_brk,
-        libc::SYS_mmap,
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
-        libc::SYS_futex,
         libc::SYS_clock_gettime,
         libc::SYS_rt_sigreturn,
         libc::SYS_rt_sigprocmask,
@@ -50,28 +50,57 @@ fn relay_system_calls() -> Vec<i64> {
     calls
 }
 
-/// Confines the calling thread, and any thread or process it starts later, to
-/// [`relay_system_calls`]: any other system call kills the whole process (`SIGSYS`). Sets
-/// no-new-privileges first, as an unprivileged process must. An error when this machine's
-/// architecture has no filter here (x86_64 and aarch64 have) or the kernel refuses it: a relay
-/// then does not relay.
+/// A rule that holds when argument `index` (32 bits) is `value`.
+fn argument_is(index: u8, value: u64) -> std::io::Result<SeccompRule> {
+    argument_masked(index, u64::from(u32::MAX), value)
+}
+
+/// A rule that holds when argument `index`'s bits under `mask` (32 bits) are `value`.
+fn argument_masked(index: u8, mask: u64, value: u64) -> std::io::Result<SeccompRule> {
+    SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(mask),
+        value,
+    )
+    .and_then(|c| SeccompRule::new(vec![c]))
+    .map_err(refused)
+}
+
+/// Confines this process (every thread of it, and anything it starts later) to
+/// [`relay_system_calls`], and to `mmap` of memory that is never executable, `futex` waits and
+/// wakes on private locks, and `fcntl` asking whether a descriptor is open: any other system
+/// call kills the whole process (`SIGSYS`). Sets no-new-privileges first, as an unprivileged
+/// process must. An error when this machine's architecture has no filter here (x86_64 and
+/// aarch64 have) or the kernel refuses it: a relay then does not relay.
 pub(crate) fn confine_relay() -> std::io::Result<()> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(refused)?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = relay_system_calls()
         .into_iter()
         .map(|call| (call, Vec::new()))
         .collect();
-    // `fcntl` only to ask whether a descriptor is open (`F_GETFD`): the standard library asks
-    // so before it closes one in a build with debug assertions.
-    let asks_if_open = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::Eq,
-        libc::F_GETFD as u64,
-    )
-    .and_then(|c| SeccompRule::new(vec![c]))
-    .map_err(refused)?;
-    rules.insert(libc::SYS_fcntl, vec![asks_if_open]);
+    // Buffers, never code: no mapping with PROT_EXEC (and no mprotect at all).
+    rules.insert(
+        libc::SYS_mmap,
+        vec![argument_masked(2, libc::PROT_EXEC as u64, 0)?],
+    );
+    // The standard library's and the C library's own locks: private waits and wakes only.
+    let private = libc::FUTEX_PRIVATE_FLAG;
+    rules.insert(
+        libc::SYS_futex,
+        [
+            libc::FUTEX_WAIT | private,
+            libc::FUTEX_WAKE | private,
+            libc::FUTEX_WAIT_BITSET | private,
+            libc::FUTEX_WAIT_BITSET | private | libc::FUTEX_CLOCK_REALTIME,
+        ]
+        .into_iter()
+        .map(|op| argument_is(1, op as u64))
+        .collect::<std::io::Result<_>>()?,
+    );
+    // Only to ask whether a descriptor is open (`F_GETFD`): the standard library asks so
+    // before it closes one in a build with debug assertions.
+    rules.insert(libc::SYS_fcntl, vec![argument_is(1, libc::F_GETFD as u64)?]);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -80,7 +109,7 @@ pub(crate) fn confine_relay() -> std::io::Result<()> {
     )
     .map_err(refused)?;
     let program = BpfProgram::try_from(filter).map_err(refused)?;
-    seccompiler::apply_filter(&program).map_err(refused)
+    seccompiler::apply_filter_all_threads(&program).map_err(refused)
 }
 
 /// Why the filter could not be made or installed, as the relay says it.
@@ -97,32 +126,85 @@ mod tests {
     /// Set in the child process this module's test starts: what it tries once confined.
     const CHILD_TRIES: &str = "TELVIRT_RELAY_FILTER_TRIES";
 
-    /// In the child: confined, it relays a little (a socket pair, polling, a large buffer),
-    /// says so, then tries `what`, and says so if it lived.
+    /// In the child: confined, it relays a little (a socket pair, a wait on it, a large
+    /// buffer, locks), says so, then makes the one system call `what` names directly (nothing
+    /// else runs between the saying and the call), and says so if it lived.
     fn child(what: &str) {
+        use std::os::fd::AsRawFd;
         let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         confine_relay().unwrap();
         let frame = vec![7u8; 1 << 20];
         a.write_all(&frame[..60_000]).unwrap();
+        let mut ready = [libc::pollfd {
+            fd: b.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for the call's duration.
+        assert_eq!(unsafe { libc::poll(ready.as_mut_ptr(), 1, -1) }, 1);
         let mut got = vec![0u8; 60_000];
         b.read_exact(&mut got).unwrap();
         assert_eq!(got, frame[..60_000]);
+        let lock = std::sync::Mutex::new(got.len());
+        assert_eq!(*lock.lock().unwrap(), 60_000);
         b.shutdown(std::net::Shutdown::Both).unwrap();
         drop((a, b));
         println!("relayed");
-        let lived = match what {
-            "open" => std::fs::File::open("/etc/hostname").is_ok(),
-            "connect" => std::net::TcpStream::connect("127.0.0.1:9").is_ok(),
-            "exec" => std::process::Command::new("/bin/true").status().is_ok(),
-            // SAFETY: plain system calls with no memory arguments.
-            "setuid" => (unsafe { libc::setuid(0) }) == 0,
-            // SAFETY: as above.
-            "kill" => (unsafe { libc::kill(1, 0) }) == 0,
-            // SAFETY: as above; F_SETFL on standard input changes no memory.
-            "fcntl" => (unsafe { libc::fcntl(0, libc::F_SETFL, libc::O_NONBLOCK) }) == 0,
-            other => panic!("no such try: {other}"),
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 9u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
         };
-        println!("{what} returned (it succeeded: {lived})");
+        let path = c"/etc/hostname";
+        let argv = [c"/bin/true".as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null::<libc::c_char>()];
+        // SAFETY: each call gets valid pointers (or none) for its duration; the ones that
+        // succeed change nothing this test relies on, and the filter is to stop each first.
+        let answer = unsafe {
+            match what {
+                "open" => libc::syscall(
+                    libc::SYS_openat,
+                    libc::AT_FDCWD,
+                    path.as_ptr(),
+                    libc::O_RDONLY,
+                ),
+                "socket" => libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0),
+                "connect" => libc::syscall(
+                    libc::SYS_connect,
+                    socket.as_raw_fd(),
+                    &to as *const libc::sockaddr_in,
+                    std::mem::size_of::<libc::sockaddr_in>(),
+                ),
+                "exec" => libc::syscall(libc::SYS_execve, argv[0], argv.as_ptr(), envp.as_ptr()),
+                "setresuid" => libc::syscall(libc::SYS_setresuid, 0, 0, 0),
+                "kill" => libc::syscall(libc::SYS_kill, 1, 0),
+                "fcntl" => libc::syscall(libc::SYS_fcntl, 0, libc::F_SETFL, libc::O_NONBLOCK),
+                "mmap_exec" => libc::syscall(
+                    libc::SYS_mmap,
+                    0,
+                    4096,
+                    libc::PROT_READ | libc::PROT_EXEC,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                ),
+                "futex_requeue" => libc::syscall(
+                    libc::SYS_futex,
+                    std::ptr::null::<u32>(),
+                    libc::FUTEX_CMP_REQUEUE | libc::FUTEX_PRIVATE_FLAG,
+                    0,
+                    0,
+                    std::ptr::null::<u32>(),
+                    0,
+                ),
+                other => panic!("no such try: {other}"),
+            }
+        };
+        println!("{what} returned {answer}");
     }
 
     #[test]
@@ -131,7 +213,17 @@ mod tests {
             child(&what.to_string_lossy());
             return;
         }
-        for what in ["open", "connect", "exec", "setuid", "kill", "fcntl"] {
+        for what in [
+            "open",
+            "socket",
+            "connect",
+            "exec",
+            "setresuid",
+            "kill",
+            "fcntl",
+            "mmap_exec",
+            "futex_requeue",
+        ] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
                     "relay_filter::tests::a_confined_relay_relays_and_is_killed_by_anything_else",

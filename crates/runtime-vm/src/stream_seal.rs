@@ -190,6 +190,44 @@ pub(crate) fn relay(
     let program = RELAY_PROGRAM.get().ok_or_else(|| {
         std::io::Error::other("no stream relay program is set (stream_seal::set_relay_program)")
     })?;
+    let (qemu, mut child) = start_relay(program, network, secret, end, run_as)?;
+    // Reaped when it ends (should this process end first, it runs on and init reaps it).
+    let pid = child.id();
+    let vm = vm.to_owned();
+    let waiting = std::thread::Builder::new()
+        .name("tv-relay-wait".into())
+        .spawn(move || match child.wait() {
+            Ok(status) if status.success() => tracing::debug!(vm, ?end, "guest stream relayed"),
+            Ok(status) => tracing::info!(vm, ?end, "guest stream relay ended: {status}"),
+            Err(e) => tracing::warn!(vm, ?end, "waiting for the guest stream relay: {e}"),
+        });
+    if let Err(e) = waiting {
+        // No thread to reap it: end it now (its stream cannot start without the pair's end).
+        let pid = libc::pid_t::try_from(pid).unwrap_or(0);
+        if pid > 0 {
+            // SAFETY: plain system calls on the child this function started and still owns.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
+        return Err(e);
+    }
+    Ok(qemu)
+}
+
+/// Starts `program` as the relay of the `end` of a guest stream over `network` sealed with
+/// `secret`, as [`relay`] does (the connection at descriptor 3, QEMU's end of a new socket
+/// pair at 4, the key on its standard input, `run_as` as its uid when given; its own process
+/// group; nothing else of this process); answers the socket to hand QEMU and the process,
+/// which the caller waits for.
+pub fn start_relay(
+    program: &RelayProgram,
+    network: &OwnedFd,
+    secret: &StreamSecret,
+    end: StreamEnd,
+    run_as: Option<u32>,
+) -> std::io::Result<(OwnedFd, std::process::Child)> {
     let (qemu, own) = UnixStream::pair()?;
     // With nothing of this process's but stdio and the two descriptors placed below (the node
     // holds guests' RAM without close-on-exec: `confine::child_command`).
@@ -203,6 +241,9 @@ pub(crate) fn relay(
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::inherit())
+        // A backtrace would open files, which its seccomp filter kills it for: a panic's
+        // message is said without one.
+        .env("RUST_BACKTRACE", "0")
         .process_group(0);
     let (network_fd, own_fd) = (network.as_raw_fd(), own.as_raw_fd());
     // SAFETY: between fork and exec only async-signal-safe calls (fcntl, dup2) on descriptors
@@ -242,29 +283,7 @@ pub(crate) fn relay(
         let _ = child.wait();
         return Err(e);
     }
-    // Reaped when it ends (should this process end first, it runs on and init reaps it).
-    let pid = child.id();
-    let vm = vm.to_owned();
-    let waiting = std::thread::Builder::new()
-        .name("tv-relay-wait".into())
-        .spawn(move || match child.wait() {
-            Ok(status) if status.success() => tracing::debug!(vm, ?end, "guest stream relayed"),
-            Ok(status) => tracing::info!(vm, ?end, "guest stream relay ended: {status}"),
-            Err(e) => tracing::warn!(vm, ?end, "waiting for the guest stream relay: {e}"),
-        });
-    if let Err(e) = waiting {
-        // No thread to reap it: end it now (its stream cannot start without the pair's end).
-        let pid = libc::pid_t::try_from(pid).unwrap_or(0);
-        if pid > 0 {
-            // SAFETY: plain system calls on the child this function started and still owns.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                libc::waitpid(pid, std::ptr::null_mut(), 0);
-            }
-        }
-        return Err(e);
-    }
-    Ok(qemu.into())
+    Ok((qemu.into(), child))
 }
 
 fn end_name(end: StreamEnd) -> &'static str {

@@ -589,3 +589,107 @@ async fn relay_of(end: &str) -> i32 {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Whether process `pid` sleeps in `poll` or `ppoll`, or in the `restart_syscall` a `poll`
+/// that was stopped and continued resumes as (the first number of its `/proc` syscall line).
+fn waits_in_poll(pid: i32) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    let polls = [libc::SYS_poll, libc::SYS_ppoll, libc::SYS_restart_syscall];
+    #[cfg(not(target_arch = "x86_64"))]
+    let polls = [libc::SYS_ppoll, libc::SYS_restart_syscall];
+    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .ok()
+        .and_then(|line| line.split_whitespace().next()?.parse::<i64>().ok())
+        .is_some_and(|call| polls.contains(&call))
+}
+
+/// Polls (up to 10 s) until `relay` sleeps in a system call and `waiting` says it is in the
+/// one expected; fails when it ended meanwhile.
+fn relay_waits(relay: &mut std::process::Child, what: &str, waiting: fn(i32) -> bool) {
+    let pid = relay.id() as i32;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = relay.try_wait().unwrap() {
+            panic!("the {what} relay ended while it should wait: {status}");
+        }
+        let sleeping = telvirt_files::proc::state_and_session(pid).is_some_and(|(s, _)| s == 'S');
+        if sleeping && waiting(pid) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the {what} relay never waited"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Stops `relay` and lets it go on, as a debugger attaching or a freezer would.
+fn stop_and_continue(relay: &std::process::Child) {
+    let pid = relay.id() as i32;
+    // SAFETY: plain system calls on a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while telvirt_files::proc::state_and_session(pid).is_none_or(|(s, _)| s != 'T') {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay {pid} never stopped"
+        );
+        std::thread::yield_now();
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+}
+
+#[test]
+fn sealing_relays_stopped_and_continued_while_they_wait_relay_and_end_cleanly() {
+    use std::io::{Read, Write};
+    use std::os::fd::OwnedFd;
+    use telvirt_runtime_vm::migrate::StreamEnd;
+    use telvirt_runtime_vm::stream_seal::start_relay;
+
+    let secret = StreamSecret::random().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (into, _) = listener.accept().unwrap();
+    let program = common::relay_program();
+    // Each relay holds its own copy of its end of the connection; this test's goes.
+    let start = |end, connection: std::net::TcpStream| {
+        start_relay(&program, &OwnedFd::from(connection), &secret, end, None).unwrap()
+    };
+    let (to_qemu, mut destination) = start(StreamEnd::Destination, into);
+    let (from_qemu, mut source) = start(StreamEnd::Source, out);
+    let _ended = (
+        PidGuard(destination.id() as i32),
+        PidGuard(source.id() as i32),
+    );
+    // Each waits under its filter (the destination in poll, for the first frame; the source
+    // in a read, for QEMU's first bytes), is stopped and continued, and waits on: a wait that
+    // resumes (`restart_syscall` after poll) is one of relaying's system calls.
+    relay_waits(&mut destination, "destination", waits_in_poll);
+    relay_waits(&mut source, "source", |_| true);
+    for relay in [&destination, &source] {
+        stop_and_continue(relay);
+    }
+    relay_waits(&mut destination, "destination", waits_in_poll);
+    relay_waits(&mut source, "source", |_| true);
+    // Then the stream crosses whole, and each relay ends as a relay that did its work does.
+    let sent: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let writer = {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let mut qemu = std::os::unix::net::UnixStream::from(from_qemu);
+            qemu.write_all(&sent).unwrap();
+        })
+    };
+    let mut got = Vec::new();
+    std::os::unix::net::UnixStream::from(to_qemu)
+        .read_to_end(&mut got)
+        .unwrap();
+    writer.join().unwrap();
+    assert!(got == sent, "{} bytes arrived of {}", got.len(), sent.len());
+    for (what, relay) in [("source", &mut source), ("destination", &mut destination)] {
+        let status = relay.wait().unwrap();
+        assert!(status.success(), "the {what} relay ended: {status}");
+    }
+}

@@ -107,15 +107,18 @@ pub fn state_root() -> tempfile::TempDir {
         .expect("create a state root in /tmp")
 }
 
+/// This package's relay binary, as a sealed stream's relay program.
+pub fn relay_program() -> telvirt_runtime_vm::stream_seal::RelayProgram {
+    telvirt_runtime_vm::stream_seal::RelayProgram {
+        program: env!("CARGO_BIN_EXE_telvirt-stream-relay").into(),
+        args: Vec::new(),
+    }
+}
+
 /// A manager whose probe never boots KVM (tests run under TCG).
 pub fn manager(root: &Path) -> VmManager {
     // A sealed stream's relay runs as this package's relay binary.
-    telvirt_runtime_vm::stream_seal::set_relay_program(
-        telvirt_runtime_vm::stream_seal::RelayProgram {
-            program: env!("CARGO_BIN_EXE_telvirt-stream-relay").into(),
-            args: Vec::new(),
-        },
-    );
+    telvirt_runtime_vm::stream_seal::set_relay_program(relay_program());
     VmManager::new(root, AccelProbe::new(root.join("cache")))
 }
 
