@@ -2,7 +2,7 @@
 //! node credentials and what they may not do, registration, the assignments watch,
 //! observations, module fetches and node calls routed to the host a VNF runs on.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

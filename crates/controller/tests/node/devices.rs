@@ -2,7 +2,7 @@
 //! `DELETE /v1/vnfs/{name}/devices/{id}`. Every refusal has its status, names its reason, and
 //! leaves the VNF's grants as they were. Answers are checked against the OpenAPI document.
 
-mod common;
+use crate::common;
 
 use common::{Node, wasm_vnf};
 use serde_json::Value;

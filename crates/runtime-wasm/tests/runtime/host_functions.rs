@@ -1,7 +1,7 @@
 //! Host functions other than maps: clock (replay time), log (bounded), random (seeded), emit
 //! (bounded, port-checked), counters, tv_tick, and pointer checks (EFAULT).
 
-mod common;
+use crate::common;
 
 use common::*;
 use telvirt_runtime_wasm::{EngineKind, PacketBatch, VnfConfig};

@@ -11,7 +11,7 @@ use telvirt_model::Format;
 use telvirt_sched::{Allocation, SchedConfig};
 use telvirt_store::{Op, RedbStore, Store};
 
-mod common;
+use crate::common;
 
 fn admin() -> Caller {
     Caller {

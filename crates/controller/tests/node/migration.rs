@@ -7,7 +7,7 @@
 //! completed, and is refused when a disk, a host device or an engine would not follow. The store stays
 //! consistent throughout.
 
-mod common;
+use crate::common;
 
 use common::{Node, beat, host_record, observation, role_hosts, wasm_vnf};
 use telvirt_controller::{Controller, consistency};

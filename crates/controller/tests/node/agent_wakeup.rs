@@ -2,7 +2,7 @@
 //! while its agent is not waiting (busy in a pass) ends the next `wait_for_change` at once; a
 //! change on another host, or a phase report, wakes nobody.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

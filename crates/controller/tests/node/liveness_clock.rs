@@ -19,7 +19,7 @@ use telvirt_store::{
     Compare, LeaseId, Op, RedbStore, Store, StoreError, StoreHealth, TxnOutcome, Versioned, Watch,
 };
 
-mod common;
+use crate::common;
 
 /// A real redb store whose leases last a minute whatever TTL is asked, and which refuses the
 /// next write of the key set in `fail_write` (once).

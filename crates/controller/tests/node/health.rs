@@ -1,7 +1,7 @@
 //! `/v1/healthz` and `/v1/readyz` over the real router: 200 while every component is up, 503
 //! naming a supervised task that panicked.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! Runtime-owned maps: semantics of each kind, snapshot format checks, update log, and the
 //! pinned worker thread.
 
-mod common;
+use crate::common;
 
 use common::*;
 use telvirt_runtime_wasm::abi::code;

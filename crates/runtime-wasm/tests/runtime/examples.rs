@@ -2,7 +2,7 @@
 //! with identical outputs, and does its job (ACL verdicts, NAT rewriting with valid checksums,
 //! GTP-U decapsulation and encapsulation).
 
-mod common;
+use crate::common;
 
 use common::*;
 use telvirt_runtime_wasm::trace::{self, Workload};

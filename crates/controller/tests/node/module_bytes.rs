@@ -12,7 +12,7 @@ use telvirt_model::Format;
 use telvirt_sched::SchedConfig;
 use telvirt_store::{RedbStore, Store};
 
-mod common;
+use crate::common;
 use common::{DefaultVerifier, firewall_wasm, host_record, wasm_vnf};
 
 fn admin() -> Caller {

@@ -1,7 +1,7 @@
 //! Networks through the API: create, list, show, delete, isolation between authorities, and
 //! every kind of bad input refused with a 4xx naming the field while nothing is stored.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

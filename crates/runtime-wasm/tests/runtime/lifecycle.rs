@@ -1,7 +1,7 @@
 //! Life cycle through the public API: install → instantiate → process → lock/unlock →
 //! upgrade (maps carried) → remove, and the precompiled cache.
 
-mod common;
+use crate::common;
 
 use common::*;
 use telvirt_runtime_wasm::{

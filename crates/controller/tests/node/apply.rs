@@ -3,7 +3,7 @@
 //! reports, and every field a VNF takes only when created is refused with 409 naming it, with
 //! nothing changed.
 
-mod common;
+use crate::common;
 
 use common::{Node, labelled, names, wasm_vnf};
 use serde_json::Value;

@@ -3,7 +3,7 @@
 //! until the admin grants it; revoking refuses while in use. Modules are uploaded, verified and
 //! owner-scoped.
 
-mod common;
+use crate::common;
 
 use common::{Node, firewall_ref, wasm_vnf};
 

@@ -1,7 +1,7 @@
 //! `GET /v1/vnfs` pages and label selectors on a real node, every answer checked against the
 //! OpenAPI document (including the `X-Continue` header).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! `POST /v1/vnfs/{name}/upgrade` refusals: each changes nothing and says why. (The swap itself
 //! is tested where a runtime exists: the agent's wasm adapter and `crates/telvirt/tests/wasm.rs`.)
 
-mod common;
+use crate::common;
 
 use common::{Node, wasm_vnf};
 

@@ -1,7 +1,7 @@
 //! The REST API end to end on a real node (store, controller, agent, HTTP), every answer checked
 //! against the OpenAPI document.
 
-mod common;
+use crate::common;
 
 use common::{Node, wasm_vnf};
 use serde_json::Value;

@@ -11,7 +11,7 @@
 //! VNFs and groups by name and every other holder only as in use; admin sees all; a refused
 //! network names no other authority's network.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::path::Path;

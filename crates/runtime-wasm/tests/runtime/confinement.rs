@@ -2,7 +2,7 @@
 //! the module header, map memory (within `MapDef::budget_bytes`), the update log (bounded),
 //! host calls (paid in fuel) and the linear-memory limit (at most 4 GiB).
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;

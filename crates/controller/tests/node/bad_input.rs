@@ -1,6 +1,6 @@
 //! Every kind of bad input is refused with a 4xx problem naming the field, and stores nothing.
 
-mod common;
+use crate::common;
 
 use common::{Node, wasm_vnf};
 

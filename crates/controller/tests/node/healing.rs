@@ -4,7 +4,7 @@
 //! a VNF no host can take stays, Unknown, with the reason, and is back when its host is. After
 //! each, the store is consistent (no CPU held twice, allocations match placements).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! (batch dropped and counted, VNF Failed or restarted) while the host and a well-behaved VNF
 //! running beside it go on.
 
-mod common;
+use crate::common;
 
 use common::*;
 use telvirt_runtime_wasm::{

@@ -4,7 +4,7 @@
 //! heartbeat lease lapses turns NotReady with its VNFs Unknown, and back on a heartbeat. Every
 //! answer is checked against the OpenAPI document by the harness.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
