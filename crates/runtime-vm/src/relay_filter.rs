@@ -3,7 +3,8 @@
 //! polling, memory that is never code, its end) and nothing else. Opening a file, making or
 //! connecting a socket, passing descriptors, starting a program, changing ids, signalling
 //! another process or mapping code kill the relay instead: bytes from the network that took a
-//! relay over reach nothing beyond its stream.
+//! relay over reach nothing beyond its stream. An abort (a relay that finds its own state
+//! broken) still ends it by `SIGABRT`, so its agent tells an abort from a forbidden call.
 //!
 //! Owns that list and its installation. It must not be applied to a process that does anything
 //! but relay afterwards (the filter stays for the life of the process), nor before the relay
@@ -43,6 +44,9 @@ fn relay_system_calls() -> Vec<i64> {
         libc::SYS_sigaltstack,
         libc::SYS_exit,
         libc::SYS_exit_group,
+        // The C library's abort asks for its process's and thread's ids to signal itself.
+        libc::SYS_getpid,
+        libc::SYS_gettid,
     ];
     // `poll` is a system call of its own on x86_64 only (aarch64's C library uses `ppoll`).
     #[cfg(target_arch = "x86_64")]
@@ -69,8 +73,9 @@ fn argument_masked(index: u8, mask: u64, value: u64) -> std::io::Result<SeccompR
 
 /// Confines this process (every thread of it, and anything it starts later) to
 /// [`relay_system_calls`], and to `mmap` of memory that is never executable, `futex` waits and
-/// wakes on private locks, and `fcntl` asking whether a descriptor is open: any other system
-/// call kills the whole process (`SIGSYS`). Sets no-new-privileges first, as an unprivileged
+/// wakes on private locks, `fcntl` asking whether a descriptor is open, and `tgkill` sending
+/// `SIGABRT` to this process (an abort): any other system call kills the whole process
+/// (`SIGSYS`). Sets no-new-privileges first, as an unprivileged
 /// process must. An error when this machine's architecture has no filter here (x86_64 and
 /// aarch64 have) or the kernel refuses it: a relay then does not relay.
 pub(crate) fn confine_relay() -> std::io::Result<()> {
@@ -101,6 +106,25 @@ pub(crate) fn confine_relay() -> std::io::Result<()> {
     // Only to ask whether a descriptor is open (`F_GETFD`): the standard library asks so
     // before it closes one in a build with debug assertions.
     rules.insert(libc::SYS_fcntl, vec![argument_is(1, libc::F_GETFD as u64)?]);
+    // An abort: SIGABRT to a thread of this process, nothing else to anyone.
+    let this_process = u64::from(std::process::id());
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![
+            SeccompRule::new(vec![
+                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, this_process)
+                    .map_err(refused)?,
+                SeccompCondition::new(
+                    2,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    libc::SIGABRT as u64,
+                )
+                .map_err(refused)?,
+            ])
+            .map_err(refused)?,
+        ],
+    );
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::KillProcess,
@@ -133,6 +157,8 @@ mod tests {
         use std::os::fd::AsRawFd;
         let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // SAFETY: no arguments.
+        let thread = unsafe { libc::gettid() };
         confine_relay().unwrap();
         let frame = vec![7u8; 1 << 20];
         a.write_all(&frame[..60_000]).unwrap();
@@ -182,6 +208,11 @@ mod tests {
                 "exec" => libc::syscall(libc::SYS_execve, argv[0], argv.as_ptr(), envp.as_ptr()),
                 "setresuid" => libc::syscall(libc::SYS_setresuid, 0, 0, 0),
                 "kill" => libc::syscall(libc::SYS_kill, 1, 0),
+                // Another signal than SIGABRT to itself (unfiltered, SIGUSR1 would end it).
+                "tgkill_usr1" => {
+                    libc::syscall(libc::SYS_tgkill, std::process::id(), thread, libc::SIGUSR1)
+                }
+                "abort" => std::process::abort(),
                 "fcntl" => libc::syscall(libc::SYS_fcntl, 0, libc::F_SETFL, libc::O_NONBLOCK),
                 "mmap_exec" => libc::syscall(
                     libc::SYS_mmap,
@@ -208,25 +239,28 @@ mod tests {
     }
 
     #[test]
-    fn a_confined_relay_relays_and_is_killed_by_anything_else() {
+    fn a_confined_relay_relays_and_is_killed_by_anything_else_but_aborts_by_sigabrt() {
         if let Some(what) = std::env::var_os(CHILD_TRIES) {
             child(&what.to_string_lossy());
             return;
         }
-        for what in [
-            "open",
-            "socket",
-            "connect",
-            "exec",
-            "setresuid",
-            "kill",
-            "fcntl",
-            "mmap_exec",
-            "futex_requeue",
+        for (what, dies_of) in [
+            ("open", libc::SIGSYS),
+            ("socket", libc::SIGSYS),
+            ("connect", libc::SIGSYS),
+            ("exec", libc::SIGSYS),
+            ("setresuid", libc::SIGSYS),
+            ("kill", libc::SIGSYS),
+            ("tgkill_usr1", libc::SIGSYS),
+            ("fcntl", libc::SIGSYS),
+            ("mmap_exec", libc::SIGSYS),
+            ("futex_requeue", libc::SIGSYS),
+            // An abort is told apart from a forbidden call.
+            ("abort", libc::SIGABRT),
         ] {
             let out = std::process::Command::new(std::env::current_exe().unwrap())
                 .args([
-                    "relay_filter::tests::a_confined_relay_relays_and_is_killed_by_anything_else",
+                    "relay_filter::tests::a_confined_relay_relays_and_is_killed_by_anything_else_but_aborts_by_sigabrt",
                     "--exact",
                     "--nocapture",
                     "--test-threads=1",
@@ -238,7 +272,7 @@ mod tests {
             // It relayed under the filter, then died of the call it tried, at the call.
             assert!(said.contains("relayed"), "{what}: {said}");
             assert!(!said.contains("returned"), "{what}: {said}");
-            assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{what}: {said}");
+            assert_eq!(out.status.signal(), Some(dies_of), "{what}: {said}");
         }
     }
 }
