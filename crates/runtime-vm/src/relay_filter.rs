@@ -20,8 +20,9 @@ use seccompiler::{
 /// The system calls a confined relay makes whatever their arguments: its reads and writes
 /// (plain and socket forms, as the standard library issues them), waiting on its two sockets
 /// (and resuming that wait after the relay was stopped or traced: `restart_syscall`), closing
-/// them, memory for its buffers, the clock, signal returns, and its end. ([`confine_relay`]
-/// adds `mmap`, `futex` and `fcntl` for some arguments only.)
+/// them, memory for its buffers, the clock, signal returns, its end, and the ids an abort
+/// asks for. ([`confine_relay`] adds `mmap`, `futex`, `fcntl` and `tgkill` for some arguments
+/// only.)
 fn relay_system_calls() -> Vec<i64> {
     let mut calls = vec![
         libc::SYS_read,

@@ -66,7 +66,7 @@ async fn wait_host(node: &Node, name: &str, pred: impl Fn(&Value) -> bool) -> Va
 
 /// A node with a 300 ms host lease, its liveness monitor running, and host h2 registered
 /// (no heartbeat yet). Healing is off: these tests keep VNFs on their NotReady host (healing
-/// has its own, tests/healing.rs).
+/// has its own, the `healing` module).
 async fn node_with_monitored_h2() -> Node {
     let node = Node::start_monitored(None).await;
     node.controller
