@@ -321,8 +321,7 @@ pub fn relay_main(end: StreamEnd, run_as: Option<u32>) -> std::io::Result<u64> {
             ));
         }
     }
-    let mut key = [0u8; StreamSecret::LEN];
-    std::io::stdin().read_exact(&mut key)?;
+    let secret = read_key_undumpable(&mut std::io::stdin())?;
     for fd in [NETWORK_FD, QEMU_FD] {
         // SAFETY: fstat writes into the zeroed stat it is given.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
@@ -340,7 +339,7 @@ pub fn relay_main(end: StreamEnd, run_as: Option<u32>) -> std::io::Result<u64> {
             UnixStream::from_raw_fd(QEMU_FD),
         )
     };
-    let cipher = FrameCipher::new(&StreamSecret(key))?;
+    let cipher = FrameCipher::new(&secret)?;
     let relayed = run(
         end,
         &network,
@@ -351,6 +350,25 @@ pub fn relay_main(end: StreamEnd, run_as: Option<u32>) -> std::io::Result<u64> {
     let _ = network.shutdown(Shutdown::Both);
     let _ = plain.shutdown(Shutdown::Both);
     relayed
+}
+
+/// The stream's key, read from `from` once this process is no longer dumpable: no core dump
+/// carries the key, and no process of its uid but root's can trace it or read its memory
+/// through `/proc` (a relay that keeps its agent's uid shares it with a QEMU that has no uid
+/// of its own; a uid change alone leaves the flag to the host's `fs.suid_dumpable`). The
+/// only way [`relay_main`] gets its key.
+fn read_key_undumpable(from: &mut impl Read) -> std::io::Result<StreamSecret> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("cannot keep the stream key out of core dumps and tracers: {e}"),
+        ));
+    }
+    let mut key = [0u8; StreamSecret::LEN];
+    from.read_exact(&mut key)?;
+    Ok(StreamSecret(key))
 }
 
 /// One end's relay between `network` and its QEMU's `plain` socket: the network's timeout
@@ -503,6 +521,40 @@ fn stalled(e: std::io::Error, what: &str) -> std::io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set in the child process `the_key_is_read_only_once_the_relay_is_undumpable` starts.
+    const CHILD_READS_KEY: &str = "TELVIRT_RELAY_READS_KEY";
+
+    #[test]
+    fn the_key_is_read_only_once_the_relay_is_undumpable() {
+        if std::env::var_os(CHILD_READS_KEY).is_some() {
+            // In the child: dumpable, as every process starts, until the key is read.
+            // SAFETY: prctl with integer arguments only.
+            let before = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+            // A key cut short is an error, not a key.
+            assert!(read_key_undumpable(&mut &[9u8; 5][..]).is_err());
+            let secret = read_key_undumpable(&mut &[9u8; StreamSecret::LEN][..]).unwrap();
+            // SAFETY: as above.
+            let after = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+            assert!(secret == StreamSecret::new([9u8; StreamSecret::LEN]));
+            println!("dumpable {before} then {after}");
+            return;
+        }
+        // In a process of its own: the flag stays with the process that set it.
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "stream_seal::tests::the_key_is_read_only_once_the_relay_is_undumpable",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_READS_KEY, "1")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{said}");
+        assert!(said.contains("dumpable 1 then 0"), "{said}");
+    }
 
     /// A loopback TCP connection's two ends, blocking.
     fn connection() -> (TcpStream, TcpStream) {
