@@ -59,13 +59,22 @@ pub fn pids() -> Vec<i32> {
 
 /// Process `pid`'s real, effective, saved and filesystem uids; `None` when it is gone.
 pub fn uids(pid: i32) -> Option<Vec<u32>> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status_uids(&status)
+    status_uids(&status_text(pid)?)
+}
+
+/// Process `pid`'s `/proc/<pid>/status`; `None` when it is gone.
+fn status_text(pid: i32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
+/// The value of a `/proc/PID/status` text's line `field` (its name and colon, `Uid:`).
+fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
+    status.lines().find_map(|l| l.strip_prefix(field))
 }
 
 /// The uids of a `/proc/PID/status` text's `Uid:` line.
 fn status_uids(status: &str) -> Option<Vec<u32>> {
-    let ids = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
+    let ids = status_field(status, "Uid:")?;
     Some(
         ids.split_whitespace()
             .filter_map(|u| u.parse().ok())
@@ -77,15 +86,12 @@ fn status_uids(status: &str) -> Option<Vec<u32>> {
 /// 5.9 and later; a filter stays for the life of a process and its children inherit it);
 /// `None` when it is gone or its kernel does not say.
 pub fn seccomp_filters(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status_seccomp_filters(&status)
+    status_seccomp_filters(&status_text(pid)?)
 }
 
 /// The count of a `/proc/PID/status` text's `Seccomp_filters:` line.
 fn status_seccomp_filters(status: &str) -> Option<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+    status_field(status, "Seccomp_filters:")?
         .trim()
         .parse()
         .ok()

@@ -23,6 +23,8 @@ pub mod pin;
 pub mod qmp;
 mod relay_filter;
 pub mod stream_seal;
+#[cfg(test)]
+mod test_child;
 pub mod uid_lease;
 pub mod usage;
 

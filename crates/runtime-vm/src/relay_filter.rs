@@ -62,14 +62,23 @@ fn argument_is(index: u8, value: u64) -> std::io::Result<SeccompRule> {
 
 /// A rule that holds when argument `index`'s bits under `mask` (32 bits) are `value`.
 fn argument_masked(index: u8, mask: u64, value: u64) -> std::io::Result<SeccompRule> {
+    all_of(vec![masked_condition(index, mask, value)?])
+}
+
+/// The condition that argument `index`'s bits under `mask` (32 bits) are `value`.
+fn masked_condition(index: u8, mask: u64, value: u64) -> std::io::Result<SeccompCondition> {
     SeccompCondition::new(
         index,
         SeccompCmpArgLen::Dword,
         SeccompCmpOp::MaskedEq(mask),
         value,
     )
-    .and_then(|c| SeccompRule::new(vec![c]))
     .map_err(refused)
+}
+
+/// A rule that holds when every one of `conditions` does.
+fn all_of(conditions: Vec<SeccompCondition>) -> std::io::Result<SeccompRule> {
+    SeccompRule::new(conditions).map_err(refused)
 }
 
 /// Confines this process (every thread of it, and anything it starts later) to
@@ -109,22 +118,13 @@ pub(crate) fn confine_relay() -> std::io::Result<()> {
     rules.insert(libc::SYS_fcntl, vec![argument_is(1, libc::F_GETFD as u64)?]);
     // An abort: SIGABRT to a thread of this process, nothing else to anyone.
     let this_process = u64::from(std::process::id());
+    let whole = u64::from(u32::MAX);
     rules.insert(
         libc::SYS_tgkill,
-        vec![
-            SeccompRule::new(vec![
-                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, this_process)
-                    .map_err(refused)?,
-                SeccompCondition::new(
-                    2,
-                    SeccompCmpArgLen::Dword,
-                    SeccompCmpOp::Eq,
-                    libc::SIGABRT as u64,
-                )
-                .map_err(refused)?,
-            ])
-            .map_err(refused)?,
-        ],
+        vec![all_of(vec![
+            masked_condition(0, whole, this_process)?,
+            masked_condition(2, whole, libc::SIGABRT as u64)?,
+        ])?],
     );
     let filter = SeccompFilter::new(
         rules,
@@ -259,16 +259,11 @@ mod tests {
             // An abort is told apart from a forbidden call.
             ("abort", libc::SIGABRT),
         ] {
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([
-                    "relay_filter::tests::a_confined_relay_relays_and_is_killed_by_anything_else_but_aborts_by_sigabrt",
-                    "--exact",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env(CHILD_TRIES, what)
-                .output()
-                .unwrap();
+            let out = crate::test_child::rerun_alone(
+                "relay_filter::tests::a_confined_relay_relays_and_is_killed_by_anything_else_but_aborts_by_sigabrt",
+                CHILD_TRIES,
+                what,
+            );
             let said = String::from_utf8_lossy(&out.stdout);
             // It relayed under the filter, then died of the call it tried, at the call.
             assert!(said.contains("relayed"), "{what}: {said}");

@@ -541,16 +541,11 @@ mod tests {
             return;
         }
         // In a process of its own: the flag stays with the process that set it.
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "stream_seal::tests::the_key_is_read_only_once_the_relay_is_undumpable",
-                "--exact",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_READS_KEY, "1")
-            .output()
-            .unwrap();
+        let out = crate::test_child::rerun_alone(
+            "stream_seal::tests::the_key_is_read_only_once_the_relay_is_undumpable",
+            CHILD_READS_KEY,
+            "1",
+        );
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{said}");
         assert!(said.contains("dumpable 1 then 0"), "{said}");
