@@ -281,6 +281,7 @@ pub(crate) mod tests {
             epoch,
             incoming_from: None,
             hand_off: false,
+            resume_moved_copy: false,
             active_from: None,
             active_key: None,
         }

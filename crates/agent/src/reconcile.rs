@@ -1090,6 +1090,16 @@ impl Inner {
                 }
                 // Arrived: it goes on as any running instance (its arrival noted there).
                 InstanceState::Running | InstanceState::Paused => {}
+                // Its stream completed but the guest did not come up here (its QEMU is gone):
+                // the source holds the only copy, no stream comes again. The controller ends
+                // the move on this report, and the source resumes that copy.
+                InstanceState::Absent | InstanceState::Stopped | InstanceState::Failed(_)
+                    if let Some(why) = runtime.broken_arrival(&a.vnf).await =>
+                {
+                    return Ok(self
+                        .fail(&a, format!("its arrival from host {from} broke: {why}"))
+                        .await?);
+                }
                 // Not started yet, or its stream failed: it waits for the source again.
                 InstanceState::Absent
                 | InstanceState::Stopped
@@ -1111,6 +1121,18 @@ impl Inner {
                     );
                     Ok(self.report(&a, Phase::Running, why).await?)
                 }
+                // Its guest broke on its arrival there (that QEMU gone): the controller ended
+                // the move here, and the copy the stream left resumes.
+                None if a.resume_moved_copy => match runtime.resume_moved_copy(&a.vnf).await {
+                    Ok(()) => {
+                        let why = "its guest did not run where it moved; it runs on here from the copy its move stopped".to_owned();
+                        Ok(self.report(&a, Phase::Running, why).await?)
+                    }
+                    Err(e) => {
+                        self.fail_retry(&a, format!("resuming the copy its move stopped here: {e}"))
+                            .await
+                    }
+                },
                 // The move ended without making the destination the active: the guest is not
                 // resumed here (it may have run there).
                 None => {

@@ -118,6 +118,26 @@ pub trait Runtime: Send + Sync + 'static {
         false
     }
 
+    /// Why the last move stream `name` took in completed but its guest did not come up here
+    /// (its QEMU is gone by then); `None` otherwise. Such a destination does not wait for the
+    /// guest again: the source holds the only copy. Runtimes whose moves never end that way
+    /// keep this default.
+    async fn broken_arrival(&self, name: &Name) -> Option<String> {
+        let _ = name;
+        None
+    }
+
+    /// On a move's source whose stream completed (`InstanceState::Moved`): resumes the
+    /// stopped copy the stream left here. Only when the guest runs nowhere else (its arrival
+    /// broke, [`Runtime::broken_arrival`] at the destination). Runtimes without such copies
+    /// keep this default, which refuses.
+    async fn resume_moved_copy(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        Err(RuntimeFailure::new(format!(
+            "runtime {} keeps no stopped copy of {name} to resume",
+            self.kind().as_str()
+        )))
+    }
+
     /// Starts the destination of a move: the instance waits for its state from the source
     /// (vm: QEMU paused with `-incoming defer`, pinned to the placement's CPUs) and is
     /// [`InstanceState::Incoming`] until it runs. A runtime whose instances move otherwise

@@ -18,6 +18,8 @@ struct FakeRuntime {
     calls: Mutex<Vec<String>>,
     fail_start: Mutex<Option<String>>,
     fail_repin: Mutex<bool>,
+    /// What `broken_arrival` answers.
+    broken_arrival: Mutex<Option<String>>,
 }
 
 impl FakeRuntime {
@@ -83,6 +85,19 @@ impl Runtime for FakeRuntime {
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
         self.note(format!("remove {name}"));
         self.states.lock().unwrap().remove(name.as_str());
+        Ok(())
+    }
+    async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
+        self.note(format!("start_incoming {}", spec.name));
+        self.set(spec.name.as_str(), InstanceState::Incoming);
+        Ok(())
+    }
+    async fn broken_arrival(&self, _name: &Name) -> Option<String> {
+        self.broken_arrival.lock().unwrap().clone()
+    }
+    async fn resume_moved_copy(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        self.note(format!("resume_moved_copy {name}"));
+        self.set(name.as_str(), InstanceState::Running);
         Ok(())
     }
 }
@@ -155,6 +170,7 @@ fn assignment(runtime: &str) -> Assignment {
         epoch: 0,
         incoming_from: None,
         hand_off: false,
+        resume_moved_copy: false,
         active_from: None,
         active_key: None,
     }
@@ -422,4 +438,58 @@ async fn an_instance_that_fails_while_it_runs_restarts_in_place_backing_off() {
         "{:?}",
         link.phases()
     );
+}
+
+/// A move's destination whose stream failed waits for the guest again; one whose guest broke
+/// on arrival after its stream completed reports the instance failed, saying why, and waits
+/// for nothing (the source holds the only copy).
+#[tokio::test]
+async fn a_destination_whose_guest_broke_on_arrival_fails_instead_of_waiting_again() {
+    let (rt, link, agent) = setup("vm");
+    link.edit(|a| a.incoming_from = Some("h0".into()));
+    rt.set("fw1", InstanceState::Failed("the stream ended".into()));
+    agent.reconcile_once().await.unwrap();
+    let waits = |rt: &FakeRuntime| {
+        rt.calls()
+            .iter()
+            .filter(|c| c.starts_with("start_incoming"))
+            .count()
+    };
+    assert_eq!(waits(&rt), 1, "{:?}", rt.calls());
+    *rt.broken_arrival.lock().unwrap() = Some("the guest did not come up".into());
+    rt.set("fw1", InstanceState::Stopped);
+    link.edit(|a| a.generation = 2);
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(waits(&rt), 1, "no second wait: {:?}", rt.calls());
+    assert_eq!(
+        link.phases().last().unwrap(),
+        &(
+            Phase::Failed,
+            "its arrival from host h0 broke: the guest did not come up".to_owned()
+        )
+    );
+}
+
+/// A move's source holding the stopped copy of a guest that moved (`Moved`), its move ended
+/// without a switch: resumed only when the assignment says so (the guest broke on arrival),
+/// failed otherwise (the guest may have run where it moved).
+#[tokio::test]
+async fn a_moved_copy_resumes_only_when_the_assignment_says_so() {
+    let (rt, link, agent) = setup("vm");
+    rt.set("fw1", InstanceState::Moved);
+    link.edit(|a| a.resume_moved_copy = true);
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(rt.calls(), ["adopt fw1", "resume_moved_copy fw1"]);
+    let (phase, why) = link.phases().last().unwrap().clone();
+    assert_eq!(phase, Phase::Running);
+    assert!(
+        why.contains("runs on here from the copy its move stopped"),
+        "{why}"
+    );
+
+    let (rt, link, agent) = setup("vm");
+    rt.set("fw1", InstanceState::Moved);
+    agent.reconcile_once().await.unwrap();
+    assert_eq!(rt.calls(), ["adopt fw1", "remove fw1"]);
+    assert_eq!(link.phases().last().unwrap().0, Phase::Failed);
 }

@@ -274,6 +274,7 @@ fn assignment(name: &str, runtime: &str, cpu: u32) -> Assignment {
         epoch: 0,
         incoming_from: None,
         hand_off: false,
+        resume_moved_copy: false,
         active_from: None,
         active_key: None,
     }

@@ -410,6 +410,8 @@ impl Controller {
             next.vnf.replication = None;
             // A new placement ends a move (its destination may be the active now).
             next.vnf.migration = None;
+            // And what its end left its source to do (a recording may set it again).
+            next.vnf.resume_moved_copy = false;
             next.vnf.reason = Some((*reason).to_owned());
             extra(&mut next.vnf);
             let mut ops = transition_ops(&mut next, from, reason, actor)?;
@@ -477,6 +479,7 @@ mod tests {
         telvirt_model::Vnf {
             machine: None,
             accel: None,
+            resume_moved_copy: false,
             moves: 0,
             name: descriptor.name().clone(),
             owner: "admin".parse().unwrap(),

@@ -3,9 +3,11 @@
 //! (a wasm VNF's maps, ADR 052; a vm's guest, QEMU's migration stream, ADR 062), and once the
 //! stream is synced and the destination runs, the roles swap and the source's place is freed,
 //! in one transaction; the network follows the active. A move can be cancelled until its
-//! commit point (a vm's: its source reported the final copy waiting). If the source dies
-//! during a wasm move, the destination takes over as any standby would; a vm's destination
-//! does so only past the commit point (before it, it holds no guest).
+//! commit point (a vm's: its source reported the final copy waiting); past it, a vm's move
+//! whose destination fails (its guest broke on arrival) ends on the source, which resumes the
+//! copy it kept. If the source dies during a wasm move, the destination takes over as any
+//! standby would; a vm's destination does so only past the commit point (before it, it holds
+//! no guest).
 //!
 //! Owns the refusals of a move (which field, why), its start, its end and its cancel. It must
 //! not talk to agents: the store carries the move, the agents follow their assignments.
@@ -24,8 +26,9 @@ use super::{Caller, Controller, ControllerError, Result, now_rfc3339};
 /// unless told otherwise.
 pub const DEFAULT_MOVE_DEADLINE: Duration = Duration::from_secs(120);
 
-/// Who the events of an overdue move's cancel name as their actor.
-const MOVE_DEADLINE_ACTOR: &str = "controller";
+/// Who the events of a move the controller ends (overdue, or its guest broken on arrival) name
+/// as their actor.
+const CONTROLLER_ACTOR: &str = "controller";
 
 /// Why VNF `v` cannot start a move (checked on the record read under the scheduler lock).
 fn refusal(v: &Vnf, deleting: bool) -> Option<ControllerError> {
@@ -586,6 +589,31 @@ impl Controller {
             return self.ask_hand_off(name, &m).await;
         }
         let switch = if wasm { handed_off(v, &m) } else { synced };
+        // A vm's destination that failed past the commit point: its guest broke on arrival
+        // (its agent reports that only once its QEMU is gone) or it could not wait for it. The
+        // guest then runs nowhere: the source resumes the stopped copy it kept, or runs on
+        // where its stream failed.
+        let broke = v.standby.as_ref().filter(|s| {
+            !wasm && m.committed_at.is_some() && s.host == m.to && s.phase == Phase::Failed
+        });
+        if let Some(dest) = broke
+            && !record.deleting
+        {
+            let placed = scheduler.drop_standby(name)?;
+            let reason = format!(
+                "the move to host {} ended on host {}: its guest did not run there ({}); it runs on where it was, from the copy stopped there for the move",
+                m.to, m.from, dest.reason
+            );
+            let how = Recording {
+                reason: &reason,
+                actor: CONTROLLER_ACTOR,
+                restart: Restart::No,
+                extra: &|v| v.resume_moved_copy = true,
+            };
+            return self
+                .record_new_placement(&mut scheduler, name, &placed, &how)
+                .await;
+        }
         let (placed, reason, actor, restart) = if forced || (ready && switch) {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
@@ -627,7 +655,7 @@ impl Controller {
             (placed, reason, m.by.clone(), Restart::Yes)
         } else if let Some(reason) = self.overdue(v, &m)? {
             let placed = scheduler.drop_standby(name)?;
-            (placed, reason, MOVE_DEADLINE_ACTOR.to_owned(), Restart::No)
+            (placed, reason, CONTROLLER_ACTOR.to_owned(), Restart::No)
         } else {
             return Ok(false);
         };

@@ -751,6 +751,7 @@ impl Controller {
         let vnf = Vnf {
             machine: None,
             accel: None,
+            resume_moved_copy: false,
             moves: 0,
             name: name.clone(),
             owner,
@@ -1667,6 +1668,9 @@ impl Controller {
                 hand_off: p.role == telvirt_model::Role::Active
                     && standby.is_some()
                     && handing_off(&vnf),
+                resume_moved_copy: p.role == telvirt_model::Role::Active
+                    && standby.is_none()
+                    && vnf.resume_moved_copy,
                 standby,
                 epoch: vnf.epoch,
                 incoming_from,

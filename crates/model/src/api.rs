@@ -613,6 +613,11 @@ pub struct Assignment {
     /// them first. Cleared (the move cancelled): the instance goes on, its queue first.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hand_off: bool,
+    /// For the source of a vm VNF's move whose guest broke on its arrival at the destination
+    /// (that QEMU gone): resume the stopped copy its completed stream left here (QEMU's
+    /// `postmigrate`) instead of failing it. Set only by the controller's end of such a move.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_moved_copy: bool,
     /// For a standby instance (a pair's, or a move's destination): the tunnel address
     /// (`IP:PORT`) of the host its active runs on. This host's replication port takes the
     /// VNF's state, guest stream and queued packets only from that IP.

@@ -190,6 +190,10 @@ pub struct Vnf {
     /// reported it (vm VNFs): a move keeps it unless `spec.vm.accel` names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accel: Option<crate::vnf::Accelerator>,
+    /// Its last move's guest broke on its arrival at the destination: the active (the move's
+    /// source) resumes the stopped copy its stream left there. Cleared when a move begins.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume_moved_copy: bool,
 }
 
 fn is_zero(n: &u64) -> bool {

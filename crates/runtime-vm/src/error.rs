@@ -71,6 +71,13 @@ pub enum Error {
     #[error("live migration of {vm}: {reason}")]
     Migration { vm: String, reason: String },
 
+    /// The stream completed but the guest did not come up on the destination: its source
+    /// still holds the stopped copy the stream was made from.
+    #[error(
+        "live migration of {vm}: the guest did not come up after its stream completed: {reason}"
+    )]
+    ArrivalBroken { vm: String, reason: String },
+
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
 

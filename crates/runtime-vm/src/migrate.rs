@@ -768,13 +768,34 @@ impl VmHandle {
             }
             next_status_change(&mut events).await;
         }
-        self.resume_incoming().await.map_err(|e| Error::Migration {
-            vm: self.name().to_owned(),
-            reason: format!(
-                "the guest did not come up after the stream: {e}; its console ends: {}",
-                self.console_tail(3).join(" | ")
-            ),
-        })
+        self.resume_incoming()
+            .await
+            .map_err(|e| Error::ArrivalBroken {
+                vm: self.name().to_owned(),
+                reason: format!(
+                    "{e}; its console ends: {}",
+                    self.console_tail(3).join(" | ")
+                ),
+            })
+    }
+
+    /// On the source of a completed stream (`Migrated`): resumes the stopped copy it kept, as
+    /// the guest was when it stopped for its final copy. Only for a guest that runs nowhere
+    /// else: its arrival broke ([`Error::ArrivalBroken`]) and the destination's QEMU is gone;
+    /// a guest resumed here while it also ran there would run twice.
+    pub async fn resume_moved_copy(&self) -> Result<()> {
+        if self.phase() != VmPhase::Migrated {
+            return Err(Error::Migration {
+                vm: self.name().to_owned(),
+                reason: format!(
+                    "only a copy left by a completed stream resumes here; this one is {}",
+                    format!("{:?}", self.phase()).to_lowercase()
+                ),
+            });
+        }
+        self.qmp().cont().await?;
+        self.set_phase(VmPhase::Running);
+        Ok(())
     }
 }
 

@@ -399,6 +399,28 @@ async fn a_migration_to_no_destination_or_past_its_deadline_leaves_the_guest_run
         "{before:?} then {after:?}"
     );
     assert_ne!(refused.0.phase(), VmPhase::Running);
+    // A completed stream whose guest never ran at its destination (that QEMU gone, as after
+    // an arrival that broke): the copy the source kept resumes there, the same guest (its
+    // clock goes on from where it stopped). Only such a copy resumes that way.
+    let err = src.resume_moved_copy().await.unwrap_err().to_string();
+    assert!(
+        err.contains("only a copy left by a completed stream"),
+        "{err}"
+    );
+    let stopped = health(&src).await.uptime_ms;
+    let (to, lost) = waiting_destination(&mgr, "miglost", &tuning).await;
+    let done = src.migrate_to(&to, &tuning, T, |_| {}).await.unwrap();
+    assert_eq!(done.status, "completed");
+    assert_eq!(src.phase(), VmPhase::Migrated);
+    lost.0.kill().await.unwrap();
+    src.resume_moved_copy().await.unwrap();
+    assert_eq!(src.phase(), VmPhase::Running);
+    assert!(src.qmp().query_status().await.unwrap().running);
+    let resumed = health(&src).await;
+    assert!(
+        resumed.uptime_ms >= stopped,
+        "up {stopped} ms before the stream, {resumed:?} after"
+    );
     // A VM that is not running does not move, and says so.
     src.pause().await.unwrap();
     let err = src

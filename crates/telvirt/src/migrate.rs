@@ -148,14 +148,19 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
     };
     progress.finish();
     if active_host(&ended) != Some(m.to.as_str()) {
-        bail!(
-            "vnf {name} did not move to {}: {}",
-            m.to,
-            ended
-                .reason
-                .as_deref()
-                .unwrap_or("the move ended without a switch")
-        );
+        // Why the controller ended it (its event), rather than the VNF's reason now, which
+        // its source's next report may have replaced already.
+        let events: Vec<Event> = client.get(&format!("/v1/vnfs/{name}/events")).await?;
+        let prefix = format!("the move to host {} ", m.to);
+        let why = events
+            .iter()
+            .rev()
+            // This move's (both times are the controller's, in one format).
+            .find(|e| e.at >= m.started_at && e.reason.starts_with(&prefix))
+            .map(|e| e.reason.as_str())
+            .or(ended.reason.as_deref())
+            .unwrap_or("the move ended without a switch");
+        bail!("vnf {name} did not move to {}: {why}", m.to);
     }
     if !output::structured(format, &ended)? {
         println!("vnf/{name} moved from {} to {}", m.from, m.to);

@@ -723,6 +723,10 @@ fn healed(node: &Serve, vnf: &str, what: &str) {
 
 #[test]
 fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() {
+    // Not beside a TCG guest: one booting or moving takes both cores of a 2-core machine, and
+    // the source, frozen for its hand-off that much longer, overfilled its link's ring (216
+    // frames dropped there, 108 missing at the sink, in one run of this binary; none alone).
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let (node, _a1, _a2) = two_agents(&[]);
     let nat = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
         .unwrap()
@@ -921,7 +925,7 @@ fn qemu_pid_in(node: &Serve, data: &str, vm: &str) -> Option<i32> {
 
 /// The vm tests here boot TCG guests and move them: one at a time on a 2-core machine, as in
 /// tests/vm.rs (a TCG guest moved while the machine's cores were busy arrived broken in 1 of
-/// 5-10 tries here, ADR 062).
+/// 5-10 tries here, ADR 062), and the wasm NAT's lossless move not beside them.
 static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The value of `-machine` on QEMU `pid`'s command line.
@@ -1357,6 +1361,56 @@ fn sink_link_packets(node: &Serve, net: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Moves vm VNF `name` from a1, where QEMU `source` runs it, to a2 (`vnf migrate`), and
+/// answers the VNF moved. A move whose guest broke on its arrival at a2 (QEMU 7.2's TCG
+/// delivers some guests broken while they work, ADR 062) must end with the same guest running
+/// on at a1, resumed in the same QEMU from the copy its move stopped, which `resumed` checks
+/// further; the move is then asked again, three tries in all.
+fn move_vm_again_if_it_breaks(
+    node: &Serve,
+    name: &str,
+    source: i32,
+    resumed: impl Fn(),
+) -> serde_json::Value {
+    let args = [
+        "vnf",
+        "migrate",
+        name,
+        "--to",
+        "a2",
+        "--timeout",
+        "240",
+        "-o",
+        "json",
+    ];
+    for _ in 0..3 {
+        let out = node.cli(&args);
+        if out.status.success() {
+            return serde_json::from_slice(&out.stdout).unwrap();
+        }
+        let err = common::stderr(&out);
+        assert!(
+            err.contains("its guest did not run there"),
+            "telvirt {args:?}: {err}"
+        );
+        let back = node.wait_vnf_for(name, VM_DEADLINE, |v| {
+            v["phase"] == "Running"
+                && v["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("runs on here from the copy its move stopped"))
+        });
+        assert_eq!(back["placements"][0]["host"], "a1", "{back}");
+        assert_eq!(back["placements"].as_array().unwrap().len(), 1, "{back}");
+        assert_eq!(qemu_pid_in(node, "agent-data", name), Some(source));
+        assert_eq!(qemu_pid_in(node, "agent2-data", name), None);
+        resumed();
+        eprintln!(
+            "{name}'s guest broke on its arrival at a2 and runs on at a1: moving it again ({err})"
+        );
+    }
+    panic!("{name}'s guest broke on its arrival at a2 in each of 3 moves");
+}
+
 /// A VM with vhost-user NICs in a chain (gen -> VM -> sink) moves live: its NICs listen on the
 /// destination before the waiting QEMU starts there, the pages its NICs write are logged
 /// (QEMU refuses to move a vhost-user guest otherwise), and after the switch the network runs
@@ -1393,7 +1447,13 @@ fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
     });
 
     let moved = with_agent_logs(&node, || {
-        node.json(&["vnf", "migrate", "vmnic1", "--to", "a2", "--timeout", "240"])
+        move_vm_again_if_it_breaks(&node, "vmnic1", source, || {
+            // Its traffic goes on through the guest at a1.
+            let before = sink_link_packets(&node, "c1");
+            common::wait_until_for("frames across the VM on a1 again", VM_DEADLINE, || {
+                sink_link_packets(&node, "c1") >= before + 300
+            });
+        })
     });
     assert_eq!(moved["placements"][0]["host"], "a2", "{moved}");
     wait_until("a1's QEMU ended after the switch", || {

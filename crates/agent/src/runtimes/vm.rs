@@ -76,9 +76,17 @@ pub struct VmRuntime {
     nics: std::sync::Mutex<HashMap<Name, Vec<NicSocket>>>,
     /// The move destinations whose guest stream is being taken in.
     receiving: Arc<std::sync::Mutex<HashSet<Name>>>,
-    /// What the last arrival of each guest that came by a migration stream says (its start
-    /// note).
-    arrivals: Arc<std::sync::Mutex<HashMap<Name, String>>>,
+    /// How the last arrival of each guest that came by a migration stream ended.
+    arrivals: Arc<std::sync::Mutex<HashMap<Name, Arrival>>>,
+}
+
+/// How a guest's arrival by a migration stream ended.
+#[derive(Debug, Clone)]
+enum Arrival {
+    /// It runs here; what its start note says.
+    Running(String),
+    /// Its stream completed but the guest did not come up here (its QEMU killed); why.
+    Broken(String),
 }
 
 /// A guest stream's channel over the connection `stream`: sealed with `secret`, or in the
@@ -167,6 +175,8 @@ impl VmRuntime {
                 .await
             {
                 Ok(_) => {
+                    // It answered: it runs here (its note follows).
+                    lock(&receiving).remove(&name);
                     // The guest's own uptime says it was not booted again.
                     let uptime = handle
                         .health(Duration::from_secs(5))
@@ -175,7 +185,18 @@ impl VmRuntime {
                         .unwrap_or_default();
                     let note = format!("arrived by a migration stream, running here{uptime}");
                     tracing::info!(vnf = %name, "{note}");
-                    lock(&arrivals).insert(name.clone(), note);
+                    lock(&arrivals).insert(name.clone(), Arrival::Running(note));
+                }
+                // Noted only once its QEMU is gone: the report of it lets the source resume
+                // the copy it kept, which must not run beside this one.
+                Err(e @ Error::ArrivalBroken { .. }) => {
+                    tracing::warn!(vnf = %name, "the guest broke on its arrival: {e}");
+                    match handle.kill().await {
+                        Ok(()) => {
+                            lock(&arrivals).insert(name.clone(), Arrival::Broken(e.to_string()));
+                        }
+                        Err(k) => tracing::warn!(vnf = %name, "its QEMU could not be killed: {k}"),
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
@@ -303,7 +324,7 @@ impl VmRuntime {
         lock(&self.nics)
     }
 
-    fn arrival_table(&self) -> std::sync::MutexGuard<'_, HashMap<Name, String>> {
+    fn arrival_table(&self) -> std::sync::MutexGuard<'_, HashMap<Name, Arrival>> {
         lock(&self.arrivals)
     }
 
@@ -590,7 +611,25 @@ impl Runtime for VmRuntime {
     }
 
     async fn start_note(&self, name: &Name) -> Option<String> {
-        self.arrival_table().get(name).cloned()
+        match self.arrival_table().get(name)? {
+            Arrival::Running(note) => Some(note.clone()),
+            Arrival::Broken(_) => None,
+        }
+    }
+
+    async fn broken_arrival(&self, name: &Name) -> Option<String> {
+        match self.arrival_table().get(name)? {
+            Arrival::Broken(why) => Some(why.clone()),
+            Arrival::Running(_) => None,
+        }
+    }
+
+    async fn resume_moved_copy(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        let handle = self
+            .handle(name)
+            .await
+            .ok_or_else(|| failure(format!("vm {name} is not held by this agent")))?;
+        handle.resume_moved_copy().await.map_err(failure)
     }
 
     async fn hardware(&self, name: &Name) -> GuestHardware {
@@ -788,6 +827,9 @@ impl Runtime for VmRuntime {
             return InstanceState::Absent;
         };
         match handle.phase() {
+            // A guest resumed after its stream runs here once it answered (its arrival may
+            // still break).
+            VmPhase::Running if lock(&self.receiving).contains(name) => InstanceState::Incoming,
             VmPhase::Starting | VmPhase::Running => InstanceState::Running,
             VmPhase::Paused => InstanceState::Paused,
             // A move's destination holds the guest stopped until the stream is in.
@@ -820,6 +862,8 @@ impl Runtime for VmRuntime {
     }
 
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
+        // A later move here starts with no arrival of this one's.
+        self.arrival_table().remove(name);
         let handle = self.handles.lock().await.remove(name);
         if let Some(h) = &handle
             && !matches!(h.phase(), VmPhase::Stopped | VmPhase::Failed)

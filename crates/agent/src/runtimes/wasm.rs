@@ -2138,6 +2138,7 @@ spec:
             epoch,
             incoming_from: None,
             hand_off: false,
+            resume_moved_copy: false,
             active_from: None,
             active_key: None,
         };

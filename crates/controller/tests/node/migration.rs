@@ -746,6 +746,38 @@ async fn a_move_without_a_destination_picks_only_a_host_that_can_take_the_guest(
     }
 }
 
+/// The report of u1's stream to h3 once it completed (its second stream, opened at 2 s), with
+/// QEMU's event times.
+fn completed_stream() -> ReplicationStatus {
+    ReplicationStatus {
+        standby_host: "h3".into(),
+        state: "synced".into(),
+        lag_us: 0,
+        updates: 0,
+        snapshots: 0,
+        bytes: 300 << 20,
+        error: None,
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "completed".into(),
+            total_ms: 2100,
+            transferred_bytes: 300 << 20,
+            remaining_bytes: 0,
+            total_bytes: 256 << 20,
+            dirty_pages_per_s: 0,
+            downtime_ms: Some(42),
+            stopped_at_us: Some(1_800_000_000_000_000),
+            commit_point_at_us: Some(1_800_000_000_001_100),
+            continued_at_us: Some(1_800_000_000_001_800),
+            completed_at_us: Some(1_800_000_000_003_200),
+            opened_ms: 2_000,
+            ..Default::default()
+        }),
+        packets_passed: 0,
+        frozen_us: None,
+        move_id: 0,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     let node = Node::start_monitored(None).await;
@@ -1037,34 +1069,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     assert_eq!(source.standby.as_ref().unwrap().host, "h3");
 
     // The stream completed: the guest runs only at h3 now, so the move cannot be cancelled.
-    let completed = ReplicationStatus {
-        standby_host: "h3".into(),
-        state: "synced".into(),
-        lag_us: 0,
-        updates: 0,
-        snapshots: 0,
-        bytes: 300 << 20,
-        error: None,
-        guest: Some(telvirt_model::api::GuestStream {
-            status: "completed".into(),
-            total_ms: 2100,
-            transferred_bytes: 300 << 20,
-            remaining_bytes: 0,
-            total_bytes: 256 << 20,
-            dirty_pages_per_s: 0,
-            downtime_ms: Some(42),
-            stopped_at_us: Some(1_800_000_000_000_000),
-            commit_point_at_us: Some(1_800_000_000_001_100),
-            continued_at_us: Some(1_800_000_000_001_800),
-            completed_at_us: Some(1_800_000_000_003_200),
-            // The committed stream's.
-            opened_ms: 2_000,
-            ..Default::default()
-        }),
-        packets_passed: 0,
-        frozen_us: None,
-        move_id: 0,
-    };
+    let completed = completed_stream();
     report(
         &node.controller,
         "h2",
@@ -1236,5 +1241,76 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
     let dest = node.controller.assignments("h3").await.unwrap();
     assert_eq!(dest[0].incoming_from, None, "a new guest boots there");
     consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+/// A vm move whose guest breaks on its arrival (its stream completed, the destination's agent
+/// reports the instance failed once its QEMU is gone) ends at once on its source, whose
+/// assignment says to resume the stopped copy its stream left there; nothing of the move
+/// stays, and the next move starts with that word gone. A destination that only waits (no
+/// failure) does not end a committed move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kept() {
+    let node = Node::start_monitored(None).await;
+    let beats = h2_and_h3(&node).await;
+    node.create_vnf(&node.admin, VM).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    node.uncordon("h3").await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    let move_id = node.vnf_json("u1").await["migration"]["id"]
+        .as_u64()
+        .unwrap();
+    report(&node.controller, "h3", Phase::Starting, None).await;
+    let completed = ReplicationStatus {
+        move_id,
+        ..completed_stream()
+    };
+    // At its commit point, then completed: the guest is stopped at h2 and the move stands.
+    let at_commit = ReplicationStatus {
+        state: "streaming".into(),
+        guest: Some(telvirt_model::api::GuestStream {
+            status: "pre-switchover".into(),
+            ..completed.guest.clone().unwrap()
+        }),
+        ..completed.clone()
+    };
+    report(&node.controller, "h2", Phase::Running, Some(at_commit)).await;
+    report(&node.controller, "h2", Phase::Running, Some(completed)).await;
+    let v = node.vnf_json("u1").await;
+    assert!(v["migration"]["committed_at"].is_string(), "{v}");
+    // h3 still waits (it may be taking the guest in): the move goes on.
+    report(&node.controller, "h3", Phase::Starting, None).await;
+    assert!(node.vnf_json("u1").await["migration"].is_object());
+    let source = node.controller.assignments("h2").await.unwrap();
+    assert!(!source[0].resume_moved_copy, "{source:?}");
+
+    // h3's guest broke on arrival: the move ends on h2 at once, whose assignment says to
+    // resume its copy; h3 is assigned nothing.
+    report(&node.controller, "h3", Phase::Failed, None).await;
+    let v = node.vnf_json("u1").await;
+    assert!(v.get("migration").is_none(), "{v}");
+    assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
+    let source = node.controller.assignments("h2").await.unwrap();
+    assert!(source[0].resume_moved_copy, "{source:?}");
+    assert_eq!(source[0].standby, None);
+    assert!(node.controller.assignments("h3").await.unwrap().is_empty());
+    let last = node.events("u1").await.pop().unwrap();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the move to host h3 ended on host h2: its guest did not run there"),
+        "{last}"
+    );
+    assert_eq!(last["actor"], "controller", "{last}");
+    consistent(&node).await;
+
+    // The next move starts without that word.
+    report(&node.controller, "h2", Phase::Running, None).await;
+    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    let source = node.controller.assignments("h2").await.unwrap();
+    assert!(!source[0].resume_moved_copy, "{source:?}");
     beats.into_iter().for_each(|b| b.abort());
 }
