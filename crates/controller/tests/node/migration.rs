@@ -164,6 +164,15 @@ async fn h2_and_h3_with(node: &Node, qemu: [Option<&str>; 2]) -> Vec<tokio::task
     beats
 }
 
+/// [`h2_and_h3`], with vm VNF u1 ([`VM`]) placed on h2.
+async fn vm_u1_on_h2(node: &Node) -> Vec<tokio::task::JoinHandle<()>> {
+    let beats = h2_and_h3(node).await;
+    node.create_vnf(&node.admin, VM).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    beats
+}
+
 /// h3 as the API shows it.
 async fn h3_view(node: &Node) -> serde_json::Value {
     node.call(
@@ -539,10 +548,7 @@ async fn move_ends_on_h2(node: &Node, host: &str, stream: &ReplicationStatus, wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kvm_guest_moves_only_where_guests_are_not_emulated_and_keeps_kvm_there() {
     let node = Node::start_monitored(None).await;
-    let beats = h2_and_h3(&node).await;
-    node.create_vnf(&node.admin, VM).await;
-    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
-        .await;
+    let beats = vm_u1_on_h2(&node).await;
     observe_u1(
         &node.controller,
         "h2",
@@ -1159,10 +1165,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
 async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiting_destination() {
     let heal_after = std::time::Duration::from_millis(1500);
     let node = Node::start_monitored(Some(heal_after)).await;
-    let mut beats = h2_and_h3(&node).await;
-    node.create_vnf(&node.admin, VM).await;
-    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
-        .await;
+    let mut beats = vm_u1_on_h2(&node).await;
     report(&node.controller, "h2", Phase::Running, None).await;
     node.uncordon("h3").await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
@@ -1252,10 +1255,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kept() {
     let node = Node::start_monitored(None).await;
-    let beats = h2_and_h3(&node).await;
-    node.create_vnf(&node.admin, VM).await;
-    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
-        .await;
+    let beats = vm_u1_on_h2(&node).await;
     report(&node.controller, "h2", Phase::Running, None).await;
     node.uncordon("h3").await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
