@@ -394,9 +394,18 @@ fn tunnel_address(text: &str) -> Result<std::net::SocketAddr> {
 
 /// This host's record (from the inventory file or from /sys; its runtimes are filled in by
 /// [`HostAgent::build`]), and the hosts without an agent the inventory names beside it. Read
-/// before anything is written, so a bad `--inventory`, `--shared-cpus` or `--memory-reserve`
-/// leaves the data dir as it was.
+/// before anything is written, so a bad `--inventory`, `--shared-cpus`, `--memory-reserve` or
+/// `--qemu-user` leaves the data dir as it was.
 pub fn host_records(args: &HostAgentArgs) -> Result<Vec<HostRecord>> {
+    // A user every QEMU shares must exist and not be root; a host without the vm runtime
+    // starts no QEMU, and does not look.
+    if let telvirt_runtime_vm::QemuUser::Named(name) = &args.qemu_user
+        && args.runtimes.contains(&RuntimeArg::Vm)
+    {
+        use telvirt_runtime_vm::confine;
+        confine::named_account(name, confine::lookup_user)
+            .map_err(|e| anyhow::anyhow!("--qemu-user {name}: {e}"))?;
+    }
     let local = discover(
         &args.host_name.clone().unwrap_or_else(hostname),
         &SysRoots::default(),

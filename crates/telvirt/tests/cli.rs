@@ -599,17 +599,29 @@ fn serve_refuses_bad_shared_cpus_before_writing_anything_and_status_waits_for_a_
     let out = run(&[&serve[..], &["--shared-cpus", "x-y"]].concat());
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("--shared-cpus"), "{}", stderr(&out));
-    // A QEMU user that is no name, no user of the host, or root: refused at once.
-    for (user, why) in [
-        ("bad user!", "is not `auto`, `current` or a user name"),
-        ("telvirt-no-such-user", "does not exist on this host"),
-        ("root", "has uid 0"),
+    // A QEMU user that is no name (at parse), no user of the host, or root: refused at once.
+    for (user, why, code) in [
+        ("bad user!", "is not `auto`, `current` or a user name", 2),
+        ("telvirt-no-such-user", "does not exist on this host", 1),
+        ("root", "has uid 0", 1),
     ] {
         let out = run(&[&serve[..], &["--qemu-user", user]].concat());
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
         let err = stderr(&out);
-        assert!(err.contains("--qemu-user") && err.contains(why), "{err}");
+        assert!(
+            err.contains("--qemu-user") && err.contains(user) && err.contains(why),
+            "{err}"
+        );
     }
+    // A host without the vm runtime starts no QEMU: the user it names is not looked up (what
+    // stops this one is its CPU list).
+    let wasm_only = ["--runtimes", "wasm", "--qemu-user", "telvirt-no-such-user"];
+    let out = run(&[&serve[..], &wasm_only, &["--shared-cpus", "4096"]].concat());
+    assert!(
+        stderr(&out).contains("--shared-cpus 4096: CPU 4096 is not online"),
+        "{}",
+        stderr(&out)
+    );
     for file in ["telvirt.redb", "client.toml"] {
         assert!(!data.join(file).exists(), "{file} was written");
     }
