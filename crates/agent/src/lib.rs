@@ -23,7 +23,9 @@ pub use node::{ModuleCache, NodeHandler, node_call_loop};
 pub use queue::{Backoff, WorkQueue};
 pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RELIST_INTERVAL, RESYNC_INTERVAL};
 pub use replication::{ReplicaState, Replicas, StandbyHost, serve_standbys};
-pub use runtime::{GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+pub use runtime::{
+    ArrivalFailure, GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
+};
 pub use telvirt_api::{ControlLink, LinkError};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

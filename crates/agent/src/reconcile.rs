@@ -62,7 +62,8 @@ impl Default for AgentConfig {
 }
 
 /// What one observation told: phase, reason, generation, replication status, (from a
-/// standby) whether it lost its active, and what its guest runs on.
+/// standby) whether it lost its active, what its guest runs on, and (from a move's
+/// destination) whether its arrival failed.
 type Fact = (
     Phase,
     String,
@@ -70,6 +71,7 @@ type Fact = (
     Option<ReplicationStatus>,
     Option<ActiveLost>,
     GuestHardware,
+    bool,
 );
 
 #[derive(Debug, Default)]
@@ -918,9 +920,14 @@ impl Inner {
             return Ok(());
         };
         let replication = self.replicas.as_ref().and_then(|r| r.status(&a.vnf));
-        let hardware = match self.runtimes.get(&a.descriptor.spec.runtime) {
-            Some(runtime) => runtime.hardware(&a.vnf).await,
-            None => GuestHardware::default(),
+        let (hardware, arrival_failed) = match self.runtimes.get(&a.descriptor.spec.runtime) {
+            Some(runtime) => (
+                runtime.hardware(&a.vnf).await,
+                // A move's destination only: while the record of its failed arrival lasts
+                // (the QEMU that took the stream is gone).
+                a.incoming_from.is_some() && runtime.arrival_failure(&a.vnf).await.is_some(),
+            ),
+            None => (GuestHardware::default(), false),
         };
         let active_lost = match a.placement.role {
             Role::Standby => self
@@ -938,6 +945,7 @@ impl Inner {
             replication.clone(),
             active_lost.clone(),
             hardware.clone(),
+            arrival_failed,
         );
         if !always {
             let known = self.known.lock().await;
@@ -958,6 +966,7 @@ impl Inner {
                     replication,
                     active_lost,
                     resumed_at_us: hardware.resumed_at_us,
+                    arrival_failed,
                 },
             )
             .await?;
@@ -1090,15 +1099,27 @@ impl Inner {
                 }
                 // Arrived: it goes on as any running instance (its arrival noted there).
                 InstanceState::Running | InstanceState::Paused => {}
-                // Its stream completed but the guest did not come up here (its QEMU is gone):
-                // the source holds the only copy, no stream comes again. The controller ends
-                // the move on this report, and the source resumes that copy.
+                // The stream it took ended without a guest running here (its QEMU is gone):
+                // reported Failed, which ends a move past its commit point on its source (the
+                // guest runs on there, resumed from the copy a completed stream left). A
+                // stream that completed, the guest then broken, comes no more: nothing waits
+                // for it. After one that failed short of that, it waits for the source again.
                 InstanceState::Absent | InstanceState::Stopped | InstanceState::Failed(_)
-                    if let Some(why) = runtime.broken_arrival(&a.vnf).await =>
+                    if let Some(failed) = runtime.arrival_failure(&a.vnf).await =>
                 {
-                    return Ok(self
-                        .fail(&a, format!("its arrival from host {from} broke: {why}"))
-                        .await?);
+                    if failed.stream_completed {
+                        let why = format!("its arrival from host {from} broke: {}", failed.why);
+                        self.fail(&a, why).await?;
+                        // Told: its record goes with the QEMU's state, so no later move here
+                        // is taken for this one (should this assignment stay, it waits again).
+                        let _ = runtime.remove(&a.vnf).await;
+                        return Ok(());
+                    }
+                    let why = format!("its guest's stream from host {from} failed: {}", failed.why);
+                    self.report(&a, Phase::Failed, why).await?;
+                    return self
+                        .start_incoming(&a, &spec, runtime.as_ref(), &from, &state)
+                        .await;
                 }
                 // Not started yet, or its stream failed: it waits for the source again.
                 InstanceState::Absent

@@ -28,6 +28,16 @@ pub struct InstanceSpec {
     pub memory_bytes: u64,
 }
 
+/// How a move's stream into an instance ended without its guest running there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArrivalFailure {
+    pub why: String,
+    /// The stream completed, then the guest did not come up (it broke on arrival): the
+    /// source holds the only copy, and no stream comes again. Otherwise the stream itself
+    /// failed, and the source may stream again.
+    pub stream_completed: bool,
+}
+
 /// What a runtime sees of one instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstanceState {
@@ -118,18 +128,17 @@ pub trait Runtime: Send + Sync + 'static {
         false
     }
 
-    /// Why the last move stream `name` took in completed but its guest did not come up here
-    /// (its QEMU is gone by then); `None` otherwise. Such a destination does not wait for the
-    /// guest again: the source holds the only copy. Runtimes whose moves never end that way
-    /// keep this default.
-    async fn broken_arrival(&self, name: &Name) -> Option<String> {
+    /// How the last move stream instance `name` took in ended without a guest running here
+    /// (its QEMU is gone by then); `None` while it goes on, once the guest runs, or after a
+    /// new wait. Runtimes whose moves never end that way keep this default.
+    async fn arrival_failure(&self, name: &Name) -> Option<ArrivalFailure> {
         let _ = name;
         None
     }
 
     /// On a move's source whose stream completed (`InstanceState::Moved`): resumes the
     /// stopped copy the stream left here. Only when the guest runs nowhere else (its arrival
-    /// broke, [`Runtime::broken_arrival`] at the destination). Runtimes without such copies
+    /// failed, [`Runtime::arrival_failure`] at the destination). Runtimes without such copies
     /// keep this default, which refuses.
     async fn resume_moved_copy(&self, name: &Name) -> Result<(), RuntimeFailure> {
         Err(RuntimeFailure::new(format!(

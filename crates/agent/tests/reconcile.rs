@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use telvirt_agent::{
-    Agent, ControlLink, InstanceSpec, InstanceState, LinkError, Runtime, RuntimeFailure,
+    Agent, ArrivalFailure, ControlLink, InstanceSpec, InstanceState, LinkError, Runtime,
+    RuntimeFailure,
 };
 use telvirt_model::api::{Assignment, Observation};
 use telvirt_model::{DesiredState, Format, Name, Phase, Placement, Role, RuntimeKind, parse_vnf};
@@ -18,8 +19,8 @@ struct FakeRuntime {
     calls: Mutex<Vec<String>>,
     fail_start: Mutex<Option<String>>,
     fail_repin: Mutex<bool>,
-    /// What `broken_arrival` answers.
-    broken_arrival: Mutex<Option<String>>,
+    /// What `arrival_failure` answers.
+    arrival_failure: Mutex<Option<ArrivalFailure>>,
 }
 
 impl FakeRuntime {
@@ -85,15 +86,18 @@ impl Runtime for FakeRuntime {
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
         self.note(format!("remove {name}"));
         self.states.lock().unwrap().remove(name.as_str());
+        // As the vm runtime's: a failed arrival's record goes with its instance.
+        *self.arrival_failure.lock().unwrap() = None;
         Ok(())
     }
     async fn start_incoming(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         self.note(format!("start_incoming {}", spec.name));
         self.set(spec.name.as_str(), InstanceState::Incoming);
+        *self.arrival_failure.lock().unwrap() = None;
         Ok(())
     }
-    async fn broken_arrival(&self, _name: &Name) -> Option<String> {
-        self.broken_arrival.lock().unwrap().clone()
+    async fn arrival_failure(&self, _name: &Name) -> Option<ArrivalFailure> {
+        self.arrival_failure.lock().unwrap().clone()
     }
     async fn resume_moved_copy(&self, name: &Name) -> Result<(), RuntimeFailure> {
         self.note(format!("resume_moved_copy {name}"));
@@ -440,14 +444,19 @@ async fn an_instance_that_fails_while_it_runs_restarts_in_place_backing_off() {
     );
 }
 
-/// A move's destination whose stream failed waits for the guest again; one whose guest broke
-/// on arrival after its stream completed reports the instance failed, saying why, and waits
-/// for nothing (the source holds the only copy).
+/// A move's destination whose taken stream failed reports the instance failed (a move past
+/// its commit point ends on that report), then waits for the guest again; one whose guest
+/// broke on arrival after its stream completed reports it failed, saying why, and waits for
+/// nothing (the source holds the only copy).
 #[tokio::test]
 async fn a_destination_whose_guest_broke_on_arrival_fails_instead_of_waiting_again() {
     let (rt, link, agent) = setup("vm");
     link.edit(|a| a.incoming_from = Some("h0".into()));
-    rt.set("fw1", InstanceState::Failed("the stream ended".into()));
+    rt.set("fw1", InstanceState::Failed("QEMU ended".into()));
+    *rt.arrival_failure.lock().unwrap() = Some(ArrivalFailure {
+        why: "the incoming stream ended".into(),
+        stream_completed: false,
+    });
     agent.reconcile_once().await.unwrap();
     let waits = |rt: &FakeRuntime| {
         rt.calls()
@@ -456,7 +465,31 @@ async fn a_destination_whose_guest_broke_on_arrival_fails_instead_of_waiting_aga
             .count()
     };
     assert_eq!(waits(&rt), 1, "{:?}", rt.calls());
-    *rt.broken_arrival.lock().unwrap() = Some("the guest did not come up".into());
+    let phases = link.phases();
+    assert_eq!(
+        phases[phases.len() - 2],
+        (
+            Phase::Failed,
+            "its guest's stream from host h0 failed: the incoming stream ended".to_owned()
+        )
+    );
+    assert_eq!(phases.last().unwrap().0, Phase::Starting);
+    // The failure says it was the arrival's (the controller ends a committed move on it).
+    let said = |phase: Phase| {
+        link.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.phase == phase)
+            .map(|o| o.arrival_failed)
+            .collect::<Vec<bool>>()
+    };
+    assert_eq!(said(Phase::Failed), [true]);
+    assert_eq!(said(Phase::Starting), [false]);
+    *rt.arrival_failure.lock().unwrap() = Some(ArrivalFailure {
+        why: "the guest did not come up".into(),
+        stream_completed: true,
+    });
     rt.set("fw1", InstanceState::Stopped);
     link.edit(|a| a.generation = 2);
     agent.reconcile_once().await.unwrap();
@@ -468,6 +501,10 @@ async fn a_destination_whose_guest_broke_on_arrival_fails_instead_of_waiting_aga
             "its arrival from host h0 broke: the guest did not come up".to_owned()
         )
     );
+    assert_eq!(said(Phase::Failed), [true, true]);
+    // Told, its record goes with the instance: no later move here is taken for this one.
+    assert_eq!(rt.calls().last().unwrap(), "remove fw1");
+    assert_eq!(*rt.arrival_failure.lock().unwrap(), None);
 }
 
 /// A move's source holding the stopped copy of a guest that moved (`Moved`), its move ended

@@ -499,6 +499,7 @@ mod tests {
                 phase: Phase::Running,
                 reason: String::new(),
                 active_lost: None,
+                arrival_failed: false,
             }),
             replication: Some(telvirt_model::api::ReplicationStatus {
                 standby_host: "h2".into(),

@@ -589,20 +589,25 @@ impl Controller {
             return self.ask_hand_off(name, &m).await;
         }
         let switch = if wasm { handed_off(v, &m) } else { synced };
-        // A vm's destination that failed past the commit point: its guest broke on arrival
-        // (its agent reports that only once its QEMU is gone) or it could not wait for it. The
-        // guest then runs nowhere: the source resumes the stopped copy it kept, or runs on
-        // where its stream failed.
+        // A vm's destination whose QEMU took the stream past the commit point and is gone
+        // without the guest running there (its guest broke on arrival, or the stream failed;
+        // its agent says so only once that QEMU is killed). The guest then runs nowhere but
+        // at the source: from the stopped copy a completed stream left there, or on where the
+        // stream failed. A destination failed otherwise (its guest running) does not count.
         let broke = v.standby.as_ref().filter(|s| {
-            !wasm && m.committed_at.is_some() && s.host == m.to && s.phase == Phase::Failed
+            !wasm
+                && m.committed_at.is_some()
+                && s.host == m.to
+                && s.phase == Phase::Failed
+                && s.arrival_failed
         });
         if let Some(dest) = broke
             && !record.deleting
         {
             let placed = scheduler.drop_standby(name)?;
             let reason = format!(
-                "the move to host {} ended on host {}: its guest did not run there ({}); it runs on where it was, from the copy stopped there for the move",
-                m.to, m.from, dest.reason
+                "the move to host {} ended on host {}: its guest did not come to run there ({}); it runs on at host {}",
+                m.to, m.from, dest.reason, m.from
             );
             let how = Recording {
                 reason: &reason,

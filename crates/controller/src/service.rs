@@ -1888,6 +1888,7 @@ impl Controller {
                         phase: obs.phase,
                         reason: obs.reason.clone(),
                         active_lost: obs.active_lost.clone(),
+                        arrival_failed: obs.arrival_failed,
                     });
                     // Losing its active, and hearing it again, are events (the phase stays).
                     active_host = crate::maps::active_host(vnf);

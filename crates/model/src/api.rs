@@ -657,6 +657,11 @@ pub struct Observation {
     /// guest, µs since the Unix epoch by this host's clock (the end of the guest's pause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resumed_at_us: Option<u64>,
+    /// A move's destination whose instance took the move's stream and is gone without the
+    /// guest running there (its QEMU killed): the controller ends such a move past its commit
+    /// point on its source, whose stopped copy (or running guest) is then the only one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub arrival_failed: bool,
 }
 
 /// How a standby lost its active.
@@ -1036,6 +1041,9 @@ pub struct InstanceStatus {
     /// The standby no longer hears its active (as its host last reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_lost: Option<ActiveLost>,
+    /// A move's destination whose arrival failed ([`Observation::arrival_failed`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub arrival_failed: bool,
 }
 
 /// What one message of a VNF watch (`GET /v1/watch/vnfs`) says.

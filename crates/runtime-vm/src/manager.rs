@@ -34,6 +34,11 @@ const QMP_START_DEADLINE: Duration = Duration::from_secs(30);
 const DETACH_DEADLINE: Duration = Duration::from_secs(30);
 /// In a move destination's state dir from its launch until its arrived guest is resumed;
 /// it says `taken` once the destination took its stream (`migrate-incoming`), empty before.
+/// How long a guest that arrived by a migration stream has for its agent to answer after its
+/// resume (a boot's `ready_timeout` when shorter): well within a move's deadline, so an
+/// arrival that breaks this way is told while the move can still end on its source.
+pub const ARRIVAL_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
 pub(crate) const INCOMING_MARK: &str = "incoming";
 /// What [`INCOMING_MARK`] holds once the stream was taken.
 pub(crate) const STREAM_TAKEN: &[u8] = b"taken";
@@ -911,7 +916,10 @@ impl VmHandle {
         self.set_phase(VmPhase::Running);
         let _ = std::fs::remove_file(self.inner.dir.join(INCOMING_MARK));
         if let Some(agent) = agent {
-            agent.wait_ready(self.inner.config.ready_timeout).await?;
+            // A guest that ran until its stream answers at once; one that does not within
+            // this is taken for broken while its move may still end at its source.
+            let wait = self.inner.config.ready_timeout.min(ARRIVAL_READY_TIMEOUT);
+            agent.wait_ready(wait).await?;
             *self.inner.agent.lock().await = Some(agent);
         }
         Ok(())

@@ -150,7 +150,10 @@ pub async fn migrate(client: &Client, format: Output, args: MigrateArgs) -> Resu
     if active_host(&ended) != Some(m.to.as_str()) {
         // Why the controller ended it (its event), rather than the VNF's reason now, which
         // its source's next report may have replaced already.
-        let events: Vec<Event> = client.get(&format!("/v1/vnfs/{name}/events")).await?;
+        let events: Vec<Event> = client
+            .get(&format!("/v1/vnfs/{name}/events"))
+            .await
+            .unwrap_or_default();
         let prefix = format!("the move to host {} ", m.to);
         let why = events
             .iter()

@@ -1390,7 +1390,7 @@ fn move_vm_again_if_it_breaks(
         }
         let err = common::stderr(&out);
         assert!(
-            err.contains("its guest did not run there"),
+            err.contains("its guest did not come to run there"),
             "telvirt {args:?}: {err}"
         );
         let back = node.wait_vnf_for(name, VM_DEADLINE, |v| {

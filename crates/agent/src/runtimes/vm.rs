@@ -26,7 +26,8 @@ use tokio::sync::{Mutex, OnceCell};
 
 use crate::dataplane::NodeDataPlane;
 use crate::runtime::{
-    GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure, StreamProgress,
+    ArrivalFailure, GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
+    StreamProgress,
 };
 
 /// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
@@ -85,8 +86,9 @@ pub struct VmRuntime {
 enum Arrival {
     /// It runs here; what its start note says.
     Running(String),
-    /// Its stream completed but the guest did not come up here (its QEMU killed); why.
-    Broken(String),
+    /// It did not come to run here (its QEMU killed, the stream it took then ended): why,
+    /// and whether that stream had completed.
+    Failed(ArrivalFailure),
 }
 
 /// A guest stream's channel over the connection `stream`: sealed with `secret`, or in the
@@ -189,18 +191,23 @@ impl VmRuntime {
                 }
                 // Noted only once its QEMU is gone: the report of it lets the source resume
                 // the copy it kept, which must not run beside this one.
-                Err(e @ Error::ArrivalBroken { .. }) => {
-                    tracing::warn!(vnf = %name, "the guest broke on its arrival: {e}");
+                Err(e) => {
+                    let stream_completed = matches!(e, Error::ArrivalBroken { .. });
+                    if stream_completed {
+                        tracing::warn!(vnf = %name, "the guest broke on its arrival: {e}");
+                    } else {
+                        tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
+                    }
                     match handle.kill().await {
                         Ok(()) => {
-                            lock(&arrivals).insert(name.clone(), Arrival::Broken(e.to_string()));
+                            let failed = ArrivalFailure {
+                                why: e.to_string(),
+                                stream_completed,
+                            };
+                            lock(&arrivals).insert(name.clone(), Arrival::Failed(failed));
                         }
                         Err(k) => tracing::warn!(vnf = %name, "its QEMU could not be killed: {k}"),
                     }
-                }
-                Err(e) => {
-                    tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
-                    let _ = handle.kill().await;
                 }
             }
             lock(&receiving).remove(&name);
@@ -613,13 +620,13 @@ impl Runtime for VmRuntime {
     async fn start_note(&self, name: &Name) -> Option<String> {
         match self.arrival_table().get(name)? {
             Arrival::Running(note) => Some(note.clone()),
-            Arrival::Broken(_) => None,
+            Arrival::Failed(_) => None,
         }
     }
 
-    async fn broken_arrival(&self, name: &Name) -> Option<String> {
+    async fn arrival_failure(&self, name: &Name) -> Option<ArrivalFailure> {
         match self.arrival_table().get(name)? {
-            Arrival::Broken(why) => Some(why.clone()),
+            Arrival::Failed(failed) => Some(failed.clone()),
             Arrival::Running(_) => None,
         }
     }
@@ -827,9 +834,10 @@ impl Runtime for VmRuntime {
             return InstanceState::Absent;
         };
         match handle.phase() {
-            // A guest resumed after its stream runs here once it answered (its arrival may
-            // still break).
-            VmPhase::Running if lock(&self.receiving).contains(name) => InstanceState::Incoming,
+            // The stream taken in still decides: a guest resumed after it runs here once it
+            // answered, and a QEMU that ended meanwhile is noted as a failed arrival first
+            // (its arrival may still break; the next read after that has the record).
+            _ if lock(&self.receiving).contains(name) => InstanceState::Incoming,
             VmPhase::Starting | VmPhase::Running => InstanceState::Running,
             VmPhase::Paused => InstanceState::Paused,
             // A move's destination holds the guest stopped until the stream is in.

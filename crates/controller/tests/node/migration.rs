@@ -810,20 +810,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
     report(&node.controller, "h2", Phase::Running, None).await;
     for name in ["ud", "ug"] {
         node.controller
-            .observe(
-                "h2",
-                Observation {
-                    machine: None,
-                    accel: None,
-                    resumed_at_us: None,
-                    vnf: name.parse().unwrap(),
-                    phase: Phase::Running,
-                    reason: "running".into(),
-                    generation: 0,
-                    replication: None,
-                    active_lost: None,
-                },
-            )
+            .observe("h2", observation(name, Phase::Running))
             .await
             .unwrap();
     }
@@ -1286,9 +1273,22 @@ async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kep
     let source = node.controller.assignments("h2").await.unwrap();
     assert!(!source[0].resume_moved_copy, "{source:?}");
 
-    // h3's guest broke on arrival: the move ends on h2 at once, whose assignment says to
-    // resume its copy; h3 is assigned nothing.
+    // h3 fails otherwise (its guest running there, a pause for a lock refused): not the end
+    // of the move (the source's copy must not run beside it).
     report(&node.controller, "h3", Phase::Failed, None).await;
+    assert!(node.vnf_json("u1").await["migration"].is_object());
+    // h3's guest broke on arrival (its QEMU gone): the move ends on h2 at once, whose
+    // assignment says to resume its copy; h3 is assigned nothing.
+    node.controller
+        .observe(
+            "h3",
+            Observation {
+                arrival_failed: true,
+                ..observation("u1", Phase::Failed)
+            },
+        )
+        .await
+        .unwrap();
     let v = node.vnf_json("u1").await;
     assert!(v.get("migration").is_none(), "{v}");
     assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
@@ -1301,16 +1301,17 @@ async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kep
         last["reason"]
             .as_str()
             .unwrap()
-            .contains("the move to host h3 ended on host h2: its guest did not run there"),
+            .contains("the move to host h3 ended on host h2: its guest did not come to run there"),
         "{last}"
     );
     assert_eq!(last["actor"], "controller", "{last}");
     consistent(&node).await;
 
+    assert_eq!(node.vnf_json("u1").await["resume_moved_copy"], true);
     // The next move starts without that word.
     report(&node.controller, "h2", Phase::Running, None).await;
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
-    let source = node.controller.assignments("h2").await.unwrap();
-    assert!(!source[0].resume_moved_copy, "{source:?}");
+    let v = node.vnf_json("u1").await;
+    assert!(v.get("resume_moved_copy").is_none(), "{v}");
     beats.into_iter().for_each(|b| b.abort());
 }

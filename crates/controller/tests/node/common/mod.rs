@@ -537,6 +537,7 @@ pub fn observation(vnf: &str, phase: telvirt_model::Phase) -> telvirt_model::api
         generation: 0,
         replication: None,
         active_lost: None,
+        arrival_failed: false,
     }
 }
 
