@@ -1103,7 +1103,8 @@ impl Inner {
                 // reported Failed, which ends a move past its commit point on its source (the
                 // guest runs on there, resumed from the copy a completed stream left). A
                 // stream that completed, the guest then broken, comes no more: nothing waits
-                // for it. After one that failed short of that, it waits for the source again.
+                // for it until the assignment asks again. After one that failed short of
+                // that, it waits for the source again, after a backoff.
                 InstanceState::Absent | InstanceState::Stopped | InstanceState::Failed(_)
                     if let Some(failed) = runtime.arrival_failure(&a.vnf).await =>
                 {
@@ -1116,10 +1117,12 @@ impl Inner {
                         return Ok(());
                     }
                     let why = format!("its guest's stream from host {from} failed: {}", failed.why);
-                    self.report(&a, Phase::Failed, why).await?;
-                    return self
-                        .start_incoming(&a, &spec, runtime.as_ref(), &from, &state)
-                        .await;
+                    self.report(&a, Phase::Failed, why.clone()).await?;
+                    // Its record goes with the dead QEMU's state; the step's retry, after a
+                    // backoff, waits again unless the move ended on this report meanwhile
+                    // (its cpus and NICs are then another's).
+                    let _ = runtime.remove(&a.vnf).await;
+                    return Err(StepError(why));
                 }
                 // Not started yet, or its stream failed: it waits for the source again.
                 InstanceState::Absent

@@ -464,16 +464,25 @@ async fn a_destination_whose_guest_broke_on_arrival_fails_instead_of_waiting_aga
             .filter(|c| c.starts_with("start_incoming"))
             .count()
     };
-    assert_eq!(waits(&rt), 1, "{:?}", rt.calls());
-    let phases = link.phases();
+    // Told, its dead instance removed; the next pass waits again.
+    assert_eq!(waits(&rt), 0, "{:?}", rt.calls());
+    assert_eq!(rt.calls().last().unwrap(), "remove fw1");
     assert_eq!(
-        phases[phases.len() - 2],
-        (
+        link.phases().last().unwrap(),
+        &(
             Phase::Failed,
             "its guest's stream from host h0 failed: the incoming stream ended".to_owned()
         )
     );
-    assert_eq!(phases.last().unwrap().0, Phase::Starting);
+    // The step's retry, after its backoff, waits again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while waits(&rt) == 0 {
+        assert!(std::time::Instant::now() < deadline, "never waited again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        agent.reconcile_once().await.unwrap();
+    }
+    assert_eq!(waits(&rt), 1, "{:?}", rt.calls());
+    assert_eq!(link.phases().last().unwrap().0, Phase::Starting);
     // The failure says it was the arrival's (the controller ends a committed move on it).
     let said = |phase: Phase| {
         link.reports

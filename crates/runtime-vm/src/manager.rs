@@ -32,13 +32,12 @@ use crate::{image, memory, periph, pin};
 const QMP_TIMEOUT: Duration = Duration::from_secs(10);
 const QMP_START_DEADLINE: Duration = Duration::from_secs(30);
 const DETACH_DEADLINE: Duration = Duration::from_secs(30);
-/// In a move destination's state dir from its launch until its arrived guest is resumed;
-/// it says `taken` once the destination took its stream (`migrate-incoming`), empty before.
 /// How long a guest that arrived by a migration stream has for its agent to answer after its
 /// resume (a boot's `ready_timeout` when shorter): well within a move's deadline, so an
 /// arrival that breaks this way is told while the move can still end on its source.
 pub const ARRIVAL_READY_TIMEOUT: Duration = Duration::from_secs(30);
-
+/// In a move destination's state dir from its launch until its arrived guest is resumed;
+/// it says `taken` once the destination took its stream (`migrate-incoming`), empty before.
 pub(crate) const INCOMING_MARK: &str = "incoming";
 /// What [`INCOMING_MARK`] holds once the stream was taken.
 pub(crate) const STREAM_TAKEN: &[u8] = b"taken";

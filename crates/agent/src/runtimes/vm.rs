@@ -6,7 +6,7 @@
 //! handles of the VMs this agent holds. It must not hold reconcile logic and must not know the
 //! store: the reconcile loop decides, this adapter does.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,10 +75,45 @@ pub struct VmRuntime {
     dataplane: Option<Arc<NodeDataPlane>>,
     /// The NIC sockets of each VM with NICs on the data plane (dropping them ends the NICs).
     nics: std::sync::Mutex<HashMap<Name, Vec<NicSocket>>>,
-    /// The move destinations whose guest stream is being taken in.
-    receiving: Arc<std::sync::Mutex<HashSet<Name>>>,
+    /// The move destinations whose guest stream is being taken in, each with the token of
+    /// the watch that follows it ([`ArrivalWatch`]).
+    receiving: Arc<std::sync::Mutex<HashMap<Name, u64>>>,
     /// How the last arrival of each guest that came by a migration stream ended.
     arrivals: Arc<std::sync::Mutex<HashMap<Name, Arrival>>>,
+}
+
+/// The token of the next [`ArrivalWatch`].
+static NEXT_ARRIVAL_WATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How often a watch tries to kill the QEMU of an arrival that failed before it gives up.
+const KILL_TRIES: usize = 3;
+
+/// A watch of the stream a destination took in: its name's entry in `receiving`, which goes
+/// when the watch is dropped (however its task ends), unless a `remove` took it first or a
+/// newer watch holds the name.
+struct ArrivalWatch {
+    receiving: Arc<std::sync::Mutex<HashMap<Name, u64>>>,
+    name: Name,
+    token: u64,
+}
+
+impl ArrivalWatch {
+    /// Runs `f` under the table's lock while this watch still holds its name; else nothing.
+    fn while_current(&self, f: impl FnOnce()) {
+        let receiving = lock(&self.receiving);
+        if receiving.get(&self.name) == Some(&self.token) {
+            f();
+        }
+    }
+}
+
+impl Drop for ArrivalWatch {
+    fn drop(&mut self) {
+        let mut receiving = lock(&self.receiving);
+        if receiving.get(&self.name) == Some(&self.token) {
+            receiving.remove(&self.name);
+        }
+    }
 }
 
 /// How a guest's arrival by a migration stream ended.
@@ -145,7 +180,7 @@ impl VmRuntime {
             handles: Mutex::new(HashMap::new()),
             dataplane: None,
             nics: std::sync::Mutex::new(HashMap::new()),
-            receiving: Arc::new(std::sync::Mutex::new(HashSet::new())),
+            receiving: Arc::new(std::sync::Mutex::new(HashMap::new())),
             arrivals: Arc::new(std::sync::Mutex::new(HashMap::new())),
         }
     }
@@ -162,14 +197,28 @@ impl VmRuntime {
         self.plain_manager().machine_types().await.versioned
     }
 
+    /// Puts `name` in `receiving` for a new watch of the stream it takes in; `None` when
+    /// one already follows a stream of it.
+    fn begin_receiving(&self, name: &Name) -> Option<ArrivalWatch> {
+        let mut receiving = lock(&self.receiving);
+        if receiving.contains_key(name) {
+            return None;
+        }
+        let token = NEXT_ARRIVAL_WATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        receiving.insert(name.clone(), token);
+        Some(ArrivalWatch {
+            receiving: Arc::clone(&self.receiving),
+            name: name.clone(),
+            token,
+        })
+    }
+
     /// Waits (in a task) for the stream `name` takes in to end, then resumes the arrived
-    /// guest here, or kills the QEMU that waited for it. `name` is in `receiving` until then.
-    fn watch_arrival(&self, name: &Name, handle: VmHandle) {
-        let (name, receiving, arrivals) = (
-            name.clone(),
-            Arc::clone(&self.receiving),
-            Arc::clone(&self.arrivals),
-        );
+    /// guest here, or kills the QEMU that waited for it. `name` is in `receiving` until then
+    /// (`watch`'s entry, gone however the task ends).
+    fn watch_arrival(&self, watch: ArrivalWatch, handle: VmHandle) {
+        let arrivals = Arc::clone(&self.arrivals);
+        let name = watch.name.clone();
         tokio::spawn(async move {
             // Longer than the source's wait: this clock starts before the source's stream.
             match handle
@@ -178,7 +227,7 @@ impl VmRuntime {
             {
                 Ok(_) => {
                     // It answered: it runs here (its note follows).
-                    lock(&receiving).remove(&name);
+                    drop(watch);
                     // The guest's own uptime says it was not booted again.
                     let uptime = handle
                         .health(Duration::from_secs(5))
@@ -198,19 +247,28 @@ impl VmRuntime {
                     } else {
                         tracing::warn!(vnf = %name, "the guest's migration stream did not come in: {e}");
                     }
-                    match handle.kill().await {
-                        Ok(()) => {
+                    let mut killed = handle.kill().await;
+                    for _ in 1..KILL_TRIES {
+                        let Err(k) = &killed else { break };
+                        tracing::warn!(vnf = %name, "its QEMU could not be killed: {k}; again");
+                        killed = handle.kill().await;
+                    }
+                    match killed {
+                        // Not when a `remove` ended the watch meanwhile (the instance is gone,
+                        // and a later move here is not this one).
+                        Ok(()) => watch.while_current(|| {
                             let failed = ArrivalFailure {
                                 why: e.to_string(),
                                 stream_completed,
                             };
                             lock(&arrivals).insert(name.clone(), Arrival::Failed(failed));
+                        }),
+                        Err(k) => {
+                            tracing::warn!(vnf = %name, "its QEMU could not be killed: {k}; its arrival stays unsettled")
                         }
-                        Err(k) => tracing::warn!(vnf = %name, "its QEMU could not be killed: {k}"),
                     }
                 }
             }
-            lock(&receiving).remove(&name);
         });
     }
 
@@ -708,16 +766,17 @@ impl Runtime for VmRuntime {
                     "vm {name} does not wait for a migration stream here"
                 ))
             })?;
-        if !lock(&self.receiving).insert(name.clone()) {
+        let Some(watch) = self.begin_receiving(name) else {
             return Err(failure(format!(
                 "vm {name} takes a migration stream already"
             )));
-        }
-        if let Err(e) = handle.receive(&channel_of(stream, secret)).await {
-            lock(&self.receiving).remove(name);
-            return Err(failure(e));
-        }
-        self.watch_arrival(name, handle);
+        };
+        // Should this fail, the watch ends with it.
+        handle
+            .receive(&channel_of(stream, secret))
+            .await
+            .map_err(failure)?;
+        self.watch_arrival(watch, handle);
         Ok(())
     }
 
@@ -780,8 +839,9 @@ impl Runtime for VmRuntime {
                 // takes it as usual.
                 if handle.phase() == VmPhase::Incoming && handle.incoming_stream_taken() {
                     tracing::info!(vnf = %spec.name, "following the guest stream it was taking in");
-                    lock(&self.receiving).insert(spec.name.clone());
-                    self.watch_arrival(&spec.name, handle.clone());
+                    if let Some(watch) = self.begin_receiving(&spec.name) {
+                        self.watch_arrival(watch, handle.clone());
+                    }
                 }
                 self.handles.lock().await.insert(spec.name.clone(), handle);
                 Ok(true)
@@ -837,7 +897,7 @@ impl Runtime for VmRuntime {
             // The stream taken in still decides: a guest resumed after it runs here once it
             // answered, and a QEMU that ended meanwhile is noted as a failed arrival first
             // (its arrival may still break; the next read after that has the record).
-            _ if lock(&self.receiving).contains(name) => InstanceState::Incoming,
+            _ if lock(&self.receiving).contains_key(name) => InstanceState::Incoming,
             VmPhase::Starting | VmPhase::Running => InstanceState::Running,
             VmPhase::Paused => InstanceState::Paused,
             // A move's destination holds the guest stopped until the stream is in.
@@ -870,7 +930,9 @@ impl Runtime for VmRuntime {
     }
 
     async fn remove(&self, name: &Name) -> Result<(), RuntimeFailure> {
-        // A later move here starts with no arrival of this one's.
+        // A later move here starts with no arrival of this one's, and a watch still following
+        // this one's stream writes none (the watch first: it writes under its lock).
+        lock(&self.receiving).remove(name);
         self.arrival_table().remove(name);
         let handle = self.handles.lock().await.remove(name);
         if let Some(h) = &handle
