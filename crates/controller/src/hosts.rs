@@ -193,6 +193,15 @@ impl Liveness {
             .is_some_and(|at| now.saturating_sub(at) > self.ttl_ms())
     }
 
+    /// Whether this controller heard a heartbeat of `host` within one TTL of `now` (or after
+    /// it): its agent is alive, whether or not the store holds its lease yet (a heartbeat
+    /// records itself before its lease is written, and a pass that read the leases just
+    /// before would otherwise judge a host that has just spoken).
+    fn heard(&self, host: &str, now: u64) -> bool {
+        self.last_beat(host)
+            .is_some_and(|at| now.saturating_sub(at) <= self.ttl_ms())
+    }
+
     fn heal_after_ms(&self) -> Option<u64> {
         self.heal_after
             .lock()
@@ -399,9 +408,15 @@ impl Controller {
 
     /// Whether host `name`'s heartbeat lease is live and its agent not silent (see
     /// [`Liveness::silent`]).
+    /// Whether host `name` is Ready: heard from here within a TTL, or, when this controller
+    /// has not heard from it, holding its lease in the store (kept alive by another leader's
+    /// heartbeats, or not lapsed since).
     pub(crate) async fn host_ready(&self, name: &str) -> Result<bool> {
-        Ok(!self.liveness.silent(name, now_ms())
-            && self.store.get(&host_lease_key(name)).await?.is_some())
+        let now = now_ms();
+        if self.liveness.last_beat(name).is_some() {
+            return Ok(self.liveness.heard(name, now));
+        }
+        Ok(self.store.get(&host_lease_key(name)).await?.is_some())
     }
 
     /// The hosts an agent serves whose lease is live and that may keep final counts of
@@ -669,7 +684,7 @@ impl Controller {
     pub async fn check_hosts(&self) -> Result<()> {
         let now = now_ms();
         self.liveness.last_pass.store(now, Ordering::Relaxed);
-        let ready: BTreeSet<String> = self
+        let mut ready: BTreeSet<String> = self
             .store
             .list(records::HOST_LEASES)
             .await?
@@ -709,6 +724,10 @@ impl Controller {
             // a later pass judges it.
             let spared =
                 self.liveness.last_beat(host).is_none() && self.liveness.in_takeover_grace();
+            // Heard from here within a TTL (perhaps after the leases were read): Ready.
+            if self.liveness.heard(host, now) {
+                ready.insert(host.to_owned());
+            }
             if !ready.contains(host) && !spared {
                 let why = not_ready_reason(host, self.heartbeat_age_ms(host).await?);
                 not_ready.insert(host.to_owned(), why);

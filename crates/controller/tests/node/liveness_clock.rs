@@ -244,3 +244,27 @@ async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_br
     );
     assert_eq!(c.vnf(&admin, "u2").await.unwrap().phase, Phase::Running);
 }
+
+/// A host heard from is Ready even before the store holds its lease: a heartbeat records
+/// itself first and writes its lease after, and a pass that read the leases in between (as a
+/// new leader's did, its hosts' leases lapsed in the handover) made the host NotReady and its
+/// VNFs Unknown though it had just spoken. Here the lease's write is refused outright.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_heard_from_is_ready_before_its_lease_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = MinuteLeases::open(&dir);
+    let (c, admin) = controller_with_h2(store.clone()).await;
+    *store.fail_write.lock().unwrap() = Some(host_lease_key("h2"));
+    assert!(c.heartbeat("h2").await.is_err(), "the lease's write fails");
+    assert!(store.get(&host_lease_key("h2")).await.unwrap().is_none());
+    c.check_hosts().await.unwrap();
+    assert_eq!(status(&c, &admin, "h2").await, "Ready");
+    // Placed there: the pass counted it among the Ready hosts.
+    create(&c, &admin, "u1").await;
+    c.schedule_pending().await.unwrap();
+    assert!(!c.vnf(&admin, "u1").await.unwrap().placements.is_empty());
+    // Silent for a TTL, it is NotReady all the same.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    c.check_hosts().await.unwrap();
+    assert_eq!(status(&c, &admin, "h2").await, "NotReady");
+}
