@@ -71,6 +71,11 @@ pub struct Liveness {
     /// Per host: the networks whose final counts its last heartbeat said it keeps (a host
     /// absent here never said: its agent is older, or none came since this controller led).
     departed: std::sync::Mutex<HashMap<String, BTreeSet<String>>>,
+    /// Held by a heartbeat from the time it records itself until its lease and record are
+    /// written, and by whoever reads the leases to judge hosts: a reader sees a host either
+    /// before that heartbeat or with its lease (one that read between judged a host that had
+    /// just spoken NotReady, and its VNFs flapped Unknown after a takeover).
+    lease_writes: tokio::sync::Mutex<()>,
 }
 
 /// A heartbeat is written to the store at most this often per host (the lease is kept alive at
@@ -90,6 +95,7 @@ impl Default for Liveness {
             not_ready_since: std::sync::Mutex::new(HashMap::new()),
             last_pass: AtomicU64::new(0),
             departed: std::sync::Mutex::new(HashMap::new()),
+            lease_writes: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -191,15 +197,6 @@ impl Liveness {
     fn silent(&self, host: &str, now: u64) -> bool {
         self.last_beat(host)
             .is_some_and(|at| now.saturating_sub(at) > self.ttl_ms())
-    }
-
-    /// Whether this controller heard a heartbeat of `host` within one TTL of `now` (or after
-    /// it): its agent is alive, whether or not the store holds its lease yet (a heartbeat
-    /// records itself before its lease is written, and a pass that read the leases just
-    /// before would otherwise judge a host that has just spoken).
-    fn heard(&self, host: &str, now: u64) -> bool {
-        self.last_beat(host)
-            .is_some_and(|at| now.saturating_sub(at) <= self.ttl_ms())
     }
 
     fn heal_after_ms(&self) -> Option<u64> {
@@ -408,15 +405,10 @@ impl Controller {
 
     /// Whether host `name`'s heartbeat lease is live and its agent not silent (see
     /// [`Liveness::silent`]).
-    /// Whether host `name` is Ready: heard from here within a TTL, or, when this controller
-    /// has not heard from it, holding its lease in the store (kept alive by another leader's
-    /// heartbeats, or not lapsed since).
     pub(crate) async fn host_ready(&self, name: &str) -> Result<bool> {
-        let now = now_ms();
-        if self.liveness.last_beat(name).is_some() {
-            return Ok(self.liveness.heard(name, now));
-        }
-        Ok(self.store.get(&host_lease_key(name)).await?.is_some())
+        let _written = self.liveness.lease_writes.lock().await;
+        Ok(!self.liveness.silent(name, now_ms())
+            && self.store.get(&host_lease_key(name)).await?.is_some())
     }
 
     /// The hosts an agent serves whose lease is live and that may keep final counts of
@@ -594,6 +586,7 @@ impl Controller {
                 Err(e) => return Err(e.into()),
             }
         }
+        let _writing = self.liveness.lease_writes.lock().await;
         let now = now_ms();
         let write_due = self.liveness.beat(host, now);
         if lease.is_some() && !write_due {
@@ -682,9 +675,10 @@ impl Controller {
 
     /// One liveness pass over every VNF (see [`Controller::host_monitor`]).
     pub async fn check_hosts(&self) -> Result<()> {
+        let written = self.liveness.lease_writes.lock().await;
         let now = now_ms();
         self.liveness.last_pass.store(now, Ordering::Relaxed);
-        let mut ready: BTreeSet<String> = self
+        let ready: BTreeSet<String> = self
             .store
             .list(records::HOST_LEASES)
             .await?
@@ -692,6 +686,15 @@ impl Controller {
             .map(|(k, _)| k[records::HOST_LEASES.len()..].to_owned())
             .filter(|host| !self.liveness.silent(host, now))
             .collect();
+        // The beats to judge by are those of this same moment (a heartbeat that records
+        // itself after this has its lease written after this too: the next pass sees it).
+        let beats: HashMap<String, u64> = self
+            .liveness
+            .beats_map()
+            .iter()
+            .map(|(h, (at, _))| (h.clone(), *at))
+            .collect();
+        drop(written);
         let mut not_ready = BTreeMap::new();
         let mut with_agent = Vec::new();
         for (key, v) in self.store.list(records::HOSTS).await? {
@@ -722,12 +725,7 @@ impl Controller {
             // A host this controller has not heard from since it took over gets two TTLs to
             // send it a first heartbeat (its lease may have lapsed while no controller led);
             // a later pass judges it.
-            let spared =
-                self.liveness.last_beat(host).is_none() && self.liveness.in_takeover_grace();
-            // Heard from here within a TTL (perhaps after the leases were read): Ready.
-            if self.liveness.heard(host, now) {
-                ready.insert(host.to_owned());
-            }
+            let spared = !beats.contains_key(host) && self.liveness.in_takeover_grace();
             if !ready.contains(host) && !spared {
                 let why = not_ready_reason(host, self.heartbeat_age_ms(host).await?);
                 not_ready.insert(host.to_owned(), why);

@@ -21,11 +21,15 @@ use telvirt_store::{
 
 use crate::common;
 
-/// A real redb store whose leases last a minute whatever TTL is asked, and which refuses the
-/// next write of the key set in `fail_write` (once).
+/// A real redb store whose leases last a minute whatever TTL is asked, which refuses the
+/// next write of the key set in `fail_write` (once), and holds the next write of the key set
+/// in `hold_write` (once) from when it says so (`held`) until it is let go (`go_on`).
 struct MinuteLeases {
     inner: Arc<RedbStore>,
     fail_write: Mutex<Option<String>>,
+    hold_write: Mutex<Option<String>>,
+    held: tokio::sync::Notify,
+    go_on: tokio::sync::Notify,
 }
 
 impl MinuteLeases {
@@ -33,8 +37,17 @@ impl MinuteLeases {
         Arc::new(MinuteLeases {
             inner: RedbStore::open(&dir.path().join("store.redb")).unwrap(),
             fail_write: Mutex::new(None),
+            hold_write: Mutex::new(None),
+            held: tokio::sync::Notify::new(),
+            go_on: tokio::sync::Notify::new(),
         })
     }
+}
+
+/// Whether `ops` write `key`.
+fn writes(ops: &[Op], key: &str) -> bool {
+    ops.iter()
+        .any(|op| matches!(op, Op::Put { key: k, .. } if k == key))
 }
 
 #[async_trait]
@@ -56,16 +69,22 @@ impl Store for MinuteLeases {
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
         let refused = {
             let mut fail = self.fail_write.lock().unwrap();
-            let hit = fail.as_ref().is_some_and(|key| {
-                ops.iter()
-                    .any(|op| matches!(op, Op::Put { key: k, .. } if k == key))
-            });
+            let hit = fail.as_ref().is_some_and(|key| writes(&ops, key));
             if hit { fail.take() } else { None }
         };
         if let Some(key) = refused {
             return Err(StoreError::Unavailable(format!(
                 "the test refuses this write of {key}"
             )));
+        }
+        let held = {
+            let mut hold = self.hold_write.lock().unwrap();
+            let hit = hold.as_ref().is_some_and(|key| writes(&ops, key));
+            if hit { hold.take() } else { None }
+        };
+        if held.is_some() {
+            self.held.notify_one();
+            self.go_on.notified().await;
         }
         self.inner.txn(compares, ops).await
     }
@@ -245,26 +264,43 @@ async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_br
     assert_eq!(c.vnf(&admin, "u2").await.unwrap().phase, Phase::Running);
 }
 
-/// A host heard from is Ready even before the store holds its lease: a heartbeat records
-/// itself first and writes its lease after, and a pass that read the leases in between (as a
-/// new leader's did, its hosts' leases lapsed in the handover) made the host NotReady and its
-/// VNFs Unknown though it had just spoken. Here the lease's write is refused outright.
+/// A liveness pass does not judge a host between its heartbeat's record of itself and the
+/// write of its lease: one that did (its lease had lapsed, as in a leader's handover) found a
+/// host that had just spoken without a lease and made its VNFs Unknown. The lease's write is
+/// held here while a pass runs: the pass waits for it, and the host stays Ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_heard_from_is_ready_before_its_lease_is_written() {
+async fn a_pass_does_not_judge_a_host_while_its_heartbeat_writes_its_lease() {
     let dir = tempfile::tempdir().unwrap();
     let store = MinuteLeases::open(&dir);
     let (c, admin) = controller_with_h2(store.clone()).await;
-    *store.fail_write.lock().unwrap() = Some(host_lease_key("h2"));
-    assert!(c.heartbeat("h2").await.is_err(), "the lease's write fails");
-    assert!(store.get(&host_lease_key("h2")).await.unwrap().is_none());
+    c.heartbeat("h2").await.unwrap();
     c.check_hosts().await.unwrap();
-    assert_eq!(status(&c, &admin, "h2").await, "Ready");
-    // Placed there: the pass counted it among the Ready hosts.
     create(&c, &admin, "u1").await;
     c.schedule_pending().await.unwrap();
-    assert!(!c.vnf(&admin, "u1").await.unwrap().placements.is_empty());
-    // Silent for a TTL, it is NotReady all the same.
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    c.check_hosts().await.unwrap();
-    assert_eq!(status(&c, &admin, "h2").await, "NotReady");
+    report_running(&c, &admin, "u1").await;
+    // The lease lapses; the next heartbeat grants a new one, whose write is held.
+    let lease = store.get(&host_lease_key("h2")).await.unwrap().unwrap();
+    store.revoke(lease.lease.unwrap()).await.unwrap();
+    *store.hold_write.lock().unwrap() = Some(host_lease_key("h2"));
+    let beat = tokio::spawn({
+        let c = c.clone();
+        async move { c.heartbeat("h2").await }
+    });
+    store.held.notified().await;
+    let pass = tokio::spawn({
+        let c = c.clone();
+        async move { c.check_hosts().await }
+    });
+    // Time enough for a pass to list the leases and judge.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !pass.is_finished(),
+        "the pass judged h2 while its heartbeat wrote its lease: {:?}",
+        c.vnf(&admin, "u1").await.unwrap()
+    );
+    store.go_on.notify_one();
+    beat.await.unwrap().unwrap();
+    pass.await.unwrap().unwrap();
+    assert_eq!(status(&c, &admin, "h2").await, "Ready");
+    assert_eq!(c.vnf(&admin, "u1").await.unwrap().phase, Phase::Running);
 }
