@@ -1108,21 +1108,22 @@ impl Inner {
                 InstanceState::Absent | InstanceState::Stopped | InstanceState::Failed(_)
                     if let Some(failed) = runtime.arrival_failure(&a.vnf).await =>
                 {
-                    if failed.stream_completed {
-                        let why = format!("its arrival from host {from} broke: {}", failed.why);
-                        self.fail(&a, why).await?;
-                        // Told: its record goes with the QEMU's state, so no later move here
-                        // is taken for this one (should this assignment stay, it waits again).
-                        let _ = runtime.remove(&a.vnf).await;
-                        return Ok(());
-                    }
-                    let why = format!("its guest's stream from host {from} failed: {}", failed.why);
+                    let why = if failed.stream_completed {
+                        format!("its arrival from host {from} broke: {}", failed.why)
+                    } else {
+                        format!("its guest's stream from host {from} failed: {}", failed.why)
+                    };
                     self.report(&a, Phase::Failed, why.clone()).await?;
-                    // Its record goes with the dead QEMU's state; the step's retry, after a
+                    // Told: its record goes with the dead QEMU's state, so no later move here
+                    // is taken for this one. After a failed stream the step's retry, after a
                     // backoff, waits again unless the move ended on this report meanwhile
                     // (its cpus and NICs are then another's).
                     let _ = runtime.remove(&a.vnf).await;
-                    return Err(StepError(why));
+                    return if failed.stream_completed {
+                        Ok(())
+                    } else {
+                        Err(StepError(why))
+                    };
                 }
                 // Not started yet, or its stream failed: it waits for the source again.
                 InstanceState::Absent

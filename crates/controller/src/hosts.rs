@@ -686,14 +686,9 @@ impl Controller {
             .map(|(k, _)| k[records::HOST_LEASES.len()..].to_owned())
             .filter(|host| !self.liveness.silent(host, now))
             .collect();
-        // The beats to judge by are those of this same moment (a heartbeat that records
-        // itself after this has its lease written after this too: the next pass sees it).
-        let beats: HashMap<String, u64> = self
-            .liveness
-            .beats_map()
-            .iter()
-            .map(|(h, (at, _))| (h.clone(), *at))
-            .collect();
+        // The hosts heard from as of this same moment (a heartbeat that records itself after
+        // this has its lease written after this too: the next pass sees it).
+        let heard: BTreeSet<String> = self.liveness.beats_map().keys().cloned().collect();
         drop(written);
         let mut not_ready = BTreeMap::new();
         let mut with_agent = Vec::new();
@@ -725,7 +720,7 @@ impl Controller {
             // A host this controller has not heard from since it took over gets two TTLs to
             // send it a first heartbeat (its lease may have lapsed while no controller led);
             // a later pass judges it.
-            let spared = !beats.contains_key(host) && self.liveness.in_takeover_grace();
+            let spared = !heard.contains(host) && self.liveness.in_takeover_grace();
             if !ready.contains(host) && !spared {
                 let why = not_ready_reason(host, self.heartbeat_age_ms(host).await?);
                 not_ready.insert(host.to_owned(), why);

@@ -98,10 +98,14 @@ struct ArrivalWatch {
 }
 
 impl ArrivalWatch {
+    /// Whether this watch still holds its name in `receiving` (that table, locked).
+    fn holds(&self, receiving: &HashMap<Name, u64>) -> bool {
+        receiving.get(&self.name) == Some(&self.token)
+    }
+
     /// Runs `f` under the table's lock while this watch still holds its name; else nothing.
     fn while_current(&self, f: impl FnOnce()) {
-        let receiving = lock(&self.receiving);
-        if receiving.get(&self.name) == Some(&self.token) {
+        if self.holds(&lock(&self.receiving)) {
             f();
         }
     }
@@ -110,7 +114,7 @@ impl ArrivalWatch {
 impl Drop for ArrivalWatch {
     fn drop(&mut self) {
         let mut receiving = lock(&self.receiving);
-        if receiving.get(&self.name) == Some(&self.token) {
+        if self.holds(&receiving) {
             receiving.remove(&self.name);
         }
     }
