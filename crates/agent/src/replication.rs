@@ -2693,6 +2693,12 @@ mod tests {
             assert!(Instant::now() < deadline, "the update never arrived");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // The standby applies before it answers, and the active counts on the answer: the
+        // status catches up a moment after the value arrived.
+        wait_for("the update's acknowledgement never counted", || {
+            replicas.status(&nat1).is_some_and(|s| s.updates >= 2)
+        })
+        .await;
         let st = replicas.status(&nat1).unwrap();
         assert_eq!(st.state, "synced", "{st:?}");
         assert_eq!((st.snapshots, st.updates), (1, 2), "{st:?}");
