@@ -2566,11 +2566,12 @@ mod tests {
         }
     }
 
-    /// Detection for tests: 5 ms batches, lost after 1 s of silence (a machine busy compiling
-    /// on both cores delayed a batch by more than 200 ms).
+    /// Detection for tests: 5 ms batches, lost after 2 s of silence (a machine busy compiling
+    /// on both cores delayed a batch by more than 200 ms; a test that stays idle for two
+    /// silences must not see a stall of one as a loss).
     const TEST_DETECTION: Detection = Detection {
         interval: Duration::from_millis(5),
-        multiplier: 200,
+        multiplier: 400,
     };
 
     async fn standby_host(host: Arc<Standbys>) -> (String, Arc<Counters>) {

@@ -76,10 +76,15 @@ fn chain_gen_firewall_sink_delivers_and_counts() {
     assert!(s.latency.count == 20_000 && s.latency.max_us > 0.0);
     assert_eq!(fwc.allowed.load(Ordering::Relaxed), 20_000);
     assert_eq!(gstats.sent.load(Ordering::Relaxed), 20_000);
-    let status = p.status();
     let total_bytes: u64 = (0..20_000u64)
         .map(|i| [64, 128, 1500][(i % 3) as usize])
         .sum();
+    // A sender counts a batch on its link just after the ring took it: the sink may have
+    // received it a moment before.
+    wait_for("every link counted 20000 packets", 10, || {
+        p.status().iter().all(|l| l.counters.packets == 20_000)
+    });
+    let status = p.status();
     for l in &status {
         assert_eq!(l.counters.packets, 20_000, "{}", l.link);
         assert_eq!(l.counters.bytes, total_bytes, "{}", l.link);
@@ -602,6 +607,10 @@ fn a_removed_nodes_drops_and_links_stay_readable() {
     wait_for("300 refused at fw1", 30, || {
         p.node_drops("fw1").is_some_and(|d| d.refused == 300)
     });
+    // The sender counts a batch just after the ring took it: fw1 may have refused it first.
+    wait_for("the link counted 300 packets", 10, || {
+        p.link_counters(&link[0]).is_some_and(|c| c.packets == 300)
+    });
     let carried = p.link_counters(&link[0]).unwrap();
     assert_eq!(carried.packets, 300);
     // The node goes (a VNF moved away): what it dropped and what its link carried stay.
@@ -702,6 +711,12 @@ fn networks_are_applied_changed_and_deleted_independently() {
         .unwrap();
     assert_eq!(p.networks(), vec!["blue".to_string(), "red".to_string()]);
     wait_for("blue traffic", 30, || st.lock().unwrap().received == 1_000);
+    // g1 counts its last batch just after the ring took it: s1 may have received it first.
+    wait_for("blue's link counted 1000 packets", 10, || {
+        p.status()
+            .iter()
+            .any(|l| l.link.from.node == "g1" && l.counters.packets == 1_000)
+    });
     // A network's own error names the network; a conflict with another network says so.
     let e = p
         .apply_network("red", &links(&["g2.out -> nope.in"]))

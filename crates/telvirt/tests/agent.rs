@@ -212,6 +212,12 @@ fn two_agents(controller_args: &[&str]) -> (Serve, Agent, Agent) {
 }
 
 /// The arguments of the agent of host a2 in [`two_agents_with`].
+/// The host lease of the tests whose hosts die or stall on purpose: short enough that they
+/// fail over within seconds, long enough that a heartbeat late on a loaded 2-core machine (a
+/// TCG guest booting beside them) does not make a live host NotReady and fail a pair over on
+/// its own (600 ms did not suffice).
+const HOST_LEASE_MS: &str = "3000";
+
 const A2_AGENT_ARGS: &[&str] = &[
     "--token-file",
     "a2.token",
@@ -325,7 +331,7 @@ fn a_chain_crosses_two_agent_processes_through_a_vxlan_tunnel() {
 #[test]
 fn a_vnf_whose_host_dies_runs_on_another_host_and_its_chain_carries_traffic_again() {
     let (node, _a1, a2) =
-        fw1_on_a1_and_fw2_on_a2(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "0"]);
+        fw1_on_a1_and_fw2_on_a2(&["--host-lease-ttl-ms", HOST_LEASE_MS, "--heal-after-ms", "0"]);
     std::fs::write(node.path("x1.yaml"), CROSSING).unwrap();
     node.ok(&["net", "create", "-f", "x1.yaml"]);
     x1_carries_traffic(&node, "packets never crossed the tunnel to a2's sink");
@@ -349,7 +355,12 @@ fn a_vnf_whose_host_dies_runs_on_another_host_and_its_chain_carries_traffic_agai
 #[test]
 fn a_nat_pair_keeps_its_sessions_on_the_standby_across_a_secret_rotation_and_a_failover() {
     // A heal delay longer than the test: only the failover to the standby moves the NAT.
-    let (node, a1, a2) = two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let (node, a1, a2) = two_agents(&[
+        "--host-lease-ttl-ms",
+        HOST_LEASE_MS,
+        "--heal-after-ms",
+        "3600000",
+    ]);
     let (active, standby) = nat_pair(&node);
 
     // 20 flows through the active NAT make 20 sessions; then the traffic stops, so nothing but
@@ -491,7 +502,12 @@ fn pair_synced(node: &Serve, standby: &str) -> serde_json::Value {
 
 #[test]
 fn a_stalled_active_is_fenced_and_its_standby_takes_over_once_the_lease_ran_out() {
-    let (node, a1, a2) = two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let (node, a1, a2) = two_agents(&[
+        "--host-lease-ttl-ms",
+        HOST_LEASE_MS,
+        "--heal-after-ms",
+        "3600000",
+    ]);
     let (active, standby) = nat_pair(&node);
     pair_synced(&node, &standby);
     let (stalled, log) = if active == "a1" {
@@ -500,7 +516,7 @@ fn a_stalled_active_is_fenced_and_its_standby_takes_over_once_the_lease_ran_out(
         (&a2, "a2.log")
     };
     // The active's agent stops as a host cut off from everyone would: its standby hears
-    // nothing (30 ms), but the active's host is Ready until its lease runs out (600 ms); then
+    // nothing (30 ms), but the active's host is Ready until its lease runs out (3 s); then
     // the standby is the active, at epoch 1.
     stalled.signal(libc::SIGSTOP);
     wait_until("the standby never took over", || {
@@ -558,8 +574,12 @@ fn spinning_nat(node: &Serve) -> String {
 fn a_pair_whose_active_instance_fails_hands_over_and_its_flow_goes_on_with_its_sessions() {
     // The hosts stay up: a lease long enough that a spinning instance on a loaded machine does
     // not starve its agent's heartbeat past it (the handover must come from the instance).
-    let (node, _a1, _a2) =
-        two_agents(&["--host-lease-ttl-ms", "3000", "--heal-after-ms", "3600000"]);
+    let (node, _a1, _a2) = two_agents(&[
+        "--host-lease-ttl-ms",
+        HOST_LEASE_MS,
+        "--heal-after-ms",
+        "3600000",
+    ]);
     let (active, standby) =
         nat_pair_limited(&node, "limits: { memory: 16MiB, fuel_per_batch: 2000000 }");
     let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: t1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator, rate_pps: 2000, flows: 20 }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> natp.in\n    - natp.out -> sink.in\n";
@@ -658,8 +678,12 @@ fn a_cut_path_between_a_pair_that_both_reach_the_controller_keeps_one_active() {
         eprintln!("skipped: cutting a path needs root and nft (scripts/deps.sh installs it)");
         return;
     }
-    let (node, _a1, _a2) =
-        two_agents(&["--host-lease-ttl-ms", "600", "--heal-after-ms", "3600000"]);
+    let (node, _a1, _a2) = two_agents(&[
+        "--host-lease-ttl-ms",
+        HOST_LEASE_MS,
+        "--heal-after-ms",
+        "3600000",
+    ]);
     let (active, standby) = nat_pair(&node);
     pair_synced(&node, &standby);
     let tunnel = node.json(&["host", "show", &standby])["tunnel"]
