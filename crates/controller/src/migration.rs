@@ -131,6 +131,23 @@ fn whole_pause(g: &telvirt_model::api::GuestStream, resumed: Option<u64>) -> Str
     })
 }
 
+/// How long after its destination resumed a moved guest (`resumed`, µs by that host's clock)
+/// the move switched to it (now, by this controller's clock): the time the VNF's traffic
+/// still went to the source, where the guest no longer runs. Empty when it is not known or
+/// the clocks disagree so far that it would be negative.
+fn switch_lag(resumed: Option<u64>) -> String {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()
+        .and_then(|d| u64::try_from(d.as_micros()).ok());
+    telvirt_model::api::ms_between(resumed, now).map_or_else(String::new, |ms| {
+        format!(
+            "; switched {ms:.1} ms {} (the controller's clock)",
+            telvirt_model::api::SWITCHED_AFTER_RESUME
+        )
+    })
+}
+
 /// Whether a report's guest stream waits at its move's commit point, or asks to pass it ahead
 /// of its final copy (`commit_ahead` while QEMU still streams).
 pub(crate) fn at_commit_point(replication: Option<&telvirt_model::api::ReplicationStatus>) -> bool {
@@ -623,12 +640,13 @@ impl Controller {
             let streamed = match v.replication.as_ref() {
                 Some(r) => match &r.guest {
                     Some(g) => format!(
-                        "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms{}",
+                        "{} MiB of guest memory streamed in {} ms, the guest stopped for {} ms{}{}",
                         g.transferred_bytes >> 20,
                         g.total_ms,
                         g.downtime_ms
                             .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string()),
-                        whole_pause(g, m.resumed_at_us)
+                        whole_pause(g, m.resumed_at_us),
+                        switch_lag(m.resumed_at_us)
                     ),
                     None => format!(
                         "{} map updates streamed, the last after the source froze; frozen for {} µs; {} packets it queued meanwhile passed on",
@@ -792,6 +810,31 @@ mod tests {
             whole_pause(&completed, Some(1_006_540)),
             " by its source's measure, 6.5 ms until its destination resumed it (the two hosts' clocks: 3.0 ms final copy, 3.5 ms at the destination)"
         );
+    }
+
+    #[test]
+    fn the_switch_states_how_long_after_the_resume_it_came_by_this_clock() {
+        let now_us = || {
+            u64::try_from(
+                SystemTime::now()
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .unwrap()
+                    .as_micros(),
+            )
+            .unwrap()
+        };
+        let resumed = now_us() - 2_000_000;
+        let said = switch_lag(Some(resumed));
+        let suffix = format!(" ms {}", telvirt_model::api::SWITCHED_AFTER_RESUME);
+        let ms = telvirt_model::api::figure_before(&said, &suffix);
+        assert!(
+            ms.is_some_and(|ms| (2_000.0..60_000.0).contains(&ms)),
+            "{said}"
+        );
+        assert!(said.starts_with("; switched ") && said.ends_with("(the controller's clock)"));
+        // Unknown, or a destination's clock ahead of this one: nothing is claimed.
+        assert_eq!(switch_lag(None), "");
+        assert_eq!(switch_lag(Some(now_us() + 60_000_000)), "");
     }
 
     fn vm(machine: Option<&str>) -> Vnf {

@@ -867,9 +867,20 @@ pub struct GuestStream {
 /// the Unix epoch. `None` when either is unknown, or the two clocks disagree so far that it
 /// would be negative.
 pub fn whole_pause_ms(stopped_at_us: Option<u64>, resumed_at_us: Option<u64>) -> Option<f64> {
-    let (stop, resume) = (stopped_at_us?, resumed_at_us?);
-    (resume >= stop).then(|| (resume - stop) as f64 / 1000.0)
+    ms_between(stopped_at_us, resumed_at_us)
 }
+
+/// ms from `earlier_us` until `later_us` (µs since the Unix epoch, perhaps by two hosts'
+/// clocks); `None` when either is unknown or it would be negative.
+pub fn ms_between(earlier_us: Option<u64>, later_us: Option<u64>) -> Option<f64> {
+    let (from, to) = (earlier_us?, later_us?);
+    (to >= from).then(|| (to - from) as f64 / 1000.0)
+}
+
+/// The words after the figure of a vm move's switch event that says how long after its
+/// destination resumed the guest the move switched to it (`; switched 2.1 ms after its
+/// destination resumed it (the controller's clock)`).
+pub const SWITCHED_AFTER_RESUME: &str = "after its destination resumed it";
 
 /// Where a moved guest's whole pause went, ms, by its QEMUs' event times (the source's for
 /// the first three, the destination's resume for the last: two hosts' clocks).

@@ -106,6 +106,11 @@ pub struct VmMoveReport {
     pub outage_ratio: f64,
     /// Where the live moves' pauses went.
     pub pause_phases: PausePhaseFigures,
+    /// How long after its destination resumed the guest each live move switched to it (the
+    /// controller's clock against the destination's; the VNF's traffic still went to the
+    /// source meanwhile), ms, of the moves whose event states it, and its median.
+    pub switched_after_resume_ms: Vec<f64>,
+    pub switched_after_resume_p50_ms: Option<f64>,
 }
 
 /// Where each live move's whole pause went, by its QEMUs' event times as its switch event
@@ -219,6 +224,9 @@ struct SwitchFigures {
     paused_ms: Option<f64>,
     /// Where the pause went, as far as stated.
     phases: Option<telvirt_model::api::PausePhases>,
+    /// How long after the destination resumed the guest the move switched to it, ms, when
+    /// stated.
+    switched_after_resume_ms: Option<f64>,
 }
 
 /// The figures of the last switch event.
@@ -238,6 +246,10 @@ async fn switch_figures(api: &Api) -> Result<SwitchFigures> {
         qemu_downtime_ms,
         paused_ms: number_before(" ms until its destination resumed it"),
         phases: telvirt_model::api::PausePhases::stated_in(&reason),
+        switched_after_resume_ms: number_before(&format!(
+            " ms {}",
+            telvirt_model::api::SWITCHED_AFTER_RESUME
+        )),
     })
 }
 
@@ -386,6 +398,7 @@ async fn moves(
     let mut live_downtime = Vec::new();
     let mut unmeasured = 0;
     let mut phases: [Vec<f64>; 4] = Default::default();
+    let mut switched_after_resume_ms = Vec::new();
     let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
     let mut at = "h1".to_owned();
     for i in 0..args.rounds {
@@ -406,6 +419,7 @@ async fn moves(
                 all.extend(one);
             }
         }
+        switched_after_resume_ms.extend(moved.switched_after_resume_ms);
         live_downtime.push(moved.qemu_downtime_ms);
         live_mib.push(moved.mib);
         at = other(&at).to_owned();
@@ -471,6 +485,8 @@ async fn moves(
         live,
         cold,
         pause_phases,
+        switched_after_resume_p50_ms: median_if_any(switched_after_resume_ms.iter().copied()),
+        switched_after_resume_ms,
     })
 }
 
@@ -524,6 +540,12 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
         println!(
             "the live pause, medians of {} moves: {median}",
             p.final_copy_ms.len()
+        );
+    }
+    if let Some(ms) = r.switched_after_resume_p50_ms {
+        println!(
+            "switched to the destination {ms:.1} ms after it resumed the guest (median of {} moves)",
+            r.switched_after_resume_ms.len()
         );
     }
     Ok(())

@@ -190,6 +190,15 @@ mod tests {
                 "107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks: 1.1 ms stopping, 0.7 ms at the commit point, 1.9 ms final copy, 4.7 ms at the destination)"
             )
         );
+        // With when it switched after the resume: that too.
+        assert_eq!(
+            switch_figures(
+                "moved from host h1 to host h2 (107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks); switched 3.1 ms after its destination resumed it (the controller's clock))"
+            ),
+            Some(
+                "107 MiB of guest memory streamed in 583 ms, the guest stopped for 5 ms by its source's measure, 8.4 ms until its destination resumed it (the two hosts' clocks); switched 3.1 ms after its destination resumed it (the controller's clock)"
+            )
+        );
         assert_eq!(
             switch_figures(
                 "moved from host h1 to host h2, now on engine pulley (12 map updates streamed); host h2 had not reported the guest running by the move's deadline"

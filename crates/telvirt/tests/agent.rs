@@ -1274,6 +1274,9 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
                 && r.contains("ms until its destination resumed it")
                 && r.contains("ms at the commit point")
                 && r.contains("ms final copy")
+                // And when, by the controller's clock, the move switched to a2 after that
+                // (one clock here: never negative, so always stated).
+                && r.contains("ms after its destination resumed it (the controller's clock)")
             )),
         "{events}"
     );

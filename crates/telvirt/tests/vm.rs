@@ -600,6 +600,11 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
     if r["pause_phases"]["destination_ms"][0].is_number() {
         assert!(paused + 0.1 >= downtime, "{r}");
     }
+    // One clock here: the switch came after the destination resumed the guest (once its agent
+    // answered), as the event states.
+    let switched = r["switched_after_resume_ms"][0].as_f64();
+    assert!(switched.is_some_and(|ms| ms >= 0.0), "{r}");
+    assert_eq!(r["switched_after_resume_p50_ms"].as_f64(), switched, "{r}");
     assert_eq!(r["qemu"], "qemu-system-x86_64 on PATH", "{r}");
     let ratio = r["outage_ratio"].as_f64().unwrap_or(0.0);
     let (live, cold) = (
