@@ -381,6 +381,16 @@ impl Agent {
                 })
             }));
         }
+        // An instance whose state changed by itself (a guest that arrived by a move runs) is
+        // looked at, and reported, at once.
+        for runtime in inner.runtimes.values() {
+            let weak = Arc::downgrade(inner);
+            runtime.on_state_change(Arc::new(move |vnf| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.queue.add(vnf.clone());
+                }
+            }));
+        }
         let workers: Vec<_> = (0..inner.config.workers.get())
             .map(|_| {
                 let inner = Arc::clone(inner);

@@ -6,6 +6,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use telvirt_model::api::GuestStream;
@@ -70,6 +71,10 @@ impl RuntimeFailure {
 /// What [`Runtime::send_state`] tells how far the stream got.
 pub type StreamProgress = Box<dyn FnMut(&GuestStream) + Send>;
 
+/// Called with an instance's name when its state changed by itself
+/// ([`Runtime::on_state_change`]).
+pub type StateChangeHook = Arc<dyn Fn(&Name) + Send + Sync>;
+
 /// What an instance's guest runs on, as its runtime reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestHardware {
@@ -88,6 +93,14 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Starts the instance and returns once it is running (vm: the guest agent said ready).
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure>;
+
+    /// Registers `hook`, called with an instance's name when its state changes by itself, not
+    /// by a call of the agent's (vm: a guest that arrived by a move runs, or its arrival
+    /// failed), so the agent reports it at once instead of at its next check of every
+    /// instance. Runtimes with no such changes keep this default, which drops it.
+    fn on_state_change(&self, hook: StateChangeHook) {
+        drop(hook);
+    }
 
     /// Takes over an instance that survived an agent restart. `Ok(false)`: nothing to adopt.
     async fn adopt(&self, spec: &InstanceSpec) -> Result<bool, RuntimeFailure>;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use telvirt_agent::{
     Agent, AgentConfig, Backoff, ControlLink, InstanceSpec, InstanceState, LinkError, Runtime,
-    RuntimeFailure,
+    RuntimeFailure, StateChangeHook,
 };
 use telvirt_model::api::{Assignment, Observation};
 use telvirt_model::{DesiredState, Format, Name, Phase, Placement, Role, RuntimeKind, parse_vnf};
@@ -39,6 +39,8 @@ struct FakeRuntime {
     fail_start: Option<String>,
     /// `state` calls: how often the agent looked at an instance.
     looks: AtomicUsize,
+    /// What the agent registered to hear of states that change by themselves.
+    state_change: Mutex<Option<StateChangeHook>>,
 }
 
 impl FakeRuntime {
@@ -54,6 +56,7 @@ impl FakeRuntime {
             pause_failures: AtomicUsize::new(0),
             fail_start: None,
             looks: AtomicUsize::new(0),
+            state_change: Mutex::new(None),
         }
     }
     fn calls(&self) -> Vec<String> {
@@ -96,6 +99,9 @@ impl Drop for InFlight<'_> {
 impl Runtime for FakeRuntime {
     fn kind(&self) -> RuntimeKind {
         self.kind
+    }
+    fn on_state_change(&self, hook: StateChangeHook) {
+        *self.state_change.lock().unwrap() = Some(hook);
     }
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         let name = spec.name.as_str();
@@ -340,6 +346,34 @@ async fn until(label: &str, mut what: impl FnMut() -> bool) {
 
 fn phase_is(link: &FakeLink, vnf: &str, phase: Phase) -> bool {
     link.last(vnf).is_some_and(|(p, _)| p == phase)
+}
+
+/// An instance whose state changes by itself (a guest that arrived by a move runs, or
+/// crashed) is reported as soon as its runtime says so, not at the next look at every
+/// instance (an hour away here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_the_runtime_says_changed_is_reported_at_once() {
+    let (_open, gate) = watch::channel(false);
+    let vm = Arc::new(FakeRuntime::new(RuntimeKind::Vm, &[], gate));
+    let link = Arc::new(FakeLink::new(vec![assignment("vm1", "vm", 1)]));
+    let agent = Running::start(vec![vm.clone()], link.clone(), config(2));
+    until("vm1 runs", || phase_is(&link, "vm1", Phase::Running)).await;
+    until("the agent registered for changes", || {
+        vm.state_change.lock().unwrap().is_some()
+    })
+    .await;
+    vm.set(
+        "vm1",
+        InstanceState::Failed("its QEMU exited (signal 9)".into()),
+    );
+    let hook = vm.state_change.lock().unwrap().clone().unwrap();
+    hook(&"vm1".parse().unwrap());
+    until("the change was reported", || {
+        link.last("vm1")
+            .is_some_and(|(p, why)| p == Phase::Failed && why.contains("signal 9"))
+    })
+    .await;
+    agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

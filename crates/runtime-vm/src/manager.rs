@@ -900,8 +900,10 @@ impl VmHandle {
     /// Resumes a guest that came in by migration, unless QEMU did as the stream completed
     /// ([`VmHandle::prepare_arrival`]), with its agent's socket connected before (or now,
     /// when the stream was taken without it), then waits for the agent (when the
-    /// configuration has one).
-    pub(crate) async fn resume_incoming(&self) -> Result<()> {
+    /// configuration has one). Answers the guest's uptime its agent stated as it answered
+    /// (none without an agent): a guest that did not boot again has been up since before the
+    /// move.
+    pub(crate) async fn resume_incoming(&self) -> Result<Option<Duration>> {
         let agent = self.connect_arrival_agent().await?.take();
         // QEMU resumed it itself as the stream completed when the stream was taken after
         // [`VmHandle::prepare_arrival`]: a `cont` then would add a STOP and RESUME of its own.
@@ -918,10 +920,11 @@ impl VmHandle {
             // A guest that ran until its stream answers at once; one that does not within
             // this is taken for broken while its move may still end at its source.
             let wait = self.inner.config.ready_timeout.min(ARRIVAL_READY_TIMEOUT);
-            agent.wait_ready(wait).await?;
+            let ready = agent.wait_ready(wait).await?;
             *self.inner.agent.lock().await = Some(agent);
+            return Ok(Some(Duration::from_millis(ready.uptime_ms)));
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Connects to the guest agent and waits (the config's `ready_timeout`) until it is ready.

@@ -732,8 +732,9 @@ impl VmHandle {
 
     /// On the destination: waits up to `deadline` for the incoming stream to complete, then
     /// resumes the guest here unless QEMU did as it completed, and waits for its agent (when
-    /// the configuration has one).
-    pub async fn finish_incoming(&self, deadline: Duration) -> Result<()> {
+    /// the configuration has one). Answers the guest's uptime as its agent stated it then
+    /// (none without an agent).
+    pub async fn finish_incoming(&self, deadline: Duration) -> Result<Option<Duration>> {
         if self.phase() != VmPhase::Incoming {
             return Err(Error::Migration {
                 vm: self.name().to_owned(),

@@ -218,7 +218,9 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let err = src.resume().await.unwrap_err().to_string();
     assert!(err.contains("migrated"), "{err}");
 
-    dst.finish_incoming(T).await.unwrap();
+    // Its agent answered here, stating the guest's uptime: up since before the move.
+    let uptime = dst.finish_incoming(T).await.unwrap();
+    assert!(uptime.is_some_and(|up| up > Duration::ZERO), "{uptime:?}");
     assert_eq!(dst.phase(), VmPhase::Running);
     // Its whole pause: from when the source's QEMU began stopping the guest until its resume
     // here, by the two QEMUs' own times on this host's clock.

@@ -27,7 +27,7 @@ use tokio::sync::{Mutex, OnceCell};
 use crate::dataplane::NodeDataPlane;
 use crate::runtime::{
     ArrivalFailure, GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
-    StreamProgress,
+    StateChangeHook, StreamProgress,
 };
 
 /// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
@@ -80,6 +80,8 @@ pub struct VmRuntime {
     receiving: Arc<std::sync::Mutex<HashMap<Name, u64>>>,
     /// How the last arrival of each guest that came by a migration stream ended.
     arrivals: Arc<std::sync::Mutex<HashMap<Name, Arrival>>>,
+    /// Told when an arrival ended ([`Runtime::on_state_change`]).
+    state_change: Arc<std::sync::Mutex<Option<StateChangeHook>>>,
 }
 
 /// The token of the next [`ArrivalWatch`].
@@ -186,6 +188,7 @@ impl VmRuntime {
             nics: std::sync::Mutex::new(HashMap::new()),
             receiving: Arc::new(std::sync::Mutex::new(HashMap::new())),
             arrivals: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            state_change: Arc::new(std::sync::Mutex::new(None)),
         }
     }
 
@@ -222,6 +225,15 @@ impl VmRuntime {
     /// (`watch`'s entry, gone however the task ends).
     fn watch_arrival(&self, watch: ArrivalWatch, handle: VmHandle) {
         let arrivals = Arc::clone(&self.arrivals);
+        let state_change = Arc::clone(&self.state_change);
+        // Once its end is noted and the name is out of `receiving` (its state no longer
+        // `Incoming`): the agent reports it now, and the move switches (or ends) at once.
+        let tell = move |name: &Name| {
+            let hook = lock(&state_change).clone();
+            if let Some(hook) = hook {
+                hook(name);
+            }
+        };
         let name = watch.name.clone();
         tokio::spawn(async move {
             // Longer than the source's wait: this clock starts before the source's stream.
@@ -229,18 +241,19 @@ impl VmRuntime {
                 .finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE)
                 .await
             {
-                Ok(_) => {
-                    // It answered: it runs here (its note follows).
+                Ok(uptime) => {
+                    // It answered: it runs here. The uptime it stated then says it was not
+                    // booted again (asked no more: a guest just arrived under emulation
+                    // answers slowly while its code is translated again, and the switch
+                    // waits for this).
                     drop(watch);
-                    // The guest's own uptime says it was not booted again.
-                    let uptime = handle
-                        .health(Duration::from_secs(5))
-                        .await
-                        .map(|h| format!("; its guest has been up {} s", h.uptime_ms / 1000))
+                    let uptime = uptime
+                        .map(|up| format!("; its guest has been up {} s", up.as_secs()))
                         .unwrap_or_default();
                     let note = format!("arrived by a migration stream, running here{uptime}");
                     tracing::info!(vnf = %name, "{note}");
                     lock(&arrivals).insert(name.clone(), Arrival::Running(note));
+                    tell(&name);
                 }
                 // Noted only once its QEMU is gone: the report of it lets the source resume
                 // the copy it kept, which must not run beside this one.
@@ -260,13 +273,21 @@ impl VmRuntime {
                     match killed {
                         // Not when a `remove` ended the watch meanwhile (the instance is gone,
                         // and a later move here is not this one).
-                        Ok(()) => watch.while_current(|| {
-                            let failed = ArrivalFailure {
-                                why: e.to_string(),
-                                stream_completed,
-                            };
-                            lock(&arrivals).insert(name.clone(), Arrival::Failed(failed));
-                        }),
+                        Ok(()) => {
+                            let mut noted = false;
+                            watch.while_current(|| {
+                                let failed = ArrivalFailure {
+                                    why: e.to_string(),
+                                    stream_completed,
+                                };
+                                lock(&arrivals).insert(name.clone(), Arrival::Failed(failed));
+                                noted = true;
+                            });
+                            drop(watch);
+                            if noted {
+                                tell(&name);
+                            }
+                        }
                         Err(k) => {
                             tracing::warn!(vnf = %name, "its QEMU could not be killed: {k}; its arrival stays unsettled")
                         }
@@ -650,6 +671,10 @@ fn has_vm_state(dir: &Path) -> bool {
 impl Runtime for VmRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Vm
+    }
+
+    fn on_state_change(&self, hook: StateChangeHook) {
+        *lock(&self.state_change) = Some(hook);
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
