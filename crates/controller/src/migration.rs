@@ -132,9 +132,10 @@ fn whole_pause(g: &telvirt_model::api::GuestStream, resumed: Option<u64>) -> Str
 }
 
 /// How long after its destination resumed a moved guest (`resumed`, µs by that host's clock)
-/// the move switched to it (now, by this controller's clock): the time the VNF's traffic
-/// still went to the source, where the guest no longer runs. Empty when it is not known or
-/// the clocks disagree so far that it would be negative.
+/// this controller decided to switch the move to it (now, by its clock): the VNF's traffic
+/// went to the source, where the guest no longer runs, at least that long (it follows once
+/// the switch is written and the agents rewire). Empty when it is not known or the clocks
+/// disagree so far that it would be negative.
 fn switch_lag(resumed: Option<u64>) -> String {
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)

@@ -71,6 +71,8 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let root = common::state_root();
     let mgr = common::manager(root.path());
     let src = mgr.start(common::config("migsrc")).await.unwrap();
+    // Its guest has been up since at least now (its agent answered).
+    let src_ready = std::time::Instant::now();
     let _src_guard = VmGuard(src.clone());
     // Up long enough that a guest rebooted by the move would show a smaller uptime after it.
     let before = loop {
@@ -218,9 +220,14 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     let err = src.resume().await.unwrap_err().to_string();
     assert!(err.contains("migrated"), "{err}");
 
-    // Its agent answered here, stating the guest's uptime: up since before the move.
+    // Its agent answered here, stating the guest's uptime: up since before the source's
+    // start returned (it did not boot again here).
     let uptime = dst.finish_incoming(T).await.unwrap();
-    assert!(uptime.is_some_and(|up| up > Duration::ZERO), "{uptime:?}");
+    assert!(
+        uptime.is_some_and(|up| up >= src_ready.elapsed()),
+        "{uptime:?} against {:?} since the source ran",
+        src_ready.elapsed()
+    );
     assert_eq!(dst.phase(), VmPhase::Running);
     // Its whole pause: from when the source's QEMU began stopping the guest until its resume
     // here, by the two QEMUs' own times on this host's clock.

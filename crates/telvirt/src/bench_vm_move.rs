@@ -106,9 +106,10 @@ pub struct VmMoveReport {
     pub outage_ratio: f64,
     /// Where the live moves' pauses went.
     pub pause_phases: PausePhaseFigures,
-    /// How long after its destination resumed the guest each live move switched to it (the
-    /// controller's clock against the destination's; the VNF's traffic still went to the
-    /// source meanwhile), ms, of the moves whose event states it, and its median.
+    /// How long after its destination resumed the guest the controller decided each live
+    /// move's switch to it (its clock against the destination's; the VNF's traffic went to
+    /// the source at least that long: it follows once the agents rewire), ms, of the moves
+    /// whose event states it, and its median.
     pub switched_after_resume_ms: Vec<f64>,
     pub switched_after_resume_p50_ms: Option<f64>,
 }

@@ -246,14 +246,22 @@ impl VmRuntime {
                     // booted again (asked no more: a guest just arrived under emulation
                     // answers slowly while its code is translated again, and the switch
                     // waits for this).
-                    drop(watch);
                     let uptime = uptime
                         .map(|up| format!("; its guest has been up {} s", up.as_secs()))
                         .unwrap_or_default();
                     let note = format!("arrived by a migration stream, running here{uptime}");
                     tracing::info!(vnf = %name, "{note}");
-                    lock(&arrivals).insert(name.clone(), Arrival::Running(note));
-                    tell(&name);
+                    // Noted while the watch is current (not after a `remove`), before the
+                    // state stops saying `Incoming`: a step in between reports the note.
+                    let mut noted = false;
+                    watch.while_current(|| {
+                        lock(&arrivals).insert(name.clone(), Arrival::Running(note));
+                        noted = true;
+                    });
+                    drop(watch);
+                    if noted {
+                        tell(&name);
+                    }
                 }
                 // Noted only once its QEMU is gone: the report of it lets the source resume
                 // the copy it kept, which must not run beside this one.
