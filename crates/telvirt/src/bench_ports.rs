@@ -210,27 +210,49 @@ fn missing() -> Option<String> {
     None
 }
 
-/// A one-shot iperf3 server on `port` in `ns`, once it listens.
+/// A one-shot iperf3 server on `port` in `ns`, once it listens; started again should one end
+/// before it listens (what it said then is in the error if none listens within 10 s).
 fn iperf3_server(ns: &Netns, port: u16) -> Result<BenchChild> {
     let p = port.to_string();
-    let child = BenchChild(
-        ns.command("iperf3", &["-s", "-1", "-p", &p])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context("starting an iperf3 server")?,
-    );
     let filter = format!("sport = :{port}");
-    block_on(poll_until(
-        Duration::from_secs(10),
-        "the iperf3 server to listen",
-        || async {
-            ns.command("ss", &["-ltnH", &filter])
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut ended = String::new();
+    loop {
+        let mut child = BenchChild(
+            ns.command("iperf3", &["-s", "-1", "-p", &p])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("starting an iperf3 server")?,
+        );
+        loop {
+            let listens = ns
+                .command("ss", &["-ltnH", &filter])
                 .output()
-                .is_ok_and(|o| !o.stdout.is_empty())
-        },
-    ))?;
-    Ok(child)
+                .is_ok_and(|o| !o.stdout.is_empty());
+            if listens {
+                return Ok(child);
+            }
+            if let Some(status) = child.0.try_wait().context("watching the iperf3 server")? {
+                let mut said = String::new();
+                if let Some(mut err) = child.0.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut err, &mut said);
+                }
+                ended = format!(" (it ended {status}: {})", said.trim());
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the iperf3 server on port {port} in {} did not listen within 10 s{ended}",
+                ns.name
+            );
+        }
+    }
 }
 
 /// iperf3 TCP from `client` to the server for `seconds`: the receiver's Gbit/s, or the error
