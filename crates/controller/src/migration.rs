@@ -120,9 +120,9 @@ pub(crate) fn guest_moved(v: &Vnf, m: &Migration) -> bool {
 /// (`stopped_at_us`) until its destination resumed it (`resumed`), µs by the two hosts' clocks, and where it went
 /// ([`telvirt_model::api::PausePhases`]); QEMU's own measure of the stop ends when the
 /// source's last byte left. Empty when it is not known
-/// ([`telvirt_model::api::whole_pause_ms`]).
+/// ([`telvirt_model::api::ms_between`]).
 fn whole_pause(g: &telvirt_model::api::GuestStream, resumed: Option<u64>) -> String {
-    telvirt_model::api::whole_pause_ms(g.stopped_at_us, resumed).map_or_else(String::new, |ms| {
+    telvirt_model::api::ms_between(g.stopped_at_us, resumed).map_or_else(String::new, |ms| {
         let phases = telvirt_model::api::PausePhases::of(g, resumed)
             .map_or_else(String::new, |p| format!(": {p}"));
         format!(
@@ -137,16 +137,20 @@ fn whole_pause(g: &telvirt_model::api::GuestStream, resumed: Option<u64>) -> Str
 /// the switch is written and the agents rewire). Empty when it is not known or the clocks
 /// disagree so far that it would be negative.
 fn switch_lag(resumed: Option<u64>) -> String {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .ok()
-        .and_then(|d| u64::try_from(d.as_micros()).ok());
-    telvirt_model::api::ms_between(resumed, now).map_or_else(String::new, |ms| {
+    telvirt_model::api::ms_between(resumed, unix_now_us()).map_or_else(String::new, |ms| {
         format!(
             "; switched {ms:.1} ms {} (the controller's clock)",
             telvirt_model::api::SWITCHED_AFTER_RESUME
         )
     })
+}
+
+/// Now, µs since the Unix epoch by this host's clock (`None` before the epoch).
+fn unix_now_us() -> Option<u64> {
+    let since = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .ok()?;
+    u64::try_from(since.as_micros()).ok()
 }
 
 /// Whether a report's guest stream waits at its move's commit point, or asks to pass it ahead
@@ -815,15 +819,7 @@ mod tests {
 
     #[test]
     fn the_switch_states_how_long_after_the_resume_it_came_by_this_clock() {
-        let now_us = || {
-            u64::try_from(
-                SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .unwrap()
-                    .as_micros(),
-            )
-            .unwrap()
-        };
+        let now_us = || unix_now_us().unwrap();
         let resumed = now_us() - 2_000_000;
         let said = switch_lag(Some(resumed));
         let suffix = format!(" ms {}", telvirt_model::api::SWITCHED_AFTER_RESUME);

@@ -862,16 +862,10 @@ pub struct GuestStream {
     pub downtime_limit_ms: u64,
 }
 
-/// A moved guest's whole pause in ms: from when its source QEMU began stopping it
-/// (`stopped_at_us`) until its destination QEMU resumed it (`resumed_at_us`), both µs since
-/// the Unix epoch. `None` when either is unknown, or the two clocks disagree so far that it
-/// would be negative.
-pub fn whole_pause_ms(stopped_at_us: Option<u64>, resumed_at_us: Option<u64>) -> Option<f64> {
-    ms_between(stopped_at_us, resumed_at_us)
-}
-
 /// ms from `earlier_us` until `later_us` (µs since the Unix epoch, perhaps by two hosts'
-/// clocks); `None` when either is unknown or it would be negative.
+/// clocks, e.g. a moved guest's whole pause: from its source QEMU's stop until its
+/// destination QEMU's resume); `None` when either is unknown, or the clocks disagree so far
+/// that it would be negative.
 pub fn ms_between(earlier_us: Option<u64>, later_us: Option<u64>) -> Option<f64> {
     let (from, to) = (earlier_us?, later_us?);
     (to >= from).then(|| (to - from) as f64 / 1000.0)
@@ -918,9 +912,7 @@ impl PausePhases {
             stopping_ms: gate.map(|(at, _)| ms(stop, at)),
             commit_point_ms: gate.map(|(at, on)| ms(at, on)),
             final_copy_ms: ms(gate.map_or(stop, |(_, on)| on), done),
-            destination_ms: resumed_at_us
-                .filter(|&resumed| resumed >= done)
-                .map(|resumed| ms(done, resumed)),
+            destination_ms: ms_between(Some(done), resumed_at_us),
         })
     }
 

@@ -302,9 +302,8 @@ async fn measure(
             }
             .err()
             .map(|e| e.to_string());
-            let paused_ms =
-                telvirt_model::api::whole_pause_ms(done.stopped_at_us, dst.resumed_at_us())
-                    .filter(|_| broken.is_none());
+            let paused_ms = telvirt_model::api::ms_between(done.stopped_at_us, dst.resumed_at_us())
+                .filter(|_| broken.is_none());
             MigrationSample {
                 paused_ms,
                 converged: true,

@@ -214,37 +214,34 @@ fn missing() -> Option<String> {
 /// before it listens (what it said then is in the error if none listens within 10 s).
 fn iperf3_server(ns: &Netns, port: u16) -> Result<BenchChild> {
     let p = port.to_string();
-    let filter = format!("sport = :{port}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let mut ended = String::new();
-    loop {
-        let mut child = BenchChild(
+    let spawn = || -> Result<BenchChild> {
+        Ok(BenchChild(
             ns.command("iperf3", &["-s", "-1", "-p", &p])
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
                 .context("starting an iperf3 server")?,
-        );
-        loop {
-            let listens = ns
-                .command("ss", &["-ltnH", &filter])
-                .output()
-                .is_ok_and(|o| !o.stdout.is_empty());
-            if listens {
-                return Ok(child);
+        ))
+    };
+    let filter = format!("sport = :{port}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut child = spawn()?;
+    let mut ended = String::new();
+    loop {
+        let listens = ns
+            .command("ss", &["-ltnH", &filter])
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty());
+        if listens {
+            return Ok(child);
+        }
+        if let Some(status) = child.0.try_wait().context("watching the iperf3 server")? {
+            let mut said = String::new();
+            if let Some(mut err) = child.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut err, &mut said);
             }
-            if let Some(status) = child.0.try_wait().context("watching the iperf3 server")? {
-                let mut said = String::new();
-                if let Some(mut err) = child.0.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut err, &mut said);
-                }
-                ended = format!(" (it ended {status}: {})", said.trim());
-                break;
-            }
-            if std::time::Instant::now() >= deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            ended = format!(" (it ended {status}: {})", said.trim());
+            child = spawn()?;
         }
         if std::time::Instant::now() >= deadline {
             bail!(
@@ -252,6 +249,7 @@ fn iperf3_server(ns: &Netns, port: u16) -> Result<BenchChild> {
                 ns.name
             );
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

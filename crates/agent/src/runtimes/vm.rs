@@ -105,11 +105,19 @@ impl ArrivalWatch {
         receiving.get(&self.name) == Some(&self.token)
     }
 
-    /// Runs `f` under the table's lock while this watch still holds its name; else nothing.
-    fn while_current(&self, f: impl FnOnce()) {
-        if self.holds(&lock(&self.receiving)) {
-            f();
+    /// Ends the watch with how its arrival ended, noted in `arrivals` while the watch still
+    /// holds its name (not after a `remove`, nor over a newer watch), before the name leaves
+    /// `receiving` (a state read in between says `Incoming`, not a state without the note).
+    /// Whether it was noted.
+    fn settle(self, arrivals: &std::sync::Mutex<HashMap<Name, Arrival>>, how: Arrival) -> bool {
+        // Under the table's lock: a `remove` (which clears `receiving` first) waits for it.
+        let receiving = lock(&self.receiving);
+        let current = self.holds(&receiving);
+        if current {
+            lock(arrivals).insert(self.name.clone(), how);
         }
+        drop(receiving);
+        current
     }
 }
 
@@ -251,15 +259,7 @@ impl VmRuntime {
                         .unwrap_or_default();
                     let note = format!("arrived by a migration stream, running here{uptime}");
                     tracing::info!(vnf = %name, "{note}");
-                    // Noted while the watch is current (not after a `remove`), before the
-                    // state stops saying `Incoming`: a step in between reports the note.
-                    let mut noted = false;
-                    watch.while_current(|| {
-                        lock(&arrivals).insert(name.clone(), Arrival::Running(note));
-                        noted = true;
-                    });
-                    drop(watch);
-                    if noted {
+                    if watch.settle(&arrivals, Arrival::Running(note)) {
                         tell(&name);
                     }
                 }
@@ -282,17 +282,11 @@ impl VmRuntime {
                         // Not when a `remove` ended the watch meanwhile (the instance is gone,
                         // and a later move here is not this one).
                         Ok(()) => {
-                            let mut noted = false;
-                            watch.while_current(|| {
-                                let failed = ArrivalFailure {
-                                    why: e.to_string(),
-                                    stream_completed,
-                                };
-                                lock(&arrivals).insert(name.clone(), Arrival::Failed(failed));
-                                noted = true;
-                            });
-                            drop(watch);
-                            if noted {
+                            let failed = ArrivalFailure {
+                                why: e.to_string(),
+                                stream_completed,
+                            };
+                            if watch.settle(&arrivals, Arrival::Failed(failed)) {
                                 tell(&name);
                             }
                         }
