@@ -25,7 +25,7 @@ pub use reconcile::{Agent, AgentConfig, DEFAULT_WORKERS, RELIST_INTERVAL, RESYNC
 pub use replication::{ReplicaState, Replicas, StandbyHost, serve_standbys};
 pub use runtime::{
     ArrivalFailure, GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
-    StateChangeHook,
+    StateChangeHook, StateChangeSlot,
 };
 pub use telvirt_api::{ControlLink, LinkError};
 

@@ -75,6 +75,27 @@ pub type StreamProgress = Box<dyn FnMut(&GuestStream) + Send>;
 /// ([`Runtime::on_state_change`]).
 pub type StateChangeHook = Arc<dyn Fn(&Name) + Send + Sync>;
 
+/// Where a runtime keeps the hook the agent registered ([`Runtime::on_state_change`]); a
+/// clone shares it, so the tasks and data-plane nodes that see an instance change tell the
+/// hook registered by then.
+#[derive(Clone, Default)]
+pub struct StateChangeSlot(Arc<std::sync::Mutex<Option<StateChangeHook>>>);
+
+impl StateChangeSlot {
+    /// Registers `hook` in place of any before.
+    pub fn set(&self, hook: StateChangeHook) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Tells the registered hook, if any, that instance `name`'s state changed by itself.
+    pub fn tell(&self, name: &Name) {
+        let hook = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(hook) = hook {
+            hook(name);
+        }
+    }
+}
+
 /// What an instance's guest runs on, as its runtime reports it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestHardware {
@@ -96,8 +117,9 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Registers `hook`, called with an instance's name when its state changes by itself, not
     /// by a call of the agent's (vm: a guest that arrived by a move runs, or its arrival
-    /// failed), so the agent reports it at once instead of at its next check of every
-    /// instance. Runtimes with no such changes keep this default, which drops it.
+    /// failed, or its QEMU exited; wasm: a batch or tick trapped), so the agent reports it at
+    /// once instead of at its next check of every instance. Runtimes with no such changes
+    /// keep this default, which drops it.
     fn on_state_change(&self, hook: StateChangeHook) {
         drop(hook);
     }

@@ -844,6 +844,13 @@ impl VmHandle {
         }
     }
 
+    /// A future that ends when QEMU exits, with how (`None`: its watcher ended first), holding
+    /// nothing of the handle but its exit watch: a task may wait on it as long as QEMU runs.
+    pub fn on_exit(&self) -> impl std::future::Future<Output = Option<ExitInfo>> + Send + 'static {
+        let mut rx = self.inner.exit.clone();
+        async move { rx.wait_for(|v| v.is_some()).await.ok().and_then(|v| *v) }
+    }
+
     /// Wait until QEMU has exited, at most `timeout`.
     pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitInfo> {
         let mut rx = self.inner.exit.clone();

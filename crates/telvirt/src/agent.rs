@@ -541,10 +541,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let health = Arc::new(HealthRegistry::new());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let name = host.name().to_owned();
-    let config = AgentConfig {
-        workers: args.agent.workers,
-        ..AgentConfig::default()
-    };
+    let config = args.agent.agent_config();
     let tasks = host.start(link, &health, config, Some(modules), shutdown_rx);
     tracing::info!(
         "telvirt agent of host {name} serving controller {} (data dir {})",

@@ -341,6 +341,11 @@ pub struct HostAgentArgs {
     /// VNFs the agent works on at once (a VM boot never holds another VNF back)
     #[arg(long, default_value_t = telvirt_agent::DEFAULT_WORKERS)]
     pub workers: std::num::NonZeroUsize,
+    /// How often the agent looks at every instance even when nothing told it to, in
+    /// milliseconds: a safety net (instances report their own changes: a QEMU's exit, a
+    /// guest's arrival); raise it on hosts with many VNFs
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..=86_400_000))]
+    pub resync_interval_ms: u64,
     /// How often an active wasm instance with a standby sends its state to the standby's host
     /// (a keepalive when nothing changed), in milliseconds: the pair's heartbeat
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
@@ -367,6 +372,17 @@ pub struct HostAgentArgs {
     /// the data plane
     #[arg(long, value_enum, default_value_t = HostPortSocketArg::Auto)]
     pub host_port_socket: HostPortSocketArg,
+}
+
+impl HostAgentArgs {
+    /// The agent's work-queue settings these arguments ask for.
+    pub fn agent_config(&self) -> telvirt_agent::AgentConfig {
+        telvirt_agent::AgentConfig {
+            workers: self.workers,
+            resync: std::time::Duration::from_millis(self.resync_interval_ms),
+            ..telvirt_agent::AgentConfig::default()
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]

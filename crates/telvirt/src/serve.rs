@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use telvirt_agent::{AgentConfig, ControlLink};
+use telvirt_agent::ControlLink;
 use telvirt_controller::health;
 use telvirt_controller::{Controller, LocalLink};
 use telvirt_runtime_wasm::SecurityPolicy;
@@ -232,10 +232,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let health = Arc::clone(controller.health());
     let link: Arc<dyn ControlLink> = Arc::new(LocalLink::new(controller.clone(), &local_host));
-    let config = AgentConfig {
-        workers: args.agent.workers,
-        ..AgentConfig::default()
-    };
+    let config = args.agent.agent_config();
     let tasks = host.start(link, &health, config, None, shutdown_rx);
 
     tracing::info!(

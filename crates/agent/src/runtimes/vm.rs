@@ -27,7 +27,7 @@ use tokio::sync::{Mutex, OnceCell};
 use crate::dataplane::NodeDataPlane;
 use crate::runtime::{
     ArrivalFailure, GuestHardware, InstanceSpec, InstanceState, Runtime, RuntimeFailure,
-    StateChangeHook, StreamProgress,
+    StateChangeHook, StateChangeSlot, StreamProgress,
 };
 
 /// SCHED_FIFO priority of vCPU threads of a descriptor with `realtime: true`.
@@ -81,7 +81,7 @@ pub struct VmRuntime {
     /// How the last arrival of each guest that came by a migration stream ended.
     arrivals: Arc<std::sync::Mutex<HashMap<Name, Arrival>>>,
     /// Told when an arrival ended ([`Runtime::on_state_change`]).
-    state_change: Arc<std::sync::Mutex<Option<StateChangeHook>>>,
+    state_change: StateChangeSlot,
 }
 
 /// The token of the next [`ArrivalWatch`].
@@ -196,7 +196,7 @@ impl VmRuntime {
             nics: std::sync::Mutex::new(HashMap::new()),
             receiving: Arc::new(std::sync::Mutex::new(HashMap::new())),
             arrivals: Arc::new(std::sync::Mutex::new(HashMap::new())),
-            state_change: Arc::new(std::sync::Mutex::new(None)),
+            state_change: StateChangeSlot::default(),
         }
     }
 
@@ -228,20 +228,36 @@ impl VmRuntime {
         })
     }
 
+    /// What tells the agent that an instance's state changed ([`Runtime::on_state_change`]'s
+    /// hook, when one is set by then).
+    fn teller(&self) -> impl Fn(&Name) + Send + Sync + 'static {
+        let state_change = self.state_change.clone();
+        move |name: &Name| state_change.tell(name)
+    }
+
+    /// Holds `handle` as instance `name`'s QEMU and tells the agent when that QEMU exits (a
+    /// crash is then reported at once, not at the agent's next look at every instance; an
+    /// exit it asked for costs one more look).
+    async fn hold(&self, name: &Name, handle: VmHandle) {
+        let exited = handle.on_exit();
+        let tell = self.teller();
+        let who = name.clone();
+        tokio::spawn(async move {
+            if exited.await.is_some() {
+                tell(&who);
+            }
+        });
+        self.handles.lock().await.insert(name.clone(), handle);
+    }
+
     /// Waits (in a task) for the stream `name` takes in to end, then resumes the arrived
     /// guest here, or kills the QEMU that waited for it. `name` is in `receiving` until then
     /// (`watch`'s entry, gone however the task ends).
     fn watch_arrival(&self, watch: ArrivalWatch, handle: VmHandle) {
         let arrivals = Arc::clone(&self.arrivals);
-        let state_change = Arc::clone(&self.state_change);
         // Once its end is noted and the name is out of `receiving` (its state no longer
         // `Incoming`): the agent reports it now, and the move switches (or ends) at once.
-        let tell = move |name: &Name| {
-            let hook = lock(&state_change).clone();
-            if let Some(hook) = hook {
-                hook(name);
-            }
-        };
+        let tell = self.teller();
         let name = watch.name.clone();
         tokio::spawn(async move {
             // Longer than the source's wait: this clock starts before the source's stream.
@@ -676,7 +692,7 @@ impl Runtime for VmRuntime {
     }
 
     fn on_state_change(&self, hook: StateChangeHook) {
-        *lock(&self.state_change) = Some(hook);
+        self.state_change.set(hook);
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
@@ -702,7 +718,7 @@ impl Runtime for VmRuntime {
             "vm running"
         );
         self.arrival_table().remove(&spec.name);
-        self.handles.lock().await.insert(spec.name.clone(), handle);
+        self.hold(&spec.name, handle).await;
         Ok(())
     }
 
@@ -778,7 +794,7 @@ impl Runtime for VmRuntime {
         };
         tracing::info!(vnf = %spec.name, pid = handle.pid(), "vm waiting for its guest's migration stream");
         self.arrival_table().remove(&spec.name);
-        self.handles.lock().await.insert(spec.name.clone(), handle);
+        self.hold(&spec.name, handle).await;
         Ok(())
     }
 
@@ -874,7 +890,7 @@ impl Runtime for VmRuntime {
                         self.watch_arrival(watch, handle.clone());
                     }
                 }
-                self.handles.lock().await.insert(spec.name.clone(), handle);
+                self.hold(&spec.name, handle).await;
                 Ok(true)
             }
             Err(Error::NotAdoptable { .. }) => Ok(false),

@@ -49,7 +49,9 @@ use telvirt_runtime_wasm::{
 use super::handoff::{Handoff, decode_frames, encode_frames};
 use crate::dataplane::NodeDataPlane;
 use crate::fencing::{Fencing, ForwardGate};
-use crate::runtime::{InstanceSpec, InstanceState, Runtime, RuntimeFailure};
+use crate::runtime::{
+    InstanceSpec, InstanceState, Runtime, RuntimeFailure, StateChangeHook, StateChangeSlot,
+};
 
 /// Packets per batch a wasm node takes from one input.
 pub const BATCH: usize = 32;
@@ -82,12 +84,29 @@ fn guard(inst: &Shared) -> MutexGuard<'_, VnfInstance> {
     inst.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Tells the agent that instance `name` trapped (it restarted or failed: its state and
+/// counters changed by themselves).
+#[derive(Clone)]
+struct TrapTeller {
+    name: Name,
+    slot: StateChangeSlot,
+}
+
+impl TrapTeller {
+    fn after<T>(&self, result: &rw::Result<T>) {
+        if matches!(result, Err(rw::Error::BatchTrapped { .. })) {
+            self.slot.tell(&self.name);
+        }
+    }
+}
+
 /// One wasm VNF as a data-plane stage: copies each batch into a `PacketBatch`, runs it and
 /// copies rewritten packets back.
 struct WasmStage {
     inst: Shared,
     batch: Box<PacketBatch>,
     ok: Vec<bool>,
+    trapped: TrapTeller,
 }
 
 impl PacketProcessor for WasmStage {
@@ -105,6 +124,7 @@ impl PacketProcessor for WasmStage {
             self.ok.push(self.batch.push(port, pool.data(p)).is_ok());
         }
         let result = guard(&self.inst).process_batch(&mut self.batch);
+        self.trapped.after(&result);
         let mut j = 0;
         for (p, ok) in pkts.iter_mut().zip(&self.ok) {
             if !*ok {
@@ -174,6 +194,7 @@ impl Node for GatedNode {
 /// When a VNF's `tv_tick` is next due (`spec.wasm.tick_ms`).
 struct Ticker {
     inst: Shared,
+    trapped: TrapTeller,
     every: Duration,
     next: Instant,
     /// Polls since the clock was last read.
@@ -185,9 +206,10 @@ impl Ticker {
     /// 50 µs idle, so a tick is late by at most a few milliseconds.
     const POLLS_PER_CLOCK: u32 = 64;
 
-    fn new(inst: Shared, every: Duration) -> Self {
+    fn new(inst: Shared, trapped: TrapTeller, every: Duration) -> Self {
         Ticker {
             inst,
+            trapped,
             every,
             next: Instant::now() + every,
             polls: 0,
@@ -205,11 +227,14 @@ impl Ticker {
             return;
         }
         self.next = now + self.every;
-        let mut inst = guard(&self.inst);
-        let clock = inst.clock_ns();
-        // A trap in the tick fails or restarts the instance like a batch's (its state and
-        // events say so); a module without the export is not called.
-        let _ = inst.tick(clock);
+        let ticked = {
+            let mut inst = guard(&self.inst);
+            let clock = inst.clock_ns();
+            // A trap in the tick fails or restarts the instance like a batch's (its state and
+            // events say so); a module without the export is not called.
+            inst.tick(clock)
+        };
+        self.trapped.after(&ticked);
     }
 }
 
@@ -366,6 +391,8 @@ pub struct WasmRuntime {
     /// The agent's fencing, whose gates each instance's node asks before it polls (`None`:
     /// instances always forward while scheduled).
     fencing: Option<Arc<Fencing>>,
+    /// Told when an instance trapped ([`Runtime::on_state_change`]).
+    state_change: StateChangeSlot,
 }
 
 fn fail(e: impl std::fmt::Display) -> RuntimeFailure {
@@ -957,6 +984,7 @@ impl WasmRuntime {
             snapshot_files: Arc::new(Mutex::new(())),
             entries: Arc::new(Mutex::new(BTreeMap::new())),
             fencing: None,
+            state_change: StateChangeSlot::default(),
         })
     }
 
@@ -1280,6 +1308,10 @@ impl WasmRuntime {
         let inst: Shared = Arc::new(Mutex::new(inst));
         let scheduled = Arc::new(AtomicBool::new(true));
         let handoff = Arc::new(Handoff::default());
+        let trapped = TrapTeller {
+            name: spec.name.clone(),
+            slot: self.state_change.clone(),
+        };
         let ports: Vec<&str> = spec
             .descriptor
             .spec
@@ -1295,6 +1327,7 @@ impl WasmRuntime {
                     inst: Arc::clone(&inst),
                     batch: Box::new(PacketBatch::new()),
                     ok: Vec::with_capacity(BATCH),
+                    trapped: trapped.clone(),
                 },
                 BATCH,
             ),
@@ -1304,7 +1337,7 @@ impl WasmRuntime {
                 .wasm
                 .as_ref()
                 .and_then(|w| w.tick_interval())
-                .map(|every| Ticker::new(Arc::clone(&inst), every)),
+                .map(|every| Ticker::new(Arc::clone(&inst), trapped, every)),
             handoff: Arc::clone(&handoff),
         };
         let mut entries = self.entries();
@@ -1351,6 +1384,10 @@ impl WasmRuntime {
 impl Runtime for WasmRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Wasm
+    }
+
+    fn on_state_change(&self, hook: StateChangeHook) {
+        self.state_change.set(hook);
     }
 
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
