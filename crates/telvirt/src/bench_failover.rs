@@ -333,9 +333,9 @@ struct Recovery {
     silences: u64,
 }
 
-/// The NAT's events whose reason contains `what`.
-async fn events_saying(api: &Api, what: &str) -> Result<u64> {
-    let events = api.json("/v1/vnfs/nat/events").await?;
+/// VNF `vnf`'s events whose reason contains `what`.
+pub(crate) async fn events_saying(api: &Api, vnf: &str, what: &str) -> Result<u64> {
+    let events = api.json(&format!("/v1/vnfs/{vnf}/events")).await?;
     Ok(events.as_array().map_or(0, |all| {
         all.iter()
             .filter(|e| e["reason"].as_str().is_some_and(|r| r.contains(what)))
@@ -352,7 +352,7 @@ async fn kill_active(s: &mut NatSetup, pair: bool) -> Result<Recovery> {
         .and_then(|n| n.parse::<usize>().ok())
         .and_then(|n| n.checked_sub(1))
         .context("the active's host is not one of h1..h4")?;
-    let silences = events_saying(&s.api, "lost its active on").await?;
+    let silences = events_saying(&s.api, "nat", "lost its active on").await?;
     let killed = Instant::now();
     s.hosts.agents[index].kill();
     let (mut detect, mut flip, mut reheal) = (None, None, None);

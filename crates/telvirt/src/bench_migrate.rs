@@ -24,7 +24,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
 
-use crate::bench_cluster::{Api, Hosts};
+use crate::bench_cluster::Api;
 use crate::bench_control::{ms, percentile};
 use crate::bench_failover::{
     FailoverArgs, HOSTS, TCP_KILL_AT, TCP_SECONDS, TcpEvent, TcpRun, cordon, instance, nat,
@@ -32,10 +32,10 @@ use crate::bench_failover::{
 };
 use crate::bench_handover::{answer, poll_until};
 use crate::bench_ports::ratio;
+use crate::bench_stream::{SinkReading, StreamLoss, lost_where};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
-use telvirt_model::network::SINK_LATENCY_BOUNDS_NS;
 
 #[derive(Args, Debug, Clone)]
 pub struct MigrateArgs {
@@ -223,75 +223,21 @@ async fn round(
     let settle = settle_for(flows, args.rate_pps);
     let (_, created) = stream_back(api, (sent0, received0), settle).await?;
     let after = SinkReading::read(api).await?;
-    let lost = after.missing.saturating_sub(before.missing);
-    let slowest = (0..after.delays.len())
-        .rev()
-        .find(|&i| after.delays[i] > before.delays.get(i).copied().unwrap_or(0));
-    let delay_max_us = match slowest {
-        Some(i) => SINK_LATENCY_BOUNDS_NS.get(i).map(|ns| ns / 1000),
-        None => Some(0),
-    };
+    let loss = StreamLoss::between(&before, &after, args.rate_pps);
     let downtime_us = match how {
         How::Live => frozen_us(api).await?,
         How::Cold => None,
     };
     Ok(MoveRun {
         total_ms: total,
-        lost_packets: lost,
-        outage_ms: lost as f64 * 1000.0 / args.rate_pps as f64,
+        lost_packets: loss.lost_packets,
+        outage_ms: loss.outage_ms,
         sessions_kept_pct: 100.0 * flows.saturating_sub(created) as f64 / flows as f64,
         state_bytes,
         downtime_us,
-        delay_max_us,
-        lost_where: (lost > 0).then(|| lost_where(&after.table, dir)),
+        delay_max_us: loss.delay_max_us,
+        lost_where: (loss.lost_packets > 0).then(|| lost_where(&after.table, dir, HOSTS)),
     })
-}
-
-/// Where a move's lost frames may have gone: the stream network's table (each link's drops,
-/// each tunnel endpoint's) and the agents' warnings.
-fn lost_where(table: &str, dir: &Path) -> String {
-    let mut out = table.to_owned();
-    for i in 0..HOSTS as usize {
-        let name = Hosts::name(i);
-        let log = std::fs::read_to_string(Hosts::log_path(dir, &name)).unwrap_or_default();
-        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
-        for line in &warnings[warnings.len().saturating_sub(20)..] {
-            out.push_str(&format!("\n{name}: {line}"));
-        }
-    }
-    out
-}
-
-/// What the stream network's sink showed at one reading.
-struct SinkReading {
-    /// The frames it missed so far: sequence numbers below the highest it saw that never
-    /// came (frames in flight are above it: they are not counted, unlike a difference of the
-    /// links' counters).
-    missing: u64,
-    /// Its frames per latency bucket so far (bounds: [`SINK_LATENCY_BOUNDS_NS`]).
-    delays: Vec<u64>,
-    /// The network's `net show` table (each link's counters, its drops among them).
-    table: String,
-}
-
-impl SinkReading {
-    async fn read(api: &Api) -> Result<Self> {
-        let n = api.json("/v1/networks/stream").await?;
-        let status = &n["status"];
-        let sink = &status["sinks"][0];
-        let (Some(missing), Some(delays), Some(table)) = (
-            sink["lost"].as_u64(),
-            sink["latency_buckets"].as_array(),
-            status["table"].as_str(),
-        ) else {
-            bail!("network stream shows no sink or table: {n}");
-        };
-        Ok(Self {
-            missing,
-            delays: delays.iter().map(|v| v.as_u64().unwrap_or(0)).collect(),
-            table: table.to_owned(),
-        })
-    }
 }
 
 /// Loads `count` idle sessions into the NAT's session table, 65,536 a change: keys of

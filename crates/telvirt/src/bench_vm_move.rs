@@ -2,11 +2,13 @@
 //! (a controller and two agent processes with tunnel addresses on loopback), live (`vnf
 //! migrate`: its guest streams from one QEMU to the other and goes on) against what an operator
 //! does without live migration, a cold move (deleted, created on the other host: a new guest
-//! boots), alternating in one run.
+//! boots), alternating in one run. With `--stream-pps` the VNF forwards a generator stream
+//! between its two NICs (gen -> fwa -> the VNF -> fwb -> sink, the firewalls, generator and
+//! sink on a third host that stays put) and each move also reports what it cost the stream.
 //!
 //! Owns the set-up, the rounds and the report. It must not time anything inside the platform:
-//! the figures are the API's (total) and QEMU's (how long the guest was stopped), as the move's
-//! event reports them.
+//! the figures are the API's (total), QEMU's (how long the guest was stopped), as the move's
+//! event reports them, and the stream sink's (frames lost and delayed).
 
 use std::time::{Duration, Instant};
 
@@ -16,9 +18,10 @@ use serde::Serialize;
 
 use crate::bench_cluster::{Api, Hosts, embedded_controller, lay_out_hosts};
 use crate::bench_control::ms;
-use crate::bench_failover::{cordon, post_yaml};
+use crate::bench_failover::{cordon, events_saying, post_yaml};
 use crate::bench_handover::{answer, poll_until};
 use crate::bench_ports::{median, median_if_any, ratio};
+use crate::bench_stream::{SinkReading, StreamLoss, lost_where};
 use crate::cli::Output;
 use crate::output;
 use crate::progress::Progress;
@@ -39,6 +42,11 @@ pub struct VmMoveArgs {
     /// on PATH]
     #[arg(long, value_name = "PATH", value_parser = crate::cli::parse_qemu)]
     pub qemu: Option<std::path::PathBuf>,
+    /// Also send a stream of this many frames a second through the VNF (its two NICs:
+    /// gen -> fwa -> vmm -> fwb -> sink, the firewalls, generator and sink on a third host)
+    /// and report what each move cost it [default: no stream]
+    #[arg(long, value_name = "PPS", value_parser = clap::value_parser!(u64).range(100..=20_000))]
+    pub stream_pps: Option<u64>,
     #[command(flatten)]
     pub agents: crate::control_threads::AgentPriorityArgs,
     #[command(flatten)]
@@ -85,6 +93,42 @@ pub struct VmMoveFigures {
     pub qemu_downtime_p50_ms: f64,
     /// Guest memory streamed (live moves), MiB.
     pub streamed_mib: Vec<u64>,
+    /// With `--stream-pps`: what each move cost the stream through the VNF.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamFigures>,
+}
+
+/// What one kind of move cost the stream through the VNF, every round.
+#[derive(Debug, Serialize)]
+pub struct StreamFigures {
+    /// Each move's loss, from just before its request until the stream ran a second again
+    /// after it (a live move asked again after a broken arrival counts every try).
+    pub moves: Vec<StreamLoss>,
+    /// Of the moves' `outage_ms` (frames lost at the stream's rate).
+    pub outage_p50_ms: f64,
+    pub outage_max_ms: f64,
+    /// The largest of the moves' `delay_max_us` (`None`: a frame slower than 1 s).
+    pub delay_max_us: Option<u64>,
+    /// For each move that lost frames: the stream network's table after it and the agents'
+    /// last warnings, to see where they went.
+    pub lost_where: Vec<String>,
+}
+
+impl StreamFigures {
+    fn of(runs: Vec<(StreamLoss, Option<String>)>) -> Self {
+        let outage: Vec<f64> = runs.iter().map(|(l, _)| l.outage_ms).collect();
+        Self {
+            outage_p50_ms: median(outage.iter().copied()),
+            outage_max_ms: outage.iter().copied().fold(0.0, f64::max),
+            delay_max_us: runs
+                .iter()
+                .map(|(l, _)| l.delay_max_us)
+                .collect::<Option<Vec<u64>>>()
+                .and_then(|d| d.into_iter().max()),
+            lost_where: runs.iter().filter_map(|(_, w)| w.clone()).collect(),
+            moves: runs.into_iter().map(|(l, _)| l).collect(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -104,6 +148,15 @@ pub struct VmMoveReport {
     /// Live over cold, of the medians.
     pub total_ratio: f64,
     pub outage_ratio: f64,
+    /// The stream's rate through the VNF (`--stream-pps`), frames a second.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_pps: Option<u64>,
+    /// Live over cold, of the stream's outage medians.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_outage_ratio: Option<f64>,
+    /// Live moves whose guest broke on its arrival (it ran on at its source, QEMU 7.2's TCG
+    /// delivers some guests broken, ADR 062) and were asked again, at most twice a round.
+    pub arrivals_broken: u32,
     /// Where the live moves' pauses went.
     pub pause_phases: PausePhaseFigures,
     /// How long after its destination resumed the guest the controller decided each live
@@ -134,12 +187,60 @@ pub struct PausePhaseFigures {
 }
 
 const VNF: &str = "vmm";
+/// What a move's event says when its guest broke on its arrival and runs on at its source.
+const ARRIVAL_BROKEN: &str = "its guest did not come to run there";
+/// How long the stream runs after a move before its sink is read (late frames arrive).
+const STREAM_SETTLE: Duration = Duration::from_secs(1);
 
-fn descriptor(memory_mib: u64, encryption: MoveEncryptionArg) -> String {
+/// The VNF: with `nics`, two vhost-user NICs on ports n3 and n6, which the default guest
+/// forwards between.
+fn descriptor(memory_mib: u64, encryption: MoveEncryptionArg, nics: bool) -> String {
+    let (ports, nics) = if nics {
+        (
+            "  ports: [n3, n6]\n",
+            ", nics: [ { port: n3 }, { port: n6 } ]",
+        )
+    } else {
+        ("", "")
+    };
     format!(
-        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {VNF} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: dedicated, count: 1 }}\n  vm: {{ memory: {memory_mib}MiB, move_encryption: {} }}\n",
+        "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {VNF} }}\nspec:\n  runtime: vm\n  cpu: {{ policy: dedicated, count: 1 }}\n{ports}  vm: {{ memory: {memory_mib}MiB, move_encryption: {}{nics} }}\n",
         encryption.as_str()
     )
+}
+
+/// The stream through the VNF: the generator and sink on the firewalls' host.
+fn stream_network(rate_pps: u64) -> String {
+    format!(
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: stream }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: {rate_pps} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> fwa.in\n    - fwa.out -> {VNF}.n3\n    - {VNF}.n6 -> fwb.in\n    - fwb.out -> sink.in\n"
+    )
+}
+
+/// Once the stream reaches the sink again (a tenth of a second of it) and ran
+/// [`STREAM_SETTLE`] more: what it lost since `before`, and where when it lost any.
+async fn stream_cost(
+    api: &Api,
+    before: &SinkReading,
+    rate_pps: u64,
+    dir: &std::path::Path,
+    hosts: u32,
+) -> Result<(StreamLoss, Option<String>)> {
+    let at = SinkReading::read(api).await?.received;
+    poll_until(
+        Duration::from_secs(120),
+        "the stream back at the sink",
+        || async {
+            SinkReading::read(api)
+                .await
+                .is_ok_and(|r| r.received > at + rate_pps / 10)
+        },
+    )
+    .await?;
+    tokio::time::sleep(STREAM_SETTLE).await;
+    let after = SinkReading::read(api).await?;
+    let loss = StreamLoss::between(before, &after, rate_pps);
+    let lost_where = (loss.lost_packets > 0).then(|| lost_where(&after.table, dir, hosts));
+    Ok((loss, lost_where))
 }
 
 /// The host the VNF runs on alone, if it runs.
@@ -254,22 +355,40 @@ async fn switch_figures(api: &Api) -> Result<SwitchFigures> {
     })
 }
 
-/// One live move from `from`: its total ms and what its switch event states.
-async fn live_move(api: &Api, from: &str) -> Result<(f64, SwitchFigures)> {
+/// One live move from `from`: its total ms, what its switch event states and how many tries
+/// broke on their arrival before it (each asked again, three tries in all).
+async fn live_move(api: &Api, from: &str) -> Result<(f64, SwitchFigures, u32)> {
     let to = other(from);
     let asked = Instant::now();
-    let _: serde_json::Value = answer(
-        api.request(reqwest::Method::POST, &format!("/v1/vnfs/{VNF}/migrate"))
-            .json(&serde_json::json!({ "to": to })),
-    )
-    .await?;
-    let moved = poll_until(Duration::from_secs(240), "the vm moved", || async {
-        running_alone(api).await.as_deref() == Some(to)
-    })
-    .await;
-    with_state(api, moved).await?;
-    let total = ms(asked.elapsed());
-    Ok((total, switch_figures(api).await?))
+    let mut broken = 0;
+    loop {
+        let broken_before = events_saying(api, VNF, ARRIVAL_BROKEN).await?;
+        let _: serde_json::Value = answer(
+            api.request(reqwest::Method::POST, &format!("/v1/vnfs/{VNF}/migrate"))
+                .json(&serde_json::json!({ "to": to })),
+        )
+        .await?;
+        // Moved, or broken on its arrival: running on at the source after its event.
+        let ended = poll_until(Duration::from_secs(240), "the vm moved", || async {
+            match running_alone(api).await {
+                Some(h) if h == to => true,
+                Some(h) if h == from => events_saying(api, VNF, ARRIVAL_BROKEN)
+                    .await
+                    .is_ok_and(|n| n > broken_before),
+                _ => false,
+            }
+        })
+        .await;
+        with_state(api, ended).await?;
+        if running_alone(api).await.as_deref() == Some(to) {
+            let total = ms(asked.elapsed());
+            return Ok((total, switch_figures(api).await?, broken));
+        }
+        broken += 1;
+        if broken == 3 {
+            bail!("vnf {VNF}'s guest broke on its arrival at {to} in each of 3 moves");
+        }
+    }
 }
 
 async fn cold_move(api: &Api, from: &str, yaml: &str) -> Result<f64> {
@@ -311,7 +430,40 @@ fn figures(
         qemu_downtime_ms: qemu_downtime,
         outage_unmeasured: 0,
         streamed_mib: mib,
+        stream: None,
     }
+}
+
+/// The stream's firewalls fwa and fwb running on h3 (h1 and h2 cordoned meanwhile), then h3
+/// cordoned: no move goes there.
+async fn place_firewalls(api: &Api, firewall: &str) -> Result<()> {
+    cordon(api, "h1", true).await?;
+    cordon(api, "h2", true).await?;
+    for fw in ["fwa", "fwb"] {
+        post_yaml(
+            api,
+            "/v1/vnfs",
+            crate::bench_cluster::descriptor(fw, 1, firewall),
+        )
+        .await?;
+    }
+    poll_until(
+        Duration::from_secs(60),
+        "fwa and fwb running on h3",
+        || async {
+            let mut both = true;
+            for fw in ["fwa", "fwb"] {
+                both &= api
+                    .json(&format!("/v1/vnfs/{fw}"))
+                    .await
+                    .is_ok_and(|v| v["phase"] == "Running" && v["placements"][0]["host"] == "h3");
+            }
+            both
+        },
+    )
+    .await?;
+    cordon(api, "h3", true).await?;
+    cordon(api, "h1", false).await
 }
 
 pub async fn run_vm_move_bench(
@@ -360,7 +512,9 @@ async fn moves(
         qemu: args.qemu.clone(),
         control_priority: args.agents.control_priority,
     };
-    lay_out_hosts(&api, &mut hosts, 2).await?;
+    // With a stream, h3 holds its firewalls, generator and sink, and is cordoned for the moves.
+    let host_count = if args.stream_pps.is_some() { 3 } else { 2 };
+    let firewall = lay_out_hosts(&api, &mut hosts, host_count).await?;
     // An agent without its vm runtime runs none: said now, not after the VNF waited for a host.
     for host in ["h1", "h2"] {
         let v = api.json(&format!("/v1/hosts/{host}")).await?;
@@ -385,8 +539,15 @@ async fn moves(
         }
     }
     let total_steps = 2 * u64::from(args.rounds) + 1;
+    if args.stream_pps.is_some() {
+        place_firewalls(&api, &firewall).await?;
+    }
     cordon(&api, "h2", true).await?;
-    let yaml = descriptor(args.memory_mib, args.move_encryption);
+    let yaml = descriptor(
+        args.memory_mib,
+        args.move_encryption,
+        args.stream_pps.is_some(),
+    );
     post_yaml(&api, "/v1/vnfs", yaml.clone()).await?;
     let ran = poll_until(Duration::from_secs(300), "the vm running on h1", || async {
         running_alone(&api).await.as_deref() == Some("h1")
@@ -394,6 +555,38 @@ async fn moves(
     .await;
     with_state(&api, ran).await?;
     cordon(&api, "h2", false).await?;
+    if let Some(rate) = args.stream_pps {
+        post_yaml(&api, "/v1/networks", stream_network(rate)).await?;
+        poll_until(
+            Duration::from_secs(120),
+            "the stream across the vm at the sink",
+            || async {
+                SinkReading::read(&api)
+                    .await
+                    .is_ok_and(|r| r.received > rate)
+            },
+        )
+        .await?;
+    }
+    let before_stream = || async {
+        match args.stream_pps {
+            Some(_) => SinkReading::read(&api).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let cost = |before: Option<SinkReading>| {
+        let api = &api;
+        async move {
+            match (before, args.stream_pps) {
+                (Some(before), Some(rate)) => stream_cost(api, &before, rate, dir, host_count)
+                    .await
+                    .map(Some),
+                _ => Ok(None),
+            }
+        }
+    };
+    let (mut live_stream, mut cold_stream) = (Vec::new(), Vec::new());
+    let mut arrivals_broken = 0;
     progress(1, total_steps);
     let (mut live_total, mut live_outage, mut live_mib) = (Vec::new(), Vec::new(), Vec::new());
     let mut live_downtime = Vec::new();
@@ -403,7 +596,10 @@ async fn moves(
     let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
     let mut at = "h1".to_owned();
     for i in 0..args.rounds {
-        let (total, moved) = live_move(&api, &at).await?;
+        let before = before_stream().await?;
+        let (total, moved, broken) = live_move(&api, &at).await?;
+        live_stream.extend(cost(before).await?);
+        arrivals_broken += broken;
         live_total.push(total);
         match moved.paused_ms {
             Some(p) => live_outage.push(p),
@@ -425,7 +621,9 @@ async fn moves(
         live_mib.push(moved.mib);
         at = other(&at).to_owned();
         progress(2 + 2 * u64::from(i), total_steps);
+        let before = before_stream().await?;
         let total = cold_move(&api, &at, &yaml).await?;
+        cold_stream.extend(cost(before).await?);
         // The guest is gone from the delete until the new one runs.
         cold_total.push(total);
         cold_outage.push(total);
@@ -449,6 +647,8 @@ async fn moves(
         live_mib,
     );
     live.outage_unmeasured = unmeasured;
+    let with_stream = args.stream_pps.is_some();
+    live.stream = with_stream.then(|| StreamFigures::of(live_stream));
     let [stopping_ms, commit_point_ms, final_copy_ms, destination_ms] = phases;
     let stated_p50 = |v: &Vec<f64>| median_if_any(v.iter().copied());
     let pause_phases = PausePhaseFigures {
@@ -461,18 +661,25 @@ async fn moves(
         final_copy_ms,
         destination_ms,
     };
-    let cold = figures(
+    let mut cold = figures(
         "cold move (deleted, created on the other host: a new guest boots)",
         cold_total,
         cold_outage,
         Vec::new(),
         Vec::new(),
     );
+    cold.stream = with_stream.then(|| StreamFigures::of(cold_stream));
     if live.outage_ms.is_empty() {
         bail!("no live move's whole pause was measured ({unmeasured} moves' events stated none)");
     }
     Ok(VmMoveReport {
-        measured: "the default guest (1 vCPU) moved between two agents' hosts on loopback through a controller, live against cold, alternating".into(),
+        measured: format!(
+            "the default guest (1 vCPU) moved between two agents' hosts on loopback through a controller, live against cold, alternating{}",
+            args.stream_pps.map_or_else(String::new, |rate| format!(
+                "; a stream of {rate} frames/s through its two vhost-user NICs (gen -> fwa -> {VNF} -> fwb -> sink on a third host h3), its loss counted by the sink from before each move until it ran {} s again",
+                STREAM_SETTLE.as_secs()
+            ))
+        ),
         qemu: args.qemu.as_ref().map_or_else(
             || "qemu-system-x86_64 on PATH".to_owned(),
             |q| q.display().to_string(),
@@ -483,6 +690,13 @@ async fn moves(
         control_priority: args.agents.control_priority,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
+        stream_pps: args.stream_pps,
+        stream_outage_ratio: live
+            .stream
+            .as_ref()
+            .zip(cold.stream.as_ref())
+            .map(|(l, c)| ratio(l.outage_p50_ms, c.outage_p50_ms)),
+        arrivals_broken,
         live,
         cold,
         pause_phases,
@@ -530,6 +744,24 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
         "live / cold: total {:.2}, guest stopped {:.3}",
         r.total_ratio, r.outage_ratio
     );
+    if let (Some(rate), Some(live), Some(cold)) =
+        (r.stream_pps, r.live.stream.as_ref(), r.cold.stream.as_ref())
+    {
+        println!(
+            "the stream at {rate} frames/s lost p50 {:.1} ms live (max {:.1}), {:.1} ms cold (max {:.1}): live / cold {:.3}",
+            live.outage_p50_ms,
+            live.outage_max_ms,
+            cold.outage_p50_ms,
+            cold.outage_max_ms,
+            r.stream_outage_ratio.unwrap_or_default()
+        );
+    }
+    if r.arrivals_broken > 0 {
+        println!(
+            "{} live moves' guests broke on their arrival and were asked again",
+            r.arrivals_broken
+        );
+    }
     let p = &r.pause_phases;
     if let Some(final_copy_ms) = p.final_copy_p50_ms {
         let median = telvirt_model::api::PausePhases {

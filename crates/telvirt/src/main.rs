@@ -13,6 +13,7 @@ mod bench_failover;
 mod bench_handover;
 mod bench_migrate;
 mod bench_ports;
+mod bench_stream;
 mod bench_vhost;
 mod bench_vm_move;
 mod bench_vrrp;

@@ -585,7 +585,8 @@ fn bench_vm_move_says_at_once_when_its_agents_have_no_vm_runtime() {
 fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmm");
-    // In the clear (the agent tests move guests sealed, the default): both paths move.
+    // In the clear (the agent tests move guests sealed, the default): both paths move, with a
+    // stream through the guest's NICs.
     let out = offline(
         &[
             "bench",
@@ -594,6 +595,8 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
             "1",
             "--move-encryption",
             "none",
+            "--stream-pps",
+            "1000",
             "-o",
             "json",
         ],
@@ -644,6 +647,24 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
         (ratio - live / cold).abs() < 1e-6,
         "outage ratio is live / cold: {r}"
     );
+    // The stream through the guest: a cold move cuts it while a new guest boots, so it lost
+    // frames; the live move cut it for less (its guest paused for milliseconds, then the
+    // switch and the agents' rewiring).
+    assert_eq!(r["stream_pps"], 1000, "{r}");
+    let stream_outage = |set: &str| r[set]["stream"]["outage_p50_ms"].as_f64();
+    let lost = |set: &str| r[set]["stream"]["moves"][0]["lost_packets"].as_u64();
+    assert!(lost("cold") > Some(0), "{r}");
+    assert!(lost("live").is_some(), "{r}");
+    assert!(
+        stream_outage("live") < stream_outage("cold"),
+        "the live move cut the stream for less than the cold one: {r}"
+    );
+    let stream_ratio = r["stream_outage_ratio"].as_f64().unwrap_or(f64::NAN);
+    let (live, cold) = (
+        stream_outage("live").unwrap_or(0.0),
+        stream_outage("cold").unwrap_or(1.0),
+    );
+    assert!((stream_ratio - live / cold).abs() < 1e-6, "{r}");
 }
 
 #[test]
