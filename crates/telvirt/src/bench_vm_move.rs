@@ -112,6 +112,11 @@ pub struct StreamFigures {
     /// For each move that lost frames: the stream network's table after it and the agents'
     /// last warnings, to see where they went.
     pub lost_where: Vec<String>,
+    /// Live moves: how much longer the stream was cut than the guest was paused (its
+    /// `outage_ms` less the move's whole pause), ms, of the moves whose pause was stated: the
+    /// time the traffic took to follow the guest.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub beyond_pause_ms: Vec<f64>,
 }
 
 impl StreamFigures {
@@ -127,6 +132,7 @@ impl StreamFigures {
                 .and_then(|d| d.into_iter().max()),
             lost_where: runs.iter().filter_map(|(_, w)| w.clone()).collect(),
             moves: runs.into_iter().map(|(l, _)| l).collect(),
+            beyond_pause_ms: Vec::new(),
         }
     }
 }
@@ -586,6 +592,7 @@ async fn moves(
         }
     };
     let (mut live_stream, mut cold_stream) = (Vec::new(), Vec::new());
+    let mut beyond_pause_ms = Vec::new();
     let mut arrivals_broken = 0;
     progress(1, total_steps);
     let (mut live_total, mut live_outage, mut live_mib) = (Vec::new(), Vec::new(), Vec::new());
@@ -598,7 +605,10 @@ async fn moves(
     for i in 0..args.rounds {
         let before = before_stream().await?;
         let (total, moved, broken) = live_move(&api, &at).await?;
-        live_stream.extend(cost(before).await?);
+        if let Some((loss, lost_where)) = cost(before).await? {
+            beyond_pause_ms.extend(moved.paused_ms.map(|p| loss.outage_ms - p));
+            live_stream.push((loss, lost_where));
+        }
         arrivals_broken += broken;
         live_total.push(total);
         match moved.paused_ms {
@@ -648,7 +658,10 @@ async fn moves(
     );
     live.outage_unmeasured = unmeasured;
     let with_stream = args.stream_pps.is_some();
-    live.stream = with_stream.then(|| StreamFigures::of(live_stream));
+    live.stream = with_stream.then(|| StreamFigures {
+        beyond_pause_ms,
+        ..StreamFigures::of(live_stream)
+    });
     let [stopping_ms, commit_point_ms, final_copy_ms, destination_ms] = phases;
     let stated_p50 = |v: &Vec<f64>| median_if_any(v.iter().copied());
     let pause_phases = PausePhaseFigures {
@@ -755,6 +768,12 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
             cold.outage_max_ms,
             r.stream_outage_ratio.unwrap_or_default()
         );
+        if !live.beyond_pause_ms.is_empty() {
+            println!(
+                "the live moves cut it {:.1} ms longer than they paused the guest (median)",
+                median(live.beyond_pause_ms.iter().copied())
+            );
+        }
     }
     if r.arrivals_broken > 0 {
         println!(
