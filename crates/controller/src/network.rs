@@ -635,8 +635,10 @@ impl Controller {
         vnfs: &BTreeMap<String, Vnf>,
     ) -> Result<BTreeMap<String, crate::HostRecord>> {
         let mut hosts = BTreeMap::new();
-        let mut placed: BTreeSet<String> =
-            vnfs.values().filter_map(crate::maps::active_host).collect();
+        let mut placed: BTreeSet<String> = vnfs
+            .values()
+            .filter_map(crate::maps::traffic_host)
+            .collect();
         placed.extend(pinned_ends(d).into_iter().map(|e| e.host));
         for host in placed {
             if let Some(record) = self.agent_host(&host).await? {
@@ -656,7 +658,7 @@ impl Controller {
         let d = &n.descriptor;
         let vnf_hosts: BTreeMap<String, String> = vnfs
             .iter()
-            .filter_map(|(name, v)| crate::maps::active_host(v).map(|h| (name.clone(), h)))
+            .filter_map(|(name, v)| crate::maps::traffic_host(v).map(|h| (name.clone(), h)))
             .collect();
         // Host interfaces pinned to a host stay there.
         let pinned: BTreeMap<String, String> = pinned_ends(d)

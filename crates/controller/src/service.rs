@@ -378,16 +378,19 @@ impl Controller {
     }
 
     /// VNF `before` became `after` (`None`: did not exist / was deleted): wakes the scheduler,
-    /// and the agents of the hosts whose assignment of it changed (none for a phase report).
+    /// the networks' agents when its traffic goes to another host, and the agents of the hosts
+    /// whose assignment of it changed (none for a phase report).
     pub(crate) fn vnf_changed(&self, before: Option<&Vnf>, after: Option<&Vnf>) {
         self.schedule_wanted.notify_one();
+        // Its traffic goes to another host (its active placed, moved or gone; a moved guest
+        // resumed at its destination, a report that changes no assignment): hosts that hold
+        // its networks rewire, those without it too (a spanning chain's other hosts, pinned
+        // interfaces).
+        if before.and_then(crate::maps::traffic_host) != after.and_then(crate::maps::traffic_host) {
+            bump(self.networks_version());
+        }
         if before.map(assignment_facts) == after.map(assignment_facts) {
             return;
-        }
-        // Its active instance was placed, moved or is gone: hosts that hold its networks
-        // without holding it (a spanning chain's other hosts, pinned interfaces) rewire too.
-        if before.and_then(crate::maps::active_host) != after.and_then(crate::maps::active_host) {
-            bump(self.networks_version());
         }
         let mut hosts: Vec<&str> = before
             .into_iter()

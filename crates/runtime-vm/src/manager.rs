@@ -649,6 +649,9 @@ struct Inner {
     /// When this QEMU resumed the guest that arrived by its incoming stream (its `RESUME`
     /// event, µs since the Unix epoch): set once, so a later unlock's resume is not taken for it.
     arrival_resumed_at: std::sync::OnceLock<u64>,
+    /// Woken once the arrived guest runs here, before its agent answers
+    /// ([`VmHandle::arrival_resumed`]).
+    arrival_resumed: tokio::sync::Notify,
     /// On a move's destination: the guest agent's socket, connected when the stream was taken
     /// ([`VmHandle::prepare_arrival`]), for the resume to take.
     arrival_agent: Mutex<Option<AgentClient>>,
@@ -730,6 +733,7 @@ impl VmHandle {
                 adopted,
                 confinement: p.confinement,
                 arrival_resumed_at: std::sync::OnceLock::new(),
+                arrival_resumed: tokio::sync::Notify::new(),
                 arrival_agent: Mutex::new(None),
             }),
         }
@@ -904,6 +908,13 @@ impl VmHandle {
         Ok(agent)
     }
 
+    /// Returns once the guest that arrived by this QEMU's incoming stream runs here (resumed by
+    /// [`VmHandle::finish_incoming`], before its agent answered); never for one that did not
+    /// arrive. One caller at a time.
+    pub async fn arrival_resumed(&self) {
+        self.inner.arrival_resumed.notified().await;
+    }
+
     /// Resumes a guest that came in by migration, unless QEMU did as the stream completed
     /// ([`VmHandle::prepare_arrival`]), with its agent's socket connected before (or now,
     /// when the stream was taken without it), then waits for the agent (when the
@@ -922,6 +933,7 @@ impl VmHandle {
         }
         // The guest runs here from now on, whether or not its agent answers.
         self.set_phase(VmPhase::Running);
+        self.inner.arrival_resumed.notify_one();
         let _ = std::fs::remove_file(self.inner.dir.join(INCOMING_MARK));
         if let Some(agent) = agent {
             // A guest that ran until its stream answers at once; one that does not within

@@ -261,10 +261,18 @@ impl VmRuntime {
         let name = watch.name.clone();
         tokio::spawn(async move {
             // Longer than the source's wait: this clock starts before the source's stream.
-            match handle
-                .finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE)
-                .await
-            {
+            let finishing = handle.finish_incoming(MOVE_STREAM_DEADLINE + INCOMING_GRACE);
+            tokio::pin!(finishing);
+            // The guest resumed here (its agent not yet asked): reported at once with when it
+            // resumed, so its traffic comes here before the move switches (ADR 062).
+            let finished = tokio::select! {
+                finished = &mut finishing => finished,
+                () = handle.arrival_resumed() => {
+                    tell(&name);
+                    finishing.await
+                }
+            };
+            match finished {
                 Ok(uptime) => {
                     // It answered: it runs here. The uptime it stated then says it was not
                     // booted again (asked no more: a guest just arrived under emulation

@@ -469,15 +469,7 @@ async fn a_vm_console_is_read_on_its_host_and_bad_requests_for_it_are_refused() 
 async fn net_show_asks_a_host_that_holds_no_part_of_a_network_only_when_its_heartbeat_names_it() {
     let (node, h2) = node_with_remote_h2().await;
     let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n2 }\nspec:\n  nodes:\n    - { name: gen, kind: generator }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> sink.in\n";
-    let r = node
-        .call(
-            "POST",
-            "/v1/networks",
-            None,
-            Some(&node.admin),
-            Some((net.as_bytes(), "application/yaml")),
-        )
-        .await;
+    let r = node.create_network(&node.admin, net).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let beat = |departed: Value| {
         agent_call(
@@ -610,15 +602,7 @@ async fn a_host_gets_the_networks_naming_its_vnfs_and_answers_their_status_and_p
         })
     };
     let net = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n1 }\nspec:\n  nodes:\n    - { name: gen, kind: generator }\n    - { name: sink, kind: sink }\n  links:\n    - gen.out -> fw1.in\n    - fw1.out -> sink.in\n";
-    let r = node
-        .call(
-            "POST",
-            "/v1/networks",
-            None,
-            Some(&node.admin),
-            Some((net.as_bytes(), "application/yaml")),
-        )
-        .await;
+    let r = node.create_network(&node.admin, net).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let after = tokio::time::timeout(Duration::from_secs(20), waiter)
         .await

@@ -30,8 +30,6 @@ use telvirt_sched::coremap::{host_map, render_host_map};
 use telvirt_sched::{Allocation, CpuPolicy, HostSpec, SchedConfig, Scheduler};
 use telvirt_store::{Op, RedbStore, Store};
 
-const YAML: &str = "application/yaml";
-
 fn caller(name: &str) -> Caller {
     Caller { name: name.into() }
 }
@@ -829,16 +827,7 @@ async fn a_host_port_in_use_names_no_other_authoritys_network() {
     let create = |token: &str, name: &str| {
         let body = network(name);
         let token = token.to_owned();
-        async move {
-            node.call(
-                "POST",
-                "/v1/networks",
-                None,
-                Some(&token),
-                Some((body.as_bytes(), YAML)),
-            )
-            .await
-        }
+        async move { node.create_network(&token, &body).await }
     };
     assert_eq!(create(&alice, "alicenet").await.status, 201);
     let refused = create(&bob, "bobnet").await;

@@ -268,15 +268,7 @@ async fn a_host_interface_link_needs_a_granted_interface() {
         (net("host:lo", "myvnf.in"), "spec.links[0].from"),
         (net("myvnf.out", "host:lo"), "spec.links[0].to"),
     ] {
-        let r = node
-            .call(
-                "POST",
-                "/v1/networks",
-                None,
-                Some(&ent),
-                Some((body.as_bytes(), "application/yaml")),
-            )
-            .await;
+        let r = node.create_network(&ent, &body).await;
         assert_eq!(r.status, 403, "{}", r.body);
         assert_eq!(r.error_paths(), [field], "{}", r.body);
         assert!(
@@ -293,15 +285,7 @@ async fn a_host_interface_link_needs_a_granted_interface() {
     let r = grant(&node, "ent1", r#"{"interfaces":["veth-e1*"]}"#).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let body = net("host:veth-e1a", "myvnf.in");
-    let r = node
-        .call(
-            "POST",
-            "/v1/networks",
-            None,
-            Some(&ent),
-            Some((body.as_bytes(), "application/yaml")),
-        )
-        .await;
+    let r = node.create_network(&ent, &body).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let r = revoke(&node, "ent1", r#"{"interfaces":["veth-e1*"]}"#).await;
     assert_eq!(r.status, 409, "{}", r.body);

@@ -1239,13 +1239,30 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
 /// assignment says to resume the stopped copy its stream left there; nothing of the move
 /// stays, and the next move starts with that word gone. A destination that only waits (no
 /// failure) does not end a committed move.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kept() {
-    let node = Node::start_monitored(None).await;
-    let beats = vm_u1_on_h2(&node).await;
-    report(&node.controller, "h2", Phase::Running, None).await;
+/// Plays h3's agent reporting that u1's guest broke on its arrival (its QEMU gone): the move
+/// must end at once; u1 as the API shows it then.
+async fn arrival_broke_at_h3(node: &Node) -> serde_json::Value {
+    node.controller
+        .observe(
+            "h3",
+            Observation {
+                arrival_failed: true,
+                ..observation("u1", Phase::Failed)
+            },
+        )
+        .await
+        .unwrap();
+    let v = node.vnf_json("u1").await;
+    assert!(v.get("migration").is_none(), "{v}");
+    v
+}
+
+/// Moves u1 (running on h2) to h3, whose agent says it waits, and plays h2's agent reporting
+/// the guest stream at its commit point, then completed: the guest is stopped at h2 and the
+/// move stands.
+async fn move_u1_to_h3_past_its_stream(node: &Node) {
     node.uncordon("h3").await;
-    assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
+    assert_eq!(migrate(node, r#"{"to": "h3"}"#).await.status, 200);
     let move_id = node.vnf_json("u1").await["migration"]["id"]
         .as_u64()
         .unwrap();
@@ -1254,7 +1271,6 @@ async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kep
         move_id,
         ..completed_stream()
     };
-    // At its commit point, then completed: the guest is stopped at h2 and the move stands.
     let at_commit = ReplicationStatus {
         state: "streaming".into(),
         guest: Some(telvirt_model::api::GuestStream {
@@ -1265,6 +1281,14 @@ async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kep
     };
     report(&node.controller, "h2", Phase::Running, Some(at_commit)).await;
     report(&node.controller, "h2", Phase::Running, Some(completed)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kept() {
+    let node = Node::start_monitored(None).await;
+    let beats = vm_u1_on_h2(&node).await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    move_u1_to_h3_past_its_stream(&node).await;
     let v = node.vnf_json("u1").await;
     assert!(v["migration"]["committed_at"].is_string(), "{v}");
     // h3 still waits (it may be taking the guest in): the move goes on.
@@ -1279,18 +1303,7 @@ async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kep
     assert!(node.vnf_json("u1").await["migration"].is_object());
     // h3's guest broke on arrival (its QEMU gone): the move ends on h2 at once, whose
     // assignment says to resume its copy; h3 is assigned nothing.
-    node.controller
-        .observe(
-            "h3",
-            Observation {
-                arrival_failed: true,
-                ..observation("u1", Phase::Failed)
-            },
-        )
-        .await
-        .unwrap();
-    let v = node.vnf_json("u1").await;
-    assert!(v.get("migration").is_none(), "{v}");
+    let v = arrival_broke_at_h3(&node).await;
     assert_eq!(role_hosts(&v), [("active".into(), "h2".into())], "{v}");
     let source = node.controller.assignments("h2").await.unwrap();
     assert!(source[0].resume_moved_copy, "{source:?}");
@@ -1313,5 +1326,86 @@ async fn a_vm_whose_guest_breaks_on_arrival_runs_on_from_the_copy_its_source_kep
     assert_eq!(migrate(&node, r#"{"to": "h3"}"#).await.status, 200);
     let v = node.vnf_json("u1").await;
     assert!(v.get("resume_moved_copy").is_none(), "{v}");
+    beats.into_iter().for_each(|b| b.abort());
+}
+
+/// u1 as [`VM`] with one NIC, on port `in`.
+const VM_WITH_NIC: &str = "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: { name: u1 }\nspec:\n  runtime: vm\n  cpu: { policy: dedicated, count: 1 }\n  ports: [in]\n  vm: { memory: 256MiB, nics: [ { port: in } ] }\n";
+
+/// Where network `edge` sends u1's traffic as host h1 (whose pinned interface feeds u1) reads
+/// it, and whether h2 and h3 hold the network.
+async fn u1_traffic(c: &Controller) -> (String, [bool; 2]) {
+    let set = c.host_networks("h1").await.unwrap();
+    let at = set.spans[0].hosts["u1"].clone();
+    let mut holds = [false; 2];
+    for (held, host) in holds.iter_mut().zip(["h2", "h3"]) {
+        *held = !c.host_networks(host).await.unwrap().networks.is_empty();
+    }
+    (at, holds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_guests_traffic_goes_to_its_destination_once_it_resumed_and_back_if_it_broke() {
+    let node = Node::start_monitored(None).await;
+    let mut beats = h2_and_h3(&node).await;
+    // h1 holds the network through an interface pinned to it: it reads where u1's traffic goes.
+    let mut h1 = host_record("h1");
+    h1.tunnel = Some("127.0.0.1:4789".into());
+    node.controller.register_host(h1).await.unwrap();
+    beats.push(beat(&node.controller, "h1"));
+    node.create_vnf(&node.admin, VM_WITH_NIC).await;
+    node.wait_vnf(&node.admin, "u1", |v| v["phase"] == "Scheduled")
+        .await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    let edge = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: edge }\nspec:\n  links: [host:vc0@h1 -> u1.in]\n";
+    let r = node.create_network(&node.admin, edge).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        u1_traffic(&node.controller).await,
+        ("h2".into(), [true, false])
+    );
+
+    move_u1_to_h3_past_its_stream(&node).await;
+    // The stream completed, the destination has not resumed the guest: the traffic stays.
+    assert_eq!(
+        u1_traffic(&node.controller).await,
+        ("h2".into(), [true, false])
+    );
+
+    // h3 resumed the guest (its agent not yet answered): its traffic goes there before the
+    // move switches, and h1, which holds none of u1, is told (a new network revision).
+    let before = node
+        .controller
+        .wait_networks("h1", u64::MAX, std::time::Duration::ZERO)
+        .await;
+    node.controller
+        .observe(
+            "h3",
+            Observation {
+                resumed_at_us: Some(1_800_000_000_006_500),
+                ..observation("u1", Phase::Starting)
+            },
+        )
+        .await
+        .unwrap();
+    let v = node.vnf_json("u1").await;
+    assert!(v["migration"].is_object(), "the move has not switched: {v}");
+    assert_eq!(
+        u1_traffic(&node.controller).await,
+        ("h3".into(), [false, true])
+    );
+    let after = node
+        .controller
+        .wait_networks("h1", before, std::time::Duration::from_secs(5))
+        .await;
+    assert_ne!(after, before, "h1 was not told u1's traffic moved");
+
+    // Its guest broke there: the move ends at h2, and the traffic comes back with it.
+    arrival_broke_at_h3(&node).await;
+    assert_eq!(
+        u1_traffic(&node.controller).await,
+        ("h2".into(), [true, false])
+    );
+    consistent(&node).await;
     beats.into_iter().for_each(|b| b.abort());
 }

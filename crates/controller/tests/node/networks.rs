@@ -33,17 +33,6 @@ async fn create_vnf(node: &Node, token: &str, name: &str) {
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
-async fn create(node: &Node, token: &str, body: &str) -> common::Reply {
-    node.call(
-        "POST",
-        "/v1/networks",
-        None,
-        Some(token),
-        Some((body.as_bytes(), YAML)),
-    )
-    .await
-}
-
 async fn network_names(node: &Node, token: &str) -> Vec<String> {
     let r = node
         .call("GET", "/v1/networks", None, Some(token), None)
@@ -60,7 +49,7 @@ async fn network_names(node: &Node, token: &str) -> Vec<String> {
 /// Creates `body` and checks the refusal: status, the first error's path, nothing stored.
 async fn refused(node: &Node, body: &str, status: u16, path: &str) -> String {
     let before = network_names(node, &node.admin).await;
-    let r = create(node, &node.admin, body).await;
+    let r = node.create_network(&node.admin, body).await;
     assert_eq!(r.status, status, "{}", r.body);
     assert_eq!(r.content_type, "application/problem+json");
     assert_eq!(r.body["errors"][0]["path"], path, "{}", r.body);
@@ -80,7 +69,7 @@ async fn create_list_show_delete_and_isolation() {
         "chain",
         &["gen-chain.out -> fw1.in", "fw1.out -> host:veth9"],
     );
-    let r = create(&node, &node.admin, &body).await;
+    let r = node.create_network(&node.admin, &body).await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["owner"], "admin");
     assert_eq!(network_names(&node, &node.admin).await, ["chain"]);
@@ -98,7 +87,7 @@ async fn create_list_show_delete_and_isolation() {
         r.body["descriptor"]["spec"]["links"][0],
         "gen-chain.out -> fw1.in"
     );
-    let r = create(&node, &node.admin, &body).await;
+    let r = node.create_network(&node.admin, &body).await;
     assert_eq!(r.status, 409, "{}", r.body);
 
     // Another authority sees none of it and cannot link the admin's VNF.
@@ -116,7 +105,9 @@ async fn create_list_show_delete_and_isolation() {
             .await;
         assert_eq!(r.status, 404, "{method}: {}", r.body);
     }
-    let r = create(&node, &ent, &network("mine", &["gen-mine.out -> fw1.in"])).await;
+    let r = node
+        .create_network(&ent, &network("mine", &["gen-mine.out -> fw1.in"]))
+        .await;
     assert_eq!(r.status, 422, "{}", r.body);
     assert_eq!(r.body["errors"][0]["path"], "spec.links[0].to");
 
@@ -198,12 +189,9 @@ async fn port_linked_twice_in_one_network_is_refused() {
 async fn port_linked_by_another_network_is_refused() {
     let node = Node::start().await;
     create_vnf(&node, &node.admin, "fw1").await;
-    let r = create(
-        &node,
-        &node.admin,
-        &network("n1", &["gen-n1.out -> fw1.in"]),
-    )
-    .await;
+    let r = node
+        .create_network(&node.admin, &network("n1", &["gen-n1.out -> fw1.in"]))
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let reason = refused(
         &node,
@@ -276,7 +264,7 @@ async fn replace_rewrites_the_descriptor_and_refusals_change_nothing() {
     create_vnf(&node, &node.admin, "fw1").await;
     create_vnf(&node, &node.admin, "nat1").await;
     let v1 = network("chain", &["gen-chain.out -> fw1.in"]);
-    assert_eq!(create(&node, &node.admin, &v1).await.status, 201);
+    assert_eq!(node.create_network(&node.admin, &v1).await.status, 201);
     let v2 = network("chain", &["gen-chain.out -> fw1.in", "fw1.out -> nat1.in"]);
     let r = replace(&node, &node.admin, "chain", &v2).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -321,7 +309,7 @@ async fn steering_switches_are_stored_and_bad_ones_refused() {
     let node = Node::start().await;
     create_vnf(&node, &node.admin, "fw1").await;
     create_vnf(&node, &node.admin, "fw2").await;
-    let r = create(&node, &node.admin, &steered("s1")).await;
+    let r = node.create_network(&node.admin, &steered("s1")).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let active = |r: &common::Reply| r.body["descriptor"]["spec"]["steering"][0]["active"].clone();
     assert_eq!(active(&r), serde_json::Value::Null);
@@ -382,13 +370,9 @@ async fn steering_instances_must_be_owned_vnfs_with_the_ports_used() {
     refused(&node, &body, 422, "spec.steering[0].active").await;
     // An instance port already wired by another network is refused at the instance.
     assert_eq!(
-        create(
-            &node,
-            &node.admin,
-            &network("n1", &["gen-n1.out -> fw2.in"])
-        )
-        .await
-        .status,
+        node.create_network(&node.admin, &network("n1", &["gen-n1.out -> fw2.in"]))
+            .await
+            .status,
         201
     );
     let reason = refused(&node, &steered("s2"), 422, "spec.steering[0].instances[1]").await;
@@ -403,7 +387,7 @@ async fn a_latency_probe_checks_its_fields_and_needs_a_data_plane() {
         "chain",
         &["gen-chain.out -> fw1.in", "fw1.out -> host:veth9"],
     );
-    assert_eq!(create(&node, &node.admin, &body).await.status, 201);
+    assert_eq!(node.create_network(&node.admin, &body).await.status, 201);
     let probe = |token: &str, body: &str| {
         let body = body.to_owned();
         let token = token.to_owned();
@@ -469,12 +453,14 @@ async fn each_network_holds_a_block_of_vnis_one_per_link() {
         )
     };
     let a = network("a", &["gen-a.out -> fw1.in", "fw1.out -> nat1.in"]);
-    let r = create(&node, &node.admin, &a).await;
+    let r = node.create_network(&node.admin, &a).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let (a_first, a_count) = vnis(&r);
     assert!(a_first > 0);
     assert_eq!(a_count, 2);
-    let r = create(&node, &node.admin, &network("b", &["gen-b.out -> fw2.in"])).await;
+    let r = node
+        .create_network(&node.admin, &network("b", &["gen-b.out -> fw2.in"]))
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(vnis(&r), (a_first + 2, 1), "blocks must not overlap");
 
@@ -511,12 +497,12 @@ async fn after_the_vni_counter_wraps_no_two_networks_share_a_vni() {
             r.body["vnis"].as_u64().unwrap(),
         )
     };
-    let r = create(
-        &node,
-        &node.admin,
-        &network("a", &["gen-a.out -> fw1.in", "fw1.out -> nat1.in"]),
-    )
-    .await;
+    let r = node
+        .create_network(
+            &node.admin,
+            &network("a", &["gen-a.out -> fw1.in", "fw1.out -> nat1.in"]),
+        )
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let (a_first, a_count) = vnis(&r);
     // The counter at the last VNI: the next block starts again from 1.
@@ -524,7 +510,9 @@ async fn after_the_vni_counter_wraps_no_two_networks_share_a_vni() {
         .put("/counters/vni", ((1u32 << 24) - 1).to_string().into_bytes())
         .await
         .unwrap();
-    let r = create(&node, &node.admin, &network("b", &["gen-b.out -> fw2.in"])).await;
+    let r = node
+        .create_network(&node.admin, &network("b", &["gen-b.out -> fw2.in"]))
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let (b_first, _) = vnis(&r);
     assert!(
@@ -581,7 +569,7 @@ async fn a_host_interface_pinned_to_a_host_stays_there_and_a_standby_holds_no_ne
     assert!(reason.contains("the host after '@'"), "{reason}");
 
     let edge = nowhere.replace("@h9", "@h4");
-    assert_eq!(create(&node, &node.admin, &edge).await.status, 201);
+    assert_eq!(node.create_network(&node.admin, &edge).await.status, 201);
     // The interfaces' host and the active's hold the network, spanning both; the standby's
     // host holds none of it.
     for (host, holds) in [(act.as_str(), true), ("h4", true), (sby.as_str(), false)] {
@@ -629,7 +617,7 @@ async fn hosts_holding_a_network_rewire_when_a_vnf_it_names_is_placed_or_goes() 
         node.controller
             .wait_networks("h3", u64::MAX, Duration::ZERO)
     };
-    assert_eq!(create(&node, &node.admin, edge).await.status, 201);
+    assert_eq!(node.create_network(&node.admin, edge).await.status, 201);
     let before = rev().await;
     node.uncordon("h2").await;
     node.wait_vnf(&node.admin, "p1", |v| common::role_hosts(v).len() == 1)

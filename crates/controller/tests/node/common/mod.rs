@@ -285,6 +285,18 @@ impl Node {
         token
     }
 
+    /// `POST /v1/networks` of the YAML descriptor `yaml` as the holder of `token`.
+    pub async fn create_network(&self, token: &str, yaml: &str) -> Reply {
+        self.call(
+            "POST",
+            "/v1/networks",
+            None,
+            Some(token),
+            Some((yaml.as_bytes(), "application/yaml")),
+        )
+        .await
+    }
+
     pub async fn create_vnf(&self, token: &str, yaml: &str) -> Reply {
         self.call(
             "POST",
