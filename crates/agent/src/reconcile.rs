@@ -414,9 +414,10 @@ impl Agent {
                 match inner.pass(check).await {
                     Ok(()) => next_list = now + inner.config.relist,
                     Err(e) => {
-                        // Tried again a resync interval later (not at once: a link that is down
-                        // would spin).
-                        next_list = now + inner.config.resync;
+                        // Tried again a resync interval later, a second at most however long
+                        // the resync (not at once: a link that is down would spin); the change
+                        // that woke this pass was taken by its wait.
+                        next_list = now + inner.config.resync.min(RESYNC_INTERVAL);
                         tracing::warn!(host = %inner.host, "reconcile pass failed: {e}");
                     }
                 }

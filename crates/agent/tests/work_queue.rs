@@ -170,6 +170,8 @@ struct FakeLink {
     refuse: Mutex<Vec<String>>,
     refused: AtomicUsize,
     passes: AtomicUsize,
+    /// Lists of the assignments that fail before they answer again.
+    failing_lists: AtomicUsize,
     version: watch::Sender<u64>,
     seen: tokio::sync::Mutex<watch::Receiver<u64>>,
 }
@@ -184,6 +186,7 @@ impl FakeLink {
             refuse: Mutex::new(Vec::new()),
             refused: AtomicUsize::new(0),
             passes: AtomicUsize::new(0),
+            failing_lists: AtomicUsize::new(0),
             version,
             seen,
         }
@@ -227,6 +230,12 @@ impl FakeLink {
 impl ControlLink for FakeLink {
     async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, LinkError> {
         self.passes.fetch_add(1, Ordering::SeqCst);
+        let failing = self
+            .failing_lists
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(LinkError::Transport("the controller answered 503".into()));
+        }
         Ok(self.assignments.lock().unwrap().clone())
     }
     async fn report(&self, _host: &str, observation: Observation) -> Result<(), LinkError> {
@@ -373,6 +382,24 @@ async fn a_state_the_runtime_says_changed_is_reported_at_once() {
             .is_some_and(|(p, why)| p == Phase::Failed && why.contains("signal 9"))
     })
     .await;
+    agent.stop().await;
+}
+
+/// A pass whose list of the assignments failed is tried again within a second, however long
+/// the resync (an hour here): the change that woke it is not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_list_is_tried_again_within_a_second_however_long_the_resync() {
+    let (_open, gate) = watch::channel(false);
+    let wasm = Arc::new(FakeRuntime::new(RuntimeKind::Wasm, &[], gate));
+    let link = Arc::new(FakeLink::new(vec![assignment("fw1", "wasm", 1)]));
+    link.failing_lists.store(1, Ordering::SeqCst);
+    let agent = Running::start(vec![wasm.clone()], link.clone(), config(2));
+    until("fw1 runs after the failed list", || {
+        phase_is(&link, "fw1", Phase::Running)
+    })
+    .await;
+    assert_eq!(link.failing_lists.load(Ordering::SeqCst), 0);
+    assert!(link.passes.load(Ordering::SeqCst) >= 2);
     agent.stop().await;
 }
 
