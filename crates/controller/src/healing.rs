@@ -426,7 +426,7 @@ impl Controller {
             if self.store.txn(compares, ops).await?.succeeded {
                 tracing::info!(vnf = name, "healed: {reason}");
                 self.metrics.event();
-                // Hosts holding its networks rewire when its active moved (`vnf_changed`).
+                // Hosts holding its networks rewire when its traffic moved (`vnf_changed`).
                 self.vnf_changed(Some(&record.vnf), Some(&next.vnf));
                 return Ok(true);
             }

@@ -172,14 +172,16 @@ pub(crate) fn active_host(vnf: &telvirt_model::Vnf) -> Option<String> {
 }
 
 /// The host a VNF's traffic goes to: its active instance's, except during a vm VNF's move
-/// whose destination reported the guest resumed there (its source holds a stopped copy from
-/// the final copy on): the destination's, before the move switches once the guest answered
-/// there. A move that ends at its source (the guest broke on arrival) brings it back.
+/// past its commit point whose destination reported the guest resumed there (its source holds
+/// a stopped copy from the final copy on): the destination's, before the move switches once
+/// the guest answered there. A move that ends at its source (the guest broke on arrival)
+/// brings it back.
 pub(crate) fn traffic_host(vnf: &telvirt_model::Vnf) -> Option<String> {
-    let resumed_at = vnf
-        .migration
-        .as_ref()
-        .filter(|m| m.resumed_at_us.is_some() && vnf.descriptor.spec.runtime == RuntimeKind::Vm);
+    let resumed_at = vnf.migration.as_ref().filter(|m| {
+        m.resumed_at_us.is_some()
+            && m.committed_at.is_some()
+            && vnf.descriptor.spec.runtime == RuntimeKind::Vm
+    });
     match resumed_at {
         Some(m) => Some(m.to.clone()),
         None => active_host(vnf),

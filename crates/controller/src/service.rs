@@ -1872,11 +1872,22 @@ impl Controller {
                 };
                 migrating = vnf.migration.is_some();
                 if role == telvirt_model::Role::Standby {
-                    // A move's destination says when it resumed the guest that arrived.
+                    // A move's destination says when it resumed the guest that arrived: only
+                    // past the commit point (a guest resumes there only after its final copy;
+                    // a stamp before is no arrival of this move's). The first time, before the
+                    // guest answered, the VNF's traffic goes there (`traffic_host`): an event.
+                    let mut resumed = None;
                     if let (Some(at), Some(m)) = (
                         obs.resumed_at_us,
-                        vnf.migration.as_mut().filter(|m| m.to == host),
+                        vnf.migration
+                            .as_mut()
+                            .filter(|m| m.to == host && m.committed_at.is_some()),
                     ) {
+                        if m.resumed_at_us.is_none() && obs.phase != Phase::Running {
+                            resumed = Some(format!(
+                                "its guest resumed on host {host}: its traffic goes there; the move switches once the guest answers"
+                            ));
+                        }
                         m.resumed_at_us = Some(at);
                     }
                     active_lost.clone_from(&obs.active_lost);
@@ -1904,7 +1915,7 @@ impl Controller {
                         (Some(_), None) => Some(format!(
                             "the standby on {host} hears its active on {active} again"
                         )),
-                        _ => None,
+                        _ => resumed,
                     };
                     return Ok(event.map(|e| (vnf.phase, e, format!("agent/{host}"))));
                 }

@@ -157,12 +157,18 @@ pub(crate) async fn cordon(api: &Api, host: &str, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// Network `stream`: gen -> fwa -> nat -> fwb -> sink at `rate_pps` in `flows` flows.
-pub(crate) fn stream_network(rate_pps: u64, flows: u64) -> String {
+/// Network `stream`: gen -> fwa -> `through` -> fwb -> sink at `rate_pps` in `flows` flows,
+/// where `through` is the VNF between the firewalls as its (in, out) ports, e.g.
+/// `("nat.in", "nat.out")`.
+pub(crate) fn stream_network(rate_pps: u64, flows: u64, through: (&str, &str)) -> String {
+    let (into, out_of) = through;
     format!(
-        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: stream }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: {rate_pps}, flows: {flows} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> fwa.in\n    - fwa.out -> nat.in\n    - nat.out -> fwb.in\n    - fwb.out -> sink.in\n"
+        "apiVersion: telvirt/v1\nkind: Network\nmetadata: {{ name: stream }}\nspec:\n  nodes:\n    - {{ name: gen, kind: generator, rate_pps: {rate_pps}, flows: {flows} }}\n    - {{ name: sink, kind: sink }}\n  links:\n    - gen.out -> fwa.in\n    - fwa.out -> {into}\n    - {out_of} -> fwb.in\n    - fwb.out -> sink.in\n"
     )
 }
+
+/// The NAT's ports, for [`stream_network`].
+pub(crate) const THROUGH_NAT: (&str, &str) = ("nat.in", "nat.out");
 
 /// The NAT as the API shows it now (`None` while it cannot be read).
 pub(crate) async fn nat(api: &Api) -> Option<serde_json::Value> {
@@ -401,7 +407,7 @@ async fn round(
     post_yaml(
         api,
         "/v1/networks",
-        stream_network(args.rate_pps, args.flows),
+        stream_network(args.rate_pps, args.flows, THROUGH_NAT),
     )
     .await?;
     // Every flow has its session, on the standby too.

@@ -27,8 +27,9 @@ use serde::Serialize;
 use crate::bench_cluster::Api;
 use crate::bench_control::{ms, percentile};
 use crate::bench_failover::{
-    FailoverArgs, HOSTS, TCP_KILL_AT, TCP_SECONDS, TcpEvent, TcpRun, cordon, instance, nat,
-    nat_setup, post_yaml, settle_for, stream, stream_back, stream_network, tcp_missing, tcp_round,
+    FailoverArgs, HOSTS, TCP_KILL_AT, TCP_SECONDS, THROUGH_NAT, TcpEvent, TcpRun, cordon, instance,
+    nat, nat_setup, post_yaml, settle_for, stream, stream_back, stream_network, tcp_missing,
+    tcp_round,
 };
 use crate::bench_handover::{answer, poll_until};
 use crate::bench_ports::ratio;
@@ -199,7 +200,12 @@ async fn round(
     if s.active != "h1" {
         bail!("the NAT was placed on {}, not h1", s.active);
     }
-    post_yaml(api, "/v1/networks", stream_network(args.rate_pps, flows)).await?;
+    post_yaml(
+        api,
+        "/v1/networks",
+        stream_network(args.rate_pps, flows, THROUGH_NAT),
+    )
+    .await?;
     poll_until(Duration::from_secs(120), "every flow's session", || async {
         let sessions = api.json("/v1/vnfs/nat/maps").await.ok().and_then(|m| {
             m.as_array()?.iter().find(|m| m["name"] == "sessions")?["entries"].as_u64()

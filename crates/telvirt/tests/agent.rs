@@ -1517,10 +1517,17 @@ fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
         "a2 booted a guest: {console}"
     );
     let events = node.json(&["vnf", "events", "vmnic1"]);
-    assert!(
-        events.as_array().unwrap().iter().any(|e| e["reason"]
-            .as_str()
-            .is_some_and(|r| r.contains("moved from host a1 to host a2"))),
-        "{events}"
-    );
+    let said = |what: &str| {
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|e| e["reason"].as_str().is_some_and(|r| r.contains(what)))
+    };
+    let moved = said("moved from host a1 to host a2");
+    assert!(moved.is_some(), "{events}");
+    // Its traffic went to a2 once a2's agent said the guest resumed there (before the guest
+    // answered and the move switched): a2's runtime woke it at the resume.
+    let resumed = said("its guest resumed on host a2: its traffic goes there");
+    assert!(resumed.is_some() && resumed < moved, "{events}");
 }

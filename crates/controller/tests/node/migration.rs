@@ -1261,12 +1261,24 @@ async fn arrival_broke_at_h3(node: &Node) -> serde_json::Value {
 /// the guest stream at its commit point, then completed: the guest is stopped at h2 and the
 /// move stands.
 async fn move_u1_to_h3_past_its_stream(node: &Node) {
+    let move_id = move_u1_to_h3(node).await;
+    stream_u1_past_its_commit(node, move_id).await;
+}
+
+/// Asks to move u1 to h3, whose agent says it waits; the move's id.
+async fn move_u1_to_h3(node: &Node) -> u64 {
     node.uncordon("h3").await;
     assert_eq!(migrate(node, r#"{"to": "h3"}"#).await.status, 200);
     let move_id = node.vnf_json("u1").await["migration"]["id"]
         .as_u64()
         .unwrap();
     report(&node.controller, "h3", Phase::Starting, None).await;
+    move_id
+}
+
+/// Plays h2's agent reporting move `move_id`'s guest stream at its commit point, then
+/// completed.
+async fn stream_u1_past_its_commit(node: &Node, move_id: u64) {
     let completed = ReplicationStatus {
         move_id,
         ..completed_stream()
@@ -1365,7 +1377,20 @@ async fn a_moved_guests_traffic_goes_to_its_destination_once_it_resumed_and_back
         ("h2".into(), [true, false])
     );
 
-    move_u1_to_h3_past_its_stream(&node).await;
+    let move_id = move_u1_to_h3(&node).await;
+    // A stamp before the commit point is no arrival of this move's (a guest resumes at the
+    // destination only after its final copy): it moves nothing.
+    let stale = Observation {
+        resumed_at_us: Some(1_700_000_000_000_000),
+        ..observation("u1", Phase::Starting)
+    };
+    node.controller.observe("h3", stale).await.unwrap();
+    assert_eq!(
+        u1_traffic(&node.controller).await,
+        ("h2".into(), [true, false])
+    );
+    assert!(node.vnf_json("u1").await["migration"]["resumed_at_us"].is_null());
+    stream_u1_past_its_commit(&node, move_id).await;
     // The stream completed, the destination has not resumed the guest: the traffic stays.
     assert_eq!(
         u1_traffic(&node.controller).await,
@@ -1393,6 +1418,13 @@ async fn a_moved_guests_traffic_goes_to_its_destination_once_it_resumed_and_back
     assert_eq!(
         u1_traffic(&node.controller).await,
         ("h3".into(), [false, true])
+    );
+    let said = node.events("u1").await.pop().unwrap();
+    assert!(
+        said["reason"].as_str().is_some_and(|r| r.contains(
+            "its guest resumed on host h3: its traffic goes there; the move switches once the guest answers"
+        )),
+        "{said}"
     );
     let after = node
         .controller
