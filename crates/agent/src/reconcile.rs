@@ -381,8 +381,10 @@ impl Agent {
                 })
             }));
         }
-        // An instance whose state changed by itself (a guest that arrived by a move runs) is
-        // looked at, and reported, at once.
+        // An instance whose state changed by itself (a guest that arrived by a move resumed or
+        // runs, a QEMU exited, a wasm instance trapped) is looked at, and reported, at once. As
+        // any add, it cuts short a failed step's backoff (a crash's restart in place keeps its
+        // own time).
         for runtime in inner.runtimes.values() {
             let weak = Arc::downgrade(inner);
             runtime.on_state_change(Arc::new(move |vnf| {
