@@ -489,8 +489,9 @@ YAML
     TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf show vm2 | grep -q "arrived by a migration stream" && break
     sleep 0.1
   done
-  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf events vm2 | grep -E "moving to|moved from|arrived"
-  echo "(the guest was not booted again: its uptime counts from its boot on demo-host)"
+  TELVIRT_CONFIG="$CTL_CONFIG" "$TELVIRT" vnf events vm2 | grep -E "moving to|resumed on|moved from|arrived"
+  echo "(its traffic went to demo-host2 as the guest resumed there, before it answered and the move switched;"
+  echo " the guest was not booted again: its uptime counts from its boot on demo-host)"
   TELVIRT_CONFIG="$CTL_CONFIG" run vnf show vm2
   TELVIRT_CONFIG="$CTL_CONFIG" run vnf delete vm2
   kill -TERM "$AGENT2_PID"; wait "$AGENT2_PID" || true
