@@ -1447,10 +1447,13 @@ fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmnic1");
     let guest = common::guest_binary();
-    let (node, _a1, _a2) = two_agents_with(
+    // The destination's agent looks at its instances unasked once an hour: the arrival's
+    // resume and its end reach it from its runtime.
+    let (node, _a1, _a2) = two_agents_with_a2(
         &["--move-timeout-ms", "60000"],
         TWO_CORES,
         &[("TELVIRT_GUEST_BIN", &guest)],
+        &["--resync-interval-ms", "3600000"],
     );
     node.ok(&["host", "cordon", "a2"]);
     node.create("vmnic1.yaml", NIC_VM);
