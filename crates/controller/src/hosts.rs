@@ -638,8 +638,9 @@ impl Controller {
         }
     }
 
-    /// Runs until the process ends: marks the VNFs of hosts that went NotReady `Unknown`, and
-    /// gives them back their last known phase when their host is Ready again. Woken by every
+    /// Runs until the process ends: marks the VNFs of hosts that went NotReady `Unknown`, gives
+    /// them back their last known phase when their host is Ready again, and ends the moves
+    /// past their deadline ([`Controller::check_moves`]). Woken by every
     /// lease change (expiry included), when the next host heard from would fall silent, and at
     /// least every `resync`.
     pub async fn host_monitor(self: Arc<Self>, resync: Duration) {
@@ -653,6 +654,10 @@ impl Controller {
         loop {
             if let Err(e) = self.check_hosts().await {
                 tracing::warn!("host liveness check failed: {e}");
+            }
+            // A move past its deadline ends even when no agent reports again (ADR 062).
+            if let Err(e) = self.check_moves().await {
+                tracing::warn!("the look at the moves' deadlines failed: {e}");
             }
             let now = now_ms();
             let wait = [

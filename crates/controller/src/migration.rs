@@ -308,6 +308,58 @@ pub(crate) fn vm_move_refusal(
     }
 }
 
+/// The VNFs with a move under way: kept by every VNF write of this controller, and read
+/// again from the store every [`MOVING_RELOAD`] (moves another controller began).
+#[derive(Default)]
+pub(crate) struct MovingSet {
+    inner: std::sync::Mutex<MovingNames>,
+}
+
+#[derive(Default)]
+struct MovingNames {
+    names: std::collections::BTreeSet<String>,
+    /// When the names were last read from the store (`None`: never).
+    loaded: Option<std::time::Instant>,
+}
+
+/// How often [`MovingSet`] is read again from the store.
+pub(crate) const MOVING_RELOAD: Duration = Duration::from_secs(30);
+
+impl MovingSet {
+    fn names(&self) -> std::sync::MutexGuard<'_, MovingNames> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// VNF `before` became `after` (either `None`: created or deleted).
+    pub(crate) fn note(&self, before: Option<&Vnf>, after: Option<&Vnf>) {
+        let Some(name) = after.or(before).map(|v| v.name.as_str().to_owned()) else {
+            return;
+        };
+        let mut n = self.names();
+        if after.is_some_and(|v| v.migration.is_some()) {
+            n.names.insert(name);
+        } else {
+            n.names.remove(&name);
+        }
+    }
+
+    fn due_reload(&self) -> bool {
+        self.names()
+            .loaded
+            .is_none_or(|at| at.elapsed() >= MOVING_RELOAD)
+    }
+
+    fn reload(&self, names: std::collections::BTreeSet<String>) {
+        let mut n = self.names();
+        n.names = names;
+        n.loaded = Some(std::time::Instant::now());
+    }
+
+    fn snapshot(&self) -> Vec<String> {
+        self.names().names.iter().cloned().collect()
+    }
+}
+
 impl Controller {
     /// `POST /v1/vnfs/{name}/migrate`: starts moving `name` to `req.to` (or wherever fits), or
     /// cancels the move under way. Refusals change nothing.
@@ -578,6 +630,28 @@ impl Controller {
     /// the move deadline (a destination that never ran, a stream that never synced): the VNF
     /// stays on its source, the destination's cpus are freed, an event says what was missing.
     /// Returns whether it changed the move.
+    /// Moves each VNF with a move under way on as a report of its would (a move past its
+    /// deadline is switched or cancelled even when its agents say nothing more: a destination
+    /// whose agent hung, a source that went quiet). The host monitor calls it every pass.
+    pub async fn check_moves(&self) -> Result<()> {
+        if self.moving.due_reload() {
+            let moving = self
+                .all_vnfs()
+                .await?
+                .into_iter()
+                .filter(|(_, v)| v.migration.is_some())
+                .map(|(name, _)| name)
+                .collect();
+            self.moving.reload(moving);
+        }
+        for name in self.moving.snapshot() {
+            if let Err(e) = self.advance_migration(&name).await {
+                tracing::warn!(vnf = %name, "the move could not end: {e}");
+            }
+        }
+        Ok(())
+    }
+
     pub(crate) async fn advance_migration(&self, name: &str) -> Result<bool> {
         let mut scheduler = self.scheduler.lock().await;
         let Some((record, _)) = self.load(name).await? else {

@@ -271,6 +271,9 @@ pub struct Controller {
     liveness: hosts::Liveness,
     /// How long a move may take before it is cancelled.
     move_deadline: std::sync::Mutex<std::time::Duration>,
+    /// The VNFs with a move under way, for the host monitor's look at their deadlines
+    /// (`Controller::check_moves`).
+    pub(crate) moving: migration::MovingSet,
     /// The VNF watches that may be open at once (`crate::vnf_watch`).
     watch_slots: Arc<tokio::sync::Semaphore>,
     /// The newest generation each (VNF, host) reported, for the ones an apply waits for
@@ -331,6 +334,7 @@ impl Controller {
             module_repository: std::sync::OnceLock::new(),
             liveness: hosts::Liveness::default(),
             move_deadline: std::sync::Mutex::new(migration::DEFAULT_MOVE_DEADLINE),
+            moving: migration::MovingSet::default(),
             watch_slots: crate::vnf_watch::watch_slots(),
             observed: std::sync::Mutex::new(HashMap::new()),
             observed_wake: Notify::new(),
@@ -382,6 +386,7 @@ impl Controller {
     /// whose assignment of it changed (none for a phase report).
     pub(crate) fn vnf_changed(&self, before: Option<&Vnf>, after: Option<&Vnf>) {
         self.schedule_wanted.notify_one();
+        self.moving.note(before, after);
         // Its traffic goes to another host (its active placed, moved or gone; a moved guest
         // resumed at its destination, a report that changes no assignment): hosts that hold
         // its networks rewire, those without it too (a spanning chain's other hosts, pinned

@@ -1441,3 +1441,39 @@ async fn a_moved_guests_traffic_goes_to_its_destination_once_it_resumed_and_back
     consistent(&node).await;
     beats.into_iter().for_each(|b| b.abort());
 }
+
+/// A move whose agents say nothing more once its stream completed (the destination's agent
+/// hung before it reported the guest running) is switched at its deadline by the host monitor,
+/// with no further report to trigger it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_whose_agents_fall_silent_ends_at_its_deadline_without_a_report() {
+    let node = Node::start_monitored(None).await;
+    let beats = vm_u1_on_h2(&node).await;
+    report(&node.controller, "h2", Phase::Running, None).await;
+    node.controller
+        .set_move_deadline(std::time::Duration::from_millis(500));
+    move_u1_to_h3_past_its_stream(&node).await;
+    // Nothing more is reported: the guest runs only at h3 (its stream completed), so past
+    // the deadline h3 becomes the active.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while node.vnf_json("u1").await.get("migration").is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the move did not end without a report: {}",
+            node.vnf_json("u1").await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let v = node.vnf_json("u1").await;
+    assert_eq!(role_hosts(&v), [("active".into(), "h3".into())], "{v}");
+    let last = node.events("u1").await.pop().unwrap();
+    assert!(
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .contains("host h3 had not reported the guest running by the move's deadline"),
+        "{last}"
+    );
+    consistent(&node).await;
+    beats.into_iter().for_each(|b| b.abort());
+}
