@@ -212,6 +212,17 @@ struct Inner {
 /// meanwhile); past it the stream is cancelled and the guest runs on here.
 const COMMIT_WITHIN: Duration = Duration::from_secs(2);
 
+/// What queues a VNF when a runtime or the replicas tell the agent its state changed (nothing
+/// once the agent is gone).
+fn queue_when_told(inner: &Arc<Inner>) -> impl Fn(&Name) + Send + Sync + 'static {
+    let weak = Arc::downgrade(inner);
+    move |vnf: &Name| {
+        if let Some(inner) = weak.upgrade() {
+            inner.queue.add(vnf.clone());
+        }
+    }
+}
+
 /// How often the loop looks at every instance again when nothing told it to.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
 /// A handed-off source passes on what arrives until nothing came for this long: the hosts
@@ -364,12 +375,7 @@ impl Agent {
         let inner = &self.inner;
         if let Some(replicas) = &inner.replicas {
             // A stream that changed state is reported at once (a move switches once synced).
-            let weak = Arc::downgrade(inner);
-            replicas.on_state_change(Box::new(move |vnf| {
-                if let Some(inner) = weak.upgrade() {
-                    inner.queue.add(vnf.clone());
-                }
-            }));
+            replicas.on_state_change(Box::new(queue_when_told(inner)));
             let weak = Arc::downgrade(inner);
             replicas.on_commit_point(Arc::new(move |vnf, peer, epoch| {
                 let weak = weak.clone();
@@ -386,12 +392,7 @@ impl Agent {
         // any add, it cuts short a failed step's backoff (a crash's restart in place keeps its
         // own time).
         for runtime in inner.runtimes.values() {
-            let weak = Arc::downgrade(inner);
-            runtime.on_state_change(Arc::new(move |vnf| {
-                if let Some(inner) = weak.upgrade() {
-                    inner.queue.add(vnf.clone());
-                }
-            }));
+            runtime.on_state_change(Arc::new(queue_when_told(inner)));
         }
         let workers: Vec<_> = (0..inner.config.workers.get())
             .map(|_| {

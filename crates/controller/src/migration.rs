@@ -332,14 +332,19 @@ impl MovingSet {
 
     /// VNF `before` became `after` (either `None`: created or deleted).
     pub(crate) fn note(&self, before: Option<&Vnf>, after: Option<&Vnf>) {
-        let Some(name) = after.or(before).map(|v| v.name.as_str().to_owned()) else {
+        let moving = |v: Option<&Vnf>| v.is_some_and(|v| v.migration.is_some());
+        // Most writes (a phase report) touch no move: nothing to lock.
+        if !moving(before) && !moving(after) {
+            return;
+        }
+        let Some(name) = after.or(before).map(|v| v.name.as_str()) else {
             return;
         };
         let mut n = self.names();
-        if after.is_some_and(|v| v.migration.is_some()) {
-            n.names.insert(name);
+        if moving(after) {
+            n.names.insert(name.to_owned());
         } else {
-            n.names.remove(&name);
+            n.names.remove(name);
         }
     }
 
@@ -623,13 +628,6 @@ impl Controller {
         *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
     }
 
-    /// Takes the move of `name` on after a report of either instance (one read of the record,
-    /// under the scheduler lock): ends it once the destination runs and holds the source's
-    /// state (the source's agent reported the stream synced) — the destination is the active,
-    /// the source's place is freed, the agents follow — or cancels it once it is older than
-    /// the move deadline (a destination that never ran, a stream that never synced): the VNF
-    /// stays on its source, the destination's cpus are freed, an event says what was missing.
-    /// Returns whether it changed the move.
     /// Moves each VNF with a move under way on as a report of its would (a move past its
     /// deadline is switched or cancelled even when its agents say nothing more: a destination
     /// whose agent hung, a source that went quiet). The host monitor calls it every pass.
@@ -652,6 +650,13 @@ impl Controller {
         Ok(())
     }
 
+    /// Takes the move of `name` on after a report of either instance (one read of the record,
+    /// under the scheduler lock): ends it once the destination runs and holds the source's
+    /// state (the source's agent reported the stream synced) — the destination is the active,
+    /// the source's place is freed, the agents follow — or cancels it once it is older than
+    /// the move deadline (a destination that never ran, a stream that never synced): the VNF
+    /// stays on its source, the destination's cpus are freed, an event says what was missing.
+    /// Returns whether it changed the move.
     pub(crate) async fn advance_migration(&self, name: &str) -> Result<bool> {
         let mut scheduler = self.scheduler.lock().await;
         let Some((record, _)) = self.load(name).await? else {

@@ -857,10 +857,8 @@ impl VmHandle {
 
     /// Wait until QEMU has exited, at most `timeout`.
     pub async fn wait_exit(&self, timeout: Duration) -> Option<ExitInfo> {
-        let mut rx = self.inner.exit.clone();
-        let r = tokio::time::timeout(timeout, rx.wait_for(|v| v.is_some())).await;
-        match r {
-            Ok(Ok(v)) => *v,
+        match tokio::time::timeout(timeout, self.on_exit()).await {
+            Ok(Some(exit)) => Some(exit),
             _ => self.exit_info(),
         }
     }

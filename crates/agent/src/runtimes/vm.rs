@@ -228,23 +228,16 @@ impl VmRuntime {
         })
     }
 
-    /// What tells the agent that an instance's state changed ([`Runtime::on_state_change`]'s
-    /// hook, when one is set by then).
-    fn teller(&self) -> impl Fn(&Name) + Send + Sync + 'static {
-        let state_change = self.state_change.clone();
-        move |name: &Name| state_change.tell(name)
-    }
-
     /// Holds `handle` as instance `name`'s QEMU and tells the agent when that QEMU exits (a
     /// crash is then reported at once, not at the agent's next look at every instance; an
     /// exit it asked for costs one more look).
     async fn hold(&self, name: &Name, handle: VmHandle) {
         let exited = handle.on_exit();
-        let tell = self.teller();
+        let told = self.state_change.clone();
         let who = name.clone();
         tokio::spawn(async move {
             if exited.await.is_some() {
-                tell(&who);
+                told.tell(&who);
             }
         });
         self.handles.lock().await.insert(name.clone(), handle);
@@ -257,7 +250,7 @@ impl VmRuntime {
         let arrivals = Arc::clone(&self.arrivals);
         // Once its end is noted and the name is out of `receiving` (its state no longer
         // `Incoming`): the agent reports it now, and the move switches (or ends) at once.
-        let tell = self.teller();
+        let told = self.state_change.clone();
         let name = watch.name.clone();
         tokio::spawn(async move {
             // Longer than the source's wait: this clock starts before the source's stream.
@@ -268,7 +261,7 @@ impl VmRuntime {
             let finished = tokio::select! {
                 finished = &mut finishing => finished,
                 () = handle.arrival_resumed() => {
-                    tell(&name);
+                    told.tell(&name);
                     finishing.await
                 }
             };
@@ -284,7 +277,7 @@ impl VmRuntime {
                     let note = format!("arrived by a migration stream, running here{uptime}");
                     tracing::info!(vnf = %name, "{note}");
                     if watch.settle(&arrivals, Arrival::Running(note)) {
-                        tell(&name);
+                        told.tell(&name);
                     }
                 }
                 // Noted only once its QEMU is gone: the report of it lets the source resume
@@ -311,7 +304,7 @@ impl VmRuntime {
                                 stream_completed,
                             };
                             if watch.settle(&arrivals, Arrival::Failed(failed)) {
-                                tell(&name);
+                                told.tell(&name);
                             }
                         }
                         Err(k) => {
