@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use telvirt_dataplane::node::Node;
 use telvirt_dataplane::panel::PatchPanel;
 use telvirt_dataplane::pool::{DEFAULT_BUF_SIZE, Pool};
+use telvirt_dataplane::vxlan::VxlanTunnelStats;
 use telvirt_dataplane::worker::{WorkerConfig, allowed_cores, set_thread_affinity};
 
 use crate::AgentError;
@@ -78,8 +79,20 @@ pub struct NodeDataPlane {
     /// No worker busy-polls, whatever its nodes ask.
     busy_forbidden: AtomicBool,
     /// Nodes whose links stay as they are whatever the networks say (a frozen move's source
-    /// that still receives what was sent to it before its senders rewired).
-    held: Mutex<BTreeSet<String>>,
+    /// that still receives what was sent to it before its senders rewired), and what still
+    /// sends to them.
+    held: Mutex<BTreeMap<String, HeldSenders>>,
+}
+
+/// What still sends to a node whose links are held, as the last network pass found it.
+#[derive(Debug, Default)]
+struct HeldSenders {
+    /// A network pass told since the hold (until then nothing is known).
+    known: bool,
+    /// Links into the node from nodes of this host (senders here not rewired yet).
+    local: usize,
+    /// The tunnels that bring it frames from other hosts.
+    tunnels: Vec<Arc<VxlanTunnelStats>>,
 }
 
 impl NodeDataPlane {
@@ -112,7 +125,7 @@ impl NodeDataPlane {
             housekeeping_cores: Mutex::new((0, Vec::new())),
             housekeeping_decided: AtomicU64::new(0),
             busy_forbidden: AtomicBool::new(false),
-            held: Mutex::new(BTreeSet::new()),
+            held: Mutex::new(BTreeMap::new()),
         }))
     }
 
@@ -122,7 +135,7 @@ impl NodeDataPlane {
         self.held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_owned());
+            .insert(node.to_owned(), HeldSenders::default());
     }
 
     /// Ends [`NodeDataPlane::hold_links`]: the next network pass rewires `node` as its networks
@@ -136,7 +149,40 @@ impl NodeDataPlane {
 
     /// The nodes whose links are held.
     pub fn held_nodes(&self) -> BTreeSet<String> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// What sends to held node `node` now (a network pass tells, after it wired): `local`
+    /// links from nodes of this host, and the tunnels from other hosts.
+    pub fn note_held_senders(&self, node: &str, local: usize, tunnels: Vec<Arc<VxlanTunnelStats>>) {
+        if let Some(h) = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(node)
+        {
+            *h = HeldSenders {
+                known: true,
+                local,
+                tunnels,
+            };
+        }
+    }
+
+    /// Whether every sender of held node `node` rewired: no link of this host sends to it and
+    /// every tunnel into it passed on its sender's last frame (its end marker came). What
+    /// still sits on the node's rings is taken by its next poll.
+    pub fn held_senders_done(&self, node: &str) -> bool {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .is_some_and(|h| h.known && h.local == 0 && h.tunnels.iter().all(|t| t.sender_done()))
     }
 
     /// From now on no worker busy-polls for a node (several hosts simulated on one machine

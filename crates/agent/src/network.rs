@@ -456,7 +456,9 @@ impl NetworkReconciler {
                     active: false,
                     packets: c.map_or(0, |c| c.packets),
                     bytes: c.map_or(0, |c| c.bytes),
-                    drops: c.map_or(0, |c| c.drops) + self.tunnel_drops(a, i, spec.as_ref()),
+                    // The tunnels went above: their drops are in the endpoint's per-VNI count
+                    // now (counting their own as well counted them twice).
+                    drops: c.map_or(0, |c| c.drops) + self.vni_link_drops(a, i),
                     since: c.map_or_else(String::new, |c| unix_ms_rfc3339(c.since_unix_ms)),
                 }
             })
@@ -520,11 +522,7 @@ impl NetworkReconciler {
     /// not queue; a link between hosts, what the endpoint here dropped of its VNI (for no
     /// tunnel, or in a tunnel removed since).
     fn tunnel_drops(&self, a: &Applied, i: usize, spec: Option<&LinkSpec>) -> u64 {
-        let vni_drops = match (&self.vxlan, &a.span) {
-            (Some(e), Some(span)) => span.link_vni(i).map_or(0, |v| e.vni_drops(v)),
-            _ => 0,
-        };
-        vni_drops
+        self.vni_link_drops(a, i)
             + spec.map_or(0, |spec| {
                 let sent = a.tunnels.get(spec.to.node.as_str()).map_or(0, |t| {
                     let t = &t.stats;
@@ -536,6 +534,15 @@ impl NetworkReconciler {
                 });
                 sent + received
             })
+    }
+
+    /// What the endpoint here dropped of descriptor link `i`'s VNI: for no tunnel, or in a
+    /// tunnel removed since (what it still queued, and its own drops).
+    fn vni_link_drops(&self, a: &Applied, i: usize) -> u64 {
+        match (&self.vxlan, &a.span) {
+            (Some(e), Some(span)) => span.link_vni(i).map_or(0, |v| e.vni_drops(v)),
+            _ => 0,
+        }
     }
 
     /// Brings the built-in nodes and steering endpoints of `a` to those of `d`: nodes that
@@ -705,6 +712,7 @@ impl NetworkReconciler {
             a.span = spans.iter().find(|s| s.network == name).cloned();
             self.reconcile(&name, a, d);
         }
+        self.note_held_senders(&applied);
         // Half full, the per-VNI drops keep only the VNIs of this host's networks (until
         // then a VNI whose network has not reached this host yet keeps its drops too).
         if let Some(e) = &self.vxlan
@@ -719,6 +727,24 @@ impl NetworkReconciler {
         }
         drop(applied);
         self.log_endpoint_drops();
+    }
+
+    /// Tells the data plane what still sends to each node whose links are held, over every
+    /// network: a link from a node of this host, or one out of a tunnel from another host.
+    fn note_held_senders(&self, applied: &BTreeMap<String, Applied>) {
+        for node in self.dp.held_nodes() {
+            let mut local = 0;
+            let mut tunnels = Vec::new();
+            for a in applied.values() {
+                for l in a.live.iter().filter(|l| l.to.node == node) {
+                    match a.tunnels.get(&l.from.node) {
+                        Some(t) => tunnels.push(Arc::clone(&t.stats)),
+                        None => local += 1,
+                    }
+                }
+            }
+            self.dp.note_held_senders(&node, local, tunnels);
+        }
     }
 
     /// Says in the log what the tunnel endpoint dropped since the last pass: for a network
@@ -2063,7 +2089,7 @@ mod tests {
     }
 
     /// A tunnel's drops (here: what it received while the VNF behind it read nothing) are
-    /// its link's, in the table's row as in the link's state.
+    /// its link's, in the table's row as in the link's state, and once in its final counts.
     #[test]
     fn a_tunnels_drops_show_in_its_links_row_of_the_table() {
         let (h1, a1) = tunnel_host("h1");
@@ -2106,6 +2132,28 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // h1 stops sending; once h2 received all it sent, the network leaves h2: its final
+        // counts hold every frame once, carried or dropped.
+        let sent = Arc::clone(&h1.applied()["n"].tunnels["tun:n/0@h2"].stats);
+        h1.sync_spans(&[], &[]);
+        let sent = sent.tx_packets.load(Ordering::Relaxed);
+        let e = Arc::clone(h2.vxlan.as_ref().unwrap());
+        // Frames h2 took off its socket, or its kernel dropped (h1's end marker is no frame).
+        let arrived = || {
+            let s = e.stats();
+            s.datagrams.load(Ordering::Relaxed) - s.end_markers.load(Ordering::Relaxed)
+                + e.kernel_drops().unwrap()
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while arrived() < sent {
+            assert!(Instant::now() < deadline, "h2 never received all {sent}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        h2.sync_spans(&[], &[]);
+        let st = h2.status(&d).unwrap();
+        let left = &st.departed[0].links[0];
+        let kernel = e.kernel_drops().unwrap();
+        assert_eq!(left.packets + left.drops + kernel, sent, "{st:?}");
     }
 
     #[test]
@@ -2158,6 +2206,70 @@ mod tests {
         assert_eq!(live(), ["tun:n/1@h2.io -> b.in"]);
     }
 
+    /// A held node's senders: a link of this host until that sender rewires, a tunnel from
+    /// another host until that host's end marker came after its last frame.
+    #[test]
+    fn a_held_node_hears_when_its_senders_rewired() {
+        let (h1, at) = tunnel_host("h1");
+        for (node, ports) in [
+            ("x", &["in", "in2", "out"][..]),
+            ("b", &["in"][..]),
+            ("l", &["out"][..]),
+        ] {
+            h1.dp.add_node(node, ports, 0, Box::new(Stuck)).unwrap();
+        }
+        let d = parse_network(
+            b"apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n }\nspec:\n  links: [a.out -> x.in, l.out -> x.in2, x.out -> b.in]\n",
+            Format::Yaml,
+        )
+        .unwrap();
+        let span = |x_host: &str| NetworkSpan {
+            network: "n".into(),
+            vni: 70,
+            vnis: 3,
+            hosts: [("a", "h3"), ("x", x_host), ("b", "h1"), ("l", "h1")]
+                .map(|(n, h)| (n.to_owned(), h.to_owned()))
+                .into(),
+            tunnels: [("h2", "127.0.0.1:9"), ("h3", "127.0.0.1:9")]
+                .map(|(h, t)| (h.to_owned(), t.to_owned()))
+                .into(),
+        };
+        let sync = |x_host: &str| h1.sync_spans(std::slice::from_ref(&d), &[span(x_host)]);
+        let done = || h1.dp.held_senders_done("x");
+        sync("h1");
+        h1.dp.hold_links("x");
+        assert!(!done(), "no pass told since the hold");
+        sync("h1");
+        // h3 (a socket of 127.0.0.1, as its tunnel names) sends a frame on link 0, then its
+        // end: its tunnel is done once the frame left it, but l here still sends to x.
+        let h3 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        h3.send_to(&vxlan::encap(70, &[7u8; 60]).unwrap(), &at)
+            .unwrap();
+        h3.send_to(&vxlan::end_marker(70), &at).unwrap();
+        let from_h3 = Arc::clone(&h1.applied()["n"].tunnels["tun:n/0@h3"].stats);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !from_h3.sender_done() {
+            assert!(Instant::now() < deadline, "h3's end never heard");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(from_h3.rx_packets.load(Ordering::Relaxed), 1);
+        assert!(!done(), "l still sends to x");
+        // x moves to h2: l's link goes to h2's tunnel; nothing sends to x any more.
+        sync("h2");
+        assert!(done());
+        // h3 sends again (it linked x again): not done until its next end.
+        h3.send_to(&vxlan::encap(70, &[8u8; 60]).unwrap(), &at)
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while from_h3.queued.load(Ordering::Acquire) < 2 {
+            assert!(Instant::now() < deadline, "h3's second frame never came");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!done());
+        h1.dp.release_links("x");
+        assert!(!done(), "released: not held");
+    }
+
     /// A peer host whose tunnel address changes gets the link's frames at its new address
     /// (the tunnel is made again), as does a link whose VNI changes (a network given a new
     /// block): the old address and VNI are no longer used.
@@ -2177,13 +2289,16 @@ mod tests {
             ("sink2", "h2"),
         ];
         let at = |peer: &std::net::UdpSocket| peer.local_addr().unwrap().to_string();
-        // The VNI of the first datagram `peer` receives within the deadline.
+        // The VNI of the first frame `peer` receives within the deadline (an end marker, the
+        // old VNI's when a link is renumbered, carries none).
         let vni_at = |peer: &std::net::UdpSocket, span: &NetworkSpan| {
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut buf = [0u8; 2048];
             loop {
                 h1.sync_spans(std::slice::from_ref(&d), std::slice::from_ref(span));
-                if let Ok(n) = peer.recv(&mut buf) {
+                if let Ok(n) = peer.recv(&mut buf)
+                    && n > vxlan::HEADER_LEN
+                {
                     return vxlan::decap(&buf[..n]).unwrap().0;
                 }
                 assert!(

@@ -225,11 +225,10 @@ fn queue_when_told(inner: &Arc<Inner>) -> impl Fn(&Name) + Send + Sync + 'static
 
 /// How often the loop looks at every instance again when nothing told it to.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(1);
-/// A handed-off source passes on what arrives until nothing came for this long: the hosts
-/// that send to it rewire within it.
-pub const HANDOFF_QUIET: Duration = Duration::from_millis(200);
-/// ... and for this long at most.
-pub const HANDOFF_DRAIN: Duration = Duration::from_secs(2);
+/// A handed-off source passes on what its senders still send until they all rewired, for this
+/// long at most (a sender host that died, or one whose end marker was lost); its stream then
+/// has as long again to pass the rest on.
+pub const HANDOFF_DRAIN: Duration = Duration::from_secs(10);
 /// How often the assignments are listed again when no change was signalled.
 pub const RELIST_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -815,30 +814,37 @@ impl Inner {
     }
 
     /// Before a handed-off instance (the switch was made) stops: what its senders sent before
-    /// they rewired still arrives and is queued; once nothing came for [`HANDOFF_QUIET`] (at
-    /// most [`HANDOFF_DRAIN`]), the stream passes the rest on and ends.
+    /// they rewired still arrives and is queued; once every sender rewired and what it sent is
+    /// queued ([`Runtime::senders_drained`]: its links here replaced, its tunnels' end markers
+    /// in), or at most [`HANDOFF_DRAIN`] after the switch, the stream passes the rest on and
+    /// ends. (Until 2026-12-08 it ended after 200 ms in which nothing came: a sender host whose
+    /// worker or rewiring stalled that long on a loaded machine sent on to a source gone.)
     async fn pass_on_queued(&self, name: &Name, runtime: &dyn Runtime, r: &Replicas) {
         let Some(mut queued) = runtime.frozen(name) else {
             return;
         };
         let started = Instant::now();
-        let mut since = Instant::now();
-        while since.elapsed() < HANDOFF_QUIET && started.elapsed() < HANDOFF_DRAIN {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let now = runtime.frozen(name).unwrap_or(queued);
-            if now != queued {
-                (queued, since) = (now, Instant::now());
+        let drained = loop {
+            if runtime.senders_drained(name) {
+                break true;
             }
+            if started.elapsed() >= HANDOFF_DRAIN {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        if !drained {
+            tracing::warn!(vnf = %name, "handing over: not every sender had rewired {} s after the switch; what they send from now on is lost", HANDOFF_DRAIN.as_secs());
         }
         let passed = r.finish(name, HANDOFF_DRAIN).await;
-        let queued = runtime.frozen(name).unwrap_or(queued);
+        queued = runtime.frozen(name).unwrap_or(queued);
         if passed < queued {
             // Still queued here when the stream ended, or refused by the destination (it
             // counts those it took beyond its queue's bound itself): the instance's removal
             // drops them, counted as its node's drops here (`Handoff::discard`).
-            tracing::warn!(vnf = %name, queued, passed, lost = queued - passed, "handed over: not every packet queued since the freeze reached the destination");
+            tracing::warn!(vnf = %name, queued, passed, lost = queued - passed, waited_ms = started.elapsed().as_millis(), "handed over: not every packet queued since the freeze reached the destination");
         } else {
-            tracing::info!(vnf = %name, queued, passed, "handed over: the packets queued since the freeze went to the destination");
+            tracing::info!(vnf = %name, queued, passed, waited_ms = started.elapsed().as_millis(), "handed over: the packets queued since the freeze went to the destination");
         }
     }
 

@@ -256,6 +256,14 @@ pub trait Runtime: Send + Sync + 'static {
         None
     }
 
+    /// Whether frozen `name`'s senders all rewired after its move (nothing brings it frames
+    /// any more) and it queued everything they sent: what it queued is all it will. A runtime
+    /// that does not freeze keeps this default (never).
+    fn senders_drained(&self, name: &Name) -> bool {
+        let _ = name;
+        false
+    }
+
     /// Ends a [`Runtime::send_state`] under way; the instance runs on here.
     async fn cancel_send(&self, name: &Name) {
         let _ = name;

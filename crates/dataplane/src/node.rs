@@ -244,6 +244,11 @@ impl<'a> NodeIo<'a> {
         }
     }
 
+    /// True when a link sends into `port` (or one removed still has frames on its ring).
+    pub fn has_input(&self, port: usize) -> bool {
+        self.ports.get(port).is_some_and(|p| !p.rx.is_empty())
+    }
+
     /// True when `port` has an outgoing link.
     pub fn is_linked(&self, port: usize) -> bool {
         self.ports.get(port).is_some_and(|p| p.tx.is_some())

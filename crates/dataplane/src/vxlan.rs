@@ -34,6 +34,14 @@
 //! is copy-on-write behind an `RwLock<Arc<_>>`: a receive round takes one `Arc` clone;
 //! registering a tunnel (rare) builds a new map.
 //!
+//! A sender's end: when the last link into a tunnel's port is gone and its ring drained, the
+//! tunnel sends one end marker to its remote after its last frame (an 8-byte header with
+//! [`FLAG_END`] and no inner frame; RFC 7348 receivers ignore the reserved bit and find no
+//! frame). The receiving tunnel counts the datagrams it queued and where the marker came among
+//! them, so [`VxlanTunnelStats::sender_done`] says when everything the sender sent has left
+//! its port: a VNF's frozen source, still receiving after its move, knows its senders rewired
+//! (ADR 053) instead of guessing from a quiet spell.
+//!
 //! Both directions use `recvmmsg`/`sendmmsg` with two-part iovecs (header, pool buffer), so
 //! frames are not copied in user space. All tunnels of an endpoint and the panel polling them
 //! must share the endpoint's [`Pool`] (packets cross between tunnels through the queues).
@@ -60,6 +68,9 @@ pub const VXLAN_PORT: u16 = 4789;
 pub const HEADER_LEN: usize = 8;
 /// The I flag: the VNI field is valid. The only flag RFC 7348 defines.
 pub const FLAG_VNI: u8 = 0x08;
+/// A reserved flag bit telvirt's endpoints set on a sender's end marker (see the module's
+/// comment): a header with it and no inner frame.
+pub const FLAG_END: u8 = 0x01;
 /// Largest VNI (24 bits).
 pub const MAX_VNI: u32 = 0x00ff_ffff;
 /// Bytes of an Ethernet header: the smallest inner frame a datagram may carry.
@@ -117,6 +128,13 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> std::result::Result<u32, String> {
 /// The VNI of a valid header (fast path, no message).
 fn header_vni(h: &[u8; HEADER_LEN]) -> Option<u32> {
     (h[0] & FLAG_VNI != 0).then(|| u32::from_be_bytes([0, h[4], h[5], h[6]]))
+}
+
+/// The end marker for `vni`: the header with [`FLAG_END`] set.
+pub fn end_marker(vni: u32) -> [u8; HEADER_LEN] {
+    let mut h = header(vni);
+    h[0] |= FLAG_END;
+    h
 }
 
 /// One datagram: the header for `vni` followed by `inner`.
@@ -192,6 +210,8 @@ pub struct VxlanEndpointStats {
     pub removed_queued: AtomicU64,
     /// `recvmmsg` failures other than "nothing to read".
     pub rx_errors: AtomicU64,
+    /// Senders' end markers received (for a tunnel here or not).
+    pub end_markers: AtomicU64,
     /// Polls that skipped receiving because the polling panel's pool is not the endpoint's
     /// (a wiring mistake: the endpoint must be built with the panel's pool).
     pub pool_mismatch: AtomicU64,
@@ -217,6 +237,13 @@ pub struct VxlanTunnelStats {
     pub rx_too_big: AtomicU64,
     /// Datagrams for this tunnel dropped because its queue was full.
     pub rx_queue_full: AtomicU64,
+    /// Datagrams queued for the port (received, or held early and delivered), in arrival
+    /// order.
+    pub queued: AtomicU64,
+    /// Where the last end marker came: one more than `queued` when it arrived (0: none came).
+    pub end_marker_at: AtomicU64,
+    /// End markers this tunnel sent (its sender's link went).
+    pub end_markers_sent: AtomicU64,
 }
 
 impl VxlanTunnelStats {
@@ -231,6 +258,16 @@ impl VxlanTunnelStats {
         .iter()
         .map(|c| c.load(Ordering::Relaxed))
         .sum()
+    }
+
+    /// The remote sender's link into this tunnel ended (its end marker came after its last
+    /// datagram) and everything queued before it left the port: nothing more comes out unless
+    /// the sender links again. False while no marker came.
+    pub fn sender_done(&self) -> bool {
+        // `queued` first: a datagram after the marker makes it pass the marker's place.
+        let queued = self.queued.load(Ordering::Acquire);
+        let end = self.end_marker_at.load(Ordering::Acquire);
+        end == queued + 1 && self.rx_packets.load(Ordering::Acquire) >= queued
     }
 }
 
@@ -462,6 +499,7 @@ impl VxlanEndpoint {
                 shared.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
                 self.pool.free(p);
             } else {
+                shared.stats.queued.fetch_add(1, Ordering::Release);
                 self.stats.early_delivered.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -638,6 +676,8 @@ impl VxlanEndpoint {
             dest_addr,
             dest_len,
             buf: Vec::with_capacity(BATCH),
+            fed: false,
+            end_owed: false,
         })
     }
 
@@ -754,12 +794,25 @@ impl VxlanEndpoint {
                 continue;
             }
             let n = msgs[i].msg_len as usize;
+            let src = source_ip(&from[i]);
+            if n == HEADER_LEN && headers[i][0] & FLAG_END != 0 {
+                // A sender's end: it goes after what its tunnel queued so far.
+                if let Some(t) = header_vni(&headers[i])
+                    .zip(src)
+                    .and_then(|(v, s)| map.get(&(s, v)))
+                {
+                    let at = t.stats.queued.load(Ordering::Acquire) + 1;
+                    t.stats.end_marker_at.store(at, Ordering::Release);
+                }
+                self.stats.end_markers.fetch_add(1, Ordering::Relaxed);
+                io.free(p);
+                continue;
+            }
             let vni = if n < HEADER_LEN + ETH_HEADER_LEN {
                 None
             } else {
                 header_vni(&headers[i])
             };
-            let src = source_ip(&from[i]);
             let (Some(vni), Some(src)) = (vni, src) else {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 io.free(p);
@@ -787,7 +840,10 @@ impl VxlanEndpoint {
                 continue;
             }
             match t.queue.push(p) {
-                Ok(()) => held.count += 1,
+                Ok(()) => {
+                    t.stats.queued.fetch_add(1, Ordering::Release);
+                    held.count += 1;
+                }
                 Err(p) => {
                     t.stats.rx_queue_full.fetch_add(1, Ordering::Relaxed);
                     io.free(p);
@@ -890,6 +946,10 @@ pub struct VxlanTunnel {
     dest_addr: libc::sockaddr_storage,
     dest_len: libc::socklen_t,
     buf: Vec<Packet>,
+    /// A link sends into the port (as the last poll found it).
+    fed: bool,
+    /// The link into the port went and its end marker is not sent yet.
+    end_owed: bool,
 }
 
 impl std::fmt::Debug for VxlanTunnel {
@@ -921,6 +981,31 @@ impl VxlanTunnel {
     /// The endpoint whose socket this tunnel uses.
     pub fn endpoint(&self) -> &Arc<VxlanEndpoint> {
         &self.endpoint
+    }
+
+    /// Sends the end marker (see the module's comment); whether the kernel took it.
+    fn send_end_marker(&self) -> bool {
+        let marker = end_marker(self.key.1);
+        // SAFETY: `marker` and the destination address outlive the call; the kernel only
+        // reads them.
+        let rc = unsafe {
+            libc::sendto(
+                self.endpoint.socket.as_raw_fd(),
+                marker.as_ptr().cast(),
+                HEADER_LEN,
+                libc::MSG_DONTWAIT,
+                (&self.dest_addr as *const libc::sockaddr_storage).cast(),
+                self.dest_len,
+            )
+        };
+        let sent = usize::try_from(rc).is_ok_and(|n| n == HEADER_LEN);
+        if sent {
+            self.shared
+                .stats
+                .end_markers_sent
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Send `self.buf` (at most [`BATCH`] frames) with `sendmmsg`, then free every packet.
@@ -1019,6 +1104,10 @@ impl Node for EndpointDrain {
 
 impl Drop for VxlanTunnel {
     fn drop(&mut self) {
+        // Removed while a link still sent into it: nothing more comes from here either.
+        if self.fed || self.end_owed {
+            self.send_end_marker();
+        }
         self.endpoint.unregister(&self.key, &self.shared);
     }
 }
@@ -1030,6 +1119,16 @@ impl Node for VxlanTunnel {
         let sent = io.recv(0, &mut self.buf, BATCH);
         if sent > 0 {
             self.transmit(io);
+        }
+        // The link into the port went and its ring is drained: the remote hears it after the
+        // last frame (retried at the next poll if the socket is full).
+        let fed = io.has_input(0);
+        if self.fed && !fed {
+            self.end_owed = true;
+        }
+        self.fed = fed;
+        if fed || (self.end_owed && self.send_end_marker()) {
+            self.end_owed = false;
         }
         // Drain the shared socket into every tunnel's queue (unless another poll does).
         let received = self.endpoint.receive(io);
@@ -1051,12 +1150,13 @@ impl Node for VxlanTunnel {
         let delivered = self.buf.len();
         if delivered > 0 {
             let bytes: usize = self.buf.iter().map(Packet::len).sum();
+            io.send(0, &mut self.buf);
+            // Counted once on the link ([`VxlanTunnelStats::sender_done`] relies on it).
             let stats = &self.shared.stats;
+            stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             stats
                 .rx_packets
-                .fetch_add(delivered as u64, Ordering::Relaxed);
-            stats.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-            io.send(0, &mut self.buf);
+                .fetch_add(delivered as u64, Ordering::Release);
         }
         sent + received + delivered
     }
@@ -1167,6 +1267,22 @@ mod tests {
             out
         }
 
+        /// The link into the port goes (its ring finishes once drained).
+        fn end_input(&mut self) {
+            let (spare, _) = ring::channel::<Packet>("vxlan-in-gone", 2).unwrap();
+            drop(std::mem::replace(&mut self.into, spare));
+        }
+
+        /// A new link into the port.
+        fn link_input(&mut self) {
+            let (into, rx) = ring::channel::<Packet>("vxlan-in-again", 1024).unwrap();
+            self.ports[0].rx.push(RxLink {
+                serial: 2,
+                ring: rx,
+            });
+            self.into = into;
+        }
+
         fn finish(mut self) {
             self.take();
             self.cache.flush(&self.pool);
@@ -1244,6 +1360,66 @@ mod tests {
         let es = eb.stats();
         assert_eq!((load(&es.unknown_tunnel), load(&es.malformed)), (0, 0));
 
+        drop((ta, tb));
+        ha.finish();
+        hb.finish();
+        assert_eq!(pool.available(), pool.capacity(), "buffers leaked");
+    }
+
+    #[test]
+    fn a_sender_whose_link_went_says_so_after_its_last_frame() {
+        let pool = Arc::new(Pool::new("vxlan-end", 512, 2048).unwrap());
+        let ea = VxlanEndpoint::bind(LOCAL.parse().unwrap(), Arc::clone(&pool)).unwrap();
+        let eb = VxlanEndpoint::bind(LOCAL.parse().unwrap(), Arc::clone(&pool)).unwrap();
+        let mut ta = ea.tunnel(eb.local_addr(), 42).unwrap();
+        let mut tb = eb.tunnel(ea.local_addr(), 42).unwrap();
+        let (sa, sb) = (ta.stats(), tb.stats());
+        let mut ha = Harness::new(&pool, 1024);
+        // B's port passes 4 frames at a time: the rest wait in its queue.
+        let mut hb = Harness::new(&pool, 4);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        for i in 0..10 {
+            ha.put(&frame(i));
+        }
+        wait_until("10 frames sent", || {
+            ha.poll(&mut ta);
+            load(&sa.tx_packets) == 10
+        });
+        // The link into A's port goes: one marker, after the frames.
+        ha.end_input();
+        wait_until("the end marker sent", || {
+            ha.poll(&mut ta);
+            load(&sa.end_markers_sent) == 1
+        });
+        ha.poll(&mut ta);
+        assert_eq!(load(&sa.end_markers_sent), 1, "one marker per end");
+        // B hears the end only once every frame before it left its port.
+        let mut got = Vec::new();
+        wait_until("B done with A's frames", || {
+            hb.poll(&mut tb);
+            let done = sb.sender_done();
+            assert!(
+                !done || got.len() + hb.out.len() == 10,
+                "done with {} of 10 frames out",
+                got.len() + hb.out.len()
+            );
+            got.extend(hb.take());
+            done
+        });
+        got.extend(hb.take());
+        assert_eq!(got, (0..10).map(frame).collect::<Vec<_>>());
+        assert_eq!(load(&eb.stats().end_markers), 1);
+        // The sender links again and sends: its end is over.
+        ha.link_input();
+        ha.put(&frame(10));
+        wait_until("the frame after the end queued at B", || {
+            ha.poll(&mut ta);
+            hb.poll(&mut tb);
+            load(&sb.queued) == 11
+        });
+        assert!(!sb.sender_done());
+        assert_eq!(load(&sa.end_markers_sent), 1);
+        assert_eq!(load(&eb.stats().malformed), 0);
         drop((ta, tb));
         ha.finish();
         hb.finish();

@@ -752,6 +752,11 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     // frames dropped there, 108 missing at the sink, in one run of this binary; none alone).
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let (node, _a1, _a2) = two_agents(&[]);
+    // A frame lost shows where each side was (the freeze, the hand-over, the senders' end).
+    with_agent_logs(&node, || a_nat_moves_with_its_sessions(&node));
+}
+
+fn a_nat_moves_with_its_sessions(node: &Serve) {
     let nat = std::fs::read_to_string(node.path("examples/descriptors/nat1.yaml"))
         .unwrap()
         .replace("name: nat1", "name: natm")
@@ -794,7 +799,7 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     std::fs::write(node.path("t2.yaml"), net).unwrap();
     node.ok(&["net", "create", "-f", "t2.yaml"]);
     wait_until("the NAT never held 12 sessions", || {
-        map_entries(&node, "natm", "sessions") == Some(12)
+        map_entries(node, "natm", "sessions") == Some(12)
     });
     // The sink's frames and the gaps in their sequence numbers, once it has some.
     let sink = || {
@@ -833,6 +838,7 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     // two reads is counted afterwards, and its gap shows at the sink afterwards too.
     let dropped_before = kernel_dropped();
     let (_, lost_before) = sink();
+    let table_before = node.json(&["net", "show", "t2"])["status"]["table"].clone();
 
     // The move: the destination takes the maps, then the traffic; the source's place is freed.
     // On the other engine, too (pulley to cranelift): the maps' snapshot does not depend on it.
@@ -853,8 +859,8 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     assert_eq!(moved["placements"].as_array().unwrap().len(), 1, "{moved}");
     assert!(moved.get("migration").is_none(), "{moved}");
     node.wait_phase("natm", "Running");
-    assert_eq!(map_entries(&node, "natm", "sessions"), Some(12));
-    assert_eq!(map_entries(&node, "natm", "reverse"), Some(12));
+    assert_eq!(map_entries(node, "natm", "sessions"), Some(12));
+    assert_eq!(map_entries(node, "natm", "reverse"), Some(12));
     let events = node.json(&["vnf", "events", "natm"]);
     let said = |what: &str| {
         events
@@ -893,7 +899,7 @@ fn a_nat_moves_to_another_host_with_its_sessions_and_bad_moves_change_nothing() 
     let dropped = kernel_dropped() - dropped_before;
     assert!(
         lost.is_some_and(|l| l <= dropped),
-        "frames lost across the move: {lost:?} ({dropped} dropped by the kernel): {}",
+        "frames lost across the move: {lost:?} ({dropped} dropped by the kernel): {}\nbefore the move ({lost_before:?} lost): {table_before}",
         node.json(&["net", "show", "t2"])["status"]["table"]
     );
     // The source's part of the network left with the NAT: what it carried there (into the

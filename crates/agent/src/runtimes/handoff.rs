@@ -65,6 +65,9 @@ pub struct Handoff {
     /// The instance went ([`Handoff::discard`]): nothing is handed in any more (set under the
     /// injected queue's lock).
     closed: AtomicBool,
+    /// The poll count at which the first poll begun after [`Handoff::polled_since_mark`]
+    /// first asked has ended (0: no mark).
+    drain_mark: AtomicU64,
 }
 
 /// One poll of the node, from [`Handoff::begin_poll`] until dropped.
@@ -189,6 +192,29 @@ impl Handoff {
                 std::thread::sleep(Duration::from_micros(10));
             }
         }
+    }
+
+    /// Whether a poll of the node that began after the first call since the last
+    /// [`Handoff::clear_mark`] has ended. A diverting poll empties every ring of the node, so
+    /// once it did, everything its senders had sent by the first call is queued.
+    pub fn polled_since_mark(&self) -> bool {
+        let polls = self.polls.load(Ordering::SeqCst);
+        // The next poll to begin ends at the count after the one under way (odd) ends.
+        let ends_at = polls + 2 + polls % 2;
+        let mark =
+            match self
+                .drain_mark
+                .compare_exchange(0, ends_at, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => ends_at,
+                Err(mark) => mark,
+            };
+        self.polls.load(Ordering::Acquire) >= mark
+    }
+
+    /// Forgets the mark of [`Handoff::polled_since_mark`].
+    pub fn clear_mark(&self) {
+        self.drain_mark.store(0, Ordering::Release);
     }
 
     /// When the divert under way began (`None`: none is).
@@ -484,6 +510,26 @@ pub fn decode_frames(mut bytes: &[u8], max_frame: usize) -> Result<Vec<PortFrame
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_mark_is_passed_only_by_a_poll_begun_after_it() {
+        let h = Handoff::default();
+        // Marked while a poll runs: that poll may have emptied the rings before the senders'
+        // last frames came; only the next one counts.
+        let under_way = h.begin_poll();
+        assert!(!h.polled_since_mark());
+        drop(under_way);
+        assert!(!h.polled_since_mark());
+        drop(h.begin_poll());
+        assert!(h.polled_since_mark());
+        // Cleared: the next call marks again.
+        h.clear_mark();
+        assert!(!h.polled_since_mark());
+        let next = h.begin_poll();
+        assert!(!h.polled_since_mark(), "not ended yet");
+        drop(next);
+        assert!(h.polled_since_mark());
+    }
 
     #[test]
     fn a_divert_waits_for_the_poll_under_way_only() {

@@ -1535,6 +1535,24 @@ impl Runtime for WasmRuntime {
             .map(|e| e.handoff.diverted_total())
     }
 
+    /// Once the data plane says every sender rewired, the node's next poll takes what their
+    /// last frames left on its rings.
+    fn senders_drained(&self, name: &Name) -> bool {
+        let Some(handoff) = self
+            .entries()
+            .get(name)
+            .filter(|e| e.frozen)
+            .map(|e| Arc::clone(&e.handoff))
+        else {
+            return false;
+        };
+        if !self.dataplane.held_senders_done(name.as_str()) {
+            handoff.clear_mark();
+            return false;
+        }
+        handoff.polled_since_mark()
+    }
+
     /// The instance is looked at once the entries are let go, and on a blocking thread when
     /// someone holds it (a reconfigure restarting its module, a save of its maps): the async
     /// thread asking never waits for it, nor does anyone waiting for the entries.
