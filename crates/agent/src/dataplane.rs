@@ -87,10 +87,15 @@ pub struct NodeDataPlane {
 /// What still sends to a node whose links are held, as the last network pass found it.
 #[derive(Debug, Default)]
 struct HeldSenders {
+    /// When the hold began (CLOCK_MONOTONIC nanoseconds): a tunnel's end from before says
+    /// nothing about this hold.
+    since_ns: u64,
     /// A network pass told since the hold (until then nothing is known).
     known: bool,
-    /// Links into the node from nodes of this host (senders here not rewired yet).
+    /// Links into the node from nodes of this host that send (senders here not rewired yet).
     local: usize,
+    /// Links into the node that send nothing more: from other held nodes (frozen too).
+    quiet: usize,
     /// The tunnels that bring it frames from other hosts.
     tunnels: Vec<Arc<VxlanTunnelStats>>,
 }
@@ -132,10 +137,13 @@ impl NodeDataPlane {
     /// Keeps the links of `node` (and the tunnels they use) as they are until
     /// [`NodeDataPlane::release_links`].
     pub fn hold_links(&self, node: &str) {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.to_owned(), HeldSenders::default());
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            node.to_owned(),
+            HeldSenders {
+                since_ns: telvirt_dataplane::packet::now_ns(),
+                ..HeldSenders::default()
+            },
+        );
     }
 
     /// Ends [`NodeDataPlane::hold_links`]: the next network pass rewires `node` as its networks
@@ -158,31 +166,37 @@ impl NodeDataPlane {
     }
 
     /// What sends to held node `node` now (a network pass tells, after it wired): `local`
-    /// links from nodes of this host, and the tunnels from other hosts.
-    pub fn note_held_senders(&self, node: &str, local: usize, tunnels: Vec<Arc<VxlanTunnelStats>>) {
+    /// links from nodes of this host that send, `quiet` links from held ones, and the tunnels
+    /// from other hosts.
+    pub fn note_held_senders(
+        &self,
+        node: &str,
+        local: usize,
+        quiet: usize,
+        tunnels: Vec<Arc<VxlanTunnelStats>>,
+    ) {
         if let Some(h) = self
             .held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get_mut(node)
         {
-            *h = HeldSenders {
-                known: true,
-                local,
-                tunnels,
-            };
+            (h.known, h.local, h.quiet, h.tunnels) = (true, local, quiet, tunnels);
         }
     }
 
-    /// Whether every sender of held node `node` rewired: no link of this host sends to it and
-    /// every tunnel into it passed on its sender's last frame (its end marker came). What
-    /// still sits on the node's rings is taken by its next poll.
-    pub fn held_senders_done(&self, node: &str) -> bool {
-        self.held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(node)
-            .is_some_and(|h| h.known && h.local == 0 && h.tunnels.iter().all(|t| t.sender_done()))
+    /// Whether every sender of held node `node` rewired since its hold: no link of this host
+    /// that sends is wired to it and every tunnel into it passed on its sender's last frame
+    /// (its end marker came since the hold). If so, how many links into it stay wired (the
+    /// tunnels' and the quiet ones): a ring more on the node is a sender's here whose worker
+    /// has not let go of it yet. What still sits on the node's rings is taken by its next
+    /// poll.
+    pub fn held_senders_done(&self, node: &str) -> Option<usize> {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let h = held.get(node)?;
+        let done =
+            h.known && h.local == 0 && h.tunnels.iter().all(|t| t.sender_done_since(h.since_ns));
+        done.then_some(h.tunnels.len() + h.quiet)
     }
 
     /// From now on no worker busy-polls for a node (several hosts simulated on one machine

@@ -817,7 +817,7 @@ impl Inner {
     /// they rewired still arrives and is queued; once every sender rewired and what it sent is
     /// queued ([`Runtime::senders_drained`]: its links here replaced, its tunnels' end markers
     /// in), or at most [`HANDOFF_DRAIN`] after the switch, the stream passes the rest on and
-    /// ends. (Until 2026-12-08 it ended after 200 ms in which nothing came: a sender host whose
+    /// ends. (Until 2026-12-07 it ended after 200 ms in which nothing came: a sender host whose
     /// worker or rewiring stalled that long on a loaded machine sent on to a source gone.)
     async fn pass_on_queued(&self, name: &Name, runtime: &dyn Runtime, r: &Replicas) {
         let Some(mut queued) = runtime.frozen(name) else {

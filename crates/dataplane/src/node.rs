@@ -246,7 +246,13 @@ impl<'a> NodeIo<'a> {
 
     /// True when a link sends into `port` (or one removed still has frames on its ring).
     pub fn has_input(&self, port: usize) -> bool {
-        self.ports.get(port).is_some_and(|p| !p.rx.is_empty())
+        self.input_rings(port) > 0
+    }
+
+    /// The rings into `port`: its link's, and a removed link's until its sender let go of it
+    /// and it is empty.
+    pub fn input_rings(&self, port: usize) -> usize {
+        self.ports.get(port).map_or(0, |p| p.rx.len())
     }
 
     /// True when `port` has an outgoing link.

@@ -71,6 +71,11 @@ pub const FLAG_VNI: u8 = 0x08;
 /// A reserved flag bit telvirt's endpoints set on a sender's end marker (see the module's
 /// comment): a header with it and no inner frame.
 pub const FLAG_END: u8 = 0x01;
+/// End markers a tunnel sends when the link into it went, [`END_MARKER_GAP`] apart: the
+/// remote's kernel may drop one, and a repeat changes nothing there.
+pub const END_MARKERS: u8 = 3;
+/// Time between two of them.
+pub const END_MARKER_GAP: Duration = Duration::from_millis(20);
 /// Largest VNI (24 bits).
 pub const MAX_VNI: u32 = 0x00ff_ffff;
 /// Bytes of an Ethernet header: the smallest inner frame a datagram may carry.
@@ -240,8 +245,12 @@ pub struct VxlanTunnelStats {
     /// Datagrams queued for the port (received, or held early and delivered), in arrival
     /// order.
     pub queued: AtomicU64,
-    /// Where the last end marker came: one more than `queued` when it arrived (0: none came).
+    /// Where the last end marker came: one more than `queued` when it arrived (0: none came,
+    /// or a datagram came after it, whatever became of that datagram).
     pub end_marker_at: AtomicU64,
+    /// When the last end marker came (CLOCK_MONOTONIC nanoseconds, [`crate::packet::now_ns`];
+    /// 0: none came).
+    pub end_marker_ns: AtomicU64,
     /// End markers this tunnel sent (its sender's link went).
     pub end_markers_sent: AtomicU64,
 }
@@ -264,10 +273,19 @@ impl VxlanTunnelStats {
     /// datagram) and everything queued before it left the port: nothing more comes out unless
     /// the sender links again. False while no marker came.
     pub fn sender_done(&self) -> bool {
+        self.sender_done_since(0)
+    }
+
+    /// [`VxlanTunnelStats::sender_done`], by an end marker that came at or after `since_ns`
+    /// (CLOCK_MONOTONIC nanoseconds): one from before (a link replaced, a VNF restarted) does
+    /// not say the sender ended since.
+    pub fn sender_done_since(&self, since_ns: u64) -> bool {
         // `queued` first: a datagram after the marker makes it pass the marker's place.
         let queued = self.queued.load(Ordering::Acquire);
         let end = self.end_marker_at.load(Ordering::Acquire);
-        end == queued + 1 && self.rx_packets.load(Ordering::Acquire) >= queued
+        end == queued + 1
+            && self.end_marker_ns.load(Ordering::Acquire) >= since_ns
+            && self.rx_packets.load(Ordering::Acquire) >= queued
     }
 }
 
@@ -677,11 +695,15 @@ impl VxlanEndpoint {
             dest_len,
             buf: Vec::with_capacity(BATCH),
             fed: false,
-            end_owed: false,
+            ends_left: 0,
+            next_end: None,
         })
     }
 
     fn unregister(&self, key: &TunnelKey, shared: &Arc<TunnelShared>) {
+        // No receive round holds the old map meanwhile: the tunnel's shared part goes with the
+        // tunnel, its queue and drops counted with its VNI before the removal returns.
+        let _rx = self.rx_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut guard = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
         if guard.get(key).is_some_and(|s| Arc::ptr_eq(s, shared)) {
             let mut next = TunnelMap::clone(&guard);
@@ -802,6 +824,8 @@ impl VxlanEndpoint {
                     .and_then(|(v, s)| map.get(&(s, v)))
                 {
                     let at = t.stats.queued.load(Ordering::Acquire) + 1;
+                    let now = crate::packet::now_ns().max(1);
+                    t.stats.end_marker_ns.store(now, Ordering::Release);
                     t.stats.end_marker_at.store(at, Ordering::Release);
                 }
                 self.stats.end_markers.fetch_add(1, Ordering::Relaxed);
@@ -828,6 +852,10 @@ impl VxlanEndpoint {
                 }
                 continue;
             };
+            // The sender sends again: its end is over, whether this datagram is queued or not.
+            if t.stats.end_marker_at.load(Ordering::Relaxed) != 0 {
+                t.stats.end_marker_at.store(0, Ordering::Release);
+            }
             if msgs[i].msg_hdr.msg_flags & libc::MSG_TRUNC != 0 {
                 t.stats.rx_too_big.fetch_add(1, Ordering::Relaxed);
                 io.free(p);
@@ -948,8 +976,11 @@ pub struct VxlanTunnel {
     buf: Vec<Packet>,
     /// A link sends into the port (as the last poll found it).
     fed: bool,
-    /// The link into the port went and its end marker is not sent yet.
-    end_owed: bool,
+    /// End markers still to send since the link into the port went (a datagram the remote's
+    /// kernel drops under load is not the only one).
+    ends_left: u8,
+    /// When the next of them goes.
+    next_end: Option<Instant>,
 }
 
 impl std::fmt::Debug for VxlanTunnel {
@@ -1105,7 +1136,7 @@ impl Node for EndpointDrain {
 impl Drop for VxlanTunnel {
     fn drop(&mut self) {
         // Removed while a link still sent into it: nothing more comes from here either.
-        if self.fed || self.end_owed {
+        if self.fed || self.ends_left > 0 {
             self.send_end_marker();
         }
         self.endpoint.unregister(&self.key, &self.shared);
@@ -1121,14 +1152,20 @@ impl Node for VxlanTunnel {
             self.transmit(io);
         }
         // The link into the port went and its ring is drained: the remote hears it after the
-        // last frame (retried at the next poll if the socket is full).
+        // last frame, [`END_MARKERS`] times [`END_MARKER_GAP`] apart.
         let fed = io.has_input(0);
         if self.fed && !fed {
-            self.end_owed = true;
+            (self.ends_left, self.next_end) = (END_MARKERS, None);
         }
         self.fed = fed;
-        if fed || (self.end_owed && self.send_end_marker()) {
-            self.end_owed = false;
+        if fed {
+            self.ends_left = 0;
+        } else if self.ends_left > 0 {
+            let now = Instant::now();
+            if self.next_end.is_none_or(|at| now >= at) && self.send_end_marker() {
+                self.ends_left -= 1;
+                self.next_end = Some(now + END_MARKER_GAP);
+            }
         }
         // Drain the shared socket into every tunnel's queue (unless another poll does).
         let received = self.endpoint.receive(io);
@@ -1385,14 +1422,21 @@ mod tests {
             ha.poll(&mut ta);
             load(&sa.tx_packets) == 10
         });
-        // The link into A's port goes: one marker, after the frames.
+        // The link into A's port goes: its markers, after the frames, a few apart.
         ha.end_input();
-        wait_until("the end marker sent", || {
+        let ended = Instant::now();
+        wait_until("the end markers sent", || {
             ha.poll(&mut ta);
-            load(&sa.end_markers_sent) == 1
+            load(&sa.end_markers_sent) == u64::from(END_MARKERS)
         });
+        assert!(ended.elapsed() >= END_MARKER_GAP * u32::from(END_MARKERS - 1));
+        std::thread::sleep(END_MARKER_GAP * 2);
         ha.poll(&mut ta);
-        assert_eq!(load(&sa.end_markers_sent), 1, "one marker per end");
+        assert_eq!(
+            load(&sa.end_markers_sent),
+            u64::from(END_MARKERS),
+            "so many per end"
+        );
         // B hears the end only once every frame before it left its port.
         let mut got = Vec::new();
         wait_until("B done with A's frames", || {
@@ -1408,7 +1452,23 @@ mod tests {
         });
         got.extend(hb.take());
         assert_eq!(got, (0..10).map(frame).collect::<Vec<_>>());
-        assert_eq!(load(&eb.stats().end_markers), 1);
+        // The repeats change nothing; a marker from before a given time does not count.
+        wait_until("every marker at B", || {
+            hb.poll(&mut tb);
+            load(&eb.stats().end_markers) == u64::from(END_MARKERS)
+        });
+        assert!(sb.sender_done());
+        assert!(!sb.sender_done_since(crate::packet::now_ns()));
+        // A datagram after the end that B cannot queue (larger than a pool buffer) still says
+        // the sender sends again.
+        let raw = UdpSocket::bind(LOCAL).unwrap();
+        raw.send_to(&encap(42, &vec![1u8; 3000]).unwrap(), eb.local_addr())
+            .unwrap();
+        wait_until("the big datagram refused at B", || {
+            hb.poll(&mut tb);
+            load(&sb.rx_too_big) == 1
+        });
+        assert!(!sb.sender_done());
         // The sender links again and sends: its end is over.
         ha.link_input();
         ha.put(&frame(10));
@@ -1418,7 +1478,7 @@ mod tests {
             load(&sb.queued) == 11
         });
         assert!(!sb.sender_done());
-        assert_eq!(load(&sa.end_markers_sent), 1);
+        assert_eq!(load(&sa.end_markers_sent), u64::from(END_MARKERS));
         assert_eq!(load(&eb.stats().malformed), 0);
         drop((ta, tb));
         ha.finish();

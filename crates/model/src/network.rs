@@ -707,7 +707,8 @@ pub struct TunnelEndpointStatus {
     pub host: String,
     /// The endpoint's UDP address.
     pub address: String,
-    /// Datagrams read from the socket.
+    /// Datagrams read from the socket (frames, and the end markers of senders whose link
+    /// into a tunnel went).
     pub received: u64,
     /// Datagrams the kernel dropped before the endpoint read them (its receive buffer full).
     pub kernel_dropped: u64,

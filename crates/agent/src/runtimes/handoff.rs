@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use telvirt_dataplane::node::{NodeIo, PacketProcessor, ProcessorNode};
@@ -68,6 +68,9 @@ pub struct Handoff {
     /// The poll count at which the first poll begun after [`Handoff::polled_since_mark`]
     /// first asked has ended (0: no mark).
     drain_mark: AtomicU64,
+    /// The rings into the node's ports as its last diverting poll left them (a removed link's
+    /// ring goes once its sender let go of it and the node emptied it).
+    input_rings: AtomicUsize,
 }
 
 /// One poll of the node, from [`Handoff::begin_poll`] until dropped.
@@ -134,6 +137,7 @@ impl Handoff {
     /// The node queues what arrives from its next poll on; a poll under way may still process
     /// (wait for it with [`Handoff::poll_under_way`]).
     pub fn divert(&self) {
+        self.clear_mark();
         *locked(&self.diverted_since) = Some(Instant::now());
         self.diverted_total.store(0, Ordering::Release);
         self.divert.store(true, Ordering::SeqCst);
@@ -210,6 +214,11 @@ impl Handoff {
                 Err(mark) => mark,
             };
         self.polls.load(Ordering::Acquire) >= mark
+    }
+
+    /// The rings into the node's ports its last diverting poll left.
+    pub fn input_rings(&self) -> usize {
+        self.input_rings.load(Ordering::Acquire)
     }
 
     /// Forgets the mark of [`Handoff::polled_since_mark`].
@@ -398,6 +407,8 @@ impl Handoff {
                 }
             }
         }
+        let rings = (0..io.port_count()).map(|p| io.input_rings(p)).sum();
+        self.input_rings.store(rings, Ordering::Release);
         handled
     }
 

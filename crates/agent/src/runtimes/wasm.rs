@@ -1536,7 +1536,8 @@ impl Runtime for WasmRuntime {
     }
 
     /// Once the data plane says every sender rewired, the node's next poll takes what their
-    /// last frames left on its rings.
+    /// last frames left on its rings, and finds no ring but those of the links that stay (a
+    /// sender of this host whose worker has not let go of its old link yet may still send).
     fn senders_drained(&self, name: &Name) -> bool {
         let Some(handoff) = self
             .entries()
@@ -1546,11 +1547,18 @@ impl Runtime for WasmRuntime {
         else {
             return false;
         };
-        if !self.dataplane.held_senders_done(name.as_str()) {
+        let Some(staying) = self.dataplane.held_senders_done(name.as_str()) else {
+            handoff.clear_mark();
+            return false;
+        };
+        if !handoff.polled_since_mark() {
+            return false;
+        }
+        if handoff.input_rings() > staying {
             handoff.clear_mark();
             return false;
         }
-        handoff.polled_since_mark()
+        true
     }
 
     /// The instance is looked at once the entries are let go, and on a blocking thread when
