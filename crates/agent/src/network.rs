@@ -730,7 +730,8 @@ impl NetworkReconciler {
     }
 
     /// Tells the data plane what still sends to each node whose links are held, over every
-    /// network: a link from a node of this host, or one out of a tunnel from another host.
+    /// network: a link from a node of this host (quiet when that node is held too), or one out
+    /// of a tunnel from another host.
     fn note_held_senders(&self, applied: &BTreeMap<String, Applied>) {
         let held = self.dp.held_nodes();
         for node in &held {

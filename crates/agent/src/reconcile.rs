@@ -820,7 +820,7 @@ impl Inner {
     /// ends. (Until 2026-12-07 it ended after 200 ms in which nothing came: a sender host whose
     /// worker or rewiring stalled that long on a loaded machine sent on to a source gone.)
     async fn pass_on_queued(&self, name: &Name, runtime: &dyn Runtime, r: &Replicas) {
-        let Some(mut queued) = runtime.frozen(name) else {
+        let Some(queued) = runtime.frozen(name) else {
             return;
         };
         let started = Instant::now();
@@ -837,7 +837,7 @@ impl Inner {
             tracing::warn!(vnf = %name, "handing over: not every sender had rewired {} s after the switch; what they send from now on is lost", HANDOFF_DRAIN.as_secs());
         }
         let passed = r.finish(name, HANDOFF_DRAIN).await;
-        queued = runtime.frozen(name).unwrap_or(queued);
+        let queued = runtime.frozen(name).unwrap_or(queued);
         if passed < queued {
             // Still queued here when the stream ended, or refused by the destination (it
             // counts those it took beyond its queue's bound itself): the instance's removal

@@ -628,8 +628,8 @@ impl Controller {
         *self.move_deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
     }
 
-    /// Moves each VNF with a move under way on as a report of its would (a move past its
-    /// deadline is switched or cancelled even when its agents say nothing more: a destination
+    /// Takes each VNF with a move under way a step further, as a report about it would (a move
+    /// past its deadline is switched or cancelled even when its agents say nothing more: a destination
     /// whose agent hung, a source that went quiet). The host monitor calls it every pass.
     pub async fn check_moves(&self) -> Result<()> {
         if self.moving.due_reload() {

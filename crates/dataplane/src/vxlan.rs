@@ -35,11 +35,12 @@
 //! registering a tunnel (rare) builds a new map.
 //!
 //! A sender's end: when the last link into a tunnel's port is gone and its ring drained, the
-//! tunnel sends one end marker to its remote after its last frame (an 8-byte header with
-//! [`FLAG_END`] and no inner frame; RFC 7348 receivers ignore the reserved bit and find no
-//! frame). The receiving tunnel counts the datagrams it queued and where the marker came among
-//! them, so [`VxlanTunnelStats::sender_done`] says when everything the sender sent has left
-//! its port: a VNF's frozen source, still receiving after its move, knows its senders rewired
+//! tunnel sends its remote an end marker after its last frame, [`END_MARKERS`] times (an
+//! 8-byte header with [`FLAG_END`] and no inner frame, in which an RFC 7348 receiver finds no
+//! frame to deliver). The receiving tunnel counts the datagrams it queued and where and when
+//! the marker came among them (any later datagram of the sender undoes it), so
+//! [`VxlanTunnelStats::sender_done_since`] says when everything the sender sent has left its
+//! port: a VNF's frozen source, still receiving after its move, knows its senders rewired
 //! (ADR 053) instead of guessing from a quiet spell.
 //!
 //! Both directions use `recvmmsg`/`sendmmsg` with two-part iovecs (header, pool buffer), so

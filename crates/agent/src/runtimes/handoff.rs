@@ -205,14 +205,11 @@ impl Handoff {
         let polls = self.polls.load(Ordering::SeqCst);
         // The next poll to begin ends at the count after the one under way (odd) ends.
         let ends_at = polls + 2 + polls % 2;
-        let mark =
-            match self
-                .drain_mark
-                .compare_exchange(0, ends_at, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => ends_at,
-                Err(mark) => mark,
-            };
+        // The first call since the mark was cleared sets it; later ones read it.
+        let mark = self
+            .drain_mark
+            .compare_exchange(0, ends_at, Ordering::AcqRel, Ordering::Acquire)
+            .map_or_else(|mark| mark, |_| ends_at);
         self.polls.load(Ordering::Acquire) >= mark
     }
 
