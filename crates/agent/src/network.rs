@@ -1189,6 +1189,7 @@ impl NetworkReconciler {
             host_ports,
             tunnel_endpoints,
             departed: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 

@@ -538,45 +538,67 @@ impl Scrape {
             MetricType::Gauge,
             links().map(|(k, l)| (k, gauge(u64::from(l.active)))),
         )?;
+        // Counters per holding host: each is that host's own and only grows while the network
+        // keeps its part there; a host that did not answer leaves its series out (rather than
+        // count from zero, or take another host's count in its place).
+        let hosts = || {
+            self.networks.iter().flat_map(|n| {
+                n.status
+                    .iter()
+                    .flat_map(|st| &st.hosts)
+                    .map(move |h| (n.name.to_string(), h))
+            })
+        };
+        let host_links = || {
+            hosts().flat_map(|(network, h)| {
+                h.links.iter().map(move |l| {
+                    let labels = [
+                        ("network", network.clone()),
+                        ("link", l.link.clone()),
+                        ("host", h.host.clone()),
+                    ];
+                    (labels, l)
+                })
+            })
+        };
         family(
             e,
             "telvirt_link_packets",
-            "Packets a network's link carried",
+            "Packets a network's link carried on a host (a link between hosts counts on both)",
             MetricType::Counter,
-            links().map(|(k, l)| (k, counter(l.packets))),
+            host_links().map(|(k, l)| (k, counter(l.packets))),
         )?;
         family(
             e,
             "telvirt_link_bytes",
-            "Bytes a network's link carried",
+            "Bytes a network's link carried on a host (a link between hosts counts on both)",
             MetricType::Counter,
-            links().map(|(k, l)| (k, counter(l.bytes))),
+            host_links().map(|(k, l)| (k, counter(l.bytes))),
         )?;
         family(
             e,
             "telvirt_link_drops",
-            "Packets a network's link dropped (its ring full, or the tunnel between hosts could not carry them)",
+            "Packets a network's link dropped on a host (its ring full, or the tunnel between hosts could not carry them)",
             MetricType::Counter,
-            links().map(|(k, l)| (k, counter(l.drops))),
+            host_links().map(|(k, l)| (k, counter(l.drops))),
         )?;
         family(
             e,
             "telvirt_network_node_drops",
-            "Packets a node of a network dropped outside any link: sent to a port with no link, or refused by its verdict",
+            "Packets a node of a network dropped outside any link on a host: sent to a port with no link, or refused by its verdict",
             MetricType::Counter,
-            self.networks.iter().flat_map(|n| {
-                n.status.iter().flat_map(move |st| {
-                    st.node_drops.iter().flat_map(move |d| {
-                        [("unlinked", d.unlinked), ("refused", d.refused)].map(|(reason, v)| {
-                            (
-                                [
-                                    ("network", n.name.to_string()),
-                                    ("node", d.node.clone()),
-                                    ("reason", reason.to_owned()),
-                                ],
-                                counter(v),
-                            )
-                        })
+            hosts().flat_map(|(network, h)| {
+                h.node_drops.iter().flat_map(move |d| {
+                    [("unlinked", d.unlinked), ("refused", d.refused)].map(|(reason, v)| {
+                        (
+                            [
+                                ("network", network.clone()),
+                                ("node", d.node.clone()),
+                                ("host", h.host.clone()),
+                                ("reason", reason.to_owned()),
+                            ],
+                            counter(v),
+                        )
                     })
                 })
             }),
@@ -848,6 +870,7 @@ const NO_LABELS: [(&str, &str); 0] = [];
 mod tests {
     use super::*;
     use telvirt_api::{VcpuUsage, VmUsage};
+    use telvirt_model::network::{HostCounts, LinkState, NodeDropState};
 
     fn with_a_vm() -> Scrape {
         let vm = VnfUsage {
@@ -957,6 +980,25 @@ mod tests {
                     removed_queued: 5,
                 }],
                 departed: Vec::new(),
+                // The link between hosts as each counted it.
+                hosts: [("h1", 900, 0, 0), ("h2", 850, 6, 8)]
+                    .map(|(host, packets, drops, refused)| HostCounts {
+                        host: host.into(),
+                        links: vec![LinkState {
+                            link: "host:a1 -> fw1.in".into(),
+                            active: true,
+                            packets,
+                            bytes: packets * 64,
+                            drops,
+                            since: String::new(),
+                        }],
+                        node_drops: vec![NodeDropState {
+                            node: "fw1".into(),
+                            unlinked: 0,
+                            refused,
+                        }],
+                    })
+                    .into(),
             }),
         };
         let scrape = Scrape {
@@ -989,6 +1031,10 @@ mod tests {
             "telvirt_network_tunnel_endpoint_dropped_total{network=\"wire\",host=\"h2\",reason=\"kernel\"} 1\n".to_owned(),
             "telvirt_network_tunnel_endpoint_dropped_total{network=\"wire\",host=\"h2\",reason=\"no_tunnel\"} 4\n".to_owned(),
             "telvirt_network_tunnel_endpoint_dropped_total{network=\"wire\",host=\"h2\",reason=\"removed_tunnel\"} 5\n".to_owned(),
+            "telvirt_link_packets_total{network=\"wire\",link=\"host:a1 -> fw1.in\",host=\"h1\"} 900\n".to_owned(),
+            "telvirt_link_packets_total{network=\"wire\",link=\"host:a1 -> fw1.in\",host=\"h2\"} 850\n".to_owned(),
+            "telvirt_link_drops_total{network=\"wire\",link=\"host:a1 -> fw1.in\",host=\"h2\"} 6\n".to_owned(),
+            "telvirt_network_node_drops_total{network=\"wire\",node=\"fw1\",host=\"h2\",reason=\"refused\"} 8\n".to_owned(),
         ] {
             assert!(text.contains(&line), "{line}{text}");
         }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use telvirt_api::{NetworkSet, NetworkSpan, NodeReply, NodeRequest};
 use telvirt_model::network::{
-    DepartedCounts, Endpoint, LatencyProbe, LatencyReport, Network, NetworkDescriptor,
+    DepartedCounts, Endpoint, HostCounts, LatencyProbe, LatencyReport, Network, NetworkDescriptor,
     NetworkStatus, SteerRequest, add_node_drops, add_sinks, parse_network,
 };
 use telvirt_model::{FieldError, Format, Name, Vnf};
@@ -876,6 +876,7 @@ fn merge_statuses(
                 continue;
             }
         };
+        let counts = HostCounts::of(&host, &st);
         if several {
             st.table = format!("host {host}:\n{}", st.table);
             st.waiting = st
@@ -884,9 +885,11 @@ fn merge_statuses(
                 .map(|w| format!("host {host}: {w}"))
                 .collect();
         }
+        st.hosts = vec![counts];
         merged = Some(match merged.take() {
             None => st,
             Some(mut m) => {
+                m.hosts.extend(st.hosts);
                 // A link between hosts drops on each of them (its ring on the sender, its
                 // tunnel and ring on the receiver): its drops add up.
                 for (mine, theirs) in m.links.iter_mut().zip(st.links) {
@@ -988,6 +991,7 @@ mod tests {
             host_ports: Vec::new(),
             tunnel_endpoints: Vec::new(),
             departed: Vec::new(),
+            hosts: Vec::new(),
         };
         let st = merge_statuses(
             &d,
@@ -1007,6 +1011,31 @@ mod tests {
         assert_eq!(s.latency_buckets, [15, 2]);
         let l = &st.links[0];
         assert_eq!((l.active, l.packets, l.drops), (true, 5, 50));
+        // Each host's own counts are kept apart, as it counted them.
+        let own: Vec<_> = st
+            .hosts
+            .iter()
+            .map(|h| (h.host.as_str(), h.links[0].packets, h.node_drops[0].refused))
+            .collect();
+        assert_eq!(own, [("h1", 10, 2), ("h2", 5, 3)]);
+        // A host that did not answer has no counts (not zeros), and one that carries nothing
+        // of the network no link.
+        let mut idle = report(0, 0);
+        idle.node_drops.clear();
+        let st = merge_statuses(
+            &d,
+            vec![
+                ("h1".into(), Err("timed out".into())),
+                ("h2".into(), Ok(Some(report(5, 3)))),
+                ("h3".into(), Ok(Some(idle))),
+            ],
+        );
+        let own: Vec<_> = st
+            .hosts
+            .iter()
+            .map(|h| (h.host.as_str(), h.links.len(), h.node_drops.len()))
+            .collect();
+        assert_eq!(own, [("h2", 1, 1), ("h3", 0, 0)]);
     }
 
     #[test]

@@ -569,6 +569,39 @@ pub struct NetworkStatus {
     /// not hold.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub departed: Vec<DepartedCounts>,
+    /// Each holding host's own counts, from the hosts that answered (`links` and `node_drops`
+    /// above merge them): each grows for as long as the network keeps its part on that host,
+    /// whichever host answers first or not at all. `/metrics` gives them with a `host` label.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostCounts>,
+}
+
+/// What one host's data plane counted of a network. A link between hosts counts on both: on
+/// its sender's host what went into the tunnel, on its receiver's what came out of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostCounts {
+    pub host: String,
+    /// The links the host carries or counted (the others are not its).
+    pub links: Vec<LinkState>,
+    /// Nodes that dropped packets outside any link there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub node_drops: Vec<NodeDropState>,
+}
+
+impl HostCounts {
+    /// Host `host`'s counts in the status it reported: the links it carries or counted.
+    pub fn of(host: &str, st: &NetworkStatus) -> Self {
+        Self {
+            host: host.to_owned(),
+            links: st
+                .links
+                .iter()
+                .filter(|l| l.active || l.packets + l.bytes + l.drops > 0)
+                .cloned()
+                .collect(),
+            node_drops: st.node_drops.clone(),
+        }
+    }
 }
 
 impl NetworkStatus {
@@ -597,6 +630,7 @@ impl NetworkStatus {
             host_ports: Vec::new(),
             tunnel_endpoints: Vec::new(),
             departed: Vec::new(),
+            hosts: Vec::new(),
         }
     }
 }

@@ -266,7 +266,7 @@ fn metrics_show_vnfs_links_sinks_hosts_and_the_process_and_an_authority_only_its
         sample(
             &samples,
             "telvirt_link_packets_total",
-            &[("network", "t1"), through],
+            &[("network", "t1"), through, ("host", "t")],
         )
         .is_some_and(|n| n > 0.0)
             && sample(&samples, "telvirt_sink_received_total", &[("sink", "sink")])
