@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ring::{aead, hmac};
-use telvirt_model::api::{ActiveLost, PairKey, ReplicationStatus, StandbyPeer};
+use telvirt_model::api::{ActiveLost, FreezePhases, PairKey, ReplicationStatus, StandbyPeer};
 use telvirt_model::{Name, Role};
 use telvirt_runtime_vm::{StreamEnd, StreamSecret};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -2045,7 +2045,7 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     set(&|s| fail(s, e.clone()));
                     full = true;
                 }
-                Ok((ack, sent_bytes, taken)) => {
+                Ok((ack, sent_bytes, (taken, ready))) => {
                     seq += 1;
                     if ack.status == ACK_OK
                         && let Some(g) = gate
@@ -2065,14 +2065,19 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
                     let now_handed_off = !handed_off && frozen && ack.status == ACK_OK;
                     handed_off |= now_handed_off;
                     acked = ack.status == ACK_OK;
-                    let frozen_us = frozen_since
+                    let phases = frozen_since
                         .filter(|_| now_handed_off)
-                        .map(|at| u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX));
+                        .map(|at| freeze_phases(at, taken, ready, Instant::now()));
+                    let frozen_us = phases.map(|p| p.total_us());
+                    if let Some(p) = phases {
+                        tracing::info!(vnf = %vnf, frozen_us = p.total_us(), until_batch_us = p.until_batch_us, take_us = p.take_us, exchange_us = p.exchange_us, "handed off: the destination acknowledged the last updates");
+                    }
                     match ack.status {
                         ACK_OK => set(&|s| {
                             s.state = if handed_off { "handed-off" } else { "synced" }.into();
                             if frozen_us.is_some() {
                                 s.frozen_us = frozen_us;
+                                s.freeze_phases = phases;
                             }
                             s.lag_us =
                                 u64::try_from(taken.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -2197,7 +2202,7 @@ async fn send_one(
     mut header: Header,
     frozen: bool,
     slow: &(dyn Fn(String) + Sync),
-) -> Result<(Ack, u64, Instant), SendError> {
+) -> Result<(Ack, u64, (Instant, Instant)), SendError> {
     let taken = Instant::now();
     let full = header.kind == KIND_SNAPSHOT;
     // A frozen instance's last log holds what changed since the previous batch, and no batch
@@ -2224,8 +2229,24 @@ async fn send_one(
         Err(e) => return Err(SendError::Take(format!("taking a batch: {e}"))),
     };
     let sent = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
+    let ready = Instant::now();
     let ack = exchange(conn, &header, &bytes, slow).await?;
-    Ok((ack, sent, taken))
+    Ok((ack, sent, (taken, ready)))
+}
+
+/// Where a freeze from `frozen` went, the last batch begun at `taken`, ready to send at
+/// `ready` and acknowledged at `acked`: the phases add up to the whole freeze (a batch begun
+/// before the freeze, which cannot be its last, counts from the freeze).
+fn freeze_phases(frozen: Instant, taken: Instant, ready: Instant, acked: Instant) -> FreezePhases {
+    let us = |from: Instant, to: Instant| {
+        u64::try_from(to.saturating_duration_since(from).as_micros()).unwrap_or(u64::MAX)
+    };
+    let (taken, ready) = (taken.max(frozen), ready.max(frozen));
+    FreezePhases {
+        until_batch_us: us(frozen, taken),
+        take_us: us(taken, ready),
+        exchange_us: us(ready, acked),
+    }
 }
 
 /// Sends one batch and reads its acknowledgement, telling `slow` while it keeps waiting.
@@ -2264,6 +2285,21 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_freezes_phases_make_it_up_from_the_freeze_on() {
+        let frozen = Instant::now();
+        let at = |us| frozen + Duration::from_micros(us);
+        let p = freeze_phases(frozen, at(400), at(410), at(650));
+        assert_eq!((p.until_batch_us, p.take_us, p.exchange_us), (400, 10, 240));
+        assert_eq!(p.total_us(), 650);
+        // A batch begun before the freeze counts from it.
+        let early = freeze_phases(at(100), frozen, at(150), at(300));
+        assert_eq!(
+            (early.until_batch_us, early.take_us, early.exchange_us),
+            (0, 50, 150)
+        );
+    }
 
     #[test]
     fn a_stream_reports_the_move_it_serves() {

@@ -512,6 +512,7 @@ mod tests {
                 guest: None,
                 packets_passed: 0,
                 frozen_us: None,
+                freeze_phases: None,
                 move_id: 0,
             }),
             migration: None,
@@ -584,6 +585,7 @@ mod tests {
             }),
             packets_passed: 0,
             frozen_us: None,
+            freeze_phases: None,
             move_id: 0,
         };
         let h1 = ["h1".to_owned()];

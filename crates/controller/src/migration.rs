@@ -733,10 +733,13 @@ impl Controller {
                         switch_lag(m.resumed_at_us)
                     ),
                     None => format!(
-                        "{} map updates streamed, the last after the source froze; frozen for {} µs; {} packets it queued meanwhile passed on",
+                        "{} map updates streamed, the last after the source froze; frozen for {}{}; {} packets it queued meanwhile passed on",
                         r.updates,
                         r.frozen_us
-                            .map_or_else(|| "an unreported time".to_owned(), |d| d.to_string()),
+                            .map_or_else(|| "an unreported time".to_owned(), |d| format!("{d} µs")),
+                        r.freeze_phases
+                            .filter(|_| r.frozen_us.is_some())
+                            .map_or_else(String::new, |p| format!(" ({p})")),
                         r.packets_passed
                     ),
                 },

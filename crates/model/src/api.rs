@@ -776,6 +776,10 @@ pub struct ReplicationStatus {
     /// queue at the source and pass on to the destination after it. Set with `handed-off`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub frozen_us: Option<u64>,
+    /// Where that freeze went, by the source's agent (set with `frozen_us`, which it adds up
+    /// to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub freeze_phases: Option<FreezePhases>,
     /// The move this stream serves (its peer's `move_id`): the controller takes a report for
     /// the move it names only. 0 for a pair's standby, or from an agent that does not say.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
@@ -926,6 +930,53 @@ impl PausePhases {
             final_copy_ms: figure(PHASE_FINAL_COPY)?,
             destination_ms: figure(PHASE_DESTINATION),
         })
+    }
+}
+
+/// Where a wasm move's freeze went at its source, µs, by its agent's clock: until its stream
+/// began the last batch (the divert, the instance's poll the freeze waits for, the stream's
+/// task waking; a batch under way finishes first), taking that batch off the instance, and
+/// from sending it until the destination acknowledged it (the crossing, the destination's
+/// check and apply, the answer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FreezePhases {
+    pub until_batch_us: u64,
+    pub take_us: u64,
+    pub exchange_us: u64,
+}
+
+/// The words [`FreezePhases`] states each phase in, after its figure and " µs ".
+const FREEZE_UNTIL_BATCH: &str = "until its last batch began";
+const FREEZE_TAKE: &str = "taking it";
+const FREEZE_EXCHANGE: &str = "until the destination acknowledged it";
+
+impl FreezePhases {
+    /// The whole freeze they make up, µs.
+    pub fn total_us(&self) -> u64 {
+        self.until_batch_us + self.take_us + self.exchange_us
+    }
+
+    /// The phases a text states in [`FreezePhases`]'s own words (a switch event's reason);
+    /// `None` unless it states all three.
+    pub fn stated_in(text: &str) -> Option<Self> {
+        let figure = |label: &str| figure_before(text, &format!(" µs {label}")).map(|f| f as u64);
+        Some(Self {
+            until_batch_us: figure(FREEZE_UNTIL_BATCH)?,
+            take_us: figure(FREEZE_TAKE)?,
+            exchange_us: figure(FREEZE_EXCHANGE)?,
+        })
+    }
+}
+
+impl std::fmt::Display for FreezePhases {
+    /// `412 µs until its last batch began, 9 µs taking it, 230 µs until the destination
+    /// acknowledged it`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} µs {FREEZE_UNTIL_BATCH}, {} µs {FREEZE_TAKE}, {} µs {FREEZE_EXCHANGE}",
+            self.until_batch_us, self.take_us, self.exchange_us
+        )
     }
 }
 

@@ -466,6 +466,9 @@ pub struct TcpRun {
     /// A live move's freeze under the flow, from its switch event (`bench migrate`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub downtime_us: Option<u64>,
+    /// Where that freeze went, as the switch event states it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_phases: Option<telvirt_model::api::FreezePhases>,
     /// What iperf3 said when it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -676,7 +679,7 @@ pub(crate) async fn tcp_round(
     let pid = libc::pid_t::try_from(flow.id()).context("the iperf3 client's pid")?;
     let mut flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
     tokio::time::sleep(TCP_KILL_AT).await;
-    let mut downtime_us = None;
+    let (mut downtime_us, mut freeze_phases) = (None, None);
     let recovery = match event {
         TcpEvent::Kill { pair } => kill_active(&mut s, pair).await?,
         TcpEvent::Move | TcpEvent::ColdMove => {
@@ -688,7 +691,7 @@ pub(crate) async fn tcp_round(
             }
             let flip = ms(asked.elapsed());
             if event == TcpEvent::Move {
-                downtime_us = crate::bench_migrate::frozen_us(&s.api).await?;
+                (downtime_us, freeze_phases) = crate::bench_migrate::freeze(&s.api).await?;
             }
             Recovery {
                 detect: 0.0,
@@ -713,6 +716,7 @@ pub(crate) async fn tcp_round(
                 retransmits: 0,
                 mbps: 0.0,
                 downtime_us,
+                freeze_phases,
                 error: Some(
                     "the client had not ended 30 s after the flow: the connection hung".into(),
                 ),
@@ -734,6 +738,7 @@ pub(crate) async fn tcp_round(
         retransmits,
         mbps,
         downtime_us,
+        freeze_phases,
         error: report["error"].as_str().map(str::to_owned),
     })
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Serialize;
+use telvirt_model::api::FreezePhases;
 
 use crate::bench_cluster::Api;
 use crate::bench_control::{ms, percentile};
@@ -81,6 +82,10 @@ pub struct MoveRun {
     /// map updates, on the source's clock (its switch event); no instance processes packets
     /// meanwhile. A cold move: none (it runs nothing for `outage_ms` and more).
     pub downtime_us: Option<u64>,
+    /// Where that freeze went at the source, as the switch event states it (none for a cold
+    /// move, or when not stated).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_phases: Option<FreezePhases>,
     /// The upper bound of the slowest latency bucket (generator to sink, one clock) a frame
     /// of the stream fell into from the move's request until the stream settled after it:
     /// what the freeze and the hand-off cost a frame that was queued. `None`: slower than
@@ -111,8 +116,43 @@ pub struct MoveFigures {
     pub downtime_max_us: Option<u64>,
     /// Live moves whose downtime was not reported (no goal passes on them).
     pub downtime_unreported: u64,
+    /// The median of each of the freezes' phases, over the moves that stated them (`None`:
+    /// none did). Medians of parts: they need not add up to `downtime_p50_us`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_phases_p50_us: Option<FreezePhaseMedians>,
     /// The largest `delay_max_us` (`None`: a frame slower than 1 s).
     pub delay_max_us: Option<u64>,
+}
+
+/// The median of each phase of the live moves' freezes (`FreezePhases`), µs.
+#[derive(Debug, Clone, Serialize)]
+pub struct FreezePhaseMedians {
+    /// From the freeze until the source's stream began its last batch.
+    pub until_batch_us: f64,
+    /// Taking that batch off the instance.
+    pub take_us: f64,
+    /// From sending it until the destination acknowledged it.
+    pub exchange_us: f64,
+}
+
+impl FreezePhaseMedians {
+    /// Of the runs' stated phases; `None` when no run stated them.
+    fn of(phases: impl Iterator<Item = Option<FreezePhases>>) -> Option<Self> {
+        let stated: Vec<FreezePhases> = phases.flatten().collect();
+        if stated.is_empty() {
+            return None;
+        }
+        let median = |part: fn(&FreezePhases) -> u64| {
+            let mut v: Vec<f64> = stated.iter().map(|p| part(p) as f64).collect();
+            v.sort_by(f64::total_cmp);
+            percentile(&v, 0.5)
+        };
+        Some(Self {
+            until_batch_us: median(|p| p.until_batch_us),
+            take_us: median(|p| p.take_us),
+            exchange_us: median(|p| p.exchange_us),
+        })
+    }
 }
 
 /// Both set-ups at one state size, and the ratios live / cold.
@@ -230,9 +270,9 @@ async fn round(
     let (_, created) = stream_back(api, (sent0, received0), settle).await?;
     let after = SinkReading::read(api).await?;
     let loss = StreamLoss::between(&before, &after, args.rate_pps);
-    let downtime_us = match how {
-        How::Live => frozen_us(api).await?,
-        How::Cold => None,
+    let (downtime_us, freeze_phases) = match how {
+        How::Live => freeze(api).await?,
+        How::Cold => (None, None),
     };
     Ok(MoveRun {
         total_ms: total,
@@ -241,6 +281,7 @@ async fn round(
         sessions_kept_pct: 100.0 * flows.saturating_sub(created) as f64 / flows as f64,
         state_bytes,
         downtime_us,
+        freeze_phases,
         delay_max_us: loss.delay_max_us,
         lost_where: (loss.lost_packets > 0).then(|| lost_where(&after.table, dir, HOSTS)),
     })
@@ -346,10 +387,11 @@ impl TcpMoves {
 
 /// The source's freeze as the NAT's last switch event reports it, in microseconds (`None`:
 /// the event says its time was not reported, as when a move's deadline switched it, or that
-/// nothing streamed: the move is kept, its downtime unknown, so no goal passes on it).
-pub(crate) async fn frozen_us(api: &Api) -> Result<Option<u64>> {
+/// nothing streamed: the move is kept, its downtime unknown, so no goal passes on it), and
+/// its phases when the event states them.
+pub(crate) async fn freeze(api: &Api) -> Result<(Option<u64>, Option<FreezePhases>)> {
     let reason = crate::bench_vm_move::switch_event(api, "nat").await?;
-    frozen_us_in(&reason)
+    Ok((frozen_us_in(&reason)?, FreezePhases::stated_in(&reason)))
 }
 
 /// The freeze a switch event's `reason` states, µs: `None` when it says the time was not
@@ -451,6 +493,7 @@ fn figures(
         downtime_p50_us: downtimes.p50_us,
         downtime_max_us: downtimes.max_us,
         downtime_unreported: downtimes.unreported,
+        freeze_phases_p50_us: FreezePhaseMedians::of(runs.iter().map(|r| r.freeze_phases)),
         delay_max_us: runs
             .iter()
             .map(|r| r.delay_max_us)
@@ -636,6 +679,12 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
             s.total_ratio,
             s.outage_ratio
         );
+        if let Some(p) = &s.live.freeze_phases_p50_us {
+            println!(
+                "  live freezes, the median of each phase: {:.0} µs until the last batch began, {:.0} µs taking it, {:.0} µs until the destination acknowledged it",
+                p.until_batch_us, p.take_us, p.exchange_us
+            );
+        }
     }
     match (&r.tcp, &r.tcp_missing) {
         (Some(t), _) => println!(
@@ -700,5 +749,38 @@ mod tests {
         // Words it does not know: said, not counted as unknown.
         let err = frozen_us_in("moved from host h1 to host h2 (a freeze of 158 µs)").unwrap_err();
         assert!(err.to_string().contains("no freeze time in"), "{err}");
+        // The phases, as the controller states them after the freeze, and none where it
+        // states none.
+        assert_eq!(FreezePhases::stated_in(moved), None);
+        let phases = FreezePhases {
+            until_batch_us: 500,
+            take_us: 30,
+            exchange_us: 200,
+        };
+        let stated = format!(
+            "moved from host h2 to host h3 (9 map updates streamed, the last after the source froze; frozen for 730 µs ({phases}); 41 packets it queued meanwhile passed on)"
+        );
+        assert_eq!(frozen_us_in(&stated).unwrap(), Some(730));
+        assert_eq!(FreezePhases::stated_in(&stated), Some(phases));
+    }
+
+    #[test]
+    fn each_freeze_phase_has_its_own_median_over_the_moves_that_stated_it() {
+        let p = |until_batch_us, take_us, exchange_us| {
+            Some(FreezePhases {
+                until_batch_us,
+                take_us,
+                exchange_us,
+            })
+        };
+        let m = FreezePhaseMedians::of(
+            [p(900, 5, 100), None, p(100, 7, 300), p(300, 9, 200)].into_iter(),
+        )
+        .unwrap();
+        assert_eq!(
+            (m.until_batch_us, m.take_us, m.exchange_us),
+            (300.0, 7.0, 200.0)
+        );
+        assert!(FreezePhaseMedians::of([None, None].into_iter()).is_none());
     }
 }

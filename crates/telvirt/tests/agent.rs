@@ -887,6 +887,13 @@ fn a_nat_moves_with_its_sessions(node: &Serve) {
             .ok()
     });
     assert!(frozen_us.is_some_and(|us| us > 0), "{events}");
+    // And where the freeze went, in phases that make it up.
+    let phases = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|e| telvirt_model::api::FreezePhases::stated_in(e["reason"].as_str()?));
+    assert_eq!(phases.map(|p| p.total_us()), frozen_us, "{events}");
     // The stream went on through the move (the frozen source's queue handed over, what was
     // sent before the rewiring passed on): no sequence number is missing at the sink.
     let (received, _) = sink();

@@ -393,6 +393,7 @@ async fn an_active_host_that_only_the_controller_lost_keeps_its_role_while_its_s
                     guest: None,
                     packets_passed: 0,
                     frozen_us: None,
+                    freeze_phases: None,
                     move_id: 0,
                 }),
                 active_lost: None,

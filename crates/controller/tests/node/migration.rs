@@ -334,6 +334,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         guest: None,
         packets_passed: 0,
         frozen_us: None,
+        freeze_phases: None,
         move_id: 0,
     };
     // Synced: the source is asked to freeze and hand its last updates over (an event says
@@ -362,6 +363,11 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         updates: 9,
         packets_passed: 41,
         frozen_us: Some(730),
+        freeze_phases: Some(telvirt_model::api::FreezePhases {
+            until_batch_us: 500,
+            take_us: 30,
+            exchange_us: 200,
+        }),
         ..synced
     };
     // While the destination is not running, the handed-off move waits for it, and a cancel
@@ -393,7 +399,7 @@ async fn a_move_is_held_beside_the_source_survives_a_restart_can_be_cancelled_an
         last["reason"]
             .as_str()
             .unwrap()
-            .contains("moved from host h2 to host h3 (9 map updates streamed, the last after the source froze; frozen for 730 µs; 41 packets it queued meanwhile passed on)"),
+            .contains("moved from host h2 to host h3 (9 map updates streamed, the last after the source froze; frozen for 730 µs (500 µs until its last batch began, 30 µs taking it, 200 µs until the destination acknowledged it); 41 packets it queued meanwhile passed on)"),
         "{last}"
     );
     consistent(&node).await;
@@ -431,6 +437,7 @@ async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancell
         guest: None,
         packets_passed: 0,
         frozen_us: None,
+        freeze_phases: None,
         move_id: 0,
     };
     report(&node.controller, "h2", Phase::Running, Some(synced.clone())).await;
@@ -486,6 +493,7 @@ async fn a_move_past_its_deadline_is_cancelled_saying_what_was_missing() {
         guest: None,
         packets_passed: 0,
         frozen_us: None,
+        freeze_phases: None,
         move_id: 0,
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -780,6 +788,7 @@ fn completed_stream() -> ReplicationStatus {
         }),
         packets_passed: 0,
         frozen_us: None,
+        freeze_phases: None,
         move_id: 0,
     }
 }
@@ -911,6 +920,7 @@ async fn a_vm_moves_by_its_guest_stream_and_what_cannot_follow_it_is_refused() {
         }),
         packets_passed: 0,
         frozen_us: None,
+        freeze_phases: None,
         move_id: 0,
     };
     report(&node.controller, "h2", Phase::Running, Some(late.clone())).await;
@@ -1180,6 +1190,7 @@ async fn a_vm_whose_source_host_fails_mid_stream_is_not_failed_over_to_its_waiti
         }),
         packets_passed: 0,
         frozen_us: None,
+        freeze_phases: None,
         move_id: 0,
     };
     report(&node.controller, "h2", Phase::Running, Some(streaming)).await;
