@@ -159,9 +159,9 @@ pub(crate) struct Hosts {
     pub vm_image_cache: Option<PathBuf>,
     /// The QEMU the agents run vm VNFs with (`agent --qemu`); `None`: theirs on PATH.
     pub qemu: Option<PathBuf>,
-    /// The agents' `--control-priority` (their async control threads at SCHED_FIFO);
-    /// `None`: SCHED_OTHER, whatever the environment says.
-    pub control_priority: Option<u8>,
+    /// The agents' `--control-priority` and `--control-nice` (`None`: their own defaults,
+    /// whatever the environment says).
+    pub control: crate::control_threads::AgentPriorityArgs,
 }
 
 impl Hosts {
@@ -219,7 +219,7 @@ impl Hosts {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
-        crate::control_threads::pass_to_agent(&mut command, self.control_priority);
+        crate::control_threads::pass_to_agent(&mut command, self.control);
         let child = command.spawn().context("starting an agent")?;
         Ok(BenchChild(child))
     }
@@ -545,7 +545,7 @@ async fn embedded(
         tunnels: false,
         vm_image_cache: None,
         qemu: None,
-        control_priority: None,
+        control: Default::default(),
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, _) = rounds(&api, args, &module, "embedded redb", 1, progress).await?;
@@ -800,7 +800,7 @@ async fn cluster(
         tunnels: false,
         vm_image_cache: None,
         qemu: None,
-        control_priority: None,
+        control: Default::default(),
     };
     let module = lay_out_hosts(&api, &mut hosts, args.hosts).await?;
     let (figures, kept) = rounds(&api, args, &module, "etcd, 3 members", 2, progress).await?;

@@ -99,6 +99,10 @@ pub struct FailoverReport {
     /// The agents' SCHED_FIFO priority for their async control threads (`--control-priority`);
     /// none: SCHED_OTHER.
     pub control_priority: Option<u8>,
+    /// The agents' nice value for those threads when not SCHED_FIFO (`--control-nice`);
+    /// none: the agents' default (-10 where permitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_nice: Option<i8>,
     pub pair: FailoverFigures,
     /// Baseline: the same NAT without a standby, placed again by the healer (heal delay 0).
     pub single: FailoverFigures,
@@ -288,7 +292,7 @@ pub(crate) async fn nat_setup(
         tunnels: true,
         vm_image_cache: None,
         qemu: None,
-        control_priority: args.agents.control_priority,
+        control: args.agents,
     };
     let firewall = lay_out_hosts(&api, &mut hosts, HOSTS).await?;
     let nat_module = upload_example(&api, "nat").await?;
@@ -838,6 +842,7 @@ pub async fn run_failover_bench(
         flows: args.flows,
         host_lease_ttl_ms: args.host_lease_ttl_ms,
         control_priority: args.agents.control_priority,
+        control_nice: args.agents.control_nice,
         outage_ratio: ratio(pair.outage_p50_ms, single.outage_p50_ms),
         flip_ratio_to_vrrp: vrrp
             .as_ref()

@@ -124,15 +124,23 @@ pub(crate) fn spawn_api_process(
     } else {
         &[]
     };
+    // A benchmark's serve or controller runs its threads as every process does, whatever the
+    // environment asks or serve's default would be (the agents' scheduling is a benchmark's
+    // own option).
+    let as_every_process: &[&str] = if subcommand == "serve" {
+        &["--control-nice=0"]
+    } else {
+        &[]
+    };
     let child = Command::new(std::env::current_exe()?)
         .current_dir(dir)
         .args([subcommand, "--data-dir", "control"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(tls_args)
         .args(args)
-        // A benchmark's serve or controller runs its threads as every process does, whatever
-        // the environment asks (`--control-priority` is a benchmark's own option).
+        .args(as_every_process)
         .env_remove(crate::control_threads::PRIORITY_ENV)
+        .env_remove(crate::control_threads::NICE_ENV)
         .env("TELVIRT_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -192,6 +192,10 @@ pub struct MigrateReport {
     /// The agents' SCHED_FIFO priority for their async control threads (`--control-priority`);
     /// none: SCHED_OTHER.
     pub control_priority: Option<u8>,
+    /// The agents' nice value for those threads when not SCHED_FIFO (`--control-nice`);
+    /// none: the agents' default (-10 where permitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_nice: Option<i8>,
     pub sizes: Vec<MoveComparison>,
     /// The same moves under an iperf3 TCP flow (`None`: not measured here, see
     /// `tcp_missing`).
@@ -607,6 +611,7 @@ pub async fn run_migrate_bench(
         ),
         rounds: args.rounds,
         control_priority: args.agents.control_priority,
+        control_nice: args.agents.control_nice,
         rate_pps: args.rate_pps,
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
         goal_downtime_1ms: sizes

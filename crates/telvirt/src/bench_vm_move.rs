@@ -149,6 +149,10 @@ pub struct VmMoveReport {
     /// The agents' SCHED_FIFO priority for their async control threads (`--control-priority`);
     /// none: SCHED_OTHER.
     pub control_priority: Option<u8>,
+    /// The agents' nice value for those threads when not SCHED_FIFO (`--control-nice`);
+    /// none: the agents' default (-10 where permitted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control_nice: Option<i8>,
     pub live: VmMoveFigures,
     pub cold: VmMoveFigures,
     /// Live over cold, of the medians.
@@ -509,7 +513,7 @@ async fn moves(
         tunnels: true,
         vm_image_cache: Some(cache),
         qemu: args.qemu.clone(),
-        control_priority: args.agents.control_priority,
+        control: args.agents,
     };
     // With a stream, h3 holds its firewalls, generator and sink, and is cordoned for the moves.
     let host_count = if args.stream_pps.is_some() { 3 } else { 2 };
@@ -700,6 +704,7 @@ async fn moves(
         memory_mib: args.memory_mib,
         move_encryption: args.move_encryption,
         control_priority: args.agents.control_priority,
+        control_nice: args.agents.control_nice,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
         stream_pps: args.stream_pps,

@@ -281,7 +281,7 @@ async fn up(args: UpArgs, format: Output) -> Result<()> {
         controllers: args.controllers,
         mode: args.inventory_mode,
         host_lease_ttl_ms: args.host_lease_ttl_ms,
-        control_priority: args.agents.control_priority,
+        control: args.agents,
         cpus,
     };
     let started = tokio::select! {
@@ -327,8 +327,8 @@ struct Plan {
     controllers: u32,
     mode: InventoryMode,
     host_lease_ttl_ms: u64,
-    /// The agents' `--control-priority`.
-    control_priority: Option<u8>,
+    /// The agents' `--control-priority` and `--control-nice`.
+    control: crate::control_threads::AgentPriorityArgs,
     /// This machine's online CPUs.
     cpus: Vec<u32>,
 }
@@ -564,7 +564,7 @@ async fn add_host(
             &(plan.host_lease_ttl_ms / 4).to_string(),
         ])
         .env("TELVIRT_LOG", "info");
-    crate::control_threads::pass_to_agent(&mut command, plan.control_priority);
+    crate::control_threads::pass_to_agent(&mut command, plan.control);
     let pin = (plan.mode == InventoryMode::Slice).then_some(cpus.as_slice());
     let child = spawn_detached(command, &entry.log, pin)?;
     if let Some(h) = record.hosts.last_mut() {
@@ -1274,7 +1274,7 @@ mod tests {
                 controllers: 1,
                 mode,
                 host_lease_ttl_ms: 1000,
-                control_priority: None,
+                control: Default::default(),
                 cpus: vec![0, 1],
             };
             let (yaml, cpus) = inventory(&plan, 3, "h3").unwrap();

@@ -1,15 +1,93 @@
-//! The scheduling class of a node's async control threads (`--control-priority`).
+//! The scheduling class of a node's async control threads (`--control-priority`,
+//! `--control-nice`).
 //!
-//! Owns giving tokio's worker threads SCHED_FIFO, each the first time it goes idle (tokio runs
-//! that hook on its workers only, never on its blocking threads), and checking up front that
-//! the host permits it. Must not touch any other thread: what a worker starts (a data-plane
-//! worker, QEMU, a blocking thread) begins as SCHED_OTHER (reset on fork).
+//! Owns giving tokio's worker threads SCHED_FIFO or a nice value, each the first time it goes
+//! idle (tokio runs that hook on its workers only, never on its blocking threads), and checking
+//! up front that the host permits it. Must not touch any other thread: what a worker starts (a
+//! data-plane worker, QEMU, a blocking thread) begins as SCHED_OTHER at nice 0 (reset on
+//! fork).
 
 use std::cell::Cell;
 
 /// The environment variable that sets `--control-priority` (an agent telvirt starts is given
 /// the option, or none, and must not inherit it).
 pub const PRIORITY_ENV: &str = "TELVIRT_CONTROL_PRIORITY";
+/// The environment variable that sets `--control-nice` (as [`PRIORITY_ENV`]).
+pub const NICE_ENV: &str = "TELVIRT_CONTROL_NICE";
+/// The nice value of a node's async control threads when `--control-nice` is not given and
+/// the host permits it (ADR 065's addendum of 2026-12-07).
+pub const DEFAULT_NICE: i8 = -10;
+
+/// How a node's async control threads are scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlClass {
+    /// SCHED_FIFO at this priority (`--control-priority`).
+    Fifo(u8),
+    /// SCHED_OTHER at this nice value (`--control-nice`, or [`DEFAULT_NICE`]).
+    Nice(i8),
+}
+
+impl ControlClass {
+    /// Gives the calling thread this class, SCHED_RESET_ON_FORK set: what it starts begins
+    /// at SCHED_OTHER, nice 0.
+    fn apply(self) -> std::io::Result<()> {
+        match self {
+            ControlClass::Fifo(priority) => telvirt_runtime_vm::pin::sched_fifo(0, priority),
+            ControlClass::Nice(nice) => sched_nice(nice),
+        }
+    }
+}
+
+impl std::fmt::Display for ControlClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlClass::Fifo(priority) => write!(f, "SCHED_FIFO {priority}"),
+            ControlClass::Nice(nice) => write!(f, "nice {nice}"),
+        }
+    }
+}
+
+/// `struct sched_attr` of `sched_setattr(2)` (its first version, 56 bytes).
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    sched_policy: u32,
+    sched_flags: u64,
+    sched_nice: i32,
+    sched_priority: u32,
+    sched_runtime: u64,
+    sched_deadline: u64,
+    sched_period: u64,
+    sched_util_min: u32,
+    sched_util_max: u32,
+}
+
+/// `SCHED_FLAG_RESET_ON_FORK` of `sched_setattr(2)`.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
+/// Gives the calling thread SCHED_OTHER at `nice`, reset on fork (a negative nice is not
+/// passed on to the threads and processes it starts).
+fn sched_nice(nice: i8) -> std::io::Result<()> {
+    let attr = SchedAttr {
+        size: std::mem::size_of::<SchedAttr>() as u32,
+        sched_policy: libc::SCHED_OTHER as u32,
+        sched_flags: SCHED_FLAG_RESET_ON_FORK,
+        sched_nice: i32::from(nice),
+        sched_priority: 0,
+        sched_runtime: 0,
+        sched_deadline: 0,
+        sched_period: 0,
+        sched_util_min: 0,
+        sched_util_max: 0,
+    };
+    // SAFETY: `attr` is a valid, initialised sched_attr of the size it states; the kernel only
+    // reads it. Thread 0 is the calling thread.
+    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 /// The `--control-priority` a command gives the agents it starts (`cluster up`, the
 /// benchmarks that start agents).
@@ -19,42 +97,48 @@ pub struct AgentPriorityArgs {
     /// priority, 1-99 (a wasm move's freeze waits for them; ADR 065) [default: SCHED_OTHER]
     #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
     pub control_priority: Option<u8>,
+    /// The agents' `--control-nice`: their async control threads at this nice value, -20..=19
+    /// (0: as every other thread) [default: the agents' own, -10 where permitted]
+    #[arg(long, value_name = "NICE", allow_hyphen_values = true, value_parser = clap::value_parser!(i8).range(-20..=19))]
+    pub control_nice: Option<i8>,
 }
 
-/// Gives the agent `command` starts `priority` (none: SCHED_OTHER), whatever the
-/// environment it inherits says.
-pub fn pass_to_agent(command: &mut std::process::Command, priority: Option<u8>) {
-    if let Some(p) = priority {
+/// Gives the agent `command` starts what `args` say (none: the agent's own defaults), whatever
+/// the environment it inherits says.
+pub fn pass_to_agent(command: &mut std::process::Command, args: AgentPriorityArgs) {
+    if let Some(p) = args.control_priority {
         command.args(["--control-priority", &p.to_string()]);
     }
-    command.env_remove(PRIORITY_ENV);
+    if let Some(n) = args.control_nice {
+        command.arg(format!("--control-nice={n}"));
+    }
+    command.env_remove(PRIORITY_ENV).env_remove(NICE_ENV);
 }
 
-/// Whether this host lets the node's threads run at SCHED_FIFO `priority`: tried on a thread
-/// of its own, which then ends. The error says why not and what would do.
-pub fn check(priority: u8) -> Result<(), String> {
-    std::thread::spawn(move || telvirt_runtime_vm::pin::sched_fifo(0, priority))
+/// Whether this host lets the node's threads run at `class`: tried on a thread of its own,
+/// which then ends. The error says why not and what would do.
+pub fn check(class: ControlClass) -> Result<(), String> {
+    std::thread::spawn(move || class.apply())
         .join()
         .map_err(|_| "the thread that tried it panicked".to_owned())?
         .map_err(|e| {
             format!(
-                "SCHED_FIFO {priority} refused: {e}; the node needs CAP_SYS_NICE (root has it), or leave the option out"
+                "{class} refused: {e}; the node needs CAP_SYS_NICE (root has it), or leave the option out"
             )
         })
 }
 
 /// The hook tokio calls on a worker thread each time it is about to park (every worker parks
-/// once it first runs out of work, before any wake-up): gives the thread SCHED_FIFO
-/// `priority` the first time (checked with [`check`] first, so a refusal here is only
-/// logged, once per thread).
-pub fn on_worker_park(priority: u8) -> impl Fn() + Send + Sync + 'static {
+/// once it first runs out of work, before any wake-up): gives the thread `class` the first
+/// time (checked with [`check`] first, so a refusal here is only logged, once per thread).
+pub fn on_worker_park(class: ControlClass) -> impl Fn() + Send + Sync + 'static {
     move || {
         thread_local!(static GIVEN: Cell<bool> = const { Cell::new(false) });
         GIVEN.with(|given| {
             if !given.replace(true)
-                && let Err(e) = telvirt_runtime_vm::pin::sched_fifo(0, priority)
+                && let Err(e) = class.apply()
             {
-                tracing::warn!("a control thread stays SCHED_OTHER: SCHED_FIFO {priority}: {e}");
+                tracing::warn!("a control thread stays as it was: {class}: {e}");
             }
         });
     }

@@ -93,18 +93,40 @@ fn main() {
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    let control_priority = match &cli.command {
-        cli::Command::Serve(a) => a.agent.control_priority,
-        cli::Command::Agent(a) => a.agent.control_priority,
+    let control = match &cli.command {
+        cli::Command::Serve(a) => Some((a.agent.control_priority, a.agent.control_nice)),
+        cli::Command::Agent(a) => Some((a.agent.control_priority, a.agent.control_nice)),
         _ => None,
     };
-    if let Some(priority) = control_priority {
-        if let Err(e) = control_threads::check(priority) {
-            eprintln!("error: --control-priority {priority}: {e}");
-            std::process::exit(2);
+    // A node's async control threads: SCHED_FIFO when asked; else the nice value asked, or
+    // the default one where the host permits it (where it does not, they stay at nice 0).
+    let class = match control {
+        Some((Some(priority), _)) => Some((control_threads::ControlClass::Fifo(priority), true)),
+        Some((None, Some(0))) | None => None,
+        Some((None, Some(nice))) => Some((control_threads::ControlClass::Nice(nice), true)),
+        Some((None, None)) => Some((
+            control_threads::ControlClass::Nice(control_threads::DEFAULT_NICE),
+            false,
+        )),
+    };
+    if let Some((class, asked)) = class {
+        match control_threads::check(class) {
+            Ok(()) => {
+                builder.on_thread_park(control_threads::on_worker_park(class));
+                tracing::info!("the node's async control threads run at {class}");
+            }
+            Err(e) if asked => {
+                let option = match class {
+                    control_threads::ControlClass::Fifo(p) => format!("--control-priority {p}"),
+                    control_threads::ControlClass::Nice(n) => format!("--control-nice {n}"),
+                };
+                eprintln!("error: {option}: {e}");
+                std::process::exit(2);
+            }
+            Err(e) => tracing::info!(
+                "the node's async control threads stay at nice 0 (their default {class} is not permitted here: {e})"
+            ),
         }
-        builder.on_thread_park(control_threads::on_worker_park(priority));
-        tracing::info!("the node's async control threads run at SCHED_FIFO {priority}");
     }
     let runtime = match builder.build() {
         Ok(r) => r,

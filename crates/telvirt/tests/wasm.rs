@@ -429,9 +429,39 @@ fn control_threads_run_at_the_priority_asked_and_nothing_else_does() {
     );
 }
 
-/// Each thread of process `pid`: its name and its scheduling policy and real-time priority
-/// (`/proc/PID/task/TID/stat` fields 41 and 40).
-fn thread_policies(pid: u32) -> Vec<(String, (i32, u32))> {
+#[test]
+fn control_threads_run_at_nice_minus_10_by_default_and_nothing_else_does() {
+    let node = start();
+    fw1_between_a_generator_and_a_sink(&node);
+    wait_until("tokio's workers at nice -10, the rest at 0", || {
+        let threads = thread_nices(node.pid());
+        // As above: the blocking threads share the workers' name and stay at 0 (reset on
+        // fork), so the workers are counted.
+        let raised = threads
+            .iter()
+            .filter(|t| t.0 == "tokio-rt-worker" && t.1 == -10)
+            .count();
+        let others_at_0 = threads
+            .iter()
+            .filter(|t| t.0 != "tokio-rt-worker")
+            .all(|t| t.1 == 0);
+        let data_plane = threads.iter().any(|t| t.0.starts_with("tv-"));
+        raised == std::thread::available_parallelism().unwrap().get() && others_at_0 && data_plane
+    });
+}
+
+/// Each thread of process `pid`: its name and its nice value (`/proc/PID/task/TID/stat`
+/// field 19).
+fn thread_nices(pid: u32) -> Vec<(String, i32)> {
+    thread_stat_fields(pid, &[19])
+        .into_iter()
+        .map(|(name, f)| (name, f[0]))
+        .collect()
+}
+
+/// Each thread of process `pid`: its name and the numeric `stat` fields asked for (numbered
+/// as in proc(5), from 3).
+fn thread_stat_fields(pid: u32, fields: &[usize]) -> Vec<(String, Vec<i32>)> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -443,14 +473,22 @@ fn thread_policies(pid: u32) -> Vec<(String, (i32, u32))> {
         let (head, rest) = stat.rsplit_once(") ").unwrap();
         let name = head.split_once(" (").unwrap().1.to_owned();
         // `rest` starts at field 3 (state).
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let (prio, policy) = (
-            fields[40 - 3].parse().unwrap(),
-            fields[41 - 3].parse().unwrap(),
-        );
-        out.push((name, (policy, prio)));
+        let all: Vec<&str> = rest.split_whitespace().collect();
+        out.push((
+            name,
+            fields.iter().map(|f| all[f - 3].parse().unwrap()).collect(),
+        ));
     }
     out
+}
+
+/// Each thread of process `pid`: its name and its scheduling policy and real-time priority
+/// (`/proc/PID/task/TID/stat` fields 41 and 40).
+fn thread_policies(pid: u32) -> Vec<(String, (i32, u32))> {
+    thread_stat_fields(pid, &[41, 40])
+        .into_iter()
+        .map(|(name, f)| (name, (f[0], f[1] as u32)))
+        .collect()
 }
 
 /// Every thread of process `pid` but its data-plane workers, with the CPUs it may run on.
@@ -785,22 +823,37 @@ fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
         "{}",
         stderr(&out)
     );
-    // Root without CAP_SYS_NICE, and no real-time priority allowed by its limit.
-    let out = Command::new("setpriv")
-        .args(["--bounding-set", "-sys_nice", "prlimit", "--rtprio=0", BIN])
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(["--data-dir", "unprivileged", "--control-priority", "5"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("--control-priority 5: SCHED_FIFO 5")
-            && stderr(&out).contains("CAP_SYS_NICE"),
-        "{}",
-        stderr(&out)
-    );
-    assert!(!dir.path().join("unprivileged").exists());
+    // Root without CAP_SYS_NICE, its limit allowing no real-time priority, no nice below 0:
+    // a class asked for that the host refuses is refused, naming the option, nothing written.
+    let refused = |limit: &str, option: &str, value: &str, said: &str| {
+        let out = Command::new("setpriv")
+            .args(["--bounding-set", "-sys_nice", "prlimit", limit, BIN])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                "unprivileged",
+            ])
+            .args([option, value])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!("{option} {value}: {said}"))
+                && stderr(&out).contains("CAP_SYS_NICE"),
+            "{}",
+            stderr(&out)
+        );
+        assert!(!dir.path().join("unprivileged").exists());
+    };
+    refused("--rtprio=0", "--control-priority", "5", "SCHED_FIFO 5");
+    // A nice value outside -20..=19, and one below 0 the host does not permit.
+    let out = serve(&["--control-nice", "20"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--control-nice"), "{}", stderr(&out));
+    refused("--nice=0", "--control-nice", "-5", "nice -5 refused");
     // An interval outside 100 ms ..= 1 h.
     let out = serve(&["--snapshot-interval-ms", "5"]);
     assert!(!out.status.success());
