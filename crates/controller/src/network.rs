@@ -966,7 +966,7 @@ mod tests {
         let report = |received, refused| NetworkStatus {
             links: vec![LinkState {
                 link: d.spec.links[0].clone(),
-                active: received == 5,
+                active: received != 10,
                 packets: received,
                 bytes: 0,
                 drops: refused * 10,
@@ -1011,17 +1011,20 @@ mod tests {
         assert_eq!(s.latency_buckets, [15, 2]);
         let l = &st.links[0];
         assert_eq!((l.active, l.packets, l.drops), (true, 5, 50));
-        // Each host's own counts are kept apart, as it counted them.
+        // Each host's own counts are kept apart, as it counted them: h1's link is not wired
+        // there (its end restarting, say), so it has none rather than zeros.
         let own: Vec<_> = st
             .hosts
             .iter()
-            .map(|h| (h.host.as_str(), h.links[0].packets, h.node_drops[0].refused))
+            .map(|h| (h.host.as_str(), h.links.len(), h.node_drops[0].refused))
             .collect();
-        assert_eq!(own, [("h1", 10, 2), ("h2", 5, 3)]);
-        // A host that did not answer has no counts (not zeros), and one that carries nothing
-        // of the network no link.
-        let mut idle = report(0, 0);
+        assert_eq!(own, [("h1", 0, 2), ("h2", 1, 3)]);
+        assert_eq!(st.hosts[1].links[0].packets, 5);
+        // A host that did not answer has no counts (not zeros), and one whose link is not
+        // wired, its tunnel's drops counted all the same, no link.
+        let mut idle = report(10, 0);
         idle.node_drops.clear();
+        (idle.links[0].packets, idle.links[0].drops) = (0, 7);
         let st = merge_statuses(
             &d,
             vec![

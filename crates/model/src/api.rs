@@ -953,7 +953,9 @@ const FREEZE_EXCHANGE: &str = "until the destination acknowledged it";
 impl FreezePhases {
     /// The whole freeze they make up, µs.
     pub fn total_us(&self) -> u64 {
-        self.until_batch_us + self.take_us + self.exchange_us
+        self.until_batch_us
+            .saturating_add(self.take_us)
+            .saturating_add(self.exchange_us)
     }
 
     /// The phases a text states in [`FreezePhases`]'s own words (a switch event's reason);

@@ -581,7 +581,8 @@ pub struct NetworkStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct HostCounts {
     pub host: String,
-    /// The links the host carries or counted (the others are not its).
+    /// The links wired on the host now (one that is not, its end restarting say, is left
+    /// out rather than shown at zero: its counts come back with it).
     pub links: Vec<LinkState>,
     /// Nodes that dropped packets outside any link there.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -589,16 +590,11 @@ pub struct HostCounts {
 }
 
 impl HostCounts {
-    /// Host `host`'s counts in the status it reported: the links it carries or counted.
+    /// Host `host`'s counts in the status it reported: the links wired there.
     pub fn of(host: &str, st: &NetworkStatus) -> Self {
         Self {
             host: host.to_owned(),
-            links: st
-                .links
-                .iter()
-                .filter(|l| l.active || l.packets + l.bytes + l.drops > 0)
-                .cloned()
-                .collect(),
+            links: st.links.iter().filter(|l| l.active).cloned().collect(),
             node_drops: st.node_drops.clone(),
         }
     }

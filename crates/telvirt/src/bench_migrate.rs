@@ -136,6 +136,16 @@ pub struct FreezePhaseMedians {
 }
 
 impl FreezePhaseMedians {
+    /// To the nearest µs, as `FreezePhases` (to be stated in its words).
+    fn rounded(&self) -> FreezePhases {
+        let us = |v: f64| v.round() as u64;
+        FreezePhases {
+            until_batch_us: us(self.until_batch_us),
+            take_us: us(self.take_us),
+            exchange_us: us(self.exchange_us),
+        }
+    }
+
     /// Of the runs' stated phases; `None` when no run stated them.
     fn of(phases: impl Iterator<Item = Option<FreezePhases>>) -> Option<Self> {
         let stated: Vec<FreezePhases> = phases.flatten().collect();
@@ -182,6 +192,9 @@ pub struct TcpMoves {
     pub live_downtime_p50_us: Option<f64>,
     pub live_downtime_max_us: Option<u64>,
     pub live_downtime_unreported: u64,
+    /// The median of each phase of those freezes (`None`: none stated them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub live_freeze_phases_p50_us: Option<FreezePhaseMedians>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -601,6 +614,7 @@ pub async fn run_migrate_bench(
         live_downtime_p50_us: tcp_downtimes.p50_us,
         live_downtime_max_us: tcp_downtimes.max_us,
         live_downtime_unreported: tcp_downtimes.unreported,
+        live_freeze_phases_p50_us: FreezePhaseMedians::of(tcp_live.iter().map(|r| r.freeze_phases)),
         live: tcp_live,
         cold: tcp_cold,
     });
@@ -685,10 +699,7 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
             s.outage_ratio
         );
         if let Some(p) = &s.live.freeze_phases_p50_us {
-            println!(
-                "  live freezes, the median of each phase: {:.0} µs until the last batch began, {:.0} µs taking it, {:.0} µs until the destination acknowledged it",
-                p.until_batch_us, p.take_us, p.exchange_us
-            );
+            println!("  live freezes, the median of each phase: {}", p.rounded());
         }
     }
     match (&r.tcp, &r.tcp_missing) {

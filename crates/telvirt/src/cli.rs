@@ -366,12 +366,13 @@ pub struct HostAgentArgs {
     /// SCHED_OTHER, as every other thread]
     #[arg(long, value_name = "PRIORITY", env = crate::control_threads::PRIORITY_ENV, value_parser = clap::value_parser!(u8).range(1..=99))]
     pub control_priority: Option<u8>,
-    /// Run the node's async control threads at this nice value, -20..=19 (SCHED_OTHER, a
+    /// Run the node's async control threads at this nice value, -20..=0 (SCHED_OTHER, a
     /// larger share and earlier wake-ups on a loaded host than the data-plane workers and
     /// other processes at nice 0; a wasm move's freeze waits for them). What they start stays
     /// at nice 0. 0 leaves them as every other thread; ignored with --control-priority. A
-    /// value below 0 needs CAP_SYS_NICE [default: -10 where the host permits it, else 0]
-    #[arg(long, value_name = "NICE", env = crate::control_threads::NICE_ENV, allow_hyphen_values = true, value_parser = clap::value_parser!(i8).range(-20..=19))]
+    /// value below 0 needs CAP_SYS_NICE [default: -10 where the host permits it and the node
+    /// was started at SCHED_OTHER, nice 0; else as started]
+    #[arg(long, value_name = "NICE", env = crate::control_threads::NICE_ENV, allow_hyphen_values = true, value_parser = clap::value_parser!(i8).range(-20..=0))]
     pub control_nice: Option<i8>,
     /// How host ports (`host:IF` in a network's links) move frames; `net show` reports what
     /// each port uses and why AF_XDP was not. AF_XDP takes every frame of the interface from

@@ -89,17 +89,17 @@ fn sched_nice(nice: i8) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The `--control-priority` a command gives the agents it starts (`cluster up`, the
-/// benchmarks that start agents).
+/// The `--control-priority` and `--control-nice` a command gives the agents it starts
+/// (`cluster up`, the benchmarks that start agents).
 #[derive(clap::Args, Debug, Clone, Copy, Default)]
 pub struct AgentPriorityArgs {
     /// The agents' `--control-priority`: their async control threads at this SCHED_FIFO
     /// priority, 1-99 (a wasm move's freeze waits for them; ADR 065) [default: SCHED_OTHER]
     #[arg(long, value_name = "PRIORITY", value_parser = clap::value_parser!(u8).range(1..=99))]
     pub control_priority: Option<u8>,
-    /// The agents' `--control-nice`: their async control threads at this nice value, -20..=19
+    /// The agents' `--control-nice`: their async control threads at this nice value, -20..=0
     /// (0: as every other thread) [default: the agents' own, -10 where permitted]
-    #[arg(long, value_name = "NICE", allow_hyphen_values = true, value_parser = clap::value_parser!(i8).range(-20..=19))]
+    #[arg(long, value_name = "NICE", allow_hyphen_values = true, value_parser = clap::value_parser!(i8).range(-20..=0))]
     pub control_nice: Option<i8>,
 }
 
@@ -113,6 +113,23 @@ pub fn pass_to_agent(command: &mut std::process::Command, args: AgentPriorityArg
         command.arg(format!("--control-nice={n}"));
     }
     command.env_remove(PRIORITY_ENV).env_remove(NICE_ENV);
+}
+
+/// Whether the calling thread runs as threads do unless told otherwise: SCHED_OTHER at nice 0
+/// (a node started under `nice`, `chrt` or a service manager's `Nice=` keeps what it was
+/// given rather than take [`DEFAULT_NICE`]).
+pub fn started_as_default() -> bool {
+    // SAFETY: queries of the calling thread's own scheduling; errno is the thread's own
+    // (getpriority may return -1 as a nice value: errno set to 0 before says whether it
+    // failed).
+    let (nice, failed) = unsafe {
+        *libc::__errno_location() = 0;
+        let nice = libc::getpriority(libc::PRIO_PROCESS, 0);
+        (nice, *libc::__errno_location() != 0)
+    };
+    // SAFETY: as above.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    !failed && nice == 0 && policy >= 0 && policy & !libc::SCHED_RESET_ON_FORK == libc::SCHED_OTHER
 }
 
 /// Whether this host lets the node's threads run at `class`: tried on a thread of its own,

@@ -104,10 +104,16 @@ fn main() {
         Some((Some(priority), _)) => Some((control_threads::ControlClass::Fifo(priority), true)),
         Some((None, Some(0))) | None => None,
         Some((None, Some(nice))) => Some((control_threads::ControlClass::Nice(nice), true)),
-        Some((None, None)) => Some((
+        Some((None, None)) if control_threads::started_as_default() => Some((
             control_threads::ControlClass::Nice(control_threads::DEFAULT_NICE),
             false,
         )),
+        Some((None, None)) => {
+            tracing::info!(
+                "the node's async control threads keep the scheduling the node was started with (not SCHED_OTHER at nice 0)"
+            );
+            None
+        }
     };
     if let Some((class, asked)) = class {
         match control_threads::check(class) {

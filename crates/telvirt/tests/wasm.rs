@@ -849,11 +849,50 @@ fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
         assert!(!dir.path().join("unprivileged").exists());
     };
     refused("--rtprio=0", "--control-priority", "5", "SCHED_FIFO 5");
-    // A nice value outside -20..=19, and one below 0 the host does not permit.
-    let out = serve(&["--control-nice", "20"]);
+    // A nice value outside -20..=0, and one below 0 the host does not permit.
+    let out = serve(&["--control-nice", "5"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--control-nice"), "{}", stderr(&out));
     refused("--nice=0", "--control-nice", "-5", "nice -5 refused");
+    // Without the option such a host runs the node, its control threads at nice 0, and says
+    // so.
+    let mut node = Command::new("setpriv")
+        .args(["--bounding-set", "-sys_nice", "prlimit", "--nice=0", BIN])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "unprivileged",
+        ])
+        .env_remove("TELVIRT_CONTROL_NICE")
+        .env_remove("TELVIRT_CONTROL_PRIORITY")
+        .env("TELVIRT_LOG", "info")
+        .current_dir(dir.path())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufReader::new(node.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(lines).map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let said = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(line) if line.contains("stay at nice 0") => break Some(line),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    let running = node.try_wait().unwrap().is_none();
+    let _ = node.kill();
+    let _ = node.wait();
+    assert!(said.is_some() && running, "{said:?}, running: {running}");
     // An interval outside 100 ms ..= 1 h.
     let out = serve(&["--snapshot-interval-ms", "5"]);
     assert!(!out.status.success());
