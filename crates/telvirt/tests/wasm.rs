@@ -825,20 +825,18 @@ fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
     );
     // Root without CAP_SYS_NICE, its limit allowing no real-time priority, no nice below 0:
     // a class asked for that the host refuses is refused, naming the option, nothing written.
+    let unprivileged = |limit: &str| {
+        let mut c = Command::new("setpriv");
+        c.args(["--bounding-set", "-sys_nice", "prlimit", limit, BIN])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--data-dir", "unprivileged"])
+            .env_remove("TELVIRT_CONTROL_NICE")
+            .env_remove("TELVIRT_CONTROL_PRIORITY")
+            .current_dir(dir.path());
+        c
+    };
     let refused = |limit: &str, option: &str, value: &str, said: &str| {
-        let out = Command::new("setpriv")
-            .args(["--bounding-set", "-sys_nice", "prlimit", limit, BIN])
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                "unprivileged",
-            ])
-            .args([option, value])
-            .current_dir(dir.path())
-            .output()
-            .unwrap();
+        let out = unprivileged(limit).args([option, value]).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
         assert!(
             stderr(&out).contains(&format!("{option} {value}: {said}"))
@@ -856,19 +854,8 @@ fn serve_refuses_a_bad_security_policy_or_snapshot_interval() {
     refused("--nice=0", "--control-nice", "-5", "nice -5 refused");
     // Without the option such a host runs the node, its control threads at nice 0, and says
     // so.
-    let mut node = Command::new("setpriv")
-        .args(["--bounding-set", "-sys_nice", "prlimit", "--nice=0", BIN])
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            "unprivileged",
-        ])
-        .env_remove("TELVIRT_CONTROL_NICE")
-        .env_remove("TELVIRT_CONTROL_PRIORITY")
+    let mut node = unprivileged("--nice=0")
         .env("TELVIRT_LOG", "info")
-        .current_dir(dir.path())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
