@@ -876,7 +876,7 @@ fn merge_statuses(
                 continue;
             }
         };
-        let counts = HostCounts::of(&host, &st);
+        st.hosts = vec![HostCounts::of(&host, &st)];
         if several {
             st.table = format!("host {host}:\n{}", st.table);
             st.waiting = st
@@ -885,7 +885,6 @@ fn merge_statuses(
                 .map(|w| format!("host {host}: {w}"))
                 .collect();
         }
-        st.hosts = vec![counts];
         merged = Some(match merged.take() {
             None => st,
             Some(mut m) => {

@@ -20,7 +20,7 @@ pub const DEFAULT_NICE: i8 = -10;
 
 /// How a node's async control threads are scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ControlClass {
+enum ControlClass {
     /// SCHED_FIFO at this priority (`--control-priority`).
     Fifo(u8),
     /// SCHED_OTHER at this nice value (`--control-nice`, or [`DEFAULT_NICE`]).
@@ -34,6 +34,55 @@ impl ControlClass {
         match self {
             ControlClass::Fifo(priority) => telvirt_runtime_vm::pin::sched_fifo(0, priority),
             ControlClass::Nice(nice) => sched_nice(nice),
+        }
+    }
+}
+
+/// How a node's `--control-priority` and `--control-nice` (`priority`, `nice`) schedule its
+/// async control threads: SCHED_FIFO when a priority is given; else the nice value given (0:
+/// as every thread), or [`DEFAULT_NICE`] for a node started at SCHED_OTHER nice 0 (one started
+/// under `nice` or `chrt` keeps it). Installs the hook that gives tokio's workers the class
+/// once the host was found to permit it; a class the options ask for that the host refuses is
+/// the error (naming the option), the default one is only logged.
+pub fn install(
+    builder: &mut tokio::runtime::Builder,
+    priority: Option<u8>,
+    nice: Option<i8>,
+) -> Result<(), String> {
+    let (class, asked) = match (priority, nice) {
+        (Some(priority), _) => (ControlClass::Fifo(priority), true),
+        (None, Some(0)) => return Ok(()),
+        (None, Some(nice)) => (ControlClass::Nice(nice), true),
+        (None, None) if started_as_default() => (ControlClass::Nice(DEFAULT_NICE), false),
+        (None, None) => {
+            tracing::info!(
+                "the node's async control threads keep the scheduling the node was started with (not SCHED_OTHER at nice 0)"
+            );
+            return Ok(());
+        }
+    };
+    match check(class) {
+        Ok(()) => {
+            builder.on_thread_park(on_worker_park(class));
+            tracing::info!("the node's async control threads run at {class}");
+            Ok(())
+        }
+        Err(e) if asked => Err(format!("{}: {e}", class.option())),
+        Err(e) => {
+            tracing::info!(
+                "the node's async control threads stay at nice 0 (their default {class} is not permitted here: {e})"
+            );
+            Ok(())
+        }
+    }
+}
+
+impl ControlClass {
+    /// The option that asks for it, with its value (`--control-nice -5`).
+    fn option(self) -> String {
+        match self {
+            ControlClass::Fifo(priority) => format!("--control-priority {priority}"),
+            ControlClass::Nice(nice) => format!("--control-nice {nice}"),
         }
     }
 }
@@ -118,7 +167,7 @@ pub fn pass_to_agent(command: &mut std::process::Command, args: AgentPriorityArg
 /// Whether the calling thread runs as threads do unless told otherwise: SCHED_OTHER at nice 0
 /// (a node started under `nice`, `chrt` or a service manager's `Nice=` keeps what it was
 /// given rather than take [`DEFAULT_NICE`]).
-pub fn started_as_default() -> bool {
+fn started_as_default() -> bool {
     // SAFETY: queries of the calling thread's own scheduling; errno is the thread's own
     // (getpriority may return -1 as a nice value: errno set to 0 before says whether it
     // failed).
@@ -134,7 +183,7 @@ pub fn started_as_default() -> bool {
 
 /// Whether this host lets the node's threads run at `class`: tried on a thread of its own,
 /// which then ends. The error says why not and what would do.
-pub fn check(class: ControlClass) -> Result<(), String> {
+fn check(class: ControlClass) -> Result<(), String> {
     std::thread::spawn(move || class.apply())
         .join()
         .map_err(|_| "the thread that tried it panicked".to_owned())?
@@ -148,7 +197,7 @@ pub fn check(class: ControlClass) -> Result<(), String> {
 /// The hook tokio calls on a worker thread each time it is about to park (every worker parks
 /// once it first runs out of work, before any wake-up): gives the thread `class` the first
 /// time (checked with [`check`] first, so a refusal here is only logged, once per thread).
-pub fn on_worker_park(class: ControlClass) -> impl Fn() + Send + Sync + 'static {
+fn on_worker_park(class: ControlClass) -> impl Fn() + Send + Sync + 'static {
     move || {
         thread_local!(static GIVEN: Cell<bool> = const { Cell::new(false) });
         GIVEN.with(|given| {

@@ -98,41 +98,11 @@ fn main() {
         cli::Command::Agent(a) => Some((a.agent.control_priority, a.agent.control_nice)),
         _ => None,
     };
-    // A node's async control threads: SCHED_FIFO when asked; else the nice value asked, or
-    // the default one where the host permits it (where it does not, they stay at nice 0).
-    let class = match control {
-        Some((Some(priority), _)) => Some((control_threads::ControlClass::Fifo(priority), true)),
-        Some((None, Some(0))) | None => None,
-        Some((None, Some(nice))) => Some((control_threads::ControlClass::Nice(nice), true)),
-        Some((None, None)) if control_threads::started_as_default() => Some((
-            control_threads::ControlClass::Nice(control_threads::DEFAULT_NICE),
-            false,
-        )),
-        Some((None, None)) => {
-            tracing::info!(
-                "the node's async control threads keep the scheduling the node was started with (not SCHED_OTHER at nice 0)"
-            );
-            None
-        }
-    };
-    if let Some((class, asked)) = class {
-        match control_threads::check(class) {
-            Ok(()) => {
-                builder.on_thread_park(control_threads::on_worker_park(class));
-                tracing::info!("the node's async control threads run at {class}");
-            }
-            Err(e) if asked => {
-                let option = match class {
-                    control_threads::ControlClass::Fifo(p) => format!("--control-priority {p}"),
-                    control_threads::ControlClass::Nice(n) => format!("--control-nice {n}"),
-                };
-                eprintln!("error: {option}: {e}");
-                std::process::exit(2);
-            }
-            Err(e) => tracing::info!(
-                "the node's async control threads stay at nice 0 (their default {class} is not permitted here: {e})"
-            ),
-        }
+    if let Some((priority, nice)) = control
+        && let Err(e) = control_threads::install(&mut builder, priority, nice)
+    {
+        eprintln!("error: {e}");
+        std::process::exit(2);
     }
     let runtime = match builder.build() {
         Ok(r) => r,
