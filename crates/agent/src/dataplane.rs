@@ -36,6 +36,9 @@ pub(crate) fn try_lock_unpoisoned<T>(m: &Mutex<T>) -> Option<MutexGuard<'_, T>> 
 pub const POOL_BUFFERS: usize = 16384;
 /// Slots per link ring.
 pub const RING_CAPACITY: usize = 1024;
+/// A worker's name: this prefix and its core (thread `tv-cpu3`, the data plane's
+/// [`telvirt_dataplane::worker::THREAD_PREFIX`] before it).
+pub const WORKER_NAME_PREFIX: &str = "cpu";
 
 /// Where this process's threads other than the data-plane workers belong, as decided.
 struct HousekeepingPlacement {
@@ -101,19 +104,27 @@ struct HeldSenders {
 }
 
 impl NodeDataPlane {
-    /// One worker per CPU in this process's affinity mask, pinned to it, backing off when idle.
-    pub fn new() -> Result<Arc<Self>, AgentError> {
+    /// One worker per CPU in this process's affinity mask, pinned to it, backing off when idle
+    /// once it found no work for `idle_spin` ([`WorkerConfig::idle_spin`]).
+    pub fn new(idle_spin: Duration) -> Result<Arc<Self>, AgentError> {
         let cores = allowed_cores().map_err(|e| AgentError::DataPlane(e.to_string()))?;
-        Self::with_cores(&cores)
+        Self::build(&cores, idle_spin)
     }
 
-    /// One worker pinned to each of `cores`.
+    /// One worker pinned to each of `cores`, backing off as workers do by default.
     pub fn with_cores(cores: &[usize]) -> Result<Arc<Self>, AgentError> {
+        Self::build(cores, telvirt_dataplane::worker::IDLE_SPIN)
+    }
+
+    fn build(cores: &[usize], idle_spin: Duration) -> Result<Arc<Self>, AgentError> {
         let dp = |e: telvirt_dataplane::Error| AgentError::DataPlane(e.to_string());
         let pool = Arc::new(Pool::new("telvirt", POOL_BUFFERS, DEFAULT_BUF_SIZE).map_err(dp)?);
         let configs: Vec<WorkerConfig> = cores
             .iter()
-            .map(|c| WorkerConfig::new(&format!("cpu{c}"), Some(*c)))
+            .map(|c| WorkerConfig {
+                idle_spin,
+                ..WorkerConfig::new(&format!("{WORKER_NAME_PREFIX}{c}"), Some(*c))
+            })
             .collect();
         let workers = cores
             .iter()

@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::node::{Node, NodeCounters, NodeIo, PortIo, RxLink, TxLink};
@@ -60,7 +60,7 @@ pub fn set_thread_affinity(tid: i32, cores: &[usize]) -> Result<()> {
 }
 
 /// Prefix of the names of worker threads (`tv-<name>`).
-const THREAD_PREFIX: &str = "tv-";
+pub const THREAD_PREFIX: &str = "tv-";
 
 /// The core the calling thread runs on now.
 pub fn current_core() -> Option<usize> {
@@ -76,13 +76,54 @@ pub struct WorkerConfig {
     pub name: String,
     /// Core to pin to; `None` leaves the thread unpinned.
     pub core: Option<usize>,
-    /// Never sleep when idle (dedicated core). When false, the worker sleeps `idle_sleep`
-    /// after 1024 idle rounds, which keeps shared machines usable. This is where the worker
-    /// starts; the panel turns busy polling on and off while it runs for its nodes
-    /// ([`crate::panel::PatchPanel::set_busy_poll`], [`Worker::busy_poll`]).
+    /// Never sleep when idle (dedicated core). When false, a worker that found no work for
+    /// `idle_spin` sleeps `idle_sleep` after each round that finds none, which keeps shared
+    /// cores usable. This is where the worker starts; the panel turns busy polling on and off
+    /// while it runs for its nodes ([`crate::panel::PatchPanel::set_busy_poll`],
+    /// [`Worker::busy_poll`]).
     pub busy_poll: bool,
-    /// Sleep when idle and not busy polling.
+    /// How long a worker that is not busy polling polls on without sleeping after its last
+    /// work.
+    pub idle_spin: Duration,
+    /// Sleep between idle rounds once `idle_spin` has passed, when not busy polling.
     pub idle_sleep: Duration,
+}
+
+/// [`WorkerConfig::idle_spin`] by default: as long as one sleep. A spin counted in rounds
+/// instead (1,024 before 2026-12-07) lasted 1-2 ms with a node or two to poll, so at a few
+/// hundred to a few thousand packets a second a shared worker never slept (BENCHMARKS "Idle
+/// workers sleep after 50 µs").
+pub const IDLE_SPIN: Duration = Duration::from_micros(50);
+/// [`WorkerConfig::idle_sleep`] by default.
+pub const IDLE_SLEEP: Duration = Duration::from_micros(50);
+
+/// When a worker that is not busy polling sleeps: once no round has found work for `spin`.
+#[derive(Debug)]
+struct IdleBackoff {
+    spin: Duration,
+    /// When the rounds began to find no work; `None` while they find some.
+    idle_since: Option<Instant>,
+}
+
+impl IdleBackoff {
+    fn new(spin: Duration) -> Self {
+        Self {
+            spin,
+            idle_since: None,
+        }
+    }
+
+    /// After a round that found no work, at `now`: whether to sleep before the next one.
+    fn sleep_after_idle_round(&mut self, now: Instant) -> bool {
+        let since = *self.idle_since.get_or_insert(now);
+        now.saturating_duration_since(since) >= self.spin
+    }
+
+    /// Ends an idle spell: a round found work, or the worker busy polls (when it stops, its
+    /// idle time counts from then).
+    fn reset(&mut self) {
+        self.idle_since = None;
+    }
 }
 
 impl WorkerConfig {
@@ -92,7 +133,8 @@ impl WorkerConfig {
             name: name.to_string(),
             core,
             busy_poll: false,
-            idle_sleep: Duration::from_micros(50),
+            idle_spin: IDLE_SPIN,
+            idle_sleep: IDLE_SLEEP,
         }
     }
 }
@@ -368,7 +410,7 @@ fn port_of(slots: &mut [Slot], id: u64, port: usize) -> Option<&mut PortIo> {
 fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
     let mut slots: Vec<Slot> = Vec::new();
     let mut cache = PoolCache::new();
-    let mut idle_rounds = 0u32;
+    let mut backoff = IdleBackoff::new(cfg.idle_spin);
     let mut retiring = false;
     loop {
         if ctl.pending.load(Ordering::Acquire) {
@@ -396,15 +438,15 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
             retiring = retire_drained(&mut slots);
         }
         ctl.rounds.fetch_add(1, Ordering::Relaxed);
-        if work == 0 {
-            idle_rounds = idle_rounds.saturating_add(1);
-            if idle_rounds > 1024 && !ctl.busy.load(Ordering::Relaxed) {
-                std::thread::sleep(cfg.idle_sleep);
-            } else {
-                std::hint::spin_loop();
-            }
+        if work > 0 {
+            backoff.reset();
+        } else if ctl.busy.load(Ordering::Relaxed) {
+            backoff.reset();
+            std::hint::spin_loop();
+        } else if backoff.sleep_after_idle_round(Instant::now()) {
+            std::thread::sleep(cfg.idle_sleep);
         } else {
-            idle_rounds = 0;
+            std::hint::spin_loop();
         }
     }
     // Packets still queued on this worker's incoming rings go back to the pool too.
@@ -424,7 +466,29 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
+
+    #[test]
+    fn an_idle_worker_sleeps_only_once_it_found_no_work_for_its_spin() {
+        let spin = Duration::from_micros(50);
+        let mut b = IdleBackoff::new(spin);
+        let t0 = Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        // The first idle round starts the spell; rounds within the spin poll on.
+        assert!(!b.sleep_after_idle_round(at(0)));
+        assert!(!b.sleep_after_idle_round(at(49)));
+        // From the spin on, every idle round sleeps.
+        assert!(b.sleep_after_idle_round(at(50)));
+        assert!(b.sleep_after_idle_round(at(400)));
+        // Work ends the spell: the next idle rounds spin again for a whole spin.
+        b.reset();
+        assert!(!b.sleep_after_idle_round(at(500)));
+        assert!(!b.sleep_after_idle_round(at(549)));
+        assert!(b.sleep_after_idle_round(at(550)));
+        // A clock read that comes out earlier than the spell's start does not sleep.
+        b.reset();
+        assert!(!b.sleep_after_idle_round(at(600)));
+        assert!(!b.sleep_after_idle_round(at(590)));
+    }
 
     #[test]
     fn allowed_cores_is_nonempty_and_pinning_works() {

@@ -95,7 +95,9 @@ impl HostAgent {
             );
         }
         // One data plane per node, shared by the runtimes and the network reconciler.
-        let dataplane = NodeDataPlane::new().context("starting the data plane")?;
+        let dataplane =
+            NodeDataPlane::new(std::time::Duration::from_micros(args.worker_idle_spin_us))
+                .context("starting the data plane")?;
         let mut runtimes: Vec<Arc<dyn Runtime>> = Vec::new();
         let mut vm = None;
         if args.runtimes.contains(&RuntimeArg::Vm) {

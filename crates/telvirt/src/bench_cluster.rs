@@ -165,6 +165,24 @@ pub(crate) struct Hosts {
 }
 
 impl Hosts {
+    /// CPU time the agents' data-plane workers have run so far (their threads' `schedstat`).
+    pub fn worker_cpu(&self) -> Duration {
+        let prefix = format!(
+            "{}{}",
+            telvirt_dataplane::worker::THREAD_PREFIX,
+            telvirt_agent::dataplane::WORKER_NAME_PREFIX
+        );
+        let ns: u64 = self
+            .agents
+            .iter()
+            .filter_map(|a| i32::try_from(a.0.id()).ok())
+            .flat_map(telvirt_files::proc::threads)
+            .filter(|t| t.name.starts_with(&prefix))
+            .map(|t| t.run_ns)
+            .sum();
+        Duration::from_nanos(ns)
+    }
+
     pub fn name(i: usize) -> String {
         format!("h{}", i + 1)
     }

@@ -175,6 +175,10 @@ pub struct VmMoveReport {
     /// whose event states it, and its median.
     pub switched_after_resume_ms: Vec<f64>,
     pub switched_after_resume_p50_ms: Option<f64>,
+    /// CPU the agents' data-plane workers used from the first move's request until the last
+    /// move ended, in cores (their CPU time over that time): what polling the VNF's NICs, its
+    /// tunnels and the stream's nodes costs the machine the moves run on.
+    pub dataplane_worker_cores: f64,
 }
 
 /// Where each live move's whole pause went, by its QEMUs' event times as its switch event
@@ -602,6 +606,7 @@ async fn moves(
     let mut switched_after_resume_ms = Vec::new();
     let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
     let mut at = "h1".to_owned();
+    let (workers_from, since) = (hosts.worker_cpu(), Instant::now());
     for i in 0..args.rounds {
         let before = before_stream().await?;
         let (total, moved, broken) = live_move(&api, &at).await?;
@@ -643,6 +648,11 @@ async fn moves(
         at = other(&at).to_owned();
         progress(3 + 2 * u64::from(i), total_steps);
     }
+    let dataplane_worker_cores = hosts
+        .worker_cpu()
+        .saturating_sub(workers_from)
+        .as_secs_f64()
+        / since.elapsed().as_secs_f64().max(f64::EPSILON);
     // Its agent stops the guest; the sweep kills whatever is left.
     let _ = answer::<serde_json::Value>(
         api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}")),
@@ -719,6 +729,7 @@ async fn moves(
         pause_phases,
         switched_after_resume_p50_ms: median_if_any(switched_after_resume_ms.iter().copied()),
         switched_after_resume_ms,
+        dataplane_worker_cores,
     })
 }
 
@@ -804,5 +815,9 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
             r.switched_after_resume_ms.len()
         );
     }
+    println!(
+        "the agents' data-plane workers used {:.2} cores during the moves",
+        r.dataplane_worker_cores
+    );
     Ok(())
 }

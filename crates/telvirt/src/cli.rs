@@ -8,6 +8,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `--worker-idle-spin-us` by default: the data plane's own ([`telvirt_dataplane::worker::IDLE_SPIN`]).
+const IDLE_SPIN_DEFAULT_US: u64 = telvirt_dataplane::worker::IDLE_SPIN.as_micros() as u64;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "telvirt",
@@ -358,6 +361,12 @@ pub struct HostAgentArgs {
     /// share)
     #[arg(long)]
     pub no_busy_poll: bool,
+    /// How long a data-plane worker that is not busy polling polls on after its last packet
+    /// before it sleeps 50 µs between rounds, in microseconds (0: sleep at once). Longer
+    /// keeps a shared worker's latency at a few thousand packets a second and costs its core
+    /// the spin after every packet (BENCHMARKS "Idle workers sleep after 50 µs")
+    #[arg(long, value_name = "MICROSECONDS", env = "TELVIRT_WORKER_IDLE_SPIN_US", default_value_t = IDLE_SPIN_DEFAULT_US, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub worker_idle_spin_us: u64,
     /// Run the node's async control threads (state streams of moves and standbys, the
     /// agent's reports, the API) at this SCHED_FIFO priority, 1-99, so on a loaded host they
     /// run as soon as they wake instead of after a data-plane worker's or another process's
