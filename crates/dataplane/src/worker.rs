@@ -490,6 +490,47 @@ mod tests {
         assert!(!b.sleep_after_idle_round(at(590)));
     }
 
+    /// Rounds `w` makes over about 100 ms, and the bound a worker that sleeps after every
+    /// round cannot pass in that time (each round's sleep lasts at least `IDLE_SLEEP`).
+    fn rounds_and_sleeping_bound(w: &Worker) -> (u64, u64) {
+        let (r0, t0) = (w.rounds(), Instant::now());
+        std::thread::sleep(Duration::from_millis(100));
+        let rounds = w.rounds() - r0;
+        let bound = (t0.elapsed().as_micros() / IDLE_SLEEP.as_micros()) as u64 + 2;
+        (rounds, bound)
+    }
+
+    /// The worker loop itself: with no spin an idle worker sleeps after every round; busy
+    /// polling keeps it polling; when it stops busy polling it sleeps again.
+    #[test]
+    fn an_idle_worker_sleeps_unless_it_busy_polls() {
+        let pool = Arc::new(Pool::new("w", 4, 64).unwrap());
+        let config = WorkerConfig {
+            idle_spin: Duration::ZERO,
+            ..WorkerConfig::new("idle", None)
+        };
+        let w = Worker::spawn(config, pool).unwrap();
+        let (rounds, bound) = rounds_and_sleeping_bound(&w);
+        assert!(
+            rounds <= bound,
+            "{rounds} rounds: it did not sleep (at most {bound})"
+        );
+        w.set_busy_poll(true);
+        let (rounds, bound) = rounds_and_sleeping_bound(&w);
+        assert!(
+            rounds > bound,
+            "{rounds} rounds: it slept while busy polling"
+        );
+        w.set_busy_poll(false);
+        // The round under way when busy polling stopped may still spin: skip past it.
+        let _ = rounds_and_sleeping_bound(&w);
+        let (rounds, bound) = rounds_and_sleeping_bound(&w);
+        assert!(
+            rounds <= bound,
+            "{rounds} rounds: it did not sleep again (at most {bound})"
+        );
+    }
+
     #[test]
     fn allowed_cores_is_nonempty_and_pinning_works() {
         let cores = allowed_cores().unwrap();

@@ -165,22 +165,26 @@ pub(crate) struct Hosts {
 }
 
 impl Hosts {
-    /// CPU time the agents' data-plane workers have run so far (their threads' `schedstat`).
-    pub fn worker_cpu(&self) -> Duration {
+    /// CPU time the agents' data-plane workers have run so far (their threads' `schedstat`);
+    /// an error when no agent shows one (an agent gone, `/proc` unreadable).
+    pub fn worker_cpu(&self) -> Result<Duration> {
         let prefix = format!(
             "{}{}",
             telvirt_dataplane::worker::THREAD_PREFIX,
             telvirt_agent::dataplane::WORKER_NAME_PREFIX
         );
-        let ns: u64 = self
+        let workers: Vec<u64> = self
             .agents
             .iter()
             .filter_map(|a| i32::try_from(a.0.id()).ok())
             .flat_map(telvirt_files::proc::threads)
             .filter(|t| t.name.starts_with(&prefix))
             .map(|t| t.run_ns)
-            .sum();
-        Duration::from_nanos(ns)
+            .collect();
+        if workers.is_empty() {
+            bail!("no agent shows a data-plane worker thread ({prefix}N) in /proc");
+        }
+        Ok(Duration::from_nanos(workers.iter().sum()))
     }
 
     pub fn name(i: usize) -> String {

@@ -175,10 +175,14 @@ pub struct VmMoveReport {
     /// whose event states it, and its median.
     pub switched_after_resume_ms: Vec<f64>,
     pub switched_after_resume_p50_ms: Option<f64>,
-    /// CPU the agents' data-plane workers used from the first move's request until the last
-    /// move ended, in cores (their CPU time over that time): what polling the VNF's NICs, its
-    /// tunnels and the stream's nodes costs the machine the moves run on.
+    /// CPU the agents' data-plane workers used during the live moves, in cores: their CPU
+    /// time over the moves' time, each from its request until it ended (with a stream, until
+    /// the stream ran a second again after it): what polling the VNF's NICs, the tunnels and
+    /// the stream's nodes costs the machine a guest moves on.
     pub dataplane_worker_cores: f64,
+    /// How long the agents' idle workers poll on before they sleep (`--worker-idle-spin-us`,
+    /// from the environment they inherit, `TELVIRT_WORKER_IDLE_SPIN_US`), µs.
+    pub worker_idle_spin_us: u64,
 }
 
 /// Where each live move's whole pause went, by its QEMUs' event times as its switch event
@@ -606,9 +610,10 @@ async fn moves(
     let mut switched_after_resume_ms = Vec::new();
     let (mut cold_total, mut cold_outage) = (Vec::new(), Vec::new());
     let mut at = "h1".to_owned();
-    let (workers_from, since) = (hosts.worker_cpu(), Instant::now());
+    let (mut worker_cpu, mut live_time) = (Duration::ZERO, Duration::ZERO);
     for i in 0..args.rounds {
         let before = before_stream().await?;
+        let (workers_from, since) = (hosts.worker_cpu()?, Instant::now());
         let (total, moved, broken) = live_move(&api, &at).await?;
         if let Some((loss, lost_where)) = cost(before).await? {
             // Only a move of one try: the loss spans every try, the pause only the last's.
@@ -617,6 +622,8 @@ async fn moves(
             }
             live_stream.push((loss, lost_where));
         }
+        worker_cpu += hosts.worker_cpu()?.saturating_sub(workers_from);
+        live_time += since.elapsed();
         arrivals_broken += broken;
         live_total.push(total);
         match moved.paused_ms {
@@ -648,11 +655,8 @@ async fn moves(
         at = other(&at).to_owned();
         progress(3 + 2 * u64::from(i), total_steps);
     }
-    let dataplane_worker_cores = hosts
-        .worker_cpu()
-        .saturating_sub(workers_from)
-        .as_secs_f64()
-        / since.elapsed().as_secs_f64().max(f64::EPSILON);
+    let dataplane_worker_cores =
+        worker_cpu.as_secs_f64() / live_time.as_secs_f64().max(f64::EPSILON);
     // Its agent stops the guest; the sweep kills whatever is left.
     let _ = answer::<serde_json::Value>(
         api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}")),
@@ -730,6 +734,10 @@ async fn moves(
         switched_after_resume_p50_ms: median_if_any(switched_after_resume_ms.iter().copied()),
         switched_after_resume_ms,
         dataplane_worker_cores,
+        worker_idle_spin_us: std::env::var(crate::cli::WORKER_IDLE_SPIN_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(crate::cli::IDLE_SPIN_DEFAULT_US),
     })
 }
 
@@ -816,8 +824,8 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
         );
     }
     println!(
-        "the agents' data-plane workers used {:.2} cores during the moves",
-        r.dataplane_worker_cores
+        "the agents' data-plane workers used {:.2} cores during the live moves (idle spin {} µs)",
+        r.dataplane_worker_cores, r.worker_idle_spin_us
     );
     Ok(())
 }

@@ -9,7 +9,10 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// `--worker-idle-spin-us` by default: the data plane's own ([`telvirt_dataplane::worker::IDLE_SPIN`]).
-const IDLE_SPIN_DEFAULT_US: u64 = telvirt_dataplane::worker::IDLE_SPIN.as_micros() as u64;
+pub const IDLE_SPIN_DEFAULT_US: u64 = telvirt_dataplane::worker::IDLE_SPIN.as_micros() as u64;
+/// The environment variable that sets `--worker-idle-spin-us` (agents a benchmark or `cluster
+/// up` starts inherit it).
+pub const WORKER_IDLE_SPIN_ENV: &str = "TELVIRT_WORKER_IDLE_SPIN_US";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -365,7 +368,7 @@ pub struct HostAgentArgs {
     /// before it sleeps 50 µs between rounds, in microseconds (0: sleep at once). Longer
     /// keeps a shared worker's latency at a few thousand packets a second and costs its core
     /// the spin after every packet (BENCHMARKS "Idle workers sleep after 50 µs")
-    #[arg(long, value_name = "MICROSECONDS", env = "TELVIRT_WORKER_IDLE_SPIN_US", default_value_t = IDLE_SPIN_DEFAULT_US, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    #[arg(long, value_name = "MICROSECONDS", env = WORKER_IDLE_SPIN_ENV, default_value_t = IDLE_SPIN_DEFAULT_US, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub worker_idle_spin_us: u64,
     /// Run the node's async control threads (state streams of moves and standbys, the
     /// agent's reports, the API) at this SCHED_FIFO priority, 1-99, so on a loaded host they

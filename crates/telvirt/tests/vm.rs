@@ -618,6 +618,10 @@ fn bench_vm_move_prints_one_json_object_with_live_and_cold_moves() {
         }
     }
     assert!(r["live"]["streamed_mib"][0].as_u64() > Some(0), "{r}");
+    // The agents' data-plane workers ran during the live move (they carried the stream), and
+    // the report says how long they spin idle.
+    assert!(r["dataplane_worker_cores"].as_f64() > Some(0.0), "{r}");
+    assert!(r["worker_idle_spin_us"].is_u64(), "{r}");
     // The live move's outage is the guest's whole pause (from the source's QEMU beginning to
     // stop it until the destination resumed it), which holds QEMU's own downtime (whole ms,
     // until the source's last byte) when the destination resumed after that byte by their
