@@ -93,14 +93,13 @@ fn main() {
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    let node = match &cli.command {
-        cli::Command::Serve(a) => Some(&a.agent),
-        cli::Command::Agent(a) => Some(&a.agent),
+    let control = match &cli.command {
+        cli::Command::Serve(a) => Some((a.agent.control_priority, a.agent.control_nice)),
+        cli::Command::Agent(a) => Some((a.agent.control_priority, a.agent.control_nice)),
         _ => None,
     };
-    if let Some(node) = node
-        && let Err(e) =
-            control_threads::install(&mut builder, node.control_priority, node.control_nice)
+    if let Some((priority, nice)) = control
+        && let Err(e) = control_threads::install(&mut builder, priority, nice)
     {
         eprintln!("error: {e}");
         std::process::exit(2);
