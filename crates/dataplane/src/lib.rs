@@ -10,6 +10,7 @@ pub use error::{Error, Result};
 pub mod afpacket;
 pub mod bench;
 pub mod capture;
+pub mod doorbell;
 pub mod firewall;
 pub mod graph;
 pub mod hist;

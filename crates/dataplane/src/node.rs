@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::doorbell::Doorbell;
 use crate::pool::{Packet, Pool, PoolCache};
 use crate::ring::{Consumer, Producer};
 
@@ -133,6 +134,8 @@ pub struct TxLink {
     pub ring: Producer<Packet>,
     /// The link's counters.
     pub counters: Arc<LinkCounters>,
+    /// The doorbell of the worker that polls the link's receiving end, rung after each push.
+    pub bell: Arc<Doorbell>,
 }
 
 /// One port's link ends: at most one outgoing link, and incoming rings (more than one only
@@ -285,6 +288,9 @@ impl<'a> NodeIo<'a> {
         let bytes: usize = pkts.iter().map(Packet::len).sum();
         let total = pkts.len();
         let sent = tx.ring.push_from(pkts);
+        if sent > 0 {
+            tx.bell.ring();
+        }
         let sent_bytes = if sent == total {
             bytes
         } else {

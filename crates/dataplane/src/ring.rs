@@ -358,6 +358,16 @@ impl<T: RingItem> Consumer<T> {
         self.len() == 0
     }
 
+    /// True when the producer published items since this end last read its index: work a
+    /// worker about to sleep must not sleep through. Items that sat there already (a reader
+    /// held back by a full link downstream) do not count.
+    pub fn has_new_items(&mut self) -> bool {
+        let head = self.shared.head().load(Ordering::Acquire);
+        let new = head != self.cached_head;
+        self.cached_head = head;
+        new
+    }
+
     /// True once the producer has been dropped (items may still be queued).
     pub fn is_closed(&self) -> bool {
         self.shared.closed().load(Ordering::Acquire) != 0

@@ -1268,6 +1268,7 @@ mod tests {
                 tx: Some(TxLink {
                     ring: tx,
                     counters: Arc::new(LinkCounters::default()),
+                    bell: Arc::default(),
                 }),
                 rx: vec![RxLink {
                     serial: 1,

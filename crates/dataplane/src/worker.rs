@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::doorbell::Doorbell;
 use crate::error::{Error, Result};
 use crate::node::{Node, NodeCounters, NodeIo, PortIo, RxLink, TxLink};
 use crate::pool::{Packet, Pool, PoolCache};
@@ -85,7 +86,9 @@ pub struct WorkerConfig {
     /// How long a worker that is not busy polling polls on without sleeping after its last
     /// work.
     pub idle_spin: Duration,
-    /// Sleep between idle rounds once `idle_spin` has passed, when not busy polling.
+    /// Sleep between idle rounds once `idle_spin` has passed, when not busy polling; a packet
+    /// pushed onto one of the worker's incoming links, or a command, ends it sooner (the
+    /// worker's [`Doorbell`]).
     pub idle_sleep: Duration,
 }
 
@@ -181,6 +184,9 @@ struct Ctl {
     pending: AtomicBool,
     cmds: Mutex<Vec<Cmd>>,
     rounds: AtomicU64,
+    /// What a sleeping worker waits on: rung by packets pushed onto its incoming links and
+    /// by commands.
+    bell: Arc<Doorbell>,
     /// The worker thread has ended (stopped, or a node panicked): commands sent from then on
     /// are dropped at once, so a caller waiting for an answer sees its channel close.
     gone: AtomicBool,
@@ -271,11 +277,18 @@ impl Worker {
 
     pub(crate) fn set_busy_poll(&self, busy: bool) {
         self.ctl.busy.store(busy, Ordering::Relaxed);
+        // A sleeping worker starts polling now, not when its sleep ends.
+        self.ctl.bell.ring();
     }
 
     /// Polling rounds done so far (a liveness signal).
     pub fn rounds(&self) -> u64 {
         self.ctl.rounds.load(Ordering::Relaxed)
+    }
+
+    /// The worker's doorbell (senders onto its incoming links ring it).
+    pub fn doorbell(&self) -> &Arc<Doorbell> {
+        &self.ctl.bell
     }
 
     /// Queues `cmds` for the worker; a worker that has ended drops them (their answer
@@ -287,6 +300,8 @@ impl Worker {
         }
         q.extend(cmds);
         self.ctl.pending.store(true, Ordering::Release);
+        drop(q);
+        self.ctl.bell.ring();
     }
 
     /// Asks the worker to answer once every command sent so far has been applied: the answer
@@ -306,6 +321,7 @@ impl Worker {
     /// Stop the thread and drop its nodes.
     pub fn stop(&mut self) {
         self.ctl.stop.store(true, Ordering::Release);
+        self.ctl.bell.ring();
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -400,6 +416,15 @@ fn retire_drained(slots: &mut [Slot]) -> bool {
     pending
 }
 
+/// Whether any incoming ring of the worker's nodes got packets since it last looked.
+fn has_new_input(slots: &mut [Slot]) -> bool {
+    slots.iter_mut().any(|s| {
+        s.ports
+            .iter_mut()
+            .any(|p| p.rx.iter_mut().any(|l| l.ring.has_new_items()))
+    })
+}
+
 fn port_of(slots: &mut [Slot], id: u64, port: usize) -> Option<&mut PortIo> {
     slots
         .iter_mut()
@@ -444,7 +469,11 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
             backoff.reset();
             std::hint::spin_loop();
         } else if backoff.sleep_after_idle_round(Instant::now()) {
-            std::thread::sleep(cfg.idle_sleep);
+            ctl.bell.sleep(cfg.idle_sleep, || {
+                ctl.pending.load(Ordering::Acquire)
+                    || ctl.stop.load(Ordering::Acquire)
+                    || has_new_input(&mut slots)
+            });
         } else {
             std::hint::spin_loop();
         }

@@ -3,9 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use telvirt_dataplane::firewall::{Action, Firewall, Rule};
 use telvirt_dataplane::graph::LinkSpec;
@@ -809,5 +809,81 @@ fn an_overfilling_generator_loses_what_the_link_cannot_hold_and_the_link_counts_
         stats.elapsed_ns.load(Ordering::Relaxed) > 0,
         "the time it took is kept"
     );
+    p.shutdown();
+}
+
+/// Sends one packet each time `asked` grows past what it sent.
+struct OnRequest {
+    asked: Arc<AtomicU64>,
+    sent: u64,
+}
+
+impl Node for OnRequest {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        if self.asked.load(Ordering::Acquire) <= self.sent {
+            return 0;
+        }
+        let Some(mut pkt) = io.alloc() else { return 0 };
+        io.pool().write(&mut pkt, &[0u8; 64]);
+        io.send(0, &mut vec![pkt]);
+        self.sent += 1;
+        1
+    }
+}
+
+/// Counts what reaches it.
+struct Counted(Arc<AtomicU64>);
+
+impl Node for Counted {
+    fn poll(&mut self, io: &mut NodeIo<'_>) -> usize {
+        let mut buf = Vec::new();
+        let n = io.recv(0, &mut buf, 32);
+        io.free_all(&mut buf);
+        self.0.fetch_add(n as u64, Ordering::Release);
+        n
+    }
+}
+
+/// A packet pushed onto a link into a worker that sleeps wakes it: it arrives long before
+/// the worker's 5 s sleep would have ended, every time.
+#[test]
+fn a_packet_into_a_sleeping_worker_wakes_it() {
+    let pool = Arc::new(Pool::new("bell", 64, 2048).unwrap());
+    let sleep = Duration::from_secs(5);
+    let workers = vec![
+        WorkerConfig {
+            busy_poll: true,
+            ..WorkerConfig::new("sends", None)
+        },
+        WorkerConfig {
+            idle_spin: Duration::ZERO,
+            idle_sleep: sleep,
+            ..WorkerConfig::new("sleeps", None)
+        },
+    ];
+    let mut p = PatchPanel::new(Arc::clone(&pool), workers, 64).unwrap();
+    let asked = Arc::new(AtomicU64::new(0));
+    let got = Arc::new(AtomicU64::new(0));
+    let source = OnRequest {
+        asked: Arc::clone(&asked),
+        sent: 0,
+    };
+    p.add_node("one", &["out"], 0, Box::new(source)).unwrap();
+    p.add_node("count", &["in"], 1, Box::new(Counted(Arc::clone(&got))))
+        .unwrap();
+    p.apply(&links(&["one.out -> count.in"])).unwrap();
+    let bell = Arc::clone(p.workers()[1].doorbell());
+    for i in 1..=3 {
+        wait_for("the receiving worker asleep", 10, || bell.is_asleep());
+        let t0 = Instant::now();
+        asked.store(i, Ordering::Release);
+        wait_for("the packet", 10, || got.load(Ordering::Acquire) == i);
+        assert!(
+            t0.elapsed() < sleep / 5,
+            "packet {i} took {:?}: it waited out the sleep",
+            t0.elapsed()
+        );
+    }
+    assert!(bell.wakes() >= 3, "{} wakes", bell.wakes());
     p.shutdown();
 }
