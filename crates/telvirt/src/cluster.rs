@@ -43,6 +43,9 @@ const READY_PATIENCE: Duration = Duration::from_secs(60);
 const STOP_PATIENCE: Duration = Duration::from_secs(10);
 /// How often starting processes are polled.
 const POLL: Duration = Duration::from_millis(100);
+/// How long a process's command line may read empty while it execs before it counts as
+/// another program's.
+const EXEC_PATIENCE: Duration = Duration::from_secs(2);
 /// Environment variables that would send the cluster's own loopback and bridge traffic to a
 /// proxy: removed from the processes `up` starts.
 const PROXY_VARS: [&str; 6] = [
@@ -1059,7 +1062,7 @@ fn left_in_sessions(sessions: &[u32], marker: &str) -> Vec<(u32, String)> {
             if !in_one || !runs(state) {
                 return None;
             }
-            let command = telvirt_files::proc::command_line(id)?;
+            let command = command_line_past_exec(id)?;
             command.contains(marker).then_some((pid, command))
         })
         .collect()
@@ -1081,7 +1084,28 @@ fn ours(pid: u32, marker: &str) -> bool {
         return false;
     };
     telvirt_files::proc::state_and_session(pid).is_some_and(|(state, _)| runs(state))
-        && telvirt_files::proc::command_line(pid).is_some_and(|c| c.contains(marker))
+        && command_line_past_exec(pid).is_some_and(|c| c.contains(marker))
+}
+
+/// Process `pid`'s command line, waiting up to [`EXEC_PATIENCE`] while it reads empty: a
+/// process in the middle of an exec (an agent's `ip netns exec` turning into telvirt) shows no
+/// arguments until its new program's are in place, and taken for another process it would be
+/// left running. `None` when it is gone; empty after the wait (a kernel thread's).
+fn command_line_past_exec(pid: i32) -> Option<String> {
+    past_exec(|| telvirt_files::proc::command_line(pid), EXEC_PATIENCE)
+}
+
+/// What `read` gives once it gives something other than an empty line, or the empty line
+/// after `patience`; `None` as soon as it gives none.
+fn past_exec(mut read: impl FnMut() -> Option<String>, patience: Duration) -> Option<String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let line = read()?;
+        if !line.is_empty() || Instant::now() >= deadline {
+            return Some(line);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Whether a process in `state` runs: neither a zombie nor dead.
@@ -1249,6 +1273,28 @@ mod tests {
         );
         outsider.kill().unwrap();
         let _ = outsider.wait();
+    }
+
+    /// A command line that reads empty for a moment (a process in the middle of an exec) is
+    /// read again until it shows; one that stays empty is given up on; a process gone is gone.
+    #[test]
+    fn a_command_line_read_mid_exec_is_read_again() {
+        let mut reads = vec![
+            Some("telvirt agent --data-dir /c/h1/data".to_owned()),
+            Some(String::new()),
+            Some(String::new()),
+        ];
+        let line = past_exec(|| reads.pop().flatten(), Duration::from_secs(10));
+        assert_eq!(line.as_deref(), Some("telvirt agent --data-dir /c/h1/data"));
+        assert!(reads.is_empty(), "{reads:?}");
+        let t0 = Instant::now();
+        let patience = Duration::from_millis(20);
+        assert_eq!(
+            past_exec(|| Some(String::new()), patience).as_deref(),
+            Some("")
+        );
+        assert!(t0.elapsed() >= patience);
+        assert_eq!(past_exec(|| None, Duration::from_secs(10)), None);
     }
 
     #[test]
