@@ -36,6 +36,14 @@ impl ControlClass {
             ControlClass::Nice(nice) => sched_nice(nice),
         }
     }
+
+    /// The option that asks for it, with its value (`--control-nice -5`).
+    fn option(self) -> String {
+        match self {
+            ControlClass::Fifo(priority) => format!("--control-priority {priority}"),
+            ControlClass::Nice(nice) => format!("--control-nice {nice}"),
+        }
+    }
 }
 
 /// How a node's `--control-priority` and `--control-nice` (`priority`, `nice`) schedule its
@@ -77,16 +85,6 @@ pub fn install(
     }
 }
 
-impl ControlClass {
-    /// The option that asks for it, with its value (`--control-nice -5`).
-    fn option(self) -> String {
-        match self {
-            ControlClass::Fifo(priority) => format!("--control-priority {priority}"),
-            ControlClass::Nice(nice) => format!("--control-nice {nice}"),
-        }
-    }
-}
-
 impl std::fmt::Display for ControlClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -96,43 +94,19 @@ impl std::fmt::Display for ControlClass {
     }
 }
 
-/// `struct sched_attr` of `sched_setattr(2)` (its first version, 56 bytes).
-#[repr(C)]
-struct SchedAttr {
-    size: u32,
-    sched_policy: u32,
-    sched_flags: u64,
-    sched_nice: i32,
-    sched_priority: u32,
-    sched_runtime: u64,
-    sched_deadline: u64,
-    sched_period: u64,
-    sched_util_min: u32,
-    sched_util_max: u32,
-}
-
-/// `SCHED_FLAG_RESET_ON_FORK` of `sched_setattr(2)`.
-const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
-
 /// Gives the calling thread SCHED_OTHER at `nice`, reset on fork (a negative nice is not
 /// passed on to the threads and processes it starts).
 fn sched_nice(nice: i8) -> std::io::Result<()> {
-    let attr = SchedAttr {
-        size: std::mem::size_of::<SchedAttr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
-        sched_flags: SCHED_FLAG_RESET_ON_FORK,
-        sched_nice: i32::from(nice),
-        sched_priority: 0,
-        sched_runtime: 0,
-        sched_deadline: 0,
-        sched_period: 0,
-        sched_util_min: 0,
-        sched_util_max: 0,
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: valid pointer to an initialised sched_param; thread 0 is the calling thread.
+    let rc = unsafe {
+        libc::sched_setscheduler(0, libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK, &param)
     };
-    // SAFETY: `attr` is a valid, initialised sched_attr of the size it states; the kernel only
-    // reads it. Thread 0 is the calling thread.
-    let rc = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
     if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a plain system call; on Linux `PRIO_PROCESS` 0 is the calling thread.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, i32::from(nice)) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

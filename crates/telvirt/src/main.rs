@@ -93,13 +93,14 @@ fn main() {
         .init();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    let control = match &cli.command {
-        cli::Command::Serve(a) => Some((a.agent.control_priority, a.agent.control_nice)),
-        cli::Command::Agent(a) => Some((a.agent.control_priority, a.agent.control_nice)),
+    let node = match &cli.command {
+        cli::Command::Serve(a) => Some(&a.agent),
+        cli::Command::Agent(a) => Some(&a.agent),
         _ => None,
     };
-    if let Some((priority, nice)) = control
-        && let Err(e) = control_threads::install(&mut builder, priority, nice)
+    if let Some(node) = node
+        && let Err(e) =
+            control_threads::install(&mut builder, node.control_priority, node.control_nice)
     {
         eprintln!("error: {e}");
         std::process::exit(2);
