@@ -4,20 +4,32 @@
 //!
 //! Owns the sleep and the wake-up; must not decide when a worker sleeps (the
 //! [`crate::worker`] does) nor know about rings or nodes. A missed ring costs at most the
-//! sleep's timeout, never a packet: the worker polls again when it ends.
+//! sleep's timeout, never a packet: the worker polls again when it ends. The futex is private
+//! to this process: a ring shared with another process could not ring it.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const AWAKE: u32 = 0;
 const ASLEEP: u32 = 1;
 
-/// The futex word of one worker: [`ASLEEP`] while it waits on it.
+/// The futex word of one worker: [`ASLEEP`] while it waits on it. On a cache line of its own:
+/// senders read it after every push, and only its worker writes it (falling asleep, waking).
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct Doorbell {
     state: AtomicU32,
-    /// Rings that woke a sleeping worker (a system call each).
+    /// Rings that found the worker asleep (one `FUTEX_WAKE` system call each).
     wakes: AtomicU64,
+}
+
+/// What became of one wait on the futex.
+#[derive(Debug, PartialEq, Eq)]
+enum Waited {
+    /// Woken, timed out, interrupted, or the word had changed already: look at the word.
+    Returned,
+    /// The system call failed otherwise (a seccomp filter refusing futex, say).
+    Failed,
 }
 
 impl Doorbell {
@@ -36,7 +48,9 @@ impl Doorbell {
     }
 
     /// Sleeps up to `timeout` unless `has_work` (asked after the worker has marked itself
-    /// asleep) finds work, or until [`Doorbell::ring`]. Returns whether it slept.
+    /// asleep) finds work, or until [`Doorbell::ring`]. A wait the kernel ends early without a
+    /// ring (a signal) waits on; should the futex fail, the rest is slept without it. Returns
+    /// whether it slept.
     pub fn sleep(&self, timeout: Duration, has_work: impl FnOnce() -> bool) -> bool {
         self.state.store(ASLEEP, Ordering::Relaxed);
         fence(Ordering::SeqCst);
@@ -44,12 +58,22 @@ impl Doorbell {
             self.state.store(AWAKE, Ordering::Relaxed);
             return false;
         }
-        futex_wait(&self.state, ASLEEP, timeout);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.state.load(Ordering::Acquire) != ASLEEP {
+                break;
+            }
+            if futex_wait(&self.state, ASLEEP, left) == Waited::Failed {
+                std::thread::sleep(left);
+                break;
+            }
+        }
         self.state.store(AWAKE, Ordering::Relaxed);
         true
     }
 
-    /// How many rings woke the worker so far.
+    /// How many rings found the worker asleep so far.
     pub fn wakes(&self) -> u64 {
         self.wakes.load(Ordering::Relaxed)
     }
@@ -60,17 +84,16 @@ impl Doorbell {
     }
 }
 
-/// Waits while `word` holds `expected`, at most `timeout` (a ring, a signal or a spurious
-/// wake-up ends it sooner; the caller polls either way).
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+/// Waits while `word` holds `expected`, at most `timeout`.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) -> Waited {
     let ts = libc::timespec {
         tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-        tv_nsec: libc::c_long::from(timeout.subsec_nanos()),
+        // Below 10^9: fits every c_long.
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
     };
     // SAFETY: `word` is a valid, aligned u32 for the call's duration; `ts` outlives it. The
-    // kernel only reads both. Errors (EAGAIN: the word changed; EINTR; ETIMEDOUT) all mean
-    // "poll again".
-    unsafe {
+    // kernel only reads both.
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
@@ -79,13 +102,21 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
             &ts as *const libc::timespec,
             std::ptr::null::<u32>(),
             0u32,
-        );
+        )
+    };
+    if rc == 0 {
+        return Waited::Returned;
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::EAGAIN | libc::EINTR | libc::ETIMEDOUT) => Waited::Returned,
+        _ => Waited::Failed,
     }
 }
 
 /// Wakes one thread waiting on `word`.
 fn futex_wake(word: &AtomicU32) {
-    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE reads nothing else.
+    // SAFETY: `word` is a valid, aligned u32; FUTEX_WAKE reads nothing else. A failure leaves
+    // the worker to wake at its timeout.
     unsafe {
         libc::syscall(
             libc::SYS_futex,

@@ -134,8 +134,9 @@ pub struct TxLink {
     pub ring: Producer<Packet>,
     /// The link's counters.
     pub counters: Arc<LinkCounters>,
-    /// The doorbell of the worker that polls the link's receiving end, rung after each push.
-    pub bell: Arc<Doorbell>,
+    /// The doorbell of the worker that polls the link's receiving end, rung after each push;
+    /// `None` when that is the sending worker itself (awake while it sends).
+    pub bell: Option<Arc<Doorbell>>,
 }
 
 /// One port's link ends: at most one outgoing link, and incoming rings (more than one only
@@ -288,8 +289,10 @@ impl<'a> NodeIo<'a> {
         let bytes: usize = pkts.iter().map(Packet::len).sum();
         let total = pkts.len();
         let sent = tx.ring.push_from(pkts);
-        if sent > 0 {
-            tx.bell.ring();
+        if sent > 0
+            && let Some(bell) = &tx.bell
+        {
+            bell.ring();
         }
         let sent_bytes = if sent == total {
             bytes

@@ -277,7 +277,7 @@ impl PatchPanel {
                 tx: TxLink {
                     ring: producer,
                     counters: Arc::clone(&counters),
-                    bell: Arc::clone(self.workers[dw].doorbell()),
+                    bell: (sw != dw).then(|| Arc::clone(self.workers[dw].doorbell())),
                 },
             });
             self.links.insert(

@@ -1268,7 +1268,7 @@ mod tests {
                 tx: Some(TxLink {
                     ring: tx,
                     counters: Arc::new(LinkCounters::default()),
-                    bell: Arc::default(),
+                    bell: None,
                 }),
                 rx: vec![RxLink {
                     serial: 1,

@@ -472,6 +472,7 @@ fn run(cfg: &WorkerConfig, ctl: &Ctl, pool: &Pool) {
             ctl.bell.sleep(cfg.idle_sleep, || {
                 ctl.pending.load(Ordering::Acquire)
                     || ctl.stop.load(Ordering::Acquire)
+                    || ctl.busy.load(Ordering::Relaxed)
                     || has_new_input(&mut slots)
             });
         } else {
@@ -558,6 +559,35 @@ mod tests {
             rounds <= bound,
             "{rounds} rounds: it did not sleep again (at most {bound})"
         );
+    }
+
+    /// Busy polling switched on wakes a worker in a long sleep: it polls at once, not when
+    /// its sleep ends.
+    #[test]
+    fn busy_polling_switched_on_wakes_a_sleeping_worker() {
+        let pool = Arc::new(Pool::new("w", 4, 64).unwrap());
+        let config = WorkerConfig {
+            idle_spin: Duration::ZERO,
+            idle_sleep: Duration::from_secs(5),
+            ..WorkerConfig::new("wakes", None)
+        };
+        let w = Worker::spawn(config, pool).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.doorbell().is_asleep() {
+            assert!(Instant::now() < deadline, "the worker never slept");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (r0, t0) = (w.rounds(), Instant::now());
+        w.set_busy_poll(true);
+        while w.rounds() < r0 + 1000 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(1),
+                "{} rounds in {:?}: still asleep",
+                w.rounds() - r0,
+                t0.elapsed()
+            );
+            std::thread::yield_now();
+        }
     }
 
     #[test]
