@@ -1464,13 +1464,15 @@ impl Inner {
         }
     }
 
-    /// Reports the VNF Failed with `reason`; its start is not retried in this generation.
+    /// Reports the VNF Failed with `reason`; once the controller has that, its start is not
+    /// retried in this generation. Marked only after the report went through: should it not
+    /// (no leader during a controller's failover), the step fails and its retry tries again;
+    /// marked first, the retry would find nothing to do and leave the VNF Starting for good.
     async fn fail(&self, a: &Assignment, reason: String) -> Result<(), AgentError> {
-        {
-            let mut known = self.known.lock().await;
-            known.entry(a.vnf.clone()).or_default().failed_generation = Some(a.generation);
-        }
-        self.report(a, Phase::Failed, reason).await
+        self.report(a, Phase::Failed, reason).await?;
+        let mut known = self.known.lock().await;
+        known.entry(a.vnf.clone()).or_default().failed_generation = Some(a.generation);
+        Ok(())
     }
 
     /// [`Inner::fail`] for an operation worth trying again (stop, pause, resume): the step
@@ -1706,6 +1708,62 @@ mod tests {
             tokio::time::sleep(max_wait).await;
             true
         }
+    }
+
+    /// A link whose first report fails as a controller that died mid-call does.
+    #[derive(Default)]
+    struct FirstReportLost {
+        calls: AtomicU32,
+        told: std::sync::Mutex<Vec<(Phase, String)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl ControlLink for FirstReportLost {
+        async fn assignments(&self, _host: &str) -> Result<Vec<Assignment>, LinkError> {
+            Ok(Vec::new())
+        }
+        async fn report(&self, _host: &str, o: Observation) -> Result<(), LinkError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Err(LinkError::Transport("connection reset".into()));
+            }
+            self.told
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((o.phase, o.reason));
+            Ok(())
+        }
+        async fn wait_for_change(&self, max_wait: Duration) -> bool {
+            tokio::time::sleep(max_wait).await;
+            true
+        }
+    }
+
+    /// A failed start whose Failed report did not reach the controller is not marked failed:
+    /// its retry starts (and reports) again instead of doing nothing for the generation.
+    #[tokio::test]
+    async fn a_failure_the_controller_did_not_hear_leaves_the_start_to_be_retried() {
+        let link = Arc::new(FirstReportLost::default());
+        let agent = Agent::new("h1", Vec::new(), link.clone(), std::env::temp_dir());
+        let a = crate::fencing::tests::assignment(Role::Active, false, 0);
+        let failed = |agent: &Agent| {
+            let (inner, vnf) = (Arc::clone(&agent.inner), a.vnf.clone());
+            async move {
+                inner
+                    .known
+                    .lock()
+                    .await
+                    .get(&vnf)
+                    .and_then(|k| k.failed_generation)
+            }
+        };
+        assert!(agent.inner.fail(&a, "module fetch".into()).await.is_err());
+        assert_eq!(failed(&agent).await, None, "marked failed, nothing told");
+        agent.inner.fail(&a, "module fetch".into()).await.unwrap();
+        assert_eq!(failed(&agent).await, Some(a.generation));
+        assert_eq!(
+            *link.told.lock().unwrap(),
+            [(Phase::Failed, "module fetch".to_owned())]
+        );
     }
 
     /// A link that records what each heartbeat said.
