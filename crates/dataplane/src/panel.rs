@@ -289,12 +289,12 @@ impl PatchPanel {
                 },
             );
         }
-        for (w, cmds) in rx_cmds.into_iter().enumerate() {
-            if !cmds.is_empty() {
-                self.workers[w].send(cmds);
-            }
-        }
-        for (w, cmds) in per_worker.into_iter().enumerate() {
+        // One batch per worker, its receiving ends first: a worker applies a batch whole
+        // before it polls again, so a node never takes packets from a new incoming link while
+        // its new outgoing link is still on the way (it would drop them as unlinked; a worker
+        // woken by the first of two sends made that window real).
+        for (w, (mut cmds, tx)) in rx_cmds.into_iter().zip(per_worker).enumerate() {
+            cmds.extend(tx);
             if !cmds.is_empty() {
                 self.workers[w].send(cmds);
             }
