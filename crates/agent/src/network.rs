@@ -2003,7 +2003,11 @@ mod tests {
         assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
     }
 
-    const TWO_LANES: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: l2 }\nspec:\n  nodes:\n    - { name: slow, kind: generator, rate_pps: 500 }\n    - { name: fast, kind: generator, rate_pps: 20000 }\n    - { name: sink1, kind: sink }\n    - { name: sink2, kind: sink }\n  links:\n    - slow.out -> sink1.in\n    - fast.out -> sink2.in\n";
+    /// Two generator-to-sink lanes, one faster than the other. The fast lane stays slow enough
+    /// that a sink stalled for half a second under a loaded machine does not overflow its
+    /// tunnel's queue and ring (512 + 1,024 frames): a test counting that lane's drops counts
+    /// only misplaced ones (at 20 kpps, a 122 ms stall in CI dropped 1,656 frames).
+    const TWO_LANES: &str = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: l2 }\nspec:\n  nodes:\n    - { name: slow, kind: generator, rate_pps: 500 }\n    - { name: fast, kind: generator, rate_pps: 2000 }\n    - { name: sink1, kind: sink }\n    - { name: sink2, kind: sink }\n  links:\n    - slow.out -> sink1.in\n    - fast.out -> sink2.in\n";
 
     /// A reconciler of host `name` with a tunnel endpoint on loopback, and its address.
     fn tunnel_host(name: &str) -> (NetworkReconciler, String) {
