@@ -3,6 +3,7 @@
 //! open files. Reads only; it must never signal or change a process.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// One process as `/proc/<pid>/stat` tells it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -117,6 +118,38 @@ pub fn command_line(pid: i32) -> Option<String> {
     )
 }
 
+/// Whether a process in `state` runs: neither a zombie nor dead.
+pub fn runs(state: char) -> bool {
+    !matches!(state, 'Z' | 'X')
+}
+
+/// Process `pid`'s command line while it runs, waiting up to `patience` while it reads empty:
+/// a process in the middle of an exec (`ip netns exec` turning into the program it starts)
+/// shows no arguments until its new program's are in place. `None` once it is gone or a
+/// zombie (checked at every read); empty after the wait (a kernel thread's).
+pub fn running_command_line(pid: i32, patience: Duration) -> Option<String> {
+    read_past_exec(
+        || {
+            let (state, _) = state_and_session(pid)?;
+            runs(state).then(|| command_line(pid)).flatten()
+        },
+        patience,
+    )
+}
+
+/// What `read` gives once it gives something other than an empty line, or the empty line
+/// after `patience`; `None` as soon as it gives none.
+fn read_past_exec(mut read: impl FnMut() -> Option<String>, patience: Duration) -> Option<String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        let line = read()?;
+        if !line.is_empty() || Instant::now() >= deadline {
+            return Some(line);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// The threads of process `pid` with their scheduling times (empty when it is gone).
 pub fn threads(pid: i32) -> Vec<ThreadTimes> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -209,6 +242,52 @@ fn page_size() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A command line that reads empty for a moment (a process in the middle of an exec) is
+    /// read again until it shows; one that stays empty is given up on; a process gone (or a
+    /// zombie) is gone.
+    #[test]
+    fn a_command_line_read_mid_exec_is_read_again() {
+        let mut reads = vec![
+            Some("telvirt agent --data-dir /c/h1/data".to_owned()),
+            Some(String::new()),
+            Some(String::new()),
+        ];
+        let line = read_past_exec(|| reads.pop().flatten(), Duration::from_secs(10));
+        assert_eq!(line.as_deref(), Some("telvirt agent --data-dir /c/h1/data"));
+        assert!(reads.is_empty(), "{reads:?}");
+        let t0 = Instant::now();
+        let patience = Duration::from_millis(20);
+        assert_eq!(
+            read_past_exec(|| Some(String::new()), patience).as_deref(),
+            Some("")
+        );
+        assert!(t0.elapsed() >= patience);
+        let t0 = Instant::now();
+        let mut reads = vec![None, Some(String::new())];
+        assert_eq!(
+            read_past_exec(|| reads.pop().flatten(), Duration::from_secs(10)),
+            None
+        );
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    /// A zombie has no running command line (at once, not after the patience); this process has.
+    #[test]
+    fn a_zombie_has_no_running_command_line() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while state_and_session(pid).is_some_and(|(s, _)| runs(s)) {
+            assert!(Instant::now() < deadline, "`true` never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let t0 = Instant::now();
+        assert_eq!(running_command_line(pid, Duration::from_secs(10)), None);
+        assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+        child.wait().unwrap();
+        assert!(running_command_line(me(), Duration::from_secs(1)).is_some_and(|c| !c.is_empty()));
+    }
 
     fn me() -> i32 {
         std::process::id() as i32

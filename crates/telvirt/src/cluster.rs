@@ -1059,7 +1059,7 @@ fn left_in_sessions(sessions: &[u32], marker: &str) -> Vec<(u32, String)> {
             let pid = u32::try_from(id).ok()?;
             let (state, session) = telvirt_files::proc::state_and_session(id)?;
             let in_one = u32::try_from(session).is_ok_and(|s| sessions.contains(&s));
-            if !in_one || !runs(state) {
+            if !in_one || !telvirt_files::proc::runs(state) {
                 return None;
             }
             let command = command_line_past_exec(id)?;
@@ -1083,34 +1083,14 @@ fn ours(pid: u32, marker: &str) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    telvirt_files::proc::state_and_session(pid).is_some_and(|(state, _)| runs(state))
-        && command_line_past_exec(pid).is_some_and(|c| c.contains(marker))
+    command_line_past_exec(pid).is_some_and(|c| c.contains(marker))
 }
 
-/// Process `pid`'s command line, waiting up to [`EXEC_PATIENCE`] while it reads empty: a
-/// process in the middle of an exec (an agent's `ip netns exec` turning into telvirt) shows no
-/// arguments until its new program's are in place, and taken for another process it would be
-/// left running. `None` when it is gone; empty after the wait (a kernel thread's).
+/// Process `pid`'s command line while it runs, waiting up to [`EXEC_PATIENCE`] while it
+/// reads empty (an agent's `ip netns exec` turning into telvirt): taken for another process it
+/// would be left running.
 fn command_line_past_exec(pid: i32) -> Option<String> {
-    past_exec(|| telvirt_files::proc::command_line(pid), EXEC_PATIENCE)
-}
-
-/// What `read` gives once it gives something other than an empty line, or the empty line
-/// after `patience`; `None` as soon as it gives none.
-fn past_exec(mut read: impl FnMut() -> Option<String>, patience: Duration) -> Option<String> {
-    let deadline = Instant::now() + patience;
-    loop {
-        let line = read()?;
-        if !line.is_empty() || Instant::now() >= deadline {
-            return Some(line);
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Whether a process in `state` runs: neither a zombie nor dead.
-fn runs(state: char) -> bool {
-    !matches!(state, 'Z' | 'X')
+    telvirt_files::proc::running_command_line(pid, EXEC_PATIENCE)
 }
 
 /// Starts `command` in a session of its own (it outlives `up` and its terminal), with stdin
@@ -1273,28 +1253,6 @@ mod tests {
         );
         outsider.kill().unwrap();
         let _ = outsider.wait();
-    }
-
-    /// A command line that reads empty for a moment (a process in the middle of an exec) is
-    /// read again until it shows; one that stays empty is given up on; a process gone is gone.
-    #[test]
-    fn a_command_line_read_mid_exec_is_read_again() {
-        let mut reads = vec![
-            Some("telvirt agent --data-dir /c/h1/data".to_owned()),
-            Some(String::new()),
-            Some(String::new()),
-        ];
-        let line = past_exec(|| reads.pop().flatten(), Duration::from_secs(10));
-        assert_eq!(line.as_deref(), Some("telvirt agent --data-dir /c/h1/data"));
-        assert!(reads.is_empty(), "{reads:?}");
-        let t0 = Instant::now();
-        let patience = Duration::from_millis(20);
-        assert_eq!(
-            past_exec(|| Some(String::new()), patience).as_deref(),
-            Some("")
-        );
-        assert!(t0.elapsed() >= patience);
-        assert_eq!(past_exec(|| None, Duration::from_secs(10)), None);
     }
 
     #[test]
