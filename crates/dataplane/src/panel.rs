@@ -235,7 +235,11 @@ impl PatchPanel {
             let (p, c) = ring::channel::<Packet>(&l.to_string(), self.ring_capacity)?;
             fresh.push((l.clone(), p, c));
         }
-        let mut per_worker: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
+        // One batch per worker: a worker applies a batch whole before it polls again, so a
+        // node never takes packets from a new incoming link while its new outgoing link is
+        // still on the way (it would drop them as unlinked; a worker woken by the first of two
+        // sends made that window real). Old sending ends go before new ones on the same port.
+        let mut batches: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
         for l in &removed {
             let (id, w, port) = self.locate(&l.from);
             // Incoming links of the same node removed in this change: the node forwards what
@@ -245,7 +249,7 @@ impl PatchPanel {
                 .filter(|r| r.to.node == l.from.node)
                 .filter_map(|r| self.links.get(&r.from).map(|x| x.serial))
                 .collect();
-            per_worker[w].push(Cmd::DetachTx { id, port, after });
+            batches[w].push(Cmd::DetachTx { id, port, after });
         }
         for l in &removed {
             if let Some(gone) = self.links.remove(&l.from) {
@@ -255,12 +259,11 @@ impl PatchPanel {
                 self.retired.insert(l.clone(), gone.counters);
             }
         }
-        let mut rx_cmds: Vec<Vec<Cmd>> = (0..self.workers.len()).map(|_| Vec::new()).collect();
         for (l, producer, consumer) in fresh {
             let (did, dw, dport) = self.locate(&l.to);
             let serial = self.next_id;
             self.next_id += 1;
-            rx_cmds[dw].push(Cmd::AttachRx {
+            batches[dw].push(Cmd::AttachRx {
                 id: did,
                 port: dport,
                 serial,
@@ -271,7 +274,7 @@ impl PatchPanel {
                 .remove(&l)
                 .unwrap_or_else(|| Arc::new(LinkCounters::starting_now()));
             let (sid, sw, sport) = self.locate(&l.from);
-            per_worker[sw].push(Cmd::AttachTx {
+            batches[sw].push(Cmd::AttachTx {
                 id: sid,
                 port: sport,
                 tx: TxLink {
@@ -289,12 +292,7 @@ impl PatchPanel {
                 },
             );
         }
-        // One batch per worker, its receiving ends first: a worker applies a batch whole
-        // before it polls again, so a node never takes packets from a new incoming link while
-        // its new outgoing link is still on the way (it would drop them as unlinked; a worker
-        // woken by the first of two sends made that window real).
-        for (w, (mut cmds, tx)) in rx_cmds.into_iter().zip(per_worker).enumerate() {
-            cmds.extend(tx);
+        for (w, cmds) in batches.into_iter().enumerate() {
             if !cmds.is_empty() {
                 self.workers[w].send(cmds);
             }
