@@ -35,12 +35,20 @@ pub enum AgentError {
     Discovery(String),
     #[error("controller link: {0}")]
     Link(String),
+    /// A call the controller could not serve now ([`LinkError::is_transient`]): the same
+    /// call may succeed later.
+    #[error("controller link: {0}")]
+    LinkUnavailable(String),
     #[error("data plane: {0}")]
     DataPlane(String),
 }
 
 impl From<LinkError> for AgentError {
     fn from(e: LinkError) -> Self {
-        Self::Link(e.to_string())
+        if e.is_transient() {
+            Self::LinkUnavailable(e.to_string())
+        } else {
+            Self::Link(e.to_string())
+        }
     }
 }

@@ -1538,6 +1538,26 @@ impl Inner {
     }
 
     async fn start(&self, a: &Assignment, spec: &InstanceSpec, runtime: &dyn Runtime) -> Step {
+        // The module first (nothing to do when it is kept already): a retried fetch says so
+        // in its reason alone, not alternating with "starting".
+        if let (Some(cache), Some(wasm)) = (&self.modules, &spec.descriptor.spec.wasm)
+            && let Err(e) = cache
+                .ensure(self.link.as_ref(), &self.host, &wasm.module)
+                .await
+        {
+            if let AgentError::LinkUnavailable(_) = e {
+                // Not the VNF's failure: the controller may serve the module next time. Its
+                // start stays under way and is tried again after the queue's backoff, as a
+                // container image pull is; marked failed, the generation would never start.
+                let why = format!("fetching module {}: {e}; trying again", wasm.module);
+                self.report(a, Phase::Starting, why.clone()).await?;
+                return Err(StepError(why));
+            }
+            // Refused, or bytes that are not the module, or no room to keep it: failed.
+            return self
+                .fail_retry(a, format!("fetching module {}: {e}", wasm.module))
+                .await;
+        }
         self.report(a, Phase::Starting, "starting").await?;
         self.known
             .lock()
@@ -1545,13 +1565,6 @@ impl Inner {
             .entry(a.vnf.clone())
             .or_default()
             .fresh_instance();
-        if let (Some(cache), Some(wasm)) = (&self.modules, &spec.descriptor.spec.wasm)
-            && let Err(e) = cache
-                .ensure(self.link.as_ref(), &self.host, &wasm.module)
-                .await
-        {
-            return self.fail_retry(a, format!("fetching module: {e}")).await;
-        }
         match self.start_unless_moot(spec, runtime).await {
             Some(Ok(())) => {}
             // Not retried until the owner asks again (a new generation).

@@ -15,6 +15,8 @@ use telvirt_model::{DesiredState, Format, Name, Phase, Placement, Role, RuntimeK
 
 #[derive(Default)]
 struct FakeRuntime {
+    /// Its kind is wasm (a vm runtime otherwise).
+    wasm: bool,
     states: Mutex<HashMap<String, InstanceState>>,
     calls: Mutex<Vec<String>>,
     fail_start: Mutex<Option<String>>,
@@ -38,7 +40,11 @@ impl FakeRuntime {
 #[async_trait]
 impl Runtime for FakeRuntime {
     fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Vm
+        if self.wasm {
+            RuntimeKind::Wasm
+        } else {
+            RuntimeKind::Vm
+        }
     }
     async fn start(&self, spec: &InstanceSpec) -> Result<(), RuntimeFailure> {
         self.note(format!("start {}", spec.name));
@@ -110,6 +116,12 @@ impl Runtime for FakeRuntime {
 struct FakeLink {
     assignments: Mutex<Vec<Assignment>>,
     reports: Mutex<Vec<Observation>>,
+    /// The uploaded module this controller serves.
+    module: Mutex<Vec<u8>>,
+    /// Module fetches still to fail (as an unreachable controller's).
+    module_failures: Mutex<u32>,
+    /// Module fetches answer 404 (the controller keeps no such module).
+    module_refused: Mutex<bool>,
 }
 
 impl FakeLink {
@@ -139,6 +151,20 @@ impl ControlLink for FakeLink {
     async fn wait_for_change(&self, max_wait: Duration) -> bool {
         tokio::time::sleep(max_wait).await;
         true
+    }
+    async fn module(&self, _host: &str, _sha256: &str) -> Result<Option<Vec<u8>>, LinkError> {
+        if *self.module_refused.lock().unwrap() {
+            return Err(LinkError::Refused {
+                status: 404,
+                detail: "no module sha256:...".into(),
+            });
+        }
+        let mut failures = self.module_failures.lock().unwrap();
+        if *failures > 0 {
+            *failures -= 1;
+            return Err(LinkError::Transport("connection refused".into()));
+        }
+        Ok(Some(self.module.lock().unwrap().clone()))
     }
 }
 
@@ -343,6 +369,108 @@ async fn failed_start_is_not_retried_until_the_generation_changes() {
     agent.reconcile_once().await.unwrap();
     assert_eq!(starts(&rt), 2);
     assert_eq!(link.phases().last().unwrap().0, Phase::Running);
+}
+
+/// An agent with a module cache (returned with it) over `link`, assigned fw1 running uploaded
+/// module `digest` on `rt`.
+fn with_uploaded_module(
+    rt: &Arc<FakeRuntime>,
+    link: &Arc<FakeLink>,
+    digest: &str,
+) -> (Agent, tempfile::TempDir) {
+    let mut a = assignment("wasm");
+    a.descriptor.spec.wasm.as_mut().unwrap().module = format!("sha256:{digest}");
+    link.assignments.lock().unwrap().push(a);
+    let cache = tempfile::tempdir().unwrap();
+    let agent = Agent::new(
+        "h1",
+        vec![rt.clone() as Arc<dyn Runtime>],
+        link.clone(),
+        std::env::temp_dir(),
+    )
+    .with_module_cache(telvirt_agent::ModuleCache::new(cache.path()));
+    (agent, cache)
+}
+
+/// A module the controller refuses (it keeps none of that digest) fails the start: trying
+/// again would not change the answer.
+#[tokio::test]
+async fn a_module_the_controller_refuses_fails_the_start() {
+    let rt = Arc::new(FakeRuntime {
+        wasm: true,
+        ..FakeRuntime::default()
+    });
+    let link = Arc::new(FakeLink::default());
+    *link.module_refused.lock().unwrap() = true;
+    let (agent, _cache) = with_uploaded_module(&rt, &link, &"ab".repeat(32));
+    agent.reconcile_once().await.unwrap();
+    agent.reconcile_once().await.unwrap();
+    let (phase, why) = link.phases().last().cloned().unwrap();
+    assert_eq!(phase, Phase::Failed, "{:?}", link.phases());
+    assert!(
+        why.contains("404") && why.contains("fetching module"),
+        "{why}"
+    );
+    assert!(
+        rt.calls().iter().all(|c| !c.starts_with("start")),
+        "{:?}",
+        rt.calls()
+    );
+}
+
+/// An uploaded module the controller cannot serve for a while (unreachable, failing over)
+/// keeps its VNF Starting, saying why, and the start is tried again after a backoff until the
+/// module comes: it is not the VNF's failure, and its generation is not given up on.
+#[tokio::test]
+async fn a_module_fetch_that_fails_is_tried_again_until_the_vnf_starts() {
+    let rt = Arc::new(FakeRuntime {
+        wasm: true,
+        ..FakeRuntime::default()
+    });
+    let link = Arc::new(FakeLink::default());
+    let bytes = b"\0asm a module's bytes".to_vec();
+    let digest =
+        telvirt_runtime_wasm::verify::hex(&telvirt_runtime_wasm::verify::module_hash(&bytes));
+    *link.module.lock().unwrap() = bytes;
+    *link.module_failures.lock().unwrap() = 2;
+    let (agent, cache) = with_uploaded_module(&rt, &link, &digest);
+    agent.reconcile_once().await.unwrap();
+    let (phase, why) = link.phases().last().cloned().unwrap();
+    assert_eq!(link.phases().len(), 1, "{:?}", link.phases());
+    assert_eq!(phase, Phase::Starting);
+    assert!(
+        why.contains(&format!("fetching module sha256:{digest}"))
+            && why.contains("connection refused")
+            && why.contains("trying again"),
+        "{why}"
+    );
+    assert!(
+        !rt.calls().iter().any(|c| c.starts_with("start")),
+        "{:?}",
+        rt.calls()
+    );
+    // Retried after its backoff (a pass does not hurry it), twice: the second fetch fails too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while link.phases().last().map(|p| p.0) != Some(Phase::Running) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started: {:?}",
+            link.phases()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        agent.reconcile_once().await.unwrap();
+    }
+    assert!(
+        !link.phases().iter().any(|p| p.0 == Phase::Failed),
+        "{:?}",
+        link.phases()
+    );
+    assert_eq!(*link.module_failures.lock().unwrap(), 0);
+    assert_eq!(
+        rt.calls().iter().filter(|c| c.starts_with("start")).count(),
+        1
+    );
+    assert!(cache.path().join(format!("{digest}.wasm")).is_file());
 }
 
 #[tokio::test]

@@ -398,6 +398,18 @@ pub enum LinkError {
     Refused { status: u16, detail: String },
 }
 
+impl LinkError {
+    /// Whether the same call may succeed later: the controller could not be reached, or said
+    /// it cannot serve now (408, 429, 5xx: no leader during a failover, a store unavailable).
+    /// A refusal of the call itself (any other 4xx) stands.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport(_) => true,
+            Self::Refused { status, .. } => matches!(status, 408 | 429 | 500..=599),
+        }
+    }
+}
+
 /// The agent's side of the protocol: every call an agent makes to its controller.
 #[async_trait]
 pub trait ControlLink: Send + Sync + 'static {
