@@ -1279,6 +1279,7 @@ impl Controller {
         }
         let mut lost = Vec::new();
         let mut failed = None;
+        let mut unanswered = Vec::new();
         for (p, outcome) in planned.iter().zip(outcomes) {
             match outcome {
                 Some(Ok(o)) if o.succeeded => {
@@ -1294,10 +1295,9 @@ impl Controller {
                     }
                     lost.push(p.name.clone());
                 }
+                // The store did not say: the cores stay held (see `after_unanswered_commits`).
                 Some(Err(e)) => {
-                    if p.fresh {
-                        scheduler.release(&p.name)?;
-                    }
+                    unanswered.push(p.as_ref());
                     failed.get_or_insert(e);
                 }
                 None => {
@@ -1309,6 +1309,7 @@ impl Controller {
             }
         }
         drop(scheduler);
+        self.after_unanswered_commits(&unanswered).await;
         if let Some(e) = failed {
             return Err(e.into());
         }
@@ -1359,9 +1360,8 @@ impl Controller {
                     }
                 }
                 Err(e) => {
-                    if p.fresh {
-                        scheduler.release(name)?;
-                    }
+                    drop(scheduler);
+                    self.after_unanswered_commits(&[p.as_ref()]).await;
                     return Err(e.into());
                 }
             }
@@ -1369,6 +1369,38 @@ impl Controller {
         Err(ControllerError::Conflict(format!(
             "vnf {name} kept changing while it was being placed"
         )))
+    }
+
+    /// After the store answered the transactions of `placed` with an error (a timeout, a
+    /// connection lost): each may have been applied all the same. Their cores stay held (the
+    /// caller did not release them): released while the store holds them for their VNF, they
+    /// could be given to another (two VNFs on one core). Nothing is lost by holding them: a
+    /// VNF still Pending has them reused or released by its next placement, a deleted one by
+    /// its deletion. Called without the scheduler lock (a store that does not answer would
+    /// hold it for its timeout per read). A VNF that reads back placed as planned had its
+    /// transaction applied: its agents are told now, as after any placement, rather than at
+    /// their next re-list. Any other answer asks for a scheduling pass soon; the first read
+    /// that fails ends the look (the store is not answering).
+    async fn after_unanswered_commits(&self, placed: &[&PlannedPlacement]) {
+        for p in placed {
+            match self.load(&p.name).await {
+                Ok(Some((record, _)))
+                    if record.vnf.phase != Phase::Pending
+                        && record.vnf.placements == p.next.placements =>
+                {
+                    tracing::info!(vnf = %p.name, "its placement was stored although the store answered with an error");
+                    self.metrics.placement(&p.before.updated_at);
+                    self.metrics.event();
+                    self.vnf_changed(Some(&p.before), Some(&p.next));
+                }
+                Ok(_) => self.schedule_wanted.notify_one(),
+                Err(e) => {
+                    tracing::warn!(vnf = %p.name, "cannot tell whether its placement was stored: {e}; its agents learn it at their next re-list");
+                    self.schedule_wanted.notify_one();
+                    return;
+                }
+            }
+        }
     }
 
     /// Under the scheduler lock: what placing VNF `name` takes. A VNF gone or no longer

@@ -1,6 +1,7 @@
 //! Agent wake-ups through the in-process link: a change of a host's assignments that arrives
 //! while its agent is not waiting (busy in a pass) ends the next `wait_for_change` at once; a
-//! change on another host, or a phase report, wakes nobody.
+//! change on another host, or a phase report, wakes nobody. A placement the store applied but
+//! answered with an error wakes its agent too, and keeps its cores.
 
 use crate::common;
 
@@ -90,4 +91,68 @@ async fn a_hosts_agent_is_woken_by_its_own_assignments_only_and_keeps_a_wake_up_
     // A stop changes the assignment: h1 is woken.
     controller.stop(&admin, "fw1").await.unwrap();
     assert!(h1.wait_for_change(DEADLINE).await);
+}
+
+/// A placement the store applied but answered with an error: its cores are not given to
+/// another VNF (the store holds them for the first), and its host's agent is woken as after
+/// any placement.
+#[tokio::test]
+async fn a_placement_stored_despite_an_error_keeps_its_cores_and_wakes_its_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = common::hooked_store::HookedStore::open(&dir.path().join("store.redb"));
+    let controller = Controller::open(store.clone(), SchedConfig::default())
+        .await
+        .unwrap();
+    controller.register_host(host_record("h1")).await.unwrap();
+    let h1 = LocalLink::new(controller.clone(), "h1");
+    let admin = Caller {
+        name: telvirt_model::api::ADMIN_AUTHORITY.into(),
+    };
+    let create = |name: &str| {
+        let text = format!(
+            "apiVersion: telvirt/v1\nkind: Vnf\nmetadata: {{ name: {name} }}\nspec:\n  runtime: vm\n  vm: {{ memory: 64MiB }}\n"
+        );
+        let controller = controller.clone();
+        let admin = admin.clone();
+        async move {
+            controller
+                .create_vnf(&admin, text.as_bytes(), Format::Yaml)
+                .await
+                .unwrap();
+        }
+    };
+    create("fw1").await;
+    store
+        .unanswered_txn
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(controller.schedule_pending().await.is_err());
+    assert!(
+        !store
+            .unanswered_txn
+            .load(std::sync::atomic::Ordering::SeqCst)
+    );
+    let fw1 = controller.vnf(&admin, "fw1").await.unwrap();
+    assert_eq!(fw1.phase, Phase::Scheduled, "{fw1:?}");
+    let changed = tokio::time::timeout(DEADLINE, h1.wait_for_change(FOREVER))
+        .await
+        .expect("the stored placement woke no agent");
+    assert!(changed);
+    // The next VNF gets other cores than the ones the store holds for fw1.
+    create("fw2").await;
+    controller.schedule_pending().await.unwrap();
+    let fw2 = controller.vnf(&admin, "fw2").await.unwrap();
+    assert_eq!(fw2.phase, Phase::Scheduled, "{fw2:?}");
+    let cpus = |v: &telvirt_model::Vnf| -> Vec<u32> {
+        v.placements.iter().flat_map(|p| p.cpus()).collect()
+    };
+    let (a, b) = (cpus(&fw1), cpus(&fw2));
+    assert!(!a.is_empty() && !b.is_empty(), "{fw1:?} {fw2:?}");
+    assert!(
+        a.iter().all(|c| !b.contains(c)),
+        "fw1 on {a:?}, fw2 on {b:?}"
+    );
+    let report = telvirt_controller::consistency::check(store.as_ref(), SchedConfig::default())
+        .await
+        .unwrap();
+    assert!(report.is_consistent(), "{report:?}");
 }

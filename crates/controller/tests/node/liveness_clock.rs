@@ -5,108 +5,27 @@
 //! here grants every lease for a minute, so only the controller's clock can notice. And a
 //! liveness pass cut short after it made a VNF Unknown does not let the next passes skip it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
+use crate::common;
+use crate::common::hooked_store::HookedStore;
 use telvirt_controller::records::{host_lease_key, vnf_key};
 use telvirt_controller::{Caller, Controller};
 use telvirt_model::Format;
 use telvirt_model::Phase;
 use telvirt_model::api::Observation;
 use telvirt_sched::SchedConfig;
-use telvirt_store::{
-    Compare, LeaseId, Op, RedbStore, Store, StoreError, StoreHealth, TxnOutcome, Versioned, Watch,
-};
+use telvirt_store::Store;
 
-use crate::common;
-
-/// A real redb store whose leases last a minute whatever TTL is asked, which refuses the
-/// next write of the key set in `fail_write` (once), and holds the next write of the key set
-/// in `hold_write` (once) from when it says so (`held`) until it is let go (`go_on`).
-struct MinuteLeases {
-    inner: Arc<RedbStore>,
-    fail_write: Mutex<Option<String>>,
-    hold_write: Mutex<Option<String>>,
-    held: tokio::sync::Notify,
-    go_on: tokio::sync::Notify,
-}
-
-impl MinuteLeases {
-    fn open(dir: &tempfile::TempDir) -> Arc<Self> {
-        Arc::new(MinuteLeases {
-            inner: RedbStore::open(&dir.path().join("store.redb")).unwrap(),
-            fail_write: Mutex::new(None),
-            hold_write: Mutex::new(None),
-            held: tokio::sync::Notify::new(),
-            go_on: tokio::sync::Notify::new(),
-        })
-    }
-}
-
-/// Whether `ops` write `key`.
-fn writes(ops: &[Op], key: &str) -> bool {
-    ops.iter()
-        .any(|op| matches!(op, Op::Put { key: k, .. } if k == key))
-}
-
-#[async_trait]
-impl Store for MinuteLeases {
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        self.inner.list(prefix).await
-    }
-    async fn list_range(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Versioned)>, StoreError> {
-        self.inner.list_range(prefix, start_after, limit).await
-    }
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        let refused = {
-            let mut fail = self.fail_write.lock().unwrap();
-            let hit = fail.as_ref().is_some_and(|key| writes(&ops, key));
-            if hit { fail.take() } else { None }
-        };
-        if let Some(key) = refused {
-            return Err(StoreError::Unavailable(format!(
-                "the test refuses this write of {key}"
-            )));
-        }
-        let held = {
-            let mut hold = self.hold_write.lock().unwrap();
-            let hit = hold.as_ref().is_some_and(|key| writes(&ops, key));
-            if hit { hold.take() } else { None }
-        };
-        if held.is_some() {
-            self.held.notify_one();
-            self.go_on.notified().await;
-        }
-        self.inner.txn(compares, ops).await
-    }
-    async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
-        self.inner.watch(prefix).await
-    }
-    async fn grant_lease(&self, _ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.inner.grant_lease(Duration::from_secs(60)).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.revoke(lease).await
-    }
-    fn health(&self) -> StoreHealth {
-        self.inner.health()
-    }
+/// A real redb store whose leases last a minute whatever TTL is asked (with the shared
+/// hooks: refuse or hold a chosen write).
+fn minute_leases(dir: &tempfile::TempDir) -> Arc<HookedStore> {
+    HookedStore::with_lease_ttl(&dir.path().join("store.redb"), Duration::from_secs(60))
 }
 
 /// A controller over `store` with a 300 ms host lease and host h2 registered, and its admin.
-async fn controller_with_h2(store: Arc<MinuteLeases>) -> (Arc<Controller>, Caller) {
+async fn controller_with_h2(store: Arc<HookedStore>) -> (Arc<Controller>, Caller) {
     let c = Controller::open(store, SchedConfig::default())
         .await
         .unwrap();
@@ -156,7 +75,7 @@ async fn status(c: &Controller, admin: &Caller, host: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_on() {
     let dir = tempfile::tempdir().unwrap();
-    let store = MinuteLeases::open(&dir);
+    let store = minute_leases(&dir);
     let (c, admin) = controller_with_h2(store.clone()).await;
     // The periodic pass is an hour apart: only the coming silence can wake the monitor.
     tokio::spawn(c.clone().host_monitor(Duration::from_secs(3600)));
@@ -210,7 +129,7 @@ async fn a_silent_agent_is_not_ready_after_one_ttl_while_its_store_lease_lives_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_bring_it_back() {
     let dir = tempfile::tempdir().unwrap();
-    let store = MinuteLeases::open(&dir);
+    let store = minute_leases(&dir);
     let (c, admin) = controller_with_h2(store.clone()).await;
     // The passes run here, one at a time, no monitor.
     c.heartbeat("h2").await.unwrap();
@@ -280,7 +199,7 @@ async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_br
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pass_does_not_judge_a_host_while_its_heartbeat_writes_its_lease() {
     let dir = tempfile::tempdir().unwrap();
-    let store = MinuteLeases::open(&dir);
+    let store = minute_leases(&dir);
     let (c, admin) = controller_with_h2(store.clone()).await;
     c.heartbeat("h2").await.unwrap();
     c.check_hosts().await.unwrap();

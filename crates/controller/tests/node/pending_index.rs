@@ -2,84 +2,18 @@
 //! written and removed in the VNF's own transactions; opening a store written before it existed
 //! (or left out of step) rebuilds it. The assignment index (`/assignments/<host>/<vnf>`): an
 //! agent's assignments read only its host's VNFs, and agree with what every VNF's placements
-//! say. The controller runs over a real redb store seen through a counting wrapper, which
+//! say. The controller runs over a real redb store seen through a hooked test store, which
 //! records which keys each call reads.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use telvirt_controller::records::{self, VnfRecord};
 use telvirt_controller::{Caller, Controller, Deletion, HostRecord};
 use telvirt_model::{Format, Phase};
 use telvirt_sched::{HostSpec, SchedConfig, TopologySpec};
-use telvirt_store::{
-    Compare, LeaseId, Op, RedbStore, Store, StoreError, StoreHealth, TxnOutcome, Versioned, Watch,
-};
+use telvirt_store::Store;
 
-/// A store that records the prefixes it lists and the keys it reads, over a real redb store.
-struct Counting {
-    inner: Arc<RedbStore>,
-    lists: Mutex<Vec<String>>,
-    gets: Mutex<Vec<String>>,
-}
-
-impl Counting {
-    fn new(inner: Arc<RedbStore>) -> Arc<Self> {
-        Arc::new(Self {
-            inner,
-            lists: Mutex::new(Vec::new()),
-            gets: Mutex::new(Vec::new()),
-        })
-    }
-
-    /// What was listed and read since the last call, and forgets it.
-    fn take(&self) -> (Vec<String>, Vec<String>) {
-        (
-            std::mem::take(&mut *self.lists.lock().unwrap()),
-            std::mem::take(&mut *self.gets.lock().unwrap()),
-        )
-    }
-}
-
-#[async_trait]
-impl Store for Counting {
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        self.gets.lock().unwrap().push(key.to_owned());
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        self.lists.lock().unwrap().push(prefix.to_owned());
-        self.inner.list(prefix).await
-    }
-    async fn list_range(
-        &self,
-        prefix: &str,
-        start_after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(String, Versioned)>, StoreError> {
-        self.lists.lock().unwrap().push(prefix.to_owned());
-        self.inner.list_range(prefix, start_after, limit).await
-    }
-    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<TxnOutcome, StoreError> {
-        self.inner.txn(compares, ops).await
-    }
-    async fn watch(&self, prefix: &str) -> Result<Watch, StoreError> {
-        self.inner.watch(prefix).await
-    }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
-        self.inner.revoke(lease).await
-    }
-    fn health(&self) -> StoreHealth {
-        self.inner.health()
-    }
-}
+use crate::common::hooked_store::HookedStore;
 
 fn admin() -> Caller {
     Caller {
@@ -126,8 +60,8 @@ fn host() -> HostRecord {
     }
 }
 
-async fn open(path: &std::path::Path) -> (Arc<Controller>, Arc<Counting>) {
-    let store = Counting::new(RedbStore::open(path).unwrap());
+async fn open(path: &std::path::Path) -> (Arc<Controller>, Arc<HookedStore>) {
+    let store = HookedStore::open(path);
     // Room for every test VNF in the admin's shared group.
     let config = SchedConfig {
         shared_core_capacity: 64,
@@ -187,9 +121,9 @@ async fn a_scheduling_pass_reads_only_the_pending_index() {
     assert!(index(store.as_ref()).await.is_empty());
 
     // Nothing pending: a pass lists the index and reads no VNF.
-    store.take();
+    store.take_reads();
     c.schedule_pending().await.unwrap();
-    let (lists, gets) = store.take();
+    let (lists, gets) = store.take_reads();
     assert_eq!(lists, [records::PENDING]);
     assert!(gets.is_empty(), "read {gets:?}");
 
@@ -197,9 +131,9 @@ async fn a_scheduling_pass_reads_only_the_pending_index() {
     create(&c, "big1", 64, false).await;
     create(&c, "big2", 64, false).await;
     c.schedule_pending().await.unwrap();
-    store.take();
+    store.take_reads();
     c.schedule_pending().await.unwrap();
-    let (lists, gets) = store.take();
+    let (lists, gets) = store.take_reads();
     assert_eq!(lists, [records::PENDING]);
     let vnf_reads: Vec<&String> = gets
         .iter()
@@ -310,9 +244,9 @@ async fn assignments_read_only_the_hosts_own_vnfs() {
         for h in ["h1", "h2"] {
             let want = assigned_by_scan(store.as_ref(), h).await;
             total += want.len();
-            store.take();
+            store.take_reads();
             assert_eq!(assigned(&c, h).await, want, "host {h}");
-            let (lists, gets) = store.take();
+            let (lists, gets) = store.take_reads();
             assert_eq!(lists, [records::assignments_prefix(h)]);
             let vnf_reads = gets.iter().filter(|k| k.starts_with(records::VNFS)).count();
             assert_eq!(vnf_reads, want.len(), "read {gets:?}");
