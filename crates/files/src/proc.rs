@@ -175,6 +175,56 @@ pub fn threads(pid: i32) -> Vec<ThreadTimes> {
     out
 }
 
+/// How a thread is scheduled, as its stat says: its policy (`SCHED_OTHER` 0, `SCHED_FIFO` 1,
+/// `SCHED_RR` 2, `SCHED_BATCH` 3, `SCHED_IDLE` 5), real-time priority and nice value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SchedClass {
+    pub policy: u32,
+    pub rt_priority: u32,
+    pub nice: i32,
+}
+
+impl SchedClass {
+    /// Whether the kernel favours it over `other`: a real-time class over any other, then a
+    /// higher real-time priority, then a lower nice value.
+    pub fn favoured_over(&self, other: &SchedClass) -> bool {
+        let rank = |c: &SchedClass| (matches!(c.policy, 1 | 2), c.rt_priority, -c.nice);
+        rank(self) > rank(other)
+    }
+}
+
+impl std::fmt::Display for SchedClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.policy {
+            1 => write!(f, "SCHED_FIFO {}", self.rt_priority),
+            2 => write!(f, "SCHED_RR {}", self.rt_priority),
+            3 => write!(f, "SCHED_BATCH nice {}", self.nice),
+            5 => write!(f, "SCHED_IDLE"),
+            _ => write!(f, "nice {}", self.nice),
+        }
+    }
+}
+
+/// The scheduling class of each thread of process `pid` (fields 19, 40 and 41 of its tasks'
+/// stat; empty when it is gone).
+pub fn thread_classes(pid: i32) -> Vec<SchedClass> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let f = stat_fields(&stat)?;
+            Some(SchedClass {
+                nice: f.get(19 - 3)?.parse().ok()?,
+                rt_priority: f.get(40 - 3)?.parse().ok()?,
+                policy: f.get(41 - 3)?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
 /// Files process `pid` holds open; `None` when its fd directory cannot be read.
 pub fn open_fds(pid: i32) -> Option<u64> {
     Some(descriptors(pid)?.len() as u64)
@@ -270,6 +320,42 @@ mod tests {
             None
         );
         assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    /// A thread given a nice value shows it, and the process's other threads are favoured over it.
+    #[test]
+    fn a_threads_class_is_read_from_its_stat() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: a plain system call; on Linux `PRIO_PROCESS` 0 is the calling thread.
+            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+            tx.send(rc).unwrap();
+            done_rx.recv().unwrap();
+        });
+        assert_eq!(rx.recv().unwrap(), 0);
+        let classes = thread_classes(me());
+        let niced = SchedClass {
+            policy: 0,
+            rt_priority: 0,
+            nice: 19,
+        };
+        assert!(classes.contains(&niced), "{classes:?}");
+        assert_eq!(niced.to_string(), "nice 19");
+        // The test's other threads (nice 19 is the least favoured a thread can be).
+        let main = classes.iter().find(|c| c.nice != 19).copied().unwrap();
+        assert!(
+            main.favoured_over(&niced) && !niced.favoured_over(&main),
+            "{main:?}"
+        );
+        let fifo = SchedClass {
+            policy: 1,
+            rt_priority: 2,
+            nice: 0,
+        };
+        assert!(fifo.favoured_over(&main) && fifo.to_string() == "SCHED_FIFO 2");
+        done_tx.send(()).unwrap();
+        t.join().unwrap();
     }
 
     /// A zombie has no running command line (at once, not after the patience); this process has.

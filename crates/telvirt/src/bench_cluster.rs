@@ -164,6 +164,21 @@ pub(crate) struct Hosts {
     pub control: crate::control_threads::AgentPriorityArgs,
 }
 
+/// Each string of `lists` once, sorted (the control classes the runs of a benchmark saw).
+pub fn each_once<'a>(lists: impl IntoIterator<Item = &'a Vec<String>>) -> Vec<String> {
+    let set: std::collections::BTreeSet<&String> = lists.into_iter().flatten().collect();
+    set.into_iter().cloned().collect()
+}
+
+/// The classes of [`Hosts::control_applied`] for a report's text ("not read" when none was).
+pub fn classes_line(classes: &[String]) -> String {
+    if classes.is_empty() {
+        "not read".to_owned()
+    } else {
+        classes.join(", ")
+    }
+}
+
 impl Hosts {
     /// CPU time the agents' data-plane workers have run so far (their threads' `schedstat`);
     /// an error when no agent shows one (an agent gone, `/proc` unreadable).
@@ -185,6 +200,28 @@ impl Hosts {
             bail!("no agent shows a data-plane worker thread ({prefix}N) in /proc");
         }
         Ok(Duration::from_nanos(workers.iter().sum()))
+    }
+
+    /// How the running agents' async control threads are scheduled, read from `/proc` (the
+    /// class `--control-priority` or `--control-nice` asked for is what an agent applies only
+    /// where the host permits it): per agent, the class the kernel favours most among its
+    /// threads (the control threads are the only ones given another than the agent's own);
+    /// each class once, sorted.
+    pub fn control_applied(&self) -> Vec<String> {
+        let mut classes: Vec<String> = self
+            .agents
+            .iter()
+            .filter_map(|a| i32::try_from(a.0.id()).ok())
+            .filter_map(|pid| {
+                telvirt_files::proc::thread_classes(pid)
+                    .into_iter()
+                    .reduce(|a, b| if b.favoured_over(&a) { b } else { a })
+            })
+            .map(|c| c.to_string())
+            .collect();
+        classes.sort();
+        classes.dedup();
+        classes
     }
 
     pub fn name(i: usize) -> String {

@@ -62,6 +62,10 @@ pub struct FailoverArgs {
 /// One kill, timed from the kill.
 #[derive(Debug, Clone, Serialize)]
 pub struct FailoverRun {
+    /// How the agents' control threads ran, read from `/proc` before the event
+    /// ([`crate::bench_cluster::Hosts::control_applied`]); the report states them once.
+    #[serde(skip)]
+    pub control_applied: Vec<String>,
     pub detect_ms: f64,
     pub flip_ms: f64,
     pub lost_packets: u64,
@@ -103,6 +107,9 @@ pub struct FailoverReport {
     /// none: the agents' default (-10 where permitted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_nice: Option<i8>,
+    /// How the agents' async control threads ran in the runs, read from `/proc` (what the
+    /// options above asked for applies only where the host permits it): each class seen once.
+    pub control_applied: Vec<String>,
     pub pair: FailoverFigures,
     /// Baseline: the same NAT without a standby, placed again by the healer (heal delay 0).
     pub single: FailoverFigures,
@@ -434,10 +441,12 @@ async fn round(
     )
     .await?;
     let (sent0, received0) = stream(api).await?;
+    let control_applied = s.hosts.control_applied();
     let recovery = kill_active(&mut s, pair).await?;
     let settle = settle_for(args.flows, args.rate_pps);
     let (lost, created) = stream_back(&s.api, (sent0, received0), settle).await?;
     Ok(FailoverRun {
+        control_applied,
         detect_ms: recovery.detect,
         flip_ms: recovery.flip,
         lost_packets: lost,
@@ -455,6 +464,10 @@ pub(crate) const TCP_KILL_AT: Duration = Duration::from_secs(2);
 /// One kill (`bench failover`) or move (`bench migrate`) under the TCP flow.
 #[derive(Debug, Clone, Serialize)]
 pub struct TcpRun {
+    /// How the agents' control threads ran, read from `/proc` before the event
+    /// ([`crate::bench_cluster::Hosts::control_applied`]); the report states them once.
+    #[serde(skip)]
+    pub control_applied: Vec<String>,
     pub flip_ms: f64,
     /// As in [`FailoverRun`].
     pub silences_before_kill: u64,
@@ -684,6 +697,7 @@ pub(crate) async fn tcp_round(
     let mut flow = tokio::task::spawn_blocking(move || flow.wait_with_output());
     tokio::time::sleep(TCP_KILL_AT).await;
     let (mut downtime_us, mut freeze_phases) = (None, None);
+    let control_applied = s.hosts.control_applied();
     let recovery = match event {
         TcpEvent::Kill { pair } => kill_active(&mut s, pair).await?,
         TcpEvent::Move | TcpEvent::ColdMove => {
@@ -713,6 +727,7 @@ pub(crate) async fn tcp_round(
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = flow.await;
             return Ok(TcpRun {
+                control_applied,
                 flip_ms: recovery.flip,
                 silences_before_kill: recovery.silences,
                 gap_ms: (TCP_SECONDS * 1000) as f64,
@@ -735,6 +750,7 @@ pub(crate) async fn tcp_round(
     })?;
     let (gap_ms, survived, retransmits, mbps) = tcp_figures(&report);
     Ok(TcpRun {
+        control_applied,
         flip_ms: recovery.flip,
         silences_before_kill: recovery.silences,
         gap_ms,
@@ -812,6 +828,17 @@ pub async fn run_failover_bench(
     progress(total, total);
     let _ = std::fs::remove_dir_all(&dir);
     let (pair, single, tcp_pair, tcp_single) = result?;
+    let control_applied = crate::bench_cluster::each_once(
+        pair.iter()
+            .chain(&single)
+            .map(|r| &r.control_applied)
+            .chain(
+                tcp_pair
+                    .iter()
+                    .chain(&tcp_single)
+                    .map(|r| &r.control_applied),
+            ),
+    );
     let tcp = tcp_missing.is_none().then(|| TcpFigures {
         measured: format!(
             "iperf3 TCP, {TCP_SECONDS} s with 100 ms intervals, from a client namespace to a server namespace through the NAT (the namespaces' veths pinned to h4 as host:IFNAME@h4, the NAT's roles on h1 and h2); SIGKILL of the active's agent {} s into the flow",
@@ -843,6 +870,7 @@ pub async fn run_failover_bench(
         host_lease_ttl_ms: args.host_lease_ttl_ms,
         control_priority: args.agents.control_priority,
         control_nice: args.agents.control_nice,
+        control_applied,
         outage_ratio: ratio(pair.outage_p50_ms, single.outage_p50_ms),
         flip_ratio_to_vrrp: vrrp
             .as_ref()
@@ -868,6 +896,10 @@ pub fn failover_bench(format: Output, args: FailoverArgs) -> Result<()> {
         return Ok(());
     };
     println!("measured: {}", r.measured);
+    println!(
+        "agents' control threads ran at: {}",
+        crate::bench_cluster::classes_line(&r.control_applied)
+    );
     let row = |f: &FailoverFigures| {
         vec![
             f.setup.to_owned(),

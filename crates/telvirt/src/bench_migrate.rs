@@ -70,6 +70,10 @@ const MOVE_HOST_LEASE_TTL_MS: u64 = 3_000;
 /// One move, timed from its request.
 #[derive(Debug, Clone, Serialize)]
 pub struct MoveRun {
+    /// How the agents' control threads ran, read from `/proc` after the move
+    /// ([`crate::bench_cluster::Hosts::control_applied`]); the report states them once.
+    #[serde(skip)]
+    pub control_applied: Vec<String>,
     pub total_ms: f64,
     /// Frames of the stream that never reached the sink (gaps in their sequence numbers; a
     /// frame still on its way is not one).
@@ -211,6 +215,9 @@ pub struct MigrateReport {
     /// none: the agents' default (-10 where permitted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_nice: Option<i8>,
+    /// How the agents' async control threads ran in the runs, read from `/proc` (what the
+    /// options above asked for applies only where the host permits it): each class seen once.
+    pub control_applied: Vec<String>,
     pub sizes: Vec<MoveComparison>,
     /// The same moves under an iperf3 TCP flow (`None`: not measured here, see
     /// `tcp_missing`).
@@ -297,6 +304,7 @@ async fn round(
         How::Cold => (None, None),
     };
     Ok(MoveRun {
+        control_applied: s.hosts.control_applied(),
         total_ms: total,
         lost_packets: loss.lost_packets,
         outage_ms: loss.outage_ms,
@@ -558,6 +566,8 @@ pub async fn run_migrate_bench(
         let mut sizes = Vec::new();
         let mut done = 0;
         let (mut tcp_live, mut tcp_cold) = (Vec::new(), Vec::new());
+        // The control classes every run saw (the runs go into their figures).
+        let mut applied = Vec::new();
         let setup = FailoverArgs {
             rounds: 1,
             rate_pps: args.rate_pps,
@@ -583,6 +593,7 @@ pub async fn run_migrate_bench(
                 done += 2;
                 progress(done, total);
             }
+            applied.extend(live.iter().chain(&cold).map(|r| r.control_applied.clone()));
             let live = figures(
                 ("live move (state streamed, then the traffic)", true),
                 size,
@@ -602,11 +613,16 @@ pub async fn run_migrate_bench(
                 cold,
             });
         }
-        Ok::<_, anyhow::Error>((sizes, tcp_live, tcp_cold))
+        Ok::<_, anyhow::Error>((sizes, tcp_live, tcp_cold, applied))
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (sizes, tcp_live, tcp_cold) = result?;
+    let (sizes, tcp_live, tcp_cold, applied) = result?;
+    let control_applied = crate::bench_cluster::each_once(
+        applied
+            .iter()
+            .chain(tcp_live.iter().chain(&tcp_cold).map(|r| &r.control_applied)),
+    );
     let tcp_downtimes = Downtimes::of(tcp_live.iter().map(|r| r.downtime_us), true);
     let tcp = tcp_missing.is_none().then(|| TcpMoves {
         measured: format!(
@@ -631,6 +647,7 @@ pub async fn run_migrate_bench(
         rounds: args.rounds,
         control_priority: args.agents.control_priority,
         control_nice: args.agents.control_nice,
+        control_applied,
         rate_pps: args.rate_pps,
         goal_no_packet_lost: sizes.iter().all(|s| s.live.lost_packets_max == 0),
         goal_downtime_1ms: sizes
@@ -651,6 +668,10 @@ pub fn migrate_bench(format: Output, args: MigrateArgs) -> Result<()> {
         return Ok(());
     };
     println!("measured: {}", r.measured);
+    println!(
+        "agents' control threads ran at: {}",
+        crate::bench_cluster::classes_line(&r.control_applied)
+    );
     let row = |f: &MoveFigures| {
         vec![
             f.setup.to_owned(),

@@ -153,6 +153,9 @@ pub struct VmMoveReport {
     /// none: the agents' default (-10 where permitted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control_nice: Option<i8>,
+    /// How the agents' async control threads ran, read from `/proc` after the moves (what
+    /// the options above asked for applies only where the host permits it): each class once.
+    pub control_applied: Vec<String>,
     pub live: VmMoveFigures,
     pub cold: VmMoveFigures,
     /// Live over cold, of the medians.
@@ -657,6 +660,7 @@ async fn moves(
     }
     let dataplane_worker_cores =
         worker_cpu.as_secs_f64() / live_time.as_secs_f64().max(f64::EPSILON);
+    let control_applied = hosts.control_applied();
     // Its agent stops the guest; the sweep kills whatever is left.
     let _ = answer::<serde_json::Value>(
         api.request(reqwest::Method::DELETE, &format!("/v1/vnfs/{VNF}")),
@@ -719,6 +723,7 @@ async fn moves(
         move_encryption: args.move_encryption,
         control_priority: args.agents.control_priority,
         control_nice: args.agents.control_nice,
+        control_applied,
         total_ratio: ratio(live.total_p50_ms, cold.total_p50_ms),
         outage_ratio: ratio(live.outage_p50_ms, cold.outage_p50_ms),
         stream_pps: args.stream_pps,
@@ -749,6 +754,10 @@ pub fn vm_move_bench(format: Output, args: VmMoveArgs) -> Result<()> {
         return Ok(());
     };
     println!("measured: {}", r.measured);
+    println!(
+        "agents' control threads ran at: {}",
+        crate::bench_cluster::classes_line(&r.control_applied)
+    );
     let rows: Vec<Vec<String>> = [&r.live, &r.cold]
         .iter()
         .map(|f| {

@@ -31,6 +31,15 @@ fn bench_failover_reports_every_figure() {
     assert!(r["pair"]["reheal_max_ms"].as_f64().unwrap() > 0.0, "{r}");
     assert!(r["single"]["reheal_max_ms"].is_null(), "{r}");
     assert!(r["outage_ratio"].as_f64().unwrap() > 0.0, "{r}");
+    // No class asked: the agents' own (nice -10 where permitted), as read from /proc.
+    let applied = r["control_applied"].as_array().unwrap();
+    assert!(
+        !applied.is_empty()
+            && applied
+                .iter()
+                .all(|c| c.as_str().is_some_and(|c| c.starts_with("nice "))),
+        "{r}"
+    );
     // The VRRP baseline (keepalived, advert_int 1 s) runs where namespaces can be made: its
     // backup cannot take over before missing three adverts; elsewhere the report says why not.
     match r["vrrp"]["flip_max_ms"].as_f64() {
@@ -87,6 +96,12 @@ fn bench_migrate_reports_every_figure() {
     // Its agents ran their control threads at the priority asked (refused at their start
     // otherwise: the benchmark would have failed).
     assert_eq!(r["control_priority"], 2, "{r}");
+    // And /proc says so: every agent's most favoured threads ran at it.
+    assert_eq!(
+        r["control_applied"],
+        serde_json::json!(["SCHED_FIFO 2"]),
+        "{r}"
+    );
     let size = &r["sizes"][0];
     assert_eq!(size["flows"], 8, "{r}");
     for setup in ["live", "cold"] {
