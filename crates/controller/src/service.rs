@@ -1413,6 +1413,7 @@ impl Controller {
             return Ok(Plan::Nothing);
         };
         if !records::wants_placement(&record) {
+            self.hold_stored_allocation(scheduler, name).await?;
             self.drop_pending_entry(name, rev).await?;
             return Ok(Plan::Nothing);
         }
@@ -1467,6 +1468,32 @@ impl Controller {
             compares,
             ops,
         })))
+    }
+
+    /// Under the scheduler lock, for VNF `name` found placed by a scheduling pass: the cores
+    /// its stored allocation names are held, should the scheduler not hold them. That happens
+    /// when a placement's transaction was applied late, after the store had answered it with
+    /// an error and its VNF had been planned again: the second plan released the cores, and
+    /// its own commit lost to the late one. Held again, they are not given to another VNF;
+    /// cores another VNF took meanwhile are logged (the consistency check shows them).
+    async fn hold_stored_allocation(&self, scheduler: &mut Scheduler, name: &str) -> Result<()> {
+        if scheduler.placement(name).is_ok() {
+            return Ok(());
+        }
+        let key = allocation_key(name);
+        let Some(v) = self.store.get(&key).await? else {
+            return Ok(());
+        };
+        let alloc: Allocation = decode(&key, &v.value)?;
+        match scheduler.restore(&alloc) {
+            Ok(()) => {
+                tracing::warn!(vnf = %name, "its stored placement's cores were not held by the scheduler; held again")
+            }
+            Err(e) => {
+                tracing::error!(vnf = %name, "its stored placement's cores are not held and cannot be: {e}")
+            }
+        }
+        Ok(())
     }
 
     /// Deletes the pending index entry of VNF `name`, which does not wait for a placement as

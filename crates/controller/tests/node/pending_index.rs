@@ -304,3 +304,48 @@ async fn assignments_read_only_the_hosts_own_vnfs() {
             .is_none()
     );
 }
+
+/// A pass that finds a VNF placed whose stored cores its scheduler does not hold (here: placed
+/// by another controller over the same store after this one opened, its index entry left, as
+/// a placement applied late after a store error leaves it) holds them again: the next VNF is
+/// given other cores.
+#[tokio::test]
+async fn a_pass_holds_the_cores_of_a_placement_its_scheduler_did_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, store) = open(&dir.path().join("store.redb")).await;
+    let config = SchedConfig {
+        shared_core_capacity: 64,
+        ..SchedConfig::default()
+    };
+    let second = Controller::open(store.clone(), config).await.unwrap();
+    create(&first, "fw1", 1, false).await;
+    first.schedule_pending().await.unwrap();
+    store
+        .put(&records::pending_key("fw1"), Vec::new())
+        .await
+        .unwrap();
+    second.schedule_pending().await.unwrap();
+    assert!(index(store.as_ref()).await.is_empty());
+    create(&second, "fw2", 1, false).await;
+    second.schedule_pending().await.unwrap();
+    let cpus = |name: &'static str| {
+        let c = second.clone();
+        async move {
+            let v = c.vnf(&admin(), name).await.unwrap();
+            assert_eq!(v.phase, Phase::Scheduled, "{v:?}");
+            v.placements
+                .iter()
+                .flat_map(|p| p.cpus())
+                .collect::<Vec<u32>>()
+        }
+    };
+    let (a, b) = (cpus("fw1").await, cpus("fw2").await);
+    assert!(
+        !a.is_empty() && a.iter().all(|c| !b.contains(c)),
+        "fw1 on {a:?}, fw2 on {b:?}"
+    );
+    let report = telvirt_controller::consistency::check(store.as_ref(), config)
+        .await
+        .unwrap();
+    assert!(report.is_consistent(), "{report:?}");
+}
