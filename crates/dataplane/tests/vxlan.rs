@@ -86,20 +86,27 @@ fn two_streams_cross_tunnels_on_different_workers_and_every_frame_is_accounted_f
         "tunnel ports are named tun:NAME.io"
     );
     // Loopback UDP is not lossless: when the machine is busy, the receiving socket's buffer
-    // can overflow before a worker reads it. The kernel counts those drops; every frame must
-    // be either delivered or counted there.
+    // can overflow before a worker reads it. The kernel counts those drops. And a tunnel's
+    // queue, filled by the other worker's reads of the shared socket, overflows when its own
+    // worker stalls (512 frames: 100 ms at this rate); the tunnel counts those. Every frame
+    // must be either delivered or counted in one of the two.
     let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
     let received = || -> u64 { sinks.iter().map(|st| st.lock().unwrap().received).sum() };
     let kernel_drops = || eb.kernel_drops().unwrap();
+    let queue_full = || -> u64 { stats.iter().map(|(_, tb)| load(&tb.rx_queue_full)).sum() };
     wait_for(
-        "every frame delivered or counted as a kernel drop",
+        "every frame delivered or counted as a kernel or a full queue's drop",
         60,
-        || received() + kernel_drops() == 2 * N,
+        || received() + kernel_drops() + queue_full() == 2 * N,
     );
     let frame_bytes: u64 = (0..N).map(|i| [64, 128, 1500][(i % 3) as usize]).sum();
-    let dropped = kernel_drops();
+    let in_kernel = kernel_drops();
+    let dropped = in_kernel + queue_full();
     if dropped > 0 {
-        eprintln!("the kernel dropped {dropped} datagrams (busy machine)");
+        eprintln!(
+            "the kernel dropped {in_kernel} datagrams, full queues {} (busy machine)",
+            dropped - in_kernel
+        );
     }
     let mut lost = 0;
     for (i, st) in sinks.iter().enumerate() {
@@ -113,7 +120,7 @@ fn two_streams_cross_tunnels_on_different_workers_and_every_frame_is_accounted_f
             "tunnel b{} delivered",
             i + 1
         );
-        assert_eq!((ta.drops(), tb.drops()), (0, 0));
+        assert_eq!((ta.drops(), tb.drops()), (0, load(&tb.rx_queue_full)));
         if dropped == 0 {
             assert_eq!(s.received, N);
             assert_eq!(load(&ta.tx_bytes), frame_bytes);
@@ -134,7 +141,7 @@ fn two_streams_cross_tunnels_on_different_workers_and_every_frame_is_accounted_f
         );
         assert_eq!(load(&s.rx_errors), 0);
     }
-    assert_eq!(load(&eb.stats().datagrams), 2 * N - dropped);
+    assert_eq!(load(&eb.stats().datagrams), 2 * N - in_kernel);
     // Removing a tunnel node unregisters it from its endpoint.
     drop(p.remove_node("tun:b2").unwrap());
     assert_eq!(eb.tunnel_count(), 1);
