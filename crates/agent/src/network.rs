@@ -1732,11 +1732,19 @@ mod tests {
 
     /// CHAIN through fw1 on a fresh data plane, once packets reach its sink.
     fn chain_carrying_packets() -> (Arc<NodeDataPlane>, NetworkReconciler, NetworkDescriptor) {
+        chain_carrying_packets_at(20_000)
+    }
+
+    /// [`chain_carrying_packets`] with its generator at `rate_pps`.
+    fn chain_carrying_packets_at(
+        rate_pps: u32,
+    ) -> (Arc<NodeDataPlane>, NetworkReconciler, NetworkDescriptor) {
         let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
         let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
         let r = NetworkReconciler::new(Arc::clone(&dp));
         add_fw(&dp);
-        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        let chain = CHAIN.replace("rate_pps: 20000", &format!("rate_pps: {rate_pps}"));
+        let d = parse_network(chain.as_bytes(), Format::Yaml).unwrap();
         delivered_above(&r, &d, 0);
         (dp, r, d)
     }
@@ -1745,9 +1753,10 @@ mod tests {
     fn a_capture_in_slices_takes_every_frame_once_and_ends_on_its_count() {
         use base64::Engine;
         use telvirt_dataplane::capture::PcapngFrameCounter;
-        let (_dp, r, d) = chain_carrying_packets();
-        // 20000 packets/s: 3000 frames take about 150 ms, far more than the first slice waits
-        // (one poll of 5 ms), even when a loaded worker catches up in a burst.
+        // 2000 packets/s: 3000 frames take 1.5 s, far more than the first slice waits (one
+        // poll of 5 ms), even when a worker stalled for a while catches up in a burst (as
+        // much as the ring holds).
+        let (_dp, r, d) = chain_carrying_packets_at(2_000);
         let slice = |first: bool, wait_ms: u64| CaptureSlice {
             link: 1,
             packets: 3_000,
