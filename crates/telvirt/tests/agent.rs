@@ -1101,8 +1101,10 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
     let guest = common::guest_binary();
     // A move that does not end within 60 s is cancelled (a guest stream of this one takes 2-5
     // s; the stalled source below adds its lease and 1.5 s, and a loaded host more).
+    // A host lease of 6 s: a2, stopped below, must still be Ready when the move to it is
+    // asked for (a CLI's start and a request on a loaded machine), as a1 when it stalls.
     let (node, a1, a2) = two_agents_with(
-        &["--move-timeout-ms", "60000"],
+        &["--move-timeout-ms", "60000", "--host-lease-ttl-ms", "6000"],
         TWO_CORES,
         &[("TELVIRT_GUEST_BIN", &guest)],
     );
@@ -1190,7 +1192,7 @@ fn a_vm_moves_live_pinned_on_its_new_cores_and_a_cancelled_or_failed_move_leaves
     // replication port never answers): it ends without the guest, which runs on in the same
     // QEMU on a1.
     a2.signal(libc::SIGSTOP);
-    // At once: a2 stays Ready for its lease (1 s) after its last heartbeat.
+    // At once: a2 stays Ready for its lease (6 s) after its last heartbeat.
     node.ok(&["vnf", "migrate", "vmmove1", "--to", "a2", "--no-wait"]);
     // Ended by the healer (a2 NotReady) or the move's deadline, whichever comes first.
     let ended = node.wait_vnf_for("vmmove1", VM_DEADLINE, |v| {

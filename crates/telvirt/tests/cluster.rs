@@ -49,13 +49,16 @@ fn the_follower_forwards_and_takes_over_when_the_leader_is_killed() {
         .block_on(LocalEtcd::start(&dir.path().join("etcd"), true))
         .unwrap_or_else(|e| panic!("{e}"));
     let store = etcd.store_url("/cluster-test");
-    // A host lease shorter than a handover: the hosts' leases lapse while no controller leads.
-    let mut leader = Serve::controller_in(dir, &["--store", &store, "--host-lease-ttl-ms", "1000"]);
+    // A host lease shorter than a handover (the leader key outlives its killed leader by
+    // 5 s): the hosts' leases lapse while no controller leads. Neither is shorter than a
+    // loaded machine may delay a heartbeat (a 1 s lease let the VNFs flap before the kill).
+    let times = ["--leader-ttl-ms", "5000", "--host-lease-ttl-ms", "3000"];
+    let mut leader = Serve::controller_in(dir, &[&["--store", &store][..], &times].concat());
     let first = leader.server();
     let admin = leader.admin_token();
     let follower = ExtraController::start(
         &leader,
-        &["--store", &store, "--host-lease-ttl-ms", "1000"],
+        &[&["--store", &store][..], &times].concat(),
         "second.log",
     );
     let second = follower.api.clone();
