@@ -1287,12 +1287,10 @@ impl Controller {
                     self.metrics.event();
                     self.vnf_changed(Some(&p.before), Some(&p.next));
                 }
-                // The VNF changed in between: nothing was written. Cores placed now go back; a
-                // placement reused from the store stays, as the store still holds it.
+                // The VNF changed in between: nothing was written (see `after_lost_race`).
                 Some(Ok(_)) => {
-                    if p.fresh {
-                        scheduler.release(&p.name)?;
-                    }
+                    self.after_lost_race(&mut scheduler, &p.name, p.fresh)
+                        .await?;
                     lost.push(p.name.clone());
                 }
                 // The store did not say: the cores stay held (see `after_unanswered_commits`).
@@ -1301,9 +1299,8 @@ impl Controller {
                     failed.get_or_insert(e);
                 }
                 None => {
-                    if p.fresh {
-                        scheduler.release(&p.name)?;
-                    }
+                    self.after_lost_race(&mut scheduler, &p.name, p.fresh)
+                        .await?;
                     lost.push(p.name.clone());
                 }
             }
@@ -1351,14 +1348,9 @@ impl Controller {
                     self.vnf_changed(Some(&p.before), Some(&p.next));
                     return Ok(());
                 }
-                // The VNF changed in between: nothing was written. Cores placed now go back; a
-                // placement reused from the store stays, as the store still holds it. Then the
-                // VNF is read again.
-                Ok(_) => {
-                    if p.fresh {
-                        scheduler.release(name)?;
-                    }
-                }
+                // The VNF changed in between: nothing was written (see `after_lost_race`).
+                // Then the VNF is read again.
+                Ok(_) => self.after_lost_race(&mut scheduler, name, p.fresh).await?,
                 Err(e) => {
                     drop(scheduler);
                     self.after_unanswered_commits(&[p.as_ref()]).await;
@@ -1413,7 +1405,7 @@ impl Controller {
             return Ok(Plan::Nothing);
         };
         if !records::wants_placement(&record) {
-            self.hold_stored_allocation(scheduler, name).await?;
+            self.hold_stored_allocation(scheduler, name).await;
             self.drop_pending_entry(name, rev).await?;
             return Ok(Plan::Nothing);
         }
@@ -1476,22 +1468,52 @@ impl Controller {
     /// an error and its VNF had been planned again: the second plan released the cores, and
     /// its own commit lost to the late one. Held again, they are not given to another VNF;
     /// cores another VNF took meanwhile are logged (the consistency check shows them).
-    async fn hold_stored_allocation(&self, scheduler: &mut Scheduler, name: &str) -> Result<()> {
+    async fn hold_stored_allocation(&self, scheduler: &mut Scheduler, name: &str) {
         if scheduler.placement(name).is_ok() {
-            return Ok(());
+            return;
         }
         let key = allocation_key(name);
-        let Some(v) = self.store.get(&key).await? else {
-            return Ok(());
+        let stored = match self.store.get(&key).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(vnf = %name, "cannot read its stored placement to hold its cores: {e}");
+                return;
+            }
         };
-        let alloc: Allocation = decode(&key, &v.value)?;
-        match scheduler.restore(&alloc) {
+        let Some(v) = stored else {
+            return;
+        };
+        let held = decode::<Allocation>(&key, &v.value)
+            .and_then(|alloc| scheduler.restore(&alloc).map_err(ControllerError::from));
+        match held {
             Ok(()) => {
                 tracing::warn!(vnf = %name, "its stored placement's cores were not held by the scheduler; held again")
             }
             Err(e) => {
                 tracing::error!(vnf = %name, "its stored placement's cores are not held and cannot be: {e}")
             }
+        }
+    }
+
+    /// Under the scheduler lock, after VNF `name`'s placement transaction lost its race
+    /// (nothing of it written): cores placed now (`fresh`) go back; a placement reused from
+    /// the store stays, as the store still holds it. Should what won be a placement of the VNF
+    /// (a transaction of its own applied late, after the store had answered it with an
+    /// error), the cores the store holds for it are held again before the lock is let go:
+    /// nothing else may be given them in between.
+    async fn after_lost_race(
+        &self,
+        scheduler: &mut Scheduler,
+        name: &str,
+        fresh: bool,
+    ) -> Result<()> {
+        if fresh {
+            scheduler.release(name)?;
+        }
+        if let Ok(Some((record, _))) = self.load(name).await
+            && !records::wants_placement(&record)
+        {
+            self.hold_stored_allocation(scheduler, name).await;
         }
         Ok(())
     }

@@ -60,14 +60,17 @@ fn host() -> HostRecord {
     }
 }
 
-async fn open(path: &std::path::Path) -> (Arc<Controller>, Arc<HookedStore>) {
-    let store = HookedStore::open(path);
-    // Room for every test VNF in the admin's shared group.
-    let config = SchedConfig {
+/// Room for every test VNF in the admin's shared group.
+fn config() -> SchedConfig {
+    SchedConfig {
         shared_core_capacity: 64,
         ..SchedConfig::default()
-    };
-    let controller = Controller::open(store.clone(), config).await.unwrap();
+    }
+}
+
+async fn open(path: &std::path::Path) -> (Arc<Controller>, Arc<HookedStore>) {
+    let store = HookedStore::open(path);
+    let controller = Controller::open(store.clone(), config()).await.unwrap();
     controller.register_host(host()).await.unwrap();
     (controller, store)
 }
@@ -312,12 +315,7 @@ async fn assignments_read_only_the_hosts_own_vnfs() {
 #[tokio::test]
 async fn a_pass_holds_the_cores_of_a_placement_its_scheduler_did_not_know() {
     let dir = tempfile::tempdir().unwrap();
-    let (first, store) = open(&dir.path().join("store.redb")).await;
-    let config = SchedConfig {
-        shared_core_capacity: 64,
-        ..SchedConfig::default()
-    };
-    let second = Controller::open(store.clone(), config).await.unwrap();
+    let (first, second, store) = two_controllers(&dir).await;
     create(&first, "fw1", 1, false).await;
     first.schedule_pending().await.unwrap();
     store
@@ -326,25 +324,62 @@ async fn a_pass_holds_the_cores_of_a_placement_its_scheduler_did_not_know() {
         .unwrap();
     second.schedule_pending().await.unwrap();
     assert!(index(store.as_ref()).await.is_empty());
-    create(&second, "fw2", 1, false).await;
-    second.schedule_pending().await.unwrap();
-    let cpus = |name: &'static str| {
-        let c = second.clone();
-        async move {
-            let v = c.vnf(&admin(), name).await.unwrap();
-            assert_eq!(v.phase, Phase::Scheduled, "{v:?}");
+    fw2_placed_beside_fw1(&second, store.as_ref()).await;
+}
+
+/// A placement whose transaction loses its race to another placement of the same VNF (here a
+/// second controller's, as a transaction applied late is): the loser's scheduler holds the
+/// cores the store holds for the VNF, not the ones it had picked, and the next VNF is given
+/// other cores.
+#[tokio::test]
+async fn a_placement_that_lost_to_another_of_its_vnf_holds_the_stored_cores() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second, store) = two_controllers(&dir).await;
+    create(&second, "fw1", 1, false).await;
+    // The second controller's commit waits in the store while the first places fw1.
+    *store.hold_write.lock().unwrap() = Some(records::allocation_key("fw1"));
+    let pass = tokio::spawn({
+        let second = second.clone();
+        async move { second.schedule_pending().await }
+    });
+    store.held.notified().await;
+    first.schedule_pending().await.unwrap();
+    store.go_on.notify_one();
+    pass.await.unwrap().unwrap();
+    fw2_placed_beside_fw1(&second, store.as_ref()).await;
+}
+
+/// Two controllers over one store in `dir` (with h1), the second opened after the first.
+async fn two_controllers(
+    dir: &tempfile::TempDir,
+) -> (Arc<Controller>, Arc<Controller>, Arc<HookedStore>) {
+    let (first, store) = open(&dir.path().join("store.redb")).await;
+    let second = Controller::open(store.clone(), config()).await.unwrap();
+    (first, second, store)
+}
+
+/// Places a new VNF fw2 through `c` and checks it got other cores than fw1 and the store is
+/// consistent.
+async fn fw2_placed_beside_fw1(c: &Controller, store: &dyn Store) {
+    create(c, "fw2", 1, false).await;
+    c.schedule_pending().await.unwrap();
+    let mut cpus = Vec::new();
+    for name in ["fw1", "fw2"] {
+        let v = c.vnf(&admin(), name).await.unwrap();
+        assert_eq!(v.phase, Phase::Scheduled, "{v:?}");
+        cpus.push(
             v.placements
                 .iter()
                 .flat_map(|p| p.cpus())
-                .collect::<Vec<u32>>()
-        }
-    };
-    let (a, b) = (cpus("fw1").await, cpus("fw2").await);
+                .collect::<Vec<u32>>(),
+        );
+    }
+    let (a, b) = (&cpus[0], &cpus[1]);
     assert!(
         !a.is_empty() && a.iter().all(|c| !b.contains(c)),
         "fw1 on {a:?}, fw2 on {b:?}"
     );
-    let report = telvirt_controller::consistency::check(store.as_ref(), config)
+    let report = telvirt_controller::consistency::check(store, config())
         .await
         .unwrap();
     assert!(report.is_consistent(), "{report:?}");
