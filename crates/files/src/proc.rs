@@ -186,9 +186,16 @@ pub struct SchedClass {
 
 impl SchedClass {
     /// Whether the kernel favours it over `other`: a real-time class over any other, then a
-    /// higher real-time priority, then a lower nice value.
+    /// higher real-time priority, then any class over `SCHED_IDLE`, then a lower nice value.
     pub fn favoured_over(&self, other: &SchedClass) -> bool {
-        let rank = |c: &SchedClass| (matches!(c.policy, 1 | 2), c.rt_priority, -c.nice);
+        let rank = |c: &SchedClass| {
+            (
+                matches!(c.policy, 1 | 2),
+                c.rt_priority,
+                c.policy != 5,
+                -c.nice,
+            )
+        };
         rank(self) > rank(other)
     }
 }
@@ -205,9 +212,9 @@ impl std::fmt::Display for SchedClass {
     }
 }
 
-/// The scheduling class of each thread of process `pid` (fields 19, 40 and 41 of its tasks'
-/// stat; empty when it is gone).
-pub fn thread_classes(pid: i32) -> Vec<SchedClass> {
+/// Each thread of process `pid` by its name, with its scheduling class (fields 2, 19, 40 and
+/// 41 of its stat; empty when it is gone).
+pub fn thread_classes(pid: i32) -> Vec<(String, SchedClass)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
@@ -215,12 +222,14 @@ pub fn thread_classes(pid: i32) -> Vec<SchedClass> {
         .flatten()
         .filter_map(|task| {
             let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            let name = stat.split_once('(')?.1.rsplit_once(')')?.0.to_owned();
             let f = stat_fields(&stat)?;
-            Some(SchedClass {
+            let class = SchedClass {
                 nice: f.get(19 - 3)?.parse().ok()?,
                 rt_priority: f.get(40 - 3)?.parse().ok()?,
                 policy: f.get(41 - 3)?.parse().ok()?,
-            })
+            };
+            Some((name, class))
         })
         .collect()
 }
@@ -340,20 +349,28 @@ mod tests {
             rt_priority: 0,
             nice: 19,
         };
-        assert!(classes.contains(&niced), "{classes:?}");
-        assert_eq!(niced.to_string(), "nice 19");
-        // The test's other threads (nice 19 is the least favoured a thread can be).
-        let main = classes.iter().find(|c| c.nice != 19).copied().unwrap();
+        assert!(classes.iter().any(|(_, c)| *c == niced), "{classes:?}");
         assert!(
-            main.favoured_over(&niced) && !niced.favoured_over(&main),
-            "{main:?}"
+            classes.iter().any(|(name, _)| !name.is_empty()),
+            "{classes:?}"
         );
+        assert_eq!(niced.to_string(), "nice 19");
+        // The test's other threads (nice 19 is the least favoured a thread can be), unless the
+        // whole run is at nice 19.
+        if let Some((_, main)) = classes.iter().find(|(_, c)| c.nice != 19) {
+            assert!(
+                main.favoured_over(&niced) && !niced.favoured_over(main),
+                "{main:?}"
+            );
+        }
         let fifo = SchedClass {
             policy: 1,
             rt_priority: 2,
             nice: 0,
         };
-        assert!(fifo.favoured_over(&main) && fifo.to_string() == "SCHED_FIFO 2");
+        let idle = SchedClass { policy: 5, ..niced };
+        assert!(fifo.favoured_over(&niced) && fifo.to_string() == "SCHED_FIFO 2");
+        assert!(niced.favoured_over(&idle) && !idle.favoured_over(&niced));
         done_tx.send(()).unwrap();
         t.join().unwrap();
     }

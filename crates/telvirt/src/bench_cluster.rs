@@ -164,6 +164,10 @@ pub(crate) struct Hosts {
     pub control: crate::control_threads::AgentPriorityArgs,
 }
 
+/// How the names tokio gives its threads begin (`tokio-rt-worker` for its workers here;
+/// others in other versions).
+const TOKIO_THREAD_NAME: &str = "tokio-";
+
 /// Each string of `lists` once, sorted (the control classes the runs of a benchmark saw).
 pub fn each_once<'a>(lists: impl IntoIterator<Item = &'a Vec<String>>) -> Vec<String> {
     let set: std::collections::BTreeSet<&String> = lists.into_iter().flatten().collect();
@@ -205,8 +209,8 @@ impl Hosts {
     /// How the running agents' async control threads are scheduled, read from `/proc` (the
     /// class `--control-priority` or `--control-nice` asked for is what an agent applies only
     /// where the host permits it): per agent, the class the kernel favours most among its
-    /// threads (the control threads are the only ones given another than the agent's own);
-    /// each class once, sorted.
+    /// tokio threads (its workers are given the class when they first park; its blocking
+    /// threads, of the same name, never are); each class once, sorted.
     pub fn control_applied(&self) -> Vec<String> {
         let mut classes: Vec<String> = self
             .agents
@@ -215,6 +219,8 @@ impl Hosts {
             .filter_map(|pid| {
                 telvirt_files::proc::thread_classes(pid)
                     .into_iter()
+                    .filter(|(name, _)| name.starts_with(TOKIO_THREAD_NAME))
+                    .map(|(_, class)| class)
                     .reduce(|a, b| if b.favoured_over(&a) { b } else { a })
             })
             .map(|c| c.to_string())
