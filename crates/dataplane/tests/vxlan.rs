@@ -101,6 +101,12 @@ fn two_streams_cross_tunnels_on_different_workers_and_every_frame_is_accounted_f
     );
     let frame_bytes: u64 = (0..N).map(|i| [64, 128, 1500][(i % 3) as usize]).sum();
     let in_kernel = kernel_drops();
+    // A stall's worth of drops, not a queue that refuses what it should take.
+    assert!(
+        queue_full() < N / 4,
+        "{} frames found a full queue",
+        queue_full()
+    );
     let dropped = in_kernel + queue_full();
     if dropped > 0 {
         eprintln!(
@@ -113,6 +119,7 @@ fn two_streams_cross_tunnels_on_different_workers_and_every_frame_is_accounted_f
         let s = st.lock().unwrap().summary();
         assert_eq!((s.reordered, s.foreign), (0, 0), "sink{}", i + 1);
         let (ta, tb) = &stats[i];
+        assert!(s.received > 0, "sink{} received nothing", i + 1);
         assert_eq!(load(&ta.tx_packets), N, "tunnel a{} sent", i + 1);
         assert_eq!(
             load(&tb.rx_packets),

@@ -790,8 +790,10 @@ async fn etcd_a_store_on_three_members_answers_while_one_is_down() {
     );
 }
 
-/// What `call` answers once it answers other than Unavailable (the cluster between two
-/// leaders), trying again within [`PATIENCE`]; any other error fails the test.
+/// What `call` answers once the cluster answers it, trying again within [`PATIENCE`] while
+/// it is Unavailable for want of a leader (no leader, a leader changed, no answer in time).
+/// A connection refused or failed fails the test at once: the store must send a request the
+/// stopped member could not take to another member itself.
 async fn answered<T, F>(what: &str, mut call: impl FnMut() -> F) -> T
 where
     F: std::future::Future<Output = Result<T, StoreError>>,
@@ -800,7 +802,11 @@ where
     loop {
         match call().await {
             Ok(v) => return v,
-            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+            Err(StoreError::Unavailable(why))
+                if !why.contains("connect")
+                    && !why.contains("refused")
+                    && Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => panic!("{what}: {e}"),
