@@ -1510,10 +1510,14 @@ impl Controller {
         if fresh {
             scheduler.release(name)?;
         }
-        if let Ok(Some((record, _))) = self.load(name).await
-            && !records::wants_placement(&record)
-        {
-            self.hold_stored_allocation(scheduler, name).await;
+        match self.load(name).await {
+            Ok(Some((record, _))) if !records::wants_placement(&record) => {
+                self.hold_stored_allocation(scheduler, name).await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(vnf = %name, "cannot read it again after its placement lost a race: {e}");
+            }
         }
         Ok(())
     }

@@ -791,7 +791,8 @@ async fn etcd_a_store_on_three_members_answers_while_one_is_down() {
 }
 
 /// What `call` answers once the cluster answers it, trying again within [`PATIENCE`] while
-/// it is Unavailable for want of a leader (no leader, a leader changed, no answer in time).
+/// it is Unavailable for want of a leader (no leader, a leader changed, a proposal timed
+/// out "possibly due to connection lost", no answer in time).
 /// A connection refused or failed fails the test at once: the store must send a request the
 /// stopped member could not take to another member itself.
 async fn answered<T, F>(what: &str, mut call: impl FnMut() -> F) -> T
@@ -803,7 +804,7 @@ where
         match call().await {
             Ok(v) => return v,
             Err(StoreError::Unavailable(why))
-                if !why.contains("connect")
+                if !why.contains("tcp connect error")
                     && !why.contains("refused")
                     && Instant::now() < deadline =>
             {
