@@ -150,17 +150,22 @@ fn read_past_exec(mut read: impl FnMut() -> Option<String>, patience: Duration) 
     }
 }
 
-/// The threads of process `pid` with their scheduling times (empty when it is gone).
-pub fn threads(pid: i32) -> Vec<ThreadTimes> {
+/// The threads of process `pid`: each one's id and `/proc/<pid>/task/<tid>` directory (none
+/// when it is gone).
+fn tasks(pid: i32) -> Vec<(i32, std::path::PathBuf)> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
+    tasks
+        .flatten()
+        .filter_map(|task| Some((task.file_name().to_str()?.parse().ok()?, task.path())))
+        .collect()
+}
+
+/// The threads of process `pid` with their scheduling times (empty when it is gone).
+pub fn threads(pid: i32) -> Vec<ThreadTimes> {
     let mut out = Vec::new();
-    for task in tasks.flatten() {
-        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
-            continue;
-        };
-        let dir = task.path();
+    for (tid, dir) in tasks(pid) {
         let name = read_trimmed(&dir.join("comm")).unwrap_or_default();
         let sched = read_trimmed(&dir.join("schedstat")).unwrap_or_default();
         let mut times = sched.split_whitespace().map(|v| v.parse().unwrap_or(0));
@@ -184,15 +189,25 @@ pub struct SchedClass {
     pub nice: i32,
 }
 
+/// The policies as a stat shows them (`sched_setscheduler(2)`'s numbers).
+const SCHED_FIFO: u32 = libc::SCHED_FIFO as u32;
+const SCHED_RR: u32 = libc::SCHED_RR as u32;
+const SCHED_BATCH: u32 = libc::SCHED_BATCH as u32;
+const SCHED_IDLE: u32 = libc::SCHED_IDLE as u32;
+
 impl SchedClass {
+    fn is_real_time(&self) -> bool {
+        matches!(self.policy, SCHED_FIFO | SCHED_RR)
+    }
+
     /// Whether the kernel favours it over `other`: a real-time class over any other, then a
     /// higher real-time priority, then any class over `SCHED_IDLE`, then a lower nice value.
     pub fn favoured_over(&self, other: &SchedClass) -> bool {
         let rank = |c: &SchedClass| {
             (
-                matches!(c.policy, 1 | 2),
+                c.is_real_time(),
                 c.rt_priority,
-                c.policy != 5,
+                c.policy != SCHED_IDLE,
                 -c.nice,
             )
         };
@@ -203,10 +218,10 @@ impl SchedClass {
 impl std::fmt::Display for SchedClass {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.policy {
-            1 => write!(f, "SCHED_FIFO {}", self.rt_priority),
-            2 => write!(f, "SCHED_RR {}", self.rt_priority),
-            3 => write!(f, "SCHED_BATCH nice {}", self.nice),
-            5 => write!(f, "SCHED_IDLE"),
+            SCHED_FIFO => write!(f, "SCHED_FIFO {}", self.rt_priority),
+            SCHED_RR => write!(f, "SCHED_RR {}", self.rt_priority),
+            SCHED_BATCH => write!(f, "SCHED_BATCH nice {}", self.nice),
+            SCHED_IDLE => write!(f, "SCHED_IDLE"),
             _ => write!(f, "nice {}", self.nice),
         }
     }
@@ -215,13 +230,10 @@ impl std::fmt::Display for SchedClass {
 /// Each thread of process `pid` by its name, with its scheduling class (fields 2, 19, 40 and
 /// 41 of its stat; empty when it is gone).
 pub fn thread_classes(pid: i32) -> Vec<(String, SchedClass)> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| {
-            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+    tasks(pid)
+        .into_iter()
+        .filter_map(|(_, dir)| {
+            let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
             let name = stat.split_once('(')?.1.rsplit_once(')')?.0.to_owned();
             let f = stat_fields(&stat)?;
             let class = SchedClass {
