@@ -168,18 +168,12 @@ pub(crate) struct Hosts {
 /// others in other versions).
 const TOKIO_THREAD_NAME: &str = "tokio-";
 
-/// Each string of `lists` once, sorted (the control classes the runs of a benchmark saw).
-pub fn each_once<'a>(lists: impl IntoIterator<Item = &'a Vec<String>>) -> Vec<String> {
-    let set: std::collections::BTreeSet<&String> = lists.into_iter().flatten().collect();
-    set.into_iter().cloned().collect()
-}
-
 /// The classes of [`Hosts::control_applied`] for a report's text ("not read" when none was).
-pub fn classes_line(classes: &[String]) -> String {
+pub fn classes_line(classes: &BTreeSet<String>) -> String {
     if classes.is_empty() {
         "not read".to_owned()
     } else {
-        classes.join(", ")
+        classes.iter().cloned().collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -210,10 +204,9 @@ impl Hosts {
     /// class `--control-priority` or `--control-nice` asked for is what an agent applies only
     /// where the host permits it): per agent, the class the kernel favours most among its
     /// tokio threads (its workers are given the class when they first park; its blocking
-    /// threads, of the same name, never are); each class once, sorted.
-    pub fn control_applied(&self) -> Vec<String> {
-        let mut classes: Vec<String> = self
-            .agents
+    /// threads, of the same name, never are).
+    pub fn control_applied(&self) -> BTreeSet<String> {
+        self.agents
             .iter()
             .filter_map(|a| i32::try_from(a.0.id()).ok())
             .filter_map(|pid| {
@@ -224,10 +217,7 @@ impl Hosts {
                     .reduce(|a, b| if b.favoured_over(&a) { b } else { a })
             })
             .map(|c| c.to_string())
-            .collect();
-        classes.sort();
-        classes.dedup();
-        classes
+            .collect()
     }
 
     pub fn name(i: usize) -> String {

@@ -65,7 +65,7 @@ pub struct FailoverRun {
     /// How the agents' control threads ran, read from `/proc` before the event
     /// ([`crate::bench_cluster::Hosts::control_applied`]); the report states them once.
     #[serde(skip)]
-    pub control_applied: Vec<String>,
+    pub control_applied: std::collections::BTreeSet<String>,
     pub detect_ms: f64,
     pub flip_ms: f64,
     pub lost_packets: u64,
@@ -109,7 +109,7 @@ pub struct FailoverReport {
     pub control_nice: Option<i8>,
     /// How the agents' async control threads ran in the runs, read from `/proc` (what the
     /// options above asked for applies only where the host permits it): each class seen once.
-    pub control_applied: Vec<String>,
+    pub control_applied: std::collections::BTreeSet<String>,
     pub pair: FailoverFigures,
     /// Baseline: the same NAT without a standby, placed again by the healer (heal delay 0).
     pub single: FailoverFigures,
@@ -467,7 +467,7 @@ pub struct TcpRun {
     /// How the agents' control threads ran, read from `/proc` before the event
     /// ([`crate::bench_cluster::Hosts::control_applied`]); the report states them once.
     #[serde(skip)]
-    pub control_applied: Vec<String>,
+    pub control_applied: std::collections::BTreeSet<String>,
     pub flip_ms: f64,
     /// As in [`FailoverRun`].
     pub silences_before_kill: u64,
@@ -828,17 +828,17 @@ pub async fn run_failover_bench(
     progress(total, total);
     let _ = std::fs::remove_dir_all(&dir);
     let (pair, single, tcp_pair, tcp_single) = result?;
-    let control_applied = crate::bench_cluster::each_once(
-        pair.iter()
-            .chain(&single)
-            .map(|r| &r.control_applied)
-            .chain(
-                tcp_pair
-                    .iter()
-                    .chain(&tcp_single)
-                    .map(|r| &r.control_applied),
-            ),
-    );
+    let control_applied = pair
+        .iter()
+        .chain(&single)
+        .flat_map(|r| r.control_applied.iter().cloned())
+        .chain(
+            tcp_pair
+                .iter()
+                .chain(&tcp_single)
+                .flat_map(|r| r.control_applied.iter().cloned()),
+        )
+        .collect();
     let tcp = tcp_missing.is_none().then(|| TcpFigures {
         measured: format!(
             "iperf3 TCP, {TCP_SECONDS} s with 100 ms intervals, from a client namespace to a server namespace through the NAT (the namespaces' veths pinned to h4 as host:IFNAME@h4, the NAT's roles on h1 and h2); SIGKILL of the active's agent {} s into the flow",

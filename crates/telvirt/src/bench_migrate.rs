@@ -73,7 +73,7 @@ pub struct MoveRun {
     /// How the agents' control threads ran, read from `/proc` after the move
     /// ([`crate::bench_cluster::Hosts::control_applied`]); the report states them once.
     #[serde(skip)]
-    pub control_applied: Vec<String>,
+    pub control_applied: std::collections::BTreeSet<String>,
     pub total_ms: f64,
     /// Frames of the stream that never reached the sink (gaps in their sequence numbers; a
     /// frame still on its way is not one).
@@ -217,7 +217,7 @@ pub struct MigrateReport {
     pub control_nice: Option<i8>,
     /// How the agents' async control threads ran in the runs, read from `/proc` (what the
     /// options above asked for applies only where the host permits it): each class seen once.
-    pub control_applied: Vec<String>,
+    pub control_applied: std::collections::BTreeSet<String>,
     pub sizes: Vec<MoveComparison>,
     /// The same moves under an iperf3 TCP flow (`None`: not measured here, see
     /// `tcp_missing`).
@@ -567,7 +567,7 @@ pub async fn run_migrate_bench(
         let mut done = 0;
         let (mut tcp_live, mut tcp_cold) = (Vec::new(), Vec::new());
         // The control classes every run saw (the runs go into their figures).
-        let mut applied = Vec::new();
+        let mut applied = std::collections::BTreeSet::new();
         let setup = FailoverArgs {
             rounds: 1,
             rate_pps: args.rate_pps,
@@ -593,7 +593,11 @@ pub async fn run_migrate_bench(
                 done += 2;
                 progress(done, total);
             }
-            applied.extend(live.iter().chain(&cold).map(|r| r.control_applied.clone()));
+            applied.extend(
+                live.iter()
+                    .chain(&cold)
+                    .flat_map(|r| r.control_applied.iter().cloned()),
+            );
             let live = figures(
                 ("live move (state streamed, then the traffic)", true),
                 size,
@@ -617,11 +621,12 @@ pub async fn run_migrate_bench(
     }
     .await;
     let _ = std::fs::remove_dir_all(&dir);
-    let (sizes, tcp_live, tcp_cold, applied) = result?;
-    let control_applied = crate::bench_cluster::each_once(
-        applied
+    let (sizes, tcp_live, tcp_cold, mut control_applied) = result?;
+    control_applied.extend(
+        tcp_live
             .iter()
-            .chain(tcp_live.iter().chain(&tcp_cold).map(|r| &r.control_applied)),
+            .chain(&tcp_cold)
+            .flat_map(|r| r.control_applied.iter().cloned()),
     );
     let tcp_downtimes = Downtimes::of(tcp_live.iter().map(|r| r.downtime_us), true);
     let tcp = tcp_missing.is_none().then(|| TcpMoves {

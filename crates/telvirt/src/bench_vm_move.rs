@@ -155,7 +155,7 @@ pub struct VmMoveReport {
     pub control_nice: Option<i8>,
     /// How the agents' async control threads ran, read from `/proc` after the moves (what
     /// the options above asked for applies only where the host permits it): each class once.
-    pub control_applied: Vec<String>,
+    pub control_applied: std::collections::BTreeSet<String>,
     pub live: VmMoveFigures,
     pub cold: VmMoveFigures,
     /// Live over cold, of the medians.
