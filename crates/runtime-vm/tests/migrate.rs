@@ -119,10 +119,29 @@ async fn a_running_guest_moves_over_a_passed_socket_to_another_qemu_pinned_there
     // The relay holds its own copy of the socket: this one closed, as an agent's is.
     drop(from);
     // The destination's relay, waiting for the stream, holds its stdio, the connection (3) and
-    // its QEMU's end (4): nothing else of this process.
+    // its QEMU's end (4): nothing else of this process. Polled: a descriptor inherited stays
+    // for good, while one seen once under load (make test, not reproduced; what it was went
+    // unrecorded) may be the relay's own for a moment; what each is comes with a failure.
     let relay = relay_of("destination").await;
-    let held = telvirt_files::proc::descriptors(relay).unwrap();
-    assert_eq!(held, [0, 1, 2, 3, 4], "relay {relay} holds {held:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let held = telvirt_files::proc::descriptors(relay).unwrap();
+        if held == [0, 1, 2, 3, 4] {
+            break;
+        }
+        let what: Vec<String> = held
+            .iter()
+            .map(|fd| {
+                let target = std::fs::read_link(format!("/proc/{relay}/fd/{fd}"));
+                format!("{fd} -> {target:?}")
+            })
+            .collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "relay {relay} holds {what:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // It relays under a seccomp filter of its own (one more than this process runs under),
     // installed once it has its key and sockets: polled.
     let ours = telvirt_files::proc::seccomp_filters(std::process::id() as i32).unwrap();
