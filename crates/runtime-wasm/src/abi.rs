@@ -52,7 +52,7 @@ pub mod code {
     pub const EFULL: i32 = -7;
 }
 
-/// Fuel charged by the map host functions, on top of the wasm instructions around the call, so
+/// Fuel charged by the map host functions and `random`, on top of the wasm instructions around the call, so
 /// a module cannot spin in host code for free: `tv_init`, batches and ticks all run under a
 /// fuel budget (`RunLimits::fuel_per_batch`). A call costs its base plus one unit per
 /// [`host_fuel::BYTES_PER_FUEL`] bytes of key and value it copies (rounded down). One unit of
@@ -67,7 +67,10 @@ pub mod host_fuel {
     pub const MAP_UPDATE: u64 = 100;
     /// Base cost of `map_delete`.
     pub const MAP_DELETE: u64 = 100;
-    /// Bytes of key and value copied per unit of fuel.
+    /// Base cost of `random` (plus one unit per [`BYTES_PER_FUEL`] bytes it fills: a 4 KiB
+    /// fill is about 500 rounds of its generator).
+    pub const RANDOM: u64 = 20;
+    /// Bytes of key and value copied (or random bytes made) per unit of fuel.
     pub const BYTES_PER_FUEL: u64 = 8;
 
     /// Fuel of one call with this base that copies `bytes` bytes of key and value.

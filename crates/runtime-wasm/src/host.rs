@@ -1,8 +1,8 @@
 //! Host functions of module `telvirt` (ABI v1) and the per-VNF state they act on. Only the
 //! functions whose permission is granted are linked; the rest are absent, never stubbed.
 //! Owns the host side of each call, including the cached view of linear memory the calls use
-//! (see `MemView`) and the fuel the map functions charge (`abi::host_fuel`); it does not
-//! decide grants (see `security`).
+//! (see `MemView`) and the fuel the map functions and `random` charge (`abi::host_fuel`); it
+//! does not decide grants (see `security`).
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::Range;
@@ -15,9 +15,16 @@ use crate::batch::Emitted;
 use crate::maps::MapSet;
 use crate::security::Permission;
 
-/// Linear-memory cap enforced through wasmtime's `ResourceLimiter`.
+/// Most table elements one instance may hold, all its tables together (a module may declare
+/// up to 100 tables; each element is host memory outside the linear-memory cap).
+pub(crate) const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Linear-memory cap and table budget enforced through wasmtime's `ResourceLimiter`.
 pub(crate) struct Limiter {
     pub(crate) cap: u64,
+    /// Elements of the current store's tables, all of them together (at most
+    /// [`MAX_TABLE_ELEMENTS`]); a new store starts from 0.
+    pub(crate) table_elements: usize,
     /// Bytes requested by the growth that hit the cap.
     pub(crate) hit: Option<u64>,
     /// Set on every growth attempt: the host's `MemView` must be refreshed before its next use.
@@ -44,11 +51,19 @@ impl ResourceLimiter for Limiter {
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        Ok(desired <= 100_000)
+        let total = self
+            .table_elements
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > MAX_TABLE_ELEMENTS {
+            return Ok(false);
+        }
+        self.table_elements = total;
+        Ok(true)
     }
 }
 
@@ -99,6 +114,7 @@ impl HostState {
             maps,
             limiter: Limiter {
                 cap,
+                table_elements: 0,
                 hit: None,
                 grew: false,
             },
@@ -118,8 +134,10 @@ impl HostState {
     }
 }
 
+/// The bytes `len` long at wasm address `ptr` (an unsigned 32-bit address carried in an
+/// `i32`: addresses from 2 GiB on arrive negative) when they lie inside `mem` bytes.
 fn range(ptr: i32, len: usize, mem: usize) -> Option<Range<usize>> {
-    let start = u32::try_from(ptr).ok()? as usize;
+    let start = ptr as u32 as usize;
     let end = start.checked_add(len)?;
     (end <= mem).then_some(start..end)
 }
@@ -323,11 +341,12 @@ pub(crate) fn link(
         linker.func_wrap(
             m,
             "random",
-            |mut c: Caller<'_, HostState>, p: i32, len: i32| -> i32 {
-                with_mem(&mut c, code::EFAULT, |data, st| {
-                    if !(0..=4096).contains(&len) {
-                        return code::EINVAL;
-                    }
+            |mut c: Caller<'_, HostState>, p: i32, len: i32| -> wasmtime::Result<i32> {
+                if !(0..=4096).contains(&len) {
+                    return Ok(code::EINVAL);
+                }
+                charge(&mut c, host_fuel::cost(host_fuel::RANDOM, len as u64))?;
+                Ok(with_mem(&mut c, code::EFAULT, |data, st| {
                     let Some(r) = range(p, len as usize, data.len()) else {
                         return code::EFAULT;
                     };
@@ -336,7 +355,7 @@ pub(crate) fn link(
                         chunk.copy_from_slice(&v[..chunk.len()]);
                     }
                     code::OK
-                })
+                }))
             },
         )?;
     }
@@ -373,4 +392,27 @@ pub(crate) fn link(
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::range;
+
+    /// Wasm addresses are unsigned: one from 2 GiB on (negative as an `i32`) is a place in a
+    /// memory that large, not an error; what runs past the memory still is.
+    #[test]
+    fn addresses_from_2_gib_on_are_places_not_errors() {
+        let at_2_gib = 0x8000_0000_u32 as i32;
+        assert!(at_2_gib < 0);
+        assert_eq!(
+            range(at_2_gib, 8, 0x8000_0010),
+            Some(0x8000_0000..0x8000_0008)
+        );
+        assert_eq!(range(at_2_gib, 0x11, 0x8000_0010), None);
+        assert_eq!(
+            range(-1, 1, 0x1_0000_0000),
+            Some(0xffff_ffff..0x1_0000_0000)
+        );
+        assert_eq!(range(16, 8, 20), None);
+    }
 }

@@ -267,6 +267,8 @@ fn start(
     // Nothing of a previous store may be used by host functions of this one.
     state.memory = None;
     state.reset_view();
+    // The tables of a previous store went with it.
+    state.limiter.table_elements = 0;
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     let init_fuel = cfg.limits.fuel_per_batch.saturating_mul(16);
@@ -727,8 +729,11 @@ impl VnfInstance {
             .map_err(|e| Error::Upgrade(e.to_string()))?;
         let old_defs = host.maps.defs();
         let rng = host.rng;
-        let (carried, leftovers) = MapSet::carry_over(host.maps.take_maps(), &new_defs)
+        let (mut carried, leftovers) = MapSet::carry_over(host.maps.take_maps(), &new_defs)
             .map_err(|e| Error::Upgrade(e.to_string()))?;
+        carried.count_changes_on_from(&host.maps);
+        // What the new version's `tv_init` writes must not stay if it then fails.
+        carried.keep_originals();
         let mut new_state =
             HostState::new(carried, mem_cap, module.manifest.counters.len(), ports, rng);
         new_state.maps.base = host.maps.base;
@@ -742,6 +747,9 @@ impl VnfInstance {
         ) {
             Ok(l) => {
                 self.live = Some(l);
+                if let Some(host) = self.host_mut() {
+                    host.maps.forget_originals();
+                }
                 self.parked = None;
                 self.pre = pre;
                 self.module = module;
@@ -752,13 +760,14 @@ impl VnfInstance {
             }
             Err(b) => {
                 let (e, st) = *b;
-                // Put the maps back into the untouched old instance.
-                let mut pool = st.maps.maps;
+                // Put the maps back into the untouched old instance, as they were handed over
+                // (what `tv_init` changed undone), those it copied from where they stayed.
+                let mut pool = st.maps.into_originals();
                 pool.extend(leftovers);
-                let back = MapSet::carry_over(pool, &old_defs);
+                let back = MapSet::exactly(pool, &old_defs);
                 if let Some(host) = self.host_mut() {
                     match back {
-                        Ok((set, _)) => host.maps.maps = set.maps,
+                        Ok(maps) => host.maps.maps = maps,
                         Err(err) => {
                             return Err(Error::Upgrade(format!(
                                 "new version failed to start ({e}) and maps could not be restored: {err}"

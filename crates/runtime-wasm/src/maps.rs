@@ -129,6 +129,7 @@ impl MapDef {
 pub(crate) const NIL: u32 = u32::MAX;
 
 /// One map with flat, preallocated storage.
+#[derive(Clone)]
 pub struct Map {
     def: MapDef,
     ks: usize,
@@ -564,6 +565,10 @@ pub struct MapSet {
     /// Successful updates and deletes since the set was made: tells a reader of snapshots
     /// whether anything changed since its last one without touching the update log.
     changes: u64,
+    /// While a new version of the module starts on these maps ([`MapSet::keep_originals`]):
+    /// each map as it was before its first change (or, for an LRU map, its first lookup, which
+    /// reorders it), so a start that fails can hand the maps back untouched.
+    originals: Option<Vec<Option<Map>>>,
     scratch: Vec<u8>,
 }
 
@@ -606,6 +611,7 @@ impl MapSet {
             base: 0,
             log_cap: log_cap(defs),
             changes: 0,
+            originals: None,
             scratch: Vec::with_capacity(MAX_KV_SIZE as usize),
         })
     }
@@ -755,12 +761,55 @@ impl MapSet {
 
     /// Looks up a key in map `id`.
     pub fn lookup(&mut self, id: usize, key: &[u8]) -> Option<&[u8]> {
+        if self.maps.get(id)?.def.kind == MapKind::LruHash {
+            self.keep_original(id);
+        }
         self.maps.get_mut(id)?.lookup(key)
+    }
+
+    /// From now on each map is copied whole before its first change (an LRU map before its
+    /// first lookup too), so that [`MapSet::into_originals`] gives back the maps as they are
+    /// now: a new version's `tv_init` that fails must not leave its writes in the maps of the
+    /// version that keeps running. Maps it never touches cost nothing.
+    pub(crate) fn keep_originals(&mut self) {
+        self.originals = Some(vec![None; self.maps.len()]);
+    }
+
+    /// The start went well: the copies kept since [`MapSet::keep_originals`] are dropped.
+    pub(crate) fn forget_originals(&mut self) {
+        self.originals = None;
+    }
+
+    /// The maps as they were when [`MapSet::keep_originals`] was called (as they are now
+    /// where nothing changed them since).
+    pub(crate) fn into_originals(self) -> Vec<Map> {
+        let mut originals = self.originals.unwrap_or_default();
+        self.maps
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| originals.get_mut(i).and_then(Option::take).unwrap_or(m))
+            .collect()
+    }
+
+    /// Counts on from `before`'s changes (a set carried into a new version of its module is
+    /// the same state: a reader comparing counts must see what changes after it).
+    pub(crate) fn count_changes_on_from(&mut self, before: &MapSet) {
+        self.changes = before.changes;
+    }
+
+    fn keep_original(&mut self, id: usize) {
+        if let Some(originals) = self.originals.as_mut()
+            && let Some(slot @ None) = originals.get_mut(id)
+            && let Some(m) = self.maps.get(id)
+        {
+            *slot = Some(m.clone());
+        }
     }
 
     /// Before `key` of map `id` changes: a sliced snapshot or copy under way saves the entry
     /// as it was if its slot was not copied yet.
     pub(crate) fn note_change(&mut self, id: usize, key: &[u8]) {
+        self.keep_original(id);
         let Some(m) = self.maps.get(id) else {
             return;
         };
@@ -818,7 +867,8 @@ impl MapSet {
         rc
     }
 
-    /// Successful updates and deletes since this set was made (restored sets count from 0).
+    /// Successful updates and deletes since this set was made (restored sets count from 0; a set
+    /// carried into a new version of its module counts on).
     pub fn changes(&self) -> u64 {
         self.changes
     }
@@ -882,24 +932,31 @@ impl MapSet {
     }
 
     /// Builds a set for `defs` from a pool of maps: a map of the same name is moved in (or its
-    /// entries copied when the capacity differs; arrays keep the common prefix); other maps start
-    /// empty. Returns the set and the maps of the pool not used. Call `check_carry_over` first:
-    /// entries that do not fit are dropped.
+    /// entries copied when the capacity differs, the map itself staying in the pool; arrays
+    /// keep the common prefix); other maps start empty. Returns the set and the maps of the
+    /// pool not moved in. Call `check_carry_over` first: entries that do not fit are dropped.
     pub(crate) fn carry_over(pool: Vec<Map>, defs: &[MapDef]) -> Result<(MapSet, Vec<Map>)> {
         let mut fresh = MapSet::new(defs)?;
         let mut pool: Vec<Option<Map>> = pool.into_iter().map(Some).collect();
         for (i, d) in defs.iter().enumerate() {
-            let Some(om) = pool
+            let Some(slot) = pool
                 .iter_mut()
                 .find(|m| m.as_ref().is_some_and(|m| m.def.layout_eq(d)))
-                .and_then(Option::take)
             else {
                 continue;
             };
-            if om.def.max_entries == d.max_entries {
-                fresh.maps[i] = om;
+            if slot
+                .as_ref()
+                .is_some_and(|m| m.def.max_entries == d.max_entries)
+            {
+                if let Some(om) = slot.take() {
+                    fresh.maps[i] = om;
+                }
                 continue;
             }
+            let Some(om) = slot.as_ref() else {
+                continue;
+            };
             let target = &mut fresh.maps[i];
             if d.kind == MapKind::Array {
                 let n = om.array_values().len().min(target.array_values().len());
@@ -911,6 +968,22 @@ impl MapSet {
             }
         }
         Ok((fresh, pool.into_iter().flatten().collect()))
+    }
+
+    /// The maps of `pool` whose definitions are exactly `defs`, in their order: a set whose
+    /// new version failed to start taken back from what it was handed and what stayed behind.
+    /// An error names a definition with no such map (nothing else is lost: the pool is
+    /// consumed either way).
+    pub(crate) fn exactly(pool: Vec<Map>, defs: &[MapDef]) -> Result<Vec<Map>> {
+        let mut pool: Vec<Option<Map>> = pool.into_iter().map(Some).collect();
+        defs.iter()
+            .map(|d| {
+                pool.iter_mut()
+                    .find(|m| m.as_ref().is_some_and(|m| m.def == *d))
+                    .and_then(Option::take)
+                    .ok_or_else(|| Error::Map(format!("map `{}` was not handed back", d.name)))
+            })
+            .collect()
     }
 
     /// Takes the maps out, leaving the set empty (log and base stay). A sliced snapshot or

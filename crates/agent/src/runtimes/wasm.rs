@@ -1130,8 +1130,9 @@ impl WasmRuntime {
             .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
-            // The carried maps count their changes from 0 again: the next save writes them (in
-            // the new layout) whatever the count it saved last.
+            // The carried maps count on, but may be laid out anew (maps added, resized or
+            // dropped) with no change counted: the next save writes them whatever the count it
+            // saved last.
             e.outside_changes += 1;
         }
         Ok(meta.hash)

@@ -545,6 +545,61 @@ fn map_host_calls_are_charged_their_documented_fuel() {
     );
 }
 
+/// `random` costs its base plus a unit per 8 bytes it fills: a module filling 4 KiB in a loop
+/// runs out of fuel where the wasm alone would not, and fits once the charge is budgeted.
+#[test]
+fn random_is_charged_by_the_bytes_it_fills() {
+    let calls: u64 = 2_000;
+    let fits = |call: &str, total: u64| -> bool {
+        let text = format!(
+            r#"(module
+  (import "telvirt" "random" (func $random (param i32 i32) (result i32)))
+  (memory (export "memory") 4)
+  (func (export "tv_buffer") (param i32) (result i32) (i32.const 65536))
+  (func (export "tv_init") (param $p i32) (param $len i32) (result i32)
+    (local $i i32)
+    (block $done (loop $l
+      (br_if $done (i32.ge_u (local.get $i) (i32.const {calls})))
+      {call}
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $l)))
+    (i32.const 0))
+  (func (export "tv_process") (param $b i32) (param $n i32) (result i32) (i32.const 0))
+  {}
+)"#,
+            manifest(r#"{"abi":1,"name":"rand","version":"1","permissions":["random"]}"#)
+        );
+        let rt = runtime("fuel-random");
+        let m = install(&rt, &wat::parse_str(&text).expect("wat"), "operator");
+        let cfg = VnfConfig {
+            limits: RunLimits {
+                memory_bytes: 1 << 20,
+                fuel_per_batch: total.div_ceil(16),
+            },
+            ..VnfConfig::default()
+        };
+        match rt.instantiate(&m, cfg).err() {
+            None => true,
+            Some(Error::Failed(FailureReason::CpuLimit { .. })) => false,
+            Some(other) => panic!("expected success or the CPU limit, got {other}"),
+        }
+    };
+    let wasm = 60;
+    let control = "(drop (i32.const 0)) (drop (i32.const 4096))";
+    assert!(fits(control, calls * wasm), "the wasm alone fits");
+    let call = "(drop (call $random (i32.const 0) (i32.const 4096)))";
+    let cost = host_fuel::cost(host_fuel::RANDOM, 4096);
+    assert_eq!(cost, host_fuel::RANDOM + 512);
+    assert!(
+        !fits(call, calls * wasm),
+        "4 KiB of random bytes must not be free"
+    );
+    assert!(
+        fits(call, calls * (wasm + cost)),
+        "{cost} per call plus the wasm fits"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Linear-memory limit
 

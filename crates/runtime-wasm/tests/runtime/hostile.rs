@@ -468,6 +468,67 @@ fn ungranted_host_function_is_not_linked() {
     );
 }
 
+/// Tables are host memory outside the linear-memory cap: all of an instance's tables together
+/// hold at most 100,000 elements, however many the module declares; a growth past that fails
+/// (`table.grow` answers -1) and the budget starts afresh with the store a restart makes.
+#[test]
+fn tables_together_stay_within_their_element_budget() {
+    let manifest = COUNTER_MANIFEST.replace(
+        r#""counters":["packets"]"#,
+        r#""counters":["a","b","c","d"]"#,
+    );
+    let grow = |counter: u32, table: &str, n: u32| {
+        format!(
+            "(call $counter (i32.const {counter}) (i64.extend_i32_s (table.grow {table} (ref.null func) (i32.const {n}))))"
+        )
+    };
+    let process = format!(
+        "{} {} {} {} unreachable",
+        grow(0, "$a", 40_000),
+        grow(1, "$b", 40_000),
+        grow(2, "$c", 20_001),
+        grow(3, "$c", 20_000)
+    );
+    let extra = "(table $a 0 funcref) (table $b 0 funcref) (table $c 0 funcref)";
+    let rt = runtime("tables");
+    let m = install(
+        &rt,
+        &abi_module(&manifest, MAP_IMPORTS, &process, extra),
+        "untrusted",
+    );
+    let cfg = VnfConfig {
+        restart: RestartPolicy::OnFailure { max_restarts: 1 },
+        ..VnfConfig::default()
+    };
+    let mut inst = rt.instantiate(&m, cfg).expect("instantiate");
+    let failed = u64::MAX; // -1, the answer of a growth refused
+    let err = inst.process_batch(&mut batch(1)).expect_err("traps");
+    assert!(
+        matches!(
+            err,
+            Error::BatchTrapped {
+                restarted: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let counters =
+        |inst: &VnfInstance| -> Vec<u64> { inst.counters().into_iter().map(|(_, v)| v).collect() };
+    assert_eq!(
+        counters(&inst),
+        [0, 0, failed, 0],
+        "100,000 elements and not one more"
+    );
+    // The restarted instance's tables are new: the same growths again, the same answers.
+    inst.process_batch(&mut batch(1)).expect_err("traps again");
+    assert_eq!(
+        counters(&inst),
+        [0, 0, failed.wrapping_add(failed), 0],
+        "the old store's tables are not counted against the new one"
+    );
+}
+
 #[test]
 fn initial_memory_over_the_cap_fails_to_start() {
     let rt = runtime("initmem");

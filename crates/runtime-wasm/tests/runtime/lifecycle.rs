@@ -231,3 +231,96 @@ fn upgrade_repairs_a_failed_vnf_and_locked_vnf_refuses_changes() {
     ));
     assert_eq!(count_of(&inst), 5);
 }
+
+/// A new version whose `tv_init` writes into the carried maps and then fails leaves the
+/// running version's maps as they were: its write undone, an array it shrank whole, an LRU map
+/// it only read in its old order; and the maps' change count counts on across a version that
+/// did start (a reader comparing counts, like the agent's disk copy, must see later changes).
+#[test]
+fn a_failed_upgrade_leaves_the_maps_it_was_handed_untouched() {
+    let manifest = |version: &str, count_entries: u32| {
+        format!(
+            r#"{{"abi":1,"name":"counter","version":"{version}","permissions":["maps.read","maps.write","counters"],"maps":[{{"name":"count","kind":"array","key_size":4,"value_size":8,"max_entries":{count_entries}}},{{"name":"recent","kind":"lru_hash","key_size":4,"value_size":8,"max_entries":2}}],"counters":["packets"]}}"#
+        )
+    };
+    let rt = runtime("upgrade-undo");
+    let v1 = install(
+        &rt,
+        &abi_module(&manifest("1.0.0", 4), MAP_IMPORTS, COUNT_LOOP, ""),
+        "untrusted",
+    );
+    let mut inst = rt
+        .instantiate(&v1, VnfConfig::default())
+        .expect("instantiate");
+    inst.process_batch(&mut batch(10)).expect("process");
+    for (k, v) in [(1u32, 11u64), (2, 22), (3, 33)] {
+        inst.map_update("count", &k.to_le_bytes(), &v.to_le_bytes())
+            .expect("count entry");
+    }
+    for k in [7u32, 8] {
+        inst.map_update("recent", &k.to_le_bytes(), &u64::from(k).to_le_bytes())
+            .expect("recent entry");
+    }
+    let entries = |inst: &telvirt_runtime_wasm::VnfInstance| -> Vec<Option<Vec<u8>>> {
+        let maps = inst.maps().expect("maps");
+        let count = maps.by_name("count").expect("count");
+        let recent = maps.by_name("recent").expect("recent");
+        (0u32..4)
+            .map(|k| count.peek(&k.to_le_bytes()).map(<[u8]>::to_vec))
+            .chain([7u32, 8, 9].map(|k| recent.peek(&k.to_le_bytes()).map(<[u8]>::to_vec)))
+            .collect()
+    };
+    let before = entries(&inst);
+    let changes = inst.maps().expect("maps").changes();
+    assert_eq!(changes, 15, "10 packets and 5 entries written");
+
+    // v2 shrinks `count` to 2 entries; its tv_init writes 999 at entry 0, reads key 7 of
+    // `recent` (the older one: a read makes it the newer), inserts key 9 into `recent` (which
+    // evicts the older one), then fails.
+    let init = r#"
+      (i64.store (i32.const 8) (i64.const 999))
+      (drop (call $update (i32.const 0) (i32.const 0) (i32.const 8) (i32.const 0)))
+      (i32.store (i32.const 0) (i32.const 7))
+      (drop (call $lookup (i32.const 1) (i32.const 0) (i32.const 8)))
+      (i32.store (i32.const 0) (i32.const 9))
+      (drop (call $update (i32.const 1) (i32.const 0) (i32.const 8) (i32.const 0)))
+      (i32.const 7)"#;
+    let v2 = install(
+        &rt,
+        &abi_module_with_init(&manifest("2.0.0", 2), init),
+        "untrusted",
+    );
+    let err = rt
+        .upgrade(&mut inst, &v2)
+        .expect_err("failing init refused");
+    assert!(
+        err.to_string().contains("tv_init returned error code 7"),
+        "{err}"
+    );
+    assert_eq!(entries(&inst), before, "the maps as they were handed over");
+    assert_eq!(inst.maps().expect("maps").changes(), changes);
+    // The LRU order was kept too: inserting one more evicts key 7 (the older), not key 8.
+    inst.map_update("recent", &10u32.to_le_bytes(), &10u64.to_le_bytes())
+        .expect("insert into the full LRU map");
+    let recent = inst
+        .maps()
+        .expect("maps")
+        .by_name("recent")
+        .expect("recent");
+    assert!(
+        recent.peek(&7u32.to_le_bytes()).is_none(),
+        "key 7 was the older"
+    );
+    assert!(recent.peek(&8u32.to_le_bytes()).is_some());
+    inst.process_batch(&mut batch(1)).expect("v1 still runs");
+    assert_eq!(count_of(&inst), 11);
+
+    // A reconfigure starts the module again on its maps: the count goes on from where it was.
+    let changes = inst.maps().expect("maps").changes();
+    inst.reconfigure(Vec::new(), 10_000_000)
+        .expect("reconfigure");
+    assert_eq!(inst.maps().expect("maps").changes(), changes);
+    inst.process_batch(&mut batch(2))
+        .expect("process after reconfigure");
+    assert_eq!(inst.maps().expect("maps").changes(), changes + 2);
+}
