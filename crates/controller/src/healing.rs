@@ -222,9 +222,57 @@ impl Controller {
         let placed = scheduler.placement(name)?;
         let recorded = self
             .record_placement(&mut scheduler, name, &placed, &moves.join("; "))
-            .await?;
+            .await;
+        if recorded.is_err() {
+            self.hold_what_is_stored(&mut scheduler, name).await;
+        }
         drop(scheduler);
-        Ok(recorded)
+        recorded
+    }
+
+    /// After a placement of VNF `name` whose record the store answered with an error (it may
+    /// have been applied all the same) or that kept losing its race: the scheduler holds again
+    /// what the store holds for the VNF, read back now. Otherwise it would keep cores for a
+    /// place nobody recorded (the record still naming the failed host, no later pass would move
+    /// the VNF again, and its cores there would be free for another VNF). A store that cannot
+    /// be read leaves the scheduler as it is (logged).
+    async fn hold_what_is_stored(&self, scheduler: &mut Scheduler, name: &str) {
+        let key = allocation_key(name);
+        let stored = match self.store.get(&key).await {
+            Ok(v) => v.map(|v| decode::<Allocation>(&key, &v.value)).transpose(),
+            Err(e) => Err(e.into()),
+        };
+        let stored = match stored {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(vnf = %name, "cannot read its stored placement back after the store did not take its new one: {e}");
+                return;
+            }
+        };
+        let held = scheduler.allocation(name).ok();
+        if held.as_ref().map(|a| &a.placement) == stored.as_ref().map(|a| &a.placement) {
+            return;
+        }
+        if held.is_some() {
+            let _ = scheduler.release(name);
+        }
+        let Some(stored) = stored else {
+            tracing::warn!(vnf = %name, "the store holds no placement for it: its cores are released");
+            return;
+        };
+        match scheduler.restore(&stored) {
+            Ok(()) => {
+                tracing::warn!(vnf = %name, "its new placement was not recorded: the scheduler holds what the store holds again")
+            }
+            Err(e) => {
+                tracing::error!(vnf = %name, "its stored placement cannot be held again ({e}); it keeps the unrecorded one");
+                if let Some(held) = held
+                    && let Err(e) = scheduler.restore(&held)
+                {
+                    tracing::error!(vnf = %name, "and that cannot be held again either: {e}");
+                }
+            }
+        }
     }
 
     /// Places a new standby for VNF `name`, an active-standby pair left without one (no host

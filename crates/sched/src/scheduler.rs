@@ -1629,6 +1629,16 @@ impl Scheduler {
         Ok(self.placement_of(self.vnf_idx(name)?))
     }
 
+    /// What VNF `name` holds and the request it holds it for, as [`Scheduler::restore`] takes
+    /// it back. A pending change is not included.
+    pub fn allocation(&self, name: &str) -> Result<Allocation, SchedError> {
+        let vid = self.vnf_idx(name)?;
+        Ok(Allocation {
+            request: self.vnf(vid).req.clone(),
+            placement: self.placement_of(vid),
+        })
+    }
+
     /// Every allocation, ordered by VNF name: what the controller stores and hands to
     /// [`Scheduler::restore`] after a restart. Pending changes are not included.
     pub fn allocations(&self) -> Vec<Allocation> {

@@ -8,9 +8,11 @@ use crate::common;
 
 use std::time::Duration;
 
+use common::hooked_store::HookedStore;
 use common::{Node, beat, host_record, observation, role_hosts, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::consistency;
+use telvirt_controller::records::allocation_key;
 use telvirt_model::Phase;
 use telvirt_model::api::{ActiveLost, Observation};
 
@@ -21,7 +23,11 @@ async fn node_with(
     hosts: &[&str],
     heal_after: Option<Duration>,
 ) -> (Node, Vec<tokio::task::JoinHandle<()>>) {
-    let node = Node::start_monitored(heal_after).await;
+    with_hosts(Node::start_monitored(heal_after).await, hosts).await
+}
+
+/// `node` with hosts `hosts` registered with agents that beat, h1 cordoned (as [`node_with`]).
+async fn with_hosts(node: Node, hosts: &[&str]) -> (Node, Vec<tokio::task::JoinHandle<()>>) {
     node.cordon("h1").await;
     let mut beats = Vec::new();
     for h in hosts {
@@ -29,6 +35,21 @@ async fn node_with(
         beats.push(beat(&node.controller, h));
     }
     (node, beats)
+}
+
+/// Creates the VNF u1 (no standby) on h2 or h3 and plays its agent reporting it Running:
+/// (u1, its host, the other host).
+async fn running_single(node: &Node) -> (Value, String, &'static str) {
+    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
+    let u1 = node
+        .wait_vnf(&node.admin, "u1", |v| {
+            v["placements"][0]["host"].is_string()
+        })
+        .await;
+    let (_, from) = role_hosts(&u1)[0].clone();
+    let to = if from == "h2" { "h3" } else { "h2" };
+    running(node, &from, "u1").await;
+    (u1, from, to)
 }
 
 /// Plays the agent of `host` reporting VNF `vnf` Running.
@@ -106,15 +127,7 @@ async fn assert_consistent(node: &Node) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vnf_without_a_standby_moves_off_a_failed_host_after_the_heal_delay() {
     let (node, mut beats) = node_with(&["h2", "h3"], Some(Duration::from_millis(500))).await;
-    node.create_vnf(&node.admin, &wasm_vnf("u1")).await;
-    let u1 = node
-        .wait_vnf(&node.admin, "u1", |v| {
-            v["placements"][0]["host"].is_string()
-        })
-        .await;
-    let (_, from) = role_hosts(&u1)[0].clone();
-    let to = if from == "h2" { "h3" } else { "h2" };
-    running(&node, &from, "u1").await;
+    let (u1, from, to) = running_single(&node).await;
     let generation = u1["generation"].as_u64().unwrap();
 
     // The host's agent stops: NotReady, u1 Unknown, then (after the delay) moved.
@@ -147,6 +160,47 @@ async fn a_vnf_without_a_standby_moves_off_a_failed_host_after_the_heal_delay() 
         ["u1"]
     );
     assert!(names(node.controller.assignments(&from).await.unwrap()).is_empty());
+    assert_consistent(&node).await;
+    for b in beats {
+        b.abort();
+    }
+}
+
+/// A heal whose record the store refuses (nothing of it applied) is not lost: the scheduler
+/// holds what the store holds again (the failed host), and a later pass moves the VNF. Before,
+/// the scheduler kept the unrecorded place, and every later pass found the VNF holding nothing
+/// on the failed host to move: it stayed there for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heal_the_store_did_not_take_is_made_again_by_a_later_pass() {
+    let mut hooked = None;
+    let node = Node::start_on(|path| {
+        let store = HookedStore::open(path);
+        hooked = Some(store.clone());
+        store
+    })
+    .await;
+    let store = hooked.unwrap();
+    let monitored = Node::monitored(node, Some(Duration::from_millis(500)));
+    let (node, mut beats) = with_hosts(monitored, &["h2", "h3"]).await;
+    let (_, from, to) = running_single(&node).await;
+
+    *store.fail_write.lock().unwrap() = Some(allocation_key("u1"));
+    beats.remove(if from == "h2" { 0 } else { 1 }).abort();
+    node.wait_vnf(&node.admin, "u1", |v| v["placements"][0]["host"] == to)
+        .await;
+    assert!(
+        store.fail_write.lock().unwrap().is_none(),
+        "the first heal's record was refused"
+    );
+    let evs = node.events("u1").await;
+    assert!(
+        evs.iter().any(|e| e["actor"] == "healer"
+            && e["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("moved off failed host {from} to {to}"))),
+        "{evs:?}"
+    );
     assert_consistent(&node).await;
     for b in beats {
         b.abort();

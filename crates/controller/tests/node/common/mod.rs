@@ -50,8 +50,15 @@ fn escape(pointer_part: &str) -> String {
 
 impl Node {
     pub async fn start() -> Node {
+        Node::start_on(|path| RedbStore::open(path).unwrap()).await
+    }
+
+    /// [`Node::start`] on the store `open` makes at the path it is given.
+    pub async fn start_on(
+        open: impl FnOnce(&std::path::Path) -> Arc<dyn telvirt_store::Store>,
+    ) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
+        let store = open(&dir.path().join("store.redb"));
         let controller = Controller::open(store.clone(), SchedConfig::default())
             .await
             .unwrap();
@@ -366,7 +373,11 @@ impl Node {
     /// [`Node::start`] with a 300 ms host lease, heal delay `heal_after` (`None`: never) and
     /// its liveness monitor running (a pass every 100 ms at least).
     pub async fn start_monitored(heal_after: Option<Duration>) -> Node {
-        let node = Node::start().await;
+        Node::monitored(Node::start().await, heal_after)
+    }
+
+    /// [`Node::start_monitored`] of a node already started.
+    pub fn monitored(node: Node, heal_after: Option<Duration>) -> Node {
         node.controller
             .set_host_lease_ttl(Duration::from_millis(300))
             .unwrap();
