@@ -10,7 +10,6 @@
 
 mod filter;
 
-use std::io::{Read, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -29,7 +28,10 @@ use virtio_bindings::bindings::virtio_ring::{
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
@@ -333,6 +335,7 @@ impl NicSocket {
     /// The NIC as one port of a panel node ([`VhostUserNode`]).
     pub fn port(&self) -> NicPort {
         NicPort {
+            descriptors: Vec::with_capacity(MAX_CHAIN_DESCRIPTORS + 1),
             shared: Arc::clone(&self.shared),
             buf: Vec::with_capacity(BATCH),
         }
@@ -487,6 +490,8 @@ fn pause(shared: &Shared, d: Duration) {
 pub struct NicPort {
     shared: Arc<Shared>,
     buf: Vec<Packet>,
+    /// The descriptors of the chain being served, as read from the guest once.
+    descriptors: Vec<Descriptor>,
 }
 
 impl NicPort {
@@ -544,22 +549,20 @@ impl NicPort {
                         resync_used(st.get_queue_mut(), &*guard, &self.shared.name);
                     }
                     let head = chain.head_index();
-                    let frame = chain_in_bounds(&chain, size)
-                        .then(|| chain.reader(&guard).ok())
+                    let descriptors = &mut self.descriptors;
+                    let frame = read_once(chain, size, descriptors)
+                        .then(|| {
+                            let readable: usize = readable(descriptors).map(byte_len).sum();
+                            readable.checked_sub(header_len)
+                        })
                         .flatten()
-                        .and_then(|mut r| {
-                            let len = r.available_bytes().saturating_sub(header_len);
-                            let mut header = [0u8; NET_HEADER];
-                            let readable = len > 0 && len <= pool.buf_size();
-                            (readable && r.read_exact(&mut header[..header_len]).is_ok())
-                                .then_some((r, len))
-                        });
+                        .filter(|len| *len > 0 && *len <= pool.buf_size());
                     match frame {
                         None => {
                             stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
                             io.count_refused(1);
                         }
-                        Some((mut r, len)) => match io.alloc() {
+                        Some(len) => match io.alloc() {
                             None => {
                                 stats.no_buffer.fetch_add(1, Ordering::Relaxed);
                                 io.count_refused(1);
@@ -567,7 +570,9 @@ impl NicPort {
                             Some(mut pkt) => {
                                 let mut ok = true;
                                 pool.fill(&mut pkt, |b| {
-                                    ok = r.read_exact(&mut b[..len]).is_ok();
+                                    ok = pieces(readable(descriptors), header_len, len, |at, r| {
+                                        guard.read_slice(&mut b[r], at).is_ok()
+                                    });
                                     len
                                 });
                                 if ok {
@@ -626,7 +631,8 @@ impl NicPort {
                 continue;
             };
             let head = chain.head_index();
-            if !chain_in_bounds(&chain, size) {
+            let descriptors = &mut self.descriptors;
+            if !read_once(chain, size, descriptors) {
                 stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
                 io.refuse(pkt);
                 if head < size {
@@ -635,13 +641,15 @@ impl NicPort {
                 continue;
             }
             let frame = pool.data(&pkt);
-            let written = match chain.writer(&guard) {
-                Ok(mut w) if w.available_bytes() >= header_len + frame.len() => {
-                    let ok = w.write_all(header).is_ok() && w.write_all(frame).is_ok();
-                    ok.then_some(header_len + frame.len())
-                }
-                _ => None,
+            let room: usize = writable(descriptors).map(byte_len).sum();
+            let write = |from: &[u8], skip: usize| {
+                pieces(writable(descriptors), skip, from.len(), |at, r| {
+                    guard.write_slice(&from[r], at).is_ok()
+                })
             };
+            let written =
+                (room >= header_len + frame.len() && write(header, 0) && write(frame, header_len))
+                    .then_some(header_len + frame.len());
             match written {
                 Some(n) => {
                     stats.to_guest.fetch_add(1, Ordering::Relaxed);
@@ -672,15 +680,72 @@ fn pending_chains<M: vm_memory::GuestMemory>(queue: &virtio_queue::Queue, mem: &
     (pending <= queue.size()).then_some(pending)
 }
 
-/// Whether the backend serves `chain`: its head is a slot of the queue (`size`) and it has
-/// 1 to [`MAX_CHAIN_DESCRIPTORS`] descriptors (counted before its bytes are walked).
-fn chain_in_bounds<M>(chain: &virtio_queue::DescriptorChain<M>, size: u16) -> bool
+/// Reads `chain`'s descriptors from guest memory once, into `out`; whether the backend serves
+/// the chain: its head is a slot of the queue (`size`) and it has 1 to
+/// [`MAX_CHAIN_DESCRIPTORS`] descriptors (the walk stops past that). The frame is then read or
+/// written through these copies alone: a guest rewriting its descriptors meanwhile (an
+/// indirect table's length, a `NEXT` flag) cannot make the backend walk more than it counted.
+fn read_once<M>(
+    chain: virtio_queue::DescriptorChain<M>,
+    size: u16,
+    out: &mut Vec<Descriptor>,
+) -> bool
 where
-    M: Clone + std::ops::Deref,
+    M: std::ops::Deref,
     M::Target: vm_memory::GuestMemory,
 {
-    let descriptors = chain.clone().take(MAX_CHAIN_DESCRIPTORS + 1).count();
-    chain.head_index() < size && (1..=MAX_CHAIN_DESCRIPTORS).contains(&descriptors)
+    out.clear();
+    if chain.head_index() >= size {
+        return false;
+    }
+    out.extend(chain.take(MAX_CHAIN_DESCRIPTORS + 1));
+    (1..=MAX_CHAIN_DESCRIPTORS).contains(&out.len())
+}
+
+/// The descriptors of a chain the device reads (the frame a guest transmits).
+fn readable(descriptors: &[Descriptor]) -> impl Iterator<Item = &Descriptor> + Clone {
+    descriptors.iter().filter(|d| !d.is_write_only())
+}
+
+/// The descriptors of a chain the device writes (a receive buffer).
+fn writable(descriptors: &[Descriptor]) -> impl Iterator<Item = &Descriptor> + Clone {
+    descriptors.iter().filter(|d| d.is_write_only())
+}
+
+fn byte_len(d: &Descriptor) -> usize {
+    d.len() as usize
+}
+
+/// Calls `copy(address, range)` for each piece of the guest buffers `descriptors`, laid end to
+/// end, that holds their bytes `skip..skip + len` (`range` indexes those `len` bytes); whether
+/// every piece was copied (false when `copy` fails or the buffers end first).
+fn pieces<'a>(
+    descriptors: impl Iterator<Item = &'a Descriptor>,
+    mut skip: usize,
+    len: usize,
+    mut copy: impl FnMut(GuestAddress, std::ops::Range<usize>) -> bool,
+) -> bool {
+    let mut done = 0;
+    for d in descriptors {
+        if done == len {
+            break;
+        }
+        let size = byte_len(d);
+        if skip >= size {
+            skip -= size;
+            continue;
+        }
+        let n = (size - skip).min(len - done);
+        let Some(at) = d.addr().checked_add(skip as u64) else {
+            return false;
+        };
+        if !copy(at, done..done + n) {
+            return false;
+        }
+        done += n;
+        skip = 0;
+    }
+    done == len
 }
 
 /// Brings `queue`'s next used index to the one in the guest's used ring, where it lags: the
@@ -738,8 +803,43 @@ impl Node for VhostUserNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
     use std::time::Instant;
-    use vm_memory::{Bytes, GuestAddress};
+
+    /// Bytes `skip..skip + len` of buffers laid end to end are found piece by piece across
+    /// their boundaries; buffers that end first, or a copy that fails, say so.
+    #[test]
+    fn pieces_cross_buffer_boundaries_and_fail_short() {
+        let bufs = [
+            Descriptor::new(0x1000, 4, 0, 0),
+            Descriptor::new(0x2000, 6, 0, 0),
+            Descriptor::new(0x3000, 10, 0, 0),
+        ];
+        let mut seen = Vec::new();
+        let all = pieces(bufs.iter(), 2, 12, |at, r| {
+            seen.push((at.0, r));
+            true
+        });
+        assert!(all);
+        assert_eq!(seen, [(0x1002, 0..2), (0x2000, 2..8), (0x3000, 8..12)]);
+        seen.clear();
+        assert!(pieces(bufs.iter(), 10, 10, |at, r| {
+            seen.push((at.0, r));
+            true
+        }));
+        assert_eq!(seen, [(0x3000, 0..10)], "the first two skipped whole");
+        assert!(
+            !pieces(bufs.iter(), 2, 19, |_, _| true),
+            "the buffers hold 18 from 2"
+        );
+        assert!(!pieces(bufs.iter(), 0, 5, |at, _| at.0 != 0x2000));
+        assert!(pieces(bufs.iter(), 0, 0, |_, _| false), "nothing to copy");
+        let wraps = [Descriptor::new(u64::MAX - 1, 8, 0, 0)];
+        assert!(
+            !pieces(wraps.iter(), 4, 2, |_, _| true),
+            "an address past 2^64"
+        );
+    }
 
     /// A queue whose next used index was set behind its ring (the crate's two-step
     /// `SET_VRING_ADDR` racing a round) takes the ring's; its next completion goes after the
