@@ -498,9 +498,6 @@ impl NicPort {
     /// One round on port `port`: the guest's frames out, then frames for the guest in (as many
     /// as it offered buffers for; the rest wait on the link). Returns the frames moved.
     fn poll(&mut self, io: &mut NodeIo<'_>, port: usize) -> usize {
-        if self.shared.log_pending.load(Ordering::Acquire) {
-            return 0;
-        }
         let connection = self.shared.connection();
         let Some(Connection {
             mem,
@@ -512,8 +509,15 @@ impl NicPort {
         let (Some(rx), Some(tx)) = (vrings.get(RX), vrings.get(TX)) else {
             return 0;
         };
-        // Read anew every round: a new memory table swaps it.
+        // Read anew every round: a new memory table swaps it. Every write of the round, the
+        // completions too, goes through this one table, and only a table whose dirty log is in
+        // place: the filter says one is waiting before it passes the table on, so a table
+        // loaded here after the swap is seen waiting below (a table loaded before it logs into
+        // the same log, which QEMU sends again with the new table).
         let guard = mem.memory();
+        if self.shared.log_pending.load(Ordering::Acquire) {
+            return 0;
+        }
         let stats = &self.shared.stats;
         let pool = io.pool();
         let mut moved = 0;
@@ -587,7 +591,7 @@ impl NicPort {
                     // Transmit buffers are read-only: nothing written back. A head beyond the
                     // queue names no buffer to give back.
                     if head < size {
-                        let _ = st.add_used(head, 0);
+                        let _ = st.get_queue_mut().add_used(&*guard, head, 0);
                         used = true;
                     }
                 }
@@ -636,7 +640,7 @@ impl NicPort {
                 stats.from_guest_bad.fetch_add(1, Ordering::Relaxed);
                 io.refuse(pkt);
                 if head < size {
-                    let _ = st.add_used(head, 0);
+                    let _ = st.get_queue_mut().add_used(&*guard, head, 0);
                 }
                 continue;
             }
@@ -653,13 +657,15 @@ impl NicPort {
             match written {
                 Some(n) => {
                     stats.to_guest.fetch_add(1, Ordering::Relaxed);
-                    let _ = st.add_used(head, u32::try_from(n).unwrap_or(0));
+                    let _ =
+                        st.get_queue_mut()
+                            .add_used(&*guard, head, u32::try_from(n).unwrap_or(0));
                     moved += 1;
                     io.free(pkt);
                 }
                 None => {
                     stats.to_guest_too_big.fetch_add(1, Ordering::Relaxed);
-                    let _ = st.add_used(head, 0);
+                    let _ = st.get_queue_mut().add_used(&*guard, head, 0);
                     io.refuse(pkt);
                 }
             }
