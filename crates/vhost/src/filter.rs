@@ -430,19 +430,13 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
                 let (Some(size), Some(offset)) = (u64_at(at + 8), u64_at(at + 24)) else {
                     break;
                 };
-                fits_file(
-                    file,
-                    offset,
-                    size,
-                    format_args!("SET_MEM_TABLE region {i}"),
-                    true,
-                )?;
+                fits_file(file, offset, size, format_args!("SET_MEM_TABLE region {i}"))?;
             }
             Ok(())
         }
         SET_LOG_BASE => match (u64_at(0), u64_at(8), files.first()) {
             (Some(size), Some(offset), Some(file)) => {
-                fits_file(file, offset, size, format_args!("SET_LOG_BASE"), false)
+                fits_file(file, offset, size, format_args!("SET_LOG_BASE"))
             }
             _ => Ok(()),
         },
@@ -451,26 +445,18 @@ fn check_request(request: u32, payload: &[u8], files: &[File]) -> io::Result<()>
 }
 
 /// `size` bytes from `offset` lie within `file` as it is now.
-/// Guest memory in a memfd (`sealed`) must also be sealed against shrinking (QEMU seals its
-/// memory backends so), or it could be cut short after this check; a file on hugetlbfs
-/// cannot be sealed, and QEMU's dirty log is a memfd it does not seal: both are taken on
-/// their size alone.
-fn fits_file(
-    file: &File,
-    offset: u64,
-    size: u64,
-    what: std::fmt::Arguments<'_>,
-    sealed: bool,
-) -> io::Result<()> {
+/// Guest memory or a dirty log in a memfd must also be sealed against shrinking
+/// (QEMU seals its memory backends and its vhost log so: grow, shrink and seal, seen from
+/// 7.2 and 10.0), or it could be
+/// cut short after this check; a file on hugetlbfs cannot be sealed and is taken on its size
+/// alone.
+fn fits_file(file: &File, offset: u64, size: u64, what: std::fmt::Arguments<'_>) -> io::Result<()> {
     let refuse = |why: String| Err(io::Error::new(io::ErrorKind::InvalidData, why));
     let len = file.metadata()?.len();
     if offset.checked_add(size).is_none_or(|end| end > len) {
         return refuse(format!(
             "{what}: {size} bytes from offset {offset} reach past the end of its file ({len} bytes)"
         ));
-    }
-    if !sealed {
-        return Ok(());
     }
     // SAFETY: F_GET_SEALS reads the seals of an open descriptor; a file that is not a memfd
     // answers EINVAL.

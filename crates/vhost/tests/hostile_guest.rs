@@ -272,10 +272,8 @@ fn memory_or_a_dirty_log_beyond_its_file_ends_the_connection() {
     );
 }
 
-/// Guest memory in a memfd that may still shrink ends the connection: cut short after the
-/// check, a touch past its end would end the node (QEMU seals its memory backends).
-#[test]
-fn guest_memory_in_a_memfd_that_may_shrink_ends_the_connection() {
+/// A memfd of `MEM` bytes that can always shrink (no seals allowed).
+fn unsealed_memfd() -> std::os::fd::OwnedFd {
     // SAFETY: a valid NUL-terminated name; no seals allowed, so it can always shrink.
     let fd = unsafe { libc::memfd_create(c"tv-unsealed".as_ptr(), 0) };
     assert!(fd >= 0);
@@ -283,6 +281,14 @@ fn guest_memory_in_a_memfd_that_may_shrink_ends_the_connection() {
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     // SAFETY: a valid fd; MEM bytes.
     assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), MEM as i64) }, 0);
+    fd
+}
+
+/// Guest memory in a memfd that may still shrink ends the connection: cut short after the
+/// check, a touch past its end would end the node (QEMU seals its memory backends).
+#[test]
+fn guest_memory_in_a_memfd_that_may_shrink_ends_the_connection() {
+    let fd = unsealed_memfd();
     let sealed = GuestRam::new(QUEUE);
     let mut region = sealed.region(MEM as u64);
     region.mmap_handle = fd.as_raw_fd();
@@ -290,4 +296,40 @@ fn guest_memory_in_a_memfd_that_may_shrink_ends_the_connection() {
     let (_nic, fe) = handshake_to_features(&dir);
     fe.set_mem_table(&[region]).unwrap();
     assert!(fe.get_features().is_err(), "an unsealed memfd refused");
+}
+
+/// So does a dirty log in such a memfd (QEMU seals its vhost log against shrinking too).
+#[test]
+fn a_dirty_log_in_a_memfd_that_may_shrink_ends_the_connection() {
+    let ram = GuestRam::new(QUEUE);
+    let dir = tempfile::tempdir().unwrap();
+    let (_nic, fe) = handshake_to_features(&dir);
+    fe.set_mem_table(&[ram.region(MEM as u64)]).unwrap();
+    let fd = unsealed_memfd();
+    let log = VhostUserDirtyLogRegion {
+        mmap_size: MEM as u64,
+        mmap_offset: 0,
+        mmap_handle: fd.as_raw_fd(),
+    };
+    assert!(
+        fe.set_log_base(0, Some(log)).is_err(),
+        "an unsealed log refused: the connection ended"
+    );
+}
+
+/// A memory region whose addresses run past 2^64 with its size ends the connection (the
+/// vhost crate's own check of each region); the same region at a sane address is taken.
+#[test]
+fn a_memory_region_whose_addresses_wrap_ends_the_connection() {
+    let ram = GuestRam::new(QUEUE);
+    for wraps in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (_nic, fe) = handshake_to_features(&dir);
+        let mut region = ram.region(MEM as u64);
+        if wraps {
+            region.userspace_addr = u64::MAX - 0xfff;
+        }
+        fe.set_mem_table(&[region]).unwrap();
+        assert_eq!(fe.get_features().is_err(), wraps, "wraps: {wraps}");
+    }
 }
