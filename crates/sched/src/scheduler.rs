@@ -276,11 +276,24 @@ fn reserve_key(value: u64, host: u32) -> u64 {
 /// Most NUMA nodes one host may have.
 pub const MAX_NODES_PER_HOST: usize = 256;
 
-/// The threads `other` holds exclusively on `host` (none when it is elsewhere).
-fn keep_of(other: Option<&RoleState>, host: u32) -> Vec<u32> {
+/// What a role on a host shares with another role of the same VNF there, the old and the new
+/// of a change: the threads both hold, and the NUMA nodes whose memory one of them accounts
+/// for (a change on its host keeps the VM's memory where it is, so the memory of a node both
+/// use is counted once).
+#[derive(Debug, Default)]
+struct Kept {
+    threads: Vec<u32>,
+    mem_nodes: Vec<u32>,
+}
+
+/// What `other` holds on `host` (nothing when it is elsewhere).
+fn keep_of(other: Option<&RoleState>, host: u32) -> Kept {
     other
         .filter(|o| o.host == host)
-        .map(|o| o.exclusive().collect())
+        .map(|o| Kept {
+            threads: o.exclusive().collect(),
+            mem_nodes: o.nodes.clone(),
+        })
         .unwrap_or_default()
 }
 
@@ -426,7 +439,7 @@ impl Scheduler {
                 .clone()
                 .expect("host.roles lists held roles");
             saved.push((vid, self.render_role(vid, &rs)));
-            self.unapply(vid, &rs, &[]);
+            self.unapply(vid, &rs, &Kept::default());
             self.vnf_mut(vid).roles[role.index()] = None;
         }
         let name = spec.name.clone();
@@ -776,6 +789,12 @@ impl Scheduler {
 
     /// Applies a role's resources. Threads already held by this VNF are left as they are.
     fn apply(&mut self, vid: u32, rs: &RoleState) {
+        self.apply_beside(vid, rs, &Kept::default());
+    }
+
+    /// [`Scheduler::apply`] for a role beside another of its VNF on the same host (`kept`,
+    /// from [`keep_of`]): the memory of the nodes that one accounts for is not taken twice.
+    fn apply_beside(&mut self, vid: u32, rs: &RoleState, kept: &Kept) {
         let h = rs.host;
         let ex: Vec<u32> = rs.exclusive().collect();
         for t in ex {
@@ -820,7 +839,7 @@ impl Scheduler {
         }
         let mem = self.vnf(vid).req.memory_per_node;
         let host = self.host_mut(h);
-        for &n in &rs.nodes {
+        for &n in rs.nodes.iter().filter(|n| !kept.mem_nodes.contains(n)) {
             if let Some(m) = &mut host.node_mem[n as usize] {
                 *m -= mem;
             }
@@ -830,10 +849,14 @@ impl Scheduler {
         self.reindex(h);
     }
 
-    /// Gives back a role's resources, except threads listed in `keep`.
-    fn unapply(&mut self, vid: u32, rs: &RoleState, keep: &[u32]) {
+    /// Gives back a role's resources, except what another role of its VNF beside it keeps
+    /// (`keep`, from [`keep_of`]).
+    fn unapply(&mut self, vid: u32, rs: &RoleState, keep: &Kept) {
         let h = rs.host;
-        let ex: Vec<u32> = rs.exclusive().filter(|t| !keep.contains(t)).collect();
+        let ex: Vec<u32> = rs
+            .exclusive()
+            .filter(|t| !keep.threads.contains(t))
+            .collect();
         for t in ex {
             if self.host(h).holder[t as usize] == Holder::Vnf(vid) {
                 self.give(h, t);
@@ -871,7 +894,7 @@ impl Scheduler {
         }
         let mem = self.vnf(vid).req.memory_per_node;
         let host = self.host_mut(h);
-        for &n in &rs.nodes {
+        for &n in rs.nodes.iter().filter(|n| !keep.mem_nodes.contains(n)) {
             if let Some(m) = &mut host.node_mem[n as usize] {
                 *m += mem;
             }
@@ -1003,14 +1026,14 @@ impl Scheduler {
                     self.vnf_mut(vid).roles[1] = Some(sby);
                 }
                 Err(e) => {
-                    self.unapply(vid, &act, &[]);
+                    self.unapply(vid, &act, &Kept::default());
                     return Err(e);
                 }
             }
         }
         if let Err(e) = self.check_reserve(&req.name) {
             for r in self.vnf(vid).roles.clone().into_iter().flatten() {
-                self.unapply(vid, &r, &[]);
+                self.unapply(vid, &r, &Kept::default());
             }
             return Err(e);
         }
@@ -1685,7 +1708,7 @@ impl Scheduler {
     fn forget(&mut self, vid: u32) {
         let v = self.vnf(vid).clone();
         for r in v.pending.iter().flatten().chain(v.roles.iter().flatten()) {
-            self.unapply(vid, r, &[]);
+            self.unapply(vid, r, &Kept::default());
         }
         self.vnf_by_name.remove(&v.req.name);
         self.vnfs[vid as usize] = None;
@@ -1767,7 +1790,7 @@ impl Scheduler {
         }
         if result.is_err() {
             for rs in &applied {
-                self.unapply(vid, rs, &[]);
+                self.unapply(vid, rs, &Kept::default());
             }
             self.vnfs[vid as usize] = None;
             self.free_slots.push(vid);
@@ -1962,7 +1985,7 @@ impl Scheduler {
             let rs = self.vnf_mut(vid).roles[role.index()]
                 .take()
                 .expect("host.roles lists held roles");
-            self.unapply(vid, &rs, &[]);
+            self.unapply(vid, &rs, &Kept::default());
         }
         self.drop_host(h);
         lost.sort_by(|a, b| {
@@ -2046,7 +2069,7 @@ impl Scheduler {
         if lost == Role::Act && partner.is_none() {
             // Found before anything is released, so a refusal changes nothing.
             let rs = self.find_role(vid, &req, Role::Act, &avoid)?;
-            self.unapply(vid, &state, &[]);
+            self.unapply(vid, &state, &Kept::default());
             self.apply(vid, &rs);
             let rp = self.render_role(vid, &rs);
             self.vnf_mut(vid).roles[0] = Some(rs);
@@ -2056,7 +2079,7 @@ impl Scheduler {
                 replaced: Some(rp),
             });
         }
-        self.unapply(vid, &state, &[]);
+        self.unapply(vid, &state, &Kept::default());
         self.vnf_mut(vid).roles[lost.index()] = None;
         let promoted = lost == Role::Act;
         if promoted && let Some(mut sby) = self.vnf_mut(vid).roles[1].take() {
@@ -2138,7 +2161,7 @@ impl Scheduler {
                 reason: "has no standby".into(),
             });
         };
-        self.unapply(vid, &rs, &[]);
+        self.unapply(vid, &rs, &Kept::default());
         self.vnf_mut(vid).roles[1] = None;
         self.placement(name)
     }
@@ -2200,7 +2223,7 @@ impl Scheduler {
         let rs = self.find_role(vid, &req, role, &avoid)?;
         self.apply(vid, &rs);
         if let Err(e) = self.check_reserve(name) {
-            self.unapply(vid, &rs, &[]);
+            self.unapply(vid, &rs, &Kept::default());
             return Err(e);
         }
         let rp = self.render_role(vid, &rs);
@@ -2278,7 +2301,11 @@ impl Scheduler {
                 avoid = self.avoid_hosts(&req, hosts);
             }
             let found = if same_host_first {
-                self.change_in_place(vid, &req, &old)
+                // The VM's memory stays where it is: the old role's is the new one's to use.
+                self.lend_memory(vid, &old, true);
+                let found = self.change_in_place(vid, &req, &old);
+                self.lend_memory(vid, &old, false);
+                found
             } else {
                 None
             };
@@ -2288,7 +2315,7 @@ impl Scheduler {
             };
             match found {
                 Ok(rs) => {
-                    self.apply(vid, &rs);
+                    self.apply_beside(vid, &rs, &keep_of(Some(&old), rs.host));
                     done.push(rs);
                 }
                 Err(e) => {
@@ -2308,6 +2335,18 @@ impl Scheduler {
         }
         vm.pending_req = Some(req);
         Ok(self.pending_placement(vid))
+    }
+
+    /// Counts the memory role `old` of VNF `vid` holds on its nodes as free (`lend`) or as
+    /// held again, around a search for the role that replaces it on the same host.
+    fn lend_memory(&mut self, vid: u32, old: &RoleState, lend: bool) {
+        let mem = self.vnf(vid).req.memory_per_node;
+        let host = self.host_mut(old.host);
+        for &n in &old.nodes {
+            if let Some(m) = &mut host.node_mem[n as usize] {
+                *m = if lend { *m + mem } else { *m - mem };
+            }
+        }
     }
 
     /// The placement as it will be once the change in progress is committed.

@@ -670,6 +670,55 @@ fn repin_moves_pinned_cpus() {
     );
 }
 
+/// A change on the VNF's own host keeps its memory where it is: a re-pin of a VNF that holds
+/// 600 of a node's 1000 bytes fits (it needed 1200 free before), and the memory is counted
+/// once while the change is pending, after it is committed and after one is abandoned.
+#[test]
+fn a_repin_on_its_host_counts_the_vnfs_memory_once() {
+    let mut h = small("h1", "a");
+    h.topology.as_mut().unwrap().memory_per_node = Some(1000);
+    let mut s = sched(ReservePolicy::None, &[h]);
+    let mut p = pinned("p", &[1, 2]);
+    p.memory_per_node = 600;
+    s.place(&p).unwrap();
+    let free_memory = |s: &mut Scheduler| {
+        let mut probe = ded("probe", 1);
+        probe.memory_per_node = 401;
+        let e = s.place(&probe).unwrap_err().to_string();
+        probe.memory_per_node = 400;
+        s.place(&probe).unwrap();
+        s.release("probe").unwrap();
+        e
+    };
+    assert!(free_memory(&mut s).contains("400 bytes of memory free"));
+
+    s.begin_change("p", &Change::Repin { cores: vec![3, 5] })
+        .unwrap();
+    assert!(
+        free_memory(&mut s).contains("400 bytes of memory free"),
+        "while pending"
+    );
+    s.abort_change("p").unwrap();
+    assert!(
+        free_memory(&mut s).contains("400 bytes of memory free"),
+        "abandoned"
+    );
+
+    let moved = s
+        .begin_change("p", &Change::Repin { cores: vec![3, 5] })
+        .unwrap();
+    assert_eq!(cpus(&moved.act.cpus), ["3", "5"]);
+    s.commit_change("p").unwrap();
+    assert!(
+        free_memory(&mut s).contains("400 bytes of memory free"),
+        "committed"
+    );
+    s.release("p").unwrap();
+    let mut all = ded("all", 1);
+    all.memory_per_node = 1000;
+    s.place(&all).unwrap();
+}
+
 #[test]
 fn hosts_add_remove_update() {
     let mut s = sched(ReservePolicy::None, &[small("h1", "a")]);
