@@ -393,9 +393,12 @@ impl RedbStore {
         Ok(())
     }
 
+    /// Drops `lease` and the keys attached to it. The lease leaves the live set only once it
+    /// is gone from the file (dropped now, or not there): a drop that failed is tried again by
+    /// the next sweep, its keys not left to outlive it.
     fn drop_lease(&self, lease: LeaseId) -> Result<(), StoreError> {
         let dropped = self.with_db(|db| self.drop_lease_in(db, lease));
-        if !matches!(&dropped, Err(e) if e.is_unavailable()) {
+        if matches!(&dropped, Ok(()) | Err(StoreError::NoLease(_))) {
             self.leases().remove(&lease.0);
         }
         dropped
@@ -453,8 +456,14 @@ impl RedbStore {
             let mut doomed = Vec::new();
             for entry in kv.iter()? {
                 let (key, raw) = entry?;
-                if decode(key.value(), raw.value())?.lease == Some(lease) {
-                    doomed.push(key.value().to_owned());
+                // A record that cannot be read does not say it is the lease's: it stays (its
+                // reader gets the error), and the lease's other keys go.
+                match decode(key.value(), raw.value()) {
+                    Ok(record) if record.lease == Some(lease) => {
+                        doomed.push(key.value().to_owned())
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(key = key.value(), "dropping lease {}: {e}", lease.0),
                 }
             }
             if !doomed.is_empty() {

@@ -521,3 +521,51 @@ async fn compaction_packs_records_written_one_at_a_time_into_full_pages() {
         b"x"
     );
 }
+
+/// A record the store cannot read (a damaged file) does not keep a lease from expiring: the
+/// lease's own keys go, the damaged record stays for its reader to see the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_that_cannot_be_read_does_not_keep_a_lease_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let kv: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("kv");
+            let mut kv = txn.open_table(kv).unwrap();
+            kv.insert("/damaged", &b"\x01"[..]).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert!(
+        store.get("/damaged").await.is_err(),
+        "the damaged record reads as an error"
+    );
+    let lease = store.grant_lease(Duration::from_millis(50)).await.unwrap();
+    store
+        .txn(
+            vec![],
+            vec![Op::Put {
+                key: "/alive/h1".into(),
+                value: b"1".to_vec(),
+                lease: Some(lease),
+            }],
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.get("/alive/h1").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the lease never expired beside a damaged record"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.keep_alive(lease).await.is_err(), "the lease is gone");
+    assert!(
+        store.get("/damaged").await.is_err(),
+        "the damaged record stays"
+    );
+}
