@@ -222,10 +222,14 @@ impl EtcdStore {
         if endpoints.is_empty() {
             return Err(failed("no endpoint was given".into()));
         }
+        // A member cut off from its cluster's quorum refuses at once (no leader: Unavailable)
+        // instead of answering keepalives while a watch on it delivers nothing until the
+        // partition heals; the store then goes to another member.
         let options = ConnectOptions::new()
             .with_connect_timeout(CONNECT_TIMEOUT)
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive_while_idle(true)
+            .with_require_leader(true);
         let client =
             match tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(endpoints, Some(options)))
                 .await

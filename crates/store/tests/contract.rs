@@ -790,6 +790,38 @@ async fn etcd_a_store_on_three_members_answers_while_one_is_down() {
     );
 }
 
+/// A member cut off from its cluster's quorum says so: a watch asked of it is refused as
+/// unavailable (no leader) once it has lost its leader, rather than opened to deliver nothing
+/// until the partition heals (the store asks etcd to require a leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_member_without_a_leader_refuses_a_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut etcd = LocalEtcd::start_members(dir.path(), 3, true)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let first = etcd.endpoints()[0].clone();
+    let store = EtcdStore::connect(&[first], "/quorum").await.unwrap();
+    let watch = store.watch("/w/").await;
+    assert!(watch.is_ok(), "a member with a leader opens a watch");
+    etcd.kill_member(1);
+    etcd.kill_member(2);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match store.watch("/w/").await {
+            Err(StoreError::Unavailable(why)) => {
+                assert!(why.contains("leader"), "{why}");
+                break;
+            }
+            Err(other) => panic!("a watch on a member without a leader answered {other}"),
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "a member alone of three still opened watches {PATIENCE:?} after the others died"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// What `call` answers once the cluster answers it, trying again within [`PATIENCE`] while
 /// it is Unavailable for want of a leader (no leader, a leader changed, a proposal timed
 /// out "possibly due to connection lost", no answer in time).
