@@ -51,6 +51,10 @@ pub struct RedbStore {
     db: RwLock<Option<Database>>,
     state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
+    /// Held by a write that changes keys from before its transaction begins until its events
+    /// are sent, so watchers get every event in revision order (the committer's batches and a
+    /// lease's expiry commit on different threads).
+    publishing: Mutex<()>,
     /// Every live lease: id → (TTL ms, deadline as unix ms). The `leases` table holds the same
     /// leases durably (with their TTL); deadlines live here only: a keep-alive touches nothing
     /// but this map, and a store just opened gives every lease its full TTL.
@@ -211,6 +215,7 @@ impl RedbStore {
             db: RwLock::new(Some(db)),
             state: Mutex::new(State::default()),
             events,
+            publishing: Mutex::new(()),
             live_leases: Mutex::new(std::collections::HashMap::new()),
             commits: Mutex::new(commits),
             last_write_ms: std::sync::atomic::AtomicU64::new(0),
@@ -342,6 +347,9 @@ impl RedbStore {
                 *db = Some(new);
                 state.generation += 1;
                 state.fault = None;
+                // A commit that failed may still have reached the file, with no event sent for
+                // it: watchers read again rather than miss it.
+                let _ = self.events.send(WatchEvent::Resync);
             }
             Err(e) => {
                 if let Some(fault) = state.fault.as_mut() {
@@ -444,6 +452,7 @@ impl RedbStore {
     }
 
     fn drop_lease_in(&self, db: &Database, lease: LeaseId) -> Result<(), StoreError> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let txn = db.begin_write()?;
         let mut events = Vec::new();
         {
@@ -491,6 +500,7 @@ impl RedbStore {
         db: &Database,
         batch: &mut [Pending],
     ) -> Result<Vec<Result<TxnOutcome, StoreError>>, StoreError> {
+        let _publishing = self.publishing.lock().unwrap_or_else(|p| p.into_inner());
         let txn = db.begin_write()?;
         let mut events = Vec::new();
         let mut outcomes = Vec::with_capacity(batch.len());

@@ -569,3 +569,57 @@ async fn a_record_that_cannot_be_read_does_not_keep_a_lease_alive() {
         "the damaged record stays"
     );
 }
+
+/// Watchers see every event in revision order while leases expire (their deletes are
+/// committed by the store's sweep) among writes committed by its commit thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_arrive_in_revision_order_while_leases_expire_among_writes() {
+    let (_dir, store) = temp_store();
+    let mut watch = store.watch("/").await.unwrap();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for i in 0..400u32 {
+                let lease = store.grant_lease(Duration::from_millis(1)).await.unwrap();
+                store
+                    .txn(
+                        vec![],
+                        vec![
+                            Op::Put {
+                                key: format!("/leased/{i}"),
+                                value: b"1".to_vec(),
+                                lease: Some(lease),
+                            },
+                            Op::Put {
+                                key: "/plain".into(),
+                                value: i.to_le_bytes().to_vec(),
+                                lease: None,
+                            },
+                        ],
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut last = 0;
+    let mut deletes = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while deletes < 400 {
+        let event = tokio::time::timeout_at(deadline.into(), watch.next())
+            .await
+            .expect("every leased key expires within the deadline")
+            .expect("the watch goes on");
+        let revision = match event {
+            WatchEvent::Put { revision, .. } => revision,
+            WatchEvent::Delete { revision, .. } => {
+                deletes += 1;
+                revision
+            }
+            WatchEvent::Resync => panic!("the watch fell behind"),
+        };
+        assert!(revision >= last, "revision {revision} after {last}");
+        last = revision;
+    }
+    writer.await.unwrap();
+}
