@@ -117,6 +117,26 @@ impl Device {
     }
 }
 
+/// Why `id` may not name a device, or `None` when it may: telvirt's own QEMU devices take
+/// the prefix `tv-`, and a serial device's socket, `<id>.sock` beside the VM's own sockets
+/// (`qmp.sock`, `agent.sock`, `nic-<port>.sock`), must not take the place of one of them.
+pub fn reserved_device_id(id: &str) -> Option<String> {
+    if id.starts_with("tv-") {
+        return Some(format!(
+            "'{id}': the prefix tv- is reserved for telvirt's own devices"
+        ));
+    }
+    if matches!(id, "qmp" | "agent") || id.starts_with("nic-") {
+        return Some(format!(
+            "'{id}': qmp, agent and the prefix nic- are reserved for the sockets of the VM's QMP, guest agent and NICs"
+        ));
+    }
+    None
+}
+
+/// Longest name of a serial device's port in the guest.
+pub const MAX_SERIAL_NAME: usize = 64;
+
 impl DeviceGrant {
     /// Every rule the types alone cannot express, each with its field path.
     pub fn violations(&self) -> Vec<FieldError> {
@@ -134,11 +154,8 @@ impl DeviceGrant {
                 format!("'{id}' must start with a letter"),
             ));
         }
-        if id.starts_with("tv-") {
-            out.push(FieldError::new(
-                "id",
-                format!("'{id}': the prefix tv- is reserved for telvirt's own devices"),
-            ));
+        if let Some(why) = reserved_device_id(id) {
+            out.push(FieldError::new("id", why));
         }
         let plain = |path: &str, value: &str, out: &mut Vec<FieldError>| {
             if value.trim().is_empty() {
@@ -163,7 +180,18 @@ impl DeviceGrant {
                     ));
                 }
             }
-            Device::Serial { name } => plain("name", name, &mut out),
+            Device::Serial { name } => {
+                plain("name", name, &mut out);
+                if name.len() > MAX_SERIAL_NAME {
+                    out.push(FieldError::new(
+                        "name",
+                        format!(
+                            "{} characters are more than the {MAX_SERIAL_NAME} of a serial port's name",
+                            name.len()
+                        ),
+                    ));
+                }
+            }
             Device::Blk { path, .. } => {
                 plain("path", path, &mut out);
                 if !path.starts_with('/') {
@@ -233,6 +261,31 @@ mod tests {
         };
         assert_eq!(paths(r#"{"id":"0rng","kind":"rng"}"#), ["id"]);
         assert_eq!(paths(r#"{"id":"tv-rng","kind":"rng"}"#), ["id"]);
+        // A serial device's socket must not take the place of the VM's own sockets.
+        for taken in ["qmp", "agent", "nic-in"] {
+            let json = format!(r#"{{"id":"{taken}","kind":"serial","name":"x"}}"#);
+            let why = grant(&json).violations();
+            assert_eq!(why.len(), 1, "{taken}: {why:?}");
+            assert!(
+                why[0].path == "id" && why[0].reason.contains("reserved"),
+                "{why:?}"
+            );
+        }
+        assert!(
+            grant(r#"{"id":"qmpx","kind":"serial","name":"x"}"#)
+                .violations()
+                .is_empty()
+        );
+        let long = format!(
+            r#"{{"id":"s","kind":"serial","name":"{}"}}"#,
+            "n".repeat(65)
+        );
+        assert_eq!(paths(&long), ["name"]);
+        let longest = format!(
+            r#"{{"id":"s","kind":"serial","name":"{}"}}"#,
+            "n".repeat(64)
+        );
+        assert!(paths(&longest).is_empty());
         assert_eq!(
             paths(r#"{"id":"abcdefghijabcdefghijabcdefghijabc","kind":"rng"}"#),
             ["id"]

@@ -16,7 +16,7 @@ pub mod sse;
 pub mod units;
 pub mod vnf;
 
-pub use device::{Device, DeviceGrant};
+pub use device::{Device, DeviceGrant, reserved_device_id};
 pub use error::{FieldError, ModelError};
 pub use grant::{HostGrants, ResourceKind};
 pub use lifecycle::{DesiredState, Event, LockInfo, Phase, Placement, Role, Vnf};

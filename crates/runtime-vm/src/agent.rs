@@ -8,15 +8,20 @@ use std::time::Duration;
 use telvirt_guest::proto::{
     Body, Health, Message, Ready, Request, RequestEnvelope, TimerStats, Workload, encode_line,
 };
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
+use crate::lines::{BoundedLines, shown};
+
+/// Longest line taken from the guest agent (its messages are a few hundred bytes): a guest
+/// that sends more without a newline loses the connection, not the node's memory.
+const MAX_AGENT_LINE: usize = 1 << 20;
 
 struct Conn {
-    lines: Lines<BufReader<OwnedReadHalf>>,
+    lines: BoundedLines<OwnedReadHalf>,
     writer: OwnedWriteHalf,
     next_id: u64,
 }
@@ -41,7 +46,7 @@ impl AgentClient {
         let (r, w) = s.into_split();
         Ok(Self {
             conn: Mutex::new(Conn {
-                lines: BufReader::new(r).lines(),
+                lines: BoundedLines::new(r, MAX_AGENT_LINE),
                 writer: w,
                 next_id: 1,
             }),
@@ -144,7 +149,7 @@ async fn send(w: &mut OwnedWriteHalf, id: u64, request: Request) -> Result<()> {
         .map_err(|e| Error::Agent(format!("send: {e}")))
 }
 
-async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Result<Message> {
+async fn next_message(lines: &mut BoundedLines<OwnedReadHalf>) -> Result<Message> {
     loop {
         let line = lines
             .next_line()
@@ -156,7 +161,7 @@ async fn next_message(lines: &mut Lines<BufReader<OwnedReadHalf>>) -> Result<Mes
         }
         match serde_json::from_str::<Message>(&line) {
             Ok(m) => return Ok(m),
-            Err(e) => tracing::warn!("guest agent: unparsable line {line:?}: {e}"),
+            Err(e) => tracing::warn!("guest agent: unparsable line {:?}: {e}", shown(&line)),
         }
     }
 }

@@ -597,24 +597,27 @@ pub fn vhost_user_nic_options(accel: Accel) -> &'static str {
     }
 }
 
-/// Peripheral ids become QEMU device ids; the `tv-` prefix is reserved for telvirt's own devices.
+/// Peripheral ids become QEMU device ids and a serial device's socket name; the names
+/// [`telvirt_model::reserved_device_id`] refuses are telvirt's own.
 pub fn validate_peripheral_id(id: &str) -> Result<()> {
     let ok = !id.is_empty()
         && id.len() <= 32
         && id.starts_with(|c: char| c.is_ascii_alphabetic())
         && id
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
-        && !id.starts_with("tv-");
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidConfig {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'));
+    if !ok {
+        return Err(Error::InvalidConfig {
             field: "peripheral id",
-            reason: format!(
-                "`{id}`: 1-32 letters, digits, '-', '_', starting with a letter, not starting with the reserved `tv-`"
-            ),
-        })
+            reason: format!("`{id}`: 1-32 letters, digits, '-', '_', starting with a letter"),
+        });
+    }
+    match telvirt_model::reserved_device_id(id) {
+        Some(reason) => Err(Error::InvalidConfig {
+            field: "peripheral id",
+            reason,
+        }),
+        None => Ok(()),
     }
 }
 

@@ -236,8 +236,16 @@ async fn probe(qemu: PathBuf) -> QemuCaps {
     let help = tokio::process::Command::from(child_command(&qemu))
         .arg("-help")
         .stdin(std::process::Stdio::null())
-        .output()
-        .await;
+        .kill_on_drop(true)
+        .output();
+    // Its answer is kept for every later start: one that hangs must not hold them all.
+    let help = match tokio::time::timeout(PROBE_DEADLINE, help).await {
+        Ok(answered) => answered,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("`-help` did not answer within {PROBE_DEADLINE:?}"),
+        )),
+    };
     let help = match help {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
         Ok(o) => {

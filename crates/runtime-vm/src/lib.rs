@@ -14,6 +14,7 @@ pub mod config;
 pub mod confine;
 pub mod error;
 pub mod image;
+mod lines;
 pub mod manager;
 pub mod memory;
 pub mod migrate;

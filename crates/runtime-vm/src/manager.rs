@@ -1352,6 +1352,7 @@ async fn wait_for_qmp(
 
 /// Pin emulator/I/O threads, then each vCPU thread; returns warnings (e.g. SCHED_FIFO refused).
 fn pin_threads(pid: i32, cpus: &[CpuInfoFast], placement: &CpuPlacement) -> Result<Vec<String>> {
+    vcpus_of(pid, cpus)?;
     let mut warnings = Vec::new();
     if let Some(emu) = &placement.emulator_cpus {
         for tid in pin::thread_ids(pid)? {
@@ -1383,6 +1384,23 @@ fn pin_threads(pid: i32, cpus: &[CpuInfoFast], placement: &CpuPlacement) -> Resu
         }
     }
     Ok(warnings)
+}
+
+/// Checks that each vCPU thread QMP names is a thread of QEMU `pid`: the ids are QEMU's word,
+/// and a QEMU its guest got hold of could otherwise have the agent pin any thread of the host
+/// (its own included) and raise it to real time.
+fn vcpus_of(pid: i32, cpus: &[CpuInfoFast]) -> Result<()> {
+    let own = pin::thread_ids(pid)?;
+    match cpus
+        .iter()
+        .find(|c| c.thread_id <= 0 || !own.contains(&c.thread_id))
+    {
+        Some(c) => Err(Error::Pinning(format!(
+            "QMP names thread {} for vCPU {}, which is not a thread of QEMU (pid {pid}): not pinned",
+            c.thread_id, c.cpu_index
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// The QEMU command line for a VM (started paused: `-S`).
@@ -1520,6 +1538,28 @@ pub fn qemu_args(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only threads of the QEMU named are pinned: a vCPU thread id QMP gives that is another
+    /// process's (or 0) is refused before any affinity changes.
+    #[test]
+    fn vcpu_threads_qmp_names_must_be_qemus_own() {
+        let me = i32::try_from(std::process::id()).unwrap();
+        let cpu = |thread_id| CpuInfoFast {
+            cpu_index: 0,
+            thread_id,
+            target: None,
+        };
+        assert!(
+            vcpus_of(me, &[cpu(me)]).is_ok(),
+            "the main thread is this process's"
+        );
+        for stranger in [0, -1, 1] {
+            let e = vcpus_of(me, &[cpu(me), cpu(stranger)])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a thread of QEMU"), "{e}");
+        }
+    }
 
     /// A VM's record from before its QEMU's version was kept reads with none, and a TCG guest
     /// adopted from it keeps QEMU's 300 ms pause limit; a record with QEMU 10.0 gets 10 ms.

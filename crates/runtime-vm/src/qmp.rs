@@ -20,12 +20,13 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::UnixStream;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{Mutex, broadcast, oneshot};
 
 use crate::error::{Error, Result};
+use crate::lines::{BoundedLines, shown};
 
 /// Default deadline for one QMP command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,6 +147,13 @@ pub struct QmpClient {
 
 type EventTimes = Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
+/// Longest line read from QMP (a reply or an event; QEMU's longest answers to what telvirt
+/// asks are tens of KiB): a QEMU that sends more without a newline loses its connection.
+const MAX_QMP_LINE: usize = 8 << 20;
+
+/// Most event names (and migration states) whose last time is kept.
+const MAX_EVENT_TIMES: usize = 256;
+
 impl std::fmt::Debug for QmpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("QmpClient")
@@ -164,7 +172,7 @@ impl QmpClient {
                 reason: format!("{}: {e}", path.display()),
             })?;
             let (read, write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
+            let mut lines = BoundedLines::new(read, MAX_QMP_LINE);
             let greeting = lines.next_line().await.map_err(|e| Error::Qmp {
                 command: "greeting".into(),
                 reason: e.to_string(),
@@ -563,24 +571,39 @@ fn event_timestamp(v: &Value) -> Option<u64> {
 }
 
 async fn read_loop(
-    mut lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    mut lines: BoundedLines<tokio::net::unix::OwnedReadHalf>,
     pending: Pending,
     events: broadcast::Sender<QmpEvent>,
     event_times: EventTimes,
 ) {
-    while let Ok(Some(line)) = lines.next_line().await {
+    loop {
+        let line = match lines.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                // The connection is dropped: its pending calls fail as disconnected.
+                tracing::warn!("QMP: {e}: the connection to QEMU is dropped");
+                break;
+            }
+        };
         let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            tracing::warn!("QMP: unparsable line {line:?}");
+            tracing::warn!("QMP: unparsable line {:?}", shown(&line));
             continue;
         };
         if let Some(name) = v.get("event").and_then(Value::as_str) {
             let event = QmpEvent::parse(name, v.get("data").cloned().unwrap_or(Value::Null));
             if let Some(at) = event_timestamp(&v) {
                 let mut times = event_times.lock().unwrap_or_else(|p| p.into_inner());
+                let mut note = |key: String| {
+                    // As many names as QEMU may choose, at most so many kept.
+                    if times.len() < MAX_EVENT_TIMES || times.contains_key(&key) {
+                        times.insert(key, at);
+                    }
+                };
                 if let QmpEvent::Migration { status } = &event {
-                    times.insert(migration_key(status), at);
+                    note(migration_key(status));
                 }
-                times.insert(name.to_owned(), at);
+                note(name.to_owned());
             }
             let _ = events.send(event);
             continue;
@@ -619,16 +642,27 @@ async fn read_loop(
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+    use tokio::io::{AsyncBufReadExt, BufReader};
     use tokio::net::UnixListener;
 
-    /// A scripted QMP server: greeting, then answers by command name.
-    async fn fake_server(listener: UnixListener, answer_quit: bool) {
+    type ServerEnd = (
+        tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+        tokio::net::unix::OwnedWriteHalf,
+    );
+
+    /// The server's end of the next connection, QMP's greeting sent.
+    async fn greeted(listener: &UnixListener) -> ServerEnd {
         let (s, _) = listener.accept().await.unwrap();
         let (r, mut w) = s.into_split();
-        let mut lines = BufReader::new(r).lines();
         w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
             .await
             .unwrap();
+        (BufReader::new(r).lines(), w)
+    }
+
+    /// A scripted QMP server: greeting, then answers by command name.
+    async fn fake_server(listener: UnixListener, answer_quit: bool) {
+        let (mut lines, mut w) = greeted(&listener).await;
         while let Ok(Some(line)) = lines.next_line().await {
             let v: Value = serde_json::from_str(&line).unwrap();
             let id = v["id"].clone();
@@ -831,6 +865,39 @@ mod tests {
         assert!(e.to_string().contains("SCM_RIGHTS"), "{e}");
         drop(c);
         server.join().unwrap();
+    }
+
+    /// A QEMU that sends a line past the bound (here an endless one) loses its connection:
+    /// the call waiting fails as disconnected, nothing grows without end.
+    #[tokio::test]
+    async fn a_qmp_line_past_the_bound_drops_the_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = tokio::spawn(async move {
+            let (mut lines, mut w) = greeted(&listener).await;
+            let line = lines.next_line().await.unwrap().unwrap();
+            let id = serde_json::from_str::<Value>(&line).unwrap()["id"].clone();
+            let reply = format!("{}\n", json!({"return": {}, "id": id}));
+            w.write_all(reply.as_bytes()).await.unwrap();
+            // The next call is answered with bytes and no newline, past the bound.
+            lines.next_line().await.unwrap().unwrap();
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..=MAX_QMP_LINE >> 20 {
+                if w.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+            let _ = lines.next_line().await;
+        });
+        let c = QmpClient::connect(&path, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let e = c.query_status().await.unwrap_err();
+        assert!(matches!(e, Error::QmpDisconnected { .. }), "{e}");
+        // Its socket closes with the client: the server's writes end.
+        drop(c);
+        server.await.unwrap();
     }
 
     #[tokio::test]
