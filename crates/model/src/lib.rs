@@ -77,6 +77,35 @@ spec:
         fields[0].clone()
     }
 
+    /// YAML whose aliases would repeat one long string until the document is hundreds of
+    /// times its size is refused before it is built, naming why; a document that uses an
+    /// alias within bounds is read as before.
+    #[test]
+    fn yaml_whose_aliases_expand_past_the_bound_is_refused() {
+        let long = "x".repeat(4000);
+        let mut labels = format!("a0: &s \"{long}\"");
+        for i in 1..200 {
+            labels.push_str(&format!(", a{i}: *s"));
+        }
+        let bomb = FIREWALL.replace(
+            "metadata: { name: fw1 }",
+            &format!("metadata: {{ name: fw1, labels: {{ {labels} }} }}"),
+        );
+        assert!(bomb.len() < 10_000, "{} bytes", bomb.len());
+        let e = refused(&bomb);
+        assert_eq!(e.path, "");
+        assert!(e.reason.contains("expands, through its aliases"), "{e}");
+        let small = FIREWALL.replace(
+            "metadata: { name: fw1 }",
+            "metadata: { name: fw1, labels: { a: &s edge, b: *s } }",
+        );
+        let d = yaml(&small).unwrap();
+        assert_eq!(d.metadata.labels["b"], "edge");
+        // Not YAML at all is still told as such.
+        let e = refused("metadata: [unclosed");
+        assert!(e.reason.contains("invalid YAML"), "{e}");
+    }
+
     fn edit(base: &str, from: &str, to: &str) -> String {
         assert!(base.contains(from), "test edit target missing: {from}");
         base.replacen(from, to, 1)

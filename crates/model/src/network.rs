@@ -379,8 +379,33 @@ impl NetworkDescriptor {
                 ));
             }
         }
-        for (i, e) in self.spec.steering.iter().enumerate() {
+        if self.spec.steering.len() > MAX_STEERING_ENDPOINTS {
+            out.push(FieldError::new(
+                "spec.steering",
+                format!(
+                    "{} steering endpoints are more than the {MAX_STEERING_ENDPOINTS} a network may have",
+                    self.spec.steering.len()
+                ),
+            ));
+        }
+        for (i, e) in self
+            .spec
+            .steering
+            .iter()
+            .enumerate()
+            .take(MAX_STEERING_ENDPOINTS)
+        {
             let path = format!("spec.steering[{i}]");
+            if e.instances.len() > MAX_STEERING_INSTANCES {
+                out.push(FieldError::new(
+                    format!("{path}.instances"),
+                    format!(
+                        "{} instances are more than the {MAX_STEERING_INSTANCES} an endpoint may steer to",
+                        e.instances.len()
+                    ),
+                ));
+                continue;
+            }
             if let Some(j) = builtins.get(e.name.as_str()) {
                 out.push(FieldError::new(
                     format!("{path}.name"),
@@ -901,6 +926,10 @@ pub const MIN_FRAME_SIZE: u32 = 62;
 pub const MAX_FRAME_SIZE: u32 = 1514;
 /// Most links one network may have (each may need its own VXLAN identifier between hosts).
 pub const MAX_NETWORK_LINKS: usize = 1024;
+/// Most steering endpoints in one network.
+pub const MAX_STEERING_ENDPOINTS: usize = 256;
+/// Most instances one steering endpoint chooses among.
+pub const MAX_STEERING_INSTANCES: usize = 64;
 /// Highest `rate_pps` of a generator node.
 pub const MAX_GENERATOR_PPS: u64 = 1_000_000;
 
@@ -1365,6 +1394,14 @@ spec:
         );
         assert_eq!(e.path, "spec.links[1].from");
         assert!(e.reason.contains("steering endpoint fw"), "{e}");
+        // An endpoint choosing among more instances than the cap is refused on their count
+        // (its list is not walked: a long one would cost time squared in its length).
+        let many: Vec<String> = (0..=MAX_STEERING_INSTANCES)
+            .map(|i| format!("fw{i}"))
+            .collect();
+        let e = steered_refused("[fw1, fw2], active: fw2", &format!("[{}]", many.join(", ")));
+        assert_eq!(e.path, "spec.steering[0].instances");
+        assert!(e.reason.contains("more than the 64"), "{e}");
     }
 
     #[test]

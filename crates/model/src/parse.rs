@@ -61,6 +61,7 @@ pub fn from_text<T: DeserializeOwned>(text: &[u8], format: Format) -> Result<T, 
                     "the descriptor is empty",
                 )));
             }
+            yaml_within_bounds(text)?;
             // A first pass for well-formedness, so syntax errors are not reported as type errors.
             yaml_serde::from_slice::<yaml_serde::Value>(text).map_err(|e| {
                 ModelError::Syntax(FieldError::new("", format!("invalid YAML: {e}")))
@@ -76,6 +77,115 @@ pub fn from_text<T: DeserializeOwned>(text: &[u8], format: Format) -> Result<T, 
                 field_error(e.path(), reason, false)
             })
         }
+    }
+}
+
+/// How much a YAML document may grow as its aliases are followed: twice its text, and at
+/// least this many bytes (a node counting one byte, a scalar its length more).
+const MIN_YAML_EXPANSION: u64 = 256 << 10;
+
+/// Refuses a YAML document whose aliases expand it past [`MIN_YAML_EXPANSION`] or twice its
+/// size, before any of it is built: a body within the API's bounds could otherwise repeat one
+/// long string a hundred thousand times, in memory and then in the store. Walked once,
+/// keeping nothing, stopping at the bound.
+fn yaml_within_bounds(text: &[u8]) -> Result<(), ModelError> {
+    use serde::de::DeserializeSeed;
+    let bound = (text.len() as u64)
+        .saturating_mul(2)
+        .max(MIN_YAML_EXPANSION);
+    let left = std::cell::Cell::new(bound);
+    match Measured(&left).deserialize(yaml_serde::Deserializer::from_slice(text)) {
+        Ok(()) => Ok(()),
+        Err(_) if left.get() == 0 => Err(ModelError::Syntax(FieldError::new(
+            "",
+            format!(
+                "the YAML expands, through its aliases, to more than {bound} bytes; write the repeated parts out, or send JSON"
+            ),
+        ))),
+        Err(e) => Err(ModelError::Syntax(FieldError::new(
+            "",
+            format!("invalid YAML: {e}"),
+        ))),
+    }
+}
+
+/// A walk of any value that takes what it meets from a budget (one per node, a scalar's
+/// length more) and fails once the budget is spent (then left at 0).
+#[derive(Clone, Copy)]
+struct Measured<'a>(&'a std::cell::Cell<u64>);
+
+impl Measured<'_> {
+    fn take<E: serde::de::Error>(self, n: usize) -> Result<(), E> {
+        let n = (n as u64).saturating_add(1);
+        match self.0.get().checked_sub(n) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => {
+                self.0.set(0);
+                Err(E::custom("expands past its bound"))
+            }
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Measured<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Measured<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.take(0)
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.take(8)
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.take(8)
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.take(8)
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.take(v.len())
+    }
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<(), E> {
+        self.take(v.len())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take(0)
+    }
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.take(0)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.take(0)?;
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.take(0)?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.take(0)?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        use serde::de::VariantAccess;
+        let ((), variant) = data.variant_seed(self)?;
+        variant.newtype_variant_seed(self)
     }
 }
 
