@@ -434,6 +434,7 @@ impl Link {
     async fn open(source: Option<IpAddr>, address: &str, key: &PairKey) -> std::io::Result<Self> {
         let mut stream = connect_from(source, address).await?;
         let _ = stream.set_nodelay(true);
+        notice_dead_peer(&stream);
         let nonce = read_challenge(&mut stream).await?;
         let salt = write_salt(&mut stream).await?;
         Ok(Self {
@@ -941,6 +942,7 @@ impl StandbyConnection {
         host: &dyn StandbyHost,
     ) -> std::io::Result<Option<(Head, Place)>> {
         let _ = stream.set_nodelay(true);
+        notice_dead_peer(stream);
         let opened_by = self.accepted_at + UNANSWERED_CONNECTION;
         self.nonce = tokio::time::timeout_at(opened_by, write_challenge(stream))
             .await
@@ -950,6 +952,14 @@ impl StandbyConnection {
             .map_err(|_| std::io::Error::other("no salt answered the challenge in time"))??;
         let mut probe = [0u8; 1];
         loop {
+            // Checked at every batch, refused ones too: a peer without the stream's key that
+            // keeps sending well-formed batches must not hold a connection slot for good.
+            if !self.answered && self.accepted_at.elapsed() >= UNANSWERED_CONNECTION {
+                return Err(std::io::Error::other(format!(
+                    "no batch this host accepts in {} s",
+                    UNANSWERED_CONNECTION.as_secs()
+                )));
+            }
             // Batches keep coming, none taken since the silence ran out: silent all the same.
             if self.answered && !self.silent && self.heard_at.elapsed() >= self.silence {
                 self.fell_silent(host);
@@ -966,15 +976,8 @@ impl StandbyConnection {
                 tokio::time::timeout_at(until, stream.peek(&mut probe)).await
             };
             match first_byte {
-                Err(_) if !self.answered => {
-                    if self.accepted_at.elapsed() >= UNANSWERED_CONNECTION {
-                        return Err(std::io::Error::other(format!(
-                            "no batch this host accepts in {} s",
-                            UNANSWERED_CONNECTION.as_secs()
-                        )));
-                    }
-                    continue;
-                }
+                // The top of the loop ends a connection unanswered for too long.
+                Err(_) if !self.answered => continue,
                 Err(_) => {
                     self.fell_silent(host);
                     continue;
@@ -1925,6 +1928,28 @@ struct SendTo {
     source: Option<IpAddr>,
 }
 
+/// How long a replication connection may go without its peer's kernel answering (data
+/// unacknowledged, or keepalive probes of an idle connection unanswered) before it ends.
+pub const DEAD_PEER_AFTER: Duration = Duration::from_secs(20);
+
+/// Has the kernel end `stream` once its peer is gone without a word (its host lost power, a
+/// link cut): keepalive probes after 5 s idle, every 3 s, and [`DEAD_PEER_AFTER`] without an
+/// answer ends it. Otherwise a sender with nothing in flight, or a standby waiting for the
+/// next batch of a silent active, waits for good (a slot of the listener held with it).
+fn notice_dead_peer(stream: &TcpStream) {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(5))
+        .with_interval(Duration::from_secs(3))
+        .with_retries(4);
+    let set = socket
+        .set_tcp_keepalive(&keepalive)
+        .and_then(|()| socket.set_tcp_user_timeout(Some(DEAD_PEER_AFTER)));
+    if let Err(e) = set {
+        tracing::warn!("replication connection: a dead peer may go unnoticed: {e}");
+    }
+}
+
 /// A connection to `address` (`IP:PORT`) from `source` (any port; the kernel's choice of
 /// address when `None`).
 async fn connect_from(source: Option<IpAddr>, address: &str) -> std::io::Result<TcpStream> {
@@ -1971,6 +1996,8 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
     let mut handed_off = false;
     // The last batch was acknowledged: a frozen instance's next one goes at once.
     let mut acked = false;
+    // Full snapshots sent (or taken) in a row that were not taken: the next waits longer.
+    let mut fulls_not_taken = 0u32;
     // The key as this loop last took it: a new one is taken on the connection held.
     let mut key = key.clone();
     loop {
@@ -2037,7 +2064,15 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
         if let Some(conn) = stream.as_mut() {
             header.kind = if full { KIND_SNAPSHOT } else { KIND_LOG };
             let slow = |why: String| set(&|s| fail(s, why.clone()));
-            match send_one(&state, conn, header, frozen, &slow).await {
+            let sending_full = full;
+            let sent = send_one(&state, conn, header, frozen, &slow).await;
+            let taken = matches!(&sent, Ok((ack, _, _)) if ack.status == ACK_OK);
+            fulls_not_taken = match (taken, sending_full) {
+                (true, _) => 0,
+                (false, true) => fulls_not_taken.saturating_add(1),
+                (false, false) => fulls_not_taken,
+            };
+            match sent {
                 // The instance could not give a batch (e.g. its update log overflowed): a full
                 // snapshot next, on the same connection (closing it would tell the standby its
                 // active is lost).
@@ -2114,13 +2149,32 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
         }
         let pause = if frozen && acked {
             FROZEN_INTERVAL
-        } else {
+        } else if frozen {
             detection.interval
+        } else {
+            full_retry_pause(detection.interval, fulls_not_taken)
         };
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
             () = wake.notified() => {}
         }
+    }
+}
+
+/// Longest wait before a full snapshot goes again after the ones before were not taken.
+const FULL_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The wait before the next batch after `not_taken` full snapshots in a row were not taken
+/// (refused, unanswered, or too large to send): the pair's `interval` until the second, then
+/// doubling up to [`FULL_RETRY_MAX`]. A standby that is not ready yet, or a state too large,
+/// would otherwise cost a whole snapshot of the maps every interval.
+fn full_retry_pause(interval: Duration, not_taken: u32) -> Duration {
+    match not_taken {
+        0 | 1 => interval,
+        n => interval
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(FULL_RETRY_MAX)
+            .max(interval),
     }
 }
 
@@ -2228,6 +2282,13 @@ async fn send_one(
         }
         Err(e) => return Err(SendError::Take(format!("taking a batch: {e}"))),
     };
+    if bytes.len() > MAX_BATCH_BYTES as usize {
+        return Err(SendError::Take(format!(
+            "a batch of {} bytes is more than the {} MiB a standby takes: its state cannot be replicated",
+            bytes.len(),
+            MAX_BATCH_BYTES >> 20
+        )));
+    }
     let sent = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     let ready = Instant::now();
     let ack = exchange(conn, &header, &bytes, slow).await?;
@@ -3466,7 +3527,61 @@ mod tests {
                 .unwrap_or(0);
             assert_eq!(n, 0, "closed");
         }
+        // One that keeps sending refused batches, each before the wait for the next ran out:
+        // closed all the same (before, it held its connection, and with 512 of them every
+        // slot of the listener).
+        let (mut busy, _) = raw_connection(&address).await;
+        let opened = tokio::time::Instant::now();
+        loop {
+            let mut head = raw_header(KIND_KEEPALIVE, 0, 1000);
+            head.extend_from_slice(&[0; TAG_BYTES]);
+            if busy.write_all(&head).await.is_err() {
+                break;
+            }
+            match read_ack(&mut busy, None).await {
+                Ok(ack) => assert_eq!(ack.status, ACK_REFUSED, "{ack:?}"),
+                Err(_) => break,
+            }
+            assert!(
+                opened.elapsed() < UNANSWERED_CONNECTION + Duration::from_secs(2),
+                "a peer sending refused batches kept its connection"
+            );
+            tokio::time::sleep(Duration::from_millis(900)).await;
+        }
         assert!(host.heard.lock().unwrap().is_empty());
+    }
+
+    /// A replication connection's kernel ends it once its peer is gone without a word:
+    /// keepalive probes on, and [`DEAD_PEER_AFTER`] without an answer.
+    #[tokio::test]
+    async fn a_replication_connection_notices_a_dead_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        notice_dead_peer(&stream);
+        let socket = socket2::SockRef::from(&stream);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.tcp_user_timeout().unwrap(), Some(DEAD_PEER_AFTER));
+        assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(5));
+    }
+
+    /// Full snapshots that are not taken go again at the pair's interval, then less and less
+    /// often, never slower than every 2 s.
+    #[test]
+    fn full_snapshots_not_taken_go_again_less_often() {
+        let ten = Duration::from_millis(10);
+        let waits: Vec<u128> = (0..12)
+            .map(|n| full_retry_pause(ten, n).as_millis())
+            .collect();
+        assert_eq!(
+            waits,
+            [10, 10, 20, 40, 80, 160, 320, 640, 1280, 2000, 2000, 2000]
+        );
+        assert_eq!(
+            full_retry_pause(Duration::from_secs(3), 5),
+            Duration::from_secs(3)
+        );
     }
 
     /// Beyond the cap ([`MAX_CONNECTIONS`] in an agent) open at once, a new connection is
