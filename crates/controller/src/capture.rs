@@ -38,7 +38,7 @@ impl Controller {
     ) -> Result<(Vec<u8>, CaptureStream)> {
         let (n, _) = self.visible_network(caller, name).await?;
         let capture = req.resolve(&n.descriptor)?;
-        let hosts = self.network_hosts(&n.descriptor).await?;
+        let hosts = self.network_hosts(&n).await?;
         if hosts.is_empty() {
             return Err(ControllerError::Conflict(format!(
                 "no VNF of network {name} is placed on a host with an agent yet: no data plane \

@@ -391,6 +391,8 @@ impl Controller {
         let (record, _) = self
             .load(name)
             .await?
+            // Read again under the lock: the name may have been taken by another authority.
+            .filter(|(r, _)| caller.may_see(&r.vnf))
             .ok_or_else(|| super::not_found(name))?;
         if let Some(e) = refusal(&record.vnf, record.deleting) {
             return Err(e);
@@ -568,6 +570,7 @@ impl Controller {
         let (record, _) = self
             .load(name)
             .await?
+            .filter(|(r, _)| caller.may_see(&r.vnf))
             .ok_or_else(|| super::not_found(name))?;
         let Some(m) = record.vnf.migration.clone() else {
             return Err(ControllerError::Conflict(format!(

@@ -94,6 +94,29 @@ fn not_found(name: &str) -> ControllerError {
 
 /// Every port a network wires, with its direction (`true`: the port sends) and the field that
 /// wires it: the ends of its links, and the instance ports its steering endpoints mirror.
+/// Which network (named when the caller may see it) links port `ep` in direction `out`, if
+/// one does. A host interface named without its host (`host:IFNAME`) is on whichever host its
+/// VNFs run: it meets the same interface named with one (`host:IFNAME@HOST`).
+fn linked_by<'a>(
+    used: &'a BTreeMap<(bool, Endpoint), Option<String>>,
+    out: bool,
+    ep: &Endpoint,
+) -> Option<&'a Option<String>> {
+    if let Some(by) = used.get(&(out, ep.clone())) {
+        return Some(by);
+    }
+    let Endpoint::Host { ifname, on } = ep else {
+        return None;
+    };
+    used.iter()
+        .find(|((o, e), _)| {
+            *o == out
+                && matches!(e, Endpoint::Host { ifname: i, on: other }
+                    if i == ifname && (on.is_none() || other.is_none()))
+        })
+        .map(|(_, by)| by)
+}
+
 fn wired_ports(d: &NetworkDescriptor) -> Vec<(bool, Endpoint, String)> {
     let links = d.parsed_links();
     let mut out = Vec::new();
@@ -294,7 +317,7 @@ impl Controller {
         let mut mine: BTreeMap<(bool, Endpoint), String> = BTreeMap::new();
         for (out, ep, path) in wired_ports(d) {
             let dir = if out { "out" } else { "in" };
-            if let Some(other) = used.get(&(out, ep.clone())) {
+            if let Some(other) = linked_by(&used, out, &ep) {
                 let by = match other {
                     Some(name) => format!("network {name}"),
                     None => "another network".to_owned(),
@@ -577,7 +600,7 @@ impl Controller {
         let (n, _) = self.visible_network(caller, name).await?;
         // Checked here, so bad input is refused before any host is asked.
         probe.resolve(&n.descriptor)?;
-        let hosts = self.network_hosts(&n.descriptor).await?;
+        let hosts = self.network_hosts(&n).await?;
         let host = match hosts.len() {
             0 => {
                 return Err(ControllerError::Conflict(format!(
@@ -606,23 +629,45 @@ impl Controller {
         }
     }
 
-    /// The stored VNFs network `d` names, by name (those that exist).
-    async fn named_records(&self, d: &NetworkDescriptor) -> Result<BTreeMap<String, Vnf>> {
+    /// The stored VNFs network `n` names, by name: those that exist and that its owner may
+    /// wire (its own, or any for the admin). A name its VNF left and another authority took
+    /// since is not the network's: its traffic must not be wired into the network, captured
+    /// or steered by the network's owner.
+    async fn named_records(&self, n: &Network) -> Result<BTreeMap<String, Vnf>> {
+        let owner = Caller {
+            name: n.owner.to_string(),
+        };
         let mut out = BTreeMap::new();
-        for vnf in d.named_vnfs() {
+        for vnf in n.descriptor.named_vnfs() {
             let key = records::vnf_key(&vnf);
             if let Some(v) = self.store_handle().get(&key).await? {
                 let r: VnfRecord = decode(&key, &v.value)?;
-                out.insert(vnf, r.vnf);
+                if vnf_visible(&owner, &r.vnf) {
+                    out.insert(vnf, r.vnf);
+                }
             }
         }
         Ok(out)
     }
 
-    /// The hosts whose data planes hold network `d`: those with an agent where a VNF it names
-    /// has its active instance, or where it pins a host interface.
-    pub(crate) async fn network_hosts(&self, d: &NetworkDescriptor) -> Result<BTreeSet<String>> {
-        let holders = self.holding_hosts(d, &self.named_records(d).await?).await?;
+    /// A network of another authority that names `vnf`'s name (its own VNF of that name was
+    /// deleted since), whose owner may not wire `vnf`: a VNF of that name would be wired into
+    /// that owner's network, its traffic captured or steered there.
+    pub(crate) async fn network_claiming(&self, vnf: &Vnf) -> Result<Option<Network>> {
+        Ok(self.all_networks().await?.into_iter().find(|n| {
+            let owner = Caller {
+                name: n.owner.to_string(),
+            };
+            !vnf_visible(&owner, vnf) && n.descriptor.named_vnfs().contains(vnf.name.as_str())
+        }))
+    }
+
+    /// The hosts whose data planes hold network `n`: those with an agent where a VNF it names
+    /// (and its owner may wire) has its active instance, or where it pins a host interface.
+    pub(crate) async fn network_hosts(&self, n: &Network) -> Result<BTreeSet<String>> {
+        let holders = self
+            .holding_hosts(&n.descriptor, &self.named_records(n).await?)
+            .await?;
         Ok(holders.into_keys().collect())
     }
 
@@ -715,7 +760,7 @@ impl Controller {
         let mut spans = Vec::new();
         for n in self.all_networks().await? {
             // Each VNF and host record read once, for both the holding hosts and the span.
-            let vnfs = self.named_records(&n.descriptor).await?;
+            let vnfs = self.named_records(&n).await?;
             let holders = self.holding_hosts(&n.descriptor, &vnfs).await?;
             if holders.contains_key(host) {
                 spans.extend(Self::network_span(&n, &vnfs, &holders));
@@ -778,7 +823,7 @@ impl Controller {
         departed: bool,
     ) -> Result<Network> {
         let (mut n, _) = self.visible_network(caller, name).await?;
-        let holders = self.network_hosts(&n.descriptor).await?;
+        let holders = self.network_hosts(&n).await?;
         // The other hosts may be ones the network left (a VNF moved or failed over away):
         // those whose heartbeat says so keep its final counts there.
         let mut others = if departed {

@@ -788,6 +788,11 @@ impl Controller {
             reason: format!("created by {}", caller.name),
             actor: caller.name.clone(),
         };
+        if self.network_claiming(&vnf).await?.is_some() {
+            return Err(ControllerError::Conflict(format!(
+                "the name {name} is named by another authority's network (which its VNF of that name left): choose another name"
+            )));
+        }
         let record = VnfRecord {
             vnf: vnf.clone(),
             last_event: 1,
@@ -968,6 +973,11 @@ impl Controller {
     {
         self.load_visible(caller, name).await?;
         self.update(name, |record| {
+            // Read again for the write: the name may have been deleted and taken by another
+            // authority since the look above.
+            if !caller.may_see(&record.vnf) {
+                return Err(not_found(name));
+            }
             if let (Some(lock), false) = (&record.vnf.lock, allowed_when_locked) {
                 return Err(ControllerError::locked(name, lock));
             }

@@ -129,6 +129,7 @@ impl Controller {
         // The module runs now: record its path, re-reading the record if a phase report got
         // in between.
         let (mut record, mut rev) = (record, v.mod_revision);
+        let upgraded = (record.vnf.owner.clone(), record.vnf.created_at.clone());
         for _ in 0..16 {
             let vnf = &mut record.vnf;
             if let Some(wasm) = vnf.descriptor.spec.wasm.as_mut() {
@@ -161,6 +162,12 @@ impl Controller {
             record = serde_json::from_slice(&fresh.value)
                 .map_err(|e| ControllerError::Corrupt(format!("{key}: {e}")))?;
             rev = fresh.mod_revision;
+            // The same VNF still (not a new one of the name, maybe another authority's).
+            if (&record.vnf.owner, &record.vnf.created_at) != (&upgraded.0, &upgraded.1)
+                || record.deleting
+            {
+                return Err(ControllerError::NotFound(format!("vnf {name} not found")));
+            }
         }
         Err(ControllerError::Conflict(format!(
             "vnf {name} now runs module {hash}, but its record kept changing; upgrade again to \

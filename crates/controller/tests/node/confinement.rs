@@ -838,6 +838,15 @@ async fn a_host_port_in_use_names_no_other_authoritys_network() {
         !text.contains("alice"),
         "bob's refusal names alice's network: {text}"
     );
+    // Named with its host, the same interface is still taken.
+    let pinned = network("bobnet").replace("host:veth5", "host:veth5@h1");
+    let refused = node.create_network(&bob, &pinned).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.body.to_string().contains("by another network"),
+        "{}",
+        refused.body
+    );
     // The owner (and admin) are told which network holds it.
     let own = create(&alice, "alice2").await;
     assert_eq!(own.status, 422);

@@ -647,3 +647,39 @@ async fn hosts_holding_a_network_rewire_when_a_vnf_it_names_is_placed_or_goes() 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A name another authority's network still names (its VNF of that name deleted) is not free
+/// to anyone its owner may not wire: that VNF's traffic would be wired into the network, and
+/// captured or steered by its owner. The network's owner may take the name again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_another_authoritys_network_names_is_not_free() {
+    let node = Node::start().await;
+    let ent = node.create_authority("ent1").await;
+    let other = node.create_authority("ent2").await;
+    node.upload_firewall(&ent).await;
+    node.upload_firewall(&other).await;
+    create_vnf(&node, &ent, "fw1").await;
+    let r = node
+        .create_network(&ent, &network("anet", &["gen-anet.out -> fw1.in"]))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = node
+        .call("DELETE", "/v1/vnfs/{name}", Some("fw1"), Some(&ent), None)
+        .await;
+    assert!(r.status == 202 || r.status == 204, "{}", r.body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while node.names(&node.admin).await.iter().any(|n| n == "fw1") {
+        assert!(std::time::Instant::now() < deadline, "fw1 never went");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for token in [&other, &node.admin] {
+        let r = node.create_vnf(token, &wasm_vnf("fw1")).await;
+        assert_eq!(r.status, 409, "{}", r.body);
+        assert!(
+            r.body.to_string().contains("another authority's network"),
+            "{}",
+            r.body
+        );
+    }
+    create_vnf(&node, &ent, "fw1").await;
+}
