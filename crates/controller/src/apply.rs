@@ -109,8 +109,9 @@ impl Controller {
             });
         }
         let actor = caller.name.clone();
+        let guard = grants.as_ref().map(|g| g.unchanged(&caller.name));
         let vnf = self
-            .update(name, |r| {
+            .update_guarded(name, guard, |r| {
                 // Placed meanwhile: new cores must go through the scheduler (apply again).
                 let placed = plan.takes(Taking::Repin) && !r.vnf.placements.is_empty();
                 if r.vnf.descriptor != old || placed {

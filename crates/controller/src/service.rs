@@ -910,7 +910,22 @@ impl Controller {
 
     /// Read-modify-write of one VNF record with compare-and-swap, retried on races. `change`
     /// returns the phase transition to record as an event, if any.
-    pub(crate) async fn update<F>(&self, name: &str, mut change: F) -> Result<Vnf>
+    pub(crate) async fn update<F>(&self, name: &str, change: F) -> Result<Vnf>
+    where
+        F: FnMut(&mut VnfRecord) -> Result<Option<(Phase, String, String)>>,
+    {
+        self.update_guarded(name, None, change).await
+    }
+
+    /// [`Controller::update`] written only while `guard` holds too (the grants a request was
+    /// checked against unchanged, [`crate::access::GrantsRead::unchanged`]); when it no longer
+    /// holds, nothing is written and the caller is told to send the request again.
+    pub(crate) async fn update_guarded<F>(
+        &self,
+        name: &str,
+        guard: Option<Compare>,
+        mut change: F,
+    ) -> Result<Vnf>
     where
         F: FnMut(&mut VnfRecord) -> Result<Option<(Phase, String, String)>>,
     {
@@ -947,16 +962,34 @@ impl Controller {
                 key: vnf_key(name),
                 revision: rev,
             };
-            if self.store.txn(vec![compare], ops).await?.succeeded {
+            let compares = std::iter::once(compare).chain(guard.clone()).collect();
+            if self.store.txn(compares, ops).await?.succeeded {
                 if record.last_event != before.last_event {
                     self.metrics.event();
                 }
                 self.vnf_changed(Some(&before.vnf), Some(&record.vnf));
                 return Ok(record.vnf);
             }
+            if let Some(guard) = &guard {
+                self.guard_holds(guard).await?;
+            }
         }
         Err(ControllerError::Conflict(format!(
             "vnf {name} kept changing while it was being updated; try again"
+        )))
+    }
+
+    /// `Ok` while `guard` (a grants record at the revision a request was checked against)
+    /// still holds; otherwise the conflict to answer (nothing was written).
+    pub(crate) async fn guard_holds(&self, guard: &Compare) -> Result<()> {
+        let Compare::ModRevision { key, revision } = guard;
+        let now = self.store.get(key).await?.map_or(0, |v| v.mod_revision);
+        if now == *revision {
+            return Ok(());
+        }
+        Err(ControllerError::Conflict(format!(
+            "the host resources granted to {} changed while this request was checked; send it again",
+            key.rsplit('/').next().unwrap_or(key)
         )))
     }
 
@@ -966,13 +999,30 @@ impl Controller {
         caller: &Caller,
         name: &str,
         allowed_when_locked: bool,
+        change: F,
+    ) -> Result<Vnf>
+    where
+        F: FnMut(&mut Vnf) -> Result<()>,
+    {
+        self.request_guarded(caller, name, allowed_when_locked, None, change)
+            .await
+    }
+
+    /// [`Controller::request`] written only while `guard` holds (see
+    /// [`Controller::update_guarded`]).
+    async fn request_guarded<F>(
+        &self,
+        caller: &Caller,
+        name: &str,
+        allowed_when_locked: bool,
+        guard: Option<Compare>,
         mut change: F,
     ) -> Result<Vnf>
     where
         F: FnMut(&mut Vnf) -> Result<()>,
     {
         self.load_visible(caller, name).await?;
-        self.update(name, |record| {
+        self.update_guarded(name, guard, |record| {
             // Read again for the write: the name may have been deleted and taken by another
             // authority since the look above.
             if !caller.may_see(&record.vnf) {
@@ -1046,13 +1096,15 @@ impl Controller {
         if let Some(first) = grant.violations().into_iter().next() {
             return Err(ControllerError::Invalid(first));
         }
+        let mut guard = None;
         if let Some(g) = self.confining_grants(caller).await?
             && let Some((kind, field, resource)) = crate::access::device_resource(&grant)
         {
             telvirt_model::grant::require(&g.grants, kind, field, &resource)
                 .map_err(ControllerError::NotGranted)?;
+            guard = Some(g.unchanged(&caller.name));
         }
-        self.request(caller, name, false, |vnf| {
+        self.request_guarded(caller, name, false, guard, |vnf| {
             if vnf.descriptor.spec.runtime != RuntimeKind::Vm {
                 return Err(ControllerError::Invalid(FieldError::new(
                     "kind",

@@ -33,6 +33,18 @@ async fn grant(node: &Node, who: &str, body: &str) -> common::Reply {
     .await
 }
 
+/// `token` attaches the device `body` (JSON) to VNF `vnf`.
+async fn attach(node: &Node, token: &str, vnf: &str, body: &str) -> common::Reply {
+    node.call(
+        "POST",
+        "/v1/vnfs/{name}/devices",
+        Some(vnf),
+        Some(token),
+        Some((body.as_bytes(), "application/json")),
+    )
+    .await
+}
+
 async fn revoke(node: &Node, who: &str, body: &str) -> common::Reply {
     node.call(
         "DELETE",
@@ -213,20 +225,7 @@ async fn devices_name_granted_files_and_taps_only() {
     // Owned by ent1 instead: create as ent1.
     let r = node.create_vnf(&ent, &vm_vnf("v2", "cmdline: quiet")).await;
     assert_eq!(r.status, 201, "{}", r.body);
-    let attach = |body: &'static str| {
-        let node = &node;
-        let ent = ent.clone();
-        async move {
-            node.call(
-                "POST",
-                "/v1/vnfs/{name}/devices",
-                Some("v2"),
-                Some(&ent),
-                Some((body.as_bytes(), "application/json")),
-            )
-            .await
-        }
-    };
+    let attach = |body: &'static str| attach(&node, &ent, "v2", body);
     let r = attach(r#"{"id":"d0","kind":"blk","path":"/etc/shadow"}"#).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(r.error_paths(), ["path"]);
@@ -411,5 +410,53 @@ async fn modules_are_verified_at_upload_and_scoped_to_their_owner() {
         r.body["memory_bytes"].as_u64().unwrap() >= 16 << 20,
         "{}",
         r.body
+    );
+}
+
+/// A grant revoked while a request that relied on it waits to be written makes that request
+/// write nothing (409: send it again), so no VNF is left using a host resource its authority
+/// no longer holds (the revoke's check of what is in use ran before the write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_revoked_while_a_request_relied_on_it_makes_it_write_nothing() {
+    let mut hooked = None;
+    let node = Node::start_on(|path| {
+        let store = common::hooked_store::HookedStore::open(path);
+        hooked = Some(store.clone());
+        store
+    })
+    .await;
+    let store = hooked.unwrap();
+    let ent = node.create_authority("ent1").await;
+    let r = node.create_vnf(&ent, &vm_vnf("v2", "cmdline: quiet")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = grant(&node, "ent1", r#"{"paths":["/srv/d/"]}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    *store.hold_write.lock().unwrap() = Some(telvirt_controller::records::vnf_key("v2"));
+    let attach = attach(
+        &node,
+        &ent,
+        "v2",
+        r#"{"id":"d0","kind":"blk","path":"/srv/d/a.img"}"#,
+    );
+    let revoke_while_held = async {
+        store.held.notified().await;
+        let r = revoke(&node, "ent1", r#"{"paths":["/srv/d/"]}"#).await;
+        assert_eq!(r.status, 200, "nothing uses the grant yet: {}", r.body);
+        store.go_on.notify_one();
+    };
+    let (r, ()) = tokio::join!(attach, revoke_while_held);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body
+            .to_string()
+            .contains("changed while this request was checked"),
+        "{}",
+        r.body
+    );
+    let v2 = node.vnf_json("v2").await;
+    assert!(
+        v2["devices"].as_array().is_none_or(Vec::is_empty),
+        "no device stored: {v2}"
     );
 }
