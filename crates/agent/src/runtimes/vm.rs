@@ -983,10 +983,14 @@ impl Runtime for VmRuntime {
         lock(&self.receiving).remove(name);
         self.arrival_table().remove(name);
         let handle = self.handles.lock().await.remove(name);
-        if let Some(h) = &handle
+        if let Some(h) = handle
             && !matches!(h.phase(), VmPhase::Stopped | VmPhase::Failed)
+            && let Err(e) = h.kill().await
         {
-            h.kill().await.map_err(failure)?;
+            // Still running (its kill not done in time): tracked still, so the instance does
+            // not read as absent while its QEMU holds its cores and memory.
+            self.handles.lock().await.insert(name.clone(), h);
+            return Err(failure(e));
         }
         self.close_nics(name);
         match self.plain_manager().remove(name.as_str()) {
