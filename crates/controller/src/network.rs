@@ -200,10 +200,18 @@ impl Controller {
     }
 
     /// Checks a valid descriptor against the caller's VNFs and the other networks.
-    async fn check_network(&self, caller: &Caller, d: &NetworkDescriptor) -> Result<()> {
+    /// Checks network `d` for `caller`; the condition its write needs: the caller's grants
+    /// as they were checked (none for the admin).
+    async fn check_network(
+        &self,
+        caller: &Caller,
+        d: &NetworkDescriptor,
+    ) -> Result<Option<Compare>> {
         // A host interface is a host resource: only what the admin granted (ADR 045).
+        let mut guard = None;
         if let Some(g) = self.confining_grants(caller).await? {
             crate::access::require_all(&g.grants, &crate::access::network_resources(d))?;
+            guard = Some(g.unchanged(&caller.name));
         }
         // A host interface pinned to a host (`host:IFNAME@HOST`) names a host that exists.
         for end in pinned_ends(d) {
@@ -336,7 +344,7 @@ impl Controller {
                 )));
             }
         }
-        Ok(())
+        Ok(guard)
     }
 
     /// Validates and stores a network owned by the caller; the agent applies it.
@@ -347,7 +355,7 @@ impl Controller {
         format: Format,
     ) -> Result<Network> {
         let descriptor = parse_network(text, format)?;
-        self.check_network(caller, &descriptor).await?;
+        let guard = self.check_network(caller, &descriptor).await?;
         let owner: Name = caller
             .name
             .parse()
@@ -361,7 +369,10 @@ impl Controller {
             vnis: 0,
             status: None,
         };
-        if self.put_with_vni_block(&mut network, 0).await? {
+        if self
+            .put_with_vni_block(&mut network, 0, guard.as_ref())
+            .await?
+        {
             return Ok(network);
         }
         Err(ControllerError::Conflict(format!(
@@ -374,7 +385,14 @@ impl Controller {
     /// descriptor link, taken from the counter in the same transaction (a concurrent writer
     /// that took the same block makes this one take the next). False when the network's record
     /// was not at `rev`.
-    async fn put_with_vni_block(&self, network: &mut Network, rev: u64) -> Result<bool> {
+    /// Written only while `guard` holds (the grants it was checked against; a conflict to
+    /// answer when they changed).
+    async fn put_with_vni_block(
+        &self,
+        network: &mut Network,
+        rev: u64,
+        guard: Option<&Compare>,
+    ) -> Result<bool> {
         let count = u32::try_from(network.descriptor.spec.links.len().max(1)).map_err(|_| {
             ControllerError::Invalid(FieldError::new("spec.links", "too many links"))
         })?;
@@ -421,7 +439,10 @@ impl Controller {
                             key: VNI_COUNTER.to_owned(),
                             revision: counter_rev,
                         },
-                    ],
+                    ]
+                    .into_iter()
+                    .chain(guard.cloned())
+                    .collect(),
                     vec![
                         Op::Put {
                             key: key.clone(),
@@ -446,6 +467,9 @@ impl Controller {
             if outcome.succeeded {
                 bump(self.networks_version());
                 return Ok(true);
+            }
+            if let Some(guard) = guard {
+                self.guard_holds(guard).await?;
             }
             let now = self.store_handle().get(&key).await?;
             if now.map_or(0, |v| v.mod_revision) != rev {
@@ -476,16 +500,18 @@ impl Controller {
 
     /// Writes `n` if its record is still at revision `rev` (0: absent) and wakes the data plane;
     /// false when it was not.
-    async fn put_network(&self, n: &Network, rev: u64) -> Result<bool> {
+    async fn put_network(&self, n: &Network, rev: u64, guard: Option<&Compare>) -> Result<bool> {
         let key = network_key(n.name.as_str());
         let value = serde_json::to_vec(n).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
         let outcome = self
             .store_handle()
             .txn(
-                vec![Compare::ModRevision {
+                std::iter::once(Compare::ModRevision {
                     key: key.clone(),
                     revision: rev,
-                }],
+                })
+                .chain(guard.cloned())
+                .collect(),
                 vec![Op::Put {
                     key,
                     value,
@@ -495,13 +521,15 @@ impl Controller {
             .await?;
         if outcome.succeeded {
             bump(self.networks_version());
+        } else if let Some(guard) = guard {
+            self.guard_holds(guard).await?;
         }
         Ok(outcome.succeeded)
     }
 
-    /// Writes `n` over the revision `rev` read before.
-    async fn store_network(&self, n: &Network, rev: u64) -> Result<()> {
-        if self.put_network(n, rev).await? {
+    /// Writes `n` over the revision `rev` read before, while `guard` holds.
+    async fn store_network(&self, n: &Network, rev: u64, guard: Option<&Compare>) -> Result<()> {
+        if self.put_network(n, rev, guard).await? {
             Ok(())
         } else {
             Err(changed_meanwhile(n.name.as_str()))
@@ -532,7 +560,7 @@ impl Controller {
         let owner = Caller {
             name: n.owner.as_str().to_owned(),
         };
-        self.check_network(&owner, &descriptor).await?;
+        let guard = self.check_network(&owner, &descriptor).await?;
         n.descriptor = descriptor;
         // A network that grew beyond its block of VNIs gets a new one (its links between
         // hosts move to the new identifiers together).
@@ -542,11 +570,11 @@ impl Controller {
             n.vnis.max(1) as usize
         };
         if n.descriptor.spec.links.len() > held {
-            if !self.put_with_vni_block(&mut n, rev).await? {
+            if !self.put_with_vni_block(&mut n, rev, guard.as_ref()).await? {
                 return Err(changed_meanwhile(name));
             }
         } else {
-            self.store_network(&n, rev).await?;
+            self.store_network(&n, rev, guard.as_ref()).await?;
         }
         Ok(n)
     }
@@ -585,7 +613,7 @@ impl Controller {
             )));
         }
         e.active = Some(req.active.clone());
-        self.store_network(&n, rev).await?;
+        self.store_network(&n, rev, None).await?;
         Ok(n)
     }
 

@@ -33,6 +33,43 @@ async fn grant(node: &Node, who: &str, body: &str) -> common::Reply {
     .await
 }
 
+/// A node on a store whose writes the test can hold.
+async fn hooked_node() -> (Node, std::sync::Arc<common::hooked_store::HookedStore>) {
+    let mut hooked = None;
+    let node = Node::start_on(|path| {
+        let store = common::hooked_store::HookedStore::open(path);
+        hooked = Some(store.clone());
+        store
+    })
+    .await;
+    (node, hooked.unwrap())
+}
+
+/// Runs `request`, whose write the store holds, and revokes ent1's `grants` meanwhile (nothing
+/// uses them yet): the request must write nothing and answer 409.
+async fn refused_as_revoked_meanwhile(
+    node: &Node,
+    store: &common::hooked_store::HookedStore,
+    grants: &str,
+    request: impl std::future::Future<Output = common::Reply>,
+) {
+    let revoke_while_held = async {
+        store.held.notified().await;
+        let r = revoke(node, "ent1", grants).await;
+        assert_eq!(r.status, 200, "nothing uses the grant yet: {}", r.body);
+        store.go_on.notify_one();
+    };
+    let (r, ()) = tokio::join!(request, revoke_while_held);
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body
+            .to_string()
+            .contains("changed while this request was checked"),
+        "{}",
+        r.body
+    );
+}
+
 /// `token` attaches the device `body` (JSON) to VNF `vnf`.
 async fn attach(node: &Node, token: &str, vnf: &str, body: &str) -> common::Reply {
     node.call(
@@ -418,14 +455,7 @@ async fn modules_are_verified_at_upload_and_scoped_to_their_owner() {
 /// no longer holds (the revoke's check of what is in use ran before the write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_revoked_while_a_request_relied_on_it_makes_it_write_nothing() {
-    let mut hooked = None;
-    let node = Node::start_on(|path| {
-        let store = common::hooked_store::HookedStore::open(path);
-        hooked = Some(store.clone());
-        store
-    })
-    .await;
-    let store = hooked.unwrap();
+    let (node, store) = hooked_node().await;
     let ent = node.create_authority("ent1").await;
     let r = node.create_vnf(&ent, &vm_vnf("v2", "cmdline: quiet")).await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -439,24 +469,29 @@ async fn a_grant_revoked_while_a_request_relied_on_it_makes_it_write_nothing() {
         "v2",
         r#"{"id":"d0","kind":"blk","path":"/srv/d/a.img"}"#,
     );
-    let revoke_while_held = async {
-        store.held.notified().await;
-        let r = revoke(&node, "ent1", r#"{"paths":["/srv/d/"]}"#).await;
-        assert_eq!(r.status, 200, "nothing uses the grant yet: {}", r.body);
-        store.go_on.notify_one();
-    };
-    let (r, ()) = tokio::join!(attach, revoke_while_held);
-    assert_eq!(r.status, 409, "{}", r.body);
-    assert!(
-        r.body
-            .to_string()
-            .contains("changed while this request was checked"),
-        "{}",
-        r.body
-    );
+    refused_as_revoked_meanwhile(&node, &store, r#"{"paths":["/srv/d/"]}"#, attach).await;
     let v2 = node.vnf_json("v2").await;
     assert!(
         v2["devices"].as_array().is_none_or(Vec::is_empty),
         "no device stored: {v2}"
     );
+}
+
+/// So does a network that links a granted host interface: revoked while its write waits, it is
+/// not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_revoked_while_a_network_relied_on_it_makes_it_write_nothing() {
+    let (node, store) = hooked_node().await;
+    let ent = node.create_authority("ent1").await;
+    assert_eq!(node.create_vnf(&ent, &wasm_vnf("myvnf")).await.status, 201);
+    let r = grant(&node, "ent1", r#"{"interfaces":["veth-e1*"]}"#).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    *store.hold_write.lock().unwrap() = Some(telvirt_controller::network::network_key("n1"));
+    let body = "apiVersion: telvirt/v1\nkind: Network\nmetadata: { name: n1 }\nspec:\n  links:\n    - host:veth-e1a -> myvnf.in\n";
+    let create = node.create_network(&ent, body);
+    refused_as_revoked_meanwhile(&node, &store, r#"{"interfaces":["veth-e1*"]}"#, create).await;
+    let r = node
+        .call("GET", "/v1/networks", None, Some(&ent), None)
+        .await;
+    assert_eq!(r.body.as_array().unwrap().len(), 0, "nothing stored");
 }
