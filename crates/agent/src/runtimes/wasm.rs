@@ -242,6 +242,8 @@ struct Entry {
     inst: Shared,
     scheduled: Arc<AtomicBool>,
     module_hash: String,
+    /// Keeps its module's files while the entry lives.
+    _module: ModulePin,
     /// Stopped: off the panel, kept until `remove`.
     stopped: bool,
     /// What the start did with the map snapshot, if there was one.
@@ -256,6 +258,61 @@ struct Entry {
     handoff: Arc<Handoff>,
     /// Frozen for a hand-off: no batch runs, the maps change no more.
     frozen: bool,
+}
+
+/// How many instances (running, or being made) use each installed module, by hash: a module's
+/// files are removed only under this lock and only while none does, so a start that installs
+/// a module never meets its removal half-way (one VNF removed while another of the same module
+/// starts deleted its files under the start).
+#[derive(Default)]
+struct ModulePins(Mutex<BTreeMap<String, usize>>);
+
+impl ModulePins {
+    fn counts(&self) -> MutexGuard<'_, BTreeMap<String, usize>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Module `hash` is used from now until the pin is dropped.
+    fn pin(self: &Arc<Self>, hash: &str) -> ModulePin {
+        *self.counts().entry(hash.to_owned()).or_insert(0) += 1;
+        ModulePin {
+            pins: Arc::clone(self),
+            hash: hash.to_owned(),
+        }
+    }
+
+    /// Runs `remove` for module `hash` when nothing uses it, under the lock a new use takes.
+    fn remove_if_unused<E>(
+        &self,
+        hash: &str,
+        remove: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
+        let counts = self.counts();
+        if counts.get(hash).is_some_and(|n| *n > 0) {
+            return Ok(());
+        }
+        let removed = remove();
+        drop(counts);
+        removed
+    }
+}
+
+/// One use of an installed module (see [`ModulePins`]).
+struct ModulePin {
+    pins: Arc<ModulePins>,
+    hash: String,
+}
+
+impl Drop for ModulePin {
+    fn drop(&mut self) {
+        let mut counts = self.pins.counts();
+        if let Some(n) = counts.get_mut(&self.hash) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.hash);
+            }
+        }
+    }
 }
 
 /// The runtime's entries, locked (a panic while they were held left them as they were between
@@ -388,6 +445,7 @@ pub struct WasmRuntime {
     /// bring back the file of a VNF being removed. Taken before `entries`, never after.
     snapshot_files: Arc<Mutex<()>>,
     entries: Arc<Mutex<BTreeMap<Name, Entry>>>,
+    modules: Arc<ModulePins>,
     /// The agent's fencing, whose gates each instance's node asks before it polls (`None`:
     /// instances always forward while scheduled).
     fencing: Option<Arc<Fencing>>,
@@ -587,6 +645,7 @@ fn snapshot_file(dir: &Path, name: &Name) -> PathBuf {
 /// runtime so that it can run on a blocking thread.
 struct Loader {
     rt: Arc<rw::WasmRuntime>,
+    modules: Arc<ModulePins>,
     base_dir: PathBuf,
     module_dir: Option<PathBuf>,
     snapshot_dir: Option<PathBuf>,
@@ -596,6 +655,7 @@ struct Loader {
 struct Prepared {
     inst: VnfInstance,
     hash: String,
+    module: ModulePin,
     note: Option<String>,
 }
 
@@ -610,7 +670,7 @@ impl Loader {
             .wasm
             .as_ref()
             .ok_or_else(|| fail("spec.wasm is missing"))?;
-        let meta = self.install(&wasm.module, cfg.engine, &spec.domain)?;
+        let (meta, module) = self.install(&wasm.module, cfg.engine, &spec.domain)?;
         check_budget(spec, &meta.manifest.maps, &cfg)?;
         let mut inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
         // Before the first batch: the instance is on no panel yet.
@@ -618,6 +678,7 @@ impl Loader {
         Ok(Prepared {
             inst,
             hash: meta.hash,
+            module,
             note,
         })
     }
@@ -648,14 +709,18 @@ impl Loader {
     }
 
     /// Reads and installs a module file into security `domain` through the verifier and the
-    /// security manager. A refusal names the domain.
+    /// security manager, pinned (its files kept) from before it is written. A refusal names
+    /// the domain.
     fn install(
         &self,
         path: &str,
         kind: EngineKind,
         domain: &str,
-    ) -> Result<rw::InstalledModule, RuntimeFailure> {
+    ) -> Result<(rw::InstalledModule, ModulePin), RuntimeFailure> {
         let bytes = self.module_bytes(path)?;
+        let pin = self
+            .modules
+            .pin(&rw::verify::hex(&rw::verify::module_hash(&bytes)));
         self.rt
             .install(&InstallRequest {
                 bytes: &bytes,
@@ -663,6 +728,7 @@ impl Loader {
                 signature: None,
                 precompile: &[kind],
             })
+            .map(|meta| (meta, pin))
             .map_err(|e| match e {
                 rw::Error::Verification(_) => fail(format!(
                     "{e} (the owning authority's security domain is `{domain}`)"
@@ -983,6 +1049,7 @@ impl WasmRuntime {
             snapshot_dir,
             snapshot_files: Arc::new(Mutex::new(())),
             entries: Arc::new(Mutex::new(BTreeMap::new())),
+            modules: Arc::default(),
             fencing: None,
             state_change: StateChangeSlot::default(),
         })
@@ -1112,6 +1179,7 @@ impl WasmRuntime {
     fn loader(&self) -> Loader {
         Loader {
             rt: Arc::clone(&self.rt),
+            modules: Arc::clone(&self.modules),
             base_dir: self.base_dir.clone(),
             module_dir: self.module_dir.clone(),
             snapshot_dir: self.snapshot_dir.clone(),
@@ -1125,11 +1193,12 @@ impl WasmRuntime {
         let (kind, domain) = self.change_unless_frozen(name, "upgraded", |i| {
             (i.config().engine, i.module().domain.clone())
         })?;
-        let meta = self.loader().install(module, kind, &domain)?;
+        let (meta, pin) = self.loader().install(module, kind, &domain)?;
         self.change_unless_frozen(name, "upgraded", |i| self.rt.upgrade(i, &meta))?
             .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module_hash = meta.hash.clone();
+            e._module = pin;
             // The carried maps count on, but may be laid out anew (maps added, resized or
             // dropped) with no change counted: the next save writes them whatever the count it
             // saved last.
@@ -1292,7 +1361,12 @@ impl WasmRuntime {
 
     /// Puts an instance [`Loader::prepare`] made on the data-plane worker of the VNF's CPU.
     fn place(&self, spec: &InstanceSpec, prepared: Prepared) -> Result<(), RuntimeFailure> {
-        let Prepared { inst, hash, note } = prepared;
+        let Prepared {
+            inst,
+            hash,
+            module,
+            note,
+        } = prepared;
         let cpu = spec
             .placement
             .vcpus
@@ -1369,6 +1443,7 @@ impl WasmRuntime {
                 inst,
                 scheduled,
                 module_hash: hash,
+                _module: module,
                 stopped: false,
                 note,
                 saved_changes: None,
@@ -1617,14 +1692,20 @@ impl Runtime for WasmRuntime {
         // Deleting files and dropping the instance (its memory, up to its limit) on a blocking
         // thread, as a save is written.
         let rt = Arc::clone(&self.rt);
+        let modules = Arc::clone(&self.modules);
         let name = name.clone();
         tokio::task::spawn_blocking(move || {
             drop(removed);
             if let Some(saver) = snapshot {
                 saver.delete(&name)?;
             }
+            // Not if a start of the same module pinned it meanwhile (checked under the lock
+            // it pins under).
             if let Some(hash) = unused_module {
-                rt.remove(&hash).map_err(fail)?;
+                modules.remove_if_unused(&hash, || match rt.remove(&hash) {
+                    Ok(()) | Err(rw::Error::NotInstalled(_)) => Ok(()),
+                    Err(e) => Err(fail(e)),
+                })?;
             }
             Ok(())
         })
@@ -1636,6 +1717,29 @@ impl Runtime for WasmRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A module's files are removed only while nothing pins it: a start that pinned it before
+    /// the removal looked keeps them, and the last pin dropped lets the removal go.
+    #[test]
+    fn a_pinned_module_is_not_removed() {
+        let pins = Arc::new(ModulePins::default());
+        let first = pins.pin("m1");
+        let second = pins.pin("m1");
+        let removed = std::cell::Cell::new(0);
+        let remove = || -> Result<(), ()> {
+            removed.set(removed.get() + 1);
+            Ok(())
+        };
+        pins.remove_if_unused("m1", remove).unwrap();
+        drop(first);
+        pins.remove_if_unused("m1", remove).unwrap();
+        assert_eq!(removed.get(), 0, "still pinned");
+        pins.remove_if_unused("m2", remove).unwrap();
+        drop(second);
+        pins.remove_if_unused("m1", remove).unwrap();
+        assert_eq!(removed.get(), 2, "m2 never pinned, then m1 once unpinned");
+        assert!(pins.counts().is_empty());
+    }
 
     pub(super) fn config(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
