@@ -237,12 +237,7 @@ impl Controller {
     /// the VNF again, and its cores there would be free for another VNF). A store that cannot
     /// be read leaves the scheduler as it is (logged).
     async fn hold_what_is_stored(&self, scheduler: &mut Scheduler, name: &str) {
-        let key = allocation_key(name);
-        let stored = match self.store.get(&key).await {
-            Ok(v) => v.map(|v| decode::<Allocation>(&key, &v.value)).transpose(),
-            Err(e) => Err(e.into()),
-        };
-        let stored = match stored {
+        let stored = match self.stored_allocation(name).await {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::warn!(vnf = %name, "cannot read its stored placement back after the store did not take its new one: {e}");

@@ -1524,6 +1524,16 @@ impl Controller {
         })))
     }
 
+    /// The allocation the store holds for VNF `name`, if any.
+    pub(crate) async fn stored_allocation(&self, name: &str) -> Result<Option<Allocation>> {
+        let key = allocation_key(name);
+        self.store
+            .get(&key)
+            .await?
+            .map(|v| decode::<Allocation>(&key, &v.value))
+            .transpose()
+    }
+
     /// Under the scheduler lock, for VNF `name` found placed by a scheduling pass: the cores
     /// its stored allocation names are held, should the scheduler not hold them. That happens
     /// when a placement's transaction was applied late, after the store had answered it with
@@ -1534,19 +1544,15 @@ impl Controller {
         if scheduler.placement(name).is_ok() {
             return;
         }
-        let key = allocation_key(name);
-        let stored = match self.store.get(&key).await {
-            Ok(stored) => stored,
+        let held = match self.stored_allocation(name).await {
+            Ok(Some(alloc)) => scheduler.restore(&alloc).map_err(ControllerError::from),
+            Ok(None) => return,
+            Err(e @ ControllerError::Corrupt(_)) => Err(e),
             Err(e) => {
                 tracing::warn!(vnf = %name, "cannot read its stored placement to hold its cores: {e}");
                 return;
             }
         };
-        let Some(v) = stored else {
-            return;
-        };
-        let held = decode::<Allocation>(&key, &v.value)
-            .and_then(|alloc| scheduler.restore(&alloc).map_err(ControllerError::from));
         match held {
             Ok(()) => {
                 tracing::warn!(vnf = %name, "its stored placement's cores were not held by the scheduler; held again")

@@ -1352,10 +1352,12 @@ async fn wait_for_qmp(
 
 /// Pin emulator/I/O threads, then each vCPU thread; returns warnings (e.g. SCHED_FIFO refused).
 fn pin_threads(pid: i32, cpus: &[CpuInfoFast], placement: &CpuPlacement) -> Result<Vec<String>> {
-    vcpus_of(pid, cpus)?;
+    // Read once: the vCPU threads are checked against them, the others pinned as emulator's.
+    let threads = pin::thread_ids(pid)?;
+    vcpus_of(pid, &threads, cpus)?;
     let mut warnings = Vec::new();
     if let Some(emu) = &placement.emulator_cpus {
-        for tid in pin::thread_ids(pid)? {
+        for &tid in &threads {
             if cpus.iter().any(|c| c.thread_id == tid) {
                 continue;
             }
@@ -1386,11 +1388,10 @@ fn pin_threads(pid: i32, cpus: &[CpuInfoFast], placement: &CpuPlacement) -> Resu
     Ok(warnings)
 }
 
-/// Checks that each vCPU thread QMP names is a thread of QEMU `pid`: the ids are QEMU's word,
-/// and a QEMU its guest got hold of could otherwise have the agent pin any thread of the host
-/// (its own included) and raise it to real time.
-fn vcpus_of(pid: i32, cpus: &[CpuInfoFast]) -> Result<()> {
-    let own = pin::thread_ids(pid)?;
+/// Checks that each vCPU thread QMP names is one of `own`, the threads of QEMU `pid`: the ids
+/// are QEMU's word, and a QEMU its guest got hold of could otherwise have the agent pin any
+/// thread of the host (its own included) and raise it to real time.
+fn vcpus_of(pid: i32, own: &[i32], cpus: &[CpuInfoFast]) -> Result<()> {
     match cpus
         .iter()
         .find(|c| c.thread_id <= 0 || !own.contains(&c.thread_id))
@@ -1549,12 +1550,13 @@ mod tests {
             thread_id,
             target: None,
         };
+        let own = pin::thread_ids(me).unwrap();
         assert!(
-            vcpus_of(me, &[cpu(me)]).is_ok(),
+            vcpus_of(me, &own, &[cpu(me)]).is_ok(),
             "the main thread is this process's"
         );
         for stranger in [0, -1, 1] {
-            let e = vcpus_of(me, &[cpu(me), cpu(stranger)])
+            let e = vcpus_of(me, &own, &[cpu(me), cpu(stranger)])
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("not a thread of QEMU"), "{e}");

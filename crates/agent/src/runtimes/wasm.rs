@@ -241,9 +241,8 @@ impl Ticker {
 struct Entry {
     inst: Shared,
     scheduled: Arc<AtomicBool>,
-    module_hash: String,
-    /// Keeps its module's files while the entry lives.
-    _module: ModulePin,
+    /// Its module, whose files are kept while the entry lives.
+    module: ModulePin,
     /// Stopped: off the panel, kept until `remove`.
     stopped: bool,
     /// What the start did with the map snapshot, if there was one.
@@ -654,7 +653,6 @@ struct Loader {
 /// An instance made by [`Loader::prepare`], not yet on the data plane.
 struct Prepared {
     inst: VnfInstance,
-    hash: String,
     module: ModulePin,
     note: Option<String>,
 }
@@ -675,12 +673,7 @@ impl Loader {
         let mut inst = self.rt.instantiate(&meta, cfg).map_err(fail)?;
         // Before the first batch: the instance is on no panel yet.
         let note = self.restore_maps(&spec.name, &mut inst);
-        Ok(Prepared {
-            inst,
-            hash: meta.hash,
-            module,
-            note,
-        })
+        Ok(Prepared { inst, module, note })
     }
 
     /// The bytes of the module a descriptor names: an uploaded module (`sha256:<hex>`, from the
@@ -1197,8 +1190,7 @@ impl WasmRuntime {
         self.change_unless_frozen(name, "upgraded", |i| self.rt.upgrade(i, &meta))?
             .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
-            e.module_hash = meta.hash.clone();
-            e._module = pin;
+            e.module = pin;
             // The carried maps count on, but may be laid out anew (maps added, resized or
             // dropped) with no change counted: the next save writes them whatever the count it
             // saved last.
@@ -1361,12 +1353,7 @@ impl WasmRuntime {
 
     /// Puts an instance [`Loader::prepare`] made on the data-plane worker of the VNF's CPU.
     fn place(&self, spec: &InstanceSpec, prepared: Prepared) -> Result<(), RuntimeFailure> {
-        let Prepared {
-            inst,
-            hash,
-            module,
-            note,
-        } = prepared;
+        let Prepared { inst, module, note } = prepared;
         let cpu = spec
             .placement
             .vcpus
@@ -1442,8 +1429,7 @@ impl WasmRuntime {
             Entry {
                 inst,
                 scheduled,
-                module_hash: hash,
-                _module: module,
+                module,
                 stopped: false,
                 note,
                 saved_changes: None,
@@ -1683,8 +1669,8 @@ impl Runtime for WasmRuntime {
                 e.scheduled.store(false, Ordering::Release);
                 let _ = self.dataplane.remove_node(name.as_str());
                 self.dataplane.release_links(name.as_str());
-                if !entries.values().any(|o| o.module_hash == e.module_hash) {
-                    unused_module = Some(e.module_hash.clone());
+                if !entries.values().any(|o| o.module.hash == e.module.hash) {
+                    unused_module = Some(e.module.hash.clone());
                 }
             }
             (removed, snapshot, unused_module)
