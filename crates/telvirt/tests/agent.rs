@@ -1457,19 +1457,40 @@ fn move_vm_again_if_it_breaks(
 /// destination before the waiting QEMU starts there, the pages its NICs write are logged
 /// (QEMU refuses to move a vhost-user guest otherwise), and after the switch the network runs
 /// on the new host with the same guest forwarding.
+///
+/// Both agents run the newer QEMU where there is one (`make qemu-next`, as `make test` has):
+/// under the system's QEMU 7.2's TCG, about 1 guest in 8 moved under this stream arrived broken
+/// (a kernel BUG at the resume, then `id N is not a head` on both queues, as dirtying guests
+/// without NICs break there: ADR 062), against none in 10.0's runs; CI failed on one on
+/// 2026-12-07. The system's QEMU runs it where there is no other.
 #[test]
 fn a_vm_with_nics_in_a_chain_moves_live_and_forwards_on_its_new_host() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let _qemus = common::QemuGuard("vmnic1");
     let guest = common::guest_binary();
+    let next = common::qemu_next();
+    let mut env = vec![("TELVIRT_GUEST_BIN", guest.as_path())];
+    env.extend(next.as_deref().map(|q| ("TELVIRT_QEMU", q)));
     // The destination's agent looks at its instances unasked once an hour: the arrival's
     // resume and its end reach it from its runtime.
     let (node, _a1, _a2) = two_agents_with_a2(
         &["--move-timeout-ms", "60000"],
         TWO_CORES,
-        &[("TELVIRT_GUEST_BIN", &guest)],
+        &env,
         &["--resync-interval-ms", "3600000"],
     );
+    if next.is_some() {
+        // Both ends on the same, newer QEMU (the system's is 7.2 where there is a next).
+        let (a1, a2) = (
+            node.json(&["host", "show", "a1"]),
+            node.json(&["host", "show", "a2"]),
+        );
+        assert_eq!(a1["qemu"], a2["qemu"], "{a1} {a2}");
+        assert!(
+            a1["qemu"].as_str().is_some_and(|v| !v.starts_with("7.")),
+            "{a1}"
+        );
+    }
     node.ok(&["host", "cordon", "a2"]);
     node.create("vmnic1.yaml", NIC_VM);
     let booted = node.wait_vnf_for("vmnic1", VM_DEADLINE, |v| {
