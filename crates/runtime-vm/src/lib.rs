@@ -15,6 +15,7 @@ pub mod confine;
 pub mod error;
 pub mod image;
 mod lines;
+pub mod logcap;
 pub mod manager;
 pub mod memory;
 pub mod migrate;

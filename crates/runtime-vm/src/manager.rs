@@ -146,6 +146,8 @@ pub struct VmManager {
     probe: AccelProbe,
     confinement: Confinement,
     caps: CapsProbe,
+    /// The most bytes `console.log` and `qemu.log` hold ([`crate::logcap`]).
+    log_cap: u64,
 }
 
 impl VmManager {
@@ -157,7 +159,15 @@ impl VmManager {
             probe,
             confinement: Confinement::default(),
             caps: CapsProbe::default(),
+            log_cap: crate::logcap::DEFAULT_LOG_CAP,
         }
+    }
+
+    /// The most bytes a VM's `console.log` and `qemu.log` hold before their last half goes to
+    /// `<file>.1` (default [`crate::logcap::DEFAULT_LOG_CAP`]; at least 1 KiB).
+    pub fn log_cap(mut self, bytes: u64) -> Self {
+        self.log_cap = bytes.max(1024);
+        self
     }
 
     /// The `(major, minor)` version of the QEMU this manager starts (`--version`); `None`
@@ -362,8 +372,13 @@ impl VmManager {
         if incoming {
             args.extend(["-incoming".to_owned(), "defer".to_owned()]);
         }
-        let log =
-            std::fs::File::create(dir.join("qemu.log")).map_err(Error::io("create qemu.log"))?;
+        // Emptied, then written by appending: a rotation ([`crate::logcap`]) empties it under
+        // QEMU, whose next line then lands at its new end.
+        std::fs::File::create(dir.join("qemu.log")).map_err(Error::io("create qemu.log"))?;
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("qemu.log"))
+            .map_err(Error::io("open qemu.log"))?;
         let log2 = log
             .try_clone()
             .map_err(Error::io("clone qemu.log handle"))?;
@@ -438,6 +453,7 @@ impl VmManager {
             };
             let _ = exit_tx.send(Some(info));
         });
+        crate::logcap::spawn(dir.clone(), self.log_cap, exit_rx.clone());
 
         std::fs::write(dir.join("qemu.pid"), pid.to_string())
             .map_err(Error::io("write qemu.pid"))?;
@@ -524,6 +540,7 @@ impl VmManager {
                 status_known: false,
             }));
         });
+        crate::logcap::spawn(dir.clone(), self.log_cap, exit_rx.clone());
         let still_streaming = orphan.as_ref().is_some_and(|o| !o.ended);
         // A move's destination whose stream completed while no agent watched, paused (a guest
         // with a disk, which QEMU does not start by itself): it waits to be resumed here
@@ -1294,8 +1311,20 @@ fn append_console_marker(dir: &Path, name: &str) -> Result<()> {
         .map_err(Error::io("write console.log"))
 }
 
-/// The last `n` lines of a log file (reads at most the last 64 KiB).
+/// The last `n` lines of a log file (reads at most the last 64 KiB of it), the lines of its
+/// older half (`<file>.1`, [`crate::logcap`]) before them where it holds fewer.
 pub fn console_tail(path: &Path, n: usize) -> Vec<String> {
+    let mut lines = last_lines(path);
+    if lines.len() < n {
+        let mut older = last_lines(&crate::logcap::older(path));
+        older.append(&mut lines);
+        lines = older;
+    }
+    lines[lines.len().saturating_sub(n)..].to_vec()
+}
+
+/// The non-empty lines of the last 64 KiB of `path` (none when it cannot be read).
+fn last_lines(path: &Path) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
     let Ok(mut f) = std::fs::File::open(path) else {
         return Vec::new();
@@ -1304,13 +1333,11 @@ pub fn console_tail(path: &Path, n: usize) -> Vec<String> {
     let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024)));
     let mut buf = Vec::new();
     let _ = f.read_to_end(&mut buf);
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<String> = text
+    String::from_utf8_lossy(&buf)
         .lines()
         .map(|l| l.trim_end_matches('\r').to_string())
         .filter(|l| !l.trim().is_empty())
-        .collect();
-    lines[lines.len().saturating_sub(n)..].to_vec()
+        .collect()
 }
 
 async fn wait_for_qmp(
@@ -1650,5 +1677,9 @@ mod tests {
         assert_eq!(console_tail(&p, 2), vec!["c", "d"]);
         assert_eq!(console_tail(&p, 10), vec!["a", "b", "c", "d"]);
         assert!(console_tail(&d.path().join("none"), 3).is_empty());
+        // A rotated log's older half comes first where the log holds fewer lines.
+        std::fs::write(crate::logcap::older(&p), "x\ny\n").unwrap();
+        assert_eq!(console_tail(&p, 5), vec!["y", "a", "b", "c", "d"]);
+        assert_eq!(console_tail(&p, 4), vec!["a", "b", "c", "d"]);
     }
 }

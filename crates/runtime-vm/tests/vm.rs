@@ -303,7 +303,9 @@ async fn lifecycle_pinning_lock_peripherals_and_stop() {
 async fn crash_is_detected_with_status_and_console() {
     let _slot = BOOT_SLOT.acquire().await.unwrap();
     let root = common::state_root();
-    let mgr = common::manager(root.path());
+    // Logs held to 1 KiB: the guest's boot passes that on its console (every kernel message
+    // printed there, below).
+    let mgr = common::manager(root.path()).log_cap(1024);
 
     // A missing kernel is refused before anything starts.
     let mut bad = common::config("crash1");
@@ -323,6 +325,8 @@ async fn crash_is_detected_with_status_and_console() {
 
     // Shared memfd guest RAM and SCHED_FIFO vCPUs (or a warning where not permitted).
     let mut cfg = common::config("crash1");
+    cfg.append =
+        Some(telvirt_runtime_vm::image::DEFAULT_APPEND.replace("loglevel=4", "loglevel=8"));
     cfg.shared_memory = true;
     // SAFETY: geteuid has no preconditions. Locking 256 MiB needs root (RLIMIT_MEMLOCK).
     let root_user = unsafe { libc::geteuid() } == 0;
@@ -381,6 +385,20 @@ async fn crash_is_detected_with_status_and_console() {
             "vCPU {v:?} policy {policy}, no warning"
         );
     }
+    // The console past its cap: its older half in console.log.1, the log itself within the
+    // cap and written on from its start (QEMU appends: no hole where the rotation emptied it).
+    let console = vm.console_log();
+    let older = root.path().join("crash1/console.log.1");
+    assert!(
+        common::poll_until(20, || older.exists()
+            && std::fs::metadata(&console).is_ok_and(|m| m.len() <= 1024))
+        .await,
+        "console.log.1 {:?}, console.log {:?} bytes",
+        std::fs::metadata(&older).map(|m| m.len()),
+        std::fs::metadata(&console).map(|m| m.len())
+    );
+    assert!(std::fs::metadata(&older).unwrap().len() <= 512);
+    assert!(!std::fs::read(&console).unwrap().contains(&0), "a hole");
     // A second start of the same VM is refused instead of duplicating it.
     let dup = mgr.start(common::config("crash1")).await.unwrap_err();
     assert!(matches!(dup, Error::AlreadyRunning { .. }), "{dup}");

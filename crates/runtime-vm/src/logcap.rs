@@ -1,0 +1,150 @@
+//! The bound on what a VM's QEMU writes into its state directory: the guest's serial console
+//! (`console.log`, QEMU's `-chardev file,append=on`) and QEMU's own stderr (`qemu.log`), both
+//! written by QEMU through descriptors opened for appending. A guest printing without end would
+//! otherwise fill the host's disk. Each file past its cap keeps its last half in `<file>.1`
+//! and is emptied in place: QEMU's next write lands at the new end (appending), so the file
+//! starts again from nothing, not after a hole. Owns that rotation and the task that checks
+//! the files while the VM's QEMU lives; must not touch any other file of the directory, nor
+//! QEMU.
+//!
+//! The bound holds between two checks: a file may pass its cap by what QEMU writes in one
+//! [`CHECK_INTERVAL`]; bytes QEMU writes between the copy of the tail and the emptying are
+//! lost (microseconds once per cap's worth of output).
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::manager::ExitInfo;
+
+/// The most bytes `console.log` or `qemu.log` holds before its last half goes to `<file>.1`.
+pub const DEFAULT_LOG_CAP: u64 = 8 << 20;
+/// How often a running VM's logs are measured.
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// The logs of a VM's state directory that QEMU writes.
+pub const CAPPED_LOGS: [&str; 2] = ["console.log", "qemu.log"];
+
+/// The file a log's older half goes to: `console.log` -> `console.log.1`.
+pub fn older(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+/// Rotates `path` when it holds more than `cap` bytes: its last `cap / 2` bytes (from a line's
+/// start where one begins in them) replace `<path>.1`, and `path` is emptied. Returns whether
+/// it rotated. A missing file is left missing.
+pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    if len <= cap {
+        return Ok(false);
+    }
+    let keep = cap / 2;
+    file.seek(SeekFrom::Start(len - keep))?;
+    let mut tail = Vec::new();
+    (&mut file).take(keep).read_to_end(&mut tail)?;
+    // Whole lines where there is a line break to start from.
+    let from = tail
+        .iter()
+        .position(|b| *b == b'\n')
+        .map_or(0, |at| at + 1)
+        .min(tail.len());
+    let older_path = older(path);
+    let staged = older_path.with_extension("1.new");
+    {
+        let mut out = std::fs::File::create(&staged)?;
+        out.write_all(&tail[from..])?;
+    }
+    std::fs::rename(&staged, &older_path)?;
+    file.set_len(0)?;
+    Ok(true)
+}
+
+/// Measures `dir`'s [`CAPPED_LOGS`] every [`CHECK_INTERVAL`] until `exit` says the VM's QEMU
+/// ended (its last output stays as it is). A file that cannot be rotated is said once.
+pub fn spawn(dir: PathBuf, cap: u64, mut exit: watch::Receiver<Option<ExitInfo>>) {
+    tokio::spawn(async move {
+        let mut told = false;
+        loop {
+            for name in CAPPED_LOGS {
+                let path = dir.join(name);
+                if let Err(e) = rotate_if_over(&path, cap)
+                    && !told
+                {
+                    told = true;
+                    tracing::warn!(log = %path.display(), "the log cannot be kept within {cap} bytes: {e}");
+                }
+            }
+            if exit.borrow().is_some() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(CHECK_INTERVAL) => {}
+                changed = exit.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log past its cap keeps its last half's whole lines in `.1` and starts again empty; a
+    /// writer that appends (as QEMU does) writes on from the new start, leaving no hole.
+    #[test]
+    fn a_log_past_its_cap_keeps_its_tail_and_starts_again() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("console.log");
+        let mut qemu = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for i in 0..100 {
+            writeln!(qemu, "line {i:03}").unwrap();
+        }
+        // 100 lines of 9 bytes.
+        assert!(!rotate_if_over(&path, 900).unwrap(), "at its cap: kept");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 900);
+        assert!(rotate_if_over(&path, 899).unwrap());
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+        let kept = std::fs::read_to_string(older(&path)).unwrap();
+        // The last 449 bytes begin inside line 050; whole lines from 051 on.
+        assert!(kept.starts_with("line 051\n"), "{kept}");
+        assert!(kept.ends_with("line 099\n"), "{kept}");
+        assert_eq!(kept.lines().count(), 49);
+        writeln!(qemu, "after").unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"after\n",
+            "no hole before it"
+        );
+        // Again: `.1` is replaced, not grown.
+        for _ in 0..200 {
+            writeln!(qemu, "again").unwrap();
+        }
+        assert!(rotate_if_over(&path, 100).unwrap());
+        assert_eq!(
+            std::fs::read_to_string(older(&path)).unwrap(),
+            "again\n".repeat(8)
+        );
+        assert!(!rotate_if_over(&d.path().join("none.log"), 1).unwrap());
+        assert!(!d.path().join("none.log").exists());
+    }
+}
