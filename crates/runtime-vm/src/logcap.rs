@@ -11,7 +11,7 @@
 //! [`CHECK_INTERVAL`]; bytes QEMU writes between the copy of the tail and the emptying are
 //! lost (microseconds once per cap's worth of output).
 
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,13 +60,7 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
         .position(|b| *b == b'\n')
         .map_or(0, |at| at + 1)
         .min(tail.len());
-    let older_path = older(path);
-    let staged = older_path.with_extension("1.new");
-    {
-        let mut out = std::fs::File::create(&staged)?;
-        out.write_all(&tail[from..])?;
-    }
-    std::fs::rename(&staged, &older_path)?;
+    telvirt_files::write_atomic(&older(path), &tail[from..])?;
     file.set_len(0)?;
     Ok(true)
 }
@@ -104,6 +98,7 @@ pub fn spawn(dir: PathBuf, cap: u64, mut exit: watch::Receiver<Option<ExitInfo>>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     /// A log past its cap keeps its last half's whole lines in `.1` and starts again empty; a
     /// writer that appends (as QEMU does) writes on from the new start, leaving no hole.
