@@ -17,19 +17,26 @@ use crate::service::{Caller, Controller, ControllerError, decode, encode};
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
 
-/// An authority's grants with the store revision they were read at (0: none stored), so a
-/// write that relied on them can be conditioned on them not changing.
+/// An authority's grants with the revision of its record they were read at (0: no such
+/// authority), so a write that relied on them can be conditioned on them not changing. The
+/// authority's record stands for its grants: a grant or revoke writes the record again with
+/// them, and so do a token's rotation and the start of the authority's deletion, so one
+/// compare keeps a request from being written once any of these happened after its checks.
 #[derive(Debug, Clone, Default)]
 pub struct GrantsRead {
     pub grants: HostGrants,
     pub revision: u64,
+    /// The authority's record as read (written again, unchanged, with its grants).
+    record: Vec<u8>,
+    /// Its deletion began.
+    deleting: bool,
 }
 
 impl GrantsRead {
-    /// The condition "these grants are still what they were".
+    /// The condition "the authority, its grants and its token are still what they were".
     pub fn unchanged(&self, authority: &str) -> Compare {
         Compare::ModRevision {
-            key: grants_key(authority),
+            key: authority_key(authority),
             revision: self.revision,
         }
     }
@@ -103,24 +110,39 @@ pub fn require_all(
 }
 
 impl Controller {
-    /// The grants of `authority` as stored (none: empty), with their revision.
+    /// The grants of `authority` as stored (none: empty), with its record's revision (read
+    /// first: a grant written after it changes that revision too).
     pub async fn read_grants(&self, authority: &str) -> Result<GrantsRead> {
+        let record_key = authority_key(authority);
+        let Some(record) = self.store_handle().get(&record_key).await? else {
+            return Ok(GrantsRead::default());
+        };
+        let deleting = decode::<records::AuthorityRecord>(&record_key, &record.value)?.deleting;
         let key = grants_key(authority);
-        match self.store_handle().get(&key).await? {
-            None => Ok(GrantsRead::default()),
-            Some(v) => Ok(GrantsRead {
-                grants: decode(&key, &v.value)?,
-                revision: v.mod_revision,
-            }),
-        }
+        let grants = match self.store_handle().get(&key).await? {
+            None => HostGrants::default(),
+            Some(v) => decode(&key, &v.value)?,
+        };
+        Ok(GrantsRead {
+            grants,
+            revision: record.mod_revision,
+            record: record.value,
+            deleting,
+        })
     }
 
-    /// The caller's grants, or `None` for the admin, who is not confined by grants.
+    /// The caller's grants, or `None` for the admin, who is not confined by grants. Refused
+    /// when the caller's authority is gone or being deleted (a request that authenticated
+    /// before): nothing more is written for it.
     pub(crate) async fn confining_grants(&self, caller: &Caller) -> Result<Option<GrantsRead>> {
         if caller.is_admin() {
             return Ok(None);
         }
-        Ok(Some(self.read_grants(&caller.name).await?))
+        let read = self.read_grants(&caller.name).await?;
+        if read.revision == 0 || read.deleting {
+            return Err(ControllerError::Unauthorized);
+        }
+        Ok(Some(read))
     }
 
     async fn existing_authority(&self, name: &str) -> Result<()> {
@@ -238,6 +260,11 @@ impl Controller {
     ) -> Result<HostGrants> {
         for _ in 0..16 {
             let read = self.read_grants(authority).await?;
+            if read.revision == 0 || read.deleting {
+                return Err(ControllerError::NotFound(format!(
+                    "authority {authority} not found"
+                )));
+            }
             let mut grants = read.grants.clone();
             change(&mut grants)?;
             let key = grants_key(authority);
@@ -250,9 +277,15 @@ impl Controller {
                     lease: None,
                 }
             };
+            // The record again, unchanged: its revision moves with the grants.
+            let record = Op::Put {
+                key: authority_key(authority),
+                value: read.record.clone(),
+                lease: None,
+            };
             let outcome = self
                 .store_handle()
-                .txn(vec![read.unchanged(authority)], vec![op])
+                .txn(vec![read.unchanged(authority)], vec![op, record])
                 .await?;
             if outcome.succeeded {
                 return Ok(grants);

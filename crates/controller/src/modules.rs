@@ -119,6 +119,11 @@ impl Controller {
                 bytes.len()
             )));
         }
+        // Written only while the uploader stands as it was (not being deleted meanwhile).
+        let standing = self
+            .confining_grants(caller)
+            .await?
+            .map(|g| g.unchanged(&caller.name));
         let domain = self.authority_domain(&caller.name).await?;
         let verifier = Arc::clone(&repo.verifier);
         let dir = repo.dir.clone();
@@ -184,6 +189,7 @@ impl Controller {
                 key: key.clone(),
                 revision: rev,
             });
+            compares.extend(standing.clone());
             let put = Op::Put {
                 key,
                 value,
@@ -196,6 +202,9 @@ impl Controller {
                 .succeeded
             {
                 return Ok((view(&record, &at), new_owner));
+            }
+            if let Some(standing) = &standing {
+                self.guard_holds(standing).await?;
             }
         }
         Err(ControllerError::Conflict(
@@ -342,8 +351,9 @@ impl Controller {
             };
             let owner = if record.owners.contains_key(&caller.name) {
                 caller.name.clone()
-            } else if caller.is_admin() && !record.owners.is_empty() {
-                // The admin removes the module for everyone.
+            } else if caller.is_admin() {
+                // The admin removes the module for everyone (also one whose uploaders were all
+                // deleted while a VNF of the admin's ran it).
                 String::new()
             } else {
                 return Err(module_not_found(sha256));
@@ -373,35 +383,108 @@ impl Controller {
                     )));
                 }
             }
-            let key = module_key(sha256);
-            let ops = if last {
-                std::iter::once(Op::Delete { key: key.clone() })
-                    .chain((0..record.chunks).map(|i| Op::Delete {
-                        key: module_chunk_key(sha256, i),
-                    }))
-                    .collect()
-            } else {
+            if !last {
                 record.owners.remove(&owner);
-                vec![Op::Put {
-                    key: key.clone(),
-                    value: encode(&record)?,
-                    lease: None,
-                }]
-            };
-            let outcome = self
-                .store_handle()
-                .txn(vec![Compare::ModRevision { key, revision: rev }], ops)
-                .await?;
-            if outcome.succeeded {
-                if last && let Ok(repo) = self.repository() {
-                    let _ = std::fs::remove_file(ModuleRepository::path(&repo.dir, sha256));
-                }
+            }
+            if self.write_module_index(&record, rev, last).await? {
                 return Ok(());
             }
         }
         Err(ControllerError::Conflict(
             "the module's index kept changing; try again".into(),
         ))
+    }
+
+    /// Lets go of every module authority `name` uploaded (its deletion): it is no longer among
+    /// their owners, and a module nobody else uploaded goes with its bytes unless a VNF runs it
+    /// (one of the admin's, who may run any): that one stays, with no owner, until the admin
+    /// deletes it.
+    pub(crate) async fn forget_module_owner(&self, name: &str) -> Result<()> {
+        for (key, v) in self.store_handle().list(records::MODULES).await? {
+            let record: ModuleRecord = decode(&key, &v.value)?;
+            if !record.owners.contains_key(name) {
+                continue;
+            }
+            let sha256 = record.sha256.clone();
+            let mut done = false;
+            for _ in 0..16 {
+                let Some((mut record, rev)) = self.module_record(&sha256).await? else {
+                    done = true;
+                    break;
+                };
+                if record.owners.remove(name).is_none() {
+                    done = true;
+                    break;
+                }
+                let reference = format!("{MODULE_REF_PREFIX}{sha256}");
+                let gone = record.owners.is_empty() && !self.module_runs(&reference).await?;
+                if self.write_module_index(&record, rev, gone).await? {
+                    done = true;
+                    break;
+                }
+            }
+            if !done {
+                return Err(ControllerError::Conflict(format!(
+                    "the index of module {MODULE_REF_PREFIX}{sha256} kept changing while authority {name} was being deleted; delete it again"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `record` as module `record.sha256`'s index over revision `rev`, or, when `gone`,
+    /// deletes the index with the module's bytes (in the store and the node's cache); whether
+    /// the index was still at `rev`.
+    async fn write_module_index(
+        &self,
+        record: &ModuleRecord,
+        rev: u64,
+        gone: bool,
+    ) -> Result<bool> {
+        let sha256 = record.sha256.as_str();
+        let key = module_key(sha256);
+        let ops = if gone {
+            std::iter::once(Op::Delete { key: key.clone() })
+                .chain((0..record.chunks).map(|i| Op::Delete {
+                    key: module_chunk_key(sha256, i),
+                }))
+                .collect()
+        } else {
+            vec![Op::Put {
+                key: key.clone(),
+                value: encode(record)?,
+                lease: None,
+            }]
+        };
+        let outcome = self
+            .store_handle()
+            .txn(vec![Compare::ModRevision { key, revision: rev }], ops)
+            .await?;
+        if outcome.succeeded
+            && gone
+            && let Ok(repo) = self.repository()
+        {
+            let _ = std::fs::remove_file(ModuleRepository::path(&repo.dir, sha256));
+        }
+        Ok(outcome.succeeded)
+    }
+
+    /// Whether a stored VNF runs module `reference` (`sha256:<hex>`).
+    async fn module_runs(&self, reference: &str) -> Result<bool> {
+        for (key, v) in self.store_handle().list(records::VNFS).await? {
+            let vnf: VnfRecord = decode(&key, &v.value)?;
+            if vnf
+                .vnf
+                .descriptor
+                .spec
+                .wasm
+                .as_ref()
+                .is_some_and(|w| w.module == reference)
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The maps of the module a descriptor runs, for its memory budget and map checks: the

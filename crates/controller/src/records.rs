@@ -131,6 +131,10 @@ pub struct AuthorityRecord {
     /// existed (read as the default domain, or `operator` for admin).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
+    /// Its deletion began: its token is gone, and nothing it sent before is written any more
+    /// (every write on its behalf compares this record's revision, [`crate::access::GrantsRead`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deleting: bool,
 }
 
 /// An uploaded, verified module: its bytes live in the node's module directory under their

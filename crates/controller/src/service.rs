@@ -496,6 +496,7 @@ impl Controller {
             // A new token is not a new authority.
             created_at: previous.map_or_else(now_rfc3339, |(old, _)| old.created_at.clone()),
             domain: Some(domain.to_owned()),
+            deleting: false,
         };
         let won = self
             .write_token_holder(
@@ -600,6 +601,11 @@ impl Controller {
             ));
         }
         let (record, revision) = self.authority_record(name).await?;
+        if record.deleting {
+            return Err(ControllerError::Conflict(format!(
+                "authority {name} is being deleted; delete it again to finish"
+            )));
+        }
         let domain = auth::effective_domain(name, record.domain.as_deref()).to_owned();
         let token = self
             .write_authority(name, &domain, Some(&(record, revision)))
@@ -629,9 +635,17 @@ impl Controller {
         Ok((decode(&key, &v.value)?, v.mod_revision))
     }
 
-    /// Deletes authority `name` with its token and its grants in one transaction (admin only;
-    /// never admin itself). Refused (409) while it owns VNFs or networks, naming them: delete
-    /// those first. Nothing changes when refused.
+    /// Deletes authority `name` with its token, its grants and its share of uploaded modules
+    /// (admin only; never admin itself). Refused (409) while it owns VNFs or networks, naming
+    /// them: delete those first; nothing changes when refused.
+    ///
+    /// In three steps, so that nothing the authority sent meanwhile outlives it: its record is
+    /// marked as being deleted and its token dropped (one transaction; every write on its
+    /// behalf compares the record's revision, so none checked before commits after, and none
+    /// checks after); then what it owns is read (all it wrote before the mark); then its
+    /// modules are let go (a module nobody else uploaded and nothing runs goes) and its record
+    /// and grants deleted. A name created again later starts with nothing of the old one's. A
+    /// deletion that stopped half way is finished by deleting again.
     pub async fn delete_authority(&self, caller: &Caller, name: &str) -> Result<()> {
         if !caller.is_admin() {
             return Err(ControllerError::Forbidden(
@@ -643,7 +657,21 @@ impl Controller {
                 "the admin authority cannot be deleted (rotate its token instead)".into(),
             ));
         }
-        let (record, revision) = self.authority_record(name).await?;
+        let changed = || {
+            ControllerError::Conflict(format!(
+                "authority {name} changed while it was being deleted; try again"
+            ))
+        };
+        let (mut record, mut revision) = self.authority_record(name).await?;
+        let was_deleting = record.deleting;
+        if !record.deleting {
+            record.deleting = true;
+            let marked = self.mark_deleting(&record, revision).await?;
+            if !marked.succeeded {
+                return Err(changed());
+            }
+            revision = marked.revision;
+        }
         let owner = Caller {
             name: name.to_owned(),
         };
@@ -668,11 +696,18 @@ impl Controller {
                 .into_iter()
                 .flatten()
                 .collect();
+            // Standing again as it was, its token with it (one marked by an earlier deletion
+            // stays marked: its token is gone).
+            if !was_deleting {
+                record.deleting = false;
+                self.mark_deleting(&record, revision).await?;
+            }
             return Err(ControllerError::Conflict(format!(
                 "authority {name} still owns {}; delete them first",
                 owned.join(" and ")
             )));
         }
+        self.forget_module_owner(name).await?;
         let key = authority_key(name);
         let compare = Compare::ModRevision {
             key: key.clone(),
@@ -681,18 +716,45 @@ impl Controller {
         let ops = vec![
             Op::Delete { key },
             Op::Delete {
-                key: token_key(&record.token_sha256),
-            },
-            Op::Delete {
                 key: crate::records::grants_key(name),
             },
         ];
         if !self.store.txn(vec![compare], ops).await?.succeeded {
-            return Err(ControllerError::Conflict(format!(
-                "authority {name} changed while it was being deleted; try again"
-            )));
+            return Err(changed());
         }
         Ok(())
+    }
+
+    /// Writes authority `record` over revision `revision`, its token's index with it: dropped
+    /// when the record is marked `deleting`, put back when the mark is taken off.
+    async fn mark_deleting(
+        &self,
+        record: &AuthorityRecord,
+        revision: u64,
+    ) -> Result<telvirt_store::TxnOutcome> {
+        let key = authority_key(&record.name);
+        let token = token_key(&record.token_sha256);
+        let index = if record.deleting {
+            Op::Delete { key: token }
+        } else {
+            Op::Put {
+                key: token,
+                value: record.name.as_bytes().to_vec(),
+                lease: None,
+            }
+        };
+        let put = Op::Put {
+            key: key.clone(),
+            value: encode(record)?,
+            lease: None,
+        };
+        Ok(self
+            .store
+            .txn(
+                vec![Compare::ModRevision { key, revision }],
+                vec![put, index],
+            )
+            .await?)
     }
 
     /// The wasm security domain of authority `name` (as stored; admin: operator).
@@ -827,6 +889,9 @@ impl Controller {
             )
             .await?;
         if !outcome.succeeded {
+            if let Some(g) = &grants {
+                self.guard_holds(&g.unchanged(&caller.name)).await?;
+            }
             return Err(ControllerError::Conflict(format!(
                 "the name {name} is already in use; VNF names are unique on this node"
             )));
@@ -988,7 +1053,7 @@ impl Controller {
             return Ok(());
         }
         Err(ControllerError::Conflict(format!(
-            "the host resources granted to {} changed while this request was checked; send it again",
+            "authority {} (the host resources granted to it, its token or its standing) changed while this request was checked; send it again",
             key.rsplit('/').next().unwrap_or(key)
         )))
     }

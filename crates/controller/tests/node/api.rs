@@ -411,22 +411,10 @@ fn published_schema_is_current() {
     );
 }
 
-/// `POST /v1/authorities` as admin with a JSON body.
-async fn create_authority_json(node: &Node, body: &str) -> common::Reply {
-    node.call(
-        "POST",
-        "/v1/authorities",
-        None,
-        Some(&node.admin),
-        Some((body.as_bytes(), "application/json")),
-    )
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn authorities_have_a_security_domain_that_reaches_the_agent() {
     let node = Node::start().await;
-    let create = |body: &'static str| create_authority_json(&node, body);
+    let create = |body: &'static str| node.create_authority_json(body);
     // An unknown domain names the field and the valid domains, and creates nothing.
     let r = create(r#"{"name":"ent1","domain":"root"}"#).await;
     assert_eq!(r.status, 422, "{}", r.body);
@@ -505,13 +493,17 @@ async fn a_security_policy_without_the_needed_domains_is_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("`untrusted`"), "{e}");
     // Nothing changed: the built-in domains still hold.
-    let r = create_authority_json(&node, r#"{"name":"ent1","domain":"untrusted"}"#).await;
+    let r = node
+        .create_authority_json(r#"{"name":"ent1","domain":"untrusted"}"#)
+        .await;
     assert_eq!(r.status, 201, "{}", r.body);
     // A configured policy's domains replace the built-in ones.
     node.controller
         .set_security_domains(["operator", "untrusted", "lab"].map(String::from))
         .unwrap();
-    let r = create_authority_json(&node, r#"{"name":"ent2","domain":"trusted"}"#).await;
+    let r = node
+        .create_authority_json(r#"{"name":"ent2","domain":"trusted"}"#)
+        .await;
     assert_eq!(r.status, 422, "{}", r.body);
     assert!(
         r.body["detail"]

@@ -53,13 +53,26 @@ async fn refused_as_revoked_meanwhile(
     grants: &str,
     request: impl std::future::Future<Output = common::Reply>,
 ) {
-    let revoke_while_held = async {
-        store.held.notified().await;
+    let revoke = async {
         let r = revoke(node, "ent1", grants).await;
         assert_eq!(r.status, 200, "nothing uses the grant yet: {}", r.body);
+    };
+    refused_as_changed_meanwhile(store, request, revoke).await;
+}
+
+/// Runs `request`, whose write the store holds, and `meanwhile` while it is held: the request
+/// must answer 409 (its authority changed under it).
+async fn refused_as_changed_meanwhile(
+    store: &common::hooked_store::HookedStore,
+    request: impl std::future::Future<Output = common::Reply>,
+    meanwhile: impl std::future::Future<Output = ()>,
+) {
+    let while_held = async {
+        store.held.notified().await;
+        meanwhile.await;
         store.go_on.notify_one();
     };
-    let (r, ()) = tokio::join!(request, revoke_while_held);
+    let (r, ()) = tokio::join!(request, while_held);
     assert_eq!(r.status, 409, "{}", r.body);
     assert!(
         r.body
@@ -475,6 +488,103 @@ async fn a_grant_revoked_while_a_request_relied_on_it_makes_it_write_nothing() {
         v2["devices"].as_array().is_none_or(Vec::is_empty),
         "no device stored: {v2}"
     );
+}
+
+/// An authority deleted while a VNF it sent waits to be written: the VNF is not written (409),
+/// the deletion completes, the token is dead, and a new authority of the same name starts with
+/// nothing of the old one's: no VNF, no module it uploaded (a module another authority
+/// uploaded too stays that one's; one nobody else uploaded goes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_deleted_while_its_request_waits_leaves_nothing_behind() {
+    let (node, store) = hooked_node().await;
+    let ent1 = node.create_authority("ent1").await;
+    // Both upload the firewall (`create_authority` does).
+    let ent2 = node.create_authority("ent2").await;
+    let modules = |token: String| {
+        let node = &node;
+        async move {
+            let r = node
+                .call("GET", "/v1/modules", None, Some(&token), None)
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.body.as_array().unwrap().len()
+        }
+    };
+    let delete = |who: &'static str| {
+        node.call(
+            "DELETE",
+            "/v1/authorities/{name}",
+            Some(who),
+            Some(&node.admin),
+            None,
+        )
+    };
+
+    *store.hold_write.lock().unwrap() = Some(telvirt_controller::records::vnf_key("v1"));
+    let v1 = wasm_vnf("v1");
+    let create = node.create_vnf(&ent1, &v1);
+    let delete_ent1 = async {
+        let r = delete("ent1").await;
+        assert_eq!(r.status, 204, "it owned nothing yet: {}", r.body);
+    };
+    refused_as_changed_meanwhile(&store, create, delete_ent1).await;
+    assert!(node.names(&node.admin).await.is_empty(), "no VNF stored");
+    let r = node.call("GET", "/v1/vnfs", None, Some(&ent1), None).await;
+    assert_eq!(r.status, 401, "the old token: {}", r.body);
+
+    // Created again (not through `create_authority`, which uploads the firewall).
+    let again = bare_authority(&node, "ent1").await;
+    // A request sent while its authority's deletion ends (after the deletion read what the
+    // authority owns) is refused too: the deletion's first step took the token.
+    *store.hold_delete.lock().unwrap() = Some(telvirt_controller::records::grants_key("ent1"));
+    let v3 = vm_vnf("v3", "cmdline: quiet");
+    let deleting = delete("ent1");
+    let create_while_held = async {
+        store.held.notified().await;
+        let r = node.create_vnf(&again, &v3).await;
+        store.go_on.notify_one();
+        r
+    };
+    let (deleted, created) = tokio::join!(deleting, create_while_held);
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
+    assert_eq!(created.status, 401, "{}", created.body);
+    assert!(node.names(&node.admin).await.is_empty(), "no VNF stored");
+    let again = bare_authority(&node, "ent1").await;
+    assert_eq!(modules(again.clone()).await, 0, "none of the old ent1's");
+    let r = node.create_vnf(&again, &wasm_vnf("v1")).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    assert_eq!(modules(ent2.clone()).await, 1, "ent2's upload stays");
+    // A module only ent2 uploaded goes with ent2 (the firewall stays: the admin's too).
+    let (_, nat) = telvirt_agent::runtimes::wasm::example_modules()
+        .into_iter()
+        .find(|(name, _)| *name != "firewall")
+        .unwrap();
+    let r = node.upload(&ent2, nat).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(modules(node.admin.clone()).await, 2);
+    let r = delete("ent2").await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(modules(node.admin.clone()).await, 1, "ent2's alone: gone");
+    let digest = telvirt_controller::modules::sha256_hex(nat);
+    let r = node
+        .call_at(
+            "GET",
+            "/v1/modules/{sha256}",
+            &[("sha256", &digest)],
+            Some(&node.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.body);
+}
+
+/// Authority `name`, created with no module uploaded (unlike `create_authority`): its token.
+async fn bare_authority(node: &Node, name: &str) -> String {
+    let r = node
+        .create_authority_json(&format!("{{\"name\":\"{name}\"}}"))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["token"].as_str().unwrap().to_owned()
 }
 
 /// So does a network that links a granted host interface: revoked while its write waits, it is

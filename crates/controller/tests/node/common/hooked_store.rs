@@ -24,6 +24,8 @@ pub struct HookedStore {
     /// The next write of this key (once) waits in the store from when it says so (`held`)
     /// until it is let go (`go_on`).
     pub hold_write: Mutex<Option<String>>,
+    /// The next transaction that deletes this key (once) waits as a held write does.
+    pub hold_delete: Mutex<Option<String>>,
     pub held: tokio::sync::Notify,
     pub go_on: tokio::sync::Notify,
     /// The next transaction is applied, then answered with an error (once).
@@ -50,6 +52,7 @@ impl HookedStore {
             gets: Mutex::new(Vec::new()),
             fail_write: Mutex::new(None),
             hold_write: Mutex::new(None),
+            hold_delete: Mutex::new(None),
             held: tokio::sync::Notify::new(),
             go_on: tokio::sync::Notify::new(),
             unanswered_txn: AtomicBool::new(false),
@@ -68,12 +71,32 @@ impl HookedStore {
 
 /// Takes the key `hook` names when `ops` write it.
 fn take_if_written(hook: &Mutex<Option<String>>, ops: &[Op]) -> Option<String> {
+    take_if(
+        hook,
+        ops,
+        |op, key| matches!(op, Op::Put { key: k, .. } if k == key),
+    )
+}
+
+/// Takes the key `hook` names when `ops` delete it.
+fn take_if_deleted(hook: &Mutex<Option<String>>, ops: &[Op]) -> Option<String> {
+    take_if(
+        hook,
+        ops,
+        |op, key| matches!(op, Op::Delete { key: k } if k == key),
+    )
+}
+
+fn take_if(
+    hook: &Mutex<Option<String>>,
+    ops: &[Op],
+    touches: impl Fn(&Op, &str) -> bool,
+) -> Option<String> {
     let mut hook = hook.lock().unwrap();
-    let written = hook.as_ref().is_some_and(|key| {
-        ops.iter()
-            .any(|op| matches!(op, Op::Put { key: k, .. } if k == key))
-    });
-    if written { hook.take() } else { None }
+    let hit = hook
+        .as_ref()
+        .is_some_and(|key| ops.iter().any(|op| touches(op, key)));
+    if hit { hook.take() } else { None }
 }
 
 #[async_trait]
@@ -101,7 +124,9 @@ impl Store for HookedStore {
                 "the test refuses this write of {key}"
             )));
         }
-        if take_if_written(&self.hold_write, &ops).is_some() {
+        if take_if_written(&self.hold_write, &ops).is_some()
+            || take_if_deleted(&self.hold_delete, &ops).is_some()
+        {
             self.held.notify_one();
             self.go_on.notified().await;
         }

@@ -277,16 +277,21 @@ impl Node {
         (resp.status().as_u16(), ct)
     }
 
+    /// `POST /v1/authorities` as admin with a JSON body.
+    pub async fn create_authority_json(&self, body: &str) -> Reply {
+        self.call(
+            "POST",
+            "/v1/authorities",
+            None,
+            Some(&self.admin),
+            Some((body.as_bytes(), "application/json")),
+        )
+        .await
+    }
+
     pub async fn create_authority(&self, name: &str) -> String {
-        let body = format!("{{\"name\":\"{name}\"}}");
         let r = self
-            .call(
-                "POST",
-                "/v1/authorities",
-                None,
-                Some(&self.admin),
-                Some((body.as_bytes(), "application/json")),
-            )
+            .create_authority_json(&format!("{{\"name\":\"{name}\"}}"))
             .await;
         assert_eq!(r.status, 201, "{}", r.body);
         let token = r.body["token"].as_str().unwrap().to_owned();
