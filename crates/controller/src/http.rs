@@ -127,6 +127,9 @@ impl From<ControllerError> for ApiError {
             ControllerError::Unavailable(_) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", detail)
             }
+            ControllerError::TooManyRequests(_) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "too-many-requests", detail)
+            }
             ControllerError::Store(e) if e.is_unavailable() => {
                 tracing::error!("{detail}");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "store-unavailable", detail)
@@ -177,8 +180,12 @@ impl FromRequestParts<AppState> for Authed {
 
 /// The bearer token of a request (401 without one).
 pub(crate) fn bearer(parts: &Parts) -> Result<&str, ApiError> {
-    parts
-        .headers
+    bearer_in(&parts.headers)
+}
+
+/// The bearer token in `headers` (401 without one).
+fn bearer_in(headers: &axum::http::HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
@@ -522,15 +529,17 @@ async fn list_vnfs(
         ("labelSelector" = Option<String>, Query, description = "As for `GET /v1/vnfs`: only VNFs whose labels match are shown; one whose labels stop matching is told as `DELETED`"),
     ),
     responses(
-        (status = 200, description = "Server-sent events, one per message: `event:` is the message's `type` in lower case, `data:` the message. First an `ADDED` for every VNF the caller may see that matches, then `SYNCED`, then every change: `ADDED`, `MODIFIED` (the new state) and `DELETED` (the name). Comments keep an idle stream open every 15 s. The stream ends when the node stops or cannot read its store: watch again", body = VnfWatchEvent, content_type = "text/event-stream"),
+        (status = 200, description = "Server-sent events, one per message: `event:` is the message's `type` in lower case, `data:` the message. First an `ADDED` for every VNF the caller may see that matches, then `SYNCED`, then every change: `ADDED`, `MODIFIED` (the new state) and `DELETED` (the name). Comments keep an idle stream open every 15 s. The stream ends when the node stops or cannot read its store (watch again), and when the token it was opened with stops working (rotated, or its authority deleted)", body = VnfWatchEvent, content_type = "text/event-stream"),
         (status = 400, description = "The query string is not form-encoded", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A bad `labelSelector`, or another parameter; `errors` names it", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The caller's authority holds as many watches open as one authority may (16); end one first", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "As many watches are open as the node keeps (64); try again once one ends", body = Problem, content_type = "application/problem+json"),
     ))]
 async fn watch_vnfs(
     State(s): State<AppState>,
     Authed(caller): Authed,
+    headers: axum::http::HeaderMap,
     query: Result<
         axum::extract::Query<Vec<(String, String)>>,
         axum::extract::rejection::QueryRejection,
@@ -538,7 +547,13 @@ async fn watch_vnfs(
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     let query = list_query(query, Some("labelSelector"))?;
-    let changes = s.controller.watch_vnfs(caller, query.selector).await?;
+    // The token the caller was authenticated with (`Authed`): the watch ends when it stops
+    // working.
+    let token = bearer_in(&headers)?;
+    let changes = s
+        .controller
+        .watch_vnfs(caller, token, query.selector)
+        .await?;
     let events = futures_util::stream::unfold(changes, |mut changes| async move {
         let message = changes.recv().await?;
         let name = match message.kind {

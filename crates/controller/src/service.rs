@@ -120,6 +120,9 @@ pub enum ControllerError {
     /// The node cannot do it now (no data plane, a probe that failed to attach).
     #[error("{0}")]
     Unavailable(String),
+    /// The caller holds as many of something as one authority may (429).
+    #[error("{0}")]
+    TooManyRequests(String),
 }
 
 type Result<T, E = ControllerError> = std::result::Result<T, E>;
@@ -275,7 +278,7 @@ pub struct Controller {
     /// (`Controller::check_moves`).
     pub(crate) moving: migration::MovingSet,
     /// The VNF watches that may be open at once (`crate::vnf_watch`).
-    watch_slots: Arc<tokio::sync::Semaphore>,
+    watch_slots: Arc<crate::vnf_watch::WatchSlots>,
     /// The newest generation each (VNF, host) reported, for the ones an apply waits for
     /// (`apply::REPIN_CONFIRM_DEADLINE`); woken by every such report.
     observed: std::sync::Mutex<HashMap<(String, String), u64>>,
@@ -287,7 +290,7 @@ impl Controller {
         &self.store
     }
 
-    pub(crate) fn watch_slots(&self) -> &Arc<tokio::sync::Semaphore> {
+    pub(crate) fn watch_slots(&self) -> &Arc<crate::vnf_watch::WatchSlots> {
         &self.watch_slots
     }
 
@@ -335,7 +338,7 @@ impl Controller {
             liveness: hosts::Liveness::default(),
             move_deadline: std::sync::Mutex::new(migration::DEFAULT_MOVE_DEADLINE),
             moving: migration::MovingSet::default(),
-            watch_slots: crate::vnf_watch::watch_slots(),
+            watch_slots: Arc::default(),
             observed: std::sync::Mutex::new(HashMap::new()),
             observed_wake: Notify::new(),
             security_domains: std::sync::RwLock::new(

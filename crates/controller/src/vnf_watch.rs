@@ -4,11 +4,13 @@
 //! Owns turning the store's watch of the VNF records into that authority's view: visibility and
 //! the selector applied to every change, a VNF that leaves the view told as deleted, a lagging
 //! or reconnected store watch answered by listing again and telling only the difference. It
-//! must not write anything, and it holds at most [`MAX_WATCHES`] watches at once, each keeping
-//! only a name and a revision per VNF shown.
+//! must not write anything, and it holds at most [`MAX_WATCHES`] watches at once, at most
+//! [`MAX_WATCHES_PER_AUTHORITY`] of them an authority's, each keeping only a name and a
+//! revision per VNF shown. A watch ends when the token it was opened with stops working (a
+//! rotation, the authority's deletion): what it shows is that token's to see.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use telvirt_model::Name;
 use telvirt_model::api::{VnfWatchEvent, VnfWatchKind};
@@ -22,29 +24,96 @@ use crate::service::{Caller, Controller, ControllerError, decode};
 /// Watches open at once on one controller; one more is refused (503) until one ends.
 pub const MAX_WATCHES: usize = 64;
 
+/// Watches one authority may hold open at once (429 beyond): no authority takes every slot.
+/// The admin is not held to it.
+pub const MAX_WATCHES_PER_AUTHORITY: usize = 16;
+
 /// Messages a watch may have waiting for a slow reader; beyond them the watch waits (and the
 /// store watch behind it lags, which ends in a list-again).
 const BACKLOG: usize = 256;
 
-/// The watches open now.
-pub(crate) fn watch_slots() -> Arc<Semaphore> {
-    Arc::new(Semaphore::new(MAX_WATCHES))
+/// The watches open now: in all, and per authority.
+pub(crate) struct WatchSlots {
+    all: Arc<Semaphore>,
+    by_authority: Mutex<HashMap<String, usize>>,
 }
 
-impl Controller {
-    /// The VNFs `caller` may see that match `selector` (`ADDED` each, then `SYNCED`), then each
-    /// change to them, until the receiver is dropped. Refused (503) while [`MAX_WATCHES`] are
-    /// open.
-    pub async fn watch_vnfs(
-        &self,
-        caller: Caller,
-        selector: Selector,
-    ) -> Result<mpsc::Receiver<VnfWatchEvent>, ControllerError> {
-        let permit = Arc::clone(self.watch_slots()).try_acquire_owned().map_err(|_| {
+impl Default for WatchSlots {
+    fn default() -> Self {
+        WatchSlots {
+            all: Arc::new(Semaphore::new(MAX_WATCHES)),
+            by_authority: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// One open watch's slot, given back when it is dropped.
+struct WatchSlot {
+    slots: Arc<WatchSlots>,
+    authority: String,
+    _all: OwnedSemaphorePermit,
+}
+
+impl WatchSlots {
+    /// A slot for one more watch of `authority`: refused (429) past its share, (503) when
+    /// every slot is taken.
+    fn take(self: &Arc<Self>, authority: &str) -> Result<WatchSlot, ControllerError> {
+        let mut by = self.by_authority.lock().unwrap_or_else(|p| p.into_inner());
+        let held = by.get(authority).copied().unwrap_or(0);
+        if held >= MAX_WATCHES_PER_AUTHORITY && authority != telvirt_model::api::ADMIN_AUTHORITY {
+            return Err(ControllerError::TooManyRequests(format!(
+                "authority {authority} holds {held} watches open, the most one authority may; end one first"
+            )));
+        }
+        let all = Arc::clone(&self.all).try_acquire_owned().map_err(|_| {
             ControllerError::Unavailable(format!(
                 "{MAX_WATCHES} watches are open on this controller, the most it keeps; try again once one ends"
             ))
         })?;
+        by.insert(authority.to_owned(), held + 1);
+        Ok(WatchSlot {
+            slots: Arc::clone(self),
+            authority: authority.to_owned(),
+            _all: all,
+        })
+    }
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut by = self
+            .slots
+            .by_authority
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = by.get_mut(&self.authority) {
+            *held -= 1;
+            if *held == 0 {
+                by.remove(&self.authority);
+            }
+        }
+    }
+}
+
+impl Controller {
+    /// The VNFs `caller` may see that match `selector` (`ADDED` each, then `SYNCED`), then each
+    /// change to them, until the receiver is dropped or the bearer token it was asked with
+    /// (`token`, as [`Controller::authenticate`] took it) stops working. Refused (503) while
+    /// [`MAX_WATCHES`] are open, (429) while the caller holds [`MAX_WATCHES_PER_AUTHORITY`].
+    pub async fn watch_vnfs(
+        &self,
+        caller: Caller,
+        token: &str,
+        selector: Selector,
+    ) -> Result<mpsc::Receiver<VnfWatchEvent>, ControllerError> {
+        let slot = self.watch_slots().take(&caller.name)?;
+        // The token's index is watched first, then read: a token dropped after the read is
+        // seen going.
+        let credential = records::token_key(&crate::auth::token_hash(token));
+        let token_watch = self.store_handle().watch(&credential).await?;
+        if self.store_handle().get(&credential).await?.is_none() {
+            return Err(ControllerError::Unauthorized);
+        }
         // Watch before listing: a change made while the list is read is not missed.
         let watch = self.store_handle().watch(records::VNFS).await?;
         let (tx, rx) = mpsc::channel(BACKLOG);
@@ -54,9 +123,9 @@ impl Controller {
             selector,
             shown: HashMap::new(),
             tx,
-            _permit: permit,
+            _slot: slot,
         };
-        tokio::spawn(view.follow(watch));
+        tokio::spawn(view.follow(watch, token_watch));
         Ok(rx)
     }
 }
@@ -72,11 +141,11 @@ struct View {
     /// Each VNF shown, with the revision of the record it was shown from.
     shown: HashMap<String, u64>,
     tx: mpsc::Sender<VnfWatchEvent>,
-    _permit: OwnedSemaphorePermit,
+    _slot: WatchSlot,
 }
 
 impl View {
-    async fn follow(mut self, mut watch: telvirt_store::Watch) {
+    async fn follow(mut self, mut watch: telvirt_store::Watch, mut token: telvirt_store::Watch) {
         if self.relist().await.is_err()
             || self.send(VnfWatchKind::Synced, None, None).await.is_err()
         {
@@ -86,6 +155,12 @@ impl View {
             let event = tokio::select! {
                 event = watch.next() => event,
                 () = self.tx.closed() => return,
+                // The token was dropped (rotated, its authority deleted), or the store cannot
+                // say whether it was: the stream ends.
+                change = token.next() => match change {
+                    Some(WatchEvent::Put { .. }) => continue,
+                    _ => return,
+                },
             };
             let told = match event {
                 Some(WatchEvent::Put {

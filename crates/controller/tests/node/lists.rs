@@ -421,6 +421,75 @@ async fn a_watch_beyond_the_most_a_node_keeps_is_refused_until_one_ends() {
     }
 }
 
+/// One authority holds at most its share of the watches (429 past it; the others still get
+/// theirs), and a watch ends when the token it was opened with stops working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authority_holds_its_share_of_watches_and_each_ends_with_its_token() {
+    let node = Node::start().await;
+    let ent1 = node.create_authority("ent1").await;
+    let share = telvirt_controller::vnf_watch::MAX_WATCHES_PER_AUTHORITY;
+    let mut open = Vec::new();
+    for _ in 0..share {
+        let mut watch = EventStream::open(&node, &ent1, "").await.unwrap();
+        watch.until_synced(&node).await;
+        open.push(watch);
+    }
+    let Err((status, body)) = EventStream::open(&node, &ent1, "").await else {
+        panic!("watch {} of one authority was let in", share + 1);
+    };
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body["detail"].as_str().unwrap().contains("ent1 holds"),
+        "{body}"
+    );
+    let mut admins = EventStream::open(&node, &node.admin, "").await.unwrap();
+    admins.until_synced(&node).await;
+
+    // ent1 rotates its token: every stream opened with the old one ends (the admin's goes on).
+    let r = node
+        .call(
+            "POST",
+            "/v1/authorities/{name}/token",
+            Some("ent1"),
+            Some(&ent1),
+            None,
+        )
+        .await;
+    assert!(r.status == 200 || r.status == 201, "{}", r.body);
+    let new = r.body["token"].as_str().unwrap().to_owned();
+    for mut watch in open {
+        let end = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match watch.answer.chunk().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => return,
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "a watch outlived its rotated token by 20 s");
+    }
+    // Its slots are free again: the new token watches.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match EventStream::open(&node, &new, "").await {
+            Ok(mut watch) => {
+                watch.until_synced(&node).await;
+                break;
+            }
+            Err((429, _)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err((status, body)) => panic!("no watch with the new token: {status} {body}"),
+        }
+    }
+    assert_eq!(
+        node.create_vnf(&node.admin, &wasm_vnf("fw9")).await.status,
+        201
+    );
+    admins.until(&node, "added", "fw9", &["fw9"]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_label_change_takes_a_vnf_out_of_a_selectors_watch_and_into_anothers() {
     let node = Node::start().await;
