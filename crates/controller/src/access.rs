@@ -132,15 +132,21 @@ impl Controller {
     }
 
     /// The caller's grants, or `None` for the admin, who is not confined by grants. Refused
-    /// when the caller's authority is gone or being deleted (a request that authenticated
-    /// before): nothing more is written for it.
+    /// (409) when the caller's authority is gone or being deleted (a request that
+    /// authenticated before, or the admin acting on its object): nothing more is written for
+    /// it.
     pub(crate) async fn confining_grants(&self, caller: &Caller) -> Result<Option<GrantsRead>> {
         if caller.is_admin() {
             return Ok(None);
         }
         let read = self.read_grants(&caller.name).await?;
         if read.revision == 0 || read.deleting {
-            return Err(ControllerError::Unauthorized);
+            // 409 rather than 401: the caller may be the admin acting on such an authority's
+            // object (a network it left), whose own token is fine.
+            return Err(ControllerError::Conflict(format!(
+                "authority {} is deleted or being deleted: nothing more is written on its behalf",
+                caller.name
+            )));
         }
         Ok(Some(read))
     }
@@ -217,7 +223,6 @@ impl Controller {
     ) -> Result<HostGrants> {
         self.admin_only(caller, "revokes host resources")?;
         self.existing_authority(authority).await?;
-        let before = self.read_grants(authority).await?.grants;
         let after = self
             .change_grants(authority, |g| {
                 let missing = g.remove(less);
@@ -232,9 +237,10 @@ impl Controller {
             .await?;
         // Checked after the write as well as the reads it rests on: a create that read the old
         // grants either committed before this write (found here) or fails its grants compare.
+        // Undone by giving back exactly what was taken: a grant made in between stays.
         if let Err(in_use) = self.check_uses(authority, &after).await {
             self.change_grants(authority, |g| {
-                *g = before.clone();
+                g.add(less);
                 Ok(())
             })
             .await?;
