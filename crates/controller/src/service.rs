@@ -1368,16 +1368,29 @@ impl Controller {
             .into_iter()
             .filter_map(|(key, _)| key.strip_prefix(records::PENDING).map(str::to_owned))
             .collect();
+        // A batch the store failed does not stop the pass: the VNFs after it are placed, and
+        // the first error is reported at the end (the failed ones wait for the next pass). One
+        // VNF whose write the store keeps refusing would otherwise keep every later one Pending.
+        let mut first_error = None;
         for batch in names.chunks(PLACE_BATCH) {
-            for name in self.schedule_batch(batch).await? {
+            let lost = match self.schedule_batch(batch).await {
+                Ok(lost) => lost,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
+            for name in lost {
                 match self.schedule_one(&name).await {
                     // Deleted meanwhile, or changing too fast: the next pass sees it as it is then.
                     Ok(()) | Err(ControllerError::NotFound(_) | ControllerError::Conflict(_)) => {}
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
                 }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Plans the placement of every VNF of `names` under one hold of the scheduler lock and

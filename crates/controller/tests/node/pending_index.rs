@@ -155,6 +155,35 @@ async fn a_scheduling_pass_reads_only_the_pending_index() {
     assert_eq!(index(store.as_ref()).await, ["big1", "big2"]);
 }
 
+/// A placement the store refuses does not stop the pass: the VNFs of the batches after it are
+/// placed in the same pass, which then reports the error; the refused one is placed by the next.
+#[tokio::test]
+async fn a_placement_the_store_refuses_does_not_stop_the_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = HookedStore::open(&dir.path().join("store.redb"));
+    let room = SchedConfig {
+        shared_core_capacity: 128,
+        ..SchedConfig::default()
+    };
+    let c = Controller::open(store.clone(), room).await.unwrap();
+    c.register_host(host()).await.unwrap();
+    let n = telvirt_controller::service::PLACE_BATCH + 6;
+    for i in 0..n {
+        create(&c, &format!("vnf{i:03}"), 1, true).await;
+    }
+    // The first of the first batch.
+    *store.fail_write.lock().unwrap() = Some(records::vnf_key("vnf000"));
+    let e = c.schedule_pending().await.unwrap_err();
+    assert!(e.to_string().contains("the test refuses"), "{e}");
+    assert_eq!(
+        waiting(store.as_ref()).await,
+        ["vnf000"],
+        "the second batch was placed in the same pass"
+    );
+    c.schedule_pending().await.unwrap();
+    assert!(waiting(store.as_ref()).await.is_empty());
+}
+
 #[tokio::test]
 async fn the_index_follows_create_place_and_delete_in_the_vnfs_transactions() {
     let dir = tempfile::tempdir().unwrap();
