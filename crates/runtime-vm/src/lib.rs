@@ -22,6 +22,7 @@ pub mod migrate;
 pub mod migrate_bench;
 pub mod periph;
 pub mod pin;
+pub mod process;
 pub mod qmp;
 mod relay_filter;
 pub mod stream_seal;

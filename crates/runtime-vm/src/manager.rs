@@ -25,6 +25,7 @@ use crate::config::VhostUserNic;
 use crate::config::{Accel, CpuPlacement, Grant, VmConfig, validate_peripheral_id};
 use crate::confine::{self, Applied, CapsProbe, Confinement};
 use crate::error::{Error, Result};
+use crate::process::ProcessHandle;
 use crate::qmp::{CpuInfoFast, QmpClient, QmpEvent};
 use crate::uid_lease::{LEASE_DIR, OWN_UIDS, UidLease};
 use crate::{image, memory, periph, pin};
@@ -433,7 +434,14 @@ impl VmManager {
                 command: "spawn".into(),
                 reason: "QEMU exited before its pid was read".into(),
             })?;
-        let guard = KillGuard { pid, armed: true };
+        // Opened before the child can be reaped (below): the handle names this QEMU for good.
+        let process = Arc::new(
+            ProcessHandle::open(pid).map_err(Error::io(format!("open a pidfd on QEMU {pid}")))?,
+        );
+        let guard = KillGuard {
+            process: Arc::clone(&process),
+            armed: true,
+        };
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let info = match child.wait().await {
@@ -485,6 +493,7 @@ impl VmManager {
                 qmp,
                 exit: exit_rx,
                 cpus,
+                process,
             },
             VmPhase::Starting,
             cfg.peripherals.clone(),
@@ -513,11 +522,17 @@ impl VmManager {
         let name = persisted.config.name.clone();
         let name = name.as_str();
         let pid = read_pid(&dir).ok_or_else(|| not("no qemu.pid".into()))?;
-        if !owns_process(pid, name) {
+        // The handle first, then the check: a process that has not exited when the check is
+        // done is the one the handle holds (a running process keeps its pid), so a signal
+        // through it never reaches a process that took the number after QEMU's end.
+        let process =
+            ProcessHandle::open(pid).map_err(|e| not(format!("process {pid} is gone ({e})")))?;
+        if !owns_process(pid, name) || process.has_exited() {
             return Err(not(format!(
                 "process {pid} is not the QEMU of `{name}` (it exited)"
             )));
         }
+        let process = Arc::new(process);
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
         let status = qmp.query_status().await?;
         let orphan = crate::migrate::end_orphaned_stream(&qmp, &status.status).await?;
@@ -530,9 +545,13 @@ impl VmManager {
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
         let (exit_tx, exit_rx) = watch::channel(None);
+        let watched = Arc::clone(&process);
         tokio::spawn(async move {
-            while pin::process_alive(pid) {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            // Not this process's child: its end is seen, its status is its parent's.
+            if watched.exited().await.is_err() {
+                while !watched.has_exited() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
             let _ = exit_tx.send(Some(ExitInfo {
                 code: None,
@@ -583,6 +602,7 @@ impl VmManager {
                 qmp,
                 exit: exit_rx,
                 cpus,
+                process,
             },
             phase,
             grants,
@@ -650,6 +670,8 @@ struct Inner {
     name: String,
     dir: PathBuf,
     pid: i32,
+    /// QEMU, held by its pidfd: every signal goes through it.
+    process: Arc<ProcessHandle>,
     accel: Accel,
     qemu_version: Option<(u32, u32)>,
     config: VmConfig,
@@ -706,6 +728,7 @@ struct Session {
     qmp: QmpClient,
     exit: watch::Receiver<Option<ExitInfo>>,
     cpus: Vec<CpuInfoFast>,
+    process: Arc<ProcessHandle>,
 }
 
 async fn sorted_cpus(qmp: &QmpClient) -> Result<Vec<CpuInfoFast>> {
@@ -736,6 +759,7 @@ impl VmHandle {
                 name: p.config.name.clone(),
                 dir,
                 pid: p.pid,
+                process: s.process,
                 accel: p.accel,
                 qemu_version: p.qemu_version,
                 config: p.config,
@@ -992,7 +1016,7 @@ impl VmHandle {
     /// thread (as QMP lists them now) to its CPUs, every other thread to the emulator CPUs when
     /// given. Returns warnings (realtime priority refused).
     pub async fn repin(&self, placement: &CpuPlacement) -> Result<Vec<String>> {
-        if !pin::process_alive(self.inner.pid) {
+        if self.inner.process.has_exited() {
             return Err(self.not_running());
         }
         let cpus = sorted_cpus(&self.inner.qmp).await?;
@@ -1128,9 +1152,8 @@ impl VmHandle {
 
     /// SIGKILL without waiting (usable from `Drop`); a no-op once QEMU has exited.
     pub fn kill_now(&self) {
-        if self.exit_info().is_none() && pin::process_alive(self.inner.pid) {
-            // SAFETY: plain syscall; the pid is QEMU's and it is still alive (not reaped).
-            unsafe { libc::kill(self.inner.pid, libc::SIGKILL) };
+        if self.exit_info().is_none() {
+            self.inner.process.kill();
         }
     }
 
@@ -1236,15 +1259,14 @@ impl VmHandle {
 
 /// Kills a QEMU that a failed start leaves behind.
 struct KillGuard {
-    pid: i32,
+    process: Arc<ProcessHandle>,
     armed: bool,
 }
 
 impl Drop for KillGuard {
     fn drop(&mut self) {
-        if self.armed && pin::process_alive(self.pid) {
-            // SAFETY: plain syscall on the pid of the child we spawned.
-            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        if self.armed {
+            self.process.kill();
         }
     }
 }
