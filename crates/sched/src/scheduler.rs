@@ -253,6 +253,9 @@ pub struct Scheduler {
     free_slots: Vec<u32>,
     pub(crate) groups: Vec<GroupState>,
     group_by_key: BTreeMap<(String, String), u32>,
+    /// The most threads a core has on any host added (never lowered when one goes: a bound
+    /// on the whole cores a `thread_policy: require` VNF needs, [`Scheduler::demand`]).
+    most_threads_per_core: u32,
 }
 
 const NODE_BITS: u64 = 8;
@@ -363,6 +366,7 @@ impl Scheduler {
         let free = topo.nodes.iter().map(|n| n.dedicated_threads).sum();
         let idx = self.hosts.len() as u32;
         self.host_by_name.insert(spec.name.clone(), idx);
+        self.most_threads_per_core = self.most_threads_per_core.max(topo.max_threads_per_core);
         self.hosts.push(Some(HostState {
             spec,
             topo,
@@ -1404,15 +1408,18 @@ impl Scheduler {
         Ok(self.role_state(h, role, req, p, None))
     }
 
-    /// Smallest per-node free count a node needs: (use the cores index, minimum).
+    /// Smallest per-node free count a node needs: (use the cores index, minimum). For whole
+    /// cores of siblings, as few as the host with the most threads a core would take (a
+    /// lower bound: the pick checks the node's own cores).
     fn demand(&self, req: &VnfRequest) -> (bool, u32) {
         let emu = Self::emulator_isolated(req) as u32;
         match (req.cpu.policy, req.cpu.thread_policy) {
             (CpuPolicy::Dedicated, ThreadPolicy::Prefer) => (false, req.cpu.count + emu),
             (CpuPolicy::Dedicated, ThreadPolicy::Isolate) => (true, req.cpu.count + emu),
-            (CpuPolicy::Dedicated, ThreadPolicy::Require) => {
-                (true, (req.cpu.count + emu).div_ceil(2))
-            }
+            (CpuPolicy::Dedicated, ThreadPolicy::Require) => (
+                true,
+                (req.cpu.count + emu).div_ceil(self.most_threads_per_core.max(2)),
+            ),
             _ => (true, 1),
         }
     }

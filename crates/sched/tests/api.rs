@@ -101,6 +101,40 @@ fn dedicated_thread_policies() {
     assert_eq!(s.stats().free_cpus, 0);
 }
 
+/// `thread_policy: require` on a host of 4 threads a core: 4 vCPUs fill one whole core, so a
+/// node with one core left takes them (it was refused as needing two cores, as on SMT2).
+#[test]
+fn require_fills_whole_cores_of_four_threads() {
+    // 1 socket × 3 cores × 4 threads: core 0 shared, cores 1 and 2 dedicated.
+    let smt4 = HostSpec::synthetic("h4", 1, 3, 4);
+    for search in [
+        telvirt_sched::Search::FirstFit,
+        telvirt_sched::Search::Indexed,
+    ] {
+        let mut s = Scheduler::new(SchedConfig {
+            reserve: ReservePolicy::None,
+            search,
+            ..SchedConfig::default()
+        })
+        .unwrap();
+        s.add_host(smt4.clone()).unwrap();
+        let mut first = ded("first", 4);
+        first.cpu.thread_policy = ThreadPolicy::Require;
+        let p = s.place(&first).unwrap();
+        assert_eq!(p.act.cpus.len(), 4, "{search:?}");
+        let mut second = ded("second", 4);
+        second.cpu.thread_policy = ThreadPolicy::Require;
+        let p = s
+            .place(&second)
+            .unwrap_or_else(|e| panic!("{search:?}: one whole core of 4 is left: {e}"));
+        assert_eq!(p.act.cpus.len(), 4);
+        assert_eq!(s.stats().free_cpus, 0, "{search:?}");
+        let mut third = ded("third", 1);
+        third.cpu.thread_policy = ThreadPolicy::Require;
+        assert!(s.place(&third).is_err(), "{search:?}: no core left");
+    }
+}
+
 #[test]
 fn diagnostics_match_the_issue_example() {
     // host-2 with two nodes: node0 has 3 free cpus, node1 has 2 free.
