@@ -435,9 +435,15 @@ impl VmManager {
                 reason: "QEMU exited before its pid was read".into(),
             })?;
         // Opened before the child can be reaped (below): the handle names this QEMU for good.
-        let process = Arc::new(
-            ProcessHandle::open(pid).map_err(Error::io(format!("open a pidfd on QEMU {pid}")))?,
-        );
+        let process = match ProcessHandle::open(pid) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                // Not left running without a handle: our child still, its pid is its own.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(Error::io(format!("open a pidfd on QEMU {pid}"))(e));
+            }
+        };
         let guard = KillGuard {
             process: Arc::clone(&process),
             armed: true,
