@@ -140,6 +140,14 @@ pub trait ReplicaState: Send + Sync + 'static {
     /// the updates applied (entries, for a snapshot). Nothing changes on error.
     fn apply(&self, vnf: &Name, full: bool, bytes: &[u8]) -> Result<u64, String>;
 
+    /// `Some(false)` when the active instance of `vnf` logs no updates now, so only a full
+    /// snapshot carries its state on (a new version of its module reshaped its maps; the
+    /// snapshot starts the log again); `None` when that cannot be told at once.
+    fn logging(&self, vnf: &Name) -> Option<bool> {
+        let _ = vnf;
+        None
+    }
+
     /// [`ReplicaState::take`] of the update log when it can be had at once, without waiting:
     /// nobody holds the instance and its log holds at most `max_updates` updates. `None`
     /// otherwise (the caller takes it on a blocking thread).
@@ -2062,6 +2070,10 @@ async fn send_loop(to: SendTo, state: Arc<dyn ReplicaState>, status: StreamStatu
             continue;
         }
         if let Some(conn) = stream.as_mut() {
+            // Not logging (an upgrade restarted its maps): a snapshot, not a failed log take.
+            if !full && state.logging(vnf) == Some(false) {
+                full = true;
+            }
             header.kind = if full { KIND_SNAPSHOT } else { KIND_LOG };
             let slow = |why: String| set(&|s| fail(s, why.clone()));
             let sending_full = full;
@@ -2346,6 +2358,7 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     #[test]
     fn a_freezes_phases_make_it_up_from_the_freeze_on() {
@@ -2544,6 +2557,10 @@ mod tests {
         frozen: Mutex<Option<Instant>>,
         queued: Mutex<Vec<u8>>,
         handed: Mutex<Vec<u8>>,
+        /// No update log (as after a module upgrade) until the next full take.
+        not_logging: AtomicBool,
+        /// Log takes refused for want of a log.
+        refused_log_takes: AtomicU64,
     }
 
     impl Counters {
@@ -2557,6 +2574,12 @@ mod tests {
 
     impl ReplicaState for Counters {
         fn take(&self, vnf: &Name, full: bool) -> Result<Option<Vec<u8>>, String> {
+            if full {
+                self.not_logging.store(false, Ordering::SeqCst);
+            } else if self.not_logging.load(Ordering::SeqCst) {
+                self.refused_log_takes.fetch_add(1, Ordering::SeqCst);
+                return Err("no update log: take a snapshot first to start logging".into());
+            }
             let mut v = self.values.lock().unwrap();
             let (value, dirty) = v.get_mut(vnf.as_str()).ok_or("no such instance")?;
             if !full && !*dirty {
@@ -2577,6 +2600,10 @@ mod tests {
 
         fn frozen_since(&self, _vnf: &Name) -> Option<Instant> {
             *self.frozen.lock().unwrap()
+        }
+
+        fn logging(&self, _vnf: &Name) -> Option<bool> {
+            Some(!self.not_logging.load(Ordering::SeqCst))
         }
 
         fn take_packets(&self, _vnf: &Name, max_bytes: usize) -> Option<(Vec<u8>, u64)> {
@@ -2770,6 +2797,26 @@ mod tests {
         .await;
         let lost = host.lost();
         assert!(lost.iter().all(|(_, l)| !l.closed), "{lost:?}");
+    }
+
+    /// An active whose update log stopped (a new version of its module reshaped its maps)
+    /// sends a snapshot next, without a failed log take on the way.
+    #[tokio::test]
+    async fn an_active_without_an_update_log_sends_a_snapshot_not_a_failure() {
+        let host = Arc::new(Standbys::default());
+        let (_replicas, active, standby, _nat1, _peer) = replicating_nat1(&host).await;
+        let value = |s: &Counters| s.values.lock().unwrap().get("nat1").map(|v| v.0);
+        wait_for("the snapshot", || value(&standby) == Some(7)).await;
+        {
+            let mut values = active.values.lock().unwrap();
+            active.not_logging.store(true, Ordering::SeqCst);
+            values.insert("nat1".into(), (11, true));
+        }
+        wait_for("the state after the upgrade", || {
+            value(&standby) == Some(11)
+        })
+        .await;
+        assert_eq!(active.refused_log_takes.load(Ordering::SeqCst), 0);
     }
 
     #[tokio::test]

@@ -859,6 +859,13 @@ impl crate::replication::ReplicaState for WasmRuntime {
         taken.map_err(|e| e.to_string())
     }
 
+    fn logging(&self, vnf: &Name) -> Option<bool> {
+        self.try_with_instance(vnf, |i| i.maps().map(|m| m.logged_updates().is_some()))
+            .ok()
+            .flatten()
+            .flatten()
+    }
+
     fn take_log_at_once(
         &self,
         vnf: &Name,
