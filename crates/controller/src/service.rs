@@ -666,7 +666,6 @@ impl Controller {
             ))
         };
         let (mut record, mut revision) = self.authority_record(name).await?;
-        let was_deleting = record.deleting;
         if !record.deleting {
             record.deleting = true;
             let marked = self.mark_deleting(&record, revision).await?;
@@ -675,40 +674,20 @@ impl Controller {
             }
             revision = marked.revision;
         }
-        let owner = Caller {
-            name: name.to_owned(),
-        };
-        let vnfs: Vec<String> = self
-            .vnfs(&owner)
-            .await?
-            .into_iter()
-            .map(|v| v.name.as_str().to_owned())
-            .collect();
-        let networks: Vec<String> = self
-            .all_networks()
-            .await?
-            .into_iter()
-            .filter(|n| n.owner.as_str() == name)
-            .map(|n| n.name.as_str().to_owned())
-            .collect();
-        if !vnfs.is_empty() || !networks.is_empty() {
-            let list = |what: &str, names: &[String]| {
-                (!names.is_empty()).then(|| format!("{what} {}", names.join(", ")))
-            };
-            let owned: Vec<String> = [list("VNFs", &vnfs), list("networks", &networks)]
-                .into_iter()
-                .flatten()
-                .collect();
-            // Standing again as it was, its token with it (one marked by an earlier deletion
-            // stays marked: its token is gone).
-            if !was_deleting {
-                record.deleting = false;
-                self.mark_deleting(&record, revision).await?;
-            }
-            return Err(ControllerError::Conflict(format!(
+        let refused = match self.owned_by(name).await {
+            Ok(owned) if owned.is_empty() => None,
+            Ok(owned) => Some(ControllerError::Conflict(format!(
                 "authority {name} still owns {}; delete them first",
                 owned.join(" and ")
-            )));
+            ))),
+            Err(e) => Some(e),
+        };
+        if let Some(refused) = refused {
+            // Standing again as it was, its token with it: nothing changes when refused (a
+            // mark an earlier deletion left is taken off too; its token comes back).
+            record.deleting = false;
+            let _ = self.mark_deleting(&record, revision).await;
+            return Err(refused);
         }
         self.forget_module_owner(name).await?;
         let key = authority_key(name);
@@ -726,6 +705,33 @@ impl Controller {
             return Err(changed());
         }
         Ok(())
+    }
+
+    /// What authority `name` owns, as "VNFs a, b" and "networks c" (empty: nothing).
+    async fn owned_by(&self, name: &str) -> Result<Vec<String>> {
+        let owner = Caller {
+            name: name.to_owned(),
+        };
+        let vnfs: Vec<String> = self
+            .vnfs(&owner)
+            .await?
+            .into_iter()
+            .map(|v| v.name.as_str().to_owned())
+            .collect();
+        let networks: Vec<String> = self
+            .all_networks()
+            .await?
+            .into_iter()
+            .filter(|n| n.owner.as_str() == name)
+            .map(|n| n.name.as_str().to_owned())
+            .collect();
+        let list = |what: &str, names: &[String]| {
+            (!names.is_empty()).then(|| format!("{what} {}", names.join(", ")))
+        };
+        Ok([list("VNFs", &vnfs), list("networks", &networks)]
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// Writes authority `record` over revision `revision`, its token's index with it: dropped

@@ -123,6 +123,7 @@ impl Controller {
             selector,
             shown: HashMap::new(),
             tx,
+            credential,
             _slot: slot,
         };
         tokio::spawn(view.follow(watch, token_watch));
@@ -141,6 +142,8 @@ struct View {
     /// Each VNF shown, with the revision of the record it was shown from.
     shown: HashMap<String, u64>,
     tx: mpsc::Sender<VnfWatchEvent>,
+    /// The index key of the token the watch was opened with.
+    credential: String,
     _slot: WatchSlot,
 }
 
@@ -155,11 +158,15 @@ impl View {
             let event = tokio::select! {
                 event = watch.next() => event,
                 () = self.tx.closed() => return,
-                // The token was dropped (rotated, its authority deleted), or the store cannot
-                // say whether it was: the stream ends.
+                // The token was dropped (rotated, its authority deleted): the stream ends. A
+                // watch that fell behind (the store's changes outran it) reads the token again.
                 change = token.next() => match change {
                     Some(WatchEvent::Put { .. }) => continue,
-                    _ => return,
+                    Some(WatchEvent::Resync) => match self.store.get(&self.credential).await {
+                        Ok(Some(_)) => continue,
+                        _ => return,
+                    },
+                    Some(WatchEvent::Delete { .. }) | None => return,
                 },
             };
             let told = match event {

@@ -8,8 +8,9 @@
 //! QEMU.
 //!
 //! The bound holds between two checks: a file may pass its cap by what QEMU writes in one
-//! [`CHECK_INTERVAL`]; bytes QEMU writes between the copy of the tail and the emptying are
-//! lost (microseconds once per cap's worth of output).
+//! [`CHECK_INTERVAL`]; bytes QEMU writes between the read of the tail (to the file's end) and
+//! the emptying are lost (microseconds once per cap's worth of output: the older half is
+//! written to disk after the emptying, from memory).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -23,8 +24,24 @@ use crate::manager::ExitInfo;
 pub const DEFAULT_LOG_CAP: u64 = 8 << 20;
 /// How often a running VM's logs are measured.
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
-/// The logs of a VM's state directory that QEMU writes.
-pub const CAPPED_LOGS: [&str; 2] = ["console.log", "qemu.log"];
+/// The guest's serial console in a VM's state directory.
+pub const CONSOLE_LOG: &str = "console.log";
+/// QEMU's stderr in a VM's state directory.
+pub const QEMU_LOG: &str = "qemu.log";
+
+/// Whether process `pid` writes its stderr by appending (`O_APPEND` in `/proc/<pid>/fdinfo/2`):
+/// only then may its `qemu.log` be emptied under it (a QEMU started before logs were capped
+/// writes at its own offset, and would leave a hole the size of what it wrote).
+pub fn appends_stderr(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/fdinfo/2"))
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        })
+        .is_some_and(|flags| flags & libc::O_APPEND as u32 != 0)
+}
 
 /// The file a log's older half goes to: `console.log` -> `console.log.1`.
 pub fn older(path: &Path) -> PathBuf {
@@ -33,9 +50,10 @@ pub fn older(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Rotates `path` when it holds more than `cap` bytes: its last `cap / 2` bytes (from a line's
-/// start where one begins in them) replace `<path>.1`, and `path` is emptied. Returns whether
-/// it rotated. A missing file is left missing.
+/// Rotates `path` when it holds more than `cap` bytes: its bytes from `cap / 2` before its end
+/// as measured (from a line's start where one begins in them) to its end when read replace
+/// `<path>.1`, and `path` is emptied right after that read. Returns whether it rotated. A
+/// missing file is left missing.
 pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
     let mut file = match std::fs::OpenOptions::new()
         .read(true)
@@ -53,7 +71,9 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
     let keep = cap / 2;
     file.seek(SeekFrom::Start(len - keep))?;
     let mut tail = Vec::new();
-    (&mut file).take(keep).read_to_end(&mut tail)?;
+    // To the end, what QEMU appended since the length was read included, then emptied at once.
+    file.read_to_end(&mut tail)?;
+    file.set_len(0)?;
     // Whole lines where there is a line break to start from.
     let from = tail
         .iter()
@@ -61,24 +81,36 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
         .map_or(0, |at| at + 1)
         .min(tail.len());
     telvirt_files::write_atomic(&older(path), &tail[from..])?;
-    file.set_len(0)?;
     Ok(true)
 }
 
-/// Measures `dir`'s [`CAPPED_LOGS`] every [`CHECK_INTERVAL`] until `exit` says the VM's QEMU
-/// ended (its last output stays as it is). A file that cannot be rotated is said once.
-pub fn spawn(dir: PathBuf, cap: u64, mut exit: watch::Receiver<Option<ExitInfo>>) {
+/// Measures the logs `names` of `dir` every [`CHECK_INTERVAL`] (on a blocking thread) until
+/// `exit` says the VM's QEMU ended (its last output stays as it is). A file that cannot be
+/// rotated is said once.
+pub fn spawn(
+    dir: PathBuf,
+    names: Vec<&'static str>,
+    cap: u64,
+    mut exit: watch::Receiver<Option<ExitInfo>>,
+) {
     tokio::spawn(async move {
         let mut told = false;
         loop {
-            for name in CAPPED_LOGS {
-                let path = dir.join(name);
-                if let Err(e) = rotate_if_over(&path, cap)
-                    && !told
-                {
-                    told = true;
-                    tracing::warn!(log = %path.display(), "the log cannot be kept within {cap} bytes: {e}");
-                }
+            let (at, logs) = (dir.clone(), names.clone());
+            let rotated = tokio::task::spawn_blocking(move || {
+                logs.iter()
+                    .map(|name| {
+                        let path = at.join(name);
+                        rotate_if_over(&path, cap).map_err(|e| (path, e))
+                    })
+                    .find_map(Result::err)
+            })
+            .await;
+            if let Ok(Some((path, e))) = rotated
+                && !told
+            {
+                told = true;
+                tracing::warn!(log = %path.display(), "the log cannot be kept within {cap} bytes: {e}");
             }
             if exit.borrow().is_some() {
                 return;
@@ -141,5 +173,29 @@ mod tests {
         );
         assert!(!rotate_if_over(&d.path().join("none.log"), 1).unwrap());
         assert!(!d.path().join("none.log").exists());
+    }
+
+    /// A child whose stderr appends is told from one whose stderr does not.
+    #[test]
+    fn a_process_appending_to_its_stderr_is_told_apart() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("qemu.log");
+        for append in [true, false] {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .open(&path)
+                .unwrap();
+            let mut child = std::process::Command::new("sleep")
+                .arg("30")
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let pid = i32::try_from(child.id()).unwrap();
+            assert_eq!(appends_stderr(pid), append);
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 }

@@ -467,7 +467,12 @@ impl VmManager {
             };
             let _ = exit_tx.send(Some(info));
         });
-        crate::logcap::spawn(dir.clone(), self.log_cap, exit_rx.clone());
+        crate::logcap::spawn(
+            dir.clone(),
+            vec![crate::logcap::CONSOLE_LOG, crate::logcap::QEMU_LOG],
+            self.log_cap,
+            exit_rx.clone(),
+        );
 
         std::fs::write(dir.join("qemu.pid"), pid.to_string())
             .map_err(Error::io("write qemu.pid"))?;
@@ -565,7 +570,11 @@ impl VmManager {
                 status_known: false,
             }));
         });
-        crate::logcap::spawn(dir.clone(), self.log_cap, exit_rx.clone());
+        let mut logs = vec![crate::logcap::CONSOLE_LOG];
+        if crate::logcap::appends_stderr(pid) {
+            logs.push(crate::logcap::QEMU_LOG);
+        }
+        crate::logcap::spawn(dir.clone(), logs, self.log_cap, exit_rx.clone());
         let still_streaming = orphan.as_ref().is_some_and(|o| !o.ended);
         // A move's destination whose stream completed while no agent watched, paused (a guest
         // with a disk, which QEMU does not start by itself): it waits to be resumed here
