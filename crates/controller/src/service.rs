@@ -143,6 +143,9 @@ pub fn now_rfc3339() -> String {
 /// VNFs placed under one hold of the scheduler lock, their commits sent together.
 pub const PLACE_BATCH: usize = 64;
 
+/// The least time between a scheduling pass that failed and the next.
+pub const FAILED_PASS_PAUSE: Duration = Duration::from_millis(500);
+
 /// What placing one pending VNF takes.
 enum Plan {
     /// Gone, or no longer waiting for a placement.
@@ -1352,10 +1355,15 @@ impl Controller {
     // ----- scheduling -----
 
     /// Runs until the process ends: places pending VNFs when woken, and retries every `retry`.
+    /// After a pass that failed, the next waits [`FAILED_PASS_PAUSE`] (or `retry`, when
+    /// shorter) whatever wakes it: a store that keeps refusing a write, whose refusal asks for
+    /// a pass again at once, would otherwise keep a core busy with passes.
     pub async fn scheduling_loop(self: Arc<Self>, retry: Duration) {
         loop {
             if let Err(e) = self.schedule_pending().await {
                 tracing::warn!("scheduling pass failed: {e}");
+                tokio::time::sleep(FAILED_PASS_PAUSE.min(retry)).await;
+                continue;
             }
             let _ = tokio::time::timeout(retry, self.schedule_wanted.notified()).await;
         }
