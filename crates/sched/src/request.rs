@@ -51,7 +51,7 @@ pub enum ThreadPolicy {
     Prefer,
     /// One vCPU per physical core; the SMT siblings stay empty.
     Isolate,
-    /// vCPUs fill whole cores (sibling pairs); needs an SMT host.
+    /// vCPUs fill whole cores (every sibling thread of each); needs an SMT host.
     Require,
 }
 

@@ -1547,7 +1547,7 @@ impl Scheduler {
                 req.cpu.count
             ),
             (CpuPolicy::Dedicated, ThreadPolicy::Require) => format!(
-                "needs {} cpus on whole free sibling pairs (thread_policy require){emu} {loc}",
+                "needs {} cpus on whole free cores, every sibling thread of each (thread_policy require){emu} {loc}",
                 req.cpu.count
             ),
             (CpuPolicy::Shared, _) => format!(
