@@ -33,6 +33,11 @@ pub struct GrantsRead {
 }
 
 impl GrantsRead {
+    /// Whether the authority exists and its deletion has not begun.
+    fn stands(&self) -> bool {
+        self.revision != 0 && !self.deleting
+    }
+
     /// The condition "the authority, its grants and its token are still what they were".
     pub fn unchanged(&self, authority: &str) -> Compare {
         Compare::ModRevision {
@@ -40,6 +45,10 @@ impl GrantsRead {
             revision: self.revision,
         }
     }
+}
+
+fn authority_not_found(name: &str) -> ControllerError {
+    ControllerError::NotFound(format!("authority {name} not found"))
 }
 
 fn refused(field: FieldError) -> ControllerError {
@@ -140,7 +149,7 @@ impl Controller {
             return Ok(None);
         }
         let read = self.read_grants(&caller.name).await?;
-        if read.revision == 0 || read.deleting {
+        if !read.stands() {
             // 409 rather than 401: the caller may be the admin acting on such an authority's
             // object (a network it left), whose own token is fine.
             return Err(ControllerError::Conflict(format!(
@@ -151,30 +160,17 @@ impl Controller {
         Ok(Some(read))
     }
 
-    async fn existing_authority(&self, name: &str) -> Result<()> {
-        if self
-            .store_handle()
-            .get(&authority_key(name))
-            .await?
-            .is_none()
-        {
-            return Err(ControllerError::NotFound(format!(
-                "authority {name} not found"
-            )));
-        }
-        Ok(())
-    }
-
     /// What `authority` has been granted: for the admin about anyone, for an authority about
     /// itself (others answer 404, as for a missing authority).
     pub async fn grants(&self, caller: &Caller, authority: &str) -> Result<HostGrants> {
         if !caller.is_admin() && caller.name != authority {
-            return Err(ControllerError::NotFound(format!(
-                "authority {authority} not found"
-            )));
+            return Err(authority_not_found(authority));
         }
-        self.existing_authority(authority).await?;
-        Ok(self.read_grants(authority).await?.grants)
+        let read = self.read_grants(authority).await?;
+        if read.revision == 0 {
+            return Err(authority_not_found(authority));
+        }
+        Ok(read.grants)
     }
 
     /// Adds host resources to what `authority` may use (admin only). Bad entries are refused
@@ -201,7 +197,6 @@ impl Controller {
                 "name at least one path, interface or tap to grant",
             )));
         }
-        self.existing_authority(authority).await?;
         self.change_grants(authority, |g| {
             g.add(more);
             match g.violations().into_iter().next() {
@@ -222,7 +217,6 @@ impl Controller {
         less: &HostGrants,
     ) -> Result<HostGrants> {
         self.admin_only(caller, "revokes host resources")?;
-        self.existing_authority(authority).await?;
         let after = self
             .change_grants(authority, |g| {
                 let missing = g.remove(less);
@@ -266,10 +260,8 @@ impl Controller {
     ) -> Result<HostGrants> {
         for _ in 0..16 {
             let read = self.read_grants(authority).await?;
-            if read.revision == 0 || read.deleting {
-                return Err(ControllerError::NotFound(format!(
-                    "authority {authority} not found"
-                )));
+            if !read.stands() {
+                return Err(authority_not_found(authority));
             }
             let mut grants = read.grants.clone();
             change(&mut grants)?;

@@ -400,33 +400,32 @@ impl Controller {
     /// (one of the admin's, who may run any): that one stays, with no owner, until the admin
     /// deletes it.
     pub(crate) async fn forget_module_owner(&self, name: &str) -> Result<()> {
+        let running = self.modules_running().await?;
         for (key, v) in self.store_handle().list(records::MODULES).await? {
-            let record: ModuleRecord = decode(&key, &v.value)?;
-            if !record.owners.contains_key(name) {
+            let listed: ModuleRecord = decode(&key, &v.value)?;
+            if !listed.owners.contains_key(name) {
                 continue;
             }
-            let sha256 = record.sha256.clone();
-            let mut done = false;
-            for _ in 0..16 {
-                let Some((mut record, rev)) = self.module_record(&sha256).await? else {
-                    done = true;
-                    break;
-                };
+            let sha256 = listed.sha256.clone();
+            let reference = format!("{MODULE_REF_PREFIX}{sha256}");
+            // The listed record first; read again only after a write lost a race.
+            let mut read = Some((listed, v.mod_revision));
+            let mut tries = 0;
+            while let Some((mut record, rev)) = read {
                 if record.owners.remove(name).is_none() {
-                    done = true;
                     break;
                 }
-                let reference = format!("{MODULE_REF_PREFIX}{sha256}");
-                let gone = record.owners.is_empty() && !self.module_runs(&reference).await?;
+                let gone = record.owners.is_empty() && !running.contains(&reference);
                 if self.write_module_index(&record, rev, gone).await? {
-                    done = true;
                     break;
                 }
-            }
-            if !done {
-                return Err(ControllerError::Conflict(format!(
-                    "the index of module {MODULE_REF_PREFIX}{sha256} kept changing while authority {name} was being deleted; delete it again"
-                )));
+                tries += 1;
+                if tries == 16 {
+                    return Err(ControllerError::Conflict(format!(
+                        "the index of module {reference} kept changing while authority {name} was being deleted; delete it again"
+                    )));
+                }
+                read = self.module_record(&sha256).await?;
             }
         }
         Ok(())
@@ -469,22 +468,16 @@ impl Controller {
         Ok(outcome.succeeded)
     }
 
-    /// Whether a stored VNF runs module `reference` (`sha256:<hex>`).
-    async fn module_runs(&self, reference: &str) -> Result<bool> {
+    /// The modules stored VNFs run (`sha256:<hex>` or a path), one read of the VNFs.
+    async fn modules_running(&self) -> Result<std::collections::BTreeSet<String>> {
+        let mut running = std::collections::BTreeSet::new();
         for (key, v) in self.store_handle().list(records::VNFS).await? {
             let vnf: VnfRecord = decode(&key, &v.value)?;
-            if vnf
-                .vnf
-                .descriptor
-                .spec
-                .wasm
-                .as_ref()
-                .is_some_and(|w| w.module == reference)
-            {
-                return Ok(true);
+            if let Some(w) = vnf.vnf.descriptor.spec.wasm {
+                running.insert(w.module);
             }
         }
-        Ok(false)
+        Ok(running)
     }
 
     /// The maps of the module a descriptor runs, for its memory budget and map checks: the

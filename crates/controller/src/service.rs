@@ -994,8 +994,8 @@ impl Controller {
         self.update_guarded(name, None, change).await
     }
 
-    /// [`Controller::update`] written only while `guard` holds too (the grants a request was
-    /// checked against unchanged, [`crate::access::GrantsRead::unchanged`]); when it no longer
+    /// [`Controller::update`] written only while `guard` holds too (the authority and grants a
+    /// request was checked against unchanged, [`crate::access::GrantsRead::unchanged`]); when it no longer
     /// holds, nothing is written and the caller is told to send the request again.
     pub(crate) async fn update_guarded<F>(
         &self,
@@ -1056,8 +1056,9 @@ impl Controller {
         )))
     }
 
-    /// `Ok` while `guard` (a grants record at the revision a request was checked against)
-    /// still holds; otherwise the conflict to answer (nothing was written).
+    /// `Ok` while `guard` (an authority's record at the revision a request was checked
+    /// against, [`crate::access::GrantsRead::unchanged`]) still holds; otherwise the conflict
+    /// to answer (nothing was written).
     pub(crate) async fn guard_holds(&self, guard: &Compare) -> Result<()> {
         let Compare::ModRevision { key, revision } = guard;
         let now = self.store.get(key).await?.map_or(0, |v| v.mod_revision);
