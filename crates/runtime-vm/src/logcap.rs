@@ -28,6 +28,8 @@ pub const CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub const CONSOLE_LOG: &str = "console.log";
 /// QEMU's stderr in a VM's state directory.
 pub const QEMU_LOG: &str = "qemu.log";
+/// Both logs QEMU writes.
+pub const BOTH_LOGS: &[&str] = &[CONSOLE_LOG, QEMU_LOG];
 
 /// Whether process `pid` writes its stderr by appending (`O_APPEND` in `/proc/<pid>/fdinfo/2`):
 /// only then may its `qemu.log` be emptied under it (a QEMU started before logs were capped
@@ -89,16 +91,17 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
 /// rotated is said once.
 pub fn spawn(
     dir: PathBuf,
-    names: Vec<&'static str>,
+    names: &'static [&'static str],
     cap: u64,
     mut exit: watch::Receiver<Option<ExitInfo>>,
 ) {
     tokio::spawn(async move {
         let mut told = false;
         loop {
-            let (at, logs) = (dir.clone(), names.clone());
+            let at = dir.clone();
             let rotated = tokio::task::spawn_blocking(move || {
-                logs.iter()
+                names
+                    .iter()
                     .map(|name| {
                         let path = at.join(name);
                         rotate_if_over(&path, cap).map_err(|e| (path, e))

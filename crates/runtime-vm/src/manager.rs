@@ -469,7 +469,7 @@ impl VmManager {
         });
         crate::logcap::spawn(
             dir.clone(),
-            vec![crate::logcap::CONSOLE_LOG, crate::logcap::QEMU_LOG],
+            crate::logcap::BOTH_LOGS,
             self.log_cap,
             exit_rx.clone(),
         );
@@ -570,10 +570,11 @@ impl VmManager {
                 status_known: false,
             }));
         });
-        let mut logs = vec![crate::logcap::CONSOLE_LOG];
-        if crate::logcap::appends_stderr(pid) {
-            logs.push(crate::logcap::QEMU_LOG);
-        }
+        let logs: &[&str] = if crate::logcap::appends_stderr(pid) {
+            crate::logcap::BOTH_LOGS
+        } else {
+            &[crate::logcap::CONSOLE_LOG]
+        };
         crate::logcap::spawn(dir.clone(), logs, self.log_cap, exit_rx.clone());
         let still_streaming = orphan.as_ref().is_some_and(|o| !o.ended);
         // A move's destination whose stream completed while no agent watched, paused (a guest
