@@ -218,6 +218,9 @@ pub fn connect(qemu: &UnixListener, ram: &GuestRam, acked: u64) -> QemuEnd {
         fe.set_vring_kick(q, &kicks[q]).unwrap();
         // QEMU 7.2 sends no enable here: the rings run on the enables held since the driver's.
     }
+    // The backend answers in order: once this is answered, every message above was handled
+    // (both rings have their kick and are ready), whichever ring's kick handed them over.
+    fe.get_features().unwrap();
     QemuEnd {
         fe,
         stream,
