@@ -2,10 +2,11 @@
 //! module is swapped in between two batches and maps with the same name and layout keep their
 //! contents.
 //!
-//! Owns the checks (visibility, lock, runtime, phase), asking the agent of the VNF's host to swap
-//! through a node call (ADR 047), and
-//! recording the new module path in the stored descriptor so a restart runs it. It must not
-//! touch the runtime itself.
+//! Owns the checks (visibility, lock, runtime, phase, the owner's grants), asking the agent of
+//! the VNF's host to swap through a node call (ADR 047), and recording the new module path in
+//! the stored descriptor so a restart runs it, under the owner's grants as checked; a swap it
+//! cannot record is undone by swapping the previous module back. It must not touch the runtime
+//! itself.
 
 use serde::{Deserialize, Serialize};
 use telvirt_api::{NodeReply, NodeRequest};
@@ -33,8 +34,9 @@ fn invalid(path: &str, reason: impl Into<String>) -> ControllerError {
 
 impl Controller {
     /// Swaps a running wasm VNF's module, keeping its maps; the stored descriptor names the new
-    /// module afterwards. Refused (and nothing changed) when locked, not wasm, not running, or
-    /// when the runtime refuses the module.
+    /// module afterwards. Refused (and nothing changed) when locked, not wasm, not running, when
+    /// the runtime refuses the module, or when the owner's grants or standing changed before the
+    /// swap was recorded (409; the previous module is swapped back).
     pub async fn upgrade_module(
         &self,
         caller: &Caller,
@@ -87,7 +89,8 @@ impl Controller {
         if let Some(wasm) = next.spec.wasm.as_mut() {
             wasm.module = req.module.clone();
         }
-        if let Some(g) = self.confining_grants(&owner).await? {
+        let grants = self.confining_grants(&owner).await?;
+        if let Some(g) = &grants {
             crate::access::require_all(&g.grants, &crate::access::vnf_resources(&next)).map_err(
                 |e| match e {
                     ControllerError::NotGranted(f) => {
@@ -117,35 +120,81 @@ impl Controller {
         }
         let host = crate::maps::active_host(vnf)
             .ok_or_else(|| ControllerError::Conflict(format!("vnf {name} is placed nowhere")))?;
+        let previous = vnf
+            .descriptor
+            .spec
+            .wasm
+            .as_ref()
+            .map(|w| w.module.clone())
+            .unwrap_or_default();
+        let hash = self.swap_module(&host, name, &req.module).await?;
+        // The module runs now: record it, under the grants it was checked against.
+        let guard = grants.as_ref().map(|g| g.unchanged(&owner.name));
+        let recorded = self
+            .record_upgrade(name, record, v.mod_revision, &req.module, &hash, guard)
+            .await;
+        match recorded {
+            Ok(vnf) => Ok(vnf),
+            // Deleted (or replaced by a new VNF of the name): nothing to put back.
+            Err(e @ ControllerError::NotFound(_)) => Err(e),
+            // Not recorded: the previous module runs again, so nothing changed.
+            Err(e) => Err(match self.swap_module(&host, name, &previous).await {
+                Ok(_) => e,
+                Err(back) => ControllerError::Conflict(format!(
+                    "{e}; vnf {name} runs module {hash} while its record names {previous}: \
+                     putting {previous} back failed ({back})"
+                )),
+            }),
+        }
+    }
+
+    /// Asks `host`'s agent to run `module` in `name`; the hash of the module running after.
+    async fn swap_module(&self, host: &str, name: &str, module: &str) -> Result<String> {
         let request = NodeRequest::Upgrade {
             vnf: name.to_owned(),
-            module: req.module.clone(),
+            module: module.to_owned(),
         };
-        let hash = match self.node_call(&host, request).await? {
-            NodeReply::Upgraded { hash } => hash,
-            NodeReply::Failed { reason } => return Err(invalid("module", reason)),
-            other => return Err(crate::maps::unexpected(&host, "upgrade", other)),
-        };
-        // The module runs now: record its path, re-reading the record if a phase report got
-        // in between.
-        let (mut record, mut rev) = (record, v.mod_revision);
+        match self.node_call(host, request).await? {
+            NodeReply::Upgraded { hash } => Ok(hash),
+            NodeReply::Failed { reason } => Err(invalid("module", reason)),
+            other => Err(crate::maps::unexpected(host, "upgrade", other)),
+        }
+    }
+
+    /// Writes `module` into the VNF's stored descriptor (read at `rev`), re-reading the record
+    /// when a phase report got in between. Refused (409) when `guard` (the owner's grants and
+    /// standing the module was checked against) no longer holds: an authority whose grant was
+    /// revoked meanwhile does not keep a module the revoke could not see in use.
+    async fn record_upgrade(
+        &self,
+        name: &str,
+        mut record: VnfRecord,
+        mut rev: u64,
+        module: &str,
+        hash: &str,
+        guard: Option<Compare>,
+    ) -> Result<Vnf> {
+        let key = vnf_key(name);
         let upgraded = (record.vnf.owner.clone(), record.vnf.created_at.clone());
         for _ in 0..16 {
             let vnf = &mut record.vnf;
             if let Some(wasm) = vnf.descriptor.spec.wasm.as_mut() {
-                wasm.module = req.module.clone();
+                wasm.module = module.to_owned();
             }
             vnf.updated_at = now_rfc3339();
-            vnf.reason = Some(format!("module upgraded to {} ({hash})", req.module));
+            vnf.reason = Some(format!("module upgraded to {module} ({hash})"));
             let value =
                 serde_json::to_vec(&record).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            let compares = std::iter::once(Compare::ModRevision {
+                key: key.clone(),
+                revision: rev,
+            })
+            .chain(guard.clone())
+            .collect();
             let outcome = self
                 .store_handle()
                 .txn(
-                    vec![Compare::ModRevision {
-                        key: key.clone(),
-                        revision: rev,
-                    }],
+                    compares,
                     vec![Op::Put {
                         key: key.clone(),
                         value,
@@ -155,6 +204,9 @@ impl Controller {
                 .await?;
             if outcome.succeeded {
                 return Ok(record.vnf);
+            }
+            if let Some(g) = &guard {
+                self.guard_holds(g).await?;
             }
             let Some(fresh) = self.store_handle().get(&key).await? else {
                 return Err(ControllerError::NotFound(format!("vnf {name} not found")));
@@ -170,8 +222,7 @@ impl Controller {
             }
         }
         Err(ControllerError::Conflict(format!(
-            "vnf {name} now runs module {hash}, but its record kept changing; upgrade again to \
-             record the module path"
+            "vnf {name}'s record kept changing while module {hash} was recorded; upgrade again"
         )))
     }
 }

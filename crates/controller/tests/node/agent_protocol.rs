@@ -686,3 +686,122 @@ async fn a_host_gets_the_networks_naming_its_vnfs_and_answers_their_status_and_p
     assert_eq!(set["networks"], json!([]));
     assert_ne!(set["revision"].as_u64().unwrap(), after);
 }
+
+/// Plays h2's agent: takes its next node call (long-poll) and checks its request is `expected`;
+/// returns the call's id.
+async fn take_call(node: &Node, h2: &str, expected: Value) -> u64 {
+    let (status, calls) = agent_call(
+        node,
+        "GET",
+        "/v1/agent/hosts/h2/calls?wait_ms=20000",
+        h2,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{calls}");
+    let call = calls
+        .as_array()
+        .and_then(|c| c.first())
+        .unwrap_or_else(|| panic!("no call came for h2, {expected} awaited: {calls}"));
+    assert_eq!(call["request"], expected);
+    call["id"].as_u64().unwrap()
+}
+
+async fn answer_call(node: &Node, h2: &str, id: u64, reply: Value) {
+    let path = format!("/v1/agent/hosts/h2/calls/{id}");
+    let (status, body) = agent_call(node, "POST", &path, h2, Some(reply)).await;
+    assert_eq!(status, 204, "{body}");
+}
+
+/// An upgrade to a granted host path whose grant the admin revokes while h2 swaps: the revoke
+/// finds nothing in use (the record still names the uploaded module), so the upgrade may not
+/// record the path. It asks h2 to swap the previous module back and answers 409; with the
+/// grant standing, the same upgrade is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_grant_is_revoked_during_the_swap_is_swapped_back_and_refused() {
+    let (node, h2) = node_with_remote_h2().await;
+    let alice = node.create_authority("alice").await;
+    let grants = |method: &'static str| {
+        let node = &node;
+        async move {
+            let r = node
+                .call(
+                    method,
+                    "/v1/authorities/{name}/grants",
+                    Some("alice"),
+                    Some(&node.admin),
+                    Some((
+                        br#"{"paths":["/srv/modules/"]}"#.as_slice(),
+                        "application/json",
+                    )),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{method}: {}", r.body);
+        }
+    };
+    grants("POST").await;
+    let r = node.create_vnf(&alice, &wasm_vnf("fw1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = node
+        .wait_vnf(&alice, "fw1", |v| v["placements"][0]["host"] == "h2")
+        .await;
+    let observation = json!({ "vnf": "fw1", "phase": "Running", "reason": "running", "generation": v["generation"] });
+    let (status, body) = agent_call(
+        &node,
+        "POST",
+        "/v1/agent/hosts/h2/observations",
+        &h2,
+        Some(observation),
+    )
+    .await;
+    assert_eq!(status, 204, "{body}");
+    node.wait_vnf(&alice, "fw1", |v| v["phase"] == "Running")
+        .await;
+
+    let v2 = "/srv/modules/v2.wasm";
+    let upgrade = || {
+        let (base, alice) = (node.base.clone(), alice.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/vnfs/fw1/upgrade"))
+                .bearer_auth(&alice)
+                .json(&json!({ "module": v2 }))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        })
+    };
+    let module_of = || async {
+        let v = node.wait_vnf(&alice, "fw1", |_| true).await;
+        v["descriptor"]["spec"]["wasm"]["module"].clone()
+    };
+    let swap_to = |module: &str| json!({"call": "upgrade", "vnf": "fw1", "module": module});
+    let swapped = json!({"outcome": "upgraded", "hash": "sha256:2222"});
+
+    let sent = upgrade();
+    let id = take_call(&node, &h2, swap_to(v2)).await;
+    grants("DELETE").await;
+    answer_call(&node, &h2, id, swapped.clone()).await;
+    // Not recorded: the module that ran before is swapped back.
+    let id = take_call(&node, &h2, swap_to(&firewall_ref())).await;
+    let back = json!({"outcome": "upgraded", "hash": firewall_ref()});
+    answer_call(&node, &h2, id, back).await;
+    let (status, body) = sent.await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body.to_string()
+            .contains("changed while this request was checked"),
+        "{body}"
+    );
+    assert_eq!(module_of().await, json!(firewall_ref()));
+
+    // Granted again and left alone: recorded.
+    grants("POST").await;
+    let sent = upgrade();
+    let id = take_call(&node, &h2, swap_to(v2)).await;
+    answer_call(&node, &h2, id, swapped).await;
+    let (status, body) = sent.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(module_of().await, json!(v2));
+}
