@@ -647,6 +647,8 @@ fn a_link_made_again_between_the_same_ports_keeps_its_counters() {
             .first()
             .is_some_and(|l| l.counters.packets == 200)
     });
+    // The round that counted the packets counts their bytes after: it has ended past this.
+    p.barrier();
     let before = p.status()[0].counters;
     assert!(before.since_unix_ms > 0, "{before:?}");
     // Paused (as a probe does) and made again: the same counters go on.

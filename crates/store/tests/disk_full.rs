@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 
 use telvirt_store::{Op, RedbStore, Store, StoreError, StoreHealth, WatchEvent};
 
+mod common;
+
+use common::{leased_put, txn_leased};
+
 /// A tmpfs of `size` mounted on a temp directory, unmounted on drop.
 struct SmallDisk {
     dir: tempfile::TempDir,
@@ -177,18 +181,10 @@ async fn store_refuses_on_a_full_disk_and_recovers_when_space_is_back() {
     );
     store.keep_alive(lease).await.unwrap();
     // The background task still expires leases after the reopen.
-    let short = store.grant_lease(Duration::from_millis(50)).await.unwrap();
-    store
-        .txn(
-            vec![],
-            vec![Op::Put {
-                key: "/leased".into(),
-                value: b"1".to_vec(),
-                lease: Some(short),
-            }],
-        )
-        .await
-        .unwrap();
+    txn_leased(&*store, Duration::from_millis(50), |short| {
+        vec![leased_put("/leased", b"1", short)]
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.get("/leased").await.unwrap().is_some() {
         assert!(

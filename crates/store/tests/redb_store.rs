@@ -4,6 +4,10 @@ use std::time::{Duration, Instant};
 
 use telvirt_store::{Compare, Op, RedbStore, Store, WatchEvent};
 
+mod common;
+
+use common::{leased_put, txn_leased};
+
 fn temp_store() -> (tempfile::TempDir, std::sync::Arc<RedbStore>) {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(&dir.path().join("store.redb")).unwrap();
@@ -190,19 +194,11 @@ async fn revoked_lease_deletes_its_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_lease_deletes_its_keys() {
     let (_dir, store) = temp_store();
-    let lease = store.grant_lease(Duration::from_millis(50)).await.unwrap();
     let mut watch = store.watch("/alive/").await.unwrap();
-    store
-        .txn(
-            vec![],
-            vec![Op::Put {
-                key: "/alive/h1".into(),
-                value: b"1".to_vec(),
-                lease: Some(lease),
-            }],
-        )
-        .await
-        .unwrap();
+    txn_leased(&*store, Duration::from_millis(50), |lease| {
+        vec![leased_put("/alive/h1", b"1", lease)]
+    })
+    .await;
     assert!(matches!(watch.next().await, Some(WatchEvent::Put { .. })));
     let deadline = Instant::now() + Duration::from_secs(10);
     let event = tokio::time::timeout_at(deadline.into(), watch.next())
@@ -543,18 +539,10 @@ async fn a_record_that_cannot_be_read_does_not_keep_a_lease_alive() {
         store.get("/damaged").await.is_err(),
         "the damaged record reads as an error"
     );
-    let lease = store.grant_lease(Duration::from_millis(50)).await.unwrap();
-    store
-        .txn(
-            vec![],
-            vec![Op::Put {
-                key: "/alive/h1".into(),
-                value: b"1".to_vec(),
-                lease: Some(lease),
-            }],
-        )
-        .await
-        .unwrap();
+    let lease = txn_leased(&*store, Duration::from_millis(50), |lease| {
+        vec![leased_put("/alive/h1", b"1", lease)]
+    })
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.get("/alive/h1").await.unwrap().is_some() {
         assert!(
@@ -580,25 +568,17 @@ async fn events_arrive_in_revision_order_while_leases_expire_among_writes() {
         let store = store.clone();
         tokio::spawn(async move {
             for i in 0..400u32 {
-                let lease = store.grant_lease(Duration::from_millis(1)).await.unwrap();
-                store
-                    .txn(
-                        vec![],
-                        vec![
-                            Op::Put {
-                                key: format!("/leased/{i}"),
-                                value: b"1".to_vec(),
-                                lease: Some(lease),
-                            },
-                            Op::Put {
-                                key: "/plain".into(),
-                                value: i.to_le_bytes().to_vec(),
-                                lease: None,
-                            },
-                        ],
-                    )
-                    .await
-                    .unwrap();
+                txn_leased(&*store, Duration::from_millis(1), |lease| {
+                    vec![
+                        leased_put(&format!("/leased/{i}"), b"1", lease),
+                        Op::Put {
+                            key: "/plain".into(),
+                            value: i.to_le_bytes().to_vec(),
+                            lease: None,
+                        },
+                    ]
+                })
+                .await;
             }
         })
     };

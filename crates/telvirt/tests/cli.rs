@@ -289,8 +289,10 @@ fn kill_9_during_creates_keeps_every_acknowledged_vnf() {
     let template = std::fs::read_to_string(example(&server, "upf1.json")).unwrap();
     let config = server.config();
     // A client creating VNFs as fast as it can while the server is killed under it.
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writer = {
         let dir = server.path("");
+        let acked = acked.clone();
         std::thread::spawn(move || {
             let mut acknowledged = Vec::new();
             for i in 0..400 {
@@ -306,13 +308,15 @@ fn kill_9_during_creates_keeps_every_acknowledged_vnf() {
                     break;
                 }
                 acknowledged.push(name);
+                acked.store(acknowledged.len(), std::sync::atomic::Ordering::SeqCst);
             }
             acknowledged
         })
     };
-    // Kill once a few creates went through.
+    // Kill once a few creates were acknowledged (listed is not enough: the server may die
+    // before it answers the last one it wrote).
     let deadline = Instant::now() + Duration::from_secs(30);
-    while server.json(&["vnf", "list"]).as_array().unwrap().len() < 5 {
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < 5 {
         assert!(Instant::now() < deadline, "creates did not start");
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -141,8 +141,23 @@ async fn a_pass_cut_short_after_it_made_a_vnf_unknown_leaves_the_next_pass_to_br
     for name in ["u1", "u2"] {
         report_running(&c, &admin, name).await;
     }
-    // Every host Ready: the passes after this complete one may skip the VNFs.
-    c.check_hosts().await.unwrap();
+    // Every host Ready: the passes after this complete one may skip the VNFs. (A beat just
+    // before: the writes above may outlast the 300 ms lease on a loaded machine, and a pass
+    // that found h2 silent already made the VNFs Unknown; the next beat's pass brings them
+    // back.)
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        c.heartbeat("h2").await.unwrap();
+        c.check_hosts().await.unwrap();
+        let mut running = true;
+        for name in ["u1", "u2"] {
+            running &= c.vnf(&admin, name).await.unwrap().phase == Phase::Running;
+        }
+        if running {
+            break;
+        }
+        assert!(Instant::now() < deadline, "u1 and u2 never both Running");
+    }
 
     // h2 falls silent. The pass that sees it makes u1 Unknown, then the store refuses u2's
     // write: the pass ends there.
