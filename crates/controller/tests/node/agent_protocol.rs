@@ -346,20 +346,7 @@ async fn a_remote_agent_registers_watches_fetches_its_module_reports_and_answers
         agent_call(&node, "GET", "/v1/agent/hosts/h2/modules/nothex", &h2, None).await;
     assert_eq!(status, 422);
 
-    let generation = assignment["generation"].clone();
-    let observation =
-        json!({ "vnf": "fw1", "phase": "Running", "reason": "running", "generation": generation });
-    let (status, body) = agent_call(
-        &node,
-        "POST",
-        "/v1/agent/hosts/h2/observations",
-        &h2,
-        Some(observation),
-    )
-    .await;
-    assert_eq!(status, 204, "{body}");
-    node.wait_vnf(&node.admin, "fw1", |v| v["phase"] == "Running")
-        .await;
+    report_running(&node, &h2, &assignment["generation"]).await;
 
     // A maps read is routed to h2's agent, which takes the call and replies: a reply larger
     // than an API request body may be (a VNF with many maps) still reaches the caller.
@@ -687,6 +674,17 @@ async fn a_host_gets_the_networks_naming_its_vnfs_and_answers_their_status_and_p
     assert_ne!(set["revision"].as_u64().unwrap(), after);
 }
 
+/// Plays h2's agent: reports fw1 Running at `generation`, and waits until the node says so.
+async fn report_running(node: &Node, h2: &str, generation: &Value) {
+    let observation =
+        json!({ "vnf": "fw1", "phase": "Running", "reason": "running", "generation": generation });
+    let path = "/v1/agent/hosts/h2/observations";
+    let (status, body) = agent_call(node, "POST", path, h2, Some(observation)).await;
+    assert_eq!(status, 204, "{body}");
+    node.wait_vnf(&node.admin, "fw1", |v| v["phase"] == "Running")
+        .await;
+}
+
 /// Plays h2's agent: takes its next node call (long-poll) and checks its request is `expected`;
 /// returns the call's id.
 async fn take_call(node: &Node, h2: &str, expected: Value) -> u64 {
@@ -745,18 +743,7 @@ async fn an_upgrade_whose_grant_is_revoked_during_the_swap_is_swapped_back_and_r
     let v = node
         .wait_vnf(&alice, "fw1", |v| v["placements"][0]["host"] == "h2")
         .await;
-    let observation = json!({ "vnf": "fw1", "phase": "Running", "reason": "running", "generation": v["generation"] });
-    let (status, body) = agent_call(
-        &node,
-        "POST",
-        "/v1/agent/hosts/h2/observations",
-        &h2,
-        Some(observation),
-    )
-    .await;
-    assert_eq!(status, 204, "{body}");
-    node.wait_vnf(&alice, "fw1", |v| v["phase"] == "Running")
-        .await;
+    report_running(&node, &h2, &v["generation"]).await;
 
     let v2 = "/srv/modules/v2.wasm";
     let upgrade = || {
