@@ -88,6 +88,10 @@ struct PlacedEndpoint {
     endpoint: Arc<steering::Endpoint>,
 }
 
+/// How long a latency probe waits for its network to reach this node's data plane (a network
+/// applied just before the probe) before it is refused.
+const PROBE_APPLY_WAIT: Duration = Duration::from_secs(5);
+
 /// Applies networks to one [`NodeDataPlane`].
 pub struct NetworkReconciler {
     dp: Arc<NodeDataPlane>,
@@ -1256,6 +1260,14 @@ impl NetworkReconciler {
             .filter(|(i, _)| p.displaced.contains(&d.spec.links[*i]))
             .map(|(_, l)| LinkSpec::new(port_ref(&l.from), port_ref(&l.to)))
             .collect();
+        // A network applied a moment ago (`net apply`, then `latency chain`) may not have
+        // reached this node's data plane yet: its pass is waited for a few seconds.
+        let until = Instant::now() + PROBE_APPLY_WAIT;
+        while !self.applied().get(name).is_some_and(|a| a.descriptor == *d)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let started = {
             let mut applied = self.applied();
             let a = applied
@@ -2014,6 +2026,43 @@ mod tests {
         assert_eq!(report.received, 0, "{report:?}");
         assert_eq!(report.lost, report.sent, "{report:?}");
         assert!(dp.panel().node_ports(ChainProbe::NODES[0]).is_none());
+    }
+
+    /// A probe that comes before its network reached the data plane (`net apply`, then at once
+    /// `latency chain`) waits for the network's pass; one for a network no pass applies is
+    /// refused once the wait is over.
+    #[test]
+    fn a_probe_waits_for_a_network_applied_just_before_it() {
+        let cpu = telvirt_dataplane::worker::allowed_cores().unwrap()[0];
+        let dp = NodeDataPlane::with_cores(&[cpu]).unwrap();
+        let r = Arc::new(NetworkReconciler::new(Arc::clone(&dp)));
+        dp.add_node("fw1", &["in", "out"], 0, Box::new(Blackhole))
+            .unwrap();
+        let d = parse_network(CHAIN.as_bytes(), Format::Yaml).unwrap();
+        let probe = telvirt_model::network::LatencyProbe {
+            rate_pps: Some(20_000),
+            packets: Some(100),
+            ..Default::default()
+        }
+        .resolve(&d)
+        .unwrap();
+        let t0 = Instant::now();
+        let e = r.probe(&d, &probe).unwrap_err().to_string();
+        assert!(
+            e.contains("not applied on this node's data plane yet"),
+            "{e}"
+        );
+        assert!(t0.elapsed() >= PROBE_APPLY_WAIT, "{:?}", t0.elapsed());
+
+        let prober = {
+            let (r, d, probe) = (Arc::clone(&r), d.clone(), probe.clone());
+            std::thread::spawn(move || r.probe(&d, &probe))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(!prober.is_finished(), "a probe of no applied network waits");
+        r.sync(std::slice::from_ref(&d));
+        let report = prober.join().unwrap().unwrap();
+        assert_eq!(report.sent, 100, "{report:?}");
     }
 
     /// Two generator-to-sink lanes, one faster than the other. The fast lane stays slow enough
