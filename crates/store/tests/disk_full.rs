@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use telvirt_store::{Op, RedbStore, Store, StoreError, StoreHealth, WatchEvent};
+use telvirt_store::{RedbStore, Store, StoreError, StoreHealth, WatchEvent};
 
 mod common;
 

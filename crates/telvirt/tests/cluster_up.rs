@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 mod common;
 use common::{BIN, lay_out_examples, stderr, wait_until};
@@ -141,19 +142,27 @@ fn cluster_up_runs_a_vnf_and_cluster_down_removes_everything() {
         assert!(running(*pid), "pid {pid} is not running: {cluster}");
     }
 
-    // Both hosts are Ready, through the controllers' client config.
-    let hosts = json(
-        &telvirt(tmp.path(), Some(&config), &["host", "list", "-o", "json"]),
-        "host list",
-    );
-    let ready: Vec<&str> = hosts
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["status"] == "Ready")
-        .map(|h| h["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(ready, ["h1", "h2"], "{hosts}");
+    // Both hosts are Ready, through the controllers' client config (polled: a heartbeat late
+    // past the 1 s lease on a loaded machine makes a host NotReady until its next beat).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hosts = json(
+            &telvirt(tmp.path(), Some(&config), &["host", "list", "-o", "json"]),
+            "host list",
+        );
+        let ready: Vec<&str> = hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|h| h["status"] == "Ready")
+            .map(|h| h["name"].as_str().unwrap())
+            .collect();
+        if ready == ["h1", "h2"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{hosts}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // A second `up` on the same directory is refused and changes nothing.
     let record = std::fs::read(dir.join("cluster.json")).unwrap();

@@ -1031,28 +1031,13 @@ fn steering_switches_between_two_firewalls_and_latency_chain_probes_the_chain() 
     node.fails(&["latency", "chain", "nosuch"], "not found");
 }
 
-/// `vnf stats VNF ARGS...` once the VNF is Running. Counters are read from the running
-/// instance: under the load of a traffic test on two cores the host's lease can lapse for a
-/// moment (the host NotReady, then the VNF Unknown, until its next heartbeat), even between
-/// the phase read and the stats, which is not what these tests check: asked again then, with
-/// a deadline.
+/// `vnf stats VNF ARGS...` once the VNF is Running, asked again while the host's lease has
+/// lapsed for a moment (`Serve::ok`).
 fn running_stats(node: &Serve, vnf: &str, args: &[&str]) -> Vec<u8> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        node.wait_phase(vnf, "Running");
-        let mut all = vec!["vnf", "stats", vnf];
-        all.extend(args);
-        let out = node.cli(&all);
-        if out.status.success() {
-            return out.stdout;
-        }
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(
-            (err.contains("is Unknown") || err.contains("is not Ready (no live heartbeat)"))
-                && Instant::now() < deadline,
-            "telvirt {all:?}: {err}"
-        );
-    }
+    node.wait_phase(vnf, "Running");
+    let mut all = vec!["vnf", "stats", vnf];
+    all.extend(args);
+    node.ok(&all).stdout
 }
 
 /// The module counter `name` of `vnf`, from `vnf stats -o json`.
