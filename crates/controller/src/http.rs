@@ -1610,6 +1610,7 @@ async fn list_modules(
         (status = 201, description = "Verified and kept; descriptors name it by `reference`", body = ModuleView),
         (status = 200, description = "The caller had uploaded it already", body = ModuleView),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The uploader's grants, token or standing changed while the upload was checked (send it again), or its index kept changing; nothing is kept", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Over 16 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Refused by the verifier; `errors` lists every reason", body = Problem, content_type = "application/problem+json"),
     ))]

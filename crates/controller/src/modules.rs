@@ -151,13 +151,35 @@ impl Controller {
         })
         .await
         .map_err(|e| ControllerError::Unavailable(format!("module check stopped: {e}")))??;
+        // Chunks this upload wrote, as it wrote them: taken out again when it is refused.
+        let mut written = Vec::new();
+        let indexed = self
+            .index_upload(caller, &sha256, &info, &bytes, standing, &mut written)
+            .await;
+        if indexed.is_err() && !written.is_empty() {
+            self.discard_unindexed(&sha256, written).await;
+        }
+        indexed
+    }
+
+    /// Writes the uploaded module's chunks (unless its index says they are there) and then its
+    /// index with the caller among its owners, while `standing` holds.
+    async fn index_upload(
+        &self,
+        caller: &Caller,
+        sha256: &str,
+        info: &ModuleInfo,
+        bytes: &[u8],
+        standing: Option<Compare>,
+        written: &mut Vec<Compare>,
+    ) -> Result<(ModuleView, bool)> {
         let size = bytes.len() as u64;
         for _ in 0..16 {
-            let existing = self.module_record(&sha256).await?;
+            let existing = self.module_record(sha256).await?;
             let (mut record, rev) = existing.unwrap_or_else(|| {
                 (
                     ModuleRecord {
-                        sha256: sha256.clone(),
+                        sha256: sha256.to_owned(),
                         size,
                         info: info.clone(),
                         owners: Default::default(),
@@ -171,7 +193,8 @@ impl Controller {
             // whole in the store. Once indexed, its chunks go only with its index.
             let mut compares = Vec::new();
             if record.chunks == 0 {
-                compares = self.store_chunks(&sha256, &bytes).await?;
+                self.store_chunks(sha256, bytes, written).await?;
+                compares = written.clone();
                 record.chunks = u32::try_from(compares.len()).unwrap_or(u32::MAX);
             } else if let Some(at) = record.owners.get(&caller.name) {
                 return Ok((view(&record, at), false));
@@ -184,7 +207,7 @@ impl Controller {
                 .or_insert(now)
                 .clone();
             let value = encode(&record)?;
-            let key = module_key(&sha256);
+            let key = module_key(sha256);
             compares.push(Compare::ModRevision {
                 key: key.clone(),
                 revision: rev,
@@ -213,10 +236,16 @@ impl Controller {
     }
 
     /// Writes `bytes` of module `sha256` to the store in chunks (one transaction each, as etcd
-    /// bounds a request's size); for each, a compare that holds while it is still as written.
-    /// Content-addressed: writing them again changes nothing a reader could tell.
-    async fn store_chunks(&self, sha256: &str, bytes: &[u8]) -> Result<Vec<Compare>> {
-        let mut written = Vec::new();
+    /// bounds a request's size); into `written`, for each chunk written, a compare that holds
+    /// while it is still as written. Content-addressed: writing them again changes nothing a
+    /// reader could tell.
+    async fn store_chunks(
+        &self,
+        sha256: &str,
+        bytes: &[u8],
+        written: &mut Vec<Compare>,
+    ) -> Result<()> {
+        written.clear();
         for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
             let index = u32::try_from(index)
                 .map_err(|_| ControllerError::TooLarge("the module has too many chunks".into()))?;
@@ -233,7 +262,32 @@ impl Controller {
                 .revision;
             written.push(Compare::ModRevision { key, revision });
         }
-        Ok(written)
+        Ok(())
+    }
+
+    /// Takes out the chunks a refused upload wrote, while no index names the module and they
+    /// are still as it wrote them (another upload of the same bytes that wrote them again keeps
+    /// them), and the module's cached file with them. Best effort: chunks left behind are
+    /// written again by the next upload of the same bytes.
+    async fn discard_unindexed(&self, sha256: &str, written: Vec<Compare>) {
+        let ops = written
+            .iter()
+            .map(|Compare::ModRevision { key, .. }| Op::Delete { key: key.clone() })
+            .collect();
+        let mut compares = written;
+        compares.push(Compare::ModRevision {
+            key: module_key(sha256),
+            revision: 0,
+        });
+        match self.store_handle().txn(compares, ops).await {
+            Ok(outcome) if outcome.succeeded => {
+                if let Ok(repo) = self.repository() {
+                    let _ = std::fs::remove_file(ModuleRepository::path(&repo.dir, sha256));
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("the chunks of refused upload sha256:{sha256} stay: {e}"),
+        }
     }
 
     /// The bytes of module `sha256` from the store's chunks, checked against the digest.

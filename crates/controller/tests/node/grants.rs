@@ -578,6 +578,39 @@ async fn an_authority_deleted_while_its_request_waits_leaves_nothing_behind() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
+/// An upload refused because its uploader changed while its index waited to be written (its
+/// chunks were written before) leaves none of the module's bytes in the store; the same upload
+/// sent again is kept whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_refused_as_its_uploader_changed_leaves_no_bytes_behind() {
+    let (node, store) = hooked_node().await;
+    let ent1 = bare_authority(&node, "ent1").await;
+    let (_, nat) = telvirt_agent::runtimes::wasm::example_modules()
+        .into_iter()
+        .find(|(name, _)| *name != "firewall")
+        .unwrap();
+    let digest = telvirt_controller::modules::sha256_hex(nat);
+    let chunks = || async {
+        let all = node
+            .store
+            .list(telvirt_controller::records::MODULE_BYTES)
+            .await
+            .unwrap();
+        all.iter().filter(|(k, _)| k.contains(&digest)).count()
+    };
+    *store.hold_write.lock().unwrap() = Some(telvirt_controller::records::module_key(&digest));
+    let granted = async {
+        let r = grant(&node, "ent1", r#"{"paths":["/srv/d/"]}"#).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    refused_as_changed_meanwhile(&store, node.upload(&ent1, nat), granted).await;
+    assert_eq!(chunks().await, 0, "no chunk of the refused upload stays");
+
+    let r = node.upload(&ent1, nat).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(chunks().await > 0);
+}
+
 /// Authority `name`, created with no module uploaded (unlike `create_authority`): its token.
 async fn bare_authority(node: &Node, name: &str) -> String {
     let r = node
