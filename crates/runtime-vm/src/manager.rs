@@ -1299,6 +1299,14 @@ pub fn running_pid(dir: &Path, name: &str) -> Option<i32> {
     read_pid(dir).filter(|pid| owns_process(*pid, name))
 }
 
+/// The QEMU of VM `name` whose state directory is `dir`, held by a pidfd, while it runs: the
+/// handle is opened before the check, so a signal through it reaches that QEMU or nothing.
+pub fn running_process(dir: &Path, name: &str) -> Option<ProcessHandle> {
+    let pid = read_pid(dir)?;
+    let process = ProcessHandle::open(pid).ok()?;
+    (owns_process(pid, name) && !process.has_exited()).then_some(process)
+}
+
 fn read_pid(dir: &Path) -> Option<i32> {
     std::fs::read_to_string(dir.join("qemu.pid"))
         .ok()?

@@ -255,12 +255,8 @@ pub(crate) struct QemuSweep(pub Vec<(std::path::PathBuf, String)>);
 impl Drop for QemuSweep {
     fn drop(&mut self) {
         for (dir, name) in &self.0 {
-            if let Some(pid) = telvirt_runtime_vm::manager::running_pid(dir, name) {
-                // SAFETY: kill has no memory preconditions; `pid` was checked to be this VM's
-                // QEMU.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
+            if let Some(qemu) = telvirt_runtime_vm::manager::running_process(dir, name) {
+                qemu.kill();
             }
         }
     }
