@@ -380,7 +380,9 @@ async fn a_standby_that_no_longer_hears_a_live_active_takes_over_only_once_its_l
     let silent = silent_standby(&act, p1["generation"].as_u64().unwrap());
     // The path between the two hosts is cut, both still reach the controller: the active's
     // host is Ready, so it stays the active (a takeover would make two), and the standby's
-    // status says what it sees.
+    // status says what it sees. (A beat of the active's host just before: its beat task late
+    // past the 300 ms lease on a loaded machine would make it NotReady for that moment.)
+    node.controller.heartbeat(&act).await.unwrap();
     node.controller.observe(&sby, silent.clone()).await.unwrap();
     let v = node.vnf_json("p1").await;
     assert_eq!(role_host(&v, "active"), act, "{v}");
