@@ -679,11 +679,14 @@ impl Loader {
     /// The bytes of the module a descriptor names: an uploaded module (`sha256:<hex>`, from the
     /// node's module directory, checked against its digest) or a file (relative paths against
     /// the base directory). Either is read as a regular file of bounded size, never blocking,
-    /// never echoing its content.
-    fn module_bytes(&self, module: &str) -> Result<Vec<u8>, RuntimeFailure> {
+    /// never echoing its content. Returns the bytes and their hash (lower-case hex SHA-256),
+    /// read once.
+    fn module_bytes(&self, module: &str) -> Result<(Vec<u8>, String), RuntimeFailure> {
         let Some(digest) = telvirt_model::module_digest(module) else {
             let path = self.base_dir.join(module);
-            return rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail);
+            let bytes = rw::read_module_file(&path, rw::MAX_MODULE_BYTES).map_err(fail)?;
+            let hash = rw::verify::hex(&rw::verify::module_hash(&bytes));
+            return Ok((bytes, hash));
         };
         let dir = self.module_dir.as_ref().ok_or_else(|| {
             fail(format!(
@@ -698,7 +701,7 @@ impl Loader {
                 path.display()
             )));
         }
-        Ok(bytes)
+        Ok((bytes, digest.to_owned()))
     }
 
     /// Reads and installs a module file into security `domain` through the verifier and the
@@ -710,10 +713,8 @@ impl Loader {
         kind: EngineKind,
         domain: &str,
     ) -> Result<(rw::InstalledModule, ModulePin), RuntimeFailure> {
-        let bytes = self.module_bytes(path)?;
-        let pin = self
-            .modules
-            .pin(&rw::verify::hex(&rw::verify::module_hash(&bytes)));
+        let (bytes, hash) = self.module_bytes(path)?;
+        let pin = self.modules.pin(&hash);
         self.rt
             .install(&InstallRequest {
                 bytes: &bytes,
