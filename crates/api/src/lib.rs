@@ -245,8 +245,15 @@ pub enum NodeRequest {
     NicStats { vnf: String },
     /// The log lines of a running wasm VNF with a `seq` above `after`.
     Logs { vnf: String, after: u64 },
-    /// Swap a running wasm VNF's module for `module` (`sha256:<hex>` or a path on the node).
-    Upgrade { vnf: String, module: String },
+    /// Swap a running wasm VNF's module for `module` (`sha256:<hex>` or a path on the node);
+    /// refused unless the instance runs the module whose SHA-256 (hex) is `from`, when given
+    /// (another upgrade, or a new VNF of the name, came first).
+    Upgrade {
+        vnf: String,
+        module: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<String>,
+    },
     /// The last `lines` lines of a vm VNF's serial console.
     Console { vnf: String, lines: u32 },
     /// The live state (links, counters, steering) of `network` on this host's data plane.
@@ -509,6 +516,7 @@ mod tests {
             request: NodeRequest::Upgrade {
                 vnf: "fw1".into(),
                 module: "sha256:ab".into(),
+                from: None,
             },
         };
         let text = serde_json::to_string(&call).unwrap();
@@ -517,6 +525,12 @@ mod tests {
             r#"{"id":7,"request":{"call":"upgrade","vnf":"fw1","module":"sha256:ab"}}"#
         );
         assert_eq!(serde_json::from_str::<NodeCall>(&text).unwrap(), call);
+        let from =
+            r#"{"id":7,"request":{"call":"upgrade","vnf":"fw1","module":"sha256:ab","from":"cd"}}"#;
+        assert!(matches!(
+            serde_json::from_str::<NodeCall>(from).unwrap().request,
+            NodeRequest::Upgrade { from: Some(f), .. } if f == "cd"
+        ));
         let reply: NodeReply =
             serde_json::from_str(r#"{"outcome":"failed","reason":"no such vnf"}"#).unwrap();
         assert_eq!(

@@ -374,6 +374,7 @@ mod tests {
         let upgrade = NodeRequest::Upgrade {
             vnf: "fw1".into(),
             module: "sha256:ab".into(),
+            from: None,
         };
         let caller = {
             let calls = Arc::clone(&calls);

@@ -32,6 +32,13 @@ fn invalid(path: &str, reason: impl Into<String>) -> ControllerError {
     ControllerError::Invalid(FieldError::new(path, reason))
 }
 
+fn moving(name: &str, m: &telvirt_model::api::Migration) -> ControllerError {
+    ControllerError::Conflict(format!(
+        "vnf {name} is moving from host {} to host {}; upgrade it once the move has ended",
+        m.from, m.to
+    ))
+}
+
 impl Controller {
     /// Swaps a running wasm VNF's module, keeping its maps; the stored descriptor names the new
     /// module afterwards. Refused (and nothing changed) when locked, not wasm, not running, when
@@ -67,6 +74,9 @@ impl Controller {
                 "module",
                 format!("vnf {name} runs on the vm runtime; only wasm VNFs swap modules"),
             ));
+        }
+        if let Some(m) = &vnf.migration {
+            return Err(moving(name, m));
         }
         if vnf.phase != Phase::Running {
             return Err(ControllerError::Conflict(format!(
@@ -127,7 +137,10 @@ impl Controller {
             .as_ref()
             .map(|w| w.module.clone())
             .unwrap_or_default();
-        let hash = self.swap_module(&host, name, &req.module).await?;
+        // The host swaps only over the module the record names, when its hash is known (an
+        // uploaded one): not over another upgrade's, nor in a new VNF of the name.
+        let from = telvirt_model::module_digest(&previous).map(str::to_owned);
+        let hash = self.swap_module(&host, name, &req.module, from).await?;
         // The module runs now: record it, under the grants it was checked against.
         let guard = grants.as_ref().map(|g| g.unchanged(&owner.name));
         let recorded = self
@@ -137,22 +150,37 @@ impl Controller {
             Ok(vnf) => Ok(vnf),
             // Deleted (or replaced by a new VNF of the name): nothing to put back.
             Err(e @ ControllerError::NotFound(_)) => Err(e),
-            // Not recorded: the previous module runs again, so nothing changed.
-            Err(e) => Err(match self.swap_module(&host, name, &previous).await {
-                Ok(_) => e,
-                Err(back) => ControllerError::Conflict(format!(
-                    "{e}; vnf {name} runs module {hash} while its record names {previous}: \
-                     putting {previous} back failed ({back})"
-                )),
-            }),
+            // Not recorded: the previous module runs again, so nothing changed. Only over the
+            // module swapped in: another upgrade that came since stands.
+            Err(e) => Err(
+                match self
+                    .swap_module(&host, name, &previous, Some(hash.clone()))
+                    .await
+                {
+                    Ok(_) => e,
+                    Err(back) => ControllerError::Conflict(format!(
+                        "{e}; module {hash} was swapped in on host {host} and could not be \
+                         swapped back to {previous} ({back}); `telvirt vnf show {name}` says \
+                         which module its record names"
+                    )),
+                },
+            ),
         }
     }
 
-    /// Asks `host`'s agent to run `module` in `name`; the hash of the module running after.
-    async fn swap_module(&self, host: &str, name: &str, module: &str) -> Result<String> {
+    /// Asks `host`'s agent to run `module` in `name`, only over the module of hash `from`
+    /// when given; the hash of the module running after.
+    async fn swap_module(
+        &self,
+        host: &str,
+        name: &str,
+        module: &str,
+        from: Option<String>,
+    ) -> Result<String> {
         let request = NodeRequest::Upgrade {
             vnf: name.to_owned(),
             module: module.to_owned(),
+            from,
         };
         match self.node_call(host, request).await? {
             NodeReply::Upgraded { hash } => Ok(hash),
@@ -164,7 +192,9 @@ impl Controller {
     /// Writes `module` into the VNF's stored descriptor (read at `rev`), re-reading the record
     /// when a phase report got in between. Refused (409) when `guard` (the owner's grants and
     /// standing the module was checked against) no longer holds: an authority whose grant was
-    /// revoked meanwhile does not keep a module the revoke could not see in use.
+    /// revoked meanwhile does not keep a module the revoke could not see in use; and when the
+    /// VNF began moving (its destination runs the module the record names). NotFound when the
+    /// VNF is gone or is another of the name.
     async fn record_upgrade(
         &self,
         name: &str,
@@ -191,22 +221,23 @@ impl Controller {
             })
             .chain(guard.clone())
             .collect();
-            let outcome = self
-                .store_handle()
-                .txn(
-                    compares,
-                    vec![Op::Put {
-                        key: key.clone(),
-                        value,
-                        lease: None,
-                    }],
-                )
-                .await?;
-            if outcome.succeeded {
-                return Ok(record.vnf);
-            }
-            if let Some(g) = &guard {
-                self.guard_holds(g).await?;
+            let put = Op::Put {
+                key: key.clone(),
+                value: value.clone(),
+                lease: None,
+            };
+            match self.store_handle().txn(compares, vec![put]).await {
+                Ok(outcome) if outcome.succeeded => return Ok(record.vnf),
+                Ok(_) => {}
+                // Unanswered, maybe written (an etcd call that timed out after its commit):
+                // written if the record is exactly this.
+                Err(e) => {
+                    let fresh = self.store_handle().get(&key).await.ok().flatten();
+                    if fresh.is_some_and(|f| f.value == value) {
+                        return Ok(record.vnf);
+                    }
+                    return Err(e.into());
+                }
             }
             let Some(fresh) = self.store_handle().get(&key).await? else {
                 return Err(ControllerError::NotFound(format!("vnf {name} not found")));
@@ -219,6 +250,12 @@ impl Controller {
                 || record.deleting
             {
                 return Err(ControllerError::NotFound(format!("vnf {name} not found")));
+            }
+            if let Some(m) = &record.vnf.migration {
+                return Err(moving(name, m));
+            }
+            if let Some(g) = &guard {
+                self.guard_holds(g).await?;
             }
         }
         Err(ControllerError::Conflict(format!(

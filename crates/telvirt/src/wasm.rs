@@ -219,8 +219,10 @@ impl HostNodeHandler {
             NodeRequest::Logs { after, .. } => NodeReply::Logs {
                 logs: rt.logs_view(&name, *after).map_err(|e| e.to_string())?,
             },
-            NodeRequest::Upgrade { module, .. } => NodeReply::Upgraded {
-                hash: rt.upgrade(&name, module).map_err(|e| e.to_string())?,
+            NodeRequest::Upgrade { module, from, .. } => NodeReply::Upgraded {
+                hash: rt
+                    .upgrade(&name, module, from.as_deref())
+                    .map_err(|e| e.to_string())?,
             },
             NodeRequest::Console { lines, .. } => {
                 let log = self.instances.join(name.as_str()).join("console.log");

@@ -1189,14 +1189,31 @@ impl WasmRuntime {
 
     /// Replaces a running VNF's module by the one in `module` (a path, relative to the base
     /// directory) between two batches; maps with the same name and layout keep their contents.
-    /// On any error the old module keeps running with its maps.
-    pub fn upgrade(&self, name: &Name, module: &str) -> Result<String, RuntimeFailure> {
+    /// When `from` is given, only while the instance runs the module of that hash (hex), checked
+    /// with the swap: the controller names what it saw running, so an upgrade that came first,
+    /// or a new VNF of the name, is not swapped over. On any error the old module keeps running
+    /// with its maps.
+    pub fn upgrade(
+        &self,
+        name: &Name,
+        module: &str,
+        from: Option<&str>,
+    ) -> Result<String, RuntimeFailure> {
         let (kind, domain) = self.change_unless_frozen(name, "upgraded", |i| {
             (i.config().engine, i.module().domain.clone())
         })?;
         let (meta, pin) = self.loader().install(module, kind, &domain)?;
-        self.change_unless_frozen(name, "upgraded", |i| self.rt.upgrade(i, &meta))?
-            .map_err(fail)?;
+        self.change_unless_frozen(name, "upgraded", |i| {
+            let running = &i.module().hash;
+            match from {
+                Some(from) if running != from => Err(format!(
+                    "vnf {name} runs module {running} here, not {from}: another upgrade (or a \
+                     new VNF of the name) came first"
+                )),
+                _ => self.rt.upgrade(i, &meta).map_err(|e| e.to_string()),
+            }
+        })?
+        .map_err(fail)?;
         if let Some(e) = self.entries().get_mut(name) {
             e.module = pin;
             // The carried maps count on, but may be laid out anew (maps added, resized or
@@ -1927,7 +1944,7 @@ spec:
         }
         refused(rt.reconfigure(&s).await.unwrap_err().to_string());
         refused(
-            rt.upgrade(&s.name, "firewall-copy.wasm")
+            rt.upgrade(&s.name, "firewall-copy.wasm", None)
                 .unwrap_err()
                 .to_string(),
         );
@@ -2110,7 +2127,7 @@ spec:
             .unwrap()
             .unwrap();
         write_firewall_v2(dir.path());
-        rt.upgrade(&s.name, "firewall-v2.wasm").unwrap();
+        rt.upgrade(&s.name, "firewall-v2.wasm", None).unwrap();
         rt.save_all_maps(false);
         rt.stop(&s.name).await.unwrap();
         rt.start(&s).await.unwrap();
@@ -2241,7 +2258,16 @@ spec:
         let old = rt
             .with_instance(&s.name, |i| i.module().hash.clone())
             .unwrap();
-        let new = rt.upgrade(&s.name, "firewall-v2.wasm").unwrap();
+        // Named as running another module than it does: refused, nothing swapped.
+        let e = rt
+            .upgrade(&s.name, "firewall-v2.wasm", Some(&"0".repeat(64)))
+            .unwrap_err();
+        assert!(e.to_string().contains("came first"), "{e}");
+        let running = rt
+            .with_instance(&s.name, |i| i.module().hash.clone())
+            .unwrap();
+        assert_eq!(running, old);
+        let new = rt.upgrade(&s.name, "firewall-v2.wasm", Some(&old)).unwrap();
         assert_ne!(old, new, "the upgrade must run another module");
         let kept = rt
             .with_instance(&s.name, move |i| {
@@ -2255,7 +2281,7 @@ spec:
         until("packets after the upgrade", || received() > r1 + 100);
         // A module that is refused leaves the running one in place.
         std::fs::write(dir.path().join("junk.wasm"), b"not wasm").unwrap();
-        assert!(rt.upgrade(&s.name, "junk.wasm").is_err());
+        assert!(rt.upgrade(&s.name, "junk.wasm", None).is_err());
         let still = rt
             .with_instance(&s.name, |i| i.module().hash.clone())
             .unwrap();

@@ -763,16 +763,18 @@ async fn an_upgrade_whose_grant_is_revoked_during_the_swap_is_swapped_back_and_r
         let v = node.wait_vnf(&alice, "fw1", |_| true).await;
         v["descriptor"]["spec"]["wasm"]["module"].clone()
     };
-    let swap_to = |module: &str| json!({"call": "upgrade", "vnf": "fw1", "module": module});
-    let swapped = json!({"outcome": "upgraded", "hash": "sha256:2222"});
+    // Each swap names the module it swaps over (the host refuses if another runs).
+    let swap = |module: &str, from: &str| json!({"call": "upgrade", "vnf": "fw1", "module": module, "from": from});
+    let (firewall, v2_hash) = (sha256_hex(firewall_wasm()), "2".repeat(64));
+    let swapped = json!({"outcome": "upgraded", "hash": v2_hash});
 
     let sent = upgrade();
-    let id = take_call(&node, &h2, swap_to(v2)).await;
+    let id = take_call(&node, &h2, swap(v2, &firewall)).await;
     grants("DELETE").await;
     answer_call(&node, &h2, id, swapped.clone()).await;
-    // Not recorded: the module that ran before is swapped back.
-    let id = take_call(&node, &h2, swap_to(&firewall_ref())).await;
-    let back = json!({"outcome": "upgraded", "hash": firewall_ref()});
+    // Not recorded: the module that ran before is swapped back, over the one swapped in.
+    let id = take_call(&node, &h2, swap(&firewall_ref(), &v2_hash)).await;
+    let back = json!({"outcome": "upgraded", "hash": firewall});
     answer_call(&node, &h2, id, back).await;
     let (status, body) = sent.await.unwrap();
     assert_eq!(status, 409, "{body}");
@@ -786,7 +788,7 @@ async fn an_upgrade_whose_grant_is_revoked_during_the_swap_is_swapped_back_and_r
     // Granted again and left alone: recorded.
     grants("POST").await;
     let sent = upgrade();
-    let id = take_call(&node, &h2, swap_to(v2)).await;
+    let id = take_call(&node, &h2, swap(v2, &firewall)).await;
     answer_call(&node, &h2, id, swapped).await;
     let (status, body) = sent.await.unwrap();
     assert_eq!(status, 200, "{body}");

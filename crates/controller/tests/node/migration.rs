@@ -421,6 +421,37 @@ async fn moving_u1() -> (Node, Vec<tokio::task::JoinHandle<()>>) {
     (node, beats)
 }
 
+/// A wasm VNF that is moving is not upgraded (its destination runs the module its record
+/// names): 409 naming the move, nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moving_vnf_is_not_upgraded() {
+    let (node, beats) = moving_u1().await;
+    let before = node.vnf_json("u1").await;
+    let body = format!(r#"{{"module": "{}"}}"#, common::firewall_ref());
+    let r = node
+        .call(
+            "POST",
+            "/v1/vnfs/{name}/upgrade",
+            Some("u1"),
+            Some(&node.admin),
+            Some((body.as_bytes(), "application/json")),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(
+        r.body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is moving from host h2 to host h3"),
+        "{}",
+        r.body
+    );
+    let after = node.vnf_json("u1").await;
+    assert_eq!(after["descriptor"], before["descriptor"]);
+    assert_eq!(after["generation"], before["generation"]);
+    beats.into_iter().for_each(|b| b.abort());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_does_not_hand_off_in_time_goes_on_and_the_move_is_cancelled() {
     let (node, beats) = moving_u1().await;
