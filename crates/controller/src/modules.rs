@@ -84,6 +84,20 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     telvirt_files::write_atomic(path, bytes)
 }
 
+/// Writes a verified module's `bytes` to `path` when no file is there (on a blocking thread).
+async fn keep_file(path: std::path::PathBuf, bytes: Vec<u8>) {
+    let kept = tokio::task::spawn_blocking(move || {
+        if path.exists() {
+            return Ok(());
+        }
+        write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+    })
+    .await;
+    if let Ok(Err(e)) = kept {
+        tracing::warn!("keeping an uploaded module's file: {e}");
+    }
+}
+
 impl Controller {
     /// Installs the node's module directory and verifier (once; later calls are ignored).
     pub fn set_module_repository(&self, repo: ModuleRepository) {
@@ -156,10 +170,21 @@ impl Controller {
         let indexed = self
             .index_upload(caller, &sha256, &info, &bytes, standing, &mut written)
             .await;
-        if indexed.is_err() && !written.is_empty() {
-            self.discard_unindexed(&sha256, written).await;
+        let path = ModuleRepository::path(&repo.dir, &sha256);
+        match indexed {
+            Ok(done) => {
+                // A refused upload of the same bytes may have taken the file out after this one
+                // found it (the node's own agent reads it there).
+                keep_file(path, bytes).await;
+                Ok(done)
+            }
+            Err(e) => {
+                if !written.is_empty() {
+                    self.discard_unindexed(&sha256, written, path, bytes).await;
+                }
+                Err(e)
+            }
         }
-        indexed
     }
 
     /// Writes the uploaded module's chunks (unless its index says they are there) and then its
@@ -267,9 +292,16 @@ impl Controller {
 
     /// Takes out the chunks a refused upload wrote, while no index names the module and they
     /// are still as it wrote them (another upload of the same bytes that wrote them again keeps
-    /// them), and the module's cached file with them. Best effort: chunks left behind are
-    /// written again by the next upload of the same bytes.
-    async fn discard_unindexed(&self, sha256: &str, written: Vec<Compare>) {
+    /// them), and the module's file at `path` with them, put back should an upload of the same
+    /// bytes have been indexed since. Best effort: chunks left behind are written again by the
+    /// next upload of the same bytes.
+    async fn discard_unindexed(
+        &self,
+        sha256: &str,
+        written: Vec<Compare>,
+        path: std::path::PathBuf,
+        bytes: Vec<u8>,
+    ) {
         let ops = written
             .iter()
             .map(|Compare::ModRevision { key, .. }| Op::Delete { key: key.clone() })
@@ -281,8 +313,9 @@ impl Controller {
         });
         match self.store_handle().txn(compares, ops).await {
             Ok(outcome) if outcome.succeeded => {
-                if let Ok(repo) = self.repository() {
-                    let _ = std::fs::remove_file(ModuleRepository::path(&repo.dir, sha256));
+                let _ = std::fs::remove_file(&path);
+                if !matches!(self.module_record(sha256).await, Ok(None)) {
+                    keep_file(path, bytes).await;
                 }
             }
             Ok(_) => {}
