@@ -1243,8 +1243,19 @@ impl NetworkReconciler {
         d: &NetworkDescriptor,
         p: &ResolvedProbe,
     ) -> Result<LatencyReport, AgentError> {
-        let _one = self.probe_lock.lock().unwrap_or_else(|e| e.into_inner());
         let name = d.name().as_str();
+        // A network applied a moment ago (`net apply`, then `latency chain`) may not have
+        // reached this node's data plane yet: its pass is waited for a few seconds (before the
+        // probe's turn, so a probe of a network never applied here does not hold up the next).
+        // Links that wait for their ends are not waited for: one may wait for good (a stopped
+        // VNF), and the probe's own checks name it.
+        let until = Instant::now() + PROBE_APPLY_WAIT;
+        while !self.applied().get(name).is_some_and(|a| a.descriptor == *d)
+            && Instant::now() < until
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _one = self.probe_lock.lock().unwrap_or_else(|e| e.into_inner());
         let opts = ChainLatencyOpts {
             entry: port_ref(&p.from),
             exit: port_ref(&p.to),
@@ -1260,14 +1271,6 @@ impl NetworkReconciler {
             .filter(|(i, _)| p.displaced.contains(&d.spec.links[*i]))
             .map(|(_, l)| LinkSpec::new(port_ref(&l.from), port_ref(&l.to)))
             .collect();
-        // A network applied a moment ago (`net apply`, then `latency chain`) may not have
-        // reached this node's data plane yet: its pass is waited for a few seconds.
-        let until = Instant::now() + PROBE_APPLY_WAIT;
-        while !self.applied().get(name).is_some_and(|a| a.descriptor == *d)
-            && Instant::now() < until
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
         let started = {
             let mut applied = self.applied();
             let a = applied
