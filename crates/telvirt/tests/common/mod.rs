@@ -460,8 +460,9 @@ impl Serve {
         loop {
             let out = self.cli(args);
             let err = stderr(&out);
-            let lapsed =
-                err.contains("is not Ready (no live heartbeat)") || err.contains(" is Unknown");
+            // Not the CLI's own `--wait` that timed out on Unknown (its request was sent).
+            let lapsed = err.contains("is not Ready (no live heartbeat)")
+                || (err.contains(" is Unknown") && !err.contains(" is Unknown after "));
             if out.status.success() || !lapsed || Instant::now() >= deadline {
                 return out;
             }
