@@ -101,7 +101,11 @@ fn answer_one_call(
 /// A node with host h2 registered over the agent protocol and Ready (one heartbeat; its
 /// credential returned) and the local host h1 cordoned, so new VNFs land on h2.
 async fn node_with_remote_h2() -> (Node, String) {
-    let node = Node::start().await;
+    remote_h2_on(Node::start().await).await
+}
+
+/// [`node_with_remote_h2`] on `node`.
+async fn remote_h2_on(node: Node) -> (Node, String) {
     let h2 = credential(&node, "h2").await;
     let (status, body) = agent_call(
         &node,
@@ -793,4 +797,57 @@ async fn an_upgrade_whose_grant_is_revoked_during_the_swap_is_swapped_back_and_r
     let (status, body) = sent.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert_eq!(module_of().await, json!(v2));
+}
+
+/// An upgrade whose record write was applied but not answered (an etcd call that timed out
+/// after its commit) reads the record back: recorded, 200, nothing swapped back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_whose_record_write_went_unanswered_reads_it_back() {
+    let (node, store) = Node::start_hooked().await;
+    let (node, h2) = remote_h2_on(node).await;
+    let r = node.create_vnf(&node.admin, &wasm_vnf("fw1")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = node
+        .wait_vnf(&node.admin, "fw1", |v| v["placements"][0]["host"] == "h2")
+        .await;
+    report_running(&node, &h2, &v["generation"]).await;
+
+    let v2 = "/srv/modules/v2.wasm";
+    let sent = {
+        let (base, admin) = (node.base.clone(), node.admin.clone());
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .post(format!("{base}/v1/vnfs/fw1/upgrade"))
+                .bearer_auth(&admin)
+                .json(&json!({ "module": v2 }))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        })
+    };
+    let swap =
+        json!({"call": "upgrade", "vnf": "fw1", "module": v2, "from": sha256_hex(firewall_wasm())});
+    let id = take_call(&node, &h2, swap).await;
+    // The next write is the upgrade's record.
+    store
+        .unanswered_txn
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    answer_call(
+        &node,
+        &h2,
+        id,
+        json!({"outcome": "upgraded", "hash": "2".repeat(64)}),
+    )
+    .await;
+    let (status, body) = sent.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        !store
+            .unanswered_txn
+            .load(std::sync::atomic::Ordering::SeqCst),
+        "the record's write was the one left unanswered"
+    );
+    let v = node.wait_vnf(&node.admin, "fw1", |_| true).await;
+    assert_eq!(v["descriptor"]["spec"]["wasm"]["module"], v2);
 }

@@ -33,18 +33,6 @@ async fn grant(node: &Node, who: &str, body: &str) -> common::Reply {
     .await
 }
 
-/// A node on a store whose writes the test can hold.
-async fn hooked_node() -> (Node, std::sync::Arc<common::hooked_store::HookedStore>) {
-    let mut hooked = None;
-    let node = Node::start_on(|path| {
-        let store = common::hooked_store::HookedStore::open(path);
-        hooked = Some(store.clone());
-        store
-    })
-    .await;
-    (node, hooked.unwrap())
-}
-
 /// Runs `request`, whose write the store holds, and revokes ent1's `grants` meanwhile (nothing
 /// uses them yet): the request must write nothing and answer 409.
 async fn refused_as_revoked_meanwhile(
@@ -468,7 +456,7 @@ async fn modules_are_verified_at_upload_and_scoped_to_their_owner() {
 /// no longer holds (the revoke's check of what is in use ran before the write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_revoked_while_a_request_relied_on_it_makes_it_write_nothing() {
-    let (node, store) = hooked_node().await;
+    let (node, store) = Node::start_hooked().await;
     let ent = node.create_authority("ent1").await;
     let r = node.create_vnf(&ent, &vm_vnf("v2", "cmdline: quiet")).await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -496,7 +484,7 @@ async fn a_grant_revoked_while_a_request_relied_on_it_makes_it_write_nothing() {
 /// uploaded too stays that one's; one nobody else uploaded goes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_authority_deleted_while_its_request_waits_leaves_nothing_behind() {
-    let (node, store) = hooked_node().await;
+    let (node, store) = Node::start_hooked().await;
     let ent1 = node.create_authority("ent1").await;
     // Both upload the firewall (`create_authority` does).
     let ent2 = node.create_authority("ent2").await;
@@ -583,7 +571,7 @@ async fn an_authority_deleted_while_its_request_waits_leaves_nothing_behind() {
 /// sent again is kept whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_refused_as_its_uploader_changed_leaves_no_bytes_behind() {
-    let (node, store) = hooked_node().await;
+    let (node, store) = Node::start_hooked().await;
     let ent1 = bare_authority(&node, "ent1").await;
     let (_, nat) = telvirt_agent::runtimes::wasm::example_modules()
         .into_iter()
@@ -624,7 +612,7 @@ async fn bare_authority(node: &Node, name: &str) -> String {
 /// not stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grant_revoked_while_a_network_relied_on_it_makes_it_write_nothing() {
-    let (node, store) = hooked_node().await;
+    let (node, store) = Node::start_hooked().await;
     let ent = node.create_authority("ent1").await;
     assert_eq!(node.create_vnf(&ent, &wasm_vnf("myvnf")).await.status, 201);
     let r = grant(&node, "ent1", r#"{"interfaces":["veth-e1*"]}"#).await;

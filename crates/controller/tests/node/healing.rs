@@ -8,7 +8,6 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::hooked_store::HookedStore;
 use common::{Node, beat, host_record, observation, role_hosts, wasm_vnf};
 use serde_json::Value;
 use telvirt_controller::consistency;
@@ -172,14 +171,7 @@ async fn a_vnf_without_a_standby_moves_off_a_failed_host_after_the_heal_delay() 
 /// on the failed host to move: it stayed there for good.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_heal_the_store_did_not_take_is_made_again_by_a_later_pass() {
-    let mut hooked = None;
-    let node = Node::start_on(|path| {
-        let store = HookedStore::open(path);
-        hooked = Some(store.clone());
-        store
-    })
-    .await;
-    let store = hooked.unwrap();
+    let (node, store) = Node::start_hooked().await;
     let monitored = Node::monitored(node, Some(Duration::from_millis(500)));
     let (node, mut beats) = with_hosts(monitored, &["h2", "h3"]).await;
     let (_, from, to) = running_single(&node).await;

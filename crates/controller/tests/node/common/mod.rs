@@ -54,6 +54,19 @@ impl Node {
     }
 
     /// [`Node::start`] on the store `open` makes at the path it is given.
+    /// A node on a store whose writes the test can hold or fail ([`hooked_store::HookedStore`]),
+    /// with that store.
+    pub async fn start_hooked() -> (Node, Arc<hooked_store::HookedStore>) {
+        let mut hooked = None;
+        let node = Node::start_on(|path| {
+            let store = hooked_store::HookedStore::open(path);
+            hooked = Some(store.clone());
+            store
+        })
+        .await;
+        (node, hooked.expect("start_on opened the store"))
+    }
+
     pub async fn start_on(
         open: impl FnOnce(&std::path::Path) -> Arc<dyn telvirt_store::Store>,
     ) -> Node {
