@@ -30,9 +30,16 @@ pub struct GrantsRead {
     record: Vec<u8>,
     /// Its deletion began.
     deleting: bool,
+    /// The wasm security domain its record names (absent in records from before domains).
+    domain: Option<String>,
 }
 
 impl GrantsRead {
+    /// The wasm security domain of `authority`, as its record read here says.
+    pub fn domain(&self, authority: &str) -> String {
+        crate::auth::effective_domain(authority, self.domain.as_deref()).to_owned()
+    }
+
     /// Whether the authority exists and its deletion has not begun.
     fn stands(&self) -> bool {
         self.revision != 0 && !self.deleting
@@ -126,7 +133,7 @@ impl Controller {
         let Some(record) = self.store_handle().get(&record_key).await? else {
             return Ok(GrantsRead::default());
         };
-        let deleting = decode::<records::AuthorityRecord>(&record_key, &record.value)?.deleting;
+        let authority_record = decode::<records::AuthorityRecord>(&record_key, &record.value)?;
         let key = grants_key(authority);
         let grants = match self.store_handle().get(&key).await? {
             None => HostGrants::default(),
@@ -136,7 +143,8 @@ impl Controller {
             grants,
             revision: record.mod_revision,
             record: record.value,
-            deleting,
+            deleting: authority_record.deleting,
+            domain: authority_record.domain,
         })
     }
 

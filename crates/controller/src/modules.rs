@@ -133,12 +133,12 @@ impl Controller {
                 bytes.len()
             )));
         }
-        // Written only while the uploader stands as it was (not being deleted meanwhile).
-        let standing = self
-            .confining_grants(caller)
-            .await?
-            .map(|g| g.unchanged(&caller.name));
-        let domain = self.authority_domain(&caller.name).await?;
+        // Written only while the uploader stands as it was (not being deleted meanwhile), and
+        // verified in the domain that same read of its record names.
+        let (standing, domain) = match self.confining_grants(caller).await? {
+            Some(g) => (Some(g.unchanged(&caller.name)), g.domain(&caller.name)),
+            None => (None, self.authority_domain(&caller.name).await?),
+        };
         let verifier = Arc::clone(&repo.verifier);
         let dir = repo.dir.clone();
         let (sha256, info, bytes) = tokio::task::spawn_blocking(move || {
