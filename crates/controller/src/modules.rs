@@ -84,13 +84,18 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     telvirt_files::write_atomic(path, bytes)
 }
 
-/// Writes a verified module's `bytes` to `path` when no file is there (on a blocking thread).
+/// Writes a verified module's `bytes` to its file `path` unless the file is there.
+fn write_if_missing(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    write_atomic(path, bytes)
+}
+
+/// [`write_if_missing`] on a blocking thread; a failure is logged (the store keeps the bytes).
 async fn keep_file(path: std::path::PathBuf, bytes: Vec<u8>) {
     let kept = tokio::task::spawn_blocking(move || {
-        if path.exists() {
-            return Ok(());
-        }
-        write_atomic(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
+        write_if_missing(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))
     })
     .await;
     if let Ok(Err(e)) = kept {
@@ -155,12 +160,9 @@ impl Controller {
                             .collect(),
                     })?;
             let sha256 = sha256_hex(&bytes);
-            let path = ModuleRepository::path(&dir, &sha256);
-            if !path.exists() {
-                write_atomic(&path, &bytes).map_err(|e| {
-                    ControllerError::Unavailable(format!("cannot keep the module: {e}"))
-                })?;
-            }
+            write_if_missing(&ModuleRepository::path(&dir, &sha256), &bytes).map_err(|e| {
+                ControllerError::Unavailable(format!("cannot keep the module: {e}"))
+            })?;
             Ok::<_, ControllerError>((sha256, info, bytes))
         })
         .await
@@ -414,11 +416,7 @@ impl Controller {
             // Uploaded through another controller of the cluster: from the store, then cached.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let bytes = self.stored_bytes(sha256).await?;
-                let copy = bytes.clone();
-                let kept = tokio::task::spawn_blocking(move || write_atomic(&path, &copy)).await;
-                if let Ok(Err(e)) = kept {
-                    tracing::warn!("caching module {reference}: {e}");
-                }
+                keep_file(path, bytes.clone()).await;
                 Ok(bytes)
             }
             Err(e) => Err(ControllerError::Unavailable(format!(
@@ -484,10 +482,13 @@ impl Controller {
 
     /// Lets go of every module authority `name` uploaded (its deletion): it is no longer among
     /// their owners, and a module nobody else uploaded goes with its bytes unless a VNF runs it
-    /// (one of the admin's, who may run any): that one stays, with no owner, until the admin
-    /// deletes it.
-    pub(crate) async fn forget_module_owner(&self, name: &str) -> Result<()> {
-        let running = self.modules_running().await?;
+    /// (in `running`, the modules stored VNFs run; one of the admin's, who may run any): that
+    /// one stays, with no owner, until the admin deletes it.
+    pub(crate) async fn forget_module_owner(
+        &self,
+        name: &str,
+        running: &std::collections::BTreeSet<String>,
+    ) -> Result<()> {
         for (key, v) in self.store_handle().list(records::MODULES).await? {
             let listed: ModuleRecord = decode(&key, &v.value)?;
             if !listed.owners.contains_key(name) {
@@ -553,18 +554,6 @@ impl Controller {
             let _ = std::fs::remove_file(ModuleRepository::path(&repo.dir, sha256));
         }
         Ok(outcome.succeeded)
-    }
-
-    /// The modules stored VNFs run (`sha256:<hex>` or a path), one read of the VNFs.
-    async fn modules_running(&self) -> Result<std::collections::BTreeSet<String>> {
-        let mut running = std::collections::BTreeSet::new();
-        for (key, v) in self.store_handle().list(records::VNFS).await? {
-            let vnf: VnfRecord = decode(&key, &v.value)?;
-            if let Some(w) = vnf.vnf.descriptor.spec.wasm {
-                running.insert(w.module);
-            }
-        }
-        Ok(running)
     }
 
     /// The maps of the module a descriptor runs, for its memory budget and map checks: the

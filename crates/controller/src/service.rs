@@ -677,22 +677,26 @@ impl Controller {
             }
             revision = marked.revision;
         }
-        let refused = match self.owned_by(name).await {
-            Ok(owned) if owned.is_empty() => None,
-            Ok(owned) => Some(ControllerError::Conflict(format!(
+        let free = self.owned_by(name).await.and_then(|(owned, running)| {
+            if owned.is_empty() {
+                return Ok(running);
+            }
+            Err(ControllerError::Conflict(format!(
                 "authority {name} still owns {}; delete them first",
                 owned.join(" and ")
-            ))),
-            Err(e) => Some(e),
+            )))
+        });
+        let running = match free {
+            Ok(running) => running,
+            Err(refused) => {
+                // Standing again as it was, its token with it: nothing changes when refused (a
+                // mark an earlier deletion left is taken off too; its token comes back).
+                record.deleting = false;
+                let _ = self.mark_deleting(&record, revision).await;
+                return Err(refused);
+            }
         };
-        if let Some(refused) = refused {
-            // Standing again as it was, its token with it: nothing changes when refused (a
-            // mark an earlier deletion left is taken off too; its token comes back).
-            record.deleting = false;
-            let _ = self.mark_deleting(&record, revision).await;
-            return Err(refused);
-        }
-        self.forget_module_owner(name).await?;
+        self.forget_module_owner(name, &running).await?;
         let key = authority_key(name);
         let compare = Compare::ModRevision {
             key: key.clone(),
@@ -710,17 +714,24 @@ impl Controller {
         Ok(())
     }
 
-    /// What authority `name` owns, as "VNFs a, b" and "networks c" (empty: nothing).
-    async fn owned_by(&self, name: &str) -> Result<Vec<String>> {
-        let owner = Caller {
-            name: name.to_owned(),
-        };
-        let vnfs: Vec<String> = self
-            .vnfs(&owner)
-            .await?
-            .into_iter()
-            .map(|v| v.name.as_str().to_owned())
-            .collect();
+    /// What authority `name` owns, as "VNFs a, b" and "networks c" (empty: nothing), and the
+    /// modules stored VNFs run (anyone's: the ones its deletion must keep), from one read of
+    /// the VNFs.
+    async fn owned_by(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<String>, std::collections::BTreeSet<String>)> {
+        let mut vnfs = Vec::new();
+        let mut running = std::collections::BTreeSet::new();
+        for (key, v) in self.store.list(records::VNFS).await? {
+            let vnf = decode::<VnfRecord>(&key, &v.value)?.vnf;
+            if vnf.owner.as_str() == name {
+                vnfs.push(vnf.name.as_str().to_owned());
+            }
+            if let Some(w) = vnf.descriptor.spec.wasm {
+                running.insert(w.module);
+            }
+        }
         let networks: Vec<String> = self
             .all_networks()
             .await?
@@ -731,10 +742,11 @@ impl Controller {
         let list = |what: &str, names: &[String]| {
             (!names.is_empty()).then(|| format!("{what} {}", names.join(", ")))
         };
-        Ok([list("VNFs", &vnfs), list("networks", &networks)]
+        let owned = [list("VNFs", &vnfs), list("networks", &networks)]
             .into_iter()
             .flatten()
-            .collect())
+            .collect();
+        Ok((owned, running))
     }
 
     /// Writes authority `record` over revision `revision`, its token's index with it: dropped
