@@ -86,6 +86,19 @@ pub fn rotate_if_over(path: &Path, cap: u64) -> std::io::Result<bool> {
     Ok(true)
 }
 
+/// Rotates each of the logs `names` of `dir` that is past `cap` (every one, whatever another
+/// does); the first that could not be rotated, with why.
+fn rotate_all(dir: &Path, names: &[&str], cap: u64) -> Option<(PathBuf, std::io::Error)> {
+    let mut first = None;
+    for name in names {
+        let path = dir.join(name);
+        if let Err(e) = rotate_if_over(&path, cap) {
+            first.get_or_insert((path, e));
+        }
+    }
+    first
+}
+
 /// Measures the logs `names` of `dir` every [`CHECK_INTERVAL`] (on a blocking thread) until
 /// `exit` says the VM's QEMU ended (its last output stays as it is). A file that cannot be
 /// rotated is said once.
@@ -99,16 +112,7 @@ pub fn spawn(
         let mut told = false;
         loop {
             let at = dir.clone();
-            let rotated = tokio::task::spawn_blocking(move || {
-                names
-                    .iter()
-                    .map(|name| {
-                        let path = at.join(name);
-                        rotate_if_over(&path, cap).map_err(|e| (path, e))
-                    })
-                    .find_map(Result::err)
-            })
-            .await;
+            let rotated = tokio::task::spawn_blocking(move || rotate_all(&at, names, cap)).await;
             if let Ok(Some((path, e))) = rotated
                 && !told
             {
@@ -176,6 +180,22 @@ mod tests {
         );
         assert!(!rotate_if_over(&d.path().join("none.log"), 1).unwrap());
         assert!(!d.path().join("none.log").exists());
+    }
+
+    /// A log that cannot be rotated does not keep the other from its cap.
+    #[test]
+    fn a_log_that_cannot_be_rotated_leaves_the_other_rotated() {
+        let d = tempfile::tempdir().unwrap();
+        for name in BOTH_LOGS {
+            std::fs::write(d.path().join(name), "x\n".repeat(100)).unwrap();
+        }
+        // Its older half has nowhere to go.
+        let console = d.path().join(CONSOLE_LOG);
+        std::fs::create_dir(older(&console)).unwrap();
+        let (failed, _) = rotate_all(d.path(), BOTH_LOGS, 100).expect("console.log failed");
+        assert_eq!(failed, console);
+        assert_eq!(std::fs::metadata(d.path().join(QEMU_LOG)).unwrap().len(), 0);
+        assert!(older(&d.path().join(QEMU_LOG)).is_file());
     }
 
     /// A child whose stderr appends is told from one whose stderr does not.
