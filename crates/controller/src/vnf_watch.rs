@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use telvirt_model::Name;
 use telvirt_model::api::{VnfWatchEvent, VnfWatchKind};
 use telvirt_store::{Store, WatchEvent};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
 
 use crate::listing::Selector;
 use crate::records::{self, VnfRecord};
@@ -32,49 +32,39 @@ pub const MAX_WATCHES_PER_AUTHORITY: usize = 16;
 /// store watch behind it lags, which ends in a list-again).
 const BACKLOG: usize = 256;
 
-/// The watches open now: in all, and per authority.
+/// The watches open now, per authority (in all: their sum).
+#[derive(Default)]
 pub(crate) struct WatchSlots {
-    all: Arc<Semaphore>,
     by_authority: Mutex<HashMap<String, usize>>,
-}
-
-impl Default for WatchSlots {
-    fn default() -> Self {
-        WatchSlots {
-            all: Arc::new(Semaphore::new(MAX_WATCHES)),
-            by_authority: Mutex::new(HashMap::new()),
-        }
-    }
 }
 
 /// One open watch's slot, given back when it is dropped.
 struct WatchSlot {
     slots: Arc<WatchSlots>,
     authority: String,
-    _all: OwnedSemaphorePermit,
 }
 
 impl WatchSlots {
-    /// A slot for one more watch of `authority`: refused (429) past its share, (503) when
-    /// every slot is taken.
-    fn take(self: &Arc<Self>, authority: &str) -> Result<WatchSlot, ControllerError> {
+    /// A slot for one more watch of `caller`: refused (429) past its share (not the admin's),
+    /// (503) when every slot is taken.
+    fn take(self: &Arc<Self>, caller: &Caller) -> Result<WatchSlot, ControllerError> {
+        let authority = caller.name.as_str();
         let mut by = self.by_authority.lock().unwrap_or_else(|p| p.into_inner());
         let held = by.get(authority).copied().unwrap_or(0);
-        if held >= MAX_WATCHES_PER_AUTHORITY && authority != telvirt_model::api::ADMIN_AUTHORITY {
+        if held >= MAX_WATCHES_PER_AUTHORITY && !caller.is_admin() {
             return Err(ControllerError::TooManyRequests(format!(
                 "authority {authority} holds {held} watches open, the most one authority may; end one first"
             )));
         }
-        let all = Arc::clone(&self.all).try_acquire_owned().map_err(|_| {
-            ControllerError::Unavailable(format!(
+        if by.values().sum::<usize>() >= MAX_WATCHES {
+            return Err(ControllerError::Unavailable(format!(
                 "{MAX_WATCHES} watches are open on this controller, the most it keeps; try again once one ends"
-            ))
-        })?;
+            )));
+        }
         by.insert(authority.to_owned(), held + 1);
         Ok(WatchSlot {
             slots: Arc::clone(self),
             authority: authority.to_owned(),
-            _all: all,
         })
     }
 }
@@ -106,7 +96,7 @@ impl Controller {
         token: &str,
         selector: Selector,
     ) -> Result<mpsc::Receiver<VnfWatchEvent>, ControllerError> {
-        let slot = self.watch_slots().take(&caller.name)?;
+        let slot = self.watch_slots().take(&caller)?;
         // The token's index is watched first, then read: a token dropped after the read is
         // seen going.
         let credential = records::token_key(&crate::auth::token_hash(token));
