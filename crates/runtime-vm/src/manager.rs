@@ -532,18 +532,8 @@ impl VmManager {
         .map_err(|e| not(format!("vm.json: {e}")))?;
         let name = persisted.config.name.clone();
         let name = name.as_str();
-        let pid = read_pid(&dir).ok_or_else(|| not("no qemu.pid".into()))?;
-        // The handle first, then the check: a process that has not exited when the check is
-        // done is the one the handle holds (a running process keeps its pid), so a signal
-        // through it never reaches a process that took the number after QEMU's end.
-        let process =
-            ProcessHandle::open(pid).map_err(|e| not(format!("process {pid} is gone ({e})")))?;
-        if !owns_process(pid, name) || process.has_exited() {
-            return Err(not(format!(
-                "process {pid} is not the QEMU of `{name}` (it exited)"
-            )));
-        }
-        let process = Arc::new(process);
+        let process = Arc::new(open_running(&dir, name).map_err(not)?);
+        let pid = process.pid();
         let qmp = QmpClient::connect(&dir.join("qmp.sock"), QMP_TIMEOUT).await?;
         let status = qmp.query_status().await?;
         let orphan = crate::migrate::end_orphaned_stream(&qmp, &status.status).await?;
@@ -685,8 +675,7 @@ impl VmManager {
 struct Inner {
     name: String,
     dir: PathBuf,
-    pid: i32,
-    /// QEMU, held by its pidfd: every signal goes through it.
+    /// QEMU, held by its pidfd (its pid too): every signal goes through it.
     process: Arc<ProcessHandle>,
     accel: Accel,
     qemu_version: Option<(u32, u32)>,
@@ -734,7 +723,7 @@ impl std::fmt::Debug for VmHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VmHandle")
             .field("name", &self.inner.name)
-            .field("pid", &self.inner.pid)
+            .field("pid", &self.inner.process.pid())
             .finish()
     }
 }
@@ -774,7 +763,6 @@ impl VmHandle {
             inner: Arc::new(Inner {
                 name: p.config.name.clone(),
                 dir,
-                pid: p.pid,
                 process: s.process,
                 accel: p.accel,
                 qemu_version: p.qemu_version,
@@ -800,7 +788,7 @@ impl VmHandle {
         &self.inner.name
     }
     pub fn pid(&self) -> i32 {
-        self.inner.pid
+        self.inner.process.pid()
     }
     pub fn accel(&self) -> Accel {
         self.inner.accel
@@ -893,7 +881,7 @@ impl VmHandle {
         VmStatus {
             name: self.inner.name.clone(),
             phase: self.phase(),
-            pid: self.inner.pid,
+            pid: self.pid(),
             accel: self.inner.accel,
             vcpu_threads: self.inner.vcpus.clone(),
             console_log: self.console_log(),
@@ -1036,7 +1024,7 @@ impl VmHandle {
             return Err(self.not_running());
         }
         let cpus = sorted_cpus(&self.inner.qmp).await?;
-        pin_threads(self.inner.pid, &cpus, placement)
+        pin_threads(self.pid(), &cpus, placement)
     }
 
     /// Lock: stop the vCPUs (QMP `stop`); the guest's state and clock are kept.
@@ -1158,7 +1146,7 @@ impl VmHandle {
         self.kill_now();
         if self.wait_exit(Duration::from_secs(10)).await.is_none() {
             return Err(Error::Timeout {
-                what: format!("QEMU pid {} to exit after SIGKILL", self.inner.pid),
+                what: format!("QEMU pid {} to exit after SIGKILL", self.pid()),
                 after: Duration::from_secs(10),
             });
         }
@@ -1299,12 +1287,24 @@ pub fn running_pid(dir: &Path, name: &str) -> Option<i32> {
     read_pid(dir).filter(|pid| owns_process(*pid, name))
 }
 
-/// The QEMU of VM `name` whose state directory is `dir`, held by a pidfd, while it runs: the
-/// handle is opened before the check, so a signal through it reaches that QEMU or nothing.
+/// The QEMU of VM `name` whose state directory is `dir`, held by a pidfd, while it runs.
 pub fn running_process(dir: &Path, name: &str) -> Option<ProcessHandle> {
-    let pid = read_pid(dir)?;
-    let process = ProcessHandle::open(pid).ok()?;
-    (owns_process(pid, name) && !process.has_exited()).then_some(process)
+    open_running(dir, name).ok()
+}
+
+/// [`running_process`], or why there is none. The handle first, then the check: a process
+/// that has not exited when the check is done is the one the handle holds (a running process
+/// keeps its pid), so a signal through it never reaches a process that took the number after
+/// QEMU's end.
+fn open_running(dir: &Path, name: &str) -> std::result::Result<ProcessHandle, String> {
+    let pid = read_pid(dir).ok_or_else(|| "no qemu.pid".to_owned())?;
+    let process = ProcessHandle::open(pid).map_err(|e| format!("process {pid} is gone ({e})"))?;
+    if !owns_process(pid, name) || process.has_exited() {
+        return Err(format!(
+            "process {pid} is not the QEMU of `{name}` (it exited)"
+        ));
+    }
+    Ok(process)
 }
 
 fn read_pid(dir: &Path) -> Option<i32> {
