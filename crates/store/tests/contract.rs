@@ -4,9 +4,14 @@
 //! etcd has: a restart under an open watch and a lease, namespaces, compacted history, an
 //! unreachable cluster.
 
+// Not every helper there serves this file.
+#[allow(dead_code)]
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::put;
 use telvirt_store::local_etcd::LocalEtcd;
 use telvirt_store::{
     Compare, EtcdStore, LeaseId, Op, RedbStore, Store, StoreError, StoreHealth, Watch, WatchEvent,
@@ -95,14 +100,6 @@ async fn next_event(watch: &mut Watch, what: &str) -> WatchEvent {
         Ok(Some(event)) => event,
         Ok(None) => panic!("the watch ended while waiting for {what}"),
         Err(_) => panic!("no event within {PATIENCE:?} while waiting for {what}"),
-    }
-}
-
-fn put(key: &str, value: &[u8], lease: Option<LeaseId>) -> Op {
-    Op::Put {
-        key: key.into(),
-        value: value.to_vec(),
-        lease,
     }
 }
 

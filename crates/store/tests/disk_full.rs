@@ -11,7 +11,7 @@ use telvirt_store::{RedbStore, Store, StoreError, StoreHealth, WatchEvent};
 
 mod common;
 
-use common::{leased_put, txn_leased};
+use common::{put, txn_leased};
 
 /// A tmpfs of `size` mounted on a temp directory, unmounted on drop.
 struct SmallDisk {
@@ -182,7 +182,7 @@ async fn store_refuses_on_a_full_disk_and_recovers_when_space_is_back() {
     store.keep_alive(lease).await.unwrap();
     // The background task still expires leases after the reopen.
     txn_leased(&*store, Duration::from_millis(50), |short| {
-        vec![leased_put("/leased", b"1", short)]
+        vec![put("/leased", b"1", Some(short))]
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -6,7 +6,7 @@ use telvirt_store::{Compare, Op, RedbStore, Store, WatchEvent};
 
 mod common;
 
-use common::{leased_put, txn_leased};
+use common::{put, txn_leased};
 
 fn temp_store() -> (tempfile::TempDir, std::sync::Arc<RedbStore>) {
     let dir = tempfile::tempdir().unwrap();
@@ -196,7 +196,7 @@ async fn expired_lease_deletes_its_keys() {
     let (_dir, store) = temp_store();
     let mut watch = store.watch("/alive/").await.unwrap();
     txn_leased(&*store, Duration::from_millis(50), |lease| {
-        vec![leased_put("/alive/h1", b"1", lease)]
+        vec![put("/alive/h1", b"1", Some(lease))]
     })
     .await;
     assert!(matches!(watch.next().await, Some(WatchEvent::Put { .. })));
@@ -540,7 +540,7 @@ async fn a_record_that_cannot_be_read_does_not_keep_a_lease_alive() {
         "the damaged record reads as an error"
     );
     let lease = txn_leased(&*store, Duration::from_millis(50), |lease| {
-        vec![leased_put("/alive/h1", b"1", lease)]
+        vec![put("/alive/h1", b"1", Some(lease))]
     })
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -570,12 +570,8 @@ async fn events_arrive_in_revision_order_while_leases_expire_among_writes() {
             for i in 0..400u32 {
                 txn_leased(&*store, Duration::from_millis(1), |lease| {
                     vec![
-                        leased_put(&format!("/leased/{i}"), b"1", lease),
-                        Op::Put {
-                            key: "/plain".into(),
-                            value: i.to_le_bytes().to_vec(),
-                            lease: None,
-                        },
+                        put(&format!("/leased/{i}"), b"1", Some(lease)),
+                        put("/plain", &i.to_le_bytes(), None),
                     ]
                 })
                 .await;

@@ -26,11 +26,11 @@ pub async fn txn_leased<S: Store + ?Sized>(
     }
 }
 
-/// `key` = `value` under `lease`.
-pub fn leased_put(key: &str, value: &[u8], lease: LeaseId) -> Op {
+/// `key` = `value`, under `lease` when given.
+pub fn put(key: &str, value: &[u8], lease: Option<LeaseId>) -> Op {
     Op::Put {
-        key: key.to_owned(),
+        key: key.into(),
         value: value.to_vec(),
-        lease: Some(lease),
+        lease,
     }
 }
