@@ -251,6 +251,13 @@ pub fn open_fds(pid: i32) -> Option<u64> {
     Some(descriptors(pid)?.len() as u64)
 }
 
+/// The open flags of descriptor `fd` of process `pid` (the `flags:` of
+/// `/proc/PID/fdinfo/FD`, octal); `None` when it cannot be read.
+pub fn fd_flags(pid: i32, fd: i32) -> Option<u32> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    u32::from_str_radix(status_field(&info, "flags:")?.trim(), 8).ok()
+}
+
 /// The descriptors process `pid` holds open, in order; `None` when its fd directory cannot be
 /// read.
 pub fn descriptors(pid: i32) -> Option<Vec<i32>> {

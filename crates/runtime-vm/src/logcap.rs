@@ -35,14 +35,7 @@ pub const BOTH_LOGS: &[&str] = &[CONSOLE_LOG, QEMU_LOG];
 /// only then may its `qemu.log` be emptied under it (a QEMU started before logs were capped
 /// writes at its own offset, and would leave a hole the size of what it wrote).
 pub fn appends_stderr(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/fdinfo/2"))
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|l| l.strip_prefix("flags:"))
-                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-        })
-        .is_some_and(|flags| flags & libc::O_APPEND as u32 != 0)
+    telvirt_files::proc::fd_flags(pid, 2).is_some_and(|flags| flags & libc::O_APPEND as u32 != 0)
 }
 
 /// The file a log's older half goes to: `console.log` -> `console.log.1`.
